@@ -1,0 +1,84 @@
+// Python bindings: the only file that includes pybind11. Pointers travel as integers
+// (tensor.data_ptr()); lowtune.ops validates every argument before calling in here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace lowtune;
+
+#ifndef LOWTUNE_VERSION
+#define LOWTUNE_VERSION "0.0.0"
+#endif
+#ifndef LOWTUNE_CUDA_ARCHS
+#define LOWTUNE_CUDA_ARCHS ""
+#endif
+
+namespace {
+template <class T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+using nogil = py::call_guard<py::gil_scoped_release>;
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = LOWTUNE_VERSION;
+#ifdef LOWTUNE_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(LOWTUNE_CUDA_ARCHS);
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+#endif
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+  d["cpu_threads"] = cpu::num_threads();
+  return d;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowtune's compiled kernels (CPU, and CUDA where built). Use lowtune.ops, not this.";
+  m.def("build_info", &build_info, "What was compiled in: version, cuda, cuda_archs, compiler.");
+  m.def("block_info", [](int qtype) {
+    const BlockInfo b = block_info(qtype);
+    return py::make_tuple(b.elems, b.bytes);
+  }, "(elements, bytes) of one block of a type id.");
+  m.def("set_num_threads", &cpu::set_num_threads);
+  m.def("num_threads", &cpu::num_threads);
+
+  m.def("quantize", [](int t, uintptr_t w, uintptr_t out, int64_t n, int64_t k) {
+    cpu::quantize(t, ptr<const float>(w), ptr<void>(out), n, k);
+  }, nogil());
+  m.def("dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k) {
+    cpu::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k);
+  }, nogil());
+  m.def("qmatmul_forward", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t y, int64_t M,
+                              int64_t N, int64_t K) {
+    cpu::qmatmul_forward(t, ptr<const void>(x), dt, ptr<const void>(w), ptr<void>(y), M, N, K);
+  }, nogil());
+  m.def("qmatmul_input_grad", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t dx, int64_t M,
+                                 int64_t N, int64_t K) {
+    cpu::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N, K);
+  }, nogil());
+
+  m.def("cuda_available", &cuda::available);
+  m.def("cuda_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
+                              uintptr_t stream) {
+    cuda::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k, ptr<void>(stream));
+  }, nogil());
+  m.def("cuda_qmatmul_forward", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t y, int64_t M,
+                                   int64_t N, int64_t K, uintptr_t stream) {
+    cuda::qmatmul_forward(t, ptr<const void>(x), dt, ptr<const void>(w), ptr<void>(y), M, N, K,
+                          ptr<void>(stream));
+  }, nogil());
+  m.def("cuda_qmatmul_input_grad", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t dx,
+                                      int64_t M, int64_t N, int64_t K, uintptr_t stream) {
+    cuda::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N,
+                             K, ptr<void>(stream));
+  }, nogil());
+}

@@ -1,0 +1,85 @@
+// Block layouts: the binary contract with GGUF (ggml-common.h) and the papers' INTb-gG format.
+// One struct per type, a static size check, and the dequantization formula beside it.
+// Everything here is plain data, shared by the CPU and CUDA code.
+#pragma once
+#include <cstdint>
+#include <cstddef>
+
+namespace lowtune {
+
+using half_bits = uint16_t;  // IEEE fp16, stored as raw bits
+
+// ---- GGUF legacy types: 32 elements per block --------------------------------------------
+// Nibble order (Q4_x, Q5_x): byte j holds element j in its low nibble and element j+16 in its high.
+// Q5_x: the fifth bit of element j is bit j of the little-endian u32 qh.
+constexpr int QK = 32;
+
+struct block_q4_0 { half_bits d; uint8_t qs[QK / 2]; };               // x = (q - 8) * d
+struct block_q4_1 { half_bits d, m; uint8_t qs[QK / 2]; };            // x = q * d + m
+struct block_q5_0 { half_bits d; uint8_t qh[4]; uint8_t qs[QK / 2]; }; // x = (q - 16) * d
+struct block_q5_1 { half_bits d, m; uint8_t qh[4]; uint8_t qs[QK / 2]; }; // x = q * d + m
+struct block_q8_0 { half_bits d; int8_t qs[QK]; };                    // x = q * d
+static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
+static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
+static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
+static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
+static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
+
+// ---- GGUF K-types: 256-element super-blocks -----------------------------------------------
+constexpr int QK_K = 256;
+constexpr int K_SCALE_SIZE = 12;
+
+// 16 sub-blocks of 16; scales[i]: low nibble = scale, high nibble = min.
+struct block_q2_K { uint8_t scales[QK_K / 16]; uint8_t qs[QK_K / 4]; half_bits d, dmin; };  // x = d*sc*q - dmin*mn
+// 16 sub-blocks of 16, signed 6-bit scales (+32); q = low 2 bits (qs) - 4 unless the hmask bit is set.
+struct block_q3_K { uint8_t hmask[QK_K / 8]; uint8_t qs[QK_K / 4]; uint8_t scales[12]; half_bits d; };  // x = d*(sc-32)*q
+// 8 sub-blocks of 32 with 6-bit scale and 6-bit min packed in 12 bytes (get_scale_min_k4).
+struct block_q4_K { half_bits d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qs[QK_K / 2]; };  // x = d*sc*q - dmin*mn
+struct block_q5_K { half_bits d, dmin; uint8_t scales[K_SCALE_SIZE]; uint8_t qh[QK_K / 8]; uint8_t qs[QK_K / 2]; };  // q in [0,31]
+// 16 sub-blocks of 16, int8 scales; q = 4 low bits (ql) | 2 high bits (qh), in [0,63].
+struct block_q6_K { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; half_bits d; };  // x = d*sc*(q-32)
+static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
+static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
+static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
+static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+
+// ---- INTb-gG: uniform asymmetric, one block per G consecutive inputs of one output row ----
+// x = d * q + m, q in [0, 2^b - 1], d and m fp16.  Layout, per block:
+//   d, m, then (b in {3,5,6}) the high-bit plane, then the low-bit plane.
+//   low plane of 4 bits (b = 4, 5, 6): per 32-element chunk c, 16 bytes; byte j holds element
+//     32c+j (low nibble) and 32c+j+16 (high nibble)  -- Q4_1's order, so INT4-g32 == Q4_1.
+//   low plane of 2 bits (b = 2, 3): per 32-element chunk c, 8 bytes; byte j holds element
+//     32c+j+8s at bit shift 2s, s = 0..3.
+//   high plane of 1 bit (b = 3, 5): bit e of the plane (byte e/8, bit e%8) is the top bit of
+//     element e -- Q5_1's qh, so INT5-g32 == Q5_1.
+//   high plane of 2 bits (b = 6): 2-bit plane order as above; holds bits 4..5.
+//   b = 8: G bytes, q = byte.
+template <int B, int G>
+struct block_int {
+  static constexpr int high_bits = (B == 3 || B == 5) ? 1 : (B == 6 ? 2 : 0);
+  static constexpr int low_bits = B - high_bits;
+  half_bits d, m;
+  uint8_t planes[G * B / 8];  // high plane (G*high_bits/8 bytes) then low plane (G*low_bits/8 bytes)
+};
+static_assert(sizeof(block_int<4, 32>) == sizeof(block_q4_1), "INT4-g32 is Q4_1");
+static_assert(sizeof(block_int<5, 32>) == sizeof(block_q5_1), "INT5-g32 is Q5_1");
+static_assert(sizeof(block_int<2, 64>) == 4 + 16, "INT2-g64 block is 20 bytes");
+static_assert(sizeof(block_int<3, 128>) == 4 + 48, "INT3-g128 block is 52 bytes");
+static_assert(sizeof(block_int<8, 32>) == 4 + 32, "INT8-g32 block is 36 bytes");
+
+// ---- Type ids ---------------------------------------------------------------------------------
+// GGUF's ggml_type ids for GGUF types; INTb-gG ids are lowtune's own (never written to a GGUF
+// file as such): 1000 + 10*b + {0: g32, 1: g64, 2: g128}.
+enum QType : int {
+  T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+  T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
+};
+constexpr int int_type_id(int bits, int group) {
+  return 1000 + 10 * bits + (group == 32 ? 0 : group == 64 ? 1 : 2);
+}
+
+// Activation dtypes accepted by the kernels.
+enum DType : int { D_F32 = 0, D_F16 = 1, D_BF16 = 2 };
+
+}  // namespace lowtune

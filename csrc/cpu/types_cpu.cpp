@@ -1,0 +1,115 @@
+// Type table, quantize and dequantize entry points (CPU).
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../block_math.h"
+#include "../kernels.h"
+#include "../quantize.h"
+#include "parallel.h"
+
+namespace lowtune {
+
+BlockInfo block_info(int qtype) {
+  BlockInfo info{0, 0};
+  const bool known = dispatch_qtype(qtype, [&]<int T>() {
+    info = {Traits<T>::kElems, (int)sizeof(typename Traits<T>::block)};
+  });
+  if (!known) throw std::invalid_argument("unknown quantization type id " + std::to_string(qtype));
+  return info;
+}
+
+namespace cpu {
+
+static int g_threads = 0;
+void set_num_threads(int n) { g_threads = n < 0 ? 0 : n; }
+int num_threads() {
+  if (g_threads > 0) return g_threads;
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc ? (int)hc : 1;
+}
+
+using RowQuantizer = void (*)(const float*, void*, int64_t);
+
+static void check_k(int qtype, int64_t k) {
+  const BlockInfo b = block_info(qtype);
+  if (k % b.elems != 0)
+    throw std::invalid_argument("row length " + std::to_string(k) + " is not a multiple of the block size " +
+                                std::to_string(b.elems));
+}
+
+void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k) {
+  check_k(qtype, k);
+  const BlockInfo b = block_info(qtype);
+  const int64_t row_bytes = k / b.elems * b.bytes;
+  std::function<void(const float*, void*)> row;
+  switch (qtype) {
+    case T_Q4_0: row = [k](const float* x, void* y) { quantize_row_q4_0(x, y, k); }; break;
+    case T_Q4_1: row = [k](const float* x, void* y) { quantize_row_q4_1(x, y, k); }; break;
+    case T_Q5_0: row = [k](const float* x, void* y) { quantize_row_q5_0(x, y, k); }; break;
+    case T_Q5_1: row = [k](const float* x, void* y) { quantize_row_q5_1(x, y, k); }; break;
+    case T_Q8_0: row = [k](const float* x, void* y) { quantize_row_q8_0(x, y, k); }; break;
+    case T_Q2_K: row = [k](const float* x, void* y) { quantize_row_q2_K(x, y, k); }; break;
+    case T_Q3_K: row = [k](const float* x, void* y) { quantize_row_q3_K(x, y, k); }; break;
+    case T_Q4_K: row = [k](const float* x, void* y) { quantize_row_q4_K(x, y, k); }; break;
+    case T_Q5_K: row = [k](const float* x, void* y) { quantize_row_q5_K(x, y, k); }; break;
+    case T_Q6_K: row = [k](const float* x, void* y) { quantize_row_q6_K(x, y, k); }; break;
+    default: {
+      const int bits = (qtype - 1000) / 10, group = 32 << ((qtype - 1000) % 10);
+      row = [k, bits, group](const float* x, void* y) { quantize_row_int(bits, group, x, y, k); };
+    }
+  }
+  uint8_t* out = static_cast<uint8_t*>(blocks);
+  parallel_for(n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(w + r * k, out + r * row_bytes);
+  });
+}
+
+template <class Store>
+static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k, Store store) {
+  dispatch_qtype(qtype, [&]<int T>() {
+    using Tr = Traits<T>;
+    const auto* base = static_cast<const typename Tr::block*>(blocks);
+    const int64_t nb = k / Tr::kElems;
+    parallel_for(n * nb, 64, [&](int64_t i0, int64_t i1) {
+      float tmp[QK_K];
+      for (int64_t i = i0; i < i1; ++i) {
+        Tr::dequant(base + i, tmp);
+        store(i * Tr::kElems, tmp, Tr::kElems);
+      }
+    });
+  });
+}
+
+void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k) {
+  check_k(qtype, k);
+  switch (out_dtype) {
+    case D_F32: {
+      float* o = static_cast<float*>(out);
+      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
+        std::copy(v, v + len, o + at);
+      });
+      break;
+    }
+    case D_F16: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
+        for (int i = 0; i < len; ++i) o[at + i] = fp32_to_fp16(v[i]);
+      });
+      break;
+    }
+    case D_BF16: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
+        for (int i = 0; i < len; ++i) o[at + i] = fp32_to_bf16(v[i]);
+      });
+      break;
+    }
+    default: throw std::invalid_argument("unknown output dtype " + std::to_string(out_dtype));
+  }
+}
+
+}  // namespace cpu
+}  // namespace lowtune

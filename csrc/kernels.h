@@ -1,0 +1,42 @@
+// The narrow line between kernels and Python: raw pointers, explicit sizes, a stream.
+// No torch or pybind11 types here. Every CPU entry point has a CUDA twin with the same
+// arguments plus a stream; errors are thrown as std::invalid_argument / std::runtime_error.
+//
+// Shapes (row-major, contiguous):
+//   w      [N, K] logical weight; blocks run along K, N rows of K/elems_per_block blocks
+//   x      [M, K] activations, dy [M, N] output gradient
+//   y      [M, N] = x · deq(w)ᵀ           (same dtype as x, fp32 accumulation)
+//   dx     [M, K] = dy · deq(w)           (same dtype as dy, fp32 accumulation)
+#pragma once
+#include <cstdint>
+
+namespace lowtune {
+
+struct BlockInfo { int elems; int bytes; };
+// Block geometry of a type id; throws std::invalid_argument for an unknown id.
+BlockInfo block_info(int qtype);
+
+namespace cpu {
+// Number of threads the CPU kernels use (0 = hardware concurrency).
+void set_num_threads(int n);
+int num_threads();
+
+void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k);
+void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k);
+void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
+                     int64_t m, int64_t n, int64_t k);
+void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
+                        int64_t m, int64_t n, int64_t k);
+}  // namespace cpu
+
+namespace cuda {
+bool available();  // compiled in and a device is visible
+void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,
+                void* stream);
+void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
+                     int64_t m, int64_t n, int64_t k, void* stream);
+void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
+                        int64_t m, int64_t n, int64_t k, void* stream);
+}  // namespace cuda
+
+}  // namespace lowtune
