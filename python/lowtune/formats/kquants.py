@@ -67,16 +67,22 @@ def _half_at(b: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _max_positive(a: np.ndarray) -> np.ndarray:
-    """ggml's `float m = 0; if (a[j] > m) m = a[j];` over the last axis: the max, or +0."""
-    m = a.max(axis=-1)
+    """ggml's `float m = 0; if (a[j] > m) m = a[j];` over the last axis: the largest positive
+    value, else +0 (a NaN never wins the comparison)."""
+    m = np.where(np.isnan(a), F32(0), a).max(axis=-1)
     return np.where(m > 0, m, F32(0))
 
 
 def _first_absmax(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """(|a| max, signed value of the first element reaching it) along axis, as ggml's scan."""
-    idx = np.abs(a).argmax(axis=axis)
-    val = np.take_along_axis(a, np.expand_dims(idx, axis), axis=axis).squeeze(axis)
-    return np.abs(val), val
+    """ggml's `float amax = 0, v = 0; if (|a[j]| > amax) { amax = |a[j]|; v = a[j]; }` along
+    axis: (amax, v), the first element of largest magnitude (NaNs never win; all zero -> 0, 0)."""
+    mag = np.abs(a)
+    mag = np.where(np.isnan(mag), F32(-1), mag)
+    idx = np.expand_dims(mag.argmax(axis=axis), axis)
+    amax = np.take_along_axis(mag, idx, axis=axis).squeeze(axis)
+    val = np.take_along_axis(a, idx, axis=axis).squeeze(axis)
+    found = amax > 0
+    return np.where(found, amax, F32(0)), np.where(found, val, F32(0))
 
 
 # ---- sub-block fits (ggml's make_qkx2_quants, make_qx_quants, make_q3_quants) -----------------

@@ -1,0 +1,226 @@
+// CUDA twin of the adapter kernels (csrc/adapter_kernels.h).
+//
+// One tiled kernel computes every adapter product: C[i, j] = sum_k a(i, k) b(j, k) over 64x64
+// output tiles and 32-wide k steps. Each step gathers both operand tiles into shared memory,
+// pooling on the fly (a pooled input is never written out, except as the saved copy for the
+// backward pass, which the first column of tiles writes while it loads it). The 16-bit paths
+// multiply on tensor cores (WMMA 16x16x16, fp32 accumulation); fp32 activations multiply in
+// fp32. The epilogue scales, repeat-interleaves and accumulates straight into y or dx.
+// Products whose output is a small fp32 matrix (u, du, dA, dB) but whose reduction is long
+// split the reduction over several CTAs that add into the zeroed output with atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../adapter_kernels.h"
+#include "../fp16.h"
+#include "common.cuh"
+
+namespace lowtune::cuda {
+namespace {
+
+constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
+constexpr int LDS16 = BK + 8;  // 16-bit tile row stride: a multiple of 8 elements, as WMMA needs
+constexpr int LDS32 = BK + 1;  // fp32 tile row stride: odd, so column reads do not conflict
+constexpr int LDC = BN + 4;    // fp32 C tile row stride: a multiple of 4, as WMMA needs
+
+__device__ __forceinline__ float ld_act(const void* p, int dt, int64_t i) {
+  if (dt == D_F32) return static_cast<const float*>(p)[i];
+  const uint16_t v = static_cast<const uint16_t*>(p)[i];
+  return dt == D_F16 ? fp16_to_fp32(v) : bf16_to_fp32(v);
+}
+__device__ __forceinline__ void st_act(void* p, int dt, int64_t i, float v) {
+  if (dt == D_F32) static_cast<float*>(p)[i] = v;
+  else static_cast<uint16_t*>(p)[i] = dt == D_F16 ? fp32_to_fp16(v) : fp32_to_bf16(v);
+}
+
+__device__ __forceinline__ float op_at(const Operand& o, int64_t i, int64_t k) {
+  const int64_t base = o.k_contig ? i * o.ld + k * o.pool : k * o.ld + i * o.pool;
+  float s = 0.0f;
+  for (int64_t t = 0; t < o.pool; ++t) s += ld_act(o.p, o.dtype, base + t);
+  return s * o.ps;
+}
+
+template <class CT> __device__ __forceinline__ CT to_ct(float v);
+template <> __device__ __forceinline__ float to_ct<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half to_ct<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 to_ct<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float from_ct(float v) { return v; }
+__device__ __forceinline__ float from_ct(__half v) { return __half2float(v); }
+__device__ __forceinline__ float from_ct(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Gathers the ROWS x BK operand tile starting at (i0, k0) into s (row stride LDS), zero-padded
+// past the edges. Consecutive threads walk the source's contiguous axis, so loads coalesce.
+template <class CT, int LDS>
+__device__ __forceinline__ void load_tile(CT* s, const Operand& o, int64_t i0, int64_t k0, int64_t I,
+                                          int64_t Kc, void* save, int64_t save_ld) {
+  constexpr int ROWS = 64;
+  for (int e = threadIdx.x; e < ROWS * BK; e += THREADS) {
+    const int ii = o.k_contig ? e / BK : e % ROWS;
+    const int kk = o.k_contig ? e % BK : e / ROWS;
+    const int64_t i = i0 + ii, k = k0 + kk;
+    const bool in = i < I && k < Kc;
+    const CT c = to_ct<CT>(in ? op_at(o, i, k) : 0.0f);
+    s[ii * LDS + kk] = c;
+    if (save && in) st_act(save, o.dtype, i * save_ld + k, from_ct(c));
+  }
+}
+
+template <class CT>
+__global__ void __launch_bounds__(THREADS)
+pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilogue ep,
+                   void* save_a, int64_t tiles_per_split, bool atomic) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  constexpr bool kWmma = std::is_same_v<CT, __half>;  // bf16 WMMA needs sm_80
+#else
+  constexpr bool kWmma = !std::is_same_v<CT, float>;
+#endif
+  constexpr int LDS = kWmma ? LDS16 : LDS32;
+  __shared__ __align__(32) CT As[BM * LDS];
+  __shared__ __align__(32) CT Bs[BN * LDS];
+  __shared__ __align__(32) float Cs[BM * LDC];
+
+  const int64_t i0 = (int64_t)blockIdx.x * BM, j0 = (int64_t)blockIdx.y * BN;
+  const int64_t k_tiles = (Kc + BK - 1) / BK;
+  const int64_t kt0 = (int64_t)blockIdx.z * tiles_per_split;
+  const int64_t kt1 = std::min(kt0 + tiles_per_split, k_tiles);
+  void* save = (save_a != nullptr && blockIdx.y == 0) ? save_a : nullptr;
+  const int tid = threadIdx.x;
+
+  if constexpr (kWmma) {
+    using namespace nvcuda;
+    const int warp = tid / 32, wm = warp / 2, wn = warp % 2;  // each warp: a 32x32 quarter
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (int x = 0; x < 2; ++x)
+      for (int y = 0; y < 2; ++y) wmma::fill_fragment(acc[x][y], 0.0f);
+    for (int64_t kt = kt0; kt < kt1; ++kt) {
+      __syncthreads();
+      load_tile<CT, LDS>(As, a, i0, kt * BK, I, Kc, save, Kc);
+      load_tile<CT, LDS>(Bs, b, j0, kt * BK, J, Kc, nullptr, 0);
+      __syncthreads();
+      for (int ks = 0; ks < BK / 16; ++ks) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, CT, wmma::row_major> fa[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, CT, wmma::col_major> fb[2];
+        for (int x = 0; x < 2; ++x)
+          wmma::load_matrix_sync(fa[x], As + (wm * 32 + x * 16) * LDS + ks * 16, LDS);
+        for (int y = 0; y < 2; ++y)
+          wmma::load_matrix_sync(fb[y], Bs + (wn * 32 + y * 16) * LDS + ks * 16, LDS);
+        for (int x = 0; x < 2; ++x)
+          for (int y = 0; y < 2; ++y) wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
+      }
+    }
+    for (int x = 0; x < 2; ++x)
+      for (int y = 0; y < 2; ++y)
+        wmma::store_matrix_sync(Cs + (wm * 32 + x * 16) * LDC + wn * 32 + y * 16, acc[x][y], LDC,
+                                wmma::mem_row_major);
+  } else {
+    // Thread (tr, tc) owns rows tr + 8*x and columns tc + 16*y of the tile.
+    const int tr = tid / 16, tc = tid % 16;
+    float acc[8][4];
+    for (int x = 0; x < 8; ++x)
+      for (int y = 0; y < 4; ++y) acc[x][y] = 0.0f;
+    for (int64_t kt = kt0; kt < kt1; ++kt) {
+      __syncthreads();
+      load_tile<CT, LDS>(As, a, i0, kt * BK, I, Kc, save, Kc);
+      load_tile<CT, LDS>(Bs, b, j0, kt * BK, J, Kc, nullptr, 0);
+      __syncthreads();
+      for (int kk = 0; kk < BK; ++kk) {
+        float av[8], bv[4];
+        for (int x = 0; x < 8; ++x) av[x] = from_ct(As[(tr + 8 * x) * LDS + kk]);
+        for (int y = 0; y < 4; ++y) bv[y] = from_ct(Bs[(tc + 16 * y) * LDS + kk]);
+        for (int x = 0; x < 8; ++x)
+          for (int y = 0; y < 4; ++y) acc[x][y] = fmaf(av[x], bv[y], acc[x][y]);
+      }
+    }
+    for (int x = 0; x < 8; ++x)
+      for (int y = 0; y < 4; ++y) Cs[(tr + 8 * x) * LDC + tc + 16 * y] = acc[x][y];
+  }
+  __syncthreads();
+
+  // Epilogue over output elements, consecutive threads on consecutive output columns.
+  const int rep = (int)ep.repeat, row_elems = BN * rep;
+  for (int e = tid; e < BM * row_elems; e += THREADS) {
+    const int ii = e / row_elems, c = e % row_elems, jj = c / rep;
+    const int64_t i = i0 + ii, j = j0 + jj;
+    if (i >= I || j >= J) continue;
+    const float v = ep.alpha * Cs[ii * LDC + jj];
+    const int64_t idx = i * ep.ld + j * rep + c % rep;
+    if (atomic) atomicAdd(static_cast<float*>(ep.p) + idx, v);
+    else if (ep.accumulate) st_act(ep.p, ep.dtype, idx, ld_act(ep.p, ep.dtype, idx) + v);
+    else st_act(ep.p, ep.dtype, idx, v);
+  }
+}
+
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  LT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) LT_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
+  return cached[dev];
+}
+
+struct CudaBackend {
+  int dtype;
+  cudaStream_t stream;
+  int sms;
+
+  void gemm(int64_t I, int64_t J, int64_t Kc, const Operand& a, const Operand& b, const Epilogue& e,
+            void* save_a) {
+    if (I == 0 || J == 0) return;
+    const int64_t k_tiles = (Kc + BK - 1) / BK;
+    const int64_t tiles = ((I + BM - 1) / BM) * ((J + BN - 1) / BN);
+    // A long reduction into a small fp32 output: split it so that every SM has work.
+    int64_t splits = 1;
+    const bool splittable = e.dtype == D_F32 && !e.accumulate && e.repeat == 1;
+    if (splittable && k_tiles >= 8) {
+      const int64_t want = (4LL * sms + tiles - 1) / tiles;
+      splits = std::max<int64_t>(1, std::min(want, k_tiles / 4));
+    }
+    const int64_t per = splits > 1 ? (k_tiles + splits - 1) / splits : std::max<int64_t>(k_tiles, 1);
+    splits = splits > 1 ? (k_tiles + per - 1) / per : 1;
+    if (splittable && (Kc == 0 || splits > 1))
+      LT_CUDA_CHECK(cudaMemset2DAsync(e.p, e.ld * sizeof(float), 0, J * sizeof(float), I, stream));
+    if (Kc == 0) return;  // an empty reduction: zeros stored, nothing to accumulate
+    const dim3 grid((unsigned)((I + BM - 1) / BM), (unsigned)((J + BN - 1) / BN), (unsigned)splits);
+    const bool atomic = splits > 1;
+    switch (dtype) {
+      case D_F32: pooled_gemm_kernel<float><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
+      case D_F16: pooled_gemm_kernel<__half><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
+      default: pooled_gemm_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
+    }
+    LT_CUDA_CHECK_LAUNCH();
+  }
+};
+
+void check_dtype(int dtype) {
+  if (dtype != D_F32 && dtype != D_F16 && dtype != D_BF16)
+    throw std::invalid_argument("adapter: unknown activation dtype " + std::to_string(dtype));
+}
+
+}  // namespace
+
+void adapter_forward(const AdapterGeom& g, const void* x, int dtype, const float* A, const float* B,
+                     void* y, float* u, void* xs_out, void* stream) {
+  check_geom(g);
+  check_dtype(dtype);
+  if (g.m == 0) return;
+  CudaBackend be{dtype, static_cast<cudaStream_t>(stream), sm_count()};
+  adapter_forward_passes(be, g, x, dtype, A, B, y, u, xs_out);
+}
+
+void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const void* xs,
+                      int64_t xs_pool, const float* A, const float* B, const float* u, void* dx,
+                      float* dA, float* dB, float* du, void* stream) {
+  check_geom(g);
+  check_dtype(dtype);
+  if (xs_pool != 1 && xs_pool != g.pool) throw std::invalid_argument("adapter: xs_pool must be 1 or pool");
+  CudaBackend be{dtype, static_cast<cudaStream_t>(stream), sm_count()};
+  adapter_backward_passes(be, g, dy, dtype, xs, xs_pool, A, B, u, dx, dA, dB, du);
+}
+
+}  // namespace lowtune::cuda

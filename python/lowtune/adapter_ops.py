@@ -1,0 +1,266 @@
+"""The dispatch point for the fused adapter kernels (csrc/adapter_kernels.h).
+
+Like lowtune.ops: checks dtype, device, contiguity and shape (a bad one is a ValueError naming
+the tensor), picks the CPU or CUDA kernel, passes raw pointers and torch's current stream, and
+wraps the pair in autograd Functions.
+
+    AdapterGeometry(k, n, pool, repeat, rank, has_b, scale)      one adapter's shape and scale
+    adapted_qmatmul(x, qt, A, B, geom)      -> x·deq(W)ᵀ + adapter(x)   (base and adapter fused)
+    adapter_accumulate(y, x, A, B, geom)    -> y + adapter(x), in place  (y from any base layer)
+
+    adapter(x) = scale · expand_q(pool_p(x) · A[:rank]ᵀ · B[:, :rank]ᵀ)      (has_b)
+               = scale · expand_q(pool_p(x) · Aᵀ)                             (single matrix: A is M)
+
+A is [rows >= rank, k/p], B is [n/q, cols >= rank] (QDyLoRA uses their leading slices). Both
+may be any float dtype; the kernels read them as fp32 and the gradients come back in their dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _C
+from . import ops
+from .qtensor import QTensor
+
+ACT_DTYPES = ops.ACT_DTYPES
+
+
+@dataclass(frozen=True)
+class AdapterGeometry:
+    """k, n: the base layer's in/out features. pool (p): inputs averaged per adapter input.
+    repeat (q): outputs sharing one adapter output. rank: rows of A in use (single matrix:
+    n/q). has_b: False for a single matrix M (QA-HiRA). scale: multiplies the adapter output.
+    grad_from: rows/columns of A/B below this index get zero gradient (DyLoRA's frozen mode)."""
+    k: int
+    n: int
+    pool: int = 1
+    repeat: int = 1
+    rank: int = 1
+    has_b: bool = True
+    scale: float = 1.0
+    grad_from: int = 0
+
+    def __post_init__(self):
+        if self.k <= 0 or self.n <= 0:
+            raise ValueError(f"k and n must be positive, got k={self.k}, n={self.n}")
+        if self.pool < 1 or self.k % self.pool:
+            raise ValueError(f"pool={self.pool} must divide the input features k={self.k}")
+        if self.repeat < 1 or self.n % self.repeat:
+            raise ValueError(f"repeat={self.repeat} must divide the output features n={self.n}")
+        if not self.has_b and self.rank != self.n // self.repeat:
+            raise ValueError(f"a single matrix has rank n/repeat = {self.n // self.repeat}, got {self.rank}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+    @property
+    def k_pooled(self) -> int:
+        return self.k // self.pool
+
+    @property
+    def n_pooled(self) -> int:
+        return self.n // self.repeat
+
+
+def _check_weights(A: torch.Tensor, B, geom: AdapterGeometry, device: torch.device) -> None:
+    if not isinstance(A, torch.Tensor) or not A.is_floating_point():
+        raise ValueError(f"A must be a floating-point tensor, got {getattr(A, 'dtype', type(A))}")
+    if A.dim() != 2 or A.shape[1] != geom.k_pooled or A.shape[0] < geom.rank:
+        raise ValueError(f"A must have shape [>= {geom.rank}, k/pool={geom.k_pooled}], got {tuple(A.shape)}")
+    if not geom.has_b and A.shape[0] != geom.n_pooled:
+        raise ValueError(f"the single matrix must have shape [{geom.n_pooled}, {geom.k_pooled}], got {tuple(A.shape)}")
+    if A.device != device:
+        raise ValueError(f"A is on {A.device} but the activations are on {device}")
+    if geom.has_b:
+        if not isinstance(B, torch.Tensor) or not B.is_floating_point():
+            raise ValueError(f"B must be a floating-point tensor, got {getattr(B, 'dtype', type(B))}")
+        if B.dim() != 2 or B.shape[0] != geom.n_pooled or B.shape[1] < geom.rank:
+            raise ValueError(f"B must have shape [n/repeat={geom.n_pooled}, >= {geom.rank}], got {tuple(B.shape)}")
+        if B.device != device:
+            raise ValueError(f"B is on {B.device} but the activations are on {device}")
+    elif B is not None:
+        raise ValueError("a single-matrix adapter takes no B")
+
+
+def _check_act(t: torch.Tensor, name: str, last: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in ACT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() < 1 or t.shape[-1] != last:
+        raise ValueError(f"{name} must have shape [..., {last}], got {tuple(t.shape)}")
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _geom_args(geom: AdapterGeometry, m: int, A32, B32, k: int | None = None, pool: int | None = None):
+    k = geom.k if k is None else k
+    pool = geom.pool if pool is None else pool
+    b_ld = B32.shape[1] if B32 is not None else 0
+    return (m, k, geom.n, pool, geom.repeat, geom.rank, A32.shape[1], b_ld, geom.has_b, float(geom.scale))
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _launch_forward(x2, A32, B32, geom, y, pool):
+    """y += adapter(x2) in place. x2 [m, k'] with k' = k/ (geom.pool / pool). Returns (u, xs):
+    u the first product (fp32 [m, rank]) and xs the adapter input pooled (kept for backward)."""
+    m, k = x2.shape
+    dev = x2.device
+    u = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
+    xs = torch.empty((m, k // pool), dtype=x2.dtype, device=dev) if pool > 1 else x2
+    args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
+    ptrs = (x2.data_ptr(), ACT_DTYPES[x2.dtype], A32.data_ptr(), _ptr(B32), y.data_ptr(), _ptr(u),
+            xs.data_ptr() if pool > 1 else 0)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            _C.cuda_adapter_forward(*args, *ptrs, ops._stream(dev))
+    else:
+        _C.adapter_forward(*args, *ptrs)
+    return u, xs
+
+
+def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
+    """Gradients (dA, dB) in A's and B's dtypes; accumulates the adapter's input gradient into
+    dx [m, k] when dx is given. xs is the saved, already pooled adapter input."""
+    m = dy2.shape[0]
+    dev = dy2.device
+    dA = torch.zeros(A32.shape, dtype=torch.float32, device=dev)
+    dB = torch.zeros(B32.shape, dtype=torch.float32, device=dev) if geom.has_b else None
+    du = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
+    args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
+    ptrs = (dy2.data_ptr(), ACT_DTYPES[dy2.dtype], xs.data_ptr(), 1, A32.data_ptr(), _ptr(B32),
+            _ptr(u), _ptr(dx), dA.data_ptr(), _ptr(dB), _ptr(du))
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            _C.cuda_adapter_backward(*args, *ptrs, ops._stream(dev))
+    else:
+        _C.adapter_backward(*args, *ptrs)
+    if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
+        dA[:geom.grad_from] = 0
+        if dB is not None:
+            dB[:, :geom.grad_from] = 0
+    dA = dA.to(A.dtype)
+    dB = dB.to(B.dtype) if dB is not None else None
+    return dA, dB
+
+
+def _adapter_input_geom(geom: AdapterGeometry, xa: torch.Tensor | None):
+    """(k, pool) the kernels see: the full input pooled by p, or an already pooled (and dropped
+    out) adapter input of width k/p that needs no further pooling."""
+    return (geom.k, geom.pool) if xa is None else (geom.k_pooled, 1)
+
+
+class _AdaptedQMatmul(torch.autograd.Function):
+    """y = x·deq(W)ᵀ + adapter(x): the adapter accumulates into the frozen matmul's output and,
+    in backward, into its input gradient. Saves the pooled adapter input, u and the weights."""
+
+    @staticmethod
+    def forward(ctx, x2, xa, A, B, qt, geom):
+        A32, B32 = _f32(A), _f32(B)
+        y = ops.qmatmul(x2, qt)
+        k, pool = _adapter_input_geom(geom, xa)
+        u, xs = _launch_forward(x2 if xa is None else xa, A32, B32, geom, y, pool)
+        ctx.save_for_backward(xs, u, A, B)
+        ctx.qt, ctx.geom, ctx.k, ctx.pool, ctx.separate = qt, geom, k, pool, xa is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, u, A, B = ctx.saved_tensors
+        geom = ctx.geom
+        dy2 = dy.contiguous()
+        dx = ops.qmatmul_input_grad(dy2, ctx.qt) if ctx.needs_input_grad[0] else None
+        dxa = None
+        if ctx.separate:
+            if ctx.needs_input_grad[1]:
+                dxa = torch.zeros((dy2.shape[0], geom.k_pooled), dtype=dy2.dtype, device=dy2.device)
+            target = dxa
+        else:
+            target = dx  # the adapter's share accumulates into the frozen layer's input gradient
+        dA, dB = _launch_backward(dy2, xs, A, B, _f32(A), _f32(B), u, geom, target, ctx.k, ctx.pool)
+        return dx, dxa, dA, dB, None, None
+
+
+class _AdapterAccumulate(torch.autograd.Function):
+    """y (any base layer's output) += adapter(xa), in place."""
+
+    @staticmethod
+    def forward(ctx, y2, xa, A, B, geom, k, pool):
+        A32, B32 = _f32(A), _f32(B)
+        u, xs = _launch_forward(xa, A32, B32, geom, y2, pool)
+        ctx.mark_dirty(y2)
+        ctx.save_for_backward(xs, u, A, B)
+        ctx.geom, ctx.k, ctx.pool = geom, k, pool
+        return y2
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, u, A, B = ctx.saved_tensors
+        dy2 = dy.contiguous()
+        dxa = None
+        if ctx.needs_input_grad[1]:
+            dxa = torch.zeros((dy2.shape[0], ctx.k), dtype=dy2.dtype, device=dy2.device)
+        dA, dB = _launch_backward(dy2, xs, A, B, _f32(A), _f32(B), u, ctx.geom, dxa, ctx.k, ctx.pool)
+        return dy, dxa, dA, dB, None, None, None
+
+
+def _prepare(x: torch.Tensor, A, B, geom: AdapterGeometry, xa):
+    _check_act(x, "x", geom.k)
+    _check_weights(A, B, geom, x.device)
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous() first)")
+    xa2 = None
+    if xa is not None:
+        _check_act(xa, "adapter_input", geom.k_pooled)
+        if xa.dtype != x.dtype or xa.device != x.device or xa.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"adapter_input must match x in dtype, device and leading shape "
+                             f"{tuple(x.shape[:-1])}, got {xa.dtype} {xa.device} {tuple(xa.shape)}")
+        xa2 = xa.contiguous().reshape(-1, geom.k_pooled)
+    return x.reshape(-1, geom.k), xa2
+
+
+def adapted_qmatmul(x: torch.Tensor, qt: QTensor, A: torch.Tensor, B: torch.Tensor | None,
+                    geom: AdapterGeometry, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[..., N] = X[..., K]·deq(W)ᵀ + adapter(X), differentiable w.r.t. x, A, B (and
+    adapter_input). adapter_input, when given, is the adapter's already pooled input [..., K/p]
+    (dropout applied), used instead of pooling x."""
+    ops._check_qtensor(qt)
+    if tuple(qt.shape) != (geom.n, geom.k):
+        raise ValueError(f"weight has shape {qt.shape} but the adapter expects ({geom.n}, {geom.k})")
+    if x.device != qt.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qt.device}; move one of them")
+    x2, xa2 = _prepare(x, A, B, geom, adapter_input)
+    y = _AdaptedQMatmul.apply(x2, xa2, A, B, qt, geom)
+    return y.reshape(*x.shape[:-1], geom.n)
+
+
+def adapter_accumulate(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None,
+                       geom: AdapterGeometry, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
+    """y + adapter(x), written into y (which must be contiguous, of x's dtype, [..., N])."""
+    _check_act(y, "y", geom.n)
+    x2, xa2 = _prepare(x, A, B, geom, adapter_input)
+    if y.dtype != x.dtype or y.device != x.device or y.shape[:-1] != x.shape[:-1] or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous and match x in dtype, device and leading shape, got "
+                         f"{y.dtype} {y.device} {tuple(y.shape)}")
+    k, pool = _adapter_input_geom(geom, adapter_input)
+    xa = x2 if xa2 is None else xa2
+    y2 = _AdapterAccumulate.apply(y.reshape(-1, geom.n), xa, A, B, geom, k, pool)
+    return y2.reshape(y.shape)
+
+
+def kernels_support(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels can run on x (dtype and device)."""
+    if x.dtype not in ACT_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        return bool(_C.build_info()["cuda"])
+    return x.device.type == "cpu"
+
+
+__all__ = ["AdapterGeometry", "adapted_qmatmul", "adapter_accumulate", "kernels_support"]

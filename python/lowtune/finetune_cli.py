@@ -1,0 +1,126 @@
+"""`lowtune finetune`: the command line of trainer.py.
+
+    lowtune finetune MODEL --data FILE --method qahira --steps 200 -o runs/demo
+    lowtune finetune --resume runs/demo            # continue a killed run
+
+cli.py registers it through `add_parser(subparsers)`; `python -m lowtune.finetune_cli ...` works
+on its own too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .trainer import METHODS, RESUME_OVERRIDES, SCHEDULES, TrainConfig, TrainingError
+
+# CLI dest -> TrainConfig field, where they differ.
+_FIELDS = {"type": "qtype", "output": "out"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="GGUF file or Hugging Face safetensors directory")
+    p.add_argument("--data", help="training data: .txt (plain text), .jsonl/.json records "
+                   "(text, Alpaca instruction/input/output, or chat messages)")
+    p.add_argument("--method", choices=METHODS, help="adapter method (default qahira)")
+    p.add_argument("--rank", type=int, help="adapter rank (dylora: the largest rank)")
+    p.add_argument("--alpha", type=float, help="adapter scaling numerator (scale = alpha/rank)")
+    p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
+    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
+                   help="comma-separated linears to adapt, e.g. attn_q,attn_v (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
+    p.add_argument("--batch", type=int, help="sequences per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default 3%% of the steps)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="LR after warm-up (default cosine)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--eval-every", type=int,
+                   help="held-out evaluation interval in steps (default: 5 per run; 0 = only "
+                   "before and after)")
+    p.add_argument("--eval-fraction", type=float, help="held-out share of the data (default 0.1)")
+    p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
+    p.add_argument("--seed", type=int, help="seed for initialisation, dropout and data order (default 42)")
+    p.add_argument("--type", help="quantization type for a safetensors MODEL (default Q4_K, "
+                   "Q4_1 where rows are not a multiple of 256)")
+    p.add_argument("--max-vram", help="GPU memory budget, e.g. 6GB: layers beyond it stream "
+                   "from host memory")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="stop at the first bad data record instead of skipping it")
+    p.add_argument("--train-on-prompt", action="store_true", default=None,
+                   help="take loss on prompts too (instruction and chat data)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("finetune", help="fine-tune adapters on a quantized model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """TrainConfig fields the user set on the command line."""
+    out = {}
+    for k, v in vars(args).items():
+        if v is None or k in ("func", "resume", "command", "cmd"):
+            continue
+        k = _FIELDS.get(k, k)
+        if k in TrainConfig.__dataclass_fields__:
+            out[k] = v
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from .trainer import parse_size
+    given = _given(args)
+    if "max_vram" in given:
+        given["max_vram"] = parse_size(given["max_vram"])
+    missing = [flag for flag, key in (("MODEL", "model"), ("--data", "data"), ("-o RUN_DIR", "out"))
+               if key not in given]
+    if missing:
+        raise SystemExit(f"lowtune finetune: missing {', '.join(missing)} "
+                         "(or --resume RUN_DIR to continue a run)")
+    return TrainConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import Trainer, apply_overrides, parse_size
+    try:
+        if args.resume:
+            cfg = TrainConfig.load(args.resume)
+            given = _given(args)
+            if "max_vram" in given:
+                given["max_vram"] = parse_size(given["max_vram"])
+            # MODEL/--data/-o may be repeated on resume; they must agree with the run's own.
+            for key in ("model", "data", "out"):
+                if key in given and str(given.pop(key)) != str(getattr(cfg, key)):
+                    print(f"note: --resume uses the run's own {key} ({getattr(cfg, key)})",
+                          file=sys.stderr)
+            apply_overrides(cfg, given)
+            Trainer(cfg).run(resume=True)
+        else:
+            Trainer(config_from_args(args)).run()
+    except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"lowtune finetune: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lowtune finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""trainer.py and checkpoint.py on a tiny torch model: the loop, the run directory, the LR
+schedule, gradient accumulation, seeds, and the failures (NaN, full disk, out of memory)."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowtune import checkpoint as ckpt
+from lowtune import finetune_cli
+from lowtune.data import DataStats, Dataset, pack
+from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingOutOfMemoryError,
+                             lr_factor, oom_message, parse_size, read_metrics)
+
+VOCAB = 48
+
+
+class TinyLM(nn.Module):
+    """A bigram language model with a frozen base and a trainable low-rank adapter (with
+    dropout, so that training consumes random numbers like the real adapters do)."""
+
+    def __init__(self, dim: int = 24, rank: int = 4, dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g), requires_grad=False)
+        self.head = nn.Parameter(torch.randn(VOCAB, dim, generator=g) / dim**0.5, requires_grad=False)
+        self.lora_a = nn.Parameter(torch.randn(rank, dim, generator=g) / dim**0.5)
+        self.lora_b = nn.Parameter(torch.zeros(dim, rank))
+        self.drop = nn.Dropout(dropout)
+
+    def loss(self, ids, labels=None, reduction="mean"):
+        labels = ids if labels is None else labels
+        h = self.emb[ids]
+        h = h + self.drop(h) @ self.lora_a.T @ self.lora_b.T * 2.0
+        logits = (h @ self.head.T)[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+
+def markov_dataset(n_tokens: int = 4000, seq_len: int = 32, seed: int = 0) -> Dataset:
+    """A learnable stream: each token mostly follows from the previous one."""
+    rng = np.random.default_rng(seed)
+    ids = [1]
+    for _ in range(n_tokens - 1):
+        ids.append(int((ids[-1] * 7 + 3) % VOCAB) if rng.random() < 0.8 else int(rng.integers(VOCAB)))
+    cut = int(n_tokens * 0.9)
+    return Dataset(pack(ids[:cut], seq_len), pack(ids[cut:], seq_len), DataStats("text"))
+
+
+def save_tiny_adapter(model, run_dir: Path) -> Path:
+    path = run_dir / "adapter.pt"
+    ckpt.atomic_torch_save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, path)
+    return path
+
+
+def tiny_trainer(tmp_path, model=None, dataset=None, log=None, **overrides) -> Trainer:
+    opts = dict(out=str(tmp_path / "run"), steps=12, batch=4, seq_len=32, lr=3e-2, warmup=2,
+                eval_every=4, save_every=4, seed=7, device="cpu")
+    opts.update(overrides)
+    return Trainer(TrainConfig(**opts), model=model or TinyLM(), dataset=dataset or markov_dataset(),
+                   save_adapter=save_tiny_adapter, log=log or (lambda s: None))
+
+
+def curve(rows, keys=("step", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_ppl")):
+    return [{k: r[k] for k in keys if k in r} for r in rows]
+
+
+def test_training_lowers_held_out_loss_and_fills_the_run_dir(tmp_path):
+    result = tiny_trainer(tmp_path).run()
+    run = tmp_path / "run"
+    assert result.steps == 12
+    assert result.eval_after["eval_ppl"] < 0.8 * result.eval_before["eval_ppl"]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8, 12]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["steps"] == 12 and cfg["total_steps"] == 12 and cfg["warmup"] == 2
+    assert cfg["extra"]["trainable_parameters"] == 2 * 4 * 24
+    assert (run / "adapter.pt").exists() and (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [8, 12]  # keep = 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_after"]["eval_ppl"] == result.eval_after["eval_ppl"]
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resolved_defaults_from_epochs(tmp_path):
+    ds = markov_dataset(n_tokens=3200)  # 90 train sequences of 32 tokens
+    t = tiny_trainer(tmp_path, dataset=ds, steps=None, epochs=2, batch=4, grad_accum=3,
+                     warmup=None, eval_every=None, save_every=None)
+    t.run()
+    n = len(ds.train)
+    assert t.cfg.steps == math.ceil(2 * math.ceil(n / 4) / 3)
+    assert t.cfg.warmup == round(0.03 * t.cfg.steps)
+    assert t.cfg.eval_every == math.ceil(t.cfg.steps / 5) and t.cfg.save_every == t.cfg.eval_every
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert cos[:2] == [0.5, 1.0] and cos[1] > cos[5] > cos[9] >= 0
+    assert cos[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_factor(0, 5, 0, "cosine") == 1.0
+
+
+def test_logged_learning_rates_follow_the_schedule(tmp_path):
+    tiny_trainer(tmp_path, steps=6, warmup=2, schedule="cosine", lr=0.1).run()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    assert lrs == pytest.approx([0.1 * lr_factor(s, 6, 2, "cosine") for s in range(6)])
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    ds = markov_dataset(n_tokens=2560)  # 72 training sequences: divisible by 4
+    a = tiny_trainer(tmp_path / "a", model=TinyLM(dropout=0.0), dataset=ds, steps=5, batch=4)
+    b = tiny_trainer(tmp_path / "b", model=TinyLM(dropout=0.0), dataset=ds, steps=5, batch=2, grad_accum=2)
+    a.run()
+    b.run()
+    ra = [r for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl") if "loss" in r]
+    rb = [r for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+    for (_, pa), (_, pb) in zip(a.params, b.params):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        tiny_trainer(tmp_path / name, steps=5, seed=seed).run()
+        runs[name] = curve(read_metrics(tmp_path / name / "run" / "metrics.jsonl"))
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+class NaNAfter(TinyLM):
+    def __init__(self, bad_call: int):
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def loss(self, ids, labels=None, reduction="mean"):
+        out = super().loss(ids, labels, reduction)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad_call:
+                return out * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    t = tiny_trainer(tmp_path, model=NaNAfter(bad_call=6), steps=10, save_every=2, grad_accum=1)
+    with pytest.raises(NonFiniteLossError) as e:
+        t.run()
+    msg = str(e.value)
+    assert "step 6" in msg and "step-00000004.pt" in msg and "--lr" in msg and "--resume" in msg
+    path, state = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state["step"] == 4
+    # The failed step applied nothing: the parameters are those after step 5, all finite.
+    assert all(torch.isfinite(p).all() for _, p in t.params)
+
+
+def test_full_disk_never_corrupts_the_last_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_fill_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 2:            # the second checkpoint: half written, then ENOSPC
+            f.write(b"PK\x03\x04 partial checkpoint bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_disk)
+    t = tiny_trainer(tmp_path, steps=12, save_every=4)
+    with pytest.raises(OSError) as e:
+        t.run()
+    assert e.value.errno == errno.ENOSPC
+    assert "disk is full" in str(e.value) and "step-00000008.pt" in str(e.value)
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in ckpt.list_checkpoints(ckdir)] == [4]
+    assert not list(ckdir.glob("*.tmp"))
+    assert ckpt.load_checkpoint(ckdir / "step-00000004.pt")["step"] == 4
+
+    # With space again, the run resumes from step 4 and ends like an uninterrupted run.
+    monkeypatch.setattr(torch, "save", real_save)
+    tiny_trainer(tmp_path, steps=12, save_every=4).run(resume=True)
+    tiny_trainer(tmp_path / "ref", steps=12, save_every=4).run()
+    assert curve(read_metrics(tmp_path / "run" / "metrics.jsonl")) == \
+        curve(read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl"))
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    p = tmp_path / "f.bin"
+    ckpt.atomic_write_bytes(p, b"old")
+
+    def boom(f):
+        f.write(b"new but incomplete")
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(ckpt.WriteError, match="previous version is intact") as e:
+        ckpt.atomic_write(p, boom)
+    assert e.value.errno == errno.EACCES
+    assert p.read_bytes() == b"old" and not ckpt.tmp_path(p).exists()
+
+
+def test_damaged_newest_checkpoint_is_skipped(tmp_path):
+    d = tmp_path / "ck"
+    ckpt.save_checkpoint(d, 3, {"x": torch.ones(2)})
+    ckpt.checkpoint_path(d, 5).write_bytes(b"garbage")
+    (d / "step-00000007.pt.tmp").write_bytes(b"half")
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        path, state = ckpt.latest_checkpoint(d)
+    assert state["step"] == 3 and torch.equal(state["x"], torch.ones(2))
+
+
+def test_rng_capture_and_restore_round_trip():
+    import random
+    state = ckpt.capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class OOMModel(TinyLM):
+    def loss(self, ids, labels=None, reduction="mean"):
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                         "a total capacity of 7.66 GiB of which 1.01 GiB is free.")
+        return super().loss(ids, labels, reduction)
+
+
+def test_out_of_memory_says_what_to_change(tmp_path):
+    t = tiny_trainer(tmp_path, model=OOMModel(), seq_len=512, batch=4)
+    with pytest.raises(TrainingOutOfMemoryError) as e:
+        t.run()
+    msg = str(e.value)
+    for needle in ("step 1", "2.00 GiB", "--seq-len 256", "--batch 2 --grad-accum 2", "--max-vram"):
+        assert needle in msg
+
+
+def test_oom_message_on_cuda_reports_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (3 * 2**30, 8 * 2**30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    msg = oom_message(RuntimeError("Tried to allocate 512.00 MiB"), TrainConfig(out="x", batch=1),
+                      torch.device("cuda"), 41)
+    assert "step 42" in msg and "512.00 MiB" in msg and "3.00 GiB free of 8.00 GiB" in msg
+    assert "--batch" not in msg and "--seq-len 256" in msg
+
+
+def test_parse_size():
+    assert parse_size("6GB") == 6 * 2**30 and parse_size("800MB") == 800 * 2**20
+    assert parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("1024") == 1024
+    with pytest.raises(ValueError, match="6GB"):
+        parse_size("six gigs")
+
+
+def test_cli_arguments_become_a_config():
+    import argparse
+    p = argparse.ArgumentParser()
+    finetune_cli.add_arguments(p)
+    args = p.parse_args(["m.gguf", "--data", "d.jsonl", "--method", "dylora", "--rank", "8",
+                         "--steps", "50", "--seq-len", "256", "--grad-accum", "4", "--lr", "1e-3",
+                         "--schedule", "constant", "--type", "Q4_1", "--max-vram", "6GB",
+                         "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "-o", "r"])
+    cfg = finetune_cli.config_from_args(args)
+    assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "dylora", 8)
+    assert (cfg.steps, cfg.seq_len, cfg.grad_accum, cfg.lr, cfg.schedule) == (50, 256, 4, 1e-3, "constant")
+    assert cfg.qtype == "Q4_1" and cfg.max_vram == 6 * 2**30 and cfg.strict and cfg.train_on_prompt
+    assert cfg.targets == ["attn_q", "attn_v"] and cfg.batch == 4  # unset flags keep defaults
+    with pytest.raises(SystemExit):
+        p.parse_args(["m", "--steps", "3", "--epochs", "1"])
+
+
+def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
+    tiny_trainer(tmp_path, steps=2).run()
+    rc = finetune_cli.main(["--resume", str(tmp_path / "run"), "--seq-len", "64"])
+    assert rc == 1 and "seq_len cannot change when resuming" in capsys.readouterr().err
