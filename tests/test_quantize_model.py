@@ -1,0 +1,306 @@
+"""quantize_model.py: per-tensor types of the llama.cpp recipes (byte for byte against llama.cpp's
+own quantizer), INTb-gG stored exactly as Q4_1/Q5_1/F32 and re-packed on load, metadata carried,
+sources (GGUF, requantized GGUF, HF safetensors), bits per weight. The models are tiny random
+Llamas written on the fly; one slow test runs the real SmolLM2."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowtune import ops
+from lowtune.formats import get_format
+from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune.quantize_model import (LOGICAL_TYPES_KEY, RECIPES, TypePlan, llama_cpp_order, load_model,
+                                    model_bits, quantize_model, storage_format, to_storage, use_more_bits)
+
+from test_safetensors_io import hf_dir  # noqa: F401  (fixture: a tiny HF Llama checkpoint)
+
+INT_TYPES = [f"INT{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
+
+
+# ---- a tiny Llama GGUF with a byte-level tokenizer ------------------------------------------------
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def tiny_llama_gguf(path, *, layers: int = 8, dim: int = 64, ffn: int = 256, heads: int = 4,
+                    kv_heads: int = 2, tied: bool = True, seed: int = 0, scale: float = 0.08):
+    """An F32 Llama GGUF with random weights and a byte-level BPE tokenizer (260 tokens).
+    Rows of `dim` (64) fit no K-quant, rows of `ffn` (256) do: both kinds of recipe choice occur."""
+    tokens = _byte_tokens() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    vocab = len(tokens)
+    md = {"general.architecture": "llama", "general.name": "tiny", "general.file_type": 0,
+          "llama.block_count": layers, "llama.context_length": 256, "llama.embedding_length": dim,
+          "llama.feed_forward_length": ffn, "llama.attention.head_count": heads,
+          "llama.attention.head_count_kv": kv_heads, "llama.rope.dimension_count": dim // heads,
+          "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+          "llama.vocab_size": vocab, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * (vocab - 1) + [3],
+          "tokenizer.ggml.merges": ["Ġ t", "h e", "Ġt he"], "tokenizer.ggml.bos_token_id": vocab - 1,
+          "tokenizer.ggml.eos_token_id": vocab - 1, "tokenizer.ggml.add_bos_token": False}
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, s=scale):
+        return torch.randn(*shape, generator=g) * s
+
+    kv = kv_heads * dim // heads
+    tensors = [("token_embd.weight", w(vocab, dim, s=1.0))]
+    for i in range(layers):
+        p = f"blk.{i}."
+        tensors += [(p + "attn_norm.weight", 1 + 0.1 * w(dim, s=1.0)), (p + "attn_q.weight", w(dim, dim)),
+                    (p + "attn_k.weight", w(kv, dim)), (p + "attn_v.weight", w(kv, dim)),
+                    (p + "attn_output.weight", w(dim, dim)), (p + "ffn_norm.weight", 1 + 0.1 * w(dim, s=1.0)),
+                    (p + "ffn_gate.weight", w(ffn, dim)), (p + "ffn_up.weight", w(ffn, dim)),
+                    (p + "ffn_down.weight", w(dim, ffn))]
+    tensors.append(("output_norm.weight", 1 + 0.1 * w(dim, s=1.0)))
+    if not tied:
+        tensors.append(("output.weight", w(vocab, dim)))
+    write_gguf(path, md, tensors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory):
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
+
+
+# ---- INTb-gG storage ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", INT_TYPES)
+def test_int_storage_is_exact_and_repacks(name, rng):
+    fmt = get_format(name)
+    w = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32)) * 0.1
+    qt = ops.quantize(w, fmt)
+    stored = to_storage(qt)
+    want = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1", 6: "F32", 8: "F32"}[fmt.bits]
+    assert stored.type == want == storage_format(fmt).name
+    values = ops.dequantize(qt, torch.float32)
+    back = ops.dequantize(stored, torch.float32)
+    assert torch.equal(back, values)                      # bit for bit
+    repacked = ops.quantize(back, fmt)                    # what load_model does
+    assert torch.equal(ops.dequantize(repacked, torch.float32), values)
+    if name == "INT4-g32":                                 # the same bytes, as the format doc says
+        assert torch.equal(stored.raw, qt.raw)
+
+
+# ---- recipes --------------------------------------------------------------------------------------
+
+def test_use_more_bits_picks_llama_cpp_layers():
+    assert [i for i in range(30) if use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+
+
+def _plan_types(qtype, names_shapes, md, **kw):
+    plan = TypePlan.for_source(qtype, md, [n for n, _ in names_shapes], **kw)
+    return {n: plan.choose(n, s).name for n, s in names_shapes}
+
+
+def test_recipe_choices_on_256_wide_rows():
+    """A model whose rows all fit K-quants: Q4_K_M, Q2_K and Q3_K_M choices as in llama.cpp."""
+    md = {"general.architecture": "llama", "llama.block_count": 16, "llama.attention.head_count": 8,
+          "llama.attention.head_count_kv": 2}
+    shapes = [("token_embd.weight", (1000, 256)), ("output.weight", (1000, 256)), ("output_norm.weight", (256,))]
+    for i in range(16):
+        shapes += [(f"blk.{i}.{n}.weight", (256, 256)) for n in
+                   ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        shapes.append((f"blk.{i}.attn_norm.weight", (256,)))
+    q4km = _plan_types("Q4_K_M", shapes, md)
+    more = [i for i in range(16) if use_more_bits(i, 16)]
+    for i in range(16):
+        want = "Q6_K" if i in more else "Q4_K"
+        assert q4km[f"blk.{i}.attn_v.weight"] == want and q4km[f"blk.{i}.ffn_down.weight"] == want
+        assert q4km[f"blk.{i}.attn_q.weight"] == "Q4_K" and q4km[f"blk.{i}.attn_norm.weight"] == "F32"
+    assert q4km["output.weight"] == "Q6_K" and q4km["token_embd.weight"] == "Q4_K"
+    q2k = _plan_types("Q2_K", shapes, md)
+    assert q2k["blk.3.attn_v.weight"] == "Q4_K"            # n_head / n_head_kv = 4
+    assert q2k["blk.3.ffn_down.weight"] == q2k["blk.3.attn_output.weight"] == "Q3_K"
+    assert q2k["blk.3.ffn_up.weight"] == "Q2_K" and q2k["output.weight"] == "Q6_K"
+    q3km = _plan_types("Q3_K", shapes, md)                  # llama-quantize's alias for Q3_K_M
+    assert [q3km[f"blk.{i}.attn_v.weight"] for i in range(3)] == ["Q5_K", "Q5_K", "Q4_K"]
+    assert q3km["blk.0.ffn_down.weight"] == "Q5_K" and q3km["blk.5.ffn_down.weight"] == "Q4_K"
+    assert _plan_types("Q4_K_M", shapes, md, output_type="Q8_0")["output.weight"] == "Q8_0"
+    pure = _plan_types("Q2_K", shapes, md, pure=True)
+    assert {pure[n] for n, s in shapes if len(s) == 2} == {"Q2_K"}
+
+
+def test_counters_follow_layer_order_not_file_order():
+    names = [f"blk.{i}.attn_v.weight" for i in (0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert llama_cpp_order(names)[:4] == ["blk.0.attn_v.weight", "blk.1.attn_v.weight",
+                                          "blk.2.attn_v.weight", "blk.3.attn_v.weight"]
+
+
+def test_int_types_keep_embeddings_f16_and_fall_back():
+    md = {"general.architecture": "llama", "llama.block_count": 1}
+    shapes = [("token_embd.weight", (300, 576)), ("blk.0.attn_q.weight", (576, 576)),
+              ("blk.0.ffn_down.weight", (576, 1536)), ("blk.0.attn_k.weight", (64, 96))]
+    t = _plan_types("INT3-g128", shapes, md)
+    assert t == {"token_embd.weight": "F16", "blk.0.attn_q.weight": "INT3-g64",  # 576 = 9 x 64
+                 "blk.0.ffn_down.weight": "INT3-g128", "blk.0.attn_k.weight": "INT3-g32"}
+    assert _plan_types("INT2-g32", shapes, md, token_embedding_type="Q8_0")["token_embd.weight"] == "Q8_0"
+
+
+def test_bad_types_say_what_to_use():
+    for bad in ("Q9_K", "Q6_K_M", "INT7-g32"):
+        with pytest.raises(ValueError, match="recipe"):
+            TypePlan(bad)
+    with pytest.raises(ValueError, match="unknown quantization type"):
+        TypePlan("Q4_K_M", output_type="Q7_0")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q5_K_S", "Q4_0"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_recipes_equal_llama_quantize_byte_for_byte(recipe, tied, tmp_path):
+    """Every tensor gets llama-quantize's type and bytes (IQ4_NL, a fallback lowtune lacks, counts
+    as Q4_0)."""
+    import ctypes
+
+    import llama_cpp
+    src = tiny_llama_gguf(tmp_path / "src.gguf", tied=tied)
+    ours = quantize_model(src, tmp_path / "ours.gguf", recipe).path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = RECIPES[recipe][0], 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    with GGUFFile(ours) as a, GGUFFile(theirs) as b:
+        assert set(a.tensor_infos) == set(b.tensor_infos)
+        for name, info in b.tensor_infos.items():
+            mine = a.tensor_infos[name]
+            if info.type_name == "IQ4_NL":
+                assert mine.type_name == "Q4_0", name
+                continue
+            assert mine.type_name == info.type_name, name
+            assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
+        # general.file_type is the recipe's, except where its main type ended up in no tensor
+        # (write_gguf then names the most common type; llama.cpp keeps the recipe's id)
+        main = RECIPES[recipe][1]
+        if any(i.type_name == main for i in a.tensor_infos.values()):
+            assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+
+
+# ---- files ----------------------------------------------------------------------------------------
+
+def test_int_file_types_metadata_bits_and_reload(tiny_f32, tmp_path):
+    res = quantize_model(tiny_f32, tmp_path / "int3.gguf", "INT3-g64")
+    with GGUFFile(tiny_f32) as src, GGUFFile(res.path) as f:
+        md = f.metadata
+        assert md["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]
+        assert md["tokenizer.ggml.merges"] == src.metadata["tokenizer.ggml.merges"]
+        assert md["lowtune.quantize.type"] == "INT3-g64" and md["general.file_type"] == 3  # mostly Q4_1
+        logical = dict(e.split("=") for e in md[LOGICAL_TYPES_KEY])
+        assert len(logical) == 8 * 7 and set(logical.values()) == {"INT3-g64"}
+        assert f.tensor_infos["blk.0.attn_q.weight"].type_name == "Q4_1"
+        assert f.tensor_infos["token_embd.weight"].type_name == "F16"
+        assert f.tensor_infos["blk.0.attn_norm.weight"].type_name == "F32"
+    bits = model_bits(res.path)
+    assert bits.linear_bpw == pytest.approx(3.5)               # 3 bits + fp16 d, m per 64
+    assert bits.embedding_bits / bits.embedding_params == pytest.approx(16.0)
+    assert bits.with_adapter(1000)["linear_bpw"] == pytest.approx(3.5 + 16000 / bits.linear_params)
+
+    packed = load_model(res.path)
+    stored = load_model(res.path, restore=False)
+    assert packed.layers[0].attn_q.format.name == "INT3-g64"
+    assert stored.layers[0].attn_q.format.name == "Q4_1"
+    assert packed.layers[0].attn_q.raw.numel() < stored.layers[0].attn_q.raw.numel()
+    ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids), stored(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_requantizing_starts_from_the_f32_dequantization(tiny_f32, tmp_path):
+    q40 = quantize_model(tiny_f32, tmp_path / "q40.gguf", "Q4_0").path
+    again = quantize_model(q40, tmp_path / "again.gguf", "Q4_0").path       # same type: copied
+    via_f32 = quantize_model(q40, tmp_path / "f32.gguf", "F32").path         # the teacher
+    int2 = quantize_model(q40, tmp_path / "int2.gguf", "INT2-g32").path
+    int2_from_f32 = quantize_model(via_f32, tmp_path / "int2b.gguf", "INT2-g32").path
+    with GGUFFile(q40) as a, GGUFFile(again) as b, GGUFFile(via_f32) as t, GGUFFile(int2) as c, \
+            GGUFFile(int2_from_f32) as d:
+        for name, info in a.tensor_infos.items():
+            assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
+            if info.type.quantized:
+                deq = ops.dequantize(a.qtensor(name), torch.float32).reshape(t.tensor_infos[name].shape)
+                assert torch.equal(t.tensor(name), deq), name
+            assert np.array_equal(c.raw(name).numpy(), d.raw(name).numpy()), name
+    # and an INTb-gG file requantized to its own type is copied as stored
+    int2_again = quantize_model(int2, tmp_path / "int2c.gguf", "INT2-g32").path
+    with GGUFFile(int2) as c, GGUFFile(int2_again) as e:
+        assert all(np.array_equal(c.raw(n).numpy(), e.raw(n).numpy()) for n in c.tensor_infos)
+
+
+def test_safetensors_source_matches_the_checkpoint_reader(hf_dir, tmp_path):  # noqa: F811
+    from lowtune.safetensors_io import load_hf_checkpoint
+    d, cfg, _ = hf_dir
+    ck = load_hf_checkpoint(d, dtype=torch.float32)
+    out = quantize_model(d, tmp_path / "from-hf.gguf", "F32").path
+    with GGUFFile(out) as f:
+        assert set(f.tensor_infos) == set(ck.tensor_infos)
+        for name in f.tensor_infos:
+            assert torch.equal(f.tensor(name).float(), ck.tensor(name).float()), name
+        assert f.metadata["tokenizer.ggml.tokens"] == ck.metadata["tokenizer.ggml.tokens"]
+        assert f.metadata["general.file_type"] == 0
+    q = quantize_model(d, tmp_path / "from-hf-q4km.gguf", "Q4_K_M")
+    assert q.types["blk.0.attn_q.weight"] == "Q5_0"               # 64-wide rows: Q4_K falls back
+    assert q.types["output.weight"] == "Q8_0" and q.types["output_norm.weight"] == "F32"
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quantize_model(tmp_path / "nope.gguf", tmp_path / "o.gguf", "Q4_0")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        quantize_model(tmp_path / "empty", tmp_path / "o.gguf", "Q4_0")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_cli(tiny_f32, tmp_path, capsys):
+    from lowtune.quantize_model import main
+    assert main([str(tiny_f32), "--type", "Q2_K", "-o", str(tmp_path / "q2k.gguf"), "-q"]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    assert main([str(tiny_f32), "--type", "Q7_X", "-o", str(tmp_path / "x.gguf")]) == 1
+    assert "unknown --type" in capsys.readouterr().err
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_runs_an_int_file_like_lowtune(tiny_f32, tmp_path):
+    """An INT3-g64 file (stored as Q4_1) loads in llama.cpp, whose logits match ours up to
+    llama.cpp's own rounding (its CPU matmuls quantize activations to 8 bits for Q4_1 weights
+    and to fp16 for the F16 head: about 1% of the logit range here)."""
+    import llama_cpp
+    path = quantize_model(tiny_f32, tmp_path / "int3.gguf", "INT3-g64").path
+    ids = [5, 70, 80, 71, 32, 100, 101, 102, 40, 41, 42, 43]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        want = load_model(path)(torch.tensor([ids]))[0]
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    wrong = quantize_model(tiny_f32, tmp_path / "int2.gguf", "INT2-g32").path  # a different model
+    with torch.no_grad():
+        other = load_model(wrong)(torch.tensor([ids]))[0]
+    assert (got - other).abs().max() > 3 * (got - want).abs().max()
+
+
+@pytest.mark.slow
+def test_smollm2_students(smollm2_path, tmp_path):
+    """SmolLM2's 576-wide rows: Q2_K falls back to Q4_0 almost everywhere, INT2-g32 is exact."""
+    res = quantize_model(smollm2_path, tmp_path / "q2k.gguf", "Q2_K")
+    counts = {}
+    for t in res.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    assert counts == {"Q4_0": 180, "Q3_K": 30, "Q8_0": 1, "F32": 61}
+    int2 = quantize_model(smollm2_path, tmp_path / "int2.gguf", "INT2-g32")
+    assert int2.bits.linear_bpw == pytest.approx(3.0) and math.isclose(int2.bits.embedding_bits
+                                                                        / int2.bits.embedding_params, 16.0)
