@@ -37,7 +37,8 @@ def _byte_tokens() -> list[str]:
 
 
 def tiny_llama_gguf(path, *, layers: int = 8, dim: int = 64, ffn: int = 256, heads: int = 4,
-                    kv_heads: int = 2, tied: bool = True, seed: int = 0, scale: float = 0.08):
+                    kv_heads: int = 2, tied: bool = True, seed: int = 0, scale: float = 0.08,
+                    emb_scale: float = 1.0):
     """An F32 Llama GGUF with random weights and a byte-level BPE tokenizer (260 tokens).
     Rows of `dim` (64) fit no K-quant, rows of `ffn` (256) do: both kinds of recipe choice occur."""
     tokens = _byte_tokens() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
@@ -57,7 +58,7 @@ def tiny_llama_gguf(path, *, layers: int = 8, dim: int = 64, ffn: int = 256, hea
         return torch.randn(*shape, generator=g) * s
 
     kv = kv_heads * dim // heads
-    tensors = [("token_embd.weight", w(vocab, dim, s=1.0))]
+    tensors = [("token_embd.weight", w(vocab, dim, s=emb_scale))]
     for i in range(layers):
         p = f"blk.{i}."
         tensors += [(p + "attn_norm.weight", 1 + 0.1 * w(dim, s=1.0)), (p + "attn_q.weight", w(dim, dim)),

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop at the first bad data record instead of skipping it")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
                    help="take loss on prompts too (instruction and chat data)")
+    p.add_argument("--base-adapter", metavar="RUN_DIR",
+                   help="apply the adapter of RUN_DIR (e.g. a `lowtune correct` run) frozen, and "
+                   "train a second adapter on top of it")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")

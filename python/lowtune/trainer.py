@@ -94,6 +94,7 @@ class TrainConfig:
     train_on_prompt: bool = False   # loss on prompts too (instruction/chat data)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU
+    base_adapter: str | None = None # run dir of an adapter applied first and frozen (e.g. LREC)
     # Resolved at run time (informational in config.json):
     total_steps: int | None = None
     extra: dict = field(default_factory=dict)
@@ -287,6 +288,9 @@ class Trainer:
         if self.model is None:
             self.model, tok = load_model(cfg, self.device)
             self.tokenizer = self.tokenizer or tok
+            if cfg.base_adapter:  # frozen under the trainable adapter (correct.py)
+                from .correct import apply_frozen_base_adapter
+                apply_frozen_base_adapter(self.model, cfg.base_adapter)
             cfg.extra["adapter"] = apply_adapters(self.model, cfg)
         else:
             self.model.to(self.device)

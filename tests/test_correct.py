@@ -1,0 +1,213 @@
+"""correct.py (LREC): the chunked KL + CE head against plain torch, the distillation gradient,
+a short correction on a tiny random Llama that lowers KL(teacher ‖ student) on held-out text,
+the report, resume, and the frozen base adapter under a second trainable one
+(`lowtune finetune --base-adapter`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowtune import ops
+from lowtune.adapters import AdapterConfig, adapter_parameters, adapters_of, apply_adapters, load_adapter, save_adapter
+from lowtune.correct import (DistillationModel, FrozenAdaptedLinear, apply_frozen_base_adapter, distill_loss,
+                             frozen_adapters_of, reference_distill_loss)
+from lowtune.quantize_model import load_model, quantize_model
+
+from test_quantize_model import tiny_llama_gguf
+
+
+class _Head:
+    """A stand-in model for distill_loss: a packed LM head and nothing else."""
+
+    def __init__(self, qt):
+        self.qt, self.output = qt, None
+        self.device, self.dtype = qt.device, torch.float32
+
+    def head_weight(self):
+        return self.qt
+
+    def lm_head(self, h):
+        return ops.qmatmul(h.contiguous(), self.qt)
+
+
+@pytest.mark.parametrize("head_type", ["F32", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_kl_equals_unchunked(head_type, chunk, rng):
+    n, d, v = 23, 64, 96
+    w_s = torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32)) * 0.3
+    w_t = w_s + 0.1 * torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32))
+    student, teacher = _Head(ops.quantize(w_s, head_type)), _Head(ops.quantize(w_t, "F32"))
+    h0 = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    h_t = h0 + 0.2 * torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, v, n))
+    kw, cw = 1.0, 0.3
+
+    h = h0.clone().requires_grad_(True)
+    total, kl, ce = distill_loss(h, h_t, y, student, teacher, kw, cw, chunk=chunk)
+    total.backward()
+
+    h_ref = h0.clone().requires_grad_(True)
+    ls = h_ref @ ops.dequantize(student.qt, torch.float32).t()
+    lt = h_t @ w_t.t()
+    ref_total, ref_kl, ref_ce = reference_distill_loss(ls, lt, y, kw, cw)
+    ref_total.backward()
+    assert kl.item() > 0
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_of_a_model_with_itself_is_zero(rng):
+    w = torch.from_numpy(rng.standard_normal((50, 32)).astype(np.float32))
+    head = _Head(ops.quantize(w, "F32"))
+    h = torch.from_numpy(rng.standard_normal((9, 32)).astype(np.float32))
+    _, kl, ce = distill_loss(h, h, torch.zeros(9, dtype=torch.long), head, head, 1.0, 1.0, chunk=4)
+    assert abs(kl.item()) < 1e-4 and ce.item() > 0
+
+
+# ---- tiny models -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, botchan_text):
+    """Teacher (F32), INT2-g32 student, a training text and a held-out text of another part."""
+    d = tmp_path_factory.mktemp("lrec")
+    teacher = tiny_llama_gguf(d / "teacher.gguf", layers=2, emb_scale=0.3, scale=0.12)
+    student = quantize_model(teacher, d / "student.gguf", "INT2-g32").path
+    (d / "train.txt").write_text(botchan_text[:12000], encoding="utf-8")
+    (d / "other.txt").write_text(botchan_text[-6000:], encoding="utf-8")
+    return d, teacher, student
+
+
+def test_distillation_gradient_matches_autograd(tiny):
+    d, teacher, student = tiny
+    s, t = load_model(student), load_model(teacher)
+    apply_adapters(s, AdapterConfig(rank=4, alpha=8, seed=3))
+    with torch.no_grad():
+        for ad in adapters_of(s).values():
+            ad.lora_B.normal_(0, 0.05)
+    dm = DistillationModel(s, t, kl_weight=1.0, ce_weight=0.25, kl_chunk=5)
+    dm.train()
+    ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[1, 6:] = -100
+    dm.loss(ids, labels, reduction="sum").backward()
+    got = [p.grad.clone() for p in adapter_parameters(s)]
+    for p in adapter_parameters(s):
+        p.grad = None
+    ls, lt = s(ids)[:, :-1], t(ids)[:, :-1].detach()
+    ref, _, _ = reference_distill_loss(ls.reshape(-1, 260), lt.reshape(-1, 260), labels[:, 1:].reshape(-1), 1.0, 0.25)
+    ref.backward()
+    for g, p in zip(got, adapter_parameters(s)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
+    dm.eval()  # eval mode: the student's own cross-entropy, as the trainer's held-out perplexity
+    assert dm.loss(ids, labels, reduction="sum").item() == pytest.approx(s.loss(ids, labels, reduction="sum").item())
+
+
+def test_teacher_with_another_vocabulary_is_refused(tiny, tmp_path):
+    d, teacher, student = tiny
+    other = tiny_llama_gguf(tmp_path / "other.gguf", layers=1)
+    s, t = load_model(student), load_model(other)
+    t.config.vocab_size += 1
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        DistillationModel(s, t)
+
+
+@pytest.fixture(scope="module")
+def corrected(tiny):
+    from lowtune.correct import main
+    d, teacher, student = tiny
+    run = d / "run"
+    rc = main([str(student), "--teacher", str(teacher), "--text", str(d / "train.txt"), "--eval-text",
+               str(d / "other.txt"), "--rank", "8", "--alpha", "16", "--steps", "16", "--seq-len", "32",
+               "--batch", "4", "--lr", "5e-3", "--ce-weight", "0.1", "--device", "cpu", "--eval-every", "0",
+               "--eval-tokens", "512", "-o", str(run)])
+    assert rc == 0
+    return run
+
+
+@pytest.mark.slow
+def test_correction_lowers_kl_on_held_out_text(corrected):
+    report = json.loads((corrected / "report.json").read_text())
+    assert set(report["eval"]) == {"train.txt (held-out end)", "other.txt"}
+    for name, r in report["eval"].items():
+        assert r["corrected_kl"] < 0.8 * r["student_kl"], name
+        assert all(np.isfinite(r[k]) for k in ("teacher_ppl", "student_ppl", "corrected_ppl"))
+    b = report["bits"]
+    assert b["linear_bpw"] == pytest.approx(3.0)
+    assert b["corrected_linear_bpw"] == pytest.approx(3.0 + 16 * b["adapter_params"] / b["linear_params"])
+    assert (corrected / "adapter" / "adapter_config.json").is_file() and (corrected / "loss.png").is_file()
+    cfg = json.loads((corrected / "config.json").read_text())["train"]
+    assert cfg["extra"]["lrec"]["ce_weight"] == 0.1 and cfg["method"] == "lora"
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(corrected, tmp_path):
+    import shutil
+
+    from lowtune.correct import resume_correct
+    from lowtune.trainer import read_metrics
+    run = tmp_path / "run"
+    shutil.copytree(corrected, run)
+    res = resume_correct(run, steps=18, log=lambda s: None)
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 19))
+    assert res.report["eval"]["other.txt"]["student_kl"] == \
+        json.loads((corrected / "report.json").read_text())["eval"]["other.txt"]["student_kl"]
+
+
+@pytest.mark.slow
+def test_frozen_base_adapter_under_a_second_adapter(tiny, corrected, tmp_path):
+    d, teacher, student = tiny
+    ids = torch.randint(0, 260, (2, 10), generator=torch.Generator().manual_seed(2))
+    plain = load_model(student)
+    load_adapter(plain, corrected / "adapter")
+    frozen_model = load_model(student)
+    frozen = apply_frozen_base_adapter(frozen_model, corrected)
+    assert len(frozen) == 2 * 7 and not list(frozen_model.parameters())
+    with torch.no_grad():
+        want = plain(ids)
+        torch.testing.assert_close(frozen_model(ids), want, rtol=1e-5, atol=1e-5)
+        ref = frozen_model.layers[0].attn_q
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(ref(x), ref.base(x) + x @ ref.delta_weight().t(), rtol=1e-4, atol=1e-5)
+
+    apply_adapters(frozen_model, AdapterConfig(method="qa-hira", rank=4, alpha=4, hira_init="kaiming"))
+    params = adapter_parameters(frozen_model)
+    assert [n for n, _ in frozen_model.named_parameters()] and all(p.requires_grad for p in params)
+    assert isinstance(frozen_model.layers[0].attn_q.base, FrozenAdaptedLinear)
+    before = {n: m.frozen_A.clone() for n, m in frozen_adapters_of(frozen_model).items()}
+    opt = torch.optim.SGD(params, lr=0.1)
+    frozen_model.train()
+    frozen_model.loss(ids).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    opt.step()
+    for n, m in frozen_adapters_of(frozen_model).items():
+        assert torch.equal(m.frozen_A, before[n])
+    saved = save_adapter(frozen_model, tmp_path / "task")
+    meta = json.loads((saved / "adapter_config.json").read_text())
+    assert meta["method"] == "qa-hira" and len(meta["modules"]) == 2 * 7
+    with pytest.raises(ValueError, match="before any trainable adapter"):
+        apply_frozen_base_adapter(frozen_model, corrected)
+    with pytest.raises(FileNotFoundError, match="no adapter"):
+        apply_frozen_base_adapter(load_model(student), tmp_path)
+
+
+@pytest.mark.slow
+def test_finetune_with_base_adapter(tiny, corrected, tmp_path):
+    from lowtune import finetune_cli
+    d, teacher, student = tiny
+    run = tmp_path / "task"
+    rc = finetune_cli.main([str(student), "--data", str(d / "train.txt"), "--base-adapter", str(corrected),
+                            "--method", "lora", "--rank", "4", "--steps", "2", "--seq-len", "32",
+                            "--batch", "2", "--device", "cpu", "--eval-every", "0", "-o", str(run)])
+    assert rc == 0
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["base_adapter"] == str(corrected)
+    other = tiny_llama_gguf(tmp_path / "different.gguf", layers=2, seed=5)
+    with pytest.raises(ValueError, match="trained on base"):  # the LREC adapter belongs to `student`
+        apply_frozen_base_adapter(load_model(other), corrected)
