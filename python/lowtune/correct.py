@@ -225,6 +225,12 @@ class DistillationModel(nn.Module):
         return total, kl, ce, int(targets.numel())
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+        if self.student.dtype == torch.float32:  # a float32 student stays float32 under autocast
+            with torch.autocast(self.student.device.type, enabled=False):
+                return self._loss(ids, labels, reduction)
+        return self._loss(ids, labels, reduction)
+
+    def _loss(self, ids, labels, reduction):
         if not self.training:
             return self.student.loss(ids.to(self.student.device),
                                      None if labels is None else labels.to(self.student.device),
@@ -433,6 +439,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _load(path, device, dtype, max_vram):
     from .quantize_model import load_model
     kw = {} if max_vram is None else {"max_vram": max_vram}
@@ -446,7 +455,7 @@ def build(cfg, device: torch.device):
     from .tokenizer import load_tokenizer
 
     lrec = cfg.extra["lrec"]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _DTYPES[lrec.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")]
     student = _load(cfg.model, device, dtype, cfg.max_vram)
     tdev = torch.device(lrec.get("teacher_device") or device)
     teacher = _load(lrec["teacher"], tdev, torch.float32, cfg.max_vram)  # fp32 activations: exact targets
@@ -463,10 +472,14 @@ def correct(student, teacher, text, out, *, rank: int = DEFAULT_RANK, alpha: flo
             kl_weight: float = 1.0, ce_weight: float = DEFAULT_CE_WEIGHT, lr: float = DEFAULT_LR,
             eval_texts: Sequence[str] = (), eval_tokens: int | None = 16384,
             kl_chunk: int = DEFAULT_KL_CHUNK, teacher_device: str | None = None,
-            log=None, **options) -> CorrectResult:
+            dtype: str | None = None, log=None, **options) -> CorrectResult:
     """Train an LREC adapter on `student` (GGUF) against `teacher` (GGUF, same tokenizer) on the
     text file `text`, into run directory `out`. Options are TrainConfig fields (steps, epochs,
-    seq_len, batch, grad_accum, warmup, schedule, eval_fraction, targets, seed, device, ...)."""
+    seq_len, batch, grad_accum, warmup, schedule, eval_fraction, targets, seed, device, ...).
+    dtype: the student's activation dtype (default bfloat16 on CUDA, float32 on the CPU; the
+    teacher always runs in float32). With float32 the trainer's bf16 autocast is switched off."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     from .trainer import TrainConfig, parse_size
 
     if "max_vram" in options:
@@ -477,7 +490,7 @@ def correct(student, teacher, text, out, *, rank: int = DEFAULT_RANK, alpha: flo
     cfg.extra["lrec"] = {"teacher": str(teacher), "kl_weight": float(kl_weight),
                          "ce_weight": float(ce_weight), "kl_chunk": int(kl_chunk),
                          "eval_texts": [str(t) for t in eval_texts], "eval_tokens": eval_tokens,
-                         "teacher_device": teacher_device}
+                         "teacher_device": teacher_device, "dtype": dtype}
     return run_correction(cfg, log=log)
 
 
@@ -596,6 +609,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--teacher-device", help="keep the teacher elsewhere (e.g. cpu)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), help="student activation dtype (default bfloat16 "
+                   "on CUDA, float32 on the CPU)")
     p.add_argument("--max-vram", help="GPU memory budget (layer streaming), e.g. 6GB")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
@@ -627,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
         correct(args.student, args.teacher, args.text, args.output, rank=args.rank, alpha=args.alpha,
                 kl_weight=args.kl_weight, ce_weight=args.ce_weight, lr=args.lr, schedule=args.schedule,
                 eval_texts=args.eval_text, eval_tokens=args.eval_tokens, kl_chunk=args.kl_chunk,
-                teacher_device=args.teacher_device, **opts)
+                teacher_device=args.teacher_device, dtype=args.dtype, **opts)
     except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
         print(f"lowtune correct: error: {e}", file=sys.stderr)
         return 1
