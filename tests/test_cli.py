@@ -87,7 +87,8 @@ def test_info(tiny_gguf, capsys):
 
 
 def test_eval_json_is_the_last_line(tiny_gguf, text_file, capsys):
-    rc, out, err = run(["eval", tiny_gguf, "--text", text_file, "--ctx", 64, "--chunks", 3, "--json"], capsys)
+    rc, out, err = run(["eval", tiny_gguf, "--text", text_file, "--ctx", 64, "--chunks", 3, "--json",
+                        "--device", "cpu", "--dtype", "fp32"], capsys)
     assert rc == 0
     r = json.loads(out.strip().splitlines()[-1])
     assert r["tokens"] == 3 * 63 and r["perplexity"] > 1
