@@ -52,7 +52,7 @@ import os
 import random
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -271,12 +271,14 @@ class AdaptedLinear(nn.Module):
         y = self.base(x).to(x.dtype).contiguous()
         return adapter_ops.adapter_accumulate(y, x, A, B, geom, xa)
 
-    def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None) -> torch.Tensor:
+    def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None,
+                          matrices: tuple | None = None) -> torch.Tensor:
         """adapter(x) in plain torch ops, the PEFT way: pool, A, B, repeat_interleave, scale.
-        pooled=True: x is already the pooled adapter input [..., K/p]."""
+        pooled=True: x is already the pooled adapter input [..., K/p]. matrices: (A, B) (or
+        (M, None)) to use instead of the module's own, e.g. float64 copies for gradcheck."""
         g = self.geometry(rank)
         xa = x if pooled else pool_inputs(x, g.pool)
-        A, B = self._matrices()
+        A, B = self._matrices() if matrices is None else matrices
         if g.has_b:
             A, B = A[:g.rank], B[:, :g.rank]
             if g.grad_from > 0:  # DyLoRA's frozen mode: older slices take part but do not learn
