@@ -290,12 +290,29 @@ class SPMTokenizer(Tokenizer):
         return t.replace("\u2581", " ").encode("utf-8", errors="surrogateescape")
 
     def decode_bytes(self, ids, skip_special=False):
-        out = super().decode_bytes(ids, skip_special)
-        # the space added in front of the text is not part of it (llama.cpp and sentencepiece drop it)
-        if self.add_space_prefix and out.startswith(b" ") and len(ids) and self.token_types[int(ids[0])] == NORMAL \
-                and self.tokens[int(ids[0])].startswith("\u2581"):
-            out = out[1:]
-        return out
+        """Mirror of encoding: the space put in front of a text run (at the start, or after a
+        special token) is not part of the text and is dropped. To stream generated text, decode the
+        whole sequence and take the new suffix (decoding new tokens alone would drop their space)."""
+        if not self.add_space_prefix:
+            return super().decode_bytes(ids, skip_special)
+        out = []
+        run_start = True
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            tt = self.token_types[i]
+            if tt in (CONTROL, UNKNOWN):
+                run_start = True
+                if not skip_special:
+                    out.append(self.token_bytes(i))
+                continue
+            piece = self.token_bytes(i)
+            if run_start and piece.startswith(b" "):
+                piece = piece[1:]
+            run_start = False
+            out.append(piece)
+        return b"".join(out)
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -607,6 +624,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     """Render a HF-style chat template in a Jinja sandbox (as transformers does: trim_blocks,
     lstrip_blocks, loop controls, tojson, raise_exception, strftime_now)."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):

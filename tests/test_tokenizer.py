@@ -1,0 +1,230 @@
+"""Tokenizers from GGUF metadata: byte-level BPE (SmolLM2) and SentencePiece (Mistral v1) against
+llama.cpp and sentencepiece on the whole Botchan text."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune.tokenizer import (load_tokenizer, load_tokenizer_dir, render_chat_template,
+                               sentencepiece_model_proto, spm_metadata)
+
+MISTRAL_COMMON = "mistral-common==1.13.1"
+MISTRAL_MODEL = "mistral_common/data/tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def smol_meta(smollm2_path):
+    with GGUFFile(smollm2_path) as f:
+        return f.metadata
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smol_meta):
+    return load_tokenizer(smol_meta)
+
+
+@pytest.fixture(scope="session")
+def mistral_model_path(tmp_path_factory) -> Path:
+    """Mistral-7B v0.1's tokenizer.model, from the mistral-common wheel on PyPI (cached)."""
+    env = os.environ.get("LOWTUNE_MISTRAL_TOKENIZER")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("LOWTUNE_TEST_CACHE", Path.home() / ".cache" / "lowtune-tests"))
+    target = cache / "tokenizer.model.v1"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+                            MISTRAL_COMMON], capture_output=True, text=True, timeout=300)
+        wheels = glob.glob(str(cache / "mistral_common-1.13.1-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.fail(f"could not download {MISTRAL_COMMON} for its tokenizer.model "
+                        f"(set LOWTUNE_MISTRAL_TOKENIZER to a local copy): {r.stderr[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(z.read(MISTRAL_MODEL))
+            tmp.replace(target)
+    return target
+
+
+def spm_reference_metadata(sp) -> dict:
+    """GGUF 'llama' tokenizer metadata built with sentencepiece's own API (independent of our parser)."""
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             5 if sp.is_unused(i) else 1 for i in range(n)]
+    return {"tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
+            "tokenizer.ggml.unknown_token_id": sp.unk_id()}
+
+
+@pytest.fixture(scope="module")
+def mistral(mistral_model_path):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_model_path))
+    meta = spm_reference_metadata(sp)
+    return sp, meta, load_tokenizer(meta)
+
+
+# ---- byte-level BPE (SmolLM2) --------------------------------------------------------------------
+
+def test_smollm2_special_ids(smol_tok):
+    assert smol_tok.model == "gpt2" and smol_tok.vocab_size == 49152
+    assert (smol_tok.bos_id, smol_tok.eos_id, smol_tok.eot_id) == (1, 2, 2)
+    assert smol_tok.add_bos is False
+    assert smol_tok.tokens[2] == "<|im_end|>" and 0 in smol_tok.eog_ids
+    assert smol_tok.encode("x", add_bos=True)[0] == 1
+
+
+def test_smollm2_round_trip_and_known_ids(smol_tok, botchan_text):
+    ids = smol_tok.encode("Hello world, 1234!")
+    # digits are split one by one by the "smollm" pre-tokenizer
+    assert [smol_tok.tokens[i] for i in ids] == ["Hello", "Ġworld", ",", "Ġ", "1", "2", "3", "4", "!"]
+    assert smol_tok.decode(smol_tok.encode(botchan_text)) == botchan_text
+    s = "naïve café 中文 🙂  two  spaces\n\n\ttab"
+    assert smol_tok.decode(smol_tok.encode(s)) == s
+
+
+def test_special_tokens_in_text(smol_tok):
+    text = "<|im_start|>user\nHi<|im_end|>"
+    ids = smol_tok.encode(text)
+    assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1
+    plain = smol_tok.encode(text, special=False)
+    assert 1 not in plain and 2 not in plain
+    assert smol_tok.decode(plain) == text
+    assert smol_tok.decode(ids, skip_special=True) == "user\nHi"
+
+
+def test_chat_template(smol_tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    s = smol_tok.apply_chat_template(msgs)
+    assert s == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert not smol_tok.apply_chat_template(msgs, add_generation_prompt=False).endswith("assistant\n")
+
+
+def test_chat_template_is_sandboxed():
+    with pytest.raises(ValueError, match="chat template"):
+        render_chat_template("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+    with pytest.raises(ValueError, match="nope"):
+        render_chat_template("{{ raise_exception('nope') }}", [])
+    assert render_chat_template("{{ messages | tojson }}", [{"a": "é"}]) == '[{"a": "é"}]'
+
+
+@pytest.mark.llamacpp
+def test_smollm2_botchan_equals_llama_cpp(smollm2_path, smol_tok, botchan_text):
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), vocab_only=True, verbose=False)
+    ref = llm.tokenize(botchan_text.encode(), add_bos=False, special=False)
+    ours = smol_tok.encode(botchan_text, special=False)
+    assert len(ours) == len(ref)
+    assert ours == ref
+    chat = smol_tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    assert smol_tok.encode(chat) == llm.tokenize(chat.encode(), add_bos=False, special=True)
+
+
+# ---- SentencePiece (Mistral v1) ------------------------------------------------------------------
+
+def test_spm_botchan_equals_sentencepiece(mistral, botchan_text):
+    sp, _, tok = mistral
+    assert tok.model == "llama" and tok.vocab_size == 32000 and tok.add_bos
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    ids = tok.encode(botchan_text, add_bos=False)
+    assert ids == sp.encode(botchan_text)
+    assert tok.decode(ids) == botchan_text
+    for s in ["Hello world", " leading", "  two", "a\nb", "é中文🙂", "\x00\x01"]:
+        assert tok.encode(s, add_bos=False) == sp.encode(s), s
+        assert tok.decode(tok.encode(s), skip_special=True) == s
+    assert tok.decode(tok.encode("Hi")) == "<s>Hi"
+
+
+def test_spm_special_tokens_follow_llama_cpp(mistral):
+    _, _, tok = mistral
+    # a text piece after a special token gets its own leading space (llama.cpp's SPM rule)
+    assert tok.encode("<s>Hi") == [1, 1] + tok.encode("Hi", add_bos=False)
+    assert tok.encode("<s>Hi", add_bos=False, special=False)[0] != 1
+    assert tok.decode(tok.encode("a</s>b", add_bos=False)) == "a</s>b"
+
+
+def test_spm_metadata_parser_matches_sentencepiece(mistral, mistral_model_path):
+    _, ref, _ = mistral
+    ours = spm_metadata(mistral_model_path.read_bytes())
+    for key, val in ref.items():
+        assert ours[key] == val, key
+    assert ours["tokenizer.ggml.add_space_prefix"] is True
+
+
+def test_sentencepiece_model_proto_round_trips(mistral):
+    import sentencepiece as spm
+    sp, meta, _ = mistral
+    proto = sentencepiece_model_proto(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
+                                      meta["tokenizer.ggml.token_type"], add_dummy_prefix=True)
+    sp2 = spm.SentencePieceProcessor(model_file=None, model_proto=proto)
+    s = "The quick brown fox, 12 jumps; naïve"
+    assert sp2.encode(s) == sp.encode(s)
+    assert spm_metadata(proto)["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
+
+
+@pytest.mark.llamacpp
+def test_spm_botchan_equals_llama_cpp(mistral, botchan_text, tmp_path):
+    import llama_cpp
+    _, meta, tok = mistral
+    md = {"general.architecture": "llama", "llama.block_count": 1, "llama.context_length": 128,
+          "llama.embedding_length": 64, "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
+          "llama.rope.dimension_count": 16, "llama.attention.layer_norm_rms_epsilon": 1e-5, **meta}
+    write_gguf(tmp_path / "vocab.gguf", md, [])      # a vocabulary-only GGUF from our writer
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    assert tok.encode(botchan_text, add_bos=False) == llm.tokenize(botchan_text.encode(), add_bos=False,
+                                                                   special=False)
+
+
+# ---- HF directories ------------------------------------------------------------------------------
+
+def test_load_tokenizer_dir_spm(mistral, mistral_model_path, tmp_path, botchan_text):
+    sp, _, _ = mistral
+    (tmp_path / "tokenizer.model").write_bytes(mistral_model_path.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+         "chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}))
+    tok = load_tokenizer_dir(tmp_path)
+    assert tok.encode(botchan_text[:5000]) == [1] + sp.encode(botchan_text[:5000])
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
+
+
+def test_load_tokenizer_dir_byte_level_bpe(smol_tok, smol_meta, tmp_path, botchan_text):
+    """A tokenizer.json written from the GGUF's vocabulary, as HF would ship it, gives the same ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    tokens = smol_meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in smol_meta["tokenizer.ggml.merges"]]
+    hf = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([tokens[i] for i in range(17)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+         "chat_template": smol_meta["tokenizer.chat_template"]}))
+    tok = load_tokenizer_dir(tmp_path)
+    assert tok.model == "gpt2" and tok.pre == "smollm"
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
+    assert tok.encode(botchan_text) == smol_tok.encode(botchan_text)
+
+
+def test_unknown_tokenizer_models_are_refused():
+    with pytest.raises(ValueError, match="not supported"):
+        load_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                        "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "martian"})
+    with pytest.raises(ValueError, match="no tokenizer"):
+        load_tokenizer({"general.architecture": "llama"})
