@@ -570,3 +570,61 @@ def test_cuda_model_trains():
         opt.zero_grad()
     assert model.loss(ids).item() < 0.8 * first
     assert all(p.device.type == "cuda" for p in adapter_parameters(ads))
+
+
+# ---- the real model (slow) -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_tail(smollm2_path, botchan_text):
+    """SmolLM2-135M with a 32-token Botchan sequence, and the hidden state entering its last
+    two layers (computed once: adapters go only on those layers, so the rest never changes)."""
+    from lowtune.model import LlamaModel
+    from lowtune.tokenizer import load_tokenizer
+    model = LlamaModel.from_gguf(smollm2_path)
+    tok = load_tokenizer(model.metadata)
+    ids = torch.tensor([tok.encode(botchan_text[20000:22000], add_bos=False)[:32]])
+    first = model.config.n_layers - 2
+    rot = model.rope_rotation(0, ids.shape[1])
+    with torch.no_grad():
+        x = model.tok_embd(ids)
+        for layer in model.layers[:first]:
+            x = layer(x, rot)
+        base_loss = model.loss(ids).item()
+    return model, ids, first, rot, x, base_loss
+
+
+def tail_loss(model, ids, first, rot, x):
+    """model.loss(ids) computed from the cached input of layer `first` onwards."""
+    from lowtune.model import chunked_cross_entropy
+    for layer in model.layers[first:]:
+        x = layer(x, rot)
+    h = model.output_norm(x)[:, :-1].reshape(-1, x.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    return chunked_cross_entropy(h, targets, model, 1024) / targets.numel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_smollm2(method, smollm2_tail):
+    model, ids, first, rot, x, base_loss = smollm2_tail
+    cfg = AdapterConfig(method=method, rank=8, alpha=16, layers=tuple(range(first, model.config.n_layers)))
+    ads = apply_adapters(model, cfg)
+    try:
+        assert len(ads) == 14
+        opt = torch.optim.AdamW(mark_only_adapters_trainable(model), lr=5e-3)
+        ctl = DyLoRAController(model, opt) if method == "qdylora" else None
+        with torch.no_grad():
+            assert tail_loss(model, ids, first, rot, x).item() == pytest.approx(base_loss, rel=1e-5)
+        for _ in range(8):
+            if ctl:
+                ctl.sample()
+            loss = tail_loss(model, ids, first, rot, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if ctl:
+            ctl.set_rank(8)
+        with torch.no_grad():  # through the model's own API
+            trained = model.loss(ids).item()
+        assert trained < 0.9 * base_loss, (base_loss, trained)
+    finally:
+        remove_adapters(model)
