@@ -506,6 +506,22 @@ def test_save_and_load_roundtrip(method, tmp_path):
         assert torch.equal(other(ids), want)
 
 
+def test_model_file_hash_is_recorded_and_checked(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_tiny_gguf(a)
+    write_tiny_gguf(b, change=True)
+    model = TinyModel(n_layers=1)
+    model.gguf_path = str(a)
+    apply_adapters(model, AdapterConfig(targets=("attn_q",)))
+    save_adapter(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())["base_hash"] == base_hash(a)
+    same, other = TinyModel(n_layers=1), TinyModel(n_layers=1)
+    same.gguf_path, other.gguf_path = str(a), str(b)
+    assert len(load_adapter(same, tmp_path / "ad")) == 1
+    with pytest.raises(ValueError, match="was trained on base"):
+        load_adapter(other, tmp_path / "ad")
+
+
 def test_load_refuses_a_different_architecture(tmp_path):
     model = TinyModel(n_layers=2)
     apply_adapters(model, AdapterConfig())

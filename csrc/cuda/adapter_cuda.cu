@@ -88,6 +88,7 @@ __device__ __forceinline__ void load_tile_vec(CT* s, const Operand& o, int64_t i
   const int npv = pool >= V ? 1 : V / pool, nvec = pool >= V ? pool / V : 1;
   const int per_line = INNER / npv;
   const Src* src = static_cast<const Src*>(o.p);
+#pragma unroll 4
   for (int task = threadIdx.x; task < OUTER * per_line; task += THREADS) {
     const int outer = task / per_line, inner0 = (task % per_line) * npv;
     const int64_t base = KC ? (i0 + outer) * o.ld + (k0 + inner0) * pool

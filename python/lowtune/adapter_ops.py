@@ -16,6 +16,7 @@ may be any float dtype; the kernels read them as fp32 and the gradients come bac
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -254,12 +255,17 @@ def adapter_accumulate(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
     return y2.reshape(y.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _built_with_cuda() -> bool:
+    return bool(_C.build_info()["cuda"])
+
+
 def kernels_support(x: torch.Tensor) -> bool:
     """Whether the compiled kernels can run on x (dtype and device)."""
     if x.dtype not in ACT_DTYPES:
         return False
     if x.device.type == "cuda":
-        return bool(_C.build_info()["cuda"])
+        return _built_with_cuda()
     return x.device.type == "cpu"
 
 

@@ -636,9 +636,12 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model_or_adapters, directory, base_hash: str | None = None) -> Path:
     """Write adapter.safetensors and adapter_config.json (method, rank, alpha, targets,
     pooling, base model hash, per-module shapes) into `directory`; each file goes to a
-    temporary name first and is renamed. Returns the directory."""
+    temporary name first and is renamed. base_hash defaults to what a model knows of itself
+    (the hash of the GGUF it was loaded from). Returns the directory."""
     from safetensors.torch import save_file
 
+    if base_hash is None and isinstance(model_or_adapters, nn.Module):
+        base_hash = _model_base_hash(model_or_adapters)
     ads = adapters_of(model_or_adapters)
     if not ads:
         raise ValueError("no adapters to save")
