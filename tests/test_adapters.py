@@ -128,7 +128,7 @@ def test_fused_matches_reference_fp32(method, qtype):
     assert rel_err(fused[1], base_dx) > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", METHODS)
 def test_fused_16bit_close_to_float64(method, dtype):
     ad = make_adapter(method, "Q4_K", n=64, k=256)
@@ -537,7 +537,7 @@ CUDA_SHAPES = [(300, 512, 160), (7, 256, 64), (1030, 1024, 96)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
 def test_cuda_fused_close_to_float64(method, qtype, dtype):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
