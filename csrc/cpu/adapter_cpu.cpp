@@ -85,6 +85,17 @@ struct CpuBackend {
       }
     });
   }
+
+  void expand_add(int64_t I, int64_t J, const float* src, int64_t src_ld, const Epilogue& e) {
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t j = 0; j < J; ++j) {
+        const float v = e.alpha * src[i * src_ld + j];
+        for (int64_t t = 0; t < e.repeat; ++t) {
+          const int64_t idx = i * e.ld + j * e.repeat + t;
+          store(e.p, e.dtype, idx, load(e.p, e.dtype, idx) + v);
+        }
+      }
+  }
 };
 
 void check_dtype(int dtype) {

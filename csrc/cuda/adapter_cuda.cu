@@ -88,7 +88,6 @@ __device__ __forceinline__ void load_tile_vec(CT* s, const Operand& o, int64_t i
   const int npv = pool >= V ? 1 : V / pool, nvec = pool >= V ? pool / V : 1;
   const int per_line = INNER / npv;
   const Src* src = static_cast<const Src*>(o.p);
-#pragma unroll 4
   for (int task = threadIdx.x; task < OUTER * per_line; task += THREADS) {
     const int outer = task / per_line, inner0 = (task % per_line) * npv;
     const int64_t base = KC ? (i0 + outer) * o.ld + (k0 + inner0) * pool
@@ -258,6 +257,19 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
   }
 }
 
+// out[i * ld + c] += alpha * src[i * src_ld + c / repeat] for c < J * repeat: one output
+// element per thread (grid-stride), consecutive threads on consecutive outputs. Idx is int when
+// the output is small enough, so the index arithmetic stays 32-bit.
+template <class Idx>
+__global__ void expand_add_kernel(Idx I, Idx J, const float* src, Idx src_ld, Epilogue ep) {
+  const Idx rep = (Idx)ep.repeat, width = J * rep, total = I * width;
+  for (Idx e = blockIdx.x * (Idx)blockDim.x + threadIdx.x; e < total; e += (Idx)gridDim.x * blockDim.x) {
+    const Idx i = e / width, c = e % width;
+    const int64_t idx = (int64_t)i * ep.ld + c;
+    st_act(ep.p, ep.dtype, idx, ld_act(ep.p, ep.dtype, idx) + ep.alpha * src[(int64_t)i * src_ld + c / rep]);
+  }
+}
+
 // How a product is cut: output tiles, and (for a long reduction into a small fp32 output) how
 // many CTAs share each tile's reduction, adding into the zeroed output with atomics.
 struct GemmPlan {
@@ -309,6 +321,17 @@ struct CudaBackend {
       case D_F16: pooled_gemm_kernel<__half><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
       default: pooled_gemm_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
     }
+    LT_CUDA_CHECK_LAUNCH();
+  }
+
+  void expand_add(int64_t I, int64_t J, const float* src, int64_t src_ld, const Epilogue& e) {
+    const int64_t total = I * J * e.repeat;
+    if (total == 0) return;
+    const int64_t blocks = std::min<int64_t>((total + 255) / 256, 32LL * sms);
+    if (total < (int64_t{1} << 31) && I * src_ld < (int64_t{1} << 31))
+      expand_add_kernel<int><<<(unsigned)blocks, 256, 0, stream>>>((int)I, (int)J, src, (int)src_ld, e);
+    else
+      expand_add_kernel<int64_t><<<(unsigned)blocks, 256, 0, stream>>>(I, J, src, src_ld, e);
     LT_CUDA_CHECK_LAUNCH();
   }
 };

@@ -133,7 +133,8 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
     dev = dy2.device
     dA = torch.zeros(A32.shape, dtype=torch.float32, device=dev)
     dB = torch.zeros(B32.shape, dtype=torch.float32, device=dev) if geom.has_b else None
-    du = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
+    # scratch: du [m, rank], or (single matrix) the input gradient before expansion [m, k/p]
+    du = torch.empty((m, geom.rank if geom.has_b else k // pool), dtype=torch.float32, device=dev)
     args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
     ptrs = (dy2.data_ptr(), ACT_DTYPES[dy2.dtype], xs.data_ptr(), 1, A32.data_ptr(), _ptr(B32),
             _ptr(u), _ptr(dx), dA.data_ptr(), _ptr(dB), _ptr(du))
