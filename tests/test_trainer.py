@@ -22,6 +22,15 @@ from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingO
 VOCAB = 48
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread than on two busy ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class TinyLM(nn.Module):
     """A bigram language model with a frozen base and a trainable low-rank adapter (with
     dropout, so that training consumes random numbers like the real adapters do)."""
@@ -266,12 +275,14 @@ def test_cli_arguments_become_a_config():
     args = p.parse_args(["m.gguf", "--data", "d.jsonl", "--method", "dylora", "--rank", "8",
                          "--steps", "50", "--seq-len", "256", "--grad-accum", "4", "--lr", "1e-3",
                          "--schedule", "constant", "--type", "Q4_1", "--max-vram", "6GB",
-                         "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "-o", "r"])
+                         "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "--layers", "2-4,7",
+                         "-o", "r"])
     cfg = finetune_cli.config_from_args(args)
     assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "dylora", 8)
     assert (cfg.steps, cfg.seq_len, cfg.grad_accum, cfg.lr, cfg.schedule) == (50, 256, 4, 1e-3, "constant")
     assert cfg.qtype == "Q4_1" and cfg.max_vram == 6 * 2**30 and cfg.strict and cfg.train_on_prompt
-    assert cfg.targets == ["attn_q", "attn_v"] and cfg.batch == 4  # unset flags keep defaults
+    assert cfg.targets == ["attn_q", "attn_v"] and cfg.layers == [2, 3, 4, 7]
+    assert cfg.batch == 4  # unset flags keep defaults
     with pytest.raises(SystemExit):
         p.parse_args(["m", "--steps", "3", "--epochs", "1"])
 
@@ -280,3 +291,107 @@ def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
     tiny_trainer(tmp_path, steps=2).run()
     rc = finetune_cli.main(["--resume", str(tmp_path / "run"), "--seq-len", "64"])
     assert rc == 1 and "seq_len cannot change when resuming" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# With lowtune's own adapters on a tiny quantized model (names as in model.py: layers.N.attn_q)
+
+class QLinear(nn.Module):
+    def __init__(self, n: int, k: int, g: torch.Generator):
+        super().__init__()
+        import lowtune
+        self.weight = lowtune.quantize(torch.randn(n, k, generator=g) / k**0.5, "Q4_1")
+
+    def forward(self, x):
+        import lowtune
+        return lowtune.qmatmul(x.contiguous(), self.weight)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, g: torch.Generator):
+        super().__init__()
+        self.attn_q = QLinear(dim, dim, g)
+        self.ffn_up = QLinear(2 * dim, dim, g)
+        self.ffn_down = QLinear(dim, 2 * dim, g)
+
+    def forward(self, h):
+        h = h + 0.5 * self.attn_q(h)
+        return h + 0.5 * self.ffn_down(F.silu(self.ffn_up(h)))
+
+
+class TinyQuantLM(nn.Module):
+    def __init__(self, dim: int = 64, n_layers: int = 2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g), requires_grad=False)
+        self.layers = nn.ModuleList(Block(dim, g) for _ in range(n_layers))
+        self.head = nn.Parameter(torch.randn(VOCAB, dim, generator=g) / dim**0.5, requires_grad=False)
+
+    def loss(self, ids, labels=None, reduction="mean"):
+        labels = ids if labels is None else labels
+        h = self.emb[ids]
+        for layer in self.layers:
+            h = layer(h)
+        logits = (h @ self.head.T)[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+
+def quant_trainer(tmp_path, method, **overrides):
+    from lowtune.trainer import apply_adapters, default_save_adapter
+    opts = dict(out=str(tmp_path / "run"), method=method, rank=4, alpha=8, steps=6, batch=4,
+                seq_len=32, lr=2e-2, warmup=1, eval_every=3, save_every=3, seed=5, device="cpu",
+                dropout=0.05)
+    opts.update(overrides)
+    cfg = TrainConfig(**opts)
+    model = TinyQuantLM()
+    apply_adapters(model, cfg)
+    return Trainer(cfg, model=model, dataset=markov_dataset(n_tokens=2400),
+                   save_adapter=default_save_adapter, log=lambda s: None)
+
+
+@pytest.mark.parametrize("method", ["lora", "qalora", "qbara", "qahira", "dylora"])
+def test_every_adapter_method_trains_and_saves(tmp_path, method):
+    from lowtune import adapters
+    t = quant_trainer(tmp_path, method)
+    result = t.run()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    meta = adapters.read_adapter_config(tmp_path / "run" / "adapter")
+    assert meta["method"] == adapters.AdapterConfig(method=method).method
+    assert {n for n, _ in t.params} == {n for n, p in t.model.named_parameters() if p.requires_grad}
+    if method == "dylora":
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert set(summary["dylora_eval_loss_by_rank"]) == {"1", "2", "4"}
+        assert meta["dylora_rank"] == summary["dylora_rank"]
+
+
+def test_dylora_resume_continues_the_same_rank_sequence(tmp_path):
+    def recording_ranks(t, seen):
+        step_fn = t._train_step
+
+        def step(i):
+            out = step_fn(i)
+            seen.append(t.dylora.rank)
+            return out
+
+        t._train_step = step
+        return t
+
+    ref, cut = [], []
+    recording_ranks(quant_trainer(tmp_path / "ref", "dylora"), ref).run()
+    # Stopped as if killed right after the step-3 checkpoint, then resumed.
+    a = recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut)
+    step_fn = a._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    a._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        a.run()
+    recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut).run(resume=True)
+    assert cut == ref and len(set(ref)) > 1
+    assert curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl")) == \
+        curve(read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl"))

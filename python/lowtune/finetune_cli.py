@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
                    help="comma-separated linears to adapt, e.g. attn_q,attn_v (default: all)")
+    p.add_argument("--layers", type=parse_layers,
+                   help="decoder layers that get adapters, e.g. 20-29 or 0,2,4 (default: all); "
+                   "training only the last layers skips the backward pass through the others")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
@@ -57,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
+
+
+def parse_layers(text: str) -> list[int]:
+    """'20-29' / '0,2,4' / '0-3,8' -> sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; write them like 20-29 or 0,2,4") from None
+    return sorted(out)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -73,6 +73,7 @@ class TrainConfig:
     alpha: float | None = None      # adapter scale numerator; method default
     dropout: float = 0.0
     targets: list[str] | None = None  # which linears get adapters; adapters' default (all)
+    layers: list[int] | None = None   # which decoder layers get adapters; None = all
     steps: int | None = None        # optimizer steps; default: `epochs` epochs
     epochs: float | None = None     # used when steps is None (default 1)
     seq_len: int = 512
@@ -238,25 +239,42 @@ def load_model(cfg: TrainConfig, device: torch.device):
 
 
 def apply_adapters(model, cfg: TrainConfig) -> dict:
-    """Wrap the model's linears with cfg.method adapters; returns the resolved adapter config."""
+    """Wrap the model's linears with cfg.method adapters and freeze everything else; returns the
+    resolved adapter config."""
     from . import adapters
-    kw = dict(method=cfg.method, dropout=cfg.dropout)
+    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed)
     if cfg.rank is not None:
         kw["rank"] = cfg.rank
     if cfg.alpha is not None:
         kw["alpha"] = cfg.alpha
     if cfg.targets is not None:
-        kw["targets"] = list(cfg.targets)
+        kw["targets"] = tuple(cfg.targets)
+    if cfg.layers is not None:
+        kw["layers"] = tuple(cfg.layers)
     acfg = adapters.AdapterConfig(**kw)
     adapters.apply_adapters(model, acfg)
-    return dataclasses.asdict(acfg) if dataclasses.is_dataclass(acfg) else dict(kw)
+    adapters.mark_only_adapters_trainable(model)
+    return acfg.to_dict()
 
 
 def default_save_adapter(model, run_dir: Path) -> Path:
+    """adapter/ (adapter.safetensors + adapter_config.json, lowtune.adapters' format), tied to
+    the base model file by its hash."""
     from . import adapters
-    path = run_dir / "adapter.safetensors"
-    adapters.save_adapter(model, path)
-    return path
+    source = getattr(model, "gguf_path", None)
+    digest = adapters.base_hash(source) if source and Path(source).is_file() else None
+    return adapters.save_adapter(model, run_dir / "adapter", base_hash=digest)
+
+
+def dylora_controller(model, optimizer, seed: int):
+    """The QDyLoRA rank sampler when the model has QDyLoRA adapters, else None."""
+    try:
+        from . import adapters
+    except ImportError:
+        return None
+    if not any(getattr(a, "method", None) == "qdylora" for a in adapters.adapters_of(model).values()):
+        return None
+    return adapters.DyLoRAController(model, optimizer, seed=seed)
 
 
 class Trainer:
@@ -355,7 +373,8 @@ class Trainer:
         batches = [self._batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         total = sum(count_targets(labels) for _, labels in batches)
         loss_sum, tokens = 0.0, 0
-        _begin_step(self.model, step)
+        if self.dylora is not None:
+            self.dylora.sample()  # one rank b for every layer, for this step
         for k, (ids, labels) in enumerate(batches):
             tokens += int(ids.numel())
             if count_targets(labels) == 0:
@@ -437,6 +456,7 @@ class Trainer:
             "data": {"micro_batch": step * self.cfg.grad_accum, "epoch": epoch,
                      "seed": self.cfg.seed, "n_train": len(self.dataset.train)},
             "elapsed_s": elapsed, "tokens": tokens,
+            "dylora_rng": list(self.dylora.rng.getstate()) if self.dylora is not None else None,
         }
 
     def _restore(self, state: dict) -> tuple[int, float, int]:
@@ -455,6 +475,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
+        if self.dylora is not None and state.get("dylora_rng") is not None:
+            v, internal, gauss = state["dylora_rng"]
+            self.dylora.rng.setstate((v, tuple(internal), gauss))
         return int(state["step"]), float(state["elapsed_s"]), int(state["tokens"])
 
     def _save(self, step: int, elapsed: float, tokens: int) -> None:
@@ -476,6 +499,7 @@ class Trainer:
         total, warmup, schedule = cfg.steps, cfg.warmup, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
+        self.dylora = dylora_controller(self.model, self.optimizer, cfg.seed)
 
         step, elapsed, tokens = 0, 0.0, 0
         found = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
@@ -530,6 +554,8 @@ class Trainer:
         return self._finish(rows, time.perf_counter() - t_start, step)
 
     def _run_eval(self, step: int) -> dict | None:
+        if self.dylora is not None:
+            self.dylora.set_rank(self.dylora.r_max)  # held-out loss at the full rank
         ev = self._guard_oom(lambda _: self.evaluate(), step)
         if ev is None:
             return None
@@ -538,6 +564,22 @@ class Trainer:
         self.log(f"step {step}: held-out loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.3f} "
                  f"({ev['eval_tokens']} tokens, {ev['eval_s']:.1f} s)")
         return row
+
+    def _choose_dylora_rank(self) -> dict:
+        """QDyLoRA: held-out loss at ranks 1, 2, 4, ..., r_max; the best one is kept (and saved
+        with the adapter)."""
+        r_max = self.dylora.r_max
+        ranks = sorted({1 << i for i in range(r_max.bit_length()) if 1 << i <= r_max} | {r_max})
+        losses = {}
+        for b in ranks:
+            self.dylora.set_rank(b)
+            losses[b] = self._guard_oom(lambda _: self.evaluate(), self.cfg.steps)["eval_loss"]
+        best = min(losses, key=losses.get)
+        self.dylora.set_rank(best)
+        self.log("QDyLoRA held-out loss by rank: " + ", ".join(f"{b}: {v:.4f}" for b, v in losses.items())
+                 + f"; keeping rank {best}")
+        return {"dylora_eval_loss_by_rank": {str(b): v for b, v in losses.items()},
+                "dylora_rank": best}
 
     def _guard_oom(self, fn, step: int):
         try:
@@ -550,13 +592,16 @@ class Trainer:
         evals = [r for r in rows if "eval_loss" in r]
         before = next((r for r in evals if r["step"] == 0), None)
         after = evals[-1] if evals and evals[-1]["step"] == step and step > 0 else None
+        extra = {}
+        if self.dylora is not None and self.dataset.eval:
+            extra = self._choose_dylora_rank()
         adapter_path = self.save_adapter(self.model, self.run_dir)
         note = plot_losses(rows, self.run_dir / "loss.png", title=f"{self.cfg.method}")
         if note:
             self.log(note)
         summary = {"steps": step, "wall_s": round(wall, 2), "method": self.cfg.method,
                    "adapter": str(adapter_path) if adapter_path else None,
-                   "eval_before": before, "eval_after": after}
+                   "eval_before": before, "eval_after": after, **extra}
         ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
         if before and after:
             change = 100.0 * (after["eval_ppl"] / before["eval_ppl"] - 1.0)
@@ -564,21 +609,6 @@ class Trainer:
                      f"after ({change:+.1f}%)")
         self.log(f"run directory: {self.run_dir} (adapter {adapter_path})")
         return TrainResult(self.run_dir, step, before, after, wall, adapter_path)
-
-
-def _begin_step(model, step: int) -> None:
-    """Per-step hooks of adapter modules (DyLoRA samples its rank here)."""
-    hook = getattr(model, "begin_step", None)
-    if callable(hook):
-        hook(step)
-        return
-    try:
-        from . import adapters
-    except ImportError:
-        return
-    fn = getattr(adapters, "begin_step", None)
-    if callable(fn):
-        fn(model, step)
 
 
 def _config_json(cfg: TrainConfig) -> dict:
