@@ -225,3 +225,36 @@ def test_collate_right_pads_with_ignored_labels():
     assert labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert data.count_targets(labels) == 2
     assert ids.dtype == torch.long
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_path):
+    from lowtune.gguf_io import GGUFFile
+    from lowtune.tokenizer import load_tokenizer
+    with GGUFFile(smollm2_path) as f:
+        return load_tokenizer(dict(f.metadata))
+
+
+@pytest.mark.slow
+def test_chat_records_with_the_real_chat_template(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    msgs = [{"role": "user", "content": "Who wrote Botchan?"},
+            {"role": "assistant", "content": "Natsume Soseki."},
+            {"role": "user", "content": "When?"}, {"role": "assistant", "content": "In 1906."}]
+    p = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    (ex,) = load_dataset(p, tok, seq_len=512, eval_fraction=0.0).train
+    whole = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert ex.input_ids.tolist() == tok.encode(whole, add_bos=False)
+    assert tok.decode([t for t in ex.labels.tolist() if t != IGNORE]) == \
+        "Natsume Soseki.<|im_end|>\nIn 1906.<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_botchan_split_with_the_real_tokenizer(tmp_path, smollm2_tokenizer, botchan_text):
+    p = tmp_path / "botchan.txt"
+    p.write_text(botchan_text)
+    ds = load_dataset(p, smollm2_tokenizer, seq_len=256, eval_fraction=0.1)
+    n = ds.stats.train_tokens + ds.stats.eval_tokens
+    assert ds.stats.eval_tokens == round(0.1 * n)
+    held = smollm2_tokenizer.decode(np.concatenate([e.input_ids for e in ds.eval]).tolist())
+    assert botchan_text.endswith(held) and len(held) > 0.08 * len(botchan_text)

@@ -395,3 +395,37 @@ def test_dylora_resume_continues_the_same_rank_sequence(tmp_path):
     assert cut == ref and len(set(ref)) > 1
     assert curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl")) == \
         curve(read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl"))
+
+
+def test_eval_tokens_limits_the_held_out_set(tmp_path):
+    t = tiny_trainer(tmp_path, steps=1, eval_tokens=70)
+    result = t.run()
+    assert [len(e) for e in t.dataset.eval] == [32, 32, 6]
+    assert result.eval_after["eval_tokens"] == 31 + 31 + 5
+
+
+@pytest.mark.slow
+def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
+    """The real model through the command line: QA-HiRA on the last layer, a few steps; the
+    saved adapter, loaded into a fresh model, gives the logged held-out loss."""
+    from lowtune import adapters
+    from lowtune.model import LlamaModel
+    text = tmp_path / "botchan.txt"
+    text.write_text(botchan_text[:20000])
+    run = tmp_path / "run"
+    rc = finetune_cli.main([str(smollm2_path), "--data", str(text), "--method", "qahira",
+                            "--layers", "29", "--steps", "3", "--seq-len", "32", "--batch", "2",
+                            "--lr", "5e-3", "--eval-tokens", "64", "--eval-every", "0",
+                            "--device", "cpu", "-o", str(run)])
+    assert rc == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_after"]["eval_loss"] != summary["eval_before"]["eval_loss"]
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["extra"]["adapter"]["method"] == "qa-hira" and cfg["layers"] == [29]
+
+    model = LlamaModel.from_gguf(smollm2_path)
+    adapters.load_adapter(model, run / "adapter")
+    t = Trainer(TrainConfig.load(run), model=model, log=lambda s: None)
+    t.cfg.device = "cpu"
+    t._setup()
+    assert t.evaluate()["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-5)

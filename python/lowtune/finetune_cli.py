@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out evaluation interval in steps (default: 5 per run; 0 = only "
                    "before and after)")
     p.add_argument("--eval-fraction", type=float, help="held-out share of the data (default 0.1)")
+    p.add_argument("--eval-tokens", type=int,
+                   help="evaluate on the first N held-out tokens only (default: all of them)")
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     p.add_argument("--seed", type=int, help="seed for initialisation, dropout and data order (default 42)")

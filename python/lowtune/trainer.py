@@ -34,6 +34,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -86,6 +87,7 @@ class TrainConfig:
     clip: float = 1.0               # max gradient norm; 0 = no clipping
     eval_every: int | None = None   # steps; default: 5 evaluations per run; 0 = only before/after
     eval_fraction: float = 0.1      # held-out share of the data
+    eval_tokens: int | None = None  # evaluate on the first N held-out tokens only (None = all)
     save_every: int | None = None   # checkpoint interval in steps; default: eval_every
     keep_checkpoints: int = 2
     seed: int = 42
@@ -195,7 +197,7 @@ class _LinePrinter:
     def __init__(self, total: int, stream=sys.stderr):
         self.total, self.stream, self.last = total, stream, 0.0
 
-    def update(self, step: int, **fields) -> None:
+    def update(self, step: int, tokens: int = 0, **fields) -> None:
         now = time.monotonic()
         if step < self.total and now - self.last < 2.0 and step != 1:
             return
@@ -207,33 +209,92 @@ class _LinePrinter:
         pass
 
 
-def _progress(total: int):
+class _Bar:
+    """lowtune.progress.Progress driven by absolute step numbers."""
+
+    def __init__(self, total: int, start: int):
+        from .progress import Progress
+        self.bar = Progress(total=total, desc="finetune", unit="step")
+        self.bar.n = start
+
+    def update(self, step: int, tokens: int = 0, **fields) -> None:
+        self.bar.update(step - self.bar.n, tokens=tokens, **fields)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(total: int, start: int):
     try:
-        from .progress import ProgressBar  # the model helper's bar
-        return ProgressBar(total, desc="finetune")
-    except Exception:  # noqa: BLE001 - any problem there falls back to plain lines
+        return _Bar(total, start)
+    except ImportError:
         return _LinePrinter(total)
 
 
 # ---------------------------------------------------------------------------------------------
 
+def default_qtype(shape: tuple[int, ...]) -> str:
+    """The type a safetensors weight gets without --type: Q4_K where its rows are whole 256-wide
+    super-blocks, else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly)."""
+    return "Q4_K" if shape[-1] % 256 == 0 else "Q4_1"
+
+
+def _load_safetensors_dir(path: Path, qtype: str | None):
+    """A Hugging Face Llama directory as a GGUF-like object (lowtune.safetensors_io), every
+    matrix quantized: to `qtype` (with llama-quantize's fallbacks), or per default_qtype."""
+    from . import ops
+    from .safetensors_io import load_hf_checkpoint
+    if qtype is not None:
+        return load_hf_checkpoint(path, qtype=qtype)
+    src = load_hf_checkpoint(path, qtype=None)
+    for name, t in list(src.tensors.items()):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and name != "rope_freqs.weight":
+            src.tensors[name] = ops.quantize(t, default_qtype(tuple(t.shape)))
+    return type(src)(Path(src.path), src.metadata, src.metadata_types, src.tensors)
+
+
+def _model_from_source(src, device: torch.device, dtype: torch.dtype):
+    """LlamaModel from a GGUF-like object (metadata, tensor_infos, qtensor(name)), as
+    LlamaModel.from_gguf builds it from a file."""
+    from . import ops
+    from .model import LlamaConfig, LlamaModel
+    md = dict(src.metadata)
+    weights = {}
+    for name in src.tensor_infos:
+        qt = src.qtensor(name)
+        if name.endswith("_norm.weight") or name == "rope_freqs.weight":
+            weights[name] = ops.dequantize(qt, torch.float32).reshape(-1).to(device)
+        else:
+            weights[name] = qt.to(device)
+    model = LlamaModel(LlamaConfig.from_gguf_metadata(md), weights, dtype)
+    model.metadata = md
+    model.tensor_types = {n: src.qtensor(n).type for n in src.tensor_infos}
+    return model
+
+
 def load_model(cfg: TrainConfig, device: torch.device):
     """(model, tokenizer) for cfg.model: a GGUF file, or a safetensors directory quantized on
-    load to cfg.qtype."""
-    from . import model as model_mod
+    load (cfg.qtype, default per default_qtype). Activations are bf16 on a GPU, fp32 on a CPU."""
+    from .model import LlamaModel
+    from .tokenizer import load_tokenizer
     path = Path(cfg.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or a Hugging Face "
                                 "safetensors directory is expected)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = {}
-    if cfg.max_vram is not None:
-        kwargs["max_vram"] = cfg.max_vram
     if path.is_dir():
-        model = model_mod.LlamaModel.from_hf(path, device=device, dtype=dtype, qtype=cfg.qtype, **kwargs)
+        model = _model_from_source(_load_safetensors_dir(path, cfg.qtype), device, dtype)
     else:
-        model = model_mod.LlamaModel.from_gguf(path, device, dtype, **kwargs)
-    from .tokenizer import load_tokenizer
+        if cfg.qtype is not None:
+            raise ValueError("--type applies to safetensors models; a GGUF file is trained in its "
+                             "own quantization (re-quantize it with `lowtune quantize` first)")
+        model = LlamaModel.from_gguf(path, device, dtype)
+    if cfg.max_vram is not None:
+        if hasattr(model, "set_max_vram"):
+            model.set_max_vram(cfg.max_vram)  # layer streaming (lowtune.streaming)
+        else:
+            warnings.warn("--max-vram has no effect yet: this build has no layer streaming; the "
+                          "whole model stays on the device", stacklevel=2)
     tokenizer = getattr(model, "tokenizer", None) or load_tokenizer(model.metadata)
     return model, tokenizer
 
@@ -308,6 +369,9 @@ class Trainer:
             cfg.extra["adapter"] = apply_adapters(self.model, cfg)
         else:
             self.model.to(self.device)
+            if self.tokenizer is None and getattr(self.model, "metadata", None):
+                from .tokenizer import load_tokenizer
+                self.tokenizer = load_tokenizer(self.model.metadata)
         if hasattr(self.model, "gradient_checkpointing"):
             gc = cfg.gradient_checkpointing
             self.model.gradient_checkpointing = (self.device.type == "cuda") if gc is None else gc
@@ -322,6 +386,9 @@ class Trainer:
             self.dataset = load_dataset(cfg.data, self.tokenizer, cfg.seq_len,
                                         train_on_prompt=cfg.train_on_prompt,
                                         eval_fraction=cfg.eval_fraction, strict=cfg.strict)
+        if cfg.eval_tokens is not None:
+            ds = self.dataset
+            self.dataset = Dataset(ds.train, first_tokens(ds.eval, cfg.eval_tokens), ds.stats)
         self.pad_id = int(getattr(self.tokenizer, "eos_id", 0) or 0) if self.tokenizer else 0
         self._resolve()
 
@@ -523,7 +590,7 @@ class Trainer:
             ev = self._run_eval(0)
             rows += [ev] if ev else []
 
-        bar = _progress(total)
+        bar = _progress(total, step)
         t_start = time.perf_counter() - elapsed
         try:
             while step < total:
@@ -541,9 +608,8 @@ class Trainer:
                     row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
                 self._append_metrics(row)
                 rows.append(row)
-                bar.update(step, loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
-                           tok_s=f"{row['tokens_per_s']:.0f}",
-                           **({"mem": f"{row['gpu_mem_gb']:.2f}GB"} if "gpu_mem_gb" in row else {}))
+                bar.update(step, tokens=out["tokens"], loss=round(out["loss"], 4),
+                           lr=f"{out['lr']:.2e}")
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                     ev = self._run_eval(step)
                     rows += [ev] if ev else []
@@ -609,6 +675,19 @@ class Trainer:
                      f"after ({change:+.1f}%)")
         self.log(f"run directory: {self.run_dir} (adapter {adapter_path})")
         return TrainResult(self.run_dir, step, before, after, wall, adapter_path)
+
+
+def first_tokens(examples: list, n: int) -> list:
+    """The leading examples holding at most n tokens in all (the last one cut to fit)."""
+    out, left = [], n
+    for e in examples:
+        if left < 2:
+            break
+        if len(e) > left:
+            e = type(e)(e.input_ids[:left], e.labels[:left])
+        out.append(e)
+        left -= len(e)
+    return out
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -720,3 +799,9 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> None:
             raise ValueError(f"{k} cannot change when resuming (it would change the data or the "
                              f"model); allowed: {', '.join(RESUME_OVERRIDES)}")
         setattr(cfg, k, v)
+
+
+def add_parser(subparsers):
+    """`lowtune finetune` (registered by cli.py; the arguments live in finetune_cli.py)."""
+    from .finetune_cli import add_parser as add
+    return add(subparsers)
