@@ -109,6 +109,9 @@ def test_resolved_defaults_from_epochs(tmp_path):
     assert t.cfg.steps == math.ceil(2 * math.ceil(n / 4) / 3)
     assert t.cfg.warmup == round(0.03 * t.cfg.steps)
     assert t.cfg.eval_every == math.ceil(t.cfg.steps / 5) and t.cfg.save_every == t.cfg.eval_every
+    resumed = Trainer(TrainConfig.load(tmp_path / "run"), model=TinyLM(), dataset=ds,
+                      save_adapter=save_tiny_adapter, log=lambda s: None).run(resume=True)
+    assert resumed.steps == t.cfg.steps  # already finished: nothing more to do
 
 
 def test_lr_schedule():
@@ -429,3 +432,56 @@ def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
     t.cfg.device = "cpu"
     t._setup()
     assert t.evaluate()["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-5)
+
+
+def write_tiny_hf_llama(d: Path, text: str) -> None:
+    """A random 2-layer Llama in Hugging Face layout: rows of 256 (hidden) and 96 (the MLP's
+    down projection), and a small byte-level BPE tokenizer trained on `text`."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d.mkdir()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    h, f, vocab = 256, 96, tok.get_vocab_size()
+    (d / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=f,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=vocab)))
+    g = torch.Generator().manual_seed(0)
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    t = {"model.embed_tokens.weight": w(vocab, h) * 20, "model.norm.weight": torch.ones(h),
+         "lm_head.weight": w(vocab, h)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+                  p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(128, h),
+                  p + "self_attn.v_proj.weight": w(128, h), p + "self_attn.o_proj.weight": w(h, h),
+                  p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h),
+                  p + "mlp.down_proj.weight": w(h, f)})
+    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(d / "model.safetensors"))
+
+
+def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
+    hf = tmp_path / "tiny-hf"
+    write_tiny_hf_llama(hf, botchan_text[:30000])
+    text = tmp_path / "t.txt"
+    text.write_text(botchan_text[30000:36000])
+    cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="qahira",
+                      steps=2, seq_len=64, batch=2, lr=1e-2, device="cpu", eval_tokens=128)
+    t = Trainer(cfg, log=lambda s: None)
+    result = t.run()
+    types = t.model.tensor_types
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down.weight"] == "Q4_1"  # rows of 96: not whole Q4_K super-blocks
+    assert math.isfinite(result.eval_after["eval_loss"])
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
+
+    with pytest.raises(ValueError, match="--type applies to safetensors"):
+        Trainer(TrainConfig(model=__file__, data=str(text), out=str(tmp_path / "r2"),
+                            qtype="Q4_0", device="cpu"), log=lambda s: None).run()

@@ -75,7 +75,7 @@ class TrainConfig:
     dropout: float = 0.0
     targets: list[str] | None = None  # which linears get adapters; adapters' default (all)
     layers: list[int] | None = None   # which decoder layers get adapters; None = all
-    steps: int | None = None        # optimizer steps; default: `epochs` epochs
+    steps: int | None = None        # optimizer steps (wins over epochs); default: `epochs` epochs
     epochs: float | None = None     # used when steps is None (default 1)
     seq_len: int = 512
     batch: int = 4
@@ -113,8 +113,6 @@ class TrainConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.out:
