@@ -300,10 +300,10 @@ def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
 # With lowtune's own adapters on a tiny quantized model (names as in model.py: layers.N.attn_q)
 
 class QLinear(nn.Module):
-    def __init__(self, n: int, k: int, g: torch.Generator):
+    def __init__(self, n: int, k: int, g: torch.Generator, device: str = "cpu"):
         super().__init__()
         import lowtune
-        self.weight = lowtune.quantize(torch.randn(n, k, generator=g) / k**0.5, "Q4_1")
+        self.weight = lowtune.quantize(torch.randn(n, k, generator=g) / k**0.5, "Q4_1").to(device)
 
     def forward(self, x):
         import lowtune
@@ -311,11 +311,11 @@ class QLinear(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, g: torch.Generator):
+    def __init__(self, dim: int, g: torch.Generator, device: str):
         super().__init__()
-        self.attn_q = QLinear(dim, dim, g)
-        self.ffn_up = QLinear(2 * dim, dim, g)
-        self.ffn_down = QLinear(dim, 2 * dim, g)
+        self.attn_q = QLinear(dim, dim, g, device)
+        self.ffn_up = QLinear(2 * dim, dim, g, device)
+        self.ffn_down = QLinear(dim, 2 * dim, g, device)
 
     def forward(self, h):
         h = h + 0.5 * self.attn_q(h)
@@ -323,16 +323,19 @@ class Block(nn.Module):
 
 
 class TinyQuantLM(nn.Module):
-    def __init__(self, dim: int = 64, n_layers: int = 2):
+    def __init__(self, dim: int = 64, n_layers: int = 2, device: str = "cpu"):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g), requires_grad=False)
-        self.layers = nn.ModuleList(Block(dim, g) for _ in range(n_layers))
-        self.head = nn.Parameter(torch.randn(VOCAB, dim, generator=g) / dim**0.5, requires_grad=False)
+        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g).to(device), requires_grad=False)
+        self.layers = nn.ModuleList(Block(dim, g, device) for _ in range(n_layers))
+        self.head = nn.Parameter((torch.randn(VOCAB, dim, generator=g) / dim**0.5).to(device),
+                                 requires_grad=False)
 
     def loss(self, ids, labels=None, reduction="mean"):
         labels = ids if labels is None else labels
         h = self.emb[ids]
+        if h.is_cuda and torch.is_autocast_enabled("cuda"):
+            h = h.to(torch.bfloat16)  # activations in bf16, as LlamaModel's on a GPU
         for layer in self.layers:
             h = layer(h)
         logits = (h @ self.head.T)[:, :-1].float()
@@ -347,7 +350,7 @@ def quant_trainer(tmp_path, method, **overrides):
                 dropout=0.05)
     opts.update(overrides)
     cfg = TrainConfig(**opts)
-    model = TinyQuantLM()
+    model = TinyQuantLM(device=cfg.device)
     apply_adapters(model, cfg)
     return Trainer(cfg, model=model, dataset=markov_dataset(n_tokens=2400),
                    save_adapter=default_save_adapter, log=lambda s: None)
@@ -485,3 +488,69 @@ def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
     with pytest.raises(ValueError, match="--type applies to safetensors"):
         Trainer(TrainConfig(model=__file__, data=str(text), out=str(tmp_path / "r2"),
                             qtype="Q4_0", device="cpu"), log=lambda s: None).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: bf16 autocast, fp32 adapter state, CUDA RNG in checkpoints, real out-of-memory errors
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["qahira", "dylora"])
+def test_cuda_training_resumes_like_an_uninterrupted_run(tmp_path, method):
+    ref = quant_trainer(tmp_path / "ref", method, device="cuda")
+    result = ref.run()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    assert all(p.dtype == torch.float32 and p.is_cuda for _, p in ref.params)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32
+               for st in ref.optimizer.state.values() for k, v in st.items() if k != "step")
+    rows = read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl")
+    assert all(r["gpu_mem_gb"] > 0 for r in rows if "loss" in r)
+
+    a = quant_trainer(tmp_path / "cut", method, device="cuda")
+    step_fn = a._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    a._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        a.run()
+    quant_trainer(tmp_path / "cut", method, device="cuda").run(resume=True)
+    got = curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl"))
+    want = curve(rows)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (k, g, w)
+
+
+class CudaHog(TinyLM):
+    def loss(self, ids, labels=None, reduction="mean"):
+        if self.training:
+            torch.empty(1 << 46, dtype=torch.uint8, device="cuda")  # 64 TiB
+        return super().loss(ids, labels, reduction)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_memory_reports_request_and_free_memory(tmp_path):
+    t = tiny_trainer(tmp_path, model=CudaHog(), device="cuda", seq_len=32, batch=4)
+    with pytest.raises(TrainingOutOfMemoryError) as e:
+        t.run()
+    msg = str(e.value)
+    assert "tried to allocate 65536.00 GiB" in msg and "GiB free of" in msg
+    assert "--batch 2 --grad-accum 2" in msg and "--seq-len" not in msg  # seq_len 32: already small
+
+
+@pytest.mark.cuda
+def test_safetensors_model_trains_on_cuda(tmp_path, botchan_text):
+    hf = tmp_path / "tiny-hf"
+    write_tiny_hf_llama(hf, botchan_text[:30000])
+    text = tmp_path / "t.txt"
+    text.write_text(botchan_text[30000:40000])
+    cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="lora",
+                      rank=8, steps=8, seq_len=64, batch=2, lr=1e-2, device="cuda", eval_tokens=256)
+    t = Trainer(cfg, log=lambda s: None)
+    result = t.run()
+    assert t.model.gradient_checkpointing and t.model.dtype == torch.bfloat16
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]

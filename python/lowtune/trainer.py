@@ -46,6 +46,7 @@ from . import checkpoint as ckpt
 from .data import (Dataset, collate, count_targets, load_dataset, micro_batch_indices,
                    micro_batches_per_epoch)
 
+_OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 METHODS = ("lora", "qalora", "qbara", "qahira", "dylora")
 SCHEDULES = ("cosine", "constant")
 
@@ -648,7 +649,7 @@ class Trainer:
     def _guard_oom(self, fn, step: int):
         try:
             return fn(step)
-        except torch.OutOfMemoryError as e:
+        except _OOM_ERRORS as e:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingOutOfMemoryError(oom_message(e, self.cfg, self.device, step)) from None
 
