@@ -29,7 +29,7 @@ echo "installed in $((installed - start)) s"
 # inputs), so the update merges exactly into the blocks' mins. Adapters on the last layers only:
 # the backward pass then stops there, which is what makes a CPU run take minutes.
 rm -rf "$RUN"
-"$PY" -m lowtune.finetune_cli "$model" --data "$text" --method qahira \
+"$PY" -m lowtune finetune "$model" --data "$text" --method qahira \
   --layers "${LAYERS:-18-29}" --rank 16 --alpha 16 \
   --seq-len "${SEQ_LEN:-256}" --batch "${BATCH:-1}" --steps "${STEPS:-40}" --lr "${LR:-2e-3}" \
   --warmup 2 --schedule cosine --eval-fraction 0.1 --eval-tokens "${EVAL_TOKENS:-2048}" \

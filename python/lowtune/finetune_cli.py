@@ -76,9 +76,21 @@ def parse_layers(text: str) -> list[int]:
     return sorted(out)
 
 
+DESCRIPTION = """Fine-tune adapters on a quantized model (a GGUF file, or a Hugging Face safetensors
+directory quantized on load), keeping the base weights packed. The run directory gets
+config.json, metrics.jsonl, loss.png, checkpoints/ and the adapter.
+
+examples:
+  lowtune finetune model.gguf --data book.txt --method qahira --steps 200 -o runs/book
+  lowtune finetune model.gguf --data alpaca.jsonl --method lora --rank 16 --epochs 1 -o runs/a
+  lowtune finetune --resume runs/a          # continue a killed run where it stopped
+"""
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="fine-tune adapters on a quantized model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowtune finetune", description=__doc__,
+    p = argparse.ArgumentParser(prog="lowtune finetune", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

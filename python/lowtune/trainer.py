@@ -388,6 +388,8 @@ class Trainer:
         if cfg.eval_tokens is not None:
             ds = self.dataset
             self.dataset = Dataset(ds.train, first_tokens(ds.eval, cfg.eval_tokens), ds.stats)
+        self.dataset.stats.train_tokens = sum(len(e) for e in self.dataset.train)
+        self.dataset.stats.eval_tokens = sum(len(e) for e in self.dataset.eval)
         self.pad_id = int(getattr(self.tokenizer, "eos_id", 0) or 0) if self.tokenizer else 0
         self._resolve()
 
@@ -555,8 +557,8 @@ class Trainer:
 
     def run(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
+        self._setup()  # model and data first: a mistake there leaves no empty run directory
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._setup()
         ckpt.atomic_write_json(self.run_dir / "config.json", _config_json(cfg))
 
         params = [p for _, p in self.params]
