@@ -16,7 +16,8 @@ from torch import nn
 from lowtune import checkpoint as ckpt
 from lowtune import finetune_cli
 from lowtune.data import DataStats, Dataset, pack
-from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingOutOfMemoryError,
+from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingError,
+                             TrainingOutOfMemoryError,
                              lr_factor, oom_message, parse_size, read_metrics)
 
 VOCAB = 48
@@ -292,6 +293,8 @@ def test_cli_arguments_become_a_config():
 
 def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
     tiny_trainer(tmp_path, steps=2).run()
+    with pytest.raises(TrainingError, match="already holds a run .* --resume"):
+        tiny_trainer(tmp_path, steps=2).run()
     rc = finetune_cli.main(["--resume", str(tmp_path / "run"), "--seq-len", "64"])
     assert rc == 1 and "seq_len cannot change when resuming" in capsys.readouterr().err
 
@@ -484,6 +487,10 @@ def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
     assert types["blk.0.ffn_down.weight"] == "Q4_1"  # rows of 96: not whole Q4_K super-blocks
     assert math.isfinite(result.eval_after["eval_loss"])
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
+    import lowtune
+    assert lowtune.resume(tmp_path / "run", device="cpu").steps == 2  # finished: nothing to do
+    more = lowtune.resume(tmp_path / "run", steps=3, device="cpu")  # one more step, same data
+    assert more.steps == 3 and more.eval_after["step"] == 3
 
     with pytest.raises(ValueError, match="--type applies to safetensors"):
         Trainer(TrainConfig(model=__file__, data=str(text), out=str(tmp_path / "r2"),

@@ -570,6 +570,11 @@ class Trainer:
         self.dylora = dylora_controller(self.model, self.optimizer, cfg.seed)
 
         step, elapsed, tokens = 0, 0.0, 0
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not resume:
+            raise TrainingError(
+                f"{self.run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
+                f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
         found = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
         if found is not None:
             self.last_checkpoint, state = found
