@@ -8,6 +8,7 @@
 #include "../block_math.h"
 #include "../kernels.h"
 #include "../quantize.h"
+#include "dequant_block.h"
 #include "parallel.h"
 
 namespace lowtune {
@@ -76,7 +77,7 @@ static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k,
     parallel_for(n * nb, 64, [&](int64_t i0, int64_t i1) {
       float tmp[QK_K];
       for (int64_t i = i0; i < i1; ++i) {
-        Tr::dequant(base + i, tmp);
+        dequant_block<T>(base + i, tmp);
         store(i * Tr::kElems, tmp, Tr::kElems);
       }
     });
