@@ -58,7 +58,7 @@ def k_for(name: str, blocks: int) -> int:
 
 # M = 1 (the fused small-M path), a small M, and M with tails around the GEMM path's register
 # tiles; N with tails around 32-column panels; K of one block, a few blocks, and many.
-SHAPES = [(1, 1, 1), (1, 37, 3), (3, 64, 9), (7, 33, 2), (29, 70, 5), (70, 45, 17), (40, 300, 9)]
+SHAPES = [(1, 1, 1), (1, 37, 3), (3, 64, 9), (2, 1100, 3), (7, 33, 2), (29, 70, 5), (70, 45, 17), (40, 300, 9)]
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

@@ -109,6 +109,7 @@ void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const vo
 
 constexpr int64_t kSmallM = 4;  // up to this many rows of X/dY: the fused paths below
 constexpr int kRowGroup = 4;    // rows of W dequantized together in the fused paths
+constexpr int64_t kGradChunkRows = 512;  // rows of W per partial dX in the small-M input gradient
 // From this many rows of X on, the forward transposes W's panels once and runs outer-product
 // tiles (faster per FLOP); below, dot-product tiles over W's rows as stored (no transpose).
 constexpr int64_t kTransposeM = 32;
@@ -168,33 +169,32 @@ static void forward_small(const float* x, int64_t k, const void* w, float* y, in
   }
 }
 
-// dX[MX, blocks b0..b1 of K] of g[MX, n] · deq(W): rows of W in groups of 4, each block of the
-// group dequantized into L1 and accumulated into dX's rows in order of the W row
-// (acc = ((acc + g0 w0) + g1 w1) + ...), so the summation order is fixed.
+// part[MX, K] = g[MX, rows r0..r1) · deq(W)[r0..r1, K]: rows of W in groups of 4 (read as
+// stored, whole rows), each block of the group dequantized into L1 and accumulated into part's
+// rows in order of the W row (acc = ((acc + g0 w0) + g1 w1) + ...), a fixed summation order.
 template <int T, int MX>
-static void input_grad_small(const float* g, int64_t n, const void* w, int64_t k, float* dx, int64_t b0, int64_t b1) {
+static void input_grad_small(const float* g, int64_t n, const void* w, int64_t k, float* part, int64_t r0, int64_t r1) {
   using namespace simd;
   using Tr = Traits<T>;
   constexpr int BS = Tr::kElems, NV = BS / kLanes;
   const auto* wb = static_cast<const typename Tr::block*>(w);
-  const int64_t nb = k / BS, width = (b1 - b0) * BS;
-  AlignedFloats acc(MX * width);
-  std::fill(acc.get(), acc.get() + MX * width, 0.0f);
+  const int64_t nb = k / BS;
+  std::fill(part, part + MX * k, 0.0f);
   alignas(64) float tmp[kRowGroup][BS] = {};
-  for (int64_t r = 0; r < n; r += kRowGroup) {
-    const int rows = (int)std::min<int64_t>(kRowGroup, n - r);
+  for (int64_t r = r0; r < r1; r += kRowGroup) {
+    const int rows = (int)std::min<int64_t>(kRowGroup, r1 - r);
     vf gv[MX][kRowGroup];
     for (int i = 0; i < MX; ++i)
       for (int q = 0; q < kRowGroup; ++q) gv[i][q] = set1(q < rows ? g[i * n + r + q] : 0.0f);
     if (rows < kRowGroup) std::memset(tmp, 0, sizeof tmp);  // unused rows contribute 0 * 0
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = 0; b < nb; ++b) {
       for (int q = 0; q < rows; ++q) dequant_block<T>(wb + (r + q) * nb + b, tmp[q]);
       for (int v = 0; v < NV; ++v) {
         vf t[kRowGroup];
 #pragma GCC unroll 4
         for (int q = 0; q < kRowGroup; ++q) t[q] = load(tmp[q] + v * kLanes);
         for (int i = 0; i < MX; ++i) {
-          float* a = acc.get() + i * width + (b - b0) * BS + v * kLanes;
+          float* a = part + i * k + b * BS + v * kLanes;
           vf s = load(a);
 #pragma GCC unroll 4
           for (int q = 0; q < kRowGroup; ++q) s = fma(gv[i][q], t[q], s);
@@ -203,7 +203,6 @@ static void input_grad_small(const float* g, int64_t n, const void* w, int64_t k
       }
     }
   }
-  for (int i = 0; i < MX; ++i) std::memcpy(dx + i * k + b0 * BS, acc.get() + i * width, width * sizeof(float));
 }
 
 template <template <int, int> class Kernel, int T, class... Args>
@@ -322,9 +321,27 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
     using block = typename Traits<T>::block;
     const int64_t nb = k / Traits<T>::kElems;
     if (m <= kSmallM) {
-      parallel_for(nb, 1, [&](int64_t b0, int64_t b1) {
-        run_small<InputGradSmall, T>(m, gf, n, w, k, dxf, b0, b1);
-      });
+      // W's rows in fixed chunks (not per thread, so the result does not depend on the thread
+      // count), each chunk's partial dX from whole rows read as stored, then the partials
+      // summed in chunk order.
+      const int64_t chunks = (n + kGradChunkRows - 1) / kGradChunkRows;
+      if (chunks <= 1) {
+        run_small<InputGradSmall, T>(m, gf, n, w, k, dxf, (int64_t)0, n);
+      } else {
+        AlignedFloats parts(chunks * m * k);
+        parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c)
+            run_small<InputGradSmall, T>(m, gf, n, w, k, parts.get() + c * m * k, c * kGradChunkRows,
+                                         std::min(n, (c + 1) * kGradChunkRows));
+        });
+        parallel_for(m * k, 1024, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            float s = parts.get()[i];
+            for (int64_t c = 1; c < chunks; ++c) s += parts.get()[c * m * k + i];
+            dxf[i] = s;
+          }
+        });
+      }
     } else {
       gemm_packed_b(m, k, n, gf, n, dxf, k, PackRows<T>{static_cast<const block*>(w), nb});
     }
