@@ -201,3 +201,87 @@ def test_regression_inputs_never_break_the_reader(tmp_path):
                         pass
         except GGUFError:
             pass
+
+
+# ---- writer ----------------------------------------------------------------------------------------
+
+def test_writer_types_layout_and_flags(tmp_path):
+    w = torch.randn(64, 96)
+    tensors = [("token_embd.weight", lowtune.quantize(w, "Q4_0")),
+               ("blk.0.attn_q.weight", lowtune.quantize(w, "Q8_0")),
+               ("blk.0.ffn_up.weight", lowtune.quantize(w, "Q4_0")),
+               ("norm.weight", torch.ones(96)),
+               ("half.weight", w.to(torch.bfloat16)),
+               ("cube.weight", (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4))),
+               ("ints", torch.arange(5, dtype=torch.int32))]
+    meta = {"general.architecture": "llama", "llama.block_count": 1, "llama.rope.freq_base": 10000.0,
+            "some.flag": True, "some.list": [1, 2, 3], "some.names": ["a", "b"], "some.big": 2 ** 40,
+            "tokenizer.ggml.token_type": [1, 3], "general.file_type": 0}
+    out = tmp_path / "w.gguf"
+    write_gguf(out, meta, tensors, alignment=64)
+    with GGUFFile(out) as f:
+        assert f.alignment == 64 and f.metadata["general.alignment"] == 64
+        assert f.metadata["general.quantization_version"] == 2
+        assert f.metadata["general.file_type"] == 2       # most elements are Q4_0 (F32 did not fit)
+        t = f.metadata_types
+        assert t["llama.block_count"] == V.UINT32 and t["llama.rope.freq_base"] == V.FLOAT32
+        assert t["some.flag"] == V.BOOL and t["some.big"] == V.INT64
+        assert t["some.list"] == (V.ARRAY, V.INT32) and t["some.names"] == (V.ARRAY, V.STRING)
+        assert all(i.offset % 64 == 0 for i in f.tensor_infos.values())
+        assert f.tensor_infos["cube.weight"].ne == (4, 3, 2)
+        assert torch.equal(f.tensor("cube.weight"), tensors[5][1])
+        assert torch.equal(f.tensor("half.weight"), tensors[4][1])
+        assert torch.equal(f.tensor("ints"), tensors[6][1])
+        assert torch.equal(f.tensor("blk.0.attn_q.weight").raw, tensors[1][1].raw)
+    # gguf-py reads what we wrote
+    r = gguf.GGUFReader(out)
+    assert [t.name for t in r.tensors] == [n for n, _ in tensors]
+
+
+def test_writer_keeps_given_types_and_exact_values(tmp_path):
+    types = {"general.architecture": V.STRING, "a.u8": V.UINT8, "a.i16": V.INT16, "a.f64": V.FLOAT64,
+             "a.empty": (V.ARRAY, V.FLOAT32), "a.nested": (V.ARRAY, (V.ARRAY, V.UINT16)),
+             "a.bytes": V.STRING}
+    meta = {"general.architecture": "llama", "a.u8": 200, "a.i16": -5, "a.f64": 0.1, "a.empty": [],
+            "a.nested": [[1, 2], [3]], "a.bytes": "caf\udce9"}   # an invalid UTF-8 byte survives
+    out = tmp_path / "t.gguf"
+    write_gguf(out, meta, [], metadata_types=types)
+    with GGUFFile(out) as f:
+        assert f.metadata == meta
+        assert {k: f.metadata_types[k] for k in types} == types
+    with pytest.raises(GGUFError, match="does not fit"):
+        write_gguf(out, {"general.architecture": "llama", "x": 300}, [], metadata_types={"x": V.UINT8})
+
+
+def test_writer_refuses_bad_input_and_leaves_no_files(tmp_path):
+    out = tmp_path / "bad.gguf"
+    w = torch.randn(4, 64)
+    arch = {"general.architecture": "llama"}
+    with pytest.raises(GGUFError, match="convert"):
+        write_gguf(out, arch, [("w", lowtune.quantize(w, "INT4-g64"))])
+    with pytest.raises(GGUFError, match="duplicate"):
+        write_gguf(out, arch, iter([("w", w), ("w", w)]))
+    with pytest.raises(GGUFError, match="longer than 63"):
+        write_gguf(out, arch, [("x" * 64, w)])
+    with pytest.raises(GGUFError, match="general.architecture"):
+        write_gguf(out, {}, [("w", w)])
+    with pytest.raises(GGUFError, match="power of two"):
+        write_gguf(out, arch, [("w", w)], alignment=24)
+
+    def failing():
+        yield "a", w
+        raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError, match="producer failed"):
+        write_gguf(out, arch, failing())
+    assert list(tmp_path.iterdir()) == []   # no .tmp, no spill file, no partial output
+
+
+def test_writer_replaces_atomically(tmp_path):
+    out = tmp_path / "m.gguf"
+    write_gguf(out, {"general.architecture": "llama", "v": 1}, [("w", torch.zeros(32))])
+    with GGUFFile(out) as f:
+        old = f.tensor("w")
+        write_gguf(out, {"general.architecture": "llama", "v": 2}, [("w", torch.ones(32))])
+        assert old.sum() == 0            # the old mapping is untouched by the replacement
+    with GGUFFile(out) as f:
+        assert f.metadata["v"] == 2 and f.tensor("w").sum() == 32

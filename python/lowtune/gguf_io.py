@@ -585,18 +585,21 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
         for key, val in metadata.items():
             if key == "general.architecture":
                 continue
-            kv[key] = (val, metadata_types.get(key) or _infer_type(key, val))
+            kv[key] = (val, metadata_types[key] if key in metadata_types else _infer_type(key, val))
         if alignment != DEFAULT_ALIGNMENT or "general.alignment" in kv:
             kv["general.alignment"] = (alignment, GGUFValueType.UINT32)
         quantized = [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos
                      if gt not in _TORCH_DTYPES]
         if quantized:
             kv["general.quantization_version"] = (QUANTIZATION_VERSION, GGUFValueType.UINT32)
-        present = {gt.name for _, gt, ne, _ in infos if len(ne) >= 2}
+        # general.file_type names the main type; keep the given one while it is a type the file
+        # holds (quantized types win over float ones), else take the type with the most elements
+        weights = quantized or [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if len(ne) >= 2]
+        present = {gt.name for gt, _ in weights}
         ftype = metadata.get("general.file_type")
         if present and _FTYPE_MAIN.get(ftype) not in present:
             counts: dict[str, int] = {}
-            for gt, n in quantized or [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if len(ne) >= 2]:
+            for gt, n in weights:
                 counts[gt.name] = counts.get(gt.name, 0) + n
             main = max(counts, key=counts.get)
             if main in _MAIN_FTYPE:
