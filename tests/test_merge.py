@@ -239,3 +239,17 @@ def test_merge_weight_bad_arguments(rng):
         merge_weight(qt, kquant_mins="maybe")
     with pytest.raises(ValueError, match="shape"):
         merge_weight(qt, delta=torch.zeros(3, 64))
+
+
+@pytest.mark.parametrize("base", ["F32", "F16", "Q4_1"])
+@pytest.mark.parametrize("target", [None, "F32"])
+def test_merge_leaves_its_input_alone(base, target, rng):
+    """Float weights dequantize to views of their bytes: a merge must not write through them."""
+    qt = lowtune.quantize(weights(rng, 4, 64), base)
+    before = qt.raw.clone()
+    delta = weights(rng, 4, 64)
+    out, info = merge_weight(qt, delta=delta, target=target)
+    assert torch.equal(qt.raw, before)
+    if out.type == "F32":
+        torch.testing.assert_close(out.dequantize(), qt.dequantize() + delta, rtol=0, atol=1e-7)
+    assert info.err_rms is not None

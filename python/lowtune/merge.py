@@ -208,8 +208,9 @@ def refit_kquant_mins(qt: QTensor, delta_sub) -> tuple[QTensor, MinResidual]:
 # ---- re-quantization and INTb-gG -> GGUF ------------------------------------------------------
 
 def dense(qt: QTensor) -> torch.Tensor:
-    """deq(W) as float32 [N, K] on the CPU."""
-    return ops.dequantize(qt.to("cpu"), torch.float32)
+    """deq(W) as a new float32 [N, K] tensor on the CPU (never a view of qt's bytes)."""
+    w = ops.dequantize(qt.to("cpu"), torch.float32)
+    return w if qt.format.quantized else w.clone()
 
 
 def requantize(qt: QTensor, delta, target) -> QTensor:
@@ -387,7 +388,7 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
         elif work_fmt != fmt:
             info.note = f"re-targeted from {fmt.name} to {work_fmt.name}"
     if measure and not measured and n * k:
-        err = ops.dequantize(out, torch.float32).sub_(exact_target())
+        err = dense(out).sub_(exact_target())
         info.err_rms = float(torch.linalg.vector_norm(err)) / math.sqrt(n * k)
         info.err_max = float(err.abs_().max())
         info.delta_rms = float(torch.linalg.vector_norm(dense_delta())) / math.sqrt(n * k)
