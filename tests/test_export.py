@@ -7,7 +7,6 @@ The helpers make_tiny_gguf / make_adapter are shared with test_export_llamacpp.p
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -205,3 +205,31 @@ def test_llamacpp_loads_every_export_and_generates(smol):
     llm = llamacpp(merged(smol, None, "F16")[0], lora=lora_gguf(smol, "qa-hira"))
     assert llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"].strip()
     llm.close()
+
+
+# ---- Hugging Face files for the real vocabulary ---------------------------------------------------------
+
+def test_hf_tokenizer_and_config(smol, botchan_text, tmp_path):
+    """tokenizer.json from SmolLM2's GGUF metadata: the tokenizers library encodes Botchan and a
+    chat (special tokens) exactly as lowtune (= llama.cpp) does; the metadata reads back; the
+    config describes SmolLM2."""
+    from tokenizers import Tokenizer
+
+    from lowtune.export import hf_config, write_hf_tokenizer
+    from lowtune.tokenizer import tokenizer_metadata_from_dir
+    with GGUFFile(smol.path) as f:
+        md = f.metadata
+    write_hf_tokenizer(md, tmp_path)
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(md)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    for text in (botchan_text[:30000], chat):
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text, add_bos=False)
+    back = tokenizer_metadata_from_dir(tmp_path)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
+        assert back[key] == md[key], key
+    cfg = hf_config(md, tied=True, torch_dtype="bfloat16")
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"], cfg["rope_theta"]) == \
+        (30, 576, 1536, 9, 3, 64, 49152, 100000.0)
