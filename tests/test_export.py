@@ -362,6 +362,10 @@ def test_hf_export_round_trips(tiny, tmp_path):
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["intermediate_size"], cfg["vocab_size"]) == (256, 2, 4, 2, 512, 262)
     assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "bfloat16"
+    assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 10000.0
+    (tmp_path / "plain").write_text("")   # outputs get the permissions of any new file
+    assert {(d / f).stat().st_mode & 0o777 for f in ("model.safetensors", "config.json")} == \
+        {(tmp_path / "plain").stat().st_mode & 0o777}
     ckpt = load_hf_checkpoint(d)
     assert set(ckpt.tensors) == {n for n in GGUFFile(tiny["Q4_1"]).tensor_infos}
     ads = {f"blk.{m.split('.')[1]}.{m.split('.')[2]}.weight": ad for m, ad in A.adapters_of(model).items()}

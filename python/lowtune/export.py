@@ -423,9 +423,13 @@ def _to_hf_rows(name: str, w: torch.Tensor, n_head: int, n_head_kv: int) -> torc
 
 
 def _atomic(path: Path, write) -> None:
+    """write(tmp) then rename over path; the file gets the usual permissions (umask)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -520,6 +524,11 @@ def write_safetensors_streaming(path, specs: list[tuple[str, str, tuple[int, ...
     _atomic(Path(path), write)
 
 
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(f"{x:.7g}")
+
+
 def hf_config(md: dict, tied: bool, torch_dtype: str) -> dict:
     """config.json of a transformers LlamaForCausalLM from GGUF metadata."""
     from .model import LlamaConfig
@@ -530,14 +539,14 @@ def hf_config(md: dict, tied: bool, torch_dtype: str) -> dict:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "hidden_act": "silu", "rms_norm_eps": _f32(c.norm_eps), "rope_theta": _f32(c.rope_theta),
         "max_position_embeddings": c.context_length, "vocab_size": c.vocab_size,
         "tie_word_embeddings": tied, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True, "torch_dtype": torch_dtype,
         "rope_scaling": None,
     }
     if c.rope_linear_scale != 1.0:
-        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": c.rope_linear_scale}
+        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
     for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                     ("pad_token_id", "padding_token_id")):
         v = md.get(f"tokenizer.ggml.{tk}")
