@@ -146,6 +146,15 @@ def test_correction_lowers_kl_on_held_out_text(corrected):
 
 
 @pytest.mark.slow
+def test_a_second_run_into_the_same_directory_is_refused(tiny, corrected):
+    from lowtune.correct import correct
+    from lowtune.trainer import TrainingError
+    d, teacher, student = tiny
+    with pytest.raises(TrainingError, match="--resume"):
+        correct(student, teacher, d / "train.txt", corrected, steps=2, seq_len=32, device="cpu")
+
+
+@pytest.mark.slow
 def test_resume_continues_the_run(corrected, tmp_path):
     import shutil
 

@@ -220,6 +220,24 @@ def test_int_file_types_metadata_bits_and_reload(tiny_f32, tmp_path):
         assert torch.allclose(packed(ids), stored(ids), atol=1e-5, rtol=1e-5)
 
 
+def test_bits_count_only_tensors_that_still_hold_their_int_type(tiny_f32, tmp_path):
+    """A file whose INT tensors were rewritten as plain Q4_1 (as a merge does) is counted as Q4_1."""
+    from lowtune.quantize_model import holds_logical
+    int2 = quantize_model(tiny_f32, tmp_path / "int2.gguf", "INT2-g64").path
+    with GGUFFile(int2) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        qt = f.qtensor("blk.0.attn_q.weight")
+        assert holds_logical(qt, get_format("INT2-g64"))
+        assert not holds_logical(qt, get_format("INT2-g128"))
+        real_q41 = ops.quantize(ops.dequantize(qt, torch.float32) * 1.01, "Q4_1")
+        assert not holds_logical(real_q41, get_format("INT2-g64"))
+        tensors = [(n, f.tensor(n) if n != "blk.0.attn_q.weight" else real_q41) for n in f.tensor_infos]
+        write_gguf(tmp_path / "merged.gguf", md, tensors, types)
+    before, after = model_bits(int2), model_bits(tmp_path / "merged.gguf")
+    q = 64 * 64
+    assert after.linear_bits - before.linear_bits == pytest.approx(q * (5.0 - 2.5))
+
+
 def test_requantizing_starts_from_the_f32_dequantization(tiny_f32, tmp_path):
     q40 = quantize_model(tiny_f32, tmp_path / "q40.gguf", "Q4_0").path
     again = quantize_model(q40, tmp_path / "again.gguf", "Q4_0").path       # same type: copied

@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Modules that add subcommands (finetune, export, quantize, correct). A module that does not
 # exist yet, or has no add_parser, is skipped.
-COMMAND_MODULES = ("lowtune.quantize_cli", "lowtune.trainer", "lowtune.export", "lowtune.correct")
+COMMAND_MODULES = ("lowtune.quantize_model", "lowtune.trainer", "lowtune.export", "lowtune.correct")
 
 
 class CLIError(Exception):

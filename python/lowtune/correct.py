@@ -445,7 +445,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _load(path, device, dtype, max_vram):
     from .quantize_model import load_model
     kw = {} if max_vram is None else {"max_vram": max_vram}
-    return load_model(path, device, dtype, **kw)
+    # INTb-gG students train in their stored Q4_1/Q5_1 blocks (the same values): the adapter
+    # then records the type that `lowtune finetune` and `lowtune export` read from the file
+    return load_model(path, device, dtype, restore=False, **kw)
 
 
 def build(cfg, device: torch.device):
@@ -511,12 +513,16 @@ def run_correction(cfg, resume: bool = False, log=None) -> CorrectResult:
     from .adapters import base_hash, save_adapter
     from .data import load_dataset
     from .quantize_model import model_bits
-    from .trainer import Trainer, pick_device, seed_everything
+    from .trainer import Trainer, TrainingError, pick_device, seed_everything
 
     log = log or (lambda s: print(s, flush=True))
     cfg.check()
     lrec = cfg.extra["lrec"]
     run_dir = Path(cfg.out)
+    existing = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if existing and not resume:
+        raise TrainingError(f"{run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
+                            f"continue it with `lowtune correct --resume {run_dir}`, or give another -o")
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)

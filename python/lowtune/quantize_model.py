@@ -540,6 +540,30 @@ class ModelBits:
                 "params": self.params, "bpw": self.bpw, "mib": self.bits / 8 / 2**20}
 
 
+def holds_logical(qt: QTensor, fmt: Format) -> bool:
+    """Whether the stored tensor `qt` is exactly an INTb-gG tensor `fmt` in storage form: its
+    codes fit b bits and every group of G repeats one d and m (Q4_1/Q5_1), or its values
+    re-quantize to themselves (F32). A file whose tensors were changed after quantize_model
+    (e.g. an adapter merged and re-quantized as plain Q4_1) fails this check."""
+    import numpy as np
+
+    n, k = qt.shape
+    if storage_format(fmt) is not qt.format or k % fmt.group:
+        return False
+    if qt.format.name == "F32":
+        values = ops.dequantize(qt, torch.float32)
+        return torch.equal(ops.dequantize(ops.quantize(values, fmt), torch.float32), values)
+    blocks = qt.raw.to("cpu").numpy().reshape(-1, qt.format.block_bytes)
+    dm = blocks[:, :4].reshape(-1, fmt.group // 32, 4)
+    if not (dm == dm[:, :1]).all():
+        return False
+    qs = blocks[:, -16:]
+    codes = np.maximum(qs & 15, qs >> 4)
+    if qt.format.name == "Q5_1" or fmt.bits >= 4:
+        return True  # every 4/5-bit code is in range
+    return int(codes.max(initial=0)) <= fmt.maxq
+
+
 def model_bits(path) -> ModelBits:
     """Bits per weight of a GGUF model file (see ModelBits)."""
     from .gguf_io import GGUFFile
@@ -549,7 +573,7 @@ def model_bits(path) -> ModelBits:
         logical = logical_types(f.metadata)
         for name, info in f.tensor_infos.items():
             n = int(info.n_elements)
-            if name in logical:
+            if name in logical and info.type is not None and holds_logical(f.qtensor(name), get_format(logical[name])):
                 bpw = get_format(logical[name]).bits_per_weight
             elif info.type is not None:
                 bpw = info.type.bits_per_weight
@@ -660,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["ALIASES", "LOGICAL_TYPES_KEY", "ModelBits", "QuantizeResult", "RECIPES", "TypePlan",
            "load_model", "logical_types", "model_bits", "open_source", "quantize_model",
-           "llama_cpp_order", "restore_logical_types", "storage_format", "to_storage", "use_more_bits"]
+           "holds_logical", "llama_cpp_order", "restore_logical_types", "storage_format", "to_storage", "use_more_bits"]
 
 if __name__ == "__main__":
     sys.exit(main())
