@@ -60,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-on-prompt", action="store_true", default=None,
                    help="take loss on prompts too (instruction and chat data)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest checkpoint")
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its own "
+                   "settings; these may change: " + ", ".join(
+                       "--" + k.replace("_", "-") for k in RESUME_OVERRIDES))
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
 
 
