@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram", help="GPU memory budget, e.g. 6GB: layers beyond it stream "
                    "from host memory")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"],
+                   help="recompute each layer in the backward pass instead of keeping its "
+                   "activations (default: on for CUDA, off on CPU)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
@@ -105,6 +108,8 @@ def _given(args: argparse.Namespace) -> dict:
         if v is None or k in ("func", "resume", "command", "cmd"):
             continue
         k = _FIELDS.get(k, k)
+        if k == "gradient_checkpointing":
+            v = v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out
