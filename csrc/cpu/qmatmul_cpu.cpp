@@ -110,6 +110,9 @@ void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const vo
 constexpr int64_t kSmallM = 4;  // up to this many rows of X/dY: the fused paths below
 constexpr int kRowGroup = 4;    // rows of W dequantized together in the fused paths
 constexpr int64_t kGradChunkRows = 512;  // rows of W per partial dX in the small-M input gradient
+// The fused paths read 4 rows of W side by side; for some row lengths the hardware prefetchers
+// do not keep up with the 4 streams, so each block also prefetches its row this far ahead.
+constexpr int kPrefetchAhead = 256;
 // From this many rows of X on, the forward transposes W's panels once and runs outer-product
 // tiles (faster per FLOP); below, dot-product tiles over W's rows as stored (no transpose).
 constexpr int64_t kTransposeM = 32;
@@ -152,7 +155,11 @@ static void forward_small(const float* x, int64_t k, const void* w, float* y, in
     for (int i = 0; i < MX; ++i)
       for (int g = 0; g < kRowGroup; ++g) acc[i][g] = zero();
     for (int64_t b = 0; b < nb; ++b) {
-      for (int g = 0; g < rows; ++g) dequant_block<T>(wb + (r + g) * nb + b, tmp[g]);
+      for (int g = 0; g < rows; ++g) {
+        const auto* blk = wb + (r + g) * nb + b;
+        __builtin_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchAhead);
+        dequant_block<T>(blk, tmp[g]);
+      }
       const float* xb = x + b * BS;
       for (int v = 0; v < NV; ++v) {
         vf xv[MX];
@@ -188,7 +195,11 @@ static void input_grad_small(const float* g, int64_t n, const void* w, int64_t k
       for (int q = 0; q < kRowGroup; ++q) gv[i][q] = set1(q < rows ? g[i * n + r + q] : 0.0f);
     if (rows < kRowGroup) std::memset(tmp, 0, sizeof tmp);  // unused rows contribute 0 * 0
     for (int64_t b = 0; b < nb; ++b) {
-      for (int q = 0; q < rows; ++q) dequant_block<T>(wb + (r + q) * nb + b, tmp[q]);
+      for (int q = 0; q < rows; ++q) {
+        const auto* blk = wb + (r + q) * nb + b;
+        __builtin_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchAhead);
+        dequant_block<T>(blk, tmp[q]);
+      }
       for (int v = 0; v < NV; ++v) {
         vf t[kRowGroup];
 #pragma GCC unroll 4
