@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: sets up everything on a fresh machine, then runs the test suite.
+# Extra arguments go to pytest (e.g. tools/test.sh -k formats).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup_env.sh
+# The package lives in python/lowtune, so the installed build (with its compiled module) is tested.
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider tests "$@"
