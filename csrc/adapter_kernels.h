@@ -55,8 +55,11 @@ inline void check_geom(const AdapterGeom& g) {
   }
 }
 
-// Floats of scratch adapter_backward needs for du: m * rank with B, none without.
-inline int64_t adapter_scratch_elems(const AdapterGeom& g) { return g.has_b ? g.m * g.rank : 0; }
+// Floats of scratch adapter_backward needs: du [m, rank] with B; without, the input gradient
+// before its expansion, [m, k/p].
+inline int64_t adapter_scratch_elems(const AdapterGeom& g) {
+  return g.has_b ? g.m * g.rank : g.m * (g.k / g.pool);
+}
 
 // ---- The one primitive both backends implement ------------------------------------------------
 // C[i, j] = sum_k a(i, k) * b(j, k) for i < I, j < J, k < Kc, where an operand element is a
@@ -83,8 +86,10 @@ struct Epilogue {
 
 // The adapter passes, written once over a backend that provides
 //   Backend::gemm(I, J, Kc, Operand a, Operand b, Epilogue e, void* save_a)
-// (save_a, when not null, receives the A-operand [I, Kc] in the activation dtype: the pooled
-// input, kept for the backward pass so the full x need not be).
+//     (save_a, when not null, receives the A-operand [I, Kc] in the activation dtype: the
+//     pooled input, kept for the backward pass so the full x need not be), and
+//   Backend::expand_add(I, J, const float* src, int64_t src_ld, Epilogue e)
+//     out[i * e.ld + j * e.repeat + t] += e.alpha * src[i * src_ld + j] (e.accumulate is true).
 template <class Backend>
 void adapter_forward_passes(Backend& be, const AdapterGeom& g, const void* x, int dt,
                             const float* A, const float* B, void* y, float* u, void* xs_out) {
@@ -127,9 +132,13 @@ void adapter_backward_passes(Backend& be, const AdapterGeom& g, const void* dy, 
               Epilogue{dx, dt, g.k, g.pool, 1.0f / (float)g.pool, true}, nullptr);
   } else {
     be.gemm(nq, kp, g.m, dy_cols, xs_cols, Epilogue{dA, D_F32, g.a_ld, 1, g.scale, false}, nullptr);
-    if (dx)
+    // dy · M reduces over all n/q outputs into a narrow [m, k/p]: it goes to fp32 scratch
+    // (so the backend may split that reduction), then expands into dx.
+    if (dx) {
       be.gemm(g.m, kp, nq, dy_rows, Operand{A, D_F32, g.a_ld, false, 1, 1.0f},
-              Epilogue{dx, dt, g.k, g.pool, g.scale / (float)g.pool, true}, nullptr);
+              Epilogue{du, D_F32, kp, 1, 1.0f, false}, nullptr);
+      be.expand_add(g.m, kp, du, kp, Epilogue{dx, dt, g.k, g.pool, g.scale / (float)g.pool, true});
+    }
   }
 }
 
@@ -139,7 +148,7 @@ namespace cpu {
 void adapter_forward(const AdapterGeom& g, const void* x, int dtype, const float* A, const float* B,
                      void* y, float* u, void* xs_out);
 // Gradients of the adapter (see adapter_backward_passes); du is scratch of
-// adapter_scratch_elems(g) floats.
+// adapter_scratch_elems(g) floats (may be null when it is 0).
 void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const void* xs,
                       int64_t xs_pool, const float* A, const float* B, const float* u, void* dx,
                       float* dA, float* dB, float* du);

@@ -19,8 +19,12 @@ class CharTokenizer:
         self.add_bos = add_bos
         self.prefix_consistent = prefix_consistent
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) + 3 for c in text]
+    def encode(self, text: str, add_bos=None, add_eos=None) -> list[int]:
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return [1] * add_bos + [ord(c) + 3 for c in text] + [2] * bool(add_eos)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.encode(text, add_bos=False)
 
     def decode(self, ids) -> str:
         return "".join(chr(i - 3) for i in ids if i > 2)
@@ -68,14 +72,14 @@ def test_plain_text_with_bos_starts_every_sequence_with_it(tmp_path):
 def test_long_text_is_tokenized_in_pieces_at_blank_lines():
     tok = CharTokenizer()
     text = "\n\n".join("para%d " % i * 50 for i in range(200))
-    assert data.tokenize_stream(text, tok, piece_chars=1000) == tok.encode(text)
+    assert data.tokenize_stream(text, tok, piece_chars=1000) == tok.encode_plain(text)
 
 
 def test_text_records_are_packed_with_eos(tmp_path):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}, {"text": "de"}])
     ds = load_dataset(p, CharTokenizer(), seq_len=100, eval_fraction=0.0)
     (ex,) = ds.train
-    assert ex.input_ids.tolist() == CharTokenizer().encode("abc") + [2] + CharTokenizer().encode("de") + [2]
+    assert ex.input_ids.tolist() == CharTokenizer().encode_plain("abc") + [2] + CharTokenizer().encode_plain("de") + [2]
     assert (ex.labels == ex.input_ids).all()
 
 
@@ -89,8 +93,8 @@ def test_alpaca_loss_only_on_response(tmp_path, with_input):
     (ex,) = load_dataset(p, tok, seq_len=1000, eval_fraction=0.0).train
     template = data.ALPACA_PROMPT_INPUT if with_input else data.ALPACA_PROMPT
     prompt = template.format(instruction=rec["instruction"], input=rec.get("input", ""))
-    assert ex.input_ids.tolist() == [1] + tok.encode(prompt + "5") + [2]
-    assert ex.labels.tolist() == [IGNORE] * (1 + len(prompt)) + tok.encode("5") + [2]
+    assert ex.input_ids.tolist() == [1] + tok.encode_plain(prompt + "5") + [2]
+    assert ex.labels.tolist() == [IGNORE] * (1 + len(prompt)) + tok.encode_plain("5") + [2]
     assert ("### Input:\n2 and 3" in prompt) == with_input
 
     (ex2,) = load_dataset(p, tok, seq_len=1000, eval_fraction=0.0, train_on_prompt=True).train
@@ -221,3 +225,36 @@ def test_collate_right_pads_with_ignored_labels():
     assert labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert data.count_targets(labels) == 2
     assert ids.dtype == torch.long
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_path):
+    from lowtune.gguf_io import GGUFFile
+    from lowtune.tokenizer import load_tokenizer
+    with GGUFFile(smollm2_path) as f:
+        return load_tokenizer(dict(f.metadata))
+
+
+@pytest.mark.slow
+def test_chat_records_with_the_real_chat_template(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    msgs = [{"role": "user", "content": "Who wrote Botchan?"},
+            {"role": "assistant", "content": "Natsume Soseki."},
+            {"role": "user", "content": "When?"}, {"role": "assistant", "content": "In 1906."}]
+    p = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    (ex,) = load_dataset(p, tok, seq_len=512, eval_fraction=0.0).train
+    whole = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert ex.input_ids.tolist() == tok.encode(whole, add_bos=False)
+    assert tok.decode([t for t in ex.labels.tolist() if t != IGNORE]) == \
+        "Natsume Soseki.<|im_end|>\nIn 1906.<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_botchan_split_with_the_real_tokenizer(tmp_path, smollm2_tokenizer, botchan_text):
+    p = tmp_path / "botchan.txt"
+    p.write_text(botchan_text)
+    ds = load_dataset(p, smollm2_tokenizer, seq_len=256, eval_fraction=0.1)
+    n = ds.stats.train_tokens + ds.stats.eval_tokens
+    assert ds.stats.eval_tokens == round(0.1 * n)
+    held = smollm2_tokenizer.decode(np.concatenate([e.input_ids for e in ds.eval]).tolist())
+    assert botchan_text.endswith(held) and len(held) > 0.08 * len(botchan_text)

@@ -196,3 +196,16 @@ def test_gaussian_rmse_matches_ggml(name, rmse, rng):
     w = rng.standard_normal((64, 4096)).astype(np.float32)
     err = np.sqrt(np.mean((lt_dequantize(lt_quantize(w, name), name, 4096).numpy() - w) ** 2))
     assert abs(err - rmse) < 0.03 * rmse, err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantizer_refuses_non_finite_rows(bad):
+    # ops.quantize checks first; the C++ entry point refuses on its own too (a NaN scale would
+    # silently poison a whole block).
+    w = torch.ones(3, 64)
+    w[2, 40] = bad
+    raw = torch.empty(3, get_format("Q4_0").row_bytes(64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lowtune._C.quantize(get_format("Q4_0").type_id, w.data_ptr(), raw.data_ptr(), 3, 64)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lowtune.quantize(w, "INT3-g64")

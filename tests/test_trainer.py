@@ -16,10 +16,20 @@ from torch import nn
 from lowtune import checkpoint as ckpt
 from lowtune import finetune_cli
 from lowtune.data import DataStats, Dataset, pack
-from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingOutOfMemoryError,
+from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingError,
+                             TrainingOutOfMemoryError,
                              lr_factor, oom_message, parse_size, read_metrics)
 
 VOCAB = 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread than on two busy ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class TinyLM(nn.Module):
@@ -100,6 +110,9 @@ def test_resolved_defaults_from_epochs(tmp_path):
     assert t.cfg.steps == math.ceil(2 * math.ceil(n / 4) / 3)
     assert t.cfg.warmup == round(0.03 * t.cfg.steps)
     assert t.cfg.eval_every == math.ceil(t.cfg.steps / 5) and t.cfg.save_every == t.cfg.eval_every
+    resumed = Trainer(TrainConfig.load(tmp_path / "run"), model=TinyLM(), dataset=ds,
+                      save_adapter=save_tiny_adapter, log=lambda s: None).run(resume=True)
+    assert resumed.steps == t.cfg.steps  # already finished: nothing more to do
 
 
 def test_lr_schedule():
@@ -266,17 +279,287 @@ def test_cli_arguments_become_a_config():
     args = p.parse_args(["m.gguf", "--data", "d.jsonl", "--method", "dylora", "--rank", "8",
                          "--steps", "50", "--seq-len", "256", "--grad-accum", "4", "--lr", "1e-3",
                          "--schedule", "constant", "--type", "Q4_1", "--max-vram", "6GB",
-                         "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "-o", "r"])
+                         "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "--layers", "2-4,7",
+                         "--gradient-checkpointing", "off",
+                         "-o", "r"])
     cfg = finetune_cli.config_from_args(args)
     assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "dylora", 8)
     assert (cfg.steps, cfg.seq_len, cfg.grad_accum, cfg.lr, cfg.schedule) == (50, 256, 4, 1e-3, "constant")
     assert cfg.qtype == "Q4_1" and cfg.max_vram == 6 * 2**30 and cfg.strict and cfg.train_on_prompt
-    assert cfg.targets == ["attn_q", "attn_v"] and cfg.batch == 4  # unset flags keep defaults
+    assert cfg.targets == ["attn_q", "attn_v"] and cfg.layers == [2, 3, 4, 7]
+    assert cfg.gradient_checkpointing is False
+    assert cfg.batch == 4  # unset flags keep defaults
     with pytest.raises(SystemExit):
         p.parse_args(["m", "--steps", "3", "--epochs", "1"])
 
 
 def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
     tiny_trainer(tmp_path, steps=2).run()
+    with pytest.raises(TrainingError, match="already holds a run .* --resume"):
+        tiny_trainer(tmp_path, steps=2).run()
     rc = finetune_cli.main(["--resume", str(tmp_path / "run"), "--seq-len", "64"])
     assert rc == 1 and "seq_len cannot change when resuming" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# With lowtune's own adapters on a tiny quantized model (names as in model.py: layers.N.attn_q)
+
+class QLinear(nn.Module):
+    def __init__(self, n: int, k: int, g: torch.Generator, device: str = "cpu"):
+        super().__init__()
+        import lowtune
+        self.weight = lowtune.quantize(torch.randn(n, k, generator=g) / k**0.5, "Q4_1").to(device)
+
+    def forward(self, x):
+        import lowtune
+        return lowtune.qmatmul(x.contiguous(), self.weight)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, g: torch.Generator, device: str):
+        super().__init__()
+        self.attn_q = QLinear(dim, dim, g, device)
+        self.ffn_up = QLinear(2 * dim, dim, g, device)
+        self.ffn_down = QLinear(dim, 2 * dim, g, device)
+
+    def forward(self, h):
+        h = h + 0.5 * self.attn_q(h)
+        return h + 0.5 * self.ffn_down(F.silu(self.ffn_up(h)))
+
+
+class TinyQuantLM(nn.Module):
+    def __init__(self, dim: int = 64, n_layers: int = 2, device: str = "cpu"):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g).to(device), requires_grad=False)
+        self.layers = nn.ModuleList(Block(dim, g, device) for _ in range(n_layers))
+        self.head = nn.Parameter((torch.randn(VOCAB, dim, generator=g) / dim**0.5).to(device),
+                                 requires_grad=False)
+
+    def loss(self, ids, labels=None, reduction="mean"):
+        labels = ids if labels is None else labels
+        h = self.emb[ids]
+        if h.is_cuda and torch.is_autocast_enabled("cuda"):
+            h = h.to(torch.bfloat16)  # activations in bf16, as LlamaModel's on a GPU
+        for layer in self.layers:
+            h = layer(h)
+        logits = (h @ self.head.T)[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+
+def quant_trainer(tmp_path, method, **overrides):
+    from lowtune.trainer import apply_adapters, default_save_adapter
+    opts = dict(out=str(tmp_path / "run"), method=method, rank=4, alpha=8, steps=6, batch=4,
+                seq_len=32, lr=2e-2, warmup=1, eval_every=3, save_every=3, seed=5, device="cpu",
+                dropout=0.05)
+    opts.update(overrides)
+    cfg = TrainConfig(**opts)
+    model = TinyQuantLM(device=cfg.device)
+    apply_adapters(model, cfg)
+    return Trainer(cfg, model=model, dataset=markov_dataset(n_tokens=2400),
+                   save_adapter=default_save_adapter, log=lambda s: None)
+
+
+@pytest.mark.parametrize("method", ["lora", "qalora", "qbara", "qahira", "dylora"])
+def test_every_adapter_method_trains_and_saves(tmp_path, method):
+    from lowtune import adapters
+    t = quant_trainer(tmp_path, method)
+    result = t.run()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    meta = adapters.read_adapter_config(tmp_path / "run" / "adapter")
+    assert meta["method"] == adapters.AdapterConfig(method=method).method
+    assert {n for n, _ in t.params} == {n for n, p in t.model.named_parameters() if p.requires_grad}
+    if method == "dylora":
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert set(summary["dylora_eval_loss_by_rank"]) == {"1", "2", "4"}
+        assert meta["dylora_rank"] == summary["dylora_rank"]
+
+
+def test_dylora_resume_continues_the_same_rank_sequence(tmp_path):
+    def recording_ranks(t, seen):
+        step_fn = t._train_step
+
+        def step(i):
+            out = step_fn(i)
+            seen.append(t.dylora.rank)
+            return out
+
+        t._train_step = step
+        return t
+
+    ref, cut = [], []
+    recording_ranks(quant_trainer(tmp_path / "ref", "dylora"), ref).run()
+    # Stopped as if killed right after the step-3 checkpoint, then resumed.
+    a = recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut)
+    step_fn = a._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    a._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        a.run()
+    recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut).run(resume=True)
+    assert cut == ref and len(set(ref)) > 1
+    assert curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl")) == \
+        curve(read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl"))
+
+
+def test_eval_tokens_limits_the_held_out_set(tmp_path):
+    t = tiny_trainer(tmp_path, steps=1, eval_tokens=70)
+    result = t.run()
+    assert [len(e) for e in t.dataset.eval] == [32, 32, 6]
+    assert result.eval_after["eval_tokens"] == 31 + 31 + 5
+
+
+@pytest.mark.slow
+def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
+    """The real model through the command line: QA-HiRA on the last layer, a few steps; the
+    saved adapter, loaded into a fresh model, gives the logged held-out loss."""
+    from lowtune import adapters
+    from lowtune.model import LlamaModel
+    text = tmp_path / "botchan.txt"
+    text.write_text(botchan_text[:20000])
+    run = tmp_path / "run"
+    rc = finetune_cli.main([str(smollm2_path), "--data", str(text), "--method", "qahira",
+                            "--layers", "29", "--steps", "3", "--seq-len", "32", "--batch", "2",
+                            "--lr", "5e-3", "--eval-tokens", "64", "--eval-every", "0",
+                            "--device", "cpu", "-o", str(run)])
+    assert rc == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_after"]["eval_loss"] != summary["eval_before"]["eval_loss"]
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["extra"]["adapter"]["method"] == "qa-hira" and cfg["layers"] == [29]
+
+    model = LlamaModel.from_gguf(smollm2_path)
+    adapters.load_adapter(model, run / "adapter")
+    t = Trainer(TrainConfig.load(run), model=model, log=lambda s: None)
+    t.cfg.device = "cpu"
+    t._setup()
+    assert t.evaluate()["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-5)
+
+
+def write_tiny_hf_llama(d: Path, text: str) -> None:
+    """A random 2-layer Llama in Hugging Face layout: rows of 256 (hidden) and 96 (the MLP's
+    down projection), and a small byte-level BPE tokenizer trained on `text`."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d.mkdir()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    h, f, vocab = 256, 96, tok.get_vocab_size()
+    (d / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=f,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=vocab)))
+    g = torch.Generator().manual_seed(0)
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    t = {"model.embed_tokens.weight": w(vocab, h) * 20, "model.norm.weight": torch.ones(h),
+         "lm_head.weight": w(vocab, h)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+                  p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(128, h),
+                  p + "self_attn.v_proj.weight": w(128, h), p + "self_attn.o_proj.weight": w(h, h),
+                  p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h),
+                  p + "mlp.down_proj.weight": w(h, f)})
+    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(d / "model.safetensors"))
+
+
+def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
+    hf = tmp_path / "tiny-hf"
+    write_tiny_hf_llama(hf, botchan_text[:30000])
+    text = tmp_path / "t.txt"
+    text.write_text(botchan_text[30000:36000])
+    cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="qahira",
+                      steps=2, seq_len=64, batch=2, lr=1e-2, device="cpu", eval_tokens=128)
+    t = Trainer(cfg, log=lambda s: None)
+    result = t.run()
+    types = t.model.tensor_types
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down.weight"] == "Q4_1"  # rows of 96: not whole Q4_K super-blocks
+    assert math.isfinite(result.eval_after["eval_loss"])
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
+    import lowtune
+    assert lowtune.resume(tmp_path / "run", device="cpu").steps == 2  # finished: nothing to do
+    more = lowtune.resume(tmp_path / "run", steps=3, device="cpu")  # one more step, same data
+    assert more.steps == 3 and more.eval_after["step"] == 3
+
+    with pytest.raises(ValueError, match="--type applies to safetensors"):
+        Trainer(TrainConfig(model=__file__, data=str(text), out=str(tmp_path / "r2"),
+                            qtype="Q4_0", device="cpu"), log=lambda s: None).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: bf16 autocast, fp32 adapter state, CUDA RNG in checkpoints, real out-of-memory errors
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["qahira", "dylora"])
+def test_cuda_training_resumes_like_an_uninterrupted_run(tmp_path, method):
+    ref = quant_trainer(tmp_path / "ref", method, device="cuda")
+    result = ref.run()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    assert all(p.dtype == torch.float32 and p.is_cuda for _, p in ref.params)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32
+               for st in ref.optimizer.state.values() for k, v in st.items() if k != "step")
+    rows = read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl")
+    assert all(r["gpu_mem_gb"] > 0 for r in rows if "loss" in r)
+
+    a = quant_trainer(tmp_path / "cut", method, device="cuda")
+    step_fn = a._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    a._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        a.run()
+    quant_trainer(tmp_path / "cut", method, device="cuda").run(resume=True)
+    got = curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl"))
+    want = curve(rows)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (k, g, w)
+
+
+class CudaHog(TinyLM):
+    def loss(self, ids, labels=None, reduction="mean"):
+        if self.training:
+            torch.empty(1 << 46, dtype=torch.uint8, device="cuda")  # 64 TiB
+        return super().loss(ids, labels, reduction)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_memory_reports_request_and_free_memory(tmp_path):
+    t = tiny_trainer(tmp_path, model=CudaHog(), device="cuda", seq_len=32, batch=4)
+    with pytest.raises(TrainingOutOfMemoryError) as e:
+        t.run()
+    msg = str(e.value)
+    assert "tried to allocate 65536.00 GiB" in msg and "GiB free of" in msg
+    assert "--batch 2 --grad-accum 2" in msg and "--seq-len" not in msg  # seq_len 32: already small
+
+
+@pytest.mark.cuda
+def test_safetensors_model_trains_on_cuda(tmp_path, botchan_text):
+    hf = tmp_path / "tiny-hf"
+    write_tiny_hf_llama(hf, botchan_text[:30000])
+    text = tmp_path / "t.txt"
+    text.write_text(botchan_text[30000:40000])
+    cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="lora",
+                      rank=8, steps=8, seq_len=64, batch=2, lr=1e-2, device="cuda", eval_tokens=256)
+    t = Trainer(cfg, log=lambda s: None)
+    result = t.run()
+    assert t.model.gradient_checkpointing and t.model.dtype == torch.bfloat16
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]

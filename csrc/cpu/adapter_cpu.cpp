@@ -3,6 +3,7 @@
 // into a small fp32 panel and accumulates row panels of C with axpy over k; the B operand is
 // gathered once, pooled, as [Kc, J] so the inner loop runs over contiguous j.
 #include <algorithm>
+#include <functional>
 #include <stdexcept>
 #include <vector>
 
@@ -43,13 +44,18 @@ struct CpuBackend {
   void gemm(int64_t I, int64_t J, int64_t Kc, const Operand& a, const Operand& b, const Epilogue& e,
             void* save_a) {
     if (I == 0 || J == 0) return;
+    // Small products run on the calling thread: starting threads would cost more than they save.
+    const bool small = I * J * Kc < (int64_t{1} << 20);
+    auto run = [&](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+      if (small) body(0, n); else parallel_for(n, grain, body);
+    };
     // B operand as bt[k * J + j]: contiguous over j for the axpy below.
     std::vector<float> bt(Kc * J);
-    parallel_for(Kc, 64, [&](int64_t k0, int64_t k1) {
+    run(Kc, 64, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)
         for (int64_t j = 0; j < J; ++j) bt[k * J + j] = operand(b, j, k);
     });
-    parallel_for(I, kRows, [&](int64_t i0, int64_t i1) {
+    run(I, kRows, [&](int64_t i0, int64_t i1) {
       std::vector<float> ap(kRows * Kc), acc(kRows * J);
       for (int64_t ib = i0; ib < i1; ib += kRows) {
         const int64_t rows = std::min(kRows, i1 - ib);
@@ -78,6 +84,17 @@ struct CpuBackend {
           }
       }
     });
+  }
+
+  void expand_add(int64_t I, int64_t J, const float* src, int64_t src_ld, const Epilogue& e) {
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t j = 0; j < J; ++j) {
+        const float v = e.alpha * src[i * src_ld + j];
+        for (int64_t t = 0; t < e.repeat; ++t) {
+          const int64_t idx = i * e.ld + j * e.repeat + t;
+          store(e.p, e.dtype, idx, load(e.p, e.dtype, idx) + v);
+        }
+      }
   }
 };
 

@@ -100,6 +100,14 @@ void quantize_row_q5_1(const float* x, void* vy, int64_t k) {
   }
 }
 
+// C's roundf (nearest, halves away from zero) to int, exactly and without a libm call or a
+// branch: v - trunc(v) is exact in float, so comparing it with 0.5 decides the tie rule.
+static inline int round_half_away(float v) {
+  const float t = std::trunc(v);
+  const int away = std::fabs(v - t) >= 0.5f;
+  return (int)t + (v < 0 ? -away : away);
+}
+
 void quantize_row_q8_0(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q8_0*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
@@ -108,7 +116,7 @@ void quantize_row_q8_0(const float* x, void* vy, int64_t k) {
     const float d = amax / 127.0f;
     const float id = d ? 1.0f / d : 0.0f;
     y[i].d = fp32_to_fp16(d);
-    for (int j = 0; j < QK; ++j) y[i].qs[j] = (int8_t)std::roundf(x[j] * id);
+    for (int j = 0; j < QK; ++j) y[i].qs[j] = (int8_t)round_half_away(x[j] * id);
   }
 }
 

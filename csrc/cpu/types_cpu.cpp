@@ -1,5 +1,7 @@
 // Type table, quantize and dequantize entry points (CPU).
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -8,6 +10,7 @@
 #include "../block_math.h"
 #include "../kernels.h"
 #include "../quantize.h"
+#include "dequant_block.h"
 #include "parallel.h"
 
 namespace lowtune {
@@ -31,7 +34,16 @@ int num_threads() {
   return hc ? (int)hc : 1;
 }
 
-using RowQuantizer = void (*)(const float*, void*, int64_t);
+// The scale of a block with a NaN or inf has no meaning: refuse such rows.
+static bool all_finite(const float* x, int64_t k) {
+  uint32_t bad = 0;  // branch-free, so the loop vectorizes
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
 
 static void check_k(int qtype, int64_t k) {
   const BlockInfo b = block_info(qtype);
@@ -63,7 +75,12 @@ void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k) {
   }
   uint8_t* out = static_cast<uint8_t*>(blocks);
   parallel_for(n, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) row(w + r * k, out + r * row_bytes);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!all_finite(w + r * k, k))
+        throw std::invalid_argument("w contains NaN or inf (row " + std::to_string(r) +
+                                    "); quantization needs finite weights");
+      row(w + r * k, out + r * row_bytes);
+    }
   });
 }
 
@@ -76,7 +93,7 @@ static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k,
     parallel_for(n * nb, 64, [&](int64_t i0, int64_t i1) {
       float tmp[QK_K];
       for (int64_t i = i0; i < i1; ++i) {
-        Tr::dequant(base + i, tmp);
+        dequant_block<T>(base + i, tmp);
         store(i * Tr::kElems, tmp, Tr::kElems);
       }
     });

@@ -53,12 +53,92 @@ __device__ __forceinline__ float from_ct(float v) { return v; }
 __device__ __forceinline__ float from_ct(__half v) { return __half2float(v); }
 __device__ __forceinline__ float from_ct(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Gathers the ROWS x BK operand tile starting at (i0, k0) into s (row stride LDS), zero-padded
-// past the edges. Consecutive threads walk the source's contiguous axis, so loads coalesce.
+// 16 bytes of a source as floats: 8 fp16/bf16 values or 4 fp32 values.
+__device__ __forceinline__ void load16(const uint16_t* p, int dt, float* f) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+  for (int t = 0; t < 4; ++t) {
+    const uint16_t lo = (uint16_t)(w[t] & 0xFFFFu), hi = (uint16_t)(w[t] >> 16);
+    f[2 * t] = dt == D_F16 ? fp16_to_fp32(lo) : bf16_to_fp32(lo);
+    f[2 * t + 1] = dt == D_F16 ? fp16_to_fp32(hi) : bf16_to_fp32(hi);
+  }
+}
+__device__ __forceinline__ void load16(const float* p, int, float* f) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  f[0] = q.x; f[1] = q.y; f[2] = q.z; f[3] = q.w;
+}
+
+// Whether an operand can be read in 16-byte vectors: aligned rows, and a pooling width that
+// either fits whole into one vector or spans whole vectors.
+__device__ __forceinline__ bool vector_ok(const Operand& o) {
+  const int64_t v = o.dtype == D_F32 ? 4 : 8;
+  return reinterpret_cast<uintptr_t>(o.p) % 16 == 0 && o.ld % v == 0 &&
+         (o.pool % v == 0 || v % o.pool == 0);
+}
+
+// The vector path of load_tile for a tile that lies wholly inside the operand. A task reads
+// nvec consecutive vectors along the source's contiguous axis and yields npv pooled values
+// (npv = V/pool when a vector holds several pools, else 1 from pool/V vectors).
+template <class CT, int LDS, bool KC, class Src>
+__device__ __forceinline__ void load_tile_vec(CT* s, const Operand& o, int64_t i0, int64_t k0,
+                                              void* save, int64_t save_ld) {
+  constexpr int V = 16 / sizeof(Src);
+  constexpr int INNER = KC ? BK : 64, OUTER = KC ? 64 : BK;  // contiguous / other extent
+  const int pool = (int)o.pool;
+  const int npv = pool >= V ? 1 : V / pool, nvec = pool >= V ? pool / V : 1;
+  const int per_line = INNER / npv;
+  const Src* src = static_cast<const Src*>(o.p);
+  for (int task = threadIdx.x; task < OUTER * per_line; task += THREADS) {
+    const int outer = task / per_line, inner0 = (task % per_line) * npv;
+    const int64_t base = KC ? (i0 + outer) * o.ld + (k0 + inner0) * pool
+                            : (k0 + outer) * o.ld + (i0 + inner0) * pool;
+    float f[V];
+    if (nvec == 1) {  // pool divides V (both powers of two): pairwise sums, f[u] = pool u
+      load16(src + base, o.dtype, f);
+#pragma unroll
+      for (int w = 2; w <= V; w *= 2)
+        if (pool >= w) {
+#pragma unroll
+          for (int t = 0; t < V / w; ++t) f[t] = f[2 * t] + f[2 * t + 1];
+        }
+    } else {
+      float sum = 0.0f;
+      for (int v = 0; v < nvec; ++v) {
+        float g[V];
+        load16(src + base + (int64_t)v * V, o.dtype, g);
+#pragma unroll
+        for (int t = 0; t < V; ++t) sum += g[t];
+      }
+      f[0] = sum;
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      if (u >= npv) break;
+      const CT c = to_ct<CT>(f[u] * o.ps);
+      const int ii = KC ? outer : inner0 + u, kk = KC ? inner0 + u : outer;
+      s[ii * LDS + kk] = c;
+      if (save) st_act(save, o.dtype, (i0 + ii) * save_ld + k0 + kk, from_ct(c));
+    }
+  }
+}
+
+// Gathers the 64 x BK operand tile starting at (i0, k0) into s (row stride LDS), zero-padded
+// past the edges (rows >= I, k >= Kc). Consecutive threads walk the source's contiguous axis,
+// so loads coalesce; whole tiles of aligned operands load 16 bytes at a time.
 template <class CT, int LDS>
-__device__ __forceinline__ void load_tile(CT* s, const Operand& o, int64_t i0, int64_t k0, int64_t I,
-                                          int64_t Kc, void* save, int64_t save_ld) {
+__device__ __forceinline__ void load_tile(CT* s, const Operand& o, bool vec, int64_t i0, int64_t k0,
+                                          int64_t I, int64_t Kc, void* save, int64_t save_ld) {
   constexpr int ROWS = 64;
+  if (vec && i0 + ROWS <= I && k0 + BK <= Kc) {
+    if (o.dtype == D_F32) {
+      if (o.k_contig) load_tile_vec<CT, LDS, true, float>(s, o, i0, k0, save, save_ld);
+      else load_tile_vec<CT, LDS, false, float>(s, o, i0, k0, save, save_ld);
+    } else {
+      if (o.k_contig) load_tile_vec<CT, LDS, true, uint16_t>(s, o, i0, k0, save, save_ld);
+      else load_tile_vec<CT, LDS, false, uint16_t>(s, o, i0, k0, save, save_ld);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < ROWS * BK; e += THREADS) {
     const int ii = o.k_contig ? e / BK : e % ROWS;
     const int kk = o.k_contig ? e % BK : e / ROWS;
@@ -90,6 +170,7 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
   const int64_t kt1 = std::min(kt0 + tiles_per_split, k_tiles);
   void* save = (save_a != nullptr && blockIdx.y == 0) ? save_a : nullptr;
   const int tid = threadIdx.x;
+  const bool a_vec = vector_ok(a), b_vec = vector_ok(b);
 
   if constexpr (kWmma) {
     using namespace nvcuda;
@@ -99,8 +180,8 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
       for (int y = 0; y < 2; ++y) wmma::fill_fragment(acc[x][y], 0.0f);
     for (int64_t kt = kt0; kt < kt1; ++kt) {
       __syncthreads();
-      load_tile<CT, LDS>(As, a, i0, kt * BK, I, Kc, save, Kc);
-      load_tile<CT, LDS>(Bs, b, j0, kt * BK, J, Kc, nullptr, 0);
+      load_tile<CT, LDS>(As, a, a_vec, i0, kt * BK, I, Kc, save, Kc);
+      load_tile<CT, LDS>(Bs, b, b_vec, j0, kt * BK, J, Kc, nullptr, 0);
       __syncthreads();
       for (int ks = 0; ks < BK / 16; ++ks) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, CT, wmma::row_major> fa[2];
@@ -125,8 +206,8 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
       for (int y = 0; y < 4; ++y) acc[x][y] = 0.0f;
     for (int64_t kt = kt0; kt < kt1; ++kt) {
       __syncthreads();
-      load_tile<CT, LDS>(As, a, i0, kt * BK, I, Kc, save, Kc);
-      load_tile<CT, LDS>(Bs, b, j0, kt * BK, J, Kc, nullptr, 0);
+      load_tile<CT, LDS>(As, a, a_vec, i0, kt * BK, I, Kc, save, Kc);
+      load_tile<CT, LDS>(Bs, b, b_vec, j0, kt * BK, J, Kc, nullptr, 0);
       __syncthreads();
       for (int kk = 0; kk < BK; ++kk) {
         float av[8], bv[4];
@@ -143,6 +224,27 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
 
   // Epilogue over output elements, consecutive threads on consecutive output columns.
   const int rep = (int)ep.repeat, row_elems = BN * rep;
+  if (!atomic && ep.accumulate && ep.dtype != D_F32 && i0 + BM <= I && j0 + BN <= J &&
+      ep.ld % 8 == 0 && reinterpret_cast<uintptr_t>(ep.p) % 16 == 0) {
+    // Whole tile accumulating into 16-bit activations: 8 outputs (16 bytes) per access.
+    uint16_t* out = static_cast<uint16_t*>(ep.p);
+    for (int e = tid; e < BM * row_elems / 8; e += THREADS) {
+      const int ii = e / (row_elems / 8), c0 = (e % (row_elems / 8)) * 8;
+      uint16_t* p = out + (i0 + ii) * ep.ld + j0 * rep + c0;
+      float f[8];
+      load16(p, ep.dtype, f);
+      uint16_t h[8];
+      for (int t = 0; t < 8; ++t) {
+        const float v = f[t] + ep.alpha * Cs[ii * LDC + (c0 + t) / rep];
+        h[t] = ep.dtype == D_F16 ? fp32_to_fp16(v) : fp32_to_bf16(v);
+      }
+      uint4 q;
+      q.x = h[0] | ((uint32_t)h[1] << 16); q.y = h[2] | ((uint32_t)h[3] << 16);
+      q.z = h[4] | ((uint32_t)h[5] << 16); q.w = h[6] | ((uint32_t)h[7] << 16);
+      *reinterpret_cast<uint4*>(p) = q;
+    }
+    return;
+  }
   for (int e = tid; e < BM * row_elems; e += THREADS) {
     const int ii = e / row_elems, c = e % row_elems, jj = c / rep;
     const int64_t i = i0 + ii, j = j0 + jj;
@@ -155,6 +257,41 @@ pooled_gemm_kernel(int64_t I, int64_t J, int64_t Kc, Operand a, Operand b, Epilo
   }
 }
 
+// out[i * ld + c] += alpha * src[i * src_ld + c / repeat] for c < J * repeat: one output
+// element per thread (grid-stride), consecutive threads on consecutive outputs. Idx is int when
+// the output is small enough, so the index arithmetic stays 32-bit.
+template <class Idx>
+__global__ void expand_add_kernel(Idx I, Idx J, const float* src, Idx src_ld, Epilogue ep) {
+  const Idx rep = (Idx)ep.repeat, width = J * rep, total = I * width;
+  for (Idx e = blockIdx.x * (Idx)blockDim.x + threadIdx.x; e < total; e += (Idx)gridDim.x * blockDim.x) {
+    const Idx i = e / width, c = e % width;
+    const int64_t idx = (int64_t)i * ep.ld + c;
+    st_act(ep.p, ep.dtype, idx, ld_act(ep.p, ep.dtype, idx) + ep.alpha * src[(int64_t)i * src_ld + c / rep]);
+  }
+}
+
+// How a product is cut: output tiles, and (for a long reduction into a small fp32 output) how
+// many CTAs share each tile's reduction, adding into the zeroed output with atomics.
+struct GemmPlan {
+  int64_t tiles_i, tiles_j, splits, tiles_per_split;
+  bool zero_first;  // the output must be zeroed before the launch
+};
+
+GemmPlan plan_gemm(int64_t I, int64_t J, int64_t Kc, const Epilogue& e, int sms) {
+  GemmPlan p{(I + BM - 1) / BM, (J + BN - 1) / BN, 1, 1, false};
+  const int64_t k_tiles = (Kc + BK - 1) / BK;
+  const bool splittable = e.dtype == D_F32 && !e.accumulate && e.repeat == 1;
+  if (splittable && k_tiles >= 8) {
+    const int64_t want = (4LL * sms + p.tiles_i * p.tiles_j - 1) / (p.tiles_i * p.tiles_j);
+    p.splits = std::max<int64_t>(1, std::min(want, k_tiles / 4));
+  }
+  p.tiles_per_split = std::max<int64_t>(1, (k_tiles + p.splits - 1) / p.splits);
+  p.splits = std::max<int64_t>(1, (k_tiles + p.tiles_per_split - 1) / p.tiles_per_split);
+  p.zero_first = splittable && (p.splits > 1 || Kc == 0);
+  return p;
+}
+
+// ---- host side -------------------------------------------------------------------------------
 int sm_count() {
   static int cached[64] = {0};
   int dev = 0;
@@ -172,27 +309,29 @@ struct CudaBackend {
   void gemm(int64_t I, int64_t J, int64_t Kc, const Operand& a, const Operand& b, const Epilogue& e,
             void* save_a) {
     if (I == 0 || J == 0) return;
-    const int64_t k_tiles = (Kc + BK - 1) / BK;
-    const int64_t tiles = ((I + BM - 1) / BM) * ((J + BN - 1) / BN);
-    // A long reduction into a small fp32 output: split it so that every SM has work.
-    int64_t splits = 1;
-    const bool splittable = e.dtype == D_F32 && !e.accumulate && e.repeat == 1;
-    if (splittable && k_tiles >= 8) {
-      const int64_t want = (4LL * sms + tiles - 1) / tiles;
-      splits = std::max<int64_t>(1, std::min(want, k_tiles / 4));
-    }
-    const int64_t per = splits > 1 ? (k_tiles + splits - 1) / splits : std::max<int64_t>(k_tiles, 1);
-    splits = splits > 1 ? (k_tiles + per - 1) / per : 1;
-    if (splittable && (Kc == 0 || splits > 1))
+    const GemmPlan p = plan_gemm(I, J, Kc, e, sms);
+    if (p.zero_first)
       LT_CUDA_CHECK(cudaMemset2DAsync(e.p, e.ld * sizeof(float), 0, J * sizeof(float), I, stream));
     if (Kc == 0) return;  // an empty reduction: zeros stored, nothing to accumulate
-    const dim3 grid((unsigned)((I + BM - 1) / BM), (unsigned)((J + BN - 1) / BN), (unsigned)splits);
-    const bool atomic = splits > 1;
+    const dim3 grid((unsigned)p.tiles_i, (unsigned)p.tiles_j, (unsigned)p.splits);
+    const int64_t per = p.tiles_per_split;
+    const bool atomic = p.splits > 1;
     switch (dtype) {
       case D_F32: pooled_gemm_kernel<float><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
       case D_F16: pooled_gemm_kernel<__half><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
       default: pooled_gemm_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(I, J, Kc, a, b, e, save_a, per, atomic); break;
     }
+    LT_CUDA_CHECK_LAUNCH();
+  }
+
+  void expand_add(int64_t I, int64_t J, const float* src, int64_t src_ld, const Epilogue& e) {
+    const int64_t total = I * J * e.repeat;
+    if (total == 0) return;
+    const int64_t blocks = std::min<int64_t>((total + 255) / 256, 32LL * sms);
+    if (total < (int64_t{1} << 31) && I * src_ld < (int64_t{1} << 31))
+      expand_add_kernel<int><<<(unsigned)blocks, 256, 0, stream>>>((int)I, (int)J, src, (int)src_ld, e);
+    else
+      expand_add_kernel<int64_t><<<(unsigned)blocks, 256, 0, stream>>>(I, J, src, src_ld, e);
     LT_CUDA_CHECK_LAUNCH();
   }
 };

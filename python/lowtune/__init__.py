@@ -24,5 +24,16 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+_LAZY = {"finetune": "trainer", "resume": "trainer", "TrainConfig": "trainer", "Trainer": "trainer"}
+
+
+def __getattr__(name: str):
+    # The training API imports on first use, so `import lowtune` stays light.
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lowtune' has no attribute {name!r}")
+
+
 __all__ = ["FORMATS", "Format", "QTensor", "build_info", "dequantize", "get_format", "qmatmul",
            "qmatmul_input_grad", "quantize"]

@@ -16,6 +16,7 @@ may be any float dtype; the kernels read them as fp32 and the gradients come bac
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,8 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
     dev = dy2.device
     dA = torch.zeros(A32.shape, dtype=torch.float32, device=dev)
     dB = torch.zeros(B32.shape, dtype=torch.float32, device=dev) if geom.has_b else None
-    du = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
+    # scratch: du [m, rank], or (single matrix) the input gradient before expansion [m, k/p]
+    du = torch.empty((m, geom.rank if geom.has_b else k // pool), dtype=torch.float32, device=dev)
     args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
     ptrs = (dy2.data_ptr(), ACT_DTYPES[dy2.dtype], xs.data_ptr(), 1, A32.data_ptr(), _ptr(B32),
             _ptr(u), _ptr(dx), dA.data_ptr(), _ptr(dB), _ptr(du))
@@ -254,12 +256,17 @@ def adapter_accumulate(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
     return y2.reshape(y.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _built_with_cuda() -> bool:
+    return bool(_C.build_info()["cuda"])
+
+
 def kernels_support(x: torch.Tensor) -> bool:
     """Whether the compiled kernels can run on x (dtype and device)."""
     if x.dtype not in ACT_DTYPES:
         return False
     if x.device.type == "cuda":
-        return bool(_C.build_info()["cuda"])
+        return _built_with_cuda()
     return x.device.type == "cpu"
 
 

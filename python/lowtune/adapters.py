@@ -52,7 +52,7 @@ import os
 import random
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -271,12 +271,14 @@ class AdaptedLinear(nn.Module):
         y = self.base(x).to(x.dtype).contiguous()
         return adapter_ops.adapter_accumulate(y, x, A, B, geom, xa)
 
-    def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None) -> torch.Tensor:
+    def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None,
+                          matrices: tuple | None = None) -> torch.Tensor:
         """adapter(x) in plain torch ops, the PEFT way: pool, A, B, repeat_interleave, scale.
-        pooled=True: x is already the pooled adapter input [..., K/p]."""
+        pooled=True: x is already the pooled adapter input [..., K/p]. matrices: (A, B) (or
+        (M, None)) to use instead of the module's own, e.g. float64 copies for gradcheck."""
         g = self.geometry(rank)
         xa = x if pooled else pool_inputs(x, g.pool)
-        A, B = self._matrices()
+        A, B = self._matrices() if matrices is None else matrices
         if g.has_b:
             A, B = A[:g.rank], B[:, :g.rank]
             if g.grad_from > 0:  # DyLoRA's frozen mode: older slices take part but do not learn
@@ -634,9 +636,12 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model_or_adapters, directory, base_hash: str | None = None) -> Path:
     """Write adapter.safetensors and adapter_config.json (method, rank, alpha, targets,
     pooling, base model hash, per-module shapes) into `directory`; each file goes to a
-    temporary name first and is renamed. Returns the directory."""
+    temporary name first and is renamed. base_hash defaults to what a model knows of itself
+    (the hash of the GGUF it was loaded from). Returns the directory."""
     from safetensors.torch import save_file
 
+    if base_hash is None and isinstance(model_or_adapters, nn.Module):
+        base_hash = _model_base_hash(model_or_adapters)
     ads = adapters_of(model_or_adapters)
     if not ads:
         raise ValueError("no adapters to save")

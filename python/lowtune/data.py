@@ -47,7 +47,9 @@ class Tokenizer(Protocol):
     eos_id: int
     bos_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    add_bos: bool  # the model expects BOS at the start of a sequence
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str: ...
 
@@ -139,6 +141,11 @@ def _read_text(path: Path, strict: bool) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text` alone: data.py places BOS and EOS itself."""
+    return list(tokenizer.encode(text, add_bos=False, add_eos=False))
+
+
 def _add_bos(tokenizer) -> bool:
     return bool(getattr(tokenizer, "add_bos", False)) and getattr(tokenizer, "bos_id", None) is not None
 
@@ -151,7 +158,7 @@ def tokenize_stream(text: str, tokenizer: Tokenizer, piece_chars: int = 1 << 20)
     while start < len(text):
         end = len(text) if len(text) - start <= piece_chars else text.find("\n\n", start + piece_chars)
         end = len(text) if end < 0 else end + 2
-        ids.extend(tokenizer.encode(text[start:end]))
+        ids.extend(encode(tokenizer, text[start:end]))
         start = end
     return ids
 
@@ -273,7 +280,7 @@ def encode_segments(segments: Iterable[tuple[str, bool]], tokenizer: Tokenizer, 
         ids.append(tokenizer.bos_id)
         mask.append(False)
     for text, is_response in segments:
-        t = tokenizer.encode(text)
+        t = encode(tokenizer, text)
         ids += t
         mask += [is_response or train_on_prompt] * len(t)
     if eos:
@@ -359,7 +366,7 @@ def _load_records(path: Path, tokenizer, seq_len: int, train_on_prompt: bool, ev
         if txts:
             stream: list[int] = []
             for t in txts:
-                stream += tokenizer.encode(t) + [tokenizer.eos_id]
+                stream += encode(tokenizer, t) + [tokenizer.eos_id]
             dest += pack(stream, seq_len, bos_id)
     return Dataset(train_ex, eval_ex, stats)
 

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
                    help="comma-separated linears to adapt, e.g. attn_q,attn_v (default: all)")
+    p.add_argument("--layers", type=parse_layers,
+                   help="decoder layers that get adapters, e.g. 20-29 or 0,2,4 (default: all); "
+                   "training only the last layers skips the backward pass through the others")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
@@ -42,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out evaluation interval in steps (default: 5 per run; 0 = only "
                    "before and after)")
     p.add_argument("--eval-fraction", type=float, help="held-out share of the data (default 0.1)")
+    p.add_argument("--eval-tokens", type=int,
+                   help="evaluate on the first N held-out tokens only (default: all of them)")
     p.add_argument("--save-every", type=int, help="checkpoint interval (default: --eval-every)")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     p.add_argument("--seed", type=int, help="seed for initialisation, dropout and data order (default 42)")
@@ -50,18 +55,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram", help="GPU memory budget, e.g. 6GB: layers beyond it stream "
                    "from host memory")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"],
+                   help="recompute each layer in the backward pass instead of keeping its "
+                   "activations (default: on for CUDA, off on CPU)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
                    help="take loss on prompts too (instruction and chat data)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest checkpoint")
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its own "
+                   "settings; these may change: " + ", ".join(
+                       "--" + k.replace("_", "-") for k in RESUME_OVERRIDES))
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
+
+
+def parse_layers(text: str) -> list[int]:
+    """'20-29' / '0,2,4' / '0-3,8' -> sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; write them like 20-29 or 0,2,4") from None
+    return sorted(out)
+
+
+DESCRIPTION = """Fine-tune adapters on a quantized model (a GGUF file, or a Hugging Face safetensors
+directory quantized on load), keeping the base weights packed. The run directory gets
+config.json, metrics.jsonl, loss.png, checkpoints/ and the adapter.
+
+examples:
+  lowtune finetune model.gguf --data book.txt --method qahira --steps 200 -o runs/book
+  lowtune finetune model.gguf --data alpaca.jsonl --method lora --rank 16 --epochs 1 -o runs/a
+  lowtune finetune --resume runs/a          # continue a killed run where it stopped
+"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="fine-tune adapters on a quantized model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -74,6 +108,8 @@ def _given(args: argparse.Namespace) -> dict:
         if v is None or k in ("func", "resume", "command", "cmd"):
             continue
         k = _FIELDS.get(k, k)
+        if k == "gradient_checkpointing":
+            v = v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out
@@ -116,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowtune finetune", description=__doc__,
+    p = argparse.ArgumentParser(prog="lowtune finetune", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -180,9 +180,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,16 +196,16 @@ def rope_inv_freq(config: LlamaConfig, freq_factors: torch.Tensor | None = None)
     return inv
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head.
 
     GGUF's converter permutes q/k rows so that ggml's "NORM" rope (adjacent pairs) equals the
-    original model's rope; using GGUF rows as they are, we rotate adjacent pairs too.
-    x [B, H, T, hd]; cos, sin [T, rope_dim/2] fp32. Computed in fp32, returned in x's dtype."""
-    d = cos.shape[-1] * 2
-    xr = x[..., :d].float().unflatten(-1, (-1, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+    original model's rope; using GGUF rows as they are, we rotate adjacent pairs too. A pair is
+    one complex number, and rotating it by angle a is multiplying by e^{ia}.
+    x [B, H, T, hd]; rot [T, rope_dim/2] complex64 (e^{i·pos·freq}). Returned in x's dtype."""
+    d = rot.shape[-1] * 2
+    pairs = torch.view_as_complex(x[..., :d].float().unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
@@ -251,8 +249,8 @@ class DecoderLayer(nn.Module):
         for name in LINEAR_NAMES:
             setattr(self, name, QLinear(w[p + name + ".weight"], p + name + ".weight"))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
         """x [B, T, D] at positions start..start+T -> [B, T, D]."""
         c = self.config
         b, t, _ = x.shape
@@ -260,7 +258,7 @@ class DecoderLayer(nn.Module):
         q = self.attn_q(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
         k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         if cache is not None:
             k, v = cache.update(self.index, start, k, v)
         attn = attention(q, k, v, start)
@@ -299,7 +297,8 @@ class LlamaModel(nn.Module):
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight") if out is not None else None
         factors = weights.get("rope_freqs.weight")
-        self.register_buffer("rope_inv_freq", rope_inv_freq(config, factors), persistent=False)
+        # float64 on the CPU, not a buffer, so that model.to(dtype) cannot round it
+        self.rope_inv_freq = rope_inv_freq(config, factors)
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
         self.metadata: dict = {}             # the GGUF metadata, when loaded from a file
@@ -346,11 +345,11 @@ class LlamaModel(nn.Module):
             return self.output(h)
         return ops.qmatmul(h.contiguous(), self.tok_embd.weight)
 
-    def rope_tables(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, rope_dim/2] fp32 for positions start..start+T."""
-        pos = torch.arange(start, start + t, dtype=torch.float64, device=self.rope_inv_freq.device)
+    def rope_rotation(self, start: int, t: int) -> torch.Tensor:
+        """[T, rope_dim/2] complex64 e^{i·pos·freq} for positions start..start+T."""
+        pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[:, None] * self.rope_inv_freq[None, :]
-        return ang.cos().float(), ang.sin().float()
+        return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """ids [B, T] -> final normed hidden states [B, T, D] in the activation dtype.
@@ -359,15 +358,14 @@ class LlamaModel(nn.Module):
             raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
-        cos, sin = self.rope_tables(start, t)
-        cos, sin = cos.to(self.device), sin.to(self.device)
+        rot = self.rope_rotation(start, t).to(self.device)
         x = self.tok_embd(ids.to(self.device))
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if recompute:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, rot, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, start)
+                x = layer(x, rot, cache, start)
         if cache is not None:
             cache.length = start + t
         return self.output_norm(x)

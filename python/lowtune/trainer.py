@@ -34,6 +34,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,7 @@ from . import checkpoint as ckpt
 from .data import (Dataset, collate, count_targets, load_dataset, micro_batch_indices,
                    micro_batches_per_epoch)
 
+_OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 METHODS = ("lora", "qalora", "qbara", "qahira", "dylora")
 SCHEDULES = ("cosine", "constant")
 
@@ -73,7 +75,8 @@ class TrainConfig:
     alpha: float | None = None      # adapter scale numerator; method default
     dropout: float = 0.0
     targets: list[str] | None = None  # which linears get adapters; adapters' default (all)
-    steps: int | None = None        # optimizer steps; default: `epochs` epochs
+    layers: list[int] | None = None   # which decoder layers get adapters; None = all
+    steps: int | None = None        # optimizer steps (wins over epochs); default: `epochs` epochs
     epochs: float | None = None     # used when steps is None (default 1)
     seq_len: int = 512
     batch: int = 4
@@ -85,6 +88,7 @@ class TrainConfig:
     clip: float = 1.0               # max gradient norm; 0 = no clipping
     eval_every: int | None = None   # steps; default: 5 evaluations per run; 0 = only before/after
     eval_fraction: float = 0.1      # held-out share of the data
+    eval_tokens: int | None = None  # evaluate on the first N held-out tokens only (None = all)
     save_every: int | None = None   # checkpoint interval in steps; default: eval_every
     keep_checkpoints: int = 2
     seed: int = 42
@@ -110,8 +114,6 @@ class TrainConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.out:
@@ -194,7 +196,7 @@ class _LinePrinter:
     def __init__(self, total: int, stream=sys.stderr):
         self.total, self.stream, self.last = total, stream, 0.0
 
-    def update(self, step: int, **fields) -> None:
+    def update(self, step: int, tokens: int = 0, **fields) -> None:
         now = time.monotonic()
         if step < self.total and now - self.last < 2.0 and step != 1:
             return
@@ -206,57 +208,133 @@ class _LinePrinter:
         pass
 
 
-def _progress(total: int):
+class _Bar:
+    """lowtune.progress.Progress driven by absolute step numbers."""
+
+    def __init__(self, total: int, start: int):
+        from .progress import Progress
+        self.bar = Progress(total=total, desc="finetune", unit="step")
+        self.bar.n = start
+
+    def update(self, step: int, tokens: int = 0, **fields) -> None:
+        self.bar.update(step - self.bar.n, tokens=tokens, **fields)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(total: int, start: int):
     try:
-        from .progress import ProgressBar  # the model helper's bar
-        return ProgressBar(total, desc="finetune")
-    except Exception:  # noqa: BLE001 - any problem there falls back to plain lines
+        return _Bar(total, start)
+    except ImportError:
         return _LinePrinter(total)
 
 
 # ---------------------------------------------------------------------------------------------
 
+def default_qtype(shape: tuple[int, ...]) -> str:
+    """The type a safetensors weight gets without --type: Q4_K where its rows are whole 256-wide
+    super-blocks, else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly)."""
+    return "Q4_K" if shape[-1] % 256 == 0 else "Q4_1"
+
+
+def _load_safetensors_dir(path: Path, qtype: str | None):
+    """A Hugging Face Llama directory as a GGUF-like object (lowtune.safetensors_io), every
+    matrix quantized: to `qtype` (with llama-quantize's fallbacks), or per default_qtype."""
+    from . import ops
+    from .safetensors_io import load_hf_checkpoint
+    if qtype is not None:
+        return load_hf_checkpoint(path, qtype=qtype)
+    src = load_hf_checkpoint(path, qtype=None)
+    for name, t in list(src.tensors.items()):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and name != "rope_freqs.weight":
+            src.tensors[name] = ops.quantize(t, default_qtype(tuple(t.shape)))
+    return type(src)(Path(src.path), src.metadata, src.metadata_types, src.tensors)
+
+
+def _model_from_source(src, device: torch.device, dtype: torch.dtype):
+    """LlamaModel from a GGUF-like object (metadata, tensor_infos, qtensor(name)), as
+    LlamaModel.from_gguf builds it from a file."""
+    from . import ops
+    from .model import LlamaConfig, LlamaModel
+    md = dict(src.metadata)
+    weights = {}
+    for name in src.tensor_infos:
+        qt = src.qtensor(name)
+        if name.endswith("_norm.weight") or name == "rope_freqs.weight":
+            weights[name] = ops.dequantize(qt, torch.float32).reshape(-1).to(device)
+        else:
+            weights[name] = qt.to(device)
+    model = LlamaModel(LlamaConfig.from_gguf_metadata(md), weights, dtype)
+    model.metadata = md
+    model.tensor_types = {n: src.qtensor(n).type for n in src.tensor_infos}
+    return model
+
+
 def load_model(cfg: TrainConfig, device: torch.device):
     """(model, tokenizer) for cfg.model: a GGUF file, or a safetensors directory quantized on
-    load to cfg.qtype."""
-    from . import model as model_mod
+    load (cfg.qtype, default per default_qtype). Activations are bf16 on a GPU, fp32 on a CPU."""
+    from .model import LlamaModel
+    from .tokenizer import load_tokenizer
     path = Path(cfg.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or a Hugging Face "
                                 "safetensors directory is expected)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = {}
-    if cfg.max_vram is not None:
-        kwargs["max_vram"] = cfg.max_vram
     if path.is_dir():
-        model = model_mod.LlamaModel.from_hf(path, device=device, dtype=dtype, qtype=cfg.qtype, **kwargs)
+        model = _model_from_source(_load_safetensors_dir(path, cfg.qtype), device, dtype)
     else:
-        model = model_mod.LlamaModel.from_gguf(path, device, dtype, **kwargs)
-    from .tokenizer import load_tokenizer
+        if cfg.qtype is not None:
+            raise ValueError("--type applies to safetensors models; a GGUF file is trained in its "
+                             "own quantization (re-quantize it with `lowtune quantize` first)")
+        model = LlamaModel.from_gguf(path, device, dtype)
+    if cfg.max_vram is not None:
+        if hasattr(model, "set_max_vram"):
+            model.set_max_vram(cfg.max_vram)  # layer streaming (lowtune.streaming)
+        else:
+            warnings.warn("--max-vram has no effect yet: this build has no layer streaming; the "
+                          "whole model stays on the device", stacklevel=2)
     tokenizer = getattr(model, "tokenizer", None) or load_tokenizer(model.metadata)
     return model, tokenizer
 
 
 def apply_adapters(model, cfg: TrainConfig) -> dict:
-    """Wrap the model's linears with cfg.method adapters; returns the resolved adapter config."""
+    """Wrap the model's linears with cfg.method adapters and freeze everything else; returns the
+    resolved adapter config."""
     from . import adapters
-    kw = dict(method=cfg.method, dropout=cfg.dropout)
+    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed)
     if cfg.rank is not None:
         kw["rank"] = cfg.rank
     if cfg.alpha is not None:
         kw["alpha"] = cfg.alpha
     if cfg.targets is not None:
-        kw["targets"] = list(cfg.targets)
+        kw["targets"] = tuple(cfg.targets)
+    if cfg.layers is not None:
+        kw["layers"] = tuple(cfg.layers)
     acfg = adapters.AdapterConfig(**kw)
     adapters.apply_adapters(model, acfg)
-    return dataclasses.asdict(acfg) if dataclasses.is_dataclass(acfg) else dict(kw)
+    adapters.mark_only_adapters_trainable(model)
+    return acfg.to_dict()
 
 
 def default_save_adapter(model, run_dir: Path) -> Path:
+    """adapter/ (adapter.safetensors + adapter_config.json, lowtune.adapters' format), tied to
+    the base model file by its hash."""
     from . import adapters
-    path = run_dir / "adapter.safetensors"
-    adapters.save_adapter(model, path)
-    return path
+    source = getattr(model, "gguf_path", None)
+    digest = adapters.base_hash(source) if source and Path(source).is_file() else None
+    return adapters.save_adapter(model, run_dir / "adapter", base_hash=digest)
+
+
+def dylora_controller(model, optimizer, seed: int):
+    """The QDyLoRA rank sampler when the model has QDyLoRA adapters, else None."""
+    try:
+        from . import adapters
+    except ImportError:
+        return None
+    if not any(getattr(a, "method", None) == "qdylora" for a in adapters.adapters_of(model).values()):
+        return None
+    return adapters.DyLoRAController(model, optimizer, seed=seed)
 
 
 class Trainer:
@@ -290,6 +368,9 @@ class Trainer:
             cfg.extra["adapter"] = apply_adapters(self.model, cfg)
         else:
             self.model.to(self.device)
+            if self.tokenizer is None and getattr(self.model, "metadata", None):
+                from .tokenizer import load_tokenizer
+                self.tokenizer = load_tokenizer(self.model.metadata)
         if hasattr(self.model, "gradient_checkpointing"):
             gc = cfg.gradient_checkpointing
             self.model.gradient_checkpointing = (self.device.type == "cuda") if gc is None else gc
@@ -304,6 +385,11 @@ class Trainer:
             self.dataset = load_dataset(cfg.data, self.tokenizer, cfg.seq_len,
                                         train_on_prompt=cfg.train_on_prompt,
                                         eval_fraction=cfg.eval_fraction, strict=cfg.strict)
+        if cfg.eval_tokens is not None:
+            ds = self.dataset
+            self.dataset = Dataset(ds.train, first_tokens(ds.eval, cfg.eval_tokens), ds.stats)
+        self.dataset.stats.train_tokens = sum(len(e) for e in self.dataset.train)
+        self.dataset.stats.eval_tokens = sum(len(e) for e in self.dataset.eval)
         self.pad_id = int(getattr(self.tokenizer, "eos_id", 0) or 0) if self.tokenizer else 0
         self._resolve()
 
@@ -355,7 +441,8 @@ class Trainer:
         batches = [self._batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         total = sum(count_targets(labels) for _, labels in batches)
         loss_sum, tokens = 0.0, 0
-        _begin_step(self.model, step)
+        if self.dylora is not None:
+            self.dylora.sample()  # one rank b for every layer, for this step
         for k, (ids, labels) in enumerate(batches):
             tokens += int(ids.numel())
             if count_targets(labels) == 0:
@@ -437,6 +524,7 @@ class Trainer:
             "data": {"micro_batch": step * self.cfg.grad_accum, "epoch": epoch,
                      "seed": self.cfg.seed, "n_train": len(self.dataset.train)},
             "elapsed_s": elapsed, "tokens": tokens,
+            "dylora_rng": list(self.dylora.rng.getstate()) if self.dylora is not None else None,
         }
 
     def _restore(self, state: dict) -> tuple[int, float, int]:
@@ -455,6 +543,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
+        if self.dylora is not None and state.get("dylora_rng") is not None:
+            v, internal, gauss = state["dylora_rng"]
+            self.dylora.rng.setstate((v, tuple(internal), gauss))
         return int(state["step"]), float(state["elapsed_s"]), int(state["tokens"])
 
     def _save(self, step: int, elapsed: float, tokens: int) -> None:
@@ -466,8 +557,8 @@ class Trainer:
 
     def run(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
+        self._setup()  # model and data first: a mistake there leaves no empty run directory
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._setup()
         ckpt.atomic_write_json(self.run_dir / "config.json", _config_json(cfg))
 
         params = [p for _, p in self.params]
@@ -476,8 +567,14 @@ class Trainer:
         total, warmup, schedule = cfg.steps, cfg.warmup, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
+        self.dylora = dylora_controller(self.model, self.optimizer, cfg.seed)
 
         step, elapsed, tokens = 0, 0.0, 0
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not resume:
+            raise TrainingError(
+                f"{self.run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
+                f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
         found = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
         if found is not None:
             self.last_checkpoint, state = found
@@ -499,7 +596,7 @@ class Trainer:
             ev = self._run_eval(0)
             rows += [ev] if ev else []
 
-        bar = _progress(total)
+        bar = _progress(total, step)
         t_start = time.perf_counter() - elapsed
         try:
             while step < total:
@@ -517,9 +614,8 @@ class Trainer:
                     row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
                 self._append_metrics(row)
                 rows.append(row)
-                bar.update(step, loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
-                           tok_s=f"{row['tokens_per_s']:.0f}",
-                           **({"mem": f"{row['gpu_mem_gb']:.2f}GB"} if "gpu_mem_gb" in row else {}))
+                bar.update(step, tokens=out["tokens"], loss=round(out["loss"], 4),
+                           lr=f"{out['lr']:.2e}")
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                     ev = self._run_eval(step)
                     rows += [ev] if ev else []
@@ -530,6 +626,8 @@ class Trainer:
         return self._finish(rows, time.perf_counter() - t_start, step)
 
     def _run_eval(self, step: int) -> dict | None:
+        if self.dylora is not None:
+            self.dylora.set_rank(self.dylora.r_max)  # held-out loss at the full rank
         ev = self._guard_oom(lambda _: self.evaluate(), step)
         if ev is None:
             return None
@@ -539,10 +637,26 @@ class Trainer:
                  f"({ev['eval_tokens']} tokens, {ev['eval_s']:.1f} s)")
         return row
 
+    def _choose_dylora_rank(self) -> dict:
+        """QDyLoRA: held-out loss at ranks 1, 2, 4, ..., r_max; the best one is kept (and saved
+        with the adapter)."""
+        r_max = self.dylora.r_max
+        ranks = sorted({1 << i for i in range(r_max.bit_length()) if 1 << i <= r_max} | {r_max})
+        losses = {}
+        for b in ranks:
+            self.dylora.set_rank(b)
+            losses[b] = self._guard_oom(lambda _: self.evaluate(), self.cfg.steps)["eval_loss"]
+        best = min(losses, key=losses.get)
+        self.dylora.set_rank(best)
+        self.log("QDyLoRA held-out loss by rank: " + ", ".join(f"{b}: {v:.4f}" for b, v in losses.items())
+                 + f"; keeping rank {best}")
+        return {"dylora_eval_loss_by_rank": {str(b): v for b, v in losses.items()},
+                "dylora_rank": best}
+
     def _guard_oom(self, fn, step: int):
         try:
             return fn(step)
-        except torch.OutOfMemoryError as e:
+        except _OOM_ERRORS as e:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingOutOfMemoryError(oom_message(e, self.cfg, self.device, step)) from None
 
@@ -550,13 +664,16 @@ class Trainer:
         evals = [r for r in rows if "eval_loss" in r]
         before = next((r for r in evals if r["step"] == 0), None)
         after = evals[-1] if evals and evals[-1]["step"] == step and step > 0 else None
+        extra = {}
+        if self.dylora is not None and self.dataset.eval:
+            extra = self._choose_dylora_rank()
         adapter_path = self.save_adapter(self.model, self.run_dir)
         note = plot_losses(rows, self.run_dir / "loss.png", title=f"{self.cfg.method}")
         if note:
             self.log(note)
         summary = {"steps": step, "wall_s": round(wall, 2), "method": self.cfg.method,
                    "adapter": str(adapter_path) if adapter_path else None,
-                   "eval_before": before, "eval_after": after}
+                   "eval_before": before, "eval_after": after, **extra}
         ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
         if before and after:
             change = 100.0 * (after["eval_ppl"] / before["eval_ppl"] - 1.0)
@@ -566,19 +683,17 @@ class Trainer:
         return TrainResult(self.run_dir, step, before, after, wall, adapter_path)
 
 
-def _begin_step(model, step: int) -> None:
-    """Per-step hooks of adapter modules (DyLoRA samples its rank here)."""
-    hook = getattr(model, "begin_step", None)
-    if callable(hook):
-        hook(step)
-        return
-    try:
-        from . import adapters
-    except ImportError:
-        return
-    fn = getattr(adapters, "begin_step", None)
-    if callable(fn):
-        fn(model, step)
+def first_tokens(examples: list, n: int) -> list:
+    """The leading examples holding at most n tokens in all (the last one cut to fit)."""
+    out, left = [], n
+    for e in examples:
+        if left < 2:
+            break
+        if len(e) > left:
+            e = type(e)(e.input_ids[:left], e.labels[:left])
+        out.append(e)
+        left -= len(e)
+    return out
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -621,6 +736,8 @@ def oom_message(err: BaseException, cfg: TrainConfig, device: torch.device, step
     if cfg.batch > 1:
         halves.append(f"--batch {cfg.batch // 2} --grad-accum {cfg.grad_accum * 2} (same "
                       "effective batch)")
+    if cfg.gradient_checkpointing is False:
+        halves.append("--gradient-checkpointing on")
     halves.append("--max-vram with a budget below the card's memory (layers then stream from "
                   "host memory)")
     return (f"out of {device.type.upper()} memory at step {step + 1}: tried to allocate {asked} with "
@@ -690,3 +807,9 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> None:
             raise ValueError(f"{k} cannot change when resuming (it would change the data or the "
                              f"model); allowed: {', '.join(RESUME_OVERRIDES)}")
         setattr(cfg, k, v)
+
+
+def add_parser(subparsers):
+    """`lowtune finetune` (registered by cli.py; the arguments live in finetune_cli.py)."""
+    from .finetune_cli import add_parser as add
+    return add(subparsers)

@@ -1,0 +1,646 @@
+"""Adapters (lowtune.adapters) and their fused kernels (lowtune.adapter_ops).
+
+The fused path is held to the plain torch reference (reference_adapter) and both to float64
+autograd on the dequantized base; every method's update is checked against the papers' formulas
+(research seeds) as a dense ΔW and as a standard LoRA pair.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowtune
+from lowtune import adapter_ops, ops
+from lowtune.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHODS, AdaptedLinear, AdapterConfig,
+                              DyLoRAController, adapter_parameters, adapters_of, apply_adapters,
+                              base_hash, load_adapter, mark_only_adapters_trainable, quant_group,
+                              remove_adapters, save_adapter, set_rank)
+from lowtune.formats import get_format
+
+
+# fp16 fields (scale d, min m) of each block, by byte offset: random bytes elsewhere give valid
+# blocks of every type without needing that type's quantizer.
+_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_qtensor(qtype: str, n: int, k: int, seed: int = 0) -> lowtune.QTensor:
+    fmt = get_format(qtype)
+    rng = np.random.default_rng(seed)
+    if not fmt.quantized:
+        return ops.quantize(torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)) * 0.1, fmt)
+    raw = rng.integers(0, 256, size=(n, k // fmt.block_elems, fmt.block_bytes), dtype=np.uint8)
+    fields = _FP16_FIELDS.get(fmt.name, (0, 2))  # INTb-gG: d, m
+    for j, off in enumerate(fields):
+        vals = (rng.uniform(0.002, 0.01, raw.shape[:2]) * (1 if j == 0 else -4)).astype(np.float16)
+        raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return lowtune.QTensor.from_raw(raw.reshape(n, -1), fmt, (n, k))
+
+
+class QLinear(nn.Module):
+    """The minimal quantized linear adapters wrap: a QTensor weight and qmatmul."""
+
+    def __init__(self, qt):
+        super().__init__()
+        self.weight = qt
+
+    def forward(self, x):
+        return ops.qmatmul(x, self.weight)
+
+
+class BiasedQLinear(QLinear):
+    """A base whose forward is not plain qmatmul: the adapter must not fuse into it."""
+
+    def __init__(self, qt):
+        super().__init__(qt)
+        self.bias = nn.Parameter(torch.randn(qt.shape[0]) * 0.1, requires_grad=False)
+
+    def forward(self, x):
+        return ops.qmatmul(x, self.weight) + self.bias.to(x.dtype)
+
+
+def make_adapter(method, qtype="Q4_1", n=96, k=256, rank=4, alpha=8.0, device="cpu", seed=0,
+                 base_cls=QLinear, **kw) -> AdaptedLinear:
+    """An adapter with random (non-zero) weights, so that every path carries signal."""
+    qt = random_qtensor(qtype, n, k, seed).to(device)
+    cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, **kw)
+    ad = AdaptedLinear(base_cls(qt), cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return ad
+
+
+def grads_of(ad, x, dy, fused=True, rank=None):
+    """(y, dx, [param grads]) of base + adapter, via the fused path or the torch reference."""
+    x = x.detach().clone().requires_grad_(True)
+    ad.zero_grad(set_to_none=True)
+    y = ad(x) if fused else ad.base(x) + ad.reference_adapter(x, rank=rank)
+    y.backward(dy)
+    return y.detach(), x.grad, [p.grad.clone() for p in ad.parameters(recurse=False)]
+
+
+def truth64(ad, x, dy):
+    """The same quantities in float64 autograd on the dequantized base (on the CPU)."""
+    w = ad.base.weight.to("cpu").dequantize(torch.float32).double()
+    x64 = x.detach().to("cpu").double().requires_grad_(True)
+    mats = [None if t is None else t.detach().to("cpu").double().requires_grad_(True)
+            for t in ad._matrices()]
+    y = x64 @ w.t() + ad.reference_adapter(x64, matrices=tuple(mats))
+    y.backward(dy.to("cpu").double())
+    if getattr(ad.base, "bias", None) is not None:
+        y = y + ad.base.bias.double()
+    return y.detach(), x64.grad, [m.grad for m in mats if m is not None]
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().to("cpu").double(), b.detach().to("cpu").double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+METHOD_BASES = [("lora", "Q4_K"), ("qa-lora", "Q4_1"), ("qa-lora", "Q4_K"), ("qa-lora", "Q2_K"),
+                ("q-bara", "Q6_K"), ("q-bara", "INT3-g128"), ("qa-hira", "Q4_1"), ("qa-hira", "Q5_K"),
+                ("qa-hira", "INT4-g64"), ("qdylora", "Q8_0")]
+
+
+# ---- fused kernels against the torch reference and float64 ---------------------------------------
+@pytest.mark.parametrize("method,qtype", METHOD_BASES)
+def test_fused_matches_reference_fp32(method, qtype):
+    ad = make_adapter(method, qtype, n=96, k=256)
+    if method == "qdylora":
+        ad.set_rank(3)
+    x = torch.randn(2, 19, 256)
+    dy = torch.randn(2, 19, 96)
+    fused, ref, t64 = grads_of(ad, x, dy), grads_of(ad, x, dy, fused=False), truth64(ad, x, dy)
+    for got, want, truth in zip([fused[0], fused[1], *fused[2]], [ref[0], ref[1], *ref[2]],
+                                [t64[0], t64[1], *t64[2]]):
+        assert rel_err(got, want) < 2e-5
+        assert rel_err(got, truth) < 2e-5
+    # the adapter's share of dx is really there (not just the base's)
+    base_dx = ops.qmatmul_input_grad(dy, ad.base.weight)
+    assert rel_err(fused[1], base_dx) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_16bit_close_to_float64(method, dtype):
+    ad = make_adapter(method, "Q4_K", n=64, k=256)
+    x, dy = torch.randn(33, 256).to(dtype), torch.randn(33, 64).to(dtype)
+    fused, t64 = grads_of(ad, x, dy), truth64(ad, x, dy)
+    assert fused[0].dtype == dtype and fused[1].dtype == dtype
+    for got, truth in zip([fused[0], fused[1], *fused[2]], [t64[0], t64[1], *t64[2]]):
+        assert rel_err(got, truth) < 2e-2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_reference_float64(method):
+    """torch.autograd.gradcheck on base (dequantized, float64) + the reference adapter."""
+    ad = make_adapter(method, "Q4_1", n=8, k=64, rank=2)
+    if method == "qdylora":
+        ad.set_rank(1)
+    w = ad.base.weight.dequantize().double()
+    mats = tuple(t.detach().double().requires_grad_(True) for t in ad._matrices() if t is not None)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *m):
+        m = m if len(m) == 2 else (m[0], None)
+        return x @ w.t() + ad.reference_adapter(x, matrices=m)
+    assert torch.autograd.gradcheck(f, (x, *mats))
+
+
+def test_non_fusable_base_accumulates_in_place():
+    ad = make_adapter("q-bara", "Q4_1", n=64, k=128, base_cls=BiasedQLinear)
+    assert not lowtune.adapters._fusable(ad.base)
+    x, dy = torch.randn(7, 128), torch.randn(7, 64)
+    fused, t64 = grads_of(ad, x, dy), truth64(ad, x, dy)
+    for got, truth in zip([fused[0], fused[1], *fused[2]], [t64[0], t64[1], *t64[2]]):
+        assert rel_err(got, truth) < 2e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "qa-lora", "q-bara"])
+def test_dropout_fused_equals_reference(method):
+    ad = make_adapter(method, "Q4_1", n=64, k=128, dropout=0.3)
+    ref = make_adapter(method, "Q4_1", n=64, k=128, dropout=0.3, fused=False)
+    ref.load_state_dict(ad.state_dict())
+    x, dy = torch.randn(5, 128), torch.randn(5, 64)
+    torch.manual_seed(7)
+    y1, dx1, g1 = grads_of(ad, x, dy)
+    torch.manual_seed(7)
+    y2, dx2, g2 = grads_of(ref, x, dy)
+    for a, b in zip([y1, dx1, *g1], [y2, dx2, *g2]):
+        assert rel_err(a, b) < 2e-5
+    ad.eval()  # no dropout in eval: equals the reference without dropout
+    assert rel_err(ad(x), ad.base(x) + ad.reference_adapter(x)) < 2e-5
+
+
+def test_bad_inputs_are_value_errors():
+    ad = make_adapter("lora", "Q4_1", n=64, k=128)
+    A, B = ad.lora_A, ad.lora_B
+    geom = ad.geometry()
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        adapter_ops.adapted_qmatmul(torch.randn(3, 64), ad.base.weight, A, B, geom)
+    with pytest.raises(ValueError, match=r"float32, float16 or bfloat16"):
+        adapter_ops.adapted_qmatmul(torch.randn(3, 128, dtype=torch.float64), ad.base.weight, A, B, geom)
+    with pytest.raises(ValueError, match=r"B must have shape"):
+        adapter_ops.adapted_qmatmul(torch.randn(3, 128), ad.base.weight, A, B[:, :2].t(), geom)
+    with pytest.raises(ValueError, match=r"pool=3 must divide"):
+        adapter_ops.AdapterGeometry(128, 64, pool=3)
+    with pytest.raises(ValueError, match="no QTensor"):
+        AdaptedLinear(nn.Linear(4, 4), AdapterConfig())
+    with pytest.raises(ValueError, match="unknown adapter method"):
+        AdapterConfig(method="ia3")
+
+
+# ---- each method's update: ΔW, the LoRA pair, the papers' formulas ------------------------------
+def paper_delta(ad: AdaptedLinear, b=None) -> torch.Tensor:
+    """ΔW [N, K] written from the formulas in the research notes, independent of as_lora()."""
+    c, n, k = ad.config, ad.out_features, ad.in_features
+    o, i = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    if ad.method == "lora":
+        return c.alpha / c.rank * (ad.lora_B @ ad.lora_A).detach()
+    if ad.method == "qa-lora":  # y += B A pool_G(x) α/r
+        g = ad.group
+        return (c.alpha / c.rank * (ad.lora_B @ ad.lora_A).detach() / g)[o, i // g]
+    if ad.method == "q-bara":  # ΔW[o,i] = (α/r)/p · (BA)[o//p, i//p]
+        p = c.pool
+        return (c.alpha / c.rank / p * (ad.lora_B @ ad.lora_A).detach())[o // p, i // p]
+    if ad.method == "qa-hira":  # ΔW[o,i] = (α/r)/G · M[o, i//G]
+        g = ad.group
+        return (c.alpha / c.rank / g * ad.hira_M.detach())[o, i // g]
+    return c.alpha / b * (ad.lora_B[:, :b] @ ad.lora_A[:b]).detach()  # qdylora
+
+
+@pytest.mark.parametrize("method,qtype,n,k,rank,want_rank", [
+    ("lora", "Q4_0", 64, 128, 4, 4), ("qa-lora", "Q4_K", 64, 256, 4, 4),
+    ("q-bara", "Q4_1", 64, 128, 4, 8), ("qa-hira", "Q4_1", 64, 128, 4, 4),
+    ("qa-hira", "Q4_1", 2, 128, 4, 2), ("qdylora", "Q4_1", 64, 128, 6, 5)])
+def test_delta_weight_and_as_lora(method, qtype, n, k, rank, want_rank):
+    ad = make_adapter(method, qtype, n=n, k=k, rank=rank)
+    b = None
+    if method == "qdylora":
+        b = 5
+        ad.set_rank(b)
+    x = torch.randn(9, k, dtype=torch.float64)
+    effect = ad.reference_adapter(x.float()).double()
+    fused_effect = (ad(x.float()) - ad.base(x.float())).double()
+    dw = ad.delta_weight().double()
+    a2, b2 = ad.as_lora()
+    assert a2.shape == (want_rank, k) and b2.shape == (n, want_rank)
+    assert rel_err(dw, paper_delta(ad, b).double()) < 1e-6
+    assert rel_err(effect, x @ dw.t()) < 1e-5
+    assert rel_err(fused_effect, x @ dw.t()) < 1e-4
+    assert rel_err((x @ a2.double().t()) @ b2.double().t(), x @ dw.t()) < 1e-5
+
+
+def test_group_methods_are_constant_per_block():
+    for method in ("qa-lora", "qa-hira"):
+        ad = make_adapter(method, "Q4_K", n=16, k=256)
+        dw = ad.delta_weight()
+        g = quant_group(get_format("Q4_K"))
+        blocks = dw.unflatten(1, (-1, g))
+        assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))
+        assert torch.allclose(ad.block_offsets(), blocks[..., 0])
+    with pytest.raises(ValueError, match="not constant per quantization group"):
+        make_adapter("lora").block_offsets()
+
+
+def test_quant_groups_and_misaligned_pooling_refused():
+    assert [quant_group(get_format(t)) for t in
+            ("Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "INT3-g128", "INT2-g64")] \
+        == [32, 32, 32, 32, 16, 16, 32, 32, 16, 128, 64]
+    assert quant_group(get_format("F16")) is None
+    q41 = random_qtensor("Q4_1", 32, 192)
+    with pytest.raises(ValueError, match="exactly the base's quantization group"):
+        AdaptedLinear(QLinear(q41), AdapterConfig(method="qa-hira", group=64))
+    with pytest.raises(ValueError, match="does not align"):
+        AdaptedLinear(QLinear(q41), AdapterConfig(method="qa-lora", group=48))
+    with pytest.raises(ValueError, match="does not divide"):
+        AdaptedLinear(QLinear(q41), AdapterConfig(method="qa-lora", group=128))
+    assert AdaptedLinear(QLinear(q41), AdapterConfig(method="qa-lora", group=64)).group == 64
+    f16 = random_qtensor("F16", 32, 192)
+    for method in ("qa-lora", "qa-hira"):
+        with pytest.raises(ValueError, match="has none; pass group="):
+            AdaptedLinear(QLinear(f16), AdapterConfig(method=method))
+    assert AdaptedLinear(QLinear(f16), AdapterConfig(method="qa-hira", group=48)).group == 48
+    with pytest.raises(ValueError, match="Q-BaRA pools by p=3"):
+        AdaptedLinear(QLinear(random_qtensor("Q4_1", 32, 128)), AdapterConfig(method="q-bara", pool=3))
+
+
+def test_init_scaling_and_parameter_counts():
+    n, k, r, alpha = 96, 256, 8, 16.0
+    qt = random_qtensor("Q4_K", n, k)
+    x = torch.randn(4, k)
+    made = {m: AdaptedLinear(QLinear(qt), AdapterConfig(method=m, rank=r, alpha=alpha)) for m in METHODS}
+    for m, ad in made.items():  # the adapter is zero at step 0
+        assert torch.equal(ad(x), ad.base(x)), m
+    lora, qalora, qbara, qahira, dy = (made[m] for m in METHODS)
+    assert lora.num_adapter_parameters == r * (k + n) == qbara.num_adapter_parameters
+    assert qalora.num_adapter_parameters == r * (k // 32 + n)
+    assert qahira.num_adapter_parameters == n * k // 32 and torch.all(qahira.hira_M == 0)
+    assert lora.lora_A.abs().max() <= 1 / math.sqrt(k) and lora.lora_A.abs().max() > 0.9 / math.sqrt(k)
+    assert qbara.lora_A.shape == (2 * r, k // 2) and qbara.lora_A.abs().max() <= 1 / math.sqrt(k // 2)
+    xavier = math.sqrt(6 / (k // 32 + r))
+    assert 0.8 * xavier < qalora.lora_A.abs().max() <= xavier
+    assert [ad.scale() for ad in (lora, qalora, qbara, qahira)] == [alpha / r] * 4
+    dy.set_rank(3)
+    assert dy.scale() == alpha / 3
+    rs = AdaptedLinear(QLinear(qt), AdapterConfig(method="lora", rank=r, alpha=alpha, rslora=True))
+    assert rs.scale() == alpha / math.sqrt(r)
+    with pytest.raises(ValueError, match="QA-HiRA has no rank"):
+        AdapterConfig(method="qa-hira", rslora=True)
+    kai = AdaptedLinear(QLinear(qt), AdapterConfig(method="qa-hira", hira_init="kaiming"))
+    assert kai.hira_M.abs().max() > 0
+
+
+# ---- QDyLoRA -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("update", ["all", "slice"])
+def test_dylora_gradients_reach_the_right_slices(update):
+    ad = make_adapter("qdylora", "Q4_1", n=64, k=128, rank=6, dylora_update=update)
+    ad.set_rank(4)
+    x, dy = torch.randn(5, 128), torch.randn(5, 64)
+    _, _, (gA, gB) = grads_of(ad, x, dy)
+    _, _, (rA, rB) = grads_of(ad, x, dy, fused=False)
+    assert rel_err(gA, rA) < 2e-5 and rel_err(gB, rB) < 2e-5
+    first = 3 if update == "slice" else 0
+    assert torch.all(gA[:first] == 0) and torch.all(gA[4:] == 0) and torch.all(gA[first:4].abs().sum(1) > 0)
+    assert torch.all(gB[:, :first] == 0) and torch.all(gB[:, 4:] == 0)
+    # the forward uses every slice up to b whatever the update rule
+    b4 = (ad.lora_B[:, :4] @ ad.lora_A[:4]).detach() * ad.config.alpha / 4
+    assert rel_err(ad(x) - ad.base(x), x @ b4.t()) < 1e-5
+
+
+def test_dylora_controller_keeps_frozen_slices_still():
+    model = TinyModel(n_layers=1, seed=3)
+    ads = apply_adapters(model, AdapterConfig(method="qdylora", rank=6, dylora_update="slice",
+                                              targets=("attn_q", "ffn_up")))
+    with torch.no_grad():
+        for p in adapter_parameters(ads):
+            p.normal_()
+    opt = torch.optim.AdamW(adapter_parameters(ads), lr=1e-2, weight_decay=0.1)
+    ctl = DyLoRAController(model, opt, seed=1)
+    ids = torch.randint(0, 256, (1, 16))
+    seen = set()
+    for _ in range(6):
+        b = ctl.sample()
+        seen.add(b)
+        before = [(p.detach().clone()) for p in adapter_parameters(ads)]
+        model.loss(ids).backward()
+        opt.step()
+        opt.zero_grad()
+        for ad in ads.values():
+            assert ad.rank_in_use == b
+        for p0, p in zip(before, adapter_parameters(ads)):
+            if p.shape[0] == 6:  # lora_A [r, K]: only row b-1 moved
+                rows_moved = (p0 != p).any(1)
+                assert rows_moved.nonzero().flatten().tolist() == [b - 1]
+            else:  # lora_B [N, r]
+                cols_moved = (p0 != p).any(0)
+                assert cols_moved.nonzero().flatten().tolist() == [b - 1]
+    assert len(seen) > 1 and all(1 <= b <= 6 for b in seen)
+    for b in range(1, 7):  # any rank is evaluable afterwards
+        set_rank(model, b)
+        assert torch.isfinite(model.loss(ids))
+    with pytest.raises(ValueError, match="rank must be in 1..6"):
+        set_rank(model, 7)
+
+
+# ---- models: apply, train, save, load ------------------------------------------------------------
+class TinyLayer(nn.Module):
+    def __init__(self, d, f, rng):
+        super().__init__()
+        shapes = {"attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d), "attn_output": (d, d),
+                  "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+        for name, (n, k) in shapes.items():
+            w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)) / math.sqrt(k)
+            setattr(self, name, QLinear(ops.quantize(w, "Q4_1")))
+
+    def forward(self, h):
+        x = nn.functional.rms_norm(h, h.shape[-1:])
+        q, k, v = self.attn_q(x), self.attn_k(x), self.attn_v(x)
+        h = h + self.attn_output(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        x = nn.functional.rms_norm(h, h.shape[-1:])
+        return h + self.ffn_down(nn.functional.silu(self.ffn_gate(x)) * self.ffn_up(x))
+
+
+class TinyModel(nn.Module):
+    """A small Llama-shaped model over bytes whose linears are quantized (Q4_1)."""
+
+    def __init__(self, n_layers=2, d=64, f=128, seed=0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.embed = nn.Parameter(torch.from_numpy(rng.standard_normal((256, d)).astype(np.float32)) * 0.5)
+        self.layers = nn.ModuleList(TinyLayer(d, f, rng) for _ in range(n_layers))
+
+    def forward(self, ids):
+        h = self.embed[ids]
+        for layer in self.layers:
+            h = layer(h)
+        return nn.functional.rms_norm(h, h.shape[-1:]) @ self.embed.t()
+
+    def loss(self, ids):
+        logits = self(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+
+
+def botchan_ids(text: str, n: int) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")[1000:1000 + n]), dtype=torch.long)[None]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_a_tiny_model(method, botchan_text):
+    torch.manual_seed(0)
+    model = TinyModel()
+    cfg = AdapterConfig(method=method, rank=8, alpha=16 if method != "qa-hira" else 64, seed=1)
+    ads = apply_adapters(model, cfg)
+    assert len(ads) == 14 and all(isinstance(model.get_submodule(n), AdaptedLinear) for n in ads)
+    params = mark_only_adapters_trainable(model)
+    assert not model.embed.requires_grad
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctl = DyLoRAController(model, opt) if method == "qdylora" else None
+    ids = botchan_ids(botchan_text, 64)
+    with torch.no_grad():
+        first = model.loss(ids).item()
+    for _ in range(25):
+        if ctl:
+            ctl.sample()
+        loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if ctl:
+        ctl.set_rank(8)
+    with torch.no_grad():
+        last = model.loss(ids).item()
+    assert last < 0.8 * first, (first, last)
+
+
+def test_apply_selects_layers_and_targets_and_removes():
+    model = TinyModel(n_layers=3)
+    ads = apply_adapters(model, AdapterConfig(targets=("attn_v", "ffn_down"), layers=(0, 2)))
+    assert sorted(ads) == ["layers.0.attn_v", "layers.0.ffn_down", "layers.2.attn_v", "layers.2.ffn_down"]
+    with pytest.raises(ValueError, match="already has adapters"):
+        apply_adapters(model, AdapterConfig())
+    remove_adapters(model)
+    assert adapters_of(model) == {} and isinstance(model.layers[0].attn_v, QLinear)
+    with pytest.raises(ValueError, match="no quantized linears named"):
+        apply_adapters(model, AdapterConfig(targets=("wq",)))
+
+
+def write_tiny_gguf(path, seed=0, change=False):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    rng = np.random.default_rng(seed)
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        t = rng.standard_normal((8, 32)).astype(np.float32)
+        if change and name.startswith("blk"):
+            t[0, 0] += 1
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_base_hash_is_stable_and_sensitive(tmp_path):
+    a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    write_tiny_gguf(a)
+    write_tiny_gguf(b)
+    write_tiny_gguf(c, change=True)
+    assert base_hash(a) == base_hash(b) == base_hash(str(a))
+    assert base_hash(a) != base_hash(c)
+    from safetensors.torch import save_file
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "s1.safetensors"))
+    save_file({"w": torch.ones(4, 4) * 2}, str(tmp_path / "s2.safetensors"))
+    h1, h2 = base_hash(tmp_path / "s1.safetensors"), base_hash(tmp_path / "s2.safetensors")
+    assert h1 != h2 and len(h1) == 64
+    (tmp_path / "junk.bin").write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="neither a GGUF nor a safetensors"):
+        base_hash(tmp_path / "junk.bin")
+
+
+def test_smollm2_base_hash(smollm2_path):
+    assert base_hash(smollm2_path) == base_hash(smollm2_path)
+
+
+@pytest.mark.parametrize("method", ["q-bara", "qa-hira", "qdylora"])
+def test_save_and_load_roundtrip(method, tmp_path):
+    model = TinyModel(seed=5)
+    ads = apply_adapters(model, AdapterConfig(method=method, rank=4, targets=("attn_q", "ffn_up")))
+    with torch.no_grad():
+        for p in adapter_parameters(ads):
+            p.normal_()
+    if method == "qdylora":
+        set_rank(model, 3)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        want = model(ids)
+    out = save_adapter(model, tmp_path / "ad", base_hash="abc123")
+    assert sorted(p.name for p in out.iterdir()) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    meta = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert meta["method"] == method and meta["base_hash"] == "abc123" and meta["rank"] == 4
+    assert meta["targets"] == ["attn_q", "ffn_up"] and len(meta["modules"]) == 4
+
+    other = TinyModel(seed=5)
+    with pytest.raises(ValueError, match="was trained on base abc123"):
+        load_adapter(other, out, base_hash="def456")
+    assert adapters_of(other) == {}  # a refused load leaves the model as it was
+    with pytest.raises(ValueError, match="cannot tell which base"):
+        load_adapter(other, out)
+    load_adapter(other, out, base_hash="abc123")
+    with torch.no_grad():
+        assert torch.equal(other(ids), want)
+    remove_adapters(other)
+    load_adapter(other, out, ignore_base_hash=True)
+    other.base_hash = "abc123"
+    remove_adapters(other)
+    load_adapter(other, out)
+    with torch.no_grad():
+        assert torch.equal(other(ids), want)
+
+
+def test_model_file_hash_is_recorded_and_checked(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_tiny_gguf(a)
+    write_tiny_gguf(b, change=True)
+    model = TinyModel(n_layers=1)
+    model.gguf_path = str(a)
+    apply_adapters(model, AdapterConfig(targets=("attn_q",)))
+    save_adapter(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())["base_hash"] == base_hash(a)
+    same, other = TinyModel(n_layers=1), TinyModel(n_layers=1)
+    same.gguf_path, other.gguf_path = str(a), str(b)
+    assert len(load_adapter(same, tmp_path / "ad")) == 1
+    with pytest.raises(ValueError, match="was trained on base"):
+        load_adapter(other, tmp_path / "ad")
+
+
+def test_load_refuses_a_different_architecture(tmp_path):
+    model = TinyModel(n_layers=2)
+    apply_adapters(model, AdapterConfig())
+    save_adapter(model, tmp_path, base_hash="h")
+    small = TinyModel(n_layers=1)
+    with pytest.raises(ValueError, match="do not match the adapter's"):
+        load_adapter(small, tmp_path, base_hash="h")
+    assert adapters_of(small) == {}
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+CUDA_SHAPES = [(300, 512, 160), (7, 256, 64), (1030, 1024, 96)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("method,qtype", METHOD_BASES)
+def test_cuda_fused_close_to_float64(method, qtype, dtype):
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for m, k, n in CUDA_SHAPES:
+        ad = make_adapter(method, qtype, n=n, k=k, device="cuda")
+        if method == "qdylora":
+            ad.set_rank(3)
+        x, dy = torch.randn(m, k), torch.randn(m, n)
+        fused = grads_of(ad, x.to("cuda", dtype), dy.to("cuda", dtype))
+        t64 = truth64(ad, x.to(dtype), dy.to(dtype))
+        for got, truth in zip([fused[0], fused[1], *fused[2]], [t64[0], t64[1], *t64[2]]):
+            assert got.device.type == "cuda"
+            assert rel_err(got, truth) < tol, (m, k, n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu_kernels(method):
+    ad = make_adapter(method, "Q4_K", n=192, k=512)
+    x, dy = torch.randn(3, 100, 512), torch.randn(3, 100, 192)
+    cpu = grads_of(ad, x, dy)
+    ad.to("cuda")
+    ad.base.weight = ad.base.weight.to("cuda")
+    gpu = grads_of(ad, x.cuda(), dy.cuda())
+    for a, b in zip([gpu[0], gpu[1], *gpu[2]], [cpu[0], cpu[1], *cpu[2]]):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_model_trains():
+    torch.manual_seed(0)
+    model = TinyModel(n_layers=1)
+    for layer in model.layers:
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            getattr(layer, name).weight = getattr(layer, name).weight.to("cuda")
+    model.embed.data = model.embed.data.cuda()
+    ads = apply_adapters(model, AdapterConfig(method="q-bara", rank=8))
+    opt = torch.optim.AdamW(mark_only_adapters_trainable(model), lr=1e-2)
+    ids = torch.tensor([list(range(40, 104))], device="cuda")
+    first = model.loss(ids).item()
+    for _ in range(20):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.loss(ids).item() < 0.8 * first
+    assert all(p.device.type == "cuda" for p in adapter_parameters(ads))
+
+
+# ---- the real model (slow) -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_tail(smollm2_path, botchan_text):
+    """SmolLM2-135M with a 32-token Botchan sequence, and the hidden state entering its last
+    two layers (computed once: adapters go only on those layers, so the rest never changes)."""
+    from lowtune.model import LlamaModel
+    from lowtune.tokenizer import load_tokenizer
+    model = LlamaModel.from_gguf(smollm2_path)
+    tok = load_tokenizer(model.metadata)
+    ids = torch.tensor([tok.encode(botchan_text[20000:22000], add_bos=False)[:32]])
+    first = model.config.n_layers - 2
+    rot = model.rope_rotation(0, ids.shape[1])
+    with torch.no_grad():
+        x = model.tok_embd(ids)
+        for layer in model.layers[:first]:
+            x = layer(x, rot)
+        base_loss = model.loss(ids).item()
+    return model, ids, first, rot, x, base_loss
+
+
+def tail_loss(model, ids, first, rot, x):
+    """model.loss(ids) computed from the cached input of layer `first` onwards."""
+    from lowtune.model import chunked_cross_entropy
+    for layer in model.layers[first:]:
+        x = layer(x, rot)
+    h = model.output_norm(x)[:, :-1].reshape(-1, x.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    return chunked_cross_entropy(h, targets, model, 1024) / targets.numel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_smollm2(method, smollm2_tail):
+    model, ids, first, rot, x, base_loss = smollm2_tail
+    cfg = AdapterConfig(method=method, rank=8, alpha=16, layers=tuple(range(first, model.config.n_layers)))
+    ads = apply_adapters(model, cfg)
+    try:
+        assert len(ads) == 14
+        opt = torch.optim.AdamW(mark_only_adapters_trainable(model), lr=5e-3)
+        ctl = DyLoRAController(model, opt) if method == "qdylora" else None
+        with torch.no_grad():
+            assert tail_loss(model, ids, first, rot, x).item() == pytest.approx(base_loss, rel=1e-5)
+        for _ in range(8):
+            if ctl:
+                ctl.sample()
+            loss = tail_loss(model, ids, first, rot, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if ctl:
+            ctl.set_rank(8)
+        with torch.no_grad():  # through the model's own API
+            trained = model.loss(ids).item()
+        assert trained < 0.9 * base_loss, (base_loss, trained)
+    finally:
+        remove_adapters(model)

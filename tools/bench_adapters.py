@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""One adapted layer's forward+backward against the bare quantized layer's.
+
+    PYTHONPATH=python python tools/bench_adapters.py            # CUDA: M=2048, 4096x4096 Q4_K, r=64, bf16
+    PYTHONPATH=python python tools/bench_adapters.py --device cpu --m 64 --k 512 --n 512 --rank 8
+
+For each method it times the step with lowtune's fused kernels and the same step in unfused torch
+ops (pool, A, B, repeat_interleave, scale, add: the PEFT way), as milliseconds and as a multiple
+of the bare quantized layer (qmatmul forward + input gradient). The peer row is the same layer as
+a dense bf16 matrix (cuBLAS). The base weights are random Q4_K blocks: timing does not depend on
+their values. --profile prints the kernels of one fused LoRA step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import lowtune
+from lowtune import ops
+from lowtune.adapters import METHODS, AdaptedLinear, AdapterConfig, quant_group
+
+# Byte offsets of each block's fp16 scale (and min) fields, per format.
+_FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_qtensor(qtype: str, n: int, k: int) -> lowtune.QTensor:
+    """Valid blocks of any quantized type from random bytes with small fp16 scales and mins."""
+    fmt = lowtune.get_format(qtype)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(n, k // fmt.block_elems, fmt.block_bytes), dtype=np.uint8)
+    for j, off in enumerate(_FP16_FIELDS.get(fmt.name, (0, 2))):
+        vals = (rng.uniform(0.002, 0.01, raw.shape[:2]) * (1 if j == 0 else -4)).astype(np.float16)
+        raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return lowtune.QTensor.from_raw(raw.reshape(n, -1), fmt, (n, k))
+
+
+class QLinear(torch.nn.Module):
+    def __init__(self, qt):
+        super().__init__()
+        self.weight = qt
+
+    def forward(self, x):
+        return ops.qmatmul(x, self.weight)
+
+
+def timed(fn, device: str, iters: int, warmup: int) -> float:
+    """Median milliseconds of fn() over iters runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--m", type=int, default=2048, help="rows (tokens) of x")
+    ap.add_argument("--k", type=int, default=4096, help="input features")
+    ap.add_argument("--n", type=int, default=4096, help="output features")
+    ap.add_argument("--type", default="Q4_K", help="base quantization type")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of one fused LoRA step")
+    args = ap.parse_args()
+
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    qt = random_qtensor(args.type, args.n, args.k).to(dev)
+    torch.manual_seed(0)
+    x = torch.randn(args.m, args.k, device=dev, dtype=dtype, requires_grad=True)
+    dy = torch.randn(args.m, args.n, device=dev, dtype=dtype)
+
+    def step(f, params=()):
+        def run():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            f(x).backward(dy)
+        return run
+
+    rows = []
+    bare = timed(step(lambda t: ops.qmatmul(t, qt)), dev, args.iters, args.warmup)
+    w_dense = qt.dequantize(dtype)
+    dense = timed(step(lambda t: t @ w_dense.t()), dev, args.iters, args.warmup)
+    del w_dense
+
+    for method in args.methods.split(","):
+        cfg = AdapterConfig(method=method, rank=args.rank, alpha=16)
+        ad = AdaptedLinear(QLinear(qt), cfg)
+        with torch.no_grad():  # non-zero adapters: the same work as mid-training
+            for p in ad.parameters():
+                p.normal_(0, 0.01)
+        params = list(ad.parameters())
+        fused = timed(step(ad, params), dev, args.iters, args.warmup)
+        unfused = timed(step(lambda t: ad.base(t) + ad.reference_adapter(t), params), dev, args.iters, args.warmup)
+        g = ad.geometry()
+        rows.append({"method": method, "pool": g.pool, "repeat": g.repeat, "rank": g.rank,
+                     "params": ad.num_adapter_parameters, "fused_ms": fused, "unfused_ms": unfused,
+                     "fused_x": fused / bare, "unfused_x": unfused / bare})
+
+    name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
+    print(f"# lowtune adapters: {name}, torch {torch.__version__}, {datetime.date.today()}")
+    print(f"# x [{args.m}, {args.k}] {args.dtype}, base {args.type} [{args.n}, {args.k}] "
+          f"(group {quant_group(qt.format)}), rank {args.rank}; forward + backward, median of {args.iters}")
+    print(f"{'':22}{'ms':>9}{'x bare':>9}")
+    print(f"{'bare quantized layer':22}{bare:9.3f}{1:9.2f}")
+    print(f"{'dense bf16 (cuBLAS)' if dev == 'cuda' else 'dense (torch)':22}{dense:9.3f}{dense / bare:9.2f}")
+    print()
+    print(f"{'method':10}{'pool':>5}{'rep':>4}{'rank':>6}{'params':>10}{'fused ms':>10}{'x bare':>8}"
+          f"{'unfused ms':>12}{'x bare':>8}")
+    for r in rows:
+        print(f"{r['method']:10}{r['pool']:5d}{r['repeat']:4d}{r['rank']:6d}{r['params']:10d}"
+              f"{r['fused_ms']:10.3f}{r['fused_x']:8.3f}{r['unfused_ms']:12.3f}{r['unfused_x']:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
+                       "args": vars(args), "bare_ms": bare, "dense_ms": dense, "rows": rows}, f, indent=2)
+
+    if args.profile:
+        ad = AdaptedLinear(QLinear(qt), AdapterConfig(method="lora", rank=args.rank))
+        run = step(ad, list(ad.parameters()))
+        run()
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            run()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
