@@ -280,12 +280,14 @@ def test_cli_arguments_become_a_config():
                          "--steps", "50", "--seq-len", "256", "--grad-accum", "4", "--lr", "1e-3",
                          "--schedule", "constant", "--type", "Q4_1", "--max-vram", "6GB",
                          "--strict", "--train-on-prompt", "--targets", "attn_q,attn_v", "--layers", "2-4,7",
+                         "--gradient-checkpointing", "off",
                          "-o", "r"])
     cfg = finetune_cli.config_from_args(args)
     assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "dylora", 8)
     assert (cfg.steps, cfg.seq_len, cfg.grad_accum, cfg.lr, cfg.schedule) == (50, 256, 4, 1e-3, "constant")
     assert cfg.qtype == "Q4_1" and cfg.max_vram == 6 * 2**30 and cfg.strict and cfg.train_on_prompt
     assert cfg.targets == ["attn_q", "attn_v"] and cfg.layers == [2, 3, 4, 7]
+    assert cfg.gradient_checkpointing is False
     assert cfg.batch == 4  # unset flags keep defaults
     with pytest.raises(SystemExit):
         p.parse_args(["m", "--steps", "3", "--epochs", "1"])

@@ -8,7 +8,10 @@ it, and the peers timed on the same shape:
   cpu:  torch dense fp32 matmul (x @ W.T for forward, dy @ W for input_grad, W dense fp32)
   cuda: torch dense bf16 matmul on a pre-dequantized weight (cuBLAS), and "dequantize to bf16,
         then torch.matmul" (what a framework without fused kernels does)
-Output is a markdown table with a header naming the machine, for BENCHMARKS.md.
+quantize and dequantize are timed as kernels (lowtune._C into preallocated buffers: no input
+checks, no allocation of fresh pages); forward and input_grad through lowtune.qmatmul /
+qmatmul_input_grad, as a model calls them. Output is a markdown table with a header naming the
+machine, for BENCHMARKS.md.
 
     PYTHONPATH=python python tools/bench_kernels.py --device cpu --quick
     PYTHONPATH=python python tools/bench_kernels.py --device cuda --types Q4_K,Q4_0 --ms 1,16,512
@@ -190,11 +193,20 @@ def main(argv=None) -> int:
             wbytes = qt.nbytes
             if "quantize" in kernels and quantizable:
                 src = w_dense.cpu()
-                t = timer(lambda: lowtune.quantize(src, name))
+                raw = torch.empty(n, fmt.row_bytes(k), dtype=torch.uint8)
+                t = timer(lambda: _C.quantize(fmt.type_id, src.data_ptr(), raw.data_ptr(), n, k))
                 row("quantize", name, n, k, None, t, n * k * 4 + wbytes, 0, ["—"] * len(peer_cols))
             if "dequantize" in kernels:
-                t = timer(lambda: lowtune.dequantize(qt, act))
+                out = torch.empty(n, k, dtype=act, device=device)
+                dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[act]
+                if device == "cpu":
+                    deq_kernel = lambda: _C.dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), dt, n, k)  # noqa: E731
+                else:
+                    stream = torch.cuda.current_stream().cuda_stream
+                    deq_kernel = lambda: _C.cuda_dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), dt, n, k, stream)  # noqa: E731
+                t = timer(deq_kernel)
                 row("dequantize", name, n, k, None, t, wbytes + n * k * act.itemsize, 0, ["—"] * len(peer_cols))
+                del out
             if not ({"forward", "input_grad"} & set(kernels)):
                 continue
             w_peer = lowtune.dequantize(qt, torch.float32 if device == "cpu" else torch.bfloat16)

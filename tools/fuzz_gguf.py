@@ -6,13 +6,20 @@ The seeds are built from the real SmolLM2 file (its metadata, tokenizer and a fe
 header region and a little data are read into memory):
   full     the real header (1.8 MB: 49k tokens, 49k merges) with the data section cut to 64 KB
   compact  the real metadata with a handful of small real tensors, laid out afresh (loads fine)
-  small    the same with the tokenizer arrays cut to 64 entries (fast: most mutations hit fields)
+  small    the same with the tokenizer arrays cut to 64 entries and a few rows of three tensors
+           (a few KB: fast, and most mutations hit header fields)
 Each case mutates one seed (overwrite a header field with an interesting value, flip bits, write
 random bytes, cut or duplicate a chunk, truncate) and asserts that GGUFFile either loads (then every
 tensor is fetched and small quantized ones dequantized) or raises GGUFError, within --limit seconds.
 Anything else (another exception, a timeout, a crash of the worker process) is a failure: the input
 is shrunk to the shortest prefix that still fails the same way and saved in --out, where
-tests/test_gguf_io.py replays it.
+tests/test_gguf_io.py replays it. Loaded files with tokenizer metadata also build the tokenizer
+(hostile tokenizer metadata must give ValueError).
+
+--gguf-py also runs gguf-py's GGUFReader on the inputs from the small seed and keeps (a few per
+kind, shrunk) those that make it raise another exception than ValueError, run past --limit, or
+accept a file that lowtune and llama.cpp reject: the reasons lowtune parses headers itself, and
+regressions for its reader.
 """
 from __future__ import annotations
 
@@ -80,6 +87,7 @@ def traced_fields(blob: bytes, path: str) -> list[tuple[int, int]]:
 
 def make_seeds(model: str, workdir: Path) -> dict[str, bytes]:
     from lowtune.gguf_io import GGUFFile, write_gguf
+    from lowtune.qtensor import QTensor
 
     seeds = {}
     with GGUFFile(model) as f:
@@ -94,7 +102,12 @@ def make_seeds(model: str, workdir: Path) -> dict[str, bytes]:
         meta = dict(f.metadata)
         for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
             meta[k] = meta[k][:64]
-        write_gguf(p, meta, tensors, f.metadata_types)
+        # a few rows of real tensors keep this seed (and what is saved from it) a few KB
+        few = [("blk.0.attn_norm.weight", f.tensor("blk.0.attn_norm.weight").clone())]
+        for n, rows in (("blk.0.attn_k.weight", 8), ("token_embd.weight", 4)):
+            q = f.tensor(n)
+            few.append((n, QTensor.from_raw(q.raw[:rows].clone(), q.format, (rows, q.shape[1]))))
+        write_gguf(p, meta, few, f.metadata_types)
         seeds["small"] = p.read_bytes()
     return seeds
 
@@ -140,14 +153,30 @@ def mutate(rng: random.Random, blob: bytes, fields: list[tuple[int, int]]) -> by
 OK = ("loaded", "rejected")
 
 
-def check(path: str, limit: float) -> str:
-    """Returns "loaded" or "rejected" (GGUFError) when the reader behaved in time, else a failure label."""
+def _limited(fn, path: str, limit: float, prefix: str = "") -> str:
+    """fn(path) under a wall-clock alarm; an exception other than ValueError becomes a failure label
+    naming its type and where it was raised."""
+    signal.signal(signal.SIGALRM, _alarm)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, limit)
+            return fn(path)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except Timeout:       # also when the alarm fires while the timer is being cleared
+        return prefix + "timeout"
+    except Exception as e:  # noqa: BLE001 - anything else is a bug in the reader
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f"@{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb and not prefix else ""
+        return f"{prefix}{type(e).__name__}{where}"
+
+
+def _load_everything(path: str) -> str:
     import torch
     from lowtune.gguf_io import GGUFError, GGUFFile
     from lowtune.qtensor import QTensor
+    from lowtune.tokenizer import load_tokenizer
 
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         with GGUFFile(path) as f:
             for name in f:
@@ -159,31 +188,57 @@ def check(path: str, limit: float) -> str:
                     t.dequantize(torch.float32)
                 elif isinstance(t, torch.Tensor):
                     t.sum()
+            if "tokenizer.ggml.model" in f.metadata:
+                # hostile tokenizer metadata must give ValueError too
+                try:
+                    tok = load_tokenizer(f.metadata)
+                    tok.decode(tok.encode("Hello, world! 123 <|im_start|>", add_bos=False))
+                except ValueError:
+                    pass
         return "loaded"
     except GGUFError:
         return "rejected"
-    except Timeout:
-        return "timeout"
-    except Exception as e:  # noqa: BLE001 - anything else is a bug in the reader
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
-        return f"{type(e).__name__}@{where}"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def shrink(blob: bytes, label: str, path: str, limit: float) -> bytes:
+def check(path: str, limit: float) -> str:
+    """Returns "loaded" or "rejected" (GGUFError) when the reader behaved in time, else a failure label."""
+    return _limited(_load_everything, path, limit)
+
+
+def _gguf_py_read(path: str) -> str:
+    import gguf
+    try:
+        r = gguf.GGUFReader(path)
+        for t in r.tensors:
+            t.data.sum()
+        return "loaded"
+    except ValueError:
+        return "rejected"
+
+
+def check_gguf_py(path: str, limit: float) -> str:
+    """The same question for gguf-py's GGUFReader (what lowtune would use without its own parser):
+    a failure is an exception other than ValueError, a timeout, or a file it loads that lowtune
+    (like llama.cpp) rejects. Inputs found this way are kept as regressions for lowtune's reader."""
+    label = _limited(_gguf_py_read, path, limit, prefix="gguf-py-")
+    if label == "loaded" and check(path, limit) == "rejected":
+        return "gguf-py-accepts-invalid"
+    return label
+
+
+def shrink(blob: bytes, label: str, path: str, limit: float, judge=None) -> bytes:
     """The shortest prefix of blob that still fails with the same label (binary search)."""
+    judge = judge or check
     lo, hi = 24, len(blob)
     while lo < hi:
         mid = (lo + hi) // 2
         Path(path).write_bytes(blob[:mid])
-        if check(path, limit) == label:
+        if judge(path, limit) == label:
             hi = mid
         else:
             lo = mid + 1
     Path(path).write_bytes(blob[:hi])
-    return blob[:hi] if check(path, limit) == label else blob
+    return blob[:hi] if judge(path, limit) == label else blob
 
 
 def save(out: Path, blob: bytes, label: str) -> Path:
@@ -205,6 +260,7 @@ def worker(args) -> int:
     weights = [("small", 0.6), ("compact", 0.25), ("full", 0.15)]
     failures = 0
     outcomes = {"loaded": 0, "rejected": 0}
+    found: dict[str, int] = {}   # gguf-py failures by label
     slowest = 0.0
     for i in range(args.iters):
         kind = rng.choices([k for k, _ in weights], [w for _, w in weights])[0]
@@ -222,11 +278,23 @@ def worker(args) -> int:
             small = shrink(blob, label, case, args.limit)
             p = save(Path(args.out), small, label)
             print(f"[{i}] {kind}: {label} -> {p} ({len(small)} bytes)", flush=True)
+        if args.gguf_py and kind == "small":   # gguf-py needs ~7 s for the real 49k-token vocabulary
+            Path(case).write_bytes(blob)
+            other = check_gguf_py(case, args.limit)
+            if other not in OK:
+                found[other] = found.get(other, 0) + 1
+                if found[other] <= args.keep_per_label:
+                    small = shrink(blob, other, case, args.limit, judge=check_gguf_py)
+                    if len(small) <= 64 << 10:
+                        p = save(Path(args.out), small, other)
+                        print(f"[{i}] {kind}: {other} -> {p} ({len(small)} bytes)", flush=True)
         if (i + 1) % 500 == 0:
             print(f"... {i + 1} cases: {outcomes}, {failures} failures, slowest {slowest:.2f}s", flush=True)
     Path(args.current + ".done").write_text(str(args.iters))
     print(f"done: {args.iters} cases: {outcomes}, {failures} failures, slowest case {slowest:.2f}s",
           flush=True)
+    if args.gguf_py:
+        print(f"gguf-py on the same inputs: {found}", flush=True)
     return 1 if failures else 0
 
 
@@ -237,6 +305,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=float, default=5.0, help="seconds one case may take")
     ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "gguf_regressions"))
+    ap.add_argument("--gguf-py", action="store_true",
+                    help="also run gguf-py's GGUFReader on each input and keep inputs that break it")
+    ap.add_argument("--keep-per-label", type=int, default=2, help="gguf-py failures kept per kind")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--current", help=argparse.SUPPRESS)
@@ -254,7 +325,8 @@ def main() -> int:
         while done < args.iters:
             n = args.iters - done
             cmd = [sys.executable, __file__, "--worker", "--workdir", wd, "--current", str(current),
-                   "--iters", str(n), "--seed", str(seed), "--limit", str(args.limit), "--out", args.out]
+                   "--iters", str(n), "--seed", str(seed), "--limit", str(args.limit), "--out", args.out,
+                   "--keep-per-label", str(args.keep_per_label)] + (["--gguf-py"] if args.gguf_py else [])
             r = subprocess.run(cmd)
             if r.returncode in (0, 1):
                 rc |= r.returncode

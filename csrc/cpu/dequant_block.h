@@ -206,6 +206,88 @@ struct FastDequant<T_Q4_K> {
     }
   }
 };
+
+// Q2_K: per 128-half n, shift s (0, 2, 4, 6) and 16-byte half h: elements (q[16h + l] >> s) & 3
+// with scale byte is = 8n + s + h (the reference's running index).
+// x = (d * (sc & 15)) * q - dmin * (sc >> 4).
+template <>
+struct FastDequant<T_Q2_K> {
+  LT_FLATTEN static inline void run(const block_q2_K* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d), dmin = fp16_to_fp32(b->dmin);
+    const __m512i three = _mm512_set1_epi32(3);
+    int is = 0;
+    for (int n = 0; n < 2; ++n) {
+      const __m512i q[2] = {
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 32 * n))),
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 32 * n + 16)))};
+      for (int shift = 0; shift < 8; shift += 2) {
+        for (int h = 0; h < 2; ++h, y += 16) {
+          const uint8_t sc = b->scales[is++];
+          const __m512 dl = _mm512_set1_ps(d * (float)(sc & 0xF)), ml = _mm512_set1_ps(dmin * (float)(sc >> 4));
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(q[h], shift), three));
+          _mm512_storeu_ps(y, _mm512_sub_ps(_mm512_mul_ps(dl, v), ml));
+        }
+      }
+    }
+  }
+};
+
+// Q3_K: as Q2_K's layout for the low two bits; hmask bit (4n + s/2) of byte l set means no -4.
+// x = (d * sc) * v with the 6-bit signed scales of q3_K_scales.
+template <>
+struct FastDequant<T_Q3_K> {
+  LT_FLATTEN static inline void run(const block_q3_K* __restrict b, float* __restrict y) {
+    const float d_all = fp16_to_fp32(b->d);
+    int8_t sc[16];
+    q3_K_scales(b->scales, sc);
+    const __m512i three = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
+    const __m512i hm[2] = {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->hmask))),
+                           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->hmask + 16)))};
+    int is = 0, bit = 0;
+    for (int n = 0; n < 2; ++n) {
+      const __m512i q[2] = {
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 32 * n))),
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 32 * n + 16)))};
+      for (int shift = 0; shift < 8; shift += 2, ++bit) {
+        const __m512i m = _mm512_set1_epi32(1 << bit);
+        for (int h = 0; h < 2; ++h, y += 16) {
+          const __m512 dl = _mm512_set1_ps(d_all * (float)sc[is++]);
+          const __m512i low = _mm512_and_si512(_mm512_srli_epi32(q[h], shift), three);
+          const __mmask16 no_offset = _mm512_test_epi32_mask(hm[h], m);
+          const __m512i v = _mm512_mask_sub_epi32(low, (__mmask16)~no_offset, low, four);
+          _mm512_storeu_ps(y, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(v)));
+        }
+      }
+    }
+  }
+};
+
+// Q5_K: Q4_K's nibbles plus a fifth bit: bit 2j (first 32) / 2j+1 (next 32) of qh[l].
+template <>
+struct FastDequant<T_Q5_K> {
+  LT_FLATTEN static inline void run(const block_q5_K* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d), dmin = fp16_to_fp32(b->dmin);
+    const __m512i nib = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1);
+    const __m512i qh[2] = {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qh))),
+                           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qh + 16)))};
+    for (int j = 0; j < 4; ++j) {
+      uint8_t sc, mn;
+      get_scale_min_k4(2 * j, b->scales, &sc, &mn);
+      const __m512 d1 = _mm512_set1_ps(d * sc), m1 = _mm512_set1_ps(dmin * mn);
+      get_scale_min_k4(2 * j + 1, b->scales, &sc, &mn);
+      const __m512 d2 = _mm512_set1_ps(d * sc), m2 = _mm512_set1_ps(dmin * mn);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 32 * j + 16 * h)));
+        const __m512i h1 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh[h], 2 * j), one), 4);
+        const __m512i h2 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh[h], 2 * j + 1), one), 4);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(q, nib), h1));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_srli_epi32(q, 4), h2));
+        _mm512_storeu_ps(y + 64 * j + 16 * h, _mm512_sub_ps(_mm512_mul_ps(d1, lo), m1));
+        _mm512_storeu_ps(y + 64 * j + 32 + 16 * h, _mm512_sub_ps(_mm512_mul_ps(d2, hi), m2));
+      }
+    }
+  }
+};
 #endif
 
 // INTb-gG: codes are unpacked 8 at a time in a 64-bit word (per 32-element chunk, four runs of

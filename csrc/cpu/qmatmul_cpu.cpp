@@ -3,12 +3,16 @@
 // *_reference: the straightforward version (dequantize a row of W, then dot / axpy), kept as
 // the slow obvious twin the fast paths are tested against.
 // Fast paths:
-//   M <= kSmallM: the weight traffic is the floor, so W is read once, dequantized block by
-//     block into L1 and consumed at once: dot products with every row of X (forward), or
-//     scaled accumulation into rows of dX (input gradient), 4 rows of W at a time.
-//   larger M: a GEMM (gemm_f32.h) whose B panels are W dequantized into an L2-resident fp32
-//     buffer once per panel: dot-product tiles over W's rows for the forward (gemm_abt),
-//     outer-product tiles over W's columns for the input gradient (gemm_packed_b).
+//   M <= kSmallM: the weight traffic is the floor, so W is read once, as stored, 4 rows at a
+//     time, each block dequantized into L1 and consumed at once: dot products with every row
+//     of X (forward), or scaled accumulation into rows of a partial dX per fixed chunk of W's
+//     rows (input gradient).
+//   larger M: a GEMM (gemm_f32.h) whose second operand is W dequantized into an L2-resident
+//     fp32 panel once per panel:
+//     forward, M < kTransposeM: dot-product tiles over W's rows as stored (gemm_abt);
+//     forward, larger M: panels transposed once, outer-product tiles (gemm_packed_b), which
+//       reach a higher FLOP rate once the transpose is paid for by enough rows of X;
+//     input gradient: outer-product tiles over W's rows as stored (gemm_packed_b).
 // Dequantization is dequant_block<T> (bit-exact with block_math.h), so the fast and the
 // reference paths see the same weights and differ only in float32 summation order.
 #include <cstring>
@@ -54,7 +58,7 @@ static void dequant_row_range(const void* w, int64_t blocks_per_row, int64_t row
 }
 
 void qmatmul_forward_reference(int qtype, const void* x, int dtype, const void* w, void* y,
-                     int64_t m, int64_t n, int64_t k) {
+                               int64_t m, int64_t n, int64_t k) {
   const BlockInfo bi = block_info(qtype);
   if (k % bi.elems) throw std::invalid_argument("K is not a multiple of the block size");
   const std::vector<float> xf = to_f32(x, dtype, m * k);
@@ -80,7 +84,7 @@ void qmatmul_forward_reference(int qtype, const void* x, int dtype, const void* 
 }
 
 void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const void* w, void* dx,
-                        int64_t m, int64_t n, int64_t k) {
+                                  int64_t m, int64_t n, int64_t k) {
   const BlockInfo bi = block_info(qtype);
   if (k % bi.elems) throw std::invalid_argument("K is not a multiple of the block size");
   const std::vector<float> gf = to_f32(dy, dtype, m * n);
@@ -110,6 +114,9 @@ void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const vo
 constexpr int64_t kSmallM = 4;  // up to this many rows of X/dY: the fused paths below
 constexpr int kRowGroup = 4;    // rows of W dequantized together in the fused paths
 constexpr int64_t kGradChunkRows = 512;  // rows of W per partial dX in the small-M input gradient
+// The fused paths read 4 rows of W side by side; for some row lengths the hardware prefetchers
+// do not keep up with the 4 streams, so each block also prefetches its row this far ahead.
+constexpr int kPrefetchAhead = 256;
 // From this many rows of X on, the forward transposes W's panels once and runs outer-product
 // tiles (faster per FLOP); below, dot-product tiles over W's rows as stored (no transpose).
 constexpr int64_t kTransposeM = 32;
@@ -152,7 +159,11 @@ static void forward_small(const float* x, int64_t k, const void* w, float* y, in
     for (int i = 0; i < MX; ++i)
       for (int g = 0; g < kRowGroup; ++g) acc[i][g] = zero();
     for (int64_t b = 0; b < nb; ++b) {
-      for (int g = 0; g < rows; ++g) dequant_block<T>(wb + (r + g) * nb + b, tmp[g]);
+      for (int g = 0; g < rows; ++g) {
+        const auto* blk = wb + (r + g) * nb + b;
+        __builtin_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchAhead);
+        dequant_block<T>(blk, tmp[g]);
+      }
       const float* xb = x + b * BS;
       for (int v = 0; v < NV; ++v) {
         vf xv[MX];
@@ -188,7 +199,11 @@ static void input_grad_small(const float* g, int64_t n, const void* w, int64_t k
       for (int q = 0; q < kRowGroup; ++q) gv[i][q] = set1(q < rows ? g[i * n + r + q] : 0.0f);
     if (rows < kRowGroup) std::memset(tmp, 0, sizeof tmp);  // unused rows contribute 0 * 0
     for (int64_t b = 0; b < nb; ++b) {
-      for (int q = 0; q < rows; ++q) dequant_block<T>(wb + (r + q) * nb + b, tmp[q]);
+      for (int q = 0; q < rows; ++q) {
+        const auto* blk = wb + (r + q) * nb + b;
+        __builtin_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchAhead);
+        dequant_block<T>(blk, tmp[q]);
+      }
       for (int v = 0; v < NV; ++v) {
         vf t[kRowGroup];
 #pragma GCC unroll 4

@@ -84,15 +84,13 @@ def _is_k(name: str) -> bool:
 
 def open_base(model, qtype=None):
     """The base as a GGUFFile-like object (metadata, metadata_types, tensor_infos, qtensor(),
-    tensor(), alignment, path). model: a GGUF file, or a Hugging Face directory, quantized to
-    `qtype` (the type training used) with safetensors_io.load_hf_checkpoint."""
+    tensor(), alignment, path). model: a GGUF file, or a Hugging Face directory, quantized the
+    way `lowtune finetune` quantizes it (to `qtype`, or per trainer.default_qtype when None), so
+    the merge starts from the very blocks the adapter was trained on."""
     p = Path(model)
     if p.is_dir():
-        from .safetensors_io import load_hf_checkpoint
-        if qtype is None:
-            raise ValueError(f"{p} is a Hugging Face directory: say which type training quantized it to "
-                             f"(--base-type, e.g. Q4_K), so the merge starts from the same blocks")
-        ckpt = load_hf_checkpoint(p, qtype=qtype)
+        from .trainer import _load_safetensors_dir
+        ckpt = _load_safetensors_dir(p, qtype)
         ckpt.alignment = 32
         return ckpt
     if not p.is_file():
@@ -348,14 +346,16 @@ def _check_all_present(ad: SavedAdapter, base) -> None:
 
 
 def _run_qtype(adapter) -> str | None:
-    """The quantization type a run applied to a Hugging Face base (run config.json's qtype)."""
+    """The quantization type a run applied to a Hugging Face base (the run's config.json,
+    train.qtype), or None."""
     if adapter is None:
         return None
     for d in (Path(adapter), Path(adapter).parent):
         cfg = d / "config.json"
         if cfg.is_file():
             try:
-                return json.loads(cfg.read_text()).get("qtype")
+                c = json.loads(cfg.read_text())
+                return (c.get("train") or c).get("qtype")
             except (ValueError, AttributeError):
                 return None
     return None

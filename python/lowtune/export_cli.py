@@ -36,7 +36,7 @@ def model_from_args(args, device="cpu", dtype=None):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the base: GGUF file (or Hugging Face directory with --base-type)")
+    p.add_argument("model", help="the base: GGUF file or Hugging Face directory")
     p.add_argument("--adapter", metavar="RUN_DIR", help="the trained adapter: a `lowtune finetune` run "
                    "directory or an adapter directory (omit to convert the base only)")
     p.add_argument("--merge", action="store_true", help="write the merged GGUF (needs -o)")
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="--hf weight dtype (default bf16)")
     p.add_argument("--rank", type=int, help="QDyLoRA: export rank b <= r_max (default: the saved one)")
     p.add_argument("--base-type", metavar="T", help="for a Hugging Face MODEL directory: the type training "
-                   "quantized it to (default: the run's config.json)")
+                   "quantized it to (default: the run's config.json, else finetune's default types)")
     p.add_argument("--ignore-base-hash", action="store_true",
                    help="export even if the adapter was trained on another base file")
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report (per-tensor merge paths and errors)")

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram", help="GPU memory budget, e.g. 6GB: layers beyond it stream "
                    "from host memory")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"],
+                   help="recompute each layer in the backward pass instead of keeping its "
+                   "activations (default: on for CUDA, off on CPU)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
@@ -63,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply the adapter of RUN_DIR (e.g. a `lowtune correct` run) frozen, and "
                    "train a second adapter on top of it")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest checkpoint")
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its own "
+                   "settings; these may change: " + ", ".join(
+                       "--" + k.replace("_", "-") for k in RESUME_OVERRIDES))
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
 
 
@@ -106,6 +111,8 @@ def _given(args: argparse.Namespace) -> dict:
         if v is None or k in ("func", "resume", "command", "cmd"):
             continue
         k = _FIELDS.get(k, k)
+        if k == "gradient_checkpointing":
+            v = v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out

@@ -451,7 +451,11 @@ def _type_of_value(val, key: str):
     if isinstance(val, bool):
         return GGUFValueType.BOOL
     if isinstance(val, (int, np.integer)):
-        return GGUFValueType.UINT32 if 0 <= val < 2 ** 32 else GGUFValueType.INT64
+        if 0 <= val < 2 ** 32:
+            return GGUFValueType.UINT32
+        if -2 ** 31 <= val < 0:
+            return GGUFValueType.INT32
+        return GGUFValueType.UINT64 if val >= 2 ** 63 else GGUFValueType.INT64
     if isinstance(val, (float, np.floating)):
         return GGUFValueType.FLOAT32
     if isinstance(val, (str, bytes)):
@@ -512,8 +516,9 @@ def _tensor_bytes(name: str, value) -> tuple[np.ndarray, GGMLQuantizationType, t
         n, k = value.shape
         raw = value.raw.detach().to("cpu").contiguous()
         ne = (k, n) if shape is None else tuple(reversed([int(d) for d in shape]))
-        if shape is not None and int(np.prod(ne)) != n * k:
-            raise GGUFError(f"tensor {name!r}: shape {tuple(shape)} does not hold {n}x{k} elements")
+        if shape is not None and (int(np.prod(ne)) != n * k or ne[0] != k):
+            raise GGUFError(f"tensor {name!r}: shape {tuple(shape)} does not match the QTensor's rows "
+                            f"of {k} (its last dimension must be {k} and it must hold {n}x{k} elements)")
         return raw.reshape(-1).numpy(), GGMLQuantizationType(fmt.type_id), ne
     if isinstance(value, torch.Tensor):
         inv = {v: k for k, v in _TORCH_DTYPES.items()}

@@ -214,15 +214,23 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); known: {sorted(_PRE)}")
         self.pre = pre
         regexes, ignore_merges, _ = _PRE[pre]
+        vocab = self.token_to_id
         pairs = []
         for m in merges:
+            if not isinstance(m, str):
+                raise ValueError(f"tokenizer.ggml.merges must hold strings, got {type(m).__name__}")
             # llama.cpp splits at the first space after the first character
             k = m.find(" ", 1)
             if k < 0:
                 raise ValueError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
-            pairs.append((m[:k], m[k + 1:]))
-        vocab = {t: i for i, t in enumerate(tokens)}
-        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)
+            a, b = m[:k], m[k + 1:]
+            # a merge whose parts or result are not tokens can never fire in llama.cpp either
+            if a in vocab and b in vocab and a + b in vocab:
+                pairs.append((a, b))
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)
+        except Exception as e:  # tokenizers raises plain Exception
+            raise ValueError(f"cannot build the BPE tokenizer from the GGUF metadata: {e}") from e
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
@@ -263,7 +271,10 @@ class SPMTokenizer(Tokenizer):
         proto = sentencepiece_model_proto(
             tokens, scores, types, model_type="bpe", byte_fallback=BYTE in types,
             add_dummy_prefix=False, remove_extra_whitespaces=False)
-        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except Exception as e:  # sentencepiece raises RuntimeError on a vocabulary it rejects
+            raise ValueError(f"sentencepiece rejected the vocabulary built from the GGUF metadata: {e}") from e
         if self._sp.get_piece_size() != len(tokens):
             raise ValueError("sentencepiece rejected the vocabulary built from the GGUF metadata")
 
@@ -324,19 +335,30 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     if model is None or tokens is None:
         raise ValueError("the metadata has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens); "
                          "load the tokenizer from the model's HF directory with load_tokenizer_dir()")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("tokenizer.ggml.tokens must be a list of strings")
     n = len(tokens)
     # llama.cpp renames empty tokens rather than failing
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+    if len(set(tokens)) != n:
+        dup = next(t for t, c in _count(tokens).items() if c > 1)
+        raise ValueError(f"tokenizer.ggml.tokens holds {dup!r} more than once")
+    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * n
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise ValueError("tokenizer.ggml.token_type must be a list of integers")
+    types = list(types)
     if len(types) != n:
         raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
     def tid(key, default):
         v = metadata.get(f"tokenizer.ggml.{key}", default)
-        return v if v is not None and 0 <= v < n else (default if default is not None and 0 <= default < n else None)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n:
+            return v
+        # llama.cpp ignores an out-of-range id and keeps its default
+        return default if default is not None and 0 <= default < n else None
 
     if model == "gpt2":
-        pre = metadata.get("tokenizer.ggml.pre") or "default"
+        pre = _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default"
         add_bos_default = _PRE.get(pre, (None, False, False))[2]
         bos, eos, unk = tid("bos_token_id", 11), tid("eos_token_id", 11), tid("unknown_token_id", None)
     elif model == "llama":
@@ -354,17 +376,32 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     common = dict(bos_id=bos, eos_id=eos, eot_id=eot,
                   add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
                   add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-                  chat_template=metadata.get("tokenizer.chat_template"))
+                  chat_template=_str_or_none(metadata.get("tokenizer.chat_template")))
     if model == "gpt2":
         merges = metadata.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise ValueError("a 'gpt2' tokenizer needs tokenizer.ggml.merges")
-        return BPETokenizer(tokens, types, merges, metadata.get("tokenizer.ggml.pre") or "default", **common)
-    scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * n)
+        if not isinstance(merges, list):
+            raise ValueError("a 'gpt2' tokenizer needs tokenizer.ggml.merges (a list of strings)")
+        return BPETokenizer(tokens, types, merges, _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default",
+                            **common)
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * n
+    if not isinstance(scores, list) or not all(isinstance(x, (int, float)) for x in scores):
+        raise ValueError("tokenizer.ggml.scores must be a list of numbers")
+    scores = [float(x) for x in scores]
     if len(scores) != n:
         raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
     return SPMTokenizer(tokens, types, scores, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
                         unk, **common)
+
+
+def _str_or_none(v):
+    return v if isinstance(v, str) else None
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
 
 
 def load_tokenizer_dir(path) -> Tokenizer:

@@ -740,6 +740,8 @@ def oom_message(err: BaseException, cfg: TrainConfig, device: torch.device, step
     if cfg.batch > 1:
         halves.append(f"--batch {cfg.batch // 2} --grad-accum {cfg.grad_accum * 2} (same "
                       "effective batch)")
+    if cfg.gradient_checkpointing is False:
+        halves.append("--gradient-checkpointing on")
     halves.append("--max-vram with a budget below the card's memory (layers then stream from "
                   "host memory)")
     return (f"out of {device.type.upper()} memory at step {step + 1}: tried to allocate {asked} with "
