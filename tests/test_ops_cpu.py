@@ -100,6 +100,18 @@ def test_half_activations(name, dtype, m, rng, random_blocks):
     assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, dtype), f"input grad {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_io_is_exact_conversion_of_the_f32_kernel(dtype, rng, random_blocks):
+    # Half activations are widened exactly and the fp32 result is rounded to nearest even once:
+    # the same bits as running the fp32 kernel on the widened input and casting with torch.
+    qt = random_qtensor("Q4_K", 70, 512, rng, random_blocks)
+    for m in (1, 8, 40):
+        x = activations(rng, (m, 512), dtype)
+        assert torch.equal(lowtune.qmatmul(x, qt), lowtune.qmatmul(x.float(), qt).to(dtype))
+        dy = activations(rng, (m, 70), dtype)
+        assert torch.equal(lowtune.qmatmul_input_grad(dy, qt), lowtune.qmatmul_input_grad(dy.float(), qt).to(dtype))
+
+
 @pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32"])
 def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
     # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference.
