@@ -269,3 +269,23 @@ def test_unknown_type():
         lowtune.get_format("INT7-g32")
     with pytest.raises(ValueError, match=r"unknown quantization type id 12345"):
         _C.block_info(12345)  # the C++ side refuses unknown ids too, as ValueError
+
+
+def test_build_info_names_the_cpu_kernels_isa():
+    assert lowtune.build_info()["cpu_isa"] in {"avx512", "avx2", "generic"}
+
+
+def test_bench_tool_prints_a_row_per_kernel(capsys):
+    # tools/bench_kernels.py on a tiny shape: it runs and prints its table (timings unchecked).
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--types", "Q4_K,INT3-g64", "--shapes", "64x256", "--ms", "1,5", "--min-time", "0",
+                       "--max-reps", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    kernels = [r.split("|")[1].strip() for r in rows[1:]]
+    assert kernels.count("quantize") == 2 and kernels.count("dequantize") == 2
+    assert kernels.count("forward") == 4 and kernels.count("input_grad") == 4

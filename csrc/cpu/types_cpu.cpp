@@ -13,6 +13,7 @@
 #include "convert.h"
 #include "dequant_block.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace lowtune {
 
@@ -26,6 +27,8 @@ BlockInfo block_info(int qtype) {
 }
 
 namespace cpu {
+
+const char* simd_isa() { return simd::kIsa; }
 
 static int g_threads = 0;
 void set_num_threads(int n) { g_threads = n < 0 ? 0 : n; }
