@@ -38,6 +38,7 @@ py::dict build_info() {
   d["compiler"] = std::string("unknown");
 #endif
   d["cpu_threads"] = cpu::num_threads();
+  d["cpu_isa"] = std::string(cpu::simd_isa());
   return d;
 }
 }  // namespace

@@ -20,6 +20,8 @@ namespace cpu {
 // Number of threads the CPU kernels use (0 = hardware concurrency).
 void set_num_threads(int n);
 int num_threads();
+// The vector instruction set the CPU kernels were compiled for: "avx512", "avx2" or "generic".
+const char* simd_isa();
 
 void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k);
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k);

@@ -100,6 +100,18 @@ def test_half_activations(name, dtype, m, rng, random_blocks):
     assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, dtype), f"input grad {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_io_is_exact_conversion_of_the_f32_kernel(dtype, rng, random_blocks):
+    # Half activations are widened exactly and the fp32 result is rounded to nearest even once:
+    # the same bits as running the fp32 kernel on the widened input and casting with torch.
+    qt = random_qtensor("Q4_K", 70, 512, rng, random_blocks)
+    for m in (1, 8, 40):
+        x = activations(rng, (m, 512), dtype)
+        assert torch.equal(lowtune.qmatmul(x, qt), lowtune.qmatmul(x.float(), qt).to(dtype))
+        dy = activations(rng, (m, 70), dtype)
+        assert torch.equal(lowtune.qmatmul_input_grad(dy, qt), lowtune.qmatmul_input_grad(dy.float(), qt).to(dtype))
+
+
 @pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32"])
 def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
     # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference.
@@ -257,3 +269,23 @@ def test_unknown_type():
         lowtune.get_format("INT7-g32")
     with pytest.raises(ValueError, match=r"unknown quantization type id 12345"):
         _C.block_info(12345)  # the C++ side refuses unknown ids too, as ValueError
+
+
+def test_build_info_names_the_cpu_kernels_isa():
+    assert lowtune.build_info()["cpu_isa"] in {"avx512", "avx2", "generic"}
+
+
+def test_bench_tool_prints_a_row_per_kernel(capsys):
+    # tools/bench_kernels.py on a tiny shape: it runs and prints its table (timings unchecked).
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--types", "Q4_K,INT3-g64", "--shapes", "64x256", "--ms", "1,5", "--min-time", "0",
+                       "--max-reps", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    kernels = [r.split("|")[1].strip() for r in rows[1:]]
+    assert kernels.count("quantize") == 2 and kernels.count("dequantize") == 2
+    assert kernels.count("forward") == 4 and kernels.count("input_grad") == 4

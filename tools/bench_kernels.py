@@ -133,7 +133,8 @@ def machine_line(device: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     parts = [f"date {datetime.date.today().isoformat()}", f"CPU {cpu}", f"torch {torch.__version__}",
-             f"torch threads {torch.get_num_threads()}", f"lowtune threads {_C.num_threads()}"]
+             f"torch threads {torch.get_num_threads()}", f"lowtune threads {_C.num_threads()}",
+             f"lowtune CPU kernels {_C.build_info().get('cpu_isa', '?')}"]
     if device == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name()}")
     return "; ".join(parts)

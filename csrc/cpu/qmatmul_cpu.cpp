@@ -22,6 +22,7 @@
 
 #include "../block_math.h"
 #include "../kernels.h"
+#include "convert.h"
 #include "dequant_block.h"
 #include "gemm_f32.h"
 #include "parallel.h"
@@ -124,7 +125,8 @@ constexpr int64_t kTransposeM = 32;
 // Activations as fp32: the input itself when it is fp32, else converted into buf.
 static const float* as_f32(const void* src, int dtype, int64_t count, std::vector<float>& buf) {
   if (dtype == D_F32) return static_cast<const float*>(src);
-  buf = to_f32(src, dtype, count);
+  buf.resize(count);
+  convert_to_f32(src, dtype, buf.data(), count);
   return buf.data();
 }
 
@@ -136,10 +138,7 @@ static float* f32_output(void* dst, int dtype, int64_t count, std::vector<float>
 }
 
 static void finish_output(void* dst, int dtype, const std::vector<float>& buf) {
-  if (dtype == D_F32) return;
-  parallel_for((int64_t)buf.size(), 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) store(dst, dtype, i, buf[i]);
-  });
+  if (dtype != D_F32) convert_from_f32(buf.data(), dtype, dst, (int64_t)buf.size());
 }
 
 // Y[MX, rows r0..r1) of x[MX, k] · deq(W)ᵀ: per group of 4 rows of W, each block of the 4 rows

@@ -10,8 +10,10 @@
 #include "../block_math.h"
 #include "../kernels.h"
 #include "../quantize.h"
+#include "convert.h"
 #include "dequant_block.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace lowtune {
 
@@ -25,6 +27,8 @@ BlockInfo block_info(int qtype) {
 }
 
 namespace cpu {
+
+const char* simd_isa() { return simd::kIsa; }
 
 static int g_threads = 0;
 void set_num_threads(int n) { g_threads = n < 0 ? 0 : n; }
@@ -84,17 +88,27 @@ void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k) {
   });
 }
 
+// Dequantize all blocks in parallel. fp32 output: straight into it. Otherwise through an
+// fp32 staging buffer of up to kStageElems floats, then store(at, values, len) converts them
+// to the output at element offset `at`.
 template <class Store>
-static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k, Store store) {
+static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k, Store store, float* f32_out) {
+  constexpr int64_t kStageElems = 8192;
   dispatch_qtype(qtype, [&]<int T>() {
     using Tr = Traits<T>;
     const auto* base = static_cast<const typename Tr::block*>(blocks);
     const int64_t nb = k / Tr::kElems;
     parallel_for(n * nb, 64, [&](int64_t i0, int64_t i1) {
-      float tmp[QK_K];
-      for (int64_t i = i0; i < i1; ++i) {
-        dequant_block<T>(base + i, tmp);
-        store(i * Tr::kElems, tmp, Tr::kElems);
+      if (f32_out) {
+        for (int64_t i = i0; i < i1; ++i) dequant_block<T>(base + i, f32_out + i * Tr::kElems);
+        return;
+      }
+      constexpr int64_t per_stage = kStageElems / Tr::kElems;
+      std::vector<float> stage(kStageElems);
+      for (int64_t s0 = i0; s0 < i1; s0 += per_stage) {
+        const int64_t s1 = std::min(i1, s0 + per_stage);
+        for (int64_t i = s0; i < s1; ++i) dequant_block<T>(base + i, stage.data() + (i - s0) * Tr::kElems);
+        store(s0 * Tr::kElems, stage.data(), (s1 - s0) * Tr::kElems);
       }
     });
   });
@@ -103,25 +117,21 @@ static void dequantize_rows(int qtype, const void* blocks, int64_t n, int64_t k,
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k) {
   check_k(qtype, k);
   switch (out_dtype) {
-    case D_F32: {
-      float* o = static_cast<float*>(out);
-      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
-        std::copy(v, v + len, o + at);
-      });
+    case D_F32:
+      dequantize_rows(qtype, blocks, n, k, [](int64_t, const float*, int64_t) {}, static_cast<float*>(out));
       break;
-    }
     case D_F16: {
       uint16_t* o = static_cast<uint16_t*>(out);
-      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
-        for (int i = 0; i < len; ++i) o[at + i] = fp32_to_fp16(v[i]);
-      });
+      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int64_t len) {
+        f32_to_f16_span(v, o + at, len);
+      }, nullptr);
       break;
     }
     case D_BF16: {
       uint16_t* o = static_cast<uint16_t*>(out);
-      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int len) {
-        for (int i = 0; i < len; ++i) o[at + i] = fp32_to_bf16(v[i]);
-      });
+      dequantize_rows(qtype, blocks, n, k, [o](int64_t at, const float* v, int64_t len) {
+        f32_to_bf16_span(v, o + at, len);
+      }, nullptr);
       break;
     }
     default: throw std::invalid_argument("unknown output dtype " + std::to_string(out_dtype));
