@@ -1,0 +1,311 @@
+// Fast device-side block unpacking for the CUDA kernels.
+//
+//   Unpack<T>::run<SPAN>(blk, e, v)   v[i] = element e + i of the block at blk, i < SPAN
+//
+// SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
+// The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
+// same float operations in the same order, each rounded on its own (__fmul_rn/__fadd_rn keep
+// nvcc from contracting a*b+c into an FMA, which rounds once and gives different bits).
+// Small integer codes become floats through the exponent trick as_float(2^23 | q) - 2^23,
+// exact for 0 <= q < 2^23 and cheaper than an int-to-float conversion.
+//
+// Alignment: the kernels require the packed tensor to start 16-byte aligned; a block then
+// starts at a multiple of gcd(block bytes, 16) (kAlign), and loads use the widest access that
+// alignment allows.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "../block_math.h"
+
+namespace lowtune::cuda {
+
+// ---- scalar helpers ----------------------------------------------------------------------------
+__device__ __forceinline__ float code_f(uint32_t q) {  // (float)q, q < 2^23
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.0f);
+}
+__device__ __forceinline__ float code_minus_f(uint32_t q, int off) {  // (float)((int)q - off), exact
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.0f + (float)off);
+}
+__device__ __forceinline__ float half_f(uint16_t h) {  // exact for every finite or infinite half
+  return __half2float(__ushort_as_half(h));
+}
+
+// ---- loads ---------------------------------------------------------------------------------------
+__device__ __forceinline__ uint16_t ld_u16(const uint8_t* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
+}
+__device__ __forceinline__ uint8_t ld_u8(const uint8_t* p) { return __ldg(p); }
+
+// NB bytes at p (p aligned to A bytes) into little-endian words w[NB/4].
+template <int NB, int A>
+__device__ __forceinline__ void ld_words(const uint8_t* p, uint32_t* w) {
+  static_assert(NB % 4 == 0, "whole words");
+  if constexpr (A >= 16 && NB % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 16; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (A >= 8 && NB % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 8; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (A >= 4) {
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+  } else {
+    static_assert(A >= 2, "blocks are at least 2-byte aligned");
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i)
+      w[i] = (uint32_t)ld_u16(p + 4 * i) | ((uint32_t)ld_u16(p + 4 * i + 2) << 16);
+  }
+}
+// Byte i of a word array (i a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t byte_of(const uint32_t* w, int i) {
+  return (w[i >> 2] >> (8 * (i & 3))) & 0xFFu;
+}
+
+constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
+
+template <int T> struct Unpack;
+
+// ---- legacy 32-element blocks --------------------------------------------------------------------
+// Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
+template <> struct Unpack<T_Q4_0> {
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const float d = half_f(ld_u16(b));
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, gcd_c(kAlign, 2)>(b + 2 + (e & 15), w);  // offset 2 + {0,8}: 2-byte aligned
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(w, i) >> sh) & 0xF, 8), d);
+  }
+};
+
+// Q4_1: d, m, qs[16]; x = q*d + m.
+template <> struct Unpack<T_Q4_1> {
+  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
+    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 4>(b + 4 + (e & 15), w);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(w, i) >> sh) & 0xF), d), m);
+  }
+};
+
+// Q5_0: d, qh (u32, bit j = fifth bit of element j), qs[16]; x = (q - 16) * d.
+template <> struct Unpack<T_Q5_0> {
+  static constexpr int kElems = 32, kBytes = 22, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const float d = half_f(ld_u16(b));
+    const uint32_t qh = ((uint32_t)ld_u16(b + 2) | ((uint32_t)ld_u16(b + 4) << 16)) >> e;
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 2>(b + 6 + (e & 15), w);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) {
+      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+      v[i] = __fmul_rn(code_minus_f(q, 16), d);
+    }
+  }
+};
+
+// Q5_1: d, m, qh, qs[16]; x = q*d + m.
+template <> struct Unpack<T_Q5_1> {
+  static constexpr int kElems = 32, kBytes = 24, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
+    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
+    const uint32_t qh = __ldg(reinterpret_cast<const unsigned int*>(b + 4)) >> e;
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 8>(b + 8 + (e & 15), w);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) {
+      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+      v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
+    }
+  }
+};
+
+// Q8_0: d, qs[32] int8; x = q * d.
+template <> struct Unpack<T_Q8_0> {
+  static constexpr int kElems = 32, kBytes = 34, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const float d = half_f(ld_u16(b));
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 2>(b + 2 + e, w);
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(w, i) ^ 0x80u, 128), d);
+  }
+};
+
+// ---- K-quants: 256-element super-blocks ----------------------------------------------------------
+// Q2_K: scales[16], qs[64], d, dmin. Element e: half h = e/128, e' = e%128, shift 2*(e'/32),
+// sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32].
+template <> struct Unpack<T_Q2_K> {
+  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b + 80));
+    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const uint32_t sc = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
+    const float dl = __fmul_rn(d, code_f(sc & 0xF)), ml = __fmul_rn(dmin, code_f(sc >> 4));
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 4>(b + 16 + 32 * h + l0, w);
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(w, i) >> (2 * s)) & 3)), ml);
+  }
+};
+
+// Q3_K: hmask[32], qs[64], scales[12], d. Same element order as Q2_K; the hmask bit 4h + s of
+// byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales).
+template <> struct Unpack<T_Q3_K> {
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const float d_all = half_f(ld_u16(b + 108));
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const uint8_t* scales = b + 96;
+    const int low = is < 8 ? (ld_u8(scales + is) & 0xF) : (ld_u8(scales + is - 8) >> 4);
+    const int high = (ld_u8(scales + 8 + (is & 3)) >> (2 * (is >> 2))) & 3;
+    const float dl = __fmul_rn(d_all, (float)((low | (high << 4)) - 32));
+    uint32_t q[SPAN / 4], hm[SPAN / 4];
+    ld_words<SPAN, 2>(b + 32 + 32 * h + l0, q);
+    ld_words<SPAN, 2>(b + l0, hm);
+    const int hbit = 4 * h + s;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) {
+      // ((q >> 2s) & 3) - (bit ? 0 : 4)  ==  ((q >> 2s) & 3) + 4*bit - 4
+      const uint32_t u = ((byte_of(q, i) >> (2 * s)) & 3) + (((byte_of(hm, i) >> hbit) & 1u) << 2);
+      v[i] = __fmul_rn(dl, code_minus_f(u, 4));
+    }
+  }
+};
+
+// Q4_K: d, dmin, scales[12], qs[128]. Chunk j = e/64 uses qs[32j .. 32j+32): low nibbles are
+// elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1).
+template <> struct Unpack<T_Q4_K> {
+  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b));
+    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    uint8_t sc, mn;
+    get_scale_min_k4(2 * j + hi, b + 4, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    uint32_t w[SPAN / 4];
+    ld_words<SPAN, 8>(b + 16 + 32 * j + l0, w);
+    const int sh = 4 * hi;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(w, i) >> sh) & 0xF)), m1);
+  }
+};
+
+// Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
+template <> struct Unpack<T_Q5_K> {
+  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b));
+    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    uint8_t sc, mn;
+    get_scale_min_k4(2 * j + hi, b + 4, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    uint32_t w[SPAN / 4], qh[SPAN / 4];
+    ld_words<SPAN, 8>(b + 48 + 32 * j + l0, w);
+    ld_words<SPAN, 8>(b + 16 + l0, qh);
+    const int sh = 4 * hi, hb = 2 * j + hi;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) {
+      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((byte_of(qh, i) >> hb) & 1u) << 4);
+      v[i] = __fsub_rn(__fmul_rn(d1, code_f(q)), m1);
+    }
+  }
+};
+
+// Q6_K: ql[128], qh[64], scales[16] int8, d. Half h = e/128; quarter w = (e%128)/32, l = e%32:
+// low 4 bits from ql[64h + 32*(w&1) + l] (low nibble for w < 2, high for w >= 2), top 2 bits from
+// qh[32h + l] >> 2w, scale scales[8h + l/16 + 2w]; x = d * sc * (q - 32).
+template <> struct Unpack<T_Q6_K> {
+  static constexpr int kElems = 256, kBytes = 210, kAlign = gcd_c(kBytes, 16);
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const float d = half_f(ld_u16(b + 208));
+    const int h = e >> 7, w = (e >> 5) & 3, l0 = e & 31;
+    const int8_t sc = (int8_t)ld_u8(b + 192 + 8 * h + (l0 >> 4) + 2 * w);
+    const float ds = __fmul_rn(d, (float)sc);
+    uint32_t ql[SPAN / 4], qh[SPAN / 4];
+    ld_words<SPAN, 2>(b + 64 * h + 32 * (w & 1) + l0, ql);
+    ld_words<SPAN, 2>(b + 128 + 32 * h + l0, qh);
+    const int sl = 4 * (w >> 1), shh = 2 * w;
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) {
+      const uint32_t q = ((byte_of(ql, i) >> sl) & 0xF) | (((byte_of(qh, i) >> shh) & 3u) << 4);
+      v[i] = __fmul_rn(ds, code_minus_f(q, 32));
+    }
+  }
+};
+
+// ---- INTb-gG -------------------------------------------------------------------------------------
+// d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
+template <int B, int G> struct UnpackInt {
+  using blk = block_int<B, G>;
+  static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16);
+  static constexpr int kHighBytes = G * blk::high_bits / 8;
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
+    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
+    const uint8_t* high = b + 4;
+    const uint8_t* low = high + kHighBytes;
+    const int c = e >> 5, j0 = e & 31;  // 32-element chunk, offset of the span inside it
+    uint32_t q[SPAN];
+    if constexpr (blk::low_bits == 8) {
+      uint32_t w[SPAN / 4];
+      ld_words<SPAN, 4>(low + e, w);
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) q[i] = byte_of(w, i);
+    } else if constexpr (blk::low_bits == 4) {  // byte 16c + j%16: low nibble j < 16, high j >= 16
+      uint32_t w[SPAN / 4];
+      ld_words<SPAN, 4>(low + 16 * c + (j0 & 15), w);
+      const int sh = (j0 >> 4) * 4;
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) q[i] = (byte_of(w, i) >> sh) & 0xF;
+    } else {  // 2-bit plane: byte 8c + j%8, shift 2*(j/8)
+      uint32_t w[2];
+      ld_words<8, 4>(low + 8 * c, w);
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) q[i] = (byte_of(w, i & 7) >> (2 * ((j0 + i) >> 3))) & 3;
+    }
+    if constexpr (blk::high_bits == 1) {  // bit e of the plane
+      uint32_t hb = ld_u8(high + (e >> 3));
+      if constexpr (SPAN == 16) hb |= (uint32_t)ld_u8(high + (e >> 3) + 1) << 8;
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) q[i] |= ((hb >> i) & 1u) << blk::low_bits;
+    } else if constexpr (blk::high_bits == 2) {
+      uint32_t w[2];
+      ld_words<8, 4>(high + 8 * c, w);
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) q[i] |= ((byte_of(w, i & 7) >> (2 * ((j0 + i) >> 3))) & 3) << blk::low_bits;
+    }
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) v[i] = __fadd_rn(__fmul_rn(code_f(q[i]), d), m);
+  }
+};
+
+#define LT_UNPACK_INT(B, G) \
+  template <> struct Unpack<int_type_id(B, G)> : UnpackInt<B, G> {};
+#define LT_UNPACK_INT_ALL_G(B) LT_UNPACK_INT(B, 32) LT_UNPACK_INT(B, 64) LT_UNPACK_INT(B, 128)
+LT_UNPACK_INT_ALL_G(2) LT_UNPACK_INT_ALL_G(3) LT_UNPACK_INT_ALL_G(4)
+LT_UNPACK_INT_ALL_G(5) LT_UNPACK_INT_ALL_G(6) LT_UNPACK_INT_ALL_G(8)
+#undef LT_UNPACK_INT_ALL_G
+#undef LT_UNPACK_INT
+
+}  // namespace lowtune::cuda
