@@ -26,21 +26,31 @@ __device__ __forceinline__ void store16(OUT* dst, const float* v) {
   }
 }
 
-// Grid: x over 16-element groups of a row, y over rows (strided).
+// Grid: x over 16-element groups of a row, y over pairs of rows (strided); the loads of both
+// rows are issued before either is decoded.
 template <int T, class OUT>
 __global__ void __launch_bounds__(128) dequant_tile_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
                                                            int64_t nrows, int64_t col0, int groups,
                                                            OUT* __restrict__ out, int64_t ldo) {
   using U = Unpack<T>;
+  constexpr int W = U::template Words<16>::value;
   const int gi = blockIdx.x * blockDim.x + threadIdx.x;
   if (gi >= groups) return;
   const int64_t k = col0 + 16 * (int64_t)gi;
   const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
   const int e = (int)(k % U::kElems);
-  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+  for (int64_t r = blockIdx.y; r < nrows; r += 2 * (int64_t)gridDim.y) {
+    const int64_t r2 = r + gridDim.y;
+    uint32_t ra[W], rb[W];
+    U::template load<16>(blk + r * row_bytes, e, ra);
+    if (r2 < nrows) U::template load<16>(blk + r2 * row_bytes, e, rb);
     float v[16];
-    U::template run<16>(blk + r * row_bytes, e, v);
+    U::template decode<16>(ra, e, v);
     store16<OUT>(out + r * ldo + 16 * (int64_t)gi, v);
+    if (r2 < nrows) {
+      U::template decode<16>(rb, e, v);
+      store16<OUT>(out + r2 * ldo + 16 * (int64_t)gi, v);
+    }
   }
 }
 
@@ -49,7 +59,8 @@ void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int
                          void* out, int out_dtype, int64_t ldo, cudaStream_t stream) {
   if (nrows <= 0 || ncols <= 0) return;
   const int groups = (int)(ncols / 16);
-  const dim3 grid((unsigned)((groups + 127) / 128), (unsigned)(nrows < 65535 ? nrows : 65535));
+  const int64_t row_pairs = (nrows + 1) / 2;
+  const dim3 grid((unsigned)((groups + 127) / 128), (unsigned)(row_pairs < 65535 ? row_pairs : 65535));
   switch (out_dtype) {
     case D_F32:
       dequant_tile_kernel<T, float><<<grid, 128, 0, stream>>>(w, row_bytes, nrows, col0, groups,

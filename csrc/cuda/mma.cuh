@@ -49,13 +49,25 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b
   }
 }
 
+// Four 8x8 16-bit matrices from shared memory; lane l gives the address of row l%8 of matrix
+// l/8. With matrices (rows 0-7, col 0), (rows 8-15, col 0), (rows 0-7, col 8), (rows 8-15, col 8)
+// of a 16x16 tile this is the A fragment: r = {a0, a1, a2, a3}.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_row) {
+  const uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem_row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 // Four transposed 8x8 16-bit matrices from shared memory; lane l gives the address of row l%8
 // of matrix l/8. Result r[i] = matrix i, transposed into the B-fragment layout.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_row) {
   const uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem_row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");
 }
 
 }  // namespace lowtune::cuda

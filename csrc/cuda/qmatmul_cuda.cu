@@ -7,11 +7,12 @@
 //                        (input grad) into one reused scratch buffer in the activation dtype, and
 //                        each chunk is multiplied with cuBLAS (opened at run time). Scratch is
 //                        bounded by scratch_bytes(), not by the weight's size.
-//   fallback             the reference kernels, when cuBLAS cannot be loaded or a pointer is not
-//                        16-byte aligned (correct, slow).
+//   fallback             the reference kernels, when cuBLAS cannot be loaded (correct, slow).
+// A packed weight that does not start 16-byte aligned is first copied to an aligned scratch
+// buffer; activations that are not aligned skip the fused kernels.
 //
 // Tuning knobs, read on every call (so a benchmark can sweep them):
-//   LOWTUNE_CUDA_SMALL_M      largest M for the fused kernels (default 64, at most 64; 0 = never)
+//   LOWTUNE_CUDA_SMALL_M      largest M for the fused kernels (default 32, at most 32; 0 = never)
 //   LOWTUNE_CUDA_SCRATCH_MB   scratch budget of the chunked path in MiB (default 64)
 #include <climits>
 #include <cstdlib>
@@ -46,7 +47,7 @@ int64_t env_int(const char* name, int64_t fallback) {
   const char* s = std::getenv(name);
   return (s && *s) ? std::atoll(s) : fallback;
 }
-int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", 64), 64); }
+int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", 32), 32); }
 int64_t scratch_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 64), 1) << 20; }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -77,6 +78,23 @@ cudaMemPool_t scratch_pool() {
   }
   return pools[dev];
 }
+
+// The packed weight at a 16-byte aligned address: the pointer itself, or an aligned copy.
+class AlignedWeight {
+ public:
+  AlignedWeight(const void* w, size_t bytes, cudaStream_t stream)
+      : copy_(aligned16(w) ? 0 : bytes, stream), ptr_(static_cast<const uint8_t*>(w)) {
+    if (copy_.as<void>()) {
+      LT_CUDA_CHECK(cudaMemcpyAsync(copy_.as<void>(), w, bytes, cudaMemcpyDeviceToDevice, stream));
+      ptr_ = copy_.as<uint8_t>();
+    }
+  }
+  const uint8_t* get() const { return ptr_; }
+
+ private:
+  ScratchBuffer copy_;
+  const uint8_t* ptr_;
+};
 
 // Shape and argument checks shared by the entry points; returns the block geometry.
 BlockInfo check_args(int qtype, int dtype, int64_t m, int64_t n, int64_t k) {
@@ -150,15 +168,14 @@ void scratch_free(void* p, cudaStream_t stream) {
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k, void* stream) {
   const BlockInfo bi = check_args(qtype, out_dtype, 0, n, k);
   if (n == 0 || k == 0) return;
-  if (!aligned16(blocks) || !aligned16(out)) {
-    reference::dequantize(qtype, blocks, out, out_dtype, n, k, stream);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int64_t row_bytes = k / bi.elems * bi.bytes;
+  const AlignedWeight w(blocks, (size_t)(n * row_bytes), s);
+  if (!aligned16(out)) {  // the fast kernel stores 16 bytes at a time
+    reference::dequantize(qtype, w.get(), out, out_dtype, n, k, stream);
     return;
   }
-  const int64_t row_bytes = k / bi.elems * bi.bytes;
-  dispatch_qtype(qtype, [&]<int T>() {
-    launch_dequant_tile<T>(static_cast<const uint8_t*>(blocks), row_bytes, n, 0, k, out, out_dtype, k,
-                           static_cast<cudaStream_t>(stream));
-  });
+  dispatch_qtype(qtype, [&]<int T>() { launch_dequant_tile<T>(w.get(), row_bytes, n, 0, k, out, out_dtype, k, s); });
 }
 
 void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y, int64_t m, int64_t n, int64_t k,
@@ -171,13 +188,14 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
     return;
   }
   const int64_t row_bytes = k / bi.elems * bi.bytes;
-  const auto* wb = static_cast<const uint8_t*>(w);
-  if (dtype != D_F32 && m <= small_m_max() && aligned16(x) && aligned16(w)) {
+  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
+  const uint8_t* wb = wa.get();
+  if (dtype != D_F32 && m <= small_m_max() && aligned16(x)) {
     dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
-  } else if (aligned16(w) && cublas_available()) {
+  } else if (cublas_available()) {
     dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
   } else {
-    reference::qmatmul_forward(qtype, x, dtype, w, y, m, n, k, stream);
+    reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
   }
 }
 
@@ -191,13 +209,14 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
     return;
   }
   const int64_t row_bytes = k / bi.elems * bi.bytes;
-  const auto* wb = static_cast<const uint8_t*>(w);
-  if (dtype != D_F32 && m <= small_m_max() && aligned16(dy) && aligned16(w)) {
+  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
+  const uint8_t* wb = wa.get();
+  if (dtype != D_F32 && m <= small_m_max()) {
     dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
-  } else if (aligned16(w) && cublas_available()) {
+  } else if (cublas_available()) {
     dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
   } else {
-    reference::qmatmul_input_grad(qtype, dy, dtype, w, dx, m, n, k, stream);
+    reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);
   }
 }
 

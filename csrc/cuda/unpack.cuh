@@ -1,6 +1,9 @@
 // Fast device-side block unpacking for the CUDA kernels.
 //
 //   Unpack<T>::run<SPAN>(blk, e, v)   v[i] = element e + i of the block at blk, i < SPAN
+//   Unpack<T>::load<SPAN>(blk, e, r)  the raw words run needs (Words<SPAN> of them) ...
+//   Unpack<T>::decode<SPAN>(r, e, v)  ... and the arithmetic on them: kernels issue the loads
+//                                     of the next piece of work before decoding this one.
 //
 // SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
 // The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
@@ -73,160 +76,217 @@ constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
 
 template <int T> struct Unpack;
 
+// run = load + decode, for every type.
+template <class Self> struct UnpackBase {
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    uint32_t r[Self::template Words<SPAN>::value];
+    Self::template load<SPAN>(b, e, r);
+    Self::template decode<SPAN>(r, e, v);
+  }
+};
+template <int N> struct IntC { static constexpr int value = N; };
+
 // ---- legacy 32-element blocks --------------------------------------------------------------------
 // Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
-template <> struct Unpack<T_Q4_0> {
+template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
   static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const float d = half_f(ld_u16(b));
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, gcd_c(kAlign, 2)>(b + 2 + (e & 15), w);  // offset 2 + {0,8}: 2-byte aligned
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    ld_words<S, 2>(b + 2 + (e & 15), r + 1);  // offset 2 + {0,8}: 2-byte aligned
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
     const int sh = (e >> 4) * 4;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(w, i) >> sh) & 0xF, 8), d);
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 0xF, 8), d);
   }
 };
 
 // Q4_1: d, m, qs[16]; x = q*d + m.
-template <> struct Unpack<T_Q4_1> {
+template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
   static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
-    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 4>(b + 4 + (e & 15), w);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    ld_words<S, 4>(b + 4 + (e & 15), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
     const int sh = (e >> 4) * 4;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(w, i) >> sh) & 0xF), d), m);
+    for (int i = 0; i < S; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(r + 1, i) >> sh) & 0xF), d), m);
   }
 };
 
 // Q5_0: d, qh (u32, bit j = fifth bit of element j), qs[16]; x = (q - 16) * d.
-template <> struct Unpack<T_Q5_0> {
+template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
   static constexpr int kElems = 32, kBytes = 22, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const float d = half_f(ld_u16(b));
-    const uint32_t qh = ((uint32_t)ld_u16(b + 2) | ((uint32_t)ld_u16(b + 4) << 16)) >> e;
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 2>(b + 6 + (e & 15), w);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    r[1] = (uint32_t)ld_u16(b + 2) | ((uint32_t)ld_u16(b + 4) << 16);
+    ld_words<S, 2>(b + 6 + (e & 15), r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const uint32_t qh = r[1] >> e;
     const int sh = (e >> 4) * 4;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) {
-      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
       v[i] = __fmul_rn(code_minus_f(q, 16), d);
     }
   }
 };
 
 // Q5_1: d, m, qh, qs[16]; x = q*d + m.
-template <> struct Unpack<T_Q5_1> {
+template <> struct Unpack<T_Q5_1> : UnpackBase<Unpack<T_Q5_1>> {
   static constexpr int kElems = 32, kBytes = 24, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
-    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
-    const uint32_t qh = __ldg(reinterpret_cast<const unsigned int*>(b + 4)) >> e;
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 8>(b + 8 + (e & 15), w);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[1] = __ldg(reinterpret_cast<const unsigned int*>(b + 4));
+    ld_words<S, 8>(b + 8 + (e & 15), r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t qh = r[1] >> e;
     const int sh = (e >> 4) * 4;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) {
-      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
       v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
     }
   }
 };
 
 // Q8_0: d, qs[32] int8; x = q * d.
-template <> struct Unpack<T_Q8_0> {
+template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
   static constexpr int kElems = 32, kBytes = 34, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const float d = half_f(ld_u16(b));
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 2>(b + 2 + e, w);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    ld_words<S, 2>(b + 2 + e, r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(w, i) ^ 0x80u, 128), d);
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(r + 1, i) ^ 0x80u, 128), d);
   }
 };
 
 // ---- K-quants: 256-element super-blocks ----------------------------------------------------------
 // Q2_K: scales[16], qs[64], d, dmin. Element e: half h = e/128, e' = e%128, shift 2*(e'/32),
 // sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32].
-template <> struct Unpack<T_Q2_K> {
+template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
   static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b + 80));
-    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
-    const uint32_t sc = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
-    const float dl = __fmul_rn(d, code_f(sc & 0xF)), ml = __fmul_rn(dmin, code_f(sc >> 4));
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 4>(b + 16 + 32 * h + l0, w);
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b + 80));
+    r[1] = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
+    ld_words<S, 4>(b + 16 + 32 * h + l0, r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const int s = (e & 127) >> 5;
+    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(w, i) >> (2 * s)) & 3)), ml);
+    for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(r + 2, i) >> (2 * s)) & 3)), ml);
   }
 };
 
 // Q3_K: hmask[32], qs[64], scales[12], d. Same element order as Q2_K; the hmask bit 4h + s of
 // byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales).
-template <> struct Unpack<T_Q3_K> {
+template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
   static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const float d_all = half_f(ld_u16(b + 108));
+  template <int S> using Words = IntC<3 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
     const int is = 8 * h + 2 * s + (l0 >> 4);
-    const uint8_t* scales = b + 96;
-    const int low = is < 8 ? (ld_u8(scales + is) & 0xF) : (ld_u8(scales + is - 8) >> 4);
-    const int high = (ld_u8(scales + 8 + (is & 3)) >> (2 * (is >> 2))) & 3;
-    const float dl = __fmul_rn(d_all, (float)((low | (high << 4)) - 32));
-    uint32_t q[SPAN / 4], hm[SPAN / 4];
-    ld_words<SPAN, 2>(b + 32 + 32 * h + l0, q);
-    ld_words<SPAN, 2>(b + l0, hm);
+    r[0] = ld_u16(b + 108);
+    r[1] = ld_u8(b + 96 + (is & 7));      // low 4 bits: low nibble (is < 8) or high nibble
+    r[2] = ld_u8(b + 96 + 8 + (is & 3));  // high 2 bits at 2*(is/4)
+    ld_words<S, 2>(b + 32 + 32 * h + l0, r + 3);
+    ld_words<S, 2>(b + l0, r + 3 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
+    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
     const int hbit = 4 * h + s;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) {
+    for (int i = 0; i < S; ++i) {
       // ((q >> 2s) & 3) - (bit ? 0 : 4)  ==  ((q >> 2s) & 3) + 4*bit - 4
-      const uint32_t u = ((byte_of(q, i) >> (2 * s)) & 3) + (((byte_of(hm, i) >> hbit) & 1u) << 2);
+      const uint32_t u = ((byte_of(r + 3, i) >> (2 * s)) & 3) + (((byte_of(r + 3 + S / 4, i) >> hbit) & 1u) << 2);
       v[i] = __fmul_rn(dl, code_minus_f(u, 4));
     }
   }
 };
 
+// Q4_K / Q5_K six-bit scale and min of sub-block j from the three packed bytes it uses:
+// x = q[j < 4 ? j : j+4], y = q[j < 4 ? j+4 : j-4], z = q[j] (see get_scale_min_k4).
+__device__ __forceinline__ void load_scale_min_k4(const uint8_t* q, int j, uint32_t* r) {
+  r[0] = ld_u8(q + (j < 4 ? j : j + 4));
+  r[1] = ld_u8(q + (j < 4 ? j + 4 : j - 4));
+  r[2] = ld_u8(q + j);
+}
+__device__ __forceinline__ void scale_min_k4(const uint32_t* r, int j, uint32_t* sc, uint32_t* mn) {
+  if (j < 4) {
+    *sc = r[0] & 63; *mn = r[1] & 63;
+  } else {
+    *sc = (r[0] & 0xF) | ((r[1] >> 6) << 4);
+    *mn = (r[0] >> 4) | ((r[2] >> 6) << 4);
+  }
+}
+
 // Q4_K: d, dmin, scales[12], qs[128]. Chunk j = e/64 uses qs[32j .. 32j+32): low nibbles are
 // elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1).
-template <> struct Unpack<T_Q4_K> {
+template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
   static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b));
-    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+  template <int S> using Words = IntC<4 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
-    uint8_t sc, mn;
-    get_scale_min_k4(2 * j + hi, b + 4, &sc, &mn);
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<S, 8>(b + 16 + 32 * j + l0, r + 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
-    uint32_t w[SPAN / 4];
-    ld_words<SPAN, 8>(b + 16 + 32 * j + l0, w);
     const int sh = 4 * hi;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(w, i) >> sh) & 0xF)), m1);
+    for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(r + 4, i) >> sh) & 0xF)), m1);
   }
 };
 
 // Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
-template <> struct Unpack<T_Q5_K> {
+template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
   static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dd = __ldg(reinterpret_cast<const unsigned int*>(b));
-    const float d = half_f(dd & 0xFFFF), dmin = half_f(dd >> 16);
+  template <int S> using Words = IntC<4 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
-    uint8_t sc, mn;
-    get_scale_min_k4(2 * j + hi, b + 4, &sc, &mn);
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<S, 8>(b + 48 + 32 * j + l0, r + 4);
+    ld_words<S, 8>(b + 16 + l0, r + 4 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
-    uint32_t w[SPAN / 4], qh[SPAN / 4];
-    ld_words<SPAN, 8>(b + 48 + 32 * j + l0, w);
-    ld_words<SPAN, 8>(b + 16 + l0, qh);
     const int sh = 4 * hi, hb = 2 * j + hi;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) {
-      const uint32_t q = ((byte_of(w, i) >> sh) & 0xF) | (((byte_of(qh, i) >> hb) & 1u) << 4);
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 4, i) >> sh) & 0xF) | (((byte_of(r + 4 + S / 4, i) >> hb) & 1u) << 4);
       v[i] = __fsub_rn(__fmul_rn(d1, code_f(q)), m1);
     }
   }
@@ -235,20 +295,23 @@ template <> struct Unpack<T_Q5_K> {
 // Q6_K: ql[128], qh[64], scales[16] int8, d. Half h = e/128; quarter w = (e%128)/32, l = e%32:
 // low 4 bits from ql[64h + 32*(w&1) + l] (low nibble for w < 2, high for w >= 2), top 2 bits from
 // qh[32h + l] >> 2w, scale scales[8h + l/16 + 2w]; x = d * sc * (q - 32).
-template <> struct Unpack<T_Q6_K> {
+template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
   static constexpr int kElems = 256, kBytes = 210, kAlign = gcd_c(kBytes, 16);
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const float d = half_f(ld_u16(b + 208));
+  template <int S> using Words = IntC<2 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, w = (e >> 5) & 3, l0 = e & 31;
-    const int8_t sc = (int8_t)ld_u8(b + 192 + 8 * h + (l0 >> 4) + 2 * w);
-    const float ds = __fmul_rn(d, (float)sc);
-    uint32_t ql[SPAN / 4], qh[SPAN / 4];
-    ld_words<SPAN, 2>(b + 64 * h + 32 * (w & 1) + l0, ql);
-    ld_words<SPAN, 2>(b + 128 + 32 * h + l0, qh);
+    r[0] = ld_u16(b + 208);
+    r[1] = ld_u8(b + 192 + 8 * h + (l0 >> 4) + 2 * w);
+    ld_words<S, 2>(b + 64 * h + 32 * (w & 1) + l0, r + 2);
+    ld_words<S, 2>(b + 128 + 32 * h + l0, r + 2 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int w = (e >> 5) & 3;
+    const float ds = __fmul_rn(half_f((uint16_t)r[0]), (float)(int8_t)r[1]);
     const int sl = 4 * (w >> 1), shh = 2 * w;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) {
-      const uint32_t q = ((byte_of(ql, i) >> sl) & 0xF) | (((byte_of(qh, i) >> shh) & 3u) << 4);
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sl) & 0xF) | (((byte_of(r + 2 + S / 4, i) >> shh) & 3u) << 4);
       v[i] = __fmul_rn(ds, code_minus_f(q, 32));
     }
   }
@@ -256,47 +319,44 @@ template <> struct Unpack<T_Q6_K> {
 
 // ---- INTb-gG -------------------------------------------------------------------------------------
 // d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
-template <int B, int G> struct UnpackInt {
+template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
   using blk = block_int<B, G>;
   static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16);
   static constexpr int kHighBytes = G * blk::high_bits / 8;
-  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
-    const uint32_t dm = __ldg(reinterpret_cast<const unsigned int*>(b));
-    const float d = half_f(dm & 0xFFFF), m = half_f(dm >> 16);
+  template <int S> static constexpr int low_words() { return blk::low_bits == 2 ? 2 : S / 4; }
+  template <int S> static constexpr int high_words() { return blk::high_bits == 2 ? 2 : blk::high_bits; }
+  template <int S> using Words = IntC<1 + low_words<S>() + high_words<S>()>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const uint8_t* high = b + 4;
     const uint8_t* low = high + kHighBytes;
     const int c = e >> 5, j0 = e & 31;  // 32-element chunk, offset of the span inside it
-    uint32_t q[SPAN];
-    if constexpr (blk::low_bits == 8) {
-      uint32_t w[SPAN / 4];
-      ld_words<SPAN, 4>(low + e, w);
-#pragma unroll
-      for (int i = 0; i < SPAN; ++i) q[i] = byte_of(w, i);
-    } else if constexpr (blk::low_bits == 4) {  // byte 16c + j%16: low nibble j < 16, high j >= 16
-      uint32_t w[SPAN / 4];
-      ld_words<SPAN, 4>(low + 16 * c + (j0 & 15), w);
-      const int sh = (j0 >> 4) * 4;
-#pragma unroll
-      for (int i = 0; i < SPAN; ++i) q[i] = (byte_of(w, i) >> sh) & 0xF;
-    } else {  // 2-bit plane: byte 8c + j%8, shift 2*(j/8)
-      uint32_t w[2];
-      ld_words<8, 4>(low + 8 * c, w);
-#pragma unroll
-      for (int i = 0; i < SPAN; ++i) q[i] = (byte_of(w, i & 7) >> (2 * ((j0 + i) >> 3))) & 3;
-    }
-    if constexpr (blk::high_bits == 1) {  // bit e of the plane
-      uint32_t hb = ld_u8(high + (e >> 3));
-      if constexpr (SPAN == 16) hb |= (uint32_t)ld_u8(high + (e >> 3) + 1) << 8;
-#pragma unroll
-      for (int i = 0; i < SPAN; ++i) q[i] |= ((hb >> i) & 1u) << blk::low_bits;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    if constexpr (blk::low_bits == 8) ld_words<S, 4>(low + e, r + 1);
+    else if constexpr (blk::low_bits == 4) ld_words<S, 4>(low + 16 * c + (j0 & 15), r + 1);
+    else ld_words<8, 4>(low + 8 * c, r + 1);
+    uint32_t* rh = r + 1 + low_words<S>();
+    if constexpr (blk::high_bits == 1) {
+      rh[0] = ld_u8(high + (e >> 3));
+      if constexpr (S == 16) rh[0] |= (uint32_t)ld_u8(high + (e >> 3) + 1) << 8;
     } else if constexpr (blk::high_bits == 2) {
-      uint32_t w[2];
-      ld_words<8, 4>(high + 8 * c, w);
-#pragma unroll
-      for (int i = 0; i < SPAN; ++i) q[i] |= ((byte_of(w, i & 7) >> (2 * ((j0 + i) >> 3))) & 3) << blk::low_bits;
+      ld_words<8, 4>(high + 8 * c, rh);
     }
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t* rl = r + 1;
+    const uint32_t* rh = r + 1 + low_words<S>();
+    const int j0 = e & 31;
 #pragma unroll
-    for (int i = 0; i < SPAN; ++i) v[i] = __fadd_rn(__fmul_rn(code_f(q[i]), d), m);
+    for (int i = 0; i < S; ++i) {
+      uint32_t q;
+      if constexpr (blk::low_bits == 8) q = byte_of(rl, i);
+      else if constexpr (blk::low_bits == 4) q = (byte_of(rl, i) >> ((j0 >> 4) * 4)) & 0xF;
+      else q = (byte_of(rl, i & 7) >> (2 * ((j0 + i) >> 3))) & 3;  // byte 8c + j%8, shift 2*(j/8)
+      if constexpr (blk::high_bits == 1) q |= ((rh[0] >> i) & 1u) << blk::low_bits;
+      else if constexpr (blk::high_bits == 2) q |= ((byte_of(rh, i & 7) >> (2 * ((j0 + i) >> 3))) & 3) << blk::low_bits;
+      v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
+    }
   }
 };
 
