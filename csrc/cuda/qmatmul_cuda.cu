@@ -13,7 +13,7 @@
 //
 // Tuning knobs, read on every call (so a benchmark can sweep them):
 //   LOWTUNE_CUDA_SMALL_M      largest M for the fused kernels (default 32, at most 32; 0 = never)
-//   LOWTUNE_CUDA_SCRATCH_MB   scratch budget of the chunked path in MiB (default 64)
+//   LOWTUNE_CUDA_SCRATCH_MB   scratch budget of the chunked path in MiB (default 128)
 #include <climits>
 #include <cstdlib>
 #include <mutex>
@@ -48,7 +48,7 @@ int64_t env_int(const char* name, int64_t fallback) {
   return (s && *s) ? std::atoll(s) : fallback;
 }
 int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", 32), 32); }
-int64_t scratch_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 64), 1) << 20; }
+int64_t scratch_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

@@ -42,20 +42,22 @@ __device__ __forceinline__ void load_span(const uint8_t* row, int k, uint32_t* r
   using U = Unpack<T>;
   U::template load<kSpan>(row + ((unsigned)k / U::kElems) * U::kBytes, (int)((unsigned)k % U::kElems), r);
 }
-// ... unpacked and packed into eight 16-bit pairs; zeros when !valid.
+// ... unpacked (decode_fast: one fused multiply-add per value) and packed into eight 16-bit
+// pairs. Padding lanes (rows past N, columns past K) unpack real, finite weights that meet zeros
+// in X or dY, or whose outputs are never stored.
 template <int T, class ACT>
-__device__ __forceinline__ void decode_span(const uint32_t* r, int k, bool valid, uint32_t* pw) {
+__device__ __forceinline__ void decode_span(const uint32_t* r, int k, uint32_t* pw) {
   using U = Unpack<T>;
   float v[kSpan];
-  U::template decode<kSpan>(r, (int)((unsigned)k % U::kElems), v);
+  U::template decode_fast<kSpan>(r, (int)((unsigned)k % U::kElems), v);
 #pragma unroll
-  for (int i = 0; i < kSpan / 2; ++i) pw[i] = valid ? pack2<ACT>(v[2 * i], v[2 * i + 1]) : 0u;
+  for (int i = 0; i < kSpan / 2; ++i) pw[i] = pack2<ACT>(v[2 * i], v[2 * i + 1]);
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
 template <int T, class ACT, int MT>
 __device__ __forceinline__ void fwd_chunk(float (&acc)[MT][kFwdTiles][4], const uint32_t (&r)[kFwdTiles][Unpack<T>::template Words<kSpan>::value],
-                                          int kl, bool kval, const uint16_t* xrow, int pitch) {
+                                          int kl, const uint16_t* xrow, int pitch) {
   uint32_t xa[MT][8], xb[MT][8];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -70,7 +72,7 @@ __device__ __forceinline__ void fwd_chunk(float (&acc)[MT][kFwdTiles][4], const 
 #pragma unroll
   for (int t = 0; t < kFwdTiles; ++t) {
     uint32_t pw[8];
-    decode_span<T, ACT>(r[t], kl, kval, pw);
+    decode_span<T, ACT>(r[t], kl, pw);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -118,8 +120,8 @@ __global__ void __launch_bounds__(128) small_forward_kernel(const uint16_t* __re
 
   // Two register sets: the loads of chunk q+1 are in flight while chunk q is unpacked.
   uint32_t ra[kFwdTiles][W], rb[kFwdTiles][W];
-  auto k_of = [&](int q) { return q * kChunk + c * kSpan; };
-  auto kclamp = [&](int q) { return min(k_of(q), K - kSpan); };  // a last half chunk loads in bounds
+  // A last half chunk (K % 64 == 32) loads in bounds; X is zero there.
+  auto kclamp = [&](int q) { return min(q * kChunk + c * kSpan, K - kSpan); };
   auto load = [&](uint32_t (&r)[kFwdTiles][W], int q) {
 #pragma unroll
     for (int t = 0; t < kFwdTiles; ++t) load_span<T>(wrow[t], kclamp(q), r[t]);
@@ -129,10 +131,10 @@ __global__ void __launch_bounds__(128) small_forward_kernel(const uint16_t* __re
 #pragma unroll 1
   for (int q = q0; q < q1; q += 2) {
     if (q + 1 < q1) load(rb, q + 1);
-    fwd_chunk<T, ACT, MT>(acc, ra, kclamp(q), k_of(q) < K, xrow(q), pitch);
+    fwd_chunk<T, ACT, MT>(acc, ra, kclamp(q), xrow(q), pitch);
     if (q + 1 >= q1) break;
     if (q + 2 < q1) load(ra, q + 2);
-    fwd_chunk<T, ACT, MT>(acc, rb, kclamp(q + 1), k_of(q + 1) < K, xrow(q + 1), pitch);
+    fwd_chunk<T, ACT, MT>(acc, rb, kclamp(q + 1), xrow(q + 1), pitch);
   }
 
 #pragma unroll
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(128) small_input_grad_kernel(const uint16_t* _
     for (int it = 0; it < kIgGroups; ++it) {
       uint32_t pw[8];
       const int k = min(gcol(it), K - kSpan);
-      decode_span<T, ACT>(r[it], k, n0 + grow(it) < n_end && gcol(it) < K, pw);
+      decode_span<T, ACT>(r[it], k, pw);  // rows past n_end meet zeros in dY
       uint4* dst = reinterpret_cast<uint4*>(&sw[grow(it) * kIgPitch + (gcol(it) - col_cta)]);
       dst[0] = make_uint4(pw[0], pw[1], pw[2], pw[3]);
       dst[1] = make_uint4(pw[4], pw[5], pw[6], pw[7]);
@@ -262,25 +264,45 @@ void launch_reduce(const float* part, int splits, int64_t count, void* out, cuda
   LT_CUDA_CHECK_LAUNCH();
 }
 
-// Units of the reduction per split: enough CTAs for about four per multiprocessor, at most
-// max_per units (the shared-memory slice of X or dY holds that many).
-inline int units_per_split(int tiles, int units, int max_per) {
-  const int want = std::max(1, (4 * sm_count() + tiles - 1) / tiles);
+// Units of the reduction per split: enough CTAs for one full wave (ctas_per_sm resident on
+// every multiprocessor), at most max_per units (the shared-memory slice of X or dY holds that many).
+inline int units_per_split(int tiles, int units, int max_per, int ctas_per_sm) {
+  const int want = std::max(1, (ctas_per_sm * sm_count() + tiles - 1) / tiles);
   int per = (units + want - 1) / want;
   per = std::max(1, std::min(per, max_per));
   per = std::max(per, (units + 65534) / 65535);  // gridDim.y limit
   return per;
 }
 
+// Per device, once: raise the kernel's dynamic shared-memory limit to smem and return how many
+// of its CTAs fit on one multiprocessor.
+template <class Kernel>
+int prepare_kernel(Kernel kernel, size_t smem, int* cache) {
+  int dev = 0;
+  LT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) throw std::runtime_error("device index out of range");
+  if (!cache[dev]) {
+    if (smem > 48 * 1024) LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    int n = 0;
+    LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 128, smem));
+    cache[dev] = std::max(n, 1);
+  }
+  return cache[dev];
+}
+
 template <int T, class ACT, int MT>
 void small_forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                          cudaStream_t stream) {
+  constexpr int kMaxPer = 16 / MT;  // X slice <= 16*MT x 1024/MT: 33 KB
+  static int occupancy[64] = {};
+  const auto kernel = small_forward_kernel<T, ACT, MT>;
+  const int ctas = prepare_kernel(kernel, (size_t)16 * MT * (kMaxPer * kChunk + 8) * 2, occupancy);
   const int tiles = (n + kFwdRows - 1) / kFwdRows, nchunks = (k + kChunk - 1) / kChunk;
-  const int per = units_per_split(tiles, nchunks, 16 / MT);  // X slice <= 16*MT x 1024/MT: 33 KB
+  const int per = units_per_split(tiles, nchunks, kMaxPer, ctas);
   const int splits = (nchunks + per - 1) / per;
   const size_t smem = (size_t)16 * MT * (per * kChunk + 8) * sizeof(uint16_t);
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
-  small_forward_kernel<T, ACT, MT><<<dim3((unsigned)tiles, (unsigned)splits), 128, smem, stream>>>(
+  kernel<<<dim3((unsigned)tiles, (unsigned)splits), 128, smem, stream>>>(
       static_cast<const uint16_t*>(x), w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per);
   LT_CUDA_CHECK_LAUNCH();
   if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * n, y, stream);
@@ -289,12 +311,16 @@ void small_forward_typed(const void* x, const uint8_t* w, void* y, int m, int n,
 template <int T, class ACT, int MT>
 void small_input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, int k, int64_t row_bytes,
                             cudaStream_t stream) {
+  constexpr int kMaxPer = 8;  // dY slice <= 16*MT x 512: 17 or 33 KB (plus 17 KB of W tile)
+  static int occupancy[64] = {};
+  const auto kernel = small_input_grad_kernel<T, ACT, MT>;
+  const int ctas = prepare_kernel(kernel, (size_t)16 * MT * (kMaxPer * kIgRows + 8) * 2, occupancy);
   const int tiles = (k + kIgCols - 1) / kIgCols, stages = (n + kIgRows - 1) / kIgRows;
-  const int per = units_per_split(tiles, stages, 8 / MT);  // dY slice <= 16*MT x 512/MT: 17 KB
+  const int per = units_per_split(tiles, stages, kMaxPer, ctas);
   const int splits = (stages + per - 1) / per, rows_per_split = per * kIgRows;
   const size_t smem = (size_t)16 * MT * (rows_per_split + 8) * sizeof(uint16_t);
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * k * sizeof(float) : 0, stream);
-  small_input_grad_kernel<T, ACT, MT><<<dim3((unsigned)tiles, (unsigned)splits), 128, smem, stream>>>(
+  kernel<<<dim3((unsigned)tiles, (unsigned)splits), 128, smem, stream>>>(
       static_cast<const uint16_t*>(dy), w, static_cast<ACT*>(dx), part.as<float>(), m, n, k, row_bytes,
       rows_per_split);
   LT_CUDA_CHECK_LAUNCH();

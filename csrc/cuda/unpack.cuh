@@ -74,6 +74,22 @@ __device__ __forceinline__ uint32_t byte_of(const uint32_t* w, int i) {
 
 constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
 
+// ---- fast decode (for the matmul kernels) ---------------------------------------------------------
+// decode_fast<SPAN>(r, e, v) gives v[i] = fma(u_i, s, z) for the block's code u_i and affine
+// (s, z): equal to decode for the symmetric types (z = -offset*s is exact: (u - o)*s rounds
+// once either way) and within one fp32 rounding of it for types with a min (one rounding instead
+// of two). Codes are built four at a time as bytes of a word, then widened with one byte permute.
+__device__ __forceinline__ float byte_f(uint32_t w, int i) {  // (float) byte i of w
+  return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + i)), 8388608.0f);
+}
+template <int S>
+__device__ __forceinline__ void affine_codes(const uint32_t* cw, float s, float z, float* v) {
+#pragma unroll
+  for (int i = 0; i < S; ++i) v[i] = __fmaf_rn(byte_f(cw[i >> 2], i & 3), s, z);
+}
+// Four consecutive bits (bit 0 = first element) spread to bit 0 of four bytes.
+__device__ __forceinline__ uint32_t spread4(uint32_t bits) { return ((bits & 0xFu) * 0x00204081u) & 0x01010101u; }
+
 template <int T> struct Unpack;
 
 // run = load + decode, for every type.
@@ -101,6 +117,14 @@ template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 0xF, 8), d);
   }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d, __fmul_rn(-8.0f, d), v);
+  }
 };
 
 // Q4_1: d, m, qs[16]; x = q*d + m.
@@ -116,6 +140,14 @@ template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
     const int sh = (e >> 4) * 4;
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(r + 1, i) >> sh) & 0xF), d), m);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d, m, v);
   }
 };
 
@@ -138,6 +170,15 @@ template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
       v[i] = __fmul_rn(code_minus_f(q, 16), d);
     }
   }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
+    affine_codes<S>(cw, d, __fmul_rn(-16.0f, d), v);
+  }
 };
 
 // Q5_1: d, m, qh, qs[16]; x = q*d + m.
@@ -159,6 +200,15 @@ template <> struct Unpack<T_Q5_1> : UnpackBase<Unpack<T_Q5_1>> {
       v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
     }
   }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
+    affine_codes<S>(cw, d, m, v);
+  }
 };
 
 // Q8_0: d, qs[32] int8; x = q * d.
@@ -173,6 +223,13 @@ template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
     const float d = half_f((uint16_t)r[0]);
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(r + 1, i) ^ 0x80u, 128), d);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = r[1 + j] ^ 0x80808080u;  // int8 q -> q + 128
+    affine_codes<S>(cw, d, __fmul_rn(-128.0f, d), v);
   }
 };
 
@@ -194,6 +251,15 @@ template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
     const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(r + 2, i) >> (2 * s)) & 3)), ml);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const int s = (e & 127) >> 5;
+    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[2 + j] >> (2 * s)) & 0x03030303u;
+    affine_codes<S>(cw, dl, -ml, v);
   }
 };
 
@@ -224,6 +290,19 @@ template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
       const uint32_t u = ((byte_of(r + 3, i) >> (2 * s)) & 3) + (((byte_of(r + 3 + S / 4, i) >> hbit) & 1u) << 2);
       v[i] = __fmul_rn(dl, code_minus_f(u, 4));
     }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
+    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+    const int hbit = 4 * h + s;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j)
+      cw[j] = ((r[3 + j] >> (2 * s)) & 0x03030303u) | (((r[3 + S / 4 + j] >> hbit) & 0x01010101u) << 2);
+    affine_codes<S>(cw, dl, __fmul_rn(-4.0f, dl), v);
   }
 };
 
@@ -264,6 +343,17 @@ template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(r + 4, i) >> sh) & 0xF)), m1);
   }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int w = 0; w < S / 4; ++w) cw[w] = (r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d1, -m1, v);
+  }
 };
 
 // Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
@@ -290,6 +380,19 @@ template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
       v[i] = __fsub_rn(__fmul_rn(d1, code_f(q)), m1);
     }
   }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    const int hb = 2 * j + hi;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int w = 0; w < S / 4; ++w)
+      cw[w] = ((r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu) | (((r[4 + S / 4 + w] >> hb) & 0x01010101u) << 4);
+    affine_codes<S>(cw, d1, -m1, v);
+  }
 };
 
 // Q6_K: ql[128], qh[64], scales[16] int8, d. Half h = e/128; quarter w = (e%128)/32, l = e%32:
@@ -314,6 +417,16 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
       const uint32_t q = ((byte_of(r + 2, i) >> sl) & 0xF) | (((byte_of(r + 2 + S / 4, i) >> shh) & 3u) << 4);
       v[i] = __fmul_rn(ds, code_minus_f(q, 32));
     }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int w = (e >> 5) & 3;
+    const float ds = __fmul_rn(half_f((uint16_t)r[0]), (float)(int8_t)r[1]);
+    const int sl = 4 * (w >> 1), shh = 2 * w;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j)
+      cw[j] = ((r[2 + j] >> sl) & 0x0F0F0F0Fu) | (((r[2 + S / 4 + j] >> shh) & 0x03030303u) << 4);
+    affine_codes<S>(cw, ds, __fmul_rn(-32.0f, ds), v);
   }
 };
 
@@ -357,6 +470,24 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
       else if constexpr (blk::high_bits == 2) q |= ((byte_of(rh, i & 7) >> (2 * ((j0 + i) >> 3))) & 3) << blk::low_bits;
       v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
     }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t* rl = r + 1;
+    const uint32_t* rh = r + 1 + low_words<S>();
+    const int j0 = e & 31;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) {  // elements 4j .. 4j+3 of the span
+      uint32_t q;
+      if constexpr (blk::low_bits == 8) q = rl[j];
+      else if constexpr (blk::low_bits == 4) q = (rl[j] >> ((j0 >> 4) * 4)) & 0x0F0F0F0Fu;
+      else q = (rl[j & 1] >> (2 * ((j0 + 4 * j) >> 3))) & 0x03030303u;
+      if constexpr (blk::high_bits == 1) q |= spread4(rh[0] >> (4 * j)) << blk::low_bits;
+      else if constexpr (blk::high_bits == 2) q |= ((rh[j & 1] >> (2 * ((j0 + 4 * j) >> 3))) & 0x03030303u) << blk::low_bits;
+      cw[j] = q;
+    }
+    affine_codes<S>(cw, d, m, v);
   }
 };
 
