@@ -6,7 +6,7 @@ scales and mins written over the fp16 fields, so no quantizer is involved. Every
 fresh inputs. Outputs are poisoned with NaN before each launch, so an element the kernel
 never wrote fails the test. Shapes cover M = 1, the fused small-M kernels (M <= 32, split and
 unsplit reductions), the chunked cuBLAS path (M > 32, and many chunks), and tails in M, N, K.
-Runtime on an H100: about 20 s (skipped where no GPU is present).
+Runtime on an H100: about 15 s (skipped where no GPU is present).
 """
 from __future__ import annotations
 
@@ -140,6 +140,12 @@ def test_input_grad(name, dtype, gen):
 def test_reference_kernels_agree(name, direction, gen):
     """The slow reference CUDA kernels on the same shapes and tolerance (small shapes: they are slow)."""
     check_matmul(name, torch.bfloat16, gen, direction, shapes=[(1, 37, 3), (20, 70, 16)], ref_kernel=True)
+
+
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+def test_small_m_on_a_model_sized_weight(direction, gen):
+    """A Llama-8B-sized weight: the fused kernels at their largest shared-memory slices and splits."""
+    check_matmul("Q4_K", torch.bfloat16, gen, direction, shapes=[(1, 14336, 128), (32, 14336, 128)])
 
 
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])

@@ -274,15 +274,16 @@ inline int units_per_split(int tiles, int units, int max_per, int ctas_per_sm) {
   return per;
 }
 
-// Per device, once: raise the kernel's dynamic shared-memory limit to smem and return how many
-// of its CTAs fit on one multiprocessor.
+// Per device, once: allow the kernel up to smem bytes of dynamic shared memory (every launch
+// uses at most that) and return how many of its CTAs fit on one multiprocessor.
 template <class Kernel>
 int prepare_kernel(Kernel kernel, size_t smem, int* cache) {
   int dev = 0;
   LT_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 0 || dev >= 64) throw std::runtime_error("device index out of range");
   if (!cache[dev]) {
-    if (smem > 48 * 1024) LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    // Static plus dynamic shared memory above 48 KB needs the opt-in; set it for every kernel.
+    LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     int n = 0;
     LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 128, smem));
     cache[dev] = std::max(n, 1);
