@@ -312,7 +312,7 @@ void small_forward_typed(const void* x, const uint8_t* w, void* y, int m, int n,
 template <int T, class ACT, int MT>
 void small_input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, int k, int64_t row_bytes,
                             cudaStream_t stream) {
-  constexpr int kMaxPer = 8;  // dY slice <= 16*MT x 512: 17 or 33 KB (plus 17 KB of W tile)
+  constexpr int kMaxPer = 16 / MT;  // dY slice <= 16*MT x 1024/MT: 33 KB (plus 17 KB of W tile)
   static int occupancy[64] = {};
   const auto kernel = small_input_grad_kernel<T, ACT, MT>;
   const int ctas = prepare_kernel(kernel, (size_t)16 * MT * (kMaxPer * kIgRows + 8) * 2, occupancy);
