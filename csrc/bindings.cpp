@@ -66,6 +66,15 @@ PYBIND11_MODULE(_C, m) {
     cpu::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N, K);
   }, nogil());
 
+  m.def("qmatmul_forward_reference", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t y,
+                                        int64_t M, int64_t N, int64_t K) {
+    cpu::qmatmul_forward_reference(t, ptr<const void>(x), dt, ptr<const void>(w), ptr<void>(y), M, N, K);
+  }, nogil());
+  m.def("qmatmul_input_grad_reference", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t dx,
+                                           int64_t M, int64_t N, int64_t K) {
+    cpu::qmatmul_input_grad_reference(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N, K);
+  }, nogil());
+
   m.def("cuda_available", &cuda::available);
   m.def("cuda_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                               uintptr_t stream) {

@@ -27,6 +27,12 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
                      int64_t m, int64_t n, int64_t k);
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k);
+// The simple loops the fast kernels above are tested against (same arguments, same results up
+// to float32 summation order).
+void qmatmul_forward_reference(int qtype, const void* x, int dtype, const void* w, void* y,
+                               int64_t m, int64_t n, int64_t k);
+void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const void* w, void* dx,
+                                  int64_t m, int64_t n, int64_t k);
 }  // namespace cpu
 
 namespace cuda {

@@ -55,3 +55,40 @@ def smollm2_path() -> Path:
 def botchan_text() -> str:
     import lowtune
     return (Path(lowtune.__file__).parent / "data" / "botchan.txt").read_text(encoding="utf-8")
+
+
+# ---- random test data (fresh every run; the seed is printed so a failure can be replayed) -------
+
+@pytest.fixture
+def rng():
+    """A NumPy Generator seeded from os.urandom (or LOWTUNE_TEST_SEED to replay a failure).
+    The seed is printed; pytest shows it in the captured output of a failing test."""
+    import numpy as np
+    seed = int(os.environ.get("LOWTUNE_TEST_SEED") or int.from_bytes(os.urandom(8), "little"))
+    print(f"random data seed {seed} (replay: LOWTUNE_TEST_SEED={seed})")
+    return np.random.default_rng(seed)
+
+
+# Byte offsets of the fp16 fields (scales, mins) inside one block of each quantized type.
+HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(fmt, n: int, k: int, rng, scale: float = 0.05):
+    """uint8 [n, row_bytes] of `fmt` blocks: random code bytes, and fp16 scales/mins of random sign
+    and magnitude log-uniform in [scale/100, scale] (never inf/nan), so every code pattern of the
+    format is exercised without depending on a quantizer."""
+    import numpy as np
+    nblocks = n * k // fmt.block_elems
+    raw = rng.integers(0, 256, size=(nblocks, fmt.block_bytes), dtype=np.uint8)
+    offsets = HALF_FIELDS.get(fmt.name, (0, 2))  # INTb-gG: d, m
+    for off in offsets:
+        mag = scale * 10.0 ** rng.uniform(-2, 0, size=nblocks)
+        halves = (mag * rng.choice([-1.0, 1.0], size=nblocks)).astype("<f2")
+        raw[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, fmt.row_bytes(k))
+
+
+@pytest.fixture(name="random_blocks")
+def random_blocks_fixture():
+    return random_blocks

@@ -38,7 +38,7 @@ static void dequant_row_range(const void* w, int64_t blocks_per_row, int64_t row
   for (int64_t b = b0; b < b1; ++b) Tr::dequant(blk + b, out + (b - b0) * Tr::kElems);
 }
 
-void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
+void qmatmul_forward_reference(int qtype, const void* x, int dtype, const void* w, void* y,
                      int64_t m, int64_t n, int64_t k) {
   const BlockInfo bi = block_info(qtype);
   if (k % bi.elems) throw std::invalid_argument("K is not a multiple of the block size");
@@ -64,7 +64,7 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   });
 }
 
-void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
+void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k) {
   const BlockInfo bi = block_info(qtype);
   if (k % bi.elems) throw std::invalid_argument("K is not a multiple of the block size");
@@ -88,6 +88,16 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
         for (int64_t j = 0; j < width; ++j) store(dx, dtype, i * k + c0 + j, acc[i * width + j]);
     });
   });
+}
+
+void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
+                     int64_t m, int64_t n, int64_t k) {
+  qmatmul_forward_reference(qtype, x, dtype, w, y, m, n, k);
+}
+
+void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
+                        int64_t m, int64_t n, int64_t k) {
+  qmatmul_input_grad_reference(qtype, dy, dtype, w, dx, m, n, k);
 }
 
 }  // namespace lowtune::cpu

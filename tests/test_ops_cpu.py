@@ -1,0 +1,253 @@
+"""CPU qmatmul forward and input gradient against a float64 reference on the dequantized weight.
+
+Weights are random block bytes with sane fp16 scales (every code pattern, no quantizer needed,
+so K-types are covered too). The reference is computed in float64 from exactly the values the
+kernel sees: the dequantized weight (bit-exact, tests/test_formats.py) and x already rounded to
+its dtype. So the only error is the kernel's float32 accumulation plus the final rounding to the
+output dtype, and any summation order of K products obeys (Higham, Accuracy and Stability of
+Numerical Algorithms, §3.1)
+
+    |y - y64| <= gamma_K * sum_k |x_k w_k| + u_out * |y64|,   gamma_K = K u / (1 - K u), u = 2^-24,
+
+with u_out = 2^-11 for float16 (plus 2^-25 absolute for its subnormals), 2^-8 for bfloat16 and
+0 for float32 (its final rounding is inside gamma_K). For the input gradient K becomes N.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowtune
+from lowtune import _C
+from lowtune.formats import FORMATS, get_format
+
+QUANTIZED = [f.name for f in FORMATS.values() if f.quantized]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+U = 2.0 ** -24
+OUT_ROUNDING = {torch.float32: (0.0, 0.0), torch.float16: (2.0 ** -11, 2.0 ** -25), torch.bfloat16: (2.0 ** -8, 0.0)}
+
+
+def error_bound(a64: np.ndarray, b64: np.ndarray, y64: np.ndarray, depth: int, dtype) -> np.ndarray:
+    """Per-element bound on |y - a·b| for a float32-accumulated product of inner size `depth`."""
+    gamma = depth * U / (1 - depth * U)
+    rel, absolute = OUT_ROUNDING[dtype]
+    return gamma * (np.abs(a64) @ np.abs(b64)) + rel * np.abs(y64) + absolute
+
+
+def assert_within(y: torch.Tensor, y64: np.ndarray, bound: np.ndarray, what: str) -> None:
+    err = np.abs(y.double().numpy() - y64)
+    i = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), f"{what}: error {err[i]:.3g} > bound {bound[i]:.3g} at {i} (y64 {y64[i]:.6g})"
+
+
+def random_qtensor(name: str, n: int, k: int, rng, random_blocks) -> lowtune.QTensor:
+    return lowtune.QTensor.from_raw(torch.from_numpy(random_blocks(get_format(name), n, k, rng)), name, (n, k))
+
+
+def activations(rng, shape, dtype) -> torch.Tensor:
+    # Values and their dtype rounding both vary; a few exact zeros and larger entries mixed in.
+    x = rng.standard_normal(shape) * np.where(rng.random(shape) < 0.05, 8.0, 1.0)
+    x[rng.random(shape) < 0.02] = 0.0
+    return torch.from_numpy(x.astype(np.float32)).to(dtype)
+
+
+def k_for(name: str, blocks: int) -> int:
+    return blocks * get_format(name).block_elems
+
+
+# M = 1 (the fused small-M path), a small M, and M with tails around the GEMM path's register
+# tiles; N with tails around 32-column panels; K of one block, a few blocks, and many.
+SHAPES = [(1, 1, 1), (1, 37, 3), (3, 64, 9), (7, 33, 2), (29, 70, 5), (70, 45, 17)]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("m,n,blocks", SHAPES)
+def test_forward_and_input_grad_match_float64(name, m, n, blocks, rng, random_blocks):
+    k = k_for(name, blocks)
+    if k * max(m, n) > 2_000_000:
+        k = k_for(name, max(1, blocks // 4))
+    qt = random_qtensor(name, n, k, rng, random_blocks)
+    w64 = lowtune.dequantize(qt).double().numpy()
+    x = activations(rng, (m, k), torch.float32)
+    y64 = x.double().numpy() @ w64.T
+    y = lowtune.qmatmul(x, qt)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert_within(y, y64, error_bound(x.double().numpy(), w64.T, y64, k, torch.float32), "forward")
+    dy = activations(rng, (m, n), torch.float32)
+    dx64 = dy.double().numpy() @ w64
+    dx = lowtune.qmatmul_input_grad(dy, qt)
+    assert dx.shape == (m, k) and dx.dtype == torch.float32
+    assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, torch.float32), "input grad")
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "INT2-g64", "INT6-g128"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 37])
+def test_half_activations(name, dtype, m, rng, random_blocks):
+    n, k = 40, k_for(name, 3)
+    qt = random_qtensor(name, n, k, rng, random_blocks)
+    w64 = lowtune.dequantize(qt).double().numpy()
+    x = activations(rng, (m, k), dtype)
+    y = lowtune.qmatmul(x, qt)
+    assert y.dtype == dtype
+    y64 = x.double().numpy() @ w64.T
+    assert_within(y, y64, error_bound(x.double().numpy(), w64.T, y64, k, dtype), f"forward {dtype}")
+    dy = activations(rng, (m, n), dtype)
+    dx = lowtune.qmatmul_input_grad(dy, qt)
+    assert dx.dtype == dtype
+    dx64 = dy.double().numpy() @ w64
+    assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, dtype), f"input grad {dtype}")
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32"])
+def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
+    # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference.
+    for m, n, blocks in [(1, 50, 6), (4, 33, 3), (45, 67, 9)]:
+        k = k_for(name, blocks)
+        qt = random_qtensor(name, n, k, rng, random_blocks)
+        w64 = lowtune.dequantize(qt).double().numpy()
+        x = activations(rng, (m, k), torch.float32)
+        y_ref = torch.empty(m, n)
+        _C.qmatmul_forward_reference(qt.format.type_id, x.data_ptr(), 0, qt.raw.data_ptr(), y_ref.data_ptr(), m, n, k)
+        bound = error_bound(x.double().numpy(), w64.T, x.double().numpy() @ w64.T, k, torch.float32)
+        np.testing.assert_array_less((lowtune.qmatmul(x, qt) - y_ref).abs().double().numpy(), 2 * bound + 1e-30)
+        dy = activations(rng, (m, n), torch.float32)
+        dx_ref = torch.empty(m, k)
+        _C.qmatmul_input_grad_reference(qt.format.type_id, dy.data_ptr(), 0, qt.raw.data_ptr(), dx_ref.data_ptr(), m, n, k)
+        bound = error_bound(dy.double().numpy(), w64, dy.double().numpy() @ w64, n, torch.float32)
+        np.testing.assert_array_less((lowtune.qmatmul_input_grad(dy, qt) - dx_ref).abs().double().numpy(), 2 * bound + 1e-30)
+
+
+def test_thread_count_does_not_change_results(rng, random_blocks):
+    # Threads split output rows/columns; each output's summation order must not depend on them.
+    qt = random_qtensor("Q4_K", 96, 512, rng, random_blocks)
+    x = activations(rng, (33, 512), torch.float32)
+    dy = activations(rng, (33, 96), torch.float32)
+    before = _C.num_threads()
+    try:
+        _C.set_num_threads(1)
+        one = lowtune.qmatmul(x, qt), lowtune.qmatmul_input_grad(dy, qt)
+        _C.set_num_threads(3)
+        three = lowtune.qmatmul(x, qt), lowtune.qmatmul_input_grad(dy, qt)
+    finally:
+        _C.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "INT3-g64"])
+def test_autograd_matches_dense_float64(name, rng, random_blocks):
+    n, k = 24, k_for(name, 2)
+    qt = random_qtensor(name, n, k, rng, random_blocks)
+    w64 = lowtune.dequantize(qt).double()
+    x = activations(rng, (2, 3, k), torch.float32).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    g = activations(rng, (2, 3, n), torch.float32)
+    y = lowtune.qmatmul(x, qt)
+    assert y.shape == (2, 3, n) and y.requires_grad
+    (y * g).sum().backward()
+    (x64 @ w64.T * g.double()).sum().backward()
+    bound = error_bound(g.double().reshape(-1, n).numpy(), w64.abs().numpy(), x64.grad.reshape(-1, k).numpy(), n,
+                        torch.float32)
+    assert_within(x.grad.reshape(-1, k), x64.grad.reshape(-1, k).numpy(), bound, "x.grad")
+
+
+@pytest.mark.parametrize("name", ["Q5_0", "Q6_K", "INT5-g128"])
+def test_gradcheck(name, rng, random_blocks):
+    # torch.autograd.gradcheck: the analytic Jacobian (our input-gradient kernel) against central
+    # differences. The op runs in float32, so the function is wrapped from float64 and the
+    # tolerances allow float32 rounding of y (|y| ~ 10) over eps = 1e-2: ~1e-4.
+    n, k = 5, k_for(name, 1)
+    qt = random_qtensor(name, n, k, rng, random_blocks)
+    x = torch.from_numpy(rng.standard_normal((2, k))).requires_grad_(True)
+
+    def f(x64):
+        return lowtune.qmatmul(x64.float(), qt).double()
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-2, atol=2e-3, rtol=2e-3)
+
+
+def test_no_grad_when_not_required(rng, random_blocks):
+    qt = random_qtensor("Q8_0", 8, 64, rng, random_blocks)
+    x = activations(rng, (3, 64), torch.float32)
+    assert not lowtune.qmatmul(x, qt).requires_grad
+
+
+def test_empty_batch(rng, random_blocks):
+    qt = random_qtensor("Q4_K", 8, 256, rng, random_blocks)
+    assert lowtune.qmatmul(torch.zeros(0, 256), qt).shape == (0, 8)
+    assert lowtune.qmatmul_input_grad(torch.zeros(0, 8), qt).shape == (0, 256)
+
+
+# ---- validation: bad input is a ValueError that names the tensor -------------------------------------
+
+@pytest.fixture
+def q4k(rng, random_blocks):
+    return random_qtensor("Q4_K", 16, 256, rng, random_blocks)
+
+
+def test_wrong_shape_names_the_tensor(q4k):
+    with pytest.raises(ValueError, match=r"^x must have shape \[\.\.\., K=256\]"):
+        lowtune.qmatmul(torch.zeros(2, 255), q4k)
+    with pytest.raises(ValueError, match=r"^dy must have shape \[\.\.\., N=16\]"):
+        lowtune.qmatmul_input_grad(torch.zeros(2, 17), q4k)
+    with pytest.raises(ValueError, match=r"^x must have shape"):
+        lowtune.qmatmul(torch.tensor(1.0), q4k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
+def test_wrong_dtype_names_the_tensor(q4k, dtype):
+    with pytest.raises(ValueError, match=r"^x must be float32, float16 or bfloat16"):
+        lowtune.qmatmul(torch.zeros(2, 256, dtype=dtype), q4k)
+    with pytest.raises(ValueError, match=r"^dy must be float32, float16 or bfloat16"):
+        lowtune.qmatmul_input_grad(torch.zeros(2, 16, dtype=dtype), q4k)
+    with pytest.raises(ValueError, match=r"^dtype must be"):
+        lowtune.dequantize(q4k, dtype)
+
+
+def test_wrong_device_names_the_tensor(q4k):
+    # The meta device stands in for "another device" on a machine without a GPU.
+    with pytest.raises(ValueError, match=r"^x is on meta but the weight is on cpu"):
+        lowtune.qmatmul(torch.zeros(2, 256, device="meta"), q4k)
+    with pytest.raises(ValueError, match=r"^dy is on meta"):
+        lowtune.qmatmul_input_grad(torch.zeros(2, 16, device="meta"), q4k)
+
+
+def test_non_contiguous_input_names_the_tensor(q4k):
+    with pytest.raises(ValueError, match=r"^x must be contiguous"):
+        lowtune.qmatmul(torch.zeros(256, 4).t(), q4k)
+    with pytest.raises(ValueError, match=r"^dy must be contiguous"):
+        lowtune.qmatmul_input_grad(torch.zeros(16, 4).t(), q4k)
+
+
+def test_broken_weight_names_the_tensor(q4k):
+    bad = lowtune.QTensor(q4k.raw[:, :100], q4k.format, q4k.shape)
+    with pytest.raises(ValueError, match=r"^weight.raw must be uint8 of shape \(16, 144\)"):
+        lowtune.qmatmul(torch.zeros(2, 256), bad)
+    strided = lowtune.QTensor(torch.zeros(144, 16, dtype=torch.uint8).t(), q4k.format, q4k.shape)
+    with pytest.raises(ValueError, match=r"^weight.raw must be contiguous"):
+        lowtune.qmatmul(torch.zeros(2, 256), strided)
+    with pytest.raises(ValueError, match=r"^weight must be a lowtune.QTensor"):
+        lowtune.qmatmul(torch.zeros(2, 256), torch.zeros(16, 256))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "INT4-g128"])
+def test_row_length_not_a_multiple_of_the_block(name):
+    block = get_format(name).block_elems
+    with pytest.raises(ValueError, match=f"row length {block + 16} is not a multiple of the block size {block}"):
+        lowtune.quantize(torch.zeros(4, block + 16), name)
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
+        lowtune.QTensor.from_raw(torch.zeros(4 * 144, dtype=torch.uint8), name, (4, block + 16))
+
+
+def test_unknown_type():
+    with pytest.raises(ValueError, match=r"unknown quantization type 'Q7_X'"):
+        lowtune.quantize(torch.zeros(4, 256), "Q7_X")
+    with pytest.raises(ValueError, match=r"unknown quantization type id 99"):
+        lowtune.QTensor.from_raw(torch.zeros(16, dtype=torch.uint8), 99, (1, 32))
+    with pytest.raises(ValueError, match=r"unknown quantization type 'INT7-g32'"):
+        lowtune.get_format("INT7-g32")
+    with pytest.raises(ValueError, match=r"unknown quantization type id 12345"):
+        _C.block_info(12345)  # the C++ side refuses unknown ids too, as ValueError
