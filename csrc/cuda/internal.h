@@ -47,8 +47,8 @@ template <int T>
 void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                          void* out, int out_dtype, int64_t ldo, cudaStream_t stream);
 
-// Fused small-M kernels (M <= 64; bf16/fp16 activations): Y = X·deq(W)ᵀ and dX = dY·deq(W).
-// x/dy and w 16-byte aligned; may split the reduction and add a deterministic reduce pass.
+// Fused small-M kernels (bf16/fp16 activations): Y = X·deq(W)ᵀ for M <= 32 and dX = dY·deq(W)
+// for M <= 16. x and w 16-byte aligned; may split the reduction and add a deterministic reduce pass.
 template <int T>
 void launch_small_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
                           int64_t row_bytes, cudaStream_t stream);

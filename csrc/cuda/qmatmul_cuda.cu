@@ -1,8 +1,8 @@
 // CUDA entry points (kernels.h): pick a kernel for the shape, dtype and alignment.
 //
 //   dequantize           the tiled unpack kernel, bit-identical to the CPU twin
-//   forward/input grad   bf16/fp16 with M <= small_m_max(): the fused small-M tensor-core kernels
-//                        (packed weight read once, nothing materialised)
+//   forward/input grad   bf16/fp16 with M <= small_m_max() (input grad: and M <= 16): the fused
+//                        small-M tensor-core kernels (packed weight read once, nothing materialised)
 //                        otherwise: W is dequantized in chunks of rows (forward) or columns
 //                        (input grad) into one reused scratch buffer in the activation dtype, and
 //                        each chunk is multiplied with cuBLAS (opened at run time). Scratch is
@@ -211,7 +211,7 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  if (dtype != D_F32 && m <= small_m_max()) {
+  if (dtype != D_F32 && m <= std::min<int64_t>(small_m_max(), 16)) {
     dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
   } else if (cublas_available()) {
     dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
