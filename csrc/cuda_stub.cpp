@@ -10,4 +10,9 @@ bool available() { return false; }
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_input_grad(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
+namespace reference {
+void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
+void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
+void qmatmul_input_grad(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
+}  // namespace reference
 }  // namespace lowtune::cuda

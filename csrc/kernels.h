@@ -45,6 +45,15 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
                      int64_t m, int64_t n, int64_t k, void* stream);
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k, void* stream);
+// The slow, obvious CUDA kernels the fast ones are tested against (same signatures).
+namespace reference {
+void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,
+                void* stream);
+void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
+                     int64_t m, int64_t n, int64_t k, void* stream);
+void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
+                        int64_t m, int64_t n, int64_t k, void* stream);
+}  // namespace reference
 }  // namespace cuda
 
 }  // namespace lowtune

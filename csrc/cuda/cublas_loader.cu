@@ -1,0 +1,98 @@
+// cuBLAS, opened at run time with dlopen: the extension never links it, so it builds and imports
+// where no cuBLAS is installed. Where PyTorch is loaded, its libcublas is already in the process
+// and dlopen finds it by name. Only three functions are used; their C ABI has been stable since
+// CUDA 11 (enums are plain ints, values from cublas_api.h / library_types.h).
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "internal.h"
+
+#if defined(_WIN32)
+namespace lowtune::cuda {
+bool cublas_available() { return false; }
+void cublas_gemm(bool, bool, int, int, int, const void*, int, const void*, int, void*, int, int, cudaStream_t) {
+  throw std::runtime_error("cuBLAS loading is not implemented on Windows");
+}
+}  // namespace lowtune::cuda
+#else
+#include <dlfcn.h>
+
+namespace lowtune::cuda {
+namespace {
+
+constexpr int kOpN = 0, kOpT = 1;          // cublasOperation_t
+constexpr int kCompute32F = 68;            // CUBLAS_COMPUTE_32F
+constexpr int kGemmDefault = -1;           // CUBLAS_GEMM_DEFAULT
+constexpr int kMaxDevices = 64;
+
+using Handle = void*;
+using CreateFn = int (*)(Handle*);
+using SetStreamFn = int (*)(Handle, cudaStream_t);
+using GemmExFn = int (*)(Handle, int, int, int, int, int, const void*, const void*, int, int, const void*, int,
+                         int, const void*, void*, int, int, int, int);
+
+struct Cublas {
+  std::mutex mu;  // a cuBLAS handle is not safe for concurrent use
+  bool tried = false;
+  CreateFn create = nullptr;
+  SetStreamFn set_stream = nullptr;
+  GemmExFn gemm = nullptr;
+  Handle handles[kMaxDevices] = {};
+
+  bool load() {  // with mu held
+    if (tried) return gemm != nullptr;
+    tried = true;
+    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"}) {
+      void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (!lib) continue;
+      auto sym = [&](const char* a, const char* b) {
+        void* f = dlsym(lib, a);
+        return f ? f : dlsym(lib, b);
+      };
+      create = reinterpret_cast<CreateFn>(sym("cublasCreate_v2", "cublasCreate"));
+      set_stream = reinterpret_cast<SetStreamFn>(sym("cublasSetStream_v2", "cublasSetStream"));
+      gemm = reinterpret_cast<GemmExFn>(dlsym(lib, "cublasGemmEx"));
+      if (create && set_stream && gemm) return true;
+      create = nullptr; set_stream = nullptr; gemm = nullptr;
+    }
+    return false;
+  }
+};
+
+Cublas& cublas() {
+  static Cublas* c = new Cublas;  // never destroyed: handles may outlive static destruction order
+  return *c;
+}
+
+void check(int status, const char* what) {
+  if (status != 0) throw std::runtime_error(std::string("cuBLAS ") + what + " failed with status " + std::to_string(status));
+}
+
+}  // namespace
+
+bool cublas_available() {
+  Cublas& c = cublas();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.load();
+}
+
+void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+                 void* c_out, int ldc, int data_type, cudaStream_t stream) {
+  Cublas& c = cublas();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (!c.load()) throw std::runtime_error("cuBLAS could not be loaded");
+  int dev = 0;
+  LT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("device index out of range");
+  if (!c.handles[dev]) check(c.create(&c.handles[dev]), "cublasCreate");
+  check(c.set_stream(c.handles[dev], stream), "cublasSetStream");
+  const float one = 1.0f, zero = 0.0f;
+  check(c.gemm(c.handles[dev], trans_a ? kOpT : kOpN, trans_b ? kOpT : kOpN, m, n, k, &one, a, data_type, lda, b,
+               data_type, ldb, &zero, c_out, data_type, ldc, kCompute32F, kGemmDefault),
+        "cublasGemmEx");
+}
+
+}  // namespace lowtune::cuda
+#endif

@@ -1,0 +1,4 @@
+// Kernel instantiations for the INT68 type group (see instantiate.cuh).
+#include "internal.h"
+#define LT_INSTANTIATE_TYPES LT_TYPES_INT68
+#include "instantiate.cuh"

@@ -1,0 +1,65 @@
+// Declarations shared by the CUDA translation units (the kernels are split over several files
+// so that they compile in parallel). Host-side only; no device code here.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "../kernels.h"
+
+namespace lowtune::cuda {
+
+// Number of multiprocessors of the current device (cached).
+int sm_count();
+
+// Stream-ordered scratch memory (a memory pool of our own; the device's default pool while the
+// stream is being captured into a graph). Freed in stream order, so reuse is safe.
+void* scratch_alloc(size_t bytes, cudaStream_t stream);
+void scratch_free(void* p, cudaStream_t stream);
+
+// Owns a scratch allocation for one call; freed in stream order when it goes out of scope.
+class ScratchBuffer {
+ public:
+  ScratchBuffer(size_t bytes, cudaStream_t stream)
+      : stream_(stream), ptr_(bytes ? scratch_alloc(bytes, stream) : nullptr) {}
+  ~ScratchBuffer() { if (ptr_) cudaFreeAsync(ptr_, stream_); }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  template <class X> X* as() const { return static_cast<X*>(ptr_); }
+
+ private:
+  cudaStream_t stream_;
+  void* ptr_;
+};
+
+// The type lists the kernels are instantiated for, in groups that compile in parallel
+// (every id of dispatch_qtype must be in exactly one group).
+#define LT_TYPES_LEGACY(X) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0)
+#define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
+#define LT_TYPES_INT_G(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
+#define LT_TYPES_INT23(X) LT_TYPES_INT_G(X, 2) LT_TYPES_INT_G(X, 3)
+#define LT_TYPES_INT45(X) LT_TYPES_INT_G(X, 4) LT_TYPES_INT_G(X, 5)
+#define LT_TYPES_INT68(X) LT_TYPES_INT_G(X, 6) LT_TYPES_INT_G(X, 8)
+
+// out[r, c] = deq(W)[row0 + r, col0 + c] for r < nrows, c < ncols, written with leading
+// dimension ldo in out_dtype (DType). w points at row 0 of W; col0 and ncols are multiples of
+// 32 and of nothing else; w, out and ldo*elemsize must be 16-byte aligned.
+template <int T>
+void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
+                         void* out, int out_dtype, int64_t ldo, cudaStream_t stream);
+
+// Fused small-M kernels (bf16/fp16 activations): Y = X·deq(W)ᵀ for M <= 32 and dX = dY·deq(W)
+// for M <= 16. x and w 16-byte aligned; may split the reduction and add a deterministic reduce pass.
+template <int T>
+void launch_small_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
+                          int64_t row_bytes, cudaStream_t stream);
+template <int T>
+void launch_small_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
+                             int64_t row_bytes, cudaStream_t stream);
+
+// cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
+// Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
+bool cublas_available();
+void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+                 void* c, int ldc, int data_type, cudaStream_t stream);
+
+}  // namespace lowtune::cuda

@@ -1,0 +1,502 @@
+// Fast device-side block unpacking for the CUDA kernels.
+//
+//   Unpack<T>::run<SPAN>(blk, e, v)   v[i] = element e + i of the block at blk, i < SPAN
+//   Unpack<T>::load<SPAN>(blk, e, r)  the raw words run needs (Words<SPAN> of them) ...
+//   Unpack<T>::decode<SPAN>(r, e, v)  ... and the arithmetic on them: kernels issue the loads
+//                                     of the next piece of work before decoding this one.
+//
+// SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
+// The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
+// same float operations in the same order, each rounded on its own (__fmul_rn/__fadd_rn keep
+// nvcc from contracting a*b+c into an FMA, which rounds once and gives different bits).
+// Small integer codes become floats through the exponent trick as_float(2^23 | q) - 2^23,
+// exact for 0 <= q < 2^23 and cheaper than an int-to-float conversion.
+//
+// Alignment: the kernels require the packed tensor to start 16-byte aligned; a block then
+// starts at a multiple of gcd(block bytes, 16) (kAlign), and loads use the widest access that
+// alignment allows.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "../block_math.h"
+
+namespace lowtune::cuda {
+
+// ---- scalar helpers ----------------------------------------------------------------------------
+__device__ __forceinline__ float code_f(uint32_t q) {  // (float)q, q < 2^23
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.0f);
+}
+__device__ __forceinline__ float code_minus_f(uint32_t q, int off) {  // (float)((int)q - off), exact
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.0f + (float)off);
+}
+__device__ __forceinline__ float half_f(uint16_t h) {  // exact for every finite or infinite half
+  return __half2float(__ushort_as_half(h));
+}
+
+// ---- loads ---------------------------------------------------------------------------------------
+__device__ __forceinline__ uint16_t ld_u16(const uint8_t* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
+}
+__device__ __forceinline__ uint8_t ld_u8(const uint8_t* p) { return __ldg(p); }
+
+// NB bytes at p (p aligned to A bytes) into little-endian words w[NB/4].
+template <int NB, int A>
+__device__ __forceinline__ void ld_words(const uint8_t* p, uint32_t* w) {
+  static_assert(NB % 4 == 0, "whole words");
+  if constexpr (A >= 16 && NB % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 16; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (A >= 8 && NB % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 8; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (A >= 4) {
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+  } else {
+    static_assert(A >= 2, "blocks are at least 2-byte aligned");
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i)
+      w[i] = (uint32_t)ld_u16(p + 4 * i) | ((uint32_t)ld_u16(p + 4 * i + 2) << 16);
+  }
+}
+// Byte i of a word array (i a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t byte_of(const uint32_t* w, int i) {
+  return (w[i >> 2] >> (8 * (i & 3))) & 0xFFu;
+}
+
+constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
+
+// ---- fast decode (for the matmul kernels) ---------------------------------------------------------
+// decode_fast<SPAN>(r, e, v) gives v[i] = fma(u_i, s, z) for the block's code u_i and affine
+// (s, z): equal to decode for the symmetric types (z = -offset*s is exact: (u - o)*s rounds
+// once either way) and within one fp32 rounding of it for types with a min (one rounding instead
+// of two). Codes are built four at a time as bytes of a word, then widened with one byte permute.
+__device__ __forceinline__ float byte_f(uint32_t w, int i) {  // (float) byte i of w
+  return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + i)), 8388608.0f);
+}
+template <int S>
+__device__ __forceinline__ void affine_codes(const uint32_t* cw, float s, float z, float* v) {
+#pragma unroll
+  for (int i = 0; i < S; ++i) v[i] = __fmaf_rn(byte_f(cw[i >> 2], i & 3), s, z);
+}
+// Four consecutive bits (bit 0 = first element) spread to bit 0 of four bytes.
+__device__ __forceinline__ uint32_t spread4(uint32_t bits) { return ((bits & 0xFu) * 0x00204081u) & 0x01010101u; }
+
+template <int T> struct Unpack;
+
+// run = load + decode, for every type.
+template <class Self> struct UnpackBase {
+  template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
+    uint32_t r[Self::template Words<SPAN>::value];
+    Self::template load<SPAN>(b, e, r);
+    Self::template decode<SPAN>(r, e, v);
+  }
+};
+template <int N> struct IntC { static constexpr int value = N; };
+
+// ---- legacy 32-element blocks --------------------------------------------------------------------
+// Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
+template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    ld_words<S, 2>(b + 2 + (e & 15), r + 1);  // offset 2 + {0,8}: 2-byte aligned
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 0xF, 8), d);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d, __fmul_rn(-8.0f, d), v);
+  }
+};
+
+// Q4_1: d, m, qs[16]; x = q*d + m.
+template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
+  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    ld_words<S, 4>(b + 4 + (e & 15), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(r + 1, i) >> sh) & 0xF), d), m);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d, m, v);
+  }
+};
+
+// Q5_0: d, qh (u32, bit j = fifth bit of element j), qs[16]; x = (q - 16) * d.
+template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
+  static constexpr int kElems = 32, kBytes = 22, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    r[1] = (uint32_t)ld_u16(b + 2) | ((uint32_t)ld_u16(b + 4) << 16);
+    ld_words<S, 2>(b + 6 + (e & 15), r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+      v[i] = __fmul_rn(code_minus_f(q, 16), d);
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
+    affine_codes<S>(cw, d, __fmul_rn(-16.0f, d), v);
+  }
+};
+
+// Q5_1: d, m, qh, qs[16]; x = q*d + m.
+template <> struct Unpack<T_Q5_1> : UnpackBase<Unpack<T_Q5_1>> {
+  static constexpr int kElems = 32, kBytes = 24, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[1] = __ldg(reinterpret_cast<const unsigned int*>(b + 4));
+    ld_words<S, 8>(b + 8 + (e & 15), r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sh) & 0xF) | (((qh >> i) & 1u) << 4);
+      v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t qh = r[1] >> e;
+    const int sh = (e >> 4) * 4;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
+    affine_codes<S>(cw, d, m, v);
+  }
+};
+
+// Q8_0: d, qs[32] int8; x = q * d.
+template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
+  static constexpr int kElems = 32, kBytes = 34, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    ld_words<S, 2>(b + 2 + e, r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(r + 1, i) ^ 0x80u, 128), d);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = r[1 + j] ^ 0x80808080u;  // int8 q -> q + 128
+    affine_codes<S>(cw, d, __fmul_rn(-128.0f, d), v);
+  }
+};
+
+// ---- K-quants: 256-element super-blocks ----------------------------------------------------------
+// Q2_K: scales[16], qs[64], d, dmin. Element e: half h = e/128, e' = e%128, shift 2*(e'/32),
+// sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32].
+template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
+  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b + 80));
+    r[1] = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
+    ld_words<S, 4>(b + 16 + 32 * h + l0, r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const int s = (e & 127) >> 5;
+    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(r + 2, i) >> (2 * s)) & 3)), ml);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const int s = (e & 127) >> 5;
+    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[2 + j] >> (2 * s)) & 0x03030303u;
+    affine_codes<S>(cw, dl, -ml, v);
+  }
+};
+
+// Q3_K: hmask[32], qs[64], scales[12], d. Same element order as Q2_K; the hmask bit 4h + s of
+// byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales).
+template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    r[0] = ld_u16(b + 108);
+    r[1] = ld_u8(b + 96 + (is & 7));      // low 4 bits: low nibble (is < 8) or high nibble
+    r[2] = ld_u8(b + 96 + 8 + (is & 3));  // high 2 bits at 2*(is/4)
+    ld_words<S, 2>(b + 32 + 32 * h + l0, r + 3);
+    ld_words<S, 2>(b + l0, r + 3 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
+    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+    const int hbit = 4 * h + s;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      // ((q >> 2s) & 3) - (bit ? 0 : 4)  ==  ((q >> 2s) & 3) + 4*bit - 4
+      const uint32_t u = ((byte_of(r + 3, i) >> (2 * s)) & 3) + (((byte_of(r + 3 + S / 4, i) >> hbit) & 1u) << 2);
+      v[i] = __fmul_rn(dl, code_minus_f(u, 4));
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
+    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
+    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+    const int hbit = 4 * h + s;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j)
+      cw[j] = ((r[3 + j] >> (2 * s)) & 0x03030303u) | (((r[3 + S / 4 + j] >> hbit) & 0x01010101u) << 2);
+    affine_codes<S>(cw, dl, __fmul_rn(-4.0f, dl), v);
+  }
+};
+
+// Q4_K / Q5_K six-bit scale and min of sub-block j from the three packed bytes it uses:
+// x = q[j < 4 ? j : j+4], y = q[j < 4 ? j+4 : j-4], z = q[j] (see get_scale_min_k4).
+__device__ __forceinline__ void load_scale_min_k4(const uint8_t* q, int j, uint32_t* r) {
+  r[0] = ld_u8(q + (j < 4 ? j : j + 4));
+  r[1] = ld_u8(q + (j < 4 ? j + 4 : j - 4));
+  r[2] = ld_u8(q + j);
+}
+__device__ __forceinline__ void scale_min_k4(const uint32_t* r, int j, uint32_t* sc, uint32_t* mn) {
+  if (j < 4) {
+    *sc = r[0] & 63; *mn = r[1] & 63;
+  } else {
+    *sc = (r[0] & 0xF) | ((r[1] >> 6) << 4);
+    *mn = (r[0] >> 4) | ((r[2] >> 6) << 4);
+  }
+}
+
+// Q4_K: d, dmin, scales[12], qs[128]. Chunk j = e/64 uses qs[32j .. 32j+32): low nibbles are
+// elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1).
+template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
+  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<4 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<S, 8>(b + 16 + 32 * j + l0, r + 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    const int sh = 4 * hi;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(r + 4, i) >> sh) & 0xF)), m1);
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int w = 0; w < S / 4; ++w) cw[w] = (r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu;
+    affine_codes<S>(cw, d1, -m1, v);
+  }
+};
+
+// Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
+template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
+  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<4 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<S, 8>(b + 48 + 32 * j + l0, r + 4);
+    ld_words<S, 8>(b + 16 + l0, r + 4 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    const int sh = 4 * hi, hb = 2 * j + hi;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 4, i) >> sh) & 0xF) | (((byte_of(r + 4 + S / 4, i) >> hb) & 1u) << 4);
+      v[i] = __fsub_rn(__fmul_rn(d1, code_f(q)), m1);
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int j = e >> 6, hi = (e >> 5) & 1;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    uint32_t sc, mn;
+    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
+    const int hb = 2 * j + hi;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int w = 0; w < S / 4; ++w)
+      cw[w] = ((r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu) | (((r[4 + S / 4 + w] >> hb) & 0x01010101u) << 4);
+    affine_codes<S>(cw, d1, -m1, v);
+  }
+};
+
+// Q6_K: ql[128], qh[64], scales[16] int8, d. Half h = e/128; quarter w = (e%128)/32, l = e%32:
+// low 4 bits from ql[64h + 32*(w&1) + l] (low nibble for w < 2, high for w >= 2), top 2 bits from
+// qh[32h + l] >> 2w, scale scales[8h + l/16 + 2w]; x = d * sc * (q - 32).
+template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
+  static constexpr int kElems = 256, kBytes = 210, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2 + S / 2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int h = e >> 7, w = (e >> 5) & 3, l0 = e & 31;
+    r[0] = ld_u16(b + 208);
+    r[1] = ld_u8(b + 192 + 8 * h + (l0 >> 4) + 2 * w);
+    ld_words<S, 2>(b + 64 * h + 32 * (w & 1) + l0, r + 2);
+    ld_words<S, 2>(b + 128 + 32 * h + l0, r + 2 + S / 4);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int w = (e >> 5) & 3;
+    const float ds = __fmul_rn(half_f((uint16_t)r[0]), (float)(int8_t)r[1]);
+    const int sl = 4 * (w >> 1), shh = 2 * w;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const uint32_t q = ((byte_of(r + 2, i) >> sl) & 0xF) | (((byte_of(r + 2 + S / 4, i) >> shh) & 3u) << 4);
+      v[i] = __fmul_rn(ds, code_minus_f(q, 32));
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const int w = (e >> 5) & 3;
+    const float ds = __fmul_rn(half_f((uint16_t)r[0]), (float)(int8_t)r[1]);
+    const int sl = 4 * (w >> 1), shh = 2 * w;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j)
+      cw[j] = ((r[2 + j] >> sl) & 0x0F0F0F0Fu) | (((r[2 + S / 4 + j] >> shh) & 0x03030303u) << 4);
+    affine_codes<S>(cw, ds, __fmul_rn(-32.0f, ds), v);
+  }
+};
+
+// ---- INTb-gG -------------------------------------------------------------------------------------
+// d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
+template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
+  using blk = block_int<B, G>;
+  static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16);
+  static constexpr int kHighBytes = G * blk::high_bits / 8;
+  template <int S> static constexpr int low_words() { return blk::low_bits == 2 ? 2 : S / 4; }
+  template <int S> static constexpr int high_words() { return blk::high_bits == 2 ? 2 : blk::high_bits; }
+  template <int S> using Words = IntC<1 + low_words<S>() + high_words<S>()>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const uint8_t* high = b + 4;
+    const uint8_t* low = high + kHighBytes;
+    const int c = e >> 5, j0 = e & 31;  // 32-element chunk, offset of the span inside it
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    if constexpr (blk::low_bits == 8) ld_words<S, 4>(low + e, r + 1);
+    else if constexpr (blk::low_bits == 4) ld_words<S, 4>(low + 16 * c + (j0 & 15), r + 1);
+    else ld_words<8, 4>(low + 8 * c, r + 1);
+    uint32_t* rh = r + 1 + low_words<S>();
+    if constexpr (blk::high_bits == 1) {
+      rh[0] = ld_u8(high + (e >> 3));
+      if constexpr (S == 16) rh[0] |= (uint32_t)ld_u8(high + (e >> 3) + 1) << 8;
+    } else if constexpr (blk::high_bits == 2) {
+      ld_words<8, 4>(high + 8 * c, rh);
+    }
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t* rl = r + 1;
+    const uint32_t* rh = r + 1 + low_words<S>();
+    const int j0 = e & 31;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      uint32_t q;
+      if constexpr (blk::low_bits == 8) q = byte_of(rl, i);
+      else if constexpr (blk::low_bits == 4) q = (byte_of(rl, i) >> ((j0 >> 4) * 4)) & 0xF;
+      else q = (byte_of(rl, i & 7) >> (2 * ((j0 + i) >> 3))) & 3;  // byte 8c + j%8, shift 2*(j/8)
+      if constexpr (blk::high_bits == 1) q |= ((rh[0] >> i) & 1u) << blk::low_bits;
+      else if constexpr (blk::high_bits == 2) q |= ((byte_of(rh, i & 7) >> (2 * ((j0 + i) >> 3))) & 3) << blk::low_bits;
+      v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
+    }
+  }
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
+    const uint32_t* rl = r + 1;
+    const uint32_t* rh = r + 1 + low_words<S>();
+    const int j0 = e & 31;
+    uint32_t cw[S / 4];
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) {  // elements 4j .. 4j+3 of the span
+      uint32_t q;
+      if constexpr (blk::low_bits == 8) q = rl[j];
+      else if constexpr (blk::low_bits == 4) q = (rl[j] >> ((j0 >> 4) * 4)) & 0x0F0F0F0Fu;
+      else q = (rl[j & 1] >> (2 * ((j0 + 4 * j) >> 3))) & 0x03030303u;
+      if constexpr (blk::high_bits == 1) q |= spread4(rh[0] >> (4 * j)) << blk::low_bits;
+      else if constexpr (blk::high_bits == 2) q |= ((rh[j & 1] >> (2 * ((j0 + 4 * j) >> 3))) & 0x03030303u) << blk::low_bits;
+      cw[j] = q;
+    }
+    affine_codes<S>(cw, d, m, v);
+  }
+};
+
+#define LT_UNPACK_INT(B, G) \
+  template <> struct Unpack<int_type_id(B, G)> : UnpackInt<B, G> {};
+#define LT_UNPACK_INT_ALL_G(B) LT_UNPACK_INT(B, 32) LT_UNPACK_INT(B, 64) LT_UNPACK_INT(B, 128)
+LT_UNPACK_INT_ALL_G(2) LT_UNPACK_INT_ALL_G(3) LT_UNPACK_INT_ALL_G(4)
+LT_UNPACK_INT_ALL_G(5) LT_UNPACK_INT_ALL_G(6) LT_UNPACK_INT_ALL_G(8)
+#undef LT_UNPACK_INT_ALL_G
+#undef LT_UNPACK_INT
+
+}  // namespace lowtune::cuda
