@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config, items):
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     skip_lcp = pytest.mark.skip(reason="llama-cpp-python is not installed")
     for item in items:
-        if "cuda" in item.keywords and not has_cuda:
+        if item.get_closest_marker("cuda") and not has_cuda:
             item.add_marker(skip_cuda)
-        if "llamacpp" in item.keywords and not has_llamacpp:
+        if item.get_closest_marker("llamacpp") and not has_llamacpp:
             item.add_marker(skip_lcp)
 
 
