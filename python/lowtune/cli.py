@@ -77,7 +77,11 @@ def load_model(args):
     from .tokenizer import load_tokenizer
     require_file(args.model)
     device, dtype = runtime(args)
-    model = LlamaModel.from_gguf(args.model, device=device, dtype=dtype)
+    if getattr(args, "adapter", None) or getattr(args, "rank", None) is not None:
+        from .export_cli import model_from_args  # base + adapter, unmerged
+        model = model_from_args(args, device=device, dtype=dtype)
+    else:
+        model = LlamaModel.from_gguf(args.model, device=device, dtype=dtype)
     return model, load_tokenizer(model.metadata)
 
 
@@ -227,6 +231,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export_cli import add_adapter_arguments
     parser = argparse.ArgumentParser(
         prog="lowtune", description="Fine-tune, evaluate and run block-quantized (GGUF) Llama models.")
     parser.add_argument("--version", action="version", version=_version())
@@ -245,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--json", action="store_true", help='end with a JSON line {"perplexity": ..., "tokens": ...}')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_adapter_arguments(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    add_adapter_arguments(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
