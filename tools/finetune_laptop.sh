@@ -38,13 +38,9 @@ rm -rf "$RUN"
   --warmup 2 --schedule cosine --eval-fraction 0.1 --eval-tokens "${EVAL_TOKENS:-2048}" \
   --eval-every 0 --save-every 4 --seed 0 --device "${DEVICE:-auto}" -o "$RUN"
 
-# 3. >>> EXPORT HOOK (export helper): write the merged GGUF, in the base's own Q4_1 blocks (QA-HiRA
-# merges exactly into their mins). Runs once `lowtune export` is part of lowtune; skipped before. <<<
-if "$PY" -c "import lowtune.export_cli" 2>/dev/null; then
-  "$PY" -m lowtune export "$model" --adapter "$RUN" -o "$RUN/merged.gguf"
-else
-  echo "(this lowtune has no 'export' command yet: no merged GGUF written)"
-fi
+# 3. Write the merged GGUF in the base's own Q4_1 blocks: QA-HiRA merges exactly into their mins,
+# every code stays bit-identical. llama.cpp runs it as is.
+"$PY" -m lowtune export "$model" --adapter "$RUN" -o "$RUN/merged.gguf"
 
 end=$(date +%s)
 "$PY" - "$RUN" "$((end - start))" "$((end - installed))" <<'EOF'
