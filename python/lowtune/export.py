@@ -478,12 +478,13 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": other, "alpha_pattern": dict(other), "use_dora": False,
-        "lowtune": {"method": ad.method, "dylora_rank": ad.rank,
-                    "note": "scale folded into lora_B (lora_alpha = r); pooling folded into lora_A"},
     }
+    # Where the pair came from travels in the safetensors header: PEFT warns on unknown config keys.
+    provenance = {"format": "pt", "lowtune.method": ad.method, "lowtune.dylora_rank": str(ad.rank),
+                  "lowtune.note": "scale folded into lora_B (lora_alpha = r); pooling folded into lora_A"}
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic(d / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic(d / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata=provenance))
     _write_json(d / "adapter_config.json", config)
     size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
     notes = [f"{len(other)} module(s) of another rank in rank_pattern"] if other else []
