@@ -11,6 +11,8 @@ passes raw pointers (and, on CUDA, torch's current stream).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _C
@@ -46,7 +48,20 @@ def _check_act(t, name: str, device: torch.device, last_dim: int, last_name: str
 
 
 def _stream(device: torch.device) -> int:
+    """torch's current stream on `device`, after checking the GPU can run the kernels."""
+    _check_gpu(torch.cuda.current_device() if device.index is None else device.index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _check_gpu(index: int) -> None:
+    # The kernels use bf16 tensor-core MMA (sm_80+); an older GPU would fail at launch with
+    # "no kernel image", so say what to do instead.
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        name = torch.cuda.get_device_name(index)
+        raise ValueError(f"lowtune's CUDA kernels need compute capability 8.0 or newer (Ampere); "
+                         f"cuda:{index} is {name} ({major}.{minor}): run on device='cpu' instead")
 
 
 def quantize(w: torch.Tensor, qtype) -> QTensor:
