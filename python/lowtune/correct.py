@@ -444,10 +444,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _load(path, device, dtype, max_vram):
     from .quantize_model import load_model
-    kw = {} if max_vram is None else {"max_vram": max_vram}
     # INTb-gG students train in their stored Q4_1/Q5_1 blocks (the same values): the adapter
-    # then records the type that `lowtune finetune` and `lowtune export` read from the file
-    return load_model(path, device, dtype, restore=False, **kw)
+    # then records the type that `lowtune finetune` and `lowtune export` read from the file.
+    # Under a GPU budget the packed weights stay in host memory for lowtune.streaming.
+    streams = max_vram is not None and torch.device(device).type == "cuda"
+    return load_model(path, "cpu" if streams else device, dtype, restore=False)
+
+
+def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) -> dict:
+    """Teacher and student inside one GPU budget: the frozen teacher streams every layer (it
+    only runs forward, without autograd), the student gets what is left and is planned by
+    lowtune.streaming like any fine-tune."""
+    from .streaming import _estimate, stream_model
+    info = {}
+    if tdev.type == "cuda":
+        e = _estimate(teacher, tokens, teacher.loss_chunk_tokens)
+        # non-layer weights, two layer slots, one layer's forward activations and its hidden
+        need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
+        info["teacher"] = stream_model(teacher, tdev, streamed=list(range(len(teacher.layers)))).to_dict()
+        budget -= need
+        log(f"teacher: every layer streamed, about {need / 2**30:.2f} GiB on {tdev}")
+    plan = stream_model(student, device, budget, tokens=tokens)
+    log("student: " + plan.summary())
+    info["student"] = plan.to_dict()
+    return info
 
 
 def build(cfg, device: torch.device):
@@ -465,6 +485,9 @@ def build(cfg, device: torch.device):
     if cfg.targets:
         kw["targets"] = tuple(cfg.targets)
     apply_adapters(student, AdapterConfig(**kw))
+    if cfg.max_vram is not None and device.type == "cuda":
+        cfg.extra["streaming"] = _stream_pair(student, teacher, device, tdev, cfg.max_vram,
+                                              cfg.seq_len * cfg.batch, print)
     tokenizer = load_tokenizer(student.metadata)
     dm = DistillationModel(student, teacher, lrec["kl_weight"], lrec["ce_weight"], lrec["kl_chunk"])
     return dm, tokenizer

@@ -300,6 +300,7 @@ class LlamaModel(nn.Module):
         # float64 on the CPU, not a buffer, so that model.to(dtype) cannot round it
         self.rope_inv_freq = rope_inv_freq(config, factors)
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
+        self.streamer = None                 # a lowtune.streaming.LayerStreamer, when streaming
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
         self.metadata: dict = {}             # the GGUF metadata, when loaded from a file
         self.tensor_types: dict[str, str] = {}
@@ -328,6 +329,13 @@ class LlamaModel(nn.Module):
         model.metadata, model.tensor_types = md, types
         model.gguf_path = str(path)
         return model.eval()
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.float() leave the host packs of streamed layers where they are
+        if self.streamer is None:
+            return super()._apply(fn, recurse)
+        with self.streamer.packs_aside():
+            return super()._apply(fn, recurse)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -362,7 +370,9 @@ class LlamaModel(nn.Module):
         x = self.tok_embd(ids.to(self.device))
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            if recompute:
+            if self.streamer is not None:  # lowtune.streaming: weights copied in, checkpointed
+                x = self.streamer.run(layer, x, rot, cache, start)
+            elif recompute:
                 x = checkpoint(layer, x, rot, use_reentrant=False)
             else:
                 x = layer(x, rot, cache, start)

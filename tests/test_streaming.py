@@ -1,0 +1,149 @@
+"""Layer streaming (lowtune.streaming) against the resident model: the same losses, adapter
+gradients, logits and generations; the planner's decisions and its error below the minimum."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowtune import adapters
+from lowtune.model import LlamaModel
+from lowtune.streaming import plan_streaming, stream_model
+
+from conftest import devices
+from test_model import gguf_weights, rand_ids, tiny_config, tiny_weights
+
+
+def adapted_model(method="lora", device="cpu", dtype=torch.float32, layers=4, dropout=0.0,
+                  qtype="Q4_1", seed=0):
+    """A tiny packed Llama (on the CPU, as loaded for streaming) with adapters whose every matrix
+    is non-zero, so every gradient path carries signal."""
+    c = tiny_config(layers=layers)
+    model = LlamaModel(c, gguf_weights(c, tiny_weights(c, seed), qtype), dtype).eval()
+    adapters.apply_adapters(model, adapters.AdapterConfig(method=method, rank=4, alpha=8,
+                                                          dropout=dropout, seed=seed))
+    adapters.mark_only_adapters_trainable(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def step_losses(model, ids, steps=3, lr=1e-2):
+    """Losses of `steps` AdamW steps and the adapter gradients of the first one."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, first = [], None
+    torch.manual_seed(7)
+    for _ in range(steps):
+        loss = model.loss(ids)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        if first is None:
+            first = {n: p.grad.detach().float().cpu().clone()
+                     for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, first
+
+
+def pair(method, device, streamed, dropout=0.0, offload=False, dtype=torch.float32):
+    resident = adapted_model(method, dropout=dropout, dtype=dtype).to(device)
+    resident.gradient_checkpointing = True
+    streaming = adapted_model(method, dropout=dropout, dtype=dtype)
+    plan = stream_model(streaming, device, streamed=streamed, offload_activations=offload)
+    return resident, streaming, plan
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method,streamed,dropout", [
+    ("lora", [0, 1, 2, 3], 0.0),      # every layer streams through the two slots
+    ("qa-hira", [0, 1], 0.0),         # first layers stream, last ones resident
+    ("q-bara", [1, 3], 0.1),          # interleaved, with dropout (RNG replayed in recompute)
+    ("qdylora", [0, 2, 3], 0.0),
+])
+def test_streamed_training_equals_resident(device, method, streamed, dropout):
+    resident, streaming, plan = pair(method, device, streamed, dropout)
+    assert plan.streamed == sorted(streamed)
+    ids = rand_ids(2, 24).to(device)
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **tol)
+    assert set(got_g) == set(want_g)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], **tol, msg=name)
+    s = streaming.streamer
+    # each step copies every streamed layer in for forward and again for backward, at most;
+    # layers that fit in the slots together are copied once and stay
+    per_step = sum(s.packs[i].nbytes for i in streamed)
+    if len(streamed) > len(s.slots):
+        assert per_step < s.bytes_copied <= 3 * 2 * per_step
+    else:
+        assert s.bytes_copied == per_step
+    # between steps the streamed layers' blocks are back in host memory, resident ones on device
+    for i, layer in enumerate(streaming.layers):
+        for lin in (layer.attn_q.base, layer.ffn_down.base):
+            assert lin.raw.device.type == ("cpu" if i in streamed else torch.device(device).type)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_streamed_logits_and_generation_equal_resident(device):
+    resident, streaming, _ = pair("lora", device, [0, 1, 3])
+    ids = rand_ids(2, 16).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(streaming(ids), resident(ids), rtol=1e-5, atol=1e-5)
+        # with a KV cache: prompt, then token by token
+        outs = []
+        for m in (resident, streaming):
+            cache = m.new_cache(batch=2, max_len=32)
+            logits = [m(ids[:, :10], cache)[:, -1]]
+            for t in range(10, 16):
+                logits.append(m(ids[:, t:t + 1], cache)[:, -1])
+            outs.append(torch.stack(logits))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_offloaded_activations_equal_resident_on_gpu():
+    resident, streaming, plan = pair("lora", "cuda", [0, 1, 2, 3], offload=True,
+                                     dtype=torch.bfloat16)
+    assert plan.offload_activations and streaming.streamer.offload_activations
+    ids = rand_ids(2, 24).to("cuda")
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-4)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_planner_budgets():
+    model = adapted_model(layers=6)
+    est = plan_streaming(model, "cpu", 1 << 40, tokens=256)
+    assert not est.streaming and est.resident == list(range(6))
+    need_all = est.estimate["total"]
+    # less than everything: some layers stream, the last ones stay resident
+    budget = int(need_all * 0.7)
+    some = plan_streaming(model, "cpu", budget, tokens=256)
+    assert some.streaming and some.estimate["total"] <= budget
+    assert 0 < len(some.resident) < 6 and some.resident == list(range(6 - len(some.resident), 6))
+    # more budget never keeps fewer layers resident
+    counts = []
+    for b in range(need_all // 4, need_all, need_all // 40):
+        try:
+            counts.append(len(plan_streaming(model, "cpu", b, tokens=256).resident))
+        except ValueError:
+            assert not counts, "a larger budget was refused after a smaller one was accepted"
+    assert len(counts) > 5 and counts == sorted(counts) and counts[0] < counts[-1]
+    # below the minimum: a clear error that gives it
+    with pytest.raises(ValueError, match=r"at least \d+MB"):
+        plan_streaming(model, "cpu", 1 << 20, tokens=256)
+
+
+def test_stream_model_refuses_weights_already_on_gpu_or_bad_layers():
+    model = adapted_model()
+    with pytest.raises(ValueError, match="do not exist"):
+        stream_model(model, "cpu", streamed=[7])
+    with pytest.raises(ValueError, match="max_vram"):
+        stream_model(model, "cpu")

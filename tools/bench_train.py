@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Fine-tuning speed and GPU memory: lowtune resident, lowtune streamed under a budget, and the
+PEFT + bitsandbytes QLoRA peer, on the same Llama shapes, weights, data and seed, in one run.
+
+    PYTHONPATH=python python tools/bench_train.py --out runs/bench_train          # H100/H200
+    PYTHONPATH=python python tools/bench_train.py --model tiny --device cpu --runs resident,streamed --steps 3
+
+Model: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000), random Gaussian weights
+(std 0.02) quantized by lowtune to Q4_K. Quantizing 6.7B weights on the CPU would take longer
+than the benchmark itself, so `--unique-layers` distinct layers are quantized and repeated
+cyclically (each layer still holds its own copy of the bytes, which is what streaming moves).
+The peer gets the very same weights: lowtune's Q4_K blocks dequantized to bf16, then quantized
+by bitsandbytes to NF4 with double quantization, in transformers' LlamaForCausalLM (SDPA
+attention, gradient checkpointing, prepare_model_for_kbit_training), LoRA from PEFT.
+
+Training: LoRA r=16, alpha 16 on all seven linears of every layer, AdamW lr 1e-4 (no warmup),
+batch 1 x seq 2048 of UTF-8 bytes of the bundled Botchan text as token ids (so the loss falls),
+bf16 autocast. Each run is its own process (clean memory statistics). Reported: tokens/s over
+steps 3..N (the first two warm up), peak `torch.cuda.max_memory_allocated`, the driver's peak of
+used GPU memory (NVML, sampled every 5 ms, minus the reading before the process touched the GPU),
+and the loss after N steps. One step's memory over time is sampled too and plotted (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RUNS = ("resident", "streamed", "qlora")
+CONFIGS = {
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      ffn_dim=11008, head_dim=128),
+    "tiny": dict(vocab_size=512, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                 head_dim=64),
+}
+TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---- memory probes ---------------------------------------------------------------------------
+
+class DriverMemory:
+    """Peak used GPU memory as the driver reports it (NVML), sampled in a thread."""
+
+    def __init__(self, index: int = 0):
+        self.peak = self.base = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._h).used
+            self.base = self._read()
+        except Exception:  # noqa: BLE001 - NVML missing: report nothing rather than guess
+            self._read = None
+        self._stop = threading.Event()
+
+    def start(self):
+        if self._read is None:
+            return self
+        self.peak = self._read()
+
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._read())
+                time.sleep(0.005)
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def stop(self) -> int | None:
+        if self._read is None:
+            return None
+        self._stop.set()
+        self._t.join()
+        return self.peak - self.base
+
+
+class AllocatedTrace:
+    """torch.cuda.memory_allocated() over time, sampled in a thread during one step."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        t0 = time.perf_counter()
+
+        def loop():
+            while not self._stop.is_set():
+                self.samples.append((time.perf_counter() - t0, torch.cuda.memory_allocated()))
+                time.sleep(0.0005)
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self._stop.set()
+        self._t.join()
+
+
+# ---- shared inputs -------------------------------------------------------------------------------
+
+def token_batch(seq: int, batch: int, vocab: int, step: int) -> torch.Tensor:
+    """[batch, seq] ids: UTF-8 bytes of Botchan (+3, below any vocab here), step by step."""
+    import lowtune
+    text = (Path(lowtune.__file__).parent / "data" / "botchan.txt").read_bytes()
+    need = seq * batch
+    start = (step * need) % (len(text) - need)
+    ids = torch.tensor(list(text[start:start + need]), dtype=torch.long) + 3
+    return ids.clamp_(max=vocab - 1).view(batch, seq)
+
+
+def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str):
+    """GGUF-named weights: matrices as QTensors (CPU), norms as fp32 tensors."""
+    import lowtune
+    g = torch.Generator(device=device).manual_seed(seed)
+    gen = lambda *shape: (torch.randn(*shape, generator=g, device=device) * 0.02).cpu()  # noqa: E731
+    d, f, v = cfg["dim"], cfg["ffn_dim"], cfg["vocab_size"]
+    q, kv = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"]
+    shapes = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+              "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+    w = {"token_embd.weight": lowtune.quantize(gen(v, d), qtype),
+         "output.weight": lowtune.quantize(gen(v, d), qtype),
+         "output_norm.weight": torch.ones(d)}
+    layers = [{n: lowtune.quantize(gen(*s), qtype) for n, s in shapes.items()}
+              for _ in range(min(unique, cfg["n_layers"]))]
+    for i in range(cfg["n_layers"]):
+        src = layers[i % len(layers)]
+        for n in shapes:
+            w[f"blk.{i}.{n}.weight"] = src[n] if i < len(layers) else src[n].clone()
+        w[f"blk.{i}.attn_norm.weight"] = torch.ones(d)
+        w[f"blk.{i}.ffn_norm.weight"] = torch.ones(d)
+    return w
+
+
+def lowtune_model(args, cfg, weights):
+    from lowtune import adapters
+    from lowtune.model import LlamaConfig, LlamaModel
+    c = LlamaConfig(**cfg, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = LlamaModel(c, weights, dtype)
+    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank,
+                                                          alpha=args.rank, seed=args.seed))
+    adapters.mark_only_adapters_trainable(model)
+    return model
+
+
+def hf_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """GGUF's interleaved q/k row order back to Hugging Face's rotate-half order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qlora_model(args, cfg, weights):
+    """transformers Llama with the same weights, NF4 double-quantized linears, PEFT LoRA."""
+    import bitsandbytes as bnb
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    import lowtune
+    hc = transformers.LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["dim"], intermediate_size=cfg["ffn_dim"],
+        num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
+        num_key_value_heads=cfg["n_kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    deq = lambda name: lowtune.dequantize(weights[name].to("cuda"), torch.bfloat16)  # noqa: E731
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hc)
+    model.model.embed_tokens = torch.nn.Embedding.from_pretrained(deq("token_embd.weight"), freeze=True)
+    model.lm_head = torch.nn.Linear(cfg["dim"], cfg["vocab_size"], bias=False, device="cuda",
+                                    dtype=torch.bfloat16)
+    model.lm_head.weight.data.copy_(deq("output.weight"))
+    model.model.norm.weight = torch.nn.Parameter(torch.ones(cfg["dim"], device="cuda", dtype=torch.bfloat16))
+    names = dict(q_proj="attn_q", k_proj="attn_k", v_proj="attn_v", o_proj="attn_output",
+                 gate_proj="ffn_gate", up_proj="ffn_up", down_proj="ffn_down")
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for hf, ours in names.items():
+                if not hasattr(parent, hf):
+                    continue
+                w = deq(f"blk.{i}.{ours}.weight")
+                if ours in ("attn_q", "attn_k"):
+                    w = hf_rows(w, cfg["n_heads"] if ours == "attn_q" else cfg["n_kv_heads"])
+                lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                                        compress_statistics=True, quant_type="nf4", device="cpu")
+                lin.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4")
+                setattr(parent, hf, lin.to("cuda"))  # bitsandbytes quantizes here
+                del w
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight = torch.nn.Parameter(torch.ones(cfg["dim"], device="cuda", dtype=torch.bfloat16))
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=hc, device="cuda")
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"peer model tensors left on the meta device: {left[:5]}")
+    model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) would set
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lc = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, bias="none",
+                    target_modules=list(HF_TARGETS), task_type="CAUSAL_LM")
+    torch.manual_seed(args.seed)
+    return get_peft_model(model, lc)
+
+
+# ---- one run (in its own process) ------------------------------------------------------------------
+
+def run_one(args) -> dict:
+    cfg = CONFIGS[args.model]
+    dev = args.device
+    driver = DriverMemory() if dev == "cuda" else None
+    torch.manual_seed(args.seed)
+    t_build = time.perf_counter()
+    weights = make_weights(cfg, args.qtype, args.unique_layers, args.seed, dev)
+    plan = None
+    if args.run == "qlora":
+        model = qlora_model(args, cfg, weights)
+        loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    else:
+        model = lowtune_model(args, cfg, weights)
+        if args.run == "streamed":
+            from lowtune.streaming import stream_model
+            from lowtune.trainer import parse_size
+            plan = stream_model(model, dev, parse_size(args.max_vram), tokens=args.seq * args.batch)
+            print(plan.summary(), flush=True)
+        else:
+            model.to(dev)
+            model.gradient_checkpointing = True
+        loss_fn = lambda ids: model.loss(ids)  # noqa: E731
+    del weights
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    build_s = time.perf_counter() - t_build
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        driver.start()
+    model.train()
+    losses, times, trace = [], [], None
+    for step in range(args.steps):
+        ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
+        t0 = time.perf_counter()
+        ctx = AllocatedTrace() if dev == "cuda" and step == args.trace_step else None
+        with (ctx or _null()), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = loss_fn(ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if ctx is not None:
+            trace = ctx.samples
+        print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
+    timed = times[2:] if len(times) > 2 else times
+    out = {"run": args.run, "model": args.model, "steps": args.steps, "seq": args.seq,
+           "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
+           "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
+           "step_ms_median": sorted(timed)[len(timed) // 2] * 1e3,
+           "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+           "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1)}
+    if dev == "cuda":
+        out["max_allocated"] = torch.cuda.max_memory_allocated()
+        out["max_reserved"] = torch.cuda.max_memory_reserved()
+        out["driver_peak"] = driver.stop()
+        out["trace"] = trace
+    if plan is not None:
+        out["plan"] = {k: v for k, v in plan.to_dict().items() if k != "estimate"}
+        out["plan_total"] = plan.estimate.get("total")
+        s = model.streamer
+        out["streamed_gb_per_step"] = s.bytes_copied / args.steps / 1e9 if s else 0.0
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- the table -------------------------------------------------------------------------------------
+
+def gib(b):
+    return "—" if b is None else f"{b / 2**30:.2f}"
+
+
+def report(results: list[dict], args) -> str:
+    base = next((r for r in results if r["run"] == "qlora"), None)
+    res = next((r for r in results if r["run"] == "resident"), None)
+    lines = ["| run | tokens/s | × QLoRA | × resident | peak allocated GiB | driver peak GiB | "
+             f"loss step 1 | loss step {args.steps} |", "|---|---|---|---|---|---|---|---|"]
+    names = {"resident": "lowtune, fully resident", "streamed": f"lowtune, --max-vram {args.max_vram}",
+             "qlora": "PEFT + bitsandbytes QLoRA (NF4, double quant)"}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {names[r['run']]} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        x_q = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and "error" not in base else "—"
+        x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if res and "error" not in res else "—"
+        lines.append(f"| {names[r['run']]} | {r['tokens_per_s']:.0f} | {x_q} | {x_r} | "
+                     f"{gib(r.get('max_allocated'))} | {gib(r.get('driver_peak'))} | "
+                     f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(8, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for r in results:
+        if r.get("trace"):
+            t, m = zip(*r["trace"])
+            ax.plot([v * 1e3 for v in t], [v / 2**30 for v in m], lw=1.2, label=r["run"])
+    ax.set_xlabel("time in one training step (ms)")
+    ax.set_ylabel("torch.cuda.memory_allocated (GiB)")
+    ax.set_title("GPU memory over one step (Llama-2-7B shapes, Q4_K, seq 2048, r=16)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="llama2-7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--qtype", default="Q4_K")
+    ap.add_argument("--max-vram", default="3GiB")
+    ap.add_argument("--unique-layers", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trace-step", type=int, default=5, help="step (0-based) whose memory is traced")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--out", help="directory for results.json, table.md, memory.png")
+    ap.add_argument("--run", help=argparse.SUPPRESS)        # internal: one run, JSON on stdout
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.run:
+        result = run_one(args)
+        Path(args.json_out).write_text(json.dumps(result))
+        return 0
+
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    head = (f"date {datetime.date.today().isoformat()}; {gpu}; torch {torch.__version__}; "
+            f"{args.model}, {args.qtype}, seq {args.seq} x batch {args.batch}, LoRA r={args.rank} on "
+            f"all seven linears, {args.steps} steps")
+    print(head, flush=True)
+    results = []
+    for run in args.runs.split(","):
+        tmp = Path(out or ".") / f"run-{run}.json"
+        cmd = [sys.executable, __file__, "--run", run, "--json-out", str(tmp)] + \
+              [a for a in (argv if argv is not None else sys.argv[1:])]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, timeout=args.timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"exit {p.returncode}")
+            results.append(json.loads(tmp.read_text()))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            results.append({"run": run, "error": str(e)})
+        print(f"== {run}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table = report(results, args)
+    print("\n" + head + "\n\n" + table)
+    if out:
+        (out / "results.json").write_text(json.dumps({"header": head, "results": results}, indent=1))
+        (out / "table.md").write_text(head + "\n\n" + table + "\n")
+        plot(results, out / "memory.png")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
