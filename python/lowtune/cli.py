@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         if not isinstance(e, (CLIError, OSError, ValueError, KeyError, NotImplementedError)):
             msg = f"{type(e).__name__}: {msg} (set LOWTUNE_DEBUG=1 for the traceback)"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: say which rank
+            msg = f"[rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}] {msg}"
         print(f"lowtune: error: {msg}", file=sys.stderr)
         return 1
 

@@ -9,6 +9,7 @@ on its own too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .trainer import METHODS, RESUME_OVERRIDES, SCHEDULES, TrainConfig, TrainingError
@@ -34,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
-    p.add_argument("--batch", type=int, help="sequences per micro-batch (default 4)")
+    p.add_argument("--batch", type=int, help="sequences per micro-batch (default 4); under torchrun "
+                   "per rank (a step sees batch x ranks x grad-accum)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default 3%% of the steps)")
@@ -92,6 +94,8 @@ examples:
   lowtune finetune model.gguf --data book.txt --method qahira --steps 200 -o runs/book
   lowtune finetune model.gguf --data alpaca.jsonl --method lora --rank 16 --epochs 1 -o runs/a
   lowtune finetune --resume runs/a          # continue a killed run where it stopped
+  torchrun --standalone --nproc-per-node 4 -m lowtune finetune model.gguf --data d.jsonl -o runs/b
+                      # data-parallel on 4 GPUs: --batch is per GPU, rank 0 writes the run dir
 """
 
 
@@ -132,7 +136,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .trainer import Trainer, apply_overrides, parse_size
+    if getattr(args, "max_vram", None) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # under a budget, growable segments keep the driver's view near what torch allocates
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     try:
         if args.resume:
             cfg = TrainConfig.load(args.resume)
@@ -149,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             Trainer(config_from_args(args)).run()
     except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"lowtune finetune: error: {e}", file=sys.stderr)
+        print(f"lowtune finetune: error: {distributed.prefix()}{e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -23,6 +23,13 @@ Reproducibility: everything random is a function of `seed` — adapter initialis
 DyLoRA ranks (torch/numpy/python RNGs) and the data order (`data.epoch_order(seed, epoch)`).
 Checkpoints hold every RNG state, and the data position follows from the step, so a run killed
 at any point and resumed produces the same metrics as one that was never interrupted.
+
+Under torchrun (lowtune.distributed) `batch` is per rank: a micro-batch of the run is the
+`batch * world` sequences that one process would take with that batch, split between the ranks;
+losses are normalised by the scored tokens of all ranks, so the run is the single-process one
+(to float rounding). Rank 0 writes the run directory and logs; held-out evaluation is shared out
+and summed; checkpoints hold every rank's RNG state. Dropout masks differ between ranks (rank 0
+draws those of a single process), the QDyLoRA rank of a step is the same on all.
 """
 from __future__ import annotations
 
@@ -34,7 +41,6 @@ import random
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .data import (Dataset, collate, count_targets, load_dataset, micro_batch_indices,
                    micro_batches_per_epoch)
 
@@ -61,6 +68,10 @@ class NonFiniteLossError(TrainingError):
 
 class TrainingOutOfMemoryError(TrainingError, MemoryError):
     pass
+
+
+class PeerFailedError(TrainingError):
+    """torchrun: this rank stopped because another rank of the group failed."""
 
 
 @dataclass
@@ -224,6 +235,16 @@ class _Bar:
         self.bar.close()
 
 
+class _NoProgress:
+    """Ranks other than 0 show nothing."""
+
+    def update(self, step: int, tokens: int = 0, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, start: int):
     try:
         return _Bar(total, start)
@@ -282,19 +303,16 @@ def load_model(cfg: TrainConfig, device: torch.device):
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or a Hugging Face "
                                 "safetensors directory is expected)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Under a memory budget the packed weights stay in host memory; lowtune.streaming places
+    # them (Trainer._setup, once the adapters exist).
+    load_on = torch.device("cpu") if cfg.max_vram is not None else device
     if path.is_dir():
-        model = _model_from_source(_load_safetensors_dir(path, cfg.qtype), device, dtype)
+        model = _model_from_source(_load_safetensors_dir(path, cfg.qtype), load_on, dtype)
     else:
         if cfg.qtype is not None:
             raise ValueError("--type applies to safetensors models; a GGUF file is trained in its "
                              "own quantization (re-quantize it with `lowtune quantize` first)")
-        model = LlamaModel.from_gguf(path, device, dtype)
-    if cfg.max_vram is not None:
-        if hasattr(model, "set_max_vram"):
-            model.set_max_vram(cfg.max_vram)  # layer streaming (lowtune.streaming)
-        else:
-            warnings.warn("--max-vram has no effect yet: this build has no layer streaming; the "
-                          "whole model stays on the device", stacklevel=2)
+        model = LlamaModel.from_gguf(path, load_on, dtype)
     tokenizer = getattr(model, "tokenizer", None) or load_tokenizer(model.metadata)
     return model, tokenizer
 
@@ -356,12 +374,15 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
+        self.ddp = None  # DistributedDataParallel around the loss, under torchrun
 
     # -- set-up ----------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.device = pick_device(cfg.device)
+        self.device = distributed.init(pick_device(cfg.device))  # torchrun: this rank's GPU
+        if not distributed.is_main():
+            self.log = lambda s: None  # rank 0 speaks for the group
         seed_everything(cfg.seed)
         if self.model is None:
             self.model, tok = load_model(cfg, self.device)
@@ -370,6 +391,14 @@ class Trainer:
                 from .correct import apply_frozen_base_adapter
                 apply_frozen_base_adapter(self.model, cfg.base_adapter)
             cfg.extra["adapter"] = apply_adapters(self.model, cfg)
+            if cfg.max_vram is not None and self.device.type != "cuda":
+                self.log("--max-vram is a GPU memory budget; on the CPU nothing streams")
+            elif cfg.max_vram is not None:
+                from .streaming import stream_model
+                plan = stream_model(self.model, self.device, cfg.max_vram,
+                                    tokens=cfg.seq_len * cfg.batch)
+                cfg.extra["streaming"] = plan.to_dict()
+                self.log(plan.summary())
         else:
             self.model.to(self.device)
             if self.tokenizer is None and getattr(self.model, "metadata", None):
@@ -399,7 +428,11 @@ class Trainer:
 
     def _resolve(self) -> None:
         cfg = self.cfg
-        per_epoch = micro_batches_per_epoch(len(self.dataset.train), cfg.batch)
+        # torchrun: --batch is per rank; a micro-batch of the run is `global_batch` sequences,
+        # of which rank r takes the r-th slice of `batch` (see _batch).
+        self.world = distributed.world_size()
+        self.global_batch = cfg.batch * self.world
+        per_epoch = micro_batches_per_epoch(len(self.dataset.train), self.global_batch)
         if cfg.steps is None:
             cfg.steps = max(1, math.ceil((cfg.epochs or 1.0) * per_epoch / cfg.grad_accum))
         cfg.total_steps = cfg.steps
@@ -413,10 +446,14 @@ class Trainer:
         cfg.extra["trainable_parameters"] = sum(p.numel() for _, p in self.params)
         cfg.extra["device"] = str(self.device)
         cfg.extra["micro_batches_per_epoch"] = per_epoch
+        cfg.extra["distributed"] = {"world_size": self.world,
+                                    "sequences_per_step": self.global_batch * cfg.grad_accum}
 
     # -- metrics -----------------------------------------------------------------------------------
 
     def _append_metrics(self, row: dict) -> None:
+        if not distributed.is_main():
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -424,6 +461,8 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps <= `step` (a killed run may have logged steps after its last
         checkpoint, which the resumed run logs again)."""
+        if not distributed.is_main():
+            return
         rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
         kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step)
         ckpt.atomic_write_text(self.metrics_path, kept)
@@ -436,28 +475,50 @@ class Trainer:
         return torch.autocast("cpu", enabled=False)
 
     def _batch(self, index: int):
-        _, idx = micro_batch_indices(len(self.dataset.train), self.cfg.batch, self.cfg.seed, index)
-        return collate([self.dataset.train[i] for i in idx], self.pad_id)
+        """This rank's part of micro-batch `index`: (input_ids, labels), or None when the slice is
+        empty (the short last micro-batch of an epoch). Every rank draws the same global
+        micro-batch of `global_batch` sequences and takes its own `batch` of them, so the ranks
+        together see exactly what one process with --batch global_batch would."""
+        _, idx = micro_batch_indices(len(self.dataset.train), self.global_batch, self.cfg.seed, index)
+        idx = idx[distributed.rank() * self.cfg.batch:][:self.cfg.batch]
+        return collate([self.dataset.train[i] for i in idx], self.pad_id) if len(idx) else None
+
+    def _loss_sum(self, batch):
+        """Summed loss of a micro-batch (through DDP, whose forward arms the gradient all-reduce)."""
+        if self.ddp is None:
+            ids, labels = batch
+            return self.model.loss(ids.to(self.device), labels.to(self.device), reduction="sum")
+        if batch is None:
+            return self.ddp()
+        return self.ddp(batch[0].to(self.device), batch[1].to(self.device))
 
     def _train_step(self, step: int) -> dict:
-        """One optimizer step (0-based `step`): grad_accum micro-batches, clip, AdamW."""
+        """One optimizer step (0-based `step`): grad_accum micro-batches, clip, AdamW.
+
+        The loss is normalised by the scored tokens of the step over all ranks; DDP averages
+        gradients over ranks, so each rank's loss is scaled by world/total: the gradient is then
+        the single-process one of the global batch."""
         cfg = self.cfg
         batches = [self._batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-        total = sum(count_targets(labels) for _, labels in batches)
-        loss_sum, tokens = 0.0, 0
+        counts = [count_targets(b[1]) if b is not None else 0 for b in batches]
+        total, tokens = distributed.all_reduce_sum(
+            sum(counts), sum(int(b[0].numel()) for b in batches if b is not None))
+        total, tokens, loss_sum = int(total), int(tokens), 0.0
         if self.dylora is not None:
-            self.dylora.sample()  # one rank b for every layer, for this step
-        for k, (ids, labels) in enumerate(batches):
-            tokens += int(ids.numel())
-            if count_targets(labels) == 0:
+            self.dylora.sample()  # one rank b for every layer, for this step (same on all ranks)
+        for k, (batch, n) in enumerate(zip(batches, counts)):
+            last = k == cfg.grad_accum - 1  # DDP all-reduces in the last micro-batch's backward
+            if n == 0 and not (self.ddp is not None and last and total > 0):
                 continue
-            with self._autocast():
-                loss = self.model.loss(ids.to(self.device), labels.to(self.device), reduction="sum")
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                self._fail_nonfinite(f"the loss is {value}", step, k)
-            (loss / total).backward()
+            with distributed.no_sync(self.ddp, last):
+                with self._autocast():
+                    loss = self._loss_sum(batch if n else None)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._fail_nonfinite(f"the loss is {value}", step, k)
+                (loss / (total / self.world)).backward()
             loss_sum += value
+        loss_sum = distributed.all_reduce_sum(loss_sum)[0]
         params = [p for _, p in self.params]
         if cfg.clip and cfg.clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
@@ -490,16 +551,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Held-out loss (mean over scored tokens) and perplexity. RNG states are restored
-        afterwards, so evaluating does not change the training that follows."""
+        afterwards, so evaluating does not change the training that follows. Under torchrun
+        rank r evaluates batches r, r + world, ... and the sums are all-reduced: every rank
+        returns the same numbers."""
         if not self.dataset.eval:
             return None
         rng = ckpt.capture_rng()
         was_training = self.model.training
         self.model.eval()
         nll, scored, t0 = 0.0, 0, time.perf_counter()
+        rank, world = distributed.rank(), distributed.world_size()
         try:
             ex = self.dataset.eval
-            for s in range(0, len(ex), self.cfg.batch):
+            for j, s in enumerate(range(0, len(ex), self.cfg.batch)):
+                if j % world != rank:
+                    continue
                 ids, labels = collate(ex[s:s + self.cfg.batch], self.pad_id)
                 n = count_targets(labels)
                 if n == 0:
@@ -511,22 +577,26 @@ class Trainer:
         finally:
             self.model.train(was_training)
             ckpt.restore_rng(rng)
+        nll, scored = distributed.all_reduce_sum(nll, scored)
+        scored = int(scored)
         loss = nll / max(scored, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": scored,
                 "eval_s": round(time.perf_counter() - t0, 3)}
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _state(self, step: int, elapsed: float, tokens: int) -> dict:
-        epoch, _ = micro_batch_indices(len(self.dataset.train), self.cfg.batch, self.cfg.seed,
+    def _state(self, step: int, elapsed: float, tokens: int, rng_ranks: list | None = None) -> dict:
+        epoch, _ = micro_batch_indices(len(self.dataset.train), self.global_batch, self.cfg.seed,
                                        step * self.cfg.grad_accum)
         return {
             "params": {n: p.detach().cpu() for n, p in self.params},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.capture_rng(),
+            "rng_ranks": rng_ranks,  # torchrun: every rank's RNG states (dropout differs by rank)
             "data": {"micro_batch": step * self.cfg.grad_accum, "epoch": epoch,
-                     "seed": self.cfg.seed, "n_train": len(self.dataset.train)},
+                     "seed": self.cfg.seed, "n_train": len(self.dataset.train),
+                     "sequences_per_micro_batch": self.global_batch, "world_size": self.world},
             "elapsed_s": elapsed, "tokens": tokens,
             "dylora_rng": list(self.dylora.rng.getstate()) if self.dylora is not None else None,
         }
@@ -537,6 +607,17 @@ class Trainer:
             raise TrainingError(
                 f"the data changed since the checkpoint ({data['n_train']} training examples "
                 f"then, {len(self.dataset.train)} now); resume with the same data file")
+        # The data order follows from the sequences of a micro-batch over all ranks; another
+        # number of ranks is fine when --batch keeps that number.
+        world0 = data.get("world_size", 1)
+        seqs = data.get("sequences_per_micro_batch", self.cfg.batch * world0)
+        if seqs != self.global_batch:
+            fix = (f"--batch {seqs // self.world}" if seqs % self.world == 0 else
+                   f"{world0} rank(s) with --batch {seqs // world0}")
+            raise TrainingError(
+                f"the checkpoint was written by {world0} rank(s) x --batch {seqs // world0} = "
+                f"{seqs} sequences per micro-batch; this run has {self.world} x {self.cfg.batch} "
+                f"= {self.global_batch}, which would change the data order. Resume with {fix}")
         names = {n for n, _ in self.params}
         if set(state["params"]) != names:
             raise TrainingError("the checkpoint's trainable parameters do not match the model's "
@@ -546,24 +627,51 @@ class Trainer:
                 p.copy_(state["params"][n].to(p.device, p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if distributed.rank() < len(rngs):
+            ckpt.restore_rng(rngs[distributed.rank()])
+        else:  # more ranks than when the checkpoint was written: a fresh stream for this one
+            ckpt.restore_rng(state["rng"])
+            distributed.seed_rank(self.cfg.seed + int(state["step"]))
         if self.dylora is not None and state.get("dylora_rng") is not None:
             v, internal, gauss = state["dylora_rng"]
             self.dylora.rng.setstate((v, tuple(internal), gauss))
         return int(state["step"]), float(state["elapsed_s"]), int(state["tokens"])
 
     def _save(self, step: int, elapsed: float, tokens: int) -> None:
-        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, step,
-                                                    self._state(step, elapsed, tokens),
-                                                    keep=self.cfg.keep_checkpoints)
+        """Rank 0 writes the checkpoint; the others wait until it is in place."""
+        rngs = distributed.all_gather_object(ckpt.capture_rng()) if self.world > 1 else None
+        if distributed.is_main():
+            ckpt.save_checkpoint(self.ckpt_dir, step, self._state(step, elapsed, tokens, rngs),
+                                 keep=self.cfg.keep_checkpoints)
+        distributed.barrier()
+        self.last_checkpoint = ckpt.checkpoint_path(self.ckpt_dir, step)
 
     # -- the run -------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainResult:
+        """Train (or continue, with resume) to cfg.steps. Under torchrun every rank calls this;
+        when one rank fails, the others raise PeerFailedError naming it."""
+        with distributed.stop_together(PeerFailedError, self._kept):
+            return self._run(resume)
+
+    def _kept(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint had been written yet."
+        return (f"The last checkpoint, {self.last_checkpoint}, is intact; continue with the same "
+                f"torchrun command and `lowtune finetune --resume {self.run_dir}`.")
+
+    def _run(self, resume: bool) -> TrainResult:
         cfg = self.cfg
         self._setup()  # model and data first: a mistake there leaves no empty run directory
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(self.run_dir / "config.json", _config_json(cfg))
+        if distributed.is_main():  # rank 0 alone writes the run directory
+            existing = ckpt.list_checkpoints(self.ckpt_dir) if not resume else []
+            if existing:  # before config.json is written: the old run stays as it was
+                raise TrainingError(
+                    f"{self.run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
+                    f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(self.run_dir / "config.json", _config_json(cfg))
 
         params = [p for _, p in self.params]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -572,14 +680,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
         self.dylora = dylora_controller(self.model, self.optimizer, cfg.seed)
+        self.ddp = distributed.wrap_loss(self.model, params)  # None in a single process
+        distributed.seed_rank(cfg.seed)  # dropout masks differ between ranks
 
         step, elapsed, tokens = 0, 0.0, 0
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if existing and not resume:
+        newest, found = None, None  # rank 0 reads the checkpoints and hands them to the others
+        if distributed.is_main():
+            existing = ckpt.list_checkpoints(self.ckpt_dir)
+            newest = existing[-1][0] if existing else None
+            found = ckpt.latest_checkpoint(self.ckpt_dir) if resume and existing else None
+        newest, found = distributed.broadcast_object((newest, found))
+        if newest is not None and not resume:
             raise TrainingError(
-                f"{self.run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
+                f"{self.run_dir} already holds a run (checkpoints up to step {newest}): "
                 f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
-        found = ckpt.latest_checkpoint(self.ckpt_dir) if resume else None
         if found is not None:
             self.last_checkpoint, state = found
             step, elapsed, tokens = self._restore(state)
@@ -589,18 +703,19 @@ class Trainer:
             if resume:
                 self.log(f"no checkpoint in {self.ckpt_dir}; starting {self.run_dir} from step 0")
             self._truncate_metrics(-1)
-        rows = read_metrics(self.metrics_path)
+        rows = read_metrics(self.metrics_path) if distributed.is_main() else []
 
         self.model.train()
+        ranks = f"{self.world} ranks x " if self.world > 1 else ""
         self.log(f"{cfg.method} on {cfg.model or 'the given model'}: {total} steps of "
-                 f"{cfg.batch}x{cfg.grad_accum} sequences of <= {cfg.seq_len} tokens, "
+                 f"{ranks}{cfg.batch}x{cfg.grad_accum} sequences of <= {cfg.seq_len} tokens, "
                  f"{cfg.extra['trainable_parameters']:,} trainable parameters, {self.device}; "
                  f"{self.dataset.stats.summary()}")
         if step == 0:
             ev = self._run_eval(0)
             rows += [ev] if ev else []
 
-        bar = _progress(total, step)
+        bar = _progress(total, step) if distributed.is_main() else _NoProgress()
         t_start = time.perf_counter() - elapsed
         try:
             while step < total:
@@ -670,15 +785,19 @@ class Trainer:
         after = evals[-1] if evals and evals[-1]["step"] == step and step > 0 else None
         extra = {}
         if self.dylora is not None and self.dataset.eval:
-            extra = self._choose_dylora_rank()
-        adapter_path = self.save_adapter(self.model, self.run_dir)
-        note = plot_losses(rows, self.run_dir / "loss.png", title=f"{self.cfg.method}")
-        if note:
-            self.log(note)
-        summary = {"steps": step, "wall_s": round(wall, 2), "method": self.cfg.method,
-                   "adapter": str(adapter_path) if adapter_path else None,
-                   "eval_before": before, "eval_after": after, **extra}
-        ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+            extra = self._choose_dylora_rank()  # every rank evaluates its share
+        adapter_path = None
+        if distributed.is_main():
+            adapter_path = self.save_adapter(self.model, self.run_dir)
+            note = plot_losses(rows, self.run_dir / "loss.png", title=f"{self.cfg.method}")
+            if note:
+                self.log(note)
+            summary = {"steps": step, "wall_s": round(wall, 2), "method": self.cfg.method,
+                       "adapter": str(adapter_path) if adapter_path else None,
+                       "eval_before": before, "eval_after": after, **extra}
+            ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+        # Every rank returns once the run directory is complete.
+        adapter_path = distributed.broadcast_object(adapter_path)
         if before and after:
             change = 100.0 * (after["eval_ppl"] / before["eval_ppl"] - 1.0)
             self.log(f"held-out perplexity: {before['eval_ppl']:.3f} before, {after['eval_ppl']:.3f} "
@@ -799,8 +918,10 @@ def resume(run_dir: str | os.PathLike, **overrides) -> TrainResult:
 
 
 # Settings that may change when resuming: they do not change which data a step sees.
+# `batch` (per rank) may change with the number of torchrun ranks as long as ranks x batch
+# stays the same (Trainer._restore checks it).
 RESUME_OVERRIDES = ("lr", "clip", "steps", "eval_every", "save_every", "keep_checkpoints",
-                    "max_vram", "device", "gradient_checkpointing", "warmup", "schedule")
+                    "max_vram", "device", "gradient_checkpointing", "warmup", "schedule", "batch")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> None:
