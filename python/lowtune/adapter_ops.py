@@ -108,11 +108,88 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# From this many rows on, the CUDA adapter products run as cuBLAS GEMMs (tensor cores, fp32
+# accumulation) around lowtune's pooling and expansion: at training sizes the rank-r products
+# are skinny GEMMs that cuBLAS streams at memory speed. Below it the fused kernels are faster.
+CUBLAS_MIN_ROWS = 64
+
+
+def _use_cublas(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and t.shape[0] >= CUBLAS_MIN_ROWS
+
+
+def _pool(x2: torch.Tensor, pool: int) -> torch.Tensor:
+    m, k = x2.shape
+    return x2 if pool == 1 else x2.view(m, k // pool, pool).mean(-1)
+
+
+def _add_expanded(y: torch.Tensor, v: torch.Tensor, q: int, alpha: float) -> None:
+    """y [m, n] += alpha · v [m, n/q] repeated over q adjacent columns, in place."""
+    if q == 1:
+        y.add_(v, alpha=alpha)
+    else:
+        y.view(y.shape[0], -1, q).add_(v.unsqueeze(-1), alpha=alpha)
+
+
+def _cublas_forward(x2, A32, B32, geom, y, pool):
+    """_launch_forward's products through torch.mm: u = pool(x)·A[:r]ᵀ, y += s·expand(u·B[:, :r]ᵀ)."""
+    xs = _pool(x2, pool)
+    A = A32[:geom.rank].to(x2.dtype)
+    if not geom.has_b:
+        if geom.repeat == 1:
+            y.addmm_(xs, A.t(), alpha=geom.scale)
+        else:
+            _add_expanded(y, xs @ A.t(), geom.repeat, geom.scale)
+        return None, xs
+    u = xs @ A.t()
+    B = B32[:, :geom.rank].to(x2.dtype)
+    if geom.repeat == 1:
+        y.addmm_(u, B.t(), alpha=geom.scale)
+    else:
+        _add_expanded(y, u @ B.t(), geom.repeat, geom.scale)
+    return u, xs
+
+
+def _widen(g: torch.Tensor, shape) -> torch.Tensor:
+    """A gradient of the leading rows/columns in use, zero-padded to the parameter's shape
+    (QDyLoRA at rank b < r_max); the gradient itself when it already has that shape."""
+    if tuple(g.shape) == tuple(shape):
+        return g
+    full = g.new_zeros(shape)
+    full[:g.shape[0], :g.shape[1]] = g
+    return full
+
+
+def _cublas_backward(dy2, xs, A32, B32, u, geom, dx, pool):
+    """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
+    input gradient, expanded over the pool, in place."""
+    m = dy2.shape[0]
+    q, r, s = geom.repeat, geom.rank, geom.scale
+    dys = dy2 if q == 1 else dy2.view(m, -1, q).sum(-1)
+    A = A32[:r].to(dy2.dtype)
+    dB = None
+    if geom.has_b:
+        B = B32[:, :r].to(dy2.dtype)
+        dB = _widen((dys.t() @ u).float().mul_(s), B32.shape)
+        du = (dys @ B).mul_(s)                                   # [m, r]
+    else:
+        du = dys.mul(s) if q == 1 else dys.mul_(s)               # [m, n/q]: dM = duᵀ · xs
+    dA = _widen((du.t() @ xs).float(), A32.shape)
+    if dx is not None:
+        if pool == 1:
+            dx.addmm_(du, A)
+        else:
+            dx.view(m, -1, pool).add_((du @ A).unsqueeze(-1), alpha=1.0 / pool)
+    return dA, dB
+
+
 def _launch_forward(x2, A32, B32, geom, y, pool):
     """y += adapter(x2) in place. x2 [m, k'] with k' = k/ (geom.pool / pool). Returns (u, xs):
     u the first product (fp32 [m, rank]) and xs the adapter input pooled (kept for backward)."""
     m, k = x2.shape
     dev = x2.device
+    if _use_cublas(x2):
+        return _cublas_forward(x2, A32, B32, geom, y, pool)
     u = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
     xs = torch.empty((m, k // pool), dtype=x2.dtype, device=dev) if pool > 1 else x2
     args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
@@ -131,6 +208,22 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
     dx [m, k] when dx is given. xs is the saved, already pooled adapter input."""
     m = dy2.shape[0]
     dev = dy2.device
+    if _use_cublas(dy2):
+        dA, dB = _cublas_backward(dy2, xs, A32, B32, u, geom, dx, pool)
+    else:
+        dA, dB = _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool)
+    if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
+        dA[:geom.grad_from] = 0
+        if dB is not None:
+            dB[:, :geom.grad_from] = 0
+    dA = dA.to(A.dtype)
+    dB = dB.to(B.dtype) if dB is not None else None
+    return dA, dB
+
+
+def _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool):
+    m = dy2.shape[0]
+    dev = dy2.device
     dA = torch.zeros(A32.shape, dtype=torch.float32, device=dev)
     dB = torch.zeros(B32.shape, dtype=torch.float32, device=dev) if geom.has_b else None
     # scratch: du [m, rank], or (single matrix) the input gradient before expansion [m, k/p]
@@ -143,12 +236,6 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
             _C.cuda_adapter_backward(*args, *ptrs, ops._stream(dev))
     else:
         _C.adapter_backward(*args, *ptrs)
-    if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
-        dA[:geom.grad_from] = 0
-        if dB is not None:
-            dB[:, :geom.grad_from] = 0
-    dA = dA.to(A.dtype)
-    dB = dB.to(B.dtype) if dB is not None else None
     return dA, dB
 
 
