@@ -250,18 +250,23 @@ def run_one(args) -> dict:
         ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
         t0 = time.perf_counter()
         ctx = AllocatedTrace() if dev == "cuda" and step == args.trace_step else None
+        if args.profile and step == args.profile_step:
+            ctx = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                         ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else []))
         with (ctx or _null()), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
             loss = loss_fn(ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if dev == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        if ctx is not None:
+        if isinstance(ctx, AllocatedTrace):
             trace = ctx.samples
+        elif ctx is not None:
+            print_profile(ctx, times[-1], dev)
         print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
     timed = times[2:] if len(times) > 2 else times
     out = {"run": args.run, "model": args.model, "steps": args.steps, "seq": args.seq,
@@ -281,6 +286,20 @@ def run_one(args) -> dict:
         s = model.streamer
         out["streamed_gb_per_step"] = s.bytes_copied / args.steps / 1e9 if s else 0.0
     return out
+
+
+def print_profile(prof, step_s: float, dev: str) -> None:
+    """Where one step's time goes: GPU busy time against the step's wall time, top kernels and
+    the number of operator calls (host dispatch)."""
+    events = prof.key_averages()
+    key = "device_time_total" if dev == "cuda" else "cpu_time_total"
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6 if kernels else 0.0
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"profile: step {step_s * 1e3:.0f} ms wall, GPU kernels busy {busy * 1e3:.0f} ms "
+          f"({len(kernels)} kernel launches), {ops} aten operator calls", flush=True)
+    print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="count", row_limit=20, max_name_column_width=60), flush=True)
 
 
 class _null:
@@ -354,6 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace-step", type=int, default=5, help="step (0-based) whose memory is traced")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    ap.add_argument("--profile-step", type=int, default=3)
+    ap.add_argument("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF for every run, e.g. expandable_segments:True")
     ap.add_argument("--out", help="directory for results.json, table.md, memory.png")
     ap.add_argument("--run", help=argparse.SUPPRESS)        # internal: one run, JSON on stdout
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -378,8 +400,11 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--run", run, "--json-out", str(tmp)] + \
               [a for a in (argv if argv is not None else sys.argv[1:])]
         t0 = time.perf_counter()
+        env = dict(os.environ)
+        if args.alloc_conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
         try:
-            p = subprocess.run(cmd, timeout=args.timeout)
+            p = subprocess.run(cmd, timeout=args.timeout, env=env)
             if p.returncode != 0:
                 raise RuntimeError(f"exit {p.returncode}")
             results.append(json.loads(tmp.read_text()))
