@@ -532,6 +532,22 @@ def test_load_refuses_a_different_architecture(tmp_path):
     assert adapters_of(small) == {}
 
 
+@pytest.mark.parametrize("method,qtype", METHOD_BASES)
+def test_cublas_path_close_to_float64(method, qtype, monkeypatch):
+    """The GEMM formulation that CUDA uses from CUBLAS_MIN_ROWS rows on, run here through
+    torch on the CPU (fp32), against float64 autograd: outputs, input and weight gradients."""
+    from lowtune import adapter_ops
+    monkeypatch.setattr(adapter_ops, "_use_cublas", lambda t: True)
+    ad = make_adapter(method, qtype, n=96, k=256)
+    if method == "qdylora":
+        ad.set_rank(3)  # gradients only for the leading slices, zero-padded to the full matrices
+    x, dy = torch.randn(70, 256), torch.randn(70, 96)
+    got = grads_of(ad, x, dy)
+    t64 = truth64(ad, x, dy)
+    for a, b in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
+        assert a.shape == b.shape and rel_err(a, b) < 2e-5
+
+
 # ---- CUDA ----------------------------------------------------------------------------------------
 CUDA_SHAPES = [(300, 512, 160), (7, 256, 64), (1030, 1024, 96)]
 
