@@ -147,3 +147,37 @@ def test_stream_model_refuses_weights_already_on_gpu_or_bad_layers():
         stream_model(model, "cpu", streamed=[7])
     with pytest.raises(ValueError, match="max_vram"):
         stream_model(model, "cpu")
+
+
+def test_lrec_teacher_and_student_streamed_in_one_budget():
+    """lowtune correct --max-vram: the teacher streams every layer, the student is planned in
+    what is left; the distillation loss and its adapter gradients are unchanged."""
+    from lowtune.correct import DistillationModel, _stream_pair
+    c = tiny_config(layers=4)
+    hf = tiny_weights(c, 3)
+
+    def pair_models():
+        teacher = LlamaModel(c, gguf_weights(c, hf, "F32"), torch.float32).eval()
+        student = adapted_model(layers=4, seed=3)
+        return DistillationModel(student, teacher, kl_weight=1.0, ce_weight=0.25, kl_chunk=7)
+
+    ids = rand_ids(2, 20)
+    plain, streamed = pair_models(), pair_models()
+    plain.student.gradient_checkpointing = True
+    need_all = plan_streaming(streamed.student, "cpu", 1 << 40, tokens=40).estimate["total"]
+    info = _stream_pair(streamed.student, streamed.teacher, torch.device("cpu"), torch.device("cpu"),
+                        int(need_all * 0.6), tokens=40, log=lambda s: None)
+    assert info["teacher"]["streamed"] == [0, 1, 2, 3]
+    assert streamed.student.streamer is not None  # the teacher's share pushed the student below all
+    results = []
+    for dm in (plain, streamed):
+        dm.train()
+        loss = dm.loss(ids, reduction="sum")
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in dm.named_parameters()
+                                               if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6) and set(g0) == set(g1) and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+    assert streamed.teacher.streamer.bytes_copied > 0

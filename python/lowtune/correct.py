@@ -457,13 +457,13 @@ def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) 
     lowtune.streaming like any fine-tune."""
     from .streaming import _estimate, stream_model
     info = {}
-    if tdev.type == "cuda":
-        e = _estimate(teacher, tokens, teacher.loss_chunk_tokens)
-        # non-layer weights, two layer slots, one layer's forward activations and its hidden
-        need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
-        info["teacher"] = stream_model(teacher, tdev, streamed=list(range(len(teacher.layers)))).to_dict()
+    e = _estimate(teacher, tokens, teacher.loss_chunk_tokens)
+    # non-layer weights, two layer slots, one layer's forward activations and its hidden
+    need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
+    info["teacher"] = stream_model(teacher, tdev, streamed=list(range(len(teacher.layers)))).to_dict()
+    if tdev == device:
         budget -= need
-        log(f"teacher: every layer streamed, about {need / 2**30:.2f} GiB on {tdev}")
+    log(f"teacher: every layer streamed, about {need / 2**20:.0f} MiB on {tdev}")
     plan = stream_model(student, device, budget, tokens=tokens)
     log("student: " + plan.summary())
     info["student"] = plan.to_dict()
