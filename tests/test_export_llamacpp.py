@@ -186,11 +186,16 @@ def test_llamacpp_lora_adapter_equals_merged_f16(smol, method):
 @pytest.mark.llamacpp
 def test_llamacpp_q4_1_merged_equals_base_plus_lora(smol):
     """On the Q4_1 files themselves: llama.cpp's merged QA-HiRA file vs its Q4_1 base with the
-    GGUF LoRA (Q8_1 activation rounding on both sides)."""
+    GGUF LoRA. The two are not the same computation inside llama.cpp: with --lora only the base
+    matmul sees activations rounded to Q8_1 (the adapter runs in F32), merged the adapter's share
+    goes through the Q8_1 path too (the mins' term uses each Q8_1 block's fp16 sum). Measured
+    gap: 0.05% with an AVX-512 build of llama.cpp, 1.15% with an AVX2 build. The merge itself is
+    held exact elsewhere (codes bit-identical, lowtune's perplexity within 0.01%, llama.cpp's
+    ratio on F16 files within 0.2%); this bounds llama.cpp's own two paths."""
     merged_q41 = llamacpp_ppl(smol, merged(smol, "qa-hira")[0])
     with_lora = llamacpp_ppl(smol, smol.path, lora=lora_gguf(smol, "qa-hira"))
     print(f"qa-hira: llama.cpp Q4_1 base + GGUF LoRA {with_lora:.4f}, merged Q4_1 {merged_q41:.4f}")
-    assert abs(merged_q41 / with_lora - 1) < 5e-3
+    assert abs(merged_q41 / with_lora - 1) < 2e-2
 
 
 @pytest.mark.llamacpp

@@ -49,10 +49,15 @@ def test_transformers_loads_merged_safetensors(smollm2_path, adapted, tmp_path):
     m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").eval()
     got = hf_logits(m, ids)
-    # bf16 weights and activations over 30 layers: a few percent of the largest logit at worst,
-    # while the same argmax holds for nearly every position.
+    # bf16 weights and activations over 30 layers: a few percent of the largest logit at worst
+    # (how much depends on the CPU's bf16 kernels: ~1.4 logits here on AVX2). On random token ids
+    # many positions have near-ties; wherever lowtune's top token leads by more than 2% of the
+    # largest logit, bf16 transformers must pick it too.
     assert rel_err(got, want) < 0.05
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.02 * want.abs().max()
+    assert clear.float().mean() > 0.25, "too few positions with a clear top token to compare"
+    assert bool((got.argmax(-1) == want.argmax(-1))[clear].all())
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bf16")
     assert tok("Hello world")["input_ids"], "the exported tokenizer loads and encodes"
 
