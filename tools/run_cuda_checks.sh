@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) run_step build env LOWTUNE_CUDA=ON tools/dev_build.sh || break ;;
     test)
-      run_step test "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py ;;
+      run_step test "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_streaming.py tests/test_adapters.py -m cuda ;;
     sanitize)
       run_step sanitize env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
