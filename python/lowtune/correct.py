@@ -455,9 +455,9 @@ def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) 
     """Teacher and student inside one GPU budget: the frozen teacher streams every layer (it
     only runs forward, without autograd), the student gets what is left and is planned by
     lowtune.streaming like any fine-tune."""
-    from .streaming import _estimate, stream_model
+    from .streaming import estimate_memory, stream_model
     info = {}
-    e = _estimate(teacher, tokens, teacher.loss_chunk_tokens)
+    e = estimate_memory(teacher, tokens, teacher.loss_chunk_tokens)
     # non-layer weights, two layer slots, one layer's forward activations and its hidden
     need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
     info["teacher"] = stream_model(teacher, tdev, streamed=list(range(len(teacher.layers)))).to_dict()

@@ -324,7 +324,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _estimate(model: LlamaModel, tokens: int, chunk: int) -> dict:
+def estimate_memory(model: LlamaModel, tokens: int, chunk: int) -> dict:
     """Bytes of each part of a training step's peak, from the model's sizes (see plan_streaming)."""
     c = model.config
     act = torch.tensor([], dtype=model.dtype).element_size()
@@ -360,7 +360,7 @@ def plan_streaming(model: LlamaModel, device, budget: int, tokens: int) -> Strea
     vocab = model.config.vocab_size
     # logits chunk: at most ~1/16 of the budget, between 64 and 1024 rows
     chunk = int(max(64, min(1024, (budget // 16) // (12 * vocab) // 64 * 64)))
-    e = _estimate(model, tokens, chunk)
+    e = estimate_memory(model, tokens, chunk)
     layers, big = e["layers"], max(e["layers"])
     base = e["fixed"] + e["working"] + e["head"] + e["reserve"]
     ckpts = n * e["checkpoint"]
@@ -428,6 +428,7 @@ def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens:
                           sorted(set(streamed)), offload_activations,
                           max(sum(_aligned(l.raw.numel()) for l in _packed_linears(model.layers[i]))
                               for i in range(n)), model.loss_chunk_tokens)
+    model.loss_chunk_tokens = plan.loss_chunk_tokens
     if not plan.streaming:
         model.to(device)
         model.gradient_checkpointing = True
@@ -441,5 +442,4 @@ def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens:
     model.streamer = LayerStreamer(model, device, plan.streamed, plan.offload_activations)
     model.to(device)                            # all but the streamed packs (LlamaModel._apply)
     model.gradient_checkpointing = True
-    model.loss_chunk_tokens = plan.loss_chunk_tokens
     return plan
