@@ -632,7 +632,7 @@ class Trainer:
             ckpt.restore_rng(rngs[distributed.rank()])
         else:  # more ranks than when the checkpoint was written: a fresh stream for this one
             ckpt.restore_rng(state["rng"])
-            distributed.seed_rank(self.cfg.seed + int(state["step"]))
+            seed_everything(distributed.rank_seed(self.cfg.seed + int(state["step"])))
         if self.dylora is not None and state.get("dylora_rng") is not None:
             v, internal, gauss = state["dylora_rng"]
             self.dylora.rng.setstate((v, tuple(internal), gauss))
@@ -664,12 +664,17 @@ class Trainer:
     def _run(self, resume: bool) -> TrainResult:
         cfg = self.cfg
         self._setup()  # model and data first: a mistake there leaves no empty run directory
+        # rank 0 reads the checkpoints and hands what it found to the others
+        newest = None
+        if distributed.is_main():
+            existing = ckpt.list_checkpoints(self.ckpt_dir)
+            newest = existing[-1][0] if existing else None
+        newest = distributed.broadcast_object(newest)
+        if newest is not None and not resume:  # before config.json: the old run stays as it was
+            raise TrainingError(
+                f"{self.run_dir} already holds a run (checkpoints up to step {newest}): "
+                f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
         if distributed.is_main():  # rank 0 alone writes the run directory
-            existing = ckpt.list_checkpoints(self.ckpt_dir) if not resume else []
-            if existing:  # before config.json is written: the old run stays as it was
-                raise TrainingError(
-                    f"{self.run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
-                    f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_json(self.run_dir / "config.json", _config_json(cfg))
 
@@ -681,19 +686,14 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
         self.dylora = dylora_controller(self.model, self.optimizer, cfg.seed)
         self.ddp = distributed.wrap_loss(self.model, params)  # None in a single process
-        distributed.seed_rank(cfg.seed)  # dropout masks differ between ranks
+        if distributed.rank():  # dropout masks differ between ranks; rank 0 keeps cfg.seed's
+            seed_everything(distributed.rank_seed(cfg.seed))
 
         step, elapsed, tokens = 0, 0.0, 0
-        newest, found = None, None  # rank 0 reads the checkpoints and hands them to the others
-        if distributed.is_main():
-            existing = ckpt.list_checkpoints(self.ckpt_dir)
-            newest = existing[-1][0] if existing else None
-            found = ckpt.latest_checkpoint(self.ckpt_dir) if resume and existing else None
-        newest, found = distributed.broadcast_object((newest, found))
-        if newest is not None and not resume:
-            raise TrainingError(
-                f"{self.run_dir} already holds a run (checkpoints up to step {newest}): "
-                f"continue it with `lowtune finetune --resume {self.run_dir}`, or give another -o")
+        found = None
+        if distributed.is_main() and resume and newest is not None:
+            found = ckpt.latest_checkpoint(self.ckpt_dir)
+        found = distributed.broadcast_object(found)
         if found is not None:
             self.last_checkpoint, state = found
             step, elapsed, tokens = self._restore(state)
