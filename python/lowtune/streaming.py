@@ -55,6 +55,11 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _pack_bytes(layer: nn.Module) -> int:
+    """Bytes of a layer's host pack (and of the slot it needs): its matrices, each aligned."""
+    return sum(_aligned(lin.raw.numel()) for lin in _packed_linears(layer))
+
+
 class _HostPack:
     """One decoder layer's packed blocks in one host buffer (pinned when `pin`), with the place of
     each QLinear's bytes in it. After construction each QLinear's `raw` is a view of the buffer."""
@@ -328,7 +333,7 @@ def estimate_memory(model: LlamaModel, tokens: int, chunk: int) -> dict:
     """Bytes of each part of a training step's peak, from the model's sizes (see plan_streaming)."""
     c = model.config
     act = torch.tensor([], dtype=model.dtype).element_size()
-    packs = [sum(_aligned(l.raw.numel()) for l in _packed_linears(layer)) for layer in model.layers]
+    packs = [_pack_bytes(layer) for layer in model.layers]
     in_layers = {id(l.raw) for layer in model.layers for l in _packed_linears(layer)}
     trainable = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     frozen = sum(_tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
@@ -426,8 +431,7 @@ def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens:
         n = len(model.layers)
         plan = StreamPlan(str(device), max_vram, n, [i for i in range(n) if i not in streamed],
                           sorted(set(streamed)), offload_activations,
-                          max(sum(_aligned(l.raw.numel()) for l in _packed_linears(model.layers[i]))
-                              for i in range(n)), model.loss_chunk_tokens)
+                          max(_pack_bytes(layer) for layer in model.layers), model.loss_chunk_tokens)
     model.loss_chunk_tokens = plan.loss_chunk_tokens
     if not plan.streaming:
         model.to(device)
