@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -107,6 +106,9 @@ def init(device: torch.device) -> torch.device:
 def shutdown() -> None:
     """Leave the group this module joined (nothing after a failure: peers may be gone)."""
     if _state["owner"] and dist.is_initialized() and not _state["failed"]:
+        # every rank is done with the group before any tears down its connections (a rank
+        # destroying gloo's pairs while a peer still uses them aborts in C++ at exit)
+        barrier()
         dist.destroy_process_group()
     _state["owner"] = False
 
@@ -165,19 +167,10 @@ def barrier() -> None:
 
 
 def rank_seed(seed: int, r: int | None = None) -> int:
-    """The RNG seed of rank r (dropout masks differ between ranks; rank 0 keeps `seed`, so its
-    random numbers are those of a single-process run)."""
+    """The RNG seed of rank r (for trainer.seed_everything: dropout masks differ between ranks;
+    rank 0 keeps `seed`, so its random numbers are those of a single-process run)."""
     r = rank() if r is None else r
     return seed if r == 0 else int(np.random.default_rng([seed, r]).integers(1 << 62))
-
-
-def seed_rank(seed: int) -> None:
-    """Re-seed python/numpy/torch for this rank (a no-op on rank 0)."""
-    if rank() != 0:
-        s = rank_seed(seed)
-        random.seed(s)
-        np.random.seed(s % (1 << 32))
-        torch.manual_seed(s)
 
 
 # ---------------------------------------------------------------------------------------------
