@@ -2,6 +2,7 @@
 // file defines LT_INSTANTIATE_TYPES to one list of internal.h and includes this file.
 #include "dequant_tile.cuh"
 #include "small_m.cuh"
+#include "staged_gemv.cuh"
 
 namespace lowtune::cuda {
 #define LT_INSTANTIATE(T)                                                                          \
@@ -10,7 +11,11 @@ namespace lowtune::cuda {
   template void launch_small_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
                                         cudaStream_t);                                             \
   template void launch_small_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
-                                           cudaStream_t);
+                                           cudaStream_t);                                          \
+  template void launch_staged_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
+                                         cudaStream_t);                                            \
+  template void launch_staged_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
+                                            cudaStream_t);
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE
 }  // namespace lowtune::cuda
