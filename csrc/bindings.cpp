@@ -5,6 +5,7 @@
 
 #include "kernels.h"
 #include "adapter_kernels.h"
+#include "cuda_policy.h"
 
 namespace py = pybind11;
 using namespace lowtune;
@@ -78,6 +79,13 @@ PYBIND11_MODULE(_C, m) {
   }, nogil());
 
   m.def("cuda_available", &cuda::available);
+  m.def("cuda_path", [](const std::string& product, int64_t M, int dtype, bool aligned) {
+    namespace cp = cuda_policy;
+    const cp::Call call{cp::product_from_name(product), M, dtype != D_F32, aligned, aligned, true};
+    return std::string(cp::path_name(cp::choose(call)));
+  }, "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
+     "rows in dtype, operands aligned or not, where cuBLAS is available: 'staged', 'direct', "
+     "'cublas' or 'fused'.");
   m.def("cuda_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                               uintptr_t stream) {
     cuda::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k, ptr<void>(stream));

@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "../cuda_policy.h"
 #include "common.cuh"
 #include "internal.h"
 #include "mma.cuh"
@@ -49,7 +50,8 @@
 
 namespace lowtune::cuda {
 
-constexpr int kStagedMaxM = 16;  // M of the staged kernels (two 8-column B tiles)
+using cuda_policy::kStagedMaxM;  // two 8-column B tiles
+static_assert(kStagedMaxM == 16, "the staged kernels hold M in at most two 8-column tiles");
 
 namespace staged {
 
@@ -66,37 +68,72 @@ template <int T> constexpr int seg_bytes() { return kStageK / Unpack<T>::kElems 
 template <int T> constexpr int seg_chunks() { return (seg_bytes<T>() + 30) / 16; }
 template <int T> constexpr int row_pitch() { return 16 * (seg_chunks<T>() | 1); }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  // src_bytes < 16 copies that many bytes and zero-fills the rest (0: nothing is read).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
-               "l"(__cvta_generic_to_global(gmem)), "r"(src_bytes)
-               : "memory");
+// 16 bytes global -> shared (a shared-space address); src_bytes < 16 copies that many and
+// zero-fills the rest (0: nothing is read).
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
 }
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Copies blocks [kb0, kb0 + kStageK/elems) of rows n0 .. n0+R-1 into sw (pitch row_pitch<T>()):
-// row r's bytes land at sw + r*pitch + ((n0 + r)*row_bytes + kb0*bytes) % 16, so every block
-// keeps its global alignment mod 16 (Unpack<T>::load relies on it). Blocks at or past nblk and
-// rows at or past N are zero-filled; nothing outside the weight is read.
+// Copies stages of R rows (kStageK/elems blocks of each) into slots of shared memory (pitch
+// row_pitch<T>()): a row's bytes land at r*pitch + (the segment's global address % 16), so every
+// block keeps its global alignment mod 16 (Unpack<T>::load relies on it). Blocks past the row's
+// end and rows past N are zero-filled; nothing outside the weight is read. A thread owns the same
+// 16-byte chunks (row r, chunk ch) of every stage, so their addresses are set up once and each
+// stage costs a few 32-bit operations per chunk: stage s is the first stage's segments moved by
+// s*step bytes (forward: along the row; input gradient: R rows down).
 template <int T, int R, int THREADS>
-__device__ __forceinline__ void stage_weight(uint8_t* sw, const uint8_t* w, int64_t row_bytes, int n0, int N,
-                                             int kb0, int nblk) {
-  using U = Unpack<T>;
-  constexpr int CH = seg_chunks<T>(), P = row_pitch<T>();
-  const int valid = max(0, min(nblk - kb0, kStageK / U::kElems)) * U::kBytes;
-  for (int i = threadIdx.x; i < R * CH; i += THREADS) {
-    const int r = i / CH, ch = i - r * CH;
-    const int n = n0 + r;
-    const int64_t a = (int64_t)n * row_bytes + (int64_t)kb0 * U::kBytes;
-    const int64_t src = (a & ~(int64_t)15) + 16 * ch;
-    const int64_t left = n < N ? a + valid - src : 0;
-    const int bytes = (int)std::max<int64_t>(0, std::min<int64_t>(16, left));
-    cp_async16(sw + r * P + 16 * ch, bytes > 0 ? w + src : w, bytes);
+struct WeightStager {
+  static constexpr int CH = seg_chunks<T>(), P = row_pitch<T>();
+  static constexpr int SLOTS = (R * CH + THREADS - 1) / THREADS;
+  const uint8_t* src[SLOTS];  // the slot's chunk of the first stage, from its row's aligned start
+  int dst[SLOTS];             // offset in a stage slot | first segment's address % 16; -1: no chunk
+  int rowch[SLOTS];           // row << 16 | 16*chunk
+
+  __device__ __forceinline__ WeightStager(const uint8_t* w, int64_t row_bytes, int64_t first) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+      const int i = (int)threadIdx.x + j * THREADS, r = i / CH, ch = i - r * CH;
+      const int64_t a = first + (int64_t)r * row_bytes;
+      src[j] = w + (a & ~(int64_t)15) + 16 * ch;
+      dst[j] = i < R * CH ? (r * P + 16 * ch) | (int)(a & 15) : -1;
+      rowch[j] = r << 16 | 16 * ch;
+    }
   }
+  // The stage `shift` bytes after the first (sh = shift % 16): valid = bytes of real blocks in
+  // each row's segment, rows_left = rows of this stage that exist (rows at or past it are
+  // zero-filled). full: every row's segment is whole and more rows follow the stage, so every
+  // chunk may copy all its 16 bytes (the bytes past a segment belong to the weight and are unused).
+  __device__ __forceinline__ void issue(uint32_t slot, const uint8_t* w, int64_t shift, int sh, int valid,
+                                        int rows_left, bool full) const {
+    if (full) {
+#pragma unroll
+      for (int j = 0; j < SLOTS; ++j) {
+        if ((j + 1) * THREADS > R * CH && dst[j] < 0) continue;  // only the last slot can be empty
+        const int lo0 = dst[j] & 15, lo = (lo0 + sh) & 15;  // this stage's segment address % 16
+        cp_async16(slot + (dst[j] & ~15), src[j] + (shift + lo0 - lo), 16);
+      }
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+      if ((j + 1) * THREADS > R * CH && dst[j] < 0) continue;
+      const int lo0 = dst[j] & 15, lo = (lo0 + sh) & 15;
+      const int left = (rowch[j] >> 16) < rows_left ? valid + lo - (rowch[j] & 0xFFFF) : 0;
+      const int bytes = min(16, max(0, left));
+      cp_async16(slot + (dst[j] & ~15), bytes > 0 ? src[j] + (shift + lo0 - lo) : w, bytes);
+    }
+  }
+};
+// Bytes of real blocks in a stage's row segment that starts at block kb0.
+template <int T> __device__ __forceinline__ int segment_valid(int kb0, int nblk) {
+  return max(0, min(nblk - kb0, kStageK / Unpack<T>::kElems)) * Unpack<T>::kBytes;
 }
+
 // Where block jb of row n's segment of a stage starting at block kb0 sits in its staged row.
 template <int T>
 __device__ __forceinline__ const uint8_t* staged_block(const uint8_t* srow, int64_t n, int64_t row_bytes, int kb0,
@@ -188,15 +225,32 @@ __global__ void __launch_bounds__(32 * fwd_warps<NT>()) staged_forward_kernel(co
   const int st0 = blockIdx.y * stages_per_split, st1 = min(nst, st0 + stages_per_split);
   const int n0 = blockIdx.x * R;
 
+  constexpr int SB = seg_bytes<T>();
+  const WeightStager<T, R, THREADS> stager(w, row_bytes, (int64_t)n0 * row_bytes + (int64_t)st0 * SB);
+  // X rows < M of the stage's columns (zeros past K): 16-byte chunk i = (row i/32, columns 8*(i%32)..)
+  constexpr int XSLOTS = (8 * NT * (kStageK / 8) + THREADS - 1) / THREADS;
+  const ACT* xsrc[XSLOTS];
+  int xcol[XSLOTS];
+#pragma unroll
+  for (int j = 0; j < XSLOTS; ++j) {
+    const int i = (int)threadIdx.x + j * THREADS, m = i / (kStageK / 8), col = 8 * (i % (kStageK / 8));
+    xsrc[j] = x + (int64_t)m * K + (int64_t)st0 * kStageK + col;
+    xcol[j] = i < M * (kStageK / 8) ? col : -1;
+  }
+  const uint32_t smem0 = smem_addr(smem);
   auto issue = [&](int st) {
-    uint8_t* sw = smem + (st % NS) * STAGE;
-    stage_weight<T, R, THREADS>(sw, w, row_bytes, n0, N, st * (kStageK / U::kElems), nblk);
-    uint8_t* sx = sw + R * P;  // X rows < M of the stage's columns; zeros past K
+    const uint32_t sw = smem0 + (st % NS) * STAGE;
+    const int valid = segment_valid<T>(st * (kStageK / U::kElems), nblk);
+    stager.issue(sw, w, (int64_t)(st - st0) * SB, ((st - st0) * (SB & 15)) & 15, valid, N - n0,
+                 valid == SB && n0 + R < N);
     const int k0 = st * kStageK;
-    for (int i = threadIdx.x; i < M * (kStageK / 8); i += THREADS) {
-      const int m = i / (kStageK / 8), j = i % (kStageK / 8), k = k0 + 8 * j;
-      const bool in = k < K;
-      cp_async16(sx + m * PX + 16 * j, in ? x + (int64_t)m * K + k : x, in ? 16 : 0);
+#pragma unroll
+    for (int j = 0; j < XSLOTS; ++j) {
+      if (xcol[j] < 0) continue;
+      const int i = (int)threadIdx.x + j * THREADS;
+      const bool in = k0 + xcol[j] < K;
+      cp_async16(sw + R * P + (i / (kStageK / 8)) * PX + 2 * xcol[j],
+                 in ? xsrc[j] + (int64_t)(st - st0) * kStageK : x, in ? 16 : 0);
     }
   };
 
@@ -293,18 +347,25 @@ __global__ void __launch_bounds__(kIgThreads) staged_input_grad_kernel(const ACT
   const int kb0 = blockIdx.x * (kStageK / U::kElems);
   const bool dy_vec = (N & 7) == 0;  // dY rows 16-byte aligned: copy asynchronously
 
+  const WeightStager<T, R, kIgThreads> stager(w, row_bytes, (int64_t)st0 * R * row_bytes + (int64_t)kb0 * U::kBytes);
+  const int valid = segment_valid<T>(kb0, nblk);
+  const uint32_t smem0 = smem_addr(smem);
   auto issue = [&](int st) {
-    uint8_t* sw = smem + (st % kStages) * STAGE;
+    const int slot = st % kStages;
     const int r0 = st * R;
-    stage_weight<T, R, kIgThreads>(sw, w, row_bytes, r0, N, kb0, nblk);
-    uint8_t* sd = sw + R * P;  // dY[m, r0 .. r0+R) for m < M; zeros past N
+    const int64_t shift = (int64_t)(st - st0) * R * row_bytes;
+    stager.issue(smem0 + slot * STAGE, w, shift, (int)(shift & 15), valid, N - r0,
+                 valid == seg_bytes<T>() && r0 + R < N);
+    // dY[m, r0 .. r0+R) for m < M; zeros past N. 16-byte chunk i = (row i/8, rows 8*(i%8)..)
     if (dy_vec) {
-      for (int i = threadIdx.x; i < M * (R / 8); i += kIgThreads) {
-        const int m = i / (R / 8), j = i % (R / 8), n = r0 + 8 * j;
+      if ((int)threadIdx.x < M * (R / 8)) {
+        const int m = threadIdx.x / (R / 8), n = r0 + 8 * (threadIdx.x % (R / 8));
         const int bytes = 2 * max(0, min(8, N - n));
-        cp_async16(sd + m * PD + 16 * j, bytes ? dy + (int64_t)m * N + n : dy, bytes);
+        cp_async16(smem0 + slot * STAGE + R * P + m * PD + 16 * (threadIdx.x % (R / 8)),
+                   bytes ? dy + (int64_t)m * N + n : dy, bytes);
       }
     } else {  // rare shapes: plain loads (waits for them here)
+      uint8_t* sd = smem + slot * STAGE + R * P;
       for (int i = threadIdx.x; i < M * R; i += kIgThreads) {
         const int m = i / R, j = i % R, n = r0 + j;
         reinterpret_cast<uint16_t*>(sd + m * PD)[j] =
