@@ -54,13 +54,13 @@ class StaticKVCache(KVCache):
     def set_window(self, window: int) -> None:
         """Steps from now on attend over positions [0, window) (pos must stay below window)."""
         self.window = window
-        self.attn_mask = self.valid[:window]
+        self.attn_mask = self.valid[:window].unsqueeze(0)  # [1, window]: attention wants 2-D
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         if self.attn_mask is None or k.shape[2] != 1:
             return super().update(layer, start, k, v)
         if layer == 0:  # the mask of this step: positions 0..pos
-            torch.le(self.positions[:self.window], self.pos, out=self.attn_mask)
+            torch.le(self.positions[:self.window], self.pos, out=self.valid[:self.window])
         self.k[layer].index_copy_(2, self.pos, k)
         self.v[layer].index_copy_(2, self.pos, v)
         return self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
