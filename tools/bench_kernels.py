@@ -48,6 +48,8 @@ import torch
 import lowtune
 from lowtune import _C
 from lowtune.formats import FORMATS, get_format
+from lowtune.generate import StepDecoder
+from lowtune.model import LlamaConfig, LlamaModel
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # N x K (Llama-7B/8B)
 MS = [1, 16, 2048]
@@ -363,9 +365,6 @@ def bench_decode(args, bw: float, emit) -> None:
     """tokens/s of generate() on a random Llama-2-7B-shaped model (every matrix Q4_K, random
     blocks), batch 1, with CUDA graphs and without, against the roofline: copy bandwidth / bytes
     per token (every matrix but the embedding, plus the filled part of the KV cache)."""
-    from lowtune.generate import StepDecoder
-    from lowtune.model import LlamaConfig, LlamaModel
-
     c = LlamaConfig(vocab_size=32000, dim=4096, n_layers=args.decode_layers, n_heads=32, n_kv_heads=32,
                     ffn_dim=11008, head_dim=128, rope_dim=128, context_length=4096)
     qt = lambda n, k: random_qtensor("Q4_K", n, k)  # noqa: E731

@@ -4,9 +4,9 @@
 //
 // At M <= 16 the product is a read of the packed weight: its floor is the weight's bytes over the
 // memory bandwidth. Three things keep the kernels at that floor:
-//   - bytes in flight: a CTA copies its tile of W in stages (256 elements of 64 rows) with
-//     16-byte cp.async, 3-4 stages deep, so the loads of two or three stages are in flight while one is
-//     decoded, and whole warps copy contiguous row segments (coalesced, few requests per byte);
+//   - bytes in flight: a CTA copies its tile of W in stages (whole blocks of 16 or 128 rows) with
+//     16-byte cp.async, 3-4 stages deep, so the loads of two or three stages are in flight while one
+//     is decoded, and whole warps copy contiguous row segments (coalesced, few requests per byte);
 //   - decode cost: the codes of a 16-element span are turned into 16-bit pairs with one byte
 //     permute (bytes [u, m, u', m] are the exact pair (M + u, M + u') for the magic exponent byte m),
 //     one exact subtraction of M and one fused multiply-add with the span's scale and offset
@@ -17,8 +17,10 @@
 // The weight is the 16-row A operand and the activations the 8-column B operand (Yᵀ = W·Xᵀ),
 // so M <= 8 uses one B tile and M <= 16 two.
 //
-// Forward: CTA = 4 or 8 warps x 16 rows of W, one range of stages of K (the reduction). Per 64-wide
-//   chunk of a stage, lane (g, c) loads the 16-element span [16c, 16c+16) of rows g and g+8 of
+// Forward: a warp owns 16 rows of W and a 256-element slice of each stage of K (the reduction):
+//   M <= 8: CTA = 16 rows, 4 warps on the four slices of a 1024-element stage, added through shared
+//   memory at the end; M <= 16: CTA = 128 rows, 8 warps on one 256-element stage. Per 64-wide
+//   chunk of its slice, lane (g, c) loads the 16-element span [16c, 16c+16) of rows g and g+8 of
 //   its 16-row tile from shared memory, decodes both and issues 4 MMAs: in MMA u the lane's
 //   k-slots 2c, 2c+1 hold elements 16c+4u, +1 and slots 2c+8, 2c+9 elements 16c+4u+2, +3 (any
 //   bijection of the reduction index gives the same sum), and the B fragment is the matching
@@ -64,9 +66,10 @@ constexpr int kStages = 4;     // depth of the shared-memory ring
 // One row's segment of a stage in bytes, the 16-byte chunks that cover it at any offset mod 16,
 // and its pitch in shared memory: an odd number of 16-byte units, so that the eight rows a warp
 // reads at once start in different banks.
-template <int T> constexpr int seg_bytes() { return kStageK / Unpack<T>::kElems * Unpack<T>::kBytes; }
-template <int T> constexpr int seg_chunks() { return (seg_bytes<T>() + 30) / 16; }
-template <int T> constexpr int row_pitch() { return 16 * (seg_chunks<T>() | 1); }
+// (SK: elements of a row per stage.)
+template <int T, int SK = kStageK> constexpr int seg_bytes() { return SK / Unpack<T>::kElems * Unpack<T>::kBytes; }
+template <int T, int SK = kStageK> constexpr int seg_chunks() { return (seg_bytes<T, SK>() + 30) / 16; }
+template <int T, int SK = kStageK> constexpr int row_pitch() { return 16 * (seg_chunks<T, SK>() | 1); }
 
 // 16 bytes global -> shared (a shared-space address); src_bytes < 16 copies that many and
 // zero-fills the rest (0: nothing is read).
@@ -79,16 +82,16 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Copies stages of R rows (kStageK/elems blocks of each) into slots of shared memory (pitch
-// row_pitch<T>()): a row's bytes land at r*pitch + (the segment's global address % 16), so every
+// Copies stages of R rows (SK/elems blocks of each) into slots of shared memory (pitch
+// row_pitch<T, SK>()): a row's bytes land at r*pitch + (the segment's global address % 16), so every
 // block keeps its global alignment mod 16 (Unpack<T>::load relies on it). Blocks past the row's
 // end and rows past N are zero-filled; nothing outside the weight is read. A thread owns the same
 // 16-byte chunks (row r, chunk ch) of every stage, so their addresses are set up once and each
 // stage costs a few 32-bit operations per chunk: stage s is the first stage's segments moved by
 // s*step bytes (forward: along the row; input gradient: R rows down).
-template <int T, int R, int THREADS>
+template <int T, int R, int THREADS, int SK = kStageK>
 struct WeightStager {
-  static constexpr int CH = seg_chunks<T>(), P = row_pitch<T>();
+  static constexpr int CH = seg_chunks<T, SK>(), P = row_pitch<T, SK>();
   static constexpr int SLOTS = (R * CH + THREADS - 1) / THREADS;
   const uint8_t* src[SLOTS];  // the slot's chunk of the first stage, from its row's aligned start
   int dst[SLOTS];             // offset in a stage slot | first segment's address % 16; -1: no chunk
@@ -129,9 +132,9 @@ struct WeightStager {
     }
   }
 };
-// Bytes of real blocks in a stage's row segment that starts at block kb0.
-template <int T> __device__ __forceinline__ int segment_valid(int kb0, int nblk) {
-  return max(0, min(nblk - kb0, kStageK / Unpack<T>::kElems)) * Unpack<T>::kBytes;
+// Bytes of real blocks in a stage's row segment (SK elements) that starts at block kb0.
+template <int T, int SK = kStageK> __device__ __forceinline__ int segment_valid(int kb0, int nblk) {
+  return max(0, min(nblk - kb0, SK / Unpack<T>::kElems)) * Unpack<T>::kBytes;
 }
 
 // Where block jb of row n's segment of a stage starting at block kb0 sits in its staged row.
@@ -195,13 +198,21 @@ __device__ __forceinline__ void decode_pairs(const uint32_t* r, int e, uint32_t*
   }
 }
 
-// Forward CTA: 4·NT warps of 16 rows each (64 rows for M <= 8, 128 for M <= 16, so that each
-// staged slice of X serves more rows as it grows), kStages - NT + 1 stages deep.
-template <int NT> constexpr int fwd_warps() { return 4 * NT; }
-template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps<NT>(); }
-template <int NT> constexpr int fwd_stages() { return kStages + 1 - NT; }
-template <int T, int NT> constexpr int fwd_stage_bytes() {
-  return fwd_rows<NT>() * row_pitch<T>() + 8 * NT * (2 * kStageK + 16);
+// Forward CTA configurations. M <= 8 (NT = 1): 4 warps that split a 1024-element stage of 16
+// rows along K (each warp a 256-element slice), summed through shared memory at the end: 16-row
+// tiles give N/16 CTAs, so a 4096-row weight fills the GPU without splitting the reduction over
+// CTAs (and without a second kernel to add the splits). M <= 16 (NT = 2): 8 warps of 16 rows on
+// one 256-element stage, so that each staged slice of X (16 rows now) serves 128 rows of W.
+template <int NT> constexpr int fwd_warps_k() { return NT == 1 ? 4 : 1; }
+template <int NT> constexpr int fwd_warps_n() { return NT == 1 ? 1 : 8; }
+template <int NT> constexpr int fwd_threads() { return 32 * fwd_warps_k<NT>() * fwd_warps_n<NT>(); }
+template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps_n<NT>(); }
+template <int NT> constexpr int fwd_stage_k() { return kStageK * fwd_warps_k<NT>(); }
+template <int NT> constexpr int fwd_stages() { return NT == 1 ? kStages : kStages - 1; }
+constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
+// Bytes of one stage: the weight tile, then X rows < M.
+template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
+  return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<NT>()>() + m * fwd_x_pitch(fwd_stage_k<NT>());
 }
 template <int T, int NT> constexpr int ig_stage_bytes() {
   return kStageRows * row_pitch<T>() + 8 * NT * (2 * kStageRows + 16);
@@ -209,48 +220,39 @@ template <int T, int NT> constexpr int ig_stage_bytes() {
 
 // ---- forward -----------------------------------------------------------------------------------
 template <int T, class ACT, int NT>
-__global__ void __launch_bounds__(32 * fwd_warps<NT>()) staged_forward_kernel(const ACT* __restrict__ x,
-                                                                  const uint8_t* __restrict__ w,
-                                                                  ACT* __restrict__ y, float* __restrict__ part,
-                                                                  int M, int N, int K, int64_t row_bytes,
-                                                                  int stages_per_split) {
+__global__ void __launch_bounds__(fwd_threads<NT>()) staged_forward_kernel(const ACT* __restrict__ x,
+                                                                           const uint8_t* __restrict__ w,
+                                                                           ACT* __restrict__ y, float* __restrict__ part,
+                                                                           int M, int N, int K, int64_t row_bytes,
+                                                                           int stages_per_split) {
   using U = Unpack<T>;
-  constexpr int R = fwd_rows<NT>(), P = row_pitch<T>(), PX = 2 * kStageK + 16;
-  constexpr int THREADS = 32 * fwd_warps<NT>(), NS = fwd_stages<NT>();
-  constexpr int STAGE = fwd_stage_bytes<T, NT>();
+  constexpr int SK = fwd_stage_k<NT>(), WK = fwd_warps_k<NT>(), R = fwd_rows<NT>();
+  constexpr int P = row_pitch<T, SK>(), PX = fwd_x_pitch(SK), SB = seg_bytes<T, SK>();
+  constexpr int THREADS = fwd_threads<NT>(), NS = fwd_stages<NT>();
   constexpr int WD = U::template Words<kSpan>::value;
   extern __shared__ __align__(16) uint8_t smem[];
+  const int stage_bytes = fwd_stage_bytes<T, NT>(M);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const int nblk = K / U::kElems, nst = (K + kStageK - 1) / kStageK;
+  const int wn = warp / WK, wk = warp % WK;  // this warp's 16 rows, and its 256-element slice of a stage
+  const int nblk = K / U::kElems, nst = (K + SK - 1) / SK;
   const int st0 = blockIdx.y * stages_per_split, st1 = min(nst, st0 + stages_per_split);
   const int n0 = blockIdx.x * R;
 
-  constexpr int SB = seg_bytes<T>();
-  const WeightStager<T, R, THREADS> stager(w, row_bytes, (int64_t)n0 * row_bytes + (int64_t)st0 * SB);
-  // X rows < M of the stage's columns (zeros past K): 16-byte chunk i = (row i/32, columns 8*(i%32)..)
-  constexpr int XSLOTS = (8 * NT * (kStageK / 8) + THREADS - 1) / THREADS;
-  const ACT* xsrc[XSLOTS];
-  int xcol[XSLOTS];
-#pragma unroll
-  for (int j = 0; j < XSLOTS; ++j) {
-    const int i = (int)threadIdx.x + j * THREADS, m = i / (kStageK / 8), col = 8 * (i % (kStageK / 8));
-    xsrc[j] = x + (int64_t)m * K + (int64_t)st0 * kStageK + col;
-    xcol[j] = i < M * (kStageK / 8) ? col : -1;
-  }
+  const WeightStager<T, R, THREADS, SK> stager(w, row_bytes, (int64_t)n0 * row_bytes + (int64_t)st0 * SB);
   const uint32_t smem0 = smem_addr(smem);
   auto issue = [&](int st) {
-    const uint32_t sw = smem0 + (st % NS) * STAGE;
-    const int valid = segment_valid<T>(st * (kStageK / U::kElems), nblk);
+    const uint32_t sw = smem0 + (st % NS) * stage_bytes;
+    const int valid = segment_valid<T, SK>(st * (SK / U::kElems), nblk);
     stager.issue(sw, w, (int64_t)(st - st0) * SB, ((st - st0) * (SB & 15)) & 15, valid, N - n0,
                  valid == SB && n0 + R < N);
-    const int k0 = st * kStageK;
+    // X rows < M of the stage's columns (zeros past K): chunk i = (row i / (SK/8), columns 8*(i % (SK/8)) ..)
+    const int k0 = st * SK;
 #pragma unroll
-    for (int j = 0; j < XSLOTS; ++j) {
-      if (xcol[j] < 0) continue;
-      const int i = (int)threadIdx.x + j * THREADS;
-      const bool in = k0 + xcol[j] < K;
-      cp_async16(sw + R * P + (i / (kStageK / 8)) * PX + 2 * xcol[j],
-                 in ? xsrc[j] + (int64_t)(st - st0) * kStageK : x, in ? 16 : 0);
+    for (int j = 0; j < (8 * NT * (SK / 8) + THREADS - 1) / THREADS; ++j) {
+      const int i = (int)threadIdx.x + j * THREADS, m = i / (SK / 8), col = 8 * (i % (SK / 8));
+      if (m >= M) break;
+      const bool in = k0 + col < K;
+      cp_async16(sw + R * P + m * PX + 2 * col, in ? x + (int64_t)m * K + k0 + col : x, in ? 16 : 0);
     }
   };
 
@@ -272,14 +274,14 @@ __global__ void __launch_bounds__(32 * fwd_warps<NT>()) staged_forward_kernel(co
     if (st + NS - 1 < st1) issue(st + NS - 1);
     cp_async_commit();
 
-    const uint8_t* sw = smem + (st % NS) * STAGE;
+    const uint8_t* sw = smem + (st % NS) * stage_bytes;
     const uint8_t* sx = sw + R * P;
-    const int kb0 = st * (kStageK / U::kElems);
-    const int kv = min(kStageK, K - st * kStageK);
+    const int kb0 = st * (SK / U::kElems);
+    const int kv = min(SK, K - st * SK);
 #pragma unroll
     for (int q = 0; q < kStageK / 64; ++q) {
-      if (q * 64 >= kv) break;
-      const int e = q * 64 + 16 * c;
+      const int e = kStageK * wk + q * 64 + 16 * c;  // element within the stage segment
+      if (kStageK * wk + q * 64 >= kv) break;        // the same for the whole warp
       const int jb = e / U::kElems, ee = e % U::kElems;
       uint32_t xf[NT][8];
 #pragma unroll
@@ -294,7 +296,7 @@ __global__ void __launch_bounds__(32 * fwd_warps<NT>()) staged_forward_kernel(co
         xf[nt][0] = a.x; xf[nt][1] = a.y; xf[nt][2] = a.z; xf[nt][3] = a.w;
         xf[nt][4] = b.x; xf[nt][5] = b.y; xf[nt][6] = b.z; xf[nt][7] = b.w;
       }
-      const int ra = warp * 16 + g, rb = ra + 8;
+      const int ra = wn * 16 + g, rb = ra + 8;
       uint32_t wa[WD], wb[WD];
       U::template load<kSpan>(staged_block<T>(sw + ra * P, n0 + ra, row_bytes, kb0, jb), ee, wa);
       U::template load<kSpan>(staged_block<T>(sw + rb * P, n0 + rb, row_bytes, kb0, jb), ee, wb);
@@ -311,12 +313,31 @@ __global__ void __launch_bounds__(32 * fwd_warps<NT>()) staged_forward_kernel(co
   }
   cp_async_wait<0>();
 
+  if constexpr (WK > 1) {  // the K-slice warps add into warp 0, in a fixed order
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);  // [WK - 1][32 lanes][NT * 4]
+    if (wk > 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[((wk - 1) * 32 + lane) * NT * 4 + nt * 4 + i] = acc[nt][i];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+#pragma unroll
+    for (int j = 0; j < WK - 1; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] += red[(j * 32 + lane) * NT * 4 + nt * 4 + i];
+  }
+
   // C fragment: c0, c1 = (W row g, X rows 2c, 2c+1), c2, c3 = (W row g+8, same X rows).
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int n = n0 + warp * 16 + g + 8 * (i >> 1), m = 8 * nt + 2 * c + (i & 1);
+      const int n = n0 + wn * 16 + g + 8 * (i >> 1), m = 8 * nt + 2 * c + (i & 1);
       if (m < M && n < N) {
         if (part) part[((int64_t)blockIdx.y * M + m) * N + n] = acc[nt][i];
         else y[(int64_t)m * N + n] = f_to_act<ACT>(acc[nt][i]);
@@ -498,13 +519,20 @@ inline int target_ctas_per_sm(int fit) {
 template <int T, class ACT, int NT>
 void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                    cudaStream_t stream) {
-  constexpr size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>();
-  constexpr int threads = 32 * fwd_warps<NT>();
+  constexpr size_t smem_max = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(8 * NT);
+  constexpr int threads = fwd_threads<NT>();
   static int occupancy[64] = {};
   const auto kernel = staged_forward_kernel<T, ACT, NT>;
-  const int fit = prepare_kernel(kernel, smem, threads, occupancy);
-  const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>(), nst = (k + kStageK - 1) / kStageK;
-  const int per = units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
+  prepare_kernel(kernel, smem_max, threads, occupancy);
+  const size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(m);
+  int fit = 0;
+  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
+  const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
+  const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
+  // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
+  // keep each CTA's three stages in flight, which suffices), or as many as fit (M <= 16).
+  const int per = NT == 1 && tiles >= sm_count() ? nst
+                                                 : units_per_split(tiles, nst, nst, target_ctas_per_sm(std::max(fit, 1)));
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
   kernel<<<dim3((unsigned)tiles, (unsigned)splits), threads, smem, stream>>>(
