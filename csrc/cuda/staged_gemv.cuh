@@ -522,17 +522,23 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
   constexpr size_t smem_max = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(8 * NT);
   constexpr int threads = fwd_threads<NT>();
   static int occupancy[64] = {};
+  static int fits[64][8 * NT + 1] = {};  // per device and M: resident CTAs (set once, outside captures)
   const auto kernel = staged_forward_kernel<T, ACT, NT>;
   prepare_kernel(kernel, smem_max, threads, occupancy);
   const size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(m);
-  int fit = 0;
-  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
+  int dev = 0;
+  LT_CUDA_CHECK(cudaGetDevice(&dev));
+  int& fit = fits[dev][m];
+  if (!fit) {
+    LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
+    fit = std::max(fit, 1);
+  }
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
   // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
   // keep each CTA's three stages in flight, which suffices), or as many as fit (M <= 16).
   const int per = NT == 1 && tiles >= sm_count() ? nst
-                                                 : units_per_split(tiles, nst, nst, target_ctas_per_sm(std::max(fit, 1)));
+                                                 : units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
   kernel<<<dim3((unsigned)tiles, (unsigned)splits), threads, smem, stream>>>(
