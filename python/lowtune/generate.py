@@ -11,6 +11,7 @@ host work of launching a few hundred kernels is paid once per attention window, 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -122,10 +123,16 @@ class StepDecoder:
         else:
             out = self._run()
             if self.graphs:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self._graphs[window] = (graph, self._run())
-                self._pool = graph.pool()
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        captured_out = self._run()
+                except RuntimeError as e:  # an operation that cannot be captured: stay eager
+                    warnings.warn(f"decoding without CUDA graphs: the step could not be captured ({e})")
+                    self.graphs = False
+                else:
+                    self._graphs[window] = (graph, captured_out)
+                    self._pool = graph.pool()
         c.length = pos + 1
         return out
 
