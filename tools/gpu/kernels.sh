@@ -45,7 +45,7 @@ run_step() {  # name, time limit (s), command...: logs to $out/<name>.log, recor
 left() { echo $((540 - (SECONDS - t0))); }  # seconds left of a 9-minute budget
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
-  --format=csv >"$out/nvidia_smi_start.txt" 2>&1 || true
+  --format=csv >"$out/nvidia_smi_start.txt" 2>&1 || true  # (clocks read, never set)
 cat "$out/nvidia_smi_start.txt"
 
 bench=(tools/bench_kernels.py --device cuda)
@@ -72,13 +72,16 @@ for step in "${steps[@]}"; do
       run_step decode 90 "$py" "${bench[@]}" --decode --warmup-s 0.5 --out "$out/decode.jsonl" ;;
     sanitize)
       if [ "$(left)" -lt 60 ]; then echo "== sanitize: skipped ($(left)s left)"; continue; fi
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+        /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
+      if [ -z "$san" ]; then echo "== sanitize: no compute-sanitizer found"; failed+=(sanitize); continue; fi
       # Caching allocator off: every tensor is its own allocation, so an out-of-bounds access shows.
       run_step sanitize $(( $(left) - 30 )) env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
+        "$san" --tool memcheck --error-exitcode 7 --print-limit 20 \
         "$py" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
         -k "staged_kernels_every_type and (Q4_K or Q3_K or Q6_K or Q5_0 or INT3-g128 or Q8_0) or in_a_cuda_graph or many_chunks"
       if [ "$(left)" -ge 40 ]; then
-        run_step racecheck $(( $(left) - 20 )) compute-sanitizer --tool racecheck --error-exitcode 7 --print-limit 20 \
+        run_step racecheck $(( $(left) - 20 )) "$san" --tool racecheck --error-exitcode 7 --print-limit 20 \
           "$py" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "staged_kernels_every_type and (Q4_K or Q3_K)"
       fi ;;
     *) echo "unknown step $step (build, test, bench, decode, sanitize)"; failed+=("$step") ;;
