@@ -13,7 +13,8 @@
 //   reference  the slow reference kernels, when no cuBLAS can be loaded
 //
 // Defaults: quantized products take staged for M <= 16, direct for a forward of 17..32 rows and
-// cublas above; adapter products take cublas from kAdapterCublasMinRows rows on (there the rank-r
+// cublas above (a benchmark run, tools/gpu/kernels.sh, times every path per shape; a rule that
+// depends on the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the rank-r
 // products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
 // Knobs, read on every call so that a benchmark or test can compare paths in one process:
 //   LOWTUNE_CUDA_PATH      staged | direct | cublas: force that path for the quantized products
@@ -57,6 +58,7 @@ inline Product product_from_name(const std::string& s) {
 struct Call {
   Product product;
   int64_t m;         // activation rows
+  int64_t n, k;      // the weight's shape (a rule may depend on it; 0 where unknown)
   bool half;         // bf16/fp16 activations (the small-M kernels take no fp32)
   bool act_aligned;  // activation (x or dy) 16-byte aligned
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)

@@ -337,10 +337,10 @@ def run_cuda(args) -> int:
                     io = (m * k + m * n) * 2
                     ours = (lambda i: lowtune.qmatmul(x, qts[i % len(qts)])) if fwd else \
                         (lambda i: lowtune.qmatmul_input_grad(dy, qts[i % len(qts)]))
-                    default = _C.cuda_path(kernel, m, 2, True)
+                    default = _C.cuda_path(kernel, m, 2, True, n, k)
                     for impl, variant in our_variants(m, kernel).items():
                         with env(variant):
-                            path = _C.cuda_path(kernel, m, 2, True)
+                            path = _C.cuda_path(kernel, m, 2, True, n, k)
                             try:
                                 us = timer(ours)
                                 record(kernel, name, n, k, m, impl, us, wbytes + io, path=path)

@@ -232,8 +232,9 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       });
 }
 
-cuda_policy::Path choose_path(cuda_policy::Product product, int dtype, int64_t m, const void* act, const void* out) {
-  return cuda_policy::choose({product, m, dtype != D_F32, aligned16(act), aligned16(out), cublas_available()});
+cuda_policy::Path choose_path(cuda_policy::Product product, int dtype, int64_t m, int64_t n, int64_t k,
+                              const void* act, const void* out) {
+  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available()});
 }
 
 }  // namespace
@@ -283,7 +284,7 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::Forward, dtype, m, x, y)) {
+  switch (choose_path(cuda_policy::Product::Forward, dtype, m, n, k, x, y)) {
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
@@ -310,7 +311,7 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::InputGrad, dtype, m, dy, dx)) {
+  switch (choose_path(cuda_policy::Product::InputGrad, dtype, m, n, k, dy, dx)) {
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
