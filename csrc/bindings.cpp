@@ -5,6 +5,7 @@
 
 #include "kernels.h"
 #include "adapter_kernels.h"
+#include "cuda_policy.h"
 
 namespace py = pybind11;
 using namespace lowtune;
@@ -78,6 +79,14 @@ PYBIND11_MODULE(_C, m) {
   }, nogil());
 
   m.def("cuda_available", &cuda::available);
+  m.def("cuda_path", [](const std::string& product, int64_t M, int dtype, bool aligned, int64_t N, int64_t K) {
+    namespace cp = cuda_policy;
+    const cp::Call call{cp::product_from_name(product), M, N, K, dtype != D_F32, aligned, aligned, true};
+    return std::string(cp::path_name(cp::choose(call)));
+  }, py::arg("product"), py::arg("m"), py::arg("dtype"), py::arg("aligned"), py::arg("n") = 0, py::arg("k") = 0,
+     "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
+     "rows in dtype against an N x K weight (0: unknown), operands aligned or not, where cuBLAS is "
+     "available: 'staged', 'direct', 'cublas' or 'fused'.");
   m.def("cuda_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                               uintptr_t stream) {
     cuda::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k, ptr<void>(stream));

@@ -534,8 +534,9 @@ def test_load_refuses_a_different_architecture(tmp_path):
 
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
 def test_cublas_path_close_to_float64(method, qtype, monkeypatch):
-    """The GEMM formulation that CUDA uses from CUBLAS_MIN_ROWS rows on, run here through
-    torch on the CPU (fp32), against float64 autograd: outputs, input and weight gradients."""
+    """The GEMM formulation that CUDA uses from cuda_policy's kAdapterCublasMinRows rows on, run
+    here through torch on the CPU (fp32), against float64 autograd: outputs, input and weight
+    gradients."""
     from lowtune import adapter_ops
     monkeypatch.setattr(adapter_ops, "_use_cublas", lambda t: True)
     ad = make_adapter(method, qtype, n=96, k=256)

@@ -4,8 +4,9 @@ CUDA kernels, and a float64 matmul of the exactly dequantized weight.
 Weights are random block bytes (every code, every scale byte) with random finite fp16
 scales and mins written over the fp16 fields, so no quantizer is involved. Every run draws
 fresh inputs. Outputs are poisoned with NaN before each launch, so an element the kernel
-never wrote fails the test. Shapes cover M = 1, the fused small-M kernels (M <= 32, split and
-unsplit reductions), the chunked cuBLAS path (M > 32, and many chunks), and tails in M, N, K.
+never wrote fails the test. Shapes cover M = 1, the small-M kernels (staged for M <= 16,
+direct up to 32; split and unsplit reductions), the chunked cuBLAS path (M > 32, many chunks,
+with and without the side stream), CUDA-graph capture, and tails in M, N, K.
 Runtime on an H100: about 15 s (skipped where no GPU is present).
 """
 from __future__ import annotations
@@ -148,12 +149,16 @@ def test_small_m_on_a_model_sized_weight(direction, gen):
     check_matmul("Q4_K", torch.bfloat16, gen, direction, shapes=[(1, 14336, 128), (32, 14336, 128)])
 
 
+@pytest.mark.parametrize("overlap", ["0", "1"])
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
-def test_chunked_path_many_chunks(direction, gen, monkeypatch):
-    """A 1 MiB scratch budget forces several row/column chunks, with a ragged last one."""
-    monkeypatch.setenv("LOWTUNE_CUDA_SCRATCH_MB", "1")
+def test_chunked_path_many_chunks(direction, overlap, gen, monkeypatch):
+    """1 MiB chunks of at least 128 rows/columns force several chunks, with a ragged last one; with
+    overlap the two buffers alternate between the side stream's dequantization and cuBLAS."""
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", overlap)
     for dtype in DTYPES:
-        check_matmul("Q4_K", dtype, gen, direction, shapes=[(100, 600, 64)])
+        check_matmul("Q4_K", dtype, gen, direction, shapes=[(100, 600, 64), (40, 1000, 40)])
 
 
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
@@ -205,3 +210,94 @@ def test_bad_type_is_an_error():
     x = torch.zeros(1, 32, dtype=torch.bfloat16, device="cuda")
     with pytest.raises((ValueError, RuntimeError)):
         _C.cuda_qmatmul_forward(12345, x.data_ptr(), 2, x.data_ptr(), x.data_ptr(), 1, 1, 32, stream())
+
+
+# ---- the staged small-M kernels (csrc/cuda/staged_gemv.cuh) ----------------------------------------
+# (M, N, K in blocks of 32): one and two 8-column B tiles, odd N, K that is not a whole number of
+# 256-element stages for the 32..128-element types, split and unsplit reductions.
+STAGED_SHAPES = [(1, 37, 3), (2, 131, 9), (3, 64, 40), (5, 77, 24), (8, 200, 17), (9, 64, 40), (13, 300, 8),
+                 (16, 129, 11)]
+
+
+def run_path(fn, name, a, raw_gpu, dtype, m, n, k, out_shape, path, monkeypatch):
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", path)
+    out = nan_like(out_shape, dtype)
+    fn(get_format(name).type_id, a.data_ptr(), DTYPES[dtype], raw_gpu.data_ptr(), out.data_ptr(), m, n, k, stream())
+    torch.cuda.synchronize()
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH")
+    assert torch.isfinite(out).all(), f"{path} left unwritten/NaN outputs at M={m} N={n} K={k}"
+    return out
+
+
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_staged_kernels_every_type(name, direction, gen, monkeypatch):
+    """The staged kernels against float64 and against the direct kernels, every type, M = 1..16,
+    bf16 and fp16 (the magic-byte decode and the decode_fast fallback)."""
+    fwd = direction == "forward"
+    fn = _C.cuda_qmatmul_forward if fwd else _C.cuda_qmatmul_input_grad
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, n, k32 in STAGED_SHAPES:
+            assert _C.cuda_path(direction, m, DTYPES[dtype], True) == "staged"
+            k = k_for(name, k32)
+            raw = random_blocks(name, n, k, gen)
+            w64 = dequant_cpu(raw, name, n, k).double()
+            a = torch.randn(m, k if fwd else n).to(dtype)
+            ref = a.double() @ (w64.t() if fwd else w64)
+            a_gpu, raw_gpu = a.cuda(), raw.cuda()
+            shape = (m, n) if fwd else (m, k)
+            staged = run_path(fn, name, a_gpu, raw_gpu, dtype, m, n, k, shape, "staged", monkeypatch)
+            direct = run_path(fn, name, a_gpu, raw_gpu, dtype, m, n, k, shape, "direct", monkeypatch)
+            err, err_direct = rel_err(staged, ref), rel_err(direct, ref)
+            assert err < TOLERANCE[dtype], f"staged {direction} {dtype} M={m} N={n} K={k}: {err:.2e}"
+            assert rel_err(staged, direct) < 2 * TOLERANCE[dtype], (err, err_direct)
+
+
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "INT4-g64", "Q6_K"])
+def test_staged_kernels_on_model_sized_weights(name, direction, gen, monkeypatch):
+    """7B-sized weights: many CTAs, long reductions split over many CTAs, both B tiles."""
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
+    shapes = [(1, 4096, 128), (16, 4096, 128), (1, 1024, 448), (4, 11008, 128)]
+    check_matmul(name, torch.bfloat16, gen, direction, shapes=shapes)
+
+
+def test_staged_split_heuristic_knob(gen, monkeypatch):
+    """Fewer resident CTAs per multiprocessor change the splits, not the result."""
+    for ctas in ("1", "2"):
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_CTAS_PER_SM", ctas)
+        check_matmul("Q4_0", torch.bfloat16, gen, "forward", shapes=[(1, 300, 96), (16, 64, 200)])
+        check_matmul("Q4_0", torch.bfloat16, gen, "input_grad", shapes=[(1, 300, 96), (16, 1000, 24)])
+
+
+def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):
+    """qmatmul and its input gradient captured into one CUDA graph (staged at M = 1 and 16, the
+    chunked cuBLAS path with the side stream at M = 100) and replayed on fresh inputs."""
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
+    name, n, k = "Q4_K", 640, 1024
+    raw = random_blocks(name, n, k, gen)
+    w64 = dequant_cpu(raw, name, n, k).double()
+    qt = lowtune.QTensor.from_raw(raw, name, (n, k)).to("cuda")
+    for m in (1, 16, 100):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        dy = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (one-time set-up)
+            lowtune.qmatmul(x, qt)
+            lowtune.qmatmul_input_grad(dy, qt)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lowtune.qmatmul(x, qt)
+            dx = lowtune.qmatmul_input_grad(dy, qt)
+        for _ in range(2):
+            x.copy_(torch.randn(m, k))
+            dy.copy_(torch.randn(m, n))
+            y.fill_(float("nan"))
+            dx.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert rel_err(y, x.double().cpu() @ w64.t()) < TOLERANCE[torch.bfloat16], m
+            assert rel_err(dx, dy.double().cpu() @ w64) < TOLERANCE[torch.bfloat16], m

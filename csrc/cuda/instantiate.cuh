@@ -2,8 +2,13 @@
 // file defines LT_INSTANTIATE_TYPES to one list of internal.h and includes this file.
 #include "dequant_tile.cuh"
 #include "small_m.cuh"
+#include "staged_gemv.cuh"
 
 namespace lowtune::cuda {
+// The staged kernels compile in files of their own (inst_staged_*.cu) so that a build runs both
+// halves in parallel: such a file defines LT_INSTANTIATE_STAGED_ONLY, and a file that leaves the
+// staged kernels to one defines LT_INSTANTIATE_WITHOUT_STAGED (neither: everything here).
+#ifndef LT_INSTANTIATE_STAGED_ONLY
 #define LT_INSTANTIATE(T)                                                                          \
   template void launch_dequant_tile<T>(const uint8_t*, int64_t, int64_t, int64_t, int64_t, void*, int, \
                                        int64_t, cudaStream_t);                                     \
@@ -13,4 +18,14 @@ namespace lowtune::cuda {
                                            cudaStream_t);
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE
+#endif
+#ifndef LT_INSTANTIATE_WITHOUT_STAGED
+#define LT_INSTANTIATE(T)                                                                          \
+  template void launch_staged_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
+                                         cudaStream_t);                                            \
+  template void launch_staged_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
+                                            cudaStream_t);
+LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
+#undef LT_INSTANTIATE
+#endif
 }  // namespace lowtune::cuda

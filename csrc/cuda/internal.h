@@ -56,6 +56,15 @@ template <int T>
 void launch_small_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
                              int64_t row_bytes, cudaStream_t stream);
 
+// Staged small-M kernels (bf16/fp16 activations, 1 <= M <= 16): the packed weight streams
+// through shared memory (staged_gemv.cuh). x/dy, w and y/dx 16-byte aligned.
+template <int T>
+void launch_staged_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
+                           int64_t row_bytes, cudaStream_t stream);
+template <int T>
+void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
+                              int64_t row_bytes, cudaStream_t stream);
+
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
 bool cublas_available();

@@ -1,19 +1,24 @@
 // CUDA entry points (kernels.h): pick a kernel for the shape, dtype and alignment.
 //
 //   dequantize           the tiled unpack kernel, bit-identical to the CPU twin
-//   forward/input grad   bf16/fp16 with M <= small_m_max() (input grad: and M <= 16): the fused
-//                        small-M tensor-core kernels (packed weight read once, nothing materialised)
-//                        otherwise: W is dequantized in chunks of rows (forward) or columns
-//                        (input grad) into one reused scratch buffer in the activation dtype, and
-//                        each chunk is multiplied with cuBLAS (opened at run time). Scratch is
-//                        bounded by scratch_bytes(), not by the weight's size.
-//   fallback             the reference kernels, when cuBLAS cannot be loaded (correct, slow).
+//   forward/input grad   the path cuda_policy::choose names (cuda_policy.h):
+//     staged             the staged small-M kernels (staged_gemv.cuh), M <= 16
+//     direct             the first small-M kernels (small_m.cuh)
+//     cublas             W is dequantized in chunks of rows (forward) or columns (input grad) into
+//                        scratch in the activation dtype, and each chunk is multiplied with cuBLAS
+//                        (opened at run time). Two chunk buffers alternate: a side stream
+//                        dequantizes chunk i+1 while cuBLAS multiplies chunk i, and chunks small
+//                        enough to stay in L2 are read back from it.
+//     reference          the reference kernels, when cuBLAS cannot be loaded (correct, slow)
 // A packed weight that does not start 16-byte aligned is first copied to an aligned scratch
-// buffer; activations that are not aligned skip the fused kernels.
+// buffer; activations that are not aligned skip the staged kernels.
 //
-// Tuning knobs, read on every call (so a benchmark can sweep them):
-//   LOWTUNE_CUDA_SMALL_M      largest M for the fused kernels (default 32, at most 32; 0 = never)
-//   LOWTUNE_CUDA_SCRATCH_MB   scratch budget of the chunked path in MiB (default 128)
+// Tuning knobs of the cublas path, read on every call (so a benchmark can sweep them):
+//   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
+//   LOWTUNE_CUDA_CHUNK_MIN    fewest rows or columns per chunk (default 1024: enough output tiles
+//                             for cuBLAS to fill the GPU; rounded to 128)
+//   LOWTUNE_CUDA_SCRATCH_MB   cap on all chunk buffers together in MiB (default 128)
+//   LOWTUNE_CUDA_OVERLAP      0: one buffer, dequantize and multiply in turn on the caller's stream
 #include <climits>
 #include <cstdlib>
 #include <mutex>
@@ -21,6 +26,7 @@
 #include <string>
 
 #include "../block_math.h"
+#include "../cuda_policy.h"
 #include "../kernels.h"
 #include "common.cuh"
 #include "internal.h"
@@ -43,12 +49,11 @@ int current_device() {
   return dev;
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* s = std::getenv(name);
-  return (s && *s) ? std::atoll(s) : fallback;
-}
-int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", 32), 32); }
+using cuda_policy::env_int;
 int64_t scratch_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
+int64_t chunk_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MB", 16), 1) << 20; }
+bool overlap_chunks() { return env_int("LOWTUNE_CUDA_OVERLAP", 1) != 0; }
+int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MIN", 1024) / 128 * 128, 128); }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -109,38 +114,127 @@ BlockInfo check_args(int qtype, int dtype, int64_t m, int64_t n, int64_t k) {
   return bi;
 }
 
-// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows through one scratch buffer.
+// A side stream (per device) and the events that order it against the caller's stream.
+struct SideStream {
+  std::mutex mu;  // one chunked product at a time uses a device's side stream
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, ready[2] = {}, free[2] = {};
+};
+SideStream* side_stream(cudaStream_t caller) {
+  static SideStream sides[kMaxDevices];
+  SideStream& s = sides[current_device()];
+  if (!s.stream) {
+    // Creating a stream or an event is not allowed while the caller's stream is being captured
+    // into a graph: such a first call runs without overlap.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    LT_CUDA_CHECK(cudaStreamIsCapturing(caller, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.stream) {
+      cudaEvent_t evs[5];
+      for (auto& e : evs) LT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      s.start = evs[0]; s.ready[0] = evs[1]; s.ready[1] = evs[2]; s.free[0] = evs[3]; s.free[1] = evs[4];
+      cudaStream_t st = nullptr;
+      LT_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      s.stream = st;
+    }
+  }
+  return &s;
+}
+
+// for i < chunks: produce(i, buffer) then consume(i, buffer), buffer = i % 2. With overlap the
+// producer runs on the side stream one chunk ahead of the consumer on the caller's stream;
+// without, both run in turn on the caller's stream with one buffer.
+template <class Produce, class Consume>
+void pipeline_chunks(int64_t chunks, bool overlap, cudaStream_t stream, Produce produce, Consume consume) {
+  SideStream* side = overlap && chunks > 1 ? side_stream(stream) : nullptr;
+  if (!side) {
+    for (int64_t i = 0; i < chunks; ++i) {
+      produce(i, 0, stream);
+      consume(i, 0, stream);
+    }
+    return;
+  }
+  std::lock_guard<std::mutex> lock(side->mu);
+  LT_CUDA_CHECK(cudaEventRecord(side->start, stream));  // the scratch (allocated on stream) exists
+  LT_CUDA_CHECK(cudaStreamWaitEvent(side->stream, side->start, 0));
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int b = (int)(i % 2);
+    if (i >= 2) LT_CUDA_CHECK(cudaStreamWaitEvent(side->stream, side->free[b], 0));
+    produce(i, b, side->stream);
+    LT_CUDA_CHECK(cudaEventRecord(side->ready[b], side->stream));
+    LT_CUDA_CHECK(cudaStreamWaitEvent(stream, side->ready[b], 0));
+    consume(i, b, stream);
+    if (i + 2 < chunks) LT_CUDA_CHECK(cudaEventRecord(side->free[b], stream));
+  }
+  // The caller's stream has waited for the side stream's last work (the last chunk's ready).
+}
+
+// How many rows (forward) or columns (input grad) of W one chunk holds, and whether two buffers
+// alternate: chunk_bytes() of scratch, at least chunk_min() (a multiple of 128), at most all of
+// them; the buffers together hold at most scratch_bytes() unless chunk_min() needs more.
+struct ChunkPlan {
+  int64_t size, chunks;
+  bool overlap;
+};
+ChunkPlan plan_chunks(int64_t total, int64_t other, int es) {
+  const bool overlap = overlap_chunks();
+  const int64_t budget = std::min(chunk_bytes(), scratch_bytes() / (overlap ? 2 : 1));
+  int64_t size = budget / (other * es) / 128 * 128;
+  size = std::min(std::max<int64_t>(size, chunk_min()), total);
+  const int64_t chunks = (total + size - 1) / size;
+  return {size, chunks, overlap && chunks > 1};
+}
+
+// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows.
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
                      int64_t row_bytes, cudaStream_t stream) {
   const int es = dtype_size(dtype);
-  int64_t rows = scratch_bytes() / (k * es) / 128 * 128;
-  rows = std::min(std::max<int64_t>(rows, 128), n);
-  ScratchBuffer scratch((size_t)(rows * k * es), stream);
-  for (int64_t r0 = 0; r0 < n; r0 += rows) {
-    const int64_t nr = std::min(rows, n - r0);
-    launch_dequant_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, scratch.as<void>(), dtype, k, stream);
-    // column-major view: Yᵀ[r0:r0+nr, :] (nr x m, ld n) = S (nr x k, stored as k x nr, ld k)ᵀ · Xᵀ (k x m, ld k)
-    cublas_gemm(true, false, (int)nr, (int)m, (int)k, scratch.as<void>(), (int)k, x, (int)k,
-                static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), stream);
-  }
+  const ChunkPlan p = plan_chunks(n, k, es);
+  const size_t buf = (size_t)(p.size * k * es);
+  ScratchBuffer scratch(buf * (p.overlap ? 2 : 1), stream);
+  auto at = [&](int b) { return scratch.as<char>() + b * buf; };
+  pipeline_chunks(
+      p.chunks, p.overlap, stream,
+      [&](int64_t i, int b, cudaStream_t s) {
+        const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
+        launch_dequant_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, s);
+      },
+      [&](int64_t i, int b, cudaStream_t s) {
+        const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
+        // column-major view: Yᵀ[r0:r0+nr, :] (nr x m, ld n) = S (nr x k, stored as k x nr, ld k)ᵀ · Xᵀ (k x m, ld k)
+        cublas_gemm(true, false, (int)nr, (int)m, (int)k, at(b), (int)k, x, (int)k,
+                    static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s);
+      });
 }
 
-// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns through one scratch buffer.
+// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns.
 template <int T>
 void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t m, int64_t n, int64_t k,
                         int64_t row_bytes, cudaStream_t stream) {
   const int es = dtype_size(dtype);
-  int64_t cols = scratch_bytes() / (n * es) / 128 * 128;
-  cols = std::min(std::max<int64_t>(cols, 128), k);
-  ScratchBuffer scratch((size_t)(cols * n * es), stream);
-  for (int64_t c0 = 0; c0 < k; c0 += cols) {
-    const int64_t nc = std::min(cols, k - c0);  // a multiple of 32 (K and cols are)
-    launch_dequant_tile<T>(w, row_bytes, n, c0, nc, scratch.as<void>(), dtype, nc, stream);
-    // column-major: dXᵀ[c0:c0+nc, :] (ld k) = S (nc x n, ld nc) · dYᵀ (n x m, ld n)
-    cublas_gemm(false, false, (int)nc, (int)m, (int)n, scratch.as<void>(), (int)nc, dy, (int)n,
-                static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), stream);
-  }
+  const ChunkPlan p = plan_chunks(k, n, es);  // p.size: a multiple of 128 or all of K (a multiple of 32)
+  const size_t buf = (size_t)(p.size * n * es);
+  ScratchBuffer scratch(buf * (p.overlap ? 2 : 1), stream);
+  auto at = [&](int b) { return scratch.as<char>() + b * buf; };
+  pipeline_chunks(
+      p.chunks, p.overlap, stream,
+      [&](int64_t i, int b, cudaStream_t s) {
+        const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
+        launch_dequant_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, s);
+      },
+      [&](int64_t i, int b, cudaStream_t s) {
+        const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
+        // column-major: dXᵀ[c0:c0+nc, :] (ld k) = S (nc x n, ld nc) · dYᵀ (n x m, ld n)
+        cublas_gemm(false, false, (int)nc, (int)m, (int)n, at(b), (int)nc, dy, (int)n,
+                    static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s);
+      });
+}
+
+cuda_policy::Path choose_path(cuda_policy::Product product, int dtype, int64_t m, int64_t n, int64_t k,
+                              const void* act, const void* out) {
+  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available()});
 }
 
 }  // namespace
@@ -190,12 +284,18 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  if (dtype != D_F32 && m <= small_m_max() && aligned16(x)) {
-    dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
-  } else if (cublas_available()) {
-    dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
-  } else {
-    reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
+  switch (choose_path(cuda_policy::Product::Forward, dtype, m, n, k, x, y)) {
+    case cuda_policy::Path::Staged:
+      dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
+      break;
+    case cuda_policy::Path::Direct:
+      dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
+      break;
+    case cuda_policy::Path::Cublas:
+      dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
+      break;
+    default:
+      reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
   }
 }
 
@@ -211,12 +311,18 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  if (dtype != D_F32 && m <= std::min<int64_t>(small_m_max(), 16)) {
-    dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
-  } else if (cublas_available()) {
-    dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
-  } else {
-    reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);
+  switch (choose_path(cuda_policy::Product::InputGrad, dtype, m, n, k, dy, dx)) {
+    case cuda_policy::Path::Staged:
+      dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
+      break;
+    case cuda_policy::Path::Direct:
+      dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
+      break;
+    case cuda_policy::Path::Cublas:
+      dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
+      break;
+    default:
+      reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);
   }
 }
 

@@ -4,6 +4,9 @@
 //   Unpack<T>::load<SPAN>(blk, e, r)  the raw words run needs (Words<SPAN> of them) ...
 //   Unpack<T>::decode<SPAN>(r, e, v)  ... and the arithmetic on them: kernels issue the loads
 //                                     of the next piece of work before decoding this one.
+//   Unpack<T>::codes<SPAN>(r, e, cw, s, z)   the span as small unsigned codes u_i (byte i%4 of
+//                                     cw[i/4]) and one affine map x_i ~ u_i*s + z (decode_fast);
+//                                     kCodeBits bounds the codes (u_i < 2^kCodeBits).
 //
 // SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
 // The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
@@ -36,10 +39,13 @@ __device__ __forceinline__ float half_f(uint16_t h) {  // exact for every finite
 }
 
 // ---- loads ---------------------------------------------------------------------------------------
-__device__ __forceinline__ uint16_t ld_u16(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
-}
-__device__ __forceinline__ uint8_t ld_u8(const uint8_t* p) { return __ldg(p); }
+// Plain loads (not the read-only-cache intrinsic): the same load<SPAN> reads a block in global
+// memory or a copy staged in shared memory (the staged kernels), and the compiler picks the
+// instruction from the pointer's origin (the kernels' global pointers are const __restrict__, so
+// they may still use the read-only path). New types should read through these helpers too.
+__device__ __forceinline__ uint16_t ld_u16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
+__device__ __forceinline__ uint8_t ld_u8(const uint8_t* p) { return *p; }
+__device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // NB bytes at p (p aligned to A bytes) into little-endian words w[NB/4].
 template <int NB, int A>
@@ -48,18 +54,18 @@ __device__ __forceinline__ void ld_words(const uint8_t* p, uint32_t* w) {
   if constexpr (A >= 16 && NB % 16 == 0) {
 #pragma unroll
     for (int i = 0; i < NB / 16; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
       w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
     }
   } else if constexpr (A >= 8 && NB % 8 == 0) {
 #pragma unroll
     for (int i = 0; i < NB / 8; ++i) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
       w[2 * i] = v.x; w[2 * i + 1] = v.y;
     }
   } else if constexpr (A >= 4) {
 #pragma unroll
-    for (int i = 0; i < NB / 4; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+    for (int i = 0; i < NB / 4; ++i) w[i] = ld_u32(p + 4 * i);
   } else {
     static_assert(A >= 2, "blocks are at least 2-byte aligned");
 #pragma unroll
@@ -79,6 +85,7 @@ constexpr int gcd_c(int a, int b) { return b == 0 ? a : gcd_c(b, a % b); }
 // (s, z): equal to decode for the symmetric types (z = -offset*s is exact: (u - o)*s rounds
 // once either way) and within one fp32 rounding of it for types with a min (one rounding instead
 // of two). Codes are built four at a time as bytes of a word, then widened with one byte permute.
+// A type whose values are not an affine map of small codes defines decode_fast itself (and no codes).
 __device__ __forceinline__ float byte_f(uint32_t w, int i) {  // (float) byte i of w
   return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + i)), 8388608.0f);
 }
@@ -92,12 +99,19 @@ __device__ __forceinline__ uint32_t spread4(uint32_t bits) { return ((bits & 0xF
 
 template <int T> struct Unpack;
 
-// run = load + decode, for every type.
+// run = load + decode, and decode_fast = codes + affine_codes, for every type.
 template <class Self> struct UnpackBase {
+  static constexpr int kCodeBits = 8;  // a type with narrower codes says so
   template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
     uint32_t r[Self::template Words<SPAN>::value];
     Self::template load<SPAN>(b, e, r);
     Self::template decode<SPAN>(r, e, v);
+  }
+  template <int SPAN> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    uint32_t cw[SPAN / 4];
+    float s, z;
+    Self::template codes<SPAN>(r, e, cw, s, z);
+    affine_codes<SPAN>(cw, s, z, v);
   }
 };
 template <int N> struct IntC { static constexpr int value = N; };
@@ -105,7 +119,7 @@ template <int N> struct IntC { static constexpr int value = N; };
 // ---- legacy 32-element blocks --------------------------------------------------------------------
 // Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
-  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -117,22 +131,22 @@ template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 0xF, 8), d);
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f((uint16_t)r[0]);
     const int sh = (e >> 4) * 4;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
-    affine_codes<S>(cw, d, __fmul_rn(-8.0f, d), v);
+    scale = d;
+    offset = __fmul_rn(-8.0f, d);
   }
 };
 
 // Q4_1: d, m, qs[16]; x = q*d + m.
 template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
-  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[0] = ld_u32(b);
     ld_words<S, 4>(b + 4 + (e & 15), r + 1);
   }
   template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
@@ -141,19 +155,19 @@ template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fadd_rn(__fmul_rn(code_f((byte_of(r + 1, i) >> sh) & 0xF), d), m);
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
     const int sh = (e >> 4) * 4;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
-    affine_codes<S>(cw, d, m, v);
+    scale = d;
+    offset = m;
   }
 };
 
 // Q5_0: d, qh (u32, bit j = fifth bit of element j), qs[16]; x = (q - 16) * d.
 template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
-  static constexpr int kElems = 32, kBytes = 22, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 22, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -170,24 +184,24 @@ template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
       v[i] = __fmul_rn(code_minus_f(q, 16), d);
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f((uint16_t)r[0]);
     const uint32_t qh = r[1] >> e;
     const int sh = (e >> 4) * 4;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
-    affine_codes<S>(cw, d, __fmul_rn(-16.0f, d), v);
+    scale = d;
+    offset = __fmul_rn(-16.0f, d);
   }
 };
 
 // Q5_1: d, m, qh, qs[16]; x = q*d + m.
 template <> struct Unpack<T_Q5_1> : UnpackBase<Unpack<T_Q5_1>> {
-  static constexpr int kElems = 32, kBytes = 24, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 24, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
-    r[1] = __ldg(reinterpret_cast<const unsigned int*>(b + 4));
+    r[0] = ld_u32(b);
+    r[1] = ld_u32(b + 4);
     ld_words<S, 8>(b + 8 + (e & 15), r + 2);
   }
   template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
@@ -200,20 +214,20 @@ template <> struct Unpack<T_Q5_1> : UnpackBase<Unpack<T_Q5_1>> {
       v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
     const uint32_t qh = r[1] >> e;
     const int sh = (e >> 4) * 4;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
-    affine_codes<S>(cw, d, m, v);
+    scale = d;
+    offset = m;
   }
 };
 
 // Q8_0: d, qs[32] int8; x = q * d.
 template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
-  static constexpr int kElems = 32, kBytes = 34, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 34, kAlign = gcd_c(kBytes, 16), kCodeBits = 8;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -224,12 +238,12 @@ template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(byte_of(r + 1, i) ^ 0x80u, 128), d);
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f((uint16_t)r[0]);
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = r[1 + j] ^ 0x80808080u;  // int8 q -> q + 128
-    affine_codes<S>(cw, d, __fmul_rn(-128.0f, d), v);
+    scale = d;
+    offset = __fmul_rn(-128.0f, d);
   }
 };
 
@@ -237,11 +251,11 @@ template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
 // Q2_K: scales[16], qs[64], d, dmin. Element e: half h = e/128, e' = e%128, shift 2*(e'/32),
 // sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32].
 template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
-  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b + 80));
+    r[0] = ld_u32(b + 80);
     r[1] = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
     ld_words<S, 4>(b + 16 + 32 * h + l0, r + 2);
   }
@@ -252,21 +266,21 @@ template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(r + 2, i) >> (2 * s)) & 3)), ml);
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     const int s = (e & 127) >> 5;
     const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[2 + j] >> (2 * s)) & 0x03030303u;
-    affine_codes<S>(cw, dl, -ml, v);
+    scale = dl;
+    offset = -ml;
   }
 };
 
 // Q3_K: hmask[32], qs[64], scales[12], d. Same element order as Q2_K; the hmask bit 4h + s of
 // byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales).
 template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
-  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16), kCodeBits = 3;
   template <int S> using Words = IntC<3 + S / 2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
@@ -291,18 +305,18 @@ template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
       v[i] = __fmul_rn(dl, code_minus_f(u, 4));
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
     const int is = 8 * h + 2 * s + (l0 >> 4);
     const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
     const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
     const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
     const int hbit = 4 * h + s;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j)
       cw[j] = ((r[3 + j] >> (2 * s)) & 0x03030303u) | (((r[3 + S / 4 + j] >> hbit) & 0x01010101u) << 2);
-    affine_codes<S>(cw, dl, __fmul_rn(-4.0f, dl), v);
+    scale = dl;
+    offset = __fmul_rn(-4.0f, dl);
   }
 };
 
@@ -325,11 +339,11 @@ __device__ __forceinline__ void scale_min_k4(const uint32_t* r, int j, uint32_t*
 // Q4_K: d, dmin, scales[12], qs[128]. Chunk j = e/64 uses qs[32j .. 32j+32): low nibbles are
 // elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1).
 template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
-  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
   template <int S> using Words = IntC<4 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[0] = ld_u32(b);
     load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
     ld_words<S, 8>(b + 16 + 32 * j + l0, r + 4);
   }
@@ -343,26 +357,26 @@ template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(d1, code_f((byte_of(r + 4, i) >> sh) & 0xF)), m1);
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
     scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int w = 0; w < S / 4; ++w) cw[w] = (r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu;
-    affine_codes<S>(cw, d1, -m1, v);
+    scale = d1;
+    offset = -m1;
   }
 };
 
 // Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
 template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
-  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<4 + S / 2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[0] = ld_u32(b);
     load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
     ld_words<S, 8>(b + 48 + 32 * j + l0, r + 4);
     ld_words<S, 8>(b + 16 + l0, r + 4 + S / 4);
@@ -380,18 +394,18 @@ template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
       v[i] = __fsub_rn(__fmul_rn(d1, code_f(q)), m1);
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
     scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
     const int hb = 2 * j + hi;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int w = 0; w < S / 4; ++w)
       cw[w] = ((r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu) | (((r[4 + S / 4 + w] >> hb) & 0x01010101u) << 4);
-    affine_codes<S>(cw, d1, -m1, v);
+    scale = d1;
+    offset = -m1;
   }
 };
 
@@ -399,7 +413,7 @@ template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
 // low 4 bits from ql[64h + 32*(w&1) + l] (low nibble for w < 2, high for w >= 2), top 2 bits from
 // qh[32h + l] >> 2w, scale scales[8h + l/16 + 2w]; x = d * sc * (q - 32).
 template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
-  static constexpr int kElems = 256, kBytes = 210, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 210, kAlign = gcd_c(kBytes, 16), kCodeBits = 6;
   template <int S> using Words = IntC<2 + S / 2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, w = (e >> 5) & 3, l0 = e & 31;
@@ -418,15 +432,15 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
       v[i] = __fmul_rn(ds, code_minus_f(q, 32));
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const int w = (e >> 5) & 3;
     const float ds = __fmul_rn(half_f((uint16_t)r[0]), (float)(int8_t)r[1]);
     const int sl = 4 * (w >> 1), shh = 2 * w;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j)
       cw[j] = ((r[2 + j] >> sl) & 0x0F0F0F0Fu) | (((r[2 + S / 4 + j] >> shh) & 0x03030303u) << 4);
-    affine_codes<S>(cw, ds, __fmul_rn(-32.0f, ds), v);
+    scale = ds;
+    offset = __fmul_rn(-32.0f, ds);
   }
 };
 
@@ -434,7 +448,7 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
 // d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
 template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
   using blk = block_int<B, G>;
-  static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16), kCodeBits = B;
   static constexpr int kHighBytes = G * blk::high_bits / 8;
   template <int S> static constexpr int low_words() { return blk::low_bits == 2 ? 2 : S / 4; }
   template <int S> static constexpr int high_words() { return blk::high_bits == 2 ? 2 : blk::high_bits; }
@@ -443,7 +457,7 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
     const uint8_t* high = b + 4;
     const uint8_t* low = high + kHighBytes;
     const int c = e >> 5, j0 = e & 31;  // 32-element chunk, offset of the span inside it
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));
+    r[0] = ld_u32(b);
     if constexpr (blk::low_bits == 8) ld_words<S, 4>(low + e, r + 1);
     else if constexpr (blk::low_bits == 4) ld_words<S, 4>(low + 16 * c + (j0 & 15), r + 1);
     else ld_words<8, 4>(low + 8 * c, r + 1);
@@ -471,12 +485,11 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
       v[i] = __fadd_rn(__fmul_rn(code_f(q), d), m);
     }
   }
-  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f(r[0] & 0xFFFF), m = half_f(r[0] >> 16);
     const uint32_t* rl = r + 1;
     const uint32_t* rh = r + 1 + low_words<S>();
     const int j0 = e & 31;
-    uint32_t cw[S / 4];
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) {  // elements 4j .. 4j+3 of the span
       uint32_t q;
@@ -487,7 +500,8 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
       else if constexpr (blk::high_bits == 2) q |= ((rh[j & 1] >> (2 * ((j0 + 4 * j) >> 3))) & 0x03030303u) << blk::low_bits;
       cw[j] = q;
     }
-    affine_codes<S>(cw, d, m, v);
+    scale = d;
+    offset = m;
   }
 };
 

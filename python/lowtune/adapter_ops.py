@@ -108,14 +108,11 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# From this many rows on, the CUDA adapter products run as cuBLAS GEMMs (tensor cores, fp32
-# accumulation) around lowtune's pooling and expansion: at training sizes the rank-r products
-# are skinny GEMMs that cuBLAS streams at memory speed. Below it the fused kernels are faster.
-CUBLAS_MIN_ROWS = 64
-
-
 def _use_cublas(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and t.shape[0] >= CUBLAS_MIN_ROWS
+    """Whether the CUDA adapter products of t's rows run as torch (cuBLAS) GEMMs around lowtune's
+    pooling and expansion, or in the fused kernels: the choice the compiled kernels' one policy
+    (csrc/cuda_policy.h) makes for the quantized products too."""
+    return t.device.type == "cuda" and _C.cuda_path("adapter", t.shape[0], ACT_DTYPES[t.dtype], True) == "cublas"
 
 
 def _pool(x2: torch.Tensor, pool: int) -> torch.Tensor:

@@ -216,7 +216,11 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd].
 
-    `length` is how many positions are filled; the model appends and advances it."""
+    `length` is how many positions are filled; the model appends and advances it. `attn_mask`,
+    when a cache sets it (generate's fixed-length decode cache), is the boolean mask of the
+    positions a new token attends to among those update() returned."""
+
+    attn_mask: torch.Tensor | None = None
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
@@ -259,20 +263,26 @@ class DecoderLayer(nn.Module):
         k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
+        mask = None
         if cache is not None:
             k, v = cache.update(self.index, start, k, v)
-        attn = attention(q, k, v, start)
+            mask = cache.attn_mask
+        attn = attention(q, k, v, start, mask)
         x = x + self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
         h = self.ffn_norm(x)
         return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
-    positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml."""
+    positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
+    mask (bool, broadcast to [B, H, T, S]), when given, says which keys each query sees instead."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     t, s = q.shape[2], k.shape[2]
     if start == 0 and t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -1,0 +1,5 @@
+// Staged-kernel instantiations for the INT68 type group (see instantiate.cuh).
+#include "internal.h"
+#define LT_INSTANTIATE_TYPES LT_TYPES_INT68
+#define LT_INSTANTIATE_STAGED_ONLY
+#include "instantiate.cuh"

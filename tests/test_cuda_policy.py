@@ -1,0 +1,47 @@
+"""The one CUDA dispatch policy (csrc/cuda_policy.h), asked through the bindings: which path the
+quantized products and the adapter products take. Pure host logic: runs without a GPU."""
+from __future__ import annotations
+
+import pytest
+
+from lowtune import _C
+
+BF16, F32 = 2, 0
+
+
+@pytest.mark.parametrize("m,forward,input_grad", [
+    (1, "staged", "staged"), (16, "staged", "staged"), (17, "direct", "cublas"), (32, "direct", "cublas"),
+    (33, "cublas", "cublas"), (4096, "cublas", "cublas")])
+def test_default_paths_by_rows(m, forward, input_grad, monkeypatch):
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
+    monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
+    assert _C.cuda_path("forward", m, BF16, True) == forward
+    assert _C.cuda_path("input_grad", m, BF16, True) == input_grad
+
+
+def test_fp32_and_misaligned_operands(monkeypatch):
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
+    assert _C.cuda_path("forward", 1, F32, True) == "cublas"
+    assert _C.cuda_path("forward", 1, BF16, False) == "cublas"  # the direct forward needs an aligned x too
+    assert _C.cuda_path("input_grad", 1, BF16, False) == "direct"
+
+
+def test_knobs_force_a_path_where_it_applies(monkeypatch):
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "direct")
+    assert _C.cuda_path("forward", 8, BF16, True) == "direct"
+    assert _C.cuda_path("forward", 64, BF16, True) == "cublas"  # direct cannot take 64 rows
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "cublas")
+    assert _C.cuda_path("input_grad", 1, BF16, True) == "cublas"
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH")
+    monkeypatch.setenv("LOWTUNE_CUDA_SMALL_M", "0")
+    assert _C.cuda_path("forward", 1, BF16, True) == "cublas"
+
+
+def test_adapter_products_switch_to_cublas_at_64_rows():
+    assert _C.cuda_path("adapter", 63, BF16, True) == "fused"
+    assert _C.cuda_path("adapter", 64, BF16, True) == "cublas"
+
+
+def test_unknown_product_is_an_error():
+    with pytest.raises(ValueError, match="forward, input_grad or adapter"):
+        _C.cuda_path("backward", 1, BF16, True)
