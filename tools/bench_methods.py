@@ -119,10 +119,10 @@ BASES = (
 PROFILES = {
     "full": dict(
         bases=[b.name for b in BASES], methods=list(METHODS), budgets=[8, 16], seeds=[0, 1, 2],
-        lrs=[3e-4, 1e-3, 3e-3], alpha=16.0, layers=None, steps=40, seq_len=256, batch=8,
+        lrs=[3e-4, 1e-3, 3e-3], alpha=16.0, layers=None, steps=30, seq_len=256, batch=12,
         ladder_ranks=[1, 2, 4], ladder_bases=["Q4_1", "INT2-g64"],
-        merge_bases=["Q4_1", "INT2-g64", "INT3-g64", "INT4-g64"],
-        val_tokens=None, test_tokens=None, mid_tokens=8192, text_chars=None,
+        merge_bases=["Q4_1", "INT2-g64"],
+        val_tokens=4096, test_tokens=None, mid_tokens=8192, text_chars=None,
         generic=dict(sequences=128, tokens=256),
         lrec=dict(rank=32, alpha=64.0, lr=1e-3, steps=150, seq_len=256, batch=8, ce_weight=0.1,
                   eval_tokens=4096),
@@ -553,7 +553,7 @@ def _worker_init(threads: int) -> None:
 class Job:
     id: str
     kind: str
-    prio: int
+    prio: tuple[int, int]   # (repeat, stage): every configuration's first seed comes before the others
     deps: tuple[str, ...]
     info: dict              # what the job is (base, method, budget, lr, seed, ...), kept in the results
 
@@ -603,30 +603,30 @@ class Study:
         p = self.prof
         for b in self.bases.values():
             if b.recipe and f"quantize/{b.source}-{b.recipe}" not in self.jobs:
-                self.add(f"quantize/{b.source}-{b.recipe}", "quantize", 0, recipe=b.recipe, source=b.source)
+                self.add(f"quantize/{b.source}-{b.recipe}", "quantize", (0, 0), recipe=b.recipe, source=b.source)
             if b.lrec:
-                self.add(f"generic/{b.source}", "generic", 0, source=b.source)
-                self.add(f"lrec/{b.name}", "lrec", 1, [f"quantize/{b.source}-{b.recipe}", f"generic/{b.source}"], base=b.name)
-            self.add(f"base_eval/{b.name}", "base_eval", 2, self.base_ready(b), base=b.name)
+                self.add(f"generic/{b.source}", "generic", (0, 0), source=b.source)
+                self.add(f"lrec/{b.name}", "lrec", (0, 1), [f"quantize/{b.source}-{b.recipe}", f"generic/{b.source}"], base=b.name)
+            self.add(f"base_eval/{b.name}", "base_eval", (0, 2), self.base_ready(b), base=b.name)
         for b in self.bases.values():
             for m in p["methods"]:
                 sweep = [f"train/{b.name}/{m}/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in p["lrs"]]
                 for lr, jid in zip(p["lrs"], sweep):
-                    self.add(jid, "train", 3, self.base_ready(b), base=b.name, method=m, budget=self.first_budget,
+                    self.add(jid, "train", (0, 3), self.base_ready(b), base=b.name, method=m, budget=self.first_budget,
                              lr=lr, seed=p["seeds"][0], sweep=True)
                 if b.name in p["merge_bases"] and not b.lrec:
-                    self.add(f"merge/{b.name}/{m}", "merge", 4, sweep, base=b.name, method=m, budget=self.first_budget)
+                    self.add(f"merge/{b.name}/{m}", "merge", (0, 4), sweep, base=b.name, method=m, budget=self.first_budget)
                 for i, budget in enumerate(self.budgets):
-                    for seed in p["seeds"]:
-                        if budget == self.first_budget and seed == p["seeds"][0]:
+                    for k, seed in enumerate(p["seeds"]):
+                        if budget == self.first_budget and k == 0:
                             continue  # the sweep run at the chosen rate
-                        self.add(f"train/{b.name}/{m}/{budget}/s{seed}", "train", 5 + i, sweep, base=b.name,
+                        self.add(f"train/{b.name}/{m}/{budget}/s{seed}", "train", (k, 5 + i), sweep, base=b.name,
                                  method=m, budget=budget, seed=seed)
             if b.name in p["ladder_bases"] and "lora" in p["methods"]:
                 sweep = [f"train/{b.name}/lora/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in p["lrs"]]
                 for r in p["ladder_ranks"]:
-                    for seed in p["seeds"]:
-                        self.add(f"train/{b.name}/lora/rank{r}/s{seed}", "train", 7, sweep, base=b.name,
+                    for k, seed in enumerate(p["seeds"]):
+                        self.add(f"train/{b.name}/lora/rank{r}/s{seed}", "train", (k, 7), sweep, base=b.name,
                                  method="lora", budget=f"rank{r}", rank=r, seed=seed)
 
     def lr_of(self, base: str, method: str) -> float | None:
@@ -879,7 +879,7 @@ class Study:
         for m in self.prof["methods"]:
             lr = self.lr_of(base, m)
             merge = self.results.get(f"merge/{base}/{m}")
-            if lr is None or not merge or "error" in merge or "llamacpp_ppl" in merge:
+            if lr is None or not merge or "error" in merge:
                 continue
             src = self.run_dir(base, m, self.first_budget, lr, self.prof["seeds"][0], sweep=True) / "adapter"
             with tarfile.open(self.out / f"adapter-{Base(base).slug}-{m}.tar", "w") as tf:
@@ -1090,6 +1090,12 @@ def merge_section(doc: dict) -> list[str]:
                  f"{r['unmerged_ppl']:.4f} | {r['merged_ppl']:.4f} | {d:+.4f} ({100 * d / r['unmerged_ppl']:+.3f}%) | "
                  f"{lc_txt} | {diff} |")
     L.append("")
+    ref = doc.get("llamacpp_base")
+    if ref:
+        L.append(f"The llama.cpp column is a CPU run over the first {ref['windows']} test windows; there the base "
+                 f"without adapter scores {ref['llamacpp_ppl']:.4f} in llama.cpp and {ref['lowtune_ppl']:.4f} in "
+                 "lowtune (llama.cpp rounds activations to 8 bits for Q4_1 products).")
+        L.append("")
     if not lc and not any(r.get("llamacpp_ppl") for r in doc["merges"]):
         L.append("llama.cpp column: not measured in this run (llama-cpp-python was not importable); "
                  "`tools/bench_methods.py --llamacpp` fills it from the returned adapters.")
@@ -1105,7 +1111,7 @@ def claims_section(doc: dict) -> list[str]:
     L = ["### The papers' claims, as measured here", ""]
 
     def diff_rows(a, b, key="test_ppl"):
-        rows, held, n = [], 0, 0
+        rows, lower, beyond, n = [], 0, 0, 0
         for base in bases:
             for k in doc["budgets"]:
                 x, y = metric(doc, base, a, k, key), metric(doc, base, b, k, key)
@@ -1114,22 +1120,24 @@ def claims_section(doc: dict) -> list[str]:
                 d = y[0] - x[0]
                 sd = math.hypot(x[1], y[1])
                 n += 1
-                held += d > sd
-                rows.append(f"{base} {k}: {b} − {a} = {d:+.2f} (± {sd:.2f})")
-        return rows, held, n
+                lower += d > 0
+                beyond += d > sd and min(x[2], y[2]) > 1
+                rows.append(f"{base} {k}: {b} − {a} = {d:+.2f}" + (f" (± {sd:.2f})" if min(x[2], y[2]) > 1 else ""))
+        return rows, lower, beyond, n
 
     if {"qbara", "qalora"} <= set(s["methods"]):
-        rows, held, n = diff_rows("qbara", "qalora")
+        rows, lower, beyond, n = diff_rows("qbara", "qalora")
         L.append(f"1. *Q-BaRA beats QA-LoRA at equal trainable parameters* (task perplexity, lower is better): "
-                 f"Q-BaRA lower by more than one combined std in {held} of {n} base × budget cells. "
-                 + "; ".join(rows) + ".")
+                 f"Q-BaRA lower in {lower} of {n} base × budget cells, by more than one combined std (two or more "
+                 f"seeds) in {beyond}. " + "; ".join(rows) + ".")
     if "qahira" in s["methods"]:
         m = [r for r in doc["merges"] if r.get("method") == "qahira" and "error" not in r]
         if m:
-            worst = max(abs(r["merged_ppl"] - r["unmerged_ppl"]) / r["unmerged_ppl"] for r in m)
-            L.append(f"2. *QA-HiRA merges losslessly*: merged − unmerged task perplexity at most "
-                     f"{100 * worst:.4f}% of the unmerged value over {len(m)} base(s) (paths: "
-                     + "; ".join(f"{r['base']}: " + ", ".join(f"{k} {v}" for k, v in r['paths'].items()) for r in m) + ").")
+            L.append("2. *QA-HiRA merges losslessly*: merged − unmerged task perplexity "
+                     + "; ".join(f"{r['base']}: {100 * (r['merged_ppl'] - r['unmerged_ppl']) / r['unmerged_ppl']:+.4f}% "
+                                 f"(tensor paths " + ", ".join(f"{k} {v}" for k, v in r['paths'].items())
+                                 + f"; merge error / update RMS {fmt(r.get('merge_err_rel_rms_mean'), 3)})" for r in m)
+                     + ". On the 'min' path the one rounding is that of the new mins to fp16.")
     if "dylora" in s["methods"] and s["ladder_bases"]:
         parts = []
         for b in s["ladder_bases"]:
@@ -1245,7 +1253,17 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
     s = doc["header"]["settings"]
     texts = write_texts(work, s.get("text_chars"))
     merges = {(m["base"], m["method"]): m for m in doc["merges"]}
-    doc.setdefault("llamacpp", {})
+    doc["llamacpp"] = {}
+    base = load_model_with_adapter(source, None)
+    tok = load_tokenizer(base.metadata)
+    ctx = s["seq_len"]
+    test = text_tokens(texts["test"], tok, s.get("test_tokens"))
+    if windows:
+        test = test[:windows * ctx]
+    ref = {"windows": len(test) // ctx, "lowtune_ppl": ppl(base, test, ctx, "cpu"),
+           "llamacpp_ppl": llamacpp_ppl(source, test, ctx)}
+    print(f"{source.name} without adapter: llama.cpp {ref['llamacpp_ppl']:.4f}, lowtune {ref['lowtune_ppl']:.4f} "
+          f"over {ref['windows']} windows", flush=True)
     for tar in sorted(results_dir.glob("adapter-*.tar")):
         key = next(((b, m) for (b, m) in merges if tar.name == f"adapter-{Base(b).slug}-{m}.tar"), None)
         if key is None:
@@ -1257,12 +1275,6 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
             tf.extractall(d, filter="data")
         merged = d / "merged.gguf"
         export_merged_gguf(source, d / "adapter", merged)
-        base = load_model_with_adapter(source, None)
-        tok = load_tokenizer(base.metadata)
-        ctx = s["seq_len"]
-        test = text_tokens(texts["test"], tok, s.get("test_tokens"))
-        if windows:
-            test = test[:windows * ctx]
         row = {"windows": len(test) // ctx, "sha256_here": sha256_of(merged),
                "same_file_as_gpu": sha256_of(merged) == merges[key].get("sha256"),
                "lowtune_merged_ppl": ppl(load_model_with_adapter(merged, None), test, ctx, "cpu"),
@@ -1273,6 +1285,7 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
               f"unmerged {row['lowtune_unmerged_ppl']:.4f} over {row['windows']} windows; "
               f"same merged file as the study's: {row['same_file_as_gpu']}", flush=True)
         merged.unlink()
+    doc["llamacpp_base"] = {"base": "Q4_1", **ref}
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     render(doc, out)

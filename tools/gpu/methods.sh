@@ -3,14 +3,16 @@
 # (SmolLM2-135M-Instruct Q4_1) is more than one call of the device tool carries (64 MiB with the
 # tree), so it travels as two halves in two calls on the same machine:
 #
-#   here, once (ignored files):
-#     python3 tools/bench_methods.py --prepare .bench          # .bench/part-1, .bench/part-2 (~47 MiB each)
-#     python3 -m pip download --no-deps gguf==0.19.0 -d .whl   # the one lowtune dependency the image lacks
-#     printf '/.bench/\n/.whl/\n' >> .git/info/exclude
-#   call 1, carry [".whl", ".bench/part-1"]:          bash tools/gpu/methods.sh install
-#   call 2, carry [".bench/part-2"], right after it:  bash tools/gpu/methods.sh study
+#   here, once (/.carry/ and /.whl/ are git-ignored):
+#     python3 tools/bench_methods.py --prepare .carry/methods         # part-1, part-2: ~47 MiB each
+#     python3 -m pip download --no-deps gguf==0.19.0 -d .whl          # the lowtune dependency the image lacks
+#   call 1, carry [".whl/gguf-0.19.0-py3-none-any.whl", ".carry/methods/part-1"]:
+#     bash tools/gpu/methods.sh install
+#   call 2, carry [".carry/methods/part-2"], right after call 1:
+#     bash tools/gpu/methods.sh study
 #
-# install: builds and installs lowtune with the sm_90 CUDA kernels, and keeps part 1 in $STASH.
+# install: builds and installs lowtune with the sm_90 CUDA kernels (pip, no build isolation) and
+#          keeps part 1 in $STASH.
 # study:   adds part 2, rebuilds the file (sha256 checked), runs the study with a deadline so the
 #          call ends inside its 10 minutes, and leaves methods.json, methods.md, methods.png and
 #          the Q4_1 adapters (adapter-q41-<method>.tar, for the llama.cpp column on a CPU:
@@ -27,22 +29,22 @@ mkdir -p "$STASH" "$OUT"
 case "${1:-}" in
   install)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    python3 -m pip install -q --no-index --no-deps .whl/gguf-*.whl
+    python3 -m pip install -q --no-index --no-deps .whl/gguf-0.19.0-py3-none-any.whl
     t0=$SECONDS
     LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=${LOWTUNE_CUDA_ARCHITECTURES:-90} \
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --no-build-isolation --no-index .
     echo "lowtune built and installed in $((SECONDS - t0)) s"
     (cd /tmp && python3 -c "import lowtune; print(lowtune.build_info())")
-    cp .bench/part-1/* "$STASH/"
-    echo "part 1 kept in $STASH: now run 'bash tools/gpu/methods.sh study' carrying .bench/part-2" ;;
+    cp .carry/methods/part-1/* "$STASH/"
+    echo "part 1 kept in $STASH: now run 'bash tools/gpu/methods.sh study' carrying .carry/methods/part-2" ;;
   study)
     if ! (cd /tmp && python3 -c "import lowtune, sys; sys.exit(0 if lowtune.build_info()['cuda'] else 1)") 2>/dev/null; then
       echo "lowtune with CUDA is not installed on this machine (it was given back after 'install'?):"
-      echo "run 'methods.sh install' (carry .whl and .bench/part-1), then 'methods.sh study' at once"
+      echo "run 'methods.sh install' (carry the gguf wheel and .carry/methods/part-1), then 'methods.sh study' at once"
       exit 3
     fi
     [ -f "$STASH/manifest.json" ] || { echo "part 1 is not in $STASH: run 'methods.sh install' first"; exit 3; }
-    cp .bench/part-2/* "$STASH/"
+    cp .carry/methods/part-2/* "$STASH/"
     python3 tools/bench_methods.py --source "$STASH" --work "$STASH/work" --out "$OUT" \
       --deadline-s "${DEADLINE_S:-450}" --grace-s 60 "${@:2}"
     ls -la "$OUT" ;;
