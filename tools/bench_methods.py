@@ -13,8 +13,9 @@ Writes OUT/methods.json (every run, raw), OUT/methods.md (the tables) and OUT/me
 OUT/adapter-<base>-<method>.tar for the adapters whose merged files llama.cpp scores later.
 Scratch (bases, run directories, worker logs) goes to --work (default OUT/work).
 
-Bases (BASES, data; a Gemma 3 270M source is a list entry away: Base(..., source="gemma3") and
-`--source gemma3=PATH`). The starting file as it is (SmolLM2 Q4_1); INT4/INT3/INT2 with groups of
+Bases (BASES, data; a second model, e.g. Gemma 3 270M once lowtune loads it, is a list entry away:
+Base("Gemma3-270M Q4_1", source="gemma3") and `--source gemma3=PATH`; its budgets come from its
+own shapes, the tables show the first base's model). The starting file as it is (SmolLM2 Q4_1); INT4/INT3/INT2 with groups of
 64 re-quantized from its F32 dequantization (`lowtune.quantize_model`, the embedding kept in its
 own type so only the decoder linears differ); and INT3/INT2 after LREC: an LREC adapter
 (`lowtune.correct`, rank 32) trained against the starting file as teacher on a generic text, then
@@ -46,11 +47,13 @@ rank (ladder_ranks + the budgets' ranks) with LoRA's learning rate.
 Merge check: for the selected first-budget seed-0 run of every method on the merge bases, the
 merged GGUF (lowtune.export.export_merged_gguf) is scored against base + adapter, both in fp32
 activations; merged minus unmerged perplexity per method. llama.cpp: where llama-cpp-python is
-importable the merged file is scored there too; otherwise the adapters of --return-base come back
-as tar files and `--llamacpp` scores their merged files on a CPU that has it (same test windows;
-the export is rebuilt there and its sha256 compared with the GPU's).
+importable the merged file is scored there too; the adapters of --return-base are also written as
+tar files, from which `--llamacpp` rebuilds the merged files on a CPU that has llama-cpp-python
+(checking their sha256 against the study's) and scores them on the same test windows.
 
-Repeats: seeds 0, 1, 2; tables give mean ± sample std.
+Repeats: seeds 0, 1, 2; tables give mean ± sample std. Jobs run in order of seed, then stage
+(bases, LREC, the sweep, merge checks, the budgets, the rank ladder), so a deadline cuts repeats
+before it cuts configurations. --bases, --methods and --set KEY=JSON narrow or change a profile.
 
 Time: before the study a 3-step calibration run measures setup, step and evaluation speed; the
 plan's cost (runs × (setup + steps × step time + evaluated tokens / eval tokens/s)) / workers is
@@ -572,6 +575,7 @@ class Study:
         if unknown:
             raise SystemExit(f"unknown bases {sorted(unknown)}; known: {[b.name for b in BASES]}")
         self.sources = resolve_sources(args.source, self.work)
+        self.source_hashes = {k: sha256_of(v) for k, v in self.sources.items()}
         self.texts = write_texts(self.work, prof["text_chars"])
         self.results: dict[str, dict] = {}
         self.jobs: dict[str, Job] = {}
@@ -583,10 +587,15 @@ class Study:
                 raise SystemExit(f"base {b.name} needs --source {b.source}=PATH")
             self.files[b.name] = (self.sources[b.source] if b.recipe is None
                                   else self.work / "bases" / f"{b.source}-{b.recipe}.gguf")
-        n_layers, self.shapes = read_linears(self.sources["smollm2"])
-        k = prof["layers"]
-        self.layers = list(range(n_layers)) if k is None else list(range(n_layers - k, n_layers))
-        self.budgets = {f"r{r}": placements(self.shapes, self.layers, r) for r in prof["budgets"]}
+        # each starting model's shapes give its own budget placements
+        self.geometry = {}
+        for key in sorted({b.source for b in self.bases.values()}):
+            n_layers, shapes = read_linears(self.sources[key])
+            k = prof["layers"]
+            layers = list(range(n_layers)) if k is None else list(range(n_layers - k, n_layers))
+            self.geometry[key] = (layers, shapes, {f"r{r}": placements(shapes, layers, r) for r in prof["budgets"]})
+        self.main_source = next(iter(self.bases.values())).source
+        self.layers, self.shapes, self.budgets = self.geometry[self.main_source]
         self.first_budget = f"r{prof['budgets'][0]}"
         self.plan()
 
@@ -674,9 +683,9 @@ class Study:
                     "merged": str(self.work / "merged" / f"{b.slug}-{i['method']}.gguf"), "lr": lr,
                     "keep": self.args.keep_merged}
         if "rank" in i:  # LoRA at one rank of the QDyLoRA ladder, on every adapted layer
-            pl = Placement("lora", i["rank"], tuple(self.layers), 0, 0.0)
+            pl = Placement("lora", i["rank"], tuple(self.geometry[b.source][0]), 0, 0.0)
         else:
-            pl = self.budgets[i["budget"]][i["method"]]
+            pl = self.geometry[b.source][2][i["budget"]][i["method"]]
         ranks = sorted({1 << k for k in range(pl.rank.bit_length()) if 1 << k <= pl.rank} | {pl.rank})
         return {**common, "model": str(self.files[b.name]), "base_adapter": self.lrec_adapter(b),
                 "trainval": self.texts["trainval"], "method": i["method"], "rank": pl.rank, "layers": list(pl.layers),
@@ -780,10 +789,12 @@ class Study:
                        "lowtune": lowtune.__version__, "build": lowtune.build_info(), "python": platform.python_version(),
                        "profile": self.args.profile, "settings": {**p, "steps": self.args.steps or p["steps"]},
                        "layers": self.layers, "workers": self.workers(),
-                       "sources": {k: {"file": v.name, "sha256": sha256_of(v)} for k, v in self.sources.items()},
+                       "sources": {k: {"file": v.name, "sha256": self.source_hashes[k]} for k, v in self.sources.items()},
                        "wall_s": round(time.monotonic() - self.t0, 1)},
             "budgets": {k: {m: asdict(pl) for m, pl in v.items()} for k, v in self.budgets.items()},
             "linears": {t: list(s) for t, s in self.shapes.items()},
+            "budgets_by_source": {src: {k: {m: asdict(pl) for m, pl in v.items()} for k, v in g[2].items()}
+                                  for src, g in self.geometry.items()},
             "estimate": other.pop("estimate", None), "calibration": other.pop("calibration", None),
             "bases": {b: {"file": self.files[b].name, "lrec": lrec.get(b), **base_eval.get(b, {}),
                           "bits": other.get(f"quantize/{self.bases[b].source}-{self.bases[b].recipe}", {}).get("bits")}
@@ -867,9 +878,10 @@ class Study:
 
     def spec_params(self, job: Job) -> int | None:
         i = job.info
+        layers, shapes, budgets = self.geometry[self.bases[i["base"]].source]
         if "rank" in i:
-            return layer_params("lora", i["rank"], self.shapes) * len(self.layers)
-        return self.budgets[i["budget"]][i["method"]].params
+            return layer_params("lora", i["rank"], shapes) * len(layers)
+        return budgets[i["budget"]][i["method"]].params
 
     def bundle_adapters(self) -> None:
         """OUT/adapter-<base>-<method>.tar: the adapters whose merged files llama.cpp scores later."""
@@ -1307,6 +1319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the profile's)")
     p.add_argument("--bases", help="comma-separated subset of the profile's bases")
     p.add_argument("--methods", help="comma-separated subset of the profile's methods")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a profile setting, e.g. --set 'lrs=[1e-3, 3e-3]' --set ladder_ranks=[]")
     p.add_argument("--deadline-s", type=float, help="launch no run after this many seconds")
     p.add_argument("--grace-s", type=float, default=60.0, help="after the deadline, wait this long for running jobs")
     p.add_argument("--keep-merged", action="store_true", help="keep the merged GGUF files in WORK/merged")
@@ -1339,6 +1353,14 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise SystemExit(f"--{key}: {sorted(bad)} not in the profile's {prof[key]}")
             prof[key] = [x for x in prof[key] if x in pick]
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in prof:
+            raise SystemExit(f"--set {key}: not a profile setting ({', '.join(sorted(prof))})")
+        try:
+            prof[key] = json.loads(value)
+        except ValueError:
+            raise SystemExit(f"--set {item}: the value must be JSON (e.g. [1e-3, 3e-3], 40, null)") from None
     study = Study(a, prof)
     print(f"{len(study.jobs)} jobs on {study.device} ({study.workers()} worker(s)); bases "
           f"{', '.join(study.bases)}; methods {', '.join(study.prof['methods'])}", flush=True)

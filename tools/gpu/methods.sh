@@ -46,7 +46,7 @@ case "${1:-}" in
     [ -f "$STASH/manifest.json" ] || { echo "part 1 is not in $STASH: run 'methods.sh install' first"; exit 3; }
     cp .carry/methods/part-2/* "$STASH/"
     python3 tools/bench_methods.py --source "$STASH" --work "$STASH/work" --out "$OUT" \
-      --deadline-s "${DEADLINE_S:-450}" --grace-s 60 "${@:2}"
+      --deadline-s "${DEADLINE_S:-480}" --grace-s 45 "${@:2}"
     ls -la "$OUT" ;;
   *)
     echo "usage: tools/gpu/methods.sh install|study [extra bench_methods.py arguments]"; exit 2 ;;
