@@ -62,8 +62,8 @@ printed. --deadline-s stops launching runs after that many seconds and writes wh
 
 Moving the source where 98 MB cannot travel at once: `--prepare DIR` writes DIR/part-1 and
 DIR/part-2 (each ~47 MiB: half the file + manifest.json with sha256s); copy both parts' files into
-one directory on the other machine and pass it as --source (tools/gpu/methods.sh does this in
-two calls).
+one directory on the other machine and pass it as --source (tools/gpu/methods.sh does this with
+two commands).
 """
 from __future__ import annotations
 

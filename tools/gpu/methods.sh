@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The adapter-method study (tools/bench_methods.py) on one H200. The 98 MB starting file
-# (SmolLM2-135M-Instruct Q4_1) is more than one call of the device tool carries (64 MiB with the
-# tree), so it travels as two halves in two calls on the same machine:
+# (SmolLM2-135M-Instruct Q4_1) is more than one transfer to the GPU machine holds (64 MiB with the
+# tree), so it travels as two halves, sent with two commands run one after the other on the same
+# machine:
 #
 #   here, once (/.carry/ and /.whl/ are git-ignored):
 #     python3 tools/bench_methods.py --prepare .carry/methods         # part-1, part-2: ~47 MiB each
 #     python3 -m pip download --no-deps gguf==0.19.0 -d .whl          # the lowtune dependency the image lacks
-#   call 1, carry [".whl/gguf-0.19.0-py3-none-any.whl", ".carry/methods/part-1"]:
+#   command 1, sending the ignored paths .whl/gguf-0.19.0-py3-none-any.whl and .carry/methods/part-1:
 #     bash tools/gpu/methods.sh install
-#   call 2, carry [".carry/methods/part-2"], right after call 1:
+#   command 2, sending .carry/methods/part-2, right after command 1:
 #     bash tools/gpu/methods.sh study
 #
 # install: builds and installs lowtune with the sm_90 CUDA kernels (pip, no build isolation) and
 #          keeps part 1 in $STASH.
 # study:   adds part 2, rebuilds the file (sha256 checked), runs the study with a deadline so the
-#          call ends inside its 10 minutes, and leaves methods.json, methods.md, methods.png and
+#          command ends inside its 10 minutes, and leaves methods.json, methods.md, methods.png and
 #          the Q4_1 adapters (adapter-q41-<method>.tar, for the llama.cpp column on a CPU:
 #          `python3 tools/bench_methods.py --llamacpp DIR --out DIR2`) in $OUT.
-# The machine keeps what call 1 did only while it stays warm (about 30 s after a call); if it was
-# given back in between, `study` says so and both calls run again.
+# The machine keeps what command 1 did only while it is held (the GPU runner here keeps an idle
+# machine about 30 s); if it was released in between, `study` says so and both commands run again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -36,11 +37,11 @@ case "${1:-}" in
     echo "lowtune built and installed in $((SECONDS - t0)) s"
     (cd /tmp && python3 -c "import lowtune; print(lowtune.build_info())")
     cp .carry/methods/part-1/* "$STASH/"
-    echo "part 1 kept in $STASH: now run 'bash tools/gpu/methods.sh study' carrying .carry/methods/part-2" ;;
+    echo "part 1 kept in $STASH: now run 'bash tools/gpu/methods.sh study', sending .carry/methods/part-2" ;;
   study)
     if ! (cd /tmp && python3 -c "import lowtune, sys; sys.exit(0 if lowtune.build_info()['cuda'] else 1)") 2>/dev/null; then
-      echo "lowtune with CUDA is not installed on this machine (it was given back after 'install'?):"
-      echo "run 'methods.sh install' (carry the gguf wheel and .carry/methods/part-1), then 'methods.sh study' at once"
+      echo "lowtune with CUDA is not installed on this machine (was it released after 'install'?):"
+      echo "run 'methods.sh install' (sending the gguf wheel and .carry/methods/part-1), then 'methods.sh study' at once"
       exit 3
     fi
     [ -f "$STASH/manifest.json" ] || { echo "part 1 is not in $STASH: run 'methods.sh install' first"; exit 3; }
