@@ -34,7 +34,10 @@ LoRA's (capped at all of them; the ratio is reported beside). Two budgets: r = 8
 
 Tuning: one learning-rate sweep per method and base at the first budget and seed 0; the rate with
 the lowest perplexity on the validation split (the 80-90% stretch of Botchan) is used for every
-budget and seed of that method and base (and for LoRA's extra ranks).
+budget and seed of that method and base (and for LoRA's extra ranks). QA-LoRA's and QA-HiRA's
+grid sits 3× higher: their adapters see the input averaged over 32-wide groups, so the same
+AdamW step moves their output about 3-4× less than LoRA's (measured on the CPU: their best rate
+was the top of a shared grid).
 
 Data: Botchan (bundled) is cut at a paragraph break into its first 90% (training, of which the
 last ninth is the validation split) and its last 10% (the task's test text); A Midsummer Night's
@@ -122,7 +125,8 @@ BASES = (
 PROFILES = {
     "full": dict(
         bases=[b.name for b in BASES], methods=list(METHODS), budgets=[8, 16], seeds=[0, 1, 2],
-        lrs=[3e-4, 1e-3, 3e-3], alpha=16.0, layers=None, steps=30, seq_len=256, batch=12,
+        lrs={"default": [1e-3, 3e-3, 1e-2], "qalora": [3e-3, 1e-2, 3e-2], "qahira": [3e-3, 1e-2, 3e-2]},
+        alpha=16.0, layers=None, steps=30, seq_len=256, batch=12,
         ladder_ranks=[1, 2, 4], ladder_bases=["Q4_1", "INT2-g64"],
         merge_bases=["Q4_1", "INT2-g64"],
         val_tokens=4096, test_tokens=None, mid_tokens=8192, text_chars=None,
@@ -561,6 +565,20 @@ class Job:
     info: dict              # what the job is (base, method, budget, lr, seed, ...), kept in the results
 
 
+def lrs_for(prof: dict, method: str) -> list[float]:
+    """The learning rates swept for `method`: prof["lrs"] is one list for every method, or a dict
+    of lists by method with a "default"."""
+    grid = prof["lrs"]
+    return list(grid.get(method, grid["default"])) if isinstance(grid, dict) else list(grid)
+
+
+def lr_grid_text(prof: dict) -> str:
+    groups: dict[tuple, list[str]] = {}
+    for m in prof["methods"]:
+        groups.setdefault(tuple(lrs_for(prof, m)), []).append(m)
+    return "; ".join(f"{', '.join(fmt_lr(x) for x in g)} ({', '.join(ms)})" for g, ms in groups.items())
+
+
 def fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
@@ -619,8 +637,8 @@ class Study:
             self.add(f"base_eval/{b.name}", "base_eval", (0, 2), self.base_ready(b), base=b.name)
         for b in self.bases.values():
             for m in p["methods"]:
-                sweep = [f"train/{b.name}/{m}/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in p["lrs"]]
-                for lr, jid in zip(p["lrs"], sweep):
+                sweep = [f"train/{b.name}/{m}/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in lrs_for(p, m)]
+                for lr, jid in zip(lrs_for(p, m), sweep):
                     self.add(jid, "train", (0, 3), self.base_ready(b), base=b.name, method=m, budget=self.first_budget,
                              lr=lr, seed=p["seeds"][0], sweep=True)
                 if b.name in p["merge_bases"] and not b.lrec:
@@ -632,7 +650,7 @@ class Study:
                         self.add(f"train/{b.name}/{m}/{budget}/s{seed}", "train", (k, 5 + i), sweep, base=b.name,
                                  method=m, budget=budget, seed=seed)
             if b.name in p["ladder_bases"] and "lora" in p["methods"]:
-                sweep = [f"train/{b.name}/lora/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in p["lrs"]]
+                sweep = [f"train/{b.name}/lora/{self.first_budget}/lr{fmt_lr(lr)}/s{p['seeds'][0]}" for lr in lrs_for(p, "lora")]
                 for r in p["ladder_ranks"]:
                     for k, seed in enumerate(p["seeds"]):
                         self.add(f"train/{b.name}/lora/rank{r}/s{seed}", "train", (k, 7), sweep, base=b.name,
@@ -641,7 +659,7 @@ class Study:
     def lr_of(self, base: str, method: str) -> float | None:
         """The swept rate with the lowest validation perplexity (None when every sweep run failed)."""
         best = None
-        for lr in self.prof["lrs"]:
+        for lr in lrs_for(self.prof, method):
             r = self.results.get(f"train/{base}/{method}/{self.first_budget}/lr{fmt_lr(lr)}/s{self.prof['seeds'][0]}", {})
             v = r.get("val_ppl")
             if v is not None and math.isfinite(v) and (best is None or v < best[0]):
@@ -966,7 +984,7 @@ def markdown(doc: dict) -> str:
     L.append(f"Training: {s['steps']} steps of {s['batch']} × {s['seq_len']} tokens of Botchan's first 80%, AdamW, "
              f"cosine schedule, α = {s['alpha']:g}, adapters on decoder layers {lay[0]}–{lay[-1]} "
              f"({len(lay)} of them); seeds {', '.join(map(str, s['seeds']))}; learning rates swept: "
-             f"{', '.join(fmt_lr(x) for x in s['lrs'])}. Perplexity over windows of {s['seq_len']} tokens: "
+             f"{lr_grid_text(s)}. Perplexity over windows of {s['seq_len']} tokens: "
              "the task is Botchan's last 10%, forgetting is *A Midsummer Night's Dream*"
              + (f" (first {s['mid_tokens']} tokens)" if s.get("mid_tokens") else "") + ".")
     L.append("")
@@ -1013,9 +1031,10 @@ def markdown(doc: dict) -> str:
                 ref = doc["bases"][b].get(key)
                 L.append(f"| {b} | {fmt(ref)} | " + " | ".join(pm(metric(doc, b, m, k, key)) for m in methods) + " |")
             L.append("")
-    L.append("### Learning-rate sweep (validation perplexity, first budget, seed 0; chosen in bold)")
+    L.append("### Learning-rate sweep (validation perplexity, first budget, seed 0; chosen in bold, "
+             "marked † where it is the grid's smallest or largest rate)")
     L.append("")
-    lrs = s["lrs"]
+    lrs = sorted({x for m in methods for x in lrs_for(s, m)})
     L.append("| base | method | " + " | ".join(fmt_lr(x) for x in lrs) + " |")
     L.append("|---|---|" + "---|" * len(lrs))
     for b in bases:
@@ -1026,7 +1045,8 @@ def markdown(doc: dict) -> str:
                 r = next((x for x in doc["runs"] if x.get("sweep") and x.get("base") == b and x.get("method") == m
                           and x.get("lr") == lr), None)
                 v = "—" if r is None else ("failed" if "error" in r else fmt(r.get("val_ppl")))
-                cells.append(f"**{v}**" if lr == sel and r is not None and "error" not in r else v)
+                edge = "†" if lr in (min(lrs_for(s, m)), max(lrs_for(s, m))) and len(lrs_for(s, m)) > 1 else ""
+                cells.append(f"**{v}**{edge}" if lr == sel and r is not None and "error" not in r else v)
             L.append(f"| {b} | {m} | " + " | ".join(cells) + " |")
     L.append("")
     L += rank_section(doc)
