@@ -23,6 +23,9 @@ from torch import nn
 from lowtune import ops
 from lowtune.data import DataStats, Dataset, pack
 from lowtune.gguf_io import write_gguf
+from lowtune.hf_names import permute_qk_hf_to_gguf
+from lowtune.model import LlamaConfig, LlamaModel
+from lowtune.qtensor import QTensor
 from lowtune.rundir import read_metrics
 from lowtune.tokenizer import _bytes_to_unicode
 
@@ -83,6 +86,64 @@ def tiny_tokenizer_metadata(chat: bool = True) -> tuple[dict, dict]:
     if chat:
         md["tokenizer.chat_template"] = CHATML
     return md, {"tokenizer.ggml.add_bos_token": GGUFValueType.BOOL}
+
+
+# ---- tiny models in memory: a Llama with its Hugging Face-layout weights ----------------------------
+
+def tiny_config(n_heads=4, n_kv_heads=2, head_dim=16, dim=64, ffn=96, vocab=101, layers=2, **kw):
+    return LlamaConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       ffn_dim=ffn, head_dim=head_dim, rope_dim=head_dim, norm_eps=1e-5,
+                       rope_theta=10000.0, context_length=128, **kw)
+
+
+def tiny_weights(c: LlamaConfig, seed=0, tied=True):
+    """HF-layout float weights {hf_name: tensor}."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=None: torch.randn(*s, generator=g) * (scale or s[-1] ** -0.5)
+    w = {"embed": r(c.vocab_size, c.dim, scale=1.0), "norm": 1 + 0.1 * r(c.dim, scale=1.0)}
+    if not tied:
+        w["lm_head"] = r(c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        w[f"{i}.q"] = r(c.n_heads * c.head_dim, c.dim)
+        w[f"{i}.k"] = r(c.n_kv_heads * c.head_dim, c.dim)
+        w[f"{i}.v"] = r(c.n_kv_heads * c.head_dim, c.dim)
+        w[f"{i}.o"] = r(c.dim, c.n_heads * c.head_dim)
+        w[f"{i}.gate"] = r(c.ffn_dim, c.dim)
+        w[f"{i}.up"] = r(c.ffn_dim, c.dim)
+        w[f"{i}.down"] = r(c.dim, c.ffn_dim)
+        w[f"{i}.ln1"] = 1 + 0.1 * r(c.dim, scale=1.0)
+        w[f"{i}.ln2"] = 1 + 0.1 * r(c.dim, scale=1.0)
+    return w
+
+
+def gguf_weights(c: LlamaConfig, hf: dict, qtype="F32") -> dict:
+    """The same weights under GGUF names, q/k rows permuted, matrices packed as `qtype`."""
+    pack = lambda t: ops.quantize(t, qtype)
+    out = {"token_embd.weight": pack(hf["embed"]), "output_norm.weight": hf["norm"]}
+    if "lm_head" in hf:
+        out["output.weight"] = pack(hf["lm_head"])
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        out[p + "attn_q.weight"] = pack(permute_qk_hf_to_gguf(hf[f"{i}.q"], c.n_heads))
+        out[p + "attn_k.weight"] = pack(permute_qk_hf_to_gguf(hf[f"{i}.k"], c.n_kv_heads))
+        for ours, theirs in [("attn_v", "v"), ("attn_output", "o"), ("ffn_gate", "gate"),
+                             ("ffn_up", "up"), ("ffn_down", "down")]:
+            out[p + ours + ".weight"] = pack(hf[f"{i}.{theirs}"])
+        out[p + "attn_norm.weight"] = hf[f"{i}.ln1"]
+        out[p + "ffn_norm.weight"] = hf[f"{i}.ln2"]
+    return out
+
+
+def tiny_model(qtype="F32", tied=True, seed=0, dtype=torch.float32, device="cpu", **cfg):
+    c = tiny_config(**cfg)
+    hf = tiny_weights(c, seed, tied)
+    w = {k: (v.to(device) if isinstance(v, (torch.Tensor, QTensor)) else v)
+         for k, v in gguf_weights(c, hf, qtype).items()}
+    return LlamaModel(c, w, dtype).eval(), hf
+
+
+def rand_ids(b, t, vocab=101, seed=1):
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 # ---- tiny models, one writer per family ----------------------------------------------------------

@@ -21,9 +21,9 @@ import torch
 from lowtune.evaluate import perplexity
 from lowtune.generate import generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import LlamaModel
+from lowtune.loading import load_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+pytestmark = pytest.mark.llamacpp
 
 CTX = 512
 # Q4_1: llama.cpp's activation rounding moves its perplexity up by 0.76 % over the first 4 windows
@@ -84,21 +84,21 @@ def botchan_tokens(smollm2_path, botchan_text):
 
 def test_q4_1_perplexity_matches_llamacpp(smollm2_path, botchan_tokens):
     theirs = llamacpp_perplexity(llamacpp(smollm2_path), botchan_tokens, CHUNKS_Q4_1)
-    ours = perplexity(LlamaModel.from_gguf(smollm2_path), botchan_tokens, CTX, CHUNKS_Q4_1,
+    ours = perplexity(load_model(smollm2_path), botchan_tokens, CTX, CHUNKS_Q4_1,
                       batch=4)["perplexity"]
     assert ours == pytest.approx(theirs, rel=5e-3)
 
 
 def test_f32_export_perplexity_matches_llamacpp(smollm2_f32, botchan_tokens):
     theirs = llamacpp_perplexity(llamacpp(smollm2_f32), botchan_tokens, CHUNKS_F32)
-    ours = perplexity(LlamaModel.from_gguf(smollm2_f32), botchan_tokens, CTX, CHUNKS_F32,
+    ours = perplexity(load_model(smollm2_f32), botchan_tokens, CTX, CHUNKS_F32,
                       batch=4)["perplexity"]
     assert ours == pytest.approx(theirs, rel=5e-4)
 
 
 def test_f32_export_greedy_generation_matches_llamacpp(smollm2_f32):
     llm = llamacpp(smollm2_f32)
-    model = LlamaModel.from_gguf(smollm2_f32)
+    model = load_model(smollm2_f32)
     for prompt in PROMPTS:
         ids = llm.tokenize(prompt.encode(), add_bos=False)
         assert generate(model, ids, max_new_tokens=32) == llamacpp_greedy(llm, ids, 32), prompt

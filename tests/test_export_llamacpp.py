@@ -33,12 +33,10 @@ import lowtune
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import SavedAdapter, export_lora_gguf, export_merged_gguf
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import LlamaModel
+from lowtune.loading import load_model
 from lowtune.tokenizer import load_tokenizer
 
 from test_export import make_adapter
-
-pytestmark = pytest.mark.slow
 
 CTX, CHUNKS = 256, 1
 REL = 0.05  # RMS(ΔW) / RMS(W)
@@ -78,7 +76,7 @@ def unmerged_ppl(smol, method: str) -> float:
 
 
 def base_ppl(smol) -> float:
-    return memo(smol, "base", lambda: lowtune_ppl(smol, LlamaModel.from_gguf(smol.path)))
+    return memo(smol, "base", lambda: lowtune_ppl(smol, load_model(smol.path)))
 
 
 def merged(smol, method: str | None, qtype=None):
@@ -100,7 +98,7 @@ def lora_gguf(smol, method: str):
 
 def merged_ppl(smol, method: str, qtype=None) -> float:
     path, _ = merged(smol, method, qtype)
-    return memo(smol, ("merged-ppl", method, qtype), lambda: lowtune_ppl(smol, LlamaModel.from_gguf(path)))
+    return memo(smol, ("merged-ppl", method, qtype), lambda: lowtune_ppl(smol, load_model(path)))
 
 
 def llamacpp(path, lora=None):

@@ -48,7 +48,7 @@ from .model import LlamaConfig as ModelConfig, LlamaModel as Model  # the model 
 from .qtensor import QTensor
 from .recipes import logical_types, training_type
 from .rundir import ADAPTER
-from .safetensors_io import HFCheckpoint
+from .safetensors_io import HFCheckpoint, set_file_type
 from .streaming import stream_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig, read_run_config
@@ -99,6 +99,7 @@ class TypedSource:
             rows = ti.n_elements // ti.shape[-1]
             self.tensor_infos[name] = TensorInfo(name, fmt, ti.shape, ti.ne, -1, rows * fmt.row_bytes(ti.shape[-1]),
                                                  fmt.name, fmt.type_id)
+        set_file_type(self.metadata, self.metadata_types, self.tensor_infos)
 
     def qtensor(self, name: str) -> QTensor:
         ti = self.tensor_infos[name]

@@ -29,7 +29,7 @@ from . import hf_names
 from .checkpoint import atomic_write
 from .dtypes import FLOAT_TYPES, type_name
 from .formats import get_format
-from .gguf_io import _MAIN_FTYPE, DEFAULT_ALIGNMENT, TensorInfo
+from .gguf_io import DEFAULT_ALIGNMENT, TensorInfo, main_file_type
 from .qtensor import QTensor
 from .tokenizer import tokenizer_metadata_from_dir
 
@@ -96,10 +96,7 @@ class HFCheckpoint:
         if missing:
             raise ValueError(f"{d}: the checkpoint lacks {missing}")
         self.tensor_infos = {n: infos[n] for n in sorted(infos, key=_gguf_order)}
-        matrices = [ti.type_name for ti in self.tensor_infos.values() if len(ti.shape) == 2]
-        if matrices:
-            self.metadata["general.file_type"] = _MAIN_FTYPE[max(set(matrices), key=matrices.count)]
-            self.metadata_types["general.file_type"] = GGUFValueType.UINT32
+        set_file_type(self.metadata, self.metadata_types, self.tensor_infos)
         if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
             self.metadata.update(tokenizer_metadata_from_dir(d))
 
@@ -141,6 +138,18 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._files = {}
+
+
+def set_file_type(metadata: dict, metadata_types: dict, tensor_infos: dict) -> None:
+    """general.file_type after the type that most matrix elements have (gguf_io.main_file_type)."""
+    counts: dict[str, int] = {}
+    for ti in tensor_infos.values():
+        if len(ti.shape) == 2:
+            counts[ti.type_name] = counts.get(ti.type_name, 0) + ti.n_elements
+    ftype = main_file_type(counts)
+    if ftype is not None:
+        metadata["general.file_type"] = ftype
+        metadata_types["general.file_type"] = GGUFValueType.UINT32
 
 
 def _info(name: str, fmt, shape: tuple[int, ...]) -> TensorInfo:
