@@ -313,7 +313,7 @@ class TinyQuantLM(nn.Module):
 
 def quant_trainer(tmp_path, method, **overrides):
     from lowtune.loading import apply_train_adapter
-    from lowtune.trainer import save_run_adapter
+    from lowtune.rundir import save_run_adapter
     opts = dict(out=str(tmp_path / "run"), method=method, rank=4, alpha=8, steps=6, batch=4,
                 seq_len=32, lr=2e-2, warmup=1, eval_every=3, save_every=3, seed=5, device="cpu",
                 dropout=0.05)
@@ -323,6 +323,20 @@ def quant_trainer(tmp_path, method, **overrides):
     apply_train_adapter(model, cfg)
     return Trainer(cfg, model=model, dataset=markov_dataset(n_tokens=2400),
                    save_adapter=save_run_adapter, log=lambda s: None)
+
+
+def stop_before_step_4(t: Trainer) -> None:
+    """Run `t` and stop it as if killed right after its step-3 checkpoint."""
+    step_fn = t._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    t._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
 
 
 @pytest.mark.parametrize("method", ["lora", "qalora", "qbara", "qahira", "dylora"])
@@ -355,17 +369,7 @@ def test_dylora_resume_continues_the_same_rank_sequence(tmp_path):
     ref, cut = [], []
     recording_ranks(quant_trainer(tmp_path / "ref", "dylora"), ref).run()
     # Stopped as if killed right after the step-3 checkpoint, then resumed.
-    a = recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut)
-    step_fn = a._train_step
-
-    def stop_at_4(i):
-        if i == 3:
-            raise KeyboardInterrupt
-        return step_fn(i)
-
-    a._train_step = stop_at_4
-    with pytest.raises(KeyboardInterrupt):
-        a.run()
+    stop_before_step_4(recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut))
     recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut).run(resume=True)
     assert cut == ref and len(set(ref)) > 1
     assert curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl")) == \
@@ -442,17 +446,7 @@ def test_cuda_training_resumes_like_an_uninterrupted_run(tmp_path, method):
     rows = read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl")
     assert all(r["gpu_mem_gb"] > 0 for r in rows if "loss" in r)
 
-    a = quant_trainer(tmp_path / "cut", method, device="cuda")
-    step_fn = a._train_step
-
-    def stop_at_4(i):
-        if i == 3:
-            raise KeyboardInterrupt
-        return step_fn(i)
-
-    a._train_step = stop_at_4
-    with pytest.raises(KeyboardInterrupt):
-        a.run()
+    stop_before_step_4(quant_trainer(tmp_path / "cut", method, device="cuda"))
     quant_trainer(tmp_path / "cut", method, device="cuda").run(resume=True)
     got = curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl"))
     want = curve(rows)

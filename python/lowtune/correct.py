@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
 from . import ops
+from .checkpoint import seed_everything
 from .adapters import AdapterConfig, adapters_of, apply_adapters, save_adapter
 from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
 from .dtypes import torch_dtype
@@ -64,7 +65,7 @@ from .rundir import ADAPTER, RunDir
 from .streaming import estimate_memory, stream_model
 from .tokenizer import load_tokenizer
 from .train_config import LREC_ALPHA, LREC_CE_WEIGHT, LREC_KL_CHUNK, LREC_LR, LREC_RANK, TrainConfig
-from .trainer import Trainer, seed_everything
+from .trainer import Trainer
 
 REPORT = "report.json"
 IGNORE = -100

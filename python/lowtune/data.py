@@ -392,6 +392,19 @@ def micro_batch_indices(n_examples: int, batch: int, seed: int, index: int) -> t
     return epoch, epoch_order(n_examples, seed, epoch)[j * batch:(j + 1) * batch]
 
 
+def first_tokens(examples: list, n: int) -> list:
+    """The leading examples holding at most n tokens in all (the last one cut to fit)."""
+    out, left = [], n
+    for e in examples:
+        if left < 2:
+            break
+        if len(e) > left:
+            e = type(e)(e.input_ids[:left], e.labels[:left])
+        out.append(e)
+        left -= len(e)
+    return out
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example: input_ids [B, T] (pad_id) and labels [B, T] (IGNORE).
     Causal attention never lets real tokens see the padding after them."""

@@ -44,6 +44,15 @@ def kept_checkpoint(run_dir: Path, last: Path | None) -> str:
             f"`lowtune finetune --resume {run_dir}`.")
 
 
+def changed_batching(world0: int, seqs: int, world: int, batch: int) -> str:
+    """A resume whose ranks x --batch differs from the checkpoint's `seqs` sequences per
+    micro-batch (written by `world0` ranks): the data order would change."""
+    fix = f"--batch {seqs // world}" if seqs % world == 0 else f"{world0} rank(s) with --batch {seqs // world0}"
+    return (f"the checkpoint was written by {world0} rank(s) x --batch {seqs // world0} = {seqs} sequences "
+            f"per micro-batch; this run has {world} x {batch} = {world * batch}, which would change the "
+            f"data order. Resume with {fix}")
+
+
 def nonfinite_message(what: str, step: int, micro: int | None, cfg: TrainConfig, run_dir: Path,
                       last: Path | None) -> str:
     """A NaN/inf loss or gradient norm at 0-based `step` (micro-batch `micro`, or None)."""

@@ -48,7 +48,7 @@ from .model import LlamaConfig as ModelConfig, LlamaModel as Model  # the model 
 from .qtensor import QTensor
 from .recipes import logical_types, training_type
 from .rundir import ADAPTER
-from .safetensors_io import HFCheckpoint, set_file_type
+from .safetensors_io import HFCheckpoint, Source, set_file_type
 from .streaming import stream_model
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig, read_run_config
@@ -85,7 +85,7 @@ def open_source(path):
     return open_gguf(p)
 
 
-class TypedSource:
+class TypedSource(Source):
     """A GGUF-like view of a float source (an HF checkpoint) in which every tensor has the type
     `choose(name, shape)` gives it, converted when it is read: peak memory is one float tensor."""
 
@@ -112,15 +112,6 @@ class TypedSource:
         if qt.format.quantized:
             return qt
         return qt.raw.view(torch_dtype(qt.type)).reshape(self.tensor_infos[name].shape)
-
-    def __iter__(self):
-        return iter(self.tensor_infos)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def close(self) -> None:
         self.source.close()

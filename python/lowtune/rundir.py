@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
+from .adapters import save_adapter
 from .train_config import CONFIG_FILE, TrainConfig
 
 METRICS, SUMMARY, PLOT, CHECKPOINTS, ADAPTER = "metrics.jsonl", "summary.json", "loss.png", "checkpoints", "adapter"
@@ -101,6 +102,11 @@ class RunDir:
         note = plot_losses(rows, self.path / PLOT, title)
         ckpt.atomic_write_json(self.path / SUMMARY, summary)
         return note
+
+
+def save_run_adapter(model, run_dir) -> Path:
+    """RUN_DIR/adapter (adapters' format), tied to the base the model was loaded from by its hash."""
+    return save_adapter(model, Path(run_dir) / ADAPTER)
 
 
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> str | None:

@@ -55,7 +55,27 @@ def _gguf_order(name: str):
     return (1, int(m.group(1)), name) if m else ((0, 0, name) if name == "token_embd.weight" else (2, 0, name))
 
 
-class HFCheckpoint:
+class Source:
+    """What GGUF-like sources share besides their tensors: iteration over names, `with`."""
+    tensor_infos: dict
+
+    def __iter__(self):
+        return iter(self.tensor_infos)
+
+    def __len__(self):
+        return len(self.tensor_infos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class HFCheckpoint(Source):
     """A Hugging Face checkpoint directory, shaped like GGUFFile (module doc)."""
 
     def __init__(self, path):
@@ -123,18 +143,6 @@ class HFCheckpoint:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in GGUF order, one read at a time (for write_gguf)."""
         return ((n, self.tensor(n)) for n in self.tensor_infos)
-
-    def __iter__(self):
-        return iter(self.tensor_infos)
-
-    def __len__(self):
-        return len(self.tensor_infos)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def close(self) -> None:
         self._files = {}
@@ -217,4 +225,4 @@ def write_safetensors_dict(path, tensors: dict[str, torch.Tensor], metadata: dic
     atomic_write(path, lambda f: f.write(data))
 
 
-__all__ = ["HFCheckpoint", "safetensors_files", "safetensors_table", "write_safetensors", "write_safetensors_dict"]
+__all__ = ["HFCheckpoint", "Source", "safetensors_files", "safetensors_table", "write_safetensors", "write_safetensors_dict"]

@@ -2,52 +2,50 @@
 
     result = lowtune.finetune("model.gguf", "train.jsonl", "runs/a", method="qa-hira", steps=200)
     lowtune.resume("runs/a")                                  # continue a killed run
-    Trainer(cfg, model=model, dataset=dataset).run()          # a model of your own (tests, notebooks)
+    Trainer(cfg, model=model, dataset=dataset).run()          # a model of your own (tests, LREC)
 
-One optimizer step = `grad_accum` micro-batches of `batch` examples. The loss of a step is the mean
-over every scored token of all its micro-batches (token-weighted, not a mean of means). AdamW
-with fp32 state updates the trainable (adapter) parameters only; the learning rate warms up
-linearly for `warmup` steps, then stays constant or follows a cosine to zero.
+One optimizer step = `grad_accum` micro-batches of `batch` examples; its loss is the mean over
+every scored token of all its micro-batches (token-weighted, not a mean of means). AdamW with
+fp32 state updates the adapter parameters only; the learning rate warms up linearly for `warmup`
+steps, then stays constant or follows a cosine to zero. The configuration is
+train_config.TrainConfig, the run directory rundir.RunDir, the failures failures.py, the model
+loading.load_for_training.
 
-What a run is configured with is train_config.TrainConfig; what it writes is rundir.RunDir
-(config.json, metrics.jsonl, checkpoints/, adapter/, loss.png, summary.json); how it fails is
-failures.py; the model comes from lowtune.loading.load_for_training.
-
-Reproducibility: everything random is a function of `seed` — adapter initialisation, dropout,
-DyLoRA ranks (torch/numpy/python RNGs) and the data order (`data.epoch_order(seed, epoch)`).
-Checkpoints hold every RNG state, and the data position follows from the step, so a run killed
-at any point and resumed produces the same metrics as one that was never interrupted.
+Reproducibility: everything random is a function of `seed` (adapter initialisation, dropout,
+QDyLoRA ranks, the data order `data.epoch_order(seed, epoch)`); checkpoints hold every RNG state
+and the data position follows from the step, so a run killed anywhere and resumed logs the same
+metrics as one never interrupted.
 
 Under torchrun (lowtune.distributed) `batch` is per rank: a micro-batch of the run is the
-`batch * world` sequences that one process would take with that batch, split between the ranks;
-losses are normalised by the scored tokens of all ranks, so the run is the single-process one
-(to float rounding). Rank 0 writes the run directory and logs; held-out evaluation is shared out
-and summed; checkpoints hold every rank's RNG state. Dropout masks differ between ranks (rank 0
-draws those of a single process), the QDyLoRA rank of a step is the same on all.
+`batch * world` sequences one process would take, split between the ranks, and losses are
+normalised by the scored tokens of all ranks, so the run is the single-process one (to float
+rounding). Rank 0 writes the run directory and logs; held-out evaluation is shared out and
+summed; checkpoints hold every rank's RNG state. Dropout masks differ between ranks (rank 0 draws
+those of a single process); the QDyLoRA rank of a step is the same on all.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .adapters import DyLoRAController, adapters_of, save_adapter
-from .data import Dataset, collate, count_targets, load_dataset, micro_batch_indices, micro_batches_per_epoch
+from .adapters import DyLoRAController, adapters_of
+from .checkpoint import seed_everything
+from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, micro_batch_indices,
+                   micro_batches_per_epoch)
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
-                       existing_run, kept_checkpoint, nonfinite_message, oom_message)
+                       changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
 from .loading import load_for_training, pick_device
 from .progress import Progress
-from .rundir import ADAPTER, RunDir
+from .rundir import RunDir, save_run_adapter
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 
@@ -70,30 +68,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def save_run_adapter(model, run_dir: Path) -> Path:
-    """RUN_DIR/adapter (adapters' format), tied to the base the model was loaded from by its hash."""
-    return save_adapter(model, Path(run_dir) / ADAPTER)
-
-
-def first_tokens(examples: list, n: int) -> list:
-    """The leading examples holding at most n tokens in all (the last one cut to fit)."""
-    out, left = [], n
-    for e in examples:
-        if left < 2:
-            break
-        if len(e) > left:
-            e = type(e)(e.input_ids[:left], e.labels[:left])
-        out.append(e)
-        left -= len(e)
-    return out
 
 
 class Trainer:
@@ -314,12 +288,7 @@ class Trainer:
         world0 = data.get("world_size", 1)
         seqs = data.get("sequences_per_micro_batch", self.cfg.batch * world0)
         if seqs != self.global_batch:
-            fix = (f"--batch {seqs // self.world}" if seqs % self.world == 0 else
-                   f"{world0} rank(s) with --batch {seqs // world0}")
-            raise TrainingError(
-                f"the checkpoint was written by {world0} rank(s) x --batch {seqs // world0} = "
-                f"{seqs} sequences per micro-batch; this run has {self.world} x {self.cfg.batch} "
-                f"= {self.global_batch}, which would change the data order. Resume with {fix}")
+            raise TrainingError(changed_batching(world0, seqs, self.world, self.cfg.batch))
         if set(state["params"]) != {n for n, _ in self.params}:
             raise TrainingError("the checkpoint's trainable parameters do not match the model's "
                                 "adapters; resume with the run's own configuration")
