@@ -1,4 +1,13 @@
-"""Shared test fixtures: devices, the real SmolLM2 model, the bundled text."""
+"""Shared test fixtures: devices, the real SmolLM2 model, the bundled text, random data; and the
+markers that say what a test needs (registered in pyproject.toml):
+
+    smollm2       the real SmolLM2-135M GGUF (set automatically for tests using `smollm2_path`)
+    cuda          a CUDA GPU and lowtune built with CUDA (skipped otherwise)
+    llamacpp      llama-cpp-python (skipped when it is not installed)
+    transformers  transformers (and peft), the independent readers of the HF exports
+
+Deselect by need, e.g. `pytest -m "not smollm2"` for the tiny-model tests alone.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -8,9 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import lowtune
+from helpers import random_blocks
+
+# Parallel test workers (pytest -n N) share the cores: each one computes on one thread, which
+# also keeps tiny models from paying for threads they cannot use.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    lowtune._C.set_num_threads(1)
+
 
 def cuda_available() -> bool:
-    import lowtune
     return torch.cuda.is_available() and lowtune.build_info()["cuda"]
 
 
@@ -25,6 +42,8 @@ def pytest_collection_modifyitems(config, items):
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     skip_lcp = pytest.mark.skip(reason="llama-cpp-python is not installed")
     for item in items:
+        if "smollm2_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
         if item.get_closest_marker("cuda") and not has_cuda:
             item.add_marker(skip_cuda)
         if item.get_closest_marker("llamacpp") and not has_llamacpp:
@@ -67,26 +86,6 @@ def rng():
     seed = int(os.environ.get("LOWTUNE_TEST_SEED") or int.from_bytes(os.urandom(8), "little"))
     print(f"random data seed {seed} (replay: LOWTUNE_TEST_SEED={seed})")
     return np.random.default_rng(seed)
-
-
-# Byte offsets of the fp16 fields (scales, mins) inside one block of each quantized type.
-HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-def random_blocks(fmt, n: int, k: int, rng, scale: float = 0.05):
-    """uint8 [n, row_bytes] of `fmt` blocks: random code bytes, and fp16 scales/mins of random sign
-    and magnitude log-uniform in [scale/100, scale] (never inf/nan), so every code pattern of the
-    format is exercised without depending on a quantizer."""
-    import numpy as np
-    nblocks = n * k // fmt.block_elems
-    raw = rng.integers(0, 256, size=(nblocks, fmt.block_bytes), dtype=np.uint8)
-    offsets = HALF_FIELDS.get(fmt.name, (0, 2))  # INTb-gG: d, m
-    for off in offsets:
-        mag = scale * 10.0 ** rng.uniform(-2, 0, size=nblocks)
-        halves = (mag * rng.choice([-1.0, 1.0], size=nblocks)).astype("<f2")
-        raw[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
-    return raw.reshape(n, fmt.row_bytes(k))
 
 
 @pytest.fixture(name="random_blocks")

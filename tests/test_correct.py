@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from lowtune import ops
-from lowtune.adapters import AdapterConfig, adapter_parameters, adapters_of, apply_adapters, load_adapter, save_adapter
-from lowtune.correct import (DistillationModel, FrozenAdaptedLinear, apply_frozen_base_adapter, distill_loss,
-                             frozen_adapters_of, reference_distill_loss)
-from lowtune.quantize_model import load_model, quantize_model
+from lowtune import cli, ops
+from lowtune.adapters import AdapterConfig, adapter_parameters, adapters_of, apply_adapters, save_adapter
+from lowtune.correct import DistillationModel, distill_loss, reference_distill_loss
+from lowtune.frozen_adapter import FrozenAdaptedLinear, frozen_adapters_of
+from lowtune.loading import BaseMismatchError, attach_base_adapter, load_model
+from lowtune.quantize_model import quantize_model
+from lowtune.rundir import read_metrics
 
-from test_quantize_model import tiny_llama_gguf
+from helpers import TINY_VOCAB, write_tiny_llama_gguf
+
+
+def tiny_llama_gguf(path, layers: int = 2, seed: int = 0, **kw):
+    """An F32 teacher: rows of 64 (no K-quant fits) and 256 (ffn)."""
+    return write_tiny_llama_gguf(path, "F32", layers=layers, ffn=256, seed=seed, **kw)
 
 
 class _Head:
@@ -85,14 +92,14 @@ def tiny(tmp_path_factory, botchan_text):
 
 def test_distillation_gradient_matches_autograd(tiny):
     d, teacher, student = tiny
-    s, t = load_model(student), load_model(teacher)
+    s, t = load_model(student, restore_int_types=True), load_model(teacher, restore_int_types=True)
     apply_adapters(s, AdapterConfig(rank=4, alpha=8, seed=3))
     with torch.no_grad():
         for ad in adapters_of(s).values():
             ad.lora_B.normal_(0, 0.05)
     dm = DistillationModel(s, t, kl_weight=1.0, ce_weight=0.25, kl_chunk=5)
     dm.train()
-    ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[1, 6:] = -100
     dm.loss(ids, labels, reduction="sum").backward()
@@ -100,7 +107,7 @@ def test_distillation_gradient_matches_autograd(tiny):
     for p in adapter_parameters(s):
         p.grad = None
     ls, lt = s(ids)[:, :-1], t(ids)[:, :-1].detach()
-    ref, _, _ = reference_distill_loss(ls.reshape(-1, 260), lt.reshape(-1, 260), labels[:, 1:].reshape(-1), 1.0, 0.25)
+    ref, _, _ = reference_distill_loss(ls.reshape(-1, TINY_VOCAB), lt.reshape(-1, TINY_VOCAB), labels[:, 1:].reshape(-1), 1.0, 0.25)
     ref.backward()
     for g, p in zip(got, adapter_parameters(s)):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
@@ -111,7 +118,7 @@ def test_distillation_gradient_matches_autograd(tiny):
 def test_teacher_with_another_vocabulary_is_refused(tiny, tmp_path):
     d, teacher, student = tiny
     other = tiny_llama_gguf(tmp_path / "other.gguf", layers=1)
-    s, t = load_model(student), load_model(other)
+    s, t = load_model(student, restore_int_types=True), load_model(other, restore_int_types=True)
     t.config.vocab_size += 1
     with pytest.raises(ValueError, match="vocabularies differ"):
         DistillationModel(s, t)
@@ -119,10 +126,9 @@ def test_teacher_with_another_vocabulary_is_refused(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def corrected(tiny):
-    from lowtune.correct import main
     d, teacher, student = tiny
     run = d / "run"
-    rc = main([str(student), "--teacher", str(teacher), "--text", str(d / "train.txt"), "--eval-text",
+    rc = cli.main(["correct", str(student), "--teacher", str(teacher), "--text", str(d / "train.txt"), "--eval-text",
                str(d / "other.txt"), "--rank", "8", "--alpha", "16", "--steps", "16", "--seq-len", "32",
                "--batch", "4", "--lr", "5e-3", "--ce-weight", "0.1", "--device", "cpu", "--eval-every", "0",
                "--eval-tokens", "512", "-o", str(run)])
@@ -130,7 +136,6 @@ def corrected(tiny):
     return run
 
 
-@pytest.mark.slow
 def test_correction_lowers_kl_on_held_out_text(corrected):
     report = json.loads((corrected / "report.json").read_text())
     assert set(report["eval"]) == {"train.txt (held-out end)", "other.txt"}
@@ -145,21 +150,18 @@ def test_correction_lowers_kl_on_held_out_text(corrected):
     assert cfg["extra"]["lrec"]["ce_weight"] == 0.1 and cfg["method"] == "lora"
 
 
-@pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused(tiny, corrected):
     from lowtune.correct import correct
-    from lowtune.trainer import TrainingError
+    from lowtune.failures import TrainingError
     d, teacher, student = tiny
     with pytest.raises(TrainingError, match="--resume"):
         correct(student, teacher, d / "train.txt", corrected, steps=2, seq_len=32, device="cpu")
 
 
-@pytest.mark.slow
 def test_resume_continues_the_run(corrected, tmp_path):
     import shutil
 
     from lowtune.correct import resume_correct
-    from lowtune.trainer import read_metrics
     run = tmp_path / "run"
     shutil.copytree(corrected, run)
     res = resume_correct(run, steps=18, log=lambda s: None)
@@ -169,14 +171,12 @@ def test_resume_continues_the_run(corrected, tmp_path):
         json.loads((corrected / "report.json").read_text())["eval"]["other.txt"]["student_kl"]
 
 
-@pytest.mark.slow
 def test_frozen_base_adapter_under_a_second_adapter(tiny, corrected, tmp_path):
     d, teacher, student = tiny
-    ids = torch.randint(0, 260, (2, 10), generator=torch.Generator().manual_seed(2))
-    plain = load_model(student)
-    load_adapter(plain, corrected / "adapter")
+    ids = torch.randint(0, TINY_VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    plain = load_model(student, adapter=corrected)
     frozen_model = load_model(student)
-    frozen = apply_frozen_base_adapter(frozen_model, corrected)
+    frozen = attach_base_adapter(frozen_model, corrected)
     assert len(frozen) == 2 * 7 and not list(frozen_model.parameters())
     with torch.no_grad():
         want = plain(ids)
@@ -201,22 +201,20 @@ def test_frozen_base_adapter_under_a_second_adapter(tiny, corrected, tmp_path):
     meta = json.loads((saved / "adapter_config.json").read_text())
     assert meta["method"] == "qa-hira" and len(meta["modules"]) == 2 * 7
     with pytest.raises(ValueError, match="before any trainable adapter"):
-        apply_frozen_base_adapter(frozen_model, corrected)
+        attach_base_adapter(frozen_model, corrected)
     with pytest.raises(FileNotFoundError, match="no adapter"):
-        apply_frozen_base_adapter(load_model(student), tmp_path)
+        attach_base_adapter(load_model(student), tmp_path)
 
 
-@pytest.mark.slow
 def test_finetune_with_base_adapter(tiny, corrected, tmp_path):
-    from lowtune import finetune_cli
     d, teacher, student = tiny
     run = tmp_path / "task"
-    rc = finetune_cli.main([str(student), "--data", str(d / "train.txt"), "--base-adapter", str(corrected),
+    rc = cli.main(["finetune", str(student), "--data", str(d / "train.txt"), "--base-adapter", str(corrected),
                             "--method", "lora", "--rank", "4", "--steps", "2", "--seq-len", "32",
                             "--batch", "2", "--device", "cpu", "--eval-every", "0", "-o", str(run)])
     assert rc == 0
     cfg = json.loads((run / "config.json").read_text())["train"]
     assert cfg["base_adapter"] == str(corrected)
     other = tiny_llama_gguf(tmp_path / "different.gguf", layers=2, seed=5)
-    with pytest.raises(ValueError, match="trained on base"):  # the LREC adapter belongs to `student`
-        apply_frozen_base_adapter(load_model(other), corrected)
+    with pytest.raises(BaseMismatchError, match="trained on base .*--force"):  # it belongs to `student`
+        attach_base_adapter(load_model(other), corrected)

@@ -19,6 +19,9 @@ import lowtune
 from lowtune import _C
 from lowtune.formats import FORMATS, get_format
 
+import helpers
+from helpers import norm_rel_err as rel_err
+
 pytestmark = pytest.mark.cuda
 
 QUANT_TYPES = sorted(f.name for f in FORMATS.values() if f.quantized)
@@ -29,20 +32,9 @@ INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat
 # copy would) and so is the output.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-# Byte offsets of the fp16 fields (scales and mins) inside one block.
-HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
 def random_blocks(name: str, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
-    """uint8 [n, row_bytes(k)]: random codes and scale bytes, finite random fp16 scales/mins."""
-    fmt = get_format(name)
-    nb = k // fmt.block_elems
-    raw = gen.integers(0, 256, size=(n, nb, fmt.block_bytes), dtype=np.uint8)
-    for off in HALF_FIELDS.get(fmt.name, (0, 2)):
-        vals = (gen.standard_normal((n, nb)) * 0.01).astype(np.float16)
-        raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(n, nb, 2)
-    return torch.from_numpy(raw.reshape(n, nb * fmt.block_bytes))
+    """uint8 [n, row_bytes(k)] of random `name` blocks (helpers.random_blocks)."""
+    return torch.from_numpy(helpers.random_blocks(get_format(name), n, k, gen, scale=0.01))
 
 
 def dequant_cpu(raw: torch.Tensor, name: str, n: int, k: int) -> torch.Tensor:
@@ -57,11 +49,6 @@ def nan_like(shape, dtype) -> torch.Tensor:
 
 def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm())
 
 
 @pytest.fixture

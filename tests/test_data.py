@@ -235,7 +235,6 @@ def smollm2_tokenizer(smollm2_path):
         return load_tokenizer(dict(f.metadata))
 
 
-@pytest.mark.slow
 def test_chat_records_with_the_real_chat_template(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     msgs = [{"role": "user", "content": "Who wrote Botchan?"},
@@ -249,7 +248,6 @@ def test_chat_records_with_the_real_chat_template(tmp_path, smollm2_tokenizer):
         "Natsume Soseki.<|im_end|>\nIn 1906.<|im_end|>\n"
 
 
-@pytest.mark.slow
 def test_botchan_split_with_the_real_tokenizer(tmp_path, smollm2_tokenizer, botchan_text):
     p = tmp_path / "botchan.txt"
     p.write_text(botchan_text)

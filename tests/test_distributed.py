@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import curve, kill_after_step
+
 HERE = Path(__file__).resolve().parent
 # A tiny-model run: 30 training sequences (the last one short), so the global micro-batch of
 # 2 ranks x 2 sequences ends each epoch with 2 sequences, all on rank 0 (rank 1 has an empty slice
@@ -25,15 +27,15 @@ N_TOKENS = 1056
 
 def tiny_data():
     sys.path.insert(0, str(HERE))
-    from test_trainer import markov_dataset
+    from helpers import markov_dataset
     return markov_dataset(n_tokens=N_TOKENS)
 
 
 def tiny_model(dropout: float, sleep_s: float = 0.0, fail_at: int = 0):
-    """TinyLM (test_trainer.py); optionally slow (to be killed mid-run), or failing on rank 1 at
+    """TinyLM (helpers.py); optionally slow (to be killed mid-run), or failing on rank 1 at
     its `fail_at`-th training forward."""
     sys.path.insert(0, str(HERE))
-    from test_trainer import TinyLM
+    from helpers import TinyLM
 
     class Model(TinyLM):
         calls = 0
@@ -69,8 +71,10 @@ def worker(run_dir: str, opts: dict) -> int:
     import torch
 
     from lowtune import distributed
-    from lowtune.trainer import TrainConfig, Trainer, TrainingError
-    from test_trainer import save_tiny_adapter
+    from lowtune.failures import TrainingError
+    from lowtune.train_config import TrainConfig
+    from lowtune.trainer import Trainer
+    from helpers import save_tiny_adapter
     torch.set_num_threads(1)
     spy_on_writes(run_dir)
     cfg = TrainConfig(out=run_dir, **{**TINY, **opts.get("cfg", {})})
@@ -113,18 +117,13 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return text
 
 
-def curve(run_dir: Path, keys=("step", "loss", "lr", "grad_norm", "tokens", "eval_loss",
-                               "eval_tokens")) -> list[dict]:
-    from lowtune.trainer import read_metrics
-    return [{k: r[k] for k in keys if k in r} for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
 def single_process_tiny(run_dir: Path, dropout: float = 0.0, **cfg):
     """The reference: one process, --batch 4 (= 2 ranks x 2)."""
     import torch
 
-    from lowtune.trainer import TrainConfig, Trainer
-    from test_trainer import save_tiny_adapter
+    from lowtune.train_config import TrainConfig
+    from lowtune.trainer import Trainer
+    from helpers import save_tiny_adapter
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -153,8 +152,10 @@ def test_two_ranks_reproduce_one_process_and_only_rank_0_writes(tmp_path):
     import torch
 
     from lowtune import checkpoint as ckpt
-    from lowtune.trainer import TrainConfig, Trainer, TrainingError, apply_overrides
-    from test_trainer import save_tiny_adapter
+    from lowtune.failures import TrainingError
+    from lowtune.train_config import TrainConfig
+    from lowtune.trainer import Trainer
+    from helpers import save_tiny_adapter
     run, ref = tmp_path / "run", tmp_path / "ref"
     p = tiny_torchrun(run)
     single_process_tiny(ref).run()
@@ -184,12 +185,12 @@ def test_two_ranks_reproduce_one_process_and_only_rank_0_writes(tmp_path):
 
     # Another number of ranks may continue the run when ranks x --batch stays the same...
     cfg = TrainConfig.load(run)
-    apply_overrides(cfg, {"steps": 8})
+    cfg.apply_overrides({"steps": 8})
     t = Trainer(cfg, model=tiny_model(0.0), dataset=tiny_data(), save_adapter=save_tiny_adapter,
                 log=lambda s: None)
     with pytest.raises(TrainingError, match=r"2 rank\(s\) x --batch 2 = 4 sequences .* --batch 4"):
         t.run(resume=True)
-    apply_overrides(cfg, {"batch": 4})
+    cfg.apply_overrides({"batch": 4})
     Trainer(cfg, model=tiny_model(0.0), dataset=tiny_data(), save_adapter=save_tiny_adapter,
             log=lambda s: None).run(resume=True)
     longer = tmp_path / "longer"
@@ -217,29 +218,13 @@ def kill_group(p: subprocess.Popen) -> tuple[bytes, bytes]:
     return p.communicate()
 
 
-def kill_after_step(p: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> None:
-    """Kill the whole group once rank 0 has logged `step`."""
-    from lowtune.trainer import read_metrics
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            pytest.fail(f"torchrun ended (rc {p.returncode}) before step {step}: "
-                        + p.stderr.read().decode(errors="replace")[-3000:])
-        if any(r.get("step", -1) >= step for r in read_metrics(metrics)):
-            kill_group(p)
-            return
-        time.sleep(0.01)
-    kill_group(p)
-    pytest.fail(f"the group did not reach step {step} in {timeout} s")
-
-
 def test_a_killed_group_resumes_like_an_uninterrupted_one(tmp_path):
     """With dropout: every rank's RNG state is in the checkpoint."""
     from lowtune.checkpoint import list_checkpoints
     run, ref = tmp_path / "run", tmp_path / "ref"
     reference = tiny_torchrun(ref, dropout=0.1)
     p = tiny_torchrun(run, dropout=0.1, sleep_s=0.05)
-    kill_after_step(p, run / "metrics.jsonl", 3)  # after the step-2 checkpoint
+    kill_after_step(p, run / "metrics.jsonl", 3, kill=kill_group)  # after the step-2 checkpoint
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     finish(tiny_torchrun(run, dropout=0.1, resume=True))
     finish(reference)
@@ -263,12 +248,11 @@ def test_a_failing_rank_stops_the_group_with_a_clear_message(tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_on_smollm2_reproduce_the_single_process_curve(
         tmp_path, smollm2_path, botchan_text):
     """`torchrun --nproc-per-node 2 -m lowtune finetune` (--batch 2 per rank) against one
     `lowtune finetune` with --batch 4: the same losses, gradient norms and held-out losses."""
-    from lowtune import finetune_cli
+    from lowtune import cli
     text = tmp_path / "botchan.txt"
     text.write_text(botchan_text[:12000])
     common = [str(smollm2_path), "--data", str(text), "--method", "lora", "--rank", "4",
@@ -278,7 +262,7 @@ def test_two_gloo_ranks_on_smollm2_reproduce_the_single_process_curve(
     run, ref = tmp_path / "run", tmp_path / "ref"
     p = torchrun(["-m", "lowtune", "finetune", *common, "--batch", "2", "-o", str(run)])
     log = finish(p, timeout=900)
-    assert finetune_cli.main([*common, "--batch", "4", "-o", str(ref)]) == 0
+    assert cli.main(["finetune", *common, "--batch", "4", "-o", str(ref)]) == 0
     # Measured: 1e-7 here (7e-7 with --seq-len 64). A gradient off by the world size shows in
     # grad_norm (x2); both ranks on the same shard, in the very first loss (4%).
     worst = assert_same_curve(curve(run), curve(ref), rel=2e-5)

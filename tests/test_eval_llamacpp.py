@@ -1,14 +1,13 @@
 """lowtune against llama.cpp (llama-cpp-python) on the real SmolLM2-135M-Instruct.
 
-* Original Q4_1 file: perplexities agree within 0.5 %. They cannot agree exactly: llama.cpp's CPU
+* Original Q4_1 file: perplexities agree within 1 %. They cannot agree exactly: llama.cpp's CPU
   Q4_1 matmul rounds the activations to 8 bits (Q8_1) first; lowtune keeps them in fp32.
 * F32 re-export (every tensor dequantized, written by lowtune.gguf_io): both sides compute the same
   float math, so perplexities agree within 0.05 % and greedy generations are identical.
 
 Both sides score the same tokens (llama.cpp's tokenization), so only the models are compared.
-Cost on 2 CPU cores: the F32 export (~5 s, 540 MB in a session temp dir) and 8 windows of 512 per
-file on each side
-(12 for Q4_1, 8 for F32).
+Cost on 2 CPU cores: the F32 export (~5 s, 540 MB in a session temp dir) and windows of 512 on
+each side (4 for Q4_1; 2 for F32, whose agreement does not depend on how much is scored).
 """
 from __future__ import annotations
 
@@ -21,14 +20,16 @@ import torch
 from lowtune.evaluate import perplexity
 from lowtune.generate import generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import LlamaModel
+from lowtune.loading import load_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+pytestmark = pytest.mark.llamacpp
 
 CTX = 512
 # Q4_1: llama.cpp's activation rounding moves its perplexity up by 0.76 % over the first 4 windows
-# of the bundled text, 0.47 % over 8, 0.39 % over 12, 0.33 % over 20; 12 leaves a margin under 0.5 %.
-CHUNKS_Q4_1, CHUNKS_F32 = 12, 8
+# of the bundled text, 0.47 % over 8, 0.39 % over 12, 0.33 % over 20. 4 windows, with a bound of
+# 1 %, keep the test within the suite's time (a RoPE, q/k or norm mistake moves perplexity by far more).
+CHUNKS_Q4_1, CHUNKS_F32 = 4, 2
+NEW_TOKENS = 16
 PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):",
            "The three primary colours are", "Water boils at a temperature of"]
 
@@ -84,21 +85,21 @@ def botchan_tokens(smollm2_path, botchan_text):
 
 def test_q4_1_perplexity_matches_llamacpp(smollm2_path, botchan_tokens):
     theirs = llamacpp_perplexity(llamacpp(smollm2_path), botchan_tokens, CHUNKS_Q4_1)
-    ours = perplexity(LlamaModel.from_gguf(smollm2_path), botchan_tokens, CTX, CHUNKS_Q4_1,
+    ours = perplexity(load_model(smollm2_path), botchan_tokens, CTX, CHUNKS_Q4_1,
                       batch=4)["perplexity"]
-    assert ours == pytest.approx(theirs, rel=5e-3)
+    assert ours == pytest.approx(theirs, rel=1e-2)
 
 
 def test_f32_export_perplexity_matches_llamacpp(smollm2_f32, botchan_tokens):
     theirs = llamacpp_perplexity(llamacpp(smollm2_f32), botchan_tokens, CHUNKS_F32)
-    ours = perplexity(LlamaModel.from_gguf(smollm2_f32), botchan_tokens, CTX, CHUNKS_F32,
+    ours = perplexity(load_model(smollm2_f32), botchan_tokens, CTX, CHUNKS_F32,
                       batch=4)["perplexity"]
     assert ours == pytest.approx(theirs, rel=5e-4)
 
 
 def test_f32_export_greedy_generation_matches_llamacpp(smollm2_f32):
     llm = llamacpp(smollm2_f32)
-    model = LlamaModel.from_gguf(smollm2_f32)
+    model = load_model(smollm2_f32)
     for prompt in PROMPTS:
         ids = llm.tokenize(prompt.encode(), add_bos=False)
-        assert generate(model, ids, max_new_tokens=32) == llamacpp_greedy(llm, ids, 32), prompt
+        assert generate(model, ids, max_new_tokens=NEW_TOKENS) == llamacpp_greedy(llm, ids, NEW_TOKENS), prompt

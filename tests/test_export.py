@@ -1,6 +1,6 @@
 """Exports on a tiny random Llama written to GGUF here (fast, no real model):
 merged GGUF in each tensor's own type, GGUF LoRA, PEFT adapter, merged HF safetensors, the
-`lowtune export` CLI and base + adapter unmerged (load_model_with_adapter).
+`lowtune export` CLI, and base + adapter unmerged (loading.load_model(adapter=...)).
 
 The helpers make_tiny_gguf / make_adapter are shared with test_export_llamacpp.py.
 """
@@ -15,83 +15,27 @@ import pytest
 import torch
 from gguf.constants import GGUFValueType
 
-import lowtune
 from lowtune import adapters as A
-from lowtune.export import (SavedAdapter, export_hf, export_lora_gguf, export_merged_gguf, export_peft,
-                            find_adapter_dir, group_offsets, load_model_with_adapter)
-from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune import cli
+from lowtune.export import SavedAdapter, export_hf, export_lora_gguf, export_merged_gguf, export_peft
+from lowtune.gguf_io import GGUFFile
+from lowtune.loading import BaseMismatchError, find_adapter_dir, load_model, open_base
 from lowtune.model import LlamaConfig, LlamaModel
 
+from helpers import SPECIAL, TINY_VOCAB, max_rel_err as rel_err, write_tiny_llama_gguf
+
 # ---- a tiny Llama and adapters on it ---------------------------------------------------------------
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's byte -> printable character map, in byte order (byte-level BPE base vocabulary)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t"]
-SPECIAL = "<|endoftext|>"
-
-
-def tiny_tokenizer_metadata() -> tuple[dict, dict]:
-    tokens = _byte_chars() + ["Ġt", "he", "Ġthe", "Ġc", "at", SPECIAL]
-    types = [1] * (len(tokens) - 1) + [3]
-    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
-          "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": MERGES,
-          "tokenizer.ggml.bos_token_id": len(tokens) - 1, "tokenizer.ggml.eos_token_id": len(tokens) - 1,
-          "tokenizer.ggml.add_bos_token": False,
-          "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
-    return md, {"tokenizer.ggml.add_bos_token": GGUFValueType.BOOL}
 
 
 def make_tiny_gguf(path, qtype="Q4_1", dim=256, ffn=512, layers=2, heads=4, kv_heads=2, seed=0,
                    tied=True) -> Path:
     """A random Llama GGUF: every matrix in `qtype` (token_embd Q8_0), norms F32, a byte-level
     BPE tokenizer, and a UINT8-typed key to check that KV types survive an export."""
-    g = torch.Generator().manual_seed(seed)
-    tmd, ttypes = tiny_tokenizer_metadata()
-    vocab = len(tmd["tokenizer.ggml.tokens"])
-    hd = dim // heads
-    md = {"general.architecture": "llama", "general.name": "tiny", "llama.context_length": 256,
-          "llama.embedding_length": dim, "llama.block_count": layers, "llama.feed_forward_length": ffn,
-          "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
-          "llama.rope.dimension_count": hd, "llama.rope.freq_base": 10000.0,
-          "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": vocab,
-          "lowtune.test.u8": 7, **tmd}
-    types = {"lowtune.test.u8": GGUFValueType.UINT8, **ttypes}
-
-    def mat(n, k, scale=0.08):
-        return torch.randn(n, k, generator=g) * scale
-
-    def norm(n):
-        return 1.0 + 0.1 * torch.randn(n, generator=g)
-
-    tensors = [("token_embd.weight", lowtune.quantize(mat(vocab, dim, 1.0), "Q8_0"))]
-    for i in range(layers):
-        p = f"blk.{i}."
-        tensors += [(p + "attn_norm.weight", norm(dim)),
-                    (p + "attn_q.weight", lowtune.quantize(mat(heads * hd, dim), qtype)),
-                    (p + "attn_k.weight", lowtune.quantize(mat(kv_heads * hd, dim), qtype)),
-                    (p + "attn_v.weight", lowtune.quantize(mat(kv_heads * hd, dim), qtype)),
-                    (p + "attn_output.weight", lowtune.quantize(mat(dim, heads * hd), qtype)),
-                    (p + "ffn_norm.weight", norm(dim)),
-                    (p + "ffn_gate.weight", lowtune.quantize(mat(ffn, dim), qtype)),
-                    (p + "ffn_up.weight", lowtune.quantize(mat(ffn, dim), qtype)),
-                    (p + "ffn_down.weight", lowtune.quantize(mat(dim, ffn), qtype))]
-    tensors.append(("output_norm.weight", norm(dim)))
-    if not tied:
-        tensors.append(("output.weight", lowtune.quantize(mat(vocab, dim, 0.3), "Q6_K" if dim % 256 == 0 else "Q8_0")))
-    write_gguf(path, md, tensors, types)
-    return Path(path)
+    return write_tiny_llama_gguf(path, qtype, dim=dim, ffn=ffn, layers=layers, heads=heads, kv_heads=kv_heads,
+                                 seed=seed, tied=tied, embed_type="Q8_0", output_scale=0.3,
+                                 output_type="Q6_K" if dim % 256 == 0 else "Q8_0",
+                                 metadata={"lowtune.test.u8": 7},
+                                 metadata_types={"lowtune.test.u8": GGUFValueType.UINT8})
 
 
 def randomize_adapters(ads: dict, rel: float = 0.05, seed: int = 0) -> None:
@@ -110,12 +54,11 @@ def randomize_adapters(ads: dict, rel: float = 0.05, seed: int = 0) -> None:
 def make_adapter(model_path, out_dir, method: str, rel: float = 0.05, seed: int = 0, model=None, **cfg):
     """Train-free adapter: apply `method` to the model at model_path, randomize it, save it to
     out_dir (with the base hash). Returns the model with the adapter applied (base + adapter)."""
-    model = model if model is not None else LlamaModel.from_gguf(model_path)
+    model = model if model is not None else load_model(model_path)
     cfg.setdefault("rank", 8)
     ads = A.apply_adapters(model, A.AdapterConfig(method=method, alpha=cfg.pop("alpha", 16.0), seed=seed, **cfg))
     randomize_adapters(ads, rel, seed)
-    bh = A.base_hash(model_path) if model_path is not None and Path(model_path).is_file() else None
-    A.save_adapter(model, out_dir, base_hash=bh)
+    A.save_adapter(model, out_dir)   # tied to the model's file by its hash
     return model.eval()
 
 
@@ -126,10 +69,6 @@ def logits(model, ids) -> torch.Tensor:
 
 def ids_for(vocab: int, seed: int = 0, t: int = 24) -> torch.Tensor:
     return torch.randint(0, vocab, (2, t), generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +112,10 @@ def test_exact_merge_moves_only_mins(method, base, tiny, tmp_path):
             ro = o.qtensor(name).raw.numpy().reshape(rb.shape)
             assert np.array_equal(np.delete(rb, [2, 3], 1), np.delete(ro, [2, 3], 1))  # d and codes kept
             assert not np.array_equal(rb[:, 2:4], ro[:, 2:4])
-    ids = ids_for(262)
-    base_logits = logits(LlamaModel.from_gguf(tiny[base]), ids)
+    ids = ids_for(TINY_VOCAB)
+    base_logits = logits(load_model(tiny[base]), ids)
     want = logits(model, ids)
-    got = logits(LlamaModel.from_gguf(out), ids)
+    got = logits(load_model(out), ids)
     assert rel_err(base_logits, want) > 0.05          # the adapter matters
     assert rel_err(got, want) < 2e-3                  # and the merged file is base + adapter
     assert not list(tmp_path.glob("*.tmp*"))
@@ -198,10 +137,10 @@ def test_requantized_merge_lands_near_base_plus_adapter(method, base, path, tiny
     with GGUFFile(out) as o:
         assert {ti.type_name for n, ti in o.tensor_infos.items() if n.startswith("blk.") and ti.ne[1:]} == {base}
     check_carried_over(tiny[base], out, set(SavedAdapter(tmp_path / "ad").tensor_names))
-    ids = ids_for(262)
+    ids = ids_for(TINY_VOCAB)
     want = logits(model, ids)
-    before = rel_err(logits(LlamaModel.from_gguf(tiny[base]), ids), want)
-    after = rel_err(logits(LlamaModel.from_gguf(out), ids), want)
+    before = rel_err(logits(load_model(tiny[base]), ids), want)
+    after = rel_err(logits(load_model(out), ids), want)
     assert after < 0.5 * before, (before, after)
 
 
@@ -212,8 +151,8 @@ def test_dylora_rank_and_retarget(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     rep = export_merged_gguf(tiny["Q4_1"], tmp_path / "ad", out, qtype="F32", rank=3)
     assert rep.rank == 3 and rep.paths() == {"float": 14, "requantize": 1}
-    ids = ids_for(262)
-    assert rel_err(logits(LlamaModel.from_gguf(out), ids), logits(model, ids)) < 1e-4
+    ids = ids_for(TINY_VOCAB)
+    assert rel_err(logits(load_model(out), ids), logits(model, ids)) < 1e-4
     with GGUFFile(out) as o:
         types = {ti.type_name for ti in o.tensor_infos.values()}
     assert types == {"F32"}
@@ -240,10 +179,10 @@ def test_convert_only_and_errors(tiny, tmp_path):
         assert o.tensor_infos["blk.0.attn_norm.weight"].type_name == "F32"
     # an adapter trained on another base: refused, nothing written
     make_adapter(tiny["Q4_1"], tmp_path / "ad", "qa-hira")
-    with pytest.raises(ValueError, match="trained on base"):
+    with pytest.raises(BaseMismatchError, match="trained on base .* not on .*tiny-Q5_1.gguf.*--force"):
         export_merged_gguf(tiny["Q5_1"], tmp_path / "ad", tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="trained on a Q4_1"):
-        export_merged_gguf(tiny["Q5_1"], tmp_path / "ad", tmp_path / "x.gguf", ignore_base_hash=True)
+    with pytest.raises(ValueError, match="trained on a Q4_1"):   # forced: the types still must match
+        export_merged_gguf(tiny["Q5_1"], tmp_path / "ad", tmp_path / "x.gguf", force=True)
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.tmp*"))
     with pytest.raises(ValueError, match="picks a QDyLoRA rank"):
         export_merged_gguf(tiny["Q4_1"], tmp_path / "ad", tmp_path / "x.gguf", rank=2)
@@ -256,32 +195,33 @@ def test_adapter_dir_lookup(tiny, tmp_path):
     assert find_adapter_dir(tmp_path / "run") == tmp_path / "run" / "adapter"
     assert find_adapter_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no adapter_config.json"):
+    (tmp_path / "empty" / "adapter.safetensors").mkdir()   # a directory of that name is no adapter
+    with pytest.raises(FileNotFoundError, match="no adapter in .*adapter_config.json and adapter.safetensors"):
         find_adapter_dir(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("method", ["qa-lora", "qa-hira"])
-def test_group_offsets_match_block_offsets(method, tiny, tmp_path):
+def test_block_offsets_are_the_dense_update_per_group(method, tiny, tmp_path):
     model = make_adapter(tiny["Q4_K"], tmp_path / "ad", method)
     for ad in A.adapters_of(model).values():
-        torch.testing.assert_close(group_offsets(ad), ad.block_offsets(), rtol=1e-5, atol=1e-9)
+        dense = ad.delta_weight()
+        torch.testing.assert_close(ad.block_offsets(), dense[:, ::ad.pool], rtol=1e-5, atol=1e-9)
+        assert torch.equal(dense, dense[:, ::ad.pool].repeat_interleave(ad.pool, dim=1))  # constant per group
 
 
 # ---- INTb-gG bases from a Hugging Face directory ----------------------------------------------------
 
 def test_int_base_from_hf_dir_exports_exactly_to_q4_1(tiny, tmp_path):
     """HF dir -> quantized to INT4-g64 as training would -> QA-HiRA -> merged GGUF: Q4_1, exact."""
-    from lowtune.safetensors_io import load_hf_checkpoint
     export_hf(tiny["Q4_1"], None, tmp_path / "hf", dtype="fp32")
-    ckpt = load_hf_checkpoint(tmp_path / "hf", qtype="INT4-g64")
-    model = LlamaModel(LlamaConfig.from_gguf_metadata(ckpt.metadata), {n: ckpt.tensor(n) for n in ckpt})
-    model = make_adapter(None, tmp_path / "ad", "qa-hira", model=model)
+    model = load_model(tmp_path / "hf", qtype="INT4-g64")
+    model = make_adapter(tmp_path / "hf", tmp_path / "ad", "qa-hira", model=model)
     rep = export_merged_gguf(tmp_path / "hf", tmp_path / "ad", tmp_path / "m.gguf", base_type="INT4-g64")
     assert rep.paths() == {"min": 14, "repack": 1}   # token_embd (INT4-g64 too) is repacked
     assert {i.out_type for n, i in rep.tensors.items() if n.startswith("blk.")} == {"Q4_1"}
     assert all(i.exact for i in rep.tensors.values() if i.base_type == "INT4-g64")
-    ids = ids_for(262)
-    assert rel_err(logits(LlamaModel.from_gguf(tmp_path / "m.gguf"), ids), logits(model, ids)) < 2e-3
+    ids = ids_for(TINY_VOCAB)
+    assert rel_err(logits(load_model(tmp_path / "m.gguf"), ids), logits(model, ids)) < 2e-3
     with pytest.raises(ValueError, match="trained on a INT4-g64"):   # default: finetune's own types
         export_merged_gguf(tmp_path / "hf", tmp_path / "ad", tmp_path / "m2.gguf")
 
@@ -321,7 +261,7 @@ def test_lora_gguf_is_llama_cpp_shaped_and_exact(method, tiny, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "qa-hira"])
 def test_peft_adapter(method, tiny, tmp_path):
     from safetensors.torch import load_file
-    from lowtune.safetensors_io import permute_qk_hf_to_gguf
+    from lowtune.hf_names import permute_qk_hf_to_gguf
     model = make_adapter(tiny["Q4_1"], tmp_path / "ad", method)
     export_peft(tiny["Q4_1"], tmp_path / "ad", tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -351,7 +291,8 @@ def test_hf_export_round_trips(tiny, tmp_path):
     """Merged HF safetensors read back by safetensors_io (which permutes q/k into GGUF order
     again) equal bf16(deq(W) + ΔW); the model built from them matches the merged model."""
     from tokenizers import Tokenizer
-    from lowtune.safetensors_io import load_hf_checkpoint
+    from lowtune.loading import build_model
+    from lowtune.safetensors_io import HFCheckpoint
     from lowtune.tokenizer import load_tokenizer, tokenizer_metadata_from_dir
     model = make_adapter(tiny["Q4_1"], tmp_path / "ad", "lora")
     rep = export_hf(tiny["Q4_1"], tmp_path / "ad", tmp_path / "hf", dtype="bf16")
@@ -361,17 +302,17 @@ def test_hf_export_round_trips(tiny, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-            cfg["intermediate_size"], cfg["vocab_size"]) == (256, 2, 4, 2, 512, 262)
+            cfg["intermediate_size"], cfg["vocab_size"]) == (256, 2, 4, 2, 512, TINY_VOCAB)
     assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "bfloat16"
     assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 10000.0
     (tmp_path / "plain").write_text("")   # outputs get the permissions of any new file
     assert {(d / f).stat().st_mode & 0o777 for f in ("model.safetensors", "config.json")} == \
         {(tmp_path / "plain").stat().st_mode & 0o777}
-    ckpt = load_hf_checkpoint(d)
-    assert set(ckpt.tensors) == {n for n in GGUFFile(tiny["Q4_1"]).tensor_infos}
+    ckpt = HFCheckpoint(d)
+    assert set(ckpt.tensor_infos) == {n for n in GGUFFile(tiny["Q4_1"]).tensor_infos}
     ads = {f"blk.{m.split('.')[1]}.{m.split('.')[2]}.weight": ad for m, ad in A.adapters_of(model).items()}
     with GGUFFile(tiny["Q4_1"]) as b:
-        for name in ckpt.tensors:
+        for name in ckpt.tensor_infos:
             got = ckpt.tensor(name)
             assert got.dtype == torch.bfloat16
             if b.tensor_infos[name].ne[1:]:
@@ -379,9 +320,8 @@ def test_hf_export_round_trips(tiny, tmp_path):
             else:
                 want = b.tensor(name)
             assert torch.equal(got, want.to(torch.bfloat16)), name
-    hf_model = LlamaModel(LlamaConfig.from_gguf_metadata(ckpt.metadata),
-                          {n: ckpt.qtensor(n) if t.dim() == 2 else t.float() for n, t in ckpt.tensors.items()})
-    ids = ids_for(262)
+    hf_model = build_model(ckpt)   # the bf16 weights as they are, unquantized
+    ids = ids_for(TINY_VOCAB)
     assert rel_err(logits(hf_model, ids), logits(model, ids)) < 0.02  # bf16 weights
     # tokenizer: the tokenizers library reads it and encodes as lowtune does; metadata round-trips
     text = "the cat sat on the mat" + SPECIAL + " then the cat"
@@ -408,27 +348,25 @@ def test_hf_export_untied_head_and_fp16(tmp_path):
 
 # ---- unmerged: eval/generate --adapter ----------------------------------------------------------------
 
-def test_load_model_with_adapter(tiny, tmp_path):
+def test_load_model_with_an_adapter(tiny, tmp_path):
     model = make_adapter(tiny["Q4_1"], tmp_path / "run" / "adapter", "qdylora")
-    ids = ids_for(262)
+    ids = ids_for(TINY_VOCAB)
     A.set_rank(model, 2)
-    got = load_model_with_adapter(tiny["Q4_1"], tmp_path / "run", rank=2)
+    got = load_model(tiny["Q4_1"], adapter=tmp_path / "run", rank=2)
     torch.testing.assert_close(logits(got, ids), logits(model, ids))
-    plain = load_model_with_adapter(tiny["Q4_1"])
+    plain = load_model(tiny["Q4_1"])
     assert not A.adapters_of(plain)
     with pytest.raises(ValueError, match="--rank needs --adapter"):
-        load_model_with_adapter(tiny["Q4_1"], rank=2)
+        load_model(tiny["Q4_1"], rank=2)
     make_adapter(tiny["Q4_1"], tmp_path / "lora", "lora")
     with pytest.raises(ValueError, match="picks a QDyLoRA rank"):
-        load_model_with_adapter(tiny["Q4_1"], tmp_path / "lora", rank=2)
-    with pytest.raises(ValueError, match="trained on base"):
-        load_model_with_adapter(tiny["Q5_1"], tmp_path / "lora")
+        load_model(tiny["Q4_1"], adapter=tmp_path / "lora", rank=2)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 def test_cli(tiny, tmp_path, capsys):
-    from lowtune.export_cli import main
+    main = cli.main
     make_adapter(tiny["Q4_1"], tmp_path / "ad", "qa-hira")
     argv = ["export", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "m.gguf"),
             "--lora-gguf", str(tmp_path / "l.gguf"), "--peft", str(tmp_path / "peft"),
@@ -450,18 +388,17 @@ def test_cli(tiny, tmp_path, capsys):
 def test_eval_and_generate_cli_apply_the_adapter(tiny, tmp_path, capsys):
     """`lowtune eval/generate --adapter` run base + adapter: the perplexity moves away from the
     base's and equals the exactly merged file's; a wrong --rank is a one-line error."""
-    from lowtune.cli import main as cli
-    from lowtune.export_cli import main as export
+    run_cli = cli.main
     make_adapter(tiny["Q4_1"], tmp_path / "run" / "adapter", "qa-hira", rel=0.2)
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    assert export(["export", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"),
-                   "-o", str(tmp_path / "m.gguf")]) == 0
+    assert run_cli(["export", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"),
+                    "-o", str(tmp_path / "m.gguf")]) == 0
     capsys.readouterr()
 
     def ppl(*argv):
-        assert cli(["eval", *argv, "--text", str(text), "--ctx", "64", "--json", "--quiet",
-                    "--device", "cpu"]) == 0
+        assert run_cli(["eval", *argv, "--text", str(text), "--ctx", "64", "--json", "--quiet",
+                        "--device", "cpu"]) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
 
     base = ppl(str(tiny["Q4_1"]))
@@ -472,9 +409,9 @@ def test_eval_and_generate_cli_apply_the_adapter(tiny, tmp_path, capsys):
     moved = abs(math.log(adapted) - math.log(base))
     assert moved > 1e-3
     assert abs(math.log(merged) - math.log(adapted)) < 0.05 * moved
-    assert cli(["generate", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"), "--prompt", "the",
+    assert run_cli(["generate", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"), "--prompt", "the",
                 "-n", "4", "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert cli(["eval", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"), "--rank", "2",
+    assert run_cli(["eval", str(tiny["Q4_1"]), "--adapter", str(tmp_path / "run"), "--rank", "2",
                 "--text", str(text), "--device", "cpu"]) == 1
     assert "picks a QDyLoRA rank" in capsys.readouterr().err

@@ -33,12 +33,10 @@ import lowtune
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import SavedAdapter, export_lora_gguf, export_merged_gguf
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import LlamaModel
+from lowtune.loading import load_model
 from lowtune.tokenizer import load_tokenizer
 
 from test_export import make_adapter
-
-pytestmark = pytest.mark.slow
 
 CTX, CHUNKS = 256, 1
 REL = 0.05  # RMS(ΔW) / RMS(W)
@@ -78,7 +76,7 @@ def unmerged_ppl(smol, method: str) -> float:
 
 
 def base_ppl(smol) -> float:
-    return memo(smol, "base", lambda: lowtune_ppl(smol, LlamaModel.from_gguf(smol.path)))
+    return memo(smol, "base", lambda: lowtune_ppl(smol, load_model(smol.path)))
 
 
 def merged(smol, method: str | None, qtype=None):
@@ -100,7 +98,7 @@ def lora_gguf(smol, method: str):
 
 def merged_ppl(smol, method: str, qtype=None) -> float:
     path, _ = merged(smol, method, qtype)
-    return memo(smol, ("merged-ppl", method, qtype), lambda: lowtune_ppl(smol, LlamaModel.from_gguf(path)))
+    return memo(smol, ("merged-ppl", method, qtype), lambda: lowtune_ppl(smol, load_model(path)))
 
 
 def llamacpp(path, lora=None):
@@ -220,7 +218,9 @@ def test_hf_tokenizer_and_config(smol, botchan_text, tmp_path):
     config describes SmolLM2."""
     from tokenizers import Tokenizer
 
-    from lowtune.export import hf_config, write_hf_tokenizer
+    from lowtune.export import write_hf_tokenizer
+    from lowtune.hf_names import hf_config
+    from lowtune.loading import ModelConfig
     from lowtune.tokenizer import tokenizer_metadata_from_dir
     with GGUFFile(smol.path) as f:
         md = f.metadata
@@ -234,7 +234,7 @@ def test_hf_tokenizer_and_config(smol, botchan_text, tmp_path):
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
                 "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert back[key] == md[key], key
-    cfg = hf_config(md, tied=True, torch_dtype="bfloat16")
+    cfg = hf_config(ModelConfig.from_gguf_metadata(md), md, tied=True, torch_dtype="bfloat16")
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"], cfg["rope_theta"]) == \
         (30, 576, 1536, 9, 3, 64, 49152, 100000.0)

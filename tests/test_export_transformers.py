@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # installed by tools/setup_env.sh, as peft
 
 from lowtune.export import export_hf, export_peft
 
 from test_export import ids_for, make_adapter, rel_err
 
-transformers = pytest.importorskip("transformers", reason="transformers is installed by tools/setup_env.sh")
-
-pytestmark = pytest.mark.slow
-
+pytestmark = pytest.mark.transformers
 
 def hf_logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
@@ -63,7 +61,7 @@ def test_transformers_loads_merged_safetensors(smollm2_path, adapted, tmp_path):
 
 
 def test_peft_applies_the_exported_adapter(smollm2_path, adapted, tmp_path):
-    peft = pytest.importorskip("peft", reason="peft is installed by tools/setup_env.sh")
+    import peft
     run, want, ids = adapted
     export_hf(smollm2_path, None, tmp_path / "base", dtype="fp32")
     export_peft(smollm2_path, run, tmp_path / "peft")

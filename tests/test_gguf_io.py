@@ -20,7 +20,6 @@ def smol(smollm2_path):
         yield f
 
 
-@pytest.mark.slow
 def test_smollm2_metadata(smol):
     assert smol.version == 3 and smol.alignment == 32 and smol.architecture == "llama"
     m = smol.metadata
@@ -32,7 +31,6 @@ def test_smollm2_metadata(smol):
     assert smol.metadata_types["tokenizer.ggml.token_type"] == (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
 
 
-@pytest.mark.slow
 def test_smollm2_tensors(smol):
     assert len(smol.tensor_infos) == 272
     assert Counter(i.type_name for i in smol.tensor_infos.values()) == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
@@ -45,7 +43,6 @@ def test_smollm2_tensors(smol):
     assert smol.qtensor("output_norm.weight").type == "F32"
 
 
-@pytest.mark.slow
 def test_agrees_with_gguf_py_reader(smol, smollm2_path):
     r = gguf.GGUFReader(smollm2_path)
     for t in r.tensors:
@@ -57,7 +54,6 @@ def test_agrees_with_gguf_py_reader(smol, smollm2_path):
             assert smol.metadata[key] == field.contents(), key
 
 
-@pytest.mark.slow
 def test_tensor_is_zero_copy_and_dequantizes_like_gguf_py(smol):
     name = "blk.3.ffn_down.weight"
     qt = smol.tensor(name)
@@ -68,7 +64,6 @@ def test_tensor_is_zero_copy_and_dequantizes_like_gguf_py(smol):
     assert np.array_equal(qt.dequantize(torch.float32).numpy(), ref.reshape(info.shape))
 
 
-@pytest.mark.slow
 def test_round_trip_is_byte_identical(smol, smollm2_path, tmp_path):
     out = tmp_path / "copy.gguf"
     # a generator: tensors are consumed one at a time

@@ -225,7 +225,6 @@ def smollm2_weights(smollm2_path):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.slow
 @pytest.mark.parametrize("qtype", KTYPES)
 def test_quantize_matches_llamacpp_on_smollm2(qtype, smollm2_weights):
     fmt = get_format(qtype)

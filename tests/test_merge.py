@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import lowtune
+from lowtune.recipes import storage_format, to_storage
 from lowtune.formats import get_format
 from lowtune.formats.kquants import _unpack_scale_min_k4
-from lowtune.merge import (fit_min_codes, gguf_type_for, int_to_gguf, merge_group_constant, merge_weight,
+from lowtune.merge import (fit_min_codes, merge_group_constant, merge_weight,
                            min_group, refit_kquant_mins, requantize)
 from lowtune.qtensor import QTensor
 
@@ -130,7 +131,7 @@ def test_kquant_refit_refuses_other_types(rng):
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int_repacks_exactly(bits, group, rng):
     qt = lowtune.quantize(weights(rng, 5, 256), f"INT{bits}-g{group}")
-    out = int_to_gguf(qt)
+    out = to_storage(qt)
     assert out.type == ("Q4_1" if bits <= 4 else "Q5_1") and out.shape == qt.shape
     assert torch.equal(out.dequantize(), qt.dequantize())
     ref = gguf.quants.dequantize(out.raw.numpy(), gguf.GGMLQuantizationType[out.type])  # an independent reader
@@ -139,12 +140,23 @@ def test_int_repacks_exactly(bits, group, rng):
         assert torch.equal(out.raw, qt.raw)
 
 
-def test_int6_int8_have_no_exact_gguf_type(rng):
-    with pytest.raises(ValueError, match="only INTb-gG with b <= 5"):
-        int_to_gguf(lowtune.quantize(weights(rng, 2, 64), "INT8-g32"))
-    assert gguf_type_for(get_format("INT6-g64")).name == "Q8_0"
-    assert gguf_type_for(get_format("INT3-g128")).name == "Q4_1"
-    assert gguf_type_for(get_format("Q4_K")).name == "Q4_K"
+@pytest.mark.parametrize("name", ["INT6-g64", "INT8-g32"])
+def test_int6_int8_are_merged_exactly_and_stored_as_f32(name, rng):
+    """No llama.cpp block type holds 6- or 8-bit codes with a float min, so INT6/INT8 are stored
+    as their F32 values (recipes.storage_format), in `lowtune quantize` files and merged exports
+    alike: exact, and llama.cpp loads F32. Their group-constant merge moves the mins in INTb-gG
+    itself, so the stored values are the exactly merged ones."""
+    fmt = get_format(name)
+    assert storage_format(fmt).name == "F32"
+    assert storage_format(get_format("INT3-g128")).name == "Q4_1" and storage_format(get_format("Q4_K")).name == "Q4_K"
+    qt = lowtune.quantize(weights(rng, 4, 128), fmt)
+    delta_g = torch.from_numpy(rng.standard_normal((4, 128 // fmt.group))).float() * 0.01
+    out, info = merge_weight(qt, delta_groups=delta_g, group=fmt.group)
+    assert out.type == "F32" and info.path == "min" and info.exact and info.out_type == "F32"
+    want = merge_group_constant(qt, delta_g).dequantize()
+    assert torch.equal(out.dequantize(), want)
+    conv, info = merge_weight(qt)                    # converted without an adapter: the same values
+    assert conv.type == "F32" and info.path == "repack" and torch.equal(conv.dequantize(), qt.dequantize())
 
 
 # ---- re-quantization ------------------------------------------------------------------------------
@@ -176,7 +188,7 @@ CASES = [  # base, update ("groups" width or "dense" or None), target, path, exa
     ("INT4-g64", 64, None, "min", True, "Q4_1", ""),
     ("INT2-g128", 128, None, "min", True, "Q4_1", ""),
     ("INT5-g32", "dense", None, "requantize", False, "Q5_1", ""),
-    ("INT8-g32", 32, None, "requantize", False, "Q8_0", "no exact GGUF type"),
+    ("INT8-g32", 32, None, "min", True, "F32", ""),                # stored as its exact F32 values
     ("INT3-g64", None, None, "repack", True, "Q4_1", ""),
     ("Q4_1", None, None, "copy", True, "Q4_1", ""),
     ("Q4_1", None, "F16", "requantize", False, "F16", "re-targeted"),
@@ -210,7 +222,7 @@ def test_merge_weight_paths(base, update, target, path, exact, out_type, note, r
         assert info.delta_rms == pytest.approx(float(dense_delta.pow(2).mean().sqrt()), rel=1e-4)
     if exact:  # only the fp16 rounding of mins
         assert float(err.max()) <= 1e-3 * float(exact_w.abs().max())
-        if path in ("copy", "repack") or out_type == "F32":
+        if path in ("copy", "repack") or (out_type == "F32" and path != "min"):
             assert float(err.max()) == 0.0
 
 

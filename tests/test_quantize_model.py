@@ -1,7 +1,7 @@
-"""quantize_model.py: per-tensor types of the llama.cpp recipes (byte for byte against llama.cpp's
-own quantizer), INTb-gG stored exactly as Q4_1/Q5_1/F32 and re-packed on load, metadata carried,
-sources (GGUF, requantized GGUF, HF safetensors), bits per weight. The models are tiny random
-Llamas written on the fly; one slow test runs the real SmolLM2."""
+"""quantize_model.py and recipes.py: per-tensor types of the llama.cpp recipes (byte for byte
+against llama.cpp's own quantizer), INTb-gG stored exactly as Q4_1/Q5_1/F32 and re-packed on
+load, metadata carried, sources (GGUF, requantized GGUF, HF safetensors), bits per weight. The
+models are tiny random Llamas written on the fly; one test runs the real SmolLM2."""
 from __future__ import annotations
 
 import math
@@ -10,67 +10,31 @@ import numpy as np
 import pytest
 import torch
 
-from lowtune import ops
+from lowtune import cli, ops
 from lowtune.formats import get_format
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.quantize_model import (LOGICAL_TYPES_KEY, RECIPES, TypePlan, llama_cpp_order, load_model,
-                                    model_bits, quantize_model, storage_format, to_storage, use_more_bits)
+from lowtune.loading import load_model
+from lowtune.quantize_model import holds_logical, model_bits, quantize_model
+from lowtune.recipes import (LOGICAL_TYPES_KEY, RECIPES, TypePlan, llama_cpp_order, storage_format, to_storage,
+                             use_more_bits)
+from lowtune.safetensors_io import HFCheckpoint
 
-from test_safetensors_io import hf_dir  # noqa: F401  (fixture: a tiny HF Llama checkpoint)
+from helpers import TINY_VOCAB, write_tiny_llama_gguf, write_tiny_llama_hf
 
 INT_TYPES = [f"INT{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
 
 
-# ---- a tiny Llama GGUF with a byte-level tokenizer ------------------------------------------------
-
-def _byte_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+def tiny_llama_gguf(path, layers: int = 8, tied: bool = True, **kw):
+    """An F32 Llama: rows of 64 fit no K-quant, rows of 256 (ffn) do: both kinds of recipe
+    choice occur."""
+    return write_tiny_llama_gguf(path, "F32", layers=layers, ffn=256, tied=tied, **kw)
 
 
-def tiny_llama_gguf(path, *, layers: int = 8, dim: int = 64, ffn: int = 256, heads: int = 4,
-                    kv_heads: int = 2, tied: bool = True, seed: int = 0, scale: float = 0.08,
-                    emb_scale: float = 1.0):
-    """An F32 Llama GGUF with random weights and a byte-level BPE tokenizer (260 tokens).
-    Rows of `dim` (64) fit no K-quant, rows of `ffn` (256) do: both kinds of recipe choice occur."""
-    tokens = _byte_tokens() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
-    vocab = len(tokens)
-    md = {"general.architecture": "llama", "general.name": "tiny", "general.file_type": 0,
-          "llama.block_count": layers, "llama.context_length": 256, "llama.embedding_length": dim,
-          "llama.feed_forward_length": ffn, "llama.attention.head_count": heads,
-          "llama.attention.head_count_kv": kv_heads, "llama.rope.dimension_count": dim // heads,
-          "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
-          "llama.vocab_size": vocab, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
-          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * (vocab - 1) + [3],
-          "tokenizer.ggml.merges": ["Ġ t", "h e", "Ġt he"], "tokenizer.ggml.bos_token_id": vocab - 1,
-          "tokenizer.ggml.eos_token_id": vocab - 1, "tokenizer.ggml.add_bos_token": False}
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape, s=scale):
-        return torch.randn(*shape, generator=g) * s
-
-    kv = kv_heads * dim // heads
-    tensors = [("token_embd.weight", w(vocab, dim, s=emb_scale))]
-    for i in range(layers):
-        p = f"blk.{i}."
-        tensors += [(p + "attn_norm.weight", 1 + 0.1 * w(dim, s=1.0)), (p + "attn_q.weight", w(dim, dim)),
-                    (p + "attn_k.weight", w(kv, dim)), (p + "attn_v.weight", w(kv, dim)),
-                    (p + "attn_output.weight", w(dim, dim)), (p + "ffn_norm.weight", 1 + 0.1 * w(dim, s=1.0)),
-                    (p + "ffn_gate.weight", w(ffn, dim)), (p + "ffn_up.weight", w(ffn, dim)),
-                    (p + "ffn_down.weight", w(dim, ffn))]
-    tensors.append(("output_norm.weight", 1 + 0.1 * w(dim, s=1.0)))
-    if not tied:
-        tensors.append(("output.weight", w(vocab, dim)))
-    write_gguf(path, md, tensors)
-    return path
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, botchan_text):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    cfg, weights = write_tiny_llama_hf(d, botchan_text[:40000], shards=2)
+    return d, cfg, weights
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +46,12 @@ def tiny_f32(tmp_path_factory):
 
 @pytest.mark.parametrize("name", INT_TYPES)
 def test_int_storage_is_exact_and_repacks(name, rng):
+    """INTb-gG is no ggml type, so a GGUF file stores it in the llama.cpp type that holds it
+    exactly (llama.cpp then loads the file): b <= 4 as Q4_1 (codes 0..2^b-1 fit Q4_1's 0..15,
+    each group's fp16 d and m repeated in its 32-blocks), b = 5 as Q5_1, and b = 6, 8 as F32
+    values: no llama.cpp block type holds 6- or 8-bit codes with a float min (Q8_0 has no min and
+    would round a second time), and exact beats small for the format lowtune trains on. The
+    merge of an export stores them the same way (test_merge)."""
     fmt = get_format(name)
     w = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32)) * 0.1
     qt = ops.quantize(w, fmt)
@@ -210,19 +180,18 @@ def test_int_file_types_metadata_bits_and_reload(tiny_f32, tmp_path):
     assert bits.embedding_bits / bits.embedding_params == pytest.approx(16.0)
     assert bits.with_adapter(1000)["linear_bpw"] == pytest.approx(3.5 + 16000 / bits.linear_params)
 
-    packed = load_model(res.path)
-    stored = load_model(res.path, restore=False)
+    packed = load_model(res.path, restore_int_types=True)
+    stored = load_model(res.path)
     assert packed.layers[0].attn_q.format.name == "INT3-g64"
     assert stored.layers[0].attn_q.format.name == "Q4_1"
     assert packed.layers[0].attn_q.raw.numel() < stored.layers[0].attn_q.raw.numel()
-    ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(packed(ids), stored(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_bits_count_only_tensors_that_still_hold_their_int_type(tiny_f32, tmp_path):
     """A file whose INT tensors were rewritten as plain Q4_1 (as a merge does) is counted as Q4_1."""
-    from lowtune.quantize_model import holds_logical
     int2 = quantize_model(tiny_f32, tmp_path / "int2.gguf", "INT2-g64").path
     with GGUFFile(int2) as f:
         md, types = dict(f.metadata), dict(f.metadata_types)
@@ -258,10 +227,9 @@ def test_requantizing_starts_from_the_f32_dequantization(tiny_f32, tmp_path):
         assert all(np.array_equal(c.raw(n).numpy(), e.raw(n).numpy()) for n in c.tensor_infos)
 
 
-def test_safetensors_source_matches_the_checkpoint_reader(hf_dir, tmp_path):  # noqa: F811
-    from lowtune.safetensors_io import load_hf_checkpoint
+def test_safetensors_source_matches_the_checkpoint_reader(hf_dir, tmp_path):
     d, cfg, _ = hf_dir
-    ck = load_hf_checkpoint(d, dtype=torch.float32)
+    ck = HFCheckpoint(d)
     out = quantize_model(d, tmp_path / "from-hf.gguf", "F32").path
     with GGUFFile(out) as f:
         assert set(f.tensor_infos) == set(ck.tensor_infos)
@@ -275,7 +243,7 @@ def test_safetensors_source_matches_the_checkpoint_reader(hf_dir, tmp_path):  # 
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         quantize_model(tmp_path / "nope.gguf", tmp_path / "o.gguf", "Q4_0")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
@@ -284,10 +252,9 @@ def test_bad_sources(tmp_path):
 
 
 def test_cli(tiny_f32, tmp_path, capsys):
-    from lowtune.quantize_model import main
-    assert main([str(tiny_f32), "--type", "Q2_K", "-o", str(tmp_path / "q2k.gguf"), "-q"]) == 0
+    assert cli.main(["quantize", str(tiny_f32), "--type", "Q2_K", "-o", str(tmp_path / "q2k.gguf"), "-q"]) == 0
     assert "bits/weight" in capsys.readouterr().out
-    assert main([str(tiny_f32), "--type", "Q7_X", "-o", str(tmp_path / "x.gguf")]) == 1
+    assert cli.main(["quantize", str(tiny_f32), "--type", "Q7_X", "-o", str(tmp_path / "x.gguf")]) == 1
     assert "unknown --type" in capsys.readouterr().err
 
 
@@ -303,16 +270,15 @@ def test_llama_cpp_runs_an_int_file_like_lowtune(tiny_f32, tmp_path):
     llm.eval(ids)
     got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
     with torch.no_grad():
-        want = load_model(path)(torch.tensor([ids]))[0]
+        want = load_model(path, restore_int_types=True)(torch.tensor([ids]))[0]
     assert (got - want).abs().max() < 0.03 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     wrong = quantize_model(tiny_f32, tmp_path / "int2.gguf", "INT2-g32").path  # a different model
     with torch.no_grad():
-        other = load_model(wrong)(torch.tensor([ids]))[0]
+        other = load_model(wrong, restore_int_types=True)(torch.tensor([ids]))[0]
     assert (got - other).abs().max() > 3 * (got - want).abs().max()
 
 
-@pytest.mark.slow
 def test_smollm2_students(smollm2_path, tmp_path):
     """SmolLM2's 576-wide rows: Q2_K falls back to Q4_0 almost everywhere, INT2-g32 is exact."""
     res = quantize_model(smollm2_path, tmp_path / "q2k.gguf", "Q2_K")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from helpers import curve, kill_after_step
 
 HERE = Path(__file__).resolve().parent
 STEPS = 30
@@ -18,9 +18,10 @@ STEPS = 30
 def worker(run_dir: str, resume: bool, sleep_s: float) -> None:
     sys.path.insert(0, str(HERE))
     import torch
-    from test_trainer import TinyLM, markov_dataset, save_tiny_adapter
+    from helpers import TinyLM, markov_dataset, save_tiny_adapter
 
-    from lowtune.trainer import TrainConfig, Trainer
+    from lowtune.train_config import TrainConfig
+    from lowtune.trainer import Trainer
 
     class SlowTinyLM(TinyLM):  # slow enough to be killed mid-run
         def loss(self, ids, labels=None, reduction="mean"):
@@ -48,29 +49,6 @@ def finish(p: subprocess.Popen, timeout: float = 120) -> None:
     assert p.returncode == 0, err.decode(errors="replace")[-3000:]
 
 
-def kill_after_step(p: subprocess.Popen, metrics: Path, step: int, timeout: float = 60) -> None:
-    """SIGKILL the worker once it has logged `step` (wherever it then is: training, evaluating
-    or writing a checkpoint)."""
-    from lowtune.trainer import read_metrics
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            pytest.fail(f"the worker ended (rc {p.returncode}) before step {step}")
-        if any(r.get("step", -1) >= step for r in read_metrics(metrics)):
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            return
-        time.sleep(0.005)
-    p.kill()
-    pytest.fail(f"the worker did not reach step {step} in {timeout} s")
-
-
-def curve(path: Path) -> list[dict]:
-    from lowtune.trainer import read_metrics
-    keep = ("step", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_ppl", "eval_tokens")
-    return [{k: r[k] for k in keep if k in r} for r in read_metrics(path)]
-
-
 def test_killed_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     from lowtune.checkpoint import list_checkpoints
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -80,16 +58,16 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     # logs steps 10.. again). Killing in the middle of a checkpoint write is covered by the
     # atomic-write tests in test_trainer.py.
     p = launch(run, sleep_s=0.01)
-    kill_after_step(p, run / "metrics.jsonl", 1)
+    kill_after_step(p, run / "metrics.jsonl", 1, timeout=60)
     assert not list_checkpoints(run / "checkpoints")
     p = launch(run, resume=True, sleep_s=0.01)
-    kill_after_step(p, run / "metrics.jsonl", 10)
+    kill_after_step(p, run / "metrics.jsonl", 10, timeout=60)
     assert list_checkpoints(run / "checkpoints")
     finish(launch(run, resume=True))
     finish(reference)
 
-    assert curve(run / "metrics.jsonl") == curve(ref / "metrics.jsonl")
-    rows = curve(ref / "metrics.jsonl")
+    assert curve(run) == curve(ref)
+    rows = curve(ref)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8, 12, 16, 20, 24, 28, 30]
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [27, 30]

@@ -1,5 +1,5 @@
-"""HF Llama checkpoints -> GGUF names, q/k permutation, quantization, metadata; end to end against
-llama.cpp. The checkpoint is a tiny random Llama written on the fly (no transformers needed)."""
+"""HF Llama checkpoints -> GGUF names, q/k permutation, quantization on load, metadata; end to end
+against llama.cpp. The checkpoint is a tiny random Llama written on the fly (no transformers needed)."""
 from __future__ import annotations
 
 import json
@@ -8,64 +8,43 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import lowtune
+from lowtune import hf_names
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.safetensors_io import (choose_type, load_hf_checkpoint, permute_qk_gguf_to_hf,
-                                    permute_qk_hf_to_gguf)
+from lowtune.hf_names import permute_qk_gguf_to_hf, permute_qk_hf_to_gguf
+from lowtune.loading import open_base
+from lowtune.recipes import choose_type, training_type
+from lowtune.safetensors_io import HFCheckpoint
 
-CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
-           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-           rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=False)
-
-
-def make_tokenizer(dir_, text: str) -> int:
-    """A small byte-level BPE tokenizer.json trained on `text`; returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text], trainer)
-    tok.save(str(dir_ / "tokenizer.json"))
-    (dir_ / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "add_bos_token": False}))
-    return tok.get_vocab_size()
+from helpers import write_tiny_llama_hf
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, botchan_text):
     """config.json + two safetensors shards (bf16 linears, fp32 norms) + tokenizer.json."""
     d = tmp_path_factory.mktemp("tiny_llama")
-    vocab = make_tokenizer(d, botchan_text[:40000])
-    cfg = dict(CFG, vocab_size=vocab)
-    (d / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    h, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
-
-    def w(*shape, scale=0.15):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
-
-    shards = [{"model.embed_tokens.weight": w(vocab, h, scale=1.0), "model.norm.weight": 1 + 0.1 * torch.randn(h, generator=g),
-               "lm_head.weight": w(vocab, h)}, {}]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shards[i % 2].update({
-            p + "input_layernorm.weight": 1 + 0.1 * torch.randn(h, generator=g),
-            p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(h, generator=g),
-            p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
-            p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
-            p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h),
-            p + "mlp.down_proj.weight": w(h, f),
-            p + "self_attn.rotary_emb.inv_freq": torch.ones(hd // 2),
-        })
-    save_file(shards[0], str(d / "model-00001-of-00002.safetensors"))
-    save_file(shards[1], str(d / "model-00002-of-00002.safetensors"))
-    weights = {k: v.float() for s in shards for k, v in s.items()}
+    cfg, weights = write_tiny_llama_hf(d, botchan_text[:40000], shards=2)
     return d, cfg, weights
+
+
+def test_names_and_config_keys_round_trip():
+    """One table each: every GGUF name and config key maps to HF and back to itself."""
+    for name in ("token_embd.weight", "output.weight", "output_norm.weight", "blk.7.attn_q.weight",
+                 "blk.0.attn_q.bias", "blk.3.ffn_down.weight", "blk.1.ffn_norm.weight"):
+        assert hf_names.gguf_name(hf_names.hf_name(name)) == name
+    assert hf_names.hf_name("blk.2.attn_output.weight") == "model.layers.2.self_attn.o_proj.weight"
+    assert hf_names.hf_name("rope_freqs.weight") is None
+    assert hf_names.gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    with pytest.raises(ValueError, match="unknown tensor"):
+        hf_names.gguf_name("transformer.h.0.attn.c_attn.weight")
+    from lowtune.model import LlamaConfig
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, max_position_embeddings=128, vocab_size=300)
+    md, _ = hf_names.metadata_from_hf_config(config)
+    back = hf_names.hf_config(LlamaConfig.from_gguf_metadata(md), md, tied=False, torch_dtype="bfloat16")
+    assert {k: back[k] for k in config} == config
 
 
 # ---- permutation ---------------------------------------------------------------------------------
@@ -119,7 +98,7 @@ def test_permutation_turns_hf_rope_into_ggml_rope():
 
 def test_load_float_checkpoint(hf_dir):
     d, cfg, ref = hf_dir
-    ck = load_hf_checkpoint(d)
+    ck = HFCheckpoint(d)
     m = ck.metadata
     assert ck.architecture == "llama" and m["general.file_type"] == 32  # bf16 linears
     assert (m["llama.block_count"], m["llama.embedding_length"], m["llama.feed_forward_length"]) == (2, 64, 96)
@@ -139,10 +118,11 @@ def test_load_float_checkpoint(hf_dir):
     assert ck.qtensor("blk.0.ffn_up.weight").type == "BF16"
 
 
-@pytest.mark.parametrize("qtype, expect", [("Q8_0", {"Q8_0"}), ("Q4_K", {"Q5_0"}), ("INT4-g128", {"INT4-g64", "INT4-g32"})])
+@pytest.mark.parametrize("qtype, expect", [("Q8_0", {"Q8_0"}), ("Q4_K", {"Q5_0"}), ("INT4-g128", {"INT4-g64", "INT4-g32"}),
+                                           (None, {"Q4_1"})])
 def test_load_quantized_checkpoint(hf_dir, qtype, expect):
     d, cfg, ref = hf_dir
-    ck = load_hf_checkpoint(d, qtype=qtype)
+    ck = open_base(d, qtype)   # quantized on load, as finetune trains on it
     quant = {i.type_name for i in ck.tensor_infos.values() if len(i.shape) == 2}
     assert quant == expect
     assert {i.type_name for i in ck.tensor_infos.values() if len(i.shape) == 1} == {"F32"}
@@ -153,6 +133,8 @@ def test_load_quantized_checkpoint(hf_dir, qtype, expect):
 
 
 def test_choose_type_fallbacks():
+    assert training_type(None, (8, 1536)).name == "Q4_K" and training_type(None, (8, 96)).name == "Q4_1"
+    assert training_type("Q4_K", (8, 96)).name == "Q5_0" and training_type(None, (96,)).name == "F32"
     assert choose_type("Q4_K", "w", (8, 1536)).name == "Q4_K"
     assert choose_type("Q4_K", "w", (8, 576)).name == "Q5_0"
     assert choose_type("Q6_K", "w", (8, 576)).name == "Q8_0"
@@ -168,20 +150,20 @@ def test_tied_embeddings_and_bad_dirs(hf_dir, tmp_path):
     for f in d.iterdir():
         (tied / f.name).write_bytes(f.read_bytes())
     (tied / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
-    assert "output.weight" not in load_hf_checkpoint(tied).tensor_infos
+    assert "output.weight" not in HFCheckpoint(tied).tensor_infos
     with pytest.raises(ValueError, match="config.json"):
-        load_hf_checkpoint(tmp_path / "nowhere")
+        HFCheckpoint(tmp_path / "nowhere")
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
-    with pytest.raises(ValueError, match="Llama"):
-        load_hf_checkpoint(tmp_path / "gpt")
+    with pytest.raises(ValueError, match="llama"):
+        HFCheckpoint(tmp_path / "gpt")
 
 
 def test_write_gguf_and_read_back(hf_dir, tmp_path):
     d, _, _ = hf_dir
-    ck = load_hf_checkpoint(d, qtype="Q8_0")
+    ck = open_base(d, "Q8_0")
     out = tmp_path / "tiny.gguf"
-    write_gguf(out, ck.metadata, ck.items(), ck.metadata_types)
+    write_gguf(out, ck.metadata, ((n, ck.tensor(n)) for n in ck.tensor_infos), ck.metadata_types)
     with GGUFFile(out) as f:
         assert f.metadata["general.file_type"] == 7 and f.metadata["general.quantization_version"] == 2
         assert f.metadata_types["llama.block_count"] == ck.metadata_types["llama.block_count"]
@@ -225,9 +207,9 @@ def test_llama_cpp_runs_the_converted_checkpoint_like_hf(hf_dir, tmp_path):
     names, metadata, q/k permutation and tokenizer metadata all have to be right."""
     import llama_cpp
     d, cfg, ref = hf_dir
-    ck = load_hf_checkpoint(d, dtype=torch.float32)
+    ck = open_base(d, "F32")
     out = tmp_path / "tiny-f32.gguf"
-    write_gguf(out, ck.metadata, ck.items(), ck.metadata_types)
+    write_gguf(out, ck.metadata, ((n, ck.tensor(n)) for n in ck.tensor_infos), ck.metadata_types)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
     ids = llm.tokenize(b"It was a fine day, and I was a boy of", add_bos=False)
     assert len(ids) >= 5

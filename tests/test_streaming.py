@@ -10,7 +10,7 @@ from lowtune.model import LlamaModel
 from lowtune.streaming import plan_streaming, stream_model
 
 from conftest import devices
-from test_model import gguf_weights, rand_ids, tiny_config, tiny_weights
+from helpers import gguf_weights, rand_ids, tiny_config, tiny_weights
 
 
 def adapted_model(method="lora", device="cpu", dtype=torch.float32, layers=4, dropout=0.0,

@@ -77,7 +77,6 @@ def mistral(mistral_model_path):
 
 # ---- byte-level BPE (SmolLM2) --------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_smollm2_special_ids(smol_tok):
     assert smol_tok.model == "gpt2" and smol_tok.vocab_size == 49152
     assert (smol_tok.bos_id, smol_tok.eos_id, smol_tok.eot_id) == (1, 2, 2)
@@ -86,7 +85,6 @@ def test_smollm2_special_ids(smol_tok):
     assert smol_tok.encode("x", add_bos=True)[0] == 1
 
 
-@pytest.mark.slow
 def test_smollm2_round_trip_and_known_ids(smol_tok, botchan_text):
     ids = smol_tok.encode("Hello world, 1234!")
     # digits are split one by one by the "smollm" pre-tokenizer
@@ -96,7 +94,6 @@ def test_smollm2_round_trip_and_known_ids(smol_tok, botchan_text):
     assert smol_tok.decode(smol_tok.encode(s)) == s
 
 
-@pytest.mark.slow
 def test_special_tokens_in_text(smol_tok):
     text = "<|im_start|>user\nHi<|im_end|>"
     ids = smol_tok.encode(text)
@@ -107,7 +104,6 @@ def test_special_tokens_in_text(smol_tok):
     assert smol_tok.decode(ids, skip_special=True) == "user\nHi"
 
 
-@pytest.mark.slow
 def test_chat_template(smol_tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     s = smol_tok.apply_chat_template(msgs)
@@ -123,7 +119,6 @@ def test_chat_template_is_sandboxed():
     assert render_chat_template("{{ messages | tojson }}", [{"a": "é"}]) == '[{"a": "é"}]'
 
 
-@pytest.mark.slow
 @pytest.mark.llamacpp
 def test_smollm2_botchan_equals_llama_cpp(smollm2_path, smol_tok, botchan_text):
     import llama_cpp
@@ -204,7 +199,6 @@ def test_load_tokenizer_dir_spm(mistral, mistral_model_path, tmp_path, botchan_t
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
 
 
-@pytest.mark.slow
 def test_load_tokenizer_dir_byte_level_bpe(smol_tok, smol_meta, tmp_path, botchan_text):
     """A tokenizer.json written from the GGUF's vocabulary, as HF would ship it, gives the same ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

@@ -2,10 +2,10 @@
 schedule, gradient accumulation, seeds, and the failures (NaN, full disk, out of memory)."""
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,60 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowtune import checkpoint as ckpt
-from lowtune import finetune_cli
-from lowtune.data import DataStats, Dataset, pack
-from lowtune.trainer import (NonFiniteLossError, TrainConfig, Trainer, TrainingError,
-                             TrainingOutOfMemoryError,
-                             lr_factor, oom_message, parse_size, read_metrics)
+from lowtune import cli, finetune_cli
+from lowtune.failures import NonFiniteLossError, TrainingError, TrainingOutOfMemoryError, oom_message
+from lowtune.rundir import read_metrics
+from lowtune.train_config import TrainConfig, parse_size
+from lowtune.trainer import Trainer, lr_factor
 
-VOCAB = 48
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread than on two busy ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class TinyLM(nn.Module):
-    """A bigram language model with a frozen base and a trainable low-rank adapter (with
-    dropout, so that training consumes random numbers like the real adapters do)."""
-
-    def __init__(self, dim: int = 24, rank: int = 4, dropout: float = 0.1, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g), requires_grad=False)
-        self.head = nn.Parameter(torch.randn(VOCAB, dim, generator=g) / dim**0.5, requires_grad=False)
-        self.lora_a = nn.Parameter(torch.randn(rank, dim, generator=g) / dim**0.5)
-        self.lora_b = nn.Parameter(torch.zeros(dim, rank))
-        self.drop = nn.Dropout(dropout)
-
-    def loss(self, ids, labels=None, reduction="mean"):
-        labels = ids if labels is None else labels
-        h = self.emb[ids]
-        h = h + self.drop(h) @ self.lora_a.T @ self.lora_b.T * 2.0
-        logits = (h @ self.head.T)[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                               ignore_index=-100, reduction=reduction)
-
-
-def markov_dataset(n_tokens: int = 4000, seq_len: int = 32, seed: int = 0) -> Dataset:
-    """A learnable stream: each token mostly follows from the previous one."""
-    rng = np.random.default_rng(seed)
-    ids = [1]
-    for _ in range(n_tokens - 1):
-        ids.append(int((ids[-1] * 7 + 3) % VOCAB) if rng.random() < 0.8 else int(rng.integers(VOCAB)))
-    cut = int(n_tokens * 0.9)
-    return Dataset(pack(ids[:cut], seq_len), pack(ids[cut:], seq_len), DataStats("text"))
-
-
-def save_tiny_adapter(model, run_dir: Path) -> Path:
-    path = run_dir / "adapter.pt"
-    ckpt.atomic_torch_save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, path)
-    return path
+from helpers import VOCAB, TinyLM, curve, markov_dataset, save_tiny_adapter, write_tiny_llama_hf
 
 
 def tiny_trainer(tmp_path, model=None, dataset=None, log=None, **overrides) -> Trainer:
@@ -76,10 +29,6 @@ def tiny_trainer(tmp_path, model=None, dataset=None, log=None, **overrides) -> T
     opts.update(overrides)
     return Trainer(TrainConfig(**opts), model=model or TinyLM(), dataset=dataset or markov_dataset(),
                    save_adapter=save_tiny_adapter, log=log or (lambda s: None))
-
-
-def curve(rows, keys=("step", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_ppl")):
-    return [{k: r[k] for k in keys if k in r} for r in rows]
 
 
 def test_training_lowers_held_out_loss_and_fills_the_run_dir(tmp_path):
@@ -273,7 +222,6 @@ def test_parse_size():
 
 
 def test_cli_arguments_become_a_config():
-    import argparse
     p = argparse.ArgumentParser()
     finetune_cli.add_arguments(p)
     args = p.parse_args(["m.gguf", "--data", "d.jsonl", "--method", "dylora", "--rank", "8",
@@ -283,7 +231,7 @@ def test_cli_arguments_become_a_config():
                          "--gradient-checkpointing", "off",
                          "-o", "r"])
     cfg = finetune_cli.config_from_args(args)
-    assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "dylora", 8)
+    assert (cfg.model, cfg.data, cfg.out, cfg.method, cfg.rank) == ("m.gguf", "d.jsonl", "r", "qdylora", 8)
     assert (cfg.steps, cfg.seq_len, cfg.grad_accum, cfg.lr, cfg.schedule) == (50, 256, 4, 1e-3, "constant")
     assert cfg.qtype == "Q4_1" and cfg.max_vram == 6 * 2**30 and cfg.strict and cfg.train_on_prompt
     assert cfg.targets == ["attn_q", "attn_v"] and cfg.layers == [2, 3, 4, 7]
@@ -297,8 +245,23 @@ def test_cli_resume_refuses_changes_that_alter_the_data(tmp_path, capsys):
     tiny_trainer(tmp_path, steps=2).run()
     with pytest.raises(TrainingError, match="already holds a run .* --resume"):
         tiny_trainer(tmp_path, steps=2).run()
-    rc = finetune_cli.main(["--resume", str(tmp_path / "run"), "--seq-len", "64"])
+    rc = cli.main(["finetune", "--resume", str(tmp_path / "run"), "--seq-len", "64"])
     assert rc == 1 and "seq_len cannot change when resuming" in capsys.readouterr().err
+    rc = cli.main(["finetune", "--data", "d.txt"])
+    assert rc == 1 and "missing MODEL, -o RUN_DIR" in capsys.readouterr().err
+
+
+def test_method_names_are_canonical_past_the_command_line():
+    """Both spellings are accepted where a user names a method; from there on one name is used."""
+    p = argparse.ArgumentParser()
+    finetune_cli.add_arguments(p)
+    for given, canonical in (("qahira", "qa-hira"), ("qa-hira", "qa-hira"), ("dylora", "qdylora"),
+                             ("qbara", "q-bara"), ("qalora", "qa-lora"), ("lora", "lora")):
+        assert p.parse_args(["--method", given]).method == canonical
+        assert TrainConfig(out="x", method=given).method == canonical
+    with pytest.raises(ValueError, match="unknown adapter method 'hira'.*qa-hira"):
+        TrainConfig(out="x", method="hira")
+    assert TrainConfig.from_dict({"out": "x", "method": "qahira"}).method == "qa-hira"  # older config.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,16 +312,31 @@ class TinyQuantLM(nn.Module):
 
 
 def quant_trainer(tmp_path, method, **overrides):
-    from lowtune.trainer import apply_adapters, default_save_adapter
+    from lowtune.loading import apply_train_adapter
+    from lowtune.rundir import save_run_adapter
     opts = dict(out=str(tmp_path / "run"), method=method, rank=4, alpha=8, steps=6, batch=4,
                 seq_len=32, lr=2e-2, warmup=1, eval_every=3, save_every=3, seed=5, device="cpu",
                 dropout=0.05)
     opts.update(overrides)
     cfg = TrainConfig(**opts)
     model = TinyQuantLM(device=cfg.device)
-    apply_adapters(model, cfg)
+    apply_train_adapter(model, cfg)
     return Trainer(cfg, model=model, dataset=markov_dataset(n_tokens=2400),
-                   save_adapter=default_save_adapter, log=lambda s: None)
+                   save_adapter=save_run_adapter, log=lambda s: None)
+
+
+def stop_before_step_4(t: Trainer) -> None:
+    """Run `t` and stop it as if killed right after its step-3 checkpoint."""
+    step_fn = t._train_step
+
+    def stop_at_4(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step_fn(i)
+
+    t._train_step = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
 
 
 @pytest.mark.parametrize("method", ["lora", "qalora", "qbara", "qahira", "dylora"])
@@ -391,17 +369,7 @@ def test_dylora_resume_continues_the_same_rank_sequence(tmp_path):
     ref, cut = [], []
     recording_ranks(quant_trainer(tmp_path / "ref", "dylora"), ref).run()
     # Stopped as if killed right after the step-3 checkpoint, then resumed.
-    a = recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut)
-    step_fn = a._train_step
-
-    def stop_at_4(i):
-        if i == 3:
-            raise KeyboardInterrupt
-        return step_fn(i)
-
-    a._train_step = stop_at_4
-    with pytest.raises(KeyboardInterrupt):
-        a.run()
+    stop_before_step_4(recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut))
     recording_ranks(quant_trainer(tmp_path / "cut", "dylora"), cut).run(resume=True)
     assert cut == ref and len(set(ref)) > 1
     assert curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl")) == \
@@ -415,16 +383,14 @@ def test_eval_tokens_limits_the_held_out_set(tmp_path):
     assert result.eval_after["eval_tokens"] == 31 + 31 + 5
 
 
-@pytest.mark.slow
 def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
     """The real model through the command line: QA-HiRA on the last layer, a few steps; the
     saved adapter, loaded into a fresh model, gives the logged held-out loss."""
-    from lowtune import adapters
-    from lowtune.model import LlamaModel
+    from lowtune.loading import load_model
     text = tmp_path / "botchan.txt"
     text.write_text(botchan_text[:20000])
     run = tmp_path / "run"
-    rc = finetune_cli.main([str(smollm2_path), "--data", str(text), "--method", "qahira",
+    rc = cli.main(["finetune", str(smollm2_path), "--data", str(text), "--method", "qahira",
                             "--layers", "29", "--steps", "3", "--seq-len", "32", "--batch", "2",
                             "--lr", "5e-3", "--eval-tokens", "64", "--eval-every", "0",
                             "--device", "cpu", "-o", str(run)])
@@ -434,50 +400,16 @@ def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
     cfg = json.loads((run / "config.json").read_text())["train"]
     assert cfg["extra"]["adapter"]["method"] == "qa-hira" and cfg["layers"] == [29]
 
-    model = LlamaModel.from_gguf(smollm2_path)
-    adapters.load_adapter(model, run / "adapter")
+    model = load_model(smollm2_path, adapter=run)   # the adapter's base hash is checked
     t = Trainer(TrainConfig.load(run), model=model, log=lambda s: None)
     t.cfg.device = "cpu"
     t._setup()
     assert t.evaluate()["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-5)
 
 
-def write_tiny_hf_llama(d: Path, text: str) -> None:
-    """A random 2-layer Llama in Hugging Face layout: rows of 256 (hidden) and 96 (the MLP's
-    down projection), and a small byte-level BPE tokenizer trained on `text`."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    d.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    h, f, vocab = 256, 96, tok.get_vocab_size()
-    (d / "config.json").write_text(json.dumps(dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=f,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=vocab)))
-    g = torch.Generator().manual_seed(0)
-    w = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
-    t = {"model.embed_tokens.weight": w(vocab, h) * 20, "model.norm.weight": torch.ones(h),
-         "lm_head.weight": w(vocab, h)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-                  p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(128, h),
-                  p + "self_attn.v_proj.weight": w(128, h), p + "self_attn.o_proj.weight": w(h, h),
-                  p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h),
-                  p + "mlp.down_proj.weight": w(h, f)})
-    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(d / "model.safetensors"))
-
-
 def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
     hf = tmp_path / "tiny-hf"
-    write_tiny_hf_llama(hf, botchan_text[:30000])
+    write_tiny_llama_hf(hf, botchan_text[:30000], hidden=256)  # rows of 256, and 96 (ffn_down)
     text = tmp_path / "t.txt"
     text.write_text(botchan_text[30000:36000])
     cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="qahira",
@@ -514,17 +446,7 @@ def test_cuda_training_resumes_like_an_uninterrupted_run(tmp_path, method):
     rows = read_metrics(tmp_path / "ref" / "run" / "metrics.jsonl")
     assert all(r["gpu_mem_gb"] > 0 for r in rows if "loss" in r)
 
-    a = quant_trainer(tmp_path / "cut", method, device="cuda")
-    step_fn = a._train_step
-
-    def stop_at_4(i):
-        if i == 3:
-            raise KeyboardInterrupt
-        return step_fn(i)
-
-    a._train_step = stop_at_4
-    with pytest.raises(KeyboardInterrupt):
-        a.run()
+    stop_before_step_4(quant_trainer(tmp_path / "cut", method, device="cuda"))
     quant_trainer(tmp_path / "cut", method, device="cuda").run(resume=True)
     got = curve(read_metrics(tmp_path / "cut" / "run" / "metrics.jsonl"))
     want = curve(rows)
@@ -554,7 +476,7 @@ def test_cuda_out_of_memory_reports_request_and_free_memory(tmp_path):
 @pytest.mark.cuda
 def test_safetensors_model_trains_on_cuda(tmp_path, botchan_text):
     hf = tmp_path / "tiny-hf"
-    write_tiny_hf_llama(hf, botchan_text[:30000])
+    write_tiny_llama_hf(hf, botchan_text[:30000], hidden=256)
     text = tmp_path / "t.txt"
     text.write_text(botchan_text[30000:40000])
     cfg = TrainConfig(model=str(hf), data=str(text), out=str(tmp_path / "run"), method="lora",

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import lowtune  # noqa: E402
 from lowtune.evaluate import perplexity, windows  # noqa: E402
-from lowtune.model import LlamaModel  # noqa: E402
+from lowtune.loading import load_model  # noqa: E402
 
 
 def smollm2() -> Path:
@@ -85,7 +85,7 @@ def main() -> int:
     text = (Path(lowtune.__file__).parent / "data" / "botchan.txt").read_text(encoding="utf-8")
     ids = llm.tokenize(text.encode(), add_bos=False)
     w = windows(ids, args.ctx, args.chunks).numpy()
-    model = LlamaModel.from_gguf(path, dtype=torch.float32)
+    model = load_model(path, dtype=torch.float32)
 
     ours, theirs = [], []
     for _ in range(args.repeats):

@@ -228,7 +228,7 @@ def run_one(args) -> dict:
         model = lowtune_model(args, cfg, weights)
         if args.run == "streamed":
             from lowtune.streaming import stream_model
-            from lowtune.trainer import parse_size
+            from lowtune.train_config import parse_size
             plan = stream_model(model, dev, parse_size(args.max_vram), tokens=args.seq * args.batch)
             print(plan.summary(), flush=True)
         else:

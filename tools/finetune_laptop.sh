@@ -4,7 +4,7 @@
 # model with QA-HiRA on the bundled public-domain text (Botchan): the first 90% of the text is
 # trained on, the last 10% is held out, and the held-out perplexity is printed before and after.
 #
-#   bash tools/finetune_laptop.sh [RUN_DIR]          # default RUN_DIR: runs/botchan-qahira
+#   bash tools/finetune_laptop.sh [RUN_DIR]          # default RUN_DIR: runs/botchan-qa-hira
 #
 # Runs on a CPU (2 cores are enough) or a CUDA GPU. The recipe can be changed through the
 # environment: STEPS, SEQ_LEN, BATCH, LR, LAYERS (decoder layers with adapters), EVAL_TOKENS,
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RUN=${1:-runs/botchan-qahira}
+RUN=${1:-runs/botchan-qa-hira}
 start=$(date +%s)
 
 # 1. Install lowtune and the model (llama.cpp's bindings are not needed here).
@@ -32,7 +32,7 @@ echo "installed in $((installed - start)) s"
 # 30 layers: the backward pass stops there, which keeps a CPU run to minutes. The high learning
 # rate suits QA-HiRA's few, group-shared parameters in a run of a dozen steps.
 rm -rf "$RUN"
-"$PY" -m lowtune finetune "$model" --data "$text" --method qahira \
+"$PY" -m lowtune finetune "$model" --data "$text" --method qa-hira \
   --layers "${LAYERS:-22-29}" --rank 16 --alpha 16 \
   --seq-len "${SEQ_LEN:-256}" --batch "${BATCH:-1}" --steps "${STEPS:-12}" --lr "${LR:-1.5e-2}" \
   --warmup 2 --schedule cosine --eval-fraction 0.1 --eval-tokens "${EVAL_TOKENS:-2048}" \

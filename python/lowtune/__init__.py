@@ -4,6 +4,10 @@
     qt = lowtune.quantize(w, "Q4_K")          # QTensor: blocks in GGUF layout
     y = lowtune.qmatmul(x, qt)                # x · deq(W)ᵀ, differentiable w.r.t. x
     w2 = lowtune.dequantize(qt, torch.bfloat16)
+    run = lowtune.finetune("model.gguf", "notes.txt", "runs/notes", steps=200)
+
+`import lowtune` loads only the compiled module (which needs no torch); the names below load
+their modules, and torch, on first use, so the command line starts at once.
 """
 try:
     from . import _C
@@ -11,10 +15,6 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         "lowtune's compiled module lowtune._C could not be loaded "
         f"({e}). Reinstall with `pip install .` from the source tree.") from e
-
-from .formats import FORMATS, Format, get_format
-from .qtensor import QTensor
-from .ops import dequantize, qmatmul, qmatmul_input_grad, quantize
 
 __version__ = _C.build_info()["version"]
 
@@ -24,14 +24,19 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-_LAZY = {"finetune": "trainer", "resume": "trainer", "TrainConfig": "trainer", "Trainer": "trainer"}
+# public name -> the module that defines it
+_LAZY = {"FORMATS": "formats", "Format": "formats", "get_format": "formats", "QTensor": "qtensor",
+         "dequantize": "ops", "qmatmul": "ops", "qmatmul_input_grad": "ops", "quantize": "ops",
+         "finetune": "trainer", "resume": "trainer", "TrainConfig": "train_config", "Trainer": "trainer",
+         "load": "loading", "load_model": "loading"}
 
 
 def __getattr__(name: str):
-    # The training API imports on first use, so `import lowtune` stays light.
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'lowtune' has no attribute {name!r}")
 
 

@@ -4,7 +4,7 @@
     adapters = apply_adapters(model, cfg)         # {"layers.0.attn_q": AdaptedLinear, ...}
     ...train...
     save_adapter(model, "run/adapter", base_hash=base_hash("model.gguf"))
-    load_adapter(other_model, "run/adapter", base_hash=base_hash("model.gguf"))
+    load_adapter(other_model, "run/adapter")      # lowtune.loading checks the base first
 
 Every method is one geometry (lowtune.adapter_ops.AdapterGeometry): the input x [..., K] is
 average-pooled over p adjacent inputs, multiplied by A [R, K/p] (and B [N/q, R]), repeated over
@@ -47,7 +47,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import mmap
 import os
 import random
 import re
@@ -61,14 +60,14 @@ from torch import nn
 
 from . import adapter_ops
 from .adapter_ops import AdapterGeometry
+from .checkpoint import atomic_write_text
+from .dtypes import hf_name as dtype_name, torch_dtype
 from .formats import Format
+from .gguf_io import GGUFFile
+from .methods import GROUP_CONSTANT, METHODS, canonical_method
+from .model import LINEAR_NAMES as TARGETS
 from .qtensor import QTensor
-
-METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
-TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-_ALIASES = {"qlora": "lora", "qalora": "qa-lora", "qbara": "q-bara", "qahira": "qa-hira",
-            "dylora": "qdylora", "q-dylora": "qdylora"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .safetensors_io import safetensors_files, safetensors_table, write_safetensors_dict
 
 # Inputs sharing one scale (and min) inside a K-type super-block.
 _K_SUB_BLOCK = {"Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
@@ -109,9 +108,7 @@ class AdapterConfig:
     fused: bool = True
 
     def __post_init__(self):
-        method = _ALIASES.get(str(self.method).lower(), str(self.method).lower())
-        if method not in METHODS:
-            raise ValueError(f"unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method = canonical_method(self.method)
         object.__setattr__(self, "method", method)
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
@@ -132,8 +129,7 @@ class AdapterConfig:
             raise ValueError(f"dylora_update must be 'all' or 'slice', got {self.dylora_update!r}")
         if self.hira_init not in ("zero", "kaiming"):
             raise ValueError(f"hira_init must be 'zero' or 'kaiming', got {self.hira_init!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype_name(torch_dtype(self.dtype)))
         if self.rslora and method == "qa-hira":
             raise ValueError("rslora scales by 1/sqrt(rank); QA-HiRA has no rank (use alpha)")
 
@@ -190,7 +186,7 @@ class AdaptedLinear(nn.Module):
         c = config
         self.method = c.method
         self.pool, self.repeat, self.group = 1, 1, None
-        if c.method in ("qa-lora", "qa-hira"):
+        if c.method in GROUP_CONSTANT:
             self.group = self.pool = _pool_group(c, qt.format, k)
         elif c.method == "q-bara":
             if k % c.pool or n % c.pool:
@@ -199,7 +195,7 @@ class AdaptedLinear(nn.Module):
             self.pool = self.repeat = c.pool
         self.r_max = c.rank * (c.pool if c.method == "q-bara" else 1)
         self.rank_in_use = c.rank  # QDyLoRA's current b (set_rank); full rank until set
-        dtype, dev = _DTYPES[c.dtype], qt.device
+        dtype, dev = torch_dtype(c.dtype), qt.device
         kp, nq = k // self.pool, n // self.repeat
         if c.method == "qa-hira":
             m = torch.zeros(nq, kp, dtype=torch.float32)
@@ -319,10 +315,16 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def block_offsets(self) -> torch.Tensor:
         """QA-LoRA / QA-HiRA: the constant ΔW adds to each quantization group, [N, K/G] fp32
-        (what an exact merge adds to each block's min)."""
-        if self.method not in ("qa-lora", "qa-hira"):
+        (what an exact merge adds to each block's min), without building the dense ΔW: the
+        pooled input is a mean, so ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M for B·A)."""
+        if self.method not in GROUP_CONSTANT:
             raise ValueError(f"{self.method} updates are not constant per quantization group")
-        return self.delta_weight()[:, ::self.pool].contiguous()
+        g = self.geometry()
+        if self.method == "qa-hira":
+            m = self.hira_M.float()
+        else:
+            m = self.lora_B[:, :g.rank].float() @ self.lora_A[:g.rank].float()
+        return (m.repeat_interleave(g.repeat, dim=0) * (g.scale / g.pool)).contiguous()
 
     def extra_repr(self) -> str:
         g = self.geometry()
@@ -524,124 +526,61 @@ class DyLoRAController:
 
 # ---- saving and loading --------------------------------------------------------------------------
 def base_hash(source) -> str:
-    """A cheap, stable identity of a base model file (GGUF or safetensors): sha256 over its
-    tensor table and the first 4 KiB of every tensor's data. Hex string."""
+    """A cheap, stable identity of a base model: sha256 over its tensor table and the first 4 KiB
+    of every tensor's data (up to the next tensor). `source`: a GGUF file (read with the
+    validating gguf_io.GGUFFile), a safetensors file, or a Hugging Face checkpoint directory (its
+    safetensors files in order). Hex string. The GGUF hash is the one lowtune has always written:
+    the table bytes are rebuilt from the parsed entries exactly as the file holds them."""
     path = Path(source)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass the model file (.gguf or .safetensors)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] == b"GGUF":
-            table, spans = _gguf_tensor_table(mm)
-        else:
-            table, spans = _safetensors_tensor_table(mm, path)
-        h = hashlib.sha256()
+    h = hashlib.sha256()
+    for f in safetensors_files(path) if path.is_dir() else [path]:
+        with open(f, "rb") as fh:
+            is_gguf = fh.read(4) == b"GGUF"
+        table, spans = _gguf_table(f) if is_gguf else safetensors_table(f)
         h.update(table)
-        for start, size in spans:
-            h.update(mm[start:start + min(size, 4096)])
+        with open(f, "rb") as fh:
+            for start, size in spans:
+                fh.seek(start)
+                h.update(fh.read(min(size, 4096)))
     return h.hexdigest()
 
 
-def _gguf_tensor_table(mm) -> tuple[bytes, list[tuple[int, int]]]:
-    """The raw bytes of a GGUF file's tensor-info table and (absolute offset, bytes available
-    to the next tensor or end of file) for each tensor."""
-    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    pos = 4
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, pos)
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is not supported (need 2 or later)")
-    pos += 20
-    alignment = 32
-
-    def read_str(p):
-        (n,) = struct.unpack_from("<Q", mm, p)
-        return bytes(mm[p + 8:p + 8 + n]), p + 8 + n
-
-    def skip_value(p, vt):
-        if vt in fixed:
-            return p + fixed[vt]
-        if vt == 8:
-            return read_str(p)[1]
-        if vt == 9:
-            et, count = struct.unpack_from("<IQ", mm, p)
-            p += 12
-            if et in fixed:
-                return p + fixed[et] * count
-            for _ in range(count):
-                p = skip_value(p, et)
-            return p
-        raise ValueError(f"GGUF: unknown metadata value type {vt}")
-
-    for _ in range(n_kv):
-        key, pos = read_str(pos)
-        (vt,) = struct.unpack_from("<I", mm, pos)
-        pos += 4
-        if key == b"general.alignment" and vt == 4:
-            (alignment,) = struct.unpack_from("<I", mm, pos)
-        pos = skip_value(pos, vt)
-    table_start = pos
-    offsets = []
-    for _ in range(n_tensors):
-        _, pos = read_str(pos)
-        (nd,) = struct.unpack_from("<I", mm, pos)
-        pos += 4 + 8 * nd + 4
-        (off,) = struct.unpack_from("<Q", mm, pos)
-        pos += 8
-        offsets.append(off)
-    data_start = (pos + alignment - 1) // alignment * alignment
-    order = sorted(offsets)
-    ends = {o: (order[i + 1] if i + 1 < len(order) else len(mm) - data_start) for i, o in enumerate(order)}
-    spans = [(data_start + o, ends[o] - o) for o in offsets]
-    return bytes(mm[table_start:pos]), spans
+def _gguf_table(path) -> tuple[bytes, list[tuple[int, int]]]:
+    """A GGUF file's tensor-info table as its bytes (name, n_dims, ne, type, relative offset per
+    tensor) and, per tensor, (absolute offset, bytes up to the next tensor or the end of file)."""
+    with GGUFFile(path) as f:
+        infos, base, end = list(f.tensor_infos.values()), f.data_offset, f.size
+    table = bytearray()
+    for ti in infos:
+        name = ti.name.encode("utf-8", errors="surrogateescape")
+        table += struct.pack("<Q", len(name)) + name + struct.pack("<I", len(ti.ne))
+        table += struct.pack(f"<{len(ti.ne)}Q", *ti.ne) + struct.pack("<IQ", ti.type_id, ti.offset - base)
+    starts = sorted(ti.offset for ti in infos)
+    nxt = {o: (starts[i + 1] if i + 1 < len(starts) else end) for i, o in enumerate(starts)}
+    return bytes(table), [(ti.offset, nxt[ti.offset] - ti.offset) for ti in infos]
 
 
-def _safetensors_tensor_table(mm, path) -> tuple[bytes, list[tuple[int, int]]]:
-    if len(mm) < 8:
-        raise ValueError(f"{path} is neither a GGUF nor a safetensors file")
-    (n,) = struct.unpack_from("<Q", mm, 0)
-    try:
-        header = json.loads(bytes(mm[8:8 + n]))
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path} is neither a GGUF nor a safetensors file") from None
-    spans = [(8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-             for k, v in sorted(header.items()) if k != "__metadata__"]
-    table = json.dumps({k: v for k, v in header.items() if k != "__metadata__"}, sort_keys=True).encode()
-    return table, spans
-
-
-def _model_base_hash(model) -> str | None:
+def model_base_hash(model) -> str | None:
     """The base hash a model knows of itself: a `base_hash` attribute (string or method), or
-    the hash of the file it was loaded from (`path`, `gguf_path` or `source_path`)."""
+    the hash of the file or directory it was loaded from (`source_path`)."""
     h = getattr(model, "base_hash", None)
     if callable(h):
         h = h()
     if isinstance(h, str):
         return h
-    for attr in ("gguf_path", "source_path", "path"):
-        p = getattr(model, attr, None)
-        if isinstance(p, (str, os.PathLike)) and Path(p).is_file():
-            return base_hash(p)
+    p = getattr(model, "source_path", None)
+    if isinstance(p, (str, os.PathLike)) and Path(p).exists():
+        return base_hash(p)
     return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_adapter(model_or_adapters, directory, base_hash: str | None = None) -> Path:
     """Write adapter.safetensors and adapter_config.json (method, rank, alpha, targets,
     pooling, base model hash, per-module shapes) into `directory`; each file goes to a
     temporary name first and is renamed. base_hash defaults to what a model knows of itself
-    (the hash of the GGUF it was loaded from). Returns the directory."""
-    from safetensors.torch import save_file
-
+    (model_base_hash). Returns the directory."""
     if base_hash is None and isinstance(model_or_adapters, nn.Module):
-        base_hash = _model_base_hash(model_or_adapters)
+        base_hash = model_base_hash(model_or_adapters)
     ads = adapters_of(model_or_adapters)
     if not ads:
         raise ValueError("no adapters to save")
@@ -664,41 +603,29 @@ def save_adapter(model_or_adapters, directory, base_hash: str | None = None) -> 
         meta["dylora_rank"] = next(iter(ads.values())).rank_in_use
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(d / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_safetensors_dict(d / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+    atomic_write_text(d / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
     return d
 
 
 def read_adapter_config(directory) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
-        raise ValueError(f"{path} not found: not a lowtune adapter directory")
+        raise FileNotFoundError(f"{path} not found: not a lowtune adapter directory")
     meta = json.loads(path.read_text())
     if meta.get("format") != "lowtune-adapter":
         raise ValueError(f"{path} is not a lowtune adapter config (format {meta.get('format')!r})")
+    meta["method"] = canonical_method(meta["method"])
     return meta
 
 
-def load_adapter(model: nn.Module, directory, base_hash: str | None = None,
-                 ignore_base_hash: bool = False) -> dict[str, AdaptedLinear]:
-    """Apply the adapter saved in `directory` to `model` and load its weights. The saved base
-    hash must equal `base_hash` (default: what the model knows of itself, see _model_base_hash);
-    ignore_base_hash=True loads anyway."""
+def load_adapter(model: nn.Module, directory) -> dict[str, AdaptedLinear]:
+    """Apply the adapter saved in `directory` to `model` and load its weights; a model whose
+    linears or shapes differ from the adapter's is refused and left as it was. Which base the
+    adapter belongs to is lowtune.loading's check (attach_adapter), made before this."""
     from safetensors.torch import load_file
 
     meta = read_adapter_config(directory)
-    if not ignore_base_hash:
-        saved = meta.get("base_hash")
-        expected = base_hash if base_hash is not None else _model_base_hash(model)
-        if saved is None:
-            raise ValueError(f"the adapter in {directory} records no base hash, so it cannot be checked "
-                             "against this model; pass ignore_base_hash=True to load it anyway")
-        if expected is None:
-            raise ValueError("cannot tell which base this model is: pass base_hash=lowtune.adapters."
-                             "base_hash(<model file>) or ignore_base_hash=True")
-        if expected != saved:
-            raise ValueError(f"the adapter in {directory} was trained on base {saved[:16]}… but this model "
-                             f"is {expected[:16]}…; load the matching base, or pass ignore_base_hash=True")
     config = AdapterConfig.from_dict(meta["config"])
     ads = apply_adapters(model, config)
     try:
@@ -727,5 +654,5 @@ def load_adapter(model: nn.Module, directory, base_hash: str | None = None,
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdaptedLinear", "AdapterConfig", "DyLoRAController",
            "METHODS", "TARGETS", "adapter_parameters", "adapters_of", "apply_adapters", "base_hash",
-           "load_adapter", "mark_only_adapters_trainable", "pool_inputs", "quant_group",
+           "load_adapter", "model_base_hash", "mark_only_adapters_trainable", "pool_inputs", "quant_group",
            "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]

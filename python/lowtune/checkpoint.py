@@ -105,6 +105,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 # RNG states (python, numpy, torch CPU, torch CUDA), stored as plain lists and tensors so that
 # checkpoints load with torch.load(weights_only=True).
 
+def seed_everything(seed: int) -> None:
+    """Seed python's, NumPy's and torch's generators (what capture_rng saves)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
     np_state = np.random.get_state()
     state = {

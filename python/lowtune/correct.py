@@ -21,14 +21,14 @@ Memory: teacher and student are loaded together; only their final hidden states 
 kept, and the LM heads run over `kl_chunk` positions at a time: per chunk the teacher's and the
 student's logits [chunk, V] (fp32) give KL, CE and the student's gradient, which is pushed
 through the head at once (the same trick as model.loss), so neither the [B·T, V] logits nor any
-teacher output is ever stored, on disk or in memory. Hook for larger models: `max_vram` is
-passed to LlamaModel.from_gguf for both models (layer streaming, from lowtune.streaming), and
-`teacher_device` can keep the teacher elsewhere (e.g. on the CPU).
+teacher output is ever stored, on disk or in memory. For larger models, `max_vram` streams the
+layers of both models (lowtune.streaming: the frozen teacher streams every layer, the student
+gets what is left), and `teacher_device` can keep the teacher elsewhere (e.g. on the CPU).
 
 Training reuses lowtune.trainer (resumable checkpoints, LR schedule, held-out evaluation,
 loss.png, metrics.jsonl); the held-out evaluation there reports the corrected student's own
 perplexity. The adapter is a plain LoRA saved with adapters.save_adapter in RUN_DIR/adapter,
-so export merges it like any other. apply_frozen_base_adapter() puts it under a second,
+so export merges it like any other. lowtune.loading.attach_base_adapter puts it under a second,
 trainable adapter (INT2.1's LREC-then-fine-tune: `lowtune finetune --base-adapter RUN_DIR`).
 
 Report (RUN_DIR/report.json, printed as a table): bits per weight of the student with and
@@ -38,10 +38,8 @@ mean KL(teacher ‖ student) per token, on the held-out end of --text and on eve
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,16 +49,24 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from . import adapter_ops, ops
-from .adapters import AdaptedLinear, adapters_of, pool_inputs
+from . import checkpoint as ckpt
+from . import ops
+from .checkpoint import seed_everything
+from .adapters import AdapterConfig, adapters_of, apply_adapters, save_adapter
+from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
+from .dtypes import torch_dtype
+from .failures import existing_run
+from .loading import activation_dtype, load_model, pick_device
 from .qtensor import QTensor
+from .quantize_model import model_bits
+from .rundir import ADAPTER, RunDir
+from .streaming import estimate_memory, stream_model
+from .tokenizer import load_tokenizer
+from .train_config import LREC_ALPHA, LREC_CE_WEIGHT, LREC_KL_CHUNK, LREC_LR, LREC_RANK, TrainConfig
+from .trainer import Trainer
 
-DEFAULT_RANK, DEFAULT_ALPHA = 32, 128.0       # lrec.py: r = 32, α = 128 (scale 4)
-DEFAULT_LR = 3e-4                             # lrec.py's default
-DEFAULT_CE_WEIGHT = 200.0 / 2048              # lrec.py's ce_weight 200 with KL summed over 2048 positions
-DEFAULT_KL_CHUNK = 256
-ADAPTER_DIR = "adapter"
 REPORT = "report.json"
 IGNORE = -100
 
@@ -124,7 +130,7 @@ class _DistillHead(torch.autograd.Function):
 
 
 def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, student, teacher,
-                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = DEFAULT_KL_CHUNK):
+                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = LREC_KL_CHUNK):
     """Sums over rows of kl_weight·KL(P_teacher ‖ Q_student) + ce_weight·CE, with the LM heads
     run `chunk` rows at a time. h [N, D] student hidden (normed), h_t [N, D_t] teacher hidden
     (no gradient), targets [N] (every row scored). Returns (total, ΣKL, ΣCE); total is
@@ -146,7 +152,6 @@ def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, stud
         return _DistillHead.apply(h, h_t.detach(), targets, student.head_weight(), teacher_head,
                                   float(kl_weight), float(ce_weight), int(chunk), need_grad)
     # A wrapped head (an adapter on `output`): recompute each chunk in backward instead.
-    from torch.utils.checkpoint import checkpoint
     total = kl = ce = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         lt = teacher_head(h_t[s:s + chunk]).float()
@@ -167,7 +172,7 @@ class DistillationModel(nn.Module):
     Only the student's adapters are parameters; the teacher holds buffers only."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, kl_weight: float = 1.0,
-                 ce_weight: float = DEFAULT_CE_WEIGHT, kl_chunk: int = DEFAULT_KL_CHUNK):
+                 ce_weight: float = LREC_CE_WEIGHT, kl_chunk: int = LREC_KL_CHUNK):
         super().__init__()
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"teacher and student vocabularies differ ({teacher.config.vocab_size} vs "
@@ -244,108 +249,7 @@ class DistillationModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# A frozen adapter under a trainable one
-
-
-class FrozenAdaptedLinear(nn.Module):
-    """A quantized linear plus a frozen adapter (e.g. an LREC correction): y = base(x) + adapter(x).
-
-    It shows the base's QTensor as `weight`, so apply_adapters wraps it like any quantized
-    linear; the second adapter then runs as base(x) followed by its own accumulate. The frozen
-    matrices are non-persistent buffers: no parameter, no optimizer state, not in state_dict()
-    or in save_adapter()'s output (the run directory they came from is recorded instead)."""
-
-    lowtune_fusable = False  # forward is more than qmatmul(x, weight)
-
-    def __init__(self, adapted: AdaptedLinear, source: str = ""):
-        super().__init__()
-        self.base = adapted.base
-        self.geom = adapted.geometry()
-        self.method = adapted.method
-        self.source = source
-        A, B = adapted._matrices()
-        self.register_buffer("frozen_A", A.detach().clone(), persistent=False)
-        self.register_buffer("frozen_B", None if B is None else B.detach().clone(), persistent=False)
-        self.out_features, self.in_features = adapted.out_features, adapted.in_features
-
-    @property
-    def weight(self) -> QTensor:
-        return self.base.weight
-
-    @property
-    def name(self) -> str:
-        return getattr(self.base, "name", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, g = self.frozen_A, self.frozen_B, self.geom
-        if adapter_ops.kernels_support(x) and getattr(self.base, "lowtune_fusable", True) \
-                and getattr(self.base, "bias", None) is None:
-            y = adapter_ops.adapted_qmatmul(x.contiguous(), self.base.weight, A, B, g)
-            # a second adapter accumulates into this output in place, which autograd forbids on
-            # a custom Function's output view: hand out a tensor of our own
-            return y.clone() if torch.is_grad_enabled() else y
-        return self.base(x) + self.reference_adapter(x)
-
-    def reference_adapter(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.geom
-        xa = pool_inputs(x, g.pool)
-        A = self.frozen_A[:g.rank].to(xa.dtype)
-        v = xa @ A.t()
-        if g.has_b:
-            v = v @ self.frozen_B[:, :g.rank].to(xa.dtype).t()
-        if g.repeat > 1:
-            v = v.repeat_interleave(g.repeat, dim=-1)
-        return v * g.scale
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The frozen update as a dense fp32 [N, K]: adapter(x) = x · ΔWᵀ (what a merge adds)."""
-        g = self.geom
-        A = self.frozen_A[:g.rank].float()
-        m = self.frozen_B[:, :g.rank].float() @ A if g.has_b else A
-        return (m.repeat_interleave(g.repeat, dim=0) * g.scale).repeat_interleave(g.pool, dim=1) / g.pool
-
-    def extra_repr(self) -> str:
-        return f"frozen {self.method} from {self.source or '?'}, rank={self.geom.rank}, scale={self.geom.scale:g}"
-
-
-def find_adapter_dir(path) -> Path:
-    """The adapter directory of a run: PATH itself when it holds adapter_config.json, else
-    PATH/adapter (lowtune correct) or PATH/adapter.safetensors (lowtune finetune)."""
-    from .adapters import ADAPTER_CONFIG
-    p = Path(path)
-    for d in (p, p / ADAPTER_DIR, p / "adapter.safetensors"):
-        if (d / ADAPTER_CONFIG).is_file():
-            return d
-    raise FileNotFoundError(f"no adapter in {p} (looked for {ADAPTER_CONFIG} in it, in {p / ADAPTER_DIR} "
-                            f"and in {p / 'adapter.safetensors'}); pass a `lowtune correct` or "
-                            "`lowtune finetune` run directory")
-
-
-def apply_frozen_base_adapter(model: nn.Module, run_dir, base_hash: str | None = None,
-                              ignore_base_hash: bool = False) -> dict[str, FrozenAdaptedLinear]:
-    """Load the adapter saved in `run_dir` onto `model` and freeze it in place: each adapted
-    linear becomes a FrozenAdaptedLinear, which a later apply_adapters() wraps again with a
-    trainable adapter. The base-model hash check is adapters.load_adapter's. Returns
-    {module name: FrozenAdaptedLinear}."""
-    from .adapters import load_adapter
-
-    if adapters_of(model):
-        raise ValueError("apply the frozen base adapter before any trainable adapter")
-    d = find_adapter_dir(run_dir)
-    ads = load_adapter(model, d, base_hash=base_hash, ignore_base_hash=ignore_base_hash)
-    out = {}
-    for name, ad in ads.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        frozen = FrozenAdaptedLinear(ad, str(d))
-        setattr(parent, attr, frozen)
-        out[name] = frozen
-    return out
-
-
-def frozen_adapters_of(model: nn.Module) -> dict[str, FrozenAdaptedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, FrozenAdaptedLinear)}
+# Evaluation
 
 
 @contextmanager
@@ -363,16 +267,10 @@ def adapters_disabled(model: nn.Module):
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, ad)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
 @torch.no_grad()
 def score(dm: DistillationModel, examples, batch: int = 4, teacher: bool = True) -> dict:
     """Perplexity of the student (as it is now: adapters on or off) and of the teacher, and the
     mean KL(teacher ‖ student) per token, over data.Example windows."""
-    from .data import collate
-
     was = dm.training
     dm.eval()
     nll = kl = nll_t = 0.0
@@ -400,11 +298,10 @@ def score(dm: DistillationModel, examples, batch: int = 4, teacher: bool = True)
 
 def text_examples(path, tokenizer, seq_len: int, max_tokens: int | None = None):
     """A text file tokenized and cut into windows of seq_len (data.pack), at most max_tokens."""
-    from .data import _add_bos, pack, tokenize_stream
     ids = tokenize_stream(Path(path).read_text(encoding="utf-8", errors="replace"), tokenizer)
     if max_tokens:
         ids = ids[:max_tokens]
-    bos = tokenizer.bos_id if _add_bos(tokenizer) else None
+    bos = tokenizer.bos_id if wants_bos(tokenizer) else None
     return [e for e in pack(ids, seq_len, bos) if len(e) == seq_len] or pack(ids, seq_len, bos)
 
 
@@ -439,23 +336,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _load(path, device, dtype, max_vram):
-    from .quantize_model import load_model
-    # INTb-gG students train in their stored Q4_1/Q5_1 blocks (the same values): the adapter
-    # then records the type that `lowtune finetune` and `lowtune export` read from the file.
-    # Under a GPU budget the packed weights stay in host memory for lowtune.streaming.
-    streams = max_vram is not None and torch.device(device).type == "cuda"
-    return load_model(path, "cpu" if streams else device, dtype, restore=False)
-
-
 def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) -> dict:
     """Teacher and student inside one GPU budget: the frozen teacher streams every layer (it
     only runs forward, without autograd), the student gets what is left and is planned by
     lowtune.streaming like any fine-tune."""
-    from .streaming import estimate_memory, stream_model
     info = {}
     e = estimate_memory(teacher, tokens, teacher.loss_chunk_tokens)
     # non-layer weights, two layer slots, one layer's forward activations and its hidden
@@ -470,45 +354,41 @@ def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) 
     return info
 
 
-def build(cfg, device: torch.device):
+def build(cfg: TrainConfig, device: torch.device, log=print):
     """(DistillationModel with the student's LoRA applied, tokenizer) for a TrainConfig whose
-    extra["lrec"] holds the teacher and the loss weights."""
-    from .adapters import AdapterConfig, apply_adapters
-    from .tokenizer import load_tokenizer
-
+    extra["lrec"] holds the teacher and the loss weights. INTb-gG students train in their stored
+    Q4_1/Q5_1 blocks (lowtune.loading's default), the type `lowtune finetune` and `lowtune export`
+    read from the file; under a GPU budget both models load into host memory for streaming."""
     lrec = cfg.extra["lrec"]
-    dtype = _DTYPES[lrec.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")]
-    student = _load(cfg.model, device, dtype, cfg.max_vram)
+    streams = cfg.max_vram is not None and device.type == "cuda"
+    dtype = activation_dtype(device, lrec.get("dtype"))
+    student = load_model(cfg.model, device="cpu" if streams else device, dtype=dtype)
     tdev = torch.device(lrec.get("teacher_device") or device)
-    teacher = _load(lrec["teacher"], tdev, torch.float32, cfg.max_vram)  # fp32 activations: exact targets
+    teacher = load_model(lrec["teacher"], device="cpu" if streams else tdev,
+                         dtype=torch.float32)  # fp32 activations: exact targets
     kw = {"method": "lora", "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "seed": cfg.seed}
     if cfg.targets:
         kw["targets"] = tuple(cfg.targets)
     apply_adapters(student, AdapterConfig(**kw))
-    if cfg.max_vram is not None and device.type == "cuda":
+    if streams:
         cfg.extra["streaming"] = _stream_pair(student, teacher, device, tdev, cfg.max_vram,
-                                              cfg.seq_len * cfg.batch, print)
-    tokenizer = load_tokenizer(student.metadata)
+                                              cfg.seq_len * cfg.batch, log)
     dm = DistillationModel(student, teacher, lrec["kl_weight"], lrec["ce_weight"], lrec["kl_chunk"])
-    return dm, tokenizer
+    return dm, load_tokenizer(student.metadata)
 
 
-def correct(student, teacher, text, out, *, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-            kl_weight: float = 1.0, ce_weight: float = DEFAULT_CE_WEIGHT, lr: float = DEFAULT_LR,
+def correct(student, teacher, text, out, *, rank: int = LREC_RANK, alpha: float = LREC_ALPHA,
+            kl_weight: float = 1.0, ce_weight: float = LREC_CE_WEIGHT, lr: float = LREC_LR,
             eval_texts: Sequence[str] = (), eval_tokens: int | None = 16384,
-            kl_chunk: int = DEFAULT_KL_CHUNK, teacher_device: str | None = None,
+            kl_chunk: int = LREC_KL_CHUNK, teacher_device: str | None = None,
             dtype: str | None = None, log=None, **options) -> CorrectResult:
     """Train an LREC adapter on `student` (GGUF) against `teacher` (GGUF, same tokenizer) on the
     text file `text`, into run directory `out`. Options are TrainConfig fields (steps, epochs,
     seq_len, batch, grad_accum, warmup, schedule, eval_fraction, targets, seed, device, ...).
     dtype: the student's activation dtype (default bfloat16 on CUDA, float32 on the CPU; the
     teacher always runs in float32). With float32 the trainer's bf16 autocast is switched off."""
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    from .trainer import TrainConfig, parse_size
-
-    if "max_vram" in options:
-        options["max_vram"] = parse_size(options["max_vram"])
+    if dtype is not None:
+        dtype = str(torch_dtype(dtype)).removeprefix("torch.")
     options.setdefault("seq_len", 512)
     cfg = TrainConfig(model=str(student), data=str(text), out=str(out), method="lora", rank=rank,
                       alpha=alpha, lr=lr, **options)
@@ -521,36 +401,26 @@ def correct(student, teacher, text, out, *, rank: int = DEFAULT_RANK, alpha: flo
 
 def resume_correct(run_dir, log=None, **overrides) -> CorrectResult:
     """Continue an interrupted `lowtune correct` run from its newest checkpoint."""
-    from .trainer import TrainConfig, apply_overrides, parse_size
     cfg = TrainConfig.load(run_dir)
-    if overrides.get("max_vram") is not None:
-        overrides["max_vram"] = parse_size(overrides["max_vram"])
     if "lrec" not in cfg.extra:
         raise ValueError(f"{run_dir} is not a `lowtune correct` run (its config has no lrec section)")
-    apply_overrides(cfg, overrides)
+    cfg.apply_overrides(overrides)
     return run_correction(cfg, resume=True, log=log)
 
 
-def run_correction(cfg, resume: bool = False, log=None) -> CorrectResult:
-    from . import checkpoint as ckpt
-    from .adapters import base_hash, save_adapter
-    from .data import load_dataset
-    from .quantize_model import model_bits
-    from .trainer import Trainer, TrainingError, pick_device, seed_everything
-
+def run_correction(cfg: TrainConfig, resume: bool = False, log=None) -> CorrectResult:
     log = log or (lambda s: print(s, flush=True))
     cfg.check()
     lrec = cfg.extra["lrec"]
-    run_dir = Path(cfg.out)
-    existing = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if existing and not resume:
-        raise TrainingError(f"{run_dir} already holds a run (checkpoints up to step {existing[-1][0]}): "
-                            f"continue it with `lowtune correct --resume {run_dir}`, or give another -o")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(cfg.out)
+    newest = run.newest_step()
+    if newest is not None and not resume:
+        raise existing_run(run.path, newest, "correct")
+    run.path.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    dm, tokenizer = build(cfg, device)
+    dm, tokenizer = build(cfg, device, log)
     log(f"student {cfg.model}, teacher {lrec['teacher']} on {device} ({time.perf_counter() - t0:.1f} s to load)")
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction)
     eval_sets = {}
@@ -559,7 +429,7 @@ def run_correction(cfg, resume: bool = False, log=None) -> CorrectResult:
     for t in lrec.get("eval_texts") or []:
         eval_sets[Path(t).name] = text_examples(t, tokenizer, cfg.seq_len, lrec.get("eval_tokens"))
 
-    baseline_path = run_dir / "baseline.json"
+    baseline_path = run.path / "baseline.json"
     if resume and baseline_path.is_file():
         baseline = json.loads(baseline_path.read_text())
     else:
@@ -571,11 +441,8 @@ def run_correction(cfg, resume: bool = False, log=None) -> CorrectResult:
                     f"{baseline[name]['ppl']:.3f} (KL {baseline[name]['kl']:.4f} nats/token)")
         ckpt.atomic_write_json(baseline_path, baseline)
 
-    student_hash = base_hash(cfg.model)
-    adapter_dir = run_dir / ADAPTER_DIR
-
-    def save(_model, _run_dir):
-        return save_adapter(dm.student, adapter_dir, base_hash=student_hash)
+    def save(_model, run_dir):  # the student's adapter, tied to the student file
+        return save_adapter(dm.student, Path(run_dir) / ADAPTER)
 
     Trainer(cfg, model=dm, tokenizer=tokenizer, dataset=dataset, save_adapter=save, log=log).run(resume=resume)
 
@@ -594,100 +461,12 @@ def run_correction(cfg, resume: bool = False, log=None) -> CorrectResult:
         report["eval"][name] = {"tokens": b["tokens"], "teacher_ppl": b["teacher_ppl"],
                                 "student_ppl": b["ppl"], "corrected_ppl": after["ppl"],
                                 "student_kl": b["kl"], "corrected_kl": after["kl"]}
-    ckpt.atomic_write_json(run_dir / REPORT, report)
-    result = CorrectResult(run_dir, adapter_dir, report)
+    ckpt.atomic_write_json(run.path / REPORT, report)
+    result = CorrectResult(run.path, run.adapter_dir, report)
     log(result.table())
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("student", nargs="?", help="the quantized student (GGUF, e.g. from lowtune quantize)")
-    p.add_argument("--teacher", help="the full-precision teacher (GGUF with the same tokenizer, e.g. "
-                   "`lowtune quantize SRC --type F32`)")
-    p.add_argument("--text", help="training text (plain text; its last --eval-fraction is held out)")
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank (default {DEFAULT_RANK})")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"LoRA alpha, scale = alpha/rank (default {DEFAULT_ALPHA:g}, as lrec.py)")
-    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
-                   help="comma-separated linears (default: all seven; the released INT2.1 runs left "
-                   "out ffn_down)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="optimizer steps")
-    g.add_argument("--epochs", type=float, help="passes over the training text (default 1)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR:g})")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default 3%% of the steps)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the mean KL (default 1)")
-    p.add_argument("--ce-weight", type=float, default=DEFAULT_CE_WEIGHT,
-                   help=f"weight of the mean cross-entropy (default {DEFAULT_CE_WEIGHT:.4f} = lrec.py's "
-                   "200 with its KL summed over 2048 positions)")
-    p.add_argument("--kl-chunk", type=int, default=DEFAULT_KL_CHUNK,
-                   help=f"positions whose logits are computed at once (default {DEFAULT_KL_CHUNK})")
-    p.add_argument("--eval-text", action="append", default=[],
-                   help="extra held-out text (repeatable), e.g. of another source")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per --eval-text")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --text")
-    p.add_argument("--eval-every", type=int, help="held-out evaluation interval in steps")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--teacher-device", help="keep the teacher elsewhere (e.g. cpu)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="student activation dtype (default bfloat16 "
-                   "on CUDA, float32 on the CPU)")
-    p.add_argument("--max-vram", help="GPU memory budget (layer streaming), e.g. 6GB")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("correct", help="LREC: train a LoRA that makes a quantized model match its "
-                              "full-precision teacher", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from .trainer import TrainingError
-    try:
-        if args.resume:
-            resume_correct(args.resume, steps=args.steps, max_vram=args.max_vram, device=args.device)
-            return 0
-        missing = [f for f, v in (("STUDENT", args.student), ("--teacher", args.teacher),
-                                  ("--text", args.text), ("-o RUN_DIR", args.output)) if not v]
-        if missing:
-            print(f"lowtune correct: missing {', '.join(missing)}", file=sys.stderr)
-            return 2
-        opts = {k: getattr(args, k) for k in ("steps", "epochs", "seq_len", "batch", "grad_accum",
-                                              "warmup", "eval_every", "eval_fraction", "seed", "device",
-                                              "max_vram", "targets") if getattr(args, k) is not None}
-        correct(args.student, args.teacher, args.text, args.output, rank=args.rank, alpha=args.alpha,
-                kl_weight=args.kl_weight, ce_weight=args.ce_weight, lr=args.lr, schedule=args.schedule,
-                eval_texts=args.eval_text, eval_tokens=args.eval_tokens, kl_chunk=args.kl_chunk,
-                teacher_device=args.teacher_device, dtype=args.dtype, **opts)
-    except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"lowtune correct: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowtune correct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-__all__ = ["DistillationModel", "FrozenAdaptedLinear", "adapters_disabled", "apply_frozen_base_adapter",
-           "correct", "distill_loss", "find_adapter_dir", "format_report", "frozen_adapters_of",
-           "reference_distill_loss", "resume_correct", "score", "text_examples"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["CorrectResult", "DistillationModel", "adapters_disabled", "build", "correct", "distill_loss",
+           "format_report", "reference_distill_loss", "resume_correct", "run_correction", "score",
+           "text_examples"]

@@ -146,7 +146,8 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_bos=False, add_eos=False))
 
 
-def _add_bos(tokenizer) -> bool:
+def wants_bos(tokenizer) -> bool:
+    """Whether sequences start with the tokenizer's BOS (it asks for one and has one)."""
     return bool(getattr(tokenizer, "add_bos", False)) and getattr(tokenizer, "bos_id", None) is not None
 
 
@@ -185,7 +186,7 @@ def pack(ids: Sequence[int], seq_len: int, bos_id: int | None = None) -> list[Ex
 def _load_text(path: Path, tokenizer, seq_len: int, eval_fraction: float, strict: bool) -> Dataset:
     ids = tokenize_stream(_read_text(path, strict), tokenizer)
     cut = len(ids) - int(round(len(ids) * eval_fraction))
-    bos = tokenizer.bos_id if _add_bos(tokenizer) else None
+    bos = tokenizer.bos_id if wants_bos(tokenizer) else None
     return Dataset(pack(ids[:cut], seq_len, bos), pack(ids[cut:], seq_len, bos), DataStats("text"))
 
 
@@ -306,7 +307,7 @@ def _load_records(path: Path, tokenizer, seq_len: int, train_on_prompt: bool, ev
         if len(stats.skipped_lines) < bad_limit:
             stats.skipped_lines.append(f"line {lineno}: {why}")
 
-    bos = _add_bos(tokenizer)
+    bos = wants_bos(tokenizer)
     for lineno, rec in _iter_records(path, strict):
         stats.records += 1
         if isinstance(rec, DataError):
@@ -389,6 +390,19 @@ def micro_batch_indices(n_examples: int, batch: int, seed: int, index: int) -> t
     per_epoch = micro_batches_per_epoch(n_examples, batch)
     epoch, j = divmod(index, per_epoch)
     return epoch, epoch_order(n_examples, seed, epoch)[j * batch:(j + 1) * batch]
+
+
+def first_tokens(examples: list, n: int) -> list:
+    """The leading examples holding at most n tokens in all (the last one cut to fit)."""
+    out, left = [], n
+    for e in examples:
+        if left < 2:
+            break
+        if len(e) > left:
+            e = type(e)(e.input_ids[:left], e.labels[:left])
+        out.append(e)
+        left -= len(e)
+    return out
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

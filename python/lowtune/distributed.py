@@ -167,7 +167,7 @@ def barrier() -> None:
 
 
 def rank_seed(seed: int, r: int | None = None) -> int:
-    """The RNG seed of rank r (for trainer.seed_everything: dropout masks differ between ranks;
+    """The RNG seed of rank r (for checkpoint.seed_everything: dropout masks differ between ranks;
     rank 0 keeps `seed`, so its random numbers are those of a single-process run)."""
     r = rank() if r is None else r
     return seed if r == 0 else int(np.random.default_rng([seed, r]).integers(1 << 62))

@@ -5,7 +5,6 @@
     export_lora_gguf("model.gguf", "runs/a", "lora.gguf")            # llama.cpp --lora
     export_peft("model.gguf", "runs/a", "peft/")                     # adapter_model.safetensors
     export_hf("model.gguf", "runs/a", "hf/", dtype="bf16")           # LlamaForCausalLM directory
-    model = load_model_with_adapter("model.gguf", "runs/a", rank=8)  # base + adapter, unmerged
 
 The base is read tensor by tensor from its memory-mapped GGUF (or a Hugging Face directory,
 quantized on the fly as training did) and every output is written one tensor at a time to a
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -36,108 +34,33 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from gguf.constants import GGUFValueType
 from torch import nn
 
-from . import adapters as _adapters
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig
+from . import hf_names
+from .adapters import ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, read_adapter_config
+from .checkpoint import atomic_write, atomic_write_text
+from .dtypes import hf_name as hf_dtype_name, torch_dtype, type_of
 from .formats import get_format
+from .gguf_io import write_gguf
+from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
 from .merge import MergeInfo, dense, merge_weight
+from .methods import GROUP_CONSTANT
 from .qtensor import QTensor
+from .recipes import LOGICAL_TYPES_KEY, choose_type, logical_types, storage_format
+from .safetensors_io import write_safetensors, write_safetensors_dict
+from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
 
-log = logging.getLogger("lowtune.export")
-
-# GGUF (blk.N.)<name> <-> HF model.layers.N.<name>
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-HF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}
-_HF_DTYPES = {"bf16": (torch.bfloat16, "BF16", "bfloat16"), "fp16": (torch.float16, "F16", "float16"),
-              "f16": (torch.float16, "F16", "float16"), "fp32": (torch.float32, "F32", "float32"),
-              "f32": (torch.float32, "F32", "float32")}
+log = logging.getLogger("lowtune")
 _MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """HF Llama name of a GGUF tensor; None for tensors HF does not store (rope_freqs)."""
-    if name in HF_GLOBAL_NAMES:
-        return HF_GLOBAL_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in HF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    if name == "rope_freqs.weight":
-        return None
-    raise ValueError(f"no Hugging Face name for GGUF tensor {name!r}")
-
-
-def _is_q(name: str) -> bool:
-    return name.endswith(".attn_q.weight")
-
-
-def _is_k(name: str) -> bool:
-    return name.endswith(".attn_k.weight")
-
-
-# ---- the base model ----------------------------------------------------------------------------
-
-def open_base(model, qtype=None):
-    """The base as a GGUFFile-like object (metadata, metadata_types, tensor_infos, qtensor(),
-    tensor(), alignment, path). model: a GGUF file, or a Hugging Face directory, quantized the
-    way `lowtune finetune` quantizes it (to `qtype`, or per trainer.default_qtype when None), so
-    the merge starts from the very blocks the adapter was trained on."""
-    p = Path(model)
-    if p.is_dir():
-        from .trainer import _load_safetensors_dir
-        ckpt = _load_safetensors_dir(p, qtype)
-        ckpt.alignment = 32
-        return ckpt
-    if not p.is_file():
-        raise ValueError(f"model file not found: {p}")
-    from .gguf_io import GGUFFile
-    return GGUFFile(p)
-
-
-# ---- the adapter ---------------------------------------------------------------------------------
-
-def find_adapter_dir(path) -> Path:
-    """The directory holding adapter_config.json + adapter.safetensors: `path` itself, or the
-    adapter inside a `lowtune finetune` run directory."""
-    p = Path(path)
-    if (p / ADAPTER_CONFIG).is_file():
-        return p
-    if not p.is_dir():
-        raise ValueError(f"adapter directory not found: {p}")
-    for sub in ("adapter", ADAPTER_WEIGHTS):
-        if (p / sub / ADAPTER_CONFIG).is_file():
-            return p / sub
-    found = sorted(c.parent for c in p.glob(f"*/{ADAPTER_CONFIG}"))
-    if len(found) == 1:
-        return found[0]
-    what = "several adapters: " + ", ".join(str(f) for f in found) if found else "no adapter_config.json"
-    raise ValueError(f"{p}: {what}; pass the adapter directory itself (the one holding {ADAPTER_CONFIG})")
-
-
 def gguf_name_of_module(module: str) -> str:
-    """'layers.3.attn_q' (a LlamaModel module path) -> 'blk.3.attn_q.weight'."""
+    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight'."""
     m = _MODULE_RE.search(module)
     if m is None:
         raise ValueError(f"adapter module {module!r} is not a decoder-layer linear (layers.N.<name>)")
     return f"blk.{m.group(1)}.{m.group(2)}.weight"
-
-
-@torch.no_grad()
-def group_offsets(lin: AdaptedLinear) -> torch.Tensor:
-    """QA-LoRA / QA-HiRA: the constant their update adds to each group of G inputs, [N, K/G]
-    fp32 (= lin.block_offsets(), without building the dense ΔW): the pooled input is a mean,
-    so ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M in place of B·A)."""
-    g = lin.geometry()
-    if lin.method == "qa-hira":
-        m = lin.hira_M.float()
-    else:
-        m = lin.lora_B[:, :g.rank].float() @ lin.lora_A[:g.rank].float()
-    return (m.repeat_interleave(g.repeat, dim=0) * (g.scale / g.pool)).contiguous()
 
 
 class _FrozenWeight(nn.Module):
@@ -166,16 +89,10 @@ class SavedAdapter:
         from safetensors import safe_open
 
         self.directory = find_adapter_dir(directory)
-        self.meta = _adapters.read_adapter_config(self.directory)
+        self.meta = read_adapter_config(self.directory)
         self.config = AdapterConfig.from_dict(self.meta["config"])
         self.method = self.config.method
-        if rank is not None and self.method != "qdylora":
-            raise ValueError(f"--rank picks a QDyLoRA rank; this adapter is {self.method} "
-                             f"(rank fixed at {self.config.rank})")
-        if rank is not None and not 1 <= rank <= self.config.rank:
-            raise ValueError(f"QDyLoRA rank must be in 1..{self.config.rank}, got {rank}")
-        self.rank = (rank or int(self.meta.get("dylora_rank") or self.config.rank)) \
-            if self.method == "qdylora" else None
+        self.rank = adapter_rank(self.meta, rank)
         self.modules = {gguf_name_of_module(m): (m, spec) for m, spec in self.meta["modules"].items()}
         self._st = safe_open(str(self.directory / ADAPTER_WEIGHTS), framework="pt")
 
@@ -183,26 +100,14 @@ class SavedAdapter:
     def tensor_names(self) -> list[str]:
         return list(self.modules)
 
-    @property
-    def base_hash(self) -> str | None:
-        return self.meta.get("base_hash")
-
-    def check_base(self, base_path, ignore: bool = False) -> None:
-        """The saved base hash must match the base file (GGUF); ignore=True skips the check."""
-        saved = self.base_hash
-        if ignore:
-            return
-        if saved is None:
-            log.warning("the adapter in %s records no base hash; cannot check it was trained on %s",
-                        self.directory, base_path)
-            return
-        if not Path(base_path).is_file():
-            return  # an HF directory: shapes and types are checked tensor by tensor instead
-        got = _adapters.base_hash(base_path)
-        if got != saved:
-            raise ValueError(f"the adapter in {self.directory} was trained on base {saved[:16]}…, but "
-                             f"{base_path} is {got[:16]}…; pass the training base (or "
-                             f"--ignore-base-hash to merge anyway)")
+    def check(self, base_path, base, force: bool = False) -> None:
+        """loading.check_base against the base file or directory, then every adapted tensor
+        present in the base (`base`, the opened source)."""
+        check_base(self.directory, self.meta, base_path, force)
+        missing = [n for n in self.tensor_names if n not in base.tensor_infos]
+        if missing:
+            raise ValueError(f"the adapter targets tensors this base lacks ({', '.join(missing[:3])}…); "
+                             f"pass the base it was trained on")
 
     def adapted(self, name: str, qt: QTensor) -> AdaptedLinear | None:
         """The adapter of GGUF tensor `name` on base weight qt, or None if it has none."""
@@ -234,14 +139,27 @@ class SavedAdapter:
         lin = self.adapted(name, qt)
         if lin is None:
             return {}
-        if lin.method in ("qa-lora", "qa-hira"):
-            return {"delta_groups": group_offsets(lin), "group": lin.pool}
+        if lin.method in GROUP_CONSTANT:
+            return {"delta_groups": lin.block_offsets(), "group": lin.pool}
         return {"delta": lin.delta_weight()}
 
     def lora(self, name: str, qt: QTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A' [r', K], B' [N, r']) fp32, the scale folded into B', or None."""
         lin = self.adapted(name, qt)
         return None if lin is None else lin.as_lora()
+
+
+def _open(model, adapter, rank, base_type, force):
+    """(SavedAdapter or None, the base opened as training saw it), the adapter checked against it."""
+    ad = SavedAdapter(adapter, rank) if adapter is not None else None
+    base = open_base(model, hf_qtype(model, adapter, base_type))
+    try:
+        if ad is not None:
+            ad.check(model, base, force)
+    except BaseException:
+        base.close()
+        raise
+    return ad, base
 
 
 # ---- reports -------------------------------------------------------------------------------------
@@ -290,26 +208,26 @@ def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
 # ---- merged GGUF ---------------------------------------------------------------------------------
 
 def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
-                       kquant_mins: str = "best", base_type=None, ignore_base_hash: bool = False,
+                       kquant_mins: str = "best", base_type=None, force: bool = False,
                        measure: bool = True) -> ExportReport:
     """Write `out`: the base with the adapter merged into every adapted weight, each tensor in
     its own quantization type (qtype: re-target every quantized tensor, with llama-quantize's
     fallbacks where the row length does not fit the blocks). adapter None converts only
-    (INTb-gG -> Q4_1/Q5_1, or --type). Every metadata KV of the base is carried over with its
-    original type. See lowtune.merge.merge_weight for the per-tensor paths."""
-    from .gguf_io import write_gguf
-    from .safetensors_io import choose_type
-
+    (INTb-gG -> its GGUF storage type, or --type). Every metadata KV of the base is carried over
+    with its original type; INTb-gG tensors written in their storage type are recorded in
+    lowtune.logical_types. See lowtune.merge.merge_weight for the per-tensor paths. base_type:
+    the type an HF directory was quantized to for training (default: the run's). force: merge an
+    adapter trained on another base (loading.check_base)."""
     t0 = time.perf_counter()
-    ad = SavedAdapter(adapter, rank) if adapter is not None else None
     if qtype is not None:
         get_format(qtype)  # fail early on a bad name
-    base = open_base(model, base_type or _run_qtype(adapter))
+    ad, base = _open(model, adapter, rank, base_type, force)
     infos: dict[str, MergeInfo] = {}
     try:
-        if ad is not None:
-            ad.check_base(model, ignore_base_hash)
-            _check_all_present(ad, base)
+        def target_of(name, ti):  # None: the tensor's own type
+            if qtype is not None and ti.type is not None and ti.type.quantized:
+                return choose_type(qtype, name, tuple(ti.shape))
+            return None
 
         def tensors() -> Iterator:
             for name, ti in base.tensor_infos.items():
@@ -318,9 +236,7 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                     continue
                 qt = base.qtensor(name)
                 upd = ad.update(name, qt) if ad is not None else {}
-                target = None
-                if qtype is not None and ti.type.quantized:
-                    target = choose_type(qtype, name, tuple(qt.shape))
+                target = target_of(name, ti)
                 out_qt, info = merge_weight(qt, target=target, kquant_mins=kquant_mins, measure=measure, **upd)
                 if target is not None and target.name != get_format(qtype).name:
                     info.note = (info.note + "; " if info.note else "") + \
@@ -328,7 +244,19 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                 infos[name] = info
                 yield name, (out_qt, ti.shape)
 
-        write_gguf(out, base.metadata, tensors(), base.metadata_types, alignment=base.alignment)
+        md, types = dict(base.metadata), dict(base.metadata_types)
+        # INTb-gG tensors are written in their GGUF storage type: the file records which they are
+        logical = {n: t for n, t in logical_types(md).items() if n in base.tensor_infos
+                   and target_of(n, base.tensor_infos[n]) is None}
+        for n, ti in base.tensor_infos.items():
+            fmt = target_of(n, ti) or ti.type
+            if fmt is not None and storage_format(fmt) is not fmt:
+                logical[n] = fmt.name
+        md.pop(LOGICAL_TYPES_KEY, None)
+        if logical:
+            md[LOGICAL_TYPES_KEY] = [f"{n}={t}" for n, t in logical.items()]
+            types[LOGICAL_TYPES_KEY] = (GGUFValueType.ARRAY, GGUFValueType.STRING)
+        write_gguf(out, md, tensors(), types, alignment=base.alignment)
     finally:
         base.close()
     rep = ExportReport(str(out), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
@@ -338,50 +266,23 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
     return rep
 
 
-def _check_all_present(ad: SavedAdapter, base) -> None:
-    missing = [n for n in ad.tensor_names if n not in base.tensor_infos]
-    if missing:
-        raise ValueError(f"the adapter targets tensors this base lacks ({', '.join(missing[:3])}…); "
-                         f"pass the base it was trained on")
-
-
-def _run_qtype(adapter) -> str | None:
-    """The quantization type a run applied to a Hugging Face base (the run's config.json,
-    train.qtype), or None."""
-    if adapter is None:
-        return None
-    for d in (Path(adapter), Path(adapter).parent):
-        cfg = d / "config.json"
-        if cfg.is_file():
-            try:
-                c = json.loads(cfg.read_text())
-                return (c.get("train") or c).get("qtype")
-            except (ValueError, AttributeError):
-                return None
-    return None
-
-
 # ---- GGUF LoRA -------------------------------------------------------------------------------------
 
 def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None = None,
-                     base_type=None, ignore_base_hash: bool = False) -> ExportReport:
+                     base_type=None, force: bool = False) -> ExportReport:
     """Write a GGUF LoRA adapter for llama.cpp (`--lora`, llama_cpp.Llama(lora_path=...)):
     general.type = adapter, adapter.type = lora, tensors `<base>.lora_a` (ne [in, r]) and
     `<base>.lora_b` (ne [r, out]) in F32 or F16, every method through its equivalent standard
     LoRA. llama.cpp scales by alpha / r with r = lora_b's ne[0]; the scale is already folded in,
     so alpha is set to the largest rank and each B' is multiplied by r'/alpha (exactly 1 where
     all ranks agree; QA-HiRA's rank min(N, K/G) differs between q and ffn_down)."""
-    from .gguf_io import write_gguf
-
     t0 = time.perf_counter()
-    dt = {"F32": torch.float32, "F16": torch.float16}.get(str(dtype).upper().replace("FP", "F"))
-    if dt is None:
+    tag = type_of(dtype)
+    if tag not in ("F32", "F16"):
         raise ValueError(f"LoRA tensors are written as F32 or F16, not {dtype!r}")
-    ad = SavedAdapter(adapter, rank)
-    base = open_base(model, base_type or _run_qtype(adapter))
+    dt = torch_dtype(tag)
+    ad, base = _open(model, adapter, rank, base_type, force)
     try:
-        ad.check_base(model, ignore_base_hash)
-        _check_all_present(ad, base)
         pairs = {name: ad.lora(name, base.qtensor(name)) for name in base.tensor_infos if name in ad.modules}
         arch = base.metadata["general.architecture"]
         base_name = base.metadata.get("general.name", "model")
@@ -392,9 +293,9 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
     for name, (a, b) in pairs.items():
         tensors.append((f"{name}.lora_a", a.to(dt).contiguous()))
         tensors.append((f"{name}.lora_b", (b * (a.shape[0] / alpha)).to(dt).contiguous()))
-    from gguf.constants import GGUFValueType as V
     md = {"general.architecture": arch, "general.type": "adapter", "general.name": f"{base_name} {ad.method} LoRA",
           "adapter.type": "lora", "adapter.lora.alpha": float(alpha)}
+    V = GGUFValueType
     types = {"general.type": V.STRING, "general.name": V.STRING, "adapter.type": V.STRING,
              "adapter.lora.alpha": V.FLOAT32}
     write_gguf(out, md, tensors, types)
@@ -406,65 +307,29 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
 
 # ---- PEFT adapter ------------------------------------------------------------------------------------
 
-def _heads(md: dict) -> tuple[int, int]:
-    arch = md["general.architecture"]
-    n_head = int(md[f"{arch}.attention.head_count"])
-    return n_head, int(md.get(f"{arch}.attention.head_count_kv", n_head))
-
-
-def _to_hf_rows(name: str, w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
-    """Undo GGUF's q/k row permutation for weights (or LoRA B) of `name`."""
-    from .safetensors_io import permute_qk_gguf_to_hf
-    if _is_q(name):
-        return permute_qk_gguf_to_hf(w, n_head)
-    if _is_k(name):
-        return permute_qk_gguf_to_hf(w, n_head_kv)
-    return w
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then rename over path; the file gets the usual permissions (umask)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None,
-                ignore_base_hash: bool = False, base_model_name: str | None = None) -> ExportReport:
+                force: bool = False, base_model_name: str | None = None) -> ExportReport:
     """Write a PEFT LoRA adapter directory: adapter_model.safetensors (keys
     base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...; q/k rows in HF order)
     and adapter_config.json (peft_type LORA, lora_alpha = r so the scale is 1: the scale is
     folded into B; rank_pattern/alpha_pattern for modules of another rank)."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
-    ad = SavedAdapter(adapter, rank)
-    base = open_base(model, base_type or _run_qtype(adapter))
+    ad, base = _open(model, adapter, rank, base_type, force)
     try:
-        ad.check_base(model, ignore_base_hash)
-        _check_all_present(ad, base)
-        n_head, n_head_kv = _heads(base.metadata)
-        md_name = base.metadata.get("general.name")
+        md = dict(base.metadata)
         tensors, ranks = {}, {}
         for name in base.tensor_infos:
             pair = ad.lora(name, base.qtensor(name)) if name in ad.modules else None
             if pair is None:
                 continue
             a, b = pair
-            module = gguf_to_hf_name(name)[: -len(".weight")]
+            module = hf_names.hf_name(name, md["general.architecture"])[: -len(".weight")]
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = _to_hf_rows(name, b, n_head, n_head_kv).contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_rows(name, b, md).contiguous()
             ranks[module] = a.shape[0]
     finally:
         base.close()
@@ -472,7 +337,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
     other = {m: rr for m, rr in ranks.items() if rr != r}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
-        "base_model_name_or_path": base_model_name or md_name or str(model), "revision": None,
+        "base_model_name_or_path": base_model_name or md.get("general.name") or str(model), "revision": None,
         "inference_mode": True, "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
         "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True, "modules_to_save": None,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
@@ -484,7 +349,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                   "lowtune.note": "scale folded into lora_B (lora_alpha = r); pooling folded into lora_A"}
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic(d / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata=provenance))
+    write_safetensors_dict(d / "adapter_model.safetensors", tensors, provenance)
     _write_json(d / "adapter_config.json", config)
     size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
     notes = [f"{len(other)} module(s) of another rank in rank_pattern"] if other else []
@@ -493,75 +358,10 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
 
 # ---- merged HF safetensors ---------------------------------------------------------------------------
 
-def write_safetensors_streaming(path, specs: list[tuple[str, str, tuple[int, ...]]], produce,
-                                metadata: dict | None = None) -> None:
-    """Write a safetensors file one tensor at a time. specs: (name, dtype tag "BF16"/"F16"/"F32",
-    shape) in file order; produce(name) -> the tensor (called once per name, in order). The
-    header is built from specs first, so nothing but the current tensor is held in memory."""
-    sizes = {"BF16": 2, "F16": 2, "F32": 4}
-    header, offset = {}, 0
-    for name, dt, shape in specs:
-        nbytes = sizes[dt] * math.prod(shape)
-        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-
-    def write(tmp: Path):
-        with open(tmp, "wb") as f:
-            f.write(len(hb).to_bytes(8, "little"))
-            f.write(hb)
-            for name, dt, shape in specs:
-                t = produce(name)
-                want = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dt]
-                if t.dtype != want or tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, header says {dt} {shape}")
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(Path(path), write)
-
-
-def _f32(x: float) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
-    return float(f"{x:.7g}")
-
-
-def hf_config(md: dict, tied: bool, torch_dtype: str) -> dict:
-    """config.json of a transformers LlamaForCausalLM from GGUF metadata."""
-    from .model import LlamaConfig
-    c = LlamaConfig.from_gguf_metadata(md)
-    if c.rope_dim != c.head_dim:
-        raise ValueError("partial RoPE (rope.dimension_count < head_dim) has no Llama HF config")
-    cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": _f32(c.norm_eps), "rope_theta": _f32(c.rope_theta),
-        "max_position_embeddings": c.context_length, "vocab_size": c.vocab_size,
-        "tie_word_embeddings": tied, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True, "torch_dtype": torch_dtype,
-        "rope_scaling": None,
-    }
-    if c.rope_linear_scale != 1.0:
-        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
-    for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                    ("pad_token_id", "padding_token_id")):
-        v = md.get(f"tokenizer.ggml.{tk}")
-        if v is not None:
-            cfg[key] = int(v)
-    return cfg
-
-
 def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
     """Tokenizer files for transformers from GGUF tokenizer metadata: tokenizer.json (byte-level
     BPE, built from lowtune's tokenizers object) or tokenizer.model (SentencePiece), plus
     tokenizer_config.json and special_tokens_map.json. Returns the names written."""
-    from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
-
     tok = load_tokenizer(md)
     names = []
     tokens = md["tokenizer.ggml.tokens"]
@@ -594,7 +394,7 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
             b = tokens[tok.bos_id]
             hf.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
                                                               special_tokens=[(b, tok.bos_id)])
-        _atomic(out_dir / "tokenizer.json", lambda p: hf.save(str(p)))
+        atomic_write_text(out_dir / "tokenizer.json", hf.to_str())
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         names.append("tokenizer.json")
     else:
@@ -602,7 +402,7 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
             tokens, list(md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)), types, model_type="bpe",
             byte_fallback=6 in types, add_dummy_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)),
             remove_extra_whitespaces=False)
-        _atomic(out_dir / "tokenizer.model", lambda p: p.write_bytes(proto))
+        atomic_write(out_dir / "tokenizer.model", lambda f: f.write(proto))
         cfg["tokenizer_class"] = "LlamaTokenizer"
         cfg["legacy"] = False
         names.append("tokenizer.model")
@@ -613,26 +413,24 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
 
 
 def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = None, base_type=None,
-              ignore_base_hash: bool = False) -> ExportReport:
+              force: bool = False) -> ExportReport:
     """Write a Hugging Face LlamaForCausalLM directory: model.safetensors (deq(W) + ΔW in bf16 or
     fp16, q/k rows back in HF order, written tensor by tensor), config.json,
     generation_config.json and the tokenizer. adapter None exports the base alone."""
     t0 = time.perf_counter()
-    if str(dtype).lower() not in _HF_DTYPES:
-        raise ValueError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    tdt, tag, tname = _HF_DTYPES[str(dtype).lower()]
-    ad = SavedAdapter(adapter, rank) if adapter is not None else None
-    base = open_base(model, base_type or _run_qtype(adapter))
     try:
-        if ad is not None:
-            ad.check_base(model, ignore_base_hash)
-            _check_all_present(ad, base)
+        tag = type_of(dtype)
+    except ValueError:
+        raise ValueError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}") from None
+    tdt = torch_dtype(tag)
+    ad, base = _open(model, adapter, rank, base_type, force)
+    try:
         md = dict(base.metadata)
+        arch = md["general.architecture"]
         if "rope_freqs.weight" in base.tensor_infos:
             raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                              "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-        n_head, n_head_kv = _heads(md)
-        names = {n: gguf_to_hf_name(n) for n in base.tensor_infos}
+        names = {n: hf_names.hf_name(n, arch) for n in base.tensor_infos}
         specs = [(names[n], tag, tuple(ti.shape)) for n, ti in base.tensor_infos.items() if names[n] is not None]
         by_hf = {h: g for g, h in names.items() if h is not None}
 
@@ -645,14 +443,13 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             w = dense(qt)
             if ad is not None and name in ad.modules:
                 w += ad.adapted(name, qt).delta_weight()
-            w = _to_hf_rows(name, w, n_head, n_head_kv)
-            return w.reshape(ti.shape).to(tdt)
+            return hf_names.to_hf_rows(name, w, md).reshape(ti.shape).to(tdt)
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        write_safetensors_streaming(d / "model.safetensors", specs, produce, {"format": "pt"})
+        write_safetensors(d / "model.safetensors", specs, produce, {"format": "pt"})
         tied = "output.weight" not in base.tensor_infos
-        cfg = hf_config(md, tied, tname)
+        cfg = hf_names.hf_config(ModelConfig.from_gguf_metadata(md), md, tied, hf_dtype_name(tdt))
         _write_json(d / "config.json", cfg)
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         _write_json(d / "generation_config.json", gen)
@@ -668,39 +465,5 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                         time.perf_counter() - t0)
 
 
-# ---- base + adapter, unmerged (for `lowtune eval/generate --adapter`) ------------------------------
-
-def load_model_with_adapter(model_path, adapter=None, rank: int | None = None, device="cpu",
-                            dtype: torch.dtype = torch.float32, ignore_base_hash: bool = False):
-    """LlamaModel.from_gguf(model_path) with the adapter saved in `adapter` (an adapter or run
-    directory) applied unmerged; rank picks QDyLoRA's b (default: the one saved). The adapter's
-    recorded base hash must match the file unless ignore_base_hash."""
-    from .model import LlamaModel
-
-    model = LlamaModel.from_gguf(model_path, device=device, dtype=dtype)
-    if adapter is None:
-        if rank is not None:
-            raise ValueError("--rank needs --adapter")
-        return model
-    d = find_adapter_dir(adapter)
-    meta = _adapters.read_adapter_config(d)
-    if rank is not None and meta.get("method") != "qdylora":
-        raise ValueError(f"--rank picks a QDyLoRA rank; this adapter is {meta.get('method')}")
-    ignore = ignore_base_hash or meta.get("base_hash") is None
-    if meta.get("base_hash") is None and not ignore_base_hash:
-        log.warning("the adapter in %s records no base hash; cannot check it was trained on %s", d, model_path)
-    _adapters.load_adapter(model, d, ignore_base_hash=ignore)
-    if rank is not None:
-        _adapters.set_rank(model, rank)
-    return model.eval()
-
-
-def add_parser(subparsers):
-    """`lowtune export` (the CLI lives in export_cli.py)."""
-    from .export_cli import add_parser as add
-    return add(subparsers)
-
-
 __all__ = ["ExportReport", "SavedAdapter", "export_hf", "export_lora_gguf", "export_merged_gguf", "export_peft",
-           "find_adapter_dir", "gguf_name_of_module", "group_offsets", "gguf_to_hf_name", "hf_config", "load_model_with_adapter",
-           "open_base", "write_hf_tokenizer", "write_safetensors_streaming"]
+           "gguf_name_of_module", "write_hf_tokenizer"]

@@ -1,29 +1,57 @@
-"""`lowtune finetune`: the command line of trainer.py.
+"""What `lowtune finetune` accepts, and the TrainConfig it makes of it (lowtune.commands runs it).
 
-    lowtune finetune MODEL --data FILE --method qahira --steps 200 -o runs/demo
+    lowtune finetune MODEL --data FILE --method qa-hira --steps 200 -o runs/demo
     lowtune finetune --resume runs/demo            # continue a killed run
-
-cli.py registers it through `add_parser(subparsers)`; `python -m lowtune.finetune_cli ...` works
-on its own too.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from .trainer import METHODS, RESUME_OVERRIDES, SCHEDULES, TrainConfig, TrainingError
+from .methods import METHODS, canonical_method
+from .train_config import RESUME_OVERRIDES, SCHEDULES, TrainConfig
 
 # CLI dest -> TrainConfig field, where they differ.
 _FIELDS = {"type": "qtype", "output": "out"}
+
+DESCRIPTION = """Fine-tune adapters on a quantized model (a GGUF file, or a Hugging Face safetensors
+directory quantized on load), keeping the base weights packed. The run directory gets
+config.json, metrics.jsonl, loss.png, checkpoints/ and the adapter.
+
+examples:
+  lowtune finetune model.gguf --data book.txt --method qa-hira --steps 200 -o runs/book
+  lowtune finetune model.gguf --data alpaca.jsonl --method lora --rank 16 --epochs 1 -o runs/a
+  lowtune finetune --resume runs/a          # continue a killed run where it stopped
+  torchrun --standalone --nproc-per-node 4 -m lowtune finetune model.gguf --data d.jsonl -o runs/b
+                      # data-parallel on 4 GPUs: --batch is per GPU, rank 0 writes the run dir
+"""
+
+
+def parse_layers(text: str) -> list[int]:
+    """'20-29' / '0,2,4' / '0-3,8' -> sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; write them like 20-29 or 0,2,4") from None
+    return sorted(out)
+
+
+def _method(text: str) -> str:
+    try:
+        return canonical_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="GGUF file or Hugging Face safetensors directory")
     p.add_argument("--data", help="training data: .txt (plain text), .jsonl/.json records "
                    "(text, Alpaca instruction/input/output, or chat messages)")
-    p.add_argument("--method", choices=METHODS, help="adapter method (default qahira)")
-    p.add_argument("--rank", type=int, help="adapter rank (dylora: the largest rank)")
+    p.add_argument("--method", type=_method, metavar="{" + ",".join(METHODS) + "}",
+                   help="adapter method (default qa-hira; qalora, qbara, qahira, dylora also accepted)")
+    p.add_argument("--rank", type=int, help="adapter rank (qdylora: the largest rank)")
     p.add_argument("--alpha", type=float, help="adapter scaling numerator (scale = alpha/rank)")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
@@ -67,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-adapter", metavar="RUN_DIR",
                    help="apply the adapter of RUN_DIR (e.g. a `lowtune correct` run) frozen, and "
                    "train a second adapter on top of it")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="use --base-adapter even if it was trained on another base model")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint, with its own "
                    "settings; these may change: " + ", ".join(
@@ -74,45 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
 
 
-def parse_layers(text: str) -> list[int]:
-    """'20-29' / '0,2,4' / '0-3,8' -> sorted layer indices."""
-    out: set[int] = set()
-    try:
-        for part in text.split(","):
-            a, _, b = part.strip().partition("-")
-            out.update(range(int(a), int(b or a) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; write them like 20-29 or 0,2,4") from None
-    return sorted(out)
-
-
-DESCRIPTION = """Fine-tune adapters on a quantized model (a GGUF file, or a Hugging Face safetensors
-directory quantized on load), keeping the base weights packed. The run directory gets
-config.json, metrics.jsonl, loss.png, checkpoints/ and the adapter.
-
-examples:
-  lowtune finetune model.gguf --data book.txt --method qahira --steps 200 -o runs/book
-  lowtune finetune model.gguf --data alpaca.jsonl --method lora --rank 16 --epochs 1 -o runs/a
-  lowtune finetune --resume runs/a          # continue a killed run where it stopped
-  torchrun --standalone --nproc-per-node 4 -m lowtune finetune model.gguf --data d.jsonl -o runs/b
-                      # data-parallel on 4 GPUs: --batch is per GPU, rank 0 writes the run dir
-"""
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("finetune", help="fine-tune adapters on a quantized model",
-                              description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def _given(args: argparse.Namespace) -> dict:
+def given(args: argparse.Namespace) -> dict:
     """TrainConfig fields the user set on the command line."""
     out = {}
     for k, v in vars(args).items():
-        if v is None or k in ("func", "resume", "command", "cmd"):
+        if v is None or k in ("resume", "command"):
             continue
         k = _FIELDS.get(k, k)
         if k == "gradient_checkpointing":
@@ -123,53 +119,22 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from .trainer import parse_size
-    given = _given(args)
-    if "max_vram" in given:
-        given["max_vram"] = parse_size(given["max_vram"])
+    """The TrainConfig of a new run."""
+    fields = given(args)
     missing = [flag for flag, key in (("MODEL", "model"), ("--data", "data"), ("-o RUN_DIR", "out"))
-               if key not in given]
+               if key not in fields]
     if missing:
-        raise SystemExit(f"lowtune finetune: missing {', '.join(missing)} "
-                         "(or --resume RUN_DIR to continue a run)")
-    return TrainConfig(**given)
+        raise ValueError(f"missing {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
+    return TrainConfig(**fields)
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .trainer import Trainer, apply_overrides, parse_size
-    if getattr(args, "max_vram", None) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        # under a budget, growable segments keep the driver's view near what torch allocates
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    try:
-        if args.resume:
-            cfg = TrainConfig.load(args.resume)
-            given = _given(args)
-            if "max_vram" in given:
-                given["max_vram"] = parse_size(given["max_vram"])
-            # MODEL/--data/-o may be repeated on resume; they must agree with the run's own.
-            for key in ("model", "data", "out"):
-                if key in given and str(given.pop(key)) != str(getattr(cfg, key)):
-                    print(f"note: --resume uses the run's own {key} ({getattr(cfg, key)})",
-                          file=sys.stderr)
-            apply_overrides(cfg, given)
-            Trainer(cfg).run(resume=True)
-        else:
-            Trainer(config_from_args(args)).run()
-    except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"lowtune finetune: error: {distributed.prefix()}{e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowtune finetune", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def resumed_config(args: argparse.Namespace, note=print) -> TrainConfig:
+    """The TrainConfig of the run in --resume RUN_DIR, with the settings a resume may change."""
+    cfg = TrainConfig.load(args.resume)
+    fields = given(args)
+    # MODEL/--data/-o may be repeated on resume; they must agree with the run's own.
+    for key in ("model", "data", "out"):
+        if key in fields and str(fields.pop(key)) != str(getattr(cfg, key)):
+            note(f"note: --resume uses the run's own {key} ({getattr(cfg, key)})")
+    cfg.apply_overrides(fields)
+    return cfg

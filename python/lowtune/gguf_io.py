@@ -436,6 +436,12 @@ _MAIN_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "
                "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
 
 
+def main_file_type(counts: dict[str, int]) -> int | None:
+    """general.file_type (llama.cpp's ftype) of weights holding {type name: elements}: that of the
+    type with the most elements, or None when llama.cpp names no ftype after it."""
+    return _MAIN_FTYPE.get(max(counts, key=counts.get)) if counts else None
+
+
 def _infer_type(key: str, val):
     if key in _KNOWN_KEY_TYPES:
         return _KNOWN_KEY_TYPES[key]
@@ -606,9 +612,9 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
             counts: dict[str, int] = {}
             for gt, n in weights:
                 counts[gt.name] = counts.get(gt.name, 0) + n
-            main = max(counts, key=counts.get)
-            if main in _MAIN_FTYPE:
-                kv["general.file_type"] = (_MAIN_FTYPE[main], GGUFValueType.UINT32)
+            main = main_file_type(counts)
+            if main is not None:
+                kv["general.file_type"] = (main, GGUFValueType.UINT32)
             else:
                 kv.pop("general.file_type", None)
 

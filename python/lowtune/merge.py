@@ -7,7 +7,6 @@ Pure functions on QTensors (CPU); lowtune.export feeds them one tensor at a time
     refit_kquant_mins(qt, delta_sub)     Q2_K, Q4_K, Q5_K: keep weight and scale codes, refit
                                          the quantized mins and dmin; returns the residual
     requantize(qt, delta, target)        deq(W) + ΔW rounded once into `target`
-    int_to_gguf(qt)                      INTb-gG (b <= 5) -> Q4_1 / Q5_1, bit-exact repack
     best_blocks(a, b, target)            per super-block, whichever of two encodings is nearer
     merge_weight(qt, ...)                picks one of the above for a tensor and says which
 
@@ -34,8 +33,8 @@ from . import ops
 from .formats import Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.kquants import _pack_scale_min_k4, _unpack_scale_min_k4
-from .formats.legacy import pack_bits, pack_nibbles
 from .qtensor import QTensor
+from .recipes import storage_format, to_storage
 
 # K-types whose sub-blocks carry a quantized min: (sub-blocks per 256, largest min code,
 # byte offset of dmin). Q2_K keeps scale | min << 4 in bytes 0-15; Q4_K/Q5_K pack 6-bit scales
@@ -52,17 +51,6 @@ def min_group(fmt: Format) -> int | None:
     if fmt.name in KQUANT_MINS:
         return 256 // KQUANT_MINS[fmt.name][0]
     return None
-
-
-def gguf_type_for(fmt: Format) -> Format:
-    """The GGUF type a tensor of `fmt` is written as: itself for GGUF types; INTb-gG exports to
-    Q4_1 (b <= 4) or Q5_1 (b = 5) exactly, and to Q8_0 (b = 6, 8; not exact)."""
-    fmt = get_format(fmt)
-    if fmt.gguf:
-        return fmt
-    if isinstance(fmt, IntFormat):
-        return get_format("Q4_1" if fmt.bits <= 4 else "Q5_1" if fmt.bits == 5 else "Q8_0")
-    raise ValueError(f"{fmt.name} has no GGUF equivalent")
 
 
 def _cpu_blocks(qt: QTensor) -> np.ndarray:
@@ -225,26 +213,6 @@ def requantize(qt: QTensor, delta, target) -> QTensor:
     return ops.quantize(w, get_format(target))
 
 
-def int_to_gguf(qt: QTensor) -> QTensor:
-    """INTb-gG with b <= 5 -> Q4_1 (b <= 4) or Q5_1 (b = 5), bit-exact: each group of G splits
-    into G/32 blocks that repeat its fp16 d and m, and the codes are repacked. deq is unchanged."""
-    fmt = qt.format
-    if not isinstance(fmt, IntFormat) or fmt.bits > 5:
-        raise ValueError(f"{fmt.name}: only INTb-gG with b <= 5 repacks exactly into Q4_1/Q5_1 "
-                         f"(INT6/INT8 need re-quantization, e.g. to Q8_0)")
-    n, k = qt.shape
-    blocks = _cpu_blocks(qt)
-    per = fmt.group // 32
-    q = fmt._unpack_codes(blocks[:, 4:]).reshape(-1, 32)
-    head = np.repeat(blocks[:, 0:4], per, axis=0)  # d, m for every 32-block of the group
-    if fmt.bits <= 4:
-        out, target = np.concatenate([head, pack_nibbles(q)], axis=1), "Q4_1"
-    else:
-        out = np.concatenate([head, pack_bits(q >> 4), pack_nibbles(q & 15)], axis=1)
-        target = "Q5_1"
-    return _wrap(out, get_format(target), (n, k))
-
-
 def best_blocks(a: QTensor, b: QTensor, target: torch.Tensor) -> tuple[QTensor, float]:
     """Per block (super-block for K-types), the bytes of a or b whose dequantization is nearer
     target [N, K] (squared error; ties keep a). Both must share one format. Returns (QTensor,
@@ -265,7 +233,7 @@ def best_blocks(a: QTensor, b: QTensor, target: torch.Tensor) -> tuple[QTensor, 
 class MergeInfo:
     """What merge_weight did to one tensor.
 
-    path        "copy" (unchanged bytes), "repack" (INTb-gG -> Q4_1/Q5_1, exact), "min" (float
+    path        "copy" (unchanged bytes), "repack" (INTb-gG -> its GGUF storage, exact), "min" (float
                 mins moved, exact up to fp16), "min-refit" (K-quant mins refitted), "requantize",
                 "float" (float weight + ΔW in its own dtype)
     exact       True when no weight was re-rounded (copy, repack, min)
@@ -299,15 +267,15 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
     """Merge one weight. qt: the base QTensor [N, K] (any format). The update is either dense
     `delta` [N, K] or `delta_groups` [N, K/group], constant on runs of `group` inputs (QA-LoRA,
     QA-HiRA), or neither (a plain conversion). target: output format (None: the tensor's own;
-    an INTb-gG target is merged in that format and written as gguf_type_for(it)).
+    an INTb-gG target is merged in that format and written as recipes.storage_format(it)).
     kquant_mins, for Q2_K/Q4_K/Q5_K: "refit" (weight codes kept, mins refitted), "requantize",
     or "best" (per super-block, whichever lands nearer the exact target: the refit wins for
     moderate updates, re-quantization for updates much larger than the min resolution).
 
     Paths, best first: the exact min merge (float mins, group a multiple of the block), the
     K-quant min refit (group a multiple of the sub-block), else re-quantization of
-    deq(W) + ΔW into the target. An INTb-gG base is merged in its own format and then
-    repacked into Q4_1/Q5_1 (exact); INT6/INT8 go to Q8_0 by re-quantization.
+    deq(W) + ΔW into the target. An INTb-gG base is merged in its own format and then stored
+    exactly in its GGUF type (recipes.to_storage: Q4_1, Q5_1, or F32 for INT6/INT8).
     Returns (QTensor in a GGUF type, MergeInfo)."""
     if kquant_mins not in ("best", "refit", "requantize"):
         raise ValueError(f"kquant_mins must be 'best', 'refit' or 'requantize', got {kquant_mins!r}")
@@ -322,9 +290,9 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
     if delta_groups is not None and (k % group or tuple(delta_groups.shape) != (n, k // group)):
         raise ValueError(f"delta_groups must have shape [{n}, {k}/{group}], got {list(delta_groups.shape)}")
     want = fmt if target is None else get_format(target)
-    out_fmt = gguf_type_for(want)
-    # the format the merge happens in: INTb-gG (b <= 5) is merged as itself, then repacked
-    repack = isinstance(want, IntFormat) and want.bits <= 5
+    out_fmt = storage_format(want)
+    # the format the merge happens in: INTb-gG is merged as itself, then stored (exactly)
+    repack = isinstance(want, IntFormat)
     work_fmt = want if repack else out_fmt
     has_delta = delta is not None or delta_groups is not None
 
@@ -348,7 +316,7 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
         else:  # dequantized values are float32 numbers, so only F32 holds them all exactly
             out, path, exact = requantize(qt, None, work_fmt), "requantize", work_fmt.name == "F32"
             note = f"re-targeted from {fmt.name} to {work_fmt.name}"
-        return _finish(out, MergeInfo(path, fmt.name, out_fmt.name, exact, note=note), want, out_fmt, repack)
+        return _finish(out, MergeInfo(path, fmt.name, out_fmt.name, exact, note=note), repack)
 
     mg = min_group(work_fmt) if work_fmt == fmt else None
     aligned = delta_groups is not None and mg is not None and group % mg == 0
@@ -392,7 +360,7 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
         info.err_rms = float(torch.linalg.vector_norm(err)) / math.sqrt(n * k)
         info.err_max = float(err.abs_().max())
         info.delta_rms = float(torch.linalg.vector_norm(dense_delta())) / math.sqrt(n * k)
-    return _finish(out, info, want, out_fmt, repack)
+    return _finish(out, info, repack)
 
 
 def _block_mins(qt: QTensor) -> np.ndarray:
@@ -405,15 +373,13 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
 
 
-def _finish(out: QTensor, info: MergeInfo, want: Format, out_fmt: Format, repack: bool):
-    """INTb-gG results: repack into Q4_1/Q5_1, or say that INT6/INT8 had no exact GGUF type."""
+def _finish(out: QTensor, info: MergeInfo, repack: bool):
+    """INTb-gG results in their GGUF storage type (exact)."""
     if repack:
-        out = int_to_gguf(out)
+        out = to_storage(out)
         info.path = "repack" if info.path == "copy" else info.path
-    elif isinstance(want, IntFormat):
-        info.note = f"{want.name} has no exact GGUF type: re-quantized to {out_fmt.name}"
     return out, info
 
 
-__all__ = ["KQUANT_MINS", "MIN_FREE", "MergeInfo", "MinResidual", "best_blocks", "dense", "fit_min_codes", "gguf_type_for",
-           "int_to_gguf", "merge_group_constant", "merge_weight", "min_group", "refit_kquant_mins", "requantize"]
+__all__ = ["KQUANT_MINS", "MIN_FREE", "MergeInfo", "MinResidual", "best_blocks", "dense", "fit_min_codes",
+           "merge_group_constant", "merge_weight", "min_group", "refit_kquant_mins", "requantize"]

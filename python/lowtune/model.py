@@ -15,7 +15,7 @@ Every weight matrix stays in its own block format (a QTensor) and is used throug
 
 Shapes: B batch, T tokens, D model width, H query heads, Hkv key/value heads, hd head width, V vocab.
 
-    model = LlamaModel.from_gguf("model.gguf", device="cpu", dtype=torch.float32)
+    model = lowtune.load_model("model.gguf", device="cpu", dtype=torch.float32)   # lowtune.loading
     logits = model(ids)                     # [B, T, V] float32, for eval and generation
     loss = model.loss(ids, labels)          # chunked LM head: no [B*T, V] logits kept for backward
     layer = model.layers[3]; layer.attn_q   # QLinear, GGUF name blk.3.attn_q; adapters wrap these
@@ -299,6 +299,7 @@ class LlamaModel(nn.Module):
         """weights: GGUF tensor name -> QTensor (matrices) or torch.Tensor (norms, rope_freqs)."""
         super().__init__()
         config.check()
+        _check_weights(config, weights)
         self.config, self.dtype = config, dtype
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, weights) for i in range(config.n_layers))
@@ -319,26 +320,10 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def from_gguf(cls, path, device="cpu", dtype: torch.dtype = torch.float32) -> "LlamaModel":
-        """Load a Llama GGUF. Matrices stay in their blocks (memory-mapped on CPU, copied as
-        blocks to a GPU); norms are read as fp32. dtype: activation dtype (fp32, bf16, fp16)."""
-        from .gguf_io import GGUFFile
-
-        weights, types = {}, {}
-        with GGUFFile(path) as f:
-            md = dict(f.metadata)
-            config = LlamaConfig.from_gguf_metadata(md)
-            for name in f.tensor_infos:
-                qt = f.qtensor(name)
-                types[name] = qt.type
-                if name.endswith("_norm.weight") or name == "rope_freqs.weight":
-                    weights[name] = ops.dequantize(qt, torch.float32).reshape(-1).to(device)
-                else:
-                    weights[name] = qt.to(device)
-        _check_weights(config, weights)
-        model = cls(config, weights, dtype)
-        model.metadata, model.tensor_types = md, types
-        model.gguf_path = str(path)
-        return model.eval()
+        """The older spelling of lowtune.load_model(path, device=device, dtype=dtype), which builds
+        every model (lowtune.loading): matrices stay in their blocks, norms are read as fp32."""
+        import lowtune  # the package loads lowtune.loading on first use (loading imports this module)
+        return lowtune.load_model(path, device=device, dtype=dtype)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.float() leave the host packs of streamed layers where they are

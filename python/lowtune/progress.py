@@ -39,13 +39,14 @@ def _fmt(v) -> str:
 
 class Progress:
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it",
-                 stream=None, width: int = 24, log_every: float = 10.0, enabled: bool = True):
+                 stream=None, width: int = 24, log_every: float = 10.0, enabled: bool = True,
+                 initial: int = 0):
         self.total, self.desc, self.unit, self.width = total, desc, unit, width
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.log_every = log_every if not self.tty else 0.2
         self.enabled = enabled
-        self.n = 0
+        self.n = initial  # e.g. the step a resumed run starts from
         self.tokens = 0
         self.values: dict[str, object] = {}
         self.start = time.perf_counter()

@@ -440,7 +440,7 @@ def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens:
     if device.type == "cuda" and any(l.raw.is_cuda for i in plan.streamed
                                      for l in _packed_linears(model.layers[i])):
         raise ValueError("stream_model needs the model's packed weights in host memory: load it "
-                         "with device='cpu' (LlamaModel.from_gguf(path, 'cpu', dtype))")
+                         "with device='cpu' (lowtune.load_model(path, device='cpu'))")
     # Host packs first (each QLinear then views its pack), then everything else to the device
     # without the streamed bytes passing through it.
     model.streamer = LayerStreamer(model, device, plan.streamed, plan.offload_activations)

@@ -329,7 +329,7 @@ class SPMTokenizer(Tokenizer):
 # ---- building -----------------------------------------------------------------------------------
 
 def load_tokenizer(metadata: dict) -> Tokenizer:
-    """A tokenizer from GGUF metadata (GGUFFile.metadata or load_hf_checkpoint's metadata)."""
+    """A tokenizer from GGUF metadata (GGUFFile.metadata, or an HFCheckpoint's)."""
     model = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:

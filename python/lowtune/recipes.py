@@ -1,0 +1,268 @@
+"""Which type each tensor gets, and how INTb-gG tensors are stored in a GGUF file.
+
+    fallback(get_format("Q4_K"), 576)            # Q5_0: the first type whose blocks divide the row
+    choose_type("Q4_K", "blk.0.attn_q.weight", (576, 576))   # the same, and F32 for 1-D tensors
+    training_type(None, (96, 256))               # what finetune quantizes a safetensors weight to
+    plan = TypePlan.for_source("Q4_K_M", metadata, names)   # llama-quantize's per-tensor recipe
+    to_storage(qt)                               # an INTb-gG QTensor as the GGUF type that holds it
+
+Row fallbacks (llama_tensor_get_type's convert_incompatible_tensor): a row length that a block
+does not divide falls back Q2_K/Q3_K -> Q4_0 (llama.cpp uses IQ4_NL, which lowtune does not have;
+Q4_0 has the same 4.5 bits and 32-wide blocks), Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0;
+INTb-gG halves G down to 32; then F16. SmolLM2's 576-wide rows take these for every K-quant.
+
+INTb-gG in GGUF. INTb-gG is not a ggml type, so a GGUF file stores each such tensor in the
+llama.cpp type that holds it exactly, and llama.cpp loads the file:
+    INT2/3/4-gG -> Q4_1 blocks (codes 0..2^b-1 fit Q4_1's 0..15; for G = 64/128 the group's d and m
+                   are repeated in every 32-block); INT4-g32 is Q4_1 byte for byte
+    INT5-gG     -> Q5_1 blocks, the same way
+    INT6/8-gG   -> F32 values: no llama.cpp block type holds 6- or 8-bit codes with a float min
+                   exactly (Q8_0 has no min and rounds again). Exact beats small here: the file
+                   keeps the trained-on values bit for bit; a small llama.cpp file is an explicit
+                   `--type Q8_0` away.
+The metadata KV `lowtune.logical_types` (an array of "tensor=INTb-gG" strings) records the
+intended type (lowtune.loading can re-pack those tensors into INTb-gG blocks on load).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import ops
+from .formats import Format, get_format
+from .formats.intgroup import IntFormat
+from .formats.legacy import pack_bits, pack_nibbles
+from .qtensor import QTensor
+
+LOGICAL_TYPES_KEY = "lowtune.logical_types"
+QUANTIZE_TYPE_KEY = "lowtune.quantize.type"
+
+# llama.cpp's LLAMA_FTYPE ids and each recipe's default tensor type.
+RECIPES: dict[str, tuple[int, str]] = {
+    "F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"),
+    "Q4_0": (2, "Q4_0"), "Q4_1": (3, "Q4_1"), "Q8_0": (7, "Q8_0"), "Q5_0": (8, "Q5_0"), "Q5_1": (9, "Q5_1"),
+    "Q2_K": (10, "Q2_K"), "Q2_K_S": (21, "Q2_K"),
+    "Q3_K_S": (11, "Q3_K"), "Q3_K_M": (12, "Q3_K"), "Q3_K_L": (13, "Q3_K"),
+    "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"),
+    "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"), "Q6_K": (18, "Q6_K"),
+}
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize
+
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def fallback(fmt: Format, k: int) -> Format:
+    """The first type in the fallback chain (module doc) whose blocks divide a row of k."""
+    fmt = get_format(fmt)
+    while k % fmt.block_elems:
+        if fmt.name in _FALLBACK:
+            fmt = get_format(_FALLBACK[fmt.name])
+        elif isinstance(fmt, IntFormat) and fmt.group > 32:
+            fmt = get_format(f"INT{fmt.bits}-g{fmt.group // 2}")
+        else:
+            return get_format("F16")
+    return fmt
+
+
+def choose_type(qtype, name: str, shape: tuple[int, ...]) -> Format:
+    """The type a tensor gets when a model is quantized to the plain type `qtype`: 1-D tensors
+    (norms, biases, rope factors) F32; a matrix `qtype`, or its fallback."""
+    if len(shape) != 2:
+        return get_format("F32")
+    return fallback(get_format(qtype), int(shape[1]))
+
+
+def training_type(qtype, shape: tuple[int, ...]) -> Format:
+    """The type a safetensors tensor gets when a model is quantized on load to train on it:
+    `qtype` as choose_type, or by default Q4_K where its rows are whole 256-wide super-blocks,
+    else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly)."""
+    if qtype is not None or len(shape) != 2:
+        return choose_type(qtype, "", shape)
+    return get_format("Q4_K" if shape[1] % 256 == 0 else "Q4_1")
+
+
+# ---- INTb-gG in GGUF -------------------------------------------------------------------------
+
+def storage_format(fmt: Format) -> Format:
+    """The GGUF type that stores `fmt` exactly (module doc); GGUF types store as themselves."""
+    fmt = get_format(fmt)
+    if not isinstance(fmt, IntFormat):
+        return fmt
+    return get_format("Q4_1" if fmt.bits <= 4 else "Q5_1" if fmt.bits == 5 else "F32")
+
+
+def to_storage(qt: QTensor) -> QTensor:
+    """An INTb-gG QTensor as its storage type (storage_format), exactly: every dequantized value
+    is unchanged. Q4_1/Q5_1 blocks are built from the INT blocks' codes, each group split into
+    G/32 blocks that repeat its fp16 d and m; INT6/INT8 become their F32 values. Other types
+    are returned as they are."""
+    fmt = qt.format
+    store = storage_format(fmt)
+    if store is fmt:
+        return qt
+    if store.name == "F32":
+        return ops.quantize(ops.dequantize(qt, torch.float32), store)
+    n, k = qt.shape
+    blocks = qt.raw.detach().to("cpu").numpy().reshape(-1, fmt.block_bytes)
+    q = fmt._unpack_codes(blocks[:, 4:]).reshape(-1, 32)
+    head = np.repeat(blocks[:, 0:4], fmt.group // 32, axis=0)  # d, m for every 32-block of the group
+    if store.name == "Q4_1":
+        out = np.concatenate([head, pack_nibbles(q)], axis=1)
+    else:
+        out = np.concatenate([head, pack_bits(q >> 4), pack_nibbles(q & 15)], axis=1)
+    raw = torch.from_numpy(np.ascontiguousarray(out).reshape(-1))
+    return QTensor.from_raw(raw, store, (n, k)).to(qt.device)
+
+
+def logical_types(metadata: dict) -> dict[str, str]:
+    """{tensor name: INTb-gG} from a lowtune GGUF's metadata (empty for other files)."""
+    out = {}
+    for entry in metadata.get(LOGICAL_TYPES_KEY) or []:
+        name, _, t = str(entry).partition("=")
+        if name and t:
+            out[name] = t
+    return out
+
+
+# ---- llama-quantize's recipes ----------------------------------------------------------------
+
+def llama_cpp_order(names) -> list[str]:
+    """Tensor names in the order llama-quantize visits them (weight_name_comparer): by layer
+    number (non-layer tensors first), then by name. Its attn_v/ffn_down counters follow it."""
+    def key(n):
+        m = re.match(r"blk\.(\d+)\.", n)
+        return (int(m.group(1)) if m else -1, n)
+    return sorted(names, key=key)
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits: the first and last eighth, and every
+    third layer in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether llama-quantize would quantize this tensor: a 2-D (or larger) `*weight` that is no
+    norm and no MoE router."""
+    return (name.endswith("weight") and len(shape) >= 2 and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name)
+
+
+@dataclass
+class TypePlan:
+    """Chooses each tensor's type for one --type of `lowtune quantize`: a llama.cpp recipe with its
+    per-tensor choices (llama_tensor_get_type), or INTb-gG for the decoder linears (token_embd and
+    output stay F16, as INT2.1 keeps them in fp16). `index` numbers the attn_v and ffn_down
+    tensors as llama-quantize's counters do; `counts` holds their totals."""
+    qtype: str
+    n_gqa: int = 1
+    n_layers: int = 0
+    has_output: bool = True
+    pure: bool = False
+    output_type: str | None = None
+    token_embedding_type: str | None = None
+    index: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        name = str(self.qtype).upper()
+        name = ALIASES.get(name, name)
+        if name in RECIPES:
+            self.recipe: str | None = name
+            self.ftype, default = RECIPES[name]
+            self.default = get_format(default)
+        else:
+            try:
+                fmt = get_format(self.qtype)
+            except ValueError:
+                raise ValueError(f"unknown --type {self.qtype!r}: use a llama.cpp recipe "
+                                 f"({', '.join(RECIPES)}, aliases {', '.join(ALIASES)}) or INTb-gG "
+                                 f"(b in 2,3,4,5,6,8; G in 32,64,128)") from None
+            if not isinstance(fmt, IntFormat):
+                raise ValueError(f"--type {fmt.name} is a block type without a recipe; llama.cpp "
+                                 f"names its recipes {', '.join(RECIPES)} (or pass pure=True / --pure)")
+            self.recipe, self.ftype, self.default = None, None, fmt
+        for opt in (self.output_type, self.token_embedding_type):
+            if opt is not None:
+                get_format(opt)
+
+    @classmethod
+    def for_source(cls, qtype: str, metadata: dict, names: list[str], **kw) -> "TypePlan":
+        arch = metadata.get("general.architecture", "llama")
+        heads = int(metadata.get(f"{arch}.attention.head_count", 1) or 1)
+        kv = int(metadata.get(f"{arch}.attention.head_count_kv", heads) or heads)
+        plan = cls(qtype, n_gqa=max(1, heads // max(kv, 1)),
+                   n_layers=int(metadata.get(f"{arch}.block_count", 0) or 0),
+                   has_output="output.weight" in names, **kw)
+        for kind in ("attn_v.weight", "ffn_down"):
+            ordered = [n for n in llama_cpp_order(names) if kind in n]
+            plan.index.update({n: i for i, n in enumerate(ordered)})
+            plan.counts[kind] = len(ordered)
+        return plan
+
+    def choose(self, name: str, shape: tuple[int, ...]) -> Format:
+        """The type of tensor `name` (PyTorch shape)."""
+        if not is_quantizable(name, shape):
+            return get_format("F32")
+        k = int(shape[-1])
+        is_head = name == "output.weight" or (not self.has_output and name == "token_embd.weight")
+        if is_head and self.output_type:
+            return fallback(get_format(self.output_type), k)
+        if name == "token_embd.weight" and self.token_embedding_type:
+            return fallback(get_format(self.token_embedding_type), k)
+        if self.pure or not self.default.quantized:
+            return fallback(self.default, k)
+        if self.recipe is None:  # INTb-gG: decoder linears only (INT2.1 keeps the rest in fp16)
+            if is_head or name == "token_embd.weight":
+                return get_format("F16")
+            return fallback(self.default, k)
+        return fallback(self._llama_cpp_type(name, k, is_head), k)
+
+    def _llama_cpp_type(self, name: str, k: int, is_head: bool) -> Format:
+        """llama_tensor_get_type for dense Llama-family models (no MoE, no IQ recipes)."""
+        r = self.recipe
+        t = self.default.name
+        i = self.index.get(name, 0)
+        if is_head:
+            if k % self.default.block_elems:
+                return get_format("Q8_0")
+            return get_format(t if t == "Q8_0" else "Q6_K")
+        if name == "token_embd.weight":
+            return self.default
+        if "attn_v.weight" in name:
+            if r == "Q2_K":
+                t = "Q4_K" if self.n_gqa >= 4 else "Q3_K"
+            elif r == "Q2_K_S" and self.n_gqa >= 4:
+                t = "Q4_K"
+            elif r == "Q3_K_M":
+                t = "Q5_K" if i < 2 else "Q4_K"
+            elif r == "Q3_K_L":
+                t = "Q5_K"
+            elif r in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, self.counts["attn_v.weight"]):
+                t = "Q6_K"
+            elif r == "Q4_K_S" and i < 4:
+                t = "Q5_K"
+            if self.n_layers == 80 and t in ("Q3_K", "Q4_K"):  # llama.cpp's 70B rule (8x smaller attn_v)
+                t = "Q5_K"
+        elif "ffn_down" in name:
+            n = self.counts["ffn_down"]
+            if r == "Q2_K":
+                t = "Q3_K"
+            elif r == "Q2_K_S" and i < n // 8:
+                t = "Q4_K"
+            elif r == "Q3_K_M":
+                t = "Q5_K" if i < n // 16 else "Q4_K"
+            elif r == "Q3_K_L":
+                t = "Q5_K"
+            elif r in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+                t = "Q6_K"
+            elif r == "Q4_K_S" and i < n // 8:
+                t = "Q5_K"
+        elif "attn_output.weight" in name:
+            t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(r, t)
+        elif "attn_qkv.weight" in name:
+            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(r, t)
+        return get_format(t)
