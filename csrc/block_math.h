@@ -234,12 +234,9 @@ struct IntTraits {
   }
 };
 
-#define LT_INT_TRAITS(B, G) \
-  template <> struct Traits<int_type_id(B, G)> : IntTraits<B, G> {};
-#define LT_INT_TRAITS_ALL_G(B) LT_INT_TRAITS(B, 32) LT_INT_TRAITS(B, 64) LT_INT_TRAITS(B, 128)
-LT_INT_TRAITS_ALL_G(2) LT_INT_TRAITS_ALL_G(3) LT_INT_TRAITS_ALL_G(4)
-LT_INT_TRAITS_ALL_G(5) LT_INT_TRAITS_ALL_G(6) LT_INT_TRAITS_ALL_G(8)
-#undef LT_INT_TRAITS_ALL_G
+#define LT_INT_TRAITS(T) \
+  template <> struct Traits<T> : IntTraits<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_INT_TRAITS)
 #undef LT_INT_TRAITS
 
 // Calls f.template operator()<T>() with the compile-time type id matching `qtype`;
@@ -248,11 +245,7 @@ template <class F>
 bool dispatch_qtype(int qtype, F&& f) {
   switch (qtype) {
 #define LT_CASE(T) case T: f.template operator()<T>(); return true;
-    LT_CASE(T_Q4_0) LT_CASE(T_Q4_1) LT_CASE(T_Q5_0) LT_CASE(T_Q5_1) LT_CASE(T_Q8_0)
-    LT_CASE(T_Q2_K) LT_CASE(T_Q3_K) LT_CASE(T_Q4_K) LT_CASE(T_Q5_K) LT_CASE(T_Q6_K)
-#define LT_CASE_INT(B) LT_CASE(int_type_id(B, 32)) LT_CASE(int_type_id(B, 64)) LT_CASE(int_type_id(B, 128))
-    LT_CASE_INT(2) LT_CASE_INT(3) LT_CASE_INT(4) LT_CASE_INT(5) LT_CASE_INT(6) LT_CASE_INT(8)
-#undef LT_CASE_INT
+    LT_TYPES(LT_CASE)
 #undef LT_CASE
     default: return false;
   }

@@ -78,6 +78,24 @@ enum QType : int {
 constexpr int int_type_id(int bits, int group) {
   return 1000 + 10 * bits + (group == 32 ? 0 : group == 64 ? 1 : 2);
 }
+constexpr int int_type_bits(int id) { return (id - 1000) / 10; }
+constexpr int int_type_group(int id) { return 32 << ((id - 1000) % 10); }
+
+// ---- The type list ------------------------------------------------------------------------------
+// Every quantized type, once. LT_TYPES(X) expands X(id) for each: the one switch over types
+// (dispatch_qtype in block_math.h), the quantizer declarations (quantize.h), the INTb-gG
+// specializations of every per-type layer (LT_TYPES_INT) and the CUDA kernels' explicit
+// instantiations all expand these lists. A new type is a line here plus its per-type layers:
+// struct above, Traits<T> (block_math.h), Unpack<T> (cuda/unpack.cuh), quantize_row<T>.
+// The groups are the units the CUDA kernels compile in (one cuda/inst_*.cu each, in parallel).
+#define LT_TYPES_LEGACY(X) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0)
+#define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
+#define LT_INT_GROUPS(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
+#define LT_TYPES_INT23(X) LT_INT_GROUPS(X, 2) LT_INT_GROUPS(X, 3)
+#define LT_TYPES_INT45(X) LT_INT_GROUPS(X, 4) LT_INT_GROUPS(X, 5)
+#define LT_TYPES_INT68(X) LT_INT_GROUPS(X, 6) LT_INT_GROUPS(X, 8)
+#define LT_TYPES_INT(X) LT_TYPES_INT23(X) LT_TYPES_INT45(X) LT_TYPES_INT68(X)
+#define LT_TYPES(X) LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_INT(X)
 
 // Activation dtypes accepted by the kernels.
 enum DType : int { D_F32 = 0, D_F16 = 1, D_BF16 = 2 };

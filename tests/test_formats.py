@@ -180,6 +180,18 @@ def test_reference_handles_zero_rows(name):
     assert fmt.dequantize(raw, 2 * fmt.block_elems).shape == (0, 2 * fmt.block_elems)
 
 
+def test_kernels_and_formats_list_the_same_types():
+    # csrc/blocks.h's type list (every switch and instantiation in the C++ expands it) and the
+    # formats package must name the same quantized types, with the same block geometry.
+    from lowtune import _C
+    ours = {f.type_id: f for f in FORMATS.values() if f.quantized}
+    assert sorted(_C.type_ids()) == sorted(ours)
+    for tid in _C.type_ids():
+        assert _C.block_info(tid) == (ours[tid].block_elems, ours[tid].block_bytes), ours[tid].name
+    with pytest.raises(ValueError, match="unknown quantization type id 9999"):
+        _C.block_info(9999)
+
+
 def test_reference_rejects_partial_rows():
     fmt = get_format("Q4_0")
     with pytest.raises(ValueError, match="whole rows"):

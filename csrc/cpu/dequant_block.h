@@ -320,12 +320,9 @@ struct FastDequantInt {
   }
 };
 
-#define LT_FAST_INT(B, G) \
-  template <> struct FastDequant<int_type_id(B, G)> : FastDequantInt<B, G> {};
-#define LT_FAST_INT_ALL_G(B) LT_FAST_INT(B, 32) LT_FAST_INT(B, 64) LT_FAST_INT(B, 128)
-LT_FAST_INT_ALL_G(2) LT_FAST_INT_ALL_G(3) LT_FAST_INT_ALL_G(4)
-LT_FAST_INT_ALL_G(5) LT_FAST_INT_ALL_G(6) LT_FAST_INT_ALL_G(8)
-#undef LT_FAST_INT_ALL_G
+#define LT_FAST_INT(T) \
+  template <> struct FastDequant<T> : FastDequantInt<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_FAST_INT)
 #undef LT_FAST_INT
 
 template <int T>

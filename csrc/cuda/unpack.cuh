@@ -491,12 +491,9 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
   }
 };
 
-#define LT_UNPACK_INT(B, G) \
-  template <> struct Unpack<int_type_id(B, G)> : UnpackInt<B, G> {};
-#define LT_UNPACK_INT_ALL_G(B) LT_UNPACK_INT(B, 32) LT_UNPACK_INT(B, 64) LT_UNPACK_INT(B, 128)
-LT_UNPACK_INT_ALL_G(2) LT_UNPACK_INT_ALL_G(3) LT_UNPACK_INT_ALL_G(4)
-LT_UNPACK_INT_ALL_G(5) LT_UNPACK_INT_ALL_G(6) LT_UNPACK_INT_ALL_G(8)
-#undef LT_UNPACK_INT_ALL_G
+#define LT_UNPACK_INT(T) \
+  template <> struct Unpack<T> : UnpackInt<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_UNPACK_INT)
 #undef LT_UNPACK_INT
 
 }  // namespace lowtune::cuda
