@@ -30,7 +30,11 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # Byte offsets of the fp16 fields (scales and mins) inside one block.
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
+# IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
+SPLIT_HALF_FIELDS = {"IQ1_M": 48}
 
 
 def random_blocks(name: str, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
@@ -41,6 +45,12 @@ def random_blocks(name: str, n: int, k: int, gen: np.random.Generator) -> torch.
     for off in HALF_FIELDS.get(fmt.name, (0, 2)):
         vals = (gen.standard_normal((n, nb)) * 0.01).astype(np.float16)
         raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(n, nb, 2)
+    if fmt.name in SPLIT_HALF_FIELDS:
+        off = SPLIT_HALF_FIELDS[fmt.name]
+        d = (gen.standard_normal((n, nb, 1)) * 0.01).astype(np.float16).view(np.uint16)
+        words = np.ascontiguousarray(raw[:, :, off:off + 8]).view("<u2")
+        words = (words & 0x0FFF) | (((d >> (4 * np.arange(4, dtype=np.uint16))) & 0xF) << 12)
+        raw[:, :, off:off + 8] = words.astype("<u2").view(np.uint8)
     return torch.from_numpy(raw.reshape(n, nb * fmt.block_bytes))
 
 
@@ -136,7 +146,8 @@ def test_input_grad(name, dtype, gen):
 
 
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
-@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q3_K", "Q6_K", "INT3-g128", "INT6-g32"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_S", "IQ1_M",
+                                  "INT3-g128", "INT6-g32"])
 def test_reference_kernels_agree(name, direction, gen):
     """The slow reference CUDA kernels on the same shapes and tolerance (small shapes: they are slow)."""
     check_matmul(name, torch.bfloat16, gen, direction, shapes=[(1, 37, 3), (20, 70, 16)], ref_kernel=True)

@@ -17,8 +17,9 @@ from lowtune.formats import FORMATS, get_format
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 INTS = [f.name for f in FORMATS.values() if f.name.startswith("INT")]
-QUANTIZED = LEGACY + KTYPES + INTS
+QUANTIZED = LEGACY + KTYPES + IQUANTS + INTS
 
 
 def gguf_type(name: str):
@@ -88,7 +89,7 @@ def test_legacy_quantize_beyond_fp16_range_matches_gguf(name, rng):
 
 
 @pytest.mark.parametrize("name,source", [(t, "quantized") for t in LEGACY] +  # gguf-py has no K quantizer
-                         [(t, "random_bytes") for t in LEGACY + KTYPES])
+                         [(t, "random_bytes") for t in LEGACY + KTYPES + IQUANTS])
 def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
     fmt = get_format(name)
     n, k = 5, 3 * fmt.block_elems
@@ -98,7 +99,7 @@ def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
         raw = random_blocks(fmt, n, k, rng)
     expected = gguf.quants.dequantize(raw, gguf_type(name)).astype(np.float32)
     assert same_bits(lt_dequantize(raw, name, k).numpy(), expected), "C++ dequantize differs from gguf-py"
-    if name in LEGACY:
+    if name in LEGACY + IQUANTS:
         assert same_bits(fmt.dequantize(raw, k), expected), "NumPy reference differs from gguf-py"
 
 

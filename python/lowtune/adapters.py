@@ -70,18 +70,13 @@ _ALIASES = {"qlora": "lora", "qalora": "qa-lora", "qbara": "q-bara", "qahira": "
             "dylora": "qdylora", "q-dylora": "qdylora"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Inputs sharing one scale (and min) inside a K-type super-block.
-_K_SUB_BLOCK = {"Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
-
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def quant_group(fmt: Format) -> int | None:
     """Inputs that share one scale (and min) in `fmt`; None for the float formats."""
-    if not fmt.quantized:
-        return None
-    return _K_SUB_BLOCK.get(fmt.name, fmt.block_elems)
+    return fmt.scale_group
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,7 @@ MIN_FREE = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K")  # no min: a constant cannot
 
 def min_group(fmt: Format) -> int | None:
     """Inputs sharing one min in `fmt` (block or K sub-block); None when there is no min."""
-    fmt = get_format(fmt)
-    if fmt.float_min:
-        return fmt.block_elems
-    if fmt.name in KQUANT_MINS:
-        return 256 // KQUANT_MINS[fmt.name][0]
-    return None
+    return get_format(fmt).min_group
 
 
 def gguf_type_for(fmt: Format) -> Format:

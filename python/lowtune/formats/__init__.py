@@ -23,6 +23,10 @@ class Format:
     block_bytes  bytes per block
     float_min    True when each block carries a float (fp16) additive min: a constant added to a
                  whole block is absorbed exactly by changing that min (Q4_1, Q5_1, INTb-gG)
+    scale_group  consecutive inputs of a row that share one scale: the block, or the sub-block of
+                 a super-block (16 or 32); None for the float formats
+    min_group    consecutive inputs that share one min (fp16 or quantized); None when the format
+                 has no min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every I-quant) or is a float format
     quantized    False for the F32/F16/BF16 passthrough formats
     """
 
@@ -31,6 +35,8 @@ class Format:
     block_elems: int = 1
     block_bytes: int = 4
     float_min: bool = False
+    scale_group: int | None = None
+    min_group: int | None = None
     quantized: bool = True
     gguf: bool = True  # storable in a GGUF file as its own type
 
@@ -100,7 +106,7 @@ def register(fmt: Format) -> Format:
 for _cls in (F32, F16, BF16):
     register(_cls())
 
-from . import legacy, kquants, intgroup  # noqa: E402  (they register their formats)
+from . import legacy, kquants, iquants, intgroup  # noqa: E402  (they register their formats)
 
 
 def get_format(name_or_format) -> Format:
