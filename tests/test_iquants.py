@@ -155,6 +155,20 @@ def test_iq3_s_writes_every_group_in_place(rng):
     assert first < 0.2, f"relative error {first:.3f} in the super-blocks with a zero group"
 
 
+def test_needs_imatrix_is_what_the_quantizer_refuses():
+    # Format.needs_imatrix (read by the recipes) and the C++ quantizers' refusals agree.
+    for fmt in lowtune.FORMATS.values():
+        if not fmt.quantized:
+            continue
+        try:
+            lowtune.quantize(torch.ones(1, fmt.block_elems), fmt)
+            refused = False
+        except ValueError as e:
+            assert "needs an importance matrix" in str(e)
+            refused = True
+        assert refused == fmt.needs_imatrix == (fmt.name in NEEDS_IMATRIX), fmt.name
+
+
 @pytest.mark.parametrize("name", NEEDS_IMATRIX)
 def test_importance_matrix_types_are_refused_clearly(name):
     with pytest.raises(ValueError, match=rf"{name} needs an importance matrix.*IQ4_XS.*Q2_K.*INT2-g64"):

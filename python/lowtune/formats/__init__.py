@@ -28,6 +28,9 @@ class Format:
     min_group    consecutive inputs that share one min (fp16 or quantized); None when the format
                  has no min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every I-quant) or is a float format
     quantized    False for the F32/F16/BF16 passthrough formats
+    needs_imatrix  quantizing needs an importance matrix (ggml's IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S,
+                 IQ1_M); lowtune computes none, so it reads and trains on these blocks but does
+                 not write them (lowtune.quantize refuses, naming the types to use instead)
     """
 
     name: str = ""
@@ -38,6 +41,7 @@ class Format:
     scale_group: int | None = None
     min_group: int | None = None
     quantized: bool = True
+    needs_imatrix: bool = False
     gguf: bool = True  # storable in a GGUF file as its own type
 
     @property

@@ -10,8 +10,9 @@ None of them has a min. Inputs sharing one scale (`scale_group`): 32, but 16 for
 and IQ1_M.
 
 Quantizers: IQ4_NL and IQ4_XS follow ggml's quantize_iq4_nl / quantize_iq4_xs without an
-importance matrix (what llama-quantize runs), byte for byte. The other types have no NumPy
-quantizer; the C++ one (csrc/cpu/quantize_iquants.cpp) is tested against llama.cpp directly.
+importance matrix (what llama-quantize runs), byte for byte. IQ3_XXS and IQ3_S have a C++
+quantizer only (csrc/cpu/quantize_iquants.cpp, tested against llama.cpp's bytes); IQ2_* and IQ1_*
+have none (needs_imatrix: ggml quantizes them only with an importance matrix).
 """
 from __future__ import annotations
 
@@ -187,6 +188,7 @@ class IQ2_XXS(_IQuant):
     """d, then per 32 two u32: four iq2xxs_grid indices (bytes; 8 elements each), four 7-bit sign
     indices and the 4-bit scale s (bit 28); x = d*(0.5+s)*0.25 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ2_XXS", 16, 256, 66, 32
+    needs_imatrix = True
 
     def _dequantize_blocks(self, b):
         q = b[:, 2:66].reshape(-1, 8, 8)
@@ -201,6 +203,7 @@ class IQ2_XS(_IQuant):
     """d, qs[32] (u16: 9-bit iq2xs_grid index, 7-bit sign index per 8 elements), scales[8] (a
     nibble per 16 elements); x = d*(0.5+s)*0.25 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ2_XS", 17, 256, 74, 16
+    needs_imatrix = True
 
     def _dequantize_blocks(self, b):
         q = _u16(b[:, 2:66])
@@ -215,6 +218,7 @@ class IQ2_S(_IQuant):
     qh[8] (bits 8-9 of index l of sub-block ib at bit 2l), scales[8] (a nibble per 16);
     x = d*(0.5+s)*0.25 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ2_S", 22, 256, 82, 16
+    needs_imatrix = True
 
     def _dequantize_blocks(self, b):
         high = (b[:, 66:74, None].astype(np.int64) >> (2 * np.arange(4))) & 3
@@ -230,6 +234,7 @@ class IQ1_S(_IQuant):
     delta sign at bit 15); 11-bit iq1s_grid indices, values in {-1, 0, 1};
     x = d*(2s+1) * (grid ± 1/8)."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ1_S", 19, 256, 50, 32
+    needs_imatrix = True
 
     def _dequantize_blocks(self, b):
         qh = _u16(b[:, 34:50])
@@ -245,6 +250,7 @@ class IQ1_M(_IQuant):
     scale words; their other 12 bits are four 3-bit scales s (one per 16 elements); a qh nibble
     per 8 elements holds index bits 8-10 and the delta sign; x = d*(2s+1) * (grid ± 1/8)."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ1_M", 29, 256, 56, 16
+    needs_imatrix = True
 
     def _dequantize_blocks(self, b):
         sc = _u16(b[:, 48:56])
