@@ -667,7 +667,7 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
     const uint32_t d_bits = ((r[0] & 0xFFFF) >> 12) | ((r[0] >> 24) & 0x00F0) | (((r[1] & 0xFFFF) >> 4) & 0x0F00) |
                             ((r[1] >> 16) & 0xF000);
     const float d = half_f((uint16_t)d_bits);
-    const uint32_t sc = (r[ib >> 2] >> (16 * ((ib >> 1) & 1))) & 0xFFFF;
+    const uint32_t sc = ((ib >> 2 ? r[1] : r[0]) >> (16 * ((ib >> 1) & 1))) & 0xFFFF;  // no dynamic index into r
     const float dl = __fmul_rn(d, code_f(2 * ((sc >> (6 * (ib & 1) + 3 * (l0 >> 1))) & 7) + 1));
     const uint32_t qh = r[2] >> 16;
 #pragma unroll
