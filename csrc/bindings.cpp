@@ -51,6 +51,7 @@ PYBIND11_MODULE(_C, m) {
     const BlockInfo b = block_info(qtype);
     return py::make_tuple(b.elems, b.bytes);
   }, "(elements, bytes) of one block of a type id.");
+  m.def("type_ids", &type_ids, "Every quantized type id the kernels take.");
   m.def("set_num_threads", &cpu::set_num_threads);
   m.def("num_threads", &cpu::num_threads);
 

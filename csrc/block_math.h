@@ -7,6 +7,7 @@
 #pragma once
 #include "blocks.h"
 #include "fp16.h"
+#include "iq_grids.h"
 
 namespace lowtune {
 
@@ -200,6 +201,184 @@ template <> struct Traits<T_Q6_K> {
   }
 };
 
+// ---- I-quants ----------------------------------------------------------------------------------
+// Each grid element times its sign, as ggml: (scale * grid) * ±1, the sign flip exact.
+LT_HD float iq_sign(uint8_t signs, int j) { return (signs >> j) & 1 ? -1.0f : 1.0f; }
+LT_HD uint8_t byte_at(uint64_t v, int j) { return (uint8_t)(v >> (8 * j)); }
+
+template <> struct Traits<T_IQ4_NL> {
+  using block = block_iq4_nl; static constexpr int kElems = QK;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int j = 0; j < QK / 2; ++j) {
+      y[j] = d * (float)kvalues_iq4nl(b->qs[j] & 0xF);
+      y[j + QK / 2] = d * (float)kvalues_iq4nl(b->qs[j] >> 4);
+    }
+  }
+};
+
+template <> struct Traits<T_IQ4_XS> {
+  using block = block_iq4_xs; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const int ls = ((b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((b->scales_h >> (2 * ib)) & 3) << 4);
+      const float dl = d * (float)(ls - 32);
+      const uint8_t* qs = b->qs + 16 * ib;
+      for (int j = 0; j < 16; ++j) {
+        y[32 * ib + j] = dl * (float)kvalues_iq4nl(qs[j] & 0xF);
+        y[32 * ib + j + 16] = dl * (float)kvalues_iq4nl(qs[j] >> 4);
+      }
+    }
+  }
+};
+
+template <> struct Traits<T_IQ3_XXS> {
+  using block = block_iq3_xxs; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const uint8_t* qs = b->qs + 8 * ib;
+      const uint32_t aux = load_u32_le(b->qs + QK_K / 4 + 4 * ib);
+      const float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+      for (int l = 0; l < 4; ++l) {
+        const uint8_t signs = ksigns_iq2xs((aux >> (7 * l)) & 127);
+        const uint32_t g1 = iq3xxs_grid(qs[2 * l]), g2 = iq3xxs_grid(qs[2 * l + 1]);
+        for (int j = 0; j < 4; ++j) {
+          y[8 * l + j] = db * (float)byte_at(g1, j) * iq_sign(signs, j);
+          y[8 * l + j + 4] = db * (float)byte_at(g2, j) * iq_sign(signs, j + 4);
+        }
+      }
+      y += 32;
+    }
+  }
+};
+
+template <> struct Traits<T_IQ3_S> {
+  using block = block_iq3_s; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const float db = d * (float)(1 + 2 * ((b->scales[ib / 2] >> (4 * (ib % 2))) & 0xF));
+      const uint8_t* qs = b->qs + 8 * ib;
+      const uint8_t* signs = b->signs + 4 * ib;
+      const int qh = b->qh[ib];
+      for (int l = 0; l < 4; ++l) {
+        const uint32_t g1 = iq3s_grid(qs[2 * l] | ((qh << (8 - 2 * l)) & 256));
+        const uint32_t g2 = iq3s_grid(qs[2 * l + 1] | ((qh << (7 - 2 * l)) & 256));
+        for (int j = 0; j < 4; ++j) {
+          y[8 * l + j] = db * (float)byte_at(g1, j) * iq_sign(signs[l], j);
+          y[8 * l + j + 4] = db * (float)byte_at(g2, j) * iq_sign(signs[l], j + 4);
+        }
+      }
+      y += 32;
+    }
+  }
+};
+
+template <> struct Traits<T_IQ2_XXS> {
+  using block = block_iq2_xxs; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(b->qs);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const uint32_t aux = load_u32_le(q + 8 * ib + 4);
+      const float db = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+      for (int l = 0; l < 4; ++l) {
+        const uint64_t g = iq2xxs_grid(q[8 * ib + l]);
+        const uint8_t signs = ksigns_iq2xs((aux >> (7 * l)) & 127);
+        for (int j = 0; j < 8; ++j) y[8 * l + j] = db * (float)byte_at(g, j) * iq_sign(signs, j);
+      }
+      y += 32;
+    }
+  }
+};
+
+template <> struct Traits<T_IQ2_XS> {
+  using block = block_iq2_xs; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const float db[2] = {d * (0.5f + (float)(b->scales[ib] & 0xF)) * 0.25f,
+                           d * (0.5f + (float)(b->scales[ib] >> 4)) * 0.25f};
+      for (int l = 0; l < 4; ++l) {
+        const uint16_t q = b->qs[4 * ib + l];
+        const uint64_t g = iq2xs_grid(q & 511);
+        const uint8_t signs = ksigns_iq2xs(q >> 9);
+        for (int j = 0; j < 8; ++j) y[8 * l + j] = db[l / 2] * (float)byte_at(g, j) * iq_sign(signs, j);
+      }
+      y += 32;
+    }
+  }
+};
+
+template <> struct Traits<T_IQ2_S> {
+  using block = block_iq2_s; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const float db[2] = {d * (0.5f + (float)(b->scales[ib] & 0xF)) * 0.25f,
+                           d * (0.5f + (float)(b->scales[ib] >> 4)) * 0.25f};
+      const uint8_t* qs = b->qs + 4 * ib;
+      const uint8_t* signs = b->qs + QK_K / 8 + 4 * ib;
+      for (int l = 0; l < 4; ++l) {
+        const uint64_t g = iq2s_grid(qs[l] | ((b->qh[ib] << (8 - 2 * l)) & 0x300));
+        for (int j = 0; j < 8; ++j) y[8 * l + j] = db[l / 2] * (float)byte_at(g, j) * iq_sign(signs[l], j);
+      }
+      y += 32;
+    }
+  }
+};
+
+// IQ1 grid values are int8 (-1, 0, 1): byte j of the entry as signed.
+LT_HD float iq1_value(uint64_t g, int j) { return (float)(int8_t)byte_at(g, j); }
+constexpr float kIq1Delta = 0.125f;
+
+template <> struct Traits<T_IQ1_S> {
+  using block = block_iq1_s; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const int qh = b->qh[ib];
+      const float dl = d * (float)(2 * ((qh >> 12) & 7) + 1);
+      const float delta = (qh & 0x8000) ? -kIq1Delta : kIq1Delta;
+      for (int l = 0; l < 4; ++l) {
+        const uint64_t g = iq1s_grid(b->qs[4 * ib + l] | (((qh >> (3 * l)) & 7) << 8));
+        for (int j = 0; j < 8; ++j) y[8 * l + j] = dl * (iq1_value(g, j) + delta);
+      }
+      y += 32;
+    }
+  }
+};
+
+// IQ1_M's fp16 d: the top nibble of each of its four scale words, lowest word first.
+LT_HD uint16_t iq1m_d_bits(const block_iq1_m* b) {
+  uint16_t sc[4];
+  for (int i = 0; i < 4; ++i) sc[i] = (uint16_t)(b->scales[2 * i] | (b->scales[2 * i + 1] << 8));
+  return (uint16_t)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000));
+}
+
+template <> struct Traits<T_IQ1_M> {
+  using block = block_iq1_m; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(iq1m_d_bits(b));
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+      const int sc = b->scales[2 * (ib / 2)] | (b->scales[2 * (ib / 2) + 1] << 8);
+      const float dl[2] = {d * (float)(2 * ((sc >> (6 * (ib % 2))) & 7) + 1),
+                           d * (float)(2 * ((sc >> (6 * (ib % 2) + 3)) & 7) + 1)};
+      const uint8_t* qs = b->qs + 4 * ib;
+      const uint8_t* qh = b->qh + 2 * ib;
+      for (int l = 0; l < 4; ++l) {
+        const int h = qh[l / 2] >> (4 * (l % 2));  // index bits 8-10, then the delta sign
+        const uint64_t g = iq1s_grid(qs[l] | ((h & 7) << 8));
+        const float delta = (h & 8) ? -kIq1Delta : kIq1Delta;
+        for (int j = 0; j < 8; ++j) y[8 * l + j] = dl[l / 2] * (iq1_value(g, j) + delta);
+      }
+      y += 32;
+    }
+  }
+};
+
 // ---- INTb-gG ----------------------------------------------------------------------------------
 // Code of element e (0 <= e < G) of an INTb-gG block; see the layout in blocks.h.
 template <int B, int G>
@@ -234,12 +413,9 @@ struct IntTraits {
   }
 };
 
-#define LT_INT_TRAITS(B, G) \
-  template <> struct Traits<int_type_id(B, G)> : IntTraits<B, G> {};
-#define LT_INT_TRAITS_ALL_G(B) LT_INT_TRAITS(B, 32) LT_INT_TRAITS(B, 64) LT_INT_TRAITS(B, 128)
-LT_INT_TRAITS_ALL_G(2) LT_INT_TRAITS_ALL_G(3) LT_INT_TRAITS_ALL_G(4)
-LT_INT_TRAITS_ALL_G(5) LT_INT_TRAITS_ALL_G(6) LT_INT_TRAITS_ALL_G(8)
-#undef LT_INT_TRAITS_ALL_G
+#define LT_INT_TRAITS(T) \
+  template <> struct Traits<T> : IntTraits<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_INT_TRAITS)
 #undef LT_INT_TRAITS
 
 // Calls f.template operator()<T>() with the compile-time type id matching `qtype`;
@@ -248,11 +424,7 @@ template <class F>
 bool dispatch_qtype(int qtype, F&& f) {
   switch (qtype) {
 #define LT_CASE(T) case T: f.template operator()<T>(); return true;
-    LT_CASE(T_Q4_0) LT_CASE(T_Q4_1) LT_CASE(T_Q5_0) LT_CASE(T_Q5_1) LT_CASE(T_Q8_0)
-    LT_CASE(T_Q2_K) LT_CASE(T_Q3_K) LT_CASE(T_Q4_K) LT_CASE(T_Q5_K) LT_CASE(T_Q6_K)
-#define LT_CASE_INT(B) LT_CASE(int_type_id(B, 32)) LT_CASE(int_type_id(B, 64)) LT_CASE(int_type_id(B, 128))
-    LT_CASE_INT(2) LT_CASE_INT(3) LT_CASE_INT(4) LT_CASE_INT(5) LT_CASE_INT(6) LT_CASE_INT(8)
-#undef LT_CASE_INT
+    LT_TYPES(LT_CASE)
 #undef LT_CASE
     default: return false;
   }

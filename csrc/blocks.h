@@ -44,6 +44,47 @@ static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 
+// ---- GGUF I-quants: codes index fixed tables (iq_grids.h) -----------------------------------
+// No min anywhere; every type but IQ4_NL has 256-element super-blocks. grid(i)[j] is byte j of
+// table entry i; sign bit j of a sign byte s set means element j is negated. ksigns_iq2xs maps 7
+// stored bits to 8 (the eighth makes the number of minus signs even).
+// IQ4_NL: byte j holds element j (low nibble) and j+16 (high), as Q4_0.
+struct block_iq4_nl { half_bits d; uint8_t qs[QK / 2]; };  // x = d * kvalues_iq4nl[q]
+// IQ4_XS: 8 sub-blocks of 32, each as IQ4_NL's nibbles; 6-bit scale ls: low 4 bits in nibble ib%2
+// of scales_l[ib/2], high 2 bits at bit 2*ib of scales_h.
+struct block_iq4_xs { half_bits d; uint16_t scales_h; uint8_t scales_l[QK_K / 64]; uint8_t qs[QK_K / 2]; };  // x = d*(ls-32)*kvalues_iq4nl[q]
+// IQ3_XXS: qs[0..64): one iq3xxs_grid index (4 elements) per byte; then per 32 elements a u32:
+// four 7-bit sign indices (ksigns_iq2xs), one per 8 elements, and the 4-bit scale s at bit 28.
+struct block_iq3_xxs { half_bits d; uint8_t qs[3 * QK_K / 8]; };  // x = d*(0.5+s)*0.5 * grid * sign
+// IQ3_S: 9-bit iq3s_grid indices (4 elements): low 8 bits in qs, bit 8 in qh (bit l of qh[ib32]
+// for index l of 32 elements ib32); one sign bit per element; 4-bit scale s per 32 (nibbles).
+struct block_iq3_s { half_bits d; uint8_t qs[QK_K / 4]; uint8_t qh[QK_K / 32]; uint8_t signs[QK_K / 8]; uint8_t scales[QK_K / 64]; };  // x = d*(1+2s) * grid * sign
+// IQ2_XXS: per 32 elements two u32: four iq2xxs_grid indices (8 elements each) as bytes, then four
+// 7-bit sign indices and the 4-bit scale s at bit 28.
+struct block_iq2_xxs { half_bits d; uint16_t qs[QK_K / 8]; };  // x = d*(0.5+s)*0.25 * grid * sign
+// IQ2_XS: per 8 elements a u16: 9-bit iq2xs_grid index, 7-bit sign index; 4-bit scale per 16.
+struct block_iq2_xs { half_bits d; uint16_t qs[QK_K / 8]; uint8_t scales[QK_K / 32]; };  // x = d*(0.5+s)*0.25 * grid * sign
+// IQ2_S: qs[0..32) low 8 bits of 10-bit iq2s_grid indices (8 elements), qs[32..64) the sign bits
+// (a byte per 8 elements); bits 8-9 of index l of 32 elements ib32 at bit 2l of qh[ib32]; 4-bit
+// scale per 16.
+struct block_iq2_s { half_bits d; uint8_t qs[QK_K / 4]; uint8_t qh[QK_K / 32]; uint8_t scales[QK_K / 32]; };  // x = d*(0.5+s)*0.25 * grid * sign
+// IQ1_S: 11-bit iq1s_grid indices (8 values in {-1, 0, 1}): low 8 bits in qs, high 3 at bit 3l of
+// qh[ib32], whose bits 12-14 are the scale s and bit 15 the sign of delta = ±1/8.
+struct block_iq1_s { half_bits d; uint8_t qs[QK_K / 8]; uint16_t qh[QK_K / 32]; };  // x = d*(2s+1) * (grid + delta)
+// IQ1_M: no d field: d's fp16 bits are the top nibbles of the four u16 of scales (lowest first);
+// 3-bit scales s per 16 elements in the other 12 bits; per 8 elements a qh nibble: bits 8-10 of
+// the iq1s_grid index and the sign of delta (bit 3).
+struct block_iq1_m { uint8_t qs[QK_K / 8]; uint8_t qh[QK_K / 16]; uint8_t scales[QK_K / 32]; };  // x = d*(2s+1) * (grid + delta)
+static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
+static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
+static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
+static_assert(sizeof(block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+static_assert(sizeof(block_iq2_xs) == 74, "IQ2_XS block is 74 bytes");
+static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
+static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
+static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
+
 // ---- INTb-gG: uniform asymmetric, one block per G consecutive inputs of one output row ----
 // x = d * q + m, q in [0, 2^b - 1], d and m fp16.  Layout, per block:
 //   d, m, then (b in {3,5,6}) the high-bit plane, then the low-bit plane.
@@ -73,11 +114,33 @@ static_assert(sizeof(block_int<8, 32>) == 4 + 32, "INT8-g32 block is 36 bytes");
 // file as such): 1000 + 10*b + {0: g32, 1: g64, 2: g128}.
 enum QType : int {
   T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-  T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
+  T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+  T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18, T_IQ1_S = 19, T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22,
+  T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30,
 };
 constexpr int int_type_id(int bits, int group) {
   return 1000 + 10 * bits + (group == 32 ? 0 : group == 64 ? 1 : 2);
 }
+constexpr int int_type_bits(int id) { return (id - 1000) / 10; }
+constexpr int int_type_group(int id) { return 32 << ((id - 1000) % 10); }
+
+// ---- The type list ------------------------------------------------------------------------------
+// Every quantized type, once. LT_TYPES(X) expands X(id) for each: the one switch over types
+// (dispatch_qtype in block_math.h), the quantizer declarations (quantize.h), the INTb-gG
+// specializations of every per-type layer (LT_TYPES_INT) and the CUDA kernels' explicit
+// instantiations all expand these lists. A new type is a line here plus its per-type layers:
+// struct above, Traits<T> (block_math.h), Unpack<T> (cuda/unpack.cuh), quantize_row<T>.
+// The groups are the units the CUDA kernels compile in (one cuda/inst_*.cu each, in parallel).
+#define LT_TYPES_LEGACY(X) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0)
+#define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
+#define LT_TYPES_IQ43(X) X(T_IQ4_NL) X(T_IQ4_XS) X(T_IQ3_XXS) X(T_IQ3_S)
+#define LT_TYPES_IQ21(X) X(T_IQ2_XXS) X(T_IQ2_XS) X(T_IQ2_S) X(T_IQ1_S) X(T_IQ1_M)
+#define LT_INT_GROUPS(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
+#define LT_TYPES_INT23(X) LT_INT_GROUPS(X, 2) LT_INT_GROUPS(X, 3)
+#define LT_TYPES_INT45(X) LT_INT_GROUPS(X, 4) LT_INT_GROUPS(X, 5)
+#define LT_TYPES_INT68(X) LT_INT_GROUPS(X, 6) LT_INT_GROUPS(X, 8)
+#define LT_TYPES_INT(X) LT_TYPES_INT23(X) LT_TYPES_INT45(X) LT_TYPES_INT68(X)
+#define LT_TYPES(X) LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_IQ43(X) LT_TYPES_IQ21(X) LT_TYPES_INT(X)
 
 // Activation dtypes accepted by the kernels.
 enum DType : int { D_F32 = 0, D_F16 = 1, D_BF16 = 2 };

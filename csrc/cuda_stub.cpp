@@ -1,15 +1,22 @@
-// CUDA entry points for a build without CUDA: available() is false, the rest refuse.
+// Every CUDA entry point for a build without CUDA (the one place they live): available() is
+// false, the rest refuse.
 #include <stdexcept>
+
+#include "adapter_kernels.h"
 #include "kernels.h"
 
 namespace lowtune::cuda {
-static void no_cuda() {
+[[noreturn]] static void no_cuda() {
   throw std::runtime_error("lowtune was built without CUDA; rebuild with LOWTUNE_CUDA=ON on a machine with nvcc");
 }
 bool available() { return false; }
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_input_grad(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
+void adapter_forward(const AdapterGeom&, const void*, int, const float*, const float*, void*, float*, void*,
+                     void*) { no_cuda(); }
+void adapter_backward(const AdapterGeom&, const void*, int, const void*, int64_t, const float*, const float*,
+                      const float*, void*, float*, float*, float*, void*) { no_cuda(); }
 namespace reference {
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }

@@ -9,12 +9,15 @@
 //   dx     [M, K] = dy · deq(w)           (same dtype as dy, fp32 accumulation)
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace lowtune {
 
 struct BlockInfo { int elems; int bytes; };
 // Block geometry of a type id; throws std::invalid_argument for an unknown id.
 BlockInfo block_info(int qtype);
+// Every type id the kernels take (the type list of blocks.h), in list order.
+std::vector<int> type_ids();
 
 namespace cpu {
 // Number of threads the CPU kernels use (0 = hardware concurrency).

@@ -1,24 +1,19 @@
-// Host quantizers, one per type: quantize one row of k floats (k a multiple of the block size)
-// into k/elems blocks. Each follows ggml's reference (quantize_row_*_ref) for GGUF types, and
-// min-max rounding for INTb-gG. Used by cpu::quantize; the CUDA code has no quantizer.
+// Host quantizers: quantize_row<T>(x, blocks, k) turns one row of k floats (k a multiple of the
+// block size) into k / Traits<T>::kElems blocks of type T. One specialization per type of the
+// type list (blocks.h), defined beside its algorithm in cpu/quantize_*.cpp: ggml's reference
+// algorithms for GGUF types (bytes equal to llama.cpp's), min-max rounding for INTb-gG.
+// cpu::quantize reaches them through dispatch_qtype; the CUDA code has no quantizer.
 #pragma once
 #include <cstdint>
 
+#include "blocks.h"
+
 namespace lowtune {
 
-void quantize_row_q4_0(const float* x, void* y, int64_t k);
-void quantize_row_q4_1(const float* x, void* y, int64_t k);
-void quantize_row_q5_0(const float* x, void* y, int64_t k);
-void quantize_row_q5_1(const float* x, void* y, int64_t k);
-void quantize_row_q8_0(const float* x, void* y, int64_t k);
+template <int T> void quantize_row(const float* x, void* blocks, int64_t k);
 
-void quantize_row_q2_K(const float* x, void* y, int64_t k);
-void quantize_row_q3_K(const float* x, void* y, int64_t k);
-void quantize_row_q4_K(const float* x, void* y, int64_t k);
-void quantize_row_q5_K(const float* x, void* y, int64_t k);
-void quantize_row_q6_K(const float* x, void* y, int64_t k);
-
-// INTb-gG: bits in {2,3,4,5,6,8}, group in {32,64,128}.
-void quantize_row_int(int bits, int group, const float* x, void* y, int64_t k);
+#define LT_DECLARE_QUANTIZE_ROW(T) template <> void quantize_row<T>(const float* x, void* blocks, int64_t k);
+LT_TYPES(LT_DECLARE_QUANTIZE_ROW)
+#undef LT_DECLARE_QUANTIZE_ROW
 
 }  // namespace lowtune

@@ -6,7 +6,7 @@ imatrix = NULL runs the reference quantizer quantize_row_*_ref -- what `llama-qu
 when no importance matrix is given.
 
     available()                -> True when llama_cpp and its libggml-base are importable
-    quantize(w[N, K], type_id) -> uint8 [N, row_bytes]: ggml's bytes for a float32 matrix
+    quantize(w[N, K], type_id[, imatrix]) -> uint8 [N, row_bytes]: ggml's bytes for a float32 matrix
 """
 from __future__ import annotations
 
@@ -47,16 +47,23 @@ def _ggml_base() -> ctypes.CDLL:
     return lib
 
 
-def quantize(w: np.ndarray, type_id: int) -> np.ndarray:
-    """ggml's reference quantization of float32 w [N, K] into type `type_id` (ggml_type)."""
+def quantize(w: np.ndarray, type_id: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's reference quantization of float32 w [N, K] into type `type_id` (ggml_type).
+    imatrix: float32 [K], the importance of each input column (llama-imatrix's per-column mean of
+    squared activations); ggml needs one for IQ2_XXS, IQ2_XS and IQ1_S, and uses it where given."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got shape {w.shape}")
     n, k = w.shape
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (k,):
+            raise ValueError(f"imatrix must have shape [{k}], got {imatrix.shape}")
     lib = _ggml_base()
     row_bytes = lib.ggml_row_size(type_id, k)
     out = np.zeros((n, row_bytes), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(type_id, w.ctypes.data, out.ctypes.data, 0, n, k, None)
+    written = lib.ggml_quantize_chunk(type_id, w.ctypes.data, out.ctypes.data, 0, n, k,
+                                      None if imatrix is None else imatrix.ctypes.data)
     if written != n * row_bytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {n * row_bytes}")
     return out

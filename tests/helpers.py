@@ -48,7 +48,17 @@ def norm_rel_err(a, b) -> float:
 
 # Byte offsets of the fp16 fields (scales, mins) inside one block of each quantized type.
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
+# IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
+SPLIT_HALF_FIELDS = {"IQ1_M": 48}
+
+
+def random_halves(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """fp16 bits (uint16 [nblocks]) of random sign and magnitude log-uniform in [scale/100, scale]."""
+    mag = scale * 10.0 ** rng.uniform(-2, 0, size=nblocks)
+    return (mag * rng.choice([-1.0, 1.0], size=nblocks)).astype("<f2").view(np.uint16)
 
 
 def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
@@ -58,9 +68,13 @@ def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 
     nblocks = n * k // fmt.block_elems
     raw = rng.integers(0, 256, size=(nblocks, fmt.block_bytes), dtype=np.uint8)
     for off in HALF_FIELDS.get(fmt.name, (0, 2)):  # INTb-gG: d, m
-        mag = scale * 10.0 ** rng.uniform(-2, 0, size=nblocks)
-        halves = (mag * rng.choice([-1.0, 1.0], size=nblocks)).astype("<f2")
-        raw[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+        raw[:, off:off + 2] = random_halves(nblocks, scale, rng).view(np.uint8).reshape(-1, 2)
+    if fmt.name in SPLIT_HALF_FIELDS:
+        off = SPLIT_HALF_FIELDS[fmt.name]
+        d = random_halves(nblocks, scale, rng)[:, None]
+        words = np.ascontiguousarray(raw[:, off:off + 8]).view("<u2")
+        words = (words & 0x0FFF) | (((d >> (4 * np.arange(4, dtype=np.uint16))) & 0xF) << 12)
+        raw[:, off:off + 8] = words.astype("<u2").view(np.uint8)
     return raw.reshape(n, fmt.row_bytes(k))
 
 

@@ -17,8 +17,9 @@ from lowtune.formats import FORMATS, get_format
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 INTS = [f.name for f in FORMATS.values() if f.name.startswith("INT")]
-QUANTIZED = LEGACY + KTYPES + INTS
+QUANTIZED = LEGACY + KTYPES + IQUANTS + INTS
 
 
 def gguf_type(name: str):
@@ -88,7 +89,7 @@ def test_legacy_quantize_beyond_fp16_range_matches_gguf(name, rng):
 
 
 @pytest.mark.parametrize("name,source", [(t, "quantized") for t in LEGACY] +  # gguf-py has no K quantizer
-                         [(t, "random_bytes") for t in LEGACY + KTYPES])
+                         [(t, "random_bytes") for t in LEGACY + KTYPES + IQUANTS])
 def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
     fmt = get_format(name)
     n, k = 5, 3 * fmt.block_elems
@@ -98,7 +99,7 @@ def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
         raw = random_blocks(fmt, n, k, rng)
     expected = gguf.quants.dequantize(raw, gguf_type(name)).astype(np.float32)
     assert same_bits(lt_dequantize(raw, name, k).numpy(), expected), "C++ dequantize differs from gguf-py"
-    if name in LEGACY:
+    if name in LEGACY + IQUANTS:
         assert same_bits(fmt.dequantize(raw, k), expected), "NumPy reference differs from gguf-py"
 
 
@@ -178,6 +179,18 @@ def test_reference_handles_zero_rows(name):
     raw = fmt.quantize(np.zeros((0, 2 * fmt.block_elems), np.float32))
     assert raw.shape == (0, fmt.row_bytes(2 * fmt.block_elems))
     assert fmt.dequantize(raw, 2 * fmt.block_elems).shape == (0, 2 * fmt.block_elems)
+
+
+def test_kernels_and_formats_list_the_same_types():
+    # csrc/blocks.h's type list (every switch and instantiation in the C++ expands it) and the
+    # formats package must name the same quantized types, with the same block geometry.
+    from lowtune import _C
+    ours = {f.type_id: f for f in FORMATS.values() if f.quantized}
+    assert sorted(_C.type_ids()) == sorted(ours)
+    for tid in _C.type_ids():
+        assert _C.block_info(tid) == (ours[tid].block_elems, ours[tid].block_bytes), ours[tid].name
+    with pytest.raises(ValueError, match="unknown quantization type id 9999"):
+        _C.block_info(9999)
 
 
 def test_reference_rejects_partial_rows():

@@ -166,12 +166,16 @@ def test_missing_file_is_gguf_error(tmp_path):
 
 
 def test_unsupported_ggml_type_loads_but_tensor_says_what_to_do(tmp_path):
-    p = tmp_path / "iq.gguf"
-    p.write_bytes(build([ARCH], (("w", (256,), T.IQ4_XS, 0),), data=bytes(136)))
+    p = tmp_path / "tq.gguf"
+    p.write_bytes(build([ARCH], (("w", (256,), T.TQ2_0, 0),), data=bytes(66)))
     with GGUFFile(p) as f:
-        assert f.tensor_infos["w"].type is None and f.tensor_infos["w"].type_name == "IQ4_XS"
+        assert f.tensor_infos["w"].type is None and f.tensor_infos["w"].type_name == "TQ2_0"
         with pytest.raises(GGUFError, match="requantize"):
             f.tensor("w")
+    p = tmp_path / "iq.gguf"  # the I-quants are lowtune types
+    p.write_bytes(build([ARCH], (("w", (256,), T.IQ4_XS, 0),), data=bytes(136)))
+    with GGUFFile(p) as f:
+        assert f.tensor_infos["w"].type.name == "IQ4_XS" and f.tensor("w").shape == (1, 256)
 
 
 def test_tensor_views_survive_close(tmp_path):

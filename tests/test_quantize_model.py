@@ -106,6 +106,46 @@ def test_recipe_choices_on_256_wide_rows():
     assert {pure[n] for n, s in shapes if len(s) == 2} == {"Q2_K"}
 
 
+def test_iquant_recipe_choices_on_256_wide_rows():
+    """llama.cpp's choices for the I-quant recipes (no importance matrix), n_head/n_head_kv = 2 and 4."""
+    shapes = [("token_embd.weight", (1000, 256)), ("output.weight", (1000, 256))]
+    for i in range(16):
+        shapes += [(f"blk.{i}.{n}.weight", (256, 256)) for n in
+                   ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    for kv, gqa4 in ((4, False), (2, True)):
+        md = {"general.architecture": "llama", "llama.block_count": 16, "llama.attention.head_count": 8,
+              "llama.attention.head_count_kv": kv}
+        xs = _plan_types("IQ4_XS", shapes, md)
+        assert xs["output.weight"] == "Q6_K" and xs["token_embd.weight"] == "IQ4_XS"
+        assert [xs[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2)] == ["Q5_K", "Q5_K", "IQ4_XS"]
+        assert xs["blk.5.attn_v.weight"] == ("Q5_K" if gqa4 else "IQ4_XS") and xs["blk.5.attn_q.weight"] == "IQ4_XS"
+        m = _plan_types("IQ3_M", shapes, md)
+        assert m["blk.5.attn_v.weight"] == m["blk.5.attn_output.weight"] == m["blk.1.ffn_down.weight"] == "Q4_K"
+        assert m["blk.2.ffn_down.weight"] == m["blk.5.ffn_up.weight"] == "IQ3_S" and m["output.weight"] == "Q6_K"
+        s3 = _plan_types("IQ3_S", shapes, md)
+        assert s3["blk.5.attn_v.weight"] == ("Q4_K" if gqa4 else "IQ3_S") and s3["blk.5.ffn_down.weight"] == "IQ3_S"
+        x3 = _plan_types("IQ3_XS", shapes, md)  # the middle 3/4 of ffn_gate/ffn_up and all attn_q/attn_k drop
+        assert [x3[f"blk.{i}.ffn_up.weight"] for i in (1, 2, 13, 14)] == ["IQ3_S", "IQ3_XXS", "IQ3_XXS", "IQ3_S"]
+        assert x3["blk.0.attn_q.weight"] == x3["blk.0.attn_k.weight"] == "IQ3_XXS"
+        assert x3["blk.0.attn_v.weight"] == ("Q4_K" if gqa4 else "IQ3_S")
+        # The 1- and 2-bit recipes' own branch (refused when quantizing; the choices are llama.cpp's).
+        plan = TypePlan.for_source("IQ2_M", md, [n for n, _ in shapes])
+        m2 = {n: plan.choose(n, sh).name for n, sh in shapes}
+        assert m2["output.weight"] == "Q5_K" and m2["token_embd.weight"] == "IQ3_S"
+        assert m2["blk.0.attn_v.weight"] == ("Q4_K" if gqa4 else "IQ3_S")
+        assert m2["blk.1.ffn_down.weight"] == m2["blk.5.attn_output.weight"] == "IQ3_S"
+        assert m2["blk.2.ffn_down.weight"] == m2["blk.5.attn_q.weight"] == "IQ2_S"
+        with pytest.raises(ValueError, match="blk.0.attn_q.weight the type IQ2_S, which needs an importance matrix"):
+            plan.choose_quantizable("blk.0.attn_q.weight", (256, 256))
+        assert plan.choose_quantizable("blk.0.attn_v.weight", (256, 256)).name == m2["blk.0.attn_v.weight"]
+        s1 = {n: TypePlan.for_source("IQ1_S", md, [n for n, _ in shapes]).choose(n, sh).name for n, sh in shapes}
+        assert s1["token_embd.weight"] == "Q2_K" and s1["blk.5.attn_output.weight"] == "IQ2_XXS"
+        assert s1["blk.0.ffn_down.weight"] == "Q2_K" and s1["blk.5.ffn_gate.weight"] == "IQ1_S"
+    # 576-wide rows (SmolLM2) fall back to IQ4_NL, as llama-quantize's do
+    assert _plan_types("IQ3_S", [("blk.0.attn_q.weight", (576, 576))], {"llama.block_count": 1}) == \
+        {"blk.0.attn_q.weight": "IQ4_NL"}
+
+
 def test_counters_follow_layer_order_not_file_order():
     names = [f"blk.{i}.attn_v.weight" for i in (0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9)]
     assert llama_cpp_order(names)[:4] == ["blk.0.attn_v.weight", "blk.1.attn_v.weight",
@@ -130,12 +170,19 @@ def test_bad_types_say_what_to_use():
         TypePlan("Q4_K_M", output_type="Q7_0")
 
 
+def test_importance_matrix_recipes_are_refused_before_writing(tiny_f32, tmp_path):
+    for recipe in ("IQ2_XS", "IQ1_M"):
+        with pytest.raises(ValueError, match="needs an importance matrix.*use IQ3_M, IQ3_S, IQ4_XS"):
+            quantize_model(tiny_f32, tmp_path / "out.gguf", recipe)
+        assert not (tmp_path / "out.gguf").exists()
+
+
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q5_K_S", "Q4_0"])
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q5_K_S", "Q4_0", "IQ4_XS", "IQ4_NL", "IQ3_M",
+                                    "IQ3_S"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_recipes_equal_llama_quantize_byte_for_byte(recipe, tied, tmp_path):
-    """Every tensor gets llama-quantize's type and bytes (IQ4_NL, a fallback lowtune lacks, counts
-    as Q4_0)."""
+    """Every tensor gets llama-quantize's type and bytes."""
     import ctypes
 
     import llama_cpp
@@ -149,9 +196,6 @@ def test_recipes_equal_llama_quantize_byte_for_byte(recipe, tied, tmp_path):
         assert set(a.tensor_infos) == set(b.tensor_infos)
         for name, info in b.tensor_infos.items():
             mine = a.tensor_infos[name]
-            if info.type_name == "IQ4_NL":
-                assert mine.type_name == "Q4_0", name
-                continue
             assert mine.type_name == info.type_name, name
             assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
         # general.file_type is the recipe's, except where its main type ended up in no tensor

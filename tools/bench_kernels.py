@@ -54,8 +54,8 @@ from lowtune.model import LlamaConfig, LlamaModel
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # N x K (Llama-7B/8B)
 MS = [1, 16, 2048]
 QUICK_SHAPES, QUICK_MS = [(4096, 4096)], [1, 16, 512]
-TYPES = ["Q4_0", "Q4_1", "Q4_K", "INT4-g64"]
-CPU_TYPES = ["Q4_K", "Q4_1", "Q8_0"]
+TYPES = ["Q4_0", "Q4_1", "Q4_K", "INT4-g64", "IQ4_XS"]
+CPU_TYPES = ["Q4_K", "Q4_1", "Q8_0", "IQ4_XS", "IQ3_S", "IQ2_XS"]
 KERNELS = ["quantize", "dequantize", "forward", "input_grad"]
 PEERS = ["cublas_bf16", "deq_mm", "tinygemm", "bnb_nf4"]
 # Variants of our chunked cuBLAS path (M > 32): environment for each.
@@ -69,7 +69,11 @@ LARGE_VARIANTS = {
 # Byte offsets of the fp16 scale fields per block, for weights built from random bytes (the rest
 # of every block is random codes). A format not listed has its fp16 scale at offset 0.
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
+# IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
+SPLIT_HALF_FIELDS = {"IQ1_M": 48}
 
 
 def quant_type_names() -> list[str]:
@@ -524,12 +528,18 @@ def make_weight(name: str, n: int, k: int, rng: np.random.Generator) -> tuple[lo
     w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * 0.02)
     try:
         return lowtune.quantize(w, name), True
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, ValueError):  # ValueError: needs an importance matrix
         fmt = get_format(name)
         raw = rng.integers(0, 256, size=(n * k // fmt.block_elems, fmt.block_bytes), dtype=np.uint8)
         for off in HALF_FIELDS.get(fmt.name, (0,)):
             halves = (rng.uniform(1e-4, 2e-3, size=raw.shape[0])).astype("<f2")
             raw[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+        if fmt.name in SPLIT_HALF_FIELDS:
+            off = SPLIT_HALF_FIELDS[fmt.name]
+            d = rng.uniform(1e-4, 2e-3, size=(raw.shape[0], 1)).astype("<f2").view(np.uint16)
+            words = np.ascontiguousarray(raw[:, off:off + 8]).view("<u2")
+            words = (words & 0x0FFF) | (((d >> (4 * np.arange(4, dtype=np.uint16))) & 0xF) << 12)
+            raw[:, off:off + 8] = words.astype("<u2").view(np.uint8)
         return lowtune.QTensor.from_raw(torch.from_numpy(raw.reshape(n, -1)), name, (n, k)), False
 
 

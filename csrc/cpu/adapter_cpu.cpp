@@ -126,18 +126,3 @@ void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const voi
 }
 
 }  // namespace lowtune::cpu
-
-#ifndef LOWTUNE_WITH_CUDA
-// A build without CUDA: the CUDA twins refuse (as csrc/cuda_stub.cpp does for the base kernels).
-namespace lowtune::cuda {
-static void adapter_no_cuda() {
-  throw std::runtime_error("lowtune was built without CUDA; rebuild with LOWTUNE_CUDA=ON on a machine with nvcc");
-}
-void adapter_forward(const AdapterGeom&, const void*, int, const float*, const float*, void*, float*,
-                     void*, void*) { adapter_no_cuda(); }
-void adapter_backward(const AdapterGeom&, const void*, int, const void*, int64_t, const float*,
-                      const float*, const float*, void*, float*, float*, float*, void*) {
-  adapter_no_cuda();
-}
-}  // namespace lowtune::cuda
-#endif

@@ -290,6 +290,164 @@ struct FastDequant<T_Q5_K> {
 };
 #endif
 
+#if defined(__AVX2__)
+// I-quants with AVX2 (AVX-512 machines have it too): a grid point's 8 byte values widen to 8
+// float lanes, are scaled, and take their signs by flipping the sign bit (exactly the
+// reference's (scale * g) * ±1); IQ4 levels come from a byte shuffle of the 16-level table;
+// IQ1 adds delta before scaling, as the reference.
+inline __m256 iq_u8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g))); }
+inline __m256 iq_i8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((long long)g))); }
+inline __m256 iq_signed(__m256 v, uint32_t signs) {  // lane j negated where bit j of signs is set
+  const __m256i bits = _mm256_srlv_epi32(_mm256_set1_epi32((int)signs), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 31)));
+}
+inline void iq_store_point(float* y, float scale, uint64_t g, uint32_t signs) {
+  _mm256_storeu_ps(y, iq_signed(_mm256_mul_ps(_mm256_set1_ps(scale), iq_u8x8(g)), signs));
+}
+// 32 IQ4_NL codes (16 bytes: low nibbles first) -> 32 floats scale * level.
+inline void iq4_store32(float* y, float scale, const uint8_t* qs) {
+  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k_kvalues_iq4nl));
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i lo = _mm_shuffle_epi8(levels, _mm_and_si128(q, _mm_set1_epi8(0xF)));
+  const __m128i hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0xF)));
+  const __m256 s = _mm256_set1_ps(scale);
+  _mm256_storeu_ps(y, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+  _mm256_storeu_ps(y + 8, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+  _mm256_storeu_ps(y + 16, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+  _mm256_storeu_ps(y + 24, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+}
+
+template <>
+struct FastDequant<T_IQ4_NL> {
+  LT_FLATTEN static inline void run(const block_iq4_nl* __restrict b, float* __restrict y) {
+    iq4_store32(y, fp16_to_fp32(b->d), b->qs);
+  }
+};
+
+template <>
+struct FastDequant<T_IQ4_XS> {
+  LT_FLATTEN static inline void run(const block_iq4_xs* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const int ls = ((b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((b->scales_h >> (2 * ib)) & 3) << 4);
+      iq4_store32(y + 32 * ib, d * (float)(ls - 32), b->qs + 16 * ib);
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ3_XXS> {
+  LT_FLATTEN static inline void run(const block_iq3_xxs* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const uint8_t* qs = b->qs + 8 * ib;
+      const uint32_t aux = load_u32_le(b->qs + QK_K / 4 + 4 * ib);
+      const float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+      for (int l = 0; l < 4; ++l)
+        iq_store_point(y + 32 * ib + 8 * l, db, iq3xxs_grid(qs[2 * l]) | ((uint64_t)iq3xxs_grid(qs[2 * l + 1]) << 32),
+                       ksigns_iq2xs((aux >> (7 * l)) & 127));
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ3_S> {
+  LT_FLATTEN static inline void run(const block_iq3_s* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const float db = d * (float)(1 + 2 * ((b->scales[ib / 2] >> (4 * (ib % 2))) & 0xF));
+      const uint8_t* qs = b->qs + 8 * ib;
+      const int qh = b->qh[ib];
+      for (int l = 0; l < 4; ++l) {
+        const uint64_t g = iq3s_grid(qs[2 * l] | ((qh << (8 - 2 * l)) & 256)) |
+                           ((uint64_t)iq3s_grid(qs[2 * l + 1] | ((qh << (7 - 2 * l)) & 256)) << 32);
+        iq_store_point(y + 32 * ib + 8 * l, db, g, b->signs[4 * ib + l]);
+      }
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ2_XXS> {
+  LT_FLATTEN static inline void run(const block_iq2_xxs* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(b->qs);
+    for (int ib = 0; ib < 8; ++ib) {
+      const uint32_t aux = load_u32_le(q + 8 * ib + 4);
+      const float db = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+      for (int l = 0; l < 4; ++l)
+        iq_store_point(y + 32 * ib + 8 * l, db, iq2xxs_grid(q[8 * ib + l]), ksigns_iq2xs((aux >> (7 * l)) & 127));
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ2_XS> {
+  LT_FLATTEN static inline void run(const block_iq2_xs* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const float db[2] = {d * (0.5f + (float)(b->scales[ib] & 0xF)) * 0.25f,
+                           d * (0.5f + (float)(b->scales[ib] >> 4)) * 0.25f};
+      for (int l = 0; l < 4; ++l) {
+        const uint16_t q = b->qs[4 * ib + l];
+        iq_store_point(y + 32 * ib + 8 * l, db[l / 2], iq2xs_grid(q & 511), ksigns_iq2xs(q >> 9));
+      }
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ2_S> {
+  LT_FLATTEN static inline void run(const block_iq2_s* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const float db[2] = {d * (0.5f + (float)(b->scales[ib] & 0xF)) * 0.25f,
+                           d * (0.5f + (float)(b->scales[ib] >> 4)) * 0.25f};
+      for (int l = 0; l < 4; ++l)
+        iq_store_point(y + 32 * ib + 8 * l, db[l / 2], iq2s_grid(b->qs[4 * ib + l] | ((b->qh[ib] << (8 - 2 * l)) & 0x300)),
+                       b->qs[QK_K / 8 + 4 * ib + l]);
+    }
+  }
+};
+
+// ±1/8 from a sign bit (bit 0 of neg), without a branch: random data would mispredict half of them.
+inline float iq1_delta(uint32_t neg) { return bits_to_float(float_to_bits(kIq1Delta) | (neg << 31)); }
+
+template <>
+struct FastDequant<T_IQ1_S> {
+  LT_FLATTEN static inline void run(const block_iq1_s* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int ib = 0; ib < 8; ++ib) {
+      const int qh = b->qh[ib];
+      const __m256 dl = _mm256_set1_ps(d * (float)(2 * ((qh >> 12) & 7) + 1));
+      const __m256 delta = _mm256_set1_ps(iq1_delta((uint32_t)qh >> 15));
+      for (int l = 0; l < 4; ++l) {
+        const uint64_t g = iq1s_grid(b->qs[4 * ib + l] | (((qh >> (3 * l)) & 7) << 8));
+        _mm256_storeu_ps(y + 32 * ib + 8 * l, _mm256_mul_ps(dl, _mm256_add_ps(iq_i8x8(g), delta)));
+      }
+    }
+  }
+};
+
+template <>
+struct FastDequant<T_IQ1_M> {
+  LT_FLATTEN static inline void run(const block_iq1_m* __restrict b, float* __restrict y) {
+    const float d = fp16_to_fp32(iq1m_d_bits(b));
+    for (int ib = 0; ib < 8; ++ib) {
+      const int sc = b->scales[2 * (ib / 2)] | (b->scales[2 * (ib / 2) + 1] << 8);
+      const __m256 dl[2] = {_mm256_set1_ps(d * (float)(2 * ((sc >> (6 * (ib % 2))) & 7) + 1)),
+                            _mm256_set1_ps(d * (float)(2 * ((sc >> (6 * (ib % 2) + 3)) & 7) + 1))};
+      for (int l = 0; l < 4; ++l) {
+        const uint32_t h = b->qh[2 * ib + l / 2] >> (4 * (l % 2));
+        const __m256 delta = _mm256_set1_ps(iq1_delta((h >> 3) & 1));
+        const uint64_t g = iq1s_grid(b->qs[4 * ib + l] | ((h & 7) << 8));
+        _mm256_storeu_ps(y + 32 * ib + 8 * l, _mm256_mul_ps(dl[l / 2], _mm256_add_ps(iq_i8x8(g), delta)));
+      }
+    }
+  }
+};
+#endif
+
 // INTb-gG: codes are unpacked 8 at a time in a 64-bit word (per 32-element chunk, four runs of
 // 8 elements whose source bytes are consecutive and whose shifts are constant; layout in
 // blocks.h), then mapped to floats with the reference's x = (float)q * d + m.
@@ -320,12 +478,9 @@ struct FastDequantInt {
   }
 };
 
-#define LT_FAST_INT(B, G) \
-  template <> struct FastDequant<int_type_id(B, G)> : FastDequantInt<B, G> {};
-#define LT_FAST_INT_ALL_G(B) LT_FAST_INT(B, 32) LT_FAST_INT(B, 64) LT_FAST_INT(B, 128)
-LT_FAST_INT_ALL_G(2) LT_FAST_INT_ALL_G(3) LT_FAST_INT_ALL_G(4)
-LT_FAST_INT_ALL_G(5) LT_FAST_INT_ALL_G(6) LT_FAST_INT_ALL_G(8)
-#undef LT_FAST_INT_ALL_G
+#define LT_FAST_INT(T) \
+  template <> struct FastDequant<T> : FastDequantInt<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_FAST_INT)
 #undef LT_FAST_INT
 
 template <int T>

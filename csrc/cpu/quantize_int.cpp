@@ -2,8 +2,6 @@
 // Rounds exactly as Q4_1/Q5_1's reference does, so INT4-g32 and INT5-g32 equal them byte for byte.
 #include <algorithm>
 #include <cfloat>
-#include <stdexcept>
-#include <string>
 
 #include "../block_math.h"
 #include "../quantize.h"
@@ -38,14 +36,11 @@ static void quantize_row_int_t(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_int(int bits, int group, const float* x, void* y, int64_t k) {
-  const bool ok = dispatch_qtype(int_type_id(bits, group), [&]<int T>() {
-    if constexpr (T >= 1000) {
-      constexpr int B = (T - 1000) / 10, G = 32 << ((T - 1000) % 10);
-      quantize_row_int_t<B, G>(x, y, k);
-    }
-  });
-  if (!ok) throw std::invalid_argument("no INT" + std::to_string(bits) + "-g" + std::to_string(group) + " type");
-}
+#define LT_QUANTIZE_ROW_INT(T)                                                   \
+  template <> void quantize_row<T>(const float* x, void* y, int64_t k) {         \
+    quantize_row_int_t<int_type_bits(T), int_type_group(T)>(x, y, k);            \
+  }
+LT_TYPES_INT(LT_QUANTIZE_ROW_INT)
+#undef LT_QUANTIZE_ROW_INT
 
 }  // namespace lowtune

@@ -266,7 +266,7 @@ void fit_k4_superblock(const float* x, uint8_t* scales12, half_bits* d_out, half
 
 }  // namespace
 
-void quantize_row_q2_K(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q2_K>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q2_K*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     uint8_t L[QK_K];
@@ -306,7 +306,7 @@ void quantize_row_q2_K(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q3_K(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q3_K>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q3_K*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     int8_t L[QK_K];
@@ -354,7 +354,7 @@ void quantize_row_q3_K(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q4_K(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q4_K>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q4_K*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     uint8_t L[QK_K];
@@ -365,7 +365,7 @@ void quantize_row_q4_K(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q5_K(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q5_K>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q5_K*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     uint8_t L[QK_K];
@@ -383,7 +383,7 @@ void quantize_row_q5_K(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q6_K(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q6_K>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q6_K*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     int8_t L[QK_K];

@@ -26,7 +26,7 @@ static void min_max(const float* x, int n, float* mn, float* mx) {
   *mn = lo; *mx = hi;
 }
 
-void quantize_row_q4_0(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q4_0>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q4_0*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
     const float d = signed_absmax(x, QK) / -8.0f;
@@ -40,7 +40,7 @@ void quantize_row_q4_0(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q4_1(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q4_1>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q4_1*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
     float mn, mx;
@@ -61,7 +61,7 @@ static void store_u32_le(uint8_t* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-void quantize_row_q5_0(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q5_0>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q5_0*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
     const float d = signed_absmax(x, QK) / -16.0f;
@@ -79,7 +79,7 @@ void quantize_row_q5_0(const float* x, void* vy, int64_t k) {
   }
 }
 
-void quantize_row_q5_1(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q5_1>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q5_1*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
     float mn, mx;
@@ -108,7 +108,7 @@ static inline int round_half_away(float v) {
   return (int)t + (v < 0 ? -away : away);
 }
 
-void quantize_row_q8_0(const float* x, void* vy, int64_t k) {
+template <> void quantize_row<T_Q8_0>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_q8_0*>(vy);
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
     float amax = 0.0f;

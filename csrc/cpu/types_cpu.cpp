@@ -1,7 +1,6 @@
 // Type table, quantize and dequantize entry points (CPU).
 #include <algorithm>
 #include <cstring>
-#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -24,6 +23,14 @@ BlockInfo block_info(int qtype) {
   });
   if (!known) throw std::invalid_argument("unknown quantization type id " + std::to_string(qtype));
   return info;
+}
+
+std::vector<int> type_ids() {
+  std::vector<int> ids;
+#define LT_ID(T) ids.push_back(T);
+  LT_TYPES(LT_ID)
+#undef LT_ID
+  return ids;
 }
 
 namespace cpu {
@@ -60,30 +67,15 @@ void quantize(int qtype, const float* w, void* blocks, int64_t n, int64_t k) {
   check_k(qtype, k);
   const BlockInfo b = block_info(qtype);
   const int64_t row_bytes = k / b.elems * b.bytes;
-  std::function<void(const float*, void*)> row;
-  switch (qtype) {
-    case T_Q4_0: row = [k](const float* x, void* y) { quantize_row_q4_0(x, y, k); }; break;
-    case T_Q4_1: row = [k](const float* x, void* y) { quantize_row_q4_1(x, y, k); }; break;
-    case T_Q5_0: row = [k](const float* x, void* y) { quantize_row_q5_0(x, y, k); }; break;
-    case T_Q5_1: row = [k](const float* x, void* y) { quantize_row_q5_1(x, y, k); }; break;
-    case T_Q8_0: row = [k](const float* x, void* y) { quantize_row_q8_0(x, y, k); }; break;
-    case T_Q2_K: row = [k](const float* x, void* y) { quantize_row_q2_K(x, y, k); }; break;
-    case T_Q3_K: row = [k](const float* x, void* y) { quantize_row_q3_K(x, y, k); }; break;
-    case T_Q4_K: row = [k](const float* x, void* y) { quantize_row_q4_K(x, y, k); }; break;
-    case T_Q5_K: row = [k](const float* x, void* y) { quantize_row_q5_K(x, y, k); }; break;
-    case T_Q6_K: row = [k](const float* x, void* y) { quantize_row_q6_K(x, y, k); }; break;
-    default: {
-      const int bits = (qtype - 1000) / 10, group = 32 << ((qtype - 1000) % 10);
-      row = [k, bits, group](const float* x, void* y) { quantize_row_int(bits, group, x, y, k); };
-    }
-  }
+  void (*row)(const float*, void*, int64_t) = nullptr;
+  dispatch_qtype(qtype, [&]<int T>() { row = quantize_row<T>; });
   uint8_t* out = static_cast<uint8_t*>(blocks);
   parallel_for(n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (!all_finite(w + r * k, k))
         throw std::invalid_argument("w contains NaN or inf (row " + std::to_string(r) +
                                     "); quantization needs finite weights");
-      row(w + r * k, out + r * row_bytes);
+      row(w + r * k, out + r * row_bytes, k);
     }
   });
 }

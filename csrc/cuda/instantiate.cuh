@@ -1,5 +1,5 @@
 // Explicit instantiations of every kernel family for the types of one group; each inst_*.cu
-// file defines LT_INSTANTIATE_TYPES to one list of internal.h and includes this file.
+// file defines LT_INSTANTIATE_TYPES to one group of the type list (blocks.h) and includes this file.
 #include "dequant_tile.cuh"
 #include "small_m.cuh"
 #include "staged_gemv.cuh"

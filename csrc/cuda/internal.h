@@ -31,15 +31,6 @@ class ScratchBuffer {
   void* ptr_;
 };
 
-// The type lists the kernels are instantiated for, in groups that compile in parallel
-// (every id of dispatch_qtype must be in exactly one group).
-#define LT_TYPES_LEGACY(X) X(T_Q4_0) X(T_Q4_1) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0)
-#define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
-#define LT_TYPES_INT_G(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
-#define LT_TYPES_INT23(X) LT_TYPES_INT_G(X, 2) LT_TYPES_INT_G(X, 3)
-#define LT_TYPES_INT45(X) LT_TYPES_INT_G(X, 4) LT_TYPES_INT_G(X, 5)
-#define LT_TYPES_INT68(X) LT_TYPES_INT_G(X, 6) LT_TYPES_INT_G(X, 8)
-
 // out[r, c] = deq(W)[row0 + r, col0 + c] for r < nrows, c < ncols, written with leading
 // dimension ldo in out_dtype (DType). w points at row 0 of W; col0 and ncols are multiples of
 // 32 and of nothing else; w, out and ldo*elemsize must be 16-byte aligned.

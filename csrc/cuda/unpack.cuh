@@ -444,6 +444,254 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
   }
 };
 
+// ---- I-quants -----------------------------------------------------------------------------------
+// Codes index the tables of iq_grids.h (read from device memory in decode; they are small and stay
+// in cache). The values are Traits' products, each rounded on its own:
+//   IQ4: dl * level;  IQ3/IQ2: (db * grid) * sign == db * (±grid);  IQ1: dl * (grid + delta).
+// No affine form is cheaper here, so decode_fast is decode.
+template <class Self> struct UnpackIq : UnpackBase<Self> {
+  template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
+    Self::template decode<S>(r, e, v);
+  }
+};
+__device__ __forceinline__ float signed_f(uint32_t g, bool negative) {  // ±(float)g, g < 2^23
+  const float f = code_f(g);
+  return negative ? -f : f;
+}
+// IQ4_NL's level of a 4-bit code, without a memory access: the 16 int8 levels as four words
+// (built at compile time from iq_grids.h), one byte selected by __byte_perm.
+constexpr uint32_t iq4nl_word(int w) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= (uint32_t)(uint8_t)k_kvalues_iq4nl[4 * w + i] << (8 * i);
+  return v;
+}
+__device__ __forceinline__ float iq4nl_level(uint32_t q) {
+  constexpr uint32_t w0 = iq4nl_word(0), w1 = iq4nl_word(1), w2 = iq4nl_word(2), w3 = iq4nl_word(3);
+  const uint32_t b = __byte_perm(q & 8 ? w2 : w0, q & 8 ? w3 : w1, q & 7);  // level in the low byte
+  return (float)(int)(int8_t)b;
+}
+
+// IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
+template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    ld_words<S, 2>(b + 2 + (e & 15), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(d, iq4nl_level((byte_of(r + 1, i) >> sh) & 0xF));
+  }
+};
+
+// IQ4_XS: d, scales_h, scales_l[4], qs[128]; sub-block ib = e/32 as IQ4_NL at qs + 16ib.
+template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
+  static constexpr int kElems = 256, kBytes = 136, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));  // d | scales_h << 16
+    r[1] = ld_u8(b + 4 + (ib >> 1));
+    ld_words<S, 8>(b + 8 + 16 * ib + (e & 15), r + 2);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int ib = e >> 5, sh = ((e >> 4) & 1) * 4;
+    const int ls = (int)((r[1] >> (4 * (ib & 1))) & 0xF) | (int)(((r[0] >> (16 + 2 * ib)) & 3) << 4);
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(dl, iq4nl_level((byte_of(r + 2, i) >> sh) & 0xF));
+  }
+};
+
+// IQ3_XXS: d, qs[64] (one grid index per 4 elements), then per 32 a u32: four 7-bit sign indices
+// (one per 8 elements) and the scale at bit 28.
+template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
+  static constexpr int kElems = 256, kBytes = 98, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, j0 = e & 31;
+    r[0] = ld_u16(b);
+    r[1] = (uint32_t)ld_u16(b + 66 + 4 * ib) | ((uint32_t)ld_u16(b + 68 + 4 * ib) << 16);
+    const uint8_t* q = b + 2 + 8 * ib + j0 / 4;
+    r[2] = S == 16 ? (uint32_t)ld_u16(q) | ((uint32_t)ld_u16(q + 2) << 16) : (uint32_t)ld_u16(q);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j0 = e & 31;
+    const uint32_t aux = r[1];
+    const float db = __fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.5f);
+#pragma unroll
+    for (int p = 0; p < S / 4; ++p) {
+      const int l4 = j0 / 4 + p;  // grid point in the 32 elements
+      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
+      const uint32_t g = iq3xxs_grid(byte_of(r + 2, p));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[4 * p + j] = __fmul_rn(db, signed_f((g >> (8 * j)) & 0xFF, (signs >> j) & 1));
+    }
+  }
+};
+
+// IQ3_S: d, qs[64], qh[8], signs[32], scales[4]; index k of sub-block ib: qs[8ib + k] | bit k of
+// qh[ib] << 8; a sign bit per element; the scale nibble ib % 2 of scales[ib / 2].
+template <> struct Unpack<T_IQ3_S> : UnpackIq<Unpack<T_IQ3_S>> {
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, j0 = e & 31;
+    r[0] = (uint32_t)ld_u16(b) | ((uint32_t)ld_u8(b + 106 + (ib >> 1)) << 16) | ((uint32_t)ld_u8(b + 66 + ib) << 24);
+    const uint8_t* q = b + 2 + 8 * ib + j0 / 4;
+    r[1] = S == 16 ? (uint32_t)ld_u16(q) | ((uint32_t)ld_u16(q + 2) << 16) : (uint32_t)ld_u16(q);
+    const uint8_t* sg = b + 74 + 4 * ib + j0 / 8;
+    r[2] = S == 16 ? (uint32_t)ld_u16(sg) : (uint32_t)ld_u8(sg);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int ib = e >> 5, j0 = e & 31;
+    const uint32_t s = (r[0] >> (16 + 4 * (ib & 1))) & 0xF, qh = r[0] >> 24;
+    const float db = __fmul_rn(half_f((uint16_t)r[0]), code_f(1 + 2 * s));
+#pragma unroll
+    for (int p = 0; p < S / 4; ++p) {
+      const int k = j0 / 4 + p;
+      const uint32_t g = iq3s_grid(byte_of(r + 1, p) | (((qh >> k) & 1) << 8));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[4 * p + j] = __fmul_rn(db, signed_f((g >> (8 * j)) & 0xFF, (r[2] >> (4 * p + j)) & 1));
+    }
+  }
+};
+
+// IQ2_XXS: d, then per 32 two u32: four grid indices (bytes, 8 elements each), four 7-bit sign
+// indices and the scale at bit 28.
+template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
+  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, j0 = e & 31;
+    r[0] = ld_u16(b);
+    r[1] = (uint32_t)ld_u16(b + 6 + 8 * ib) | ((uint32_t)ld_u16(b + 8 + 8 * ib) << 16);
+    const uint8_t* q = b + 2 + 8 * ib + j0 / 8;
+    r[2] = S == 16 ? (uint32_t)ld_u16(q) : (uint32_t)ld_u8(q);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int j0 = e & 31;
+    const uint32_t aux = r[1];
+    const float db = __fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f);
+#pragma unroll
+    for (int p = 0; p < S / 8; ++p) {
+      const int l = j0 / 8 + p;
+      const uint32_t signs = ksigns_iq2xs((aux >> (7 * l)) & 127);
+      const uint64_t g = iq2xxs_grid(byte_of(r + 2, p));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
+    }
+  }
+};
+
+// IQ2_XS: d, qs[32] (u16 per 8 elements: 9-bit grid index, 7-bit sign index), scales[8] (a nibble
+// per 16 elements).
+template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
+  static constexpr int kElems = 256, kBytes = 74, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = (uint32_t)ld_u16(b) | ((uint32_t)ld_u8(b + 66 + (e >> 5)) << 16);
+    const uint8_t* q = b + 2 + 2 * (e >> 3);
+    r[1] = S == 16 ? (uint32_t)ld_u16(q) | ((uint32_t)ld_u16(q + 2) << 16) : (uint32_t)ld_u16(q);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const uint32_t s = (r[0] >> (16 + 4 * ((e >> 4) & 1))) & 0xF;
+    const float db = __fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f);
+#pragma unroll
+    for (int p = 0; p < S / 8; ++p) {
+      const uint32_t q = (r[1] >> (16 * p)) & 0xFFFF;
+      const uint32_t signs = ksigns_iq2xs(q >> 9);
+      const uint64_t g = iq2xs_grid(q & 511);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
+    }
+  }
+};
+
+// IQ2_S: d, qs[64] (low index bytes, then a sign byte per 8 elements), qh[8] (index bits 8-9 of
+// point l of sub-block ib at bit 2l), scales[8] (a nibble per 16).
+template <> struct Unpack<T_IQ2_S> : UnpackIq<Unpack<T_IQ2_S>> {
+  static constexpr int kElems = 256, kBytes = 82, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, l0 = (e & 31) >> 3;
+    r[0] = (uint32_t)ld_u16(b) | ((uint32_t)ld_u8(b + 66 + ib) << 16) | ((uint32_t)ld_u8(b + 74 + ib) << 24);
+    r[1] = S == 16 ? (uint32_t)ld_u16(b + 2 + 4 * ib + l0) : (uint32_t)ld_u8(b + 2 + 4 * ib + l0);
+    r[2] = S == 16 ? (uint32_t)ld_u16(b + 34 + 4 * ib + l0) : (uint32_t)ld_u8(b + 34 + 4 * ib + l0);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int l0 = (e & 31) >> 3;
+    const uint32_t qh = (r[0] >> 16) & 0xFF, s = (r[0] >> (24 + 4 * ((e >> 4) & 1))) & 0xF;
+    const float db = __fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f);
+#pragma unroll
+    for (int p = 0; p < S / 8; ++p) {
+      const int l = l0 + p;
+      const uint64_t g = iq2s_grid(byte_of(r + 1, p) | (((qh >> (2 * l)) & 3) << 8));
+      const uint32_t signs = byte_of(r + 2, p);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
+    }
+  }
+};
+
+// IQ1 grid values are int8 in {-1, 0, 1}; x = dl * (grid + delta), delta = ±1/8.
+__device__ __forceinline__ void iq1_points(uint64_t g, float dl, float delta, float* v) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = __fmul_rn(dl, __fadd_rn((float)(int8_t)(g >> (8 * j)), delta));
+}
+
+// IQ1_S: d, qs[32] (index bits 0-7), qh[8] (u16 per 32: index bits 8-10 of point l at bit 3l, the
+// scale at bits 12-14, the delta sign at bit 15).
+template <> struct Unpack<T_IQ1_S> : UnpackIq<Unpack<T_IQ1_S>> {
+  static constexpr int kElems = 256, kBytes = 50, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, l0 = (e & 31) >> 3;
+    r[0] = (uint32_t)ld_u16(b) | ((uint32_t)ld_u16(b + 34 + 2 * ib) << 16);
+    r[1] = S == 16 ? (uint32_t)ld_u16(b + 2 + 4 * ib + l0) : (uint32_t)ld_u8(b + 2 + 4 * ib + l0);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int l0 = (e & 31) >> 3;
+    const uint32_t qh = r[0] >> 16;
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), code_f(2 * ((qh >> 12) & 7) + 1));
+    const float delta = (qh & 0x8000) ? -kIq1Delta : kIq1Delta;
+#pragma unroll
+    for (int p = 0; p < S / 8; ++p)
+      iq1_points(iq1s_grid(byte_of(r + 1, p) | (((qh >> (3 * (l0 + p))) & 7) << 8)), dl, delta, v + 8 * p);
+  }
+};
+
+// IQ1_M: qs[32], qh[16] (a nibble per 8 elements: index bits 8-10, delta sign), scales[8] (four
+// u16: 3-bit scales per 16 elements, and d's fp16 bits in their top nibbles).
+template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
+  static constexpr int kElems = 256, kBytes = 56, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    const int ib = e >> 5, l0 = (e & 31) >> 3;
+    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b + 48));
+    r[1] = __ldg(reinterpret_cast<const unsigned int*>(b + 52));
+    const uint32_t q = S == 16 ? (uint32_t)ld_u16(b + 4 * ib + l0) : (uint32_t)ld_u8(b + 4 * ib + l0);
+    r[2] = q | ((uint32_t)ld_u8(b + 32 + 2 * ib + (l0 >> 1)) << 16);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int ib = e >> 5, l0 = (e & 31) >> 3;
+    const uint32_t d_bits = ((r[0] & 0xFFFF) >> 12) | ((r[0] >> 24) & 0x00F0) | (((r[1] & 0xFFFF) >> 4) & 0x0F00) |
+                            ((r[1] >> 16) & 0xF000);
+    const float d = half_f((uint16_t)d_bits);
+    const uint32_t sc = ((ib >> 2 ? r[1] : r[0]) >> (16 * ((ib >> 1) & 1))) & 0xFFFF;  // no dynamic index into r
+    const float dl = __fmul_rn(d, code_f(2 * ((sc >> (6 * (ib & 1) + 3 * (l0 >> 1))) & 7) + 1));
+    const uint32_t qh = r[2] >> 16;
+#pragma unroll
+    for (int p = 0; p < S / 8; ++p) {
+      const uint32_t h = qh >> (4 * ((l0 + p) & 1));
+      iq1_points(iq1s_grid(byte_of(r + 2, p) | ((h & 7) << 8)), dl, (h & 8) ? -kIq1Delta : kIq1Delta, v + 8 * p);
+    }
+  }
+};
+
 // ---- INTb-gG -------------------------------------------------------------------------------------
 // d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
 template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
@@ -505,12 +753,9 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
   }
 };
 
-#define LT_UNPACK_INT(B, G) \
-  template <> struct Unpack<int_type_id(B, G)> : UnpackInt<B, G> {};
-#define LT_UNPACK_INT_ALL_G(B) LT_UNPACK_INT(B, 32) LT_UNPACK_INT(B, 64) LT_UNPACK_INT(B, 128)
-LT_UNPACK_INT_ALL_G(2) LT_UNPACK_INT_ALL_G(3) LT_UNPACK_INT_ALL_G(4)
-LT_UNPACK_INT_ALL_G(5) LT_UNPACK_INT_ALL_G(6) LT_UNPACK_INT_ALL_G(8)
-#undef LT_UNPACK_INT_ALL_G
+#define LT_UNPACK_INT(T) \
+  template <> struct Unpack<T> : UnpackInt<int_type_bits(T), int_type_group(T)> {};
+LT_TYPES_INT(LT_UNPACK_INT)
 #undef LT_UNPACK_INT
 
 }  // namespace lowtune::cuda

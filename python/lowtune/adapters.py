@@ -69,18 +69,13 @@ from .model import LINEAR_NAMES as TARGETS
 from .qtensor import QTensor
 from .safetensors_io import safetensors_files, safetensors_table, write_safetensors_dict
 
-# Inputs sharing one scale (and min) inside a K-type super-block.
-_K_SUB_BLOCK = {"Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
-
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def quant_group(fmt: Format) -> int | None:
     """Inputs that share one scale (and min) in `fmt`; None for the float formats."""
-    if not fmt.quantized:
-        return None
-    return _K_SUB_BLOCK.get(fmt.name, fmt.block_elems)
+    return fmt.scale_group
 
 
 @dataclass(frozen=True)

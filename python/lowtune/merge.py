@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .formats import Format, get_format
+from .formats import FORMATS, Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.kquants import _pack_scale_min_k4, _unpack_scale_min_k4
 from .qtensor import QTensor
@@ -40,17 +40,13 @@ from .recipes import storage_format, to_storage
 # byte offset of dmin). Q2_K keeps scale | min << 4 in bytes 0-15; Q4_K/Q5_K pack 6-bit scales
 # and mins into bytes 4-15 (get_scale_min_k4).
 KQUANT_MINS = {"Q2_K": (16, 15, 82), "Q4_K": (8, 63, 2), "Q5_K": (8, 63, 2)}
-MIN_FREE = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K")  # no min: a constant cannot be absorbed
+# No min: a constant cannot be absorbed (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K and every I-quant).
+MIN_FREE = tuple(f.name for f in FORMATS.values() if f.quantized and f.min_group is None)
 
 
 def min_group(fmt: Format) -> int | None:
     """Inputs sharing one min in `fmt` (block or K sub-block); None when there is no min."""
-    fmt = get_format(fmt)
-    if fmt.float_min:
-        return fmt.block_elems
-    if fmt.name in KQUANT_MINS:
-        return 256 // KQUANT_MINS[fmt.name][0]
-    return None
+    return get_format(fmt).min_group
 
 
 def _cpu_blocks(qt: QTensor) -> np.ndarray:

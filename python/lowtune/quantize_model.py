@@ -21,7 +21,9 @@ when no tensor has the recipe's main type, e.g. SmolLM2 "Q2_K", whose 576-wide r
   `use_more_bits` picks (the first and last eighth, every third between); Q2_K: Q2_K, with Q3_K
   for ffn_down/attn_output and attn_v (Q4_K when n_head/n_head_kv >= 4), Q6_K for the head.
   A tied model's token_embd is its LM head and is typed as one (Q8_0 when its rows do not fit
-  the recipe's blocks).
+  the recipe's blocks). The I-quant recipes (IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS) follow
+  llama.cpp's choices without an importance matrix; those that need IQ2_*/IQ1_* tensors are
+  refused (see lowtune.recipes).
 - the papers' INTb-gG (b in 2,3,4,5,6,8; G in 32,64,128): every decoder linear becomes INTb-gG;
   token_embd and output stay F16, as INT2.1 keeps embeddings and LM head in fp16 (see
   --token-embedding-type / --output-type). In the file they are stored in the llama.cpp type that
@@ -86,7 +88,7 @@ def quantize_model(src, out, qtype: str, *, pure: bool = False, output_type: str
         names = list(infos)
         plan = TypePlan.for_source(qtype, source.metadata, names, pure=pure, output_type=output_type,
                                    token_embedding_type=token_embedding_type)
-        chosen: dict[str, Format] = {n: plan.choose(n, ti.shape) for n, ti in infos.items()}
+        chosen: dict[str, Format] = {n: plan.choose_quantizable(n, ti.shape) for n, ti in infos.items()}
         have_logical = {n: get_format(t) for n, t in logical_types(source.metadata).items()}
         md = {k: v for k, v in source.metadata.items()
               if not k.startswith("split.") and k not in (LOGICAL_TYPES_KEY, QUANTIZE_TYPE_KEY)}

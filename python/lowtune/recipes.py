@@ -7,9 +7,16 @@
     to_storage(qt)                               # an INTb-gG QTensor as the GGUF type that holds it
 
 Row fallbacks (llama_tensor_get_type's convert_incompatible_tensor): a row length that a block
-does not divide falls back Q2_K/Q3_K -> Q4_0 (llama.cpp uses IQ4_NL, which lowtune does not have;
-Q4_0 has the same 4.5 bits and 32-wide blocks), Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0;
-INTb-gG halves G down to 32; then F16. SmolLM2's 576-wide rows take these for every K-quant.
+does not divide falls back Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the
+256-wide I-quants -> IQ4_NL; INTb-gG halves G down to 32; then F16. SmolLM2's 576-wide rows take
+these for every K- and I-quant.
+
+I-quant recipes. IQ4_XS, IQ4_NL, IQ3_M, IQ3_S and IQ3_XS (IQ3_XXS for attn_q/attn_k and the
+middle ffn_gate/ffn_up) follow llama.cpp's choices without an importance matrix, e.g. IQ4_XS:
+Q5_K for the first eighth of ffn_down; IQ3_M: Q4_K for attn_v, attn_output and the first eighth
+of ffn_down. Recipes that need IQ2_*/IQ1_* tensors (IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M,
+IQ3_XXS) are refused (TypePlan.choose_quantizable): ggml quantizes those types only with an
+importance matrix, which lowtune does not compute.
 
 INTb-gG in GGUF. INTb-gG is not a ggml type, so a GGUF file stores each such tensor in the
 llama.cpp type that holds it exactly, and llama.cpp loads the file:
@@ -48,10 +55,17 @@ RECIPES: dict[str, tuple[int, str]] = {
     "Q3_K_S": (11, "Q3_K"), "Q3_K_M": (12, "Q3_K"), "Q3_K_L": (13, "Q3_K"),
     "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"),
     "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"), "Q6_K": (18, "Q6_K"),
+    "IQ2_XXS": (19, "IQ2_XXS"), "IQ2_XS": (20, "IQ2_XS"), "IQ3_XS": (22, "IQ3_S"), "IQ3_XXS": (23, "IQ3_XXS"),
+    "IQ1_S": (24, "IQ1_S"), "IQ4_NL": (25, "IQ4_NL"), "IQ3_S": (26, "IQ3_S"), "IQ3_M": (27, "IQ3_S"),
+    "IQ2_S": (28, "IQ2_XS"), "IQ2_M": (29, "IQ2_S"), "IQ4_XS": (30, "IQ4_XS"), "IQ1_M": (31, "IQ1_M"),
 }
+# The recipes llama.cpp built around its 1- and 2-bit I-quants (their own branch of
+# llama_tensor_get_type).
+_IQ12_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize
 
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
 
 def fallback(fmt: Format, k: int) -> Format:
@@ -197,7 +211,7 @@ class TypePlan:
         plan = cls(qtype, n_gqa=max(1, heads // max(kv, 1)),
                    n_layers=int(metadata.get(f"{arch}.block_count", 0) or 0),
                    has_output="output.weight" in names, **kw)
-        for kind in ("attn_v.weight", "ffn_down"):
+        for kind in ("attn_v.weight", "ffn_down", "ffn_gate", "ffn_up"):
             ordered = [n for n in llama_cpp_order(names) if kind in n]
             plan.index.update({n: i for i, n in enumerate(ordered)})
             plan.counts[kind] = len(ordered)
@@ -221,17 +235,36 @@ class TypePlan:
             return fallback(self.default, k)
         return fallback(self._llama_cpp_type(name, k, is_head), k)
 
+    def choose_quantizable(self, name: str, shape: tuple[int, ...]) -> Format:
+        """choose(), refusing a type lowtune cannot write (IQ2_*, IQ1_*: ggml quantizes them only
+        with an importance matrix, which lowtune does not compute)."""
+        fmt = self.choose(name, shape)
+        if fmt.needs_imatrix:
+            raise ValueError(f"--type {self.qtype} gives {name} the type {fmt.name}, which needs an importance "
+                             f"matrix (llama.cpp's llama-imatrix) that lowtune does not compute; use IQ3_M, IQ3_S, "
+                             f"IQ4_XS, Q3_K_M or Q2_K, or llama-quantize with --imatrix")
+        return fmt
+
     def _llama_cpp_type(self, name: str, k: int, is_head: bool) -> Format:
-        """llama_tensor_get_type for dense Llama-family models (no MoE, no IQ recipes)."""
+        """llama_tensor_get_type for dense Llama-family models (no MoE), without an importance
+        matrix (lowtune computes none; llama.cpp's choices for IQ3_XXS, IQ4_NL and IQ4_XS depend on it)."""
         r = self.recipe
         t = self.default.name
         i = self.index.get(name, 0)
         if is_head:
             if k % self.default.block_elems:
                 return get_format("Q8_0")
+            if r in _IQ12_RECIPES or r == "IQ3_XXS":
+                return get_format("Q5_K")
             return get_format(t if t == "Q8_0" else "Q6_K")
         if name == "token_embd.weight":
+            if r in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+                return get_format("Q2_K")
+            if r in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+                return get_format("IQ3_S")
             return self.default
+        if r in _IQ12_RECIPES:
+            return get_format(self._iq12_type(name, r, t, i))
         if "attn_v.weight" in name:
             if r == "Q2_K":
                 t = "Q4_K" if self.n_gqa >= 4 else "Q3_K"
@@ -244,6 +277,12 @@ class TypePlan:
             elif r in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, self.counts["attn_v.weight"]):
                 t = "Q6_K"
             elif r == "Q4_K_S" and i < 4:
+                t = "Q5_K"
+            elif r == "IQ3_XXS":
+                t = "Q4_K" if self.n_gqa >= 4 else "IQ3_S"
+            elif (r in ("IQ3_XS", "IQ3_S") and self.n_gqa >= 4) or r == "IQ3_M":
+                t = "Q4_K"
+            elif r in ("IQ4_NL", "IQ4_XS") and self.n_gqa >= 4:
                 t = "Q5_K"
             if self.n_layers == 80 and t in ("Q3_K", "Q4_K"):  # llama.cpp's 70B rule (8x smaller attn_v)
                 t = "Q5_K"
@@ -261,8 +300,31 @@ class TypePlan:
                 t = "Q6_K"
             elif r == "Q4_K_S" and i < n // 8:
                 t = "Q5_K"
+            elif r == "IQ3_XXS":
+                t = "Q4_K" if i < n // 8 else "Q3_K"
+            elif r == "IQ3_M" and i < n // 8:
+                t = "Q4_K"
+            elif r in ("IQ4_NL", "IQ4_XS") and i < n // 8:
+                t = "Q5_K"
         elif "attn_output.weight" in name:
-            t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(r, t)
+            t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S", "IQ3_M": "Q4_K"}.get(r, t)
         elif "attn_qkv.weight" in name:
-            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(r, t)
+            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K", "IQ3_M": "Q4_K"}.get(r, t)
+        elif "attn_k.weight" in name or "attn_q.weight" in name:
+            t = {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(r, t)
+        elif ("ffn_gate" in name or "ffn_up" in name) and r == "IQ3_XS":
+            n = self.counts["ffn_gate" if "ffn_gate" in name else "ffn_up"]
+            if n // 8 <= i < 7 * n // 8:
+                t = "IQ3_XXS"
         return get_format(t)
+
+    def _iq12_type(self, name: str, r: str, t: str, i: int) -> str:
+        """llama.cpp's branch for the 1- and 2-bit I-quant recipes (dense models)."""
+        wide = r in ("IQ2_S", "IQ2_M")  # these keep IQ3_S where the others drop to Q2_K
+        if "attn_v.weight" in name:
+            return "Q4_K" if self.n_gqa >= 4 else "IQ3_S" if wide else "Q2_K"
+        if "ffn_down" in name:
+            return ("IQ3_S" if wide else "Q2_K") if i < self.counts["ffn_down"] // 8 else t
+        if "attn_output.weight" in name:
+            return "IQ2_XXS" if r in ("IQ1_S", "IQ1_M") else "IQ3_S" if wide else t
+        return t

@@ -23,7 +23,14 @@ class Format:
     block_bytes  bytes per block
     float_min    True when each block carries a float (fp16) additive min: a constant added to a
                  whole block is absorbed exactly by changing that min (Q4_1, Q5_1, INTb-gG)
+    scale_group  consecutive inputs of a row that share one scale: the block, or the sub-block of
+                 a super-block (16 or 32); None for the float formats
+    min_group    consecutive inputs that share one min (fp16 or quantized); None when the format
+                 has no min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every I-quant) or is a float format
     quantized    False for the F32/F16/BF16 passthrough formats
+    needs_imatrix  quantizing needs an importance matrix (ggml's IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S,
+                 IQ1_M); lowtune computes none, so it reads and trains on these blocks but does
+                 not write them (lowtune.quantize refuses, naming the types to use instead)
     """
 
     name: str = ""
@@ -31,7 +38,10 @@ class Format:
     block_elems: int = 1
     block_bytes: int = 4
     float_min: bool = False
+    scale_group: int | None = None
+    min_group: int | None = None
     quantized: bool = True
+    needs_imatrix: bool = False
     gguf: bool = True  # storable in a GGUF file as its own type
 
     @property
@@ -100,7 +110,7 @@ def register(fmt: Format) -> Format:
 for _cls in (F32, F16, BF16):
     register(_cls())
 
-from . import legacy, kquants, intgroup  # noqa: E402  (they register their formats)
+from . import legacy, kquants, iquants, intgroup  # noqa: E402  (they register their formats)
 
 
 def get_format(name_or_format) -> Format:

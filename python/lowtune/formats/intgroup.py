@@ -52,7 +52,7 @@ class IntFormat(Format):
         self.bits, self.group = bits, group
         self.name = f"INT{bits}-g{group}"
         self.type_id = 1000 + 10 * bits + GROUPS.index(group)
-        self.block_elems = group
+        self.block_elems = self.scale_group = self.min_group = group
         self.block_bytes = 4 + group * bits // 8
         self.high_bits = {3: 1, 5: 1, 6: 2}.get(bits, 0)
         self.low_bits = bits - self.high_bits

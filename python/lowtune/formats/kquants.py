@@ -298,7 +298,8 @@ class _KQuant(Format):
 
 class Q2_K(_KQuant):
     """scales[16] (4-bit scale | 4-bit min << 4), qs[64], d, dmin; x = d*sc*q - dmin*mn."""
-    name, type_id, block_elems, block_bytes = "Q2_K", 10, 256, 84
+    name, type_id, block_elems, block_bytes, scale_group = "Q2_K", 10, 256, 84, 16
+    min_group = 16  # quantized sub-block mins
 
     def _quantize_blocks(self, x):
         nb = x.shape[0]
@@ -335,7 +336,7 @@ class Q2_K(_KQuant):
 
 class Q3_K(_KQuant):
     """hmask[32], qs[64], scales[12] (6-bit, +32), d; x = d*(sc-32)*(q-4*(1-h))."""
-    name, type_id, block_elems, block_bytes = "Q3_K", 11, 256, 110
+    name, type_id, block_elems, block_bytes, scale_group = "Q3_K", 11, 256, 110, 16
 
     def _quantize_blocks(self, x):
         nb = x.shape[0]
@@ -419,7 +420,8 @@ class _K4(_KQuant):
 
 class Q4_K(_K4):
     """d, dmin, scales[12] (6-bit scale and min per 32), qs[128]; x = d*sc*q - dmin*mn."""
-    name, type_id, block_elems, block_bytes = "Q4_K", 12, 256, 144
+    name, type_id, block_elems, block_bytes, scale_group = "Q4_K", 12, 256, 144, 32
+    min_group = 32  # quantized sub-block mins
     nmax, search = 15, (-1.0, 0.1, 20)
 
     def _quantize_blocks(self, x):
@@ -436,7 +438,8 @@ class Q4_K(_K4):
 
 class Q5_K(_K4):
     """d, dmin, scales[12], qh[32], qs[128]; x = d*sc*q - dmin*mn, q in [0, 31]."""
-    name, type_id, block_elems, block_bytes = "Q5_K", 13, 256, 176
+    name, type_id, block_elems, block_bytes, scale_group = "Q5_K", 13, 256, 176, 32
+    min_group = 32  # quantized sub-block mins
     nmax, search = 31, (-0.5, 0.1, 15)
 
     def _quantize_blocks(self, x):
@@ -457,7 +460,7 @@ class Q5_K(_K4):
 
 class Q6_K(_KQuant):
     """ql[128], qh[64], scales[16] int8, d; x = d*sc*(q-32)."""
-    name, type_id, block_elems, block_bytes = "Q6_K", 14, 256, 210
+    name, type_id, block_elems, block_bytes, scale_group = "Q6_K", 14, 256, 210, 16
 
     def _quantize_blocks(self, x):
         nb = x.shape[0]

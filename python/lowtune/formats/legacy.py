@@ -117,7 +117,7 @@ def unpack_bits(b: np.ndarray) -> np.ndarray:
 
 class Q4_0(Format):
     """d (f16), qs[16]; x = (q - 8) * d."""
-    name, type_id, block_elems, block_bytes = "Q4_0", 2, 32, 18
+    name, type_id, block_elems, block_bytes, scale_group = "Q4_0", 2, 32, 18, 32
 
     def quantize(self, w):
         x = as_blocks(w, QK)
@@ -134,6 +134,7 @@ class Q4_0(Format):
 class Q4_1(Format):
     """d, m (f16), qs[16]; x = q * d + m."""
     name, type_id, block_elems, block_bytes, float_min = "Q4_1", 3, 32, 20, True
+    scale_group = min_group = 32
 
     def quantize(self, w):
         d, lo, q = minmax_codes(as_blocks(w, QK), 15)
@@ -147,7 +148,7 @@ class Q4_1(Format):
 
 class Q5_0(Format):
     """d (f16), qh[4], qs[16]; x = (q - 16) * d."""
-    name, type_id, block_elems, block_bytes = "Q5_0", 6, 32, 22
+    name, type_id, block_elems, block_bytes, scale_group = "Q5_0", 6, 32, 22, 32
 
     def quantize(self, w):
         x = as_blocks(w, QK)
@@ -164,6 +165,7 @@ class Q5_0(Format):
 class Q5_1(Format):
     """d, m (f16), qh[4], qs[16]; x = q * d + m."""
     name, type_id, block_elems, block_bytes, float_min = "Q5_1", 7, 32, 24, True
+    scale_group = min_group = 32
 
     def quantize(self, w):
         d, lo, q = minmax_codes(as_blocks(w, QK), 31)
@@ -177,7 +179,7 @@ class Q5_1(Format):
 
 class Q8_0(Format):
     """d (f16), qs[32] int8; x = q * d."""
-    name, type_id, block_elems, block_bytes = "Q8_0", 8, 32, 34
+    name, type_id, block_elems, block_bytes, scale_group = "Q8_0", 8, 32, 34, 32
 
     def quantize(self, w):
         x = as_blocks(w, QK)
