@@ -35,7 +35,7 @@ def write_tiny_gguf(path: Path, chat: bool = True) -> Path:
     w = gguf_weights(c, tiny_weights(c, seed=4), "Q8_0")
     for name in list(w):
         if "ffn" in name and name.endswith("weight") and not name.endswith("norm.weight"):
-            w[name] = ops.quantize(w[name].dequantize(), "Q4_1")
+            w[name] = ops.quantize(ops.dequantize(w[name]), "Q4_1")
     md = {"general.architecture": "llama", "general.name": "tiny",
           "llama.context_length": c.context_length, "llama.embedding_length": c.dim,
           "llama.block_count": c.n_layers, "llama.feed_forward_length": c.ffn_dim,

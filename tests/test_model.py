@@ -140,13 +140,13 @@ def test_packed_forward_matches_dequantized_reference(qtype):
     model, hf = tiny_model(qtype)
     c = model.config
     deq = dict(hf)
-    deq["embed"] = model.tok_embd.weight.dequantize()
+    deq["embed"] = lowtune.dequantize(model.tok_embd.weight)
     for i, layer in enumerate(model.layers):
         for ours, theirs in [("attn_v", "v"), ("attn_output", "o"), ("ffn_gate", "gate"), ("ffn_up", "up"),
                              ("ffn_down", "down")]:
-            deq[f"{i}.{theirs}"] = getattr(layer, ours).weight.dequantize()
+            deq[f"{i}.{theirs}"] = lowtune.dequantize(getattr(layer, ours).weight)
         for ours, theirs, nh in [("attn_q", "q", c.n_heads), ("attn_k", "k", c.n_kv_heads)]:
-            w = getattr(layer, ours).weight.dequantize()  # GGUF order -> back to HF order
+            w = lowtune.dequantize(getattr(layer, ours).weight)  # GGUF order -> back to HF order
             deq[f"{i}.{theirs}"] = w.reshape(nh, -1, 2, c.dim).swapaxes(1, 2).reshape(w.shape)
     ids = rand_ids(1, 9)
     torch.testing.assert_close(model(ids).double(), hf_reference_logits(c, deq, ids), atol=5e-4, rtol=1e-4)
@@ -320,7 +320,7 @@ def test_embedding_rows_equals_dequantized_rows(qtype):
     ids = torch.tensor([[3, 3, 49], [0, 17, 2]])
     got = embedding_rows(qt, ids)
     assert got.shape == (2, 3, 64)
-    torch.testing.assert_close(got, qt.dequantize()[ids])
+    torch.testing.assert_close(got, lowtune.dequantize(qt)[ids])
     assert embedding_rows(qt, ids, torch.bfloat16).dtype == torch.bfloat16
 
 

@@ -105,7 +105,7 @@ def main() -> None:
 
     rows = []
     bare = timed(step(lambda t: ops.qmatmul(t, qt)), dev, args.iters, args.warmup)
-    w_dense = qt.dequantize(dtype)
+    w_dense = lowtune.dequantize(qt, dtype)
     dense = timed(step(lambda t: t @ w_dense.t()), dev, args.iters, args.warmup)
     del w_dense
 

@@ -1,19 +1,33 @@
 """The one dispatch point between PyTorch and the compiled kernels.
 
 Every function here checks its arguments (dtype, device, contiguity, shape, type) and raises
-ValueError naming the tensor and what was expected; then it picks the CPU or CUDA kernel and
-passes raw pointers (and, on CUDA, torch's current stream).
+ValueError naming the tensor and what was expected; then it calls the kernel through a PyTorch
+custom op, which picks the CPU or CUDA kernel and passes raw pointers (and, on CUDA, torch's
+current stream).
 
     quantize(w[N, K] float, type) -> QTensor
     dequantize(qt, dtype)         -> [N, K]
     qmatmul(x[..., K], qt)        -> [..., N] = x · deq(W)ᵀ     differentiable w.r.t. x
     qmatmul_input_grad(dy[M, N], qt) -> [M, K] = dy · deq(W)
+
+The custom ops (torch.ops.lowtune.*) take the raw uint8 blocks, the block type id and the shape
+ints, never a QTensor; each has a fake implementation (shapes and dtypes only) and an autograd
+formula, so torch.compile traces through them and CUDA graphs capture them:
+
+    lowtune::dequantize(raw, type_id, n, k, dtype) -> [n, k]
+    lowtune::qmatmul(x[M, k], raw, type_id, n, k) -> [M, n]             backward: qmatmul_input_grad
+    lowtune::qmatmul_input_grad(dy[M, n], raw, type_id, n, k) -> [M, k] backward: qmatmul
+
+The ops trust their arguments: only this module's functions validate. In eager mode a call
+that needs no autograd runs the kernel without the dispatcher (generation pays nothing for it).
+Float weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor
 
 from . import _C
 from .formats import get_format
@@ -64,6 +78,114 @@ def _check_gpu(index: int) -> None:
                          f"cuda:{index} is {name} ({major}.{minor}): run on device='cpu' instead")
 
 
+def eager_call(t: Tensor, needs_grad: bool) -> bool:
+    """Whether a kernel may run without the dispatcher: eager mode (not tracing), a plain tensor
+    and no autograd needed. Everything else goes through the custom ops."""
+    return not needs_grad and type(t) is Tensor and not torch.compiler.is_compiling()
+
+
+# ---- kernels (pointers in, nothing checked: the public functions below validate) --------------
+
+def _dequantize_kernel(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    out = torch.empty((n, k), dtype=dtype, device=raw.device)
+    if n * k == 0:
+        return out
+    if raw.device.type == "cuda":
+        _C.cuda_dequantize(type_id, raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k, _stream(raw.device))
+    else:
+        _C.dequantize(type_id, raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k)
+    return out
+
+
+def _forward_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return y
+    x2 = x2.contiguous()
+    if x2.device.type == "cuda":
+        _C.cuda_qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
+    else:
+        _C.qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k)
+    return y
+
+
+def _input_grad_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    m = dy2.shape[0]
+    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0:
+        return dx.zero_()
+    dy2 = dy2.contiguous()
+    if dy2.device.type == "cuda":
+        _C.cuda_qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
+    else:
+        _C.qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k)
+    return dx
+
+
+# ---- the custom ops ------------------------------------------------------------------------------
+
+@torch.library.custom_op("lowtune::dequantize", mutates_args=())
+def dequantize_op(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """Blocks [n, row_bytes] of type `type_id` -> dense [n, k] in `dtype`."""
+    return _dequantize_kernel(raw, type_id, n, k, dtype)
+
+
+@dequantize_op.register_fake
+def _(raw, type_id, n, k, dtype):
+    return raw.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.custom_op("lowtune::qmatmul", mutates_args=())
+def qmatmul_op(x: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    """y [M, n] = x [M, k] · deq(W)ᵀ."""
+    return _forward_kernel(x, raw, type_id, n, k)
+
+
+@qmatmul_op.register_fake
+def _(x, raw, type_id, n, k):
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("lowtune::qmatmul_input_grad", mutates_args=())
+def qmatmul_input_grad_op(dy: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    """dx [M, k] = dy [M, n] · deq(W)."""
+    return _input_grad_kernel(dy, raw, type_id, n, k)
+
+
+@qmatmul_input_grad_op.register_fake
+def _(dy, raw, type_id, n, k):
+    return dy.new_empty((dy.shape[0], k))
+
+
+def _save_weight(ctx, inputs, output):
+    # The frozen matmul keeps no activation: only the packed weight (and its type and shape).
+    _, raw, type_id, n, k = inputs
+    ctx.save_for_backward(raw)
+    ctx.weight = (type_id, n, k)
+
+
+def _qmatmul_backward(ctx, dy):
+    (raw,) = ctx.saved_tensors
+    dx = qmatmul_input_grad_op(dy.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, None
+
+
+def _input_grad_backward(ctx, ddx):
+    # dx = dy · deq(W) is linear in dy: its own gradient is ddx · deq(W)ᵀ.
+    (raw,) = ctx.saved_tensors
+    ddy = qmatmul_op(ddx.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
+    return ddy, None, None, None, None
+
+
+qmatmul_op.register_autograd(_qmatmul_backward, setup_context=_save_weight)
+qmatmul_input_grad_op.register_autograd(_input_grad_backward, setup_context=_save_weight)
+
+
+# ---- the public functions ------------------------------------------------------------------------
+
 def quantize(w: torch.Tensor, qtype) -> QTensor:
     """Quantize a float weight [N, K] (any float dtype, any device) into `qtype` blocks on the
     same device. Quantization runs on the CPU (the reference quantizers)."""
@@ -91,17 +213,11 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if dtype not in ACT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     n, k = qt.shape
-    fmt = qt.format
-    if not fmt.quantized:
+    if not qt.format.quantized:
         return _float_view(qt).to(dtype)
-    out = torch.empty((n, k), dtype=dtype, device=qt.device)
-    if n * k == 0:
-        return out
-    if qt.device.type == "cuda":
-        _C.cuda_dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k, _stream(qt.device))
-    else:
-        _C.dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k)
-    return out
+    if eager_call(qt.raw, False):
+        return _dequantize_kernel(qt.raw, qt.format.type_id, n, k, dtype)
+    return dequantize_op(qt.raw, qt.format.type_id, n, k, dtype)
 
 
 def _float_view(qt: QTensor) -> torch.Tensor:
@@ -109,60 +225,19 @@ def _float_view(qt: QTensor) -> torch.Tensor:
     return qt.raw.view(dt).reshape(qt.shape)
 
 
-def _forward(x2: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    m, k = x2.shape
-    n = qt.shape[0]
-    if not qt.format.quantized:
-        return x2 @ _float_view(qt).to(x2.dtype).t()
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if m == 0 or n == 0:
-        return y
-    if x2.device.type == "cuda":
-        _C.cuda_qmatmul_forward(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], qt.raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
-    else:
-        _C.qmatmul_forward(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], qt.raw.data_ptr(), y.data_ptr(), m, n, k)
-    return y
-
-
-def _input_grad(dy2: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    m, n = dy2.shape
-    k = qt.shape[1]
-    if not qt.format.quantized:
-        return dy2 @ _float_view(qt).to(dy2.dtype)
-    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device)
-    if m == 0 or k == 0:
-        return dx
-    if n == 0:
-        return dx.zero_()
-    if dy2.device.type == "cuda":
-        _C.cuda_qmatmul_input_grad(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], qt.raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
-    else:
-        _C.qmatmul_input_grad(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], qt.raw.data_ptr(), dx.data_ptr(), m, n, k)
-    return dx
-
-
 def qmatmul_input_grad(dy: torch.Tensor, qt: QTensor) -> torch.Tensor:
     """dX[..., K] = dY[..., N] · deq(W)."""
     _check_qtensor(qt)
     n, k = qt.shape
     _check_act(dy, "dy", qt.device, n, "N")
-    return _input_grad(dy.reshape(-1, n), qt).reshape(*dy.shape[:-1], k)
-
-
-class _QMatmul(torch.autograd.Function):
-    """y = x · deq(W)ᵀ. Saves nothing but the (packed) weight: the frozen matmul keeps no input."""
-
-    @staticmethod
-    def forward(ctx, x2, raw, qt):
-        ctx.qt = qt
-        return _forward(x2, qt)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _input_grad(dy.contiguous(), ctx.qt)
-        return dx, None, None
+    dy2 = dy.reshape(-1, n)
+    if not qt.format.quantized:
+        dx = dy2 @ _float_view(qt).to(dy.dtype)
+    elif eager_call(dy, torch.is_grad_enabled() and dy.requires_grad):
+        dx = _input_grad_kernel(dy2, qt.raw, qt.format.type_id, n, k)
+    else:
+        dx = qmatmul_input_grad_op(dy2, qt.raw, qt.format.type_id, n, k)
+    return dx.reshape(*dy.shape[:-1], k)
 
 
 def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
@@ -171,8 +246,10 @@ def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     n, k = qt.shape
     _check_act(x, "x", qt.device, k, "K")
     x2 = x.reshape(-1, k)
-    if torch.is_grad_enabled() and x.requires_grad:
-        y = _QMatmul.apply(x2, qt.raw, qt)
+    if not qt.format.quantized:
+        y = x2 @ _float_view(qt).to(x.dtype).t()
+    elif eager_call(x, torch.is_grad_enabled() and x.requires_grad):
+        y = _forward_kernel(x2, qt.raw, qt.format.type_id, n, k)
     else:
-        y = _forward(x2, qt)
+        y = qmatmul_op(x2, qt.raw, qt.format.type_id, n, k)
     return y.reshape(*x.shape[:-1], n)
