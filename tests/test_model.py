@@ -233,6 +233,28 @@ def test_chunked_loss_equals_cross_entropy():
 
 
 @pytest.mark.parametrize("wrap_head", [False, True])
+def test_negative_targets_are_not_scored(wrap_head):
+    """The GPU loss keeps unscored rows in place (target -1, no data-dependent shape): they add
+    nothing to the loss and get exactly zero gradient, as if they had been dropped."""
+    model, _ = tiny_model("Q8_0", tied=False)
+    if wrap_head:
+        model.output = _Wrapped(model.output)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(13, 64, generator=g, requires_grad=True)
+    t = torch.randint(0, 101, (13,), generator=g)
+    t[[0, 5, 6, 12]] = -1
+    loss = chunked_cross_entropy(h, t, model, chunk=4)
+    loss.backward()
+    keep = t >= 0
+    h2 = h.detach()[keep].clone().requires_grad_()
+    ref = chunked_cross_entropy(h2, t[keep], model, chunk=4)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    assert torch.equal(h.grad[~keep], torch.zeros_like(h.grad[~keep]))
+    torch.testing.assert_close(h.grad[keep], h2.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrap_head", [False, True])
 def test_chunked_head_gradient_equals_autograd(wrap_head):
     """d loss / d h from the fused chunked head equals autograd through a plain head."""
     model, _ = tiny_model("Q8_0", tied=False)
@@ -327,7 +349,7 @@ def test_embedding_rows_equals_dequantized_rows(qtype):
 def test_rope_is_relative_and_identity_at_zero():
     c = tiny_config()
     inv = rope_inv_freq(c)
-    rot = lambda pos: torch.polar(torch.ones(len(inv), dtype=torch.float64), pos * inv)[None].to(torch.complex64)
+    rot = lambda pos: torch.stack(((pos * inv).cos(), (pos * inv).sin()), -1)[None].float()
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
     torch.testing.assert_close(apply_rope(q, rot(0)), q)
