@@ -1,0 +1,237 @@
+"""Compiled and captured training (lowtune.compile) against eager.
+
+torch.compile(fullgraph=True) must trace a decoder layer with adapters of every method (the
+custom ops, real-arithmetic RoPE, no host syncs or data-dependent branches); compiled losses and
+gradients equal eager's, resident, checkpointed and streamed. Most cases use the "aot_eager"
+backend: the same Dynamo graph and AOT-autograd forward/backward split as inductor, without
+code generation (which takes minutes on a small CPU); one case runs inductor itself. CUDA graphs
+(LayerGraphs) need a GPU: those cases are marked cuda.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowtune import adapters
+from lowtune.adapters import AdaptedLinear, AdapterConfig
+from lowtune.compile import compile_model, default_mode
+from lowtune.model import LINEAR_NAMES, LlamaModel
+from lowtune.streaming import stream_model
+
+from conftest import cuda_available
+from test_model import gguf_weights, rand_ids, tiny_config, tiny_weights
+
+# one method per linear, so that one layer holds every adapter geometry
+MIXED = {"attn_q": "lora", "attn_k": "qa-lora", "attn_v": "q-bara", "attn_output": "qa-hira",
+         "ffn_gate": "qdylora", "ffn_up": "lora", "ffn_down": "q-bara"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def mixed_model(device="cpu", dtype=torch.float32, layers=2, methods=MIXED, seed=0, qtype="Q4_1"):
+    """A tiny packed Llama with non-zero adapters of every method (QDyLoRA at rank 3 of 4)."""
+    c = tiny_config(layers=layers, ffn=128)
+    model = LlamaModel(c, gguf_weights(c, tiny_weights(c, seed), qtype), dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in model.layers:
+        for name in LINEAR_NAMES:
+            ad = AdaptedLinear(getattr(layer, name), AdapterConfig(method=methods[name], rank=4, alpha=8), g)
+            if ad.method == "qdylora":
+                ad.set_rank(3)
+            setattr(layer, name, ad)
+    adapters.mark_only_adapters_trainable(model)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.to(device)
+
+
+def grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(got: dict, want: dict, **tol) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name, **tol)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_decoder_layer_compiles_whole_and_equals_eager(backend):
+    model = mixed_model().train()
+    layer = model.layers[0]
+    rot = model.rope_rotation(0, 12)
+    x = torch.randn(2, 12, model.config.dim, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
+    dy = torch.randn(2, 12, model.config.dim)
+    y = compiled(x, rot)
+    y.backward(dy)
+    got, got_dx = grads(layer), x.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    want_y = layer(x, rot)
+    want_y.backward(dy)
+    tol = dict(rtol=0, atol=0) if backend == "aot_eager" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, want_y, **tol)
+    torch.testing.assert_close(got_dx, x.grad, **tol)
+    assert_same(got, grads(layer), **tol)
+
+
+def train_steps(model, ids, labels, steps=2):
+    """Losses of `steps` AdamW steps and the gradients of the first."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses, first = [], None
+    for _ in range(steps):
+        loss = model.loss(ids, labels)
+        loss.backward()
+        losses.append(loss.detach())
+        first = first or grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.stack(losses), first
+
+
+@pytest.mark.parametrize("mode,checkpointing,streamed", [
+    ("layer", True, None),
+    ("layer", False, None),
+    ("layer", True, [0, 2]),     # streamed layers: the compiled layer runs over the slots' bytes
+    ("model", True, None),
+    ("model", False, None),
+])
+def test_compiled_training_equals_eager(mode, checkpointing, streamed):
+    ids = rand_ids(2, 16)
+    labels = ids.clone()
+    labels[0, :5] = -100         # unscored rows stay in place under compile (no data-dependent shape)
+    eager = mixed_model(layers=3)
+    eager.gradient_checkpointing = checkpointing
+    want, want_g = train_steps(eager, ids, labels)
+
+    model = mixed_model(layers=3)
+    model.gradient_checkpointing = checkpointing
+    if streamed is not None:
+        stream_model(model, "cpu", streamed=streamed)
+    events = []
+    setup = compile_model(model, mode, on_event=events.append, backend="aot_eager")
+    got, got_g = train_steps(model, ids, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same(got_g, want_g, rtol=1e-4, atol=1e-6)
+    assert setup.compiles >= 1 and any(e.startswith("compiled") for e in events)
+    assert "compilation" in setup.summary()
+    if mode == "layer":
+        assert all(layer._compiled_call_impl is not None for layer in model.layers)
+    setup.close()
+
+
+def test_off_restores_eager_and_modes_are_checked():
+    model = mixed_model()
+    compile_model(model, "model", backend="aot_eager")
+    assert "loss" in model.__dict__
+    compile_model(model, "layer", backend="aot_eager")
+    assert "loss" not in model.__dict__ and model.layers[0]._compiled_call_impl is not None
+    compile_model(model, "off")
+    assert model.layers[0]._compiled_call_impl is None and model._compile_setup.mode == "off"
+    with pytest.raises(ValueError, match="compile mode must be one of off, layer, model"):
+        compile_model(model, "fast")
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a GPU"):
+        compile_model(model, "layer", cuda_graphs=True)
+    streamed = mixed_model(layers=3)
+    stream_model(streamed, "cpu", streamed=[1])
+    with pytest.raises(ValueError, match="use mode 'layer'"):
+        compile_model(streamed, "model")
+    assert default_mode("cpu") == "off" and default_mode("cuda") == "layer"
+
+
+def test_eval_and_generation_paths_compile():
+    """The no-grad forward (eval, and the KV-cache path of generation) runs through the compiled
+    layers too, with the same logits."""
+    model = mixed_model()
+    ids = rand_ids(1, 10)
+    with torch.no_grad():
+        want = model(ids)
+        cache = model.new_cache(1, 16)
+        want_step = torch.cat([model(ids[:, :6], cache)[:, -1:], model(ids[:, 6:7], cache)], 1)
+    compile_model(model, "layer", backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
+        cache = model.new_cache(1, 16)
+        got_step = torch.cat([model(ids[:, :6], cache)[:, -1:], model(ids[:, 6:7], cache)], 1)
+    torch.testing.assert_close(got_step, want_step, rtol=1e-5, atol=1e-5)
+
+
+# ---- CUDA graphs ----------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
+@pytest.mark.parametrize("streamed", [None, [0, 1, 2], [1]])
+def test_cuda_graph_training_equals_eager(compiled, streamed):
+    """Layers replayed from CUDA graphs (resident, and streamed through the two slots) train as
+    eager does: same losses over several steps, same first gradients. QDyLoRA is left out of the
+    graphs (its rank changes per step), so the methods here are the other four."""
+    methods = {**MIXED, "ffn_gate": "lora"}
+    ids = rand_ids(2, 32).cuda()
+    eager = mixed_model(layers=3, methods=methods, dtype=torch.bfloat16).cuda()
+    eager.gradient_checkpointing = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, want_g = train_steps(eager, ids, ids, steps=3)
+    model = mixed_model(layers=3, methods=methods, dtype=torch.bfloat16)
+    if streamed is None:
+        model.cuda()
+        model.gradient_checkpointing = True
+    else:
+        stream_model(model, "cuda", streamed=streamed)
+    setup = compile_model(model, "layer" if compiled else "off", cuda_graphs=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, got_g = train_steps(model, ids, ids, steps=3)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3)
+    assert_same(got_g, want_g, rtol=2e-2, atol=1e-4)
+    graphs = setup.graphs
+    # every layer: one forward and one backward graph per slot it ran in, replayed every step
+    assert len(graphs.graphs) >= 2 * 3 and graphs.replays == 3 * 2 * 3
+    compile_model(model, "off")
+    assert model.streamer is None if streamed is None else model.streamer.graphs is None
+
+
+@pytest.mark.cuda
+def test_compiled_layer_captures_in_a_cuda_graph():
+    """torch.cuda.graph captures a compiled decoder layer's forward and backward (no host sync,
+    no CPU tensor inside); the replay over new inputs equals eager."""
+    model = mixed_model(methods={**MIXED, "ffn_gate": "lora"}, dtype=torch.bfloat16).cuda().train()
+    layer = model.layers[0]
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    rot = model.rope_rotation(0, 64).cuda()
+    x = torch.randn(2, 64, model.config.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        y = compiled(x, rot)
+        return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        dy.copy_(torch.randn_like(dy))
+    graph.replay()
+    want = step()
+    for got, ref in zip(outs, want):
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the CPU-only message")
+def test_cuda_graphs_default_off_on_cpu():
+    model = mixed_model()
+    assert compile_model(model, "off").graphs is None
