@@ -14,9 +14,9 @@ import torch
 
 from lowtune import adapters
 from lowtune.adapters import AdaptedLinear, AdapterConfig
-from lowtune.compile import compile_model, default_mode
+from lowtune.compile import LayerGraphs, applied, compile_model, default_mode
 from lowtune.model import LINEAR_NAMES, LlamaModel
-from lowtune.streaming import stream_model
+from lowtune.streaming import LayerStreamer, stream_model
 
 from conftest import cuda_available
 from test_model import gguf_weights, rand_ids, tiny_config, tiny_weights
@@ -136,7 +136,7 @@ def test_off_restores_eager_and_modes_are_checked():
     compile_model(model, "layer", backend="aot_eager")
     assert "loss" not in model.__dict__ and model.layers[0]._compiled_call_impl is not None
     compile_model(model, "off")
-    assert model.layers[0]._compiled_call_impl is None and model._compile_setup.mode == "off"
+    assert model.layers[0]._compiled_call_impl is None and applied(model).mode == "off"
     with pytest.raises(ValueError, match="compile mode must be one of off, layer, model"):
         compile_model(model, "fast")
     with pytest.raises(ValueError, match="CUDA graphs need the model on a GPU"):
@@ -165,11 +165,88 @@ def test_eval_and_generation_paths_compile():
     torch.testing.assert_close(got_step, want_step, rtol=1e-5, atol=1e-5)
 
 
+def test_qdylora_rank_changes_do_not_recompile():
+    """QDyLoRA adapters run outside the compiled layers: a new rank per step compiles nothing."""
+    model = mixed_model()
+    ids = rand_ids(2, 12)
+    setup = compile_model(model, "layer", backend="aot_eager")
+    model.train()
+    model.loss(ids).backward()
+    compiles = setup.compiles
+    for b in (1, 2, 4):
+        for ad in adapters.adapters_of(model).values():
+            if ad.method == "qdylora":
+                ad.set_rank(b)
+        model.loss(ids).backward()
+    assert setup.compiles == compiles > 0
+
+
+class ReplayedWork:
+    """Stands in for a CUDA graph on the CPU: replay() runs the recorded work again."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def replay(self):
+        self.work()
+
+
+class CPUGraphs(LayerGraphs):
+    """LayerGraphs with its recorder swapped for ReplayedWork: everything around the capture
+    (keys, static buffers, copies in and out, the gradients' flat buffer) runs as on a GPU."""
+
+    def _record(self, work):
+        work()  # the warm-up
+        return ReplayedWork(work)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
+@pytest.mark.parametrize("streamed", [None, [0, 1, 2], [1]])
+def test_layer_graph_bookkeeping_equals_eager(compiled, streamed):
+    """Resident and streamed: one graph per layer and pass (and per slot a streamed layer lands
+    in), replayed every step, and training equal to eager."""
+    methods = {**MIXED, "ffn_gate": "lora"}
+    ids = rand_ids(2, 16)
+    eager = mixed_model(layers=3, methods=methods)
+    eager.gradient_checkpointing = True
+    want, want_g = train_steps(eager, ids, ids, steps=3)
+    model = mixed_model(layers=3, methods=methods)
+    if streamed is None:
+        model.streamer = LayerStreamer(model, "cpu", [])
+    else:
+        stream_model(model, "cpu", streamed=streamed)
+    if compiled:
+        compile_model(model, "layer", cuda_graphs=False, backend="aot_eager")
+    model.streamer.graphs = graphs = CPUGraphs("cpu")
+    got, got_g = train_steps(model, ids, ids, steps=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same(got_g, want_g, rtol=1e-4, atol=1e-6)
+    assert graphs.replays == 3 * 2 * 3
+    slots = len(model.streamer.slots) if streamed else 1
+    assert 2 * 3 <= len(graphs.graphs) <= 2 * 3 * slots
+    before = len(graphs.graphs)
+    train_steps(model, ids, ids, steps=1)           # steady state: nothing new to capture
+    assert len(graphs.graphs) == before and graphs.replays == 4 * 2 * 3
+
+
+def test_layer_graphs_leave_dropout_and_qdylora_layers_alone():
+    graphs = CPUGraphs("cpu")
+    model = mixed_model()                           # has QDyLoRA adapters
+    assert not graphs.handles(model.layers[0])
+    plain = mixed_model(methods={**MIXED, "ffn_gate": "lora"})
+    assert graphs.handles(plain.layers[0])
+    dropped = mixed_model(methods={n: "lora" for n in MIXED})
+    for ad in adapters.adapters_of(dropped).values():
+        object.__setattr__(ad.config, "dropout", 0.1)
+    dropped.train()
+    assert not graphs.handles(dropped.layers[0])
+    assert "QDyLoRA" in graphs.summary() and "dropout" in graphs.summary()
+
+
 # ---- CUDA graphs ----------------------------------------------------------------------------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
-@pytest.mark.parametrize("streamed", [None, [0, 1, 2], [1]])
+@pytest.mark.parametrize("compiled,streamed", [(False, None), (False, [0, 1, 2]), (True, None), (True, [1])])
 def test_cuda_graph_training_equals_eager(compiled, streamed):
     """Layers replayed from CUDA graphs (resident, and streamed through the two slots) train as
     eager does: same losses over several steps, same first gradients. QDyLoRA is left out of the

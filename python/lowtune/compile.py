@@ -12,6 +12,7 @@ Modes (default_mode(device) picks one):
          lowtune custom ops. The packed weights and the adapters are graph inputs, so the layers
          of one model share one compiled graph per shape, and a streamed layer runs with
          whatever weights the streamer bound. Works with gradient checkpointing and streaming.
+         QDyLoRA adapters (a new rank every step) run eagerly between the compiled pieces.
   model  the model's forward and loss compiled whole (embedding, layers with their checkpoints,
          norm, LM head and loss). Not with streaming (the streamer works between layers).
 
@@ -27,6 +28,7 @@ when each starts and ends, and summary() totals them.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +45,8 @@ MODES = ("off", "layer", "model")
 # Layers whose packed types differ (Q4_K_M mixes Q6_K into some) compile once per combination.
 _RECOMPILE_LIMIT = 64
 
+_APPLIED: "weakref.WeakKeyDictionary[LlamaModel, CompileSetup]" = weakref.WeakKeyDictionary()
+
 
 def default_mode(device) -> str:
     """The mode `--compile auto` means: layer on CUDA, off on the CPU (inductor's CPU code gains
@@ -58,6 +62,7 @@ class CompileSetup:
     compiles: int = 0
     compile_s: float = 0.0
     graphs: "LayerGraphs | None" = None
+    installed_streamer: bool = False      # the resident model got a streamer for the graphs
     _callbacks: list = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
@@ -101,9 +106,16 @@ def compile_model(model: LlamaModel, mode: str = "layer", *, cuda_graphs: bool |
     if mode != "off":
         _raise_recompile_limit()
         _report_compilations(setup, on_event)
+        # QDyLoRA samples a new rank every step, and every rank would be a new graph: those
+        # adapters run eagerly between the compiled pieces of their layer
+        dynamic_rank = [m for m in model.modules() if isinstance(m, AdaptedLinear) and m.method == "qdylora"]
+        for ad in dynamic_rank:
+            ad.forward = torch.compiler.disable(ad.forward)
+        if dynamic_rank and on_event is not None:
+            on_event("QDyLoRA adapters run outside the compiled graphs (their rank changes every step)")
     if mode == "layer":
         for layer in model.layers:
-            layer.compile(fullgraph=True, dynamic=False, backend=backend)
+            layer.compile(fullgraph=not dynamic_rank, dynamic=False, backend=backend)
     elif mode == "model":
         kw = dict(dynamic=False, backend=backend)
         if cuda_graphs:
@@ -114,27 +126,33 @@ def compile_model(model: LlamaModel, mode: str = "layer", *, cuda_graphs: bool |
     if cuda_graphs and mode != "model":
         if model.streamer is None:  # resident: the streamer's layer function, with nothing to copy
             model.streamer = LayerStreamer(model, model.device, [])
-            model._resident_streamer = True
+            setup.installed_streamer = True
         setup.graphs = model.streamer.graphs = LayerGraphs(model.device, on_event)
-    model._compile_setup = setup
+    _APPLIED[model] = setup
     return setup
 
 
+def applied(model: LlamaModel) -> CompileSetup | None:
+    """What compile_model last applied to `model` (None: never called)."""
+    return _APPLIED.get(model)
+
+
 def _undo(model: LlamaModel) -> None:
-    old = getattr(model, "_compile_setup", None)
+    old = _APPLIED.pop(model, None)
     if old is None:
         return
     old.close()
     for layer in model.layers:
         layer._compiled_call_impl = None
+    for m in model.modules():
+        if isinstance(m, AdaptedLinear):
+            m.__dict__.pop("forward", None)
     for name in ("forward", "loss"):
         model.__dict__.pop(name, None)
     if model.streamer is not None:
         model.streamer.graphs = None
-        if getattr(model, "_resident_streamer", False):
+        if old.installed_streamer:
             model.streamer = None
-    model._resident_streamer = False
-    model._compile_setup = None
 
 
 def _raise_recompile_limit() -> None:
@@ -201,7 +219,7 @@ class LayerGraphs:
     def __init__(self, device, on_event: Callable[[str], None] | None = None):
         self.device = torch.device(device)
         self.on_event = on_event
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None                    # the memory pool every graph shares (first capture)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.static: dict[tuple, _Static] = {}
         self.capture_s = 0.0
@@ -254,12 +272,19 @@ class LayerGraphs:
             self.static[key] = st
         return st
 
-    def _capture(self, key, work: Callable[[], None], what: str) -> torch.cuda.CUDAGraph:
-        """Warm `work` up on a side stream (torch.compile compiles there, cuBLAS and the kernels
-        initialise), then capture it into the shared pool."""
+    def _capture(self, key, work: Callable[[], None]):
         t0 = time.perf_counter()
         if self.on_event is not None and not self.graphs:
             self.on_event("capturing CUDA graphs of the decoder layers (first step)")
+        graph = self.graphs[key] = self._record(work)
+        self.capture_s += time.perf_counter() - t0
+        return graph
+
+    def _record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Warm `work` up on a side stream (torch.compile compiles there, cuBLAS and the kernels
+        initialise), then capture it into the shared pool."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         enabled, dtype = _autocast()
         cur = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -271,8 +296,6 @@ class LayerGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 work()
-        self.graphs[key] = graph
-        self.capture_s += time.perf_counter() - t0
         return graph
 
     # -- the two halves of a checkpointed layer ------------------------------------------------
@@ -288,7 +311,7 @@ class LayerGraphs:
             def work():
                 with torch.no_grad():
                     st.y.copy_(layer(st.x, st.rot))
-            graph = self._capture(key, work, f"layer {getattr(layer, 'index', '?')} forward")
+            graph = self._capture(key, work)
         graph.replay()
         self.replays += 1
         return st.y.clone()
@@ -323,7 +346,7 @@ class LayerGraphs:
                     view = st.grads[off:off + p.numel()].view(p.shape)
                     view.copy_(g) if g is not None else view.zero_()
                     off += p.numel()
-            graph = self._capture(key, work, f"layer {getattr(layer, 'index', '?')} backward")
+            graph = self._capture(key, work)
         graph.replay()
         self.replays += 1
         dx = st.dx.clone() if need_dx else None
@@ -357,4 +380,4 @@ def _autocast() -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
-__all__ = ["MODES", "CompileSetup", "LayerGraphs", "compile_model", "default_mode"]
+__all__ = ["MODES", "CompileSetup", "LayerGraphs", "applied", "compile_model", "default_mode"]
