@@ -349,7 +349,10 @@ def test_embedding_rows_equals_dequantized_rows(qtype):
 def test_rope_is_relative_and_identity_at_zero():
     c = tiny_config()
     inv = rope_inv_freq(c)
-    rot = lambda pos: torch.stack(((pos * inv).cos(), (pos * inv).sin()), -1)[None].float()
+    def rot(pos):  # apply_rope's table: cosines, and sines signed (-, +) within each pair
+        c, s = (pos * inv).cos(), (pos * inv).sin()
+        return torch.stack((torch.stack((c, c), -1), torch.stack((-s, s), -1))).flatten(-2)[:, None].float()
+
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
     torch.testing.assert_close(apply_rope(q, rot(0)), q)

@@ -62,7 +62,8 @@ def chains(s: dict, tokens: int):
     pos = torch.arange(tokens, dtype=torch.float64)[:, None]
     inv = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = pos * inv[None]
-    rot = torch.stack((ang.cos(), ang.sin()), -1).float().cuda()
+    cos, sin = ang.cos(), ang.sin()  # apply_rope's table: [2, T, hd]
+    rot = torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1))).flatten(-2).float().cuda()
     q = torch.randn(1, h, tokens, hd, **bf, requires_grad=True)
     gate = torch.randn(1, tokens, f, **bf, requires_grad=True)
     up = torch.randn(1, tokens, f, **bf, requires_grad=True)

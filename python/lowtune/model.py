@@ -201,15 +201,15 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
     GGUF's converter permutes q/k rows so that ggml's "NORM" rope (adjacent pairs) equals the
     original model's rope; using GGUF rows as they are, we rotate adjacent pairs too. Rotating a
-    pair (a, b) by angle θ is (a·cos θ - b·sin θ, a·sin θ + b·cos θ), the complex product
-    (a + ib)·e^{iθ}, written in real arithmetic so that compilers fuse it.
-    x [B, H, T, hd]; rot [T, rope_dim/2, 2] float32 (cos, sin of pos·freq). Computed in fp32,
-    returned in x's dtype."""
-    d = rot.shape[-2] * 2
-    pairs = x[..., :d].float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = rot[..., 0], rot[..., 1]
-    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+    pair (a, b) by angle θ is (a·cos θ - b·sin θ, b·cos θ + a·sin θ) (the complex product
+    (a + ib)·e^{iθ}), which is x·C + swap(x)·S with swap exchanging the two of each pair:
+    real arithmetic, which compilers fuse, and few operators for the eager path.
+    x [B, H, T, hd]; rot [2, T, rope_dim] float32: C = (cos θ_i, cos θ_i) and S = (-sin θ_i,
+    sin θ_i) for each pair i. Computed in fp32, returned in x's dtype."""
+    d = rot.shape[-1]
+    xr = x[..., :d].float()
+    swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
@@ -359,11 +359,12 @@ class LlamaModel(nn.Module):
         return ops.qmatmul(h.contiguous(), self.tok_embd.weight)
 
     def rope_rotation(self, start: int, t: int) -> torch.Tensor:
-        """[T, rope_dim/2, 2] float32 (cos, sin) of pos·freq for positions start..start+T, on
-        the CPU; the angles are computed in float64."""
+        """apply_rope's table for positions start..start+T: [2, T, rope_dim] float32, the cosines
+        and the signed sines of pos·freq, on the CPU; the angles are computed in float64."""
         pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[:, None] * self.rope_inv_freq[None, :]
-        return torch.stack((ang.cos(), ang.sin()), dim=-1).float()
+        cos, sin = ang.cos(), ang.sin()
+        return torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1))).flatten(-2).float()
 
     @torch.compiler.disable
     def _rotation_on_device(self, start: int, t: int) -> torch.Tensor:
