@@ -51,17 +51,24 @@ def test_qmatmul_ops(device, dtype, rng, random_blocks):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_qmatmul_op_equals_the_eager_call(device, rng, random_blocks):
+def test_qmatmul_op_equals_its_eager_twin(device, rng, random_blocks):
+    """Eager calls skip the dispatcher (an autograd.Function with the op's formula); the op,
+    as torch.compile calls it, gives the same values and gradients."""
     qt = qtensor("Q5_1", 8, 64, rng, random_blocks).to(device)
     x = torch.randn(3, 64, device=device, requires_grad=True)
-    y = lowtune.qmatmul(x, qt)                      # autograd needed: through the op
-    assert "qmatmul" in " ".join(graph_nodes(y.grad_fn)).lower()
-    with torch.no_grad():                           # no autograd: the kernel without the dispatcher
-        y0 = lowtune.qmatmul(x, qt)
-    assert torch.equal(y, y0)
+    y = lowtune.qmatmul(x, qt)
+    assert "_QMatmulBackward" in graph_nodes(y.grad_fn)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = ops.qmatmul_op(x2, qt.raw, qt.format.type_id, 8, 64)
+    assert "GeneratedBackwardFor_lowtune_qmatmul_defaultBackward" in graph_nodes(y2.grad_fn)
+    assert torch.equal(y, y2)
     dy = torch.randn_like(y)
     y.backward(dy)
+    y2.backward(dy)
+    assert torch.equal(x.grad, x2.grad)
     assert torch.equal(x.grad, lowtune.qmatmul_input_grad(dy, qt))
+    with torch.no_grad():                           # no autograd: the kernel alone
+        assert torch.equal(lowtune.qmatmul(x, qt), y)
 
 
 # (method, k, n, pool, repeat, rank, rows of A, has_b, grad_from): one geometry per adapter method
@@ -100,6 +107,28 @@ def test_adapted_qmatmul_op(device, method, separate, rng, random_blocks):
     opcheck(torch.ops.lowtune.adapted_qmatmul_backward.default,
             (dy, saved.detach(), u, A.detach(), None if B is None else B.detach(), qt.raw,
              qt.format.type_id, *ints, separate, True, separate))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method", sorted(GEOMETRIES))
+def test_adapter_ops_equal_their_eager_twins(device, method, rng, random_blocks):
+    geom, x, A, B = adapter_args(method, device, torch.float32)
+    qt = qtensor("Q4_1", geom.n, geom.k, rng, random_blocks).to(device)
+    ints = adapter_ops._geom_ints(geom)
+    y = adapter_ops.adapted_qmatmul(x, qt, A, B, geom)        # eager: the autograd.Function twin
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A) + ((B,) if B is not None else ())]
+    x2, A2, B2 = leaves[0], leaves[1], leaves[2] if B is not None else None
+    y2, _, _ = adapter_ops.adapted_qmatmul_op(x2, None, A2, B2, qt.raw, qt.format.type_id, *ints)
+    assert torch.equal(y, y2)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    for a, b in zip([t for t in (x, A, B) if t is not None], leaves):
+        assert torch.equal(a.grad, b.grad)
+    base = torch.randn(x.shape[0], geom.n, device=device, requires_grad=True)
+    z = adapter_ops.adapter_accumulate(base, x, A, B, geom)
+    z2, _, _ = adapter_ops.adapter_accumulate_op(base, x2, A2, B2, *ints, False)
+    assert torch.equal(z, z2)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -4,6 +4,7 @@ Like lowtune.ops: checks dtype, device, contiguity and shape (a bad one is a Val
 the tensor), then calls a PyTorch custom op (namespace lowtune) that picks the CPU or CUDA
 kernel and passes raw pointers and torch's current stream. Each op has a fake implementation and
 an autograd formula (itself a custom op), so torch.compile traces through and CUDA graphs capture.
+In eager mode the same functions run without the dispatcher, as in lowtune.ops.
 
     AdapterGeometry(k, n, pool, repeat, rank, has_b, scale)      one adapter's shape and scale
     adapted_qmatmul(x, qt, A, B, geom)      -> x·deq(W)ᵀ + adapter(x)   (base and adapter fused)
@@ -278,8 +279,7 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
     return xs, u
 
 
-@torch.library.custom_op("lowtune::adapted_qmatmul", mutates_args=())
-def adapted_qmatmul_op(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
+def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
                        type_id: int, k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool,
                        scale: float, grad_from: int) -> tuple[Tensor, Tensor, Tensor]:
     """(y, xs, u): y [M, n] = x [M, k]·deq(W)ᵀ + adapter(xa if given else x), the adapter
@@ -292,14 +292,16 @@ def adapted_qmatmul_op(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None
     return (y, *_aux_outputs(x, ain, u, xs, has_b))
 
 
+adapted_qmatmul_op = torch.library.custom_op("lowtune::adapted_qmatmul", _adapted_qmatmul, mutates_args=())
+
+
 @adapted_qmatmul_op.register_fake
 def _(x, xa, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from):
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     return (x.new_empty((x.shape[0], n)), *_fake_aux(x, geom, xa is not None))
 
 
-@torch.library.custom_op("lowtune::adapted_qmatmul_backward", mutates_args=())
-def adapted_qmatmul_backward_op(
+def _adapted_qmatmul_backward(
         dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | None, raw: Tensor, type_id: int,
         k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool, scale: float,
         grad_from: int, separate: bool, need_dx: bool, need_dxa: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -323,6 +325,10 @@ def adapted_qmatmul_backward_op(
             dA, dB if dB is not None else A.new_empty((0,)))
 
 
+adapted_qmatmul_backward_op = torch.library.custom_op("lowtune::adapted_qmatmul_backward",
+                                                      _adapted_qmatmul_backward, mutates_args=())
+
+
 @adapted_qmatmul_backward_op.register_fake
 def _(dy, xs, u, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from, separate,
       need_dx, need_dxa):
@@ -336,26 +342,34 @@ def _adapted_setup(ctx, inputs, output):
     x, xa, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from = inputs
     _, xs, u = output
     ctx.mark_non_differentiable(xs, u)
+    ctx.set_materialize_grads(False)  # xs and u get no gradient: no zeros made for them
     pooled_input = xs if pool > 1 and xa is None else (x if xa is None else xa)
     ctx.save_for_backward(pooled_input, u, A, B, raw)
     ctx.args = (type_id, k, n, pool, repeat, rank, has_b, scale, grad_from, xa is not None)
 
 
-def _adapted_backward(ctx, dy, _dxs, _du):
-    xs, u, A, B, raw = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    has_b = ctx.args[6]
-    dx, dxa, dA, dB = adapted_qmatmul_backward_op(dy.contiguous(), xs, u, A, B, raw, *ctx.args,
-                                                  need[0], need[1])
-    return (dx if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
-            dB if has_b and need[3] else None) + (None,) * 10
+def _adapted_backward(backward_fn):
+    """adapted_qmatmul's backward formula, computed by `backward_fn` (the backward op when
+    traced, its kernel function in eager mode)."""
+    def backward(ctx, dy, _dxs, _du):
+        xs, u, A, B, raw = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        has_b = ctx.args[6]
+        dx, dxa, dA, dB = backward_fn(dy.contiguous(), xs, u, A, B, raw, *ctx.args, need[0], need[1])
+        return (dx if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
+                dB if has_b and need[3] else None) + (None,) * 10
+    return backward
 
 
-adapted_qmatmul_op.register_autograd(_adapted_backward, setup_context=_adapted_setup)
+adapted_qmatmul_op.register_autograd(_adapted_backward(adapted_qmatmul_backward_op), setup_context=_adapted_setup)
 
 
-@torch.library.custom_op("lowtune::adapter_accumulate", mutates_args=())
-def adapter_accumulate_op(y: Tensor, xa: Tensor, A: Tensor, B: Tensor | None, k: int, n: int,
+# the eager twin of the op's autograd (see lowtune.ops._eager_twin)
+_AdaptedQMatmul = ops._eager_twin(_adapted_qmatmul, _adapted_setup, _adapted_backward(_adapted_qmatmul_backward),
+                                  "_AdaptedQMatmul")
+
+
+def _adapter_accumulate(y: Tensor, xa: Tensor, A: Tensor, B: Tensor | None, k: int, n: int,
                           pool: int, repeat: int, rank: int, has_b: bool, scale: float,
                           grad_from: int, pooled: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y + adapter(xa), xs, u) for y [M, n] from any base layer. xa is the layer input [M, k],
@@ -367,14 +381,16 @@ def adapter_accumulate_op(y: Tensor, xa: Tensor, A: Tensor, B: Tensor | None, k:
     return (out, *_aux_outputs(xa, xa, u, xs, has_b))
 
 
+adapter_accumulate_op = torch.library.custom_op("lowtune::adapter_accumulate", _adapter_accumulate, mutates_args=())
+
+
 @adapter_accumulate_op.register_fake
 def _(y, xa, A, B, k, n, pool, repeat, rank, has_b, scale, grad_from, pooled):
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     return (torch.empty_like(y, memory_format=torch.contiguous_format), *_fake_aux(xa, geom, pooled))
 
 
-@torch.library.custom_op("lowtune::adapter_backward", mutates_args=())
-def adapter_backward_op(dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | None, k: int,
+def _adapter_backward(dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | None, k: int,
                         n: int, pool: int, repeat: int, rank: int, has_b: bool, scale: float,
                         grad_from: int, pooled: bool, need_dxa: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dxa, dA, dB) of adapter_accumulate; xs is the pooled adapter input [M, k/pool]."""
@@ -385,6 +401,9 @@ def adapter_backward_op(dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor 
     dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, dxa, kk, pp)
     return (dxa if dxa is not None else dy.new_empty((0,)), dA,
             dB if dB is not None else A.new_empty((0,)))
+
+
+adapter_backward_op = torch.library.custom_op("lowtune::adapter_backward", _adapter_backward, mutates_args=())
 
 
 @adapter_backward_op.register_fake
@@ -398,19 +417,26 @@ def _accumulate_setup(ctx, inputs, output):
     y, xa, A, B, k, n, pool, repeat, rank, has_b, scale, grad_from, pooled = inputs
     _, xs, u = output
     ctx.mark_non_differentiable(xs, u)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(xs if pool > 1 and not pooled else xa, u, A, B)
     ctx.args = (k, n, pool, repeat, rank, has_b, scale, grad_from, pooled)
 
 
-def _accumulate_backward(ctx, dy, _dxs, _du):
-    xs, u, A, B = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dxa, dA, dB = adapter_backward_op(dy.contiguous(), xs, u, A, B, *ctx.args, need[1])
-    return (dy if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
-            dB if ctx.args[5] and need[3] else None) + (None,) * 9
+def _accumulate_backward(backward_fn):
+    def backward(ctx, dy, _dxs, _du):
+        xs, u, A, B = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dxa, dA, dB = backward_fn(dy.contiguous(), xs, u, A, B, *ctx.args, need[1])
+        return (dy if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
+                dB if ctx.args[5] and need[3] else None) + (None,) * 9
+    return backward
 
 
-adapter_accumulate_op.register_autograd(_accumulate_backward, setup_context=_accumulate_setup)
+adapter_accumulate_op.register_autograd(_accumulate_backward(adapter_backward_op), setup_context=_accumulate_setup)
+
+
+_AdapterAccumulate = ops._eager_twin(_adapter_accumulate, _accumulate_setup, _accumulate_backward(_adapter_backward),
+                                     "_AdapterAccumulate")
 
 
 # ---- the public functions ------------------------------------------------------------------------
@@ -430,6 +456,16 @@ def _prepare(x: torch.Tensor, A, B, geom: AdapterGeometry, xa):
     return x.reshape(-1, geom.k), xa2
 
 
+def _call(op, function, kernel, tensors: tuple, *args):
+    """As lowtune.ops._call: the custom op while tracing, else the eager autograd twin, or the
+    kernel function when none of `tensors` needs a gradient."""
+    if type(tensors[0]) is not Tensor or torch.compiler.is_compiling():
+        return op(*tensors, *args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return function.apply(*tensors, *args)
+    return kernel(*tensors, *args)
+
+
 def _geom_ints(geom: AdapterGeometry) -> tuple:
     return (geom.k, geom.n, geom.pool, geom.repeat, geom.rank, geom.has_b, float(geom.scale), geom.grad_from)
 
@@ -447,7 +483,8 @@ def adapted_qmatmul(x: torch.Tensor, qt: QTensor, A: torch.Tensor, B: torch.Tens
     if not qt.format.quantized:  # a float base is a plain matmul: the adapter adds to its output
         return adapter_accumulate(ops.qmatmul(x, qt), x, A, B, geom, adapter_input)
     x2, xa2 = _prepare(x, A, B, geom, adapter_input)
-    y, _, _ = adapted_qmatmul_op(x2, xa2, A, B, qt.raw, qt.format.type_id, *_geom_ints(geom))
+    y, _, _ = _call(adapted_qmatmul_op, _AdaptedQMatmul, _adapted_qmatmul, (x2, xa2, A, B),
+                    qt.raw, qt.format.type_id, *_geom_ints(geom))
     return y.reshape(*x.shape[:-1], geom.n)
 
 
@@ -461,7 +498,8 @@ def adapter_accumulate(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
         raise ValueError(f"y must match x in dtype, device and leading shape, got "
                          f"{y.dtype} {y.device} {tuple(y.shape)}")
     xa = x2 if xa2 is None else xa2
-    out, _, _ = adapter_accumulate_op(y.reshape(-1, geom.n), xa, A, B, *_geom_ints(geom), xa2 is not None)
+    out, _, _ = _call(adapter_accumulate_op, _AdapterAccumulate, _adapter_accumulate,
+                      (y.reshape(-1, geom.n), xa, A, B), *_geom_ints(geom), xa2 is not None)
     return out.reshape(y.shape)
 
 

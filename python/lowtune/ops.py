@@ -18,9 +18,11 @@ formula, so torch.compile traces through them and CUDA graphs capture them:
     lowtune::qmatmul(x[M, k], raw, type_id, n, k) -> [M, n]             backward: qmatmul_input_grad
     lowtune::qmatmul_input_grad(dy[M, n], raw, type_id, n, k) -> [M, k] backward: qmatmul
 
-The ops trust their arguments: only this module's functions validate. In eager mode a call
-that needs no autograd runs the kernel without the dispatcher (generation pays nothing for it).
-Float weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes.
+The ops trust their arguments: only this module's functions validate. In eager mode (nothing
+traced) the public functions skip the dispatcher, whose host cost exceeds a small kernel's: a
+call that needs autograd goes through an autograd.Function twin of the op (the same context and
+backward formula, the kernels called directly), one that does not calls the kernel. Float
+weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes.
 """
 from __future__ import annotations
 
@@ -76,12 +78,6 @@ def _check_gpu(index: int) -> None:
         name = torch.cuda.get_device_name(index)
         raise ValueError(f"lowtune's CUDA kernels need compute capability 8.0 or newer (Ampere); "
                          f"cuda:{index} is {name} ({major}.{minor}): run on device='cpu' instead")
-
-
-def eager_call(t: Tensor, needs_grad: bool) -> bool:
-    """Whether a kernel may run without the dispatcher: eager mode (not tracing), a plain tensor
-    and no autograd needed. Everything else goes through the custom ops."""
-    return not needs_grad and type(t) is Tensor and not torch.compiler.is_compiling()
 
 
 # ---- kernels (pointers in, nothing checked: the public functions below validate) --------------
@@ -167,21 +163,44 @@ def _save_weight(ctx, inputs, output):
     ctx.weight = (type_id, n, k)
 
 
-def _qmatmul_backward(ctx, dy):
-    (raw,) = ctx.saved_tensors
-    dx = qmatmul_input_grad_op(dy.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
-    return dx, None, None, None, None
+def _linear_backward(other):
+    """The backward of y = x·deq(W)ᵀ (or of dx = dy·deq(W)): the other product, `other`, applied
+    to the incoming gradient. Both are linear in their activation input."""
+    def backward(ctx, grad):
+        (raw,) = ctx.saved_tensors
+        g = other(grad.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
+        return g, None, None, None, None
+    return backward
 
 
-def _input_grad_backward(ctx, ddx):
-    # dx = dy · deq(W) is linear in dy: its own gradient is ddx · deq(W)ᵀ.
-    (raw,) = ctx.saved_tensors
-    ddy = qmatmul_op(ddx.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
-    return ddy, None, None, None, None
+qmatmul_op.register_autograd(_linear_backward(qmatmul_input_grad_op), setup_context=_save_weight)
+qmatmul_input_grad_op.register_autograd(_linear_backward(qmatmul_op), setup_context=_save_weight)
 
 
-qmatmul_op.register_autograd(_qmatmul_backward, setup_context=_save_weight)
-qmatmul_input_grad_op.register_autograd(_input_grad_backward, setup_context=_save_weight)
+def _eager_twin(kernel, setup, backward_formula, name: str):
+    """The eager twin of a custom op's autograd: the same context and formula, the kernels
+    called directly (the op's dispatch costs more host time than a small kernel, and the eager
+    CPU path must not get slower). forward takes ctx (a separate setup_context would make every
+    apply bind its arguments through inspect.signature)."""
+    def forward(ctx, *args):
+        out = kernel(*args)
+        setup(ctx, args, out)
+        return out
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_formula)})
+
+
+_QMatmul = _eager_twin(_forward_kernel, _save_weight, _linear_backward(_input_grad_kernel), "_QMatmul")
+_QMatmulInputGrad = _eager_twin(_input_grad_kernel, _save_weight, _linear_backward(_forward_kernel),
+                                "_QMatmulInputGrad")
+
+
+def _call(op, function, kernel, t: Tensor, needs_grad: bool, *args):
+    """One kernel call: through its custom op while tracing (or for tensor subclasses), else
+    through the eager autograd twin, or (no autograd needed) the kernel itself."""
+    if type(t) is not Tensor or torch.compiler.is_compiling():
+        return op(t, *args)
+    return function.apply(t, *args) if needs_grad else kernel(t, *args)
 
 
 # ---- the public functions ------------------------------------------------------------------------
@@ -215,9 +234,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k = qt.shape
     if not qt.format.quantized:
         return _float_view(qt).to(dtype)
-    if eager_call(qt.raw, False):
-        return _dequantize_kernel(qt.raw, qt.format.type_id, n, k, dtype)
-    return dequantize_op(qt.raw, qt.format.type_id, n, k, dtype)
+    return _call(dequantize_op, None, _dequantize_kernel, qt.raw, False, qt.format.type_id, n, k, dtype)
 
 
 def _float_view(qt: QTensor) -> torch.Tensor:
@@ -233,10 +250,9 @@ def qmatmul_input_grad(dy: torch.Tensor, qt: QTensor) -> torch.Tensor:
     dy2 = dy.reshape(-1, n)
     if not qt.format.quantized:
         dx = dy2 @ _float_view(qt).to(dy.dtype)
-    elif eager_call(dy, torch.is_grad_enabled() and dy.requires_grad):
-        dx = _input_grad_kernel(dy2, qt.raw, qt.format.type_id, n, k)
     else:
-        dx = qmatmul_input_grad_op(dy2, qt.raw, qt.format.type_id, n, k)
+        dx = _call(qmatmul_input_grad_op, _QMatmulInputGrad, _input_grad_kernel, dy2,
+                   torch.is_grad_enabled() and dy.requires_grad, qt.raw, qt.format.type_id, n, k)
     return dx.reshape(*dy.shape[:-1], k)
 
 
@@ -248,8 +264,7 @@ def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     if not qt.format.quantized:
         y = x2 @ _float_view(qt).to(x.dtype).t()
-    elif eager_call(x, torch.is_grad_enabled() and x.requires_grad):
-        y = _forward_kernel(x2, qt.raw, qt.format.type_id, n, k)
     else:
-        y = qmatmul_op(x2, qt.raw, qt.format.type_id, n, k)
+        y = _call(qmatmul_op, _QMatmul, _forward_kernel, x2, torch.is_grad_enabled() and x.requires_grad,
+                  qt.raw, qt.format.type_id, n, k)
     return y.reshape(*x.shape[:-1], n)
