@@ -229,6 +229,40 @@ def test_layer_graph_bookkeeping_equals_eager(compiled, streamed):
     assert len(graphs.graphs) == before and graphs.replays == 4 * 2 * 3
 
 
+class FailingGraphs(CPUGraphs):
+    """Capture fails after `good` graphs, as a kernel that cannot be captured would."""
+
+    def __init__(self, good: int):
+        super().__init__("cpu")
+        self.good = good
+
+    def _record(self, work):
+        if len(self.graphs) >= self.good:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return super()._record(work)
+
+
+@pytest.mark.parametrize("good", [0, 3, 4])
+def test_failed_capture_falls_back_to_running_the_layers(good):
+    """A capture that fails (in the forward or the backward pass) leaves every layer to run
+    without graphs, with the same training, and says so."""
+    methods = {**MIXED, "ffn_gate": "lora"}
+    ids = rand_ids(2, 16)
+    eager = mixed_model(layers=3, methods=methods)
+    eager.gradient_checkpointing = True
+    want, want_g = train_steps(eager, ids, ids, steps=2)
+    model = mixed_model(layers=3, methods=methods)
+    model.streamer = LayerStreamer(model, "cpu", [])
+    events = []
+    model.streamer.graphs = graphs = FailingGraphs(good)
+    graphs.on_event = events.append
+    got, got_g = train_steps(model, ids, ids, steps=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same(got_g, want_g, rtol=1e-4, atol=1e-6)
+    assert graphs.failed and "capture failed" in graphs.summary()
+    assert any("capture failed" in e for e in events)
+
+
 def test_layer_graphs_leave_dropout_and_qdylora_layers_alone():
     graphs = CPUGraphs("cpu")
     model = mixed_model()                           # has QDyLoRA adapters

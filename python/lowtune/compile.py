@@ -214,7 +214,9 @@ class LayerGraphs:
     outside the pool, and the caller copies them out before the next replay.
 
     Not captured (run as before): layers with dropout in training mode (the replayed graph would
-    reuse the captured random masks) and QDyLoRA layers (their rank changes every step)."""
+    reuse the captured random masks) and QDyLoRA layers (their rank changes every step). Should a
+    capture fail (a kernel that cannot be captured), every layer runs without graphs from then
+    on, and summary() says why."""
 
     def __init__(self, device, on_event: Callable[[str], None] | None = None):
         self.device = torch.device(device)
@@ -226,6 +228,7 @@ class LayerGraphs:
         self.replays = 0
         self.uncaptured: set[str] = set()
         self.parts: dict[int, _LayerParts] = {}
+        self.failed: str | None = None      # why capture failed, when it did
 
     def summary(self) -> str:
         s = f"CUDA graphs: {len(self.graphs)} captured in {self.capture_s:.1f} s, {self.replays} replays"
@@ -241,6 +244,8 @@ class LayerGraphs:
 
     def handles(self, layer: nn.Module) -> bool:
         """Whether this layer's work may be replayed from a graph."""
+        if self.failed:
+            return False
         for m in self._parts(layer).adapters:
             if m.method == "qdylora":
                 self.uncaptured.add("QDyLoRA layers (a new rank every step)")
@@ -273,10 +278,19 @@ class LayerGraphs:
         return st
 
     def _capture(self, key, work: Callable[[], None]):
+        """The graph of `work`, captured now; None when capture failed (then no layer is
+        captured any more, and they all run as without graphs)."""
         t0 = time.perf_counter()
         if self.on_event is not None and not self.graphs:
             self.on_event("capturing CUDA graphs of the decoder layers (first step)")
-        graph = self.graphs[key] = self._record(work)
+        try:
+            graph = self.graphs[key] = self._record(work)
+        except RuntimeError as e:
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.uncaptured.add(f"every layer, capture failed ({self.failed})")
+            if self.on_event is not None:
+                self.on_event(f"CUDA graph capture failed, layers run without graphs: {self.failed}")
+            return None
         self.capture_s += time.perf_counter() - t0
         return graph
 
@@ -300,8 +314,10 @@ class LayerGraphs:
 
     # -- the two halves of a checkpointed layer ------------------------------------------------
 
-    def forward(self, layer: nn.Module, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """layer(x, rot) without autograd, replayed."""
+    def forward(self, layer: nn.Module, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor | None:
+        """layer(x, rot) without autograd, replayed (None: capture failed, run it yourself)."""
+        if self.failed:
+            return None
         key = self._key("forward", layer, x, rot)
         st = self._static(x, rot, "forward")
         st.x.copy_(x)
@@ -312,6 +328,8 @@ class LayerGraphs:
                 with torch.no_grad():
                     st.y.copy_(layer(st.x, st.rot))
             graph = self._capture(key, work)
+            if graph is None:
+                return None
         graph.replay()
         self.replays += 1
         return st.y.clone()
@@ -319,7 +337,9 @@ class LayerGraphs:
     def backward(self, layer: nn.Module, x: torch.Tensor, rot: torch.Tensor, dy: torch.Tensor,
                  params: list[torch.Tensor], need_dx: bool):
         """Recompute layer(x, rot) with autograd and backpropagate dy: (dx or None, [gradient of
-        each of `params`, or None where it needs none]), replayed."""
+        each of `params`, or None where it needs none]), replayed. None: capture failed."""
+        if self.failed:
+            return None
         wanted = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in wanted}
         if len(dtypes) > 1:
@@ -347,6 +367,8 @@ class LayerGraphs:
                     view.copy_(g) if g is not None else view.zero_()
                     off += p.numel()
             graph = self._capture(key, work)
+            if graph is None:
+                return None
         graph.replay()
         self.replays += 1
         dx = st.dx.clone() if need_dx else None

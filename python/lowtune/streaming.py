@@ -261,7 +261,9 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.graphs = graphs
         with torch.no_grad():
             streamer.acquire(layer.index, +1)
-            y = layer(x, rot) if graphs is None else graphs.forward(layer, x, rot)
+            y = None if graphs is None else graphs.forward(layer, x, rot)
+            if y is None:
+                y = layer(x, rot)
             streamer.release(layer.index)
         ctx.saved = streamer.stash(x.detach())
         ctx.save_for_backward(rot, *params)
@@ -275,8 +277,10 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.saved = None
         x.requires_grad_(ctx.needs_input_grad[2])
         streamer.acquire(layer.index, -1)
-        if ctx.graphs is not None:
-            dx, dparams = ctx.graphs.backward(layer, x, rot, dy, params, ctx.needs_input_grad[2])
+        replayed = None if ctx.graphs is None else ctx.graphs.backward(layer, x, rot, dy, params,
+                                                                     ctx.needs_input_grad[2])
+        if replayed is not None:
+            dx, dparams = replayed
             streamer.release(layer.index)
             return (None, None, dx, None, *dparams)
         devices = [x.device] if x.is_cuda else []
