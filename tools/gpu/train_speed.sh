@@ -12,7 +12,9 @@
 #   6. tools/bench_elementwise.py: RMSNorm / RoPE / SwiGLU compiled against their memory floor
 #   7. the summary table (targets against results), printed last
 # Stages 3-6 get what is left of the time budget (BUDGET_S, default 525 s) and are skipped or cut
-# short when it runs out. Usage: OUT=<dir> tools/gpu/train_speed.sh    (default OUT=gpu_train_speed)
+# short when it runs out; STAGES picks stages 2-6 (default "tests adapters train_1b train_7b
+# elementwise"), e.g. STAGES="train_7b" to spend a second run on the 7B shapes alone.
+# Usage: OUT=<dir> tools/gpu/train_speed.sh    (default OUT=gpu_train_speed)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-gpu_train_speed}
@@ -45,26 +47,33 @@ if ! $py -c "import bitsandbytes" 2>/dev/null; then
   $py -c "import bitsandbytes" 2>/dev/null || echo "NOTE: bitsandbytes is missing: the QLoRA peer runs will fail; the rest runs"
 fi
 
-CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) stage build 300 env LOWTUNE_CUDA=ON tools/dev_build.sh \
+export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+stage build 300 env LOWTUNE_CUDA=ON tools/dev_build.sh \
   || { echo "build failed: nothing else can run"; exit 1; }
 $py -c "import lowtune; print(lowtune.build_info())" | tee "$out/build_info.txt"
 
-stage tests 110 $py -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
-  tests/test_custom_ops.py tests/test_compile.py tests/test_streaming.py tests/test_adapters.py
-stage adapters 60 $py tools/bench_adapters.py --json "$out/adapters.json"
+stages=" ${STAGES:-tests adapters train_1b train_7b elementwise} "
+want() { [[ $stages == *" $1 "* ]]; }
 
-# the 1B runs get a bit under half of what is left, the 7B runs most of the rest
-t1b=$(( $(left) * 45 / 100 ))
-stage train_1b $((t1b + 10)) $py tools/bench_train.py --model llama32-1b \
-  --runs resident,qlora,resident-eager,streamed:3GiB,streamed:2GiB,resident-graphs --unique-layers 2 \
+want tests && stage tests 120 $py -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+  tests/test_custom_ops.py tests/test_compile.py tests/test_streaming.py tests/test_adapters.py
+want adapters && stage adapters 60 $py tools/bench_adapters.py --json "$out/adapters.json"
+
+# Each bench_train run is its own process; runs are listed by priority and the ones that no
+# longer fit are reported as skipped. The 1B runs get what is left but the elementwise stage's
+# share, half of it when the 7B runs are wanted too; the 7B runs get the rest.
+reserve=0; want elementwise && reserve=45
+t1b=$(( $(left) - reserve - 12 )); want train_7b && t1b=$(( t1b / 2 ))
+want train_1b && stage train_1b $((t1b + 10)) $py tools/bench_train.py --model llama32-1b \
+  --runs resident,qlora,resident-eager,streamed:3GiB,resident-graphs,streamed:2GiB --unique-layers 2 \
   --profile --weights-cache "$weights" --peaks "$out/peaks.json" --deadline "$t1b" --min-run 25 \
   --out "$out/train_1b"
-t7b=$(( $(left) - 55 ))
-stage train_7b $((t7b + 10)) $py tools/bench_train.py --model llama2-7b \
+t7b=$(( $(left) - reserve - 12 ))
+want train_7b && stage train_7b $((t7b + 10)) $py tools/bench_train.py --model llama2-7b \
   --runs resident,streamed:3GiB,resident-eager,qlora --unique-layers 2 \
   --profile --weights-cache "$weights" --peaks "$out/peaks.json" --deadline "$t7b" --min-run 40 \
   --out "$out/train_7b"
-stage elementwise $(( $(left) - 12 )) $py tools/bench_elementwise.py --json "$out/elementwise.json"
+want elementwise && stage elementwise $(( $(left) - 10 )) $py tools/bench_elementwise.py --json "$out/elementwise.json"
 
 $py tools/gpu/train_speed_summary.py "$out" | tee "$out/summary.md"
 echo "total $((SECONDS - start)) s"
