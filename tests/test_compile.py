@@ -164,6 +164,28 @@ def test_eval_and_generation_paths_compile():
     torch.testing.assert_close(got_step, want_step, rtol=1e-5, atol=1e-5)
 
 
+def test_layers_share_their_compiled_graphs():
+    """Layers of one shape compile once, however many there are (the weights are graph inputs,
+    nothing specialises on a layer): a per-layer recompile would multiply the warm-up by the
+    depth. Streamed layers, bound to slot views, share them too."""
+    methods = {**MIXED, "ffn_gate": "lora"}
+    counts = []
+    for layers, streamed in ((2, False), (4, False), (4, True)):
+        torch._dynamo.reset()
+        model = mixed_model(layers=layers, methods=methods)
+        model.gradient_checkpointing = True
+        if streamed:
+            stream_model(model, "cpu", streamed=[1, 2, 3])
+        setup = compile_model(model, "layer", backend="aot_eager")
+        model.train()
+        for _ in range(2):
+            model.loss(rand_ids(2, 12)).backward()
+        counts.append(setup.compiles)
+    # forward and backward, with and without a gradient for the input (the first layer's comes
+    # from the frozen embedding); the streamer's no-grad forward adds its own graph
+    assert counts[0] == counts[1] == 4 and counts[2] == 6
+
+
 def test_qdylora_rank_changes_do_not_recompile():
     """QDyLoRA adapters run outside the compiled layers: a new rank per step compiles nothing."""
     model = mixed_model()
