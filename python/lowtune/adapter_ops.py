@@ -101,7 +101,11 @@ def _check_act(t: torch.Tensor, name: str, last: int) -> None:
 
 
 def _f32(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    # called below autograd (inside an op, or an autograd.Function's forward/backward): fp32
+    # contiguous weights, the usual case, pass through without an operator call
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _geom_args(geom: AdapterGeometry, m: int, A32, B32, k: int | None = None, pool: int | None = None):
