@@ -80,7 +80,7 @@ def grads_of(ad, x, dy, fused=True, rank=None):
 
 def truth64(ad, x, dy):
     """The same quantities in float64 autograd on the dequantized base (on the CPU)."""
-    w = ad.base.weight.to("cpu").dequantize(torch.float32).double()
+    w = lowtune.dequantize(ad.base.weight.to("cpu"), torch.float32).double()
     x64 = x.detach().to("cpu").double().requires_grad_(True)
     mats = [None if t is None else t.detach().to("cpu").double().requires_grad_(True)
             for t in ad._matrices()]
@@ -131,7 +131,7 @@ def test_gradcheck_reference_float64(method):
     ad = make_adapter(method, "Q4_1", n=8, k=64, rank=2)
     if method == "qdylora":
         ad.set_rank(1)
-    w = ad.base.weight.dequantize().double()
+    w = lowtune.dequantize(ad.base.weight).double()
     mats = tuple(t.detach().double().requires_grad_(True) for t in ad._matrices() if t is not None)
     x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
 

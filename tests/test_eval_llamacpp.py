@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import lowtune
 from lowtune.evaluate import perplexity
 from lowtune.generate import generate
 from lowtune.gguf_io import GGUFFile, write_gguf
@@ -39,7 +40,7 @@ def smollm2_f32(smollm2_path, tmp_path_factory):
     """SmolLM2 with every tensor dequantized to F32, written once per test session."""
     out = tmp_path_factory.mktemp("smollm2_f32") / "smollm2-f32.gguf"
     with GGUFFile(smollm2_path) as f:
-        tensors = ((name, f.qtensor(name).dequantize(torch.float32).reshape(info.shape))
+        tensors = ((name, lowtune.dequantize(f.qtensor(name), torch.float32).reshape(info.shape))
                    for name, info in f.tensor_infos.items())
         write_gguf(out, f.metadata, tensors, metadata_types=f.metadata_types)
     return out

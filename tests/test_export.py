@@ -47,7 +47,7 @@ def randomize_adapters(ads: dict, rel: float = 0.05, seed: int = 0) -> None:
             p = ad.hira_M if ad.method == "qa-hira" else ad.lora_B
             p.copy_(torch.randn(p.shape, generator=g))
             d = ad.delta_weight()
-            w = ad.base.weight.dequantize()
+            w = lowtune.dequantize(ad.base.weight)
             p.mul_(rel * w.pow(2).mean().sqrt() / d.pow(2).mean().sqrt())
 
 
@@ -316,7 +316,7 @@ def test_hf_export_round_trips(tiny, tmp_path):
             got = ckpt.tensor(name)
             assert got.dtype == torch.bfloat16
             if b.tensor_infos[name].ne[1:]:
-                want = b.qtensor(name).dequantize() + (ads[name].delta_weight() if name in ads else 0)
+                want = lowtune.dequantize(b.qtensor(name)) + (ads[name].delta_weight() if name in ads else 0)
             else:
                 want = b.tensor(name)
             assert torch.equal(got, want.to(torch.bfloat16)), name

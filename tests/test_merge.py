@@ -53,7 +53,7 @@ def test_group_constant_moves_only_the_mins(qtype, rng):
     m_new = b[:, 2:4].copy().view("<f2")[:, 0]
     np.testing.assert_array_equal(m_new, (m_old + delta.double().numpy().reshape(-1)).astype(np.float16))
     # so deq moves by δ up to half an fp16 ulp of the new min (plus fp32 rounding of d*q + m)
-    err = (out.dequantize() - qt.dequantize() - expand(delta, g)).abs().numpy()
+    err = (lowtune.dequantize(out) - lowtune.dequantize(qt) - expand(delta, g)).abs().numpy()
     bound = np.repeat(np.spacing(np.abs(m_new)).astype(np.float64) / 2, g).reshape(6, 256) + 1e-6
     assert (err <= bound).all()
 
@@ -93,13 +93,13 @@ def test_kquant_refit_keeps_codes_and_reports_its_residual(qtype, size, rng):
     out, res = refit_kquant_mins(qt, delta)
     for kept, new in zip(_codes_and_scales(qt), _codes_and_scales(out)):
         np.testing.assert_array_equal(kept, new)
-    target = qt.dequantize() + expand(delta, sub)
-    err = out.dequantize() - target
+    target = lowtune.dequantize(qt) + expand(delta, sub)
+    err = lowtune.dequantize(out) - target
     assert res.rms == pytest.approx(float(err.pow(2).mean().sqrt()), rel=1e-3, abs=1e-7)
     assert res.max == pytest.approx(float(err.abs().max()), rel=1e-3, abs=1e-6)
     assert res.delta_rms == pytest.approx(float(delta.pow(2).mean().sqrt()), rel=1e-5)
     # the refit is never worse than leaving the mins alone, and clearly better for large updates
-    unmerged = float((qt.dequantize() - target).pow(2).mean().sqrt())
+    unmerged = float((lowtune.dequantize(qt) - target).pow(2).mean().sqrt())
     assert res.rms <= unmerged * (1.0 if size < 1 else 0.5)
 
 
@@ -133,9 +133,9 @@ def test_int_repacks_exactly(bits, group, rng):
     qt = lowtune.quantize(weights(rng, 5, 256), f"INT{bits}-g{group}")
     out = to_storage(qt)
     assert out.type == ("Q4_1" if bits <= 4 else "Q5_1") and out.shape == qt.shape
-    assert torch.equal(out.dequantize(), qt.dequantize())
+    assert torch.equal(lowtune.dequantize(out), lowtune.dequantize(qt))
     ref = gguf.quants.dequantize(out.raw.numpy(), gguf.GGMLQuantizationType[out.type])  # an independent reader
-    np.testing.assert_array_equal(ref.reshape(5, 256), qt.dequantize().numpy())
+    np.testing.assert_array_equal(ref.reshape(5, 256), lowtune.dequantize(qt).numpy())
     if group == 32 and bits in (4, 5):  # INT4-g32 is Q4_1 and INT5-g32 is Q5_1 byte for byte
         assert torch.equal(out.raw, qt.raw)
 
@@ -153,10 +153,10 @@ def test_int6_int8_are_merged_exactly_and_stored_as_f32(name, rng):
     delta_g = torch.from_numpy(rng.standard_normal((4, 128 // fmt.group))).float() * 0.01
     out, info = merge_weight(qt, delta_groups=delta_g, group=fmt.group)
     assert out.type == "F32" and info.path == "min" and info.exact and info.out_type == "F32"
-    want = merge_group_constant(qt, delta_g).dequantize()
-    assert torch.equal(out.dequantize(), want)
+    want = lowtune.dequantize(merge_group_constant(qt, delta_g))
+    assert torch.equal(lowtune.dequantize(out), want)
     conv, info = merge_weight(qt)                    # converted without an adapter: the same values
-    assert conv.type == "F32" and info.path == "repack" and torch.equal(conv.dequantize(), qt.dequantize())
+    assert conv.type == "F32" and info.path == "repack" and torch.equal(lowtune.dequantize(conv), lowtune.dequantize(qt))
 
 
 # ---- re-quantization ------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_requantize_rounds_once(target, rng):
     qt = lowtune.quantize(weights(rng, 4, 256), "Q5_1")
     delta = weights(rng, 4, 256) * 0.1
     out = requantize(qt, delta, target)
-    want = lowtune.quantize(qt.dequantize() + delta, target)
+    want = lowtune.quantize(lowtune.dequantize(qt) + delta, target)
     assert out.type == target and torch.equal(out.raw, want.raw)
 
 
@@ -215,8 +215,8 @@ def test_merge_weight_paths(base, update, target, path, exact, out_type, note, r
     assert out.format.gguf
     if note is not None:
         assert note in info.note if note else info.note == ""
-    exact_w = qt.dequantize() + (dense_delta if dense_delta is not None else 0)
-    err = (out.dequantize() - exact_w).abs()
+    exact_w = lowtune.dequantize(qt) + (dense_delta if dense_delta is not None else 0)
+    err = (lowtune.dequantize(out) - exact_w).abs()
     if update is not None:
         assert info.err_rms == pytest.approx(float(err.pow(2).mean().sqrt()), rel=1e-2, abs=1e-6)
         assert info.delta_rms == pytest.approx(float(dense_delta.pow(2).mean().sqrt()), rel=1e-4)
@@ -263,5 +263,5 @@ def test_merge_leaves_its_input_alone(base, target, rng):
     out, info = merge_weight(qt, delta=delta, target=target)
     assert torch.equal(qt.raw, before)
     if out.type == "F32":
-        torch.testing.assert_close(out.dequantize(), qt.dequantize() + delta, rtol=0, atol=1e-7)
+        torch.testing.assert_close(lowtune.dequantize(out), lowtune.dequantize(qt) + delta, rtol=0, atol=1e-7)
     assert info.err_rms is not None

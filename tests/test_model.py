@@ -80,13 +80,13 @@ def test_packed_forward_matches_dequantized_reference(qtype):
     model, hf = tiny_model(qtype)
     c = model.config
     deq = dict(hf)
-    deq["embed"] = model.tok_embd.weight.dequantize()
+    deq["embed"] = lowtune.dequantize(model.tok_embd.weight)
     for i, layer in enumerate(model.layers):
         for ours, theirs in [("attn_v", "v"), ("attn_output", "o"), ("ffn_gate", "gate"), ("ffn_up", "up"),
                              ("ffn_down", "down")]:
-            deq[f"{i}.{theirs}"] = getattr(layer, ours).weight.dequantize()
+            deq[f"{i}.{theirs}"] = lowtune.dequantize(getattr(layer, ours).weight)
         for ours, theirs, nh in [("attn_q", "q", c.n_heads), ("attn_k", "k", c.n_kv_heads)]:
-            w = getattr(layer, ours).weight.dequantize()  # GGUF order -> back to HF order
+            w = lowtune.dequantize(getattr(layer, ours).weight)  # GGUF order -> back to HF order
             deq[f"{i}.{theirs}"] = w.reshape(nh, -1, 2, c.dim).swapaxes(1, 2).reshape(w.shape)
     ids = rand_ids(1, 9)
     torch.testing.assert_close(model(ids).double(), hf_reference_logits(c, deq, ids), atol=5e-4, rtol=1e-4)
@@ -170,6 +170,28 @@ def test_chunked_loss_equals_cross_entropy():
     n = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(model.loss(ids, labels, reduction="sum"), _plain_loss(model, ids, labels) * n,
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrap_head", [False, True])
+def test_negative_targets_are_not_scored(wrap_head):
+    """The GPU loss keeps unscored rows in place (target -1, no data-dependent shape): they add
+    nothing to the loss and get exactly zero gradient, as if they had been dropped."""
+    model, _ = tiny_model("Q8_0", tied=False)
+    if wrap_head:
+        model.output = _Wrapped(model.output)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(13, 64, generator=g, requires_grad=True)
+    t = torch.randint(0, 101, (13,), generator=g)
+    t[[0, 5, 6, 12]] = -1
+    loss = chunked_cross_entropy(h, t, model, chunk=4)
+    loss.backward()
+    keep = t >= 0
+    h2 = h.detach()[keep].clone().requires_grad_()
+    ref = chunked_cross_entropy(h2, t[keep], model, chunk=4)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    assert torch.equal(h.grad[~keep], torch.zeros_like(h.grad[~keep]))
+    torch.testing.assert_close(h.grad[keep], h2.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("wrap_head", [False, True])
@@ -260,14 +282,17 @@ def test_embedding_rows_equals_dequantized_rows(qtype):
     ids = torch.tensor([[3, 3, 49], [0, 17, 2]])
     got = embedding_rows(qt, ids)
     assert got.shape == (2, 3, 64)
-    torch.testing.assert_close(got, qt.dequantize()[ids])
+    torch.testing.assert_close(got, lowtune.dequantize(qt)[ids])
     assert embedding_rows(qt, ids, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_rope_is_relative_and_identity_at_zero():
     c = tiny_config()
     inv = rope_inv_freq(c)
-    rot = lambda pos: torch.polar(torch.ones(len(inv), dtype=torch.float64), pos * inv)[None].to(torch.complex64)
+    def rot(pos):  # apply_rope's table: cosines, and sines signed (-, +) within each pair
+        c, s = (pos * inv).cos(), (pos * inv).sin()
+        return torch.stack((torch.stack((c, c), -1), torch.stack((-s, s), -1))).flatten(-2)[:, None].float()
+
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
     torch.testing.assert_close(apply_rope(q, rot(0)), q)

@@ -9,6 +9,10 @@ ops (pool, A, B, repeat_interleave, scale, add: the PEFT way), as milliseconds a
 of the bare quantized layer (qmatmul forward + input gradient). The peer row is the same layer as
 a dense bf16 matrix (cuBLAS). The base weights are random Q4_K blocks: timing does not depend on
 their values. --profile prints the kernels of one fused LoRA step.
+
+On CUDA every step is timed twice: eagerly (host dispatch included, as before), and as GPU work
+alone: --graph-steps steps captured in one CUDA graph and replayed, the time per step the median
+over --iters replays. The target is an adapted layer within 1.15x of the bare one in the latter.
 """
 from __future__ import annotations
 
@@ -73,6 +77,33 @@ def timed(fn, device: str, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def graph_timed(fn, steps: int, replays: int) -> float:
+    """Milliseconds per fn() as pure GPU work: `steps` calls captured in one CUDA graph, the
+    median over `replays` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / steps)
+    del graph
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,11 +116,13 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--graph-steps", type=int, default=20, help="CUDA: steps per captured graph")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one fused LoRA step")
     args = ap.parse_args()
 
     dev, dtype = args.device, getattr(torch, args.dtype)
+    graphs = dev == "cuda"
     qt = random_qtensor(args.type, args.n, args.k).to(dev)
     torch.manual_seed(0)
     x = torch.randn(args.m, args.k, device=dev, dtype=dtype, requires_grad=True)
@@ -103,10 +136,18 @@ def main() -> None:
             f(x).backward(dy)
         return run
 
+    def gpu_step(f, params=()):
+        # autograd.grad, not .backward(): nothing accumulates into .grad across captured steps
+        return lambda: torch.autograd.grad(f(x), [x, *params], dy)
+
+    def measure(f, params=()):
+        eager = timed(step(f, params), dev, args.iters, args.warmup)
+        return eager, graph_timed(gpu_step(f, params), args.graph_steps, args.iters) if graphs else None
+
     rows = []
-    bare = timed(step(lambda t: ops.qmatmul(t, qt)), dev, args.iters, args.warmup)
-    w_dense = qt.dequantize(dtype)
-    dense = timed(step(lambda t: t @ w_dense.t()), dev, args.iters, args.warmup)
+    bare, bare_g = measure(lambda t: ops.qmatmul(t, qt))
+    w_dense = lowtune.dequantize(qt, dtype)
+    dense, dense_g = measure(lambda t: t @ w_dense.t())
     del w_dense
 
     for method in args.methods.split(","):
@@ -116,30 +157,43 @@ def main() -> None:
             for p in ad.parameters():
                 p.normal_(0, 0.01)
         params = list(ad.parameters())
-        fused = timed(step(ad, params), dev, args.iters, args.warmup)
-        unfused = timed(step(lambda t: ad.base(t) + ad.reference_adapter(t), params), dev, args.iters, args.warmup)
+        fused, fused_g = measure(ad, params)
+        unfused, unfused_g = measure(lambda t: ad.base(t) + ad.reference_adapter(t), params)
         g = ad.geometry()
-        rows.append({"method": method, "pool": g.pool, "repeat": g.repeat, "rank": g.rank,
-                     "params": ad.num_adapter_parameters, "fused_ms": fused, "unfused_ms": unfused,
-                     "fused_x": fused / bare, "unfused_x": unfused / bare})
+        row = {"method": method, "pool": g.pool, "repeat": g.repeat, "rank": g.rank,
+               "params": ad.num_adapter_parameters, "fused_ms": fused, "unfused_ms": unfused,
+               "fused_x": fused / bare, "unfused_x": unfused / bare}
+        if graphs:
+            row.update(fused_graph_ms=fused_g, unfused_graph_ms=unfused_g, fused_graph_x=fused_g / bare_g,
+                       unfused_graph_x=unfused_g / bare_g)
+        rows.append(row)
 
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"# lowtune adapters: {name}, torch {torch.__version__}, {datetime.date.today()}")
     print(f"# x [{args.m}, {args.k}] {args.dtype}, base {args.type} [{args.n}, {args.k}] "
-          f"(group {quant_group(qt.format)}), rank {args.rank}; forward + backward, median of {args.iters}")
-    print(f"{'':22}{'ms':>9}{'x bare':>9}")
-    print(f"{'bare quantized layer':22}{bare:9.3f}{1:9.2f}")
-    print(f"{'dense bf16 (cuBLAS)' if dev == 'cuda' else 'dense (torch)':22}{dense:9.3f}{dense / bare:9.2f}")
+          f"(group {quant_group(qt.format)}), rank {args.rank}; forward + backward, median of {args.iters}"
+          + (f"; graph: {args.graph_steps} steps per CUDA graph replay (GPU work only)" if graphs else ""))
+    g_head = f"{'graph ms':>10}{'x bare':>8}" if graphs else ""
+    print(f"{'':22}{'ms':>9}{'x bare':>9}{g_head}")
+    g_cell = lambda v, ref: f"{v:10.3f}{v / ref:8.3f}" if graphs else ""  # noqa: E731
+    print(f"{'bare quantized layer':22}{bare:9.3f}{1:9.2f}{g_cell(bare_g, bare_g) if graphs else ''}")
+    print(f"{'dense bf16 (cuBLAS)' if dev == 'cuda' else 'dense (torch)':22}{dense:9.3f}{dense / bare:9.2f}"
+          f"{g_cell(dense_g, bare_g) if graphs else ''}")
     print()
     print(f"{'method':10}{'pool':>5}{'rep':>4}{'rank':>6}{'params':>10}{'fused ms':>10}{'x bare':>8}"
-          f"{'unfused ms':>12}{'x bare':>8}")
+          f"{'unfused ms':>12}{'x bare':>8}" + (f"{'fused graph ms':>16}{'x bare':>8}{'unfused graph':>15}{'x bare':>8}" if graphs else ""))
     for r in rows:
-        print(f"{r['method']:10}{r['pool']:5d}{r['repeat']:4d}{r['rank']:6d}{r['params']:10d}"
-              f"{r['fused_ms']:10.3f}{r['fused_x']:8.3f}{r['unfused_ms']:12.3f}{r['unfused_x']:8.3f}")
+        line = (f"{r['method']:10}{r['pool']:5d}{r['repeat']:4d}{r['rank']:6d}{r['params']:10d}"
+                f"{r['fused_ms']:10.3f}{r['fused_x']:8.3f}{r['unfused_ms']:12.3f}{r['unfused_x']:8.3f}")
+        if graphs:
+            line += (f"{r['fused_graph_ms']:16.3f}{r['fused_graph_x']:8.3f}{r['unfused_graph_ms']:15.3f}"
+                     f"{r['unfused_graph_x']:8.3f}")
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
-                       "args": vars(args), "bare_ms": bare, "dense_ms": dense, "rows": rows}, f, indent=2)
+                       "args": vars(args), "bare_ms": bare, "dense_ms": dense, "bare_graph_ms": bare_g,
+                       "dense_graph_ms": dense_g, "rows": rows}, f, indent=2)
 
     if args.profile:
         ad = AdaptedLinear(QLinear(qt), AdapterConfig(method="lora", rank=args.rank))

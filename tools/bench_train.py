@@ -1,24 +1,38 @@
 #!/usr/bin/env python
-"""Fine-tuning speed and GPU memory: lowtune resident, lowtune streamed under a budget, and the
+"""Fine-tuning speed and GPU memory: lowtune resident, lowtune streamed under budgets, and the
 PEFT + bitsandbytes QLoRA peer, on the same Llama shapes, weights, data and seed, in one run.
 
     PYTHONPATH=python python tools/bench_train.py --out runs/bench_train          # H100/H200
+    PYTHONPATH=python python tools/bench_train.py --model llama32-1b \
+        --runs resident-eager,resident,streamed:3GiB,streamed:2GiB,qlora --out runs/train_1b
     PYTHONPATH=python python tools/bench_train.py --model tiny --device cpu --runs resident,streamed --steps 3
 
-Model: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000), random Gaussian weights
-(std 0.02) quantized by lowtune to Q4_K. Quantizing 6.7B weights on the CPU would take longer
-than the benchmark itself, so `--unique-layers` distinct layers are quantized and repeated
-cyclically (each layer still holds its own copy of the bytes, which is what streaming moves).
-The peer gets the very same weights: lowtune's Q4_K blocks dequantized to bf16, then quantized
-by bitsandbytes to NF4 with double quantization, in transformers' LlamaForCausalLM (SDPA
-attention, gradient checkpointing, prepare_model_for_kbit_training), LoRA from PEFT.
+Models: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000) and Llama-3.2-1B shapes
+(16 layers, 2048 wide, GQA 32/8, FFN 8192, vocab 128256, tied embeddings), random Gaussian
+weights (std 0.02) quantized by lowtune to Q4_K. Quantizing billions of weights on the CPU would
+take longer than the benchmark itself, so `--unique-layers` distinct layers are quantized and
+repeated cyclically (each layer still holds its own copy of the bytes, which is what streaming
+moves); --weights-cache keeps them on disk for the next run. The peer gets the very same weights:
+lowtune's Q4_K blocks dequantized to bf16, then quantized by bitsandbytes to NF4 with double
+quantization, in transformers' LlamaForCausalLM (SDPA attention, gradient checkpointing,
+prepare_model_for_kbit_training), LoRA from PEFT.
 
-Training: LoRA r=16, alpha 16 on all seven linears of every layer, AdamW lr 1e-4 (no warmup),
-batch 1 x seq 2048 of UTF-8 bytes of the bundled Botchan text as token ids (so the loss falls),
-bf16 autocast. Each run is its own process (clean memory statistics). Reported: tokens/s over
-steps 3..N (the first two warm up), peak `torch.cuda.max_memory_allocated`, the driver's peak of
-used GPU memory (NVML, sampled every 5 ms, minus the reading before the process touched the GPU),
-and the loss after N steps. One step's memory over time is sampled too and plotted (--out).
+Runs (--runs, comma-separated): resident (compiled as --compile says, CUDA graphs per
+--cuda-graphs), resident-eager (no compile, no graphs: the reference the losses are held to),
+resident-graphs (eager layers replayed from CUDA graphs, nothing compiled), streamed (at
+--max-vram) or streamed:<budget> (e.g. streamed:2GiB), qlora (the peer).
+
+Training: LoRA r=16, alpha 16 on all seven linears of every layer, AdamW lr 1e-4 (fused on CUDA,
+for every run), batch 1 x seq 2048 of UTF-8 bytes of the bundled Botchan text as token ids (so
+the loss falls), bf16 autocast. Each run is its own process (clean memory statistics). Reported:
+tokens/s over steps 3..N (the first two warm up: compilation and CUDA graph capture happen there)
+but the profiled one, peak `torch.cuda.max_memory_allocated`, the driver's peak of used GPU memory
+(NVML, sampled every 5 ms, minus the reading before the process touched the GPU), the losses of
+every step and their largest relative difference from resident-eager's, and from one profiled
+step (--profile-step): the GPU's busy time (the union of its kernels and copies) against the
+step's wall time, the host's operator calls and kernel/graph launches. The step's GPU floor is
+its model FLOPs at the bf16 matmul rate and its packed-weight bytes at the HBM bandwidth, both
+measured in the same invocation (the larger of the two); "of floor" is floor / step time.
 """
 from __future__ import annotations
 
@@ -38,9 +52,11 @@ import torch
 RUNS = ("resident", "streamed", "qlora")
 CONFIGS = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                      ffn_dim=11008, head_dim=128),
+                      ffn_dim=11008, head_dim=128, tied=False),
+    "llama32-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                       ffn_dim=8192, head_dim=64, tied=True),
     "tiny": dict(vocab_size=512, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
-                 head_dim=64),
+                 head_dim=64, tied=False),
 }
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -120,20 +136,38 @@ def token_batch(seq: int, batch: int, vocab: int, step: int) -> torch.Tensor:
     return ids.clamp_(max=vocab - 1).view(batch, seq)
 
 
-def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str):
-    """GGUF-named weights: matrices as QTensors (CPU), norms as fp32 tensors."""
+def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str, cache: str | None = None):
+    """GGUF-named weights: matrices as QTensors (CPU), norms as fp32 tensors. `cache`: a
+    directory where the quantized unique layers are kept for the next run (the same seed gives
+    the same bytes)."""
     import lowtune
-    g = torch.Generator(device=device).manual_seed(seed)
-    gen = lambda *shape: (torch.randn(*shape, generator=g, device=device) * 0.02).cpu()  # noqa: E731
     d, f, v = cfg["dim"], cfg["ffn_dim"], cfg["vocab_size"]
     q, kv = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"]
     shapes = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
               "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
-    w = {"token_embd.weight": lowtune.quantize(gen(v, d), qtype),
-         "output.weight": lowtune.quantize(gen(v, d), qtype),
-         "output_norm.weight": torch.ones(d)}
-    layers = [{n: lowtune.quantize(gen(*s), qtype) for n, s in shapes.items()}
-              for _ in range(min(unique, cfg["n_layers"]))]
+    n_unique = min(unique, cfg["n_layers"])
+    path = None
+    if cache:
+        tag = "-".join(str(cfg[k]) for k in ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "head_dim"))
+        path = Path(cache) / f"weights-{tag}-{int(cfg['tied'])}-{qtype}-{n_unique}-{seed}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        unpack = lambda t: lowtune.QTensor.from_raw(t[0], t[1], t[2])  # noqa: E731
+        top = {n: unpack(t) for n, t in saved["top"].items()}
+        layers = [{n: unpack(t) for n, t in layer.items()} for layer in saved["layers"]]
+    else:
+        g = torch.Generator(device=device).manual_seed(seed)
+        gen = lambda *shape: (torch.randn(*shape, generator=g, device=device) * 0.02).cpu()  # noqa: E731
+        top = {"token_embd.weight": lowtune.quantize(gen(v, d), qtype)}
+        if not cfg["tied"]:
+            top["output.weight"] = lowtune.quantize(gen(v, d), qtype)
+        layers = [{n: lowtune.quantize(gen(*s), qtype) for n, s in shapes.items()} for _ in range(n_unique)]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pack = lambda qt: (qt.raw, qt.type, qt.shape)  # noqa: E731
+            torch.save({"top": {n: pack(t) for n, t in top.items()},
+                        "layers": [{n: pack(t) for n, t in layer.items()} for layer in layers]}, path)
+    w = dict(top, **{"output_norm.weight": torch.ones(d)})
     for i in range(cfg["n_layers"]):
         src = layers[i % len(layers)]
         for n in shapes:
@@ -146,7 +180,8 @@ def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str):
 def lowtune_model(args, cfg, weights):
     from lowtune import adapters
     from lowtune.model import LlamaConfig, LlamaModel
-    c = LlamaConfig(**cfg, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
+    shape = {k: v for k, v in cfg.items() if k != "tied"}
+    c = LlamaConfig(**shape, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = LlamaModel(c, weights, dtype)
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank,
@@ -160,6 +195,16 @@ def hf_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def linear4bit(bnb, k: int, n: int):
+    """An empty NF4 linear: on the meta device (no initialisation of a weight that is replaced
+    at once), or on the CPU where this bitsandbytes version cannot."""
+    kw = dict(bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    try:
+        return bnb.nn.Linear4bit(k, n, device="meta", **kw)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return bnb.nn.Linear4bit(k, n, device="cpu", **kw)
+
+
 def qlora_model(args, cfg, weights):
     """transformers Llama with the same weights, NF4 double-quantized linears, PEFT LoRA."""
     import bitsandbytes as bnb
@@ -171,14 +216,18 @@ def qlora_model(args, cfg, weights):
         vocab_size=cfg["vocab_size"], hidden_size=cfg["dim"], intermediate_size=cfg["ffn_dim"],
         num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
         num_key_value_heads=cfg["n_kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+        rope_theta=10000.0, tie_word_embeddings=cfg["tied"], head_dim=cfg["head_dim"],
+        attn_implementation="sdpa")
     deq = lambda name: lowtune.dequantize(weights[name].to("cuda"), torch.bfloat16)  # noqa: E731
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(hc)
     model.model.embed_tokens = torch.nn.Embedding.from_pretrained(deq("token_embd.weight"), freeze=True)
     model.lm_head = torch.nn.Linear(cfg["dim"], cfg["vocab_size"], bias=False, device="cuda",
                                     dtype=torch.bfloat16)
-    model.lm_head.weight.data.copy_(deq("output.weight"))
+    if cfg["tied"]:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        model.lm_head.weight.data.copy_(deq("output.weight"))
     model.model.norm.weight = torch.nn.Parameter(torch.ones(cfg["dim"], device="cuda", dtype=torch.bfloat16))
     names = dict(q_proj="attn_q", k_proj="attn_k", v_proj="attn_v", o_proj="attn_output",
                  gate_proj="ffn_gate", up_proj="ffn_up", down_proj="ffn_down")
@@ -190,8 +239,7 @@ def qlora_model(args, cfg, weights):
                 w = deq(f"blk.{i}.{ours}.weight")
                 if ours in ("attn_q", "attn_k"):
                     w = hf_rows(w, cfg["n_heads"] if ours == "attn_q" else cfg["n_kv_heads"])
-                lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16,
-                                        compress_statistics=True, quant_type="nf4", device="cpu")
+                lin = linear4bit(bnb, w.shape[1], w.shape[0])
                 lin.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
                                                quant_type="nf4")
                 setattr(parent, hf, lin.to("cuda"))  # bitsandbytes quantizes here
@@ -213,31 +261,114 @@ def qlora_model(args, cfg, weights):
 
 # ---- one run (in its own process) ------------------------------------------------------------------
 
+def parse_run(run: str, args) -> tuple[str, str | None]:
+    """'streamed:2GiB' -> ('streamed', '2GiB'); 'streamed' -> ('streamed', --max-vram)."""
+    kind, _, budget = run.partition(":")
+    if kind not in ("resident", "resident-eager", "resident-graphs", "streamed", "qlora"):
+        raise SystemExit(f"unknown run {run!r}: resident, resident-eager, resident-graphs, "
+                         "streamed[:budget], qlora")
+    return kind, (budget or args.max_vram) if kind == "streamed" else None
+
+
+def measure_peaks() -> dict:
+    """The GPU's bf16 matmul rate (8192^3, cuBLAS) and HBM bandwidth (a 2 GiB copy: read + write),
+    best of several timed repetitions."""
+    def best(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return min(times)
+
+    n = 8192
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm = best(lambda: torch.mm(x, y))
+    del x, y
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    cp = best(lambda: dst.copy_(src))
+    return {"bf16_flops": 2 * n ** 3 / mm, "hbm_bytes_per_s": 2 * src.numel() / cp,
+            "device": torch.cuda.get_device_name()}
+
+
+def step_work(cfg: dict, tokens: int, seq: int, rank: int, layer_bytes: int, head_bytes: int) -> dict:
+    """Model FLOPs and packed-weight bytes of one checkpointed training step: every frozen
+    matmul runs forward, again in the recomputation and once for the input gradient; attention
+    (causal) forward twice and backward (2.5x forward); the LM head forward and input gradient;
+    LoRA on the seven linears forward twice and four backward products."""
+    d, f, L = cfg["dim"], cfg["ffn_dim"], cfg["n_layers"]
+    q, kv = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"]
+    shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
+    base = sum(n * k for n, k in shapes) * 2 * tokens * 3
+    attention = 2 * tokens * seq * q * 4.5           # QK^T and PV over the causal half: 2*T*S*q
+    head = 4 * tokens * d * cfg["vocab_size"]
+    lora = sum(n + k for n, k in shapes) * 2 * tokens * rank * 4
+    return {"flops": L * (base + attention + lora) + head,
+            "bytes": 3 * layer_bytes + 2 * head_bytes}
+
+
+def profile_metrics(prof) -> dict:
+    """From one profiled step: GPU busy time (union of device activity), host operator calls,
+    kernel and CUDA-graph launches."""
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    names = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    return {"gpu_busy_ms": busy / 1e3, "device_events": len(spans),
+            "host_ops": sum(n.startswith(("aten::", "lowtune::")) for n in names),
+            "kernel_launches": sum(n in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                         "cuLaunchKernelEx") for n in names),
+            "graph_launches": sum(n in ("cudaGraphLaunch", "cuGraphLaunch") for n in names)}
+
+
 def run_one(args) -> dict:
     cfg = CONFIGS[args.model]
     dev = args.device
+    if args.run == "peaks":
+        return measure_peaks()
+    kind, budget = parse_run(args.run, args)
     driver = DriverMemory() if dev == "cuda" else None
     torch.manual_seed(args.seed)
     t_build = time.perf_counter()
-    weights = make_weights(cfg, args.qtype, args.unique_layers, args.seed, dev)
-    plan = None
-    if args.run == "qlora":
+    weights = make_weights(cfg, args.qtype, args.unique_layers, args.seed, dev, args.weights_cache)
+    plan = setup = None
+    layer_bytes = sum(t.nbytes for n, t in weights.items() if n.startswith("blk.") and hasattr(t, "raw"))
+    head_bytes = weights["token_embd.weight"].nbytes if cfg["tied"] else weights["output.weight"].nbytes
+    if kind == "qlora":
         model = qlora_model(args, cfg, weights)
         loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     else:
         model = lowtune_model(args, cfg, weights)
-        if args.run == "streamed":
+        if kind == "streamed":
             from lowtune.streaming import stream_model
             from lowtune.train_config import parse_size
-            plan = stream_model(model, dev, parse_size(args.max_vram), tokens=args.seq * args.batch)
+            plan = stream_model(model, dev, parse_size(budget), tokens=args.seq * args.batch)
             print(plan.summary(), flush=True)
         else:
             model.to(dev)
             model.gradient_checkpointing = True
+        mode = "off" if kind in ("resident-eager", "resident-graphs") else args.compile
+        graphs = kind != "resident-eager" and dev == "cuda" and args.cuda_graphs == "on"
+        if mode != "off" or graphs:
+            from lowtune.compile import compile_model
+            setup = compile_model(model, mode, cuda_graphs=graphs,
+                                  on_event=lambda line: print(f"{args.run}: {line}", flush=True))
         loss_fn = lambda ids: model.loss(ids)  # noqa: E731
     del weights
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=dev == "cuda")
     build_s = time.perf_counter() - t_build
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -245,7 +376,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         driver.start()
     model.train()
-    losses, times, trace = [], [], None
+    losses, times, trace, prof_out, untimed = [], [], None, None, set()
     for step in range(args.steps):
         ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
         t0 = time.perf_counter()
@@ -259,28 +390,47 @@ def run_one(args) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if dev == "cuda":
-            torch.cuda.synchronize()
+            losses.append(float(loss.detach()))
+            if dev == "cuda":
+                torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if ctx is not None:
+            untimed.add(step)  # a sampling thread or the profiler slows this step down
         if isinstance(ctx, AllocatedTrace):
             trace = ctx.samples
         elif ctx is not None:
-            print_profile(ctx, times[-1], dev)
+            prof_out = profile_metrics(ctx)
+            prof_out["wall_ms"] = times[-1] * 1e3
+            print_profile(ctx, prof_out, dev)
         print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
-    timed = times[2:] if len(times) > 2 else times
-    out = {"run": args.run, "model": args.model, "steps": args.steps, "seq": args.seq,
+        if step == 0 and setup is not None:
+            print(f"{args.run}: {setup.summary()}", flush=True)
+    timed = [t for i, t in enumerate(times) if i >= 2 and i not in untimed] or times
+    out = {"run": args.run, "kind": kind, "model": args.model, "steps": args.steps, "seq": args.seq,
            "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
            "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
            "step_ms_median": sorted(timed)[len(timed) // 2] * 1e3,
            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-           "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1)}
+           "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
+           "work": step_work(cfg, args.seq * args.batch, args.seq, args.rank, layer_bytes, head_bytes)}
+    if kind != "qlora":
+        out["compile"] = "off" if setup is None else setup.mode
+        out["cuda_graphs"] = bool(setup is not None and setup.graphs is not None)
+        if setup is not None:
+            out["compile_summary"] = setup.summary()
+            out["compile_s"] = setup.compile_s
+            if setup.graphs is not None:
+                out["graphs_captured"] = len(setup.graphs.graphs)
+                out["capture_s"] = setup.graphs.capture_s
+    if prof_out is not None:
+        out["profile"] = prof_out
     if dev == "cuda":
         out["max_allocated"] = torch.cuda.max_memory_allocated()
         out["max_reserved"] = torch.cuda.max_memory_reserved()
         out["driver_peak"] = driver.stop()
         out["trace"] = trace
     if plan is not None:
+        out["budget"] = budget
         out["plan"] = {k: v for k, v in plan.to_dict().items() if k != "estimate"}
         out["plan_total"] = plan.estimate.get("total")
         s = model.streamer
@@ -288,16 +438,15 @@ def run_one(args) -> dict:
     return out
 
 
-def print_profile(prof, step_s: float, dev: str) -> None:
+def print_profile(prof, metrics: dict, dev: str) -> None:
     """Where one step's time goes: GPU busy time against the step's wall time, top kernels and
     the number of operator calls (host dispatch)."""
     events = prof.key_averages()
     key = "device_time_total" if dev == "cuda" else "cpu_time_total"
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / 1e6 if kernels else 0.0
-    ops = sum(e.count for e in events if e.key.startswith("aten::"))
-    print(f"profile: step {step_s * 1e3:.0f} ms wall, GPU kernels busy {busy * 1e3:.0f} ms "
-          f"({len(kernels)} kernel launches), {ops} aten operator calls", flush=True)
+    m = metrics
+    print(f"profile: step {m['wall_ms']:.0f} ms wall, GPU busy {m['gpu_busy_ms']:.0f} ms "
+          f"({m['device_events']} kernels and copies), {m['host_ops']} host operator calls, "
+          f"{m['kernel_launches']} kernel launches, {m['graph_launches']} CUDA graph launches", flush=True)
     print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
     print(events.table(sort_by="count", row_limit=20, max_name_column_width=60), flush=True)
 
@@ -316,26 +465,65 @@ def gib(b):
     return "—" if b is None else f"{b / 2**30:.2f}"
 
 
+def label(run: str) -> str:
+    kind, _, budget = run.partition(":")
+    return {"resident": "lowtune, resident", "resident-eager": "lowtune, resident, eager",
+            "resident-graphs": "lowtune, resident, CUDA graphs of eager layers",
+            "streamed": f"lowtune, --max-vram {budget}" if budget else "lowtune, streamed",
+            "qlora": "PEFT + bitsandbytes QLoRA (NF4, double quant)"}.get(kind, run)
+
+
+def loss_gap(r: dict, ref: dict | None) -> float | None:
+    """Largest relative difference of r's per-step losses from ref's."""
+    if ref is None or "error" in ref or len(ref["losses"]) != len(r["losses"]):
+        return None
+    return max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
+
+
+def analyse(results: list[dict], peaks: dict | None) -> None:
+    """Adds to each run: its GPU floor (model FLOPs at the measured matmul rate, or its bytes
+    at the measured bandwidth, whichever is larger), the floor's share of its step, and its
+    losses' largest relative difference from resident-eager's."""
+    ref = next((r for r in results if r.get("run") == "resident-eager" and "error" not in r), None)
+    for r in results:
+        if "error" in r or "skipped" in r:
+            continue
+        r["loss_gap_vs_eager"] = loss_gap(r, ref)
+        if peaks and "work" in r:
+            floor = max(r["work"]["flops"] / peaks["bf16_flops"], r["work"]["bytes"] / peaks["hbm_bytes_per_s"])
+            r["floor_ms"] = floor * 1e3
+            r["floor_fraction"] = floor * 1e3 / r["step_ms_median"]
+
+
 def report(results: list[dict], args) -> str:
+    ok = lambda r: r is not None and "error" not in r and "skipped" not in r  # noqa: E731
     base = next((r for r in results if r["run"] == "qlora"), None)
     res = next((r for r in results if r["run"] == "resident"), None)
-    lines = ["| run | tokens/s | × QLoRA | × resident | peak allocated GiB | driver peak GiB | "
-             f"loss step 1 | loss step {args.steps} |", "|---|---|---|---|---|---|---|---|"]
-    names = {"resident": "lowtune, fully resident", "streamed": f"lowtune, --max-vram {args.max_vram}",
-             "qlora": "PEFT + bitsandbytes QLoRA (NF4, double quant)"}
+    lines = ["| run | tokens/s | × QLoRA | × resident | step ms | of GPU floor | GPU busy / wall "
+             "(profiled step) | host ops | launches (graphs) | peak allocated GiB | driver peak GiB "
+             f"| loss step {args.steps} | loss Δ vs eager |", "|---|" + "---|" * 12]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {names[r['run']]} | failed: {r['error'][:120]} | | | | | | |")
+        if not ok(r):
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {label(r['run'])} | {why[:120]} |" + " |" * 11)
             continue
-        x_q = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and "error" not in base else "—"
-        x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if res and "error" not in res else "—"
-        lines.append(f"| {names[r['run']]} | {r['tokens_per_s']:.0f} | {x_q} | {x_r} | "
+        x_q = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok(base) else "—"
+        x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if ok(res) else "—"
+        pr = r.get("profile")
+        busy = f"{pr['gpu_busy_ms']:.0f} / {pr['wall_ms']:.0f} ms" if pr else "—"
+        ops = f"{pr['host_ops']}" if pr else "—"
+        launches = f"{pr['kernel_launches']} ({pr['graph_launches']})" if pr else "—"
+        floor = f"{r['floor_fraction'] * 100:.0f}%" if "floor_fraction" in r else "—"
+        gap = r.get("loss_gap_vs_eager")
+        gap = "—" if gap is None else f"{gap * 100:.2f}%"
+        lines.append(f"| {label(r['run'])} | {r['tokens_per_s']:.0f} | {x_q} | {x_r} | "
+                     f"{r['step_ms_median']:.0f} | {floor} | {busy} | {ops} | {launches} | "
                      f"{gib(r.get('max_allocated'))} | {gib(r.get('driver_peak'))} | "
-                     f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |")
+                     f"{r['loss_last']:.4f} | {gap} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -350,7 +538,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot([v * 1e3 for v in t], [v / 2**30 for v in m], lw=1.2, label=r["run"])
     ax.set_xlabel("time in one training step (ms)")
     ax.set_ylabel("torch.cuda.memory_allocated (GiB)")
-    ax.set_title("GPU memory over one step (Llama-2-7B shapes, Q4_K, seq 2048, r=16)")
+    ax.set_title(f"GPU memory over one step ({title})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -361,7 +549,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(CONFIGS), default="llama2-7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help="comma-separated: resident, resident-eager, resident-graphs, streamed[:budget], qlora")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
@@ -370,6 +559,15 @@ def main(argv=None) -> int:
     ap.add_argument("--qtype", default="Q4_K")
     ap.add_argument("--max-vram", default="3GiB")
     ap.add_argument("--unique-layers", type=int, default=4)
+    ap.add_argument("--weights-cache", help="directory keeping the quantized weights between runs")
+    ap.add_argument("--compile", choices=("off", "layer", "model"), default="layer",
+                    help="lowtune runs but resident-eager: lowtune.compile mode")
+    ap.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                    help="lowtune runs but resident-eager, on CUDA: replay layers from CUDA graphs")
+    ap.add_argument("--deadline", type=float, help="seconds for the whole invocation: later runs "
+                    "get what is left, and are skipped when under --min-run seconds remain")
+    ap.add_argument("--min-run", type=float, default=45.0)
+    ap.add_argument("--peaks", help="JSON file of measured peaks: read when it exists, else measured and written")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace-step", type=int, default=5, help="step (0-based) whose memory is traced")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
@@ -394,9 +592,13 @@ def main(argv=None) -> int:
             f"{args.model}, {args.qtype}, seq {args.seq} x batch {args.batch}, LoRA r={args.rank} on "
             f"all seven linears, {args.steps} steps")
     print(head, flush=True)
-    results = []
-    for run in args.runs.split(","):
-        tmp = Path(out or ".") / f"run-{run}.json"
+    results, peaks, started = [], None, time.perf_counter()
+
+    def launch(run: str) -> dict:
+        left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
+        if left is not None and left < args.min_run:
+            return {"run": run, "skipped": f"skipped: {left:.0f} s left of the time budget"}
+        tmp = Path(out or ".") / f"run-{run.replace(':', '-')}.json"
         cmd = [sys.executable, __file__, "--run", run, "--json-out", str(tmp)] + \
               [a for a in (argv if argv is not None else sys.argv[1:])]
         t0 = time.perf_counter()
@@ -404,21 +606,40 @@ def main(argv=None) -> int:
         if args.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
         try:
-            p = subprocess.run(cmd, timeout=args.timeout, env=env)
+            p = subprocess.run(cmd, timeout=min(args.timeout, left or args.timeout), env=env)
             if p.returncode != 0:
                 raise RuntimeError(f"exit {p.returncode}")
-            results.append(json.loads(tmp.read_text()))
+            return json.loads(tmp.read_text())
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            results.append({"run": run, "error": str(e)})
-        print(f"== {run}: {time.perf_counter() - t0:.0f} s", flush=True)
+            return {"run": run, "error": f"failed: {e}"}
+        finally:
+            print(f"== {run}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    if args.device == "cuda" and args.peaks and Path(args.peaks).exists():
+        peaks = json.loads(Path(args.peaks).read_text())
+    elif args.device == "cuda":
+        peaks = launch("peaks")
+        if "error" in peaks or "skipped" in peaks:
+            peaks = None
+        else:
+            if args.peaks:
+                Path(args.peaks).write_text(json.dumps(peaks))
+            print(f"peaks: bf16 matmul {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, HBM "
+                  f"{peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    for run in args.runs.split(","):
+        parse_run(run, args)
+        results.append(launch(run))
+    analyse(results, peaks)
     table = report(results, args)
+    if peaks:
+        head += (f"; measured peaks: bf16 matmul {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, "
+                 f"HBM {peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print("\n" + head + "\n\n" + table)
     if out:
-        (out / "results.json").write_text(json.dumps({"header": head, "results": results}, indent=1))
+        (out / "results.json").write_text(json.dumps({"header": head, "peaks": peaks, "results": results}, indent=1))
         (out / "table.md").write_text(head + "\n\n" + table + "\n")
-        plot(results, out / "memory.png")
+        plot(results, out / "memory.png", f"{args.model} shapes, {args.qtype}, seq {args.seq}, r={args.rank}")
     return 0 if all("error" not in r for r in results) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -174,6 +174,7 @@ def _limited(fn, path: str, limit: float, prefix: str = "") -> str:
 def _load_everything(path: str) -> str:
     import torch
     from lowtune.gguf_io import GGUFError, GGUFFile
+    from lowtune.ops import dequantize
     from lowtune.qtensor import QTensor
     from lowtune.tokenizer import load_tokenizer
 
@@ -185,7 +186,7 @@ def _load_everything(path: str) -> str:
                 except GGUFError:
                     continue
                 if isinstance(t, QTensor) and t.nbytes <= (1 << 20):
-                    t.dequantize(torch.float32)
+                    dequantize(t, torch.float32)
                 elif isinstance(t, torch.Tensor):
                     t.sum()
             if "tokenizer.ggml.model" in f.metadata:

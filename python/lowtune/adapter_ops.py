@@ -1,12 +1,19 @@
 """The dispatch point for the fused adapter kernels (csrc/adapter_kernels.h).
 
 Like lowtune.ops: checks dtype, device, contiguity and shape (a bad one is a ValueError naming
-the tensor), picks the CPU or CUDA kernel, passes raw pointers and torch's current stream, and
-wraps the pair in autograd Functions.
+the tensor), then calls a PyTorch custom op (namespace lowtune) that picks the CPU or CUDA
+kernel and passes raw pointers and torch's current stream. Each op has a fake implementation and
+an autograd formula (itself a custom op), so torch.compile traces through and CUDA graphs capture.
+In eager mode the same functions run without the dispatcher, as in lowtune.ops.
 
     AdapterGeometry(k, n, pool, repeat, rank, has_b, scale)      one adapter's shape and scale
     adapted_qmatmul(x, qt, A, B, geom)      -> x·deq(W)ᵀ + adapter(x)   (base and adapter fused)
-    adapter_accumulate(y, x, A, B, geom)    -> y + adapter(x), in place  (y from any base layer)
+    adapter_accumulate(y, x, A, B, geom)    -> y + adapter(x), a new tensor (y from any base layer)
+
+    lowtune::adapted_qmatmul(x, xa?, A, B?, raw, type_id, k, n, pool, repeat, rank, has_b, scale,
+        grad_from) -> (y, xs, u)           backward: lowtune::adapted_qmatmul_backward
+    lowtune::adapter_accumulate(y, xa, A, B?, k, n, pool, repeat, rank, has_b, scale, grad_from,
+        pooled) -> (y', xs, u)             backward: lowtune::adapter_backward
 
     adapter(x) = scale · expand_q(pool_p(x) · A[:rank]ᵀ · B[:, :rank]ᵀ)      (has_b)
                = scale · expand_q(pool_p(x) · Aᵀ)                             (single matrix: A is M)
@@ -16,10 +23,10 @@ may be any float dtype; the kernels read them as fp32 and the gradients come bac
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from . import _C
 from . import ops
@@ -94,7 +101,11 @@ def _check_act(t: torch.Tensor, name: str, last: int) -> None:
 
 
 def _f32(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    # called below autograd (inside an op, or an autograd.Function's forward/backward): fp32
+    # contiguous weights, the usual case, pass through without an operator call
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _geom_args(geom: AdapterGeometry, m: int, A32, B32, k: int | None = None, pool: int | None = None):
@@ -236,65 +247,200 @@ def _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool):
     return dA, dB
 
 
-def _adapter_input_geom(geom: AdapterGeometry, xa: torch.Tensor | None):
-    """(k, pool) the kernels see: the full input pooled by p, or an already pooled (and dropped
-    out) adapter input of width k/p that needs no further pooling."""
-    return (geom.k, geom.pool) if xa is None else (geom.k_pooled, 1)
+# ---- the custom ops ------------------------------------------------------------------------------
+# Geometry travels as ints (k, n, pool, repeat, rank, has_b, scale, grad_from): the kernels'
+# AdapterGeometry rebuilt inside the op. The adapter input is x pooled by `pool`, or (separate /
+# pooled) an already pooled input [M, k/pool], e.g. with dropout applied. Auxiliary outputs the
+# backward needs: xs, the pooled adapter input (empty when it is the input itself), and u, the
+# first product [M, rank] (empty for a single matrix). The ops trust their arguments: the public
+# functions below validate.
+
+def _kernel_input(geom: AdapterGeometry, pooled: bool) -> tuple[int, int]:
+    """(k, pool) the kernels see: the full input pooled by p, or an already pooled input of
+    width k/p that needs no further pooling."""
+    return (geom.k_pooled, 1) if pooled else (geom.k, geom.pool)
 
 
-class _AdaptedQMatmul(torch.autograd.Function):
-    """y = x·deq(W)ᵀ + adapter(x): the adapter accumulates into the frozen matmul's output and,
-    in backward, into its input gradient. Saves the pooled adapter input, u and the weights."""
+def _u_dtype(x: Tensor, has_b: bool) -> torch.dtype:
+    # the fused kernels keep u in fp32; the cuBLAS path in the activation dtype
+    return x.dtype if has_b and _use_cublas(x) else torch.float32
 
-    @staticmethod
-    def forward(ctx, x2, xa, A, B, qt, geom):
-        A32, B32 = _f32(A), _f32(B)
-        y = ops.qmatmul(x2, qt)
-        k, pool = _adapter_input_geom(geom, xa)
-        u, xs = _launch_forward(x2 if xa is None else xa, A32, B32, geom, y, pool)
-        ctx.save_for_backward(xs, u, A, B)
-        ctx.qt, ctx.geom, ctx.k, ctx.pool, ctx.separate = qt, geom, k, pool, xa is not None
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
+def _aux_outputs(x2: Tensor, ain: Tensor, u, xs, has_b: bool):
+    """(xs, u) as op outputs: never an alias of an input (an op output may not be one)."""
+    xs = xs if xs is not None and xs is not ain else x2.new_empty((0,))
+    u = u if u is not None else x2.new_empty((0,), dtype=torch.float32)
+    return xs, u
+
+
+def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
+    m = x2.shape[0]
+    xs = x2.new_empty((m, geom.k_pooled)) if geom.pool > 1 and not pooled else x2.new_empty((0,))
+    u = x2.new_empty((m, geom.rank) if geom.has_b else (0,), dtype=_u_dtype(x2, geom.has_b))
+    return xs, u
+
+
+def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
+                       type_id: int, k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool,
+                       scale: float, grad_from: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xs, u): y [M, n] = x [M, k]·deq(W)ᵀ + adapter(xa if given else x), the adapter
+    accumulated into the frozen matmul's output."""
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    y = ops._forward_kernel(x, raw, type_id, n, k)
+    ain = x if xa is None else xa
+    kk, pp = _kernel_input(geom, xa is not None)
+    u, xs = _launch_forward(ain, _f32(A), _f32(B), geom, y, pp)
+    return (y, *_aux_outputs(x, ain, u, xs, has_b))
+
+
+adapted_qmatmul_op = torch.library.custom_op("lowtune::adapted_qmatmul", _adapted_qmatmul, mutates_args=())
+
+
+@adapted_qmatmul_op.register_fake
+def _(x, xa, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from):
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    return (x.new_empty((x.shape[0], n)), *_fake_aux(x, geom, xa is not None))
+
+
+def _adapted_qmatmul_backward(
+        dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | None, raw: Tensor, type_id: int,
+        k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool, scale: float,
+        grad_from: int, separate: bool, need_dx: bool, need_dxa: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dxa, dA, dB) of adapted_qmatmul. xs is the pooled adapter input [M, k/pool]. dx =
+    dy·deq(W) plus (unless separate) the adapter's share; dxa (separate only) the adapter
+    input's gradient. Unrequested or absent ones are empty."""
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    dy, m = dy.contiguous(), dy.shape[0]
+    dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
+    dxa = None
+    if separate:
+        if need_dxa:
+            dxa = torch.zeros((m, geom.k_pooled), dtype=dy.dtype, device=dy.device)
+        target = dxa
+    else:
+        target = dx  # the adapter's share accumulates into the frozen layer's input gradient
+    kk, pp = _kernel_input(geom, separate)
+    dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, target, kk, pp)
+    empty = dy.new_empty((0,))
+    return (dx if dx is not None else empty, dxa if dxa is not None else dy.new_empty((0,)),
+            dA, dB if dB is not None else A.new_empty((0,)))
+
+
+adapted_qmatmul_backward_op = torch.library.custom_op("lowtune::adapted_qmatmul_backward",
+                                                      _adapted_qmatmul_backward, mutates_args=())
+
+
+@adapted_qmatmul_backward_op.register_fake
+def _(dy, xs, u, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from, separate,
+      need_dx, need_dxa):
+    m = dy.shape[0]
+    dx = dy.new_empty((m, k)) if need_dx else dy.new_empty((0,))
+    dxa = dy.new_empty((m, k // pool)) if separate and need_dxa else dy.new_empty((0,))
+    return dx, dxa, A.new_empty(A.shape), B.new_empty(B.shape) if has_b else A.new_empty((0,))
+
+
+def _adapted_setup(ctx, inputs, output):
+    x, xa, A, B, raw, type_id, k, n, pool, repeat, rank, has_b, scale, grad_from = inputs
+    _, xs, u = output
+    ctx.mark_non_differentiable(xs, u)
+    ctx.set_materialize_grads(False)  # xs and u get no gradient: no zeros made for them
+    pooled_input = xs if pool > 1 and xa is None else (x if xa is None else xa)
+    ctx.save_for_backward(pooled_input, u, A, B, raw)
+    ctx.args = (type_id, k, n, pool, repeat, rank, has_b, scale, grad_from, xa is not None)
+
+
+def _adapted_backward(backward_fn):
+    """adapted_qmatmul's backward formula, computed by `backward_fn` (the backward op when
+    traced, its kernel function in eager mode)."""
+    def backward(ctx, dy, _dxs, _du):
+        xs, u, A, B, raw = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        has_b = ctx.args[6]
+        dx, dxa, dA, dB = backward_fn(dy.contiguous(), xs, u, A, B, raw, *ctx.args, need[0], need[1])
+        return (dx if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
+                dB if has_b and need[3] else None) + (None,) * 10
+    return backward
+
+
+adapted_qmatmul_op.register_autograd(_adapted_backward(adapted_qmatmul_backward_op), setup_context=_adapted_setup)
+
+
+# the eager twin of the op's autograd (see lowtune.ops._eager_twin)
+_AdaptedQMatmul = ops._eager_twin(_adapted_qmatmul, _adapted_setup, _adapted_backward(_adapted_qmatmul_backward),
+                                  "_AdaptedQMatmul")
+
+
+def _adapter_accumulate(y: Tensor, xa: Tensor, A: Tensor, B: Tensor | None, k: int, n: int,
+                          pool: int, repeat: int, rank: int, has_b: bool, scale: float,
+                          grad_from: int, pooled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y + adapter(xa), xs, u) for y [M, n] from any base layer. xa is the layer input [M, k],
+    or (pooled) the already pooled adapter input [M, k/pool]."""
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    out = y.clone(memory_format=torch.contiguous_format)
+    kk, pp = _kernel_input(geom, pooled)
+    u, xs = _launch_forward(xa, _f32(A), _f32(B), geom, out, pp)
+    return (out, *_aux_outputs(xa, xa, u, xs, has_b))
+
+
+adapter_accumulate_op = torch.library.custom_op("lowtune::adapter_accumulate", _adapter_accumulate, mutates_args=())
+
+
+@adapter_accumulate_op.register_fake
+def _(y, xa, A, B, k, n, pool, repeat, rank, has_b, scale, grad_from, pooled):
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    return (torch.empty_like(y, memory_format=torch.contiguous_format), *_fake_aux(xa, geom, pooled))
+
+
+def _adapter_backward(dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | None, k: int,
+                        n: int, pool: int, repeat: int, rank: int, has_b: bool, scale: float,
+                        grad_from: int, pooled: bool, need_dxa: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dxa, dA, dB) of adapter_accumulate; xs is the pooled adapter input [M, k/pool]."""
+    geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    dy = dy.contiguous()
+    kk, pp = _kernel_input(geom, pooled)
+    dxa = torch.zeros((dy.shape[0], kk), dtype=dy.dtype, device=dy.device) if need_dxa else None
+    dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, dxa, kk, pp)
+    return (dxa if dxa is not None else dy.new_empty((0,)), dA,
+            dB if dB is not None else A.new_empty((0,)))
+
+
+adapter_backward_op = torch.library.custom_op("lowtune::adapter_backward", _adapter_backward, mutates_args=())
+
+
+@adapter_backward_op.register_fake
+def _(dy, xs, u, A, B, k, n, pool, repeat, rank, has_b, scale, grad_from, pooled, need_dxa):
+    kk = k // pool if pooled else k
+    dxa = dy.new_empty((dy.shape[0], kk)) if need_dxa else dy.new_empty((0,))
+    return dxa, A.new_empty(A.shape), B.new_empty(B.shape) if has_b else A.new_empty((0,))
+
+
+def _accumulate_setup(ctx, inputs, output):
+    y, xa, A, B, k, n, pool, repeat, rank, has_b, scale, grad_from, pooled = inputs
+    _, xs, u = output
+    ctx.mark_non_differentiable(xs, u)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(xs if pool > 1 and not pooled else xa, u, A, B)
+    ctx.args = (k, n, pool, repeat, rank, has_b, scale, grad_from, pooled)
+
+
+def _accumulate_backward(backward_fn):
+    def backward(ctx, dy, _dxs, _du):
         xs, u, A, B = ctx.saved_tensors
-        geom = ctx.geom
-        dy2 = dy.contiguous()
-        dx = ops.qmatmul_input_grad(dy2, ctx.qt) if ctx.needs_input_grad[0] else None
-        dxa = None
-        if ctx.separate:
-            if ctx.needs_input_grad[1]:
-                dxa = torch.zeros((dy2.shape[0], geom.k_pooled), dtype=dy2.dtype, device=dy2.device)
-            target = dxa
-        else:
-            target = dx  # the adapter's share accumulates into the frozen layer's input gradient
-        dA, dB = _launch_backward(dy2, xs, A, B, _f32(A), _f32(B), u, geom, target, ctx.k, ctx.pool)
-        return dx, dxa, dA, dB, None, None
+        need = ctx.needs_input_grad
+        dxa, dA, dB = backward_fn(dy.contiguous(), xs, u, A, B, *ctx.args, need[1])
+        return (dy if need[0] else None, dxa if need[1] else None, dA if need[2] else None,
+                dB if ctx.args[5] and need[3] else None) + (None,) * 9
+    return backward
 
 
-class _AdapterAccumulate(torch.autograd.Function):
-    """y (any base layer's output) += adapter(xa), in place."""
+adapter_accumulate_op.register_autograd(_accumulate_backward(adapter_backward_op), setup_context=_accumulate_setup)
 
-    @staticmethod
-    def forward(ctx, y2, xa, A, B, geom, k, pool):
-        A32, B32 = _f32(A), _f32(B)
-        u, xs = _launch_forward(xa, A32, B32, geom, y2, pool)
-        ctx.mark_dirty(y2)
-        ctx.save_for_backward(xs, u, A, B)
-        ctx.geom, ctx.k, ctx.pool = geom, k, pool
-        return y2
 
-    @staticmethod
-    def backward(ctx, dy):
-        xs, u, A, B = ctx.saved_tensors
-        dy2 = dy.contiguous()
-        dxa = None
-        if ctx.needs_input_grad[1]:
-            dxa = torch.zeros((dy2.shape[0], ctx.k), dtype=dy2.dtype, device=dy2.device)
-        dA, dB = _launch_backward(dy2, xs, A, B, _f32(A), _f32(B), u, ctx.geom, dxa, ctx.k, ctx.pool)
-        return dy, dxa, dA, dB, None, None, None
+_AdapterAccumulate = ops._eager_twin(_adapter_accumulate, _accumulate_setup, _accumulate_backward(_adapter_backward),
+                                     "_AdapterAccumulate")
 
+
+# ---- the public functions ------------------------------------------------------------------------
 
 def _prepare(x: torch.Tensor, A, B, geom: AdapterGeometry, xa):
     _check_act(x, "x", geom.k)
@@ -311,6 +457,20 @@ def _prepare(x: torch.Tensor, A, B, geom: AdapterGeometry, xa):
     return x.reshape(-1, geom.k), xa2
 
 
+def _call(op, function, kernel, tensors: tuple, *args):
+    """As lowtune.ops._call: the custom op while tracing, else the eager autograd twin, or the
+    kernel function when none of `tensors` needs a gradient."""
+    if type(tensors[0]) is not Tensor or torch.compiler.is_compiling():
+        return op(*tensors, *args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return function.apply(*tensors, *args)
+    return kernel(*tensors, *args)
+
+
+def _geom_ints(geom: AdapterGeometry) -> tuple:
+    return (geom.k, geom.n, geom.pool, geom.repeat, geom.rank, geom.has_b, float(geom.scale), geom.grad_from)
+
+
 def adapted_qmatmul(x: torch.Tensor, qt: QTensor, A: torch.Tensor, B: torch.Tensor | None,
                     geom: AdapterGeometry, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
     """Y[..., N] = X[..., K]·deq(W)ᵀ + adapter(X), differentiable w.r.t. x, A, B (and
@@ -321,28 +481,31 @@ def adapted_qmatmul(x: torch.Tensor, qt: QTensor, A: torch.Tensor, B: torch.Tens
         raise ValueError(f"weight has shape {qt.shape} but the adapter expects ({geom.n}, {geom.k})")
     if x.device != qt.device:
         raise ValueError(f"x is on {x.device} but the weight is on {qt.device}; move one of them")
+    if not qt.format.quantized:  # a float base is a plain matmul: the adapter adds to its output
+        return adapter_accumulate(ops.qmatmul(x, qt), x, A, B, geom, adapter_input)
     x2, xa2 = _prepare(x, A, B, geom, adapter_input)
-    y = _AdaptedQMatmul.apply(x2, xa2, A, B, qt, geom)
+    y, _, _ = _call(adapted_qmatmul_op, _AdaptedQMatmul, _adapted_qmatmul, (x2, xa2, A, B),
+                    qt.raw, qt.format.type_id, *_geom_ints(geom))
     return y.reshape(*x.shape[:-1], geom.n)
 
 
 def adapter_accumulate(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None,
                        geom: AdapterGeometry, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
-    """y + adapter(x), written into y (which must be contiguous, of x's dtype, [..., N])."""
+    """y + adapter(x) as a new tensor, for y [..., N] (of x's dtype, device and leading shape)
+    from any base layer."""
     _check_act(y, "y", geom.n)
     x2, xa2 = _prepare(x, A, B, geom, adapter_input)
-    if y.dtype != x.dtype or y.device != x.device or y.shape[:-1] != x.shape[:-1] or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous and match x in dtype, device and leading shape, got "
+    if y.dtype != x.dtype or y.device != x.device or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"y must match x in dtype, device and leading shape, got "
                          f"{y.dtype} {y.device} {tuple(y.shape)}")
-    k, pool = _adapter_input_geom(geom, adapter_input)
     xa = x2 if xa2 is None else xa2
-    y2 = _AdapterAccumulate.apply(y.reshape(-1, geom.n), xa, A, B, geom, k, pool)
-    return y2.reshape(y.shape)
+    out, _, _ = _call(adapter_accumulate_op, _AdapterAccumulate, _adapter_accumulate,
+                      (y.reshape(-1, geom.n), xa, A, B), *_geom_ints(geom), xa2 is not None)
+    return out.reshape(y.shape)
 
 
-@functools.lru_cache(maxsize=None)
-def _built_with_cuda() -> bool:
-    return bool(_C.build_info()["cuda"])
+# read once: a call into the extension inside a traced function would break the graph
+_BUILT_WITH_CUDA = bool(_C.build_info()["cuda"])
 
 
 def kernels_support(x: torch.Tensor) -> bool:
@@ -350,7 +513,7 @@ def kernels_support(x: torch.Tensor) -> bool:
     if x.dtype not in ACT_DTYPES:
         return False
     if x.device.type == "cuda":
-        return _built_with_cuda()
+        return _BUILT_WITH_CUDA
     return x.device.type == "cpu"
 
 

@@ -200,12 +200,16 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head.
 
     GGUF's converter permutes q/k rows so that ggml's "NORM" rope (adjacent pairs) equals the
-    original model's rope; using GGUF rows as they are, we rotate adjacent pairs too. A pair is
-    one complex number, and rotating it by angle a is multiplying by e^{ia}.
-    x [B, H, T, hd]; rot [T, rope_dim/2] complex64 (e^{i·pos·freq}). Returned in x's dtype."""
-    d = rot.shape[-1] * 2
-    pairs = torch.view_as_complex(x[..., :d].float().unflatten(-1, (-1, 2)))
-    out = torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
+    original model's rope; using GGUF rows as they are, we rotate adjacent pairs too. Rotating a
+    pair (a, b) by angle θ is (a·cos θ - b·sin θ, b·cos θ + a·sin θ) (the complex product
+    (a + ib)·e^{iθ}), which is x·C + swap(x)·S with swap exchanging the two of each pair:
+    real arithmetic, which compilers fuse, and few operators for the eager path.
+    x [B, H, T, hd]; rot [2, T, rope_dim] float32: C = (cos θ_i, cos θ_i) and S = (-sin θ_i,
+    sin θ_i) for each pair i. Computed in fp32, returned in x's dtype."""
+    d = rot.shape[-1]
+    xr = x[..., :d].float()
+    swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
@@ -310,6 +314,7 @@ class LlamaModel(nn.Module):
         factors = weights.get("rope_freqs.weight")
         # float64 on the CPU, not a buffer, so that model.to(dtype) cannot round it
         self.rope_inv_freq = rope_inv_freq(config, factors)
+        self._rotation = None                # (key, tensor): the last rope_rotation on the device
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         self.streamer = None                 # a lowtune.streaming.LayerStreamer, when streaming
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
@@ -349,10 +354,21 @@ class LlamaModel(nn.Module):
         return ops.qmatmul(h.contiguous(), self.tok_embd.weight)
 
     def rope_rotation(self, start: int, t: int) -> torch.Tensor:
-        """[T, rope_dim/2] complex64 e^{i·pos·freq} for positions start..start+T."""
+        """apply_rope's table for positions start..start+T: [2, T, rope_dim] float32, the cosines
+        and the signed sines of pos·freq, on the CPU; the angles are computed in float64."""
         pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[:, None] * self.rope_inv_freq[None, :]
-        return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+        cos, sin = ang.cos(), ang.sin()
+        return torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1))).flatten(-2).float()
+
+    @torch.compiler.disable
+    def _rotation_on_device(self, start: int, t: int) -> torch.Tensor:
+        """rope_rotation(start, t) on the model's device. The last one is kept: a training step
+        would otherwise copy it host -> device every time, which waits for the GPU."""
+        key = (start, t, self.device)
+        if self._rotation is None or self._rotation[0] != key:
+            self._rotation = (key, self.rope_rotation(start, t).to(self.device))
+        return self._rotation[1]
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """ids [B, T] -> final normed hidden states [B, T, D] in the activation dtype.
@@ -361,7 +377,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
-        rot = self.rope_rotation(start, t).to(self.device)
+        rot = self._rotation_on_device(start, t)
         x = self.tok_embd(ids.to(self.device))
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
@@ -395,14 +411,20 @@ class LlamaModel(nn.Module):
         targets = labels[:, 1:].to(h.device).reshape(-1)
         h = h[:, :-1].reshape(-1, h.shape[-1])
         keep = targets != ignore_index
-        if not bool(keep.all()):
-            h, targets = h[keep], targets[keep]
-        total = chunked_cross_entropy(h, targets, self, self.loss_chunk_tokens)
-        if reduction == "sum":
-            return total
-        if reduction != "mean":
+        if h.device.type == "cpu" and not torch.compiler.is_compiling():
+            # no GPU queue to stall: unscored rows are dropped before the LM head
+            if not bool(keep.all()):
+                h, targets = h[keep], targets[keep]
+            count = max(targets.numel(), 1)
+        else:
+            # no host sync and no data-dependent shape (so the step compiles and captures):
+            # unscored rows (target -1) go through the head and are masked out
+            targets = torch.where(keep, targets, -1)
+            count = keep.sum().clamp(min=1)
+        if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        return total / max(targets.numel(), 1)
+        total = chunked_cross_entropy(h, targets, self, self.loss_chunk_tokens)
+        return total if reduction == "sum" else total / count
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -450,6 +472,7 @@ def _check_weights(config: LlamaConfig, w: Mapping[str, object]) -> None:
 def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: LlamaModel,
                           chunk: int = 1024) -> torch.Tensor:
     """Sum over rows of -log softmax(lm_head(h))[target]. h [N, D], targets [N] -> scalar fp32.
+    Rows with a negative target are not scored (they add nothing, and get no gradient).
 
     A plain packed head goes through _HeadCrossEntropy (gradient computed chunk by chunk in the
     forward, nothing of size V kept); a wrapped head (an adapter on `output`) is recomputed
@@ -460,8 +483,9 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: LlamaMo
         need_grad = torch.is_grad_enabled() and h.requires_grad
         return _HeadCrossEntropy.apply(h, targets, model.head_weight(), chunk, need_grad)
     total = h.new_zeros((), dtype=torch.float32)
+    targets = targets.clamp(min=-1)
     for s in range(0, h.shape[0], chunk):
-        part = lambda hc, tc: F.cross_entropy(model.lm_head(hc).float(), tc, reduction="sum")
+        part = lambda hc, tc: F.cross_entropy(model.lm_head(hc).float(), tc, reduction="sum", ignore_index=-1)
         total = total + checkpoint(part, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
     return total
 
@@ -476,13 +500,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk].contiguous(), targets[s:s + chunk]
+            scored, tc = tc >= 0, tc.clamp(min=0)
             logits = ops.qmatmul(hc, weight).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+            total += torch.where(scored, lse - logits.gather(1, tc[:, None])[:, 0], 0.0).sum()
             if need_grad:
                 p = torch.exp(logits.sub_(lse[:, None]))
-                p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
-                dh[s:s + chunk] = ops.qmatmul_input_grad(p.to(h.dtype), weight)
+                p.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                dhc = ops.qmatmul_input_grad(p.to(h.dtype), weight)
+                dh[s:s + chunk] = torch.where(scored[:, None], dhc, 0.0)
         ctx.save_for_backward(dh if need_grad else torch.empty(0))
         return total
 

@@ -1,19 +1,35 @@
 """The one dispatch point between PyTorch and the compiled kernels.
 
 Every function here checks its arguments (dtype, device, contiguity, shape, type) and raises
-ValueError naming the tensor and what was expected; then it picks the CPU or CUDA kernel and
-passes raw pointers (and, on CUDA, torch's current stream).
+ValueError naming the tensor and what was expected; then it calls the kernel through a PyTorch
+custom op, which picks the CPU or CUDA kernel and passes raw pointers (and, on CUDA, torch's
+current stream).
 
     quantize(w[N, K] float, type) -> QTensor
     dequantize(qt, dtype)         -> [N, K]
     qmatmul(x[..., K], qt)        -> [..., N] = x · deq(W)ᵀ     differentiable w.r.t. x
     qmatmul_input_grad(dy[M, N], qt) -> [M, K] = dy · deq(W)
+
+The custom ops (torch.ops.lowtune.*) take the raw uint8 blocks, the block type id and the shape
+ints, never a QTensor; each has a fake implementation (shapes and dtypes only) and an autograd
+formula, so torch.compile traces through them and CUDA graphs capture them:
+
+    lowtune::dequantize(raw, type_id, n, k, dtype) -> [n, k]
+    lowtune::qmatmul(x[M, k], raw, type_id, n, k) -> [M, n]             backward: qmatmul_input_grad
+    lowtune::qmatmul_input_grad(dy[M, n], raw, type_id, n, k) -> [M, k] backward: qmatmul
+
+The ops trust their arguments: only this module's functions validate. In eager mode (nothing
+traced) the public functions skip the dispatcher, whose host cost exceeds a small kernel's: a
+call that needs autograd goes through an autograd.Function twin of the op (the same context and
+backward formula, the kernels called directly), one that does not calls the kernel. Float
+weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor
 
 from . import _C
 from .formats import get_format
@@ -64,6 +80,131 @@ def _check_gpu(index: int) -> None:
                          f"cuda:{index} is {name} ({major}.{minor}): run on device='cpu' instead")
 
 
+# ---- kernels (pointers in, nothing checked: the public functions below validate) --------------
+
+def _dequantize_kernel(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    out = torch.empty((n, k), dtype=dtype, device=raw.device)
+    if n * k == 0:
+        return out
+    if raw.device.type == "cuda":
+        _C.cuda_dequantize(type_id, raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k, _stream(raw.device))
+    else:
+        _C.dequantize(type_id, raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k)
+    return out
+
+
+def _forward_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return y
+    x2 = x2.contiguous()
+    if x2.device.type == "cuda":
+        _C.cuda_qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
+    else:
+        _C.qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k)
+    return y
+
+
+def _input_grad_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    m = dy2.shape[0]
+    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0:
+        return dx.zero_()
+    dy2 = dy2.contiguous()
+    if dy2.device.type == "cuda":
+        _C.cuda_qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
+    else:
+        _C.qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k)
+    return dx
+
+
+# ---- the custom ops ------------------------------------------------------------------------------
+
+@torch.library.custom_op("lowtune::dequantize", mutates_args=())
+def dequantize_op(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """Blocks [n, row_bytes] of type `type_id` -> dense [n, k] in `dtype`."""
+    return _dequantize_kernel(raw, type_id, n, k, dtype)
+
+
+@dequantize_op.register_fake
+def _(raw, type_id, n, k, dtype):
+    return raw.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.custom_op("lowtune::qmatmul", mutates_args=())
+def qmatmul_op(x: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    """y [M, n] = x [M, k] · deq(W)ᵀ."""
+    return _forward_kernel(x, raw, type_id, n, k)
+
+
+@qmatmul_op.register_fake
+def _(x, raw, type_id, n, k):
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("lowtune::qmatmul_input_grad", mutates_args=())
+def qmatmul_input_grad_op(dy: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
+    """dx [M, k] = dy [M, n] · deq(W)."""
+    return _input_grad_kernel(dy, raw, type_id, n, k)
+
+
+@qmatmul_input_grad_op.register_fake
+def _(dy, raw, type_id, n, k):
+    return dy.new_empty((dy.shape[0], k))
+
+
+def _save_weight(ctx, inputs, output):
+    # The frozen matmul keeps no activation: only the packed weight (and its type and shape).
+    _, raw, type_id, n, k = inputs
+    ctx.save_for_backward(raw)
+    ctx.weight = (type_id, n, k)
+
+
+def _linear_backward(other):
+    """The backward of y = x·deq(W)ᵀ (or of dx = dy·deq(W)): the other product, `other`, applied
+    to the incoming gradient. Both are linear in their activation input."""
+    def backward(ctx, grad):
+        (raw,) = ctx.saved_tensors
+        g = other(grad.contiguous(), raw, *ctx.weight) if ctx.needs_input_grad[0] else None
+        return g, None, None, None, None
+    return backward
+
+
+qmatmul_op.register_autograd(_linear_backward(qmatmul_input_grad_op), setup_context=_save_weight)
+qmatmul_input_grad_op.register_autograd(_linear_backward(qmatmul_op), setup_context=_save_weight)
+
+
+def _eager_twin(kernel, setup, backward_formula, name: str):
+    """The eager twin of a custom op's autograd: the same context and formula, the kernels
+    called directly (the op's dispatch costs more host time than a small kernel, and the eager
+    CPU path must not get slower). forward takes ctx (a separate setup_context would make every
+    apply bind its arguments through inspect.signature)."""
+    def forward(ctx, *args):
+        out = kernel(*args)
+        setup(ctx, args, out)
+        return out
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_formula)})
+
+
+_QMatmul = _eager_twin(_forward_kernel, _save_weight, _linear_backward(_input_grad_kernel), "_QMatmul")
+_QMatmulInputGrad = _eager_twin(_input_grad_kernel, _save_weight, _linear_backward(_forward_kernel),
+                                "_QMatmulInputGrad")
+
+
+def _call(op, function, kernel, t: Tensor, needs_grad: bool, *args):
+    """One kernel call: through its custom op while tracing (or for tensor subclasses), else
+    through the eager autograd twin, or (no autograd needed) the kernel itself."""
+    if type(t) is not Tensor or torch.compiler.is_compiling():
+        return op(t, *args)
+    return function.apply(t, *args) if needs_grad else kernel(t, *args)
+
+
+# ---- the public functions ------------------------------------------------------------------------
+
 def quantize(w: torch.Tensor, qtype) -> QTensor:
     """Quantize a float weight [N, K] (any float dtype, any device) into `qtype` blocks on the
     same device. Quantization runs on the CPU (the reference quantizers)."""
@@ -91,17 +232,9 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if dtype not in ACT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     n, k = qt.shape
-    fmt = qt.format
-    if not fmt.quantized:
+    if not qt.format.quantized:
         return _float_view(qt).to(dtype)
-    out = torch.empty((n, k), dtype=dtype, device=qt.device)
-    if n * k == 0:
-        return out
-    if qt.device.type == "cuda":
-        _C.cuda_dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k, _stream(qt.device))
-    else:
-        _C.dequantize(fmt.type_id, qt.raw.data_ptr(), out.data_ptr(), ACT_DTYPES[dtype], n, k)
-    return out
+    return _call(dequantize_op, None, _dequantize_kernel, qt.raw, False, qt.format.type_id, n, k, dtype)
 
 
 def _float_view(qt: QTensor) -> torch.Tensor:
@@ -109,60 +242,18 @@ def _float_view(qt: QTensor) -> torch.Tensor:
     return qt.raw.view(dt).reshape(qt.shape)
 
 
-def _forward(x2: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    m, k = x2.shape
-    n = qt.shape[0]
-    if not qt.format.quantized:
-        return x2 @ _float_view(qt).to(x2.dtype).t()
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if m == 0 or n == 0:
-        return y
-    if x2.device.type == "cuda":
-        _C.cuda_qmatmul_forward(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], qt.raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
-    else:
-        _C.qmatmul_forward(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], qt.raw.data_ptr(), y.data_ptr(), m, n, k)
-    return y
-
-
-def _input_grad(dy2: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    m, n = dy2.shape
-    k = qt.shape[1]
-    if not qt.format.quantized:
-        return dy2 @ _float_view(qt).to(dy2.dtype)
-    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device)
-    if m == 0 or k == 0:
-        return dx
-    if n == 0:
-        return dx.zero_()
-    if dy2.device.type == "cuda":
-        _C.cuda_qmatmul_input_grad(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], qt.raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
-    else:
-        _C.qmatmul_input_grad(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], qt.raw.data_ptr(), dx.data_ptr(), m, n, k)
-    return dx
-
-
 def qmatmul_input_grad(dy: torch.Tensor, qt: QTensor) -> torch.Tensor:
     """dX[..., K] = dY[..., N] · deq(W)."""
     _check_qtensor(qt)
     n, k = qt.shape
     _check_act(dy, "dy", qt.device, n, "N")
-    return _input_grad(dy.reshape(-1, n), qt).reshape(*dy.shape[:-1], k)
-
-
-class _QMatmul(torch.autograd.Function):
-    """y = x · deq(W)ᵀ. Saves nothing but the (packed) weight: the frozen matmul keeps no input."""
-
-    @staticmethod
-    def forward(ctx, x2, raw, qt):
-        ctx.qt = qt
-        return _forward(x2, qt)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _input_grad(dy.contiguous(), ctx.qt)
-        return dx, None, None
+    dy2 = dy.reshape(-1, n)
+    if not qt.format.quantized:
+        dx = dy2 @ _float_view(qt).to(dy.dtype)
+    else:
+        dx = _call(qmatmul_input_grad_op, _QMatmulInputGrad, _input_grad_kernel, dy2,
+                   torch.is_grad_enabled() and dy.requires_grad, qt.raw, qt.format.type_id, n, k)
+    return dx.reshape(*dy.shape[:-1], k)
 
 
 def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
@@ -171,8 +262,9 @@ def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     n, k = qt.shape
     _check_act(x, "x", qt.device, k, "K")
     x2 = x.reshape(-1, k)
-    if torch.is_grad_enabled() and x.requires_grad:
-        y = _QMatmul.apply(x2, qt.raw, qt)
+    if not qt.format.quantized:
+        y = x2 @ _float_view(qt).to(x.dtype).t()
     else:
-        y = _forward(x2, qt)
+        y = _call(qmatmul_op, _QMatmul, _forward_kernel, x2, torch.is_grad_enabled() and x.requires_grad,
+                  qt.raw, qt.format.type_id, n, k)
     return y.reshape(*x.shape[:-1], n)

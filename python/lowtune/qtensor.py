@@ -4,7 +4,9 @@
     qt.shape    logical shape (N, K): N output rows of K inputs
     qt.raw      uint8 tensor [N, row_bytes]: GGUF-layout block bytes, on CPU or GPU
 
-A QTensor is never expanded to floats except inside kernels or by an explicit dequantize().
+A QTensor is a plain container: it is never expanded to floats except inside kernels or by an
+explicit lowtune.dequantize(qt, dtype). The kernels (lowtune.ops) take its raw bytes, the type id
+and the shape, so nothing here depends on them.
 """
 from __future__ import annotations
 
@@ -66,10 +68,6 @@ class QTensor:
 
     def clone(self) -> "QTensor":
         return QTensor(self.raw.clone(), self.format, self.shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from .ops import dequantize
-        return dequantize(self, dtype)
 
     def __repr__(self) -> str:
         return f"QTensor({self.type}, shape={self.shape}, device={self.device})"

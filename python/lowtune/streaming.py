@@ -115,6 +115,10 @@ class LayerStreamer:
                       for _ in range(n_slots)]
         self.clock = 0
         self.bytes_copied = 0
+        # lowtune.compile.LayerGraphs, when the layers' work is replayed from CUDA graphs: the
+        # slots keep their addresses, so a graph captured over a slot replays over any layer
+        # copied into it later
+        self.graphs = None
         self.trace: list | None = None      # set to [] to record (event, layer, bytes allocated)
 
     # -- slots ---------------------------------------------------------------------------------
@@ -253,9 +257,13 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.autocast = _autocast_state(x.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        graphs = streamer.graphs if streamer.graphs is not None and streamer.graphs.handles(layer) else None
+        ctx.graphs = graphs
         with torch.no_grad():
             streamer.acquire(layer.index, +1)
-            y = layer(x, rot)
+            y = None if graphs is None else graphs.forward(layer, x, rot)
+            if y is None:
+                y = layer(x, rot)
             streamer.release(layer.index)
         ctx.saved = streamer.stash(x.detach())
         ctx.save_for_backward(rot, *params)
@@ -269,6 +277,12 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.saved = None
         x.requires_grad_(ctx.needs_input_grad[2])
         streamer.acquire(layer.index, -1)
+        replayed = None if ctx.graphs is None else ctx.graphs.backward(layer, x, rot, dy, params,
+                                                                     ctx.needs_input_grad[2])
+        if replayed is not None:
+            dx, dparams = replayed
+            streamer.release(layer.index)
+            return (None, None, dx, None, *dparams)
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
