@@ -294,6 +294,19 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_activations_follow_fp32(tiny, name):
+    """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,
+    fused views), on the CPU: close to fp32, with a finite loss."""
+    fp32 = Model.from_gguf(tiny[name].gguf)
+    bf16 = Model.from_gguf(tiny[name].gguf, dtype=torch.bfloat16)
+    ids = rand_ids(2, 40, seed=6)
+    with torch.no_grad():
+        assert rel_err(bf16(ids), fp32(ids)) < 5e-2
+    loss = bf16.loss(ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # against llama.cpp
 
@@ -501,6 +514,24 @@ def test_families_and_refusals():
         ModelConfig.from_gguf_metadata({**md, "qwen2.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match="lacks qwen2.block_count"):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "qwen2.block_count"})
+
+
+def test_sliding_window_metadata():
+    """llama.cpp's keys: attention.sliding_window, and sliding_window_pattern as a period (0: every
+    layer slides, p: every p-th layer is global, so 1: none) or one flag per layer."""
+    md = {"general.architecture": "qwen3", "qwen3.embedding_length": 64, "qwen3.block_count": 4,
+          "qwen3.feed_forward_length": 128, "qwen3.attention.head_count": 4, "qwen3.vocab_size": 9,
+          "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "qwen3.attention.sliding_window": 8}
+    windows = lambda **kw: [ModelConfig.from_gguf_metadata({**md, **{
+        f"qwen3.attention.{k}": v for k, v in kw.items()}}).window(i) for i in range(4)]
+    assert windows() == [8, 8, 8, 8] and windows(sliding_window_pattern=0) == [8, 8, 8, 8]
+    assert windows(sliding_window_pattern=1) == [0, 0, 0, 0]
+    assert windows(sliding_window_pattern=2) == [8, 0, 8, 0]
+    assert windows(sliding_window_pattern=[True, False, False, True]) == [8, 0, 0, 8]
+    assert windows(sliding_window=0) == [0, 0, 0, 0]
+    gemma2 = {k.replace("qwen3", "gemma2"): v for k, v in md.items() if "sliding" not in k}
+    gemma2["general.architecture"] = "gemma2"  # no window in the file: Gemma 2's 4096
+    assert [ModelConfig.from_gguf_metadata(gemma2).window(i) for i in range(4)] == [4096, 0, 4096, 0]
 
 
 def test_unknown_tensors_are_refused(tiny):

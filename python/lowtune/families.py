@@ -38,8 +38,8 @@ class Family:
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
-    swa_period: int = 1                # with a window and no pattern in the file: every swa_period-th layer
-    #                                    is global (1: every layer slides)
+    swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
+    #                                    is global (0: every layer slides), llama.cpp's n_pattern
     default_window: int = 0            # window when the file gives none (0: no sliding window)
     swa_rope_theta: float | None = None  # RoPE base of sliding layers when the file has no freq_base_swa
     #                                      (None: the global base)

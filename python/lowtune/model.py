@@ -145,10 +145,12 @@ class ModelConfig:
         window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
         swa_layers = None
         if window > 0:
+            # llama.cpp's pattern: one flag per layer, or a period p (0: every layer slides;
+            # p > 0: layer i slides when i % p < p - 1, so every p-th layer is global)
             pattern = md.get(f"{arch}.attention.sliding_window_pattern", fam.swa_period)
-            if isinstance(pattern, (list, tuple)):  # one flag per layer
+            if isinstance(pattern, (list, tuple)):
                 swa_layers = tuple(i for i, s in enumerate(pattern[:n_layers]) if s)
-            elif int(pattern) > 1:                  # every pattern-th layer is global
+            elif int(pattern) > 0:
                 swa_layers = tuple(i for i in range(n_layers) if i % int(pattern) < int(pattern) - 1)
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
         theta_swa = md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
