@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -313,7 +312,9 @@ def test_bf16_activations_follow_fp32(tiny, name):
 
 def llamacpp(path, n_ctx: int = SEQ):
     from llama_cpp import Llama
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0)
+    threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
+                 n_threads=threads, n_threads_batch=threads)
 
 
 def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:
