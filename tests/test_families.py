@@ -233,6 +233,7 @@ def test_logits_match_transformers(tiny, name):
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = Model.from_gguf(tiny[name].gguf)(ids)
+        print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
         assert rel_err(got, want) < 1e-4
         for what, switch_off in SWITCH_OFF.get(name, []):
             model = Model.from_gguf(tiny[name].gguf)
@@ -366,6 +367,7 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     if qtype != "F32":
         assert model.tensor_types["blk.0.ffn_down.weight"] == qtype
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
+    print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
     assert abs(got - want) / want < tol, (got, want)
 
 
