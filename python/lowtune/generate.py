@@ -79,11 +79,13 @@ class StepDecoder:
     def __init__(self, model, max_len: int, graphs: bool = True):
         if getattr(model, "streamer", None) is not None:
             raise ValueError("StepDecoder needs the model's layers resident (not streamed)")
+        if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
+            raise ValueError("StepDecoder's one mask per step cannot express sliding-window layers")
         dev = model.device
         self.model, self.max_len = model, max_len
         self.cache = StaticKVCache(model.config, max_len, dev, model.dtype)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=dev)
-        self.rot = model.rope_rotation(0, max_len).to(dev)  # [max_len, rope_dim/2]
+        self.rot = model.rope_rotation(0, max_len).to(dev)  # [kinds, 2, max_len, rope_dim]
         self.graphs = graphs and dev.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -97,7 +99,7 @@ class StepDecoder:
         """One step at the static token and position (the body a graph captures)."""
         m, c = self.model, self.cache
         x = m.tok_embd(self.ids)
-        rot = self.rot.index_select(0, c.pos)
+        rot = self.rot.index_select(2, c.pos)
         for layer in m.layers:
             x = layer(x, rot, c, 0)
         return m.lm_head(m.output_norm(x)).float()[0, -1]
@@ -163,7 +165,9 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     was_training = model.training
     model.eval()
     if graphs is None:
-        graphs = model.device.type == "cuda" and getattr(model, "streamer", None) is None
+        c = model.config  # graphs need the layers resident and one mask for every layer
+        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None
+                  and not any(c.is_sliding(i) for i in range(c.n_layers)))
     max_len = len(prompt) + max_new_tokens
     if graphs:
         decoder = StepDecoder(model, max_len)

@@ -44,7 +44,7 @@ from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .model import QEmbedding, QLinear
-from .model import LlamaConfig as ModelConfig, LlamaModel as Model  # the model families' classes
+from .model import Model, ModelConfig  # the model families' classes
 from .qtensor import QTensor
 from .recipes import logical_types, training_type
 from .rundir import ADAPTER

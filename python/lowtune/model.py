@@ -1,17 +1,29 @@
-"""One readable Llama: Llama 1/2/3, Mistral, TinyLlama, SmolLM2 — anything GGUF calls `llama`.
+"""One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
+Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3.
 
-Every weight matrix stays in its own block format (a QTensor) and is used through
-`lowtune.ops.qmatmul`; nothing is dequantized at load. The layout follows GGUF exactly:
+What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
+the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
+and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modules carry GGUF's names:
 
-    token_embd          QEmbedding  [vocab, dim]       rows dequantized on demand
-    blk.N.attn_norm     RMSNorm
-    blk.N.attn_q/k/v    QLinear     [H*hd | Hkv*hd, dim]  q/k rows in GGUF's (interleaved) RoPE order
-    blk.N.attn_output   QLinear     [dim, H*hd]
-    blk.N.ffn_norm      RMSNorm
-    blk.N.ffn_gate/up   QLinear     [ffn, dim]        SwiGLU: down(silu(gate(x)) * up(x))
-    blk.N.ffn_down      QLinear     [dim, ffn]
-    output_norm         RMSNorm
-    output              QLinear     [vocab, dim]      absent when tied: token_embd is reused
+    token_embd                QEmbedding [V, D]   rows dequantized on demand (× sqrt(D) for Gemma)
+    blk.N.attn_norm           RMSNorm
+    blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
+                              row views of a fused attn_qkv where the file has one (Phi-3)
+    blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3)
+    blk.N.attn_output         QLinear [D, H*hd]
+    blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3)
+    blk.N.ffn_norm            RMSNorm
+    blk.N.ffn_gate/up         QLinear [F, D]      act(gate(x)) * up(x): SwiGLU, or GeGLU (Gemma); row
+                              views of Phi-3's fused ffn_up [2F, D] (gate rows first)
+    blk.N.ffn_down            QLinear [D, F]
+    blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3)
+    output_norm               RMSNorm
+    output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
+
+Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-capped c·tanh(s/c)
+where the family has a cap (Gemma 2); sliding layers (Gemma 2/3, or wherever the file gives a window)
+see only the last `window` positions and may have their own RoPE base. Logits are soft-capped where
+the family says (Gemma 2, Gemma 3 files that ask).
 
 Shapes: B batch, T tokens, D model width, H query heads, Hkv key/value heads, hd head width, V vocab.
 
@@ -19,9 +31,12 @@ Shapes: B batch, T tokens, D model width, H query heads, Hkv key/value heads, hd
     logits = model(ids)                     # [B, T, V] float32, for eval and generation
     loss = model.loss(ids, labels)          # chunked LM head: no [B*T, V] logits kept for backward
     layer = model.layers[3]; layer.attn_q   # QLinear, GGUF name blk.3.attn_q; adapters wrap these
+    model.fused_views                       # {"blk.3.attn_qkv.weight": (("blk.3.attn_q.weight", 0, 3072), ...)}
 
-Base weights are buffers with persistent=False: `model.state_dict()` holds only what is trained
-(adapters), and `model.to(device)` moves the packed blocks.
+Model(config, weights, dtype) takes GGUF tensor names -> QTensor for every matrix (kept packed) and
+a float tensor for every vector (norms, biases, RoPE factors). Base weights are buffers with
+persistent=False: `model.state_dict()` holds only what is trained (adapters), and `model.to(device)`
+moves the packed blocks.
 """
 from __future__ import annotations
 
@@ -35,6 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .families import FAMILIES, Family, family_of
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -45,7 +61,7 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 
 
 @dataclass
-class LlamaConfig:
+class ModelConfig:
     vocab_size: int
     dim: int
     n_layers: int
@@ -53,30 +69,60 @@ class LlamaConfig:
     n_kv_heads: int
     ffn_dim: int
     head_dim: int
-    rope_dim: int                 # leading dims of each head that RoPE rotates (= head_dim for Llama)
+    rope_dim: int                 # leading dims of each head that RoPE rotates (= head_dim mostly)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_linear_scale: float = 1.0  # positions are divided by this ("linear" rope scaling)
     context_length: int = 2048
-    arch: str = "llama"
+    arch: str = "llama"           # general.architecture: picks the Family
+    sliding_window: int = 0       # sliding layers see the last `sliding_window` positions (0: none)
+    swa_layers: tuple[int, ...] | None = None  # the sliding layers; None: every layer (with a window)
+    rope_theta_swa: float | None = None        # RoPE base of sliding layers (None: rope_theta)
+    rope_linear_scale_swa: float | None = None  # their linear scaling (None: rope_linear_scale)
+    rope_attn_factor: float = 1.0  # magnitude of the rotation, on q and k (LongRoPE's attention factor)
+    rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long
+    attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
+    attn_softcap: float = 0.0     # attention scores -> c·tanh(s/c) (0: none)
+    final_softcap: float = 0.0    # logits -> c·tanh(l/c) (0: none)
+
+    @property
+    def family(self) -> Family:
+        if self.arch not in FAMILIES:
+            family_of({"general.architecture": self.arch})  # raises, saying why
+        return FAMILIES[self.arch]
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
+
+    def window(self, layer: int) -> int:
+        """Positions layer `layer` attends to (0: all before it)."""
+        return self.sliding_window if self.is_sliding(layer) else 0
+
+    def rope_kind(self, layer: int) -> int:
+        """0: the global RoPE; 1: the sliding layers' own (another base or scaling)."""
+        own = (self.rope_theta_swa not in (None, self.rope_theta)
+               or self.rope_linear_scale_swa not in (None, self.rope_linear_scale))
+        return int(own and self.is_sliding(layer))
 
     @classmethod
-    def from_gguf_metadata(cls, md: Mapping) -> "LlamaConfig":
-        """Read the `general.architecture` and `<arch>.*` keys of a GGUF file's metadata."""
-        arch = md.get("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"architecture {arch!r} is not supported: lowtune runs Llama-family "
-                             "models (general.architecture = 'llama')")
+    def from_gguf_metadata(cls, md: Mapping) -> "ModelConfig":
+        """Read `general.architecture` and the `<arch>.*` keys of a GGUF file's metadata, with
+        llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run."""
+        fam = family_of(md)
+        arch = fam.arch
 
         def get(key, default=None):
             v = md.get(f"{arch}.{key}", default)
             if v is None:
-                raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a Llama model needs")
+                raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        if int(md.get(f"{arch}.expert_count", 0) or 0) > 0:
-            raise ValueError("mixture-of-experts Llama models (expert_count > 0) are not supported")
         dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        n_layers = int(get("block_count"))
         head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
@@ -88,56 +134,104 @@ class LlamaConfig:
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
         linear_scale = 1.0
         if scaling == "linear":
-            linear_scale = float(get("rope.scaling.factor"))
-        elif scaling not in ("none", None):
-            raise ValueError(f"rope scaling {scaling!r} is not supported (only none, linear, and "
-                             "Llama 3's rope_freqs tensor)")
+            linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
+        elif scaling not in ("none", "longrope", None):
+            raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, LongRoPE's "
+                             "rope_factors and Llama 3's rope_freqs are)")
         if f"{arch}.rope.scale_linear" in md:  # older GGUFs
             linear_scale = float(md[f"{arch}.rope.scale_linear"])
+        context = int(md.get(f"{arch}.context_length", 2048))
 
+        window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
+        swa_layers = None
+        if window > 0:
+            # llama.cpp's pattern: one flag per layer, or a period p (0: every layer slides;
+            # p > 0: layer i slides when i % p < p - 1, so every p-th layer is global)
+            pattern = md.get(f"{arch}.attention.sliding_window_pattern", fam.swa_period)
+            if isinstance(pattern, (list, tuple)):
+                swa_layers = tuple(i for i, s in enumerate(pattern[:n_layers]) if s)
+            elif int(pattern) > 0:
+                swa_layers = tuple(i for i in range(n_layers) if i % int(pattern) < int(pattern) - 1)
+        theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+        theta_swa = md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
+
+        def cap(key, default):
+            # families without a soft-cap ignore the key, as llama.cpp does
+            return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
+
+        scale = 0.0
+        if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
+            scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         return cls(
-            vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_linear_scale=linear_scale,
-            context_length=int(md.get(f"{arch}.context_length", 2048)), arch=arch)
+            rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
+            sliding_window=window, swa_layers=swa_layers,
+            rope_theta_swa=None if theta_swa is None else float(theta_swa),
+            rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
+            rope_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+            rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", context)),
+            attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap))
 
     def check(self) -> None:
+        self.family  # noqa: B018 (raises for an unsupported arch)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
+        if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
+            raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
+
+
+LlamaConfig = ModelConfig  # the name before other families came
 
 
 # ----------------------------------------------------------------------------------------------
 # Quantized building blocks
 
 
+def _vector(t) -> torch.Tensor:
+    """A 1-D float32 tensor from a vector weight (a tensor, or a QTensor of one row)."""
+    if isinstance(t, QTensor):
+        t = ops.dequantize(t, torch.float32)
+    return t.float().reshape(-1)
+
+
 class QLinear(nn.Module):
-    """y[..., N] = x[..., K] · deq(W[N, K])ᵀ with W kept packed (any format, F32/F16 included).
+    """y[..., N] = x[..., K] · deq(W[N, K])ᵀ (+ bias[N]) with W kept packed (any format, F32/F16 included).
 
     The block bytes are a non-persistent buffer, so `.to(device)` moves them and state_dict()
-    leaves them out. `weight` rebuilds the QTensor view. No bias (Llama has none)."""
+    leaves them out. `weight` rebuilds the QTensor view. A linear cut out of a fused GGUF tensor
+    (attn_qkv, Phi-3's ffn_up) holds a view of its rows and records where they come from:
+    fused_from = (fused tensor name, first row, end row)."""
 
-    def __init__(self, weight: QTensor, name: str = ""):
+    def __init__(self, weight: QTensor, name: str = "", bias: torch.Tensor | None = None,
+                 fused_from: tuple[str, int, int] | None = None):
         super().__init__()
         self.register_buffer("raw", weight.raw, persistent=False)
+        self.register_buffer("bias", None if bias is None else _vector(bias), persistent=False)
         self.format = weight.format
         self.out_features, self.in_features = weight.shape
         self.name = name  # GGUF tensor name, e.g. "blk.3.attn_q.weight"
+        self.fused_from = fused_from
 
     @property
     def weight(self) -> QTensor:
         return QTensor(self.raw, self.format, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.qmatmul(x.contiguous(), self.weight)
+        y = ops.qmatmul(x.contiguous(), self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.format.name}, in={self.in_features}, out={self.out_features}"
+        extra = ", bias" if self.bias is not None else ""
+        if self.fused_from is not None:
+            extra += f", rows {self.fused_from[1]}:{self.fused_from[2]} of {self.fused_from[0]}"
+        return f"{self.format.name}, in={self.in_features}, out={self.out_features}{extra}"
 
 
 def embedding_rows(qt: QTensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,65 +244,91 @@ def embedding_rows(qt: QTensor, ids: torch.Tensor, dtype: torch.dtype = torch.fl
 
 
 class QEmbedding(nn.Module):
-    """Token embedding [V, D] kept packed; forward(ids) -> [*ids.shape, D] in `dtype`."""
+    """Token embedding [V, D] kept packed; forward(ids) -> [*ids.shape, D] in `dtype`, multiplied
+    by `scale` in fp32 first (Gemma's sqrt(D), as llama.cpp applies it)."""
 
-    def __init__(self, weight: QTensor, dtype: torch.dtype, name: str = "token_embd.weight"):
+    def __init__(self, weight: QTensor, dtype: torch.dtype, name: str = "token_embd.weight",
+                 scale: float = 1.0):
         super().__init__()
         self.register_buffer("raw", weight.raw, persistent=False)
         self.format = weight.format
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = dtype
         self.name = name
+        self.scale = scale
 
     @property
     def weight(self) -> QTensor:
         return QTensor(self.raw, self.format, (self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return embedding_rows(self.weight, ids, self.dtype)
+        if self.scale == 1.0:
+            return embedding_rows(self.weight, ids, self.dtype)
+        return (embedding_rows(self.weight, ids, torch.float32) * self.scale).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · w, computed in fp32 and returned in x's dtype."""
+    """x / sqrt(mean(x²) + eps) · w over the last dim, computed in fp32 and returned in x's dtype.
+    (Gemma's 1 + w convention is already in w: the converter stores it so.)"""
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.register_buffer("weight", weight.float(), persistent=False)
+        self.register_buffer("weight", _vector(weight), persistent=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap · tanh(x / cap) (Gemma's soft-capping); x itself when cap is 0."""
+    return x if not cap else torch.tanh(x / cap) * cap
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 # ----------------------------------------------------------------------------------------------
-# RoPE in GGUF order
+# RoPE
 
 
-def rope_inv_freq(config: LlamaConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """[rope_dim/2] float64 angular speed of each rotated pair: base^(-2i/d) / factor_i / linear_scale."""
-    i = torch.arange(0, config.rope_dim, 2, dtype=torch.float64)
-    inv = config.rope_theta ** (-i / config.rope_dim) / config.rope_linear_scale
-    if freq_factors is not None:  # Llama 3.1's rope_freqs.weight divides each pair's frequency
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
+                  sliding: bool = False) -> torch.Tensor:
+    """[rope_dim/2] float64 angular speed of each rotated pair: base^(-2i/d) / factor_i / linear_scale,
+    with the sliding layers' base and scaling when `sliding`."""
+    c = config
+    theta = c.rope_theta_swa if sliding and c.rope_theta_swa is not None else c.rope_theta
+    scale = c.rope_linear_scale_swa if sliding and c.rope_linear_scale_swa is not None else c.rope_linear_scale
+    i = torch.arange(0, c.rope_dim, 2, dtype=torch.float64)
+    inv = theta ** (-i / c.rope_dim) / scale
+    if freq_factors is not None:  # Llama 3.1's rope_freqs, LongRoPE's factors: divide each pair's frequency
         inv = inv / freq_factors.double().cpu()
     return inv
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head.
+def apply_rope(x: torch.Tensor, rot: torch.Tensor, style: str = "norm") -> torch.Tensor:
+    """Rotate the first rope_dim dims of each head, pair by pair. A pair is one complex number, and
+    rotating it by angle a (and scaling it by m) is multiplying by m·e^{ia}.
 
-    GGUF's converter permutes q/k rows so that ggml's "NORM" rope (adjacent pairs) equals the
-    original model's rope; using GGUF rows as they are, we rotate adjacent pairs too. Rotating a
-    pair (a, b) by angle θ is (a·cos θ - b·sin θ, b·cos θ + a·sin θ) (the complex product
-    (a + ib)·e^{iθ}), which is x·C + swap(x)·S with swap exchanging the two of each pair:
-    real arithmetic, which compilers fuse, and few operators for the eager path.
-    x [B, H, T, hd]; rot [2, T, rope_dim] float32: C = (cos θ_i, cos θ_i) and S = (-sin θ_i,
-    sin θ_i) for each pair i. Computed in fp32, returned in x's dtype."""
+    style "norm" pairs adjacent dims (x[2i], x[2i+1]): GGUF's converter permutes Llama's q/k rows so
+    that ggml's NORM rope equals the original model's. "neox" pairs x[i] with x[i + rope_dim/2], on
+    rows as Hugging Face keeps them (Qwen, Phi-3, Gemma). Rotating a pair (a, b) by θ and scaling it
+    by m is (a·m·cos θ - b·m·sin θ, b·m·cos θ + a·m·sin θ), which is x·C + swap(x)·S with swap
+    exchanging the two of each pair: real arithmetic, which compilers fuse.
+    x [B, H, T, hd]; rot [2, T, rope_dim] float32 (C, S laid out in the style's pairing, see
+    Model.rope_rotation). Computed in fp32, returned in x's dtype."""
     d = rot.shape[-1]
     xr = x[..., :d].float()
-    swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    if style == "norm":
+        swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    elif style == "neox":
+        swapped = torch.cat((xr[..., d // 2:], xr[..., :d // 2]), dim=-1)
+    else:
+        raise ValueError(f"unknown rope style {style!r} (norm or neox)")
     out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
@@ -220,13 +340,14 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd].
 
-    `length` is how many positions are filled; the model appends and advances it. `attn_mask`,
-    when a cache sets it (generate's fixed-length decode cache), is the boolean mask of the
-    positions a new token attends to among those update() returned."""
+    `length` is how many positions are filled; the model appends and advances it. Sliding layers
+    keep every position too; their attention masks the ones outside the window. `attn_mask`, when
+    a cache sets it (generate's fixed-length decode cache), is the boolean mask of the positions a
+    new token attends to among those update() returned."""
 
     attn_mask: torch.Tensor | None = None
 
-    def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -247,74 +368,150 @@ class KVCache:
 # Decoder
 
 
+def fused_splits(config: ModelConfig, index: int, names) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """The fused tensors of layer `index` among `names` (GGUF tensor names): fused weight name ->
+    ((logical weight name, first row, end row), ...). attn_qkv holds q, k, v rows; Phi-3's ffn_up
+    [2F, D] (with no ffn_gate) holds the gate rows, then the up rows."""
+    c, p = config, f"blk.{index}."
+    q, kv, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
+    out = {}
+    if p + "attn_qkv.weight" in names:
+        out[p + "attn_qkv.weight"] = ((p + "attn_q.weight", 0, q), (p + "attn_k.weight", q, q + kv),
+                                      (p + "attn_v.weight", q + kv, q + 2 * kv))
+    if p + "ffn_gate.weight" not in names and p + "ffn_up.weight" in names \
+            and tuple(names[p + "ffn_up.weight"].shape)[0] == 2 * f:
+        out[p + "ffn_up.weight"] = ((p + "ffn_gate.weight", 0, f), (p + "ffn_up.weight", f, 2 * f))
+    return out
+
+
+def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[str, QLinear]:
+    """The seven logical linears of layer `index`, fused tensors cut into row views (no copy: packed
+    rows are independent, so a row range of the blocks is a valid QTensor)."""
+    p = f"blk.{index}."
+    out = {}
+    for fused, parts in fused_splits(config, index, w).items():
+        qt, fused_bias = w[fused], w.get(fused[:-len("weight")] + "bias")
+        for name, a, b in parts:
+            bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
+            view = QTensor(qt.raw[a:b], qt.format, (b - a, qt.shape[1]))
+            out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
+    for name in LINEAR_NAMES:
+        if name not in out:
+            out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
+    return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, index: int, w: Mapping[str, object]):
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
-        self.config, self.index = config, index
+        c, fam = config, config.family
+        self.config, self.index = c, index
+        self.window = c.window(index)
+        self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
-        self.attn_norm = RMSNorm(w[p + "attn_norm.weight"], config.norm_eps)
-        self.ffn_norm = RMSNorm(w[p + "ffn_norm.weight"], config.norm_eps)
-        for name in LINEAR_NAMES:
-            setattr(self, name, QLinear(w[p + name + ".weight"], p + name + ".weight"))
+        norm = lambda name: RMSNorm(w[p + name + ".weight"], c.norm_eps)
+        self.attn_norm = norm("attn_norm")
+        self.ffn_norm = norm("ffn_norm")
+        if fam.qk_norm:
+            self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
+        if fam.post_norms:
+            self.post_attention_norm, self.post_ffw_norm = norm("post_attention_norm"), norm("post_ffw_norm")
+        for name, lin in _linears(c, index, w).items():
+            setattr(self, name, lin)
+        self.act = _ACTIVATIONS[fam.activation]
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                 start: int = 0) -> torch.Tensor:
-        """x [B, T, D] at positions start..start+T -> [B, T, D]."""
-        c = self.config
+        """x [B, T, D] at positions start..start+T -> [B, T, D]. rot: the model's RoPE tables
+        [kinds, T, rope_dim/2] (Model.rope_rotation); this layer uses rot[self.rope_kind]."""
+        c, fam = self.config, self.config.family
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = self.attn_q(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
-        k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = self.attn_q(h).view(b, t, c.n_heads, c.head_dim)
+        k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim)
         v = self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if fam.qk_norm:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        q = apply_rope(q.transpose(1, 2), rot[self.rope_kind], fam.rope)
+        k = apply_rope(k.transpose(1, 2), rot[self.rope_kind], fam.rope)
         mask = None
         if cache is not None:
             k, v = cache.update(self.index, start, k, v)
             mask = cache.attn_mask
-        attn = attention(q, k, v, start, mask)
-        x = x + self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
+        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        x = x + (self.post_attention_norm(a) if fam.post_norms else a)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        m = self.ffn_down(self.act(self.ffn_gate(h)) * self.ffn_up(h))
+        return x + (self.post_ffw_norm(m) if fam.post_norms else m)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
+              window: int = 0, cap: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
-    mask (bool, broadcast to [B, H, T, S]), when given, says which keys each query sees instead."""
+    scale: on q·k (None: 1/sqrt(hd)); window > 0: query i sees only keys i-window+1..i; cap > 0:
+    scores soft-capped before the softmax. mask (bool, broadcast to [B, H, T, S]), when given,
+    says which keys each query sees instead of causality and the window (a fixed-length decode
+    cache's mask; such caches serve models without sliding layers)."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     t, s = q.shape[2], k.shape[2]
-    if start == 0 and t == s:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if t == 1:  # one new token sees every cached position
-        return F.scaled_dot_product_attention(q, k, v)
-    # Several new tokens after a cached prefix: query i sees keys 0..start+i.
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if mask is not None:
+        allowed = mask
+    else:
+        windowed = 0 < window < s  # a window no shorter than the sequence cuts nothing
+        if not cap and not windowed:
+            if start == 0 and t == s:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            if t == 1:  # one new token sees every cached position
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        qpos = torch.arange(start, start + t, device=q.device)[:, None]
+        kpos = torch.arange(s, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if windowed:
+            allowed = allowed & (qpos - kpos < window)
+    if not cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    # soft-capped scores: SDPA cannot cap, so the scores are materialised (as Hugging Face's eager path)
+    scores = softcap((q @ k.transpose(-1, -2)).float() * scale, cap)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs.to(v.dtype) @ v
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig, weights: Mapping[str, object],
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, object],
                  dtype: torch.dtype = torch.float32):
-        """weights: GGUF tensor name -> QTensor (matrices) or torch.Tensor (norms, rope_freqs)."""
+        """weights: GGUF tensor name -> QTensor (matrices) or float tensor (vectors: norms, biases,
+        RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
         config.check()
         _check_weights(config, weights)
-        self.config, self.dtype = config, dtype
-        self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, weights) for i in range(config.n_layers))
-        self.output_norm = RMSNorm(weights["output_norm.weight"], config.norm_eps)
+        c = config
+        self.config, self.dtype = c, dtype
+        embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale else 1.0
+        self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
+        self.output_norm = RMSNorm(weights["output_norm.weight"], c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
-        self.output = QLinear(out, "output.weight") if out is not None else None
-        factors = weights.get("rope_freqs.weight")
-        # float64 on the CPU, not a buffer, so that model.to(dtype) cannot round it
-        self.rope_inv_freq = rope_inv_freq(config, factors)
-        self._rotation = None                # (key, tensor): the last rope_rotation on the device
+        self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
+        # fused GGUF tensor -> its logical parts (name, first row, end row), for export to re-fuse
+        self.fused_views: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        for i in range(c.n_layers):
+            self.fused_views.update(fused_splits(c, i, weights))
+        # RoPE speeds [kinds, rope_dim/2] (kind 1: sliding layers with their own base), float64 on
+        # the CPU, not buffers, so that model.to(dtype) cannot round them. LongRoPE files carry two
+        # factor sets: short up to rope_orig_context positions, long beyond.
+        kinds = 1 + max(c.rope_kind(i) for i in range(c.n_layers))
+        speeds = lambda factors: torch.stack([rope_inv_freq(c, factors, sliding=bool(k)) for k in range(kinds)])
+        long = weights.get("rope_factors_long.weight")
+        short = weights.get("rope_factors_short.weight", weights.get("rope_freqs.weight"))
+        self.rope_inv_freq = speeds(None if short is None else _vector(short))
+        self.rope_inv_freq_long = None if long is None else speeds(_vector(long))
+        self._rotation = None                # (key, tensor): the last rope table on the device
         self.gradient_checkpointing = False  # recompute each layer in backward (training)
         self.streamer = None                 # a lowtune.streaming.LayerStreamer, when streaming
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
@@ -324,7 +521,7 @@ class LlamaModel(nn.Module):
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path, device="cpu", dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def from_gguf(cls, path, device="cpu", dtype: torch.dtype = torch.float32) -> "Model":
         """The older spelling of lowtune.load_model(path, device=device, dtype=dtype), which builds
         every model (lowtune.loading): matrices stay in their blocks, norms are read as fp32."""
         import lowtune  # the package loads lowtune.loading on first use (loading imports this module)
@@ -348,26 +545,40 @@ class LlamaModel(nn.Module):
         return self.output.weight if isinstance(self.output, QLinear) else self.tok_embd.weight
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Normed hidden [..., D] -> logits [..., V] in h's dtype."""
+        """Normed hidden [..., D] -> logits [..., V] in h's dtype (soft-capped where the family says)."""
         if self.output is not None:
-            return self.output(h)
-        return ops.qmatmul(h.contiguous(), self.tok_embd.weight)
+            logits = self.output(h)
+        else:
+            logits = ops.qmatmul(h.contiguous(), self.tok_embd.weight)
+        return softcap(logits, self.config.final_softcap)
 
-    def rope_rotation(self, start: int, t: int) -> torch.Tensor:
-        """apply_rope's table for positions start..start+T: [2, T, rope_dim] float32, the cosines
-        and the signed sines of pos·freq, on the CPU; the angles are computed in float64."""
+    def rope_rotation(self, start: int, t: int, context: int | None = None) -> torch.Tensor:
+        """apply_rope's tables for positions start..start+T: [kinds, 2, T, rope_dim] float32 (kind 1:
+        sliding layers with their own base), the cosines and the signed sines of pos·freq scaled by
+        the RoPE attention factor, laid out in the family's pairing; computed in float64 on the
+        CPU. context: the length of the context in use (default start + T); beyond
+        rope_orig_context LongRoPE's long factors apply, as llama.cpp picks them by its context."""
+        context = start + t if context is None else context
+        inv = self.rope_inv_freq
+        if self.rope_inv_freq_long is not None and context > self.config.rope_orig_context:
+            inv = self.rope_inv_freq_long
         pos = torch.arange(start, start + t, dtype=torch.float64)
-        ang = pos[:, None] * self.rope_inv_freq[None, :]
-        cos, sin = ang.cos(), ang.sin()
-        return torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1))).flatten(-2).float()
+        ang = pos[None, :, None] * inv[:, None, :]                  # [kinds, T, rope_dim/2]
+        m = self.config.rope_attn_factor
+        cos, sin = ang.cos() * m, ang.sin() * m
+        if self.config.family.rope == "norm":                       # adjacent pairs
+            table = torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1)), 1).flatten(-2)
+        else:                                                        # halves
+            table = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), 1)
+        return table.float()
 
     @torch.compiler.disable
-    def _rotation_on_device(self, start: int, t: int) -> torch.Tensor:
-        """rope_rotation(start, t) on the model's device. The last one is kept: a training step
-        would otherwise copy it host -> device every time, which waits for the GPU."""
-        key = (start, t, self.device)
+    def _rotation_on_device(self, start: int, t: int, context: int | None = None) -> torch.Tensor:
+        """rope_rotation(start, t, context) on the model's device. The last one is kept: a training
+        step would otherwise copy it host -> device every time, which waits for the GPU."""
+        key = (start, t, context, self.device)
         if self._rotation is None or self._rotation[0] != key:
-            self._rotation = (key, self.rope_rotation(start, t).to(self.device))
+            self._rotation = (key, self.rope_rotation(start, t, context).to(self.device))
         return self._rotation[1]
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -377,7 +588,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
-        rot = self._rotation_on_device(start, t)
+        rot = self._rotation_on_device(start, t, cache.max_len if cache is not None else None)
         x = self.tok_embd(ids.to(self.device))
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
@@ -429,7 +640,8 @@ class LlamaModel(nn.Module):
     # -- sizes ---------------------------------------------------------------------------------
 
     def packed_tensors(self) -> dict[str, QTensor]:
-        """GGUF name -> QTensor for every packed matrix."""
+        """GGUF name -> QTensor for every packed matrix; a linear cut out of a fused tensor is
+        listed under its logical name (model.fused_views says how they join)."""
         out = {"token_embd.weight": self.tok_embd.weight}
         if isinstance(self.output, QLinear):
             out["output.weight"] = self.output.weight
@@ -442,24 +654,48 @@ class LlamaModel(nn.Module):
         return out
 
 
-def _check_weights(config: LlamaConfig, w: Mapping[str, object]) -> None:
-    c = config
+LlamaModel = Model  # the name before other families came
+
+
+def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
+    """Every tensor the config needs is there with its shape, and nothing else is (a tensor the
+    model would not use means a variant lowtune does not run, e.g. mixture-of-experts)."""
+    c, fam = config, config.family
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
+              "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
+              "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
+    optional = {"output.weight": (c.vocab_size, c.dim),
+                "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
+                "rope_factors_short.weight": (c.rope_dim // 2,)}
     if "output.weight" in w:
-        want["output.weight"] = (c.vocab_size, c.dim)
-    if "rope_freqs.weight" in w:
-        want["rope_freqs.weight"] = (c.rope_dim // 2,)
+        optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        want.update({p + "attn_norm.weight": (c.dim,), p + "ffn_norm.weight": (c.dim,),
-                     p + "attn_q.weight": (q, c.dim), p + "attn_k.weight": (kv, c.dim),
-                     p + "attn_v.weight": (kv, c.dim), p + "attn_output.weight": (c.dim, q),
-                     p + "ffn_gate.weight": (c.ffn_dim, c.dim), p + "ffn_up.weight": (c.ffn_dim, c.dim),
-                     p + "ffn_down.weight": (c.dim, c.ffn_dim)})
+        norms = ["attn_norm", "ffn_norm"] + (["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
+        want.update({p + n + ".weight": (c.dim,) for n in norms})
+        if fam.qk_norm:
+            want.update({p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)})
+        fused = fused_splits(c, i, w)
+        in_fused = {part for parts in fused.values() for part, _, _ in parts}
+        for n, shape in shapes.items():
+            if p + n + ".weight" not in in_fused:
+                want[p + n + ".weight"] = shape
+            optional[p + n + ".bias"] = (shape[0],)
+        for name, parts in fused.items():  # a fused tensor [rows of its parts, D], maybe a fused bias
+            want[name] = (parts[-1][2], c.dim)
+            optional[name[:-len("weight")] + "bias"] = (parts[-1][2],)
     for name, shape in want.items():
         if name not in w:
-            raise ValueError(f"GGUF file lacks tensor {name!r}, which this Llama model needs")
+            raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs")
+    unused = [n for n in w if n not in want and n not in optional]
+    if unused:
+        hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
+        raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
+                         "this file is a variant lowtune does not support")
+    for name in w:
+        shape = want.get(name, optional.get(name))
         got = tuple(w[name].shape)
         if got != shape and not (len(shape) == 1 and math.prod(got) == shape[0]):
             raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} from the metadata")
@@ -469,7 +705,7 @@ def _check_weights(config: LlamaConfig, w: Mapping[str, object]) -> None:
 # LM head + cross-entropy in chunks
 
 
-def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: LlamaModel,
+def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
                           chunk: int = 1024) -> torch.Tensor:
     """Sum over rows of -log softmax(lm_head(h))[target]. h [N, D], targets [N] -> scalar fp32.
     Rows with a negative target are not scored (they add nothing, and get no gradient).
@@ -481,7 +717,9 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: LlamaMo
         return h.sum() * 0.0
     if model.output is None or type(model.output) is QLinear:
         need_grad = torch.is_grad_enabled() and h.requires_grad
-        return _HeadCrossEntropy.apply(h, targets, model.head_weight(), chunk, need_grad)
+        bias = model.output.bias if model.output is not None else None
+        return _HeadCrossEntropy.apply(h, targets, model.head_weight(), bias, model.config.final_softcap,
+                                       chunk, need_grad)
     total = h.new_zeros((), dtype=torch.float32)
     targets = targets.clamp(min=-1)
     for s in range(0, h.shape[0], chunk):
@@ -492,21 +730,29 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: LlamaMo
 
 class _HeadCrossEntropy(torch.autograd.Function):
     """Fused LM head + cross-entropy over row chunks. The loss is a scalar, so its gradient
-    w.r.t. h is known in the forward: dh = (softmax(logits) - onehot) · W, one chunk at a time."""
+    w.r.t. h is known in the forward: dh = ((softmax(l) - onehot) · dl/dz) · W, one chunk at a
+    time, where z = h·Wᵀ + bias and l = cap·tanh(z/cap) (l = z without a soft-cap)."""
 
     @staticmethod
-    def forward(ctx, h, targets, weight: QTensor, chunk: int, need_grad: bool):
+    def forward(ctx, h, targets, weight: QTensor, bias, cap: float, chunk: int, need_grad: bool):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk].contiguous(), targets[s:s + chunk]
             scored, tc = tc >= 0, tc.clamp(min=0)
             logits = ops.qmatmul(hc, weight).float()
+            if bias is not None:
+                logits += bias.float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
             lse = torch.logsumexp(logits, dim=-1)
             total += torch.where(scored, lse - logits.gather(1, tc[:, None])[:, 0], 0.0).sum()
             if need_grad:
+                dcap = 1.0 - (logits / cap) ** 2 if cap else None  # d(cap·tanh(z/cap))/dz = 1 - tanh²
                 p = torch.exp(logits.sub_(lse[:, None]))
                 p.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                if dcap is not None:
+                    p *= dcap
                 dhc = ops.qmatmul_input_grad(p.to(h.dtype), weight)
                 dh[s:s + chunk] = torch.where(scored[:, None], dhc, 0.0)
         ctx.save_for_backward(dh if need_grad else torch.empty(0))
@@ -515,4 +761,4 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (dh,) = ctx.saved_tensors
-        return (dh * grad.to(dh.dtype)), None, None, None, None
+        return (dh * grad.to(dh.dtype)), None, None, None, None, None, None

@@ -266,8 +266,11 @@ class SPMTokenizer(Tokenizer):
         super().__init__(tokens, token_types, **kw)
         self.add_space_prefix = add_space_prefix
         types = list(token_types)
-        if UNKNOWN not in types:   # sentencepiece needs one; llama.cpp's default unk is 0
-            types[unk_id if unk_id is not None else 0] = UNKNOWN
+        unk = unk_id if unk_id is not None else (types.index(UNKNOWN) if UNKNOWN in types else 0)
+        # sentencepiece needs exactly one unknown piece (llama.cpp's default unk is 0); other
+        # UNKNOWN-typed pieces (Phi-3's padding) never come out of merges, like control pieces
+        types = [CONTROL if t == UNKNOWN else t for t in types]
+        types[unk] = UNKNOWN
         proto = sentencepiece_model_proto(
             tokens, scores, types, model_type="bpe", byte_fallback=BYTE in types,
             add_dummy_prefix=False, remove_extra_whitespaces=False)

@@ -1,0 +1,115 @@
+"""Model families: what differs between the decoders lowtune runs, as data.
+
+    family = family_of(metadata)      # the Family of a GGUF's general.architecture, or a ValueError
+    family.rope, family.activation    # read by lowtune.model's one decoder
+
+Every family is the same pre-norm decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Family says
+what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
+the exported files, and its converter (convert_hf_to_gguf.py), which writes them:
+
+    arch     rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
+    llama    norm  silu       -           -         -          -                        if the file gives one
+    qwen2    neox  silu       -           -         -          -                        if the file gives one
+    qwen3    neox  silu       -           yes       -          -                        if the file gives one
+    phi3     neox  silu       -           -         -          -                        if the file gives one
+    gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
+    gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+
+  rope "norm" rotates adjacent pairs of each head (the converter permutes Llama's q/k rows into
+  that order); "neox" rotates dimension i with i + rope_dim/2, on rows as Hugging Face keeps them.
+  Biases (q/k/v/output, FFN, LM head) are used wherever the file has them; fused attn_qkv and
+  Phi-3's ffn_up (gate rows, then up rows) are recognised by their tensors.
+  Gemma's RMSNorm weights are stored with the +1 already added (the converter adds it), so every
+  family computes x / rms(x) · w from the file's w.
+
+The hf_* fields are the Hugging Face side of the same facts, for loading safetensors directories.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str                          # general.architecture
+    rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
+    activation: str = "silu"           # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
+    qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE
+    embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
+    swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
+    #                                    is global (0: every layer slides), llama.cpp's n_pattern
+    default_window: int = 0            # window when the file gives none (0: no sliding window)
+    swa_rope_theta: float | None = None  # RoPE base of sliding layers when the file has no freq_base_swa
+    #                                      (None: the global base)
+    swa_rope_scaled: bool = True       # sliding layers take the global RoPE scaling too
+    attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
+    final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
+    wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
+    #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
+    hf_architectures: tuple[str, ...] = ()
+    hf_norm_offset: float = 0.0        # added to HF RMSNorm weights to get GGUF's (Gemma: 1)
+    hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
+
+
+FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"), hf_permute_qk=True),
+    Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",)),
+    Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",)),
+    Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",)),
+    Family("gemma2", rope="neox", activation="gelu_tanh", post_norms=True, embed_scale=True,
+           swa_period=2, default_window=4096, attn_softcap=50.0, final_softcap=30.0,
+           wide_query_scale_layers=46, hf_architectures=("Gemma2ForCausalLM",), hf_norm_offset=1.0),
+    Family("gemma3", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm=True,
+           embed_scale=True, swa_period=6, swa_rope_theta=10000.0, swa_rope_scaled=False,
+           final_softcap=0.0, wide_query_scale_layers=62,
+           hf_architectures=("Gemma3ForCausalLM",), hf_norm_offset=1.0),
+)}
+
+SUPPORTED = tuple(FAMILIES)
+
+# Architectures llama.cpp runs that lowtune refuses, grouped by why.
+_MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
+        "gpt-oss", "jamba", "minimax-m2"}
+_RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
+              "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "kimi-linear"}
+_ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
+             "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
+
+
+def _supported() -> str:
+    return "lowtune runs " + ", ".join(SUPPORTED)
+
+
+def family_of(metadata: Mapping) -> Family:
+    """The Family of a GGUF's metadata (general.architecture), or a ValueError naming the
+    architecture, why it is refused and what is supported."""
+    arch = metadata.get("general.architecture")
+    if arch is None:
+        raise ValueError(f"the file has no general.architecture; {_supported()}")
+    arch = str(arch)
+    experts = int(metadata.get(f"{arch}.expert_count", 0) or 0)
+    if experts > 0 or arch in _MOE or "moe" in arch:
+        raise ValueError(f"{arch!r} is a mixture-of-experts model"
+                         + (f" ({experts} experts)" if experts else "")
+                         + f", which lowtune does not fine-tune; {_supported()} (dense decoders)")
+    if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
+        raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
+                         f"{_supported()} (attention decoders)")
+    if arch in _ENCODERS or "bert" in arch or arch.startswith("t5"):
+        raise ValueError(f"{arch!r} is an encoder model, which lowtune does not fine-tune; "
+                         f"{_supported()} (decoder-only language models)")
+    if arch not in FAMILIES:
+        raise ValueError(f"architecture {arch!r} is not supported; {_supported()}")
+    return FAMILIES[arch]
+
+
+def family_of_hf(architectures) -> Family:
+    """The Family of a Hugging Face config's `architectures` list, or a ValueError."""
+    for name in architectures or ():
+        for f in FAMILIES.values():
+            if name in f.hf_architectures:
+                return f
+    raise ValueError(f"Hugging Face architecture {list(architectures or [])} is not supported; "
+                     + "lowtune runs " + ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures))

@@ -1,0 +1,616 @@
+"""Every model family lowtune runs, against Hugging Face transformers and llama.cpp.
+
+Tiny random models (fast; built once per session):
+  * each family as transformers builds it, with its optional parts switched on (biases, q/k norms,
+    soft-caps, sliding windows shorter than the test sequence, LongRoPE with its attention factor,
+    Phi-3's fused tensors), saved as safetensors with a small SentencePiece tokenizer and a chat
+    template, and converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py (from
+    llama-cpp-python's sdist, unpacked by tools/setup_env.sh). "mistral" is Mistral's sliding
+    window on the llama architecture: the converter drops the window, so the test puts
+    `llama.attention.sliding_window` back into the file, as a file that asks for it would have it.
+  * lowtune's logits from the GGUF match transformers' fp32 logits within 1e-4 relative, and
+    switching off a windowed/capped/long-context feature moves them (so the length and sizes used
+    exercise it);
+  * the same GGUF, and llama.cpp's own Q8_0/Q4_0 quantizations of it, give the same perplexity in
+    llama-cpp-python and lowtune (0.05 % in F32, 0.5 % quantized: llama.cpp rounds activations to
+    8 bits in quantized matmuls), and the same greedy generation, through the KV cache, from a
+    prompt rendered with the model's chat template;
+  * adapters wrap the seven logical linears of every family (fused views and biased linears
+    included) and equal the merged model; layer streaming packs layers with fused views.
+The families' tokenizers against llama.cpp's vocab test files. The real Gemma 3 270M Q4_K_M (marker
+gemma3): tokens, perplexity and greedy generations against llama.cpp, and a LoRA and a QA-HiRA
+fine-tune of its last layers that lower held-out perplexity.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowtune import adapters, ops
+from lowtune.evaluate import perplexity
+from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
+from lowtune.generate import generate, generate_text
+from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune.model import Model, ModelConfig, QLinear
+from lowtune.streaming import stream_model
+from lowtune.tokenizer import load_tokenizer
+
+from test_streaming import step_losses
+
+NAMES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
+SEQ = 64             # tokens of the logits comparison and of each perplexity window
+PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
+V, D, F, H, HKV = 512, 64, 128, 4, 2
+
+PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny models: transformers -> safetensors -> llama.cpp's converter -> GGUF
+
+
+def hf_model(name: str):
+    """A transformers model of family `name` with random weights (fp32, eager attention)."""
+    import transformers as tf
+    common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
+                  num_key_value_heads=HKV, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    make = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+            **common, num_hidden_layers=2, head_dim=16, attention_bias=True, mlp_bias=True,
+            tie_word_embeddings=False)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+            **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+            **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
+            tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "long_factor": [1.0 + 0.25 * i for i in range(8)],
+                             "short_factor": [1.0 + 0.05 * i for i in range(8)]})),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+        # six layers: Gemma 3's pattern makes every sixth layer global
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=WINDOW, final_logit_softcapping=5.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    }[name]
+    model = make()
+    model.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    gemma = name.startswith("gemma")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:  # Gemma's norms are 1 + w
+                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "embed" in pname:
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model.float().eval()
+
+
+def spm_model(text: str) -> bytes:
+    """A 512-piece SentencePiece BPE model of `text`, with byte fallback and the chat markers
+    of the templates as control pieces (Phi-3's converter also needs <|endoftext|>)."""
+    import sentencepiece as spm
+    out = io.BytesIO()
+    lines = [line for line in text.splitlines() if line.strip()][:2000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=V, model_type="bpe",
+        byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        control_symbols=["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>",
+                         "<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+    return out.getvalue()
+
+
+_CONVERT = """
+import runpy, sys
+script, jobs = sys.argv[1], sys.argv[2:]
+for src, dst in zip(jobs[::2], jobs[1::2]):
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+"""
+
+
+@dataclass
+class Tiny:
+    name: str
+    hf_dir: Path
+    gguf: Path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, llamacpp_source, botchan_text) -> dict[str, Tiny]:
+    """Every family's tiny model, as a safetensors directory and as llama.cpp's GGUF F32."""
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = spm_model(botchan_text)
+    out, jobs = {}, []
+    for name in NAMES:
+        d = root / name
+        hf_model(name).save_pretrained(d)
+        (d / "tokenizer.model").write_bytes(tokenizer)
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
+        out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
+        jobs += [str(d), str(out[name].gguf)]
+    # one process converts them all; the converter puts its own gguf-py first on sys.path
+    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *jobs],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+    # Mistral's window, which the converter does not write for the llama architecture
+    path = out["mistral"].gguf
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+        md["llama.attention.sliding_window"] = WINDOW
+        write_gguf(root / "mistral-window.gguf", md, tensors, metadata_types=types)
+    out["mistral"].gguf = root / "mistral-window.gguf"
+    return out
+
+
+_QUANTIZED: dict = {}
+
+
+def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0 by llama.cpp's quantizer)."""
+    if qtype == "F32":
+        return tiny_model.gguf
+    key = (tiny_model.name, qtype)
+    if key not in _QUANTIZED:
+        import llama_cpp
+        dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
+        assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
+        _QUANTIZED[key] = dst
+    return _QUANTIZED[key]
+
+
+def rand_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# against transformers
+
+
+def _no_windows(m):
+    for layer in m.layers:
+        layer.window = 0
+
+
+def _no_long_rope(m):
+    m.rope_inv_freq_long = None
+
+
+# Length- and magnitude-dependent features: switched off, the logits must move.
+SWITCH_OFF = {
+    "mistral": [("window", _no_windows)],
+    "phi3": [("long RoPE factors", _no_long_rope)],
+    "gemma2": [("windows", _no_windows), ("attention soft-cap", lambda m: setattr(m.config, "attn_softcap", 0.0)),
+               ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
+    "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
+    "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(tiny, name):
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model(name)(ids).logits
+        got = Model.from_gguf(tiny[name].gguf)(ids)
+        print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < 1e-4
+        for what, switch_off in SWITCH_OFF.get(name, []):
+            model = Model.from_gguf(tiny[name].gguf)
+            switch_off(model)
+            assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+def test_config_read_from_the_converted_files(tiny):
+    cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
+    assert [cfg[n].family.rope for n in NAMES] == ["norm", "norm", "neox", "neox", "neox", "neox", "neox"]
+    assert cfg["mistral"].sliding_window == WINDOW and cfg["mistral"].swa_layers is None
+    assert cfg["gemma2"].swa_layers == (0,) and cfg["gemma2"].attn_softcap == 3.0
+    assert cfg["gemma2"].final_softcap == 5.0
+    g3 = cfg["gemma3"]
+    assert g3.swa_layers == (0, 1, 2, 3, 4) and g3.rope_theta == 1e6 and g3.rope_theta_swa == 1e4
+    assert [g3.rope_kind(i) for i in range(6)] == [1, 1, 1, 1, 1, 0] and g3.attn_softcap == 0.0
+    assert g3.query_scale == 1 / math.sqrt(32) and cfg["qwen3"].head_dim == 32
+    p3 = cfg["phi3"]
+    assert p3.rope_orig_context == PHI3_ORIG_CONTEXT and p3.sliding_window == 0
+    assert p3.rope_attn_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(PHI3_ORIG_CONTEXT)))
+    assert all(c.window(0) == 0 for n, c in cfg.items() if n in ("llama", "qwen2", "qwen3", "phi3"))
+
+
+def test_fused_tensors_are_row_views(tiny):
+    """Phi-3's attn_qkv and ffn_up are cut into q/k/v and gate/up without a copy, and the model
+    records how they join."""
+    model = Model.from_gguf(tiny["phi3"].gguf)
+    q, kv = H * (D // H), HKV * (D // H)
+    layer = model.layers[1]
+    assert layer.attn_q.fused_from == ("blk.1.attn_qkv.weight", 0, q)
+    assert layer.attn_v.fused_from == ("blk.1.attn_qkv.weight", q + kv, q + 2 * kv)
+    assert layer.ffn_gate.fused_from == ("blk.1.ffn_up.weight", 0, F)
+    assert layer.ffn_up.fused_from == ("blk.1.ffn_up.weight", F, 2 * F)
+    assert (layer.attn_q.out_features, layer.attn_k.out_features, layer.ffn_up.out_features) == (q, kv, F)
+    # views of the memory-mapped file's bytes, one after the other
+    row = layer.attn_q.raw.shape[1]
+    assert layer.attn_k.raw.data_ptr() == layer.attn_q.raw.data_ptr() + q * row
+    assert layer.ffn_up.raw.data_ptr() == layer.ffn_gate.raw.data_ptr() + F * layer.ffn_gate.raw.shape[1]
+    assert model.fused_views["blk.0.attn_qkv.weight"] == (
+        ("blk.0.attn_q.weight", 0, q), ("blk.0.attn_k.weight", q, q + kv), ("blk.0.attn_v.weight", q + kv, q + 2 * kv))
+    assert set(model.fused_views) == {f"blk.{i}.{n}.weight" for i in (0, 1) for n in ("attn_qkv", "ffn_up")}
+    with GGUFFile(tiny["phi3"].gguf) as f:
+        fused = f.qtensor("blk.1.attn_qkv.weight").raw
+        assert torch.equal(torch.cat([layer.attn_q.raw, layer.attn_k.raw, layer.attn_v.raw]), fused)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kv_cache_matches_the_full_forward(tiny, name):
+    """Prefill, a multi-token continuation and single tokens through the cache give the logits of
+    one full pass, with sequences longer than the sliding windows."""
+    model = Model.from_gguf(tiny[name].gguf)
+    ids = rand_ids(1, 40, seed=3)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, ids.shape[1])
+        parts = [model(ids[:, :10], cache), model(ids[:, 10:30], cache)]
+        parts += [model(ids[:, t:t + 1], cache) for t in range(30, 40)]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_activations_follow_fp32(tiny, name):
+    """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,
+    fused views), on the CPU: close to fp32, with a finite loss."""
+    fp32 = Model.from_gguf(tiny[name].gguf)
+    bf16 = Model.from_gguf(tiny[name].gguf, dtype=torch.bfloat16)
+    ids = rand_ids(2, 40, seed=6)
+    with torch.no_grad():
+        assert rel_err(bf16(ids), fp32(ids)) < 5e-2
+    loss = bf16.loss(ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# against llama.cpp
+
+
+def llamacpp(path, n_ctx: int = SEQ):
+    from llama_cpp import Llama
+    threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
+                 n_threads=threads, n_threads_batch=threads)
+
+
+def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:
+    """exp(mean NLL) of every token but each window's first, each window run alone (as
+    lowtune.evaluate.perplexity scores them)."""
+    nll, n = 0.0, 0
+    for w in windows.tolist():
+        llm.reset()
+        llm.eval(w)
+        logits = np.array(llm.scores[:len(w)], dtype=np.float64)
+        top = logits.max(1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+        nll += float((lse[:-1] - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def botchan_ids(tiny, botchan_text):
+    """The tiny models' tokens of part of Botchan (lowtune's tokenizer; checked against llama.cpp's)."""
+    from llama_cpp import Llama
+    text = botchan_text[20000:40000]
+    tok = load_tokenizer(Model.from_gguf(tiny["llama"].gguf).metadata)
+    ids = tok.encode(text, add_bos=False)
+    vocab = Llama(model_path=str(tiny["llama"].gguf), vocab_only=True, verbose=False)
+    assert ids == vocab.tokenize(text.encode("utf-8"), add_bos=False)
+    return ids
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype,tol", [("F32", 5e-4), ("Q8_0", 5e-3), ("Q4_0", 5e-3)])
+@pytest.mark.parametrize("name", LLAMACPP_NAMES)
+def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
+    from lowtune.evaluate import windows
+    path = gguf_of(tiny[name], qtype)
+    w = windows(botchan_ids, SEQ, chunks=8)
+    want = llamacpp_perplexity(llamacpp(path), w)
+    model = Model.from_gguf(path)
+    if qtype != "F32":
+        assert model.tensor_types["blk.0.ffn_down.weight"] == qtype
+    got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
+    print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
+    assert abs(got - want) / want < tol, (got, want)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", LLAMACPP_NAMES)
+def test_chat_generation_matches_llamacpp(tiny, name):
+    """Greedy tokens from a chat-template prompt longer than the window, through the KV cache."""
+    model = Model.from_gguf(tiny[name].gguf)
+    tok = load_tokenizer(model.metadata)
+    question = "What did the old servant say when I left the house for the school in the country?"
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]), add_bos=False)
+    assert prompt[0] == tok.bos_id and len(prompt) > WINDOW and len(prompt) + 16 > PHI3_ORIG_CONTEXT
+    got = generate(model, prompt, max_new_tokens=16)
+    assert got == llamacpp_greedy(llamacpp(tiny[name].gguf), prompt, len(got))
+    stop = set(tok.eog_ids)
+    kept = [t for t in got[:next((i for i, t in enumerate(got) if t in stop), len(got))]]
+    assert generate_text(model, tok, question, max_new_tokens=16, chat=True) == tok.decode(kept)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("vocab", ["qwen2", "phi-3", "llama-bpe"])
+def test_tokenizer_matches_llamacpp_vocab_tests(llamacpp_source, vocab):
+    """llama.cpp's tokenizer test cases (test-tokenizer-0): each .inp case tokenized without BOS
+    gives the ids on the same line of .out."""
+    base = llamacpp_source / "models" / f"ggml-vocab-{vocab}.gguf"
+    with GGUFFile(base) as f:
+        tok = load_tokenizer(dict(f.metadata))
+    cases = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    want = base.with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
+    assert len(cases) >= 40
+    for text, ids in zip(cases, want):
+        assert tok.encode(text, add_bos=False, add_eos=False) == [int(i) for i in ids.split()], repr(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters and streaming on every family
+
+
+def merged_weights(model) -> dict:
+    """GGUF-named weights of `model` with every adapter merged into an F32 copy of its base, fused
+    tensors written as their separate parts, biases kept."""
+    w = {"token_embd.weight": model.tok_embd.weight, "output_norm.weight": model.output_norm.weight}
+    if model.output is not None:
+        w["output.weight"] = model.output.weight
+    for i, layer in enumerate(model.layers):
+        p = f"blk.{i}."
+        for name, mod in layer.named_children():
+            if isinstance(mod, adapters.AdaptedLinear):
+                dense = ops.dequantize(mod.base.weight) + mod.delta_weight()
+                w[p + name + ".weight"] = ops.quantize(dense, "F32")
+                mod = mod.base
+            elif isinstance(mod, QLinear):
+                w[p + name + ".weight"] = mod.weight
+            else:
+                w[p + name + ".weight"] = mod.weight  # norms
+                continue
+            if mod.bias is not None:
+                w[p + name + ".bias"] = mod.bias
+    return w
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapters_wrap_every_logical_linear(tiny, name):
+    model = Model.from_gguf(gguf_of(tiny[name], "F32"))
+    ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+    n_layers = model.config.n_layers
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(n_layers) for t in adapters.TARGETS}
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = rand_ids(2, 40, seed=5)
+    with torch.no_grad():
+        got = model(ids)
+    # the same update merged into dense copies of the bases (a fused tensor's parts separately)
+    weights = merged_weights(model)
+    if name == "phi3":
+        weights["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(8)])
+        weights["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(8)])
+        assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
+    if name in ("llama", "qwen2"):
+        assert ads["layers.1.attn_v"].base.bias is not None
+    merged = Model(model.config, weights)
+    with torch.no_grad():
+        want = merged(ids)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3"])
+def test_streaming_layers_with_fused_views_and_biases(tiny, name):
+    """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
+    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers."""
+    def adapted():
+        model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in adapters.adapter_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return model
+
+    resident = adapted()
+    resident.gradient_checkpointing = True
+    streaming = adapted()
+    streamed = list(range(streaming.config.n_layers))
+    plan = stream_model(streaming, "cpu", streamed=streamed)
+    assert plan.streamed == streamed
+    pack = streaming.streamer.packs[0]
+    # every packed byte of the layer is in its pack once: fused parts are disjoint row ranges
+    assert pack.nbytes >= sum(lin.raw.numel() for lin in pack.linears)
+    ids = rand_ids(2, 24, seed=4)
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    for key in want_g:
+        torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# what lowtune refuses
+
+
+def test_families_and_refusals():
+    assert SUPPORTED == ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+    assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
+    assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
+    listed = "llama, qwen2, qwen3, phi3, gemma2, gemma3"
+    for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
+                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("bert", "encoder"),
+                      ("t5", "encoder"), ("falcon", "not supported")]:
+        with pytest.raises(ValueError, match=why) as e:
+            family_of({"general.architecture": arch})
+        assert repr(arch) in str(e.value) and listed in str(e.value)
+    with pytest.raises(ValueError, match="mixture-of-experts.*8 experts"):
+        family_of({"general.architecture": "llama", "llama.expert_count": 8})
+    with pytest.raises(ValueError, match="no general.architecture"):
+        family_of({})
+    with pytest.raises(ValueError, match="not supported"):
+        family_of_hf(["GPT2LMHeadModel"])
+    md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
+          "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
+          "qwen2.attention.layer_norm_rms_epsilon": 1e-6}
+    assert ModelConfig.from_gguf_metadata(md).n_kv_heads == 4
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+        ModelConfig.from_gguf_metadata({**md, "qwen2.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match="lacks qwen2.block_count"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "qwen2.block_count"})
+
+
+def test_sliding_window_metadata():
+    """llama.cpp's keys: attention.sliding_window, and sliding_window_pattern as a period (0: every
+    layer slides, p: every p-th layer is global, so 1: none) or one flag per layer."""
+    md = {"general.architecture": "qwen3", "qwen3.embedding_length": 64, "qwen3.block_count": 4,
+          "qwen3.feed_forward_length": 128, "qwen3.attention.head_count": 4, "qwen3.vocab_size": 9,
+          "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "qwen3.attention.sliding_window": 8}
+    windows = lambda **kw: [ModelConfig.from_gguf_metadata({**md, **{
+        f"qwen3.attention.{k}": v for k, v in kw.items()}}).window(i) for i in range(4)]
+    assert windows() == [8, 8, 8, 8] and windows(sliding_window_pattern=0) == [8, 8, 8, 8]
+    assert windows(sliding_window_pattern=1) == [0, 0, 0, 0]
+    assert windows(sliding_window_pattern=2) == [8, 0, 8, 0]
+    assert windows(sliding_window_pattern=[True, False, False, True]) == [8, 0, 0, 8]
+    assert windows(sliding_window=0) == [0, 0, 0, 0]
+    gemma2 = {k.replace("qwen3", "gemma2"): v for k, v in md.items() if "sliding" not in k}
+    gemma2["general.architecture"] = "gemma2"  # no window in the file: Gemma 2's 4096
+    assert [ModelConfig.from_gguf_metadata(gemma2).window(i) for i in range(4)] == [4096, 0, 4096, 0]
+
+
+def test_unknown_tensors_are_refused(tiny):
+    with GGUFFile(tiny["qwen3"].gguf) as f:
+        md = dict(f.metadata)
+        w = {n: (f.tensor(n) if len(i.shape) == 1 else f.qtensor(n)) for n, i in f.tensor_infos.items()}
+    config = ModelConfig.from_gguf_metadata(md)
+    Model(config, w)
+    with pytest.raises(ValueError, match="ffn_gate_exps.*mixture-of-experts"):
+        Model(config, {**w, "blk.0.ffn_gate_exps.weight": w["blk.0.ffn_gate.weight"]})
+    with pytest.raises(ValueError, match="attn_q_norm"):
+        Model(config, {k: v for k, v in w.items() if k != "blk.1.attn_q_norm.weight"})
+
+
+# ----------------------------------------------------------------------------------------------
+# the real Gemma 3 270M
+
+GEMMA_CTX, GEMMA_WINDOWS = 128, 8
+GEMMA_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):",
+                 "The three primary colours are", "Water boils at a temperature of"]
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_270m_path):
+    model = Model.from_gguf(gemma3_270m_path)
+    return model, load_tokenizer(model.metadata)
+
+
+@pytest.mark.gemma3
+def test_gemma3_270m_config(gemma):
+    model, tok = gemma
+    c = model.config
+    assert (c.arch, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == \
+        ("gemma3", 18, 640, 4, 1, 256, 262144)
+    assert c.sliding_window == 512 and c.swa_layers == tuple(i for i in range(18) if i % 6 != 5)
+    assert c.rope_theta == 1e6 and c.rope_theta_swa == 10000.0 and c.query_scale == 1 / 16
+    assert model.tok_embd.scale == float(np.float32(math.sqrt(640))) and model.output is None
+    assert tok.add_bos and tok.bos_id == 2
+
+
+@pytest.mark.gemma3
+@pytest.mark.llamacpp
+def test_gemma3_270m_perplexity_and_tokens_match_llamacpp(gemma, gemma3_270m_path, botchan_text):
+    from lowtune.evaluate import windows
+    model, tok = gemma
+    llm = llamacpp(gemma3_270m_path, GEMMA_CTX)
+    ids = tok.encode(botchan_text, add_bos=False)
+    assert ids == llm.tokenize(botchan_text.encode("utf-8"), add_bos=False)
+    # each window starts with BOS, as Gemma expects (llama.cpp's perplexity does the same)
+    w = windows(ids[:GEMMA_CTX * GEMMA_WINDOWS], GEMMA_CTX, GEMMA_WINDOWS, bos=tok.bos_id)
+    want = llamacpp_perplexity(llm, w)
+    got = perplexity(model, ids, GEMMA_CTX, GEMMA_WINDOWS, bos=tok.bos_id)["perplexity"]
+    print(f"Gemma 3 270M Q4_K_M, {GEMMA_WINDOWS} x {GEMMA_CTX}: lowtune {got:.4f}, llama.cpp {want:.4f}")
+    assert abs(got - want) / want < 5e-3
+
+
+@pytest.mark.gemma3
+@pytest.mark.llamacpp
+def test_gemma3_270m_greedy_generations_match_llamacpp(gemma, gemma3_270m_path):
+    model, tok = gemma
+    llm = llamacpp(gemma3_270m_path, GEMMA_CTX)
+    for prompt in GEMMA_PROMPTS:
+        ids = tok.encode(prompt)
+        got = generate(model, ids, max_new_tokens=12)
+        assert got == llamacpp_greedy(llm, ids, len(got)), (prompt, tok.decode(got))
+
+
+@pytest.mark.gemma3
+@pytest.mark.parametrize("method", ["lora", "qahira"])
+def test_gemma3_270m_finetune_lowers_heldout_perplexity(gemma3_270m_path, botchan_text, tmp_path, method):
+    import lowtune
+    data = tmp_path / "botchan.txt"
+    data.write_text(botchan_text[30000:36000], encoding="utf-8")
+    result = lowtune.finetune(gemma3_270m_path, data, tmp_path / "run", method=method, layers=[16, 17],
+                              steps=4, seq_len=64, batch=2, lr=2e-3, warmup=0, eval_every=0,
+                              eval_fraction=0.15, device="cpu", seed=0)
+    before, after = result.eval_before["eval_ppl"], result.eval_after["eval_ppl"]
+    print(f"Gemma 3 270M {method}: held-out perplexity {before:.3f} -> {after:.3f}")
+    assert after < before * 0.99
