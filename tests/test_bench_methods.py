@@ -13,7 +13,7 @@ import pytest
 
 from lowtune.quantize_model import quantize_model
 
-from test_quantize_model import tiny_llama_gguf
+from helpers import write_tiny_llama_gguf
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_methods.py"
 
@@ -30,7 +30,7 @@ def bench():
 @pytest.fixture(scope="module")
 def tiny_q4_1(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_methods")
-    f32 = tiny_llama_gguf(d / "tiny-f32.gguf", layers=3, dim=64, ffn=128, heads=4, kv_heads=2,
+    f32 = write_tiny_llama_gguf(d / "tiny-f32.gguf", layers=3, dim=64, ffn=128, heads=4, kv_heads=2,
                           emb_scale=0.3, scale=0.12)
     return quantize_model(f32, d / "tiny-q4_1.gguf", "Q4_1").path
 

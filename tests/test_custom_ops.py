@@ -148,9 +148,10 @@ def test_adapter_accumulate_op(device, method):
 
 @pytest.mark.parametrize("device", devices())
 def test_ops_use_the_fused_and_cublas_paths_alike(device, rng, random_blocks):
-    """Above CUBLAS_MIN_ROWS rows the CUDA adapter products are cuBLAS GEMMs and u is kept in the
-    activation dtype: the fake implementation must say so (on the CPU both sizes run the kernels)."""
-    m = adapter_ops.CUBLAS_MIN_ROWS
+    """From the row count where the CUDA policy picks cuBLAS, the adapter products are cuBLAS GEMMs
+    and u is kept in the activation dtype: the fake implementation must say so (on the CPU both
+    sizes run the kernels)."""
+    m = next(m for m in range(1, 4097) if lowtune._C.cuda_path("adapter", m, 2, True) == "cublas")
     geom, x, A, B = adapter_args("lora", device, torch.bfloat16, m=m)
     qt = qtensor("Q4_K", geom.n, 256, rng, random_blocks).to(device)
     geom = AdapterGeometry(256, geom.n, 1, 1, 4, True, 0.5)

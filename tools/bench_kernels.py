@@ -49,7 +49,7 @@ import lowtune
 from lowtune import _C
 from lowtune.formats import FORMATS, get_format
 from lowtune.generate import StepDecoder
-from lowtune.model import LlamaConfig, LlamaModel
+from lowtune.model import Model, ModelConfig
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # N x K (Llama-7B/8B)
 MS = [1, 16, 2048]
@@ -369,7 +369,7 @@ def bench_decode(args, bw: float, emit) -> None:
     """tokens/s of generate() on a random Llama-2-7B-shaped model (every matrix Q4_K, random
     blocks), batch 1, with CUDA graphs and without, against the roofline: copy bandwidth / bytes
     per token (every matrix but the embedding, plus the filled part of the KV cache)."""
-    c = LlamaConfig(vocab_size=32000, dim=4096, n_layers=args.decode_layers, n_heads=32, n_kv_heads=32,
+    c = ModelConfig(vocab_size=32000, dim=4096, n_layers=args.decode_layers, n_heads=32, n_kv_heads=32,
                     ffn_dim=11008, head_dim=128, rope_dim=128, context_length=4096)
     qt = lambda n, k: random_qtensor("Q4_K", n, k)  # noqa: E731
     w = {"token_embd.weight": qt(c.vocab_size, c.dim), "output.weight": qt(c.vocab_size, c.dim),
@@ -384,7 +384,7 @@ def bench_decode(args, bw: float, emit) -> None:
             w[p + name + ".weight"] = qt(n, k)
         w[p + "attn_norm.weight"] = torch.ones(c.dim, device="cuda")
         w[p + "ffn_norm.weight"] = torch.ones(c.dim, device="cuda")
-    model = LlamaModel(c, w, torch.bfloat16).eval()
+    model = Model(c, w, torch.bfloat16).eval()
     weight_bytes = sum(t.nbytes for name, t in model.packed_tensors().items() if name != "token_embd.weight")
     prompt = list(range(1, args.decode_prompt + 1))
     n_new = args.decode_tokens

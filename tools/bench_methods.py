@@ -350,6 +350,12 @@ def ppl(model, tokens: list[int], ctx: int, device: str) -> float:
     return perplexity(model, tokens, ctx=ctx, batch=16 if device.startswith("cuda") else 4)["perplexity"]
 
 
+def load_with_adapter(path, adapter=None, rank=None, device="cpu", dtype=torch.float32):
+    """The model at `path` with a trained adapter attached unmerged (None: the bare model)."""
+    import lowtune
+    return lowtune.load_model(path, adapter=adapter, rank=rank, device=device, dtype=dtype)
+
+
 def act_dtype(device: str) -> torch.dtype:
     """The activation dtype training uses on `device` (trainer.load_model)."""
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -367,11 +373,9 @@ def job_quantize(s: dict) -> dict:
 
 def job_generic_text(s: dict) -> dict:
     """Sequences sampled from the teacher after <|endoftext|> (temperature 1), one paragraph each."""
-    from lowtune.export import load_model_with_adapter
-    from lowtune.tokenizer import load_tokenizer
+    import lowtune
 
-    model = load_model_with_adapter(s["teacher"], None, device=s["device"], dtype=act_dtype(s["device"]))
-    tok = load_tokenizer(model.metadata)
+    model, tok = lowtune.load(s["teacher"], device=s["device"], dtype=act_dtype(s["device"]))
     start = tok.encode("<|endoftext|>", add_bos=False, add_eos=False)
     start = start if len(start) == 1 else [tok.bos_id]  # the document separator, where the vocabulary has one
     gen = torch.Generator().manual_seed(s["seed"])
@@ -403,9 +407,8 @@ def job_lrec(s: dict) -> dict:
 
 def job_base_eval(s: dict) -> dict:
     """Perplexity of a base as the task adapter finds it (LREC applied where the base has one)."""
-    from lowtune.export import load_model_with_adapter
     from lowtune.tokenizer import load_tokenizer
-    model = load_model_with_adapter(s["model"], s.get("base_adapter"), device=s["device"], dtype=act_dtype(s["device"]))
+    model = load_with_adapter(s["model"], s.get("base_adapter"), device=s["device"], dtype=act_dtype(s["device"]))
     tok = load_tokenizer(model.metadata)
     return {"test_ppl": ppl(model, text_tokens(s["test"], tok, s["test_tokens"]), s["ctx"], s["device"]),
             "forget_ppl": ppl(model, text_tokens(s["forget"], tok, s["mid_tokens"]), s["ctx"], s["device"])}
@@ -468,7 +471,7 @@ def job_train(s: dict) -> dict:
 def job_merge(s: dict) -> dict:
     """Merged GGUF against base + adapter: test perplexity of both in fp32 activations (and in
     llama.cpp where llama-cpp-python is importable)."""
-    from lowtune.export import export_merged_gguf, load_model_with_adapter
+    from lowtune.export import export_merged_gguf
     from lowtune.tokenizer import load_tokenizer
     merged = Path(s["merged"])
     merged.parent.mkdir(parents=True, exist_ok=True)
@@ -478,12 +481,12 @@ def job_merge(s: dict) -> dict:
            "merge_err_rel_rms_mean": statistics.fmean(rel) if rel else None,
            "merge_err_rel_rms_max": max(rel) if rel else None, "sha256": sha256_of(merged),
            "rank": rep.rank}
-    unmerged = load_model_with_adapter(s["model"], s["adapter"], device=s["device"], dtype=torch.float32)
+    unmerged = load_with_adapter(s["model"], s["adapter"], device=s["device"], dtype=torch.float32)
     tok = load_tokenizer(unmerged.metadata)
     test = text_tokens(s["test"], tok, s["test_tokens"])
     out["unmerged_ppl"] = ppl(unmerged, test, s["ctx"], s["device"])
     del unmerged
-    out["merged_ppl"] = ppl(load_model_with_adapter(merged, None, device=s["device"], dtype=torch.float32),
+    out["merged_ppl"] = ppl(load_with_adapter(merged, None, device=s["device"], dtype=torch.float32),
                             test, s["ctx"], s["device"])
     if importlib.util.find_spec("llama_cpp") is not None:
         out["llamacpp_ppl"] = llamacpp_ppl(merged, test, s["ctx"])
@@ -1276,7 +1279,7 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
     llama.cpp and lowtune over the same test windows, and write the results into out."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit("llama-cpp-python is not installed here (tools/setup_env.sh builds it)")
-    from lowtune.export import export_merged_gguf, load_model_with_adapter
+    from lowtune.export import export_merged_gguf
     from lowtune.tokenizer import load_tokenizer
 
     doc = json.loads((results_dir / RESULTS).read_text())
@@ -1287,7 +1290,7 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
     texts = write_texts(work, s.get("text_chars"))
     merges = {(m["base"], m["method"]): m for m in doc["merges"]}
     doc["llamacpp"] = {}
-    base = load_model_with_adapter(source, None)
+    base = load_with_adapter(source, None)
     tok = load_tokenizer(base.metadata)
     ctx = s["seq_len"]
     test = text_tokens(texts["test"], tok, s.get("test_tokens"))
@@ -1310,8 +1313,8 @@ def fill_llamacpp(results_dir: Path, out: Path, source: Path, windows: int | Non
         export_merged_gguf(source, d / "adapter", merged)
         row = {"windows": len(test) // ctx, "sha256_here": sha256_of(merged),
                "same_file_as_gpu": sha256_of(merged) == merges[key].get("sha256"),
-               "lowtune_merged_ppl": ppl(load_model_with_adapter(merged, None), test, ctx, "cpu"),
-               "lowtune_unmerged_ppl": ppl(load_model_with_adapter(source, d / "adapter"), test, ctx, "cpu"),
+               "lowtune_merged_ppl": ppl(load_with_adapter(merged, None), test, ctx, "cpu"),
+               "lowtune_unmerged_ppl": ppl(load_with_adapter(source, d / "adapter"), test, ctx, "cpu"),
                "llamacpp_ppl": llamacpp_ppl(merged, test, ctx)}
         doc["llamacpp"][f"{key[0]}/{key[1]}"] = row
         print(f"{tar.name}: llama.cpp {row['llamacpp_ppl']:.4f}, lowtune merged {row['lowtune_merged_ppl']:.4f}, "

@@ -179,11 +179,11 @@ def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str, cac
 
 def lowtune_model(args, cfg, weights):
     from lowtune import adapters
-    from lowtune.model import LlamaConfig, LlamaModel
+    from lowtune.model import Model, ModelConfig
     shape = {k: v for k, v in cfg.items() if k != "tied"}
-    c = LlamaConfig(**shape, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
+    c = ModelConfig(**shape, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = LlamaModel(c, weights, dtype)
+    model = Model(c, weights, dtype)
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank,
                                                           alpha=args.rank, seed=args.seed))
     adapters.mark_only_adapters_trainable(model)

@@ -37,7 +37,7 @@ from torch import nn
 from torch._dynamo.callback import callback_handler
 
 from .adapters import AdaptedLinear
-from .model import LlamaModel
+from .model import Model
 from .streaming import LayerStreamer
 
 MODES = ("off", "layer", "model")
@@ -45,7 +45,7 @@ MODES = ("off", "layer", "model")
 # Layers whose packed types differ (Q4_K_M mixes Q6_K into some) compile once per combination.
 _RECOMPILE_LIMIT = 64
 
-_APPLIED: "weakref.WeakKeyDictionary[LlamaModel, CompileSetup]" = weakref.WeakKeyDictionary()
+_APPLIED: "weakref.WeakKeyDictionary[Model, CompileSetup]" = weakref.WeakKeyDictionary()
 
 
 def default_mode(device) -> str:
@@ -83,7 +83,7 @@ class CompileSetup:
         self._callbacks.clear()
 
 
-def compile_model(model: LlamaModel, mode: str = "layer", *, cuda_graphs: bool | None = None,
+def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None = None,
                   on_event: Callable[[str], None] | None = None, backend: str = "inductor") -> CompileSetup:
     """Apply `mode` (off | layer | model) to `model` in place, replacing what an earlier call
     applied. cuda_graphs: None = on where the model is on CUDA. Call it after adapters are
@@ -132,12 +132,12 @@ def compile_model(model: LlamaModel, mode: str = "layer", *, cuda_graphs: bool |
     return setup
 
 
-def applied(model: LlamaModel) -> CompileSetup | None:
+def applied(model: Model) -> CompileSetup | None:
     """What compile_model last applied to `model` (None: never called)."""
     return _APPLIED.get(model)
 
 
-def _undo(model: LlamaModel) -> None:
+def _undo(model: Model) -> None:
     old = _APPLIED.pop(model, None)
     if old is None:
         return

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .model import LlamaModel, QLinear
+from .model import Model, QLinear
 
 _ALIGN = 256          # byte alignment of each tensor inside a layer's pack (kernels load 16 B vectors)
 _N_SLOTS = 2          # GPU copies of streamed layers: the one computing and the one arriving
@@ -100,7 +100,7 @@ class LayerStreamer:
     model.hidden() calls run(layer, x, rot, cache, start) for every layer once a streamer is
     installed (stream_model)."""
 
-    def __init__(self, model: LlamaModel, device: torch.device, streamed: list[int],
+    def __init__(self, model: Model, device: torch.device, streamed: list[int],
                  offload_activations: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -343,7 +343,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def estimate_memory(model: LlamaModel, tokens: int, chunk: int) -> dict:
+def estimate_memory(model: Model, tokens: int, chunk: int) -> dict:
     """Bytes of each part of a training step's peak, from the model's sizes (see plan_streaming)."""
     c = model.config
     act = torch.tensor([], dtype=model.dtype).element_size()
@@ -369,7 +369,7 @@ def estimate_memory(model: LlamaModel, tokens: int, chunk: int) -> dict:
     }
 
 
-def plan_streaming(model: LlamaModel, device, budget: int, tokens: int) -> StreamPlan:
+def plan_streaming(model: Model, device, budget: int, tokens: int) -> StreamPlan:
     """Decide, for a step of `tokens` tokens (batch x seq_len), which layers stay on `device`.
 
     Peak = fixed + resident layers + slots + checkpoints (unless offloaded) + working + head. The
@@ -424,7 +424,7 @@ def plan_streaming(model: LlamaModel, device, budget: int, tokens: int) -> Strea
     return plan(moved, True, budget - moved_room)
 
 
-def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens: int = 2048,
+def stream_model(model: Model, device, max_vram: int | None = None, tokens: int = 2048,
                  streamed: list[int] | None = None, offload_activations: bool = False) -> StreamPlan:
     """Place `model` (its packed weights on the CPU, adapters applied) on `device` within
     `max_vram` bytes, streaming the layers that do not fit; returns the plan.
@@ -458,6 +458,6 @@ def stream_model(model: LlamaModel, device, max_vram: int | None = None, tokens:
     # Host packs first (each QLinear then views its pack), then everything else to the device
     # without the streamed bytes passing through it.
     model.streamer = LayerStreamer(model, device, plan.streamed, plan.offload_activations)
-    model.to(device)                            # all but the streamed packs (LlamaModel._apply)
+    model.to(device)                            # all but the streamed packs (Model._apply)
     model.gradient_checkpointing = True
     return plan
