@@ -15,6 +15,7 @@ import pytest
 import torch
 from gguf.constants import GGUFValueType
 
+import lowtune
 from lowtune import adapters as A
 from lowtune import cli
 from lowtune.export import SavedAdapter, export_hf, export_lora_gguf, export_merged_gguf, export_peft
