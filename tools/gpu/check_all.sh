@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU call that builds lowtune for sm_90 and runs every CUDA-marked test of the suite (the
+# tests that need the real SmolLM2 or llama.cpp are left out: neither is on the GPU machine), then
+# the kernel benchmark's small-M and large-M passes (tools/gpu/kernels.sh bench).
+# Usage, from the repository root: OUT=dir bash tools/gpu/check_all.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-gpu_check}; mkdir -p "$out"
+export PYTHONPATH=python PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+t0=$SECONDS
+if ! $py -c "import gguf" 2>/dev/null || ! $py -c "import bitsandbytes" 2>/dev/null; then
+  $py -m pip install -q --no-index --no-deps .whl/*.whl >"$out/pip.log" 2>&1 || echo "carried wheels did not install (pip.log)"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
+if ! $py -c "import lowtune, sys; sys.exit(not lowtune.build_info()['cuda'])" 2>/dev/null; then
+  echo "== build"
+  env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    timeout 420 tools/dev_build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+  echo "== built after $((SECONDS - t0)) s"
+fi
+$py -c "import lowtune; print(lowtune.build_info())"
+echo "== CUDA tests"
+timeout ${TEST_S:-300} $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
+  -n 4 --dist loadfile tests >"$out/tests.log" 2>&1
+echo "tests exit $? after $((SECONDS - t0)) s"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -40
+if [ "${BENCH:-1}" = 1 ]; then
+  OUT="$out" timeout $(( 560 - (SECONDS - t0) )) bash tools/gpu/kernels.sh bench >"$out/kernels.log" 2>&1
+  tail -c 5000 "$out/kernels.log"
+fi
+echo "== total $((SECONDS - t0)) s"
