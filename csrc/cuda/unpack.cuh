@@ -493,7 +493,7 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5;
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b));  // d | scales_h << 16
+    r[0] = ld_u32(b);  // d | scales_h << 16
     r[1] = ld_u8(b + 4 + (ib >> 1));
     ld_words<S, 8>(b + 8 + 16 * ib + (e & 15), r + 2);
   }
@@ -671,8 +671,8 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, l0 = (e & 31) >> 3;
-    r[0] = __ldg(reinterpret_cast<const unsigned int*>(b + 48));
-    r[1] = __ldg(reinterpret_cast<const unsigned int*>(b + 52));
+    r[0] = ld_u32(b + 48);
+    r[1] = ld_u32(b + 52);
     const uint32_t q = S == 16 ? (uint32_t)ld_u16(b + 4 * ib + l0) : (uint32_t)ld_u8(b + 4 * ib + l0);
     r[2] = q | ((uint32_t)ld_u8(b + 32 + 2 * ib + (l0 >> 1)) << 16);
   }

@@ -26,7 +26,15 @@ timeout ${TEST_S:-300} $py -m pytest -q -p no:cacheprovider -m "cuda and not smo
 echo "tests exit $? after $((SECONDS - t0)) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -40
 if [ "${BENCH:-1}" = 1 ]; then
-  OUT="$out" timeout $(( 560 - (SECONDS - t0) )) bash tools/gpu/kernels.sh bench >"$out/kernels.log" 2>&1
+  OUT="$out/kernels" timeout $(( 560 - (SECONDS - t0) )) bash tools/gpu/kernels.sh bench >"$out/kernels.log" 2>&1
   tail -c 5000 "$out/kernels.log"
 fi
+if [ -n "${TRAIN_STAGES:-}" ]; then  # then tools/gpu/train_speed.sh's stages in what is left
+  OUT="$out/train" STAGES="$TRAIN_STAGES" BUDGET_S=$(( 570 - (SECONDS - t0) )) \
+    bash tools/gpu/train_speed.sh >"$out/train.log" 2>&1
+  tail -c 6000 "$out/train.log"
+fi
 echo "== total $((SECONDS - t0)) s"
+# at most 8 files come back: everything in one archive, the tests' log beside it
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && mv "$out.tgz" "$out/all.tgz"
+find "$out" -mindepth 1 -maxdepth 1 ! -name all.tgz ! -name tests.log -exec rm -rf {} +
