@@ -128,6 +128,24 @@ PYBIND11_MODULE(_C, m) {
                           ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
                           ptr<float>(du));
   }, nogil());
+  // The slow CPU twins, for tests: same arguments as adapter_forward / adapter_backward.
+  m.def("adapter_forward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
+                                        int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
+                                        int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,
+                                        uintptr_t xs_out) {
+    cpu::adapter_forward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
+                                   ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
+                                   ptr<void>(xs_out));
+  }, nogil());
+  m.def("adapter_backward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
+                                         int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
+                                         int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,
+                                         uintptr_t u, uintptr_t dx, uintptr_t dA, uintptr_t dB, uintptr_t du) {
+    cpu::adapter_backward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
+                                    ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
+                                    ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
+                                    ptr<float>(du));
+  }, nogil());
   m.def("cuda_adapter_forward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
                                    int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
                                    int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,

@@ -16,6 +16,7 @@
 // Dequantization is dequant_block<T> (bit-exact with block_math.h), so the fast and the
 // reference paths see the same weights and differ only in float32 summation order.
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -282,7 +283,8 @@ struct PackTransposed {
 };
 
 // GEMM B panel for the input gradient: B[n][k] = deq(W)[n][k], W's rows as they are.
-// cols is a multiple of the block size (K and kNC are), hence of kNR: no padding.
+// cols is a multiple of the block size (the driver is given col_align = lcm(kNR, block size)
+// and K is a multiple of the block size), hence of kNR: no padding.
 template <int T>
 struct PackRows {
   using Tr = Traits<T>;
@@ -357,7 +359,9 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
         });
       }
     } else {
-      gemm_packed_b(m, k, n, gf, n, dxf, k, PackRows<T>{static_cast<const block*>(w), nb});
+      // Panels of whole blocks: PackRows dequantizes blocks of W's rows.
+      gemm_packed_b(m, k, n, gf, n, dxf, k, PackRows<T>{static_cast<const block*>(w), nb},
+                    std::lcm<int64_t>(kNR, Traits<T>::kElems));
     }
   });
   finish_output(dx, dtype, dxbuf);

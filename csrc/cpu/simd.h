@@ -1,6 +1,7 @@
 // A float vector of kLanes lanes for the CPU kernels: AVX-512 where compiled for it, else
 // AVX2+FMA, else a portable 4-lane GCC/Clang vector (SSE2/NEON or scalar code).
-// Only what the GEMM and dot kernels need: load, store, broadcast, fused multiply-add, sum.
+// Only what the GEMM and dot kernels need: load, store, broadcast, fused multiply-add, add,
+// multiply, sum.
 #pragma once
 #include <cstdint>
 
@@ -20,6 +21,7 @@ inline vf set1(float x) { return _mm512_set1_ps(x); }
 inline vf zero() { return _mm512_setzero_ps(); }
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline float sum(vf v) { return _mm512_reduce_add_ps(v); }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -32,6 +34,7 @@ inline vf set1(float x) { return _mm256_set1_ps(x); }
 inline vf zero() { return _mm256_setzero_ps(); }
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline float sum(vf v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -48,6 +51,7 @@ inline vf set1(float x) { return vf{x, x, x, x}; }
 inline vf zero() { return vf{0, 0, 0, 0}; }
 inline vf fma(vf a, vf b, vf c) { return a * b + c; }  // two roundings: fine for a dot product
 inline vf add(vf a, vf b) { return a + b; }
+inline vf mul(vf a, vf b) { return a * b; }
 inline float sum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 #endif
 
