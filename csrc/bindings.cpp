@@ -39,6 +39,7 @@ py::dict build_info() {
 #endif
   d["cpu_threads"] = cpu::num_threads();
   d["cpu_isa"] = std::string(cpu::simd_isa());
+  d["cpu_threading"] = std::string(cpu::threading_backend());
   return d;
 }
 }  // namespace

@@ -1,9 +1,19 @@
-// The persistent thread pool behind parallel_chunks (parallel.h).
+// The threads behind parallel_chunks (parallel.h).
 //
-// One job at a time: the caller publishes (chunks, function), wakes the workers taking part,
-// claims chunks itself from a shared counter, then waits until every worker taking part has
-// finished. Workers spin briefly after a job (the next call usually follows within
-// microseconds), then sleep on a futex (std::atomic::wait).
+// Built with OpenMP (the default where the compiler has it): the chunks run in an OpenMP
+// parallel region. PyTorch's CPU build runs its intra-op work on libgomp too, and the loader
+// shares one libgomp between torch and this module, so both run on one team of threads. Two
+// pools would fight over the cores: after each parallel region libgomp's threads spin (up to
+// milliseconds) waiting for the next one, taking a core from any other pool's threads.
+//
+// Without OpenMP: a persistent pool of std::threads. One job at a time: the caller publishes
+// (chunks, function), wakes the workers taking part, claims chunks itself from a shared
+// counter, then waits until every worker taking part has finished. Workers spin briefly after a
+// job (the next call usually follows within microseconds), then sleep on a futex
+// (std::atomic::wait).
+//
+// Either way chunks are claimed dynamically, so a thread that starts late (the machine is
+// busy) finds its share already taken rather than holding everyone up.
 #include "parallel.h"
 
 #include <unistd.h>
@@ -13,6 +23,10 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -24,6 +38,7 @@
 namespace lowtune::cpu {
 namespace {
 
+#if !defined(_OPENMP)
 // Polls before sleeping: about 50-100 µs, longer than the gap between back-to-back kernel calls.
 constexpr int kSpins = 2000;
 
@@ -121,14 +136,10 @@ Pool* get_pool(int workers) {
   }
   return pool;
 }
+#endif
 
-}  // namespace
-
-void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& chunk) {
-  if (chunks <= 0) return;
-  const int threads = std::min(num_threads(), 256);
-  const int helpers = (int)std::min<int64_t>(threads - 1, chunks - 1);
-  if (helpers > 0 && !t_in_job && get_pool(threads - 1)->try_run(chunks, helpers, chunk)) return;
+// chunk(c) for every c, on the calling thread; the first exception is rethrown at the end.
+void run_serial(int64_t chunks, const std::function<void(int64_t)>& chunk) {
   std::exception_ptr error;
   for (int64_t c = 0; c < chunks; ++c) {
     try {
@@ -138,6 +149,60 @@ void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& chunk) 
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+int g_threads = 0;  // set_num_threads; 0 = the default
+
+}  // namespace
+
+void set_num_threads(int n) { g_threads = n < 0 ? 0 : n; }
+
+// Default: as many threads as torch uses (it sets OpenMP's thread count, to the physical cores
+// unless told otherwise), or the hardware's count without OpenMP.
+int num_threads() {
+  if (g_threads > 0) return g_threads;
+#if defined(_OPENMP)
+  return std::max(1, omp_get_max_threads());
+#else
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc ? (int)hc : 1;
+#endif
+}
+
+const char* threading_backend() {
+#if defined(_OPENMP)
+  return "openmp";
+#else
+  return "threads";
+#endif
+}
+
+void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& chunk) {
+  if (chunks <= 0) return;
+  const int threads = (int)std::min<int64_t>(std::min(num_threads(), 256), chunks);
+#if defined(_OPENMP)
+  if (threads <= 1 || omp_in_parallel()) return run_serial(chunks, chunk);
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) break;
+      try {
+        chunk(c);
+      } catch (...) {  // nothing may leave an OpenMP region
+        std::lock_guard<std::mutex> g(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+#else
+  if (threads > 1 && !t_in_job && get_pool(std::min(num_threads(), 256) - 1)->try_run(chunks, threads - 1, chunk)) return;
+  run_serial(chunks, chunk);
+#endif
 }
 
 }  // namespace lowtune::cpu

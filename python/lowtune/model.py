@@ -271,16 +271,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml."""
     n_rep = q.shape[1] // k.shape[1]
+    gqa = {}
     if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if q.device.type == "cpu":  # the CPU kernels read shared heads in place: no copies
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     t, s = q.shape[2], k.shape[2]
     if start == 0 and t == s:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     if t == 1:  # one new token sees every cached position
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
     # Several new tokens after a cached prefix: query i sees keys 0..start+i.
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class LlamaModel(nn.Module):
@@ -481,11 +485,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk].contiguous(), targets[s:s + chunk]
-            logits = ops.qmatmul(hc, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+            # one fused pass for log-probabilities, then softmax in the same buffer: the chunk's
+            # [rows, V] logits are the largest tensors of a step (and 49k-wide on SmolLM2)
+            logp = torch.log_softmax(ops.qmatmul(hc, weight).float(), dim=-1)
+            total -= logp.gather(1, tc[:, None]).sum()
             if need_grad:
-                p = torch.exp(logits.sub_(lse[:, None]))
+                p = logp.exp_()
                 p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
                 dh[s:s + chunk] = ops.qmatmul_input_grad(p.to(h.dtype), weight)
         ctx.save_for_backward(dh if need_grad else torch.empty(0))
