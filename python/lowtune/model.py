@@ -273,7 +273,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
     n_rep = q.shape[1] // k.shape[1]
     gqa = {}
     if n_rep > 1:
-        if q.device.type == "cpu":  # the CPU kernels read shared heads in place: no copies
+        # torch >= 2.5's CPU kernels read shared heads in place: no copies
+        if q.device.type == "cpu" and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 5):
             gqa = {"enable_gqa": True}
         else:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
