@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate_text
+    from .generate import GenerationStats, generate_text
     if args.n < 1:
         raise CLIError("-n must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -219,10 +219,14 @@ def cmd_generate(args) -> int:
 
     if not args.chat:
         show(args.prompt)
+    stats = GenerationStats()
     generate_text(model, tok, args.prompt, max_new_tokens=args.n, chat=args.chat, system=args.system,
                   on_text=show, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed)
+                  seed=args.seed, stats=stats)
     show("\n")
+    print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_second:.1f} tokens/s; "
+          f"decode: {stats.decode_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s",
+          file=sys.stderr)
     return 0
 
 
