@@ -152,6 +152,13 @@ void adapter_forward(const AdapterGeom& g, const void* x, int dtype, const float
 void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const void* xs,
                       int64_t xs_pool, const float* A, const float* B, const float* u, void* dx,
                       float* dA, float* dB, float* du);
+// The obvious loops the two above are tested against (same arguments, same results up to
+// float32 summation order).
+void adapter_forward_reference(const AdapterGeom& g, const void* x, int dtype, const float* A,
+                               const float* B, void* y, float* u, void* xs_out);
+void adapter_backward_reference(const AdapterGeom& g, const void* dy, int dtype, const void* xs,
+                                int64_t xs_pool, const float* A, const float* B, const float* u,
+                                void* dx, float* dA, float* dB, float* du);
 }  // namespace cpu
 
 namespace cuda {

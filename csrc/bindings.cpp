@@ -6,6 +6,7 @@
 #include "kernels.h"
 #include "adapter_kernels.h"
 #include "cuda_policy.h"
+#include "decode_kernels.h"
 
 namespace py = pybind11;
 using namespace lowtune;
@@ -40,6 +41,7 @@ py::dict build_info() {
 #endif
   d["cpu_threads"] = cpu::num_threads();
   d["cpu_isa"] = std::string(cpu::simd_isa());
+  d["cpu_threading"] = std::string(cpu::threading_backend());
   return d;
 }
 }  // namespace
@@ -138,6 +140,50 @@ PYBIND11_MODULE(_C, m) {
                           ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
                           ptr<float>(du));
   }, nogil());
+  // The slow CPU twins, for tests: same arguments as adapter_forward / adapter_backward.
+  m.def("adapter_forward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
+                                        int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
+                                        int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,
+                                        uintptr_t xs_out) {
+    cpu::adapter_forward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
+                                   ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
+                                   ptr<void>(xs_out));
+  }, nogil());
+  m.def("adapter_backward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
+                                         int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
+                                         int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,
+                                         uintptr_t u, uintptr_t dx, uintptr_t dA, uintptr_t dB, uintptr_t du) {
+    cpu::adapter_backward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
+                                    ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
+                                    ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
+                                    ptr<float>(du));
+  }, nogil());
+  // ---- the CPU decoding step (csrc/decode_kernels.h); lowtune.generate builds and checks it ----
+  // A matrix travels as (qtype, pointer, n, k); a layer as its seven matrices (q, k, v, o, gate,
+  // up, down) then (attn_norm, ffn_norm, k_cache, v_cache) pointers; the config as (dim,
+  // n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len, norm_eps).
+  using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
+  auto mat = [](const Mat& t) {
+    return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
+  };
+  py::class_<cpu::Decoder>(m, "CpuDecoder")
+      .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
+                          const std::vector<std::pair<std::vector<Mat>, std::vector<uintptr_t>>>& layers,
+                          const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
+        auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
+        std::vector<cpu::DecodeLayer> ls;
+        for (const auto& [ms, ps] : layers) {
+          if (ms.size() != 7 || ps.size() != 4) throw std::invalid_argument("decoder: a layer is 7 matrices and 4 pointers");
+          ls.push_back({mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
+                        ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])});
+        }
+        return new cpu::Decoder(cpu::DecodeConfig{dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps}, std::move(ls),
+                                mat(embedding), mat(head), ptr<const float>(output_norm), ptr<const float>(rope));
+      }))
+      .def("step", [](cpu::Decoder& d, int64_t token, int64_t pos, uintptr_t logits) {
+        d.step(token, pos, ptr<float>(logits));
+      }, nogil());
+
   m.def("cuda_adapter_forward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
                                    int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
                                    int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,

@@ -20,9 +20,11 @@ BlockInfo block_info(int qtype);
 std::vector<int> type_ids();
 
 namespace cpu {
-// Number of threads the CPU kernels use (0 = hardware concurrency).
+// Number of threads the CPU kernels use (0 = the default: torch's count where built with
+// OpenMP, else the hardware's), and how they run: "openmp" (one team with torch) or "threads".
 void set_num_threads(int n);
 int num_threads();
+const char* threading_backend();
 // The vector instruction set the CPU kernels were compiled for: "avx512", "avx2" or "generic".
 const char* simd_isa();
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lowtune
-from lowtune import adapter_ops, ops
+from lowtune import _C, adapter_ops, ops
 from lowtune.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHODS, AdaptedLinear, AdapterConfig,
                               DyLoRAController, adapter_parameters, adapters_of, apply_adapters,
                               base_hash, load_adapter, mark_only_adapters_trainable, model_base_hash,
@@ -504,6 +504,70 @@ def test_cublas_path_close_to_float64(method, qtype, monkeypatch):
     t64 = truth64(ad, x, dy)
     for a, b in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
         assert a.shape == b.shape and rel_err(a, b) < 2e-5
+
+
+# ---- the CPU GEMM backend against its slow twin ----------------------------------------------------
+# (m, k, n, pool, repeat, rank, has_b): LoRA at training-like and decode sizes, ranks below and
+# above a register tile's width, pooling and expansion (QA-LoRA, Q-BaRA), a single matrix.
+CPU_TWIN_GEOMS = [(70, 96, 40, 1, 1, 16, True), (1, 64, 48, 1, 1, 3, True), (33, 128, 96, 4, 1, 5, True),
+                  (40, 64, 64, 2, 2, 40, True), (9, 96, 72, 32, 1, 72, False), (130, 64, 64, 2, 4, 16, False)]
+
+
+def _adapter_buffers(g, dtype, seed):
+    m, k, n, p, q, r, has_b = g
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    rows = r + 2 if has_b else n // q  # a_ld wider than k/p and A taller than the rank in use
+    t = dict(x=rnd(m, k).to(dtype), dy=rnd(m, n).to(dtype), A=rnd(rows, k // p + 3), B=rnd(n // q, r + 1),
+             y=rnd(m, n).to(dtype), dx=rnd(m, k).to(dtype))
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("geom", CPU_TWIN_GEOMS)
+def test_cpu_gemm_backend_matches_reference_twin(geom, dtype):
+    m, k, n, p, q, r, has_b = geom
+    ga = (m, k, n, p, q, r, None, r + 1 if has_b else 0, has_b, 0.7)
+    outs = []
+    for suffix in ("", "_reference"):
+        t = _adapter_buffers(geom, dtype, seed=3)
+        a_ld = t["A"].shape[1]
+        args = ga[:6] + (a_ld,) + ga[7:]
+        B = t["B"] if has_b else None
+        u = torch.zeros(m, r) if has_b else None
+        xs = torch.zeros(m, k // p, dtype=dtype)
+        getattr(_C, "adapter_forward" + suffix)(*args, t["x"].data_ptr(), ops.ACT_DTYPES[dtype], t["A"].data_ptr(),
+                                                0 if B is None else B.data_ptr(), t["y"].data_ptr(),
+                                                0 if u is None else u.data_ptr(), xs.data_ptr() if p > 1 else 0)
+        dA, dB = torch.zeros_like(t["A"]), torch.zeros_like(t["B"])
+        du = torch.zeros(m * (r if has_b else k // p))
+        getattr(_C, "adapter_backward" + suffix)(*args, t["dy"].data_ptr(), ops.ACT_DTYPES[dtype], xs.data_ptr() if p > 1
+                                                 else t["x"].data_ptr(), 1 if p > 1 else p, t["A"].data_ptr(),
+                                                 0 if B is None else B.data_ptr(), 0 if u is None else u.data_ptr(),
+                                                 t["dx"].data_ptr(), dA.data_ptr(), dB.data_ptr() if has_b else 0,
+                                                 du.data_ptr())
+        outs.append([t["y"], t["dx"], dA] + ([dB, u] if has_b else []) + ([xs] if p > 1 else []))
+    # Same values, fp32 sums in another order; 16-bit outputs may land one rounding apart.
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for fast, ref in zip(*outs):
+        assert rel_err(fast.float(), ref.float()) < tol
+
+
+def test_cpu_gemm_backend_thread_count_does_not_change_results():
+    geom = (300, 192, 96, 1, 1, 16, True)
+    before = _C.num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            _C.set_num_threads(threads)
+            ad = make_adapter("lora", "Q4_1", n=96, k=192, rank=16)
+            x, dy = torch.randn(300, 192, generator=torch.Generator().manual_seed(0)), torch.ones(300, 96)
+            y, dx, grads = grads_of(ad, x, dy)
+            results.append([y, dx, *grads])
+    finally:
+        _C.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,13 @@ def test_generate_greedy_is_deterministic(tiny_gguf, capsys):
     assert rc == 0 and out.startswith("the fox")
     rc, out, _ = run(["generate", tiny_gguf, "--prompt", "hi", "-n", 4, "--chat"], capsys)
     assert rc == 0 and not out.startswith("hi")  # chat prints only the reply
+
+
+def test_generate_reports_prompt_and_decode_speed_apart(tiny_gguf, capsys):
+    rc, out, err = run(["generate", tiny_gguf, "--prompt", "the fox", "-n", 5], capsys)
+    speeds = re.search(r"prompt: (\d+) tokens, ([\d.]+) tokens/s; decode: (\d+) tokens, ([\d.]+) tokens/s", err)
+    assert rc == 0 and speeds and "tokens/s" not in out  # stdout keeps only the text
+    assert int(speeds[1]) >= 1 and 0 <= int(speeds[3]) <= 4 and float(speeds[2]) > 0
 
 
 # ----------------------------------------------------------------------------------------------

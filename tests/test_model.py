@@ -139,6 +139,55 @@ def test_generate_stops_at_stop_id_and_is_seeded():
     assert a == b and len(a) == 8
 
 
+# (qtype, tied, heads, kv heads, head_dim, rope_dim, dim, ffn): legacy and K-type blocks, GQA and
+# plain heads, RoPE on part of each head, a separate LM head.
+DECODER_CASES = [("Q4_1", True, 4, 2, 16, 16, 64, 96), ("Q8_0", False, 4, 4, 16, 8, 64, 96),
+                 ("Q4_K", True, 8, 2, 32, 32, 256, 256), ("Q5_0", True, 4, 1, 16, 16, 64, 64)]
+
+
+@pytest.mark.parametrize("qtype,tied,heads,kv,hd,rd,dim,ffn", DECODER_CASES)
+def test_compiled_cpu_decoder_matches_the_model(qtype, tied, heads, kv, hd, rd, dim, ffn):
+    # lowtune._C.CpuDecoder against the model's own forward, one token at a time after a prefill:
+    # the same logits and the same cached keys/values (float32 summation order apart).
+    from lowtune.generate import cpu_decoder
+    c = tiny_config(n_heads=heads, n_kv_heads=kv, head_dim=hd, dim=dim, ffn=ffn)
+    c.rope_dim = rd
+    model = LlamaModel(c, gguf_weights(c, tiny_weights(c, tied=tied), qtype)).eval()
+    ids = torch.randint(0, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    ours, theirs = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.no_grad():
+        model(ids[:, :5], ours)
+        model(ids[:, :5], theirs)
+        step = cpu_decoder(model, ours)
+        assert step is not None
+        for t in range(5, 12):
+            got = step(int(ids[0, t])).clone()
+            want = model(ids[:, t:t + 1], theirs)[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ours.length == theirs.length == 12
+    for a, b in zip(ours.k + ours.v, theirs.k + theirs.v):
+        torch.testing.assert_close(a[:, :, :12], b[:, :, :12], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_cpu_decoder_applies_only_to_plain_llama():
+    from lowtune.adapters import AdapterConfig, apply_adapters
+    from lowtune.generate import GenerationStats, cpu_decoder
+    model, _ = tiny_model("Q4_1")
+    assert cpu_decoder(model, model.new_cache(1, 8)) is not None
+    stats = GenerationStats()
+    out = generate(model, [3, 1, 4], max_new_tokens=6, stats=stats)
+    assert stats.compiled_decoder and stats.prompt_tokens == 3 and stats.decode_tokens == len(out) - 1 == 5
+    assert stats.decode_seconds > 0 and stats.decode_tokens_per_second > 0
+    assert cpu_decoder(model, model.new_cache(2, 8)) is None                         # batch 2
+    assert cpu_decoder(tiny_model("F32")[0], model.new_cache(1, 8)) is None         # float matrices
+    assert cpu_decoder(tiny_model("Q4_1", dtype=torch.bfloat16)[0], model.new_cache(1, 8)) is None
+    apply_adapters(model, AdapterConfig(method="lora", rank=2))
+    assert cpu_decoder(model, model.new_cache(1, 8)) is None                         # adapters
+    stats = GenerationStats()
+    generate(model, [3, 1, 4], max_new_tokens=3, stats=stats)
+    assert not stats.compiled_decoder and stats.decode_tokens == 2
+
+
 def test_sample_next_filters():
     logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
     assert sample_next(logits) == 1

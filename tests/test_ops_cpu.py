@@ -133,18 +133,38 @@ def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
 
 def test_thread_count_does_not_change_results(rng, random_blocks):
     # Threads split output rows/columns; each output's summation order must not depend on them.
-    # N and K span several panels of every path (small M, dot-product tiles, transposed tiles).
-    qt = random_qtensor("Q4_K", 600, 1024, rng, random_blocks)
+    # N and K span several panels of every path (small M, dot-product tiles, transposed tiles);
+    # a narrow N makes the GEMM split rows across threads too.
     before = _C.num_threads()
     try:
-        for m in (2, 8, 33):
-            x = activations(rng, (m, 1024), torch.float32)
-            dy = activations(rng, (m, 600), torch.float32)
-            results = []
-            for threads in (1, 3):
-                _C.set_num_threads(threads)
-                results.append((lowtune.qmatmul(x, qt), lowtune.qmatmul_input_grad(dy, qt)))
-            assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), m
+        for name, n, k, ms in [("Q4_K", 600, 1024, (2, 8, 33)), ("Q4_1", 40, 96, (300,))]:
+            qt = random_qtensor(name, n, k, rng, random_blocks)
+            for m in ms:
+                x = activations(rng, (m, k), torch.float32)
+                dy = activations(rng, (m, n), torch.float32)
+                results = []
+                for threads in (1, 2, 3):
+                    _C.set_num_threads(threads)
+                    results.append((lowtune.qmatmul(x, qt), lowtune.qmatmul_input_grad(dy, qt)))
+                for other in results[1:]:
+                    assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1]), (name, m)
+    finally:
+        _C.set_num_threads(before)
+
+
+def test_kernel_errors_reach_python_from_any_thread():
+    # quantize() checks each row on the thread pool: the error of a row handled by a worker
+    # thread must come back as the Python exception, and the pool must stay usable after it.
+    before = _C.num_threads()
+    try:
+        _C.set_num_threads(2)
+        w = torch.randn(64, 32)
+        w[60, 3] = float("nan")  # a row of the second chunk, which the worker runs when it is awake in time
+        raw = torch.empty(64, 20, dtype=torch.uint8)
+        with pytest.raises(ValueError, match="row 60"):
+            _C.quantize(get_format("Q4_1").type_id, w.data_ptr(), raw.data_ptr(), 64, 32)
+        w[60, 3] = 0.0
+        _C.quantize(get_format("Q4_1").type_id, w.data_ptr(), raw.data_ptr(), 64, 32)
     finally:
         _C.set_num_threads(before)
 

