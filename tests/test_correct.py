@@ -109,8 +109,8 @@ def test_distillation_gradient_matches_autograd(tiny):
     ls, lt = s(ids)[:, :-1], t(ids)[:, :-1].detach()
     ref, _, _ = reference_distill_loss(ls.reshape(-1, TINY_VOCAB), lt.reshape(-1, TINY_VOCAB), labels[:, 1:].reshape(-1), 1.0, 0.25)
     ref.backward()
-    for g, p in zip(got, adapter_parameters(s)):
-        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
+    for g, p in zip(got, adapter_parameters(s)):  # fp32 sums in another order: error relative to the scale
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4 * p.grad.abs().max().item())
     dm.eval()  # eval mode: the student's own cross-entropy, as the trainer's held-out perplexity
     assert dm.loss(ids, labels, reduction="sum").item() == pytest.approx(s.loss(ids, labels, reduction="sum").item())
 

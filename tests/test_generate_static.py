@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowtune.generate import StepDecoder, generate
+from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.model import LlamaModel
 
 from test_model import gguf_weights, tiny_config, tiny_weights
@@ -51,10 +51,11 @@ def test_step_decoder_refuses_a_full_cache():
 
 def test_generate_reports_prompt_and_decode_times():
     model = tiny_model("cpu")
-    stats = {}
+    stats = GenerationStats()
     out = generate(model, [1, 2, 3], max_new_tokens=6, stats=stats)
-    assert len(out) == 6 and stats["prompt_tokens"] == 3 and stats["decode_tokens"] == 5
-    assert stats["prompt_s"] > 0 and stats["decode_s"] > 0
+    assert len(out) == 6 and stats.prompt_tokens == 3 and stats.decode_tokens == 5
+    assert stats.prompt_seconds > 0 and stats.decode_seconds > 0
+    assert stats.decode_tokens_per_second == stats.decode_tokens / stats.decode_seconds
 
 
 @pytest.mark.cuda

@@ -60,6 +60,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -810,12 +811,14 @@ def main(argv=None) -> int:
         head = cpu_header(args)
     print(head, flush=True)
     results, peaks, started = [], None, time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix="bench_train-")
 
     def launch(run: str) -> dict:
         left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
         if left is not None and left < args.min_run:
             return {"run": run, "skipped": f"skipped: {left:.0f} s left of the time budget"}
-        tmp = Path(out or ".") / f"run-{run.replace(':', '-')}.json"
+        # each run's result, beside the others when --out is given, else in a scratch directory
+        tmp = Path(out or scratch) / f"run-{run.replace(':', '-')}.json"
         cmd = [sys.executable, __file__, "--run", run, "--json-out", str(tmp)] + \
               [a for a in (argv if argv is not None else sys.argv[1:])]
         t0 = time.perf_counter()
