@@ -324,6 +324,7 @@ def test_cuda_graph_training_equals_eager(compiled, streamed):
     setup = compile_model(model, mode, cuda_graphs=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, got_g = train_steps(model, ids, ids, steps=3)
+    assert setup.graphs.failed is None, setup.summary()
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     assert_same(got_g, want_g, rtol=1e-2, atol=1e-5)
     graphs = setup.graphs

@@ -14,6 +14,8 @@
 #
 # install: builds and installs lowtune with the sm_90 CUDA kernels (pip, no build isolation) and
 #          keeps part 1 in $STASH.
+# stash:   keeps part 1 in $STASH only (lowtune built in place by another command, e.g.
+#          tools/gpu/check_all.sh; then run study with PYTHONPATH=python).
 # study:   adds part 2, rebuilds the file (sha256 checked), runs the study with a deadline so the
 #          command ends inside its 10 minutes, and leaves methods.json, methods.md, methods.png and
 #          the Q4_1 adapters (adapter-q41-<method>.tar, for the llama.cpp column on a CPU:
@@ -38,8 +40,12 @@ case "${1:-}" in
     (cd /tmp && python3 -c "import lowtune; print(lowtune.build_info())")
     cp .carry/methods/part-1/* "$STASH/"
     echo "part 1 kept in $STASH: now run 'bash tools/gpu/methods.sh study', sending .carry/methods/part-2" ;;
+  stash)  # part 1 only, for a machine where lowtune is built in place (tools/gpu/check_all.sh)
+    cp .carry/methods/part-1/* "$STASH/"
+    echo "part 1 kept in $STASH" ;;
   study)
-    if ! (cd /tmp && python3 -c "import lowtune, sys; sys.exit(0 if lowtune.build_info()['cuda'] else 1)") 2>/dev/null; then
+    # the installed lowtune, or the in-place build when PYTHONPATH=python
+    if ! python3 -c "import lowtune, sys; sys.exit(0 if lowtune.build_info()['cuda'] else 1)" 2>/dev/null; then
       echo "lowtune with CUDA is not installed on this machine (was it released after 'install'?):"
       echo "run 'methods.sh install' (sending the gguf wheel and .carry/methods/part-1), then 'methods.sh study' at once"
       exit 3
@@ -50,5 +56,5 @@ case "${1:-}" in
       --deadline-s "${DEADLINE_S:-480}" --grace-s 45 "${@:2}"
     ls -la "$OUT" ;;
   *)
-    echo "usage: tools/gpu/methods.sh install|study [extra bench_methods.py arguments]"; exit 2 ;;
+    echo "usage: tools/gpu/methods.sh install|stash|study [extra bench_methods.py arguments]"; exit 2 ;;
 esac
