@@ -90,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "activations (default: on for CUDA, off on CPU)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
+    p.add_argument("--allow-binary", action="store_true", default=None,
+                   help="train on data that does not look like text (many undecodable or control bytes)")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
                    help="take loss on prompts too (instruction and chat data)")
     p.add_argument("--base-adapter", metavar="RUN_DIR",

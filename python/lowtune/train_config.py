@@ -76,6 +76,7 @@ class TrainConfig:
     qtype: str | None = None        # quantization type for a safetensors model (--type)
     max_vram: int | None = None     # bytes (or "6GB"); the model streams layers to stay under it
     strict: bool = False            # stop at the first bad data record
+    allow_binary: bool = False      # train on data that does not look like text
     train_on_prompt: bool = False   # loss on prompts too (instruction/chat data)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU
