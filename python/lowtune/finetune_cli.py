@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .methods import METHODS, canonical_method
+from .paths import check_input_file, check_model_path, check_output_dir
 from .train_config import RESUME_OVERRIDES, SCHEDULES, TrainConfig
 
 # CLI dest -> TrainConfig field, where they differ.
@@ -128,6 +129,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
     return TrainConfig(**fields)
+
+
+def check(args: argparse.Namespace) -> None:
+    """What can be told before anything loads: the options make a config, the model and data are
+    there, and -o is a directory that can be written."""
+    if args.resume:
+        return  # the run directory's config.json says the rest (resumed_config)
+    cfg = config_from_args(args)
+    cfg.check()
+    check_model_path(cfg.model)
+    check_input_file(cfg.data, "data file")
+    check_output_dir(cfg.out, "run directory")
 
 
 def resumed_config(args: argparse.Namespace, note=print) -> TrainConfig:

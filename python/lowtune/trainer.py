@@ -44,6 +44,7 @@ from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, 
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
                        changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
 from .loading import load_for_training, pick_device
+from .paths import check_output_dir
 from .progress import Progress, plural
 from .rundir import RunDir, save_run_adapter
 from .tokenizer import load_tokenizer
@@ -90,10 +91,15 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def _setup(self, resume: bool = False) -> None:
         cfg = self.cfg
         self.device = distributed.init(pick_device(cfg.device))  # torchrun: this rank's GPU
         self.rundir = RunDir(self.run_dir, writer=distributed.is_main())
+        if distributed.is_main():  # what the run directory allows is known before anything loads
+            check_output_dir(self.run_dir, "run directory")
+            newest = self.rundir.newest_step()
+            if newest is not None and not resume:
+                raise existing_run(self.run_dir, newest)
         if not distributed.is_main():
             self.log = lambda s: None  # rank 0 speaks for the group
         seed_everything(cfg.seed)
@@ -362,7 +368,7 @@ class Trainer:
 
     def _run(self, resume: bool) -> TrainResult:
         cfg = self.cfg
-        self._setup()  # model and data first: a mistake there leaves no empty run directory
+        self._setup(resume)  # model and data first: a mistake there leaves no empty run directory
         step, elapsed, tokens = self._begin(resume)
         rows = self.rundir.metrics() if distributed.is_main() else []
         self.model.train()
@@ -469,7 +475,8 @@ class Trainer:
             change = 100.0 * (after["eval_ppl"] / before["eval_ppl"] - 1.0)
             self.log(f"held-out perplexity: {before['eval_ppl']:.3f} before, {after['eval_ppl']:.3f} "
                      f"after ({change:+.1f}%)")
-        self.log(f"run directory: {self.run_dir} (adapter {adapter_path})")
+        if distributed.is_main():
+            self.log(f"wrote {self.run_dir}: {self.rundir.contents()}")
         return TrainResult(self.run_dir, step, before, after, wall, adapter_path)
 
 
