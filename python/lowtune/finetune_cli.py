@@ -9,7 +9,7 @@ import argparse
 
 from .methods import METHODS, canonical_method
 from .paths import check_input_file, check_model_path, check_output_dir
-from .train_config import RESUME_OVERRIDES, SCHEDULES, TrainConfig
+from .train_config import COMPILE_MODES, RESUME_OVERRIDES, SCHEDULES, TrainConfig
 
 # CLI dest -> TrainConfig field, where they differ.
 _FIELDS = {"type": "qtype", "output": "out"}
@@ -89,6 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", choices=["on", "off"],
                    help="recompute each layer in the backward pass instead of keeping its "
                    "activations (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile each decoder layer (layer), the whole model (model) or nothing "
+                   "(off); default auto: layer on CUDA, off on the CPU")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="replay each decoder layer from CUDA graphs (default auto: on with CUDA)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
     p.add_argument("--allow-binary", action="store_true", default=None,
@@ -114,8 +119,8 @@ def given(args: argparse.Namespace) -> dict:
         if v is None or k in ("resume", "command"):
             continue
         k = _FIELDS.get(k, k)
-        if k == "gradient_checkpointing":
-            v = v == "on"
+        if k in ("gradient_checkpointing", "cuda_graphs"):
+            v = None if v == "auto" else v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out

@@ -44,6 +44,7 @@ from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, 
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
                        changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
 from .loading import load_for_training, pick_device
+from .model import Model
 from .paths import check_output_dir
 from .progress import Progress, plural
 from .rundir import RunDir, save_run_adapter
@@ -113,6 +114,7 @@ class Trainer:
         if hasattr(self.model, "gradient_checkpointing"):
             gc = cfg.gradient_checkpointing
             self.model.gradient_checkpointing = (self.device.type == "cuda") if gc is None else gc
+        self._compile()
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters (were adapters applied?)")
@@ -132,6 +134,23 @@ class Trainer:
         self.dataset.stats.eval_tokens = sum(len(e) for e in self.dataset.eval)
         self.pad_id = int(getattr(self.tokenizer, "eos_id", 0) or 0) if self.tokenizer else 0
         self._resolve()
+
+    def _compile(self) -> None:
+        """cfg.compile and cfg.cuda_graphs applied to a lowtune model (lowtune.compile); other
+        models (tests, LREC's distillation wrapper) run as they are."""
+        cfg = self.cfg
+        if not isinstance(self.model, Model):
+            return
+        from .compile import compile_model, default_mode
+        mode = default_mode(self.device) if cfg.compile == "auto" else cfg.compile
+        graphs = self.device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
+        if graphs and self.device.type != "cuda":
+            raise TrainingError(f"--cuda-graphs on needs a CUDA device; this run is on {self.device}")
+        cfg.extra["compile"] = {"mode": mode, "cuda_graphs": graphs}
+        if mode == "off" and not graphs:
+            return  # eager, as the model comes
+        # compilation and capture happen in the first step; the log says when and how long
+        compile_model(self.model, mode, cuda_graphs=graphs, on_event=lambda line: self.log(line))
 
     def _resolve(self) -> None:
         cfg = self.cfg
@@ -343,8 +362,10 @@ class Trainer:
             raise existing_run(self.run_dir, newest)
         self.rundir.start(cfg)
         params = [p for _, p in self.params]
+        # one fused kernel for all parameters on CUDA; on the CPU one multi-tensor op per step
+        impl = {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, **impl)
         total, warmup, schedule = cfg.steps, cfg.warmup, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
