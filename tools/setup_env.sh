@@ -48,7 +48,7 @@ fi
 
 step "build tools (scikit-build-core, pybind11, cmake, ninja)" \
   pip_i "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
-have torch || step "torch (CPU wheel, about 200 MB to download)" pip_i "torch==2.13.0"
+have torch || step "torch (the largest download)" pip_i "torch==2.13.0"
 step "runtime and test packages" \
   pip_i numpy "gguf==0.19.0" safetensors tokenizers sentencepiece jinja2 matplotlib pytest pytest-xdist hypothesis
 # Independent clients of the Hugging Face exports, for the tests (not needed to fine-tune).
