@@ -193,6 +193,16 @@ def test_finetune_refuses_unusable_inputs_in_one_line(tmp_path, tiny_gguf, text_
     assert rc == 0, err
 
 
+def test_unwritable_places_are_named(tmp_path, monkeypatch, capsys, tiny_gguf, text_file):
+    from lowtune import paths
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: str(path) != str(tmp_path))  # as for a user
+    rc, _, err = run(finetune_args(tiny_gguf, text_file, tmp_path / "runs" / "a"), capsys)
+    assert rc == 1 and err.strip() == (f"lowtune: error: cannot create the run directory {tmp_path}/runs/a: "
+                                       f"{tmp_path} is not writable; choose another place")
+    rc, _, err = run(["export", tiny_gguf, "-o", tmp_path / "m.gguf"], capsys)
+    assert rc == 1 and f"the directory {tmp_path} is not writable" in err
+
+
 def test_output_paths_fail_before_torch_loads(tmp_path, tiny_gguf, text_file):
     """-o is checked before the library (and torch) is imported: the error comes at once."""
     a_file = tmp_path / "a_file"

@@ -72,8 +72,9 @@ def check_output_file(path, what: str = "output file") -> None:
     if not p.parent.is_dir():
         raise PathError(f"cannot write the {what} {path}: the directory {p.parent} does not exist; "
                         "create it first")
-    if p.exists() and not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
-        raise PathError(f"cannot write the {what} {path}: permission denied")
+    if not os.access(p.parent, os.W_OK | os.X_OK):  # files are written beside it, then renamed
+        raise PathError(f"cannot write the {what} {path}: the directory {p.parent} is not writable; "
+                        "choose another place")
 
 
 class WriteError(OSError):
