@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from .paths import check_model_path, check_output_dir, check_output_file
 
@@ -53,9 +52,6 @@ def check(args: argparse.Namespace) -> bool:
     if args.rank is not None and args.adapter is None:
         raise ValueError("--rank needs --adapter")
     check_model_path(args.model)
-    if args.adapter is not None and not os.path.isdir(args.adapter):
-        raise FileNotFoundError(f"adapter directory not found: {args.adapter} (a `lowtune finetune` run "
-                                "directory or its adapter/ directory)")
     for path in (args.output if merge else None, args.lora_gguf, args.report):
         if path is not None:
             check_output_file(path)
