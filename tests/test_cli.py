@@ -5,9 +5,12 @@ template); the smollm2 ones use the real SmolLM2 with small windows.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +143,112 @@ def test_help_and_argument_errors_load_no_torch():
     assert r.returncode == 0 and "--base-adapter" in r.stdout and "--force" in r.stdout
 
 
+def test_a_missing_model_is_worded_the_same_by_every_command(tmp_path, text_file, capsys):
+    gone = tmp_path / "gone.gguf"
+    argvs = [["info", gone], ["eval", gone, "--text", text_file], ["generate", gone, "--prompt", "x"],
+             ["quantize", gone, "--type", "Q8_0", "-o", tmp_path / "q.gguf"],
+             ["finetune", gone, "--data", text_file, "-o", tmp_path / "run"],
+             ["export", gone, "-o", tmp_path / "m.gguf"],
+             ["correct", gone, "--teacher", gone, "--text", text_file, "-o", tmp_path / "lrec"]]
+    lines = set()
+    for argv in argvs:
+        rc, _, err = run(argv, capsys)
+        assert rc == 1, argv
+        lines.add(err.strip())
+    assert lines == {f"lowtune: error: model file not found: {gone} (a .gguf file or a Hugging Face "
+                     "safetensors directory is expected)"}
+
+
+def finetune_args(model, data, out, *extra):
+    return ["finetune", model, "--data", data, "--steps", 2, "--seq-len", 32, "--batch", 1,
+            "--eval-tokens", 64, "--device", "cpu", "-o", out, *extra]
+
+
+def test_finetune_refuses_unusable_inputs_in_one_line(tmp_path, tiny_gguf, text_file, capsys):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(256)) * 8)
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    old_run = tmp_path / "old"
+    (old_run / "checkpoints").mkdir(parents=True)
+    (old_run / "checkpoints" / "step-00000004.pt").write_bytes(b"")
+    cases = [
+        (finetune_args(tiny_gguf, noise, tmp_path / "r1"), "does not look like text"),
+        (finetune_args(tiny_gguf, short, tmp_path / "r2"), "too few to fill one training sequence of 32"),
+        (finetune_args(tiny_gguf, tmp_path / "none.txt", tmp_path / "r3"), "data file not found"),
+        (finetune_args(tiny_gguf, text_file, a_file), f"the run directory {a_file} is a file"),
+        (finetune_args(tiny_gguf, text_file, a_file / "run"), f"{a_file} is a file, not a directory"),
+        (finetune_args(tiny_gguf, text_file, old_run), "already holds a run (checkpoints up to step 4)"),
+    ]
+    for argv, want in cases:
+        rc, _, err = run(argv, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and want in lines[0], (argv, err)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    # with --allow-binary the same bytes train
+    with pytest.warns(UserWarning, match="not valid UTF-8"):
+        rc, _, err = run(finetune_args(tiny_gguf, noise, tmp_path / "r4", "--allow-binary"), capsys)
+    assert rc == 0, err
+
+
+def test_unwritable_places_are_named(tmp_path, monkeypatch, capsys, tiny_gguf, text_file):
+    from lowtune import paths
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: str(path) != str(tmp_path))  # as for a user
+    rc, _, err = run(finetune_args(tiny_gguf, text_file, tmp_path / "runs" / "a"), capsys)
+    assert rc == 1 and err.strip() == (f"lowtune: error: cannot create the run directory {tmp_path}/runs/a: "
+                                       f"{tmp_path} is not writable; choose another place")
+    rc, _, err = run(["export", tiny_gguf, "-o", tmp_path / "m.gguf"], capsys)
+    assert rc == 1 and f"the directory {tmp_path} is not writable" in err
+
+
+def test_output_paths_fail_before_torch_loads(tmp_path, tiny_gguf, text_file):
+    """-o is checked before the library (and torch) is imported: the error comes at once."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code = ("import sys; from lowtune import cli; "
+            f"rc = cli.main(['finetune', {str(tiny_gguf)!r}, '--data', {str(text_file)!r}, '-o', "
+            f"{str(a_file)!r}]); print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["1", "False"] and "is a file" in r.stderr, r.stderr
+
+
+def test_finetune_and_export_say_what_they_wrote(tmp_path, tiny_gguf, text_file, capsys, monkeypatch):
+    out = tmp_path / "run"
+    rc, stdout, err = run(finetune_args(tiny_gguf, text_file, out), capsys)
+    assert rc == 0, err
+    assert "2 steps of 1 sequence of up to 32 tokens" in stdout
+    closing = stdout.strip().splitlines()[-1]
+    assert closing.startswith(f"wrote {out}: ")
+    for name in ("config.json", "metrics.jsonl", "summary.json", "adapter/ (adapter.safetensors, "
+                 "adapter_config.json)", "checkpoints/"):
+        assert name in closing
+    # every file gets the mode a new file gets here (0644 under umask 022), the adapter's too
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert out / "adapter" / "adapter.safetensors" in files
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+    merged = tmp_path / "merged.gguf"
+    rc, stdout, err = run(["export", tiny_gguf, "--adapter", out, "-o", merged], capsys)
+    assert rc == 0 and f"wrote {merged}" in stdout, err
+    # a write that fails names the user's file, not the temporary ones, and keeps the old one
+    from lowtune import gguf_io
+
+    def full_disk(src, dst, *a):
+        raise OSError(errno.ENOSPC, "No space left on device", str(merged) + ".tmp.data")
+
+    monkeypatch.setattr(gguf_io.shutil, "copyfileobj", full_disk)
+    before = merged.read_bytes()
+    rc, _, err = run(["export", tiny_gguf, "--adapter", out, "-o", merged], capsys)
+    assert rc == 1 and err.strip() == (f"lowtune: error: could not write {merged}: the disk is full (the "
+                                       "previous version is intact); free some space or choose another place")
+    assert merged.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()
+                                                    if p.name.startswith("merged")) == ["merged.gguf"]
+
+
 # ----------------------------------------------------------------------------------------------
 # progress bar
 
@@ -153,10 +262,40 @@ def test_progress_bar_reports_loss_tokens_and_memory():
     assert len(lines) == 3  # one line per update when not a terminal and log_every=0; none repeated
     assert lines[-1].startswith("train | 3/3 [") and "loss 1" in lines[-1] and "tok/s" in lines[-1]
     assert "rss" in lines[-1] or "vram" in lines[-1]
+    assert all(", eta " in line for line in lines[:-1]) and ", eta " not in lines[-1]
     quiet = io.StringIO()
     with Progress(total=2, stream=quiet, enabled=False) as bar:
         bar.update(2)
     assert quiet.getvalue() == ""
+    brief = io.StringIO()  # work shorter than `delay` shows nothing
+    with Progress(total=2, stream=brief, log_every=0, delay=60) as bar:
+        bar.update(2)
+    assert brief.getvalue() == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_eta_and_log_lines_above_the_bar(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("lowtune.progress.time.perf_counter", lambda: clock[0])
+    tty, logged = Terminal(), []
+    with Progress(total=10, desc="finetune", stream=tty) as bar:
+        clock[0] += 30.0             # a slow first step (compilation)
+        bar.update(1)
+        assert bar.eta() == pytest.approx(9 * 30.0)
+        clock[0] += 2.0              # then 2 s a step: the pace after the first update
+        bar.update(1)
+        assert bar.eta() == pytest.approx(8 * 2.0)
+        assert bar.line().endswith("32s, eta 16s")
+        bar.write("step 2: held-out loss 1.5", logged.append)
+    assert logged == ["step 2: held-out loss 1.5"]
+    # on a terminal the bar's line is cleared before the log line and drawn again after it
+    out = tty.getvalue()
+    assert out.count("\r\x1b[2K") >= 3 and out.endswith("\n")
+    assert "finetune | 2/10" in out.split("\r\x1b[2K")[-1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -371,3 +371,40 @@ def test_compiled_layer_captures_in_a_cuda_graph():
 def test_cuda_graphs_default_off_on_cpu():
     model = mixed_model()
     assert compile_model(model, "off").graphs is None
+
+
+def test_finetune_compile_flags_reach_compile_model(tmp_path, monkeypatch, capsys):
+    """`finetune --compile/--cuda-graphs` go through TrainConfig to compile_model (and are kept in
+    config.json); auto on the CPU leaves the model eager; CUDA graphs on the CPU are refused."""
+    import json
+
+    from lowtune import cli
+    from lowtune import compile as compiling
+
+    from helpers import write_tiny_llama_gguf
+
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_1")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    calls, real = [], compiling.compile_model
+
+    def recording(model, mode, *, cuda_graphs=None, on_event=None, backend="inductor"):
+        calls.append((mode, cuda_graphs))   # traced without code generation, as the other CPU cases
+        return real(model, mode, cuda_graphs=cuda_graphs, on_event=on_event, backend="aot_eager")
+
+    monkeypatch.setattr(compiling, "compile_model", recording)
+
+    def finetune(out, *flags):
+        return cli.main([str(a) for a in ["finetune", model, "--data", text, "--steps", 1, "--seq-len", 32,
+                                          "--batch", 1, "--eval-fraction", 0, "--device", "cpu", "-o",
+                                          tmp_path / out, *flags]])
+
+    assert finetune("layer", "--compile", "layer", "--cuda-graphs", "off") == 0
+    assert calls == [("layer", False)]
+    saved = json.loads((tmp_path / "layer" / "config.json").read_text())["train"]
+    assert saved["compile"] == "layer" and saved["cuda_graphs"] is False
+    assert saved["extra"]["compile"] == {"mode": "layer", "cuda_graphs": False}
+    assert "compiled (forward)" in capsys.readouterr().out   # compile_model's events reach the log
+    assert finetune("auto") == 0 and len(calls) == 1          # auto on the CPU: eager, nothing applied
+    assert finetune("graphs", "--cuda-graphs", "on") == 1
+    assert "--cuda-graphs on needs a CUDA device" in capsys.readouterr().err

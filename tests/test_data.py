@@ -190,8 +190,10 @@ def test_truncation_and_examples_without_targets(tmp_path):
 
 
 def test_empty_and_missing_files_give_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.txt"):
         load_dataset(tmp_path / "nope.txt", CharTokenizer(), seq_len=16)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_dataset(tmp_path, CharTokenizer(), seq_len=16)
     p = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no training examples"):
         load_dataset(p, CharTokenizer(), seq_len=16)
@@ -204,6 +206,33 @@ def test_non_utf8_text(tmp_path):
         load_dataset(p, CharTokenizer(), seq_len=16, strict=True)
     with pytest.warns(UserWarning, match="not valid UTF-8"):
         load_dataset(p, CharTokenizer(), seq_len=16)
+
+
+def test_binary_data_is_refused_unless_allowed(tmp_path):
+    p = tmp_path / "noise.txt"
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"does not look like text: \d+% .*--allow-binary"):
+        load_dataset(p, CharTokenizer(), seq_len=16)
+    with pytest.warns(UserWarning, match="not valid UTF-8"):
+        assert load_dataset(p, CharTokenizer(), seq_len=16, allow_binary=True).train
+    # valid UTF-8 that is mostly control characters (UTF-16 text read as bytes, say) is no text either
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes(("plain words " * 50).encode("utf-16-le"))
+    with pytest.raises(DataError, match="does not look like text"):
+        load_dataset(utf16, CharTokenizer(), seq_len=16)
+    assert data.not_text_share("tabs\tand\nnewlines\r\n are text") == 0.0
+
+
+def test_text_too_short_for_one_sequence_is_refused(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text("hello world")                       # 11 tokens, 1 of them held out
+    with pytest.raises(DataError, match=r"11 tokens \(1 of them held out\), too few to fill one "
+                                        r"training sequence of 16; .*--seq-len"):
+        load_dataset(p, CharTokenizer(), seq_len=16)
+    assert len(load_dataset(p, CharTokenizer(), seq_len=10).train) == 1   # 10 training tokens fill one
+    with pytest.raises(DataError, match="0 tokens, too few"):
+        (tmp_path / "empty.txt").write_text("")
+        load_dataset(tmp_path / "empty.txt", CharTokenizer(), seq_len=4)
 
 
 def test_epoch_order_and_micro_batches():

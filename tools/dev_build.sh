@@ -7,10 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cuda=${LOWTUNE_CUDA:-OFF}
 build=build/dev-cuda-$cuda
-# LOWTUNE_CUDA_ARCHITECTURES (e.g. 90) limits the CUDA targets, for a faster build.
-archs=()
-[ -n "${LOWTUNE_CUDA_ARCHITECTURES:-}" ] && archs=(-DLOWTUNE_CUDA_ARCHITECTURES="$LOWTUNE_CUDA_ARCHITECTURES")
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWTUNE_CUDA="$cuda" "${archs[@]}" \
+# LOWTUNE_CUDA_ARCHITECTURES (e.g. 90) limits the CUDA targets, for a faster build (CMakeLists.txt
+# reads it from the environment, as `pip install .` does).
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWTUNE_CUDA="$cuda" \
   -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$build"
 cp "$build"/_C*.so python/lowtune/

@@ -43,14 +43,20 @@ rm -rf "$RUN"
 "$PY" -m lowtune export "$model" --adapter "$RUN" -o "$RUN/merged.gguf"
 
 end=$(date +%s)
-"$PY" - "$RUN" "$((end - start))" "$((end - installed))" <<'EOF'
-import json, sys
-run, total, train = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+"$PY" - "$RUN" "$((end - start))" "$((end - installed))" "$model" "$PY" <<'EOF'
+import json, os, sys
+run, total, train, model, py = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 s = json.load(open(f"{run}/summary.json"))
 b, a = s["eval_before"], s["eval_after"]
 print(f"\nheld-out perplexity (last 10% of Botchan, {a['eval_tokens']} tokens scored): "
       f"{b['eval_ppl']:.2f} before -> {a['eval_ppl']:.2f} after "
       f"({100 * (a['eval_ppl'] / b['eval_ppl'] - 1):+.1f}%)")
-print(f"run directory: {run} (adapter/, loss.png, metrics.jsonl, config.json)")
+names = sorted(os.listdir(run), key=lambda n: (os.path.isdir(os.path.join(run, n)), n))
+print(f"wrote {run}: " + ", ".join(n + "/" * os.path.isdir(os.path.join(run, n)) for n in names))
 print(f"wall time: {total} s in all, {train} s after installing")
+print("\nnext:")
+print(f'  {py} -m lowtune generate {run}/merged.gguf --prompt "Botchan said" -n 40   # the merged model')
+print(f'  llama-cli -m {run}/merged.gguf -p "Botchan said"   # llama.cpp runs it as it is')
+print(f"  {py} -m lowtune finetune {model} --data YOUR.txt -o runs/mine   # your own text, or .jsonl")
+print("      with text, Alpaca or chat records (README.md, 'Command line', says more)")
 EOF

@@ -14,7 +14,6 @@ the optimizer and scheduler states, every RNG state and the data position (see t
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -26,13 +25,11 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from .paths import WriteError, write_error  # noqa: F401 - WriteError: part of this module's API
+
 CHECKPOINT_FORMAT = "lowtune-checkpoint"
 CHECKPOINT_VERSION = 1
 _CKPT_NAME = re.compile(r"^step-(\d{8})\.pt$")
-
-
-class WriteError(OSError):
-    """A file could not be written; the previous version of it (if any) is untouched."""
 
 
 def tmp_path(path: str | os.PathLike) -> Path:
@@ -58,7 +55,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     """Call `write(f)` on `path.tmp`, fsync it, then rename it to `path` atomically.
 
     On any error the temporary file is removed, `path` keeps its previous content, and an
-    OSError (`WriteError`, with the original errno) says what happened and what to do."""
+    OSError (`WriteError`, with the original errno) names `path`, says what happened and what to
+    do."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
@@ -73,13 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         except OSError:
             pass
         if isinstance(e, OSError) and not isinstance(e, WriteError):
-            hint = {errno.ENOSPC: "the disk is full; free some space",
-                    errno.EDQUOT: "the disk quota is exceeded; free some space",
-                    errno.EACCES: "the directory is not writable; fix its permissions",
-                    errno.EROFS: "the filesystem is read-only"}.get(e.errno, "check the directory")
-            kept = "the previous version is intact" if path.exists() else "nothing was written"
-            raise WriteError(e.errno, f"could not write {path}: {e.strerror or e}; {kept}. "
-                             f"Fix: {hint}, or choose another output directory.") from e
+            raise write_error(e, path) from e
         raise
     _fsync_dir(path.parent)
     return path

@@ -20,6 +20,7 @@ import os
 import sys
 
 from . import correct_cli, export_cli, finetune_cli, quantize_cli
+from .paths import check_input_file, check_model_path, io_message
 
 
 class CLIError(Exception):
@@ -100,6 +101,32 @@ COMMANDS = {
 }
 
 
+def _check_eval(args: argparse.Namespace) -> None:
+    check_model_path(args.model)
+    check_input_file(args.text, "text file")
+
+
+# command: what can be checked before the library (and torch) loads: missing or unusable paths and
+# options fail at once, not after seconds of loading
+CHECKS = {
+    "info": lambda args: check_model_path(args.model),
+    "eval": _check_eval,
+    "generate": lambda args: check_model_path(args.model),
+    "quantize": quantize_cli.check,
+    "finetune": finetune_cli.check,
+    "export": export_cli.check,
+    "correct": lambda args: None if args.resume else correct_cli.check(args),
+}
+
+
+def error_line(e: Exception) -> str:
+    """An exception as the one line the user sees (no "[Errno N]": an OSError says which path and why)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename is None else io_message(e, doing="open")
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowtune", description="Fine-tune, evaluate and run block-quantized (GGUF) Llama models.")
@@ -129,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.command in CHECKS:
+            CHECKS[args.command](args)
         # the one deferred import: the library, torch with it, once a command is chosen
         commands = importlib.import_module("lowtune.commands")
         return int(getattr(commands, args.command)(args) or 0)
@@ -140,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for the user; the traceback only when asked for
         if debug:
             raise
-        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        msg = error_line(e)
         if not isinstance(e, (CLIError, OSError, ValueError, KeyError, NotImplementedError)):
             msg = f"{type(e).__name__}: {msg} (set LOWTUNE_DEBUG=1 for the traceback)"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: say which rank

@@ -34,13 +34,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch._dynamo.callback import callback_handler
 
 from .adapters import AdaptedLinear
 from .model import Model
 from .streaming import LayerStreamer
+from .train_config import COMPILE_MODES
 
-MODES = ("off", "layer", "model")
+MODES = tuple(m for m in COMPILE_MODES if m != "auto")  # "auto" is default_mode's choice
 
 # Layers whose packed types differ (Q4_K_M mixes Q6_K into some) compile once per combination.
 _RECOMPILE_LIMIT = 64
@@ -77,6 +77,7 @@ class CompileSetup:
 
     def close(self) -> None:
         """Stop reporting compilations (the compiled code stays in place)."""
+        from torch._dynamo.callback import callback_handler  # dynamo loads only where something compiles
         for start, end in self._callbacks:
             callback_handler.remove_start_callback(start)
             callback_handler.remove_end_callback(end)
@@ -156,6 +157,7 @@ def _undo(model: Model) -> None:
 
 
 def _raise_recompile_limit() -> None:
+    import torch._dynamo
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     if getattr(cfg, name) < _RECOMPILE_LIMIT:
@@ -183,6 +185,7 @@ def _report_compilations(setup: CompileSetup, on_event) -> None:
         if on_event is not None:
             on_event(f"compiled ({what(args)}) in {dt:.1f} s")
 
+    from torch._dynamo.callback import callback_handler
     callback_handler.register_start_callback(start)
     callback_handler.register_end_callback(end)
     setup._callbacks.append((start, end))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .paths import check_input_file, check_model_path, check_output_dir
 from .train_config import LREC_ALPHA, LREC_CE_WEIGHT, LREC_KL_CHUNK, LREC_LR, LREC_RANK, SCHEDULES
 
 DESCRIPTION = """LREC (INT2.1): train a LoRA on a quantized student so that its next-token distribution
@@ -71,6 +72,10 @@ def check(args: argparse.Namespace) -> None:
                               ("--text", args.text), ("-o RUN_DIR", args.output)) if not v]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
+    check_model_path(args.student)
+    check_model_path(args.teacher)
+    check_input_file(args.text, "text file")
+    check_output_dir(args.output, "run directory")
 
 
 def train_options(args: argparse.Namespace) -> dict:

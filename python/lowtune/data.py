@@ -11,7 +11,9 @@ Accepted files (chosen by extension; `.jsonl`/`.json` are records, anything else
   the responses unless `train_on_prompt`. The held-out split is a fixed-seed random
   `eval_fraction` of the records (at most `max_eval_records`), the same for every training seed.
 Bad records are skipped and counted (the first line numbers are reported); `strict=True` stops
-at the first one with its line number instead.
+at the first one with its line number instead. A file that is not text (more than
+MAX_NOT_TEXT of its characters undecodable or control bytes) is refused unless `allow_binary`;
+a plain text too short to fill one training sequence is refused.
 
 An example is `input_ids[T]` with `labels[T]` (-100 where no loss is taken); the model shifts
 labels itself (labels[t] is the target of the prediction made at position t-1).
@@ -28,9 +30,17 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from .paths import check_input_file
+from .progress import plural
+
 IGNORE = -100
 RECORD_SUFFIXES = (".jsonl", ".json")
 SPLIT_SEED = 1234  # the held-out split does not depend on the training seed
+# Share of undecodable bytes and control characters above which a file is not taken for text:
+# random bytes give about 60%, Latin-1 prose read as UTF-8 a few percent.
+MAX_NOT_TEXT = 0.10
+_NOT_TEXT = "".join(chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\v") + "\x7f\ufffd"
+_KEEP_TEXT = str.maketrans("", "", _NOT_TEXT)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -109,20 +119,21 @@ class Dataset:
 
 def load_dataset(path: str | Path, tokenizer: Tokenizer, seq_len: int, *,
                  train_on_prompt: bool = False, eval_fraction: float = 0.1,
-                 max_eval_records: int = 1000, strict: bool = False) -> Dataset:
+                 max_eval_records: int = 1000, strict: bool = False,
+                 allow_binary: bool = False) -> Dataset:
     """Read `path` and return its tokenized train and held-out examples (see the module doc)."""
     path = Path(path)
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+    check_input_file(path, "data file")
+    text = _read_text(path, strict, allow_binary)
     if path.suffix.lower() in RECORD_SUFFIXES:
-        ds = _load_records(path, tokenizer, seq_len, train_on_prompt, eval_fraction,
+        ds = _load_records(path, text, tokenizer, seq_len, train_on_prompt, eval_fraction,
                            max_eval_records, strict)
     else:
-        ds = _load_text(path, tokenizer, seq_len, eval_fraction, strict)
+        ds = _load_text(path, text, tokenizer, seq_len, eval_fraction)
     if not ds.train:
         raise DataError(f"{path} gave no training examples ({ds.stats.summary()})")
     ds.stats.train_tokens = sum(len(e) for e in ds.train)
@@ -130,15 +141,28 @@ def load_dataset(path: str | Path, tokenizer: Tokenizer, seq_len: int, *,
     return ds
 
 
-def _read_text(path: Path, strict: bool) -> str:
+def not_text_share(text: str) -> float:
+    """The share of `text` that is control characters (other than whitespace) or U+FFFD (what
+    undecodable bytes became)."""
+    return 1.0 - len(text.translate(_KEEP_TEXT)) / len(text) if text else 0.0
+
+
+def _read_text(path: Path, strict: bool, allow_binary: bool) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text, undecodable = raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
         if strict:
             raise DataError(f"{path} is not UTF-8 (byte {e.start}): re-encode it as UTF-8") from e
+        text, undecodable = raw.decode("utf-8", errors="replace"), e
+    share = not_text_share(text)
+    if share > MAX_NOT_TEXT and not allow_binary:
+        raise DataError(f"{path} does not look like text: {share:.0%} of it is undecodable bytes or control "
+                        "characters; give UTF-8 text, JSONL or JSON (re-encode text in another encoding, "
+                        "e.g. with iconv), or pass --allow-binary to train on it as it is")
+    if undecodable is not None:
         warnings.warn(f"{path} is not valid UTF-8; undecodable bytes were replaced", stacklevel=3)
-        return raw.decode("utf-8", errors="replace")
+    return text
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -183,17 +207,21 @@ def pack(ids: Sequence[int], seq_len: int, bos_id: int | None = None) -> list[Ex
     return out
 
 
-def _load_text(path: Path, tokenizer, seq_len: int, eval_fraction: float, strict: bool) -> Dataset:
-    ids = tokenize_stream(_read_text(path, strict), tokenizer)
+def _load_text(path: Path, text: str, tokenizer, seq_len: int, eval_fraction: float) -> Dataset:
+    ids = tokenize_stream(text, tokenizer)
     cut = len(ids) - int(round(len(ids) * eval_fraction))
     bos = tokenizer.bos_id if wants_bos(tokenizer) else None
+    if cut < seq_len - (bos is not None):
+        held = f" ({len(ids) - cut} of them held out)" if cut < len(ids) else ""
+        raise DataError(f"{path} has {plural(len(ids), 'token')}{held}, too few to fill one training "
+                        f"sequence of {seq_len}; give more text or a smaller --seq-len")
     return Dataset(pack(ids[:cut], seq_len, bos), pack(ids[cut:], seq_len, bos), DataStats("text"))
 
 
-def _iter_records(path: Path, strict: bool) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for every record of a JSONL file or JSON array; undecodable
-    lines come back as (line, DataError) so the caller counts them with the other bad records."""
-    text = _read_text(path, strict)
+def _iter_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every record of a JSONL file or JSON array (`text`, the
+    file's); undecodable lines come back as (line, DataError) so the caller counts them with the
+    other bad records."""
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -291,7 +319,7 @@ def encode_segments(segments: Iterable[tuple[str, bool]], tokenizer: Tokenizer, 
     return Example(arr, np.where(np.asarray(mask, dtype=bool), arr, IGNORE))
 
 
-def _load_records(path: Path, tokenizer, seq_len: int, train_on_prompt: bool, eval_fraction: float,
+def _load_records(path: Path, text: str, tokenizer, seq_len: int, train_on_prompt: bool, eval_fraction: float,
                   max_eval_records: int, strict: bool) -> Dataset:
     stats = DataStats("records")
     texts: list[str] = []            # {"text"} records, packed afterwards
@@ -308,7 +336,7 @@ def _load_records(path: Path, tokenizer, seq_len: int, train_on_prompt: bool, ev
             stats.skipped_lines.append(f"line {lineno}: {why}")
 
     bos = wants_bos(tokenizer)
-    for lineno, rec in _iter_records(path, strict):
+    for lineno, rec in _iter_records(path, text):
         stats.records += 1
         if isinstance(rec, DataError):
             bad(lineno, str(rec))

@@ -46,6 +46,7 @@ from .gguf_io import write_gguf
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
 from .merge import MergeInfo, dense, merge_weight
 from .methods import GROUP_CONSTANT
+from .progress import tracked
 from .qtensor import QTensor
 from .recipes import LOGICAL_TYPES_KEY, choose_type, logical_types, storage_format
 from .safetensors_io import write_safetensors, write_safetensors_dict
@@ -256,7 +257,8 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
         if logical:
             md[LOGICAL_TYPES_KEY] = [f"{n}={t}" for n, t in logical.items()]
             types[LOGICAL_TYPES_KEY] = (GGUFValueType.ARRAY, GGUFValueType.STRING)
-        write_gguf(out, md, tensors(), types, alignment=base.alignment)
+        write_gguf(out, md, tracked(tensors(), len(base.tensor_infos), f"writing {out}", "tensor"), types,
+                   alignment=base.alignment)
     finally:
         base.close()
     rep = ExportReport(str(out), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
@@ -447,7 +449,8 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        write_safetensors(d / "model.safetensors", specs, produce, {"format": "pt"})
+        write_safetensors(d / "model.safetensors", specs, produce, {"format": "pt"},
+                          progress=f"writing {d / 'model.safetensors'}")
         tied = "output.weight" not in base.tensor_infos
         cfg = hf_names.hf_config(ModelConfig.from_gguf_metadata(md), md, tied, hf_dtype_name(tdt))
         _write_json(d / "config.json", cfg)

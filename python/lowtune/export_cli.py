@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .paths import check_model_path, check_output_dir, check_output_file
+
 DESCRIPTION = __doc__.split("\n\n")[1]
 
 
@@ -49,4 +51,11 @@ def check(args: argparse.Namespace) -> bool:
         raise ValueError("--lora-gguf and --peft export an adapter: give --adapter RUN_DIR")
     if args.rank is not None and args.adapter is None:
         raise ValueError("--rank needs --adapter")
+    check_model_path(args.model)
+    for path in (args.output if merge else None, args.lora_gguf, args.report):
+        if path is not None:
+            check_output_file(path)
+    for path in (args.peft, args.hf):
+        if path is not None:
+            check_output_dir(path)
     return merge

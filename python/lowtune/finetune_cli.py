@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from .methods import METHODS, canonical_method
-from .train_config import RESUME_OVERRIDES, SCHEDULES, TrainConfig
+from .paths import check_input_file, check_model_path, check_output_dir
+from .train_config import COMPILE_MODES, RESUME_OVERRIDES, SCHEDULES, TrainConfig
 
 # CLI dest -> TrainConfig field, where they differ.
 _FIELDS = {"type": "qtype", "output": "out"}
@@ -88,8 +89,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", choices=["on", "off"],
                    help="recompute each layer in the backward pass instead of keeping its "
                    "activations (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile each decoder layer (layer), the whole model (model) or nothing "
+                   "(off); default auto: layer on CUDA, off on the CPU")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="replay each decoder layer from CUDA graphs (default auto: on with CUDA)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first bad data record instead of skipping it")
+    p.add_argument("--allow-binary", action="store_true", default=None,
+                   help="train on data that does not look like text (many undecodable or control bytes)")
     p.add_argument("--train-on-prompt", action="store_true", default=None,
                    help="take loss on prompts too (instruction and chat data)")
     p.add_argument("--base-adapter", metavar="RUN_DIR",
@@ -111,8 +119,8 @@ def given(args: argparse.Namespace) -> dict:
         if v is None or k in ("resume", "command"):
             continue
         k = _FIELDS.get(k, k)
-        if k == "gradient_checkpointing":
-            v = v == "on"
+        if k in ("gradient_checkpointing", "cuda_graphs"):
+            v = None if v == "auto" else v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out
@@ -126,6 +134,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
     return TrainConfig(**fields)
+
+
+def check(args: argparse.Namespace) -> None:
+    """What can be told before anything loads: the options make a config, the model and data are
+    there, and -o is a directory that can be written."""
+    if args.resume:
+        return  # the run directory's config.json says the rest (resumed_config)
+    cfg = config_from_args(args)
+    cfg.check()
+    check_model_path(cfg.model)
+    check_input_file(cfg.data, "data file")
+    check_output_dir(cfg.out, "run directory")
 
 
 def resumed_config(args: argparse.Namespace, note=print) -> TrainConfig:

@@ -31,6 +31,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .formats import Format, FORMATS, get_format
+from .paths import WriteError, write_error
 from .qtensor import QTensor
 
 GGUF_MAGIC = b"GGUF"
@@ -644,11 +645,13 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
         writer.close()
         writer = None
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_error(e, path) from e  # the user's path, not the temporary files'
         raise
     finally:
         if os.path.exists(spill):

@@ -45,6 +45,8 @@ from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .model import QEmbedding, QLinear
 from .model import Model, ModelConfig  # the model families' classes
+from .paths import missing_model
+from .progress import tracked
 from .qtensor import QTensor
 from .recipes import logical_types, training_type
 from .rundir import ADAPTER
@@ -80,8 +82,7 @@ def open_source(path):
     if _is_hf(p):
         return HFCheckpoint(p if p.is_dir() else p.parent)
     if not p.is_file():
-        raise FileNotFoundError(f"model file not found: {p} (a .gguf file or a Hugging Face safetensors "
-                                "directory is expected)")
+        raise missing_model(p)
     return open_gguf(p)
 
 
@@ -146,7 +147,10 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
     """({name: weight}, {name: type name}) of a source: fp32 for every tensor with one
     dimension, the packed QTensor for every matrix."""
     weights, types = {}, {}
-    for name, info in source.tensor_infos.items():
+    what = "quantizing" if isinstance(source, TypedSource) else "loading"
+    # a bar only where reading takes a while (a large model, or one quantized as it is read)
+    infos = tracked(source.tensor_infos.items(), len(source.tensor_infos), f"{what} {source.path}", "tensor")
+    for name, info in infos:
         qt = source.qtensor(name)
         types[name] = qt.type
         if len(info.shape) == 1:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .paths import check_model_path, check_output_file
+
 DESCRIPTION = """Quantize a model (GGUF file or Hugging Face safetensors directory) to a llama.cpp recipe or
 the papers' INTb-gG, one tensor at a time, into a GGUF file llama.cpp loads.
 
@@ -29,3 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-type", help="type of the LM head (output.weight, or a tied token_embd)")
     p.add_argument("--token-embedding-type", help="type of token_embd.weight")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-tensor lines")
+
+
+def check(args: argparse.Namespace) -> None:
+    check_model_path(args.source)
+    check_output_file(args.output)

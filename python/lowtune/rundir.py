@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from . import checkpoint as ckpt
 from .adapters import save_adapter
+from .progress import plural
 from .train_config import CONFIG_FILE, TrainConfig
 
 METRICS, SUMMARY, PLOT, CHECKPOINTS, ADAPTER = "metrics.jsonl", "summary.json", "loss.png", "checkpoints", "adapter"
@@ -94,6 +95,19 @@ class RunDir:
         return ckpt.latest_checkpoint(self.ckpt_dir)
 
     # -- the end -------------------------------------------------------------------------------
+
+    def contents(self) -> str:
+        """What the directory holds, for the closing line: 'config.json, metrics.jsonl, adapter/
+        (adapter.safetensors, adapter_config.json), checkpoints/ (2 files), ...'."""
+        parts = []
+        for p in sorted(self.path.iterdir(), key=lambda p: (p.is_dir(), p.name)) if self.path.is_dir() else []:
+            if p.is_dir():
+                inside = sorted(q.name for q in p.iterdir())
+                shown = ", ".join(inside) if len(inside) <= 3 else plural(len(inside), "file")
+                parts.append(f"{p.name}/ ({shown})")
+            else:
+                parts.append(p.name)
+        return ", ".join(parts)
 
     def finish(self, rows: list[dict], summary: dict, title: str = "") -> str | None:
         """Write loss.png and summary.json; returns a note when the plot was skipped."""

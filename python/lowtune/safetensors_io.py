@@ -27,6 +27,7 @@ from gguf.constants import GGUFValueType
 
 from . import hf_names
 from .checkpoint import atomic_write
+from .progress import tracked
 from .dtypes import FLOAT_TYPES, type_name
 from .formats import get_format
 from .gguf_io import DEFAULT_ALIGNMENT, TensorInfo, main_file_type
@@ -191,10 +192,12 @@ def safetensors_table(path) -> tuple[bytes, list[tuple[int, int]]]:
 # ---- writing ---------------------------------------------------------------------------------------
 
 def write_safetensors(path, specs: list[tuple[str, str, tuple[int, ...]]],
-                      produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> None:
+                      produce: Callable[[str], torch.Tensor], metadata: dict | None = None,
+                      progress: str | None = None) -> None:
     """Write a safetensors file one tensor at a time, atomically. specs: (name, type "BF16"/"F16"/
     "F32", shape) in file order; produce(name) -> the tensor (called once per name, in order). The
-    header is built from specs first, so nothing but the current tensor is held in memory."""
+    header is built from specs first, so nothing but the current tensor is held in memory.
+    progress: the label of a bar over the tensors (shown when writing takes a while)."""
     header, offset = {}, 0
     for name, dt, shape in specs:
         nbytes = FLOAT_TYPES[dt].itemsize * math.prod(shape)
@@ -208,7 +211,7 @@ def write_safetensors(path, specs: list[tuple[str, str, tuple[int, ...]]],
     def write(f):
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        for name, dt, shape in specs:
+        for name, dt, shape in (specs if progress is None else tracked(specs, len(specs), progress, "tensor")):
             t = produce(name)
             if t.dtype != FLOAT_TYPES[dt] or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, header says {dt} {shape}")

@@ -18,13 +18,16 @@ from pathlib import Path
 from .methods import canonical_method
 
 SCHEDULES = ("cosine", "constant")
+# lowtune.compile's modes; auto: layer on CUDA, off on the CPU (compile.default_mode)
+COMPILE_MODES = ("auto", "off", "layer", "model")
 CONFIG_FILE = "config.json"  # in a run directory: {"train": TrainConfig, "lowtune": version, ...}
 
 # Settings that may change when resuming: they do not change which data a step sees.
 # `batch` (per rank) may change with the number of torchrun ranks as long as ranks x batch
 # stays the same (the trainer checks it).
 RESUME_OVERRIDES = ("lr", "clip", "steps", "eval_every", "save_every", "keep_checkpoints",
-                    "max_vram", "device", "gradient_checkpointing", "warmup", "schedule", "batch")
+                    "max_vram", "device", "gradient_checkpointing", "warmup", "schedule", "batch",
+                    "compile", "cuda_graphs")
 
 # LREC (lowtune correct), as the official lrec.py: r = 32, α = 128 (scale 4), lr 3e-4, and its
 # ce_weight 200 with KL summed over 2048 positions, i.e. 200/2048 on per-token means (correct.py).
@@ -76,9 +79,12 @@ class TrainConfig:
     qtype: str | None = None        # quantization type for a safetensors model (--type)
     max_vram: int | None = None     # bytes (or "6GB"); the model streams layers to stay under it
     strict: bool = False            # stop at the first bad data record
+    allow_binary: bool = False      # train on data that does not look like text
     train_on_prompt: bool = False   # loss on prompts too (instruction/chat data)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU
+    compile: str = "auto"           # COMPILE_MODES (lowtune.compile)
+    cuda_graphs: bool | None = None # replay decoder layers from CUDA graphs; default: on with CUDA
     base_adapter: str | None = None # run dir of an adapter applied first and frozen (e.g. LREC)
     force: bool = False             # use base_adapter even if it was trained on another base
     # Resolved at run time (informational in config.json):
@@ -99,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.out:

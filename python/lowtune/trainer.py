@@ -44,7 +44,9 @@ from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, 
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
                        changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
 from .loading import load_for_training, pick_device
-from .progress import Progress
+from .model import Model
+from .paths import check_output_dir
+from .progress import Progress, plural
 from .rundir import RunDir, save_run_adapter
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -90,10 +92,15 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def _setup(self, resume: bool = False) -> None:
         cfg = self.cfg
         self.device = distributed.init(pick_device(cfg.device))  # torchrun: this rank's GPU
         self.rundir = RunDir(self.run_dir, writer=distributed.is_main())
+        if distributed.is_main():  # what the run directory allows is known before anything loads
+            check_output_dir(self.run_dir, "run directory")
+            newest = self.rundir.newest_step()
+            if newest is not None and not resume:
+                raise existing_run(self.run_dir, newest)
         if not distributed.is_main():
             self.log = lambda s: None  # rank 0 speaks for the group
         seed_everything(cfg.seed)
@@ -107,6 +114,7 @@ class Trainer:
         if hasattr(self.model, "gradient_checkpointing"):
             gc = cfg.gradient_checkpointing
             self.model.gradient_checkpointing = (self.device.type == "cuda") if gc is None else gc
+        self._compile()
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters (were adapters applied?)")
@@ -117,7 +125,8 @@ class Trainer:
             self.log(f"reading {cfg.data}")
             self.dataset = load_dataset(cfg.data, self.tokenizer, cfg.seq_len,
                                         train_on_prompt=cfg.train_on_prompt,
-                                        eval_fraction=cfg.eval_fraction, strict=cfg.strict)
+                                        eval_fraction=cfg.eval_fraction, strict=cfg.strict,
+                                        allow_binary=cfg.allow_binary)
         if cfg.eval_tokens is not None:
             ds = self.dataset
             self.dataset = Dataset(ds.train, first_tokens(ds.eval, cfg.eval_tokens), ds.stats)
@@ -125,6 +134,23 @@ class Trainer:
         self.dataset.stats.eval_tokens = sum(len(e) for e in self.dataset.eval)
         self.pad_id = int(getattr(self.tokenizer, "eos_id", 0) or 0) if self.tokenizer else 0
         self._resolve()
+
+    def _compile(self) -> None:
+        """cfg.compile and cfg.cuda_graphs applied to a lowtune model (lowtune.compile); other
+        models (tests, LREC's distillation wrapper) run as they are."""
+        cfg = self.cfg
+        if not isinstance(self.model, Model):
+            return
+        from .compile import compile_model, default_mode
+        mode = default_mode(self.device) if cfg.compile == "auto" else cfg.compile
+        graphs = self.device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
+        if graphs and self.device.type != "cuda":
+            raise TrainingError(f"--cuda-graphs on needs a CUDA device; this run is on {self.device}")
+        cfg.extra["compile"] = {"mode": mode, "cuda_graphs": graphs}
+        if mode == "off" and not graphs:
+            return  # eager, as the model comes
+        # compilation and capture happen in the first step; the log says when and how long
+        compile_model(self.model, mode, cuda_graphs=graphs, on_event=lambda line: self.log(line))
 
     def _resolve(self) -> None:
         cfg = self.cfg
@@ -237,20 +263,23 @@ class Trainer:
         self.model.eval()
         nll, scored, t0 = 0.0, 0, time.perf_counter()
         rank, world = distributed.rank(), distributed.world_size()
+        ex = self.dataset.eval
+        starts = list(range(0, len(ex), self.cfg.batch))[rank::world]  # this rank's batches
+        # a bar for an evaluation that takes more than a moment; cleared when it ends
+        bar = Progress(total=len(starts), desc="held-out eval", unit="batch", delay=1.0, leave=False,
+                       enabled=distributed.is_main())
         try:
-            ex = self.dataset.eval
-            for j, s in enumerate(range(0, len(ex), self.cfg.batch)):
-                if j % world != rank:
-                    continue
+            for s in starts:
                 ids, labels = collate(ex[s:s + self.cfg.batch], self.pad_id)
                 n = count_targets(labels)
-                if n == 0:
-                    continue
-                with self._autocast():
-                    nll += float(self.model.loss(ids.to(self.device), labels.to(self.device),
-                                                 reduction="sum"))
-                scored += n
+                if n:
+                    with self._autocast():
+                        nll += float(self.model.loss(ids.to(self.device), labels.to(self.device),
+                                                     reduction="sum"))
+                    scored += n
+                bar.update(1, tokens=int(ids.numel()))
         finally:
+            bar.close()
             self.model.train(was_training)
             ckpt.restore_rng(rng)
         nll, scored = distributed.all_reduce_sum(nll, scored)
@@ -333,8 +362,10 @@ class Trainer:
             raise existing_run(self.run_dir, newest)
         self.rundir.start(cfg)
         params = [p for _, p in self.params]
+        # one fused kernel for all parameters on CUDA; on the CPU one multi-tensor op per step
+        impl = {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, **impl)
         total, warmup, schedule = cfg.steps, cfg.warmup, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))
@@ -358,40 +389,62 @@ class Trainer:
 
     def _run(self, resume: bool) -> TrainResult:
         cfg = self.cfg
-        self._setup()  # model and data first: a mistake there leaves no empty run directory
+        self._setup(resume)  # model and data first: a mistake there leaves no empty run directory
         step, elapsed, tokens = self._begin(resume)
         rows = self.rundir.metrics() if distributed.is_main() else []
         self.model.train()
-        ranks = f"{self.world} ranks x " if self.world > 1 else ""
-        self.log(f"{cfg.method} on {cfg.model or 'the given model'}: {cfg.steps} steps of "
-                 f"{ranks}{cfg.batch}x{cfg.grad_accum} sequences of <= {cfg.seq_len} tokens, "
+        self.log(f"{cfg.method} on {cfg.model or 'the given model'}: {plural(cfg.steps, 'step')} of "
+                 f"{self._step_shape()} of up to {cfg.seq_len} tokens, "
                  f"{cfg.extra['trainable_parameters']:,} trainable parameters, {self.device}; "
                  f"{self.dataset.stats.summary()}")
         if step == 0:
             rows += self._run_eval(0)
         t_start = time.perf_counter() - elapsed
+        log = self.log
         with Progress(total=cfg.steps, desc="finetune", unit="step", initial=step,
                       enabled=distributed.is_main()) as bar:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                out = self._guard_oom(self._train_step, step)
-                step += 1
-                tokens += out["tokens"]
-                dt = time.perf_counter() - t0
-                row = {"step": step, "loss": out["loss"], "lr": out["lr"],
-                       "grad_norm": out["grad_norm"], "tokens": tokens,
-                       "tokens_per_s": round(out["tokens"] / dt, 2) if dt > 0 else None,
-                       "elapsed_s": round(time.perf_counter() - t_start, 3)}
-                if self.device.type == "cuda":
-                    row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-                self.rundir.append_metrics(row)
-                rows.append(row)
-                bar.update(1, tokens=out["tokens"], loss=round(out["loss"], 4), lr=f"{out['lr']:.2e}")
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    rows += self._run_eval(step)
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    self._save(step, time.perf_counter() - t_start, tokens)
+            self.log = lambda text: bar.write(text, log)  # log lines above the bar, not into it
+            try:
+                step = self._loop(bar, step, tokens, rows, t_start)
+            finally:
+                self.log = log
         return self._finish(rows, time.perf_counter() - t_start, step)
+
+    def _loop(self, bar: Progress, step: int, tokens: int, rows: list[dict], t_start: float) -> int:
+        """Steps from `step` to cfg.steps, with their metrics (appended to `rows`), evaluations
+        and checkpoints; returns the step reached."""
+        cfg = self.cfg
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            out = self._guard_oom(self._train_step, step)
+            step += 1
+            tokens += out["tokens"]
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": out["loss"], "lr": out["lr"],
+                   "grad_norm": out["grad_norm"], "tokens": tokens,
+                   "tokens_per_s": round(out["tokens"] / dt, 2) if dt > 0 else None,
+                   "elapsed_s": round(time.perf_counter() - t_start, 3)}
+            if self.device.type == "cuda":
+                row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            self.rundir.append_metrics(row)
+            rows.append(row)
+            bar.update(1, tokens=out["tokens"], loss=round(out["loss"], 4), lr=f"{out['lr']:.2e}")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                rows.extend(self._run_eval(step))
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                self._save(step, time.perf_counter() - t_start, tokens)
+        return step
+
+    def _step_shape(self) -> str:
+        """'1 sequence', '8 sequences (2 micro-batches of 4)', '16 sequences (4 ranks x 2
+        micro-batches of 2)': what one optimizer step sees."""
+        cfg = self.cfg
+        text = plural(self.global_batch * cfg.grad_accum, "sequence")
+        parts = [f"{self.world} ranks"] if self.world > 1 else []
+        if cfg.grad_accum > 1 or self.world > 1:
+            parts.append(f"{plural(cfg.grad_accum, 'micro-batch', 'micro-batches')} of {cfg.batch}")
+            text += f" ({' x '.join(parts)})"
+        return text
 
     def _run_eval(self, step: int) -> list[dict]:
         """The held-out evaluation at `step`, logged and written: [its metrics row], or []."""
@@ -443,7 +496,8 @@ class Trainer:
             change = 100.0 * (after["eval_ppl"] / before["eval_ppl"] - 1.0)
             self.log(f"held-out perplexity: {before['eval_ppl']:.3f} before, {after['eval_ppl']:.3f} "
                      f"after ({change:+.1f}%)")
-        self.log(f"run directory: {self.run_dir} (adapter {adapter_path})")
+        if distributed.is_main():
+            self.log(f"wrote {self.run_dir}: {self.rundir.contents()}")
         return TrainResult(self.run_dir, step, before, after, wall, adapter_path)
 
 
