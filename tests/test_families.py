@@ -28,6 +28,7 @@ from lowtune.evaluate import perplexity
 from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile
+from lowtune.loading import open_base
 from lowtune.model import Model, ModelConfig, QLinear
 from lowtune.streaming import stream_model
 from lowtune.tokenizer import load_tokenizer
@@ -79,6 +80,37 @@ def test_logits_match_transformers(tiny, name):
             model = Model.from_gguf(tiny[name].gguf)
             switch_off(model)
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
+    """The safetensors directory gives transformers' logits in F32 and, quantized on load, every
+    tensor of llama.cpp's conversion in the same blocks; its config and tokenizer are the GGUF's."""
+    from dataclasses import asdict
+
+    import lowtune
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model(name)(ids).logits
+        got = lowtune.load_model(tiny[name].hf_dir, qtype="F32")(ids)
+    print(f"{name}: logits of the HF directory vs transformers, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    hf, gg = lowtune.load_model(tiny[name].hf_dir), Model.from_gguf(tiny[name].gguf)
+    assert asdict(hf.config) == pytest.approx(asdict(gg.config))
+    with open_base(tiny[name].hf_dir) as src, GGUFFile(tiny[name].gguf) as f:  # the default types
+        assert set(src.tensor_infos) == set(f.tensor_infos)
+        for n, info in f.tensor_infos.items():
+            if len(info.shape) == 1:  # norms (Gemma's 1 + w), biases, LongRoPE factors
+                assert torch.equal(src.tensor(n), f.tensor(n)), n
+            else:  # rows of 64 and 128: Q4_1
+                got = src.qtensor(n)
+                assert got.type == "Q4_1" and torch.equal(got.raw, ops.quantize(f.tensor(n), "Q4_1").raw), n
+    text = botchan_text[1000:3000]
+    tok_hf, tok_gg = load_tokenizer(hf.metadata), load_tokenizer(gg.metadata)
+    chat = tok_gg.apply_chat_template([{"role": "user", "content": text[:200]}])
+    assert tok_hf.apply_chat_template([{"role": "user", "content": text[:200]}]) == chat
+    for t in (text, chat):
+        assert tok_hf.encode(t) == tok_gg.encode(t)
 
 
 def test_config_read_from_the_converted_files(tiny):
