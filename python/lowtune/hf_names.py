@@ -435,7 +435,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if c.rope_linear_scale != 1.0:
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
     if "rope_factors_long.weight" in tensors:
-        orig = c.rope_orig_context
+        orig = c.rope_orig_context or c.context_length
         cfg["original_max_position_embeddings"] = orig
         cfg["rope_scaling"] = {
             "type": "longrope", "rope_type": "longrope",
