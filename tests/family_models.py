@@ -162,7 +162,7 @@ _QUANTIZED: dict = {}
 
 
 def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
-    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0 by llama.cpp's quantizer)."""
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer)."""
     if qtype == "F32":
         return tiny_model.gguf
     key = (tiny_model.name, qtype)
@@ -170,7 +170,8 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
         import llama_cpp
         dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
+        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+                        "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[qtype]
         assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
         _QUANTIZED[key] = dst
     return _QUANTIZED[key]
@@ -184,11 +185,12 @@ def rand_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
 # llama.cpp
 
 
-def llamacpp(path, n_ctx: int = SEQ):
+def llamacpp(path, n_ctx: int = SEQ, lora=None):
+    """llama.cpp on the GGUF at `path` (with the GGUF LoRA adapter `lora` applied), every logit kept."""
     from llama_cpp import Llama
     threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
-                 n_threads=threads, n_threads_batch=threads)
+                 n_threads=threads, n_threads_batch=threads, lora_path=None if lora is None else str(lora))
 
 
 def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:

@@ -429,6 +429,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if arch == "llama" and cls == "LlamaForCausalLM":
         cfg["pretraining_tp"] = 1
     flags, _ = hf_biases(arch, tensors, c.n_layers)
+    if model_type == "mistral":
+        if any(flags.values()):
+            raise ValueError("a llama model with a sliding window and biases has no HF config (Mistral has no biases)")
+        flags = {}
     cfg.update(flags)
     if arch in ("llama", "qwen3", "gemma2", "gemma3") and "attention_bias" not in cfg:
         cfg["attention_bias"] = False
@@ -456,7 +460,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     # windows: every family spells them as a window and a type per layer
     if any(windows):
         cfg["sliding_window"] = int(c.sliding_window)
-        cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+        if model_type != "mistral":  # Mistral's every layer slides (with layer_types, transformers reads Ministral)
+            cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
         if arch in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = True
             cfg["max_window_layers"] = windows.index(True)
