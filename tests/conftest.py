@@ -104,6 +104,14 @@ def gemma3_270m_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_models(tmp_path_factory, llamacpp_source, botchan_text):
+    """Every family's tiny random model as an HF directory and as llama.cpp's GGUF F32
+    (tests/family_models.py), built once per session."""
+    from family_models import build_family_models
+    return build_family_models(tmp_path_factory.mktemp("families"), llamacpp_source, botchan_text)
+
+
+@pytest.fixture(scope="session")
 def botchan_text() -> str:
     import lowtune
     return (Path(lowtune.__file__).parent / "data" / "botchan.txt").read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,26 +29,29 @@ def tiny_llama_gguf(path, layers: int = 2, seed: int = 0, **kw):
 
 
 class _Head:
-    """A stand-in model for distill_loss: a packed LM head and nothing else."""
+    """A stand-in model for distill_loss: a packed LM head (soft-capped by `cap`, as Gemma's)
+    and nothing else."""
 
-    def __init__(self, qt):
+    def __init__(self, qt, cap: float = 0.0):
         self.qt, self.output = qt, None
         self.device, self.dtype = qt.device, torch.float32
+        self.config = SimpleNamespace(final_softcap=cap)
 
     def head_weight(self):
         return self.qt
 
     def lm_head(self, h):
-        return ops.qmatmul(h.contiguous(), self.qt)
+        z = ops.qmatmul(h.contiguous(), self.qt)
+        return torch.tanh(z / self.config.final_softcap) * self.config.final_softcap if self.config.final_softcap else z
 
 
-@pytest.mark.parametrize("head_type", ["F32", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("head_type,cap", [("F32", 0.0), ("Q4_1", 0.0), ("Q8_0", 0.0), ("Q4_1", 2.0)])
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_chunked_kl_equals_unchunked(head_type, chunk, rng):
+def test_chunked_kl_equals_unchunked(head_type, cap, chunk, rng):
     n, d, v = 23, 64, 96
     w_s = torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32)) * 0.3
     w_t = w_s + 0.1 * torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32))
-    student, teacher = _Head(ops.quantize(w_s, head_type)), _Head(ops.quantize(w_t, "F32"))
+    student, teacher = _Head(ops.quantize(w_s, head_type), cap), _Head(ops.quantize(w_t, "F32"), cap)
     h0 = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
     h_t = h0 + 0.2 * torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, v, n))
@@ -58,8 +62,10 @@ def test_chunked_kl_equals_unchunked(head_type, chunk, rng):
     total.backward()
 
     h_ref = h0.clone().requires_grad_(True)
-    ls = h_ref @ ops.dequantize(student.qt, torch.float32).t()
-    lt = h_t @ w_t.t()
+    ls, lt = h_ref @ ops.dequantize(student.qt, torch.float32).t(), h_t @ w_t.t()
+    if cap:  # logits beyond the cap: the cap's derivative matters
+        assert ls.abs().max() > cap
+        ls, lt = torch.tanh(ls / cap) * cap, torch.tanh(lt / cap) * cap
     ref_total, ref_kl, ref_ce = reference_distill_loss(ls, lt, y, kw, cw)
     ref_total.backward()
     assert kl.item() > 0

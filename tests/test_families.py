@@ -1,13 +1,7 @@
 """Every model family lowtune runs, against Hugging Face transformers and llama.cpp.
 
-Tiny random models (fast; built once per session):
-  * each family as transformers builds it, with its optional parts switched on (biases, q/k norms,
-    soft-caps, sliding windows shorter than the test sequence, LongRoPE with its attention factor,
-    Phi-3's fused tensors), saved as safetensors with a small SentencePiece tokenizer and a chat
-    template, and converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py (from
-    llama-cpp-python's sdist, unpacked by tools/setup_env.sh). "mistral" is Mistral's sliding
-    window on the llama architecture: the converter drops the window, so the test puts
-    `llama.attention.sliding_window` back into the file, as a file that asks for it would have it.
+Tiny random models (tests/family_models.py; built once per session, as transformers builds them
+and llama.cpp's converter converts them):
   * lowtune's logits from the GGUF match transformers' fp32 logits within 1e-4 relative, and
     switching off a windowed/capped/long-context feature moves them (so the length and sizes used
     exercise it);
@@ -23,14 +17,7 @@ fine-tune of its last layers that lower held-out perplexity.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,166 +27,20 @@ from lowtune import adapters, ops
 from lowtune.evaluate import perplexity
 from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
-from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune.gguf_io import GGUFFile
+from lowtune.loading import open_base
 from lowtune.model import Model, ModelConfig, QLinear
 from lowtune.streaming import stream_model
 from lowtune.tokenizer import load_tokenizer
 
+from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, WINDOW, gguf_of,
+                           hf_model, llamacpp, llamacpp_greedy, llamacpp_perplexity, rand_ids, rel_err)
 from test_streaming import step_losses
-
-NAMES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
-LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
-SEQ = 64             # tokens of the logits comparison and of each perplexity window
-PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
-V, D, F, H, HKV = 512, 64, 128, 4, 2
-
-PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
-              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm())
-
-
-# ----------------------------------------------------------------------------------------------
-# the tiny models: transformers -> safetensors -> llama.cpp's converter -> GGUF
-
-
-def hf_model(name: str):
-    """A transformers model of family `name` with random weights (fp32, eager attention)."""
-    import transformers as tf
-    common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
-                  num_key_value_heads=HKV, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=None)
-    make = {
-        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
-            **common, num_hidden_layers=2, head_dim=16, attention_bias=True, mlp_bias=True,
-            tie_word_embeddings=False)),
-        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
-            **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
-        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
-        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
-        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
-            **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
-            tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
-            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                             "long_factor": [1.0 + 0.25 * i for i in range(8)],
-                             "short_factor": [1.0 + 0.05 * i for i in range(8)]})),
-        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
-            **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
-            sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
-        # six layers: Gemma 3's pattern makes every sixth layer global
-        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-            **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
-            sliding_window=WINDOW, final_logit_softcapping=5.0,
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
-    }[name]
-    model = make()
-    model.config._attn_implementation = "eager"
-    g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:  # Gemma's norms are 1 + w
-                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif "embed" in pname:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-    return model.float().eval()
-
-
-def spm_model(text: str) -> bytes:
-    """A 512-piece SentencePiece BPE model of `text`, with byte fallback and the chat markers
-    of the templates as control pieces (Phi-3's converter also needs <|endoftext|>)."""
-    import sentencepiece as spm
-    out = io.BytesIO()
-    lines = [line for line in text.splitlines() if line.strip()][:2000]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=out, vocab_size=V, model_type="bpe",
-        byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        control_symbols=["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>",
-                         "<start_of_turn>", "<end_of_turn>"], minloglevel=2)
-    return out.getvalue()
-
-
-_CONVERT = """
-import runpy, sys
-script, jobs = sys.argv[1], sys.argv[2:]
-for src, dst in zip(jobs[::2], jobs[1::2]):
-    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        if e.code:
-            raise
-"""
-
-
-@dataclass
-class Tiny:
-    name: str
-    hf_dir: Path
-    gguf: Path
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory, llamacpp_source, botchan_text) -> dict[str, Tiny]:
-    """Every family's tiny model, as a safetensors directory and as llama.cpp's GGUF F32."""
-    root = tmp_path_factory.mktemp("families")
-    tokenizer = spm_model(botchan_text)
-    out, jobs = {}, []
-    for name in NAMES:
-        d = root / name
-        hf_model(name).save_pretrained(d)
-        (d / "tokenizer.model").write_bytes(tokenizer)
-        (d / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-            "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
-        out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
-        jobs += [str(d), str(out[name].gguf)]
-    # one process converts them all; the converter puts its own gguf-py first on sys.path
-    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
-    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *jobs],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
-    # Mistral's window, which the converter does not write for the llama architecture
-    path = out["mistral"].gguf
-    with GGUFFile(path) as f:
-        md, types = dict(f.metadata), dict(f.metadata_types)
-        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
-        md["llama.attention.sliding_window"] = WINDOW
-        write_gguf(root / "mistral-window.gguf", md, tensors, metadata_types=types)
-    out["mistral"].gguf = root / "mistral-window.gguf"
-    return out
-
-
-_QUANTIZED: dict = {}
-
-
-def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
-    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0 by llama.cpp's quantizer)."""
-    if qtype == "F32":
-        return tiny_model.gguf
-    key = (tiny_model.name, qtype)
-    if key not in _QUANTIZED:
-        import llama_cpp
-        dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
-        assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
-        _QUANTIZED[key] = dst
-    return _QUANTIZED[key]
-
-
-def rand_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
+def tiny(family_models):
+    return family_models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +80,37 @@ def test_logits_match_transformers(tiny, name):
             model = Model.from_gguf(tiny[name].gguf)
             switch_off(model)
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
+    """The safetensors directory gives transformers' logits in F32 and, quantized on load, every
+    tensor of llama.cpp's conversion in the same blocks; its config and tokenizer are the GGUF's."""
+    from dataclasses import asdict
+
+    import lowtune
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model(name)(ids).logits
+        got = lowtune.load_model(tiny[name].hf_dir, qtype="F32")(ids)
+    print(f"{name}: logits of the HF directory vs transformers, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    hf, gg = lowtune.load_model(tiny[name].hf_dir), Model.from_gguf(tiny[name].gguf)
+    assert asdict(hf.config) == pytest.approx(asdict(gg.config))
+    with open_base(tiny[name].hf_dir) as src, GGUFFile(tiny[name].gguf) as f:  # the default types
+        assert set(src.tensor_infos) == set(f.tensor_infos)
+        for n, info in f.tensor_infos.items():
+            if len(info.shape) == 1:  # norms (Gemma's 1 + w), biases, LongRoPE factors
+                assert torch.equal(src.tensor(n), f.tensor(n)), n
+            else:  # rows of 64 and 128: Q4_1
+                got = src.qtensor(n)
+                assert got.type == "Q4_1" and torch.equal(got.raw, ops.quantize(f.tensor(n), "Q4_1").raw), n
+    text = botchan_text[1000:3000]
+    tok_hf, tok_gg = load_tokenizer(hf.metadata), load_tokenizer(gg.metadata)
+    chat = tok_gg.apply_chat_template([{"role": "user", "content": text[:200]}])
+    assert tok_hf.apply_chat_template([{"role": "user", "content": text[:200]}]) == chat
+    for t in (text, chat):
+        assert tok_hf.encode(t) == tok_gg.encode(t)
 
 
 def test_config_read_from_the_converted_files(tiny):
@@ -309,39 +181,6 @@ def test_bf16_activations_follow_fp32(tiny, name):
 
 # ----------------------------------------------------------------------------------------------
 # against llama.cpp
-
-
-def llamacpp(path, n_ctx: int = SEQ):
-    from llama_cpp import Llama
-    threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
-                 n_threads=threads, n_threads_batch=threads)
-
-
-def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:
-    """exp(mean NLL) of every token but each window's first, each window run alone (as
-    lowtune.evaluate.perplexity scores them)."""
-    nll, n = 0.0, 0
-    for w in windows.tolist():
-        llm.reset()
-        llm.eval(w)
-        logits = np.array(llm.scores[:len(w)], dtype=np.float64)
-        top = logits.max(1, keepdims=True)
-        lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
-        nll += float((lse[:-1] - logits[np.arange(len(w) - 1), w[1:]]).sum())
-        n += len(w) - 1
-    return math.exp(nll / n)
-
-
-def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
-    llm.reset()
-    out = []
-    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
-
 
 @pytest.fixture(scope="module")
 def botchan_ids(tiny, botchan_text):

@@ -181,11 +181,22 @@ def test_compiled_cpu_decoder_applies_only_to_plain_llama():
     assert cpu_decoder(model, model.new_cache(2, 8)) is None                         # batch 2
     assert cpu_decoder(tiny_model("F32")[0], model.new_cache(1, 8)) is None         # float matrices
     assert cpu_decoder(tiny_model("Q4_1", dtype=torch.bfloat16)[0], model.new_cache(1, 8)) is None
+    biased, _ = tiny_model("Q4_1")
+    biased.layers[1].attn_v.bias = torch.ones(biased.layers[1].attn_v.out_features)
+    assert cpu_decoder(biased, biased.new_cache(1, 8)) is None                      # biases
     apply_adapters(model, AdapterConfig(method="lora", rank=2))
     assert cpu_decoder(model, model.new_cache(1, 8)) is None                         # adapters
     stats = GenerationStats()
     generate(model, [3, 1, 4], max_new_tokens=3, stats=stats)
     assert not stats.compiled_decoder and stats.decode_tokens == 2
+
+
+def test_compiled_cpu_decoder_applies_to_a_llama_gguf(tmp_path):
+    # a file's config (defaults filled in from its metadata) is still a plain Llama's
+    from lowtune.generate import cpu_decoder
+    from helpers import write_tiny_llama_gguf
+    model = lowtune.load_model(write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_1"))
+    assert cpu_decoder(model, model.new_cache(1, 8)) is not None
 
 
 def test_sample_next_filters():

@@ -93,17 +93,25 @@ class _DistillHead(torch.autograd.Function):
 
     The loss is a scalar, so its gradient w.r.t. the student's hidden rows is known in the
     forward: d loss / d logits_s = kl_w·(Q − P) + ce_w·(Q − onehot), pushed through the packed
-    head chunk by chunk (qmatmul_input_grad). Per chunk three [chunk, V] fp32 buffers live."""
+    head chunk by chunk (qmatmul_input_grad). Per chunk three [chunk, V] fp32 buffers live.
+    The student's logits are z = h·Wᵀ + bias, soft-capped to cap·tanh(z/cap) where the family
+    says (Gemma), whose derivative 1 − (l/cap)² scales the gradient."""
 
     @staticmethod
-    def forward(ctx, h, h_t, targets, head: QTensor, teacher_head, kl_w: float, ce_w: float,
-                chunk: int, need_grad: bool):
+    def forward(ctx, h, h_t, targets, head: QTensor, bias, cap: float, teacher_head, kl_w: float,
+                ce_w: float, chunk: int, need_grad: bool):
         kl = torch.zeros((), dtype=torch.float64, device=h.device)
         ce = torch.zeros((), dtype=torch.float64, device=h.device)
         dh = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk].float().contiguous(), targets[s:s + chunk]
             log_q = ops.qmatmul(hc, head).float()
+            if bias is not None:
+                log_q += bias.float()
+            dcap = None
+            if cap:
+                log_q = torch.tanh(log_q / cap) * cap
+                dcap = 1.0 - (log_q / cap) ** 2 if need_grad else None
             log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True)
             log_p = teacher_head(h_t[s:s + chunk]).float().to(h.device)
             log_p -= torch.logsumexp(log_p, dim=-1, keepdim=True)
@@ -115,6 +123,8 @@ class _DistillHead(torch.autograd.Function):
             if need_grad:
                 g = log_q.exp_().mul_(kl_w + ce_w).sub_(p, alpha=kl_w)   # (kl_w+ce_w)·Q − kl_w·P
                 g[rows, tc] -= ce_w
+                if dcap is not None:
+                    g *= dcap
                 dh[s:s + chunk] = ops.qmatmul_input_grad(g.to(h.dtype), head)
             del log_q, log_p, p
         ctx.save_for_backward(dh if need_grad else torch.empty(0))
@@ -126,7 +136,7 @@ class _DistillHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, g_kl, g_ce):
         (dh,) = ctx.saved_tensors
-        return dh * g_total.to(dh.dtype), None, None, None, None, None, None, None, None
+        return dh * g_total.to(dh.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, student, teacher,
@@ -149,7 +159,9 @@ def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, stud
     out = student.output
     if out is None or type(out).__name__ == "QLinear":
         need_grad = torch.is_grad_enabled() and h.requires_grad
-        return _DistillHead.apply(h, h_t.detach(), targets, student.head_weight(), teacher_head,
+        bias = out.bias if out is not None else None
+        cap = float(getattr(getattr(student, "config", None), "final_softcap", 0.0) or 0.0)
+        return _DistillHead.apply(h, h_t.detach(), targets, student.head_weight(), bias, cap, teacher_head,
                                   float(kl_weight), float(ce_weight), int(chunk), need_grad)
     # A wrapped head (an adapter on `output`): recompute each chunk in backward instead.
     total = kl = ce = h.new_zeros((), dtype=torch.float32)

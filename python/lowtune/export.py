@@ -4,7 +4,7 @@
     export_merged_gguf("model.gguf", "runs/a", "merged.gguf", qtype="Q5_K")   # re-targeted
     export_lora_gguf("model.gguf", "runs/a", "lora.gguf")            # llama.cpp --lora
     export_peft("model.gguf", "runs/a", "peft/")                     # adapter_model.safetensors
-    export_hf("model.gguf", "runs/a", "hf/", dtype="bf16")           # LlamaForCausalLM directory
+    export_hf("model.gguf", "runs/a", "hf/", dtype="bf16")           # e.g. a Qwen2ForCausalLM directory
 
 The base is read tensor by tensor from its memory-mapped GGUF (or a Hugging Face directory,
 quantized on the fly as training did) and every output is written one tensor at a time to a
@@ -18,7 +18,12 @@ How each method merges (lowtune.merge does the per-tensor math):
 Every method is also a standard LoRA (AdaptedLinear.as_lora: pooling folded into A', the scale
 and the output repeat into B'), which is what the GGUF LoRA and PEFT exports hold.
 
-GGUF stores q/k rows permuted for ggml's RoPE; the HF exports (PEFT, safetensors) undo that.
+GGUF stores q/k rows permuted for ggml's RoPE (Llama) and Gemma's norms as 1 + w; the HF exports
+(PEFT, safetensors) undo that, and name tensors and modules as the family's HF class does
+(lowtune.hf_names). A fused GGUF tensor (Phi-3's attn_qkv, its gate+up ffn_up) takes its parts'
+adapters on their row ranges: merged part by part into its blocks, and exported as one LoRA
+pair per fused tensor (the parts' A stacked, their B block-diagonal), as llama.cpp and Phi-3's
+HF modules (qkv_proj, gate_up_proj) hold them.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from .formats import get_format
 from .gguf_io import write_gguf
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
 from .merge import MergeInfo, dense, merge_weight
+from .model import fused_splits
 from .methods import GROUP_CONSTANT
 from .progress import tracked
 from .qtensor import QTensor
@@ -77,13 +83,30 @@ class _FrozenWeight(nn.Module):
         return self._qt
 
 
+def fused_parts(base) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """The fused tensors of a base (opened source) -> their logical parts (GGUF name, first row,
+    end row), as lowtune.model cuts them."""
+    config = ModelConfig.from_gguf_metadata(dict(base.metadata))
+    out = {}
+    for i in range(config.n_layers):
+        out.update(fused_splits(config, i, base.tensor_infos))
+    return out
+
+
+def _rows(qt: QTensor, a: int, b: int) -> QTensor:
+    """Rows a..b of a packed tensor (rows are independent blocks: a view, no copy)."""
+    return QTensor(qt.raw[a:b], qt.format, (b - a, qt.shape[1]))
+
+
 class SavedAdapter:
     """A saved adapter, applied one base tensor at a time (no model needed).
 
         ad = SavedAdapter("runs/a", rank=None)
         ad.method, ad.config, ad.rank          # rank: QDyLoRA's b in use (None otherwise)
-        for name in ad.tensor_names: ...        # GGUF names of the adapted weights
+        for name in ad.tensor_names: ...        # GGUF names of the adapted (logical) weights
         lin = ad.adapted(name, qt)              # AdaptedLinear on that weight, weights loaded
+        ad.check(path, base)                    # then, per tensor of the base (fused or not):
+        ad.delta(name, qt); ad.lora_pairs(base)
     """
 
     def __init__(self, directory, rank: int | None = None):
@@ -96,6 +119,7 @@ class SavedAdapter:
         self.rank = adapter_rank(self.meta, rank)
         self.modules = {gguf_name_of_module(m): (m, spec) for m, spec in self.meta["modules"].items()}
         self._st = safe_open(str(self.directory / ADAPTER_WEIGHTS), framework="pt")
+        self.parts: dict[str, tuple[tuple[str, int, int], ...]] = {}  # the base's fused tensors (check)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -105,7 +129,9 @@ class SavedAdapter:
         """loading.check_base against the base file or directory, then every adapted tensor
         present in the base (`base`, the opened source)."""
         check_base(self.directory, self.meta, base_path, force)
-        missing = [n for n in self.tensor_names if n not in base.tensor_infos]
+        self.parts = fused_parts(base)
+        logical = set(base.tensor_infos) | {p for parts in self.parts.values() for p, _, _ in parts}
+        missing = [n for n in self.tensor_names if n not in logical]
         if missing:
             raise ValueError(f"the adapter targets tensors this base lacks ({', '.join(missing[:3])}…); "
                              f"pass the base it was trained on")
@@ -148,6 +174,41 @@ class SavedAdapter:
         """(A' [r', K], B' [N, r']) fp32, the scale folded into B', or None."""
         lin = self.adapted(name, qt)
         return None if lin is None else lin.as_lora()
+
+    def split(self, name: str, qt: QTensor) -> list[tuple[str, int, int]]:
+        """The logical parts of base tensor `name` (after check): (name, first row, end row) each;
+        a tensor that is not fused is its one part."""
+        return list(self.parts.get(name, ((name, 0, qt.shape[0]),)))
+
+    def delta(self, name: str, qt: QTensor) -> torch.Tensor | None:
+        """The dense update ΔW [N, K] fp32 of base tensor `name` (fused parts on their rows), or None."""
+        out = None
+        for part, a, b in self.split(name, qt):
+            lin = self.adapted(part, _rows(qt, a, b))
+            if lin is not None:
+                out = torch.zeros(qt.shape, dtype=torch.float32) if out is None else out
+                out[a:b] += lin.delta_weight()
+        return out
+
+    def lora_pairs(self, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{base tensor name: (A' [r', K], B' [N, r'])} for every adapted tensor of the base
+        (after check), the scale folded into B'; a fused tensor's parts stacked into one pair:
+        A' rows and B' columns one block per part, B' zero outside each part's rows."""
+        pairs = {}
+        for name in base.tensor_infos:
+            if not any(part in self.modules for part, _, _ in self.parts.get(name, ((name, 0, 0),))):
+                continue
+            qt = base.qtensor(name)
+            got = [(a, b, self.lora(part, _rows(qt, a, b))) for part, a, b in self.split(name, qt)]
+            got = [(a, b, pair) for a, b, pair in got if pair is not None]
+            big_a = torch.cat([pa for _, _, (pa, _) in got])
+            big_b = torch.zeros(qt.shape[0], big_a.shape[0])
+            col = 0
+            for a, b, (pa, pb) in got:
+                big_b[a:b, col:col + pa.shape[0]] = pb
+                col += pa.shape[0]
+            pairs[name] = (big_a.contiguous(), big_b)
+        return pairs
 
 
 def _open(model, adapter, rank, base_type, force):
@@ -236,13 +297,23 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                     yield name, (base.tensor(name), ti.shape)   # norms, rope_freqs, integer tensors
                     continue
                 qt = base.qtensor(name)
-                upd = ad.update(name, qt) if ad is not None else {}
                 target = target_of(name, ti)
-                out_qt, info = merge_weight(qt, target=target, kquant_mins=kquant_mins, measure=measure, **upd)
-                if target is not None and target.name != get_format(qtype).name:
-                    info.note = (info.note + "; " if info.note else "") + \
-                        f"rows of {qt.shape[1]} do not fit {get_format(qtype).name} blocks: {target.name}"
-                infos[name] = info
+                parts = ad.split(name, qt) if ad is not None else [(name, 0, qt.shape[0])]
+                merged = []
+                for part, a, b in parts:  # a fused tensor: each part's update on its rows
+                    view = qt if len(parts) == 1 else _rows(qt, a, b)
+                    upd = ad.update(part, view) if ad is not None else {}
+                    out_qt, info = merge_weight(view, target=target, kquant_mins=kquant_mins, measure=measure, **upd)
+                    if target is not None and target.name != get_format(qtype).name:
+                        info.note = (info.note + "; " if info.note else "") + \
+                            f"rows of {qt.shape[1]} do not fit {get_format(qtype).name} blocks: {target.name}"
+                    infos[part] = info
+                    merged.append(out_qt)
+                if len(merged) > 1:
+                    if len({m.format.name for m in merged}) > 1:
+                        raise ValueError(f"{name}: its parts merged into different types "
+                                         f"({', '.join(m.format.name for m in merged)}); pass --type")
+                    out_qt = QTensor(torch.cat([m.raw for m in merged]), merged[0].format, qt.shape)
                 yield name, (out_qt, ti.shape)
 
         md, types = dict(base.metadata), dict(base.metadata_types)
@@ -285,7 +356,7 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
     dt = torch_dtype(tag)
     ad, base = _open(model, adapter, rank, base_type, force)
     try:
-        pairs = {name: ad.lora(name, base.qtensor(name)) for name in base.tensor_infos if name in ad.modules}
+        pairs = ad.lora_pairs(base)
         arch = base.metadata["general.architecture"]
         base_name = base.metadata.get("general.name", "model")
     finally:
@@ -324,14 +395,10 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
     try:
         md = dict(base.metadata)
         tensors, ranks = {}, {}
-        for name in base.tensor_infos:
-            pair = ad.lora(name, base.qtensor(name)) if name in ad.modules else None
-            if pair is None:
-                continue
-            a, b = pair
+        for name, (a, b) in ad.lora_pairs(base).items():
             module = hf_names.hf_name(name, md["general.architecture"])[: -len(".weight")]
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_rows(name, b, md).contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
             ranks[module] = a.shape[0]
     finally:
         base.close()
@@ -416,9 +483,10 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
 
 def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = None, base_type=None,
               force: bool = False) -> ExportReport:
-    """Write a Hugging Face LlamaForCausalLM directory: model.safetensors (deq(W) + ΔW in bf16 or
-    fp16, q/k rows back in HF order, written tensor by tensor), config.json,
-    generation_config.json and the tokenizer. adapter None exports the base alone."""
+    """Write a Hugging Face directory of the family's class (LlamaForCausalLM, Qwen2ForCausalLM,
+    Phi3ForCausalLM, Gemma3ForCausalLM, ...): model.safetensors (deq(W) + ΔW in bf16, fp16 or
+    fp32, in HF's layout, written tensor by tensor), config.json, generation_config.json and the
+    tokenizer. adapter None exports the base alone."""
     t0 = time.perf_counter()
     try:
         tag = type_of(dtype)
@@ -429,30 +497,39 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
     try:
         md = dict(base.metadata)
         arch = md["general.architecture"]
-        if "rope_freqs.weight" in base.tensor_infos:
-            raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
-                             "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-        names = {n: hf_names.hf_name(n, arch) for n in base.tensor_infos}
-        specs = [(names[n], tag, tuple(ti.shape)) for n, ti in base.tensor_infos.items() if names[n] is not None]
+        mc = ModelConfig.from_gguf_metadata(md)
+        # config.json first: it refuses what HF cannot hold before anything is written
+        tensors = {n: (base.tensor(n).reshape(-1).tolist() if n in hf_names.GGUF_ONLY else None)
+                   for n in base.tensor_infos}
+        tied = "output.weight" not in base.tensor_infos
+        cfg = hf_names.hf_config(mc, md, tied, hf_dtype_name(tdt), tensors)
+        # biases the HF class has and the GGUF lacks are zeros
+        _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
+        shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
+        shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
+        names = {n: hf_names.hf_name(n, arch) for n in shapes}
+        specs = [(names[n], tag, shape) for n, shape in shapes.items() if names[n] is not None]
         by_hf = {h: g for g, h in names.items() if h is not None}
 
         def produce(hf_name: str) -> torch.Tensor:
             name = by_hf[hf_name]
+            if name not in base.tensor_infos:
+                return torch.zeros(shapes[name], dtype=tdt)
             ti = base.tensor_infos[name]
             if len(ti.shape) < 2:
-                return base.tensor(name).to(torch.float32).reshape(ti.shape).to(tdt)
+                w = base.tensor(name).to(torch.float32).reshape(ti.shape)
+                return hf_names.to_hf_values(name, w, md).to(tdt)
             qt = base.qtensor(name)
             w = dense(qt)
-            if ad is not None and name in ad.modules:
-                w += ad.adapted(name, qt).delta_weight()
-            return hf_names.to_hf_rows(name, w, md).reshape(ti.shape).to(tdt)
+            upd = ad.delta(name, qt) if ad is not None else None
+            if upd is not None:
+                w += upd
+            return hf_names.to_hf_values(name, w, md).reshape(ti.shape).to(tdt)
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         write_safetensors(d / "model.safetensors", specs, produce, {"format": "pt"},
                           progress=f"writing {d / 'model.safetensors'}")
-        tied = "output.weight" not in base.tensor_infos
-        cfg = hf_names.hf_config(ModelConfig.from_gguf_metadata(md), md, tied, hf_dtype_name(tdt))
         _write_json(d / "config.json", cfg)
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         _write_json(d / "generation_config.json", gen)

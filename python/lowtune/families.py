@@ -48,23 +48,30 @@ class Family:
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
-    hf_architectures: tuple[str, ...] = ()
+    hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
+    hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
     hf_norm_offset: float = 0.0        # added to HF RMSNorm weights to get GGUF's (Gemma: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
+    spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
+    #                                       SentencePiece vocabulary (None: as tokenizer.model says)
 
 
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
-    Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"), hf_permute_qk=True),
-    Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",)),
-    Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",)),
-    Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",)),
+    Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+           hf_model_types=("llama", "mistral"), hf_permute_qk=True),
+    Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
+    Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),
+           hf_model_types=("qwen3",)),
+    Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma2", rope="neox", activation="gelu_tanh", post_norms=True, embed_scale=True,
            swa_period=2, default_window=4096, attn_softcap=50.0, final_softcap=30.0,
-           wide_query_scale_layers=46, hf_architectures=("Gemma2ForCausalLM",), hf_norm_offset=1.0),
+           wide_query_scale_layers=46, hf_architectures=("Gemma2ForCausalLM",),
+           hf_model_types=("gemma2",), hf_norm_offset=1.0, spm_space_prefix=False),
     Family("gemma3", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm=True,
            embed_scale=True, swa_period=6, swa_rope_theta=10000.0, swa_rope_scaled=False,
            final_softcap=0.0, wide_query_scale_layers=62,
-           hf_architectures=("Gemma3ForCausalLM",), hf_norm_offset=1.0),
+           hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+           hf_model_types=("gemma3_text", "gemma3"), hf_norm_offset=1.0, spm_space_prefix=False),
 )}
 
 SUPPORTED = tuple(FAMILIES)
@@ -105,11 +112,19 @@ def family_of(metadata: Mapping) -> Family:
     return FAMILIES[arch]
 
 
-def family_of_hf(architectures) -> Family:
-    """The Family of a Hugging Face config's `architectures` list, or a ValueError."""
+def family_of_hf(architectures, model_type: str | None = None) -> Family:
+    """The Family of a Hugging Face config's `architectures` list (or, without one, its
+    `model_type`), or a ValueError naming what is supported."""
     for name in architectures or ():
         for f in FAMILIES.values():
             if name in f.hf_architectures:
                 return f
-    raise ValueError(f"Hugging Face architecture {list(architectures or [])} is not supported; "
-                     + "lowtune runs " + ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures))
+    if not architectures and model_type is not None:
+        for f in FAMILIES.values():
+            if model_type in f.hf_model_types:
+                return f
+    what = list(architectures or []) or repr(model_type)
+    types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
+    classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+    raise ValueError(f"Hugging Face architecture {what} is not supported; lowtune reads {types} "
+                     f"checkpoints ({classes})")

@@ -84,7 +84,7 @@ class _CompiledSteps:
 def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     """A one-token step `step(token) -> logits [V]` that runs the whole model in one compiled call
     and extends `cache`, or None where it does not apply. It applies to a Llama exactly as
-    lowtune.model runs it (no adapters, no streaming, no config feature beyond plain Llama) on the
+    lowtune.model runs it (no adapters, biases or streaming, no config feature beyond plain Llama) on the
     CPU, in fp32, at batch 1, with every matrix in a quantized block format."""
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
@@ -96,14 +96,15 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
-    if type(model.tok_embd) is not QEmbedding or model.output is not None and type(model.output) is not QLinear:
+    if type(model.tok_embd) is not QEmbedding or model.output is not None and (
+            type(model.output) is not QLinear or model.output.bias is not None):
         return None
     mats = [model.tok_embd.weight, model.head_weight()]
     for layer in model.layers:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
             return None
-        if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS):
-            return None
+        if not all(type(getattr(layer, n)) is QLinear and getattr(layer, n).bias is None for n in _LINEARS):
+            return None  # adapters, biases
         mats += [getattr(layer, n).weight for n in _LINEARS]
     if not all(qt.format.quantized and qt.raw.is_contiguous() for qt in mats):
         return None

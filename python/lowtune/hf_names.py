@@ -1,62 +1,86 @@
 """What Hugging Face calls things, per architecture, in both directions: tensor names, config.json
-keys, and the q/k row order. One table each; reading (safetensors_io) and writing (export) use the
-same one, so a name or key cannot differ between the two.
+keys, tensor values, and the q/k row order. One table each; reading (safetensors_io) and writing
+(export) use the same one, so a name or key cannot differ between the two.
 
-    gguf_name("model.layers.3.self_attn.q_proj.weight")   # "blk.3.attn_q.weight"
-    hf_name("blk.3.attn_q.weight")                         # "model.layers.3.self_attn.q_proj.weight"
-    md, types = metadata_from_hf_config(config)            # GGUF `llama.*` keys from config.json
-    config = hf_config(model_config, md, tied, "bfloat16") # config.json from GGUF metadata
+    gguf_name("model.layers.3.self_attn.q_proj.weight")    # "blk.3.attn_q.weight"
+    hf_name("blk.3.attn_qkv.weight", "phi3")                # "model.layers.3.self_attn.qkv_proj.weight"
+    md, types = metadata_from_hf_config(config)             # GGUF `<arch>.*` keys from config.json
+    extra = generated_tensors(config)                       # rope_freqs / rope_factors_* values
+    config = hf_config(model_config, md, tied, "bfloat16", tensors)  # config.json from GGUF metadata
+    w = from_hf_values(gguf_name, w, md)                    # an HF tensor as GGUF holds it
 
-A new family adds its entry to TENSOR_NAMES and CONFIG_KEYS (and its own special cases in the two
-config functions); `llama` is the one filled today.
+The families (lowtune.families says which architecture is which HF class) differ here in:
+  * names: Qwen3 and Gemma 3 add q/k norms; Gemma 2/3 have norms before and after attention and
+    FFN; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and gate/up fused (gate_up_proj = ffn_up,
+    gate rows first), which GGUF keeps too;
+  * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
+    and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
+  * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
+    Gemma 3's base for sliding layers), sliding windows and which layers slide (layer_types),
+    soft-caps, Gemma's query scale, and which biases the HF class can hold.
 
 The q/k permutation (convert_hf_to_gguf.py's LlamaModel.permute): HF keeps the two halves of each
 head's rotary pairs apart (dims i and i + d/2 rotate together); ggml rotates adjacent dims (2i,
 2i + 1). So row h·d + j of the GGUF weight is HF row h·d + (j // 2) + (j % 2)·d/2. k uses the KV
-head count.
+head count. The other families rotate halves in ggml too (NEOX), so their rows are not permuted.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Collection, Mapping
 
 from gguf.constants import GGUFValueType
 
-U32, F32, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
+from .families import FAMILIES, Family, family_of_hf
+
+U32, F32, STR, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
+ARRAY = GGUFValueType.ARRAY
 
 # GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias}, and the
 # tensors outside the layers by full name.
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight", "output.bias": "lm_head.bias"}
+_ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj"}
+_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_LLAMA = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm", **_MLP}
+_GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
+          "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
-    "llama": {
-        "layer": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
-                  "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                  "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                  "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
-        "global": {"token_embd.weight": "model.embed_tokens.weight",
-                   "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"},
-    },
+    "llama": {"layer": _LLAMA, "global": _GLOBAL},
+    "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
+    "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
+    "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
+                       "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                       "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
+             "global": _GLOBAL},
+    "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
+    "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
 }
-# GGUF tensors HF does not store (rebuilt from config.json), and HF buffers GGUF does not store.
-GGUF_ONLY = ("rope_freqs.weight",)
-_HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+# GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
+# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model
+# under a prefix; its vision tower is not part of the text model.
+GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+_HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
+                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+_LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
+                   (re.compile(r"^language_model\.lm_head\."), "lm_head."))
 
 # GGUF `<arch>.<key>` <-> config.json key, the ModelConfig field holding the resolved value, the
-# GGUF type, and config.json's default (None: required).
-CONFIG_KEYS: dict[str, list[tuple[str, str, str, Any, Any]]] = {
-    "llama": [
-        ("block_count", "num_hidden_layers", "n_layers", U32, None),
-        ("context_length", "max_position_embeddings", "context_length", U32, 2048),
-        ("embedding_length", "hidden_size", "dim", U32, None),
-        ("feed_forward_length", "intermediate_size", "ffn_dim", U32, None),
-        ("attention.head_count", "num_attention_heads", "n_heads", U32, None),
-        ("attention.head_count_kv", "num_key_value_heads", "n_kv_heads", U32, "num_attention_heads"),
-        ("rope.freq_base", "rope_theta", "rope_theta", F32, 10000.0),
-        ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "norm_eps", F32, 1e-6),
-        ("vocab_size", "vocab_size", "vocab_size", U32, None),
-    ],
-}
-_HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", ("llama", "mistral"))}
+# GGUF type, and config.json's default (None: required; a string: that key's value). Every family
+# has these; what else a family's config says is read and written by the functions below.
+CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
+    ("block_count", "num_hidden_layers", "n_layers", U32, None),
+    ("context_length", "max_position_embeddings", "context_length", U32, 2048),
+    ("embedding_length", "hidden_size", "dim", U32, None),
+    ("feed_forward_length", "intermediate_size", "ffn_dim", U32, None),
+    ("attention.head_count", "num_attention_heads", "n_heads", U32, None),
+    ("attention.head_count_kv", "num_key_value_heads", "n_kv_heads", U32, "num_attention_heads"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "norm_eps", F32, 1e-6),
+    ("vocab_size", "vocab_size", "vocab_size", U32, None),
+]
 
 
 def _table(arch: str) -> dict[str, dict[str, str]]:
@@ -66,7 +90,7 @@ def _table(arch: str) -> dict[str, dict[str, str]]:
 
 
 def hf_name(name: str, arch: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor; None for tensors HF does not store (rope_freqs)."""
+    """The HF name of a GGUF tensor; None for tensors HF does not store (GGUF_ONLY)."""
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
@@ -75,13 +99,15 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
         return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
     if name in GGUF_ONLY:
         return None
-    raise ValueError(f"no Hugging Face name for GGUF tensor {name!r}")
+    raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
 
 
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """The GGUF name of an HF tensor; None for buffers GGUF does not store."""
     if _HF_ONLY.search(name):
         return None
+    for prefix, repl in _LANGUAGE_MODEL:
+        name = prefix.sub(repl, name)
     t = _table(arch)
     for g, h in t["global"].items():
         if h == name:
@@ -95,7 +121,7 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
                      "unsupported variant)")
 
 
-# ---- q/k rows ------------------------------------------------------------------------------------
+# ---- values: q/k rows, Gemma's norms -------------------------------------------------------------
 
 def _check_heads(w, n_head: int) -> int:
     rows = w.shape[0]
@@ -117,104 +143,202 @@ def permute_qk_gguf_to_hf(w, n_head: int):
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def rope_heads(name: str, metadata: dict) -> int | None:
+def _family(metadata: Mapping) -> Family:
+    arch = metadata.get("general.architecture", "llama")
+    if arch not in FAMILIES:
+        raise ValueError(f"no Hugging Face layout for architecture {arch!r}")
+    return FAMILIES[arch]
+
+
+def rope_heads(name: str, metadata: Mapping) -> int | None:
     """How many heads the rows of GGUF tensor `name` are permuted over (q: heads, k: KV heads),
-    or None for tensors in the same row order in both layouts."""
+    or None for tensors in the same row order in both layouts (every tensor of a NEOX family)."""
     m = re.fullmatch(r"blk\.\d+\.(attn_q|attn_k)\.(weight|bias)", name)
-    if m is None:
+    if m is None or not _family(metadata).hf_permute_qk:
         return None
     arch = metadata.get("general.architecture", "llama")
     n_head = int(metadata[f"{arch}.attention.head_count"])
     return n_head if m.group(1) == "attn_q" else int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
 
 
-def to_hf_rows(name: str, w, metadata: dict):
-    """A GGUF tensor's rows (or its LoRA B's) in HF order."""
+def _norm_offset(name: str, metadata: Mapping) -> float:
+    return _family(metadata).hf_norm_offset if name.endswith("norm.weight") else 0.0
+
+
+def to_hf_values(name: str, w, metadata: Mapping):
+    """A GGUF tensor (or its LoRA B) as HF holds it: q/k rows in HF order, Gemma's norms as w."""
     heads = rope_heads(name, metadata)
-    return w if heads is None else permute_qk_gguf_to_hf(w, heads)
+    if heads is not None:
+        w = permute_qk_gguf_to_hf(w, heads)
+    off = _norm_offset(name, metadata)
+    return w - off if off else w
 
 
-def from_hf_rows(name: str, w, metadata: dict):
-    """An HF tensor's rows in GGUF order; `name` is its GGUF name."""
+def from_hf_values(name: str, w, metadata: Mapping):
+    """An HF tensor as GGUF holds it (the inverse of to_hf_values); `name` is its GGUF name."""
     heads = rope_heads(name, metadata)
-    return w if heads is None else permute_qk_hf_to_gguf(w, heads)
+    if heads is not None:
+        w = permute_qk_hf_to_gguf(w, heads)
+    off = _norm_offset(name, metadata)
+    return w + off if off else w
 
 
-# ---- config.json <-> GGUF metadata ---------------------------------------------------------------
+to_hf_rows, from_hf_rows = to_hf_values, from_hf_values  # the names before other families came
+
+
+# ---- config.json -> GGUF metadata ----------------------------------------------------------------
+
+def _text_config(config: dict) -> dict:
+    """A multimodal config's text part at the top level (as llama.cpp's converter reads it)."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+
+def _rope(config: dict) -> tuple[dict, dict | None]:
+    """(global, sliding) RoPE parameters of a config in either spelling: transformers 5's
+    rope_parameters (flat, or per layer type) or the older rope_theta / rope_scaling /
+    rope_local_base_freq keys. Each dict: rope_theta, rope_type and the type's own keys; sliding
+    is None when the config gives sliding layers nothing of their own."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = dict(params.get("full_attention") or {})
+        return full, (dict(params["sliding_attention"]) if params.get("sliding_attention") else None)
+    full = dict(params or config.get("rope_scaling") or {})
+    full.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if "type" in full:
+        full.setdefault("rope_type", full["type"])
+    for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+        if key in config:
+            full.setdefault(key, config[key])
+    local = config.get("rope_local_base_freq")
+    return full, ({"rope_type": "default", "rope_theta": local} if local is not None else None)
+
+
+def _layer_types(config: dict, fam: Family, n_layers: int) -> list[bool] | None:
+    """Which layers slide (a flag per layer) when config.json says so, else None (no window)."""
+    window = config.get("sliding_window") or 0
+    if not window or (config.get("use_sliding_window") is False):  # Qwen2/3 keep it switched off
+        return None
+    types = config.get("layer_types")
+    if types is not None:
+        flags = [t == "sliding_attention" for t in types[:n_layers]]
+        return flags if any(flags) else None
+    period = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", fam.swa_period))
+    if not period:
+        return [True] * n_layers
+    return [i % int(period) < int(period) - 1 for i in range(n_layers)]
+
+
+def _family_windows(fam: Family, n_layers: int) -> list[bool]:
+    """The layers a file with a window and no pattern slides (ModelConfig's rule)."""
+    p = fam.swa_period
+    return [True] * n_layers if not p else [i % p < p - 1 for i in range(n_layers)]
+
+
+def _longrope_attn_factor(rope: dict, config: dict) -> float:
+    """LongRoPE's magnitude on q and k: the config's attention_factor, else sqrt(1 + ln s / ln L)
+    for s = max positions / original positions > 1 (L the original), as transformers and
+    llama.cpp's converter compute it."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    orig = float(rope["original_max_position_embeddings"])
+    scale = float(rope.get("factor") or config["max_position_embeddings"] / orig)
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
 
 def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
-    """GGUF `general.*` and `<arch>.*` metadata (and their GGUF types) from an HF config.json."""
-    arch = next((a for a, (cls, types) in _HF_ARCHITECTURES.items()
-                 if config.get("model_type", "llama") in types or cls in config.get("architectures", [])), None)
-    if arch is None:
-        raise ValueError(f"config.json describes a {config.get('model_type')!r} model; lowtune reads "
-                         f"{', '.join(t for _, ts in _HF_ARCHITECTURES.values() for t in ts)} checkpoints")
+    """GGUF `general.*` and `<arch>.*` metadata (and their GGUF types) from an HF config.json, as
+    llama.cpp's converter would write them (plus Mistral's window, which lowtune reads from
+    `llama.attention.sliding_window`)."""
+    fam = family_of_hf(config.get("architectures"), config.get("model_type", "llama"))
+    config = _text_config(config)
+    arch = fam.arch
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
         "general.name": (name or config.get("_name_or_path") or "model", STR)}
-    for key, hf, _, gtype, default in CONFIG_KEYS[arch]:
+    key = lambda k, v, t: md.__setitem__(f"{arch}.{k}", (v, t))
+    for gguf_key, hf, _, gtype, default in CONFIG_KEYS:
         value = config.get(hf)
         if value is None:
             value = config.get(default) if isinstance(default, str) else default
         if value is None:
             raise ValueError(f"config.json lacks {hf!r}, which a {arch} model needs")
-        md[f"{arch}.{key}"] = (float(value) if gtype == F32 else int(value), gtype)
+        key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_layers = int(config["num_hidden_layers"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
-    md[f"{arch}.rope.dimension_count"] = (head_dim, U32)
+    rope, rope_swa = _rope(config)
+    rope_dim = int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
+    key("rope.dimension_count", rope_dim, U32)
     if head_dim != hidden // n_head:
-        md[f"{arch}.attention.key_length"] = (head_dim, U32)
-        md[f"{arch}.attention.value_length"] = (head_dim, U32)
-    rs = config.get("rope_scaling") or {}
-    kind = rs.get("rope_type", rs.get("type"))
+        key("attention.key_length", head_dim, U32)
+        key("attention.value_length", head_dim, U32)
+    key("rope.freq_base", float(rope.get("rope_theta", 10000.0)), F32)
+    if rope_swa is not None:
+        if rope_swa.get("rope_type", "default") != "default":
+            raise ValueError(f"RoPE scaling on sliding layers ({rope_swa['rope_type']!r}) is not supported")
+        if fam.swa_rope_theta is not None or rope_swa.get("rope_theta") != rope.get("rope_theta"):
+            key("rope.freq_base_swa", float(rope_swa.get("rope_theta", 10000.0)), F32)
+    kind = rope.get("rope_type", rope.get("type"))
     if kind == "linear":
-        md[f"{arch}.rope.scaling.type"] = ("linear", STR)
-        md[f"{arch}.rope.scaling.factor"] = (float(rs["factor"]), F32)
-    elif kind not in (None, "default", "llama3"):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported")
+        key("rope.scaling.type", "linear", STR)
+        key("rope.scaling.factor", float(rope["factor"]), F32)
+    elif kind in ("longrope", "su"):
+        key("rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32)
+        key("rope.scaling.attn_factor", _longrope_attn_factor(rope, config), F32)
+    elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3 and longrope are)")
+
+    flags = _layer_types(config, fam, n_layers)
+    if flags is not None:
+        key("attention.sliding_window", int(config["sliding_window"]), U32)
+        if flags != _family_windows(fam, n_layers):
+            key("attention.sliding_window_pattern", flags, (ARRAY, BOOL))
+    elif fam.default_window:
+        key("attention.sliding_window", 0, U32)  # the family's default window does not apply
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        has_cap = (fam.attn_softcap if cap.startswith("attn") else fam.final_softcap) is not None
+        if has_cap:
+            key(cap, float(config.get(cap) or 0.0), F32)
+        elif config.get(cap):
+            raise ValueError(f"config.json asks for {cap}, which a {arch} model does not have")
+    if "query_pre_attn_scalar" in config:
+        _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
 
 
-def _f32(x: float) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
-    return float(f"{x:.7g}")
+def _check_query_scale(config: dict, fam: Family, head_dim: int) -> None:
+    """Gemma scales queries by query_pre_attn_scalar^-1/2; llama.cpp (and so lowtune) by
+    1/sqrt(head_dim), or 1/sqrt(D/H) for the 27B models. A config that asks otherwise is refused."""
+    n_layers, hidden, n_head = (int(config[k]) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    ours = hidden // n_head if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers else head_dim
+    if float(config["query_pre_attn_scalar"]) != float(ours):
+        raise ValueError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from the "
+                         f"{ours} that llama.cpp's {fam.arch} uses for this model size; lowtune follows "
+                         "llama.cpp (which runs its exports), so this checkpoint is not supported")
 
 
-def hf_config(model_config, metadata: dict, tied: bool, torch_dtype: str) -> dict:
-    """config.json of a transformers model from GGUF metadata; model_config is the resolved
-    ModelConfig of that metadata (defaults filled in)."""
-    arch = metadata["general.architecture"]
-    c = model_config
-    if c.rope_dim != c.head_dim:
-        raise ValueError("partial RoPE (rope.dimension_count < head_dim) has no Llama HF config")
-    cls, (model_type, *_) = _HF_ARCHITECTURES[arch]
-    cfg: dict[str, Any] = {"architectures": [cls], "model_type": model_type}
-    for _, hf, attr, gtype, _ in CONFIG_KEYS[arch]:
-        v = getattr(c, attr)
-        cfg[hf] = _f32(v) if gtype == F32 else int(v)
-    cfg.update({
-        "head_dim": c.head_dim, "hidden_act": "silu", "tie_word_embeddings": tied, "attention_bias": False,
-        "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": 0.02, "pretraining_tp": 1,
-        "use_cache": True, "torch_dtype": torch_dtype, "rope_scaling": None})
-    if c.rope_linear_scale != 1.0:
-        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
-    for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                    ("pad_token_id", "padding_token_id")):
-        v = metadata.get(f"tokenizer.ggml.{tk}")
-        if v is not None:
-            cfg[key] = int(v)
-    return cfg
+def generated_tensors(config: dict) -> dict[str, list[float]]:
+    """The GGUF tensors llama.cpp's converter builds from config.json: rope_freqs (Llama 3.1's
+    rope scaling), rope_factors_long/short (LongRoPE). {} when the config asks for neither."""
+    config = _text_config(config)
+    rope, _ = _rope(config)
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in ("longrope", "su") and rope.get("long_factor"):
+        return {"rope_factors_long.weight": [float(x) for x in rope["long_factor"]],
+                "rope_factors_short.weight": [float(x) for x in rope["short_factor"]]}
+    factors = llama3_rope_factors(config)
+    return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 def llama3_rope_factors(config: dict) -> list[float] | None:
     """rope_freqs.weight values [head_dim/2] for Llama-3.1 style rope scaling (per-frequency
     divisors that leave high frequencies alone, divide low ones by `factor` and blend in
     between), or None when config.json asks for no such scaling."""
-    rs = config.get("rope_scaling") or {}
+    rs, _ = _rope(_text_config(config))
     if rs.get("rope_type", rs.get("type")) != "llama3":
         return None
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    base = float(config.get("rope_theta", 10000.0))
+    base = float(rs.get("rope_theta", 10000.0))
     factor = float(rs["factor"])
     low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
     old_ctx = float(rs.get("original_max_position_embeddings", 8192))
@@ -229,3 +353,136 @@ def llama3_rope_factors(config: dict) -> list[float] | None:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
     return out
+
+
+# ---- GGUF metadata -> config.json ----------------------------------------------------------------
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(f"{x:.7g}")
+
+
+# Biases each HF class can hold: config flag -> the layer tensors it switches on together (the
+# HF module then has all of them: the ones GGUF lacks are written as zeros). "" : always there.
+_HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
+              "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
+    "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
+    "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
+    "phi3": {},
+    "gemma2": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
+    "gemma3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
+}
+
+
+def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[str, bool], list[str]]:
+    """(config.json bias flags, GGUF names of the biases to write as zeros) for a model whose
+    GGUF tensors are `names`; a ValueError for a bias the HF class has no place for."""
+    groups = _HF_BIASES[arch]
+    present = {n for n in names if n.endswith(".bias")}
+    flags, zeros, placed = {}, [], set()
+    for flag, parts in groups.items():
+        want = {f"blk.{i}.{p}.bias" for i in range(n_layers) for p in parts}
+        on = flag == "" or bool(want & present)
+        if flag:
+            flags[flag] = on
+        if on:
+            zeros += sorted(want - present)
+            placed |= want
+    stray = sorted(present - placed)
+    if stray:
+        raise ValueError(f"{stray[0]}: a {arch} model in Hugging Face's layout has no such bias, so "
+                         "this model cannot be exported as a Hugging Face directory")
+    return flags, zeros
+
+
+def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
+              tensors: Mapping[str, Any] | None = None) -> dict:
+    """config.json of a transformers model from GGUF metadata; model_config is the resolved
+    ModelConfig of that metadata (defaults filled in). tensors: the GGUF's tensor names, with the
+    values of its 1-D GGUF-only tensors (rope_factors_long/short) where it has them."""
+    c = model_config
+    arch, fam = c.arch, c.family
+    tensors = tensors or {}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
+                         "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
+    if c.rope_dim != c.head_dim and arch != "phi3":
+        raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
+    windows = [c.is_sliding(i) for i in range(c.n_layers)]
+    cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
+    if arch == "llama" and c.sliding_window:
+        cls, model_type = "MistralForCausalLM", "mistral"  # Llama has no window; Mistral is Llama with one
+        if not all(windows):
+            raise ValueError("a llama model with sliding and global layers has no HF config")
+    cfg: dict[str, Any] = {"architectures": [cls], "model_type": model_type}
+    for _, hf, attr, gtype, _ in CONFIG_KEYS:
+        v = getattr(c, attr)
+        cfg[hf] = _f32(v) if gtype == F32 else int(v)
+    cfg.update({"head_dim": c.head_dim, "tie_word_embeddings": tied, "attention_dropout": 0.0,
+                "initializer_range": 0.02, "use_cache": True, "torch_dtype": torch_dtype,
+                "rope_theta": _f32(c.rope_theta), "rope_scaling": None})
+    if fam.activation == "gelu_tanh":
+        cfg["hidden_activation"] = cfg["hidden_act"] = "gelu_pytorch_tanh"
+    else:
+        cfg["hidden_act"] = "silu"
+    if arch == "llama" and cls == "LlamaForCausalLM":
+        cfg["pretraining_tp"] = 1
+    flags, _ = hf_biases(arch, tensors, c.n_layers)
+    if model_type == "mistral":
+        if any(flags.values()):
+            raise ValueError("a llama model with a sliding window and biases has no HF config (Mistral has no biases)")
+        flags = {}
+    cfg.update(flags)
+    if arch in ("llama", "qwen3", "gemma2", "gemma3") and "attention_bias" not in cfg:
+        cfg["attention_bias"] = False
+    if c.rope_linear_scale != 1.0:
+        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
+    if "rope_factors_long.weight" in tensors:
+        orig = c.rope_orig_context or c.context_length
+        cfg["original_max_position_embeddings"] = orig
+        cfg["rope_scaling"] = {
+            "type": "longrope", "rope_type": "longrope",
+            "long_factor": [_f32(x) for x in tensors["rope_factors_long.weight"]],
+            "short_factor": [_f32(x) for x in tensors["rope_factors_short.weight"]],
+            "original_max_position_embeddings": orig}
+        derived = _longrope_attn_factor({"original_max_position_embeddings": orig}, cfg)
+        if abs(derived - c.rope_attn_factor) > 1e-6:
+            cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
+    elif c.rope_attn_factor != 1.0:
+        raise ValueError("a RoPE attention factor without LongRoPE factors has no HF config")
+    if arch == "phi3":
+        cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
+    if c.rope_theta_swa is not None and c.rope_theta_swa != c.rope_theta:
+        if arch != "gemma3":
+            raise ValueError(f"a separate RoPE base for sliding layers has no {arch} HF config")
+        cfg["rope_local_base_freq"] = _f32(c.rope_theta_swa)
+    # windows: every family spells them as a window and a type per layer
+    if any(windows):
+        cfg["sliding_window"] = int(c.sliding_window)
+        if model_type != "mistral":  # Mistral's every layer slides (with layer_types, transformers reads Ministral)
+            cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+        if arch in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = True
+            cfg["max_window_layers"] = windows.index(True)
+            if windows != [i >= windows.index(True) for i in range(c.n_layers)]:
+                raise ValueError(f"{arch}'s HF config slides the layers from one on; this model's differ")
+        if arch == "gemma3" and windows == _family_windows(fam, c.n_layers):
+            cfg["sliding_window_pattern"] = fam.swa_period
+    else:
+        cfg["sliding_window"] = None
+        if arch in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = False
+        if arch in ("gemma2", "gemma3"):
+            cfg["layer_types"] = ["full_attention"] * c.n_layers
+    if arch in ("gemma2", "gemma3"):
+        cfg["query_pre_attn_scalar"] = round(1.0 / c.query_scale ** 2)
+        cfg["final_logit_softcapping"] = _f32(c.final_softcap) if c.final_softcap else None
+        cfg["attn_logit_softcapping"] = _f32(c.attn_softcap) if c.attn_softcap else None
+    cfg["pad_token_id"] = None  # not the class default (Phi-3's is 32000, past a small vocab)
+    for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                    ("pad_token_id", "padding_token_id")):
+        v = metadata.get(f"tokenizer.ggml.{tk}")
+        if v is not None and 0 <= int(v) < c.vocab_size:  # Phi-3's converter writes a pad id past the vocab
+            cfg[key] = int(v)
+    return cfg

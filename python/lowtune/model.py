@@ -80,7 +80,7 @@ class ModelConfig:
     rope_theta_swa: float | None = None        # RoPE base of sliding layers (None: rope_theta)
     rope_linear_scale_swa: float | None = None  # their linear scaling (None: rope_linear_scale)
     rope_attn_factor: float = 1.0  # magnitude of the rotation, on q and k (LongRoPE's attention factor)
-    rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long
+    rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long (0: context_length)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
     attn_softcap: float = 0.0     # attention scores -> c·tanh(s/c) (0: none)
     final_softcap: float = 0.0    # logits -> c·tanh(l/c) (0: none)
@@ -173,7 +173,7 @@ class ModelConfig:
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
             rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
             rope_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
-            rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", context)),
+            rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap))
 
@@ -566,7 +566,8 @@ class Model(nn.Module):
         rope_orig_context LongRoPE's long factors apply, as llama.cpp picks them by its context."""
         context = start + t if context is None else context
         inv = self.rope_inv_freq
-        if self.rope_inv_freq_long is not None and context > self.config.rope_orig_context:
+        if self.rope_inv_freq_long is not None and \
+                context > (self.config.rope_orig_context or self.config.context_length):
             inv = self.rope_inv_freq_long
         pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[None, :, None] * inv[:, None, :]                  # [kinds, T, rope_dim/2]

@@ -4,14 +4,15 @@ safetensors files written one tensor at a time.
     ckpt = HFCheckpoint("SmolLM2-135M/")     # config.json + *.safetensors (+ tokenizer files)
     ckpt.metadata["llama.block_count"]        # the keys a GGUF file of this model would hold
     ckpt.tensor_infos["blk.0.attn_q.weight"]  # TensorInfo: BF16 [576, 576] (GGUF names and order)
-    ckpt.tensor("blk.0.attn_q.weight")        # the stored floats, rows in GGUF's RoPE order
+    ckpt.tensor("blk.0.attn_q.weight")        # the stored floats as GGUF holds them (RoPE row order,
+                                              # Gemma's 1 + w norms)
     write_gguf("model.gguf", ckpt.metadata, ckpt.items(), ckpt.metadata_types)
 
 HFCheckpoint is GGUFFile-shaped (metadata, metadata_types, tensor_infos, tensor(), qtensor(),
 alignment, close()), so everything that reads a GGUF file reads a checkpoint the same way;
 lowtune.loading quantizes it on the way in. Nothing is read until a tensor is asked for:
-safetensors memory-maps the files, and peak memory is one tensor. Names, config keys and the
-q/k row order come from lowtune.hf_names.
+safetensors memory-maps the files, and peak memory is one tensor. Names, config keys, the q/k
+row order and the tensors built from config.json (RoPE factors) come from lowtune.hf_names.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from . import hf_names
 from .checkpoint import atomic_write
 from .progress import tracked
 from .dtypes import FLOAT_TYPES, type_name
+from .families import FAMILIES
 from .formats import get_format
 from .gguf_io import DEFAULT_ALIGNMENT, TensorInfo, main_file_type
 from .qtensor import QTensor
@@ -108,11 +110,10 @@ class HFCheckpoint(Source):
                     raise ValueError(f"{f}: tensor {hf!r} is {sl.get_dtype()}; expected F32, F16 or BF16")
                 infos[name] = _info(name, get_format(dt), tuple(sl.get_shape()))
                 self._where[name] = (f, hf)
-        factors = hf_names.llama3_rope_factors(self.config)
         self._extra = {}
-        if factors is not None:
-            self._extra["rope_freqs.weight"] = torch.tensor(factors, dtype=torch.float32)
-            infos["rope_freqs.weight"] = _info("rope_freqs.weight", get_format("F32"), (len(factors),))
+        for name, values in hf_names.generated_tensors(self.config).items():
+            self._extra[name] = torch.tensor(values, dtype=torch.float32)
+            infos[name] = _info(name, get_format("F32"), (len(values),))
         missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in infos]
         if missing:
             raise ValueError(f"{d}: the checkpoint lacks {missing}")
@@ -120,6 +121,10 @@ class HFCheckpoint(Source):
         set_file_type(self.metadata, self.metadata_types, self.tensor_infos)
         if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
             self.metadata.update(tokenizer_metadata_from_dir(d))
+            prefix = FAMILIES[self.arch].spm_space_prefix
+            if prefix is not None and self.metadata.get("tokenizer.ggml.model") == "llama":
+                self.metadata["tokenizer.ggml.add_space_prefix"] = prefix
+                self.metadata_types["tokenizer.ggml.add_space_prefix"] = GGUFValueType.BOOL
 
     @property
     def architecture(self) -> str:
@@ -132,7 +137,7 @@ class HFCheckpoint(Source):
         if name not in self._where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         f, hf = self._where[name]
-        return hf_names.from_hf_rows(name, self._files[str(f)].get_tensor(hf), self.metadata)
+        return hf_names.from_hf_values(name, self._files[str(f)].get_tensor(hf), self.metadata)
 
     def qtensor(self, name: str) -> QTensor:
         """The tensor as an F32/F16/BF16 QTensor [N, K] (1-D tensors as [1, K])."""

@@ -1,0 +1,219 @@
+"""The tiny random models of every family that lowtune runs, shared by the family tests: each built
+by Hugging Face transformers with its optional parts switched on (biases, q/k norms, soft-caps,
+sliding windows shorter than the test sequences, LongRoPE with its attention factor, Phi-3's fused
+tensors), saved as safetensors with a small SentencePiece tokenizer and a chat template, and
+converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py (from llama-cpp-python's sdist,
+unpacked by tools/setup_env.sh). "mistral" is Mistral's sliding window on the llama architecture:
+the converter drops the window, so build_family_models puts `llama.attention.sliding_window` back
+into the file, as a file that asks for it would have it.
+
+conftest.py's session fixture `family_models` builds them once: {name: Tiny(name, hf_dir, gguf)}.
+Also here: llama.cpp's perplexity and greedy decoding, as the family tests compare against them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowtune.gguf_io import GGUFFile, write_gguf
+
+NAMES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
+SEQ = 64             # tokens of the logits comparison and of each perplexity window
+PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
+V, D, F, H, HKV = 512, 64, 128, 4, 2
+
+PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny models: transformers -> safetensors -> llama.cpp's converter -> GGUF
+
+
+def hf_model(name: str):
+    """A transformers model of family `name` with random weights (fp32, eager attention)."""
+    import transformers as tf
+    common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
+                  num_key_value_heads=HKV, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    make = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+            **common, num_hidden_layers=2, head_dim=16, attention_bias=True, mlp_bias=True,
+            tie_word_embeddings=False)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+            **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+            **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
+            tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "long_factor": [1.0 + 0.25 * i for i in range(8)],
+                             "short_factor": [1.0 + 0.05 * i for i in range(8)]})),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+        # six layers: Gemma 3's pattern makes every sixth layer global
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=WINDOW, final_logit_softcapping=5.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    }[name]
+    model = make()
+    model.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    gemma = name.startswith("gemma")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:  # Gemma's norms are 1 + w
+                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "embed" in pname:
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model.float().eval()
+
+
+def spm_model(text: str) -> bytes:
+    """A 512-piece SentencePiece BPE model of `text`, with byte fallback and the chat markers
+    of the templates as control pieces (Phi-3's converter also needs <|endoftext|>)."""
+    import sentencepiece as spm
+    out = io.BytesIO()
+    lines = [line for line in text.splitlines() if line.strip()][:2000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=V, model_type="bpe",
+        byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        control_symbols=["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>",
+                         "<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+    return out.getvalue()
+
+
+_CONVERT = """
+import runpy, sys
+script, jobs = sys.argv[1], sys.argv[2:]
+for src, dst in zip(jobs[::2], jobs[1::2]):
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+"""
+
+
+@dataclass
+class Tiny:
+    name: str
+    hf_dir: Path
+    gguf: Path
+
+
+
+def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[str, Tiny]:
+    """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
+    tokenizer = spm_model(text)
+    out, jobs = {}, []
+    for name in NAMES:
+        d = root / name
+        hf_model(name).save_pretrained(d)
+        (d / "tokenizer.model").write_bytes(tokenizer)
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
+        out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
+        jobs += [str(d), str(out[name].gguf)]
+    # one process converts them all; the converter puts its own gguf-py first on sys.path
+    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *jobs],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+    # Mistral's window, which the converter does not write for the llama architecture
+    path = out["mistral"].gguf
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+        md["llama.attention.sliding_window"] = WINDOW
+        write_gguf(root / "mistral-window.gguf", md, tensors, metadata_types=types)
+    out["mistral"].gguf = root / "mistral-window.gguf"
+    return out
+
+
+_QUANTIZED: dict = {}
+
+
+def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer)."""
+    if qtype == "F32":
+        return tiny_model.gguf
+    key = (tiny_model.name, qtype)
+    if key not in _QUANTIZED:
+        import llama_cpp
+        dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+                        "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[qtype]
+        assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
+        _QUANTIZED[key] = dst
+    return _QUANTIZED[key]
+
+
+def rand_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp
+
+
+def llamacpp(path, n_ctx: int = SEQ, lora=None):
+    """llama.cpp on the GGUF at `path` (with the GGUF LoRA adapter `lora` applied), every logit kept."""
+    from llama_cpp import Llama
+    threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
+                 n_threads=threads, n_threads_batch=threads, lora_path=None if lora is None else str(lora))
+
+
+def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:
+    """exp(mean NLL) of every token but each window's first, each window run alone (as
+    lowtune.evaluate.perplexity scores them)."""
+    nll, n = 0.0, 0
+    for w in windows.tolist():
+        llm.reset()
+        llm.eval(w)
+        logits = np.array(llm.scores[:len(w)], dtype=np.float64)
+        top = logits.max(1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+        nll += float((lse[:-1] - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+

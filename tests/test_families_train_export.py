@@ -1,0 +1,245 @@
+"""Fine-tuning, LREC and every export on every model family (the tiny random models of
+tests/family_models.py, built by transformers and converted by llama.cpp's converter):
+
+* every adapter method trains on every family: a few optimizer steps on one batch lower its loss
+  and every adapted linear (Phi-3's fused views, biased linears included) gets a gradient;
+  `lowtune finetune` runs from each family's safetensors directory (quantized on load), and an
+  exact QA-LoRA/QA-HiRA merge from that directory gives the adapted model's logits;
+* exports of a random adapter, its method changing from family to family so that every method is
+  exported: the merged GGUF reloads as the adapted model; transformers loads the merged HF
+  directory, and with PEFT the exported adapter on the exported base, each as the family's own
+  class with the family's module names, and both give lowtune's adapted logits (fp32, 1e-4
+  relative); llama.cpp runs the merged GGUF, and applies the GGUF LoRA to the base, at lowtune's
+  perplexity (0.05 % in F32);
+* Phi-3's fused attn_qkv and gate+up take a QA-HiRA merge in their own Q4_1 blocks: the codes
+  stay, every part's mins move, and llama.cpp runs the result;
+* LREC corrects an INT2 Gemma 3 (soft-capped logits, tied head) towards its F32 teacher.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowtune
+from lowtune import adapters
+from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
+from lowtune.families import FAMILIES
+from lowtune.gguf_io import GGUFFile
+from lowtune.model import Model
+
+from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
+                           rel_err)
+from test_export import make_adapter
+
+METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
+# The method each family's exports are checked with (every method on some family), and the one it
+# is fine-tuned with through the trainer (another one).
+EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "qwen2": "qa-lora", "qwen3": "qdylora",
+                 "phi3": "q-bara", "gemma2": "lora", "gemma3": "qa-hira"}
+FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "qwen2": "q-bara", "qwen3": "qa-lora",
+                   "phi3": "qa-hira", "gemma2": "qdylora", "gemma3": "qa-lora"}
+HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
+LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def hf_class(name: str) -> str:
+    return "MistralForCausalLM" if name == "mistral" else FAMILIES[name].hf_architectures[0]
+
+
+def nll_ppl(model, windows: torch.Tensor) -> float:
+    """exp(mean NLL) of every token but each window's first, as llamacpp_perplexity scores them."""
+    with torch.no_grad():
+        return math.exp(float(model.loss(windows)))
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_trains_on_every_family(family_models, name, method):
+    model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
+    ads = adapters.apply_adapters(model, adapters.AdapterConfig(method=method, rank=4, alpha=8, seed=0))
+    params = adapters.mark_only_adapters_trainable(model)
+    model.gradient_checkpointing = True
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = rand_ids(2, 32, seed=11)
+    losses = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = model.loss(ids)
+        loss.backward()
+        if step == 0:
+            for where, ad in ads.items():
+                grads = [p.grad for p in ad.parameters() if p.requires_grad]
+                assert all(g is not None and torch.isfinite(g).all() for g in grads), where
+                assert any(bool(g.abs().sum() > 0) for g in grads), where
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def train_text(tmp_path_factory, botchan_text) -> Path:
+    p = tmp_path_factory.mktemp("text") / "botchan.txt"
+    p.write_text(botchan_text[30000:34000], encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
+    hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
+    result = lowtune.finetune(hf_dir, train_text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
+                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+    before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
+    print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
+    assert after < before
+    adapted = lowtune.load_model(hf_dir, adapter=tmp_path / "run")
+    ids = rand_ids(2, 24, seed=3)
+    with torch.no_grad():
+        want, plain = adapted(ids), lowtune.load_model(hf_dir)(ids)
+    assert rel_err(plain, want) > 1e-4
+    if method in ("qa-hira", "qa-lora"):  # the update moves only the Q4_1 mins: an exact merge
+        report = export_merged_gguf(hf_dir, tmp_path / "run", tmp_path / "merged.gguf")
+        assert all(info.exact for info in report.tensors.values()), report.summary()
+        merged = Model.from_gguf(tmp_path / "merged.gguf")
+        with torch.no_grad():  # the mins are fp16: a small update is rounded by a few percent
+            assert rel_err(merged(ids), want) < 0.1 * rel_err(plain, want)
+
+
+def test_lrec_corrects_a_quantized_gemma3(family_models, train_text, tmp_path):
+    from lowtune.correct import correct
+    from lowtune.quantize_model import quantize_model
+    teacher = family_models["gemma3"].gguf
+    student = quantize_model(teacher, tmp_path / "student.gguf", "INT2-g32").path
+    result = correct(student, teacher, train_text, tmp_path / "lrec", rank=4, alpha=8, steps=8, seq_len=32,
+                     batch=2, lr=5e-3, eval_every=0, eval_tokens=256, device="cpu", log=lambda s: None)
+    for what, r in result.report["eval"].items():
+        print(f"Gemma 3 LREC, {what}: KL {r['student_kl']:.4f} -> {r['corrected_kl']:.4f}")
+        assert r["corrected_kl"] < 0.9 * r["student_kl"], what
+
+
+# ----------------------------------------------------------------------------------------------
+# exports
+
+
+@dataclass
+class Adapted:
+    """A family's F32 GGUF with a random adapter saved in run/, and logits on ids: `want` of the
+    base with the adapter, `plain` of the base alone."""
+    dir: Path
+    base: Path
+    run: Path
+    ids: torch.Tensor
+    want: torch.Tensor
+    plain: torch.Tensor
+    merged: Path | None = None
+
+
+@pytest.fixture(scope="module")
+def adapted(family_models, tmp_path_factory):
+    made: dict[str, Adapted] = {}
+
+    def get(name: str) -> Adapted:
+        if name not in made:
+            d = tmp_path_factory.mktemp(f"export-{name}")
+            base, method = family_models[name].gguf, EXPORT_METHOD[name]
+            extra = {"group": 32} if method in ("qa-hira", "qa-lora") else {}  # an F32 base has no blocks
+            model = make_adapter(base, d / "run" / "adapter", method, rel=0.2, rank=4, **extra)
+            ids = rand_ids(2, 40, seed=7)
+            with torch.no_grad():
+                want, plain = model(ids), Model.from_gguf(base)(ids)
+            made[name] = a = Adapted(d, base, d / "run", ids, want, plain)
+            export_merged_gguf(base, a.run, d / "merged.gguf")
+            a.merged = d / "merged.gguf"
+        return made[name]
+    return get
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", NAMES)
+def test_exports_load_in_transformers_and_peft(adapted, name):
+    import peft
+    import transformers
+
+    a = adapted(name)
+    assert rel_err(a.plain, a.want) > 1e-2, "the adapter must matter for the checks to mean anything"
+    with torch.no_grad():
+        assert rel_err(Model.from_gguf(a.merged)(a.ids), a.want) < 1e-5
+
+    def hf(path):
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        assert type(m).__name__ == hf_class(name)
+        return m
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=a.ids).logits.float()
+
+    export_hf(a.base, a.run, a.dir / "hf", dtype="fp32")
+    got = logits(hf(a.dir / "hf"))
+    print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
+    export_hf(a.base, None, a.dir / "hf-base", dtype="fp32")
+    export_peft(a.base, a.run, a.dir / "peft")
+    config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == HF_MODULES.get(name, LLAMA_MODULES)
+    base = hf(a.dir / "hf-base")
+    assert rel_err(logits(base), a.plain) < 1e-4
+    got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
+    print(f"{name}: PEFT adapter on the HF base vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", LLAMACPP_NAMES)
+def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
+    a = adapted(name)
+    export_lora_gguf(a.base, a.run, a.dir / "lora.gguf")
+    windows = rand_ids(4, SEQ, seed=9)
+    adapted_ppl, plain_ppl = nll_ppl(lowtune.load_model(a.base, adapter=a.run), windows), \
+        nll_ppl(Model.from_gguf(a.base), windows)
+    merged_ppl = nll_ppl(Model.from_gguf(a.merged), windows)
+    cpp_merged = llamacpp_perplexity(llamacpp(a.merged), windows)
+    cpp_lora = llamacpp_perplexity(llamacpp(a.base, lora=a.dir / "lora.gguf"), windows)
+    print(f"{name}: perplexity base {plain_ppl:.3f}, adapted {adapted_ppl:.3f}; merged: lowtune {merged_ppl:.3f}, "
+          f"llama.cpp {cpp_merged:.3f}; llama.cpp base + GGUF LoRA {cpp_lora:.3f}")
+    assert abs(adapted_ppl - plain_ppl) / plain_ppl > 1e-2
+    assert abs(cpp_merged - merged_ppl) / merged_ppl < 5e-4
+    assert abs(cpp_lora - adapted_ppl) / adapted_ppl < 5e-4
+
+
+@pytest.mark.llamacpp
+def test_phi3_fused_tensors_merge_in_their_own_blocks(family_models, tmp_path):
+    base = gguf_of(family_models["phi3"], "Q4_1")
+    model = make_adapter(base, tmp_path / "run" / "adapter", "qa-hira", rel=0.2)
+    report = export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
+    parts = model.fused_views
+    assert set(parts) == {f"blk.{i}.{n}.weight" for i in (0, 1) for n in ("attn_qkv", "ffn_up")}
+    assert {p for ps in parts.values() for p, _, _ in ps} <= set(report.tensors)
+    assert all(info.exact for info in report.tensors.values()), report.summary()
+    with GGUFFile(base) as b, GGUFFile(tmp_path / "merged.gguf") as m:
+        for fused, ps in parts.items():
+            qb, qm = b.qtensor(fused), m.qtensor(fused)
+            assert qb.type == qm.type == "Q4_1"
+            blocks_b, blocks_m = qb.raw.view(qb.shape[0], -1, 20), qm.raw.view(qm.shape[0], -1, 20)  # d, m, codes
+            assert torch.equal(blocks_b[..., :2], blocks_m[..., :2]) and torch.equal(blocks_b[..., 4:], blocks_m[..., 4:])
+            for part, r0, r1 in ps:  # every part's rows moved their mins
+                assert not torch.equal(blocks_b[r0:r1, :, 2:4], blocks_m[r0:r1, :, 2:4]), part
+    merged = Model.from_gguf(tmp_path / "merged.gguf")
+    ids = rand_ids(2, 40, seed=7)
+    with torch.no_grad():
+        want, got, plain = model(ids), merged(ids), Model.from_gguf(base)(ids)
+    assert rel_err(got, want) < 2e-2 * rel_err(plain, want)  # fp16 mins
+    windows = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(merged, windows), llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), windows)
+    print(f"phi3 Q4_1 QA-HiRA merged: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 5e-3
