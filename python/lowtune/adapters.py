@@ -64,6 +64,7 @@ from .checkpoint import atomic_write_text
 from .dtypes import hf_name as dtype_name, torch_dtype
 from .formats import Format
 from .gguf_io import GGUFFile
+from .gguf_split import gguf_parts
 from .methods import GROUP_CONSTANT, METHODS, canonical_method
 from .model import LINEAR_NAMES as TARGETS
 from .qtensor import QTensor
@@ -523,21 +524,25 @@ class DyLoRAController:
 def base_hash(source) -> str:
     """A cheap, stable identity of a base model: sha256 over its tensor table and the first 4 KiB
     of every tensor's data (up to the next tensor). `source`: a GGUF file (read with the
-    validating gguf_io.GGUFFile), a safetensors file, or a Hugging Face checkpoint directory (its
-    safetensors files in order). Hex string. The GGUF hash is the one lowtune has always written:
-    the table bytes are rebuilt from the parsed entries exactly as the file holds them."""
+    validating gguf_io.GGUFFile; from a split GGUF's first part, every part in order), a
+    safetensors file, or a Hugging Face checkpoint directory (its safetensors files in order).
+    Hex string. The GGUF hash is the one lowtune has always written: the table bytes are rebuilt
+    from the parsed entries exactly as the file holds them."""
     path = Path(source)
     h = hashlib.sha256()
-    for f in safetensors_files(path) if path.is_dir() else [path]:
-        with open(f, "rb") as fh:
-            is_gguf = fh.read(4) == b"GGUF"
-        table, spans = _gguf_table(f) if is_gguf else safetensors_table(f)
+    for f in safetensors_files(path) if path.is_dir() else gguf_parts(path) if _is_gguf(path) else [path]:
+        table, spans = _gguf_table(f) if _is_gguf(f) else safetensors_table(f)
         h.update(table)
         with open(f, "rb") as fh:
             for start, size in spans:
                 fh.seek(start)
                 h.update(fh.read(min(size, 4096)))
     return h.hexdigest()
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
 
 
 def _gguf_table(path) -> tuple[bytes, list[tuple[int, int]]]:
