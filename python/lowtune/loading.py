@@ -38,7 +38,7 @@ import torch
 from . import _C, gguf_split, ops
 from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, apply_adapters,
                        base_hash, load_adapter, mark_only_adapters_trainable, model_base_hash,
-                       read_adapter_config, set_rank)
+                       no_min_note, read_adapter_config, set_rank)
 from .dtypes import torch_dtype
 from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
@@ -328,7 +328,10 @@ def apply_train_adapter(model, cfg: TrainConfig) -> dict:
     if cfg.layers is not None:
         kw["layers"] = tuple(cfg.layers)
     acfg = AdapterConfig(**kw)
-    apply_adapters(model, acfg)
+    ads = apply_adapters(model, acfg)
+    note = no_min_note(acfg.method, {ad.base_type for ad in ads.values()})
+    if note:
+        log.warning("%s", note)
     mark_only_adapters_trainable(model)
     return acfg.to_dict()
 
