@@ -233,3 +233,18 @@ def test_llamacpp_loads_the_split_export_from_its_first_part(smollm2_path, smol_
         logits.append(np.array(llm.scores[:len(smol_tokens)], dtype=np.float32))
         llm.close()
     assert np.array_equal(logits[0], logits[1])
+
+
+@pytest.mark.llamacpp
+def test_lowtune_reads_the_parts_llamacpp_writes(smol_split, tmp_path):
+    # llama.cpp's own split writer (llama-quantize --keep-split, tensors copied) over lowtune's parts:
+    # lowtune opens its parts as the same model
+    import ggml_ref
+    parts, _ = smol_split
+    ggml_ref.rewrite_split(parts[0], tmp_path / "lc")
+    theirs = sorted(tmp_path.glob("lc-*-of-*.gguf"))
+    assert [p.name for p in theirs] == [p.name.replace("smol", "lc") for p in parts]
+    with open_gguf(theirs[0]) as t, open_gguf(parts[0]) as o:
+        assert t.metadata == o.metadata and list(t.tensor_infos) == list(o.tensor_infos)
+        assert [len(p.tensor_infos) for p in t.parts] == [len(p.tensor_infos) for p in o.parts]
+        assert all(torch.equal(t.raw(n), o.raw(n)) for n in o.tensor_infos)

@@ -27,7 +27,6 @@ from lowtune.loading import load_model
 from lowtune.methods import METHODS
 from lowtune.streaming import stream_model
 
-from conftest import devices
 from helpers import TINY_VOCAB, norm_rel_err, rand_ids, write_tiny_llama_gguf
 from test_export import make_adapter
 from test_streaming import step_losses
@@ -67,7 +66,7 @@ def test_every_method_trains_on_the_base(qtype, base):
         A.remove_adapters(model)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("qtype,method", zip(IQUANTS, METHODS * 2))
 def test_streamed_training_equals_resident(qtype, method, base, device):
     def adapted():

@@ -272,10 +272,10 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
         base.close()
     rep = ExportReport(str(files[0]), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
                        _collect_notes(infos), sum(os.path.getsize(f) for f in files), time.perf_counter() - t0)
-    if len(files) > 1:
-        rep.notes.append(f"{len(files)} parts: {files[0].name} ... {files[-1].name} (open the first)")
     for n in rep.notes:
         log.warning("%s", n)
+    if len(files) > 1:  # said in the summary, not a warning
+        rep.notes.append(f"{len(files)} parts: {files[0].name} ... {files[-1].name} (open the first)")
     return rep
 
 
