@@ -7,12 +7,15 @@ when no importance matrix is given.
 
     available()                -> True when llama_cpp and its libggml-base are importable
     quantize(w[N, K], type_id[, imatrix]) -> uint8 [N, row_bytes]: ggml's bytes for a float32 matrix
+    quantize_model(src, out, ftype[, imatrix]) -> llama-quantize on a whole GGUF (llama_model_quantize)
+    rewrite_split(first_part, prefix)          -> the same split model written by llama.cpp's writer
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +70,51 @@ def quantize(w: np.ndarray, type_id: int, imatrix: np.ndarray | None = None) -> 
     if written != n * row_bytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {n * row_bytes}")
     return out
+
+
+# llama_ftype values of the recipes the tests ask llama.cpp for (llama.h)
+FTYPES = {"Q4_1": 3, "Q8_0": 7, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24,
+          "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31}
+
+
+def quantize_model(src, out, recipe: str, imatrix: dict[str, np.ndarray] | None = None,
+                   tensor_types: dict[str, int] | None = None, threads: int = 2) -> None:
+    """llama-quantize SRC OUT RECIPE (llama_model_quantize, requantizing a quantized source as
+    --allow-requantize does), with an importance matrix {tensor name: float32 [K]} and
+    --tensor-type overrides {regex on tensor names: ggml type id} where given; written to a
+    temporary name, then renamed."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype, params.allow_requantize = threads, FTYPES[recipe], True
+    keep = []
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # pattern NULL ends it
+        for o, (pattern, type_id) in zip(overrides, tensor_types.items()):
+            o.pattern, o.type = pattern.encode(), type_id
+        params.tt_overrides = overrides
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # name NULL ends the list
+        for e, (name, values) in zip(entries, imatrix.items()):
+            v = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(v)
+            e.name, e.data, e.size = name.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        params.imatrix = entries
+    tmp = f"{out}.tmp"
+    rc = llama_cpp.llama_model_quantize(os.fspath(src).encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"llama_model_quantize({src} -> {recipe}) failed with status {rc}")
+    os.replace(tmp, out)
+
+
+def rewrite_split(first_part, out_prefix) -> None:
+    """llama.cpp's own split writer: llama-quantize --keep-split over a split model, copying every
+    tensor (only_copy); writes <out_prefix>-0000i-of-0000N.gguf with the source's split."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.only_copy, params.keep_split = 2, True, True
+    rc = llama_cpp.llama_model_quantize(os.fspath(first_part).encode(), os.fspath(out_prefix).encode(),
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize(--keep-split {first_part}) failed with status {rc}")

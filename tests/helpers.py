@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +77,25 @@ def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 
         words = (words & 0x0FFF) | (((d >> (4 * np.arange(4, dtype=np.uint16))) & 0xF) << 12)
         raw[:, off:off + 8] = words.astype("<u2").view(np.uint8)
     return raw.reshape(n, fmt.row_bytes(k))
+
+
+def quantized(w: torch.Tensor, qtype: str, seed: int = 0) -> QTensor:
+    """w [N, K] in `qtype`. lowtune quantizes every type but those ggml quantizes only with an
+    importance matrix (IQ2_*, IQ1_*, Format.needs_imatrix): for those, random blocks of the type
+    (random_blocks: every code pattern) with their scales set so that the dequantized RMS is
+    w's. Checked against gguf-py's dequantization in test_formats / test_iquants."""
+    from lowtune.formats import get_format
+    fmt = get_format(qtype)
+    if not fmt.needs_imatrix:
+        return ops.quantize(w, fmt)
+    n, k = w.shape
+
+    def blocks(scale):
+        return torch.from_numpy(random_blocks(fmt, n, k, np.random.default_rng(seed), scale))
+
+    unit = ops.dequantize(QTensor.from_raw(blocks(1.0), fmt, (n, k)), torch.float32).pow(2).mean().sqrt()
+    scale = float(w.pow(2).mean().sqrt() / unit)
+    return QTensor.from_raw(blocks(scale), fmt, (n, k))
 
 
 # ---- a tiny tokenizer ----------------------------------------------------------------------------
@@ -173,7 +193,8 @@ def write_tiny_llama_gguf(path, qtype: str | Callable[[str], str] = "F32", *, di
                           metadata: dict | None = None, metadata_types: dict | None = None) -> Path:
     """A random Llama GGUF with a byte-level BPE tokenizer (TINY_VOCAB tokens), written with
     lowtune's writer: decoder matrices in `qtype` (a type, or name -> type), token_embd in
-    embed_type and the untied head in output_type (both default to qtype), norms F32."""
+    embed_type and the untied head in output_type (both default to qtype), norms F32. Any type
+    is taken (helpers.quantized: IQ2_*/IQ1_* as random blocks of the weights' RMS)."""
     g = torch.Generator().manual_seed(seed)
     tmd, ttypes = tiny_tokenizer_metadata(chat)
     hd = dim // heads
@@ -187,7 +208,7 @@ def write_tiny_llama_gguf(path, qtype: str | Callable[[str], str] = "F32", *, di
     def mat(name, n, k, s=scale, qt=None):
         w = torch.randn(n, k, generator=g) * s
         t = _type_of(qt or qtype, name)
-        return name, (w if t == "F32" else ops.quantize(w, t))
+        return name, (w if t == "F32" else quantized(w, t, seed=seed + zlib.crc32(name.encode())))
 
     def norm(name, n):
         return name, 1.0 + 0.1 * torch.randn(n, generator=g)

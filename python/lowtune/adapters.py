@@ -62,8 +62,9 @@ from . import adapter_ops
 from .adapter_ops import AdapterGeometry
 from .checkpoint import atomic_write_text
 from .dtypes import hf_name as dtype_name, torch_dtype
-from .formats import Format
+from .formats import Format, get_format
 from .gguf_io import GGUFFile
+from .gguf_split import gguf_parts
 from .methods import GROUP_CONSTANT, METHODS, canonical_method
 from .model import LINEAR_NAMES as TARGETS
 from .qtensor import QTensor
@@ -355,6 +356,25 @@ def _pool_group(c: AdapterConfig, fmt: Format, k: int) -> int:
     return g
 
 
+def no_min_note(method: str, base_types) -> str | None:
+    """What QA-LoRA / QA-HiRA say on bases without a min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every
+    I-quant): their update is pooled over the quantization groups so that it merges exactly
+    into each group's min, and these types have none to merge into. They train as usual; the
+    merge re-quantizes, as LoRA's does. None for other methods and bases."""
+    if canonical_method(method) not in GROUP_CONSTANT:
+        return None
+    fmts = {get_format(t) for t in base_types}
+    no_min = sorted(f.name for f in fmts if f.quantized and f.min_group is None)
+    if not no_min:
+        return None
+    name = "QA-HiRA" if canonical_method(method) == "qa-hira" else "QA-LoRA"
+    return (f"{name} pools its update over the quantization groups so that a merge moves only each group's "
+            f"min, but {', '.join(no_min)} {'has' if len(no_min) == 1 else 'have'} no min to merge into: the "
+            f"adapter trains, and merging it re-quantizes the weights as LoRA's merge does. {name} merges "
+            f"exactly into Q4_1, Q5_1 and INTb-gG bases (and refits Q2_K/Q4_K/Q5_K mins); on this base "
+            f"lora, q-bara or qdylora train without the pooling constraint")
+
+
 # ---- models --------------------------------------------------------------------------------------
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -523,21 +543,25 @@ class DyLoRAController:
 def base_hash(source) -> str:
     """A cheap, stable identity of a base model: sha256 over its tensor table and the first 4 KiB
     of every tensor's data (up to the next tensor). `source`: a GGUF file (read with the
-    validating gguf_io.GGUFFile), a safetensors file, or a Hugging Face checkpoint directory (its
-    safetensors files in order). Hex string. The GGUF hash is the one lowtune has always written:
-    the table bytes are rebuilt from the parsed entries exactly as the file holds them."""
+    validating gguf_io.GGUFFile; from a split GGUF's first part, every part in order), a
+    safetensors file, or a Hugging Face checkpoint directory (its safetensors files in order).
+    Hex string. The GGUF hash is the one lowtune has always written: the table bytes are rebuilt
+    from the parsed entries exactly as the file holds them."""
     path = Path(source)
     h = hashlib.sha256()
-    for f in safetensors_files(path) if path.is_dir() else [path]:
-        with open(f, "rb") as fh:
-            is_gguf = fh.read(4) == b"GGUF"
-        table, spans = _gguf_table(f) if is_gguf else safetensors_table(f)
+    for f in safetensors_files(path) if path.is_dir() else gguf_parts(path) if _is_gguf(path) else [path]:
+        table, spans = _gguf_table(f) if _is_gguf(f) else safetensors_table(f)
         h.update(table)
         with open(f, "rb") as fh:
             for start, size in spans:
                 fh.seek(start)
                 h.update(fh.read(min(size, 4096)))
     return h.hexdigest()
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
 
 
 def _gguf_table(path) -> tuple[bytes, list[tuple[int, int]]]:
@@ -649,5 +673,5 @@ def load_adapter(model: nn.Module, directory) -> dict[str, AdaptedLinear]:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdaptedLinear", "AdapterConfig", "DyLoRAController",
            "METHODS", "TARGETS", "adapter_parameters", "adapters_of", "apply_adapters", "base_hash",
-           "load_adapter", "model_base_hash", "mark_only_adapters_trainable", "pool_inputs", "quant_group",
-           "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]
+           "load_adapter", "model_base_hash", "mark_only_adapters_trainable", "no_min_note", "pool_inputs",
+           "quant_group", "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]

@@ -56,7 +56,8 @@ def add_force_argument(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="GGUF file or Hugging Face safetensors directory")
+    p.add_argument("model", help="GGUF file (a split GGUF: its first part, NAME-00001-of-0000N.gguf) or "
+                   "Hugging Face safetensors directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -88,7 +89,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 # command: (help, add its arguments, description or None)
 COMMANDS = {
-    "info": ("architecture, sizes and tensor types of a model", add_info_arguments, None),
+    "info": ("architecture, sizes and tensor types of a model", add_info_arguments,
+             "Architecture, sizes and tensor types of a model: any GGUF type (the K-quants and I-quants "
+             "IQ4_NL..IQ1_M included), a split GGUF's parts counted."),
     "quantize": ("quantize a GGUF or safetensors model to a type or recipe", quantize_cli.add_arguments,
                  quantize_cli.DESCRIPTION),
     "eval": ("perplexity of a text file (non-overlapping windows)", add_eval_arguments, None),

@@ -24,6 +24,7 @@ from .generate import GenerationStats, generate_text
 from .loading import activation_dtype, describe, load, pick_device
 from .progress import Progress
 from .quantize_model import quantize_model
+from .train_config import parse_size
 from .trainer import Trainer
 
 
@@ -56,7 +57,8 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"file            {info['file']} ({info['file_bytes'] / 1e6:.1f} MB)")
+    parts = f", {info['parts']} split parts" if info.get("parts", 1) > 1 else ""
+    print(f"file            {info['file']} ({info['file_bytes'] / 1e6:.1f} MB{parts})")
     print(f"architecture    {info['architecture']}" + (f"  ({info['name']})" if info["name"] else ""))
     c = info.get("config")
     if c:
@@ -171,7 +173,9 @@ def export(args: argparse.Namespace) -> int:
     reports = []
     if merge:
         reports.append(export_merged_gguf(args.model, args.adapter, args.output, qtype=args.type,
-                                          kquant_mins=args.kquant_mins, **common))
+                                          kquant_mins=args.kquant_mins,
+                                          split_max_bytes=parse_size(args.split_max_size),
+                                          split_max_tensors=args.split_max_tensors, **common))
     if args.lora_gguf:
         reports.append(export_lora_gguf(args.model, args.adapter, args.lora_gguf, dtype=args.lora_dtype, **common))
     if args.peft:

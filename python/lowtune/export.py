@@ -48,6 +48,7 @@ from .checkpoint import atomic_write, atomic_write_text
 from .dtypes import hf_name as hf_dtype_name, torch_dtype, type_of
 from .formats import get_format
 from .gguf_io import write_gguf
+from .gguf_split import write_gguf_split
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
 from .merge import MergeInfo, dense, merge_weight
 from .model import fused_splits
@@ -271,7 +272,8 @@ def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
 
 def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                        kquant_mins: str = "best", base_type=None, force: bool = False,
-                       measure: bool = True) -> ExportReport:
+                       measure: bool = True, split_max_bytes: int | None = None,
+                       split_max_tensors: int | None = None) -> ExportReport:
     """Write `out`: the base with the adapter merged into every adapted weight, each tensor in
     its own quantization type (qtype: re-target every quantized tensor, with llama-quantize's
     fallbacks where the row length does not fit the blocks). adapter None converts only
@@ -279,13 +281,17 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
     with its original type; INTb-gG tensors written in their storage type are recorded in
     lowtune.logical_types. See lowtune.merge.merge_weight for the per-tensor paths. base_type:
     the type an HF directory was quantized to for training (default: the run's). force: merge an
-    adapter trained on another base (loading.check_base)."""
+    adapter trained on another base (loading.check_base). split_max_bytes / split_max_tensors:
+    write split GGUF parts (gguf_split.write_gguf_split; the report's path is the first part)."""
     t0 = time.perf_counter()
-    if qtype is not None:
-        get_format(qtype)  # fail early on a bad name
+    if qtype is not None and get_format(qtype).needs_imatrix:  # also fails early on a bad name
+        raise ValueError(f"--type {get_format(qtype).name}: {_NEEDS_IMATRIX}; use IQ4_XS, IQ4_NL, IQ3_S, "
+                         f"Q4_K or another type lowtune writes")
     ad, base = _open(model, adapter, rank, base_type, force)
     infos: dict[str, MergeInfo] = {}
     try:
+        if qtype is None and ad is not None:
+            _check_own_types_writable(base, ad)
         def target_of(name, ti):  # None: the tensor's own type
             if qtype is not None and ti.type is not None and ti.type.quantized:
                 return choose_type(qtype, name, tuple(ti.shape))
@@ -328,15 +334,40 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
         if logical:
             md[LOGICAL_TYPES_KEY] = [f"{n}={t}" for n, t in logical.items()]
             types[LOGICAL_TYPES_KEY] = (GGUFValueType.ARRAY, GGUFValueType.STRING)
-        write_gguf(out, md, tracked(tensors(), len(base.tensor_infos), f"writing {out}", "tensor"), types,
-                   alignment=base.alignment)
+        if split_max_bytes is None and split_max_tensors is None:
+            write_gguf(out, md, tracked(tensors(), len(base.tensor_infos), f"writing {out}", "tensor"), types,
+                       alignment=base.alignment)
+            files = [Path(out)]
+        else:
+            files = write_gguf_split(out, md, tracked(tensors(), len(base.tensor_infos), f"writing {out}", "tensor"),
+                                     types, alignment=base.alignment, max_bytes=split_max_bytes,
+                                     max_tensors=split_max_tensors)
     finally:
         base.close()
-    rep = ExportReport(str(out), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
-                       _collect_notes(infos), os.path.getsize(out), time.perf_counter() - t0)
+    rep = ExportReport(str(files[0]), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
+                       _collect_notes(infos), sum(os.path.getsize(f) for f in files), time.perf_counter() - t0)
     for n in rep.notes:
         log.warning("%s", n)
+    if len(files) > 1:  # said in the summary, not a warning
+        rep.notes.append(f"{len(files)} parts: {files[0].name} ... {files[-1].name} (open the first)")
     return rep
+
+
+_NEEDS_IMATRIX = ("ggml quantizes that type only with an importance matrix (llama-imatrix), which lowtune "
+                  "does not compute")
+
+
+def _check_own_types_writable(base, ad: SavedAdapter) -> None:
+    """A merge without --type re-quantizes each adapted tensor into its own type: refuse, before
+    anything is written, a base whose adapted tensors lowtune cannot quantize (IQ2_*, IQ1_*)."""
+    stuck = Counter(ti.type.name for n, ti in base.tensor_infos.items()
+                    if n in ad.modules and ti.type is not None and ti.type.needs_imatrix)
+    if stuck:
+        kinds = ", ".join(f"{c} x {t}" for t, c in stuck.items())
+        raise ValueError(f"merging needs --type here: the adapted tensors ({kinds}) would be re-quantized "
+                         f"into their own type, and {_NEEDS_IMATRIX}; give --type IQ4_XS (or IQ3_S, Q4_K, "
+                         f"...) to write every quantized tensor in that type, or export the adapter "
+                         f"unmerged (--lora-gguf)")
 
 
 # ---- GGUF LoRA -------------------------------------------------------------------------------------

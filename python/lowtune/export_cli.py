@@ -5,6 +5,7 @@
     lowtune export MODEL.gguf --adapter RUN_DIR --lora-gguf lora.gguf     # llama.cpp --lora
     lowtune export MODEL.gguf --adapter RUN_DIR --peft peft/ --hf hf/ --dtype bf16
     lowtune export MODEL.gguf -o model-f16.gguf --type F16                # no adapter: convert only
+    lowtune export MODEL.gguf --adapter RUN_DIR -o merged.gguf --split-max-size 2G  # merged-00001-of-0000N.gguf, ...
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kquant-mins", choices=["best", "refit", "requantize"], default="best",
                    help="QA-LoRA/QA-HiRA on Q2_K/Q4_K/Q5_K: refit the quantized mins (codes kept), "
                    "re-quantize, or per super-block whichever is closer (default)")
+    p.add_argument("--split-max-size", metavar="SIZE", help="write the merged GGUF as split parts of at most "
+                   "SIZE of tensor data (2G, 500M), OUT-00001-of-0000N.gguf, ... as llama.cpp's gguf-split; "
+                   "llama.cpp and lowtune open them from the first part")
+    p.add_argument("--split-max-tensors", type=int, metavar="N", help="split parts of at most N tensors")
     p.add_argument("--lora-gguf", metavar="OUT.gguf", help="write a GGUF LoRA adapter for llama.cpp --lora")
     p.add_argument("--lora-dtype", choices=["f32", "f16"], default="f32", help="GGUF LoRA tensor type (default f32)")
     p.add_argument("--peft", metavar="OUT_DIR", help="write a PEFT LoRA adapter (HF module names and q/k order)")
@@ -58,4 +63,6 @@ def check(args: argparse.Namespace) -> bool:
     for path in (args.peft, args.hf):
         if path is not None:
             check_output_dir(path)
+    if (args.split_max_size or args.split_max_tensors is not None) and not merge:
+        raise ValueError("--split-max-size and --split-max-tensors split the merged GGUF: give -o OUT.gguf")
     return merge

@@ -559,71 +559,112 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
                    llama.cpp type for well-known keys, else one inferred from the value.
     general.quantization_version is set when any tensor is quantized; general.file_type is kept
     when it names a type present in the file, else set from the most common quantized type.
+    (gguf_split.write_gguf_split writes the same in parts.)
     """
     path = os.fspath(path)
+    arch = check_write_args(path, metadata, alignment)
+    tmp, spill = path + ".tmp", path + ".tmp.data"
+    try:
+        table = TensorTable(path)
+        materialised: list[np.ndarray] | None = None
+        if isinstance(tensors, (list, tuple)):
+            materialised = [table.take(n, v) for n, v in tensors]
+        else:
+            with open(spill, "wb") as sf:
+                for n, v in tensors:
+                    table.spill(sf, table.take(n, v), alignment)
+        kv = header_kv(metadata, metadata_types, table.infos, alignment)
+        write_file(tmp, arch, kv, table.infos, alignment, materialised=materialised, spill=spill)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_error(e, path) from e  # the user's path, not the temporary files'
+        raise
+    finally:
+        if os.path.exists(spill):
+            os.remove(spill)
+
+
+# The writer's pieces, shared with gguf_split (which writes one model as several files).
+
+def check_write_args(path: str, metadata: dict, alignment: int) -> str:
+    """The architecture to write; raises GGUFError for a bad alignment or no architecture."""
     if alignment <= 0 or alignment & (alignment - 1):
         raise GGUFError(f"{path}: alignment {alignment} is not a power of two")
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise GGUFError(f"{path}: metadata must contain general.architecture (e.g. 'llama')")
+    return arch
+
+
+class TensorTable:
+    """The tensors given to a writer: names checked, (name, ggml type, ne, bytes) in order."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.infos: list[tuple[str, GGMLQuantizationType, tuple[int, ...], int]] = []
+        self._names: set[str] = set()
+
+    def take(self, name, value) -> np.ndarray:
+        """Check and record one tensor; returns its bytes."""
+        if not isinstance(name, str) or not name:
+            raise GGUFError(f"{self.path}: tensor names must be non-empty strings, got {name!r}")
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise GGUFError(f"{self.path}: tensor name {name!r} is longer than {MAX_NAME_BYTES} bytes")
+        if name in self._names:
+            raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
+        self._names.add(name)
+        data, gtype, ne = _tensor_bytes(name, value)
+        self.infos.append((name, gtype, ne, data.nbytes))
+        return data
+
+    @staticmethod
+    def spill(fh, data: np.ndarray, alignment: int) -> None:
+        """Append one tensor's bytes, padded to the alignment, to a side file."""
+        data.tofile(fh)
+        fh.write(b"\0" * (_pad(data.nbytes, alignment) - data.nbytes))
+
+
+def header_kv(metadata: dict, metadata_types: dict | None, infos: list, alignment: int) -> dict:
+    """{key: (value, type descriptor)} to write for `metadata` over tensors `infos` (TensorTable):
+    general.architecture left out (the writer puts it first), general.alignment where it is not
+    the default, general.quantization_version and general.file_type as write_gguf says."""
     metadata_types = dict(metadata_types or {})
-    tmp, spill = path + ".tmp", path + ".tmp.data"
-    writer = None
-    try:
-        infos: list[tuple[str, GGMLQuantizationType, tuple[int, ...], int]] = []
-        materialised: list[np.ndarray] | None = None
-        names = set()
-
-        def take(name, value):
-            if not isinstance(name, str) or not name:
-                raise GGUFError(f"{path}: tensor names must be non-empty strings, got {name!r}")
-            if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-                raise GGUFError(f"{path}: tensor name {name!r} is longer than {MAX_NAME_BYTES} bytes")
-            if name in names:
-                raise GGUFError(f"{path}: duplicate tensor name {name!r}")
-            names.add(name)
-            data, gtype, ne = _tensor_bytes(name, value)
-            infos.append((name, gtype, ne, data.nbytes))
-            return data
-
-        if isinstance(tensors, (list, tuple)):
-            materialised = [take(n, v) for n, v in tensors]
+    kv: dict[str, tuple[Any, Any]] = {}
+    for key, val in metadata.items():
+        if key == "general.architecture":
+            continue
+        kv[key] = (val, metadata_types[key] if key in metadata_types else _infer_type(key, val))
+    if alignment != DEFAULT_ALIGNMENT or "general.alignment" in kv:
+        kv["general.alignment"] = (alignment, GGUFValueType.UINT32)
+    quantized = [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if gt not in _TORCH_DTYPES]
+    if quantized:
+        kv["general.quantization_version"] = (QUANTIZATION_VERSION, GGUFValueType.UINT32)
+    # general.file_type names the main type; keep the given one while it is a type the file
+    # holds (quantized types win over float ones), else take the type with the most elements
+    weights = quantized or [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if len(ne) >= 2]
+    present = {gt.name for gt, _ in weights}
+    ftype = metadata.get("general.file_type")
+    if present and _FTYPE_MAIN.get(ftype) not in present:
+        counts: dict[str, int] = {}
+        for gt, n in weights:
+            counts[gt.name] = counts.get(gt.name, 0) + n
+        main = main_file_type(counts)
+        if main is not None:
+            kv["general.file_type"] = (main, GGUFValueType.UINT32)
         else:
-            with open(spill, "wb") as sf:
-                for n, v in tensors:
-                    data = take(n, v)
-                    data.tofile(sf)
-                    sf.write(b"\0" * (_pad(data.nbytes, alignment) - data.nbytes))
-                    del data
+            kv.pop("general.file_type", None)
+    return kv
 
-        # metadata: general.architecture first (GGUFWriter adds it), the rest in the given order
-        kv: dict[str, tuple[Any, Any]] = {}
-        for key, val in metadata.items():
-            if key == "general.architecture":
-                continue
-            kv[key] = (val, metadata_types[key] if key in metadata_types else _infer_type(key, val))
-        if alignment != DEFAULT_ALIGNMENT or "general.alignment" in kv:
-            kv["general.alignment"] = (alignment, GGUFValueType.UINT32)
-        quantized = [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos
-                     if gt not in _TORCH_DTYPES]
-        if quantized:
-            kv["general.quantization_version"] = (QUANTIZATION_VERSION, GGUFValueType.UINT32)
-        # general.file_type names the main type; keep the given one while it is a type the file
-        # holds (quantized types win over float ones), else take the type with the most elements
-        weights = quantized or [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if len(ne) >= 2]
-        present = {gt.name for gt, _ in weights}
-        ftype = metadata.get("general.file_type")
-        if present and _FTYPE_MAIN.get(ftype) not in present:
-            counts: dict[str, int] = {}
-            for gt, n in weights:
-                counts[gt.name] = counts.get(gt.name, 0) + n
-            main = main_file_type(counts)
-            if main is not None:
-                kv["general.file_type"] = (main, GGUFValueType.UINT32)
-            else:
-                kv.pop("general.file_type", None)
 
-        writer = _RawKVWriter(tmp, arch)
+def write_file(tmp: str, arch: str, kv: dict, infos: list, alignment: int,
+               materialised: list[np.ndarray] | None = None, spill: str | None = None) -> None:
+    """Write header (kv from header_kv, infos from TensorTable) and data to `tmp`, flushed to
+    disk: the data from memory (materialised) or from a side file of padded tensors (spill)."""
+    writer = _RawKVWriter(tmp, arch)
+    try:
         writer.data_alignment = alignment
         for key, (val, desc) in kv.items():
             writer.add_key_value(key, _PackedValue(_pack_value(key, val, desc)), _desc_head(desc))
@@ -642,20 +683,8 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
                 shutil.copyfileobj(sf, fout, 16 << 20)
         writer.flush()
         os.fsync(writer.fout[0].fileno())
-        writer.close()
-        writer = None
-        os.replace(tmp, path)
-    except BaseException as e:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise write_error(e, path) from e  # the user's path, not the temporary files'
-        raise
     finally:
-        if os.path.exists(spill):
-            os.remove(spill)
+        writer.close()
 
 
 class _PackedValue(bytes):

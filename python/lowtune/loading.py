@@ -8,7 +8,7 @@ Every command and the Python API load through here.
 
 Sources. open_source(path) gives the model as stored, as a GGUF-like object (metadata,
 metadata_types, tensor_infos, qtensor(name), tensor(name), alignment, close()): a GGUF file
-(gguf_io.GGUFFile, through open_gguf, where a split-GGUF opener plugs in) or a Hugging Face
+(gguf_io.GGUFFile, or gguf_split.SplitGGUF over the parts of a split one) or a Hugging Face
 checkpoint directory (safetensors_io.HFCheckpoint, float tensors). open_base(path, qtype) gives it
 as lowtune trains on it: a GGUF file in its own blocks, an HF directory with every tensor in the
 type recipes.training_type picks (qtype, by default Q4_K or Q4_1), converted as it is read.
@@ -35,14 +35,15 @@ from typing import Callable
 
 import torch
 
-from . import _C, ops
+from . import _C, gguf_split, ops
 from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, apply_adapters,
                        base_hash, load_adapter, mark_only_adapters_trainable, model_base_hash,
-                       read_adapter_config, set_rank)
+                       no_min_note, read_adapter_config, set_rank)
 from .dtypes import torch_dtype
 from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
+from .gguf_split import SplitGGUF
 from .model import QEmbedding, QLinear
 from .model import Model, ModelConfig  # the model families' classes
 from .paths import missing_model
@@ -64,10 +65,10 @@ class BaseMismatchError(ValueError):
 
 # ---- sources -------------------------------------------------------------------------------------
 
-def open_gguf(path) -> GGUFFile:
-    """A GGUF file as a source. (A split GGUF, model-00001-of-0000N.gguf, gets its opener here:
-    one GGUF-like object over all its parts.)"""
-    return GGUFFile(path)
+def open_gguf(path) -> GGUFFile | SplitGGUF:
+    """A GGUF file as a source; a split GGUF (model-00001-of-0000N.gguf) as one GGUF-like object
+    over all its parts, opened from the first (gguf_split)."""
+    return gguf_split.open_gguf(path)
 
 
 def _is_hf(path) -> bool:
@@ -331,7 +332,10 @@ def apply_train_adapter(model, cfg: TrainConfig) -> dict:
     if cfg.layers is not None:
         kw["layers"] = tuple(cfg.layers)
     acfg = AdapterConfig(**kw)
-    apply_adapters(model, acfg)
+    ads = apply_adapters(model, acfg)
+    note = no_min_note(acfg.method, {ad.base_type for ad in ads.values()})
+    if note:
+        log.warning("%s", note)
     mark_only_adapters_trainable(model)
     return acfg.to_dict()
 
@@ -362,6 +366,7 @@ def describe(path) -> dict:
     with open_source(path) as src:
         md = dict(src.metadata)
         infos = list(src.tensor_infos.values())
+        parts = [Path(f.path) for f in src.parts] if isinstance(src, SplitGGUF) else None
     p = Path(path)
     types: Counter = Counter()
     params: Counter = Counter()
@@ -372,7 +377,8 @@ def describe(path) -> dict:
     names = {ti.name for ti in infos}
     info = {
         "file": str(path),
-        "file_bytes": sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size,
+        "file_bytes": sum(f.stat().st_size for f in (parts or (p.iterdir() if p.is_dir() else [p])) if f.is_file()),
+        "parts": len(parts) if parts else 1,
         "architecture": md.get("general.architecture"), "name": md.get("general.name"),
         "params": total_params, "tensor_bytes": total_bytes,
         "bits_per_weight": 8.0 * total_bytes / total_params if total_params else 0.0,

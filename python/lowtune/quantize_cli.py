@@ -5,8 +5,9 @@ import argparse
 
 from .paths import check_model_path, check_output_file
 
-DESCRIPTION = """Quantize a model (GGUF file or Hugging Face safetensors directory) to a llama.cpp recipe or
-the papers' INTb-gG, one tensor at a time, into a GGUF file llama.cpp loads.
+DESCRIPTION = """Quantize a model (GGUF file, a split GGUF from its first part, or Hugging Face safetensors
+directory) to a llama.cpp recipe or the papers' INTb-gG, one tensor at a time, into a GGUF file
+llama.cpp loads.
 
 examples:
   lowtune quantize SmolLM2.Q4_1.gguf --type F32 -o teacher.gguf          # a float teacher
@@ -16,7 +17,14 @@ examples:
 Recipes choose each tensor's type as llama-quantize does (Q4_K_M: Q4_K, Q6_K for the head and some
 attn_v/ffn_down); INTb-gG types every decoder linear and keeps token_embd and output in F16, stored
 as Q4_1/Q5_1 (b <= 5) or F32 (b = 6, 8) blocks that hold it exactly. Rows a block does not divide
-fall back as llama-quantize does (Q4_K -> Q5_0, ...).
+fall back as llama-quantize does (Q4_K -> Q5_0, ...; the 256-wide I-quants -> IQ4_NL).
+
+I-quants: IQ4_XS, IQ4_NL, IQ3_S and IQ3_XXS are written as llama.cpp writes them without an
+importance matrix, and the recipes IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS with llama-quantize's
+per-tensor choices. IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M (and the recipes built on them: IQ2_M,
+IQ3_XXS, ...) need an importance matrix, which lowtune does not compute: they are refused with the
+types to use instead. Files in every I-quant type, made by llama.cpp, are read, trained on and
+evaluated.
 """
 
 

@@ -48,7 +48,8 @@ from gguf.constants import GGUFValueType
 from . import ops
 from .dtypes import torch_dtype
 from .formats import Format, get_format
-from .gguf_io import GGUFFile, write_gguf
+from .gguf_io import write_gguf
+from .gguf_split import open_gguf
 from .loading import open_source
 from .model import LINEAR_NAMES
 from .qtensor import QTensor
@@ -208,7 +209,7 @@ def holds_logical(qt: QTensor, fmt: Format) -> bool:
 def model_bits(path) -> ModelBits:
     """Bits per weight of a GGUF model file (see ModelBits)."""
     mb = ModelBits()
-    with GGUFFile(path) as f:
+    with open_gguf(path) as f:
         logical = logical_types(f.metadata)
         for name, info in f.tensor_infos.items():
             n = int(info.n_elements)
