@@ -1,0 +1,160 @@
+"""The GPU budget in the driver's terms (lowtune.memory_budget) and the streaming planner on top of
+it: what a process sets before CUDA starts, the arithmetic of the terms, and plans that keep the
+driver's total within the budget, move AdamW's state to the host or drop CUDA graphs only when
+that is what fits, and refuse with a minimum that is itself a budget that works."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lowtune import adapters
+from lowtune.memory_budget import MIB, DeviceBudget, attention_workspace, prepare_process, workspace_per_stream
+from lowtune.model import LlamaModel
+from lowtune.streaming import plan_streaming, stream_model
+
+from helpers import gguf_weights, tiny_config, tiny_weights
+
+
+def model(layers=6):
+    c = tiny_config(layers=layers)
+    m = LlamaModel(c, gguf_weights(c, tiny_weights(c, 0), "Q4_1"), torch.bfloat16)
+    adapters.apply_adapters(m, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=0))
+    adapters.mark_only_adapters_trainable(m)
+    return m
+
+
+def budget_for(total: int, **kw) -> DeviceBudget:
+    """A CUDA budget with small made-up terms, in proportion to the tiny model."""
+    terms = dict(context=300_000, workspaces={"torch_cublas": 20_000, "torch_cublaslt": 20_000,
+                                              "lowtune_cublas": 10_000},
+                 slack_share=0.03, slack_fixed=30_000, slack_per_stream=5_000, margin=20_000, device="cuda:0")
+    terms.update(kw)
+    return DeviceBudget(budget=int(total), **terms)
+
+
+def test_prepare_process_sets_workspaces_and_allocator_but_keeps_what_is_set():
+    env = {"LOWTUNE_CUBLAS_WORKSPACE_MB": "4"}
+    got = prepare_process(env)
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:1" and env["CUBLASLT_WORKSPACE_SIZE"] == "4096"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and got == {k: env[k] for k in got}
+    ws = workspace_per_stream(env)
+    assert ws == {"torch_cublas": 4 * MIB, "torch_cublaslt": 4 * MIB, "lowtune_cublas": 4 * MIB}
+    mine = {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    prepare_process(mine)
+    assert mine["CUBLAS_WORKSPACE_CONFIG"] == ":4096:2:16:8"           # the user's, as torch parses it
+    assert workspace_per_stream(mine)["torch_cublas"] == 4096 * 1024 * 2 + 16 * 1024 * 8
+    assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
+    # an unprepared process is counted at torch's largest defaults
+    assert workspace_per_stream({})["torch_cublas"] == 32 * MIB
+    with pytest.raises(ValueError, match="LOWTUNE_CUBLAS_WORKSPACE_MB"):
+        prepare_process({"LOWTUNE_CUBLAS_WORKSPACE_MB": "lots"})
+
+
+def test_driver_total_is_the_sum_of_its_terms_and_tensor_room_its_inverse():
+    db = budget_for(10_000_000)
+    one = db.total(4_000_000, scratch=100_000, graphs=False)
+    assert one["total"] == (4_000_000 + 300_000 + 50_000 + 100_000 + 30_000 + 5_000 + 20_000
+                            + round(0.03 * 4_000_000))
+    graphs = db.total(4_000_000, scratch=100_000, graphs=True)
+    # graphs: workspaces and slack tails of three streams, the capture arena beside the pool
+    assert graphs["total"] - one["total"] == 2 * 50_000 + 100_000 + 2 * 5_000
+    for g in (False, True):
+        room = db.tensor_room(scratch=100_000, graphs=g)
+        assert db.total(room, 100_000, g)["fits"]
+        assert not db.total(room + 1000, 100_000, g)["fits"]
+    # on the CPU the budget bounds the tensors alone
+    cpu = DeviceBudget.unmetered(5000)
+    assert cpu.total(4000)["total"] == 4000 and cpu.tensor_room() == 5000
+    assert attention_workspace(2048, 32, 128) == 2048 * 32 * (128 * 4 + 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        DeviceBudget.measure("cpu", "auto")
+
+
+def test_plans_stay_within_the_driver_budget_and_grow_with_it():
+    m = model()
+    full = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40))
+    need = full.driver["total"]
+    assert not full.streaming and not full.optimizer_on_host
+    counts = []
+    for b in range(need // 5, need + need // 10, need // 40):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, device_budget=budget_for(b))
+        except ValueError:
+            assert not counts, "a larger budget was refused after a smaller one was accepted"
+            continue
+        assert p.driver["total"] <= b and p.driver["fits"]
+        assert p.estimate["total"] == p.driver["tensors"]
+        counts.append((len(p.resident), not p.optimizer_on_host))
+    assert len(counts) > 5 and counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_refusal_gives_a_minimum_in_driver_terms_that_is_accepted():
+    m = model()
+    with pytest.raises(ValueError, match=r"at least \d+MB") as err:
+        plan_streaming(m, "cuda", 500_000, tokens=256, device_budget=budget_for(500_000))
+    msg = str(err.value)
+    assert "context" in msg and "on the driver" in msg
+    minimum = int(re.search(r"at least (\d+)MB", msg).group(1)) * MIB
+    ok = plan_streaming(m, "cuda", minimum, tokens=256, device_budget=budget_for(minimum))
+    assert ok.streaming and ok.driver["total"] <= minimum
+
+
+def test_optimizer_state_moves_to_host_only_when_that_is_what_fits(monkeypatch):
+    import lowtune.host_adamw
+    # staging chunks small against the adapters, as 32 MiB is against a 7B's 160 MB of them
+    monkeypatch.setattr(lowtune.host_adamw, "CHUNK_BYTES", 16 << 10)
+    m = model()
+    b = 1 << 40
+    lean = None
+    for b in range(2_000_000, 200_000, -20_000):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, device_budget=budget_for(b))
+        except ValueError:
+            break
+        if p.optimizer_on_host:
+            lean = (b, p)
+            break
+    assert lean is not None, "no budget made the planner move AdamW's state to the host"
+    b, p = lean
+    assert p.streaming and p.driver["total"] <= b
+    # the host state is what made it fit: with the state kept on the GPU this budget is refused
+    with pytest.raises(ValueError, match="at least"):
+        plan_streaming(m, "cuda", b, tokens=256, host_optimizer=False, device_budget=budget_for(b))
+    # the CPU has no host to move it to
+    cpu = plan_streaming(m, "cpu", 1 << 30, tokens=256, host_optimizer=True)
+    assert not cpu.optimizer_on_host
+
+
+def test_cuda_graphs_are_kept_where_their_pool_fits_and_dropped_where_not():
+    m = model()
+    big = plan_streaming(m, "cuda", 1 << 40, tokens=256, cuda_graphs=True, device_budget=budget_for(1 << 40))
+    assert big.cuda_graphs and big.estimate["graph_pool"] > 0
+    small = None
+    for b in range(big.driver["total"], 200_000, -20_000):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, cuda_graphs=True, device_budget=budget_for(b))
+        except ValueError:
+            break
+        if not p.cuda_graphs:
+            small = p
+            break
+    assert small is not None and small.estimate["graph_pool"] == 0 and small.driver["fits"]
+
+
+def test_a_measured_working_set_replaces_the_estimate():
+    m = model()
+    a = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40))
+    b = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40), working=12345)
+    assert b.estimate["working"] == 12345 and a.estimate["working"] != 12345
+    assert a.estimate["total"] - b.estimate["total"] == a.estimate["working"] - 12345
+
+
+def test_stream_model_on_cpu_plans_the_tensors_alone_and_says_auto_needs_cuda():
+    m = model(layers=4)
+    plan = stream_model(m, "cpu", 1 << 30, tokens=64)
+    assert not plan.streaming and plan.driver["total"] == plan.estimate["total"]
+    assert m.stream_plan is plan
+    with pytest.raises(ValueError, match="auto"):
+        stream_model(model(layers=4), "cpu", "auto", tokens=64)
