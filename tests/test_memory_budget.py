@@ -158,3 +158,96 @@ def test_stream_model_on_cpu_plans_the_tensors_alone_and_says_auto_needs_cuda():
     assert m.stream_plan is plan
     with pytest.raises(ValueError, match="auto"):
         stream_model(model(layers=4), "cpu", "auto", tokens=64)
+
+
+def test_the_extension_says_how_much_scratch_a_product_takes(monkeypatch):
+    from lowtune import _C
+    bf16 = 2
+    # forward of a [4096, 11008] weight at 2048 rows: chunks of 1024 rows (16 MiB asks for 640,
+    # the floor is 1024), two buffers alternating
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 1024 * 11008 * 2
+    assert _C.cuda_scratch_bytes("input_grad", 2048, 11008, 4096, bf16) == 2 * 1024 * 11008 * 2
+    assert _C.cuda_scratch_bytes("forward", 8, 4096, 11008, bf16) == 0          # small M: no scratch
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "256")
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 640 * 11008 * 2
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", "0")
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 640 * 11008 * 2   # one buffer
+    stats = _C.cuda_memory_stats()
+    assert set(stats) >= {"scratch_pool_reserved", "capture_arena_reserved", "cublas_workspace_bytes"}
+
+
+@pytest.mark.cuda
+def test_captured_graphs_share_the_extensions_scratch_and_workspace():
+    """Capturing many graphs of a product on the cublas path holds one arena and one workspace per
+    stream, not memory per graph (what made a streamed 7B's driver peak 17.55 GiB)."""
+    from lowtune import _C, ops
+    w = ops.quantize(torch.randn(4096, 4096) * 0.02, "Q4_K").to("cuda")
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    ops.qmatmul(x, w)                       # warm up outside capture
+    torch.cuda.synchronize()
+    graphs, free = [], []
+    for i in range(12):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ops.qmatmul(x, w)
+        graphs.append(g)
+        torch.cuda.synchronize()
+        free.append(torch.cuda.mem_get_info()[0])
+    stats = _C.cuda_memory_stats()
+    scratch = _C.cuda_scratch_bytes("forward", 2048, 4096, 4096, 2)
+    assert 0 < stats["capture_arena_reserved"] <= max(scratch, 32 << 20)
+    assert stats["cublas_workspaces"] <= 3
+    # the last ten captures took (almost) nothing more from the device
+    assert free[2] - free[-1] < 64 << 20
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_the_minimum_a_refusal_gives_holds_on_the_drivers_count():
+    """The minimum budget a refusal names, measured on this GPU, is one under which two training
+    steps keep NVML's count of this process (or the device's used memory where NVML cannot count
+    per process) within the budget."""
+    import gc
+    import threading
+    import time
+
+    from lowtune.host_adamw import make_adamw
+    from lowtune.memory_budget import NVML
+    gc.collect()
+    torch.cuda.empty_cache()
+    tokens = 2048
+    with pytest.raises(ValueError, match=r"at least \d+MB") as err:
+        stream_model(model(), "cuda", 1 << 20, tokens=tokens)
+    minimum = int(re.search(r"at least (\d+)MB", str(err.value)).group(1)) << 20
+    m = model()
+    plan = stream_model(m, "cuda", minimum, tokens=tokens)
+    assert plan.streaming and plan.driver["fits"]
+    nvml = NVML.open()
+    if nvml is not None and nvml.process_used() is not None:
+        read = nvml.process_used
+    else:
+        read = lambda: (lambda f, t: t - f)(*torch.cuda.mem_get_info())  # noqa: E731
+    peak, stop = [read()], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak.append(read())
+            time.sleep(0.002)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = make_adamw(params, plan.optimizer_on_host, lr=1e-3)
+        ids = torch.randint(0, m.config.vocab_size, (1, tokens), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(2):
+                m.loss(ids).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    finally:
+        stop.set()
+        t.join()
+    assert max(peak) <= plan.budget, (max(peak), plan.budget, plan.driver)

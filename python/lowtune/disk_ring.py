@@ -177,12 +177,17 @@ class DiskRing:
                 found = next((e for e in self._queue if e.layer == layer and not e.dropped), None)
                 if found is not None:
                     break
-                # not predicted: drop the reads ahead and start again from this layer
-                if self._queue or self._cursor is not None:
-                    self.mispredictions += 1
-                self._drop(list(self._queue))
-                self._cursor = (layer, direction)
-                self._cond.notify_all()
+                if self._cursor is not None and self._cursor[0] == layer:
+                    # predicted next, not queued yet (every buffer is busy, or the reader has not
+                    # run): what is queued before it is passed over
+                    self._drop(list(self._queue))
+                else:
+                    # not predicted: drop the reads ahead and start again from this layer
+                    if self._queue or self._cursor is not None:
+                        self.mispredictions += 1
+                    self._drop(list(self._queue))
+                    self._cursor = (layer, direction)
+                    self._cond.notify_all()
                 while not any(e.layer == layer and not e.dropped for e in self._queue) and not self._closed:
                     self._cond.wait()
                 if self._closed:
