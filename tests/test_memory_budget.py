@@ -251,3 +251,18 @@ def test_the_minimum_a_refusal_gives_holds_on_the_drivers_count():
         stop.set()
         t.join()
     assert max(peak) <= plan.budget, (max(peak), plan.budget, plan.driver)
+
+
+def test_budgets_on_the_command_line():
+    from lowtune.cli import build_parser
+    from lowtune.finetune_cli import config_from_args
+    from lowtune.train_config import TrainConfig
+    args = build_parser().parse_args(["finetune", "m.gguf", "--data", "d.txt", "-o", "runs/x",
+                                      "--max-vram", "auto", "--host-ram", "2GiB"])
+    cfg = config_from_args(args)
+    assert cfg.max_vram == "auto" and cfg.host_ram == 2 << 30
+    cfg.apply_overrides({"max_vram": "6GB", "host_ram": "512MB"})
+    assert cfg.max_vram == 6 << 30 and cfg.host_ram == 512 << 20
+    assert TrainConfig.from_dict(cfg.to_dict()).max_vram == 6 << 30
+    with pytest.raises(ValueError, match="6GB"):
+        TrainConfig(max_vram="lots")
