@@ -547,7 +547,7 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
     what = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in parts.items() if v)
     raise ValueError(
         f"a memory budget of {_size(budget)} is below the {_size(total)} this model needs with "
-        f"every layer streamed ({_N_SLOTS} layer slots of {max(e['layers']) / 2**20:.0f} MiB; {what}"
+        f"every layer streamed ({_N_SLOTS} layer slots of {_size(max(e['layers']))}; {what}"
         f"{'' if items.get('context') is None else '; on the driver: ' + db.describe(items)}; "
         f"at {tokens} tokens). Give --max-vram at least {math.ceil(total / 2**20)}MB, or lower "
         f"--seq-len/--batch or the adapter rank")
@@ -606,7 +606,8 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
     e = plan.estimate
     layers = [_pack_bytes(layer) for layer in model.layers]
     host = {"budget": int(host_ram),
-            "checkpoints": len(layers) * e["checkpoint"] if plan.offload_activations else 0,
+            # offloaded checkpoints are pinned host copies (on a CUDA device; on the CPU they stay)
+            "checkpoints": len(layers) * e["checkpoint"] if plan.offload_activations and plan.device.startswith("cuda") else 0,
             "optimizer_state": 2 * e["adapters"] if plan.optimizer_on_host else 0,
             "packs": sum(layers[i] for i in plan.streamed), "ring": 0, "ring_buffers": 0}
     fixed = host["checkpoints"] + host["optimizer_state"]
@@ -619,7 +620,7 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
             need = fixed + host["ring"]
             raise ValueError(f"--host-ram {_size(host_ram)} is below the {_size(need)} this plan holds in "
                              f"host memory with every streamed layer read from disk ({RING_BUFFERS} "
-                             f"ring buffers of {plan.layer_bytes / 2**20:.0f} MiB"
+                             f"ring buffers of {_size(plan.layer_bytes)}"
                              + (f", checkpoints {_size(host['checkpoints'])}" if host["checkpoints"] else "")
                              + (f", AdamW state {_size(host['optimizer_state'])}" if host["optimizer_state"] else "")
                              + f"). Give --host-ram at least {math.ceil(need / 2**20)}MB")
