@@ -112,28 +112,18 @@ HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class DriverMemory:
     """The driver's count of this process's GPU memory (NVML through lowtune.memory_budget: what
     nvidia-smi shows, what --max-vram bounds), sampled every 2 ms in a thread from the start of
-    the run, so placement, compilation and capture count as much as the steps. Where NVML cannot
-    count per process, the device's used memory above its reading at the start stands in (other
-    processes' memory too)."""
+    the run, so placement, compilation and capture count as much as the steps. Where NVML never
+    counts this process (no per-process accounting, or a container's PID namespace), the device's
+    used memory above its reading at the start stands in (other processes' memory too)."""
 
     def __init__(self):
         from lowtune.memory_budget import NVML
         self.nvml = NVML.open()
-        self.per_process = self.nvml is not None and self._process() is not None
         self.base = self.nvml.device_memory(0)[2] if self.nvml is not None else None
-        self.peak = self.peak_device = self.peak_steps = 0
+        self.peak = self.peak_steps = None            # this process, once NVML lists it
+        self.peak_device = self.peak_device_steps = 0
         self.in_steps = False
         self._stop = threading.Event()
-
-    def _process(self):
-        used = self.nvml.process_used()
-        # a process without a context yet is not listed: 0
-        return 0 if used is None and self.nvml._procs else used
-
-    def read(self) -> tuple[int, int]:
-        device = self.nvml.device_memory(0)[2] - self.base
-        process = self._process() if self.per_process else device
-        return process or 0, device
 
     def start(self):
         if self.nvml is None:
@@ -141,11 +131,14 @@ class DriverMemory:
 
         def loop():
             while not self._stop.is_set():
-                process, device = self.read()
-                self.peak = max(self.peak, process)
+                process, device = self.nvml.process_used(), self.nvml.device_memory(0)[2] - self.base
                 self.peak_device = max(self.peak_device, device)
+                if process is not None:
+                    self.peak = max(self.peak or 0, process)
                 if self.in_steps:
-                    self.peak_steps = max(self.peak_steps, process)
+                    self.peak_device_steps = max(self.peak_device_steps, device)
+                    if process is not None:
+                        self.peak_steps = max(self.peak_steps or 0, process)
                 time.sleep(0.002)
         self._t = threading.Thread(target=loop, daemon=True)
         self._t.start()
@@ -156,9 +149,12 @@ class DriverMemory:
             return {}
         self._stop.set()
         self._t.join()
-        return {"driver_peak": self.peak, "driver_peak_steps": self.peak_steps,
+        if self.peak is not None:
+            return {"driver_peak": self.peak, "driver_peak_steps": self.peak_steps,
+                    "driver_peak_device": self.peak_device, "driver_count": "NVML, this process"}
+        return {"driver_peak": self.peak_device, "driver_peak_steps": self.peak_device_steps,
                 "driver_peak_device": self.peak_device,
-                "driver_count": "NVML, this process" if self.per_process else "NVML, the device less its reading at start"}
+                "driver_count": "NVML, the device's used memory less its reading at the start"}
 
 
 class AllocatedTrace:
