@@ -90,14 +90,13 @@ size_t workspace_size() {
   return mb > 0 ? (size_t)mb << 20 : 0;
 }
 
-// The workspace of (device, stream), made on first use (with mu held). cudaMalloc is allowed
-// while the stream is being captured; the memory stays for the life of the process.
+// The workspace of (device, stream), made on first use (with mu held), also while the stream is
+// being captured; the memory stays for the life of the process.
 std::pair<void*, size_t> workspace(Cublas& c, int dev, cudaStream_t stream) {
   auto it = c.workspaces.find({dev, stream});
   if (it != c.workspaces.end()) return it->second;
   const size_t size = workspace_size();
-  void* p = nullptr;
-  if (size) LT_CUDA_CHECK(cudaMalloc(&p, size));
+  void* p = size ? device_malloc(size) : nullptr;
   c.workspace_bytes += (int64_t)size;
   return c.workspaces[{dev, stream}] = {p, size};
 }

@@ -17,6 +17,10 @@ int sm_count();
 void* scratch_alloc(size_t bytes, cudaStream_t stream);
 void scratch_free(void* p, cudaStream_t stream);
 
+// cudaMalloc, also while this thread captures a stream: the thread's capture mode is relaxed for
+// the call (as PyTorch's allocator does), since cudaMalloc is refused in the stricter modes.
+void* device_malloc(size_t bytes);
+
 // Owns a scratch allocation for one call; freed in stream order when it goes out of scope.
 class ScratchBuffer {
  public:

@@ -110,8 +110,7 @@ struct CaptureArena {
     while (b < blocks.size() && off + bytes > blocks[b].size) { ++b; off = 0; }
     if (b == blocks.size()) {
       const size_t size = std::max<size_t>(bytes, 32ull << 20);
-      char* base = nullptr;
-      LT_CUDA_CHECK(cudaMalloc(&base, size));  // allowed during capture (not a stream operation)
+      char* base = static_cast<char*>(device_malloc(size));
       blocks.push_back({base, size});
       reserved += size;
       off = 0;
@@ -276,6 +275,16 @@ int sm_count() {
   const int dev = current_device();
   if (!counts[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
   return counts[dev];
+}
+
+void* device_malloc(size_t bytes) {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));  // back to what it was
+  LT_CUDA_CHECK(err);
+  return p;
 }
 
 void* scratch_alloc(size_t bytes, cudaStream_t stream) {
