@@ -15,14 +15,21 @@ of that; this module adds the part EMEF lacked, so that GPU memory no longer gro
   recomputed from its checkpointed input (_StreamedLayer). A slot is overwritten only after the
   compute stream has finished with the layer it held (CUDA events), so copies and compute overlap
   without a host synchronisation.
-- The planner keeps as many layers resident as the budget allows (the last ones: they run at the
+- The budget is the driver's count of the process's GPU memory: lowtune.memory_budget measures
+  and counts what lives beside torch's tensors (context, workspaces, the extension's scratch,
+  allocator slack), and on CUDA one layer's working set is measured too (measure_working). The
+  planner keeps as many layers resident as the budget allows (the last ones: they run at the
   turn from forward to backward), and moves the checkpointed layer inputs to host memory when
-  even they do not fit. When everything fits, nothing streams. A budget below the minimum (two
-  slots, the non-layer weights, the adapters with their gradients and AdamW state, one layer's
-  working set) is a ValueError that gives the minimum.
-- Adapters, their gradients and optimizer state, norms, the embedding and the LM head stay on the
-  GPU. Gradients of adapter parameters come back through autograd (the layer function returns
-  them), so DistributedDataParallel's hooks see them as for any module.
+  even they do not fit. Where the budget is tight, it keeps AdamW's moments in host memory
+  (lowtune.host_adamw) and leaves no room for CUDA graphs of the layers (plan.optimizer_on_host,
+  plan.cuda_graphs say so). When everything fits, nothing streams. A budget below the minimum
+  (two slots, the non-layer weights, the adapters with their gradients, one layer's working set,
+  the driver's terms) is a ValueError that gives the minimum, in the same terms.
+- With a host-memory limit (plan_host), the streamed layers beyond it stay in the GGUF file and
+  are read into a ring of pinned buffers ahead of their use (lowtune.disk_ring).
+- Adapters, their gradients, norms, the embedding and the LM head stay on the GPU. Gradients of
+  adapter parameters come back through autograd (the layer function returns them), so
+  DistributedDataParallel's hooks see them as for any module.
 
 Numerics are those of the resident model with gradient checkpointing: the same kernels on the same
 inputs in the same order (tests/test_streaming.py holds losses and gradients equal).
