@@ -4,6 +4,7 @@ driver's total within the budget, move AdamW's state to the host or drop CUDA gr
 that is what fits, and refuse with a minimum that is itself a budget that works."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -168,6 +169,12 @@ def test_the_extension_says_how_much_scratch_a_product_takes(monkeypatch):
     assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 1024 * 11008 * 2
     assert _C.cuda_scratch_bytes("input_grad", 2048, 11008, 4096, bf16) == 2 * 1024 * 11008 * 2
     assert _C.cuda_scratch_bytes("forward", 8, 4096, 11008, bf16) == 0          # small M: no scratch
+    # the planner's last resort: the floor at SMALL_CHUNK_MIN for what it estimates, then unset
+    from lowtune.streaming import SMALL_CHUNK_MIN, _chunk_min
+    with _chunk_min(True):
+        assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 640 * 11008 * 2
+        assert _C.cuda_scratch_bytes("input_grad", 2048, 32000, 4096, bf16) == 2 * SMALL_CHUNK_MIN * 32000 * 2
+    assert "LOWTUNE_CUDA_CHUNK_MIN" not in os.environ
     monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "256")
     assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 640 * 11008 * 2
     monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", "0")

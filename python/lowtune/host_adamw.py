@@ -19,7 +19,7 @@ import torch
 
 # Parameters are grouped into chunks of about this many bytes of moments (a parameter larger than
 # this is a chunk of its own); the GPU holds two chunks at a time.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
 
 
 def chunk_sizes(params_bytes: list[int]) -> list[int]:

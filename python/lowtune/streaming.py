@@ -387,6 +387,7 @@ class StreamPlan:
     optimizer_on_host: bool = False          # AdamW's moments in host memory (lowtune.host_adamw)
     driver: dict = field(default_factory=dict)
     terms: dict = field(default_factory=dict)  # the budget's measured terms (DeviceBudget)
+    small_scratch: bool = False              # the extension's chunks at SMALL_CHUNK_MIN (tight budgets)
     disk_layers: list[int] = field(default_factory=list)  # streamed from the model file (--host-ram)
     host: dict = field(default_factory=dict)   # host memory the plan holds, itemised (--host-ram)
 
@@ -431,22 +432,45 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def scratch_bytes(model: Model, tokens: int, chunk: int) -> int:
+# LOWTUNE_CUDA_CHUNK_MIN where the budget needs the extension's scratch small: chunks of W as
+# narrow as 256 rows or columns (the default's 1024 keep more of the GPU busy per cuBLAS call).
+SMALL_CHUNK_MIN = 256
+
+
+@contextmanager
+def _chunk_min(small: bool):
+    """The extension's chunk floor for what runs inside (it reads the variable on every call);
+    a floor the user set stays."""
+    if not small or "LOWTUNE_CUDA_CHUNK_MIN" in os.environ:
+        yield
+        return
+    os.environ["LOWTUNE_CUDA_CHUNK_MIN"] = str(SMALL_CHUNK_MIN)
+    try:
+        yield
+    finally:
+        del os.environ["LOWTUNE_CUDA_CHUNK_MIN"]
+
+
+def scratch_bytes(model: Model, tokens: int, chunk: int, small: bool = False) -> int:
     """The largest scratch one quantized product of a training step takes in lowtune's CUDA
     extension (its chunk buffers, outside torch's allocator): every decoder linear's forward and
-    input gradient at `tokens` rows, the LM head's at `chunk` rows."""
+    input gradient at `tokens` rows, the LM head's at `chunk` rows; `small`: with the chunk floor
+    SMALL_CHUNK_MIN."""
     dtype = ACT_DTYPES.get(model.dtype, 0)
     shapes = {(lin.out_features, lin.in_features) for layer in model.layers for lin in _packed_linears(layer)}
     products = [(tokens, n, k) for n, k in shapes]
     head = model.head_weight()
     products.append((chunk, head.shape[0], head.shape[1]))
-    return max((_C.cuda_scratch_bytes(p, m, n, k, dtype) for m, n, k in products
-                for p in ("forward", "input_grad")), default=0)
+    with _chunk_min(small):
+        return max((_C.cuda_scratch_bytes(p, m, n, k, dtype) for m, n, k in products
+                    for p in ("forward", "input_grad")), default=0)
 
 
-def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None = None) -> dict:
+def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None = None,
+                    small_scratch: bool = False) -> dict:
     """Bytes of each part of a training step's peak, from the model's sizes (see plan_streaming).
-    `working`: one layer's working set as measured (measure_working); None: from the shapes."""
+    `working`: one layer's working set as measured (measure_working); None: from the shapes.
+    small_scratch: the extension's scratch with its chunk floor at SMALL_CHUNK_MIN."""
     c = model.config
     act = torch.tensor([], dtype=model.dtype).element_size()
     packs = [_pack_bytes(layer) for layer in model.layers]
@@ -481,7 +505,7 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
         # one chunk of fp32 logits with its softmax and gradient, and dh [tokens, D]
         "head": 3 * chunk * c.vocab_size * 4 + tokens * c.dim * 4,
         # the extension's dequantization scratch (driver-level: lowtune.memory_budget)
-        "scratch": scratch_bytes(model, tokens, chunk),
+        "scratch": scratch_bytes(model, tokens, chunk, small_scratch),
     }
 
 
@@ -498,13 +522,14 @@ def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool)
     return parts
 
 
-def _options(cuda_graphs: bool, host_optimizer: bool | None) -> list[tuple[bool, bool]]:
-    """(graphs, optimizer on host) in the order the planner tries them: what costs least speed
-    first. Moving AdamW's state to the host costs a copy of it each way per step; giving up CUDA
-    graphs costs the host's dispatch of every operator."""
+def _options(cuda_graphs: bool, host_optimizer: bool | None) -> list[tuple[bool, bool, bool]]:
+    """(graphs, optimizer on host, small scratch) in the order the planner tries them: what costs
+    least speed first. Moving AdamW's state to the host costs a copy of it each way per step;
+    giving up CUDA graphs costs the host's dispatch of every operator; narrower scratch chunks
+    cost the large products some of the GPU's width (the last resort)."""
     hosts = [False, True] if host_optimizer is None else [bool(host_optimizer)]
     graphs = [True, False] if cuda_graphs else [False]
-    return [(g, h) for g in graphs for h in hosts]
+    return [(g, h, False) for g in graphs for h in hosts] + [(False, hosts[-1], True)]
 
 
 def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graphs: bool = False,
@@ -530,12 +555,13 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
     # logits chunk: at most ~1/16 of the budget, between 64 and 1024 rows; smaller where needed
     first = int(max(64, min(1024, (budget // 16) // (12 * c.vocab_size) // 64 * 64)))
     chunks = [first] + [k for k in (512, 256, 128, 64) if k < first]
-    estimates: dict[int, dict] = {}
+    estimates: dict[tuple, dict] = {}
     dev = str(torch.device(device))
     smallest = None                            # (driver total, items, option) of the leanest plan
-    for graphs, on_host in _options(cuda_graphs, host_optimizer):
+    for graphs, on_host, small in _options(cuda_graphs, host_optimizer):
         for chunk in chunks:
-            e = estimates.get(chunk) or estimates.setdefault(chunk, estimate_memory(model, tokens, chunk, working))
+            e = estimates.get((chunk, small)) or estimates.setdefault(
+                (chunk, small), estimate_memory(model, tokens, chunk, working, small))
             layers, big = e["layers"], max(e["layers"])
             parts = _base(e, tokens, c.dim, act, graphs, on_host)
             base = sum(parts.values())
@@ -547,10 +573,12 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
             if need > room:
                 items = db.total(need, e["scratch"], graphs)
                 if smallest is None or items["total"] < smallest[0]:
-                    smallest = (items["total"], items, parts, e, graphs, on_host)
+                    smallest = (items["total"], items, parts, e)
                 continue
-            return _fill(model, dev, db, e, parts, chunk, graphs, on_host, room)
-    total, items, parts, e, graphs, on_host = smallest
+            plan = _fill(model, dev, db, e, parts, chunk, graphs, on_host, room)
+            plan.small_scratch = small
+            return plan
+    total, items, parts, e = smallest
     what = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in parts.items() if v)
     raise ValueError(
         f"a memory budget of {_size(budget)} is below the {_size(total)} this model needs with "
@@ -760,6 +788,8 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
                              "to read them from (a Hugging Face directory is quantized in memory)")
         disk = DiskLayers(os.fspath(source), plan.disk_layers, file_ranges(model, source, plan.streamed),
                           RING_BUFFERS)
+    if plan.small_scratch and "LOWTUNE_CUDA_CHUNK_MIN" not in os.environ:
+        os.environ["LOWTUNE_CUDA_CHUNK_MIN"] = str(SMALL_CHUNK_MIN)   # for the process: the plan counts it
     model.loss_chunk_tokens = plan.loss_chunk_tokens
     model.stream_plan = plan
     if not plan.streaming:
