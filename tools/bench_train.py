@@ -441,6 +441,8 @@ def run_one(args) -> dict:
     torch.manual_seed(args.seed)
     t_build = time.perf_counter()
     weights = make_weights(cfg, args.qtype, args.unique_layers, args.seed, dev, args.weights_cache)
+    if dev == "cuda":
+        torch.cuda.empty_cache()     # the random weights were drawn on the GPU
     plan = setup = None
     layer_bytes = sum(t.nbytes for n, t in weights.items() if n.startswith("blk.") and hasattr(t, "raw"))
     head_bytes = weights["token_embd.weight"].nbytes if cfg["tied"] else weights["output.weight"].nbytes
