@@ -127,11 +127,17 @@ def attention_workspace(tokens: int, n_heads: int, head_dim: int) -> int:
     return tokens * n_heads * (head_dim * 4 + 8)
 
 
-def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int) -> int:
+# Device memory of one instantiated CUDA graph of a decoder layer (its uploaded launch
+# descriptors: a few hundred kernel nodes), a generous round figure.
+GRAPH_EXEC_BYTES = 1 * MIB
+
+
+def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int, n_layers: int) -> int:
     """Bytes CUDA graphs of the decoder layers hold for good (lowtune.compile.LayerGraphs): one
-    layer's intermediates in the pool the graphs share, and the static inputs and outputs (x, y,
-    dy, dx [tokens, dim], the layer's flat adapter gradients)."""
-    return working + 4 * tokens * dim * act_bytes + layer_grads
+    layer's intermediates in the pool the graphs share, the static inputs and outputs (x, y, dy,
+    dx [tokens, dim], the layer's flat adapter gradients), and the graphs themselves: forward and
+    backward of every layer, twice for a streamed layer (one per GPU slot it lands in)."""
+    return working + 4 * tokens * dim * act_bytes + layer_grads + 4 * n_layers * GRAPH_EXEC_BYTES
 
 
 # ---- NVML ------------------------------------------------------------------------------------------

@@ -518,7 +518,8 @@ def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool)
     parts = {"weights": e["weights"], "adapters": adapters,
              "optimizer_staging": staging_bytes(e["adapter_sizes"]) if on_host else 0,
              "working": e["working"], "attention": e["attention"], "head": e["head"],
-             "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"]) if graphs else 0}
+             "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"], len(e["layers"]))
+             if graphs else 0}
     return parts
 
 
