@@ -362,7 +362,8 @@ def extension_bytes(device=None) -> int:
 
 
 def size(b: int) -> str:
-    return f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.0f} MiB"
+    """Bytes for people: '2.50 GiB', '108.6 MiB'."""
+    return f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 __all__ = ["DeviceBudget", "NVML", "attention_workspace", "extension_bytes", "graph_pool",

@@ -49,6 +49,7 @@ from .disk_ring import DiskLayers, read_ranges
 from .gguf_io import GGUFFile
 from .host_adamw import staging_bytes
 from .memory_budget import DeviceBudget, attention_workspace, graph_pool, prepare_process
+from .memory_budget import size as _size
 from .model import Model, QLinear
 from .ops import ACT_DTYPES
 
@@ -400,14 +401,16 @@ class StreamPlan:
 
     def summary(self) -> str:
         gib = _size
-        peak = f"planned peak {gib(self.estimate['total'])} allocated"
-        if self.driver.get("total") is not None and len(self.driver) > 3:
+        peak = f"planned peak {gib(self.estimate.get('total', 0))} allocated"
+        if "context" in self.driver:
             peak += f", {gib(self.driver['total'])} on the driver's count"
         extras = []
         if self.optimizer_on_host:
             extras.append("AdamW state in host memory")
         if self.cuda_graphs:
             extras.append("room for CUDA graphs")
+        if self.small_scratch:
+            extras.append(f"dequantization chunks of {SMALL_CHUNK_MIN} rows")
         extra = "".join(f"; {e}" for e in extras)
         if not self.streaming:
             return (f"memory budget {gib(self.budget)}: all {self.n_layers} layers fit on "
@@ -422,10 +425,6 @@ class StreamPlan:
                 f"resident, {len(self.streamed)} streamed from {source} "
                 f"({self.layer_bytes / 2**20:.1f} MiB each, {_N_SLOTS} slots); checkpointed "
                 f"activations in {where}{extra}; {peak}")
-
-
-def _size(b: int) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
