@@ -193,9 +193,10 @@ def test_captured_graphs_share_the_extensions_scratch_and_workspace():
     ops.qmatmul(x, w)                       # warm up outside capture
     torch.cuda.synchronize()
     graphs, free = [], []
+    pool = torch.cuda.graph_pool_handle()     # torch's side shared too, as lowtune.compile does
     for i in range(12):
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             ops.qmatmul(x, w)
         graphs.append(g)
         torch.cuda.synchronize()
