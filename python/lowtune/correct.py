@@ -351,7 +351,8 @@ def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) 
     if tdev == device:
         budget -= need
     log(f"teacher: every layer streamed, about {need / 2**20:.0f} MiB on {tdev}")
-    plan = stream_model(student, device, budget, tokens=tokens)
+    # (the distillation trainer keeps AdamW's state on the GPU: the plan must count it there)
+    plan = stream_model(student, device, budget, tokens=tokens, host_optimizer=False)
     log("student: " + plan.summary())
     info["student"] = plan.to_dict()
     return info
