@@ -90,6 +90,27 @@ PYBIND11_MODULE(_C, m) {
      "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
      "rows in dtype against an N x K weight (0: unknown), operands aligned or not, where cuBLAS is "
      "available: 'staged', 'direct', 'cublas' or 'fused'.");
+  m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {
+    namespace cp = cuda_policy;
+    return cp::cublas_scratch_bytes(cp::product_from_name(product), M, N, K, dtype == D_F32 ? 4 : 2);
+  }, py::arg("product"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"),
+     "Bytes of scratch a quantized product ('forward' or 'input_grad') of M rows in dtype against "
+     "an N x K weight takes on the CUDA cublas path (0 on the other paths), under the current "
+     "LOWTUNE_CUDA_CHUNK_* / _SCRATCH_MB / _OVERLAP settings.");
+  m.def("cuda_memory_stats", []() {
+    const cuda::MemoryStats s = cuda::memory_stats();
+    py::dict d;
+    d["scratch_pool_reserved"] = s.scratch_pool_reserved;
+    d["scratch_pool_reserved_high"] = s.scratch_pool_reserved_high;
+    d["capture_arena_reserved"] = s.capture_arena_reserved;
+    d["cublas_workspace_bytes"] = s.cublas_workspace_bytes;
+    d["cublas_workspaces"] = s.cublas_workspaces;
+    return d;
+  }, "GPU memory the extension holds outside PyTorch's allocator on the current device, in bytes "
+     "(all zero without CUDA).");
+  m.def("cuda_scratch_reserve", [](int64_t bytes, uintptr_t stream) {
+    cuda::scratch_reserve(bytes, ptr<void>(stream));
+  }, nogil(), "Make the extension's scratch pool hold at least `bytes` (no-op without CUDA).");
   m.def("cuda_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                               uintptr_t stream) {
     cuda::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k, ptr<void>(stream));

@@ -20,6 +20,13 @@
 //   LOWTUNE_CUDA_PATH      staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
+// and those of the cublas path's scratch (plan_chunks below), which Python asks through
+// cublas_scratch_bytes to budget GPU memory:
+//   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
+//   LOWTUNE_CUDA_CHUNK_MIN    fewest rows or columns per chunk (default 1024: enough output tiles
+//                             for cuBLAS to fill the GPU; rounded to 128)
+//   LOWTUNE_CUDA_SCRATCH_MB   cap on all chunk buffers together in MiB (default 128)
+//   LOWTUNE_CUDA_OVERLAP      0: one buffer, dequantize and multiply in turn on the caller's stream
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -87,6 +94,42 @@ inline Path choose(const Call& c) {
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;
+}
+
+// ---- the cublas path's scratch -------------------------------------------------------------------
+// W is dequantized in chunks of rows (forward) or columns (input grad) into scratch in the
+// activation dtype; two chunk buffers alternate when there is more than one chunk (a side stream
+// dequantizes chunk i+1 while cuBLAS multiplies chunk i).
+inline int64_t chunk_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MB", 16), 1) << 20; }
+inline int64_t scratch_cap_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
+inline bool overlap_chunks() { return env_int("LOWTUNE_CUDA_OVERLAP", 1) != 0; }
+inline int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MIN", 1024) / 128 * 128, 128); }
+
+struct ChunkPlan {
+  int64_t size, chunks;  // rows or columns per chunk (a multiple of 128, or all of them); how many
+  bool overlap;          // two buffers alternate
+};
+// `total` rows (forward) or columns (input grad) of W, each `other` elements of `es` bytes: chunks
+// of chunk_bytes() of scratch, at least chunk_min() wide, at most all of them; the buffers
+// together hold at most scratch_cap_bytes() unless chunk_min() needs more.
+inline ChunkPlan plan_chunks(int64_t total, int64_t other, int es) {
+  const bool overlap = overlap_chunks();
+  const int64_t budget = std::min(chunk_bytes(), scratch_cap_bytes() / (overlap ? 2 : 1));
+  int64_t size = budget / (other * es) / 128 * 128;
+  size = std::min(std::max<int64_t>(size, chunk_min()), total);
+  const int64_t chunks = (total + size - 1) / size;
+  return {size, chunks, overlap && chunks > 1};
+}
+
+// Bytes of scratch one quantized product takes on the cublas path (0 on the other paths, whose
+// split-reduction buffers are M x N floats for M <= 32): what the chunk buffers hold. The packed
+// weight is assumed 16-byte aligned (an unaligned one is first copied into scratch as well).
+inline int64_t cublas_scratch_bytes(Product product, int64_t m, int64_t n, int64_t k, int es) {
+  if (product == Product::Adapter || m <= 0 || n <= 0 || k <= 0) return 0;
+  if (choose({product, m, n, k, es != 4, true, true, true}) != Path::Cublas) return 0;
+  const bool forward = product == Product::Forward;
+  const ChunkPlan p = forward ? plan_chunks(n, k, es) : plan_chunks(k, n, es);
+  return p.size * (forward ? k : n) * es * (p.overlap ? 2 : 1);
 }
 
 }  // namespace lowtune::cuda_policy

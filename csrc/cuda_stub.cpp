@@ -10,6 +10,8 @@ namespace lowtune::cuda {
   throw std::runtime_error("lowtune was built without CUDA; rebuild with LOWTUNE_CUDA=ON on a machine with nvcc");
 }
 bool available() { return false; }
+MemoryStats memory_stats() { return {}; }
+void scratch_reserve(int64_t, void*) {}
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_input_grad(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }

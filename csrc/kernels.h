@@ -44,6 +44,19 @@ void qmatmul_input_grad_reference(int qtype, const void* dy, int dtype, const vo
 
 namespace cuda {
 bool available();  // compiled in and a device is visible
+// GPU memory the extension holds outside PyTorch's allocator, on the current device (bytes).
+struct MemoryStats {
+  int64_t scratch_pool_reserved = 0;       // the scratch pool (products outside graph capture)
+  int64_t scratch_pool_reserved_high = 0;  // its high-water mark
+  int64_t capture_arena_reserved = 0;      // scratch shared by captured graphs
+  int64_t cublas_workspace_bytes = 0;      // cuBLAS workspaces, one per stream used
+  int64_t cublas_workspaces = 0;
+};
+MemoryStats memory_stats();
+// Make the scratch pool hold one reservation of `bytes` (kept while LOWTUNE_CUDA_SCRATCH_KEEP_MB
+// allows; what it held before is released), so that the products reuse it instead of growing the
+// pool piece by piece. Synchronises `stream`.
+void scratch_reserve(int64_t bytes, void* stream);
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,
                 void* stream);
 void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,

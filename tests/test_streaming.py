@@ -7,7 +7,7 @@ import torch
 
 from lowtune import adapters
 from lowtune.model import LlamaModel
-from lowtune.streaming import plan_streaming, stream_model
+from lowtune.streaming import estimate_memory, plan_streaming, stream_model
 
 from conftest import devices
 from helpers import gguf_weights, rand_ids, tiny_config, tiny_weights
@@ -164,9 +164,14 @@ def test_lrec_teacher_and_student_streamed_in_one_budget():
     ids = rand_ids(2, 20)
     plain, streamed = pair_models(), pair_models()
     plain.student.gradient_checkpointing = True
-    need_all = plan_streaming(streamed.student, "cpu", 1 << 40, tokens=40).estimate["total"]
+    # a budget one byte short of the teacher's share and the whole student (at the LM-head chunk
+    # a budget of this size gets)
+    e = estimate_memory(streamed.teacher, 40, streamed.teacher.loss_chunk_tokens)
+    teacher_need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
+    student_all = plan_streaming(streamed.student, "cpu", 1 << 20, tokens=40)
+    assert not student_all.streaming
     info = _stream_pair(streamed.student, streamed.teacher, torch.device("cpu"), torch.device("cpu"),
-                        int(need_all * 0.6), tokens=40, log=lambda s: None)
+                        teacher_need + student_all.estimate["total"] - 1, tokens=40, log=lambda s: None)
     assert info["teacher"]["streamed"] == [0, 1, 2, 3]
     assert streamed.student.streamer is not None  # the teacher's share pushed the student below all
     results = []

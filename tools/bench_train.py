@@ -7,13 +7,18 @@ PEFT + bitsandbytes QLoRA peer, on the same Llama shapes, weights, data and seed
         --runs resident-eager,resident,streamed:3GiB,streamed:2GiB,qlora --out runs/train_1b
     PYTHONPATH=python python tools/bench_train.py --device cpu --out runs/bench_cpu   # CPU: see below
     PYTHONPATH=python python tools/bench_train.py --model tiny --device cpu --runs resident,streamed --steps 3
+    PYTHONPATH=python python tools/bench_train.py --model llama2-70b --runs streamed:8GiB,streamed:6GiB \
+        --compile off --cuda-graphs off --steps 10 --unique-layers 2 --out runs/train_70b   # 70B in 6 GiB
+    PYTHONPATH=python python tools/bench_train.py --runs resident,streamed:3GiB:2GiB --out runs/disk  # from disk
 
-Models: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000) and Llama-3.2-1B shapes
-(16 layers, 2048 wide, GQA 32/8, FFN 8192, vocab 128256, tied embeddings), random Gaussian
-weights (std 0.02) quantized by lowtune to Q4_K. Quantizing billions of weights on the CPU would
-take longer than the benchmark itself, so `--unique-layers` distinct layers are quantized and
-repeated cyclically (each layer still holds its own copy of the bytes, which is what streaming
-moves); --weights-cache keeps them on disk for the next run. The peer gets the very same weights:
+Models: Llama-2-7B shapes (32 layers, 4096 wide, FFN 11008, vocab 32000), Llama-3.2-1B shapes
+(16 layers, 2048 wide, GQA 32/8, FFN 8192, vocab 128256, tied embeddings), and Llama-2-70B and
+Llama-3-70B shapes (80 layers, 8192 wide, GQA 64/8, FFN 28672, vocab 32000 / 128256), random
+Gaussian weights (std 0.02) quantized by lowtune to Q4_K. Quantizing billions of weights on the
+CPU would take longer than the benchmark itself, so `--unique-layers` distinct layers are
+quantized and repeated cyclically (each layer still gets its own copy of the bytes where it is
+used: on the GPU, or in its own pinned host pack, which is what streaming moves);
+--weights-cache keeps them on disk for the next run. The peer gets the very same weights:
 lowtune's Q4_K blocks dequantized to bf16, then quantized by bitsandbytes to NF4 with double
 quantization, in transformers' LlamaForCausalLM (SDPA attention, gradient checkpointing,
 prepare_model_for_kbit_training), LoRA from PEFT.
@@ -21,7 +26,20 @@ prepare_model_for_kbit_training), LoRA from PEFT.
 Runs (--runs, comma-separated): resident (compiled as --compile says, CUDA graphs per
 --cuda-graphs), resident-eager (no compile, no graphs: the reference the losses are held to),
 resident-graphs (eager layers replayed from CUDA graphs, nothing compiled), streamed (at
---max-vram) or streamed:<budget> (e.g. streamed:2GiB), qlora (the peer).
+--max-vram) or streamed:<budget> (e.g. streamed:2GiB, streamed:auto), streamed:<budget>:<host RAM>
+(e.g. streamed:3GiB:2GiB: the model written as a GGUF file, out of the page cache, and the
+streamed layers beyond 2 GiB of host memory read from it as they are needed), qlora (the peer).
+A budget below the planner's minimum is reported as refused, with the minimum it gives.
+
+Budgets are the driver's count (lowtune.memory_budget): every lowtune run prepares its process
+as `lowtune finetune --max-vram` does (cuBLAS workspaces, growable allocator segments), and
+streamed runs follow their plan: AdamW's state in host memory and CUDA graphs only where it says
+so. Reported for them besides the columns below: the driver's peak over the whole run (NVML's
+count of this process, sampled every 2 ms from before CUDA starts) and over the steps, whether it
+held, torch's peak allocated and reserved, the planned tensors and driver total, the layers
+resident / streamed / read from disk, the host -> GPU rate streaming needed against the pinned
+rate measured in the peaks run, the disk's read rate, the host's peak RSS, and the losses'
+largest relative difference from the reference run (--reference).
 
 Training: LoRA r=16, alpha 16 on all seven linears of every layer, AdamW lr 1e-4 (fused on CUDA,
 for every run), batch 1 x seq 2048 of UTF-8 bytes of the bundled Botchan text as token ids (so
@@ -78,6 +96,10 @@ CONFIGS = {
                       ffn_dim=11008, head_dim=128, tied=False),
     "llama32-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                        ffn_dim=8192, head_dim=64, tied=True),
+    "llama2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       ffn_dim=28672, head_dim=128, tied=False),
+    "llama3-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       ffn_dim=28672, head_dim=128, tied=False),
     "tiny": dict(vocab_size=512, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
                  head_dim=64, tied=False),
 }
@@ -88,39 +110,51 @@ HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # ---- memory probes ---------------------------------------------------------------------------
 
 class DriverMemory:
-    """Peak used GPU memory as the driver reports it (NVML), sampled in a thread."""
+    """The driver's count of this process's GPU memory (NVML through lowtune.memory_budget: what
+    nvidia-smi shows, what --max-vram bounds), sampled every 2 ms in a thread from the start of
+    the run, so placement, compilation and capture count as much as the steps. Where NVML never
+    counts this process (no per-process accounting, or a container's PID namespace), the device's
+    used memory above its reading at the start stands in (other processes' memory too)."""
 
-    def __init__(self, index: int = 0):
-        self.peak = self.base = None
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._h).used
-            self.base = self._read()
-        except Exception:  # noqa: BLE001 - NVML missing: report nothing rather than guess
-            self._read = None
+    def __init__(self):
+        from lowtune.memory_budget import NVML
+        self.nvml = NVML.open()
+        self.base = self.nvml.device_memory(0)[2] if self.nvml is not None else None
+        self.peak = self.peak_steps = None            # this process, once NVML lists it
+        self.peak_device = self.peak_device_steps = 0
+        self.in_steps = False
         self._stop = threading.Event()
 
     def start(self):
-        if self._read is None:
+        if self.nvml is None:
             return self
-        self.peak = self._read()
 
         def loop():
             while not self._stop.is_set():
-                self.peak = max(self.peak, self._read())
-                time.sleep(0.005)
+                process, device = self.nvml.process_used(), self.nvml.device_memory(0)[2] - self.base
+                self.peak_device = max(self.peak_device, device)
+                if process is not None:
+                    self.peak = max(self.peak or 0, process)
+                if self.in_steps:
+                    self.peak_device_steps = max(self.peak_device_steps, device)
+                    if process is not None:
+                        self.peak_steps = max(self.peak_steps or 0, process)
+                time.sleep(0.002)
         self._t = threading.Thread(target=loop, daemon=True)
         self._t.start()
         return self
 
-    def stop(self) -> int | None:
-        if self._read is None:
-            return None
+    def stop(self) -> dict:
+        if self.nvml is None:
+            return {}
         self._stop.set()
         self._t.join()
-        return self.peak - self.base
+        if self.peak is not None:
+            return {"driver_peak": self.peak, "driver_peak_steps": self.peak_steps,
+                    "driver_peak_device": self.peak_device, "driver_count": "NVML, this process"}
+        return {"driver_peak": self.peak_device, "driver_peak_steps": self.peak_device_steps,
+                "driver_peak_device": self.peak_device,
+                "driver_count": "NVML, the device's used memory less its reading at the start"}
 
 
 class AllocatedTrace:
@@ -192,25 +226,54 @@ def make_weights(cfg: dict, qtype: str, unique: int, seed: int, device: str, cac
                         "layers": [{n: pack(t) for n, t in layer.items()} for layer in layers]}, path)
     w = dict(top, **{"output_norm.weight": torch.ones(d)})
     for i in range(cfg["n_layers"]):
+        # repeated layers share the unique layers' host bytes: each still gets a copy of its own
+        # where it is used (the GPU for resident layers, its own pinned pack for streamed ones)
         src = layers[i % len(layers)]
         for n in shapes:
-            w[f"blk.{i}.{n}.weight"] = src[n] if i < len(layers) else src[n].clone()
+            w[f"blk.{i}.{n}.weight"] = src[n]
         w[f"blk.{i}.attn_norm.weight"] = torch.ones(d)
         w[f"blk.{i}.ffn_norm.weight"] = torch.ones(d)
     return w
 
 
-def lowtune_model(args, cfg, weights):
+def add_lora(args, model):
     from lowtune import adapters
-    from lowtune.model import Model, ModelConfig
-    shape = {k: v for k, v in cfg.items() if k != "tied"}
-    c = ModelConfig(**shape, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = Model(c, weights, dtype)
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank,
                                                           alpha=args.rank, seed=args.seed))
     adapters.mark_only_adapters_trainable(model)
     return model
+
+
+def lowtune_model(args, cfg, weights):
+    from lowtune.model import Model, ModelConfig
+    shape = {k: v for k, v in cfg.items() if k != "tied"}
+    c = ModelConfig(**shape, rope_dim=cfg["head_dim"], norm_eps=1e-5, context_length=4096)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return add_lora(args, Model(c, weights, dtype))
+
+
+def gguf_model(args, cfg, weights) -> Path:
+    """The weights as a GGUF file (written once per shape, seed and type under --gguf-dir), out of
+    the page cache, so that what is read from it comes from the disk."""
+    from lowtune.gguf_io import write_gguf
+    d = Path(args.gguf_dir or tempfile.gettempdir()) / "lowtune-bench-gguf"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{args.model}-{args.qtype}-{args.unique_layers}-{args.seed}.gguf"
+    if not path.exists():
+        md = {"general.architecture": "llama", "general.name": args.model, "llama.context_length": 4096,
+              "llama.embedding_length": cfg["dim"], "llama.block_count": cfg["n_layers"],
+              "llama.feed_forward_length": cfg["ffn_dim"], "llama.attention.head_count": cfg["n_heads"],
+              "llama.attention.head_count_kv": cfg["n_kv_heads"], "llama.rope.dimension_count": cfg["head_dim"],
+              "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+              "llama.vocab_size": cfg["vocab_size"]}
+        tmp = path.with_suffix(".tmp")
+        write_gguf(tmp, md, list(weights.items()))
+        os.replace(tmp, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return path
 
 
 def hf_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -284,13 +347,18 @@ def qlora_model(args, cfg, weights):
 
 # ---- one run (in its own process) ------------------------------------------------------------------
 
-def parse_run(run: str, args) -> tuple[str, str | None]:
-    """'streamed:2GiB' -> ('streamed', '2GiB'); 'streamed' -> ('streamed', --max-vram)."""
-    kind, _, budget = run.partition(":")
+def parse_run(run: str, args) -> tuple[str, str | None, str | None]:
+    """'streamed:2GiB' -> ('streamed', '2GiB', None); 'streamed:3GiB:2GiB' -> ('streamed', '3GiB',
+    '2GiB'): at most 2 GiB of host memory, the other layers read from a GGUF file on disk;
+    'streamed' -> ('streamed', --max-vram, None)."""
+    kind, _, rest = run.partition(":")
     if kind not in ("resident", "resident-eager", "resident-graphs", "streamed", "qlora"):
         raise SystemExit(f"unknown run {run!r}: resident, resident-eager, resident-graphs, "
-                         "streamed[:budget], qlora")
-    return kind, (budget or args.max_vram) if kind == "streamed" else None
+                         "streamed[:budget[:host_ram]], qlora")
+    if kind != "streamed":
+        return kind, None, None
+    budget, _, host = rest.partition(":")
+    return kind, budget or args.max_vram, host or None
 
 
 def measure_peaks() -> dict:
@@ -317,8 +385,11 @@ def measure_peaks() -> dict:
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     cp = best(lambda: dst.copy_(src))
+    del dst
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    h2d = best(lambda: src[:host.numel()].copy_(host, non_blocking=True), reps=5)
     return {"bf16_flops": 2 * n ** 3 / mm, "hbm_bytes_per_s": 2 * src.numel() / cp,
-            "device": torch.cuda.get_device_name()}
+            "h2d_bytes_per_s": host.numel() / h2d, "device": torch.cuda.get_device_name()}
 
 
 def step_work(cfg: dict, tokens: int, seq: int, rank: int, layer_bytes: int, head_bytes: int) -> dict:
@@ -361,43 +432,66 @@ def run_one(args) -> dict:
     dev = args.device
     if args.run == "peaks":
         return measure_peaks()
-    kind, budget = parse_run(args.run, args)
-    driver = DriverMemory() if dev == "cuda" else None
+    kind, budget, host_ram = parse_run(args.run, args)
+    if dev == "cuda" and kind != "qlora":
+        from lowtune.memory_budget import prepare_process
+        prepare_process()            # before CUDA starts, as `lowtune finetune --max-vram` does
+    driver = DriverMemory().start() if dev == "cuda" else None
+    rss = PeakRSS().__enter__()
     torch.manual_seed(args.seed)
     t_build = time.perf_counter()
     weights = make_weights(cfg, args.qtype, args.unique_layers, args.seed, dev, args.weights_cache)
+    if dev == "cuda":
+        torch.cuda.empty_cache()     # the random weights were drawn on the GPU
     plan = setup = None
     layer_bytes = sum(t.nbytes for n, t in weights.items() if n.startswith("blk.") and hasattr(t, "raw"))
     head_bytes = weights["token_embd.weight"].nbytes if cfg["tied"] else weights["output.weight"].nbytes
+    mode = "off" if kind in ("resident-eager", "resident-graphs") else args.compile
+    graphs = kind != "resident-eager" and dev == "cuda" and args.cuda_graphs == "on"
+    out = {"run": args.run, "kind": kind, "model": args.model}
     if kind == "qlora":
         model = qlora_model(args, cfg, weights)
         loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     else:
-        model = lowtune_model(args, cfg, weights)
+        source = None
+        if host_ram is not None:                 # the model as a file on disk, read as needed
+            from lowtune import load_model
+            source = gguf_model(args, cfg, weights)
+            del weights
+            model = add_lora(args, load_model(source, device="cpu",
+                                              dtype=torch.bfloat16 if dev == "cuda" else torch.float32))
+        else:
+            model = lowtune_model(args, cfg, weights)
         if kind == "streamed":
             from lowtune.streaming import stream_model
-            from lowtune.train_config import parse_size
-            plan = stream_model(model, dev, parse_size(budget), tokens=args.seq * args.batch)
+            from lowtune.train_config import parse_size, parse_vram
+            try:
+                plan = stream_model(model, dev, parse_vram(budget), tokens=args.seq * args.batch,
+                                    cuda_graphs=graphs, host_ram=parse_size(host_ram), source=source)
+            except ValueError as e:      # below the minimum: the refusal is the result
+                out.update(budget=budget, host_ram=host_ram, refused=str(e), **(driver.stop() if driver else {}))
+                return out
             print(plan.summary(), flush=True)
+            graphs = graphs and plan.cuda_graphs
         else:
             model.to(dev)
             model.gradient_checkpointing = True
-        mode = "off" if kind in ("resident-eager", "resident-graphs") else args.compile
-        graphs = kind != "resident-eager" and dev == "cuda" and args.cuda_graphs == "on"
         if mode != "off" or graphs:
             from lowtune.compile import compile_model
             setup = compile_model(model, mode, cuda_graphs=graphs,
                                   on_event=lambda line: print(f"{args.run}: {line}", flush=True))
         loss_fn = lambda ids: model.loss(ids)  # noqa: E731
-    del weights
+    weights = None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=dev == "cuda")
+    from lowtune.host_adamw import make_adamw
+    on_host = plan is not None and plan.optimizer_on_host
+    opt = make_adamw(params, on_host, lr=args.lr, fused=dev == "cuda")
     build_s = time.perf_counter() - t_build
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        driver.start()
+        driver.in_steps = True
     model.train()
     losses, times, trace, prof_out, untimed = [], [], None, None, set()
     for step in range(args.steps):
@@ -429,13 +523,14 @@ def run_one(args) -> dict:
         if step == 0 and setup is not None:
             print(f"{args.run}: {setup.summary()}", flush=True)
     timed = [t for i, t in enumerate(times) if i >= 2 and i not in untimed] or times
-    out = {"run": args.run, "kind": kind, "model": args.model, "steps": args.steps, "seq": args.seq,
-           "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
-           "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
-           "step_ms_median": sorted(timed)[len(timed) // 2] * 1e3,
-           "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-           "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
-           "work": step_work(cfg, args.seq * args.batch, args.seq, args.rank, layer_bytes, head_bytes)}
+    step_s = sorted(timed)[len(timed) // 2]
+    out.update({"steps": args.steps, "seq": args.seq, "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
+                "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
+                "step_ms_median": step_s * 1e3, "step_s": times,
+                "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+                "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
+                "optimizer_on_host": on_host,
+                "work": step_work(cfg, args.seq * args.batch, args.seq, args.rank, layer_bytes, head_bytes)})
     if kind != "qlora":
         out["compile"] = "off" if setup is None else setup.mode
         out["cuda_graphs"] = bool(setup is not None and setup.graphs is not None)
@@ -447,17 +542,32 @@ def run_one(args) -> dict:
                 out["capture_s"] = setup.graphs.capture_s
     if prof_out is not None:
         out["profile"] = prof_out
+    rss.__exit__(None, None, None)
+    out["host_peak_rss"] = rss.peak
     if dev == "cuda":
+        from lowtune import _C
         out["max_allocated"] = torch.cuda.max_memory_allocated()
         out["max_reserved"] = torch.cuda.max_memory_reserved()
-        out["driver_peak"] = driver.stop()
+        out["extension"] = _C.cuda_memory_stats()
+        out.update(driver.stop())
         out["trace"] = trace
     if plan is not None:
         out["budget"] = budget
-        out["plan"] = {k: v for k, v in plan.to_dict().items() if k != "estimate"}
+        out["budget_bytes"] = plan.budget
+        out["host_ram"] = host_ram
+        out["plan"] = {k: v for k, v in plan.to_dict().items() if k not in ("estimate", "terms")}
+        out["plan_estimate"] = plan.estimate
+        out["plan_terms"] = plan.terms
         out["plan_total"] = plan.estimate.get("total")
+        out["plan_summary"] = plan.summary()
         s = model.streamer
-        out["streamed_gb_per_step"] = s.bytes_copied / args.steps / 1e9 if s else 0.0
+        per_step = s.bytes_copied / args.steps if s else 0.0
+        out["streamed_gb_per_step"] = per_step / 1e9
+        out["pcie_gb_per_s"] = per_step / step_s / 1e9    # the host -> GPU rate the step needed
+        if s is not None and s.ring is not None:
+            ring = s.ring.stats()
+            out["disk"] = ring
+            out["disk_gb_per_step"] = ring["bytes_read"] / args.steps / 1e9
     return out
 
 
@@ -671,37 +781,52 @@ def gib(b):
 
 
 def label(run: str) -> str:
-    kind, _, budget = run.partition(":")
+    kind, _, rest = run.partition(":")
+    budget, _, host = rest.partition(":")
+    streamed = f"lowtune, --max-vram {budget}" if budget else "lowtune, streamed"
+    if host:
+        streamed += f" --host-ram {host}"
     return {"resident": "lowtune, resident", "resident-eager": "lowtune, resident, eager",
             "resident-graphs": "lowtune, resident, CUDA graphs of eager layers",
-            "streamed": f"lowtune, --max-vram {budget}" if budget else "lowtune, streamed",
-            "qlora": "PEFT + bitsandbytes QLoRA (NF4, double quant)"}.get(kind, run)
+            "streamed": streamed, "qlora": "PEFT + bitsandbytes QLoRA (NF4, double quant)"}.get(kind, run)
+
+
+def ok(r: dict | None) -> bool:
+    return r is not None and not any(k in r for k in ("error", "skipped", "refused"))
 
 
 def loss_gap(r: dict, ref: dict | None) -> float | None:
     """Largest relative difference of r's per-step losses from ref's."""
-    if ref is None or "error" in ref or len(ref["losses"]) != len(r["losses"]):
+    if not ok(ref) or len(ref["losses"]) != len(r["losses"]):
         return None
     return max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
 
 
-def analyse(results: list[dict], peaks: dict | None) -> None:
+def analyse(results: list[dict], peaks: dict | None, reference: str | None = None) -> None:
     """Adds to each run: its GPU floor (model FLOPs at the measured matmul rate, or its bytes
-    at the measured bandwidth, whichever is larger), the floor's share of its step, and its
-    losses' largest relative difference from resident-eager's."""
-    ref = next((r for r in results if r.get("run") == "resident-eager" and "error" not in r), None)
+    at the measured bandwidth, whichever is larger), the floor's share of its step, its losses'
+    largest relative difference from resident-eager's and from the reference run's (--reference;
+    default resident-eager, else the first run that trained), and the share of the measured
+    pinned host -> GPU rate its streaming needed."""
+    eager = next((r for r in results if r.get("run") == "resident-eager" and ok(r)), None)
+    ref = next((r for r in results if r.get("run") == reference and ok(r)), None) if reference else \
+        eager or next((r for r in results if ok(r)), None)
     for r in results:
-        if "error" in r or "skipped" in r:
+        if not ok(r):
             continue
-        r["loss_gap_vs_eager"] = loss_gap(r, ref)
+        r["loss_gap_vs_eager"] = loss_gap(r, eager)
+        if ref is not None and ref is not r:
+            r["reference"] = ref["run"]
+            r["loss_gap_vs_reference"] = loss_gap(r, ref)
         if peaks and "work" in r:
             floor = max(r["work"]["flops"] / peaks["bf16_flops"], r["work"]["bytes"] / peaks["hbm_bytes_per_s"])
             r["floor_ms"] = floor * 1e3
             r["floor_fraction"] = floor * 1e3 / r["step_ms_median"]
+        if peaks and peaks.get("h2d_bytes_per_s") and r.get("pcie_gb_per_s"):
+            r["pcie_share"] = r["pcie_gb_per_s"] * 1e9 / peaks["h2d_bytes_per_s"]
 
 
 def report(results: list[dict], args) -> str:
-    ok = lambda r: r is not None and "error" not in r and "skipped" not in r  # noqa: E731
     base = next((r for r in results if r["run"] == "qlora"), None)
     res = next((r for r in results if r["run"] == "resident"), None)
     lines = ["| run | tokens/s | × QLoRA | × resident | step ms | of GPU floor | GPU busy / wall "
@@ -709,8 +834,8 @@ def report(results: list[dict], args) -> str:
              f"| loss step {args.steps} | loss Δ vs eager |", "|---|" + "---|" * 12]
     for r in results:
         if not ok(r):
-            why = r.get("error") or r.get("skipped")
-            lines.append(f"| {label(r['run'])} | {why[:120]} |" + " |" * 11)
+            why = r.get("error") or r.get("skipped") or "refused: " + r["refused"]
+            lines.append(f"| {label(r['run'])} | {why[:160]} |" + " |" * 11)
             continue
         x_q = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok(base) else "—"
         x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if ok(res) else "—"
@@ -725,6 +850,45 @@ def report(results: list[dict], args) -> str:
                      f"{r['step_ms_median']:.0f} | {floor} | {busy} | {ops} | {launches} | "
                      f"{gib(r.get('max_allocated'))} | {gib(r.get('driver_peak'))} | "
                      f"{r['loss_last']:.4f} | {gap} |")
+    return "\n".join(lines)
+
+
+def budget_report(results: list[dict], args) -> str:
+    """The budgeted runs: the budget against the driver's peak (the whole run, and its steps),
+    what torch allocated and reserved, what the plan decided, streaming's traffic against the
+    measured host -> GPU rate, the disk's rate, the share of the GPU floor and the losses against
+    the reference run."""
+    res = next((r for r in results if r["run"] == "resident" and ok(r)), None)
+    lines = ["| run | budget | driver peak GiB (steps) | holds | allocated / reserved GiB | planned GiB "
+             "(driver) | resident / streamed / from disk | AdamW state | graphs | tokens/s | × resident "
+             "| of GPU floor | PCIe GB/s (share) | disk GB/s | host RSS GiB | loss Δ vs reference |",
+             "|---|" + "---|" * 15]
+    for r in results:
+        if r.get("kind") != "streamed" and "budget" not in r:
+            continue
+        if not ok(r):
+            why = r.get("error") or r.get("skipped") or "refused: " + r.get("refused", "")
+            lines.append(f"| {label(r['run'])} | {r.get('budget') or '—'} | {why[:200]} |" + " |" * 13)
+            continue
+        plan = r.get("plan", {})
+        budget = r.get("budget_bytes")
+        peak = r.get("driver_peak")
+        holds = "—" if peak is None or budget is None else ("yes" if peak <= budget else f"NO (+{(peak - budget) / 2**20:.0f} MiB)")
+        n_disk = len(plan.get("disk_layers", []))
+        layers = f"{len(plan.get('resident', []))} / {len(plan.get('streamed', [])) - n_disk} / {n_disk}"
+        pcie = r.get("pcie_gb_per_s")
+        pcie = "—" if not pcie else f"{pcie:.1f}" + (f" ({r['pcie_share'] * 100:.0f}%)" if r.get("pcie_share") else "")
+        disk = r.get("disk", {}).get("read_gb_per_s")
+        gap = r.get("loss_gap_vs_reference")
+        gap = "—" if gap is None else f"{gap * 100:.3f}% ({r.get('reference')})"
+        x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if res else "—"
+        floor = f"{r['floor_fraction'] * 100:.0f}%" if "floor_fraction" in r else "—"
+        lines.append(
+            f"| {label(r['run'])} | {r.get('budget')} | {gib(peak)} ({gib(r.get('driver_peak_steps'))}) | {holds} | "
+            f"{gib(r.get('max_allocated'))} / {gib(r.get('max_reserved'))} | {gib(r.get('plan_total'))} "
+            f"({gib(plan.get('driver', {}).get('total'))}) | {layers} | {'host' if r.get('optimizer_on_host') else 'GPU'} | "
+            f"{'yes' if r.get('cuda_graphs') else 'no'} | {r['tokens_per_s']:.0f} | {x_r} | {floor} | {pcie} | "
+            f"{'—' if disk is None else f'{disk:.2f}'} | {gib(r.get('host_peak_rss'))} | {gap} |")
     return "\n".join(lines)
 
 
@@ -765,7 +929,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--qtype", default="Q4_K")
-    ap.add_argument("--max-vram", default="3GiB")
+    ap.add_argument("--max-vram", default="3GiB", help="streamed runs without a budget of their own")
+    ap.add_argument("--gguf-dir", help="where runs with a host-RAM limit write the model as a GGUF file "
+                    "(default: the temporary directory)")
+    ap.add_argument("--reference", help="the run the others' losses are compared with (default: "
+                    "resident-eager, else the first run that trained)")
     ap.add_argument("--unique-layers", type=int, default=4)
     ap.add_argument("--weights-cache", help="directory keeping the quantized weights between runs")
     ap.add_argument("--compile", choices=("off", "layer", "model"), default="layer",
@@ -853,11 +1021,14 @@ def main(argv=None) -> int:
     if cpu_runs:
         table = report_cpu(results, args)
     else:
-        analyse(results, peaks)
+        analyse(results, peaks, args.reference)
         table = report(results, args)
+        if any(r.get("kind") == "streamed" or "budget" in r for r in results):
+            table += "\n\nBudgets (--max-vram as the driver counts it; peaks are NVML's):\n\n" + budget_report(results, args)
     if peaks:
         head += (f"; measured peaks: bf16 matmul {peaks['bf16_flops'] / 1e12:.0f} TFLOP/s, "
-                 f"HBM {peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+                 f"HBM {peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
+                 + (f", pinned host -> GPU {peaks['h2d_bytes_per_s'] / 1e9:.1f} GB/s" if peaks.get("h2d_bytes_per_s") else ""))
     print("\n" + head + "\n\n" + table)
     if out:
         (out / "results.json").write_text(json.dumps({"header": head, "peaks": peaks, "results": results}, indent=1))

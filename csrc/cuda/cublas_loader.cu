@@ -1,10 +1,18 @@
 // cuBLAS, opened at run time with dlopen: the extension never links it, so it builds and imports
 // where no cuBLAS is installed. Where PyTorch is loaded, its libcublas is already in the process
-// and dlopen finds it by name. Only three functions are used; their C ABI has been stable since
+// and dlopen finds it by name. Only four functions are used; their C ABI has been stable since
 // CUDA 11 (enums are plain ints, values from cublas_api.h / library_types.h).
+//
+// Workspace: each stream gets one of LOWTUNE_CUBLAS_WORKSPACE_MB (default 8, 0 = none), set on the
+// handle before every call (cublasSetStream resets it). Without it cuBLAS allocates its own, from
+// the stream (cudaMallocAsync since CUDA 12.2): inside a captured graph that becomes the graph's own
+// memory, so memory would grow with every graph captured, outside any budget's accounting.
+#include <cstdlib>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common.cuh"
 #include "internal.h"
@@ -12,6 +20,7 @@
 #if defined(_WIN32)
 namespace lowtune::cuda {
 bool cublas_available() { return false; }
+void cublas_workspace_stats(int64_t* bytes, int64_t* count) { *bytes = 0; *count = 0; }
 void cublas_gemm(bool, bool, int, int, int, const void*, int, const void*, int, void*, int, int, cudaStream_t) {
   throw std::runtime_error("cuBLAS loading is not implemented on Windows");
 }
@@ -30,6 +39,7 @@ constexpr int kMaxDevices = 64;
 using Handle = void*;
 using CreateFn = int (*)(Handle*);
 using SetStreamFn = int (*)(Handle, cudaStream_t);
+using SetWorkspaceFn = int (*)(Handle, void*, size_t);
 using GemmExFn = int (*)(Handle, int, int, int, int, int, const void*, const void*, int, int, const void*, int,
                          int, const void*, void*, int, int, int, int);
 
@@ -38,8 +48,11 @@ struct Cublas {
   bool tried = false;
   CreateFn create = nullptr;
   SetStreamFn set_stream = nullptr;
+  SetWorkspaceFn set_workspace = nullptr;  // absent from very old cuBLAS: then its own workspace
   GemmExFn gemm = nullptr;
   Handle handles[kMaxDevices] = {};
+  std::map<std::pair<int, cudaStream_t>, std::pair<void*, size_t>> workspaces;  // never freed
+  int64_t workspace_bytes = 0;
 
   bool load() {  // with mu held
     if (tried) return gemm != nullptr;
@@ -54,8 +67,9 @@ struct Cublas {
       create = reinterpret_cast<CreateFn>(sym("cublasCreate_v2", "cublasCreate"));
       set_stream = reinterpret_cast<SetStreamFn>(sym("cublasSetStream_v2", "cublasSetStream"));
       gemm = reinterpret_cast<GemmExFn>(dlsym(lib, "cublasGemmEx"));
+      set_workspace = reinterpret_cast<SetWorkspaceFn>(sym("cublasSetWorkspace_v2", "cublasSetWorkspace"));
       if (create && set_stream && gemm) return true;
-      create = nullptr; set_stream = nullptr; gemm = nullptr;
+      create = nullptr; set_stream = nullptr; gemm = nullptr; set_workspace = nullptr;
     }
     return false;
   }
@@ -70,7 +84,31 @@ void check(int status, const char* what) {
   if (status != 0) throw std::runtime_error(std::string("cuBLAS ") + what + " failed with status " + std::to_string(status));
 }
 
+size_t workspace_size() {
+  const char* s = std::getenv("LOWTUNE_CUBLAS_WORKSPACE_MB");
+  const long long mb = (s && *s) ? std::atoll(s) : 8;
+  return mb > 0 ? (size_t)mb << 20 : 0;
+}
+
+// The workspace of (device, stream), made on first use (with mu held), also while the stream is
+// being captured; the memory stays for the life of the process.
+std::pair<void*, size_t> workspace(Cublas& c, int dev, cudaStream_t stream) {
+  auto it = c.workspaces.find({dev, stream});
+  if (it != c.workspaces.end()) return it->second;
+  const size_t size = workspace_size();
+  void* p = size ? device_malloc(size) : nullptr;
+  c.workspace_bytes += (int64_t)size;
+  return c.workspaces[{dev, stream}] = {p, size};
+}
+
 }  // namespace
+
+void cublas_workspace_stats(int64_t* bytes, int64_t* count) {
+  Cublas& c = cublas();
+  std::lock_guard<std::mutex> lock(c.mu);
+  *bytes = c.workspace_bytes;
+  *count = (int64_t)c.workspaces.size();
+}
 
 bool cublas_available() {
   Cublas& c = cublas();
@@ -88,6 +126,10 @@ void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a,
   if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("device index out of range");
   if (!c.handles[dev]) check(c.create(&c.handles[dev]), "cublasCreate");
   check(c.set_stream(c.handles[dev], stream), "cublasSetStream");
+  if (c.set_workspace) {
+    const auto ws = workspace(c, dev, stream);
+    check(c.set_workspace(c.handles[dev], ws.first, ws.second), "cublasSetWorkspace");
+  }
   const float one = 1.0f, zero = 0.0f;
   check(c.gemm(c.handles[dev], trans_a ? kOpT : kOpN, trans_b ? kOpT : kOpN, m, n, k, &one, a, data_type, lda, b,
                data_type, ldb, &zero, c_out, data_type, ldc, kCompute32F, kGemmDefault),

@@ -11,17 +11,22 @@ namespace lowtune::cuda {
 // Number of multiprocessors of the current device (cached).
 int sm_count();
 
-// Stream-ordered scratch memory (a memory pool of our own; the device's default pool while the
-// stream is being captured into a graph). Freed in stream order, so reuse is safe.
+// Scratch memory: stream-ordered from a memory pool of our own; while the stream is being
+// captured into a graph, from an arena every graph shares (qmatmul_cuda.cu says why). Freed in
+// stream order, so reuse is safe.
 void* scratch_alloc(size_t bytes, cudaStream_t stream);
 void scratch_free(void* p, cudaStream_t stream);
+
+// cudaMalloc, also while this thread captures a stream: the thread's capture mode is relaxed for
+// the call (as PyTorch's allocator does), since cudaMalloc is refused in the stricter modes.
+void* device_malloc(size_t bytes);
 
 // Owns a scratch allocation for one call; freed in stream order when it goes out of scope.
 class ScratchBuffer {
  public:
   ScratchBuffer(size_t bytes, cudaStream_t stream)
       : stream_(stream), ptr_(bytes ? scratch_alloc(bytes, stream) : nullptr) {}
-  ~ScratchBuffer() { if (ptr_) cudaFreeAsync(ptr_, stream_); }
+  ~ScratchBuffer() { if (ptr_) scratch_free(ptr_, stream_); }
   ScratchBuffer(const ScratchBuffer&) = delete;
   ScratchBuffer& operator=(const ScratchBuffer&) = delete;
   template <class X> X* as() const { return static_cast<X*>(ptr_); }
@@ -58,7 +63,11 @@ void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void*
 
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
+// Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB
+// (default 8), set explicitly: left to itself, cuBLAS allocates a workspace inside every captured
+// graph. Their total bytes and count:
 bool cublas_available();
+void cublas_workspace_stats(int64_t* bytes, int64_t* count);
 void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
                  void* c, int ldc, int data_type, cudaStream_t stream);
 

@@ -13,17 +13,26 @@
 // A packed weight that does not start 16-byte aligned is first copied to an aligned scratch
 // buffer; activations that are not aligned skip the staged kernels.
 //
-// Tuning knobs of the cublas path, read on every call (so a benchmark can sweep them):
-//   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
-//   LOWTUNE_CUDA_CHUNK_MIN    fewest rows or columns per chunk (default 1024: enough output tiles
-//                             for cuBLAS to fill the GPU; rounded to 128)
-//   LOWTUNE_CUDA_SCRATCH_MB   cap on all chunk buffers together in MiB (default 128)
-//   LOWTUNE_CUDA_OVERLAP      0: one buffer, dequantize and multiply in turn on the caller's stream
+// The cublas path's chunks follow cuda_policy::plan_chunks, whose knobs (LOWTUNE_CUDA_CHUNK_MB,
+// _CHUNK_MIN, _SCRATCH_MB, _OVERLAP) are read on every call, so a benchmark can sweep them.
+//
+// Scratch memory (scratch_alloc) is the extension's own, outside PyTorch's allocator:
+//   outside graph capture  stream-ordered allocations from a memory pool of our own, which keeps
+//                          freed memory up to LOWTUNE_CUDA_SCRATCH_KEEP_MB (default 512, read
+//                          when the pool is made) for the next call;
+//   during graph capture   a stack in one arena per device of cudaMalloc'd blocks that every
+//                          captured graph shares. (Stream-ordered allocations would become the
+//                          graph's own allocation nodes, each graph holding its memory: memory
+//                          would grow with the number of graphs.) Graphs sharing the arena must
+//                          not run concurrently: lowtune's layer graphs replay one after another
+//                          on the compute stream.
+// memory_stats() says what each holds; lowtune.memory_budget counts it against the GPU budget.
 #include <climits>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../block_math.h"
 #include "../cuda_policy.h"
@@ -49,11 +58,9 @@ int current_device() {
   return dev;
 }
 
+using cuda_policy::ChunkPlan;
 using cuda_policy::env_int;
-int64_t scratch_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
-int64_t chunk_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MB", 16), 1) << 20; }
-bool overlap_chunks() { return env_int("LOWTUNE_CUDA_OVERLAP", 1) != 0; }
-int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MIN", 1024) / 128 * 128, 128); }
+using cuda_policy::plan_chunks;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -78,10 +85,50 @@ cudaMemPool_t scratch_pool() {
     props.location.type = cudaMemLocationTypeDevice;
     props.location.id = dev;
     LT_CUDA_CHECK(cudaMemPoolCreate(&pools[dev], &props));
-    uint64_t keep = 512ull << 20;  // keep freed scratch (up to 512 MiB) for the next call
+    // keep freed scratch for the next call, up to this much (released at synchronisations)
+    uint64_t keep = (uint64_t)std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_KEEP_MB", 512), 0) << 20;
     LT_CUDA_CHECK(cudaMemPoolSetAttribute(pools[dev], cudaMemPoolAttrReleaseThreshold, &keep));
   }
   return pools[dev];
+}
+
+// Scratch while a stream is being captured: a stack (allocations are freed in reverse order, as
+// ScratchBuffers go out of scope) in blocks that are never freed, shared by every graph.
+struct CaptureArena {
+  struct Block { char* base; size_t size; };
+  struct Live { size_t block, offset, size; char* ptr; };
+  std::mutex mu;
+  std::vector<Block> blocks;
+  std::vector<Live> live;
+  size_t reserved = 0;
+
+  void* alloc(size_t bytes) {
+    bytes = (bytes + 255) / 256 * 256;
+    std::lock_guard<std::mutex> lock(mu);
+    size_t b = 0, off = 0;  // just above the newest live allocation
+    if (!live.empty()) { b = live.back().block; off = live.back().offset + live.back().size; }
+    while (b < blocks.size() && off + bytes > blocks[b].size) { ++b; off = 0; }
+    if (b == blocks.size()) {
+      const size_t size = std::max<size_t>(bytes, 32ull << 20);
+      char* base = static_cast<char*>(device_malloc(size));
+      blocks.push_back({base, size});
+      reserved += size;
+      off = 0;
+    }
+    live.push_back({b, off, bytes, blocks[b].base + off});
+    return live.back().ptr;
+  }
+  bool free(void* p) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = live.size(); i-- > 0;) {
+      if (live[i].ptr == p) { live.erase(live.begin() + (long)i); return true; }
+    }
+    return false;
+  }
+};
+CaptureArena& capture_arena() {
+  static CaptureArena* arenas = new CaptureArena[kMaxDevices];  // never destroyed: graphs may outlive statics
+  return arenas[current_device()];
 }
 
 // The packed weight at a 16-byte aligned address: the pointer itself, or an aligned copy.
@@ -170,22 +217,6 @@ void pipeline_chunks(int64_t chunks, bool overlap, cudaStream_t stream, Produce 
   // The caller's stream has waited for the side stream's last work (the last chunk's ready).
 }
 
-// How many rows (forward) or columns (input grad) of W one chunk holds, and whether two buffers
-// alternate: chunk_bytes() of scratch, at least chunk_min() (a multiple of 128), at most all of
-// them; the buffers together hold at most scratch_bytes() unless chunk_min() needs more.
-struct ChunkPlan {
-  int64_t size, chunks;
-  bool overlap;
-};
-ChunkPlan plan_chunks(int64_t total, int64_t other, int es) {
-  const bool overlap = overlap_chunks();
-  const int64_t budget = std::min(chunk_bytes(), scratch_bytes() / (overlap ? 2 : 1));
-  int64_t size = budget / (other * es) / 128 * 128;
-  size = std::min(std::max<int64_t>(size, chunk_min()), total);
-  const int64_t chunks = (total + size - 1) / size;
-  return {size, chunks, overlap && chunks > 1};
-}
-
 // Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows.
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
@@ -246,17 +277,56 @@ int sm_count() {
   return counts[dev];
 }
 
-void* scratch_alloc(size_t bytes, cudaStream_t stream) {
+void* device_malloc(size_t bytes) {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));  // back to what it was
+  LT_CUDA_CHECK(err);
+  return p;
+}
+
+void* scratch_alloc(size_t bytes, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   LT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture == cudaStreamCaptureStatusActive) LT_CUDA_CHECK(cudaMallocAsync(&p, bytes, stream));
-  else LT_CUDA_CHECK(cudaMallocFromPoolAsync(&p, bytes, scratch_pool(), stream));
+  if (capture == cudaStreamCaptureStatusActive) return capture_arena().alloc(bytes);
+  void* p = nullptr;
+  LT_CUDA_CHECK(cudaMallocFromPoolAsync(&p, bytes, scratch_pool(), stream));
   return p;
 }
 
 void scratch_free(void* p, cudaStream_t stream) {
-  if (p) LT_CUDA_CHECK(cudaFreeAsync(p, stream));
+  if (p && !capture_arena().free(p)) LT_CUDA_CHECK(cudaFreeAsync(p, stream));
+}
+
+void scratch_reserve(int64_t bytes, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaMemPool_t pool = scratch_pool();
+  LT_CUDA_CHECK(cudaStreamSynchronize(s));
+  LT_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));  // what earlier products left, in pieces
+  if (bytes <= 0) return;
+  void* p = nullptr;
+  LT_CUDA_CHECK(cudaMallocFromPoolAsync(&p, (size_t)bytes, pool, s));
+  LT_CUDA_CHECK(cudaFreeAsync(p, s));
+  LT_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+MemoryStats memory_stats() {
+  MemoryStats s;
+  uint64_t v = 0;
+  cudaMemPool_t pool = scratch_pool();
+  LT_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &v));
+  s.scratch_pool_reserved = (int64_t)v;
+  LT_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &v));
+  s.scratch_pool_reserved_high = (int64_t)v;
+  {
+    CaptureArena& a = capture_arena();
+    std::lock_guard<std::mutex> lock(a.mu);
+    s.capture_arena_reserved = (int64_t)a.reserved;
+  }
+  cublas_workspace_stats(&s.cublas_workspace_bytes, &s.cublas_workspaces);
+  return s;
 }
 
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k, void* stream) {

@@ -22,6 +22,7 @@ from .failures import TrainingError
 from .finetune_cli import config_from_args, resumed_config
 from .generate import GenerationStats, generate_text
 from .loading import activation_dtype, describe, load, pick_device
+from .memory_budget import prepare_process
 from .progress import Progress
 from .quantize_model import quantize_model
 from .train_config import parse_size
@@ -152,9 +153,8 @@ def quantize(args: argparse.Namespace) -> int:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    if getattr(args, "max_vram", None) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        # under a budget, growable segments keep the driver's view near what torch allocates
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if getattr(args, "max_vram", None):
+        prepare_process()   # before CUDA starts: allocator and workspace settings the budget counts
     try:
         if args.resume:
             Trainer(resumed_config(args, lambda s: print(s, file=sys.stderr))).run(resume=True)

@@ -232,6 +232,9 @@ class LayerGraphs:
         self.uncaptured: set[str] = set()
         self.parts: dict[int, _LayerParts] = {}
         self.failed: str | None = None      # why capture failed, when it did
+        # one warm-up stream for every capture: each stream that multiplies holds cuBLAS
+        # workspaces for good (lowtune.memory_budget counts three: compute, warm-up, capture)
+        self.warmup_stream = None
 
     def summary(self) -> str:
         s = f"CUDA graphs: {len(self.graphs)} captured in {self.capture_s:.1f} s, {self.replays} replays"
@@ -304,7 +307,9 @@ class LayerGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         enabled, dtype = _autocast()
         cur = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        if self.warmup_stream is None:
+            self.warmup_stream = torch.cuda.Stream(self.device)
+        side = self.warmup_stream
         side.wait_stream(cur)
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             with torch.cuda.stream(side):

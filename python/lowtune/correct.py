@@ -59,6 +59,7 @@ from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
 from .dtypes import torch_dtype
 from .failures import existing_run
 from .loading import activation_dtype, load_model, pick_device
+from .memory_budget import DeviceBudget
 from .qtensor import QTensor
 from .quantize_model import model_bits
 from .rundir import ADAPTER, RunDir
@@ -357,10 +358,13 @@ def _stream_pair(student, teacher, device, tdev, budget: int, tokens: int, log) 
     # non-layer weights, two layer slots, one layer's forward activations and its hidden
     need = e["fixed"] + 2 * max(e["layers"]) + e["working"] // 2 + e["checkpoint"]
     info["teacher"] = stream_model(teacher, tdev, streamed=list(range(len(teacher.layers)))).to_dict()
+    if budget == "auto":   # the free memory less a margin, before the student is placed
+        budget = DeviceBudget.measure(device, "auto").budget
     if tdev == device:
         budget -= need
     log(f"teacher: every layer streamed, about {need / 2**20:.0f} MiB on {tdev}")
-    plan = stream_model(student, device, budget, tokens=tokens)
+    # (the distillation trainer keeps AdamW's state on the GPU: the plan must count it there)
+    plan = stream_model(student, device, budget, tokens=tokens, host_optimizer=False)
     log("student: " + plan.summary())
     info["student"] = plan.to_dict()
     return info

@@ -83,8 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for initialisation, dropout and data order (default 42)")
     p.add_argument("--type", help="quantization type for a safetensors MODEL (default Q4_K, "
                    "Q4_1 where rows are not a multiple of 256)")
-    p.add_argument("--max-vram", help="GPU memory budget, e.g. 6GB: layers beyond it stream "
-                   "from host memory")
+    p.add_argument("--max-vram", help="GPU memory budget as the driver counts it (nvidia-smi), e.g. "
+                   "6GB, or auto (the free memory less a margin): layers beyond it stream from host memory")
+    p.add_argument("--host-ram", help="host memory for streamed layers, e.g. 16GB: those beyond it are "
+                   "read from the GGUF file whenever they are needed")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"],
                    help="recompute each layer in the backward pass instead of keeping its "

@@ -353,7 +353,9 @@ def load_for_training(cfg: TrainConfig, device: torch.device, say=print) -> tupl
                        qtype=cfg.qtype, base_adapter=cfg.base_adapter, force=cfg.force)
     cfg.extra["adapter"] = apply_train_adapter(model, cfg)
     if streams:
-        plan = stream_model(model, device, cfg.max_vram, tokens=cfg.seq_len * cfg.batch)
+        gguf = Path(cfg.model).is_file() and not _is_hf(cfg.model)
+        plan = stream_model(model, device, cfg.max_vram, tokens=cfg.seq_len * cfg.batch,
+                            host_ram=cfg.host_ram, source=cfg.model if gguf else None)
         cfg.extra["streaming"] = plan.to_dict()
         say(plan.summary())
     return model, load_tokenizer(model.metadata)

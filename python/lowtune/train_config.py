@@ -26,7 +26,7 @@ CONFIG_FILE = "config.json"  # in a run directory: {"train": TrainConfig, "lowtu
 # `batch` (per rank) may change with the number of torchrun ranks as long as ranks x batch
 # stays the same (the trainer checks it).
 RESUME_OVERRIDES = ("lr", "clip", "steps", "eval_every", "save_every", "keep_checkpoints",
-                    "max_vram", "device", "gradient_checkpointing", "warmup", "schedule", "batch",
+                    "max_vram", "host_ram", "device", "gradient_checkpointing", "warmup", "schedule", "batch",
                     "compile", "cuda_graphs")
 
 # LREC (lowtune correct), as the official lrec.py: r = 32, α = 128 (scale 4), lr 3e-4, and its
@@ -45,6 +45,13 @@ def parse_size(text: str | int | None) -> int | None:
     if not m:
         raise ValueError(f"cannot read the size {text!r}; write it like 6GB or 800MB")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def parse_vram(text: str | int | None) -> int | str | None:
+    """A GPU budget: a size (parse_size), or "auto" (the GPU's free memory less a margin)."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    return parse_size(text)
 
 
 @dataclass
@@ -77,7 +84,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 42
     qtype: str | None = None        # quantization type for a safetensors model (--type)
-    max_vram: int | None = None     # bytes (or "6GB"); the model streams layers to stay under it
+    max_vram: int | str | None = None  # bytes (or "6GB", "auto"), as the driver counts them; layers stream to stay under it
+    host_ram: int | None = None     # bytes (or "2GB") of host memory for streamed layers; the rest are read from the file
     strict: bool = False            # stop at the first bad data record
     allow_binary: bool = False      # train on data that does not look like text
     train_on_prompt: bool = False   # loss on prompts too (instruction/chat data)
@@ -93,7 +101,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.method = canonical_method(self.method)
-        self.max_vram = parse_size(self.max_vram)
+        self.max_vram = parse_vram(self.max_vram)
+        self.host_ram = parse_size(self.host_ram)
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -142,7 +151,7 @@ class TrainConfig:
             if k not in RESUME_OVERRIDES:
                 raise ValueError(f"{k} cannot change when resuming (it would change the data or the "
                                  f"model); allowed: {', '.join(RESUME_OVERRIDES)}")
-            setattr(self, k, parse_size(v) if k == "max_vram" else v)
+            setattr(self, k, parse_vram(v) if k == "max_vram" else parse_size(v) if k == "host_ram" else v)
 
 
 def read_run_config(run_dir) -> dict | None:

@@ -43,11 +43,13 @@ from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, 
                    micro_batches_per_epoch)
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
                        changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
+from .host_adamw import make_adamw
 from .loading import load_for_training, pick_device
 from .model import Model
 from .paths import check_output_dir
 from .progress import Progress, plural
 from .rundir import RunDir, save_run_adapter
+from .streaming import optimizer_on_host
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 
@@ -364,8 +366,8 @@ class Trainer:
         params = [p for _, p in self.params]
         # one fused kernel for all parameters on CUDA; on the CPU one multi-tensor op per step
         impl = {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=cfg.weight_decay, **impl)
+        self.optimizer = make_adamw(params, optimizer_on_host(self.model), lr=cfg.lr, betas=(0.9, 0.999),
+                                    eps=1e-8, weight_decay=cfg.weight_decay, **impl)
         total, warmup, schedule = cfg.steps, cfg.warmup, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, schedule))

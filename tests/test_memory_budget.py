@@ -1,0 +1,277 @@
+"""The GPU budget in the driver's terms (lowtune.memory_budget) and the streaming planner on top of
+it: what a process sets before CUDA starts, the arithmetic of the terms, and plans that keep the
+driver's total within the budget, move AdamW's state to the host or drop CUDA graphs only when
+that is what fits, and refuse with a minimum that is itself a budget that works."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from lowtune import adapters
+from lowtune.memory_budget import MIB, DeviceBudget, attention_workspace, prepare_process, workspace_per_stream
+from lowtune.model import LlamaModel
+from lowtune.streaming import plan_streaming, stream_model
+
+from helpers import gguf_weights, tiny_config, tiny_weights
+
+
+def model(layers=6):
+    c = tiny_config(layers=layers)
+    m = LlamaModel(c, gguf_weights(c, tiny_weights(c, 0), "Q4_1"), torch.bfloat16)
+    adapters.apply_adapters(m, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=0))
+    adapters.mark_only_adapters_trainable(m)
+    return m
+
+
+def budget_for(total: int, **kw) -> DeviceBudget:
+    """A CUDA budget with small made-up terms, in proportion to the tiny model."""
+    terms = dict(context=300_000, workspaces={"torch_cublas": 20_000, "torch_cublaslt": 20_000,
+                                              "lowtune_cublas": 10_000},
+                 slack_share=0.03, slack_fixed=30_000, slack_per_stream=5_000, margin=20_000, device="cuda:0")
+    terms.update(kw)
+    return DeviceBudget(budget=int(total), **terms)
+
+
+def test_prepare_process_sets_workspaces_and_allocator_but_keeps_what_is_set():
+    env = {"LOWTUNE_CUBLAS_WORKSPACE_MB": "4"}
+    got = prepare_process(env)
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:1" and env["CUBLASLT_WORKSPACE_SIZE"] == "4096"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and got == {k: env[k] for k in got}
+    ws = workspace_per_stream(env)
+    assert ws == {"torch_cublas": 4 * MIB, "torch_cublaslt": 4 * MIB, "lowtune_cublas": 4 * MIB}
+    mine = {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    prepare_process(mine)
+    assert mine["CUBLAS_WORKSPACE_CONFIG"] == ":4096:2:16:8"           # the user's, as torch parses it
+    assert workspace_per_stream(mine)["torch_cublas"] == 4096 * 1024 * 2 + 16 * 1024 * 8
+    assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
+    # an unprepared process is counted at torch's largest defaults
+    assert workspace_per_stream({})["torch_cublas"] == 32 * MIB
+    with pytest.raises(ValueError, match="LOWTUNE_CUBLAS_WORKSPACE_MB"):
+        prepare_process({"LOWTUNE_CUBLAS_WORKSPACE_MB": "lots"})
+
+
+def test_driver_total_is_the_sum_of_its_terms_and_tensor_room_its_inverse():
+    db = budget_for(10_000_000)
+    one = db.total(4_000_000, scratch=100_000, graphs=False)
+    assert one["total"] == (4_000_000 + 300_000 + 50_000 + 100_000 + 30_000 + 5_000 + 20_000
+                            + round(0.03 * 4_000_000))
+    graphs = db.total(4_000_000, scratch=100_000, graphs=True)
+    # graphs: workspaces and slack tails of three streams, the capture arena beside the pool
+    assert graphs["total"] - one["total"] == 2 * 50_000 + 100_000 + 2 * 5_000
+    for g in (False, True):
+        room = db.tensor_room(scratch=100_000, graphs=g)
+        assert db.total(room, 100_000, g)["fits"]
+        assert not db.total(room + 1000, 100_000, g)["fits"]
+    # on the CPU the budget bounds the tensors alone
+    cpu = DeviceBudget.unmetered(5000)
+    assert cpu.total(4000)["total"] == 4000 and cpu.tensor_room() == 5000
+    assert attention_workspace(2048, 32, 128) == 2048 * 32 * (128 * 4 + 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        DeviceBudget.measure("cpu", "auto")
+
+
+def test_plans_stay_within_the_driver_budget_and_grow_with_it():
+    m = model()
+    full = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40))
+    need = full.driver["total"]
+    assert not full.streaming and not full.optimizer_on_host
+    counts = []
+    for b in range(need // 5, need + need // 10, need // 40):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, device_budget=budget_for(b))
+        except ValueError:
+            assert not counts, "a larger budget was refused after a smaller one was accepted"
+            continue
+        assert p.driver["total"] <= b and p.driver["fits"]
+        assert p.estimate["total"] == p.driver["tensors"]
+        counts.append((len(p.resident), not p.optimizer_on_host))
+    assert len(counts) > 5 and counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_refusal_gives_a_minimum_in_driver_terms_that_is_accepted():
+    m = model()
+    with pytest.raises(ValueError, match=r"at least \d+MB") as err:
+        plan_streaming(m, "cuda", 500_000, tokens=256, device_budget=budget_for(500_000))
+    msg = str(err.value)
+    assert "context" in msg and "on the driver" in msg
+    minimum = int(re.search(r"at least (\d+)MB", msg).group(1)) * MIB
+    ok = plan_streaming(m, "cuda", minimum, tokens=256, device_budget=budget_for(minimum))
+    assert ok.streaming and ok.driver["total"] <= minimum
+
+
+def test_optimizer_state_moves_to_host_only_when_that_is_what_fits(monkeypatch):
+    import lowtune.host_adamw
+    # staging chunks small against the adapters, as 32 MiB is against a 7B's 160 MB of them
+    monkeypatch.setattr(lowtune.host_adamw, "CHUNK_BYTES", 16 << 10)
+    m = model()
+    b = 1 << 40
+    lean = None
+    for b in range(2_000_000, 200_000, -20_000):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, device_budget=budget_for(b))
+        except ValueError:
+            break
+        if p.optimizer_on_host:
+            lean = (b, p)
+            break
+    assert lean is not None, "no budget made the planner move AdamW's state to the host"
+    b, p = lean
+    assert p.streaming and p.driver["total"] <= b
+    # the host state is what made it fit: with the state kept on the GPU this budget is refused
+    with pytest.raises(ValueError, match="at least"):
+        plan_streaming(m, "cuda", b, tokens=256, host_optimizer=False, device_budget=budget_for(b))
+    # the CPU has no host to move it to
+    cpu = plan_streaming(m, "cpu", 1 << 30, tokens=256, host_optimizer=True)
+    assert not cpu.optimizer_on_host
+
+
+def test_cuda_graphs_are_kept_where_their_pool_fits_and_dropped_where_not():
+    m = model()
+    big = plan_streaming(m, "cuda", 1 << 40, tokens=256, cuda_graphs=True, device_budget=budget_for(1 << 40))
+    assert big.cuda_graphs and big.estimate["graph_pool"] > 0
+    small = None
+    for b in range(big.driver["total"], 200_000, -20_000):
+        try:
+            p = plan_streaming(m, "cuda", b, tokens=256, cuda_graphs=True, device_budget=budget_for(b))
+        except ValueError:
+            break
+        if not p.cuda_graphs:
+            small = p
+            break
+    assert small is not None and small.estimate["graph_pool"] == 0 and small.driver["fits"]
+
+
+def test_a_measured_working_set_replaces_the_estimate():
+    m = model()
+    a = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40))
+    b = plan_streaming(m, "cuda", 1 << 40, tokens=256, device_budget=budget_for(1 << 40), working=12345)
+    assert b.estimate["working"] == 12345 and a.estimate["working"] != 12345
+    assert a.estimate["total"] - b.estimate["total"] == a.estimate["working"] - 12345
+
+
+def test_stream_model_on_cpu_plans_the_tensors_alone_and_says_auto_needs_cuda():
+    m = model(layers=4)
+    plan = stream_model(m, "cpu", 1 << 30, tokens=64)
+    assert not plan.streaming and plan.driver["total"] == plan.estimate["total"]
+    assert m.stream_plan is plan
+    with pytest.raises(ValueError, match="auto"):
+        stream_model(model(layers=4), "cpu", "auto", tokens=64)
+
+
+def test_the_extension_says_how_much_scratch_a_product_takes(monkeypatch):
+    from lowtune import _C
+    bf16 = 2
+    # forward of a [4096, 11008] weight at 2048 rows: chunks of 1024 rows (16 MiB asks for 640,
+    # the floor is 1024), two buffers alternating
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 1024 * 11008 * 2
+    assert _C.cuda_scratch_bytes("input_grad", 2048, 11008, 4096, bf16) == 2 * 1024 * 11008 * 2
+    assert _C.cuda_scratch_bytes("forward", 8, 4096, 11008, bf16) == 0          # small M: no scratch
+    # the planner's last resort: the floor at SMALL_CHUNK_MIN for what it estimates, then unset
+    from lowtune.streaming import SMALL_CHUNK_MIN, _chunk_min
+    with _chunk_min(True):
+        assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 640 * 11008 * 2
+        assert _C.cuda_scratch_bytes("input_grad", 2048, 32000, 4096, bf16) == 2 * SMALL_CHUNK_MIN * 32000 * 2
+    assert "LOWTUNE_CUDA_CHUNK_MIN" not in os.environ
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "256")
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 2 * 640 * 11008 * 2
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", "0")
+    assert _C.cuda_scratch_bytes("forward", 2048, 4096, 11008, bf16) == 640 * 11008 * 2   # one buffer
+    stats = _C.cuda_memory_stats()
+    assert set(stats) >= {"scratch_pool_reserved", "capture_arena_reserved", "cublas_workspace_bytes"}
+
+
+@pytest.mark.cuda
+def test_captured_graphs_share_the_extensions_scratch_and_workspace():
+    """Capturing many graphs of a product on the cublas path holds one arena and one workspace per
+    stream, not memory per graph (what made a streamed 7B's driver peak 17.55 GiB)."""
+    from lowtune import _C, ops
+    w = ops.quantize(torch.randn(4096, 4096) * 0.02, "Q4_K").to("cuda")
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    ops.qmatmul(x, w)                       # warm up outside capture
+    torch.cuda.synchronize()
+    graphs, free = [], []
+    pool = torch.cuda.graph_pool_handle()     # torch's side shared too, as lowtune.compile does
+    for i in range(12):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            ops.qmatmul(x, w)
+        graphs.append(g)
+        torch.cuda.synchronize()
+        free.append(torch.cuda.mem_get_info()[0])
+    stats = _C.cuda_memory_stats()
+    scratch = _C.cuda_scratch_bytes("forward", 2048, 4096, 4096, 2)
+    assert 0 < stats["capture_arena_reserved"] <= max(scratch, 32 << 20)
+    assert stats["cublas_workspaces"] <= 3
+    # the last ten captures took (almost) nothing more from the device
+    assert free[2] - free[-1] < 64 << 20
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_the_minimum_a_refusal_gives_holds_on_the_drivers_count():
+    """The minimum budget a refusal names, measured on this GPU, is one under which two training
+    steps keep NVML's count of this process (or the device's used memory where NVML cannot count
+    per process) within the budget."""
+    import gc
+    import threading
+    import time
+
+    from lowtune.host_adamw import make_adamw
+    from lowtune.memory_budget import NVML
+    gc.collect()
+    torch.cuda.empty_cache()
+    tokens = 2048
+    with pytest.raises(ValueError, match=r"at least \d+MB") as err:
+        stream_model(model(), "cuda", 1 << 20, tokens=tokens)
+    # (a second measurement may find a few more kernels loaded)
+    minimum = (int(re.search(r"at least (\d+)MB", str(err.value)).group(1)) + 16) << 20
+    m = model()
+    plan = stream_model(m, "cuda", minimum, tokens=tokens)
+    assert plan.driver["fits"]
+    nvml = NVML.open()
+    if nvml is not None and nvml.process_used() is not None:
+        read = nvml.process_used
+    else:
+        read = lambda: (lambda f, t: t - f)(*torch.cuda.mem_get_info())  # noqa: E731
+    peak, stop = [read()], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak.append(read())
+            time.sleep(0.002)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = make_adamw(params, plan.optimizer_on_host, lr=1e-3)
+        ids = torch.randint(0, m.config.vocab_size, (1, tokens), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(2):
+                m.loss(ids).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    finally:
+        stop.set()
+        t.join()
+    assert max(peak) <= plan.budget, (max(peak), plan.budget, plan.driver)
+
+
+def test_budgets_on_the_command_line():
+    from lowtune.cli import build_parser
+    from lowtune.finetune_cli import config_from_args
+    from lowtune.train_config import TrainConfig
+    args = build_parser().parse_args(["finetune", "m.gguf", "--data", "d.txt", "-o", "runs/x",
+                                      "--max-vram", "auto", "--host-ram", "2GiB"])
+    cfg = config_from_args(args)
+    assert cfg.max_vram == "auto" and cfg.host_ram == 2 << 30
+    cfg.apply_overrides({"max_vram": "6GB", "host_ram": "512MB"})
+    assert cfg.max_vram == 6 << 30 and cfg.host_ram == 512 << 20
+    assert TrainConfig.from_dict(cfg.to_dict()).max_vram == 6 << 30
+    with pytest.raises(ValueError, match="6GB"):
+        TrainConfig(max_vram="lots")

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# GPU budgets in the driver's terms, on one H100/H200 (issue: a budget the driver keeps, and a 70B
+# fine-tune in 6 GiB). Stages, in order (STAGES picks some; each prints its elapsed time):
+#   build      lowtune with the CUDA kernels in place (LOWTUNE_CUDA=ON, sm_90), ~3 min fresh
+#   tests      the CUDA tests of the budget, the extension's scratch and workspaces, the disk ring,
+#              host AdamW, streaming, compiled/captured layers and the kernels
+#   train_7b   tools/bench_train.py, Llama-2-7B shapes: resident (compiled + CUDA graphs, the
+#              reference), --max-vram 3GiB, 2GiB, 1536MiB (a refusal gives its minimum), 10 steps
+#   train_70b  Llama-2-70B shapes: --max-vram 8GiB (the reference) and 6GiB, eager layers, 10 steps
+#   disk       Llama-2-7B shapes from a GGUF on disk: --max-vram 3GiB --host-ram 2GiB, 10 steps
+#   llama3     Llama-3-70B shapes (vocab 128256): --max-vram 8GiB and 6GiB (not in the default set)
+#   summary    tools/gpu/vram_summary.py: every budgeted run against the targets
+# Everything shares a time budget (BUDGET_S, default 530 s): a stage that no longer fits is skipped
+# and says so. Fresh machine, everything: two calls,
+#   STAGES="build tests train_7b summary" OUT=... tools/gpu/vram.sh       (~8 min)
+#   STAGES="build train_70b disk summary" OUT=... tools/gpu/vram.sh       (~7 min; build is incremental
+#                                                                          on a warm machine)
+# Results: $OUT/<stage>.json (bench_train's raw results), $OUT/summary.md, $OUT/gpu.txt, and
+# every log in $OUT/logs.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-gpu_vram}
+mkdir -p "$out/logs"
+budget=${BUDGET_S:-530}
+start=$SECONDS
+left() { echo $((budget - (SECONDS - start))); }
+export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+tmp=${TMPDIR:-/tmp}
+weights=$tmp/lowtune-bench-weights
+stages=" ${STAGES:-build tests train_7b train_70b disk summary} "
+want() { [[ $stages == *" $1 "* ]]; }
+
+stage() {  # name, seconds it needs at least, limit, command...: output in logs/<name>.log
+  local name=$1 need=$2 limit=$3; shift 3
+  if [ "$(left)" -lt "$need" ]; then echo "== $name: skipped, $(left) s left of $budget (needs ~$need)"; return 1; fi
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  local t0=$SECONDS
+  echo "== $name (limit $limit s)"
+  timeout "$limit" "$@" >"$out/logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 30 "$out/logs/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s; $(( SECONDS - start )) s elapsed, $(left) s left"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader | tee "$out/gpu.txt"
+free -g | head -2 | tee -a "$out/gpu.txt"
+df -h "$tmp" | tail -1 | tee -a "$out/gpu.txt"
+if ! $py -c "import gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps .whl/*.whl >"$out/logs/pip.log" 2>&1 || echo "carried wheels did not install (logs/pip.log)"
+fi
+
+if want build; then
+  stage build 60 330 env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    tools/dev_build.sh || { echo "build failed: nothing else can run"; tar czf "$out/logs.tgz" -C "$out" logs; exit 1; }
+fi
+$py -c "import lowtune; print(lowtune.build_info())" | tee -a "$out/gpu.txt"
+
+if want tests; then
+  stage tests 60 180 $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
+    tests/test_memory_budget.py tests/test_disk_ring.py tests/test_host_adamw.py tests/test_streaming.py \
+    tests/test_compile.py tests/test_cuda.py
+fi
+
+bench() {  # stage name, seconds it needs at least, bench_train arguments...
+  local name=$1 need=$2; shift 2
+  local limit=$(( $(left) - 5 ))
+  stage "$name" "$need" "$limit" $py tools/bench_train.py --steps 10 --unique-layers 2 --weights-cache "$weights" \
+    --peaks "$out/peaks.json" --deadline $(( limit - 10 )) --min-run 30 --out "$tmp/vram-$name" "$@"
+  [ -f "$tmp/vram-$name/results.json" ] && cp "$tmp/vram-$name/results.json" "$out/$name.json"
+  [ -f "$tmp/vram-$name/table.md" ] && cp "$tmp/vram-$name/table.md" "$out/logs/$name.table.md"
+}
+
+want train_7b && bench train_7b 120 --model llama2-7b --reference resident \
+  --runs resident,streamed:2GiB,streamed:3GiB,streamed:1536MiB
+want train_70b && bench train_70b 150 --model llama2-70b --compile off --cuda-graphs off \
+  --reference streamed:8GiB --runs streamed:8GiB,streamed:6GiB
+want disk && bench disk 90 --model llama2-7b --gguf-dir "$tmp" --runs streamed:3GiB:2GiB
+want llama3 && bench llama3 150 --model llama3-70b --compile off --cuda-graphs off \
+  --reference streamed:8GiB --runs streamed:8GiB,streamed:6GiB
+
+if want summary; then
+  $py tools/gpu/vram_summary.py "$out" | tee "$out/summary.md"
+fi
+tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
+echo "== total $((SECONDS - start)) s"
