@@ -9,18 +9,19 @@
   than llama.cpp's IQ2_M recipe over the whole model, keep the 1-/2-bit searches to seconds.
 
 Both files are made once and kept in the assets folder. What is checked:
-* lowtune's perplexity against llama.cpp's on the same file: within 1 %. Not closer: llama.cpp's
-  CPU matmuls round the activations to 8 bits (Q8_0 for IQ4_NL, Q8_K for the others) first,
-  lowtune keeps them in fp32; on the IQ4_XS file llama.cpp's perplexity is higher by 0.7 % on the
-  window used here, 0.64 % over 4 windows of 512, 0.56 % over 12. On the F32 dequantization of
-  the same file (where llama.cpp rounds nothing) the two agree to 2e-6, and test_iquants holds the
-  dequantization of llama.cpp's blocks bit-identical to gguf-py's.
+* lowtune's perplexity against llama.cpp's on the same file: within 1.5 %, not closer, because
+  llama.cpp's CPU matmuls round the activations to 8 bits first (Q8_0 for IQ4_NL, Q8_K for the
+  other I-quants) and lowtune keeps them in fp32. Measured on the IQ4_XS file, llama.cpp higher by
+  0.95 % on the window used here, 0.7 % on another, 0.64 % over 4 windows of 512 and 0.56 % over 12;
+  on the mix 0.43 %. Where llama.cpp rounds nothing, on the F32 dequantization of the mix (every
+  I-quant type in one file), the two agree within 0.05 % (measured on the IQ4_XS file: 2e-6); and
+  test_iquants holds lowtune's dequantization of llama.cpp's blocks bit-identical to gguf-py's.
 * a short LoRA fine-tune lowers held-out perplexity; merged into the IQ4_XS file's own types
   (one rounding) it still does, in lowtune and in llama.cpp, which loads the merged file and agrees
   on the gain (within 1.5 points).
 * on the mix, the fine-tune reaches the 1-/2-/3-bit ffn_down tensors, lowers held-out perplexity,
   and the merge into their own types is refused with the reason (--type needed).
-Cost on 2 cores: about 30 s for the IQ4_XS test, 20 s for the mix (plus, once, the files).
+Cost on 2 cores: about 30 s for each test (plus, once, the two files: about 40 s).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def test_iq4_xs_fine_tune_merges_and_llamacpp_agrees(smol):
     assert types["blk.29.ffn_down.weight"] == "IQ4_XS" and types["blk.29.attn_q.weight"] == "IQ4_NL"
     base, base_lcp = lowtune_ppl(smol.iq4_xs, smol), llamacpp_ppl(smol.iq4_xs, smol)
     print(f"IQ4_XS perplexity: lowtune {base:.4f}, llama.cpp {base_lcp:.4f} ({100 * (base / base_lcp - 1):+.2f} %)")
-    assert base == pytest.approx(base_lcp, rel=1e-2)
+    assert base == pytest.approx(base_lcp, rel=1.5e-2)
 
     run = finetune(smol.iq4_xs, smol, smol.dir / "run-iq4", "26-29")
     adapted = lowtune_ppl(load_model(smol.iq4_xs, adapter=run), smol)
@@ -150,8 +151,14 @@ def test_iquant_mix_perplexity_fine_tune_and_merge_refusal(smol):
         types = {n: ti.type_name for n, ti in f.tensor_infos.items()}
     assert {types[f"blk.{i}.ffn_down.weight"] for i in MIX} == set(MIX.values())
     ours, theirs = lowtune_ppl(smol.mix, smol), llamacpp_ppl(smol.mix, smol)
-    print(f"I-quant mix perplexity: lowtune {ours:.4f}, llama.cpp {theirs:.4f} ({100 * (ours / theirs - 1):+.2f} %)")
-    assert ours == pytest.approx(theirs, rel=1e-2)
+    f32 = smol.dir / "mix-f32.gguf"   # every tensor dequantized by lowtune: nothing left for llama.cpp to round
+    export_merged_gguf(smol.mix, None, f32, qtype="F32")
+    exact = llamacpp_ppl(f32, smol)
+    f32.unlink()
+    print(f"I-quant mix perplexity: lowtune {ours:.4f}, llama.cpp {theirs:.4f} ({100 * (ours / theirs - 1):+.2f} %), "
+          f"llama.cpp on its F32 dequantization {exact:.4f} ({100 * (ours / exact - 1):+.4f} %)")
+    assert ours == pytest.approx(exact, rel=5e-4)
+    assert ours == pytest.approx(theirs, rel=1.5e-2)
 
     run = finetune(smol.mix, smol, smol.dir / "run-mix", "26-29")   # ffn_down IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S
     adapted = lowtune_ppl(load_model(smol.mix, adapter=run), smol)
