@@ -317,7 +317,7 @@ def attach_base_adapter(model: Model, path, force: bool = False) -> dict[str, Fr
 def apply_train_adapter(model, cfg: TrainConfig) -> dict:
     """Wrap the model's linears with cfg.method adapters and freeze everything else; returns the
     resolved adapter config."""
-    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed)
+    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed, merge_exact=cfg.merge_exact)
     if cfg.rank is not None:
         kw["rank"] = cfg.rank
     if cfg.alpha is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ops
+from . import merge_exact, ops
 from .formats import FORMATS, Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.kquants import _pack_scale_min_k4, _unpack_scale_min_k4
@@ -72,23 +72,20 @@ def _as_f64(delta, shape: tuple[int, int], what: str) -> np.ndarray:
 
 def merge_group_constant(qt: QTensor, delta_g) -> QTensor:
     """Add delta_g [N, K/G] (one constant per block of G = block_elems inputs) to a Q4_1, Q5_1
-    or INTb-gG weight by moving each block's fp16 min: m' = fp16(m + δ), rounded once from the
-    exact sum. Scales and codes are left byte for byte; deq(W') = deq(W) + expand(δ) up to the
-    rounding of m'. Returns a new CPU QTensor."""
+    or INTb-gG weight by moving each block's fp16 min: m' = fp16(fp32(m) + fp32(δ))
+    (lowtune.merge_exact.stored_mins, the rule merge-exact training computes with). Scales and
+    codes are left byte for byte; deq(W') = deq(W) + expand(δ) up to the rounding of m'.
+    Returns a new CPU QTensor."""
     fmt = qt.format
-    if not fmt.float_min:
+    if not merge_exact.supports(fmt):
         raise ValueError(f"{fmt.name} has no float min per block; use refit_kquant_mins (Q2_K, Q4_K, "
                          f"Q5_K) or requantize")
     n, k = qt.shape
-    delta = _as_f64(delta_g, (n, k // fmt.block_elems), "delta_g")
-    blocks = _cpu_blocks(qt)
-    m_old = blocks[:, 2:4].copy().view("<f2").astype(np.float64)[:, 0]
-    with np.errstate(over="ignore"):
-        m_new = (m_old + delta.reshape(-1)).astype("<f2")
-    if not np.isfinite(m_new).all():
+    delta = torch.from_numpy(_as_f64(delta_g, (n, k // fmt.block_elems), "delta_g").astype(np.float32))
+    out = merge_exact.shift_mins(qt.to("cpu"), delta)
+    if not torch.isfinite(merge_exact.block_mins(out)).all():
         raise ValueError(f"merged min overflows fp16 (|min + delta| > 65504) in a {fmt.name} tensor")
-    blocks[:, 2:4] = m_new.view(np.uint8).reshape(-1, 2)
-    return _wrap(blocks, fmt, qt.shape)
+    return out
 
 
 # ---- quantized mins: refit -------------------------------------------------------------------
