@@ -12,9 +12,13 @@ temporary name, then renamed: peak host memory is about one dense tensor.
 
 How each method merges (lowtune.merge does the per-tensor math):
   QA-LoRA, QA-HiRA   the update is constant on every quantization group, so on Q4_1, Q5_1 and
-                     INTb-gG bases it moves only the fp16 mins (exact up to fp16 rounding); on
-                     Q2_K/Q4_K/Q5_K the quantized mins are refitted; elsewhere re-quantized.
+                     INTb-gG bases it moves only the fp16 mins: exact bit for bit when the adapter
+                     was trained in merge-exact mode (through those fp16 roundings), else exact up
+                     to them; on Q2_K/Q4_K/Q5_K the quantized mins are refitted; elsewhere
+                     re-quantized.
   LoRA, Q-BaRA, QDyLoRA   deq(W) + ΔW re-quantized once into the tensor's own type.
+After writing, the merged GGUF is read back and every adapted weight compared with the weight the
+trained model computes with (check_merged_gguf); the report says "exact" or how far off, and why.
 Every method is also a standard LoRA (AdaptedLinear.as_lora: pooling folded into A', the scale
 and the output repeat into B'), which is what the GGUF LoRA and PEFT exports hold.
 
@@ -42,9 +46,9 @@ from .adapters import ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, read_adapte
 from .checkpoint import atomic_write, atomic_write_text
 from .dtypes import hf_name as hf_dtype_name, torch_dtype, type_of
 from .formats import get_format
-from .gguf_io import write_gguf
+from .gguf_io import GGUFFile, write_gguf
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
-from .merge import MergeInfo, dense, merge_weight
+from .merge import KQUANT_MINS, MergeInfo, WeightCheck, check_weight, dense, describe_merge, merge_weight
 from .methods import GROUP_CONSTANT
 from .qtensor import QTensor
 from .recipes import LOGICAL_TYPES_KEY, choose_type, logical_types, storage_format
@@ -166,7 +170,9 @@ def _open(model, adapter, rank, base_type, force):
 
 @dataclass
 class ExportReport:
-    """What an export wrote. tensors: {name: MergeInfo} (merged GGUF); notes: fallbacks taken."""
+    """What an export wrote. tensors: {name: MergeInfo} (merged GGUF); notes: fallbacks taken;
+    checks: {name: WeightCheck}, the merged file's adapted weights against the trained model's
+    (None when not checked)."""
     path: str
     kind: str
     method: str | None = None
@@ -175,6 +181,12 @@ class ExportReport:
     notes: list = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    checks: dict | None = None
+
+    @property
+    def exact(self) -> bool | None:
+        """Whether every adapted weight of the merged file equals the trained model's (None: unchecked)."""
+        return None if self.checks is None else all(c.exact for c in self.checks.values())
 
     def paths(self) -> Counter:
         return Counter(i.path for i in self.tensors.values())
@@ -186,18 +198,25 @@ class ExportReport:
             by = Counter((i.path, i.base_type, i.out_type) for i in self.tensors.values())
             for (path, bt, ot), c in sorted(by.items()):
                 lines.append(f"  {c:4d} x {bt} -> {ot}: {path}")
-            merged = [i for i in self.tensors.values() if i.delta_rms]
-            if merged:
+            if self.checks is not None:
+                lines.append(f"  {describe_merge(self.checks)}")
+            else:
+                merged = [i for i in self.tensors.values() if i.delta_rms]
                 rel = [i.err_rms / i.delta_rms for i in merged if i.err_rms is not None]
                 if rel:
-                    lines.append(f"  merge error / update (RMS): mean {np.mean(rel):.3g}, max {np.max(rel):.3g}")
+                    lines.append(f"  merged minus (base + update), RMS relative to the update's: mean "
+                                 f"{np.mean(rel):.3g}, max {np.max(rel):.3g} (not checked against the file)")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "method": self.method, "rank": self.rank,
-                "bytes": self.bytes, "seconds": self.seconds, "paths": dict(self.paths()),
-                "notes": list(self.notes), "tensors": {k: v.as_dict() for k, v in self.tensors.items()}}
+        d = {"path": self.path, "kind": self.kind, "method": self.method, "rank": self.rank,
+             "bytes": self.bytes, "seconds": self.seconds, "paths": dict(self.paths()),
+             "notes": list(self.notes), "tensors": {k: v.as_dict() for k, v in self.tensors.items()}}
+        if self.checks is not None:
+            d["merge"] = {"exact": self.exact, "summary": describe_merge(self.checks),
+                          "tensors": {k: v.as_dict() for k, v in self.checks.items()}}
+        return d
 
 
 def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
@@ -209,7 +228,7 @@ def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
 
 def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                        kquant_mins: str = "best", base_type=None, force: bool = False,
-                       measure: bool = True) -> ExportReport:
+                       measure: bool = True, check: bool = True) -> ExportReport:
     """Write `out`: the base with the adapter merged into every adapted weight, each tensor in
     its own quantization type (qtype: re-target every quantized tensor, with llama-quantize's
     fallbacks where the row length does not fit the blocks). adapter None converts only
@@ -217,7 +236,8 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
     with its original type; INTb-gG tensors written in their storage type are recorded in
     lowtune.logical_types. See lowtune.merge.merge_weight for the per-tensor paths. base_type:
     the type an HF directory was quantized to for training (default: the run's). force: merge an
-    adapter trained on another base (loading.check_base)."""
+    adapter trained on another base (loading.check_base). check: read the written file back and
+    compare every adapted weight with the trained model's (report.checks, report.exact)."""
     t0 = time.perf_counter()
     if qtype is not None:
         get_format(qtype)  # fail early on a bad name
@@ -257,13 +277,49 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
             md[LOGICAL_TYPES_KEY] = [f"{n}={t}" for n, t in logical.items()]
             types[LOGICAL_TYPES_KEY] = (GGUFValueType.ARRAY, GGUFValueType.STRING)
         write_gguf(out, md, tensors(), types, alignment=base.alignment)
+        checks = _check_merged(out, ad, base, infos) if check and ad is not None else None
     finally:
         base.close()
     rep = ExportReport(str(out), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
-                       _collect_notes(infos), os.path.getsize(out), time.perf_counter() - t0)
+                       _collect_notes(infos), os.path.getsize(out), time.perf_counter() - t0, checks)
     for n in rep.notes:
         log.warning("%s", n)
     return rep
+
+
+def _check_merged(path, ad: SavedAdapter, base, infos: dict[str, MergeInfo] | None = None) -> dict[str, WeightCheck]:
+    """Every adapted weight of the merged GGUF at `path`, read back, against the trained model's."""
+    checks = {}
+    with GGUFFile(path) as merged:
+        for name in ad.tensor_names:
+            if name not in merged.tensor_infos:
+                raise ValueError(f"{path} lacks {name}, which the adapter adapts: not a merge of this adapter")
+            lin = ad.adapted(name, base.qtensor(name))
+            got = merged.qtensor(name)
+            info = infos[name] if infos is not None else _merge_info_of(lin, got)
+            checks[name] = check_weight(got, lin.effective_weight(), lin.delta_weight(), info, lin.merge_exact)
+    return checks
+
+
+def _merge_info_of(lin: AdaptedLinear, merged: QTensor) -> MergeInfo:
+    """How a merged weight was most likely made, from its type, for a file merged elsewhere."""
+    base = get_format(lin.base_type)
+    path = "float" if not merged.format.quantized else "requantize"
+    if lin.method in GROUP_CONSTANT and storage_format(base) is merged.format:
+        path = "min" if base.float_min else "min-refit" if base.name in KQUANT_MINS else path
+    return MergeInfo(path, base.name, merged.type, False)
+
+
+def check_merged_gguf(merged, model, adapter, rank: int | None = None, base_type=None,
+                      force: bool = False) -> dict[str, WeightCheck]:
+    """Read the merged GGUF `merged` and compare each adapted weight with the weight the base
+    `model` plus `adapter` computes with: {tensor name: WeightCheck}; merge.describe_merge(checks)
+    says it in words. export_merged_gguf does this after writing."""
+    ad, base = _open(model, adapter, rank, base_type, force)
+    try:
+        return _check_merged(merged, ad, base)
+    finally:
+        base.close()
 
 
 # ---- GGUF LoRA -------------------------------------------------------------------------------------
@@ -440,9 +496,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             if len(ti.shape) < 2:
                 return base.tensor(name).to(torch.float32).reshape(ti.shape).to(tdt)
             qt = base.qtensor(name)
-            w = dense(qt)
-            if ad is not None and name in ad.modules:
-                w += ad.adapted(name, qt).delta_weight()
+            w = ad.adapted(name, qt).effective_weight() if ad is not None and name in ad.modules else dense(qt)
             return hf_names.to_hf_rows(name, w, md).reshape(ti.shape).to(tdt)
 
         d = Path(out_dir)
@@ -465,5 +519,5 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                         time.perf_counter() - t0)
 
 
-__all__ = ["ExportReport", "SavedAdapter", "export_hf", "export_lora_gguf", "export_merged_gguf", "export_peft",
-           "gguf_name_of_module", "write_hf_tokenizer"]
+__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "export_hf", "export_lora_gguf", "export_merged_gguf",
+           "export_peft", "gguf_name_of_module", "write_hf_tokenizer"]
