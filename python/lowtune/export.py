@@ -172,7 +172,7 @@ def _open(model, adapter, rank, base_type, force):
 class ExportReport:
     """What an export wrote. tensors: {name: MergeInfo} (merged GGUF); notes: fallbacks taken;
     checks: {name: WeightCheck}, the merged file's adapted weights against the trained model's
-    (None when not checked)."""
+    (None when not checked); perplexity: compare_perplexity's result, when asked for."""
     path: str
     kind: str
     method: str | None = None
@@ -182,6 +182,7 @@ class ExportReport:
     bytes: int = 0
     seconds: float = 0.0
     checks: dict | None = None
+    perplexity: dict | None = None  # compare_perplexity's result, when asked for
 
     @property
     def exact(self) -> bool | None:
@@ -213,6 +214,8 @@ class ExportReport:
         d = {"path": self.path, "kind": self.kind, "method": self.method, "rank": self.rank,
              "bytes": self.bytes, "seconds": self.seconds, "paths": dict(self.paths()),
              "notes": list(self.notes), "tensors": {k: v.as_dict() for k, v in self.tensors.items()}}
+        if self.perplexity is not None:
+            d["perplexity"] = dict(self.perplexity)
         if self.checks is not None:
             d["merge"] = {"exact": self.exact, "summary": describe_merge(self.checks),
                           "tensors": {k: v.as_dict() for k, v in self.checks.items()}}
@@ -320,6 +323,32 @@ def check_merged_gguf(merged, model, adapter, rank: int | None = None, base_type
         return _check_merged(merged, ad, base)
     finally:
         base.close()
+
+
+def compare_perplexity(model, adapter, merged, text: str, ctx: int = 512, chunks: int | None = None,
+                       rank: int | None = None, base_type=None, force: bool = False, device="cpu") -> dict:
+    """Perplexity of `text` under the base plus the adapter (unmerged) and under the merged GGUF,
+    fp32 activations on `device`, windows of min(ctx, the model's context) tokens (at most
+    `chunks`): {"unmerged", "merged", "relative" (merged / unmerged − 1), "tokens", "ctx"}."""
+    from .evaluate import perplexity
+    from .loading import load, load_model
+
+    plain, tok = load(model, device=device, qtype=hf_qtype(model, adapter, base_type), adapter=adapter,
+                      rank=rank, force=force)
+    ctx = min(int(ctx), plain.config.context_length)
+    ids = tok.encode(text, add_bos=False)
+    unmerged = perplexity(plain, ids, ctx=ctx, chunks=chunks)
+    del plain
+    got = perplexity(load_model(merged, device=device), ids, ctx=ctx, chunks=chunks)
+    return {"unmerged": unmerged["perplexity"], "merged": got["perplexity"],
+            "relative": got["perplexity"] / unmerged["perplexity"] - 1.0, "tokens": got["tokens"], "ctx": ctx}
+
+
+def describe_perplexity(r: dict) -> str:
+    """compare_perplexity's result in one line."""
+    diff = "identical" if r["merged"] == r["unmerged"] else f"{r['relative']:+.4%}"
+    return (f"perplexity over {r['tokens']:,} tokens: base + adapter {r['unmerged']:.6g}, merged "
+            f"{r['merged']:.6g} ({diff})")
 
 
 # ---- GGUF LoRA -------------------------------------------------------------------------------------
@@ -519,5 +548,5 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                         time.perf_counter() - t0)
 
 
-__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "export_hf", "export_lora_gguf", "export_merged_gguf",
+__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "compare_perplexity", "describe_perplexity", "export_hf", "export_lora_gguf", "export_merged_gguf",
            "export_peft", "gguf_name_of_module", "write_hf_tokenizer"]
