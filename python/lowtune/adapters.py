@@ -343,17 +343,17 @@ class AdaptedLinear(nn.Module):
     def group_offsets(self) -> torch.Tensor:
         """QA-LoRA / QA-HiRA: the constant ΔW adds to each quantization group, [N, K/G] fp32,
         differentiable, without building the dense ΔW: the pooled input is a mean, so
-        ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M for B·A). Computed in float64 and
-        rounded once to fp32, so every device gives the same bits (no TF32, no order-dependent
-        fp32 sums): the offsets a merge-exact run trained with are the ones its export merges."""
+        ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M for B·A). The same bits on every
+        device, so the offsets a merge-exact run trained with on a GPU are the ones its export
+        merges on the CPU: QA-HiRA's is one fp32 product per element; QA-LoRA's B·A is taken
+        in float64 (no TF32, no order-dependent fp32 sums) and rounded once."""
         if self.method not in GROUP_CONSTANT:
             raise ValueError(f"{self.method} updates are not constant per quantization group")
-        g = self.geometry()
+        g = self.geometry()  # repeat is 1: these methods pool inputs only
         if self.method == "qa-hira":
-            m = self.hira_M.double()
-        else:
-            m = self.lora_B[:, :g.rank].double() @ self.lora_A[:g.rank].double()
-        return (m.repeat_interleave(g.repeat, dim=0) * (g.scale / g.pool)).float()
+            return self.hira_M.float() * (g.scale / g.pool)
+        ba = self.lora_B[:, :g.rank].double() @ self.lora_A[:g.rank].double()
+        return ba.mul_(g.scale / g.pool).float()
 
     @torch.no_grad()
     def block_offsets(self) -> torch.Tensor:

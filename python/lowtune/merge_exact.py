@@ -48,11 +48,12 @@ def supports(fmt: Format) -> bool:
     return bool(fmt.float_min)
 
 
-def stored_mins(m: Tensor, delta: Tensor) -> Tensor:
+def stored_mins(m: Tensor, delta: Tensor, out: Tensor | None = None) -> Tensor:
     """The fp16 mins a merge stores: fp16(fp32(m) + fp32(δ)), rounded to nearest even (IEEE, the
-    same bits on every device). m: fp16 mins, δ: updates of the same shape. Inf where the sum
-    leaves fp16's range (|m + δ| > 65504)."""
-    return torch.add(m.float(), delta.float()).to(torch.float16)
+    same bits on every device). m: fp16 mins, δ: float32 updates of the same shape. out: an
+    fp16 tensor to write them to (m itself is fine); one kernel, which adds in fp32 and rounds
+    as it stores. Inf where the sum leaves fp16's range (|m + δ| > 65504)."""
+    return torch.add(m, delta.float(), out=torch.empty_like(m) if out is None else out)
 
 
 def _min_view(raw: Tensor, block_bytes: int) -> Tensor:
@@ -64,7 +65,7 @@ def _shift(raw: Tensor, block_bytes: int, delta: Tensor) -> Tensor:
     """A copy of raw with every block's min m replaced by stored_mins(m, δ) (δ: one per block)."""
     out = raw.clone()
     mins = _min_view(out, block_bytes)
-    mins.copy_(stored_mins(mins, delta.reshape(-1)))
+    stored_mins(mins, delta.reshape(-1), out=mins)
     return out
 
 
