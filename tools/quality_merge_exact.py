@@ -2,7 +2,7 @@
 """Merge-exact training against the plain mode on SmolLM2-135M-Instruct: the merged file's
 exactness, held-out quality, llama.cpp's agreement, and the cost per step.
 
-    python tools/quality_merge_exact.py --out tools/results/quality_merge_exact_cpu.json
+    python tools/quality_merge_exact.py --threads 1 --out tools/results/quality_merge_exact_cpu.json
     python tools/quality_merge_exact.py --smoke --out /tmp/me.json         # 2 steps, 1 seed (CI)
     python tools/quality_merge_exact.py --device cuda --bases Q4_1 --out $OUT/me_gpu.json
 
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import DATA, default_smollm2, llamacpp_ppl, split_text  # noqa: E402  (one owner each)
 from bench_train import CONFIGS, make_weights, token_batch  # noqa: E402
 
+from lowtune import _C  # noqa: E402
 from lowtune.adapters import AdapterConfig, adapter_parameters, apply_adapters, mark_only_adapters_trainable  # noqa: E402
 from lowtune.checkpoint import atomic_write_text  # noqa: E402
 from lowtune.evaluate import perplexity  # noqa: E402
@@ -71,8 +72,8 @@ BASES = ("Q4_1", "INT4-g64")
 SHAPES = {"smollm2": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                           head_dim=64, tied=True), **CONFIGS}
 PROFILES = {
-    "cpu": dict(steps=20, seq_len=128, batch=4, layers=4, rank=16, alpha=16.0, lr=1e-2, seeds=[0, 1, 2],
-                ctx=128, test_windows=8, val_tokens=512, overhead_steps=6, llamacpp_seeds=[0]),
+    "cpu": dict(steps=12, seq_len=128, batch=2, layers=2, rank=16, alpha=16.0, lr=1e-2, seeds=[0, 1, 2],
+                ctx=128, test_windows=4, val_tokens=256, overhead_steps=6, llamacpp_seeds=[0]),
     "gpu": dict(steps=60, seq_len=512, batch=8, layers=8, rank=16, alpha=16.0, lr=1e-2, seeds=[0, 1, 2],
                 ctx=512, test_windows=16, val_tokens=4096, overhead_steps=20, llamacpp_seeds=[0]),
     "smoke": dict(steps=2, seq_len=64, batch=2, layers=2, rank=4, alpha=16.0, lr=1e-2, seeds=[0],
@@ -263,8 +264,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--no-overhead", action="store_true", help="skip the step-time comparison")
     ap.add_argument("--overhead-only", action="store_true", help="only the step-time comparison")
+    ap.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a machine others load too)")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        _C.set_num_threads(args.threads)
     device = pick_device(args.device)
     p = dict(PROFILES[args.profile or ("smoke" if args.smoke else "gpu" if device.type == "cuda" else "cpu")])
     for key in ("seeds", "steps", "lr"):
