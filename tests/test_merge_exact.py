@@ -240,3 +240,25 @@ def test_cuda_offsets_and_merged_bytes_equal_the_cpus(method, qtype, kw):
     assert torch.equal(merged.raw.cpu(), merge_exact.shift_mins(ad.base.weight, ad.block_deltas().detach()).raw)
     x = torch.randn(2, 33, 256, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(cuda(x), ops.qmatmul(x, merged))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["qa-hira", "qa-lora"])
+def test_trained_on_cuda_the_merged_file_computes_the_same(method, bases, tmp_path):
+    """Trained on the GPU in bf16, exported on the CPU: the file holds the weights the GPU trained
+    with, and on the GPU it gives the adapted model's logits bit for bit."""
+    path, _ = bases["Q4_1"]
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    apply_adapters(model, AdapterConfig(method=method, rank=4, alpha=8, seed=3))
+    opt = torch.optim.AdamW(adapter_parameters(model), lr=2e-2)
+    model.train()
+    for step in range(3):
+        model.loss(ids_for(TINY_VOCAB, seed=step, t=32).cuda()).backward()
+        opt.step()
+        opt.zero_grad()
+    save_adapter(model, tmp_path / "ad")
+    rep = export_merged_gguf(path, tmp_path / "ad", tmp_path / "m.gguf")
+    assert rep.exact
+    ids = ids_for(TINY_VOCAB, seed=9).cuda()
+    merged = load_model(tmp_path / "m.gguf", device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(logits(merged, ids), logits(model.eval(), ids))

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import DATA, default_smollm2, llamacpp_ppl, split_text  # noqa: E402  (one owner each)
+from bench_methods import DATA, assemble_parts, default_smollm2, llamacpp_ppl, split_text  # noqa: E402  (one owner each)
 from bench_train import CONFIGS, make_weights, token_batch  # noqa: E402
 
 from lowtune import _C  # noqa: E402
@@ -75,7 +75,7 @@ PROFILES = {
     "cpu": dict(steps=12, seq_len=128, batch=2, layers=2, rank=16, alpha=16.0, lr=1e-2, seeds=[0, 1, 2],
                 ctx=128, test_windows=4, val_tokens=256, overhead_steps=6, llamacpp_seeds=[0]),
     "gpu": dict(steps=60, seq_len=512, batch=8, layers=8, rank=16, alpha=16.0, lr=1e-2, seeds=[0, 1, 2],
-                ctx=512, test_windows=16, val_tokens=4096, overhead_steps=20, llamacpp_seeds=[0]),
+                ctx=512, test_windows=16, val_tokens=4096, overhead_steps=12, llamacpp_seeds=[0]),
     "smoke": dict(steps=2, seq_len=64, batch=2, layers=2, rank=4, alpha=16.0, lr=1e-2, seeds=[0],
                   ctx=64, test_windows=2, val_tokens=256, overhead_steps=2, llamacpp_seeds=[0]),
 }
@@ -142,22 +142,23 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
     return row
 
 
-def random_model(shapes: str, qtype: str, device, dtype) -> Model:
-    """Random weights (std 0.02, bench_train.make_weights) of the named shapes in `qtype`."""
+def random_model(shapes: str, qtype: str, device, dtype, cache: Path) -> Model:
+    """Random weights (std 0.02, bench_train.make_weights: 4 distinct layers, repeated) of the
+    named shapes in `qtype`; `cache` keeps them quantized for the next call."""
     cfg = SHAPES[shapes]
     c = ModelConfig(**{k: v for k, v in cfg.items() if k != "tied"}, rope_dim=cfg["head_dim"], norm_eps=1e-5,
                     context_length=4096)
-    return Model(c, make_weights(cfg, qtype, 4, 0, "cpu"), dtype).to(device)
+    return Model(c, make_weights(cfg, qtype, 4, 0, "cpu", str(cache)), dtype).to(device)
 
 
-def step_overhead(base: dict, method: str, p: dict, device, compile_mode: str = "off") -> dict:
+def step_overhead(base: dict, method: str, p: dict, device, work: Path, compile_mode: str = "off") -> dict:
     """Median training-step time with merge_exact on and off, the two models stepped alternately.
     base["random"]: random weights of those shapes in base["qtype"] (else the base's model)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models, opts = {}, {}
     for exact in (True, False):
         if base.get("random"):
-            m = random_model(base["random"], base["qtype"], device, dtype)
+            m = random_model(base["random"], base["qtype"], device, dtype, work / "weights")
         else:
             m = load_model(base["model"], device=device, qtype=base["qtype"], dtype=dtype)
         n = len(m.layers)
@@ -298,13 +299,15 @@ def main(argv=None) -> int:
                     base = {"name": f"{shapes} {qtype} (random)", "random": shapes, "qtype": qtype}
                     for method in args.methods:
                         for mode in args.compile:
-                            o = step_overhead(base, method, p, device, mode)
+                            o = step_overhead(base, method, p, device, work, mode)
                             doc["overhead"].append(o)
                             say(f"{base['name']} {method} compile {mode}: step {o['step_ms_on']:.1f} ms "
                                 f"merge-exact, {o['step_ms_off']:.1f} ms plain ({o['overhead']:+.1%})")
                             save()
             return 0
         smol = args.model or default_smollm2()
+        if smol.is_dir():  # the two halves from `bench_methods.py --prepare` (tools/gpu/merge_exact.sh study)
+            smol = assemble_parts(smol, work / "bases")
         texts = {}
         train_text, test_text = split_text((DATA / "botchan.txt").read_text(encoding="utf-8"), 0.1)
         texts["train"] = str(work / "botchan-train.txt")
@@ -324,14 +327,14 @@ def main(argv=None) -> int:
             say(f"{name}: base perplexity {base_ppl}")
             for method in args.methods:
                 for mode in [] if args.no_overhead else args.compile:
-                    o = step_overhead(base, method, p, device, mode)
+                    o = step_overhead(base, method, p, device, work, mode)
                     doc["overhead"].append(o)
                     say(f"{name} {method} compile {mode}: step {o['step_ms_on']:.0f} ms merge-exact, "
                         f"{o['step_ms_off']:.0f} ms plain ({o['overhead']:+.1%})")
                     save()
-                if args.overhead_only:
-                    continue
-                for seed in p["seeds"]:
+            # seed by seed, so that a deadline cuts repeats before configurations
+            for seed in [] if args.overhead_only else p["seeds"]:
+                for method in args.methods:
                     for exact in (True, False):
                         r = train_and_merge(base, method, exact, seed, p, texts, ids, base_ppl, device, work)
                         doc["runs"].append(r)
