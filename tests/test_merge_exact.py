@@ -262,3 +262,12 @@ def test_trained_on_cuda_the_merged_file_computes_the_same(method, bases, tmp_pa
     ids = ids_for(TINY_VOCAB, seed=9).cuda()
     merged = load_model(tmp_path / "m.gguf", device="cuda", dtype=torch.bfloat16)
     assert torch.equal(logits(merged, ids), logits(model.eval(), ids))
+
+
+def test_training_says_which_linears_are_exact():
+    from lowtune.adapters import merge_exact_summary
+    mk = lambda qtype, **kw: AdaptedLinear(QLinear(random_qtensor(qtype, 64, 256)), AdapterConfig(method="qa-hira", **kw))  # noqa: E731
+    assert "all 2 adapted linears" in merge_exact_summary({"a": mk("Q4_1"), "b": mk("INT4-g64")})
+    assert "1 of 2 adapted linears" in merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")}) and "(Q6_K)" in \
+        merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")})
+    assert merge_exact_summary({"a": mk("Q4_1", merge_exact=False)}) is None

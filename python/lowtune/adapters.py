@@ -446,6 +446,22 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Adapted
     return out
 
 
+def merge_exact_summary(model_or_adapters) -> str | None:
+    """One line on which adapted linears train through their merged fp16 mins (merge-exact mode),
+    or None when the config does not ask for it."""
+    ads = list(adapters_of(model_or_adapters).values())
+    if not ads or not any(a.config.merge_exact for a in ads):
+        return None
+    exact = [a for a in ads if a.merge_exact]
+    types = ", ".join(sorted({a.base_type for a in ads if not a.merge_exact}))
+    if len(exact) == len(ads):
+        return (f"merge-exact: all {len(ads)} adapted linears compute with their merged weights, so the "
+                "merged GGUF will compute what this run trains, bit for bit")
+    return (f"merge-exact: {len(exact)} of {len(ads)} adapted linears compute with their merged weights; "
+            f"the others ({types}) store no fp16 mins, and their merge will be approximate (the export "
+            "reports by how much)")
+
+
 def adapters_of(model_or_adapters) -> dict[str, AdaptedLinear]:
     """{name: AdaptedLinear} of a model (its modules), a dict of adapters, or one adapter."""
     if isinstance(model_or_adapters, AdaptedLinear):
@@ -705,5 +721,5 @@ def load_adapter(model: nn.Module, directory) -> dict[str, AdaptedLinear]:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdaptedLinear", "AdapterConfig", "DyLoRAController",
            "METHODS", "TARGETS", "adapter_parameters", "adapters_of", "apply_adapters", "base_hash",
-           "load_adapter", "model_base_hash", "mark_only_adapters_trainable", "pool_inputs", "quant_group",
-           "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]
+           "load_adapter", "mark_only_adapters_trainable", "merge_exact_summary", "model_base_hash", "pool_inputs",
+           "quant_group", "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]

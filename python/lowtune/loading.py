@@ -37,8 +37,8 @@ import torch
 
 from . import _C, ops
 from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, apply_adapters,
-                       base_hash, load_adapter, mark_only_adapters_trainable, model_base_hash,
-                       read_adapter_config, set_rank)
+                       base_hash, load_adapter, mark_only_adapters_trainable, merge_exact_summary,
+                       model_base_hash, read_adapter_config, set_rank)
 from .dtypes import torch_dtype
 from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
@@ -344,6 +344,9 @@ def load_for_training(cfg: TrainConfig, device: torch.device, say=print) -> tupl
     model = load_model(cfg.model, device="cpu" if streams else device, dtype=activation_dtype(device),
                        qtype=cfg.qtype, base_adapter=cfg.base_adapter, force=cfg.force)
     cfg.extra["adapter"] = apply_train_adapter(model, cfg)
+    exact = merge_exact_summary(model)
+    if exact:
+        say(exact)
     if streams:
         plan = stream_model(model, device, cfg.max_vram, tokens=cfg.seq_len * cfg.batch)
         cfg.extra["streaming"] = plan.to_dict()
