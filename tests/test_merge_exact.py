@@ -271,3 +271,20 @@ def test_training_says_which_linears_are_exact():
     assert "1 of 2 adapted linears" in merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")}) and "(Q6_K)" in \
         merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")})
     assert merge_exact_summary({"a": mk("Q4_1", merge_exact=False)}) is None
+
+
+def test_decoding_keeps_the_merged_weight_until_something_changes():
+    ad = exact_adapter("qa-hira", "Q4_1").eval()
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        y = ad(x)
+        kept = ad._merged[1]
+        assert torch.equal(y, ops.qmatmul(x, merge_exact.shift_mins(ad.base.weight, ad.block_deltas())))
+        assert ad(torch.randn(3, 256)) is not None and ad._merged[1] is kept  # reused
+        ad.hira_M.add_(0.01)  # an optimizer step: a new merged weight
+        y2 = ad(x)
+        assert ad._merged[1] is not kept
+        assert torch.equal(y2, ops.qmatmul(x, merge_exact.shift_mins(ad.base.weight, ad.block_deltas())))
+    assert torch.equal(ad(x), y2)  # with autograd: the same values, through the op
+    ad.train()
+    assert ad._merged is None

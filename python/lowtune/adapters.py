@@ -211,6 +211,7 @@ class AdaptedLinear(nn.Module):
                                  f"({k}) and output ({n}) features; choose another pool")
             self.pool = self.repeat = c.pool
         self.merge_exact = bool(c.merge_exact) and c.method in GROUP_CONSTANT and merge_exact.supports(qt.format)
+        self._merged = None  # (key, merged QTensor) for decoding (_merged_weight)
         self.r_max = c.rank * (c.pool if c.method == "q-bara" else 1)
         self.rank_in_use = c.rank  # QDyLoRA's current b (set_rank); full rank until set
         dtype, dev = torch_dtype(c.dtype), qt.device
@@ -290,10 +291,34 @@ class AdaptedLinear(nn.Module):
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x·deq(W')ᵀ: the merged weight's kernel on the merged bytes (bit-exact with the merged
         model), or for another base layer (or fused=False) base(x) plus the rounded update."""
-        qt, delta = self.base.weight, self.block_deltas()
-        if self.config.fused and adapter_ops.kernels_support(x) and _fusable(self.base):
-            return merge_exact.min_shifted_qmatmul(x.contiguous(), qt, delta)
-        return self.base(x) + merge_exact.rounded_update(x, qt, delta)
+        if not (self.config.fused and adapter_ops.kernels_support(x) and _fusable(self.base)):
+            return self.base(x) + merge_exact.rounded_update(x, self.base.weight, self.block_deltas())
+        if x.numel() <= _DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            # a CUDA graph being captured may use a kept weight, not make one (its kernels only run at replay)
+            merged = self._merged_weight(build=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+            if merged is not None:
+                return ops.qmatmul(x.contiguous(), merged)
+        return merge_exact.min_shifted_qmatmul(x.contiguous(), self.base.weight, self.block_deltas())
+
+    def _merged_weight(self, build: bool = True) -> QTensor | None:
+        """The merged weight, kept while neither the base bytes nor the adapter change: decoding
+        a token at a time would otherwise rebuild it for every token. Dropped by train(). None
+        when the kept one is stale and build is False."""
+        qt = self.base.weight
+        key = (qt.raw.data_ptr(), qt.raw._version, qt.raw.device,
+               tuple((p.data_ptr(), p._version) for p in self.parameters(recurse=False)))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None  # the old copy goes before the new one is made
+            if not build:
+                return None
+            self._merged = (key, merge_exact.shift_mins(qt, self.block_deltas().detach()))
+        return self._merged[1]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._merged = None
+        return super().train(mode)
 
     def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None,
                           matrices: tuple | None = None) -> torch.Tensor:
@@ -381,6 +406,10 @@ class AdaptedLinear(nn.Module):
         return (f"{self.method}, in={self.in_features}, out={self.out_features}, base={self.base_type}, "
                 f"pool={g.pool}, repeat={g.repeat}, rank={g.rank}, scale={g.scale:g}"
                 + (", merge-exact" if self.merge_exact else ""))
+
+
+# Inputs of at most this many rows (decoding) run merge-exact layers on a kept merged weight.
+_DECODE_ROWS = 16
 
 
 def _kaiming_uniform(t: torch.Tensor, generator) -> None:
