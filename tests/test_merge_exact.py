@@ -266,7 +266,8 @@ def test_trained_on_cuda_the_merged_file_computes_the_same(method, bases, tmp_pa
 
 def test_training_says_which_linears_are_exact():
     from lowtune.adapters import merge_exact_summary
-    mk = lambda qtype, **kw: AdaptedLinear(QLinear(random_qtensor(qtype, 64, 256)), AdapterConfig(method="qa-hira", **kw))  # noqa: E731
+    def mk(qtype, **kw):
+        return AdaptedLinear(QLinear(random_qtensor(qtype, 64, 256)), AdapterConfig(method="qa-hira", **kw))
     assert "all 2 adapted linears" in merge_exact_summary({"a": mk("Q4_1"), "b": mk("INT4-g64")})
     assert "1 of 2 adapted linears" in merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")}) and "(Q6_K)" in \
         merge_exact_summary({"a": mk("Q4_1"), "b": mk("Q6_K")})

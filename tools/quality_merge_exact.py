@@ -49,11 +49,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import DATA, assemble_parts, default_smollm2, llamacpp_ppl, split_text  # noqa: E402  (one owner each)
+# one owner each: the SmolLM2 file and its parts, the texts, llama.cpp's perplexity, random weights
+from bench_methods import DATA, assemble_parts, default_smollm2, llamacpp_ppl, split_text  # noqa: E402
 from bench_train import CONFIGS, make_weights, token_batch  # noqa: E402
 
 from lowtune import _C  # noqa: E402
-from lowtune.adapters import AdapterConfig, adapter_parameters, apply_adapters, mark_only_adapters_trainable  # noqa: E402
+from lowtune.adapters import (AdapterConfig, adapter_parameters, apply_adapters,  # noqa: E402
+                              mark_only_adapters_trainable)
 from lowtune.checkpoint import atomic_write_text  # noqa: E402
 from lowtune.evaluate import perplexity  # noqa: E402
 from lowtune.export import export_hf, export_merged_gguf  # noqa: E402
@@ -211,7 +213,8 @@ def report(doc: dict) -> str:
          f"windows of {p['ctx']} tokens; seeds {', '.join(map(str, p['seeds']))}. "
          "`tools/quality_merge_exact.py`.", "",
          "## The merged file against the trained model", "",
-         "| base | method | merge_exact | export check | merged = unmerged perplexity | largest \\|merged/unmerged − 1\\| |",
+         "| base | method | merge_exact | export check | merged = unmerged perplexity "
+         "| largest \\|merged/unmerged − 1\\| |",
          "|---|---|---|---|---|---|"]
     groups = {}
     for r in rows:
@@ -221,13 +224,15 @@ def report(doc: dict) -> str:
                  f"{sum(r['identical'] for r in rs)}/{len(rs)} identical | "
                  f"{max(abs(r['merged_vs_unmerged']) for r in rs):.3%} |")
     L += ["", "## Held-out perplexity (mean ± std over seeds)", "",
-          "| base | method | merge_exact | merged GGUF | base + adapter | trainer's validation |", "|---|---|---|---|---|---|"]
+          "| base | method | merge_exact | merged GGUF | base + adapter | trainer's validation |",
+          "|---|---|---|---|---|---|"]
     for (b, m, e), rs in groups.items():
         L.append(f"| {b} | {m} | {'on' if e else 'off'} | {mean_std([r['merged_ppl'] for r in rs])} | "
                  f"{mean_std([r['unmerged_ppl'] for r in rs])} | {mean_std([r['val_ppl'] for r in rs])} |")
     if any("gain_llamacpp" in r for r in rows):
         L += ["", "## Gain of the merged file (merged / base perplexity): lowtune against llama.cpp", "",
-              "| base | method | merge_exact | lowtune | llama.cpp | largest disagreement |", "|---|---|---|---|---|---|"]
+              "| base | method | merge_exact | lowtune | llama.cpp | largest disagreement |",
+              "|---|---|---|---|---|---|"]
         for (b, m, e), rs in groups.items():
             rs = [r for r in rs if "gain_llamacpp" in r]
             if rs:

@@ -548,5 +548,6 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                         time.perf_counter() - t0)
 
 
-__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "compare_perplexity", "describe_perplexity", "export_hf", "export_lora_gguf", "export_merged_gguf",
-           "export_peft", "gguf_name_of_module", "write_hf_tokenizer"]
+__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "compare_perplexity", "describe_perplexity",
+           "export_hf", "export_lora_gguf", "export_merged_gguf", "export_peft", "gguf_name_of_module",
+           "write_hf_tokenizer"]
