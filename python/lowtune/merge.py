@@ -18,11 +18,12 @@ x + c = d·q + (m + c). Where the min is a float (Q4_1, Q5_1, INTb-gG) this is e
 fp16 rounding of m + c, and exact bit for bit for an adapter trained in merge-exact mode, which
 computes with those rounded mins (lowtune.merge_exact owns the rule). K-quants store their mins
 as 6-bit (Q4_K, Q5_K) or 4-bit (Q2_K) codes times a per-super-block fp16 dmin,
-x = d·sc·q − dmin·mn: the weight codes q and the scales sc can stay, but mn and dmin must be refitted, which leaves a residual per sub-block of up to half the
-min resolution dmin' (about max|min|/126): updates smaller than that are partly lost, and for
-much larger ones re-quantizing is closer, so merge_weight keeps per super-block whichever of the
-two lands nearer the exact target (kquant_mins="best"). Types without a min (Q4_0, Q5_0, Q8_0,
-Q3_K, Q6_K) cannot absorb a constant and are re-quantized.
+x = d·sc·q − dmin·mn: the weight codes q and the scales sc can stay, but mn and dmin must be
+refitted, which leaves a residual per sub-block of up to half the min resolution dmin' (about
+max|min|/126): updates smaller than that are partly lost, and for much larger ones re-quantizing
+is closer, so merge_weight keeps per super-block whichever of the two lands nearer the exact
+target (kquant_mins="best"). Types without a min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) cannot absorb a
+constant and are re-quantized.
 """
 from __future__ import annotations
 
