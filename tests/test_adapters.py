@@ -58,7 +58,10 @@ class BiasedQLinear(QLinear):
 
 def make_adapter(method, qtype="Q4_1", n=96, k=256, rank=4, alpha=8.0, device="cpu", seed=0,
                  base_cls=QLinear, **kw) -> AdaptedLinear:
-    """An adapter with random (non-zero) weights, so that every path carries signal."""
+    """An adapter with random (non-zero) weights, so that every path carries signal. Plain mode
+    (merge_exact off) unless asked: these tests hold the adapter kernels to their references;
+    tests/test_merge_exact.py holds the merge-exact layers."""
+    kw.setdefault("merge_exact", False)
     qt = random_qtensor(qtype, n, k, seed).to(device)
     cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, **kw)
     ad = AdaptedLinear(base_cls(qt), cfg)

@@ -163,9 +163,34 @@ def test_ops_use_the_fused_and_cublas_paths_alike(device, rng, random_blocks):
 
 def test_ops_are_registered_in_the_lowtune_namespace():
     names = {"dequantize", "qmatmul", "qmatmul_input_grad", "adapted_qmatmul",
-             "adapted_qmatmul_backward", "adapter_accumulate", "adapter_backward"}
+             "adapted_qmatmul_backward", "adapter_accumulate", "adapter_backward",
+             "min_shifted_qmatmul", "min_shifted_qmatmul_backward"}
     for name in names:
         schema = getattr(torch.ops.lowtune, name).default._schema
         assert not schema.is_mutable, name
         assert all(a.alias_info is None for a in schema.arguments), name
     assert ops.qmatmul_op._opoverload is torch.ops.lowtune.qmatmul.default
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("qtype", ["Q4_1", "INT4-g64"])
+def test_min_shifted_qmatmul_ops(device, qtype, rng, random_blocks):
+    """lowtune.merge_exact's matmul on the merged blocks: the op and its backward, and the eager twin
+    equal to the op."""
+    from lowtune import merge_exact
+    qt = qtensor(qtype, 16, 128, rng, random_blocks).to(device)
+    g = qt.format.block_elems
+    x = torch.randn(5, 128, device=device, requires_grad=True)
+    delta = (torch.randn(16, 128 // g, device=device) * 0.01).requires_grad_(True)
+    args = (qt.raw, qt.format.type_id, 16, 128, g, qt.format.block_bytes)
+    opcheck(torch.ops.lowtune.min_shifted_qmatmul.default, (x, delta, *args))
+    dy = torch.randn(5, 16, device=device)
+    xsum = merge_exact.block_sums(x.detach(), g)
+    opcheck(torch.ops.lowtune.min_shifted_qmatmul_backward.default, (dy, xsum, delta.detach(), *args, True))
+    y = merge_exact.min_shifted_qmatmul(x, qt, delta)
+    assert "_MinShiftedQMatmulBackward" in graph_nodes(y.grad_fn)
+    y.backward(dy)
+    x2, d2 = x.detach().clone().requires_grad_(True), delta.detach().clone().requires_grad_(True)
+    y2, _ = torch.ops.lowtune.min_shifted_qmatmul(x2, d2, *args)
+    y2.backward(dy)
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(delta.grad, d2.grad)

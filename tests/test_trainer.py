@@ -401,8 +401,9 @@ def test_finetune_command_on_smollm2(tmp_path, smollm2_path, botchan_text):
     assert cfg["extra"]["adapter"]["method"] == "qa-hira" and cfg["layers"] == [29]
 
     model = load_model(smollm2_path, adapter=run)   # the adapter's base hash is checked
-    t = Trainer(TrainConfig.load(run), model=model, log=lambda s: None)
-    t.cfg.device = "cpu"
+    cfg = TrainConfig.load(run)
+    cfg.device, cfg.out = "cpu", str(tmp_path / "re-eval")  # a finished run is not set up again
+    t = Trainer(cfg, model=model, log=lambda s: None)
     t._setup()
     assert t.evaluate()["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-5)
 

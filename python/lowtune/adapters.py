@@ -27,6 +27,12 @@ that carries its own min, so QA-LoRA/QA-HiRA merge by changing mins only (exactl
 is a float: Q4_1, Q5_1, INTb-gG; Q2_K/Q4_K/Q5_K mins are quantized, Q4_0/Q5_0/Q8_0/Q3_K/Q6_K
 have none, and those need a re-quantization to merge). Float bases have no group: pass group=.
 
+Merge-exact mode (merge_exact; on by default for QA-LoRA and QA-HiRA): on a base with fp16 mins
+the adapted layer computes with the merged weight itself, each block's min stored as
+fp16(m + δ) exactly as the merge will write it (lowtune.merge_exact), so the merged file
+computes what was trained bit for bit; the gradient passes straight through the rounding. On
+bases without float mins it changes nothing. It excludes dropout (the merged weight has none).
+
 QA-HiRA's scale is α/r with the configured r and α, as in the authors' code (16/64 = 0.25 at
 their defaults), so one (r, α, lr) recipe gives every method the same update size per step.
 
@@ -58,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapter_ops
+from . import adapter_ops, merge_exact, ops
 from .adapter_ops import AdapterGeometry
 from .checkpoint import atomic_write_text
 from .dtypes import hf_name as dtype_name, torch_dtype
@@ -87,7 +93,8 @@ class AdapterConfig:
     group (QA-LoRA/QA-HiRA pooling; None = the base's quantization group), dylora_update
     ("all" | "slice"), hira_init ("zero" | "kaiming", the latter as the authors' committed
     code), dtype of the adapter weights, seed of their initialisation, fused (kernels or the
-    plain torch reference)."""
+    plain torch reference), merge_exact (QA-LoRA/QA-HiRA: train through the fp16 rounding of
+    the merged mins; None = on for those methods unless dropout is used)."""
     method: str = "lora"
     rank: int = 16
     alpha: float = 16.0
@@ -102,6 +109,7 @@ class AdapterConfig:
     dtype: str = "float32"
     seed: int = 0
     fused: bool = True
+    merge_exact: bool | None = None
 
     def __post_init__(self):
         method = canonical_method(self.method)
@@ -128,6 +136,16 @@ class AdapterConfig:
         object.__setattr__(self, "dtype", dtype_name(torch_dtype(self.dtype)))
         if self.rslora and method == "qa-hira":
             raise ValueError("rslora scales by 1/sqrt(rank); QA-HiRA has no rank (use alpha)")
+        exact = self.merge_exact
+        if exact is None:
+            exact = method in GROUP_CONSTANT and float(self.dropout) == 0.0
+        elif exact and method not in GROUP_CONSTANT:
+            raise ValueError(f"merge_exact applies to qa-lora and qa-hira, whose updates fold into the "
+                             f"blocks' mins; a {method} update merges by re-quantizing (leave merge_exact unset)")
+        elif exact and float(self.dropout) > 0:
+            raise ValueError("merge_exact trains the merged weight itself, which has no dropout: set "
+                             "dropout to 0, or merge_exact to False")
+        object.__setattr__(self, "merge_exact", bool(exact))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -142,6 +160,7 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown adapter config keys {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("merge_exact", False)  # adapters saved before the mode trained without it
         d["targets"] = tuple(d.get("targets", TARGETS))
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
@@ -169,7 +188,10 @@ def _fusable(base: nn.Module) -> bool:
 class AdaptedLinear(nn.Module):
     """A frozen quantized linear plus a trainable adapter: y = base(x) + adapter(x).
 
-    Parameters: lora_A [R, K/p] and lora_B [N/q, R], or hira_M [N, K/G] for QA-HiRA."""
+    Parameters: lora_A [R, K/p] and lora_B [N/q, R], or hira_M [N, K/G] for QA-HiRA.
+    merge_exact: True when this layer computes with its merged weight (the config asks for it
+    and the base stores fp16 mins): y = x·deq(W')ᵀ, W' the base with its mins moved by the
+    update as a merge stores them."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -189,6 +211,8 @@ class AdaptedLinear(nn.Module):
                 raise ValueError(f"Q-BaRA pools by p={c.pool}, which must divide both the input "
                                  f"({k}) and output ({n}) features; choose another pool")
             self.pool = self.repeat = c.pool
+        self.merge_exact = bool(c.merge_exact) and c.method in GROUP_CONSTANT and merge_exact.supports(qt.format)
+        self._merged = None  # (key, merged QTensor) for decoding (_merged_weight)
         self.r_max = c.rank * (c.pool if c.method == "q-bara" else 1)
         self.rank_in_use = c.rank  # QDyLoRA's current b (set_rank); full rank until set
         dtype, dev = torch_dtype(c.dtype), qt.device
@@ -249,6 +273,8 @@ class AdaptedLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merge_exact:
+            return self._merged_forward(x)
         geom = self.geometry()
         A, B = self._matrices()
         xa = None
@@ -262,6 +288,38 @@ class AdaptedLinear(nn.Module):
             return adapter_ops.adapted_qmatmul(x, self.base.weight, A, B, geom, xa)
         y = self.base(x).to(x.dtype).contiguous()
         return adapter_ops.adapter_accumulate(y, x, A, B, geom, xa)
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x·deq(W')ᵀ: the merged weight's kernel on the merged bytes (bit-exact with the merged
+        model), or for another base layer (or fused=False) base(x) plus the rounded update."""
+        if not (self.config.fused and adapter_ops.kernels_support(x) and _fusable(self.base)):
+            return self.base(x) + merge_exact.rounded_update(x, self.base.weight, self.block_deltas())
+        if x.numel() <= _DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            # a CUDA graph being captured may use a kept weight, not make one (its kernels only run at replay)
+            merged = self._merged_weight(build=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+            if merged is not None:
+                return ops.qmatmul(x.contiguous(), merged)
+        return merge_exact.min_shifted_qmatmul(x.contiguous(), self.base.weight, self.block_deltas())
+
+    def _merged_weight(self, build: bool = True) -> QTensor | None:
+        """The merged weight, kept while neither the base bytes nor the adapter change: decoding
+        a token at a time would otherwise rebuild it for every token. Dropped by train(). None
+        when the kept one is stale and build is False."""
+        qt = self.base.weight
+        key = (qt.raw.data_ptr(), qt.raw._version, qt.raw.device,
+               tuple((p.data_ptr(), p._version) for p in self.parameters(recurse=False)))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None  # the old copy goes before the new one is made
+            if not build:
+                return None
+            self._merged = (key, merge_exact.shift_mins(qt, self.block_deltas().detach()))
+        return self._merged[1]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._merged = None
+        return super().train(mode)
 
     def reference_adapter(self, x: torch.Tensor, pooled: bool = False, rank: int | None = None,
                           matrices: tuple | None = None) -> torch.Tensor:
@@ -308,24 +366,51 @@ class AdaptedLinear(nn.Module):
         a, b = self.as_lora(rank)
         return b @ a
 
-    @torch.no_grad()
-    def block_offsets(self) -> torch.Tensor:
-        """QA-LoRA / QA-HiRA: the constant ΔW adds to each quantization group, [N, K/G] fp32
-        (what an exact merge adds to each block's min), without building the dense ΔW: the
-        pooled input is a mean, so ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M for B·A)."""
+    def group_offsets(self) -> torch.Tensor:
+        """QA-LoRA / QA-HiRA: the constant ΔW adds to each quantization group, [N, K/G] fp32,
+        differentiable, without building the dense ΔW: the pooled input is a mean, so
+        ΔW[o, i] = scale · (B·A)[o, i // G] / G (QA-HiRA: M for B·A). The same bits on every
+        device, so the offsets a merge-exact run trained with on a GPU are the ones its export
+        merges on the CPU: QA-HiRA's is one fp32 product per element; QA-LoRA's B·A is taken
+        in float64 (no TF32, no order-dependent fp32 sums) and rounded once."""
         if self.method not in GROUP_CONSTANT:
             raise ValueError(f"{self.method} updates are not constant per quantization group")
-        g = self.geometry()
+        g = self.geometry()  # repeat is 1: these methods pool inputs only
         if self.method == "qa-hira":
-            m = self.hira_M.float()
-        else:
-            m = self.lora_B[:, :g.rank].float() @ self.lora_A[:g.rank].float()
-        return (m.repeat_interleave(g.repeat, dim=0) * (g.scale / g.pool)).contiguous()
+            return self.hira_M.float() * (g.scale / g.pool)
+        ba = self.lora_B[:, :g.rank].double() @ self.lora_A[:g.rank].double()
+        return ba.mul_(g.scale / g.pool).float()
+
+    @torch.no_grad()
+    def block_offsets(self) -> torch.Tensor:
+        """group_offsets() detached and contiguous: what an exact merge adds to each block's min."""
+        return self.group_offsets().contiguous()
+
+    def block_deltas(self) -> torch.Tensor:
+        """group_offsets() per block of the base format, [N, K/block] (a QA-LoRA group may span
+        several blocks), differentiable."""
+        d = self.group_offsets()
+        per = self.group // self.base.weight.format.block_elems
+        return d.repeat_interleave(per, dim=1) if per > 1 else d
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The dense fp32 [N, K] weight this layer computes with: deq(W') for a merge-exact layer
+        (the bytes a merge writes), deq(W) + ΔW otherwise."""
+        qt = self.base.weight
+        if self.merge_exact:
+            return ops.dequantize(merge_exact.shift_mins(qt, self.block_deltas()), torch.float32)
+        return ops.dequantize(qt, torch.float32) + self.delta_weight()
 
     def extra_repr(self) -> str:
         g = self.geometry()
         return (f"{self.method}, in={self.in_features}, out={self.out_features}, base={self.base_type}, "
-                f"pool={g.pool}, repeat={g.repeat}, rank={g.rank}, scale={g.scale:g}")
+                f"pool={g.pool}, repeat={g.repeat}, rank={g.rank}, scale={g.scale:g}"
+                + (", merge-exact" if self.merge_exact else ""))
+
+
+# Inputs of at most this many rows (decoding) run merge-exact layers on a kept merged weight.
+_DECODE_ROWS = 16
 
 
 def _kaiming_uniform(t: torch.Tensor, generator) -> None:
@@ -408,6 +493,22 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Adapted
         setattr(parent, attr, ad)
         out[name] = ad
     return out
+
+
+def merge_exact_summary(model_or_adapters) -> str | None:
+    """One line on which adapted linears train through their merged fp16 mins (merge-exact mode),
+    or None when the config does not ask for it."""
+    ads = list(adapters_of(model_or_adapters).values())
+    if not ads or not any(a.config.merge_exact for a in ads):
+        return None
+    exact = [a for a in ads if a.merge_exact]
+    types = ", ".join(sorted({a.base_type for a in ads if not a.merge_exact}))
+    if len(exact) == len(ads):
+        return (f"merge-exact: all {len(ads)} adapted linears compute with their merged weights, so the "
+                "merged GGUF will compute what this run trains, bit for bit")
+    return (f"merge-exact: {len(exact)} of {len(ads)} adapted linears compute with their merged weights; "
+            f"the others ({types}) store no fp16 mins, and their merge will be approximate (the export "
+            "reports by how much)")
 
 
 def adapters_of(model_or_adapters) -> dict[str, AdaptedLinear]:
@@ -673,5 +774,6 @@ def load_adapter(model: nn.Module, directory) -> dict[str, AdaptedLinear]:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdaptedLinear", "AdapterConfig", "DyLoRAController",
            "METHODS", "TARGETS", "adapter_parameters", "adapters_of", "apply_adapters", "base_hash",
-           "load_adapter", "model_base_hash", "mark_only_adapters_trainable", "no_min_note", "pool_inputs",
+           "load_adapter", "mark_only_adapters_trainable", "merge_exact_summary", "model_base_hash",
+           "no_min_note", "pool_inputs",
            "quant_group", "read_adapter_config", "remove_adapters", "sample_rank", "save_adapter", "set_rank"]

@@ -16,7 +16,8 @@ from .cli import CLIError
 from .correct import correct as run_correct, resume_correct
 from .correct_cli import check as check_correct, train_options
 from .evaluate import perplexity
-from .export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
+from .export import (compare_perplexity, describe_perplexity, export_hf, export_lora_gguf, export_merged_gguf,
+                     export_peft)
 from .export_cli import check as check_export
 from .failures import TrainingError
 from .finetune_cli import config_from_args, resumed_config
@@ -185,6 +186,12 @@ def export(args: argparse.Namespace) -> int:
     if not args.quiet:
         for r in reports:
             print("\n".join(r.summary()))
+    if args.eval_text:
+        with open(_file(args.eval_text, "--eval-text"), encoding="utf-8") as f:
+            ppl = compare_perplexity(args.model, args.adapter, args.output, f.read(), chunks=args.eval_chunks, **common)
+        reports[0].perplexity = ppl
+        if not args.quiet:
+            print(f"  {describe_perplexity(ppl)}")
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump([r.as_dict() for r in reports], f, indent=1)

@@ -12,9 +12,13 @@ temporary name, then renamed: peak host memory is about one dense tensor.
 
 How each method merges (lowtune.merge does the per-tensor math):
   QA-LoRA, QA-HiRA   the update is constant on every quantization group, so on Q4_1, Q5_1 and
-                     INTb-gG bases it moves only the fp16 mins (exact up to fp16 rounding); on
-                     Q2_K/Q4_K/Q5_K the quantized mins are refitted; elsewhere re-quantized.
+                     INTb-gG bases it moves only the fp16 mins: exact bit for bit when the adapter
+                     was trained in merge-exact mode (through those fp16 roundings), else exact up
+                     to them; on Q2_K/Q4_K/Q5_K the quantized mins are refitted; elsewhere
+                     re-quantized.
   LoRA, Q-BaRA, QDyLoRA   deq(W) + ΔW re-quantized once into the tensor's own type.
+After writing, the merged GGUF is read back and every adapted weight compared with the weight the
+trained model computes with (check_merged_gguf); the report says "exact" or how far off, and why.
 Every method is also a standard LoRA (AdaptedLinear.as_lora: pooling folded into A', the scale
 and the output repeat into B'), which is what the GGUF LoRA and PEFT exports hold.
 
@@ -48,9 +52,9 @@ from .checkpoint import atomic_write, atomic_write_text
 from .dtypes import hf_name as hf_dtype_name, torch_dtype, type_of
 from .formats import get_format
 from .gguf_io import write_gguf
-from .gguf_split import write_gguf_split
+from .gguf_split import open_gguf, write_gguf_split
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
-from .merge import MergeInfo, dense, merge_weight
+from .merge import KQUANT_MINS, MergeInfo, WeightCheck, check_weight, dense, describe_merge, merge_weight
 from .model import fused_splits
 from .methods import GROUP_CONSTANT
 from .progress import tracked
@@ -107,7 +111,7 @@ class SavedAdapter:
         for name in ad.tensor_names: ...        # GGUF names of the adapted (logical) weights
         lin = ad.adapted(name, qt)              # AdaptedLinear on that weight, weights loaded
         ad.check(path, base)                    # then, per tensor of the base (fused or not):
-        ad.delta(name, qt); ad.lora_pairs(base)
+        ad.lora_pairs(base)
     """
 
     def __init__(self, directory, rank: int | None = None):
@@ -181,16 +185,6 @@ class SavedAdapter:
         a tensor that is not fused is its one part."""
         return list(self.parts.get(name, ((name, 0, qt.shape[0]),)))
 
-    def delta(self, name: str, qt: QTensor) -> torch.Tensor | None:
-        """The dense update ΔW [N, K] fp32 of base tensor `name` (fused parts on their rows), or None."""
-        out = None
-        for part, a, b in self.split(name, qt):
-            lin = self.adapted(part, _rows(qt, a, b))
-            if lin is not None:
-                out = torch.zeros(qt.shape, dtype=torch.float32) if out is None else out
-                out[a:b] += lin.delta_weight()
-        return out
-
     def lora_pairs(self, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{base tensor name: (A' [r', K], B' [N, r'])} for every adapted tensor of the base
         (after check), the scale folded into B'; a fused tensor's parts stacked into one pair:
@@ -229,7 +223,9 @@ def _open(model, adapter, rank, base_type, force):
 
 @dataclass
 class ExportReport:
-    """What an export wrote. tensors: {name: MergeInfo} (merged GGUF); notes: fallbacks taken."""
+    """What an export wrote. tensors: {name: MergeInfo} (merged GGUF); notes: fallbacks taken;
+    checks: {name: WeightCheck}, the merged file's adapted weights against the trained model's
+    (None when not checked); perplexity: compare_perplexity's result, when asked for."""
     path: str
     kind: str
     method: str | None = None
@@ -238,6 +234,13 @@ class ExportReport:
     notes: list = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    checks: dict | None = None
+    perplexity: dict | None = None  # compare_perplexity's result, when asked for
+
+    @property
+    def exact(self) -> bool | None:
+        """Whether every adapted weight of the merged file equals the trained model's (None: unchecked)."""
+        return None if self.checks is None else all(c.exact for c in self.checks.values())
 
     def paths(self) -> Counter:
         return Counter(i.path for i in self.tensors.values())
@@ -249,18 +252,27 @@ class ExportReport:
             by = Counter((i.path, i.base_type, i.out_type) for i in self.tensors.values())
             for (path, bt, ot), c in sorted(by.items()):
                 lines.append(f"  {c:4d} x {bt} -> {ot}: {path}")
-            merged = [i for i in self.tensors.values() if i.delta_rms]
-            if merged:
+            if self.checks is not None:
+                lines.append(f"  {describe_merge(self.checks)}")
+            else:
+                merged = [i for i in self.tensors.values() if i.delta_rms]
                 rel = [i.err_rms / i.delta_rms for i in merged if i.err_rms is not None]
                 if rel:
-                    lines.append(f"  merge error / update (RMS): mean {np.mean(rel):.3g}, max {np.max(rel):.3g}")
+                    lines.append(f"  merged minus (base + update), RMS relative to the update's: mean "
+                                 f"{np.mean(rel):.3g}, max {np.max(rel):.3g} (not checked against the file)")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "method": self.method, "rank": self.rank,
-                "bytes": self.bytes, "seconds": self.seconds, "paths": dict(self.paths()),
-                "notes": list(self.notes), "tensors": {k: v.as_dict() for k, v in self.tensors.items()}}
+        d = {"path": self.path, "kind": self.kind, "method": self.method, "rank": self.rank,
+             "bytes": self.bytes, "seconds": self.seconds, "paths": dict(self.paths()),
+             "notes": list(self.notes), "tensors": {k: v.as_dict() for k, v in self.tensors.items()}}
+        if self.perplexity is not None:
+            d["perplexity"] = dict(self.perplexity)
+        if self.checks is not None:
+            d["merge"] = {"exact": self.exact, "summary": describe_merge(self.checks),
+                          "tensors": {k: v.as_dict() for k, v in self.checks.items()}}
+        return d
 
 
 def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
@@ -272,7 +284,7 @@ def _collect_notes(infos: dict[str, MergeInfo]) -> list[str]:
 
 def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                        kquant_mins: str = "best", base_type=None, force: bool = False,
-                       measure: bool = True, split_max_bytes: int | None = None,
+                       measure: bool = True, check: bool = True, split_max_bytes: int | None = None,
                        split_max_tensors: int | None = None) -> ExportReport:
     """Write `out`: the base with the adapter merged into every adapted weight, each tensor in
     its own quantization type (qtype: re-target every quantized tensor, with llama-quantize's
@@ -281,8 +293,10 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
     with its original type; INTb-gG tensors written in their storage type are recorded in
     lowtune.logical_types. See lowtune.merge.merge_weight for the per-tensor paths. base_type:
     the type an HF directory was quantized to for training (default: the run's). force: merge an
-    adapter trained on another base (loading.check_base). split_max_bytes / split_max_tensors:
-    write split GGUF parts (gguf_split.write_gguf_split; the report's path is the first part)."""
+    adapter trained on another base (loading.check_base). check: read the written file back and
+    compare every adapted weight with the trained model's (report.checks, report.exact).
+    split_max_bytes / split_max_tensors: write split GGUF parts (gguf_split.write_gguf_split;
+    the report's path is the first part)."""
     t0 = time.perf_counter()
     if qtype is not None and get_format(qtype).needs_imatrix:  # also fails early on a bad name
         raise ValueError(f"--type {get_format(qtype).name}: {_NEEDS_IMATRIX}; use IQ4_XS, IQ4_NL, IQ3_S, "
@@ -342,10 +356,12 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
             files = write_gguf_split(out, md, tracked(tensors(), len(base.tensor_infos), f"writing {out}", "tensor"),
                                      types, alignment=base.alignment, max_bytes=split_max_bytes,
                                      max_tensors=split_max_tensors)
+        checks = _check_merged(files[0], ad, base, infos) if check and ad is not None else None
     finally:
         base.close()
     rep = ExportReport(str(files[0]), "merged-gguf", ad.method if ad else None, ad.rank if ad else None, infos,
-                       _collect_notes(infos), sum(os.path.getsize(f) for f in files), time.perf_counter() - t0)
+                       _collect_notes(infos), sum(os.path.getsize(f) for f in files), time.perf_counter() - t0,
+                       checks)
     for n in rep.notes:
         log.warning("%s", n)
     if len(files) > 1:  # said in the summary, not a warning
@@ -368,6 +384,76 @@ def _check_own_types_writable(base, ad: SavedAdapter) -> None:
                          f"into their own type, and {_NEEDS_IMATRIX}; give --type IQ4_XS (or IQ3_S, Q4_K, "
                          f"...) to write every quantized tensor in that type, or export the adapter "
                          f"unmerged (--lora-gguf)")
+
+
+def _check_merged(path, ad: SavedAdapter, base, infos: dict[str, MergeInfo] | None = None) -> dict[str, WeightCheck]:
+    """Every adapted weight of the merged GGUF at `path` (a split one from its first part), read
+    back, against the trained model's: {logical weight name: WeightCheck} (a fused tensor's parts
+    on their rows)."""
+    checks = {}
+    with open_gguf(path) as merged:
+        for name in base.tensor_infos:
+            if not any(part in ad.modules for part, _, _ in ad.parts.get(name, ((name, 0, 0),))):
+                continue
+            if name not in merged.tensor_infos:
+                raise ValueError(f"{path} lacks {name}, which the adapter adapts: not a merge of this adapter")
+            qt, got = base.qtensor(name), merged.qtensor(name)
+            for part, a, b in ad.split(name, qt):
+                lin = ad.adapted(part, _rows(qt, a, b))
+                if lin is None:
+                    continue
+                got_part = _rows(got, a, b)
+                info = infos[part] if infos is not None else _merge_info_of(lin, got_part)
+                checks[part] = check_weight(got_part, lin.effective_weight(), lin.delta_weight(), info,
+                                            lin.merge_exact)
+    return checks
+
+
+def _merge_info_of(lin: AdaptedLinear, merged: QTensor) -> MergeInfo:
+    """How a merged weight was most likely made, from its type, for a file merged elsewhere."""
+    base = get_format(lin.base_type)
+    path = "float" if not merged.format.quantized else "requantize"
+    if lin.method in GROUP_CONSTANT and storage_format(base) is merged.format:
+        path = "min" if base.float_min else "min-refit" if base.name in KQUANT_MINS else path
+    return MergeInfo(path, base.name, merged.type, False)
+
+
+def check_merged_gguf(merged, model, adapter, rank: int | None = None, base_type=None,
+                      force: bool = False) -> dict[str, WeightCheck]:
+    """Read the merged GGUF `merged` and compare each adapted weight with the weight the base
+    `model` plus `adapter` computes with: {tensor name: WeightCheck}; merge.describe_merge(checks)
+    says it in words. export_merged_gguf does this after writing."""
+    ad, base = _open(model, adapter, rank, base_type, force)
+    try:
+        return _check_merged(merged, ad, base)
+    finally:
+        base.close()
+
+
+def compare_perplexity(model, adapter, merged, text: str, ctx: int = 512, chunks: int | None = None,
+                       rank: int | None = None, base_type=None, force: bool = False, device="cpu") -> dict:
+    """Perplexity of `text` under the base plus the adapter (unmerged) and under the merged GGUF,
+    fp32 activations on `device`, windows of min(ctx, the model's context) tokens (at most
+    `chunks`): {"unmerged", "merged", "relative" (merged / unmerged − 1), "tokens", "ctx"}."""
+    from .evaluate import perplexity
+    from .loading import load, load_model
+
+    plain, tok = load(model, device=device, qtype=hf_qtype(model, adapter, base_type), adapter=adapter,
+                      rank=rank, force=force)
+    ctx = min(int(ctx), plain.config.context_length)
+    ids = tok.encode(text, add_bos=False)
+    unmerged = perplexity(plain, ids, ctx=ctx, chunks=chunks)
+    del plain
+    got = perplexity(load_model(merged, device=device), ids, ctx=ctx, chunks=chunks)
+    return {"unmerged": unmerged["perplexity"], "merged": got["perplexity"],
+            "relative": got["perplexity"] / unmerged["perplexity"] - 1.0, "tokens": got["tokens"], "ctx": ctx}
+
+
+def describe_perplexity(r: dict) -> str:
+    """compare_perplexity's result in one line."""
+    diff = "identical" if r["merged"] == r["unmerged"] else f"{r['relative']:+.4%}"
+    return (f"perplexity over {r['tokens']:,} tokens: base + adapter {r['unmerged']:.6g}, merged "
+            f"{r['merged']:.6g} ({diff})")
 
 
 # ---- GGUF LoRA -------------------------------------------------------------------------------------
@@ -552,9 +638,11 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                 return hf_names.to_hf_values(name, w, md).to(tdt)
             qt = base.qtensor(name)
             w = dense(qt)
-            upd = ad.delta(name, qt) if ad is not None else None
-            if upd is not None:
-                w += upd
+            if ad is not None:  # the weight each adapted part computes with (merge-exact: its stored mins)
+                for part, a, b in ad.split(name, qt):
+                    lin = ad.adapted(part, _rows(qt, a, b))
+                    if lin is not None:
+                        w[a:b] = lin.effective_weight()
             return hf_names.to_hf_values(name, w, md).reshape(ti.shape).to(tdt)
 
         d = Path(out_dir)
@@ -576,5 +664,6 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                         time.perf_counter() - t0)
 
 
-__all__ = ["ExportReport", "SavedAdapter", "export_hf", "export_lora_gguf", "export_merged_gguf", "export_peft",
-           "gguf_name_of_module", "write_hf_tokenizer"]
+__all__ = ["ExportReport", "SavedAdapter", "check_merged_gguf", "compare_perplexity", "describe_perplexity",
+           "export_hf", "export_lora_gguf", "export_merged_gguf", "export_peft", "gguf_name_of_module",
+           "write_hf_tokenizer"]

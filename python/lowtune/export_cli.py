@@ -1,6 +1,7 @@
 """What `lowtune export` accepts (lowtune.commands runs it with lowtune.export).
 
     lowtune export MODEL.gguf --adapter RUN_DIR -o merged.gguf            # each tensor in its own type
+    lowtune export MODEL.gguf --adapter RUN_DIR -o merged.gguf --eval-text held_out.txt
     lowtune export MODEL.gguf --adapter RUN_DIR -o merged.gguf --type Q5_K
     lowtune export MODEL.gguf --adapter RUN_DIR --lora-gguf lora.gguf     # llama.cpp --lora
     lowtune export MODEL.gguf --adapter RUN_DIR --peft peft/ --hf hf/ --dtype bf16
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "quantized it to (default: the run's config.json, else finetune's default types)")
     p.add_argument("--force", "--ignore-base-hash", dest="force", action="store_true",
                    help="export even if the adapter was trained on another base model")
+    p.add_argument("--eval-text", metavar="FILE", help="after merging, score this text with base + adapter "
+                   "and with the merged GGUF, and print both perplexities")
+    p.add_argument("--eval-chunks", type=int, metavar="K", help="--eval-text: at most K windows of 512 tokens")
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report (per-tensor merge paths and errors)")
     p.add_argument("--quiet", action="store_true", help="print only errors and warnings")
 
@@ -65,4 +69,8 @@ def check(args: argparse.Namespace) -> bool:
             check_output_dir(path)
     if (args.split_max_size or args.split_max_tensors is not None) and not merge:
         raise ValueError("--split-max-size and --split-max-tensors split the merged GGUF: give -o OUT.gguf")
+    if args.eval_text is not None and not (merge and args.adapter is not None):
+        raise ValueError("--eval-text compares the merged GGUF with base + adapter: give --adapter and -o OUT.gguf")
+    if args.eval_chunks is not None and args.eval_chunks < 1:
+        raise ValueError("--eval-chunks must be at least 1")
     return merge

@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="adapter rank (qdylora: the largest rank)")
     p.add_argument("--alpha", type=float, help="adapter scaling numerator (scale = alpha/rank)")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
+    p.add_argument("--merge-exact", choices=["on", "off"],
+                   help="qa-lora/qa-hira on Q4_1, Q5_1, INTb-gG: train through the fp16 rounding of the "
+                   "merged mins, so the merged GGUF computes exactly what was trained (default: on "
+                   "unless --dropout)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t],
                    help="comma-separated linears to adapt, e.g. attn_q,attn_v (default: all)")
     p.add_argument("--layers", type=parse_layers,
@@ -123,6 +127,8 @@ def given(args: argparse.Namespace) -> dict:
         k = _FIELDS.get(k, k)
         if k in ("gradient_checkpointing", "cuda_graphs"):
             v = None if v == "auto" else v == "on"
+        elif k == "merge_exact":
+            v = v == "on"
         if k in TrainConfig.__dataclass_fields__:
             out[k] = v
     return out

@@ -37,8 +37,8 @@ import torch
 
 from . import _C, gguf_split, ops
 from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterConfig, apply_adapters,
-                       base_hash, load_adapter, mark_only_adapters_trainable, model_base_hash,
-                       no_min_note, read_adapter_config, set_rank)
+                       base_hash, load_adapter, mark_only_adapters_trainable, merge_exact_summary,
+                       model_base_hash, no_min_note, read_adapter_config, set_rank)
 from .dtypes import torch_dtype
 from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
@@ -322,7 +322,7 @@ def attach_base_adapter(model: Model, path, force: bool = False) -> dict[str, Fr
 def apply_train_adapter(model, cfg: TrainConfig) -> dict:
     """Wrap the model's linears with cfg.method adapters and freeze everything else; returns the
     resolved adapter config."""
-    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed)
+    kw = dict(method=cfg.method, dropout=cfg.dropout, seed=cfg.seed, merge_exact=cfg.merge_exact)
     if cfg.rank is not None:
         kw["rank"] = cfg.rank
     if cfg.alpha is not None:
@@ -352,6 +352,9 @@ def load_for_training(cfg: TrainConfig, device: torch.device, say=print) -> tupl
     model = load_model(cfg.model, device="cpu" if streams else device, dtype=activation_dtype(device),
                        qtype=cfg.qtype, base_adapter=cfg.base_adapter, force=cfg.force)
     cfg.extra["adapter"] = apply_train_adapter(model, cfg)
+    exact = merge_exact_summary(model)
+    if exact:
+        say(exact)
     if streams:
         gguf = Path(cfg.model).is_file() and not _is_hf(cfg.model)
         plan = stream_model(model, device, cfg.max_vram, tokens=cfg.seq_len * cfg.batch,

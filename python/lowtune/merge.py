@@ -9,27 +9,32 @@ Pure functions on QTensors (CPU); lowtune.export feeds them one tensor at a time
     requantize(qt, delta, target)        deq(W) + ΔW rounded once into `target`
     best_blocks(a, b, target)            per super-block, whichever of two encodings is nearer
     merge_weight(qt, ...)                picks one of the above for a tensor and says which
+    check_weight(merged, trained, ...)   a written merged weight against the trained model's
+    describe_merge(checks)               in words: exact bit for bit, or how far off and why
 
 Why the mins: an update that is constant on every run of inputs sharing one min (QA-LoRA and
 QA-HiRA pool exactly over that run) is absorbed by that min, since x = d·q + m and
 x + c = d·q + (m + c). Where the min is a float (Q4_1, Q5_1, INTb-gG) this is exact but for the
-fp16 rounding of m + c. K-quants store their mins as 6-bit (Q4_K, Q5_K) or 4-bit (Q2_K) codes
-times a per-super-block fp16 dmin, x = d·sc·q − dmin·mn: the weight codes q and the scales sc can
-stay, but mn and dmin must be refitted, which leaves a residual per sub-block of up to half the
-min resolution dmin' (about max|min|/126): updates smaller than that are partly lost, and for
-much larger ones re-quantizing is closer, so merge_weight keeps per super-block whichever of the
-two lands nearer the exact target (kquant_mins="best"). Types without a min (Q4_0, Q5_0, Q8_0,
-Q3_K, Q6_K) cannot absorb a constant and are re-quantized.
+fp16 rounding of m + c, and exact bit for bit for an adapter trained in merge-exact mode, which
+computes with those rounded mins (lowtune.merge_exact owns the rule). K-quants store their mins
+as 6-bit (Q4_K, Q5_K) or 4-bit (Q2_K) codes times a per-super-block fp16 dmin,
+x = d·sc·q − dmin·mn: the weight codes q and the scales sc can stay, but mn and dmin must be
+refitted, which leaves a residual per sub-block of up to half the min resolution dmin' (about
+max|min|/126): updates smaller than that are partly lost, and for much larger ones re-quantizing
+is closer, so merge_weight keeps per super-block whichever of the two lands nearer the exact
+target (kquant_mins="best"). Types without a min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) cannot absorb a
+constant and are re-quantized.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import ops
+from . import merge_exact, ops
 from .formats import FORMATS, Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.kquants import _pack_scale_min_k4, _unpack_scale_min_k4
@@ -72,23 +77,20 @@ def _as_f64(delta, shape: tuple[int, int], what: str) -> np.ndarray:
 
 def merge_group_constant(qt: QTensor, delta_g) -> QTensor:
     """Add delta_g [N, K/G] (one constant per block of G = block_elems inputs) to a Q4_1, Q5_1
-    or INTb-gG weight by moving each block's fp16 min: m' = fp16(m + δ), rounded once from the
-    exact sum. Scales and codes are left byte for byte; deq(W') = deq(W) + expand(δ) up to the
-    rounding of m'. Returns a new CPU QTensor."""
+    or INTb-gG weight by moving each block's fp16 min: m' = fp16(fp32(m) + fp32(δ))
+    (lowtune.merge_exact.stored_mins, the rule merge-exact training computes with). Scales and
+    codes are left byte for byte; deq(W') = deq(W) + expand(δ) up to the rounding of m'.
+    Returns a new CPU QTensor."""
     fmt = qt.format
-    if not fmt.float_min:
+    if not merge_exact.supports(fmt):
         raise ValueError(f"{fmt.name} has no float min per block; use refit_kquant_mins (Q2_K, Q4_K, "
                          f"Q5_K) or requantize")
     n, k = qt.shape
-    delta = _as_f64(delta_g, (n, k // fmt.block_elems), "delta_g")
-    blocks = _cpu_blocks(qt)
-    m_old = blocks[:, 2:4].copy().view("<f2").astype(np.float64)[:, 0]
-    with np.errstate(over="ignore"):
-        m_new = (m_old + delta.reshape(-1)).astype("<f2")
-    if not np.isfinite(m_new).all():
+    delta = torch.from_numpy(_as_f64(delta_g, (n, k // fmt.block_elems), "delta_g").astype(np.float32))
+    out = merge_exact.shift_mins(qt.to("cpu"), delta)
+    if not torch.isfinite(merge_exact.block_mins(out)).all():
         raise ValueError(f"merged min overflows fp16 (|min + delta| > 65504) in a {fmt.name} tensor")
-    blocks[:, 2:4] = m_new.view(np.uint8).reshape(-1, 2)
-    return _wrap(blocks, fmt, qt.shape)
+    return out
 
 
 # ---- quantized mins: refit -------------------------------------------------------------------
@@ -359,6 +361,91 @@ def merge_weight(qt: QTensor, delta: torch.Tensor | None = None, delta_groups: t
     return _finish(out, info, repack)
 
 
+# ---- checking a written merge against the trained model -----------------------------------------
+
+@dataclass
+class WeightCheck:
+    """One merged weight as read back from the written file, against the weight the adapted
+    model computes with (AdaptedLinear.effective_weight): how many values differ and by how much.
+
+    weights, differ       values compared, and of them not bit-identical
+    max_error, rms_error  |merged − trained|, largest and RMS (0 when exact)
+    update_rms            RMS of the update ΔW (the scale of what was merged)
+    path, out_type        how merge_weight merged it, into which type
+    merge_exact           the layer was trained through the stored mins (AdapterConfig.merge_exact)
+    """
+    weights: int
+    differ: int
+    max_error: float
+    rms_error: float
+    update_rms: float
+    path: str
+    out_type: str
+    merge_exact: bool
+
+    @property
+    def exact(self) -> bool:
+        return self.differ == 0
+
+    def cause(self) -> str:
+        """Why a merged weight differs from the trained one, in words ("" when it does not)."""
+        if self.exact:
+            return ""
+        if self.path == "min":
+            return ("the merged fp16 mins round m + δ, a rounding the adapter was not trained through"
+                    if not self.merge_exact else "the merged mins are not the ones training computed with")
+        if self.path == "min-refit":
+            return (f"{self.out_type} stores its mins as small integer codes, which can only approximate "
+                    "m + δ (re-quantizing where that is nearer)")
+        if self.path == "float":
+            return f"W + ΔW is rounded to {self.out_type}"
+        return f"W + ΔW is re-quantized to {self.out_type}"
+
+    def as_dict(self) -> dict:
+        return {"weights": self.weights, "differ": self.differ, "max_error": self.max_error,
+                "rms_error": self.rms_error, "update_rms": self.update_rms, "path": self.path,
+                "out_type": self.out_type, "merge_exact": self.merge_exact}
+
+
+def check_weight(merged: QTensor, trained: torch.Tensor, update: torch.Tensor, info: MergeInfo,
+                 merge_exact: bool = False) -> WeightCheck:
+    """Compare a merged weight (as written) with `trained` [N, K], the dense weight the adapted
+    model computes with; `update` is ΔW [N, K] (for scale); info: merge_weight's MergeInfo."""
+    got = dense(merged)
+    if tuple(got.shape) != tuple(trained.shape):
+        raise ValueError(f"the merged weight has shape {list(got.shape)}, the trained one {list(trained.shape)}")
+    e = got.sub_(trained.to(torch.float32))
+    n = e.numel()
+    rms = (lambda t: float(torch.linalg.vector_norm(t.double())) / math.sqrt(n) if n else 0.0)
+    return WeightCheck(n, int(torch.count_nonzero(e)), float(e.abs().max()) if n else 0.0, rms(e),
+                       rms(update.to(torch.float32)), info.path, info.out_type, bool(merge_exact))
+
+
+def describe_merge(checks: dict[str, WeightCheck]) -> str:
+    """One line on how the merged file's adapted weights compare with the trained model's: exact
+    bit for bit, or how many differ, by how much against the update, and why."""
+    total = sum(c.weights for c in checks.values())
+    off = [c for c in checks.values() if not c.exact]
+    if not checks:
+        return "merge: no adapted weight to check"
+    if not off:
+        return (f"merge: exact: all {total:,} adapted weights of the merged file equal the trained "
+                f"model's, bit for bit")
+    differ = sum(c.differ for c in off)
+    worst = max(c.max_error for c in off)
+    rms = math.sqrt(sum(c.rms_error ** 2 * c.weights for c in checks.values()) / total)
+    upd = math.sqrt(sum(c.update_rms ** 2 * c.weights for c in checks.values()) / total)
+    share = f", {rms / upd:.1%} of the update's RMS {upd:.3g}" if upd > 0 else ""
+    causes = Counter(c.cause() for c in off)
+    why = "; ".join(f"{cause} ({n} tensor{'s' if n > 1 else ''})" if len(causes) > 1 else cause
+                    for cause, n in causes.most_common())
+    line = (f"merge: {differ:,} of {total:,} adapted weights differ from the trained model's, by at most "
+            f"{worst:.3g} (RMS {rms:.3g}{share}): {why}")
+    if any(c.path == "min" and not c.merge_exact for c in off):
+        line += "; training with --merge-exact on makes this merge exact"
+    return line
+
+
 def _block_mins(qt: QTensor) -> np.ndarray:
     """The fp16 min of every block of a float-min format, float64 [blocks]."""
     b = qt.raw.detach().to("cpu").numpy().reshape(-1, qt.format.block_bytes)
@@ -377,5 +464,6 @@ def _finish(out: QTensor, info: MergeInfo, repack: bool):
     return out, info
 
 
-__all__ = ["KQUANT_MINS", "MIN_FREE", "MergeInfo", "MinResidual", "best_blocks", "dense", "fit_min_codes",
-           "merge_group_constant", "merge_weight", "min_group", "refit_kquant_mins", "requantize"]
+__all__ = ["KQUANT_MINS", "MIN_FREE", "MergeInfo", "MinResidual", "WeightCheck", "best_blocks", "check_weight",
+           "dense", "describe_merge", "fit_min_codes", "merge_group_constant", "merge_weight", "min_group",
+           "refit_kquant_mins", "requantize"]

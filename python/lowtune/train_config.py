@@ -65,6 +65,7 @@ class TrainConfig:
     rank: int | None = None         # adapter rank (qdylora: the largest rank); method default
     alpha: float | None = None      # adapter scale numerator; method default
     dropout: float = 0.0
+    merge_exact: bool | None = None # qa-lora/qa-hira: train through the merged fp16 mins; None = on unless dropout
     targets: list[str] | None = None  # which linears get adapters; adapters' default (all)
     layers: list[int] | None = None   # which decoder layers get adapters; None = all
     steps: int | None = None        # optimizer steps (wins over epochs); default: `epochs` epochs
@@ -130,6 +131,8 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        d.setdefault("merge_exact", False)  # runs started before the mode trained without it
         return cls(**d)
 
     @classmethod
