@@ -293,6 +293,7 @@ class LayerGraphs:
             graph = self.graphs[key] = self._record(work)
         except RuntimeError as e:
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._end_failed_capture()
             self.uncaptured.add(f"every layer, capture failed ({self.failed})")
             if self.on_event is not None:
                 self.on_event(f"CUDA graph capture failed, layers run without graphs: {self.failed}")
@@ -311,14 +312,31 @@ class LayerGraphs:
             self.warmup_stream = torch.cuda.Stream(self.device)
         side = self.warmup_stream
         side.wait_stream(cur)
+        graph = torch.cuda.CUDAGraph()
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             with torch.cuda.stream(side):
                 work()
+                # captured on the stream the warm-up ran on (what it initialised per stream is
+                # there); begin/end by hand so that a failed capture still leaves this stream
+                torch.cuda.synchronize(self.device)
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    work()
+                finally:
+                    graph.capture_end()
             cur.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                work()
         return graph
+
+    def _end_failed_capture(self) -> None:
+        """After a failed capture the CUDA generator can be left in capture mode (its epilogue did
+        not run), which fails every later random op; an empty capture runs it once more."""
+        try:
+            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                g = torch.cuda.CUDAGraph()
+                g.capture_begin()
+                g.capture_end()
+        except RuntimeError:
+            pass
 
     # -- the two halves of a checkpointed layer ------------------------------------------------
 

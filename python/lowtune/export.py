@@ -110,8 +110,8 @@ class SavedAdapter:
         ad.method, ad.config, ad.rank          # rank: QDyLoRA's b in use (None otherwise)
         for name in ad.tensor_names: ...        # GGUF names of the adapted (logical) weights
         lin = ad.adapted(name, qt)              # AdaptedLinear on that weight, weights loaded
-        ad.check(path, base)                    # then, per tensor of the base (fused or not):
-        ad.lora_pairs(base)
+        ad.check(path, base)                    # then per base tensor: its logical parts and their LoRA pairs
+        ad.split(name, qt); ad.lora_pairs(base)
     """
 
     def __init__(self, directory, rank: int | None = None):
