@@ -163,6 +163,10 @@ def test_hf_configs_lowtune_refuses():
         {"attention_bias": False, "mlp_bias": True}, ["blk.0.ffn_down.bias", "blk.0.ffn_gate.bias"])
     with pytest.raises(ValueError, match="blk.0.attn_qkv.bias: a phi3 model in Hugging Face's layout has no such bias"):
         hf_names.hf_biases("phi3", ["blk.0.attn_qkv.bias"], 1)
+    # adapter targets: lowtune's names, or the family's HF module names (fused ones for their parts)
+    assert hf_names.adapter_targets(["qkv_proj", "down_proj"], "phi3") == ("attn_q", "attn_k", "attn_v", "ffn_down")
+    assert hf_names.adapter_targets(["gate_up_proj", "ffn_up"], "phi3") == ("ffn_gate", "ffn_up")
+    assert hf_names.adapter_targets(["q_proj", "attn_v", "o_proj"], "gemma3") == ("attn_q", "attn_v", "attn_output")
 
 
 def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):

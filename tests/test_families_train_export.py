@@ -107,8 +107,13 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
 @pytest.mark.parametrize("name", NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
+    # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else None
     result = lowtune.finetune(hf_dir, train_text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
-                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
+                              targets=targets)
+    modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
+    assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS)
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
     assert after < before
