@@ -177,6 +177,60 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
     return _QUANTIZED[key]
 
 
+def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random model of architecture `arch` made straight from GGUF-named weights (matrices in
+    `qtype`), with the optional parts of the tiny models above switched on: for machines without
+    transformers or llama.cpp's converter (the GPU ones)."""
+    from lowtune import ops
+    from lowtune.families import FAMILIES
+    from lowtune.model import Model, ModelConfig
+
+    fam = FAMILIES[arch]
+    layers, hd = (6 if arch == "gemma3" else 2), (32 if arch in ("qwen3", "gemma2", "gemma3") else D // H)
+    md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
+          f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
+          f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
+          f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.context_length": 256}
+    if fam.swa_period or arch == "llama":
+        md[f"{arch}.attention.sliding_window"] = WINDOW
+    if arch == "gemma2":
+        md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
+    if arch == "gemma3":
+        md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
+    if arch == "phi3":
+        md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
+                   "phi3.rope.scaling.attn_factor": 1.18})
+    c = ModelConfig.from_gguf_metadata(md)
+    g = torch.Generator().manual_seed(seed)
+    mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
+    vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+    q, kv = H * hd, HKV * hd
+    w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, D, generator=g), qtype),
+         "output_norm.weight": vec(D, 1.0)}
+    if not fam.embed_scale:  # Gemma ties its head to the embeddings
+        w["output.weight"] = mat(V, D)
+    norms = ["attn_norm", "ffn_norm"] + (["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.update({p + n + ".weight": vec(D, 1.0) for n in norms})
+        if fam.qk_norm:
+            w.update({p + "attn_q_norm.weight": vec(hd, 1.0), p + "attn_k_norm.weight": vec(hd, 1.0)})
+        if arch == "phi3":  # fused q/k/v and gate/up
+            w.update({p + "attn_qkv.weight": mat(q + 2 * kv, D), p + "ffn_up.weight": mat(2 * F, D)})
+        else:
+            w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D),
+                      p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
+        w.update({p + "attn_output.weight": mat(D, q), p + "ffn_down.weight": mat(D, F)})
+        if arch in ("llama", "qwen2"):
+            w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
+    if arch == "phi3":
+        w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
+        w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])
+    model = Model(c, w, dtype)
+    model.metadata = md
+    return model.eval()
+
+
 def rand_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
@@ -193,11 +247,11 @@ def llamacpp(path, n_ctx: int = SEQ, lora=None):
                  n_threads=threads, n_threads_batch=threads, lora_path=None if lora is None else str(lora))
 
 
-def llamacpp_perplexity(llm, windows: torch.Tensor) -> float:
-    """exp(mean NLL) of every token but each window's first, each window run alone (as
-    lowtune.evaluate.perplexity scores them)."""
+def llamacpp_perplexity(llm, windows) -> float:
+    """exp(mean NLL) of every token but each window's first, each window (a tensor's rows, or lists
+    of ids) run alone (as lowtune.evaluate.perplexity scores them)."""
     nll, n = 0.0, 0
-    for w in windows.tolist():
+    for w in (windows.tolist() if isinstance(windows, torch.Tensor) else windows):
         llm.reset()
         llm.eval(w)
         logits = np.array(llm.scores[:len(w)], dtype=np.float64)

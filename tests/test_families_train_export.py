@@ -13,7 +13,10 @@ tests/family_models.py, built by transformers and converted by llama.cpp's conve
   perplexity (0.05 % in F32);
 * Phi-3's fused attn_qkv and gate+up take a QA-HiRA merge in their own Q4_1 blocks: the codes
   stay, every part's mins move, and llama.cpp runs the result;
-* LREC corrects an INT2 Gemma 3 (soft-capped logits, tied head) towards its F32 teacher.
+* LREC corrects an INT2 Gemma 3 (soft-capped logits, tied head) towards its F32 teacher;
+* on a GPU (marker cuda), every family (random models made from GGUF-named weights, as the GPU
+  machine has neither transformers nor llama.cpp's converter) gives the CPU's logits in fp32 and
+  bf16, trains with every method in bf16, and trains streamed as it does resident.
 """
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, expo
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import Model
+from lowtune.streaming import stream_model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
-                           rel_err)
+                           random_family_model, rel_err)
 from test_export import make_adapter
+from test_streaming import step_losses
 
 METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
 # The method each family's exports are checked with (every method on some family), and the one it
@@ -65,14 +70,20 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
     model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
+    losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
+    assert losses[-1] < losses[0], losses
+
+
+def adapted_steps(model, method: str, ids: torch.Tensor, steps: int = 4) -> list[float]:
+    """Losses of `steps` AdamW steps of a fresh `method` adapter on one batch; the first step's
+    gradients are checked: finite everywhere, and not all zero for any adapted linear."""
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method=method, rank=4, alpha=8, seed=0))
     params = adapters.mark_only_adapters_trainable(model)
     model.gradient_checkpointing = True
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-2)
-    ids = rand_ids(2, 32, seed=11)
     losses = []
-    for step in range(4):
+    for step in range(steps):
         opt.zero_grad()
         loss = model.loss(ids)
         loss.backward()
@@ -83,7 +94,7 @@ def test_every_method_trains_on_every_family(family_models, name, method):
                 assert any(bool(g.abs().sum() > 0) for g in grads), where
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +107,13 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
 @pytest.mark.parametrize("name", NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
+    # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else None
     result = lowtune.finetune(hf_dir, train_text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
-                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
+                              targets=targets)
+    modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
+    assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS)
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
     assert after < before
@@ -243,3 +259,52 @@ def test_phi3_fused_tensors_merge_in_their_own_blocks(family_models, tmp_path):
     ppl, cpp = nll_ppl(merged, windows), llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), windows)
     print(f"phi3 Q4_1 QA-HiRA merged: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
     assert abs(cpp - ppl) / ppl < 5e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA
+
+ARCHS = tuple(FAMILIES)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
+    ids = rand_ids(2, 40, seed=5)
+    with torch.no_grad():
+        want = random_family_model(arch)(ids)
+        fp32 = random_family_model(arch).to(device)(ids.to(device)).cpu()
+        bf16 = random_family_model(arch, dtype=torch.bfloat16).to(device)(ids.to(device)).cpu()
+    print(f"{arch} on {device}: logits vs the CPU, relative error fp32 {rel_err(fp32, want):.2e}, "
+          f"bf16 {rel_err(bf16, want):.2e}")
+    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < 5e-2
+    for method in METHODS:
+        model = random_family_model(arch, dtype=torch.bfloat16).to(device)
+        losses = adapted_steps(model, method, ids.to(device))
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], (method, losses)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3"])
+def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
+    """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms."""
+    def adapted():
+        model = random_family_model(arch, dtype=torch.bfloat16)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in adapters.adapter_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return model
+
+    resident = adapted().to(device)
+    resident.gradient_checkpointing = True
+    streaming = adapted()
+    stream_model(streaming, device, streamed=list(range(streaming.config.n_layers)))
+    ids = rand_ids(2, 24, seed=4).to(device)
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-4)
+    for key in want_g:
+        torch.testing.assert_close(got_g[key], want_g[key], rtol=2e-2, atol=1e-4, msg=key)

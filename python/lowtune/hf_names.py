@@ -121,6 +121,23 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
                      "unsupported variant)")
 
 
+# Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
+_FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "gate_up_proj": ("ffn_gate", "ffn_up")}
+
+
+def adapter_targets(targets, arch: str) -> tuple[str, ...]:
+    """Adapter targets as lowtune's model names its linears (attn_q ... ffn_down, the same in
+    every family), from those names or the family's HF module names (q_proj, o_proj, ...; Phi-3's
+    qkv_proj is q, k and v, its gate_up_proj gate and up). Other names are kept as they are."""
+    hf = {h.rsplit(".", 1)[-1]: g for g, h in _table(arch)["layer"].items()}
+    out: list[str] = []
+    for t in targets:
+        for name in _FUSED_HF.get(t, (hf.get(t, t),)):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
 # ---- values: q/k rows, Gemma's norms -------------------------------------------------------------
 
 def _check_heads(w, n_head: int) -> int:

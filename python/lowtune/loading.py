@@ -44,6 +44,7 @@ from .formats import get_format
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .gguf_split import SplitGGUF
+from .hf_names import adapter_targets
 from .model import QEmbedding, QLinear
 from .model import Model, ModelConfig  # the model families' classes
 from .paths import missing_model
@@ -327,8 +328,8 @@ def apply_train_adapter(model, cfg: TrainConfig) -> dict:
         kw["rank"] = cfg.rank
     if cfg.alpha is not None:
         kw["alpha"] = cfg.alpha
-    if cfg.targets is not None:
-        kw["targets"] = tuple(cfg.targets)
+    if cfg.targets is not None:  # lowtune's names, or the family's HF module names
+        kw["targets"] = adapter_targets(cfg.targets, model.config.arch)
     if cfg.layers is not None:
         kw["layers"] = tuple(cfg.layers)
     acfg = AdapterConfig(**kw)
