@@ -41,6 +41,8 @@ from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamac
 from test_export import make_adapter
 from test_streaming import step_losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (llama.cpp keeps its own threads)
+
 METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
 # The method each family's exports are checked with (every method on some family), and the one it
 # is fine-tuned with through the trainer (another one).
