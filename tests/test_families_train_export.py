@@ -85,9 +85,11 @@ def adapted_steps(model, method: str, ids: torch.Tensor, steps: int = 4) -> list
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses = []
+    cuda = ids.device.type == "cuda"
     for step in range(steps):
         opt.zero_grad()
-        loss = model.loss(ids)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cuda):  # as the trainer runs
+            loss = model.loss(ids)
         loss.backward()
         if step == 0:
             for where, ad in ads.items():
