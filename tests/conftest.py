@@ -103,6 +103,18 @@ def gemma3_270m_path() -> Path:
     return p
 
 
+@pytest.fixture
+def one_thread():
+    """Compute on one thread for the test (restored after): tiny models run faster on one than on
+    two threads that wait for each other, the more so on a busy machine."""
+    threads, kernel_threads = torch.get_num_threads(), lowtune._C.num_threads()
+    torch.set_num_threads(1)
+    lowtune._C.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    lowtune._C.set_num_threads(kernel_threads)
+
+
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory, llamacpp_source, botchan_text):
     """Every family's tiny random model as an HF directory and as llama.cpp's GGUF F32

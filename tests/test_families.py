@@ -45,6 +45,12 @@ def tiny(family_models):
     return family_models
 
 
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread(request):
+    if request.node.get_closest_marker("gemma3") is None:  # the real Gemma 3 uses every core
+        request.getfixturevalue("one_thread")
+
+
 # ----------------------------------------------------------------------------------------------
 # against transformers
 

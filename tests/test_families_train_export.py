@@ -41,6 +41,8 @@ from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamac
 from test_export import make_adapter
 from test_streaming import step_losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (llama.cpp keeps its own threads)
+
 METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
 # The method each family's exports are checked with (every method on some family), and the one it
 # is fine-tuned with through the trainer (another one).
@@ -83,9 +85,11 @@ def adapted_steps(model, method: str, ids: torch.Tensor, steps: int = 4) -> list
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses = []
+    cuda = ids.device.type == "cuda"
     for step in range(steps):
         opt.zero_grad()
-        loss = model.loss(ids)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cuda):  # as the trainer runs
+            loss = model.loss(ids)
         loss.backward()
         if step == 0:
             for where, ad in ads.items():
