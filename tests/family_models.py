@@ -128,7 +128,6 @@ class Tiny:
     gguf: Path
 
 
-
 def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[str, Tiny]:
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
@@ -261,13 +260,4 @@ def llamacpp_perplexity(llm, windows) -> float:
         n += len(w) - 1
     return math.exp(nll / n)
 
-
-def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
-    llm.reset()
-    out = []
-    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
 

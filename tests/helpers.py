@@ -361,3 +361,14 @@ def kill_after_step(p: subprocess.Popen, metrics: Path, step: int, timeout: floa
 def _sigkill(p: subprocess.Popen) -> None:
     p.send_signal(signal.SIGKILL)
     p.communicate()
+
+
+def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
+    """llama.cpp's first n greedy tokens after prompt_ids (llama_cpp.Llama `llm`)."""
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out

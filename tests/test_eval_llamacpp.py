@@ -23,6 +23,8 @@ from lowtune.generate import generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import load_model
 
+from helpers import llamacpp_greedy
+
 pytestmark = pytest.mark.llamacpp
 
 CTX = 512
@@ -63,16 +65,6 @@ def llamacpp_perplexity(llm, tokens, chunks: int) -> float:
         lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
         nll += float((lse[:-1] - logits[np.arange(CTX - 1), window[1:]]).sum())
     return math.exp(nll / (chunks * (CTX - 1)))
-
-
-def llamacpp_greedy(llm, prompt_ids, n):
-    llm.reset()
-    out = []
-    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ from lowtune.streaming import stream_model
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
-                           hf_model, llamacpp, llamacpp_greedy, llamacpp_perplexity, rand_ids, rel_err)
+                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from helpers import llamacpp_greedy
 from test_streaming import step_losses
 
 

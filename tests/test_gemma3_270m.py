@@ -15,7 +15,8 @@ from lowtune.generate import generate
 from lowtune.model import Model
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import llamacpp, llamacpp_greedy, llamacpp_perplexity
+from family_models import llamacpp, llamacpp_perplexity
+from helpers import llamacpp_greedy
 
 pytestmark = pytest.mark.gemma3
 
