@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from .paths import WriteError, write_error  # noqa: F401 - WriteError: part of this module's API
+from .paths import WriteError, failed_write  # noqa: F401 - WriteError: part of this module's API
 
 CHECKPOINT_FORMAT = "lowtune-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -66,13 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise write_error(e, path) from e
-        raise
+        raise failed_write(e, path, [tmp])
     _fsync_dir(path.parent)
     return path
 

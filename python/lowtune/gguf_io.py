@@ -31,7 +31,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .formats import Format, FORMATS, get_format
-from .paths import WriteError, write_error
+from .paths import failed_write
 from .qtensor import QTensor
 
 GGUF_MAGIC = b"GGUF"
@@ -577,11 +577,7 @@ def write_gguf(path, metadata: dict, tensors: Iterable, metadata_types: dict | N
         write_file(tmp, arch, kv, table.infos, alignment, materialised=materialised, spill=spill)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise write_error(e, path) from e  # the user's path, not the temporary files'
-        raise
+        raise failed_write(e, path, [tmp])
     finally:
         if os.path.exists(spill):
             os.remove(spill)

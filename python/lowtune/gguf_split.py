@@ -28,7 +28,7 @@ from gguf.constants import GGUFValueType
 
 from .gguf_io import (DEFAULT_ALIGNMENT, GGUFError, GGUFFile, TensorInfo, TensorTable, check_write_args,
                       header_kv, write_file)
-from .paths import WriteError, write_error
+from .paths import failed_write
 from .qtensor import QTensor
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
@@ -268,12 +268,7 @@ def write_gguf_split(path, metadata: dict, tensors: Iterable, metadata_types: di
             os.replace(tmp, out)
         return [out for _, out in done]
     except BaseException as e:
-        for tmp, _ in done:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise write_error(e, path) from e  # the user's path, not the temporary files'
-        raise
+        raise failed_write(e, path, [tmp for tmp, _ in done])
     finally:
         if fh is not None and not fh.closed:
             fh.close()

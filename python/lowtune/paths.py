@@ -106,3 +106,19 @@ def write_error(err: OSError, path) -> WriteError:
     """The WriteError for `err` met while writing the user's `path` (through a temporary file)."""
     kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
     return WriteError(err.errno, io_message(err, path, "write", kept))
+
+
+def failed_write(err: BaseException, path, temporaries=()) -> BaseException:
+    """What to raise when writing the user's `path` through `temporaries` failed with `err`: the
+    temporaries are removed, and an OSError becomes the WriteError naming `path` (never a
+    temporary file), caused by `err`; anything else is `err` itself."""
+    for tmp in temporaries:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+    if isinstance(err, OSError) and not isinstance(err, WriteError):
+        out = write_error(err, path)
+        out.__cause__ = err
+        return out
+    return err
