@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowtune import ops
+from lowtune.adapters import adapter_parameters
 from lowtune.data import DataStats, Dataset, pack
 from lowtune.gguf_io import write_gguf
 from lowtune.hf_names import permute_qk_hf_to_gguf
@@ -372,3 +373,11 @@ def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
         if len(out) == n:
             break
     return out
+
+
+def fill_adapters(model, generator: torch.Generator, std: float = 0.05) -> None:
+    """Every adapter matrix of `model` drawn from N(0, std²) with `generator`, so that every
+    gradient path carries signal (fresh adapters have B = 0)."""
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=generator) * std)

@@ -19,6 +19,7 @@ from lowtune.model import LINEAR_NAMES, LlamaModel
 from lowtune.streaming import LayerStreamer, stream_model
 
 from conftest import cuda_available
+from helpers import fill_adapters
 from test_model import gguf_weights, rand_ids, tiny_config, tiny_weights
 
 # one method per linear, so that one layer holds every adapter geometry
@@ -45,9 +46,7 @@ def mixed_model(device="cpu", dtype=torch.float32, layers=2, methods=MIXED, seed
                 ad.set_rank(3)
             setattr(layer, name, ad)
     adapters.mark_only_adapters_trainable(model)
-    with torch.no_grad():
-        for p in adapters.adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_adapters(model, g)
     return model.to(device)
 
 

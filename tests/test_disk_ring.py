@@ -15,7 +15,7 @@ from lowtune import adapters, load_model
 from lowtune.disk_ring import DiskLayers, DiskRing
 from lowtune.streaming import plan_host, plan_streaming, stream_model
 
-from helpers import rand_ids, write_tiny_llama_gguf
+from helpers import fill_adapters, rand_ids, write_tiny_llama_gguf
 
 N_LAYERS, LAYER = 6, 3000
 
@@ -118,10 +118,7 @@ def tiny_gguf_model(path, layers=4):
     model = load_model(path, device="cpu", dtype=torch.float32)
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=0))
     adapters.mark_only_adapters_trainable(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in adapters.adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_adapters(model, torch.Generator().manual_seed(1))
     return model
 
 

@@ -34,7 +34,7 @@ from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
                            hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
-from helpers import llamacpp_greedy
+from helpers import fill_adapters, llamacpp_greedy
 from test_streaming import step_losses
 
 
@@ -357,10 +357,7 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     n_layers = model.config.n_layers
     assert set(ads) == {f"layers.{i}.{t}" for i in range(n_layers) for t in adapters.TARGETS}
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in adapters.adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
         got = model(ids)
@@ -387,10 +384,7 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
         adapters.mark_only_adapters_trainable(model)
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for p in adapters.adapter_parameters(model):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        fill_adapters(model, torch.Generator().manual_seed(3))
         return model
 
     resident = adapted()

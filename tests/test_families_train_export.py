@@ -38,6 +38,7 @@ from lowtune.streaming import stream_model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
+from helpers import fill_adapters
 from test_export import make_adapter
 from test_streaming import step_losses
 
@@ -296,10 +297,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
         adapters.mark_only_adapters_trainable(model)
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for p in adapters.adapter_parameters(model):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        fill_adapters(model, torch.Generator().manual_seed(3))
         return model
 
     resident = adapted().to(device)

@@ -27,7 +27,7 @@ from lowtune.loading import load_model
 from lowtune.methods import METHODS
 from lowtune.streaming import stream_model
 
-from helpers import TINY_VOCAB, norm_rel_err, rand_ids, write_tiny_llama_gguf
+from helpers import TINY_VOCAB, fill_adapters, norm_rel_err, rand_ids, write_tiny_llama_gguf
 from test_export import make_adapter
 from test_streaming import step_losses
 
@@ -73,10 +73,7 @@ def test_streamed_training_equals_resident(qtype, method, base, device):
         m = load_model(base(qtype))
         A.apply_adapters(m, A.AdapterConfig(method=method, rank=4, alpha=8))
         A.mark_only_adapters_trainable(m)
-        with torch.no_grad():  # every adapter matrix non-zero, so every gradient path carries signal
-            g = torch.Generator().manual_seed(1)
-            for p in A.adapter_parameters(m):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        fill_adapters(m, torch.Generator().manual_seed(1))
         return m
     resident = adapted().to(device)
     resident.gradient_checkpointing = True

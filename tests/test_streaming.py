@@ -10,7 +10,7 @@ from lowtune.model import LlamaModel
 from lowtune.streaming import estimate_memory, plan_streaming, stream_model
 
 from conftest import devices
-from helpers import gguf_weights, rand_ids, tiny_config, tiny_weights
+from helpers import fill_adapters, gguf_weights, rand_ids, tiny_config, tiny_weights
 
 
 def adapted_model(method="lora", device="cpu", dtype=torch.float32, layers=4, dropout=0.0,
@@ -22,10 +22,7 @@ def adapted_model(method="lora", device="cpu", dtype=torch.float32, layers=4, dr
     adapters.apply_adapters(model, adapters.AdapterConfig(method=method, rank=4, alpha=8,
                                                           dropout=dropout, seed=seed))
     adapters.mark_only_adapters_trainable(model)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in adapters.adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_adapters(model, torch.Generator().manual_seed(seed + 1))
     return model
 
 
