@@ -577,9 +577,12 @@ def print_profile(prof, metrics: dict, dev: str) -> None:
     events = prof.key_averages()
     key = "device_time_total" if dev == "cuda" else "cpu_time_total"
     m = metrics
-    print(f"profile: step {m['wall_ms']:.0f} ms wall, GPU busy {m['gpu_busy_ms']:.0f} ms "
-          f"({m['device_events']} kernels and copies), {m['host_ops']} host operator calls, "
-          f"{m['kernel_launches']} kernel launches, {m['graph_launches']} CUDA graph launches", flush=True)
+    if dev == "cuda":
+        print(f"profile: step {m['wall_ms']:.0f} ms wall, GPU busy {m['gpu_busy_ms']:.0f} ms "
+              f"({m['device_events']} kernels and copies), {m['host_ops']} host operator calls, "
+              f"{m['kernel_launches']} kernel launches, {m['graph_launches']} CUDA graph launches", flush=True)
+    else:
+        print(f"profile: step {m['wall_ms']:.0f} ms wall, {m['host_ops']} operator calls", flush=True)
     print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
     print(events.table(sort_by="count", row_limit=20, max_name_column_width=60), flush=True)
 
@@ -713,7 +716,8 @@ def run_one_cpu(args) -> dict:
             losses.append(float(loss.detach()))
             times.append(time.perf_counter() - t0)
             if ctx is not None:
-                print_profile(ctx, times[-1], "cpu")
+                print_profile(ctx, {"wall_ms": times[-1] * 1e3, "host_ops": sum(e.count for e in ctx.key_averages())},
+                              "cpu")
             print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
     timed = times[2:] if len(times) > 2 else times
     return {"run": args.run, "model": path.name, "steps": args.steps, "seq": args.seq, "batch": args.batch,
