@@ -498,7 +498,7 @@ def test_cublas_path_close_to_float64(method, qtype, monkeypatch):
     here through torch on the CPU (fp32), against float64 autograd: outputs, input and weight
     gradients."""
     from lowtune import adapter_ops
-    monkeypatch.setattr(adapter_ops, "_use_cublas", lambda t: True)
+    monkeypatch.setattr(adapter_ops, "_use_torch_gemm", lambda t: True)
     ad = make_adapter(method, qtype, n=96, k=256)
     if method == "qdylora":
         ad.set_rank(3)  # gradients only for the leading slices, zero-padded to the full matrices

@@ -57,13 +57,15 @@ def k_for(name: str, blocks: int) -> int:
 
 
 # M = 1 (the fused small-M path), a small M, and M with tails around the GEMM path's register
-# tiles; N with tails around 32-column panels; K of one block, a few blocks, and many.
-SHAPES = [(1, 1, 1), (1, 37, 3), (3, 64, 9), (2, 1100, 3), (7, 33, 2), (29, 70, 5), (70, 45, 17), (40, 300, 9)]
+# tiles; N with tails around 32-column panels; K of one block, a few blocks, and many. Many rows
+# (70, 300) also through the dense path, with N spanning several of its panels (1100 rows of 1536).
+SHAPES = [(1, 1, 1), (1, 37, 3), (3, 64, 9), (2, 1100, 3), (7, 33, 2), (29, 70, 5), (70, 45, 17), (40, 300, 9),
+          (300, 1100, 3)]
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize("m,n,blocks", SHAPES)
-def test_forward_and_input_grad_match_float64(name, m, n, blocks, rng, random_blocks):
+def test_forward_and_input_grad_match_float64(name, m, n, blocks, rng, random_blocks, monkeypatch):
     k = k_for(name, blocks)
     if k * max(m, n) > 2_000_000:
         k = k_for(name, max(1, blocks // 4))
@@ -71,14 +73,18 @@ def test_forward_and_input_grad_match_float64(name, m, n, blocks, rng, random_bl
     w64 = lowtune.dequantize(qt).double().numpy()
     x = activations(rng, (m, k), torch.float32)
     y64 = x.double().numpy() @ w64.T
-    y = lowtune.qmatmul(x, qt)
-    assert y.shape == (m, n) and y.dtype == torch.float32
-    assert_within(y, y64, error_bound(x.double().numpy(), w64.T, y64, k, torch.float32), "forward")
     dy = activations(rng, (m, n), torch.float32)
     dx64 = dy.double().numpy() @ w64
-    dx = lowtune.qmatmul_input_grad(dy, qt)
-    assert dx.shape == (m, k) and dx.dtype == torch.float32
-    assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, torch.float32), "input grad")
+    # many rows run either in the packed GEMM or as dequantized panels through torch's GEMM
+    for mode in ("packed", "dense") if m >= lowtune.ops._CPU_DENSE_MIN_ROWS else ("packed",):
+        monkeypatch.setattr(lowtune.ops, "_cpu_gemm_mode", lambda: mode)
+        monkeypatch.setattr(lowtune.ops, "_CPU_PANEL_FLOATS", 40 * k)  # several panels where N > 40
+        y = lowtune.qmatmul(x, qt)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert_within(y, y64, error_bound(x.double().numpy(), w64.T, y64, k, torch.float32), f"forward {mode}")
+        dx = lowtune.qmatmul_input_grad(dy, qt)
+        assert dx.shape == (m, k) and dx.dtype == torch.float32
+        assert_within(dx, dx64, error_bound(dy.double().numpy(), w64, dx64, n, torch.float32), f"input grad {mode}")
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "INT2-g64", "INT6-g128"])
@@ -113,8 +119,9 @@ def test_half_io_is_exact_conversion_of_the_f32_kernel(dtype, rng, random_blocks
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32"])
-def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
+def test_fast_kernels_match_reference_kernels(name, rng, random_blocks, monkeypatch):
     # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference.
+    monkeypatch.setattr(lowtune.ops, "_cpu_gemm_mode", lambda: "packed")
     for m, n, blocks in [(1, 50, 6), (4, 33, 3), (45, 67, 9)]:
         k = k_for(name, blocks)
         qt = random_qtensor(name, n, k, rng, random_blocks)
@@ -131,10 +138,12 @@ def test_fast_kernels_match_reference_kernels(name, rng, random_blocks):
         np.testing.assert_array_less((lowtune.qmatmul_input_grad(dy, qt) - dx_ref).abs().double().numpy(), 2 * bound + 1e-30)
 
 
-def test_thread_count_does_not_change_results(rng, random_blocks):
+def test_thread_count_does_not_change_results(rng, random_blocks, monkeypatch):
     # Threads split output rows/columns; each output's summation order must not depend on them.
     # N and K span several panels of every path (small M, dot-product tiles, transposed tiles);
-    # a narrow N makes the GEMM split rows across threads too.
+    # a narrow N makes the GEMM split rows across threads too. (The packed kernels: many rows
+    # may otherwise go through torch's GEMM, whose threads lowtune does not set.)
+    monkeypatch.setattr(lowtune.ops, "_cpu_gemm_mode", lambda: "packed")
     before = _C.num_threads()
     try:
         for name, n, k, ms in [("Q4_K", 600, 1024, (2, 8, 33)), ("Q4_1", 40, 96, (300,))]:

@@ -119,10 +119,13 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _use_cublas(t: torch.Tensor) -> bool:
-    """Whether the CUDA adapter products of t's rows run as torch (cuBLAS) GEMMs around lowtune's
-    pooling and expansion, or in the fused kernels: the choice the compiled kernels' one policy
-    (csrc/cuda_policy.h) makes for the quantized products too."""
+def _use_torch_gemm(t: torch.Tensor) -> bool:
+    """Whether the adapter products of t's rows run as torch GEMMs (cuBLAS, or the CPU's sgemm)
+    around lowtune's pooling and expansion, or in the fused kernels: on CUDA the choice the
+    compiled kernels' one policy (csrc/cuda_policy.h) makes for the quantized products too, on
+    the CPU the one ops.cpu_dense_gemm makes for them."""
+    if t.device.type == "cpu":
+        return ops.cpu_dense_gemm(t.shape[0], t.dtype)
     return t.device.type == "cuda" and _C.cuda_path("adapter", t.shape[0], ACT_DTYPES[t.dtype], True) == "cublas"
 
 
@@ -139,8 +142,8 @@ def _add_expanded(y: torch.Tensor, v: torch.Tensor, q: int, alpha: float) -> Non
         y.view(y.shape[0], -1, q).add_(v.unsqueeze(-1), alpha=alpha)
 
 
-def _cublas_forward(x2, A32, B32, geom, y, pool):
-    """_launch_forward's products through torch.mm: u = pool(x)·A[:r]ᵀ, y += s·expand(u·B[:, :r]ᵀ)."""
+def _torch_forward(x2, A32, B32, geom, y, pool):
+    """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ, y += s·expand(u·B[:, :r]ᵀ)."""
     xs = _pool(x2, pool)
     A = A32[:geom.rank].to(x2.dtype)
     if not geom.has_b:
@@ -168,7 +171,7 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
     return full
 
 
-def _cublas_backward(dy2, xs, A32, B32, u, geom, dx, pool):
+def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
     input gradient, expanded over the pool, in place."""
     m = dy2.shape[0]
@@ -196,8 +199,8 @@ def _launch_forward(x2, A32, B32, geom, y, pool):
     u the first product (fp32 [m, rank]) and xs the adapter input pooled (kept for backward)."""
     m, k = x2.shape
     dev = x2.device
-    if _use_cublas(x2):
-        return _cublas_forward(x2, A32, B32, geom, y, pool)
+    if _use_torch_gemm(x2):
+        return _torch_forward(x2, A32, B32, geom, y, pool)
     u = torch.empty((m, geom.rank), dtype=torch.float32, device=dev) if geom.has_b else None
     xs = torch.empty((m, k // pool), dtype=x2.dtype, device=dev) if pool > 1 else x2
     args = _geom_args(geom, m, A32, B32, k=k, pool=pool)
@@ -216,8 +219,8 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
     dx [m, k] when dx is given. xs is the saved, already pooled adapter input."""
     m = dy2.shape[0]
     dev = dy2.device
-    if _use_cublas(dy2):
-        dA, dB = _cublas_backward(dy2, xs, A32, B32, u, geom, dx, pool)
+    if _use_torch_gemm(dy2):
+        dA, dB = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool)
     else:
         dA, dB = _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool)
     if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
@@ -262,8 +265,8 @@ def _kernel_input(geom: AdapterGeometry, pooled: bool) -> tuple[int, int]:
 
 
 def _u_dtype(x: Tensor, has_b: bool) -> torch.dtype:
-    # the fused kernels keep u in fp32; the cuBLAS path in the activation dtype
-    return x.dtype if has_b and _use_cublas(x) else torch.float32
+    # the fused kernels keep u in fp32; the torch GEMM path in the activation dtype
+    return x.dtype if has_b and _use_torch_gemm(x) else torch.float32
 
 
 def _aux_outputs(x2: Tensor, ain: Tensor, u, xs, has_b: bool):

@@ -93,12 +93,66 @@ def _dequantize_kernel(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.d
     return out
 
 
+# ---- the CPU's products of many rows ----------------------------------------------------------
+# Without AVX-512 the packed GEMM's register tiles are too small to keep two FMA ports busy: on a
+# 2-core AVX2 EPYC it runs SmolLM2's M = 512 products at ~45 GFLOP/s where torch's sgemm runs
+# 110-150 (tools/bench_train.py --device cpu, BENCHMARKS.md). There, many fp32 rows multiply W
+# dequantized a panel of rows at a time into a reused fp32 buffer (a few MiB: no page faults, no
+# dense copy of W kept) by torch's GEMM. LOWTUNE_CPU_GEMM=packed|dense overrides the choice.
+_CPU_DENSE_MIN_ROWS = 64            # below it the packed kernels win (they read W once per 4 rows)
+_CPU_PANEL_FLOATS = 1 << 20         # 4 MiB of dequantized W per panel
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_gemm_mode() -> str:
+    import os
+    mode = os.environ.get("LOWTUNE_CPU_GEMM", "auto")
+    if mode not in ("auto", "packed", "dense"):
+        raise ValueError(f"LOWTUNE_CPU_GEMM must be auto, packed or dense, got {mode!r}")
+    if mode == "auto":
+        mode = "packed" if _C.build_info()["cpu_isa"] == "avx512" else "dense"
+    return mode
+
+
+def cpu_dense_gemm(m: int, dtype: torch.dtype) -> bool:
+    """Whether a CPU product of m rows of `dtype` runs as panels of dequantized W through torch's
+    GEMM (True) or in lowtune's packed kernels."""
+    return dtype == torch.float32 and m >= _CPU_DENSE_MIN_ROWS and _cpu_gemm_mode() == "dense"
+
+
+def _panels(raw: Tensor, type_id: int, n: int, k: int):
+    """(n0, rows, W[n0:n0+rows] as fp32) over W's rows, one reused buffer for all panels."""
+    rows = max(1, min(n, _CPU_PANEL_FLOATS // k))
+    buf = torch.empty((rows, k), dtype=torch.float32)
+    for n0 in range(0, n, rows):
+        r = min(rows, n - n0)
+        _C.dequantize(type_id, raw[n0].data_ptr(), buf.data_ptr(), 0, r, k)
+        yield n0, r, buf[:r]
+
+
+def _dense_forward(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, y: Tensor) -> Tensor:
+    for n0, r, w in _panels(raw, type_id, n, k):
+        torch.mm(x2, w.t(), out=y[:, n0:n0 + r]) if r < n else torch.mm(x2, w.t(), out=y)
+    return y
+
+
+def _dense_input_grad(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, dx: Tensor) -> Tensor:
+    for n0, r, w in _panels(raw, type_id, n, k):
+        if n0 == 0:
+            torch.mm(dy2[:, :r], w, out=dx)
+        else:
+            dx.addmm_(dy2[:, n0:n0 + r], w)
+    return dx
+
+
 def _forward_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return y
     x2 = x2.contiguous()
+    if x2.device.type == "cpu" and cpu_dense_gemm(m, x2.dtype):
+        return _dense_forward(x2, raw, type_id, n, k, y)
     if x2.device.type == "cuda":
         _C.cuda_qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
     else:
@@ -114,6 +168,8 @@ def _input_grad_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -
     if n == 0:
         return dx.zero_()
     dy2 = dy2.contiguous()
+    if dy2.device.type == "cpu" and cpu_dense_gemm(m, dy2.dtype):
+        return _dense_input_grad(dy2, raw, type_id, n, k, dx)
     if dy2.device.type == "cuda":
         _C.cuda_qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
     else:
