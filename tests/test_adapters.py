@@ -44,6 +44,12 @@ class QLinear(nn.Module):
     def forward(self, x):
         return ops.qmatmul(x, self.weight)
 
+    def _apply(self, fn, recurse=True):
+        # .cuda()/.to(device) move the blocks too (a QTensor is not a buffer)
+        w = self.weight
+        self.weight = lowtune.QTensor(fn(w.raw), w.format, w.shape)
+        return super()._apply(fn, recurse)
+
 
 class BiasedQLinear(QLinear):
     """A base whose forward is not plain qmatmul: the adapter must not fuse into it."""

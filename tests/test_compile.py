@@ -324,12 +324,14 @@ def test_cuda_graph_training_equals_eager(compiled, streamed):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, got_g = train_steps(model, ids, ids, steps=3)
     assert setup.graphs.failed is None, setup.summary()
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    # eager layers replay the very kernels; a compiled layer is traced again for the capture
+    # (its parameters become inputs), and Inductor's other fusion rounds bf16 differently
+    torch.testing.assert_close(got, want, rtol=5e-3 if compiled else 1e-3, atol=1e-5)
     assert_same(got_g, want_g, rtol=1e-2, atol=1e-5)
     graphs = setup.graphs
     # every layer: one forward and one backward graph per slot it ran in, replayed every step
     assert len(graphs.graphs) >= 2 * 3 and graphs.replays == 3 * 2 * 3
-    compile_model(model, "off")
+    compile_model(model, "off", cuda_graphs=False)
     assert model.streamer is None if streamed is None else model.streamer.graphs is None
 
 

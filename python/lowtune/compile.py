@@ -379,11 +379,18 @@ class LayerGraphs:
         st.dy.copy_(dy)
         graph = self.graphs.get(key)
         if graph is None:
+            # The recomputation differentiates fresh leaves over the parameters' storage: the
+            # parameters' own gradient accumulators belong to the outer step's graph, made on
+            # the default stream, and autograd would make that stream wait on the capture.
+            names = {(p.data_ptr(), p.shape): name for name, p in layer.named_parameters()}
+            leaves = {name: p.detach().requires_grad_(p.requires_grad) for name, p in layer.named_parameters()}
+            wanted_leaves = [leaves[names[(p.data_ptr(), p.shape)]] for p in wanted]
+
             def work():
                 with torch.enable_grad():
                     xi = st.x.detach().requires_grad_(need_dx)
-                    y = layer(xi, st.rot)
-                    grads = torch.autograd.grad(y, ([xi] if need_dx else []) + wanted, st.dy,
+                    y = torch.func.functional_call(layer, leaves, (xi, st.rot), strict=False)
+                    grads = torch.autograd.grad(y, ([xi] if need_dx else []) + wanted_leaves, st.dy,
                                                 allow_unused=True)
                 if need_dx:
                     st.dx.copy_(grads[0])
