@@ -22,7 +22,9 @@ The ops trust their arguments: only this module's functions validate. In eager m
 traced) the public functions skip the dispatcher, whose host cost exceeds a small kernel's: a
 call that needs autograd goes through an autograd.Function twin of the op (the same context and
 backward formula, the kernels called directly), one that does not calls the kernel. Float
-weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes.
+weights (F32, F16, BF16) run as plain torch matmuls on a view of their bytes. On a CPU without
+AVX-512, products of many fp32 rows run as W dequantized panel by panel into torch's GEMM
+(cpu_dense_gemm says when): the kernel entries below are the one place that choice is made.
 """
 from __future__ import annotations
 
