@@ -29,6 +29,7 @@ AVX-512, products of many fp32 rows run as W dequantized panel by panel into tor
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -107,7 +108,6 @@ _CPU_PANEL_FLOATS = 1 << 20         # 4 MiB of dequantized W per panel
 
 @functools.lru_cache(maxsize=None)
 def _cpu_gemm_mode() -> str:
-    import os
     mode = os.environ.get("LOWTUNE_CPU_GEMM", "auto")
     if mode not in ("auto", "packed", "dense"):
         raise ValueError(f"LOWTUNE_CPU_GEMM must be auto, packed or dense, got {mode!r}")
