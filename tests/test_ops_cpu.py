@@ -318,3 +318,23 @@ def test_bench_tool_prints_a_row_per_kernel(capsys):
     kernels = [r.split("|")[1].strip() for r in rows[1:]]
     assert kernels.count("quantize") == 2 and kernels.count("dequantize") == 2
     assert kernels.count("forward") == 4 and kernels.count("input_grad") == 4
+
+
+def test_cpu_gemm_choice(monkeypatch):
+    """Many fp32 rows may take the dense path; half activations and few rows never do; an
+    unknown LOWTUNE_CPU_GEMM is refused by name."""
+    ops = lowtune.ops
+    try:
+        for mode, want in (("dense", True), ("packed", False)):
+            monkeypatch.setenv("LOWTUNE_CPU_GEMM", mode)
+            ops._cpu_gemm_mode.cache_clear()
+            assert ops.cpu_dense_gemm(512, torch.float32) is want
+            assert not ops.cpu_dense_gemm(512, torch.bfloat16)
+            assert not ops.cpu_dense_gemm(ops._CPU_DENSE_MIN_ROWS - 1, torch.float32)
+        monkeypatch.setenv("LOWTUNE_CPU_GEMM", "fast")
+        ops._cpu_gemm_mode.cache_clear()
+        with pytest.raises(ValueError, match="LOWTUNE_CPU_GEMM must be auto, packed or dense"):
+            ops.cpu_dense_gemm(512, torch.float32)
+    finally:
+        monkeypatch.delenv("LOWTUNE_CPU_GEMM")
+        ops._cpu_gemm_mode.cache_clear()
