@@ -134,7 +134,7 @@ def _panels(raw: Tensor, type_id: int, n: int, k: int):
 
 def _dense_forward(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, y: Tensor) -> Tensor:
     for n0, r, w in _panels(raw, type_id, n, k):
-        torch.mm(x2, w.t(), out=y[:, n0:n0 + r]) if r < n else torch.mm(x2, w.t(), out=y)
+        torch.mm(x2, w.t(), out=y if r == n else y[:, n0:n0 + r])
     return y
 
 
