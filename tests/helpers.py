@@ -375,6 +375,20 @@ def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
     return out
 
 
+def resident_and_streamed(make: Callable[[], nn.Module], device, streamed: list[int] | None = None, **stream_kw):
+    """(resident, streaming, plan): two models from make(), one whole on `device` with its layers
+    checkpointed (as streamed layers run), the other streaming layers `streamed` (default: every
+    layer) to `device`."""
+    from lowtune.streaming import stream_model
+    resident = make().to(device)
+    resident.gradient_checkpointing = True
+    streaming = make()
+    if streamed is None:
+        streamed = list(range(streaming.config.n_layers))
+    plan = stream_model(streaming, device, streamed=streamed, **stream_kw)
+    return resident, streaming, plan
+
+
 def fill_adapters(model, generator: torch.Generator, std: float = 0.05) -> None:
     """Every adapter matrix of `model` drawn from N(0, std²) with `generator`, so that every
     gradient path carries signal (fresh adapters have B = 0)."""

@@ -13,9 +13,9 @@ import torch
 
 from lowtune import adapters, load_model
 from lowtune.disk_ring import DiskLayers, DiskRing
-from lowtune.streaming import plan_host, plan_streaming, stream_model
+from lowtune.streaming import plan_host, plan_streaming
 
-from helpers import fill_adapters, rand_ids, write_tiny_llama_gguf
+from helpers import fill_adapters, rand_ids, resident_and_streamed, write_tiny_llama_gguf
 
 N_LAYERS, LAYER = 6, 3000
 
@@ -138,10 +138,8 @@ def losses(model, ids, steps=2):
 
 def test_training_from_the_file_equals_resident(tmp_path):
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_1", layers=4)
-    resident = tiny_gguf_model(path)
-    resident.gradient_checkpointing = True
-    streamed = tiny_gguf_model(path)
-    stream_model(streamed, "cpu", streamed=[0, 1, 2, 3], disk_layers=[0, 1, 2], source=path)
+    resident, streamed, _ = resident_and_streamed(lambda: tiny_gguf_model(path), "cpu", [0, 1, 2, 3],
+                                                  disk_layers=[0, 1, 2], source=path)
     ids = rand_ids(2, 20, vocab=resident.config.vocab_size)
     assert losses(streamed, ids) == pytest.approx(losses(resident, ids), rel=1e-6)
     s = streamed.streamer
@@ -175,10 +173,8 @@ def test_training_from_the_file_on_the_gpu_equals_resident(tmp_path):
     """Pinned ring buffers, copies on the streamer's side stream, refills after their events."""
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_K", layers=6, dim=256, ffn=512, heads=4,
                                  kv_heads=2)
-    resident = tiny_gguf_model(path).to("cuda")
-    resident.gradient_checkpointing = True
-    streamed = tiny_gguf_model(path)
-    stream_model(streamed, "cuda", streamed=[0, 1, 2, 3, 4], disk_layers=[0, 1, 2, 3], source=path)
+    resident, streamed, _ = resident_and_streamed(lambda: tiny_gguf_model(path), "cuda", [0, 1, 2, 3, 4],
+                                                  disk_layers=[0, 1, 2, 3], source=path)
     assert streamed.streamer.ring.buffers[0].is_pinned()
     ids = rand_ids(2, 32, vocab=resident.config.vocab_size).to("cuda")
     got, want = losses(streamed, ids, steps=3), losses(resident, ids, steps=3)

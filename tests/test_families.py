@@ -29,12 +29,11 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile
 from lowtune.loading import open_base
 from lowtune.model import Model, ModelConfig, QLinear
-from lowtune.streaming import stream_model
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
                            hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
-from helpers import fill_adapters, llamacpp_greedy
+from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import step_losses
 
 
@@ -387,12 +386,8 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
         fill_adapters(model, torch.Generator().manual_seed(3))
         return model
 
-    resident = adapted()
-    resident.gradient_checkpointing = True
-    streaming = adapted()
-    streamed = list(range(streaming.config.n_layers))
-    plan = stream_model(streaming, "cpu", streamed=streamed)
-    assert plan.streamed == streamed
+    resident, streaming, plan = resident_and_streamed(adapted, "cpu")
+    assert plan.streamed == list(range(streaming.config.n_layers))
     pack = streaming.streamer.packs[0]
     # every packed byte of the layer is in its pack once: fused parts are disjoint row ranges
     assert pack.nbytes >= sum(lin.raw.numel() for lin in pack.linears)

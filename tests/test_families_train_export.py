@@ -34,11 +34,10 @@ from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, expo
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import Model
-from lowtune.streaming import stream_model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
-from helpers import fill_adapters
+from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
 from test_streaming import step_losses
 
@@ -300,10 +299,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
         fill_adapters(model, torch.Generator().manual_seed(3))
         return model
 
-    resident = adapted().to(device)
-    resident.gradient_checkpointing = True
-    streaming = adapted()
-    stream_model(streaming, device, streamed=list(range(streaming.config.n_layers)))
+    resident, streaming, _ = resident_and_streamed(adapted, device)
     ids = rand_ids(2, 24, seed=4).to(device)
     want, want_g = step_losses(resident, ids)
     got, got_g = step_losses(streaming, ids)

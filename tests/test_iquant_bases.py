@@ -25,9 +25,8 @@ from lowtune.formats import get_format
 from lowtune.gguf_io import GGUFFile
 from lowtune.loading import load_model
 from lowtune.methods import METHODS
-from lowtune.streaming import stream_model
 
-from helpers import TINY_VOCAB, fill_adapters, norm_rel_err, rand_ids, write_tiny_llama_gguf
+from helpers import TINY_VOCAB, fill_adapters, norm_rel_err, rand_ids, resident_and_streamed, write_tiny_llama_gguf
 from test_export import make_adapter
 from test_streaming import step_losses
 
@@ -75,10 +74,7 @@ def test_streamed_training_equals_resident(qtype, method, base, device):
         A.mark_only_adapters_trainable(m)
         fill_adapters(m, torch.Generator().manual_seed(1))
         return m
-    resident = adapted().to(device)
-    resident.gradient_checkpointing = True
-    streaming = adapted()
-    plan = stream_model(streaming, device, streamed=[0])
+    resident, streaming, plan = resident_and_streamed(adapted, device, [0])
     assert plan.streamed == [0]
     ids = rand_ids(2, 16, vocab=TINY_VOCAB).to(device)
     want, want_g = step_losses(resident, ids)

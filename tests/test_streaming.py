@@ -10,7 +10,7 @@ from lowtune.model import LlamaModel
 from lowtune.streaming import estimate_memory, plan_streaming, stream_model
 
 from conftest import devices
-from helpers import fill_adapters, gguf_weights, rand_ids, tiny_config, tiny_weights
+from helpers import fill_adapters, gguf_weights, rand_ids, resident_and_streamed, tiny_config, tiny_weights
 
 
 def adapted_model(method="lora", device="cpu", dtype=torch.float32, layers=4, dropout=0.0,
@@ -46,11 +46,8 @@ def step_losses(model, ids, steps=3, lr=1e-2):
 
 
 def pair(method, device, streamed, dropout=0.0, offload=False, dtype=torch.float32):
-    resident = adapted_model(method, dropout=dropout, dtype=dtype).to(device)
-    resident.gradient_checkpointing = True
-    streaming = adapted_model(method, dropout=dropout, dtype=dtype)
-    plan = stream_model(streaming, device, streamed=streamed, offload_activations=offload)
-    return resident, streaming, plan
+    return resident_and_streamed(lambda: adapted_model(method, dropout=dropout, dtype=dtype), device, streamed,
+                                 offload_activations=offload)
 
 
 @pytest.mark.parametrize("device", devices())
