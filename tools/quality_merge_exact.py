@@ -3,7 +3,7 @@
 exactness, held-out quality, llama.cpp's agreement, and the cost per step.
 
     python tools/quality_merge_exact.py --threads 1 --out tools/results/quality_merge_exact_cpu.json
-    python tools/quality_merge_exact.py --smoke --out /tmp/me.json         # 2 steps, 1 seed (CI)
+    python tools/quality_merge_exact.py --smoke --out runs/merge_exact_smoke.json   # 2 steps, 1 seed (CI)
     python tools/quality_merge_exact.py --device cuda --bases Q4_1 --out $OUT/me_gpu.json
 
 For each base, method (qahira, qalora), mode (merge_exact on, off) and seed: train on Botchan's first
