@@ -3,11 +3,11 @@
 // *_reference: the straightforward version (dequantize a row of W, then dot / axpy), kept as
 // the slow obvious twin the fast paths are tested against.
 // Fast paths:
-//   M <= kSmallM (forward: kGroupedSmallM on AVX2, 4 rows of X at a time): the weight traffic
-//     is the floor, so W is read once, as stored, 4 rows at a
+//   M <= kSmallM: the weight traffic is the floor, so W is read once, as stored, 4 rows at a
 //     time, each block dequantized into L1 and consumed at once: dot products with every row
 //     of X (forward), or scaled accumulation into rows of a partial dX per fixed chunk of W's
-//     rows (input gradient).
+//     rows (input gradient). On AVX2 the forward takes this path up to kGroupedSmallM rows,
+//     4 rows of X at a time.
 //   larger M: a GEMM (gemm_f32.h) whose second operand is W dequantized into an L2-resident
 //     fp32 panel once per panel:
 //     forward, M < kTransposeM: dot-product tiles over W's rows as stored (gemm_abt);
