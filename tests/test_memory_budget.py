@@ -4,6 +4,7 @@ driver's total within the budget, move AdamW's state to the host or drop CUDA gr
 that is what fits, and refuse with a minimum that is itself a budget that works."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -142,6 +143,21 @@ def test_cuda_graphs_are_kept_where_their_pool_fits_and_dropped_where_not():
             small = p
             break
     assert small is not None and small.estimate["graph_pool"] == 0 and small.driver["fits"]
+
+
+def test_the_graph_pool_holds_the_working_set_only_once_when_every_layer_is_captured():
+    m = model()
+    full = plan_streaming(m, "cuda", 1 << 40, tokens=256, cuda_graphs=True, device_budget=budget_for(1 << 40))
+    e = full.estimate
+    assert e["every_layer_capturable"]
+    rest = e["graph_pool"]                         # static buffers, gradients, the graphs
+    # a layer with adapter dropout runs outside the graphs: its eager working set comes on top
+    ad = next(mod for mod in m.modules() if isinstance(mod, adapters.AdaptedLinear))
+    ad.config = dataclasses.replace(ad.config, dropout=0.1)
+    m.train()
+    mixed = plan_streaming(m, "cuda", 1 << 40, tokens=256, cuda_graphs=True, device_budget=budget_for(1 << 40))
+    assert not mixed.estimate["every_layer_capturable"]
+    assert mixed.estimate["graph_pool"] == rest + e["working"]
 
 
 def test_a_measured_working_set_replaces_the_estimate():

@@ -76,6 +76,18 @@ template <int T, int SK = kStageK> constexpr int row_pitch() { return 16 * (seg_
 __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
 }
+// The first `bytes` (1..15) of a 16-byte chunk, zero-filled, by plain loads: a partial cp.async
+// still addresses all 16 bytes, which may lie past the end of the weight's allocation (the last
+// row's last segment), and compute-sanitizer rightly counts that as an out-of-bounds read. Only
+// the edge stages take this path.
+__device__ __forceinline__ void copy_partial16(uint32_t smem, const uint8_t* gmem, int bytes) {
+  uint32_t v[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int b = 0; b < 16; ++b)
+    if (b < bytes) v[b >> 2] |= (uint32_t)gmem[b] << (8 * (b & 3));
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+               : "memory");
+}
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -128,7 +140,8 @@ struct WeightStager {
       const int lo0 = dst[j] & 15, lo = (lo0 + sh) & 15;
       const int left = (rowch[j] >> 16) < rows_left ? valid + lo - (rowch[j] & 0xFFFF) : 0;
       const int bytes = min(16, max(0, left));
-      cp_async16(slot + (dst[j] & ~15), bytes > 0 ? src[j] + (shift + lo0 - lo) : w, bytes);
+      if (bytes == 16 || bytes == 0) cp_async16(slot + (dst[j] & ~15), bytes ? src[j] + (shift + lo0 - lo) : w, bytes);
+      else copy_partial16(slot + (dst[j] & ~15), src[j] + (shift + lo0 - lo), bytes);
     }
   }
 };

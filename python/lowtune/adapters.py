@@ -267,6 +267,16 @@ class AdaptedLinear(nn.Module):
     def _matrices(self):
         return (self.hira_M, None) if self.method == "qa-hira" else (self.lora_A, self.lora_B)
 
+    def uncapturable(self) -> str | None:
+        """Why a CUDA graph cannot replay this adapter's work (None: it can). A replayed graph
+        repeats the captured shapes and random masks: QDyLoRA draws a new rank every step, and
+        dropout a new mask."""
+        if self.method == "qdylora":
+            return "QDyLoRA layers (a new rank every step)"
+        if self.training and self.config.dropout > 0:
+            return "layers with adapter dropout"
+        return None
+
     @property
     def num_adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters(recurse=False))

@@ -253,11 +253,9 @@ class LayerGraphs:
         if self.failed:
             return False
         for m in self._parts(layer).adapters:
-            if m.method == "qdylora":
-                self.uncaptured.add("QDyLoRA layers (a new rank every step)")
-                return False
-            if m.training and m.config.dropout > 0:
-                self.uncaptured.add("layers with adapter dropout")
+            why = m.uncapturable()
+            if why is not None:
+                self.uncaptured.add(why)
                 return False
         return True
 
@@ -319,6 +317,10 @@ class LayerGraphs:
                 # captured on the stream the warm-up ran on (what it initialised per stream is
                 # there); begin/end by hand so that a failed capture still leaves this stream
                 torch.cuda.synchronize(self.device)
+                # the warm-up's intermediates, freed, go back to the driver: the capture lays out
+                # the same working set again in the graphs' pool, and the memory budget counts
+                # one of the two (lowtune.memory_budget.graph_pool)
+                torch.cuda.empty_cache()
                 graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
                 try:
                     work()

@@ -132,12 +132,17 @@ def attention_workspace(tokens: int, n_heads: int, head_dim: int) -> int:
 GRAPH_EXEC_BYTES = 1 * MIB
 
 
-def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int, n_layers: int) -> int:
+def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int, n_layers: int,
+               every_layer_captured: bool = False) -> int:
     """Bytes CUDA graphs of the decoder layers hold for good (lowtune.compile.LayerGraphs): one
     layer's intermediates in the pool the graphs share, the static inputs and outputs (x, y, dy,
     dx [tokens, dim], the layer's flat adapter gradients), and the graphs themselves: forward and
-    backward of every layer, twice for a streamed layer (one per GPU slot it lands in)."""
-    return working + 4 * tokens * dim * act_bytes + layer_grads + 4 * n_layers * GRAPH_EXEC_BYTES
+    backward of every layer, twice for a streamed layer (one per GPU slot it lands in).
+    every_layer_captured: no layer runs outside the graphs, so the working set the plan already
+    counts for eager layers is the pool's (the capture returns its warm-up's cache first) and is
+    not counted twice."""
+    intermediates = 0 if every_layer_captured else working
+    return intermediates + 4 * tokens * dim * act_bytes + layer_grads + 4 * n_layers * GRAPH_EXEC_BYTES
 
 
 # ---- NVML ------------------------------------------------------------------------------------------

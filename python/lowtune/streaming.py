@@ -499,6 +499,9 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
         # one checkpointed input [tokens, D] per layer
         "checkpoint": tokens * c.dim * act,
         "working": int(working),
+        # whether CUDA graphs can replay every layer (then their pool holds the working set)
+        "every_layer_capturable": all(m.uncapturable() is None for m in model.modules()
+                                      if callable(getattr(m, "uncapturable", None))),
         # SDPA's flash backward: its fp32 accumulators
         "attention": attention_workspace(tokens, c.n_heads, c.head_dim),
         # one chunk of fp32 logits with its softmax and gradient, and dh [tokens, D]
@@ -517,8 +520,8 @@ def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool)
     parts = {"weights": e["weights"], "adapters": adapters,
              "optimizer_staging": staging_bytes(e["adapter_sizes"]) if on_host else 0,
              "working": e["working"], "attention": e["attention"], "head": e["head"],
-             "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"], len(e["layers"]))
-             if graphs else 0}
+             "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"], len(e["layers"]),
+                                      e["every_layer_capturable"]) if graphs else 0}
     return parts
 
 
