@@ -18,8 +18,7 @@
 // so M <= 8 uses one B tile and M <= 16 two.
 //
 // Forward: a warp owns 16 rows of W and a 256-element slice of each stage of K (the reduction):
-//   M <= 8: CTA = 16 rows, 4 warps on the four slices of a 1024-element stage (or 2 on a 512-element
-//   one: fwd_default_warps_k, LOWTUNE_CUDA_STAGED_K_WARPS), added through shared
+//   M <= 8: CTA = 16 rows, 4 warps on the four slices of a 1024-element stage, added through shared
 //   memory at the end; M <= 16: CTA = 128 rows, 8 warps on one 256-element stage. Per 64-wide
 //   chunk of its slice, lane (g, c) loads the 16-element span [16c, 16c+16) of rows g and g+8 of
 //   its 16-row tile from shared memory, decodes both and issues 4 MMAs: in MMA u the lane's
@@ -212,43 +211,40 @@ __device__ __forceinline__ void decode_pairs(const uint32_t* r, int e, uint32_t*
   }
 }
 
-// Forward CTA configurations. M <= 8 (NT = 1): WK warps that split a stage of WK*256 elements of
-// 16 rows along K (each warp a 256-element slice), summed through shared memory at the end: 16-row
+// Forward CTA configurations. M <= 8 (NT = 1): 4 warps that split a 1024-element stage of 16
+// rows along K (each warp a 256-element slice), summed through shared memory at the end: 16-row
 // tiles give N/16 CTAs, so a 4096-row weight fills the GPU without splitting the reduction over
-// CTAs (and without a second kernel to add the splits). WK = 4 by default; WK = 2 halves the
-// stage, so a 4096-wide row takes 8 stages and the ring's copies run ahead of the decoding
-// within a CTA, and twice as many CTAs are resident (LOWTUNE_CUDA_STAGED_K_WARPS=2 picks it).
-// M <= 16 (NT = 2): 8 warps of 16 rows on one 256-element stage, so that each staged slice of X
-// (16 rows now) serves 128 rows of W.
-template <int NT> constexpr int fwd_default_warps_k() { return NT == 1 ? 4 : 1; }
+// CTAs (and without a second kernel to add the splits). M <= 16 (NT = 2): 8 warps of 16 rows on
+// one 256-element stage, so that each staged slice of X (16 rows now) serves 128 rows of W.
+template <int NT> constexpr int fwd_warps_k() { return NT == 1 ? 4 : 1; }
 template <int NT> constexpr int fwd_warps_n() { return NT == 1 ? 1 : 8; }
-template <int NT, int WK> constexpr int fwd_threads() { return 32 * WK * fwd_warps_n<NT>(); }
+template <int NT> constexpr int fwd_threads() { return 32 * fwd_warps_k<NT>() * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps_n<NT>(); }
-template <int WK> constexpr int fwd_stage_k() { return kStageK * WK; }
+template <int NT> constexpr int fwd_stage_k() { return kStageK * fwd_warps_k<NT>(); }
 template <int NT> constexpr int fwd_stages() { return NT == 1 ? kStages : kStages - 1; }
 constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
 // Bytes of one stage: the weight tile, then X rows < M.
-template <int T, int NT, int WK> constexpr int fwd_stage_bytes(int m) {
-  return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<WK>()>() + m * fwd_x_pitch(fwd_stage_k<WK>());
+template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
+  return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<NT>()>() + m * fwd_x_pitch(fwd_stage_k<NT>());
 }
 template <int T, int NT> constexpr int ig_stage_bytes() {
   return kStageRows * row_pitch<T>() + 8 * NT * (2 * kStageRows + 16);
 }
 
 // ---- forward -----------------------------------------------------------------------------------
-template <int T, class ACT, int NT, int WK>
-__global__ void __launch_bounds__(fwd_threads<NT, WK>()) staged_forward_kernel(const ACT* __restrict__ x,
+template <int T, class ACT, int NT>
+__global__ void __launch_bounds__(fwd_threads<NT>()) staged_forward_kernel(const ACT* __restrict__ x,
                                                                            const uint8_t* __restrict__ w,
                                                                            ACT* __restrict__ y, float* __restrict__ part,
                                                                            int M, int N, int K, int64_t row_bytes,
                                                                            int stages_per_split) {
   using U = Unpack<T>;
-  constexpr int SK = fwd_stage_k<WK>(), R = fwd_rows<NT>();
+  constexpr int SK = fwd_stage_k<NT>(), WK = fwd_warps_k<NT>(), R = fwd_rows<NT>();
   constexpr int P = row_pitch<T, SK>(), PX = fwd_x_pitch(SK), SB = seg_bytes<T, SK>();
-  constexpr int THREADS = fwd_threads<NT, WK>(), NS = fwd_stages<NT>();
+  constexpr int THREADS = fwd_threads<NT>(), NS = fwd_stages<NT>();
   constexpr int WD = U::template Words<kSpan>::value;
   extern __shared__ __align__(16) uint8_t smem[];
-  const int stage_bytes = fwd_stage_bytes<T, NT, WK>(M);
+  const int stage_bytes = fwd_stage_bytes<T, NT>(M);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const int wn = warp / WK, wk = warp % WK;  // this warp's 16 rows, and its 256-element slice of a stage
   const int nblk = K / U::kElems, nst = (K + SK - 1) / SK;
@@ -533,25 +529,16 @@ inline int target_ctas_per_sm(int fit) {
   return want > 0 ? std::min(want, fit) : fit;
 }
 
-// Warps per 16-row tile at M <= 8 (LOWTUNE_CUDA_STAGED_K_WARPS: 2 or 4; read once).
-inline int staged_k_warps() {
-  static const int wk = [] {
-    const char* s = std::getenv("LOWTUNE_CUDA_STAGED_K_WARPS");
-    return (s && std::atoi(s) == 2) ? 2 : fwd_default_warps_k<1>();
-  }();
-  return wk;
-}
-
-template <int T, class ACT, int NT, int WK>
-void forward_launch(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
-                    cudaStream_t stream) {
-  constexpr size_t smem_max = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT, WK>(8 * NT);
-  constexpr int threads = fwd_threads<NT, WK>();
+template <int T, class ACT, int NT>
+void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
+                   cudaStream_t stream) {
+  constexpr size_t smem_max = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(8 * NT);
+  constexpr int threads = fwd_threads<NT>();
   static int occupancy[64] = {};
   static int fits[64][8 * NT + 1] = {};  // per device and M: resident CTAs (set once, outside captures)
-  const auto kernel = staged_forward_kernel<T, ACT, NT, WK>;
+  const auto kernel = staged_forward_kernel<T, ACT, NT>;
   prepare_kernel(kernel, smem_max, threads, occupancy);
-  const size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT, WK>(m);
+  const size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(m);
   int dev = 0;
   LT_CUDA_CHECK(cudaGetDevice(&dev));
   int& fit = fits[dev][m];
@@ -560,7 +547,7 @@ void forward_launch(const void* x, const uint8_t* w, void* y, int m, int n, int 
     fit = std::max(fit, 1);
   }
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
-  const int nst = (k + fwd_stage_k<WK>() - 1) / fwd_stage_k<WK>();
+  const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
   // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
   // keep each CTA's three stages in flight, which suffices), or as many as fit (M <= 16).
   const int per = NT == 1 && tiles >= sm_count() ? nst
@@ -571,17 +558,6 @@ void forward_launch(const void* x, const uint8_t* w, void* y, int m, int n, int 
       static_cast<const ACT*>(x), w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per);
   LT_CUDA_CHECK_LAUNCH();
   if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * n, y, stream);
-}
-
-template <int T, class ACT, int NT>
-void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
-                   cudaStream_t stream) {
-  if constexpr (NT == 1) {
-    if (staged_k_warps() == 2) return forward_launch<T, ACT, 1, 2>(x, w, y, m, n, k, row_bytes, stream);
-    forward_launch<T, ACT, 1, 4>(x, w, y, m, n, k, row_bytes, stream);
-  } else {
-    forward_launch<T, ACT, 2, 1>(x, w, y, m, n, k, row_bytes, stream);
-  }
 }
 
 template <int T, class ACT, int NT>
