@@ -12,8 +12,8 @@ Both files are made once and kept in the assets folder. What is checked:
 * lowtune's perplexity against llama.cpp's on the same file: within 1.5 %, not closer, because
   llama.cpp's CPU matmuls round the activations to 8 bits first (Q8_0 for IQ4_NL, Q8_K for the
   other I-quants) and lowtune keeps them in fp32. Measured on the IQ4_XS file, llama.cpp higher by
-  0.95 % on the window used here, 0.7 % on another, 0.64 % over 4 windows of 512 and 0.56 % over 12;
-  on the mix 0.43 %. Where llama.cpp rounds nothing, on the F32 dequantization of the mix (every
+  0.95 % on the window used here, 0.7 % on another, 0.64 % over 4 windows of 512, 0.56 % over 12
+  and 0.38 % over 40; on the mix 0.43 %, and 0.65 % over 40 windows (BENCHMARKS.md). Where llama.cpp rounds nothing, on the F32 dequantization of the mix (every
   I-quant type in one file), the two agree within 0.05 % (measured on the IQ4_XS file: 2e-6); and
   test_iquants holds lowtune's dequantization of llama.cpp's blocks bit-identical to gguf-py's.
 * a short LoRA fine-tune lowers held-out perplexity; merged into the IQ4_XS file's own types
