@@ -79,6 +79,20 @@ def test_eval_json_is_the_last_line(tiny_gguf, text_file, capsys):
     assert perplexity(model, ids, 64, 3)["perplexity"] == pytest.approx(r["perplexity"], rel=1e-6)
 
 
+def test_eval_with_llamacpp_activations_rounds_them(tiny_gguf, text_file, capsys):
+    args = ["eval", tiny_gguf, "--text", text_file, "--ctx", 64, "--chunks", 3, "--json", "--quiet",
+            "--device", "cpu", "--dtype", "fp32"]
+    ppl = {}
+    for mode in ("float", "llama.cpp"):
+        rc, out, _ = run(args + ["--activations", mode], capsys)
+        assert rc == 0
+        ppl[mode] = json.loads(out.strip().splitlines()[-1])["perplexity"]
+    assert "activations rounded as llama.cpp does" in out
+    # 8-bit activations move the tiny model's perplexity a little, not a lot
+    assert ppl["llama.cpp"] != ppl["float"]
+    assert ppl["llama.cpp"] == pytest.approx(ppl["float"], rel=0.05)
+
+
 def test_generate_greedy_is_deterministic(tiny_gguf, capsys):
     args = ["generate", tiny_gguf, "--prompt", "the fox", "-n", 12]
     rc, out1, _ = run(args, capsys)

@@ -10,6 +10,10 @@ perplexity pass (forward and loss); llama.cpp's is its `eval` of the window (for
 logits), its log-softmax being computed afterwards, untimed. Both report the perplexity they
 computed (a check that they did the same work).
 
+--llamacpp-activations scores the windows once more in lowtune with every product's activations
+rounded to 8 bits as llama.cpp's CPU rounds them (lowtune.llamacpp_activations): what is left of
+the perplexity gap then is not that rounding.
+
 Decoding: both continue the same prompt (the first --prompt-tokens of the text) greedily for
 --new-tokens tokens, one token per forward pass against the KV cache. Timed: the steps after the
 prompt (each forward pass and the argmax), reported as tokens/s; the prompt's forward pass is
@@ -40,6 +44,7 @@ from smollm2 import smollm2_path  # noqa: E402
 import lowtune  # noqa: E402
 from lowtune.evaluate import perplexity, windows  # noqa: E402
 from lowtune.generate import GenerationStats, generate  # noqa: E402
+from lowtune.llamacpp_activations import rounded_like_llamacpp  # noqa: E402
 from lowtune.loading import load_model  # noqa: E402
 
 
@@ -132,6 +137,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--llamacpp-activations", action="store_true",
+                    help="also score the windows in lowtune with each product's activations rounded to 8 bits "
+                         "as llama.cpp's CPU does (lowtune.llamacpp_activations): the perplexity gap that is left")
     args = ap.parse_args()
     from llama_cpp import Llama
 
@@ -188,6 +196,15 @@ def main() -> int:
     de = out["lowtune"]["decode_tokens_per_second"] / out["llama.cpp"]["decode_tokens_per_second"]
     print(f"lowtune / llama.cpp speed: prompt eval {ev:.2f}, decode {de:.2f}; "
           f"greedy tokens alike: first {agree} of {args.new_tokens}")
+    if args.llamacpp_activations:
+        with rounded_like_llamacpp():
+            r = perplexity(model, torch.from_numpy(w).reshape(-1), ctx=args.ctx)
+        gap = out["llama.cpp"]["perplexity"] / r["perplexity"] - 1
+        out["lowtune_llamacpp_activations"] = {"perplexity": r["perplexity"], "eval_seconds": r["seconds"],
+                                               "llamacpp_over_it": gap}
+        print(f"lowtune with llama.cpp's rounding of activations: perplexity {r['perplexity']:.4f} "
+              f"(llama.cpp {out['llama.cpp']['perplexity']:.4f}, {100 * gap:+.2f}%; with float activations "
+              f"{100 * (out['llama.cpp']['perplexity'] / out['lowtune']['perplexity'] - 1):+.2f}%)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -69,6 +69,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--json", action="store_true", help='end with a JSON line {"perplexity": ..., "tokens": ...}')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--activations", choices=("float", "llama.cpp"), default="float",
+                   help="float (default): lowtune's arithmetic; llama.cpp: round each product's activations "
+                        "to 8 bits first, as llama.cpp's CPU does, to reproduce its perplexity")
     add_adapter_arguments(p)
     add_runtime_arguments(p)
 

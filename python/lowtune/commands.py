@@ -4,6 +4,7 @@ library out. One function per command, named after it; cli.main calls the chosen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from .export_cli import check as check_export
 from .failures import TrainingError
 from .finetune_cli import config_from_args, resumed_config
 from .generate import GenerationStats, generate_text
+from .llamacpp_activations import rounded_like_llamacpp
 from .loading import activation_dtype, describe, load, pick_device
 from .memory_budget import prepare_process
 from .progress import Progress
@@ -109,9 +111,17 @@ def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
                        ppl=math.exp(nll_sum / scored))
             done[0] = windows_done
 
-        r = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks, batch=args.batch, progress=progress)
+        rounding = rounded_like_llamacpp() if args.activations == "llama.cpp" else contextlib.nullcontext()
+        try:
+            with rounding:
+                r = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks, batch=args.batch, progress=progress)
+        except ValueError as e:
+            if args.activations == "llama.cpp":
+                raise CLIError(f"--activations llama.cpp: {e}") from None
+            raise
     print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of "
-          f"{args.ctx}), {r['seconds']:.1f} s, {r['tokens_per_second']:.1f} tok/s")
+          f"{args.ctx}{', activations rounded as llama.cpp does' if args.activations == 'llama.cpp' else ''}), "
+          f"{r['seconds']:.1f} s, {r['tokens_per_second']:.1f} tok/s")
     if args.json:
         print(json.dumps({"perplexity": r["perplexity"], "tokens": r["tokens"], "nll": r["nll"],
                           "windows": r["windows"], "ctx": args.ctx,

@@ -34,7 +34,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, llamacpp_activations
 from .formats import get_format
 from .qtensor import QTensor
 
@@ -320,6 +320,11 @@ def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     n, k = qt.shape
     _check_act(x, "x", qt.device, k, "K")
     x2 = x.reshape(-1, k)
+    if llamacpp_activations.active():
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("llama.cpp's rounding of activations is for evaluation: it has no gradient "
+                             "(leave lowtune.llamacpp_activations.rounded_like_llamacpp() to train)")
+        x2 = llamacpp_activations.round_activations(x2, qt.format)
     if not qt.format.quantized:
         y = x2 @ _float_view(qt).to(x.dtype).t()
     else:
