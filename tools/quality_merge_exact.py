@@ -58,6 +58,7 @@ from lowtune.adapters import (AdapterConfig, adapter_parameters, apply_adapters,
                               mark_only_adapters_trainable)
 from lowtune.checkpoint import atomic_write_text  # noqa: E402
 from lowtune.evaluate import perplexity  # noqa: E402
+from lowtune.llamacpp_activations import rounded_like_llamacpp  # noqa: E402
 from lowtune.export import export_hf, export_merged_gguf  # noqa: E402
 from lowtune.gguf_io import GGUFFile  # noqa: E402
 from lowtune.compile import compile_model  # noqa: E402
@@ -139,6 +140,11 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
         row["llamacpp_ppl"] = llamacpp_ppl(merged, ids, p["ctx"], threads=1)
         row["gain_llamacpp"] = row["llamacpp_ppl"] / base_ppl["llamacpp"]
         row["gain_agreement"] = row["gain_llamacpp"] / row["gain_lowtune"] - 1.0
+        # the same gain in lowtune with llama.cpp's rounding of activations: like for like
+        with rounded_like_llamacpp():
+            q8 = perplexity(load_model(merged, device=device), ids, ctx=p["ctx"])["perplexity"]
+        row["gain_lowtune_llamacpp_activations"] = q8 / base_ppl["lowtune_llamacpp_activations"]
+        row["gain_agreement_llamacpp_activations"] = row["gain_llamacpp"] / row["gain_lowtune_llamacpp_activations"] - 1.0
     merged.unlink()
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return row
@@ -231,14 +237,18 @@ def report(doc: dict) -> str:
                  f"{mean_std([r['unmerged_ppl'] for r in rs])} | {mean_std([r['val_ppl'] for r in rs])} |")
     if any("gain_llamacpp" in r for r in rows):
         L += ["", "## Gain of the merged file (merged / base perplexity): lowtune against llama.cpp", "",
-              "| base | method | merge_exact | lowtune | llama.cpp | largest disagreement |",
-              "|---|---|---|---|---|---|"]
+              "| base | method | merge_exact | lowtune | llama.cpp | largest disagreement | lowtune, llama.cpp's "
+              "activation rounding | largest disagreement |",
+              "|---|---|---|---|---|---|---|---|"]
         for (b, m, e), rs in groups.items():
             rs = [r for r in rs if "gain_llamacpp" in r]
             if rs:
+                q8 = [r for r in rs if "gain_lowtune_llamacpp_activations" in r]
                 L.append(f"| {b} | {m} | {'on' if e else 'off'} | {mean_std([r['gain_lowtune'] for r in rs])} | "
                          f"{mean_std([r['gain_llamacpp'] for r in rs])} | "
-                         f"{max(abs(r['gain_agreement']) for r in rs):.3%} |")
+                         f"{max(abs(r['gain_agreement']) for r in rs):.3%} | "
+                         + (f"{mean_std([r['gain_lowtune_llamacpp_activations'] for r in q8])} | "
+                            f"{max(abs(r['gain_agreement_llamacpp_activations']) for r in q8):.3%} |" if q8 else "— | — |"))
     if doc.get("overhead"):
         L += ["", "## Cost per training step (median, the two modes stepped alternately)", "",
               "| base | method | compile | tokens/step | adapted layers | merge_exact on | off | overhead |",
@@ -325,9 +335,11 @@ def main(argv=None) -> int:
             base_model = load_model(base["gguf"], device=device)
             base["layers"] = len(base_model.layers)
             base_ppl = {"lowtune": perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]}
-            del base_model
             if have_llama:
                 base_ppl["llamacpp"] = llamacpp_ppl(base["gguf"], ids, p["ctx"], threads=1)
+                with rounded_like_llamacpp():
+                    base_ppl["lowtune_llamacpp_activations"] = perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]
+            del base_model
             doc.setdefault("base_ppl", {})[name] = base_ppl
             say(f"{name}: base perplexity {base_ppl}")
             for method in args.methods:
