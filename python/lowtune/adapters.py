@@ -267,13 +267,13 @@ class AdaptedLinear(nn.Module):
     def _matrices(self):
         return (self.hira_M, None) if self.method == "qa-hira" else (self.lora_A, self.lora_B)
 
-    def uncapturable(self) -> str | None:
-        """Why a CUDA graph cannot replay this adapter's work (None: it can). A replayed graph
-        repeats the captured shapes and random masks: QDyLoRA draws a new rank every step, and
-        dropout a new mask."""
+    def uncapturable(self, training: bool | None = None) -> str | None:
+        """Why a CUDA graph cannot replay this adapter's work (None: it can), in training mode or
+        not (default: the module's mode now). A replayed graph repeats the captured shapes and
+        random masks: QDyLoRA draws a new rank every step, and dropout a new mask."""
         if self.method == "qdylora":
             return "QDyLoRA layers (a new rank every step)"
-        if self.training and self.config.dropout > 0:
+        if (self.training if training is None else training) and self.config.dropout > 0:
             return "layers with adapter dropout"
         return None
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from . import _C
+from .adapters import AdaptedLinear
 from .disk_ring import DiskLayers, read_ranges
 from .gguf_io import GGUFFile
 from .host_adamw import staging_bytes
@@ -499,9 +500,10 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
         # one checkpointed input [tokens, D] per layer
         "checkpoint": tokens * c.dim * act,
         "working": int(working),
-        # whether CUDA graphs can replay every layer (then their pool holds the working set)
-        "every_layer_capturable": all(m.uncapturable() is None for m in model.modules()
-                                      if callable(getattr(m, "uncapturable", None))),
+        # whether CUDA graphs can replay every layer of a training step (then their pool holds
+        # the working set), whatever mode the model is in while the plan is made
+        "every_layer_capturable": all(m.uncapturable(training=True) is None for m in model.modules()
+                                      if isinstance(m, AdaptedLinear)),
         # SDPA's flash backward: its fp32 accumulators
         "attention": attention_workspace(tokens, c.n_heads, c.head_dim),
         # one chunk of fp32 logits with its softmax and gradient, and dh [tokens, D]
