@@ -130,7 +130,8 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
     unmerged_model, _ = load(base["model"], device=device, qtype=base["qtype"], adapter=run)
     unmerged = perplexity(unmerged_model, ids, ctx=p["ctx"])["perplexity"]
     del unmerged_model
-    merged_ppl = perplexity(load_model(merged, device=device), ids, ctx=p["ctx"])["perplexity"]
+    merged_model = load_model(merged, device=device)
+    merged_ppl = perplexity(merged_model, ids, ctx=p["ctx"])["perplexity"]
     row = {"base": base["name"], "method": method, "merge_exact": exact, "seed": seed,
            "val_ppl": res.eval_after["eval_ppl"] if res.eval_after else None, "train_s": round(train_s, 1),
            "unmerged_ppl": unmerged, "merged_ppl": merged_ppl, "identical": merged_ppl == unmerged,
@@ -142,9 +143,10 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
         row["gain_agreement"] = row["gain_llamacpp"] / row["gain_lowtune"] - 1.0
         # the same gain in lowtune with llama.cpp's rounding of activations: like for like
         with rounded_like_llamacpp():
-            q8 = perplexity(load_model(merged, device=device), ids, ctx=p["ctx"])["perplexity"]
+            q8 = perplexity(merged_model, ids, ctx=p["ctx"])["perplexity"]
         row["gain_lowtune_llamacpp_activations"] = q8 / base_ppl["lowtune_llamacpp_activations"]
         row["gain_agreement_llamacpp_activations"] = row["gain_llamacpp"] / row["gain_lowtune_llamacpp_activations"] - 1.0
+    del merged_model
     merged.unlink()
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return row
