@@ -544,7 +544,8 @@ class Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embd.raw.device
+        # not the embedding's: a streamed model may keep it in host memory (lowtune.streaming)
+        return self.output_norm.weight.device
 
     def head_weight(self) -> QTensor:
         """The LM head's packed [V, D] matrix (token_embd when embeddings are tied)."""
@@ -596,7 +597,7 @@ class Model(nn.Module):
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
         rot = self._rotation_on_device(start, t, cache.max_len if cache is not None else None)
-        x = self.tok_embd(ids.to(self.device))
+        x = self.tok_embd(ids).to(self.device)       # gathered where the embedding lives
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if self.streamer is not None:  # lowtune.streaming: weights copied in, checkpointed

@@ -27,7 +27,9 @@ of that; this module adds the part EMEF lacked, so that GPU memory no longer gro
   the driver's terms) is a ValueError that gives the minimum, in the same terms.
 - With a host-memory limit (plan_host), the streamed layers beyond it stay in the GGUF file and
   are read into a ring of pinned buffers ahead of their use (lowtune.disk_ring).
-- Adapters, their gradients, norms, the embedding and the LM head stay on the GPU. Gradients of
+- An untied token embedding stays in host memory while layers stream (plan.embedding_on_host):
+  a step gathers and decodes its rows there and copies those alone. Adapters, their gradients,
+  norms and the LM head (with a tied embedding) stay on the GPU. Gradients of
   adapter parameters come back through autograd (the layer function returns them), so
   DistributedDataParallel's hooks see them as for any module.
 
@@ -153,8 +155,12 @@ class LayerStreamer:
     installed (stream_model)."""
 
     def __init__(self, model: Model, device: torch.device, streamed: list[int],
-                 offload_activations: bool = False, disk: DiskLayers | None = None):
+                 offload_activations: bool = False, disk: DiskLayers | None = None,
+                 host_embedding: bool = False):
         self.device = torch.device(device)
+        # the token embedding's blocks stay where they are (host memory): model.hidden gathers
+        # a step's rows there and moves only those
+        self.embedding = model.tok_embd if host_embedding else None
         self.cuda = self.device.type == "cuda"
         self.n_layers = len(model.layers)
         self.streamed = sorted(streamed)
@@ -263,11 +269,16 @@ class LayerStreamer:
         for pack in self.packs.values():
             for lin in pack.linears:
                 lin._buffers["raw"] = torch.empty(0, dtype=torch.uint8)
+        embedding = None if self.embedding is None else self.embedding._buffers["raw"]
+        if embedding is not None:
+            self.embedding._buffers["raw"] = torch.empty(0, dtype=torch.uint8)
         try:
             yield
         finally:
             for pack in self.packs.values():
                 pack.bind(None)
+            if embedding is not None:
+                self.embedding._buffers["raw"] = embedding
 
     # -- checkpointed inputs ---------------------------------------------------------------------
 
@@ -392,6 +403,7 @@ class StreamPlan:
     small_scratch: bool = False              # the extension's chunks at SMALL_CHUNK_MIN (tight budgets)
     disk_layers: list[int] = field(default_factory=list)  # streamed from the model file (--host-ram)
     host: dict = field(default_factory=dict)   # host memory the plan holds, itemised (--host-ram)
+    embedding_on_host: bool = False          # the token embedding's blocks stay in host memory
 
     @property
     def streaming(self) -> bool:
@@ -412,6 +424,8 @@ class StreamPlan:
             extras.append("room for CUDA graphs")
         if self.small_scratch:
             extras.append(f"dequantization chunks of {SMALL_CHUNK_MIN} rows")
+        if self.embedding_on_host:
+            extras.append("token embedding in host memory")
         extra = "".join(f"; {e}" for e in extras)
         if not self.streaming:
             return (f"memory budget {gib(self.budget)}: all {self.n_layers} layers fit on "
@@ -480,6 +494,10 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
     other = sum(_tensor_bytes(b) for b in model.buffers() if id(b) not in in_layers)
     layer_trainable = max((sum(_tensor_bytes(p) for p in layer.parameters() if p.requires_grad)
                            for layer in model.layers), default=0)
+    # An untied token embedding stays in host memory while layers stream (a step gathers its
+    # rows there); tied, the LM head reads it on the device.
+    embedding = _tensor_bytes(model.tok_embd.raw) if model.output is not None else 0
+    measured = working is not None
     q = c.n_heads * c.head_dim
     if working is None:
         # one layer recomputed with autograd and its backward, as saved and produced: the fp32
@@ -489,8 +507,9 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
         working = tokens * (2 * 4 * c.dim + act * (6 * c.dim + 5 * q + 7 * c.ffn_dim))
     return {
         "layers": packs,
-        # non-layer weights and frozen adapters
-        "weights": other + frozen,
+        # non-layer weights and frozen adapters, but for the host-side embedding
+        "weights": other + frozen - embedding,
+        "embedding": embedding,
         # trainable adapters: their parameters (fp32)
         "adapters": sum(trainable),
         "adapter_sizes": trainable,
@@ -500,6 +519,8 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
         # one checkpointed input [tokens, D] per layer
         "checkpoint": tokens * c.dim * act,
         "working": int(working),
+        # a measured working set holds SDPA's workspace already
+        "working_measured": measured,
         # whether CUDA graphs can replay every layer of a training step (then their pool holds
         # the working set), whatever mode the model is in while the plan is made
         "every_layer_capturable": all(m.uncapturable(training=True) is None for m in model.modules()
@@ -514,14 +535,22 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
 
 
 def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool) -> dict:
-    """Everything but the layers and the checkpoints, in tensors: weights, adapters (with
-    gradients, and AdamW's moments unless they live in host memory, where a step stages them in
-    chunks), one layer's working set, the attention workspace, the LM head's chunk, and the pool of
-    the CUDA graphs."""
+    """Everything but the layers, the checkpoints and the device-side embedding, in tensors:
+    weights, adapters (with gradients, and AdamW's moments unless they live in host memory, where
+    a step stages them in chunks), one layer's working set and the attention workspace, the LM
+    head's chunk, and the pool of the CUDA graphs.
+
+    The head's chunk (in the loss) and a layer's working set (in the backward) are never alive at
+    once, so the head counts only beyond the working set; unless CUDA graphs keep the working set
+    in their pool for good, and the head then comes on top."""
     adapters = e["adapters"] * (2 if on_host else 4)
+    attention = 0 if e.get("working_measured") else e["attention"]
+    pooled = graphs and e["every_layer_capturable"]
+    layer = e["working"] + attention
     parts = {"weights": e["weights"], "adapters": adapters,
              "optimizer_staging": staging_bytes(e["adapter_sizes"]) if on_host else 0,
-             "working": e["working"], "attention": e["attention"], "head": e["head"],
+             "working": e["working"], "attention": attention,
+             "head": e["head"] if pooled else max(0, e["head"] - layer),
              "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"], len(e["layers"]),
                                       e["every_layer_capturable"]) if graphs else 0}
     return parts
@@ -573,7 +602,7 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
             ckpts = n * e["checkpoint"]
             room = db.tensor_room(e["scratch"], graphs)
             slots = _N_SLOTS * big
-            everything = base + sum(layers) + ckpts
+            everything = base + sum(layers) + ckpts + e["embedding"]
             need = min(everything, base + slots)
             if need > room:
                 items = db.total(need, e["scratch"], graphs)
@@ -593,6 +622,13 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
         f"--seq-len/--batch or the adapter rank")
 
 
+def embedding_stays_on_host(streaming: bool, embedding_bytes: int, device: str) -> bool:
+    """Whether the token embedding's blocks stay in host memory: when layers stream to a CUDA
+    device and the embedding is not tied to the LM head (embedding_bytes > 0: the planner's count
+    of the untied embedding)."""
+    return streaming and embedding_bytes > 0 and torch.device(device).type == "cuda"
+
+
 def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk: int, graphs: bool,
           on_host: bool, room: int) -> StreamPlan:
     """The plan for one option that fits: as many layers resident as `room` allows."""
@@ -603,16 +639,18 @@ def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk:
 
     def plan(resident, offload, total):
         streamed = [i for i in range(n) if i not in resident]
+        host_embedding = embedding_stays_on_host(bool(streamed), e["embedding"], dev)
         est = {k: v for k, v in e.items() if k not in ("layers", "adapter_sizes")}
         est.update(parts)
         est.update(resident_layers=sum(layers[i] for i in resident),
                    slots=min(_N_SLOTS, len(streamed)) * big, checkpoints=0 if offload else ckpts,
-                   total=total)
+                   embedding=0 if host_embedding else e["embedding"], total=total)
         return StreamPlan(dev, db.budget, n, sorted(resident), streamed, offload, big, chunk, est,
                           cuda_graphs=graphs, optimizer_on_host=on_host,
-                          driver=db.total(total, e["scratch"], graphs), terms=db.to_dict())
+                          driver=db.total(total, e["scratch"], graphs), terms=db.to_dict(),
+                          embedding_on_host=host_embedding)
 
-    everything = base + sum(layers) + ckpts
+    everything = base + sum(layers) + ckpts + e["embedding"]
     if everything <= room:
         return plan(list(range(n)), False, everything)
     slots = _N_SLOTS * big
@@ -649,8 +687,9 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
             # offloaded checkpoints are pinned host copies (on a CUDA device; on the CPU they stay)
             "checkpoints": len(layers) * e["checkpoint"] if plan.offload_activations and plan.device.startswith("cuda") else 0,
             "optimizer_state": 2 * e["adapters"] if plan.optimizer_on_host else 0,
+            "embedding": _tensor_bytes(model.tok_embd.raw) if plan.embedding_on_host else 0,
             "packs": sum(layers[i] for i in plan.streamed), "ring": 0, "ring_buffers": 0}
-    fixed = host["checkpoints"] + host["optimizer_state"]
+    fixed = host["checkpoints"] + host["optimizer_state"] + host["embedding"]
     disk: list[int] = []
     if fixed + host["packs"] > host_ram:
         host["ring_buffers"] = RING_BUFFERS
@@ -663,6 +702,7 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
                              f"ring buffers of {_size(plan.layer_bytes)}"
                              + (f", checkpoints {_size(host['checkpoints'])}" if host["checkpoints"] else "")
                              + (f", AdamW state {_size(host['optimizer_state'])}" if host["optimizer_state"] else "")
+                             + (f", token embedding {_size(host['embedding'])}" if host["embedding"] else "")
                              + f"). Give --host-ram at least {math.ceil(need / 2**20)}MB")
         kept = []
         for i in reversed(plan.streamed):
@@ -782,6 +822,8 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
                           sorted(set(streamed)), offload_activations,
                           max(_pack_bytes(layer) for layer in model.layers), model.loss_chunk_tokens,
                           cuda_graphs=cuda_graphs, optimizer_on_host=bool(host_optimizer))
+        plan.embedding_on_host = embedding_stays_on_host(
+            plan.streaming, _tensor_bytes(model.tok_embd.raw) if model.output is not None else 0, str(device))
     if disk_layers is not None:
         plan.disk_layers = sorted(set(disk_layers))
     elif host_ram is not None:
@@ -806,7 +848,8 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
                              "with device='cpu' (lowtune.load_model(path, device='cpu'))")
         # Host packs first (each QLinear then views its pack), then everything else to the device
         # without the streamed bytes passing through it.
-        model.streamer = LayerStreamer(model, device, plan.streamed, plan.offload_activations, disk)
+        model.streamer = LayerStreamer(model, device, plan.streamed, plan.offload_activations, disk,
+                                       host_embedding=plan.embedding_on_host)
         model.to(device)                        # all but the streamed packs (Model._apply)
     model.gradient_checkpointing = True
     if device.type == "cuda" and plan.estimate.get("scratch"):
