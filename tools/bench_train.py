@@ -427,6 +427,53 @@ def profile_metrics(prof) -> dict:
             "graph_launches": sum(n in ("cudaGraphLaunch", "cuGraphLaunch") for n in names)}
 
 
+def _union_ms(spans) -> float:
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e3
+
+
+def stream_metrics(trace_path: str) -> dict:
+    """Per CUDA stream of one profiled step (its chrome trace): busy ms, and for copies their
+    direction, bytes and GB/s while copying; plus the time the busiest stream (compute) and the
+    host-to-device copies overlap. Says whether a streamed step waits on PCIe or on compute."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    streams: dict = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        a = float(e["ts"])
+        b = a + float(e.get("dur", 0))
+        s = streams.setdefault(str(e.get("tid")), {"spans": [], "copies": {}})
+        s["spans"].append((a, b))
+        if e["cat"] == "gpu_memcpy":
+            kind = e.get("name", "").replace("Memcpy ", "").split(" ")[0]
+            c = s["copies"].setdefault(kind, {"bytes": 0, "spans": []})
+            c["bytes"] += int((e.get("args") or {}).get("bytes", 0))
+            c["spans"].append((a, b))
+    out = {}
+    for tid, s in streams.items():
+        row = {"busy_ms": _union_ms(s["spans"]), "events": len(s["spans"])}
+        for kind, c in s["copies"].items():
+            ms = _union_ms(c["spans"])
+            row[kind] = {"gb": c["bytes"] / 1e9, "ms": ms, "gb_per_s": c["bytes"] / 1e6 / ms if ms else None}
+        out[tid] = row
+    if streams:
+        compute = max(streams, key=lambda t: len(streams[t]["spans"]))
+        h2d = [sp for t, s in streams.items() if t != compute
+               for k, c in s["copies"].items() if k.startswith("HtoD") for sp in c["spans"]]
+        both = 0.0
+        for a, b in h2d:     # compute kernels inside each copy (an approximation: copies rarely overlap)
+            both += _union_ms([(max(a, x), min(b, y)) for x, y in streams[compute]["spans"] if x < b and y > a])
+        out["_compute_stream"] = compute
+        out["_h2d_overlapped_ms"] = both
+    return out
+
+
 def run_one(args) -> dict:
     cfg = CONFIGS[args.model]
     dev = args.device
@@ -518,6 +565,11 @@ def run_one(args) -> dict:
         elif ctx is not None:
             prof_out = profile_metrics(ctx)
             prof_out["wall_ms"] = times[-1] * 1e3
+            if dev == "cuda":
+                trace_path = os.path.join(tempfile.mkdtemp(), "trace.json")
+                ctx.export_chrome_trace(trace_path)
+                prof_out["streams"] = stream_metrics(trace_path)
+                print("profile streams: " + json.dumps(prof_out["streams"]), flush=True)
             print_profile(ctx, prof_out, dev)
         print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
         if step == 0 and setup is not None:

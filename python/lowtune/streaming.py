@@ -166,6 +166,11 @@ class LayerStreamer:
         self.streamed = sorted(streamed)
         self.offload_activations = offload_activations and self.cuda
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # offloaded checkpoints go out on a stream of their own: device-to-host copies then run
+        # beside the host-to-device weight copies (PCIe is duplex) instead of queueing behind them
+        self.offload_stream = torch.cuda.Stream(self.device) if self.offload_activations else None
+        self._host_inputs: dict[int, tuple] = {}     # layer -> its offloaded input (stash)
+        self._prefetched: dict[int, tuple] = {}      # layer -> its input copied back ahead (prefetch)
         on_disk = set(disk.layers) if disk is not None else set()
         if not on_disk <= set(self.streamed):
             raise ValueError(f"layers {sorted(on_disk - set(self.streamed))} are to be read from disk "
@@ -282,25 +287,52 @@ class LayerStreamer:
 
     # -- checkpointed inputs ---------------------------------------------------------------------
 
-    def stash(self, x: torch.Tensor):
-        """Keep a layer's input for its recomputation: as is, or copied to pinned host memory."""
+    def stash(self, x: torch.Tensor, layer: int):
+        """Keep a layer's input for its recomputation: as is, or copied to pinned host memory.
+        Called before the layer's forward is queued, so the copy out overlaps that compute."""
         if not self.offload_activations:
             return x
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        compute = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(compute)
-        with torch.cuda.stream(self.copy_stream):
+        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))   # x is written
+        with torch.cuda.stream(self.offload_stream):
             host.copy_(x, non_blocking=True)
-        x.record_stream(self.copy_stream)
+        x.record_stream(self.offload_stream)
         done = torch.cuda.Event()
-        done.record(self.copy_stream)
+        done.record(self.offload_stream)
+        self._host_inputs[layer] = (host, done)
         return (host, done)
 
-    def unstash(self, saved) -> torch.Tensor:
+    def prefetch(self, layer: int) -> None:
+        """Start copying `layer`'s offloaded input back on the copy stream (the backward pass
+        calls this for the layer it runs next), so that unstash finds it on the device."""
+        saved = self._host_inputs.pop(layer, None)
+        if saved is None or layer in self._prefetched:
+            return
+        host, done = saved
+        compute = torch.cuda.current_stream(self.device)
+        # allocated on the compute stream, whose queued work may still use the block's last
+        # tenant: the copy waits for that work (queued so far, not what comes next)
+        dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        self.copy_stream.wait_stream(compute)
+        self.copy_stream.wait_event(done)
+        with torch.cuda.stream(self.copy_stream):
+            dev.copy_(host, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(self.copy_stream)
+        self._prefetched[layer] = (dev, ready)
+
+    def unstash(self, saved, layer: int) -> torch.Tensor:
         if not isinstance(saved, tuple):
             return saved
+        self._host_inputs.pop(layer, None)
+        compute = torch.cuda.current_stream(self.device)
+        ahead = self._prefetched.pop(layer, None)
+        if ahead is not None:
+            dev, ready = ahead
+            compute.wait_event(ready)
+            return dev
         host, done = saved
-        torch.cuda.current_stream(self.device).wait_event(done)
+        compute.wait_event(done)
         return host.to(self.device, non_blocking=True)
 
     # -- running a layer ---------------------------------------------------------------------------
@@ -339,13 +371,13 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         graphs = streamer.graphs if streamer.graphs is not None and streamer.graphs.handles(layer) else None
         ctx.graphs = graphs
+        ctx.saved = streamer.stash(x.detach(), layer.index)
         with torch.no_grad():
             streamer.acquire(layer.index, +1)
             y = None if graphs is None else graphs.forward(layer, x, rot)
             if y is None:
                 y = layer(x, rot)
             streamer.release(layer.index)
-        ctx.saved = streamer.stash(x.detach())
         ctx.save_for_backward(rot, *params)
         return y
 
@@ -353,8 +385,10 @@ class _StreamedLayer(torch.autograd.Function):
     def backward(ctx, dy):
         streamer, layer = ctx.streamer, ctx.layer
         rot, *params = ctx.saved_tensors
-        x = streamer.unstash(ctx.saved).detach()
+        x = streamer.unstash(ctx.saved, layer.index).detach()
         ctx.saved = None
+        if streamer.offload_activations and layer.index > 0:
+            streamer.prefetch(layer.index - 1)        # the input of the layer backward runs next
         x.requires_grad_(ctx.needs_input_grad[2])
         streamer.acquire(layer.index, -1)
         replayed = None if ctx.graphs is None else ctx.graphs.backward(layer, x, rot, dy, params,
@@ -603,7 +637,7 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
             room = db.tensor_room(e["scratch"], graphs)
             slots = _N_SLOTS * big
             everything = base + sum(layers) + ckpts + e["embedding"]
-            need = min(everything, base + slots)
+            need = min(everything, base + slots + e["checkpoint"])
             if need > room:
                 items = db.total(need, e["scratch"], graphs)
                 if smallest is None or items["total"] < smallest[0]:
@@ -643,7 +677,8 @@ def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk:
         est = {k: v for k, v in e.items() if k not in ("layers", "adapter_sizes")}
         est.update(parts)
         est.update(resident_layers=sum(layers[i] for i in resident),
-                   slots=min(_N_SLOTS, len(streamed)) * big, checkpoints=0 if offload else ckpts,
+                   slots=min(_N_SLOTS, len(streamed)) * big,
+                   checkpoints=e["checkpoint"] if offload else ckpts,
                    embedding=0 if host_embedding else e["embedding"], total=total)
         return StreamPlan(dev, db.budget, n, sorted(resident), streamed, offload, big, chunk, est,
                           cuda_graphs=graphs, optimizer_on_host=on_host,
@@ -667,7 +702,8 @@ def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk:
     # Checkpointed inputs go to host memory when that keeps more layers resident (a layer's
     # input is a fraction of its weights' bytes); a tie keeps them on the device.
     kept, kept_room = fill(room - base - slots - ckpts) if base + slots + ckpts <= room else (None, 0)
-    moved, moved_room = fill(room - base - slots)
+    # offloaded, one layer's input is on the device ahead of its backward (LayerStreamer.prefetch)
+    moved, moved_room = fill(room - base - slots - e["checkpoint"])
     if kept is not None and len(kept) >= len(moved):
         return plan(kept, False, room - kept_room)
     return plan(moved, True, room - moved_room)
