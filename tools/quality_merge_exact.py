@@ -107,7 +107,9 @@ def test_tokens(test_text: str, smol: Path, ctx: int, windows: int) -> list[int]
     with GGUFFile(smol) as f:
         tok = load_tokenizer(dict(f.metadata))
     ids = tok.encode(test_text, add_bos=False)
-    if len(ids) < ctx * windows:
+    if windows == 0:  # every whole window of the held-out text
+        windows = len(ids) // ctx
+    if len(ids) < ctx * windows or windows == 0:
         raise SystemExit(f"the test text has {len(ids)} tokens, fewer than {windows} windows of {ctx}")
     return ids[:ctx * windows]
 
@@ -141,6 +143,7 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
         row["llamacpp_ppl"] = llamacpp_ppl(merged, ids, p["ctx"], threads=1)
         row["gain_llamacpp"] = row["llamacpp_ppl"] / base_ppl["llamacpp"]
         row["gain_agreement"] = row["gain_llamacpp"] / row["gain_lowtune"] - 1.0
+    if "lowtune_llamacpp_activations" in base_ppl and seed in p["llamacpp_seeds"]:
         # the same gain in lowtune with llama.cpp's rounding of activations: like for like
         with rounded_like_llamacpp():
             q8 = perplexity(merged_model, ids, ctx=p["ctx"])["perplexity"]
@@ -218,7 +221,7 @@ def report(doc: dict) -> str:
          f"{doc['date']}, {doc['device']}, SmolLM2-135M-Instruct; {p['steps']} steps of {p['batch']} × "
          f"{p['seq_len']} tokens of Botchan's first 90%, adapters on the last {p['layers']} layers "
          f"(rank {p['rank']}, α {p['alpha']}, lr {p['lr']}); held-out: Botchan's last 10%, {p['test_windows']} "
-         f"windows of {p['ctx']} tokens; seeds {', '.join(map(str, p['seeds']))}. "
+         f"windows of {p['ctx']} tokens ({p['test_windows'] * (p['ctx'] - 1)} scored); seeds {', '.join(map(str, p['seeds']))}. "
          "`tools/quality_merge_exact.py`.", "",
          "## The merged file against the trained model", "",
          "| base | method | merge_exact | export check | merged = unmerged perplexity "
@@ -281,6 +284,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--no-overhead", action="store_true", help="skip the step-time comparison")
+    ap.add_argument("--test-ctx", type=int, help="held-out window length (default: the profile's ctx)")
+    ap.add_argument("--test-windows", type=int,
+                    help="held-out windows (default: the profile's; 0: every whole window of Botchan's last 10%%, "
+                         "e.g. --test-ctx 512 --test-windows 0 scores 13 x 511 = 6643 tokens, 13x the default's "
+                         "508, where llama.cpp's jitter from its 8-bit activations averages down)")
+    ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=("on", "off"), help="merge_exact modes")
+    ap.add_argument("--no-llamacpp-activations", action="store_true",
+                    help="skip lowtune's perplexities with llama.cpp's activation rounding (slow on long texts)")
     ap.add_argument("--overhead-only", action="store_true", help="only the step-time comparison")
     ap.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a machine others load too)")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed)")
@@ -293,6 +304,10 @@ def main(argv=None) -> int:
     for key in ("seeds", "steps", "lr"):
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
+    if args.test_ctx is not None:
+        p["ctx"] = args.test_ctx
+    if args.test_windows is not None:
+        p["test_windows"] = args.test_windows
     if args.all_layers:
         p["layers"] = None
     if args.random:
@@ -303,7 +318,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "settings": {**p, "bases": args.bases, "methods": args.methods}, "runs": [], "overhead": []}
+           "settings": {**p, "bases": args.bases, "methods": args.methods, "modes": args.modes}, "runs": [], "overhead": []}
 
     def save():
         atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
@@ -330,6 +345,8 @@ def main(argv=None) -> int:
         texts["train"] = str(work / "botchan-train.txt")
         Path(texts["train"]).write_text(train_text, encoding="utf-8")
         ids = test_tokens(test_text, smol, p["ctx"], p["test_windows"])
+        p["test_windows"] = doc["settings"]["test_windows"] = len(ids) // p["ctx"]
+        doc["settings"]["scored_tokens"] = p["test_windows"] * (p["ctx"] - 1)
         bases = prepare_bases(args.bases, smol, work)
         have_llama = importlib.util.find_spec("llama_cpp") is not None and device.type == "cpu"
         for name, base in bases.items():
@@ -339,6 +356,7 @@ def main(argv=None) -> int:
             base_ppl = {"lowtune": perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]}
             if have_llama:
                 base_ppl["llamacpp"] = llamacpp_ppl(base["gguf"], ids, p["ctx"], threads=1)
+            if have_llama and not args.no_llamacpp_activations:
                 with rounded_like_llamacpp():
                     base_ppl["lowtune_llamacpp_activations"] = perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]
             del base_model
@@ -354,7 +372,7 @@ def main(argv=None) -> int:
             # seed by seed, so that a deadline cuts repeats before configurations
             for seed in [] if args.overhead_only else p["seeds"]:
                 for method in args.methods:
-                    for exact in (True, False):
+                    for exact in [m == "on" for m in args.modes]:
                         r = train_and_merge(base, method, exact, seed, p, texts, ids, base_ppl, device, work)
                         doc["runs"].append(r)
                         diff = "identical" if r["identical"] else f"{r['merged_vs_unmerged']:+.4%}"

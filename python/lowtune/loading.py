@@ -358,7 +358,10 @@ def load_for_training(cfg: TrainConfig, device: torch.device, say=print) -> tupl
         say(exact)
     if streams:
         gguf = Path(cfg.model).is_file() and not _is_hf(cfg.model)
+        # the trainer captures layers in CUDA graphs unless told not to: the plan makes room for
+        # their pool, or says there is none (plan.cuda_graphs), and the trainer follows it
         plan = stream_model(model, device, cfg.max_vram, tokens=cfg.seq_len * cfg.batch,
+                            cuda_graphs=cfg.cuda_graphs is not False,
                             host_ram=cfg.host_ram, source=cfg.model if gguf else None)
         cfg.extra["streaming"] = plan.to_dict()
         say(plan.summary())

@@ -128,7 +128,9 @@ def attention_workspace(tokens: int, n_heads: int, head_dim: int) -> int:
 
 
 # Device memory of one instantiated CUDA graph of a decoder layer (its uploaded launch
-# descriptors: a few hundred kernel nodes), a generous round figure.
+# descriptors). Measured 3.4 KiB per kernel node on an H200 (tools/gpu/graph_exec_memory.py,
+# 2026-12-03): 1 MiB holds ~300 nodes, more than an eager layer's backward launches (a compiled
+# layer's graphs have tens).
 GRAPH_EXEC_BYTES = 1 * MIB
 
 

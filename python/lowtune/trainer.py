@@ -148,6 +148,12 @@ class Trainer:
         graphs = self.device.type == "cuda" if cfg.cuda_graphs is None else cfg.cuda_graphs
         if graphs and self.device.type != "cuda":
             raise TrainingError(f"--cuda-graphs on needs a CUDA device; this run is on {self.device}")
+        plan = getattr(self.model, "stream_plan", None)
+        if graphs and plan is not None and plan.budget is not None and not plan.cuda_graphs:
+            # the --max-vram plan left no room for the graphs' pool: capturing would overrun it
+            self.log("no room for CUDA graphs within --max-vram: layers run without them (slower; "
+                     "a larger budget makes room)")
+            graphs = False
         cfg.extra["compile"] = {"mode": mode, "cuda_graphs": graphs}
         if mode == "off" and not graphs:
             return  # eager, as the model comes
