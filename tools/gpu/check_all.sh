@@ -5,22 +5,13 @@
 # Usage, from the repository root: OUT=dir bash tools/gpu/check_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source tools/gpu/common.sh
 out=${OUT:-gpu_check}; mkdir -p "$out"
-export PYTHONPATH=python PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 t0=$SECONDS
-if ! $py -c "import gguf" 2>/dev/null || ! $py -c "import bitsandbytes" 2>/dev/null; then
-  $py -m pip install -q --no-index --no-deps .whl/*.whl >"$out/pip.log" 2>&1 || echo "carried wheels did not install (pip.log)"
-fi
+carried_wheels "$out/pip.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
 # always through the (incremental) build: a module left by an earlier call may be stale
-if true; then
-  echo "== build"
-  env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout 420 tools/dev_build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-  echo "== built after $((SECONDS - t0)) s"
-fi
-$py -c "import lowtune; print(lowtune.build_info())"
+build_cuda "$out/build.log" || exit 1
 echo "== CUDA tests"
 timeout ${TEST_S:-300} $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
   -n 4 --dist loadfile tests >"$out/tests.log" 2>&1

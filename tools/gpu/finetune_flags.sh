@@ -8,15 +8,12 @@
 # (DEVICE=cpu STEPS=2 FLAGS="--compile off" runs the same steps on the CPU, to try the script.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source tools/gpu/common.sh
 out=${OUT:-gpu_flags}; mkdir -p "$out"
-export PYTHONPATH=python PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 t0=$SECONDS
 device=${DEVICE:-cuda}
 if [ "$device" = cuda ]; then
-  env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout 420 tools/dev_build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-  echo "== built after $((SECONDS - t0)) s"
+  build_cuda "$out/build.log" || exit 1
 fi
 $py - "$out" <<'EOF'
 import sys

@@ -18,9 +18,8 @@
 #     runs the second base alone in another call).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source tools/gpu/common.sh
 out=${OUT:-gpu_merge_exact}; mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 t0=$SECONDS
 
 if [ "${1:-}" = study ]; then
@@ -29,21 +28,16 @@ if [ "${1:-}" = study ]; then
   cp .carry/methods/part-2/* "$STASH/"
   (cd /tmp && $py -c "import lowtune, sys; sys.exit(0 if lowtune.build_info()['cuda'] else 1)") || {
     echo "lowtune with CUDA is not installed here: run 'bash tools/gpu/methods.sh install' first"; exit 3; }
-  timeout 560 $py tools/quality_merge_exact.py --device cuda --model "$STASH" --work "$STASH/me-work" --bases ${BASES:-Q4_1 INT4-g64} \
+  # the installed lowtune (methods.sh install), not the source tree's python/
+  timeout 560 env -u PYTHONPATH $py tools/quality_merge_exact.py --device cuda --model "$STASH" --work "$STASH/me-work" --bases ${BASES:-Q4_1 INT4-g64} \
     --out "$out/study.json" 2>&1 | tail -60
   echo "== total $((SECONDS - t0)) s"
   exit 0
 fi
 
-export PYTHONPATH=python
-if ! $py -c "import gguf" 2>/dev/null; then
-  $py -m pip install -q --no-index --no-deps .whl/*.whl >"$out/pip.log" 2>&1 || echo "carried wheels did not install (pip.log)"
-fi
+carried_wheels "$out/pip.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-echo "== build"
-env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-  timeout 420 tools/dev_build.sh >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-echo "== built after $((SECONDS - t0)) s"
+build_cuda "$out/build.log" || exit 1
 echo "== CUDA tests"
 timeout 180 $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
   tests/test_merge_exact.py tests/test_compile.py tests/test_streaming.py >"$out/tests.log" 2>&1

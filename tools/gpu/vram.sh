@@ -22,43 +22,25 @@
 # every log in $OUT/logs.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source tools/gpu/common.sh
 out=${OUT:-gpu_vram}
-mkdir -p "$out/logs"
-budget=${BUDGET_S:-530}
-start=$SECONDS
-left() { echo $((budget - (SECONDS - start))); }
-export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
+logs=$out/logs
+mkdir -p "$logs"
+budget_from "${BUDGET_S:-530}"
 tmp=${TMPDIR:-/tmp}
 weights=$tmp/lowtune-bench-weights
 stages=" ${STAGES:-build tests train_7b train_70b disk summary} "
 want() { [[ $stages == *" $1 "* ]]; }
 
-stage() {  # name, seconds it needs at least, limit, command...: output in logs/<name>.log
-  local name=$1 need=$2 limit=$3; shift 3
-  if [ "$(left)" -lt "$need" ]; then echo "== $name: skipped, $(left) s left of $budget (needs ~$need)"; return 1; fi
-  [ "$limit" -gt "$(left)" ] && limit=$(left)
-  local t0=$SECONDS
-  echo "== $name (limit $limit s)"
-  timeout "$limit" "$@" >"$out/logs/$name.log" 2>&1
-  local rc=$?
-  tail -n 30 "$out/logs/$name.log"
-  echo "== $name: exit $rc after $((SECONDS - t0)) s; $(( SECONDS - start )) s elapsed, $(left) s left"
-  return $rc
-}
-
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader | tee "$out/gpu.txt"
 free -g | head -2 | tee -a "$out/gpu.txt"
 df -h "$tmp" | tail -1 | tee -a "$out/gpu.txt"
-if ! $py -c "import gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  $py -m pip install -q --no-index --no-deps .whl/*.whl >"$out/logs/pip.log" 2>&1 || echo "carried wheels did not install (logs/pip.log)"
-fi
+carried_wheels "$logs/pip.log"
 
 if want build; then
-  stage build 60 330 env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    tools/dev_build.sh || { echo "build failed: nothing else can run"; tar czf "$out/logs.tgz" -C "$out" logs; exit 1; }
+  build_cuda "$logs/build.log" 330 | tee -a "$out/gpu.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "nothing else can run"; tar czf "$out/logs.tgz" -C "$out" logs; exit 1; }
 fi
-$py -c "import lowtune; print(lowtune.build_info())" | tee -a "$out/gpu.txt"
 
 if want tests; then
   stage tests 60 180 $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \

@@ -1,0 +1,51 @@
+# What the tools/gpu/*.sh scripts share. Source it from the repository root, after `cd`:
+#   source tools/gpu/common.sh
+# It sets py (PYTHON or python3), PYTHONPATH (the in-place build first) and PYTHONUNBUFFERED, and
+# defines:
+#   carried_wheels LOG      installs .whl/*.whl (gguf, bitsandbytes: the GPU machine has no network)
+#                           where either is missing; pip's output in LOG
+#   build_cuda LOG [LIMIT]  lowtune._C in place with the CUDA kernels, for sm_90 unless
+#                           LOWTUNE_CUDA_ARCHITECTURES says otherwise (incremental on a warm machine)
+#   budget_from SECONDS     starts the clock of a time budget: `left` then prints the seconds left
+#   stage NAME NEED LIMIT CMD...
+#                           runs CMD with at most LIMIT seconds (and no more than are left), its
+#                           output in $logs/NAME.log (logs defaults to $out), the tail shown; skipped
+#                           when fewer than NEED seconds are left; returns CMD's exit status
+export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+carried_wheels() {
+  if ! $py -c "import gguf" 2>/dev/null || ! $py -c "import bitsandbytes" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      $py -m pip install -q --no-index --no-deps .whl/*.whl >"$1" 2>&1 || echo "carried wheels did not install ($1)"
+    fi
+    $py -c "import bitsandbytes" 2>/dev/null || echo "NOTE: bitsandbytes is missing: QLoRA peer runs will fail"
+  fi
+}
+
+build_cuda() {
+  local t=$SECONDS
+  env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES="${LOWTUNE_CUDA_ARCHITECTURES:-90}" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" timeout "${2:-420}" tools/dev_build.sh >"$1" 2>&1 \
+    || { tail -30 "$1"; echo "build failed"; return 1; }
+  echo "== built in $((SECONDS - t)) s: $($py -c "import lowtune; print(lowtune.build_info())")"
+}
+
+budget_from() { budget=$1; budget_start=$SECONDS; }
+left() { echo $((budget - (SECONDS - budget_start))); }
+
+stage() {
+  local name=$1 need=$2 limit=$3; shift 3
+  local dir=${logs:-$out}
+  if [ "$(left)" -lt "$need" ]; then
+    echo "== $name: skipped, $(left) s left of $budget (needs ~$need)"; echo skipped >"$dir/$name.log"; return 1
+  fi
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  local t0=$SECONDS
+  echo "== $name (limit $limit s)"
+  timeout "$limit" "$@" >"$dir/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$dir/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s, $(left) s left"
+  return $rc
+}
