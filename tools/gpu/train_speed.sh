@@ -52,4 +52,8 @@ want train_7b && stage train_7b 20 $((t7b + 10)) $py tools/bench_train.py --mode
 want elementwise && stage elementwise 20 $(( $(left) - 10 )) $py tools/bench_elementwise.py --json "$out/elementwise.json"
 
 $py tools/gpu/train_speed_summary.py "$out" | tee "$out/summary.md"
-echo "total $((SECONDS - start)) s"
+# at most 8 files come back from the GPU machine: each run directory as one archive
+for d in train_1b train_7b; do
+  [ -d "$out/$d" ] && tar czf "$out/$d.tgz" -C "$out" "$d" && rm -rf "${out:?}/$d"
+done
+echo "total $((SECONDS - budget_start)) s"
