@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Control experiment for issue 23: how much does a perplexity move when the fp16 mins of the
+"""Control experiment for the merge-exact gain comparison: how much does a perplexity move when the fp16 mins of the
 adapted tensors (the last `layers` decoder layers' linears) move by +-1 ulp at random, in
 llama.cpp (llama-cpp-python) and in lowtune (fp32, and with llama.cpp's 8-bit activation rounding)?
 
@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sets", nargs="+", default=["short", "long"])
     ap.add_argument("--no-lowtune", action="store_true")
+    ap.add_argument("--no-llamacpp", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     _C.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main() -> int:
             row = {"file": "base" if seed is None else f"perturbed seed {seed}", "mins_moved": moved}
             if seed is not None:
                 row["bytes_differing"] = ndiff
-            for name, (t, c) in sets.items():
+            for name, (t, c) in [] if args.no_llamacpp else sets.items():
                 row[f"llamacpp_{name}"] = llamacpp_ppl(path, t, c, threads=args.threads)
             if not args.no_lowtune:
                 row.update(lowtune_ppls(path, sets))
