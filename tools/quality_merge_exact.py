@@ -114,6 +114,12 @@ def test_tokens(test_text: str, smol: Path, ctx: int, windows: int) -> list[int]
     return ids[:ctx * windows]
 
 
+def repo_path(path: Path) -> str:
+    """`path` relative to the repository (results carry no machine paths), else its name."""
+    path, repo = path.resolve(), Path(__file__).resolve().parent.parent
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else path.name
+
+
 def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, texts: dict, ids: list[int],
                     base_ppl: dict, device, work: Path) -> dict:
     run = work / "runs" / f"{base['name']}-{method}-{'on' if exact else 'off'}-s{seed}"
@@ -140,7 +146,7 @@ def train_and_merge(base: dict, method: str, exact: bool, seed: int, p: dict, te
            "merged_vs_unmerged": merged_ppl / unmerged - 1.0, "exact": rep.exact,
            "merge": describe_merge(rep.checks), "gain_lowtune": merged_ppl / base_ppl["lowtune"]}
     if base_ppl.get("llamacpp") and seed in p["llamacpp_seeds"]:
-        row["llamacpp_ppl"] = llamacpp_ppl(merged, ids, p["ctx"], threads=1)
+        row["llamacpp_ppl"] = llamacpp_ppl(merged, ids, p["ctx"], threads=p["llamacpp_threads"])
         row["gain_llamacpp"] = row["llamacpp_ppl"] / base_ppl["llamacpp"]
         row["gain_agreement"] = row["gain_llamacpp"] / row["gain_lowtune"] - 1.0
     if "lowtune_llamacpp_activations" in base_ppl and seed in p["llamacpp_seeds"]:
@@ -217,11 +223,16 @@ def mean_std(xs):
 
 def report(doc: dict) -> str:
     rows, p = doc["runs"], doc["settings"]
+    held_out = (f"Botchan's last 10%, {p['test_windows']} windows of {p['ctx']} tokens "
+                f"({p['test_windows'] * (p['ctx'] - 1)} scored)")
+    if len(p.get("test_sources", [])) > 1:
+        held_out = (f"windows of {p['ctx']} tokens of " + ", ".join(
+            f"{s['text']} ({s['windows']} windows, {s['scored_tokens']} scored)" for s in p["test_sources"])
+            + f"; {p['scored_tokens']} scored in all")
     L = ["# Merge-exact training against the plain mode (QA-HiRA, QA-LoRA)", "",
          f"{doc['date']}, {doc['device']}, SmolLM2-135M-Instruct; {p['steps']} steps of {p['batch']} × "
          f"{p['seq_len']} tokens of Botchan's first 90%, adapters on the last {p['layers']} layers "
-         f"(rank {p['rank']}, α {p['alpha']}, lr {p['lr']}); held-out: Botchan's last 10%, {p['test_windows']} "
-         f"windows of {p['ctx']} tokens ({p['test_windows'] * (p['ctx'] - 1)} scored); seeds {', '.join(map(str, p['seeds']))}. "
+         f"(rank {p['rank']}, α {p['alpha']}, lr {p['lr']}); held-out: {held_out}; seeds {', '.join(map(str, p['seeds']))}. "
          "`tools/quality_merge_exact.py`.", "",
          "## The merged file against the trained model", "",
          "| base | method | merge_exact | export check | merged = unmerged perplexity "
@@ -289,6 +300,9 @@ def main(argv=None) -> int:
                     help="held-out windows (default: the profile's; 0: every whole window of Botchan's last 10%%, "
                          "e.g. --test-ctx 512 --test-windows 0 scores 13 x 511 = 6643 tokens, 13x the default's "
                          "508, where llama.cpp's jitter from its 8-bit activations averages down)")
+    ap.add_argument("--extra-test-text", nargs="+", type=Path, default=[], metavar="PATH",
+                    help="more held-out text, not trained on (e.g. python/lowtune/data/midsummer.txt): every whole "
+                         "--test-ctx window of each file is scored with Botchan's, by both engines")
     ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=("on", "off"), help="merge_exact modes")
     ap.add_argument("--no-llamacpp-activations", action="store_true",
                     help="skip lowtune's perplexities with llama.cpp's activation rounding (slow on long texts)")
@@ -310,6 +324,7 @@ def main(argv=None) -> int:
         p["test_windows"] = args.test_windows
     if args.all_layers:
         p["layers"] = None
+    p["llamacpp_threads"] = args.threads or 1  # its scores are the same at 1 and 2 threads (checked)
     if args.random:
         args.overhead_only = True
     work = args.work or Path(tempfile.mkdtemp(prefix="merge-exact-"))
@@ -346,7 +361,15 @@ def main(argv=None) -> int:
         Path(texts["train"]).write_text(train_text, encoding="utf-8")
         ids = test_tokens(test_text, smol, p["ctx"], p["test_windows"])
         p["test_windows"] = doc["settings"]["test_windows"] = len(ids) // p["ctx"]
-        doc["settings"]["scored_tokens"] = p["test_windows"] * (p["ctx"] - 1)
+        sources = [{"text": "python/lowtune/data/botchan.txt, last 10%", "windows": p["test_windows"]}]
+        for path in args.extra_test_text:  # each text's whole windows, after Botchan's: no window spans two texts
+            extra = test_tokens(path.read_text(encoding="utf-8"), smol, p["ctx"], 0)
+            ids += extra
+            sources.append({"text": repo_path(path), "windows": len(extra) // p["ctx"]})
+        for src in sources:
+            src["scored_tokens"] = src["windows"] * (p["ctx"] - 1)
+        doc["settings"]["test_sources"] = sources
+        doc["settings"]["scored_tokens"] = sum(src["scored_tokens"] for src in sources)
         bases = prepare_bases(args.bases, smol, work)
         have_llama = importlib.util.find_spec("llama_cpp") is not None and device.type == "cpu"
         for name, base in bases.items():
@@ -355,7 +378,7 @@ def main(argv=None) -> int:
             base["layers"] = len(base_model.layers)
             base_ppl = {"lowtune": perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]}
             if have_llama:
-                base_ppl["llamacpp"] = llamacpp_ppl(base["gguf"], ids, p["ctx"], threads=1)
+                base_ppl["llamacpp"] = llamacpp_ppl(base["gguf"], ids, p["ctx"], threads=p["llamacpp_threads"])
             if have_llama and not args.no_llamacpp_activations:
                 with rounded_like_llamacpp():
                     base_ppl["lowtune_llamacpp_activations"] = perplexity(base_model, ids, ctx=p["ctx"])["perplexity"]
