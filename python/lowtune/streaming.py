@@ -300,13 +300,14 @@ class LayerStreamer:
         done = torch.cuda.Event()
         done.record(self.offload_stream)
         self._host_inputs[layer] = (host, done)
+        self._prefetched.pop(layer, None)     # a copy left by a backward that did not finish
         return (host, done)
 
     def prefetch(self, layer: int) -> None:
         """Start copying `layer`'s offloaded input back on the copy stream (the backward pass
         calls this for the layer it runs next), so that unstash finds it on the device."""
         saved = self._host_inputs.pop(layer, None)
-        if saved is None or layer in self._prefetched:
+        if saved is None:                     # not offloaded, or already on its way
             return
         host, done = saved
         compute = torch.cuda.current_stream(self.device)
@@ -387,8 +388,7 @@ class _StreamedLayer(torch.autograd.Function):
         rot, *params = ctx.saved_tensors
         x = streamer.unstash(ctx.saved, layer.index).detach()
         ctx.saved = None
-        if streamer.offload_activations and layer.index > 0:
-            streamer.prefetch(layer.index - 1)        # the input of the layer backward runs next
+        streamer.prefetch(layer.index - 1)            # the input of the layer backward runs next
         x.requires_grad_(ctx.needs_input_grad[2])
         streamer.acquire(layer.index, -1)
         replayed = None if ctx.graphs is None else ctx.graphs.backward(layer, x, rot, dy, params,
@@ -528,9 +528,7 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
     other = sum(_tensor_bytes(b) for b in model.buffers() if id(b) not in in_layers)
     layer_trainable = max((sum(_tensor_bytes(p) for p in layer.parameters() if p.requires_grad)
                            for layer in model.layers), default=0)
-    # An untied token embedding stays in host memory while layers stream (a step gathers its
-    # rows there); tied, the LM head reads it on the device.
-    embedding = _tensor_bytes(model.tok_embd.raw) if model.output is not None else 0
+    embedding = _untied_embedding_bytes(model)
     measured = working is not None
     q = c.n_heads * c.head_dim
     if working is None:
@@ -656,11 +654,17 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
         f"--seq-len/--batch or the adapter rank")
 
 
-def embedding_stays_on_host(streaming: bool, embedding_bytes: int, device: str) -> bool:
+def _untied_embedding_bytes(model: Model) -> int:
+    """The token embedding's bytes when it is not tied to the LM head (else 0): what may stay in
+    host memory while layers stream (a step gathers its rows there); tied, the LM head reads it
+    on the device."""
+    return _tensor_bytes(model.tok_embd.raw) if model.output is not None else 0
+
+
+def embedding_stays_on_host(model: Model, streaming: bool, device) -> bool:
     """Whether the token embedding's blocks stay in host memory: when layers stream to a CUDA
-    device and the embedding is not tied to the LM head (embedding_bytes > 0: the planner's count
-    of the untied embedding)."""
-    return streaming and embedding_bytes > 0 and torch.device(device).type == "cuda"
+    device and the embedding is untied."""
+    return streaming and _untied_embedding_bytes(model) > 0 and torch.device(device).type == "cuda"
 
 
 def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk: int, graphs: bool,
@@ -673,7 +677,7 @@ def _fill(model: Model, dev: str, db: DeviceBudget, e: dict, parts: dict, chunk:
 
     def plan(resident, offload, total):
         streamed = [i for i in range(n) if i not in resident]
-        host_embedding = embedding_stays_on_host(bool(streamed), e["embedding"], dev)
+        host_embedding = embedding_stays_on_host(model, bool(streamed), dev)
         est = {k: v for k, v in e.items() if k not in ("layers", "adapter_sizes")}
         est.update(parts)
         est.update(resident_layers=sum(layers[i] for i in resident),
@@ -723,7 +727,7 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
             # offloaded checkpoints are pinned host copies (on a CUDA device; on the CPU they stay)
             "checkpoints": len(layers) * e["checkpoint"] if plan.offload_activations and plan.device.startswith("cuda") else 0,
             "optimizer_state": 2 * e["adapters"] if plan.optimizer_on_host else 0,
-            "embedding": _tensor_bytes(model.tok_embd.raw) if plan.embedding_on_host else 0,
+            "embedding": _untied_embedding_bytes(model) if plan.embedding_on_host else 0,
             "packs": sum(layers[i] for i in plan.streamed), "ring": 0, "ring_buffers": 0}
     fixed = host["checkpoints"] + host["optimizer_state"] + host["embedding"]
     disk: list[int] = []
@@ -858,8 +862,7 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
                           sorted(set(streamed)), offload_activations,
                           max(_pack_bytes(layer) for layer in model.layers), model.loss_chunk_tokens,
                           cuda_graphs=cuda_graphs, optimizer_on_host=bool(host_optimizer))
-        plan.embedding_on_host = embedding_stays_on_host(
-            plan.streaming, _tensor_bytes(model.tok_embd.raw) if model.output is not None else 0, str(device))
+        plan.embedding_on_host = embedding_stays_on_host(model, plan.streaming, device)
     if disk_layers is not None:
         plan.disk_layers = sorted(set(disk_layers))
     elif host_ram is not None:
