@@ -412,15 +412,10 @@ def profile_metrics(prof) -> dict:
     """From one profiled step: GPU busy time (union of device activity), host operator calls,
     kernel and CUDA-graph launches."""
     events = prof.events()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    spans = [(e.time_range.start, e.time_range.end) for e in events
+             if e.device_type == torch.autograd.DeviceType.CUDA]
     names = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    return {"gpu_busy_ms": busy / 1e3, "device_events": len(spans),
+    return {"gpu_busy_ms": _union_ms(spans), "device_events": len(spans),
             "host_ops": sum(n.startswith(("aten::", "lowtune::")) for n in names),
             "kernel_launches": sum(n in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                          "cuLaunchKernelEx") for n in names),
@@ -428,6 +423,7 @@ def profile_metrics(prof) -> dict:
 
 
 def _union_ms(spans) -> float:
+    """Milliseconds covered by (start, end) spans in µs, overlaps counted once."""
     busy, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         if b > end:
@@ -438,8 +434,8 @@ def _union_ms(spans) -> float:
 
 def stream_metrics(trace_path: str) -> dict:
     """Per CUDA stream of one profiled step (its chrome trace): busy ms, and for copies their
-    direction, bytes and GB/s while copying; plus the time the busiest stream (compute) and the
-    host-to-device copies overlap. Says whether a streamed step waits on PCIe or on compute."""
+    direction, bytes and GB/s while copying. Says whether a streamed step waits on PCIe or on
+    compute."""
     with open(trace_path) as f:
         events = json.load(f).get("traceEvents", [])
     streams: dict = {}
@@ -462,15 +458,6 @@ def stream_metrics(trace_path: str) -> dict:
             ms = _union_ms(c["spans"])
             row[kind] = {"gb": c["bytes"] / 1e9, "ms": ms, "gb_per_s": c["bytes"] / 1e6 / ms if ms else None}
         out[tid] = row
-    if streams:
-        compute = max(streams, key=lambda t: len(streams[t]["spans"]))
-        h2d = [sp for t, s in streams.items() if t != compute
-               for k, c in s["copies"].items() if k.startswith("HtoD") for sp in c["spans"]]
-        both = 0.0
-        for a, b in h2d:     # compute kernels inside each copy (an approximation: copies rarely overlap)
-            both += _union_ms([(max(a, x), min(b, y)) for x, y in streams[compute]["spans"] if x < b and y > a])
-        out["_compute_stream"] = compute
-        out["_h2d_overlapped_ms"] = both
     return out
 
 
@@ -566,9 +553,9 @@ def run_one(args) -> dict:
             prof_out = profile_metrics(ctx)
             prof_out["wall_ms"] = times[-1] * 1e3
             if dev == "cuda":
-                trace_path = os.path.join(tempfile.mkdtemp(), "trace.json")
-                ctx.export_chrome_trace(trace_path)
-                prof_out["streams"] = stream_metrics(trace_path)
+                with tempfile.TemporaryDirectory() as tmp:
+                    ctx.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                    prof_out["streams"] = stream_metrics(os.path.join(tmp, "trace.json"))
                 print("profile streams: " + json.dumps(prof_out["streams"]), flush=True)
             print_profile(ctx, prof_out, dev)
         print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)

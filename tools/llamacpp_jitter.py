@@ -29,13 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import DATA, default_smollm2, llamacpp_ppl, split_text  # noqa: E402
+from quality_merge_exact import test_tokens  # noqa: E402
 
 from lowtune import _C  # noqa: E402
 from lowtune.evaluate import perplexity  # noqa: E402
-from lowtune.gguf_io import GGUFFile  # noqa: E402
 from lowtune.llamacpp_activations import rounded_like_llamacpp  # noqa: E402
 from lowtune.loading import load_model  # noqa: E402
-from lowtune.tokenizer import load_tokenizer  # noqa: E402
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -94,10 +93,7 @@ def main() -> int:
     _C.set_num_threads(args.threads)
     smol = default_smollm2()
     _, test = split_text((DATA / "botchan.txt").read_text(encoding="utf-8"), 0.1)
-    with GGUFFile(smol) as f:
-        tok = load_tokenizer(dict(f.metadata))
-    ids = tok.encode(test, add_bos=False)
-    all_sets = {"short": (ids[:4 * 128], 128), "long": (ids[:len(ids) // 512 * 512], 512)}
+    all_sets = {"short": (test_tokens(test, smol, 128, 4), 128), "long": (test_tokens(test, smol, 512, 0), 512)}
     sets = {k: all_sets[k] for k in args.sets}
     work = Path(tempfile.mkdtemp(prefix="jitter-"))
     doc = {"device": f"CPU ({platform.machine()}, {args.threads} threads)", "model": smol.name,

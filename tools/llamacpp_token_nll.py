@@ -15,12 +15,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import DATA, default_smollm2, split_text  # noqa: E402
+from quality_merge_exact import test_tokens  # noqa: E402
 from lowtune import _C  # noqa: E402
 from lowtune.evaluate import perplexity  # noqa: E402
-from lowtune.gguf_io import GGUFFile  # noqa: E402
 from lowtune.llamacpp_activations import rounded_like_llamacpp  # noqa: E402
 from lowtune.loading import load_model  # noqa: E402
-from lowtune.tokenizer import load_tokenizer  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ctx", type=int, default=128)
@@ -31,9 +30,7 @@ torch.set_num_threads(a.threads)
 _C.set_num_threads(a.threads)
 smol = default_smollm2()
 _, test = split_text((DATA / "botchan.txt").read_text(encoding="utf-8"), 0.1)
-with GGUFFile(smol) as f:
-    tok = load_tokenizer(dict(f.metadata))
-ids = tok.encode(test, add_bos=False)[:a.ctx * a.windows]
+ids = test_tokens(test, smol, a.ctx, a.windows)
 from llama_cpp import Llama  # noqa: E402
 llm = Llama(model_path=str(smol), n_ctx=a.ctx, n_batch=a.ctx, n_threads=a.threads, logits_all=True, verbose=False)
 print("llama.cpp n_ctx", llm.n_ctx(), "add_bos metadata", llm.metadata.get("tokenizer.ggml.add_bos_token"),
