@@ -19,12 +19,13 @@
 //
 // Forward: a warp owns 16 rows of W and a 256-element slice of each stage of K (the reduction):
 //   M <= 8: CTA = 16 rows, 4 warps on the four slices of a 1024-element stage, added through shared
-//   memory at the end; M <= 16: CTA = 128 rows, 8 warps on one 256-element stage. Per 64-wide
-//   chunk of its slice, lane (g, c) loads the 16-element span [16c, 16c+16) of rows g and g+8 of
+//   memory at the end; M <= 16: CTA = 128 rows, 8 warps on one 256-element stage. Lane (g, c) owns
+//   elements [64c, 64c+64) of its slice; per 16-element span of them it loads rows g and g+8 of
 //   its 16-row tile from shared memory, decodes both and issues 4 MMAs: in MMA u the lane's
-//   k-slots 2c, 2c+1 hold elements 16c+4u, +1 and slots 2c+8, 2c+9 elements 16c+4u+2, +3 (any
+//   k-slots 2c, 2c+1 hold span elements 4u, 4u+1 and slots 2c+8, 2c+9 elements 4u+2, 4u+3 (any
 //   bijection of the reduction index gives the same sum), and the B fragment is the matching
-//   16 elements of X row g (staged with W).
+//   16 elements of X row g (staged with W). In the 4-bit types a lane's four spans are the low
+//   and high nibbles of the same bytes, so it loads them once.
 // Input gradient: CTA = 256 columns of W (= of dX) and one range of stages of N (the reduction);
 //   warp (h, p) owns columns [128h, 128h+128) and the 16-row groups p, p+2 of every 64-row stage.
 //   Lane (g, c) decodes columns [128h+16g, +16) of rows 2c, 2c+1, 2c+8, 2c+9 of a group; one
@@ -221,7 +222,17 @@ template <int NT> constexpr int fwd_warps_n() { return NT == 1 ? 1 : 8; }
 template <int NT> constexpr int fwd_threads() { return 32 * fwd_warps_k<NT>() * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_stage_k() { return kStageK * fwd_warps_k<NT>(); }
-template <int NT> constexpr int fwd_stages() { return NT == 1 ? kStages : kStages - 1; }
+// M <= 8 in the 4-bit types (Unpack::kSameWords): lane c owns 64 consecutive elements of its
+// slice, so it loads the bytes of its spans once (2-7% faster than 16c-spans on an H200), and the
+// types with one scale word per block (Q4_0, Q4_1, INT4) also run one stage shallower with
+// registers capped, for five resident CTAs instead of four (a further 1-8%; Q4_K spills there).
+// tools/results/small_m_variants_h200_2026-12-03/ has the measurements.
+template <int T, int NT> constexpr bool fwd_lane_owns_64() { return NT == 1 && Unpack<T>::kSameWords > 0; }
+template <int T, int NT> constexpr bool fwd_five_ctas() {
+  return fwd_lane_owns_64<T, NT>() && Unpack<T>::kHeadWords == 1;
+}
+template <int T, int NT> constexpr int fwd_stages() { return NT == 1 && !fwd_five_ctas<T, NT>() ? kStages : kStages - 1; }
+template <int T, int NT> constexpr int fwd_min_ctas() { return fwd_five_ctas<T, NT>() ? 5 : 0; }  // 0: compiler's choice
 constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
 // Bytes of one stage: the weight tile, then X rows < M.
 template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
@@ -233,7 +244,7 @@ template <int T, int NT> constexpr int ig_stage_bytes() {
 
 // ---- forward -----------------------------------------------------------------------------------
 template <int T, class ACT, int NT>
-__global__ void __launch_bounds__(fwd_threads<NT>()) staged_forward_kernel(const ACT* __restrict__ x,
+__global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) staged_forward_kernel(const ACT* __restrict__ x,
                                                                            const uint8_t* __restrict__ w,
                                                                            ACT* __restrict__ y, float* __restrict__ part,
                                                                            int M, int N, int K, int64_t row_bytes,
@@ -241,7 +252,7 @@ __global__ void __launch_bounds__(fwd_threads<NT>()) staged_forward_kernel(const
   using U = Unpack<T>;
   constexpr int SK = fwd_stage_k<NT>(), WK = fwd_warps_k<NT>(), R = fwd_rows<NT>();
   constexpr int P = row_pitch<T, SK>(), PX = fwd_x_pitch(SK), SB = seg_bytes<T, SK>();
-  constexpr int THREADS = fwd_threads<NT>(), NS = fwd_stages<NT>();
+  constexpr int THREADS = fwd_threads<NT>(), NS = fwd_stages<T, NT>();
   constexpr int WD = U::template Words<kSpan>::value;
   extern __shared__ __align__(16) uint8_t smem[];
   const int stage_bytes = fwd_stage_bytes<T, NT>(M);
@@ -291,36 +302,85 @@ __global__ void __launch_bounds__(fwd_threads<NT>()) staged_forward_kernel(const
     const uint8_t* sx = sw + R * P;
     const int kb0 = st * (SK / U::kElems);
     const int kv = min(SK, K - st * SK);
+    if constexpr (!fwd_lane_owns_64<T, NT>()) {
 #pragma unroll
-    for (int q = 0; q < kStageK / 64; ++q) {
-      const int e = kStageK * wk + q * 64 + 16 * c;  // element within the stage segment
-      if (kStageK * wk + q * 64 >= kv) break;        // the same for the whole warp
-      const int jb = e / U::kElems, ee = e % U::kElems;
-      uint32_t xf[NT][8];
+      for (int q = 0; q < kStageK / 64; ++q) {
+        const int e = kStageK * wk + q * 64 + 16 * c;  // element within the stage segment
+        if (kStageK * wk + q * 64 >= kv) break;        // the same for the whole warp
+        const int jb = e / U::kElems, ee = e % U::kElems;
+        uint32_t xf[NT][8];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int m = g + 8 * nt;
-        uint4 a = make_uint4(0, 0, 0, 0), b = a;
-        if (m < M) {
-          const uint4* p = reinterpret_cast<const uint4*>(sx + m * PX + 2 * e);
-          a = p[0];
-          b = p[1];
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = g + 8 * nt;
+          uint4 a = make_uint4(0, 0, 0, 0), b = a;
+          if (m < M) {
+            const uint4* p = reinterpret_cast<const uint4*>(sx + m * PX + 2 * e);
+            a = p[0];
+            b = p[1];
+          }
+          xf[nt][0] = a.x; xf[nt][1] = a.y; xf[nt][2] = a.z; xf[nt][3] = a.w;
+          xf[nt][4] = b.x; xf[nt][5] = b.y; xf[nt][6] = b.z; xf[nt][7] = b.w;
         }
-        xf[nt][0] = a.x; xf[nt][1] = a.y; xf[nt][2] = a.z; xf[nt][3] = a.w;
-        xf[nt][4] = b.x; xf[nt][5] = b.y; xf[nt][6] = b.z; xf[nt][7] = b.w;
+        const int ra = wn * 16 + g, rb = ra + 8;
+        uint32_t wa[WD], wb[WD];
+        U::template load<kSpan>(staged_block<T>(sw + ra * P, n0 + ra, row_bytes, kb0, jb), ee, wa);
+        U::template load<kSpan>(staged_block<T>(sw + rb * P, n0 + rb, row_bytes, kb0, jb), ee, wb);
+        uint32_t pa[8], pb[8];
+        decode_pairs<T, ACT>(wa, ee, pa);
+        decode_pairs<T, ACT>(wb, ee, pb);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const uint32_t a[4] = {pa[2 * u], pb[2 * u], pa[2 * u + 1], pb[2 * u + 1]};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<ACT>(acc[nt], a, xf[nt][2 * u], xf[nt][2 * u + 1]);
+        }
       }
+    } else {
+      if (kStageK * wk >= kv) continue;  // this warp's slice lies past K (the same for the whole warp)
+      // Lane c owns the 64 elements [64c, 64c+64) of the warp's slice, as four 16-element spans. In
+      // the 4-bit types two spans read the same words (the low and high nibbles of the same bytes,
+      // Unpack::kSameWords), which are loaded once. Elements past K (a partial last slice) are
+      // zero-filled in W and X.
+      constexpr int NQ = kStageK / 64, SHARE = U::kSameWords / kSpan;  // 0, or the span bit to drop
+      static_assert(SHARE == 0 || SHARE == 1 || SHARE == 2, "spans of one lane share words");
       const int ra = wn * 16 + g, rb = ra + 8;
-      uint32_t wa[WD], wb[WD];
-      U::template load<kSpan>(staged_block<T>(sw + ra * P, n0 + ra, row_bytes, kb0, jb), ee, wa);
-      U::template load<kSpan>(staged_block<T>(sw + rb * P, n0 + rb, row_bytes, kb0, jb), ee, wb);
-      uint32_t pa[8], pb[8];
-      decode_pairs<T, ACT>(wa, ee, pa);
-      decode_pairs<T, ACT>(wb, ee, pb);
+      uint32_t wa[NQ][WD], wb[NQ][WD];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const uint32_t a[4] = {pa[2 * u], pb[2 * u], pa[2 * u + 1], pb[2 * u + 1]};
+      for (int q = 0; q < NQ; ++q) {
+        const unsigned e = (unsigned)(kStageK * wk + 64 * c) + 16u * q;  // element within the stage segment
+        const int jb = (int)(e / U::kElems), ee = (int)(e % U::kElems), wq = q & ~SHARE;
+        if (wq == q) {
+          U::template load<kSpan>(staged_block<T>(sw + ra * P, n0 + ra, row_bytes, kb0, jb), ee, wa[q]);
+          U::template load<kSpan>(staged_block<T>(sw + rb * P, n0 + rb, row_bytes, kb0, jb), ee, wb[q]);
+          // A later span of the same block takes the block's scale words from its first span, so the
+          // compiler decodes the scales once per block (and drops the second load of them).
+          const int qb = q - q % std::min(std::max(U::kElems / kSpan, 1), NQ);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816<ACT>(acc[nt], a, xf[nt][2 * u], xf[nt][2 * u + 1]);
+          for (int h = 0; h < U::kHeadWords; ++h)
+            if (qb != q) wa[q][h] = wa[qb][h], wb[q][h] = wb[qb][h];
+        }
+        uint32_t xf[NT][8];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = g + 8 * nt;
+          uint4 a = make_uint4(0, 0, 0, 0), b = a;
+          if (m < M) {
+            const uint4* p = reinterpret_cast<const uint4*>(sx + m * PX + 2 * e);
+            a = p[0];
+            b = p[1];
+          }
+          xf[nt][0] = a.x; xf[nt][1] = a.y; xf[nt][2] = a.z; xf[nt][3] = a.w;
+          xf[nt][4] = b.x; xf[nt][5] = b.y; xf[nt][6] = b.z; xf[nt][7] = b.w;
+        }
+        uint32_t pa[8], pb[8];
+        decode_pairs<T, ACT>(wa[wq], ee, pa);
+        decode_pairs<T, ACT>(wb[wq], ee, pb);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const uint32_t a[4] = {pa[2 * u], pb[2 * u], pa[2 * u + 1], pb[2 * u + 1]};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<ACT>(acc[nt], a, xf[nt][2 * u], xf[nt][2 * u + 1]);
+        }
       }
     }
   }
@@ -532,13 +592,13 @@ inline int target_ctas_per_sm(int fit) {
 template <int T, class ACT, int NT>
 void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                    cudaStream_t stream) {
-  constexpr size_t smem_max = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(8 * NT);
+  constexpr size_t smem_max = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(8 * NT);
   constexpr int threads = fwd_threads<NT>();
   static int occupancy[64] = {};
   static int fits[64][8 * NT + 1] = {};  // per device and M: resident CTAs (set once, outside captures)
   const auto kernel = staged_forward_kernel<T, ACT, NT>;
   prepare_kernel(kernel, smem_max, threads, occupancy);
-  const size_t smem = (size_t)fwd_stages<NT>() * fwd_stage_bytes<T, NT>(m);
+  const size_t smem = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m);
   int dev = 0;
   LT_CUDA_CHECK(cudaGetDevice(&dev));
   int& fit = fits[dev][m];
@@ -550,6 +610,8 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
   // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
   // keep each CTA's three stages in flight, which suffices), or as many as fit (M <= 16).
+  // (Splitting M <= 8 whenever its tiles fill less than one wave of resident CTAs was measured
+  // slower: Q4_K 4096x4096 9.9 µs against 7.6, the second kernel costs more than the CTAs gain.)
   const int per = NT == 1 && tiles >= sm_count() ? nst
                                                  : units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;

@@ -102,6 +102,12 @@ template <int T> struct Unpack;
 // run = load + decode, and decode_fast = codes + affine_codes, for every type.
 template <class Self> struct UnpackBase {
   static constexpr int kCodeBits = 8;  // a type with narrower codes says so
+  // > 0: the spans e and e + kSameWords (e % (2 kSameWords) == 0, SPAN 16) load the same words
+  // (the low and high nibbles of the same bytes), so a kernel may load them once.
+  static constexpr int kSameWords = 0;
+  // The first kHeadWords words of load's output depend only on the block (its scales), not on e:
+  // spans of one block may take them from one load, and share the arithmetic on them.
+  static constexpr int kHeadWords = 0;
   template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
     uint32_t r[Self::template Words<SPAN>::value];
     Self::template load<SPAN>(b, e, r);
@@ -119,7 +125,7 @@ template <int N> struct IntC { static constexpr int value = N; };
 // ---- legacy 32-element blocks --------------------------------------------------------------------
 // Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
-  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 4, kSameWords = 16, kHeadWords = 1;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -143,7 +149,7 @@ template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
 
 // Q4_1: d, m, qs[16]; x = q*d + m.
 template <> struct Unpack<T_Q4_1> : UnpackBase<Unpack<T_Q4_1>> {
-  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
+  static constexpr int kElems = 32, kBytes = 20, kAlign = gcd_c(kBytes, 16), kCodeBits = 4, kSameWords = 16, kHeadWords = 1;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u32(b);
@@ -336,22 +342,37 @@ __device__ __forceinline__ void scale_min_k4(const uint32_t* r, int j, uint32_t*
   }
 }
 
+// The same from all twelve scale bytes as three little-endian words s[0..2] (byte k of the
+// array is byte k%4 of s[k/4]): sub-block j reads byte j%4 of each word.
+__device__ __forceinline__ void scale_min_k4_words(const uint32_t* s, int j, uint32_t* sc, uint32_t* mn) {
+  const uint32_t sel = 0x4440u | (uint32_t)(j & 3);  // byte j%4 into byte 0, zeros above
+  const uint32_t b0 = __byte_perm(s[0], 0u, sel), b1 = __byte_perm(s[1], 0u, sel);
+  if (j < 4) {
+    *sc = b0 & 63; *mn = b1 & 63;
+  } else {
+    const uint32_t b2 = __byte_perm(s[2], 0u, sel);
+    *sc = (b2 & 0xF) | ((b0 >> 6) << 4);
+    *mn = (b2 >> 4) | ((b1 >> 6) << 4);
+  }
+}
+
 // Q4_K: d, dmin, scales[12], qs[128]. Chunk j = e/64 uses qs[32j .. 32j+32): low nibbles are
-// elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1).
+// elements 64j .. 64j+31 (sub-block 2j), high nibbles the next 32 (sub-block 2j+1). load reads
+// all twelve scale bytes, so the spans e and e + 32 load the same words (kSameWords).
 template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
-  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16), kCodeBits = 4;
+  static constexpr int kElems = 256, kBytes = 144, kAlign = gcd_c(kBytes, 16), kCodeBits = 4, kSameWords = 32, kHeadWords = 4;
   template <int S> using Words = IntC<4 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
-    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    const int j = e >> 6, l0 = e & 31;
     r[0] = ld_u32(b);
-    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<12, 4>(b + 4, r + 1);
     ld_words<S, 8>(b + 16 + 32 * j + l0, r + 4);
   }
   template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
-    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    scale_min_k4_words(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
     const int sh = 4 * hi;
 #pragma unroll
@@ -361,7 +382,7 @@ template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
-    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    scale_min_k4_words(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
 #pragma unroll
     for (int w = 0; w < S / 4; ++w) cw[w] = (r[4 + w] >> (4 * hi)) & 0x0F0F0F0Fu;
@@ -697,6 +718,8 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
 template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
   using blk = block_int<B, G>;
   static constexpr int kElems = G, kBytes = (int)sizeof(blk), kAlign = gcd_c(kBytes, 16), kCodeBits = B;
+  static constexpr int kSameWords = B == 4 ? 16 : 0;  // a 32-element chunk's low and high nibbles
+  static constexpr int kHeadWords = 1;                 // d and m
   static constexpr int kHighBytes = G * blk::high_bits / 8;
   template <int S> static constexpr int low_words() { return blk::low_bits == 2 ? 2 : S / 4; }
   template <int S> static constexpr int high_words() { return blk::high_bits == 2 ? 2 : blk::high_bits; }
