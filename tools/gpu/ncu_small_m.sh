@@ -2,8 +2,9 @@
 # Nsight Compute profiles of the small-M CUDA kernels (M <= 16), with their graph-replay timings:
 #   OUT=dir [ENTRIES="Q4_K:14336x4096:1:forward ..."] [SECTIONS="..."] tools/gpu/ncu_small_m.sh
 # Builds lowtune._C for sm_90 unless BUILD=0, then for each entry TYPE:NxK:M:KERNEL writes
-# $OUT/<entry>.time (tools/gpu/profile_small_m.py --time) and $OUT/<entry>.ncu (ncu's text report,
-# clocks left alone). The register and shared-memory use of every staged kernel go to $OUT/res_usage.txt.
+# $OUT/time_<entry>.log (tools/gpu/profile_small_m.py --time) and $OUT/ncu_<entry>.log (ncu's text
+# report, clocks left alone). The register and shared-memory use of every staged kernel go to
+# $OUT/res_usage.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh

@@ -29,14 +29,11 @@ t=tools/gpu/profile_small_m.py
   done
 } >"$out/times.log" 2>&1
 cat "$out/times.log"
-ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-[ -n "$ncu" ] && stage ncu 30 90 "$ncu" --clock-control none --kernel-name regex:staged_forward --launch-skip 1 \
-  --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats --section InstructionStats \
-  --section SchedulerStats --section LaunchStats $py $t --type Q4_K --shape 14336x4096 --m 1
+# Nsight Compute on the Q4_K M = 1 forward, and every staged kernel's registers (ncu_small_m.sh).
+BUILD=0 OUT="$out" ENTRIES="Q4_K:14336x4096:1:forward" BUDGET_S="$(left)" bash tools/gpu/ncu_small_m.sh
 so=$(ls python/lowtune/_C*.so | head -n 1)
 cuobjdump -sass "$so" 2>/dev/null | awk '/Function : .*staged_forward_kernelILi12E13__nv_bfloat16Li1E/{p=1} /Function : /{if(!($0 ~ /staged_forward_kernelILi12E13__nv_bfloat16Li1E/))p=0} p' \
   >"$out/sass_fwd_q4k.txt" || true
-cuobjdump -res-usage "$so" 2>/dev/null | grep -A1 "staged_forward_kernelILi\(12\|3\|2\)E13__nv_bfloat16Li1" >"$out/res_usage.txt" || true
 if [ "${BENCH:-0}" = 1 ]; then
   stage bench_small 100 150 $py tools/bench_kernels.py --device cuda --types Q4_0,Q4_1,Q4_K,INT4-g64 --ms 1,16 \
     --out "$out/bench_small.jsonl"
