@@ -371,11 +371,10 @@ def run_cuda(args) -> int:
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-def bench_decode(args, bw: float, emit) -> None:
-    """tokens/s of generate() on a random Llama-2-7B-shaped model (every matrix Q4_K, random
-    blocks), batch 1, with CUDA graphs and without, against the roofline: read bandwidth / bytes
-    per token (every matrix but the embedding, plus the filled part of the KV cache)."""
-    c = ModelConfig(vocab_size=32000, dim=4096, n_layers=args.decode_layers, n_heads=32, n_kv_heads=32,
+def decode_model(n_layers: int) -> tuple[Model, int]:
+    """A random Llama-2-7B-shaped model (every matrix Q4_K, random blocks) with n_layers layers on
+    the GPU, and the bytes one decode step reads of its matrices (all but the token embedding)."""
+    c = ModelConfig(vocab_size=32000, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32,
                     ffn_dim=11008, head_dim=128, rope_dim=128, context_length=4096)
     qt = lambda n, k: random_qtensor("Q4_K", n, k)  # noqa: E731
     w = {"token_embd.weight": qt(c.vocab_size, c.dim), "output.weight": qt(c.vocab_size, c.dim),
@@ -392,6 +391,15 @@ def bench_decode(args, bw: float, emit) -> None:
         w[p + "ffn_norm.weight"] = torch.ones(c.dim, device="cuda")
     model = Model(c, w, torch.bfloat16).eval()
     weight_bytes = sum(t.nbytes for name, t in model.packed_tensors().items() if name != "token_embd.weight")
+    return model, weight_bytes
+
+
+def bench_decode(args, bw: float, emit) -> None:
+    """tokens/s of generate() on decode_model(), batch 1, with CUDA graphs and without, against the
+    roofline: read bandwidth / bytes per token (every matrix but the embedding, plus the filled
+    part of the KV cache)."""
+    model, weight_bytes = decode_model(args.decode_layers)
+    c = model.config
     prompt = list(range(1, args.decode_prompt + 1))
     n_new = args.decode_tokens
     for graphs in (True, False):
