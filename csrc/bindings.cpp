@@ -5,6 +5,7 @@
 
 #include "kernels.h"
 #include "adapter_kernels.h"
+#include "glue_kernels.h"
 #include "cuda_policy.h"
 #include "decode_kernels.h"
 
@@ -222,5 +223,17 @@ PYBIND11_MODULE(_C, m) {
                            ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
                            ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
                            ptr<float>(du), ptr<void>(stream));
+  }, nogil());
+  m.def("cuda_rms_norm", [](uintptr_t x, int dt, uintptr_t w, uintptr_t y, int64_t rows, int64_t dim, float eps,
+                            uintptr_t stream) {
+    cuda::rms_norm(ptr<const void>(x), dt, ptr<const float>(w), ptr<void>(y), rows, dim, eps, ptr<void>(stream));
+  }, nogil());
+  m.def("cuda_rope", [](uintptr_t x, int dt, uintptr_t rot, uintptr_t y, int64_t b, int64_t h, int64_t t,
+                        int64_t hd, int64_t d, int64_t sb, int64_t sh, int64_t st, bool neox, uintptr_t stream) {
+    cuda::rope(ptr<const void>(x), dt, ptr<const float>(rot), ptr<void>(y), b, h, t, hd, d, sb, sh, st, neox,
+               ptr<void>(stream));
+  }, nogil());
+  m.def("cuda_silu_mul", [](uintptr_t g, uintptr_t u, int dt, uintptr_t y, int64_t n, uintptr_t stream) {
+    cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), dt, ptr<void>(y), n, ptr<void>(stream));
   }, nogil());
 }

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "adapter_kernels.h"
+#include "glue_kernels.h"
 #include "kernels.h"
 
 namespace lowtune::cuda {
@@ -19,6 +20,10 @@ void adapter_forward(const AdapterGeom&, const void*, int, const float*, const f
                      void*) { no_cuda(); }
 void adapter_backward(const AdapterGeom&, const void*, int, const void*, int64_t, const float*, const float*,
                       const float*, void*, float*, float*, float*, void*) { no_cuda(); }
+void rms_norm(const void*, int, const float*, void*, int64_t, int64_t, float, void*) { no_cuda(); }
+void rope(const void*, int, const float*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+          int64_t, bool, void*) { no_cuda(); }
+void silu_mul(const void*, const void*, int, void*, int64_t, void*) { no_cuda(); }
 namespace reference {
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import glue_ops, ops
 from .families import FAMILIES, Family, family_of
 from .qtensor import QTensor
 
@@ -281,15 +281,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return glue_ops.rms_norm(x, self.weight, self.eps)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap · tanh(x / cap) (Gemma's soft-capping); x itself when cap is 0."""
     return x if not cap else torch.tanh(x / cap) * cap
-
-
-_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,27 +307,7 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     return inv
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor, style: str = "norm") -> torch.Tensor:
-    """Rotate the first rope_dim dims of each head, pair by pair. A pair is one complex number, and
-    rotating it by angle a (and scaling it by m) is multiplying by m·e^{ia}.
-
-    style "norm" pairs adjacent dims (x[2i], x[2i+1]): GGUF's converter permutes Llama's q/k rows so
-    that ggml's NORM rope equals the original model's. "neox" pairs x[i] with x[i + rope_dim/2], on
-    rows as Hugging Face keeps them (Qwen, Phi-3, Gemma). Rotating a pair (a, b) by θ and scaling it
-    by m is (a·m·cos θ - b·m·sin θ, b·m·cos θ + a·m·sin θ), which is x·C + swap(x)·S with swap
-    exchanging the two of each pair: real arithmetic, which compilers fuse.
-    x [B, H, T, hd]; rot [2, T, rope_dim] float32 (C, S laid out in the style's pairing, see
-    Model.rope_rotation). Computed in fp32, returned in x's dtype."""
-    d = rot.shape[-1]
-    xr = x[..., :d].float()
-    if style == "norm":
-        swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    elif style == "neox":
-        swapped = torch.cat((xr[..., d // 2:], xr[..., :d // 2]), dim=-1)
-    else:
-        raise ValueError(f"unknown rope style {style!r} (norm or neox)")
-    out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
-    return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
+apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated (glue_ops.rope)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +395,9 @@ class DecoderLayer(nn.Module):
             self.post_attention_norm, self.post_ffw_norm = norm("post_attention_norm"), norm("post_ffw_norm")
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
-        self.act = _ACTIVATIONS[fam.activation]
+        if fam.activation not in glue_ops.ACTIVATIONS:
+            raise ValueError(f"unknown activation {fam.activation!r} (known: {', '.join(glue_ops.ACTIVATIONS)})")
+        self.activation = fam.activation  # of the gated MLP
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                 start: int = 0) -> torch.Tensor:
@@ -442,7 +421,7 @@ class DecoderLayer(nn.Module):
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
         x = x + (self.post_attention_norm(a) if fam.post_norms else a)
         h = self.ffn_norm(x)
-        m = self.ffn_down(self.act(self.ffn_gate(h)) * self.ffn_up(h))
+        m = self.ffn_down(glue_ops.gated(self.activation, self.ffn_gate(h), self.ffn_up(h)))
         return x + (self.post_ffw_norm(m) if fam.post_norms else m)
 
 

@@ -26,6 +26,8 @@ from lowtune.generate import StepDecoder  # noqa: E402
 
 def group_of(name: str) -> str:
     n = name.lower()
+    if "rms_norm_kernel" in n or "rope_kernel" in n or "silu_mul_kernel" in n:
+        return "other"  # lowtune's fused glue (csrc/glue_kernels.h)
     if "lowtune::" in n:
         return "quantized products"
     if "sdpa" in n or "attention" in n or "fmha" in n or "flash" in n or "lean_reduction" in n:

@@ -1,0 +1,24 @@
+// A decoder layer's elementwise glue for inference on CUDA: one kernel each where torch runs a
+// chain of them (RMSNorm with its fp32 casts, RoPE's multiplies and pair swap, SwiGLU's product).
+// At one token per step these chains are ~30 kernel launches per layer, a third of a decode step
+// (BENCHMARKS.md, "Where a CUDA decode step's time goes"). lowtune.glue_ops holds the torch
+// formulas these kernels are tested against (tests/test_glue_cuda.py) and picks between them.
+//
+// Activations x, y, g, u are D_F32, D_F16 or D_BF16, all of one dtype; arithmetic is fp32.
+//   rms_norm: y[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w   (rows x dim, contiguous)
+//   rope:     y = x with its first d dims of every head rotated by the tables rot [2, T, d]
+//             (C, S; fp32, contiguous), y[i] = x[i]·C[t, i] + x[swap(i)]·S[t, i], swap pairing
+//             2j <-> 2j+1 (neox = false) or j <-> j ± d/2 (neox = true); each product and the sum
+//             rounded on its own, as torch computes the formula. x and y [B, H, T, hd] share the
+//             strides sb, sh, st (elements; the last dim is contiguous).
+//   silu_mul: y = silu(g) * u, silu rounded to the dtype first (torch's two operations).
+#pragma once
+#include <cstdint>
+
+namespace lowtune::cuda {
+void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps,
+              void* stream);
+void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_t h, int64_t t, int64_t hd,
+          int64_t d, int64_t sb, int64_t sh, int64_t st, bool neox, void* stream);
+void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void* stream);
+}  // namespace lowtune::cuda

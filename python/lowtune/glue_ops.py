@@ -1,0 +1,97 @@
+"""A decoder layer's elementwise math: RMSNorm, RoPE and the gated activation, each as its torch
+formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
+
+    rms_norm(x, w, eps)        x / sqrt(mean(x²) + eps) · w over the last dim, in fp32, in x's dtype
+    rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
+    gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
+
+The formulas are the reference: training, the CPU and anything torch.compile traces run them
+(inductor fuses them there). An eager call on CUDA that needs no autograd (generation, no_grad
+evaluation) runs the fused kernel instead, one launch where the formula takes three to six: at
+one token per step these chains are a third of a decode step. The kernels round as the formulas
+do (RoPE and the gated product bit for bit; RMSNorm's sum of squares in another order, so its
+result may differ in the last bit). FUSED = False (or LOWTUNE_FUSED_GLUE=0 at import) keeps the
+formulas everywhere, for comparisons.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _C
+
+ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
+
+
+def _fused(*ts: Tensor) -> bool:
+    """Whether the fused kernel may run: eager, on CUDA, plain tensors of one supported dtype, and
+    no autograd to record."""
+    x = ts[0]
+    return (FUSED and x.is_cuda and x.dtype in ACT_DTYPES and not torch.is_grad_enabled()
+            and all(type(t) is Tensor and t.dtype == x.dtype and t.device == x.device for t in ts)
+            and not torch.compiler.is_compiling())
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x²) + eps) · w over the last dim, computed in fp32 and returned in x's dtype."""
+    if _fused(x) and w.dtype == torch.float32 and w.is_cuda and x.shape[-1] > 0 \
+            and w.shape == x.shape[-1:] and w.is_contiguous():
+        xc = x.contiguous()
+        y = torch.empty_like(xc)
+        _C.cuda_rms_norm(xc.data_ptr(), ACT_DTYPES[x.dtype], w.data_ptr(), y.data_ptr(), xc.numel() // x.shape[-1],
+                         x.shape[-1], float(eps), _stream(x.device))
+        return y
+    return F.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
+
+
+def rope(x: Tensor, rot: Tensor, style: str = "norm") -> Tensor:
+    """Rotate the first rope_dim dims of each head, pair by pair. A pair is one complex number, and
+    rotating it by angle a (and scaling it by m) is multiplying by m·e^{ia}.
+
+    style "norm" pairs adjacent dims (x[2i], x[2i+1]): GGUF's converter permutes Llama's q/k rows so
+    that ggml's NORM rope equals the original model's. "neox" pairs x[i] with x[i + rope_dim/2], on
+    rows as Hugging Face keeps them (Qwen, Phi-3, Gemma). Rotating a pair (a, b) by θ and scaling it
+    by m is (a·m·cos θ - b·m·sin θ, b·m·cos θ + a·m·sin θ), which is x·C + swap(x)·S with swap
+    exchanging the two of each pair: real arithmetic, which compilers fuse.
+    x [B, H, T, hd]; rot [2, T, rope_dim] float32 (C, S laid out in the style's pairing, see
+    Model.rope_rotation). Computed in fp32, returned in x's dtype."""
+    if style not in ("norm", "neox"):
+        raise ValueError(f"unknown rope style {style!r} (norm or neox)")
+    d = rot.shape[-1]
+    if _fused(x) and x.dim() == 4 and rot.dtype == torch.float32 and rot.is_cuda \
+            and tuple(rot.shape) == (2, x.shape[2], d) and 0 < d <= x.shape[-1] and d % 2 == 0 \
+            and x.stride(-1) == 1:
+        y = torch.empty_like(x)  # x's strides (a dense transposed view keeps them)
+        if y.stride() == x.stride():
+            r = rot.contiguous()
+            b, h, t, hd = x.shape
+            _C.cuda_rope(x.data_ptr(), ACT_DTYPES[x.dtype], r.data_ptr(), y.data_ptr(), b, h, t, hd, d,
+                         x.stride(0), x.stride(1), x.stride(2), style == "neox", _stream(x.device))
+            return y
+    xr = x[..., :d].float()
+    if style == "norm":
+        swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = torch.cat((xr[..., d // 2:], xr[..., :d // 2]), dim=-1)
+    out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
+    return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
+
+
+def gated(activation: str, g: Tensor, u: Tensor) -> Tensor:
+    """activation(g) · u, g and u of one shape (the gated MLP's product)."""
+    if activation == "silu" and _fused(g, u) and g.shape == u.shape:
+        gc, uc = g.contiguous(), u.contiguous()
+        y = torch.empty_like(gc)
+        _C.cuda_silu_mul(gc.data_ptr(), uc.data_ptr(), ACT_DTYPES[g.dtype], y.data_ptr(), gc.numel(),
+                         _stream(g.device))
+        return y
+    return ACTIVATIONS[activation](g) * u

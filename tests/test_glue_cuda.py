@@ -1,0 +1,102 @@
+"""The fused glue kernels (csrc/glue_kernels.h) against the torch formulas of lowtune.glue_ops:
+RoPE and the gated product bit for bit, RMSNorm within one rounding of the output dtype (its sum
+of squares adds in another order); and a model's no-grad logits with the kernels against the
+formulas. Inputs are strided as the decoder layer passes them (q, k transposed views)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowtune import glue_ops
+from lowtune.model import LlamaModel
+
+from test_model import gguf_weights, tiny_config, tiny_weights
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def formula(fn, *args):
+    """fn with the fused kernels switched off (the reference)."""
+    old, glue_ops.FUSED = glue_ops.FUSED, False
+    try:
+        return fn(*args)
+    finally:
+        glue_ops.FUSED = old
+
+
+def calls_kernel(monkeypatch, name: str) -> list:
+    """Records the calls of glue kernel `name`, so a test can say the fused path ran."""
+    seen = []
+    real = getattr(glue_ops._C, name)
+    monkeypatch.setattr(glue_ops._C, name, lambda *a: (seen.append(a), real(*a))[1])
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 4096), (7, 576), (3, 100), (33, 64)])
+@torch.no_grad()
+def test_rms_norm(dtype, rows, dim, monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(rows * dim)
+    x = (torch.randn(rows, dim, device="cuda", generator=g) * 3).to(dtype)
+    w = 1 + 0.1 * torch.randn(dim, device="cuda", generator=g)
+    seen = calls_kernel(monkeypatch, "cuda_rms_norm")
+    got = glue_ops.rms_norm(x, w, 1e-5)
+    assert len(seen) == 1
+    want = formula(glue_ops.rms_norm, x, w, 1e-5)
+    ulp = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
+    if dtype != torch.float32:  # fp32 keeps the sum's last bits; one rounding to 16 bits mostly hides them
+        assert (got != want).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("style", ["norm", "neox"])
+@pytest.mark.parametrize("t,hd,d", [(1, 128, 128), (5, 64, 64), (3, 128, 64)])
+@torch.no_grad()
+def test_rope_bit_for_bit(dtype, style, t, hd, d, monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(t * hd + d)
+    b, h = 2, 3
+    x = torch.randn(b, t, h, hd, device="cuda", generator=g).to(dtype).transpose(1, 2)  # as the layer passes q
+    ang = torch.rand(t, d // 2, device="cuda", generator=g) * 6
+    c, s = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+    rot = torch.stack([c, s * torch.tensor([-1.0, 1.0], device="cuda").repeat(d // 2)])
+    seen = calls_kernel(monkeypatch, "cuda_rope")
+    got = glue_ops.rope(x, rot, style)
+    assert len(seen) == 1
+    want = formula(glue_ops.rope, x, rot, style)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.no_grad()
+def test_gated_silu_bit_for_bit(dtype, monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    a = (torch.randn(3, 1000, device="cuda", generator=g) * 4).to(dtype)
+    u = torch.randn(3, 1000, device="cuda", generator=g).to(dtype)
+    seen = calls_kernel(monkeypatch, "cuda_silu_mul")
+    got = glue_ops.gated("silu", a, u)
+    assert len(seen) == 1
+    assert torch.equal(got, formula(glue_ops.gated, "silu", a, u))
+
+
+def test_autograd_takes_the_formulas(monkeypatch):
+    """With autograd recording, the formulas run (the kernels have no backward)."""
+    x = torch.randn(4, 64, device="cuda", requires_grad=True)
+    w = torch.ones(64, device="cuda")
+    seen = calls_kernel(monkeypatch, "cuda_rms_norm")
+    glue_ops.rms_norm(x, w, 1e-5).sum().backward()
+    assert not seen and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_model_logits_with_the_kernels(dtype):
+    c = tiny_config(layers=2)
+    model = LlamaModel(c, gguf_weights(c, tiny_weights(c), "Q8_0"), dtype).to("cuda").eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]], device="cuda")
+    got = model(ids).float()
+    want = formula(model, ids).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((got - want).norm() / want.norm()).item() < tol
