@@ -258,6 +258,15 @@ def test_staged_split_heuristic_knob(gen, monkeypatch):
         check_matmul("Q4_0", torch.bfloat16, gen, "input_grad", shapes=[(1, 300, 96), (16, 1000, 24)])
 
 
+def test_staged_cluster_split_knob(gen, monkeypatch):
+    """M <= 8 tiles split over a cluster of 1, 2 or 4 CTAs (sm_90; elsewhere the knob is ignored)
+    give the same products: reductions of 1..9 stages, so some ranks of a cluster get none."""
+    for c in ("1", "2", "4"):
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_CLUSTER", c)
+        check_matmul("Q4_K", torch.bfloat16, gen, "forward", shapes=[(1, 4096, 96), (8, 300, 40), (3, 64, 8)])
+        check_matmul("INT4-g64", torch.float16, gen, "forward", shapes=[(1, 77, 288), (5, 4096, 24)])
+
+
 def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):
     """qmatmul and its input gradient captured into one CUDA graph (staged at M = 1 and 16, the
     chunked cuBLAS path with the side stream at M = 100) and replayed on fresh inputs."""

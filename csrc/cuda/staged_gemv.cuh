@@ -44,6 +44,8 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include <cooperative_groups.h>
+
 #include "../cuda_policy.h"
 #include "common.cuh"
 #include "internal.h"
@@ -57,12 +59,14 @@ using cuda_policy::kStagedMaxM;  // two 8-column B tiles
 static_assert(kStagedMaxM == 16, "the staged kernels hold M in at most two 8-column tiles");
 
 namespace staged {
+namespace cg = cooperative_groups;
 
 constexpr int kStageK = 256;   // elements of a row per stage: whole blocks of every type
 constexpr int kStageRows = 64; // rows of W per input-gradient stage (four 16-row groups)
 constexpr int kIgThreads = 128;
 constexpr int kSpan = 16;      // elements one lane decodes per call
 constexpr int kStages = 4;     // depth of the shared-memory ring
+constexpr int kMaxClusterSplit = 4;  // CTAs of one cluster that split an M <= 8 tile's reduction
 
 // One row's segment of a stage in bytes, the 16-byte chunks that cover it at any offset mod 16,
 // and its pitch in shared memory: an odd number of 16-byte units, so that the eight rows a warp
@@ -396,14 +400,40 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
         for (int i = 0; i < 4; ++i) red[((wk - 1) * 32 + lane) * NT * 4 + nt * 4 + i] = acc[nt][i];
     }
     __syncthreads();
-    if (wk > 0) return;
+    if (wk == 0) {
 #pragma unroll
-    for (int j = 0; j < WK - 1; ++j)
+      for (int j = 0; j < WK - 1; ++j)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] += red[(j * 32 + lane) * NT * 4 + nt * 4 + i];
+          for (int i = 0; i < 4; ++i) acc[nt][i] += red[(j * 32 + lane) * NT * 4 + nt * 4 + i];
+    }
   }
+  if constexpr (NT == 1) {
+    // Split over a cluster (sm_90, part == nullptr, gridDim.y > 1): the CTAs of one tile add into
+    // rank 0's shared memory, in rank order, instead of through global partial sums and a second
+    // kernel. Every thread reaches the cluster barrier.
+    if (part == nullptr && gridDim.y > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      __shared__ float cluster_red[kMaxClusterSplit - 1][32][4];
+      cg::cluster_group cl = cg::this_cluster();
+      const unsigned rank = cl.block_rank();
+      if (wk == 0 && rank > 0) {
+        float* dst = cl.map_shared_rank(&cluster_red[rank - 1][lane][0], 0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = acc[0][i];
+      }
+      cl.sync();
+      if (rank > 0) return;
+      if (wk == 0) {
+        for (unsigned j = 0; j + 1 < cl.num_blocks(); ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[0][i] += cluster_red[j][lane][i];
+      }
+#endif
+    }
+  }
+  if (wk > 0) return;
 
   // C fragment: c0, c1 = (W row g, X rows 2c, 2c+1), c2, c3 = (W row g+8, same X rows).
 #pragma unroll
@@ -589,6 +619,33 @@ inline int target_ctas_per_sm(int fit) {
   return want > 0 ? std::min(want, fit) : fit;
 }
 
+// CTAs per cluster that split an M <= 8 tile's reduction (1: none), where the kernel was built for
+// sm_90 (thread block clusters). Automatic for the 4-bit types (those timed): the largest c in
+// {1, 2, 4} whose c x tiles CTAs are all resident at once and leave each CTA at least a ring's
+// depth of stages. On an H200 (tools/results/cluster_split_h200_2026-12-03/) c = 2 made
+// 4096x14336 at M = 1 11-14% faster for Q4_0, Q4_1 and INT4-g64 (Q4_K 1-2%), and 4096x4096
+// (2 stages per CTA) up to 5% slower, hence the depth rule. LOWTUNE_CUDA_STAGED_CLUSTER=1|2|4 sets
+// c for any type (1: off), for measurements.
+template <bool kAuto, class Kernel>
+int cluster_split(Kernel kernel, int tiles, int nst, int fit) {
+  static int binary[64] = {};  // per device: the kernel's SASS version (90 = sm_90)
+  int dev = 0;
+  LT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (!binary[dev]) {
+    cudaFuncAttributes a{};
+    LT_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
+    binary[dev] = std::max(a.binaryVersion, 1);
+  }
+  if (binary[dev] < 90) return 1;
+  const char* s = std::getenv("LOWTUNE_CUDA_STAGED_CLUSTER");
+  if (s && *s) return std::max(1, std::min({std::atoi(s), kMaxClusterSplit, nst}));
+  if (!kAuto) return 1;
+  int c = 1;
+  while (2 * c <= kMaxClusterSplit && 2 * c * kStages <= nst && (int64_t)tiles * 2 * c <= (int64_t)fit * sm_count())
+    c *= 2;
+  return c;
+}
+
 template <int T, class ACT, int NT>
 void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                    cudaStream_t stream) {
@@ -608,6 +665,29 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
   }
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
+  if constexpr (NT == 1) {
+    // Tiles that leave resident CTA slots empty (N = 4096: 256 tiles for 528-660 slots) split
+    // their reduction over a cluster, added in shared memory (no partial sums, no second kernel).
+    const int cluster = cluster_split<fwd_lane_owns_64<T, NT>()>(kernel, tiles, nst, fit);
+    if (cluster > 1) {
+      const int per = (nst + cluster - 1) / cluster;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3((unsigned)tiles, (unsigned)cluster);
+      cfg.blockDim = dim3((unsigned)threads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 1;
+      attr[0].val.clusterDim.y = (unsigned)cluster;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
+                                       static_cast<float*>(nullptr), m, n, k, row_bytes, per));
+      return;
+    }
+  }
   // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
   // keep each CTA's three stages in flight, which suffices), or as many as fit (M <= 16).
   // (Splitting M <= 8 whenever its tiles fill less than one wave of resident CTAs was measured
