@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _C
+from .ops import ACT_DTYPES, _stream
 
-ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
 
@@ -35,10 +35,6 @@ def _fused(*ts: Tensor) -> bool:
     return (FUSED and x.is_cuda and x.dtype in ACT_DTYPES and not torch.is_grad_enabled()
             and all(type(t) is Tensor and t.dtype == x.dtype and t.device == x.device for t in ts)
             and not torch.compiler.is_compiling())
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
