@@ -14,37 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from lowtune.model import RMSNorm, apply_rope
 
+from bench_adapters import graph_timed  # tools/ is the script's directory
+
 SHAPES = {"llama32-1b": dict(dim=2048, ffn=8192, heads=32, kv_heads=8, head_dim=64),
           "llama2-7b": dict(dim=4096, ffn=11008, heads=32, kv_heads=32, head_dim=128)}
 
 
 def graph_ms(fn, steps: int = 20, replays: int = 10) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
-            fn()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / steps)
-    return statistics.median(times)
+    """Milliseconds per fn() as pure GPU work (bench_adapters.graph_timed: one CUDA graph of
+    `steps` calls, median of `replays` replays)."""
+    return graph_timed(fn, steps, replays)
 
 
 def bandwidth() -> float:

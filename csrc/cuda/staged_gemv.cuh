@@ -722,36 +722,32 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
 
 }  // namespace staged
 
+// f(ACT{}, std::integral_constant<int, NT>{}) for the activation dtype and the B tiles M needs.
+template <class F> void staged_dispatch(int dtype, int m, F&& f) {
+  if (m < 1 || m > kStagedMaxM) throw std::invalid_argument("the staged kernels take 1 <= M <= 16");
+  auto tiles = [&](auto act) {
+    if (m <= 8) f(act, std::integral_constant<int, 1>{});
+    else f(act, std::integral_constant<int, 2>{});
+  };
+  if (dtype == D_BF16) tiles(__nv_bfloat16{});
+  else if (dtype == D_F16) tiles(__half{});
+  else throw std::invalid_argument("the staged kernels take bf16 or fp16 activations");
+}
+
 template <int T>
 void launch_staged_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
                            int64_t row_bytes, cudaStream_t stream) {
-  if (m < 1 || m > kStagedMaxM) throw std::invalid_argument("the staged kernels take 1 <= M <= 16");
-  const bool one = m <= 8;
-  if (dtype == D_BF16) {
-    if (one) staged::forward_typed<T, __nv_bfloat16, 1>(x, w, y, m, n, k, row_bytes, stream);
-    else staged::forward_typed<T, __nv_bfloat16, 2>(x, w, y, m, n, k, row_bytes, stream);
-  } else if (dtype == D_F16) {
-    if (one) staged::forward_typed<T, __half, 1>(x, w, y, m, n, k, row_bytes, stream);
-    else staged::forward_typed<T, __half, 2>(x, w, y, m, n, k, row_bytes, stream);
-  } else {
-    throw std::invalid_argument("the staged kernels take bf16 or fp16 activations");
-  }
+  staged_dispatch(dtype, m, [&](auto act, auto nt) {
+    staged::forward_typed<T, decltype(act), decltype(nt)::value>(x, w, y, m, n, k, row_bytes, stream);
+  });
 }
 
 template <int T>
 void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
                               int64_t row_bytes, cudaStream_t stream) {
-  if (m < 1 || m > kStagedMaxM) throw std::invalid_argument("the staged kernels take 1 <= M <= 16");
-  const bool one = m <= 8;
-  if (dtype == D_BF16) {
-    if (one) staged::input_grad_typed<T, __nv_bfloat16, 1>(dy, w, dx, m, n, k, row_bytes, stream);
-    else staged::input_grad_typed<T, __nv_bfloat16, 2>(dy, w, dx, m, n, k, row_bytes, stream);
-  } else if (dtype == D_F16) {
-    if (one) staged::input_grad_typed<T, __half, 1>(dy, w, dx, m, n, k, row_bytes, stream);
-    else staged::input_grad_typed<T, __half, 2>(dy, w, dx, m, n, k, row_bytes, stream);
-  } else {
-    throw std::invalid_argument("the staged kernels take bf16 or fp16 activations");
-  }
+  staged_dispatch(dtype, m, [&](auto act, auto nt) {
+    staged::input_grad_typed<T, decltype(act), decltype(nt)::value>(dy, w, dx, m, n, k, row_bytes, stream);
+  });
 }
 
 }  // namespace lowtune::cuda
