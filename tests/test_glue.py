@@ -32,3 +32,5 @@ def test_rope_rotates_pairs_and_keeps_the_unrotated_dims():
     assert y[0, 0, 0].tolist() == [-1.0, 0.0, -3.0, 2.0, 4.0, 5.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="unknown rope style"):
         glue_ops.rope(x, rot, "gptj")
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        glue_ops.gated("relu", x, x)

@@ -84,6 +84,8 @@ def rope(x: Tensor, rot: Tensor, style: str = "norm") -> Tensor:
 
 def gated(activation: str, g: Tensor, u: Tensor) -> Tensor:
     """activation(g) · u, g and u of one shape (the gated MLP's product)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
     if activation == "silu" and _fused(g, u) and g.shape == u.shape:
         gc, uc = g.contiguous(), u.contiguous()
         y = torch.empty_like(gc)
