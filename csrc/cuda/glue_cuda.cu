@@ -8,18 +8,10 @@
 #include "../blocks.h"
 #include "../glue_kernels.h"
 #include "common.cuh"
+#include "mma.cuh"  // act_to_f, f_to_act
 
 namespace lowtune::cuda {
 namespace {
-
-template <class T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kNormThreads = 256;
 
@@ -33,7 +25,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
   T* yr = y + blockIdx.x * dim;
   float s = 0.0f;
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
-    const float v = to_f(xr[i]);
+    const float v = act_to_f(xr[i]);
     s = fmaf(v, v, s);
   }
 #pragma unroll
@@ -45,7 +37,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
   for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
   const float rstd = rsqrtf(total / (float)dim + eps);
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads)
-    yr[i] = from_f<T>(__fmul_rn(__fmul_rn(to_f(xr[i]), rstd), w[i]));
+    yr[i] = f_to_act<T>(__fmul_rn(__fmul_rn(act_to_f(xr[i]), rstd), w[i]));
 }
 
 // One thread per element of y. Dims past d are copied.
@@ -64,16 +56,16 @@ __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ r
   }
   const int64_t sw = neox ? (e < d / 2 ? e + d / 2 : e - d / 2) : (e ^ 1);
   const float c = rot[tt * d + e], s = rot[(t + tt) * d + e];
-  y[base + e] = from_f<T>(__fadd_rn(__fmul_rn(to_f(x[base + e]), c), __fmul_rn(to_f(x[base + sw]), s)));
+  y[base + e] = f_to_act<T>(__fadd_rn(__fmul_rn(act_to_f(x[base + e]), c), __fmul_rn(act_to_f(x[base + sw]), s)));
 }
 
 template <class T>
 __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y, int64_t n) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float gf = to_f(g[i]);
-  const float a = to_f(from_f<T>(gf / (1.0f + expf(-gf))));
-  y[i] = from_f<T>(__fmul_rn(a, to_f(u[i])));
+  const float gf = act_to_f(g[i]);
+  const float a = act_to_f(f_to_act<T>(gf / (1.0f + expf(-gf))));
+  y[i] = f_to_act<T>(__fmul_rn(a, act_to_f(u[i])));
 }
 
 template <class F> void by_dtype(int dtype, F&& f) {
