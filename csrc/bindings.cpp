@@ -233,6 +233,24 @@ PYBIND11_MODULE(_C, m) {
     cuda::rope(ptr<const void>(x), dt, ptr<const float>(rot), ptr<void>(y), b, h, t, hd, d, sb, sh, st, neox,
                ptr<void>(stream));
   }, nogil());
+  // geom: (b, t, h, hkv, hd, d, cache_len, q strides (3), k strides (3), v strides (3), neox)
+  m.def("cuda_rope_store", [](py::tuple geom, uintptr_t q, uintptr_t k, uintptr_t v, int dt, uintptr_t rot,
+                              uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t pos, uintptr_t stream) {
+    if (geom.size() != 17) throw std::invalid_argument("cuda_rope_store: geom has 17 entries");
+    cuda::RopeStoreGeom g{};
+    int64_t* dims[] = {&g.b, &g.t, &g.h, &g.hkv, &g.hd, &g.d, &g.cache_len};
+    for (int i = 0; i < 7; ++i) *dims[i] = geom[i].cast<int64_t>();
+    for (int i = 0; i < 3; ++i) {
+      g.q_strides[i] = geom[7 + i].cast<int64_t>();
+      g.k_strides[i] = geom[10 + i].cast<int64_t>();
+      g.v_strides[i] = geom[13 + i].cast<int64_t>();
+    }
+    g.neox = geom[16].cast<bool>();
+    py::gil_scoped_release release;
+    cuda::rope_store(g, ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), dt, ptr<const float>(rot),
+                     ptr<void>(q_out), ptr<void>(k_cache), ptr<void>(v_cache), ptr<const int64_t>(pos),
+                     ptr<void>(stream));
+  });
   m.def("cuda_silu_mul", [](uintptr_t g, uintptr_t u, int dt, uintptr_t y, int64_t n, uintptr_t stream) {
     cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), dt, ptr<void>(y), n, ptr<void>(stream));
   }, nogil());

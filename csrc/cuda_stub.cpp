@@ -24,6 +24,8 @@ void rms_norm(const void*, int, const float*, void*, int64_t, int64_t, float, vo
 void rope(const void*, int, const float*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
           int64_t, bool, void*) { no_cuda(); }
 void silu_mul(const void*, const void*, int, void*, int64_t, void*) { no_cuda(); }
+void rope_store(const RopeStoreGeom&, const void*, const void*, const void*, int, const float*, void*, void*, void*,
+                const int64_t*, void*) { no_cuda(); }
 namespace reference {
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }

@@ -12,10 +12,23 @@
 //             rounded on its own, as torch computes the formula. x and y [B, H, T, hd] share the
 //             strides sb, sh, st (elements; the last dim is contiguous).
 //   silu_mul: y = silu(g) * u, silu rounded to the dtype first (torch's two operations).
+//   rope_store: a step's q, k, v [B, H|Hkv, T, hd] (strided views of the q/k/v product, last dim
+//             contiguous) -> q rotated into q_out [B, H, T, hd] (contiguous), k rotated and v
+//             copied into the KV caches [B, Hkv, L, hd] at positions *pos .. *pos + T (pos is read
+//             on the device, so one captured graph serves every position; positions >= L are
+//             skipped, the caller checks the length). Rotation as rope's. Replaces two rope
+//             launches and two cache writes per layer.
 #pragma once
 #include <cstdint>
 
 namespace lowtune::cuda {
+struct RopeStoreGeom {
+  int64_t b, t, h, hkv, hd, d, cache_len;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // (b, head, t) strides in elements
+  bool neox;
+};
+void rope_store(const RopeStoreGeom& g, const void* q, const void* k, const void* v, int dtype, const float* rot,
+                void* q_out, void* k_cache, void* v_cache, const int64_t* pos, void* stream);
 void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps,
               void* stream);
 void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_t h, int64_t t, int64_t hd,

@@ -1,11 +1,15 @@
 """The fixed-length decode cache and the step decoder behind CUDA-graph generation
 (lowtune.generate.StaticKVCache, StepDecoder): the same logits as the plain KV-cache path, across
-attention-window boundaries; on a GPU, replayed graphs against eager steps."""
+attention-window boundaries; greedy steps chained on the device against step-by-step argmax; the
+grouped q/k/v and gate/up products (DecoderLayer.group_products); on a GPU, replayed graphs
+against eager steps."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lowtune import ops
+from lowtune.adapters import AdapterConfig, apply_adapters
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.model import LlamaModel
 
@@ -74,6 +78,93 @@ def test_cuda_graph_steps_match_eager_steps(dtype):
         a, b = eager.step(t), graph.step(t)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=f"step {i}")
-    assert sorted(graph._graphs) == [64, 80]
+    assert sorted(graph._graphs) == [(64, False), (80, False)]
     if dtype == torch.float32:  # (bf16 logits of the two cache layouts may break argmax ties apart)
         assert generate(model, prompt, 20, graphs=True) == generate(model, prompt, 20, graphs=False)
+
+
+def count_products(monkeypatch) -> list:
+    seen = []
+    real = ops.qmatmul
+    monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a, **k: (seen.append(w.shape), real(x, w, *a, **k))[1])
+    return seen
+
+
+def test_grouped_products_share_the_storage_and_give_the_same_logits(monkeypatch):
+    model = tiny_model("cpu")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        want = model(ids)
+    layer = model.layers[0]
+    parts = [layer.attn_q, layer.attn_k, layer.attn_v]
+    for lay in model.layers:
+        lay.group_products()
+    qkv = layer.grouped[("attn_q", "attn_k", "attn_v")]
+    assert qkv.out_features == sum(p.out_features for p in parts)
+    assert [p.raw.data_ptr() - qkv.raw.data_ptr() for p in parts] == \
+        [0, parts[0].raw.nbytes, parts[0].raw.nbytes + parts[1].raw.nbytes]  # views, not copies
+    seen = count_products(monkeypatch)
+    with torch.no_grad():
+        got = model(ids)
+    assert torch.equal(got, want)
+    per_layer = len(seen) - 1  # the head
+    assert per_layer == 4 * len(model.layers)  # qkv, output, gate+up, down
+    seen.clear()
+    model(ids)  # autograd recording: the parts, one product each
+    assert len(seen) - 1 == 7 * len(model.layers)
+    apply_adapters(model, AdapterConfig(targets=("attn_q",)))
+    seen.clear()
+    with torch.no_grad():
+        model(ids)
+    # q's adapter ends the q/k/v group's use (k and v run on their own); gate+up stays grouped
+    assert qkv.weight.shape not in seen and seen.count(parts[1].weight.shape) == 2 * len(model.layers)
+    assert layer.grouped[("ffn_gate", "ffn_up")].weight.shape in seen
+    model.float()
+    assert all(lay.grouped == {} for lay in model.layers)  # .to()/.float() drop the groups
+
+
+@torch.no_grad()
+def test_greedy_chain_matches_step_by_step_argmax():
+    model = tiny_model("cpu")
+    prompt = [3, 1, 4, 1, 5]
+    plain = StepDecoder(model, 40, graphs=False)
+    tok = int(plain.prefill(prompt).argmax())
+    want = []
+    for _ in range(20):
+        tok = int(plain.step(tok).argmax())
+        want.append(tok)
+    chained = StepDecoder(model, 40, graphs=False)
+    first = int(chained.prefill(prompt).argmax())
+    seen = []
+    got = chained.greedy(first, 20, on_token=seen.append)
+    assert got == want == seen and chained.cache.length == len(prompt) + 20
+    stop = want[6]
+    again = StepDecoder(model, 40, graphs=False)
+    again.prefill(prompt)
+    got = again.greedy(first, 20, stop_ids={stop})
+    assert got == want[:want.index(stop) + 1]
+    with pytest.raises(ValueError, match="holds 40 positions"):
+        again.greedy(first, 40)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_greedy_chain_with_graphs_matches_eager_steps(monkeypatch):
+    """The grouped products and the chained greedy graphs give the tokens of ungrouped eager steps,
+    and a step runs 4 products per layer."""
+    model = tiny_model("cuda")
+    prompt = [3, 1, 4, 1, 5]
+    plain = StepDecoder(model, 100, graphs=False, group_products=False)
+    tok = int(plain.prefill(prompt).argmax())
+    want = []
+    for _ in range(90):  # crosses the 64-position window
+        tok = int(plain.step(tok).argmax())
+        want.append(tok)
+    dec = StepDecoder(model, 100, graphs=True)
+    assert all(len(lay.grouped) == 2 for lay in model.layers)
+    first = int(dec.prefill(prompt).argmax())
+    assert dec.greedy(first, 90) == want
+    assert sorted(dec._graphs) == [(64, True), (100, True)]
+    seen = count_products(monkeypatch)
+    StepDecoder(model, 8, graphs=False).step(1)
+    assert len(seen) - 1 == 4 * len(model.layers)

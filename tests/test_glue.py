@@ -34,3 +34,15 @@ def test_rope_rotates_pairs_and_keeps_the_unrotated_dims():
         glue_ops.rope(x, rot, "gptj")
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         glue_ops.gated("relu", x, x)
+
+
+def test_rope_store_writes_the_rotated_keys_and_the_values_at_pos():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+    rot = torch.randn(2, 1, 8, generator=g)
+    kc, vc = torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+    with torch.no_grad():
+        got = glue_ops.rope_store(q, k, v, rot, "neox", kc, vc, torch.tensor([3]))
+    assert torch.equal(got, glue_ops.rope(q, rot, "neox"))
+    assert torch.equal(kc[:, :, 3:4], glue_ops.rope(k, rot, "neox")) and torch.equal(vc[:, :, 3:4], v)
+    assert kc[:, :, [0, 1, 2, 4, 5]].abs().sum() == 0 and vc[:, :, [0, 1, 2, 4, 5]].abs().sum() == 0

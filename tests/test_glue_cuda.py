@@ -1,5 +1,5 @@
 """The fused glue kernels (csrc/glue_kernels.h) against the torch formulas of lowtune.glue_ops:
-RoPE and the gated product bit for bit, RMSNorm within one rounding of the output dtype (its sum
+RoPE (alone and with the KV-cache write) and the gated product bit for bit, RMSNorm within one rounding of the output dtype (its sum
 of squares adds in another order); and a model's no-grad logits with the kernels against the
 formulas. Inputs are strided as the decoder layer passes them (q, k transposed views)."""
 from __future__ import annotations
@@ -79,6 +79,34 @@ def test_gated_silu_bit_for_bit(dtype, monkeypatch):
     got = glue_ops.gated("silu", a, u)
     assert len(seen) == 1
     assert torch.equal(got, formula(glue_ops.gated, "silu", a, u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("style", ["norm", "neox"])
+@pytest.mark.parametrize("t,h,hkv,hd,d", [(1, 8, 2, 128, 128), (1, 4, 4, 64, 32), (3, 6, 2, 64, 64)])
+@torch.no_grad()
+def test_rope_store_bit_for_bit(dtype, style, t, h, hkv, hd, d, monkeypatch):
+    """q, k, v as views of one q/k/v product's output (as a grouped decode step passes them):
+    the returned q and the caches' written positions equal the formulas', the rest is untouched."""
+    g = torch.Generator(device="cuda").manual_seed(t * h + hkv * hd + d)
+    b, length, pos = 2, 40, 17
+    y = torch.randn(b, t, (h + 2 * hkv) * hd, device="cuda", generator=g).to(dtype)
+    q, k, v = (part.view(b, t, -1, hd).transpose(1, 2) for part in y.split([h * hd, hkv * hd, hkv * hd], -1))
+    rot = torch.randn(2, t, d, device="cuda", generator=g)
+    caches = [torch.randn(b, hkv, length, hd, device="cuda", generator=g).to(dtype) for _ in range(2)]
+    at = torch.tensor([pos], device="cuda")
+    seen = calls_kernel(monkeypatch, "cuda_rope_store")
+    kc, vc = (c.clone() for c in caches)
+    got = glue_ops.rope_store(q, k, v, rot, style, kc, vc, at)
+    assert len(seen) == 1
+    wk, wv = (c.clone() for c in caches)
+    want = formula(glue_ops.rope_store, q, k, v, rot, style, wk, wv, at)
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert torch.equal(kc, wk) and torch.equal(vc, wv)
+    assert torch.equal(vc[:, :, pos:pos + t], v) and not torch.equal(kc[:, :, pos:pos + t], k)
+    untouched = torch.ones(length, dtype=torch.bool)
+    untouched[pos:pos + t] = False
+    assert torch.equal(kc[:, :, untouched], caches[0][:, :, untouched])
 
 
 def test_autograd_takes_the_formulas(monkeypatch):

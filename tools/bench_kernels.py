@@ -17,8 +17,9 @@ cuBLAS path (side-stream overlap, chunk size). Peers, same shapes, same run:
   bnb_nf4       bitsandbytes' 4-bit matmul (nf4, block 64), forward, where bitsandbytes is installed
 Every quantized format lowtune knows is a valid --types entry ("all" = every one), so new types
 appear without edits here. Rows go to --out as JSON lines; --summary FILE... prints the tables
-and the targets from such files. --decode times CUDA-graph decoding of a random 7B-shaped Q4_K
-Llama against its bytes-per-token roofline.
+and the targets from such files. --decode times greedy decoding of a random 7B-shaped Q4_K
+Llama against its bytes-per-token roofline, with and without what a decode step adds to the
+layers (DECODE_VARIANTS: CUDA graphs, grouped products, steps chained on the device).
 
 CPU (--device cpu) keeps the simple timer: median of repeated synchronous calls, dense fp32
 torch as the peer.
@@ -394,41 +395,58 @@ def decode_model(n_layers: int) -> tuple[Model, int]:
     return model, weight_bytes
 
 
+# Decode variants, in the order they run (grouping is kept once done, so ungrouped comes first):
+# name -> (CUDA graphs, grouped q/k/v and gate/up products, greedy steps chained on the device).
+# "generate" is what lowtune.generate runs for greedy decoding on a GPU.
+DECODE_VARIANTS = {"graphs_separate_steps": (True, False, False),
+                   "graphs_grouped_steps": (True, True, False),
+                   "generate": (True, True, True),
+                   "eager_grouped_chained": (False, True, True)}
+
+
 def bench_decode(args, bw: float, emit) -> None:
-    """tokens/s of generate() on decode_model(), batch 1, with CUDA graphs and without, against the
+    """tokens/s of greedy decoding of decode_model(), batch 1, in the DECODE_VARIANTS, against the
     roofline: read bandwidth / bytes per token (every matrix but the embedding, plus the filled
     part of the KV cache)."""
     model, weight_bytes = decode_model(args.decode_layers)
     c = model.config
     prompt = list(range(1, args.decode_prompt + 1))
     n_new = args.decode_tokens
-    for graphs in (True, False):
-        # Steps as generate() takes them (greedy: argmax, read back every token), timed on a second
-        # pass over the same positions, so that the graph captures of the first pass are not counted.
-        dec = StepDecoder(model, len(prompt) + n_new + 1, graphs=graphs)
+    for name, (graphs, grouped, chained) in DECODE_VARIANTS.items():
+        # Greedy steps (argmax read back every token, or chained on the device as generate() runs
+        # them), timed on a second pass over the same positions, so that the graph captures of the
+        # first pass are not counted.
+        dec = StepDecoder(model, len(prompt) + n_new + 1, graphs=graphs, group_products=grouped)
+
+        def run(tok: int) -> None:
+            if chained:
+                dec.greedy(tok, n_new)
+                return
+            for _ in range(n_new):
+                tok = int(dec.step(tok).argmax())
+
         with torch.no_grad():
             t = time.perf_counter()
             tok = int(dec.prefill(prompt).argmax())
             prompt_s = time.perf_counter() - t
-            for _ in range(n_new):
-                tok = int(dec.step(tok).argmax())
+            run(tok)
             dec.cache.length = len(prompt)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            for _ in range(n_new):
-                tok = int(dec.step(tok).argmax())
+            run(tok)
+            torch.cuda.synchronize()
             decode_s = time.perf_counter() - t
         mean_pos = len(prompt) + n_new / 2
         kv_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * mean_pos  # k and v, bf16, filled part
         per_token = weight_bytes + kv_bytes
         tps = n_new / decode_s
         roof = bw / per_token
-        rec = {"kind": "decode", "graphs": graphs, "layers": c.n_layers, "tokens": n_new,
-               "prompt_tokens": len(prompt), "prompt_s": prompt_s, "decode_s": decode_s,
-               "tokens_per_s": tps, "bytes_per_token": per_token, "roofline_tokens_per_s": roof,
-               "pct_roofline": 100 * tps / roof}
+        rec = {"kind": "decode", "variant": name, "graphs": graphs, "grouped": grouped, "chained": chained,
+               "layers": c.n_layers, "tokens": n_new, "prompt_tokens": len(prompt), "prompt_s": prompt_s,
+               "decode_s": decode_s, "tokens_per_s": tps, "bytes_per_token": per_token,
+               "roofline_tokens_per_s": roof, "pct_roofline": 100 * tps / roof}
         emit(rec)
-        print(f"decode ({'CUDA graphs' if graphs else 'eager'}): {tps:.1f} tokens/s over {n_new} tokens, "
+        print(f"decode ({name}): {tps:.1f} tokens/s over {n_new} tokens, "
               f"{per_token / 1e9:.2f} GB/token, roofline {roof:.0f} tokens/s -> {rec['pct_roofline']:.0f}%; "
               f"prompt {len(prompt)} tokens in {prompt_s * 1e3:.0f} ms", flush=True)
         del dec
@@ -520,10 +538,11 @@ def summarize(paths: list[str], brief: bool = False) -> int:
                     fails.append(f"{name} {n}×{k} M={m} {kernel}: {x:.2f}× cuBLAS (target >= 0.95)")
     for r in recs:
         if r.get("kind") == "decode":
-            print(f"\ndecode, {r['layers']} layers, {'CUDA graphs' if r['graphs'] else 'eager'}: "
+            variant = r.get("variant", "CUDA graphs" if r["graphs"] else "eager")  # older files: no variant
+            print(f"\ndecode, {r['layers']} layers, {variant}: "
                   f"{r['tokens_per_s']:.1f} tokens/s = {r['pct_roofline']:.0f}% of the {r['roofline_tokens_per_s']:.0f} "
                   f"tokens/s roofline ({r['bytes_per_token'] / 1e9:.2f} GB/token)")
-            if r["graphs"] and r["pct_roofline"] < 60:
+            if variant in ("generate", "CUDA graphs") and r["pct_roofline"] < 60:
                 fails.append(f"decode: {r['pct_roofline']:.0f}% of the roofline (target >= 60%)")
     errors = [r for r in recs if r.get("kind") == "entry" and r.get("error")]
     print(f"\ntargets missed: {len(fails)}; errors: {len(errors)}")

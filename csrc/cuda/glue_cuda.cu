@@ -40,7 +40,18 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
     yr[i] = f_to_act<T>(__fmul_rn(__fmul_rn(act_to_f(xr[i]), rstd), w[i]));
 }
 
-// One thread per element of y. Dims past d are copied.
+// Element e of one head's row x (position tt of t, tables rot [2, t, d]) after RoPE; dims past d
+// are copied. The formula of glue_ops.rope: x·C + swap(x)·S, each product and the sum rounded.
+template <class T>
+__device__ __forceinline__ T rotated(const T* x, int64_t e, const float* rot, int64_t tt, int64_t t, int64_t d,
+                                     bool neox) {
+  if (e >= d) return x[e];
+  const int64_t sw = neox ? (e < d / 2 ? e + d / 2 : e - d / 2) : (e ^ 1);
+  const float c = rot[tt * d + e], s = rot[(t + tt) * d + e];
+  return f_to_act<T>(__fadd_rn(__fmul_rn(act_to_f(x[e]), c), __fmul_rn(act_to_f(x[sw]), s)));
+}
+
+// One thread per element of y.
 template <class T>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ rot, T* __restrict__ y, int64_t total,
                             int64_t h, int64_t t, int64_t hd, int64_t d, int64_t sb, int64_t sh, int64_t st,
@@ -50,13 +61,36 @@ __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ r
   const int64_t e = i % hd, row = i / hd;  // row = (b, h, t) in that order
   const int64_t tt = row % t, bh = row / t, hh = bh % h, bb = bh / h;
   const int64_t base = bb * sb + hh * sh + tt * st;
-  if (e >= d) {
-    y[base + e] = x[base + e];
+  y[base + e] = rotated(x + base, e, rot, tt, t, d, neox);
+}
+
+// One thread per element of q, k and v: row j < h is a query head, then hkv key heads, then hkv
+// value heads (copied).
+template <class T>
+__global__ void rope_store_kernel(RopeStoreGeom g, const T* __restrict__ q, const T* __restrict__ k,
+                                  const T* __restrict__ v, const float* __restrict__ rot, T* __restrict__ q_out,
+                                  T* __restrict__ k_cache, T* __restrict__ v_cache, const int64_t* __restrict__ pos,
+                                  int64_t total) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t heads = g.h + 2 * g.hkv;
+  const int64_t e = i % g.hd, r = i / g.hd;  // r = (b, t, head) in that order
+  const int64_t j = r % heads, bt = r / heads, tt = bt % g.t, bb = bt / g.t;
+  if (j < g.h) {
+    const T* x = q + bb * g.q_strides[0] + j * g.q_strides[1] + tt * g.q_strides[2];
+    q_out[((bb * g.h + j) * g.t + tt) * g.hd + e] = rotated(x, e, rot, tt, g.t, g.d, g.neox);
     return;
   }
-  const int64_t sw = neox ? (e < d / 2 ? e + d / 2 : e - d / 2) : (e ^ 1);
-  const float c = rot[tt * d + e], s = rot[(t + tt) * d + e];
-  y[base + e] = f_to_act<T>(__fadd_rn(__fmul_rn(act_to_f(x[base + e]), c), __fmul_rn(act_to_f(x[base + sw]), s)));
+  const int64_t p = *pos + tt;
+  if (p < 0 || p >= g.cache_len) return;
+  const bool is_k = j < g.h + g.hkv;
+  const int64_t hh = is_k ? j - g.h : j - g.h - g.hkv;
+  const int64_t dst = ((bb * g.hkv + hh) * g.cache_len + p) * g.hd + e;
+  if (is_k)
+    k_cache[dst] = rotated(k + bb * g.k_strides[0] + hh * g.k_strides[1] + tt * g.k_strides[2], e, rot, tt, g.t,
+                           g.d, g.neox);
+  else
+    v_cache[dst] = v[bb * g.v_strides[0] + hh * g.v_strides[1] + tt * g.v_strides[2] + e];
 }
 
 template <class T>
@@ -98,6 +132,21 @@ void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_
     using T = decltype(tag);
     rope_kernel<T><<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), rot, static_cast<T*>(y), total, h, t, hd, d, sb, sh, st, neox);
+  });
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void rope_store(const RopeStoreGeom& g, const void* q, const void* k, const void* v, int dtype, const float* rot,
+                void* q_out, void* k_cache, void* v_cache, const int64_t* pos, void* stream) {
+  const int64_t total = g.b * g.t * (g.h + 2 * g.hkv) * g.hd;
+  if (total == 0) return;
+  if (g.d < 0 || g.d > g.hd || g.d % 2)
+    throw std::invalid_argument("rope_store: the rotated dims must be even and at most head_dim");
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rope_store_kernel<T><<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        g, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), rot, static_cast<T*>(q_out),
+        static_cast<T*>(k_cache), static_cast<T*>(v_cache), pos, total);
   });
   LT_CUDA_CHECK_LAUNCH();
 }

@@ -8,7 +8,8 @@
 The prompt is run once (prefill), then one token per step against the cached keys/values. On a
 GPU (layers not streamed, no sliding-window layers) each step replays a captured CUDA graph
 (StepDecoder): the per-token host work of launching a few hundred kernels is paid once per
-attention window, not per token. On the CPU a plain Llama decodes through one compiled call per
+attention window, not per token; greedy steps also pass their token on the device, so the GPU
+never waits for the host between them. On the CPU a plain Llama decodes through one compiled call per
 token (lowtune._C.CpuDecoder, see cpu_decoder); anything else decodes through the model's forward.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import _C
+from . import _C, glue_ops
 from .model import DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLinear, RMSNorm
 
 
@@ -134,52 +135,64 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 class StaticKVCache(KVCache):
     """A fixed-length KV cache (batch 1) whose one-token steps keep their shapes and addresses:
     the position written is the device tensor `pos`, and attention reads the first `window`
-    positions under a mask of the filled ones (attn_mask). So one captured CUDA graph serves
-    every step inside a window. The prompt (any number of tokens) goes through KVCache.update."""
+    positions under an additive mask of the filled ones (attn_mask: 0 where filled, -inf after).
+    So one captured CUDA graph serves every step inside a window. The prompt (any number of
+    tokens) goes through KVCache.update."""
 
     def __init__(self, config, max_len: int, device, dtype: torch.dtype):
         super().__init__(config, 1, max_len, device, dtype)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.window = max_len
         self.positions = torch.arange(max_len, device=device)
-        self.valid = torch.zeros(max_len, dtype=torch.bool, device=device)
+        # additive, in the activations' dtype: SDPA would turn a bool mask into this in every layer
+        self.bias = torch.zeros(max_len, dtype=dtype, device=device)
+        self._open = torch.zeros((), dtype=dtype, device=device)
+        self._shut = torch.full((), float("-inf"), dtype=dtype, device=device)
 
     def set_window(self, window: int) -> None:
         """Steps from now on attend over positions [0, window) (pos must stay below window)."""
         self.window = window
-        self.attn_mask = self.valid[:window].unsqueeze(0)  # [1, window]: attention wants 2-D
+        self.attn_mask = self.bias[:window].unsqueeze(0)  # [1, window]: attention wants 2-D
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def store(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rot: torch.Tensor, style: str):
         if self.attn_mask is None or k.shape[2] != 1:
-            return super().update(layer, start, k, v)
-        if layer == 0:  # the mask of this step: positions 0..pos
-            torch.le(self.positions[:self.window], self.pos, out=self.valid[:self.window])
-        self.k[layer].index_copy_(2, self.pos, k)
-        self.v[layer].index_copy_(2, self.pos, v)
-        return self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
+            return super().store(layer, start, q, k, v, rot, style)
+        if layer == 0:  # the mask of this step, once for every layer: positions 0..pos
+            torch.where(self.positions[:self.window] <= self.pos, self._open, self._shut,
+                        out=self.bias[:self.window])
+        q = glue_ops.rope_store(q, k, v, rot, style, self.k[layer], self.v[layer], self.pos)
+        return q, self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
 
 
 class StepDecoder:
     """Decodes one sequence: prefill(prompt) -> logits, then step(token) -> logits of the next
-    position, against a StaticKVCache. With graphs=True (CUDA only) each step replays a CUDA
-    graph captured for its attention window (64, 128, 256, ... positions, capped at max_len);
-    the first step of a window runs eagerly (so one-time set-up stays outside the capture) and
-    is then captured. The token and position go in through static device tensors."""
+    position, or greedy(token, n) -> the next n greedy tokens, against a StaticKVCache. With
+    graphs=True (CUDA only) each step replays a CUDA graph captured for its attention window (64,
+    128, 256, ... positions, capped at max_len); the first step of a window runs eagerly (so
+    one-time set-up stays outside the capture) and is then captured. The token and position go in
+    through static device tensors. On CUDA the layers' q/k/v and gate/up products are grouped
+    (DecoderLayer.group_products) unless group_products=False."""
 
     MIN_WINDOW = 64
 
-    def __init__(self, model, max_len: int, graphs: bool = True):
+    def __init__(self, model, max_len: int, graphs: bool = True, group_products: bool = True):
         if getattr(model, "streamer", None) is not None:
             raise ValueError("StepDecoder needs the model's layers resident (not streamed)")
         if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
             raise ValueError("StepDecoder's one mask per step cannot express sliding-window layers")
         dev = model.device
         self.model, self.max_len = model, max_len
+        if group_products and dev.type == "cuda":
+            for layer in model.layers:
+                if isinstance(layer, DecoderLayer):
+                    layer.group_products()
         self.cache = StaticKVCache(model.config, max_len, dev, model.dtype)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.rot = model.rope_rotation(0, max_len).to(dev)  # [kinds, 2, max_len, rope_dim]
         self.graphs = graphs and dev.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (window, greedy) -> (graph, its output)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
     def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
@@ -187,18 +200,23 @@ class StepDecoder:
         ids = torch.tensor([list(prompt)], dtype=torch.long)
         return self.model(ids, self.cache)[0, -1]
 
-    def _run(self) -> torch.Tensor:
-        """One step at the static token and position (the body a graph captures)."""
+    def _run(self, greedy: bool) -> torch.Tensor:
+        """One step at the static token and position (the body a graph captures): its logits [V],
+        or (greedy) its argmax, which also becomes the static token of the next step."""
         m, c = self.model, self.cache
         x = m.tok_embd(self.ids)
         rot = self.rot.index_select(2, c.pos)
         for layer in m.layers:
             x = layer(x, rot, c, 0)
-        return m.lm_head(m.output_norm(x)).float()[0, -1]
+        logits = m.lm_head(m.output_norm(x)).float()[0, -1]
+        if not greedy:
+            return logits
+        best = logits.argmax().view(1, 1)
+        self.ids.copy_(best)
+        return best
 
-    def step(self, token: int) -> torch.Tensor:
-        """Logits [V] of the position after `token`, which is appended at position cache.length.
-        The tensor is overwritten by the next step."""
+    def _advance(self, greedy: bool) -> torch.Tensor:
+        """Run the step at position cache.length (graph replay where one is captured) and count it."""
         c = self.cache
         pos = c.length
         if pos >= self.max_len:
@@ -207,27 +225,74 @@ class StepDecoder:
         while window <= pos:
             window *= 2
         window = min(window, self.max_len)
-        self.ids.fill_(int(token))
         c.pos.fill_(pos)
         c.set_window(window)
-        captured = self._graphs.get(window)
+        captured = self._graphs.get((window, greedy))
         if captured is not None:
             captured[0].replay()
             out = captured[1]
         else:
-            out = self._run()
+            out = self._run(greedy)
             if self.graphs:
                 try:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._pool):
-                        captured_out = self._run()
+                        captured_out = self._run(greedy)
                 except RuntimeError as e:  # an operation that cannot be captured: stay eager
                     warnings.warn(f"decoding without CUDA graphs: the step could not be captured ({e})")
                     self.graphs = False
                 else:
-                    self._graphs[window] = (graph, captured_out)
+                    self._graphs[(window, greedy)] = (graph, captured_out)
                     self._pool = graph.pool()
         c.length = pos + 1
+        return out
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits [V] of the position after `token`, which is appended at position cache.length.
+        The tensor is overwritten by the next step."""
+        self.ids.fill_(int(token))
+        return self._advance(greedy=False)
+
+    def greedy(self, token: int, n: int, stop_ids: Iterable[int] = (),
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """The next n greedy tokens after `token` (appended at position cache.length), stopping
+        after one in stop_ids. Each step's argmax becomes the next step's token on the device, so
+        the host queues step i+1 before it reads token i back and the GPU does not wait for the
+        host between steps. A stop token therefore costs one step run ahead (its position is
+        written into the cache, which then holds one position more than the tokens returned)."""
+        stop = set(int(t) for t in stop_ids)
+        c = self.cache
+        if c.length + n > self.max_len:
+            raise ValueError(f"the decode cache holds {self.max_len} positions; "
+                             f"{c.length + n} were asked for")
+        self.ids.fill_(int(token))
+        cuda = self.ids.is_cuda
+        host = torch.empty(max(n, 1), dtype=torch.long, pin_memory=cuda)
+        done: list[torch.cuda.Event | None] = []
+
+        def queue(i: int) -> None:
+            best = self._advance(greedy=True)
+            host[i:i + 1].copy_(best.view(1), non_blocking=cuda)
+            ev = None
+            if cuda:
+                ev = torch.cuda.Event()
+                ev.record()
+            done.append(ev)
+
+        out: list[int] = []
+        if n > 0:
+            queue(0)
+        for i in range(n):
+            if i + 1 < n:
+                queue(i + 1)
+            if done[i] is not None:
+                done[i].synchronize()
+            tok = int(host[i])
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in stop:
+                break
         return out
 
 
@@ -284,6 +349,11 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
             if on_token is not None:
                 on_token(tok)
             if tok in stop or i == max_new_tokens - 1:
+                break
+            if graphs and temperature <= 0:  # greedy: the steps chain on the device
+                rest = decoder.greedy(tok, max_new_tokens - 1 - i, stop, on_token)
+                out += rest
+                stats.decode_tokens += len(rest)
                 break
             logits = step(tok)
             stats.decode_tokens += 1

@@ -4,6 +4,7 @@ formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
     rms_norm(x, w, eps)        x / sqrt(mean(x²) + eps) · w over the last dim, in fp32, in x's dtype
     rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
+    rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
 
 The formulas are the reference: training, the CPU and anything torch.compile traces run them
 (inductor fuses them there). An eager call on CUDA that needs no autograd (generation, no_grad
@@ -80,6 +81,36 @@ def rope(x: Tensor, rot: Tensor, style: str = "norm") -> Tensor:
         swapped = torch.cat((xr[..., d // 2:], xr[..., :d // 2]), dim=-1)
     out = (xr * rot[0] + swapped * rot[1]).to(x.dtype)
     return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
+
+
+def rope_store(q: Tensor, k: Tensor, v: Tensor, rot: Tensor, style: str, k_cache: Tensor, v_cache: Tensor,
+               pos: Tensor) -> Tensor:
+    """One decode step's RoPE and KV-cache write: k rotated and v written into the caches
+    [B, Hkv, L, hd] at positions pos..pos+T (pos: a one-element long tensor on the caches' device,
+    so a captured CUDA graph replays it at any position); returns q rotated. q [B, H, T, hd], k, v
+    [B, Hkv, T, hd] (views of the q/k/v product). On CUDA without autograd, one kernel for what is
+    otherwise two rotations and two cache writes."""
+    b, h, t, hd = q.shape
+    hkv, d = k.shape[1], rot.shape[-1]
+    if _fused(q, k, v, k_cache, v_cache) and rot.dtype == torch.float32 and rot.is_cuda \
+            and tuple(rot.shape) == (2, t, d) and 0 < d <= hd and d % 2 == 0 \
+            and k.shape == v.shape == (b, hkv, t, hd) and k_cache.shape == v_cache.shape \
+            and tuple(k_cache.shape[:2]) == (b, hkv) and k_cache.shape[3] == hd \
+            and k_cache.is_contiguous() and v_cache.is_contiguous() \
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 \
+            and pos.dtype == torch.long and pos.numel() == 1 and pos.device == q.device:
+        q_out = torch.empty((b, h, t, hd), dtype=q.dtype, device=q.device)
+        r = rot.contiguous()
+        geom = (b, t, h, hkv, hd, d, k_cache.shape[2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                style == "neox")
+        _C.cuda_rope_store(geom, q.data_ptr(), k.data_ptr(), v.data_ptr(), ACT_DTYPES[q.dtype], r.data_ptr(),
+                           q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(),
+                           _stream(q.device))
+        return q_out
+    at = pos.reshape(1) + torch.arange(t, device=pos.device)
+    k_cache.index_copy_(2, at, rope(k, rot, style))
+    v_cache.index_copy_(2, at, v)
+    return rope(q, rot, style)
 
 
 def gated(activation: str, g: Tensor, u: Tensor) -> Tensor:

@@ -340,6 +340,12 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def store(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rot: torch.Tensor, style: str):
+        """RoPE on q and k [B, H|Hkv, T, hd] (tables rot, glue_ops.rope), then update(); returns
+        (q rotated, all keys, all values so far)."""
+        return (apply_rope(q, rot, style), *self.update(layer, start, apply_rope(k, rot, style), v))
+
 
 # ----------------------------------------------------------------------------------------------
 # Decoder
@@ -396,6 +402,60 @@ class DecoderLayer(nn.Module):
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
+        self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
+
+    # Linears that read the same input, in the order their outputs are split.
+    PRODUCT_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+    def group_products(self) -> None:
+        """Regroup the packed rows of q, k, v (and of gate, up) into one matrix each, where the
+        parts are plain QLinears of one format, width and device, so that an inference step reads
+        each group in one product: fewer launches, and at one token a grid large enough to fill
+        the GPU. The parts become row views of the grouped storage (moved, not copied: packed rows
+        are independent), so they stay what training, adapters, merging and export use; a part
+        that is replaced (an adapter) or moved (.to) ends its group's use (_group)."""
+        for names in self.PRODUCT_GROUPS:
+            parts = [getattr(self, n) for n in names]
+            if names in self.grouped or not all(type(p) is QLinear for p in parts):
+                continue
+            first = parts[0]
+            if any(p.format != first.format or p.in_features != first.in_features or p.raw.device != first.raw.device
+                   or (p.bias is None) != (first.bias is None) for p in parts):
+                continue
+            raw = torch.cat([p.raw for p in parts])
+            bias = torch.cat([p.bias for p in parts]) if first.bias is not None else None
+            rows = 0
+            for p in parts:
+                a, rows = rows, rows + p.out_features
+                p.raw = raw[a:rows]
+                if bias is not None:
+                    p.bias = bias[a:rows]
+            self.grouped[names] = QLinear(QTensor(raw, first.format, (rows, first.in_features)), "+".join(names), bias)
+
+    def _group(self, names: tuple[str, ...]) -> QLinear | None:
+        """The grouped linear of `names` if it still holds the parts' storage, in inference."""
+        g = self.grouped.get(names)
+        if g is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        parts = [getattr(self, n) for n in names]
+        if type(parts[0]) is not QLinear or parts[0].raw.data_ptr() != g.raw.data_ptr() or not all(
+                type(p) is QLinear and p.raw.device == g.raw.device for p in parts):
+            return None
+        last = parts[-1]
+        if last.raw.data_ptr() + last.raw.numel() != g.raw.data_ptr() + g.raw.numel():
+            return None
+        return g
+
+    def _apply(self, fn, recurse=True):
+        self.grouped = {}  # .to() moves each part on its own: the groups' storage would be stale
+        return super()._apply(fn, recurse)
+
+    def _products(self, h: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """[linear(h) for each of names], through their grouped product where there is one."""
+        g = self._group(names)
+        if g is None:
+            return [getattr(self, n)(h) for n in names]
+        return list(g(h).split([getattr(self, n).out_features for n in names], dim=-1))
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                 start: int = 0) -> torch.Tensor:
@@ -404,22 +464,23 @@ class DecoderLayer(nn.Module):
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = self.attn_q(h).view(b, t, c.n_heads, c.head_dim)
-        k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim)
-        v = self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self._products(h, self.PRODUCT_GROUPS[0])
+        q = q.view(b, t, c.n_heads, c.head_dim)
+        k = k.view(b, t, c.n_kv_heads, c.head_dim)
+        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         if fam.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q = apply_rope(q.transpose(1, 2), rot[self.rope_kind], fam.rope)
-        k = apply_rope(k.transpose(1, 2), rot[self.rope_kind], fam.rope)
-        mask = None
-        if cache is not None:
-            k, v = cache.update(self.index, start, k, v)
+        q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
+        if cache is None:
+            q, k, mask = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope), None
+        else:
+            q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
             mask = cache.attn_mask
         attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
         x = x + (self.post_attention_norm(a) if fam.post_norms else a)
         h = self.ffn_norm(x)
-        m = self.ffn_down(glue_ops.gated(self.activation, self.ffn_gate(h), self.ffn_up(h)))
+        m = self.ffn_down(glue_ops.gated(self.activation, *self._products(h, self.PRODUCT_GROUPS[1])))
         return x + (self.post_ffw_norm(m) if fam.post_norms else m)
 
 
@@ -428,9 +489,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
     scale: on q·k (None: 1/sqrt(hd)); window > 0: query i sees only keys i-window+1..i; cap > 0:
-    scores soft-capped before the softmax. mask (bool, broadcast to [B, H, T, S]), when given,
-    says which keys each query sees instead of causality and the window (a fixed-length decode
-    cache's mask; such caches serve models without sliding layers)."""
+    scores soft-capped before the softmax. mask (broadcast to [B, H, T, S]: bool, True where a
+    query sees a key, or additive float, 0 or -inf), when given, replaces causality and the window
+    (a fixed-length decode cache's mask; such caches serve models without sliding layers)."""
     n_rep = q.shape[1] // k.shape[1]
     gqa = {}
     if n_rep > 1:
@@ -460,7 +521,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, **gqa)
     # soft-capped scores: SDPA cannot cap, so the scores are materialised (as Hugging Face's eager path)
     scores = softcap((q @ k.transpose(-1, -2)).float() * scale, cap)
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
+    probs = torch.softmax(scores, dim=-1)
     return probs.to(v.dtype) @ v
 
 

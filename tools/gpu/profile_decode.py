@@ -26,7 +26,7 @@ from lowtune.generate import StepDecoder  # noqa: E402
 
 def group_of(name: str) -> str:
     n = name.lower()
-    if "rms_norm_kernel" in n or "rope_kernel" in n or "silu_mul_kernel" in n:
+    if any(k in n for k in ("rms_norm_kernel", "rope_kernel", "rope_store_kernel", "silu_mul_kernel")):
         return "other"  # lowtune's fused glue (csrc/glue_kernels.h)
     if "lowtune::" in n:
         return "quantized products"
