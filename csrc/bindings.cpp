@@ -83,14 +83,18 @@ PYBIND11_MODULE(_C, m) {
   }, nogil());
 
   m.def("cuda_available", &cuda::available);
-  m.def("cuda_path", [](const std::string& product, int64_t M, int dtype, bool aligned, int64_t N, int64_t K) {
+  m.def("cuda_path", [](const std::string& product, int64_t M, int dtype, bool aligned, int64_t N, int64_t K,
+                        int qtype) {
     namespace cp = cuda_policy;
-    const cp::Call call{cp::product_from_name(product), M, N, K, dtype != D_F32, aligned, aligned, true};
+    const cp::Product p = cp::product_from_name(product);
+    const bool gemv = p == cp::Product::Forward && qtype == T_Q4_K;  // (the kernel's K limit is not asked)
+    const cp::Call call{p, M, N, K, dtype != D_F32, aligned, aligned, true, gemv};
     return std::string(cp::path_name(cp::choose(call)));
   }, py::arg("product"), py::arg("m"), py::arg("dtype"), py::arg("aligned"), py::arg("n") = 0, py::arg("k") = 0,
+     py::arg("qtype") = -1,
      "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
-     "rows in dtype against an N x K weight (0: unknown), operands aligned or not, where cuBLAS is "
-     "available: 'staged', 'direct', 'cublas' or 'fused'.");
+     "rows in dtype against an N x K weight (0: unknown) of type qtype (-1: unknown), operands "
+     "aligned or not, where cuBLAS is available: 'gemv', 'staged', 'direct', 'cublas' or 'fused'.");
   m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {
     namespace cp = cuda_policy;
     return cp::cublas_scratch_bytes(cp::product_from_name(product), M, N, K, dtype == D_F32 ? 4 : 2);

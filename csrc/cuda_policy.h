@@ -3,6 +3,8 @@
 // adapter products (adapter_kernels.h). Plain C++ (no CUDA headers): the CUDA dispatch
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
+//   gemv       the M = 1 forward on CUDA cores (cuda/gemv_q4k.cu) for the types that have one
+//              (Q4_K), N >= kGemvMinN: bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -12,14 +14,15 @@
 //   fused      the adapter kernels (cuda/adapter_cuda.cu)
 //   reference  the slow reference kernels, when no cuBLAS can be loaded
 //
-// Defaults: quantized products take staged for M <= 16, direct for a forward of 17..32 rows and
+// Defaults: quantized products take gemv where it applies, staged for M <= 16, direct for a forward of 17..32 rows and
 // cublas above (a benchmark run, tools/gpu/kernels.sh, times every path per shape; a rule that
 // depends on the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the rank-r
 // products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
 // Knobs, read on every call so that a benchmark or test can compare paths in one process:
-//   LOWTUNE_CUDA_PATH      staged | direct | cublas: force that path for the quantized products
+//   LOWTUNE_CUDA_PATH      gemv | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
+//   LOWTUNE_CUDA_GEMV_ROWS rows the gemv kernel's warps take at a time: 1 (default) or 2
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
 //   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
@@ -38,11 +41,15 @@
 namespace lowtune::cuda_policy {
 
 enum class Product : int { Forward, InputGrad, Adapter };
-enum class Path : int { Staged, Direct, Cublas, Fused, Reference };
+enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "An M = 1 Q4_K kernel on CUDA
+// cores"): 8-17% faster from N = 6144 rows (K = 4096), within 3% or slower at N = 4096, where the
+// staged kernel's split reduction keeps more CTAs busy (22% faster at 4096x28672).
+constexpr int64_t kGemvMinN = 6144;
 
 inline const char* path_name(Path p) {
   switch (p) {
@@ -51,6 +58,7 @@ inline const char* path_name(Path p) {
     case Path::Cublas: return "cublas";
     case Path::Fused: return "fused";
     case Path::Reference: return "reference";
+    case Path::Gemv: return "gemv";
   }
   return "?";
 }
@@ -70,6 +78,7 @@ struct Call {
   bool act_aligned;  // activation (x or dy) 16-byte aligned
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)
   bool cublas;       // a cuBLAS could be loaded
+  bool gemv = false; // the weight's type and K have an M = 1 CUDA-core kernel
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -84,13 +93,16 @@ inline Path choose(const Call& c) {
   const bool grad = c.product == Product::InputGrad;
   const bool staged_ok = c.half && c.act_aligned && c.out_aligned && c.m >= 1 && c.m <= std::min(small, kStagedMaxM);
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
+  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;  // (the default also asks kGemvMinN)
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
+    if (!std::strcmp(forced, "gemv") && gemv_ok) return Path::Gemv;
     if (!std::strcmp(forced, "staged") && staged_ok) return Path::Staged;
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
+  if (gemv_ok && c.n >= kGemvMinN) return Path::Gemv;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

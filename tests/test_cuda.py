@@ -267,6 +267,43 @@ def test_staged_cluster_split_knob(gen, monkeypatch):
         check_matmul("INT4-g64", torch.float16, gen, "forward", shapes=[(1, 77, 288), (5, 4096, 24)])
 
 
+# ---- the M = 1 Q4_K forward on CUDA cores (csrc/cuda/gemv_q4k.cu) ----------------------------------
+# (N, K in super-blocks of 256): odd N (a warp's second row missing), K of 1..112 super-blocks (a
+# partly used last round, and 112: shared memory above 48 KiB), N beyond one wave of warps.
+GEMV_SHAPES = [(37, 1), (37, 3), (301, 17), (4096, 16), (11008, 16), (64, 43), (65, 112)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", ["1", "2"])
+def test_gemv_q4k_against_float64_and_the_staged_kernel(dtype, rows, gen, monkeypatch):
+    """Plain activations and activations spread over six orders of magnitude with zeros among them
+    (the per-piece power-of-two scaling), against float64 and the staged kernel's result, with one
+    and two rows per warp."""
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", rows)
+    rng = torch.Generator().manual_seed(5)
+    for n, nsb in GEMV_SHAPES:
+        k = 256 * nsb
+        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
+        assert _C.cuda_path("forward", 1, DTYPES[dtype], True, n, k, get_format("Q4_K").type_id) == "gemv"
+        raw = random_blocks("Q4_K", n, k, gen)
+        w64 = dequant_cpu(raw, "Q4_K", n, k).double()
+        raw_gpu = raw.cuda()
+        for wide in (False, True):
+            a = torch.randn(1, k, generator=rng)
+            if wide:
+                a = a * torch.exp(2 * torch.randn(1, k, generator=rng))
+                a[0, ::7] = 0
+            a = a.to(dtype)
+            ref = a.double() @ w64.t()
+            gemv = run_path(_C.cuda_qmatmul_forward, "Q4_K", a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "gemv",
+                            monkeypatch)
+            staged = run_path(_C.cuda_qmatmul_forward, "Q4_K", a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "staged",
+                              monkeypatch)
+            err, err_staged = rel_err(gemv, ref), rel_err(staged, ref)
+            assert err < TOLERANCE[dtype], f"gemv {dtype} N={n} K={k} wide={wide}: {err:.2e}"
+            assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
+
+
 def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):
     """qmatmul and its input gradient captured into one CUDA graph (staged at M = 1 and 16, the
     chunked cuBLAS path with the side stream at M = 100) and replayed on fresh inputs."""

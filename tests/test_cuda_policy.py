@@ -45,3 +45,23 @@ def test_adapter_products_switch_to_cublas_at_64_rows():
 def test_unknown_product_is_an_error():
     with pytest.raises(ValueError, match="forward, input_grad or adapter"):
         _C.cuda_path("backward", 1, BF16, True)
+
+
+def test_one_row_q4_k_forwards_take_the_gemv_kernel(monkeypatch):
+    """From 6144 rows (below, the staged kernel's split reduction is as fast or faster)."""
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
+    monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
+    q4k, n, k = 12, 14336, 4096
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "gemv"
+    assert _C.cuda_path("forward", 1, BF16, True, 6144, k, q4k) == "gemv"
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "staged"
+    assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
+    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "staged"  # Q4_0 has none
+    assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
+    assert _C.cuda_path("forward", 1, BF16, False, n, k, q4k) == "cublas"
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "staged"
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"  # forced: any N
+    assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply

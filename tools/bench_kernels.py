@@ -254,7 +254,8 @@ def bnb_peer(n: int, k: int):
 def our_variants(m: int, kernel: str) -> dict[str, dict]:
     """Named environments to time our call under, for M rows."""
     if m <= 16:
-        return {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "direct": {"LOWTUNE_CUDA_PATH": "direct"}}
+        gemv = {"gemv": {"LOWTUNE_CUDA_PATH": "gemv"}} if m == 1 and kernel == "forward" else {}
+        return {**gemv, "staged": {"LOWTUNE_CUDA_PATH": "staged"}, "direct": {"LOWTUNE_CUDA_PATH": "direct"}}
     if m <= 32 and kernel == "forward":
         return {"direct": {"LOWTUNE_CUDA_PATH": "direct"}, "cublas": {"LOWTUNE_CUDA_PATH": "cublas"}}
     return dict(LARGE_VARIANTS)
@@ -348,10 +349,13 @@ def run_cuda(args) -> int:
                     io = (m * k + m * n) * 2
                     ours = (lambda i: lowtune.qmatmul(x, qts[i % len(qts)])) if fwd else \
                         (lambda i: lowtune.qmatmul_input_grad(dy, qts[i % len(qts)]))
-                    default = _C.cuda_path(kernel, m, 2, True, n, k)
+                    tid = get_format(name).type_id
+                    default = _C.cuda_path(kernel, m, 2, True, n, k, tid)
                     for impl, variant in our_variants(m, kernel).items():
                         with env(variant):
-                            path = _C.cuda_path(kernel, m, 2, True, n, k)
+                            path = _C.cuda_path(kernel, m, 2, True, n, k, tid)
+                            if impl == "gemv" and path != "gemv":
+                                continue  # no M = 1 CUDA-core kernel for this type
                             try:
                                 us = timer(ours)
                                 record(kernel, name, n, k, m, impl, us, wbytes + io, path=path)
@@ -473,19 +477,21 @@ def summarize(paths: list[str], brief: bool = False) -> int:
         r = best.get((kernel, name, n, k, m, impl))
         return None if r is None else r
 
-    ours_impls = ("staged", "direct", "cublas", "overlap", "serial", "chunk64", "whole")
+    ours_impls = ("gemv", "staged", "direct", "cublas", "overlap", "serial", "chunk64", "whole")
     fails = []
     rows = sorted({(r["type"], r["n"], r["k"], r["m"]) for r in ent if r["impl"] in ours_impls})
     small = [t for t in rows if t[3] <= 16]
     big = [t for t in rows if t[3] > 32]
     if small:
-        print("\nsmall M: µs (staged/direct), staged %BW; ×cuBLAS bf16 and ×tinygemm = their time / staged's; "
-              "input grad / forward time")
-        print("| type | N×K | M | fwd staged | fwd direct | %BW | ×cuBLAS | ×tinygemm | ig staged | ig direct | %BW | ig/fwd |")
+        print("\nsmall M: µs (staged or, at M = 1 where the type has one, gemv / direct), its %BW; ×cuBLAS bf16 and "
+              "×tinygemm = their time / ours; input grad / forward time")
+        print("| type | N×K | M | fwd staged/gemv | fwd direct | %BW | ×cuBLAS | ×tinygemm | ig staged | ig direct | %BW | ig/fwd |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         others: dict = {}
         for name, n, k, m in small:
             f_s, f_d = get("forward", name, n, k, m, "staged"), get("forward", name, n, k, m, "direct")
+            f_g = get("forward", name, n, k, m, "gemv")
+            f_s = f_g if f_g and (not f_s or f_g["us"] < f_s["us"]) else f_s
             if brief and name not in TYPES:
                 if m == 1:
                     i_s = get("input_grad", name, n, k, m, "staged")

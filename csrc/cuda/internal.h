@@ -61,6 +61,12 @@ template <int T>
 void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
                               int64_t row_bytes, cudaStream_t stream);
 
+// The M = 1 Q4_K forward on CUDA cores (gemv_q4k.cu), bf16/fp16 activations; x, w 16-byte
+// aligned. fits: K is whole super-blocks and x's shared-memory form fits one CTA.
+bool gemv_q4k_fits(int64_t k);
+void launch_gemv_q4k(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
+                     cudaStream_t stream);
+
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
 // Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB

@@ -2,6 +2,7 @@
 //
 //   dequantize           the tiled unpack kernel, bit-identical to the CPU twin
 //   forward/input grad   the path cuda_policy::choose names (cuda_policy.h):
+//     gemv               the M = 1 Q4_K forward on CUDA cores (gemv_q4k.cu)
 //     staged             the staged small-M kernels (staged_gemv.cuh), M <= 16
 //     direct             the first small-M kernels (small_m.cuh)
 //     cublas             W is dequantized in chunks of rows (forward) or columns (input grad) into
@@ -263,9 +264,10 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       });
 }
 
-cuda_policy::Path choose_path(cuda_policy::Product product, int dtype, int64_t m, int64_t n, int64_t k,
+cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
                               const void* act, const void* out) {
-  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available()});
+  const bool gemv = product == cuda_policy::Product::Forward && m == 1 && qtype == T_Q4_K && gemv_q4k_fits(k);
+  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv});
 }
 
 }  // namespace
@@ -354,7 +356,10 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::Forward, dtype, m, n, k, x, y)) {
+  switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
+    case cuda_policy::Path::Gemv:
+      launch_gemv_q4k(x, dtype, wb, y, n, k, row_bytes, s);
+      break;
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
@@ -381,7 +386,7 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::InputGrad, dtype, m, n, k, dy, dx)) {
+  switch (choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx)) {
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
       break;

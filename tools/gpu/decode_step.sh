@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU call on the CUDA decode step: build, every CUDA test of the suite, the M = 1 products of
-# a 7B decode step (Q4_K, and Q4_0 as a type without the gemv kernel) with peers, the decode benchmark
+# a 7B decode step (tools/gpu/gemv_q4k.py; tools/bench_kernels.py for Q4_K, and Q4_0 as a type
+# without the gemv kernel, with peers), the decode benchmark
 # (tools/bench_kernels.py --decode: its DECODE_VARIANTS) and tools/gpu/profile_decode.py, and, when
 # PREV names a tree of an earlier commit's python/ and tools/ (e.g. from `git archive`), the same
-# benchmark and profile of that code on this build in the same call (with the staged kernels it ran).
+# benchmark of that code on this build in the same call (with the staged kernels it ran).
 #   OUT=dir [PREV=dir] bash tools/gpu/decode_step.sh
 cd "$(dirname "$0")/../.."
 set -uo pipefail
@@ -15,6 +16,7 @@ build_cuda $out/build.log || exit 1
 stage tests 60 ${TEST_S:-240} $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
   -n 4 --dist loadfile tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -20
+stage gemv_q4k 60 120 $py tools/gpu/gemv_q4k.py --out $out/gemv_q4k.jsonl
 stage kernels 60 150 $py tools/bench_kernels.py --device cuda --types Q4_K,Q4_0 --ms 1 --kernels forward \
   --shapes 4096x4096,12288x4096,22016x4096,4096x11008,14336x4096,4096x14336 --peers tinygemm,cublas_bf16 \
   --warmup-s 0.5 --reps 3 --out $out/kernels.jsonl
@@ -26,6 +28,5 @@ stage decode_staged 40 90 env LOWTUNE_CUDA_PATH=staged $py tools/bench_kernels.p
 if [ -n "${PREV:-}" ]; then
   cp python/lowtune/_C*.so "$PREV/python/lowtune/"
   stage decode_prev 40 90 env LOWTUNE_CUDA_PATH=staged PYTHONPATH=$PREV/python $py $PREV/tools/bench_kernels.py --device cuda --decode --warmup-s 1 --out $out/decode_prev.jsonl
-  stage profile_prev 40 90 env LOWTUNE_CUDA_PATH=staged PYTHONPATH=$PREV/python $py $PREV/tools/gpu/profile_decode.py --out $out/profile_prev.json
 fi
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && mv "$out.tgz" "$out/all.tgz"
