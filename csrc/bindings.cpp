@@ -229,9 +229,16 @@ PYBIND11_MODULE(_C, m) {
                            ptr<float>(du), ptr<void>(stream));
   }, nogil());
   m.def("cuda_rms_norm", [](uintptr_t x, int dt, uintptr_t w, uintptr_t y, int64_t rows, int64_t dim, float eps,
-                            uintptr_t stream) {
-    cuda::rms_norm(ptr<const void>(x), dt, ptr<const float>(w), ptr<void>(y), rows, dim, eps, ptr<void>(stream));
-  }, nogil());
+                            uintptr_t stream, uintptr_t r, uintptr_t s) {
+    cuda::rms_norm(ptr<const void>(x), dt, ptr<const float>(w), ptr<void>(y), rows, dim, eps, ptr<void>(stream),
+                   ptr<const void>(r), ptr<void>(s));
+  }, py::arg("x"), py::arg("dtype"), py::arg("w"), py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("eps"),
+     py::arg("stream"), py::arg("r") = 0, py::arg("s") = 0, nogil(),
+     "RMSNorm of rows x dim; with r (a residual, same shape), x + r is written to s and normalized.");
+  m.def("cuda_rms_norm_vectorized", [](int dt, int64_t dim, uintptr_t x, uintptr_t r, uintptr_t y, uintptr_t s) {
+    return cuda::rms_norm_vectorized(dt, dim, ptr<const void>(x), ptr<const void>(r), ptr<const void>(y),
+                                     ptr<const void>(s));
+  });
   m.def("cuda_rope", [](uintptr_t x, int dt, uintptr_t rot, uintptr_t y, int64_t b, int64_t h, int64_t t,
                         int64_t hd, int64_t d, int64_t sb, int64_t sh, int64_t st, bool neox, uintptr_t stream) {
     cuda::rope(ptr<const void>(x), dt, ptr<const float>(rot), ptr<void>(y), b, h, t, hd, d, sb, sh, st, neox,

@@ -5,7 +5,10 @@
 // formulas these kernels are tested against (tests/test_glue_cuda.py) and picks between them.
 //
 // Activations x, y, g, u are D_F32, D_F16 or D_BF16, all of one dtype; arithmetic is fp32.
-//   rms_norm: y[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w   (rows x dim, contiguous)
+//   rms_norm: y[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w   (rows x dim, contiguous); with
+//             a residual r (rows x dim), x + r rounded to the dtype is written to s and normalized
+//             (a layer's residual add and the next norm: one kernel). rms_norm_vectorized says
+//             whether the one-read vector kernel takes a call (which a residual needs).
 //   rope:     y = x with its first d dims of every head rotated by the tables rot [2, T, d]
 //             (C, S; fp32, contiguous), y[i] = x[i]·C[t, i] + x[swap(i)]·S[t, i], swap pairing
 //             2j <-> 2j+1 (neox = false) or j <-> j ± d/2 (neox = true); each product and the sum
@@ -30,7 +33,8 @@ struct RopeStoreGeom {
 void rope_store(const RopeStoreGeom& g, const void* q, const void* k, const void* v, int dtype, const float* rot,
                 void* q_out, void* k_cache, void* v_cache, const int64_t* pos, void* stream);
 void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps,
-              void* stream);
+              void* stream, const void* r = nullptr, void* s = nullptr);
+bool rms_norm_vectorized(int dtype, int64_t dim, const void* x, const void* r, const void* y, const void* s);
 void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_t h, int64_t t, int64_t hd,
           int64_t d, int64_t sb, int64_t sh, int64_t st, bool neox, void* stream);
 void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void* stream);

@@ -46,3 +46,12 @@ def test_rope_store_writes_the_rotated_keys_and_the_values_at_pos():
     assert torch.equal(got, glue_ops.rope(q, rot, "neox"))
     assert torch.equal(kc[:, :, 3:4], glue_ops.rope(k, rot, "neox")) and torch.equal(vc[:, :, 3:4], v)
     assert kc[:, :, [0, 1, 2, 4, 5]].abs().sum() == 0 and vc[:, :, [0, 1, 2, 4, 5]].abs().sum() == 0
+
+
+def test_add_rms_norm_is_the_add_then_the_norm():
+    g = torch.Generator().manual_seed(2)
+    x, r = torch.randn(3, 16, generator=g).to(torch.bfloat16), torch.randn(3, 16, generator=g).to(torch.bfloat16)
+    w = torch.rand(16, generator=g) + 0.5
+    with torch.no_grad():
+        s, y = glue_ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, x + r) and torch.equal(y, glue_ops.rms_norm(x + r, w, 1e-6))

@@ -1,5 +1,5 @@
 """The fused glue kernels (csrc/glue_kernels.h) against the torch formulas of lowtune.glue_ops:
-RoPE (alone and with the KV-cache write) and the gated product bit for bit, RMSNorm within one rounding of the output dtype (its sum
+RoPE (alone and with the KV-cache write), the residual add and the gated product bit for bit, RMSNorm within one rounding of the output dtype (its sum
 of squares adds in another order); and a model's no-grad logits with the kernels against the
 formulas. Inputs are strided as the decoder layer passes them (q, k transposed views)."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ def calls_kernel(monkeypatch, name: str) -> list:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [(1, 4096), (7, 576), (3, 100), (33, 64)])
+@pytest.mark.parametrize("rows,dim", [(1, 4096), (7, 576), (3, 100), (33, 64), (2, 8192), (2, 9000)])
 @torch.no_grad()
 def test_rms_norm(dtype, rows, dim, monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(rows * dim)
@@ -49,6 +49,27 @@ def test_rms_norm(dtype, rows, dim, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
     if dtype != torch.float32:  # fp32 keeps the sum's last bits; one rounding to 16 bits mostly hides them
         assert (got != want).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 4096), (5, 576), (2, 8192), (3, 100), (1, 9000)])
+@torch.no_grad()
+def test_add_rms_norm(dtype, rows, dim, monkeypatch):
+    """The residual add bit for bit, its norm within one rounding; rows the vector kernel cannot
+    take (not whole 16-byte vectors, or more than 1024 of them) run the formulas."""
+    per = 16 // torch.tensor([], dtype=dtype).element_size()
+    fused = dim % per == 0 and dim // per <= 1024
+    g = torch.Generator(device="cuda").manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, device="cuda", generator=g) * 3).to(dtype)
+    r = torch.randn(rows, dim, device="cuda", generator=g).to(dtype)
+    w = 1 + 0.1 * torch.randn(dim, device="cuda", generator=g)
+    seen = calls_kernel(monkeypatch, "cuda_rms_norm")
+    s, y = glue_ops.add_rms_norm(x, r, w, 1e-5)
+    assert len(seen) == 1 and (len(seen[0]) == 10) == fused  # the residual's two pointers passed
+    want_s, want_y = formula(glue_ops.add_rms_norm, x, r, w, 1e-5)
+    assert torch.equal(s, want_s)
+    ulp = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    torch.testing.assert_close(y.float(), want_y.float(), rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

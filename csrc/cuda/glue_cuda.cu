@@ -51,6 +51,61 @@ __device__ __forceinline__ T rotated(const T* x, int64_t e, const float* rot, in
   return f_to_act<T>(__fadd_rn(__fmul_rn(act_to_f(x[e]), c), __fmul_rn(act_to_f(x[sw]), s)));
 }
 
+// Rows whose dim is a multiple of 16 bytes' worth of elements and at most kNormThreads * 4 of
+// them: each thread keeps its (at most four) 16-byte pieces of the row in registers, so the row
+// is read once, with vector loads. With r: s = x + r rounded to T (torch's residual add) is
+// written out and normalized.
+template <class T, int V>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ r,
+                                                                    const float* __restrict__ w, T* __restrict__ y,
+                                                                    T* __restrict__ s, int64_t dim, float eps) {
+  constexpr int E = 16 / (int)sizeof(T);
+  __shared__ float part[kNormThreads / 32];
+  const int64_t off = (int64_t)blockIdx.x * dim;
+  float v[V][E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int64_t e0 = ((int64_t)i * kNormThreads + threadIdx.x) * E;
+    if (e0 >= dim) break;
+    uint4 xv = *reinterpret_cast<const uint4*>(x + off + e0);
+    const T* xe = reinterpret_cast<const T*>(&xv);
+    if (r != nullptr) {
+      const uint4 rv = *reinterpret_cast<const uint4*>(r + off + e0);
+      const T* re = reinterpret_cast<const T*>(&rv);
+      uint4 sv;
+      T* se = reinterpret_cast<T*>(&sv);
+#pragma unroll
+      for (int e = 0; e < E; ++e) se[e] = f_to_act<T>(__fadd_rn(act_to_f(xe[e]), act_to_f(re[e])));
+      *reinterpret_cast<uint4*>(s + off + e0) = sv;
+      xv = sv;
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      v[i][e] = act_to_f(xe[e]);
+      ss = fmaf(v[i][e], v[i][e], ss);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
+  const float rstd = rsqrtf(total / (float)dim + eps);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int64_t e0 = ((int64_t)i * kNormThreads + threadIdx.x) * E;
+    if (e0 >= dim) break;
+    uint4 yv;
+    T* ye = reinterpret_cast<T*>(&yv);
+#pragma unroll
+    for (int e = 0; e < E; ++e) ye[e] = f_to_act<T>(__fmul_rn(__fmul_rn(v[i][e], rstd), w[e0 + e]));
+    *reinterpret_cast<uint4*>(y + off + e0) = yv;
+  }
+}
+
 // One thread per element of y.
 template <class T>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ rot, T* __restrict__ y, int64_t total,
@@ -112,13 +167,32 @@ unsigned grid_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) 
 
 }  // namespace
 
-void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps, void* stream) {
+bool rms_norm_vectorized(int dtype, int64_t dim, const void* x, const void* r, const void* y, const void* s) {
+  const int64_t e = dtype == D_F32 ? 4 : 8;  // elements per 16 bytes
+  const auto a16 = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return dim > 0 && dim % e == 0 && dim <= kNormThreads * e * 4 && a16(x) && a16(r) && a16(y) && a16(s);
+}
+
+void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps, void* stream,
+              const void* r, void* s) {
   if (rows == 0) return;
   if (dim <= 0) throw std::invalid_argument("rms_norm: dim must be positive");
+  const bool vec = rms_norm_vectorized(dtype, dim, x, r, y, s);
+  if (r != nullptr && !vec)
+    throw std::invalid_argument("rms_norm with a residual needs 16-byte aligned rows of at most 1024 vectors");
+  const auto st = static_cast<cudaStream_t>(stream);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_kernel<T><<<(unsigned)rows, kNormThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), w, static_cast<T*>(y), dim, eps);
+    const T *xt = static_cast<const T*>(x), *rt = static_cast<const T*>(r);
+    T *yt = static_cast<T*>(y), *sv = static_cast<T*>(s);
+    if (!vec) {
+      rms_norm_kernel<T><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, w, yt, dim, eps);
+      return;
+    }
+    const int64_t per = (dim / (16 / (int64_t)sizeof(T)) + kNormThreads - 1) / kNormThreads;  // vectors per thread
+    if (per <= 1) rms_norm_vec_kernel<T, 1><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
+    else if (per == 2) rms_norm_vec_kernel<T, 2><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
+    else rms_norm_vec_kernel<T, 4><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
   });
   LT_CUDA_CHECK_LAUNCH();
 }

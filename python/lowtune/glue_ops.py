@@ -2,6 +2,7 @@
 formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
 
     rms_norm(x, w, eps)        x / sqrt(mean(x²) + eps) · w over the last dim, in fp32, in x's dtype
+    add_rms_norm(x, r, w, eps) (x + r, rms_norm(x + r)): a residual add and the norm after it
     rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
     rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
@@ -48,6 +49,22 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
                          x.shape[-1], float(eps), _stream(x.device))
         return y
     return F.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + r, rms_norm(x + r, w, eps)): a residual add and the norm after it, one kernel on CUDA
+    without autograd where the rows suit the vector kernel (16-byte aligned, at most 1024 vectors)."""
+    if _fused(x, r) and x.shape == r.shape and w.dtype == torch.float32 and w.is_cuda and x.shape[-1] > 0 \
+            and w.shape == x.shape[-1:] and w.is_contiguous():
+        xc, rc = x.contiguous(), r.contiguous()
+        s, y = torch.empty_like(xc), torch.empty_like(xc)
+        dt, dim = ACT_DTYPES[x.dtype], x.shape[-1]
+        if _C.cuda_rms_norm_vectorized(dt, dim, xc.data_ptr(), rc.data_ptr(), y.data_ptr(), s.data_ptr()):
+            _C.cuda_rms_norm(xc.data_ptr(), dt, w.data_ptr(), y.data_ptr(), xc.numel() // dim, dim, float(eps),
+                             _stream(x.device), rc.data_ptr(), s.data_ptr())
+            return s, y
+    s = x + r
+    return s, rms_norm(s, w, eps)
 
 
 def rope(x: Tensor, rot: Tensor, style: str = "norm") -> Tensor:

@@ -283,6 +283,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return glue_ops.rms_norm(x, self.weight, self.eps)
 
+    def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + a, this norm of x + a): a residual add and the norm that follows it."""
+        return glue_ops.add_rms_norm(x, a, self.weight, self.eps)
+
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap · tanh(x / cap) (Gemma's soft-capping); x itself when cap is 0."""
@@ -478,8 +482,7 @@ class DecoderLayer(nn.Module):
             mask = cache.attn_mask
         attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
-        x = x + (self.post_attention_norm(a) if fam.post_norms else a)
-        h = self.ffn_norm(x)
+        x, h = self.ffn_norm.after_residual(x, self.post_attention_norm(a) if fam.post_norms else a)
         m = self.ffn_down(glue_ops.gated(self.activation, *self._products(h, self.PRODUCT_GROUPS[1])))
         return x + (self.post_ffw_norm(m) if fam.post_norms else m)
 
