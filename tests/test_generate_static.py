@@ -119,6 +119,12 @@ def test_grouped_products_share_the_storage_and_give_the_same_logits(monkeypatch
     # q's adapter ends the q/k/v group's use (k and v run on their own); gate+up stays grouped
     assert qkv.weight.shape not in seen and seen.count(parts[1].weight.shape) == 2 * len(model.layers)
     assert layer.grouped[("ffn_gate", "ffn_up")].weight.shape in seen
+    other = model.layers[1]
+    other.ffn_up.raw = other.ffn_up.raw.clone()  # a part given new bytes (as a merge may) ends its group's use
+    seen.clear()
+    with torch.no_grad():
+        model(ids)
+    assert seen.count(other.grouped[("ffn_gate", "ffn_up")].weight.shape) == 1  # layer 0's only
     model.float()
     assert all(lay.grouped == {} for lay in model.layers)  # .to()/.float() drop the groups
 

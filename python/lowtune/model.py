@@ -437,17 +437,20 @@ class DecoderLayer(nn.Module):
             self.grouped[names] = QLinear(QTensor(raw, first.format, (rows, first.in_features)), "+".join(names), bias)
 
     def _group(self, names: tuple[str, ...]) -> QLinear | None:
-        """The grouped linear of `names` if it still holds the parts' storage, in inference."""
+        """The grouped linear of `names` if every part is still a view of its storage (bytes and
+        bias), in inference."""
         g = self.grouped.get(names)
         if g is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        parts = [getattr(self, n) for n in names]
-        if type(parts[0]) is not QLinear or parts[0].raw.data_ptr() != g.raw.data_ptr() or not all(
-                type(p) is QLinear and p.raw.device == g.raw.device for p in parts):
-            return None
-        last = parts[-1]
-        if last.raw.data_ptr() + last.raw.numel() != g.raw.data_ptr() + g.raw.numel():
-            return None
+        row = 0
+        for n in names:
+            p = getattr(self, n)
+            if type(p) is not QLinear or p.raw.device != g.raw.device \
+                    or p.raw.data_ptr() != g.raw[row:].data_ptr() or p.raw.shape != g.raw[row:row + p.out_features].shape:
+                return None
+            if g.bias is not None and (p.bias is None or p.bias.data_ptr() != g.bias[row:].data_ptr()):
+                return None
+            row += p.out_features
         return g
 
     def _apply(self, fn, recurse=True):
