@@ -15,12 +15,25 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
+// The sum of v over the kNormThreads threads of a CTA, the same in every thread (warp sums, then the
+// warps' sums in a fixed order).
+__device__ __forceinline__ float cta_sum(float v) {
+  __shared__ float part[kNormThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
+  return total;
+}
+
 // One CTA per row: the sum of squares over the row, then the scaled row (the second pass reads
 // the row again, from L1/L2).
 template <class T>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ w,
                                                                 T* __restrict__ y, int64_t dim, float eps) {
-  __shared__ float part[kNormThreads / 32];
   const T* xr = x + blockIdx.x * dim;
   T* yr = y + blockIdx.x * dim;
   float s = 0.0f;
@@ -28,14 +41,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
     const float v = act_to_f(xr[i]);
     s = fmaf(v, v, s);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
-  const float rstd = rsqrtf(total / (float)dim + eps);
+  const float rstd = rsqrtf(cta_sum(s) / (float)dim + eps);
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads)
     yr[i] = f_to_act<T>(__fmul_rn(__fmul_rn(act_to_f(xr[i]), rstd), w[i]));
 }
@@ -60,7 +66,6 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __r
                                                                     const float* __restrict__ w, T* __restrict__ y,
                                                                     T* __restrict__ s, int64_t dim, float eps) {
   constexpr int E = 16 / (int)sizeof(T);
-  __shared__ float part[kNormThreads / 32];
   const int64_t off = (int64_t)blockIdx.x * dim;
   float v[V][E];
   float ss = 0.0f;
@@ -86,14 +91,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __r
       ss = fmaf(v[i][e], v[i][e], ss);
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
-  const float rstd = rsqrtf(total / (float)dim + eps);
+  const float rstd = rsqrtf(cta_sum(ss) / (float)dim + eps);
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int64_t e0 = ((int64_t)i * kNormThreads + threadIdx.x) * E;
