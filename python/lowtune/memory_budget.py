@@ -83,9 +83,13 @@ def prepare_process(environ: MutableMapping[str, str] | None = None) -> dict:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         torch = sys.modules.get("torch")
         if environ is None and torch is not None and torch.cuda.is_initialized():
-            try:   # the allocator has read the environment already: tell it directly
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-            except (AttributeError, RuntimeError):
+            # the allocator has read the environment already: tell it directly (torch 2.11 names
+            # the setter _accelerator_setAllocatorSettings and warns on the older one)
+            setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+                or torch.cuda.memory._set_allocator_settings
+            try:
+                setter("expandable_segments:True")
+            except (AttributeError, RuntimeError, TypeError):
                 pass
     env.setdefault("CUBLAS_WORKSPACE_CONFIG", f":{mb * 1024}:1" if mb else ":0:0")
     env.setdefault("CUBLASLT_WORKSPACE_SIZE", str(mb * 1024))
