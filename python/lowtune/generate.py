@@ -9,8 +9,9 @@ The prompt is run once (prefill), then one token per step against the cached key
 GPU (layers not streamed, no sliding-window layers) each step replays a captured CUDA graph
 (StepDecoder): the per-token host work of launching a few hundred kernels is paid once per
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
-never waits for the host between them. On the CPU a plain Llama decodes through one compiled call per
-token (lowtune._C.CpuDecoder, see cpu_decoder); anything else decodes through the model's forward.
+never waits for the host between them. On the CPU a plain Llama decodes through one compiled call
+per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else decodes through the model's
+forward.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ class StaticKVCache(KVCache):
     the position written is the device tensor `pos`, and attention reads the first `window`
     positions under an additive mask of the filled ones (attn_mask: 0 where filled, -inf after).
     So one captured CUDA graph serves every step inside a window. The prompt (any number of
-    tokens) goes through KVCache.update."""
+    tokens) goes through KVCache.store."""
 
     def __init__(self, config, max_len: int, device, dtype: torch.dtype):
         super().__init__(config, 1, max_len, device, dtype)
