@@ -153,6 +153,17 @@ def test_greedy_chain_matches_step_by_step_argmax():
         again.greedy(first, 40)
 
 
+def test_generate_through_the_step_decoder_gives_the_plain_paths_tokens():
+    """generate(graphs=True) on the CPU takes StepDecoder's chained greedy steps (no graphs there):
+    the tokens of the plain KV-cache path, stopping after a stop token."""
+    model = tiny_model("cpu")
+    prompt = [3, 1, 4, 1, 5]
+    want = generate(model, prompt, 30, graphs=False)
+    assert generate(model, prompt, 30, graphs=True) == want
+    stop = want[9]
+    assert generate(model, prompt, 30, graphs=True, stop_ids={stop}) == want[:want.index(stop) + 1]
+
+
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_greedy_chain_with_graphs_matches_eager_steps(monkeypatch):
