@@ -39,10 +39,15 @@ def _fused(*ts: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _norm_weight_fits(x: Tensor, w: Tensor) -> bool:
+    """Whether the RMSNorm kernels take w for rows of x: fp32 on CUDA, contiguous, one per column."""
+    return w.dtype == torch.float32 and w.is_cuda and x.shape[-1] > 0 and w.shape == x.shape[-1:] \
+        and w.is_contiguous()
+
+
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x²) + eps) · w over the last dim, computed in fp32 and returned in x's dtype."""
-    if _fused(x) and w.dtype == torch.float32 and w.is_cuda and x.shape[-1] > 0 \
-            and w.shape == x.shape[-1:] and w.is_contiguous():
+    if _fused(x) and _norm_weight_fits(x, w):
         xc = x.contiguous()
         y = torch.empty_like(xc)
         _C.cuda_rms_norm(xc.data_ptr(), ACT_DTYPES[x.dtype], w.data_ptr(), y.data_ptr(), xc.numel() // x.shape[-1],
@@ -54,8 +59,7 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
 def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x + r, rms_norm(x + r, w, eps)): a residual add and the norm after it, one kernel on CUDA
     without autograd where the rows suit the vector kernel (16-byte aligned, at most 1024 vectors)."""
-    if _fused(x, r) and x.shape == r.shape and w.dtype == torch.float32 and w.is_cuda and x.shape[-1] > 0 \
-            and w.shape == x.shape[-1:] and w.is_contiguous():
+    if _fused(x, r) and x.shape == r.shape and _norm_weight_fits(x, w):
         xc, rc = x.contiguous(), r.contiguous()
         s, y = torch.empty_like(xc), torch.empty_like(xc)
         dt, dim = ACT_DTYPES[x.dtype], x.shape[-1]
