@@ -38,6 +38,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "blocks.h"  // the type ids
+
 namespace lowtune::cuda_policy {
 
 enum class Product : int { Forward, InputGrad, Adapter };
@@ -50,6 +52,8 @@ constexpr int64_t kAdapterCublasMinRows = 64;
 // cores"): 8-17% faster from N = 6144 rows (K = 4096), within 3% or slower at N = 4096, where the
 // staged kernel's split reduction keeps more CTAs busy (22% faster at 4096x28672).
 constexpr int64_t kGemvMinN = 6144;
+// The types with an M = 1 CUDA-core kernel (cuda/gemv_q4k.cu).
+inline bool has_gemv(int qtype) { return qtype == T_Q4_K; }
 
 inline const char* path_name(Path p) {
   switch (p) {
@@ -78,7 +82,7 @@ struct Call {
   bool act_aligned;  // activation (x or dy) 16-byte aligned
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)
   bool cublas;       // a cuBLAS could be loaded
-  bool gemv = false; // the weight's type and K have an M = 1 CUDA-core kernel
+  bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {

@@ -233,11 +233,14 @@ int resident_ctas(size_t smem) {
 }  // namespace
 
 bool gemv_q4k_fits(int64_t k) {
-  int dev = 0, limit = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+  // asked for every Q4_K product: the device's shared-memory limit is read once per device
+  constexpr int kMaxDevices = 64;
+  static int limits[kMaxDevices] = {};  // 0: not read yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  if (!limits[dev] && cudaDeviceGetAttribute(&limits[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     return false;
-  return k > 0 && k % 256 == 0 && gemv_smem_bytes(k) <= (size_t)limit;
+  return k > 0 && k % 256 == 0 && gemv_smem_bytes(k) <= (size_t)limits[dev];
 }
 
 void launch_gemv_q4k(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,

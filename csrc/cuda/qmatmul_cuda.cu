@@ -266,7 +266,7 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
 
 cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
                               const void* act, const void* out) {
-  const bool gemv = product == cuda_policy::Product::Forward && m == 1 && qtype == T_Q4_K && gemv_q4k_fits(k);
+  const bool gemv = cuda_policy::has_gemv(qtype) && gemv_q4k_fits(k);
   return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv});
 }
 
