@@ -7,10 +7,7 @@
 cd "$(dirname "$0")/../.."
 set -uo pipefail
 source tools/gpu/common.sh
-out=${OUT:-cluster_split}; mkdir -p "$out"
-budget_from 520
-carried_wheels $out/wheels.log
-build_cuda $out/build.log || exit 1
+begin_call cluster_split 520 || exit 1
 stage tests 30 100 $py -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_policy.py tests/test_glue_cuda.py
 {
 for e in Q4_K:4096x4096:1 Q4_K:4096x4096:8 Q4_1:4096x4096:1 Q4_K:4096x14336:1 INT4-g64:4096x14336:1 Q4_K:14336x4096:1; do

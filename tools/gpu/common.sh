@@ -7,6 +7,9 @@
 #   build_cuda LOG [LIMIT]  lowtune._C in place with the CUDA kernels, for sm_90 unless
 #                           LOWTUNE_CUDA_ARCHITECTURES says otherwise (incremental on a warm machine)
 #   budget_from SECONDS     starts the clock of a time budget: `left` then prints the seconds left
+#   begin_call NAME SECONDS the start of a one-call script: out=${OUT:-NAME} created, the budget
+#                           (BUDGET_S overrides SECONDS) started, the carried wheels installed and
+#                           lowtune._C built (unless BUILD=0); returns non-zero if the build failed
 #   stage NAME NEED LIMIT CMD...
 #                           runs CMD with at most LIMIT seconds (and no more than are left), its
 #                           output in $logs/NAME.log (logs defaults to $out), the tail shown; skipped
@@ -32,6 +35,14 @@ build_cuda() {
 }
 
 budget_from() { budget=$1; budget_start=$SECONDS; }
+
+begin_call() {
+  out=${OUT:-$1}
+  mkdir -p "$out"
+  budget_from "${BUDGET_S:-$2}"
+  carried_wheels "$out/wheels.log"
+  if [ "${BUILD:-1}" = 1 ]; then build_cuda "$out/build.log" || return 1; fi
+}
 left() { echo $((budget - (SECONDS - budget_start))); }
 
 stage() {

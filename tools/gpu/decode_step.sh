@@ -9,10 +9,7 @@
 cd "$(dirname "$0")/../.."
 set -uo pipefail
 source tools/gpu/common.sh
-out=${OUT:-decode_step}; mkdir -p "$out"
-budget_from 540
-carried_wheels $out/wheels.log
-build_cuda $out/build.log || exit 1
+begin_call decode_step 540 || exit 1
 stage tests 60 ${TEST_S:-240} $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
   -n 4 --dist loadfile tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -20

@@ -8,11 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-out=${OUT:-ncu_small_m}
-mkdir -p "$out"
-budget_from "${BUDGET_S:-480}"
-carried_wheels "$out/wheels.log"
-if [ "${BUILD:-1}" = 1 ]; then build_cuda "$out/build.log" || exit 1; fi
+begin_call ncu_small_m 480 || exit 1
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 entries=${ENTRIES:-"Q4_K:14336x4096:1:forward Q4_1:14336x4096:1:forward INT4-g64:14336x4096:1:forward Q4_K:4096x4096:1:forward Q4_K:14336x4096:16:forward Q4_K:14336x4096:1:input_grad"}
 sections=${SECTIONS:-"SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis InstructionStats"}

@@ -8,11 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-out=${OUT:-small_m_iter}
-mkdir -p "$out"
-budget_from "${BUDGET_S:-540}"
-carried_wheels "$out/wheels.log"
-build_cuda "$out/build.log" || exit 1
+begin_call small_m_iter 540 || exit 1
 # ENV_VARIANTS: environments to time each entry under (e.g. "LOWTUNE_CUDA_PATH=staged LOWTUNE_CUDA_PATH=direct"),
 # for comparing kernel variants built side by side; the tests run under each.
 variants=${ENV_VARIANTS:-"LOWTUNE_CUDA_PATH=staged"}
