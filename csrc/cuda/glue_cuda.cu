@@ -167,8 +167,8 @@ unsigned grid_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) 
 
 bool rms_norm_vectorized(int dtype, int64_t dim, const void* x, const void* r, const void* y, const void* s) {
   const int64_t e = dtype == D_F32 ? 4 : 8;  // elements per 16 bytes
-  const auto a16 = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return dim > 0 && dim % e == 0 && dim <= kNormThreads * e * 4 && a16(x) && a16(r) && a16(y) && a16(s);
+  return dim > 0 && dim % e == 0 && dim <= kNormThreads * e * 4 && aligned16(x) && aligned16(r) && aligned16(y) &&
+         aligned16(s);  // (r and s may be null: no residual)
 }
 
 void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, int64_t dim, float eps, void* stream,

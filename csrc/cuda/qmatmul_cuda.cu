@@ -63,8 +63,6 @@ using cuda_policy::ChunkPlan;
 using cuda_policy::env_int;
 using cuda_policy::plan_chunks;
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 int cuda_data_type(int dtype) {  // cudaDataType values (library_types.h)
   switch (dtype) {
     case D_F32: return 0;   // CUDA_R_32F
