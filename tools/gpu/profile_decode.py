@@ -26,8 +26,8 @@ from lowtune.generate import StepDecoder  # noqa: E402
 
 def group_of(name: str) -> str:
     n = name.lower()
-    if any(k in n for k in ("rms_norm_kernel", "rope_kernel", "rope_store_kernel", "silu_mul_kernel")):
-        return "other"  # lowtune's fused glue (csrc/glue_kernels.h)
+    if any(k in n for k in ("rms_norm", "rope", "silu_mul")):
+        return "other"  # lowtune's fused glue (csrc/glue_kernels.h), every variant of its kernels
     if "lowtune::" in n:
         return "quantized products"
     if "sdpa" in n or "attention" in n or "fmha" in n or "flash" in n or "lean_reduction" in n:
