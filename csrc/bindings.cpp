@@ -87,7 +87,7 @@ PYBIND11_MODULE(_C, m) {
                         int qtype) {
     namespace cp = cuda_policy;
     const cp::Product p = cp::product_from_name(product);
-    const bool gemv = cp::has_gemv(qtype);  // (the kernel's K limit is not asked)
+    const bool gemv = cp::has_gemv(qtype);  // (the kernel's shared-memory limit on K is not asked)
     const cp::Call call{p, M, N, K, dtype != D_F32, aligned, aligned, true, gemv};
     return std::string(cp::path_name(cp::choose(call)));
   }, py::arg("product"), py::arg("m"), py::arg("dtype"), py::arg("aligned"), py::arg("n") = 0, py::arg("k") = 0,
@@ -95,6 +95,8 @@ PYBIND11_MODULE(_C, m) {
      "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
      "rows in dtype against an N x K weight (0: unknown) of type qtype (-1: unknown), operands "
      "aligned or not, where cuBLAS is available: 'gemv', 'staged', 'direct', 'cublas' or 'fused'.");
+  m.def("cuda_has_gemv", &cuda_policy::has_gemv, py::arg("qtype"),
+        "Whether the type has the M = 1 CUDA-core kernel (its values an affine map of small codes).");
   m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {
     namespace cp = cuda_policy;
     return cp::cublas_scratch_bytes(cp::product_from_name(product), M, N, K, dtype == D_F32 ? 4 : 2);

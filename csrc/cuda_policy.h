@@ -3,8 +3,8 @@
 // adapter products (adapter_kernels.h). Plain C++ (no CUDA headers): the CUDA dispatch
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
-//   gemv       the M = 1 forward on CUDA cores (cuda/gemv_q4k.cu) for the types that have one
-//              (Q4_K), N >= kGemvMinN: bf16/fp16, operands 16-byte aligned
+//   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
+//              (has_gemv), N >= kGemvMinN: bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -52,8 +52,16 @@ constexpr int64_t kAdapterCublasMinRows = 64;
 // cores"): 8-17% faster from N = 6144 rows (K = 4096), within 3% or slower at N = 4096, where the
 // staged kernel's split reduction keeps more CTAs busy (22% faster at 4096x28672).
 constexpr int64_t kGemvMinN = 6144;
-// The types with an M = 1 CUDA-core kernel (cuda/gemv_q4k.cu).
-inline bool has_gemv(int qtype) { return qtype == T_Q4_K; }
+// The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
+// of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
+constexpr bool has_gemv(int qtype) {
+  switch (qtype) {
+#define LT_GEMV_CASE(T) case T:
+    LT_TYPES_LEGACY(LT_GEMV_CASE) LT_TYPES_KQUANTS(LT_GEMV_CASE) LT_TYPES_INT(LT_GEMV_CASE) return true;
+#undef LT_GEMV_CASE
+    default: return false;
+  }
+}
 
 inline const char* path_name(Path p) {
   switch (p) {

@@ -267,26 +267,23 @@ def test_staged_cluster_split_knob(gen, monkeypatch):
         check_matmul("INT4-g64", torch.float16, gen, "forward", shapes=[(1, 77, 288), (5, 4096, 24)])
 
 
-# ---- the M = 1 Q4_K forward on CUDA cores (csrc/cuda/gemv_q4k.cu) ----------------------------------
-# (N, K in super-blocks of 256): odd N (a warp's second row missing), K of 1..112 super-blocks (a
-# partly used last round, and 112: shared memory above 48 KiB), N beyond one wave of warps.
+# ---- the M = 1 forward on CUDA cores (csrc/cuda/gemv.cuh) ------------------------------------------
+# (N, K in super-blocks of 256): odd N (a CTA's last warps without rows), K of 1..112 super-blocks
+# (a partly used last round of units, and 112: shared memory above 48 KiB), N beyond one wave.
 GEMV_SHAPES = [(37, 1), (37, 3), (301, 17), (4096, 16), (11008, 16), (64, 43), (65, 112)]
+GEMV_TYPES = [name for name in QUANT_TYPES if _C.cuda_has_gemv(get_format(name).type_id)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", ["1", "2"])
-def test_gemv_q4k_against_float64_and_the_staged_kernel(dtype, rows, gen, monkeypatch):
+def check_gemv(name, dtype, shapes, gen, monkeypatch):
     """Plain activations and activations spread over six orders of magnitude with zeros among them
-    (the per-piece power-of-two scaling), against float64 and the staged kernel's result, with one
-    and two rows per warp."""
-    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", rows)
+    (the per-span int16 scaling), against float64 and the staged kernel's result."""
     rng = torch.Generator().manual_seed(5)
-    for n, nsb in GEMV_SHAPES:
+    for n, nsb in shapes:
         k = 256 * nsb
         monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-        assert _C.cuda_path("forward", 1, DTYPES[dtype], True, n, k, get_format("Q4_K").type_id) == "gemv"
-        raw = random_blocks("Q4_K", n, k, gen)
-        w64 = dequant_cpu(raw, "Q4_K", n, k).double()
+        assert _C.cuda_path("forward", 1, DTYPES[dtype], True, n, k, get_format(name).type_id) == "gemv"
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
         raw_gpu = raw.cuda()
         for wide in (False, True):
             a = torch.randn(1, k, generator=rng)
@@ -295,13 +292,43 @@ def test_gemv_q4k_against_float64_and_the_staged_kernel(dtype, rows, gen, monkey
                 a[0, ::7] = 0
             a = a.to(dtype)
             ref = a.double() @ w64.t()
-            gemv = run_path(_C.cuda_qmatmul_forward, "Q4_K", a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "gemv",
+            gemv = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "gemv",
                             monkeypatch)
-            staged = run_path(_C.cuda_qmatmul_forward, "Q4_K", a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "staged",
+            staged = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "staged",
                               monkeypatch)
             err, err_staged = rel_err(gemv, ref), rel_err(staged, ref)
-            assert err < TOLERANCE[dtype], f"gemv {dtype} N={n} K={k} wide={wide}: {err:.2e}"
+            assert err < TOLERANCE[dtype], f"gemv {name} {dtype} N={n} K={k} wide={wide}: {err:.2e}"
             assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", GEMV_TYPES)
+def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
+    shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112)]
+    check_gemv(name, dtype, shapes, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("rows", ["1", "2"])
+def test_gemv_q4k_half_kernel(rows, gen, monkeypatch):
+    """The first Q4_K kernel (fp16 pairs), kept for one comparison run."""
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV", "half")
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", rows)
+    check_gemv("Q4_K", torch.bfloat16, GEMV_SHAPES, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])
+def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, monkeypatch):
+    n, k = 40, 512
+    raw_gpu = random_blocks(name, n, k, gen).cuda()
+    for bad in (float("nan"), float("inf")):
+        a = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        a[0, 300] = bad
+        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
+        y = nan_like((1, n), torch.bfloat16).zero_()
+        _C.cuda_qmatmul_forward(get_format(name).type_id, a.data_ptr(), DTYPES[torch.bfloat16], raw_gpu.data_ptr(),
+                                y.data_ptr(), 1, n, k, stream())
+        torch.cuda.synchronize()
+        assert not torch.isfinite(y).any(), (name, bad, y)
 
 
 def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):

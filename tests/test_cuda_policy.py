@@ -47,7 +47,7 @@ def test_unknown_product_is_an_error():
         _C.cuda_path("backward", 1, BF16, True)
 
 
-def test_one_row_q4_k_forwards_take_the_gemv_kernel(monkeypatch):
+def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     """From 6144 rows (below, the staged kernel's split reduction is as fast or faster)."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
@@ -57,7 +57,10 @@ def test_one_row_q4_k_forwards_take_the_gemv_kernel(monkeypatch):
     assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "staged"
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "staged"  # Q4_0 has none
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "gemv"  # Q4_0
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
+    assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \
+        [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 1020, 1041, 1082]
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
     assert _C.cuda_path("forward", 1, BF16, False, n, k, q4k) == "cublas"
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")

@@ -232,16 +232,7 @@ int resident_ctas(size_t smem) {
 
 }  // namespace
 
-bool gemv_q4k_fits(int64_t k) {
-  // asked for every Q4_K product: the device's shared-memory limit is read once per device
-  constexpr int kMaxDevices = 64;
-  static int limits[kMaxDevices] = {};  // 0: not read yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
-  if (!limits[dev] && cudaDeviceGetAttribute(&limits[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return false;
-  return k > 0 && k % 256 == 0 && gemv_smem_bytes(k) <= (size_t)limits[dev];
-}
+bool gemv_q4k_fits(int64_t k) { return k % 256 == 0 && gemv_fits(k); }  // the same 2.5 bytes per element
 
 void launch_gemv_q4k(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
                      cudaStream_t stream) {

@@ -1,6 +1,8 @@
 // Explicit instantiations of every kernel family for the types of one group; each inst_*.cu
 // file defines LT_INSTANTIATE_TYPES to one group of the type list (blocks.h) and includes this file.
+#include "../cuda_policy.h"  // has_gemv, checked against the kernels' types
 #include "dequant_tile.cuh"
+#include "gemv.cuh"
 #include "small_m.cuh"
 #include "staged_gemv.cuh"
 
@@ -15,7 +17,9 @@ namespace lowtune::cuda {
   template void launch_small_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
                                         cudaStream_t);                                             \
   template void launch_small_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
-                                           cudaStream_t);
+                                           cudaStream_t);                                          \
+  template void launch_gemv<T>(const void*, int, const uint8_t*, void*, int64_t, int64_t, int64_t, cudaStream_t); \
+  static_assert(cuda_policy::has_gemv(T) == HasCodes<T>, "cuda_policy::has_gemv lists the types with codes");
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE
 #endif

@@ -61,8 +61,14 @@ template <int T>
 void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
                               int64_t row_bytes, cudaStream_t stream);
 
-// The M = 1 Q4_K forward on CUDA cores (gemv_q4k.cu), bf16/fp16 activations; x, w 16-byte
-// aligned. fits: K is whole super-blocks and x's shared-memory form fits one CTA.
+// The M = 1 forward on CUDA cores (gemv.cuh) for the types with codes (cuda_policy::has_gemv),
+// bf16/fp16 activations; x, w 16-byte aligned. gemv_fits: x's shared-memory form fits one CTA.
+bool gemv_fits(int64_t k);
+template <int T>
+void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
+                 cudaStream_t stream);
+// The first M = 1 Q4_K kernel (gemv_q4k.cu: fp16 pairs instead of integer dot products), kept for
+// one comparison run (LOWTUNE_CUDA_GEMV=half).
 bool gemv_q4k_fits(int64_t k);
 void launch_gemv_q4k(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
                      cudaStream_t stream);

@@ -2,7 +2,7 @@
 //
 //   dequantize           the tiled unpack kernel, bit-identical to the CPU twin
 //   forward/input grad   the path cuda_policy::choose names (cuda_policy.h):
-//     gemv               the M = 1 Q4_K forward on CUDA cores (gemv_q4k.cu)
+//     gemv               the M = 1 forward on CUDA cores (gemv.cuh), types with codes
 //     staged             the staged small-M kernels (staged_gemv.cuh), M <= 16
 //     direct             the first small-M kernels (small_m.cuh)
 //     cublas             W is dequantized in chunks of rows (forward) or columns (input grad) into
@@ -264,7 +264,7 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
 
 cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
                               const void* act, const void* out) {
-  const bool gemv = cuda_policy::has_gemv(qtype) && gemv_q4k_fits(k);
+  const bool gemv = cuda_policy::has_gemv(qtype) && gemv_fits(k);
   return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv});
 }
 
@@ -356,7 +356,10 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   const uint8_t* wb = wa.get();
   switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
     case cuda_policy::Path::Gemv:
-      launch_gemv_q4k(x, dtype, wb, y, n, k, row_bytes, s);
+      if (const char* g = std::getenv("LOWTUNE_CUDA_GEMV"); qtype == T_Q4_K && g && !std::strcmp(g, "half"))
+        launch_gemv_q4k(x, dtype, wb, y, n, k, row_bytes, s);
+      else
+        dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
       break;
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });

@@ -181,10 +181,6 @@ template <class ACT> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-template <int T>
-concept HasCodes = requires(const uint32_t* r, uint32_t* cw, float& s, float& z) {
-  Unpack<T>::template codes<kSpan>(r, 0, cw, s, z);
-};
 // Whether a type's codes fit the magic of the activation type (else decode_fast + conversion).
 template <int T, class ACT> constexpr bool narrow_codes() {
   if constexpr (HasCodes<T>) return Unpack<T>::kCodeBits <= Magic<ACT>::kBits;

@@ -781,4 +781,10 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
 LT_TYPES_INT(LT_UNPACK_INT)
 #undef LT_UNPACK_INT
 
+// The types whose values are an affine map of small codes (Unpack<T>::codes): the I-quants' are not.
+template <int T>
+concept HasCodes = requires(const uint32_t* r, uint32_t* cw, float& s, float& z) {
+  Unpack<T>::template codes<16>(r, 0, cw, s, z);
+};
+
 }  // namespace lowtune::cuda
