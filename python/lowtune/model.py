@@ -40,6 +40,7 @@ moves the packed blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -407,6 +408,11 @@ class DecoderLayer(nn.Module):
             setattr(self, name, lin)
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
+        # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
+        # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
+        self.mlp_chunks = 1
+        # (attend, mlp) as lowtune.compile compiled them, for checkpoint_backward; None: eager
+        self.compiled_parts = None
 
     # Linears that read the same input, in the order their outputs are split.
     PRODUCT_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
@@ -467,7 +473,20 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                 start: int = 0) -> torch.Tensor:
         """x [B, T, D] at positions start..start+T -> [B, T, D]. rot: the model's RoPE tables
-        [kinds, T, rope_dim/2] (Model.rope_rotation); this layer uses rot[self.rope_kind]."""
+        [kinds, T, rope_dim/2] (Model.rope_rotation); this layer uses rot[self.rope_kind].
+        Without autograd the MLP runs in mlp_chunks token chunks (rows are independent); with
+        autograd it runs whole (a checkpointed layer's backward chunks it: checkpoint_backward)."""
+        x, h = self.attend(x, rot, cache, start)
+        if self.mlp_chunks > 1 and not torch.is_grad_enabled():
+            rows = h.reshape(-1, h.shape[-1])
+            m = torch.cat([self.mlp(part) for part in rows.tensor_split(self.mlp_chunks)]).view_as(h)
+        else:
+            m = self.mlp(h)
+        return x + m
+
+    def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+               start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input)."""
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -485,9 +504,51 @@ class DecoderLayer(nn.Module):
             mask = cache.attn_mask
         attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
-        x, h = self.ffn_norm.after_residual(x, self.post_attention_norm(a) if fam.post_norms else a)
+        return self.ffn_norm.after_residual(x, self.post_attention_norm(a) if fam.post_norms else a)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
         m = self.ffn_down(glue_ops.gated(self.activation, *self._products(h, self.PRODUCT_GROUPS[1])))
-        return x + (self.post_ffw_norm(m) if fam.post_norms else m)
+        return self.post_ffw_norm(m) if self.config.family.post_norms else m
+
+    def checkpoint_backward(self, x: torch.Tensor, rot: torch.Tensor, dy: torch.Tensor,
+                            inputs: list[torch.Tensor], recompute=contextlib.nullcontext) -> list[torch.Tensor | None]:
+        """The gradients of layer(x, rot) against dy for `inputs` (x and parameters; None where
+        one gets none), recomputing the layer from its input x: a checkpointed layer's backward.
+        recompute(): the context the recomputation runs in (the forward's autocast); the
+        gradients are taken outside it. With mlp_chunks > 1 the MLP is recomputed and
+        differentiated one token chunk at a time, after the attention's recomputation, so only
+        one chunk's [rows, F] intermediates are alive; its forward still runs once."""
+        if self.mlp_chunks <= 1:
+            with torch.enable_grad(), recompute():
+                y = self(x, rot)
+            return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
+        attend, mlp = self.compiled_parts or (self.attend, self.mlp)
+        with torch.enable_grad(), recompute():
+            x1, h = attend(x, rot)
+        grads: list[torch.Tensor | None] = [None] * len(inputs)
+
+        def add(new):
+            for i, g in enumerate(new):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+
+        rows, drows = h.detach().reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dh = torch.empty_like(rows)
+        start = 0
+        # in forward order: adapter dropout draws its masks as the forward's chunks did
+        for part, dpart in zip(rows.tensor_split(self.mlp_chunks), drows.tensor_split(self.mlp_chunks)):
+            part = part.detach().requires_grad_()
+            with torch.enable_grad(), recompute():
+                m = mlp(part)
+            d, *rest = torch.autograd.grad(m, [part] + inputs, dpart, allow_unused=True)
+            dh[start:start + part.shape[0]] = d
+            start += part.shape[0]
+            add(rest)
+        outs = [(t, g) for t, g in ((x1, dy), (h, dh.view_as(h))) if t.requires_grad]
+        if outs:
+            add(torch.autograd.grad([t for t, _ in outs], inputs, [g for _, g in outs], allow_unused=True))
+        return grads
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
