@@ -128,13 +128,15 @@ def test_planner_budgets():
     some = plan_streaming(model, "cpu", budget, tokens=256)
     assert some.streaming and some.estimate["total"] <= budget
     assert 0 < len(some.resident) < 6 and some.resident == list(range(6 - len(some.resident), 6))
-    # more budget never keeps fewer layers resident
+    # more budget never chunks the MLP more, nor (at as many chunks) keeps fewer layers resident
     counts = []
     for b in range(need_all // 4, need_all, need_all // 40):
         try:
-            counts.append(len(plan_streaming(model, "cpu", b, tokens=256).resident))
+            p = plan_streaming(model, "cpu", b, tokens=256)
         except ValueError:
             assert not counts, "a larger budget was refused after a smaller one was accepted"
+            continue
+        counts.append((-p.mlp_chunks, len(p.resident)))
     assert len(counts) > 5 and counts == sorted(counts) and counts[0] < counts[-1]
     # below the minimum: a clear error that gives it
     with pytest.raises(ValueError, match=r"at least \d+MB"):
@@ -186,3 +188,59 @@ def test_lrec_teacher_and_student_streamed_in_one_budget():
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
     assert streamed.teacher.streamer.bytes_copied > 0
+
+
+@pytest.mark.parametrize("streamed,chunks", [([0, 1, 2, 3], 4), ([], 3), ([1, 2], 2)])
+def test_mlp_in_token_chunks_trains_as_the_whole_mlp(streamed, chunks):
+    # 2 x 33 rows in 4 or 3 chunks: uneven chunks too; [] streams nothing, the layers resident
+    ids = rand_ids(2, 33)
+    whole = adapted_model()
+    stream_model(whole, "cpu", streamed=streamed)
+    want, want_g = step_losses(whole, ids)
+    chunked = adapted_model()
+    plan = stream_model(chunked, "cpu", streamed=streamed, mlp_chunks=chunks)
+    assert plan.mlp_chunks == chunks and all(layer.mlp_chunks == chunks for layer in chunked.layers)
+    got, got_g = step_losses(chunked, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=1e-6)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_chunked_layer_backward_equals_autograd_through_the_whole_layer():
+    model = adapted_model().train()
+    layer = model.layers[1]
+    x = torch.randn(2, 9, model.config.dim, generator=torch.Generator().manual_seed(3))
+    rot = model.rope_rotation(0, 9)
+    dy = torch.randn_like(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    xg = x.clone().requires_grad_()
+    want = torch.autograd.grad(layer(xg, rot), [xg] + params, dy)
+    with torch.no_grad():
+        y = layer(x, rot)
+    layer.mlp_chunks = 4
+    with torch.no_grad():                      # the forward without autograd runs in chunks
+        torch.testing.assert_close(layer(x, rot), y, rtol=1e-6, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    got = layer.checkpoint_backward(xg, rot, dy, [xg] + params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # only the MLP's adapters and x get gradients from the chunks; a frozen input gets None
+    got = layer.checkpoint_backward(x, rot, dy, params)
+    for g, w in zip(got, want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_estimated_working_set_shrinks_with_mlp_chunks_and_a_measured_one_is_not_extrapolated():
+    model = adapted_model()
+    e = {n: estimate_memory(model, 256, 64, mlp_chunks=n)["working"] for n in (1, 2, 4)}
+    c = model.config
+    # the MLP's seven [rows, F] tensors shrink with the rows; the gathered [T, D] input gradient
+    # comes on top
+    assert e[1] - e[2] == 128 * 4 * 7 * c.ffn_dim - 256 * c.dim * 4
+    assert e[1] > e[2] > e[4]
+    assert estimate_memory(model, 256, 64, working={1: 10, 4: 7}, mlp_chunks=4)["working"] == 7
+    with pytest.raises(ValueError, match="chunk"):
+        estimate_memory(model, 256, 64, working=10, mlp_chunks=2)
+    # a measured working set without chunked ones leaves the MLP whole
+    p = plan_streaming(model, "cpu", 1 << 30, tokens=256, working=12345)
+    assert p.mlp_chunks == 1

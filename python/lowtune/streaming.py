@@ -403,10 +403,9 @@ class _StreamedLayer(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                y = layer(x, rot)
-        wanted = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
-        grads = list(torch.autograd.grad(y, wanted, dy, allow_unused=True))
+            wanted = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
+            grads = layer.checkpoint_backward(x, rot, dy, wanted, lambda: torch.autocast(
+                ctx.device_type, dtype=dtype, enabled=enabled))
         streamer.release(layer.index)
         dx = grads.pop(0) if x.requires_grad else None
         dparams = [grads.pop(0) if p.requires_grad else None for p in params]
@@ -435,6 +434,7 @@ class StreamPlan:
     driver: dict = field(default_factory=dict)
     terms: dict = field(default_factory=dict)  # the budget's measured terms (DeviceBudget)
     small_scratch: bool = False              # the extension's chunks at SMALL_CHUNK_MIN (tight budgets)
+    mlp_chunks: int = 1                      # token chunks of each layer's MLP (DecoderLayer.mlp_chunks)
     disk_layers: list[int] = field(default_factory=list)  # streamed from the model file (--host-ram)
     host: dict = field(default_factory=dict)   # host memory the plan holds, itemised (--host-ram)
     embedding_on_host: bool = False          # the token embedding's blocks stay in host memory
@@ -458,6 +458,8 @@ class StreamPlan:
             extras.append("room for CUDA graphs")
         if self.small_scratch:
             extras.append(f"dequantization chunks of {SMALL_CHUNK_MIN} rows")
+        if self.mlp_chunks > 1:
+            extras.append(f"MLP in {self.mlp_chunks} token chunks")
         if self.embedding_on_host:
             extras.append("token embedding in host memory")
         extra = "".join(f"; {e}" for e in extras)
@@ -514,11 +516,17 @@ def scratch_bytes(model: Model, tokens: int, chunk: int, small: bool = False) ->
                     for p in ("forward", "input_grad")), default=0)
 
 
-def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None = None,
-                    small_scratch: bool = False) -> dict:
+# Token chunks the planner may run each layer's MLP in (DecoderLayer.mlp_chunks), fewest first:
+# every chunk dequantizes the MLP's weights again, and its products are narrower.
+MLP_CHUNKS = (1, 2, 4, 8)
+
+
+def estimate_memory(model: Model, tokens: int, chunk: int, working: int | dict | None = None,
+                    small_scratch: bool = False, mlp_chunks: int = 1) -> dict:
     """Bytes of each part of a training step's peak, from the model's sizes (see plan_streaming).
-    `working`: one layer's working set as measured (measure_working); None: from the shapes.
-    small_scratch: the extension's scratch with its chunk floor at SMALL_CHUNK_MIN."""
+    `working`: one layer's working set as measured (measure_working: {MLP chunks: bytes}; a
+    number is the unchunked one); None: from the shapes. small_scratch: the extension's scratch
+    with its chunk floor at SMALL_CHUNK_MIN. mlp_chunks: the token chunks of the layers' MLP."""
     c = model.config
     act = torch.tensor([], dtype=model.dtype).element_size()
     packs = [_pack_bytes(layer) for layer in model.layers]
@@ -529,14 +537,22 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | None =
     layer_trainable = max((sum(_tensor_bytes(p) for p in layer.parameters() if p.requires_grad)
                            for layer in model.layers), default=0)
     embedding = _untied_embedding_bytes(model)
+    if isinstance(working, dict):
+        working = working[mlp_chunks]
+    elif working is not None and mlp_chunks != 1:
+        raise ValueError("a working set measured without MLP chunks cannot stand for a chunked one")
     measured = working is not None
     q = c.n_heads * c.head_dim
     if working is None:
         # one layer recomputed with autograd and its backward, as saved and produced: the fp32
         # inputs RMSNorm keeps (2), the normed inputs, x, y, dy and dx (6); q, k and v repeated to
-        # every head, the attention output and the output projection's input (5); the SwiGLU
-        # gate, activation, up and product, and the gradients of three of them (7)
-        working = tokens * (2 * 4 * c.dim + act * (6 * c.dim + 5 * q + 7 * c.ffn_dim))
+        # every head, the attention output and the output projection's input (5); for one MLP
+        # chunk's rows, the SwiGLU gate, activation, up and product, and the gradients of three
+        # of them (7); chunked, also the MLP's input gradient gathered chunk by chunk
+        rows = -(-tokens // mlp_chunks)
+        working = tokens * (2 * 4 * c.dim + act * (6 * c.dim + 5 * q)) + rows * act * 7 * c.ffn_dim
+        if mlp_chunks > 1:
+            working += tokens * c.dim * act
     return {
         "layers": packs,
         # non-layer weights and frozen adapters, but for the host-side embedding
@@ -588,19 +604,21 @@ def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool)
     return parts
 
 
-def _options(cuda_graphs: bool, host_optimizer: bool | None) -> list[tuple[bool, bool, bool]]:
-    """(graphs, optimizer on host, small scratch) in the order the planner tries them: what costs
-    least speed first. Moving AdamW's state to the host costs a copy of it each way per step;
-    giving up CUDA graphs costs the host's dispatch of every operator; narrower scratch chunks
-    cost the large products some of the GPU's width (the last resort)."""
+def _options(cuda_graphs: bool, host_optimizer: bool | None,
+             mlp_chunks=MLP_CHUNKS) -> list[tuple[bool, bool, bool, int]]:
+    """(graphs, optimizer on host, small scratch, MLP chunks) in the order the planner tries
+    them: what costs least speed first. Giving up CUDA graphs costs the host's dispatch of every
+    operator (several times any of the others: it is given up last); moving AdamW's state to the
+    host costs a copy of it each way per step; narrower scratch chunks cost the large products
+    some of the GPU's width; every MLP chunk dequantizes the MLP's weights once more."""
     hosts = [False, True] if host_optimizer is None else [bool(host_optimizer)]
     graphs = [True, False] if cuda_graphs else [False]
-    return [(g, h, False) for g in graphs for h in hosts] + [(False, hosts[-1], True)]
+    return [(g, h, small, m) for g in graphs for m in mlp_chunks for small in (False, True) for h in hosts]
 
 
 def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graphs: bool = False,
                    host_optimizer: bool | None = None, device_budget: DeviceBudget | None = None,
-                   working: int | None = None) -> StreamPlan:
+                   working: int | dict | None = None) -> StreamPlan:
     """Decide, for a step of `tokens` tokens (batch x seq_len), which layers stay on `device`.
 
     The tensors' peak = base (_base) + resident layers + slots + checkpoints (unless offloaded);
@@ -610,7 +628,9 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
     resident first, and checkpointed inputs go to host memory only when they are what does not
     fit. cuda_graphs: the caller would capture the layers in CUDA graphs (their pool is counted,
     and dropped when it does not fit); host_optimizer: None lets the planner move AdamW's state
-    to host memory when that is what fits, True/False decides."""
+    to host memory when that is what fits, True/False decides. working: one layer's working set
+    as measured (measure_working: {MLP chunks: bytes}, the chunk counts it may choose; a number:
+    unchunked only); None: estimated from the shapes, for every count in MLP_CHUNKS."""
     db = device_budget if device_budget is not None else DeviceBudget.unmetered(budget, str(device))
     if torch.device(device).type != "cuda":
         host_optimizer = False                 # the host is the device
@@ -624,10 +644,11 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
     estimates: dict[tuple, dict] = {}
     dev = str(torch.device(device))
     smallest = None                            # (driver total, items, option) of the leanest plan
-    for graphs, on_host, small in _options(cuda_graphs, host_optimizer):
+    measured = sorted(working) if isinstance(working, dict) else [1] if working is not None else MLP_CHUNKS
+    for graphs, on_host, small, mlp in _options(cuda_graphs, host_optimizer, measured):
         for chunk in chunks:
-            e = estimates.get((chunk, small)) or estimates.setdefault(
-                (chunk, small), estimate_memory(model, tokens, chunk, working, small))
+            e = estimates.get((chunk, small, mlp)) or estimates.setdefault(
+                (chunk, small, mlp), estimate_memory(model, tokens, chunk, working, small, mlp))
             layers, big = e["layers"], max(e["layers"])
             parts = _base(e, tokens, c.dim, act, graphs, on_host)
             base = sum(parts.values())
@@ -643,6 +664,7 @@ def plan_streaming(model: Model, device, budget: int, tokens: int, *, cuda_graph
                 continue
             plan = _fill(model, dev, db, e, parts, chunk, graphs, on_host, room)
             plan.small_scratch = small
+            plan.mlp_chunks = mlp
             return plan
     total, items, parts, e = smallest
     what = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in parts.items() if v)
@@ -758,15 +780,16 @@ def plan_host(plan: StreamPlan, model: Model, host_ram: int) -> StreamPlan:
     return plan
 
 
-def measure_working(model: Model, device, tokens: int) -> int:
+def measure_working(model: Model, device, tokens: int, mlp_chunks=MLP_CHUNKS) -> dict[int, int]:
     """Bytes torch allocates at its peak to run the largest decoder layer forward, then recompute
-    it with autograd and backpropagate, as a checkpointed step does, measured on `device` (CUDA)
-    with a temporary copy of the layer; the kernels a step uses are loaded on the way. The
+    it with autograd and backpropagate, as a checkpointed step does (DecoderLayer.
+    checkpoint_backward), measured on `device` (CUDA) with a temporary copy of the layer, for each
+    count of MLP token chunks: {chunks: bytes}. The kernels a step uses are loaded on the way. The
     layer's input counts too."""
     device = torch.device(device)
     i = max(range(len(model.layers)), key=lambda j: _pack_bytes(model.layers[j]))
     layer = model.layers[i]
-    moved = []
+    moved, chunks = [], layer.mlp_chunks
     try:
         for m in layer.modules():
             for name, b in m._buffers.items():
@@ -782,33 +805,39 @@ def measure_working(model: Model, device, tokens: int) -> int:
         x = torch.randn(1, tokens, c.dim, device=device, dtype=model.dtype)
         # torch's cuBLAS workspaces of this stream come first: the budget counts them apart
         torch.ones(64, 64, device=device, dtype=model.dtype) @ torch.ones(64, 64, device=device, dtype=model.dtype)
+        dy = torch.randn_like(x)
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
         half = model.dtype != torch.float32
-        with torch.autocast("cuda", dtype=model.dtype if half else torch.bfloat16, enabled=half):
-            with torch.no_grad():
+        autocast = lambda: torch.autocast("cuda", dtype=model.dtype if half else torch.bfloat16,  # noqa: E731
+                                          enabled=half)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        peaks = {}
+        for n in mlp_chunks:
+            layer.mlp_chunks = n
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.no_grad(), autocast():
                 del_y = layer(x, rot)
                 del del_y
             xg = x.detach().requires_grad_()
-            params = [p for p in layer.parameters() if p.requires_grad]
-            y = layer(xg, rot)
-            grads = torch.autograd.grad(y, [xg] + params, torch.randn_like(y), allow_unused=True)
-            del y, grads, xg
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base + _tensor_bytes(x)
-        del x, rot
+            grads = layer.checkpoint_backward(xg, rot, dy, [xg] + params, autocast)
+            del grads, xg
+            torch.cuda.synchronize(device)
+            # x and dy: the layer's input and its output's gradient
+            peaks[n] = torch.cuda.max_memory_allocated(device) - base + 2 * _tensor_bytes(x)
+        del x, dy, rot
     except torch.cuda.OutOfMemoryError as e:
         raise ValueError(f"one decoder layer's training step at {tokens} tokens does not fit in the "
                          f"GPU's free memory: lower --seq-len/--batch ({e})") from None
     finally:
+        layer.mlp_chunks = chunks
         for holder, name, original in moved:
             if name is None:
                 holder.data = original
             else:
                 holder[name] = original
     torch.cuda.empty_cache()
-    return peak
+    return peaks
 
 
 # Measured working sets get this share on top: compiled layers and CUDA graphs lay their
@@ -819,7 +848,8 @@ WORKING_MARGIN = 0.10
 def stream_model(model: Model, device, max_vram: int | str | None = None, tokens: int = 2048,
                  streamed: list[int] | None = None, offload_activations: bool = False, *,
                  cuda_graphs: bool = False, host_optimizer: bool | None = None,
-                 host_ram: int | None = None, source=None, disk_layers: list[int] | None = None) -> StreamPlan:
+                 host_ram: int | None = None, source=None, disk_layers: list[int] | None = None,
+                 mlp_chunks: int = 1) -> StreamPlan:
     """Place `model` (its packed weights on the CPU, adapters applied) on `device` within
     `max_vram` bytes ("auto": the GPU's free memory less a margin) as the driver counts them,
     streaming the layers that do not fit; returns the plan (also kept as model.stream_plan).
@@ -827,7 +857,8 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
     layer has run, which also measures that layer's working set).
 
     `streamed` (a list of layer indices) bypasses the planner: those layers stream, whatever the
-    budget (tests use it, also with device="cpu", where "host" and "device" are both the CPU).
+    budget (tests use it, also with device="cpu", where "host" and "device" are both the CPU),
+    their MLPs in `mlp_chunks` token chunks.
     cuda_graphs, host_optimizer: as plan_streaming; the plan says what the caller should do
     (plan.cuda_graphs, plan.optimizer_on_host: lowtune.host_adamw.make_adamw).
     host_ram: bytes of host memory the streamed layers (and what else the plan keeps there) may
@@ -848,7 +879,7 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
             measured = {}
             db = DeviceBudget.measure(device, max_vram, warmup=lambda: measured.setdefault(
                 "working", measure_working(model, device, tokens)))
-            working = int(measured["working"] * (1 + WORKING_MARGIN))
+            working = {n: int(w * (1 + WORKING_MARGIN)) for n, w in measured["working"].items()}
         else:
             db = DeviceBudget.measure(device, max_vram)
         plan = plan_streaming(model, device, db.budget, tokens, cuda_graphs=cuda_graphs,
@@ -861,7 +892,8 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
         plan = StreamPlan(str(device), max_vram, n, [i for i in range(n) if i not in streamed],
                           sorted(set(streamed)), offload_activations,
                           max(_pack_bytes(layer) for layer in model.layers), model.loss_chunk_tokens,
-                          cuda_graphs=cuda_graphs, optimizer_on_host=bool(host_optimizer))
+                          cuda_graphs=cuda_graphs, optimizer_on_host=bool(host_optimizer),
+                          mlp_chunks=mlp_chunks)
         plan.embedding_on_host = embedding_stays_on_host(model, plan.streaming, device)
     if disk_layers is not None:
         plan.disk_layers = sorted(set(disk_layers))
@@ -878,9 +910,13 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
         os.environ["LOWTUNE_CUDA_CHUNK_MIN"] = str(SMALL_CHUNK_MIN)   # for the process: the plan counts it
     model.loss_chunk_tokens = plan.loss_chunk_tokens
     model.stream_plan = plan
-    if not plan.streaming:
+    for layer in model.layers:
+        layer.mlp_chunks = plan.mlp_chunks
+    if not plan.streaming and plan.mlp_chunks == 1:
         model.to(device)
     else:
+        # chunked MLPs need the streamer's layer function (DecoderLayer.checkpoint_backward) also
+        # where every layer is resident
         if device.type == "cuda" and any(l.raw.is_cuda for i in plan.streamed
                                          for l in _packed_linears(model.layers[i])):
             raise ValueError("stream_model needs the model's packed weights in host memory: load it "
