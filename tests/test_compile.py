@@ -97,13 +97,14 @@ def train_steps(model, ids, labels, steps=2):
     return torch.stack(losses), first
 
 
-@pytest.mark.parametrize("mode,checkpointing,streamed", [
-    ("layer", True, None),
-    ("layer", False, None),
-    ("layer", True, [0, 2]),     # streamed layers: the compiled layer runs over the slots' bytes
-    ("model", True, None),
+@pytest.mark.parametrize("mode,checkpointing,streamed,mlp_chunks", [
+    ("layer", True, None, 1),
+    ("layer", False, None, 1),
+    ("layer", True, [0, 2], 1),     # streamed layers: the compiled layer runs over the slots' bytes
+    ("layer", True, [0, 2], 3),     # and recomputed in compiled pieces, the MLP in token chunks
+    ("model", True, None, 1),
 ])
-def test_compiled_training_equals_eager(mode, checkpointing, streamed):
+def test_compiled_training_equals_eager(mode, checkpointing, streamed, mlp_chunks):
     ids = rand_ids(2, 16)
     labels = ids.clone()
     labels[0, :5] = -100         # unscored rows stay in place under compile (no data-dependent shape)
@@ -114,7 +115,7 @@ def test_compiled_training_equals_eager(mode, checkpointing, streamed):
     model = mixed_model(layers=3)
     model.gradient_checkpointing = checkpointing
     if streamed is not None:
-        stream_model(model, "cpu", streamed=streamed)
+        stream_model(model, "cpu", streamed=streamed, mlp_chunks=mlp_chunks)
     events = []
     setup = compile_model(model, mode, on_event=events.append, backend="aot_eager")
     got, got_g = train_steps(model, ids, labels)

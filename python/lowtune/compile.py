@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .adapters import AdaptedLinear
 from .model import Model
@@ -117,6 +118,10 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
     if mode == "layer":
         for layer in model.layers:
             layer.compile(fullgraph=not dynamic_rank, dynamic=False, backend=backend)
+            # a checkpointed layer with its MLP in token chunks recomputes in these two pieces
+            # (DecoderLayer.checkpoint_backward); compiled on first use
+            layer.compiled_parts = tuple(torch.compile(f, fullgraph=not dynamic_rank, dynamic=False, backend=backend)
+                                         for f in (layer.attend, layer.mlp))
     elif mode == "model":
         kw = dict(dynamic=False, backend=backend)
         if cuda_graphs:
@@ -145,6 +150,7 @@ def _undo(model: Model) -> None:
     old.close()
     for layer in model.layers:
         layer._compiled_call_impl = None
+        layer.compiled_parts = None
     for m in model.modules():
         if isinstance(m, AdaptedLinear):
             m.__dict__.pop("forward", None)
@@ -389,11 +395,9 @@ class LayerGraphs:
             wanted_leaves = [leaves[names[(p.data_ptr(), p.shape)]] for p in wanted]
 
             def work():
-                with torch.enable_grad():
-                    xi = st.x.detach().requires_grad_(need_dx)
-                    y = torch.func.functional_call(layer, leaves, (xi, st.rot), strict=False)
-                    grads = torch.autograd.grad(y, ([xi] if need_dx else []) + wanted_leaves, st.dy,
-                                                allow_unused=True)
+                xi = st.x.detach().requires_grad_(need_dx)
+                with _reparametrize_module(layer, leaves):
+                    grads = layer.checkpoint_backward(xi, st.rot, st.dy, ([xi] if need_dx else []) + wanted_leaves)
                 if need_dx:
                     st.dx.copy_(grads[0])
                 off = 0
