@@ -264,6 +264,12 @@ PYBIND11_MODULE(_C, m) {
                      ptr<void>(q_out), ptr<void>(k_cache), ptr<void>(v_cache), ptr<const int64_t>(pos),
                      ptr<void>(stream));
   });
+  m.def("cuda_decode_attention_fits", &cuda::decode_attention_fits);
+  m.def("cuda_decode_attention", [](uintptr_t q, uintptr_t k, uintptr_t v, int dt, uintptr_t out, uintptr_t pos,
+                                    int64_t h, int64_t hkv, int64_t hd, int64_t len, float scale, uintptr_t stream) {
+    cuda::decode_attention(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), dt, ptr<void>(out),
+                           ptr<const int64_t>(pos), h, hkv, hd, len, scale, ptr<void>(stream));
+  }, nogil());
   m.def("cuda_silu_mul", [](uintptr_t g, uintptr_t u, int dt, uintptr_t y, int64_t n, uintptr_t stream) {
     cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), dt, ptr<void>(y), n, ptr<void>(stream));
   }, nogil());

@@ -27,6 +27,9 @@ void rope(const void*, int, const float*, void*, int64_t, int64_t, int64_t, int6
 void silu_mul(const void*, const void*, int, void*, int64_t, void*) { no_cuda(); }
 void rope_store(const RopeStoreGeom&, const void*, const void*, const void*, int, const float*, void*, void*, void*,
                 const int64_t*, void*) { no_cuda(); }
+bool decode_attention_fits(int, int64_t, int64_t, int64_t, int64_t) { return false; }
+void decode_attention(const void*, const void*, const void*, int, void*, const int64_t*, int64_t, int64_t, int64_t,
+                      int64_t, float, void*) { no_cuda(); }
 namespace reference {
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }

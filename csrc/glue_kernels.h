@@ -21,6 +21,12 @@
 //             on the device, so one captured graph serves every position; positions >= L are
 //             skipped, the caller checks the length). Rotation as rope's. Replaces two rope
 //             launches and two cache writes per layer.
+//   decode_attention: one query token against a KV cache (batch 1): out[h] = softmax(q[h]·K[g]ᵀ
+//             · scale over positions 0..*pos) · V[g], g = h / (H / Hkv); q, out [H, hd], caches
+//             [Hkv, L, hd], all contiguous, fp16/bf16, fp32 arithmetic. pos is read on the device
+//             (one captured graph serves every position) and only the filled positions are read.
+//             decode_attention_fits says whether the kernel takes a shape (head_dim 64, 128 or
+//             256; the L scores fit shared memory).
 #pragma once
 #include <cstdint>
 
@@ -38,4 +44,7 @@ bool rms_norm_vectorized(int dtype, int64_t dim, const void* x, const void* r, c
 void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_t h, int64_t t, int64_t hd,
           int64_t d, int64_t sb, int64_t sh, int64_t st, bool neox, void* stream);
 void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void* stream);
+bool decode_attention_fits(int dtype, int64_t h, int64_t hkv, int64_t hd, int64_t cache_len);
+void decode_attention(const void* q, const void* k_cache, const void* v_cache, int dtype, void* out, const int64_t* pos,
+                      int64_t h, int64_t hkv, int64_t hd, int64_t cache_len, float scale, void* stream);
 }  // namespace lowtune::cuda

@@ -55,3 +55,15 @@ def test_add_rms_norm_is_the_add_then_the_norm():
     with torch.no_grad():
         s, y = glue_ops.add_rms_norm(x, r, w, 1e-6)
     assert torch.equal(s, x + r) and torch.equal(y, glue_ops.rms_norm(x + r, w, 1e-6))
+
+
+@pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2)])
+def test_decode_attention_formula_is_sdpa_over_the_filled_positions(h, hkv):
+    g = torch.Generator().manual_seed(h + hkv)
+    length, pos, hd = 12, 7, 16
+    q = torch.randn(1, h, 1, hd, generator=g)
+    kc, vc = (torch.randn(1, hkv, length, hd, generator=g) for _ in range(2))
+    got = glue_ops.decode_attention(q, kc, vc, torch.tensor([pos]), 0.3)
+    k, v = (c[:, :, :pos + 1].repeat_interleave(h // hkv, dim=1) for c in (kc, vc))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -130,6 +130,26 @@ def test_rope_store_bit_for_bit(dtype, style, t, h, hkv, hd, d, monkeypatch):
     assert torch.equal(kc[:, :, untouched], caches[0][:, :, untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("h,hkv,hd,length,pos", [(32, 32, 128, 128, 95), (8, 2, 64, 40, 0), (4, 1, 256, 3000, 2999),
+                                                 (6, 3, 128, 16, 7)])
+@torch.no_grad()
+def test_decode_attention_against_the_formula(dtype, h, hkv, hd, length, pos, monkeypatch):
+    """Positions past pos hold garbage (inf and NaN among them) that the kernel must not read."""
+    g = torch.Generator(device="cuda").manual_seed(h * hd + length)
+    q = torch.randn(1, h, 1, hd, device="cuda", generator=g).to(dtype)
+    kc, vc = (torch.randn(1, hkv, length, hd, device="cuda", generator=g).to(dtype) for _ in range(2))
+    kc[:, :, pos + 1:] = float("inf")
+    vc[:, :, pos + 1:] = float("nan")
+    at = torch.tensor([pos], device="cuda")
+    seen = calls_kernel(monkeypatch, "cuda_decode_attention")
+    got = glue_ops.decode_attention(q, kc, vc, at, 0.1)
+    assert len(seen) == 1
+    want = formula(glue_ops.decode_attention, q, kc[:, :, :pos + 1], vc[:, :, :pos + 1], at, 0.1)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
 def test_autograd_takes_the_formulas(monkeypatch):
     """With autograd recording, the formulas run (the kernels have no backward)."""
     x = torch.randn(4, 64, device="cuda", requires_grad=True)

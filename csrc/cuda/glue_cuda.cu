@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <type_traits>
 
 #include "../blocks.h"
 #include "../glue_kernels.h"
@@ -155,6 +156,80 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
   y[i] = f_to_act<T>(__fmul_rn(a, act_to_f(u[i])));
 }
 
+// One CTA per query head: scores of positions 0..*pos (a lane per position, q from shared
+// memory), the softmax over them in shared memory, then each warp sums a quarter of the positions'
+// values (a lane per HD/32 dims) and the warps' sums are added. fp32 throughout.
+constexpr int kAttnThreads = 128;
+template <class T, int HD>
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
+    const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, T* __restrict__ out,
+    const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
+  constexpr int E = 16 / (int)sizeof(T), kWarps = kAttnThreads / 32, kPer = HD / 32;
+  extern __shared__ float attn_smem[];
+  float* qs = attn_smem;             // HD
+  float* part = qs + HD;             // kWarps * HD
+  float* p = part + kWarps * HD;     // cache_len scores, then weights
+  __shared__ float red[kWarps];
+  const int head = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t kvh = head / (h / hkv);
+  const int64_t n = min(*pos + 1, cache_len);
+  const T* kh = k_cache + kvh * cache_len * HD;
+  const T* vh = v_cache + kvh * cache_len * HD;
+  for (int i = threadIdx.x; i < HD; i += kAttnThreads) qs[i] = act_to_f(q[(int64_t)head * HD + i]) * scale;
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += kAttnThreads) {
+    const uint4* row = reinterpret_cast<const uint4*>(kh + j * HD);
+    float s = 0.0f;
+#pragma unroll 4
+    for (int c = 0; c < HD / E; ++c) {
+      const uint4 raw = row[c];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < E; ++i) s = fmaf(act_to_f(e[i]), qs[c * E + i], s);
+    }
+    p[j] = s;
+    mx = fmaxf(mx, s);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) mx = fmaxf(mx, red[i]);
+  __syncthreads();  // red is reused below
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += kAttnThreads) {
+    const float e = expf(p[j] - mx);
+    p[j] = e;
+    sum += e;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();  // also: every weight p[j] is written
+  sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) sum += red[i];
+  float acc[kPer] = {};
+  for (int64_t j = warp; j < n; j += kWarps) {
+    const float w = p[j];
+    const T* row = vh + j * HD + lane * kPer;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc[i] = fmaf(w, act_to_f(row[i]), acc[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) part[warp * HD + lane * kPer + i] = acc[i];
+  __syncthreads();
+  for (int i = threadIdx.x; i < HD; i += kAttnThreads) {
+    float o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += part[w * HD + i];
+    out[(int64_t)head * HD + i] = f_to_act<T>(o / sum);
+  }
+}
+
 template <class F> void by_dtype(int dtype, F&& f) {
   if (dtype == D_F32) f(float{});
   else if (dtype == D_F16) f(__half{});
@@ -230,6 +305,48 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
     silu_mul_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
   });
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+size_t decode_attention_smem(int64_t hd, int64_t cache_len) {
+  return (size_t)(hd * (1 + kAttnThreads / 32) + cache_len) * sizeof(float);
+}
+
+bool decode_attention_fits(int dtype, int64_t h, int64_t hkv, int64_t hd, int64_t cache_len) {
+  int dev = 0, limit = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return false;
+  return dtype != D_F32 && (hd == 64 || hd == 128 || hd == 256) && hkv > 0 && h % hkv == 0 && cache_len > 0 &&
+         decode_attention_smem(hd, cache_len) <= (size_t)limit;
+}
+
+void decode_attention(const void* q, const void* k_cache, const void* v_cache, int dtype, void* out, const int64_t* pos,
+                      int64_t h, int64_t hkv, int64_t hd, int64_t cache_len, float scale, void* stream) {
+  if (!decode_attention_fits(dtype, h, hkv, hd, cache_len))
+    throw std::invalid_argument("decode_attention: fp16/bf16, head_dim 64, 128 or 256, whole groups of heads, "
+                                "and a cache whose scores fit shared memory");
+  const size_t smem = decode_attention_smem(hd, cache_len);
+  auto launch = [&](auto tag, auto hd_c) {
+    using T = decltype(tag);
+    constexpr int HD = decltype(hd_c)::value;
+    auto* kernel = decode_attention_kernel<T, HD>;
+    static size_t configured = 48 * 1024;  // per instantiation: the limit is raised once per size
+    if (smem > configured) {
+      LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      configured = smem;
+    }
+    kernel<<<(unsigned)h, kAttnThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), static_cast<T*>(out),
+        pos, h, hkv, cache_len, scale);
+  };
+  auto by_hd = [&](auto tag) {
+    if (hd == 64) launch(tag, std::integral_constant<int, 64>{});
+    else if (hd == 128) launch(tag, std::integral_constant<int, 128>{});
+    else launch(tag, std::integral_constant<int, 256>{});
+  };
+  if (dtype == D_F16) by_hd(__half{});
+  else by_hd(__nv_bfloat16{});
   LT_CUDA_CHECK_LAUNCH();
 }
 

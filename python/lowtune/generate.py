@@ -16,6 +16,7 @@ forward.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -164,6 +165,14 @@ class StaticKVCache(KVCache):
                         out=self.bias[:self.window])
         q = glue_ops.rope_store(q, k, v, rot, style, self.k[layer], self.v[layer], self.pos)
         return q, self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
+
+    def attend_step(self, layer, q, scale, cap):
+        # on CUDA one kernel over the filled positions 0..pos (SDPA takes the whole window and
+        # the mask); soft-capped scores and the CPU keep the masked attention
+        if self.attn_mask is None or q.shape[2] != 1 or cap or not q.is_cuda:
+            return None
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return glue_ops.decode_attention(q, self.k[layer], self.v[layer], self.pos, scale)
 
 
 class StepDecoder:

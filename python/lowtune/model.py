@@ -351,6 +351,11 @@ class KVCache:
         (q rotated, all keys, all values so far)."""
         return (apply_rope(q, rot, style), *self.update(layer, start, apply_rope(k, rot, style), v))
 
+    def attend_step(self, layer: int, q: torch.Tensor, scale: float | None, cap: float) -> torch.Tensor | None:
+        """A one-token step's attention read straight from the cache, where the cache has a kernel
+        for it (generate's StaticKVCache); None: the layer attends over what store() returned."""
+        return None
+
 
 # ----------------------------------------------------------------------------------------------
 # Decoder
@@ -498,11 +503,13 @@ class DecoderLayer(nn.Module):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
         if cache is None:
-            q, k, mask = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope), None
+            q, k, mask, attn = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope), None, None
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
             mask = cache.attn_mask
-        attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
+            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)
+        if attn is None:
+            attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
         return self.ffn_norm.after_residual(x, self.post_attention_norm(a) if fam.post_norms else a)
 
