@@ -201,14 +201,16 @@ def _report_compilations(setup: CompileSetup, on_event) -> None:
 
 @dataclass
 class _Static:
-    """Static inputs and outputs shared by the graphs of every layer with these shapes (the
-    graphs read and write them; callers copy in before a replay and out after it)."""
-    x: torch.Tensor
+    """Static inputs and outputs shared by the graphs of every layer with these shapes, forward
+    and backward alike (the graphs read and write them; callers copy in before a replay and out
+    after it). Two [tokens, dim] buffers serve both passes: a forward reads x and writes its
+    output over it, a backward reads x and dy and writes dx over dy. Each output is the last
+    thing its graph writes, after every read of the input it replaces, and the caller copies it
+    out before the next replay (lowtune.memory_budget.graph_pool counts these two)."""
+    x: torch.Tensor                       # the layer's input; a forward's output
     rot: torch.Tensor
-    y: torch.Tensor | None = None         # forward output
-    dy: torch.Tensor | None = None        # backward input
-    dx: torch.Tensor | None = None        # backward output
-    grads: torch.Tensor | None = None     # parameter gradients, flat, one dtype
+    dy: torch.Tensor                      # a backward's output gradient in, its dx out
+    grads: dict = field(default_factory=dict)   # (numel, dtype) -> flat parameter gradients
 
 
 class LayerGraphs:
@@ -274,18 +276,19 @@ class LayerGraphs:
         return (kind, id(layer), parts.addresses(), tuple(x.shape), x.dtype, tuple(rot.shape),
                 layer.training, _autocast(), *extra)
 
-    def _static(self, x, rot, kind: str, grads_numel: int = 0, grads_dtype=None) -> _Static:
-        key = (kind, tuple(x.shape), x.dtype, tuple(rot.shape), grads_numel, grads_dtype)
+    def _static(self, x, rot) -> _Static:
+        key = (tuple(x.shape), x.dtype, tuple(rot.shape))
         st = self.static.get(key)
         if st is None:
-            st = _Static(torch.empty_like(x), torch.empty_like(rot))
-            if kind == "forward":
-                st.y = torch.empty_like(x)
-            else:
-                st.dy, st.dx = torch.empty_like(x), torch.empty_like(x)
-                st.grads = torch.empty(grads_numel, dtype=grads_dtype, device=x.device)
-            self.static[key] = st
+            st = self.static[key] = _Static(torch.empty_like(x), torch.empty_like(rot), torch.empty_like(x))
         return st
+
+    @staticmethod
+    def _grads(st: _Static, numel: int, dtype) -> torch.Tensor:
+        flat = st.grads.get((numel, dtype))
+        if flat is None:
+            flat = st.grads[(numel, dtype)] = torch.empty(numel, dtype=dtype, device=st.x.device)
+        return flat
 
     def _capture(self, key, work: Callable[[], None]):
         """The graph of `work`, captured now; None when capture failed (then no layer is
@@ -353,20 +356,24 @@ class LayerGraphs:
         if self.failed:
             return None
         key = self._key("forward", layer, x, rot)
-        st = self._static(x, rot, "forward")
-        st.x.copy_(x)
-        st.rot.copy_(rot)
+        st = self._static(x, rot)
+
+        def fill():
+            st.x.copy_(x)
+            st.rot.copy_(rot)
         graph = self.graphs.get(key)
         if graph is None:
             def work():
                 with torch.no_grad():
-                    st.y.copy_(layer(st.x, st.rot))
+                    st.x.copy_(layer(st.x, st.rot))
+            fill()                            # the warm-up runs on the real input
             graph = self._capture(key, work)
             if graph is None:
                 return None
+        fill()                                # after a capture too: the warm-up wrote its output there
         graph.replay()
         self.replays += 1
-        return st.y.clone()
+        return st.x.clone()
 
     def backward(self, layer: nn.Module, x: torch.Tensor, rot: torch.Tensor, dy: torch.Tensor,
                  params: list[torch.Tensor], need_dx: bool):
@@ -381,10 +388,13 @@ class LayerGraphs:
                              f"got {sorted(str(d) for d in dtypes)}")
         numel = sum(p.numel() for p in wanted)
         key = self._key("backward", layer, x, rot, (need_dx, tuple(p.requires_grad for p in params)))
-        st = self._static(x, rot, "backward", numel, dtypes.pop() if wanted else None)
-        st.x.copy_(x)
-        st.rot.copy_(rot)
-        st.dy.copy_(dy)
+        st = self._static(x, rot)
+        flat_grads = self._grads(st, numel, dtypes.pop() if wanted else None)
+
+        def fill():
+            st.x.copy_(x)
+            st.rot.copy_(rot)
+            st.dy.copy_(dy)
         graph = self.graphs.get(key)
         if graph is None:
             # The recomputation differentiates fresh leaves over the parameters' storage: the
@@ -398,20 +408,22 @@ class LayerGraphs:
                 xi = st.x.detach().requires_grad_(need_dx)
                 with _reparametrize_module(layer, leaves):
                     grads = layer.checkpoint_backward(xi, st.rot, st.dy, ([xi] if need_dx else []) + wanted_leaves)
-                if need_dx:
-                    st.dx.copy_(grads[0])
+                if need_dx:                   # over dy: checkpoint_backward has done reading it
+                    st.dy.copy_(grads[0])
                 off = 0
                 for p, g in zip(wanted, grads[int(need_dx):]):
-                    view = st.grads[off:off + p.numel()].view(p.shape)
+                    view = flat_grads[off:off + p.numel()].view(p.shape)
                     view.copy_(g) if g is not None else view.zero_()
                     off += p.numel()
+            fill()                            # the warm-up runs on the real inputs
             graph = self._capture(key, work)
             if graph is None:
                 return None
+        fill()                                # after a capture too: the warm-up wrote dx over dy
         graph.replay()
         self.replays += 1
-        dx = st.dx.clone() if need_dx else None
-        flat = st.grads.clone()  # one copy; each gradient is a view of it (as DDP's buckets are)
+        dx = st.dy.clone() if need_dx else None
+        flat = flat_grads.clone()  # one copy; each gradient is a view of it (as DDP's buckets are)
         out, off = [], 0
         for p in params:
             if p.requires_grad:
