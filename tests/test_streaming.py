@@ -234,9 +234,9 @@ def test_estimated_working_set_shrinks_with_mlp_chunks_and_a_measured_one_is_not
     model = adapted_model()
     e = {n: estimate_memory(model, 256, 64, mlp_chunks=n)["working"] for n in (1, 2, 4)}
     c = model.config
-    # the MLP's seven [rows, F] tensors shrink with the rows; the gathered [T, D] input gradient
-    # comes on top
-    assert e[1] - e[2] == 128 * 4 * 7 * c.ffn_dim - 256 * c.dim * 4
+    # the MLP's seven [rows, F] tensors shrink with the rows, and so do ffn_norm's fp32 input and
+    # normed output [rows, D]; the gathered [T, D] gradient comes on top
+    assert e[1] - e[2] == 128 * 4 * 7 * c.ffn_dim + 128 * c.dim * (4 + 4) - 256 * c.dim * 4
     assert e[1] > e[2] > e[4]
     assert estimate_memory(model, 256, 64, working={1: 10, 4: 7}, mlp_chunks=4)["working"] == 7
     with pytest.raises(ValueError, match="chunk"):

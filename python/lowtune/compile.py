@@ -121,7 +121,7 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
             # a checkpointed layer with its MLP in token chunks recomputes in these two pieces
             # (DecoderLayer.checkpoint_backward); compiled on first use
             layer.compiled_parts = tuple(torch.compile(f, fullgraph=not dynamic_rank, dynamic=False, backend=backend)
-                                         for f in (layer.attend, layer.mlp))
+                                         for f in (layer.attention_branch, layer.norm_mlp))
     elif mode == "model":
         kw = dict(dynamic=False, backend=backend)
         if cuda_graphs:

@@ -416,7 +416,8 @@ class DecoderLayer(nn.Module):
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
         # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
         self.mlp_chunks = 1
-        # (attend, mlp) as lowtune.compile compiled them, for checkpoint_backward; None: eager
+        # (attention_branch, norm_mlp) as lowtune.compile compiled them, for checkpoint_backward;
+        # None: eager
         self.compiled_parts = None
 
     # Linears that read the same input, in the order their outputs are split.
@@ -492,6 +493,12 @@ class DecoderLayer(nn.Module):
     def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input)."""
+        return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
+
+    def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+                         start: int = 0) -> torch.Tensor:
+        """What the attention adds to the residual stream x (its post-norm applied, where the
+        family has one)."""
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -511,28 +518,33 @@ class DecoderLayer(nn.Module):
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
-        return self.ffn_norm.after_residual(x, self.post_attention_norm(a) if fam.post_norms else a)
+        return self.post_attention_norm(a) if fam.post_norms else a
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
         m = self.ffn_down(glue_ops.gated(self.activation, *self._products(h, self.PRODUCT_GROUPS[1])))
         return self.post_ffw_norm(m) if self.config.family.post_norms else m
 
+    def norm_mlp(self, s: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for rows s [..., D] of the residual stream, ffn_norm included."""
+        return self.mlp(self.ffn_norm(s))
+
     def checkpoint_backward(self, x: torch.Tensor, rot: torch.Tensor, dy: torch.Tensor,
                             inputs: list[torch.Tensor], recompute=contextlib.nullcontext) -> list[torch.Tensor | None]:
         """The gradients of layer(x, rot) against dy for `inputs` (x and parameters; None where
         one gets none), recomputing the layer from its input x: a checkpointed layer's backward.
         recompute(): the context the recomputation runs in (the forward's autocast); the
-        gradients are taken outside it. With mlp_chunks > 1 the MLP is recomputed and
-        differentiated one token chunk at a time, after the attention's recomputation, so only
-        one chunk's [rows, F] intermediates are alive; its forward still runs once."""
+        gradients are taken outside it. With mlp_chunks > 1 the MLP, its norm included, is
+        recomputed and differentiated one token chunk at a time, after the attention's
+        recomputation, so only one chunk's [rows, F] intermediates, and the norm's fp32 input and
+        normed output, are alive; its forward still runs once."""
         if self.mlp_chunks <= 1:
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
-        attend, mlp = self.compiled_parts or (self.attend, self.mlp)
+        branch, norm_mlp = self.compiled_parts or (self.attention_branch, self.norm_mlp)
         with torch.enable_grad(), recompute():
-            x1, h = attend(x, rot)
+            x1 = x + branch(x, rot)
         grads: list[torch.Tensor | None] = [None] * len(inputs)
 
         def add(new):
@@ -540,21 +552,21 @@ class DecoderLayer(nn.Module):
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i] + g
 
-        rows, drows = h.detach().reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        dh = torch.empty_like(rows)
+        rows, drows = x1.detach().reshape(-1, x1.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx1 = torch.empty_like(rows)
         start = 0
         # in forward order: adapter dropout draws its masks as the forward's chunks did
         for part, dpart in zip(rows.tensor_split(self.mlp_chunks), drows.tensor_split(self.mlp_chunks)):
             part = part.detach().requires_grad_()
             with torch.enable_grad(), recompute():
-                m = mlp(part)
+                m = norm_mlp(part)
             d, *rest = torch.autograd.grad(m, [part] + inputs, dpart, allow_unused=True)
-            dh[start:start + part.shape[0]] = d
+            # y = x1 + m: x1's gradient is dy and what comes back through the MLP
+            torch.add(d, dpart, out=dx1[start:start + part.shape[0]])
             start += part.shape[0]
             add(rest)
-        outs = [(t, g) for t, g in ((x1, dy), (h, dh.view_as(h))) if t.requires_grad]
-        if outs:
-            add(torch.autograd.grad([t for t, _ in outs], inputs, [g for _, g in outs], allow_unused=True))
+        if x1.requires_grad:
+            add(torch.autograd.grad(x1, inputs, dx1.view_as(x1), allow_unused=True))
         return grads
 
 

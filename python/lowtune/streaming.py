@@ -548,11 +548,12 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | dict |
         # inputs RMSNorm keeps (2), the normed inputs, x, y, dy and dx (6); q, k and v repeated to
         # every head, the attention output and the output projection's input (5); for one MLP
         # chunk's rows, the SwiGLU gate, activation, up and product, and the gradients of three
-        # of them (7); chunked, also the MLP's input gradient gathered chunk by chunk
+        # of them (7); chunked, ffn_norm's fp32 input and normed output are one chunk's too
+        # (DecoderLayer.norm_mlp), and the residual's gradient is gathered chunk by chunk
         rows = -(-tokens // mlp_chunks)
         working = tokens * (2 * 4 * c.dim + act * (6 * c.dim + 5 * q)) + rows * act * 7 * c.ffn_dim
         if mlp_chunks > 1:
-            working += tokens * c.dim * act
+            working += tokens * c.dim * act - (tokens - rows) * c.dim * (4 + act)
     return {
         "layers": packs,
         # non-layer weights and frozen adapters, but for the host-side embedding
