@@ -240,8 +240,8 @@ class LayerGraphs:
         self.uncaptured: set[str] = set()
         self.parts: dict[int, _LayerParts] = {}
         self.failed: str | None = None      # why capture failed, when it did
-        # one warm-up stream for every capture: each stream that multiplies holds cuBLAS
-        # workspaces for good (lowtune.memory_budget counts three: compute, warm-up, capture)
+        # one side stream for every warm-up and capture: each stream that multiplies holds cuBLAS
+        # workspaces for good (lowtune.memory_budget counts two: compute, and this one)
         self.warmup_stream = None
 
     def summary(self) -> str:

@@ -138,17 +138,31 @@ def attention_workspace(tokens: int, n_heads: int, head_dim: int) -> int:
 GRAPH_EXEC_BYTES = 1 * MIB
 
 
+def layer_graph_bytes(mlp_chunks: int = 1, mlp_share: float = 0.0) -> int:
+    """Device memory of one layer's two graphs (forward, backward): GRAPH_EXEC_BYTES each with the
+    MLP whole. With the MLP in token chunks every chunk launches the MLP's kernels again, so the
+    graphs grow with the MLP's share of their nodes; mlp_share stands for it: the MLP's share of
+    the layer's weights, which the extension dequantizes and multiplies in chunks of a fixed size
+    (two kernel nodes each). An estimate, not yet measured with chunks
+    (tools/gpu/layer_graphs_memory.py measures it)."""
+    return math.ceil(2 * GRAPH_EXEC_BYTES * (1 - mlp_share + mlp_share * mlp_chunks))
+
+
 def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int, n_layers: int,
-               every_layer_captured: bool = False) -> int:
+               every_layer_captured: bool = False, rot_bytes: int = 0,
+               layer_graphs: int = 2 * GRAPH_EXEC_BYTES) -> int:
     """Bytes CUDA graphs of the decoder layers hold for good (lowtune.compile.LayerGraphs): one
-    layer's intermediates in the pool the graphs share, the static inputs and outputs (x, y, dy,
-    dx [tokens, dim], the layer's flat adapter gradients), and the graphs themselves: forward and
-    backward of every layer, twice for a streamed layer (one per GPU slot it lands in).
+    layer's intermediates in the pool the graphs share, the static inputs and outputs (two
+    [tokens, dim] buffers that forward and backward share, the RoPE table `rot_bytes`, the
+    layer's flat adapter gradients), and the graphs themselves: forward and backward of every
+    layer (`layer_graphs` bytes: layer_graph_bytes). A streamed layer is captured over one GPU slot only: the streamer's two slots take
+    the streamed layers in turn, forward and backward alike, so each lands in the same slot
+    every step (the 7B runs at 3 GiB captured 64 graphs for 32 streamed layers).
     every_layer_captured: no layer runs outside the graphs, so the working set the plan already
     counts for eager layers is the pool's (the capture returns its warm-up's cache first) and is
     not counted twice."""
     intermediates = 0 if every_layer_captured else working
-    return intermediates + 4 * tokens * dim * act_bytes + layer_grads + 4 * n_layers * GRAPH_EXEC_BYTES
+    return intermediates + 2 * tokens * dim * act_bytes + rot_bytes + layer_grads + n_layers * layer_graphs
 
 
 # ---- NVML ------------------------------------------------------------------------------------------
@@ -264,9 +278,10 @@ class DeviceBudget:
         return self.device.startswith("cuda")
 
     def streams(self, graphs: bool) -> int:
-        """Streams that run products: the compute stream; with CUDA graphs also the warm-up and
-        capture streams (lowtune.compile.LayerGraphs)."""
-        return 3 if graphs else 1
+        """Streams that run products: the compute stream; with CUDA graphs also the one side
+        stream lowtune.compile.LayerGraphs warms up and captures on (the 7B runs with graphs
+        saw the extension hold two cuBLAS workspaces)."""
+        return 2 if graphs else 1
 
     def overheads(self, scratch: int, graphs: bool) -> dict:
         """Every term but the tensors and their share of slack, itemised."""
@@ -377,5 +392,5 @@ def size(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-__all__ = ["DeviceBudget", "NVML", "attention_workspace", "extension_bytes", "graph_pool",
+__all__ = ["DeviceBudget", "NVML", "attention_workspace", "extension_bytes", "graph_pool", "layer_graph_bytes",
            "prepare_process", "size", "workspace_per_stream"]

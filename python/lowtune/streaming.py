@@ -51,7 +51,7 @@ from .adapters import AdaptedLinear
 from .disk_ring import DiskLayers, read_ranges
 from .gguf_io import GGUFFile
 from .host_adamw import staging_bytes
-from .memory_budget import DeviceBudget, attention_workspace, graph_pool, prepare_process
+from .memory_budget import DeviceBudget, attention_workspace, graph_pool, layer_graph_bytes, prepare_process
 from .memory_budget import size as _size
 from .model import Model, QLinear
 from .ops import ACT_DTYPES
@@ -516,6 +516,13 @@ def scratch_bytes(model: Model, tokens: int, chunk: int, small: bool = False) ->
                     for p in ("forward", "input_grad")), default=0)
 
 
+def _mlp_share(model: Model) -> float:
+    """The MLP's share of the largest layer's weight elements (memory_budget.layer_graph_bytes)."""
+    layer = max(model.layers, key=_pack_bytes)
+    sizes = [(lin.name, lin.out_features * lin.in_features) for lin in _packed_linears(layer)]
+    return sum(n for name, n in sizes if ".ffn_" in name) / max(sum(n for _, n in sizes), 1)
+
+
 # Token chunks the planner may run each layer's MLP in (DecoderLayer.mlp_chunks), fewest first:
 # every chunk dequantizes the MLP's weights again, and its products are narrower.
 MLP_CHUNKS = (1, 2, 4, 8)
@@ -576,6 +583,10 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | dict |
                                       if isinstance(m, AdaptedLinear)),
         # SDPA's flash backward: its fp32 accumulators
         "attention": attention_workspace(tokens, c.n_heads, c.head_dim),
+        # one layer's CUDA graphs, which grow with the MLP's chunks (each launches its products)
+        "layer_graphs": layer_graph_bytes(mlp_chunks, _mlp_share(model)),
+        # the RoPE tables of a step (Model.rope_rotation): the graphs' static copy
+        "rotation": model.rope_inv_freq.shape[0] * 2 * tokens * c.rope_dim * 4,
         # one chunk of fp32 logits with its softmax and gradient, and dh [tokens, D]
         "head": 3 * chunk * c.vocab_size * 4 + tokens * c.dim * 4,
         # the extension's dequantization scratch (driver-level: lowtune.memory_budget)
@@ -601,7 +612,7 @@ def _base(e: dict, tokens: int, dim: int, act: int, graphs: bool, on_host: bool)
              "working": e["working"], "attention": attention,
              "head": e["head"] if pooled else max(0, e["head"] - layer),
              "graph_pool": graph_pool(e["working"], tokens, dim, act, e["layer_adapters"], len(e["layers"]),
-                                      e["every_layer_capturable"]) if graphs else 0}
+                                      e["every_layer_capturable"], e["rotation"], e["layer_graphs"]) if graphs else 0}
     return parts
 
 
