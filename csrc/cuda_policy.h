@@ -4,7 +4,7 @@
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
 //   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
-//              (has_gemv), N >= kGemvMinN: bf16/fp16, operands 16-byte aligned
+//              (has_gemv), where gemv_by_default says: bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -22,7 +22,6 @@
 //   LOWTUNE_CUDA_PATH      gemv | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
-//   LOWTUNE_CUDA_GEMV_ROWS rows the gemv kernel's warps take at a time: 1 (default) or 2
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
 //   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
@@ -48,10 +47,16 @@ enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
-// The gemv kernel against the staged one (H200, BENCHMARKS.md "An M = 1 Q4_K kernel on CUDA
-// cores"): 8-17% faster from N = 6144 rows (K = 4096), within 3% or slower at N = 4096, where the
-// staged kernel's split reduction keeps more CTAs busy (22% faster at 4096x28672).
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "M = 1 on CUDA cores for every type
+// with codes"): faster from N = 6144 rows (K = 4096) for most types, slower at N = 4096, where the
+// staged kernel's split reduction keeps more CTAs busy. Q6_K's gemv is faster at every shape
+// measured (1.2-1.45x), Q3_K's is not faster at N >= 6144 (11% slower at 14336x4096).
 constexpr int64_t kGemvMinN = 6144;
+inline bool gemv_by_default(int qtype, int64_t n) {
+  if (qtype == T_Q6_K) return true;
+  if (qtype == T_Q3_K) return false;
+  return n >= kGemvMinN;
+}
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
 // of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
 constexpr bool has_gemv(int qtype) {
@@ -91,6 +96,7 @@ struct Call {
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)
   bool cublas;       // a cuBLAS could be loaded
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
+  int qtype = -1;     // the weight's type (-1: unknown)
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -105,7 +111,7 @@ inline Path choose(const Call& c) {
   const bool grad = c.product == Product::InputGrad;
   const bool staged_ok = c.half && c.act_aligned && c.out_aligned && c.m >= 1 && c.m <= std::min(small, kStagedMaxM);
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
-  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;  // (the default also asks kGemvMinN)
+  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;  // (the default also asks gemv_by_default)
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
@@ -114,7 +120,7 @@ inline Path choose(const Call& c) {
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
-  if (gemv_ok && c.n >= kGemvMinN) return Path::Gemv;
+  if (gemv_ok && gemv_by_default(c.qtype, c.n)) return Path::Gemv;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

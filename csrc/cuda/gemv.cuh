@@ -41,9 +41,10 @@ constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kInFlight = 4;  // units per lane loaded before any is decoded
 constexpr float kXMax = 32767.0f;
 
-// Shared memory per K: x as int16 (2 bytes per element) and per 32-element unit one float4
-// (sigma and sum(xq) of its two spans): 2.5 bytes per element.
-inline size_t smem_bytes(int64_t k) { return (size_t)k * 2 + (size_t)(k / 32) * 16; }
+// Shared memory per K: x as int16 (64 bytes per 32-element unit, for whole groups of 32 units:
+// xs_index's layout) and per unit one float4 (sigma and sum(xq) of its two spans).
+inline int64_t padded_units(int64_t k) { return (k / 32 + 31) / 32 * 32; }
+inline size_t smem_bytes(int64_t k) { return (size_t)padded_units(k) * 64 + (size_t)(k / 32) * 16; }
 
 // Unit u of a block (u < kElems / 32): its two spans start at e0 and e1 = e0 + the distance at
 // which Unpack<T> reads the same words again (the low and the high nibbles of the same bytes),
@@ -57,7 +58,7 @@ template <int T> struct Units {
 };
 
 // x's shared-memory form: load h (0, 1: span 0's first and last 8 elements; 2, 3: span 1's) of
-// unit u is the uint4 xs[((u / 32) * 4 + h) * 32 + u % 32].
+// unit u is the uint4 xs[((u / 32) * 4 + h) * 32 + u % 32] (so xs spans whole groups of 32 units).
 __device__ __forceinline__ int xs_index(int u, int h) { return ((u >> 5) * 4 + h) * 32 + (u & 31); }
 
 __device__ __forceinline__ int dp2a_lo(uint32_t x2, uint32_t codes, int acc) {
@@ -111,16 +112,18 @@ __device__ void prepare_unit(const ACT* __restrict__ x, int q, uint4* xs, float4
       probe += 0.0f * v[i];
     }
     const bool finite = probe == 0.0f;
-    // xq = rint(x 32767 / mx), through mx = m 2^e (m in [0.5, 1)) so that no factor overflows for
-    // tiny mx; a NaN or infinite element makes sigma NaN, and with it the row's result
+    // xq = rint(x 32767 / mx); below 2^-100 through mx = m 2^e (m in [0.5, 1)), so that 32767 / mx
+    // cannot overflow (the common case skips the slow ldexpf); a NaN or infinite element makes
+    // sigma NaN, and with it the row's result
+    const bool tiny = mx < 0x1p-100f;
     int e = 0;
-    const float m = frexpf(mx, &e);
+    const float m = tiny ? frexpf(mx, &e) : mx;
     const float inv = m > 0.0f ? kXMax / m : 0.0f;
-    sig[p] = finite ? ldexpf(m / kXMax, e) : __int_as_float(0x7fffffff);
+    sig[p] = !finite ? __int_as_float(0x7fffffff) : tiny ? ldexpf(m / kXMax, e) : mx / kXMax;
     int s = 0;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      v[i] = finite ? rintf(ldexpf(v[i], -e) * inv) : 0.0f;  // |v| <= 32767: |x| <= mx
+      v[i] = finite ? rintf((tiny ? ldexpf(v[i], -e) : v[i]) * inv) : 0.0f;  // |v| <= 32767: |x| <= mx
       s += (int)v[i];
     }
     sum[p] = (float)s;  // |s| <= 16 * 32767: exact
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
   extern __shared__ uint4 smem[];
   const int units = k / 32;
   uint4* xs = smem;
-  float4* aux = reinterpret_cast<float4*>(smem + 4 * units);
+  float4* aux = reinterpret_cast<float4*>(smem + 4 * ((units + 31) / 32 * 32));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5);
   // the warp's first row streams into L2 while x is prepared (every CTA prepares at once)

@@ -156,19 +156,22 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
   y[i] = f_to_act<T>(__fmul_rn(a, act_to_f(u[i])));
 }
 
-// One CTA per query head: scores of positions 0..*pos (a lane per position, q from shared
-// memory), the softmax over them in shared memory, then each warp sums a quarter of the positions'
-// values (a lane per HD/32 dims) and the warps' sums are added. fp32 throughout.
+// One CTA per query head: scores of positions 0..*pos (a thread per position, its key row in
+// registers, q from shared memory), the softmax over them in shared memory, then the weighted sum
+// of values with a thread per (position, 16-byte piece of the row), kRowsPer positions at a time
+// and several such passes' loads in flight (the cache is read from HBM: latency, not bandwidth,
+// bounds one head), and the passes' partial sums added in shared memory. fp32 throughout.
 constexpr int kAttnThreads = 128;
 template <class T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, T* __restrict__ out,
     const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
-  constexpr int E = 16 / (int)sizeof(T), kWarps = kAttnThreads / 32, kPer = HD / 32;
+  constexpr int E = 16 / (int)sizeof(T), kWarps = kAttnThreads / 32;
+  constexpr int kPieces = HD / E, kRowsPer = kAttnThreads / kPieces;  // row pieces; positions per pass
   extern __shared__ float attn_smem[];
-  float* qs = attn_smem;             // HD
-  float* part = qs + HD;             // kWarps * HD
-  float* p = part + kWarps * HD;     // cache_len scores, then weights
+  float* qs = attn_smem;                // HD
+  float* part = qs + HD;                // kAttnThreads * E: each thread's partial sums
+  float* p = part + kAttnThreads * E;   // cache_len scores, then weights
   __shared__ float red[kWarps];
   const int head = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t kvh = head / (h / hkv);
@@ -180,11 +183,13 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   float mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += kAttnThreads) {
     const uint4* row = reinterpret_cast<const uint4*>(kh + j * HD);
+    uint4 raw[kPieces];
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c) raw[c] = row[c];  // the whole row in flight
     float s = 0.0f;
-#pragma unroll 4
-    for (int c = 0; c < HD / E; ++c) {
-      const uint4 raw = row[c];
-      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c) {
+      const T* e = reinterpret_cast<const T*>(&raw[c]);
 #pragma unroll
       for (int i = 0; i < E; ++i) s = fmaf(act_to_f(e[i]), qs[c * E + i], s);
     }
@@ -212,20 +217,23 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < kWarps; ++i) sum += red[i];
-  float acc[kPer] = {};
-  for (int64_t j = warp; j < n; j += kWarps) {
+  const int piece = threadIdx.x % kPieces, r0 = threadIdx.x / kPieces;
+  float acc[E] = {};
+#pragma unroll 4
+  for (int64_t j = r0; j < n; j += kRowsPer) {
+    const uint4 raw = reinterpret_cast<const uint4*>(vh + j * HD)[piece];
+    const T* e = reinterpret_cast<const T*>(&raw);
     const float w = p[j];
-    const T* row = vh + j * HD + lane * kPer;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) acc[i] = fmaf(w, act_to_f(row[i]), acc[i]);
+    for (int i = 0; i < E; ++i) acc[i] = fmaf(w, act_to_f(e[i]), acc[i]);
   }
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) part[warp * HD + lane * kPer + i] = acc[i];
+  for (int i = 0; i < E; ++i) part[r0 * HD + piece * E + i] = acc[i];
   __syncthreads();
   for (int i = threadIdx.x; i < HD; i += kAttnThreads) {
     float o = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += part[w * HD + i];
+    for (int r = 0; r < kRowsPer; ++r) o += part[r * HD + i];
     out[(int64_t)head * HD + i] = f_to_act<T>(o / sum);
   }
 }
@@ -309,7 +317,7 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
 }
 
 size_t decode_attention_smem(int64_t hd, int64_t cache_len) {
-  return (size_t)(hd * (1 + kAttnThreads / 32) + cache_len) * sizeof(float);
+  return (size_t)(hd + kAttnThreads * 8 + cache_len) * sizeof(float);  // q, partial sums (8 per thread), scores
 }
 
 bool decode_attention_fits(int dtype, int64_t h, int64_t hkv, int64_t hd, int64_t cache_len) {

@@ -67,12 +67,6 @@ bool gemv_fits(int64_t k);
 template <int T>
 void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
                  cudaStream_t stream);
-// The first M = 1 Q4_K kernel (gemv_q4k.cu: fp16 pairs instead of integer dot products), kept for
-// one comparison run (LOWTUNE_CUDA_GEMV=half).
-bool gemv_q4k_fits(int64_t k);
-void launch_gemv_q4k(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
-                     cudaStream_t stream);
-
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
 // Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB

@@ -265,7 +265,8 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
 cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
                               const void* act, const void* out) {
   const bool gemv = cuda_policy::has_gemv(qtype) && gemv_fits(k);
-  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv});
+  return cuda_policy::choose(
+      {product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv, qtype});
 }
 
 }  // namespace
@@ -356,10 +357,7 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
   const uint8_t* wb = wa.get();
   switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
     case cuda_policy::Path::Gemv:
-      if (const char* g = std::getenv("LOWTUNE_CUDA_GEMV"); qtype == T_Q4_K && g && !std::strcmp(g, "half"))
-        launch_gemv_q4k(x, dtype, wb, y, n, k, row_bytes, s);
-      else
-        dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
+      dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
       break;
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });

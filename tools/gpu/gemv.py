@@ -2,7 +2,7 @@
 against the staged kernel (LOWTUNE_CUDA_PATH=staged) and the default choice (cuda_policy), per
 type, on the shapes of 7B/8B decode steps, in one process, weights rotated past 2x L2
 (tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape, type and setting,
-JSON lines to --out. For Q4_K also the first gemv kernel (LOWTUNE_CUDA_GEMV=half) while it exists.
+JSON lines to --out.
 
     python3 tools/gpu/gemv.py [--types Q4_K,Q4_0] [--out gemv.jsonl]
 """
@@ -24,9 +24,8 @@ FOUR_BIT = ["Q4_K", "Q4_0", "Q4_1", "INT4-g64"]
 OTHERS = ["Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "INT2-g64", "INT3-g128", "INT8-g32"]
 DECODE_SHAPES = ["4096x4096", "12288x4096", "22016x4096", "4096x11008", "14336x4096", "4096x14336"]
 FEW_SHAPES = ["4096x4096", "14336x4096", "4096x14336"]
-SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": {"LOWTUNE_CUDA_PATH": "gemv"},
-            "gemv_half": {"LOWTUNE_CUDA_PATH": "gemv", "LOWTUNE_CUDA_GEMV": "half"}}
-KNOBS = ("LOWTUNE_CUDA_PATH", "LOWTUNE_CUDA_GEMV")
+SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": {"LOWTUNE_CUDA_PATH": "gemv"}}
+KNOBS = ("LOWTUNE_CUDA_PATH",)
 
 
 def main(argv=None) -> int:
@@ -50,8 +49,6 @@ def main(argv=None) -> int:
             x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
             nbytes = one.nbytes + (k + n) * 2
             for name, env in SETTINGS.items():
-                if name == "gemv_half" and qtype != "Q4_K":
-                    continue
                 for key in KNOBS:
                     os.environ.pop(key, None)
                 os.environ.update(env)
