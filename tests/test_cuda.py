@@ -310,6 +310,14 @@ def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatc
     check_gemv(name, dtype, shapes, gen, monkeypatch)
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q6_K", "INT3-g128"])
+def test_gemv_pipelined_variant(name, gen, monkeypatch):
+    """The variant that issues a step's loads before decoding the previous step: rows of one and
+    of several rounds, a warp's last step alone."""
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV", "pipelined")
+    check_gemv(name, torch.bfloat16, [(37, 1), (301, 17), (65, 112), (4096, 16)], gen, monkeypatch)
+
+
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])
 def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, monkeypatch):
     n, k = 40, 512
