@@ -22,7 +22,6 @@
 //   LOWTUNE_CUDA_PATH      gemv | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
-//   LOWTUNE_CUDA_GEMV      pipelined: the gemv kernel's variant that loads a step ahead (cuda/gemv.cuh)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
 //   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)

@@ -24,9 +24,10 @@
 //   decode_attention: one query token against a KV cache (batch 1): out[h] = softmax(q[h]·K[g]ᵀ
 //             · scale over positions 0..*pos) · V[g], g = h / (H / Hkv); q, out [H, hd], caches
 //             [Hkv, L, hd], all contiguous, fp16/bf16, fp32 arithmetic. pos is read on the device
-//             (one captured graph serves every position) and only the filled positions are read.
-//             decode_attention_fits says whether the kernel takes a shape (head_dim 64, 128 or
-//             256; the L scores fit shared memory).
+//             (one captured graph serves every position) and only the filled positions are read,
+//             split over up to 32 CTAs per head whose partial softmaxes a second kernel merges
+//             (flash-decoding). decode_attention_fits says whether the kernels take a shape
+//             (head_dim 64, 128 or 256; a split's scores fit shared memory).
 #pragma once
 #include <cstdint>
 

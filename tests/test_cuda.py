@@ -292,6 +292,9 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
                 a[0, ::7] = 0
             if kind == "tiny":  # spans below 2^-100 (bf16 only: fp16 has no such values)
                 a = a * 1e-33
+            big = float((a.double() @ w64.t()).abs().max())
+            if dtype == torch.float16 and big > 1e4:  # results within fp16's range (wide codes, long rows)
+                a = a * (1e4 / big)
             a = a.to(dtype)
             ref = a.double() @ w64.t()
             gemv = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "gemv",
@@ -308,14 +311,6 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
 def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
     shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112)]
     check_gemv(name, dtype, shapes, gen, monkeypatch)
-
-
-@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q6_K", "INT3-g128"])
-def test_gemv_pipelined_variant(name, gen, monkeypatch):
-    """The variant that issues a step's loads before decoding the previous step: rows of one and
-    of several rounds, a warp's last step alone."""
-    monkeypatch.setenv("LOWTUNE_CUDA_GEMV", "pipelined")
-    check_gemv(name, torch.bfloat16, [(37, 1), (301, 17), (65, 112), (4096, 16)], gen, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])

@@ -25,8 +25,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -140,17 +138,17 @@ __device__ void prepare_unit(const ACT* __restrict__ x, int q, uint4* xs, float4
   aux[q] = make_float4(sig[0], sum[0], sig[1], sum[1]);
 }
 
-// A warp's work is a sequence of steps, (row, round of 32 * kIn units); kPipe: the loads of step
-// s + 1 are issued before step s is decoded (two register sets of kIn units), else each step loads
-// then decodes (one set of 2 kIn units, the same registers).
-template <int T, class ACT, bool kPipe>
+// Each warp takes rows first, first + stride, ...; a row in rounds of 32 kInFlight units, each
+// round's loads issued before any is decoded. (Loading the next round while decoding this one,
+// with half the units per round, was slower: BENCHMARKS.md.)
+template <int T, class ACT>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
                                                         ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
   using U = Unpack<T>;
   using Un = Units<T>;
   constexpr int kW = U::template Words<16>::value;  // raw words of one span
   constexpr int kLoads = Un::kSame ? 1 : 2;         // span loads per unit
-  constexpr int kIn = kPipe ? kInFlight / 2 : kInFlight;
+  constexpr int kIn = kInFlight;
   using Raw = uint32_t[kIn][kLoads * kW];
   extern __shared__ uint4 smem[];
   const int units = k / 32;
@@ -202,41 +200,19 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
     if (lane == 0) y[row] = f_to_act<ACT>(acc);
     acc = 0.0f;
   };
-  if constexpr (kPipe) {
-    // step s: row first + (s / rounds) * stride, units from (s % rounds) * 32 kIn
-    const int rounds = (units + 32 * kIn - 1) / (32 * kIn);
-    const int steps = first < n ? (n - 1 - first) / stride * rounds + rounds : 0;
-    auto row_of = [&](int st) { return first + st / rounds * stride; };
-    auto u0_of = [&](int st) { return st % rounds * 32 * kIn; };
-    auto run = [&](int st, const Raw& r) {
-      decode(u0_of(st), r);
-      if (st % rounds == rounds - 1) finish(row_of(st));
-    };
-    Raw ra, rb;
-    if (steps > 0) load(row_of(0), 0, ra);
-    for (int st = 0; st < steps; st += 2) {
-      if (st + 1 < steps) load(row_of(st + 1), u0_of(st + 1), rb);
-      run(st, ra);
-      if (st + 1 < steps) {
-        if (st + 2 < steps) load(row_of(st + 2), u0_of(st + 2), ra);
-        run(st + 1, rb);
-      }
+  for (int row = first; row < n; row += stride) {
+    for (int u0 = 0; u0 < units; u0 += 32 * kIn) {
+      Raw r;
+      load(row, u0, r);
+      decode(u0, r);
     }
-  } else {
-    for (int row = first; row < n; row += stride) {
-      for (int u0 = 0; u0 < units; u0 += 32 * kIn) {
-        Raw r;
-        load(row, u0, r);
-        decode(u0, r);
-      }
-      finish(row);
-    }
+    finish(row);
   }
 }
 
 // CTAs of gemv_kernel<T, ACT> one multiprocessor holds with `smem` bytes of shared memory (asked
 // once per size; the kernel's shared-memory limit is raised as K needs).
-template <int T, class ACT, bool kPipe>
+template <int T, class ACT>
 int resident_ctas(size_t smem) {
   static std::mutex mu;
   static size_t configured = 48 * 1024;
@@ -245,12 +221,12 @@ int resident_ctas(size_t smem) {
   const auto it = known.find(smem);
   if (it != known.end()) return it->second;
   if (smem > configured) {
-    LT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, ACT, kPipe>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    LT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, ACT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)smem));
     configured = smem;
   }
   int per_sm = 0;
-  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, ACT, kPipe>, kThreads, smem));
+  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, ACT>, kThreads, smem));
   return known[smem] = per_sm;
 }
 
@@ -264,24 +240,17 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
   } else {
     static_assert(Unpack<T>::kElems % 32 == 0, "units of 32 elements");
     const size_t smem = gemv::smem_bytes(k);
-    const char* knob = std::getenv("LOWTUNE_CUDA_GEMV");  // "pipelined": the variant, for comparisons
-    const bool pipe = knob && !std::strcmp(knob, "pipelined");
-    auto launch = [&](auto tag, auto pipe_c) {
+    auto launch = [&](auto tag) {
       using ACT = decltype(tag);
-      constexpr bool P = decltype(pipe_c)::value;
-      const int per_sm = gemv::resident_ctas<T, ACT, P>(smem);
+      const int per_sm = gemv::resident_ctas<T, ACT>(smem);
       if (per_sm < 1) throw std::runtime_error("gemv: no CTA fits for this K");
       const int64_t want = (n + gemv::kWarps - 1) / gemv::kWarps;
       const int grid = (int)std::min<int64_t>(want, (int64_t)per_sm * sm_count());
-      gemv::gemv_kernel<T, ACT, P><<<grid, gemv::kThreads, smem, stream>>>(
+      gemv::gemv_kernel<T, ACT><<<grid, gemv::kThreads, smem, stream>>>(
           static_cast<const ACT*>(x), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
     };
-    auto by_pipe = [&](auto tag) {
-      if (pipe) launch(tag, std::true_type{});
-      else launch(tag, std::false_type{});
-    };
-    if (dtype == D_BF16) by_pipe(__nv_bfloat16{});
-    else if (dtype == D_F16) by_pipe(__half{});
+    if (dtype == D_BF16) launch(__nv_bfloat16{});
+    else if (dtype == D_F16) launch(__half{});
     else throw std::invalid_argument("gemv takes bfloat16 or float16 activations");
     LT_CUDA_CHECK_LAUNCH();
   }

@@ -3,12 +3,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <type_traits>
 
 #include "../blocks.h"
 #include "../glue_kernels.h"
 #include "common.cuh"
+#include "internal.h"  // ScratchBuffer
 #include "mma.cuh"  // act_to_f, f_to_act
 
 namespace lowtune::cuda {
@@ -156,32 +158,35 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
   y[i] = f_to_act<T>(__fmul_rn(a, act_to_f(u[i])));
 }
 
-// One CTA per query head: scores of positions 0..*pos (a thread per position, its key row in
-// registers, q from shared memory), the softmax over them in shared memory, then the weighted sum
-// of values with a thread per (position, 16-byte piece of the row), kRowsPer positions at a time
-// and several such passes' loads in flight (the cache is read from HBM: latency, not bandwidth,
-// bounds one head), and the passes' partial sums added in shared memory. fp32 throughout.
+// Flash-decoding: CTA (head, split) takes its share of positions 0..*pos (n / splits, rounded up)
+// and writes a partial result (the share's max score m, its sum of exp(score - m) l, and the
+// values weighted by exp(score - m)); decode_attention_combine_kernel merges a head's partials.
+// Within a CTA: a thread per position for the scores (its key row in registers, q in shared
+// memory), then a thread per (position, 16-byte piece of the value row), kRowsPer positions at a
+// time and several passes' loads in flight, the passes' sums added in shared memory. fp32 throughout.
 constexpr int kAttnThreads = 128;
 template <class T, int HD>
-__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
-    const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, T* __restrict__ out,
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
+    const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, float* __restrict__ ws,
     const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
   constexpr int E = 16 / (int)sizeof(T), kWarps = kAttnThreads / 32;
   constexpr int kPieces = HD / E, kRowsPer = kAttnThreads / kPieces;  // row pieces; positions per pass
   extern __shared__ float attn_smem[];
   float* qs = attn_smem;                // HD
   float* part = qs + HD;                // kAttnThreads * E: each thread's partial sums
-  float* p = part + kAttnThreads * E;   // cache_len scores, then weights
+  float* p = part + kAttnThreads * E;   // the share's scores, then weights
   __shared__ float red[kWarps];
-  const int head = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int head = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t kvh = head / (h / hkv);
-  const int64_t n = min(*pos + 1, cache_len);
-  const T* kh = k_cache + kvh * cache_len * HD;
-  const T* vh = v_cache + kvh * cache_len * HD;
+  const int64_t n = min(*pos + 1, cache_len), share = (n + splits - 1) / splits;
+  const int64_t j0 = min(n, split * share), cnt = min(n, j0 + share) - j0;
+  const T* kh = k_cache + (kvh * cache_len + j0) * HD;
+  const T* vh = v_cache + (kvh * cache_len + j0) * HD;
   for (int i = threadIdx.x; i < HD; i += kAttnThreads) qs[i] = act_to_f(q[(int64_t)head * HD + i]) * scale;
   __syncthreads();
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < n; j += kAttnThreads) {
+  for (int64_t j = threadIdx.x; j < cnt; j += kAttnThreads) {
     const uint4* row = reinterpret_cast<const uint4*>(kh + j * HD);
     uint4 raw[kPieces];
 #pragma unroll
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   for (int i = 1; i < kWarps; ++i) mx = fmaxf(mx, red[i]);
   __syncthreads();  // red is reused below
   float sum = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += kAttnThreads) {
+  for (int64_t j = threadIdx.x; j < cnt; j += kAttnThreads) {
     const float e = expf(p[j] - mx);
     p[j] = e;
     sum += e;
@@ -214,13 +219,10 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) red[warp] = sum;
   __syncthreads();  // also: every weight p[j] is written
-  sum = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kWarps; ++i) sum += red[i];
   const int piece = threadIdx.x % kPieces, r0 = threadIdx.x / kPieces;
   float acc[E] = {};
 #pragma unroll 4
-  for (int64_t j = r0; j < n; j += kRowsPer) {
+  for (int64_t j = r0; j < cnt; j += kRowsPer) {
     const uint4 raw = reinterpret_cast<const uint4*>(vh + j * HD)[piece];
     const T* e = reinterpret_cast<const T*>(&raw);
     const float w = p[j];
@@ -230,12 +232,37 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
 #pragma unroll
   for (int i = 0; i < E; ++i) part[r0 * HD + piece * E + i] = acc[i];
   __syncthreads();
+  float* out = ws + ((int64_t)head * splits + split) * (HD + 2);  // m, l, then HD weighted sums
+  if (threadIdx.x == 0) {
+    sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) sum += red[i];
+    out[0] = mx;  // -inf for an empty share (then l = 0 and the sums are 0)
+    out[1] = sum;
+  }
   for (int i = threadIdx.x; i < HD; i += kAttnThreads) {
     float o = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRowsPer; ++r) o += part[r * HD + i];
-    out[(int64_t)head * HD + i] = f_to_act<T>(o / sum);
+    out[2 + i] = o;
   }
+}
+
+// A thread per output element of a head: the splits' partials rescaled to the largest max.
+template <class T, int HD>
+__global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const float* __restrict__ ws, T* __restrict__ out,
+                                                                      int splits) {
+  const float* hw = ws + (int64_t)blockIdx.x * splits * (HD + 2);
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, hw[s * (HD + 2)]);
+  float l = 0.0f, o = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float* w = hw + s * (HD + 2);
+    const float f = w[0] == -INFINITY ? 0.0f : expf(w[0] - m);
+    l = fmaf(f, w[1], l);
+    o = fmaf(f, w[2 + threadIdx.x], o);
+  }
+  out[(int64_t)blockIdx.x * HD + threadIdx.x] = f_to_act<T>(o / l);
 }
 
 template <class F> void by_dtype(int dtype, F&& f) {
@@ -316,8 +343,13 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
   LT_CUDA_CHECK_LAUNCH();
 }
 
+// Splits of a head's positions: one per 64 cached positions, at most 32 (the grid is fixed when a
+// graph is captured, so it follows the cache's length, not the filled positions).
+int64_t decode_attention_splits(int64_t cache_len) { return std::min<int64_t>((cache_len + 63) / 64, 32); }
+
 size_t decode_attention_smem(int64_t hd, int64_t cache_len) {
-  return (size_t)(hd + kAttnThreads * 8 + cache_len) * sizeof(float);  // q, partial sums (8 per thread), scores
+  const int64_t splits = decode_attention_splits(cache_len), share = (cache_len + splits - 1) / splits;
+  return (size_t)(hd + kAttnThreads * 8 + share) * sizeof(float);  // q, partial sums (8 per thread), scores
 }
 
 bool decode_attention_fits(int dtype, int64_t h, int64_t hkv, int64_t hd, int64_t cache_len) {
@@ -334,19 +366,24 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
   if (!decode_attention_fits(dtype, h, hkv, hd, cache_len))
     throw std::invalid_argument("decode_attention: fp16/bf16, head_dim 64, 128 or 256, whole groups of heads, "
                                 "and a cache whose scores fit shared memory");
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int splits = (int)decode_attention_splits(cache_len);
   const size_t smem = decode_attention_smem(hd, cache_len);
+  ScratchBuffer ws((size_t)(h * splits * (hd + 2)) * sizeof(float), st);
   auto launch = [&](auto tag, auto hd_c) {
     using T = decltype(tag);
     constexpr int HD = decltype(hd_c)::value;
-    auto* kernel = decode_attention_kernel<T, HD>;
+    auto* kernel = decode_attention_split_kernel<T, HD>;
     static size_t configured = 48 * 1024;  // per instantiation: the limit is raised once per size
     if (smem > configured) {
       LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
       configured = smem;
     }
-    kernel<<<(unsigned)h, kAttnThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), static_cast<T*>(out),
-        pos, h, hkv, cache_len, scale);
+    kernel<<<dim3((unsigned)h, (unsigned)splits), kAttnThreads, smem, st>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos,
+        h, hkv, cache_len, scale);
+    LT_CUDA_CHECK_LAUNCH();
+    decode_attention_combine_kernel<T, HD><<<(unsigned)h, HD, 0, st>>>(ws.as<float>(), static_cast<T*>(out), splits);
   };
   auto by_hd = [&](auto tag) {
     if (hd == 64) launch(tag, std::integral_constant<int, 64>{});
@@ -357,5 +394,4 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
   else by_hd(__nv_bfloat16{});
   LT_CUDA_CHECK_LAUNCH();
 }
-
 }  // namespace lowtune::cuda

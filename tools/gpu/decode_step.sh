@@ -22,7 +22,7 @@ stage decode 40 90 $py tools/bench_kernels.py --device cuda --decode --warmup-s 
 stage profile 40 90 $py tools/gpu/profile_decode.py --out $out/profile.json
 # the same with the staged kernels for every one-row product (what the code before gemv ran)
 [ "${STAGED:-1}" = 1 ] && stage decode_staged 40 90 env LOWTUNE_CUDA_PATH=staged $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 --out $out/decode_staged.jsonl
-# the same under other knobs (e.g. ALT_ENV="LOWTUNE_CUDA_GEMV=pipelined": a variant in the same call)
+# the same under other knobs (ALT_ENV="K=V ...": e.g. a kernel variant behind a knob, in the same call)
 [ -n "${ALT_ENV:-}" ] && stage decode_alt 40 90 env $ALT_ENV $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 --out $out/decode_alt.jsonl
 if [ -n "${PREV:-}" ]; then
   cp python/lowtune/_C*.so "$PREV/python/lowtune/"

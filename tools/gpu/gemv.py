@@ -1,5 +1,5 @@
-"""Graph-replay timings of one-row products (decoding): the gemv kernel (LOWTUNE_CUDA_PATH=gemv;
-its pipelined variant with LOWTUNE_CUDA_GEMV=pipelined) against the staged kernel (LOWTUNE_CUDA_PATH=staged) and the default choice (cuda_policy), per
+"""Graph-replay timings of one-row products (decoding): the gemv kernel (LOWTUNE_CUDA_PATH=gemv)
+against the staged kernel (LOWTUNE_CUDA_PATH=staged) and the default choice (cuda_policy), per
 type, on the shapes of 7B/8B decode steps, in one process, weights rotated past 2x L2
 (tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape, type and setting,
 JSON lines to --out.
@@ -24,9 +24,8 @@ FOUR_BIT = ["Q4_K", "Q4_0", "Q4_1", "INT4-g64"]
 OTHERS = ["Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "INT2-g64", "INT3-g128", "INT8-g32"]
 DECODE_SHAPES = ["4096x4096", "12288x4096", "22016x4096", "4096x11008", "14336x4096", "4096x14336"]
 FEW_SHAPES = ["4096x4096", "14336x4096", "4096x14336"]
-SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": {"LOWTUNE_CUDA_PATH": "gemv"},
-            "gemv_pipe": {"LOWTUNE_CUDA_PATH": "gemv", "LOWTUNE_CUDA_GEMV": "pipelined"}}
-KNOBS = ("LOWTUNE_CUDA_PATH", "LOWTUNE_CUDA_GEMV")
+SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": {"LOWTUNE_CUDA_PATH": "gemv"}}
+KNOBS = ("LOWTUNE_CUDA_PATH",)
 
 
 def main(argv=None) -> int:
