@@ -283,10 +283,11 @@ def test_7b_plans_at_2_and_3_gib_and_mlp_chunks_lower_the_budget_cuda_graphs_nee
     assert p.estimate["layer_graphs"] > 2 * GRAPH_EXEC_BYTES
     assert chunked > 2048      # graphs do not fit 2 GiB, by this count
     # were a chunked layer's graphs no larger than the whole MLP's (what a GPU measurement of
-    # layer_graph_bytes decides), 2 GiB would plan with graphs, the MLP in 8 chunks
+    # layer_graph_bytes decides), 2 GiB would plan with graphs, the MLP in 4 chunks (in 8 while
+    # attn_norm's fp32 input was whole: 24 MiB more at 4 chunks)
     monkeypatch.setattr(streaming, "layer_graph_bytes", lambda chunks, share: layer_graph_bytes(1, share))
     p = plan(2048)
-    assert p.cuda_graphs and p.mlp_chunks == 8 and p.small_scratch and p.driver["total"] <= 2048 * MIB
+    assert p.cuda_graphs and p.mlp_chunks == 4 and p.small_scratch and p.driver["total"] <= 2048 * MIB
 
 
 def test_stream_model_on_cpu_plans_the_tensors_alone_and_says_auto_needs_cuda():

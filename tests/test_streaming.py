@@ -230,13 +230,39 @@ def test_a_chunked_layer_backward_equals_autograd_through_the_whole_layer():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_a_chunked_layer_backward_keeps_the_norms_fp32_inputs_one_chunk_at_a_time():
+    model = adapted_model(dtype=torch.bfloat16).train()
+    layer, t = model.layers[1], 12
+    x = torch.randn(2, t, model.config.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4))
+    rot, dy = model.rope_rotation(0, t), torch.randn_like(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    fp32_rows = []
+
+    def pack(saved):
+        if saved.dtype == torch.float32 and saved.dim() >= 2 and saved.shape[-1] == model.config.dim:
+            fp32_rows.append(saved.numel() // saved.shape[-1])
+        return saved
+
+    grads = {}
+    for chunks in (1, 3):
+        layer.mlp_chunks = chunks
+        xg = x.clone().requires_grad_()
+        fp32_rows.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+            grads[chunks] = layer.checkpoint_backward(xg, rot, dy, [xg] + params)
+        # unchunked, both norms keep their fp32 input of all 2 x 12 rows; in 3 chunks, of 8 rows
+        assert max(fp32_rows) == (2 * t if chunks == 1 else 2 * t // 3)
+    for g, w in zip(grads[3], grads[1]):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
 def test_estimated_working_set_shrinks_with_mlp_chunks_and_a_measured_one_is_not_extrapolated():
     model = adapted_model()
     e = {n: estimate_memory(model, 256, 64, mlp_chunks=n)["working"] for n in (1, 2, 4)}
     c = model.config
     # the MLP's seven [rows, F] tensors shrink with the rows, and so do ffn_norm's fp32 input and
-    # normed output [rows, D]; the gathered [T, D] gradient comes on top
-    assert e[1] - e[2] == 128 * 4 * 7 * c.ffn_dim + 128 * c.dim * (4 + 4) - 256 * c.dim * 4
+    # normed output [rows, D] and attn_norm's fp32 input; the gathered [T, D] gradient comes on top
+    assert e[1] - e[2] == 128 * 4 * 7 * c.ffn_dim + 128 * c.dim * (4 + 4 + 4) - 256 * c.dim * 4
     assert e[1] > e[2] > e[4]
     assert estimate_memory(model, 256, 64, working={1: 10, 4: 7}, mlp_chunks=4)["working"] == 7
     with pytest.raises(ValueError, match="chunk"):

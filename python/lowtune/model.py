@@ -496,12 +496,12 @@ class DecoderLayer(nn.Module):
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
-                         start: int = 0) -> torch.Tensor:
+                         start: int = 0, normed: torch.Tensor | None = None) -> torch.Tensor:
         """What the attention adds to the residual stream x (its post-norm applied, where the
-        family has one)."""
+        family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward)."""
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
-        h = self.attn_norm(x)
+        h = self.attn_norm(x) if normed is None else normed
         q, k, v = self._products(h, self.PRODUCT_GROUPS[0])
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
@@ -537,14 +537,21 @@ class DecoderLayer(nn.Module):
         gradients are taken outside it. With mlp_chunks > 1 the MLP, its norm included, is
         recomputed and differentiated one token chunk at a time, after the attention's
         recomputation, so only one chunk's [rows, F] intermediates, and the norm's fp32 input and
-        normed output, are alive; its forward still runs once."""
+        normed output, are alive; its forward still runs once. attn_norm's fp32 input is one
+        chunk's too: the attention is recomputed from its normed output, whose gradient goes
+        through the norm chunk by chunk at the end (the products' launches stay one per layer:
+        each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
         if self.mlp_chunks <= 1:
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
         branch, norm_mlp = self.compiled_parts or (self.attention_branch, self.norm_mlp)
+        at_x = [i for i, t in enumerate(inputs) if t is x]
+        with torch.no_grad(), recompute():
+            h = self.attn_norm(x)
+        h.requires_grad_(bool(at_x))
         with torch.enable_grad(), recompute():
-            x1 = x + branch(x, rot)
+            x1 = x + branch(x, rot, normed=h)
         grads: list[torch.Tensor | None] = [None] * len(inputs)
 
         def add(new):
@@ -565,8 +572,22 @@ class DecoderLayer(nn.Module):
             torch.add(d, dpart, out=dx1[start:start + part.shape[0]])
             start += part.shape[0]
             add(rest)
-        if x1.requires_grad:
-            add(torch.autograd.grad(x1, inputs, dx1.view_as(x1), allow_unused=True))
+        if not x1.requires_grad:
+            return grads
+        new = list(torch.autograd.grad(x1, inputs + [h] if at_x else inputs, dx1.view_as(x1), allow_unused=True))
+        dh = new.pop() if at_x else None
+        add(new)
+        if dh is not None:
+            # x's gradient through attn_norm (x1's residual gave it dx1 already), recomputed a
+            # chunk at a time; the norm draws nothing random, so any order does
+            dx, start = grads[at_x[0]].view(-1, x.shape[-1]), 0
+            xrows, dh = x.detach().reshape(-1, x.shape[-1]), dh.reshape(-1, x.shape[-1])
+            for part, dpart in zip(xrows.tensor_split(self.mlp_chunks), dh.tensor_split(self.mlp_chunks)):
+                part = part.detach().requires_grad_()
+                with torch.enable_grad(), recompute():
+                    n = self.attn_norm(part)
+                dx[start:start + part.shape[0]] += torch.autograd.grad(n, part, dpart)[0]
+                start += part.shape[0]
         return grads
 
 

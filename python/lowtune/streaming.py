@@ -556,11 +556,13 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | dict |
         # every head, the attention output and the output projection's input (5); for one MLP
         # chunk's rows, the SwiGLU gate, activation, up and product, and the gradients of three
         # of them (7); chunked, ffn_norm's fp32 input and normed output are one chunk's too
-        # (DecoderLayer.norm_mlp), and the residual's gradient is gathered chunk by chunk
+        # (DecoderLayer.norm_mlp), and so is attn_norm's fp32 input (checkpoint_backward takes
+        # its gradient a chunk at a time; its normed output stays whole, the attention's
+        # products read it whole), and the residual's gradient is gathered chunk by chunk
         rows = -(-tokens // mlp_chunks)
         working = tokens * (2 * 4 * c.dim + act * (6 * c.dim + 5 * q)) + rows * act * 7 * c.ffn_dim
         if mlp_chunks > 1:
-            working += tokens * c.dim * act - (tokens - rows) * c.dim * (4 + act)
+            working += tokens * c.dim * act - (tokens - rows) * c.dim * (2 * 4 + act)
     return {
         "layers": packs,
         # non-layer weights and frozen adapters, but for the host-side embedding
