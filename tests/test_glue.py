@@ -63,6 +63,7 @@ def test_decode_attention_formula_is_sdpa_over_the_filled_positions(h, hkv):
     length, pos, hd = 12, 7, 16
     q = torch.randn(1, h, 1, hd, generator=g)
     kc, vc = (torch.randn(1, hkv, length, hd, generator=g) for _ in range(2))
+    assert not glue_ops.decode_attention_fused(q, kc, vc, torch.tensor([pos]))  # the CPU: the formula
     got = glue_ops.decode_attention(q, kc, vc, torch.tensor([pos]), 0.3)
     k, v = (c[:, :, :pos + 1].repeat_interleave(h // hkv, dim=1) for c in (kc, vc))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)

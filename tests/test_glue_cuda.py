@@ -143,11 +143,20 @@ def test_decode_attention_against_the_formula(dtype, h, hkv, hd, length, pos, mo
     vc[:, :, pos + 1:] = float("nan")
     at = torch.tensor([pos], device="cuda")
     seen = calls_kernel(monkeypatch, "cuda_decode_attention")
+    assert glue_ops.decode_attention_fused(q, kc, vc, at)
     got = glue_ops.decode_attention(q, kc, vc, at, 0.1)
     assert len(seen) == 1
     want = formula(glue_ops.decode_attention, q, kc[:, :, :pos + 1], vc[:, :, :pos + 1], at, 0.1)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
+@torch.no_grad()
+def test_decode_attention_kernels_refuse_head_sizes_they_lack():
+    """Head size 96 (Phi-3): no kernel, so a decode step keeps its masked SDPA (StaticKVCache.attend_step)."""
+    q = torch.randn(1, 4, 1, 96, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(1, 4, 32, 96, device="cuda", dtype=torch.bfloat16)
+    assert not glue_ops.decode_attention_fused(q, kc, kc, torch.tensor([3], device="cuda"))
 
 
 def test_autograd_takes_the_formulas(monkeypatch):

@@ -167,12 +167,14 @@ class StaticKVCache(KVCache):
         return q, self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
 
     def attend_step(self, layer, q, scale, cap):
-        # on CUDA one kernel over the filled positions 0..pos (SDPA takes the whole window and
-        # the mask); soft-capped scores and the CPU keep the masked attention
-        if self.attn_mask is None or q.shape[2] != 1 or cap or not q.is_cuda:
+        # where glue_ops' CUDA kernels take it, attention over the filled positions 0..pos only
+        # (SDPA takes the whole window and the mask); soft-capped scores, head sizes the kernels
+        # lack and the CPU keep the masked attention
+        k, v = self.k[layer], self.v[layer]
+        if self.attn_mask is None or cap or not glue_ops.decode_attention_fused(q, k, v, self.pos):
             return None
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return glue_ops.decode_attention(q, self.k[layer], self.v[layer], self.pos, scale)
+        return glue_ops.decode_attention(q, k, v, self.pos, scale)
 
 
 class StepDecoder:

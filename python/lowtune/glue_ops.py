@@ -7,6 +7,7 @@ formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
     rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
     decode_attention(q, k_cache, v_cache, pos, scale)   one token's attention over the filled cache
+                               (decode_attention_fused: whether its CUDA kernels take the operands)
 
 The formulas are the reference: training, the CPU and anything torch.compile traces run them
 (inductor fuses them there). An eager call on CUDA that needs no autograd (generation, no_grad
@@ -135,19 +136,26 @@ def rope_store(q: Tensor, k: Tensor, v: Tensor, rot: Tensor, style: str, k_cache
     return rope(q, rot, style)
 
 
+def decode_attention_fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> bool:
+    """Whether decode_attention runs its CUDA kernels for these operands (else the formula, which
+    reads the whole cache: a caller with a faster fallback of its own should take that)."""
+    _, h, t, hd = q.shape
+    return _fused(q, k_cache, v_cache) and q.shape[0] == 1 and t == 1 and k_cache.shape[0] == 1 \
+        and k_cache.shape == v_cache.shape and k_cache.shape[3] == hd \
+        and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() \
+        and pos.dtype == torch.long and pos.numel() == 1 and pos.device == q.device \
+        and _C.cuda_decode_attention_fits(ACT_DTYPES[q.dtype], h, k_cache.shape[1], hd, k_cache.shape[2])
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
     """One token's attention against a KV cache (batch 1): q [1, H, 1, hd], caches [1, Hkv, L, hd]
     of which positions 0..pos are filled (pos: a one-element long tensor on their device, so a
     captured graph replays at any position) -> [1, H, 1, hd]. Query head h reads cache head
-    h // (H / Hkv). On CUDA one kernel that reads only the filled positions; the formula (fp32
-    scores, softmax and sum, masked past pos) elsewhere."""
+    h // (H / Hkv). On CUDA (decode_attention_fused) kernels that read only the filled positions;
+    the formula (fp32 scores, softmax and sum, masked past pos) elsewhere."""
     _, h, _, hd = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
-    if _fused(q, k_cache, v_cache) and q.shape[0] == 1 and q.shape[2] == 1 and k_cache.shape[0] == 1 \
-            and k_cache.shape == v_cache.shape and k_cache.shape[3] == hd \
-            and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() \
-            and pos.dtype == torch.long and pos.numel() == 1 and pos.device == q.device \
-            and _C.cuda_decode_attention_fits(ACT_DTYPES[q.dtype], h, hkv, hd, length):
+    if decode_attention_fused(q, k_cache, v_cache, pos):
         out = torch.empty_like(q)
         _C.cuda_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), ACT_DTYPES[q.dtype],
                                  out.data_ptr(), pos.data_ptr(), h, hkv, hd, length, float(scale), _stream(q.device))
