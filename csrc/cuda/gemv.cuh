@@ -44,7 +44,7 @@ constexpr float kXMax = 32767.0f;
 
 // Shared memory per K: x as int16 (64 bytes per 32-element unit, for whole groups of 32 units:
 // xs_index's layout) and per unit one float4 (sigma and sum(xq) of its two spans).
-inline int64_t padded_units(int64_t k) { return (k / 32 + 31) / 32 * 32; }
+__host__ __device__ inline int64_t padded_units(int64_t k) { return (k / 32 + 31) / 32 * 32; }
 inline size_t smem_bytes(int64_t k) { return (size_t)padded_units(k) * 64 + (size_t)(k / 32) * 16; }
 
 // Unit u of a block (u < kElems / 32): its two spans start at e0 and e1 = e0 + the distance at
@@ -148,12 +148,11 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
   using Un = Units<T>;
   constexpr int kW = U::template Words<16>::value;  // raw words of one span
   constexpr int kLoads = Un::kSame ? 1 : 2;         // span loads per unit
-  constexpr int kIn = kInFlight;
-  using Raw = uint32_t[kIn][kLoads * kW];
+  using Raw = uint32_t[kInFlight][kLoads * kW];
   extern __shared__ uint4 smem[];
   const int units = k / 32;
   uint4* xs = smem;
-  float4* aux = reinterpret_cast<float4*>(smem + 4 * ((units + 31) / 32 * 32));
+  float4* aux = reinterpret_cast<float4*>(smem + 4 * padded_units(k));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
   // the warp's first row streams into L2 while x is prepared (every CTA prepares at once)
@@ -166,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
   auto load = [&](int row, int u0, Raw& r) {
     const uint8_t* wrow = w + (int64_t)row * row_bytes;
 #pragma unroll
-    for (int i = 0; i < kIn; ++i) {
+    for (int i = 0; i < kInFlight; ++i) {
       const int u = u0 + 32 * i + lane;
       if (u < units) {
         const uint8_t* b = wrow + (int64_t)(u / Un::kPerBlock) * U::kBytes;
@@ -179,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
   float acc = 0.0f;
   auto decode = [&](int u0, const Raw& r) {
 #pragma unroll
-    for (int i = 0; i < kIn; ++i) {
+    for (int i = 0; i < kInFlight; ++i) {
       const int u = u0 + 32 * i + lane;
       if (u >= units) break;
       const int e0 = Un::e0(u % Un::kPerBlock);
@@ -201,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
     acc = 0.0f;
   };
   for (int row = first; row < n; row += stride) {
-    for (int u0 = 0; u0 < units; u0 += 32 * kIn) {
+    for (int u0 = 0; u0 < units; u0 += 32 * kInFlight) {
       Raw r;
       load(row, u0, r);
       decode(u0, r);

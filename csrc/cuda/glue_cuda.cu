@@ -18,18 +18,31 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
-// The sum of v over the kNormThreads threads of a CTA, the same in every thread (warp sums, then the
-// warps' sums in a fixed order).
-__device__ __forceinline__ float cta_sum(float v) {
-  __shared__ float part[kNormThreads / 32];
+// op over v of the kThreads threads of a CTA, the same in every thread (warp results, then the
+// warps' results in a fixed order), through part[kThreads / 32] in shared memory; a second
+// reduction through the same part needs a barrier between them.
+template <int kThreads, class Op>
+__device__ __forceinline__ float cta_reduce(float v, float* part, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
-  float total = 0.0f;
+  float total = part[0];
 #pragma unroll
-  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
+  for (int i = 1; i < kThreads / 32; ++i) total = op(total, part[i]);
   return total;
+}
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// The sum of v over the kNormThreads threads of a CTA (the RMSNorm kernels' sum of squares).
+__device__ __forceinline__ float cta_sum(float v) {
+  __shared__ float part[kNormThreads / 32];
+  return cta_reduce<kNormThreads>(v, part, Add{});
 }
 
 // One CTA per row: the sum of squares over the row, then the scaled row (the second pass reads
@@ -169,15 +182,14 @@ template <class T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, float* __restrict__ ws,
     const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
-  constexpr int E = 16 / (int)sizeof(T), kWarps = kAttnThreads / 32;
+  constexpr int E = 16 / (int)sizeof(T);
   constexpr int kPieces = HD / E, kRowsPer = kAttnThreads / kPieces;  // row pieces; positions per pass
   extern __shared__ float attn_smem[];
   float* qs = attn_smem;                // HD
   float* part = qs + HD;                // kAttnThreads * E: each thread's partial sums
   float* p = part + kAttnThreads * E;   // the share's scores, then weights
-  __shared__ float red[kWarps];
+  __shared__ float red_max[kAttnThreads / 32], red_sum[kAttnThreads / 32];
   const int head = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t kvh = head / (h / hkv);
   const int64_t n = min(*pos + 1, cache_len), share = (n + splits - 1) / splits;
   const int64_t j0 = min(n, split * share), cnt = min(n, j0 + share) - j0;
@@ -201,24 +213,14 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     p[j] = s;
     mx = fmaxf(mx, s);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) red[warp] = mx;
-  __syncthreads();
-  mx = red[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) mx = fmaxf(mx, red[i]);
-  __syncthreads();  // red is reused below
+  mx = cta_reduce<kAttnThreads>(mx, red_max, Max{});
   float sum = 0.0f;
   for (int64_t j = threadIdx.x; j < cnt; j += kAttnThreads) {
     const float e = expf(p[j] - mx);
     p[j] = e;
     sum += e;
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) red[warp] = sum;
-  __syncthreads();  // also: every weight p[j] is written
+  sum = cta_reduce<kAttnThreads>(sum, red_sum, Add{});  // its barrier: every weight p[j] is written
   const int piece = threadIdx.x % kPieces, r0 = threadIdx.x / kPieces;
   float acc[E] = {};
 #pragma unroll 4
@@ -234,9 +236,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
   __syncthreads();
   float* out = ws + ((int64_t)head * splits + split) * (HD + 2);  // m, l, then HD weighted sums
   if (threadIdx.x == 0) {
-    sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kWarps; ++i) sum += red[i];
     out[0] = mx;  // -inf for an empty share (then l = 0 and the sums are 0)
     out[1] = sum;
   }
@@ -353,12 +352,8 @@ size_t decode_attention_smem(int64_t hd, int64_t cache_len) {
 }
 
 bool decode_attention_fits(int dtype, int64_t h, int64_t hkv, int64_t hd, int64_t cache_len) {
-  int dev = 0, limit = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return false;
   return dtype != D_F32 && (hd == 64 || hd == 128 || hd == 256) && hkv > 0 && h % hkv == 0 && cache_len > 0 &&
-         decode_attention_smem(hd, cache_len) <= (size_t)limit;
+         decode_attention_smem(hd, cache_len) <= (size_t)smem_optin_limit();
 }
 
 void decode_attention(const void* q, const void* k_cache, const void* v_cache, int dtype, void* out, const int64_t* pos,

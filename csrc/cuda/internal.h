@@ -10,6 +10,9 @@ namespace lowtune::cuda {
 
 // Number of multiprocessors of the current device (cached).
 int sm_count();
+// Shared memory one CTA of the current device may opt in to, in bytes (cached): every one-row
+// product and every decode attention step asks it.
+int smem_optin_limit();
 
 // Scratch memory: stream-ordered from a memory pool of our own; while the stream is being
 // captured into a graph, from an arena every graph shares (qmatmul_cuda.cu says why). Freed in

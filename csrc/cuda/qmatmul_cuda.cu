@@ -278,6 +278,13 @@ int sm_count() {
   return counts[dev];
 }
 
+int smem_optin_limit() {
+  static int limits[kMaxDevices] = {};
+  const int dev = current_device();
+  if (!limits[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&limits[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return limits[dev];
+}
+
 void* device_malloc(size_t bytes) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
