@@ -143,8 +143,9 @@ def layer_graph_bytes(mlp_chunks: int = 1, mlp_share: float = 0.0) -> int:
     MLP whole. With the MLP in token chunks every chunk launches the MLP's kernels again, so the
     graphs grow with the MLP's share of their nodes; mlp_share stands for it: the MLP's share of
     the layer's weights, which the extension dequantizes and multiplies in chunks of a fixed size
-    (two kernel nodes each). An estimate, not yet measured with chunks
-    (tools/gpu/layer_graphs_memory.py measures it)."""
+    (two kernel nodes each). An estimate: tools/gpu/layer_graphs_memory.py measured 1.0 MiB per
+    extra chunk of a 7B layer against this 1.34 (1 and 2 chunks only; BENCHMARKS.md, "The MLP
+    in token chunks")."""
     return math.ceil(2 * GRAPH_EXEC_BYTES * (1 - mlp_share + mlp_share * mlp_chunks))
 
 
@@ -155,9 +156,10 @@ def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads:
     layer's intermediates in the pool the graphs share, the static inputs and outputs (two
     [tokens, dim] buffers that forward and backward share, the RoPE table `rot_bytes`, the
     layer's flat adapter gradients), and the graphs themselves: forward and backward of every
-    layer (`layer_graphs` bytes: layer_graph_bytes). A streamed layer is captured over one GPU slot only: the streamer's two slots take
-    the streamed layers in turn, forward and backward alike, so each lands in the same slot
-    every step (the 7B runs at 3 GiB captured 64 graphs for 32 streamed layers).
+    layer (`layer_graphs` bytes: layer_graph_bytes). A streamed layer is captured over one GPU
+    slot only: the streamer's two slots take the streamed layers in turn, forward and backward
+    alike, so each lands in the same slot every step (the 7B runs at 3 GiB captured 64 graphs for
+    32 streamed layers).
     every_layer_captured: no layer runs outside the graphs, so the working set the plan already
     counts for eager layers is the pool's (the capture returns its warm-up's cache first) and is
     not counted twice."""
