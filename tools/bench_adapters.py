@@ -8,7 +8,7 @@ For each method it times the step with lowtune's fused kernels and the same step
 ops (pool, A, B, repeat_interleave, scale, add: the PEFT way), as milliseconds and as a multiple
 of the bare quantized layer (qmatmul forward + input gradient). The peer row is the same layer as
 a dense bf16 matrix (cuBLAS). The base weights are random Q4_K blocks: timing does not depend on
-their values. --profile prints the kernels of one fused LoRA step.
+their values. --profile prints the kernels of one step of the bare layer and of each method.
 
 On CUDA every step is timed twice: eagerly (host dispatch included, as before), and as GPU work
 alone: --graph-steps steps captured in one CUDA graph and replayed, the time per step the median
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--graph-steps", type=int, default=20, help="CUDA: steps per captured graph")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--profile", action="store_true", help="print the kernels of one fused LoRA step")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of one step of the bare layer and of each method")
     args = ap.parse_args()
 
     dev, dtype = args.device, getattr(torch, args.dtype)
@@ -195,18 +195,22 @@ def main() -> None:
                        "args": vars(args), "bare_ms": bare, "dense_ms": dense, "bare_graph_ms": bare_g,
                        "dense_graph_ms": dense_g, "rows": rows}, f, indent=2)
 
-    if args.profile:
-        ad = AdaptedLinear(QLinear(qt), AdapterConfig(method="lora", rank=args.rank))
-        run = step(ad, list(ad.parameters()))
-        run()
+    if args.profile:  # the kernels of one step of the bare layer and of each method, GPU time first
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
-        with torch.profiler.profile(activities=acts) as prof:
+        key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+        layers = [("bare", lambda t: ops.qmatmul(t, qt), [])]
+        for method in args.methods.split(","):
+            ad = AdaptedLinear(QLinear(qt), AdapterConfig(method=method, rank=args.rank, alpha=16))
+            layers.append((method, ad, list(ad.parameters())))
+        for label, f, params in layers:
+            run = step(f, params)
             run()
-            if dev == "cuda":
-                torch.cuda.synchronize()
-        key = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=15))
-
+            with torch.profiler.profile(activities=acts) as prof:
+                run()
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+            print(f"\n# profile of one {label} step")
+            print(prof.key_averages().table(sort_by=key, row_limit=20))
 
 if __name__ == "__main__":
     main()
