@@ -167,6 +167,9 @@ void adapter_forward(const AdapterGeom& g, const void* x, int dtype, const float
 void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const void* xs,
                       int64_t xs_pool, const float* A, const float* B, const float* u, void* dx,
                       float* dA, float* dB, float* du, void* stream);
+// xs [m, k/pool] = x [m, k] averaged over each `pool` adjacent columns (the torch GEMM path's
+// pooled adapter input; the fused kernels pool on the fly).
+void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int64_t pool, void* stream);
 }  // namespace cuda
 
 }  // namespace lowtune

@@ -220,6 +220,10 @@ PYBIND11_MODULE(_C, m) {
                           ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
                           ptr<void>(xs_out), ptr<void>(stream));
   }, nogil());
+  m.def("cuda_adapter_pool", [](uintptr_t x, int dt, uintptr_t xs, int64_t M, int64_t K, int64_t pool,
+                                uintptr_t stream) {
+    cuda::adapter_pool(ptr<const void>(x), dt, ptr<void>(xs), M, K, pool, ptr<void>(stream));
+  }, nogil(), "xs [M, K/pool] = x [M, K] averaged over each `pool` adjacent columns (CUDA).");
   m.def("cuda_adapter_backward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
                                     int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
                                     int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,

@@ -601,6 +601,23 @@ def test_cuda_fused_close_to_float64(method, qtype, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("pool", [2, 3, 4, 8, 16, 32, 64, 256, 512])
+def test_cuda_pool_kernel_equals_the_mean(pool, dtype):
+    """The cuBLAS path's pooling kernel against torch's mean over the pool (fp32 sums): its
+    vector paths (a pool inside a 16-byte vector, or across lanes) and its scalar path (a pool
+    that fits neither, or x not 16-byte aligned)."""
+    m, k = 37, 1536
+    base = torch.randn(m * k + 1, device="cuda").to(dtype)
+    for x in (base[:-1].view(m, k), base[1:].view(m, k)):  # aligned, then 2 or 4 bytes off
+        got = adapter_ops._pool(x, pool)
+        want = x.float().view(m, k // pool, pool).mean(-1)
+        assert got.dtype == dtype and got.shape == (m, k // pool)
+        eps = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+        assert torch.all((got.float() - want).abs() <= eps * want.abs() + 1e-6), (pool, x.data_ptr() % 16)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_matches_cpu_kernels(method):
     ad = make_adapter(method, "Q4_K", n=192, k=512)

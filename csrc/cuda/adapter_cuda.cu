@@ -336,6 +336,64 @@ struct CudaBackend {
   }
 };
 
+// xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
+// pass over x (a reduction over the last axis in torch launches one slow reduction per row).
+// Each thread loads one 16-byte vector of V elements; a vector holds V / p pools, or a pool spans
+// g = p / V lanes (g a power of two up to 32, summed by shuffles). Sums in fp32, rounded once.
+template <class T, int V>
+__global__ void pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, int p,
+                                     float inv) {
+  const int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const bool live = v < vectors;  // no early return: every lane takes part in the shuffles
+  float f[V] = {};
+  if (live) {
+    const uint4 q = reinterpret_cast<const uint4*>(x)[v];
+    const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+    for (int i = 0; i < V; ++i) f[i] = from_ct(e[i]);
+  }
+  if (p <= V) {  // V / p whole pools in this vector
+    for (int j = 0; live && j < V / p; ++j) {
+      float s = 0.0f;
+      for (int t = 0; t < p; ++t) s += f[j * p + t];
+      xs[v * (V / p) + j] = to_ct<T>(s * inv);
+    }
+    return;
+  }
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) s += f[i];
+  const int g = p / V;  // groups of g lanes never straddle rows or the end: vectors % g == 0
+  for (int o = g / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (live && (threadIdx.x & (g - 1)) == 0) xs[v / g] = to_ct<T>(s * inv);
+}
+
+// Any p: one output per thread.
+template <class T>
+__global__ void pool_mean_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t outputs, int p, float inv) {
+  const int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (o >= outputs) return;
+  float s = 0.0f;
+  for (int t = 0; t < p; ++t) s += from_ct(x[o * p + t]);
+  xs[o] = to_ct<T>(s * inv);
+}
+
+template <class T>
+void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const float inv = 1.0f / (float)p;
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && k % V == 0;
+  const bool fits = V % p == 0 || (p % V == 0 && p / V <= 32 && ((p / V) & (p / V - 1)) == 0);
+  if (aligned && fits) {
+    const int64_t vectors = m * k / V;
+    pool_mean_vec_kernel<T, V><<<(unsigned)((vectors + 255) / 256), 256, 0, stream>>>(x, xs, vectors, p, inv);
+  } else {
+    const int64_t outputs = m * (k / p);
+    pool_mean_kernel<T><<<(unsigned)((outputs + 255) / 256), 256, 0, stream>>>(x, xs, outputs, p, inv);
+  }
+  LT_CUDA_CHECK_LAUNCH();
+}
+
 void check_dtype(int dtype) {
   if (dtype != D_F32 && dtype != D_F16 && dtype != D_BF16)
     throw std::invalid_argument("adapter: unknown activation dtype " + std::to_string(dtype));
@@ -360,6 +418,16 @@ void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const voi
   if (xs_pool != 1 && xs_pool != g.pool) throw std::invalid_argument("adapter: xs_pool must be 1 or pool");
   CudaBackend be{dtype, static_cast<cudaStream_t>(stream), sm_count()};
   adapter_backward_passes(be, g, dy, dtype, xs, xs_pool, A, B, u, dx, dA, dB, du);
+}
+
+void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int64_t pool, void* stream) {
+  check_dtype(dtype);
+  if (pool < 1 || k % pool) throw std::invalid_argument("adapter_pool: the pool must divide K");
+  if (m == 0 || k == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == D_F32) launch_pool_mean(static_cast<const float*>(x), static_cast<float*>(xs), m, k, (int)pool, s);
+  else if (dtype == D_F16) launch_pool_mean(static_cast<const __half*>(x), static_cast<__half*>(xs), m, k, (int)pool, s);
+  else launch_pool_mean(static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(xs), m, k, (int)pool, s);
 }
 
 }  // namespace lowtune::cuda

@@ -23,6 +23,7 @@ may be any float dtype; the kernels read them as fp32 and the gradients come bac
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -130,34 +131,72 @@ def _use_torch_gemm(t: torch.Tensor) -> bool:
 
 
 def _pool(x2: torch.Tensor, pool: int) -> torch.Tensor:
+    """x2 [m, k] averaged over each `pool` adjacent columns: [m, k/pool] (on CUDA one pass of
+    lowtune's kernel; torch's reduction over a short last axis is ~10x slower there)."""
     m, k = x2.shape
-    return x2 if pool == 1 else x2.view(m, k // pool, pool).mean(-1)
+    if pool == 1:
+        return x2
+    if x2.device.type != "cuda":
+        return x2.view(m, k // pool, pool).mean(-1)
+    xs = torch.empty((m, k // pool), dtype=x2.dtype, device=x2.device)
+    with torch.cuda.device(x2.device):
+        _C.cuda_adapter_pool(x2.data_ptr(), ACT_DTYPES[x2.dtype], xs.data_ptr(), m, k, pool, ops._stream(x2.device))
+    return xs
 
 
-def _add_expanded(y: torch.Tensor, v: torch.Tensor, q: int, alpha: float) -> None:
-    """y [m, n] += alpha · v [m, n/q] repeated over q adjacent columns, in place."""
-    if q == 1:
-        y.add_(v, alpha=alpha)
+def _rows_repeated(w: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor:
+    """w [j, c] in `dtype` with each row repeated q times ([j q, c]): the repeat of the adapter's
+    output folded into its last factor, so that y takes it in the GEMM's accumulation instead of
+    an [m, n] broadcast add."""
+    w = w.to(dtype)
+    return w if q == 1 else w.repeat_interleave(q, dim=0)
+
+
+def _rows_summed(g: torch.Tensor, q: int) -> torch.Tensor:
+    """The gradient of a factor whose rows were repeated q times: each run of q rows summed."""
+    return g if q == 1 else g.view(-1, q, g.shape[1]).sum(1)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b as fp32 (the adapter weights' gradients): straight from the GEMM's accumulator on CUDA
+    (one kernel, no bf16 rounding), else the product cast."""
+    if a.device.type == "cuda" and a.dtype != torch.float32 and _MM_TO_F32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+_MM_TO_F32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (torch >= 2.8)
+
+
+@functools.lru_cache(maxsize=16)
+def _expansion(cols: int, pool: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """E [cols, cols·pool] with E[j, j·pool + t] = 1: v·E repeats each column of v pool times."""
+    return torch.eye(cols, dtype=dtype, device=device).repeat_interleave(pool, dim=1)
+
+
+def _add_expanded_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float) -> None:
+    """dx [m, k] += alpha/pool · expand_pool(left·right), each column repeated over pool adjacent
+    ones, as GEMMs accumulating into dx: with the repeat folded into `right` when left is narrow
+    (the rank), else through the 0/1 expansion matrix (a GEMM over k/pool)."""
+    if pool == 1:
+        dx.addmm_(left, right, alpha=alpha)
+    elif left.shape[1] <= right.shape[1]:
+        dx.addmm_(left, right.repeat_interleave(pool, dim=1), alpha=alpha / pool)
     else:
-        y.view(y.shape[0], -1, q).add_(v.unsqueeze(-1), alpha=alpha)
+        t = left @ right
+        dx.addmm_(t, _expansion(t.shape[1], pool, t.dtype, t.device), alpha=alpha / pool)
 
 
 def _torch_forward(x2, A32, B32, geom, y, pool):
-    """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ, y += s·expand(u·B[:, :r]ᵀ)."""
+    """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ,
+    y += s·expand_q(u·B[:, :r]ᵀ), the expansion folded into B's rows."""
     xs = _pool(x2, pool)
-    A = A32[:geom.rank].to(x2.dtype)
+    q, r = geom.repeat, geom.rank
     if not geom.has_b:
-        if geom.repeat == 1:
-            y.addmm_(xs, A.t(), alpha=geom.scale)
-        else:
-            _add_expanded(y, xs @ A.t(), geom.repeat, geom.scale)
+        y.addmm_(xs, _rows_repeated(A32[:r], q, x2.dtype).t(), alpha=geom.scale)
         return None, xs
-    u = xs @ A.t()
-    B = B32[:, :geom.rank].to(x2.dtype)
-    if geom.repeat == 1:
-        y.addmm_(u, B.t(), alpha=geom.scale)
-    else:
-        _add_expanded(y, u @ B.t(), geom.repeat, geom.scale)
+    u = xs @ A32[:r].to(x2.dtype).t()
+    y.addmm_(u, _rows_repeated(B32[:, :r], q, x2.dtype).t(), alpha=geom.scale)
     return u, xs
 
 
@@ -173,24 +212,22 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
 
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
-    input gradient, expanded over the pool, in place."""
-    m = dy2.shape[0]
+    input gradient, expanded over the pool, in place. The repeat q stays folded into the last
+    factor (as in the forward): dy is never summed over q columns, the small gradient is."""
     q, r, s = geom.repeat, geom.rank, geom.scale
-    dys = dy2 if q == 1 else dy2.view(m, -1, q).sum(-1)
-    A = A32[:r].to(dy2.dtype)
+    dt = dy2.dtype
+    A = A32[:r].to(dt)
     dB = None
     if geom.has_b:
-        B = B32[:, :r].to(dy2.dtype)
-        dB = _widen((dys.t() @ u).float().mul_(s), B32.shape)
-        du = (dys @ B).mul_(s)                                   # [m, r]
-    else:
-        du = dys.mul(s) if q == 1 else dys.mul_(s)               # [m, n/q]: dM = duᵀ · xs
-    dA = _widen((du.t() @ xs).float(), A32.shape)
-    if dx is not None:
-        if pool == 1:
-            dx.addmm_(du, A)
-        else:
-            dx.view(m, -1, pool).add_((du @ A).unsqueeze(-1), alpha=1.0 / pool)
+        dB = _widen(_rows_summed(_mm_f32(dy2.t(), u), q).mul_(s), B32.shape)
+        du = (dy2 @ _rows_repeated(B32[:, :r], q, dt)).mul_(s)      # [m, r]
+        dA = _widen(_mm_f32(du.t(), xs), A32.shape)
+        if dx is not None:
+            _add_expanded_cols(dx, du, A, pool, 1.0)
+    else:  # dM = s·dysᵀ·xs, dys = dy summed over q columns
+        dA = _widen(_rows_summed(_mm_f32(dy2.t(), xs), q).mul_(s), A32.shape)
+        if dx is not None:
+            _add_expanded_cols(dx, dy2, _rows_repeated(A, q, dt), pool, s)
     return dA, dB
 
 
