@@ -170,7 +170,8 @@ def test_accumulate_adds_the_product_on_the_cublas_path_only(direction, gen, mon
     assert _C.cuda_path(direction, 2048, DTYPES[torch.bfloat16], True, n, k, fmt.type_id) == "cublas"
     for m in (2048, 1):
         inp = torch.randn(m, k if direction == "forward" else n, device="cuda", dtype=torch.bfloat16)
-        prev = torch.randn(m, n if direction == "forward" else k, device="cuda", dtype=torch.bfloat16)
+        prod = inp.double() @ (w.double().t() if direction == "forward" else w.double())
+        prev = (torch.randn_like(prod) * prod.std()).to(torch.bfloat16)  # as large as the product
         out = prev.clone()
         args = (fmt.type_id, inp.data_ptr(), DTYPES[torch.bfloat16], raw.data_ptr(), out.data_ptr(), m, n, k, stream())
         if _C.cuda_path(direction, m, DTYPES[torch.bfloat16], True, n, k, fmt.type_id) != "cublas":
@@ -179,7 +180,6 @@ def test_accumulate_adds_the_product_on_the_cublas_path_only(direction, gen, mon
             assert torch.equal(out, prev)
             continue
         fn(*args, accumulate=True)
-        prod = inp.double() @ (w.double().t() if direction == "forward" else w.double())
         assert rel_err(out.double(), prev.double() + prod) < TOLERANCE[torch.bfloat16]
         assert rel_err(out.double(), prod) > 0.1  # prev was added, not overwritten
 

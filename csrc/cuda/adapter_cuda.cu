@@ -338,32 +338,56 @@ struct CudaBackend {
 
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
 // pass over x (a reduction over the last axis in torch launches one slow reduction per row).
-// Each thread loads one 16-byte vector of V elements; a vector holds V / p pools, or a pool spans
-// g = p / V lanes (g a power of two up to 32, summed by shuffles). Sums in fp32, rounded once.
+// Each thread loads one 16-byte vector of V elements. Sums in fp32, rounded once.
+
+// 16 bytes as V floats
 template <class T, int V>
-__global__ void pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, int p,
-                                     float inv) {
+__device__ __forceinline__ void load_vec(const T* x, int64_t v, float (&f)[V]) {
+  const uint4 q = reinterpret_cast<const uint4*>(x)[v];
+  const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+  for (int i = 0; i < V; ++i) f[i] = from_ct(e[i]);
+}
+
+template <int Bytes> struct Word;  // an unsigned type of that size, to store several outputs at once
+template <> struct Word<2> { using type = uint16_t; };
+template <> struct Word<4> { using type = uint32_t; };
+template <> struct Word<8> { using type = uint2; };
+
+// P <= V: the vector holds V / P whole pools, stored as one word (P a template argument, so that
+// the sums index registers, not local memory).
+template <class T, int V, int P>
+__global__ void pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, float inv) {
+  const int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (v >= vectors) return;
+  float f[V];
+  load_vec<T, V>(x, v, f);
+  T o[V / P];
+#pragma unroll
+  for (int j = 0; j < V / P; ++j) {
+    float s = 0.0f;
+#pragma unroll
+    for (int t = 0; t < P; ++t) s += f[j * P + t];
+    o[j] = to_ct<T>(s * inv);
+  }
+  using W = typename Word<V / P * sizeof(T)>::type;
+  reinterpret_cast<W*>(xs)[v] = *reinterpret_cast<const W*>(o);
+}
+
+// p > V: a pool spans g = p / V lanes (g a power of two up to 32), summed by shuffles.
+template <class T, int V>
+__global__ void pool_mean_lanes_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, int g,
+                                       float inv) {
   const int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   const bool live = v < vectors;  // no early return: every lane takes part in the shuffles
-  float f[V] = {};
-  if (live) {
-    const uint4 q = reinterpret_cast<const uint4*>(x)[v];
-    const T* e = reinterpret_cast<const T*>(&q);
-#pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = from_ct(e[i]);
-  }
-  if (p <= V) {  // V / p whole pools in this vector
-    for (int j = 0; live && j < V / p; ++j) {
-      float s = 0.0f;
-      for (int t = 0; t < p; ++t) s += f[j * p + t];
-      xs[v * (V / p) + j] = to_ct<T>(s * inv);
-    }
-    return;
-  }
   float s = 0.0f;
+  if (live) {
+    float f[V];
+    load_vec<T, V>(x, v, f);
 #pragma unroll
-  for (int i = 0; i < V; ++i) s += f[i];
-  const int g = p / V;  // groups of g lanes never straddle rows or the end: vectors % g == 0
+    for (int i = 0; i < V; ++i) s += f[i];
+  }
+  // groups of g lanes never straddle rows or the end (vectors % g == 0; blocks of 256 lanes)
   for (int o = g / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (live && (threadIdx.x & (g - 1)) == 0) xs[v / g] = to_ct<T>(s * inv);
 }
@@ -382,12 +406,17 @@ template <class T>
 void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const float inv = 1.0f / (float)p;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && k % V == 0;
-  const bool fits = V % p == 0 || (p % V == 0 && p / V <= 32 && ((p / V) & (p / V - 1)) == 0);
-  if (aligned && fits) {
-    const int64_t vectors = m * k / V;
-    pool_mean_vec_kernel<T, V><<<(unsigned)((vectors + 255) / 256), 256, 0, stream>>>(x, xs, vectors, p, inv);
-  } else {
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xs) % 16 == 0 &&
+                       k % V == 0;
+  const int64_t vectors = m * k / V;
+  const unsigned blocks = (unsigned)((vectors + 255) / 256);
+  const int g = p / V;
+  if (aligned && p == 2) pool_mean_vec_kernel<T, V, 2><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == 4) pool_mean_vec_kernel<T, V, 4><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == V) pool_mean_vec_kernel<T, V, V><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p % V == 0 && g <= 32 && (g & (g - 1)) == 0)
+    pool_mean_lanes_kernel<T, V><<<blocks, 256, 0, stream>>>(x, xs, vectors, g, inv);
+  else {
     const int64_t outputs = m * (k / p);
     pool_mean_kernel<T><<<(unsigned)((outputs + 255) / 256), 256, 0, stream>>>(x, xs, outputs, p, inv);
   }
