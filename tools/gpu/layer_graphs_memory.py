@@ -2,9 +2,9 @@
 """What CUDA graphs of Llama-2-7B-shaped decoder layers hold on the GPU, per count of MLP token
 chunks: the numbers behind memory_budget.graph_pool and the streaming planner's working set.
 
-    python3 tools/gpu/layer_graphs_memory.py [--layers 4] [--chunks 1,2,4,8] [--tokens 2048]
+    python3 tools/gpu/layer_graphs_memory.py [--layers 4] [--chunks 1,2,4,8] [--floors 1024,256] [--tokens 2048]
 
-For each chunk count (and the extension's chunk floor at 1024 and 256 rows), in a fresh process:
+For each chunk count (and each of the extension's chunk floors, 1024 and 256 rows), in a fresh process:
 --layers resident layers (zero Q4_K blocks, LoRA r=16 on the seven linears, bf16), compiled
 (mode layer) and captured by lowtune.compile.LayerGraphs over one training step, then replayed
 once. Prints one JSON line per case: the eager working set as the planner measures it
@@ -162,13 +162,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--chunks", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--floors", default="1024,256", help="the extension's chunk floors (LOWTUNE_CUDA_CHUNK_MIN) per case")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
         res = baseline(args.layers, args.tokens) if args.one == "base" else case(args.layers, int(args.one), args.tokens)
         print("RESULT " + json.dumps(res), flush=True)
         return
-    cases = [("base", None)] + [(c, cm) for c in args.chunks.split(",") for cm in ("1024", "256")]
+    cases = [("base", None)] + [(c, cm) for c in args.chunks.split(",") for cm in args.floors.split(",")]
     for one, chunk_min in cases:
         env = dict(os.environ)
         if chunk_min is not None:
