@@ -48,13 +48,13 @@ constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
 // The gemv kernel against the staged one (H200, BENCHMARKS.md "M = 1 on CUDA cores for every type
-// with codes"): faster from N = 6144 rows (K = 4096) for most types, slower at N = 4096, where the
-// staged kernel's split reduction keeps more CTAs busy. Q6_K's gemv is faster at every shape
-// measured (1.2-1.45x), Q3_K's is not faster at N >= 6144 (11% slower at 14336x4096).
+// with codes", the run after its instruction diet): faster from N = 6144 rows (K = 4096) for every
+// type, at N = 4096 slower for some (Q4_0 1.13-1.27x, INT4-g64, Q4_1, Q8_0: the staged kernel's
+// split reduction keeps more CTAs busy) and faster for others: Q3_K and Q6_K (0.58-0.76x), Q4_K
+// and Q5_0 (0.93-0.95x). Those four take it at every N.
 constexpr int64_t kGemvMinN = 6144;
 inline bool gemv_by_default(int qtype, int64_t n) {
-  if (qtype == T_Q6_K) return true;
-  if (qtype == T_Q3_K) return false;
+  if (qtype == T_Q3_K || qtype == T_Q4_K || qtype == T_Q5_0 || qtype == T_Q6_K) return true;
   return n >= kGemvMinN;
 }
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map

@@ -48,20 +48,21 @@ def test_unknown_product_is_an_error():
 
 
 def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
-    """From 6144 rows (below, the staged kernel's split reduction is as fast or faster); Q6_K at
-    any N, Q3_K only when forced (the measured exceptions)."""
+    """From 6144 rows (below, the staged kernel's split reduction is as fast or faster for most
+    types); Q3_K, Q4_K, Q5_0 and Q6_K at any N (measured faster at N = 4096 too)."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
     q4k, n, k = 12, 14336, 4096
     assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "gemv"
     assert _C.cuda_path("forward", 1, BF16, True, 6144, k, q4k) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "staged"
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 2) == "staged"  # Q4_0 below 6144 rows
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "gemv"  # Q4_0
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
     assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 14) == "gemv"  # Q6_K: at every N
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, 11) == "staged"  # Q3_K: not by default
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 11) == "gemv"  # Q3_K: at every N
     assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \
         [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 1020, 1041, 1082]
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
@@ -69,5 +70,5 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
     assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "staged"
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"  # forced: any N
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 2) == "gemv"  # forced: any N
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply

@@ -43,7 +43,7 @@ constexpr int kInFlight = 4;  // units per lane loaded before any is decoded
 constexpr float kXMax = 32767.0f;
 
 // Shared memory per K: x as int16 (64 bytes per 32-element unit, for whole groups of 32 units:
-// xs_index's layout) and per unit one float4 (sigma and sum(xq) of its two spans).
+// xs_index's layout) and per unit one float4 (sigma and sigma sum(xq) of its two spans).
 __host__ __device__ inline int64_t padded_units(int64_t k) { return (k / 32 + 31) / 32 * 32; }
 inline size_t smem_bytes(int64_t k) { return (size_t)padded_units(k) * 64 + (size_t)(k / 32) * 16; }
 
@@ -135,20 +135,151 @@ __device__ void prepare_unit(const ACT* __restrict__ x, int q, uint4* xs, float4
                                               pack_xq(xq[6], xq[7]));
     }
   }
-  aux[q] = make_float4(sig[0], sum[0], sig[1], sum[1]);
+  aux[q] = make_float4(sig[0], sig[0] * sum[0], sig[1], sig[1] * sum[1]);
+}
+
+// Types with one (s, z) per block of 32 or more elements (the legacy types and INTb-gG): a unit's
+// two spans share it. (The K-quants scale each sub-block of 16 or 32 on its own.)
+template <int B, int G> std::true_type is_unpack_int(const UnpackInt<B, G>*);
+std::false_type is_unpack_int(const void*);
+template <int T>
+constexpr bool kOneScale = Unpack<T>::kElems == QK || decltype(is_unpack_int((const Unpack<T>*)nullptr))::value;
+
+// Q4_K (and Q5_K's scale format): the six-bit scales and mins of sub-blocks j and j + 1 (j even)
+// from the twelve scale bytes as words s[0..2] (scale_min_k4_words' layout), as the bytes of one
+// word: scale j, scale j + 1, min j, min j + 1. The selectors depend on j only (constant per lane:
+// hoisted out of the loops), so both cases cost ~9 instructions a unit and no branch.
+__device__ __forceinline__ uint32_t scale_min_pair_k4(const uint32_t* s, int j) {
+  const uint32_t jp = (uint32_t)(j & 3);  // byte of the words: 0 or 2
+  const uint32_t b01 = __byte_perm(s[0], s[1], jp * 0x1111u + 0x5410u);  // s0.b[jp, jp+1], s1.b[jp, jp+1]
+  const uint32_t b2 = __byte_perm(s[2], 0u, jp * 0x1111u + 0x1010u);     // s2.b[jp, jp+1] twice
+  // j < 4: the low six bits; else the low four from s2's nibbles (low: scales, high: mins) and the
+  // top two from bits 6-7 of b01 (both computed: a select, not a branch that splits the warp)
+  const uint32_t lo = b01 & 0x3F3F3F3Fu;
+  const uint32_t hi = (b2 & 0x00000F0Fu) | ((b2 >> 4) & 0x0F0F0000u) | ((b01 >> 2) & 0x30303030u);
+  return j < 4 ? lo : hi;
+}
+
+// Where a lane's units are (see gemv_kernel): its spans' e in every block it reads, its x (xs_index(u,
+// h) = xl[4 (u - lane) + 32 h]) and aux (al[u - lane]).
+struct LaneUnits {
+  int e0, e1;
+  const uint4* xl;
+  const float4* al;
+};
+
+// acc plus the sum of one unit: its raw words r, its x at xu (xs_index(u, h) = xu[32 h]), a = aux[u]
+// (sigma0, sigma0 sum(xq0), sigma1, sigma1 sum(xq1)).
+template <int T>
+__device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l, const uint4* xu, float4 a, float acc) {
+  using U = Unpack<T>;
+  constexpr int kW = U::template Words<16>::value;
+  constexpr int kLoads = Units<T>::kSame ? 1 : 2;
+  uint32_t cw[4];
+  if constexpr (T == T_Q4_K) {
+    // one head for both spans (sub-blocks j, j + 1 of chunk j / 2: low and high nibbles). The high
+    // nibbles meet xq unshifted (16 u per byte; the sum < 2^31) and their sum is shifted back
+    // (exact: a multiple of 16). sc_j D_j < 63 * 2^23: exact in int32.
+    const uint32_t* q = r + 4;
+    const uint32_t sm = scale_min_pair_k4(r + 1, l.e0 >> 5);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0x0F0F0F0Fu;
+    const int d0 = span_dot(cw, xu[0], xu[32]);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0xF0F0F0F0u;
+    const int d1 = span_dot(cw, xu[64], xu[96]) >> 4;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const float sd = fmaf(a.z, (float)(d1 * (int)__byte_perm(sm, 0u, 0x4441u)),
+                          a.x * (float)(d0 * (int)__byte_perm(sm, 0u, 0x4440u)));
+    const float sm_ = fmaf(a.w, byte_f(sm, 3), a.y * byte_f(sm, 2));
+    return fmaf(d, sd, fmaf(-dmin, sm_, acc));
+  } else if constexpr (kOneScale<T>) {
+    // both spans' (s, z) are the block's: s (sigma0 D0 + sigma1 D1) + z (sigma0 S0 + sigma1 S1)
+    float s, z, s1, z1;
+    U::template codes<16>(r, l.e0, cw, s, z);
+    const int d0 = span_dot(cw, xu[0], xu[32]);
+    U::template codes<16>(r + (kLoads - 1) * kW, l.e1, cw, s1, z1);  // s1, z1: s, z again
+    const int d1 = span_dot(cw, xu[64], xu[96]);
+    return fmaf(s, fmaf(a.z, (float)d1, a.x * (float)d0), fmaf(z, a.y + a.w, acc));
+  } else {
+    // per span: sigma (s sum(u xq) + z sum(xq)) = s (sigma sum(u xq)) + z (sigma sum(xq)) (sigma
+    // times the integer sums first: sigma s could fall below the normal range for tiny x)
+    float s, z;
+    U::template codes<16>(r, l.e0, cw, s, z);
+    const int d0 = span_dot(cw, xu[0], xu[32]);
+    acc = fmaf(s, a.x * (float)d0, fmaf(z, a.y, acc));
+    U::template codes<16>(r + (kLoads - 1) * kW, l.e1, cw, s, z);
+    const int d1 = span_dot(cw, xu[64], xu[96]);
+    return fmaf(s, a.z * (float)d1, fmaf(z, a.w, acc));
+  }
+}
+
+// acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
+// the rest kStep bytes apart; all loads issued before any unit is decoded. kCheck (a row's last
+// round where 32 kInFlight does not divide K / 32): units at or past `units` are skipped.
+template <int T, int N, bool kCheck>
+__device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, const LaneUnits& l, float acc) {
+  using U = Unpack<T>;
+  using Un = Units<T>;
+  constexpr int kW = U::template Words<16>::value;
+  constexpr int kLoads = Un::kSame ? 1 : 2;
+  constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
+  const int lane = threadIdx.x & 31;
+  uint32_t r[N][kLoads * kW];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (kCheck && u0 + 32 * i + lane >= units) continue;
+    // every block starts kAlign-aligned (16-byte aligned tensor): the compiler may widen loads
+    const auto* bi = static_cast<const uint8_t*>(__builtin_assume_aligned(b + i * kStep, U::kAlign));
+    if constexpr (T == T_Q4_K) {  // Unpack<T_Q4_K>::load<16>(bi, e0) in two 16-byte loads
+      const uint4 head = *reinterpret_cast<const uint4*>(bi);
+      const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
+      r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
+      r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
+    } else {
+      U::template load<16>(bi, l.e0, r[i]);
+      if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (kCheck && u0 + 32 * i + lane >= units) continue;
+    acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
+  }
+  return acc;
+}
+
+// CTAs per multiprocessor that ptxas is held to (__launch_bounds__: 65536 / (256 CTAs) registers a
+// thread, in steps of 8). Left to itself it took more registers than needed for some types and so
+// cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
+// which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
+// and INT8 spill when held to 4, and take 3).
+template <int T> constexpr int min_ctas() {
+  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1 || T == int_type_id(4, 32) ||
+                T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
+    return 5;
+  else if constexpr (T == T_Q4_K || T == T_Q2_K || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+    return 4;
+  else if constexpr (T == T_Q3_K || T == T_Q5_K || T == T_Q6_K)
+    return 2;
+  else
+    return 0;
 }
 
 // Each warp takes rows first, first + stride, ...; a row in rounds of 32 kInFlight units, each
 // round's loads issued before any is decoded. (Loading the next round while decoding this one,
 // with half the units per round, was slower: BENCHMARKS.md.)
+// Lane l takes units u0 + 32 i + l: since kPerBlock divides 32, its unit in the block (and so its
+// spans' e) is the same in every round and row, and its blocks are kStep bytes apart; the address
+// math is one pointer per row, immediate offsets per unit. Rounds are whole (no bounds checks) but
+// for a row's last one where 32 kInFlight does not divide K / 32.
 template <int T, class ACT>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, min_ctas<T>()) gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
                                                         ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
   using U = Unpack<T>;
   using Un = Units<T>;
-  constexpr int kW = U::template Words<16>::value;  // raw words of one span
-  constexpr int kLoads = Un::kSame ? 1 : 2;         // span loads per unit
-  using Raw = uint32_t[kInFlight][kLoads * kW];
+  constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;  // bytes between a lane's units i and i + 1
+  static_assert(32 % Un::kPerBlock == 0, "a lane's unit of its block is the same in every round");
   extern __shared__ uint4 smem[];
   const int units = k / 32;
   uint4* xs = smem;
@@ -162,50 +293,21 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const ACT* __restrict__ 
   for (int q = threadIdx.x; q < units; q += kThreads) prepare_unit<T>(x, q, xs, aux);
   __syncthreads();
 
-  auto load = [&](int row, int u0, Raw& r) {
-    const uint8_t* wrow = w + (int64_t)row * row_bytes;
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const int u = u0 + 32 * i + lane;
-      if (u < units) {
-        const uint8_t* b = wrow + (int64_t)(u / Un::kPerBlock) * U::kBytes;
-        const int e0 = Un::e0(u % Un::kPerBlock);
-        U::template load<16>(b, e0, r[i]);
-        if constexpr (kLoads == 2) U::template load<16>(b, e0 + Un::kGap, r[i] + kW);
-      }
-    }
-  };
+  const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
+  const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
+  const int whole = units - units % (32 * kInFlight);  // units in whole rounds
   float acc = 0.0f;
-  auto decode = [&](int u0, const Raw& r) {
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const int u = u0 + 32 * i + lane;
-      if (u >= units) break;
-      const int e0 = Un::e0(u % Un::kPerBlock);
-      uint32_t cw[4];
-      float s, z;
-      U::template codes<16>(r[i], e0, cw, s, z);
-      const int d0 = span_dot(cw, xs[xs_index(u, 0)], xs[xs_index(u, 1)]);
-      const float4 a = aux[u];
-      acc = fmaf(a.x, fmaf(s, (float)d0, z * a.y), acc);
-      U::template codes<16>(r[i] + (kLoads - 1) * kW, e0 + Un::kGap, cw, s, z);
-      const int d1 = span_dot(cw, xs[xs_index(u, 2)], xs[xs_index(u, 3)]);
-      acc = fmaf(a.z, fmaf(s, (float)d1, z * a.w), acc);
-    }
-  };
-  auto finish = [&](int row) {  // the row's sum
+  for (int row = first; row < n; row += stride) {
+    const uint8_t* b = w + (int64_t)row * row_bytes + lane / Un::kPerBlock * U::kBytes;
+    int u0 = 0;
+    for (; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
+      acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
+    if (u0 < units) acc = round_sum<T, kInFlight, true>(b, u0, units, l, acc);  // the rest
+    // the row's sum
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) y[row] = f_to_act<ACT>(acc);
     acc = 0.0f;
-  };
-  for (int row = first; row < n; row += stride) {
-    for (int u0 = 0; u0 < units; u0 += 32 * kInFlight) {
-      Raw r;
-      load(row, u0, r);
-      decode(u0, r);
-    }
-    finish(row);
   }
 }
 
