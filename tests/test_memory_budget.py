@@ -281,7 +281,7 @@ def test_7b_plans_at_2_and_3_gib_and_mlp_chunks_lower_the_budget_cuda_graphs_nee
     # but each chunk launches the MLP's products again, in every layer's two graphs
     assert p.mlp_chunks > 1 and unchunked - chunked >= 64
     assert p.estimate["layer_graphs"] > 2 * GRAPH_EXEC_BYTES
-    assert chunked > 2048      # graphs do not fit 2 GiB, by this count
+    assert 2048 < chunked <= 2112      # graphs do not fit 2 GiB by this count (MLP in 4 chunks: 2106 MiB)
     # were a chunked layer's graphs no larger than the whole MLP's (what a GPU measurement of
     # layer_graph_bytes decides), 2 GiB would plan with graphs, the MLP in 4 chunks (in 8 while
     # attn_norm's fp32 input was whole: 24 MiB more at 4 chunks)
