@@ -11,11 +11,11 @@ import re
 import pytest
 import torch
 
-from lowtune import adapters, streaming
-from lowtune.memory_budget import (GRAPH_EXEC_BYTES, MIB, DeviceBudget, attention_workspace, layer_graph_bytes,
-                                   prepare_process, workspace_per_stream)
+from lowtune import adapters
+from lowtune.memory_budget import (GRAPH_EXEC_BYTES, MIB, DeviceBudget, attention_workspace, prepare_process,
+                                   workspace_per_stream)
 from lowtune.model import LlamaModel
-from lowtune.streaming import estimate_memory, plan_streaming, stream_model
+from lowtune.streaming import plan_streaming, stream_model
 
 from helpers import gguf_weights, tiny_config, tiny_weights
 
@@ -247,47 +247,30 @@ def h200(total: int) -> DeviceBudget:
                         slack_fixed=48 * MIB, slack_per_stream=16 * MIB, margin=64 * MIB, device="cuda:0")
 
 
-def test_7b_plans_at_2_and_3_gib_and_mlp_chunks_lower_the_budget_cuda_graphs_need(monkeypatch):
+def test_7b_plans_at_2_and_3_gib_with_graphs_only_for_a_whole_mlp():
     m = llama2_7b()
     tokens = 2048
 
-    def plan(mib, working=None):
-        return plan_streaming(m, "cuda", mib * MIB, tokens, cuda_graphs=True, device_budget=h200(mib * MIB),
-                              working=working)
+    def plan(mib):
+        return plan_streaming(m, "cuda", mib * MIB, tokens, cuda_graphs=True, device_budget=h200(mib * MIB))
 
     for mib in (2048, 3072):
         p = plan(mib)
         assert p.streaming and p.driver["fits"] and p.driver["total"] <= mib * MIB
-    # 3 GiB keeps CUDA graphs with the MLP whole, as before chunks existed
+    # 3 GiB keeps CUDA graphs with the MLP whole
     p = plan(3072)
     assert p.cuda_graphs and p.mlp_chunks == 1
-    # 2 GiB: the MLP in two chunks is what fits with the extension's full-width scratch
+    # 2 GiB: eager layers, the MLP in two chunks (what fits with the extension's full-width scratch)
     p = plan(2048)
-    assert p.mlp_chunks == 2 and not p.small_scratch and p.optimizer_on_host
-
-    def smallest_with_graphs(working=None):
-        for mib in range(2048, 3072, 16):
-            try:
-                p = plan(mib, working)
-            except ValueError:                # the whole MLP does not fit 2 GiB by the estimate
-                continue
-            if p.cuda_graphs:
-                assert p.driver["total"] <= mib * MIB
-                return mib, p
-    whole = estimate_memory(m, tokens, 64)["working"]     # a working set for the whole MLP only
-    unchunked, _ = smallest_with_graphs(whole)
-    chunked, p = smallest_with_graphs()
-    # each layer's 11008-wide intermediates at 2048 tokens: 301 MiB whole, 150 MiB in 2 chunks;
-    # but each chunk launches the MLP's products again, in every layer's two graphs
-    assert p.mlp_chunks > 1 and unchunked - chunked >= 64
-    assert p.estimate["layer_graphs"] > 2 * GRAPH_EXEC_BYTES
-    assert 2048 < chunked <= 2112      # graphs do not fit 2 GiB by this count (MLP in 4 chunks: 2106 MiB)
-    # were a chunked layer's graphs no larger than the whole MLP's (what a GPU measurement of
-    # layer_graph_bytes decides), 2 GiB would plan with graphs, the MLP in 4 chunks (in 8 while
-    # attn_norm's fp32 input was whole: 24 MiB more at 4 chunks)
-    monkeypatch.setattr(streaming, "layer_graph_bytes", lambda chunks, share: layer_graph_bytes(1, share))
-    p = plan(2048)
-    assert p.cuda_graphs and p.mlp_chunks == 4 and p.small_scratch and p.driver["total"] <= 2048 * MIB
+    assert not p.cuda_graphs and p.mlp_chunks == 2 and not p.small_scratch and p.optimizer_on_host
+    # graphs never come with a chunked MLP (measured above its plan); the smallest budget that
+    # keeps them holds the whole MLP's working set
+    with_graphs = [(mib, plan(mib)) for mib in range(2048, 3072, 64)]
+    with_graphs = [(mib, p) for mib, p in with_graphs if p.cuda_graphs]
+    assert with_graphs and all(p.mlp_chunks == 1 for _, p in with_graphs)
+    assert 2048 < with_graphs[0][0] <= 2560 and with_graphs[0][1].driver["total"] <= with_graphs[0][0] * MIB
+    # eager plans still chunk the MLP where that is what fits
+    assert any(not p.cuda_graphs and p.mlp_chunks > 1 for p in (plan(mib) for mib in (2048, 2112)))
 
 
 def test_stream_model_on_cpu_plans_the_tensors_alone_and_says_auto_needs_cuda():

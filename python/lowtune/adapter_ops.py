@@ -257,8 +257,6 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool, beta=1.0):
     """Gradients (dA, dB) in A's and B's dtypes; accumulates the adapter's input gradient into
     dx [m, k] when dx is given (beta 0, torch GEMM path only: writes it). xs is the saved,
     already pooled adapter input."""
-    m = dy2.shape[0]
-    dev = dy2.device
     if _use_torch_gemm(dy2):
         dA, dB = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool, beta)
     else:
