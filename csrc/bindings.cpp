@@ -123,17 +123,15 @@ PYBIND11_MODULE(_C, m) {
     cuda::dequantize(t, ptr<const void>(q), ptr<void>(out), dt, n, k, ptr<void>(stream));
   }, nogil());
   m.def("cuda_qmatmul_forward", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t y, int64_t M,
-                                   int64_t N, int64_t K, uintptr_t stream, bool accumulate) {
+                                   int64_t N, int64_t K, uintptr_t stream) {
     cuda::qmatmul_forward(t, ptr<const void>(x), dt, ptr<const void>(w), ptr<void>(y), M, N, K,
-                          ptr<void>(stream), accumulate);
-  }, py::arg("type"), py::arg("x"), py::arg("dtype"), py::arg("w"), py::arg("y"), py::arg("m"), py::arg("n"),
-     py::arg("k"), py::arg("stream"), py::arg("accumulate") = false, nogil());
+                          ptr<void>(stream));
+  }, nogil());
   m.def("cuda_qmatmul_input_grad", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t dx,
-                                      int64_t M, int64_t N, int64_t K, uintptr_t stream, bool accumulate) {
+                                      int64_t M, int64_t N, int64_t K, uintptr_t stream) {
     cuda::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N,
-                             K, ptr<void>(stream), accumulate);
-  }, py::arg("type"), py::arg("dy"), py::arg("dtype"), py::arg("w"), py::arg("dx"), py::arg("m"), py::arg("n"),
-     py::arg("k"), py::arg("stream"), py::arg("accumulate") = false, nogil());
+                             K, ptr<void>(stream));
+  }, nogil());
   // The reference CUDA kernels, for tests: same arguments as the cuda_* functions above.
   m.def("cuda_ref_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                                   uintptr_t stream) {

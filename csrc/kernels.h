@@ -59,12 +59,10 @@ MemoryStats memory_stats();
 void scratch_reserve(int64_t bytes, void* stream);
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,
                 void* stream);
-// accumulate: y (dx) += the product, on the cuBLAS path only (cuda_policy::choose says which;
-// elsewhere std::invalid_argument); the adapter's output goes first and the base adds to it.
 void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y,
-                     int64_t m, int64_t n, int64_t k, void* stream, bool accumulate = false);
+                     int64_t m, int64_t n, int64_t k, void* stream);
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
-                        int64_t m, int64_t n, int64_t k, void* stream, bool accumulate = false);
+                        int64_t m, int64_t n, int64_t k, void* stream);
 // The slow, obvious CUDA kernels the fast ones are tested against (same signatures).
 namespace reference {
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,

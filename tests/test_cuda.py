@@ -156,34 +156,6 @@ def test_cublas_path_for_small_m(direction, gen, monkeypatch):
     check_matmul("INT4-g64", torch.bfloat16, gen, direction, shapes=[(1, 37, 4), (16, 130, 8)])
 
 
-@pytest.mark.parametrize("direction", ["forward", "input_grad"])
-def test_accumulate_adds_the_product_on_the_cublas_path_only(direction, gen, monkeypatch):
-    """accumulate=True: out += the product (cuBLAS's beta = 1), over several chunks; a product on
-    another path refuses it rather than overwrite what the caller put there."""
-    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
-    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
-    name, n, k = "Q4_K", 600, 512
-    fmt = get_format(name)
-    raw = random_blocks(name, n, k, gen).cuda()
-    w = dequant_cpu(raw.cpu(), name, n, k).cuda()
-    fn = _C.cuda_qmatmul_forward if direction == "forward" else _C.cuda_qmatmul_input_grad
-    assert _C.cuda_path(direction, 2048, DTYPES[torch.bfloat16], True, n, k, fmt.type_id) == "cublas"
-    for m in (2048, 1):
-        inp = torch.randn(m, k if direction == "forward" else n, device="cuda", dtype=torch.bfloat16)
-        prod = inp.double() @ (w.double().t() if direction == "forward" else w.double())
-        prev = (torch.randn_like(prod) * prod.std()).to(torch.bfloat16)  # as large as the product
-        out = prev.clone()
-        args = (fmt.type_id, inp.data_ptr(), DTYPES[torch.bfloat16], raw.data_ptr(), out.data_ptr(), m, n, k, stream())
-        if _C.cuda_path(direction, m, DTYPES[torch.bfloat16], True, n, k, fmt.type_id) != "cublas":
-            with pytest.raises(ValueError, match="only on the cuBLAS path"):
-                fn(*args, accumulate=True)
-            assert torch.equal(out, prev)
-            continue
-        fn(*args, accumulate=True)
-        assert rel_err(out.double(), prev.double() + prod) < TOLERANCE[torch.bfloat16]
-        assert rel_err(out.double(), prod) > 0.1  # prev was added, not overwritten
-
-
 def test_ops_autograd_on_a_side_stream(gen):
     name, m, n, k = "Q4_K", 24, 96, 512
     raw = random_blocks(name, n, k, gen)

@@ -77,8 +77,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
 // graph. Their total bytes and count:
 bool cublas_available();
 void cublas_workspace_stats(int64_t* bytes, int64_t* count);
-// c = op(a)·op(b) + beta·c (beta 0: c is not read)
 void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
-                 void* c, int ldc, int data_type, cudaStream_t stream, float beta = 0.0f);
+                 void* c, int ldc, int data_type, cudaStream_t stream);
 
 }  // namespace lowtune::cuda

@@ -216,10 +216,10 @@ void pipeline_chunks(int64_t chunks, bool overlap, cudaStream_t stream, Produce 
   // The caller's stream has waited for the side stream's last work (the last chunk's ready).
 }
 
-// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ (+ Y's own values when beta is 1) for chunks of rows.
+// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows.
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
-                     int64_t row_bytes, cudaStream_t stream, float beta) {
+                     int64_t row_bytes, cudaStream_t stream) {
   const int es = dtype_size(dtype);
   const ChunkPlan p = plan_chunks(n, k, es);
   const size_t buf = (size_t)(p.size * k * es);
@@ -235,14 +235,14 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
         // column-major view: Yᵀ[r0:r0+nr, :] (nr x m, ld n) = S (nr x k, stored as k x nr, ld k)ᵀ · Xᵀ (k x m, ld k)
         cublas_gemm(true, false, (int)nr, (int)m, (int)k, at(b), (int)k, x, (int)k,
-                    static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s, beta);
+                    static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s);
       });
 }
 
-// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) (+ dX's own values when beta is 1) for chunks of columns.
+// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns.
 template <int T>
 void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t m, int64_t n, int64_t k,
-                        int64_t row_bytes, cudaStream_t stream, float beta) {
+                        int64_t row_bytes, cudaStream_t stream) {
   const int es = dtype_size(dtype);
   const ChunkPlan p = plan_chunks(k, n, es);  // p.size: a multiple of 128 or all of K (a multiple of 32)
   const size_t buf = (size_t)(p.size * n * es);
@@ -258,15 +258,8 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
         // column-major: dXᵀ[c0:c0+nc, :] (ld k) = S (nc x n, ld nc) · dYᵀ (n x m, ld n)
         cublas_gemm(false, false, (int)nc, (int)m, (int)n, at(b), (int)nc, dy, (int)n,
-                    static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s, beta);
+                    static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s);
       });
-}
-
-// Accumulating into the output is the cuBLAS path's (beta = 1); a caller asks cuda_path first.
-void require_cublas(cuda_policy::Path path) {
-  if (path != cuda_policy::Path::Cublas)
-    throw std::invalid_argument(std::string("accumulate is only on the cuBLAS path, this product takes the ") +
-                                cuda_policy::path_name(path) + " path");
 }
 
 cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
@@ -358,20 +351,18 @@ void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t
 }
 
 void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y, int64_t m, int64_t n, int64_t k,
-                     void* stream, bool accumulate) {
+                     void* stream) {
   const BlockInfo bi = check_args(qtype, dtype, m, n, k);
   if (m == 0 || n == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   if (k == 0) {  // empty reduction
-    if (!accumulate) LT_CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)(m * n * dtype_size(dtype)), s));
+    LT_CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)(m * n * dtype_size(dtype)), s));
     return;
   }
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  const cuda_policy::Path path = choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y);
-  if (accumulate) require_cublas(path);
-  switch (path) {
+  switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
     case cuda_policy::Path::Gemv:
       dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
       break;
@@ -382,7 +373,7 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
       dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
     case cuda_policy::Path::Cublas:
-      dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s, accumulate ? 1.0f : 0.0f); });
+      dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
       break;
     default:
       reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
@@ -390,20 +381,18 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
 }
 
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx, int64_t m, int64_t n,
-                        int64_t k, void* stream, bool accumulate) {
+                        int64_t k, void* stream) {
   const BlockInfo bi = check_args(qtype, dtype, m, n, k);
   if (m == 0 || k == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   if (n == 0) {  // empty reduction
-    if (!accumulate) LT_CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)(m * k * dtype_size(dtype)), s));
+    LT_CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)(m * k * dtype_size(dtype)), s));
     return;
   }
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
-  const cuda_policy::Path path = choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx);
-  if (accumulate) require_cublas(path);
-  switch (path) {
+  switch (choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx)) {
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
@@ -411,7 +400,7 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
       dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
     case cuda_policy::Path::Cublas:
-      dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s, accumulate ? 1.0f : 0.0f); });
+      dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
       break;
     default:
       reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);

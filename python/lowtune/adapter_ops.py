@@ -174,31 +174,29 @@ def _expansion(cols: int, pool: int, dtype: torch.dtype, device: torch.device) -
     return torch.eye(cols, dtype=dtype, device=device).repeat_interleave(pool, dim=1)
 
 
-def _add_expanded_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float,
-                       beta: float) -> None:
-    """dx [m, k] = beta·dx + alpha/pool · expand_pool(left·right), each column repeated over pool
-    adjacent ones, as one GEMM into dx: with the repeat folded into `right` when left is narrow
+def _add_expanded_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float) -> None:
+    """dx [m, k] += alpha/pool · expand_pool(left·right), each column repeated over pool adjacent
+    ones, as GEMMs accumulating into dx: with the repeat folded into `right` when left is narrow
     (the rank), else through the 0/1 expansion matrix (a GEMM over k/pool)."""
     if pool == 1:
-        dx.addmm_(left, right, beta=beta, alpha=alpha)
+        dx.addmm_(left, right, alpha=alpha)
     elif left.shape[1] <= right.shape[1]:
-        dx.addmm_(left, right.repeat_interleave(pool, dim=1), beta=beta, alpha=alpha / pool)
+        dx.addmm_(left, right.repeat_interleave(pool, dim=1), alpha=alpha / pool)
     else:
         t = left @ right
-        dx.addmm_(t, _expansion(t.shape[1], pool, t.dtype, t.device), beta=beta, alpha=alpha / pool)
+        dx.addmm_(t, _expansion(t.shape[1], pool, t.dtype, t.device), alpha=alpha / pool)
 
 
-def _torch_forward(x2, A32, B32, geom, y, pool, beta=1.0):
+def _torch_forward(x2, A32, B32, geom, y, pool):
     """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ,
-    y = beta·y + s·expand_q(u·B[:, :r]ᵀ), the expansion folded into B's rows (beta 0: y is only
-    written, for a base product that adds itself afterwards)."""
+    y += s·expand_q(u·B[:, :r]ᵀ), the expansion folded into B's rows."""
     xs = _pool(x2, pool)
     q, r = geom.repeat, geom.rank
     if not geom.has_b:
-        y.addmm_(xs, _rows_repeated(A32[:r], q, x2.dtype).t(), beta=beta, alpha=geom.scale)
+        y.addmm_(xs, _rows_repeated(A32[:r], q, x2.dtype).t(), alpha=geom.scale)
         return None, xs
     u = xs @ A32[:r].to(x2.dtype).t()
-    y.addmm_(u, _rows_repeated(B32[:, :r], q, x2.dtype).t(), beta=beta, alpha=geom.scale)
+    y.addmm_(u, _rows_repeated(B32[:, :r], q, x2.dtype).t(), alpha=geom.scale)
     return u, xs
 
 
@@ -212,9 +210,9 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
     return full
 
 
-def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool, beta=1.0):
-    """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx = beta·dx + the
-    adapter's input gradient, expanded over the pool, in place. The repeat q stays folded into the last
+def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
+    """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
+    input gradient, expanded over the pool, in place. The repeat q stays folded into the last
     factor (as in the forward): dy is never summed over q columns, the small gradient is."""
     q, r, s = geom.repeat, geom.rank, geom.scale
     dt = dy2.dtype
@@ -225,11 +223,11 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool, beta=1.0):
         du = (dy2 @ _rows_repeated(B32[:, :r], q, dt)).mul_(s)      # [m, r]
         dA = _widen(_mm_f32(du.t(), xs), A32.shape)
         if dx is not None:
-            _add_expanded_cols(dx, du, A, pool, 1.0, beta)
+            _add_expanded_cols(dx, du, A, pool, 1.0)
     else:  # dM = s·dysᵀ·xs, dys = dy summed over q columns
         dA = _widen(_rows_summed(_mm_f32(dy2.t(), xs), q).mul_(s), A32.shape)
         if dx is not None:
-            _add_expanded_cols(dx, dy2, _rows_repeated(A, q, dt), pool, s, beta)
+            _add_expanded_cols(dx, dy2, _rows_repeated(A, q, dt), pool, s)
     return dA, dB
 
 
@@ -253,12 +251,11 @@ def _launch_forward(x2, A32, B32, geom, y, pool):
     return u, xs
 
 
-def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool, beta=1.0):
+def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
     """Gradients (dA, dB) in A's and B's dtypes; accumulates the adapter's input gradient into
-    dx [m, k] when dx is given (beta 0, torch GEMM path only: writes it). xs is the saved,
-    already pooled adapter input."""
+    dx [m, k] when dx is given. xs is the saved, already pooled adapter input."""
     if _use_torch_gemm(dy2):
-        dA, dB = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool, beta)
+        dA, dB = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool)
     else:
         dA, dB = _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool)
     if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
@@ -327,16 +324,10 @@ def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, 
     """(y, xs, u): y [M, n] = x [M, k]·deq(W)ᵀ + adapter(xa if given else x), the adapter
     accumulated into the frozen matmul's output."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    y = ops._forward_kernel(x, raw, type_id, n, k)
     ain = x if xa is None else xa
     kk, pp = _kernel_input(geom, xa is not None)
-    if _use_torch_gemm(ain) and ops.cuda_accumulates("forward", x, type_id, n, k):
-        # the adapter writes y, the base GEMM adds to it: y is written once and read once less
-        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        u, xs = _torch_forward(ain, _f32(A), _f32(B), geom, y, pp, beta=0.0)
-        ops._forward_kernel(x, raw, type_id, n, k, add_to=y)
-    else:
-        y = ops._forward_kernel(x, raw, type_id, n, k)
-        u, xs = _launch_forward(ain, _f32(A), _f32(B), geom, y, pp)
+    u, xs = _launch_forward(ain, _f32(A), _f32(B), geom, y, pp)
     return (y, *_aux_outputs(x, ain, u, xs, has_b))
 
 
@@ -358,12 +349,6 @@ def _adapted_qmatmul_backward(
     input's gradient. Unrequested or absent ones are empty."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     dy, m = dy.contiguous(), dy.shape[0]
-    if (need_dx and not separate and _use_torch_gemm(dy) and ops.cuda_accumulates("input_grad", dy, type_id, n, k)):
-        # as in the forward: the adapter's share written first, the base GEMM adds to it
-        dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
-        dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, dx, k, pool, beta=0.0)
-        ops._input_grad_kernel(dy, raw, type_id, n, k, add_to=dx)
-        return dx, dy.new_empty((0,)), dA, dB if dB is not None else A.new_empty((0,))
     dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
     dxa = None
     if separate:

@@ -147,52 +147,36 @@ def _dense_input_grad(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, dx
     return dx
 
 
-def _forward_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, add_to: Tensor | None = None) -> Tensor:
-    """y = x2·deq(W)ᵀ; with add_to (CUDA, where cuda_accumulates says so) y is add_to, the
-    product added to it in the GEMM (beta = 1; the CPU adds a separate product)."""
-    if add_to is not None and x2.device.type != "cuda":
-        return add_to.add_(_forward_kernel(x2, raw, type_id, n, k))
+def _forward_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device) if add_to is None else add_to
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return y
     x2 = x2.contiguous()
     if x2.device.type == "cpu" and cpu_dense_gemm(m, x2.dtype):
         return _dense_forward(x2, raw, type_id, n, k, y)
     if x2.device.type == "cuda":
-        _C.cuda_qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k,
-                                _stream(x2.device), add_to is not None)
+        _C.cuda_qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k, _stream(x2.device))
     else:
         _C.qmatmul_forward(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), y.data_ptr(), m, n, k)
     return y
 
 
-def _input_grad_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, add_to: Tensor | None = None) -> Tensor:
-    """dx = dy2·deq(W); with add_to, as _forward_kernel."""
-    if add_to is not None and dy2.device.type != "cuda":
-        return add_to.add_(_input_grad_kernel(dy2, raw, type_id, n, k))
+def _input_grad_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int) -> Tensor:
     m = dy2.shape[0]
-    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device) if add_to is None else add_to
+    dx = torch.empty((m, k), dtype=dy2.dtype, device=dy2.device)
     if m == 0 or k == 0:
         return dx
     if n == 0:
-        return dx if add_to is not None else dx.zero_()
+        return dx.zero_()
     dy2 = dy2.contiguous()
     if dy2.device.type == "cpu" and cpu_dense_gemm(m, dy2.dtype):
         return _dense_input_grad(dy2, raw, type_id, n, k, dx)
     if dy2.device.type == "cuda":
-        _C.cuda_qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n,
-                                   k, _stream(dy2.device), add_to is not None)
+        _C.cuda_qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k, _stream(dy2.device))
     else:
         _C.qmatmul_input_grad(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(), dx.data_ptr(), m, n, k)
     return dx
-
-
-def cuda_accumulates(product: str, t: Tensor, type_id: int, n: int, k: int) -> bool:
-    """Whether the CUDA product ('forward' or 'input_grad') of t's rows takes the cuBLAS path,
-    where the kernels can add into their output (add_to above)."""
-    return (t.device.type == "cuda" and t.is_contiguous()
-            and _C.cuda_path(product, t.shape[0], ACT_DTYPES[t.dtype], t.data_ptr() % 16 == 0, n, k, type_id) == "cublas")
 
 
 # ---- the custom ops ------------------------------------------------------------------------------
