@@ -47,8 +47,8 @@ enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
-// The gemv kernel against the staged one (H200, BENCHMARKS.md "M = 1 on CUDA cores for every type
-// with codes", the run after its instruction diet): faster from N = 6144 rows (K = 4096) for every
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "The gemv kernel's instruction count
+// halved, and what it bought"): faster from N = 6144 rows (K = 4096) for every
 // type, at N = 4096 slower for some (Q4_0 1.13-1.27x, INT4-g64, Q4_1, Q8_0: the staged kernel's
 // split reduction keeps more CTAs busy) and faster for others: Q3_K and Q6_K (0.58-0.76x), Q4_K
 // and Q5_0 (0.93-0.95x). Those four take it at every N.
