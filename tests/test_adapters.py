@@ -498,13 +498,16 @@ def test_load_refuses_a_different_architecture(tmp_path):
     assert adapters_of(small) == {}  # a refused load leaves the model as it was
 
 
+@pytest.mark.parametrize("folds", [False, True], ids=["cpu_form", "cuda_form"])
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
-def test_cublas_path_close_to_float64(method, qtype, monkeypatch):
+def test_cublas_path_close_to_float64(method, qtype, folds, monkeypatch):
     """The GEMM formulation that CUDA uses from cuda_policy's kAdapterCublasMinRows rows on, run
     here through torch on the CPU (fp32), against float64 autograd: outputs, input and weight
-    gradients."""
+    gradients; in the CPU's form and in CUDA's (the pool's and the repeat's expansions folded
+    into the GEMMs)."""
     from lowtune import adapter_ops
     monkeypatch.setattr(adapter_ops, "_use_torch_gemm", lambda t: True)
+    monkeypatch.setattr(adapter_ops, "_folds", lambda t: folds)
     ad = make_adapter(method, qtype, n=96, k=256)
     if method == "qdylora":
         ad.set_rank(3)  # gradients only for the leading slices, zero-padded to the full matrices

@@ -144,10 +144,17 @@ def _pool(x2: torch.Tensor, pool: int) -> torch.Tensor:
     return xs
 
 
+def _folds(t: torch.Tensor) -> bool:
+    """Whether the torch GEMM path folds the pool's and the repeat's expansions into the GEMMs
+    (the small factor's rows or columns repeated) instead of running them as passes over [m, k]
+    or [m, n]: on CUDA, where those passes cost memory traffic the GEMMs do not (BENCHMARKS.md,
+    "Where the adapters' GPU time went"); not on the CPU, where the folded GEMMs' extra products
+    cost more than the passes."""
+    return t.device.type == "cuda"
+
+
 def _rows_repeated(w: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor:
-    """w [j, c] in `dtype` with each row repeated q times ([j q, c]): the repeat of the adapter's
-    output folded into its last factor, so that y takes it in the GEMM's accumulation instead of
-    an [m, n] broadcast add."""
+    """w [j, c] in `dtype` with each row repeated q times ([j q, c])."""
     w = w.to(dtype)
     return w if q == 1 else w.repeat_interleave(q, dim=0)
 
@@ -155,6 +162,9 @@ def _rows_repeated(w: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor:
 def _rows_summed(g: torch.Tensor, q: int) -> torch.Tensor:
     """The gradient of a factor whose rows were repeated q times: each run of q rows summed."""
     return g if q == 1 else g.view(-1, q, g.shape[1]).sum(1)
+
+
+_MM_TO_F32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (torch >= 2.8)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,21 +175,31 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-_MM_TO_F32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (torch >= 2.8)
-
-
 @functools.lru_cache(maxsize=16)
 def _expansion(cols: int, pool: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """E [cols, cols·pool] with E[j, j·pool + t] = 1: v·E repeats each column of v pool times."""
     return torch.eye(cols, dtype=dtype, device=device).repeat_interleave(pool, dim=1)
 
 
-def _add_expanded_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float) -> None:
+def _add_repeated_cols(y: torch.Tensor, left: torch.Tensor, w: torch.Tensor, q: int, alpha: float) -> None:
+    """y [m, n] += alpha · expand_q(left·wᵀ), each column of the product repeated over q adjacent
+    ones (w [n/q, c] in y's dtype)."""
+    if q == 1:
+        y.addmm_(left, w.t(), alpha=alpha)
+    elif _folds(y):
+        y.addmm_(left, w.repeat_interleave(q, dim=0).t(), alpha=alpha)
+    else:
+        y.view(y.shape[0], -1, q).add_((left @ w.t()).unsqueeze(-1), alpha=alpha)
+
+
+def _add_pooled_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float) -> None:
     """dx [m, k] += alpha/pool · expand_pool(left·right), each column repeated over pool adjacent
-    ones, as GEMMs accumulating into dx: with the repeat folded into `right` when left is narrow
+    ones. Folded: one GEMM into dx, with right's columns repeated when left is the narrow side
     (the rank), else through the 0/1 expansion matrix (a GEMM over k/pool)."""
     if pool == 1:
         dx.addmm_(left, right, alpha=alpha)
+    elif not _folds(dx):
+        dx.view(dx.shape[0], -1, pool).add_((left @ right).unsqueeze(-1), alpha=alpha / pool)
     elif left.shape[1] <= right.shape[1]:
         dx.addmm_(left, right.repeat_interleave(pool, dim=1), alpha=alpha / pool)
     else:
@@ -189,14 +209,14 @@ def _add_expanded_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor
 
 def _torch_forward(x2, A32, B32, geom, y, pool):
     """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ,
-    y += s·expand_q(u·B[:, :r]ᵀ), the expansion folded into B's rows."""
+    y += s·expand_q(u·B[:, :r]ᵀ)."""
     xs = _pool(x2, pool)
-    q, r = geom.repeat, geom.rank
+    r = geom.rank
     if not geom.has_b:
-        y.addmm_(xs, _rows_repeated(A32[:r], q, x2.dtype).t(), alpha=geom.scale)
+        _add_repeated_cols(y, xs, A32[:r].to(x2.dtype), geom.repeat, geom.scale)
         return None, xs
     u = xs @ A32[:r].to(x2.dtype).t()
-    y.addmm_(u, _rows_repeated(B32[:, :r], q, x2.dtype).t(), alpha=geom.scale)
+    _add_repeated_cols(y, u, B32[:, :r].to(x2.dtype), geom.repeat, geom.scale)
     return u, xs
 
 
@@ -212,22 +232,25 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
 
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
-    input gradient, expanded over the pool, in place. The repeat q stays folded into the last
-    factor (as in the forward): dy is never summed over q columns, the small gradient is."""
+    input gradient, expanded over the pool, in place. Folded (_folds), dy is not summed over the
+    repeat's q columns: the last factor's rows are repeated instead and its small gradient summed."""
     q, r, s = geom.repeat, geom.rank, geom.scale
     dt = dy2.dtype
+    fold = _folds(dy2)
+    dys = dy2 if q == 1 or fold else dy2.view(dy2.shape[0], -1, q).sum(-1)
+    qf = q if fold else 1  # the repeat the products below still carry
     A = A32[:r].to(dt)
     dB = None
     if geom.has_b:
-        dB = _widen(_rows_summed(_mm_f32(dy2.t(), u), q).mul_(s), B32.shape)
-        du = (dy2 @ _rows_repeated(B32[:, :r], q, dt)).mul_(s)      # [m, r]
+        dB = _widen(_rows_summed(_mm_f32(dys.t(), u), qf).mul_(s), B32.shape)
+        du = (dys @ _rows_repeated(B32[:, :r], qf, dt)).mul_(s)      # [m, r]
         dA = _widen(_mm_f32(du.t(), xs), A32.shape)
         if dx is not None:
-            _add_expanded_cols(dx, du, A, pool, 1.0)
-    else:  # dM = s·dysᵀ·xs, dys = dy summed over q columns
-        dA = _widen(_rows_summed(_mm_f32(dy2.t(), xs), q).mul_(s), A32.shape)
+            _add_pooled_cols(dx, du, A, pool, 1.0)
+    else:  # dM = s·dysᵀ·xs
+        dA = _widen(_rows_summed(_mm_f32(dys.t(), xs), qf).mul_(s), A32.shape)
         if dx is not None:
-            _add_expanded_cols(dx, dy2, _rows_repeated(A, q, dt), pool, s)
+            _add_pooled_cols(dx, dys, _rows_repeated(A, qf, dt), pool, s)
     return dA, dB
 
 
