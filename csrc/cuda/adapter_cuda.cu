@@ -337,8 +337,8 @@ struct CudaBackend {
 };
 
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
-// pass over x (a reduction over the last axis in torch launches one slow reduction per row).
-// Each thread loads one 16-byte vector of V elements. Sums in fp32, rounded once.
+// pass over x (torch's mean over a short last axis took 54-60 us for [2048, 4096] bf16 on an H200,
+// ~10x this). Each thread loads one 16-byte vector of V elements. Sums in fp32, rounded once.
 
 // 16 bytes as V floats
 template <class T, int V>
