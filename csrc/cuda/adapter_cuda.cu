@@ -337,8 +337,8 @@ struct CudaBackend {
 };
 
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
-// pass over x (torch's mean over a short last axis took 54-60 us for [2048, 4096] bf16 on an H200,
-// ~10x this). Each thread loads one 16-byte vector of V elements. Sums in fp32, rounded once.
+// pass over x (for [2048, 4096] bf16 on an H200: 7.4-7.6 us, where torch's mean over the short
+// last axis took 54-60 us). Each thread loads one 16-byte vector of V elements. Sums in fp32.
 
 // 16 bytes as V floats
 template <class T, int V>
