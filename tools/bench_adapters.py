@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--graph-steps", type=int, default=20, help="CUDA: steps per captured graph")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--profile", action="store_true", help="print the kernels of one step of the bare layer and of each method")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the kernels of one step of the bare layer and of each method")
     args = ap.parse_args()
 
     dev, dtype = args.device, getattr(torch, args.dtype)

@@ -454,9 +454,13 @@ void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int6
   if (pool < 1 || k % pool) throw std::invalid_argument("adapter_pool: the pool must divide K");
   if (m == 0 || k == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (dtype == D_F32) launch_pool_mean(static_cast<const float*>(x), static_cast<float*>(xs), m, k, (int)pool, s);
-  else if (dtype == D_F16) launch_pool_mean(static_cast<const __half*>(x), static_cast<__half*>(xs), m, k, (int)pool, s);
-  else launch_pool_mean(static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(xs), m, k, (int)pool, s);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    launch_pool_mean(static_cast<const T*>(x), static_cast<T*>(xs), m, k, (int)pool, s);
+  };
+  if (dtype == D_F32) launch(float{});
+  else if (dtype == D_F16) launch(__half{});
+  else launch(__nv_bfloat16{});
 }
 
 }  // namespace lowtune::cuda

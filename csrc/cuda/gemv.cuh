@@ -274,8 +274,9 @@ template <int T> constexpr int min_ctas() {
 // math is one pointer per row, immediate offsets per unit. Rounds are whole (no bounds checks) but
 // for a row's last one where 32 kInFlight does not divide K / 32.
 template <int T, class ACT>
-__global__ void __launch_bounds__(kThreads, min_ctas<T>()) gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
-                                                        ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
+__global__ void __launch_bounds__(kThreads, min_ctas<T>())
+gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
+            ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
   using U = Unpack<T>;
   using Un = Units<T>;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;  // bytes between a lane's units i and i + 1

@@ -162,7 +162,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--chunks", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--floors", default="1024,256", help="the extension's chunk floors (LOWTUNE_CUDA_CHUNK_MIN) per case")
+    ap.add_argument("--floors", default="1024,256",
+                    help="the extension's chunk floors (LOWTUNE_CUDA_CHUNK_MIN) per case")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
