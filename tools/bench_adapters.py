@@ -191,9 +191,10 @@ def main() -> None:
                      f"{r['unfused_graph_x']:8.3f}")
         print(line)
     if args.json:
+        recorded = {k: v for k, v in vars(args).items() if k != "json"}  # not where this machine wrote it
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
-                       "args": {k: v for k, v in vars(args).items() if k != "json"},  # not where this machine wrote it "bare_ms": bare, "dense_ms": dense, "bare_graph_ms": bare_g,
+                       "args": recorded, "bare_ms": bare, "dense_ms": dense, "bare_graph_ms": bare_g,
                        "dense_graph_ms": dense_g, "rows": rows}, f, indent=2)
 
     if args.profile:  # the kernels of one step of the bare layer and of each method, GPU time first
