@@ -138,25 +138,6 @@ def attention_workspace(tokens: int, n_heads: int, head_dim: int) -> int:
 GRAPH_EXEC_BYTES = 1 * MIB
 
 
-# What each extra MLP chunk adds to a layer's graphs, as a share of the MLP's part of them: the
-# chunk's kernel nodes (its products' dequantization tiles and GEMMs, the SwiGLU and norm glue) at
-# the measured 3.4 KiB each. Measured on an H200 (tools/gpu/layer_graphs_memory.py, 7B layers, LoRA
-# r=16, 2048 tokens): 184 more nodes per chunk per layer (forward and backward graphs: 330, 504, 887
-# and 1623 nodes at 1, 2, 4 and 8 chunks), 0.61 MiB, where a share of 1 would count 1.34 MiB;
-# NVML's growth from 1 to 8 chunks was 0.5 MiB per chunk per layer (BENCHMARKS.md).
-MLP_CHUNK_GRAPH_GROWTH = 0.45
-
-
-def layer_graph_bytes(mlp_chunks: int = 1, mlp_share: float = 0.0) -> int:
-    """Device memory of one layer's two graphs (forward, backward): GRAPH_EXEC_BYTES each with the
-    MLP whole. With the MLP in token chunks every chunk launches the MLP's kernels again, so the
-    graphs grow with the MLP's share of their nodes (mlp_share: the MLP's share of the layer's
-    weights, which the extension dequantizes and multiplies in chunks of a fixed size), scaled by
-    the measured MLP_CHUNK_GRAPH_GROWTH."""
-    growth = mlp_share * (mlp_chunks - 1) * MLP_CHUNK_GRAPH_GROWTH
-    return math.ceil(2 * GRAPH_EXEC_BYTES * (1 + growth))
-
-
 def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads: int, n_layers: int,
                every_layer_captured: bool = False, rot_bytes: int = 0,
                layer_graphs: int = 2 * GRAPH_EXEC_BYTES) -> int:
@@ -164,7 +145,7 @@ def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads:
     layer's intermediates in the pool the graphs share, the static inputs and outputs (two
     [tokens, dim] buffers that forward and backward share, the RoPE table `rot_bytes`, the
     layer's flat adapter gradients), and the graphs themselves: forward and backward of every
-    layer (`layer_graphs` bytes: layer_graph_bytes). A streamed layer is captured over one GPU
+    layer (`layer_graphs` bytes for both). A streamed layer is captured over one GPU
     slot only: the streamer's two slots take the streamed layers in turn, forward and backward
     alike, so each lands in the same slot every step (the 7B runs at 3 GiB captured 64 graphs for
     32 streamed layers).
@@ -402,5 +383,5 @@ def size(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-__all__ = ["DeviceBudget", "MLP_CHUNK_GRAPH_GROWTH", "NVML", "attention_workspace", "extension_bytes", "graph_pool",
-           "layer_graph_bytes", "prepare_process", "size", "workspace_per_stream"]
+__all__ = ["DeviceBudget", "NVML", "attention_workspace", "extension_bytes", "graph_pool", "prepare_process", "size",
+           "workspace_per_stream"]

@@ -51,7 +51,7 @@ from .adapters import AdaptedLinear
 from .disk_ring import DiskLayers, read_ranges
 from .gguf_io import GGUFFile
 from .host_adamw import staging_bytes
-from .memory_budget import DeviceBudget, attention_workspace, graph_pool, layer_graph_bytes, prepare_process
+from .memory_budget import GRAPH_EXEC_BYTES, DeviceBudget, attention_workspace, graph_pool, prepare_process
 from .memory_budget import size as _size
 from .model import Model, QLinear
 from .ops import ACT_DTYPES
@@ -516,13 +516,6 @@ def scratch_bytes(model: Model, tokens: int, chunk: int, small: bool = False) ->
                     for p in ("forward", "input_grad")), default=0)
 
 
-def _mlp_share(model: Model) -> float:
-    """The MLP's share of the largest layer's weight elements (memory_budget.layer_graph_bytes)."""
-    layer = max(model.layers, key=_pack_bytes)
-    sizes = [(lin.name, lin.out_features * lin.in_features) for lin in _packed_linears(layer)]
-    return sum(n for name, n in sizes if ".ffn_" in name) / max(sum(n for _, n in sizes), 1)
-
-
 # Token chunks the planner may run each layer's MLP in (DecoderLayer.mlp_chunks), fewest first:
 # every chunk dequantizes the MLP's weights again, and its products are narrower.
 MLP_CHUNKS = (1, 2, 4, 8)
@@ -585,8 +578,9 @@ def estimate_memory(model: Model, tokens: int, chunk: int, working: int | dict |
                                       if isinstance(m, AdaptedLinear)),
         # SDPA's flash backward: its fp32 accumulators
         "attention": attention_workspace(tokens, c.n_heads, c.head_dim),
-        # one layer's CUDA graphs, which grow with the MLP's chunks (each launches its products)
-        "layer_graphs": layer_graph_bytes(mlp_chunks, _mlp_share(model)),
+        # one layer's two CUDA graphs (forward, backward), with the MLP whole: the only way the
+        # planner captures layers (_options)
+        "layer_graphs": 2 * GRAPH_EXEC_BYTES,
         # the RoPE tables of a step (Model.rope_rotation): the graphs' static copy
         "rotation": model.rope_inv_freq.shape[0] * 2 * tokens * c.rope_dim * 4,
         # one chunk of fp32 logits with its softmax and gradient, and dh [tokens, D]
