@@ -19,6 +19,7 @@
 #include "../adapter_kernels.h"
 #include "../fp16.h"
 #include "common.cuh"
+#include "internal.h"  // sm_count
 
 namespace lowtune::cuda {
 namespace {
@@ -292,15 +293,6 @@ GemmPlan plan_gemm(int64_t I, int64_t J, int64_t Kc, const Epilogue& e, int sms)
 }
 
 // ---- host side -------------------------------------------------------------------------------
-int sm_count() {
-  static int cached[64] = {0};
-  int dev = 0;
-  LT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0) LT_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
-  return cached[dev];
-}
-
 struct CudaBackend {
   int dtype;
   cudaStream_t stream;

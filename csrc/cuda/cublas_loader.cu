@@ -34,7 +34,6 @@ namespace {
 constexpr int kOpN = 0, kOpT = 1;          // cublasOperation_t
 constexpr int kCompute32F = 68;            // CUBLAS_COMPUTE_32F
 constexpr int kGemmDefault = -1;           // CUBLAS_GEMM_DEFAULT
-constexpr int kMaxDevices = 64;
 
 using Handle = void*;
 using CreateFn = int (*)(Handle*);
@@ -121,9 +120,7 @@ void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a,
   Cublas& c = cublas();
   std::lock_guard<std::mutex> lock(c.mu);
   if (!c.load()) throw std::runtime_error("cuBLAS could not be loaded");
-  int dev = 0;
-  LT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("device index out of range");
+  const int dev = current_device();
   if (!c.handles[dev]) check(c.create(&c.handles[dev]), "cublasCreate");
   check(c.set_stream(c.handles[dev], stream), "cublasSetStream");
   if (c.set_workspace) {

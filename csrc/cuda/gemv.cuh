@@ -25,8 +25,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 
@@ -312,26 +310,6 @@ gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
   }
 }
 
-// CTAs of gemv_kernel<T, ACT> one multiprocessor holds with `smem` bytes of shared memory (asked
-// once per size; the kernel's shared-memory limit is raised as K needs).
-template <int T, class ACT>
-int resident_ctas(size_t smem) {
-  static std::mutex mu;
-  static size_t configured = 48 * 1024;
-  static std::map<size_t, int> known;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find(smem);
-  if (it != known.end()) return it->second;
-  if (smem > configured) {
-    LT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, ACT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem));
-    configured = smem;
-  }
-  int per_sm = 0;
-  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, ACT>, kThreads, smem));
-  return known[smem] = per_sm;
-}
-
 }  // namespace gemv
 
 template <int T>
@@ -344,7 +322,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
     const size_t smem = gemv::smem_bytes(k);
     auto launch = [&](auto tag) {
       using ACT = decltype(tag);
-      const int per_sm = gemv::resident_ctas<T, ACT>(smem);
+      const int per_sm = kernel_ctas<gemv::gemv_kernel<T, ACT>>(smem, gemv::kThreads);
       if (per_sm < 1) throw std::runtime_error("gemv: no CTA fits for this K");
       const int64_t want = (n + gemv::kWarps - 1) / gemv::kWarps;
       const int grid = (int)std::min<int64_t>(want, (int64_t)per_sm * sm_count());

@@ -10,7 +10,7 @@
 #include "../blocks.h"
 #include "../glue_kernels.h"
 #include "common.cuh"
-#include "internal.h"  // ScratchBuffer
+#include "internal.h"  // ScratchBuffer, kernel_ctas
 #include "mma.cuh"  // act_to_f, f_to_act
 
 namespace lowtune::cuda {
@@ -368,12 +368,8 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
   auto launch = [&](auto tag, auto hd_c) {
     using T = decltype(tag);
     constexpr int HD = decltype(hd_c)::value;
-    auto* kernel = decode_attention_split_kernel<T, HD>;
-    static size_t configured = 48 * 1024;  // per instantiation: the limit is raised once per size
-    if (smem > configured) {
-      LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-      configured = smem;
-    }
+    constexpr auto kernel = decode_attention_split_kernel<T, HD>;
+    kernel_ctas<kernel>(smem, kAttnThreads);  // raises the kernel's shared-memory limit where smem needs it
     kernel<<<dim3((unsigned)h, (unsigned)splits), kAttnThreads, smem, st>>>(
         static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos,
         h, hkv, cache_len, scale);

@@ -3,16 +3,46 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../kernels.h"
+#include "common.cuh"  // LT_CUDA_CHECK
 
 namespace lowtune::cuda {
 
+// Devices the per-device state (pools, arenas, handles, caches) has room for.
+constexpr int kMaxDevices = 64;
+// The current device, below kMaxDevices (else std::runtime_error).
+int current_device();
 // Number of multiprocessors of the current device (cached).
 int sm_count();
 // Shared memory one CTA of the current device may opt in to, in bytes (cached): every one-row
 // product and every decode attention step asks it.
 int smem_optin_limit();
+
+// For kernel K on the current device: its dynamic shared-memory limit raised to at least `smem`
+// (the opt-in is per device; set even below 48 KiB, where the default leaves out the kernel's
+// static shared memory), and how many of its CTAs of `threads` threads one multiprocessor holds
+// with `smem` bytes. Asked once per device and size.
+template <auto K>
+int kernel_ctas(size_t smem, int threads) {
+  static std::mutex mu;
+  static size_t configured[kMaxDevices] = {};
+  static std::map<std::pair<int, size_t>, int> known;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find({dev, smem});
+  if (it != known.end()) return it->second;
+  if (smem > configured[dev]) {
+    LT_CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    configured[dev] = smem;
+  }
+  int per_sm = 0;
+  LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, K, threads, smem));
+  return known[{dev, smem}] = per_sm;
+}
 
 // Scratch memory: stream-ordered from a memory pool of our own; while the stream is being
 // captured into a graph, from an arena every graph shares (qmatmul_cuda.cu says why). Freed in

@@ -48,16 +48,14 @@ bool available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-namespace {
-
-constexpr int kMaxDevices = 64;
-
 int current_device() {
   int dev = 0;
   LT_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("device index out of range");
   return dev;
 }
+
+namespace {
 
 using cuda_policy::ChunkPlan;
 using cuda_policy::env_int;
