@@ -22,6 +22,7 @@
 //   LOWTUNE_CUDA_PATH      gemv | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
+//   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
 //   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
@@ -47,15 +48,16 @@ enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
-// The gemv kernel against the staged one (H200, BENCHMARKS.md "The gemv kernel's instruction count
-// halved, and what it bought"): faster from N = 6144 rows (K = 4096) for every
-// type, at N = 4096 slower for some (Q4_0 1.13-1.27x, INT4-g64, Q4_1, Q8_0: the staged kernel's
-// split reduction keeps more CTAs busy) and faster for others: Q3_K and Q6_K (0.58-0.76x), Q4_K
-// and Q5_0 (0.93-0.95x). Those four take it at every N.
-constexpr int64_t kGemvMinN = 6144;
-inline bool gemv_by_default(int qtype, int64_t n) {
-  if (qtype == T_Q3_K || qtype == T_Q4_K || qtype == T_Q5_0 || qtype == T_Q6_K) return true;
-  return n >= kGemvMinN;
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "x prepared once per product"):
+// faster on every measured type and shape (0.57-0.95x) but N = 4096 rows at K = 14336, where for
+// the 4- and 8-bit types with one scale per block of 32 or 64 the staged kernel's split reduction
+// keeps more CTAs busy: Q4_0 0.81x, Q8_0 0.93x, Q4_1 and INT4-g64 0.97-0.98x. Those take the
+// staged kernel below kGemvMinN rows at K >= kGemvLongK.
+constexpr int64_t kGemvMinN = 6144, kGemvLongK = 8192;
+inline bool gemv_by_default(int qtype, int64_t n, int64_t k) {
+  const bool split_wins = qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q8_0 ||
+                          (qtype >= int_type_id(4, 32) && qtype <= int_type_id(4, 128));
+  return !(split_wins && n < kGemvMinN && k >= kGemvLongK);
 }
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
 // of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
@@ -120,7 +122,7 @@ inline Path choose(const Call& c) {
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
-  if (gemv_ok && gemv_by_default(c.qtype, c.n)) return Path::Gemv;
+  if (gemv_ok && gemv_by_default(c.qtype, c.n, c.k)) return Path::Gemv;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

@@ -48,21 +48,24 @@ def test_unknown_product_is_an_error():
 
 
 def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
-    """From 6144 rows (below, the staged kernel's split reduction is as fast or faster for most
-    types); Q3_K, Q4_K, Q5_0 and Q6_K at any N (measured faster at N = 4096 too)."""
+    """At every N and K, but for the one-scale 4- and 8-bit types (Q4_0, Q4_1, Q8_0, INT4-gG) below
+    6144 rows at K >= 8192, where the staged kernel's split reduction was measured faster."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
     q4k, n, k = 12, 14336, 4096
     assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 6144, k, q4k) == "gemv"
     assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 2) == "staged"  # Q4_0 below 6144 rows
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, q4k) == "gemv"
+    for one_scale in (2, 3, 8, 1040, 1041, 1042):  # Q4_0, Q4_1, Q8_0, INT4-g32/64/128
+        assert _C.cuda_path("forward", 1, BF16, True, 4096, k, one_scale) == "gemv"
+        assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, one_scale) == "staged"
+        assert _C.cuda_path("forward", 1, BF16, True, 6144, 14336, one_scale) == "gemv"
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 1082) == "gemv"  # INT8-g128: not one of them
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "gemv"  # Q4_0
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 14) == "gemv"  # Q6_K: at every N
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 11) == "gemv"  # Q3_K: at every N
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
     assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \
         [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 1020, 1041, 1082]
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
@@ -70,5 +73,5 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
     assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "staged"
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, 2) == "gemv"  # forced: any N
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 2) == "gemv"  # forced: any N and K
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply

@@ -13,8 +13,10 @@
 //     two per four codes, exact; a span's weights are u s + z (codes's affine map), so
 //       sum over the span of w x = sigma * (s * sum(u xq) + z * sum(xq)),
 //     with the two sums exact integers and the rest one fp32 expression per span.
-// Each CTA first writes x into shared memory in that form, in the order lanes read it (a warp's
-// 32 units side by side, 16 bytes per lane per load: conflict-free); then its warps take rows.
+// prepare_kernel writes x in that form once per product, in the order lanes read it (a warp's 32
+// units side by side, 16 bytes per lane per load: conflict-free); each CTA of gemv_kernel copies
+// it into shared memory, then its warps take rows. Both launch with programmatic dependent launch
+// (launch_pdl), so that a kernel's start overlaps the previous one's end.
 //
 // Error: below the bf16 rounding of each weight that the MMA kernels apply (x to ~2^-16 of its
 // span's largest element, the sums exact); tests/test_cuda.py holds both to one tolerance
@@ -87,53 +89,72 @@ __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
   return (uint32_t)(uint16_t)(int16_t)__float2int_rn(a) | ((uint32_t)(uint16_t)(int16_t)__float2int_rn(b) << 16);
 }
 
-// Unit q of x (its block q / kPerBlock, its spans at e0 and e1 of that block) into xs and aux[q].
+// Programmatic dependent launch (sm_90+; launch_pdl sets the attribute): a kernel lets the next
+// one in its stream start early (launch_dependents), and waits for the previous one to finish and
+// its writes to be visible (wait) before it reads what that kernel wrote or writes anything.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// x's form (xs_index's layout, then aux) in global memory, once per product: four threads per
+// unit, each taking 8 elements of one span (lanes 2i and 2i + 1 share a span: its max, NaN probe
+// and sum go across the pair). Units from K / 32 up to padded_units(K) get zero codes. (Each CTA
+// preparing all of x cost 2.4 µs of 14 at K = 4096 and 6 µs of 19 at K = 14336: BENCHMARKS.md.)
 template <int T, class ACT>
-__device__ void prepare_unit(const ACT* __restrict__ x, int q, uint4* xs, float4* aux) {
+__global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict__ x, int k, uint4* __restrict__ form) {
   using Un = Units<T>;
-  const int first = (q / Un::kPerBlock) * Unpack<T>::kElems + Un::e0(q % Un::kPerBlock);
-  float sig[2], sum[2];
+  pdl_launch_dependents();
+  pdl_wait();  // x is the previous kernel's output
+  const int units = k / 32, t = blockIdx.x * kThreads + threadIdx.x;
+  const int q = t >> 2, p = (t >> 1) & 1, h = t & 1;
+  const bool on = q < units;
+  float v[8];
+  if (on) {
+    const int first = (q / Un::kPerBlock) * Unpack<T>::kElems + Un::e0(q % Un::kPerBlock) + p * Un::kGap + 8 * h;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + first);  // 16-byte aligned: spans start at 16k
+    const ACT* el = reinterpret_cast<const ACT*>(&raw);
 #pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    const ACT* base = x + first + p * Un::kGap;
-    float v[16];
+    for (int i = 0; i < 8; ++i) v[i] = act_to_f(el[i]);
+  } else {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint4 raw = reinterpret_cast<const uint4*>(base)[h];  // 8 elements (16-byte aligned: spans start at 16k)
-      const ACT* el = reinterpret_cast<const ACT*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[8 * h + i] = act_to_f(el[i]);
-    }
-    float mx = 0.0f, probe = 0.0f;  // probe: NaN where an element is NaN or infinite
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      mx = fmaxf(mx, fabsf(v[i]));
-      probe += 0.0f * v[i];
-    }
-    const bool finite = probe == 0.0f;
-    // xq = rint(x 32767 / mx); below 2^-100 through mx = m 2^e (m in [0.5, 1)), so that 32767 / mx
-    // cannot overflow (the common case skips the slow ldexpf); a NaN or infinite element makes
-    // sigma NaN, and with it the row's result
-    const bool tiny = mx < 0x1p-100f;
-    int e = 0;
-    const float m = tiny ? frexpf(mx, &e) : mx;
-    const float inv = m > 0.0f ? kXMax / m : 0.0f;
-    sig[p] = !finite ? __int_as_float(0x7fffffff) : tiny ? ldexpf(m / kXMax, e) : mx / kXMax;
-    int s = 0;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      v[i] = finite ? rintf((tiny ? ldexpf(v[i], -e) : v[i]) * inv) : 0.0f;  // |v| <= 32767: |x| <= mx
-      s += (int)v[i];
-    }
-    sum[p] = (float)s;  // |s| <= 16 * 32767: exact
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float* xq = v + 8 * h;
-      xs[xs_index(q, 2 * p + h)] = make_uint4(pack_xq(xq[0], xq[1]), pack_xq(xq[2], xq[3]), pack_xq(xq[4], xq[5]),
-                                              pack_xq(xq[6], xq[7]));
-    }
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
   }
-  aux[q] = make_float4(sig[0], sig[0] * sum[0], sig[1], sig[1] * sum[1]);
+  float mx = 0.0f, probe = 0.0f;  // probe: NaN where an element is NaN or infinite
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    mx = fmaxf(mx, fabsf(v[i]));
+    probe += 0.0f * v[i];
+  }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  probe += __shfl_xor_sync(0xffffffffu, probe, 1);
+  const bool finite = probe == 0.0f;
+  // xq = rint(x 32767 / mx); below 2^-100 through mx = m 2^e (m in [0.5, 1)), so that 32767 / mx
+  // cannot overflow (the common case skips the slow ldexpf); a NaN or infinite element makes
+  // sigma NaN, and with it the row's result
+  const bool tiny = mx < 0x1p-100f;
+  int e = 0;
+  const float m = tiny ? frexpf(mx, &e) : mx;
+  const float inv = m > 0.0f ? kXMax / m : 0.0f;
+  const float sig = !finite ? __int_as_float(0x7fffffff) : tiny ? ldexpf(m / kXMax, e) : mx / kXMax;
+  int s = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    v[i] = finite ? rintf((tiny ? ldexpf(v[i], -e) : v[i]) * inv) : 0.0f;  // |v| <= 32767: |x| <= mx
+    s += (int)v[i];
+  }
+  s += __shfl_xor_sync(0xffffffffu, s, 1);  // |s| <= 16 * 32767: exact
+  if (q < padded_units(k))
+    form[xs_index(q, 2 * p + h)] = make_uint4(pack_xq(v[0], v[1]), pack_xq(v[2], v[3]), pack_xq(v[4], v[5]),
+                                              pack_xq(v[6], v[7]));
+  if (on && h == 0)  // aux[q] = (sigma0, sigma0 sum0, sigma1, sigma1 sum1): span p's pair
+    reinterpret_cast<float2*>(form + 4 * padded_units(k))[2 * q + p] = make_float2(sig, sig * (float)s);
 }
 
 // Types with one (s, z) per block of 32 or more elements (the legacy types and INTb-gG): a unit's
@@ -273,7 +294,7 @@ template <int T> constexpr int min_ctas() {
 // for a row's last one where 32 kInFlight does not divide K / 32.
 template <int T, class ACT>
 __global__ void __launch_bounds__(kThreads, min_ctas<T>())
-gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
+gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
             ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
   using U = Unpack<T>;
   using Un = Units<T>;
@@ -285,11 +306,14 @@ gemv_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
   float4* aux = reinterpret_cast<float4*>(smem + 4 * padded_units(k));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
-  // the warp's first row streams into L2 while x is prepared (every CTA prepares at once)
+  pdl_launch_dependents();
+  // the warp's first row streams into L2 while the previous kernels finish (a prefetch only warms
+  // L2 and returns nothing to the thread, so it may run before pdl_wait even if one of them wrote w)
   if (first < n)
     for (int64_t off = 128 * lane; off < row_bytes; off += 32 * 128)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)first * row_bytes + off));
-  for (int q = threadIdx.x; q < units; q += kThreads) prepare_unit<T>(x, q, xs, aux);
+  pdl_wait();  // x's form is prepare_kernel's output
+  for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
   __syncthreads();
 
   const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
@@ -326,8 +350,12 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       if (per_sm < 1) throw std::runtime_error("gemv: no CTA fits for this K");
       const int64_t want = (n + gemv::kWarps - 1) / gemv::kWarps;
       const int grid = (int)std::min<int64_t>(want, (int64_t)per_sm * sm_count());
-      gemv::gemv_kernel<T, ACT><<<grid, gemv::kThreads, smem, stream>>>(
-          static_cast<const ACT*>(x), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
+      ScratchBuffer form(smem, stream);  // x's form: smem_bytes(k) is its size too
+      const int64_t tasks = 4 * gemv::padded_units(k);  // prepare_kernel: four threads a unit
+      launch_pdl(gemv::prepare_kernel<T, ACT>, dim3((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads)),
+                 dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k, form.as<uint4>());
+      launch_pdl(gemv::gemv_kernel<T, ACT>, dim3(grid), dim3(gemv::kThreads), smem, stream,
+                 static_cast<const uint4*>(form.as<uint4>()), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
     };
     if (dtype == D_BF16) launch(__nv_bfloat16{});
     else if (dtype == D_F16) launch(__half{});

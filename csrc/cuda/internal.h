@@ -44,6 +44,28 @@ int kernel_ctas(size_t smem, int threads) {
   return known[{dev, smem}] = per_sm;
 }
 
+// Whether launches use programmatic dependent launch: the current device has it (sm_90+) and
+// LOWTUNE_CUDA_PDL is not 0.
+bool pdl_supported();
+
+// Launches kernel with programmatic dependent launch where the device has it: it may start while
+// the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (gemv.cuh:
+// pdl_wait) before it reads that kernel's output or writes anything. Elsewhere a plain launch.
+template <class... P, class... A>
+void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+
 // Scratch memory: stream-ordered from a memory pool of our own; while the stream is being
 // captured into a graph, from an arena every graph shares (qmatmul_cuda.cu says why). Freed in
 // stream order, so reuse is safe.

@@ -283,6 +283,13 @@ int smem_optin_limit() {
   return limits[dev];
 }
 
+bool pdl_supported() {
+  static int major[kMaxDevices] = {};
+  const int dev = current_device();
+  if (!major[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev));
+  return major[dev] >= 9 && env_int("LOWTUNE_CUDA_PDL", 1) != 0;  // the knob: cuda_policy.h
+}
+
 void* device_malloc(size_t bytes) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   LT_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
