@@ -233,6 +233,17 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
   }
 }
 
+// Q4_0's 18-byte blocks are only 2-byte aligned, and Unpack<T_Q4_0>::load reads them in nine
+// 2-byte loads. round_sum reads the five aligned words around a block instead, w[0..4] from the
+// block's start (at +4 the last is a 2-byte load: not past the block) or from 2 before it (odd);
+// this turns them into load's words: d, then the 16 code bytes.
+__device__ __forceinline__ void q4_0_words(uint32_t* w, bool odd) {
+  const uint32_t d = odd ? w[0] >> 16 : w[0] & 0xFFFFu;
+#pragma unroll
+  for (int j = 4; j >= 1; --j) w[j] = __funnelshift_rc(w[j - 1], w[j], odd ? 32 : 16);
+  w[0] = d;
+}
+
 // acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
 // the rest kStep bytes apart; all loads issued before any unit is decoded. kCheck (a row's last
 // round where 32 kInFlight does not divide K / 32): units at or past `units` are skipped.
@@ -244,6 +255,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   constexpr int kLoads = Un::kSame ? 1 : 2;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
+  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0: the lane's blocks (kStep apart) share it
   uint32_t r[N][kLoads * kW];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -255,6 +267,11 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
       const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
       r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
       r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
+    } else if constexpr (T == T_Q4_0) {  // aligned words, put in place by q4_0_words after the loads
+      const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) r[i][j] = wa[j];
+      r[i][4] = odd ? wa[4] : (uint32_t)ld_u16(bi + 16);  // not past the block's end
     } else {
       U::template load<16>(bi, l.e0, r[i]);
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -263,6 +280,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
+    if constexpr (T == T_Q4_0) q4_0_words(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
   return acc;
