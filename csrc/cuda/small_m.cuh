@@ -279,30 +279,13 @@ inline int units_per_split(int tiles, int units, int max_per, int ctas_per_sm) {
   return per;
 }
 
-// Per device, once: allow the kernel up to smem bytes of dynamic shared memory (every launch
-// uses at most that) and return how many of its CTAs fit on one multiprocessor.
-template <class Kernel>
-int prepare_kernel(Kernel kernel, size_t smem, int threads, int* cache) {
-  int dev = 0;
-  LT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) throw std::runtime_error("device index out of range");
-  if (!cache[dev]) {
-    // Static plus dynamic shared memory above 48 KB needs the opt-in; set it for every kernel.
-    LT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    int n = 0;
-    LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-    cache[dev] = std::max(n, 1);
-  }
-  return cache[dev];
-}
-
 template <int T, class ACT, int MT>
 void small_forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                          cudaStream_t stream) {
   constexpr int kMaxPer = 16 / MT;  // X slice <= 16*MT x 1024/MT: 33 KB
-  static int occupancy[64] = {};
   const auto kernel = small_forward_kernel<T, ACT, MT>;
-  const int ctas = prepare_kernel(kernel, (size_t)16 * MT * (kMaxPer * kChunk + 8) * 2, 128, occupancy);
+  const size_t smem_max = (size_t)16 * MT * (kMaxPer * kChunk + 8) * sizeof(uint16_t);  // every launch's at most
+  const int ctas = std::max(kernel_ctas<small_forward_kernel<T, ACT, MT>>(smem_max, 128), 1);
   const int tiles = (n + kFwdRows - 1) / kFwdRows, nchunks = (k + kChunk - 1) / kChunk;
   const int per = units_per_split(tiles, nchunks, kMaxPer, ctas);
   const int splits = (nchunks + per - 1) / per;
@@ -318,9 +301,9 @@ template <int T, class ACT, int MT>
 void small_input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, int k, int64_t row_bytes,
                             cudaStream_t stream) {
   constexpr int kMaxPer = 16 / MT;  // dY slice <= 16*MT x 1024/MT: 33 KB (plus 17 KB of W tile)
-  static int occupancy[64] = {};
   const auto kernel = small_input_grad_kernel<T, ACT, MT>;
-  const int ctas = prepare_kernel(kernel, (size_t)16 * MT * (kMaxPer * kIgRows + 8) * 2, 128, occupancy);
+  const size_t smem_max = (size_t)16 * MT * (kMaxPer * kIgRows + 8) * sizeof(uint16_t);  // every launch's at most
+  const int ctas = std::max(kernel_ctas<small_input_grad_kernel<T, ACT, MT>>(smem_max, 128), 1);
   const int tiles = (k + kIgCols - 1) / kIgCols, stages = (n + kIgRows - 1) / kIgRows;
   const int per = units_per_split(tiles, stages, kMaxPer, ctas);
   const int splits = (stages + per - 1) / per, rows_per_split = per * kIgRows;

@@ -645,20 +645,10 @@ int cluster_split(Kernel kernel, int tiles, int nst, int fit) {
 template <int T, class ACT, int NT>
 void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                    cudaStream_t stream) {
-  constexpr size_t smem_max = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(8 * NT);
   constexpr int threads = fwd_threads<NT>();
-  static int occupancy[64] = {};
-  static int fits[64][8 * NT + 1] = {};  // per device and M: resident CTAs (set once, outside captures)
   const auto kernel = staged_forward_kernel<T, ACT, NT>;
-  prepare_kernel(kernel, smem_max, threads, occupancy);
   const size_t smem = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m);
-  int dev = 0;
-  LT_CUDA_CHECK(cudaGetDevice(&dev));
-  int& fit = fits[dev][m];
-  if (!fit) {
-    LT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
-    fit = std::max(fit, 1);
-  }
+  const int fit = std::max(kernel_ctas<staged_forward_kernel<T, ACT, NT>>(smem, threads), 1);  // resident CTAs
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
   if constexpr (NT == 1) {
@@ -703,9 +693,8 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
                       cudaStream_t stream) {
   constexpr size_t smem = (size_t)kStages * ig_stage_bytes<T, NT>();
   static_assert(smem >= 2 * 32 * 8 * NT * 4 * sizeof(float), "room for the phase reduction");
-  static int occupancy[64] = {};
   const auto kernel = staged_input_grad_kernel<T, ACT, NT>;
-  const int fit = prepare_kernel(kernel, smem, kIgThreads, occupancy);
+  const int fit = std::max(kernel_ctas<staged_input_grad_kernel<T, ACT, NT>>(smem, kIgThreads), 1);
   const int tiles = (k + kStageK - 1) / kStageK, nst = (n + kStageRows - 1) / kStageRows;
   const int per = units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;
