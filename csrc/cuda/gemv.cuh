@@ -33,6 +33,7 @@
 #include "common.cuh"
 #include "internal.h"
 #include "mma.cuh"     // act_to_f, f_to_act
+#include "pdl.cuh"
 #include "unpack.cuh"  // Unpack<T>, HasCodes
 
 namespace lowtune::cuda {
@@ -87,20 +88,6 @@ __device__ __forceinline__ int span_dot(const uint32_t* cw, uint4 a, uint4 b) {
 
 __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
   return (uint32_t)(uint16_t)(int16_t)__float2int_rn(a) | ((uint32_t)(uint16_t)(int16_t)__float2int_rn(b) << 16);
-}
-
-// Programmatic dependent launch (sm_90+; launch_pdl sets the attribute): a kernel lets the next
-// one in its stream start early (launch_dependents), and waits for the previous one to finish and
-// its writes to be visible (wait) before it reads what that kernel wrote or writes anything.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // x's form (xs_index's layout, then aux) in global memory, once per product: four threads per
