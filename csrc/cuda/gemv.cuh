@@ -244,6 +244,28 @@ __device__ __forceinline__ void q4_0_words(uint32_t* w, bool odd) {
   w[0] = d;
 }
 
+// Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack<T_Q6_K>::load reads a span in 18
+// loads (d, its scale, sixteen 2-byte halves of ql and qh), 36 a unit. round_sum reads the unit's
+// 32 ql and 32 qh bytes as nine aligned words each (from 2 before them where odd; the ninth only
+// then), d and both scale bytes in one 2-byte load each: 20 loads. This puts them in load's two
+// spans' layout: d, scale, ql's 16 bytes, qh's 16 bytes, for e0 and then e1.
+__device__ __forceinline__ void q6_k_words(uint32_t* r, bool odd) {
+  const int sh = odd ? 16 : 0;
+  uint32_t out[20];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    out[10 * p] = r[18];
+    out[10 * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[10 * p + 2 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
+      out[10 * p + 6 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 20; ++j) r[j] = out[j];
+}
+
 // acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
 // the rest kStep bytes apart; all loads issued before any unit is decoded. kCheck (a row's last
 // round where 32 kInFlight does not divide K / 32): units at or past `units` are skipped.
@@ -255,7 +277,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   constexpr int kLoads = Un::kSame ? 1 : 2;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
-  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0: the lane's blocks (kStep apart) share it
+  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0, Q6_K: the lane's blocks share it (kStep apart)
   uint32_t r[N][kLoads * kW];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -272,6 +294,20 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 #pragma unroll
       for (int j = 0; j < 4; ++j) r[i][j] = wa[j];
       r[i][4] = odd ? wa[4] : (uint32_t)ld_u16(bi + 16);  // not past the block's end
+    } else if constexpr (T == T_Q6_K) {  // aligned words, put in place by q6_k_words after the loads
+      // the unit's 32 ql bytes and 32 qh bytes (both spans side by side), d, both spans' scales
+      const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
+      const uint32_t* ql = reinterpret_cast<const uint32_t*>(bi + 64 * h + 32 * (w & 1) - (odd ? 2 : 0));
+      const uint32_t* qh = reinterpret_cast<const uint32_t*>(bi + 128 + 32 * h - (odd ? 2 : 0));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        r[i][j] = ql[j];
+        r[i][9 + j] = qh[j];
+      }
+      r[i][8] = odd ? ql[8] : 0u;  // (inside the block: ql ends at 128, qh at 192)
+      r[i][17] = odd ? qh[8] : 0u;
+      r[i][18] = ld_u16(bi + 208);
+      r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
     } else {
       U::template load<16>(bi, l.e0, r[i]);
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -281,6 +317,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
     if constexpr (T == T_Q4_0) q4_0_words(r[i], odd);
+    if constexpr (T == T_Q6_K) q6_k_words(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
   return acc;
