@@ -33,6 +33,7 @@
 #include "common.cuh"
 #include "internal.h"
 #include "mma.cuh"     // act_to_f, f_to_act
+#include "pdl.cuh"
 #include "unpack.cuh"  // Unpack<T>, HasCodes
 
 namespace lowtune::cuda {
@@ -87,20 +88,6 @@ __device__ __forceinline__ int span_dot(const uint32_t* cw, uint4 a, uint4 b) {
 
 __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
   return (uint32_t)(uint16_t)(int16_t)__float2int_rn(a) | ((uint32_t)(uint16_t)(int16_t)__float2int_rn(b) << 16);
-}
-
-// Programmatic dependent launch (sm_90+; launch_pdl sets the attribute): a kernel lets the next
-// one in its stream start early (launch_dependents), and waits for the previous one to finish and
-// its writes to be visible (wait) before it reads what that kernel wrote or writes anything.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // x's form (xs_index's layout, then aux) in global memory, once per product: four threads per
@@ -233,15 +220,45 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
   }
 }
 
-// Q4_0's 18-byte blocks are only 2-byte aligned, and Unpack<T_Q4_0>::load reads them in nine
-// 2-byte loads. round_sum reads the five aligned words around a block instead, w[0..4] from the
-// block's start (at +4 the last is a 2-byte load: not past the block) or from 2 before it (odd);
-// this turns them into load's words: d, then the 16 code bytes.
-__device__ __forceinline__ void q4_0_words(uint32_t* w, bool odd) {
+// Q4_0's 18-byte and Q8_0's 34-byte blocks (a 2-byte d, then NQ = 4 or 8 words of codes) are only
+// 2-byte aligned, and Unpack's loads read them 2 bytes at a time (9 and 18 loads a unit).
+// round_sum reads the NQ + 1 aligned words around a block instead, w[0..NQ] from the block's start
+// (the last a 2-byte load there: not past the block) or from 2 before it (odd); this turns them
+// into d and the code words, and for Q8_0 (two spans a unit) into load's layout of both spans.
+template <int T>
+__device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
+  constexpr int NQ = Unpack<T>::kBytes / 4;
   const uint32_t d = odd ? w[0] >> 16 : w[0] & 0xFFFFu;
 #pragma unroll
-  for (int j = 4; j >= 1; --j) w[j] = __funnelshift_rc(w[j - 1], w[j], odd ? 32 : 16);
+  for (int j = NQ; j >= 1; --j) w[j] = __funnelshift_rc(w[j - 1], w[j], odd ? 32 : 16);
   w[0] = d;
+  if constexpr (NQ == 8) {  // d, q0..q7 -> d, q0..q3, d, q4..q7
+#pragma unroll
+    for (int j = 9; j >= 6; --j) w[j] = w[j - 1];
+    w[5] = d;
+  }
+}
+
+// Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack<T_Q6_K>::load reads a span in 18
+// loads (d, its scale, sixteen 2-byte halves of ql and qh), 36 a unit. round_sum reads the unit's
+// 32 ql and 32 qh bytes as nine aligned words each (from 2 before them where odd; the ninth only
+// then), d and both scale bytes in one 2-byte load each: 20 loads. This puts them in load's two
+// spans' layout: d, scale, ql's 16 bytes, qh's 16 bytes, for e0 and then e1.
+__device__ __forceinline__ void q6_k_words(uint32_t* r, bool odd) {
+  const int sh = odd ? 16 : 0;
+  uint32_t out[20];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    out[10 * p] = r[18];
+    out[10 * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[10 * p + 2 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
+      out[10 * p + 6 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 20; ++j) r[j] = out[j];
 }
 
 // acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
@@ -255,7 +272,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   constexpr int kLoads = Un::kSame ? 1 : 2;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
-  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0: the lane's blocks (kStep apart) share it
+  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0, Q8_0, Q6_K: the lane's blocks share it
   uint32_t r[N][kLoads * kW];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -267,11 +284,26 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
       const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
       r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
       r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
-    } else if constexpr (T == T_Q4_0) {  // aligned words, put in place by q4_0_words after the loads
+    } else if constexpr (T == T_Q4_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
+      constexpr int NQ = U::kBytes / 4;
       const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) r[i][j] = wa[j];
-      r[i][4] = odd ? wa[4] : (uint32_t)ld_u16(bi + 16);  // not past the block's end
+      for (int j = 0; j < NQ; ++j) r[i][j] = wa[j];
+      r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
+    } else if constexpr (T == T_Q6_K) {  // aligned words, put in place by q6_k_words after the loads
+      // the unit's 32 ql bytes and 32 qh bytes (both spans side by side), d, both spans' scales
+      const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
+      const uint32_t* ql = reinterpret_cast<const uint32_t*>(bi + 64 * h + 32 * (w & 1) - (odd ? 2 : 0));
+      const uint32_t* qh = reinterpret_cast<const uint32_t*>(bi + 128 + 32 * h - (odd ? 2 : 0));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        r[i][j] = ql[j];
+        r[i][9 + j] = qh[j];
+      }
+      r[i][8] = odd ? ql[8] : 0u;  // (inside the block: ql ends at 128, qh at 192)
+      r[i][17] = odd ? qh[8] : 0u;
+      r[i][18] = ld_u16(bi + 208);
+      r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
     } else {
       U::template load<16>(bi, l.e0, r[i]);
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -280,7 +312,8 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
-    if constexpr (T == T_Q4_0) q4_0_words(r[i], odd);
+    if constexpr (T == T_Q4_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
+    if constexpr (T == T_Q6_K) q6_k_words(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
   return acc;

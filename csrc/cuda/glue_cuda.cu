@@ -1,4 +1,6 @@
 // CUDA kernels of csrc/glue_kernels.h (forward only; the formulas they follow are there).
+// Every kernel here opens with pdl_launch_dependents and pdl_wait and is launched by launch_pdl
+// (pdl.cuh), so that in a decode step each one's launch overlaps the previous kernel's end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,7 +12,8 @@
 #include "../blocks.h"
 #include "../glue_kernels.h"
 #include "common.cuh"
-#include "internal.h"  // ScratchBuffer, kernel_ctas
+#include "internal.h"  // ScratchBuffer, kernel_ctas, launch_pdl
+#include "pdl.cuh"
 #include "mma.cuh"  // act_to_f, f_to_act
 
 namespace lowtune::cuda {
@@ -50,6 +53,8 @@ __device__ __forceinline__ float cta_sum(float v) {
 template <class T>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ w,
                                                                 T* __restrict__ y, int64_t dim, float eps) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   const T* xr = x + blockIdx.x * dim;
   T* yr = y + blockIdx.x * dim;
   float s = 0.0f;
@@ -81,6 +86,8 @@ template <class T, int V>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ r,
                                                                     const float* __restrict__ w, T* __restrict__ y,
                                                                     T* __restrict__ s, int64_t dim, float eps) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   constexpr int E = 16 / (int)sizeof(T);
   const int64_t off = (int64_t)blockIdx.x * dim;
   float v[V][E];
@@ -125,6 +132,8 @@ template <class T>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ rot, T* __restrict__ y, int64_t total,
                             int64_t h, int64_t t, int64_t hd, int64_t d, int64_t sb, int64_t sh, int64_t st,
                             bool neox) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   const int64_t e = i % hd, row = i / hd;  // row = (b, h, t) in that order
@@ -140,6 +149,8 @@ __global__ void rope_store_kernel(RopeStoreGeom g, const T* __restrict__ q, cons
                                   const T* __restrict__ v, const float* __restrict__ rot, T* __restrict__ q_out,
                                   T* __restrict__ k_cache, T* __restrict__ v_cache, const int64_t* __restrict__ pos,
                                   int64_t total) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   const int64_t heads = g.h + 2 * g.hkv;
@@ -164,6 +175,8 @@ __global__ void rope_store_kernel(RopeStoreGeom g, const T* __restrict__ q, cons
 
 template <class T>
 __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y, int64_t n) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float gf = act_to_f(g[i]);
@@ -182,6 +195,8 @@ template <class T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, float* __restrict__ ws,
     const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   constexpr int E = 16 / (int)sizeof(T);
   constexpr int kPieces = HD / E, kRowsPer = kAttnThreads / kPieces;  // row pieces; positions per pass
   extern __shared__ float attn_smem[];
@@ -251,6 +266,8 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
 template <class T, int HD>
 __global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const float* __restrict__ ws, T* __restrict__ out,
                                                                       int splits) {
+  pdl_launch_dependents();
+  pdl_wait();  // the inputs are the previous kernel's outputs
   const float* hw = ws + (int64_t)blockIdx.x * splits * (HD + 2);
   float m = -INFINITY;
   for (int s = 0; s < splits; ++s) m = fmaxf(m, hw[s * (HD + 2)]);
@@ -293,13 +310,14 @@ void rms_norm(const void* x, int dtype, const float* w, void* y, int64_t rows, i
     const T *xt = static_cast<const T*>(x), *rt = static_cast<const T*>(r);
     T *yt = static_cast<T*>(y), *sv = static_cast<T*>(s);
     if (!vec) {
-      rms_norm_kernel<T><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, w, yt, dim, eps);
+      launch_pdl(rms_norm_kernel<T>, dim3((unsigned)rows), dim3(kNormThreads), 0, st, xt, w, yt, dim, eps);
       return;
     }
     const int64_t per = (dim / (16 / (int64_t)sizeof(T)) + kNormThreads - 1) / kNormThreads;  // vectors per thread
-    if (per <= 1) rms_norm_vec_kernel<T, 1><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
-    else if (per == 2) rms_norm_vec_kernel<T, 2><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
-    else rms_norm_vec_kernel<T, 4><<<(unsigned)rows, kNormThreads, 0, st>>>(xt, rt, w, yt, sv, dim, eps);
+    const auto kernel = per <= 1   ? rms_norm_vec_kernel<T, 1>
+                        : per == 2 ? rms_norm_vec_kernel<T, 2>
+                                   : rms_norm_vec_kernel<T, 4>;
+    launch_pdl(kernel, dim3((unsigned)rows), dim3(kNormThreads), 0, st, xt, rt, w, yt, sv, dim, eps);
   });
   LT_CUDA_CHECK_LAUNCH();
 }
@@ -311,8 +329,8 @@ void rope(const void* x, int dtype, const float* rot, void* y, int64_t b, int64_
   if (d <= 0 || d > hd || d % 2) throw std::invalid_argument("rope: the rotated dims must be even and at most head_dim");
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rope_kernel<T><<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), rot, static_cast<T*>(y), total, h, t, hd, d, sb, sh, st, neox);
+    launch_pdl(rope_kernel<T>, dim3(grid_for(total, 256)), dim3(256), 0, static_cast<cudaStream_t>(stream),
+               static_cast<const T*>(x), rot, static_cast<T*>(y), total, h, t, hd, d, sb, sh, st, neox);
   });
   LT_CUDA_CHECK_LAUNCH();
 }
@@ -325,9 +343,9 @@ void rope_store(const RopeStoreGeom& g, const void* q, const void* k, const void
     throw std::invalid_argument("rope_store: the rotated dims must be even and at most head_dim");
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rope_store_kernel<T><<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-        g, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), rot, static_cast<T*>(q_out),
-        static_cast<T*>(k_cache), static_cast<T*>(v_cache), pos, total);
+    launch_pdl(rope_store_kernel<T>, dim3(grid_for(total, 256)), dim3(256), 0, static_cast<cudaStream_t>(stream), g,
+               static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), rot,
+               static_cast<T*>(q_out), static_cast<T*>(k_cache), static_cast<T*>(v_cache), pos, total);
   });
   LT_CUDA_CHECK_LAUNCH();
 }
@@ -336,8 +354,8 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
   if (n == 0) return;
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    silu_mul_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
+    launch_pdl(silu_mul_kernel<T>, dim3(grid_for(n, 256)), dim3(256), 0, static_cast<cudaStream_t>(stream),
+               static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
   });
   LT_CUDA_CHECK_LAUNCH();
 }
@@ -370,11 +388,11 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
     constexpr int HD = decltype(hd_c)::value;
     constexpr auto kernel = decode_attention_split_kernel<T, HD>;
     kernel_ctas<kernel>(smem, kAttnThreads);  // raises the kernel's shared-memory limit where smem needs it
-    kernel<<<dim3((unsigned)h, (unsigned)splits), kAttnThreads, smem, st>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos,
-        h, hkv, cache_len, scale);
-    LT_CUDA_CHECK_LAUNCH();
-    decode_attention_combine_kernel<T, HD><<<(unsigned)h, HD, 0, st>>>(ws.as<float>(), static_cast<T*>(out), splits);
+    launch_pdl(kernel, dim3((unsigned)h, (unsigned)splits), dim3(kAttnThreads), smem, st, static_cast<const T*>(q),
+               static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos, h, hkv, cache_len,
+               scale);
+    launch_pdl(decode_attention_combine_kernel<T, HD>, dim3((unsigned)h), dim3(HD), 0, st,
+               static_cast<const float*>(ws.as<float>()), static_cast<T*>(out), splits);
   };
   auto by_hd = [&](auto tag) {
     if (hd == 64) launch(tag, std::integral_constant<int, 64>{});
