@@ -406,7 +406,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       launch_pdl(gemv::prepare_kernel<T, ACT>, dim3((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads)),
                  dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k, form.as<uint4>());
       launch_pdl(gemv::gemv_kernel<T, ACT>, dim3(grid), dim3(gemv::kThreads), smem, stream,
-                 static_cast<const uint4*>(form.as<uint4>()), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
+                 form.as<const uint4>(), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
     };
     if (dtype == D_BF16) launch(__nv_bfloat16{});
     else if (dtype == D_F16) launch(__half{});

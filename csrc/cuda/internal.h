@@ -49,7 +49,7 @@ int kernel_ctas(size_t smem, int threads) {
 bool pdl_supported();
 
 // Launches kernel with programmatic dependent launch where the device has it: it may start while
-// the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (gemv.cuh:
+// the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (pdl.cuh:
 // pdl_wait) before it reads that kernel's output or writes anything. Elsewhere a plain launch.
 template <class... P, class... A>
 void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {

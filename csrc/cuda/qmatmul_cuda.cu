@@ -267,27 +267,24 @@ cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype
       {product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv, qtype});
 }
 
+// Attribute A of the current device, read once per device (none of those asked is ever 0).
+template <cudaDeviceAttr A>
+int device_attribute() {
+  static int values[kMaxDevices] = {};
+  const int dev = current_device();
+  if (!values[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&values[dev], A, dev));
+  return values[dev];
+}
+
 }  // namespace
 
-int sm_count() {
-  static int counts[kMaxDevices] = {};
-  const int dev = current_device();
-  if (!counts[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
-  return counts[dev];
-}
+int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-int smem_optin_limit() {
-  static int limits[kMaxDevices] = {};
-  const int dev = current_device();
-  if (!limits[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&limits[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return limits[dev];
-}
+int smem_optin_limit() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 bool pdl_supported() {
-  static int major[kMaxDevices] = {};
-  const int dev = current_device();
-  if (!major[dev]) LT_CUDA_CHECK(cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev));
-  return major[dev] >= 9 && env_int("LOWTUNE_CUDA_PDL", 1) != 0;  // the knob: cuda_policy.h
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 &&
+         env_int("LOWTUNE_CUDA_PDL", 1) != 0;  // the knob: cuda_policy.h
 }
 
 void* device_malloc(size_t bytes) {

@@ -187,7 +187,7 @@ def _add_repeated_cols(y: torch.Tensor, left: torch.Tensor, w: torch.Tensor, q: 
     if q == 1:
         y.addmm_(left, w.t(), alpha=alpha)
     elif _folds(y):
-        y.addmm_(left, w.repeat_interleave(q, dim=0).t(), alpha=alpha)
+        y.addmm_(left, _rows_repeated(w, q, w.dtype).t(), alpha=alpha)
     else:
         y.view(y.shape[0], -1, q).add_((left @ w.t()).unsqueeze(-1), alpha=alpha)
 

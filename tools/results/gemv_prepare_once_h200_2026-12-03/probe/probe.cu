@@ -1,8 +1,9 @@
 // The probe behind run1.log and run2.log: variants of the M = 1 gemv (Q4_K) against gemv.cuh as it
 // was at commit 6aff9a6, each timed by graph replay with the weights rotated past 2x L2, beside a
 // kernel that only reads the same bytes. It includes that commit's csrc/cuda/gemv.cuh; to rerun:
-//   git worktree add /tmp/at 6aff9a6 && nvcc -std=c++20 -O3 --expt-relaxed-constexpr \
-//     --expt-extended-lambda -arch=sm_90 -I/tmp/at/csrc probe.cu -o probe && ./probe
+//   git worktree add ../at-6aff9a6 6aff9a6   (from the repository root; then, in this folder:)
+//   nvcc -std=c++20 -O3 --expt-relaxed-constexpr --expt-extended-lambda -arch=sm_90 \
+//     -I<that worktree>/csrc probe.cu -o probe && ./probe
 // run1.log is the first version (the pipelined variants); run2.log this one (x's preparation
 // skipped, split four ways, or done once by a kernel of its own).
 #include "cuda/gemv.cuh"
