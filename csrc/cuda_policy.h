@@ -48,15 +48,15 @@ enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
-// The gemv kernel against the staged one (H200, BENCHMARKS.md "x prepared once per product"):
-// faster on every measured type and shape (0.57-0.95x) but N = 4096 rows at K = 14336, where for
-// the 4- and 8-bit types with one scale per block of 32 or 64 the staged kernel's split reduction
-// keeps more CTAs busy: Q4_0 0.81x, Q8_0 0.93x, Q4_1 and INT4-g64 0.97-0.98x. Those take the
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "Aligned words for Q6_K and Q8_0"):
+// faster on every measured type and shape but N = 4096 rows at K = 14336, where for the 4-bit types
+// with one scale per block of 32 or 64 the staged kernel's split reduction keeps more CTAs busy:
+// Q4_0 0.99x, Q4_1 0.97x, INT4-g64 0.96x (at K = 11008 gemv wins: 0.90-0.97x). Those take the
 // staged kernel below kGemvMinN rows at K >= kGemvLongK.
-constexpr int64_t kGemvMinN = 6144, kGemvLongK = 8192;
+constexpr int64_t kGemvMinN = 6144, kGemvLongK = 12288;
 inline bool gemv_by_default(int qtype, int64_t n, int64_t k) {
-  const bool split_wins = qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q8_0 ||
-                          (qtype >= int_type_id(4, 32) && qtype <= int_type_id(4, 128));
+  const bool split_wins =
+      qtype == T_Q4_0 || qtype == T_Q4_1 || (qtype >= int_type_id(4, 32) && qtype <= int_type_id(4, 128));
   return !(split_wins && n < kGemvMinN && k >= kGemvLongK);
 }
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map

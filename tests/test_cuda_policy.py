@@ -48,19 +48,21 @@ def test_unknown_product_is_an_error():
 
 
 def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
-    """At every N and K, but for the one-scale 4- and 8-bit types (Q4_0, Q4_1, Q8_0, INT4-gG) below
-    6144 rows at K >= 8192, where the staged kernel's split reduction was measured faster."""
+    """At every N and K, but for the one-scale 4-bit types (Q4_0, Q4_1, INT4-gG) below 6144 rows at
+    K >= 12288, where the staged kernel's split reduction was measured faster."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
     q4k, n, k = 12, 14336, 4096
     assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "gemv"
     assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, q4k) == "gemv"
-    for one_scale in (2, 3, 8, 1040, 1041, 1042):  # Q4_0, Q4_1, Q8_0, INT4-g32/64/128
+    for one_scale in (2, 3, 1040, 1041, 1042):  # Q4_0, Q4_1, INT4-g32/64/128
         assert _C.cuda_path("forward", 1, BF16, True, 4096, k, one_scale) == "gemv"
+        assert _C.cuda_path("forward", 1, BF16, True, 4096, 11008, one_scale) == "gemv"
         assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, one_scale) == "staged"
         assert _C.cuda_path("forward", 1, BF16, True, 6144, 14336, one_scale) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 1082) == "gemv"  # INT8-g128: not one of them
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 8) == "gemv"  # Q8_0: not one of them
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 1082) == "gemv"  # INT8-g128: nor this
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "gemv"  # Q4_0

@@ -357,12 +357,9 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
   float4* aux = reinterpret_cast<float4*>(smem + 4 * padded_units(k));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
+  // (prefetching the warp's first rows into L2 before the wait made decoding slower, the more rows
+  // the slower: BENCHMARKS.md)
   pdl_launch_dependents();
-  // the warp's first row streams into L2 while the previous kernels finish (a prefetch only warms
-  // L2 and returns nothing to the thread, so it may run before pdl_wait even if one of them wrote w)
-  if (first < n)
-    for (int64_t off = 128 * lane; off < row_bytes; off += 32 * 128)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)first * row_bytes + off));
   pdl_wait();  // x's form is prepare_kernel's output
   for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
   __syncthreads();
