@@ -220,11 +220,12 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
   }
 }
 
-// Q4_0's 18-byte and Q8_0's 34-byte blocks (a 2-byte d, then NQ = 4 or 8 words of codes) are only
-// 2-byte aligned, and Unpack's loads read them 2 bytes at a time (9 and 18 loads a unit).
-// round_sum reads the NQ + 1 aligned words around a block instead, w[0..NQ] from the block's start
-// (the last a 2-byte load there: not past the block) or from 2 before it (odd); this turns them
-// into d and the code words, and for Q8_0 (two spans a unit) into load's layout of both spans.
+// Q4_0's 18-byte, Q5_0's 22-byte and Q8_0's 34-byte blocks (a 2-byte d, then NQ = 4, 5 or 8 words:
+// Q5_0's first is qh) are only 2-byte aligned, and Unpack's loads read them 2 bytes at a time (9,
+// 22 and 18 loads a unit). round_sum reads the NQ + 1 aligned words around a block instead, w[0..NQ]
+// from the block's start (the last a 2-byte load there: not past the block) or from 2 before it
+// (odd); this turns them into d and the words after it, and for Q5_0 and Q8_0 (two spans a unit)
+// into load's layout of both spans.
 template <int T>
 __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
   constexpr int NQ = Unpack<T>::kBytes / 4;
@@ -236,6 +237,9 @@ __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
 #pragma unroll
     for (int j = 9; j >= 6; --j) w[j] = w[j - 1];
     w[5] = d;
+  } else if constexpr (T == T_Q5_0) {  // d, qh, q0..q3 -> the same again for the unit's second span
+#pragma unroll
+    for (int j = 0; j < 6; ++j) w[6 + j] = w[j];
   }
 }
 
@@ -261,6 +265,30 @@ __device__ __forceinline__ void q6_k_words(uint32_t* r, bool odd) {
   for (int j = 0; j < 20; ++j) r[j] = out[j];
 }
 
+// Q3_K's 110-byte blocks are only 2-byte aligned, and Unpack<T_Q3_K>::load reads a span in 19
+// loads (d, two scale bytes, eight 2-byte halves each of qs and hmask), 38 a unit. round_sum reads
+// the unit's 32 qs and 32 hmask bytes as nine aligned words each (from 2 before them where odd; the
+// ninth only then), d and both spans' scale bytes in one 2-byte load each: 21 loads (r[0..8] qs,
+// r[9..17] hmask, r[18] d, r[19] the low scale bytes, r[20] the high bits). This puts them in
+// load's two spans' layout: d, low scale byte, high-bits byte, qs's 16 bytes, hmask's 16 bytes.
+__device__ __forceinline__ void q3_k_words(uint32_t* r, bool odd) {
+  const int sh = odd ? 16 : 0;
+  uint32_t out[22];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    out[11 * p] = r[18];
+    out[11 * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
+    out[11 * p + 2] = p ? r[20] >> 8 : r[20] & 0xFFu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[11 * p + 3 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
+      out[11 * p + 7 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 22; ++j) r[j] = out[j];
+}
+
 // acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
 // the rest kStep bytes apart; all loads issued before any unit is decoded. kCheck (a row's last
 // round where 32 kInFlight does not divide K / 32): units at or past `units` are skipped.
@@ -272,7 +300,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   constexpr int kLoads = Un::kSame ? 1 : 2;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
-  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // Q4_0, Q8_0, Q6_K: the lane's blocks share it
+  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // the 2-byte-aligned types: a lane's blocks share it
   uint32_t r[N][kLoads * kW];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -284,7 +312,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
       const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
       r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
       r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
-    } else if constexpr (T == T_Q4_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
+    } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
       constexpr int NQ = U::kBytes / 4;
       const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
 #pragma unroll
@@ -304,6 +332,21 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
       r[i][17] = odd ? qh[8] : 0u;
       r[i][18] = ld_u16(bi + 208);
       r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
+    } else if constexpr (T == T_Q3_K) {  // aligned words, put in place by q3_k_words after the loads
+      // the unit (sub-block pair 2 s, 2 s + 1 of half h) reads qs[32 h ..] and hmask[0 .. 32)
+      const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
+      const uint32_t* qs = reinterpret_cast<const uint32_t*>(bi + 32 + 32 * h - (odd ? 2 : 0));
+      const uint32_t* hm = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));  // odd: inside the block before
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        r[i][j] = qs[j];
+        r[i][9 + j] = hm[j];
+      }
+      r[i][8] = odd ? qs[8] : 0u;  // (inside the block: qs ends at 96, hmask at 32)
+      r[i][17] = odd ? hm[8] : 0u;
+      r[i][18] = ld_u16(bi + 108);
+      r[i][19] = ld_u16(bi + 96 + 2 * sb);
+      r[i][20] = ld_u16(bi + 104 + (2 * sb & 2));
     } else {
       U::template load<16>(bi, l.e0, r[i]);
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -312,8 +355,9 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
-    if constexpr (T == T_Q4_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
+    if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
     if constexpr (T == T_Q6_K) q6_k_words(r[i], odd);
+    if constexpr (T == T_Q3_K) q3_k_words(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
   return acc;
@@ -323,9 +367,10 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 // thread, in steps of 8). Left to itself it took more registers than needed for some types and so
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
-// and INT8 spill when held to 4, and take 3).
+// and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
+// unbound take 64 registers: 4).
 template <int T> constexpr int min_ctas() {
-  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1 || T == int_type_id(4, 32) ||
+  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
     return 5;
   else if constexpr (T == T_Q4_K || T == T_Q2_K || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
