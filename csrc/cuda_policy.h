@@ -4,7 +4,7 @@
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
 //   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
-//              (has_gemv), where gemv_by_default says: bf16/fp16, operands 16-byte aligned
+//              (has_gemv): bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -49,16 +49,9 @@ constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
 // The gemv kernel against the staged one (H200, BENCHMARKS.md "Aligned words for Q6_K and Q8_0"):
-// faster on every measured type and shape but N = 4096 rows at K = 14336, where for the 4-bit types
-// with one scale per block of 32 or 64 the staged kernel's split reduction keeps more CTAs busy:
-// Q4_0 0.99x, Q4_1 0.97x, INT4-g64 0.96x (at K = 11008 gemv wins: 0.90-0.97x). Those take the
-// staged kernel below kGemvMinN rows at K >= kGemvLongK.
-constexpr int64_t kGemvMinN = 6144, kGemvLongK = 12288;
-inline bool gemv_by_default(int qtype, int64_t n, int64_t k) {
-  const bool split_wins =
-      qtype == T_Q4_0 || qtype == T_Q4_1 || (qtype >= int_type_id(4, 32) && qtype <= int_type_id(4, 128));
-  return !(split_wins && n < kGemvMinN && k >= kGemvLongK);
-}
+// faster at every measured type and shape since its L2 prefetch went (the last holdouts, N = 4096
+// at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it wherever
+// the type has one.
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
 // of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
 constexpr bool has_gemv(int qtype) {
@@ -113,7 +106,7 @@ inline Path choose(const Call& c) {
   const bool grad = c.product == Product::InputGrad;
   const bool staged_ok = c.half && c.act_aligned && c.out_aligned && c.m >= 1 && c.m <= std::min(small, kStagedMaxM);
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
-  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;  // (the default also asks gemv_by_default)
+  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
@@ -122,7 +115,7 @@ inline Path choose(const Call& c) {
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
-  if (gemv_ok && gemv_by_default(c.qtype, c.n, c.k)) return Path::Gemv;
+  if (gemv_ok) return Path::Gemv;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

@@ -48,24 +48,15 @@ def test_unknown_product_is_an_error():
 
 
 def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
-    """At every N and K, but for the one-scale 4-bit types (Q4_0, Q4_1, INT4-gG) below 6144 rows at
-    K >= 12288, where the staged kernel's split reduction was measured faster."""
+    """At every N and K, for every type with a gemv kernel (all but the I-quants)."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
     q4k, n, k = 12, 14336, 4096
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, q4k) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, k, q4k) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, q4k) == "gemv"
-    for one_scale in (2, 3, 1040, 1041, 1042):  # Q4_0, Q4_1, INT4-g32/64/128
-        assert _C.cuda_path("forward", 1, BF16, True, 4096, k, one_scale) == "gemv"
-        assert _C.cuda_path("forward", 1, BF16, True, 4096, 11008, one_scale) == "gemv"
-        assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, one_scale) == "staged"
-        assert _C.cuda_path("forward", 1, BF16, True, 6144, 14336, one_scale) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 8) == "gemv"  # Q8_0: not one of them
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 1082) == "gemv"  # INT8-g128: nor this
+    for t in (q4k, 2, 3, 8, 1040, 1041, 1042, 1082):  # Q4_K, Q4_0, Q4_1, Q8_0, INT4-g32/64/128, INT8-g128
+        for shape in ((n, k), (4096, k), (4096, 11008), (4096, 14336), (6144, 14336)):
+            assert _C.cuda_path("forward", 1, BF16, True, *shape, t) == "gemv"
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, 2) == "gemv"  # Q4_0
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
     assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \
