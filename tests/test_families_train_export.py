@@ -37,6 +37,7 @@ from lowtune.model import Model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
+from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
 from test_streaming import step_losses
@@ -306,3 +307,25 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-4)
     for key in want_g:
         torch.testing.assert_close(got_g[key], want_g[key], rtol=2e-2, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2"))
+def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device):
+    """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
+    norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
+    for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA), post-norms included."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_family_model(arch, dtype=dtype).to(device)
+    ids = rand_ids(1, 9, seed=3).to(device)
+    calls = []
+    for layer in model.layers:
+        layer.forward_deferred = lambda *a, _f=layer.forward_deferred: calls.append(1) or _f(*a)
+    with torch.no_grad():
+        got = model.hidden(ids)
+        assert len(calls) == len(model.layers)  # the joined path ran
+        x, rot = model.tok_embd(ids).to(model.device), model._rotation_on_device(0, ids.shape[1])
+        for layer in model.layers:
+            x = layer(x, rot)
+        want = model.output_norm(x)
+    assert torch.equal(got, want)

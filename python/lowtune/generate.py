@@ -218,9 +218,7 @@ class StepDecoder:
         m, c = self.model, self.cache
         x = m.tok_embd(self.ids)
         rot = self.rot.index_select(2, c.pos)
-        for layer in m.layers:
-            x = layer(x, rot, c, 0)
-        logits = m.lm_head(m.output_norm(x)).float()[0, -1]
+        logits = m.lm_head(m.normed_layers(x, rot, c, 0)).float()[0, -1]
         if not greedy:
             return logits
         best = logits.argmax().view(1, 1)

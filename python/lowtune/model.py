@@ -483,12 +483,26 @@ class DecoderLayer(nn.Module):
         Without autograd the MLP runs in mlp_chunks token chunks (rows are independent); with
         autograd it runs whole (a checkpointed layer's backward chunks it: checkpoint_backward)."""
         x, h = self.attend(x, rot, cache, start)
+        return x + self._mlp_rows(h)
+
+    def forward_deferred(self, x: torch.Tensor, m: torch.Tensor | None, rot: torch.Tensor,
+                         cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(x + m) as the pair (x', m') whose sum it is, for inference: the residual add
+        that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
+        CUDA, where forward's add and norm are two). m None: the pair of forward(x)."""
+        if m is None:
+            h = self.attn_norm(x)
+        else:
+            x, h = self.attn_norm.after_residual(x, m)
+        x, h = self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start, normed=h))
+        return x, self._mlp_rows(h)
+
+    def _mlp_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """mlp(h), in mlp_chunks token chunks without autograd (rows are independent)."""
         if self.mlp_chunks > 1 and not torch.is_grad_enabled():
             rows = h.reshape(-1, h.shape[-1])
-            m = torch.cat([self.mlp(part) for part in rows.tensor_split(self.mlp_chunks)]).view_as(h)
-        else:
-            m = self.mlp(h)
-        return x + m
+            return torch.cat([self.mlp(part) for part in rows.tensor_split(self.mlp_chunks)]).view_as(h)
+        return self.mlp(h)
 
     def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -744,6 +758,24 @@ class Model(nn.Module):
         t = ids.shape[1]
         rot = self._rotation_on_device(start, t, cache.max_len if cache is not None else None)
         x = self.tok_embd(ids).to(self.device)       # gathered where the embedding lives
+        x = self.normed_layers(x, rot, cache, start)
+        if cache is not None:
+            cache.length = start + t
+        return x
+
+    def normed_layers(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """x [B, T, D] at positions start..start+T through every layer, then output_norm.
+        Without autograd, with the layers resident and eager, each layer's closing residual add
+        joins the next norm (DecoderLayer.forward_deferred), the same values in one kernel less
+        per layer."""
+        if not torch.is_grad_enabled() and self.streamer is None and all(
+                type(layer) is DecoderLayer and layer._compiled_call_impl is None
+                and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in self.layers):
+            m = None
+            for layer in self.layers:
+                x, m = layer.forward_deferred(x, m, rot, cache, start)
+            return self.output_norm(x) if m is None else self.output_norm.after_residual(x, m)[1]
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if self.streamer is not None:  # lowtune.streaming: weights copied in, checkpointed
@@ -752,8 +784,6 @@ class Model(nn.Module):
                 x = checkpoint(layer, x, rot, use_reentrant=False)
             else:
                 x = layer(x, rot, cache, start)
-        if cache is not None:
-            cache.length = start + t
         return self.output_norm(x)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
