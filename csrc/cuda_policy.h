@@ -48,7 +48,8 @@ enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
-// The gemv kernel against the staged one (H200, BENCHMARKS.md "Aligned words for Q6_K and Q8_0"):
+// The gemv kernel against the staged one (H200, BENCHMARKS.md "Aligned words for the 2-byte-aligned
+// types"):
 // faster at every measured type and shape since its L2 prefetch went (the last holdouts, N = 4096
 // at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it wherever
 // the type has one.
