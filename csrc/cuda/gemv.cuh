@@ -243,50 +243,32 @@ __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
   }
 }
 
-// Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack<T_Q6_K>::load reads a span in 18
-// loads (d, its scale, sixteen 2-byte halves of ql and qh), 36 a unit. round_sum reads the unit's
-// 32 ql and 32 qh bytes as nine aligned words each (from 2 before them where odd; the ninth only
-// then), d and both scale bytes in one 2-byte load each: 20 loads. This puts them in load's two
-// spans' layout: d, scale, ql's 16 bytes, qh's 16 bytes, for e0 and then e1.
-__device__ __forceinline__ void q6_k_words(uint32_t* r, bool odd) {
+// Q3_K's 110-byte and Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a
+// span in 19 (Q3_K: d, two scale bytes, eight 2-byte halves each of qs and hmask) or 18 loads (Q6_K:
+// d, its scale, eight halves each of ql and qh), 38 and 36 a unit. round_sum reads the unit's two
+// 32-byte code arrays (both spans side by side) as nine aligned words each, r[0..8] and r[9..17]
+// (from 2 before them where odd; the ninth only then), d as r[18] and each per-span byte field
+// (Q3_K: the scales' low bits and high bits; Q6_K: the scale) as one 2-byte load for both spans,
+// r[19..17 + H]: 21 and 20 loads. This puts them in load's layout, span e0 then e1: d, the span's
+// byte of each field, the first array's 16 bytes, the second's.
+template <int H>  // words before a span's codes in load's layout: d and H - 1 byte fields
+__device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
+  constexpr int S = H + 8;  // words a span
   const int sh = odd ? 16 : 0;
-  uint32_t out[20];
+  uint32_t out[2 * S];
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
-    out[10 * p] = r[18];
-    out[10 * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
+    out[S * p] = r[18];
+#pragma unroll
+    for (int f = 1; f < H; ++f) out[S * p + f] = p ? r[18 + f] >> 8 : r[18 + f] & 0xFFu;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      out[10 * p + 2 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
-      out[10 * p + 6 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
+      out[S * p + H + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
+      out[S * p + H + 4 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
     }
   }
 #pragma unroll
-  for (int j = 0; j < 20; ++j) r[j] = out[j];
-}
-
-// Q3_K's 110-byte blocks are only 2-byte aligned, and Unpack<T_Q3_K>::load reads a span in 19
-// loads (d, two scale bytes, eight 2-byte halves each of qs and hmask), 38 a unit. round_sum reads
-// the unit's 32 qs and 32 hmask bytes as nine aligned words each (from 2 before them where odd; the
-// ninth only then), d and both spans' scale bytes in one 2-byte load each: 21 loads (r[0..8] qs,
-// r[9..17] hmask, r[18] d, r[19] the low scale bytes, r[20] the high bits). This puts them in
-// load's two spans' layout: d, low scale byte, high-bits byte, qs's 16 bytes, hmask's 16 bytes.
-__device__ __forceinline__ void q3_k_words(uint32_t* r, bool odd) {
-  const int sh = odd ? 16 : 0;
-  uint32_t out[22];
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    out[11 * p] = r[18];
-    out[11 * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
-    out[11 * p + 2] = p ? r[20] >> 8 : r[20] & 0xFFu;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      out[11 * p + 3 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
-      out[11 * p + 7 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 22; ++j) r[j] = out[j];
+  for (int j = 0; j < 2 * S; ++j) r[j] = out[j];
 }
 
 // acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
@@ -318,35 +300,33 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 #pragma unroll
       for (int j = 0; j < NQ; ++j) r[i][j] = wa[j];
       r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
-    } else if constexpr (T == T_Q6_K) {  // aligned words, put in place by q6_k_words after the loads
-      // the unit's 32 ql bytes and 32 qh bytes (both spans side by side), d, both spans' scales
-      const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
-      const uint32_t* ql = reinterpret_cast<const uint32_t*>(bi + 64 * h + 32 * (w & 1) - (odd ? 2 : 0));
-      const uint32_t* qh = reinterpret_cast<const uint32_t*>(bi + 128 + 32 * h - (odd ? 2 : 0));
+    } else if constexpr (T == T_Q3_K || T == T_Q6_K) {  // aligned words, put in place by two_array_words
+      // the unit's two code arrays at a and c, then d and the byte fields at offsets f0, f1, f2
+      const uint8_t *a, *c;
+      int f0, f1, f2 = 0;
+      if constexpr (T == T_Q3_K) {  // sub-blocks 2 sb, 2 sb + 1 of half h: qs[32 h ..], hmask[0 .. 32)
+        const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
+        a = bi + 32 + 32 * h;
+        c = bi;  // odd: from 2 bytes into the block before (a block at offset 0 is never odd)
+        f0 = 108, f1 = 96 + 2 * sb, f2 = 104 + (2 * sb & 2);
+      } else {  // the unit's 32 ql bytes and 32 qh bytes
+        const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
+        a = bi + 64 * h + 32 * (w & 1);
+        c = bi + 128 + 32 * h;
+        f0 = 208, f1 = 192 + 8 * h + 2 * w;
+      }
+      const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
+      const uint32_t* wc = reinterpret_cast<const uint32_t*>(c - (odd ? 2 : 0));
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        r[i][j] = ql[j];
-        r[i][9 + j] = qh[j];
+        r[i][j] = wa[j];
+        r[i][9 + j] = wc[j];
       }
-      r[i][8] = odd ? ql[8] : 0u;  // (inside the block: ql ends at 128, qh at 192)
-      r[i][17] = odd ? qh[8] : 0u;
-      r[i][18] = ld_u16(bi + 208);
-      r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
-    } else if constexpr (T == T_Q3_K) {  // aligned words, put in place by q3_k_words after the loads
-      // the unit (sub-block pair 2 s, 2 s + 1 of half h) reads qs[32 h ..] and hmask[0 .. 32)
-      const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
-      const uint32_t* qs = reinterpret_cast<const uint32_t*>(bi + 32 + 32 * h - (odd ? 2 : 0));
-      const uint32_t* hm = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));  // odd: inside the block before
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        r[i][j] = qs[j];
-        r[i][9 + j] = hm[j];
-      }
-      r[i][8] = odd ? qs[8] : 0u;  // (inside the block: qs ends at 96, hmask at 32)
-      r[i][17] = odd ? hm[8] : 0u;
-      r[i][18] = ld_u16(bi + 108);
-      r[i][19] = ld_u16(bi + 96 + 2 * sb);
-      r[i][20] = ld_u16(bi + 104 + (2 * sb & 2));
+      r[i][8] = odd ? wa[8] : 0u;  // (inside the block: both arrays end at least 2 bytes before it)
+      r[i][17] = odd ? wc[8] : 0u;
+      r[i][18] = ld_u16(bi + f0);
+      r[i][19] = ld_u16(bi + f1);
+      if constexpr (T == T_Q3_K) r[i][20] = ld_u16(bi + f2);
     } else {
       U::template load<16>(bi, l.e0, r[i]);
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -356,8 +336,7 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
     if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
-    if constexpr (T == T_Q6_K) q6_k_words(r[i], odd);
-    if constexpr (T == T_Q3_K) q3_k_words(r[i], odd);
+    if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
   return acc;
