@@ -367,12 +367,13 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
-// unbound take 64 registers: 4).
+// unbound take 64 registers: 4; Q2_K spills 40 bytes at 4 and unbound takes 80 registers: 3).
+// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
 template <int T> constexpr int min_ctas() {
-  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_1 || T == int_type_id(4, 32) ||
+  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
     return 5;
-  else if constexpr (T == T_Q4_K || T == T_Q2_K || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+  else if constexpr (T == T_Q4_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
     return 4;
   else if constexpr (T == T_Q3_K || T == T_Q5_K || T == T_Q6_K)
     return 2;
