@@ -49,10 +49,9 @@ constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
 constexpr int64_t kAdapterCublasMinRows = 64;
 // The gemv kernel against the staged one (H200, BENCHMARKS.md "Aligned words for the 2-byte-aligned
-// types"):
-// faster at every measured type and shape since its L2 prefetch went (the last holdouts, N = 4096
-// at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it wherever
-// the type has one.
+// types"): faster at every measured type and shape since its L2 prefetch went (the last holdouts,
+// N = 4096 at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it
+// wherever the type has one.
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
 // of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
 constexpr bool has_gemv(int qtype) {
@@ -92,7 +91,6 @@ struct Call {
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)
   bool cublas;       // a cuBLAS could be loaded
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
-  int qtype = -1;     // the weight's type (-1: unknown)
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {

@@ -283,9 +283,9 @@ template <int T, class ACT, int MT>
 void small_forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                          cudaStream_t stream) {
   constexpr int kMaxPer = 16 / MT;  // X slice <= 16*MT x 1024/MT: 33 KB
-  const auto kernel = small_forward_kernel<T, ACT, MT>;
+  constexpr auto kernel = small_forward_kernel<T, ACT, MT>;
   const size_t smem_max = (size_t)16 * MT * (kMaxPer * kChunk + 8) * sizeof(uint16_t);  // every launch's at most
-  const int ctas = std::max(kernel_ctas<small_forward_kernel<T, ACT, MT>>(smem_max, 128), 1);
+  const int ctas = std::max(kernel_ctas<kernel>(smem_max, 128), 1);
   const int tiles = (n + kFwdRows - 1) / kFwdRows, nchunks = (k + kChunk - 1) / kChunk;
   const int per = units_per_split(tiles, nchunks, kMaxPer, ctas);
   const int splits = (nchunks + per - 1) / per;
@@ -301,9 +301,9 @@ template <int T, class ACT, int MT>
 void small_input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, int k, int64_t row_bytes,
                             cudaStream_t stream) {
   constexpr int kMaxPer = 16 / MT;  // dY slice <= 16*MT x 1024/MT: 33 KB (plus 17 KB of W tile)
-  const auto kernel = small_input_grad_kernel<T, ACT, MT>;
+  constexpr auto kernel = small_input_grad_kernel<T, ACT, MT>;
   const size_t smem_max = (size_t)16 * MT * (kMaxPer * kIgRows + 8) * sizeof(uint16_t);  // every launch's at most
-  const int ctas = std::max(kernel_ctas<small_input_grad_kernel<T, ACT, MT>>(smem_max, 128), 1);
+  const int ctas = std::max(kernel_ctas<kernel>(smem_max, 128), 1);
   const int tiles = (k + kIgCols - 1) / kIgCols, stages = (n + kIgRows - 1) / kIgRows;
   const int per = units_per_split(tiles, stages, kMaxPer, ctas);
   const int splits = (stages + per - 1) / per, rows_per_split = per * kIgRows;

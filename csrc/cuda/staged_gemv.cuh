@@ -646,9 +646,9 @@ template <int T, class ACT, int NT>
 void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
                    cudaStream_t stream) {
   constexpr int threads = fwd_threads<NT>();
-  const auto kernel = staged_forward_kernel<T, ACT, NT>;
+  constexpr auto kernel = staged_forward_kernel<T, ACT, NT>;
   const size_t smem = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m);
-  const int fit = std::max(kernel_ctas<staged_forward_kernel<T, ACT, NT>>(smem, threads), 1);  // resident CTAs
+  const int fit = std::max(kernel_ctas<kernel>(smem, threads), 1);  // resident CTAs
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
   if constexpr (NT == 1) {
@@ -693,8 +693,8 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
                       cudaStream_t stream) {
   constexpr size_t smem = (size_t)kStages * ig_stage_bytes<T, NT>();
   static_assert(smem >= 2 * 32 * 8 * NT * 4 * sizeof(float), "room for the phase reduction");
-  const auto kernel = staged_input_grad_kernel<T, ACT, NT>;
-  const int fit = std::max(kernel_ctas<staged_input_grad_kernel<T, ACT, NT>>(smem, kIgThreads), 1);
+  constexpr auto kernel = staged_input_grad_kernel<T, ACT, NT>;
+  const int fit = std::max(kernel_ctas<kernel>(smem, kIgThreads), 1);
   const int tiles = (k + kStageK - 1) / kStageK, nst = (n + kStageRows - 1) / kStageRows;
   const int per = units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;
