@@ -12,8 +12,8 @@ begin_call decode_prologue 570 || exit 1
 prev=${PREV_SRC:?PREV_SRC: the source tree of the previous commit}
 ( cd "$prev" && env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES=90 CMAKE_BUILD_PARALLEL_LEVEL=8 tools/dev_build.sh \
     >"$out/prev_build.log" 2>&1; echo "prev build rc $?" >>"$out/prev_build.log" ) &
-stage tests 60 150 $py -m pytest -q -p no:cacheprovider -n 4 tests/test_glue_cuda.py tests/test_generate_static.py \
-  tests/test_cuda_policy.py tests/test_cuda.py -k "not smollm2"
+stage tests 60 150 $py -m pytest -q -p no:cacheprovider -m "cuda and not smollm2 and not llamacpp and not gemma3" \
+  -n 4 --dist loadfile tests
 stage tests_join 20 60 $py -m pytest -q -p no:cacheprovider tests/test_families_train_export.py -k joins_each
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 stage sanitizer 30 90 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
@@ -27,5 +27,5 @@ done
 grep -h "decode (generate)" "$out"/decode_*.log
 PYTHONPATH="$prev/python" stage gemv_prev 20 40 $py tools/gpu/gemv.py --types Q2_K,Q5_1 --out "$out/gemv_prev.jsonl"
 stage gemv 20 40 $py tools/gpu/gemv.py --types Q2_K,Q5_1 --out "$out/gemv.jsonl"
-# at most 8 files come back: everything in one archive
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && mv "$out.tgz" "$out/all.tgz"
+# at most 8 files come back: everything in one archive beside the folder, which goes
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
