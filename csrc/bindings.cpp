@@ -132,6 +132,24 @@ PYBIND11_MODULE(_C, m) {
     cuda::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N,
                              K, ptr<void>(stream));
   }, nogil());
+  m.def("cuda_qmatmul_forward_add_rms_norm", [](int t, uintptr_t x, uintptr_t r, uintptr_t nw, float eps, uintptr_t s,
+                                                int dt, uintptr_t w, uintptr_t y, int64_t N, int64_t K, uintptr_t stream) {
+    cuda::GemvPrologue p;
+    p.kind = cuda::GemvPrologue::AddRmsNorm;
+    p.b = ptr<const void>(r), p.w = ptr<const float>(nw), p.s = ptr<void>(s), p.eps = eps;
+    return cuda::qmatmul_forward_one_row(t, p, ptr<const void>(x), dt, ptr<const void>(w), ptr<void>(y), N, K,
+                                         ptr<void>(stream));
+  }, nogil(), "y = rms_norm(x + r) * nw . deq(W)^T for one row, x + r written to s (r = 0: no residual), in the "
+              "M = 1 kernel's preparation of x; False (nothing launched) where that kernel does not take the call.");
+  m.def("cuda_qmatmul_forward_silu_mul", [](int t, uintptr_t g, uintptr_t u, int dt, uintptr_t w, uintptr_t y,
+                                            int64_t N, int64_t K, uintptr_t stream) {
+    cuda::GemvPrologue p;
+    p.kind = cuda::GemvPrologue::SiluMul;
+    p.b = ptr<const void>(u);
+    return cuda::qmatmul_forward_one_row(t, p, ptr<const void>(g), dt, ptr<const void>(w), ptr<void>(y), N, K,
+                                         ptr<void>(stream));
+  }, nogil(), "y = (silu(g) * u) . deq(W)^T for one row, in the M = 1 kernel's preparation of x; False (nothing "
+              "launched) where that kernel does not take the call.");
   // The reference CUDA kernels, for tests: same arguments as the cuda_* functions above.
   m.def("cuda_ref_dequantize", [](int t, uintptr_t q, uintptr_t out, int dt, int64_t n, int64_t k,
                                   uintptr_t stream) {

@@ -63,6 +63,25 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
                      int64_t m, int64_t n, int64_t k, void* stream);
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k, void* stream);
+// What the one-row product makes its x from while preparing it (glue_kernels.h's formulas, the
+// separate kernels' values bit for bit), so that a decode step runs no glue kernel before it:
+//   None        x itself
+//   AddRmsNorm  rms_norm(x + b) * w, eps, with x + b (rounded to the dtype) written to s; b null:
+//               rms_norm(x) * w, s unused (16-byte aligned, K at most 4 * 256 16-byte pieces)
+//   SiluMul     silu(x) * b (b: SwiGLU's up product; x its gate product)
+struct GemvPrologue {
+  enum Kind : int { None, AddRmsNorm, SiluMul };
+  Kind kind = None;
+  const void* b = nullptr;
+  const float* w = nullptr;
+  void* s = nullptr;
+  float eps = 0.0f;
+};
+// y = x'·deq(W)ᵀ for one row, x' made by the prologue p inside the M = 1 CUDA-core kernel's
+// preparation. Returns false, with nothing launched, where that kernel does not take the call
+// (cuda_policy, K, dtype, alignment): the caller then runs the glue kernel and qmatmul_forward.
+bool qmatmul_forward_one_row(int qtype, const GemvPrologue& p, const void* x, int dtype, const void* w, void* y,
+                             int64_t n, int64_t k, void* stream);
 // The slow, obvious CUDA kernels the fast ones are tested against (same signatures).
 namespace reference {
 void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t n, int64_t k,

@@ -311,13 +311,18 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2"))
-def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device):
+@pytest.mark.parametrize("tokens", (9, 1))
+def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
-    for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA), post-norms included."""
+    for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
+    norms and SwiGLU's product also run inside the grouped products), post-norms included."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
-    ids = rand_ids(1, 9, seed=3).to(device)
+    if device == "cuda":
+        for layer in model.layers:
+            layer.group_products()
+    ids = rand_ids(1, tokens, seed=3).to(device)
     calls = []
     for layer in model.layers:
         layer.forward_deferred = lambda *a, _f=layer.forward_deferred: calls.append(1) or _f(*a)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowtune import glue_ops
+from lowtune import glue_ops, ops
 from lowtune.model import LlamaModel
 
+from helpers import quantized
 from test_model import gguf_weights, tiny_config, tiny_weights
 
 pytestmark = pytest.mark.cuda
@@ -100,6 +101,52 @@ def test_gated_silu_bit_for_bit(dtype, monkeypatch):
     got = glue_ops.gated("silu", a, u)
     assert len(seen) == 1
     assert torch.equal(got, formula(glue_ops.gated, "silu", a, u))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0", "Q3_K"])
+@pytest.mark.parametrize("k,residual", [(4096, True), (4096, False), (512, True), (8192, True)])
+@torch.no_grad()
+def test_norm_inside_the_product_bit_for_bit(dtype, qtype, k, residual):
+    """add_rms_norm_product's norm, made inside the one-row product's preparation, gives
+    add_rms_norm's kernel values: x + r and the product of the normed row, bit for bit."""
+    g = torch.Generator(device="cuda").manual_seed(k + len(qtype))
+    qt = quantized(torch.randn(96, k, generator=g, device="cuda").cpu() * 0.05, qtype).to("cuda")
+    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
+    r = torch.randn(1, k, device="cuda", generator=g).to(dtype) if residual else None
+    w = 1 + 0.1 * torch.randn(k, device="cuda", generator=g)
+    got = glue_ops.add_rms_norm_product(x, r, w, 1e-5, qt)
+    assert got is not None  # the fused path ran
+    s, h = (x, glue_ops.rms_norm(x, w, 1e-5)) if r is None else glue_ops.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(got[0], s)
+    assert torch.equal(got[1], ops.qmatmul(h, qt))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "INT4-g64"])
+@torch.no_grad()
+def test_silu_mul_inside_the_product_bit_for_bit(dtype, qtype):
+    g = torch.Generator(device="cuda").manual_seed(11)
+    qt = quantized(torch.randn(64, 2816, generator=g, device="cuda").cpu() * 0.05, qtype).to("cuda")
+    a = (torch.randn(1, 2816, device="cuda", generator=g) * 4).to(dtype)
+    u = torch.randn(1, 2816, device="cuda", generator=g).to(dtype)
+    got = glue_ops.silu_mul_product(a, u, qt)
+    assert got is not None
+    assert torch.equal(got, ops.qmatmul(glue_ops.gated("silu", a, u), qt))
+
+
+@torch.no_grad()
+def test_products_with_a_glue_step_decline_what_the_one_row_kernel_does_not_take():
+    qt = quantized(torch.randn(64, 512) * 0.05, "Q4_K").to("cuda")
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)  # two rows
+    w = torch.ones(512, device="cuda")
+    assert glue_ops.add_rms_norm_product(x, None, w, 1e-5, qt) is None
+    assert glue_ops.silu_mul_product(x, x, qt) is None
+    iq = quantized(torch.randn(64, 512) * 0.05, "IQ4_XS").to("cuda")  # no one-row kernel
+    assert glue_ops.add_rms_norm_product(x[:1], None, w, 1e-5, iq) is None
+    with torch.enable_grad():
+        xg = x[:1].clone().requires_grad_()
+        assert glue_ops.add_rms_norm_product(xg, None, w, 1e-5, qt) is None  # autograd: the formulas
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

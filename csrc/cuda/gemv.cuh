@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "glue_math.cuh"  // the prologues' formulas
 #include "internal.h"
 #include "mma.cuh"     // act_to_f, f_to_act
 #include "pdl.cuh"
@@ -94,19 +95,38 @@ __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
 // unit, each taking 8 elements of one span (lanes 2i and 2i + 1 share a span: its max, NaN probe
 // and sum go across the pair). Units from K / 32 up to padded_units(K) get zero codes. (Each CTA
 // preparing all of x cost 2.4 µs of 14 at K = 4096 and 6 µs of 19 at K = 14336: BENCHMARKS.md.)
-template <int T, class ACT>
-__global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict__ x, int k, uint4* __restrict__ form) {
+// P (GemvPrologue) makes x from the previous glue's inputs first; for the norm every CTA sums the
+// whole row itself (K <= 8192: at most 16 KB, from L2), in the RMSNorm kernel's order.
+template <int T, class ACT, int P>
+__global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict__ x, int k, uint4* __restrict__ form,
+                                                           GemvPrologue pro) {
   using Un = Units<T>;
+  static_assert(kThreads == kNormThreads, "the fused norm sums a row as the RMSNorm kernel does");
   pdl_launch_dependents();
   pdl_wait();  // x is the previous kernel's output
+  const ACT* b = static_cast<const ACT*>(pro.b);
+  float rstd = 0.0f;
+  if constexpr (P == GemvPrologue::AddRmsNorm) rstd = rsqrtf(cta_sum(rms_sq_part(x, b, k)) / (float)k + pro.eps);
   const int units = k / 32, t = blockIdx.x * kThreads + threadIdx.x;
   const int q = t >> 2, p = (t >> 1) & 1, h = t & 1;
   const bool on = q < units;
   float v[8];
   if (on) {
     const int first = (q / Un::kPerBlock) * Unpack<T>::kElems + Un::e0(q % Un::kPerBlock) + p * Un::kGap + 8 * h;
-    const uint4 raw = *reinterpret_cast<const uint4*>(x + first);  // 16-byte aligned: spans start at 16k
-    const ACT* el = reinterpret_cast<const ACT*>(&raw);
+    uint4 raw = *reinterpret_cast<const uint4*>(x + first);  // 16-byte aligned: spans start at 16k
+    ACT* el = reinterpret_cast<ACT*>(&raw);
+    if (P != GemvPrologue::None && b != nullptr) {
+      const uint4 braw = *reinterpret_cast<const uint4*>(b + first);
+      const ACT* be = reinterpret_cast<const ACT*>(&braw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) el[i] = P == GemvPrologue::SiluMul ? silu_mul_value(el[i], be[i]) : residual_add(el[i], be[i]);
+      if (P == GemvPrologue::AddRmsNorm)
+        *reinterpret_cast<uint4*>(static_cast<ACT*>(pro.s) + first) = raw;  // x + b: the residual stream
+    }
+    if constexpr (P == GemvPrologue::AddRmsNorm) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) el[i] = rms_scaled<ACT>(act_to_f(el[i]), rstd, pro.w[first + i]);
+    }
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = act_to_f(el[i]);
   } else {
@@ -347,12 +367,13 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
-// unbound take 64 registers: 4).
+// unbound take 64 registers: 4; Q2_K spills 40 bytes at 4 and unbound takes 80 registers: 3).
+// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
 template <int T> constexpr int min_ctas() {
-  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_1 || T == int_type_id(4, 32) ||
+  if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
     return 5;
-  else if constexpr (T == T_Q4_K || T == T_Q2_K || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+  else if constexpr (T == T_Q4_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
     return 4;
   else if constexpr (T == T_Q3_K || T == T_Q5_K || T == T_Q6_K)
     return 2;
@@ -410,7 +431,7 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
 
 template <int T>
 void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, const GemvPrologue& pro) {
   if constexpr (!HasCodes<T>) {
     throw std::invalid_argument("gemv: this type has no codes kernel (cuda_policy::has_gemv)");
   } else {
@@ -424,8 +445,12 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       const int grid = (int)std::min<int64_t>(want, (int64_t)per_sm * sm_count());
       ScratchBuffer form(smem, stream);  // x's form: smem_bytes(k) is its size too
       const int64_t tasks = 4 * gemv::padded_units(k);  // prepare_kernel: four threads a unit
-      launch_pdl(gemv::prepare_kernel<T, ACT>, dim3((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads)),
-                 dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k, form.as<uint4>());
+      const dim3 prep_grid((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads));
+      const auto prepare = pro.kind == GemvPrologue::AddRmsNorm ? gemv::prepare_kernel<T, ACT, GemvPrologue::AddRmsNorm>
+                           : pro.kind == GemvPrologue::SiluMul  ? gemv::prepare_kernel<T, ACT, GemvPrologue::SiluMul>
+                                                                : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
+      launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
+                 form.as<uint4>(), pro);
       launch_pdl(gemv::gemv_kernel<T, ACT>, dim3(grid), dim3(gemv::kThreads), smem, stream,
                  form.as<const uint4>(), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
     };

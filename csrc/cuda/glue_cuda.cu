@@ -14,39 +14,11 @@
 #include "common.cuh"
 #include "internal.h"  // ScratchBuffer, kernel_ctas, launch_pdl
 #include "pdl.cuh"
+#include "glue_math.cuh"  // cta_sum, the norm and SwiGLU formulas
 #include "mma.cuh"  // act_to_f, f_to_act
 
 namespace lowtune::cuda {
 namespace {
-
-constexpr int kNormThreads = 256;
-
-// op over v of the kThreads threads of a CTA, the same in every thread (warp results, then the
-// warps' results in a fixed order), through part[kThreads / 32] in shared memory; a second
-// reduction through the same part needs a barrier between them.
-template <int kThreads, class Op>
-__device__ __forceinline__ float cta_reduce(float v, float* part, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float total = part[0];
-#pragma unroll
-  for (int i = 1; i < kThreads / 32; ++i) total = op(total, part[i]);
-  return total;
-}
-struct Add {
-  __device__ float operator()(float a, float b) const { return a + b; }
-};
-struct Max {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-
-// The sum of v over the kNormThreads threads of a CTA (the RMSNorm kernels' sum of squares).
-__device__ __forceinline__ float cta_sum(float v) {
-  __shared__ float part[kNormThreads / 32];
-  return cta_reduce<kNormThreads>(v, part, Add{});
-}
 
 // One CTA per row: the sum of squares over the row, then the scaled row (the second pass reads
 // the row again, from L1/L2).
@@ -64,7 +36,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const T* __restr
   }
   const float rstd = rsqrtf(cta_sum(s) / (float)dim + eps);
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads)
-    yr[i] = f_to_act<T>(__fmul_rn(__fmul_rn(act_to_f(xr[i]), rstd), w[i]));
+    yr[i] = rms_scaled<T>(act_to_f(xr[i]), rstd, w[i]);
 }
 
 // Element e of one head's row x (position tt of t, tables rot [2, t, d]) after RoPE; dims past d
@@ -81,7 +53,8 @@ __device__ __forceinline__ T rotated(const T* x, int64_t e, const float* rot, in
 // Rows whose dim is a multiple of 16 bytes' worth of elements and at most kNormThreads * 4 of
 // them: each thread keeps its (at most four) 16-byte pieces of the row in registers, so the row
 // is read once, with vector loads. With r: s = x + r rounded to T (torch's residual add) is
-// written out and normalized.
+// written out and normalized. Its sum of squares runs in rms_sq_part's order (glue_math.cuh), which
+// the one-row product's fused norm (gemv.cuh) repeats: keep the two the same.
 template <class T, int V>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __restrict__ x, const T* __restrict__ r,
                                                                     const float* __restrict__ w, T* __restrict__ y,
@@ -104,7 +77,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __r
       uint4 sv;
       T* se = reinterpret_cast<T*>(&sv);
 #pragma unroll
-      for (int e = 0; e < E; ++e) se[e] = f_to_act<T>(__fadd_rn(act_to_f(xe[e]), act_to_f(re[e])));
+      for (int e = 0; e < E; ++e) se[e] = residual_add(xe[e], re[e]);
       *reinterpret_cast<uint4*>(s + off + e0) = sv;
       xv = sv;
     }
@@ -122,7 +95,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_vec_kernel(const T* __r
     uint4 yv;
     T* ye = reinterpret_cast<T*>(&yv);
 #pragma unroll
-    for (int e = 0; e < E; ++e) ye[e] = f_to_act<T>(__fmul_rn(__fmul_rn(v[i][e], rstd), w[e0 + e]));
+    for (int e = 0; e < E; ++e) ye[e] = rms_scaled<T>(v[i][e], rstd, w[e0 + e]);
     *reinterpret_cast<uint4*>(y + off + e0) = yv;
   }
 }
@@ -179,9 +152,7 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
   pdl_wait();  // the inputs are the previous kernel's outputs
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float gf = act_to_f(g[i]);
-  const float a = act_to_f(f_to_act<T>(gf / (1.0f + expf(-gf))));
-  y[i] = f_to_act<T>(__fmul_rn(a, act_to_f(u[i])));
+  y[i] = silu_mul_value(g[i], u[i]);
 }
 
 // Flash-decoding: CTA (head, split) takes its share of positions 0..*pos (n / splits, rounded up)

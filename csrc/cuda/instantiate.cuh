@@ -18,7 +18,8 @@ namespace lowtune::cuda {
                                         cudaStream_t);                                             \
   template void launch_small_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
                                            cudaStream_t);                                          \
-  template void launch_gemv<T>(const void*, int, const uint8_t*, void*, int64_t, int64_t, int64_t, cudaStream_t); \
+  template void launch_gemv<T>(const void*, int, const uint8_t*, void*, int64_t, int64_t, int64_t, cudaStream_t, \
+                               const GemvPrologue&);                                       \
   static_assert(cuda_policy::has_gemv(T) == HasCodes<T>, "cuda_policy::has_gemv lists the types with codes");
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE

@@ -117,11 +117,12 @@ void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void*
                               int64_t row_bytes, cudaStream_t stream);
 
 // The M = 1 forward on CUDA cores (gemv.cuh) for the types with codes (cuda_policy::has_gemv),
-// bf16/fp16 activations; x, w 16-byte aligned. gemv_fits: x's shared-memory form fits one CTA.
+// bf16/fp16 activations; x, w 16-byte aligned; x made by pro's prologue (kernels.h) while it is
+// prepared. gemv_fits: x's shared-memory form fits one CTA.
 bool gemv_fits(int64_t k);
 template <int T>
 void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
-                 cudaStream_t stream);
+                 cudaStream_t stream, const GemvPrologue& pro = {});
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
 // Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB

@@ -37,6 +37,7 @@
 
 #include "../block_math.h"
 #include "../cuda_policy.h"
+#include "../glue_kernels.h"  // rms_norm_vectorized
 #include "../kernels.h"
 #include "common.cuh"
 #include "internal.h"
@@ -380,6 +381,22 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
     default:
       reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
   }
+}
+
+bool qmatmul_forward_one_row(int qtype, const GemvPrologue& p, const void* x, int dtype, const void* w, void* y,
+                             int64_t n, int64_t k, void* stream) {
+  const BlockInfo bi = check_args(qtype, dtype, 1, n, k);
+  if (n == 0 || k == 0 || choose_path(cuda_policy::Product::Forward, qtype, dtype, 1, n, k, x, y) != cuda_policy::Path::Gemv)
+    return false;
+  if (p.kind == GemvPrologue::SiluMul && !(p.b != nullptr && aligned16(p.b))) return false;
+  // the norm as the vector RMSNorm kernel computes it (its sum's order), or not here
+  if (p.kind == GemvPrologue::AddRmsNorm && (p.w == nullptr || !rms_norm_vectorized(dtype, k, x, p.b, x, p.s)))
+    return false;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int64_t row_bytes = k / bi.elems * bi.bytes;
+  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
+  dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wa.get(), y, n, k, row_bytes, s, p); });
+  return true;
 }
 
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx, int64_t m, int64_t n,

@@ -6,6 +6,9 @@ formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
     rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
     rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
+    add_rms_norm_product(x, r, w, eps, qt), silu_mul_product(g, u, qt)
+                               the norm, or SwiGLU's product, and the one-row product after it
+                               in one kernel pair (None where the M = 1 CUDA kernel does not apply)
     decode_attention(q, k_cache, v_cache, pos, scale)   one token's attention over the filled cache
                                (decode_attention_fused: whether its CUDA kernels take the operands)
 
@@ -25,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _C
+from . import _C, llamacpp_activations
 from .ops import ACT_DTYPES, _stream
+from .qtensor import QTensor
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
@@ -180,3 +184,44 @@ def gated(activation: str, g: Tensor, u: Tensor) -> Tensor:
                          _stream(g.device))
         return y
     return ACTIVATIONS[activation](g) * u
+
+
+def _one_row(x: Tensor, qt: QTensor) -> bool:
+    """Whether x is one row of qt's K on qt's device, for a packed qt (the products below)."""
+    return (qt.format.quantized and qt.raw.device == x.device and qt.raw.is_contiguous()
+            and x.shape[-1] == qt.shape[1] and x.numel() == qt.shape[1] and not llamacpp_activations.active())
+
+
+def add_rms_norm_product(x: Tensor, r: Tensor | None, w: Tensor, eps: float,
+                         qt: QTensor) -> tuple[Tensor, Tensor] | None:
+    """(x + r, rms_norm(x + r, w, eps) · deq(qt)ᵀ) for one row (r None: (x, rms_norm(x) · deq(qt)ᵀ)),
+    with the norm made inside the product's preparation of its input (csrc/kernels.h, GemvPrologue:
+    a decode step launches no norm kernel, and the values are add_rms_norm's and the product's bit
+    for bit). None where that does not apply (not an eager CUDA call without autograd, not one
+    row, a type, K or alignment the M = 1 kernel does not take): the caller runs the two."""
+    ts = (x,) if r is None else (x, r)
+    if not (_fused(*ts) and _one_row(x, qt) and _norm_weight_fits(x, w) and (r is None or r.shape == x.shape)):
+        return None
+    n, k = qt.shape
+    xc = x.contiguous()
+    rc = None if r is None else r.contiguous()
+    s = xc if rc is None else torch.empty_like(xc)
+    y = xc.new_empty((*x.shape[:-1], n))
+    ok = _C.cuda_qmatmul_forward_add_rms_norm(
+        qt.format.type_id, xc.data_ptr(), 0 if rc is None else rc.data_ptr(), w.data_ptr(), float(eps),
+        0 if rc is None else s.data_ptr(), ACT_DTYPES[x.dtype], qt.raw.data_ptr(), y.data_ptr(), n, k,
+        _stream(x.device))
+    return (s, y) if ok else None
+
+
+def silu_mul_product(g: Tensor, u: Tensor, qt: QTensor) -> Tensor | None:
+    """(silu(g) · u) · deq(qt)ᵀ for one row, SwiGLU's product made inside the product's preparation
+    of its input (as add_rms_norm_product's norm); None where that does not apply."""
+    if not (_fused(g, u) and g.shape == u.shape and _one_row(g, qt)):
+        return None
+    n, k = qt.shape
+    gc, uc = g.contiguous(), u.contiguous()
+    y = gc.new_empty((*g.shape[:-1], n))
+    ok = _C.cuda_qmatmul_forward_silu_mul(qt.format.type_id, gc.data_ptr(), uc.data_ptr(), ACT_DTYPES[g.dtype],
+                                          qt.raw.data_ptr(), y.data_ptr(), n, k, _stream(g.device))
+    return y if ok else None

@@ -489,13 +489,29 @@ class DecoderLayer(nn.Module):
                          cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(x + m) as the pair (x', m') whose sum it is, for inference: the residual add
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
-        CUDA, where forward's add and norm are two). m None: the pair of forward(x)."""
-        if m is None:
-            h = self.attn_norm(x)
-        else:
-            x, h = self.attn_norm.after_residual(x, m)
-        x, h = self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start, normed=h))
-        return x, self._mlp_rows(h)
+        CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
+        run inside the product after them). m None: the pair of forward(x)."""
+        x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
+        a = self.attention_branch(x, rot, cache, start, qkv=qkv)
+        if self.mlp_chunks > 1:  # the MLP's rows a chunk at a time, its norm included
+            x, h = self.ffn_norm.after_residual(x, a)
+            return x, self._mlp_rows(h)
+        x, gu = self._normed_products(x, a, self.ffn_norm, self.PRODUCT_GROUPS[1])
+        return x, self._mlp_out(*gu)
+
+    def _normed_products(self, x: torch.Tensor, a: torch.Tensor | None, norm: RMSNorm,
+                         names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(s, [linear(norm(s)) for each of names]) for s = x + a (x where a is None): for one row
+        on CUDA the norm runs inside the grouped product (glue_ops.add_rms_norm_product), else
+        add_rms_norm and then _products."""
+        g = self._group(names)
+        if g is not None and g.bias is None:
+            done = glue_ops.add_rms_norm_product(x, a, norm.weight, norm.eps, g.weight)
+            if done is not None:
+                s, y = done
+                return s, list(y.split([getattr(self, n).out_features for n in names], dim=-1))
+        s, h = (x, norm(x)) if a is None else norm.after_residual(x, a)
+        return s, self._products(h, names)
 
     def _mlp_rows(self, h: torch.Tensor) -> torch.Tensor:
         """mlp(h), in mlp_chunks token chunks without autograd (rows are independent)."""
@@ -510,13 +526,16 @@ class DecoderLayer(nn.Module):
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
-                         start: int = 0, normed: torch.Tensor | None = None) -> torch.Tensor:
+                         start: int = 0, normed: torch.Tensor | None = None,
+                         qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """What the attention adds to the residual stream x (its post-norm applied, where the
-        family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward)."""
+        family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward);
+        qkv: the q, k, v products of it (forward_deferred)."""
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
-        h = self.attn_norm(x) if normed is None else normed
-        q, k, v = self._products(h, self.PRODUCT_GROUPS[0])
+        if qkv is None:
+            qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
+        q, k, v = qkv
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -536,7 +555,16 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
-        m = self.ffn_down(glue_ops.gated(self.activation, *self._products(h, self.PRODUCT_GROUPS[1])))
+        return self._mlp_out(*self._products(h, self.PRODUCT_GROUPS[1]))
+
+    def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """ffn_down(activation(g) · u), its post-norm applied where the family has one; for one row
+        on CUDA SwiGLU's product runs inside ffn_down's (glue_ops.silu_mul_product)."""
+        m = None
+        if self.activation == "silu" and type(self.ffn_down) is QLinear and self.ffn_down.bias is None:
+            m = glue_ops.silu_mul_product(g, u, self.ffn_down.weight)
+        if m is None:
+            m = self.ffn_down(glue_ops.gated(self.activation, g, u))
         return self.post_ffw_norm(m) if self.config.family.post_norms else m
 
     def norm_mlp(self, s: torch.Tensor) -> torch.Tensor:
