@@ -270,7 +270,7 @@ def test_staged_cluster_split_knob(gen, monkeypatch):
 # ---- the M = 1 forward on CUDA cores (csrc/cuda/gemv.cuh) ------------------------------------------
 # (N, K in super-blocks of 256): odd N (a CTA's last warps without rows), K of 1..112 super-blocks
 # (a partly used last round of units, and 112: shared memory above 48 KiB), N beyond one wave.
-GEMV_SHAPES = [(37, 1), (37, 3), (301, 17), (4096, 16), (11008, 16), (64, 43), (65, 112)]
+GEMV_SHAPES = [(37, 1), (37, 3), (301, 17), (4096, 16), (11008, 16), (64, 43), (65, 112), (12000, 1)]
 GEMV_TYPES = [name for name in QUANT_TYPES if _C.cuda_has_gemv(get_format(name).type_id)]
 
 
@@ -309,7 +309,8 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", GEMV_TYPES)
 def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
-    shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112)]
+    # (12000, 1): more rows than one wave of warps, the persistent loop (fewer: one row a warp)
+    shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112), (12000, 1)]
     check_gemv(name, dtype, shapes, gen, monkeypatch)
 
 

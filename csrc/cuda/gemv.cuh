@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "cp_async.cuh"
 #include "glue_math.cuh"  // the prologues' formulas
 #include "internal.h"
 #include "mma.cuh"     // act_to_f, f_to_act
@@ -119,7 +120,8 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict
       const uint4 braw = *reinterpret_cast<const uint4*>(b + first);
       const ACT* be = reinterpret_cast<const ACT*>(&braw);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) el[i] = P == GemvPrologue::SiluMul ? silu_mul_value(el[i], be[i]) : residual_add(el[i], be[i]);
+      for (int i = 0; i < 8; ++i)
+        el[i] = P == GemvPrologue::SiluMul ? silu_mul_value(el[i], be[i]) : residual_add(el[i], be[i]);
       if (P == GemvPrologue::AddRmsNorm)
         *reinterpret_cast<uint4*>(static_cast<ACT*>(pro.s) + first) = raw;  // x + b: the residual stream
     }
@@ -291,11 +293,15 @@ __device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
   for (int j = 0; j < 2 * S; ++j) r[j] = out[j];
 }
 
-// acc plus units u0 + 32 i + lane (i < N) of a row: the lane's first of them in the block at b,
-// the rest kStep bytes apart; all loads issued before any unit is decoded. kCheck (a row's last
-// round where 32 kInFlight does not divide K / 32): units at or past `units` are skipped.
+// A round: units u0 + 32 i + lane (i < N) of a row, the lane's first of them in the block at b, the
+// rest kStep bytes apart. round_load issues all of its loads into r, round_decode then adds their
+// sums to acc (round_sum: both). kCheck (a row's last round where 32 kInFlight does not divide
+// K / 32): units at or past `units` are skipped.
+template <int T> constexpr int kRoundWords = (Units<T>::kSame ? 1 : 2) * Unpack<T>::template Words<16>::value;
+
 template <int T, int N, bool kCheck>
-__device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, const LaneUnits& l, float acc) {
+__device__ __forceinline__ void round_load(const uint8_t* b, int u0, int units, const LaneUnits& l,
+                                           uint32_t (&r)[N][kRoundWords<T>]) {
   using U = Unpack<T>;
   using Un = Units<T>;
   constexpr int kW = U::template Words<16>::value;
@@ -303,7 +309,6 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
   const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // the 2-byte-aligned types: a lane's blocks share it
-  uint32_t r[N][kLoads * kW];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
@@ -352,6 +357,13 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
     }
   }
+}
+
+template <int T, int N, bool kCheck>
+__device__ __forceinline__ float round_decode(const uint8_t* b, int u0, int units, const LaneUnits& l,
+                                              uint32_t (&r)[N][kRoundWords<T>], float acc) {
+  const int lane = threadIdx.x & 31;
+  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
@@ -362,13 +374,23 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   return acc;
 }
 
+template <int T, int N, bool kCheck>
+__device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, const LaneUnits& l, float acc) {
+  uint32_t r[N][kRoundWords<T>];
+  round_load<T, N, kCheck>(b, u0, units, l, r);
+  return round_decode<T, N, kCheck>(b, u0, units, l, r, acc);
+}
+
 // CTAs per multiprocessor that ptxas is held to (__launch_bounds__: 65536 / (256 CTAs) registers a
 // thread, in steps of 8). Left to itself it took more registers than needed for some types and so
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
 // unbound take 64 registers: 4; Q2_K spills 40 bytes at 4 and unbound takes 80 registers: 3).
-// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
+// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without. Since the early round (kOneRow)
+// a few spill a little where their bound stays: Q4_0's persistent kernel, Q4_1's and INT4-g32's
+// one-row kernels 8 bytes, Q4_K's one-row kernel 40 (BENCHMARKS.md, "The gemv's first round loaded
+// before its wait").
 template <int T> constexpr int min_ctas() {
   if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
@@ -388,7 +410,13 @@ template <int T> constexpr int min_ctas() {
 // spans' e) is the same in every round and row, and its blocks are kStep bytes apart; the address
 // math is one pointer per row, immediate offsets per unit. Rounds are whole (no bounds checks) but
 // for a row's last one where 32 kInFlight does not divide K / 32.
-template <int T, class ACT>
+// kOneRow (launch_gemv: where the grid gives every warp at most one row, N up to ~4096): the
+// warp's first round is loaded into registers before the wait, so that its latency overlaps the
+// previous kernels' ends and x's copy (W is never written by a kernel that triggers its dependents
+// early). Where a warp takes several rows the loop below is kept as it was: holding that round
+// across the wait costs the persistent loop registers (spills), and those shapes lost 1-9%.
+// (Prefetching the first rows into L2 before the wait instead made decoding slower: BENCHMARKS.md.)
+template <int T, class ACT, bool kOneRow>
 __global__ void __launch_bounds__(kThreads, min_ctas<T>())
 gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
             ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
@@ -402,28 +430,53 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
   float4* aux = reinterpret_cast<float4*>(smem + 4 * padded_units(k));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
-  // (prefetching the warp's first rows into L2 before the wait made decoding slower, the more rows
-  // the slower: BENCHMARKS.md)
-  pdl_launch_dependents();
-  pdl_wait();  // x's form is prepare_kernel's output
-  for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
-  __syncthreads();
-
   const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
-  const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
   const int whole = units - units % (32 * kInFlight);  // units in whole rounds
-  float acc = 0.0f;
-  for (int row = first; row < n; row += stride) {
-    const uint8_t* b = w + (int64_t)row * row_bytes + lane / Un::kPerBlock * U::kBytes;
-    int u0 = 0;
-    for (; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
+  if constexpr (kOneRow) {
+    const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
+    const uint8_t* b = w + (int64_t)first * row_bytes + lane / Un::kPerBlock * U::kBytes;
+    uint32_t r0[kInFlight][kRoundWords<T>];
+    if (first < n) {
+      if (whole > 0) round_load<T, kInFlight, false>(b, 0, units, l, r0);
+      else round_load<T, kInFlight, true>(b, 0, units, l, r0);
+    }
+    pdl_launch_dependents();
+    pdl_wait();  // x's form is prepare_kernel's output
+    // (cp.async: no registers between the load and the store while the round is held)
+    for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads)
+      cp_async16(smem_addr(smem + i), form + i, 16);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (first >= n) return;
+    float acc = whole > 0 ? round_decode<T, kInFlight, false>(b, 0, units, l, r0, 0.0f)
+                          : round_decode<T, kInFlight, true>(b, 0, units, l, r0, 0.0f);
+    int u0 = 32 * kInFlight;
+    for (b += kInFlight * kStep; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
       acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
     if (u0 < units) acc = round_sum<T, kInFlight, true>(b, u0, units, l, acc);  // the rest
-    // the row's sum
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) y[row] = f_to_act<ACT>(acc);
-    acc = 0.0f;
+    if (lane == 0) y[first] = f_to_act<ACT>(acc);
+  } else {
+    pdl_launch_dependents();
+    pdl_wait();  // x's form is prepare_kernel's output
+    for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
+    __syncthreads();
+    const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
+    float acc = 0.0f;
+    for (int row = first; row < n; row += stride) {
+      const uint8_t* b = w + (int64_t)row * row_bytes + lane / Un::kPerBlock * U::kBytes;
+      int u0 = 0;
+      for (; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
+        acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
+      if (u0 < units) acc = round_sum<T, kInFlight, true>(b, u0, units, l, acc);  // the rest
+      // the row's sum
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) y[row] = f_to_act<ACT>(acc);
+      acc = 0.0f;
+    }
   }
 }
 
@@ -439,10 +492,13 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
     const size_t smem = gemv::smem_bytes(k);
     auto launch = [&](auto tag) {
       using ACT = decltype(tag);
-      const int per_sm = kernel_ctas<gemv::gemv_kernel<T, ACT>>(smem, gemv::kThreads);
-      if (per_sm < 1) throw std::runtime_error("gemv: no CTA fits for this K");
+      // (kernel_ctas also raises each kernel's dynamic shared memory limit to smem)
+      const int per_sm = kernel_ctas<gemv::gemv_kernel<T, ACT, false>>(smem, gemv::kThreads);
+      const int per_sm_one = kernel_ctas<gemv::gemv_kernel<T, ACT, true>>(smem, gemv::kThreads);
+      if (per_sm < 1 || per_sm_one < 1) throw std::runtime_error("gemv: no CTA fits for this K");
       const int64_t want = (n + gemv::kWarps - 1) / gemv::kWarps;
-      const int grid = (int)std::min<int64_t>(want, (int64_t)per_sm * sm_count());
+      const bool one_row = want <= (int64_t)per_sm_one * sm_count();  // every warp's row in one wave
+      const int grid = (int)(one_row ? want : std::min<int64_t>(want, (int64_t)per_sm * sm_count()));
       ScratchBuffer form(smem, stream);  // x's form: smem_bytes(k) is its size too
       const int64_t tasks = 4 * gemv::padded_units(k);  // prepare_kernel: four threads a unit
       const dim3 prep_grid((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads));
@@ -451,8 +507,9 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
                                                                 : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
                  form.as<uint4>(), pro);
-      launch_pdl(gemv::gemv_kernel<T, ACT>, dim3(grid), dim3(gemv::kThreads), smem, stream,
-                 form.as<const uint4>(), w, static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
+      const auto kernel = one_row ? gemv::gemv_kernel<T, ACT, true> : gemv::gemv_kernel<T, ACT, false>;
+      launch_pdl(kernel, dim3(grid), dim3(gemv::kThreads), smem, stream, form.as<const uint4>(), w,
+                 static_cast<ACT*>(y), (int)n, (int)k, row_bytes);
     };
     if (dtype == D_BF16) launch(__nv_bfloat16{});
     else if (dtype == D_F16) launch(__half{});

@@ -48,6 +48,7 @@
 
 #include "../cuda_policy.h"
 #include "common.cuh"
+#include "cp_async.cuh"
 #include "internal.h"
 #include "mma.cuh"
 #include "small_m.cuh"
@@ -76,11 +77,6 @@ template <int T, int SK = kStageK> constexpr int seg_bytes() { return SK / Unpac
 template <int T, int SK = kStageK> constexpr int seg_chunks() { return (seg_bytes<T, SK>() + 30) / 16; }
 template <int T, int SK = kStageK> constexpr int row_pitch() { return 16 * (seg_chunks<T, SK>() | 1); }
 
-// 16 bytes global -> shared (a shared-space address); src_bytes < 16 copies that many and
-// zero-fills the rest (0: nothing is read).
-__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
-}
 // The first `bytes` (1..15) of a 16-byte chunk, zero-filled, by plain loads: a partial cp.async
 // still addresses all 16 bytes, which may lie past the end of the weight's allocation (the last
 // row's last segment), and compute-sanitizer rightly counts that as an out-of-bounds read. Only
@@ -92,11 +88,6 @@ __device__ __forceinline__ void copy_partial16(uint32_t smem, const uint8_t* gme
     if (b < bytes) v[b >> 2] |= (uint32_t)gmem[b] << (8 * (b & 3));
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
                : "memory");
-}
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Copies stages of R rows (SK/elems blocks of each) into slots of shared memory (pitch
