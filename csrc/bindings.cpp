@@ -132,8 +132,9 @@ PYBIND11_MODULE(_C, m) {
     cuda::qmatmul_input_grad(t, ptr<const void>(dy), dt, ptr<const void>(w), ptr<void>(dx), M, N,
                              K, ptr<void>(stream));
   }, nogil());
-  m.def("cuda_qmatmul_forward_add_rms_norm", [](int t, uintptr_t x, uintptr_t r, uintptr_t nw, float eps, uintptr_t s,
-                                                int dt, uintptr_t w, uintptr_t y, int64_t N, int64_t K, uintptr_t stream) {
+  m.def("cuda_qmatmul_forward_add_rms_norm", [](int t, uintptr_t x, uintptr_t r, uintptr_t nw, float eps,
+                                                uintptr_t s, int dt, uintptr_t w, uintptr_t y, int64_t N, int64_t K,
+                                                uintptr_t stream) {
     cuda::GemvPrologue p;
     p.kind = cuda::GemvPrologue::AddRmsNorm;
     p.b = ptr<const void>(r), p.w = ptr<const float>(nw), p.s = ptr<void>(s), p.eps = eps;

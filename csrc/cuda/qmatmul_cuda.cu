@@ -386,8 +386,8 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
 bool qmatmul_forward_one_row(int qtype, const GemvPrologue& p, const void* x, int dtype, const void* w, void* y,
                              int64_t n, int64_t k, void* stream) {
   const BlockInfo bi = check_args(qtype, dtype, 1, n, k);
-  if (n == 0 || k == 0 || choose_path(cuda_policy::Product::Forward, qtype, dtype, 1, n, k, x, y) != cuda_policy::Path::Gemv)
-    return false;
+  if (n == 0 || k == 0) return false;
+  if (choose_path(cuda_policy::Product::Forward, qtype, dtype, 1, n, k, x, y) != cuda_policy::Path::Gemv) return false;
   if (p.kind == GemvPrologue::SiluMul && !(p.b != nullptr && aligned16(p.b))) return false;
   // the norm as the vector RMSNorm kernel computes it (its sum's order), or not here
   if (p.kind == GemvPrologue::AddRmsNorm && (p.w == nullptr || !rms_norm_vectorized(dtype, k, x, p.b, x, p.s)))
