@@ -3,8 +3,8 @@
 // adapter products (adapter_kernels.h). Plain C++ (no CUDA headers): the CUDA dispatch
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
-//   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
-//              (has_gemv): bf16/fp16, operands 16-byte aligned
+//   gemv       the M = 1 forward and input gradient on CUDA cores (cuda/gemv.cuh, gemv_grad.cuh)
+//              for the types that have one (has_gemv): bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -105,7 +105,7 @@ inline Path choose(const Call& c) {
   const bool grad = c.product == Product::InputGrad;
   const bool staged_ok = c.half && c.act_aligned && c.out_aligned && c.m >= 1 && c.m <= std::min(small, kStagedMaxM);
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
-  const bool gemv_ok = c.gemv && !grad && c.m == 1 && staged_ok;
+  const bool gemv_ok = c.gemv && c.m == 1 && staged_ok;  // the forward, or its transpose (gemv_grad.cuh)
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {

@@ -314,6 +314,37 @@ def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatc
     check_gemv(name, dtype, shapes, gen, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", GEMV_TYPES)
+def test_gemv_input_grad_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
+    """The one-row input gradient (gemv_grad.cuh): dx = dy deq(W) against float64 and the staged
+    kernel, on shapes with a partial last slice of units (K / 32 not a multiple of 32), one row
+    group and many, and more rows than a round of the CTA's warps."""
+    rng = torch.Generator().manual_seed(6)
+    for n, nsb in [(37, 1), (301, 5), (4096, 16), (65, 112), (5000, 3)]:
+        k = 256 * nsb
+        assert _C.cuda_path("input_grad", 1, DTYPES[dtype], True, n, k, get_format(name).type_id) == "gemv"
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
+        raw_gpu = raw.cuda()
+        dy = torch.randn(1, n, generator=rng)
+        big = float((dy.double() @ w64).abs().max())
+        if dtype == torch.float16 and big > 1e4:
+            dy = dy * (1e4 / big)
+        dy = dy.to(dtype)
+        ref = dy.double() @ w64
+        gemv = run_path(_C.cuda_qmatmul_input_grad, name, dy.cuda(), raw_gpu, dtype, 1, n, k, (1, k), "gemv",
+                        monkeypatch)
+        staged = run_path(_C.cuda_qmatmul_input_grad, name, dy.cuda(), raw_gpu, dtype, 1, n, k, (1, k), "staged",
+                          monkeypatch)
+        err = rel_err(gemv, ref)
+        assert err < TOLERANCE[dtype], f"gemv input grad {name} {dtype} N={n} K={k}: {err:.2e}"
+        assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, rel_err(staged, ref))
+        again = run_path(_C.cuda_qmatmul_input_grad, name, dy.cuda(), raw_gpu, dtype, 1, n, k, (1, k), "gemv",
+                         monkeypatch)
+        assert torch.equal(gemv, again), "the row groups' sums are added in a fixed order"
+
+
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])
 def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, monkeypatch):
     n, k = 40, 512

@@ -56,7 +56,8 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
         for shape in ((n, k), (4096, k), (4096, 11008), (4096, 14336), (6144, 14336)):
             assert _C.cuda_path("forward", 1, BF16, True, *shape, t) == "gemv"
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
+    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "gemv"  # its transpose (gemv_grad.cuh)
+    assert _C.cuda_path("input_grad", 2, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
     assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \

@@ -3,6 +3,7 @@
 #include "../cuda_policy.h"  // has_gemv, checked against the kernels' types
 #include "dequant_tile.cuh"
 #include "gemv.cuh"
+#include "gemv_grad.cuh"
 #include "small_m.cuh"
 #include "staged_gemv.cuh"
 
@@ -20,6 +21,8 @@ namespace lowtune::cuda {
                                            cudaStream_t);                                          \
   template void launch_gemv<T>(const void*, int, const uint8_t*, void*, int64_t, int64_t, int64_t, cudaStream_t, \
                                const GemvPrologue&);                                       \
+  template void launch_gemv_input_grad<T>(const void*, int, const uint8_t*, void*, int64_t, int64_t, int64_t, \
+                                          cudaStream_t);                                           \
   static_assert(cuda_policy::has_gemv(T) == HasCodes<T>, "cuda_policy::has_gemv lists the types with codes");
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE

@@ -123,6 +123,10 @@ bool gemv_fits(int64_t k);
 template <int T>
 void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
                  cudaStream_t stream, const GemvPrologue& pro = {});
+// Its transpose, the M = 1 input gradient (gemv_grad.cuh); dy, w 16-byte aligned.
+template <int T>
+void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t n, int64_t k,
+                            int64_t row_bytes, cudaStream_t stream);
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
 // Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
 // Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB

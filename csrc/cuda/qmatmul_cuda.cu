@@ -412,6 +412,9 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
   const uint8_t* wb = wa.get();
   switch (choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx)) {
+    case cuda_policy::Path::Gemv:
+      dispatch_qtype(qtype, [&]<int T>() { launch_gemv_input_grad<T>(dy, dtype, wb, dx, n, k, row_bytes, s); });
+      break;
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
       break;

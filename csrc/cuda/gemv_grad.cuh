@@ -1,0 +1,155 @@
+// The M = 1 input gradient on CUDA cores, the one-row forward's transpose (gemv.cuh):
+// dx[k] = sum_n dy[n] deq(W)[n, k], bf16 or fp16, for every type with codes. cuda_policy::choose
+// sends one-row input gradients here ("gemv"); its twin is reference.cu's input gradient.
+//
+// W is read as the forward reads it, a row's units side by side across a warp's lanes, but the sum
+// runs over rows: lane l of a CTA's slice s owns unit 32 s + l (its two 16-element spans) and keeps
+// their 32 partial sums in registers while its warp walks the rows of the CTA's row group, each
+// row's weights u s + z (Unpack<T>::codes) scaled by the row's dy:
+//   acc_i += (dy s) u_i in fp32, and per span z_sum += dy z (added once at the end).
+// The eight warps of a CTA then add their sums through shared memory in a fixed order, each CTA
+// writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
+// does not depend on timing.
+#pragma once
+#include "gemv.cuh"  // Units, LaneUnits, round_load, legacy_words, two_array_words
+
+namespace lowtune::cuda {
+namespace gemv_grad {
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+// rows whose loads a warp issues before decoding any of them (registers: 4 rounds of the small
+// types' words, 2 of Q3_K's and Q6_K's)
+template <int T> constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 12 ? 4 : 2;
+
+// acc[i] += a u_i for the span's codes (bytes of cw[4])
+__device__ __forceinline__ void add_span(float* acc, const uint32_t* cw, float a) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc[i] = fmaf(a, code_f((cw[i >> 2] >> (8 * (i & 3))) & 0xFFu), acc[i]);
+}
+
+// CTA (s, g): units [32 s, 32 s + 32) of rows [g R, g R + R) (R = rows_per_group); its partial sums
+// in partial[g K + the units' elements].
+template <int T, class ACT>
+__global__ void __launch_bounds__(kThreads) grad_kernel(const ACT* __restrict__ dy, const uint8_t* __restrict__ w,
+                                                        float* __restrict__ partial, int n, int k, int64_t row_bytes,
+                                                        int rows_per_group) {
+  using U = Unpack<T>;
+  using Un = gemv::Units<T>;
+  constexpr int kW = U::template Words<16>::value;
+  constexpr int kLoads = Un::kSame ? 1 : 2;
+  constexpr int NR = kRowsInFlight<T>;
+  constexpr int RW = gemv::kRoundWords<T>;
+  __shared__ float red[kWarps * 32 * 32];  // [warp][element of the unit][lane]: conflict-free
+  const int units = k / 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int s = blockIdx.x, u = 32 * s + lane;
+  const bool on = u < units;
+  const int r0 = blockIdx.y * rows_per_group, r1 = min(n, r0 + rows_per_group);
+  const int e0 = Un::e0(lane % Un::kPerBlock), e1 = e0 + Un::kGap;
+  const gemv::LaneUnits l{e0, e1, nullptr, nullptr};
+  const uint8_t* col = w + (int64_t)(u / Un::kPerBlock) * U::kBytes;  // the lane's block in row 0
+  float acc0[16], acc1[16], z0 = 0.0f, z1 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
+  for (int row = r0 + warp; row < r1; row += kWarps * NR) {
+    uint32_t r[NR][RW];
+    float d[NR];
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const int rr = row + j * kWarps;
+      d[j] = rr < r1 ? act_to_f(dy[rr]) : 0.0f;
+      if (on && rr < r1)
+        gemv::round_load<T, 1, false>(col + (int64_t)rr * row_bytes, 32 * s, units, l,
+                                      *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
+    }
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const int rr = row + j * kWarps;
+      if (!on || rr >= r1) continue;
+      uint32_t* q = r[j];
+      const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
+      if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) gemv::legacy_words<T>(q, odd);
+      if constexpr (T == T_Q3_K || T == T_Q6_K) gemv::two_array_words<T == T_Q3_K ? 3 : 2>(q, odd);
+      uint32_t cw[4];
+      float sc, zz;
+      U::template codes<16>(q, e0, cw, sc, zz);
+      add_span(acc0, cw, d[j] * sc);
+      z0 = fmaf(d[j], zz, z0);
+      U::template codes<16>(q + (kLoads - 1) * kW, e1, cw, sc, zz);
+      add_span(acc1, cw, d[j] * sc);
+      z1 = fmaf(d[j], zz, z1);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    red[(warp * 32 + i) * 32 + lane] = acc0[i] + z0;
+    red[(warp * 32 + 16 + i) * 32 + lane] = acc1[i] + z1;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < 32 * 32; t += kThreads) {
+    const int e = t >> 5, ln = t & 31, uu = 32 * s + ln;
+    if (uu >= units) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += red[(v * 32 + e) * 32 + ln];
+    const int first = Un::e0(ln % Un::kPerBlock) + (e >= 16 ? Un::kGap : 0);
+    partial[(int64_t)blockIdx.y * k + (int64_t)(uu / Un::kPerBlock) * U::kElems + first + (e & 15)] = sum;
+  }
+}
+
+// dx[i] = sum over the groups, in order, of partial[g K + i]: a CTA per 32 columns, its warp v
+// summing groups v, v + 8, ... (a warp reads 128 contiguous bytes a group), the eight warps' sums
+// then added in order
+template <class ACT>
+__global__ void __launch_bounds__(kThreads) finish_kernel(const float* __restrict__ partial, int groups, int k,
+                                                          ACT* __restrict__ dx) {
+  __shared__ float part[kWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, i = blockIdx.x * 32 + lane;
+  float sum = 0.0f;
+  if (i < k) {
+#pragma unroll 8
+    for (int g = warp; g < groups; g += kWarps) sum += partial[(int64_t)g * k + i];
+  }
+  part[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && i < k) {
+    float t = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) t += part[v][lane];
+    dx[i] = f_to_act<ACT>(t);
+  }
+}
+
+}  // namespace gemv_grad
+
+template <int T>
+void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t n, int64_t k,
+                            int64_t row_bytes, cudaStream_t stream) {
+  if constexpr (!HasCodes<T>) {
+    throw std::invalid_argument("gemv: this type has no codes kernel (cuda_policy::has_gemv)");
+  } else {
+    using namespace gemv_grad;
+    const int64_t slices = (k / 32 + 31) / 32;
+    auto launch = [&](auto tag) {
+      using ACT = decltype(tag);
+      const int per_sm = kernel_ctas<grad_kernel<T, ACT>>(0, kThreads);
+      if (per_sm < 1) throw std::runtime_error("gemv input grad: no CTA fits");
+      // about two CTAs per multiprocessor (a CTA keeps ~8 rows x 32 units of loads in flight, enough
+      // for its share of the bandwidth; more would add partial sums), and every warp of a row group at
+      // least one round of rows
+      const int64_t most = std::max<int64_t>(1, n / (kWarps * kRowsInFlight<T>));
+      const int64_t want = std::clamp<int64_t>(std::min(2, per_sm) * (int64_t)sm_count() / slices, 1, most);
+      const int64_t rows = (n + want - 1) / want, groups = (n + rows - 1) / rows;
+      ScratchBuffer partial((size_t)(groups * k) * sizeof(float), stream);
+      grad_kernel<T, ACT><<<dim3((unsigned)slices, (unsigned)groups), kThreads, 0, stream>>>(
+          static_cast<const ACT*>(dy), w, partial.as<float>(), (int)n, (int)k, row_bytes, (int)rows);
+      finish_kernel<ACT><<<(unsigned)((k + 31) / 32), kThreads, 0, stream>>>(
+          partial.as<const float>(), (int)groups, (int)k, static_cast<ACT*>(dx));
+    };
+    if (dtype == D_BF16) launch(__nv_bfloat16{});
+    else if (dtype == D_F16) launch(__half{});
+    else throw std::invalid_argument("gemv takes bfloat16 or float16 activations");
+    LT_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace lowtune::cuda
