@@ -17,20 +17,24 @@ namespace lowtune::cuda {
 namespace gemv_grad {
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
-// rows whose loads a warp issues before decoding any of them (registers: 4 rounds of the small
-// types' words, 2 of Q3_K's and Q6_K's)
-template <int T> constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 12 ? 4 : 2;
+// rows a warp decodes per step while the next step's loads are in flight: the most whose two sets of
+// words fit the 128 registers of two CTAs per multiprocessor without spilling
+template <int T> constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 8 ? 4 : gemv::kRoundWords<T> <= 12 ? 2 : 1;
 
-// acc[i] += a u_i for the span's codes (bytes of cw[4])
+// acc[i] += a u_i for the span's codes (bytes of cw[4]); one byte permute makes each code's float
+// bits 2^23 + u (code_f without the shift and mask)
 __device__ __forceinline__ void add_span(float* acc, const uint32_t* cw, float a) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc[i] = fmaf(a, code_f((cw[i >> 2] >> (8 * (i & 3))) & 0xFFu), acc[i]);
+  for (int i = 0; i < 16; ++i) {
+    const float f = __uint_as_float(__byte_perm(cw[i >> 2], 0x4B000000u, 0x7540u | (i & 3)));
+    acc[i] = fmaf(a, __fsub_rn(f, 8388608.0f), acc[i]);
+  }
 }
 
 // CTA (s, g): units [32 s, 32 s + 32) of rows [g R, g R + R) (R = rows_per_group); its partial sums
 // in partial[g K + the units' elements].
 template <int T, class ACT>
-__global__ void __launch_bounds__(kThreads) grad_kernel(const ACT* __restrict__ dy, const uint8_t* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict__ dy, const uint8_t* __restrict__ w,
                                                         float* __restrict__ partial, int n, int k, int64_t row_bytes,
                                                         int rows_per_group) {
   using U = Unpack<T>;
@@ -50,9 +54,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const ACT* __restrict__ 
   float acc0[16], acc1[16], z0 = 0.0f, z1 = 0.0f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
-  for (int row = r0 + warp; row < r1; row += kWarps * NR) {
-    uint32_t r[NR][RW];
-    float d[NR];
+  // the next NR rows' loads are issued before this NR's decoding, so a warp's loads overlap its math
+  auto load_rows = [&](int row, uint32_t (&r)[NR][RW], float (&d)[NR]) {
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int rr = row + j * kWarps;
@@ -61,6 +64,16 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const ACT* __restrict__ 
         gemv::round_load<T, 1, false>(col + (int64_t)rr * row_bytes, 32 * s, units, l,
                                       *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
     }
+  };
+  constexpr int kStep = kWarps * NR;
+  uint32_t r[NR][RW];
+  float d[NR];
+  if (r0 + warp < r1) load_rows(r0 + warp, r, d);
+  for (int row = r0 + warp; row < r1; row += kStep) {
+    uint32_t nr[NR][RW];
+    float nd[NR];
+    const bool more = row + kStep < r1;
+    if (more) load_rows(row + kStep, nr, nd);
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int rr = row + j * kWarps;
@@ -77,6 +90,14 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const ACT* __restrict__ 
       U::template codes<16>(q + (kLoads - 1) * kW, e1, cw, sc, zz);
       add_span(acc1, cw, d[j] * sc);
       z1 = fmaf(d[j], zz, z1);
+    }
+    if (more) {
+#pragma unroll
+      for (int j = 0; j < NR; ++j) {
+        d[j] = nd[j];
+#pragma unroll
+        for (int i = 0; i < RW; ++i) r[j][i] = nr[j][i];
+      }
     }
   }
 #pragma unroll
