@@ -6,7 +6,8 @@
 // runs over rows: lane l of a CTA's slice s owns unit 32 s + l (its two 16-element spans) and keeps
 // their 32 partial sums in registers while its warp walks the rows of the CTA's row group, each
 // row's weights u s + z (Unpack<T>::codes) scaled by the row's dy:
-//   acc_i += (dy s) u_i in fp32, and per span z_sum += dy z (added once at the end).
+//   acc_i += (dy s) u_i in fp32 (add_span; or per step of rows in integer arithmetic, add_span_rows),
+//   and per span z_sum += dy z (added once at the end).
 // The eight warps of a CTA then add their sums through shared memory in a fixed order, each CTA
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
 // does not depend on timing.
@@ -19,7 +20,7 @@ namespace gemv_grad {
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 // rows a warp decodes per step while the next step's loads are in flight: the most whose two sets of
 // words fit the 128 registers of two CTAs per multiprocessor without spilling
-template <int T> constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 8 ? 4 : gemv::kRoundWords<T> <= 12 ? 2 : 1;
+template <int T> constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 6 ? 4 : gemv::kRoundWords<T> <= 12 ? 2 : 1;
 
 // acc[i] += a u_i for the span's codes (bytes of cw[4]); one byte permute makes each code's float
 // bits 2^23 + u (code_f without the shift and mask)
@@ -29,6 +30,40 @@ __device__ __forceinline__ void add_span(float* acc, const uint32_t* cw, float a
     const float f = __uint_as_float(__byte_perm(cw[i >> 2], 0x4B000000u, 0x7540u | (i & 3)));
     acc[i] = fmaf(a, __fsub_rn(f, 8388608.0f), acc[i]);
   }
+}
+
+// acc[i] += sum_j a_j u_ji over a step's NR rows (NR even) in integer arithmetic, a quarter of the
+// instructions of add_span per product: the a_j are rounded to int16 on the step's largest |a_j|
+// (relative error 2^-16 of it, or 2^-13 for 8-bit codes), two rows' codes interleaved by a byte
+// permute, and dp2a adds both rows' products into an int that starts at 0x4B400000: its bits are
+// the float 2^23 + 2^22 + sum, exact while |sum| < 2^22, which kQMax keeps.
+template <int NR, int kCodeBits>
+__device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[NR][4], const float (&a)[NR]) {
+  static_assert(NR % 2 == 0, "rows are taken in pairs");
+  constexpr int kQMax = std::min(32767, ((1 << 22) - 1) / (((1 << kCodeBits) - 1) * NR));
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NR; ++j) m = fmaxf(m, fabsf(a[j]));
+  if (m == 0.0f) return;
+  const float inv = (float)kQMax / m, unit = m / (float)kQMax;
+  int ia[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) ia[i] = 0x4B400000;
+#pragma unroll
+  for (int p = 0; p < NR; p += 2) {
+    const uint32_t q2 = gemv::pack_xq(a[p] * inv, a[p + 1] * inv);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t lo = __byte_perm(cw[p][w], cw[p + 1][w], 0x5140u);  // codes 4w, 4w + 1 of both rows
+      const uint32_t hi = __byte_perm(cw[p][w], cw[p + 1][w], 0x7362u);  // codes 4w + 2, 4w + 3
+      ia[4 * w] = gemv::dp2a_lo(q2, lo, ia[4 * w]);
+      ia[4 * w + 1] = gemv::dp2a_hi(q2, lo, ia[4 * w + 1]);
+      ia[4 * w + 2] = gemv::dp2a_lo(q2, hi, ia[4 * w + 2]);
+      ia[4 * w + 3] = gemv::dp2a_hi(q2, hi, ia[4 * w + 3]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc[i] = fmaf(unit, __fsub_rn(__int_as_float(ia[i]), 12582912.0f), acc[i]);
 }
 
 // CTA (s, g): units [32 s, 32 s + 32) of rows [g R, g R + R) (R = rows_per_group); its partial sums
@@ -74,22 +109,32 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
     float nd[NR];
     const bool more = row + kStep < r1;
     if (more) load_rows(row + kStep, nr, nd);
+    if (on) {
+      bool ok[NR];
 #pragma unroll
-    for (int j = 0; j < NR; ++j) {
-      const int rr = row + j * kWarps;
-      if (!on || rr >= r1) continue;
-      uint32_t* q = r[j];
-      const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
-      if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) gemv::legacy_words<T>(q, odd);
-      if constexpr (T == T_Q3_K || T == T_Q6_K) gemv::two_array_words<T == T_Q3_K ? 3 : 2>(q, odd);
-      uint32_t cw[4];
-      float sc, zz;
-      U::template codes<16>(q, e0, cw, sc, zz);
-      add_span(acc0, cw, d[j] * sc);
-      z0 = fmaf(d[j], zz, z0);
-      U::template codes<16>(q + (kLoads - 1) * kW, e1, cw, sc, zz);
-      add_span(acc1, cw, d[j] * sc);
-      z1 = fmaf(d[j], zz, z1);
+      for (int j = 0; j < NR; ++j) {
+        const int rr = row + j * kWarps;
+        ok[j] = rr < r1;
+        const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
+        if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) gemv::legacy_words<T>(r[j], odd);
+        if constexpr (T == T_Q3_K || T == T_Q6_K) gemv::two_array_words<T == T_Q3_K ? 3 : 2>(r[j], odd);
+      }
+      // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
+      auto add_spans = [&](int e, int off, float* acc, float& z) {
+        uint32_t cw[NR][4];
+        float a[NR];
+#pragma unroll
+        for (int j = 0; j < NR; ++j) {
+          float sc, zz;
+          U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
+          a[j] = ok[j] ? d[j] * sc : 0.0f;
+          z = ok[j] ? fmaf(d[j], zz, z) : z;
+        }
+        if constexpr (NR >= 2) add_span_rows<NR, U::kCodeBits>(acc, cw, a);
+        else add_span(acc, cw[0], a[0]);
+      };
+      add_spans(e0, 0, acc0, z0);
+      add_spans(e1, (kLoads - 1) * kW, acc1, z1);
     }
     if (more) {
 #pragma unroll
