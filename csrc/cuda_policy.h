@@ -3,8 +3,10 @@
 // adapter products (adapter_kernels.h). Plain C++ (no CUDA headers): the CUDA dispatch
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
-//   gemv       the M = 1 forward and input gradient on CUDA cores (cuda/gemv.cuh, gemv_grad.cuh)
-//              for the types that have one (has_gemv): bf16/fp16, operands 16-byte aligned
+//   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
+//              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), for
+//              the types where it beat the staged kernel (gemv_grad_default; any has_gemv type
+//              when forced): bf16/fp16, operands 16-byte aligned
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -63,6 +65,18 @@ constexpr bool has_gemv(int qtype) {
   }
 }
 
+// The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise: those it ran
+// faster than the staged kernel for on a 7B layer's shapes (H200, BENCHMARKS.md "The one-row input
+// gradient"). It was slower for Q4_K, Q2_K and Q3_K, even for Q4_0, and the other types were not
+// timed.
+constexpr bool gemv_grad_default(int qtype) {
+  switch (qtype) {
+    case T_Q4_1: case T_Q5_0: case T_Q8_0: case T_Q5_K: case T_Q6_K:
+    case int_type_id(2, 64): case int_type_id(4, 64): case int_type_id(8, 32): return true;
+    default: return false;
+  }
+}
+
 inline const char* path_name(Path p) {
   switch (p) {
     case Path::Staged: return "staged";
@@ -91,6 +105,7 @@ struct Call {
   bool out_aligned;  // output (y or dx) 16-byte aligned (the packed weight always is: AlignedWeight)
   bool cublas;       // a cuBLAS could be loaded
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
+  bool gemv_grad = false;  // and its input gradient takes it by default (gemv_grad_default)
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -106,6 +121,7 @@ inline Path choose(const Call& c) {
   const bool staged_ok = c.half && c.act_aligned && c.out_aligned && c.m >= 1 && c.m <= std::min(small, kStagedMaxM);
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
   const bool gemv_ok = c.gemv && c.m == 1 && staged_ok;  // the forward, or its transpose (gemv_grad.cuh)
+  const bool gemv_default = gemv_ok && (!grad || c.gemv_grad);
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
@@ -114,7 +130,7 @@ inline Path choose(const Call& c) {
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
-  if (gemv_ok) return Path::Gemv;
+  if (gemv_default) return Path::Gemv;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

@@ -323,7 +323,6 @@ def test_gemv_input_grad_against_float64_and_the_staged_kernel(name, dtype, gen,
     rng = torch.Generator().manual_seed(6)
     for n, nsb in [(37, 1), (301, 5), (4096, 16), (65, 112), (5000, 3)]:
         k = 256 * nsb
-        assert _C.cuda_path("input_grad", 1, DTYPES[dtype], True, n, k, get_format(name).type_id) == "gemv"
         raw = random_blocks(name, n, k, gen)
         w64 = dequant_cpu(raw, name, n, k).double()
         raw_gpu = raw.cuda()

@@ -130,8 +130,12 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
           a[j] = ok[j] ? d[j] * sc : 0.0f;
           z = ok[j] ? fmaf(d[j], zz, z) : z;
         }
-        if constexpr (NR >= 2) add_span_rows<NR, U::kCodeBits>(acc, cw, a);
-        else add_span(acc, cw[0], a[0]);
+        if constexpr (NR >= 4) {
+          add_span_rows<NR, U::kCodeBits>(acc, cw, a);
+        } else {  // two rows a step: the integer path's rounding and flush cost more than they save
+#pragma unroll
+          for (int j = 0; j < NR; ++j) add_span(acc, cw[j], a[j]);
+        }
       };
       add_spans(e0, 0, acc0, z0);
       add_spans(e1, (kLoads - 1) * kW, acc1, z1);
