@@ -299,9 +299,12 @@ __device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
 // K / 32): units at or past `units` are skipped.
 template <int T> constexpr int kRoundWords = (Units<T>::kSame ? 1 : 2) * Unpack<T>::template Words<16>::value;
 
-template <int T, int N, bool kCheck>
-__device__ __forceinline__ void round_load(const uint8_t* b, int u0, int units, const LaneUnits& l,
-                                           uint32_t (&r)[N][kRoundWords<T>]) {
+// kLoad, kDecode: which halves of the round run (round_load, round_decode, round_sum: both). One
+// function for both halves: with two, ptxas gave the persistent loop different registers (8 bytes
+// of spills for Q4_0 and INT6-g32); this way its PTX is what it was before the one-row kernel.
+template <int T, int N, bool kCheck, bool kLoad, bool kDecode>
+__device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units, const LaneUnits& l,
+                                            uint32_t (&r)[N][kRoundWords<T>], float acc) {
   using U = Unpack<T>;
   using Un = Units<T>;
   constexpr int kW = U::template Words<16>::value;
@@ -309,6 +312,7 @@ __device__ __forceinline__ void round_load(const uint8_t* b, int u0, int units, 
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   const int lane = threadIdx.x & 31;
   const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // the 2-byte-aligned types: a lane's blocks share it
+  if constexpr (kLoad) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
@@ -357,13 +361,8 @@ __device__ __forceinline__ void round_load(const uint8_t* b, int u0, int units, 
       if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
     }
   }
-}
-
-template <int T, int N, bool kCheck>
-__device__ __forceinline__ float round_decode(const uint8_t* b, int u0, int units, const LaneUnits& l,
-                                              uint32_t (&r)[N][kRoundWords<T>], float acc) {
-  const int lane = threadIdx.x & 31;
-  const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;
+  }
+  if constexpr (kDecode) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (kCheck && u0 + 32 * i + lane >= units) continue;
@@ -371,14 +370,24 @@ __device__ __forceinline__ float round_decode(const uint8_t* b, int u0, int unit
     if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r[i], odd);
     acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
   }
+  }
   return acc;
 }
 
 template <int T, int N, bool kCheck>
+__device__ __forceinline__ void round_load(const uint8_t* b, int u0, int units, const LaneUnits& l,
+                                           uint32_t (&r)[N][kRoundWords<T>]) {
+  round_impl<T, N, kCheck, true, false>(b, u0, units, l, r, 0.0f);
+}
+template <int T, int N, bool kCheck>
+__device__ __forceinline__ float round_decode(const uint8_t* b, int u0, int units, const LaneUnits& l,
+                                              uint32_t (&r)[N][kRoundWords<T>], float acc) {
+  return round_impl<T, N, kCheck, false, true>(b, u0, units, l, r, acc);
+}
+template <int T, int N, bool kCheck>
 __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, const LaneUnits& l, float acc) {
   uint32_t r[N][kRoundWords<T>];
-  round_load<T, N, kCheck>(b, u0, units, l, r);
-  return round_decode<T, N, kCheck>(b, u0, units, l, r, acc);
+  return round_impl<T, N, kCheck, true, true>(b, u0, units, l, r, acc);
 }
 
 // CTAs per multiprocessor that ptxas is held to (__launch_bounds__: 65536 / (256 CTAs) registers a
@@ -387,10 +396,10 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
 // unbound take 64 registers: 4; Q2_K spills 40 bytes at 4 and unbound takes 80 registers: 3).
-// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without. Since the early round (kOneRow)
-// a few spill a little where their bound stays: Q4_0's persistent kernel, Q4_1's and INT4-g32's
-// one-row kernels 8 bytes, Q4_K's one-row kernel 40 (BENCHMARKS.md, "The gemv's first round loaded
-// before its wait").
+// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without. Holding the early round (kOneRow)
+// a few one-row kernels spill a little where their bound stays: Q4_1, INT2-g32 and INT4-g32 8 bytes,
+// INT2-g64/g128 4, Q4_K and INT6-g32 40 (BENCHMARKS.md, "The gemv's first round loaded before its
+// wait"); the persistent kernels spill nothing.
 template <int T> constexpr int min_ctas() {
   if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
@@ -436,9 +445,9 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
   float4* aux = reinterpret_cast<float4*>(smem + 4 * padded_units(k));
   const int lane = threadIdx.x & 31;
   const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
-  const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
-  const int whole = units - units % (32 * kInFlight);  // units in whole rounds
   if constexpr (kOneRow) {
+    const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
+    const int whole = units - units % (32 * kInFlight);  // units in whole rounds
     const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
     const uint8_t* b = w + (int64_t)first * row_bytes + lane / Un::kPerBlock * U::kBytes;
     constexpr int E = kEarlyUnits<T>, R = kInFlight - E;  // the first round: E units early, R after
@@ -475,7 +484,10 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     pdl_wait();  // x's form is prepare_kernel's output
     for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
     __syncthreads();
+
+    const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
     const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
+    const int whole = units - units % (32 * kInFlight);  // units in whole rounds
     float acc = 0.0f;
     for (int row = first; row < n; row += stride) {
       const uint8_t* b = w + (int64_t)row * row_bytes + lane / Un::kPerBlock * U::kBytes;
