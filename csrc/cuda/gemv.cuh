@@ -314,62 +314,62 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
   const bool odd = (reinterpret_cast<uintptr_t>(b) & 2) != 0;  // the 2-byte-aligned types: a lane's blocks share it
   if constexpr (kLoad) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (kCheck && u0 + 32 * i + lane >= units) continue;
-    // every block starts kAlign-aligned (16-byte aligned tensor): the compiler may widen loads
-    const auto* bi = static_cast<const uint8_t*>(__builtin_assume_aligned(b + i * kStep, U::kAlign));
-    if constexpr (T == T_Q4_K) {  // Unpack<T_Q4_K>::load<16>(bi, e0) in two 16-byte loads
-      const uint4 head = *reinterpret_cast<const uint4*>(bi);
-      const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
-      r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
-      r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
-    } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
-      constexpr int NQ = U::kBytes / 4;
-      const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
+    for (int i = 0; i < N; ++i) {
+      if (kCheck && u0 + 32 * i + lane >= units) continue;
+      // every block starts kAlign-aligned (16-byte aligned tensor): the compiler may widen loads
+      const auto* bi = static_cast<const uint8_t*>(__builtin_assume_aligned(b + i * kStep, U::kAlign));
+      if constexpr (T == T_Q4_K) {  // Unpack<T_Q4_K>::load<16>(bi, e0) in two 16-byte loads
+        const uint4 head = *reinterpret_cast<const uint4*>(bi);
+        const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
+        r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
+        r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
+      } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
+        constexpr int NQ = U::kBytes / 4;
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
 #pragma unroll
-      for (int j = 0; j < NQ; ++j) r[i][j] = wa[j];
-      r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
-    } else if constexpr (T == T_Q3_K || T == T_Q6_K) {  // aligned words, put in place by two_array_words
-      // the unit's two code arrays at a and c, then d and the byte fields at offsets f0, f1, f2
-      const uint8_t *a, *c;
-      int f0, f1, f2 = 0;
-      if constexpr (T == T_Q3_K) {  // sub-blocks 2 sb, 2 sb + 1 of half h: qs[32 h ..], hmask[0 .. 32)
-        const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
-        a = bi + 32 + 32 * h;
-        c = bi;  // odd: from 2 bytes into the block before (a block at offset 0 is never odd)
-        f0 = 108, f1 = 96 + 2 * sb, f2 = 104 + (2 * sb & 2);
-      } else {  // the unit's 32 ql bytes and 32 qh bytes
-        const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
-        a = bi + 64 * h + 32 * (w & 1);
-        c = bi + 128 + 32 * h;
-        f0 = 208, f1 = 192 + 8 * h + 2 * w;
-      }
-      const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
-      const uint32_t* wc = reinterpret_cast<const uint32_t*>(c - (odd ? 2 : 0));
+        for (int j = 0; j < NQ; ++j) r[i][j] = wa[j];
+        r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
+      } else if constexpr (T == T_Q3_K || T == T_Q6_K) {  // aligned words, put in place by two_array_words
+        // the unit's two code arrays at a and c, then d and the byte fields at offsets f0, f1, f2
+        const uint8_t *a, *c;
+        int f0, f1, f2 = 0;
+        if constexpr (T == T_Q3_K) {  // sub-blocks 2 sb, 2 sb + 1 of half h: qs[32 h ..], hmask[0 .. 32)
+          const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
+          a = bi + 32 + 32 * h;
+          c = bi;  // odd: from 2 bytes into the block before (a block at offset 0 is never odd)
+          f0 = 108, f1 = 96 + 2 * sb, f2 = 104 + (2 * sb & 2);
+        } else {  // the unit's 32 ql bytes and 32 qh bytes
+          const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
+          a = bi + 64 * h + 32 * (w & 1);
+          c = bi + 128 + 32 * h;
+          f0 = 208, f1 = 192 + 8 * h + 2 * w;
+        }
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
+        const uint32_t* wc = reinterpret_cast<const uint32_t*>(c - (odd ? 2 : 0));
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        r[i][j] = wa[j];
-        r[i][9 + j] = wc[j];
+        for (int j = 0; j < 8; ++j) {
+          r[i][j] = wa[j];
+          r[i][9 + j] = wc[j];
+        }
+        r[i][8] = odd ? wa[8] : 0u;  // (inside the block: both arrays end at least 2 bytes before it)
+        r[i][17] = odd ? wc[8] : 0u;
+        r[i][18] = ld_u16(bi + f0);
+        r[i][19] = ld_u16(bi + f1);
+        if constexpr (T == T_Q3_K) r[i][20] = ld_u16(bi + f2);
+      } else {
+        U::template load<16>(bi, l.e0, r[i]);
+        if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
       }
-      r[i][8] = odd ? wa[8] : 0u;  // (inside the block: both arrays end at least 2 bytes before it)
-      r[i][17] = odd ? wc[8] : 0u;
-      r[i][18] = ld_u16(bi + f0);
-      r[i][19] = ld_u16(bi + f1);
-      if constexpr (T == T_Q3_K) r[i][20] = ld_u16(bi + f2);
-    } else {
-      U::template load<16>(bi, l.e0, r[i]);
-      if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
     }
-  }
   }
   if constexpr (kDecode) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (kCheck && u0 + 32 * i + lane >= units) continue;
-    if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
-    if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r[i], odd);
-    acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
-  }
+    for (int i = 0; i < N; ++i) {
+      if (kCheck && u0 + 32 * i + lane >= units) continue;
+      if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
+      if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r[i], odd);
+      acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
+    }
   }
   return acc;
 }

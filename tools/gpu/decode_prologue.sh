@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call for the glue inside the one-row product (GemvPrologue): build this tree and, in the
 # background, PREV_SRC (the commit before it, e.g. `git archive main csrc python CMakeLists.txt
-# pyproject.toml tools | tar -x -C prev`); the glue and joined-step tests, which assert bit equality
-# with the separate kernels; compute-sanitizer on them; then, on both builds, the decode benchmark
+# pyproject.toml tools | tar -x -C prev`); the whole CUDA test set and the joined-step tests (the
+# new ones assert bit equality with the separate kernels); compute-sanitizer on the fused-prologue
+# tests; then, on both builds, the decode benchmark
 # and the gemv timings of the types whose min_ctas changed (Q2_K, Q5_1).
 # Usage, from the repository root: OUT=dir PREV_SRC=prev bash tools/gpu/decode_prologue.sh
 set -uo pipefail
