@@ -425,6 +425,12 @@ template <int T> constexpr int min_ctas() {
 // early). Where a warp takes several rows the loop below is kept as it was: holding that round
 // across the wait costs the persistent loop registers (spills), and those shapes lost 1-9%.
 // (Prefetching the first rows into L2 before the wait instead made decoding slower: BENCHMARKS.md.)
+// Units of the one-row kernel's first round loaded before the wait: all of them, but half for Q4_K,
+// which spilled 40 bytes at its 64-register bound holding four (32 registers) across the wait; with
+// two, 16 (with one, 4). NOT TIMED: whether Q4_K's one-row kernel gains (with four it ran within 3%
+// of the kernel without an early round, where the one-scale types gained 3-22%).
+template <int T> constexpr int kEarlyUnits = T == T_Q4_K ? kInFlight / 2 : kInFlight;
+
 template <int T, class ACT, bool kOneRow>
 __global__ void __launch_bounds__(kThreads, min_ctas<T>())
 gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
@@ -444,10 +450,11 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     const int whole = units - units % (32 * kInFlight);  // units in whole rounds
     const LaneUnits l{e0, e0 + Un::kGap, xs + lane, aux + lane};
     const uint8_t* b = w + (int64_t)first * row_bytes + lane / Un::kPerBlock * U::kBytes;
-    uint32_t r0[kInFlight][kRoundWords<T>];
+    constexpr int E = kEarlyUnits<T>, R = kInFlight - E;  // the first round: E units early, R after
+    uint32_t r0[E][kRoundWords<T>];
     if (first < n) {
-      if (whole > 0) round_load<T, kInFlight, false>(b, 0, units, l, r0);
-      else round_load<T, kInFlight, true>(b, 0, units, l, r0);
+      if (whole > 0) round_load<T, E, false>(b, 0, units, l, r0);
+      else round_load<T, E, true>(b, 0, units, l, r0);
     }
     pdl_launch_dependents();
     pdl_wait();  // x's form is prepare_kernel's output
@@ -458,8 +465,13 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     cp_async_wait<0>();
     __syncthreads();
     if (first >= n) return;
-    float acc = whole > 0 ? round_decode<T, kInFlight, false>(b, 0, units, l, r0, 0.0f)
-                          : round_decode<T, kInFlight, true>(b, 0, units, l, r0, 0.0f);
+    float acc = whole > 0 ? round_decode<T, E, false>(b, 0, units, l, r0, 0.0f)
+                          : round_decode<T, E, true>(b, 0, units, l, r0, 0.0f);
+    if constexpr (R > 0) {
+      const uint8_t* br = b + E * kStep;
+      acc = whole > 0 ? round_sum<T, R, false>(br, 32 * E, units, l, acc)
+                      : round_sum<T, R, true>(br, 32 * E, units, l, acc);
+    }
     int u0 = 32 * kInFlight;
     for (b += kInFlight * kStep; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
       acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
