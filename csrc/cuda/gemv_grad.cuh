@@ -1,12 +1,13 @@
 // The M = 1 input gradient on CUDA cores, the one-row forward's transpose (gemv.cuh):
 // dx[k] = sum_n dy[n] deq(W)[n, k], bf16 or fp16, for every type with codes. cuda_policy::choose
-// sends one-row input gradients here ("gemv"); its twin is reference.cu's input gradient.
+// sends one-row input gradients here ("gemv") for the types it was timed faster for
+// (gemv_grad_default), any type when forced; its twin is reference.cu's input gradient.
 //
 // W is read as the forward reads it, a row's units side by side across a warp's lanes, but the sum
 // runs over rows: lane l of a CTA's slice s owns unit 32 s + l (its two 16-element spans) and keeps
 // their 32 partial sums in registers while its warp walks the rows of the CTA's row group, each
 // row's weights u s + z (Unpack<T>::codes) scaled by the row's dy:
-//   acc_i += (dy s) u_i in fp32 (add_span; or per step of rows in integer arithmetic, add_span_rows),
+//   acc_i += (dy s) u_i in fp32 (add_span; at four rows a step in integer arithmetic, add_span_rows),
 //   and per span z_sum += dy z (added once at the end).
 // The eight warps of a CTA then add their sums through shared memory in a fixed order, each CTA
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
