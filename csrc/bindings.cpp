@@ -94,7 +94,7 @@ PYBIND11_MODULE(_C, m) {
      py::arg("qtype") = -1,
      "The path cuda_policy::choose takes for a product ('forward', 'input_grad' or 'adapter') of M "
      "rows in dtype against an N x K weight (0: unknown) of type qtype (-1: unknown), operands "
-     "aligned or not, where cuBLAS is available: 'gemv', 'staged', 'direct', 'cublas' or 'fused'.");
+     "aligned or not, where cuBLAS is available: 'gemv', 'regs', 'staged', 'direct', 'cublas' or 'fused'.");
   m.def("cuda_has_gemv", &cuda_policy::has_gemv, py::arg("qtype"),
         "Whether the type has the M = 1 CUDA-core kernel (its values an affine map of small codes).");
   m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {

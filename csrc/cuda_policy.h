@@ -7,6 +7,8 @@
 //              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), for
 //              the types where it beat the staged kernel (gemv_grad_default; any has_gemv type
 //              when forced): bf16/fp16, operands 16-byte aligned
+//   regs       the M <= 16 forward with W decoded straight into tensor-core fragments
+//              (cuda/small_m_regs.cuh) for the types with codes: only when forced, until timed
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -21,7 +23,7 @@
 // depends on the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the rank-r
 // products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
 // Knobs, read on every call so that a benchmark or test can compare paths in one process:
-//   LOWTUNE_CUDA_PATH      gemv | staged | direct | cublas: force that path for the quantized products
+//   LOWTUNE_CUDA_PATH      gemv | regs | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
@@ -45,7 +47,7 @@
 namespace lowtune::cuda_policy {
 
 enum class Product : int { Forward, InputGrad, Adapter };
-enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv };
+enum class Path : int { Staged, Direct, Cublas, Fused, Reference, Gemv, Regs };
 
 constexpr int64_t kStagedMaxM = 16;
 constexpr int64_t kDirectMaxM = 32, kDirectMaxGradM = 16;
@@ -85,6 +87,7 @@ inline const char* path_name(Path p) {
     case Path::Fused: return "fused";
     case Path::Reference: return "reference";
     case Path::Gemv: return "gemv";
+    case Path::Regs: return "regs";
   }
   return "?";
 }
@@ -126,6 +129,7 @@ inline Path choose(const Call& c) {
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
     if (!std::strcmp(forced, "gemv") && gemv_ok) return Path::Gemv;
+    if (!std::strcmp(forced, "regs") && c.gemv && !grad && staged_ok) return Path::Regs;
     if (!std::strcmp(forced, "staged") && staged_ok) return Path::Staged;
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;

@@ -359,6 +359,35 @@ def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, m
         assert not torch.isfinite(y).any(), (name, bad, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", GEMV_TYPES)
+def test_regs_forward_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
+    """The M <= 16 forward with W decoded into tensor-core fragments (small_m_regs.cuh) against
+    float64 and the staged kernel: M of 1, 5 and 16 (fragment rows past M), rows past the last
+    16-row warp and 128-row CTA, K with a partial step of units (legacy types), several splits."""
+    rng = torch.Generator().manual_seed(7)
+    fmt = get_format(name)
+    shapes = [(37, 256), (301, 1280), (200, 256 * 40)] + ([(130, 160)] if fmt.block_elems == 32 else [])
+    for n, k in shapes:
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
+        raw_gpu = raw.cuda()
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, generator=rng)
+            big = float((x.double() @ w64.T).abs().max())
+            if dtype == torch.float16 and big > 1e4:
+                x = x * (1e4 / big)
+            x = x.to(dtype)
+            ref = x.double() @ w64.T
+            regs = run_path(_C.cuda_qmatmul_forward, name, x.cuda(), raw_gpu, dtype, m, n, k, (m, n), "regs",
+                            monkeypatch)
+            staged = run_path(_C.cuda_qmatmul_forward, name, x.cuda(), raw_gpu, dtype, m, n, k, (m, n), "staged",
+                              monkeypatch)
+            err = rel_err(regs, ref)
+            assert err < TOLERANCE[dtype], f"regs forward {name} {dtype} M={m} N={n} K={k}: {err:.2e}"
+            assert rel_err(regs, staged) < 2 * TOLERANCE[dtype], (err, rel_err(staged, ref))
+
+
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "Q8_0"])  # gemv_grad's integer path, its fp32 path
 def test_gemv_input_grad_gives_no_finite_output_from_a_nan_or_an_infinity_in_dy(name, gen, monkeypatch):
     """A non-finite dy reaches every dx (each span's dy z sum carries it, also where the integer

@@ -64,6 +64,13 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "gemv"  # any type with codes when forced
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     assert _C.cuda_path("input_grad", 2, BF16, True, n, k, q4k) == "staged"
+    # the M <= 16 forward with W in registers (small_m_regs.cuh): only when forced, forward only
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "regs")
+    assert [_C.cuda_path("forward", m, BF16, True, n, k, q4k) for m in (1, 5, 16, 17)] == ["regs"] * 3 + ["direct"]
+    assert _C.cuda_path("input_grad", 5, BF16, True, n, k, q4k) == "staged"
+    assert _C.cuda_path("forward", 5, BF16, True, n, k, 23) == "staged"  # IQ4_XS has no codes
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH")
+    assert _C.cuda_path("forward", 5, BF16, True, n, k, q4k) == "staged"
     assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
     assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \

@@ -255,7 +255,8 @@ def our_variants(m: int, kernel: str) -> dict[str, dict]:
     """Named environments to time our call under, for M rows."""
     if m <= 16:
         gemv = {"gemv": {"LOWTUNE_CUDA_PATH": "gemv"}} if m == 1 else {}
-        return {**gemv, "staged": {"LOWTUNE_CUDA_PATH": "staged"}, "direct": {"LOWTUNE_CUDA_PATH": "direct"}}
+        regs = {"regs": {"LOWTUNE_CUDA_PATH": "regs"}} if kernel == "forward" else {}
+        return {**gemv, **regs, "staged": {"LOWTUNE_CUDA_PATH": "staged"}, "direct": {"LOWTUNE_CUDA_PATH": "direct"}}
     if m <= 32 and kernel == "forward":
         return {"direct": {"LOWTUNE_CUDA_PATH": "direct"}, "cublas": {"LOWTUNE_CUDA_PATH": "cublas"}}
     return dict(LARGE_VARIANTS)
@@ -477,13 +478,14 @@ def summarize(paths: list[str], brief: bool = False) -> int:
         r = best.get((kernel, name, n, k, m, impl))
         return None if r is None else r
 
-    ours_impls = ("gemv", "staged", "direct", "cublas", "overlap", "serial", "chunk64", "whole")
+    ours_impls = ("gemv", "regs", "staged", "direct", "cublas", "overlap", "serial", "chunk64", "whole")
     fails = []
     rows = sorted({(r["type"], r["n"], r["k"], r["m"]) for r in ent if r["impl"] in ours_impls})
     small = [t for t in rows if t[3] <= 16]
     big = [t for t in rows if t[3] > 32]
     if small:
-        print("\nsmall M: µs (staged or, at M = 1 where the type has one, gemv / direct), its %BW; ×cuBLAS bf16 and "
+        print("\nsmall M: µs (the fastest of staged, regs and, at M = 1 where the type has one, gemv / direct), its "
+              "%BW; ×cuBLAS bf16 and "
               "×tinygemm = their time / ours; input grad / forward time")
         print("| type | N×K | M | fwd staged/gemv | fwd direct | %BW | ×cuBLAS | ×tinygemm | ig staged/gemv | ig direct | %BW "
               "| ig/fwd |")
@@ -491,8 +493,8 @@ def summarize(paths: list[str], brief: bool = False) -> int:
         others: dict = {}
         for name, n, k, m in small:
             f_s, f_d = get("forward", name, n, k, m, "staged"), get("forward", name, n, k, m, "direct")
-            f_g = get("forward", name, n, k, m, "gemv")
-            f_s = f_g if f_g and (not f_s or f_g["us"] < f_s["us"]) else f_s
+            for f_x in (get("forward", name, n, k, m, "gemv"), get("forward", name, n, k, m, "regs")):
+                f_s = f_x if f_x and (not f_s or f_x["us"] < f_s["us"]) else f_s
             if brief and name not in TYPES:
                 if m == 1:
                     i_s = get("input_grad", name, n, k, m, "staged")

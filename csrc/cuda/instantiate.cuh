@@ -5,6 +5,7 @@
 #include "gemv.cuh"
 #include "gemv_grad.cuh"
 #include "small_m.cuh"
+#include "small_m_regs.cuh"
 #include "staged_gemv.cuh"
 
 namespace lowtune::cuda {
@@ -32,7 +33,8 @@ LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
   template void launch_staged_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
                                          cudaStream_t);                                            \
   template void launch_staged_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
-                                            cudaStream_t);
+                                            cudaStream_t);                                         \
+  template void launch_regs_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, cudaStream_t);
 LT_INSTANTIATE_TYPES(LT_INSTANTIATE)
 #undef LT_INSTANTIATE
 #endif

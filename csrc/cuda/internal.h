@@ -123,6 +123,11 @@ bool gemv_fits(int64_t k);
 template <int T>
 void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n, int64_t k, int64_t row_bytes,
                  cudaStream_t stream, const GemvPrologue& pro = {});
+// The M <= 16 forward with W decoded straight into tensor-core fragments (small_m_regs.cuh), for
+// the types with codes; x, w and y 16-byte aligned.
+template <int T>
+void launch_regs_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k, int64_t row_bytes,
+                         cudaStream_t stream);
 // Its transpose, the M = 1 input gradient (gemv_grad.cuh); dy, w 16-byte aligned.
 template <int T>
 void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t n, int64_t k,

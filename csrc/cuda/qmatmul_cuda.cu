@@ -372,6 +372,9 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
     case cuda_policy::Path::Staged:
       dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
+    case cuda_policy::Path::Regs:
+      dispatch_qtype(qtype, [&]<int T>() { launch_regs_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
+      break;
     case cuda_policy::Path::Direct:
       dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
       break;
