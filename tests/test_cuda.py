@@ -386,6 +386,12 @@ def test_regs_forward_against_float64_and_the_staged_kernel(name, dtype, gen, mo
             err = rel_err(regs, ref)
             assert err < TOLERANCE[dtype], f"regs forward {name} {dtype} M={m} N={n} K={k}: {err:.2e}"
             assert rel_err(regs, staged) < 2 * TOLERANCE[dtype], (err, rel_err(staged, ref))
+            if n == 301:  # without the load pipeline: the same sums in the same order
+                monkeypatch.setenv("LOWTUNE_CUDA_REGS_PIPE", "0")
+                plain = run_path(_C.cuda_qmatmul_forward, name, x.cuda(), raw_gpu, dtype, m, n, k, (m, n), "regs",
+                                 monkeypatch)
+                monkeypatch.delenv("LOWTUNE_CUDA_REGS_PIPE")
+                assert torch.equal(plain, regs)
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "Q8_0"])  # gemv_grad's integer path, its fp32 path

@@ -11,7 +11,8 @@
 // fragment of lane (g, t) is X[g] and X[g + 8] at those four elements, staged once per CTA in that
 // order (xs: one uint4 {a0, a1, a2, a3} per lane, chunk and step; conflict-free 16-byte loads).
 // A CTA is 8 warps (128 rows) over one split of K; splits write fp32 partial sums that
-// launch_reduce adds in order (deterministic).
+// launch_reduce adds in order (deterministic). Where two steps' words fit the registers (kPipe),
+// the next step's loads are issued before this step's decoding.
 #pragma once
 #include "gemv.cuh"         // Units, LaneUnits, round_load, legacy_words, two_array_words
 #include "staged_gemv.cuh"  // decode_pairs
@@ -22,6 +23,8 @@ namespace regs {
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps, kRows = 16 * kWarps;
 constexpr int kMaxStepsPerSplit = 16;  // 16 steps of 4 units: 2048 elements of K, 64 KB of xs
+// whether the kernel with the next step's loads in flight compiles without spills (sm_90, nvcc 13)
+template <int T> constexpr bool kPipeDefault = gemv::kRoundWords<T> <= 12;
 
 // Lane (g, t)'s unit of rows g and 8 + g, decoded into B fragments b[h][c] = {b0, b1} of chunk 4h + c.
 template <int T, class ACT>
@@ -36,7 +39,7 @@ __device__ __forceinline__ void decode_unit(uint32_t* r, bool odd, int e0, int e
   staged::decode_pairs<T, ACT>(r + (kLoads - 1) * kW, e1, b[1]);
 }
 
-template <int T, class ACT>
+template <int T, class ACT, bool kPipe>
 __global__ void __launch_bounds__(kThreads) regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
                                                                 ACT* __restrict__ y, float* __restrict__ part, int m,
                                                                 int n, int k, int64_t row_bytes, int steps_per_split) {
@@ -64,32 +67,62 @@ __global__ void __launch_bounds__(kThreads) regs_forward_kernel(const ACT* __res
 
   const int row0 = blockIdx.x * kRows + warp * 16 + g;  // rows row0 and row0 + 8
   float d[2][4] = {};
-  for (int st = st0; st < st1; ++st) {
-    // lanes whose t is past the last unit load nothing but still take part in the warp-wide MMAs
-    // (with zero B fragments): the MMAs stay outside every lane-dependent branch
-    const int u = 4 * st + t;
-    const bool has = u < units;
-    const int uu = has ? u : 4 * st;
-    const int e0 = Un::e0(uu % Un::kPerBlock), e1 = e0 + Un::kGap;
-    const gemv::LaneUnits l{e0, e1, nullptr, nullptr};
+  // Step st of lane (g, t): unit 4 st + t, or (past the last unit) none. Such lanes load nothing but
+  // still take part in the warp-wide MMAs with zero B fragments: the MMAs stay outside every
+  // lane-dependent branch.
+  struct Step {
+    bool has;
+    int e0, e1;
     const uint8_t* blk[2];
-    uint32_t r[2][RW];
+  };
+  auto step_at = [&](int st) {
+    const int u = 4 * st + t;
+    Step p;
+    p.has = u < units;
+    const int uu = p.has ? u : 4 * st;
+    p.e0 = Un::e0(uu % Un::kPerBlock);
+    p.e1 = p.e0 + Un::kGap;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      blk[j] = w + (int64_t)(row0 + 8 * j) * row_bytes + (int64_t)(uu / Un::kPerBlock) * U::kBytes;
-      if (has && row0 + 8 * j < n)
-        gemv::round_load<T, 1, false>(blk[j], 0, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
+    for (int j = 0; j < 2; ++j)
+      p.blk[j] = w + (int64_t)(row0 + 8 * j) * row_bytes + (int64_t)(uu / Un::kPerBlock) * U::kBytes;
+    return p;
+  };
+  auto load_step = [&](const Step& p, uint32_t (&r)[2][RW]) {
+    const gemv::LaneUnits l{p.e0, p.e1, nullptr, nullptr};
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (p.has && row0 + 8 * j < n)
+        gemv::round_load<T, 1, false>(p.blk[j], 0, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
+  };
+  uint32_t r[2][RW];
+  if constexpr (kPipe) {
+    if (st0 < st1) load_step(step_at(st0), r);
+  }
+  for (int st = st0; st < st1; ++st) {
+    const Step p = step_at(st);
+    uint32_t nr[2][RW];
+    if constexpr (kPipe) {  // the next step's loads in flight while this step decodes
+      if (st + 1 < st1) load_step(step_at(st + 1), nr);
+    } else {
+      load_step(p, r);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       uint32_t b[2][8] = {};
-      if (has && row0 + 8 * j < n) decode_unit<T, ACT>(r[j], (reinterpret_cast<uintptr_t>(blk[j]) & 2) != 0, e0, e1, b);
+      if (p.has && row0 + 8 * j < n)
+        decode_unit<T, ACT>(r[j], (reinterpret_cast<uintptr_t>(p.blk[j]) & 2) != 0, p.e0, p.e1, b);
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const uint4 a = xs[((st - st0) * 8 + q) * 32 + lane];
         const uint32_t af[4] = {a.x, a.y, a.z, a.w};
         mma16816<ACT>(d[j], af, b[q >> 2][2 * (q & 3)], b[q >> 2][2 * (q & 3) + 1]);
       }
+    }
+    if constexpr (kPipe) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < RW; ++i) r[j][i] = nr[j][i];
     }
   }
   // d[j] = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]} of n-tile j: rows m, columns of W's
@@ -117,9 +150,9 @@ void launch_regs_forward(const void* x, int dtype, const uint8_t* w, void* y, in
   } else {
     using namespace regs;
     if (m < 1 || m > 16) throw std::invalid_argument("the regs forward takes 1 <= M <= 16");
-    auto launch = [&](auto tag) {
+    auto launch = [&](auto tag, auto pipe) {
       using ACT = decltype(tag);
-      constexpr auto kernel = regs_forward_kernel<T, ACT>;
+      constexpr auto kernel = regs_forward_kernel<T, ACT, decltype(pipe)::value>;
       const int steps = (k / 32 + 3) / 4, tiles = (n + kRows - 1) / kRows;
       const size_t smem_max = (size_t)kMaxStepsPerSplit * 8 * 32 * sizeof(uint4);
       const int fit = std::max(kernel_ctas<kernel>(smem_max, kThreads), 1);
@@ -133,8 +166,17 @@ void launch_regs_forward(const void* x, int dtype, const uint8_t* w, void* y, in
       LT_CUDA_CHECK_LAUNCH();
       if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * n, y, stream);
     };
-    if (dtype == D_BF16) launch(__nv_bfloat16{});
-    else if (dtype == D_F16) launch(__half{});
+    // the next step's loads overlapped with this step's decoding (kPipe) where the two sets of words
+    // fit without spilling; LOWTUNE_CUDA_REGS_PIPE=0 or 1 overrides it, to time both
+    const int64_t pipe = cuda_policy::env_int("LOWTUNE_CUDA_REGS_PIPE", kPipeDefault<T>);
+    auto with_pipe = [&](auto tag) {
+      if constexpr (kPipeDefault<T>) {
+        if (pipe) return launch(tag, std::true_type{});
+      }
+      launch(tag, std::false_type{});
+    };
+    if (dtype == D_BF16) with_pipe(__nv_bfloat16{});
+    else if (dtype == D_F16) with_pipe(__half{});
     else throw std::invalid_argument("the regs forward takes bfloat16 or float16 activations");
   }
 }
