@@ -40,9 +40,9 @@ __device__ __forceinline__ void decode_unit(uint32_t* r, bool odd, int e0, int e
 }
 
 template <int T, class ACT, bool kPipe>
-__global__ void __launch_bounds__(kThreads) regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w,
-                                                                ACT* __restrict__ y, float* __restrict__ part, int m,
-                                                                int n, int k, int64_t row_bytes, int steps_per_split) {
+__global__ void __launch_bounds__(kThreads)
+regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w, ACT* __restrict__ y,
+                    float* __restrict__ part, int m, int n, int k, int64_t row_bytes, int steps_per_split) {
   using U = Unpack<T>;
   using Un = gemv::Units<T>;
   constexpr int RW = gemv::kRoundWords<T>;
