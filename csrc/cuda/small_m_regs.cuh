@@ -14,7 +14,7 @@
 // launch_reduce adds in order (deterministic). Where two steps' words fit the registers (kPipe),
 // the next step's loads are issued before this step's decoding.
 #pragma once
-#include "gemv.cuh"         // Units, LaneUnits, round_load, legacy_words, two_array_words
+#include "gemv.cuh"         // Units, LaneUnits, round_load, place_words
 #include "staged_gemv.cuh"  // decode_pairs
 #include "mma.cuh"
 
@@ -33,8 +33,7 @@ __device__ __forceinline__ void decode_unit(uint32_t* r, bool odd, int e0, int e
   using Un = gemv::Units<T>;
   constexpr int kW = U::template Words<16>::value;
   constexpr int kLoads = Un::kSame ? 1 : 2;
-  if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) gemv::legacy_words<T>(r, odd);
-  if constexpr (T == T_Q3_K || T == T_Q6_K) gemv::two_array_words<T == T_Q3_K ? 3 : 2>(r, odd);
+  gemv::place_words<T>(r, odd);
   staged::decode_pairs<T, ACT>(r, e0, b[0]);
   staged::decode_pairs<T, ACT>(r + (kLoads - 1) * kW, e1, b[1]);
 }
