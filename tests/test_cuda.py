@@ -359,6 +359,23 @@ def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, m
         assert not torch.isfinite(y).any(), (name, bad, y)
 
 
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "Q8_0"])  # gemv_grad's integer path, its fp32 path
+def test_gemv_input_grad_gives_no_finite_output_from_a_nan_or_an_infinity_in_dy(name, gen, monkeypatch):
+    """A non-finite dy reaches every dx (each span's dy z sum carries it, also where the integer
+    path's rounding on the step's largest |dy s| would drop it)."""
+    n, k = 40, 512
+    raw_gpu = random_blocks(name, n, k, gen).cuda()
+    for bad in (float("nan"), float("inf")):
+        dy = torch.randn(1, n, dtype=torch.bfloat16, device="cuda")
+        dy[0, 17] = bad
+        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
+        dx = nan_like((1, k), torch.bfloat16).zero_()
+        _C.cuda_qmatmul_input_grad(get_format(name).type_id, dy.data_ptr(), DTYPES[torch.bfloat16],
+                                   raw_gpu.data_ptr(), dx.data_ptr(), 1, n, k, stream())
+        torch.cuda.synchronize()
+        assert not torch.isfinite(dx).any(), (name, bad, dx)
+
+
 def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):
     """qmatmul and its input gradient captured into one CUDA graph (staged at M = 1 and 16, the
     chunked cuBLAS path with the side stream at M = 100) and replayed on fresh inputs."""

@@ -427,8 +427,8 @@ template <int T> constexpr int min_ctas() {
 // (Prefetching the first rows into L2 before the wait instead made decoding slower: BENCHMARKS.md.)
 // Units of the one-row kernel's first round loaded before the wait: all of them, but half for Q4_K,
 // which spilled 40 bytes at its 64-register bound holding four (32 registers) across the wait; with
-// two, 16 (with one, 4). NOT TIMED: whether Q4_K's one-row kernel gains (with four it ran within 3%
-// of the kernel without an early round, where the one-scale types gained 3-22%).
+// two, 16 (with one, 4). Two took 5-8% off Q4_K's one-row shapes (BENCHMARKS.md, "Q4_K's one-row
+// gemv with half its first round loaded early"); with four it ran within 3% of no early round.
 template <int T> constexpr int kEarlyUnits = T == T_Q4_K ? kInFlight / 2 : kInFlight;
 
 template <int T, class ACT, bool kOneRow>
