@@ -264,8 +264,8 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
 cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype, int64_t m, int64_t n, int64_t k,
                               const void* act, const void* out) {
   const bool gemv = cuda_policy::has_gemv(qtype) && gemv_fits(k);
-  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(), gemv,
-                              cuda_policy::gemv_grad_default(qtype)});
+  return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(),
+                              gemv, cuda_policy::gemv_grad_default(qtype)});
 }
 
 // Attribute A of the current device, read once per device (none of those asked is ever 0).
