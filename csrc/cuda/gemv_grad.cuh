@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         add_spans(e1, (kLoads - 1) * kW, acc1, z1);
       } else {
         // one or two rows a step in fp32, each row's spans added as soon as they are decoded (decoding
-        // every row first ran Q5_0 and Q8_0 9-10% slower: BENCHMARKS.md "The one-row input gradient")
+        // every row first ran Q5_0 and Q8_0 6-10% slower: BENCHMARKS.md "The one-row input gradient")
 #pragma unroll
         for (int j = 0; j < NR; ++j) {
           if (!ok[j]) continue;
