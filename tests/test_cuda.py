@@ -344,36 +344,25 @@ def test_gemv_input_grad_against_float64_and_the_staged_kernel(name, dtype, gen,
         assert torch.equal(gemv, again), "the row groups' sums are added in a fixed order"
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])
-def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_x(name, gen, monkeypatch):
+# the forward (Q4_K, Q8_0) and gemv_grad's integer path (Q4_1) and fp32 path (Q6_K, Q8_0)
+@pytest.mark.parametrize("product, name", [("forward", "Q4_K"), ("forward", "Q8_0"), ("input_grad", "Q4_1"),
+                                           ("input_grad", "Q6_K"), ("input_grad", "Q8_0")])
+def test_gemv_gives_no_finite_output_from_a_nan_or_an_infinity_in_its_input(product, name, gen, monkeypatch):
+    """A non-finite x (dy) reaches every y (dx). In the input gradient each span's dy z sum carries
+    it, also where the integer path's rounding on the step's largest |dy s| would drop it."""
     n, k = 40, 512
+    fn, width, out, at = ((_C.cuda_qmatmul_forward, k, n, 300) if product == "forward"
+                          else (_C.cuda_qmatmul_input_grad, n, k, 17))
     raw_gpu = random_blocks(name, n, k, gen).cuda()
     for bad in (float("nan"), float("inf")):
-        a = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        a[0, 300] = bad
+        a = torch.randn(1, width, dtype=torch.bfloat16, device="cuda")
+        a[0, at] = bad
         monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-        y = nan_like((1, n), torch.bfloat16).zero_()
-        _C.cuda_qmatmul_forward(get_format(name).type_id, a.data_ptr(), DTYPES[torch.bfloat16], raw_gpu.data_ptr(),
-                                y.data_ptr(), 1, n, k, stream())
+        y = nan_like((1, out), torch.bfloat16).zero_()
+        fn(get_format(name).type_id, a.data_ptr(), DTYPES[torch.bfloat16], raw_gpu.data_ptr(), y.data_ptr(), 1, n, k,
+           stream())
         torch.cuda.synchronize()
-        assert not torch.isfinite(y).any(), (name, bad, y)
-
-
-@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "Q8_0"])  # gemv_grad's integer path, its fp32 path
-def test_gemv_input_grad_gives_no_finite_output_from_a_nan_or_an_infinity_in_dy(name, gen, monkeypatch):
-    """A non-finite dy reaches every dx (each span's dy z sum carries it, also where the integer
-    path's rounding on the step's largest |dy s| would drop it)."""
-    n, k = 40, 512
-    raw_gpu = random_blocks(name, n, k, gen).cuda()
-    for bad in (float("nan"), float("inf")):
-        dy = torch.randn(1, n, dtype=torch.bfloat16, device="cuda")
-        dy[0, 17] = bad
-        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-        dx = nan_like((1, k), torch.bfloat16).zero_()
-        _C.cuda_qmatmul_input_grad(get_format(name).type_id, dy.data_ptr(), DTYPES[torch.bfloat16],
-                                   raw_gpu.data_ptr(), dx.data_ptr(), 1, n, k, stream())
-        torch.cuda.synchronize()
-        assert not torch.isfinite(dx).any(), (name, bad, dx)
+        assert not torch.isfinite(y).any(), (product, name, bad, y)
 
 
 def test_staged_and_chunked_paths_in_a_cuda_graph(gen, monkeypatch):

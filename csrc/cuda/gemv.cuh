@@ -293,6 +293,14 @@ __device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
   for (int j = 0; j < 2 * S; ++j) r[j] = out[j];
 }
 
+// A unit's words as round_load left them, put where Unpack<T> reads them: the 2-byte-aligned types
+// that round_load reads as aligned words (odd: the block starts 2 bytes into a word).
+template <int T>
+__device__ __forceinline__ void place_words(uint32_t* r, bool odd) {
+  if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r, odd);
+  if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r, odd);
+}
+
 // A round: units u0 + 32 i + lane (i < N) of a row, the lane's first of them in the block at b, the
 // rest kStep bytes apart. round_load issues all of its loads into r, round_decode then adds their
 // sums to acc (round_sum: both). kCheck (a row's last round where 32 kInFlight does not divide
@@ -366,8 +374,7 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (kCheck && u0 + 32 * i + lane >= units) continue;
-      if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r[i], odd);
-      if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r[i], odd);
+      place_words<T>(r[i], odd);
       acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
     }
   }

@@ -13,7 +13,7 @@
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
 // does not depend on timing.
 #pragma once
-#include "gemv.cuh"  // Units, LaneUnits, round_load, legacy_words, two_array_words
+#include "gemv.cuh"  // Units, LaneUnits, round_load, place_words
 
 namespace lowtune::cuda {
 namespace gemv_grad {
@@ -117,8 +117,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         const int rr = row + j * kWarps;
         ok[j] = rr < r1;
         const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
-        if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) gemv::legacy_words<T>(r[j], odd);
-        if constexpr (T == T_Q3_K || T == T_Q6_K) gemv::two_array_words<T == T_Q3_K ? 3 : 2>(r[j], odd);
+        gemv::place_words<T>(r[j], odd);
       }
       if constexpr (NR >= 4) {
         // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
