@@ -119,26 +119,38 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
         gemv::place_words<T>(r[j], odd);
       }
-      // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
-      auto add_spans = [&](int e, int off, float* acc, float& z) {
-        uint32_t cw[NR][4];
-        float a[NR];
+      if constexpr (NR >= 4) {
+        // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
+        auto add_spans = [&](int e, int off, float* acc, float& z) {
+          uint32_t cw[NR][4];
+          float a[NR];
+#pragma unroll
+          for (int j = 0; j < NR; ++j) {
+            float sc, zz;
+            U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
+            a[j] = ok[j] ? d[j] * sc : 0.0f;
+            z = ok[j] ? fmaf(d[j], zz, z) : z;
+          }
+          add_span_rows<NR, U::kCodeBits>(acc, cw, a);
+        };
+        add_spans(e0, 0, acc0, z0);
+        add_spans(e1, (kLoads - 1) * kW, acc1, z1);
+      } else {
+        // one or two rows a step in fp32, each row's spans added as soon as they are decoded (decoding
+        // every row first ran Q5_0 and Q8_0 6-10% slower: BENCHMARKS.md "The one-row input gradient")
 #pragma unroll
         for (int j = 0; j < NR; ++j) {
+          if (!ok[j]) continue;
+          uint32_t cw[4];
           float sc, zz;
-          U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
-          a[j] = ok[j] ? d[j] * sc : 0.0f;
-          z = ok[j] ? fmaf(d[j], zz, z) : z;
+          U::template codes<16>(r[j], e0, cw, sc, zz);
+          add_span(acc0, cw, d[j] * sc);
+          z0 = fmaf(d[j], zz, z0);
+          U::template codes<16>(r[j] + (kLoads - 1) * kW, e1, cw, sc, zz);
+          add_span(acc1, cw, d[j] * sc);
+          z1 = fmaf(d[j], zz, z1);
         }
-        if constexpr (NR >= 4) {
-          add_span_rows<NR, U::kCodeBits>(acc, cw, a);
-        } else {  // two rows a step: the integer path's rounding and flush cost more than they save
-#pragma unroll
-          for (int j = 0; j < NR; ++j) add_span(acc, cw[j], a[j]);
-        }
-      };
-      add_spans(e0, 0, acc0, z0);
-      add_spans(e1, (kLoads - 1) * kW, acc1, z1);
+      }
     }
     if (more) {
 #pragma unroll
