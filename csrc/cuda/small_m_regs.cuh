@@ -105,6 +105,10 @@ regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w, AC
     } else {
       load_step(p, r);
     }
+    // the step's A fragments, read from shared memory once for both n-tiles
+    uint4 a[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) a[q] = xs[((st - st0) * 8 + q) * 32 + lane];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       uint32_t b[2][8] = {};
@@ -112,8 +116,7 @@ regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w, AC
         decode_unit<T, ACT>(r[j], (reinterpret_cast<uintptr_t>(p.blk[j]) & 2) != 0, p.e0, p.e1, b);
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        const uint4 a = xs[((st - st0) * 8 + q) * 32 + lane];
-        const uint32_t af[4] = {a.x, a.y, a.z, a.w};
+        const uint32_t af[4] = {a[q].x, a[q].y, a[q].z, a[q].w};
         mma16816<ACT>(d[j], af, b[q >> 2][2 * (q & 3)], b[q >> 2][2 * (q & 3) + 1]);
       }
     }
