@@ -8,7 +8,8 @@
 //              the types where it beat the staged kernel (gemv_grad_default; any has_gemv type
 //              when forced): bf16/fp16, operands 16-byte aligned
 //   regs       the M <= 16 forward with W decoded straight into tensor-core fragments
-//              (cuda/small_m_regs.cuh) for the types with codes: only when forced, until timed
+//              (cuda/small_m_regs.cuh) for the types with codes: by default where it was timed
+//              faster than staged (regs_default), any has_gemv type when forced
 //   staged     the staged small-M kernels (cuda/staged_gemv.cuh): M <= 16, bf16/fp16, operands
 //              16-byte aligned
 //   direct     the first small-M kernels (cuda/small_m.cuh): forward M <= 32 (X aligned), input
@@ -79,6 +80,12 @@ constexpr bool gemv_grad_default(int qtype) {
   }
 }
 
+// The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
+// staged kernel at every 7B shape (H200, BENCHMARKS.md "The M <= 16 forward from registers"): Q6_K
+// from M = 8 (1.13-2.13x at M = 8 and 16; at M = 2 and 4 it lost at 14336x4096). For the other
+// types it was slower (its W loads are small and scattered: L1-bound) or even.
+constexpr bool regs_default(int qtype, int64_t m) { return qtype == T_Q6_K && m >= 8; }
+
 inline const char* path_name(Path p) {
   switch (p) {
     case Path::Staged: return "staged";
@@ -109,6 +116,7 @@ struct Call {
   bool cublas;       // a cuBLAS could be loaded
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
   bool gemv_grad = false;  // and its input gradient takes it by default (gemv_grad_default)
+  bool regs = false;       // the forward takes the regs kernel by default at this M (regs_default)
 };
 
 inline int64_t env_int(const char* name, int64_t fallback) {
@@ -125,16 +133,18 @@ inline Path choose(const Call& c) {
   const bool direct_ok = c.half && c.m <= std::min(small, grad ? kDirectMaxGradM : kDirectMaxM) && (grad || c.act_aligned);
   const bool gemv_ok = c.gemv && c.m == 1 && staged_ok;  // the forward, or its transpose (gemv_grad.cuh)
   const bool gemv_default = gemv_ok && (!grad || c.gemv_grad);
+  const bool regs_ok = !grad && staged_ok;  // the kernel takes what the staged forward takes
   const Path big = c.cublas ? Path::Cublas : Path::Reference;
   const char* forced = std::getenv("LOWTUNE_CUDA_PATH");
   if (forced && *forced) {
     if (!std::strcmp(forced, "gemv") && gemv_ok) return Path::Gemv;
-    if (!std::strcmp(forced, "regs") && c.gemv && !grad && staged_ok) return Path::Regs;
+    if (!std::strcmp(forced, "regs") && c.gemv && regs_ok) return Path::Regs;
     if (!std::strcmp(forced, "staged") && staged_ok) return Path::Staged;
     if (!std::strcmp(forced, "direct") && direct_ok) return Path::Direct;
     if (!std::strcmp(forced, "cublas")) return big;
   }
   if (gemv_default) return Path::Gemv;
+  if (c.regs && regs_ok) return Path::Regs;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

@@ -64,7 +64,13 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "gemv"  # any type with codes when forced
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     assert _C.cuda_path("input_grad", 2, BF16, True, n, k, q4k) == "staged"
-    # the M <= 16 forward with W in registers (small_m_regs.cuh): only when forced, forward only
+    # the M <= 16 forward with W in registers (small_m_regs.cuh): by default for Q6_K from M = 8, any type
+    # with codes when forced, forward only
+    assert [_C.cuda_path("forward", m, BF16, True, 4096, 14336, 14) for m in (1, 4, 7, 8, 16, 17)] == \
+        ["gemv", "staged", "staged", "regs", "regs", "direct"]
+    assert _C.cuda_path("forward", 8, BF16, True, n, k, q4k) == "staged"
+    assert _C.cuda_path("input_grad", 8, BF16, True, n, k, 14) == "staged"
+    assert _C.cuda_path("forward", 8, F32, True, n, k, 14) == "cublas"  # fp32 activations: no small-M kernel
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "regs")
     assert [_C.cuda_path("forward", m, BF16, True, n, k, q4k) for m in (1, 5, 16, 17)] == ["regs"] * 3 + ["direct"]
     assert _C.cuda_path("input_grad", 5, BF16, True, n, k, q4k) == "staged"

@@ -1,7 +1,9 @@
 // The M <= 16 forward with W decoded straight into tensor-core fragments: no shared-memory stage
 // for W (the staged kernels' copy is ~1.2 of their ~5.7 instructions per weight, tools/gpu/
-// kernels_notes.md). Its twin is reference.cu's forward; forced by LOWTUNE_CUDA_PATH=regs, never
-// taken by default until it is timed (tools/bench_kernels.py times it as "regs").
+// kernels_notes.md). Its twin is reference.cu's forward. The default only for Q6_K from M = 8
+// (cuda_policy::regs_default), forced by LOWTUNE_CUDA_PATH=regs; tools/bench_kernels.py times it as
+// "regs". For the other types it is slower than staged: Nsight Compute shows the L1 bound by its
+// small, scattered W loads (memory pipe 57%, DRAM 18%), which the staged kernel's 16-byte copies avoid.
 //
 // A warp owns 16 rows of W, two m16n8k16 n-tiles of 8: lane (g, t) = (lane / 4, lane % 4) loads and
 // decodes unit 4 st + t of rows g and 8 + g (a unit: 32 elements, two 16-element spans, as the
