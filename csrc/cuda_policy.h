@@ -27,6 +27,8 @@
 //   LOWTUNE_CUDA_PATH      gemv | regs | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
+//   LOWTUNE_CUDA_STAGED_TWO_TILES  smallest M whose staged forward takes the 128-row, two-B-tile
+//                          layout (default 9; 1..9; below it the 16-row, one-tile layout)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
@@ -122,6 +124,9 @@ struct Call {
 inline int64_t env_int(const char* name, int64_t fallback) {
   const char* s = std::getenv(name);
   return (s && *s) ? std::atoll(s) : fallback;
+}
+inline int64_t staged_two_tiles_from() {
+  return std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_TWO_TILES", 9), 1, kStagedMaxM / 2 + 1);
 }
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }
 

@@ -258,6 +258,18 @@ def test_staged_split_heuristic_knob(gen, monkeypatch):
         check_matmul("Q4_0", torch.bfloat16, gen, "input_grad", shapes=[(1, 300, 96), (16, 1000, 24)])
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q8_0", "IQ4_XS", "INT3-g128"])
+def test_staged_two_tile_layout_below_m9_knob(name, gen, monkeypatch):
+    """The staged forward's 128-row, two-B-tile layout taken below M = 9 (LOWTUNE_CUDA_STAGED_TWO_TILES),
+    its second tile's rows all past M: the same products as the 16-row layout, against float64."""
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
+    shapes = [(1, 300, 96), (5, 4096, 24), (8, 130, 9), (7, 1024, 128)]
+    for v in ("1", "5", "9"):
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_TWO_TILES", v)
+        check_matmul(name, torch.bfloat16, gen, "forward", shapes=shapes)
+    check_matmul(name, torch.float16, gen, "forward", shapes=shapes[:2])
+
+
 def test_staged_cluster_split_knob(gen, monkeypatch):
     """M <= 8 tiles split over a cluster of 1, 2 or 4 CTAs (sm_90; elsewhere the knob is ignored)
     give the same products: reductions of 1..9 stages, so some ranks of a cluster get none."""

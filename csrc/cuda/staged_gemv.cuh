@@ -698,11 +698,12 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
 
 }  // namespace staged
 
-// f(ACT{}, std::integral_constant<int, NT>{}) for the activation dtype and the B tiles M needs.
-template <class F> void staged_dispatch(int dtype, int m, F&& f) {
+// f(ACT{}, std::integral_constant<int, NT>{}) for the activation dtype and the B tiles: one below
+// M = two_from (at most 9: one tile holds 8 rows), two from it.
+template <class F> void staged_dispatch(int dtype, int m, int two_from, F&& f) {
   if (m < 1 || m > kStagedMaxM) throw std::invalid_argument("the staged kernels take 1 <= M <= 16");
   auto tiles = [&](auto act) {
-    if (m <= 8) f(act, std::integral_constant<int, 1>{});
+    if (m < std::min(two_from, 9)) f(act, std::integral_constant<int, 1>{});
     else f(act, std::integral_constant<int, 2>{});
   };
   if (dtype == D_BF16) tiles(__nv_bfloat16{});
@@ -713,7 +714,7 @@ template <class F> void staged_dispatch(int dtype, int m, F&& f) {
 template <int T>
 void launch_staged_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
                            int64_t row_bytes, cudaStream_t stream) {
-  staged_dispatch(dtype, m, [&](auto act, auto nt) {
+  staged_dispatch(dtype, m, (int)cuda_policy::staged_two_tiles_from(), [&](auto act, auto nt) {
     staged::forward_typed<T, decltype(act), decltype(nt)::value>(x, w, y, m, n, k, row_bytes, stream);
   });
 }
@@ -721,7 +722,7 @@ void launch_staged_forward(const void* x, int dtype, const uint8_t* w, void* y, 
 template <int T>
 void launch_staged_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int m, int n, int k,
                               int64_t row_bytes, cudaStream_t stream) {
-  staged_dispatch(dtype, m, [&](auto act, auto nt) {
+  staged_dispatch(dtype, m, 9, [&](auto act, auto nt) {
     staged::input_grad_typed<T, decltype(act), decltype(nt)::value>(dy, w, dx, m, n, k, row_bytes, stream);
   });
 }
