@@ -28,7 +28,7 @@
 //                          wherever its conditions hold (otherwise the default applies)
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
 //   LOWTUNE_CUDA_STAGED_TWO_TILES  smallest M whose staged forward takes the 128-row, two-B-tile
-//                          layout (default 9; 1..9; below it the 16-row, one-tile layout)
+//                          layout, for every type (1..9; default per type: staged_two_tiles_default)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
@@ -125,8 +125,21 @@ inline int64_t env_int(const char* name, int64_t fallback) {
   const char* s = std::getenv(name);
   return (s && *s) ? std::atoll(s) : fallback;
 }
-inline int64_t staged_two_tiles_from() {
-  return std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_TWO_TILES", 9), 1, kStagedMaxM / 2 + 1);
+// The smallest M whose staged forward takes the 128-row, two-B-tile layout instead of the 16-row,
+// one-tile one (cuda/staged_gemv.cuh): per type, as timed at M = 5..8 over a 7B layer's seven
+// products (H200, BENCHMARKS.md "The staged forward's layout at M = 5..8"). From 5 for Q3_K and Q5_K
+// (6-18% less time), from 6 for Q4_0, Q4_K, Q8_0 and INT4-g64 (0-14% less); 9 (never below it) for
+// Q2_K and IQ4_XS, which were 6-30% slower, and for every type not timed.
+constexpr int64_t staged_two_tiles_default(int qtype) {
+  switch (qtype) {
+    case T_Q3_K: case T_Q5_K: return 5;
+    case T_Q4_0: case T_Q4_K: case T_Q8_0: case int_type_id(4, 64): return 6;
+    default: return 9;
+  }
+}
+inline int64_t staged_two_tiles_from(int qtype) {
+  return std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_TWO_TILES", staged_two_tiles_default(qtype)), 1,
+                             kStagedMaxM / 2 + 1);
 }
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }
 

@@ -714,7 +714,7 @@ template <class F> void staged_dispatch(int dtype, int m, int two_from, F&& f) {
 template <int T>
 void launch_staged_forward(const void* x, int dtype, const uint8_t* w, void* y, int m, int n, int k,
                            int64_t row_bytes, cudaStream_t stream) {
-  staged_dispatch(dtype, m, (int)cuda_policy::staged_two_tiles_from(), [&](auto act, auto nt) {
+  staged_dispatch(dtype, m, (int)cuda_policy::staged_two_tiles_from(T), [&](auto act, auto nt) {
     staged::forward_typed<T, decltype(act), decltype(nt)::value>(x, w, y, m, n, k, row_bytes, stream);
   });
 }
