@@ -19,10 +19,11 @@
 //   fused      the adapter kernels (cuda/adapter_cuda.cu)
 //   reference  the slow reference kernels, when no cuBLAS can be loaded
 //
-// Defaults: quantized products take gemv where it applies, staged for M <= 16, direct for a forward of 17..32 rows and
-// cublas above (a benchmark run, tools/gpu/kernels.sh, times every path per shape; a rule that
-// depends on the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the rank-r
-// products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
+// Defaults: quantized products take gemv where it applies, regs where regs_default says, staged for
+// M <= 16, direct for a forward of 17..32 rows and cublas above (a benchmark run,
+// tools/gpu/kernels.sh, times every path per shape; a rule that depends on the shape goes into
+// choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the
+// rank-r products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
 // Knobs, read on every call so that a benchmark or test can compare paths in one process:
 //   LOWTUNE_CUDA_PATH      gemv | regs | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)

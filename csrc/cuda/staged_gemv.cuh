@@ -15,11 +15,12 @@
 //   - no shared-memory round trip of decoded values: a thread decodes straight into the
 //     registers of a tensor-core fragment (mma.m16n8k16, fp32 accumulation).
 // The weight is the 16-row A operand and the activations the 8-column B operand (Yᵀ = W·Xᵀ),
-// so M <= 8 uses one B tile and M <= 16 two.
+// so M <= 8 can use one B tile and M <= 16 uses two.
 //
 // Forward: a warp owns 16 rows of W and a 256-element slice of each stage of K (the reduction):
-//   M <= 8: CTA = 16 rows, 4 warps on the four slices of a 1024-element stage, added through shared
-//   memory at the end; M <= 16: CTA = 128 rows, 8 warps on one 256-element stage. Lane (g, c) owns
+//   one B tile (M < cuda_policy::staged_two_tiles_from, at most 8): CTA = 16 rows, 4 warps on the
+//   four slices of a 1024-element stage, added through shared memory at the end; two tiles (from
+//   there to M = 16): CTA = 128 rows, 8 warps on one 256-element stage. Lane (g, c) owns
 //   elements [64c, 64c+64) of its slice; per 16-element span of them it loads rows g and g+8 of
 //   its 16-row tile from shared memory, decodes both and issues 4 MMAs: in MMA u the lane's
 //   k-slots 2c, 2c+1 hold span elements 4u, 4u+1 and slots 2c+8, 2c+9 elements 4u+2, 4u+3 (any
