@@ -88,6 +88,7 @@ constexpr bool gemv_grad_default(int qtype) {
 // from M = 8 (1.13-2.13x at M = 8 and 16; at M = 2 and 4 it lost at 14336x4096). For the other
 // types it was slower (its W loads are small and scattered: L1-bound) or even.
 constexpr bool regs_default(int qtype, int64_t m) { return qtype == T_Q6_K && m >= 8; }
+static_assert(has_gemv(T_Q6_K), "regs_default names only types the regs kernel takes (those with codes)");
 
 inline const char* path_name(Path p) {
   switch (p) {

@@ -485,8 +485,7 @@ def summarize(paths: list[str], brief: bool = False) -> int:
     big = [t for t in rows if t[3] > 32]
     if small:
         print("\nsmall M: µs (the fastest of staged, regs and, at M = 1 where the type has one, gemv / direct), its "
-              "%BW; ×cuBLAS bf16 and "
-              "×tinygemm = their time / ours; input grad / forward time")
+              "%BW; ×cuBLAS bf16 and ×tinygemm = their time / ours; input grad / forward time")
         print("| type | N×K | M | fwd staged/gemv | fwd direct | %BW | ×cuBLAS | ×tinygemm | ig staged/gemv | ig direct | %BW "
               "| ig/fwd |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
