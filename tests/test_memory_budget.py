@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from lowtune import adapters
-from lowtune.memory_budget import (GRAPH_EXEC_BYTES, MIB, DeviceBudget, attention_workspace, prepare_process,
+from lowtune import memory_budget
+from lowtune.memory_budget import (GRAPH_EXEC_BYTES, MIB, STACK_BYTES, DeviceBudget, attention_workspace,
+                                   prepare_process, set_stack_limit, stack_bytes_setting, stack_limit,
                                    workspace_per_stream)
 from lowtune.model import LlamaModel
 from lowtune.streaming import plan_streaming, stream_model
@@ -381,6 +383,67 @@ def test_the_minimum_a_refusal_gives_holds_on_the_drivers_count():
         stop.set()
         t.join()
     assert max(peak) <= plan.budget, (max(peak), plan.budget, plan.driver)
+
+
+def test_the_stack_limit_setting_and_a_machine_without_a_driver(monkeypatch):
+    assert stack_bytes_setting({}) == STACK_BYTES
+    assert stack_bytes_setting({"LOWTUNE_CUDA_STACK_BYTES": "keep"}) is None
+    assert stack_bytes_setting({"LOWTUNE_CUDA_STACK_BYTES": " 2048 "}) == 2048
+    for bad in ("-1", "lots", "1KiB"):
+        with pytest.raises(ValueError, match="LOWTUNE_CUDA_STACK_BYTES"):
+            stack_bytes_setting({"LOWTUNE_CUDA_STACK_BYTES": bad})
+    monkeypatch.setattr(memory_budget, "_cuda_driver", lambda: None)
+    assert stack_limit() is None and set_stack_limit(0) is None
+
+
+_STACK_PROBE = r"""
+import json, torch
+from lowtune import ops
+from lowtune.memory_budget import NVML, DeviceBudget, prepare_process, stack_limit
+prepare_process()
+w = ops.quantize(torch.randn(4096, 4096) * 0.02, "Q4_K").to("cuda")
+x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+db = DeviceBudget.measure("cuda", 1 << 34, warmup=lambda: ops.qmatmul(x, w))
+eager = ops.qmatmul(x, w)
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    y = ops.qmatmul(x, w)
+for _ in range(3):
+    g.replay()
+torch.cuda.synchronize()
+nvml = NVML.open()
+print(json.dumps({"stack": db.measured["stack_limit"], "now": stack_limit(), "context": db.context,
+                  "same": bool(torch.equal(y, eager)), "per_process": nvml is not None and
+                  nvml.process_used() is not None}))
+"""
+
+
+@pytest.mark.cuda
+def test_a_budgeted_process_lowers_the_stack_reservation_and_its_graphs_still_replay():
+    """DeviceBudget.measure lowers the context's stack limit before the warm-up: the driver's count
+    of the context falls by the reservation (264 MiB at the default 1 KiB on an H200), products
+    and captured graphs run as before. Each case in a fresh process (the limit is per context)."""
+    import json
+    import subprocess
+    import sys
+
+    def probe(setting: str) -> dict:
+        env = dict(os.environ, LOWTUNE_CUDA_STACK_BYTES=setting)
+        out = subprocess.run([sys.executable, "-c", _STACK_PROBE], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    kept, lowered = probe("keep"), probe("0")
+    assert kept["same"] and lowered["same"]
+    assert "set" not in kept["stack"] and kept["now"] == kept["stack"]["before"]
+    assert lowered["stack"]["set"] < lowered["stack"]["before"]
+    assert lowered["now"] < kept["now"]
+    if kept["per_process"] and lowered["per_process"]:
+        props = torch.cuda.get_device_properties(0)
+        reservation = (kept["now"] - lowered["now"]) * props.max_threads_per_multi_processor \
+            * props.multi_processor_count
+        assert kept["context"] - lowered["context"] >= reservation // 2, (kept, lowered, reservation)
 
 
 def test_budgets_on_the_command_line():

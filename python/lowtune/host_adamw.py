@@ -7,7 +7,8 @@ lowtune.streaming's planner moves the optimizer state to the host when that is w
 train within its GPU budget (StreamPlan.optimizer_on_host); make_adamw picks this class then.
 
 A step streams the moments through two GPU staging buffers, chunk by chunk (the next chunk's copy
-in overlaps this chunk's update, its copy out the next update), and updates each chunk with
+in overlaps this chunk's update, its copy out the next update; copies in and out go on two streams,
+so that both directions of the bus carry at once), and updates each chunk with
 torch's fused AdamW kernel, after the same step-count increment: the arithmetic of
 torch.optim.AdamW(fused=True), element for element. The moments of a chunk share one pinned
 buffer ([exp_avg | exp_avg_sq]), so a chunk crosses the bus in one copy each way; state_dict()
@@ -57,7 +58,8 @@ class HostAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **_ARITHMETIC))
         self._chunks: list[list[_Chunk]] | None = None
         self._staging: list[torch.Tensor] = []
-        self._copy_stream = None
+        self._copy_stream = None     # host -> GPU copies of the moments
+        self._out_stream = None      # GPU -> host: on a stream of its own, so both directions run at once
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class HostAdamW(torch.optim.Optimizer):
             self._staging = [torch.empty(2 * biggest, dtype=torch.float32, device=device) for _ in range(2)]
             if device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(device)
+                self._out_stream = torch.cuda.Stream(device)
         self._chunks = chunks
         return chunks
 
@@ -144,7 +147,7 @@ class HostAdamW(torch.optim.Optimizer):
                 compute.wait_event(loaded[slot])
             staged = self._staging[slot][:2 * chunk.numel]
             ps, gs, ms, vs, steps = [], [], [], [], []
-            for p, m, v in chunk.views(staged):
+            for p, m, v in chunk.staged_views(slot, staged):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -162,15 +165,15 @@ class HostAdamW(torch.optim.Optimizer):
             if cuda:
                 done = torch.cuda.Event()
                 done.record(compute)
-                with torch.cuda.stream(self._copy_stream):
-                    self._copy_stream.wait_event(done)
+                with torch.cuda.stream(self._out_stream):
+                    self._out_stream.wait_event(done)
                     chunk.host.copy_(staged, non_blocking=True)
                     updated[slot] = torch.cuda.Event()
-                    updated[slot].record(self._copy_stream)
+                    updated[slot].record(self._out_stream)
             else:
                 chunk.host.copy_(staged)
         if cuda:
-            self._copy_stream.synchronize()   # the host's moments are this step's when step returns
+            self._out_stream.synchronize()    # the host's moments are this step's when step returns
         return loss
 
     # -- saving and loading -------------------------------------------------------------------------
@@ -215,6 +218,16 @@ class _Chunk:
         self.numel = sum(p.numel() for p in params)
         pin = params[0].device.type == "cuda"
         self.host = torch.zeros(2 * self.numel, dtype=torch.float32, pin_memory=pin)
+        self._staged: dict[int, tuple] = {}    # slot -> (buffer, its views)
+
+    def staged_views(self, slot: int, flat: torch.Tensor) -> list:
+        """views(flat) for staging buffer `slot`, made once: the buffers stay, and a 7B's ~1300
+        LoRA factors would otherwise cost thousands of slicing calls a step."""
+        key = (flat.data_ptr(), flat.numel())
+        got = self._staged.get(slot)
+        if got is None or got[0] != key:
+            got = self._staged[slot] = (key, list(self.views(flat)))
+        return got[1]
 
     def views(self, flat: torch.Tensor):
         """(param, exp_avg view, exp_avg_sq view) of each parameter inside `flat` ([m | v])."""

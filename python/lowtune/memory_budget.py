@@ -4,7 +4,8 @@ The driver's count of a process's GPU memory (NVML's used memory, what nvidia-sm
 than what PyTorch allocates. A budget holds when
 
     context      CUDA context, loaded kernels, library handles: measured on the machine at start,
-                 after one decoder layer has run (so the kernels a step loads are in)
+                 after one decoder layer has run (so the kernels a step loads are in), with the
+                 driver's per-thread stack reservation first lowered to what those kernels need
   + workspaces   cuBLAS and cuBLASLt workspaces of torch and of lowtune's extension, one set per
                  stream that multiplies (sizes set here, before CUDA starts: prepare_process)
   + scratch      the extension's dequantization scratch: its pool, and the arena captured graphs
@@ -154,6 +155,64 @@ def graph_pool(working: int, tokens: int, dim: int, act_bytes: int, layer_grads:
     not counted twice."""
     intermediates = 0 if every_layer_captured else working
     return intermediates + 2 * tokens * dim * act_bytes + rot_bytes + layer_grads + n_layers * layer_graphs
+
+
+# ---- the context's stack reservation -----------------------------------------------------------------
+
+# The driver reserves local memory for every thread the GPU can hold: the per-thread stack limit x
+# the resident threads per SM x the SMs, 264 MiB on an H200 at CUDA's default limit of 1 KiB (the
+# limit at 512 freed 132 MiB in NVML's count: tools/gpu/context_memory.py). A training step's
+# kernels need little or none of it, and the driver raises the limit at the launch of one that
+# needs more, so a budgeted process starts from this (LOWTUNE_CUDA_STACK_BYTES overrides; "keep"
+# leaves the driver's default).
+STACK_BYTES = 0
+_CU_LIMIT_STACK_SIZE = 0
+_stack_lowered: set[int] = set()       # devices whose limit this process lowered (once: see set_stack_limit)
+
+
+def stack_bytes_setting(environ: MutableMapping[str, str] | None = None) -> int | None:
+    """The per-thread stack limit a budgeted process sets (None: keep the driver's)."""
+    env = os.environ if environ is None else environ
+    text = env.get("LOWTUNE_CUDA_STACK_BYTES", "").strip()
+    if not text:
+        return STACK_BYTES
+    if text == "keep":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"LOWTUNE_CUDA_STACK_BYTES must be bytes per thread (>= 0) or 'keep', got {text!r}")
+    return value
+
+
+def _cuda_driver():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def stack_limit() -> int | None:
+    """The current CUDA context's per-thread stack limit in bytes (None without a driver or a
+    current context)."""
+    lib = _cuda_driver()
+    value = ctypes.c_size_t(0)
+    if lib is None or lib.cuCtxGetLimit(ctypes.byref(value), ctypes.c_int(_CU_LIMIT_STACK_SIZE)) != 0:
+        return None
+    return value.value
+
+
+def set_stack_limit(nbytes: int) -> int | None:
+    """Set the current CUDA context's per-thread stack limit (cuCtxSetLimit; the driver rounds it)
+    and return the limit it took, or None where there is no driver or context. Only before any
+    CUDA graph is instantiated: lowered under instantiated graphs, their next replay failed on an
+    H200 ("unspecified launch failure"); raised by the driver for a kernel, it broke nothing."""
+    lib = _cuda_driver()
+    if lib is None or lib.cuCtxSetLimit(ctypes.c_int(_CU_LIMIT_STACK_SIZE), ctypes.c_size_t(nbytes)) != 0:
+        return None
+    return stack_limit()
 
 
 # ---- NVML ------------------------------------------------------------------------------------------
@@ -325,11 +384,11 @@ class DeviceBudget:
     @classmethod
     def measure(cls, device, budget, warmup: Callable[[], object] | None = None,
                 environ: MutableMapping[str, str] | None = None) -> "DeviceBudget":
-        """The terms on this machine. On CUDA: initialise the device, run `warmup` (lowtune.streaming
-        runs one decoder layer forward and backward, so that the kernels of a step are loaded) and
-        measure the context as the driver's count for this process less what torch and the
-        extension hold. `budget`: bytes, or "auto" (the driver's free memory and what this
-        process already holds, less a margin)."""
+        """The terms on this machine. On CUDA: initialise the device, lower the context's stack
+        reservation (STACK_BYTES), run `warmup` (lowtune.streaming runs one decoder layer forward
+        and backward, so that the kernels of a step are loaded) and measure the context as the
+        driver's count for this process less what torch and the extension hold. `budget`: bytes,
+        or "auto" (the driver's free memory and what this process already holds, less a margin)."""
         import torch
         dev = torch.device(device)
         if dev.type != "cuda":
@@ -341,8 +400,17 @@ class DeviceBudget:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(dev)   # creates the context
-        if warmup is not None:
-            warmup()
+        with torch.cuda.device(dev):                 # the driver calls act on the current context
+            torch.cuda.synchronize(dev)
+            stack = {"before": stack_limit()}
+            wanted = stack_bytes_setting(env)
+            # once per process and device: graphs captured since would not survive a second lowering
+            if wanted is not None and stack["before"] is not None and dev.index not in _stack_lowered:
+                stack["set"] = set_stack_limit(wanted)
+                _stack_lowered.add(dev.index)
+            if warmup is not None:
+                warmup()
+            stack["after_warmup"] = stack_limit()    # what the step's kernels raised it to
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
@@ -362,7 +430,8 @@ class DeviceBudget:
                  slack_share=slack_share(env), slack_fixed=SLACK_FIXED, slack_per_stream=SLACK_PER_STREAM,
                  margin=MARGIN, device=str(dev),
                  measured={"how": how, "process_used": used, "torch_reserved": torch.cuda.memory_reserved(dev),
-                           "extension": extension_bytes(dev), "free": free, "total": total})
+                           "extension": extension_bytes(dev), "free": free, "total": total,
+                           "stack_limit": stack})
         return db
 
 

@@ -73,4 +73,4 @@ if want summary; then
   $py tools/gpu/vram_summary.py "$out" | tee "$out/summary.md"
 fi
 tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
-echo "== total $((SECONDS - start)) s"
+echo "== total $((SECONDS - budget_start)) s"
