@@ -120,9 +120,10 @@ def calibration(data: dict) -> list[str]:
     """What each plan counted beside what was measured: the driver's terms the plan used (its
     measured context among them) and, measured, the driver's peak less torch's reserved peak (what
     lives outside torch) and the extension's holdings."""
-    lines = ["| run | context (measured at start) | workspaces | scratch (+arena) | planned tensors | planned "
-             "driver total | torch reserved peak | driver peak | outside torch, measured | extension holds |",
-             "|" + "---|" * 10]
+    lines = ["| run | context (measured at start) | stack limit B (before / set / after warm-up) | workspaces | "
+             "scratch (+arena) | planned tensors | planned driver total | torch reserved peak | driver peak | "
+             "outside torch, measured | extension holds |",
+             "|" + "---|" * 11]
     for d in data.values():
         for r in d["results"]:
             if not trained(r) or "plan" not in r:
@@ -131,8 +132,10 @@ def calibration(data: dict) -> list[str]:
             ext = r.get("extension") or {}
             held = sum(ext.get(k, 0) for k in ("scratch_pool_reserved", "capture_arena_reserved", "cublas_workspace_bytes"))
             outside = None if r.get("driver_peak") is None else r["driver_peak"] - r.get("max_reserved", 0)
-            lines.append(f"| {r['model']} {r['run']} | {gib(drv.get('context'))} | {gib(drv.get('workspaces'))} | "
-                         f"{gib(drv.get('scratch'))} | {gib(drv.get('tensors'))} | {gib(drv.get('total'))} | "
+            st = ((r.get("plan_terms") or {}).get("measured") or {}).get("stack_limit") or {}
+            stack = " / ".join("—" if st.get(k) is None else str(st[k]) for k in ("before", "set", "after_warmup"))
+            lines.append(f"| {r['model']} {r['run']} | {gib(drv.get('context'))} | {stack} | "
+                         f"{gib(drv.get('workspaces'))} | {gib(drv.get('scratch'))} | {gib(drv.get('tensors'))} | {gib(drv.get('total'))} | "
                          f"{gib(r.get('max_reserved'))} | {gib(r.get('driver_peak'))} | {gib(outside)} | {gib(held)} |")
     return lines
 
