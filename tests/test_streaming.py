@@ -222,12 +222,14 @@ def test_a_chunked_layer_backward_equals_autograd_through_the_whole_layer():
         torch.testing.assert_close(layer(x, rot), y, rtol=1e-6, atol=1e-6)
     xg = x.clone().requires_grad_()
     got = layer.checkpoint_backward(xg, rot, dy, [xg] + params)
+    # the chunks' weight gradients are sums of 4 partial products: fp32 rounding in another order
+    # (torch 2.13's CPU GEMM: 1.7e-6 off on a gradient of 0.02), where a lost chunk would be 25% off
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     # only the MLP's adapters and x get gradients from the chunks; a frozen input gets None
     got = layer.checkpoint_backward(x, rot, dy, params)
     for g, w in zip(got, want[1:]):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_a_chunked_layer_backward_keeps_the_norms_fp32_inputs_one_chunk_at_a_time():
