@@ -527,7 +527,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         driver.in_steps = True
     model.train()
-    losses, times, trace, prof_out, untimed = [], [], None, None, set()
+    losses, times, opt_ms, trace, prof_out, untimed = [], [], [], None, None, set()
     for step in range(args.steps):
         ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
         t0 = time.perf_counter()
@@ -539,11 +539,18 @@ def run_one(args) -> dict:
             loss = loss_fn(ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            # the optimizer's span on the compute stream (events, no extra synchronization)
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if dev == "cuda" else None
+            if marks:
+                marks[0].record()
             opt.step()
+            if marks:
+                marks[1].record()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if dev == "cuda":
                 torch.cuda.synchronize()
+                opt_ms.append(marks[0].elapsed_time(marks[1]))
         times.append(time.perf_counter() - t0)
         if ctx is not None:
             untimed.add(step)  # a sampling thread or the profiler slows this step down
@@ -566,6 +573,7 @@ def run_one(args) -> dict:
     out.update({"steps": args.steps, "seq": args.seq, "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
                 "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
                 "step_ms_median": step_s * 1e3, "step_s": times,
+                "optimizer_ms_median": _median(opt_ms[2:] or opt_ms),
                 "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                 "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "optimizer_on_host": on_host,
@@ -608,6 +616,10 @@ def run_one(args) -> dict:
             out["disk"] = ring
             out["disk_gb_per_step"] = ring["bytes_read"] / args.steps / 1e9
     return out
+
+
+def _median(values: list) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def print_profile(prof, metrics: dict, dev: str) -> None:
@@ -863,14 +875,16 @@ def analyse(results: list[dict], peaks: dict | None, reference: str | None = Non
 def report(results: list[dict], args) -> str:
     base = next((r for r in results if r["run"] == "qlora"), None)
     res = next((r for r in results if r["run"] == "resident"), None)
-    lines = ["| run | tokens/s | × QLoRA | × resident | step ms | of GPU floor | GPU busy / wall "
-             "(profiled step) | host ops | launches (graphs) | peak allocated GiB | driver peak GiB "
-             f"| loss step {args.steps} | loss Δ vs eager |", "|---|" + "---|" * 12]
+    lines = ["| run | tokens/s | × QLoRA | × resident | step ms | optimizer ms | of GPU floor | GPU busy / "
+             "wall (profiled step) | host ops | launches (graphs) | peak allocated GiB | driver peak GiB "
+             f"| loss step {args.steps} | loss Δ vs eager |", "|---|" + "---|" * 13]
     for r in results:
         if not ok(r):
             why = r.get("error") or r.get("skipped") or "refused: " + r["refused"]
-            lines.append(f"| {label(r['run'])} | {why[:160]} |" + " |" * 11)
+            lines.append(f"| {label(r['run'])} | {why[:160]} |" + " |" * 12)
             continue
+        opt = r.get("optimizer_ms_median")
+        opt = "—" if opt is None else f"{opt:.1f}"
         x_q = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok(base) else "—"
         x_r = f"{r['tokens_per_s'] / res['tokens_per_s']:.2f}" if ok(res) else "—"
         pr = r.get("profile")
@@ -881,7 +895,7 @@ def report(results: list[dict], args) -> str:
         gap = r.get("loss_gap_vs_eager")
         gap = "—" if gap is None else f"{gap * 100:.2f}%"
         lines.append(f"| {label(r['run'])} | {r['tokens_per_s']:.0f} | {x_q} | {x_r} | "
-                     f"{r['step_ms_median']:.0f} | {floor} | {busy} | {ops} | {launches} | "
+                     f"{r['step_ms_median']:.0f} | {opt} | {floor} | {busy} | {ops} | {launches} | "
                      f"{gib(r.get('max_allocated'))} | {gib(r.get('driver_peak'))} | "
                      f"{r['loss_last']:.4f} | {gap} |")
     return "\n".join(lines)
