@@ -17,7 +17,7 @@ from lowtune.memory_budget import (GRAPH_EXEC_BYTES, MIB, STACK_BYTES, DeviceBud
                                    prepare_process, set_stack_limit, stack_bytes_setting, stack_limit,
                                    workspace_per_stream)
 from lowtune.model import LlamaModel
-from lowtune.streaming import plan_streaming, stream_model
+from lowtune.streaming import WORKING_MARGIN, plan_streaming, stream_model
 
 from helpers import gguf_weights, tiny_config, tiny_weights
 
@@ -459,3 +459,28 @@ def test_budgets_on_the_command_line():
     assert TrainConfig.from_dict(cfg.to_dict()).max_vram == 6 << 30
     with pytest.raises(ValueError, match="6GB"):
         TrainConfig(max_vram="lots")
+
+
+def test_7b_keeps_graphs_at_2_gib_once_the_context_gives_back_its_stack():
+    """With the context the H200 measured after the driver's stack reservation was lowered (402 MiB
+    on 2026-12-04, against 654 MiB before: the test above), 2 GiB plans CUDA graphs with the MLP
+    whole and AdamW's state in host memory, as the H200 runs did; 1.5 GiB is refused with a
+    minimum that is itself a budget that plans. The layer's working set is the one the H200
+    measured (475.6 MiB; stream_model adds WORKING_MARGIN), as stream_model passes it."""
+    m = llama2_7b()
+    tokens = 2048
+    working = {1: int(475.5634765625 * MIB * (1 + WORKING_MARGIN))}
+
+    def plan(mib):
+        db = dataclasses.replace(h200(mib * MIB), context=421527552)
+        return plan_streaming(m, "cuda", mib * MIB, tokens, cuda_graphs=True, device_budget=db, working=working)
+
+    p = plan(2048)
+    assert p.cuda_graphs and p.mlp_chunks == 1 and p.optimizer_on_host and p.streaming
+    assert p.driver["fits"] and p.driver["total"] <= 2048 * MIB and p.driver["context"] == 421527552
+    with pytest.raises(ValueError, match=r"at least \d+MB") as err:
+        plan(1536)
+    minimum = int(re.search(r"at least (\d+)MB", str(err.value)).group(1))
+    assert 1536 < minimum < 2048
+    p = plan(minimum)
+    assert p.driver["fits"] and not p.cuda_graphs
