@@ -146,17 +146,13 @@ class HostAdamW(torch.optim.Optimizer):
             if cuda:
                 compute.wait_event(loaded[slot])
             staged = self._staging[slot][:2 * chunk.numel]
-            ps, gs, ms, vs, steps = [], [], [], [], []
-            for p, m, v in chunk.staged_views(slot, staged):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("HostAdamW does not take sparse gradients")
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(m)
-                vs.append(v)
-                steps.append(self.state[p]["step"])
+            ps, ms, vs, steps = chunk.staged(slot, staged, self.state)
+            gs = [p.grad for p in ps]
+            if any(g is None for g in gs):           # some parameters had no gradient this step
+                keep = [j for j, g in enumerate(gs) if g is not None]
+                ps, gs, ms, vs, steps = ([xs[j] for j in keep] for xs in (ps, gs, ms, vs, steps))
+            if any(g.is_sparse for g in gs):
+                raise RuntimeError("HostAdamW does not take sparse gradients")
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(ps, gs, ms, vs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
@@ -218,15 +214,17 @@ class _Chunk:
         self.numel = sum(p.numel() for p in params)
         pin = params[0].device.type == "cuda"
         self.host = torch.zeros(2 * self.numel, dtype=torch.float32, pin_memory=pin)
-        self._staged: dict[int, tuple] = {}    # slot -> (buffer, its views)
+        self._staged: dict[int, tuple] = {}    # slot -> (buffer, its lists)
 
-    def staged_views(self, slot: int, flat: torch.Tensor) -> list:
-        """views(flat) for staging buffer `slot`, made once: the buffers stay, and a 7B's ~1300
-        LoRA factors would otherwise cost thousands of slicing calls a step."""
+    def staged(self, slot: int, flat: torch.Tensor, state) -> tuple[list, list, list, list]:
+        """(parameters, exp_avg views, exp_avg_sq views, step tensors) with the moments in staging
+        buffer `slot` (`flat`), made once: the buffers and step tensors stay, and a 7B's ~1300 LoRA
+        factors would otherwise cost thousands of slicing calls and lookups a step."""
         key = (flat.data_ptr(), flat.numel())
         got = self._staged.get(slot)
         if got is None or got[0] != key:
-            got = self._staged[slot] = (key, list(self.views(flat)))
+            ps, ms, vs = (list(xs) for xs in zip(*self.views(flat)))
+            got = self._staged[slot] = (key, (ps, ms, vs, [state[p]["step"] for p in ps]))
         return got[1]
 
     def views(self, flat: torch.Tensor):
