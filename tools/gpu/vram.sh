@@ -10,6 +10,8 @@
 #   disk       Llama-2-7B shapes from a GGUF on disk: --max-vram 3GiB --host-ram 2GiB, 10 steps
 #   llama3     Llama-3-70B shapes (vocab 128256): --max-vram 8GiB and 6GiB (not in the default set)
 #   graph_exec tools/gpu/graph_exec_memory.py: the driver's memory per instantiated CUDA graph
+#   context    tools/gpu/context_memory.py at the driver's stack limit and at 0: what the CUDA
+#              context holds, stage by stage (not in the default set)
 #   summary    tools/gpu/vram_summary.py: every budgeted run against the targets
 # PROFILE=1 profiles one step of every bench_train run (GPU busy time, and per CUDA stream its
 # busy time and copy bandwidth: whether a streamed step waits on PCIe or on compute).
@@ -60,6 +62,11 @@ bench() {  # stage name, seconds it needs at least, bench_train arguments...
 
 if want graph_exec; then
   stage graph_exec 20 60 $py tools/gpu/graph_exec_memory.py && cp "$out/logs/graph_exec.log" "$out/graph_exec.json"
+fi
+if want context; then
+  for s in keep 0; do
+    stage "context_$s" 40 90 $py tools/gpu/context_memory.py --stack $s --out "$out/context_stack_$s.json"
+  done
 fi
 want train_7b && bench train_7b 120 --model llama2-7b --reference resident \
   --runs resident,streamed:2GiB,streamed:3GiB,streamed:1536MiB
