@@ -16,7 +16,6 @@ Random weights quantized to Q4_K (one unique layer, repeated), LoRA r=16 on all 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -24,28 +23,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tools/, for bench_train
-
-CU_LIMIT = {"stack": 0, "printf_fifo": 1, "malloc_heap": 2}
-
-
-class Driver:
-    """cuCtxGetLimit / cuCtxSetLimit on the current context (torch makes the primary one current)."""
-
-    def __init__(self):
-        self.lib = ctypes.CDLL("libcuda.so.1")
-
-    def get(self, name: str) -> int:
-        v = ctypes.c_size_t(0)
-        rc = self.lib.cuCtxGetLimit(ctypes.byref(v), ctypes.c_int(CU_LIMIT[name]))
-        if rc != 0:
-            raise RuntimeError(f"cuCtxGetLimit({name}) failed: {rc}")
-        return v.value
-
-    def set(self, name: str, value: int) -> int:
-        rc = self.lib.cuCtxSetLimit(ctypes.c_int(CU_LIMIT[name]), ctypes.c_size_t(value))
-        if rc != 0:
-            raise RuntimeError(f"cuCtxSetLimit({name}, {value}) failed: {rc}")
-        return self.get(name)
 
 
 def main(argv=None) -> int:
@@ -57,7 +34,8 @@ def main(argv=None) -> int:
                     "kernel runs, or 'keep' (the driver's default)")
     args = ap.parse_args(argv)
 
-    from lowtune.memory_budget import MIB, NVML, extension_bytes, prepare_process
+    from lowtune.memory_budget import (MIB, NVML, extension_bytes, prepare_process, set_stack_limit,
+                                       stack_limit)
     prepare_process()
     import torch
     nvml = NVML.open()
@@ -71,20 +49,18 @@ def main(argv=None) -> int:
         row = {"stage": stage, "nvml_used_mib": None if used is None else used / MIB,
                "torch_reserved_mib": reserved / MIB, "extension_mib": ext / MIB,
                "outside_torch_mib": None if used is None else (used - reserved - ext) / MIB,
-               "stack_limit": drv.get("stack"), **extra}
+               "stack_limit": stack_limit(), **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     torch.cuda.init()
     torch.empty(1, device="cuda")             # the context, and one fill kernel
-    drv = Driver()
-    default_stack = drv.get("stack")
-    if args.stack != "keep":
-        drv.set("stack", int(args.stack))
+    default_stack = stack_limit()
+    if args.stack != "keep" and set_stack_limit(int(args.stack)) is None:
+        raise SystemExit("cuCtxSetLimit failed: no CUDA driver library or no current context")
     p = torch.cuda.get_device_properties(0)
     machine = {"gpu": p.name, "sms": p.multi_processor_count,
                "threads_per_sm": p.max_threads_per_multi_processor, "torch": torch.__version__,
-               "printf_fifo": drv.get("printf_fifo"), "malloc_heap": drv.get("malloc_heap"),
                "module_loading": os.environ.get("CUDA_MODULE_LOADING", "(default)"),
                "stack_default": default_stack, "stack_asked": args.stack}
     print(json.dumps(machine), flush=True)

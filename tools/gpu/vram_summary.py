@@ -135,7 +135,8 @@ def calibration(data: dict) -> list[str]:
             st = ((r.get("plan_terms") or {}).get("measured") or {}).get("stack_limit") or {}
             stack = " / ".join("—" if st.get(k) is None else str(st[k]) for k in ("before", "set", "after_warmup"))
             lines.append(f"| {r['model']} {r['run']} | {gib(drv.get('context'))} | {stack} | "
-                         f"{gib(drv.get('workspaces'))} | {gib(drv.get('scratch'))} | {gib(drv.get('tensors'))} | {gib(drv.get('total'))} | "
+                         f"{gib(drv.get('workspaces'))} | {gib(drv.get('scratch'))} | "
+                         f"{gib(drv.get('tensors'))} | {gib(drv.get('total'))} | "
                          f"{gib(r.get('max_reserved'))} | {gib(r.get('driver_peak'))} | {gib(outside)} | {gib(held)} |")
     return lines
 
