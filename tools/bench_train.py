@@ -73,8 +73,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -527,7 +529,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         driver.in_steps = True
     model.train()
-    losses, times, opt_ms, trace, prof_out, untimed = [], [], [], None, None, set()
+    losses, times, opt_ms, phases, trace, prof_out, untimed = [], [], [], [], None, None, set()
     for step in range(args.steps):
         ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
         t0 = time.perf_counter()
@@ -535,22 +537,34 @@ def run_one(args) -> dict:
         if args.profile and step == args.profile_step:
             ctx = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                          ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else []))
+        # phase marks: the GPU's time at each boundary (events, no extra synchronization) beside
+        # the host's, so a phase whose GPU span ends just after the host queued it was host-bound
+        marks = [torch.cuda.Event(enable_timing=True) for _ in PHASES + ("start",)] if dev == "cuda" else None
+        host = [0.0]
+
+        def mark(i):
+            if marks:
+                marks[i].record()
+            if i:
+                host.append(time.perf_counter() - t0)
+
         with (ctx or _null()), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            mark(0)
             loss = loss_fn(ids)
+            mark(1)
             loss.backward()
+            mark(2)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            # the optimizer's span on the compute stream (events, no extra synchronization)
-            marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if dev == "cuda" else None
-            if marks:
-                marks[0].record()
+            mark(3)
             opt.step()
-            if marks:
-                marks[1].record()
+            mark(4)
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if dev == "cuda":
                 torch.cuda.synchronize()
-                opt_ms.append(marks[0].elapsed_time(marks[1]))
+                opt_ms.append(marks[3].elapsed_time(marks[4]))
+                phases.append({"gpu_ms": [marks[0].elapsed_time(m) for m in marks[1:]],
+                               "host_ms": [h * 1e3 for h in host[1:]]})
         times.append(time.perf_counter() - t0)
         if ctx is not None:
             untimed.add(step)  # a sampling thread or the profiler slows this step down
@@ -563,6 +577,10 @@ def run_one(args) -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     ctx.export_chrome_trace(os.path.join(tmp, "trace.json"))
                     prof_out["streams"] = stream_metrics(os.path.join(tmp, "trace.json"))
+                    if args.profile_trace:
+                        with open(os.path.join(tmp, "trace.json"), "rb") as f, \
+                                gzip.open(f"{args.profile_trace}.{args.run}.json.gz", "wb") as g:
+                            shutil.copyfileobj(f, g)
                 print("profile streams: " + json.dumps(prof_out["streams"]), flush=True)
             print_profile(ctx, prof_out, dev)
         print(f"{args.run} step {step + 1}: loss {losses[-1]:.4f} {times[-1] * 1e3:.0f} ms", flush=True)
@@ -574,10 +592,14 @@ def run_one(args) -> dict:
                 "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
                 "step_ms_median": step_s * 1e3, "step_s": times,
                 "optimizer_ms_median": _median(opt_ms[2:] or opt_ms),
+                "phases": phase_summary(phases[2:] or phases), "phase_steps": phases,
                 "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                 "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "optimizer_on_host": on_host,
                 "work": step_work(cfg, args.seq * args.batch, args.seq, args.rank, layer_bytes, head_bytes)})
+    if out["phases"]:
+        print(f"{args.run}: phase ends (ms from step start, host queued / GPU reached): " + ", ".join(
+            f"{k} {v['host_end_ms']:.1f} / {v['gpu_end_ms']:.1f}" for k, v in out["phases"].items()), flush=True)
     if kind != "qlora":
         out["compile"] = "off" if setup is None else setup.mode
         out["cuda_graphs"] = bool(setup is not None and setup.graphs is not None)
@@ -620,6 +642,19 @@ def run_one(args) -> dict:
 
 def _median(values: list) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
+
+
+PHASES = ("forward", "backward", "clip", "optimizer")
+
+
+def phase_summary(steps: list[dict]) -> dict | None:
+    """Per phase, the median time (ms from the step's start) at which the host had queued its
+    end and the GPU reached it: GPU end minus host end near zero means the GPU waited on the host."""
+    if not steps:
+        return None
+    return {name: {"host_end_ms": _median([s["host_ms"][i] for s in steps]),
+                   "gpu_end_ms": _median([s["gpu_ms"][i] for s in steps])}
+            for i, name in enumerate(PHASES)}
 
 
 def print_profile(prof, metrics: dict, dev: str) -> None:
@@ -997,6 +1032,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     ap.add_argument("--profile-step", type=int, default=3)
+    ap.add_argument("--profile-trace", help="keep the profiled step's chrome trace as PREFIX.RUN.json.gz")
     ap.add_argument("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF for every run, e.g. expandable_segments:True")
     ap.add_argument("--out", help="directory for results.json, table.md, memory.png")
     ap.add_argument("--run", help=argparse.SUPPRESS)        # internal: one run, JSON on stdout
