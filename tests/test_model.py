@@ -272,6 +272,39 @@ def test_chunked_head_gradient_equals_autograd(wrap_head):
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cap,bias", [(0.0, False), (7.5, True)])
+def test_head_vocab_chunks_equal_row_chunks(device, cap, bias):
+    """The LM head's two chunkings (rows of logits, or vocabulary chunks over every row with an
+    online log-sum-exp) give the loss and dh of autograd through the whole head, soft-cap, bias
+    and unscored rows included; a ragged last vocabulary chunk too."""
+    from lowtune.model import _HeadCrossEntropy, _head_ce_row_chunks, _head_ce_vocab_chunks
+    g = torch.Generator().manual_seed(11)
+    vocab, dim, n = 203, 64, 37
+    weight = ops.quantize(torch.randn(vocab, dim, generator=g), "Q8_0").to(device)
+    b = (torch.randn(vocab, generator=g) if bias else None)
+    b = None if b is None else b.to(device)
+    h = torch.randn(n, dim, generator=g).to(device)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[[0, 9, 36]] = -1
+    t = t.to(device)
+    w = ops.dequantize(weight, torch.float32)
+    hr = h.clone().requires_grad_()
+    z = hr @ w.T + (0 if b is None else b)
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    ref = F.cross_entropy(z, t.clamp(min=-100).masked_fill(t < 0, -100), reduction="sum", ignore_index=-100)
+    ref.backward()
+    for got, dh in (_head_ce_row_chunks(h, t, weight, b, cap, 8, True),
+                    _head_ce_vocab_chunks(h, t, weight, b, cap, 48, True)):   # 48, 96, ..., 192, 11
+        torch.testing.assert_close(got, ref.detach(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(dh, hr.grad, atol=1e-5, rtol=1e-4)
+        assert torch.equal(dh[t < 0], torch.zeros_like(dh[t < 0]))
+    # the autograd function takes vocabulary chunks past two row chunks, without a gradient too
+    loss = _HeadCrossEntropy.apply(h, t, weight, b, cap, 8, False)
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-4, rtol=1e-5)
+
+
 class _Wrapped(nn.Module):
     def __init__(self, base):
         super().__init__()
@@ -344,6 +377,22 @@ def test_embedding_rows_equals_dequantized_rows(qtype):
     assert got.shape == (2, 3, 64)
     torch.testing.assert_close(got, lowtune.dequantize(qt)[ids])
     assert embedding_rows(qt, ids, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "F16"])
+def test_embedding_rows_decoded_on_another_device(device, qtype):
+    """Blocks in host memory, rows decoded on `device` (a streamed model's host embedding: only
+    the gathered packed rows cross, from pinned memory on CUDA): the same values as decoding
+    where the blocks are, ids from either device."""
+    w = torch.randn(300, 256)
+    qt = ops.quantize(w, qtype)
+    ids = torch.tensor([[7, 299, 7], [0, 128, 31]])
+    want = embedding_rows(qt, ids, torch.bfloat16)
+    for where in ("cpu", device):
+        got = embedding_rows(qt, ids.to(where), torch.bfloat16, device=torch.device(device))
+        assert got.device.type == device and got.dtype == torch.bfloat16
+        assert torch.equal(got.cpu(), want)
 
 
 def test_rope_is_relative_and_identity_at_zero():

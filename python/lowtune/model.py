@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,12 +236,26 @@ class QLinear(nn.Module):
         return f"{self.format.name}, in={self.in_features}, out={self.out_features}{extra}"
 
 
-def embedding_rows(qt: QTensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows `ids` (any shape) of a [V, D] QTensor, dequantized: [*ids.shape, D].
+def embedding_rows(qt: QTensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Rows `ids` (any shape) of a [V, D] QTensor, dequantized: [*ids.shape, D] on `device`
+    (default: where the blocks are).
 
-    Packed rows are independent, so only the selected rows' bytes are gathered and decoded."""
+    Packed rows are independent, so only the selected rows' bytes are gathered; they are decoded
+    on `device`. An embedding kept in host memory for a CUDA model thus sends a step's packed rows
+    (~1/4 of their bf16 bytes), from pinned memory, and the GPU decodes them: decoding 2048 rows
+    of a 4096-wide Q4_K table on the host took ~10 ms of every training step's start."""
     flat = ids.reshape(-1).to(qt.raw.device)
-    rows = QTensor(qt.raw.index_select(0, flat), qt.format, (flat.numel(), qt.shape[1]))
+    target = qt.raw.device if device is None else torch.device(device)
+    if target.type == "cuda" and qt.raw.device.type == "cpu":
+        # into pinned memory, so the copy does not hold the host; NumPy's take copies whole rows
+        # (2048 random rows of 2304 bytes: 0.6 ms on a 2-core host, torch's index_select 1.9)
+        raw = torch.empty((flat.numel(), qt.raw.shape[1]), dtype=torch.uint8, pin_memory=True)
+        np.take(qt.raw.numpy(), flat.numpy(), axis=0, out=raw.numpy())
+        raw = raw.to(target, non_blocking=True)
+    else:
+        raw = qt.raw.index_select(0, flat).to(target)
+    rows = QTensor(raw, qt.format, (flat.numel(), qt.shape[1]))
     return ops.dequantize(rows, dtype).reshape(*ids.shape, qt.shape[1])
 
 
@@ -262,10 +277,11 @@ class QEmbedding(nn.Module):
     def weight(self) -> QTensor:
         return QTensor(self.raw, self.format, (self.num_embeddings, self.embedding_dim))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Rows `ids`, decoded on `device` (default: where the blocks are; see embedding_rows)."""
         if self.scale == 1.0:
-            return embedding_rows(self.weight, ids, self.dtype)
-        return (embedding_rows(self.weight, ids, torch.float32) * self.scale).to(self.dtype)
+            return embedding_rows(self.weight, ids, self.dtype, device)
+        return (embedding_rows(self.weight, ids, torch.float32, device) * self.scale).to(self.dtype)
 
     def extra_repr(self) -> str:
         scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
@@ -785,7 +801,7 @@ class Model(nn.Module):
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
         rot = self._rotation_on_device(start, t, cache.max_len if cache is not None else None)
-        x = self.tok_embd(ids).to(self.device)       # gathered where the embedding lives
+        x = self.tok_embd(ids, self.device)     # gathered where the embedding lives, decoded here
         x = self.normed_layers(x, rot, cache, start)
         if cache is not None:
             cache.length = start + t
@@ -941,36 +957,26 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """Fused LM head + cross-entropy over row chunks. The loss is a scalar, so its gradient
-    w.r.t. h is known in the forward: dh = ((softmax(l) - onehot) · dl/dz) · W, one chunk at a
-    time, where z = h·Wᵀ + bias and l = cap·tanh(z/cap) (l = z without a soft-cap)."""
+    """Fused LM head + cross-entropy in chunks. The loss is a scalar, so its gradient w.r.t. h is
+    known in the forward: dh = ((softmax(l) - onehot) · dl/dz) · W, where z = h·Wᵀ + bias and
+    l = cap·tanh(z/cap) (l = z without a soft-cap).
+
+    `chunk` rows of logits at a time bound the memory ([chunk, V] fp32). When that takes more
+    than two row chunks, that memory goes to vocabulary chunks over all rows instead
+    ([N, ~chunk·V/N]): a pass for the log-sum-exp (online, chunk by chunk) and one for dh, so W
+    is read three times in products as wide as the step, where row chunks would read it twice per
+    chunk in narrow ones."""
 
     @staticmethod
     def forward(ctx, h, targets, weight: QTensor, bias, cap: float, chunk: int, need_grad: bool):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if need_grad else None
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk].contiguous(), targets[s:s + chunk]
-            scored, tc = tc >= 0, tc.clamp(min=0)
-            logits = ops.qmatmul(hc, weight).float()
-            if bias is not None:
-                logits += bias.float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            # d(cap·tanh(z/cap))/dz = 1 - tanh², kept only when the gradient needs it
-            dcap = 1.0 - (logits / cap) ** 2 if cap and need_grad else None
-            # one fused pass for log-probabilities, then softmax in the same buffer: the chunk's
-            # [rows, V] logits are the largest tensors of a step (and 49k-wide on SmolLM2)
-            logp = torch.log_softmax(logits, dim=-1)
-            del logits
-            total -= torch.where(scored, logp.gather(1, tc[:, None])[:, 0], 0.0).sum()
-            if need_grad:
-                p = logp.exp_()
-                p.scatter_add_(1, tc[:, None], torch.full_like(p[:, :1], -1.0))
-                if dcap is not None:
-                    p *= dcap
-                dhc = ops.qmatmul_input_grad(p.to(h.dtype), weight)
-                dh[s:s + chunk] = torch.where(scored[:, None], dhc, 0.0)
+        n, vocab = h.shape[0], weight.shape[0]
+        if n > 2 * chunk:
+            # half the row chunk's logits: each chunk's bf16 part of dh then fits in what the
+            # memory planner counts for the head (70B: [2048, 8192]); 16 rows keep offsets aligned
+            cols = max(16, chunk * vocab // (2 * n) // 16 * 16)
+            total, dh = _head_ce_vocab_chunks(h, targets, weight, bias, cap, cols, need_grad)
+        else:
+            total, dh = _head_ce_row_chunks(h, targets, weight, bias, cap, chunk, need_grad)
         ctx.save_for_backward(dh if need_grad else torch.empty(0))
         return total
 
@@ -978,3 +984,79 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         (dh,) = ctx.saved_tensors
         return (dh * grad.to(dh.dtype)), None, None, None, None, None, None
+
+
+def _head_logits(h, weight: QTensor, bias, cap: float) -> torch.Tensor:
+    """fp32 logits l = cap·tanh(z/cap) (or z) of rows h against the head rows in `weight`."""
+    logits = ops.qmatmul(h, weight).float()
+    if bias is not None:
+        logits += bias.float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _head_ce_row_chunks(h, targets, weight: QTensor, bias, cap: float, chunk: int, need_grad: bool):
+    """(loss, dh) over `chunk` rows at a time, all of V per chunk."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if need_grad else None
+    for s in range(0, h.shape[0], chunk):
+        hc, tc = h[s:s + chunk].contiguous(), targets[s:s + chunk]
+        scored, tc = tc >= 0, tc.clamp(min=0)
+        logits = _head_logits(hc, weight, bias, cap)
+        # d(cap·tanh(z/cap))/dz = 1 - tanh², kept only when the gradient needs it
+        dcap = 1.0 - (logits / cap) ** 2 if cap and need_grad else None
+        # one fused pass for log-probabilities, then softmax in the same buffer: the chunk's
+        # [rows, V] logits are the largest tensors of a step (and 49k-wide on SmolLM2)
+        logp = torch.log_softmax(logits, dim=-1)
+        del logits
+        total -= torch.where(scored, logp.gather(1, tc[:, None])[:, 0], 0.0).sum()
+        if need_grad:
+            p = logp.exp_()
+            p.scatter_add_(1, tc[:, None], torch.full_like(p[:, :1], -1.0))
+            if dcap is not None:
+                p *= dcap
+            dhc = ops.qmatmul_input_grad(p.to(h.dtype), weight)
+            dh[s:s + chunk] = torch.where(scored[:, None], dhc, 0.0)
+    return total, dh
+
+
+def _head_ce_vocab_chunks(h, targets, weight: QTensor, bias, cap: float, cols: int, need_grad: bool):
+    """(loss, dh) over `cols` vocabulary rows of the head at a time, all of h's rows per chunk."""
+    n, vocab = h.shape[0], weight.shape[0]
+    h = h.contiguous()
+    scored, tc = targets >= 0, targets.clamp(min=0)
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=h.device)
+    run_sum = torch.zeros(n, dtype=torch.float32, device=h.device)
+    target_logit = torch.zeros(n, dtype=torch.float32, device=h.device)
+
+    def part(v0):
+        v1 = min(v0 + cols, vocab)
+        w = weight.rows(v0, v1)
+        b = None if bias is None else bias[v0:v1]
+        inside = (tc >= v0) & (tc < v1)
+        return _head_logits(h, w, b, cap), w, inside, (tc - v0).clamp(0, v1 - v0 - 1)[:, None]
+
+    for v0 in range(0, vocab, cols):           # log-sum-exp, online over the chunks
+        logits, _, inside, at = part(v0)
+        target_logit += torch.where(inside, logits.gather(1, at)[:, 0], 0.0)
+        new_max = torch.maximum(run_max, logits.amax(dim=1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+        run_max = new_max
+        del logits
+    lse = run_max + torch.log(run_sum)
+    total = -torch.where(scored, target_logit - lse, 0.0).sum()
+    if not need_grad:
+        return total, None
+    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    keep = scored[:, None].to(torch.float32)
+    for v0 in range(0, vocab, cols):           # dh = Σ over chunks of (softmax - onehot)·dl/dz · W
+        logits, w, inside, at = part(v0)
+        dcap = 1.0 - (logits / cap) ** 2 if cap else None
+        p = logits.sub_(lse[:, None]).exp_()
+        p.scatter_add_(1, at, torch.where(inside, -1.0, 0.0)[:, None])
+        if dcap is not None:
+            p *= dcap
+        p *= keep
+        dh += ops.qmatmul_input_grad(p.to(h.dtype), w)
+    return total, dh.to(h.dtype)

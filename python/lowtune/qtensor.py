@@ -60,6 +60,10 @@ class QTensor:
     def bits_per_weight(self) -> float:
         return self.format.bits_per_weight
 
+    def rows(self, start: int, stop: int) -> "QTensor":
+        """Rows start:stop, sharing the bytes (packed rows are independent)."""
+        return QTensor(self.raw[start:stop], self.format, (stop - start, self.shape[1]))
+
     def to(self, device, non_blocking: bool = False) -> "QTensor":
         return QTensor(self.raw.to(device, non_blocking=non_blocking), self.format, self.shape)
 
