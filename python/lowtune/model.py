@@ -842,8 +842,10 @@ class Model(nn.Module):
         """Next-token cross-entropy: position t predicts labels[:, t+1] (labels aligned with ids,
         as in Hugging Face; None means labels = ids; ignore_index marks unscored positions).
 
-        The LM head runs over `loss_chunk_tokens` positions at a time and (for a plain packed
-        head) computes its input gradient on the fly, so [B*T, V] logits are never stored.
+        The LM head holds at most `loss_chunk_tokens` x V logits at a time (rows of positions,
+        or vocabulary chunks over all of them where rows would take more than two chunks) and,
+        for a plain packed head, computes its input gradient on the fly, so [B*T, V] logits are
+        never stored.
         reduction: "mean" over scored tokens, or "sum"."""
         labels = ids if labels is None else labels
         h = self.hidden(ids)
