@@ -300,7 +300,7 @@ def test_head_vocab_chunks_equal_row_chunks(device, cap, bias):
         torch.testing.assert_close(got, ref.detach(), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(dh, hr.grad, atol=1e-5, rtol=1e-4)
         assert torch.equal(dh[t < 0], torch.zeros_like(dh[t < 0]))
-    # the autograd function takes vocabulary chunks past two row chunks, without a gradient too
+    # the autograd function (vocabulary chunks past two row chunks on CUDA), without a gradient
     loss = _HeadCrossEntropy.apply(h, t, weight, b, cap, 8, False)
     torch.testing.assert_close(loss, ref.detach(), atol=1e-4, rtol=1e-5)
 

@@ -963,16 +963,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
     known in the forward: dh = ((softmax(l) - onehot) · dl/dz) · W, where z = h·Wᵀ + bias and
     l = cap·tanh(z/cap) (l = z without a soft-cap).
 
-    `chunk` rows of logits at a time bound the memory ([chunk, V] fp32). When that takes more
-    than two row chunks, that memory goes to vocabulary chunks over all rows instead
+    `chunk` rows of logits at a time bound the memory ([chunk, V] fp32). On a GPU, when that
+    takes more than two row chunks, that memory goes to vocabulary chunks over all rows instead
     ([N, ~chunk·V/N]): a pass for the log-sum-exp (online, chunk by chunk) and one for dh, so W
-    is read three times in products as wide as the step, where row chunks would read it twice per
-    chunk in narrow ones."""
+    is dequantized and multiplied three times in products as wide as the step, where row chunks
+    would do it twice per chunk in narrow ones. On the CPU the products are FLOP-bound and the
+    row chunks' two passes cost less than three."""
 
     @staticmethod
     def forward(ctx, h, targets, weight: QTensor, bias, cap: float, chunk: int, need_grad: bool):
         n, vocab = h.shape[0], weight.shape[0]
-        if n > 2 * chunk:
+        if n > 2 * chunk and h.device.type != "cpu":
             # half the row chunk's logits: each chunk's bf16 part of dh then fits in what the
             # memory planner counts for the head (70B: [2048, 8192]); 16 rows keep offsets aligned
             cols = max(16, chunk * vocab // (2 * n) // 16 * 16)
