@@ -65,6 +65,44 @@ class Format:
         return f"<format {self.name}: {self.block_elems} elems / {self.block_bytes} bytes>"
 
 
+class BlockwiseFormat(Format):
+    """A format whose NumPy reference works on whole blocks: subclasses give
+    _quantize_blocks(float32 [B, block_elems]) -> uint8 [B, block_bytes] and
+    _dequantize_blocks(uint8 [B, block_bytes]) -> float32 [B, block_elems]; this class owns the
+    rows <-> blocks plumbing and the input checks."""
+
+    def _blocks_in(self, w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"{self.name}: w must have shape [N, K], got {w.shape}")
+        self.row_bytes(w.shape[1])  # raises ValueError unless K is a multiple of the block size
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not np.isfinite(w).all():
+            raise ValueError(f"{self.name}: w contains NaN or inf; quantization needs finite weights")
+        return w.reshape(-1, self.block_elems)
+
+    def _blocks_out(self, raw: np.ndarray, k: int) -> np.ndarray:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] != self.row_bytes(k):
+            raise ValueError(f"{self.name}: raw must be uint8 [N, {self.row_bytes(k)}] for K={k}, got {raw.shape}")
+        return raw.reshape(-1, self.block_bytes)
+
+    def quantize(self, w: np.ndarray) -> np.ndarray:
+        x = self._blocks_in(w)
+        n = np.asarray(w).shape[0]
+        if x.shape[0] == 0:
+            return np.zeros((n, 0), np.uint8)
+        with np.errstate(all="ignore"):  # masked-out lanes may divide by zero; they are discarded
+            return self._quantize_blocks(x).reshape(n, -1)
+
+    def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"no NumPy reference quantizer for {self.name}")
+
+    def dequantize(self, raw: np.ndarray, k: int) -> np.ndarray:
+        b = self._blocks_out(raw, k)
+        return self._dequantize_blocks(b).reshape(raw.shape[0], k)
+
+
 class _FloatFormat(Format):
     quantized = False
     _dtype: np.dtype

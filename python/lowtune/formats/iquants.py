@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Format, register
+from . import BlockwiseFormat, register
 from . import iq_grids
 
 F32 = np.float32
@@ -80,42 +80,7 @@ def _sign_bytes(aux: np.ndarray) -> np.ndarray:
 
 # ---- formats ------------------------------------------------------------------------------------
 
-class _IQuant(Format):
-    """Shared plumbing: rows <-> blocks, input checks."""
-
-    def _blocks_in(self, w: np.ndarray) -> np.ndarray:
-        w = np.asarray(w)
-        if w.ndim != 2:
-            raise ValueError(f"{self.name}: w must have shape [N, K], got {w.shape}")
-        self.row_bytes(w.shape[1])  # raises ValueError unless K is a multiple of the block size
-        w = np.ascontiguousarray(w, dtype=F32)
-        if not np.isfinite(w).all():
-            raise ValueError(f"{self.name}: w contains NaN or inf; quantization needs finite weights")
-        return w.reshape(-1, self.block_elems)
-
-    def _blocks_out(self, raw: np.ndarray, k: int) -> np.ndarray:
-        raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        if raw.ndim != 2 or raw.shape[1] != self.row_bytes(k):
-            raise ValueError(f"{self.name}: raw must be uint8 [N, {self.row_bytes(k)}] for K={k}, got {raw.shape}")
-        return raw.reshape(-1, self.block_bytes)
-
-    def quantize(self, w: np.ndarray) -> np.ndarray:
-        x = self._blocks_in(w)
-        n = np.asarray(w).shape[0]
-        if x.shape[0] == 0:
-            return np.zeros((n, 0), np.uint8)
-        with np.errstate(all="ignore"):  # masked-out lanes may divide by zero; they are discarded
-            return self._quantize_blocks(x).reshape(n, -1)
-
-    def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError(f"no NumPy reference quantizer for {self.name}")
-
-    def dequantize(self, raw: np.ndarray, k: int) -> np.ndarray:
-        b = self._blocks_out(raw, k)
-        return self._dequantize_blocks(b).reshape(raw.shape[0], k)
-
-
-class IQ4_NL(_IQuant):
+class IQ4_NL(BlockwiseFormat):
     """d, qs[16] (Q4_0's nibble order); x = d * kvalues_iq4nl[q]."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ4_NL", 20, 32, 18, 32
 
@@ -128,7 +93,7 @@ class IQ4_NL(_IQuant):
         return _half(b) * q
 
 
-class IQ4_XS(_IQuant):
+class IQ4_XS(BlockwiseFormat):
     """d, scales_h (u16), scales_l[4], qs[128]; sub-block ib of 32: 6-bit ls (low nibble ib%2 of
     scales_l[ib/2], high bits 2ib..2ib+1 of scales_h), IQ4_NL's nibbles; x = d*(ls-32) * level."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ4_XS", 23, 256, 136, 32
@@ -157,7 +122,7 @@ class IQ4_XS(_IQuant):
         return (dl[:, :, None] * q).reshape(-1, QK_K)
 
 
-class IQ3_XXS(_IQuant):
+class IQ3_XXS(BlockwiseFormat):
     """d, qs[64] (iq3xxs_grid indices, 4 elements each), then per 32 a u32 of four 7-bit sign
     indices and the 4-bit scale s (bit 28); x = d*(0.5+s)*0.5 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ3_XXS", 18, 256, 98, 32
@@ -170,7 +135,7 @@ class IQ3_XXS(_IQuant):
         return (db[:, :, None] * grid * sign).reshape(-1, QK_K)
 
 
-class IQ3_S(_IQuant):
+class IQ3_S(BlockwiseFormat):
     """d, qs[64], qh[8], signs[32], scales[4]: 9-bit iq3s_grid indices (bit 8 = bit k of qh[ib]
     for index k of sub-block ib), a sign bit per element, a 4-bit scale s per 32;
     x = d*(1+2s) * grid * sign."""
@@ -184,7 +149,7 @@ class IQ3_S(_IQuant):
         return (db[:, :, None] * grid * sign).reshape(-1, QK_K)
 
 
-class IQ2_XXS(_IQuant):
+class IQ2_XXS(BlockwiseFormat):
     """d, then per 32 two u32: four iq2xxs_grid indices (bytes; 8 elements each), four 7-bit sign
     indices and the 4-bit scale s (bit 28); x = d*(0.5+s)*0.25 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ2_XXS", 16, 256, 66, 32
@@ -199,7 +164,7 @@ class IQ2_XXS(_IQuant):
         return (db[:, :, None] * grid * sign).reshape(-1, QK_K)
 
 
-class IQ2_XS(_IQuant):
+class IQ2_XS(BlockwiseFormat):
     """d, qs[32] (u16: 9-bit iq2xs_grid index, 7-bit sign index per 8 elements), scales[8] (a
     nibble per 16 elements); x = d*(0.5+s)*0.25 * grid * sign."""
     name, type_id, block_elems, block_bytes, scale_group = "IQ2_XS", 17, 256, 74, 16
@@ -213,7 +178,7 @@ class IQ2_XS(_IQuant):
         return (db[:, :, None] * grid * sign).reshape(-1, QK_K)
 
 
-class IQ2_S(_IQuant):
+class IQ2_S(BlockwiseFormat):
     """d, qs[64] (low 8 bits of 10-bit iq2s_grid indices, then a sign byte per 8 elements),
     qh[8] (bits 8-9 of index l of sub-block ib at bit 2l), scales[8] (a nibble per 16);
     x = d*(0.5+s)*0.25 * grid * sign."""
@@ -229,7 +194,7 @@ class IQ2_S(_IQuant):
         return (db[:, :, None] * grid * sign).reshape(-1, QK_K)
 
 
-class IQ1_S(_IQuant):
+class IQ1_S(BlockwiseFormat):
     """d, qs[32], qh[8] (u16 per 32: 3 high index bits per 8 elements, scale s at bits 12-14,
     delta sign at bit 15); 11-bit iq1s_grid indices, values in {-1, 0, 1};
     x = d*(2s+1) * (grid ± 1/8)."""
@@ -245,7 +210,7 @@ class IQ1_S(_IQuant):
         return (dl[:, :, None] * (grid + delta[:, :, None])).reshape(-1, QK_K)
 
 
-class IQ1_M(_IQuant):
+class IQ1_M(BlockwiseFormat):
     """qs[32], qh[16], scales[8]: no d field -- d's fp16 bits are the top nibbles of the four u16
     scale words; their other 12 bits are four 3-bit scales s (one per 16 elements); a qh nibble
     per 8 elements holds index bits 8-10 and the delta sign; x = d*(2s+1) * (grid ± 1/8)."""

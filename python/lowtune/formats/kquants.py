@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Format, register
+from . import BlockwiseFormat, register
 
 F32 = np.float32
 QK_K = 256
@@ -263,40 +263,7 @@ def _unpack_q3_scales(s: np.ndarray) -> np.ndarray:
 
 # ---- the formats ---------------------------------------------------------------------------------
 
-class _KQuant(Format):
-    """Shared plumbing: [N, K] rows <-> [N*K/256] super-blocks, input checks."""
-
-    def _blocks_in(self, w: np.ndarray) -> np.ndarray:
-        w = np.asarray(w)
-        if w.ndim != 2:
-            raise ValueError(f"{self.name}: w must have shape [N, K], got {w.shape}")
-        self.row_bytes(w.shape[1])  # raises ValueError unless K is a multiple of 256
-        w = np.ascontiguousarray(w, dtype=F32)
-        if not np.isfinite(w).all():
-            raise ValueError(f"{self.name}: w contains NaN or inf; quantization needs finite weights")
-        return w.reshape(-1, QK_K)
-
-    def _blocks_out(self, raw: np.ndarray, k: int) -> np.ndarray:
-        raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        if raw.ndim != 2 or raw.shape[1] != self.row_bytes(k):
-            raise ValueError(f"{self.name}: raw must be uint8 [N, {self.row_bytes(k)}] for K={k}, got {raw.shape}")
-        return raw.reshape(-1, self.block_bytes)
-
-    def quantize(self, w: np.ndarray) -> np.ndarray:
-        x = self._blocks_in(w)
-        n = np.asarray(w).shape[0]
-        if x.shape[0] == 0:
-            return np.zeros((n, 0), np.uint8)
-        with np.errstate(all="ignore"):  # masked-out lanes may divide by zero; they are discarded
-            blocks = self._quantize_blocks(x)
-        return blocks.reshape(n, -1)
-
-    def dequantize(self, raw: np.ndarray, k: int) -> np.ndarray:
-        b = self._blocks_out(raw, k)
-        return self._dequantize_blocks(b).reshape(raw.shape[0], k)
-
-
-class Q2_K(_KQuant):
+class Q2_K(BlockwiseFormat):
     """scales[16] (4-bit scale | 4-bit min << 4), qs[64], d, dmin; x = d*sc*q - dmin*mn."""
     name, type_id, block_elems, block_bytes, scale_group = "Q2_K", 10, 256, 84, 16
     min_group = 16  # quantized sub-block mins
@@ -334,7 +301,7 @@ class Q2_K(_KQuant):
         return (dl * q - ml).reshape(-1, QK_K)
 
 
-class Q3_K(_KQuant):
+class Q3_K(BlockwiseFormat):
     """hmask[32], qs[64], scales[12] (6-bit, +32), d; x = d*(sc-32)*(q-4*(1-h))."""
     name, type_id, block_elems, block_bytes, scale_group = "Q3_K", 11, 256, 110, 16
 
@@ -373,7 +340,7 @@ class Q3_K(_KQuant):
         return (dl * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
 
 
-class _K4(_KQuant):
+class _K4(BlockwiseFormat):
     """Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; x = d*sc*q - dmin*mn."""
     nmax: int
     search: tuple[float, float, int]  # rmin, rdelta, nstep of the scale search
@@ -458,7 +425,7 @@ class Q5_K(_K4):
         return (dl * q.reshape(-1, 8, 32).astype(F32) - ml).reshape(-1, QK_K)
 
 
-class Q6_K(_KQuant):
+class Q6_K(BlockwiseFormat):
     """ql[128], qh[64], scales[16] int8, d; x = d*sc*(q-32)."""
     name, type_id, block_elems, block_bytes, scale_group = "Q6_K", 14, 256, 210, 16
 
