@@ -50,12 +50,8 @@ float iq4_fit_scale(const float* x) {
   const int8_t* values = k_kvalues_iq4nl;
   float w[32];
   for (int j = 0; j < 32; ++j) w[j] = x[j] * x[j];
-  float amax = 0, max = 0;
-  for (int j = 0; j < 32; ++j) {
-    const float ax = std::fabs(x[j]);
-    if (ax > amax) { amax = ax; max = x[j]; }
-  }
-  if (amax < kGroupMaxEps) return 0.0f;
+  const float max = signed_absmax(x, 32);
+  if (std::fabs(max) < kGroupMaxEps) return 0.0f;
   auto sums = [&](float id, float* sumqx, float* sumq2) {
     float sqx = 0, sq2 = 0;
     for (int j = 0; j < 32; ++j) {
@@ -103,12 +99,8 @@ template <> void quantize_row<T_IQ4_XS>(const float* x, void* vy, int64_t k) {
   auto* y = static_cast<block_iq4_xs*>(vy);
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     float scales[8];
-    float amax_scale = 0, max_scale = 0;
-    for (int ib = 0; ib < 8; ++ib) {
-      scales[ib] = iq4_fit_scale(x + 32 * ib);
-      const float a = std::fabs(scales[ib]);
-      if (a > amax_scale) { amax_scale = a; max_scale = scales[ib]; }
-    }
+    for (int ib = 0; ib < 8; ++ib) scales[ib] = iq4_fit_scale(x + 32 * ib);
+    const float max_scale = signed_absmax(scales, 8);
     const float d = -max_scale / 32;
     const float id = d ? 1 / d : 0.0f;
     y[i].d = fp32_to_fp16(d);

@@ -104,12 +104,8 @@ float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L,
 // l in [-nmax, nmax-1], weights x². Tries the 19 scales -(nmax + 0.1·is)/max, is in [-9, 9],
 // keeping the one with the largest (Σwxl)²/Σwl². Writes L = l + nmax; returns the scale.
 float fit_symmetric(int n, int nmax, const float* x, int8_t* L) {
-  float mx = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) { amax = ax; mx = x[i]; }
-  }
-  if (amax < kGroupMaxEps) {
+  const float mx = signed_absmax(x, n);
+  if (std::fabs(mx) < kGroupMaxEps) {
     std::fill(L, L + n, 0);
     return 0.0f;
   }
@@ -148,12 +144,8 @@ float fit_symmetric(int n, int nmax, const float* x, int8_t* L) {
 // scale prefers, keeping a move only when it raises (Σwxl)²/Σwl² (weights x²); at most five
 // sweeps, in element order. Writes L = l + nmax; returns Σwxl/Σwl².
 float fit_symmetric_iterative(int n, int nmax, const float* x, int8_t* L) {
-  float mx = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) { amax = ax; mx = x[i]; }
-  }
-  if (amax < kGroupMaxEps) {
+  const float mx = signed_absmax(x, n);
+  if (std::fabs(mx) < kGroupMaxEps) {
     std::fill(L, L + n, 0);
     return 0.0f;
   }
@@ -311,12 +303,8 @@ template <> void quantize_row<T_Q3_K>(const float* x, void* vy, int64_t k) {
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    float max_scale = 0, amax = 0;  // the signed scale of largest magnitude
-    for (int j = 0; j < QK_K / 16; ++j) {
-      scales[j] = fit_symmetric_iterative(16, 4, x + 16 * j, L + 16 * j);
-      const float a = std::fabs(scales[j]);
-      if (a > amax) { amax = a; max_scale = scales[j]; }
-    }
+    for (int j = 0; j < QK_K / 16; ++j) scales[j] = fit_symmetric_iterative(16, 4, x + 16 * j, L + 16 * j);
+    const float max_scale = signed_absmax(scales, QK_K / 16);
     // Signed 6-bit scales, stored +32: low nibbles in bytes 0-7 (sub-blocks 0-7 low nibble,
     // 8-15 high nibble), top two bits of sub-block j at bits 2*(j/4) of byte 8 + j%4.
     std::memset(y[i].scales, 0, sizeof y[i].scales);

@@ -11,15 +11,6 @@
 
 namespace lowtune {
 
-// The element with the largest magnitude, with its sign (first one wins ties).
-static float signed_absmax(const float* x, int n) {
-  float amax = 0.0f, max = 0.0f;
-  for (int j = 0; j < n; ++j) {
-    if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
-  }
-  return max;
-}
-
 static void min_max(const float* x, int n, float* mn, float* mx) {
   float lo = FLT_MAX, hi = -FLT_MAX;
   for (int j = 0; j < n; ++j) { lo = std::min(lo, x[j]); hi = std::max(hi, x[j]); }
