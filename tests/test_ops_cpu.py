@@ -321,20 +321,60 @@ def test_bench_tool_prints_a_row_per_kernel(capsys):
 
 
 def test_cpu_gemm_choice(monkeypatch):
-    """Many fp32 rows may take the dense path; half activations and few rows never do; an
-    unknown LOWTUNE_CPU_GEMM is refused by name."""
+    """Many fp32 rows may take the dense path; many bf16 rows take it where the CPU multiplies
+    bf16 natively, unless LOWTUNE_CPU_GEMM=packed; fp16 and few rows never do; an unknown
+    LOWTUNE_CPU_GEMM is refused by name."""
     ops = lowtune.ops
-    try:
-        for mode, want in (("dense", True), ("packed", False)):
-            monkeypatch.setenv("LOWTUNE_CPU_GEMM", mode)
-            ops._cpu_gemm_mode.cache_clear()
-            assert ops.cpu_dense_gemm(512, torch.float32) is want
-            assert not ops.cpu_dense_gemm(512, torch.bfloat16)
-            assert not ops.cpu_dense_gemm(ops._CPU_DENSE_MIN_ROWS - 1, torch.float32)
-        monkeypatch.setenv("LOWTUNE_CPU_GEMM", "fast")
+
+    def clear():
         ops._cpu_gemm_mode.cache_clear()
+        ops._cpu_gemm_setting.cache_clear()
+
+    try:
+        for native in (True, False):
+            monkeypatch.setattr(ops, "_cpu_bf16_gemm", lambda: native)
+            for mode, want in (("dense", True), ("packed", False)):
+                monkeypatch.setenv("LOWTUNE_CPU_GEMM", mode)
+                clear()
+                assert ops.cpu_dense_gemm(512, torch.float32) is want
+                assert ops.cpu_dense_gemm(512, torch.bfloat16) is (native and mode == "dense")
+                assert not ops.cpu_dense_gemm(512, torch.float16)
+                assert not ops.cpu_dense_gemm(ops._CPU_DENSE_MIN_ROWS - 1, torch.float32)
+                assert not ops.cpu_dense_gemm(ops._CPU_DENSE_MIN_ROWS - 1, torch.bfloat16)
+            monkeypatch.setenv("LOWTUNE_CPU_GEMM", "auto")
+            clear()
+            assert ops.cpu_dense_gemm(512, torch.bfloat16) is native
+        monkeypatch.setenv("LOWTUNE_CPU_GEMM", "fast")
+        clear()
         with pytest.raises(ValueError, match="LOWTUNE_CPU_GEMM must be auto, packed or dense"):
             ops.cpu_dense_gemm(512, torch.float32)
     finally:
         monkeypatch.delenv("LOWTUNE_CPU_GEMM")
-        ops._cpu_gemm_mode.cache_clear()
+        clear()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "INT4-g64"])
+def test_bf16_many_rows_through_bf16_panels(name, rng, random_blocks, monkeypatch):
+    """Many bf16 rows, where the CPU multiplies bf16 natively: W dequantized to bf16 panels (one
+    rounding of W, as the CUDA path's scratch), torch's bf16 GEMM (fp32 accumulation), each
+    panel's part of dx added in bf16. Within (panels + 2) bf16 units of |x|·|W| of the exact
+    product, and so near the packed path's result."""
+    ops = lowtune.ops
+    m, n, k = 70, 100, k_for(name, 3)
+    monkeypatch.setattr(ops, "_cpu_bf16_gemm", lambda: True)
+    monkeypatch.setattr(ops, "_cpu_gemm_setting", lambda: "auto")
+    monkeypatch.setattr(ops, "_CPU_PANEL_FLOATS", 40 * k)           # panels of 40 rows: 3 of them
+    assert ops.cpu_dense_gemm(m, torch.bfloat16)
+    qt = random_qtensor(name, n, k, rng, random_blocks)
+    w64 = lowtune.dequantize(qt).double().numpy()
+    u = 2.0 ** -8
+    x = activations(rng, (m, k), torch.bfloat16)
+    y = lowtune.qmatmul(x, qt)
+    assert y.dtype == torch.bfloat16
+    xa = x.double().numpy()
+    assert_within(y, xa @ w64.T, 2 * u * (np.abs(xa) @ np.abs(w64.T)) + 1e-30, "forward bf16 panels")
+    dy = activations(rng, (m, n), torch.bfloat16)
+    dx = lowtune.qmatmul_input_grad(dy, qt)
+    assert dx.dtype == torch.bfloat16
+    da = dy.double().numpy()
+    assert_within(dx, da @ w64, (3 + 2) * u * (np.abs(da) @ np.abs(w64)) + 1e-30, "input grad bf16 panels")
