@@ -101,7 +101,8 @@ def _dequantize_kernel(raw: Tensor, type_id: int, n: int, k: int, dtype: torch.d
 # 2-core AVX2 EPYC it runs SmolLM2's M = 512 products at ~45 GFLOP/s where torch's sgemm runs
 # 110-150 (tools/bench_train.py --device cpu, BENCHMARKS.md). There, many fp32 rows multiply W
 # dequantized a panel of rows at a time into a reused fp32 buffer (a few MiB: no page faults, no
-# dense copy of W kept) by torch's GEMM. LOWTUNE_CPU_GEMM=packed|dense overrides the choice.
+# dense copy of W kept) by torch's GEMM. Many bf16 rows do the same in bf16 panels wherever the
+# CPU multiplies bf16 natively. LOWTUNE_CPU_GEMM=packed|dense overrides the choice.
 _CPU_DENSE_MIN_ROWS = 64            # below it the packed kernels win (they read W once per 4 rows)
 _CPU_PANEL_FLOATS = 1 << 20         # 4 MiB of dequantized W per panel
 
