@@ -98,11 +98,6 @@ def fused_parts(base) -> dict[str, tuple[tuple[str, int, int], ...]]:
     return out
 
 
-def _rows(qt: QTensor, a: int, b: int) -> QTensor:
-    """Rows a..b of a packed tensor (rows are independent blocks: a view, no copy)."""
-    return QTensor(qt.raw[a:b], qt.format, (b - a, qt.shape[1]))
-
-
 class SavedAdapter:
     """A saved adapter, applied one base tensor at a time (no model needed).
 
@@ -194,7 +189,7 @@ class SavedAdapter:
             if not any(part in self.modules for part, _, _ in self.parts.get(name, ((name, 0, 0),))):
                 continue
             qt = base.qtensor(name)
-            got = [(a, b, self.lora(part, _rows(qt, a, b))) for part, a, b in self.split(name, qt)]
+            got = [(a, b, self.lora(part, qt.rows(a, b))) for part, a, b in self.split(name, qt)]
             got = [(a, b, pair) for a, b, pair in got if pair is not None]
             big_a = torch.cat([pa for _, _, (pa, _) in got])
             big_b = torch.zeros(qt.shape[0], big_a.shape[0])
@@ -321,7 +316,7 @@ def export_merged_gguf(model, adapter, out, qtype=None, rank: int | None = None,
                 parts = ad.split(name, qt) if ad is not None else [(name, 0, qt.shape[0])]
                 merged = []
                 for part, a, b in parts:  # a fused tensor: each part's update on its rows
-                    view = qt if len(parts) == 1 else _rows(qt, a, b)
+                    view = qt if len(parts) == 1 else qt.rows(a, b)
                     upd = ad.update(part, view) if ad is not None else {}
                     out_qt, info = merge_weight(view, target=target, kquant_mins=kquant_mins, measure=measure, **upd)
                     if target is not None and target.name != get_format(qtype).name:
@@ -399,10 +394,10 @@ def _check_merged(path, ad: SavedAdapter, base, infos: dict[str, MergeInfo] | No
                 raise ValueError(f"{path} lacks {name}, which the adapter adapts: not a merge of this adapter")
             qt, got = base.qtensor(name), merged.qtensor(name)
             for part, a, b in ad.split(name, qt):
-                lin = ad.adapted(part, _rows(qt, a, b))
+                lin = ad.adapted(part, qt.rows(a, b))
                 if lin is None:
                     continue
-                got_part = _rows(got, a, b)
+                got_part = got.rows(a, b)
                 info = infos[part] if infos is not None else _merge_info_of(lin, got_part)
                 checks[part] = check_weight(got_part, lin.effective_weight(), lin.delta_weight(), info,
                                             lin.merge_exact)
@@ -640,7 +635,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             w = dense(qt)
             if ad is not None:  # the weight each adapted part computes with (merge-exact: its stored mins)
                 for part, a, b in ad.split(name, qt):
-                    lin = ad.adapted(part, _rows(qt, a, b))
+                    lin = ad.adapted(part, qt.rows(a, b))
                     if lin is not None:
                         w[a:b] = lin.effective_weight()
             return hf_names.to_hf_values(name, w, md).reshape(ti.shape).to(tdt)

@@ -403,7 +403,7 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         qt, fused_bias = w[fused], w.get(fused[:-len("weight")] + "bias")
         for name, a, b in parts:
             bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
-            view = QTensor(qt.raw[a:b], qt.format, (b - a, qt.shape[1]))
+            view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     for name in LINEAR_NAMES:
         if name not in out:
