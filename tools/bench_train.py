@@ -529,7 +529,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         driver.in_steps = True
     model.train()
-    losses, times, opt_ms, phases, trace, prof_out, untimed = [], [], [], [], None, None, set()
+    losses, times, phases, trace, prof_out, untimed = [], [], [], None, None, set()
     for step in range(args.steps):
         ids = token_batch(args.seq, args.batch, cfg["vocab_size"], step).to(dev)
         t0 = time.perf_counter()
@@ -562,7 +562,6 @@ def run_one(args) -> dict:
             losses.append(float(loss.detach()))
             if dev == "cuda":
                 torch.cuda.synchronize()
-                opt_ms.append(marks[3].elapsed_time(marks[4]))
                 phases.append({"gpu_ms": [marks[0].elapsed_time(m) for m in marks[1:]],
                                "host_ms": [h * 1e3 for h in host[1:]]})
         times.append(time.perf_counter() - t0)
@@ -591,7 +590,7 @@ def run_one(args) -> dict:
     out.update({"steps": args.steps, "seq": args.seq, "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
                 "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
                 "step_ms_median": step_s * 1e3, "step_s": times,
-                "optimizer_ms_median": _median(opt_ms[2:] or opt_ms),
+                "optimizer_ms_median": _median([p["gpu_ms"][3] - p["gpu_ms"][2] for p in phases[2:] or phases]),
                 "phases": phase_summary(phases[2:] or phases), "phase_steps": phases,
                 "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                 "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
