@@ -433,6 +433,69 @@ def test_safetensors_model_is_quantized_on_load(tmp_path, botchan_text):
 
 
 # ---------------------------------------------------------------------------------------------
+# --dtype on the CPU: bf16 activations, fp32 adapters and AdamW state, kept on resume
+
+def dtype_run(tmp_path, botchan_text, name: str, **overrides) -> Trainer:
+    """A tiny Q4_1 Llama GGUF fine-tuned on the CPU by a Trainer with `overrides`, in tmp_path/name."""
+    from helpers import write_tiny_llama_gguf
+    model = tmp_path / "tiny.gguf"
+    if not model.exists():
+        write_tiny_llama_gguf(model, "Q4_1", dim=64, ffn=128, emb_scale=0.1)
+        (tmp_path / "t.txt").write_text(botchan_text[:12000])
+    opts = dict(model=str(model), data=str(tmp_path / "t.txt"), out=str(tmp_path / name), method="lora",
+                rank=8, steps=6, seq_len=32, batch=4, lr=2e-2, warmup=1, eval_tokens=256, device="cpu")
+    return Trainer(TrainConfig(**{**opts, **overrides}), log=lambda s: None)
+
+
+def test_bf16_on_the_cpu_trains_fp32_adapters_and_resumes_in_bf16(tmp_path, botchan_text):
+    fp32 = dtype_run(tmp_path, botchan_text, "fp32")  # the default: fp32 activations on the CPU
+    ref = fp32.run()
+    bf16 = dtype_run(tmp_path, botchan_text, "bf16", dtype="bf16")
+    result = bf16.run()
+    assert fp32.model.dtype == torch.float32 and bf16.model.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in bf16.params)  # master weights
+    assert all(v.dtype == torch.float32 for st in bf16.optimizer.state.values()
+               for k, v in st.items() if k != "step")
+    rows = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    # bf16 rounds the activations, not the training: the held-out losses stay close to fp32's
+    assert result.eval_after["eval_loss"] == pytest.approx(ref.eval_after["eval_loss"], rel=0.02)
+    for run, want in (("fp32", "fp32"), ("bf16", "bf16")):
+        assert json.loads((tmp_path / run / "config.json").read_text())["train"]["dtype"] == want
+    resumed = Trainer(TrainConfig.load(tmp_path / "bf16"), log=lambda s: None)
+    resumed.cfg.steps = 7
+    assert resumed.run(resume=True).steps == 7 and resumed.model.dtype == torch.bfloat16
+    assert TrainConfig.load(tmp_path / "bf16").dtype == "bf16"
+
+
+def test_fp16_training_is_refused_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(ValueError, match="use --dtype bf16 or fp32"):
+        TrainConfig(out="x", dtype="fp16").check()
+    data = tmp_path / "d.txt"
+    data.write_text("some text")
+    rc = cli.main(["finetune", __file__, "--data", str(data), "--dtype", "fp16", "--device", "cpu",
+                   "-o", str(tmp_path / "run")])
+    assert rc == 1 and "fp16 gradients would need loss scaling" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="dtype must be one of auto, fp32, bf16"):
+        TrainConfig(out="x", dtype="float8").check()
+
+
+def test_dtype_from_the_command_line_and_on_resume(tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    finetune_cli.add_arguments(p)
+    new_run = ["m", "--data", "d", "-o", "r"]
+    assert finetune_cli.config_from_args(p.parse_args(new_run)).dtype == "auto"
+    assert finetune_cli.config_from_args(p.parse_args(new_run + ["--dtype", "bf16"])).dtype == "bf16"
+    tiny_trainer(tmp_path, steps=1).run()
+    assert TrainConfig.load(tmp_path / "run").dtype == "fp32"  # auto, resolved on the CPU
+    args = p.parse_args(["--resume", str(tmp_path / "run"), "--dtype", "bf16"])
+    assert finetune_cli.resumed_config(args).dtype == "bf16"  # a resume may change it
+    assert finetune_cli.resumed_config(p.parse_args(["--resume", str(tmp_path / "run")])).dtype == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA: bf16 autocast, fp32 adapter state, CUDA RNG in checkpoints, real out-of-memory errors
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import argparse
 
 from .methods import METHODS, canonical_method
 from .paths import check_input_file, check_model_path, check_output_dir
-from .train_config import COMPILE_MODES, RESUME_OVERRIDES, SCHEDULES, TrainConfig
+from .train_config import COMPILE_MODES, DTYPES, RESUME_OVERRIDES, SCHEDULES, TrainConfig
 
 # CLI dest -> TrainConfig field, where they differ.
 _FIELDS = {"type": "qtype", "output": "out"}
@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-ram", help="host memory for streamed layers, e.g. 16GB: those beyond it are "
                    "read from the GGUF file whenever they are needed")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}",
+                   help="activation dtype (default auto: bf16 on CUDA, fp32 on the CPU); adapter weights "
+                   "and AdamW state stay fp32 either way. bf16 on the CPU pays off where it multiplies bf16 "
+                   "natively (AVX512-BF16 or AMX); on other CPUs it runs, but no faster than fp32")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"],
                    help="recompute each layer in the backward pass instead of keeping its "
                    "activations (default: on for CUDA, off on CPU)")

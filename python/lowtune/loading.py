@@ -342,16 +342,17 @@ def apply_train_adapter(model, cfg: TrainConfig) -> dict:
 
 
 def load_for_training(cfg: TrainConfig, device: torch.device, say=print) -> tuple[Model, Tokenizer]:
-    """The model and tokenizer a TrainConfig trains: cfg.model loaded (an HF directory quantized
-    per cfg.qtype), cfg.base_adapter frozen under a new trainable cfg.method adapter, and under
-    a --max-vram budget placed by lowtune.streaming. Records cfg.extra["adapter"] (and
-    ["streaming"])."""
+    """The model and tokenizer a TrainConfig trains: cfg.model loaded with cfg.dtype activations
+    (an HF directory quantized per cfg.qtype), cfg.base_adapter frozen under a new trainable
+    cfg.method adapter, and under a --max-vram budget placed by lowtune.streaming. Records
+    cfg.extra["adapter"] (and ["streaming"])."""
     streams = cfg.max_vram is not None and device.type == "cuda"
     if cfg.max_vram is not None and not streams:
         say("--max-vram is a GPU memory budget; on the CPU nothing streams")
     # Under a memory budget the packed weights stay in host memory until streaming places them.
-    model = load_model(cfg.model, device="cpu" if streams else device, dtype=activation_dtype(device),
-                       qtype=cfg.qtype, base_adapter=cfg.base_adapter, force=cfg.force)
+    model = load_model(cfg.model, device="cpu" if streams else device,
+                       dtype=activation_dtype(device, cfg.dtype), qtype=cfg.qtype,
+                       base_adapter=cfg.base_adapter, force=cfg.force)
     cfg.extra["adapter"] = apply_train_adapter(model, cfg)
     exact = merge_exact_summary(model)
     if exact:

@@ -20,6 +20,9 @@ from .methods import canonical_method
 SCHEDULES = ("cosine", "constant")
 # lowtune.compile's modes; auto: layer on CUDA, off on the CPU (compile.default_mode)
 COMPILE_MODES = ("auto", "off", "layer", "model")
+# activation dtypes a run trains in; auto: bf16 on CUDA, fp32 on the CPU (loading.activation_dtype).
+# fp16 is refused: its gradients would need loss scaling, which the trainer does not do.
+DTYPES = ("auto", "fp32", "bf16")
 CONFIG_FILE = "config.json"  # in a run directory: {"train": TrainConfig, "lowtune": version, ...}
 
 # Settings that may change when resuming: they do not change which data a step sees.
@@ -27,7 +30,7 @@ CONFIG_FILE = "config.json"  # in a run directory: {"train": TrainConfig, "lowtu
 # stays the same (the trainer checks it).
 RESUME_OVERRIDES = ("lr", "clip", "steps", "eval_every", "save_every", "keep_checkpoints",
                     "max_vram", "host_ram", "device", "gradient_checkpointing", "warmup", "schedule", "batch",
-                    "compile", "cuda_graphs")
+                    "compile", "cuda_graphs", "dtype")
 
 # LREC (lowtune correct), as the official lrec.py: r = 32, α = 128 (scale 4), lr 3e-4, and its
 # ce_weight 200 with KL summed over 2048 positions, i.e. 200/2048 on per-token means (correct.py).
@@ -93,6 +96,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU
     compile: str = "auto"           # COMPILE_MODES (lowtune.compile)
+    dtype: str = "auto"             # activations, DTYPES; the trainer writes back fp32 or bf16
     cuda_graphs: bool | None = None # replay decoder layers from CUDA graphs; default: on with CUDA
     base_adapter: str | None = None # run dir of an adapter applied first and frozen (e.g. LREC)
     force: bool = False             # use base_adapter even if it was trained on another base
@@ -117,6 +121,11 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        if self.dtype == "fp16":
+            raise ValueError("--dtype fp16 cannot train: fp16 gradients would need loss scaling, which the "
+                             "trainer does not do; use --dtype bf16 or fp32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.out:

@@ -6,8 +6,9 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch` examples; its loss is the mean over
 every scored token of all its micro-batches (token-weighted, not a mean of means). AdamW with
-fp32 state updates the adapter parameters only; the learning rate warms up linearly for `warmup`
-steps, then stays constant or follows a cosine to zero. The configuration is
+fp32 state updates the adapter parameters only, which stay fp32 whatever the activations run in
+(cfg.dtype: by default bf16 on CUDA, fp32 on the CPU); the learning rate warms up linearly for
+`warmup` steps, then stays constant or follows a cosine to zero. The configuration is
 train_config.TrainConfig, the run directory rundir.RunDir, the failures failures.py, the model
 loading.load_for_training.
 
@@ -44,7 +45,7 @@ from .data import (Dataset, collate, count_targets, first_tokens, load_dataset, 
 from .failures import (OOM_ERRORS, NonFiniteLossError, PeerFailedError, TrainingError, TrainingOutOfMemoryError,
                        changed_batching, existing_run, kept_checkpoint, nonfinite_message, oom_message)
 from .host_adamw import make_adamw
-from .loading import load_for_training, pick_device
+from .loading import activation_dtype, load_for_training, pick_device
 from .model import Model
 from .paths import check_output_dir
 from .progress import Progress, plural
@@ -97,6 +98,8 @@ class Trainer:
     def _setup(self, resume: bool = False) -> None:
         cfg = self.cfg
         self.device = distributed.init(pick_device(cfg.device))  # torchrun: this rank's GPU
+        self.dtype = activation_dtype(self.device, cfg.dtype)
+        cfg.dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # resolved: a resume keeps it
         self.rundir = RunDir(self.run_dir, writer=distributed.is_main())
         if distributed.is_main():  # what the run directory allows is known before anything loads
             check_output_dir(self.run_dir, "run directory")
@@ -186,9 +189,10 @@ class Trainer:
     # -- the step ----------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        # A loaded model computes in self.dtype already. CUDA adds bf16 autocast (models given to
+        # the trainer follow it too); the CPU runs without autocast, which would only add casts.
+        bf16_cuda = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_cuda)
 
     def _batch(self, index: int):
         """This rank's part of micro-batch `index`: (input_ids, labels), or None when the slice is
