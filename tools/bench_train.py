@@ -62,8 +62,9 @@ and the loss after N steps. One step's memory over time is sampled too and plott
 
 On the CPU (--device cpu) the default runs compare lowtune with Hugging Face PEFT on the real
 SmolLM2-135M-Instruct (Q4_1 GGUF): `lowtune` trains on the packed Q4_1 blocks (fp32 activations,
-the CPU defaults of lowtune's trainer: no gradient checkpointing); `peft-fp32` and `peft-bf16`
-train transformers' LlamaForCausalLM holding the same weights dequantized to dense fp32 / bf16
+the CPU defaults of lowtune's trainer: no gradient checkpointing), `lowtune-bf16` the same with
+bf16 activations (`lowtune finetune --dtype bf16`: fp32 adapters and AdamW state); `peft-fp32` and
+`peft-bf16` train transformers' LlamaForCausalLM holding the same weights dequantized to dense fp32 / bf16
 (SDPA attention, no checkpointing), LoRA from PEFT. Same LoRA (r=16, alpha 16, all seven linears
 of every layer), optimizer, data and seed; default seq 256 x batch 2, 8 steps. Reported per run,
 each in its own process: tokens/s over steps 3..N and the peak resident memory during training
@@ -88,7 +89,7 @@ import torch
 from smollm2 import smollm2_path
 
 RUNS = ("resident", "streamed", "qlora")
-CPU_RUNS = ("lowtune", "peft-fp32", "peft-bf16")
+CPU_RUNS = ("lowtune", "lowtune-bf16", "peft-fp32", "peft-bf16")
 # What a run takes unless told otherwise: the GPU benchmark is a 7B at seq 2048, the CPU one
 # SmolLM2-135M at seq 256 x batch 2.
 DEFAULTS = {"cuda": dict(model="llama2-7b", runs=",".join(RUNS), steps=20, seq=2048, batch=1),
@@ -383,11 +384,11 @@ def measure_peaks() -> dict:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     mm = best(lambda: torch.mm(x, y))
-    del x, y
+    x = y = None  # frees them before the copies are timed
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     cp = best(lambda: dst.copy_(src))
-    del dst
+    dst = None
     host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
     h2d = best(lambda: src[:host.numel()].copy_(host, non_blocking=True), reps=5)
     return {"bf16_flops": 2 * n ** 3 / mm, "hbm_bytes_per_s": 2 * src.numel() / cp,
@@ -758,7 +759,7 @@ def peft_dense_model(args, path: Path, dtype: torch.dtype):
 
 
 def run_one_cpu(args) -> dict:
-    """One CPU run (lowtune, peft-fp32 or peft-bf16) in this process."""
+    """One CPU run (lowtune, lowtune-bf16, peft-fp32 or peft-bf16) in this process."""
     import resource
 
     import lowtune
@@ -767,10 +768,11 @@ def run_one_cpu(args) -> dict:
     path = smollm2_path()
     torch.manual_seed(args.seed)
     t_build = time.perf_counter()
-    if args.run == "lowtune":
+    if args.run.startswith("lowtune"):
         from lowtune import adapters
         from lowtune.loading import load_model
-        model = load_model(path, dtype=torch.float32)
+        # the activations in the run's dtype, as finetune --dtype loads them; the adapters stay fp32
+        model = load_model(path, dtype=torch.bfloat16 if args.run == "lowtune-bf16" else torch.float32)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=args.rank, alpha=args.rank,
                                                               seed=args.seed))
         adapters.mark_only_adapters_trainable(model)
@@ -839,8 +841,9 @@ def cpu_header(args) -> str:
 
 
 def report_cpu(results: list[dict], args) -> str:
-    names = {"lowtune": "lowtune, packed Q4_1 (fp32 activations)", "peft-fp32": "PEFT LoRA, dense fp32",
-             "peft-bf16": "PEFT LoRA, dense bf16"}
+    names = {"lowtune": "lowtune, packed Q4_1 (fp32 activations)",
+             "lowtune-bf16": "lowtune, packed Q4_1 (bf16 activations)",
+             "peft-fp32": "PEFT LoRA, dense fp32", "peft-bf16": "PEFT LoRA, dense bf16"}
     base = next((r for r in results if r["run"] == "peft-fp32" and "error" not in r), None)
     lines = ["| run | tokens/s | × PEFT fp32 | peak RSS in training GiB | process peak RSS GiB | "
              f"loss step 1 | loss step {args.steps} |", "|---|---|---|---|---|---|---|"]
