@@ -79,7 +79,8 @@ class Trainer:
     """Runs one configuration. `model`, `tokenizer`, `dataset` and `save_adapter` may be given
     (tests, notebooks, LREC); otherwise they come from cfg.model / cfg.data (loading.py) and
     save_run_adapter. A given model must already carry its trainable parameters and have
-    `loss(ids, labels, reduction="sum")`."""
+    `loss(ids, labels, reduction="sum")`; it keeps its own activation dtype (cfg.dtype decides
+    only CUDA's bf16 autocast for it)."""
 
     def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, dataset: Dataset | None = None,
                  save_adapter: Callable[[Any, Path], Path] | None = None,
