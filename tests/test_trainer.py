@@ -461,7 +461,7 @@ def test_bf16_on_the_cpu_trains_fp32_adapters_and_resumes_in_bf16(tmp_path, botc
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
     # bf16 rounds the activations, not the training: the held-out losses stay close to fp32's
     assert result.eval_after["eval_loss"] == pytest.approx(ref.eval_after["eval_loss"], rel=0.02)
-    for run, want in (("fp32", "fp32"), ("bf16", "bf16")):
+    for run, want in (("fp32", "auto"), ("bf16", "bf16")):
         assert json.loads((tmp_path / run / "config.json").read_text())["train"]["dtype"] == want
     resumed = Trainer(TrainConfig.load(tmp_path / "bf16"), log=lambda s: None)
     resumed.cfg.steps = 7
@@ -489,10 +489,10 @@ def test_dtype_from_the_command_line_and_on_resume(tmp_path, capsys):
     assert finetune_cli.config_from_args(p.parse_args(new_run)).dtype == "auto"
     assert finetune_cli.config_from_args(p.parse_args(new_run + ["--dtype", "bf16"])).dtype == "bf16"
     tiny_trainer(tmp_path, steps=1).run()
-    assert TrainConfig.load(tmp_path / "run").dtype == "fp32"  # auto, resolved on the CPU
+    assert TrainConfig.load(tmp_path / "run").dtype == "auto"  # resolved per device, also on resume
     args = p.parse_args(["--resume", str(tmp_path / "run"), "--dtype", "bf16"])
     assert finetune_cli.resumed_config(args).dtype == "bf16"  # a resume may change it
-    assert finetune_cli.resumed_config(p.parse_args(["--resume", str(tmp_path / "run")])).dtype == "fp32"
+    assert finetune_cli.resumed_config(p.parse_args(["--resume", str(tmp_path / "run")])).dtype == "auto"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off on CPU
     compile: str = "auto"           # COMPILE_MODES (lowtune.compile)
-    dtype: str = "auto"             # activations, DTYPES; the trainer writes back fp32 or bf16
+    dtype: str = "auto"             # activations, DTYPES (auto: per device, also on resume)
     cuda_graphs: bool | None = None # replay decoder layers from CUDA graphs; default: on with CUDA
     base_adapter: str | None = None # run dir of an adapter applied first and frozen (e.g. LREC)
     force: bool = False             # use base_adapter even if it was trained on another base

@@ -100,7 +100,7 @@ class Trainer:
         cfg = self.cfg
         self.device = distributed.init(pick_device(cfg.device))  # torchrun: this rank's GPU
         self.dtype = activation_dtype(self.device, cfg.dtype)
-        cfg.dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # resolved: a resume keeps it
+        # (auto stays auto in config.json: a run resumed on another device takes that device's dtype)
         self.rundir = RunDir(self.run_dir, writer=distributed.is_main())
         if distributed.is_main():  # what the run directory allows is known before anything loads
             check_output_dir(self.run_dir, "run directory")
