@@ -30,6 +30,8 @@
 //   LOWTUNE_CUDA_SMALL_M   largest M for the small-M kernels (default 32, at most 32; 0 = never)
 //   LOWTUNE_CUDA_STAGED_TWO_TILES  smallest M whose staged forward takes the 128-row, two-B-tile
 //                          layout, for every type (1..9; default per type: staged_two_tiles_default)
+//   LOWTUNE_CUDA_GEMV_ROWS 1 or 2: rows a warp of the M = 1 gemv, for every shape (default:
+//                          gemv_rows_per_warp)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
@@ -143,6 +145,23 @@ inline int64_t staged_two_tiles_from(int qtype) {
   return std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_TWO_TILES", staged_two_tiles_default(qtype)), 1,
                              kStagedMaxM / 2 + 1);
 }
+// Rows a warp of the M = 1 gemv (cuda/gemv.cuh): two (gemv_rows_kernel, one read of x from shared
+// memory for both; 4-44% faster than one at most timed types and shapes, H200, BENCHMARKS.md "Two
+// rows a warp in the one-row gemv"), but one where the one-row kernel gives every warp a row of its
+// own (one_row: N up to ~4k) and K > 4096 for the types whose two-row kernel ran 5-36% slower there
+// (Q4_0, Q4_1, Q5_0, INT3-g128, INT4-g64 at 4096x11008 and 4096x14336: half the warps, and a
+// register bound one CTA lower, keep fewer bytes in flight over a long row). Q5_1 and the other
+// group sizes of INT3 and INT4 were not timed and follow their siblings.
+constexpr bool gemv_one_row_at_long_k(int qtype) {
+  if (qtype >= int_type_id(3, 32) && qtype <= int_type_id(4, 128)) return true;  // INT3-g*, INT4-g*
+  return qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_0 || qtype == T_Q5_1;
+}
+inline int gemv_rows_per_warp(int qtype, bool one_row, int64_t k) {
+  const int64_t forced = env_int("LOWTUNE_CUDA_GEMV_ROWS", 0);
+  if (forced == 1 || forced == 2) return (int)forced;
+  return one_row && k > 4096 && gemv_one_row_at_long_k(qtype) ? 1 : 2;
+}
+
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }
 
 inline Path choose(const Call& c) {

@@ -309,13 +309,20 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
                 a = a * (1e4 / big)
             a = a.to(dtype)
             ref = a.double() @ w64.t()
-            gemv = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "gemv",
-                            monkeypatch)
+            by_rows = {}
+            for rows in ("1", "2"):  # rows a warp: gemv_kernel, gemv_rows_kernel
+                monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", rows)
+                by_rows[rows] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n),
+                                         "gemv", monkeypatch)
+            monkeypatch.delenv("LOWTUNE_CUDA_GEMV_ROWS")
+            gemv = by_rows["1"]
             staged = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "staged",
                               monkeypatch)
             err, err_staged = rel_err(gemv, ref), rel_err(staged, ref)
             assert err < TOLERANCE[dtype], f"gemv {name} {dtype} N={n} K={k} {kind}: {err:.2e}"
             assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
+            # a lane adds its units in the same order in both kernels
+            assert torch.equal(by_rows["2"], gemv), f"two rows a warp {name} N={n} K={k} {kind}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -88,3 +88,18 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 2) == "gemv"  # forced: any N and K
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply
+
+
+def test_one_row_gemv_takes_two_rows_a_warp_but_at_long_rows_of_some_types(monkeypatch):
+    """cuda_policy::gemv_rows_per_warp: two rows a warp, except where every warp would own a row
+    (one_row) of more than 4096 columns and the type's two-row kernel was timed slower there."""
+    monkeypatch.delenv("LOWTUNE_CUDA_GEMV_ROWS", raising=False)
+    q4_0, q4_k, q5_0, q8_0, int2_g64, int4_g32, int4_g128 = 2, 12, 6, 8, 1021, 1040, 1042
+    for t in (q4_0, q5_0, int4_g32, int4_g128):
+        assert [_C.cuda_gemv_rows(t, one, k) for one, k in ((True, 14336), (True, 4096), (False, 14336))] == [1, 2, 2]
+    for t in (q4_k, q8_0, int2_g64):
+        assert _C.cuda_gemv_rows(t, True, 14336) == 2
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", "1")
+    assert _C.cuda_gemv_rows(q4_k, False, 4096) == 1
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", "2")
+    assert _C.cuda_gemv_rows(q4_0, True, 14336) == 2

@@ -15,7 +15,8 @@
 //     with the two sums exact integers and the rest one fp32 expression per span.
 // prepare_kernel writes x in that form once per product, in the order lanes read it (a warp's 32
 // units side by side, 16 bytes per lane per load: conflict-free); each CTA of gemv_kernel copies
-// it into shared memory, then its warps take rows. Both launch with programmatic dependent launch
+// it into shared memory, then its warps take rows, one at a time (gemv_kernel) or two
+// (gemv_rows_kernel: one read of x for both). Both launch with programmatic dependent launch
 // (launch_pdl), so that a kernel's start overlaps the previous one's end.
 //
 // Error: below the bf16 rounding of each weight that the MMA kernels apply (x to ~2^-16 of its
@@ -30,6 +31,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "../cuda_policy.h"  // gemv_rows_per_warp
 #include "common.cuh"
 #include "cp_async.cuh"
 #include "glue_math.cuh"  // the prologues' formulas
@@ -196,9 +198,10 @@ struct LaneUnits {
   const float4* al;
 };
 
-// acc plus the sum of one unit: its raw words r, its x at xu (xs_index(u, h) = xu[32 h]), a = aux[u]
-// (sigma0, sigma0 sum(xq0), sigma1, sigma1 sum(xq1)).
-template <int T>
+// acc plus the sum of one unit: its raw words r, its x at xu (xs_index(u, h) = xu[XS h]: XS = 32 in
+// shared memory, 1 where a caller holds the unit's four loads), a = aux[u] (sigma0, sigma0 sum(xq0),
+// sigma1, sigma1 sum(xq1)).
+template <int T, int XS = 32>
 __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l, const uint4* xu, float4 a, float acc) {
   using U = Unpack<T>;
   constexpr int kW = U::template Words<16>::value;
@@ -212,10 +215,10 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
     const uint32_t sm = scale_min_pair_k4(r + 1, l.e0 >> 5);
 #pragma unroll
     for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0x0F0F0F0Fu;
-    const int d0 = span_dot(cw, xu[0], xu[32]);
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
 #pragma unroll
     for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0xF0F0F0F0u;
-    const int d1 = span_dot(cw, xu[64], xu[96]) >> 4;
+    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]) >> 4;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     const float sd = fmaf(a.z, (float)(d1 * (int)__byte_perm(sm, 0u, 0x4441u)),
                           a.x * (float)(d0 * (int)__byte_perm(sm, 0u, 0x4440u)));
@@ -225,19 +228,19 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
     // both spans' (s, z) are the block's: s (sigma0 D0 + sigma1 D1) + z (sigma0 S0 + sigma1 S1)
     float s, z, s1, z1;
     U::template codes<16>(r, l.e0, cw, s, z);
-    const int d0 = span_dot(cw, xu[0], xu[32]);
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
     U::template codes<16>(r + (kLoads - 1) * kW, l.e1, cw, s1, z1);  // s1, z1: s, z again
-    const int d1 = span_dot(cw, xu[64], xu[96]);
+    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]);
     return fmaf(s, fmaf(a.z, (float)d1, a.x * (float)d0), fmaf(z, a.y + a.w, acc));
   } else {
     // per span: sigma (s sum(u xq) + z sum(xq)) = s (sigma sum(u xq)) + z (sigma sum(xq)) (sigma
     // times the integer sums first: sigma s could fall below the normal range for tiny x)
     float s, z;
     U::template codes<16>(r, l.e0, cw, s, z);
-    const int d0 = span_dot(cw, xu[0], xu[32]);
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
     acc = fmaf(s, a.x * (float)d0, fmaf(z, a.y, acc));
     U::template codes<16>(r + (kLoads - 1) * kW, l.e1, cw, s, z);
-    const int d1 = span_dot(cw, xu[64], xu[96]);
+    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]);
     return fmaf(s, a.z * (float)d1, fmaf(z, a.w, acc));
   }
 }
@@ -511,6 +514,124 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
   }
 }
 
+// R rows a warp (cuda_policy::gemv_rows_per_warp; launched with R = 2): a lane decodes the same
+// units of rows R t .. R t + R - 1 against one read of x from shared memory. gemv_kernel reads x's
+// 64 bytes and aux's 16 a unit for every row, against 18 bytes of W for a 4-bit type, so its
+// shared-memory traffic is 4x its DRAM traffic and grows as the type narrows (INT2-g64: 8x); here it
+// is 1/R of that. Each row
+// has kInFlight / R units in flight, so the loaded words take the registers they took before.
+template <int T, int R, int N>
+using RowsWords = uint32_t[R][N][kRoundWords<T>];
+
+// rows_round's halves: the loads of R rows' units u0 + 32 i + lane (i < N), then their sums, one
+// read of x a unit for all R rows
+template <int T, int R, int N, bool kCheck>
+__device__ __forceinline__ void rows_load(const uint8_t* const (&b)[R], int u0, int units, const LaneUnits& l,
+                                          RowsWords<T, R, N>& r) {
+#pragma unroll
+  for (int j = 0; j < R; ++j) round_load<T, N, kCheck>(b[j], u0, units, l, r[j]);
+}
+template <int T, int R, int N, bool kCheck>
+__device__ __forceinline__ void rows_decode(const uint8_t* const (&b)[R], int u0, int units, const LaneUnits& l,
+                                            RowsWords<T, R, N>& r, float (&acc)[R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (kCheck && u0 + 32 * i + lane >= units) continue;
+    const uint4* xu = l.xl + 4 * (u0 + 32 * i);
+    const uint4 xv[4] = {xu[0], xu[32], xu[64], xu[96]};
+    const float4 a = l.al[u0 + 32 * i];
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      place_words<T>(r[j][i], (reinterpret_cast<uintptr_t>(b[j]) & 2) != 0);
+      acc[j] = unit_sum<T, 1>(r[j][i], l, xv, a, acc[j]);
+    }
+  }
+}
+template <int T, int R, int N, bool kCheck>
+__device__ __forceinline__ void rows_round(const uint8_t* const (&b)[R], int u0, int units, const LaneUnits& l,
+                                           float (&acc)[R]) {
+  RowsWords<T, R, N> r;
+  rows_load<T, R, N, kCheck>(b, u0, units, l, r);
+  rows_decode<T, R, N, kCheck>(b, u0, units, l, r, acc);
+}
+
+// R rows' words and x's four loads held at once take more registers than gemv_kernel's bound
+// leaves some types (spills, nvcc 13.0, sm_90): one CTA fewer where that bound is 4 or 5.
+template <int T> constexpr int rows_min_ctas() { return min_ctas<T>() >= 4 ? min_ctas<T>() - 1 : min_ctas<T>(); }
+
+// Warp task t: rows R t .. R t + R - 1, where a last task short of R rows reads its last row again.
+// The warp's first round is loaded before the wait (as gemv_kernel's one-row case does), so that its
+// latency overlaps the kernels before: without it the kernel was up to 1.5x slower (BENCHMARKS.md).
+template <int T, class ACT, int R>
+__global__ void __launch_bounds__(kThreads, rows_min_ctas<T>())
+gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
+                 ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
+  using U = Unpack<T>;
+  using Un = Units<T>;
+  constexpr int N = kInFlight / R;
+  static_assert(N * R == kInFlight, "R divides the units in flight");
+  constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
+  extern __shared__ uint4 smem[];
+  const int units = k / 32;
+  const float4* aux = reinterpret_cast<const float4*>(smem + 4 * padded_units(k));
+  const int lane = threadIdx.x & 31;
+  const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
+  const int e0 = Un::e0(lane % Un::kPerBlock);
+  const LaneUnits l{e0, e0 + Un::kGap, smem + lane, aux + lane};
+  const int whole = units - units % (32 * N);
+  const int tasks = (n + R - 1) / R;
+  const uint8_t* b[R];
+  auto task_rows = [&](int t) {
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      b[j] = w + (int64_t)min(R * t + j, n - 1) * row_bytes + lane / Un::kPerBlock * U::kBytes;
+  };
+  RowsWords<T, R, N> r0;  // the first task's first round
+  task_rows(first);
+  if (first < tasks) {
+    if (whole > 0) rows_load<T, R, N, false>(b, 0, units, l, r0);
+    else rows_load<T, R, N, true>(b, 0, units, l, r0);
+  }
+  pdl_launch_dependents();
+  pdl_wait();  // x's form is prepare_kernel's output
+  // (cp.async: no registers between the load and the store while the early round is held)
+  for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads)
+    cp_async16(smem_addr(smem + i), form + i, 16);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // task t's rounds from unit u0 on, then its R sums out
+  auto finish = [&](int t, int u0, float (&acc)[R]) {
+    for (; u0 < whole; u0 += 32 * N) {
+      rows_round<T, R, N, false>(b, u0, units, l, acc);
+#pragma unroll
+      for (int j = 0; j < R; ++j) b[j] += N * kStep;
+    }
+    if (u0 < units) rows_round<T, R, N, true>(b, u0, units, l, acc);  // the rest
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+      if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
+    }
+  };
+  if (first < tasks) {  // the first task's first round, outside the loop: r0 dies here
+    float acc[R] = {};
+    if (whole > 0) rows_decode<T, R, N, false>(b, 0, units, l, r0, acc);
+    else rows_decode<T, R, N, true>(b, 0, units, l, r0, acc);
+#pragma unroll
+    for (int j = 0; j < R; ++j) b[j] += N * kStep;
+    finish(first, 32 * N, acc);
+  }
+  for (int t = first + stride; t < tasks; t += stride) {
+    float acc[R] = {};
+    task_rows(t);
+    finish(t, 0, acc);
+  }
+}
+
 }  // namespace gemv
 
 template <int T>
@@ -538,6 +659,16 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
                                                                 : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
                  form.as<uint4>(), pro);
+      const int per_sm_rows = kernel_ctas<gemv::gemv_rows_kernel<T, ACT, 2>>(smem, gemv::kThreads);
+      if (per_sm_rows > 0 && cuda_policy::gemv_rows_per_warp(T, one_row, k) == 2) {
+        // every warp the same count of tasks (but the last): as many warps as that takes
+        const int64_t fit = (int64_t)per_sm_rows * sm_count() * gemv::kWarps, tasks = (n + 1) / 2;
+        const int64_t per_warp = (tasks + fit - 1) / fit, warps = (tasks + per_warp - 1) / per_warp;
+        launch_pdl(gemv::gemv_rows_kernel<T, ACT, 2>, dim3((unsigned)((warps + gemv::kWarps - 1) / gemv::kWarps)),
+                   dim3(gemv::kThreads), smem, stream, form.as<const uint4>(), w, static_cast<ACT*>(y), (int)n, (int)k,
+                   row_bytes);
+        return;
+      }
       const auto kernel = one_row ? gemv::gemv_kernel<T, ACT, true> : gemv::gemv_kernel<T, ACT, false>;
       launch_pdl(kernel, dim3(grid), dim3(gemv::kThreads), smem, stream, form.as<const uint4>(), w,
                  static_cast<ACT*>(y), (int)n, (int)k, row_bytes);

@@ -1,5 +1,6 @@
 """Graph-replay timings of one-row products (decoding): the gemv kernel (LOWTUNE_CUDA_PATH=gemv)
-against the staged kernel (LOWTUNE_CUDA_PATH=staged) and the default choice (cuda_policy), per
+against the staged kernel (LOWTUNE_CUDA_PATH=staged), the gemv with one or two rows a warp forced
+(LOWTUNE_CUDA_GEMV_ROWS) and the default choice (cuda_policy), per
 type, on the shapes of 7B/8B decode steps, in one process, weights rotated past 2x L2
 (tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape, type and setting,
 JSON lines to --out.
@@ -24,13 +25,18 @@ FOUR_BIT = ["Q4_K", "Q4_0", "Q4_1", "INT4-g64"]
 OTHERS = ["Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "INT2-g64", "INT3-g128", "INT8-g32"]
 DECODE_SHAPES = ["4096x4096", "12288x4096", "22016x4096", "4096x11008", "14336x4096", "4096x14336"]
 FEW_SHAPES = ["4096x4096", "14336x4096", "4096x14336"]
-SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": {"LOWTUNE_CUDA_PATH": "gemv"}}
-KNOBS = ("LOWTUNE_CUDA_PATH",)
-
+_GEMV = {"LOWTUNE_CUDA_PATH": "gemv"}
+SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": _GEMV,
+            # rows a warp forced (gemv: cuda_policy::gemv_rows_per_warp chooses)
+            "gemv_rows1": {**_GEMV, "LOWTUNE_CUDA_GEMV_ROWS": "1"},
+            "gemv_rows2": {**_GEMV, "LOWTUNE_CUDA_GEMV_ROWS": "2"}}
+KNOBS = ("LOWTUNE_CUDA_PATH", "LOWTUNE_CUDA_GEMV_ROWS")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default=",".join(FOUR_BIT + OTHERS))
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="which of " + ", ".join(SETTINGS))
+    ap.add_argument("--shapes", help="NxK,... for every type (default: the decode shapes)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     timer = GraphTimer(target_ms=2.0, reps=5)
@@ -42,13 +48,15 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     out = open(a.out, "a") if a.out else None
     for qtype in a.types.split(","):
-        for shape in DECODE_SHAPES if qtype in FOUR_BIT else FEW_SHAPES:
+        shapes = a.shapes.split(",") if a.shapes else DECODE_SHAPES if qtype in FOUR_BIT else FEW_SHAPES
+        for shape in shapes:
             n, k = (int(v) for v in shape.split("x"))
             one = random_qtensor(qtype, n, k)
             qts = [one] + [random_qtensor(qtype, n, k) for _ in range(copies_for(one.nbytes) - 1)]
             x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
             nbytes = one.nbytes + (k + n) * 2
-            for name, env in SETTINGS.items():
+            for name in a.settings.split(","):
+                env = SETTINGS[name]
                 for key in KNOBS:
                     os.environ.pop(key, None)
                 os.environ.update(env)
