@@ -400,6 +400,19 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   return round_impl<T, N, kCheck, true, true>(b, u0, units, l, r, acc);
 }
 
+// The kernels that load their first round early: the PDL wait (x's form is prepare_kernel's
+// output), then the form into shared memory by cp.async (no registers between the load and the
+// store while the round is held).
+__device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* form, int k) {
+  pdl_launch_dependents();
+  pdl_wait();
+  for (int i = threadIdx.x; i < 4 * padded_units(k) + k / 32; i += kThreads)
+    cp_async16(smem_addr(smem + i), form + i, 16);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // CTAs per multiprocessor that ptxas is held to (__launch_bounds__: 65536 / (256 CTAs) registers a
 // thread, in steps of 8). Left to itself it took more registers than needed for some types and so
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
@@ -466,14 +479,7 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
       if (whole > 0) round_load<T, E, false>(b, 0, units, l, r0);
       else round_load<T, E, true>(b, 0, units, l, r0);
     }
-    pdl_launch_dependents();
-    pdl_wait();  // x's form is prepare_kernel's output
-    // (cp.async: no registers between the load and the store while the round is held)
-    for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads)
-      cp_async16(smem_addr(smem + i), form + i, 16);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+    stage_form_after_wait(smem, form, k);
     if (first >= n) return;
     float acc = whole > 0 ? round_decode<T, E, false>(b, 0, units, l, r0, 0.0f)
                           : round_decode<T, E, true>(b, 0, units, l, r0, 0.0f);
@@ -593,14 +599,7 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     if (whole > 0) rows_load<T, R, N, false>(b, 0, units, l, r0);
     else rows_load<T, R, N, true>(b, 0, units, l, r0);
   }
-  pdl_launch_dependents();
-  pdl_wait();  // x's form is prepare_kernel's output
-  // (cp.async: no registers between the load and the store while the early round is held)
-  for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads)
-    cp_async16(smem_addr(smem + i), form + i, 16);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
+  stage_form_after_wait(smem, form, k);
 
   // task t's rounds from unit u0 on, then its R sums out
   auto finish = [&](int t, int u0, float (&acc)[R]) {
