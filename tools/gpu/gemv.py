@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                 print(f"{qtype:>9} {shape:>11} {name:>9}: {us:7.2f} us {rec['tb_s']:.2f} TB/s", flush=True)
                 if out:
                     out.write(json.dumps(rec) + "\n")
-            del qts, one
+            qts = one = None  # freed before the next shape's copies
             torch.cuda.empty_cache()
     for key in KNOBS:
         os.environ.pop(key, None)
