@@ -7,12 +7,22 @@
 """
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
-FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
 _SPELLINGS = {"F32": ("f32", "fp32", "float32", "float"), "F16": ("f16", "fp16", "float16", "half"),
               "BF16": ("bf16", "bfloat16")}
 _BY_SPELLING = {s: t for t, names in _SPELLINGS.items() for s in (t.lower(), *names)}
+
+
+@functools.cache
+def float_types() -> dict[str, torch.dtype]:
+    """{"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}"""
+    import torch  # here: the names need no torch (the command line checks them before torch loads)
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def type_of(name: str) -> str:
@@ -24,12 +34,12 @@ def type_of(name: str) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return FLOAT_TYPES[type_of(name)]
+    return float_types()[type_of(name)]
 
 
 def type_name(dtype: torch.dtype) -> str:
     """F32 / F16 / BF16 for a float torch dtype."""
-    for name, dt in FLOAT_TYPES.items():
+    for name, dt in float_types().items():
         if dt == dtype:
             return name
     raise ValueError(f"{dtype} is not a float type GGUF or safetensors store (float32, float16, bfloat16)")

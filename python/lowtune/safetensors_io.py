@@ -29,7 +29,7 @@ from gguf.constants import GGUFValueType
 from . import hf_names
 from .checkpoint import atomic_write
 from .progress import tracked
-from .dtypes import FLOAT_TYPES, type_name
+from .dtypes import float_types, type_name
 from .families import FAMILIES
 from .formats import get_format
 from .gguf_io import DEFAULT_ALIGNMENT, TensorInfo, main_file_type
@@ -205,7 +205,7 @@ def write_safetensors(path, specs: list[tuple[str, str, tuple[int, ...]]],
     progress: the label of a bar over the tensors (shown when writing takes a while)."""
     header, offset = {}, 0
     for name, dt, shape in specs:
-        nbytes = FLOAT_TYPES[dt].itemsize * math.prod(shape)
+        nbytes = float_types()[dt].itemsize * math.prod(shape)
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
@@ -218,7 +218,7 @@ def write_safetensors(path, specs: list[tuple[str, str, tuple[int, ...]]],
         f.write(hb)
         for name, dt, shape in (specs if progress is None else tracked(specs, len(specs), progress, "tensor")):
             t = produce(name)
-            if t.dtype != FLOAT_TYPES[dt] or tuple(t.shape) != tuple(shape):
+            if t.dtype != float_types()[dt] or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, header says {dt} {shape}")
             f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
