@@ -224,3 +224,25 @@ def test_finetune_with_base_adapter(tiny, corrected, tmp_path):
     other = tiny_llama_gguf(tmp_path / "different.gguf", layers=2, seed=5)
     with pytest.raises(BaseMismatchError, match="trained on base .*--force"):  # it belongs to `student`
         attach_base_adapter(load_model(other), corrected)
+
+
+def test_the_student_dtype_is_the_train_configs(tiny, corrected, tmp_path, capsys):
+    """--dtype takes the trainer's settings (any spelling of fp32/bf16; fp16 refused before
+    anything loads), and runs made before TrainConfig had a dtype keep lrec's."""
+    from lowtune.correct import build
+    from lowtune.train_config import TrainConfig
+    d, teacher, student = tiny
+    rc = cli.main(["correct", str(student), "--teacher", str(teacher), "--text", str(d / "train.txt"),
+                   "--dtype", "float16", "--device", "cpu", "-o", str(tmp_path / "run")])
+    assert rc == 1 and "fp16 gradients would need loss scaling" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    cfg = TrainConfig.load(corrected)
+    assert cfg.dtype == "auto" and "dtype" not in cfg.extra["lrec"]
+    cfg.dtype = "bfloat16"
+    cfg.check()
+    student_dtype = lambda: build(cfg, torch.device("cpu"), log=lambda s: None)[0].student.dtype  # noqa: E731
+    assert cfg.dtype == "bf16" and student_dtype() == torch.bfloat16
+    cfg.dtype, cfg.extra["lrec"]["dtype"] = "auto", "bfloat16"  # an older run's record
+    assert student_dtype() == torch.bfloat16
+    cfg.dtype = "fp32"  # the run's own setting wins
+    assert student_dtype() == torch.float32

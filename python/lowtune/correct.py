@@ -56,7 +56,6 @@ from . import ops
 from .checkpoint import seed_everything
 from .adapters import AdapterConfig, adapters_of, apply_adapters, save_adapter
 from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
-from .dtypes import torch_dtype
 from .failures import existing_run
 from .loading import activation_dtype, load_model, pick_device
 from .memory_budget import DeviceBudget
@@ -377,7 +376,8 @@ def build(cfg: TrainConfig, device: torch.device, log=print):
     read from the file; under a GPU budget both models load into host memory for streaming."""
     lrec = cfg.extra["lrec"]
     streams = cfg.max_vram is not None and device.type == "cuda"
-    dtype = activation_dtype(device, lrec.get("dtype"))
+    # (runs made before TrainConfig had a dtype kept the student's in lrec)
+    dtype = activation_dtype(device, lrec.get("dtype") if cfg.dtype == "auto" else cfg.dtype)
     student = load_model(cfg.model, device="cpu" if streams else device, dtype=dtype)
     tdev = torch.device(lrec.get("teacher_device") or device)
     teacher = load_model(lrec["teacher"], device="cpu" if streams else tdev,
@@ -401,17 +401,17 @@ def correct(student, teacher, text, out, *, rank: int = LREC_RANK, alpha: float 
     """Train an LREC adapter on `student` (GGUF) against `teacher` (GGUF, same tokenizer) on the
     text file `text`, into run directory `out`. Options are TrainConfig fields (steps, epochs,
     seq_len, batch, grad_accum, warmup, schedule, eval_fraction, targets, seed, device, ...).
-    dtype: the student's activation dtype (default bfloat16 on CUDA, float32 on the CPU; the
-    teacher always runs in float32). With float32 the trainer's bf16 autocast is switched off."""
+    dtype: the student's activation dtype, TrainConfig.dtype (default auto: bf16 on CUDA, fp32 on
+    the CPU; the teacher always runs in fp32)."""
     if dtype is not None:
-        dtype = str(torch_dtype(dtype)).removeprefix("torch.")
+        options["dtype"] = dtype
     options.setdefault("seq_len", 512)
     cfg = TrainConfig(model=str(student), data=str(text), out=str(out), method="lora", rank=rank,
                       alpha=alpha, lr=lr, **options)
     cfg.extra["lrec"] = {"teacher": str(teacher), "kl_weight": float(kl_weight),
                          "ce_weight": float(ce_weight), "kl_chunk": int(kl_chunk),
                          "eval_texts": [str(t) for t in eval_texts], "eval_tokens": eval_tokens,
-                         "teacher_device": teacher_device, "dtype": dtype}
+                         "teacher_device": teacher_device}
     return run_correction(cfg, log=log)
 
 

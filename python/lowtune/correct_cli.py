@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .paths import check_input_file, check_model_path, check_output_dir
-from .train_config import LREC_ALPHA, LREC_CE_WEIGHT, LREC_KL_CHUNK, LREC_LR, LREC_RANK, SCHEDULES
+from .train_config import (DTYPES, LREC_ALPHA, LREC_CE_WEIGHT, LREC_KL_CHUNK, LREC_LR, LREC_RANK, SCHEDULES,
+                           dtype_setting)
 
 DESCRIPTION = """LREC (INT2.1): train a LoRA on a quantized student so that its next-token distribution
 matches a full-precision teacher's (forward KL over the whole vocabulary + weighted cross-entropy).
@@ -60,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--teacher-device", help="keep the teacher elsewhere (e.g. cpu)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="student activation dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}",
+                   help="student activation dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--max-vram", help="GPU memory budget (layer streaming), e.g. 6GB")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
@@ -76,6 +77,8 @@ def check(args: argparse.Namespace) -> None:
     check_model_path(args.teacher)
     check_input_file(args.text, "text file")
     check_output_dir(args.output, "run directory")
+    if args.dtype is not None:
+        dtype_setting(args.dtype)
 
 
 def train_options(args: argparse.Namespace) -> dict:

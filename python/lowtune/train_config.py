@@ -15,14 +15,34 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dtypes import type_of
 from .methods import canonical_method
 
 SCHEDULES = ("cosine", "constant")
 # lowtune.compile's modes; auto: layer on CUDA, off on the CPU (compile.default_mode)
 COMPILE_MODES = ("auto", "off", "layer", "model")
-# activation dtypes a run trains in; auto: bf16 on CUDA, fp32 on the CPU (loading.activation_dtype).
-# fp16 is refused: its gradients would need loss scaling, which the trainer does not do.
+# activation dtypes a run trains in; auto: bf16 on CUDA, fp32 on the CPU (loading.activation_dtype);
+# dtype_setting reads the user's spellings and refuses fp16
 DTYPES = ("auto", "fp32", "bf16")
+_SETTING_OF_TYPE = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+def dtype_setting(name: str) -> str:
+    """TrainConfig.dtype for a name the user gave: auto, or any spelling lowtune.dtypes knows
+    (float32, bfloat16, BF16, ...) as fp32 or bf16. fp16 is refused: its gradients would need loss
+    scaling, which the trainer does not do."""
+    if name == "auto":
+        return name
+    try:
+        setting = _SETTING_OF_TYPE[type_of(name)]
+    except ValueError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+    if setting == "fp16":
+        raise ValueError("--dtype fp16 cannot train: fp16 gradients would need loss scaling, which the "
+                         "trainer does not do; use --dtype bf16 or fp32")
+    return setting
+
+
 CONFIG_FILE = "config.json"  # in a run directory: {"train": TrainConfig, "lowtune": version, ...}
 
 # Settings that may change when resuming: they do not change which data a step sees.
@@ -121,11 +141,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
-        if self.dtype == "fp16":
-            raise ValueError("--dtype fp16 cannot train: fp16 gradients would need loss scaling, which the "
-                             "trainer does not do; use --dtype bf16 or fp32")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.dtype = dtype_setting(self.dtype)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.out:
