@@ -146,9 +146,9 @@ inline int64_t staged_two_tiles_from(int qtype) {
                              kStagedMaxM / 2 + 1);
 }
 // Rows a warp of the M = 1 gemv (cuda/gemv.cuh): two (gemv_rows_kernel, one read of x from shared
-// memory for both; 4-44% faster than one at most timed types and shapes, H200, BENCHMARKS.md "Two
-// rows a warp in the one-row gemv"), but one where the one-row kernel gives every warp a row of its
-// own (one_row: N up to ~4k) and K > 4096 for the types whose two-row kernel ran 5-36% slower there
+// memory for both; up to 36% less time than one at most timed types and shapes, H200, BENCHMARKS.md
+// "Two rows a warp in the one-row gemv"), but one where the one-row kernel gives every warp a row of
+// its own (one_row: N up to ~4k) and K > 4096 for the types whose two-row kernel took 6-42% more there
 // (Q4_0, Q4_1, Q5_0, INT3-g128, INT4-g64 at 4096x11008 and 4096x14336: half the warps, and a
 // register bound one CTA lower, keep fewer bytes in flight over a long row). Q5_1 and the other
 // group sizes of INT3 and INT4 were not timed and follow their siblings.
