@@ -45,6 +45,27 @@ py::dict build_info() {
   d["cpu_threading"] = std::string(cpu::threading_backend());
   return d;
 }
+
+// The adapter products' bindings, for a CPU kernel and its slow twin alike (adapter_kernels.h):
+// geometry as (m, k, n, pool, repeat, rank, a_ld, b_ld, has_b, scale), then the pointers.
+template <auto F>
+auto adapter_forward_binding() {
+  return [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r, int64_t a_ld, int64_t b_ld, bool has_b,
+            float scale, uintptr_t x, int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u, uintptr_t xs_out) {
+    F(AdapterGeom{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt, ptr<const float>(A),
+      ptr<const float>(B), ptr<void>(y), ptr<float>(u), ptr<void>(xs_out));
+  };
+}
+template <auto F>
+auto adapter_backward_binding() {
+  return [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r, int64_t a_ld, int64_t b_ld, bool has_b,
+            float scale, uintptr_t dy, int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B, uintptr_t u,
+            uintptr_t dx, uintptr_t dA, uintptr_t dB, uintptr_t du) {
+    F(AdapterGeom{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt, ptr<const void>(xs), xs_pool,
+      ptr<const float>(A), ptr<const float>(B), ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
+      ptr<float>(du));
+  };
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -172,43 +193,12 @@ PYBIND11_MODULE(_C, m) {
   }, nogil());
 
   // ---- adapters (csrc/adapter_kernels.h); lowtune.adapter_ops validates every argument -------
-  // Geometry travels as (m, k, n, pool, repeat, rank, a_ld, b_ld, has_b, scale).
-  using G = AdapterGeom;
-  m.def("adapter_forward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
-                              int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
-                              int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,
-                              uintptr_t xs_out) {
-    cpu::adapter_forward(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
-                         ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
-                         ptr<void>(xs_out));
-  }, nogil());
-  m.def("adapter_backward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
-                               int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
-                               int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,
-                               uintptr_t u, uintptr_t dx, uintptr_t dA, uintptr_t dB, uintptr_t du) {
-    cpu::adapter_backward(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
-                          ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
-                          ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
-                          ptr<float>(du));
-  }, nogil());
-  // The slow CPU twins, for tests: same arguments as adapter_forward / adapter_backward.
-  m.def("adapter_forward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
-                                        int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
-                                        int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,
-                                        uintptr_t xs_out) {
-    cpu::adapter_forward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
-                                   ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
-                                   ptr<void>(xs_out));
-  }, nogil());
-  m.def("adapter_backward_reference", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
-                                         int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
-                                         int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,
-                                         uintptr_t u, uintptr_t dx, uintptr_t dA, uintptr_t dB, uintptr_t du) {
-    cpu::adapter_backward_reference(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
-                                    ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
-                                    ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
-                                    ptr<float>(du));
-  }, nogil());
+  // Geometry travels as (m, k, n, pool, repeat, rank, a_ld, b_ld, has_b, scale). The fast kernels
+  // and their slow CPU twins (the *_reference names, for tests) take the same arguments.
+  m.def("adapter_forward", adapter_forward_binding<cpu::adapter_forward>(), nogil());
+  m.def("adapter_backward", adapter_backward_binding<cpu::adapter_backward>(), nogil());
+  m.def("adapter_forward_reference", adapter_forward_binding<cpu::adapter_forward_reference>(), nogil());
+  m.def("adapter_backward_reference", adapter_backward_binding<cpu::adapter_backward_reference>(), nogil());
   // ---- the CPU decoding step (csrc/decode_kernels.h); lowtune.generate builds and checks it ----
   // A matrix travels as (qtype, pointer, n, k); a layer as its seven matrices (q, k, v, o, gate,
   // up, down) then (attn_norm, ffn_norm, k_cache, v_cache) pointers; the config as (dim,
@@ -239,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
                                    int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t x,
                                    int dt, uintptr_t A, uintptr_t B, uintptr_t y, uintptr_t u,
                                    uintptr_t xs_out, uintptr_t stream) {
-    cuda::adapter_forward(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
+    cuda::adapter_forward(AdapterGeom{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(x), dt,
                           ptr<const float>(A), ptr<const float>(B), ptr<void>(y), ptr<float>(u),
                           ptr<void>(xs_out), ptr<void>(stream));
   }, nogil());
@@ -252,7 +242,7 @@ PYBIND11_MODULE(_C, m) {
                                     int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,
                                     uintptr_t u, uintptr_t dx, uintptr_t dA, uintptr_t dB,
                                     uintptr_t du, uintptr_t stream) {
-    cuda::adapter_backward(G{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
+    cuda::adapter_backward(AdapterGeom{M, K, N, p, q, r, a_ld, b_ld, has_b, scale}, ptr<const void>(dy), dt,
                            ptr<const void>(xs), xs_pool, ptr<const float>(A), ptr<const float>(B),
                            ptr<const float>(u), ptr<void>(dx), ptr<float>(dA), ptr<float>(dB),
                            ptr<float>(du), ptr<void>(stream));
