@@ -524,8 +524,8 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
 // units of rows R t .. R t + R - 1 against one read of x from shared memory. gemv_kernel reads x's
 // 64 bytes and aux's 16 a unit for every row, against 18 bytes of W for a 4-bit type, so its
 // shared-memory traffic is 4x its DRAM traffic and grows as the type narrows (INT2-g64: 8x); here it
-// is 1/R of that. Each row
-// has kInFlight / R units in flight, so the loaded words take the registers they took before.
+// is 1/R of that. Each row has kInFlight / R units in flight, so the loaded words take the registers
+// they took before.
 template <int T, int R, int N>
 using RowsWords = uint32_t[R][N][kRoundWords<T>];
 
