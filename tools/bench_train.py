@@ -588,11 +588,12 @@ def run_one(args) -> dict:
             print(f"{args.run}: {setup.summary()}", flush=True)
     timed = [t for i, t in enumerate(times) if i >= 2 and i not in untimed] or times
     step_s = sorted(timed)[len(timed) // 2]
+    steady = phases[2:] or phases  # the phase marks after the first two steps
     out.update({"steps": args.steps, "seq": args.seq, "batch": args.batch, "rank": args.rank, "qtype": args.qtype,
                 "tokens_per_s": args.seq * args.batch * len(timed) / sum(timed),
                 "step_ms_median": step_s * 1e3, "step_s": times,
-                "optimizer_ms_median": _median([p["gpu_ms"][3] - p["gpu_ms"][2] for p in phases[2:] or phases]),
-                "phases": phase_summary(phases[2:] or phases), "phase_steps": phases,
+                "optimizer_ms_median": _median([p["gpu_ms"][3] - p["gpu_ms"][2] for p in steady]),
+                "phases": phase_summary(steady), "phase_steps": phases,
                 "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                 "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "optimizer_on_host": on_host,
