@@ -5,7 +5,8 @@ tensors), saved as safetensors with a small SentencePiece tokenizer and a chat t
 converted to GGUF F32 by llama.cpp's own convert_hf_to_gguf.py (from llama-cpp-python's sdist,
 unpacked by tools/setup_env.sh). "mistral" is Mistral's sliding window on the llama architecture:
 the converter drops the window, so build_family_models puts `llama.attention.sliding_window` back
-into the file, as a file that asks for it would have it.
+into the file, as a file that asks for it would have it; the "gemma" file gets its vocabulary's
+end-of-turn id in place of the converter's fixed one.
 
 conftest.py's session fixture `family_models` builds them once: {name: Tiny(name, hf_dir, gguf)}.
 Also here: llama.cpp's perplexity and greedy decoding, as the family tests compare against them.
@@ -26,7 +27,7 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+NAMES = ("llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -59,6 +60,8 @@ def hf_model(name: str):
             tie_word_embeddings=False)),
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
             **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
+        # four layers: the fourth has no RoPE
+        "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**common, num_hidden_layers=4)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
@@ -67,6 +70,7 @@ def hf_model(name: str):
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                              "long_factor": [1.0 + 0.25 * i for i in range(8)],
                              "short_factor": [1.0 + 0.05 * i for i in range(8)]})),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_hidden_layers=2, head_dim=32)),
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
             **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
             sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
@@ -154,6 +158,15 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
         md["llama.attention.sliding_window"] = WINDOW
         write_gguf(root / "mistral-window.gguf", md, tensors, metadata_types=types)
     out["mistral"].gguf = root / "mistral-window.gguf"
+    # Gemma's converter writes real Gemma's end-of-turn id (107: a byte piece of the tiny vocabulary);
+    # the tiny model's is its own <end_of_turn>, as a real file's 107 is
+    path = out["gemma"].gguf
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+        md["tokenizer.ggml.eot_token_id"] = md["tokenizer.ggml.tokens"].index("<end_of_turn>")
+        write_gguf(root / "gemma-eot.gguf", md, tensors, metadata_types=types)
+    out["gemma"].gguf = root / "gemma-eot.gguf"
     return out
 
 
@@ -185,7 +198,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     from lowtune.model import Model, ModelConfig
 
     fam = FAMILIES[arch]
-    layers, hd = (6 if arch == "gemma3" else 2), (32 if arch in ("qwen3", "gemma2", "gemma3") else D // H)
+    layers = {"gemma3": 6, "smollm3": 4}.get(arch, 2)
+    hd = 32 if arch in ("qwen3", "gemma", "gemma2", "gemma3") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,

@@ -28,7 +28,7 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile
 from lowtune.loading import open_base
-from lowtune.model import Model, ModelConfig, QLinear
+from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
@@ -66,6 +66,7 @@ SWITCH_OFF = {
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "smollm3": [("NoPE layer", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
 }
 
@@ -156,7 +157,7 @@ def test_hf_configs_lowtune_refuses():
     md, _ = hf_names.metadata_from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 1,
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
-    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -167,6 +168,16 @@ def test_hf_configs_lowtune_refuses():
     assert hf_names.adapter_targets(["qkv_proj", "down_proj"], "phi3") == ("attn_q", "attn_k", "attn_v", "ffn_down")
     assert hf_names.adapter_targets(["gate_up_proj", "ffn_up"], "phi3") == ("ffn_gate", "ffn_up")
     assert hf_names.adapter_targets(["q_proj", "attn_v", "o_proj"], "gemma3") == ("attn_q", "attn_v", "attn_output")
+    # SmolLM3: llama.cpp leaves RoPE out of every 4th layer and has no window; configs that differ are refused
+    smol = dict(qwen, architectures=["SmolLM3ForCausalLM"], num_hidden_layers=8, use_sliding_window=False)
+    md, _ = hf_names.metadata_from_hf_config({**smol, "no_rope_layers": [1, 1, 1, 0] * 2})
+    assert [ModelConfig.from_gguf_metadata(md).rope_kind(i) for i in range(8)] == [0, 0, 0, NO_ROPE] * 2
+    with pytest.raises(ValueError, match="no_rope_layers differ from every 4th layer"):
+        hf_names.metadata_from_hf_config({**smol, "no_rope_layers": [1, 1, 0, 1] * 2})
+    with pytest.raises(ValueError, match="no_rope_layers differ"):
+        hf_names.metadata_from_hf_config({**smol, "no_rope_layer_interval": 3})
+    with pytest.raises(ValueError, match="sliding window, which llama.cpp's smollm3 does not have"):
+        hf_names.metadata_from_hf_config({**smol, "use_sliding_window": True})
 
 
 def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
@@ -197,7 +208,9 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm", "norm", "neox", "neox", "neox", "neox", "neox"]
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 3 + ["neox"] * 6
+    assert [cfg["smollm3"].rope_kind(i) for i in range(4)] == [0, 0, 0, NO_ROPE]
+    assert cfg["gemma"].family.embed_scale and cfg["gemma"].head_dim == 32
     assert cfg["mistral"].sliding_window == WINDOW and cfg["mistral"].swa_layers is None
     assert cfg["gemma2"].swa_layers == (0,) and cfg["gemma2"].attn_softcap == 3.0
     assert cfg["gemma2"].final_softcap == 5.0
@@ -404,10 +417,10 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+    assert SUPPORTED == ("llama", "smollm3", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = "llama, qwen2, qwen3, phi3, gemma2, gemma3"
+    listed = "llama, smollm3, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
     for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

@@ -9,11 +9,16 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
 
     arch     rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
     llama    norm  silu       -           -         -          -                        if the file gives one
+    smollm3  norm  silu       -           -         -          -                        if the file gives one
     qwen2    neox  silu       -           -         -          -                        if the file gives one
     qwen3    neox  silu       -           yes       -          -                        if the file gives one
     phi3     neox  silu       -           -         -          -                        if the file gives one
+    gemma    neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+
+  SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
+  fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
   rope "norm" rotates adjacent pairs of each head (the converter permutes Llama's q/k rows into
   that order); "neox" rotates dimension i with i + rope_dim/2, on rows as Hugging Face keeps them.
@@ -38,6 +43,7 @@ class Family:
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
+    nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
     #                                    is global (0: every layer slides), llama.cpp's n_pattern
     default_window: int = 0            # window when the file gives none (0: no sliding window)
@@ -55,14 +61,22 @@ class Family:
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
     #                                       SentencePiece vocabulary (None: as tokenizer.model says)
 
+    def rotates(self, layer: int) -> bool:
+        """Whether layer `layer` applies RoPE (not one of SmolLM3's NoPE layers)."""
+        return not self.nope_period or (layer + 1) % self.nope_period != 0
+
 
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
+    Family("smollm3", nope_period=4, hf_architectures=("SmolLM3ForCausalLM",), hf_model_types=("smollm3",),
+           hf_permute_qk=True),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
     Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
+    Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
+           hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),
     Family("gemma2", rope="neox", activation="gelu_tanh", post_norms=True, embed_scale=True,
            swa_period=2, default_window=4096, attn_softcap=50.0, final_softcap=30.0,
            wide_query_scale_layers=46, hf_architectures=("Gemma2ForCausalLM",),

@@ -16,8 +16,9 @@ The families (lowtune.families says which architecture is which HF class) differ
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
-    Gemma 3's base for sliding layers), sliding windows and which layers slide (layer_types),
-    soft-caps, Gemma's query scale, and which biases the HF class can hold.
+    Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
+    layers slide (layer_types), soft-caps, Gemma's query scale, and which biases the HF class can
+    hold.
 
 The q/k permutation (convert_hf_to_gguf.py's LlamaModel.permute): HF keeps the two halves of each
 head's rotary pairs apart (dims i and i + d/2 rotate together); ggml rotates adjacent dims (2i,
@@ -50,12 +51,14 @@ _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
+    "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
                        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                        "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
              "global": _GLOBAL},
+    "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
 }
@@ -305,6 +308,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
         raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3 and longrope are)")
 
+    if fam.nope_period:
+        _check_nope_layers(config, fam, n_layers)
     flags = _layer_types(config, fam, n_layers)
     if flags is not None:
         key("attention.sliding_window", int(config["sliding_window"]), U32)
@@ -321,6 +326,22 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _check_nope_layers(config: dict, fam: Family, n_layers: int) -> None:
+    """SmolLM3 leaves RoPE out of every nope_period-th layer, as llama.cpp fixes it for the
+    architecture (the file cannot say otherwise), with no sliding window; a config that asks for
+    other layers, or for windows, is refused."""
+    want = [int(fam.rotates(i)) for i in range(n_layers)]
+    got = config.get("no_rope_layers")
+    if got is None and config.get("no_rope_layer_interval", fam.nope_period) != fam.nope_period:
+        got = [int((i + 1) % int(config["no_rope_layer_interval"]) != 0) for i in range(n_layers)]
+    if got is not None and [int(x) for x in got[:n_layers]] != want:
+        raise ValueError(f"config.json's no_rope_layers differ from every {fam.nope_period}th layer without "
+                         f"RoPE, the only {fam.arch} pattern llama.cpp runs (and so lowtune, which follows it)")
+    if config.get("use_sliding_window") and config.get("sliding_window"):
+        raise ValueError(f"config.json asks for a sliding window, which llama.cpp's {fam.arch} does not have "
+                         "(and so lowtune, which follows it)")
 
 
 def _check_query_scale(config: dict, fam: Family, head_dim: int) -> None:
@@ -384,9 +405,12 @@ def _f32(x: float) -> float:
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
               "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
+    "smollm3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
     "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "phi3": {},
+    "gemma": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "gemma2": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "gemma3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
 }
@@ -451,7 +475,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             raise ValueError("a llama model with a sliding window and biases has no HF config (Mistral has no biases)")
         flags = {}
     cfg.update(flags)
-    if arch in ("llama", "qwen3", "gemma2", "gemma3") and "attention_bias" not in cfg:
+    if arch in ("llama", "smollm3", "qwen3", "gemma", "gemma2", "gemma3") and "attention_bias" not in cfg:
         cfg["attention_bias"] = False
     if c.rope_linear_scale != 1.0:
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
@@ -492,6 +516,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["use_sliding_window"] = False
         if arch in ("gemma2", "gemma3"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
+    if fam.nope_period:  # SmolLM3: 1 where a layer rotates
+        cfg["no_rope_layer_interval"] = fam.nope_period
+        cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
+        cfg["use_sliding_window"] = False
     if arch in ("gemma2", "gemma3"):
         cfg["query_pre_attn_scalar"] = round(1.0 / c.query_scale ** 2)
         cfg["final_logit_softcapping"] = _f32(c.final_softcap) if c.final_softcap else None

@@ -1,5 +1,5 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3.
+SmolLM3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -22,8 +22,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
 
 Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-capped c·tanh(s/c)
 where the family has a cap (Gemma 2); sliding layers (Gemma 2/3, or wherever the file gives a window)
-see only the last `window` positions and may have their own RoPE base. Logits are soft-capped where
-the family says (Gemma 2, Gemma 3 files that ask).
+see only the last `window` positions and may have their own RoPE base; SmolLM3's every 4th layer
+has no RoPE. Logits are soft-capped where the family says (Gemma 2, Gemma 3 files that ask).
 
 Shapes: B batch, T tokens, D model width, H query heads, Hkv key/value heads, hd head width, V vocab.
 
@@ -60,6 +60,11 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
+
+
+# The rope kind of a layer without RoPE: its table rotates by nothing (cosines 1, sines 0), so that
+# such a layer runs the same code, caches and kernels as every other, q and k unchanged bit for bit.
+NO_ROPE = 2
 
 
 @dataclass
@@ -105,7 +110,10 @@ class ModelConfig:
         return self.sliding_window if self.is_sliding(layer) else 0
 
     def rope_kind(self, layer: int) -> int:
-        """0: the global RoPE; 1: the sliding layers' own (another base or scaling)."""
+        """0: the global RoPE; 1: the sliding layers' own (another base or scaling); NO_ROPE: none
+        (the family's NoPE layers)."""
+        if not self.family.rotates(layer):
+            return NO_ROPE
         own = (self.rope_theta_swa not in (None, self.rope_theta)
                or self.rope_linear_scale_swa not in (None, self.rope_linear_scale))
         return int(own and self.is_sliding(layer))
@@ -766,7 +774,7 @@ class Model(nn.Module):
 
     def rope_rotation(self, start: int, t: int, context: int | None = None) -> torch.Tensor:
         """apply_rope's tables for positions start..start+T: [kinds, 2, T, rope_dim] float32 (kind 1:
-        sliding layers with their own base), the cosines and the signed sines of pos·freq scaled by
+        sliding layers with their own base; NO_ROPE: the identity), the cosines and the signed sines of pos·freq scaled by
         the RoPE attention factor, laid out in the family's pairing; computed in float64 on the
         CPU. context: the length of the context in use (default start + T); beyond
         rope_orig_context LongRoPE's long factors apply, as llama.cpp picks them by its context."""
@@ -783,6 +791,8 @@ class Model(nn.Module):
             table = torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1)), 1).flatten(-2)
         else:                                                        # halves
             table = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), 1)
+        if table.shape[0] > NO_ROPE:
+            table[NO_ROPE, 0], table[NO_ROPE, 1] = 1.0, 0.0
         return table.float()
 
     @torch.compiler.disable
