@@ -27,7 +27,7 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+NAMES = ("llama", "mistral", "smollm3", "granite", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -62,6 +62,9 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
         # four layers: the fourth has no RoPE
         "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**common, num_hidden_layers=4)),
+        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
+            **common, num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+            embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
@@ -206,6 +209,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
+    if arch == "granite":
+        md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
+                   "granite.logit_scale": 1.5})
     if arch == "gemma2":
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":

@@ -10,6 +10,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arch     rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
     llama    norm  silu       -           -         -          -                        if the file gives one
     smollm3  norm  silu       -           -         -          -                        if the file gives one
+    granite  norm  silu       -           -         from file  -                        if the file gives one
     qwen2    neox  silu       -           -         -          -                        if the file gives one
     qwen3    neox  silu       -           yes       -          -                        if the file gives one
     phi3     neox  silu       -           -         -          -                        if the file gives one
@@ -17,6 +18,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
 
+  Granite is Llama with four scales from the file: embeddings × embedding_scale, each attention and
+  FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
+  logit_scale.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -44,6 +48,7 @@ class Family:
     qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
+    multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
     #                                    is global (0: every layer slides), llama.cpp's n_pattern
     default_window: int = 0            # window when the file gives none (0: no sliding window)
@@ -70,6 +75,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
     Family("smollm3", nope_period=4, hf_architectures=("SmolLM3ForCausalLM",), hf_model_types=("smollm3",),
+           hf_permute_qk=True),
+    Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
     Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),

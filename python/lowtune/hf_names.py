@@ -52,6 +52,7 @@ _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
+    "granite": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -310,6 +311,13 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
 
     if fam.nope_period:
         _check_nope_layers(config, fam, n_layers)
+    if fam.multipliers:  # Granite's, under llama.cpp's names (written only where set, as its converter does)
+        if "head_dim" in config and int(config["head_dim"]) != hidden // n_head:
+            raise ValueError(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads; "
+                             f"llama.cpp's {arch} ignores it (and so lowtune, which follows it)")
+        for gguf_key, hf in _MULTIPLIERS:
+            if config.get(hf):
+                key(gguf_key, float(config[hf]), F32)
     flags = _layer_types(config, fam, n_layers)
     if flags is not None:
         key("attention.sliding_window", int(config["sliding_window"]), U32)
@@ -326,6 +334,12 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+# Granite's scales: GGUF key, config.json key (ModelConfig: attn_scale, embedding_scale,
+# residual_scale, logit_scale)
+_MULTIPLIERS = (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling"))
 
 
 def _check_nope_layers(config: dict, fam: Family, n_layers: int) -> None:
@@ -407,6 +421,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
               "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
     "smollm3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
                 "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
+    "granite": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
     "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "phi3": {},
@@ -475,7 +491,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             raise ValueError("a llama model with a sliding window and biases has no HF config (Mistral has no biases)")
         flags = {}
     cfg.update(flags)
-    if arch in ("llama", "smollm3", "qwen3", "gemma", "gemma2", "gemma3") and "attention_bias" not in cfg:
+    if arch in ("llama", "smollm3", "granite", "qwen3", "gemma", "gemma2", "gemma3") and "attention_bias" not in cfg:
         cfg["attention_bias"] = False
     if c.rope_linear_scale != 1.0:
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
@@ -516,6 +532,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["use_sliding_window"] = False
         if arch in ("gemma2", "gemma3"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
+    if fam.multipliers:
+        cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),
+                    "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]

@@ -1,5 +1,5 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-SmolLM3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
+SmolLM3, Granite, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -24,6 +24,8 @@ Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-
 where the family has a cap (Gemma 2); sliding layers (Gemma 2/3, or wherever the file gives a window)
 see only the last `window` positions and may have their own RoPE base; SmolLM3's every 4th layer
 has no RoPE. Logits are soft-capped where the family says (Gemma 2, Gemma 3 files that ask).
+Granite scales embeddings, each branch before its residual add, queries and logits by its file's
+numbers (ModelConfig.embedding_scale, residual_scale, attn_scale, logit_scale).
 
 Shapes: B batch, T tokens, D model width, H query heads, Hkv key/value heads, hd head width, V vocab.
 
@@ -89,6 +91,9 @@ class ModelConfig:
     rope_attn_factor: float = 1.0  # magnitude of the rotation, on q and k (LongRoPE's attention factor)
     rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long (0: context_length)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
+    residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
+    logit_scale: float = 1.0      # logits are divided by this (Granite)
     attn_softcap: float = 0.0     # attention scores -> c·tanh(s/c) (0: none)
     final_softcap: float = 0.0    # logits -> c·tanh(l/c) (0: none)
 
@@ -172,6 +177,16 @@ class ModelConfig:
         scale = 0.0
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
+        multipliers = {}
+        if fam.multipliers:  # Granite's scales; 0 or absent: none, as llama.cpp reads them
+            scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
+                ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
+                ("residual_scale", "residual_scale"), ("logit_scale", "logit_scale"))}
+            scale = scales.pop("attn_scale")
+            multipliers = {k: v or 1.0 for k, v in scales.items()}
+            if md.get(f"{arch}.rope.scaling.finetuned", True) is False:
+                raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
+                                 "which lowtune does not support")
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
@@ -185,7 +200,7 @@ class ModelConfig:
             rope_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap))
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -576,6 +591,8 @@ class DecoderLayer(nn.Module):
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        if c.residual_scale != 1.0:
+            a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -590,6 +607,8 @@ class DecoderLayer(nn.Module):
             m = glue_ops.silu_mul_product(g, u, self.ffn_down.weight)
         if m is None:
             m = self.ffn_down(glue_ops.gated(self.activation, g, u))
+        if self.config.residual_scale != 1.0:
+            m = m * self.config.residual_scale
         return self.post_ffw_norm(m) if self.config.family.post_norms else m
 
     def norm_mlp(self, s: torch.Tensor) -> torch.Tensor:
@@ -710,7 +729,8 @@ class Model(nn.Module):
         _check_weights(config, weights)
         c = config
         self.config, self.dtype = c, dtype
-        embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale else 1.0
+        embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
+            else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
         self.output_norm = RMSNorm(weights["output_norm.weight"], c.norm_eps)
@@ -770,6 +790,8 @@ class Model(nn.Module):
             logits = self.output(h)
         else:
             logits = ops.qmatmul(h.contiguous(), self.tok_embd.weight)
+        if self.config.logit_scale != 1.0:
+            logits = logits / self.config.logit_scale
         return softcap(logits, self.config.final_softcap)
 
     def rope_rotation(self, start: int, t: int, context: int | None = None) -> torch.Tensor:
@@ -957,8 +979,10 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
     if targets.numel() == 0:
         return h.sum() * 0.0
     if model.output is None or type(model.output) is QLinear:
-        need_grad = torch.is_grad_enabled() and h.requires_grad
         bias = model.output.bias if model.output is not None else None
+        if model.config.logit_scale != 1.0:  # (h Wᵀ + b) / s = (h / s) Wᵀ + b / s
+            h, bias = h / model.config.logit_scale, None if bias is None else bias / model.config.logit_scale
+        need_grad = torch.is_grad_enabled() and h.requires_grad
         return _HeadCrossEntropy.apply(h, targets, model.head_weight(), bias, model.config.final_softcap,
                                        chunk, need_grad)
     total = h.new_zeros((), dtype=torch.float32)
