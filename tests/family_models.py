@@ -27,7 +27,7 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "granite", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -65,6 +65,7 @@ def hf_model(name: str):
         "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
             **common, num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
             embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5)),
+        "ernie4_5": lambda: tf.Ernie4_5ForCausalLM(tf.Ernie4_5Config(**common, num_hidden_layers=2, head_dim=32)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
@@ -202,7 +203,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     layers = {"gemma3": 6, "smollm3": 4}.get(arch, 2)
-    hd = 32 if arch in ("qwen3", "gemma", "gemma2", "gemma3") else D // H
+    hd = 32 if arch in ("ernie4_5", "qwen3", "gemma", "gemma2", "gemma3") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,

@@ -160,7 +160,7 @@ def test_hf_configs_lowtune_refuses():
     md, _ = hf_names.metadata_from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 1,
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
-    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, qwen2"):
+    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, ernie4_5, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -211,7 +211,7 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 4 + ["neox"] * 6
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 5 + ["neox"] * 6
     gr = cfg["granite"]
     assert (gr.embedding_scale, gr.residual_scale, gr.logit_scale) == pytest.approx((2.0, 0.7, 1.5))
     assert gr.query_scale == pytest.approx(0.3)
@@ -423,12 +423,12 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = "llama, smollm3, granite, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
+    listed = "llama, smollm3, granite, ernie4_5, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
     for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("bert", "encoder"),
+                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

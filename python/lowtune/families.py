@@ -11,6 +11,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     llama    norm  silu       -           -         -          -                        if the file gives one
     smollm3  norm  silu       -           -         -          -                        if the file gives one
     granite  norm  silu       -           -         from file  -                        if the file gives one
+    ernie4_5 norm  silu       -           -         -          -                        if the file gives one
     qwen2    neox  silu       -           -         -          -                        if the file gives one
     qwen3    neox  silu       -           yes       -          -                        if the file gives one
     phi3     neox  silu       -           -         -          -                        if the file gives one
@@ -78,6 +79,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_permute_qk=True),
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
+    Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
     Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
@@ -101,7 +103,7 @@ SUPPORTED = tuple(FAMILIES)
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "gpt-oss", "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "kimi-linear"}
+              "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 

@@ -53,6 +53,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
     "granite": {"layer": _LLAMA, "global": _GLOBAL},
+    "ernie4_5": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -311,6 +312,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
 
     if fam.nope_period:
         _check_nope_layers(config, fam, n_layers)
+    if arch == "ernie4_5" and config.get("use_bias"):
+        raise ValueError("config.json asks for biases on every ernie4_5 linear; llama.cpp uses only q/k/v's "
+                         "(and so lowtune, which follows it), so this checkpoint is not supported")
     if fam.multipliers:  # Granite's, under llama.cpp's names (written only where set, as its converter does)
         if "head_dim" in config and int(config["head_dim"]) != hidden // n_head:
             raise ValueError(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads; "
@@ -423,6 +427,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
                 "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
     "granite": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
                 "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
+    "ernie4_5": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
     "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "phi3": {},
@@ -535,6 +540,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if fam.multipliers:
         cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})
+    if arch == "ernie4_5":
+        cfg["use_bias"] = False
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]

@@ -1,5 +1,5 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-SmolLM3, Granite, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
+SmolLM3, Granite, ERNIE 4.5, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
