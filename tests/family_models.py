@@ -66,7 +66,10 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
             embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5)),
         "ernie4_5": lambda: tf.Ernie4_5ForCausalLM(tf.Ernie4_5Config(**common, num_hidden_layers=2, head_dim=32)),
-        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2)),
+        # YaRN over an original context shorter than the test sequences
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+            **common, num_hidden_layers=2, rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,

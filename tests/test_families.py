@@ -17,6 +17,7 @@ test_gemma3_270m.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -28,7 +29,7 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile
 from lowtune.loading import open_base
-from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear
+from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
@@ -70,7 +71,10 @@ SWITCH_OFF = {
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
                 ("query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
-    "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)]),
+              ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
+              ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
+                  dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
 }
 
 
@@ -151,8 +155,15 @@ def test_hf_configs_lowtune_refuses():
     hf_names.metadata_from_hf_config(gemma)
     with pytest.raises(ValueError, match="query_pre_attn_scalar 24 .* llama.cpp"):
         hf_names.metadata_from_hf_config({**gemma, "query_pre_attn_scalar": 24})
-    with pytest.raises(ValueError, match="'yarn' is not supported"):
-        hf_names.metadata_from_hf_config({**gemma, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):
+        hf_names.metadata_from_hf_config({**gemma, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    # YaRN as llama.cpp runs it: the factor and original context; other parameters are refused
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    md, _ = hf_names.metadata_from_hf_config({**gemma, "rope_scaling": yarn})
+    assert ModelConfig.from_gguf_metadata(md).rope_yarn_factor == 4.0
+    for odd in ({"beta_fast": 16}, {"attention_factor": 1.0}, {"truncate": False}, {"factor": None}):
+        with pytest.raises(ValueError, match="YaRN"):
+            hf_names.metadata_from_hf_config({**gemma, "rope_scaling": {**yarn, **odd}})
     qwen = dict(gemma, architectures=["Qwen2ForCausalLM"], sliding_window=16, use_sliding_window=False)
     del qwen["query_pre_attn_scalar"]
     md, _ = hf_names.metadata_from_hf_config(qwen)
@@ -443,8 +454,10 @@ def test_families_and_refusals():
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
           "qwen2.attention.layer_norm_rms_epsilon": 1e-6}
     assert ModelConfig.from_gguf_metadata(md).n_kv_heads == 4
-    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
-        ModelConfig.from_gguf_metadata({**md, "qwen2.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match="rope scaling 'dynamic' is not supported"):
+        ModelConfig.from_gguf_metadata({**md, "qwen2.rope.scaling.type": "dynamic"})
+    yarn = ModelConfig.from_gguf_metadata({**md, "qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0})
+    assert yarn.rope_yarn_factor == 4.0 and yarn.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
     with pytest.raises(ValueError, match="lacks qwen2.block_count"):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "qwen2.block_count"})
 

@@ -139,19 +139,20 @@ def test_generate_stops_at_stop_id_and_is_seeded():
     assert a == b and len(a) == 8
 
 
-# (qtype, tied, heads, kv heads, head_dim, rope_dim, dim, ffn): legacy and K-type blocks, GQA and
-# plain heads, RoPE on part of each head, a separate LM head.
-DECODER_CASES = [("Q4_1", True, 4, 2, 16, 16, 64, 96), ("Q8_0", False, 4, 4, 16, 8, 64, 96),
-                 ("Q4_K", True, 8, 2, 32, 32, 256, 256), ("Q5_0", True, 4, 1, 16, 16, 64, 64)]
+# (qtype, tied, heads, kv heads, head_dim, rope_dim, dim, ffn, YaRN factor): legacy and K-type
+# blocks, GQA and plain heads, RoPE on part of each head, a separate LM head, YaRN.
+DECODER_CASES = [("Q4_1", True, 4, 2, 16, 16, 64, 96, 0.0), ("Q8_0", False, 4, 4, 16, 8, 64, 96, 0.0),
+                 ("Q4_K", True, 8, 2, 32, 32, 256, 256, 0.0), ("Q5_0", True, 4, 1, 16, 16, 64, 64, 4.0)]
 
 
-@pytest.mark.parametrize("qtype,tied,heads,kv,hd,rd,dim,ffn", DECODER_CASES)
-def test_compiled_cpu_decoder_matches_the_model(qtype, tied, heads, kv, hd, rd, dim, ffn):
+@pytest.mark.parametrize("qtype,tied,heads,kv,hd,rd,dim,ffn,yarn", DECODER_CASES)
+def test_compiled_cpu_decoder_matches_the_model(qtype, tied, heads, kv, hd, rd, dim, ffn, yarn):
     # lowtune._C.CpuDecoder against the model's own forward, one token at a time after a prefill:
     # the same logits and the same cached keys/values (float32 summation order apart).
+    from lowtune.families import yarn_magnitude
     from lowtune.generate import cpu_decoder
     c = tiny_config(n_heads=heads, n_kv_heads=kv, head_dim=hd, dim=dim, ffn=ffn)
-    c.rope_dim = rd
+    c.rope_dim, c.rope_yarn_factor, c.rope_attn_factor, c.rope_orig_context = rd, yarn, yarn_magnitude(yarn), 8
     model = LlamaModel(c, gguf_weights(c, tiny_weights(c, tied=tied), qtype)).eval()
     ids = torch.randint(0, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     ours, theirs = model.new_cache(1, 16), model.new_cache(1, 16)

@@ -73,6 +73,8 @@ def info(args: argparse.Namespace) -> int:
         rope = f"theta {c['rope_theta']:g}"
         if c["rope_linear_scale"] != 1.0:
             rope += f", linear scale {c['rope_linear_scale']:g}"
+        if c["rope_yarn_factor"]:
+            rope += f", YaRN x{c['rope_yarn_factor']:g} of {c['rope_orig_context']}"
         if c["rope_freqs"]:
             rope += ", llama3 rope_freqs"
         print(f"rope            {rope}  rms eps {c['rms_eps']:g}")

@@ -36,6 +36,7 @@ The hf_* fields are the Hugging Face side of the same facts, for loading safeten
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -106,6 +107,12 @@ _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falc
               "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
+
+
+def yarn_magnitude(factor: float) -> float:
+    """YaRN's scaling of q and k (so of the scores, squared) for a context extended `factor` times:
+    1 + 0.1 ln(factor), 1 for factor <= 1 (llama.cpp's and transformers' default)."""
+    return 1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0
 
 
 def _supported() -> str:

@@ -48,8 +48,11 @@ class GenerationStats:
 
 
 # ModelConfig fields the compiled decoder implements; any other field must hold its default.
+# (RoPE's variants reach the decoder as model.rope_rotation's table; LongRoPE, whose table depends
+# on the context in use, is not taken: cpu_decoder)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
-                   "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "context_length", "arch"}
+                   "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
+                   "rope_attn_factor", "rope_orig_context", "context_length", "arch"}
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -92,7 +95,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    if type(c) is not ModelConfig or c.arch != "llama" or any(
+    if type(c) is not ModelConfig or c.arch != "llama" or model.rope_inv_freq_long is not None or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:

@@ -33,7 +33,7 @@ from typing import Any, Collection, Mapping
 
 from gguf.constants import GGUFValueType
 
-from .families import FAMILIES, Family, family_of_hf
+from .families import FAMILIES, Family, family_of_hf, yarn_magnitude
 
 U32, F32, STR, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
 ARRAY = GGUFValueType.ARRAY
@@ -307,8 +307,13 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     elif kind in ("longrope", "su"):
         key("rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32)
         key("rope.scaling.attn_factor", _longrope_attn_factor(rope, config), F32)
+    elif kind == "yarn":
+        _check_yarn(rope, config)
+        key("rope.scaling.type", "yarn", STR)
+        key("rope.scaling.factor", float(rope["factor"]), F32)
+        key("rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32)
     elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3 and longrope are)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, yarn, llama3 and longrope are)")
 
     if fam.nope_period:
         _check_nope_layers(config, fam, n_layers)
@@ -344,6 +349,25 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
 # residual_scale, logit_scale)
 _MULTIPLIERS = (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
                 ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling"))
+
+
+def _check_yarn(rope: dict, config: dict) -> None:
+    """YaRN as llama.cpp runs it for these families: the factor, the original context, and the
+    defaults for the rest (its beta_fast 32, beta_slow 1, magnitude 1 + 0.1 ln factor, truncated
+    correction range); a config that sets them otherwise is refused."""
+    if not rope.get("factor") or not rope.get("original_max_position_embeddings"):
+        raise ValueError("YaRN rope_scaling without a factor and original_max_position_embeddings is not "
+                         "supported (llama.cpp's converter needs both)")
+    odd = {k: rope[k] for k, default in (("beta_fast", 32), ("beta_slow", 1), ("mscale", None),
+                                         ("mscale_all_dim", None), ("truncate", True))
+           if rope.get(k) is not None and rope[k] != default}
+    attn = rope.get("attention_factor")
+    if attn is not None and abs(float(attn) - yarn_magnitude(float(rope["factor"]))) > 1e-6:
+        odd["attention_factor"] = attn
+    if odd:
+        raise ValueError(f"YaRN with {odd} differs from what llama.cpp runs for this architecture (it "
+                         "keeps beta_fast 32, beta_slow 1 and 1 + 0.1 ln factor), so lowtune, which follows "
+                         "it, refuses this checkpoint")
 
 
 def _check_nope_layers(config: dict, fam: Family, n_layers: int) -> None:
@@ -500,7 +524,12 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cfg["attention_bias"] = False
     if c.rope_linear_scale != 1.0:
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
-    if "rope_factors_long.weight" in tensors:
+    if c.rope_yarn_factor:
+        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": _f32(c.rope_yarn_factor),
+                               "original_max_position_embeddings": c.rope_orig_context or c.context_length}
+        if abs(c.rope_attn_factor - yarn_magnitude(c.rope_yarn_factor)) > 1e-6:
+            cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
+    elif "rope_factors_long.weight" in tensors:
         orig = c.rope_orig_context or c.context_length
         cfg["original_max_position_embeddings"] = orig
         cfg["rope_scaling"] = {

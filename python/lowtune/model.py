@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, family_of
+from .families import FAMILIES, Family, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -89,7 +89,9 @@ class ModelConfig:
     rope_theta_swa: float | None = None        # RoPE base of sliding layers (None: rope_theta)
     rope_linear_scale_swa: float | None = None  # their linear scaling (None: rope_linear_scale)
     rope_attn_factor: float = 1.0  # magnitude of the rotation, on q and k (LongRoPE's attention factor)
-    rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long (0: context_length)
+    rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long; YaRN: the
+    #                               context it extends (0: context_length)
+    rope_yarn_factor: float = 0.0  # YaRN: the context extended this many times (0: no YaRN)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
     residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
@@ -147,11 +149,17 @@ class ModelConfig:
             vocab = len(tokens)
 
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
-        linear_scale = 1.0
+        linear_scale, yarn = 1.0, 0.0
+        attn_factor = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
         if scaling == "linear":
             linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
+        elif scaling == "yarn":
+            yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
+            attn_factor *= yarn_magnitude(yarn)
+            if md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta) is not None:
+                raise ValueError(f"YaRN with a separate RoPE base for sliding layers ({arch}) is not supported")
         elif scaling not in ("none", "longrope", None):
-            raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, LongRoPE's "
+            raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, yarn, LongRoPE's "
                              "rope_factors and Llama 3's rope_freqs are)")
         if f"{arch}.rope.scale_linear" in md:  # older GGUFs
             linear_scale = float(md[f"{arch}.rope.scale_linear"])
@@ -197,7 +205,7 @@ class ModelConfig:
             sliding_window=window, swa_layers=swa_layers,
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
             rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
-            rope_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+            rope_attn_factor=attn_factor, rope_yarn_factor=yarn,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers)
@@ -349,7 +357,17 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     inv = theta ** (-i / c.rope_dim) / scale
     if freq_factors is not None:  # Llama 3.1's rope_freqs, LongRoPE's factors: divide each pair's frequency
         inv = inv / freq_factors.double().cpu()
+    if c.rope_yarn_factor > 1.0:
+        # YaRN as ggml's rope_yarn (ext_factor 1, beta_fast 32, beta_slow 1, which llama.cpp uses for
+        # these families): pairs that turn more than 32 times over the original context keep
+        # their speed, pairs that turn less than once are slowed by the factor, a ramp between
+        orig = c.rope_orig_context or c.context_length
+        turns = lambda n: c.rope_dim * math.log(orig / (n * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        low, high = max(math.floor(turns(32.0)), 0), min(math.ceil(turns(1.0)), c.rope_dim - 1)
+        kept = 1.0 - ((i / 2 - low) / max(0.001, high - low)).clamp(0.0, 1.0)
+        inv = inv / c.rope_yarn_factor * (1.0 - kept) + inv * kept
     return inv
+
 
 
 apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated (glue_ops.rope)
