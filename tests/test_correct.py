@@ -5,7 +5,6 @@ the report, resume, and the frozen base adapter under a second trainable one
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,29 +28,30 @@ def tiny_llama_gguf(path, layers: int = 2, seed: int = 0, **kw):
 
 
 class _Head:
-    """A stand-in model for distill_loss: a packed LM head (soft-capped by `cap`, as Gemma's)
-    and nothing else."""
+    """A stand-in model for distill_loss: a packed LM head (logits divided by `scale`, as
+    Granite's, and soft-capped by `cap`, as Gemma's) and nothing else."""
 
-    def __init__(self, qt, cap: float = 0.0):
+    def __init__(self, qt, cap: float = 0.0, scale: float = 1.0):
         self.qt, self.output = qt, None
         self.device, self.dtype = qt.device, torch.float32
-        self.config = SimpleNamespace(final_softcap=cap)
+        self.config = SimpleNamespace(final_softcap=cap, logit_scale=scale)
 
     def head_weight(self):
         return self.qt
 
     def lm_head(self, h):
-        z = ops.qmatmul(h.contiguous(), self.qt)
+        z = ops.qmatmul(h.contiguous(), self.qt) / self.config.logit_scale
         return torch.tanh(z / self.config.final_softcap) * self.config.final_softcap if self.config.final_softcap else z
 
 
-@pytest.mark.parametrize("head_type,cap", [("F32", 0.0), ("Q4_1", 0.0), ("Q8_0", 0.0), ("Q4_1", 2.0)])
+@pytest.mark.parametrize("head_type,cap,scale", [("F32", 0.0, 1.0), ("Q4_1", 0.0, 1.0), ("Q8_0", 0.0, 1.0),
+                                                 ("Q4_1", 2.0, 1.0), ("Q4_1", 0.0, 4.0)])
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_chunked_kl_equals_unchunked(head_type, cap, chunk, rng):
+def test_chunked_kl_equals_unchunked(head_type, cap, scale, chunk, rng):
     n, d, v = 23, 64, 96
     w_s = torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32)) * 0.3
     w_t = w_s + 0.1 * torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32))
-    student, teacher = _Head(ops.quantize(w_s, head_type), cap), _Head(ops.quantize(w_t, "F32"), cap)
+    student, teacher = _Head(ops.quantize(w_s, head_type), cap, scale), _Head(ops.quantize(w_t, "F32"), cap, scale)
     h0 = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
     h_t = h0 + 0.2 * torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, v, n))
@@ -62,7 +62,7 @@ def test_chunked_kl_equals_unchunked(head_type, cap, chunk, rng):
     total.backward()
 
     h_ref = h0.clone().requires_grad_(True)
-    ls, lt = h_ref @ ops.dequantize(student.qt, torch.float32).t(), h_t @ w_t.t()
+    ls, lt = h_ref @ ops.dequantize(student.qt, torch.float32).t() / scale, h_t @ w_t.t() / scale
     if cap:  # logits beyond the cap: the cap's derivative matters
         assert ls.abs().max() > cap
         ls, lt = torch.tanh(ls / cap) * cap, torch.tanh(lt / cap) * cap

@@ -427,8 +427,19 @@ def test_config_from_metadata():
     torch.testing.assert_close(rope_inv_freq(c, factors), rope_inv_freq(c) / factors.double())
     no_vocab = {k: v for k, v in md.items() if k != "llama.vocab_size"}
     assert LlamaConfig.from_gguf_metadata({**no_vocab, "tokenizer.ggml.tokens": ["a"] * 7}).vocab_size == 7
-    with pytest.raises(ValueError, match="yarn"):
-        LlamaConfig.from_gguf_metadata({**md, "llama.rope.scaling.type": "yarn"})
+    # YaRN (ggml's rope_yarn): pairs below ggml's corrected dims keep their speed, pairs above are
+    # slowed by the factor, the ones between are mixed
+    yarn = LlamaConfig.from_gguf_metadata({**md, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+                                           "llama.rope.scaling.original_context_length": 2048})
+    turns = lambda n: 64 * math.log(2048 / (n * 2 * math.pi)) / (2 * math.log(100000.0))  # noqa: E731
+    low, high = math.floor(turns(32)), math.ceil(turns(1))
+    inv, plain = rope_inv_freq(yarn), rope_inv_freq(c)
+    assert 0 < low < high < 31 and yarn.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
+    torch.testing.assert_close(inv[:low + 1], plain[:low + 1])
+    torch.testing.assert_close(inv[high:], plain[high:] / 4)
+    assert ((inv[low + 1:high] < plain[low + 1:high]) & (inv[low + 1:high] > plain[low + 1:high] / 4)).all()
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):
+        LlamaConfig.from_gguf_metadata({**md, "llama.rope.scaling.type": "dynamic"})
     with pytest.raises(ValueError, match="'mamba' is a recurrent"):
         LlamaConfig.from_gguf_metadata({**md, "general.architecture": "mamba"})
     with pytest.raises(ValueError, match="block_count"):

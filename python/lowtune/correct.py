@@ -59,6 +59,7 @@ from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
 from .failures import existing_run
 from .loading import activation_dtype, load_model, pick_device
 from .memory_budget import DeviceBudget
+from .model import head_operands
 from .qtensor import QTensor
 from .quantize_model import model_bits
 from .rundir import ADAPTER, RunDir
@@ -158,10 +159,9 @@ def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, stud
 
     out = student.output
     if out is None or type(out).__name__ == "QLinear":
+        h, weight, bias, cap = head_operands(student, h)
         need_grad = torch.is_grad_enabled() and h.requires_grad
-        bias = out.bias if out is not None else None
-        cap = float(getattr(getattr(student, "config", None), "final_softcap", 0.0) or 0.0)
-        return _DistillHead.apply(h, h_t.detach(), targets, student.head_weight(), bias, cap, teacher_head,
+        return _DistillHead.apply(h, h_t.detach(), targets, weight, bias, cap, teacher_head,
                                   float(kl_weight), float(ce_weight), int(chunk), need_grad)
     # A wrapped head (an adapter on `output`): recompute each chunk in backward instead.
     total = kl = ce = h.new_zeros((), dtype=torch.float32)

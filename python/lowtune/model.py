@@ -986,6 +986,18 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
 # LM head + cross-entropy in chunks
 
 
+def head_operands(model, h: torch.Tensor) -> tuple[torch.Tensor, QTensor, torch.Tensor | None, float]:
+    """(h', W, b, cap) such that cap·tanh((h' Wᵀ + b)/cap) are model.lm_head(h)'s logits, for the
+    fused head losses that take the packed head itself (a plain QLinear head, or the tied
+    embedding): Granite's logit scale s is folded into h and the bias, (h Wᵀ + b)/s = (h/s) Wᵀ + b/s."""
+    bias = model.output.bias if model.output is not None else None
+    c = getattr(model, "config", None)  # (LREC's tests hand in stand-ins without one)
+    s = float(getattr(c, "logit_scale", 1.0))
+    if s != 1.0:
+        h, bias = h / s, None if bias is None else bias / s
+    return h, model.head_weight(), bias, float(getattr(c, "final_softcap", 0.0) or 0.0)
+
+
 def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
                           chunk: int = 1024) -> torch.Tensor:
     """Sum over rows of -log softmax(lm_head(h))[target]. h [N, D], targets [N] -> scalar fp32.
@@ -997,12 +1009,9 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
     if targets.numel() == 0:
         return h.sum() * 0.0
     if model.output is None or type(model.output) is QLinear:
-        bias = model.output.bias if model.output is not None else None
-        if model.config.logit_scale != 1.0:  # (h Wᵀ + b) / s = (h / s) Wᵀ + b / s
-            h, bias = h / model.config.logit_scale, None if bias is None else bias / model.config.logit_scale
+        h, weight, bias, cap = head_operands(model, h)
         need_grad = torch.is_grad_enabled() and h.requires_grad
-        return _HeadCrossEntropy.apply(h, targets, model.head_weight(), bias, model.config.final_softcap,
-                                       chunk, need_grad)
+        return _HeadCrossEntropy.apply(h, targets, weight, bias, cap, chunk, need_grad)
     total = h.new_zeros((), dtype=torch.float32)
     targets = targets.clamp(min=-1)
     for s in range(0, h.shape[0], chunk):
