@@ -1,17 +1,21 @@
-// One decoding step of a plain Llama on the CPU in a single call (lowtune.generate's fast path).
+// One decoding step of a Llama-shaped decoder on the CPU in a single call (lowtune.generate's fast
+// path for the families whose layer is this one: Llama, SmolLM3, Granite, ERNIE 4.5, Qwen2/3, Phi-3
+// without LongRoPE).
 //
 // Decoding feeds one token at a time. Run module by module from Python, a step is ~50 torch
 // calls per layer, whose dispatch costs more than the step's arithmetic on a small model; here
 // the whole step is one call, with the same operations in the same order as lowtune.model:
 //
-//   x = embd[token]
-//   per layer:  h = rmsnorm(x)·w_attn;  q, k, v = Wq h, Wk h, Wv h
-//               RoPE on q and k at `pos` (adjacent pairs of each head's first rope_dim dims)
+//   x = embd[token] · embedding_scale
+//   per layer:  h = rmsnorm(x)·w_attn;  q, k, v = Wq h, Wk h, Wv h (every product + its bias, if any)
+//               q, k per head: rmsnorm(·)·w_qnorm, w_knorm where the layer has them (Qwen3)
+//               RoPE on q and k at `pos` (each head's first rope_dim dims: adjacent pairs, or i
+//               with i + rope_dim/2 where neox), but in a layer that does not rotate (SmolLM3)
 //               k, v -> the layer's cache at pos
-//               o = softmax(q·Kᵀ/√hd)·V per query head over positions 0..pos (query head h reads
-//                   key/value head h / (H/Hkv))
-//               x += Wo o;  h = rmsnorm(x)·w_ffn;  x += Wd (silu(Wg h) ⊙ Wu h)
-//   logits = W_head (rmsnorm(x)·w_out)
+//               o = softmax(q·Kᵀ·attn_scale)·V per query head over positions 0..pos (query head h
+//                   reads key/value head h / (H/Hkv))
+//               x += residual_scale·Wo o;  h = rmsnorm(x)·w_ffn;  x += residual_scale·Wd (silu(Wg h) ⊙ Wu h)
+//   logits = W_head (rmsnorm(x)·w_out) / logit_scale
 //
 // Batch 1, fp32 activations and caches; the matrices are quantized blocks of any type the
 // qmatmul kernels take. The matrix-vector products are qmatmul's own M = 1 kernel, so they give
@@ -35,11 +39,21 @@ struct DecodeLayer {
   const float* ffn_norm;   // [dim]
   float* k_cache;          // [n_kv_heads, max_len, head_dim]
   float* v_cache;
+  // each matrix's bias (its rows), or none: q, k, v, o, gate, up, down
+  const float* bias[7] = {};
+  const float* q_norm = nullptr;  // [head_dim], or none
+  const float* k_norm = nullptr;
+  bool rotates = true;            // false: no RoPE in this layer
 };
 
 struct DecodeConfig {
   int64_t dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len;
   float norm_eps;
+  bool neox = false;            // RoPE rotates dims i and i + rope_dim/2 (else 2i and 2i + 1)
+  float attn_scale = 0.0f;      // on q·k (0: 1/sqrt(head_dim))
+  float embedding_scale = 1.0f;
+  float residual_scale = 1.0f;
+  float logit_scale = 1.0f;
 };
 
 class Decoder {

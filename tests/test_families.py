@@ -278,6 +278,32 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
+# The families the compiled CPU decoder runs (lowtune.generate._decoder_family); Phi-3's tiny model
+# has LongRoPE, which it does not take
+COMPILED_DECODER = ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_cpu_decoder_follows_the_model(tiny, name):
+    """Where lowtune._C.CpuDecoder applies (the Llama-shaped families: biases on q/k/v, q/k norms,
+    RoPE on halves, NoPE layers, Granite's scales, YaRN), each step's logits are the model's own."""
+    from lowtune.generate import cpu_decoder
+    model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
+    ids = rand_ids(1, 24, seed=5)
+    ours, theirs = model.new_cache(1, 24), model.new_cache(1, 24)
+    with torch.no_grad():
+        model(ids[:, :8], ours)
+        model(ids[:, :8], theirs)
+        step = cpu_decoder(model, ours)
+        assert (step is not None) == (name in COMPILED_DECODER)
+        if step is None:
+            return
+        for t in range(8, 24):  # past the tiny models' windows and YaRN's original context
+            got = step(int(ids[0, t])).clone()
+            want = model(ids[:, t:t + 1], theirs)[0, -1]
+            assert rel_err(got, want) < 1e-5, t
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_activations_follow_fp32(tiny, name):
     """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,

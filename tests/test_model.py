@@ -170,7 +170,7 @@ def test_compiled_cpu_decoder_matches_the_model(qtype, tied, heads, kv, hd, rd, 
         torch.testing.assert_close(a[:, :, :12], b[:, :, :12], rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_cpu_decoder_applies_only_to_plain_llama():
+def test_compiled_cpu_decoder_applies_only_where_it_runs_the_model():
     from lowtune.adapters import AdapterConfig, apply_adapters
     from lowtune.generate import GenerationStats, cpu_decoder
     model, _ = tiny_model("Q4_1")
@@ -184,7 +184,12 @@ def test_compiled_cpu_decoder_applies_only_to_plain_llama():
     assert cpu_decoder(tiny_model("Q4_1", dtype=torch.bfloat16)[0], model.new_cache(1, 8)) is None
     biased, _ = tiny_model("Q4_1")
     biased.layers[1].attn_v.bias = torch.ones(biased.layers[1].attn_v.out_features)
-    assert cpu_decoder(biased, biased.new_cache(1, 8)) is None                      # biases
+    assert cpu_decoder(biased, biased.new_cache(1, 8)) is not None                  # biases: taken
+    biased.layers[1].attn_v.bias = torch.ones(biased.layers[1].attn_v.out_features, dtype=torch.bfloat16)
+    assert cpu_decoder(biased, biased.new_cache(1, 8)) is None                      # a bf16 bias
+    windowed, _ = tiny_model("Q4_1")
+    windowed.config.sliding_window = 4
+    assert cpu_decoder(windowed, windowed.new_cache(1, 8)) is None                  # a window
     apply_adapters(model, AdapterConfig(method="lora", rank=2))
     assert cpu_decoder(model, model.new_cache(1, 8)) is None                         # adapters
     stats = GenerationStats()

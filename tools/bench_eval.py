@@ -19,12 +19,16 @@ Decoding: both continue the same prompt (the first --prompt-tokens of the text) 
 prompt (each forward pass and the argmax), reported as tokens/s; the prompt's forward pass is
 timed apart. The number of leading tokens both sides generated alike is shown as a check.
 
+--model-steps also decodes in lowtune with its compiled CPU decoder switched off (each step the
+model's forward pass: what a family the decoder does not take runs), as a third row.
+
 The two sides alternate per repeat, so load from other jobs on a shared machine hits both alike;
 the table shows the median over repeats. The machine's load average before and after is recorded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +38,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -111,9 +116,12 @@ def llamacpp_decode(llm, prompt: list[int], new_tokens: int) -> dict:
     return {"tokens": out, "prompt_seconds": prompt_s, "decode_seconds": decode_s, "decode_steps": new_tokens - 1}
 
 
-def lowtune_decode(model, prompt: list[int], new_tokens: int) -> dict:
+def lowtune_decode(model, prompt: list[int], new_tokens: int, compiled: bool = True) -> dict:
     stats = GenerationStats()
-    out = generate(model, prompt, new_tokens, stats=stats)
+    with contextlib.ExitStack() as stack:
+        if not compiled:
+            stack.enter_context(mock.patch("lowtune.generate.cpu_decoder", lambda model, cache: None))
+        out = generate(model, prompt, new_tokens, stats=stats)
     return {"tokens": out, "prompt_seconds": stats.prompt_seconds, "decode_seconds": stats.decode_seconds,
             "decode_steps": stats.decode_tokens, "compiled_decoder": stats.compiled_decoder}
 
@@ -140,6 +148,8 @@ def main() -> int:
     ap.add_argument("--llamacpp-activations", action="store_true",
                     help="also score the windows in lowtune with each product's activations rounded to 8 bits "
                          "as llama.cpp's CPU does (lowtune.llamacpp_activations): the perplexity gap that is left")
+    ap.add_argument("--model-steps", action="store_true",
+                    help="also decode with lowtune's compiled CPU decoder off (the model's forward each step)")
     args = ap.parse_args()
     from llama_cpp import Llama
 
@@ -157,12 +167,15 @@ def main() -> int:
 
     evals = {"lowtune": [], "llama.cpp": []}
     decodes = {"lowtune": [], "llama.cpp": []}
+    steps = []  # --model-steps
     for _ in range(args.repeats):
         r = perplexity(model, torch.from_numpy(w).reshape(-1), ctx=args.ctx)
         evals["lowtune"].append((r["seconds"], r["perplexity"]))
         evals["llama.cpp"].append(llamacpp_eval(llm, w))
         decodes["lowtune"].append(lowtune_decode(model, prompt, args.new_tokens))
         decodes["llama.cpp"].append(llamacpp_decode(llm, prompt, args.new_tokens))
+        if args.model_steps:
+            steps.append(lowtune_decode(model, prompt, args.new_tokens, compiled=False))
     load_after = load_average()
 
     n = w.size
@@ -190,6 +203,11 @@ def main() -> int:
         if "compiled_decoder" in d[0]:
             out[name]["compiled_decoder"] = d[0]["compiled_decoder"]
         print(f"| {name} | {n / s:.1f} | {dec:.1f} | {evals[name][0][1]:.4f} |")
+    if steps:
+        dec = statistics.median(r["decode_steps"] / r["decode_seconds"] for r in steps)
+        out["lowtune_model_steps"] = {"decode_tokens_per_second": dec, "tokens": steps[0]["tokens"],
+                                      "decode_seconds_all": [r["decode_seconds"] for r in steps]}
+        print(f"| lowtune, model steps (no compiled decoder) | | {dec:.1f} | |")
     agree = same_prefix(out["lowtune"]["tokens"], out["llama.cpp"]["tokens"])
     out["greedy_tokens_alike"] = agree
     ev = out["lowtune"]["eval_tokens_per_second"] / out["llama.cpp"]["eval_tokens_per_second"]

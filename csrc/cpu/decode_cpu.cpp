@@ -51,16 +51,29 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
-// Rotates adjacent pairs of the first rope_dim dims of each of `heads` heads by (cos, sin).
-void rope(float* x, int64_t heads, int64_t head_dim, int64_t rope_dim, const float* cs) {
+// Rotates pair i of the first rope_dim dims of each of `heads` heads by (cos, sin) = cs[2i, 2i + 1]:
+// dims 2i and 2i + 1, or i and i + rope_dim/2 (neox).
+void rope(float* x, int64_t heads, int64_t head_dim, int64_t rope_dim, const float* cs, bool neox) {
+  const int64_t half = rope_dim / 2;
   for (int64_t h = 0; h < heads; ++h) {
     float* p = x + h * head_dim;
-    for (int64_t i = 0; i < rope_dim / 2; ++i) {
-      const float a = p[2 * i], b = p[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
-      p[2 * i] = a * c - b * s;
-      p[2 * i + 1] = a * s + b * c;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+      const float a = p[i0], b = p[i1], c = cs[2 * i], s = cs[2 * i + 1];
+      p[i0] = a * c - b * s;
+      p[i1] = a * s + b * c;
     }
   }
+}
+
+// Each of `heads` heads of x, RMS-normed in place with weight w [head_dim] (Qwen3's q/k norms).
+void head_norms(float* x, int64_t heads, int64_t head_dim, const float* w, float eps) {
+  for (int64_t h = 0; h < heads; ++h) rms_norm(x + h * head_dim, w, eps, head_dim, x + h * head_dim);
+}
+
+void add_bias(float* x, const float* b, int64_t n) {
+  if (b)
+    for (int64_t i = 0; i < n; ++i) x[i] += b[i];
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -163,7 +176,8 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
   if (token < 0 || token >= c_.vocab) throw std::invalid_argument("decoder: token id out of range");
   if (pos < 0 || pos >= c_.max_len) throw std::invalid_argument("decoder: position outside the cache");
   const int64_t hd = c_.head_dim, rep = c_.n_heads / c_.n_kv_heads, len = pos + 1;
-  const float scale = 1.0f / std::sqrt((float)hd);
+  const float scale = c_.attn_scale != 0.0f ? c_.attn_scale : 1.0f / std::sqrt((float)hd);
+  const float rs = c_.residual_scale;
   const float* rot = rope_ + pos * c_.rope_dim;
   float* x = x_.data();
   float* h = h_.data();
@@ -172,12 +186,21 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     const auto* row = static_cast<const typename Tr::block*>(embedding_.w) + token * (c_.dim / Tr::kElems);
     for (int64_t b = 0; b < c_.dim / Tr::kElems; ++b) dequant_block<T>(row + b, x + b * Tr::kElems);
   });
+  if (c_.embedding_scale != 1.0f)
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] *= c_.embedding_scale;
   scores_.resize(c_.n_heads * len);
   for (const DecodeLayer& l : layers_) {
     rms_norm(x, l.attn_norm, c_.norm_eps, c_.dim, h);
     matvecs({{&l.q, h, q_.data()}, {&l.k, h, k_.data()}, {&l.v, h, v_.data()}});
-    rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot);
-    rope(k_.data(), c_.n_kv_heads, hd, c_.rope_dim, rot);
+    add_bias(q_.data(), l.bias[0], c_.n_heads * hd);
+    add_bias(k_.data(), l.bias[1], c_.n_kv_heads * hd);
+    add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);
+    if (l.q_norm) head_norms(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps);
+    if (l.k_norm) head_norms(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps);
+    if (l.rotates) {
+      rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot, c_.neox);
+      rope(k_.data(), c_.n_kv_heads, hd, c_.rope_dim, rot, c_.neox);
+    }
     for (int64_t g = 0; g < c_.n_kv_heads; ++g) {
       std::copy_n(k_.data() + g * hd, hd, l.k_cache + (g * c_.max_len + pos) * hd);
       std::copy_n(v_.data() + g * hd, hd, l.v_cache + (g * c_.max_len + pos) * hd);
@@ -196,15 +219,21 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     });
     float* attn_out = h;  // h (the normed input) is no longer needed
     matvecs({{&l.o, o_.data(), attn_out}});
-    for (int64_t i = 0; i < c_.dim; ++i) x[i] += attn_out[i];
+    add_bias(attn_out, l.bias[3], c_.dim);
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += rs == 1.0f ? attn_out[i] : attn_out[i] * rs;
     rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
     matvecs({{&l.gate, h, gate_.data()}, {&l.up, h, up_.data()}});
+    add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
+    add_bias(up_.data(), l.bias[5], c_.ffn_dim);
     silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
     matvecs({{&l.down, gate_.data(), h}});
-    for (int64_t i = 0; i < c_.dim; ++i) x[i] += h[i];
+    add_bias(h, l.bias[6], c_.dim);
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += rs == 1.0f ? h[i] : h[i] * rs;
   }
   rms_norm(x, output_norm_, c_.norm_eps, c_.dim, h);
   matvecs({{&head_, h, logits}});
+  if (c_.logit_scale != 1.0f)
+    for (int64_t i = 0; i < c_.vocab; ++i) logits[i] /= c_.logit_scale;
 }
 
 }  // namespace lowtune::cpu
