@@ -1,6 +1,5 @@
-// One decoding step of a Llama-shaped decoder on the CPU in a single call (lowtune.generate's fast
-// path for the families whose layer is this one: Llama, SmolLM3, Granite, ERNIE 4.5, Qwen2/3, Phi-3
-// without LongRoPE).
+// One decoding step of lowtune's decoder on the CPU in a single call (lowtune.generate's fast path
+// for every family but Phi-3 with LongRoPE).
 //
 // Decoding feeds one token at a time. Run module by module from Python, a step is ~50 torch
 // calls per layer, whose dispatch costs more than the step's arithmetic on a small model; here
@@ -9,13 +8,17 @@
 //   x = embd[token] · embedding_scale
 //   per layer:  h = rmsnorm(x)·w_attn;  q, k, v = Wq h, Wk h, Wv h (every product + its bias, if any)
 //               q, k per head: rmsnorm(·)·w_qnorm, w_knorm where the layer has them (Qwen3)
-//               RoPE on q and k at `pos` (each head's first rope_dim dims: adjacent pairs, or i
-//               with i + rope_dim/2 where neox), but in a layer that does not rotate (SmolLM3)
+//               RoPE on q and k at `pos` by the layer's row of the tables (each head's first
+//               rope_dim dims: adjacent pairs, or i with i + rope_dim/2 where neox), none in a
+//               layer without RoPE (SmolLM3)
 //               k, v -> the layer's cache at pos
-//               o = softmax(q·Kᵀ·attn_scale)·V per query head over positions 0..pos (query head h
-//                   reads key/value head h / (H/Hkv))
-//               x += residual_scale·Wo o;  h = rmsnorm(x)·w_ffn;  x += residual_scale·Wd (silu(Wg h) ⊙ Wu h)
-//   logits = W_head (rmsnorm(x)·w_out) / logit_scale
+//               o = softmax(cap(q·Kᵀ·attn_scale))·V per query head over positions 0..pos, or the
+//                   last `window` of them (query head h reads key/value head h / (H/Hkv));
+//                   cap(s) = c·tanh(s/c) where attn_softcap c > 0
+//               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
+//               h = rmsnorm(x)·w_ffn;  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
+//               gelu (tanh form), then its post-norm likewise;  x += m
+//   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
 //
 // Batch 1, fp32 activations and caches; the matrices are quantized blocks of any type the
 // qmatmul kernels take. The matrix-vector products are qmatmul's own M = 1 kernel, so they give
@@ -43,7 +46,10 @@ struct DecodeLayer {
   const float* bias[7] = {};
   const float* q_norm = nullptr;  // [head_dim], or none
   const float* k_norm = nullptr;
-  bool rotates = true;            // false: no RoPE in this layer
+  const float* post_attn_norm = nullptr;  // [dim], or none (Gemma 2/3)
+  const float* post_ffn_norm = nullptr;
+  int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
+  int64_t window = 0;   // attends to the last `window` positions (0: all)
 };
 
 struct DecodeConfig {
@@ -54,12 +60,17 @@ struct DecodeConfig {
   float embedding_scale = 1.0f;
   float residual_scale = 1.0f;
   float logit_scale = 1.0f;
+  bool gelu = false;            // the gate's activation: gelu, tanh form (Gemma), else silu
+  float attn_softcap = 0.0f;    // 0: none
+  float final_softcap = 0.0f;
+  int rope_kinds = 1;           // rotation tables in Decoder's rope
 };
 
 class Decoder {
  public:
-  // rope: [max_len, rope_dim/2, 2] fp32 (cos, sin) of each position's rotation. Every pointer
-  // must stay valid for the decoder's life. Throws std::invalid_argument on inconsistent shapes.
+  // rope: [kinds, max_len, rope_dim/2, 2] fp32 (cos, sin) of each position's rotation, per kind
+  // (layers name theirs). Every pointer must stay valid for the decoder's life. Throws
+  // std::invalid_argument on inconsistent shapes.
   Decoder(const DecodeConfig& config, std::vector<DecodeLayer> layers, DecodeMatrix embedding,
           DecodeMatrix head, const float* output_norm, const float* rope);
   // Runs `token` at position `pos` (the caches hold positions 0..pos-1), writes its keys and

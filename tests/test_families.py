@@ -278,15 +278,15 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
-# The families the compiled CPU decoder runs (lowtune.generate._decoder_family); Phi-3's tiny model
-# has LongRoPE, which it does not take
-COMPILED_DECODER = ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3")
+# The families the compiled CPU decoder runs: all but Phi-3's tiny model, which has LongRoPE
+COMPILED_DECODER = tuple(n for n in NAMES if n != "phi3")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
-    """Where lowtune._C.CpuDecoder applies (the Llama-shaped families: biases on q/k/v, q/k norms,
-    RoPE on halves, NoPE layers, Granite's scales, YaRN), each step's logits are the model's own."""
+    """Where lowtune._C.CpuDecoder applies (biases, q/k norms, RoPE on halves, NoPE layers,
+    Granite's scales, YaRN, Gemma's GeGLU, post-norms, soft-caps, windows and sliding layers' own
+    RoPE base), each step's logits are the model's own."""
     from lowtune.generate import cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     ids = rand_ids(1, 24, seed=5)

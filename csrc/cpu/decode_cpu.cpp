@@ -122,6 +122,17 @@ float softmax_numerators(float* s, int64_t n) {
   return total;
 }
 
+// g = gelu(g) · u, gelu's tanh form (torch's approximate="tanh").
+void gelu_mul(float* g, const float* u, int64_t n) {
+  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i];
+    g[i] = 0.5f * x * (1.0f + std::tanh(kC * (x + 0.044715f * x * x * x))) * u[i];
+  }
+}
+
+float softcap(float s, float cap) { return cap > 0.0f ? cap * std::tanh(s / cap) : s; }
+
 // g = silu(g) · u = g / (1 + e^-g) · u.
 void silu_mul(float* g, const float* u, int64_t n) {
   using namespace simd;
@@ -161,6 +172,8 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
     check_matrix(l.gate, c.ffn_dim, c.dim, "ffn_gate");
     check_matrix(l.up, c.ffn_dim, c.dim, "ffn_up");
     check_matrix(l.down, c.dim, c.ffn_dim, "ffn_down");
+    if (l.rope_kind >= c.rope_kinds || l.rope_kind < -1 || l.window < 0)
+      throw std::invalid_argument("decoder: a layer's rope kind or window is out of range");
   }
   x_.resize(c.dim);
   h_.resize(std::max(c.dim, c.ffn_dim));
@@ -178,7 +191,6 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
   const int64_t hd = c_.head_dim, rep = c_.n_heads / c_.n_kv_heads, len = pos + 1;
   const float scale = c_.attn_scale != 0.0f ? c_.attn_scale : 1.0f / std::sqrt((float)hd);
   const float rs = c_.residual_scale;
-  const float* rot = rope_ + pos * c_.rope_dim;
   float* x = x_.data();
   float* h = h_.data();
   dispatch_qtype(embedding_.qtype, [&]<int T>() {
@@ -197,10 +209,12 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);
     if (l.q_norm) head_norms(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps);
     if (l.k_norm) head_norms(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps);
-    if (l.rotates) {
+    if (l.rope_kind >= 0) {
+      const float* rot = rope_ + (l.rope_kind * c_.max_len + pos) * c_.rope_dim;
       rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot, c_.neox);
       rope(k_.data(), c_.n_kv_heads, hd, c_.rope_dim, rot, c_.neox);
     }
+    const int64_t first = l.window > 0 ? std::max<int64_t>(0, len - l.window) : 0, seen = len - first;
     for (int64_t g = 0; g < c_.n_kv_heads; ++g) {
       std::copy_n(k_.data() + g * hd, hd, l.k_cache + (g * c_.max_len + pos) * hd);
       std::copy_n(v_.data() + g * hd, hd, l.v_cache + (g * c_.max_len + pos) * hd);
@@ -208,32 +222,39 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     parallel_for(c_.n_heads, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t head = h0; head < h1; ++head) {
         const int64_t g = head / rep;
-        const float* kc = l.k_cache + g * c_.max_len * hd;
-        const float* vc = l.v_cache + g * c_.max_len * hd;
+        const float* kc = l.k_cache + (g * c_.max_len + first) * hd;
+        const float* vc = l.v_cache + (g * c_.max_len + first) * hd;
         const float* qh = q_.data() + head * hd;
         float* s = scores_.data() + head * len;
-        for (int64_t j = 0; j < len; ++j) s[j] = dot(qh, kc + j * hd, hd) * scale;
-        const float total = softmax_numerators(s, len);
-        weighted_sum(s, vc, len, hd, 1.0f / total, o_.data() + head * hd);
+        for (int64_t j = 0; j < seen; ++j) s[j] = softcap(dot(qh, kc + j * hd, hd) * scale, c_.attn_softcap);
+        const float total = softmax_numerators(s, seen);
+        weighted_sum(s, vc, seen, hd, 1.0f / total, o_.data() + head * hd);
       }
     });
     float* attn_out = h;  // h (the normed input) is no longer needed
     matvecs({{&l.o, o_.data(), attn_out}});
     add_bias(attn_out, l.bias[3], c_.dim);
-    for (int64_t i = 0; i < c_.dim; ++i) x[i] += rs == 1.0f ? attn_out[i] : attn_out[i] * rs;
+    if (rs != 1.0f)
+      for (int64_t i = 0; i < c_.dim; ++i) attn_out[i] *= rs;
+    if (l.post_attn_norm) rms_norm(attn_out, l.post_attn_norm, c_.norm_eps, c_.dim, attn_out);
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += attn_out[i];
     rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
     matvecs({{&l.gate, h, gate_.data()}, {&l.up, h, up_.data()}});
     add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
     add_bias(up_.data(), l.bias[5], c_.ffn_dim);
-    silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+    else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
     matvecs({{&l.down, gate_.data(), h}});
     add_bias(h, l.bias[6], c_.dim);
-    for (int64_t i = 0; i < c_.dim; ++i) x[i] += rs == 1.0f ? h[i] : h[i] * rs;
+    if (rs != 1.0f)
+      for (int64_t i = 0; i < c_.dim; ++i) h[i] *= rs;
+    if (l.post_ffn_norm) rms_norm(h, l.post_ffn_norm, c_.norm_eps, c_.dim, h);
+    for (int64_t i = 0; i < c_.dim; ++i) x[i] += h[i];
   }
   rms_norm(x, output_norm_, c_.norm_eps, c_.dim, h);
   matvecs({{&head_, h, logits}});
-  if (c_.logit_scale != 1.0f)
-    for (int64_t i = 0; i < c_.vocab; ++i) logits[i] /= c_.logit_scale;
+  if (c_.logit_scale != 1.0f || c_.final_softcap > 0.0f)
+    for (int64_t i = 0; i < c_.vocab; ++i) logits[i] = softcap(logits[i] / c_.logit_scale, c_.final_softcap);
 }
 
 }  // namespace lowtune::cpu

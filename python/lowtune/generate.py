@@ -9,9 +9,9 @@ The prompt is run once (prefill), then one token per step against the cached key
 GPU (layers not streamed, no sliding-window layers) each step replays a captured CUDA graph
 (StepDecoder): the per-token host work of launching a few hundred kernels is paid once per
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
-never waits for the host between them. On the CPU a Llama-shaped decoder (Llama, SmolLM3, Granite,
-ERNIE 4.5, Qwen2/3, Phi-3 without LongRoPE) decodes through one compiled call per token
-(lowtune._C.CpuDecoder, see cpu_decoder); anything else decodes through the model's forward.
+never waits for the host between them. On the CPU every family (but Phi-3 with LongRoPE) decodes
+through one compiled call per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else
+(adapters, streaming, bf16) decodes through the model's forward.
 """
 from __future__ import annotations
 
@@ -47,50 +47,47 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-# ModelConfig fields the compiled decoder implements; any other field must hold its default.
-# (RoPE's variants reach the decoder as model.rope_rotation's table; LongRoPE, whose table depends
-# on the context in use, is not taken: cpu_decoder)
+# ModelConfig fields the compiled decoder implements; a field added to ModelConfig must hold its
+# default until csrc/decode_kernels.h does it too. (RoPE's variants reach the decoder as
+# model.rope_rotation's tables; LongRoPE, whose tables depend on the context in use, is not taken:
+# cpu_decoder.)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                    "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
                    "rope_attn_factor", "rope_orig_context", "context_length", "arch", "attn_scale",
-                   "embedding_scale", "residual_scale", "logit_scale"}
+                   "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
+                   "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap"}
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def _decoder_family(fam) -> bool:
-    """Whether a family's layer is the compiled decoder's: pre-norms only, SwiGLU, no soft-caps,
-    windows or scaled embeddings of its own."""
-    return (fam.activation == "silu" and not fam.post_norms and not fam.embed_scale and not fam.default_window
-            and fam.attn_softcap is None and fam.final_softcap is None)
+_NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
 
 class _CompiledSteps:
     """model(token, cache) for one token at a time, through lowtune._C.CpuDecoder."""
 
     def __init__(self, model: Model, cache: KVCache):
-        c = model.config
+        c, fam = model.config, model.config.family
         mat = lambda qt: (qt.format.type_id, qt.raw.data_ptr(), qt.shape[0], qt.shape[1])  # noqa: E731
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        qk_norm = c.family.qk_norm
+        weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
         layers = [([mat(getattr(layer, n).weight) for n in _LINEARS],
                    [layer.attn_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(getattr(layer, n).bias) for n in _LINEARS),
-                    ptr(layer.attn_q_norm.weight if qk_norm else None), ptr(layer.attn_k_norm.weight if qk_norm else None)],
-                   layer.rope_kind != NO_ROPE)
+                    *(ptr(weight(layer, n)) for n in _NORMS)],
+                   -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
-        # (cos, sin) [max_len, rope_dim/2, 2] of every cache position, from model.rope_rotation's
-        # table (adjacent pairs: cosines at even places of C, sines at odd places of S; halves:
-        # cosines in the first half of C, sines in the second of S)
-        table, half = model.rope_rotation(0, cache.max_len)[0], c.rope_dim // 2
-        neox = c.family.rope == "neox"
-        cos, sin = (table[0, :, :half], table[1, :, half:]) if neox else (table[0, :, 0::2], table[1, :, 1::2])
+        # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
+        # model.rope_rotation's tables (adjacent pairs: cosines at even places of C, sines at odd
+        # places of S; halves: cosines in the first half of C, sines in the second of S)
+        table, half = model.rope_rotation(0, cache.max_len), c.rope_dim // 2
+        neox = fam.rope == "neox"
+        cos, sin = (table[:, 0, :, :half], table[:, 1, :, half:]) if neox else (table[:, 0, :, 0::2], table[:, 1, :, 1::2])
         self.rope = torch.stack((cos, sin), -1).contiguous()
         self.logits = torch.empty(c.vocab_size)
         self.model, self.cache = model, cache  # the decoder reads their tensors in place
         self.decoder = _C.CpuDecoder(
             (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dim, c.ffn_dim, c.vocab_size,
              cache.max_len, float(c.norm_eps)),
-            (neox, float(c.attn_scale), float(c.embedding_scale), float(c.residual_scale), float(c.logit_scale)),
+            (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
+             fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0]),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 
@@ -105,14 +102,15 @@ class _CompiledSteps:
 
 def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     """A one-token step `step(token) -> logits [V]` that runs the whole model in one compiled call
-    and extends `cache`, or None where it does not apply. It applies to the Llama-shaped families
-    (_decoder_family) exactly as lowtune.model runs them (no adapters or streaming, no LongRoPE, no
-    config feature beyond those csrc/decode_kernels.h lists) on the CPU, in fp32, at batch 1, with
-    every matrix in a quantized block format."""
+    and extends `cache`, or None where it does not apply. It applies to every family exactly as
+    lowtune.model runs it (no adapters or streaming, no LongRoPE, no config feature beyond those
+    csrc/decode_kernels.h lists) on the CPU, in fp32, at batch 1, with every matrix in a quantized
+    block format."""
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    if type(c) is not ModelConfig or not _decoder_family(c.family) or model.rope_inv_freq_long is not None or any(
+    if type(c) is not ModelConfig or c.family.activation not in ("silu", "gelu_tanh") or \
+            model.rope_inv_freq_long is not None or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
@@ -126,8 +124,10 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     for layer in model.layers:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
             return None
-        if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS) or layer.rope_kind not in (0, NO_ROPE):
-            return None  # adapters; a rope table of its own
+        if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS):
+            return None  # adapters
+        if not all(type(getattr(layer, n)) is RMSNorm for n in _NORMS if hasattr(layer, n)):
+            return None
         if not all(b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.device.type == "cpu")
                    for b in (getattr(layer, n).bias for n in _LINEARS)):
             return None
