@@ -118,16 +118,27 @@ inline void add_fifth_bits(const uint8_t* qh_bytes, regs::vi (&q)[regs::kVecs]) 
   for (int v = 0; v < regs::kVecs; ++v) q[v] = regs::or_i(q[v], regs::fifth_bits(qh, v * simd::kLanes));
 }
 
-// x = (q - 16) * d
+// x = (q - 16) * d. With AVX-512 the fifth bits are lane masks (bit 16v + e of qh for lane e of
+// vector v): q - 16 is the nibble less 16 where the bit is clear, one masked subtraction, where
+// shifting the bits into lanes took five instructions a vector (decoding Q5_0 at M = 1 ran 2.3x
+// Q4_1's time).
 template <>
 struct RegDequant<T_Q5_0> {
   static constexpr bool kAvailable = true;
   LT_REG_INLINE static void run(const block_q5_0* b, const float* t, simd::vf (&w)[regs::kVecs]) {
     regs::vi q[regs::kVecs];
     regs::nibbles(b->qs, q);
-    add_fifth_bits(b->qh, q);
     const simd::vf d = regs::scale(t, b->d);
+#if defined(__AVX512F__)
+    const uint32_t qh = load_u32_le(b->qh);
+    for (int v = 0; v < regs::kVecs; ++v) {
+      q[v] = _mm512_mask_sub_epi32(q[v], (__mmask16)~(qh >> (16 * v)), q[v], _mm512_set1_epi32(16));
+      w[v] = simd::mul(regs::to_float(q[v]), d);
+    }
+#else
+    add_fifth_bits(b->qh, q);
     for (int v = 0; v < regs::kVecs; ++v) w[v] = simd::mul(regs::to_float(regs::add_i(q[v], regs::set1_i(-16))), d);
+#endif
   }
 };
 
@@ -138,7 +149,13 @@ struct RegDequant<T_Q5_1> {
   LT_REG_INLINE static void run(const block_q5_1* b, const float* t, simd::vf (&w)[regs::kVecs]) {
     regs::vi q[regs::kVecs];
     regs::nibbles(b->qs, q);
+#if defined(__AVX512F__)
+    const uint32_t qh = load_u32_le(b->qh);  // the fifth bits as lane masks (Q5_0's note)
+    for (int v = 0; v < regs::kVecs; ++v)
+      q[v] = _mm512_mask_add_epi32(q[v], (__mmask16)(qh >> (16 * v)), q[v], _mm512_set1_epi32(16));
+#else
     add_fifth_bits(b->qh, q);
+#endif
     const simd::vf d = regs::scale(t, b->d), m = regs::scale(t, b->m);
     for (int v = 0; v < regs::kVecs; ++v) w[v] = simd::add(simd::mul(regs::to_float(q[v]), d), m);
   }
