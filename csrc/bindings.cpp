@@ -219,7 +219,8 @@ PYBIND11_MODULE(_C, m) {
         auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu, attn_cap, final_cap, kinds] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
-          if (ms.size() != 7 || ps.size() != 15) throw std::invalid_argument("decoder: a layer is 7 matrices and 15 pointers");
+          if (ms.size() != 7 || ps.size() != 15)
+            throw std::invalid_argument("decoder: a layer is 7 matrices and 15 pointers");
           cpu::DecodeLayer l{mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
                              ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])};
           for (int i = 0; i < 7; ++i) l.bias[i] = ptr<const float>(ps[4 + i]);

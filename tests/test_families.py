@@ -171,7 +171,8 @@ def test_hf_configs_lowtune_refuses():
     md, _ = hf_names.metadata_from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 1,
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
-    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, ernie4_5, qwen2"):
+    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, ernie4_5, "
+                                         "qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -460,7 +461,8 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+                         "gemma3")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = "llama, smollm3, granite, ernie4_5, qwen2, qwen3, phi3, gemma, gemma2, gemma3"

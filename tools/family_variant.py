@@ -35,10 +35,11 @@ def variant(src: str, arch: str, out: str) -> None:
     hd = md.get(f"{arch}.attention.key_length", md[f"{arch}.embedding_length"] // heads)
     for i in range(layers):
         if arch == "qwen2":
-            tensors += [(f"blk.{i}.attn_q.bias", torch.zeros(heads * hd)), (f"blk.{i}.attn_k.bias", torch.zeros(kv * hd)),
-                        (f"blk.{i}.attn_v.bias", torch.zeros(kv * hd))]
+            tensors += [(f"blk.{i}.attn_q.bias", torch.zeros(heads * hd)),
+                        (f"blk.{i}.attn_k.bias", torch.zeros(kv * hd)), (f"blk.{i}.attn_v.bias", torch.zeros(kv * hd))]
         elif arch == "qwen3":
-            tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)), (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
+            tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)),
+                        (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
     if arch == "granite":
         md.update({f"granite.{k}": v for k, v in GRANITE.items()})
     elif arch not in ("qwen2", "qwen3", "smollm3"):

@@ -79,7 +79,10 @@ class _CompiledSteps:
         # places of S; halves: cosines in the first half of C, sines in the second of S)
         table, half = model.rope_rotation(0, cache.max_len), c.rope_dim // 2
         neox = fam.rope == "neox"
-        cos, sin = (table[:, 0, :, :half], table[:, 1, :, half:]) if neox else (table[:, 0, :, 0::2], table[:, 1, :, 1::2])
+        if neox:
+            cos, sin = table[:, 0, :, :half], table[:, 1, :, half:]
+        else:
+            cos, sin = table[:, 0, :, 0::2], table[:, 1, :, 1::2]
         self.rope = torch.stack((cos, sin), -1).contiguous()
         self.logits = torch.empty(c.vocab_size)
         self.model, self.cache = model, cache  # the decoder reads their tensors in place

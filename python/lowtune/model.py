@@ -814,10 +814,11 @@ class Model(nn.Module):
 
     def rope_rotation(self, start: int, t: int, context: int | None = None) -> torch.Tensor:
         """apply_rope's tables for positions start..start+T: [kinds, 2, T, rope_dim] float32 (kind 1:
-        sliding layers with their own base; NO_ROPE: the identity), the cosines and the signed sines of pos·freq scaled by
-        the RoPE attention factor, laid out in the family's pairing; computed in float64 on the
-        CPU. context: the length of the context in use (default start + T); beyond
-        rope_orig_context LongRoPE's long factors apply, as llama.cpp picks them by its context."""
+        sliding layers with their own base; NO_ROPE: the identity), the cosines and the signed
+        sines of pos·freq scaled by the RoPE attention factor, laid out in the family's pairing;
+        computed in float64 on the CPU. context: the length of the context in use (default
+        start + T); beyond rope_orig_context LongRoPE's long factors apply, as llama.cpp picks
+        them by its context."""
         context = start + t if context is None else context
         inv = self.rope_inv_freq
         if self.rope_inv_freq_long is not None and \
