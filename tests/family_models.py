@@ -27,7 +27,8 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+         "gemma3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -66,6 +67,13 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
             embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5)),
         "ernie4_5": lambda: tf.Ernie4_5ForCausalLM(tf.Ernie4_5Config(**common, num_hidden_layers=2, head_dim=32)),
+        # YaRN with its own betas and log multiplier, and the attention temperature, over an
+        # original context shorter than the test sequences
+        "mistral3": lambda: tf.Ministral3ForCausalLM(tf.Ministral3Config(
+            **common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "yarn", "type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                "original_max_position_embeddings": 16, "max_position_embeddings": 256, "beta_fast": 16.0,
+                "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.5})),
         # YaRN over an original context shorter than the test sequences
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
             **common, num_hidden_layers=2, rope_parameters={

@@ -67,6 +67,7 @@ SWITCH_OFF = {
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "mistral3": [("attention temperature", lambda m: setattr(m.config, "attn_temperature", 0.0))],
     "smollm3": [("NoPE layer", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
@@ -172,7 +173,7 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, ernie4_5, "
-                                         "qwen2"):
+                                         "ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -223,7 +224,10 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 5 + ["neox"] * 6
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 6 + ["neox"] * 6
+    m3 = cfg["mistral3"]
+    assert (m3.rope_yarn_factor, m3.rope_yarn_beta_fast, m3.rope_yarn_beta_slow, m3.attn_temperature) == (4, 16, 2, 0.5)
+    assert m3.rope_attn_factor == pytest.approx((1 + 0.1 * math.log(4)) / (1 + 0.05 * math.log(4)))
     gr = cfg["granite"]
     assert (gr.embedding_scale, gr.residual_scale, gr.logit_scale) == pytest.approx((2.0, 0.7, 1.5))
     assert gr.query_scale == pytest.approx(0.3)
@@ -280,7 +284,9 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 
 # The families the compiled CPU decoder runs: all but Phi-3's tiny model, which has LongRoPE
-COMPILED_DECODER = tuple(n for n in NAMES if n != "phi3")
+# (Ministral 3's tiny model only up to its original context, 16 positions: where its queries are
+# scaled by position the decoder is not used)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("phi3", "mistral3"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -297,6 +303,8 @@ def test_compiled_cpu_decoder_follows_the_model(tiny, name):
         model(ids[:, :8], theirs)
         step = cpu_decoder(model, ours)
         assert (step is not None) == (name in COMPILED_DECODER)
+        if name == "mistral3":
+            assert cpu_decoder(model, model.new_cache(1, 16)) is not None
         if step is None:
             return
         for t in range(8, 24):  # past the tiny models' windows and YaRN's original context
@@ -461,11 +469,11 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3")
+    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "phi3", "gemma",
+                         "gemma2", "gemma3")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = "llama, smollm3, granite, ernie4_5, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
+    listed = "llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
     for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

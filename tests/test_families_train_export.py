@@ -48,11 +48,11 @@ METHODS = ("lora", "qa-lora", "q-bara", "qa-hira", "qdylora")
 # The method each family's exports are checked with (every method on some family), and the one it
 # is fine-tuned with through the trainer (another one).
 EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "granite": "qa-lora",
-                 "ernie4_5": "lora", "qwen2": "qa-lora", "qwen3": "qdylora", "phi3": "q-bara", "gemma": "qdylora",
-                 "gemma2": "lora", "gemma3": "qa-hira"}
+                 "ernie4_5": "lora", "mistral3": "qa-hira", "qwen2": "qa-lora", "qwen3": "qdylora", "phi3": "q-bara",
+                 "gemma": "qdylora", "gemma2": "lora", "gemma3": "qa-hira"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
-                   "ernie4_5": "q-bara", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira", "gemma": "lora",
-                   "gemma2": "qdylora", "gemma3": "qa-lora"}
+                   "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
+                   "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

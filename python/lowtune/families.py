@@ -12,6 +12,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     smollm3  norm  silu       -           -         -          -                        if the file gives one
     granite  norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5 norm  silu       -           -         -          -                        if the file gives one
+    mistral3 norm  silu       -           -         -          -                        if the file gives one
     qwen2    neox  silu       -           -         -          -                        if the file gives one
     qwen3    neox  silu       -           yes       -          -                        if the file gives one
     phi3     neox  silu       -           -         -          -                        if the file gives one
@@ -22,6 +23,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Granite is Llama with four scales from the file: embeddings × embedding_scale, each attention and
   FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
   logit_scale.
+  Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
+  gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
+  floor(pos / original context)).
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -51,6 +55,8 @@ class Family:
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
+    yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
+    #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
     #                                    is global (0: every layer slides), llama.cpp's n_pattern
     default_window: int = 0            # window when the file gives none (0: no sliding window)
@@ -81,6 +87,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
+    Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
+           hf_permute_qk=True),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
     Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
@@ -109,10 +117,17 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
 
-def yarn_magnitude(factor: float) -> float:
+def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
     """YaRN's scaling of q and k (so of the scores, squared) for a context extended `factor` times:
-    1 + 0.1 ln(factor), 1 for factor <= 1 (llama.cpp's and transformers' default)."""
-    return 1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0
+    m(1) with m(s) = 1 + 0.1 s ln(factor) (1 for factor <= 1), or m(1) / m(log_multiplier) where
+    the file gives one (transformers' mscale / mscale_all_dim with mscale 1, as llama.cpp reads it)."""
+    m = lambda s: 1.0 + 0.1 * s * math.log(factor) if factor > 1.0 else 1.0  # noqa: E731
+    return m(1.0) / m(log_multiplier) if log_multiplier else m(1.0)
+
+
+def attn_temperature(t: float, orig: int, positions):
+    """Llama 4's query scale at `positions` (a tensor): 1 + t ln(1 + floor(pos / orig))."""
+    return 1.0 + t * (1.0 + (positions // orig)).log()
 
 
 def _supported() -> str:

@@ -53,11 +53,20 @@ class GenerationStats:
 # cpu_decoder.)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                    "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
+                   "rope_yarn_beta_fast", "rope_yarn_beta_slow",
                    "rope_attn_factor", "rope_orig_context", "context_length", "arch", "attn_scale",
                    "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
-                   "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap"}
+                   "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
+                   "attn_temperature"}  # (the last only where 1 up to the cache's length: cpu_decoder)
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
+
+
+def _positions_unscaled(c: ModelConfig, max_len: int) -> bool:
+    """Whether no query is scaled by its position up to max_len (Ministral 3's attention
+    temperature starts beyond the original context): captured steps and the compiled decoder
+    compute the same at every position only then."""
+    return not c.attn_temperature or max_len <= (c.rope_orig_context or c.context_length)
 
 
 class _CompiledSteps:
@@ -117,6 +126,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
+        return None
+    if not _positions_unscaled(c, cache.max_len):
         return None
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
@@ -219,6 +230,9 @@ class StepDecoder:
             raise ValueError("StepDecoder needs the model's layers resident (not streamed)")
         if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
             raise ValueError("StepDecoder's one mask per step cannot express sliding-window layers")
+        if not _positions_unscaled(model.config, max_len):
+            raise ValueError("StepDecoder's captured steps cannot scale queries by position (the attention "
+                             "temperature beyond the original context)")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -358,11 +372,11 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     stats = stats if stats is not None else GenerationStats()
     was_training = model.training
     model.eval()
-    if graphs is None:
-        c = model.config  # graphs need the layers resident and one mask for every layer
-        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None
-                  and not any(c.is_sliding(i) for i in range(c.n_layers)))
     max_len = len(prompt) + max_new_tokens
+    if graphs is None:
+        c = model.config  # graphs need the layers resident, one mask for every layer and fixed positions
+        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None
+                  and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)
         prefill, step = decoder.prefill, decoder.step

@@ -54,6 +54,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
     "granite": {"layer": _LLAMA, "global": _GLOBAL},
     "ernie4_5": {"layer": _LLAMA, "global": _GLOBAL},
+    "mistral3": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -308,10 +309,14 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32)
         key("rope.scaling.attn_factor", _longrope_attn_factor(rope, config), F32)
     elif kind == "yarn":
-        _check_yarn(rope, config)
+        _check_yarn(rope, fam)
         key("rope.scaling.type", "yarn", STR)
         key("rope.scaling.factor", float(rope["factor"]), F32)
         key("rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32)
+        if fam.yarn_keys:  # as llama.cpp's converter writes Ministral 3's
+            for gguf_key, hf in _YARN_KEYS:
+                if rope.get(hf) is not None:
+                    key(gguf_key, float(rope[hf]), F32)
     elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
         raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, yarn, llama3 and longrope are)")
 
@@ -351,18 +356,26 @@ _MULTIPLIERS = (("attention.scale", "attention_multiplier"), ("embedding_scale",
                 ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling"))
 
 
-def _check_yarn(rope: dict, config: dict) -> None:
-    """YaRN as llama.cpp runs it for these families: the factor, the original context, and the
+# YaRN's parameters llama.cpp reads from a mistral3 file: GGUF key, rope_parameters key
+_YARN_KEYS = (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
+              ("rope.scaling.yarn_log_multiplier", "mscale_all_dim"), ("attention.temperature_scale",
+                                                                       "llama_4_scaling_beta"))
+
+
+def _check_yarn(rope: dict, fam: Family) -> None:
+    """YaRN as llama.cpp runs it: the factor, the original context, and for most families the
     defaults for the rest (its beta_fast 32, beta_slow 1, magnitude 1 + 0.1 ln factor, truncated
-    correction range); a config that sets them otherwise is refused."""
+    correction range); Ministral 3's file also gives the betas, the log multiplier (mscale_all_dim,
+    with mscale 1) and the attention temperature. A config that sets others is refused."""
     if not rope.get("factor") or not rope.get("original_max_position_embeddings"):
         raise ValueError("YaRN rope_scaling without a factor and original_max_position_embeddings is not "
                          "supported (llama.cpp's converter needs both)")
-    odd = {k: rope[k] for k, default in (("beta_fast", 32), ("beta_slow", 1), ("mscale", None),
-                                         ("mscale_all_dim", None), ("truncate", True))
-           if rope.get(k) is not None and rope[k] != default}
+    fixed = (("mscale", 1.0), ("truncate", True)) if fam.yarn_keys else \
+        (("beta_fast", 32), ("beta_slow", 1), ("mscale", None), ("mscale_all_dim", None), ("truncate", True))
+    odd = {k: rope[k] for k, default in fixed if rope.get(k) is not None and rope[k] != default}
+    log_mul = float(rope.get("mscale_all_dim") or 0.0) if fam.yarn_keys else 0.0
     attn = rope.get("attention_factor")
-    if attn is not None and abs(float(attn) - yarn_magnitude(float(rope["factor"]))) > 1e-6:
+    if attn is not None and abs(float(attn) - yarn_magnitude(float(rope["factor"]), log_mul)) > 1e-6:
         odd["attention_factor"] = attn
     if odd:
         raise ValueError(f"YaRN with {odd} differs from what llama.cpp runs for this architecture (it "
@@ -452,6 +465,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "granite": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
                 "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
     "ernie4_5": {},
+    "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
     "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
     "phi3": {},
@@ -527,8 +541,17 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if c.rope_yarn_factor:
         cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": _f32(c.rope_yarn_factor),
                                "original_max_position_embeddings": c.rope_orig_context or c.context_length}
-        if abs(c.rope_attn_factor - yarn_magnitude(c.rope_yarn_factor)) > 1e-6:
+        if fam.yarn_keys:  # Ministral 3's: the magnitude as m(1) / m(mscale_all_dim), mscale 1
+            m1, log_f = yarn_magnitude(c.rope_yarn_factor), math.log(max(c.rope_yarn_factor, 1.0))
+            all_dim = (m1 / c.rope_attn_factor - 1.0) / (0.1 * log_f) if log_f else 1.0
+            cfg["rope_scaling"].update({"beta_fast": _f32(c.rope_yarn_beta_fast), "mscale": 1.0,
+                                        "beta_slow": _f32(c.rope_yarn_beta_slow), "mscale_all_dim": _f32(all_dim),
+                                        "llama_4_scaling_beta": _f32(c.attn_temperature)})
+            cfg["rope_parameters"] = {**cfg.pop("rope_scaling"), "rope_theta": _f32(c.rope_theta)}
+        elif abs(c.rope_attn_factor - yarn_magnitude(c.rope_yarn_factor)) > 1e-6:
             cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
+    elif fam.yarn_keys:  # (without rope_parameters Ministral3Config takes YaRN x16 by default)
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": _f32(c.rope_theta)}
     elif "rope_factors_long.weight" in tensors:
         orig = c.rope_orig_context or c.context_length
         cfg["original_max_position_embeddings"] = orig

@@ -1,5 +1,5 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-SmolLM3, Granite, ERNIE 4.5, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
+SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, family_of, yarn_magnitude
+from .families import FAMILIES, Family, attn_temperature, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -92,6 +92,9 @@ class ModelConfig:
     rope_orig_context: int = 0    # LongRoPE: contexts longer than this use rope_factors_long; YaRN: the
     #                               context it extends (0: context_length)
     rope_yarn_factor: float = 0.0  # YaRN: the context extended this many times (0: no YaRN)
+    rope_yarn_beta_fast: float = 32.0  # YaRN's ramp: pairs turning more than this many times keep their speed
+    rope_yarn_beta_slow: float = 1.0   # ... and pairs turning less than this many times are slowed
+    attn_temperature: float = 0.0  # queries × 1 + t ln(1 + floor(pos / rope_orig_context)) (Ministral 3; 0: none)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
     residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
@@ -155,7 +158,8 @@ class ModelConfig:
             linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
         elif scaling == "yarn":
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
-            attn_factor *= yarn_magnitude(yarn)
+            log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) if fam.yarn_keys else 0.0
+            attn_factor *= yarn_magnitude(yarn, log_mul)
             if md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta) is not None:
                 raise ValueError(f"YaRN with a separate RoPE base for sliding layers ({arch}) is not supported")
         elif scaling not in ("none", "longrope", None):
@@ -185,6 +189,11 @@ class ModelConfig:
         scale = 0.0
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
+        yarn_keys = {}
+        if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
+            yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                         "rope_yarn_beta_slow": float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                         "attn_temperature": float(md.get(f"{arch}.attention.temperature_scale", 0.0))}
         multipliers = {}
         if fam.multipliers:  # Granite's scales; 0 or absent: none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
@@ -205,7 +214,7 @@ class ModelConfig:
             sliding_window=window, swa_layers=swa_layers,
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
             rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
-            rope_attn_factor=attn_factor, rope_yarn_factor=yarn,
+            rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers)
@@ -358,12 +367,13 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     if freq_factors is not None:  # Llama 3.1's rope_freqs, LongRoPE's factors: divide each pair's frequency
         inv = inv / freq_factors.double().cpu()
     if c.rope_yarn_factor > 1.0:
-        # YaRN as ggml's rope_yarn (ext_factor 1, beta_fast 32, beta_slow 1, which llama.cpp uses for
-        # these families): pairs that turn more than 32 times over the original context keep
-        # their speed, pairs that turn less than once are slowed by the factor, a ramp between
+        # YaRN as ggml's rope_yarn (ext_factor 1): pairs that turn more than beta_fast (32) times
+        # over the original context keep their speed, pairs that turn less than beta_slow (1)
+        # times are slowed by the factor, a ramp between
         orig = c.rope_orig_context or c.context_length
         turns = lambda n: c.rope_dim * math.log(orig / (n * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
-        low, high = max(math.floor(turns(32.0)), 0), min(math.ceil(turns(1.0)), c.rope_dim - 1)
+        low = max(math.floor(turns(c.rope_yarn_beta_fast)), 0)
+        high = min(math.ceil(turns(c.rope_yarn_beta_slow)), c.rope_dim - 1)
         kept = 1.0 - ((i / 2 - low) / max(0.001, high - low)).clamp(0.0, 1.0)
         inv = inv / c.rope_yarn_factor * (1.0 - kept) + inv * kept
     return inv
@@ -605,6 +615,11 @@ class DecoderLayer(nn.Module):
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
             mask = cache.attn_mask
+        orig = c.rope_orig_context or c.context_length
+        if c.attn_temperature and start + t > orig:  # (1 within the original context)
+            pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
+            q = (q.float() * attn_temperature(c.attn_temperature, orig, pos)[:, None]).to(q.dtype)
+        if cache is not None:
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
