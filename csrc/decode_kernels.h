@@ -1,5 +1,5 @@
 // One decoding step of lowtune's decoder on the CPU in a single call (lowtune.generate's fast path
-// for every family but Phi-3 with LongRoPE).
+// for every family; RoPE's variants, LongRoPE's included, arrive as rotation tables).
 //
 // Decoding feeds one token at a time. Run module by module from Python, a step is ~50 torch
 // calls per layer, whose dispatch costs more than the step's arithmetic on a small model; here

@@ -187,9 +187,10 @@ def test_compiled_cpu_decoder_applies_only_where_it_runs_the_model():
     assert cpu_decoder(biased, biased.new_cache(1, 8)) is not None                  # biases: taken
     biased.layers[1].attn_v.bias = torch.ones(biased.layers[1].attn_v.out_features, dtype=torch.bfloat16)
     assert cpu_decoder(biased, biased.new_cache(1, 8)) is None                      # a bf16 bias
-    long_rope, _ = tiny_model("Q4_1")
-    long_rope.rope_inv_freq_long = long_rope.rope_inv_freq / 2
-    assert cpu_decoder(long_rope, long_rope.new_cache(1, 8)) is None                # LongRoPE's tables
+    tempered, _ = tiny_model("Q4_1")
+    tempered.config.attn_temperature, tempered.config.rope_orig_context = 0.5, 4
+    assert cpu_decoder(tempered, tempered.new_cache(1, 8)) is None                  # queries scaled past 4
+    assert cpu_decoder(tempered, tempered.new_cache(1, 4)) is not None
     apply_adapters(model, AdapterConfig(method="lora", rank=2))
     assert cpu_decoder(model, model.new_cache(1, 8)) is None                         # adapters
     stats = GenerationStats()

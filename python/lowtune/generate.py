@@ -9,9 +9,9 @@ The prompt is run once (prefill), then one token per step against the cached key
 GPU (layers not streamed, no sliding-window layers) each step replays a captured CUDA graph
 (StepDecoder): the per-token host work of launching a few hundred kernels is paid once per
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
-never waits for the host between them. On the CPU every family (but Phi-3 with LongRoPE) decodes
-through one compiled call per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else
-(adapters, streaming, bf16) decodes through the model's forward.
+never waits for the host between them. On the CPU every family decodes through one compiled call
+per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else (adapters, streaming, bf16)
+decodes through the model's forward.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ class GenerationStats:
 
 # ModelConfig fields the compiled decoder implements; a field added to ModelConfig must hold its
 # default until csrc/decode_kernels.h does it too. (RoPE's variants reach the decoder as
-# model.rope_rotation's tables; LongRoPE, whose tables depend on the context in use, is not taken:
-# cpu_decoder.)
+# model.rope_rotation's tables, for a context of the cache's length, as the model's own steps pick
+# LongRoPE's factors.)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                    "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
                    "rope_yarn_beta_fast", "rope_yarn_beta_slow",
@@ -115,14 +115,13 @@ class _CompiledSteps:
 def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     """A one-token step `step(token) -> logits [V]` that runs the whole model in one compiled call
     and extends `cache`, or None where it does not apply. It applies to every family exactly as
-    lowtune.model runs it (no adapters or streaming, no LongRoPE, no config feature beyond those
+    lowtune.model runs it (no adapters or streaming, no config feature beyond those
     csrc/decode_kernels.h lists) on the CPU, in fp32, at batch 1, with every matrix in a quantized
     block format."""
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    if type(c) is not ModelConfig or c.family.activation not in ("silu", "gelu_tanh") or \
-            model.rope_inv_freq_long is not None or any(
+    if type(c) is not ModelConfig or c.family.activation not in ("silu", "gelu_tanh") or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
