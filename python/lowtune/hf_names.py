@@ -378,9 +378,10 @@ def _check_yarn(rope: dict, fam: Family) -> None:
     if attn is not None and abs(float(attn) - yarn_magnitude(float(rope["factor"]), log_mul)) > 1e-6:
         odd["attention_factor"] = attn
     if odd:
-        raise ValueError(f"YaRN with {odd} differs from what llama.cpp runs for this architecture (it "
-                         "keeps beta_fast 32, beta_slow 1 and 1 + 0.1 ln factor), so lowtune, which follows "
-                         "it, refuses this checkpoint")
+        takes = ("the betas, mscale_all_dim and llama_4_scaling_beta, with mscale 1" if fam.yarn_keys
+                 else "beta_fast 32, beta_slow 1 and 1 + 0.1 ln factor")
+        raise ValueError(f"YaRN with {odd} differs from what llama.cpp runs for {fam.arch} ({takes}), so "
+                         "lowtune, which follows it, refuses this checkpoint")
 
 
 def _check_nope_layers(config: dict, fam: Family, n_layers: int) -> None:

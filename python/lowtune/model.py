@@ -379,7 +379,6 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     return inv
 
 
-
 apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated (glue_ops.rope)
 
 
