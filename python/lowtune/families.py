@@ -125,10 +125,6 @@ def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
     return m(1.0) / m(log_multiplier) if log_multiplier else m(1.0)
 
 
-def attn_temperature(t: float, orig: int, positions):
-    """Llama 4's query scale at `positions` (a tensor): 1 + t ln(1 + floor(pos / orig))."""
-    return 1.0 + t * (1.0 + (positions // orig)).log()
-
 
 def _supported() -> str:
     return "lowtune runs " + ", ".join(SUPPORTED)

@@ -66,7 +66,7 @@ def _positions_unscaled(c: ModelConfig, max_len: int) -> bool:
     """Whether no query is scaled by its position up to max_len (Ministral 3's attention
     temperature starts beyond the original context): captured steps and the compiled decoder
     compute the same at every position only then."""
-    return not c.attn_temperature or max_len <= (c.rope_orig_context or c.context_length)
+    return not c.attn_temperature or max_len <= c.original_context
 
 
 class _CompiledSteps:

@@ -458,21 +458,12 @@ def _f32(x: float) -> float:
 
 # Biases each HF class can hold: config flag -> the layer tensors it switches on together (the
 # HF module then has all of them: the ones GGUF lacks are written as zeros). "" : always there.
+_ATTN_BIASES = {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")}
+_LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
-              "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
-    "smollm3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
-                "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
-    "granite": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
-                "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
-    "ernie4_5": {},
-    "mistral3": {},
-    "qwen2": {"": ("attn_q", "attn_k", "attn_v")},
-    "qwen3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
-    "phi3": {},
-    "gemma": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
-    "gemma2": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
-    "gemma3": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")},
+    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "ernie4_5": {}, "mistral3": {},
+    "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
+    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES,
 }
 
 
@@ -535,13 +526,13 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             raise ValueError("a llama model with a sliding window and biases has no HF config (Mistral has no biases)")
         flags = {}
     cfg.update(flags)
-    if arch in ("llama", "smollm3", "granite", "qwen3", "gemma", "gemma2", "gemma3") and "attention_bias" not in cfg:
+    if "attention_bias" in _HF_BIASES[arch] and "attention_bias" not in cfg:  # (Mistral's flags are dropped)
         cfg["attention_bias"] = False
     if c.rope_linear_scale != 1.0:
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(c.rope_linear_scale)}
     if c.rope_yarn_factor:
         cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": _f32(c.rope_yarn_factor),
-                               "original_max_position_embeddings": c.rope_orig_context or c.context_length}
+                               "original_max_position_embeddings": c.original_context}
         if fam.yarn_keys:  # Ministral 3's: the magnitude as m(1) / m(mscale_all_dim), mscale 1
             m1, log_f = yarn_magnitude(c.rope_yarn_factor), math.log(max(c.rope_yarn_factor, 1.0))
             all_dim = (m1 / c.rope_attn_factor - 1.0) / (0.1 * log_f) if log_f else 1.0
@@ -554,7 +545,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     elif fam.yarn_keys:  # (without rope_parameters Ministral3Config takes YaRN x16 by default)
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": _f32(c.rope_theta)}
     elif "rope_factors_long.weight" in tensors:
-        orig = c.rope_orig_context or c.context_length
+        orig = c.original_context
         cfg["original_max_position_embeddings"] = orig
         cfg["rope_scaling"] = {
             "type": "longrope", "rope_type": "longrope",

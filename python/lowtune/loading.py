@@ -402,7 +402,7 @@ def describe(path) -> dict:
                           "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
                           "context": c.context_length, "rope_theta": c.rope_theta,
                           "rope_linear_scale": c.rope_linear_scale, "rope_yarn_factor": c.rope_yarn_factor,
-                          "rope_orig_context": c.rope_orig_context or c.context_length,
+                          "rope_orig_context": c.original_context,
                           "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps}
     except ValueError as e:
         info["unsupported"] = str(e)

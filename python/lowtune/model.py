@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, attn_temperature, family_of, yarn_magnitude
+from .families import FAMILIES, Family, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -107,6 +107,12 @@ class ModelConfig:
         if self.arch not in FAMILIES:
             family_of({"general.architecture": self.arch})  # raises, saying why
         return FAMILIES[self.arch]
+
+    @property
+    def original_context(self) -> int:
+        """The context RoPE's scaling extends (LongRoPE's switch point, YaRN's original context, where
+        the attention temperature starts): rope_orig_context, else context_length."""
+        return self.rope_orig_context or self.context_length
 
     @property
     def query_scale(self) -> float:
@@ -370,13 +376,18 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
         # YaRN as ggml's rope_yarn (ext_factor 1): pairs that turn more than beta_fast (32) times
         # over the original context keep their speed, pairs that turn less than beta_slow (1)
         # times are slowed by the factor, a ramp between
-        orig = c.rope_orig_context or c.context_length
+        orig = c.original_context
         turns = lambda n: c.rope_dim * math.log(orig / (n * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
         low = max(math.floor(turns(c.rope_yarn_beta_fast)), 0)
         high = min(math.ceil(turns(c.rope_yarn_beta_slow)), c.rope_dim - 1)
         kept = 1.0 - ((i / 2 - low) / max(0.001, high - low)).clamp(0.0, 1.0)
         inv = inv / c.rope_yarn_factor * (1.0 - kept) + inv * kept
     return inv
+
+
+def attn_temperature(t: float, orig: int, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's query scale at `positions`: 1 + t ln(1 + floor(pos / orig)) (Ministral 3)."""
+    return 1.0 + t * (1.0 + (positions // orig)).log()
 
 
 apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated (glue_ops.rope)
@@ -614,10 +625,9 @@ class DecoderLayer(nn.Module):
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
             mask = cache.attn_mask
-        orig = c.rope_orig_context or c.context_length
-        if c.attn_temperature and start + t > orig:  # (1 within the original context)
+        if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
-            q = (q.float() * attn_temperature(c.attn_temperature, orig, pos)[:, None]).to(q.dtype)
+            q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
         if cache is not None:
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)
         if attn is None:
@@ -836,7 +846,7 @@ class Model(nn.Module):
         context = start + t if context is None else context
         inv = self.rope_inv_freq
         if self.rope_inv_freq_long is not None and \
-                context > (self.config.rope_orig_context or self.config.context_length):
+                context > self.config.original_context:
             inv = self.rope_inv_freq_long
         pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[None, :, None] * inv[:, None, :]                  # [kinds, T, rope_dim/2]
