@@ -202,21 +202,22 @@ PYBIND11_MODULE(_C, m) {
   // ---- the CPU decoding step (csrc/decode_kernels.h); lowtune.generate builds and checks it ----
   // A matrix travels as (qtype, pointer, n, k); a layer as its seven matrices (q, k, v, o, gate,
   // up, down), its (attn_norm, ffn_norm, k_cache, v_cache, the seven matrices' biases, q_norm,
-  // k_norm, post_attn_norm, post_ffn_norm) pointers (0: none, for the last eleven), its rope kind
-  // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
+  // k_norm, post_attn_norm, post_ffn_norm) pointers (0: none, for all but the caches), its rope
+  // kind and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
   // max_len, norm_eps) and (neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu,
-  // attn_softcap, final_softcap, rope_kinds).
+  // attn_softcap, final_softcap, rope_kinds, qk_norm_whole).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
   };
   py::class_<cpu::Decoder>(m, "CpuDecoder")
       .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
-                          std::tuple<bool, float, float, float, float, bool, float, float, int> f,
+                          std::tuple<bool, float, float, float, float, bool, float, float, int, bool> f,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
                           const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
-        auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu, attn_cap, final_cap, kinds] = f;
+        auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu, attn_cap, final_cap, kinds,
+              qk_whole] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
           if (ms.size() != 7 || ps.size() != 15)
@@ -233,6 +234,7 @@ PYBIND11_MODULE(_C, m) {
         config.neox = neox, config.attn_scale = attn_scale, config.embedding_scale = embedding_scale;
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
         config.gelu = gelu, config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
+        config.qk_norm_whole = qk_whole;
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
                                 ptr<const float>(rope));
       }))

@@ -6,8 +6,10 @@
 // the whole step is one call, with the same operations in the same order as lowtune.model:
 //
 //   x = embd[token] · embedding_scale
-//   per layer:  h = rmsnorm(x)·w_attn;  q, k, v = Wq h, Wk h, Wv h (every product + its bias, if any)
-//               q, k per head: rmsnorm(·)·w_qnorm, w_knorm where the layer has them (Qwen3)
+//   per layer:  h = rmsnorm(x)·w_attn (x itself without w_attn: OLMo 2);  q, k, v = Wq h, Wk h, Wv h
+//               (every product + its bias, if any)
+//               q, k: rmsnorm(·)·w_qnorm, w_knorm where the layer has them, per head (Qwen3) or
+//               over the whole projection (qk_norm_whole: OLMo 2)
 //               RoPE on q and k at `pos` by the layer's row of the tables (each head's first
 //               rope_dim dims: adjacent pairs, or i with i + rope_dim/2 where neox), none in a
 //               layer without RoPE (SmolLM3)
@@ -16,7 +18,7 @@
 //                   last `window` of them (query head h reads key/value head h / (H/Hkv));
 //                   cap(s) = c·tanh(s/c) where attn_softcap c > 0
 //               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
-//               h = rmsnorm(x)·w_ffn;  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
+//               h = rmsnorm(x)·w_ffn (or x);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
 //               gelu (tanh form), then its post-norm likewise;  x += m
 //   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
 //
@@ -38,13 +40,13 @@ struct DecodeMatrix {
 
 struct DecodeLayer {
   DecodeMatrix q, k, v, o, gate, up, down;
-  const float* attn_norm;  // [dim]
-  const float* ffn_norm;   // [dim]
+  const float* attn_norm;  // [dim], or none (OLMo 2)
+  const float* ffn_norm;   // [dim], or none
   float* k_cache;          // [n_kv_heads, max_len, head_dim]
   float* v_cache;
   // each matrix's bias (its rows), or none: q, k, v, o, gate, up, down
   const float* bias[7] = {};
-  const float* q_norm = nullptr;  // [head_dim], or none
+  const float* q_norm = nullptr;  // [head_dim] ([n_heads·head_dim] if qk_norm_whole), or none
   const float* k_norm = nullptr;
   const float* post_attn_norm = nullptr;  // [dim], or none (Gemma 2/3)
   const float* post_ffn_norm = nullptr;
@@ -64,6 +66,7 @@ struct DecodeConfig {
   float attn_softcap = 0.0f;    // 0: none
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
+  bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
 };
 
 class Decoder {

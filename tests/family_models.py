@@ -27,8 +27,8 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-         "gemma3")
+NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
+         "gemma2", "gemma3", "olmo2", "olmo3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -95,6 +95,17 @@ def hf_model(name: str):
             sliding_window=WINDOW, final_logit_softcapping=5.0,
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+        # RoPE on half of each head, q/k/v biases, gate and up fused
+        "glm4": lambda: tf.Glm4ForCausalLM(tf.Glm4Config(
+            **common, num_hidden_layers=2, head_dim=32, attention_bias=True, partial_rotary_factor=0.5)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # OLMo 3: four layers, every fourth global; YaRN on the global layers only, over an original
+        # context shorter than the test sequences
+        "olmo3": lambda: tf.Olmo3ForCausalLM(tf.Olmo3Config(
+            **common, num_hidden_layers=4, sliding_window=WINDOW, rope_parameters={
+                "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 32},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     }[name]
     model = make()
     model.config._attn_implementation = "eager"
@@ -129,6 +140,10 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
+from conversion import glm, olmo
+# OLMo's and GLM-4's converters read only byte-level BPE vocabularies; the tiny models share a
+# SentencePiece one
+olmo.Olmo2Model.set_vocab = glm.Glm4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -210,11 +225,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     transformers or llama.cpp's converter (the GPU ones)."""
     from lowtune import ops
     from lowtune.families import FAMILIES
-    from lowtune.model import Model, ModelConfig
+    from lowtune.model import Model, ModelConfig, layer_norm_shapes
 
     fam = FAMILIES[arch]
-    layers = {"gemma3": 6, "smollm3": 4}.get(arch, 2)
-    hd = 32 if arch in ("ernie4_5", "qwen3", "gemma", "gemma2", "gemma3") else D // H
+    layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
+    hd = 32 if arch in ("ernie4_5", "qwen3", "gemma", "gemma2", "gemma3", "glm4") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
@@ -228,6 +243,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
+    if arch == "glm4":
+        md["glm4.rope.dimension_count"] = hd // 2
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -240,19 +257,19 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
          "output_norm.weight": vec(D, 1.0)}
     if not fam.embed_scale:  # Gemma ties its head to the embeddings
         w["output.weight"] = mat(V, D)
-    norms = ["attn_norm", "ffn_norm"] + (["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(D, 1.0) for n in norms})
-        if fam.qk_norm:
-            w.update({p + "attn_q_norm.weight": vec(hd, 1.0), p + "attn_k_norm.weight": vec(hd, 1.0)})
-        if arch == "phi3":  # fused q/k/v and gate/up
-            w.update({p + "attn_qkv.weight": mat(q + 2 * kv, D), p + "ffn_up.weight": mat(2 * F, D)})
+        w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c).items()})
+        if arch == "phi3":  # fused q/k/v
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         else:
-            w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D),
-                      p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
+            w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+        if arch in ("phi3", "glm4"):  # fused gate/up
+            w[p + "ffn_up.weight"] = mat(2 * F, D)
+        else:
+            w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
         w.update({p + "attn_output.weight": mat(D, q), p + "ffn_down.weight": mat(D, F)})
-        if arch in ("llama", "qwen2"):
+        if arch in ("llama", "qwen2", "glm4"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])

@@ -27,7 +27,7 @@ from lowtune import adapters, ops
 from lowtune.evaluate import perplexity
 from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
-from lowtune.gguf_io import GGUFFile
+from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.tokenizer import load_tokenizer
@@ -67,6 +67,8 @@ SWITCH_OFF = {
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "olmo3": [("windows", _no_windows),
+              ("sliding layers' plain RoPE", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "mistral3": [("attention temperature", lambda m: setattr(m.config, "attn_temperature", 0.0))],
     "smollm3": [("NoPE layer", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
@@ -224,7 +226,9 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 6 + ["neox"] * 6
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 7 + ["neox"] * 8
+    g4 = cfg["glm4"]
+    assert (g4.head_dim, g4.rope_dim) == (32, 16)
     m3 = cfg["mistral3"]
     assert (m3.rope_yarn_factor, m3.rope_yarn_beta_fast, m3.rope_yarn_beta_slow, m3.attn_temperature) == (4, 16, 2, 0.5)
     assert m3.rope_attn_factor == pytest.approx((1 + 0.1 * math.log(4)) / (1 + 0.05 * math.log(4)))
@@ -243,7 +247,10 @@ def test_config_read_from_the_converted_files(tiny):
     p3 = cfg["phi3"]
     assert p3.rope_orig_context == PHI3_ORIG_CONTEXT and p3.sliding_window == 0
     assert p3.rope_attn_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(PHI3_ORIG_CONTEXT)))
-    assert all(c.window(0) == 0 for n, c in cfg.items() if n in ("llama", "qwen2", "qwen3", "phi3"))
+    assert all(c.window(0) == 0 for n, c in cfg.items() if n in ("llama", "qwen2", "qwen3", "phi3", "olmo2"))
+    o3 = cfg["olmo3"]
+    assert o3.swa_layers == (0, 1, 2) and o3.sliding_window == WINDOW and o3.rope_yarn_factor == 4
+    assert [o3.rope_kind(i) for i in range(4)] == [1, 1, 1, 0] and o3.swa_unscaled_yarn
 
 
 def test_fused_tensors_are_row_views(tiny):
@@ -387,6 +394,26 @@ def test_tokenizer_matches_llamacpp_vocab_tests(llamacpp_source, vocab):
         assert tok.encode(text, add_bos=False, add_eos=False) == [int(i) for i in ids.split()], repr(text)
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("pre", ["glm4", "chatglm-bpe"])
+def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
+    """GLM's vocabularies (Llama 3's regex; no BOS token in llama.cpp whatever the file says): a
+    real byte-level vocabulary relabelled with GLM's `pre` tokenizes as llama.cpp tokenizes it,
+    with the special tokens each adds by default."""
+    import llama_cpp
+    base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
+    with GGUFFile(base) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    md["tokenizer.ggml.pre"] = pre
+    write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
+    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    tok = load_tokenizer(md)
+    assert tok.bos_id is None and not tok.add_bos
+    for text in base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n"):
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
+
+
 # ----------------------------------------------------------------------------------------------
 # adapters and streaming on every family
 
@@ -406,8 +433,9 @@ def merged_weights(model) -> dict:
                 mod = mod.base
             elif isinstance(mod, QLinear):
                 w[p + name + ".weight"] = mod.weight
-            else:
-                w[p + name + ".weight"] = mod.weight  # norms
+            else:  # norms (a NoNorm has no weight)
+                if mod.weight is not None:
+                    w[p + name + ".weight"] = mod.weight
                 continue
             if mod.bias is not None:
                 w[p + name + ".bias"] = mod.bias
@@ -469,10 +497,10 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "phi3", "gemma",
-                         "gemma2", "gemma3")
+                         "gemma2", "gemma3", "olmo2", "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = "llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, phi3, gemma, gemma2, gemma3"
+    listed = "llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, phi3, gemma, gemma2, gemma3, olmo2, glm4"
     for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

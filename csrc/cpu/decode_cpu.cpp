@@ -66,8 +66,10 @@ void rope(float* x, int64_t heads, int64_t head_dim, int64_t rope_dim, const flo
   }
 }
 
-// Each of `heads` heads of x, RMS-normed in place with weight w [head_dim] (Qwen3's q/k norms).
-void head_norms(float* x, int64_t heads, int64_t head_dim, const float* w, float eps) {
+// q or k of `heads` heads RMS-normed in place: each head with weight w [head_dim] (Qwen3), or all
+// of them as one vector with w [heads·head_dim] (whole: OLMo 2).
+void qk_norm(float* x, int64_t heads, int64_t head_dim, const float* w, float eps, bool whole) {
+  if (whole) return rms_norm(x, w, eps, heads * head_dim, x);
   for (int64_t h = 0; h < heads; ++h) rms_norm(x + h * head_dim, w, eps, head_dim, x + h * head_dim);
 }
 
@@ -202,13 +204,17 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     for (int64_t i = 0; i < c_.dim; ++i) x[i] *= c_.embedding_scale;
   scores_.resize(c_.n_heads * len);
   for (const DecodeLayer& l : layers_) {
-    rms_norm(x, l.attn_norm, c_.norm_eps, c_.dim, h);
-    matvecs({{&l.q, h, q_.data()}, {&l.k, h, k_.data()}, {&l.v, h, v_.data()}});
+    const float* in = x;  // the products' input: x normed, where the layer has the norm
+    if (l.attn_norm) {
+      rms_norm(x, l.attn_norm, c_.norm_eps, c_.dim, h);
+      in = h;
+    }
+    matvecs({{&l.q, in, q_.data()}, {&l.k, in, k_.data()}, {&l.v, in, v_.data()}});
     add_bias(q_.data(), l.bias[0], c_.n_heads * hd);
     add_bias(k_.data(), l.bias[1], c_.n_kv_heads * hd);
     add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);
-    if (l.q_norm) head_norms(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps);
-    if (l.k_norm) head_norms(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps);
+    if (l.q_norm) qk_norm(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps, c_.qk_norm_whole);
+    if (l.k_norm) qk_norm(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps, c_.qk_norm_whole);
     if (l.rope_kind >= 0) {
       const float* rot = rope_ + (l.rope_kind * c_.max_len + pos) * c_.rope_dim;
       rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot, c_.neox);
@@ -238,8 +244,12 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
       for (int64_t i = 0; i < c_.dim; ++i) attn_out[i] *= rs;
     if (l.post_attn_norm) rms_norm(attn_out, l.post_attn_norm, c_.norm_eps, c_.dim, attn_out);
     for (int64_t i = 0; i < c_.dim; ++i) x[i] += attn_out[i];
-    rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
-    matvecs({{&l.gate, h, gate_.data()}, {&l.up, h, up_.data()}});
+    in = x;
+    if (l.ffn_norm) {
+      rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
+      in = h;
+    }
+    matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
     add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
     add_bias(up_.data(), l.bias[5], c_.ffn_dim);
     if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);

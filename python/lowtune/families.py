@@ -3,7 +3,7 @@
     family = family_of(metadata)      # the Family of a GGUF's general.architecture, or a ValueError
     family.rope, family.activation    # read by lowtune.model's one decoder
 
-Every family is the same pre-norm decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Family says
+Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Family says
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
 the exported files, and its converter (convert_hf_to_gguf.py), which writes them:
 
@@ -19,6 +19,15 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gemma    neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo2    neox  silu       only        whole     -          -                        if the file gives one
+    glm4     norm  silu       yes         -         -          -                        if the file gives one
+
+  OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
+  over the whole projection, all heads at once ("whole"); OLMo 3's files give a window (every 4th
+  layer global), and its sliding layers take no RoPE scaling (llama.cpp and transformers run them
+  with plain RoPE).
+  GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
+  Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
   Granite is Llama with four scales from the file: embeddings × embedding_scale, each attention and
   FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
@@ -51,7 +60,9 @@ class Family:
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
     activation: str = "silu"           # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
-    qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE
+    pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
+    qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
+    #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
@@ -62,7 +73,7 @@ class Family:
     default_window: int = 0            # window when the file gives none (0: no sliding window)
     swa_rope_theta: float | None = None  # RoPE base of sliding layers when the file has no freq_base_swa
     #                                      (None: the global base)
-    swa_rope_scaled: bool = True       # sliding layers take the global RoPE scaling too
+    swa_rope_scaled: bool = True       # sliding layers take the global RoPE scaling (linear, YaRN) too
     attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
@@ -90,7 +101,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
            hf_permute_qk=True),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
-    Family("qwen3", rope="neox", qk_norm=True, hf_architectures=("Qwen3ForCausalLM",),
+    Family("qwen3", rope="neox", qk_norm="head", hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
@@ -99,11 +110,15 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            swa_period=2, default_window=4096, attn_softcap=50.0, final_softcap=30.0,
            wide_query_scale_layers=46, hf_architectures=("Gemma2ForCausalLM",),
            hf_model_types=("gemma2",), hf_norm_offset=1.0, spm_space_prefix=False),
-    Family("gemma3", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm=True,
+    Family("gemma3", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head",
            embed_scale=True, swa_period=6, swa_rope_theta=10000.0, swa_rope_scaled=False,
            final_softcap=0.0, wide_query_scale_layers=62,
            hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
            hf_model_types=("gemma3_text", "gemma3"), hf_norm_offset=1.0, spm_space_prefix=False),
+    Family("olmo2", rope="neox", pre_norms=False, post_norms=True, qk_norm="whole", swa_period=4,
+           swa_rope_scaled=False, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
+           hf_model_types=("olmo2", "olmo3")),
+    Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
 )}
 
 SUPPORTED = tuple(FAMILIES)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import _C, glue_ops
-from .model import NO_ROPE, DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLinear, RMSNorm
+from .model import NO_ROPE, DecoderLayer, KVCache, Model, ModelConfig, NoNorm, QEmbedding, QLinear, RMSNorm
 
 
 @dataclass
@@ -78,7 +78,7 @@ class _CompiledSteps:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
         layers = [([mat(getattr(layer, n).weight) for n in _LINEARS],
-                   [layer.attn_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
+                   [ptr(layer.attn_norm.weight), ptr(layer.ffn_norm.weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(getattr(layer, n).bias) for n in _LINEARS),
                     *(ptr(weight(layer, n)) for n in _NORMS)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
@@ -99,7 +99,8 @@ class _CompiledSteps:
             (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dim, c.ffn_dim, c.vocab_size,
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
-             fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0]),
+             fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
+             fam.qk_norm == "whole"),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 
@@ -135,7 +136,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     mats = [model.tok_embd.weight, model.head_weight()]
     for layer in model.layers:
-        if type(layer) is not DecoderLayer or type(layer.attn_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
+        if type(layer) is not DecoderLayer or type(layer.attn_norm) not in (RMSNorm, NoNorm) \
+                or type(layer.ffn_norm) not in (RMSNorm, NoNorm):
             return None
         if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS):
             return None  # adapters

@@ -10,9 +10,10 @@ keys, tensor values, and the q/k row order. One table each; reading (safetensors
     w = from_hf_values(gguf_name, w, md)                    # an HF tensor as GGUF holds it
 
 The families (lowtune.families says which architecture is which HF class) differ here in:
-  * names: Qwen3 and Gemma 3 add q/k norms; Gemma 2/3 have norms before and after attention and
-    FFN; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and gate/up fused (gate_up_proj = ffn_up,
-    gate rows first), which GGUF keeps too;
+  * names: Qwen3, Gemma 3 and OLMo 2 add q/k norms; Gemma 2/3 and GLM-4 have norms before and
+    after attention and FFN, OLMo 2 only after; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and
+    gate/up fused (gate_up_proj = ffn_up, gate rows first), which GGUF keeps too, as GLM-4 keeps
+    gate/up;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -64,6 +65,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
+    "olmo2": {"layer": {**_ATTN, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm", **_MLP,
+                        "post_ffw_norm": "post_feedforward_layernorm"}, "global": _GLOBAL},
+    "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
+                       "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
+                       "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model
@@ -463,7 +469,8 @@ _LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
-    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES,
+    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
+    "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")},
 }
 
 
@@ -499,7 +506,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-    if c.rope_dim != c.head_dim and arch != "phi3":
+    if c.rope_dim != c.head_dim and arch not in ("phi3", "glm4"):
         raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
     windows = [c.is_sliding(i) for i in range(c.n_layers)]
     cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
@@ -507,6 +514,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cls, model_type = "MistralForCausalLM", "mistral"  # Llama has no window; Mistral is Llama with one
         if not all(windows):
             raise ValueError("a llama model with sliding and global layers has no HF config")
+    if arch == "olmo2" and c.sliding_window:
+        cls, model_type = fam.hf_architectures[1], fam.hf_model_types[1]  # OLMo 3 is OLMo 2 with windows
     cfg: dict[str, Any] = {"architectures": [cls], "model_type": model_type}
     for _, hf, attr, gtype, _ in CONFIG_KEYS:
         v = getattr(c, attr)
@@ -557,9 +566,13 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
     elif c.rope_attn_factor != 1.0:
         raise ValueError("a RoPE attention factor without LongRoPE factors has no HF config")
-    if arch == "phi3":
+    if arch in ("phi3", "glm4"):
         cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
-    if c.rope_theta_swa is not None and c.rope_theta_swa != c.rope_theta:
+    if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
+        cfg["rope_parameters"] = {
+            "full_attention": {**(cfg.pop("rope_scaling") or {"rope_type": "default"}), "rope_theta": _f32(c.rope_theta)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": _f32(c.rope_theta_swa or c.rope_theta)}}
+    elif c.rope_theta_swa is not None and c.rope_theta_swa != c.rope_theta:
         if arch != "gemma3":
             raise ValueError(f"a separate RoPE base for sliding layers has no {arch} HF config")
         cfg["rope_local_base_freq"] = _f32(c.rope_theta_swa)

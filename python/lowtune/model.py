@@ -1,22 +1,24 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2 and Gemma 3.
+SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2, Gemma 3,
+OLMo 2/3 and GLM-4.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
 and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modules carry GGUF's names:
 
     token_embd                QEmbedding [V, D]   rows dequantized on demand (× sqrt(D) for Gemma)
-    blk.N.attn_norm           RMSNorm
+    blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
                               row views of a fused attn_qkv where the file has one (Phi-3)
-    blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3)
+    blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
+                              over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
-    blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3)
-    blk.N.ffn_norm            RMSNorm
+    blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
+    blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.ffn_gate/up         QLinear [F, D]      act(gate(x)) * up(x): SwiGLU, or GeGLU (Gemma); row
                               views of Phi-3's fused ffn_up [2F, D] (gate rows first)
     blk.N.ffn_down            QLinear [D, F]
-    blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3)
+    blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
     output_norm               RMSNorm
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
@@ -131,8 +133,14 @@ class ModelConfig:
         if not self.family.rotates(layer):
             return NO_ROPE
         own = (self.rope_theta_swa not in (None, self.rope_theta)
-               or self.rope_linear_scale_swa not in (None, self.rope_linear_scale))
+               or self.rope_linear_scale_swa not in (None, self.rope_linear_scale) or self.swa_unscaled_yarn)
         return int(own and self.is_sliding(layer))
+
+    @property
+    def swa_unscaled_yarn(self) -> bool:
+        """Whether the sliding layers leave out the global layers' YaRN (OLMo 3): their RoPE is plain,
+        its magnitude 1."""
+        return self.rope_yarn_factor > 1.0 and not self.family.swa_rope_scaled
 
     @classmethod
     def from_gguf_metadata(cls, md: Mapping) -> "ModelConfig":
@@ -149,6 +157,9 @@ class ModelConfig:
 
         dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
         n_layers = int(get("block_count"))
+        if int(md.get(f"{arch}.nextn_predict_layers", 0) or 0):
+            raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
+                             "run; a file converted without them is")
         head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
@@ -166,8 +177,6 @@ class ModelConfig:
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) if fam.yarn_keys else 0.0
             attn_factor *= yarn_magnitude(yarn, log_mul)
-            if md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta) is not None:
-                raise ValueError(f"YaRN with a separate RoPE base for sliding layers ({arch}) is not supported")
         elif scaling not in ("none", "longrope", None):
             raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, yarn, LongRoPE's "
                              "rope_factors and Llama 3's rope_freqs are)")
@@ -187,6 +196,10 @@ class ModelConfig:
                 swa_layers = tuple(i for i in range(n_layers) if i % int(pattern) < int(pattern) - 1)
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
         theta_swa = md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
+        if theta_swa is not None and float(theta_swa) == theta and fam.swa_rope_theta is None:
+            theta_swa = None  # (OLMo 3's converter writes the global base again)
+        if yarn and theta_swa is not None and float(theta_swa) != theta:
+            raise ValueError(f"YaRN with a separate RoPE base for sliding layers ({arch}) is not supported")
 
         def cap(key, default):
             # families without a soft-cap ignore the key, as llama.cpp does
@@ -335,6 +348,21 @@ class QEmbedding(nn.Module):
         return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
+def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
+    """The RMSNorm weights of each layer of the family: GGUF layer name -> shape."""
+    c, fam = config, config.family
+    out = {}
+    if fam.pre_norms:
+        out.update(attn_norm=(c.dim,), ffn_norm=(c.dim,))
+    if fam.post_norms:
+        out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+    if fam.qk_norm:
+        whole = fam.qk_norm == "whole"
+        out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
+                   attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
+    return out
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · w over the last dim, computed in fp32 and returned in x's dtype.
     (Gemma's 1 + w convention is already in w: the converter stores it so.)"""
@@ -350,6 +378,20 @@ class RMSNorm(nn.Module):
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + a, this norm of x + a): a residual add and the norm that follows it."""
         return glue_ops.add_rms_norm(x, a, self.weight, self.eps)
+
+
+class NoNorm(nn.Module):
+    """Where a family has no norm before attention or the FFN (OLMo 2): x itself, with RMSNorm's
+    interface (weight None)."""
+
+    weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x + a
+        return s, s
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -372,7 +414,7 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     inv = theta ** (-i / c.rope_dim) / scale
     if freq_factors is not None:  # Llama 3.1's rope_freqs, LongRoPE's factors: divide each pair's frequency
         inv = inv / freq_factors.double().cpu()
-    if c.rope_yarn_factor > 1.0:
+    if c.rope_yarn_factor > 1.0 and not (sliding and c.swa_unscaled_yarn):
         # YaRN as ggml's rope_yarn (ext_factor 1): pairs that turn more than beta_fast (32) times
         # over the original context keep their speed, pairs that turn less than beta_slow (1)
         # times are slowed by the factor, a ramp between
@@ -480,13 +522,10 @@ class DecoderLayer(nn.Module):
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
-        norm = lambda name: RMSNorm(w[p + name + ".weight"], c.norm_eps)
-        self.attn_norm = norm("attn_norm")
-        self.ffn_norm = norm("ffn_norm")
-        if fam.qk_norm:
-            self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
-        if fam.post_norms:
-            self.post_attention_norm, self.post_ffw_norm = norm("post_attention_norm"), norm("post_ffw_norm")
+        for name in layer_norm_shapes(c):
+            setattr(self, name, RMSNorm(w[p + name + ".weight"], c.norm_eps))
+        if not fam.pre_norms:
+            self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
@@ -583,7 +622,7 @@ class DecoderLayer(nn.Module):
         on CUDA the norm runs inside the grouped product (glue_ops.add_rms_norm_product), else
         add_rms_norm and then _products."""
         g = self._group(names)
-        if g is not None and g.bias is None:
+        if g is not None and g.bias is None and norm.weight is not None:
             done = glue_ops.add_rms_norm_product(x, a, norm.weight, norm.eps, g.weight)
             if done is not None:
                 s, y = done
@@ -614,10 +653,12 @@ class DecoderLayer(nn.Module):
         if qkv is None:
             qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
+        if fam.qk_norm == "whole":
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        if fam.qk_norm:
+        if fam.qk_norm == "head":
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
         if cache is None:
@@ -676,7 +717,7 @@ class DecoderLayer(nn.Module):
         branch, norm_mlp = self.compiled_parts or (self.attention_branch, self.norm_mlp)
         at_x = [i for i, t in enumerate(inputs) if t is x]
         with torch.no_grad(), recompute():
-            h = self.attn_norm(x)
+            h = self.attn_norm(x).detach()  # (x itself where the family has no such norm)
         h.requires_grad_(bool(at_x))
         with torch.enable_grad(), recompute():
             x1 = x + branch(x, rot, normed=h)
@@ -850,7 +891,9 @@ class Model(nn.Module):
             inv = self.rope_inv_freq_long
         pos = torch.arange(start, start + t, dtype=torch.float64)
         ang = pos[None, :, None] * inv[:, None, :]                  # [kinds, T, rope_dim/2]
-        m = self.config.rope_attn_factor
+        m = torch.full((inv.shape[0], 1, 1), self.config.rope_attn_factor, dtype=torch.float64)
+        if self.config.swa_unscaled_yarn:
+            m[1:] = 1.0  # (kind 1 is the sliding layers')
         cos, sin = ang.cos() * m, ang.sin() * m
         if self.config.family.rope == "norm":                       # adjacent pairs
             table = torch.stack((torch.stack((cos, cos), -1), torch.stack((-sin, sin), -1)), 1).flatten(-2)
@@ -966,7 +1009,7 @@ LlamaModel = Model  # the name before other families came
 def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     """Every tensor the config needs is there with its shape, and nothing else is (a tensor the
     model would not use means a variant lowtune does not run, e.g. mixture-of-experts)."""
-    c, fam = config, config.family
+    c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
               "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
@@ -979,10 +1022,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        norms = ["attn_norm", "ffn_norm"] + (["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
-        want.update({p + n + ".weight": (c.dim,) for n in norms})
-        if fam.qk_norm:
-            want.update({p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)})
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
         for n, shape in shapes.items():

@@ -47,6 +47,7 @@ for _names, _spec in [
     (("llama3", "llama-v3", "llama-bpe", "falcon3"), ([_LLAMA3], True, True)),
     (("dbrx", "smaug-bpe"), ([_LLAMA3], False, False)),
     (("chatglm-bpe",), ([_LLAMA3], False, False)),
+    (("glm4", "glm5"), ([_LLAMA3], True, False)),
     (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
      ([r"\p{N}", _GPT2], False, False)),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es", "jina-v2-de",
@@ -60,6 +61,9 @@ for _names, _spec in [
 ]:
     for _n in _names:
         _PRE[_n] = _spec
+
+# pre-tokenizers whose vocabularies llama.cpp gives no BOS token, whatever the file says (GLM's)
+_NO_BOS = ("chatglm-bpe", "glm4", "glm5")
 
 # llama.cpp picks the end-of-turn token by its text when the metadata does not say
 _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
@@ -364,6 +368,8 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
         pre = _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default"
         add_bos_default = _PRE.get(pre, (None, False, False))[2]
         bos, eos, unk = tid("bos_token_id", 11), tid("eos_token_id", 11), tid("unknown_token_id", None)
+        if pre in _NO_BOS:
+            bos, add_bos_default = None, False
     elif model == "llama":
         add_bos_default = True
         bos, eos, unk = tid("bos_token_id", 1), tid("eos_token_id", 2), tid("unknown_token_id", 0)
@@ -377,7 +383,7 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
         if i is not None:
             types[i] = CONTROL
     common = dict(bos_id=bos, eos_id=eos, eot_id=eot,
-                  add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+                  add_bos=bos is not None and bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
                   add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
                   chat_template=_str_or_none(metadata.get("tokenizer.chat_template")))
     if model == "gpt2":
