@@ -20,6 +20,9 @@
 //               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
 //               h = rmsnorm(x)·w_ffn (or x);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
 //               gelu (tanh form), then its post-norm likewise;  x += m
+//               (a mixture of experts: router logits r = W_router h, p = softmax(r), the
+//               n_experts_used largest p renormalized to sum 1 (at least 2^-14); m = Σ p_e ·
+//               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd)
 //   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
 //
 // Batch 1, fp32 activations and caches; the matrices are quantized blocks of any type the
@@ -50,6 +53,9 @@ struct DecodeLayer {
   const float* k_norm = nullptr;
   const float* post_attn_norm = nullptr;  // [dim], or none (Gemma 2/3)
   const float* post_ffn_norm = nullptr;
+  // a mixture of experts: the router [n_experts, dim] fp32, gate and up then [n_experts·F, dim]
+  // and down [n_experts·dim, F] (F = expert_ffn); none: the dense FFN
+  const float* router = nullptr;
   int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
   int64_t window = 0;   // attends to the last `window` positions (0: all)
 };
@@ -67,6 +73,7 @@ struct DecodeConfig {
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
+  int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0;  // layers with a router
 };
 
 class Decoder {
@@ -86,7 +93,8 @@ class Decoder {
   DecodeMatrix embedding_, head_;
   const float* output_norm_;
   const float* rope_;
-  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_;
+  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_;
+  void experts(const DecodeLayer& l, const float* in, float* out);  // (in and out may be one buffer)
 };
 
 // out[r] = x · deq(W)[r] for rows r0..r1 of W [n, k] (qmatmul's M = 1 kernel).

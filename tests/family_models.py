@@ -30,6 +30,8 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
          "gemma2", "gemma3", "olmo2", "olmo3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+MOE_NAMES = ("qwen3moe", "mixtral")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
+EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
@@ -98,6 +100,13 @@ def hf_model(name: str):
         # RoPE on half of each head, q/k/v biases, gate and up fused
         "glm4": lambda: tf.Glm4ForCausalLM(tf.Glm4Config(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, partial_rotary_factor=0.5)),
+        "qwen3moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **common, num_hidden_layers=2, head_dim=32, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False)),
+        # Mixtral converts to the llama architecture with experts
+        "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+            **common, num_hidden_layers=2, head_dim=16, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
         # OLMo 3: four layers, every fourth global; YaRN on the global layers only, over an original
         # context shorter than the test sequences
@@ -120,7 +129,7 @@ def hf_model(name: str):
             elif "embed" in pname:
                 p.copy_(0.25 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
     return model.float().eval()
 
 
@@ -140,10 +149,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import glm, olmo
-# OLMo's and GLM-4's converters read only byte-level BPE vocabularies; the tiny models share a
-# SentencePiece one
-olmo.Olmo2Model.set_vocab = glm.Glm4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+from conversion import glm, olmo, qwen
+# OLMo's, GLM-4's and Qwen3-MoE's converters read only byte-level BPE vocabularies; the tiny models
+# share a SentencePiece one
+olmo.Olmo2Model.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -166,7 +176,7 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES:
+    for name in NAMES + MOE_NAMES:
         d = root / name
         hf_model(name).save_pretrained(d)
         (d / "tokenizer.model").write_bytes(tokenizer)
@@ -229,7 +239,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
-    hd = 32 if arch in ("ernie4_5", "qwen3", "gemma", "gemma2", "gemma3", "glm4") else D // H
+    hd = 32 if arch in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
@@ -245,6 +255,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
     if arch == "glm4":
         md["glm4.rope.dimension_count"] = hd // 2
+    fe = 32  # an expert's width
+    if arch == "qwen3moe":
+        md.update({"qwen3moe.expert_count": EXPERTS, "qwen3moe.expert_used_count": EXPERTS_USED,
+                   "qwen3moe.expert_feed_forward_length": fe})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -264,11 +278,17 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
-        if arch in ("phi3", "glm4"):  # fused gate/up
+        if c.n_experts:  # the router in F32, as llama.cpp keeps it
+            w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
+                      p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
+                      p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
+        elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
-        w.update({p + "attn_output.weight": mat(D, q), p + "ffn_down.weight": mat(D, F)})
+        w.update({p + "attn_output.weight": mat(D, q)})
+        if not c.n_experts:
+            w[p + "ffn_down.weight"] = mat(D, F)
         if arch in ("llama", "qwen2", "glm4"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
     if arch == "phi3":

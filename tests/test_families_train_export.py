@@ -283,12 +283,14 @@ ARCHS = tuple(FAMILIES)
 def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
-        want = random_family_model(arch)(ids)
+        cpu = random_family_model(arch)
+        want = cpu(ids)
         fp32 = random_family_model(arch).to(device)(ids.to(device)).cpu()
         bf16 = random_family_model(arch, dtype=torch.bfloat16).to(device)(ids.to(device)).cpu()
     print(f"{arch} on {device}: logits vs the CPU, relative error fp32 {rel_err(fp32, want):.2e}, "
           f"bf16 {rel_err(bf16, want):.2e}")
-    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < 5e-2
+    # (a bf16 router picks other experts for a few tokens)
+    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < (1e-1 if cpu.config.n_experts else 5e-2)
     for method in METHODS:
         model = random_family_model(arch, dtype=torch.bfloat16).to(device)
         losses = adapted_steps(model, method, ids.to(device))

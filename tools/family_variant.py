@@ -4,10 +4,16 @@ rotation pairs and the extra tensors differ, so the variant's text is not meanin
 and llama.cpp compute the same function of it (bench_eval.py checks their perplexities agree).
 
     python tools/family_variant.py SmolLM2.Q4_1.gguf qwen3 -o smollm2-as-qwen3.gguf
+    python tools/family_variant.py SmolLM2.Q4_1.gguf llama --experts 8 --used 2 -o smollm2-moe.gguf
 
 qwen2: zero q/k/v biases; qwen3: unit per-head q/k norms; smollm3: as is (every 4th layer then
 has no RoPE); granite: the scales of Granite 3.x 2B (embedding 12, residual 0.22, query 1/64,
 logits / 8).
+
+--experts E (llama: Mixtral's layout; qwen3moe: Qwen3-MoE's) makes each layer's FFN a mixture of E
+copies of it with a random router, each token routed to --used of them: as the copies are equal
+and the routing weights sum to 1, the model computes the dense one's function (its text is the
+original's), through the whole mixture-of-experts path at the original FFN's width per expert.
 """
 from __future__ import annotations
 
@@ -19,11 +25,27 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from lowtune.gguf_io import GGUFFile, write_gguf  # noqa: E402
+from lowtune.qtensor import QTensor  # noqa: E402
 
 GRANITE = {"embedding_scale": 12.0, "residual_scale": 0.22, "attention.scale": 0.015625, "logit_scale": 8.0}
 
 
-def variant(src: str, arch: str, out: str) -> None:
+def experts_of(tensors: list, layers: int, dim: int, n: int, seed: int = 0) -> list:
+    """tensors with each layer's ffn_gate/up/down replaced by ffn_*_exps of n equal experts (the
+    packed rows repeated: [n, F, D] / [n, D, F]) and a random F32 router ffn_gate_inp [n, D]."""
+    g = torch.Generator().manual_seed(seed)
+    by_name = dict(tensors)
+    out = [(k, v) for k, v in tensors if not any(f".{p}.weight" in k for p in ("ffn_gate", "ffn_up", "ffn_down"))]
+    for i in range(layers):
+        for part in ("ffn_gate", "ffn_up", "ffn_down"):
+            qt = by_name[f"blk.{i}.{part}.weight"]
+            rows = QTensor(qt.raw.repeat(n, 1), qt.format, (n * qt.shape[0], qt.shape[1]))
+            out.append((f"blk.{i}.{part}_exps.weight", (rows, (n, qt.shape[0], qt.shape[1]))))
+        out.append((f"blk.{i}.ffn_gate_inp.weight", torch.randn(n, dim, generator=g)))
+    return out
+
+
+def variant(src: str, arch: str, out: str, experts: int = 0, used: int = 2) -> None:
     with GGUFFile(src) as f:
         old = f.metadata["general.architecture"]
         md = {(arch + k[len(old):] if k.startswith(old + ".") else k): v for k, v in f.metadata.items()}
@@ -40,10 +62,20 @@ def variant(src: str, arch: str, out: str) -> None:
         elif arch == "qwen3":
             tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)),
                         (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
+        elif arch == "qwen3moe":
+            tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)),
+                        (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
     if arch == "granite":
         md.update({f"granite.{k}": v for k, v in GRANITE.items()})
-    elif arch not in ("qwen2", "qwen3", "smollm3"):
-        raise SystemExit(f"no variant for {arch!r} (qwen2, qwen3, smollm3, granite)")
+    elif arch not in ("qwen2", "qwen3", "smollm3", "qwen3moe") and not (arch == "llama" and experts):
+        raise SystemExit(f"no variant for {arch!r} (qwen2, qwen3, smollm3, granite; llama or qwen3moe with --experts)")
+    if arch == "qwen3moe" and not experts:
+        raise SystemExit("qwen3moe needs --experts")
+    if experts:
+        tensors = experts_of(tensors, layers, md[f"{arch}.embedding_length"], experts)
+        md.update({f"{arch}.expert_count": experts, f"{arch}.expert_used_count": used})
+        if arch == "qwen3moe":
+            md[f"{arch}.expert_feed_forward_length"] = md[f"{arch}.feed_forward_length"]
     write_gguf(out, md, tensors, metadata_types=types)
 
 
@@ -52,8 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("arch")
     ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--experts", type=int, default=0, help="a mixture of this many copies of each FFN")
+    ap.add_argument("--used", type=int, default=2, help="experts each token is routed to")
     a = ap.parse_args(argv)
-    variant(a.model, a.arch, a.out)
+    variant(a.model, a.arch, a.out, a.experts, a.used)
     print(a.out)
     return 0
 

@@ -147,6 +147,12 @@ void silu_mul(float* g, const float* u, int64_t n) {
   for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// Rows r0..r1 of m as a matrix of their own (packed rows are independent).
+DecodeMatrix row_range(const DecodeMatrix& m, int64_t r0, int64_t r1) {
+  const BlockInfo b = block_info(m.qtype);
+  return {m.qtype, static_cast<const char*>(m.w) + r0 * (m.k / b.elems) * b.bytes, r1 - r0, m.k};
+}
+
 void check_matrix(const DecodeMatrix& m, int64_t n, int64_t k, const char* what) {
   if (m.n != n || m.k != k || !m.w)
     throw std::invalid_argument(std::string("decoder: ") + what + " must be [" + std::to_string(n) + ", " +
@@ -171,9 +177,12 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
     check_matrix(l.k, kvd, c.dim, "attn_k");
     check_matrix(l.v, kvd, c.dim, "attn_v");
     check_matrix(l.o, c.dim, qd, "attn_output");
-    check_matrix(l.gate, c.ffn_dim, c.dim, "ffn_gate");
-    check_matrix(l.up, c.ffn_dim, c.dim, "ffn_up");
-    check_matrix(l.down, c.dim, c.ffn_dim, "ffn_down");
+    const int64_t e = l.router ? c.n_experts : 1, f = l.router ? c.expert_ffn : c.ffn_dim;
+    if (l.router && !(0 < c.n_experts_used && c.n_experts_used <= c.n_experts && f > 0))
+      throw std::invalid_argument("decoder: inconsistent experts");
+    check_matrix(l.gate, e * f, c.dim, "ffn_gate");
+    check_matrix(l.up, e * f, c.dim, "ffn_up");
+    check_matrix(l.down, e * c.dim, f, "ffn_down");
     if (l.rope_kind >= c.rope_kinds || l.rope_kind < -1 || l.window < 0)
       throw std::invalid_argument("decoder: a layer's rope kind or window is out of range");
   }
@@ -183,8 +192,41 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
   k_.resize(kvd);
   v_.resize(kvd);
   o_.resize(qd);
-  gate_.resize(c.ffn_dim);
-  up_.resize(c.ffn_dim);
+  gate_.resize(std::max(c.ffn_dim, c.expert_ffn));
+  up_.resize(std::max(c.ffn_dim, c.expert_ffn));
+  expert_out_.resize(c.dim);
+  moe_sum_.resize(c.dim);
+  probs_.resize(c.n_experts);
+}
+
+// out = Σ over the chosen experts of weight · expert(in) (decode_kernels.h), as lowtune.model.MoE.
+void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
+  const int64_t n = c_.n_experts, f = c_.expert_ffn;
+  float* p = probs_.data();
+  for (int64_t e = 0; e < n; ++e) p[e] = dot(l.router + e * c_.dim, in, c_.dim);
+  const float total = softmax_numerators(p, n);
+  for (int64_t e = 0; e < n; ++e) p[e] /= total;
+  std::vector<int64_t> order(n);
+  for (int64_t e = 0; e < n; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + c_.n_experts_used, order.end(),
+                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  float sum = 0.0f;
+  for (int64_t j = 0; j < c_.n_experts_used; ++j) sum += p[order[j]];
+  sum = std::max(sum, 6.103515625e-5f);
+  float* acc = moe_sum_.data();
+  std::fill_n(acc, c_.dim, 0.0f);
+  for (int64_t j = 0; j < c_.n_experts_used; ++j) {
+    const int64_t e = order[j];
+    const DecodeMatrix g = row_range(l.gate, e * f, (e + 1) * f), u = row_range(l.up, e * f, (e + 1) * f);
+    const DecodeMatrix d = row_range(l.down, e * c_.dim, (e + 1) * c_.dim);
+    matvecs({{&g, in, gate_.data()}, {&u, in, up_.data()}});
+    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), f);
+    else silu_mul(gate_.data(), up_.data(), f);
+    matvecs({{&d, gate_.data(), expert_out_.data()}});
+    const float w = p[e] / sum;
+    for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
+  }
+  std::copy_n(acc, c_.dim, out);
 }
 
 void Decoder::step(int64_t token, int64_t pos, float* logits) {
@@ -249,13 +291,17 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
       rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
       in = h;
     }
-    matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
-    add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
-    add_bias(up_.data(), l.bias[5], c_.ffn_dim);
-    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-    else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-    matvecs({{&l.down, gate_.data(), h}});
-    add_bias(h, l.bias[6], c_.dim);
+    if (l.router) {
+      experts(l, in, h);
+    } else {
+      matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
+      add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
+      add_bias(up_.data(), l.bias[5], c_.ffn_dim);
+      if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+      else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+      matvecs({{&l.down, gate_.data(), h}});
+      add_bias(h, l.bias[6], c_.dim);
+    }
     if (rs != 1.0f)
       for (int64_t i = 0; i < c_.dim; ++i) h[i] *= rs;
     if (l.post_ffn_norm) rms_norm(h, l.post_ffn_norm, c_.norm_eps, c_.dim, h);

@@ -68,6 +68,8 @@ def info(args: argparse.Namespace) -> int:
     if c:
         print(f"layers          {c['layers']}  dim {c['dim']}  ffn {c['ffn_dim']}  heads {c['heads']} "
               f"(kv {c['kv_heads']}, head_dim {c['head_dim']})")
+        if c["experts"]:
+            print(f"experts         {c['experts']} ({c['experts_used']} used a token, ffn {c['expert_ffn_dim']} each)")
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"

@@ -49,9 +49,11 @@ _RECOMPILE_LIMIT = 64
 _APPLIED: "weakref.WeakKeyDictionary[Model, CompileSetup]" = weakref.WeakKeyDictionary()
 
 
-def default_mode(device) -> str:
+def default_mode(device, model: Model | None = None) -> str:
     """The mode `--compile auto` means: layer on CUDA, off on the CPU (inductor's CPU code gains
-    little there against the time it takes to compile)."""
+    little there against the time it takes to compile) and for mixture-of-experts models."""
+    if model is not None and model.config.n_experts:
+        return "off"
     return "layer" if torch.device(device).type == "cuda" else "off"
 
 
@@ -96,7 +98,11 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
     _undo(model)
     on_cuda = model.device.type == "cuda"
     if cuda_graphs is None:
-        cuda_graphs = on_cuda
+        cuda_graphs = on_cuda and not model.config.n_experts
+    if model.config.n_experts and (mode != "off" or cuda_graphs):
+        raise ValueError("a mixture-of-experts model routes each token to its experts, so its shapes follow "
+                         "the data and its layers can be neither compiled nor captured; use --compile off "
+                         "and --cuda-graphs off")
     if cuda_graphs and not on_cuda:
         raise ValueError(f"CUDA graphs need the model on a GPU; it is on {model.device} "
                          "(use cuda_graphs=False)")

@@ -15,6 +15,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     mistral3 norm  silu       -           -         -          -                        if the file gives one
     qwen2    neox  silu       -           -         -          -                        if the file gives one
     qwen3    neox  silu       -           yes       -          -                        if the file gives one
+    qwen3moe neox  silu       -           yes       -          -                        if the file gives one
     phi3     neox  silu       -           -         -          -                        if the file gives one
     gemma    neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
@@ -35,6 +36,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
+  Mixture-of-experts FFNs (Family.moe): Qwen3-MoE (qwen3moe, Qwen3's attention) in every layer, and
+  llama files that give expert_count (Mixtral); softmax routing without shared experts.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -66,6 +69,8 @@ class Family:
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
+    moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
+    #                                    llama, Qwen3-MoE), as lowtune.model.MoE runs them
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -91,7 +96,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
-    Family("llama", hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    Family("llama", moe=True, hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
     Family("smollm3", nope_period=4, hf_architectures=("SmolLM3ForCausalLM",), hf_model_types=("smollm3",),
            hf_permute_qk=True),
@@ -103,6 +108,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
     Family("qwen3", rope="neox", qk_norm="head", hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
+    Family("qwen3moe", rope="neox", qk_norm="head", moe=True),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),
@@ -153,10 +159,13 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"the file has no general.architecture; {_supported()}")
     arch = str(arch)
     experts = int(metadata.get(f"{arch}.expert_count", 0) or 0)
+    if arch in FAMILIES and (FAMILIES[arch].moe or experts == 0):
+        return FAMILIES[arch]
     if experts > 0 or arch in _MOE or "moe" in arch:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
-                         + f", which lowtune does not fine-tune; {_supported()} (dense decoders)")
+                         + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
+                         "Mixtral's llama and qwen3moe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -57,9 +57,18 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_attn_factor", "rope_orig_context", "context_length", "arch", "attn_scale",
                    "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
-                   "attn_temperature"}  # (the last only where 1 up to the cache's length: cpu_decoder)
+                   "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
+                   "n_experts", "n_experts_used", "expert_ffn_dim"}
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
+
+
+def _linears(layer: DecoderLayer) -> list[QLinear | None]:
+    """The decoder's seven matrices of a layer; a mixture of experts' gate, up and down are its
+    experts' (its router goes apart)."""
+    moe = layer.ffn_moe
+    ffn = [moe.gate_exps, moe.up_exps, moe.down_exps] if moe is not None else [getattr(layer, n) for n in _LINEARS[4:]]
+    return [getattr(layer, n) for n in _LINEARS[:4]] + ffn
 
 
 def _positions_unscaled(c: ModelConfig, max_len: int) -> bool:
@@ -77,10 +86,11 @@ class _CompiledSteps:
         mat = lambda qt: (qt.format.type_id, qt.raw.data_ptr(), qt.shape[0], qt.shape[1])  # noqa: E731
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
-        layers = [([mat(getattr(layer, n).weight) for n in _LINEARS],
+        layers = [([mat(lin.weight) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(layer.ffn_norm.weight),
-                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(getattr(layer, n).bias) for n in _LINEARS),
-                    *(ptr(weight(layer, n)) for n in _NORMS)],
+                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)),
+                    *(ptr(weight(layer, n)) for n in _NORMS),
+                    ptr(layer.ffn_moe.router.raw if layer.ffn_moe is not None else None)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
@@ -100,7 +110,7 @@ class _CompiledSteps:
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole"),
+             fam.qk_norm == "whole"), (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 
@@ -139,14 +149,17 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in (RMSNorm, NoNorm) \
                 or type(layer.ffn_norm) not in (RMSNorm, NoNorm):
             return None
-        if not all(type(getattr(layer, n)) is QLinear for n in _LINEARS):
+        if not all(type(lin) is QLinear for lin in _linears(layer)):
             return None  # adapters
+        router = layer.ffn_moe.router if layer.ffn_moe is not None else None
+        if router is not None and (router.format.name != "F32" or not router.raw.is_contiguous()):
+            return None  # (a router in another format: the model's steps)
         if not all(type(getattr(layer, n)) is RMSNorm for n in _NORMS if hasattr(layer, n)):
             return None
         if not all(b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.device.type == "cpu")
-                   for b in (getattr(layer, n).bias for n in _LINEARS)):
+                   for b in (lin.bias for lin in _linears(layer))):
             return None
-        mats += [getattr(layer, n).weight for n in _LINEARS]
+        mats += [lin.weight for lin in _linears(layer)]
     if not all(qt.format.quantized and qt.raw.is_contiguous() for qt in mats):
         return None
     return _CompiledSteps(model, cache)
@@ -375,8 +388,9 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     model.eval()
     max_len = len(prompt) + max_new_tokens
     if graphs is None:
-        c = model.config  # graphs need the layers resident, one mask for every layer and fixed positions
-        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None
+        c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
+        # and shapes that do not follow the data (a mixture of experts routes tokens by it)
+        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

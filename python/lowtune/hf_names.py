@@ -58,6 +58,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "mistral3": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
+    # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
+    "qwen3moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
+                           "ffn_norm": "post_attention_layernorm"}, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
                        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                        "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
@@ -503,6 +506,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     c = model_config
     arch, fam = c.arch, c.family
     tensors = tensors or {}
+    if c.n_experts:
+        raise ValueError("mixture-of-experts models export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
+                         "adapters; a merged Hugging Face directory of one is not written")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")

@@ -403,7 +403,8 @@ def describe(path) -> dict:
                           "context": c.context_length, "rope_theta": c.rope_theta,
                           "rope_linear_scale": c.rope_linear_scale, "rope_yarn_factor": c.rope_yarn_factor,
                           "rope_orig_context": c.original_context,
-                          "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps}
+                          "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps,
+                          "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -1,6 +1,6 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
-SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Phi-3/3.5, Gemma, Gemma 2, Gemma 3,
-OLMo 2/3 and GLM-4.
+SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
+Gemma 2, Gemma 3, OLMo 2/3 and GLM-4.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -18,6 +18,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.ffn_gate/up         QLinear [F, D]      act(gate(x)) * up(x): SwiGLU, or GeGLU (Gemma); row
                               views of Phi-3's fused ffn_up [2F, D] (gate rows first)
     blk.N.ffn_down            QLinear [D, F]
+    blk.N.ffn_moe             MoE                 in place of ffn_gate/up/down where the file has experts
+                              (Qwen3 MoE, Mixtral): ffn_gate_inp (router), ffn_{gate,up,down}_exps
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
     output_norm               RMSNorm
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
@@ -103,6 +105,9 @@ class ModelConfig:
     logit_scale: float = 1.0      # logits are divided by this (Granite)
     attn_softcap: float = 0.0     # attention scores -> c·tanh(s/c) (0: none)
     final_softcap: float = 0.0    # logits -> c·tanh(l/c) (0: none)
+    n_experts: int = 0            # a mixture-of-experts FFN of this many experts in every layer (0: dense)
+    n_experts_used: int = 0       # experts each token is routed to
+    expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
 
     @property
     def family(self) -> Family:
@@ -115,6 +120,10 @@ class ModelConfig:
         """The context RoPE's scaling extends (LongRoPE's switch point, YaRN's original context, where
         the attention temperature starts): rope_orig_context, else context_length."""
         return self.rope_orig_context or self.context_length
+
+    @property
+    def expert_width(self) -> int:
+        return self.expert_ffn_dim or self.ffn_dim
 
     @property
     def query_scale(self) -> float:
@@ -213,6 +222,17 @@ class ModelConfig:
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
                          "rope_yarn_beta_slow": float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
                          "attn_temperature": float(md.get(f"{arch}.attention.temperature_scale", 0.0))}
+        experts = {}
+        if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
+            experts = {"n_experts": int(md[f"{arch}.expert_count"]),
+                       "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
+                       "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0)}
+            gating = int(md.get(f"{arch}.expert_gating_func", 1) or 1)
+            if gating != 1:
+                raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
+                                 "softmax routing (1) only")
+            if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
+                raise ValueError(f"this {arch} file has shared experts, which lowtune does not run")
         multipliers = {}
         if fam.multipliers:  # Granite's scales; 0 or absent: none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
@@ -236,7 +256,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers)
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -244,6 +264,8 @@ class ModelConfig:
             raise ValueError(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
+        if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
+            raise ValueError(f"{self.n_experts_used} experts used of {self.n_experts}: must be 1 to {self.n_experts}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
 
@@ -380,6 +402,45 @@ class RMSNorm(nn.Module):
         return glue_ops.add_rms_norm(x, a, self.weight, self.eps)
 
 
+class MoE(nn.Module):
+    """A mixture-of-experts FFN (Qwen3-MoE, Mixtral) as llama.cpp's build_moe_ffn runs it: router
+    logits over E experts per token, their softmax, the n_experts_used largest, those weights
+    divided by their sum; each chosen expert a gated MLP over the tokens routed to it, and the
+    token's output the weighted sum of its experts'.
+
+    The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
+    ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
+    go on the attention's linears); gradients flow through them and the router to the input."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        p = f"blk.{index}."
+        self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight")
+        self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
+                                                        for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        self.n_experts, self.n_used = config.n_experts, config.n_experts_used
+        self.activation = config.family.activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.reshape(-1, h.shape[-1]).contiguous()
+        probs = self.router(x).float().softmax(-1)
+        weights, chosen = probs.topk(self.n_used, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
+        f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            xe = x[rows]
+            g = ops.qmatmul(xe, self.gate_exps.weight.rows(e * f, (e + 1) * f))
+            u = ops.qmatmul(xe, self.up_exps.weight.rows(e * f, (e + 1) * f))
+            y = ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), self.down_exps.weight.rows(e * d, (e + 1) * d))
+            out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
+        return out.view_as(h)
+
+    def extra_repr(self) -> str:
+        return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
+
+
 class NoNorm(nn.Module):
     """Where a family has no norm before attention or the FFN (OLMo 2): x itself, with RMSNorm's
     interface (weight None)."""
@@ -508,7 +569,7 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
-    for name in LINEAR_NAMES:
+    for name in LINEAR_NAMES[:4] if config.n_experts else LINEAR_NAMES:  # (experts: MoE's own)
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
     return out
@@ -528,6 +589,7 @@ class DecoderLayer(nn.Module):
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
+        self.ffn_moe = MoE(c, index, w) if c.n_experts else None  # in place of ffn_gate/up/down
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
@@ -548,7 +610,7 @@ class DecoderLayer(nn.Module):
         are independent), so they stay what training, adapters, merging and export use; a part
         that is replaced (an adapter) or moved (.to) ends its group's use (_group)."""
         for names in self.PRODUCT_GROUPS:
-            parts = [getattr(self, n) for n in names]
+            parts = [getattr(self, n, None) for n in names]  # (a MoE layer has no ffn_gate/up)
             if names in self.grouped or not all(type(p) is QLinear for p in parts):
                 continue
             first = parts[0]
@@ -610,7 +672,7 @@ class DecoderLayer(nn.Module):
         run inside the product after them). m None: the pair of forward(x)."""
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
-        if self.mlp_chunks > 1:  # the MLP's rows a chunk at a time, its norm included
+        if self.mlp_chunks > 1 or self.ffn_moe is not None:  # the MLP's rows a chunk at a time, its norm included
             x, h = self.ffn_norm.after_residual(x, a)
             return x, self._mlp_rows(h)
         x, gu = self._normed_products(x, a, self.ffn_norm, self.PRODUCT_GROUPS[1])
@@ -680,6 +742,8 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
+        if self.ffn_moe is not None:
+            return self._ffn_out(self.ffn_moe(h))
         return self._mlp_out(*self._products(h, self.PRODUCT_GROUPS[1]))
 
     def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -690,6 +754,10 @@ class DecoderLayer(nn.Module):
             m = glue_ops.silu_mul_product(g, u, self.ffn_down.weight)
         if m is None:
             m = self.ffn_down(glue_ops.gated(self.activation, g, u))
+        return self._ffn_out(m)
+
+    def _ffn_out(self, m: torch.Tensor) -> torch.Tensor:
+        """The FFN's output m as the residual stream takes it: scaled, post-normed where the family says."""
         if self.config.residual_scale != 1.0:
             m = m * self.config.residual_scale
         return self.post_ffw_norm(m) if self.config.family.post_norms else m
@@ -1014,6 +1082,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
               "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
+    if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
+        e, f = c.n_experts, c.expert_width
+        shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
+        moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
+               "ffn_down_exps": (e * c.dim, f)}
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     optional = {"output.weight": (c.vocab_size, c.dim),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
@@ -1023,6 +1096,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     for i in range(c.n_layers):
         p = f"blk.{i}."
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
+        if c.n_experts:
+            want.update({p + n + ".weight": shape for n, shape in moe.items()})
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
         for n, shape in shapes.items():

@@ -1,0 +1,206 @@
+"""Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe) and Mixtral (the llama
+architecture with experts), as tiny random models built by transformers and converted by
+llama.cpp's converter (tests/family_models.py):
+
+* logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
+  or to one, moves them);
+* perplexity equals llama.cpp's in F32 and in llama.cpp's own Q8_0 quantization, and greedy
+  decoding follows llama.cpp's;
+* the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
+  step;
+* adapters (on the attention; the experts are frozen) train: every adapted linear gets a gradient,
+  the gradient reaching the first layer through the later layers' experts; `lowtune finetune`
+  runs on the GGUF; a streamed model trains as the resident one;
+* exports: the merged GGUF reloads as the adapted model and llama.cpp runs it, and applies the GGUF
+  LoRA, at lowtune's perplexity; the PEFT adapter on transformers' model gives lowtune's logits;
+* what is refused says why: shared experts, other gating, a merged HF export, compile and capture.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowtune
+from lowtune import adapters
+from lowtune.compile import compile_model, default_mode
+from lowtune.evaluate import perplexity, windows
+from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
+from lowtune.generate import cpu_decoder, generate
+from lowtune.model import Model, ModelConfig
+from lowtune.tokenizer import load_tokenizer
+
+from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
+                           rand_ids, rel_err)
+from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
+from test_export import make_adapter
+from test_families_train_export import adapted_steps, nll_ppl
+from test_streaming import step_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def moe(family_models):
+    return {n: family_models[n] for n in MOE_NAMES}
+
+
+@pytest.fixture(scope="module")
+def text_ids(moe, botchan_text):
+    """Tokens of part of Botchan in the tiny models' shared vocabulary."""
+    return load_tokenizer(Model.from_gguf(moe["qwen3moe"].gguf).metadata).encode(botchan_text[20000:40000],
+                                                                                 add_bos=False)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_logits_match_transformers(moe, name):
+    ids = rand_ids(2, SEQ)
+    model = Model.from_gguf(moe[name].gguf)
+    assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
+    assert model.config.arch == {"qwen3moe": "qwen3moe", "mixtral": "llama"}[name]
+    with torch.no_grad():
+        want = hf_model(name)(ids).logits
+        got = model(ids)
+        print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < 1e-4
+        for used in (1, EXPERTS):  # the routing matters: other expert counts give other logits
+            for layer in model.layers:
+                layer.ffn_moe.n_used = used
+            assert rel_err(model(ids), want) > 1e-3, used
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype,tol", [("F32", 2e-3), ("Q8_0", 5e-3)])
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
+    path = gguf_of(moe[name], qtype)
+    model = Model.from_gguf(path)
+    if qtype != "F32":  # the experts in llama.cpp's blocks, the router kept in F32 as llama.cpp keeps it
+        assert model.tensor_types["blk.0.ffn_down_exps.weight"] == qtype
+        assert model.tensor_types["blk.0.ffn_gate_inp.weight"] == "F32"
+    llm = llamacpp(path)
+    want = llamacpp_perplexity(llm, windows(text_ids, SEQ, chunks=8))
+    got = perplexity(model, text_ids, SEQ, chunks=8)["perplexity"]
+    print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
+    # (llama.cpp keeps its KV cache in F16: a router's near tie may pick another expert for a token)
+    assert abs(got - want) / want < tol
+    if qtype == "F32":  # (in Q8_0 llama.cpp rounds the activations too: a random model's near ties differ)
+        prompt = text_ids[:12]
+        assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_kv_cache_matches_the_full_forward(moe, name):
+    model = Model.from_gguf(moe[name].gguf)
+    ids = rand_ids(1, 30, seed=3)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, ids.shape[1])
+        parts = [model(ids[:, :12], cache)] + [model(ids[:, t:t + 1], cache) for t in range(12, 30)]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_compiled_cpu_decoder_follows_the_model(moe, name):
+    """lowtune._C.CpuDecoder routes each token to its experts as the model does, step by step."""
+    model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
+    ids = rand_ids(1, 30, seed=5)
+    ours, theirs = model.new_cache(1, 30), model.new_cache(1, 30)
+    with torch.no_grad():
+        model(ids[:, :8], ours)
+        model(ids[:, :8], theirs)
+        step = cpu_decoder(model, ours)
+        assert step is not None
+        for t in range(8, 30):
+            got = step(int(ids[0, t])).clone()
+            assert rel_err(got, model(ids[:, t:t + 1], theirs)[0, -1]) < 1e-5, t
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_adapters_train_through_the_experts(moe, name):
+    model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
+    losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
+    assert losses[-1] < losses[0], losses
+    ads = adapters.adapters_of(model)
+    assert {k.rsplit(".", 1)[-1] for k in ads} == {"attn_q", "attn_k", "attn_v", "attn_output"}
+    assert not any(p.requires_grad for p in model.layers[0].ffn_moe.parameters())
+
+
+def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
+    text = tmp_path / "text.txt"
+    text.write_text(botchan_text[30000:34000], encoding="utf-8")
+    base = gguf_of(moe["qwen3moe"], "Q8_0")
+    result = lowtune.finetune(base, text, tmp_path / "run", method="qa-lora", rank=4, steps=3, seq_len=32,
+                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+
+    def adapted():
+        model = Model.from_gguf(base)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        fill_adapters(model, torch.Generator().manual_seed(3))
+        return model
+
+    resident, streaming, plan = resident_and_streamed(adapted, "cpu")
+    assert plan.streamed == [0, 1]
+    ids = rand_ids(2, 24, seed=4)
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    for key in want_g:
+        torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_exports(moe, tmp_path, name):
+    import peft
+    base = moe[name].gguf
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    ids = rand_ids(2, 40, seed=7)
+    with torch.no_grad():
+        want, plain = model(ids), Model.from_gguf(base)(ids)
+    assert rel_err(plain, want) > 1e-2
+    export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
+    merged = Model.from_gguf(tmp_path / "merged.gguf")
+    with torch.no_grad():
+        assert rel_err(merged(ids), want) < 1e-5
+    export_lora_gguf(base, tmp_path / "run", tmp_path / "lora.gguf")
+    w = rand_ids(4, SEQ, seed=9)
+    ppl = nll_ppl(merged, w)
+    cpp_merged = llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
+    cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
+    print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}, base + GGUF LoRA {cpp_lora:.3f}")
+    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - ppl) / ppl < 2e-3
+    export_peft(base, tmp_path / "run", tmp_path / "peft")
+    hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits
+    print(f"{name}: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    with pytest.raises(ValueError, match="mixture-of-experts models export as GGUF"):
+        export_hf(base, tmp_path / "run", tmp_path / "hf")
+
+
+def test_what_is_refused(moe):
+    md = {"general.architecture": "qwen3moe", "qwen3moe.embedding_length": 64, "qwen3moe.block_count": 2,
+          "qwen3moe.feed_forward_length": 128, "qwen3moe.attention.head_count": 4, "qwen3moe.vocab_size": 9,
+          "qwen3moe.attention.layer_norm_rms_epsilon": 1e-6, "qwen3moe.expert_count": 8,
+          "qwen3moe.expert_used_count": 2}
+    assert ModelConfig.from_gguf_metadata(md).n_experts == 8
+    with pytest.raises(ValueError, match="shared experts"):
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_shared_count": 1})
+    with pytest.raises(ValueError, match="gating function 2"):
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_gating_func": 2})
+    with pytest.raises(ValueError, match="9 experts used of 8"):
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
+    # other routers, and experts in a family that has none
+    for arch in ("qwen2moe", "deepseek2", "qwen3"):
+        with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
+            ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
+                                            if isinstance(v, str) else v for k, v in md.items()})
+    model = Model.from_gguf(moe["mixtral"].gguf)
+    assert default_mode("cuda", model) == "off"
+    with pytest.raises(ValueError, match="neither compiled nor captured"):
+        compile_model(model, "layer", cuda_graphs=False, backend="aot_eager")
