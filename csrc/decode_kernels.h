@@ -21,7 +21,8 @@
 //               h = rmsnorm(x)·w_ffn (or x);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
 //               gelu (tanh form), then its post-norm likewise;  x += m
 //               (a mixture of experts: router logits r = W_router h, p = softmax(r), the
-//               n_experts_used largest p renormalized to sum 1 (at least 2^-14); m = Σ p_e ·
+//               n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
+//               moe_renorm; m = Σ p_e ·
 //               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd)
 //   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
 //
@@ -74,6 +75,7 @@ struct DecodeConfig {
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0;  // layers with a router
+  bool moe_renorm = true;
 };
 
 class Decoder {

@@ -30,7 +30,7 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
          "gemma2", "gemma3", "olmo2", "olmo3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-MOE_NAMES = ("qwen3moe", "mixtral")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -107,6 +107,10 @@ def hf_model(name: str):
         "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
             **common, num_hidden_layers=2, head_dim=16, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
             tie_word_embeddings=False)),
+        # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
+        "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
+            **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
+            tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
         # OLMo 3: four layers, every fourth global; YaRN on the global layers only, over an original
         # context shorter than the test sequences
@@ -150,9 +154,9 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import glm, olmo, qwen
-# OLMo's, GLM-4's and Qwen3-MoE's converters read only byte-level BPE vocabularies; the tiny models
+# OLMo's, OLMoE's, GLM-4's and Qwen3-MoE's converters read only byte-level BPE vocabularies; the tiny models
 # share a SentencePiece one
-olmo.Olmo2Model.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
+olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -256,9 +260,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch == "glm4":
         md["glm4.rope.dimension_count"] = hd // 2
     fe = 32  # an expert's width
-    if arch == "qwen3moe":
-        md.update({"qwen3moe.expert_count": EXPERTS, "qwen3moe.expert_used_count": EXPERTS_USED,
-                   "qwen3moe.expert_feed_forward_length": fe})
+    if fam.moe and arch != "llama":  # (llama's random model stays dense)
+        md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
+                   f"{arch}.expert_feed_forward_length": fe})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})

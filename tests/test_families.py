@@ -497,10 +497,11 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "qwen3moe", "phi3",
-                         "gemma", "gemma2", "gemma3", "olmo2", "glm4")
+                         "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = "llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, phi3, gemma, gemma2, gemma3, olmo2, glm4"
+    listed = ("llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, phi3, gemma, gemma2, gemma3, olmo2, "
+              "olmoe, glm4")
     for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

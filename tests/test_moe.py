@@ -1,9 +1,9 @@
-"""Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe) and Mixtral (the llama
-architecture with experts), as tiny random models built by transformers and converted by
+"""Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
+architecture with experts) and OLMoE (olmoe), as tiny random models built by transformers and converted by
 llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
-  or to one, moves them);
+  or to one, or renormalizing OLMoE's weights, moves them);
 * perplexity equals llama.cpp's in F32 and in llama.cpp's own Q8_0 quantization, and greedy
   decoding follows llama.cpp's;
 * the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
@@ -57,7 +57,7 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == {"qwen3moe": "qwen3moe", "mixtral": "llama"}[name]
+    assert model.config.arch == {"qwen3moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}[name]
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = model(ids)
@@ -67,6 +67,10 @@ def test_logits_match_transformers(moe, name):
             for layer in model.layers:
                 layer.ffn_moe.n_used = used
             assert rel_err(model(ids), want) > 1e-3, used
+        if name == "olmoe":  # OLMoE's chosen weights are not renormalized
+            for layer in model.layers:
+                layer.ffn_moe.n_used, layer.ffn_moe.renorm = EXPERTS_USED, True
+            assert rel_err(model(ids), want) > 1e-3
 
 
 @pytest.mark.llamacpp

@@ -212,7 +212,7 @@ void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
                     [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
   float sum = 0.0f;
   for (int64_t j = 0; j < c_.n_experts_used; ++j) sum += p[order[j]];
-  sum = std::max(sum, 6.103515625e-5f);
+  sum = c_.moe_renorm ? std::max(sum, 6.103515625e-5f) : 1.0f;
   float* acc = moe_sum_.data();
   std::fill_n(acc, c_.dim, 0.0f);
   for (int64_t j = 0; j < c_.n_experts_used; ++j) {

@@ -21,6 +21,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
     olmo2    neox  silu       only        whole     -          -                        if the file gives one
+    olmoe    neox  silu       -           whole     -          -                        if the file gives one
     glm4     norm  silu       yes         -         -          -                        if the file gives one
 
   OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
@@ -36,8 +37,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
-  Mixture-of-experts FFNs (Family.moe): Qwen3-MoE (qwen3moe, Qwen3's attention) in every layer, and
-  llama files that give expert_count (Mixtral); softmax routing without shared experts.
+  Mixture-of-experts FFNs (Family.moe): Qwen3-MoE (qwen3moe, Qwen3's attention) and OLMoE (olmoe,
+  OLMo 2's whole-projection q/k norms with pre-norms; its chosen experts' weights not renormalized)
+  in every layer, and llama files that give expert_count (Mixtral); softmax routing without shared
+  experts.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -70,7 +73,8 @@ class Family:
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
-    #                                    llama, Qwen3-MoE), as lowtune.model.MoE runs them
+    #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
+    moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -124,6 +128,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("olmo2", rope="neox", pre_norms=False, post_norms=True, qk_norm="whole", swa_period=4,
            swa_rope_scaled=False, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
            hf_model_types=("olmo2", "olmo3")),
+    Family("olmoe", rope="neox", qk_norm="whole", moe=True, moe_renorm=False),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
 )}
 
@@ -165,7 +170,7 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama and qwen3moe)")
+                         "Mixtral's llama, qwen3moe and olmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

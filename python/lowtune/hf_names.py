@@ -48,6 +48,7 @@ _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
 _MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _LLAMA = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm", **_MLP}
+_MOE_ATTN = {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}
 _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
@@ -59,8 +60,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
-    "qwen3moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
-                           "ffn_norm": "post_attention_layernorm"}, "global": _GLOBAL},
+    "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
                        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                        "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},

@@ -403,9 +403,9 @@ class RMSNorm(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN (Qwen3-MoE, Mixtral) as llama.cpp's build_moe_ffn runs it: router
-    logits over E experts per token, their softmax, the n_experts_used largest, those weights
-    divided by their sum; each chosen expert a gated MLP over the tokens routed to it, and the
+    """A mixture-of-experts FFN (Qwen3-MoE, Mixtral, OLMoE) as llama.cpp's build_moe_ffn runs it:
+    router logits over E experts per token, their softmax, the n_experts_used largest, those weights
+    divided by their sum (where the family renormalizes); each chosen expert a gated MLP over the tokens routed to it, and the
     token's output the weighted sum of its experts'.
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
@@ -419,13 +419,15 @@ class MoE(nn.Module):
         self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
+        self.renorm = config.family.moe_renorm
         self.activation = config.family.activation
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, h.shape[-1]).contiguous()
         probs = self.router(x).float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
+        if self.renorm:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
