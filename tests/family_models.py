@@ -28,9 +28,9 @@ import torch
 from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
-         "gemma2", "gemma3", "olmo2", "olmo3")
+         "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -107,11 +107,23 @@ def hf_model(name: str):
         "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
             **common, num_hidden_layers=2, head_dim=16, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
             tie_word_embeddings=False)),
+        # shared experts: Qwen2 MoE's behind a sigmoid gate, Granite's (with Granite's scales) ungated
+        "qwen2moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            **common, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)),
+        "granitemoe": lambda: tf.GraniteMoeSharedForCausalLM(tf.GraniteMoeSharedConfig(
+            **common, num_hidden_layers=2, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            shared_intermediate_size=48, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.7,
+            attention_multiplier=0.3, logits_scaling=1.5)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # EXAONE 4 32B's layer count, at which llama.cpp takes its windows: every 4th layer global,
+        # without RoPE
+        "exaone4": lambda: tf.Exaone4ForCausalLM(tf.Exaone4Config(
+            **common, num_hidden_layers=64, sliding_window=WINDOW, sliding_window_pattern=4)),
         # OLMo 3: four layers, every fourth global; YaRN on the global layers only, over an original
         # context shorter than the test sequences
         "olmo3": lambda: tf.Olmo3ForCausalLM(tf.Olmo3Config(
@@ -153,11 +165,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import glm, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's and Qwen3-MoE's converters read only byte-level BPE vocabularies; the tiny models
+from conversion import exaone, glm, olmo, qwen
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's and EXAONE 4's converters read only byte-level BPE vocabularies; the tiny models
 # share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -263,6 +275,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
+        if arch in ("qwen2moe", "granitemoe"):  # with a shared expert
+            md[f"{arch}.expert_shared_feed_forward_length"] = fe
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -286,6 +300,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
+            if c.shared_expert_ffn_dim:
+                w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
+                          p + "ffn_down_shexp.weight": mat(D, fe)})
+                if fam.moe_shared_gate:
+                    w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         else:

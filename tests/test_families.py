@@ -67,6 +67,8 @@ SWITCH_OFF = {
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "exaone4": [("windows", _no_windows),
+                ("global layers without RoPE", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "olmo3": [("windows", _no_windows),
               ("sliding layers' plain RoPE", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "mistral3": [("attention temperature", lambda m: setattr(m.config, "attn_temperature", 0.0))],
@@ -196,6 +198,18 @@ def test_hf_configs_lowtune_refuses():
         hf_names.metadata_from_hf_config({**smol, "no_rope_layer_interval": 3})
     with pytest.raises(ValueError, match="sliding window, which llama.cpp's smollm3 does not have"):
         hf_names.metadata_from_hf_config({**smol, "use_sliding_window": True})
+    # EXAONE 4: "LLLG" slides three layers of four; llama.cpp takes windows only at 64 layers
+    exaone = dict(qwen, architectures=["Exaone4ForCausalLM"], num_hidden_layers=64, sliding_window_pattern="LLLG")
+    del exaone["use_sliding_window"]
+    md, _ = hf_names.metadata_from_hf_config(exaone)
+    c = ModelConfig.from_gguf_metadata(md)
+    assert [c.window(i) for i in range(4)] == [16, 16, 16, 0] and c.rope_kind(3) == NO_ROPE
+    with pytest.raises(ValueError, match="only at \\(64,\\) layers"):
+        hf_names.metadata_from_hf_config({**exaone, "num_hidden_layers": 8})
+    md, _ = hf_names.metadata_from_hf_config({**exaone, "num_hidden_layers": 8, "sliding_window": None})
+    assert ModelConfig.from_gguf_metadata(md).window(0) == 0 and ModelConfig.from_gguf_metadata(md).rope_kind(3) == 0
+    md = {**md, "exaone4.attention.sliding_window": 16}  # a file's window at 8 layers: llama.cpp ignores it
+    assert ModelConfig.from_gguf_metadata(md).window(0) == 0
 
 
 def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
@@ -226,7 +240,10 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 7 + ["neox"] * 8
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 7 + ["neox"] * 9
+    ex = cfg["exaone4"]
+    assert ex.sliding_window == WINDOW and ex.swa_layers == tuple(i for i in range(64) if i % 4 < 3)
+    assert [ex.rope_kind(i) for i in range(8)] == [0, 0, 0, NO_ROPE] * 2
     g4 = cfg["glm4"]
     assert (g4.head_dim, g4.rope_dim) == (32, 16)
     m3 = cfg["mistral3"]
@@ -496,13 +513,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "ernie4_5", "mistral3", "qwen2", "qwen3", "qwen3moe", "phi3",
-                         "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "glm4")
+    assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "ernie4_5", "mistral3", "qwen2", "qwen3",
+                         "qwen3moe", "qwen2moe", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = ("llama, smollm3, granite, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, phi3, gemma, gemma2, gemma3, olmo2, "
-              "olmoe, glm4")
-    for arch, why in [("qwen2moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
+    listed = ("llama, smollm3, granite, granitemoe, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, phi3, gemma, "
+              "gemma2, gemma3, olmo2, olmoe, exaone4, glm4")
+    for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:

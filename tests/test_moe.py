@@ -1,9 +1,11 @@
 """Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
-architecture with experts) and OLMoE (olmoe), as tiny random models built by transformers and converted by
+architecture with experts), OLMoE (olmoe), Qwen2-MoE (qwen2moe, a gated shared expert) and Granite
+MoE (granitemoe, an ungated shared expert, Granite's scales), as tiny random models built by transformers and converted by
 llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
-  or to one, or renormalizing OLMoE's weights, moves them);
+  or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
+  moves them);
 * perplexity equals llama.cpp's in F32 and in llama.cpp's own Q8_0 quantization, and greedy
   decoding follows llama.cpp's;
 * the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
@@ -57,7 +59,8 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == {"qwen3moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}[name]
+    assert model.config.arch == {"mixtral": "llama"}.get(name, name)
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe"))
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = model(ids)
@@ -67,10 +70,25 @@ def test_logits_match_transformers(moe, name):
             for layer in model.layers:
                 layer.ffn_moe.n_used = used
             assert rel_err(model(ids), want) > 1e-3, used
-        if name == "olmoe":  # OLMoE's chosen weights are not renormalized
+        for layer in model.layers:
+            layer.ffn_moe.n_used = EXPERTS_USED
+        if not model.config.family.moe_renorm:  # OLMoE's and Qwen2 MoE's chosen weights are not renormalized
             for layer in model.layers:
-                layer.ffn_moe.n_used, layer.ffn_moe.renorm = EXPERTS_USED, True
+                layer.ffn_moe.renorm = True
             assert rel_err(model(ids), want) > 1e-3
+            for layer in model.layers:
+                layer.ffn_moe.renorm = False
+        if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
+            for what in ("shared_gate", "gate_shexp"):
+                layers = [layer.ffn_moe for layer in model.layers]
+                kept = [getattr(m, what) for m in layers]
+                if kept[0] is None:
+                    continue
+                for m in layers:
+                    setattr(m, what, None)
+                assert rel_err(model(ids), want) > 1e-3, what
+                for m, k in zip(layers, kept):
+                    setattr(m, what, k)
 
 
 @pytest.mark.llamacpp
@@ -106,7 +124,8 @@ def test_kv_cache_matches_the_full_forward(moe, name):
 
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(moe, name):
-    """lowtune._C.CpuDecoder routes each token to its experts as the model does, step by step."""
+    """lowtune._C.CpuDecoder routes each token to its experts as the model does, step by step (not
+    built for shared experts, which decode through the model's steps)."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     ids = rand_ids(1, 30, seed=5)
     ours, theirs = model.new_cache(1, 30), model.new_cache(1, 30)
@@ -114,7 +133,9 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
         model(ids[:, :8], ours)
         model(ids[:, :8], theirs)
         step = cpu_decoder(model, ours)
-        assert step is not None
+        assert (step is not None) == (not model.config.shared_expert_ffn_dim)  # (shared experts: the model's steps)
+        if step is None:
+            return
         for t in range(8, 30):
             got = step(int(ids[0, t])).clone()
             assert rel_err(got, model(ids[:, t:t + 1], theirs)[0, -1]) < 1e-5, t
@@ -200,7 +221,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("qwen2moe", "deepseek2", "qwen3"):
+    for arch in ("deepseek2", "llama4", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})

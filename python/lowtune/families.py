@@ -7,27 +7,33 @@ Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Fa
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
 the exported files, and its converter (convert_hf_to_gguf.py), which writes them:
 
-    arch     rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
-    llama    norm  silu       -           -         -          -                        if the file gives one
-    smollm3  norm  silu       -           -         -          -                        if the file gives one
-    granite  norm  silu       -           -         from file  -                        if the file gives one
-    ernie4_5 norm  silu       -           -         -          -                        if the file gives one
-    mistral3 norm  silu       -           -         -          -                        if the file gives one
-    qwen2    neox  silu       -           -         -          -                        if the file gives one
-    qwen3    neox  silu       -           yes       -          -                        if the file gives one
-    qwen3moe neox  silu       -           yes       -          -                        if the file gives one
-    phi3     neox  silu       -           -         -          -                        if the file gives one
-    gemma    neox  gelu_tanh  -           -         yes        -                        if the file gives one
-    gemma2   neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
-    gemma3   neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
-    olmo2    neox  silu       only        whole     -          -                        if the file gives one
-    olmoe    neox  silu       -           whole     -          -                        if the file gives one
-    glm4     norm  silu       yes         -         -          -                        if the file gives one
+    arch       rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
+    llama      norm  silu       -           -         -          -                        if the file gives one
+    smollm3    norm  silu       -           -         -          -                        if the file gives one
+    granite    norm  silu       -           -         from file  -                        if the file gives one
+    granitemoe norm  silu       -           -         from file  -                        if the file gives one
+    ernie4_5   norm  silu       -           -         -          -                        if the file gives one
+    mistral3   norm  silu       -           -         -          -                        if the file gives one
+    qwen2      neox  silu       -           -         -          -                        if the file gives one
+    qwen3      neox  silu       -           yes       -          -                        if the file gives one
+    qwen3moe   neox  silu       -           yes       -          -                        if the file gives one
+    qwen2moe   neox  silu       -           -         -          -                        if the file gives one
+    phi3       neox  silu       -           -         -          -                        if the file gives one
+    gemma      neox  gelu_tanh  -           -         yes        -                        if the file gives one
+    gemma2     neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
+    gemma3     neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo2      neox  silu       only        whole     -          -                        if the file gives one
+    olmoe      neox  silu       -           whole     -          -                        if the file gives one
+    exaone4    neox  silu       only        yes       -          -                        at 64 layers: every 4th global
+    glm4       norm  silu       yes         -         -          -                        if the file gives one
 
   OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
   over the whole projection, all heads at once ("whole"); OLMo 3's files give a window (every 4th
   layer global), and its sliding layers take no RoPE scaling (llama.cpp and transformers run them
   with plain RoPE).
+  EXAONE 4 (exaone4) is OLMo 2's layer with per-head q/k norms; llama.cpp gives it windows only at
+  64 layers (the 32B: 4096 unless the file says, every 4th layer global), and its global layers
+  then have no RoPE, as transformers runs any EXAONE 4 with a window.
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -37,10 +43,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
-  Mixture-of-experts FFNs (Family.moe): Qwen3-MoE (qwen3moe, Qwen3's attention) and OLMoE (olmoe,
-  OLMo 2's whole-projection q/k norms with pre-norms; its chosen experts' weights not renormalized)
-  in every layer, and llama files that give expert_count (Mixtral); softmax routing without shared
-  experts.
+  Mixture-of-experts FFNs (Family.moe), softmax routing: Qwen3-MoE (qwen3moe, Qwen3's attention),
+  OLMoE (olmoe, OLMo 2's whole-projection q/k norms with pre-norms; its chosen experts' weights
+  not renormalized), Qwen2-MoE (qwen2moe, Qwen2's attention; weights not renormalized, and a
+  shared expert scaled by a sigmoid gate), Granite MoE (granitemoe, Granite's scales; a shared
+  expert, ungated, where the file has one) in every layer, and llama files that give expert_count
+  (Mixtral).
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -71,10 +79,13 @@ class Family:
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
+    nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
+    window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
     #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
+    moe_shared_gate: bool = False      # a shared expert is scaled by sigmoid(x · ffn_gate_inp_shexp) (Qwen2 MoE)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -106,6 +117,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_permute_qk=True),
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
+    Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
            hf_permute_qk=True),
@@ -113,6 +125,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen3", rope="neox", qk_norm="head", hf_architectures=("Qwen3ForCausalLM",),
            hf_model_types=("qwen3",)),
     Family("qwen3moe", rope="neox", qk_norm="head", moe=True),
+    Family("qwen2moe", rope="neox", moe=True, moe_renorm=False, moe_shared_gate=True),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),
@@ -129,6 +142,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            swa_rope_scaled=False, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
            hf_model_types=("olmo2", "olmo3")),
     Family("olmoe", rope="neox", qk_norm="whole", moe=True, moe_renorm=False),
+    Family("exaone4", rope="neox", pre_norms=False, post_norms=True, qk_norm="head", nope_global=True,
+           swa_period=4, default_window=4096, window_block_counts=(64,), hf_architectures=("Exaone4ForCausalLM",),
+           hf_model_types=("exaone4",)),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
 )}
 
@@ -170,7 +186,7 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe and olmoe)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe and granitemoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

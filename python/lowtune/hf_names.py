@@ -48,6 +48,8 @@ _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
 _MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _LLAMA = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm", **_MLP}
+_POST_NORMED = {**_ATTN, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm", **_MLP,
+                "post_ffw_norm": "post_feedforward_layernorm"}  # OLMo 2, EXAONE 4: no norms before
 _MOE_ATTN = {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}
 _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
@@ -62,6 +64,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
                        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                        "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
@@ -69,8 +73,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
-    "olmo2": {"layer": {**_ATTN, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm", **_MLP,
-                        "post_ffw_norm": "post_feedforward_layernorm"}, "global": _GLOBAL},
+    "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
+    "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
@@ -256,6 +260,8 @@ def _layer_types(config: dict, fam: Family, n_layers: int) -> list[bool] | None:
         flags = [t == "sliding_attention" for t in types[:n_layers]]
         return flags if any(flags) else None
     period = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", fam.swa_period))
+    if isinstance(period, str):  # EXAONE 4's "LLLG": L slides, G is global, repeated
+        return [period[i % len(period)] == "L" for i in range(n_layers)]
     if not period:
         return [True] * n_layers
     return [i % int(period) < int(period) - 1 for i in range(n_layers)]
@@ -343,6 +349,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
             if config.get(hf):
                 key(gguf_key, float(config[hf]), F32)
     flags = _layer_types(config, fam, n_layers)
+    if flags is not None and fam.window_block_counts and n_layers not in fam.window_block_counts:
+        raise ValueError(f"config.json slides layers of a {n_layers}-layer {arch} model; llama.cpp runs {arch}'s windows "
+                         f"only at {fam.window_block_counts} layers (and so lowtune, which follows it)")
     if flags is not None:
         key("attention.sliding_window", int(config["sliding_window"]), U32)
         if flags != _family_windows(fam, n_layers):
@@ -474,7 +483,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
-    "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")},
+    "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {},
 }
 
 
@@ -599,7 +608,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cfg["sliding_window"] = None
         if arch in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = False
-        if arch in ("gemma2", "gemma3"):
+        if arch in ("gemma2", "gemma3", "exaone4"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.multipliers:
         cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),

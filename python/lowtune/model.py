@@ -108,6 +108,7 @@ class ModelConfig:
     n_experts: int = 0            # a mixture-of-experts FFN of this many experts in every layer (0: dense)
     n_experts_used: int = 0       # experts each token is routed to
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
+    shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
 
     @property
     def family(self) -> Family:
@@ -139,7 +140,8 @@ class ModelConfig:
     def rope_kind(self, layer: int) -> int:
         """0: the global RoPE; 1: the sliding layers' own (another base or scaling); NO_ROPE: none
         (the family's NoPE layers)."""
-        if not self.family.rotates(layer):
+        if not self.family.rotates(layer) or (self.family.nope_global and self.sliding_window
+                                              and not self.is_sliding(layer)):
             return NO_ROPE
         own = (self.rope_theta_swa not in (None, self.rope_theta)
                or self.rope_linear_scale_swa not in (None, self.rope_linear_scale) or self.swa_unscaled_yarn)
@@ -194,6 +196,8 @@ class ModelConfig:
         context = int(md.get(f"{arch}.context_length", 2048))
 
         window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
+        if fam.window_block_counts and n_layers not in fam.window_block_counts:
+            window = 0  # (llama.cpp ignores the file's window there)
         swa_layers = None
         if window > 0:
             # llama.cpp's pattern: one flag per layer, or a period p (0: every layer slides;
@@ -226,7 +230,8 @@ class ModelConfig:
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
             experts = {"n_experts": int(md[f"{arch}.expert_count"]),
                        "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
-                       "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0)}
+                       "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
+                       "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             gating = int(md.get(f"{arch}.expert_gating_func", 1) or 1)
             if gating != 1:
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
@@ -403,10 +408,12 @@ class RMSNorm(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN (Qwen3-MoE, Mixtral, OLMoE) as llama.cpp's build_moe_ffn runs it:
-    router logits over E experts per token, their softmax, the n_experts_used largest, those weights
-    divided by their sum (where the family renormalizes); each chosen expert a gated MLP over the tokens routed to it, and the
-    token's output the weighted sum of its experts'.
+    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE) as llama.cpp's
+    build_moe_ffn runs it: router logits over E experts per token, their softmax, the
+    n_experts_used largest, those weights divided by their sum (where the family renormalizes);
+    each chosen expert a gated MLP over the tokens routed to it, and the token's output the
+    weighted sum of its experts', plus a shared expert's where the file has one (every token runs
+    it; Qwen2 MoE scales it by sigmoid(x · ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -421,6 +428,13 @@ class MoE(nn.Module):
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm = config.family.moe_renorm
         self.activation = config.family.activation
+        self.gate_shexp = self.up_shexp = self.down_shexp = None
+        self.register_buffer("shared_gate", None, persistent=False)
+        if config.shared_expert_ffn_dim:
+            self.gate_shexp, self.up_shexp, self.down_shexp = (QLinear(w[p + n + ".weight"], p + n + ".weight")
+                                                               for n in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"))
+            if config.family.moe_shared_gate:
+                self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, h.shape[-1]).contiguous()
@@ -437,6 +451,11 @@ class MoE(nn.Module):
             u = ops.qmatmul(xe, self.up_exps.weight.rows(e * f, (e + 1) * f))
             y = ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), self.down_exps.weight.rows(e * d, (e + 1) * d))
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
+        if self.gate_shexp is not None:
+            s = self.down_shexp(glue_ops.gated(self.activation, self.gate_shexp(x), self.up_shexp(x)))
+            if self.shared_gate is not None:
+                s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
+            out = out + s
         return out.view_as(h)
 
     def extra_repr(self) -> str:
@@ -1089,6 +1108,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
                "ffn_down_exps": (e * c.dim, f)}
+        if c.shared_expert_ffn_dim:
+            fs = c.shared_expert_ffn_dim
+            moe.update({"ffn_gate_shexp": (fs, c.dim), "ffn_up_shexp": (fs, c.dim), "ffn_down_shexp": (c.dim, fs)})
+            if c.family.moe_shared_gate:
+                moe["ffn_gate_inp_shexp"] = (c.dim,)
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     optional = {"output.weight": (c.vocab_size, c.dim),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),

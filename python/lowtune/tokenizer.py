@@ -51,7 +51,7 @@ for _names, _spec in [
     (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
      ([r"\p{N}", _GPT2], False, False)),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es", "jina-v2-de",
-      "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais"), ([_GPT2], False, False)),
+      "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "exaone4"), ([_GPT2], False, False)),
     (("qwen2", "stablelm2", "megrez"), ([_QWEN2], False, False)),
     (("falcon",), ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"], False, False)),
     (("poro-chat", "bloom", "gpt3-finnish"), ([_BLOOM], False, False)),
