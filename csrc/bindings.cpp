@@ -201,12 +201,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("adapter_backward_reference", adapter_backward_binding<cpu::adapter_backward_reference>(), nogil());
   // ---- the CPU decoding step (csrc/decode_kernels.h); lowtune.generate builds and checks it ----
   // A matrix travels as (qtype, pointer, n, k); a layer as its seven matrices (q, k, v, o, gate,
-  // up, down), its (attn_norm, ffn_norm, k_cache, v_cache, the seven matrices' biases, q_norm,
-  // k_norm, post_attn_norm, post_ffn_norm, router) pointers (0: none, for all but the caches), its
-  // rope kind and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim,
-  // vocab, max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale,
-  // gelu, attn_softcap, final_softcap, rope_kinds, qk_norm_whole) and (n_experts, n_experts_used,
-  // expert_ffn, moe_renorm).
+  // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
+  // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
+  // router, the shared expert's gate) pointers (0: none, for all but the caches), its rope kind
+  // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
+  // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu,
+  // attn_softcap, final_softcap, rope_kinds, qk_norm_whole) and (n_experts, n_experts_used,
+  // expert_ffn, shared_ffn, moe_renorm).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
@@ -214,7 +215,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<cpu::Decoder>(m, "CpuDecoder")
       .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
                           std::tuple<bool, float, float, float, float, bool, float, float, int, bool> f,
-                          std::tuple<int64_t, int64_t, int64_t, bool> moe,
+                          std::tuple<int64_t, int64_t, int64_t, int64_t, bool> moe,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
                           const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
@@ -222,14 +223,15 @@ PYBIND11_MODULE(_C, m) {
               qk_whole] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
-          if (ms.size() != 7 || ps.size() != 16)
-            throw std::invalid_argument("decoder: a layer is 7 matrices and 16 pointers");
+          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 17)
+            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 17 pointers");
           cpu::DecodeLayer l{mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
                              ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])};
           for (int i = 0; i < 7; ++i) l.bias[i] = ptr<const float>(ps[4 + i]);
           l.q_norm = ptr<const float>(ps[11]), l.k_norm = ptr<const float>(ps[12]);
           l.post_attn_norm = ptr<const float>(ps[13]), l.post_ffn_norm = ptr<const float>(ps[14]);
-          l.router = ptr<const float>(ps[15]);
+          l.router = ptr<const float>(ps[15]), l.shared_gate_inp = ptr<const float>(ps[16]);
+          if (ms.size() == 10) l.shared_gate = mat(ms[7]), l.shared_up = mat(ms[8]), l.shared_down = mat(ms[9]);
           l.rope_kind = rope_kind, l.window = window;
           ls.push_back(l);
         }
@@ -238,7 +240,7 @@ PYBIND11_MODULE(_C, m) {
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
         config.gelu = gelu, config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole;
-        std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.moe_renorm) = moe;
+        std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn, config.moe_renorm) = moe;
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
                                 ptr<const float>(rope));
       }))

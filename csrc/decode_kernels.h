@@ -23,7 +23,9 @@
 //               (a mixture of experts: router logits r = W_router h, p = softmax(r), the
 //               n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
 //               moe_renorm; m = Σ p_e ·
-//               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd)
+//               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd; plus a shared
+//               expert's Wsd (silu(Wsg h) ⊙ Wsu h) where the layer has one, × sigmoid(w_sgate · h)
+//               where it has that gate)
 //   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
 //
 // Batch 1, fp32 activations and caches; the matrices are quantized blocks of any type the
@@ -57,6 +59,8 @@ struct DecodeLayer {
   // a mixture of experts: the router [n_experts, dim] fp32, gate and up then [n_experts·F, dim]
   // and down [n_experts·dim, F] (F = expert_ffn); none: the dense FFN
   const float* router = nullptr;
+  DecodeMatrix shared_gate{}, shared_up{}, shared_down{};  // a shared expert [shared_ffn, dim] ..., or none
+  const float* shared_gate_inp = nullptr;  // [dim]: its sigmoid gate, or none (ungated)
   int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
   int64_t window = 0;   // attends to the last `window` positions (0: all)
 };
@@ -74,7 +78,7 @@ struct DecodeConfig {
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
-  int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0;  // layers with a router
+  int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router
   bool moe_renorm = true;
 };
 

@@ -110,10 +110,10 @@ def hf_model(name: str):
         # shared experts: Qwen2 MoE's behind a sigmoid gate, Granite's (with Granite's scales) ungated
         "qwen2moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
             **common, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
-            moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)),
+            moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)),
         "granitemoe": lambda: tf.GraniteMoeSharedForCausalLM(tf.GraniteMoeSharedConfig(
             **common, num_hidden_layers=2, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
-            shared_intermediate_size=48, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.7,
+            shared_intermediate_size=64, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.7,
             attention_multiplier=0.3, logits_scaling=1.5)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(

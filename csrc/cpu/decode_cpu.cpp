@@ -183,6 +183,11 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
     check_matrix(l.gate, e * f, c.dim, "ffn_gate");
     check_matrix(l.up, e * f, c.dim, "ffn_up");
     check_matrix(l.down, e * c.dim, f, "ffn_down");
+    if (l.router && c.shared_ffn) {
+      check_matrix(l.shared_gate, c.shared_ffn, c.dim, "ffn_gate_shexp");
+      check_matrix(l.shared_up, c.shared_ffn, c.dim, "ffn_up_shexp");
+      check_matrix(l.shared_down, c.dim, c.shared_ffn, "ffn_down_shexp");
+    }
     if (l.rope_kind >= c.rope_kinds || l.rope_kind < -1 || l.window < 0)
       throw std::invalid_argument("decoder: a layer's rope kind or window is out of range");
   }
@@ -192,8 +197,8 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
   k_.resize(kvd);
   v_.resize(kvd);
   o_.resize(qd);
-  gate_.resize(std::max(c.ffn_dim, c.expert_ffn));
-  up_.resize(std::max(c.ffn_dim, c.expert_ffn));
+  gate_.resize(std::max({c.ffn_dim, c.expert_ffn, c.shared_ffn}));
+  up_.resize(std::max({c.ffn_dim, c.expert_ffn, c.shared_ffn}));
   expert_out_.resize(c.dim);
   moe_sum_.resize(c.dim);
   probs_.resize(c.n_experts);
@@ -224,6 +229,15 @@ void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
     else silu_mul(gate_.data(), up_.data(), f);
     matvecs({{&d, gate_.data(), expert_out_.data()}});
     const float w = p[e] / sum;
+    for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
+  }
+  if (c_.shared_ffn) {
+    const int64_t fs = c_.shared_ffn;
+    matvecs({{&l.shared_gate, in, gate_.data()}, {&l.shared_up, in, up_.data()}});
+    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), fs);
+    else silu_mul(gate_.data(), up_.data(), fs);
+    matvecs({{&l.shared_down, gate_.data(), expert_out_.data()}});
+    const float w = l.shared_gate_inp ? 1.0f / (1.0f + std::exp(-dot(l.shared_gate_inp, in, c_.dim))) : 1.0f;
     for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
   }
   std::copy_n(acc, c_.dim, out);

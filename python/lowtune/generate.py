@@ -58,17 +58,19 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
-                   "n_experts", "n_experts_used", "expert_ffn_dim"}
+                   "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim"}
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
 
 def _linears(layer: DecoderLayer) -> list[QLinear | None]:
     """The decoder's seven matrices of a layer; a mixture of experts' gate, up and down are its
-    experts' (its router goes apart)."""
+    experts', followed by its shared expert's where it has one (its router goes apart)."""
     moe = layer.ffn_moe
-    ffn = [moe.gate_exps, moe.up_exps, moe.down_exps] if moe is not None else [getattr(layer, n) for n in _LINEARS[4:]]
-    return [getattr(layer, n) for n in _LINEARS[:4]] + ffn
+    if moe is None:
+        return [getattr(layer, n) for n in _LINEARS]
+    shared = [moe.gate_shexp, moe.up_shexp, moe.down_shexp] if moe.gate_shexp is not None else []
+    return [getattr(layer, n) for n in _LINEARS[:4]] + [moe.gate_exps, moe.up_exps, moe.down_exps] + shared
 
 
 def _positions_unscaled(c: ModelConfig, max_len: int) -> bool:
@@ -88,9 +90,10 @@ class _CompiledSteps:
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
         layers = [([mat(lin.weight) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(layer.ffn_norm.weight),
-                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)),
+                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)[:7]),
                     *(ptr(weight(layer, n)) for n in _NORMS),
-                    ptr(layer.ffn_moe.router.raw if layer.ffn_moe is not None else None)],
+                    ptr(layer.ffn_moe.router.raw if layer.ffn_moe is not None else None),
+                    ptr(layer.ffn_moe.shared_gate if layer.ffn_moe is not None else None)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
@@ -111,7 +114,7 @@ class _CompiledSteps:
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
              fam.qk_norm == "whole"), (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0,
-                                            fam.moe_renorm),
+                                            c.shared_expert_ffn_dim, fam.moe_renorm),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 
