@@ -30,7 +30,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
          "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")  # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
+# mixture-of-experts models, read as GGUF only (tests/test_moe.py)
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")
+# MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
+# function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
+MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -120,6 +124,10 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        "minicpm": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
+            **common, num_hidden_layers=2, tie_word_embeddings=False, embedding_multiplier=MINICPM["scale_emb"],
+            residual_multiplier=MINICPM["scale_depth"] / math.sqrt(2), attention_multiplier=1 / math.sqrt(D // H),
+            logits_scaling=D / MINICPM["dim_model_base"])),
         # EXAONE 4 32B's layer count, at which llama.cpp takes its windows: every 4th layer global,
         # without RoPE
         "exaone4": lambda: tf.Exaone4ForCausalLM(tf.Exaone4Config(
@@ -192,9 +200,15 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES:
+    for name in NAMES + MOE_NAMES + ("minicpm",):
         d = root / name
         hf_model(name).save_pretrained(d)
+        if name == "minicpm":
+            cfg = json.loads((d / "config.json").read_text())
+            for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+                del cfg[k]
+            cfg.update(MINICPM, architectures=["MiniCPMForCausalLM"], model_type="minicpm")
+            (d / "config.json").write_text(json.dumps(cfg))
         (d / "tokenizer.model").write_bytes(tokenizer)
         (d / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",

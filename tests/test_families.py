@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lowtune import adapters, ops
-from lowtune.evaluate import perplexity
+from lowtune.evaluate import perplexity, windows
 from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
@@ -32,7 +32,7 @@ from lowtune.loading import open_base
 from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (D, F, H, HKV, LLAMACPP_NAMES, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
+from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
                            hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
 from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import step_losses
@@ -368,7 +368,6 @@ def botchan_ids(tiny, botchan_text):
 @pytest.mark.parametrize("qtype,tol", [("F32", 5e-4), ("Q8_0", 5e-3), ("Q4_0", 5e-3)])
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
-    from lowtune.evaluate import windows
     path = gguf_of(tiny[name], qtype)
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
@@ -508,17 +507,44 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
         torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
+    """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
+    same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
+    defaults for older files that give none."""
+    from lowtune.generate import cpu_decoder
+    model = Model.from_gguf(tiny["minicpm"].gguf)
+    c = model.config
+    assert c.arch == "minicpm" and (c.embedding_scale, c.logit_scale) == pytest.approx(
+        (MINICPM["scale_emb"], D / MINICPM["dim_model_base"]))
+    assert c.residual_scale == pytest.approx(MINICPM["scale_depth"] / math.sqrt(2))
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want, got = hf_model("minicpm")(ids).logits, model(ids)
+    assert rel_err(got, want) < 1e-4
+    path = gguf_of(tiny["minicpm"], "Q8_0")
+    w = windows(botchan_ids, SEQ, chunks=8)
+    ours, theirs = perplexity(Model.from_gguf(path), botchan_ids, SEQ, chunks=8)["perplexity"], \
+        llamacpp_perplexity(llamacpp(path), w)
+    assert abs(ours - theirs) / theirs < 5e-3
+    quantized = Model.from_gguf(path)
+    assert cpu_decoder(quantized, quantized.new_cache(1, 16)) is not None
+    md = {k: v for k, v in model.metadata.items() if not k.endswith(("_scale", "scale"))}
+    old = ModelConfig.from_gguf_metadata(md)  # llama.cpp's defaults
+    assert (old.embedding_scale, old.residual_scale, old.logit_scale) == pytest.approx((12.0, 1.4 / math.sqrt(2), 256 / D))
+
+
 # ----------------------------------------------------------------------------------------------
 # what lowtune refuses
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "ernie4_5", "mistral3", "qwen2", "qwen3",
-                         "qwen3moe", "qwen2moe", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "glm4")
+    assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "mistral3", "qwen2",
+                         "qwen3", "qwen3moe", "qwen2moe", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4",
+                         "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = ("llama, smollm3, granite, granitemoe, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, phi3, gemma, "
-              "gemma2, gemma3, olmo2, olmoe, exaone4, glm4")
+    listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, phi3, "
+              "gemma, gemma2, gemma3, olmo2, olmoe, exaone4, glm4")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

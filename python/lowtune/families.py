@@ -12,6 +12,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     smollm3    norm  silu       -           -         -          -                        if the file gives one
     granite    norm  silu       -           -         from file  -                        if the file gives one
     granitemoe norm  silu       -           -         from file  -                        if the file gives one
+    minicpm    norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5   norm  silu       -           -         -          -                        if the file gives one
     mistral3   norm  silu       -           -         -          -                        if the file gives one
     qwen2      neox  silu       -           -         -          -                        if the file gives one
@@ -39,7 +40,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
 
   Granite is Llama with four scales from the file: embeddings × embedding_scale, each attention and
   FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
-  logit_scale.
+  logit_scale. MiniCPM runs Granite's decoder (in llama.cpp too) with its own scales: scale_emb,
+  scale_depth / √layers and width / dim_model_base, or llama.cpp's 12, 1.4 / √layers and 256 / width
+  where an older file gives none.
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
@@ -65,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class Family:
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
+    scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
+    #                                    where the file gives none (older MiniCPM files)
     moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
     #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
@@ -118,6 +123,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
+    Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
+        "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
            hf_permute_qk=True),

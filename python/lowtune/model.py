@@ -239,12 +239,13 @@ class ModelConfig:
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
                 raise ValueError(f"this {arch} file has shared experts, which lowtune does not run")
         multipliers = {}
-        if fam.multipliers:  # Granite's scales; 0 or absent: none, as llama.cpp reads them
+        if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
                 ("residual_scale", "residual_scale"), ("logit_scale", "logit_scale"))}
             scale = scales.pop("attn_scale")
-            multipliers = {k: v or 1.0 for k, v in scales.items()}
+            defaults = fam.scale_defaults(n_layers, dim) if fam.scale_defaults else {}
+            multipliers = {k: v or defaults.get(k, 1.0) for k, v in scales.items()}
             if md.get(f"{arch}.rope.scaling.finetuned", True) is False:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
