@@ -206,21 +206,21 @@ PYBIND11_MODULE(_C, m) {
   // router, the shared expert's gate) pointers (0: none, for all but the caches), its rope kind
   // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
   // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu,
-  // attn_softcap, final_softcap, rope_kinds, qk_norm_whole) and (n_experts, n_experts_used,
-  // expert_ffn, shared_ffn, moe_renorm).
+  // attn_softcap, final_softcap, rope_kinds, qk_norm_whole, layer_norm, parallel) and
+  // (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
   };
   py::class_<cpu::Decoder>(m, "CpuDecoder")
       .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
-                          std::tuple<bool, float, float, float, float, bool, float, float, int, bool> f,
+                          std::tuple<bool, float, float, float, float, bool, float, float, int, bool, bool, bool> f,
                           std::tuple<int64_t, int64_t, int64_t, int64_t, bool> moe,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
                           const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
         auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu, attn_cap, final_cap, kinds,
-              qk_whole] = f;
+              qk_whole, layer_norm, parallel] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
           if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 17)
@@ -239,7 +239,7 @@ PYBIND11_MODULE(_C, m) {
         config.neox = neox, config.attn_scale = attn_scale, config.embedding_scale = embedding_scale;
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
         config.gelu = gelu, config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
-        config.qk_norm_whole = qk_whole;
+        config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;
         std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn, config.moe_renorm) = moe;
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
                                 ptr<const float>(rope));

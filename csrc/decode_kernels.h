@@ -6,6 +6,7 @@
 // the whole step is one call, with the same operations in the same order as lowtune.model:
 //
 //   x = embd[token] · embedding_scale
+//   (norm: RMSNorm, or LayerNorm without a bias where layer_norm: Command-R)
 //   per layer:  h = rmsnorm(x)·w_attn (x itself without w_attn: OLMo 2);  q, k, v = Wq h, Wk h, Wv h
 //               (every product + its bias, if any)
 //               q, k: rmsnorm(·)·w_qnorm, w_knorm where the layer has them, per head (Qwen3) or
@@ -18,7 +19,8 @@
 //                   last `window` of them (query head h reads key/value head h / (H/Hkv));
 //                   cap(s) = c·tanh(s/c) where attn_softcap c > 0
 //               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
-//               h = rmsnorm(x)·w_ffn (or x);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
+//               h = rmsnorm(x)·w_ffn (or x; where parallel, the attention's h and x before its
+//               add: x += a + m at once);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
 //               gelu (tanh form), then its post-norm likewise;  x += m
 //               (a mixture of experts: router logits r = W_router h, p = softmax(r), the
 //               n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
@@ -78,6 +80,8 @@ struct DecodeConfig {
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
+  bool layer_norm = false;      // the norms are LayerNorm without a bias (Command-R), else RMSNorm
+  bool parallel = false;        // the FFN reads the attention's normed input (Command-R)
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router
   bool moe_renorm = true;
 };
@@ -99,7 +103,9 @@ class Decoder {
   DecodeMatrix embedding_, head_;
   const float* output_norm_;
   const float* rope_;
-  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_;
+  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_, parallel_out_;
+  void norm(const float* x, const float* w, float* out) const;  // the family's norm over dim
+  void ffn(const DecodeLayer& l, const float* in, float* out);  // its output as added to x (in, out may alias)
   void experts(const DecodeLayer& l, const float* in, float* out);  // (in and out may be one buffer)
 };
 

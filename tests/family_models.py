@@ -27,8 +27,8 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "qwen2", "qwen3", "phi3", "gemma",
-         "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
+NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2", "qwen2",
+         "qwen3", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")
@@ -124,6 +124,13 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
+        # (every 4th layer global, without RoPE)
+        "command-r": lambda: tf.CohereForCausalLM(tf.CohereConfig(
+            **common, num_hidden_layers=2, layer_norm_eps=1e-5, logit_scale=0.25, tie_word_embeddings=True)),
+        "cohere2": lambda: tf.Cohere2ForCausalLM(tf.Cohere2Config(
+            **common, num_hidden_layers=4, layer_norm_eps=1e-5, logit_scale=0.75, tie_word_embeddings=True,
+            sliding_window=WINDOW, rotary_pct=1.0)),
         "minicpm": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
             **common, num_hidden_layers=2, tie_word_embeddings=False, embedding_multiplier=MINICPM["scale_emb"],
             residual_multiplier=MINICPM["scale_depth"] / math.sqrt(2), attention_multiplier=1 / math.sqrt(D // H),
@@ -173,11 +180,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import exaone, glm, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's and EXAONE 4's converters read only byte-level BPE vocabularies; the tiny models
+from conversion import command_r, exaone, glm, olmo, qwen
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's and Cohere's converters read only byte-level BPE vocabularies; the tiny models
 # share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
-    qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
+    command_r.Cohere2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -273,7 +281,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
-          f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.context_length": 256}
+          f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
     if arch == "granite":

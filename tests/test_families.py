@@ -67,6 +67,9 @@ SWITCH_OFF = {
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
+    "command-r": [("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0))],
+    "cohere2": [("windows", _no_windows),
+                ("global layers without RoPE", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "exaone4": [("windows", _no_windows),
                 ("global layers without RoPE", lambda m: [setattr(layer, "rope_kind", 0) for layer in m.layers])],
     "olmo3": [("windows", _no_windows),
@@ -240,7 +243,10 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 7 + ["neox"] * 9
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 9
+    co = cfg["cohere2"]
+    assert co.swa_layers == (0, 1, 2) and [co.rope_kind(i) for i in range(4)] == [0, 0, 0, NO_ROPE]
+    assert cfg["command-r"].logit_scale == pytest.approx(4.0) and cfg["command-r"].norm_eps == pytest.approx(1e-5)
     ex = cfg["exaone4"]
     assert ex.sliding_window == WINDOW and ex.swa_layers == tuple(i for i in range(64) if i % 4 < 3)
     assert [ex.rope_kind(i) for i in range(8)] == [0, 0, 0, NO_ROPE] * 2
@@ -540,11 +546,11 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "mistral3", "qwen2",
                          "qwen3", "qwen3moe", "qwen2moe", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4",
-                         "glm4")
+                         "command-r", "cohere2", "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, phi3, "
-              "gemma, gemma2, gemma3, olmo2, olmoe, exaone4, glm4")
+              "gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

@@ -51,6 +51,17 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
+// out = (x - mean(x)) / sqrt(var(x) + eps) · w, as F.layer_norm without a bias.
+void layer_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  float mean = 0.0f;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= (float)n;
+  float var = 0.0f;
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float r = 1.0f / std::sqrt(var / (float)n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i];
+}
+
 // Rotates pair i of the first rope_dim dims of each of `heads` heads by (cos, sin) = cs[2i, 2i + 1]:
 // dims 2i and 2i + 1, or i and i + rope_dim/2 (neox).
 void rope(float* x, int64_t heads, int64_t head_dim, int64_t rope_dim, const float* cs, bool neox) {
@@ -200,8 +211,31 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
   gate_.resize(std::max({c.ffn_dim, c.expert_ffn, c.shared_ffn}));
   up_.resize(std::max({c.ffn_dim, c.expert_ffn, c.shared_ffn}));
   expert_out_.resize(c.dim);
+  parallel_out_.resize(c.parallel ? c.dim : 0);
   moe_sum_.resize(c.dim);
   probs_.resize(c.n_experts);
+}
+
+void Decoder::norm(const float* x, const float* w, float* out) const {
+  if (c_.layer_norm) layer_norm(x, w, c_.norm_eps, c_.dim, out);
+  else rms_norm(x, w, c_.norm_eps, c_.dim, out);
+}
+
+void Decoder::ffn(const DecodeLayer& l, const float* in, float* out) {
+  if (l.router) {
+    experts(l, in, out);
+  } else {
+    matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
+    add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
+    add_bias(up_.data(), l.bias[5], c_.ffn_dim);
+    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+    else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
+    matvecs({{&l.down, gate_.data(), out}});
+    add_bias(out, l.bias[6], c_.dim);
+  }
+  if (c_.residual_scale != 1.0f)
+    for (int64_t i = 0; i < c_.dim; ++i) out[i] *= c_.residual_scale;
+  if (l.post_ffn_norm) rms_norm(out, l.post_ffn_norm, c_.norm_eps, c_.dim, out);
 }
 
 // out = Σ over the chosen experts of weight · expert(in) (decode_kernels.h), as lowtune.model.MoE.
@@ -262,10 +296,11 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
   for (const DecodeLayer& l : layers_) {
     const float* in = x;  // the products' input: x normed, where the layer has the norm
     if (l.attn_norm) {
-      rms_norm(x, l.attn_norm, c_.norm_eps, c_.dim, h);
+      norm(x, l.attn_norm, h);
       in = h;
     }
     matvecs({{&l.q, in, q_.data()}, {&l.k, in, k_.data()}, {&l.v, in, v_.data()}});
+    if (c_.parallel) ffn(l, in, parallel_out_.data());  // (before the attention's output takes h)
     add_bias(q_.data(), l.bias[0], c_.n_heads * hd);
     add_bias(k_.data(), l.bias[1], c_.n_kv_heads * hd);
     add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);
@@ -300,28 +335,19 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
       for (int64_t i = 0; i < c_.dim; ++i) attn_out[i] *= rs;
     if (l.post_attn_norm) rms_norm(attn_out, l.post_attn_norm, c_.norm_eps, c_.dim, attn_out);
     for (int64_t i = 0; i < c_.dim; ++i) x[i] += attn_out[i];
+    if (c_.parallel) {
+      for (int64_t i = 0; i < c_.dim; ++i) x[i] += parallel_out_[i];
+      continue;
+    }
     in = x;
     if (l.ffn_norm) {
-      rms_norm(x, l.ffn_norm, c_.norm_eps, c_.dim, h);
+      norm(x, l.ffn_norm, h);
       in = h;
     }
-    if (l.router) {
-      experts(l, in, h);
-    } else {
-      matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
-      add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
-      add_bias(up_.data(), l.bias[5], c_.ffn_dim);
-      if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-      else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-      matvecs({{&l.down, gate_.data(), h}});
-      add_bias(h, l.bias[6], c_.dim);
-    }
-    if (rs != 1.0f)
-      for (int64_t i = 0; i < c_.dim; ++i) h[i] *= rs;
-    if (l.post_ffn_norm) rms_norm(h, l.post_ffn_norm, c_.norm_eps, c_.dim, h);
+    ffn(l, in, h);
     for (int64_t i = 0; i < c_.dim; ++i) x[i] += h[i];
   }
-  rms_norm(x, output_norm_, c_.norm_eps, c_.dim, h);
+  norm(x, output_norm_, h);
   matvecs({{&head_, h, logits}});
   if (c_.logit_scale != 1.0f || c_.final_softcap > 0.0f)
     for (int64_t i = 0; i < c_.vocab; ++i) logits[i] = softcap(logits[i] / c_.logit_scale, c_.final_softcap);

@@ -27,6 +27,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     olmoe      neox  silu       -           whole     -          -                        if the file gives one
     exaone4    neox  silu       only        yes       -          -                        at 64 layers: every 4th global
     glm4       norm  silu       yes         -         -          -                        if the file gives one
+    command-r  norm  silu       -           -         -          -                        if the file gives one
+    cohere2    norm  silu       -           -         -          -                        every 4th layer global
+
+  Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
+  LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
+  logits by the file's logit_scale and tie the head to the embeddings; cohere2's global layers
+  have no RoPE.
 
   OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
   over the whole projection, all heads at once ("whole"); OLMo 3's files give a window (every 4th
@@ -76,6 +83,9 @@ class Family:
     arch: str                          # general.architecture
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
     activation: str = "silu"           # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
+    parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
+    #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
@@ -101,6 +111,7 @@ class Family:
     swa_rope_scaled: bool = True       # sliding layers take the global RoPE scaling (linear, YaRN) too
     attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
+    logit_multiplier: bool = False     # the file's logit_scale multiplies the logits (Command-R; Granite's divides)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
@@ -109,6 +120,11 @@ class Family:
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
     #                                       SentencePiece vocabulary (None: as tokenizer.model says)
+
+    @property
+    def eps_key(self) -> str:
+        """The metadata key (after `<arch>.`) of the norms' epsilon."""
+        return "attention.layer_norm_epsilon" if self.norm == "layer" else "attention.layer_norm_rms_epsilon"
 
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer` applies RoPE (not one of SmolLM3's NoPE layers)."""
@@ -152,6 +168,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("exaone4", rope="neox", pre_norms=False, post_norms=True, qk_norm="head", nope_global=True,
            swa_period=4, default_window=4096, window_block_counts=(64,), hf_architectures=("Exaone4ForCausalLM",),
            hf_model_types=("exaone4",)),
+    Family("command-r", norm="layer", parallel=True, logit_multiplier=True, hf_architectures=("CohereForCausalLM",),
+           hf_model_types=("cohere",)),
+    Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
+           default_window=4096, hf_architectures=("Cohere2ForCausalLM",), hf_model_types=("cohere2",)),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
 )}
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import _C, glue_ops
-from .model import NO_ROPE, DecoderLayer, KVCache, Model, ModelConfig, NoNorm, QEmbedding, QLinear, RMSNorm
+from .model import NO_ROPE, DecoderLayer, KVCache, LayerNorm, Model, ModelConfig, NoNorm, QEmbedding, QLinear, RMSNorm
 
 
 @dataclass
@@ -89,7 +89,7 @@ class _CompiledSteps:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
         layers = [([mat(lin.weight) for lin in _linears(layer)],
-                   [ptr(layer.attn_norm.weight), ptr(layer.ffn_norm.weight),
+                   [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)[:7]),
                     *(ptr(weight(layer, n)) for n in _NORMS),
                     ptr(layer.ffn_moe.router.raw if layer.ffn_moe is not None else None),
@@ -113,7 +113,7 @@ class _CompiledSteps:
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole"), (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0,
+             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel), (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0,
                                             c.shared_expert_ffn_dim, fam.moe_renorm),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
@@ -150,8 +150,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     mats = [model.tok_embd.weight, model.head_weight()]
     for layer in model.layers:
-        if type(layer) is not DecoderLayer or type(layer.attn_norm) not in (RMSNorm, NoNorm) \
-                or type(layer.ffn_norm) not in (RMSNorm, NoNorm):
+        norms = (RMSNorm, NoNorm, LayerNorm)
+        if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
+                or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
         if not all(type(lin) is QLinear for lin in _linears(layer)):
             return None  # adapters

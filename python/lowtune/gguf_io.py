@@ -425,6 +425,7 @@ _KNOWN_SUFFIX_TYPES = {  # "<arch>.<suffix>"
     "vocab_size": GGUFValueType.UINT32, "rope.dimension_count": GGUFValueType.UINT32,
     "attention.head_count": GGUFValueType.UINT32, "attention.head_count_kv": GGUFValueType.UINT32,
     "attention.layer_norm_rms_epsilon": GGUFValueType.FLOAT32, "rope.freq_base": GGUFValueType.FLOAT32,
+    "attention.layer_norm_epsilon": GGUFValueType.FLOAT32,
     "rope.scaling.factor": GGUFValueType.FLOAT32,
     "rope.scaling.original_context_length": GGUFValueType.UINT32,
 }

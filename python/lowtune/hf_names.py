@@ -75,6 +75,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
+    "command-r": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
+    "cohere2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
@@ -302,6 +304,13 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         if value is None:
             raise ValueError(f"config.json lacks {hf!r}, which a {arch} model needs")
         key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
+    if fam.norm == "layer":  # LayerNorm's epsilon, under its own keys
+        del md[f"{arch}.attention.layer_norm_rms_epsilon"]
+        key(fam.eps_key, float(config.get("layer_norm_eps", 1e-5)), F32)
+    if fam.logit_multiplier:
+        key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
+    if config.get("use_qk_norm"):
+        raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layers = int(config["num_hidden_layers"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
@@ -483,7 +492,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
-    "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {},
+    "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
+    "cohere2": {},
 }
 
 
@@ -610,6 +620,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["use_sliding_window"] = False
         if arch in ("gemma2", "gemma3", "exaone4"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
+    if fam.norm == "layer":
+        cfg["layer_norm_eps"] = cfg.pop("rms_norm_eps")
+    if fam.logit_multiplier:
+        cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
     if fam.multipliers:
         cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})

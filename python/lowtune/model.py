@@ -226,6 +226,9 @@ class ModelConfig:
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
                          "rope_yarn_beta_slow": float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
                          "attn_temperature": float(md.get(f"{arch}.attention.temperature_scale", 0.0))}
+        multipliers = {}
+        if fam.logit_multiplier:  # ModelConfig divides by logit_scale
+            multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
         experts = {}
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
             experts = {"n_experts": int(md[f"{arch}.expert_count"]),
@@ -238,7 +241,6 @@ class ModelConfig:
                                  "softmax routing (1) only")
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
                 raise ValueError(f"this {arch} file has shared experts, which lowtune does not run")
-        multipliers = {}
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
@@ -254,7 +256,7 @@ class ModelConfig:
             n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
             sliding_window=window, swa_layers=swa_layers,
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
@@ -381,7 +383,9 @@ def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
-        out.update(attn_norm=(c.dim,), ffn_norm=(c.dim,))
+        out["attn_norm"] = (c.dim,)
+        if not fam.parallel:  # (a parallel FFN reads attn_norm's output)
+            out["ffn_norm"] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.qk_norm:
@@ -461,6 +465,23 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
+
+
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) · w over the last dim, in fp32, returned in x's dtype
+    (Command-R's, without a bias), with RMSNorm's interface."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", _vector(weight), persistent=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, None, self.eps).to(x.dtype)
+
+    def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x + a
+        return s, self(s)
 
 
 class NoNorm(nn.Module):
@@ -606,7 +627,8 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
         for name in layer_norm_shapes(c):
-            setattr(self, name, RMSNorm(w[p + name + ".weight"], c.norm_eps))
+            setattr(self, name, (LayerNorm if fam.norm == "layer" and name in ("attn_norm", "ffn_norm") else RMSNorm)(
+                w[p + name + ".weight"], c.norm_eps))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -692,6 +714,9 @@ class DecoderLayer(nn.Module):
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
+        if self.config.family.parallel:  # (the FFN reads the attention's normed input)
+            x, h = self.attend(x if m is None else x + m, rot, cache, start)
+            return x, self._mlp_rows(h)
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
         if self.mlp_chunks > 1 or self.ffn_moe is not None:  # the MLP's rows a chunk at a time, its norm included
@@ -706,7 +731,7 @@ class DecoderLayer(nn.Module):
         on CUDA the norm runs inside the grouped product (glue_ops.add_rms_norm_product), else
         add_rms_norm and then _products."""
         g = self._group(names)
-        if g is not None and g.bias is None and norm.weight is not None:
+        if g is not None and g.bias is None and type(norm) is RMSNorm:
             done = glue_ops.add_rms_norm_product(x, a, norm.weight, norm.eps, g.weight)
             if done is not None:
                 s, y = done
@@ -724,6 +749,9 @@ class DecoderLayer(nn.Module):
     def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input)."""
+        if self.config.family.parallel:
+            h = self.attn_norm(x)
+            return x + self.attention_branch(x, rot, cache, start, normed=h), h
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
@@ -800,7 +828,7 @@ class DecoderLayer(nn.Module):
         chunk's too: the attention is recomputed from its normed output, whose gradient goes
         through the norm chunk by chunk at the end (the products' launches stay one per layer:
         each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
-        if self.mlp_chunks <= 1:
+        if self.mlp_chunks <= 1 or self.config.family.parallel:  # (parallel: the MLP's input is not x1's)
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
@@ -906,7 +934,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = RMSNorm(weights["output_norm.weight"], c.norm_eps)
+        self.output_norm = (LayerNorm if c.family.norm == "layer" else RMSNorm)(weights["output_norm.weight"], c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
