@@ -240,7 +240,8 @@ PYBIND11_MODULE(_C, m) {
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
         config.gelu = gelu, config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;
-        std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn, config.moe_renorm) = moe;
+        std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn,
+                 config.moe_renorm) = moe;
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
                                 ptr<const float>(rope));
       }))

@@ -121,7 +121,8 @@ def hf_model(name: str):
             attention_multiplier=0.3, logits_scaling=1.5)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
-            **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
+            **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -181,8 +182,8 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import command_r, exaone, glm, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's and Cohere's converters read only byte-level BPE vocabularies; the tiny models
-# share a SentencePiece one
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's and Cohere's converters read only byte-level
+# BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()

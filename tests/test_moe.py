@@ -1,7 +1,7 @@
 """Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
 architecture with experts), OLMoE (olmoe), Qwen2-MoE (qwen2moe, a gated shared expert) and Granite
-MoE (granitemoe, an ungated shared expert, Granite's scales), as tiny random models built by transformers and converted by
-llama.cpp's converter (tests/family_models.py):
+MoE (granitemoe, an ungated shared expert, Granite's scales), as tiny random models built by
+transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -36,7 +36,7 @@ from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_mo
 from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
-from test_streaming import step_losses
+from test_streaming import assert_trains_alike
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,12 +166,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu")
     assert plan.streamed == [0, 1]
-    ids = rand_ids(2, 24, seed=4)
-    want, want_g = step_losses(resident, ids)
-    got, got_g = step_losses(streaming, ids)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    for key in want_g:
-        torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
 @pytest.mark.llamacpp

@@ -45,6 +45,15 @@ def step_losses(model, ids, steps=3, lr=1e-2):
     return losses, first
 
 
+def assert_trains_alike(resident, streaming, ids) -> None:
+    """The streamed model's losses and first adapter gradients are the resident one's (step_losses)."""
+    want, want_g = step_losses(resident, ids)
+    got, got_g = step_losses(streaming, ids)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    for key in want_g:
+        torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def pair(method, device, streamed, dropout=0.0, offload=False, dtype=torch.float32, tied=True):
     return resident_and_streamed(lambda: adapted_model(method, dropout=dropout, dtype=dtype, tied=tied), device, streamed,
                                  offload_activations=offload)

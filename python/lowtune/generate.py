@@ -113,8 +113,9 @@ class _CompiledSteps:
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel), (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0,
-                                            c.shared_expert_ffn_dim, fam.moe_renorm),
+             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel),
+            (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
+             fam.moe_renorm),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 

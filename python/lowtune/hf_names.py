@@ -359,8 +359,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
                 key(gguf_key, float(config[hf]), F32)
     flags = _layer_types(config, fam, n_layers)
     if flags is not None and fam.window_block_counts and n_layers not in fam.window_block_counts:
-        raise ValueError(f"config.json slides layers of a {n_layers}-layer {arch} model; llama.cpp runs {arch}'s windows "
-                         f"only at {fam.window_block_counts} layers (and so lowtune, which follows it)")
+        raise ValueError(f"config.json slides layers of a {n_layers}-layer {arch} model; llama.cpp runs {arch}'s "
+                         f"windows only at {fam.window_block_counts} layers (and so lowtune, which follows it)")
     if flags is not None:
         key("attention.sliding_window", int(config["sliding_window"]), U32)
         if flags != _family_windows(fam, n_layers):
@@ -595,8 +595,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if arch in ("phi3", "glm4"):
         cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
     if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
+        full = cfg.pop("rope_scaling") or {"rope_type": "default"}
         cfg["rope_parameters"] = {
-            "full_attention": {**(cfg.pop("rope_scaling") or {"rope_type": "default"}), "rope_theta": _f32(c.rope_theta)},
+            "full_attention": {**full, "rope_theta": _f32(c.rope_theta)},
             "sliding_attention": {"rope_type": "default", "rope_theta": _f32(c.rope_theta_swa or c.rope_theta)}}
     elif c.rope_theta_swa is not None and c.rope_theta_swa != c.rope_theta:
         if arch != "gemma3":

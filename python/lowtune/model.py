@@ -436,8 +436,9 @@ class MoE(nn.Module):
         self.gate_shexp = self.up_shexp = self.down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
+            names = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
             self.gate_shexp, self.up_shexp, self.down_shexp = (QLinear(w[p + n + ".weight"], p + n + ".weight")
-                                                               for n in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"))
+                                                               for n in names)
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
@@ -454,7 +455,8 @@ class MoE(nn.Module):
             xe = x[rows]
             g = ops.qmatmul(xe, self.gate_exps.weight.rows(e * f, (e + 1) * f))
             u = ops.qmatmul(xe, self.up_exps.weight.rows(e * f, (e + 1) * f))
-            y = ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), self.down_exps.weight.rows(e * d, (e + 1) * d))
+            y = ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(),
+                            self.down_exps.weight.rows(e * d, (e + 1) * d))
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
         if self.gate_shexp is not None:
             s = self.down_shexp(glue_ops.gated(self.activation, self.gate_shexp(x), self.up_shexp(x)))
@@ -934,7 +936,8 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = (LayerNorm if c.family.norm == "layer" else RMSNorm)(weights["output_norm.weight"], c.norm_eps)
+        norm = LayerNorm if c.family.norm == "layer" else RMSNorm
+        self.output_norm = norm(weights["output_norm.weight"], c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
