@@ -28,7 +28,7 @@ import torch
 from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2", "qwen2",
-         "qwen3", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
+         "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")
@@ -91,6 +91,13 @@ def hf_model(name: str):
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                              "long_factor": [1.0 + 0.25 * i for i in range(8)],
                              "short_factor": [1.0 + 0.05 * i for i in range(8)]})),
+        # Phi-4-mini's shape of Phi-3: RoPE on 3/4 of each head (with LongRoPE), a tied head
+        "phi4": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+            **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
+            tie_word_embeddings=True, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                             "long_factor": [1.0 + 0.25 * i for i in range(6)],
+                             "short_factor": [1.0 + 0.05 * i for i in range(6)]})),
         "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_hidden_layers=2, head_dim=32)),
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
             **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,

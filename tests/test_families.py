@@ -63,6 +63,7 @@ def _no_long_rope(m):
 SWITCH_OFF = {
     "mistral": [("window", _no_windows)],
     "phi3": [("long RoPE factors", _no_long_rope)],
+    "phi4": [("long RoPE factors", _no_long_rope)],
     "gemma2": [("windows", _no_windows), ("attention soft-cap", lambda m: setattr(m.config, "attn_softcap", 0.0)),
                ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
@@ -243,7 +244,9 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 9
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 10
+    p4 = cfg["phi4"]
+    assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
     assert co.swa_layers == (0, 1, 2) and [co.rope_kind(i) for i in range(4)] == [0, 0, 0, NO_ROPE]
     assert cfg["command-r"].logit_scale == pytest.approx(4.0) and cfg["command-r"].norm_eps == pytest.approx(1e-5)
@@ -476,9 +479,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
         got = model(ids)
     # the same update merged into dense copies of the bases (a fused tensor's parts separately)
     weights = merged_weights(model)
-    if name == "phi3":
-        weights["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(8)])
-        weights["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(8)])
+    with GGUFFile(tiny[name].gguf) as f:  # LongRoPE's factors
+        weights.update({n: f.tensor(n) for n in ("rope_factors_long.weight", "rope_factors_short.weight")
+                        if n in f.tensor_infos})
+    if name in ("phi3", "phi4"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
     if name in ("llama", "qwen2"):
         assert ads["layers.1.attn_v"].base.bias is not None
