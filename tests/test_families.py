@@ -244,7 +244,7 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 10
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 11
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -458,9 +458,10 @@ def merged_weights(model) -> dict:
                 mod = mod.base
             elif isinstance(mod, QLinear):
                 w[p + name + ".weight"] = mod.weight
-            else:  # norms (a NoNorm has no weight)
+            else:  # norms (a NoNorm has no weight), under their file names
                 if mod.weight is not None:
-                    w[p + name + ".weight"] = mod.weight
+                    file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
+                    w[p + file_name + ".weight"] = mod.weight
                 continue
             if mod.bias is not None:
                 w[p + name + ".bias"] = mod.bias
@@ -545,12 +546,12 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "mistral3", "qwen2",
-                         "qwen3", "qwen3moe", "qwen2moe", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "olmoe",
-                         "exaone4", "command-r", "cohere2", "glm4")
+                         "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2", "gemma3", "olmo2",
+                         "olmoe", "exaone4", "command-r", "cohere2", "glm4")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, "
-              "phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4")
+              "seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

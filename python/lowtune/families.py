@@ -20,6 +20,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3moe   neox  silu       -           yes       -          -                        if the file gives one
     qwen2moe   neox  silu       -           -         -          -                        if the file gives one
     phi3       neox  silu       -           -         -          -                        if the file gives one
+    seed_oss   neox  silu       -           -         -          -                        if the file gives one
     gemma      neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2     neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3     neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
@@ -42,6 +43,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   EXAONE 4 (exaone4) is OLMo 2's layer with per-head q/k norms; llama.cpp gives it windows only at
   64 layers (the 32B: 4096 unless the file says, every 4th layer global), and its global layers
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
+  Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -88,6 +90,8 @@ class Family:
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
+    ffn_norm_tensor: str = "ffn_norm"  # the GGUF layer name of the FFN's input norm (Seed-OSS:
+    #                                    post_attention_norm)
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
@@ -149,6 +153,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("qwen3",)),
     Family("qwen3moe", rope="neox", qk_norm="head", moe=True),
     Family("qwen2moe", rope="neox", moe=True, moe_renorm=False, moe_shared_gate=True),
+    Family("seed_oss", rope="neox", ffn_norm_tensor="post_attention_norm", hf_architectures=("SeedOssForCausalLM",),
+           hf_model_types=("seed_oss",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),

@@ -76,6 +76,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
     "command-r": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
+    "seed_oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
+                           **_MLP}, "global": _GLOBAL},
     "cohere2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
@@ -493,7 +495,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
-    "cohere2": {},
+    "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
+                                "attention_out_bias": ("attn_output",)},
 }
 
 

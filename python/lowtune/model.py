@@ -379,13 +379,14 @@ class QEmbedding(nn.Module):
 
 
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
-    """The RMSNorm weights of each layer of the family: GGUF layer name -> shape."""
+    """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
+    attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
         if not fam.parallel:  # (a parallel FFN reads attn_norm's output)
-            out["ffn_norm"] = (c.dim,)
+            out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.qk_norm:
@@ -629,7 +630,8 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
         for name in layer_norm_shapes(c):
-            setattr(self, name, (LayerNorm if fam.norm == "layer" and name in ("attn_norm", "ffn_norm") else RMSNorm)(
+            attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
+            setattr(self, attr, (LayerNorm if fam.norm == "layer" and attr in ("attn_norm", "ffn_norm") else RMSNorm)(
                 w[p + name + ".weight"], c.norm_eps))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
