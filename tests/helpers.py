@@ -375,6 +375,24 @@ def llamacpp_greedy(llm, prompt_ids, n: int) -> list[int]:
     return out
 
 
+def compiled_decoder_steps(model, ids: torch.Tensor, prefill: int, max_len: int | None = None):
+    """(steps, the decoder's cache, the model's cache): steps [(the compiled CPU decoder's logits,
+    the model's own step's)] for each token of ids [1, T] after the first `prefill`, each side
+    continuing its cache of max_len (default T) positions that took the prefill; steps is None
+    where lowtune.generate.cpu_decoder does not apply."""
+    from lowtune.generate import cpu_decoder
+    max_len = ids.shape[1] if max_len is None else max_len
+    ours, theirs = model.new_cache(1, max_len), model.new_cache(1, max_len)
+    with torch.no_grad():
+        model(ids[:, :prefill], ours)
+        model(ids[:, :prefill], theirs)
+        step = cpu_decoder(model, ours)
+        if step is None:
+            return None, ours, theirs
+        return [(step(int(ids[0, t])).clone(), model(ids[:, t:t + 1], theirs)[0, -1])
+                for t in range(prefill, ids.shape[1])], ours, theirs
+
+
 def resident_and_streamed(make: Callable[[], nn.Module], device, streamed: list[int] | None = None, **stream_kw):
     """(resident, streaming, plan): two models from make(), one whole on `device` with its layers
     checkpointed (as streamed layers run), the other streaming layers `streamed` (default: every

@@ -34,7 +34,7 @@ from lowtune.tokenizer import load_tokenizer
 
 from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
                            hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
-from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
+from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
 
@@ -328,21 +328,13 @@ def test_compiled_cpu_decoder_follows_the_model(tiny, name):
     RoPE base), each step's logits are the model's own."""
     from lowtune.generate import cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
-    ids = rand_ids(1, 40, seed=5)  # a cache longer than Phi-3's original context: LongRoPE's long factors
-    ours, theirs = model.new_cache(1, 40), model.new_cache(1, 40)
-    with torch.no_grad():
-        model(ids[:, :8], ours)
-        model(ids[:, :8], theirs)
-        step = cpu_decoder(model, ours)
-        assert (step is not None) == (name in COMPILED_DECODER)
-        if name == "mistral3":
-            assert cpu_decoder(model, model.new_cache(1, 16)) is not None
-        if step is None:
-            return
-        for t in range(8, 40):  # past the tiny models' windows and YaRN's original context
-            got = step(int(ids[0, t])).clone()
-            want = model(ids[:, t:t + 1], theirs)[0, -1]
-            assert rel_err(got, want) < 1e-5, t
+    # 40 positions: past the windows, YaRN's original context and Phi-3's (LongRoPE's long factors)
+    steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 40, seed=5), 8)
+    assert (steps is not None) == (name in COMPILED_DECODER)
+    if name == "mistral3":
+        assert cpu_decoder(model, model.new_cache(1, 16)) is not None
+    for t, (got, want) in enumerate(steps or []):
+        assert rel_err(got, want) < 1e-5, t
 
 
 @pytest.mark.parametrize("name", NAMES)

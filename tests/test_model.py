@@ -20,7 +20,7 @@ from lowtune.model import (LINEAR_NAMES, KVCache, LlamaConfig, LlamaModel, QLine
                            chunked_cross_entropy, embedding_rows, rope_inv_freq)
 
 from conftest import devices
-from helpers import gguf_weights, rand_ids, tiny_config, tiny_model, tiny_weights
+from helpers import compiled_decoder_steps, gguf_weights, rand_ids, tiny_config, tiny_model, tiny_weights
 
 # ----------------------------------------------------------------------------------------------
 # a tiny random model, and an independent Hugging Face-style reference
@@ -150,21 +150,14 @@ def test_compiled_cpu_decoder_matches_the_model(qtype, tied, heads, kv, hd, rd, 
     # lowtune._C.CpuDecoder against the model's own forward, one token at a time after a prefill:
     # the same logits and the same cached keys/values (float32 summation order apart).
     from lowtune.families import yarn_magnitude
-    from lowtune.generate import cpu_decoder
     c = tiny_config(n_heads=heads, n_kv_heads=kv, head_dim=hd, dim=dim, ffn=ffn)
     c.rope_dim, c.rope_yarn_factor, c.rope_attn_factor, c.rope_orig_context = rd, yarn, yarn_magnitude(yarn), 8
     model = LlamaModel(c, gguf_weights(c, tiny_weights(c, tied=tied), qtype)).eval()
     ids = torch.randint(0, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
-    ours, theirs = model.new_cache(1, 16), model.new_cache(1, 16)
-    with torch.no_grad():
-        model(ids[:, :5], ours)
-        model(ids[:, :5], theirs)
-        step = cpu_decoder(model, ours)
-        assert step is not None
-        for t in range(5, 12):
-            got = step(int(ids[0, t])).clone()
-            want = model(ids[:, t:t + 1], theirs)[0, -1]
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    steps, ours, theirs = compiled_decoder_steps(model, ids, 5, max_len=16)
+    assert steps is not None
+    for got, want in steps:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert ours.length == theirs.length == 12
     for a, b in zip(ours.k + ours.v, theirs.k + theirs.v):
         torch.testing.assert_close(a[:, :, :12], b[:, :, :12], rtol=1e-4, atol=1e-5)

@@ -27,13 +27,13 @@ from lowtune import adapters
 from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
-from lowtune.generate import cpu_decoder, generate
+from lowtune.generate import generate
 from lowtune.model import Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
                            rand_ids, rel_err)
-from helpers import fill_adapters, llamacpp_greedy, resident_and_streamed
+from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
 from test_streaming import assert_trains_alike
@@ -126,17 +126,10 @@ def test_kv_cache_matches_the_full_forward(moe, name):
 def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step."""
-    model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
-    ids = rand_ids(1, 30, seed=5)
-    ours, theirs = model.new_cache(1, 30), model.new_cache(1, 30)
-    with torch.no_grad():
-        model(ids[:, :8], ours)
-        model(ids[:, :8], theirs)
-        step = cpu_decoder(model, ours)
-        assert step is not None
-        for t in range(8, 30):
-            got = step(int(ids[0, t])).clone()
-            assert rel_err(got, model(ids[:, t:t + 1], theirs)[0, -1]) < 1e-5, t
+    steps, _, _ = compiled_decoder_steps(Model.from_gguf(gguf_of(moe[name], "Q8_0")), rand_ids(1, 30, seed=5), 8)
+    assert steps is not None
+    for t, (got, want) in enumerate(steps):
+        assert rel_err(got, want) < 1e-5, t
 
 
 @pytest.mark.parametrize("name", MOE_NAMES)
