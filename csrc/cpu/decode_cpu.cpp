@@ -214,6 +214,21 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
   parallel_out_.resize(c.parallel ? c.dim : 0);
   moe_sum_.resize(c.dim);
   probs_.resize(c.n_experts);
+  order_.resize(c.n_experts);
+}
+
+void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const DecodeMatrix& d, const float* in,
+                        float* out, const float* const* bias) {
+  const int64_t f = g.n;
+  matvecs({{&g, in, gate_.data()}, {&u, in, up_.data()}});
+  if (bias) {
+    add_bias(gate_.data(), bias[0], f);
+    add_bias(up_.data(), bias[1], f);
+  }
+  if (c_.gelu) gelu_mul(gate_.data(), up_.data(), f);
+  else silu_mul(gate_.data(), up_.data(), f);
+  matvecs({{&d, gate_.data(), out}});
+  if (bias) add_bias(out, bias[2], c_.dim);
 }
 
 void Decoder::norm(const float* x, const float* w, float* out) const {
@@ -222,17 +237,8 @@ void Decoder::norm(const float* x, const float* w, float* out) const {
 }
 
 void Decoder::ffn(const DecodeLayer& l, const float* in, float* out) {
-  if (l.router) {
-    experts(l, in, out);
-  } else {
-    matvecs({{&l.gate, in, gate_.data()}, {&l.up, in, up_.data()}});
-    add_bias(gate_.data(), l.bias[4], c_.ffn_dim);
-    add_bias(up_.data(), l.bias[5], c_.ffn_dim);
-    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-    else silu_mul(gate_.data(), up_.data(), c_.ffn_dim);
-    matvecs({{&l.down, gate_.data(), out}});
-    add_bias(out, l.bias[6], c_.dim);
-  }
+  if (l.router) experts(l, in, out);
+  else gated_mlp(l.gate, l.up, l.down, in, out, l.bias + 4);
   if (c_.residual_scale != 1.0f)
     for (int64_t i = 0; i < c_.dim; ++i) out[i] *= c_.residual_scale;
   if (l.post_ffn_norm) rms_norm(out, l.post_ffn_norm, c_.norm_eps, c_.dim, out);
@@ -245,7 +251,7 @@ void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
   for (int64_t e = 0; e < n; ++e) p[e] = dot(l.router + e * c_.dim, in, c_.dim);
   const float total = softmax_numerators(p, n);
   for (int64_t e = 0; e < n; ++e) p[e] /= total;
-  std::vector<int64_t> order(n);
+  std::vector<int64_t>& order = order_;
   for (int64_t e = 0; e < n; ++e) order[e] = e;
   std::partial_sort(order.begin(), order.begin() + c_.n_experts_used, order.end(),
                     [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
@@ -258,19 +264,12 @@ void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
     const int64_t e = order[j];
     const DecodeMatrix g = row_range(l.gate, e * f, (e + 1) * f), u = row_range(l.up, e * f, (e + 1) * f);
     const DecodeMatrix d = row_range(l.down, e * c_.dim, (e + 1) * c_.dim);
-    matvecs({{&g, in, gate_.data()}, {&u, in, up_.data()}});
-    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), f);
-    else silu_mul(gate_.data(), up_.data(), f);
-    matvecs({{&d, gate_.data(), expert_out_.data()}});
+    gated_mlp(g, u, d, in, expert_out_.data());
     const float w = p[e] / sum;
     for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
   }
   if (c_.shared_ffn) {
-    const int64_t fs = c_.shared_ffn;
-    matvecs({{&l.shared_gate, in, gate_.data()}, {&l.shared_up, in, up_.data()}});
-    if (c_.gelu) gelu_mul(gate_.data(), up_.data(), fs);
-    else silu_mul(gate_.data(), up_.data(), fs);
-    matvecs({{&l.shared_down, gate_.data(), expert_out_.data()}});
+    gated_mlp(l.shared_gate, l.shared_up, l.shared_down, in, expert_out_.data());
     const float w = l.shared_gate_inp ? 1.0f / (1.0f + std::exp(-dot(l.shared_gate_inp, in, c_.dim))) : 1.0f;
     for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
   }

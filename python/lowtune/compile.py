@@ -49,6 +49,12 @@ _RECOMPILE_LIMIT = 64
 _APPLIED: "weakref.WeakKeyDictionary[Model, CompileSetup]" = weakref.WeakKeyDictionary()
 
 
+def default_cuda_graphs(device, model: Model) -> bool:
+    """Whether layers are captured in CUDA graphs unless asked otherwise: on CUDA, except a mixture of
+    experts (its shapes follow the routing)."""
+    return torch.device(device).type == "cuda" and not model.config.n_experts
+
+
 def default_mode(device, model: Model | None = None) -> str:
     """The mode `--compile auto` means: layer on CUDA, off on the CPU (inductor's CPU code gains
     little there against the time it takes to compile) and for mixture-of-experts models."""
@@ -98,7 +104,7 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
     _undo(model)
     on_cuda = model.device.type == "cuda"
     if cuda_graphs is None:
-        cuda_graphs = on_cuda and not model.config.n_experts
+        cuda_graphs = default_cuda_graphs(model.device, model)
     if model.config.n_experts and (mode != "off" or cuda_graphs):
         raise ValueError("a mixture-of-experts model routes each token to its experts, so its shapes follow "
                          "the data and its layers can be neither compiled nor captured; use --compile off "
@@ -461,4 +467,4 @@ def _autocast() -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
-__all__ = ["MODES", "CompileSetup", "LayerGraphs", "applied", "compile_model", "default_mode"]
+__all__ = ["MODES", "CompileSetup", "LayerGraphs", "applied", "compile_model", "default_cuda_graphs", "default_mode"]

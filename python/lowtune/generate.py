@@ -150,12 +150,13 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
             type(model.output) is not QLinear or model.output.bias is not None):
         return None
     mats = [model.tok_embd.weight, model.head_weight()]
+    norms = (RMSNorm, NoNorm, LayerNorm)
     for layer in model.layers:
-        norms = (RMSNorm, NoNorm, LayerNorm)
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
-        if not all(type(lin) is QLinear for lin in _linears(layer)):
+        linears = _linears(layer)
+        if not all(type(lin) is QLinear for lin in linears):
             return None  # adapters
         router = layer.ffn_moe.router if layer.ffn_moe is not None else None
         if router is not None and (router.format.name != "F32" or not router.raw.is_contiguous()):
@@ -163,9 +164,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         if not all(type(getattr(layer, n)) is RMSNorm for n in _NORMS if hasattr(layer, n)):
             return None
         if not all(b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.device.type == "cpu")
-                   for b in (lin.bias for lin in _linears(layer))):
+                   for b in (lin.bias for lin in linears)):
             return None
-        mats += [lin.weight for lin in _linears(layer)]
+        mats += [lin.weight for lin in linears]
     if not all(qt.format.quantized and qt.raw.is_contiguous() for qt in mats):
         return None
     return _CompiledSteps(model, cache)

@@ -50,6 +50,7 @@ _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm
 _LLAMA = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm", **_MLP}
 _POST_NORMED = {**_ATTN, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm", **_MLP,
                 "post_ffw_norm": "post_feedforward_layernorm"}  # OLMo 2, EXAONE 4: no norms before
+_PARALLEL = {"attn_norm": "input_layernorm", **_ATTN, **_MLP}  # Command-R: one norm feeds both
 _MOE_ATTN = {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}
 _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
@@ -75,10 +76,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
-    "command-r": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
+    "command-r": {"layer": _PARALLEL, "global": _GLOBAL},
     "seed_oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
                            **_MLP}, "global": _GLOBAL},
-    "cohere2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_MLP}, "global": _GLOBAL},
+    "cohere2": {"layer": _PARALLEL, "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},

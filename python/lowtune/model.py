@@ -240,7 +240,8 @@ class ModelConfig:
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
                                  "softmax routing (1) only")
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
-                raise ValueError(f"this {arch} file has shared experts, which lowtune does not run")
+                raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
+                                 "layout), which lowtune does not run")
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
@@ -378,6 +379,11 @@ class QEmbedding(nn.Module):
         return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
+def norm_type(family: Family) -> type[nn.Module]:
+    """The module of the family's norms: RMSNorm, or LayerNorm (Command-R)."""
+    return LayerNorm if family.norm == "layer" else RMSNorm
+
+
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
     """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
     attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
@@ -450,21 +456,24 @@ class MoE(nn.Module):
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
+        gate, up, down = self.gate_exps.weight, self.up_exps.weight, self.down_exps.weight
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
-            xe = x[rows]
-            g = ops.qmatmul(xe, self.gate_exps.weight.rows(e * f, (e + 1) * f))
-            u = ops.qmatmul(xe, self.up_exps.weight.rows(e * f, (e + 1) * f))
-            y = ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(),
-                            self.down_exps.weight.rows(e * d, (e + 1) * d))
+            y = self._expert(x[rows], gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
+                             down.rows(e * d, (e + 1) * d))
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
         if self.gate_shexp is not None:
-            s = self.down_shexp(glue_ops.gated(self.activation, self.gate_shexp(x), self.up_shexp(x)))
+            s = self._expert(x, self.gate_shexp.weight, self.up_shexp.weight, self.down_shexp.weight)
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = out + s
         return out.view_as(h)
+
+    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: one expert's gated MLP."""
+        g, u = ops.qmatmul(x, gate), ops.qmatmul(x, up)
+        return ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down)
 
     def extra_repr(self) -> str:
         return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
@@ -631,8 +640,7 @@ class DecoderLayer(nn.Module):
         p = f"blk.{index}."
         for name in layer_norm_shapes(c):
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, (LayerNorm if fam.norm == "layer" and attr in ("attn_norm", "ffn_norm") else RMSNorm)(
-                w[p + name + ".weight"], c.norm_eps))
+            setattr(self, attr, norm_type(fam)(w[p + name + ".weight"], c.norm_eps))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -723,7 +731,8 @@ class DecoderLayer(nn.Module):
             return x, self._mlp_rows(h)
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
-        if self.mlp_chunks > 1 or self.ffn_moe is not None:  # the MLP's rows a chunk at a time, its norm included
+        # the MLP's rows a chunk at a time, its norm included; experts take no grouped product either
+        if self.mlp_chunks > 1 or self.ffn_moe is not None:
             x, h = self.ffn_norm.after_residual(x, a)
             return x, self._mlp_rows(h)
         x, gu = self._normed_products(x, a, self.ffn_norm, self.PRODUCT_GROUPS[1])
@@ -938,8 +947,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
-        norm = LayerNorm if c.family.norm == "layer" else RMSNorm
-        self.output_norm = norm(weights["output_norm.weight"], c.norm_eps)
+        self.output_norm = norm_type(c.family)(weights["output_norm.weight"], c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None

@@ -147,10 +147,9 @@ class Trainer:
         cfg = self.cfg
         if not isinstance(self.model, Model):
             return
-        from .compile import compile_model, default_mode
+        from .compile import compile_model, default_cuda_graphs, default_mode
         mode = default_mode(self.device, self.model) if cfg.compile == "auto" else cfg.compile
-        graphs = self.device.type == "cuda" and not self.model.config.n_experts if cfg.cuda_graphs is None \
-            else cfg.cuda_graphs
+        graphs = default_cuda_graphs(self.device, self.model) if cfg.cuda_graphs is None else cfg.cuda_graphs
         if graphs and self.device.type != "cuda":
             raise TrainingError(f"--cuda-graphs on needs a CUDA device; this run is on {self.device}")
         plan = getattr(self.model, "stream_plan", None)
