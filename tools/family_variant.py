@@ -59,10 +59,7 @@ def variant(src: str, arch: str, out: str, experts: int = 0, used: int = 2) -> N
         if arch == "qwen2":
             tensors += [(f"blk.{i}.attn_q.bias", torch.zeros(heads * hd)),
                         (f"blk.{i}.attn_k.bias", torch.zeros(kv * hd)), (f"blk.{i}.attn_v.bias", torch.zeros(kv * hd))]
-        elif arch == "qwen3":
-            tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)),
-                        (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
-        elif arch == "qwen3moe":
+        elif arch in ("qwen3", "qwen3moe"):
             tensors += [(f"blk.{i}.attn_q_norm.weight", torch.ones(hd)),
                         (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
     if arch == "granite":
