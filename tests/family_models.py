@@ -31,7 +31,7 @@ NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4
          "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe")
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -126,6 +126,14 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
             shared_intermediate_size=64, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.7,
             attention_multiplier=0.3, logits_scaling=1.5)),
+        # biases everywhere, a sink per head, every 2nd layer global, YaRN over an original context
+        # shorter than the test sequences (with llama.cpp's rounding of YaRN's ramp: truncate)
+        "gpt-oss": lambda: tf.GptOssForCausalLM(tf.GptOssConfig(
+            **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=16, num_local_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, sliding_window=WINDOW, tie_word_embeddings=False,
+            layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": True, "original_max_position_embeddings": 32})),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -190,12 +198,13 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's and Seed-OSS's converters read only
+from conversion import command_r, exaone, glm, gpt_oss, olmo, qwen
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's and gpt-oss's converters read only
 # byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
-    command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -303,6 +312,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
     if arch == "glm4":
         md["glm4.rope.dimension_count"] = hd // 2
+    if arch == "gpt-oss":  # YaRN over an original context shorter than the test sequences
+        md.update({"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 4.0,
+                   "gpt-oss.rope.scaling.original_context_length": 32})
     fe = 32  # an expert's width
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
@@ -332,6 +344,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
+            if arch == "gpt-oss":  # biases on the router and the experts, and a sink per head
+                w.update({p + "ffn_gate_inp.bias": vec(EXPERTS), p + "attn_sinks.weight": vec(H),
+                          **{p + n + ".bias": ops.quantize(0.2 * torch.randn(EXPERTS, r, generator=g), "F32")
+                             for n, r in (("ffn_gate_exps", fe), ("ffn_up_exps", fe), ("ffn_down_exps", D))}})
             if c.shared_expert_ffn_dim:
                 w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
                           p + "ffn_down_shexp.weight": mat(D, fe)})
@@ -344,7 +360,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.n_experts:
             w[p + "ffn_down.weight"] = mat(D, F)
-        if arch in ("llama", "qwen2", "glm4"):
+        if arch in ("llama", "qwen2", "glm4", "gpt-oss"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])

@@ -30,6 +30,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     glm4       norm  silu       yes         -         -          -                        if the file gives one
     command-r  norm  silu       -           -         -          -                        if the file gives one
     cohere2    norm  silu       -           -         -          -                        every 4th layer global
+    gpt-oss    neox  swiglu_oai -           -         -          -                        every 2nd layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -61,6 +62,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   shared expert scaled by a sigmoid gate), Granite MoE (granitemoe, Granite's scales; a shared
   expert, ungated, where the file has one) in every layer, and llama files that give expert_count
   (Mixtral).
+  gpt-oss (gpt-oss) is a mixture of experts in every layer with biases everywhere (q/k/v/output, the
+  router, each expert's gate, up and down), a learned sink logit per head that joins each query's
+  softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
+  logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
+  u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -84,7 +90,8 @@ from typing import Callable, Mapping
 class Family:
     arch: str                          # general.architecture
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
-    activation: str = "silu"           # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    activation: str = "silu"           # of the gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU) or "swiglu_oai"
+    #                                    (gpt-oss: clamped, glue_ops.ACTIVATIONS)
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
@@ -105,6 +112,9 @@ class Family:
     #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
     moe_shared_gate: bool = False      # a shared expert is scaled by sigmoid(x · ffn_gate_inp_shexp) (Qwen2 MoE)
+    moe_gating: int = 1                # llama.cpp's expert_gating_func when the file gives none: 1, softmax over
+    #                                    every expert, then the top k; 3, the top k logits, then their softmax
+    #                                    (gpt-oss)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -179,13 +189,15 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
            default_window=4096, hf_architectures=("Cohere2ForCausalLM",), hf_model_types=("cohere2",)),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
+    Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
+           ffn_norm_tensor="post_attention_norm"),
 )}
 
 SUPPORTED = tuple(FAMILIES)
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
-        "gpt-oss", "jamba", "minimax-m2"}
+        "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -219,7 +231,7 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe and granitemoe)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe and gpt-oss)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -32,7 +32,18 @@ from . import _C, llamacpp_activations
 from .ops import ACT_DTYPES, _stream
 from .qtensor import QTensor
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT = 1.702, 7.0  # (gpt-oss's constants, fixed in llama.cpp too)
+
+
+def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
+    """gpt-oss's gated activation, llama.cpp's ggml_swiglu_oai: g clamped above, u both ways."""
+    g = g.clamp(max=SWIGLU_OAI_LIMIT)
+    return g * torch.sigmoid(SWIGLU_OAI_ALPHA * g) * (u.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT) + 1)
+
+
+# the gated MLP's activation(g) · u, by name
+ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,
+               "swiglu_oai": _swiglu_oai}
 FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
 
 
@@ -183,7 +194,7 @@ def gated(activation: str, g: Tensor, u: Tensor) -> Tensor:
         _C.cuda_silu_mul(gc.data_ptr(), uc.data_ptr(), ACT_DTYPES[g.dtype], y.data_ptr(), gc.numel(),
                          _stream(g.device))
         return y
-    return ACTIVATIONS[activation](g) * u
+    return ACTIVATIONS[activation](g, u)
 
 
 def _one_row(x: Tensor, qt: QTensor) -> bool:

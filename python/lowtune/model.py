@@ -109,6 +109,7 @@ class ModelConfig:
     n_experts_used: int = 0       # experts each token is routed to
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
+    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
 
     @property
     def family(self) -> Family:
@@ -235,10 +236,11 @@ class ModelConfig:
                        "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
-            gating = int(md.get(f"{arch}.expert_gating_func", 1) or 1)
-            if gating != 1:
+            gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
+            if gating not in (1, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax routing (1) only")
+                                 "softmax routing (1) and the softmax of the top k (3, gpt-oss's) only")
+            experts["expert_gating"] = gating
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
                                  "layout), which lowtune does not run")
@@ -284,6 +286,11 @@ LlamaConfig = ModelConfig  # the name before other families came
 
 # ----------------------------------------------------------------------------------------------
 # Quantized building blocks
+
+
+def _table(t) -> torch.Tensor:
+    """A float32 tensor from a weight read as a matrix (a QTensor) or a tensor (biases per expert)."""
+    return (ops.dequantize(t) if isinstance(t, QTensor) else torch.as_tensor(t)).float().contiguous()
 
 
 def _vector(t) -> torch.Tensor:
@@ -420,12 +427,14 @@ class RMSNorm(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE) as llama.cpp's
-    build_moe_ffn runs it: router logits over E experts per token, their softmax, the
-    n_experts_used largest, those weights divided by their sum (where the family renormalizes);
-    each chosen expert a gated MLP over the tokens routed to it, and the token's output the
-    weighted sum of its experts', plus a shared expert's where the file has one (every token runs
-    it; Qwen2 MoE scales it by sigmoid(x · ffn_gate_inp_shexp)).
+    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE, gpt-oss) as
+    llama.cpp's build_moe_ffn runs it: router logits over E experts per token (plus the router's
+    bias where the file has one), their softmax, the n_experts_used largest, those weights divided
+    by their sum (where the family renormalizes) — or, gating 3 (gpt-oss), the n_experts_used
+    largest logits and the softmax of those; each chosen expert a gated MLP over the tokens routed
+    to it (with its biases where the file has them), and the token's output the weighted sum of
+    its experts', plus a shared expert's where the file has one (every token runs it; Qwen2 MoE
+    scales it by sigmoid(x · ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -434,11 +443,15 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
         p = f"blk.{index}."
-        self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight")
+        self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight", w.get(p + "ffn_gate_inp.bias"))
         self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
-        self.renorm = config.family.moe_renorm
+        self.renorm, self.gating = config.family.moe_renorm, config.expert_gating
+        # the experts' biases [E, rows] (gpt-oss), frozen as the experts are
+        for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            b = w.get(p + n + ".bias")
+            self.register_buffer(n + "_bias", None if b is None else _table(b), persistent=False)
         self.activation = config.family.activation
         self.gate_shexp = self.up_shexp = self.down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
@@ -451,8 +464,12 @@ class MoE(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, h.shape[-1]).contiguous()
-        probs = self.router(x).float().softmax(-1)
-        weights, chosen = probs.topk(self.n_used, dim=-1)
+        logits = self.router(x).float()
+        if self.gating == 3:  # the top k logits, then their softmax
+            weights, chosen = logits.topk(self.n_used, dim=-1)
+            weights = weights.softmax(-1)
+        else:
+            weights, chosen = logits.softmax(-1).topk(self.n_used, dim=-1)
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
@@ -461,7 +478,7 @@ class MoE(nn.Module):
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             y = self._expert(x[rows], gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
-                             down.rows(e * d, (e + 1) * d))
+                             down.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
         if self.gate_shexp is not None:
             s = self._expert(x, self.gate_shexp.weight, self.up_shexp.weight, self.down_shexp.weight)
@@ -470,10 +487,13 @@ class MoE(nn.Module):
             out = out + s
         return out.view_as(h)
 
-    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor) -> torch.Tensor:
-        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: one expert's gated MLP."""
-        g, u = ops.qmatmul(x, gate), ops.qmatmul(x, up)
-        return ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down)
+    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor,
+                e: int | None = None) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: one expert's gated MLP; routed expert
+        e adds its biases where the file has them."""
+        bias = lambda y, b: y if e is None or b is None else y + b[e].to(y.dtype)  # noqa: E731
+        g, u = bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias), bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)
+        return bias(ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down), self.ffn_down_exps_bias)
 
     def extra_repr(self) -> str:
         return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
@@ -646,6 +666,9 @@ class DecoderLayer(nn.Module):
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.n_experts else None  # in place of ffn_gate/up/down
+        # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
+        sinks = w.get(p + "attn_sinks.weight")
+        self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
@@ -794,10 +817,10 @@ class DecoderLayer(nn.Module):
         if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
             q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
-        if cache is not None:
-            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)
+        if cache is not None:  # (sinks: the cache's kernel has none)
+            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
-            attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask)
+            attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
         a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
@@ -892,19 +915,22 @@ class DecoderLayer(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
-              window: int = 0, cap: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+              window: int = 0, cap: float = 0.0, mask: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
     scale: on q·k (None: 1/sqrt(hd)); window > 0: query i sees only keys i-window+1..i; cap > 0:
     scores soft-capped before the softmax. mask (broadcast to [B, H, T, S]: bool, True where a
     query sees a key, or additive float, 0 or -inf), when given, replaces causality and the window
-    (a fixed-length decode cache's mask; such caches serve models without sliding layers)."""
+    (a fixed-length decode cache's mask; such caches serve models without sliding layers). sinks
+    [H], when given: one more logit per head in every query's softmax, with no value (gpt-oss)."""
     n_rep = q.shape[1] // k.shape[1]
     gqa = {}
     if n_rep > 1:
         # torch >= 2.5's CPU kernels read shared heads in place: no copies (the soft-capped path
         # multiplies q·kᵀ itself and needs the heads repeated)
-        if q.device.type == "cpu" and not cap and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 5):
+        if q.device.type == "cpu" and not cap and sinks is None \
+                and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 5):
             gqa = {"enable_gqa": True}
         else:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -914,7 +940,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         allowed = mask
     else:
         windowed = 0 < window < s  # a window no shorter than the sequence cuts nothing
-        if not cap and not windowed:
+        if not cap and not windowed and sinks is None:
             if start == 0 and t == s:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
             if t == 1:  # one new token sees every cached position
@@ -924,12 +950,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         allowed = kpos <= qpos
         if windowed:
             allowed = allowed & (qpos - kpos < window)
-    if not cap:
+    if not cap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, **gqa)
-    # soft-capped scores: SDPA cannot cap, so the scores are materialised (as Hugging Face's eager path)
-    scores = softcap((q @ k.transpose(-1, -2)).float() * scale, cap)
+    # soft-capped scores, or sinks: SDPA has neither, so the scores are materialised (as Hugging
+    # Face's eager path)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if cap:
+        scores = softcap(scores, cap)
     scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return probs.to(v.dtype) @ v
 
 
@@ -1155,6 +1187,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
             moe.update({"ffn_gate_shexp": (fs, c.dim), "ffn_up_shexp": (fs, c.dim), "ffn_down_shexp": (c.dim, fs)})
             if c.family.moe_shared_gate:
                 moe["ffn_gate_inp_shexp"] = (c.dim,)
+        # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
+        moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
+                    "ffn_down_exps": (e, c.dim)}
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     optional = {"output.weight": (c.vocab_size, c.dim),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
@@ -1166,6 +1201,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
         if c.n_experts:
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
+            optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
+        optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
         for n, shape in shapes.items():
