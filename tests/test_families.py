@@ -431,6 +431,30 @@ def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
 
 
+@pytest.mark.llamacpp
+def test_gpt4o_pre_tokenizer_matches_llamacpp(llamacpp_source, tmp_path):
+    """gpt-oss's o200k vocabulary splits text with the `gpt-4o` regex: a real byte-level vocabulary
+    relabelled `gpt-4o` tokenizes as llama.cpp tokenizes it (cases, digits in threes, contractions,
+    punctuation runs with / and newlines)."""
+    import llama_cpp
+    base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
+    with GGUFFile(base) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    md["tokenizer.ggml.pre"] = "gpt-4o"
+    write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
+    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    tok, llama3 = load_tokenizer(md), load_tokenizer({**md, "tokenizer.ggml.pre": "llama-bpe"})
+    cases = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    cases += ["HelloWorld CamelCase ABCdef 1234567 they'RE don'T", "a/b/c\n\n  x//y\r\n", "ÉCOLE école Ünïcödé"]
+    differs = 0
+    for text in cases:
+        got = tok.encode(text, add_bos=False, add_eos=False)
+        assert got == llm.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+        differs += got != llama3.encode(text, add_bos=False, add_eos=False)
+    assert differs  # (the regex is not Llama 3's under another name)
+
+
 # ----------------------------------------------------------------------------------------------
 # adapters and streaming on every family
 
@@ -539,11 +563,11 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "mistral3", "qwen2",
                          "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2", "gemma3", "olmo2",
-                         "olmoe", "exaone4", "command-r", "cohere2", "glm4")
+                         "olmoe", "exaone4", "command-r", "cohere2", "glm4", "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, mistral3, qwen2, qwen3, qwen3moe, qwen2moe, "
-              "seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4")
+              "seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4, gpt-oss")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

@@ -39,6 +39,11 @@ _BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
 _TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # llama.cpp's pre-tokenizers: name -> (regexes applied in turn, ignore_merges, add_bos default)
 _PRE = {}
@@ -58,6 +63,7 @@ for _names, _spec in [
     (("viking",), ([_BLOOM, r"\p{N}"], False, False)),
     (("deepseek-coder",), ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"], False, False)),
     (("tekken",), ([_TEKKEN], True, True)),
+    (("gpt-4o", "llama4", "kanana2"), ([_GPT4O], False, False)),  # (o200k: gpt-oss)
 ]:
     for _n in _names:
         _PRE[_n] = _spec
