@@ -203,34 +203,38 @@ PYBIND11_MODULE(_C, m) {
   // A matrix travels as (qtype, pointer, n, k); a layer as its seven matrices (q, k, v, o, gate,
   // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
   // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
-  // router, the shared expert's gate) pointers (0: none, for all but the caches), its rope kind
-  // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
-  // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu,
+  // router, the shared expert's gate, the router's bias, the experts' gate, up and down biases,
+  // sinks) pointers (0: none, for all but the caches), its rope kind and window; the config as
+  // (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len, norm_eps), (neox,
+  // attn_scale, embedding_scale, residual_scale, logit_scale, activation (cpu::Activation),
   // attn_softcap, final_softcap, rope_kinds, qk_norm_whole, layer_norm, parallel) and
-  // (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm).
+  // (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm, expert_gating).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
   };
   py::class_<cpu::Decoder>(m, "CpuDecoder")
       .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
-                          std::tuple<bool, float, float, float, float, bool, float, float, int, bool, bool, bool> f,
-                          std::tuple<int64_t, int64_t, int64_t, int64_t, bool> moe,
+                          std::tuple<bool, float, float, float, float, int, float, float, int, bool, bool, bool> f,
+                          std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int> moe,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
                           const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
-        auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, gelu, attn_cap, final_cap, kinds,
+        auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, act, attn_cap, final_cap, kinds,
               qk_whole, layer_norm, parallel] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
-          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 17)
-            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 17 pointers");
+          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 22)
+            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 22 pointers");
           cpu::DecodeLayer l{mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
                              ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])};
           for (int i = 0; i < 7; ++i) l.bias[i] = ptr<const float>(ps[4 + i]);
           l.q_norm = ptr<const float>(ps[11]), l.k_norm = ptr<const float>(ps[12]);
           l.post_attn_norm = ptr<const float>(ps[13]), l.post_ffn_norm = ptr<const float>(ps[14]);
           l.router = ptr<const float>(ps[15]), l.shared_gate_inp = ptr<const float>(ps[16]);
+          l.router_bias = ptr<const float>(ps[17]);
+          for (int i = 0; i < 3; ++i) l.expert_bias[i] = ptr<const float>(ps[18 + i]);
+          l.sinks = ptr<const float>(ps[21]);
           if (ms.size() == 10) l.shared_gate = mat(ms[7]), l.shared_up = mat(ms[8]), l.shared_down = mat(ms[9]);
           l.rope_kind = rope_kind, l.window = window;
           ls.push_back(l);
@@ -238,10 +242,14 @@ PYBIND11_MODULE(_C, m) {
         cpu::DecodeConfig config{dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps};
         config.neox = neox, config.attn_scale = attn_scale, config.embedding_scale = embedding_scale;
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
-        config.gelu = gelu, config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
+        if (act < 0 || act > 2) throw std::invalid_argument("decoder: unknown activation");
+        config.activation = static_cast<cpu::Activation>(act);
+        config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;
         std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn,
-                 config.moe_renorm) = moe;
+                 config.moe_renorm, config.expert_gating) = moe;
+        if (config.expert_gating != 1 && config.expert_gating != 3)
+          throw std::invalid_argument("decoder: expert gating is 1 or 3");
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
                                 ptr<const float>(rope));
       }))

@@ -17,15 +17,18 @@
 //               k, v -> the layer's cache at pos
 //               o = softmax(cap(q·Kᵀ·attn_scale))·V per query head over positions 0..pos, or the
 //                   last `window` of them (query head h reads key/value head h / (H/Hkv));
-//                   cap(s) = c·tanh(s/c) where attn_softcap c > 0
+//                   cap(s) = c·tanh(s/c) where attn_softcap c > 0; where the layer has sinks, head
+//                   h's softmax has one more logit, sinks[h], with no value (gpt-oss)
 //               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
 //               h = rmsnorm(x)·w_ffn (or x; where parallel, the attention's h and x before its
-//               add: x += a + m at once);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu or
-//               gelu (tanh form), then its post-norm likewise;  x += m
-//               (a mixture of experts: router logits r = W_router h, p = softmax(r), the
-//               n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
-//               moe_renorm; m = Σ p_e ·
-//               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd; plus a shared
+//               add: x += a + m at once);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu,
+//               gelu (tanh form) or swiglu_oai (Activation), then its post-norm likewise;  x += m
+//               (a mixture of experts: router logits r = W_router h (+ its bias), p = softmax(r),
+//               the n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
+//               moe_renorm — or, gating 3 (gpt-oss), the n_experts_used largest r and p their
+//               softmax; m = Σ p_e ·
+//               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd (with rows
+//               e·F.. and e·dim.. of the expert biases where the layer has them); plus a shared
 //               expert's Wsd (silu(Wsg h) ⊙ Wsu h) where the layer has one, × sigmoid(w_sgate · h)
 //               where it has that gate)
 //   logits = cap(W_head (rmsnorm(x)·w_out) / logit_scale), c = final_softcap
@@ -39,6 +42,10 @@
 #include <vector>
 
 namespace lowtune::cpu {
+
+// The gated MLP's act(g) · u: silu, gelu's tanh form (Gemma), or gpt-oss's swiglu_oai (g clamped
+// above at 7, u to ±7: g · sigmoid(1.702 g) · (u + 1)).
+enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2 };
 
 struct DecodeMatrix {
   int qtype;
@@ -63,6 +70,9 @@ struct DecodeLayer {
   const float* router = nullptr;
   DecodeMatrix shared_gate{}, shared_up{}, shared_down{};  // a shared expert [shared_ffn, dim] ..., or none
   const float* shared_gate_inp = nullptr;  // [dim]: its sigmoid gate, or none (ungated)
+  const float* router_bias = nullptr;      // [n_experts], or none
+  const float* expert_bias[3] = {};        // gate, up [n_experts·F], down [n_experts·dim], or none
+  const float* sinks = nullptr;            // [n_heads]: each head's sink logit, or none
   int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
   int64_t window = 0;   // attends to the last `window` positions (0: all)
 };
@@ -75,7 +85,7 @@ struct DecodeConfig {
   float embedding_scale = 1.0f;
   float residual_scale = 1.0f;
   float logit_scale = 1.0f;
-  bool gelu = false;            // the gate's activation: gelu, tanh form (Gemma), else silu
+  Activation activation = Activation::kSilu;  // of the gate
   float attn_softcap = 0.0f;    // 0: none
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
@@ -84,6 +94,7 @@ struct DecodeConfig {
   bool parallel = false;        // the FFN reads the attention's normed input (Command-R)
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router
   bool moe_renorm = true;
+  int expert_gating = 1;        // 1: softmax over every expert, then the top k; 3: the top k logits, then softmax
 };
 
 class Decoder {

@@ -146,6 +146,15 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 
 float softcap(float s, float cap) { return cap > 0.0f ? cap * std::tanh(s / cap) : s; }
 
+// g = swiglu_oai(g, u) (decode_kernels.h), as lowtune.glue_ops.
+void swiglu_oai_mul(float* g, const float* u, int64_t n) {
+  constexpr float kAlpha = 1.702f, kLimit = 7.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = std::min(g[i], kLimit), y = std::clamp(u[i], -kLimit, kLimit);
+    g[i] = x / (1.0f + std::exp(-kAlpha * x)) * (y + 1.0f);
+  }
+}
+
 // g = silu(g) · u = g / (1 + e^-g) · u.
 void silu_mul(float* g, const float* u, int64_t n) {
   using namespace simd;
@@ -225,8 +234,11 @@ void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const Deco
     add_bias(gate_.data(), bias[0], f);
     add_bias(up_.data(), bias[1], f);
   }
-  if (c_.gelu) gelu_mul(gate_.data(), up_.data(), f);
-  else silu_mul(gate_.data(), up_.data(), f);
+  switch (c_.activation) {
+    case Activation::kGeluTanh: gelu_mul(gate_.data(), up_.data(), f); break;
+    case Activation::kSwigluOai: swiglu_oai_mul(gate_.data(), up_.data(), f); break;
+    default: silu_mul(gate_.data(), up_.data(), f);
+  }
   matvecs({{&d, gate_.data(), out}});
   if (bias) add_bias(out, bias[2], c_.dim);
 }
@@ -248,23 +260,35 @@ void Decoder::ffn(const DecodeLayer& l, const float* in, float* out) {
 void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
   const int64_t n = c_.n_experts, f = c_.expert_ffn;
   float* p = probs_.data();
-  for (int64_t e = 0; e < n; ++e) p[e] = dot(l.router + e * c_.dim, in, c_.dim);
-  const float total = softmax_numerators(p, n);
-  for (int64_t e = 0; e < n; ++e) p[e] /= total;
+  const int64_t used = c_.n_experts_used;
+  for (int64_t e = 0; e < n; ++e)
+    p[e] = dot(l.router + e * c_.dim, in, c_.dim) + (l.router_bias ? l.router_bias[e] : 0.0f);
+  if (c_.expert_gating == 1) {
+    const float total = softmax_numerators(p, n);
+    for (int64_t e = 0; e < n; ++e) p[e] /= total;
+  }
   std::vector<int64_t>& order = order_;
   for (int64_t e = 0; e < n; ++e) order[e] = e;
-  std::partial_sort(order.begin(), order.begin() + c_.n_experts_used, order.end(),
+  std::partial_sort(order.begin(), order.begin() + used, order.end(),
                     [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
   float sum = 0.0f;
-  for (int64_t j = 0; j < c_.n_experts_used; ++j) sum += p[order[j]];
-  sum = c_.moe_renorm ? std::max(sum, 6.103515625e-5f) : 1.0f;
+  if (c_.expert_gating == 3) {  // the chosen logits' softmax
+    const float top = p[order[0]];
+    for (int64_t j = 0; j < used; ++j) sum += p[order[j]] = std::exp(p[order[j]] - top);
+  } else {
+    for (int64_t j = 0; j < used; ++j) sum += p[order[j]];
+    sum = c_.moe_renorm ? std::max(sum, 6.103515625e-5f) : 1.0f;
+  }
   float* acc = moe_sum_.data();
   std::fill_n(acc, c_.dim, 0.0f);
-  for (int64_t j = 0; j < c_.n_experts_used; ++j) {
+  for (int64_t j = 0; j < used; ++j) {
     const int64_t e = order[j];
     const DecodeMatrix g = row_range(l.gate, e * f, (e + 1) * f), u = row_range(l.up, e * f, (e + 1) * f);
     const DecodeMatrix d = row_range(l.down, e * c_.dim, (e + 1) * c_.dim);
-    gated_mlp(g, u, d, in, expert_out_.data());
+    const float* b = l.expert_bias[0];
+    const float* bias[3] = {b ? b + e * f : nullptr, b ? l.expert_bias[1] + e * f : nullptr,
+                            b ? l.expert_bias[2] + e * c_.dim : nullptr};
+    gated_mlp(g, u, d, in, expert_out_.data(), b ? bias : nullptr);
     const float w = p[e] / sum;
     for (int64_t i = 0; i < c_.dim; ++i) acc[i] += w * expert_out_[i];
   }
@@ -291,7 +315,8 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
   });
   if (c_.embedding_scale != 1.0f)
     for (int64_t i = 0; i < c_.dim; ++i) x[i] *= c_.embedding_scale;
-  scores_.resize(c_.n_heads * len);
+  const int64_t stride = len + 1;  // a head's scores, and its sink's
+  scores_.resize(c_.n_heads * stride);
   for (const DecodeLayer& l : layers_) {
     const float* in = x;  // the products' input: x normed, where the layer has the norm
     if (l.attn_norm) {
@@ -321,9 +346,10 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
         const float* kc = l.k_cache + (g * c_.max_len + first) * hd;
         const float* vc = l.v_cache + (g * c_.max_len + first) * hd;
         const float* qh = q_.data() + head * hd;
-        float* s = scores_.data() + head * len;
+        float* s = scores_.data() + head * stride;
         for (int64_t j = 0; j < seen; ++j) s[j] = softcap(dot(qh, kc + j * hd, hd) * scale, c_.attn_softcap);
-        const float total = softmax_numerators(s, seen);
+        if (l.sinks) s[seen] = l.sinks[head];  // in the softmax, weighing no value
+        const float total = softmax_numerators(s, seen + (l.sinks ? 1 : 0));
         weighted_sum(s, vc, seen, hd, 1.0f / total, o_.data() + head * hd);
       }
     });

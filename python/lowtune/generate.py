@@ -58,7 +58,9 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
-                   "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim"}
+                   "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating"}
+# the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
+_ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
@@ -88,12 +90,18 @@ class _CompiledSteps:
         mat = lambda qt: (qt.format.type_id, qt.raw.data_ptr(), qt.shape[0], qt.shape[1])  # noqa: E731
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
+
+        def moe(layer) -> list[torch.Tensor | None]:  # router, shared gate, router bias, expert biases
+            m = layer.ffn_moe
+            if m is None:
+                return [None] * 6
+            return [m.router.raw, m.shared_gate, m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias,
+                    m.ffn_down_exps_bias]
+
         layers = [([mat(lin.weight) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)[:7]),
-                    *(ptr(weight(layer, n)) for n in _NORMS),
-                    ptr(layer.ffn_moe.router.raw if layer.ffn_moe is not None else None),
-                    ptr(layer.ffn_moe.shared_gate if layer.ffn_moe is not None else None)],
+                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
@@ -112,10 +120,10 @@ class _CompiledSteps:
             (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dim, c.ffn_dim, c.vocab_size,
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
-             fam.activation == "gelu_tanh", float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
+             _ACTIVATIONS.index(fam.activation), float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
              fam.qk_norm == "whole", fam.norm == "layer", fam.parallel),
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
-             fam.moe_renorm),
+             fam.moe_renorm, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr())
 
@@ -137,7 +145,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    if type(c) is not ModelConfig or c.family.activation not in ("silu", "gelu_tanh") or any(
+    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
@@ -163,8 +171,15 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
             return None  # (a router in another format: the model's steps)
         if not all(type(getattr(layer, n)) is RMSNorm for n in _NORMS if hasattr(layer, n)):
             return None
+        vectors = [lin.bias for lin in linears] + [layer.attn_sinks]
+        if layer.ffn_moe is not None:
+            m = layer.ffn_moe
+            vectors += [m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias, m.ffn_down_exps_bias]
+            if (m.ffn_gate_exps_bias is None) != (m.ffn_up_exps_bias is None) \
+                    or (m.ffn_gate_exps_bias is None) != (m.ffn_down_exps_bias is None):
+                return None  # (the decoder takes the experts' three biases or none)
         if not all(b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.device.type == "cpu")
-                   for b in (lin.bias for lin in linears)):
+                   for b in vectors):
             return None
         mats += [lin.weight for lin in linears]
     if not all(qt.format.quantized and qt.raw.is_contiguous() for qt in mats):
