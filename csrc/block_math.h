@@ -379,6 +379,20 @@ template <> struct Traits<T_IQ1_M> {
   }
 };
 
+// ---- MXFP4 ----------------------------------------------------------------------------------------
+// IQ4_NL's nibble layout with E2M1 levels and a power-of-two scale: one product per value, exact
+// (subnormals included) up to overflow, which only e >= 253 reaches.
+template <> struct Traits<T_MXFP4> {
+  using block = block_mxfp4; static constexpr int kElems = QK;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = e8m0_to_fp32_half(b->e);
+    for (int j = 0; j < QK / 2; ++j) {
+      y[j] = (float)kvalues_mxfp4(b->qs[j] & 0xF) * d;
+      y[j + QK / 2] = (float)kvalues_mxfp4(b->qs[j] >> 4) * d;
+    }
+  }
+};
+
 // ---- INTb-gG ----------------------------------------------------------------------------------
 // Code of element e (0 <= e < G) of an INTb-gG block; see the layout in blocks.h.
 template <int B, int G>

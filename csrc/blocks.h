@@ -85,6 +85,13 @@ static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
 static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
 static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
 
+// ---- GGUF MXFP4 (OCP microscaling FP4; gpt-oss's MoE experts): 32 elements per block -----------
+// e: an E8M0 power-of-two scale, taken at half (e8m0_to_fp32_half in fp16.h) because the 16 levels
+// kvalues_mxfp4 (iq_grids.h) are the E2M1 values doubled; codes as IQ4_NL's nibbles. Every field is
+// a byte: 17-byte blocks, byte-aligned, so a block may start at any address.
+struct block_mxfp4 { uint8_t e; uint8_t qs[QK / 2]; };  // x = e8m0_to_fp32_half(e) * kvalues_mxfp4[q]
+static_assert(sizeof(block_mxfp4) == 17, "MXFP4 block is 17 bytes");
+
 // ---- INTb-gG: uniform asymmetric, one block per G consecutive inputs of one output row ----
 // x = d * q + m, q in [0, 2^b - 1], d and m fp16.  Layout, per block:
 //   d, m, then (b in {3,5,6}) the high-bit plane, then the low-bit plane.
@@ -116,7 +123,7 @@ enum QType : int {
   T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
   T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
   T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18, T_IQ1_S = 19, T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22,
-  T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30,
+  T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30, T_MXFP4 = 39,
 };
 constexpr int int_type_id(int bits, int group) {
   return 1000 + 10 * bits + (group == 32 ? 0 : group == 64 ? 1 : 2);
@@ -135,12 +142,14 @@ constexpr int int_type_group(int id) { return 32 << ((id - 1000) % 10); }
 #define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
 #define LT_TYPES_IQ43(X) X(T_IQ4_NL) X(T_IQ4_XS) X(T_IQ3_XXS) X(T_IQ3_S)
 #define LT_TYPES_IQ21(X) X(T_IQ2_XXS) X(T_IQ2_XS) X(T_IQ2_S) X(T_IQ1_S) X(T_IQ1_M)
+#define LT_TYPES_MX(X) X(T_MXFP4)
 #define LT_INT_GROUPS(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
 #define LT_TYPES_INT23(X) LT_INT_GROUPS(X, 2) LT_INT_GROUPS(X, 3)
 #define LT_TYPES_INT45(X) LT_INT_GROUPS(X, 4) LT_INT_GROUPS(X, 5)
 #define LT_TYPES_INT68(X) LT_INT_GROUPS(X, 6) LT_INT_GROUPS(X, 8)
 #define LT_TYPES_INT(X) LT_TYPES_INT23(X) LT_TYPES_INT45(X) LT_TYPES_INT68(X)
-#define LT_TYPES(X) LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_IQ43(X) LT_TYPES_IQ21(X) LT_TYPES_INT(X)
+#define LT_TYPES(X) \
+  LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_IQ43(X) LT_TYPES_IQ21(X) LT_TYPES_MX(X) LT_TYPES_INT(X)
 
 // Activation dtypes accepted by the kernels.
 enum DType : int { D_F32 = 0, D_F16 = 1, D_BF16 = 2 };

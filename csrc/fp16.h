@@ -1,4 +1,4 @@
-// fp16 / bf16 <-> fp32 conversions usable on the host and in CUDA device code.
+// fp16 / bf16 <-> fp32 and E8M0 -> fp32 conversions usable on the host and in CUDA device code.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -71,6 +71,13 @@ LT_HD uint16_t fp32_to_bf16(float f) {
   const uint32_t x = float_to_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
   return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Half the value of an E8M0 scale (2^(e-127) / 2 = 2^(e-128)), ggml's GGML_E8M0_TO_FP32_HALF: MXFP4's
+// levels are the E2M1 values doubled, so the block scale is taken at half. e = 0 and 1 give the
+// subnormals 2^-128 and 2^-127; e = 255 gives 2^127 (ggml reads no NaN).
+LT_HD float e8m0_to_fp32_half(uint8_t e) {
+  return bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
 }
 
 }  // namespace lowtune

@@ -52,9 +52,11 @@ def norm_rel_err(a, b) -> float:
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
                "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
-               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": ()}
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": (), "MXFP4": ()}
 # IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
 SPLIT_HALF_FIELDS = {"IQ1_M": 48}
+# Byte offsets of the E8M0 scale bytes (level unit 2^(e - 128)) inside one block.
+E8M0_FIELDS = {"MXFP4": (0,)}
 
 
 def random_halves(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -63,14 +65,22 @@ def random_halves(nblocks: int, scale: float, rng: np.random.Generator) -> np.nd
     return (mag * rng.choice([-1.0, 1.0], size=nblocks)).astype("<f2").view(np.uint16)
 
 
+def random_e8m0(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """E8M0 bytes (uint8 [nblocks]) whose level unit 2^(e - 128) is a power of two in [scale/256, scale]."""
+    return (128 + np.floor(np.log2(scale)) - rng.integers(0, 8, size=nblocks)).astype(np.uint8)
+
+
 def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
     """uint8 [n, row_bytes] of `fmt` blocks: random code bytes, and fp16 scales/mins of random sign
-    and magnitude log-uniform in [scale/100, scale] (never inf/nan), so every code pattern of the
-    format is exercised without depending on a quantizer."""
+    and magnitude log-uniform in [scale/100, scale] (never inf/nan; E8M0 scales: powers of two
+    about as large), so every code pattern of the format is exercised without depending on a
+    quantizer."""
     nblocks = n * k // fmt.block_elems
     raw = rng.integers(0, 256, size=(nblocks, fmt.block_bytes), dtype=np.uint8)
     for off in HALF_FIELDS.get(fmt.name, (0, 2)):  # INTb-gG: d, m
         raw[:, off:off + 2] = random_halves(nblocks, scale, rng).view(np.uint8).reshape(-1, 2)
+    for off in E8M0_FIELDS.get(fmt.name, ()):
+        raw[:, off] = random_e8m0(nblocks, scale, rng)
     if fmt.name in SPLIT_HALF_FIELDS:
         off = SPLIT_HALF_FIELDS[fmt.name]
         d = random_halves(nblocks, scale, rng)[:, None]

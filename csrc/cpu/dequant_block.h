@@ -299,10 +299,10 @@ struct FastDequant<T_Q5_K> {
 #endif
 
 #if defined(__AVX2__)
-// I-quants with AVX2 (AVX-512 machines have it too): a grid point's 8 byte values widen to 8
+// I-quants and MXFP4 with AVX2 (AVX-512 machines have it too): a grid point's 8 byte values widen to 8
 // float lanes, are scaled, and take their signs by flipping the sign bit (exactly the
-// reference's (scale * g) * ±1); IQ4 levels come from a byte shuffle of the 16-level table;
-// IQ1 adds delta before scaling, as the reference.
+// reference's (scale * g) * ±1); IQ4 and MXFP4 levels come from a byte shuffle of the 16-level
+// table; IQ1 adds delta before scaling, as the reference.
 inline __m256 iq_u8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g))); }
 inline __m256 iq_i8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((long long)g))); }
 inline __m256 iq_signed(__m256 v, uint32_t signs) {  // lane j negated where bit j of signs is set
@@ -312,9 +312,10 @@ inline __m256 iq_signed(__m256 v, uint32_t signs) {  // lane j negated where bit
 inline void iq_store_point(float* y, float scale, uint64_t g, uint32_t signs) {
   _mm256_storeu_ps(y, iq_signed(_mm256_mul_ps(_mm256_set1_ps(scale), iq_u8x8(g)), signs));
 }
-// 32 IQ4_NL codes (16 bytes: low nibbles first) -> 32 floats scale * level.
-inline void iq4_store32(float* y, float scale, const uint8_t* qs) {
-  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k_kvalues_iq4nl));
+// 32 4-bit codes (16 bytes: low nibbles first) -> 32 floats scale * table[code], for a table of 16
+// int8 levels (IQ4_NL's, MXFP4's).
+inline void nibbles_store32(float* y, float scale, const uint8_t* qs, const int8_t* table) {
+  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i lo = _mm_shuffle_epi8(levels, _mm_and_si128(q, _mm_set1_epi8(0xF)));
   const __m128i hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0xF)));
@@ -328,7 +329,7 @@ inline void iq4_store32(float* y, float scale, const uint8_t* qs) {
 template <>
 struct FastDequant<T_IQ4_NL> {
   LT_FLATTEN static inline void run(const block_iq4_nl* __restrict b, float* __restrict y) {
-    iq4_store32(y, fp16_to_fp32(b->d), b->qs);
+    nibbles_store32(y, fp16_to_fp32(b->d), b->qs, k_kvalues_iq4nl);
   }
 };
 
@@ -338,8 +339,16 @@ struct FastDequant<T_IQ4_XS> {
     const float d = fp16_to_fp32(b->d);
     for (int ib = 0; ib < 8; ++ib) {
       const int ls = ((b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((b->scales_h >> (2 * ib)) & 3) << 4);
-      iq4_store32(y + 32 * ib, d * (float)(ls - 32), b->qs + 16 * ib);
+      nibbles_store32(y + 32 * ib, d * (float)(ls - 32), b->qs + 16 * ib, k_kvalues_iq4nl);
     }
+  }
+};
+
+// MXFP4: IQ4_NL's nibbles with E2M1 levels; level * d and d * level are the same rounding.
+template <>
+struct FastDequant<T_MXFP4> {
+  LT_FLATTEN static inline void run(const block_mxfp4* __restrict b, float* __restrict y) {
+    nibbles_store32(y, e8m0_to_fp32_half(b->e), b->qs, k_kvalues_mxfp4);
   }
 };
 

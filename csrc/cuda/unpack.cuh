@@ -16,8 +16,8 @@
 // exact for 0 <= q < 2^23 and cheaper than an int-to-float conversion.
 //
 // Alignment: the kernels require the packed tensor to start 16-byte aligned; a block then
-// starts at a multiple of gcd(block bytes, 16) (kAlign), and loads use the widest access that
-// alignment allows.
+// starts at a multiple of gcd(block bytes, 16) (kAlign: 1 for MXFP4's 17 bytes), and loads use the
+// widest access that alignment allows.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -66,11 +66,15 @@ __device__ __forceinline__ void ld_words(const uint8_t* p, uint32_t* w) {
   } else if constexpr (A >= 4) {
 #pragma unroll
     for (int i = 0; i < NB / 4; ++i) w[i] = ld_u32(p + 4 * i);
-  } else {
-    static_assert(A >= 2, "blocks are at least 2-byte aligned");
+  } else if constexpr (A >= 2) {
 #pragma unroll
     for (int i = 0; i < NB / 4; ++i)
       w[i] = (uint32_t)ld_u16(p + 4 * i) | ((uint32_t)ld_u16(p + 4 * i + 2) << 16);
+  } else {  // byte-aligned blocks (MXFP4's 17 bytes)
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i)
+      w[i] = (uint32_t)ld_u8(p + 4 * i) | ((uint32_t)ld_u8(p + 4 * i + 1) << 8) |
+             ((uint32_t)ld_u8(p + 4 * i + 2) << 16) | ((uint32_t)ld_u8(p + 4 * i + 3) << 24);
   }
 }
 // Byte i of a word array (i a compile-time constant after unrolling).
@@ -479,18 +483,22 @@ __device__ __forceinline__ float signed_f(uint32_t g, bool negative) {  // ±(fl
   const float f = code_f(g);
   return negative ? -f : f;
 }
-// IQ4_NL's level of a 4-bit code, without a memory access: the 16 int8 levels as four words
-// (built at compile time from iq_grids.h), one byte selected by __byte_perm.
-constexpr uint32_t iq4nl_word(int w) {
+// The level of a 4-bit code in a table of 16 int8 levels (IQ4_NL's, MXFP4's), without a memory
+// access: the table as four words (built at compile time from iq_grids.h), one byte selected by
+// __byte_perm.
+constexpr uint32_t level_word(const int8_t* table, int w) {
   uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= (uint32_t)(uint8_t)k_kvalues_iq4nl[4 * w + i] << (8 * i);
+  for (int i = 0; i < 4; ++i) v |= (uint32_t)(uint8_t)table[4 * w + i] << (8 * i);
   return v;
 }
-__device__ __forceinline__ float iq4nl_level(uint32_t q) {
-  constexpr uint32_t w0 = iq4nl_word(0), w1 = iq4nl_word(1), w2 = iq4nl_word(2), w3 = iq4nl_word(3);
+template <const int8_t* Table>
+__device__ __forceinline__ float nibble_level(uint32_t q) {
+  constexpr uint32_t w0 = level_word(Table, 0), w1 = level_word(Table, 1);
+  constexpr uint32_t w2 = level_word(Table, 2), w3 = level_word(Table, 3);
   const uint32_t b = __byte_perm(q & 8 ? w2 : w0, q & 8 ? w3 : w1, q & 7);  // level in the low byte
   return (float)(int)(int8_t)b;
 }
+__device__ __forceinline__ float iq4nl_level(uint32_t q) { return nibble_level<k_kvalues_iq4nl>(q); }
 
 // IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
@@ -710,6 +718,25 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
       const uint32_t h = qh >> (4 * ((l0 + p) & 1));
       iq1_points(iq1s_grid(byte_of(r + 2, p) | ((h & 7) << 8)), dl, (h & 8) ? -kIq1Delta : kIq1Delta, v + 8 * p);
     }
+  }
+};
+
+// ---- MXFP4 ---------------------------------------------------------------------------------------
+// e, qs[16]: IQ4_NL's nibbles with E2M1 levels and the E8M0 scale 2^(e-128); 17-byte blocks are
+// only byte-aligned, so every load is a byte load. Not affine in its codes (E2M1 levels), so it
+// decodes as the I-quants do (UnpackIq: decode_fast is decode).
+template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
+  static constexpr int kElems = 32, kBytes = 17, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u8(b);
+    ld_words<S, kAlign>(b + 1 + (e & 15), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = e8m0_to_fp32_half((uint8_t)r[0]);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(nibble_level<k_kvalues_mxfp4>((byte_of(r + 1, i) >> sh) & 0xF), d);
   }
 };
 

@@ -435,11 +435,12 @@ _FTYPE_MAIN = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9
                10: "Q2_K", 21: "Q2_K", 11: "Q3_K", 12: "Q3_K", 13: "Q3_K", 14: "Q4_K", 15: "Q4_K",
                16: "Q5_K", 17: "Q5_K", 18: "Q6_K", 32: "BF16",
                19: "IQ2_XXS", 20: "IQ2_XS", 22: "IQ3_S", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
-               26: "IQ3_S", 27: "IQ3_S", 28: "IQ2_XS", 29: "IQ2_S", 30: "IQ4_XS", 31: "IQ1_M"}
+               26: "IQ3_S", 27: "IQ3_S", 28: "IQ2_XS", 29: "IQ2_S", 30: "IQ4_XS", 31: "IQ1_M",
+               38: "MXFP4"}  # 38: MOSTLY_MXFP4_MOE (gpt-oss: the experts MXFP4, the rest wider)
 _MAIN_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
                "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32,
                "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26,
-               "IQ2_S": 29, "IQ4_XS": 30, "IQ1_M": 31}
+               "IQ2_S": 29, "IQ4_XS": 30, "IQ1_M": 31, "MXFP4": 38}
 
 
 def main_file_type(counts: dict[str, int]) -> int | None:
