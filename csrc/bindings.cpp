@@ -204,7 +204,7 @@ PYBIND11_MODULE(_C, m) {
   // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
   // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
   // router, the shared expert's gate, the router's bias, the experts' gate, up and down biases,
-  // sinks) pointers (0: none, for all but the caches), its rope kind and window; the config as
+  // sinks, the experts' selection bias) pointers (0: none, for all but the caches), its rope kind and window; the config as
   // (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len, norm_eps), (neox,
   // attn_scale, embedding_scale, residual_scale, logit_scale, activation (cpu::Activation),
   // attn_softcap, final_softcap, rope_kinds, qk_norm_whole, layer_norm, parallel) and
@@ -224,8 +224,8 @@ PYBIND11_MODULE(_C, m) {
               qk_whole, layer_norm, parallel] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
-          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 22)
-            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 22 pointers");
+          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 23)
+            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 23 pointers");
           cpu::DecodeLayer l{mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
                              ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])};
           for (int i = 0; i < 7; ++i) l.bias[i] = ptr<const float>(ps[4 + i]);
@@ -234,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
           l.router = ptr<const float>(ps[15]), l.shared_gate_inp = ptr<const float>(ps[16]);
           l.router_bias = ptr<const float>(ps[17]);
           for (int i = 0; i < 3; ++i) l.expert_bias[i] = ptr<const float>(ps[18 + i]);
-          l.sinks = ptr<const float>(ps[21]);
+          l.sinks = ptr<const float>(ps[21]), l.selection_bias = ptr<const float>(ps[22]);
           if (ms.size() == 10) l.shared_gate = mat(ms[7]), l.shared_up = mat(ms[8]), l.shared_down = mat(ms[9]);
           l.rope_kind = rope_kind, l.window = window;
           ls.push_back(l);

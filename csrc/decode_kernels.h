@@ -24,7 +24,8 @@
 //               add: x += a + m at once);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu,
 //               gelu (tanh form) or swiglu_oai (Activation), then its post-norm likewise;  x += m
 //               (a mixture of experts: router logits r = W_router h (+ its bias), p = softmax(r),
-//               the n_experts_used largest p, renormalized to sum 1 (over at least 2^-14) where
+//               the n_experts_used largest p (+ selection_bias, which picks but does not weigh:
+//               ERNIE 4.5 MoE), renormalized to sum 1 (over at least 2^-14) where
 //               moe_renorm — or, gating 3 (gpt-oss), the n_experts_used largest r and p their
 //               softmax; m = Σ p_e ·
 //               expert_e(h), expert e being rows e·F.. of Wg, Wu and e·dim.. of Wd (with rows
@@ -73,6 +74,7 @@ struct DecodeLayer {
   const float* router_bias = nullptr;      // [n_experts], or none
   const float* expert_bias[3] = {};        // gate, up [n_experts·F], down [n_experts·dim], or none
   const float* sinks = nullptr;            // [n_heads]: each head's sink logit, or none
+  const float* selection_bias = nullptr;   // [n_experts]: added to p to pick the experts, or none
   int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
   int64_t window = 0;   // attends to the last `window` positions (0: all)
 };

@@ -31,7 +31,7 @@ NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4
          "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss")
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -134,6 +134,12 @@ def hf_model(name: str):
             layer_types=["sliding_attention", "full_attention"], rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": True, "original_max_position_embeddings": 32})),
+        # a dense first layer, then experts with a selection bias and two shared experts (the
+        # converter's shared width is intermediate_size / kv heads: 2 · 32 here, as in the 21B)
+        "ernie4_5-moe": lambda: tf.Ernie4_5_MoeForCausalLM(tf.Ernie4_5_MoeConfig(
+            **common, num_hidden_layers=3, moe_num_experts=EXPERTS, moe_k=EXPERTS_USED, moe_intermediate_size=32,
+            moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1,
+            tie_word_embeddings=False)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -271,7 +277,8 @@ _QUANTIZED: dict = {}
 
 
 def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
-    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer)."""
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer;
+    MXFP4: llama.cpp's MXFP4_MOE, the experts in MXFP4)."""
     if qtype == "F32":
         return tiny_model.gguf
     key = (tiny_model.name, qtype)
@@ -280,7 +287,8 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
         dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-                        "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[qtype]
+                        "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE}[qtype]
         assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
         _QUANTIZED[key] = dst
     return _QUANTIZED[key]
@@ -319,8 +327,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
-        if arch in ("qwen2moe", "granitemoe"):  # with a shared expert
+        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
+        if arch == "ernie4_5-moe":  # a dense first layer
+            md[f"{arch}.leading_dense_block_count"] = 1
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -340,7 +350,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
-        if c.n_experts:  # the router in F32, as llama.cpp keeps it
+        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it
             w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
@@ -353,12 +363,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
+            if arch == "ernie4_5-moe":  # a bias that picks the experts
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
         w.update({p + "attn_output.weight": mat(D, q)})
-        if not c.n_experts:
+        if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
         if arch in ("llama", "qwen2", "glm4", "gpt-oss"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})

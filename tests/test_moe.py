@@ -61,28 +61,32 @@ def test_logits_match_transformers(moe, name):
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
     assert model.config.arch == {"mixtral": "llama"}.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe"))
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe"))
+    # ERNIE 4.5 MoE's first layer is dense (leading_dense_block_count)
+    assert [layer.ffn_moe is not None for layer in model.layers] == [name != "ernie4_5-moe"] + [True] * (
+        model.config.n_layers - 1)
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = model(ids)
         print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
         assert rel_err(got, want) < 1e-4
+        moes = [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
         for used in (1, EXPERTS):  # the routing matters: other expert counts give other logits
-            for layer in model.layers:
-                layer.ffn_moe.n_used = used
+            for m in moes:
+                m.n_used = used
             assert rel_err(model(ids), want) > 1e-3, used
-        for layer in model.layers:
-            layer.ffn_moe.n_used = EXPERTS_USED
+        for m in moes:
+            m.n_used = EXPERTS_USED
         # OLMoE's and Qwen2 MoE's chosen weights are not renormalized (gpt-oss's sum to 1 already)
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
-            for layer in model.layers:
-                layer.ffn_moe.renorm = True
+            for m in moes:
+                m.renorm = True
             assert rel_err(model(ids), want) > 1e-3
-            for layer in model.layers:
-                layer.ffn_moe.renorm = False
+            for m in moes:
+                m.renorm = False
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
-            for what in ("shared_gate", "gate_shexp"):
-                layers = [layer.ffn_moe for layer in model.layers]
+            for what in ("shared_gate", "gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
+                layers = moes
                 kept = [getattr(m, what) for m in layers]
                 if kept[0] is None:
                     continue
@@ -94,7 +98,7 @@ def test_logits_match_transformers(moe, name):
         if name == "gpt-oss":  # its sinks, its routing (the softmax of the top k logits) and biases matter
             for owner, what, off in (("layer", "attn_sinks", None), ("moe", "gating", 1),
                                      ("moe", "ffn_down_exps_bias", None), ("moe", "ffn_up_exps_bias", None)):
-                mods = [layer if owner == "layer" else layer.ffn_moe for layer in model.layers]
+                mods = list(model.layers) if owner == "layer" else moes
                 kept = [getattr(m, what) for m in mods]
                 for m in mods:
                     setattr(m, what, off)
@@ -105,14 +109,15 @@ def test_logits_match_transformers(moe, name):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("qtype,tol", [("F32", 2e-3), ("Q8_0", 5e-3)])
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES] + [(n, "Q8_0", 5e-3) for n in MOE_NAMES]
+                         + [("gpt-oss", "MXFP4", 5e-3)])  # (gpt-oss's files keep their experts in MXFP4)
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
     if qtype != "F32":  # the experts in llama.cpp's blocks, the router kept in F32 as llama.cpp keeps it
-        assert model.tensor_types["blk.0.ffn_down_exps.weight"] == qtype
-        assert model.tensor_types["blk.0.ffn_gate_inp.weight"] == "F32"
+        p = f"blk.{model.config.moe_layers[0] if model.config.moe_layers else 0}."
+        assert model.tensor_types[p + "ffn_down_exps.weight"] == qtype
+        assert model.tensor_types[p + "ffn_gate_inp.weight"] == "F32"
     llm = llamacpp(path)
     want = llamacpp_perplexity(llm, windows(text_ids, SEQ, chunks=8))
     got = perplexity(model, text_ids, SEQ, chunks=8)["perplexity"]
@@ -152,8 +157,11 @@ def test_adapters_train_through_the_experts(moe, name):
     losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
     assert losses[-1] < losses[0], losses
     ads = adapters.adapters_of(model)
-    assert {k.rsplit(".", 1)[-1] for k in ads} == {"attn_q", "attn_k", "attn_v", "attn_output"}
-    assert not any(p.requires_grad for p in model.layers[0].ffn_moe.parameters())
+    for i, layer in enumerate(model.layers):  # (the FFN of ERNIE 4.5 MoE's dense first layer is adapted too)
+        names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
+        attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
+        assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
+        assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
 
 
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
@@ -183,6 +191,13 @@ def test_exports(moe, tmp_path, name):
     import peft
     base = moe[name].gguf
     model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    peft_run, peft_model = tmp_path / "run", model
+    if any(layer.ffn_moe is None for layer in model.layers):  # ERNIE 4.5 MoE's dense layer has FFN adapters
+        with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
+            export_peft(base, peft_run, tmp_path / "peft")
+        peft_run = tmp_path / "attn"
+        peft_model = make_adapter(base, peft_run / "adapter", "lora", rel=0.2, rank=4,
+                                  targets=("attn_q", "attn_k", "attn_v", "attn_output"))
     ids = rand_ids(2, 40, seed=7)
     with torch.no_grad():
         want, plain = model(ids), Model.from_gguf(base)(ids)
@@ -198,10 +213,10 @@ def test_exports(moe, tmp_path, name):
     cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
     print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}, base + GGUF LoRA {cpp_lora:.3f}")
     assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - ppl) / ppl < 2e-3
-    export_peft(base, tmp_path / "run", tmp_path / "peft")
+    export_peft(base, peft_run, tmp_path / "peft")
     hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
     with torch.no_grad():
-        got = hf(input_ids=ids).logits
+        got, want = hf(input_ids=ids).logits, peft_model(ids)
     print(f"{name}: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
     with pytest.raises(ValueError, match="mixture-of-experts models export as GGUF"):

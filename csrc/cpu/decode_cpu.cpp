@@ -269,8 +269,11 @@ void Decoder::experts(const DecodeLayer& l, const float* in, float* out) {
   }
   std::vector<int64_t>& order = order_;
   for (int64_t e = 0; e < n; ++e) order[e] = e;
-  std::partial_sort(order.begin(), order.begin() + used, order.end(),
-                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  const float* sb = l.selection_bias;
+  const auto pick = [&](int64_t e) { return sb ? p[e] + sb[e] : p[e]; };
+  std::partial_sort(order.begin(), order.begin() + used, order.end(), [&](int64_t a, int64_t b) {
+    return pick(a) > pick(b) || (pick(a) == pick(b) && a < b);
+  });
   float sum = 0.0f;
   if (c_.expert_gating == 3) {  // the chosen logits' softmax
     const float top = p[order[0]];

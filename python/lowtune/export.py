@@ -507,8 +507,16 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
     try:
         md = dict(base.metadata)
         tensors, ranks = {}, {}
-        for name, (a, b) in ad.lora_pairs(base).items():
-            module = hf_names.hf_name(name, md["general.architecture"])[: -len(".weight")]
+        pairs = ad.lora_pairs(base)
+        arch = md["general.architecture"]
+        ffn = sorted(n for n in pairs if ".ffn_" in n)
+        if ffn and int(md.get(f"{arch}.expert_count", 0) or 0):
+            raise ValueError(f"this mixture-of-experts adapter has FFN adapters ({ffn[0]}, ...): transformers' "
+                             "PEFT loading takes gate_proj/up_proj/down_proj in such models for the experts' "
+                             "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
+                             "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
+        for name, (a, b) in pairs.items():
+            module = hf_names.hf_name(name, arch)[: -len(".weight")]
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
             ranks[module] = a.shape[0]

@@ -14,6 +14,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitemoe norm  silu       -           -         from file  -                        if the file gives one
     minicpm    norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5   norm  silu       -           -         -          -                        if the file gives one
+    ernie4_5-moe norm silu      -           -         -          -                        if the file gives one
     mistral3   norm  silu       -           -         -          -                        if the file gives one
     qwen2      neox  silu       -           -         -          -                        if the file gives one
     qwen3      neox  silu       -           yes       -          -                        if the file gives one
@@ -61,7 +62,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   not renormalized), Qwen2-MoE (qwen2moe, Qwen2's attention; weights not renormalized, and a
   shared expert scaled by a sigmoid gate), Granite MoE (granitemoe, Granite's scales; a shared
   expert, ungated, where the file has one) in every layer, and llama files that give expert_count
-  (Mixtral).
+  (Mixtral); ERNIE 4.5 MoE (ernie4_5-moe: ERNIE 4.5's attention, dense first layers, a bias on the
+  routing probabilities that picks the experts but does not weigh them, shared experts).
   gpt-oss (gpt-oss) is a mixture of experts in every layer with biases everywhere (q/k/v/output, the
   router, each expert's gate, up and down), a learned sink logit per head that joins each query's
   softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
@@ -156,6 +158,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
+    Family("ernie4_5-moe", moe=True),
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
            hf_permute_qk=True),
     Family("qwen2", rope="neox", hf_architectures=("Qwen2ForCausalLM",), hf_model_types=("qwen2",)),
@@ -231,7 +234,7 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe and gpt-oss)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe and gpt-oss)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

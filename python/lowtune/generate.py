@@ -58,7 +58,8 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "embedding_scale", "residual_scale", "logit_scale", "sliding_window", "swa_layers",
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
-                   "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating"}
+                   "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
+                   "moe_layers"}
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
 _ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -98,10 +99,14 @@ class _CompiledSteps:
             return [m.router.raw, m.shared_gate, m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias,
                     m.ffn_down_exps_bias]
 
+        def selection_bias(layer) -> torch.Tensor | None:
+            return layer.ffn_moe.selection_bias if layer.ffn_moe is not None else None
+
         layers = [([mat(lin.weight) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)[:7]),
-                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks)],
+                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks),
+                    ptr(selection_bias(layer))],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
@@ -174,7 +179,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         vectors = [lin.bias for lin in linears] + [layer.attn_sinks]
         if layer.ffn_moe is not None:
             m = layer.ffn_moe
-            vectors += [m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias, m.ffn_down_exps_bias]
+            vectors += [m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias, m.ffn_down_exps_bias,
+                        m.selection_bias]
             if (m.ffn_gate_exps_bias is None) != (m.ffn_up_exps_bias is None) \
                     or (m.ffn_gate_exps_bias is None) != (m.ffn_down_exps_bias is None):
                 return None  # (the decoder takes the experts' three biases or none)

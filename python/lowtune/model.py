@@ -110,6 +110,7 @@ class ModelConfig:
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
     expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
+    moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
 
     @property
     def family(self) -> Family:
@@ -130,6 +131,10 @@ class ModelConfig:
     @property
     def query_scale(self) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def has_experts(self, layer: int) -> bool:
+        """Whether layer `layer`'s FFN is a mixture of experts (ERNIE 4.5 MoE's first layers are dense)."""
+        return bool(self.n_experts) and (self.moe_layers is None or layer in self.moe_layers)
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -241,9 +246,14 @@ class ModelConfig:
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
                                  "softmax routing (1) and the softmax of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
-            if int(md.get(f"{arch}.expert_shared_count", 0) or 0):
+            if int(md.get(f"{arch}.expert_shared_count", 0) or 0) and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
-                                 "layout), which lowtune does not run")
+                                 "layout) without giving their width, which lowtune does not run")
+            # llama.cpp's rule: dense layers first, then experts in every step-th layer
+            lead = int(md.get(f"{arch}.leading_dense_block_count", 0) or 0)
+            step = int(md.get(f"{arch}.interleave_moe_layer_step", 1) or 1)
+            if lead or step > 1:
+                experts["moe_layers"] = tuple(i for i in range(n_layers) if i >= lead and (i + 1) % step == 0)
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
@@ -448,6 +458,9 @@ class MoE(nn.Module):
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.family.moe_renorm, config.expert_gating
+        # a bias on the routing probabilities that picks the experts but does not weigh them (ERNIE 4.5 MoE)
+        b = w.get(p + "exp_probs_b.bias")
+        self.register_buffer("selection_bias", None if b is None else _vector(b), persistent=False)
         # the experts' biases [E, rows] (gpt-oss), frozen as the experts are
         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             b = w.get(p + n + ".bias")
@@ -469,7 +482,12 @@ class MoE(nn.Module):
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
         else:
-            weights, chosen = logits.softmax(-1).topk(self.n_used, dim=-1)
+            probs = logits.softmax(-1)
+            if self.selection_bias is None:
+                weights, chosen = probs.topk(self.n_used, dim=-1)
+            else:
+                chosen = (probs + self.selection_bias).topk(self.n_used, dim=-1).indices
+                weights = probs.gather(-1, chosen)
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
@@ -644,7 +662,7 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
-    for name in LINEAR_NAMES[:4] if config.n_experts else LINEAR_NAMES:  # (experts: MoE's own)
+    for name in LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES:  # (experts: MoE's own)
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
     return out
@@ -665,7 +683,7 @@ class DecoderLayer(nn.Module):
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
-        self.ffn_moe = MoE(c, index, w) if c.n_experts else None  # in place of ffn_gate/up/down
+        self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
@@ -1179,7 +1197,6 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
-        shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
                "ffn_down_exps": (e * c.dim, f)}
         if c.shared_expert_ffn_dim:
@@ -1189,7 +1206,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
                 moe["ffn_gate_inp_shexp"] = (c.dim,)
         # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
-                    "ffn_down_exps": (e, c.dim)}
+                    "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     optional = {"output.weight": (c.vocab_size, c.dim),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
@@ -1199,13 +1216,15 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     for i in range(c.n_layers):
         p = f"blk.{i}."
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
-        if c.n_experts:
+        layer_shapes = shapes
+        if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
+            layer_shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
-        for n, shape in shapes.items():
+        for n, shape in layer_shapes.items():
             if p + n + ".weight" not in in_fused:
                 want[p + n + ".weight"] = shape
             optional[p + n + ".bias"] = (shape[0],)
