@@ -424,3 +424,27 @@ def test_finetune_compile_flags_reach_compile_model(tmp_path, monkeypatch, capsy
     assert finetune("auto") == 0 and len(calls) == 1          # auto on the CPU: eager, nothing applied
     assert finetune("graphs", "--cuda-graphs", "on") == 1
     assert "--cuda-graphs on needs a CUDA device" in capsys.readouterr().err
+
+
+def test_checkpointed_layers_keep_the_cpu_random_state_where_cuda_exists(monkeypatch):
+    """On a machine with CUDA, torch's checkpoint keeps CUDA's random state even for CPU inputs, and
+    fails when the forward initializes CUDA, as the first torch.compile of a layer does (it reads
+    CUDA's random state). lowtune.model.checkpoint keeps the CPU's for CPU inputs. Simulated here:
+    the default device type CUDA, and a forward that marks CUDA initialized."""
+    from torch.utils import checkpoint as torch_checkpoint
+
+    from lowtune.model import checkpoint
+    monkeypatch.setattr(torch_checkpoint.DefaultDeviceType, "_default_device_type", "cuda")
+    monkeypatch.setattr(torch.cuda, "_initialized", False)
+
+    def forward(x):
+        torch.cuda._initialized = True  # (what the compile does on a GPU machine)
+        return (x * 2).sin()
+
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="initialized in the forward pass of a Checkpoint"):
+        torch_checkpoint.checkpoint(forward, x, use_reentrant=False)
+    torch.cuda._initialized = False
+    checkpoint(forward, x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.cos(2 * x.detach()))
+    assert torch_checkpoint.DefaultDeviceType.get_device_type() == "cuda"  # (put back)

@@ -49,7 +49,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
 from . import ops
@@ -59,7 +58,7 @@ from .data import collate, load_dataset, pack, tokenize_stream, wants_bos
 from .failures import existing_run
 from .loading import activation_dtype, load_model, pick_device
 from .memory_budget import DeviceBudget
-from .model import head_operands
+from .model import checkpoint, head_operands
 from .qtensor import QTensor
 from .quantize_model import model_bits
 from .rundir import ADAPTER, RunDir
@@ -170,7 +169,7 @@ def distill_loss(h: torch.Tensor, h_t: torch.Tensor, targets: torch.Tensor, stud
 
         def part(hc, lt=lt, tc=targets[s:s + chunk]):
             return torch.stack(reference_distill_loss(student.lm_head(hc), lt, tc, kl_weight, ce_weight))
-        parts = checkpoint(part, h[s:s + chunk], use_reentrant=False)
+        parts = checkpoint(part, h[s:s + chunk])
         total = total + parts[0]
         kl, ce = kl + parts[1].detach(), ce + parts[2].detach()
     return total, kl, ce

@@ -49,13 +49,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
 from .families import FAMILIES, Family, family_of, yarn_magnitude
@@ -301,6 +301,22 @@ LlamaConfig = ModelConfig  # the name before other families came
 def _table(t) -> torch.Tensor:
     """A float32 tensor from a weight read as a matrix (a QTensor) or a tensor (biases per expert)."""
     return (ops.dequantize(t) if isinstance(t, QTensor) else torch.as_tensor(t)).float().contiguous()
+
+
+def checkpoint(fn: Callable, *args: torch.Tensor):
+    """fn(*args), its activations recomputed in backward (torch's non-reentrant checkpoint), keeping
+    the random state of the inputs' device: for CPU inputs torch would keep CUDA's where CUDA exists,
+    and then fails its check when the first torch.compile of a layer, inside the forward, reads
+    (so initializes) CUDA's random state."""
+    if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+        return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    default = torch_checkpoint.DefaultDeviceType
+    before = default.get_device_type()
+    default.set_device_type("cpu")
+    try:
+        return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    finally:
+        default.set_device_type(before)
 
 
 def _vector(t) -> torch.Tensor:
@@ -1125,7 +1141,7 @@ class Model(nn.Module):
             if self.streamer is not None:  # lowtune.streaming: weights copied in, checkpointed
                 x = self.streamer.run(layer, x, rot, cache, start)
             elif recompute:
-                x = checkpoint(layer, x, rot, use_reentrant=False)
+                x = checkpoint(layer, x, rot)
             else:
                 x = layer(x, rot, cache, start)
         return self.output_norm(x)
@@ -1280,7 +1296,7 @@ def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: Model,
     targets = targets.clamp(min=-1)
     for s in range(0, h.shape[0], chunk):
         part = lambda hc, tc: F.cross_entropy(model.lm_head(hc).float(), tc, reduction="sum", ignore_index=-1)
-        total = total + checkpoint(part, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+        total = total + checkpoint(part, h[s:s + chunk], targets[s:s + chunk])
     return total
 
 
