@@ -118,9 +118,10 @@ def test_half_io_is_exact_conversion_of_the_f32_kernel(dtype, rng, random_blocks
         assert torch.equal(lowtune.qmatmul_input_grad(dy, qt), lowtune.qmatmul_input_grad(dy.float(), qt).to(dtype))
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32", "IQ4_NL", "MXFP4"])  
 def test_fast_kernels_match_reference_kernels(name, rng, random_blocks, monkeypatch):
-    # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference.
+    # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference
+    # (IQ4_NL and MXFP4: the register decoding of table levels at small M).
     monkeypatch.setattr(lowtune.ops, "_cpu_gemm_mode", lambda: "packed")
     for m, n, blocks in [(1, 50, 6), (4, 33, 3), (45, 67, 9)]:
         k = k_for(name, blocks)

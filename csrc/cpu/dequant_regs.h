@@ -1,4 +1,4 @@
-// Register-resident dequantization of the 32-element legacy blocks, for the M <= 4 kernels
+// Register-resident dequantization of the 32-element legacy blocks (and IQ4_NL, MXFP4), for the M <= 4 kernels
 // (decoding), whose cost is the decoding itself: RegDequant<T>::run(blk, regs::half_table(), w)
 // sets w[0..kVecs) to the block's 32 values, kLanes per vector in logical order, with the same bits as
 // dequant_block<T> (the reference's operations in the reference's order), but without writing
@@ -57,6 +57,13 @@ inline void bytes_signed(const int8_t* qs, vi (&q)[kVecs]) {
   for (int v = 0; v < kVecs; ++v)
     q[v] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * v)));
 }
+// q[v] = table[code] (16 int8 levels: IQ4_NL's, MXFP4's) of the block's nibbles, in nibbles' order
+inline void nibble_levels(const uint8_t* qs, const int8_t* table, vi (&q)[kVecs]) {
+  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  q[0] = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(levels, _mm_and_si128(b, _mm_set1_epi8(0xF))));
+  q[1] = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0xF))));
+}
 inline vi add_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vi or_i(vi a, vi b) { return _mm512_or_si512(a, b); }
 inline vi set1_i(int x) { return _mm512_set1_epi32(x); }
@@ -80,6 +87,16 @@ inline vi fifth_bits(uint32_t qh, int first) {
 inline void bytes_signed(const int8_t* qs, vi (&q)[kVecs]) {
   for (int v = 0; v < kVecs; ++v)
     q[v] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * v)));
+}
+inline void nibble_levels(const uint8_t* qs, const int8_t* table, vi (&q)[kVecs]) {
+  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i lo = _mm_shuffle_epi8(levels, _mm_and_si128(b, _mm_set1_epi8(0xF)));
+  const __m128i hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0xF)));
+  q[0] = _mm256_cvtepi8_epi32(lo);
+  q[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
+  q[2] = _mm256_cvtepi8_epi32(hi);
+  q[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
 }
 inline vi add_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vi or_i(vi a, vi b) { return _mm256_or_si256(a, b); }
@@ -158,6 +175,29 @@ struct RegDequant<T_Q5_1> {
 #endif
     const simd::vf d = regs::scale(t, b->d), m = regs::scale(t, b->m);
     for (int v = 0; v < regs::kVecs; ++v) w[v] = simd::add(simd::mul(regs::to_float(q[v]), d), m);
+  }
+};
+
+// x = table[q] * d: IQ4_NL (d fp16) and MXFP4 (d = 2^(e - 128), its E2M1 levels doubled)
+template <>
+struct RegDequant<T_IQ4_NL> {
+  static constexpr bool kAvailable = true;
+  LT_REG_INLINE static void run(const block_iq4_nl* b, const float* t, simd::vf (&w)[regs::kVecs]) {
+    regs::vi q[regs::kVecs];
+    regs::nibble_levels(b->qs, k_kvalues_iq4nl, q);
+    const simd::vf d = regs::scale(t, b->d);
+    for (int v = 0; v < regs::kVecs; ++v) w[v] = simd::mul(regs::to_float(q[v]), d);
+  }
+};
+
+template <>
+struct RegDequant<T_MXFP4> {
+  static constexpr bool kAvailable = true;
+  LT_REG_INLINE static void run(const block_mxfp4* b, const float*, simd::vf (&w)[regs::kVecs]) {
+    regs::vi q[regs::kVecs];
+    regs::nibble_levels(b->qs, k_kvalues_mxfp4, q);
+    const simd::vf d = simd::set1(e8m0_to_fp32_half(b->e));
+    for (int v = 0; v < regs::kVecs; ++v) w[v] = simd::mul(regs::to_float(q[v]), d);
   }
 };
 
