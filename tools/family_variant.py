@@ -5,15 +5,19 @@ and llama.cpp compute the same function of it (bench_eval.py checks their perple
 
     python tools/family_variant.py SmolLM2.Q4_1.gguf qwen3 -o smollm2-as-qwen3.gguf
     python tools/family_variant.py SmolLM2.Q4_1.gguf llama --experts 8 --used 2 -o smollm2-moe.gguf
+    python tools/family_variant.py SmolLM2.Q4_1.gguf gpt-oss --experts 8 --used 2 --mxfp4 -o smollm2-gpt-oss.gguf
 
 qwen2: zero q/k/v biases; qwen3: unit per-head q/k norms; smollm3: as is (every 4th layer then
 has no RoPE); granite: the scales of Granite 3.x 2B (embedding 12, residual 0.22, query 1/64,
 logits / 8).
 
---experts E (llama: Mixtral's layout; qwen3moe: Qwen3-MoE's) makes each layer's FFN a mixture of E
-copies of it with a random router, each token routed to --used of them: as the copies are equal
-and the routing weights sum to 1, the model computes the dense one's function (its text is the
-original's), through the whole mixture-of-experts path at the original FFN's width per expert.
+--experts E (llama: Mixtral's layout; qwen3moe: Qwen3-MoE's; gpt-oss: gpt-oss's) makes each layer's
+FFN a mixture of E copies of it with a random router, each token routed to --used of them: as the
+copies are equal and the routing weights sum to 1, the model computes the dense one's function (its
+text is the original's), through the whole mixture-of-experts path at the original FFN's width per
+expert. gpt-oss adds what its layers have (zero biases on q/k/v/output, the router and the experts,
+a sink of -1 per head, a window of 128 on every 2nd layer, swiglu_oai) and so computes another
+function; --mxfp4 re-quantizes its experts to MXFP4, as gpt-oss's files keep them.
 """
 from __future__ import annotations
 
@@ -45,7 +49,33 @@ def experts_of(tensors: list, layers: int, dim: int, n: int, seed: int = 0) -> l
     return out
 
 
-def variant(src: str, arch: str, out: str, experts: int = 0, used: int = 2) -> None:
+def gpt_oss_parts(tensors: list, layers: int, dim: int, heads: int, kv: int, hd: int, n: int, ffn: int,
+                  mxfp4: bool) -> list:
+    """gpt-oss's extra tensors for a mixture made by experts_of: zero biases, a sink per head, the
+    FFN norm under gpt-oss's name, and the head untied; the experts re-quantized to MXFP4 where asked."""
+    from lowtune import ops
+    out = []
+    names = [name for name, _ in tensors]
+    if "output.weight" not in names:  # (llama.cpp's gpt-oss has no tied head)
+        out.append(("output.weight", dict(tensors)["token_embd.weight"]))
+    for name, t in tensors:
+        if name.endswith("ffn_norm.weight"):
+            name = name.replace("ffn_norm", "post_attention_norm")
+        elif mxfp4 and "_exps.weight" in name:
+            rows, shape = t
+            t = (ops.quantize(ops.dequantize(rows), "MXFP4"), shape)
+        out.append((name, t))
+    for i in range(layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_q.bias", torch.zeros(heads * hd)), (p + "attn_k.bias", torch.zeros(kv * hd)),
+                (p + "attn_v.bias", torch.zeros(kv * hd)), (p + "attn_output.bias", torch.zeros(dim)),
+                (p + "attn_sinks.weight", torch.full((heads,), -1.0)), (p + "ffn_gate_inp.bias", torch.zeros(n)),
+                (p + "ffn_gate_exps.bias", torch.zeros(n, ffn)), (p + "ffn_up_exps.bias", torch.zeros(n, ffn)),
+                (p + "ffn_down_exps.bias", torch.zeros(n, dim))]
+    return out
+
+
+def variant(src: str, arch: str, out: str, experts: int = 0, used: int = 2, mxfp4: bool = False) -> None:
     with GGUFFile(src) as f:
         old = f.metadata["general.architecture"]
         md = {(arch + k[len(old):] if k.startswith(old + ".") else k): v for k, v in f.metadata.items()}
@@ -64,15 +94,20 @@ def variant(src: str, arch: str, out: str, experts: int = 0, used: int = 2) -> N
                         (f"blk.{i}.attn_k_norm.weight", torch.ones(hd))]
     if arch == "granite":
         md.update({f"granite.{k}": v for k, v in GRANITE.items()})
-    elif arch not in ("qwen2", "qwen3", "smollm3", "qwen3moe") and not (arch == "llama" and experts):
-        raise SystemExit(f"no variant for {arch!r} (qwen2, qwen3, smollm3, granite; llama or qwen3moe with --experts)")
-    if arch == "qwen3moe" and not experts:
-        raise SystemExit("qwen3moe needs --experts")
+    elif arch not in ("qwen2", "qwen3", "smollm3", "qwen3moe", "gpt-oss") and not (arch == "llama" and experts):
+        raise SystemExit(f"no variant for {arch!r} (qwen2, qwen3, smollm3, granite; llama, qwen3moe or gpt-oss "
+                         "with --experts)")
+    if arch in ("qwen3moe", "gpt-oss") and not experts:
+        raise SystemExit(f"{arch} needs --experts")
     if experts:
         tensors = experts_of(tensors, layers, md[f"{arch}.embedding_length"], experts)
         md.update({f"{arch}.expert_count": experts, f"{arch}.expert_used_count": used})
-        if arch == "qwen3moe":
+        if arch in ("qwen3moe", "gpt-oss"):
             md[f"{arch}.expert_feed_forward_length"] = md[f"{arch}.feed_forward_length"]
+        if arch == "gpt-oss":
+            md["gpt-oss.attention.sliding_window"] = 128
+            tensors = gpt_oss_parts(tensors, layers, md[f"{arch}.embedding_length"], heads, kv, hd, experts,
+                                    md[f"{arch}.feed_forward_length"], mxfp4)
     write_gguf(out, md, tensors, metadata_types=types)
 
 
@@ -83,8 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--experts", type=int, default=0, help="a mixture of this many copies of each FFN")
     ap.add_argument("--used", type=int, default=2, help="experts each token is routed to")
+    ap.add_argument("--mxfp4", action="store_true", help="gpt-oss: the experts re-quantized to MXFP4")
     a = ap.parse_args(argv)
-    variant(a.model, a.arch, a.out, a.experts, a.used)
+    variant(a.model, a.arch, a.out, a.experts, a.used, a.mxfp4)
     print(a.out)
     return 0
 
