@@ -204,11 +204,12 @@ PYBIND11_MODULE(_C, m) {
   // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
   // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
   // router, the shared expert's gate, the router's bias, the experts' gate, up and down biases,
-  // sinks, the experts' selection bias) pointers (0: none, for all but the caches), its rope kind and window; the config as
-  // (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab, max_len, norm_eps), (neox,
-  // attn_scale, embedding_scale, residual_scale, logit_scale, activation (cpu::Activation),
-  // attn_softcap, final_softcap, rope_kinds, qk_norm_whole, layer_norm, parallel) and
-  // (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm, expert_gating).
+  // sinks, the experts' selection bias) pointers (0: none, for all but the caches), its rope kind
+  // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
+  // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale,
+  // activation (cpu::Activation), attn_softcap, final_softcap, rope_kinds, qk_norm_whole,
+  // layer_norm, parallel) and (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm,
+  // expert_gating).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};

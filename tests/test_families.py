@@ -568,7 +568,8 @@ def test_families_and_refusals():
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, ernie4_5-moe, mistral3, qwen2, qwen3, qwen3moe, "
-              "qwen2moe, seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4, gpt-oss")
+              "qwen2moe, seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4, "
+              "gpt-oss")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

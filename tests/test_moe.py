@@ -109,7 +109,8 @@ def test_logits_match_transformers(moe, name):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES] + [(n, "Q8_0", 5e-3) for n in MOE_NAMES]
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
+                         + [(n, "Q8_0", 5e-3) for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)])  # (gpt-oss's files keep their experts in MXFP4)
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
