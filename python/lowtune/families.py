@@ -7,31 +7,31 @@ Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Fa
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
 the exported files, and its converter (convert_hf_to_gguf.py), which writes them:
 
-    arch       rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
-    llama      norm  silu       -           -         -          -                        if the file gives one
-    smollm3    norm  silu       -           -         -          -                        if the file gives one
-    granite    norm  silu       -           -         from file  -                        if the file gives one
-    granitemoe norm  silu       -           -         from file  -                        if the file gives one
-    minicpm    norm  silu       -           -         from file  -                        if the file gives one
-    ernie4_5   norm  silu       -           -         -          -                        if the file gives one
-    ernie4_5-moe norm silu      -           -         -          -                        if the file gives one
-    mistral3   norm  silu       -           -         -          -                        if the file gives one
-    qwen2      neox  silu       -           -         -          -                        if the file gives one
-    qwen3      neox  silu       -           yes       -          -                        if the file gives one
-    qwen3moe   neox  silu       -           yes       -          -                        if the file gives one
-    qwen2moe   neox  silu       -           -         -          -                        if the file gives one
-    phi3       neox  silu       -           -         -          -                        if the file gives one
-    seed_oss   neox  silu       -           -         -          -                        if the file gives one
-    gemma      neox  gelu_tanh  -           -         yes        -                        if the file gives one
-    gemma2     neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
-    gemma3     neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
-    olmo2      neox  silu       only        whole     -          -                        if the file gives one
-    olmoe      neox  silu       -           whole     -          -                        if the file gives one
-    exaone4    neox  silu       only        yes       -          -                        at 64 layers: every 4th global
-    glm4       norm  silu       yes         -         -          -                        if the file gives one
-    command-r  norm  silu       -           -         -          -                        if the file gives one
-    cohere2    norm  silu       -           -         -          -                        every 4th layer global
-    gpt-oss    neox  swiglu_oai -           -         -          -                        every 2nd layer global
+    arch         rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
+    llama        norm  silu       -           -         -          -                        if the file gives one
+    smollm3      norm  silu       -           -         -          -                        if the file gives one
+    granite      norm  silu       -           -         from file  -                        if the file gives one
+    granitemoe   norm  silu       -           -         from file  -                        if the file gives one
+    minicpm      norm  silu       -           -         from file  -                        if the file gives one
+    ernie4_5     norm  silu       -           -         -          -                        if the file gives one
+    ernie4_5-moe norm  silu       -           -         -          -                        if the file gives one
+    mistral3     norm  silu       -           -         -          -                        if the file gives one
+    qwen2        neox  silu       -           -         -          -                        if the file gives one
+    qwen3        neox  silu       -           yes       -          -                        if the file gives one
+    qwen3moe     neox  silu       -           yes       -          -                        if the file gives one
+    qwen2moe     neox  silu       -           -         -          -                        if the file gives one
+    phi3         neox  silu       -           -         -          -                        if the file gives one
+    seed_oss     neox  silu       -           -         -          -                        if the file gives one
+    gemma        neox  gelu_tanh  -           -         yes        -                        if the file gives one
+    gemma2       neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
+    gemma3       neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo2        neox  silu       only        whole     -          -                        if the file gives one
+    olmoe        neox  silu       -           whole     -          -                        if the file gives one
+    exaone4      neox  silu       only        yes       -          -                        64 layers: every 4th global
+    glm4         norm  silu       yes         -         -          -                        if the file gives one
+    command-r    norm  silu       -           -         -          -                        if the file gives one
+    cohere2      norm  silu       -           -         -          -                        every 4th layer global
+    gpt-oss      neox  swiglu_oai -           -         -          -                        every 2nd layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
