@@ -208,7 +208,7 @@ PYBIND11_MODULE(_C, m) {
   // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
   // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale,
   // activation (cpu::Activation), attn_softcap, final_softcap, rope_kinds, qk_norm_whole,
-  // layer_norm, parallel) and (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm,
+  // layer_norm, parallel, qk_norm_after_rope) and (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm,
   // expert_gating).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
@@ -216,13 +216,14 @@ PYBIND11_MODULE(_C, m) {
   };
   py::class_<cpu::Decoder>(m, "CpuDecoder")
       .def(py::init([mat](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float> c,
-                          std::tuple<bool, float, float, float, float, int, float, float, int, bool, bool, bool> f,
+                          std::tuple<bool, float, float, float, float, int, float, float, int, bool, bool, bool,
+                                     bool> f,
                           std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int> moe,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
                           const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
         auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, act, attn_cap, final_cap, kinds,
-              qk_whole, layer_norm, parallel] = f;
+              qk_whole, layer_norm, parallel, qk_late] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
           if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 23)
@@ -247,6 +248,7 @@ PYBIND11_MODULE(_C, m) {
         config.activation = static_cast<cpu::Activation>(act);
         config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;
+        config.qk_norm_after_rope = qk_late;
         std::tie(config.n_experts, config.n_experts_used, config.expert_ffn, config.shared_ffn,
                  config.moe_renorm, config.expert_gating) = moe;
         if (config.expert_gating != 1 && config.expert_gating != 3)

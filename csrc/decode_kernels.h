@@ -10,7 +10,8 @@
 //   per layer:  h = rmsnorm(x)·w_attn (x itself without w_attn: OLMo 2);  q, k, v = Wq h, Wk h, Wv h
 //               (every product + its bias, if any)
 //               q, k: rmsnorm(·)·w_qnorm, w_knorm where the layer has them, per head (Qwen3) or
-//               over the whole projection (qk_norm_whole: OLMo 2)
+//               over the whole projection (qk_norm_whole: OLMo 2); after RoPE where
+//               qk_norm_after_rope (Hunyuan)
 //               RoPE on q and k at `pos` by the layer's row of the tables (each head's first
 //               rope_dim dims: adjacent pairs, or i with i + rope_dim/2 where neox), none in a
 //               layer without RoPE (SmolLM3)
@@ -92,6 +93,7 @@ struct DecodeConfig {
   float final_softcap = 0.0f;
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
+  bool qk_norm_after_rope = false;  // q/k norms after RoPE (Hunyuan), else before
   bool layer_norm = false;      // the norms are LayerNorm without a bias (Command-R), else RMSNorm
   bool parallel = false;        // the FFN reads the attention's normed input (Command-R)
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router

@@ -28,7 +28,7 @@ import torch
 from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2", "qwen2",
-         "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss")
+         "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan-dense")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
@@ -146,6 +146,9 @@ def hf_model(name: str):
             num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # per-head q/k norms after RoPE, a tied head
+        "hunyuan-dense": lambda: tf.HunYuanDenseV1ForCausalLM(tf.HunYuanDenseV1Config(
+            **common, num_hidden_layers=2, head_dim=16, eod_token_id=2, tie_word_embeddings=True)),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -204,13 +207,13 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, gpt_oss, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's and gpt-oss's converters read only
-# byte-level BPE vocabularies; the tiny models share a SentencePiece one
+from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, qwen
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's and Hunyuan's
+# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    hunyuan.HunYuanModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]

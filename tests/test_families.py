@@ -244,7 +244,8 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 11
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 12
+    assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -431,6 +432,23 @@ def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
 
 
+def test_hunyuan_ntk_alpha_becomes_the_rope_base():
+    """Hunyuan's config.json scales RoPE by an NTK alpha; llama.cpp's converter writes the base it
+    makes, base · alpha^(d/(d-2)) (11158839.9 for Hunyuan-7B's alpha 1000 and d 128), and for
+    "dynamic" a 256k context. Reading the directory does the same."""
+    from lowtune.hf_names import metadata_from_hf_config
+    cfg = {"architectures": ["HunYuanDenseV1ForCausalLM"], "model_type": "hunyuan_v1_dense", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "head_dim": 128, "vocab_size": 1000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+           "use_qk_norm": True, "rope_theta": 10000.0,
+           "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}}
+    md, _ = metadata_from_hf_config(cfg)
+    assert md["hunyuan-dense.rope.freq_base"] == pytest.approx(11158839.9251, rel=1e-6)
+    assert md["hunyuan-dense.context_length"] == 256 * 1024
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):  # (dynamic NTK by factor alone)
+        metadata_from_hf_config({**cfg, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
 @pytest.mark.llamacpp
 def test_gpt4o_pre_tokenizer_matches_llamacpp(llamacpp_source, tmp_path):
     """gpt-oss's o200k vocabulary splits text with the `gpt-4o` regex: a real byte-level vocabulary
@@ -564,12 +582,13 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe", "mistral3",
                          "qwen2",
                          "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2", "gemma3", "olmo2",
-                         "olmoe", "exaone4", "command-r", "cohere2", "glm4", "gpt-oss")
+                         "olmoe", "exaone4", "command-r", "cohere2", "glm4", "hunyuan-dense",
+                         "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, ernie4_5-moe, mistral3, qwen2, qwen3, qwen3moe, "
               "qwen2moe, seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4, "
-              "gpt-oss")
+              "hunyuan-dense, gpt-oss")
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

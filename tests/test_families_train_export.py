@@ -51,12 +51,12 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "ernie4_5": "lora", "mistral3": "qa-hira", "qwen2": "qa-lora", "qwen3": "qdylora", "phi3": "q-bara",
                  "gemma": "qdylora", "gemma2": "lora", "gemma3": "qa-hira", "olmo2": "qa-lora", "olmo3": "q-bara",
                  "glm4": "qdylora", "exaone4": "qa-hira", "command-r": "q-bara", "cohere2": "q-bara",
-                 "phi4": "qa-lora", "seed_oss": "qa-hira"}
+                 "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
                    "glm4": "q-bara", "exaone4": "lora", "command-r": "qa-lora", "cohere2": "qdylora",
-                   "phi4": "lora", "seed_oss": "qdylora"}
+                   "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}}

@@ -331,13 +331,17 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     add_bias(q_.data(), l.bias[0], c_.n_heads * hd);
     add_bias(k_.data(), l.bias[1], c_.n_kv_heads * hd);
     add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);
-    if (l.q_norm) qk_norm(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps, c_.qk_norm_whole);
-    if (l.k_norm) qk_norm(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps, c_.qk_norm_whole);
+    const auto qk_norms = [&] {
+      if (l.q_norm) qk_norm(q_.data(), c_.n_heads, hd, l.q_norm, c_.norm_eps, c_.qk_norm_whole);
+      if (l.k_norm) qk_norm(k_.data(), c_.n_kv_heads, hd, l.k_norm, c_.norm_eps, c_.qk_norm_whole);
+    };
+    if (!c_.qk_norm_after_rope) qk_norms();
     if (l.rope_kind >= 0) {
       const float* rot = rope_ + (l.rope_kind * c_.max_len + pos) * c_.rope_dim;
       rope(q_.data(), c_.n_heads, hd, c_.rope_dim, rot, c_.neox);
       rope(k_.data(), c_.n_kv_heads, hd, c_.rope_dim, rot, c_.neox);
     }
+    if (c_.qk_norm_after_rope) qk_norms();
     const int64_t first = l.window > 0 ? std::max<int64_t>(0, len - l.window) : 0, seen = len - first;
     for (int64_t g = 0; g < c_.n_kv_heads; ++g) {
       std::copy_n(k_.data() + g * hd, hd, l.k_cache + (g * c_.max_len + pos) * hd);

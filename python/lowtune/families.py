@@ -7,31 +7,32 @@ Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Fa
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
 the exported files, and its converter (convert_hf_to_gguf.py), which writes them:
 
-    arch         rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
-    llama        norm  silu       -           -         -          -                        if the file gives one
-    smollm3      norm  silu       -           -         -          -                        if the file gives one
-    granite      norm  silu       -           -         from file  -                        if the file gives one
-    granitemoe   norm  silu       -           -         from file  -                        if the file gives one
-    minicpm      norm  silu       -           -         from file  -                        if the file gives one
-    ernie4_5     norm  silu       -           -         -          -                        if the file gives one
-    ernie4_5-moe norm  silu       -           -         -          -                        if the file gives one
-    mistral3     norm  silu       -           -         -          -                        if the file gives one
-    qwen2        neox  silu       -           -         -          -                        if the file gives one
-    qwen3        neox  silu       -           yes       -          -                        if the file gives one
-    qwen3moe     neox  silu       -           yes       -          -                        if the file gives one
-    qwen2moe     neox  silu       -           -         -          -                        if the file gives one
-    phi3         neox  silu       -           -         -          -                        if the file gives one
-    seed_oss     neox  silu       -           -         -          -                        if the file gives one
-    gemma        neox  gelu_tanh  -           -         yes        -                        if the file gives one
-    gemma2       neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
-    gemma3       neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
-    olmo2        neox  silu       only        whole     -          -                        if the file gives one
-    olmoe        neox  silu       -           whole     -          -                        if the file gives one
-    exaone4      neox  silu       only        yes       -          -                        64 layers: every 4th global
-    glm4         norm  silu       yes         -         -          -                        if the file gives one
-    command-r    norm  silu       -           -         -          -                        if the file gives one
-    cohere2      norm  silu       -           -         -          -                        every 4th layer global
-    gpt-oss      neox  swiglu_oai -           -         -          -                        every 2nd layer global
+    arch          rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
+    llama         norm  silu       -           -         -          -                        if the file gives one
+    smollm3       norm  silu       -           -         -          -                        if the file gives one
+    granite       norm  silu       -           -         from file  -                        if the file gives one
+    granitemoe    norm  silu       -           -         from file  -                        if the file gives one
+    minicpm       norm  silu       -           -         from file  -                        if the file gives one
+    ernie4_5      norm  silu       -           -         -          -                        if the file gives one
+    ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
+    mistral3      norm  silu       -           -         -          -                        if the file gives one
+    qwen2         neox  silu       -           -         -          -                        if the file gives one
+    qwen3         neox  silu       -           yes       -          -                        if the file gives one
+    qwen3moe      neox  silu       -           yes       -          -                        if the file gives one
+    qwen2moe      neox  silu       -           -         -          -                        if the file gives one
+    phi3          neox  silu       -           -         -          -                        if the file gives one
+    seed_oss      neox  silu       -           -         -          -                        if the file gives one
+    gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
+    gemma2        neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
+    gemma3        neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo2         neox  silu       only        whole     -          -                        if the file gives one
+    olmoe         neox  silu       -           whole     -          -                        if the file gives one
+    exaone4       neox  silu       only        yes       -          -                        64 layers: every 4th global
+    glm4          norm  silu       yes         -         -          -                        if the file gives one
+    command-r     norm  silu       -           -         -          -                        if the file gives one
+    cohere2       norm  silu       -           -         -          -                        every 4th layer global
+    hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
+    gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -46,6 +47,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   64 layers (the 32B: 4096 unless the file says, every 4th layer global), and its global layers
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
   Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
+  Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
+  its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it).
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -103,6 +106,7 @@ class Family:
     #                                    post_attention_norm)
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
+    qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -192,6 +196,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
            default_window=4096, hf_architectures=("Cohere2ForCausalLM",), hf_model_types=("cohere2",)),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
+    Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
+           hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
            ffn_norm_tensor="post_attention_norm"),
 )}

@@ -126,7 +126,7 @@ class _CompiledSteps:
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              _ACTIVATIONS.index(fam.activation), float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel),
+             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel, fam.qk_norm_after_rope),
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
              fam.moe_renorm, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
@@ -275,6 +275,8 @@ class StepDecoder:
         if not _positions_unscaled(model.config, max_len):
             raise ValueError("StepDecoder's captured steps cannot scale queries by position (the attention "
                              "temperature beyond the original context)")
+        if model.config.family.qk_norm_after_rope:
+            raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -419,6 +421,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
+                  and not c.family.qk_norm_after_rope
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

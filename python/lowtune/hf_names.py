@@ -83,6 +83,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "seed_oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
                            **_MLP}, "global": _GLOBAL},
     "cohere2": {"layer": _PARALLEL, "global": _GLOBAL},
+    "hunyuan-dense": {"layer": {**_LLAMA, "attn_q_norm": "self_attn.query_layernorm",
+                                "attn_k_norm": "self_attn.key_layernorm"}, "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
@@ -315,7 +317,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(fam.eps_key, float(config.get("layer_norm_eps", 1e-5)), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
-    if config.get("use_qk_norm"):
+    if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layers = int(config["num_hidden_layers"])
@@ -348,6 +350,13 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
             for gguf_key, hf in _YARN_KEYS:
                 if rope.get(hf) is not None:
                     key(gguf_key, float(rope[hf]), F32)
+    elif kind in ("dynamic", "xdrope") and rope.get("alpha") is not None:
+        # NTK alpha (Hunyuan): a larger base, base · alpha^(d / (d - 2)), as llama.cpp's converter
+        # writes it (and, for "dynamic", the 256k context it assumes)
+        alpha, base = float(rope["alpha"]), float(rope.get("rope_theta", 10000.0))
+        key("rope.freq_base", base * alpha ** (head_dim / (head_dim - 2)), F32)
+        if kind == "dynamic":
+            key("context_length", 256 * 1024, U32)
     elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
         raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, yarn, llama3 and longrope are)")
 
@@ -500,7 +509,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
-                                "attention_out_bias": ("attn_output",)},
+                                "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
 }
 
 

@@ -840,11 +840,18 @@ class DecoderLayer(nn.Module):
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        if fam.qk_norm == "head":
+        late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
+        if fam.qk_norm == "head" and not late:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
-        if cache is None:
-            q, k, mask, attn = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope), None, None
+        mask, attn = None, None
+        if cache is None or late:
+            q, k = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope)
+            if late:
+                q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+            if cache is not None:
+                k, v = cache.update(self.index, start, k, v)
+                mask = cache.attn_mask
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
             mask = cache.attn_mask
