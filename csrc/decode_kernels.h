@@ -46,8 +46,9 @@
 namespace lowtune::cpu {
 
 // The gated MLP's act(g) · u: silu, gelu's tanh form (Gemma), or gpt-oss's swiglu_oai (g clamped
-// above at 7, u to ±7: g · sigmoid(1.702 g) · (u + 1)).
-enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2 };
+// above at 7, u to ±7: g · sigmoid(1.702 g) · (u + 1)); or, for an MLP without a gate (no ffn_gate
+// matrix), act(u) = relu(u)² (Arcee).
+enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2, kRelu2 = 3 };
 
 struct DecodeMatrix {
   int qtype;

@@ -27,8 +27,9 @@ import torch
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 
-NAMES = ("llama", "mistral", "smollm3", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2", "qwen2",
-         "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan-dense")
+NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
+         "qwen2", "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss",
+         "hunyuan-dense")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
@@ -67,6 +68,10 @@ def hf_model(name: str):
             tie_word_embeddings=False)),
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
             **common, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False)),
+        # an MLP without a gate (relu²), YaRN over an original context shorter than the test sequences
+        "arcee": lambda: tf.ArceeForCausalLM(tf.ArceeConfig(
+            **common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})),
         # four layers: the fourth has no RoPE
         "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**common, num_hidden_layers=4)),
         "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
@@ -370,6 +375,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
+        elif not fam.gated:
+            w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
         w.update({p + "attn_output.weight": mat(D, q)})

@@ -180,8 +180,8 @@ def test_hf_configs_lowtune_refuses():
     md, _ = hf_names.metadata_from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 1,
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
-    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, smollm3, granite, ernie4_5, "
-                                         "ministral3, qwen2"):
+    with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
+                                         "ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -244,7 +244,7 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 9 + ["neox"] * 12
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 12
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
@@ -507,7 +507,8 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     model = Model.from_gguf(gguf_of(tiny[name], "F32"))
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     n_layers = model.config.n_layers
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(n_layers) for t in adapters.TARGETS}
+    targets = [t for t in adapters.TARGETS if model.config.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(n_layers) for t in targets}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
@@ -579,16 +580,13 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe", "mistral3",
-                         "qwen2",
-                         "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2", "gemma3", "olmo2",
-                         "olmoe", "exaone4", "command-r", "cohere2", "glm4", "hunyuan-dense",
+    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2",
+                         "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4", "hunyuan-dense",
                          "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
-    listed = ("llama, smollm3, granite, granitemoe, minicpm, ernie4_5, ernie4_5-moe, mistral3, qwen2, qwen3, qwen3moe, "
-              "qwen2moe, seed_oss, phi3, gemma, gemma2, gemma3, olmo2, olmoe, exaone4, command-r, cohere2, glm4, "
-              "hunyuan-dense, gpt-oss")
+    listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:

@@ -200,7 +200,7 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
     const int64_t e = l.router ? c.n_experts : 1, f = l.router ? c.expert_ffn : c.ffn_dim;
     if (l.router && !(0 < c.n_experts_used && c.n_experts_used <= c.n_experts && f > 0))
       throw std::invalid_argument("decoder: inconsistent experts");
-    check_matrix(l.gate, e * f, c.dim, "ffn_gate");
+    if (c.activation != Activation::kRelu2) check_matrix(l.gate, e * f, c.dim, "ffn_gate");  // (none: no gate)
     check_matrix(l.up, e * f, c.dim, "ffn_up");
     check_matrix(l.down, e * c.dim, f, "ffn_down");
     if (l.router && c.shared_ffn) {
@@ -228,7 +228,15 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
 
 void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const DecodeMatrix& d, const float* in,
                         float* out, const float* const* bias) {
-  const int64_t f = g.n;
+  const int64_t f = u.n;
+  if (c_.activation == Activation::kRelu2) {  // no gate: down(relu(up)²)
+    matvecs({{&u, in, up_.data()}});
+    if (bias) add_bias(up_.data(), bias[1], f);
+    for (int64_t i = 0; i < f; ++i) up_[i] = up_[i] > 0.0f ? up_[i] * up_[i] : 0.0f;
+    matvecs({{&d, up_.data(), out}});
+    if (bias) add_bias(out, bias[2], c_.dim);
+    return;
+  }
   matvecs({{&g, in, gate_.data()}, {&u, in, up_.data()}});
   if (bias) {
     add_bias(gate_.data(), bias[0], f);

@@ -10,6 +10,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arch          rope  act        post-norms  q/k norm  embed ×√D  soft-caps (attn, final)  windows
     llama         norm  silu       -           -         -          -                        if the file gives one
     smollm3       norm  silu       -           -         -          -                        if the file gives one
+    arcee         norm  relu2      -           -         -          -                        if the file gives one
     granite       norm  silu       -           -         from file  -                        if the file gives one
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
@@ -72,6 +73,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
+  Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -96,7 +98,9 @@ class Family:
     arch: str                          # general.architecture
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
     activation: str = "silu"           # of the gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU) or "swiglu_oai"
-    #                                    (gpt-oss: clamped, glue_ops.ACTIVATIONS)
+    #                                    (gpt-oss: clamped, glue_ops.ACTIVATIONS); of ffn_up's output where
+    #                                    the MLP has no gate: "relu2" (Arcee, glue_ops.UNGATED)
+    gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
@@ -154,6 +158,8 @@ class Family:
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama", moe=True, hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
+    Family("arcee", activation="relu2", gated=False, hf_architectures=("ArceeForCausalLM",),
+           hf_model_types=("arcee",), hf_permute_qk=True),
     Family("smollm3", nope_period=4, hf_architectures=("SmolLM3ForCausalLM",), hf_model_types=("smollm3",),
            hf_permute_qk=True),
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),

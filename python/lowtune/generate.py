@@ -61,17 +61,18 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
                    "moe_layers"}
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
-_ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+_ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2")
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
 
 def _linears(layer: DecoderLayer) -> list[QLinear | None]:
-    """The decoder's seven matrices of a layer; a mixture of experts' gate, up and down are its
-    experts', followed by its shared expert's where it has one (its router goes apart)."""
+    """The decoder's seven matrices of a layer (ffn_gate None in an MLP without a gate); a mixture
+    of experts' gate, up and down are its experts', followed by its shared expert's where it has
+    one (its router goes apart)."""
     moe = layer.ffn_moe
     if moe is None:
-        return [getattr(layer, n) for n in _LINEARS]
+        return [getattr(layer, n, None) for n in _LINEARS]
     shared = [moe.gate_shexp, moe.up_shexp, moe.down_shexp] if moe.gate_shexp is not None else []
     return [getattr(layer, n) for n in _LINEARS[:4]] + [moe.gate_exps, moe.up_exps, moe.down_exps] + shared
 
@@ -102,9 +103,10 @@ class _CompiledSteps:
         def selection_bias(layer) -> torch.Tensor | None:
             return layer.ffn_moe.selection_bias if layer.ffn_moe is not None else None
 
-        layers = [([mat(lin.weight) for lin in _linears(layer)],
+        layers = [([mat(lin.weight) if lin is not None else (0, 0, 0, 0) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
-                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), *(ptr(lin.bias) for lin in _linears(layer)[:7]),
+                    cache.k[i].data_ptr(), cache.v[i].data_ptr(),
+                    *(ptr(lin.bias if lin is not None else None) for lin in _linears(layer)[:7]),
                     *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks),
                     ptr(selection_bias(layer))],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
@@ -168,7 +170,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
-        linears = _linears(layer)
+        linears = [lin for lin in _linears(layer) if lin is not None or c.family.gated]  # (Arcee: no gate)
         if not all(type(lin) is QLinear for lin in linears):
             return None  # adapters
         router = layer.ffn_moe.router if layer.ffn_moe is not None else None

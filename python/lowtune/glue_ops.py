@@ -41,6 +41,9 @@ def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
     return g * torch.sigmoid(SWIGLU_OAI_ALPHA * g) * (u.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT) + 1)
 
 
+# the MLP's activation of ffn_up's output where it has no gate, by name
+UNGATED = {"relu2": lambda x: F.relu(x).square()}
+
 # the gated MLP's activation(g) · u, by name
 ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,
                "swiglu_oai": _swiglu_oai}

@@ -57,6 +57,7 @@ _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
+    "arcee": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"}, "global": _GLOBAL},
     "granite": {"layer": _LLAMA, "global": _GLOBAL},
     "ernie4_5": {"layer": _LLAMA, "global": _GLOBAL},
     "mistral3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -504,7 +505,8 @@ def _f32(x: float) -> float:
 _ATTN_BIASES = {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")}
 _LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "ernie4_5": {}, "mistral3": {},
+    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES,
+    "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")}, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
@@ -568,7 +570,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if fam.activation == "gelu_tanh":
         cfg["hidden_activation"] = cfg["hidden_act"] = "gelu_pytorch_tanh"
     else:
-        cfg["hidden_act"] = "silu"
+        cfg["hidden_act"] = {"relu2": "relu2"}.get(fam.activation, "silu")
     if arch == "llama" and cls == "LlamaForCausalLM":
         cfg["pretraining_tp"] = 1
     flags, _ = hf_biases(arch, tensors, c.n_layers)

@@ -678,7 +678,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
-    for name in LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES:  # (experts: MoE's own)
+    names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
+    for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
     return out
@@ -788,8 +789,9 @@ class DecoderLayer(nn.Module):
             return x, self._mlp_rows(h)
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
-        # the MLP's rows a chunk at a time, its norm included; experts take no grouped product either
-        if self.mlp_chunks > 1 or self.ffn_moe is not None:
+        # the MLP's rows a chunk at a time, its norm included; experts and ungated MLPs take no grouped
+        # product either
+        if self.mlp_chunks > 1 or self.ffn_moe is not None or not self.config.family.gated:
             x, h = self.ffn_norm.after_residual(x, a)
             return x, self._mlp_rows(h)
         x, gu = self._normed_products(x, a, self.ffn_norm, self.PRODUCT_GROUPS[1])
@@ -871,6 +873,8 @@ class DecoderLayer(nn.Module):
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
         if self.ffn_moe is not None:
             return self._ffn_out(self.ffn_moe(h))
+        if not self.config.family.gated:  # down(act(up(h)))
+            return self._ffn_out(self.ffn_down(glue_ops.UNGATED[self.activation](self.ffn_up(h))))
         return self._mlp_out(*self._products(h, self.PRODUCT_GROUPS[1]))
 
     def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -1218,6 +1222,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
               "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
+    if not c.family.gated:
+        del shapes["ffn_gate"]
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
