@@ -28,7 +28,7 @@ import torch
 from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
-         "qwen2", "qwen3", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss",
+         "qwen2", "qwen3", "phi2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss",
          "hunyuan-dense")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
@@ -90,6 +90,13 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=32)),
+        # LayerNorm with biases, attention and an ungated GELU MLP in parallel, RoPE on half of each head,
+        # biases everywhere (the head's too); llama.cpp's converter writes an FFN of 4 · D
+        "phi2": lambda: tf.PhiForCausalLM(tf.PhiConfig(
+            vocab_size=V, hidden_size=D, intermediate_size=4 * D, num_hidden_layers=2, num_attention_heads=H,
+            num_key_value_heads=H, max_position_embeddings=256, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5})),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -212,13 +219,13 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's and Hunyuan's
-# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, phi, qwen
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's and
+# Phi-2's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
-    hunyuan.HunYuanModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -326,8 +333,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
-    if arch == "glm4":
-        md["glm4.rope.dimension_count"] = hd // 2
+    if arch in ("glm4", "phi2"):  # RoPE on half of each head
+        md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "gpt-oss":  # YaRN over an original context shorter than the test sequences
         md.update({"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 4.0,
                    "gpt-oss.rope.scaling.original_context_length": 32})
@@ -351,6 +358,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
          "output_norm.weight": vec(D, 1.0)}
     if not fam.embed_scale:  # Gemma ties its head to the embeddings
         w["output.weight"] = mat(V, D)
+    if arch == "phi2":  # the head's and the final LayerNorm's biases
+        w.update({"output.bias": vec(V), "output_norm.bias": vec(D)})
     for i in range(layers):
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c).items()})
@@ -382,8 +391,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
-        if arch in ("llama", "qwen2", "glm4", "gpt-oss"):
+        if arch in ("llama", "qwen2", "glm4", "gpt-oss", "phi2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
+        if arch == "phi2":  # biases on the output, the MLP and the LayerNorm
+            w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
+                      p + "attn_norm.bias": vec(D)})
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])

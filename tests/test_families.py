@@ -121,9 +121,9 @@ def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
         for n, info in f.tensor_infos.items():
             if len(info.shape) == 1:  # norms (Gemma's 1 + w), biases, LongRoPE factors
                 assert torch.equal(src.tensor(n), f.tensor(n)), n
-            else:  # rows of 64 and 128: Q4_1
-                got = src.qtensor(n)
-                assert got.type == "Q4_1" and torch.equal(got.raw, ops.quantize(f.tensor(n), "Q4_1").raw), n
+            else:  # rows of 64 and 128: Q4_1; of 256 (Phi-2's FFN of 4 · D): Q4_K
+                got, want_type = src.qtensor(n), "Q4_K" if info.shape[-1] % 256 == 0 else "Q4_1"
+                assert got.type == want_type and torch.equal(got.raw, ops.quantize(f.tensor(n), want_type).raw), n
     text = botchan_text[1000:3000]
     tok_hf, tok_gg = load_tokenizer(hf.metadata), load_tokenizer(gg.metadata)
     chat = tok_gg.apply_chat_template([{"role": "user", "content": text[:200]}])
@@ -244,7 +244,7 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 12
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 13
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
@@ -319,7 +319,8 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-COMPILED_DECODER = tuple(n for n in NAMES if n != "mistral3")
+# (Ministral 3 scales queries by position; Phi-2's LayerNorm biases and GELU MLP without a gate)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -481,8 +482,12 @@ def merged_weights(model) -> dict:
     """GGUF-named weights of `model` with every adapter merged into an F32 copy of its base, fused
     tensors written as their separate parts, biases kept."""
     w = {"token_embd.weight": model.tok_embd.weight, "output_norm.weight": model.output_norm.weight}
+    if getattr(model.output_norm, "bias", None) is not None:  # (Phi-2)
+        w["output_norm.bias"] = model.output_norm.bias
     if model.output is not None:
         w["output.weight"] = model.output.weight
+        if model.output.bias is not None:
+            w["output.bias"] = model.output.bias
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
         for name, mod in layer.named_children():
@@ -492,10 +497,12 @@ def merged_weights(model) -> dict:
                 mod = mod.base
             elif isinstance(mod, QLinear):
                 w[p + name + ".weight"] = mod.weight
-            else:  # norms (a NoNorm has no weight), under their file names
+            else:  # norms (a NoNorm has no weight; Phi-2's LayerNorms have biases), under their file names
+                file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
                 if mod.weight is not None:
-                    file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
                     w[p + file_name + ".weight"] = mod.weight
+                if getattr(mod, "bias", None) is not None:
+                    w[p + file_name + ".bias"] = mod.bias
                 continue
             if mod.bias is not None:
                 w[p + name + ".bias"] = mod.bias
@@ -581,7 +588,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi3", "gemma", "gemma2",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "phi3", "gemma", "gemma2",
                          "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4", "hunyuan-dense",
                          "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]

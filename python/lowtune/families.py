@@ -21,6 +21,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3         neox  silu       -           yes       -          -                        if the file gives one
     qwen3moe      neox  silu       -           yes       -          -                        if the file gives one
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
+    phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -74,6 +75,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
+  (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -178,6 +181,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen2moe", rope="neox", moe=True, moe_renorm=False, moe_shared_gate=True),
     Family("seed_oss", rope="neox", ffn_norm_tensor="post_attention_norm", hf_architectures=("SeedOssForCausalLM",),
            hf_model_types=("seed_oss",)),
+    Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
+           hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),

@@ -152,7 +152,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or any(
+    ungated_gelu = not c.family.gated and c.family.activation != "relu2"  # (the decoder's ungated MLP is relu²)
+    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or ungated_gelu or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
@@ -170,6 +171,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
+        if getattr(layer.attn_norm, "bias", None) is not None:
+            return None  # (LayerNorm biases: Phi-2, the model's own steps)
         linears = [lin for lin in _linears(layer) if lin is not None or c.family.gated]  # (Arcee: no gate)
         if not all(type(lin) is QLinear for lin in linears):
             return None  # adapters

@@ -42,7 +42,7 @@ def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
 
 
 # the MLP's activation of ffn_up's output where it has no gate, by name
-UNGATED = {"relu2": lambda x: F.relu(x).square()}
+UNGATED = {"relu2": lambda x: F.relu(x).square(), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 # the gated MLP's activation(g) · u, by name
 ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,

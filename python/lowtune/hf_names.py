@@ -71,6 +71,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
+    "phi2": {"layer": {"attn_norm": "input_layernorm", **{k: v for k, v in _ATTN.items() if k != "attn_output"},
+                       "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
+             "global": {**_GLOBAL, "output_norm.weight": "model.final_layernorm.weight",
+                        "output_norm.bias": "model.final_layernorm.bias"}},
     "phi3": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
                        "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                        "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
@@ -506,7 +510,8 @@ _ATTN_BIASES = {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")}
 _LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES,
-    "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")}, "ernie4_5": {}, "mistral3": {},
+    "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
+    "phi2": {"": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")}, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
@@ -515,12 +520,16 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# biases outside the layers that the HF class holds (the others' lm_head has none)
+_HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias")}
+
+
 def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[str, bool], list[str]]:
     """(config.json bias flags, GGUF names of the biases to write as zeros) for a model whose
     GGUF tensors are `names`; a ValueError for a bias the HF class has no place for."""
     groups = _HF_BIASES[arch]
     present = {n for n in names if n.endswith(".bias")}
-    flags, zeros, placed = {}, [], set()
+    flags, zeros, placed = {}, [], set(_HF_GLOBAL_BIASES.get(arch, ()))
     for flag, parts in groups.items():
         want = {f"blk.{i}.{p}.bias" for i in range(n_layers) for p in parts}
         on = flag == "" or bool(want & present)
@@ -550,7 +559,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-    if c.rope_dim != c.head_dim and arch not in ("phi3", "glm4"):
+    if c.rope_dim != c.head_dim and arch not in ("phi2", "phi3", "glm4"):
         raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
     windows = [c.is_sliding(i) for i in range(c.n_layers)]
     cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
@@ -610,7 +619,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
     elif c.rope_attn_factor != 1.0:
         raise ValueError("a RoPE attention factor without LongRoPE factors has no HF config")
-    if arch in ("phi3", "glm4"):
+    if arch in ("phi2", "phi3", "glm4"):
         cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
     if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
         full = cfg.pop("rope_scaling") or {"rope_type": "default"}

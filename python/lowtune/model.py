@@ -417,6 +417,14 @@ def norm_type(family: Family) -> type[nn.Module]:
     return LayerNorm if family.norm == "layer" else RMSNorm
 
 
+def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) -> nn.Module:
+    """The family's norm of GGUF tensor `name`.weight (a LayerNorm takes `name`.bias where the file
+    has one: Phi-2)."""
+    if family.norm == "layer":
+        return LayerNorm(w[name + ".weight"], eps, w.get(name + ".bias"))
+    return RMSNorm(w[name + ".weight"], eps)
+
+
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
     """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
     attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
@@ -534,16 +542,17 @@ class MoE(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """(x - mean(x)) / sqrt(var(x) + eps) · w over the last dim, in fp32, returned in x's dtype
-    (Command-R's, without a bias), with RMSNorm's interface."""
+    """(x - mean(x)) / sqrt(var(x) + eps) · w (+ b where the file has one: Phi-2; Command-R has
+    none) over the last dim, in fp32, returned in x's dtype, with RMSNorm's interface."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", _vector(weight), persistent=False)
+        self.register_buffer("bias", None if bias is None else _vector(bias), persistent=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, None, self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
 
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = x + a
@@ -695,7 +704,7 @@ class DecoderLayer(nn.Module):
         p = f"blk.{index}."
         for name in layer_norm_shapes(c):
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, norm_type(fam)(w[p + name + ".weight"], c.norm_eps))
+            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -1024,7 +1033,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = norm_type(c.family)(weights["output_norm.weight"], c.norm_eps)
+        self.output_norm = make_norm(c.family, weights, "output_norm", c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
@@ -1237,7 +1246,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
     want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
-    optional = {"output.weight": (c.vocab_size, c.dim),
+    optional = {"output.weight": (c.vocab_size, c.dim), "output_norm.bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
     if "output.weight" in w:
@@ -1245,6 +1254,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     for i in range(c.n_layers):
         p = f"blk.{i}."
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
+        if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
+            optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c).items()})
         layer_shapes = shapes
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
