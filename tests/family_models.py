@@ -28,8 +28,8 @@ import torch
 from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
-         "qwen2", "qwen3", "phi2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3", "exaone4", "seed_oss",
-         "hunyuan-dense")
+         "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
+         "exaone4", "seed_oss", "hunyuan-dense")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
@@ -97,6 +97,12 @@ def hf_model(name: str):
             num_key_value_heads=H, max_position_embeddings=256, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
             tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                         "partial_rotary_factor": 0.5})),
+        # Phi-2's layer in sequence: LayerNorm with biases, a GELU MLP without a gate, biases everywhere,
+        # a tied head (llama.cpp's starcoder2 keeps no window)
+        "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
+            vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+            num_key_value_heads=HKV, max_position_embeddings=256, norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            use_bias=True, sliding_window=None, tie_word_embeddings=True)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -219,13 +225,15 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, phi, qwen
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's and
-# Phi-2's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, phi, qwen, starcoder
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
+# Phi-2's and StarCoder2's converters read only byte-level BPE vocabularies; the tiny models share a
+# SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
-    hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -358,8 +366,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
          "output_norm.weight": vec(D, 1.0)}
     if not fam.embed_scale:  # Gemma ties its head to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch == "phi2":  # the head's and the final LayerNorm's biases
-        w.update({"output.bias": vec(V), "output_norm.bias": vec(D)})
+    if arch in ("phi2", "starcoder2"):  # the final LayerNorm's bias, and Phi-2's head's
+        w["output_norm.bias"] = vec(D)
+        if arch == "phi2":
+            w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c).items()})
@@ -391,11 +401,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
-        if arch in ("llama", "qwen2", "glm4", "gpt-oss", "phi2"):
+        if arch in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
-        if arch == "phi2":  # biases on the output, the MLP and the LayerNorm
+        if arch in ("phi2", "starcoder2"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
-                      p + "attn_norm.bias": vec(D)})
+                      **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])

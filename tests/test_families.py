@@ -244,7 +244,7 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 13
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 14
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
@@ -319,8 +319,9 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's LayerNorm biases and GELU MLP without a gate)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2"))
+# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's LayerNorm biases and GELU MLP
+# without a gate)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -588,7 +589,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "phi3",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]

@@ -22,6 +22,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3moe      neox  silu       -           yes       -          -                        if the file gives one
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
+    starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -75,6 +76,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
+  FFN, an MLP without a gate, biases everywhere.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
@@ -183,6 +186,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("seed_oss",)),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
+    Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
+           hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),

@@ -71,6 +71,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
+    "starcoder2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",
+                             "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+                   "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "phi2": {"layer": {"attn_norm": "input_layernorm", **{k: v for k, v in _ATTN.items() if k != "attn_output"},
                        "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
              "global": {**_GLOBAL, "output_norm.weight": "model.final_layernorm.weight",
@@ -319,7 +322,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
     if fam.norm == "layer":  # LayerNorm's epsilon, under its own keys
         del md[f"{arch}.attention.layer_norm_rms_epsilon"]
-        key(fam.eps_key, float(config.get("layer_norm_eps", 1e-5)), F32)
+        key(fam.eps_key, float(config.get("layer_norm_eps", config.get("norm_epsilon", 1e-5))), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
     if config.get("use_qk_norm") and not fam.qk_norm:
@@ -512,7 +515,9 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES,
     "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "phi2": {"": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
-                  "ffn_down")}, "ernie4_5": {}, "mistral3": {},
+                  "ffn_down")},
+    "starcoder2": {"use_bias": ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
+                                "ffn_down")}, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
     "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
@@ -522,7 +527,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
-_HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias")}
+_HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",)}
 
 
 def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[str, bool], list[str]]:
@@ -650,7 +655,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         if arch in ("gemma2", "gemma3", "exaone4"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
-        cfg["layer_norm_eps"] = cfg.pop("rms_norm_eps")
+        cfg["norm_epsilon" if arch == "starcoder2" else "layer_norm_eps"] = cfg.pop("rms_norm_eps")
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
     if fam.multipliers:
