@@ -71,41 +71,30 @@ def test_logits_match_transformers(moe, name):
         print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
         assert rel_err(got, want) < 1e-4
         moes = [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
+
+        def matters(mods, what, value):  # model's logits move away from transformers' with mods' `what` = value
+            kept = [getattr(m, what) for m in mods]
+            for m in mods:
+                setattr(m, what, value)
+            moved = rel_err(model(ids), want)
+            for m, k in zip(mods, kept):
+                setattr(m, what, k)
+            assert moved > 1e-3, (what, value)
+
         for used in (1, EXPERTS):  # the routing matters: other expert counts give other logits
-            for m in moes:
-                m.n_used = used
-            assert rel_err(model(ids), want) > 1e-3, used
-        for m in moes:
-            m.n_used = EXPERTS_USED
+            matters(moes, "n_used", used)
         # OLMoE's and Qwen2 MoE's chosen weights are not renormalized (gpt-oss's sum to 1 already)
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
-            for m in moes:
-                m.renorm = True
-            assert rel_err(model(ids), want) > 1e-3
-            for m in moes:
-                m.renorm = False
+            matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
             for what in ("shared_gate", "gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
-                layers = moes
-                kept = [getattr(m, what) for m in layers]
-                if kept[0] is None:
-                    continue
-                for m in layers:
-                    setattr(m, what, None)
-                assert rel_err(model(ids), want) > 1e-3, what
-                for m, k in zip(layers, kept):
-                    setattr(m, what, k)
+                if getattr(moes[0], what) is not None:
+                    matters(moes, what, None)
         if name == "gpt-oss":  # its sinks, its routing (the softmax of the top k logits) and biases matter
-            for owner, what, off in (("layer", "attn_sinks", None), ("moe", "gating", 1),
-                                     ("moe", "ffn_down_exps_bias", None), ("moe", "ffn_up_exps_bias", None)):
-                mods = list(model.layers) if owner == "layer" else moes
-                kept = [getattr(m, what) for m in mods]
-                for m in mods:
-                    setattr(m, what, off)
-                assert rel_err(model(ids), want) > 1e-3, what
-                for m, k in zip(mods, kept):
-                    setattr(m, what, k)
-            assert rel_err(model(ids), want) < 1e-4
+            matters(list(model.layers), "attn_sinks", None)
+            for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
+                matters(moes, what, off)
+        assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
 @pytest.mark.llamacpp
