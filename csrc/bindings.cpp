@@ -204,7 +204,7 @@ PYBIND11_MODULE(_C, m) {
   // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
   // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
   // router, the shared expert's gate, the router's bias, the experts' gate, up and down biases,
-  // sinks, the experts' selection bias) pointers (0: none, for all but the caches), its rope kind
+  // the experts' selection bias, sinks) pointers (0: none, for all but the caches), its rope kind
   // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
   // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale,
   // activation (cpu::Activation), attn_softcap, final_softcap, rope_kinds, qk_norm_whole,
@@ -236,7 +236,7 @@ PYBIND11_MODULE(_C, m) {
           l.router = ptr<const float>(ps[15]), l.shared_gate_inp = ptr<const float>(ps[16]);
           l.router_bias = ptr<const float>(ps[17]);
           for (int i = 0; i < 3; ++i) l.expert_bias[i] = ptr<const float>(ps[18 + i]);
-          l.sinks = ptr<const float>(ps[21]), l.selection_bias = ptr<const float>(ps[22]);
+          l.selection_bias = ptr<const float>(ps[21]), l.sinks = ptr<const float>(ps[22]);
           if (ms.size() == 10) l.shared_gate = mat(ms[7]), l.shared_up = mat(ms[8]), l.shared_down = mat(ms[9]);
           l.rope_kind = rope_kind, l.window = window;
           ls.push_back(l);

@@ -121,7 +121,8 @@ class Decoder {
   const float* rope_;
   std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_, parallel_out_;
   std::vector<int64_t> order_;  // the experts by routing weight
-  // out = Wd (act(Wg in + bg) ⊙ (Wu in + bu)) + bd, F = Wg's rows (biases: three pointers, or none)
+  // out = Wd (act(Wg in + bg) ⊙ (Wu in + bu)) + bd, F = Wu's rows (biases: three pointers, or none);
+  // Activation::kRelu2 (no gate, g unused): Wd relu(Wu in + bu)² + bd
   void gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const DecodeMatrix& d, const float* in, float* out,
                  const float* const* bias = nullptr);
   void norm(const float* x, const float* w, float* out) const;  // the family's norm over dim

@@ -93,22 +93,18 @@ class _CompiledSteps:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         weight = lambda layer, name: getattr(layer, name).weight if hasattr(layer, name) else None  # noqa: E731
 
-        def moe(layer) -> list[torch.Tensor | None]:  # router, shared gate, router bias, expert biases
+        def moe(layer) -> list[torch.Tensor | None]:  # router, shared gate, router bias, expert and selection biases
             m = layer.ffn_moe
             if m is None:
-                return [None] * 6
+                return [None] * 7
             return [m.router.raw, m.shared_gate, m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias,
-                    m.ffn_down_exps_bias]
-
-        def selection_bias(layer) -> torch.Tensor | None:
-            return layer.ffn_moe.selection_bias if layer.ffn_moe is not None else None
+                    m.ffn_down_exps_bias, m.selection_bias]
 
         layers = [([mat(lin.weight) if lin is not None else (0, 0, 0, 0) for lin in _linears(layer)],
                    [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                     *(ptr(lin.bias if lin is not None else None) for lin in _linears(layer)[:7]),
-                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks),
-                    ptr(selection_bias(layer))],
+                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from

@@ -45,7 +45,7 @@ def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
 UNGATED = {"relu2": lambda x: F.relu(x).square(), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 # the gated MLP's activation(g) · u, by name
-ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,
+ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: UNGATED["gelu_tanh"](g) * u,
                "swiglu_oai": _swiglu_oai}
 FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
 

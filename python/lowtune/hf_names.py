@@ -526,6 +526,9 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
+_PARTIAL_ROTARY = ("phi2", "phi3", "glm4")
+
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",)}
 
@@ -565,7 +568,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-    if c.rope_dim != c.head_dim and arch not in ("phi2", "phi3", "glm4"):
+    if c.rope_dim != c.head_dim and arch not in _PARTIAL_ROTARY:
         raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
     windows = [c.is_sliding(i) for i in range(c.n_layers)]
     cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
@@ -585,7 +588,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if fam.activation == "gelu_tanh":
         cfg["hidden_activation"] = cfg["hidden_act"] = "gelu_pytorch_tanh"
     else:
-        cfg["hidden_act"] = {"relu2": "relu2"}.get(fam.activation, "silu")
+        cfg["hidden_act"] = "relu2" if fam.activation == "relu2" else "silu"
     if arch == "llama" and cls == "LlamaForCausalLM":
         cfg["pretraining_tp"] = 1
     flags, _ = hf_biases(arch, tensors, c.n_layers)
@@ -625,7 +628,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["rope_scaling"]["attention_factor"] = _f32(c.rope_attn_factor)
     elif c.rope_attn_factor != 1.0:
         raise ValueError("a RoPE attention factor without LongRoPE factors has no HF config")
-    if arch in ("phi2", "phi3", "glm4"):
+    if arch in _PARTIAL_ROTARY:
         cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
     if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
         full = cfg.pop("rope_scaling") or {"rope_type": "default"}

@@ -321,9 +321,7 @@ def checkpoint(fn: Callable, *args: torch.Tensor):
 
 def _vector(t) -> torch.Tensor:
     """A 1-D float32 tensor from a vector weight (a tensor, or a QTensor of one row)."""
-    if isinstance(t, QTensor):
-        t = ops.dequantize(t, torch.float32)
-    return t.float().reshape(-1)
+    return _table(t).reshape(-1)
 
 
 class QLinear(nn.Module):
@@ -412,14 +410,9 @@ class QEmbedding(nn.Module):
         return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
-def norm_type(family: Family) -> type[nn.Module]:
-    """The module of the family's norms: RMSNorm, or LayerNorm (Command-R)."""
-    return LayerNorm if family.norm == "layer" else RMSNorm
-
-
 def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) -> nn.Module:
-    """The family's norm of GGUF tensor `name`.weight (a LayerNorm takes `name`.bias where the file
-    has one: Phi-2)."""
+    """The family's norm of GGUF tensor `name`.weight: RMSNorm, or LayerNorm (Command-R; with
+    `name`.bias where the file has one: Phi-2, StarCoder2)."""
     if family.norm == "layer":
         return LayerNorm(w[name + ".weight"], eps, w.get(name + ".bias"))
     return RMSNorm(w[name + ".weight"], eps)
@@ -505,13 +498,11 @@ class MoE(nn.Module):
         if self.gating == 3:  # the top k logits, then their softmax
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
-        else:
+        else:  # the top k of the softmax (+ the selection bias, which picks but does not weigh)
             probs = logits.softmax(-1)
-            if self.selection_bias is None:
-                weights, chosen = probs.topk(self.n_used, dim=-1)
-            else:
-                chosen = (probs + self.selection_bias).topk(self.n_used, dim=-1).indices
-                weights = probs.gather(-1, chosen)
+            picked = probs if self.selection_bias is None else probs + self.selection_bias
+            chosen = picked.topk(self.n_used, dim=-1).indices
+            weights = probs.gather(-1, chosen)
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
@@ -855,17 +846,15 @@ class DecoderLayer(nn.Module):
         if fam.qk_norm == "head" and not late:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
-        mask, attn = None, None
         if cache is None or late:
             q, k = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope)
             if late:
                 q, k = self.attn_q_norm(q), self.attn_k_norm(k)
             if cache is not None:
                 k, v = cache.update(self.index, start, k, v)
-                mask = cache.attn_mask
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
-            mask = cache.attn_mask
+        mask, attn = (None, None) if cache is None else (cache.attn_mask, None)
         if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
             q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
