@@ -105,7 +105,8 @@ class Family:
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
     activation: str = "silu"           # of the gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU) or "swiglu_oai"
     #                                    (gpt-oss: clamped, glue_ops.ACTIVATIONS); of ffn_up's output where
-    #                                    the MLP has no gate: "relu2" (Arcee, glue_ops.UNGATED)
+    #                                    the MLP has no gate: "relu2" (Arcee) or "gelu_tanh" (Phi-2,
+    #                                    StarCoder2), glue_ops.UNGATED
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
