@@ -451,30 +451,6 @@ def test_hunyuan_ntk_alpha_becomes_the_rope_base():
         metadata_from_hf_config({**cfg, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
 
 
-@pytest.mark.llamacpp
-def test_gpt4o_pre_tokenizer_matches_llamacpp(llamacpp_source, tmp_path):
-    """gpt-oss's o200k vocabulary splits text with the `gpt-4o` regex: a real byte-level vocabulary
-    relabelled `gpt-4o` tokenizes as llama.cpp tokenizes it (cases, digits in threes, contractions,
-    punctuation runs with / and newlines)."""
-    import llama_cpp
-    base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
-    with GGUFFile(base) as f:
-        md, types = dict(f.metadata), dict(f.metadata_types)
-        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
-    md["tokenizer.ggml.pre"] = "gpt-4o"
-    write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
-    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
-    tok, llama3 = load_tokenizer(md), load_tokenizer({**md, "tokenizer.ggml.pre": "llama-bpe"})
-    cases = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
-    cases += ["HelloWorld CamelCase ABCdef 1234567 they'RE don'T", "a/b/c\n\n  x//y\r\n", "ÉCOLE école Ünïcödé"]
-    differs = 0
-    for text in cases:
-        got = tok.encode(text, add_bos=False, add_eos=False)
-        assert got == llm.tokenize(text.encode(), add_bos=False, special=False), repr(text)
-        differs += got != llama3.encode(text, add_bos=False, add_eos=False)
-    assert differs  # (the regex is not Llama 3's under another name)
-
-
 # ----------------------------------------------------------------------------------------------
 # adapters and streaming on every family
 

@@ -226,5 +226,51 @@ def test_unknown_tokenizer_models_are_refused():
     with pytest.raises(ValueError, match="pre-tokenizer"):
         load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
                         "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "martian"})
+    # llama.cpp's pre-tokenizers that lowtune leaves out say why
+    for pre, why in (("gemma4", "raw UTF-8"), ("kimi-k2", "by hand")):
+        with pytest.raises(ValueError, match=why):
+            load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                            "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": pre})
     with pytest.raises(ValueError, match="no tokenizer"):
         load_tokenizer({"general.architecture": "llama"})
+
+
+def _distinct_pre_tokenizers() -> list[str]:
+    """One name for each distinct (regexes, ignore_merges) of lowtune's pre-tokenizer table."""
+    from lowtune.tokenizer import _PRE
+    seen, names = set(), []
+    for name, (regexes, ignore_merges, _) in _PRE.items():
+        if (tuple(regexes), ignore_merges) not in seen:
+            seen.add((tuple(regexes), ignore_merges))
+            names.append(name)
+    return names
+
+
+# what the pre-tokenizers split differently: digit runs, cases, contractions, CJK and kana, Hangul,
+# fullwidth and CJK punctuation, combining marks, runs of spaces and newlines, trailing spaces
+_PRE_CASES = ["HelloWorld CamelCase ABCdef 1234567 12 they'RE don'T I'll", "a/b/c\n\n  x//y\r\n",
+              "ÉCOLE école Ünïcödé naïve e\u0301te\u0301", "深度求索 日本語のテキスト カタカナ 한국어 문장",
+              "全角！＂（テスト）：；「引用」…“quote”——end。", "price: $1,234.56 (12%) #tag @user 3.14159",
+              "tabs\tand    many        spaces   \n\n\n", "trailing spaces   ", "x" * 3 + " " * 40 + "y",
+              "ΑΒΓ αβγ Ωmega Привет мир Ꭰ ᏸ ﬁ", "wow!!\n\n\nnext .\n\n(ok)\r\n\r\n a//\n\nb"]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("pre", _distinct_pre_tokenizers())
+def test_every_pre_tokenizer_splits_as_llamacpp(llamacpp_source, tmp_path, pre):
+    """Each of llama.cpp's pre-tokenizers that lowtune knows: a real byte-level vocabulary (Llama
+    3's) relabelled with that `pre` tokenizes llama.cpp's tokenizer test cases and text that each
+    regex treats its own way exactly as llama.cpp tokenizes it."""
+    import llama_cpp
+    base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
+    with GGUFFile(base) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    md["tokenizer.ggml.pre"] = pre
+    write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
+    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    tok = load_tokenizer(md)
+    cases = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    for text in cases + _PRE_CASES:
+        assert tok.encode(text, add_bos=False, add_eos=False) == llm.tokenize(text.encode(), add_bos=False,
+                                                                              special=False), repr(text)

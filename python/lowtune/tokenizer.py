@@ -45,28 +45,88 @@ _GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo
           r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# llama.cpp's pre-tokenizers: name -> (regexes applied in turn, ignore_merges, add_bos default)
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?")
+_CJK_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
+_DEEPSEEK3_WORDS = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek LLM's letters: the cased scripts' letters as one class (its tokenizer.json's ranges)
+_DEEPSEEK_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481"
+    "\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
+    "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b"
+    "\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb"
+    "\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4"
+    "\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
+    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+# runs of digits in threes from the right (1234567: 1, 234, 567), as llama.cpp splits them
+_DIGITS_BY_THREES = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"
+
+# llama.cpp's pre-tokenizers (llama-vocab.cpp): name -> (regexes applied in turn, ignore_merges, add_bos
+# default). The names that share a list are llama.cpp's groups; _REFUSED_PRE are the others.
 _PRE = {}
 for _names, _spec in [
     (("default",), ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], False, False)),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3"), ([_LLAMA3], True, True)),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+     ([_LLAMA3], True, True)),
     (("dbrx", "smaug-bpe"), ([_LLAMA3], False, False)),
     (("chatglm-bpe",), ([_LLAMA3], False, False)),
     (("glm4", "glm5"), ([_LLAMA3], True, False)),
-    (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
+    (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
      ([r"\p{N}", _GPT2], False, False)),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es", "jina-v2-de",
-      "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "exaone4"), ([_GPT2], False, False)),
-    (("qwen2", "stablelm2", "megrez"), ([_QWEN2], False, False)),
+      "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "exaone4", "a.x-4.0", "mellum", "modern-bert",
+      "trillion", "granite-docling"), ([_GPT2], False, False)),
+    (("qwen2", "stablelm2", "megrez", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open", "grok-2"),
+     ([_QWEN2], False, False)),
+    (("qwen35",), ([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+"], False, False)),
     (("falcon",), ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"], False, False)),
     (("poro-chat", "bloom", "gpt3-finnish"), ([_BLOOM], False, False)),
     (("viking",), ([_BLOOM, r"\p{N}"], False, False)),
     (("deepseek-coder",), ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"], False, False)),
+    (("deepseek-llm",), ([r"[\r\n]", r"\s?[" + _DEEPSEEK_LETTERS + "]+",
+                          "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$",
+                          r"[一-龥ࠀ-一가-퟿]+", r"\p{N}+"], False, False)),
+    (("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
+     ([r"\p{N}{1,3}", _CJK_KANA, _DEEPSEEK3_WORDS], False, False)),
+    (("spark2_5",), ([r"\p{N}{1,3}", _CJK_KANA, _DEEPSEEK3_WORDS.replace(r"[\r\n]*|\s*[\r\n]+", r"|[\r\n]"),
+                      r"\p{N}"], False, False)),
+    (("youtu",), (["[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b\uff0c"
+                   "\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|" + _CJK_KANA,
+                   _CASED_WORDS + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"], True, False)),
+    (("jais-2",), ([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                    r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)"
+                    r"|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"], False, False)),
     (("tekken",), ([_TEKKEN], True, True)),
-    (("gpt-4o", "llama4", "kanana2"), ([_GPT4O], False, False)),  # (o200k: gpt-oss)
+    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), ([_GPT4O], False, False)),  # (o200k: gpt-oss)
+    (("tiny_aya", "cohere2moe"), ([_DIGITS_BY_THREES, _CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                                   r"|\s*[\r\n]+|\s+(?!\S)|\s+"], False, False)),
+    (("bailingmoe", "bailingmoe2", "llada-moe"),
+     ([r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+       r"|\s*[\r\n]|\s+(?!\S)|\s+"], False, False)),
+    (("seed-coder",), ([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                        r"|\s+(?!\S)|\s+"], False, False)),
+    (("ufakzeka",), ([r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+                     False, False)),
+    (("laguna",), ([r"[^\n]+|[\n]+", _QWEN2], False, False)),
+    (("exaone-moe",), ([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"], False, False)),
+    (("minicpm5",), ([r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+"], True, False)),
 ]:
     for _n in _names:
         _PRE[_n] = _spec
+
+_RAW_UTF8 = "BPE over raw UTF-8 rather than GPT-2's byte symbols, which lowtune's BPE does not run"
+_BY_HAND = "a split that llama.cpp codes by hand rather than by regex, which lowtune does not reproduce"
+_REFUSED_PRE = {"gemma4": _RAW_UTF8, "granite-embed-multi-311m": _RAW_UTF8, "sarvam-moe": _RAW_UTF8,
+                "whitespace": _RAW_UTF8, "kimi-k2": _BY_HAND, "afmoe": _BY_HAND, "superbpe": _BY_HAND,
+                "chameleon": "image tokens in the text", "granite-embed-multi-97m": "an embedding model's"}
 
 # pre-tokenizers whose vocabularies llama.cpp gives no BOS token, whatever the file says (GLM's)
 _NO_BOS = ("chatglm-bpe", "glm4", "glm5")
@@ -220,6 +280,9 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers
 
         super().__init__(tokens, token_types, **kw)
+        if pre in _REFUSED_PRE:
+            raise ValueError(f"the file's pre-tokenizer {pre!r} (tokenizer.ggml.pre) is {_REFUSED_PRE[pre]}; "
+                             f"lowtune tokenizes with {sorted(_PRE)}")
         if pre not in _PRE:
             raise ValueError(f"unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); known: {sorted(_PRE)}")
         self.pre = pre
