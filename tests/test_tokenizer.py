@@ -274,3 +274,18 @@ def test_every_pre_tokenizer_splits_as_llamacpp(llamacpp_source, tmp_path, pre):
     for text in cases + _PRE_CASES:
         assert tok.encode(text, add_bos=False, add_eos=False) == llm.tokenize(text.encode(), add_bos=False,
                                                                               special=False), repr(text)
+
+
+@pytest.mark.parametrize("pre", ["deepseek-v3", "qwen35", "seed-coder", "tiny_aya", "youtu"])
+def test_hf_pre_tokenizer_regexes_name_llamacpps_pre(pre):
+    """A tokenizer.json whose pre-tokenizer splits by one of llama.cpp's regex lists (Split steps,
+    then byte-level without its own regex) is given that list's llama.cpp name, which picks the same
+    splits when the GGUF is written and read."""
+    from lowtune.tokenizer import _PRE, _guess_pre
+    steps = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+             for r in _PRE[pre][0]]
+    steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False})
+    got = _guess_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}})
+    assert _PRE[got] == _PRE[pre]
+    steps[0]["pattern"]["Regex"] += "|x"  # a list llama.cpp does not know
+    assert _guess_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}}) == "default"

@@ -49,7 +49,7 @@ _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?")
 _CJK_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
-_DEEPSEEK3_WORDS = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+_DEEPSEEK3_WORDS = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
                     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # DeepSeek LLM's letters: the cased scripts' letters as one class (its tokenizer.json's ranges)
 _DEEPSEEK_LETTERS = (
@@ -565,7 +565,7 @@ def _bpe_metadata(tj: dict) -> dict:
 
 def _guess_pre(tj: dict) -> str:
     """Map the pre-tokenizer's regexes to llama.cpp's `pre` name (convert_hf_to_gguf.py hashes a test
-    string instead; this covers the common layouts and says 'default' otherwise)."""
+    string instead): a name whose regexes they are, else 'default'."""
     pats = []
 
     def walk(x):
@@ -583,10 +583,12 @@ def _guess_pre(tj: dict) -> str:
             for v in x:
                 walk(v)
     walk(tj.get("pre_tokenizer"))
-    norm = [p.replace("\\\\", "\\") if p else p for p in pats]
-    for name in ("llama-bpe", "qwen2", "smollm", "gpt-2"):
-        regexes = _PRE[name][0]
-        if norm == regexes or (name == "llama-bpe" and norm and norm[0] == _LLAMA3):
+    norm = [p.replace("\\\\", "\\") if p else p for p in pats]  # (some files escape their regexes twice)
+    if norm and norm[0] == _LLAMA3:
+        return "llama-bpe"
+    # the commonest names first where names share regexes (smollm's are starcoder's), then the table's order
+    for name in ("qwen2", "smollm", "gpt-2", *_PRE):
+        if _PRE[name][0] in (pats, norm) and name != "default":
             return name
     return "default"
 
