@@ -516,7 +516,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
         for name, (a, b) in pairs.items():
-            module = hf_names.hf_name(name, arch)[: -len(".weight")]
+            module = hf_names.hf_module(name, arch)
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
             ranks[module] = a.shape[0]
@@ -529,7 +529,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         "base_model_name_or_path": base_model_name or md.get("general.name") or str(model), "revision": None,
         "inference_mode": True, "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
         "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True, "modules_to_save": None,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "target_modules": hf_names.peft_target_modules(ranks, arch),
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": other, "alpha_pattern": dict(other), "use_dora": False,
     }
