@@ -241,26 +241,43 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
 
 @pytest.mark.transformers
 @pytest.mark.parametrize("name", VISION_LANGUAGE)
-def test_vision_language_exports(family_models, adapted, name):
+def test_vision_language_exports(family_models, adapted, tmp_path, name):
     """The merged GGUF keeps the file's `<arch>.*` keys (M-RoPE's sections, deepstack layers), so that
-    llama.cpp runs it with the model's mmproj file; a merged HF directory (a class with a vision tower)
-    is refused, saying what to export instead; the PEFT adapter, on the language model's modules only,
-    applies to the original checkpoint in transformers' class and gives lowtune's adapted logits."""
+    llama.cpp runs it with the model's mmproj file. A merged HF directory from the GGUF (no vision
+    tower) is refused, saying what to export instead; from the original directory it is that
+    directory in transformers' class, the language model merged (lowtune's adapted logits) and the
+    vision tower as it was. The PEFT adapter, on the language model's modules only, applies to the
+    original checkpoint and gives lowtune's adapted logits."""
     import peft
     import transformers
+
+    def hf(path):
+        m = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                                     attn_implementation="eager").eval()
+        assert type(m).__name__ == FAMILIES[name].hf_architectures[0]
+        return m
 
     a = adapted(name)
     with GGUFFile(a.base) as b, GGUFFile(a.merged) as m:
         keys = [k for k in b.metadata if k.startswith(f"{name}.")]
         assert f"{name}.rope.dimension_sections" in keys
         assert {k: m.metadata[k] for k in keys} == {k: b.metadata[k] for k in keys}
-    with pytest.raises(ValueError, match="vision tower.*merged GGUF.*PEFT adapter"):
+    with pytest.raises(ValueError, match="vision tower.*original Hugging Face directory.*merged GGUF.*PEFT"):
         export_hf(a.base, a.run, a.dir / "hf")
+    hf_dir = family_models[name].hf_dir
+    model = make_adapter(hf_dir, tmp_path / "run" / "adapter", EXPORT_METHOD[name], rel=0.2, rank=4)
+    export_hf(hf_dir, tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    merged, original = hf(tmp_path / "hf"), hf(hf_dir)
+    with torch.no_grad():
+        want, got = model(a.ids), merged(input_ids=a.ids).logits.float()
+        assert rel_err(original(input_ids=a.ids).logits, want) > 1e-2  # (the adapter matters)
+    print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    vision = {k: v for k, v in original.state_dict().items() if ".visual." in k or k.startswith("visual.")}
+    assert vision and all(torch.equal(merged.state_dict()[k], v) for k, v in vision.items())
+    assert {f.name for f in hf_dir.iterdir()} <= {f.name for f in (tmp_path / "hf").iterdir()}
     export_peft(a.base, a.run, a.dir / "peft")
-    hf = transformers.AutoModelForImageTextToText.from_pretrained(
-        family_models[name].hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    assert type(hf).__name__ == FAMILIES[name].hf_architectures[0]
-    model = peft.PeftModel.from_pretrained(hf, a.dir / "peft").eval()
+    model = peft.PeftModel.from_pretrained(original, a.dir / "peft").eval()
     adapted_modules = {n.rsplit(".", 2)[0] for n, _ in model.named_modules() if n.endswith("lora_A.default")}
     assert len(adapted_modules) == 2 * 7 and all(".language_model.layers." in n for n in adapted_modules)
     with torch.no_grad():

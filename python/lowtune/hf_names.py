@@ -597,9 +597,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                          "adapters; a merged Hugging Face directory of one is not written")
     if fam.text_of:
         raise ValueError(f"a Hugging Face directory of {arch} ({', '.join(fam.hf_architectures)}) "
-                         "holds the vision tower too, which a GGUF language model does not have, so it is not "
-                         "written; export a merged GGUF (llama.cpp runs it with the model's mmproj file), or a "
-                         "PEFT adapter to apply to the original checkpoint")
+                         "holds the vision tower too, which a GGUF language model does not have; export from "
+                         "the original Hugging Face directory (its vision tower is kept), or export a merged "
+                         "GGUF (llama.cpp runs it with the model's mmproj file) or a PEFT adapter")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
