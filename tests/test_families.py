@@ -285,6 +285,31 @@ def test_vision_language_models_are_their_text_families(tiny, tmp_path):
         assert rel_err(model(ids), hf(input_ids=ids).logits) < 1e-4
 
 
+def test_vision_language_configs_as_published():
+    """The published configs' spellings: Qwen2.5-VL's text keys at the top level with rope_scaling
+    {"type": "mrope"}, Qwen3-VL's under text_config with interleaved sections and the vision tower's
+    deepstack indexes; the metadata is what llama.cpp's converter writes from them."""
+    from lowtune import hf_names
+    text = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+            "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6}
+    md, types = hf_names.metadata_from_hf_config({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **text,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 2048}})
+    assert md["general.architecture"] == "qwen2vl" and md["qwen2vl.rope.freq_base"] == 1e6
+    assert md["qwen2vl.rope.dimension_sections"] == [16, 24, 24, 0] and "qwen2vl.n_deepstack_layers" not in md
+    assert types["qwen2vl.rope.dimension_sections"] == (hf_names.ARRAY, hf_names.I32)
+    md, _ = hf_names.metadata_from_hf_config({
+        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+        "text_config": {**text, "model_type": "qwen3_vl_text", "head_dim": 128, "rope_scaling": {
+            "rope_type": "default", "mrope_interleaved": True, "mrope_section": [24, 20, 20]}, "rope_theta": 5e6},
+        "vision_config": {"depth": 24, "deepstack_visual_indexes": [5, 11, 17]}})
+    assert md["general.architecture"] == "qwen3vl" and md["qwen3vl.rope.freq_base"] == 5e6
+    assert md["qwen3vl.rope.dimension_sections"] == [24, 20, 20, 0] and md["qwen3vl.n_deepstack_layers"] == 3
+    with pytest.raises(ValueError, match="Qwen3VLMoeForConditionalGeneration.. is not supported.*as the GGUF"):
+        hf_names.metadata_from_hf_config({"architectures": ["Qwen3VLMoeForConditionalGeneration"], **text})
+
+
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 16
