@@ -285,6 +285,15 @@ def test_vision_language_models_are_their_text_families(tiny, tmp_path):
         assert rel_err(model(ids), hf(input_ids=ids).logits) < 1e-4
 
 
+def test_a_reranker_is_refused_by_name(tiny, tmp_path):
+    """A Qwen3-VL reranker's file (llama.cpp's converter adds cls_out, the head's yes/no rows)."""
+    with GGUFFile(tiny["qwen3vl"].gguf) as f:
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos] + [("cls_out.weight", torch.zeros(2, D))]
+        write_gguf(tmp_path / "rerank.gguf", dict(f.metadata), tensors, metadata_types=dict(f.metadata_types))
+    with pytest.raises(ValueError, match="cls_out.*reranker's classification head.*generative model"):
+        Model.from_gguf(tmp_path / "rerank.gguf")
+
+
 def test_vision_language_configs_as_published():
     """The published configs' spellings: Qwen2.5-VL's text keys at the top level with rope_scaling
     {"type": "mrope"}, Qwen3-VL's under text_config with interleaved sections and the vision tower's

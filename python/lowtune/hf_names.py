@@ -13,7 +13,8 @@ The families (lowtune.families says which architecture is which HF class) differ
   * names: Qwen3, Gemma 3 and OLMo 2 add q/k norms; Gemma 2/3 and GLM-4 have norms before and
     after attention and FFN, OLMo 2 only after; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and
     gate/up fused (gate_up_proj = ffn_up, gate rows first), which GGUF keeps too, as GLM-4 keeps
-    gate/up;
+    gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
+    under model.language_model beside the vision tower (which lowtune leaves out);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
