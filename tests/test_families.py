@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -266,6 +267,16 @@ def test_vision_language_models_are_their_text_families(tiny, tmp_path):
         with GGUFFile(tiny[name].gguf) as f:
             for key, want in (("rope.dimension_sections", sections), ("n_deepstack_layers", deepstack)):
                 assert md.get(f"{name}.{key}") == f.metadata.get(f"{name}.{key}") == want, key
+    # the published Qwen2.5-VL checkpoints' layout: model.layers, visual, lm_head
+    from safetensors.torch import load_file, save_file
+    old = tmp_path / "old-layout"
+    shutil.copytree(tiny["qwen2vl"].hf_dir, old)
+    w = load_file(old / "model.safetensors")
+    save_file({k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+               for k, v in w.items()}, old / "model.safetensors", metadata={"format": "pt"})
+    ids = rand_ids(1, 40)
+    with torch.no_grad():
+        assert rel_err(lowtune.load_model(old, qtype="F32")(ids), Model.from_gguf(tiny["qwen2vl"].gguf)(ids)) < 1e-6
     # Qwen2-VL: M-RoPE in sections, not interleaved; every tensor under model.language_model or model.visual
     hf = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
         text_config=dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
@@ -276,11 +287,10 @@ def test_vision_language_models_are_their_text_families(tiny, tmp_path):
     with torch.no_grad():
         for p in hf.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() == 1 else p.shape[-1] ** -0.5))
-    hf.save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path / "qwen2-vl")
     assert any(k.startswith("model.visual.") for k in hf.state_dict())
-    model = lowtune.load_model(tmp_path, qtype="F32")
+    model = lowtune.load_model(tmp_path / "qwen2-vl", qtype="F32")
     assert model.config.arch == "qwen2vl" and model.metadata["qwen2vl.rope.dimension_sections"] == [2, 2, 4, 0]
-    ids = rand_ids(1, 40)
     with torch.no_grad():
         assert rel_err(model(ids), hf(input_ids=ids).logits) < 1e-4
 
