@@ -29,10 +29,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense")
+         "exaone4", "seed_oss", "hunyuan-dense", "qwen2vl", "qwen3vl")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -41,6 +41,8 @@ WINDOW = 16          # sliding window of the tiny models: shorter than every tes
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
 V, D, F, H, HKV = 512, 64, 128, 4, 2
+VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D,
+                 deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -164,6 +166,23 @@ def hf_model(name: str):
             num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # vision-language models (a one-block vision tower; the converter writes their language models):
+        # M-RoPE sections over a head's pairs (8, 16), Qwen3-VL's interleaved, with two deepstack layers
+        "qwen2vl": lambda: tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
+            text_config=dict(**common, num_hidden_layers=2, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D,
+                               fullatt_block_indexes=[0]), tie_word_embeddings=False)),
+        "qwen3vl": lambda: tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(
+            text_config=dict(**common, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+            vision_config=VL_VISION, tie_word_embeddings=False)),
+        "qwen3vlmoe": lambda: tf.Qwen3VLMoeForConditionalGeneration(tf.Qwen3VLMoeConfig(
+            text_config=dict(**common, num_hidden_layers=2, head_dim=32, num_experts=EXPERTS,
+                             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=96, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+            vision_config=VL_VISION, tie_word_embeddings=False)),
         # per-head q/k norms after RoPE, a tied head
         "hunyuan-dense": lambda: tf.HunYuanDenseV1ForCausalLM(tf.HunYuanDenseV1Config(
             **common, num_hidden_layers=2, head_dim=16, eod_token_id=2, tie_word_embeddings=True)),
@@ -265,6 +284,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
                 del cfg[k]
             cfg.update(MINICPM, architectures=["MiniCPMForCausalLM"], model_type="minicpm")
             (d / "config.json").write_text(json.dumps(cfg))
+        if name == "qwen3vlmoe":
+            hub_expert_layout(d / "model.safetensors")
         (d / "tokenizer.model").write_bytes(tokenizer)
         (d / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
@@ -294,6 +315,17 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
         write_gguf(root / "gemma-eot.gguf", md, tensors, metadata_types=types)
     out["gemma"].gguf = root / "gemma-eot.gguf"
     return out
+
+
+def hub_expert_layout(path: Path) -> None:
+    """Qwen3-VL MoE's experts as its published checkpoints (and llama.cpp's converter) have them,
+    [experts, in, out]: transformers saves its own [experts, out, in], and transposes either on load
+    where the shapes tell which (the tiny expert's width, 96, is neither D nor D / 2, and whole
+    blocks of 32 for llama.cpp's quantizer)."""
+    from safetensors.torch import load_file, save_file
+    w = load_file(path)
+    save_file({k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in w.items()}, path,
+              metadata={"format": "pt"})
 
 
 _QUANTIZED: dict = {}
@@ -326,8 +358,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     from lowtune.model import Model, ModelConfig, layer_norm_shapes
 
     fam = FAMILIES[arch]
+    text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
-    hd = 32 if arch in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
+    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
@@ -401,7 +434,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
-        if arch in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

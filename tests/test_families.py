@@ -18,7 +18,9 @@ test_gemma3_270m.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -147,6 +149,10 @@ def test_hf_names_and_config_round_trip(tiny, name):
         h = hf_names.hf_name(n, arch)
         assert (n in hf_names.GGUF_ONLY) if h is None else hf_names.gguf_name(h, arch) == n
     config = ModelConfig.from_gguf_metadata(md)
+    if config.family.text_of:  # (the class holds a vision tower, which the GGUF lacks)
+        with pytest.raises(ValueError, match="holds the vision tower too.*merged GGUF"):
+            hf_names.hf_config(config, md, "output.weight" not in infos, "float32", tensors)
+        return
     cfg = hf_names.hf_config(config, md, "output.weight" not in infos, "float32", tensors)
     back, _ = hf_names.metadata_from_hf_config(cfg)
     assert asdict(ModelConfig.from_gguf_metadata(back)) == pytest.approx(asdict(config))
@@ -242,9 +248,90 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
     assert rel_err(got, want) < 1e-4
 
 
+def test_vision_language_models_are_their_text_families(tiny, tmp_path):
+    """Qwen2-VL / Qwen2.5-VL (qwen2vl), Qwen3-VL (qwen3vl) and Qwen3-VL MoE (qwen3vlmoe) run their text
+    families' decoders (text tokens take every M-RoPE section at their position: NEOX RoPE; the tiny
+    models' sections differ from one another and their logits equal transformers'). Their directories
+    give the M-RoPE sections and deepstack layer count the converter writes, so a merged GGUF keeps what
+    llama.cpp needs; Qwen2-VL's class reads as Qwen2.5-VL's."""
+    import transformers as tf
+
+    import lowtune
+    from lowtune import hf_names
+    for vl, text in (("qwen2vl", "qwen2"), ("qwen3vl", "qwen3"), ("qwen3vlmoe", "qwen3moe")):
+        fam = FAMILIES[vl]
+        assert dataclasses.replace(fam, arch=text, text_of="", hf_architectures=FAMILIES[text].hf_architectures,
+                                   hf_model_types=FAMILIES[text].hf_model_types) == FAMILIES[text]
+    for name, sections, deepstack in (("qwen2vl", [2, 3, 3, 0], None), ("qwen3vl", [6, 5, 5, 0], 2)):
+        md, _ = hf_names.metadata_from_hf_config(json.loads((tiny[name].hf_dir / "config.json").read_text()))
+        with GGUFFile(tiny[name].gguf) as f:
+            for key, want in (("rope.dimension_sections", sections), ("n_deepstack_layers", deepstack)):
+                assert md.get(f"{name}.{key}") == f.metadata.get(f"{name}.{key}") == want, key
+    # the published Qwen2.5-VL checkpoints' layout: model.layers, visual, lm_head
+    from safetensors.torch import load_file, save_file
+    old = tmp_path / "old-layout"
+    shutil.copytree(tiny["qwen2vl"].hf_dir, old)
+    w = load_file(old / "model.safetensors")
+    save_file({k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+               for k, v in w.items()}, old / "model.safetensors", metadata={"format": "pt"})
+    ids = rand_ids(1, 40)
+    with torch.no_grad():
+        assert rel_err(lowtune.load_model(old, qtype="F32")(ids), Model.from_gguf(tiny["qwen2vl"].gguf)(ids)) < 1e-6
+    # Qwen2-VL: M-RoPE in sections, not interleaved; every tensor under model.language_model or model.visual
+    hf = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+        text_config=dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
+                         num_key_value_heads=HKV, num_hidden_layers=2, rms_norm_eps=1e-5, rope_parameters={
+                             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=D, num_heads=2))).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    hf.save_pretrained(tmp_path / "qwen2-vl")
+    assert any(k.startswith("model.visual.") for k in hf.state_dict())
+    model = lowtune.load_model(tmp_path / "qwen2-vl", qtype="F32")
+    assert model.config.arch == "qwen2vl" and model.metadata["qwen2vl.rope.dimension_sections"] == [2, 2, 4, 0]
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(input_ids=ids).logits) < 1e-4
+
+
+def test_a_reranker_is_refused_by_name(tiny, tmp_path):
+    """A Qwen3-VL reranker's file (llama.cpp's converter adds cls_out, the head's yes/no rows)."""
+    with GGUFFile(tiny["qwen3vl"].gguf) as f:
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos] + [("cls_out.weight", torch.zeros(2, D))]
+        write_gguf(tmp_path / "rerank.gguf", dict(f.metadata), tensors, metadata_types=dict(f.metadata_types))
+    with pytest.raises(ValueError, match="cls_out.*reranker's classification head.*generative model"):
+        Model.from_gguf(tmp_path / "rerank.gguf")
+
+
+def test_vision_language_configs_as_published():
+    """The published configs' spellings: Qwen2.5-VL's text keys at the top level with rope_scaling
+    {"type": "mrope"}, Qwen3-VL's under text_config with interleaved sections and the vision tower's
+    deepstack indexes; the metadata is what llama.cpp's converter writes from them."""
+    from lowtune import hf_names
+    text = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+            "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6}
+    md, types = hf_names.metadata_from_hf_config({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **text,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 2048}})
+    assert md["general.architecture"] == "qwen2vl" and md["qwen2vl.rope.freq_base"] == 1e6
+    assert md["qwen2vl.rope.dimension_sections"] == [16, 24, 24, 0] and "qwen2vl.n_deepstack_layers" not in md
+    assert types["qwen2vl.rope.dimension_sections"] == (hf_names.ARRAY, hf_names.I32)
+    md, _ = hf_names.metadata_from_hf_config({
+        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+        "text_config": {**text, "model_type": "qwen3_vl_text", "head_dim": 128, "rope_scaling": {
+            "rope_type": "default", "mrope_interleaved": True, "mrope_section": [24, 20, 20]}, "rope_theta": 5e6},
+        "vision_config": {"depth": 24, "deepstack_visual_indexes": [5, 11, 17]}})
+    assert md["general.architecture"] == "qwen3vl" and md["qwen3vl.rope.freq_base"] == 5e6
+    assert md["qwen3vl.rope.dimension_sections"] == [24, 20, 20, 0] and md["qwen3vl.n_deepstack_layers"] == 3
+    with pytest.raises(ValueError, match="Qwen3VLMoeForConditionalGeneration.. is not supported.*as the GGUF"):
+        hf_names.metadata_from_hf_config({"architectures": ["Qwen3VLMoeForConditionalGeneration"], **text})
+
+
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 14
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 16
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
@@ -567,7 +654,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "gpt-oss")
+                         "hunyuan-dense", "gpt-oss", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
@@ -582,6 +669,8 @@ def test_families_and_refusals():
     assert family_of({"general.architecture": "llama", "llama.expert_count": 8}).moe  # Mixtral
     with pytest.raises(ValueError, match="no general.architecture"):
         family_of({})
+    with pytest.raises(ValueError, match="vision encoder.*mmproj.*the language model's GGUF"):
+        family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
         family_of_hf(["GPT2LMHeadModel"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,

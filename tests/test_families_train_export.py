@@ -52,13 +52,15 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gemma": "qdylora", "gemma2": "lora", "gemma3": "qa-hira", "olmo2": "qa-lora", "olmo3": "q-bara",
                  "glm4": "qdylora", "exaone4": "qa-hira", "command-r": "q-bara", "cohere2": "q-bara",
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
-                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora"}
+                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
+                 "qwen3vl": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
                    "glm4": "q-bara", "exaone4": "lora", "command-r": "qa-lora", "cohere2": "qdylora",
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
-                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira"}
+                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
+                   "qwen3vl": "lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -66,6 +68,7 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 
 
 def hf_class(name: str) -> str:
@@ -201,7 +204,7 @@ def adapted(family_models, tmp_path_factory):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in VISION_LANGUAGE])
 def test_exports_load_in_transformers_and_peft(adapted, name):
     import peft
     import transformers
@@ -233,6 +236,53 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     assert rel_err(logits(base), a.plain) < 1e-4
     got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
     print(f"{name}: PEFT adapter on the HF base vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", VISION_LANGUAGE)
+def test_vision_language_exports(family_models, adapted, tmp_path, name):
+    """The merged GGUF keeps the file's `<arch>.*` keys (M-RoPE's sections, deepstack layers), so that
+    llama.cpp runs it with the model's mmproj file. A merged HF directory from the GGUF (no vision
+    tower) is refused, saying what to export instead; from the original directory it is that
+    directory in transformers' class, the language model merged (lowtune's adapted logits) and the
+    vision tower as it was. The PEFT adapter, on the language model's modules only, applies to the
+    original checkpoint and gives lowtune's adapted logits."""
+    import peft
+    import transformers
+
+    def hf(path):
+        m = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                                     attn_implementation="eager").eval()
+        assert type(m).__name__ == FAMILIES[name].hf_architectures[0]
+        return m
+
+    a = adapted(name)
+    with GGUFFile(a.base) as b, GGUFFile(a.merged) as m:
+        keys = [k for k in b.metadata if k.startswith(f"{name}.")]
+        assert f"{name}.rope.dimension_sections" in keys
+        assert {k: m.metadata[k] for k in keys} == {k: b.metadata[k] for k in keys}
+    with pytest.raises(ValueError, match="vision tower.*original Hugging Face directory.*merged GGUF.*PEFT"):
+        export_hf(a.base, a.run, a.dir / "hf")
+    hf_dir = family_models[name].hf_dir
+    model = make_adapter(hf_dir, tmp_path / "run" / "adapter", EXPORT_METHOD[name], rel=0.2, rank=4)
+    export_hf(hf_dir, tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    merged, original = hf(tmp_path / "hf"), hf(hf_dir)
+    with torch.no_grad():
+        want, got = model(a.ids), merged(input_ids=a.ids).logits.float()
+        assert rel_err(original(input_ids=a.ids).logits, want) > 1e-2  # (the adapter matters)
+    print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    vision = {k: v for k, v in original.state_dict().items() if ".visual." in k or k.startswith("visual.")}
+    assert vision and all(torch.equal(merged.state_dict()[k], v) for k, v in vision.items())
+    assert {f.name for f in hf_dir.iterdir()} <= {f.name for f in (tmp_path / "hf").iterdir()}
+    export_peft(a.base, a.run, a.dir / "peft")
+    model = peft.PeftModel.from_pretrained(original, a.dir / "peft").eval()
+    adapted_modules = {n.rsplit(".", 2)[0] for n, _ in model.named_modules() if n.endswith("lora_A.default")}
+    assert len(adapted_modules) == 2 * 7 and all(".language_model.layers." in n for n in adapted_modules)
+    with torch.no_grad():
+        got = model(input_ids=a.ids).logits.float()
+    print(f"{name}: PEFT adapter on the original checkpoint vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
 
 

@@ -1,8 +1,9 @@
 """Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
 architecture with experts), OLMoE (olmoe), Qwen2-MoE (qwen2moe, a gated shared expert), Granite
-MoE (granitemoe, an ungated shared expert, Granite's scales) and gpt-oss (attention sinks, biases
-on the router and experts, the softmax of the top k logits, swiglu_oai), as tiny random models
-built by transformers and converted by llama.cpp's converter (tests/family_models.py):
+MoE (granitemoe, an ungated shared expert, Granite's scales), Qwen3-VL MoE's language model
+(qwen3vlmoe, Qwen3-MoE's decoder) and gpt-oss (attention sinks, biases on the router and experts,
+the softmax of the top k logits, swiglu_oai), as tiny random models built by transformers and
+converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,

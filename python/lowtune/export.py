@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from .methods import GROUP_CONSTANT
 from .progress import tracked
 from .qtensor import QTensor
 from .recipes import LOGICAL_TYPES_KEY, choose_type, logical_types, storage_format
-from .safetensors_io import write_safetensors, write_safetensors_dict
+from .safetensors_io import safetensors_files, write_safetensors, write_safetensors_dict
 from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
 
 log = logging.getLogger("lowtune")
@@ -516,7 +517,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
         for name, (a, b) in pairs.items():
-            module = hf_names.hf_name(name, arch)[: -len(".weight")]
+            module = hf_names.hf_module(name, arch)
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
             ranks[module] = a.shape[0]
@@ -529,7 +530,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         "base_model_name_or_path": base_model_name or md.get("general.name") or str(model), "revision": None,
         "inference_mode": True, "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
         "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True, "modules_to_save": None,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "target_modules": hf_names.peft_target_modules(ranks, arch),
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": other, "alpha_pattern": dict(other), "use_dora": False,
     }
@@ -601,12 +602,43 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
     return names + ["tokenizer_config.json", "special_tokens_map.json"]
 
 
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
+    """Tensor `name` of the safetensors file at `path`."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as st:
+        return st.get_tensor(name)
+
+
+def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str):
+    """(config.json, {HF name: (file, GGUF name or None, shape)}, the other files) of the original
+    directory of a vision-language class: its config with the new dtype, every tensor in its own
+    name (None: the vision tower's and projector's, which lowtune's model does not hold), and the
+    files beside the weights (processor, tokenizer, chat template) to copy."""
+    from safetensors import safe_open
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update({k: torch_dtype_name for k in ("torch_dtype", "dtype") if k in cfg} or {"dtype": torch_dtype_name})
+    tensors = {}
+    for f in safetensors_files(directory):
+        with safe_open(str(f), framework="pt") as st:
+            for h in st.keys():
+                tensors[h] = (f, hf_names.gguf_name(h, arch), tuple(st.get_slice(h).get_shape()))
+    beside = [f for f in sorted(directory.iterdir()) if f.is_file() and f.suffix not in _WEIGHT_FILES
+              and f.name not in ("config.json", "model.safetensors.index.json")]
+    return cfg, tensors, beside
+
+
 def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = None, base_type=None,
               force: bool = False) -> ExportReport:
     """Write a Hugging Face directory of the family's class (LlamaForCausalLM, Qwen2ForCausalLM,
     Phi3ForCausalLM, Gemma3ForCausalLM, ...): model.safetensors (deq(W) + ΔW in bf16, fp16 or
     fp32, in HF's layout, written tensor by tensor), config.json, generation_config.json and the
-    tokenizer. adapter None exports the base alone."""
+    tokenizer. adapter None exports the base alone. A vision-language model read from its HF
+    directory is written as that directory: its class and config, its language model merged, the
+    vision tower's tensors and the processor's files as they were (in the chosen dtype); from a
+    GGUF (no vision tower) it is refused."""
     t0 = time.perf_counter()
     try:
         tag = type_of(dtype)
@@ -619,19 +651,27 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
         arch = md["general.architecture"]
         mc = ModelConfig.from_gguf_metadata(md)
         # config.json first: it refuses what HF cannot hold before anything is written
-        tensors = {n: (base.tensor(n).reshape(-1).tolist() if n in hf_names.GGUF_ONLY else None)
-                   for n in base.tensor_infos}
-        tied = "output.weight" not in base.tensor_infos
-        cfg = hf_names.hf_config(mc, md, tied, hf_dtype_name(tdt), tensors)
-        # biases the HF class has and the GGUF lacks are zeros
-        _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
-        shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
-        shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
-        names = {n: hf_names.hf_name(n, arch) for n in shapes}
-        specs = [(names[n], tag, shape) for n, shape in shapes.items() if names[n] is not None]
-        by_hf = {h: g for g, h in names.items() if h is not None}
+        original, beside = {}, []
+        if mc.family.text_of and Path(base.path).is_dir():
+            cfg, original, beside = _vision_language_original(Path(base.path), arch, hf_dtype_name(tdt))
+            specs = [(h, tag, shape) for h, (_, _, shape) in original.items()]
+            by_hf = {h: g for h, (_, g, _) in original.items() if g in base.tensor_infos}
+        else:
+            tensors = {n: (base.tensor(n).reshape(-1).tolist() if n in hf_names.GGUF_ONLY else None)
+                       for n in base.tensor_infos}
+            tied = "output.weight" not in base.tensor_infos
+            cfg = hf_names.hf_config(mc, md, tied, hf_dtype_name(tdt), tensors)
+            # biases the HF class has and the GGUF lacks are zeros
+            _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
+            shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
+            shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
+            names = {n: hf_names.hf_name(n, arch) for n in shapes}
+            specs = [(names[n], tag, shape) for n, shape in shapes.items() if names[n] is not None]
+            by_hf = {h: g for g, h in names.items() if h is not None}
 
         def produce(hf_name: str) -> torch.Tensor:
+            if hf_name not in by_hf:  # (the vision tower's, as the original holds it)
+                return _safetensors_tensor(original[hf_name][0], hf_name).to(tdt)
             name = by_hf[hf_name]
             if name not in base.tensor_infos:
                 return torch.zeros(shapes[name], dtype=tdt)
@@ -653,13 +693,17 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
         write_safetensors(d / "model.safetensors", specs, produce, {"format": "pt"},
                           progress=f"writing {d / 'model.safetensors'}")
         _write_json(d / "config.json", cfg)
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
-        _write_json(d / "generation_config.json", gen)
         notes = []
-        if "tokenizer.ggml.tokens" in md:
-            write_hf_tokenizer(md, d)
+        if original:  # the original's generation config, tokenizer and processor
+            for f in beside:
+                shutil.copyfile(f, d / f.name)
         else:
-            notes.append("the base has no tokenizer metadata: no tokenizer files written")
+            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+            _write_json(d / "generation_config.json", gen)
+            if "tokenizer.ggml.tokens" in md:
+                write_hf_tokenizer(md, d)
+            else:
+                notes.append("the base has no tokenizer metadata: no tokenizer files written")
     finally:
         base.close()
     size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())

@@ -35,6 +35,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
+    qwen2vl       neox  silu       -           -         -          -                        if the file gives one
+    qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
+    qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -75,6 +78,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
+  The language models of vision-language files (llama.cpp's converter writes the vision tower to a
+  separate mmproj file) are text families' decoders (Family.text_of): Qwen2-VL and Qwen2.5-VL
+  (qwen2vl) Qwen2's, Qwen3-VL (qwen3vl) Qwen3's, Qwen3-VL MoE (qwen3vlmoe) Qwen3-MoE's. Their M-RoPE
+  (rope.dimension_sections) gives each section of a head's pairs its own position component (time,
+  height, width), which llama.cpp sets to the token's position for text tokens: NEOX RoPE. Qwen3-VL's
+  deepstack layers add image features to the first layers' outputs; for text tokens llama.cpp adds
+  zeros (the padded part of the input embedding), so text runs without them.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -95,7 +105,7 @@ The hf_* fields are the Hugging Face side of the same facts, for loading safeten
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 
@@ -151,6 +161,8 @@ class Family:
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
     #                                       SentencePiece vocabulary (None: as tokenizer.model says)
+    text_of: str = ""                  # a vision-language model's language model: the text family whose
+    #                                    decoder and tensor names it has ("": a text model)
 
     @property
     def eps_key(self) -> str:
@@ -218,6 +230,15 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
            ffn_norm_tensor="post_attention_norm"),
 )}
+# Vision-language architectures: the text family's rules under their own name and Hugging Face classes
+# (a MoE one, as its text family, is read from GGUF only)
+FAMILIES.update({f.arch: f for f in (
+    replace(FAMILIES[text], arch=arch, text_of=text, hf_architectures=classes, hf_model_types=types)
+    for arch, text, classes, types in (
+        ("qwen2vl", "qwen2", ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
+         ("qwen2_5_vl", "qwen2_vl")),
+        ("qwen3vl", "qwen3", ("Qwen3VLForConditionalGeneration",), ("qwen3_vl",)),
+        ("qwen3vlmoe", "qwen3moe", (), ())))})
 
 SUPPORTED = tuple(FAMILIES)
 
@@ -257,10 +278,14 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe and gpt-oss)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss and "
+                         "qwen3vlmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
+    if arch == "clip":  # (llama.cpp's mmproj files)
+        raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
+                         "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")
     if arch in _ENCODERS or "bert" in arch or arch.startswith("t5"):
         raise ValueError(f"{arch!r} is an encoder model, which lowtune does not fine-tune; "
                          f"{_supported()} (decoder-only language models)")
@@ -284,4 +309,5 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
     raise ValueError(f"Hugging Face architecture {what} is not supported; lowtune reads {types} "
-                     f"checkpoints ({classes})")
+                     f"checkpoints ({classes}), and the others it runs (mixtures of experts among them) as the "
+                     "GGUF that llama.cpp's convert_hf_to_gguf.py writes")

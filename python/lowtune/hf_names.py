@@ -13,7 +13,8 @@ The families (lowtune.families says which architecture is which HF class) differ
   * names: Qwen3, Gemma 3 and OLMo 2 add q/k norms; Gemma 2/3 and GLM-4 have norms before and
     after attention and FFN, OLMo 2 only after; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and
     gate/up fused (gate_up_proj = ffn_up, gate rows first), which GGUF keeps too, as GLM-4 keeps
-    gate/up;
+    gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
+    under model.language_model beside the vision tower (which lowtune leaves out);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -36,7 +37,8 @@ from gguf.constants import GGUFValueType
 
 from .families import FAMILIES, Family, family_of_hf, yarn_magnitude
 
-U32, F32, STR, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
+U32, I32, F32, STR, BOOL = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
+                            GGUFValueType.BOOL)
 ARRAY = GGUFValueType.ARRAY
 
 # GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias}, and the
@@ -98,11 +100,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
-# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model
-# under a prefix; its vision tower is not part of the text model.
+# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models) keeps its
+# language model under a prefix; its vision tower is not part of the text model.
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
-                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
 
@@ -122,6 +124,8 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
 
 
 def _table(arch: str) -> dict[str, dict[str, str]]:
+    if arch in FAMILIES and FAMILIES[arch].text_of:  # a vision-language model's text decoder
+        arch = FAMILIES[arch].text_of
     if arch not in TENSOR_NAMES:
         raise ValueError(f"no Hugging Face names for architecture {arch!r} (known: {', '.join(TENSOR_NAMES)})")
     return TENSOR_NAMES[arch]
@@ -157,6 +161,27 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
                      "unsupported variant)")
+
+
+# A vision-language class (Qwen2_5_VLForConditionalGeneration, ...) holds its language model's layers here
+_VL_LAYERS = "model.language_model.layers."
+
+
+def hf_module(name: str, arch: str) -> str:
+    """The HF module of GGUF layer linear `name` (blk.N.attn_q.weight) where the family's class holds
+    it, as PEFT names it: model.layers.N.self_attn.q_proj, model.language_model.layers.N... in a
+    vision-language class."""
+    module = hf_name(name, arch).removesuffix(".weight")
+    return module.replace("model.layers.", _VL_LAYERS, 1) if FAMILIES[arch].text_of else module
+
+
+def peft_target_modules(modules, arch: str) -> list[str] | str:
+    """PEFT's target_modules for adapters on these HF modules: their short names, or in a
+    vision-language class a pattern of the language model's (the vision tower has gate_proj too)."""
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    if not FAMILIES[arch].text_of:
+        return names
+    return re.escape(_VL_LAYERS) + r"\d+\..*\.(" + "|".join(names) + ")"
 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
@@ -365,8 +390,14 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("rope.freq_base", base * alpha ** (head_dim / (head_dim - 2)), F32)
         if kind == "dynamic":
             key("context_length", 256 * 1024, U32)
-    elif kind not in (None, "default", "llama3"):  # llama3: the rope_freqs tensor (generated_tensors)
+    elif kind not in (None, "default", "llama3", "mrope"):  # llama3: the rope_freqs tensor (generated_tensors)
         raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, yarn, llama3 and longrope are)")
+    sections = [int(x) for x in rope.get("mrope_section") or ()][:4]
+    if sections:  # M-RoPE's (Qwen VL), which llama.cpp needs, as its converter writes them
+        key("rope.dimension_sections", sections + [0] * (4 - len(sections)), (ARRAY, I32))
+    deepstack = (config.get("vision_config") or {}).get("deepstack_visual_indexes")
+    if fam.text_of and deepstack is not None:  # (Qwen3-VL's: image features added to the first layers)
+        key("n_deepstack_layers", len(deepstack), U32)
 
     if fam.nope_period:
         _check_nope_layers(config, fam, n_layers)
@@ -565,6 +596,11 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if c.n_experts:
         raise ValueError("mixture-of-experts models export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
                          "adapters; a merged Hugging Face directory of one is not written")
+    if fam.text_of:
+        raise ValueError(f"a Hugging Face directory of {arch} ({', '.join(fam.hf_architectures)}) "
+                         "holds the vision tower too, which a GGUF language model does not have; export from "
+                         "the original Hugging Face directory (its vision tower is kept), or export a merged "
+                         "GGUF (llama.cpp runs it with the model's mmproj file) or a PEFT adapter")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")

@@ -1266,6 +1266,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     unused = [n for n in w if n not in want and n not in optional]
     if unused:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
+        if "cls_out.weight" in unused:  # (Qwen3 and Qwen3-VL rerankers: their yes/no rows of the head)
+            hint = " (a reranker's classification head; lowtune fine-tunes the generative model it was made from)"
         raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
                          "this file is a variant lowtune does not support")
     for name in w:
