@@ -80,6 +80,10 @@ SWITCH_OFF = {
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
                 ("query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "nemotron": [("linear RoPE scaling", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
+        dataclasses.replace(m.config, rope_linear_scale=1.0))[None]))],
+    "apertus": [("each layer's own xIELU scalars",
+                 lambda m: [layer.xielu.copy_(m.layers[0].xielu) for layer in m.layers])],
     "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)]),
               ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
@@ -149,6 +153,7 @@ def test_hf_names_and_config_round_trip(tiny, name):
     config = ModelConfig.from_gguf_metadata(md)
     cfg = hf_names.hf_config(config, md, "output.weight" not in infos, "float32", tensors)
     back, _ = hf_names.metadata_from_hf_config(cfg)
+    back.update({k: md[k] for k in hf_names.LAYER_SCALARS.get(arch, ())})  # (tensors in HF: Apertus's xIELU)
     assert asdict(ModelConfig.from_gguf_metadata(back)) == pytest.approx(asdict(config))
     factors = {n: v for n, v in tensors.items() if v is not None}  # Phi-3's LongRoPE factors
     assert set(hf_names.generated_tensors(cfg)) == set(factors)
@@ -244,8 +249,14 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 14
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 16
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
+    ne = cfg["nemotron"]
+    assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
+    ap = cfg["apertus"]  # (alpha_p, alpha_n, beta, eps) of each layer, as transformers holds them
+    acts = [layer.mlp.act_fn for layer in hf_model("apertus").model.layers]
+    assert ap.xielu == pytest.approx([tuple(float(getattr(a, k)) for k in ("alpha_p", "alpha_n", "beta", "eps"))
+                                      for a in acts])
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -319,9 +330,9 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's LayerNorm biases and GELU MLP
-# without a gate)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2"))
+# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and Nemotron's LayerNorm biases, and
+# the GELU and xIELU (Apertus) MLPs without a gate)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "nemotron", "apertus"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -591,7 +602,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "gpt-oss")
+                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

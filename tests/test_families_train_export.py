@@ -52,19 +52,23 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gemma": "qdylora", "gemma2": "lora", "gemma3": "qa-hira", "olmo2": "qa-lora", "olmo3": "q-bara",
                  "glm4": "qdylora", "exaone4": "qa-hira", "command-r": "q-bara", "cohere2": "q-bara",
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
-                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora"}
+                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "nemotron": "qa-hira",
+                 "apertus": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
                    "glm4": "q-bara", "exaone4": "lora", "command-r": "qa-lora", "cohere2": "qdylora",
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
-                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira"}
+                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "nemotron": "q-bara",
+                   "apertus": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
-              "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}}
+              "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
+              "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
+              "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -133,7 +137,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    ungated = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2") else set()  # (their MLPs have no gate)
+    ungated = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - ungated
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")

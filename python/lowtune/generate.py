@@ -148,8 +148,10 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    ungated_gelu = not c.family.gated and c.family.activation != "relu2"  # (the decoder's ungated MLP is relu²)
-    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or ungated_gelu or any(
+    # the decoder's MLP without a gate is relu²'s (Arcee, Nemotron): Phi-2's and StarCoder2's GELU and
+    # Apertus's xIELU run the model's own steps
+    other_ungated = not c.family.gated and c.family.activation != "relu2"
+    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or other_ungated or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
@@ -168,7 +170,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
         if getattr(layer.attn_norm, "bias", None) is not None:
-            return None  # (LayerNorm biases: Phi-2, the model's own steps)
+            return None  # (LayerNorm biases: Phi-2, StarCoder2, Nemotron, the model's own steps)
         linears = [lin for lin in _linears(layer) if lin is not None or c.family.gated]  # (Arcee: no gate)
         if not all(type(lin) is QLinear for lin in linears):
             return None  # adapters
