@@ -330,16 +330,15 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and Nemotron's LayerNorm biases, and
-# the GELU and xIELU (Apertus) MLPs without a gate)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "nemotron", "apertus"))
+# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
-    """Where lowtune._C.CpuDecoder applies (biases, q/k norms, RoPE on halves, NoPE layers,
-    Granite's scales, YaRN, Gemma's GeGLU, post-norms, soft-caps, windows and sliding layers' own
-    RoPE base), each step's logits are the model's own."""
+    """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
+    layers, Granite's scales, YaRN, Gemma's GeGLU, relu² and xIELU without a gate, post-norms,
+    soft-caps, windows and sliding layers' own RoPE base), each step's logits are the model's own."""
     from lowtune.generate import cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     # 40 positions: past the windows, YaRN's original context and Phi-3's (LongRoPE's long factors)
