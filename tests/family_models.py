@@ -203,7 +203,12 @@ def hf_model(name: str):
                                    "original_max_position_embeddings": 32},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     }[name]
-    model = make()
+    return randomized(make(), name)
+
+
+def randomized(model, name: str):
+    """A transformers model of family `name` with the tiny models' random weights (seeded by the
+    name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     gemma = name.startswith("gemma")
@@ -259,6 +264,16 @@ for src, dst in zip(jobs[::2], jobs[1::2]):
 """
 
 
+def convert(llamacpp_source: Path, jobs: list[tuple[Path, Path]]) -> None:
+    """llama.cpp's converter on each (HF directory, GGUF F32 path) of `jobs`, in one process (the
+    converter puts its own gguf-py first on sys.path)."""
+    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
+    args = [str(p) for job in jobs for p in job]
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *args],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+
+
 @dataclass
 class Tiny:
     name: str
@@ -284,12 +299,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
             "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
         out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
-        jobs += [str(d), str(out[name].gguf)]
-    # one process converts them all; the converter puts its own gguf-py first on sys.path
-    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
-    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *jobs],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+        jobs.append((d, out[name].gguf))
+    convert(llamacpp_source, jobs)
     # Mistral's window, which the converter does not write for the llama architecture
     path = out["mistral"].gguf
     with GGUFFile(path) as f:

@@ -32,8 +32,8 @@ from lowtune.loading import open_base
 from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
-                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert,
+                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -442,6 +442,56 @@ def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
     assert tok.bos_id is None and not tok.add_bos
     for text in base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n"):
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
+
+
+@pytest.mark.llamacpp
+def test_apertus_xielu_scalars_and_llama3_rope(tiny, llamacpp_source, tmp_path):
+    """Apertus's xIELU scalars: one per layer from the file (a single value serves every layer, as
+    llama.cpp reads it), refused where absent or of another length. Its own default RoPE, Llama 3's
+    scaling (Apertus-8B's, here over an original context shorter than the test sequence), becomes
+    the converter's rope_freqs: the converted GGUF and the directory give transformers' logits,
+    llama.cpp's perplexity is lowtune's, and the HF export, which cannot recover that scaling, is
+    refused."""
+    import shutil
+
+    import transformers as tf
+
+    import lowtune
+    from lowtune.export import export_hf
+    with GGUFFile(tiny["apertus"].gguf) as f:
+        md = dict(f.metadata)
+    assert ModelConfig.from_gguf_metadata({**md, "xielu.beta": 0.25}).xielu[1][2] == 0.25
+    with pytest.raises(ValueError, match="lacks xielu.eps .*llama.cpp's converter writes them"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "xielu.eps"})
+    with pytest.raises(ValueError, match="xielu.alpha_n holds 1 values for 2 layers"):
+        ModelConfig.from_gguf_metadata({**md, "xielu.alpha_n": [0.1]})
+    hf = randomized(tf.ApertusForCausalLM(tf.ApertusConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+        num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        pad_token_id=None, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0})), "apertus")
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["apertus"].hf_dir / name, tmp_path / "hf" / name)
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "apertus.gguf")])
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got, from_dir = Model.from_gguf(tmp_path / "apertus.gguf"), lowtune.load_model(tmp_path / "hf", qtype="F32")
+        assert rel_err(got(ids), want) < 1e-4 and rel_err(from_dir(ids), want) < 1e-4
+        plain = Model.from_gguf(tmp_path / "apertus.gguf")
+        plain.rope_inv_freq = rope_inv_freq(plain.config)[None]  # without the factors
+        assert rel_err(plain(ids), want) > 1e-3
+    with GGUFFile(tmp_path / "apertus.gguf") as f:
+        assert "rope_freqs.weight" in f.tensor_infos
+    ppl_ids = rand_ids(4, SEQ, seed=9)
+    with torch.no_grad():
+        ours = math.exp(float(got.loss(ppl_ids)))
+    theirs = llamacpp_perplexity(llamacpp(tmp_path / "apertus.gguf"), ppl_ids)
+    assert abs(ours - theirs) / theirs < 5e-4, (ours, theirs)
+    with pytest.raises(ValueError, match="rope_freqs"):
+        export_hf(tmp_path / "apertus.gguf", None, tmp_path / "out")
 
 
 def test_hunyuan_ntk_alpha_becomes_the_rope_base():
