@@ -5,6 +5,7 @@ formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
     add_rms_norm(x, r, w, eps) (x + r, rms_norm(x + r)): a residual add and the norm after it
     rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
+    ungated(activation, x, s)  activation(x) of an MLP without a gate (xIELU with its layer's scalars s)
     rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
     add_rms_norm_product(x, r, w, eps, qt), silu_mul_product(g, u, qt)
                                the norm, or SwiGLU's product, and the one-row product after it
