@@ -191,6 +191,11 @@ def test_hf_configs_lowtune_refuses():
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
         {"attention_bias": False, "mlp_bias": True}, ["blk.0.ffn_down.bias", "blk.0.ffn_gate.bias"])
+    nemotron = dict(qwen, architectures=["NemotronForCausalLM"], head_dim=16, norm_eps=1e-5, partial_rotary_factor=0.5)
+    md, _ = hf_names.metadata_from_hf_config(nemotron)
+    assert (md["nemotron.attention.layer_norm_epsilon"], md["nemotron.rope.dimension_count"]) == (1e-5, 8)
+    with pytest.raises(ValueError, match="head_dim 32 × 4 heads is not hidden_size 64; llama.cpp's nemotron"):
+        hf_names.metadata_from_hf_config({**nemotron, "head_dim": 32})
     with pytest.raises(ValueError, match="blk.0.attn_qkv.bias: a phi3 model in Hugging Face's layout has no such bias"):
         hf_names.hf_biases("phi3", ["blk.0.attn_qkv.bias"], 1)
     # adapter targets: lowtune's names, or the family's HF module names (fused ones for their parts)

@@ -415,6 +415,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         for gguf_key, hf in _MULTIPLIERS:
             if config.get(hf):
                 key(gguf_key, float(config[hf]), F32)
+    if arch == "nemotron" and head_dim * n_head != hidden:  # (llama.cpp's q and output are [hidden, hidden])
+        raise ValueError(f"head_dim {head_dim} × {n_head} heads is not hidden_size {hidden}; llama.cpp's nemotron "
+                         "runs attention only as wide as the model (and so lowtune, which follows it)")
     flags = _layer_types(config, fam, n_layers)
     if flags is not None and fam.window_block_counts and n_layers not in fam.window_block_counts:
         raise ValueError(f"config.json slides layers of a {n_layers}-layer {arch} model; llama.cpp runs {arch}'s "
