@@ -234,6 +234,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
 
 SUPPORTED = tuple(FAMILIES)
 
+# xIELU's scalars (Apertus) in the order of ModelConfig.xielu, by the names of their GGUF keys
+# (xielu.<name>, without the architecture) and of their HF tensors (mlp.act_fn.<name>)
+XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
+
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}

@@ -45,6 +45,7 @@ def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
 # the MLP's activation of ffn_up's output where it has no gate, by name
 UNGATED = {"relu2": lambda x: F.relu(x).square(), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
+
 def xielu(x: Tensor, scalars: Tensor) -> Tensor:
     """Apertus's xIELU, llama.cpp's ggml_xielu, in fp32: scalars [4] are (alpha_p, alpha_n, beta, eps)
     as the file stores them, the alphas before their softplus: with a_p = softplus(alpha_p) and

@@ -34,7 +34,7 @@ from typing import Any, Collection, Mapping
 
 from gguf.constants import GGUFValueType
 
-from .families import FAMILIES, Family, family_of_hf, yarn_magnitude
+from .families import FAMILIES, XIELU_KEYS, Family, family_of_hf, yarn_magnitude
 
 U32, F32, STR, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
 ARRAY = GGUFValueType.ARRAY
@@ -114,8 +114,7 @@ _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
 LAYER_SCALARS: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
-    "apertus": {"xielu.alpha_p": ("mlp.act_fn.alpha_p", (1,)), "xielu.alpha_n": ("mlp.act_fn.alpha_n", (1,)),
-                "xielu.beta": ("mlp.act_fn.beta", ()), "xielu.eps": ("mlp.act_fn.eps", ())}}
+    "apertus": {f"xielu.{k}": (f"mlp.act_fn.{k}", (1,) if k.startswith("alpha") else ()) for k in XIELU_KEYS}}
 
 # GGUF `<arch>.<key>` <-> config.json key, the ModelConfig field holding the resolved value, the
 # GGUF type, and config.json's default (None: required; a string: that key's value). Every family
@@ -177,8 +176,10 @@ def layer_scalar(name: str, arch: str) -> tuple[str, int] | None:
     """(GGUF metadata key, layer) of an HF tensor that GGUF keeps as one value of a per-layer array
     (LAYER_SCALARS), else None."""
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m is None:
+        return None
     for key, (hf, _) in LAYER_SCALARS.get(arch, {}).items():
-        if m and m.group(2) == hf:
+        if m.group(2) == hf:
             return key, int(m.group(1))
     return None
 
@@ -568,7 +569,6 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
 _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron")
-
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),

@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, family_of, yarn_magnitude
+from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -67,9 +67,6 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
-# xIELU's scalars in the order of ModelConfig.xielu, as the names of their GGUF keys (xielu.<name>)
-XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # The rope kind of a layer without RoPE: its table rotates by nothing (cosines 1, sines 0), so that
 # such a layer runs the same code, caches and kernels as every other, q and k unchanged bit for bit.
