@@ -16,7 +16,8 @@ tests/family_models.py, built by transformers and converted by llama.cpp's conve
 * LREC corrects an INT2 Gemma 3 (soft-capped logits, tied head) towards its F32 teacher;
 * on a GPU (marker cuda), every family (random models made from GGUF-named weights, as the GPU
   machine has neither transformers nor llama.cpp's converter) gives the CPU's logits in fp32 and
-  bf16, trains with every method in bf16, and trains streamed as it does resident.
+  bf16, trains with every method in bf16, and trains streamed as it does resident; Nemotron and
+  Apertus decode through replayed graphs as eagerly.
 """
 from __future__ import annotations
 
@@ -309,6 +310,22 @@ def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
         model = random_family_model(arch, dtype=torch.bfloat16).to(device)
         losses = adapted_steps(model, method, ids.to(device))
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], (method, losses)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["nemotron", "apertus"])
+def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
+    """Nemotron's LayerNorm biases and relu², Apertus's per-head q/k norms and xIELU with each layer's
+    scalars, through replayed decode graphs (grouped products): the eager steps' bf16 logits."""
+    from lowtune.generate import StepDecoder
+    model = random_family_model(arch, dtype=torch.bfloat16).to(device)
+    prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 40, seed=2)[0].tolist()
+    eager, graph = StepDecoder(model, 48, graphs=False), StepDecoder(model, 48, graphs=True)
+    assert torch.equal(eager.prefill(prompt), graph.prefill(prompt))
+    for i, t in enumerate(tokens):
+        torch.testing.assert_close(graph.step(t), eager.step(t), rtol=2e-2, atol=2e-2, msg=f"step {i}")
+    assert graph._graphs
 
 
 @pytest.mark.cuda
