@@ -369,8 +369,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "apertus":  # xIELU's scalars, each layer's own
-        md.update({"xielu.alpha_p": [0.2 * i for i in range(layers)], "xielu.eps": [-1e-6] * layers,
-                   "xielu.alpha_n": [-0.1 * i for i in range(layers)], "xielu.beta": [0.5 + 0.1 * i for i in range(layers)]})
+        ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
+        md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
+                   "xielu.eps": ramp(-1e-6, 0.0)})
     if arch == "gpt-oss":  # YaRN over an original context shorter than the test sequences
         md.update({"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 4.0,
                    "gpt-oss.rope.scaling.original_context_length": 32})
