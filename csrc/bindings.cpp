@@ -204,12 +204,13 @@ PYBIND11_MODULE(_C, m) {
   // up, down; then a shared expert's gate, up, down where it has one), its (attn_norm, ffn_norm,
   // k_cache, v_cache, the seven matrices' biases, q_norm, k_norm, post_attn_norm, post_ffn_norm,
   // router, the shared expert's gate, the router's bias, the experts' gate, up and down biases,
-  // the experts' selection bias, sinks) pointers (0: none, for all but the caches), its rope kind
+  // the experts' selection bias, sinks, attn_norm's and ffn_norm's LayerNorm biases, xIELU's four
+  // scalars) pointers (0: none, for all but the caches), its rope kind
   // and window; the config as (dim, n_heads, n_kv_heads, head_dim, rope_dim, ffn_dim, vocab,
   // max_len, norm_eps), (neox, attn_scale, embedding_scale, residual_scale, logit_scale,
   // activation (cpu::Activation), attn_softcap, final_softcap, rope_kinds, qk_norm_whole,
   // layer_norm, parallel, qk_norm_after_rope) and (n_experts, n_experts_used, expert_ffn, shared_ffn, moe_renorm,
-  // expert_gating).
+  // expert_gating); output_norm_bias: the final LayerNorm's bias (0: none).
   using Mat = std::tuple<int, uintptr_t, int64_t, int64_t>;
   auto mat = [](const Mat& t) {
     return cpu::DecodeMatrix{std::get<0>(t), ptr<const void>(std::get<1>(t)), std::get<2>(t), std::get<3>(t)};
@@ -220,14 +221,15 @@ PYBIND11_MODULE(_C, m) {
                                      bool> f,
                           std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int> moe,
                           const std::vector<std::tuple<std::vector<Mat>, std::vector<uintptr_t>, int, int64_t>>& layers,
-                          const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope) {
+                          const Mat& embedding, const Mat& head, uintptr_t output_norm, uintptr_t rope,
+                          uintptr_t output_norm_bias) {
         auto [dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps] = c;
         auto [neox, attn_scale, embedding_scale, residual_scale, logit_scale, act, attn_cap, final_cap, kinds,
               qk_whole, layer_norm, parallel, qk_late] = f;
         std::vector<cpu::DecodeLayer> ls;
         for (const auto& [ms, ps, rope_kind, window] : layers) {
-          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 23)
-            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 23 pointers");
+          if ((ms.size() != 7 && ms.size() != 10) || ps.size() != 26)
+            throw std::invalid_argument("decoder: a layer is 7 (or 10) matrices and 26 pointers");
           cpu::DecodeLayer l{mat(ms[0]), mat(ms[1]), mat(ms[2]), mat(ms[3]), mat(ms[4]), mat(ms[5]), mat(ms[6]),
                              ptr<const float>(ps[0]), ptr<const float>(ps[1]), ptr<float>(ps[2]), ptr<float>(ps[3])};
           for (int i = 0; i < 7; ++i) l.bias[i] = ptr<const float>(ps[4 + i]);
@@ -237,6 +239,8 @@ PYBIND11_MODULE(_C, m) {
           l.router_bias = ptr<const float>(ps[17]);
           for (int i = 0; i < 3; ++i) l.expert_bias[i] = ptr<const float>(ps[18 + i]);
           l.selection_bias = ptr<const float>(ps[21]), l.sinks = ptr<const float>(ps[22]);
+          l.attn_norm_bias = ptr<const float>(ps[23]), l.ffn_norm_bias = ptr<const float>(ps[24]);
+          l.xielu = ptr<const float>(ps[25]);
           if (ms.size() == 10) l.shared_gate = mat(ms[7]), l.shared_up = mat(ms[8]), l.shared_down = mat(ms[9]);
           l.rope_kind = rope_kind, l.window = window;
           ls.push_back(l);
@@ -244,7 +248,7 @@ PYBIND11_MODULE(_C, m) {
         cpu::DecodeConfig config{dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps};
         config.neox = neox, config.attn_scale = attn_scale, config.embedding_scale = embedding_scale;
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
-        if (act < 0 || act > 3) throw std::invalid_argument("decoder: unknown activation");
+        if (act < 0 || act > 4) throw std::invalid_argument("decoder: unknown activation");
         config.activation = static_cast<cpu::Activation>(act);
         config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;
@@ -254,7 +258,7 @@ PYBIND11_MODULE(_C, m) {
         if (config.expert_gating != 1 && config.expert_gating != 3)
           throw std::invalid_argument("decoder: expert gating is 1 or 3");
         return new cpu::Decoder(config, std::move(ls), mat(embedding), mat(head), ptr<const float>(output_norm),
-                                ptr<const float>(rope));
+                                ptr<const float>(rope), ptr<const float>(output_norm_bias));
       }))
       .def("step", [](cpu::Decoder& d, int64_t token, int64_t pos, uintptr_t logits) {
         d.step(token, pos, ptr<float>(logits));

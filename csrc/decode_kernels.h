@@ -6,7 +6,7 @@
 // the whole step is one call, with the same operations in the same order as lowtune.model:
 //
 //   x = embd[token] · embedding_scale
-//   (norm: RMSNorm, or LayerNorm without a bias where layer_norm: Command-R)
+//   (norm: RMSNorm, or LayerNorm where layer_norm: Command-R's without a bias, Nemotron's with one)
 //   per layer:  h = rmsnorm(x)·w_attn (x itself without w_attn: OLMo 2);  q, k, v = Wq h, Wk h, Wv h
 //               (every product + its bias, if any)
 //               q, k: rmsnorm(·)·w_qnorm, w_knorm where the layer has them, per head (Qwen3) or
@@ -23,7 +23,8 @@
 //               a = residual_scale·Wo o, then rmsnorm(a)·w_post_attn where the layer has it;  x += a
 //               h = rmsnorm(x)·w_ffn (or x; where parallel, the attention's h and x before its
 //               add: x += a + m at once);  m = residual_scale·Wd (act(Wg h) ⊙ Wu h), act silu,
-//               gelu (tanh form) or swiglu_oai (Activation), then its post-norm likewise;  x += m
+//               gelu (tanh form) or swiglu_oai (Activation); without a gate Wd act(Wu h), act relu²
+//               or xIELU with the layer's scalars; then its post-norm likewise;  x += m
 //               (a mixture of experts: router logits r = W_router h (+ its bias), p = softmax(r),
 //               the n_experts_used largest p (+ selection_bias, which picks but does not weigh:
 //               ERNIE 4.5 MoE), renormalized to sum 1 (over at least 2^-14) where
@@ -47,8 +48,13 @@ namespace lowtune::cpu {
 
 // The gated MLP's act(g) · u: silu, gelu's tanh form (Gemma), or gpt-oss's swiglu_oai (g clamped
 // above at 7, u to ±7: g · sigmoid(1.702 g) · (u + 1)); or, for an MLP without a gate (no ffn_gate
-// matrix), act(u) = relu(u)² (Arcee).
-enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2, kRelu2 = 3 };
+// matrix), act(u) = relu(u)² (Arcee, Nemotron) or xIELU (Apertus: with the layer's scalars alpha_p,
+// alpha_n, beta, eps, a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n), a_p u² + beta u
+// where u > 0, else (expm1(min(u, eps)) - u) a_n + beta u).
+enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2, kRelu2 = 3, kXielu = 4 };
+
+// Whether the MLP of `a` has no gate (no ffn_gate matrix).
+inline bool ungated(Activation a) { return a == Activation::kRelu2 || a == Activation::kXielu; }
 
 struct DecodeMatrix {
   int qtype;
@@ -77,6 +83,9 @@ struct DecodeLayer {
   const float* expert_bias[3] = {};        // gate, up [n_experts·F], down [n_experts·dim], or none
   const float* sinks = nullptr;            // [n_heads]: each head's sink logit, or none
   const float* selection_bias = nullptr;   // [n_experts]: added to p to pick the experts, or none
+  const float* attn_norm_bias = nullptr;   // [dim]: the LayerNorms' biases, or none (Nemotron has them)
+  const float* ffn_norm_bias = nullptr;
+  const float* xielu = nullptr;            // [4]: xIELU's alpha_p, alpha_n, beta, eps (Activation::kXielu)
   int rope_kind = 0;    // the layer's rotation tables (Decoder's rope); -1: no RoPE
   int64_t window = 0;   // attends to the last `window` positions (0: all)
 };
@@ -95,7 +104,7 @@ struct DecodeConfig {
   int rope_kinds = 1;           // rotation tables in Decoder's rope
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
   bool qk_norm_after_rope = false;  // q/k norms after RoPE (Hunyuan), else before
-  bool layer_norm = false;      // the norms are LayerNorm without a bias (Command-R), else RMSNorm
+  bool layer_norm = false;      // the norms are LayerNorm (Command-R, Nemotron), else RMSNorm
   bool parallel = false;        // the FFN reads the attention's normed input (Command-R)
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router
   bool moe_renorm = true;
@@ -106,9 +115,9 @@ class Decoder {
  public:
   // rope: [kinds, max_len, rope_dim/2, 2] fp32 (cos, sin) of each position's rotation, per kind
   // (layers name theirs). Every pointer must stay valid for the decoder's life. Throws
-  // std::invalid_argument on inconsistent shapes.
+  // std::invalid_argument on inconsistent shapes. output_norm_bias: the final LayerNorm's, or none.
   Decoder(const DecodeConfig& config, std::vector<DecodeLayer> layers, DecodeMatrix embedding,
-          DecodeMatrix head, const float* output_norm, const float* rope);
+          DecodeMatrix head, const float* output_norm, const float* rope, const float* output_norm_bias = nullptr);
   // Runs `token` at position `pos` (the caches hold positions 0..pos-1), writes its keys and
   // values at pos and the next-token logits [vocab] to `logits`.
   void step(int64_t token, int64_t pos, float* logits);
@@ -119,13 +128,15 @@ class Decoder {
   DecodeMatrix embedding_, head_;
   const float* output_norm_;
   const float* rope_;
+  const float* output_norm_bias_;
   std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_, parallel_out_;
   std::vector<int64_t> order_;  // the experts by routing weight
   // out = Wd (act(Wg in + bg) ⊙ (Wu in + bu)) + bd, F = Wu's rows (biases: three pointers, or none);
-  // Activation::kRelu2 (no gate, g unused): Wd relu(Wu in + bu)² + bd
+  // an ungated activation (g unused): Wd act(Wu in + bu) + bd, xIELU with the scalars `xielu`
   void gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const DecodeMatrix& d, const float* in, float* out,
-                 const float* const* bias = nullptr);
-  void norm(const float* x, const float* w, float* out) const;  // the family's norm over dim
+                 const float* const* bias = nullptr, const float* xielu = nullptr);
+  // the family's norm over dim (with the LayerNorm's bias b, or none)
+  void norm(const float* x, const float* w, const float* b, float* out) const;
   void ffn(const DecodeLayer& l, const float* in, float* out);  // its output as added to x (in, out may alias)
   void experts(const DecodeLayer& l, const float* in, float* out);  // (in and out may be one buffer)
 };

@@ -29,7 +29,7 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense", "qwen2vl", "qwen3vl")
+         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe")
@@ -186,6 +186,17 @@ def hf_model(name: str):
         # per-head q/k norms after RoPE, a tied head
         "hunyuan-dense": lambda: tf.HunYuanDenseV1ForCausalLM(tf.HunYuanDenseV1Config(
             **common, num_hidden_layers=2, head_dim=16, eod_token_id=2, tie_word_embeddings=True)),
+        # LayerNorm1p with biases, a relu² MLP without a gate, RoPE on half of each head with linear
+        # scaling, biases everywhere
+        "nemotron": lambda: tf.NemotronForCausalLM(tf.NemotronConfig(
+            vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+            num_key_value_heads=HKV, max_position_embeddings=256, norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            attention_bias=True, mlp_bias=True, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5})),
+        # per-head q/k norms, an xIELU MLP without a gate (each layer's own beta and eps below)
+        "apertus": lambda: tf.ApertusForCausalLM(tf.ApertusConfig(
+            **common, num_hidden_layers=2, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -211,7 +222,12 @@ def hf_model(name: str):
                                    "original_max_position_embeddings": 32},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     }[name]
-    model = make()
+    return randomized(make(), name)
+
+
+def randomized(model, name: str):
+    """A transformers model of family `name` with the tiny models' random weights (seeded by the
+    name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     gemma = name.startswith("gemma")
@@ -225,6 +241,9 @@ def hf_model(name: str):
                 p.copy_(0.25 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
+        for i, layer in enumerate(model.model.layers if name == "apertus" else ()):  # xIELU's buffers
+            layer.mlp.act_fn.beta.fill_(0.5 + 0.1 * i)
+            layer.mlp.act_fn.eps.fill_(-1e-6 * (i + 1))
     return model.float().eval()
 
 
@@ -264,6 +283,16 @@ for src, dst in zip(jobs[::2], jobs[1::2]):
 """
 
 
+def convert(llamacpp_source: Path, jobs: list[tuple[Path, Path]]) -> None:
+    """llama.cpp's converter on each (HF directory, GGUF F32 path) of `jobs`, in one process (the
+    converter puts its own gguf-py first on sys.path)."""
+    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
+    args = [str(p) for job in jobs for p in job]
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *args],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+
+
 @dataclass
 class Tiny:
     name: str
@@ -291,12 +320,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
             "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
         out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
-        jobs += [str(d), str(out[name].gguf)]
-    # one process converts them all; the converter puts its own gguf-py first on sys.path
-    env = {**os.environ, "PYTHONPATH": str(llamacpp_source)}
-    r = subprocess.run([sys.executable, "-c", _CONVERT, str(llamacpp_source / "convert_hf_to_gguf.py"), *jobs],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}"
+        jobs.append((d, out[name].gguf))
+    convert(llamacpp_source, jobs)
     # Mistral's window, which the converter does not write for the llama architecture
     path = out["mistral"].gguf
     with GGUFFile(path) as f:
@@ -374,8 +399,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
-    if arch in ("glm4", "phi2"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
+    if arch == "apertus":  # xIELU's scalars, each layer's own
+        ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
+        md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
+                   "xielu.eps": ramp(-1e-6, 0.0)})
     if arch == "gpt-oss":  # YaRN over an original context shorter than the test sequences
         md.update({"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 4.0,
                    "gpt-oss.rope.scaling.original_context_length": 32})
@@ -399,7 +428,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
          "output_norm.weight": vec(D, 1.0)}
     if not fam.embed_scale:  # Gemma ties its head to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2"):  # the final LayerNorm's bias, and Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
         if arch == "phi2":
             w["output.bias"] = vec(V)
@@ -434,9 +463,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
-        if arch in ("phi2", "starcoder2"):  # biases on the output, the MLP and the LayerNorms
+        if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
     if arch == "phi3":

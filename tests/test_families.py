@@ -34,8 +34,8 @@ from lowtune.loading import open_base
 from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, gguf_of,
-                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (D, F, H, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert,
+                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -82,6 +82,10 @@ SWITCH_OFF = {
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
                 ("query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "nemotron": [("linear RoPE scaling", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
+        dataclasses.replace(m.config, rope_linear_scale=1.0))[None]))],
+    "apertus": [("each layer's own xIELU scalars",
+                 lambda m: [layer.xielu.copy_(m.layers[0].xielu) for layer in m.layers])],
     "qwen2": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)]),
               ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
@@ -155,6 +159,7 @@ def test_hf_names_and_config_round_trip(tiny, name):
         return
     cfg = hf_names.hf_config(config, md, "output.weight" not in infos, "float32", tensors)
     back, _ = hf_names.metadata_from_hf_config(cfg)
+    back.update({k: md[k] for k in hf_names.LAYER_SCALARS.get(arch, ())})  # (tensors in HF: Apertus's xIELU)
     assert asdict(ModelConfig.from_gguf_metadata(back)) == pytest.approx(asdict(config))
     factors = {n: v for n, v in tensors.items() if v is not None}  # Phi-3's LongRoPE factors
     assert set(hf_names.generated_tensors(cfg)) == set(factors)
@@ -192,6 +197,11 @@ def test_hf_configs_lowtune_refuses():
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
         {"attention_bias": False, "mlp_bias": True}, ["blk.0.ffn_down.bias", "blk.0.ffn_gate.bias"])
+    nemotron = dict(qwen, architectures=["NemotronForCausalLM"], head_dim=16, norm_eps=1e-5, partial_rotary_factor=0.5)
+    md, _ = hf_names.metadata_from_hf_config(nemotron)
+    assert (md["nemotron.attention.layer_norm_epsilon"], md["nemotron.rope.dimension_count"]) == (1e-5, 8)
+    with pytest.raises(ValueError, match="head_dim 32 × 4 heads is not hidden_size 64; llama.cpp's nemotron"):
+        hf_names.metadata_from_hf_config({**nemotron, "head_dim": 32})
     with pytest.raises(ValueError, match="blk.0.attn_qkv.bias: a phi3 model in Hugging Face's layout has no such bias"):
         hf_names.hf_biases("phi3", ["blk.0.attn_qkv.bias"], 1)
     # adapter targets: lowtune's names, or the family's HF module names (fused ones for their parts)
@@ -331,8 +341,14 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 16
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 18
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
+    ne = cfg["nemotron"]
+    assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
+    ap = cfg["apertus"]  # (alpha_p, alpha_n, beta, eps) of each layer, as transformers holds them
+    acts = [layer.mlp.act_fn for layer in hf_model("apertus").model.layers]
+    assert ap.xielu == pytest.approx([tuple(float(getattr(a, k)) for k in ("alpha_p", "alpha_n", "beta", "eps"))
+                                      for a in acts])
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -406,16 +422,15 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's LayerNorm biases and GELU MLP
-# without a gate)
+# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
-    """Where lowtune._C.CpuDecoder applies (biases, q/k norms, RoPE on halves, NoPE layers,
-    Granite's scales, YaRN, Gemma's GeGLU, post-norms, soft-caps, windows and sliding layers' own
-    RoPE base), each step's logits are the model's own."""
+    """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
+    layers, Granite's scales, YaRN, Gemma's GeGLU, relu² and xIELU without a gate, post-norms,
+    soft-caps, windows and sliding layers' own RoPE base), each step's logits are the model's own."""
     from lowtune.generate import cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     # 40 positions: past the windows, YaRN's original context and Phi-3's (LongRoPE's long factors)
@@ -519,6 +534,56 @@ def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
     assert tok.bos_id is None and not tok.add_bos
     for text in base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n"):
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
+
+
+@pytest.mark.llamacpp
+def test_apertus_xielu_scalars_and_llama3_rope(tiny, llamacpp_source, tmp_path):
+    """Apertus's xIELU scalars: one per layer from the file (a single value serves every layer, as
+    llama.cpp reads it), refused where absent or of another length. Its own default RoPE, Llama 3's
+    scaling (Apertus-8B's, here over an original context shorter than the test sequence), becomes
+    the converter's rope_freqs: the converted GGUF and the directory give transformers' logits,
+    llama.cpp's perplexity is lowtune's, and the HF export, which cannot recover that scaling, is
+    refused."""
+    import shutil
+
+    import transformers as tf
+
+    import lowtune
+    from lowtune.export import export_hf
+    with GGUFFile(tiny["apertus"].gguf) as f:
+        md = dict(f.metadata)
+    assert ModelConfig.from_gguf_metadata({**md, "xielu.beta": 0.25}).xielu[1][2] == 0.25
+    with pytest.raises(ValueError, match="lacks xielu.eps .*llama.cpp's converter writes them"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "xielu.eps"})
+    with pytest.raises(ValueError, match="xielu.alpha_n holds 1 values for 2 layers"):
+        ModelConfig.from_gguf_metadata({**md, "xielu.alpha_n": [0.1]})
+    hf = randomized(tf.ApertusForCausalLM(tf.ApertusConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+        num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        pad_token_id=None, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0})), "apertus")
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["apertus"].hf_dir / name, tmp_path / "hf" / name)
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "apertus.gguf")])
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got, from_dir = Model.from_gguf(tmp_path / "apertus.gguf"), lowtune.load_model(tmp_path / "hf", qtype="F32")
+        assert rel_err(got(ids), want) < 1e-4 and rel_err(from_dir(ids), want) < 1e-4
+        plain = Model.from_gguf(tmp_path / "apertus.gguf")
+        plain.rope_inv_freq = rope_inv_freq(plain.config)[None]  # without the factors
+        assert rel_err(plain(ids), want) > 1e-3
+    with GGUFFile(tmp_path / "apertus.gguf") as f:
+        assert "rope_freqs.weight" in f.tensor_infos
+    ppl_ids = rand_ids(4, SEQ, seed=9)
+    with torch.no_grad():
+        ours = math.exp(float(got.loss(ppl_ids)))
+    theirs = llamacpp_perplexity(llamacpp(tmp_path / "apertus.gguf"), ppl_ids)
+    assert abs(ours - theirs) / theirs < 5e-4, (ours, theirs)
+    with pytest.raises(ValueError, match="rope_freqs"):
+        export_hf(tmp_path / "apertus.gguf", None, tmp_path / "out")
 
 
 def test_hunyuan_ntk_alpha_becomes_the_rope_base():
@@ -654,7 +719,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "gpt-oss", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

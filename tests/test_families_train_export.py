@@ -16,7 +16,8 @@ tests/family_models.py, built by transformers and converted by llama.cpp's conve
 * LREC corrects an INT2 Gemma 3 (soft-capped logits, tied head) towards its F32 teacher;
 * on a GPU (marker cuda), every family (random models made from GGUF-named weights, as the GPU
   machine has neither transformers nor llama.cpp's converter) gives the CPU's logits in fp32 and
-  bf16, trains with every method in bf16, and trains streamed as it does resident.
+  bf16, trains with every method in bf16, and trains streamed as it does resident; Nemotron and
+  Apertus decode through replayed graphs as eagerly.
 """
 from __future__ import annotations
 
@@ -53,20 +54,22 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "glm4": "qdylora", "exaone4": "qa-hira", "command-r": "q-bara", "cohere2": "q-bara",
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
-                 "qwen3vl": "qa-lora"}
+                 "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
                    "glm4": "q-bara", "exaone4": "lora", "command-r": "qa-lora", "cohere2": "qdylora",
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
-                   "qwen3vl": "lora"}
+                   "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
-              "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}}
+              "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
+              "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
+              "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 
@@ -136,7 +139,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    ungated = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2") else set()  # (their MLPs have no gate)
+    ungated = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - ungated
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
@@ -355,6 +358,22 @@ def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
         model = random_family_model(arch, dtype=torch.bfloat16).to(device)
         losses = adapted_steps(model, method, ids.to(device))
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], (method, losses)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["nemotron", "apertus"])
+def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
+    """Nemotron's LayerNorm biases and relu², Apertus's per-head q/k norms and xIELU with each layer's
+    scalars, through replayed decode graphs (grouped products): the eager steps' bf16 logits."""
+    from lowtune.generate import StepDecoder
+    model = random_family_model(arch, dtype=torch.bfloat16).to(device)
+    prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 40, seed=2)[0].tolist()
+    eager, graph = StepDecoder(model, 48, graphs=False), StepDecoder(model, 48, graphs=True)
+    assert torch.equal(eager.prefill(prompt), graph.prefill(prompt))
+    for i, t in enumerate(tokens):
+        torch.testing.assert_close(graph.step(t), eager.step(t), rtol=2e-2, atol=2e-2, msg=f"step {i}")
+    assert graph._graphs
 
 
 @pytest.mark.cuda

@@ -51,15 +51,15 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
-// out = (x - mean(x)) / sqrt(var(x) + eps) · w, as F.layer_norm without a bias.
-void layer_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+// out = (x - mean(x)) / sqrt(var(x) + eps) · w (+ b, where given), as F.layer_norm.
+void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* out) {
   float mean = 0.0f;
   for (int64_t i = 0; i < n; ++i) mean += x[i];
   mean /= (float)n;
   float var = 0.0f;
   for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
   const float r = 1.0f / std::sqrt(var / (float)n + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i];
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.0f);
 }
 
 // Rotates pair i of the first rope_dim dims of each of `heads` heads by (cos, sin) = cs[2i, 2i + 1]:
@@ -146,6 +146,19 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 
 float softcap(float s, float cap) { return cap > 0.0f ? cap * std::tanh(s / cap) : s; }
 
+// torch's softplus: log(1 + e^x), x itself beyond 20.
+float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// u = xielu(u) with the file's scalars s = (alpha_p, alpha_n, beta, eps) (decode_kernels.h), as
+// lowtune.glue_ops.xielu.
+void xielu(float* u, const float* s, int64_t n) {
+  const float a_p = softplus(s[0]), beta = s[2], a_n = beta + softplus(s[1]), eps = s[3];
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = u[i];
+    u[i] = x > 0.0f ? a_p * x * x + beta * x : (std::expm1(std::min(x, eps)) - x) * a_n + beta * x;
+  }
+}
+
 // g = swiglu_oai(g, u) (decode_kernels.h), as lowtune.glue_ops.
 void swiglu_oai_mul(float* g, const float* u, int64_t n) {
   constexpr float kAlpha = 1.702f, kLimit = 7.0f;
@@ -184,8 +197,9 @@ void check_matrix(const DecodeMatrix& m, int64_t n, int64_t k, const char* what)
 }  // namespace
 
 Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeMatrix embedding, DecodeMatrix head,
-                 const float* output_norm, const float* rope)
-    : c_(c), layers_(std::move(layers)), embedding_(embedding), head_(head), output_norm_(output_norm), rope_(rope) {
+                 const float* output_norm, const float* rope, const float* output_norm_bias)
+    : c_(c), layers_(std::move(layers)), embedding_(embedding), head_(head), output_norm_(output_norm), rope_(rope),
+      output_norm_bias_(output_norm_bias) {
   if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads || c.head_dim <= 0 ||
       c.rope_dim % 2 || c.rope_dim > c.head_dim || c.max_len <= 0)
     throw std::invalid_argument("decoder: inconsistent head geometry");
@@ -200,7 +214,9 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
     const int64_t e = l.router ? c.n_experts : 1, f = l.router ? c.expert_ffn : c.ffn_dim;
     if (l.router && !(0 < c.n_experts_used && c.n_experts_used <= c.n_experts && f > 0))
       throw std::invalid_argument("decoder: inconsistent experts");
-    if (c.activation != Activation::kRelu2) check_matrix(l.gate, e * f, c.dim, "ffn_gate");  // (none: no gate)
+    if (!ungated(c.activation)) check_matrix(l.gate, e * f, c.dim, "ffn_gate");  // (none: no gate)
+    if (c.activation == Activation::kXielu && (l.router || !l.xielu))
+      throw std::invalid_argument("decoder: xIELU takes each dense layer's scalars");
     check_matrix(l.up, e * f, c.dim, "ffn_up");
     check_matrix(l.down, e * c.dim, f, "ffn_down");
     if (l.router && c.shared_ffn) {
@@ -227,12 +243,14 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
 }
 
 void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const DecodeMatrix& d, const float* in,
-                        float* out, const float* const* bias) {
+                        float* out, const float* const* bias, const float* xielu_scalars) {
   const int64_t f = u.n;
-  if (c_.activation == Activation::kRelu2) {  // no gate: down(relu(up)²)
+  if (ungated(c_.activation)) {  // no gate: down(act(up))
     matvecs({{&u, in, up_.data()}});
     if (bias) add_bias(up_.data(), bias[1], f);
-    for (int64_t i = 0; i < f; ++i) up_[i] = up_[i] > 0.0f ? up_[i] * up_[i] : 0.0f;
+    if (c_.activation == Activation::kXielu) xielu(up_.data(), xielu_scalars, f);
+    else
+      for (int64_t i = 0; i < f; ++i) up_[i] = up_[i] > 0.0f ? up_[i] * up_[i] : 0.0f;
     matvecs({{&d, up_.data(), out}});
     if (bias) add_bias(out, bias[2], c_.dim);
     return;
@@ -251,14 +269,14 @@ void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const Deco
   if (bias) add_bias(out, bias[2], c_.dim);
 }
 
-void Decoder::norm(const float* x, const float* w, float* out) const {
-  if (c_.layer_norm) layer_norm(x, w, c_.norm_eps, c_.dim, out);
+void Decoder::norm(const float* x, const float* w, const float* b, float* out) const {
+  if (c_.layer_norm) layer_norm(x, w, b, c_.norm_eps, c_.dim, out);
   else rms_norm(x, w, c_.norm_eps, c_.dim, out);
 }
 
 void Decoder::ffn(const DecodeLayer& l, const float* in, float* out) {
   if (l.router) experts(l, in, out);
-  else gated_mlp(l.gate, l.up, l.down, in, out, l.bias + 4);
+  else gated_mlp(l.gate, l.up, l.down, in, out, l.bias + 4, l.xielu);
   if (c_.residual_scale != 1.0f)
     for (int64_t i = 0; i < c_.dim; ++i) out[i] *= c_.residual_scale;
   if (l.post_ffn_norm) rms_norm(out, l.post_ffn_norm, c_.norm_eps, c_.dim, out);
@@ -331,7 +349,7 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
   for (const DecodeLayer& l : layers_) {
     const float* in = x;  // the products' input: x normed, where the layer has the norm
     if (l.attn_norm) {
-      norm(x, l.attn_norm, h);
+      norm(x, l.attn_norm, l.attn_norm_bias, h);
       in = h;
     }
     matvecs({{&l.q, in, q_.data()}, {&l.k, in, k_.data()}, {&l.v, in, v_.data()}});
@@ -381,13 +399,13 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
     }
     in = x;
     if (l.ffn_norm) {
-      norm(x, l.ffn_norm, h);
+      norm(x, l.ffn_norm, l.ffn_norm_bias, h);
       in = h;
     }
     ffn(l, in, h);
     for (int64_t i = 0; i < c_.dim; ++i) x[i] += h[i];
   }
-  norm(x, output_norm_, h);
+  norm(x, output_norm_, output_norm_bias_, h);
   matvecs({{&head_, h, logits}});
   if (c_.logit_scale != 1.0f || c_.final_softcap > 0.0f)
     for (int64_t i = 0; i < c_.vocab; ++i) logits[i] = softcap(logits[i] / c_.logit_scale, c_.final_softcap);

@@ -668,8 +668,13 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             names = {n: hf_names.hf_name(n, arch) for n in shapes}
             specs = [(names[n], tag, shape) for n, shape in shapes.items() if names[n] is not None]
             by_hf = {h: g for g, h in names.items() if h is not None}
+        scalars = hf_names.layer_scalar_tensors(md)  # (Apertus's xIELU scalars: metadata in GGUF)
+        specs += [(h, tag, shape) for h, (shape, _) in scalars.items()]
 
         def produce(hf_name: str) -> torch.Tensor:
+            if hf_name in scalars:
+                shape, value = scalars[hf_name]
+                return torch.full(shape, value, dtype=tdt)
             if hf_name not in by_hf:  # (the vision tower's, as the original holds it)
                 return _safetensors_tensor(original[hf_name][0], hf_name).to(tdt)
             name = by_hf[hf_name]

@@ -38,6 +38,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen2vl       neox  silu       -           -         -          -                        if the file gives one
     qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
     qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
+    nemotron      neox  relu2      -           -         -          -                        if the file gives one
+    apertus       neox  xielu      -           yes       -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -90,6 +92,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   FFN, an MLP without a gate, biases everywhere.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
+  Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
+  MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
+  stored weight has the 1 added (the converter adds it, as Gemma's).
+  Apertus (apertus) is Llama with per-head q/k norms and an MLP without a gate whose activation is
+  xIELU, with four scalars per layer from the file's xielu.* arrays (ModelConfig.xielu; the
+  alphas before their softplus, glue_ops.xielu).
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -115,8 +123,9 @@ class Family:
     rope: str = "norm"                 # "norm" (adjacent pairs) or "neox" (i and i + rope_dim/2)
     activation: str = "silu"           # of the gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU) or "swiglu_oai"
     #                                    (gpt-oss: clamped, glue_ops.ACTIVATIONS); of ffn_up's output where
-    #                                    the MLP has no gate: "relu2" (Arcee) or "gelu_tanh" (Phi-2,
-    #                                    StarCoder2), glue_ops.UNGATED
+    #                                    the MLP has no gate: "relu2" (Arcee, Nemotron), "gelu_tanh"
+    #                                    (Phi-2, StarCoder2), glue_ops.UNGATED, or "xielu" (Apertus: its
+    #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
@@ -157,7 +166,7 @@ class Family:
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
-    hf_norm_offset: float = 0.0        # added to HF RMSNorm weights to get GGUF's (Gemma: 1)
+    hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
     #                                       SentencePiece vocabulary (None: as tokenizer.model says)
@@ -227,6 +236,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
     Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
+    Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
+           hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
+    Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",
+           hf_architectures=("ApertusForCausalLM",), hf_model_types=("apertus",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
            ffn_norm_tensor="post_attention_norm"),
 )}
@@ -241,6 +254,10 @@ FAMILIES.update({f.arch: f for f in (
         ("qwen3vlmoe", "qwen3moe", (), ())))})
 
 SUPPORTED = tuple(FAMILIES)
+
+# xIELU's scalars (Apertus) in the order of ModelConfig.xielu, by the names of their GGUF keys
+# (xielu.<name>, without the architecture) and of their HF tensors (mlp.act_fn.<name>)
+XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",

@@ -59,9 +59,9 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
                    "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
-                   "moe_layers"}
+                   "moe_layers", "xielu"}
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
-_ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2")
+_ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
@@ -75,6 +75,11 @@ def _linears(layer: DecoderLayer) -> list[QLinear | None]:
         return [getattr(layer, n, None) for n in _LINEARS]
     shared = [moe.gate_shexp, moe.up_shexp, moe.down_shexp] if moe.gate_shexp is not None else []
     return [getattr(layer, n) for n in _LINEARS[:4]] + [moe.gate_exps, moe.up_exps, moe.down_exps] + shared
+
+
+def _norm_biases(layer: DecoderLayer) -> list[torch.Tensor | None]:
+    """The biases of a layer's attn_norm and ffn_norm (LayerNorm's, where the file has them: Nemotron)."""
+    return [getattr(getattr(layer, n, None), "bias", None) for n in ("attn_norm", "ffn_norm")]
 
 
 def _positions_unscaled(c: ModelConfig, max_len: int) -> bool:
@@ -104,7 +109,8 @@ class _CompiledSteps:
                    [ptr(layer.attn_norm.weight), ptr(getattr(layer, "ffn_norm", NoNorm()).weight),
                     cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                     *(ptr(lin.bias if lin is not None else None) for lin in _linears(layer)[:7]),
-                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks)],
+                    *(ptr(weight(layer, n)) for n in _NORMS), *(ptr(t) for t in moe(layer)), ptr(layer.attn_sinks),
+                    *(ptr(b) for b in _norm_biases(layer)), ptr(layer.xielu)],
                    -1 if layer.rope_kind == NO_ROPE else layer.rope_kind, layer.window)
                   for i, layer in enumerate(model.layers)]
         # (cos, sin) [kinds, max_len, rope_dim/2, 2] of every cache position, from
@@ -128,7 +134,7 @@ class _CompiledSteps:
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
              fam.moe_renorm, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
-            model.output_norm.weight.data_ptr(), self.rope.data_ptr())
+            model.output_norm.weight.data_ptr(), self.rope.data_ptr(), ptr(getattr(model.output_norm, "bias", None)))
 
     def __call__(self, token: int) -> torch.Tensor:
         pos = self.cache.length
@@ -148,8 +154,10 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
         return None
     c = model.config
-    ungated_gelu = not c.family.gated and c.family.activation != "relu2"  # (the decoder's ungated MLP is relu²)
-    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or ungated_gelu or any(
+    # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron) and xIELU's (Apertus): Phi-2's and
+    # StarCoder2's GELU run the model's own steps
+    other_ungated = not c.family.gated and c.family.activation not in ("relu2", "xielu")
+    if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or other_ungated or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
@@ -167,8 +175,6 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:
             return None
-        if getattr(layer.attn_norm, "bias", None) is not None:
-            return None  # (LayerNorm biases: Phi-2, the model's own steps)
         linears = [lin for lin in _linears(layer) if lin is not None or c.family.gated]  # (Arcee: no gate)
         if not all(type(lin) is QLinear for lin in linears):
             return None  # adapters
@@ -177,7 +183,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
             return None  # (a router in another format: the model's steps)
         if not all(type(getattr(layer, n)) is RMSNorm for n in _NORMS if hasattr(layer, n)):
             return None
-        vectors = [lin.bias for lin in linears] + [layer.attn_sinks]
+        vectors = [lin.bias for lin in linears] + [layer.attn_sinks, layer.xielu] + _norm_biases(layer)
         if layer.ffn_moe is not None:
             m = layer.ffn_moe
             vectors += [m.router.bias, m.ffn_gate_exps_bias, m.ffn_up_exps_bias, m.ffn_down_exps_bias,

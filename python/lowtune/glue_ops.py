@@ -5,6 +5,7 @@ formula and, for inference on CUDA, as one fused kernel (csrc/glue_kernels.h).
     add_rms_norm(x, r, w, eps) (x + r, rms_norm(x + r)): a residual add and the norm after it
     rope(x, rot, style)        the first rope_dim dims of every head rotated (see rope's docstring)
     gated(activation, g, u)    activation(g) · u (SwiGLU's product for "silu")
+    ungated(activation, x, s)  activation(x) of an MLP without a gate (xIELU with its layer's scalars s)
     rope_store(q, k, v, ...)   a decode step's RoPE with its KV-cache write
     add_rms_norm_product(x, r, w, eps, qt), silu_mul_product(g, u, qt)
                                the norm, or SwiGLU's product, and the one-row product after it
@@ -43,6 +44,22 @@ def _swiglu_oai(g: Tensor, u: Tensor) -> Tensor:
 
 # the MLP's activation of ffn_up's output where it has no gate, by name
 UNGATED = {"relu2": lambda x: F.relu(x).square(), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def xielu(x: Tensor, scalars: Tensor) -> Tensor:
+    """Apertus's xIELU, llama.cpp's ggml_xielu, in fp32: scalars [4] are (alpha_p, alpha_n, beta, eps)
+    as the file stores them, the alphas before their softplus: with a_p = softplus(alpha_p) and
+    a_n = beta + softplus(alpha_n), a_p x² + beta x where x > 0, else (expm1(min(x, eps)) - x) a_n + beta x."""
+    alpha_p, alpha_n, beta, eps = scalars.float().unbind()
+    a_p, a_n, xf = F.softplus(alpha_p), beta + F.softplus(alpha_n), x.float()
+    y = torch.where(xf > 0, a_p * xf * xf + beta * xf, (torch.expm1(torch.minimum(xf, eps)) - xf) * a_n + beta * xf)
+    return y.to(x.dtype)
+
+
+def ungated(activation: str, x: Tensor, scalars: Tensor | None = None) -> Tensor:
+    """activation(x) for an MLP without a gate (glue_ops.UNGATED; "xielu" with its layer's scalars)."""
+    return xielu(x, scalars) if activation == "xielu" else UNGATED[activation](x)
+
 
 # the gated MLP's activation(g) · u, by name
 ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: UNGATED["gelu_tanh"](g) * u,

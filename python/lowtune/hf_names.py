@@ -35,7 +35,7 @@ from typing import Any, Collection, Mapping
 
 from gguf.constants import GGUFValueType
 
-from .families import FAMILIES, Family, family_of_hf, yarn_magnitude
+from .families import FAMILIES, XIELU_KEYS, Family, family_of_hf, yarn_magnitude
 
 U32, I32, F32, STR, BOOL = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
                             GGUFValueType.BOOL)
@@ -95,6 +95,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "cohere2": {"layer": _PARALLEL, "global": _GLOBAL},
     "hunyuan-dense": {"layer": {**_LLAMA, "attn_q_norm": "self_attn.query_layernorm",
                                 "attn_k_norm": "self_attn.key_layernorm"}, "global": _GLOBAL},
+    "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
+                 "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
+                          "ffn_norm": "feedforward_layernorm", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
+                "global": _GLOBAL},
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
@@ -107,6 +112,11 @@ _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
                       r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
+
+# GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
+# xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
+LAYER_SCALARS: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
+    "apertus": {f"xielu.{k}": (f"mlp.act_fn.{k}", (1,) if k.startswith("alpha") else ()) for k in XIELU_KEYS}}
 
 # GGUF `<arch>.<key>` <-> config.json key, the ModelConfig field holding the resolved value, the
 # GGUF type, and config.json's default (None: required; a string: that key's value). Every family
@@ -121,6 +131,8 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "norm_eps", F32, 1e-6),
     ("vocab_size", "vocab_size", "vocab_size", U32, None),
 ]
+# config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
 
 
 def _table(arch: str) -> dict[str, dict[str, str]]:
@@ -145,8 +157,9 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
 
 
 def gguf_name(name: str, arch: str = "llama") -> str | None:
-    """The GGUF name of an HF tensor; None for buffers GGUF does not store."""
-    if _HF_ONLY.search(name):
+    """The GGUF name of an HF tensor; None for buffers GGUF does not store and for the scalars
+    it keeps as metadata (layer_scalar)."""
+    if _HF_ONLY.search(name) or layer_scalar(name, arch) is not None:
         return None
     for prefix, repl in _LANGUAGE_MODEL:
         name = prefix.sub(repl, name)
@@ -182,6 +195,29 @@ def peft_target_modules(modules, arch: str) -> list[str] | str:
     if not FAMILIES[arch].text_of:
         return names
     return re.escape(_VL_LAYERS) + r"\d+\..*\.(" + "|".join(names) + ")"
+
+
+def layer_scalar(name: str, arch: str) -> tuple[str, int] | None:
+    """(GGUF metadata key, layer) of an HF tensor that GGUF keeps as one value of a per-layer array
+    (LAYER_SCALARS), else None."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m is None:
+        return None
+    for key, (hf, _) in LAYER_SCALARS.get(arch, {}).items():
+        if m.group(2) == hf:
+            return key, int(m.group(1))
+    return None
+
+
+def layer_scalar_tensors(metadata: Mapping) -> dict[str, tuple[tuple[int, ...], float]]:
+    """The HF tensors of the metadata's per-layer scalars (LAYER_SCALARS): HF name -> (shape, value)."""
+    arch, out = metadata.get("general.architecture", "llama"), {}
+    n_layers = int(metadata.get(f"{arch}.block_count", 0))
+    for key, (hf, shape) in LAYER_SCALARS.get(arch, {}).items():
+        values = metadata[key]
+        values = list(values) if isinstance(values, (list, tuple)) else [values] * n_layers
+        out.update({f"model.layers.{i}.{hf}": (shape, float(v)) for i, v in enumerate(values)})
+    return out
 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
@@ -347,7 +383,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
     if fam.norm == "layer":  # LayerNorm's epsilon, under its own keys
         del md[f"{arch}.attention.layer_norm_rms_epsilon"]
-        key(fam.eps_key, float(config.get("layer_norm_eps", config.get("norm_epsilon", 1e-5))), F32)
+        key(fam.eps_key, float(config.get(_LAYER_NORM_EPS.get(arch, "layer_norm_eps"), 1e-5)), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
     if config.get("use_qk_norm") and not fam.qk_norm:
@@ -411,6 +447,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         for gguf_key, hf in _MULTIPLIERS:
             if config.get(hf):
                 key(gguf_key, float(config[hf]), F32)
+    if arch == "nemotron" and head_dim * n_head != hidden:  # (llama.cpp's q and output are [hidden, hidden])
+        raise ValueError(f"head_dim {head_dim} × {n_head} heads is not hidden_size {hidden}; llama.cpp's nemotron "
+                         "runs attention only as wide as the model (and so lowtune, which follows it)")
     flags = _layer_types(config, fam, n_layers)
     if flags is not None and fam.window_block_counts and n_layers not in fam.window_block_counts:
         raise ValueError(f"config.json slides layers of a {n_layers}-layer {arch} model; llama.cpp runs {arch}'s "
@@ -554,14 +593,17 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
+    "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
+    "apertus": _ATTN_BIASES,
 }
 
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
-_PARTIAL_ROTARY = ("phi2", "phi3", "glm4")
+_PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron")
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
-_HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",)}
+_HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
+                     "nemotron": ("output_norm.bias",)}
 
 
 def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[str, bool], list[str]]:
@@ -624,7 +666,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if fam.activation == "gelu_tanh":
         cfg["hidden_activation"] = cfg["hidden_act"] = "gelu_pytorch_tanh"
     else:
-        cfg["hidden_act"] = "relu2" if fam.activation == "relu2" else "silu"
+        cfg["hidden_act"] = fam.activation if fam.activation in ("relu2", "xielu") else "silu"
     if arch == "llama" and cls == "LlamaForCausalLM":
         cfg["pretraining_tp"] = 1
     flags, _ = hf_biases(arch, tensors, c.n_layers)
@@ -666,6 +708,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         raise ValueError("a RoPE attention factor without LongRoPE factors has no HF config")
     if arch in _PARTIAL_ROTARY:
         cfg["partial_rotary_factor"] = c.rope_dim / c.head_dim
+    if arch == "apertus":  # (without rope_parameters ApertusConfig takes Llama 3's scaling and base by default)
+        scaling = cfg.pop("rope_scaling") or {"rope_type": "default"}
+        cfg["rope_parameters"] = {**scaling, "rope_theta": _f32(c.rope_theta)}
     if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
         full = cfg.pop("rope_scaling") or {"rope_type": "default"}
         cfg["rope_parameters"] = {
@@ -694,7 +739,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         if arch in ("gemma2", "gemma3", "exaone4"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
-        cfg["norm_epsilon" if arch == "starcoder2" else "layer_norm_eps"] = cfg.pop("rms_norm_eps")
+        cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
     if fam.multipliers:

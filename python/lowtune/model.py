@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, family_of, yarn_magnitude
+from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -111,6 +111,8 @@ class ModelConfig:
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
     expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
     moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
+    xielu: tuple[tuple[float, float, float, float], ...] = ()  # each layer's xIELU (alpha_p, alpha_n, beta,
+    #                               eps) as the file's xielu.* arrays hold them (Apertus; glue_ops.xielu)
 
     @property
     def family(self) -> Family:
@@ -264,6 +266,18 @@ class ModelConfig:
             if md.get(f"{arch}.rope.scaling.finetuned", True) is False:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
+        xielu = ()
+        if fam.activation == "xielu":  # (llama.cpp's keys carry no architecture prefix)
+            def per_layer(key):
+                v = md.get(key)
+                if v is None:
+                    raise ValueError(f"GGUF metadata lacks {key} (xIELU's scalars), which {arch} needs; llama.cpp's "
+                                     "converter writes them")
+                v = [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * n_layers
+                if len(v) != n_layers:
+                    raise ValueError(f"{key} holds {len(v)} values for {n_layers} layers")
+                return v
+            xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
@@ -277,7 +291,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts)
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, xielu=xielu)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -287,6 +301,8 @@ class ModelConfig:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
         if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
             raise ValueError(f"{self.n_experts_used} experts used of {self.n_experts}: must be 1 to {self.n_experts}")
+        if (self.family.activation == "xielu") != (len(self.xielu) == self.n_layers):
+            raise ValueError(f"xIELU scalars for {len(self.xielu)} layers in a {self.arch} model of {self.n_layers}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
 
@@ -704,6 +720,9 @@ class DecoderLayer(nn.Module):
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
+        # xIELU's scalars (Apertus), frozen as the layer's other base weights
+        xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
+        self.register_buffer("xielu", xielu, persistent=False)
         self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
@@ -872,7 +891,7 @@ class DecoderLayer(nn.Module):
         if self.ffn_moe is not None:
             return self._ffn_out(self.ffn_moe(h))
         if not self.config.family.gated:  # down(act(up(h)))
-            return self._ffn_out(self.ffn_down(glue_ops.UNGATED[self.activation](self.ffn_up(h))))
+            return self._ffn_out(self.ffn_down(glue_ops.ungated(self.activation, self.ffn_up(h), self.xielu)))
         return self._mlp_out(*self._products(h, self.PRODUCT_GROUPS[1]))
 
     def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,14 @@ class HFCheckpoint(Source):
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}
         infos: dict[str, TensorInfo] = {}
+        scalars: dict[str, dict[int, float]] = {}  # per-layer scalars GGUF keeps as metadata (Apertus's xIELU)
         for f in safetensors_files(d):
             st = self._files[str(f)] = safe_open(str(f), framework="pt")
             for hf in st.keys():
+                at = hf_names.layer_scalar(hf, self.arch)
+                if at is not None:
+                    scalars.setdefault(at[0], {})[at[1]] = float(st.get_tensor(hf).float().reshape(-1)[0])
+                    continue
                 name = hf_names.gguf_name(hf, self.arch)
                 if name is None or (tied and name == "output.weight"):
                     continue
@@ -110,6 +115,13 @@ class HFCheckpoint(Source):
                     raise ValueError(f"{f}: tensor {hf!r} is {sl.get_dtype()}; expected F32, F16 or BF16")
                 infos[name] = _info(name, get_format(dt), tuple(sl.get_shape()))
                 self._where[name] = (f, hf)
+        n_layers = int(self.metadata[f"{self.arch}.block_count"])
+        for key in hf_names.LAYER_SCALARS.get(self.arch, {}):
+            if sorted(scalars.get(key, {})) != list(range(n_layers)):
+                raise ValueError(f"{d}: the checkpoint lacks {key} (its layers' tensors) for some of its {n_layers} "
+                                 "layers")
+            self.metadata[key] = [scalars[key][i] for i in range(n_layers)]
+            self.metadata_types[key] = (GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
         self._extra = {}
         for name, values in hf_names.generated_tensors(self.config).items():
             self._extra[name] = torch.tensor(values, dtype=torch.float32)
