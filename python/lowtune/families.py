@@ -36,6 +36,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
+    lfm2          neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -75,6 +76,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
+  LFM2 (lfm2: LFM2-350M to 2.6B) is a hybrid: the layers whose file gives no KV heads (a head
+  count per layer, 0 there) run a short convolution in place of attention (Family.short_conv,
+  lowtune.model.ShortConv: in_proj into B, C and x, B·x through a depthwise causal convolution over
+  the last shortconv.l_cache positions, C times that, out_proj); the others Qwen3's attention. Its
+  final norm is the file's token_embd_norm (llama.cpp reads the output norm under that name), and
+  its head is tied to the embeddings.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -118,6 +125,8 @@ class Family:
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
+    short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
+    output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -217,6 +226,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
            ffn_norm_tensor="post_attention_norm"),
+    Family("lfm2", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm",
+           hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
 )}
 
 SUPPORTED = tuple(FAMILIES)
@@ -225,7 +236,7 @@ SUPPORTED = tuple(FAMILIES)
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "qwen35", "kimi-linear"}
+              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 

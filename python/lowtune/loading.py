@@ -139,7 +139,7 @@ def open_base(path, qtype: str | None = None):
     tensor. qtype: the type an HF directory is quantized to (see hf_qtype)."""
     src = open_source(path)
     if isinstance(src, HFCheckpoint):
-        return TypedSource(src, lambda name, shape: training_type(qtype, shape))
+        return TypedSource(src, lambda name, shape: training_type(qtype, shape, name))
     return src
 
 
