@@ -32,7 +32,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "exaone4", "seed_oss", "hunyuan-dense", "lfm2")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "lfm2moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -173,6 +173,11 @@ def hf_model(name: str):
         "lfm2": lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
             layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, block_auto_adjust_ff_dim=False)),
+        # LFM2 with a dense first layer, then experts routed by sigmoids with a selection bias
+        "lfm2moe": lambda: tf.Lfm2MoeForCausalLM(tf.Lfm2MoeConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
+            layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, num_dense_layers=1)),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -212,6 +217,9 @@ def hf_model(name: str):
                 p.copy_(0.25 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
+        for bname, b in model.named_buffers():
+            if bname.endswith("expert_bias"):  # (LFM2-MoE's selection bias is a buffer, zero by default)
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
     return model.float().eval()
 
 
@@ -239,7 +247,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
-    lfm2.LFM2Model.set_vocab = \
+    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -333,7 +341,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     from lowtune.model import Model, ModelConfig, layer_norm_shapes
 
     fam = FAMILIES[arch]
-    layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4, "lfm2": len(LFM2_LAYERS)}.get(arch, 2)
+    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
     hd = 32 if arch in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
@@ -359,7 +367,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch == "ernie4_5-moe":  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
@@ -391,8 +399,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
-        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it
-            w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
+        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
+            # unit size: saturated sigmoids would tie)
+            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 else 1.0)
+            w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
             if arch == "gpt-oss":  # biases on the router and the experts, and a sink per head
@@ -404,7 +414,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch == "ernie4_5-moe":  # a bias that picks the experts
+            if arch in ("ernie4_5-moe", "lfm2moe"):  # a bias that picks the experts
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)

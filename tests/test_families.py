@@ -373,8 +373,9 @@ def botchan_ids(tiny, botchan_text):
 
 
 # LFM2's convolution layers multiply two products (B·x, then C by the convolution): their heavier-tailed
-# activations lose more to llama.cpp's 8-bit rounding of them (0.54 % at Q4_0 on the tiny model; with
-# lowtune rounding them as llama.cpp does, test_lfm2_quantized_perplexity_is_llamacpps_rounding, 0.26 %)
+# activations lose more to llama.cpp's 8-bit rounding of them (0.54 % at Q4_0 on the tiny model, LFM2-MoE's
+# 0.93 % at Q8_0; with lowtune rounding them as llama.cpp does, 0.26 % and 0.2 %:
+# test_lfm2_quantized_perplexity_is_llamacpps_rounding)
 QUANTIZED_TOL = {"lfm2": 1e-2}
 
 
@@ -395,19 +396,20 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_lfm2_quantized_perplexity_is_llamacpps_rounding(tiny, botchan_ids, qtype):
-    """LFM2's quantized perplexity is llama.cpp's within the other families' 0.5 % once lowtune rounds
-    the activations of its products as llama.cpp does (the convolution's kernel stays in F32)."""
+@pytest.mark.parametrize("name,qtype", [("lfm2", "Q8_0"), ("lfm2", "Q4_0"), ("lfm2moe", "Q8_0")])
+def test_lfm2_quantized_perplexity_is_llamacpps_rounding(tiny, botchan_ids, name, qtype):
+    """LFM2's (and LFM2-MoE's) quantized perplexity is llama.cpp's within the other families' 0.5 %
+    once lowtune rounds the activations of its products as llama.cpp does (the convolutions' kernels
+    stay in F32)."""
     from lowtune.llamacpp_activations import rounded_like_llamacpp
-    path = gguf_of(tiny["lfm2"], qtype)
+    path = gguf_of(tiny[name], qtype)
     want = llamacpp_perplexity(llamacpp(path), windows(botchan_ids, SEQ, chunks=8))
     model = Model.from_gguf(path)
     assert model.tensor_types["blk.0.shortconv.in_proj.weight"] == qtype
     assert model.tensor_types["blk.0.shortconv.conv.weight"] == "F32"
     with rounded_like_llamacpp():
         got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
-    print(f"lfm2 {qtype}, activations rounded as llama.cpp's: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
+    print(f"{name} {qtype}, activations rounded as llama.cpp's: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
     assert abs(got - want) / want < 5e-3, (got, want)
 
 
@@ -726,7 +728,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "gpt-oss", "lfm2")
+                         "hunyuan-dense", "gpt-oss", "lfm2", "lfm2moe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -37,6 +37,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
+    lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -81,7 +82,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   lowtune.model.ShortConv: in_proj into B, C and x, B·x through a depthwise causal convolution over
   the last shortconv.l_cache positions, C times that, out_proj); the others Qwen3's attention. Its
   final norm is the file's token_embd_norm (llama.cpp reads the output norm under that name), and
-  its head is tied to the embeddings.
+  its head is tied to the embeddings. LFM2-MoE (lfm2moe: LFM2-8B-A1B) is LFM2 with experts after its
+  dense first layers, routed by llama.cpp's sigmoid gating (2): the top k of sigmoid(logits) plus
+  a selection bias that picks but does not weigh, those k sigmoids divided by their sum.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -139,8 +142,8 @@ class Family:
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
     moe_shared_gate: bool = False      # a shared expert is scaled by sigmoid(x · ffn_gate_inp_shexp) (Qwen2 MoE)
     moe_gating: int = 1                # llama.cpp's expert_gating_func when the file gives none: 1, softmax over
-    #                                    every expert, then the top k; 3, the top k logits, then their softmax
-    #                                    (gpt-oss)
+    #                                    every expert, then the top k; 2, the sigmoid of each, then the top k
+    #                                    (LFM2-MoE); 3, the top k logits, then their softmax (gpt-oss)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -228,6 +231,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            ffn_norm_tensor="post_attention_norm"),
     Family("lfm2", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm",
            hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
+    Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
+           moe_gating=2),
 )}
 
 SUPPORTED = tuple(FAMILIES)
@@ -268,7 +273,8 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe and gpt-oss)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss and "
+                         "lfm2moe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -56,6 +56,14 @@ _PARALLEL = {"attn_norm": "input_layernorm", **_ATTN, **_MLP}  # Command-R: one 
 _MOE_ATTN = {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}
 _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
+# LFM2: attention layers and short-convolution layers (shortconv.*) share the norms and the MLP
+_LFM2 = {"layer": {"attn_norm": "operator_norm", **_ATTN, "attn_output": "self_attn.out_proj",
+                   "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm",
+                   "shortconv.in_proj": "conv.in_proj", "shortconv.out_proj": "conv.out_proj",
+                   "shortconv.conv": "conv.conv", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
+                   "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"},
+         "global": {"token_embd.weight": "model.embed_tokens.weight",
+                    "token_embd_norm.weight": "model.embedding_norm.weight", "output.weight": "lm_head.weight"}}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -98,14 +106,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
-    # attention layers and short-convolution layers (shortconv.*) share the norms and the MLP
-    "lfm2": {"layer": {"attn_norm": "operator_norm", **_ATTN, "attn_output": "self_attn.out_proj",
-                       "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm",
-                       "shortconv.in_proj": "conv.in_proj", "shortconv.out_proj": "conv.out_proj",
-                       "shortconv.conv": "conv.conv", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
-                       "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"},
-             "global": {"token_embd.weight": "model.embed_tokens.weight",
-                        "token_embd_norm.weight": "model.embedding_norm.weight", "output.weight": "lm_head.weight"}},
+    "lfm2": _LFM2,
+    "lfm2moe": _LFM2,  # (the dense layers' MLP names; experts not mapped)
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model

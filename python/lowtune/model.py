@@ -115,7 +115,8 @@ class ModelConfig:
     n_experts_used: int = 0       # experts each token is routed to
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
-    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
+    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 2 sigmoid, then top k;
+    #                               3 top k, then softmax
     moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
     conv_layers: tuple[int, ...] = ()  # the short-convolution layers, without attention (LFM2)
     conv_kernel: int = 0          # their convolution's width: the positions each output reads (shortconv.l_cache)
@@ -254,9 +255,10 @@ class ModelConfig:
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
-            if gating not in (1, 3):
+            if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax routing (1) and the softmax of the top k (3, gpt-oss's) only")
+                                 "softmax routing (1), sigmoid routing (2, LFM2-MoE's) and the softmax of the top "
+                                 "k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0) and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
@@ -494,14 +496,14 @@ class RMSNorm(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE, gpt-oss) as
-    llama.cpp's build_moe_ffn runs it: router logits over E experts per token (plus the router's
-    bias where the file has one), their softmax, the n_experts_used largest, those weights divided
-    by their sum (where the family renormalizes) — or, gating 3 (gpt-oss), the n_experts_used
-    largest logits and the softmax of those; each chosen expert a gated MLP over the tokens routed
-    to it (with its biases where the file has them), and the token's output the weighted sum of
-    its experts', plus a shared expert's where the file has one (every token runs it; Qwen2 MoE
-    scales it by sigmoid(x · ffn_gate_inp_shexp)).
+    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE, gpt-oss, LFM2-MoE)
+    as llama.cpp's build_moe_ffn runs it: router logits over E experts per token (plus the router's
+    bias where the file has one), their softmax (gating 2, LFM2-MoE: each one's sigmoid), the
+    n_experts_used largest, those weights divided by their sum (where the family renormalizes) — or,
+    gating 3 (gpt-oss), the n_experts_used largest logits and the softmax of those; each chosen
+    expert a gated MLP over the tokens routed to it (with its biases where the file has them), and
+    the token's output the weighted sum of its experts', plus a shared expert's where the file has
+    one (every token runs it; Qwen2 MoE scales it by sigmoid(x · ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -538,8 +540,8 @@ class MoE(nn.Module):
         if self.gating == 3:  # the top k logits, then their softmax
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
-        else:  # the top k of the softmax (+ the selection bias, which picks but does not weigh)
-            probs = logits.softmax(-1)
+        else:  # the top k of the softmax or sigmoid (+ the selection bias, which picks but does not weigh)
+            probs = logits.sigmoid() if self.gating == 2 else logits.softmax(-1)
             picked = probs if self.selection_bias is None else probs + self.selection_bias
             chosen = picked.topk(self.n_used, dim=-1).indices
             weights = probs.gather(-1, chosen)
@@ -1333,14 +1335,14 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
         if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
-        layer_shapes = shapes
+        layer_shapes = dict(shapes)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
-            layer_shapes = {n: s for n, s in shapes.items() if n.startswith("ffn_")}
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
-            layer_shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
+            layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
