@@ -404,7 +404,8 @@ def describe(path) -> dict:
                           "rope_linear_scale": c.rope_linear_scale, "rope_yarn_factor": c.rope_yarn_factor,
                           "rope_orig_context": c.original_context,
                           "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps,
-                          "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width}
+                          "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width,
+                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info
