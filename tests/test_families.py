@@ -251,8 +251,8 @@ def test_config_read_from_the_converted_files(tiny):
     assert (lf.conv_layers, lf.conv_kernel, lf.n_kv_heads) == ((0, 2), CONV_KERNEL, HKV)
     assert all(cfg[n].conv_layers == () for n in NAMES if n != "lfm2")
     from lowtune.loading import describe  # (`lowtune info`)
-    assert (describe(tiny["lfm2"].gguf)["config"]["conv_layers"], describe(tiny["llama"].gguf)["config"]["conv_layers"]) \
-        == ([0, 2], [])
+    conv_layers = lambda n: describe(tiny[n].gguf)["config"]["conv_layers"]  # noqa: E731
+    assert (conv_layers("lfm2"), conv_layers("llama")) == ([0, 2], [])
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
