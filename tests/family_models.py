@@ -29,10 +29,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl")
+         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
-MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe")
+MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
+             "lfm2moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -43,6 +44,8 @@ PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones
 V, D, F, H, HKV = 512, 64, 128, 4, 2
 VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D,
                  deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
+LFM2_LAYERS = ("conv", "full_attention", "conv", "full_attention")  # LFM2's short convolutions among attention
+CONV_KERNEL = 3
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -197,6 +200,15 @@ def hf_model(name: str):
         "apertus": lambda: tf.ApertusForCausalLM(tf.ApertusConfig(
             **common, num_hidden_layers=2, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+        # short-convolution layers between attention layers (q/k norms), its FFN width as given, a tied head
+        "lfm2": lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
+            layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, block_auto_adjust_ff_dim=False)),
+        # LFM2 with a dense first layer, then experts routed by sigmoids with a selection bias
+        "lfm2moe": lambda: tf.Lfm2MoeForCausalLM(tf.Lfm2MoeConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
+            layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, num_dense_layers=1)),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -244,6 +256,9 @@ def randomized(model, name: str):
         for i, layer in enumerate(model.model.layers if name == "apertus" else ()):  # xIELU's buffers
             layer.mlp.act_fn.beta.fill_(0.5 + 0.1 * i)
             layer.mlp.act_fn.eps.fill_(-1e-6 * (i + 1))
+        for bname, b in model.named_buffers():
+            if bname.endswith("expert_bias"):  # (LFM2-MoE's selection bias is a buffer, zero by default)
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
     return model.float().eval()
 
 
@@ -263,14 +278,15 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, gpt_oss, hunyuan, olmo, phi, qwen, starcoder
+from conversion import command_r, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's and StarCoder2's converters read only byte-level BPE vocabularies; the tiny models share a
+# Phi-2's, StarCoder2's and LFM2's converters read only byte-level BPE vocabularies; the tiny models share a
 # SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
+    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -384,7 +400,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
+    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
     hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
@@ -414,8 +430,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch == "ernie4_5-moe":  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
+    if fam.short_conv:  # the convolution layers give no KV heads
+        md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
+                   f"{arch}.shortconv.l_cache": CONV_KERNEL})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -425,8 +444,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
     q, kv = H * hd, HKV * hd
     w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, D, generator=g), qtype),
-         "output_norm.weight": vec(D, 1.0)}
-    if not fam.embed_scale:  # Gemma ties its head to the embeddings
+         fam.output_norm_tensor + ".weight": vec(D, 1.0)}
+    if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
@@ -434,13 +453,19 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c).items()})
-        if arch == "phi3":  # fused q/k/v
+        w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c, i).items()})
+        if c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
+            w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
+                      p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
+                                                                / math.sqrt(CONV_KERNEL), "F32")})
+        elif arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
-        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it
-            w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
+        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
+            # unit size: saturated sigmoids would tie)
+            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 else 1.0)
+            w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
             if arch == "gpt-oss":  # biases on the router and the experts, and a sink per head
@@ -452,7 +477,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch == "ernie4_5-moe":  # a bias that picks the experts
+            if arch in ("ernie4_5-moe", "lfm2moe"):  # a bias that picks the experts
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
@@ -460,7 +485,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
-        w.update({p + "attn_output.weight": mat(D, q)})
+        if not c.is_conv(i):
+            w[p + "attn_output.weight"] = mat(D, q)
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron"):

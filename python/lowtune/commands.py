@@ -70,6 +70,9 @@ def info(args: argparse.Namespace) -> int:
               f"(kv {c['kv_heads']}, head_dim {c['head_dim']})")
         if c["experts"]:
             print(f"experts         {c['experts']} ({c['experts_used']} used a token, ffn {c['expert_ffn_dim']} each)")
+        if c["conv_layers"]:
+            print(f"short conv      layers {', '.join(map(str, c['conv_layers']))} (width {c['conv_kernel']}), "
+                  "attention in the others")
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"

@@ -65,11 +65,12 @@ from .safetensors_io import safetensors_files, write_safetensors, write_safetens
 from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
 
 log = logging.getLogger("lowtune")
-_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+)$")
+_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.([\w.]+)$")
 
 
 def gguf_name_of_module(module: str) -> str:
-    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight'."""
+    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight' (and LFM2's
+    'layers.0.shortconv.in_proj' -> 'blk.0.shortconv.in_proj.weight')."""
     m = _MODULE_RE.search(module)
     if m is None:
         raise ValueError(f"adapter module {module!r} is not a decoder-layer linear (layers.N.<name>)")
@@ -666,7 +667,8 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
             shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
             names = {n: hf_names.hf_name(n, arch) for n in shapes}
-            specs = [(names[n], tag, shape) for n, shape in shapes.items() if names[n] is not None]
+            specs = [(names[n], tag, hf_names.hf_shape(n, shape)) for n, shape in shapes.items()
+                     if names[n] is not None]
             by_hf = {h: g for g, h in names.items() if h is not None}
         scalars = hf_names.layer_scalar_tensors(md)  # (Apertus's xIELU scalars: metadata in GGUF)
         specs += [(h, tag, shape) for h, (shape, _) in scalars.items()]
@@ -691,7 +693,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                     lin = ad.adapted(part, qt.rows(a, b))
                     if lin is not None:
                         w[a:b] = lin.effective_weight()
-            return hf_names.to_hf_values(name, w, md).reshape(ti.shape).to(tdt)
+            return hf_names.to_hf_values(name, w, md).reshape(hf_names.hf_shape(name, ti.shape)).to(tdt)
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     nemotron      neox  relu2      -           -         -          -                        if the file gives one
     apertus       neox  xielu      -           yes       -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
+    lfm2          neox  silu       -           yes       -          -                        if the file gives one
+    lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -87,6 +89,14 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   height, width), which llama.cpp sets to the token's position for text tokens: NEOX RoPE. Qwen3-VL's
   deepstack layers add image features to the first layers' outputs; for text tokens llama.cpp adds
   zeros (the padded part of the input embedding), so text runs without them.
+  LFM2 (lfm2: LFM2-350M to 2.6B) is a hybrid: the layers whose file gives no KV heads (a head
+  count per layer, 0 there) run a short convolution in place of attention (Family.short_conv,
+  lowtune.model.ShortConv: in_proj into B, C and x, B·x through a depthwise causal convolution over
+  the last shortconv.l_cache positions, C times that, out_proj); the others Qwen3's attention. Its
+  final norm is the file's token_embd_norm (llama.cpp reads the output norm under that name), and
+  its head is tied to the embeddings. LFM2-MoE (lfm2moe: LFM2-8B-A1B) is LFM2 with experts after its
+  dense first layers, routed by llama.cpp's sigmoid gating (2): the top k of sigmoid(logits) plus
+  a selection bias that picks but does not weigh, those k sigmoids divided by their sum.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -137,6 +147,8 @@ class Family:
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
+    short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
+    output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -149,8 +161,8 @@ class Family:
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
     moe_shared_gate: bool = False      # a shared expert is scaled by sigmoid(x · ffn_gate_inp_shexp) (Qwen2 MoE)
     moe_gating: int = 1                # llama.cpp's expert_gating_func when the file gives none: 1, softmax over
-    #                                    every expert, then the top k; 3, the top k logits, then their softmax
-    #                                    (gpt-oss)
+    #                                    every expert, then the top k; 2, the sigmoid of each, then the top k
+    #                                    (LFM2-MoE); 3, the top k logits, then their softmax (gpt-oss)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -242,6 +254,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("ApertusForCausalLM",), hf_model_types=("apertus",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
            ffn_norm_tensor="post_attention_norm"),
+    Family("lfm2", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm",
+           hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
+    Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
+           moe_gating=2),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -263,7 +279,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "lfm2", "qwen3next", "qwen35", "kimi-linear"}
+              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
@@ -296,7 +312,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss and "
-                         "qwen3vlmoe)")
+                         "qwen3vlmoe, lfm2moe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -15,12 +15,14 @@ The families (lowtune.families says which architecture is which HF class) differ
     gate/up fused (gate_up_proj = ffn_up, gate rows first), which GGUF keeps too, as GLM-4 keeps
     gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
     under model.language_model beside the vision tower (which lowtune leaves out);
+    gate/up; LFM2's convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
+    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
     Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
-    layers slide (layer_types), soft-caps, Gemma's query scale, and which biases the HF class can
-    hold.
+    layers slide (layer_types), soft-caps, Gemma's query scale, which biases the HF class can
+    hold, and LFM2's convolution layers (layer_types "conv": no KV heads) and FFN width.
 
 The q/k permutation (convert_hf_to_gguf.py's LlamaModel.permute): HF keeps the two halves of each
 head's rotary pairs apart (dims i and i + d/2 rotate together); ggml rotates adjacent dims (2i,
@@ -56,6 +58,14 @@ _PARALLEL = {"attn_norm": "input_layernorm", **_ATTN, **_MLP}  # Command-R: one 
 _MOE_ATTN = {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}
 _GEMMA = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
           "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
+# LFM2: attention layers and short-convolution layers (shortconv.*) share the norms and the MLP
+_LFM2 = {"layer": {"attn_norm": "operator_norm", **_ATTN, "attn_output": "self_attn.out_proj",
+                   "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm",
+                   "shortconv.in_proj": "conv.in_proj", "shortconv.out_proj": "conv.out_proj",
+                   "shortconv.conv": "conv.conv", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
+                   "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"},
+         "global": {"token_embd.weight": "model.embed_tokens.weight",
+                    "token_embd_norm.weight": "model.embedding_norm.weight", "output.weight": "lm_head.weight"}}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -103,6 +113,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "glm4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_self_attn_layernorm",
                        "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
+    "lfm2": _LFM2,
+    "lfm2moe": _LFM2,  # (the dense layers' MLP names; experts not mapped)
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models) keeps its
@@ -148,7 +160,7 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in t["layer"]:
         return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
     if name in GGUF_ONLY:
@@ -226,12 +238,16 @@ _FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "gate_up_proj": ("ffn_g
 
 def adapter_targets(targets, arch: str) -> tuple[str, ...]:
     """Adapter targets as lowtune's model names its linears (attn_q ... ffn_down, the same in
-    every family), from those names or the family's HF module names (q_proj, o_proj, ...; Phi-3's
-    qkv_proj is q, k and v, its gate_up_proj gate and up). Other names are kept as they are."""
-    hf = {h.rsplit(".", 1)[-1]: g for g, h in _table(arch)["layer"].items()}
+    every family; LFM2's convolutions' in_proj and out_proj), from those names or the family's HF
+    module names (q_proj, o_proj, ...; Phi-3's qkv_proj is q, k and v, its gate_up_proj gate and
+    up; LFM2's out_proj both its attention's and its convolutions'). Other names are kept as they are."""
+    hf: dict[str, tuple[str, ...]] = {}
+    for g, h in _table(arch)["layer"].items():
+        leaf = h.rsplit(".", 1)[-1]
+        hf[leaf] = hf.get(leaf, ()) + (g.rsplit(".", 1)[-1],)
     out: list[str] = []
     for t in targets:
-        for name in _FUSED_HF.get(t, (hf.get(t, t),)):
+        for name in _FUSED_HF.get(t, hf.get(t, (t,))):
             if name not in out:
                 out.append(name)
     return tuple(out)
@@ -281,13 +297,28 @@ def _norm_offset(name: str, metadata: Mapping) -> float:
     return _family(metadata).hf_norm_offset if name.endswith("norm.weight") else 0.0
 
 
+def hf_shape(name: str, shape) -> tuple[int, ...]:
+    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's convolution kernel [D, L] is
+    nn.Conv1d's weight [D, 1, L] (the converter drops the 1); every other tensor its own."""
+    shape = tuple(shape)
+    return (shape[0], 1, *shape[1:]) if name.endswith("shortconv.conv.weight") and len(shape) == 2 else shape
+
+
+def gguf_shape(name: str, shape) -> tuple[int, ...]:
+    """The inverse of hf_shape: the GGUF shape of tensor `name` (its GGUF name) held in HF's `shape`."""
+    shape = tuple(shape)
+    return (shape[0], *shape[2:]) if name.endswith("shortconv.conv.weight") and len(shape) == 3 else shape
+
+
 def to_hf_values(name: str, w, metadata: Mapping):
-    """A GGUF tensor (or its LoRA B) as HF holds it: q/k rows in HF order, Gemma's norms as w."""
+    """A GGUF tensor (or its LoRA B) as HF holds it: q/k rows in HF order, Gemma's norms as w,
+    in hf_shape."""
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_gguf_to_hf(w, heads)
     off = _norm_offset(name, metadata)
-    return w - off if off else w
+    w = w - off if off else w
+    return w.reshape(hf_shape(name, w.shape))
 
 
 def from_hf_values(name: str, w, metadata: Mapping):
@@ -296,7 +327,8 @@ def from_hf_values(name: str, w, metadata: Mapping):
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
     off = _norm_offset(name, metadata)
-    return w + off if off else w
+    w = w + off if off else w
+    return w.reshape(gguf_shape(name, w.shape))
 
 
 to_hf_rows, from_hf_rows = to_hf_values, from_hf_values  # the names before other families came
@@ -386,6 +418,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(fam.eps_key, float(config.get(_LAYER_NORM_EPS.get(arch, "layer_norm_eps"), 1e-5)), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
+    if fam.short_conv:
+        _short_conv_keys(config, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -469,6 +503,32 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _short_conv_keys(config: dict, key) -> None:
+    """LFM2's config.json as llama.cpp's converter writes it: the norms' epsilon (norm_eps), the FFN
+    width its block_* keys make of intermediate_size, a KV head count per layer (0 in the
+    convolution layers: layer_types "conv") and the convolution's width (conv_L_cache). Biases on
+    the convolution's linears and kernel (conv_bias) are refused: llama.cpp's lfm2 has none."""
+    if config.get("conv_bias"):
+        raise ValueError("config.json asks for biases in the short convolutions (conv_bias), which llama.cpp's "
+                         "lfm2 does not run (and so lowtune, which follows it)")
+    key("attention.layer_norm_rms_epsilon", float(config.get("norm_eps", 1e-5)), F32)
+    ffn = int(config.get("block_ff_dim") or config["intermediate_size"])
+    if config.get("block_auto_adjust_ff_dim", True):
+        ffn = int(2 * ffn / 3)
+        if config.get("block_ffn_dim_multiplier") is not None:
+            ffn = int(float(config["block_ffn_dim_multiplier"]) * ffn)
+        multiple = int(config.get("block_multiple_of", 256))
+        ffn = multiple * ((ffn + multiple - 1) // multiple)
+    key("feed_forward_length", ffn, U32)
+    n_layers, kv = int(config["num_hidden_layers"]), int(config.get("num_key_value_heads") or 0)
+    types = config.get("layer_types")
+    if types is None:
+        attention = config.get("full_attn_idxs")
+        types = ["full_attention" if attention is None or i in attention else "conv" for i in range(n_layers)]
+    key("attention.head_count_kv", [0 if t == "conv" else kv for t in types[:n_layers]], (ARRAY, I32))
+    key("shortconv.l_cache", int(config.get("conv_L_cache", 3)), U32)
 
 
 # Granite's scales: GGUF key, config.json key (ModelConfig: attn_scale, embedding_scale,
@@ -594,7 +654,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES,
+    "apertus": _ATTN_BIASES, "lfm2": {},
 }
 
 
@@ -740,6 +800,12 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
+    if fam.short_conv:  # (the inverse of _short_conv_keys; the FFN width as it is)
+        if any(windows):
+            raise ValueError(f"a sliding window has no {arch} HF config")
+        cfg.update({"norm_eps": cfg.pop("rms_norm_eps"), "conv_bias": False, "conv_L_cache": c.conv_kernel or 3,
+                    "block_auto_adjust_ff_dim": False, "sliding_window": None,
+                    "layer_types": ["conv" if c.is_conv(i) else "full_attention" for i in range(c.n_layers)]})
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
     if fam.multipliers:

@@ -139,7 +139,7 @@ def open_base(path, qtype: str | None = None):
     tensor. qtype: the type an HF directory is quantized to (see hf_qtype)."""
     src = open_source(path)
     if isinstance(src, HFCheckpoint):
-        return TypedSource(src, lambda name, shape: training_type(qtype, shape))
+        return TypedSource(src, lambda name, shape: training_type(qtype, shape, name))
     return src
 
 
@@ -404,7 +404,8 @@ def describe(path) -> dict:
                           "rope_linear_scale": c.rope_linear_scale, "rope_yarn_factor": c.rope_yarn_factor,
                           "rope_orig_context": c.original_context,
                           "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps,
-                          "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width}
+                          "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width,
+                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

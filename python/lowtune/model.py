@@ -1,6 +1,7 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
-Gemma 2, Gemma 3, OLMo 2/3 and GLM-4.
+Gemma 2, Gemma 3, OLMo 2/3, GLM-4, ... and LFM2, whose convolution layers take a ShortConv in place
+of attention.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -21,7 +22,9 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.ffn_moe             MoE                 in place of ffn_gate/up/down where the file has experts
                               (Qwen3 MoE, Mixtral): ffn_gate_inp (router), ffn_{gate,up,down}_exps
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
-    output_norm               RMSNorm
+    blk.N.shortconv           ShortConv           in place of attention in LFM2's convolution layers:
+                              in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
+    output_norm               RMSNorm             (LFM2's file names it token_embd_norm)
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
 Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-capped c·tanh(s/c)
@@ -62,6 +65,9 @@ from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# the linears of a short-convolution layer (LFM2), which takes them in place of the four attention ones;
+# modules blk.N.shortconv.<name>
+CONV_LINEAR_NAMES = ("in_proj", "out_proj")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,10 +115,13 @@ class ModelConfig:
     n_experts_used: int = 0       # experts each token is routed to
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
-    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
+    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 2 sigmoid, then top k;
+    #                               3 top k, then softmax
     moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
     xielu: tuple[tuple[float, float, float, float], ...] = ()  # each layer's xIELU (alpha_p, alpha_n, beta,
     #                               eps) as the file's xielu.* arrays hold them (Apertus; glue_ops.xielu)
+    conv_layers: tuple[int, ...] = ()  # the short-convolution layers, without attention (LFM2)
+    conv_kernel: int = 0          # their convolution's width: the positions each output reads (shortconv.l_cache)
 
     @property
     def family(self) -> Family:
@@ -137,6 +146,10 @@ class ModelConfig:
     def has_experts(self, layer: int) -> bool:
         """Whether layer `layer`'s FFN is a mixture of experts (ERNIE 4.5 MoE's first layers are dense)."""
         return bool(self.n_experts) and (self.moe_layers is None or layer in self.moe_layers)
+
+    def is_conv(self, layer: int) -> bool:
+        """Whether layer `layer` is a short convolution in place of attention (LFM2)."""
+        return layer in self.conv_layers
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -244,9 +257,10 @@ class ModelConfig:
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
-            if gating not in (1, 3):
+            if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax routing (1) and the softmax of the top k (3, gpt-oss's) only")
+                                 "softmax routing (1), sigmoid routing (2, LFM2-MoE's) and the softmax of the top "
+                                 "k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
             if int(md.get(f"{arch}.expert_shared_count", 0) or 0) and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
@@ -278,9 +292,9 @@ class ModelConfig:
                     raise ValueError(f"{key} holds {len(v)} values for {n_layers} layers")
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
+        n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
         return cls(
-            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get(fam.eps_key)),
@@ -291,7 +305,8 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, xielu=xielu)
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
+            xielu=xielu)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -305,6 +320,33 @@ class ModelConfig:
             raise ValueError(f"xIELU scalars for {len(self.xielu)} layers in a {self.arch} model of {self.n_layers}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
+        if self.conv_layers and not self.family.short_conv:
+            raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
+        if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
+            raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
+                             f"must be at least 2 and the layers among the {self.n_layers} there are")
+
+
+def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int) -> tuple[int, dict]:
+    """(the attention layers' KV head count, the short-convolution fields of ModelConfig) of a file's
+    metadata: head_count_kv is one number, or one a layer where LFM2's file gives 0 to its convolution
+    layers (llama.cpp's rule), whose width is shortconv.l_cache."""
+    arch = fam.arch
+    kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
+    if not isinstance(kv, (list, tuple)):
+        return int(kv), {}
+    counts = [int(k) for k in kv[:n_layers]]
+    attention = sorted({k for k in counts if k})
+    if len(attention) > 1 or (0 in counts and not fam.short_conv):
+        raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
+                         "every attention layer (and layers without attention only as LFM2's short convolutions)")
+    conv = tuple(i for i, k in enumerate(counts) if k == 0)
+    if not conv:
+        return attention[0], {}
+    key = f"{arch}.shortconv.l_cache"
+    if key not in md:
+        raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
+    return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
 
 
 LlamaConfig = ModelConfig  # the name before other families came
@@ -434,9 +476,10 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
     return RMSNorm(w[name + ".weight"], eps)
 
 
-def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
-    """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
-    attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
+def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
+    """The RMSNorm weights of layer `layer` (None: an attention layer of the family): GGUF layer name
+    -> shape (the layer's attribute is the name, but ffn_norm for the FFN's input norm under its
+    file name). LFM2's short-convolution layers have no q/k norms."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
@@ -445,7 +488,7 @@ def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
-    if fam.qk_norm:
+    if fam.qk_norm and not (layer is not None and c.is_conv(layer)):
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
@@ -470,14 +513,14 @@ class RMSNorm(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE, gpt-oss) as
-    llama.cpp's build_moe_ffn runs it: router logits over E experts per token (plus the router's
-    bias where the file has one), their softmax, the n_experts_used largest, those weights divided
-    by their sum (where the family renormalizes) — or, gating 3 (gpt-oss), the n_experts_used
-    largest logits and the softmax of those; each chosen expert a gated MLP over the tokens routed
-    to it (with its biases where the file has them), and the token's output the weighted sum of
-    its experts', plus a shared expert's where the file has one (every token runs it; Qwen2 MoE
-    scales it by sigmoid(x · ffn_gate_inp_shexp)).
+    """A mixture-of-experts FFN (Qwen3 MoE, Mixtral, OLMoE, Qwen2 MoE, Granite MoE, gpt-oss, LFM2-MoE)
+    as llama.cpp's build_moe_ffn runs it: router logits over E experts per token (plus the router's
+    bias where the file has one), their softmax (gating 2, LFM2-MoE: each one's sigmoid), the
+    n_experts_used largest, those weights divided by their sum (where the family renormalizes) — or,
+    gating 3 (gpt-oss), the n_experts_used largest logits and the softmax of those; each chosen
+    expert a gated MLP over the tokens routed to it (with its biases where the file has them), and
+    the token's output the weighted sum of its experts', plus a shared expert's where the file has
+    one (every token runs it; Qwen2 MoE scales it by sigmoid(x · ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -514,8 +557,8 @@ class MoE(nn.Module):
         if self.gating == 3:  # the top k logits, then their softmax
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
-        else:  # the top k of the softmax (+ the selection bias, which picks but does not weigh)
-            probs = logits.softmax(-1)
+        else:  # the top k of the softmax or sigmoid (+ the selection bias, which picks but does not weigh)
+            probs = logits.sigmoid() if self.gating == 2 else logits.softmax(-1)
             picked = probs if self.selection_bias is None else probs + self.selection_bias
             chosen = picked.topk(self.n_used, dim=-1).indices
             weights = probs.gather(-1, chosen)
@@ -546,6 +589,41 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
+
+
+class ShortConv(nn.Module):
+    """LFM2's short convolution, in place of attention in the layers its file gives no KV heads, as
+    llama.cpp's build_shortconv_block runs it: in_proj(h) [.., 3D] split into B, C, x; B·x through a
+    depthwise causal convolution, each output the kernel's weighted sum of the last conv_kernel
+    positions of its channel (zeros before the sequence); C times that, through out_proj.
+
+    in_proj and out_proj are QLinears that adapters wrap; the kernel [D, L] (shortconv.conv, which
+    llama.cpp keeps in F32 and without a bias) is frozen as the norms are. With a KV cache the last
+    L - 1 positions of B·x are its conv state, which the next call's positions read first."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        p = f"blk.{index}.shortconv."
+        self.in_proj, self.out_proj = (QLinear(w[p + n + ".weight"], p + n + ".weight") for n in CONV_LINEAR_NAMES)
+        self.register_buffer("kernel", _table(w[p + "conv.weight"]).reshape(config.dim, -1), persistent=False)
+        self.index = index
+
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """h [B, T, D] (normed) at positions start..start+T -> [B, T, D]."""
+        b, c, x = self.in_proj(h).chunk(3, dim=-1)
+        bx = (b * x).transpose(1, 2)                                    # [B, D, T]
+        kernel = self.kernel.to(bx.dtype)
+        past = bx.new_zeros(bx.shape[0], bx.shape[1], kernel.shape[1] - 1)
+        if cache is not None and start:
+            past = cache.conv_state[self.index]
+        seq = torch.cat([past, bx], dim=-1)
+        if cache is not None:
+            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
+        conv = F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])  # [B, D, T]
+        return self.out_proj((c * conv.transpose(1, 2)).contiguous())
+
+    def extra_repr(self) -> str:
+        return f"kernel {tuple(self.kernel.shape)}"
 
 
 class LayerNorm(nn.Module):
@@ -626,7 +704,9 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 
 class KVCache:
-    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd].
+    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (empty in LFM2's
+    short-convolution layers, whose state is conv_state[i] [B, D, conv_kernel - 1]: the last
+    positions of their convolution's input, which ShortConv keeps).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -637,8 +717,10 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        kv = lambda i: torch.zeros((0,) if config.is_conv(i) else shape, device=device, dtype=dtype)  # noqa: E731
+        self.k = [kv(i) for i in range(config.n_layers)]
+        self.v = [kv(i) for i in range(config.n_layers)]
+        self.conv_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
         self.length = 0
 
@@ -695,6 +777,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
+    if config.is_conv(index):  # (a short convolution's: ShortConv's own)
+        names = names[4:]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -709,7 +793,7 @@ class DecoderLayer(nn.Module):
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
-        for name in layer_norm_shapes(c):
+        for name in layer_norm_shapes(c, index):
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
             setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
         if not fam.pre_norms:
@@ -717,6 +801,7 @@ class DecoderLayer(nn.Module):
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
+        self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
@@ -803,8 +888,8 @@ class DecoderLayer(nn.Module):
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
-        if self.config.family.parallel:  # (the FFN reads the attention's normed input)
-            x, h = self.attend(x if m is None else x + m, rot, cache, start)
+        if self.config.family.parallel or self.shortconv is not None:  # (parallel: the FFN reads the
+            x, h = self.attend(x if m is None else x + m, rot, cache, start)  # attention's normed input)
             return x, self._mlp_rows(h)
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
@@ -852,6 +937,8 @@ class DecoderLayer(nn.Module):
         family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward);
         qkv: the q, k, v products of it (forward_deferred)."""
         c, fam = self.config, self.config.family
+        if self.shortconv is not None:  # (LFM2's convolution layers: no attention)
+            return self.shortconv(self.attn_norm(x) if normed is None else normed, cache, start)
         b, t, _ = x.shape
         if qkv is None:
             qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
@@ -1041,7 +1128,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = make_norm(c.family, weights, "output_norm", c.norm_eps)
+        self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
@@ -1220,8 +1307,9 @@ class Model(nn.Module):
         if isinstance(self.output, QLinear):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
-            for name in LINEAR_NAMES:
-                lin = getattr(layer, name)
+            conv = layer.shortconv
+            for lin in [getattr(layer, n, None) for n in LINEAR_NAMES] + ([] if conv is None else
+                                                                         [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
                     out[base.name] = base.weight
@@ -1241,6 +1329,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     if not c.family.gated:
         del shapes["ffn_gate"]
+    conv_shapes = {"shortconv.in_proj": (3 * c.dim, c.dim), "shortconv.out_proj": (c.dim, c.dim),
+                   "shortconv.conv": (c.dim, c.conv_kernel)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
@@ -1253,22 +1343,26 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
-    want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
-    optional = {"output.weight": (c.vocab_size, c.dim), "output_norm.bias": (c.dim,),
+    norm = c.family.output_norm_tensor
+    want = {"token_embd.weight": (c.vocab_size, c.dim), norm + ".weight": (c.dim,)}
+    optional = {"output.weight": (c.vocab_size, c.dim), norm + ".bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
     if "output.weight" in w:
         optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
         if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
-            optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c).items()})
-        layer_shapes = shapes
+            optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
+        layer_shapes = dict(shapes)
+        if c.is_conv(i):  # the convolution's tensors in place of the attention's
+            want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
-            layer_shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
+            layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}

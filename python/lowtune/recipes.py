@@ -67,6 +67,9 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-qua
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
+# matrices llama-quantize leaves in floats whatever the type (LFM2's convolution kernels)
+_KEPT_FLOAT = ("shortconv.conv.weight",)
+
 
 def fallback(fmt: Format, k: int) -> Format:
     """The first type in the fallback chain (module doc) whose blocks divide a row of k."""
@@ -83,18 +86,19 @@ def fallback(fmt: Format, k: int) -> Format:
 
 def choose_type(qtype, name: str, shape: tuple[int, ...]) -> Format:
     """The type a tensor gets when a model is quantized to the plain type `qtype`: 1-D tensors
-    (norms, biases, rope factors) F32; a matrix `qtype`, or its fallback."""
-    if len(shape) != 2:
+    (norms, biases, rope factors) and the matrices llama.cpp keeps in floats (_KEPT_FLOAT) F32; a
+    matrix `qtype`, or its fallback."""
+    if len(shape) != 2 or name.endswith(_KEPT_FLOAT):
         return get_format("F32")
     return fallback(get_format(qtype), int(shape[1]))
 
 
-def training_type(qtype, shape: tuple[int, ...]) -> Format:
-    """The type a safetensors tensor gets when a model is quantized on load to train on it:
+def training_type(qtype, shape: tuple[int, ...], name: str = "") -> Format:
+    """The type safetensors tensor `name` gets when a model is quantized on load to train on it:
     `qtype` as choose_type, or by default Q4_K where its rows are whole 256-wide super-blocks,
     else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly)."""
-    if qtype is not None or len(shape) != 2:
-        return choose_type(qtype, "", shape)
+    if qtype is not None or len(shape) != 2 or name.endswith(_KEPT_FLOAT):
+        return choose_type(qtype, name, shape)
     return get_format("Q4_K" if shape[1] % 256 == 0 else "Q4_1")
 
 
@@ -160,9 +164,9 @@ def use_more_bits(i: int, n: int) -> bool:
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether llama-quantize would quantize this tensor: a 2-D (or larger) `*weight` that is no
-    norm and no MoE router."""
+    norm, no MoE router and none of _KEPT_FLOAT."""
     return (name.endswith("weight") and len(shape) >= 2 and "_norm.weight" not in name
-            and "ffn_gate_inp.weight" not in name)
+            and "ffn_gate_inp.weight" not in name and not name.endswith(_KEPT_FLOAT))
 
 
 @dataclass
@@ -207,8 +211,12 @@ class TypePlan:
     def for_source(cls, qtype: str, metadata: dict, names: list[str], **kw) -> "TypePlan":
         arch = metadata.get("general.architecture", "llama")
         heads = int(metadata.get(f"{arch}.attention.head_count", 1) or 1)
-        kv = int(metadata.get(f"{arch}.attention.head_count_kv", heads) or heads)
-        plan = cls(qtype, n_gqa=max(1, heads // max(kv, 1)),
+        kv = metadata.get(f"{arch}.attention.head_count_kv", heads)
+        if isinstance(kv, (list, tuple)):  # a count a layer (LFM2): llama.cpp's n_gqa() reads layer 0's, 0 where
+            n_gqa = heads // int(kv[0]) if kv and int(kv[0]) else 0  # it has no KV heads (a convolution)
+        else:
+            n_gqa = max(1, heads // max(int(kv or heads), 1))
+        plan = cls(qtype, n_gqa=n_gqa,
                    n_layers=int(metadata.get(f"{arch}.block_count", 0) or 0),
                    has_output="output.weight" in names, **kw)
         for kind in ("attn_v.weight", "ffn_down", "ffn_gate", "ffn_up"):

@@ -113,7 +113,7 @@ class HFCheckpoint(Source):
                 dt = _SAFETENSORS_FLOATS.get(sl.get_dtype())
                 if dt is None:
                     raise ValueError(f"{f}: tensor {hf!r} is {sl.get_dtype()}; expected F32, F16 or BF16")
-                infos[name] = _info(name, get_format(dt), tuple(sl.get_shape()))
+                infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape()))
                 self._where[name] = (f, hf)
         n_layers = int(self.metadata[f"{self.arch}.block_count"])
         for key in hf_names.LAYER_SCALARS.get(self.arch, {}):
@@ -126,7 +126,8 @@ class HFCheckpoint(Source):
         for name, values in hf_names.generated_tensors(self.config).items():
             self._extra[name] = torch.tensor(values, dtype=torch.float32)
             infos[name] = _info(name, get_format("F32"), (len(values),))
-        missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in infos]
+        norm = FAMILIES[self.arch].output_norm_tensor + ".weight"
+        missing = [n for n in ("token_embd.weight", norm) if n not in infos]
         if missing:
             raise ValueError(f"{d}: the checkpoint lacks {missing}")
         self.tensor_infos = {n: infos[n] for n in sorted(infos, key=_gguf_order)}
