@@ -1266,6 +1266,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     unused = [n for n in w if n not in want and n not in optional]
     if unused:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
+        if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
+            hint = (" (the per-tensor second scales of an NVFP4 checkpoint, which lowtune does not apply: quantize "
+                    "the model's BF16 weights to NVFP4 instead, with lowtune or llama-quantize)")
         raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
                          "this file is a variant lowtune does not support")
     for name in w:
