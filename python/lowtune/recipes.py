@@ -7,8 +7,9 @@
     to_storage(qt)                               # an INTb-gG QTensor as the GGUF type that holds it
 
 Row fallbacks (llama_tensor_get_type's convert_incompatible_tensor): a row length that a block
-does not divide falls back Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the
-256-wide I-quants -> IQ4_NL; INTb-gG halves G down to 32; then F16. SmolLM2's 576-wide rows take
+does not divide falls back Q2_K/Q3_K/TQ1_0/TQ2_0/Q2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, the 256-wide I-quants -> IQ4_NL; INTb-gG halves G down to 32; then F16 (NVFP4 and Q1_0
+too, which llama-quantize refuses to fall back from). SmolLM2's 576-wide rows take
 these for every K- and I-quant.
 
 I-quant recipes. IQ4_XS, IQ4_NL, IQ3_M, IQ3_S and IQ3_XS (IQ3_XXS for attn_q/attn_k and the
@@ -65,6 +66,7 @@ _IQ12_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize
 
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_0": "Q4_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
 
