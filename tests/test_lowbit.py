@@ -232,3 +232,28 @@ def test_llamacpp_runs_a_model_lowtune_wrote(name, tmp_path):
     theirs = np.asarray(llm.scores[:len(ids)], np.float64)
     llm.close()
     assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", TYPES)
+def test_lowtune_reads_what_llama_quantize_writes(name, tmp_path):
+    # llama-quantize's recipe for the type (its file type, its choices for token_embd and the head)
+    # on an F32 model: lowtune reads every tensor's type and computes llama.cpp's logits. (llama-quantize
+    # has no NVFP4 recipe: only the converter writes NVFP4, from NVIDIA's checkpoints.)
+    from llama_cpp import Llama
+    from helpers import write_tiny_llama_gguf
+    from lowtune.loading import load_model
+    src = write_tiny_llama_gguf(tmp_path / "f32.gguf", "F32", dim=256, ffn=512, scale=0.02)
+    path = tmp_path / f"{name}.gguf"
+    ggml_ref.quantize_model(src, path, name)
+    with GGUFFile(path) as f:
+        assert f.metadata["general.file_type"] == ggml_ref.FTYPES[name]
+        assert f.tensor_infos["blk.0.ffn_down.weight"].type_name == name
+    ids = [5, 17, 99, 200, 33, 7, 8, 120]
+    with torch.no_grad():
+        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
+    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
+    llm.close()
+    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
