@@ -393,6 +393,68 @@ template <> struct Traits<T_MXFP4> {
   }
 };
 
+// ---- NVFP4 ----------------------------------------------------------------------------------------
+// MXFP4's levels, a UE4M3 scale per 16 elements; within a sub-block, byte j holds elements j and j + 8.
+template <> struct Traits<T_NVFP4> {
+  using block = block_nvfp4; static constexpr int kElems = 64;
+  LT_HD static void dequant(const block* b, float* y) {
+    for (int s = 0; s < 4; ++s) {
+      const float d = ue4m3_to_fp32_half(b->d[s]);
+      for (int j = 0; j < 8; ++j) {
+        y[16 * s + j] = (float)kvalues_mxfp4(b->qs[8 * s + j] & 0xF) * d;
+        y[16 * s + j + 8] = (float)kvalues_mxfp4(b->qs[8 * s + j] >> 4) * d;
+      }
+    }
+  }
+};
+
+// ---- TQ1_0, TQ2_0, Q1_0, Q2_0 ----------------------------------------------------------------------
+// One fp16 scale times a small integer, (float)(code - 1) * d as ggml writes it (Q1_0: ±d).
+// Digit n (0 the most significant) of a TQ1_0 byte holding base-3 digits as a fraction of 256.
+LT_HD int tq1_digit(uint8_t q, int n) {
+  const uint8_t shifted = (uint8_t)(q * (uint8_t)(0x00F3511B090301ull >> (8 * n)));  // q * 3^n mod 256
+  return ((int)shifted * 3) >> 8;
+}
+
+template <> struct Traits<T_TQ1_0> {
+  using block = block_tq1_0; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int n = 0; n < 5; ++n)
+      for (int m = 0; m < 32; ++m) y[32 * n + m] = (float)(tq1_digit(b->qs[m], n) - 1) * d;
+    for (int n = 0; n < 5; ++n)
+      for (int m = 0; m < 16; ++m) y[160 + 16 * n + m] = (float)(tq1_digit(b->qs[32 + m], n) - 1) * d;
+    for (int n = 0; n < 4; ++n)
+      for (int j = 0; j < 4; ++j) y[240 + 4 * n + j] = (float)(tq1_digit(b->qh[j], n) - 1) * d;
+  }
+};
+
+template <> struct Traits<T_TQ2_0> {
+  using block = block_tq2_0; static constexpr int kElems = QK_K;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int c = 0; c < 2; ++c)
+      for (int l = 0; l < 4; ++l)
+        for (int m = 0; m < 32; ++m) y[128 * c + 32 * l + m] = (float)(((b->qs[32 * c + m] >> (2 * l)) & 3) - 1) * d;
+  }
+};
+
+template <> struct Traits<T_Q1_0> {
+  using block = block_q1_0; static constexpr int kElems = 128;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d), neg_d = -d;
+    for (int j = 0; j < 128; ++j) y[j] = (b->qs[j / 8] >> (j % 8)) & 1 ? d : neg_d;
+  }
+};
+
+template <> struct Traits<T_Q2_0> {
+  using block = block_q2_0; static constexpr int kElems = 64;
+  LT_HD static void dequant(const block* b, float* y) {
+    const float d = fp16_to_fp32(b->d);
+    for (int j = 0; j < 64; ++j) y[j] = (float)(((b->qs[j / 4] >> (2 * (j % 4))) & 3) - 1) * d;
+  }
+};
+
 // ---- INTb-gG ----------------------------------------------------------------------------------
 // Code of element e (0 <= e < G) of an INTb-gG block; see the layout in blocks.h.
 template <int B, int G>

@@ -92,6 +92,31 @@ static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
 struct block_mxfp4 { uint8_t e; uint8_t qs[QK / 2]; };  // x = e8m0_to_fp32_half(e) * kvalues_mxfp4[q]
 static_assert(sizeof(block_mxfp4) == 17, "MXFP4 block is 17 bytes");
 
+// ---- GGUF NVFP4 (NVIDIA's FP4 checkpoints): 64 elements per block, four sub-blocks of 16 -------
+// d[s]: an unsigned E4M3 scale per 16 elements, taken at half (ue4m3_to_fp32_half in fp16.h) for the
+// same doubled E2M1 levels as MXFP4's; qs: 8 bytes per sub-block, byte j of sub-block s holding
+// element 16s + j (low nibble) and 16s + j + 8 (high nibble). 36 bytes, 4-byte aligned.
+struct block_nvfp4 { uint8_t d[4]; uint8_t qs[32]; };  // x = ue4m3_to_fp32_half(d[s]) * kvalues_mxfp4[q]
+static_assert(sizeof(block_nvfp4) == 36, "NVFP4 block is 36 bytes");
+
+// ---- GGUF ternary (BitNet b1.58, TriLM) and 1-/2-bit types: one fp16 scale d, small integer codes --
+// TQ1_0: 256 elements; five base-3 digits t in {0, 1, 2} per qs byte and four per qh byte, stored as
+// the fraction ceil(sum t_n 3^(4-n) * 256 / 243): digit n of byte q is ((uint8_t)(q * 3^n) * 3) >> 8.
+// Digit n of qs[m] is element 32n + m (m < 32), of qs[32 + m] element 160 + 16n + m (m < 16), and
+// of qh[j] element 240 + 4n + j.
+struct block_tq1_0 { uint8_t qs[48]; uint8_t qh[4]; half_bits d; };  // x = (t - 1) * d
+// TQ2_0: 256 elements; byte 32c + m of qs holds element 128c + 32l + m at bit 2l (codes 0..2 are
+// ternary; 3, never written, reads as 2d as in ggml).
+struct block_tq2_0 { uint8_t qs[QK_K / 4]; half_bits d; };  // x = (q - 1) * d
+// Q1_0: 128 elements; bit j%8 of qs[j/8] is element j's sign.
+struct block_q1_0 { half_bits d; uint8_t qs[16]; };  // x = bit ? d : -d
+// Q2_0: 64 elements; element j at bit 2(j%4) of qs[j/4].
+struct block_q2_0 { half_bits d; uint8_t qs[16]; };  // x = (q - 1) * d, q in 0..3
+static_assert(sizeof(block_tq1_0) == 54, "TQ1_0 block is 54 bytes");
+static_assert(sizeof(block_tq2_0) == 66, "TQ2_0 block is 66 bytes");
+static_assert(sizeof(block_q1_0) == 18, "Q1_0 block is 18 bytes");
+static_assert(sizeof(block_q2_0) == 18, "Q2_0 block is 18 bytes");
+
 // ---- INTb-gG: uniform asymmetric, one block per G consecutive inputs of one output row ----
 // x = d * q + m, q in [0, 2^b - 1], d and m fp16.  Layout, per block:
 //   d, m, then (b in {3,5,6}) the high-bit plane, then the low-bit plane.
@@ -123,7 +148,8 @@ enum QType : int {
   T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
   T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
   T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18, T_IQ1_S = 19, T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22,
-  T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30, T_MXFP4 = 39,
+  T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30, T_TQ1_0 = 34, T_TQ2_0 = 35, T_MXFP4 = 39, T_NVFP4 = 40,
+  T_Q1_0 = 41, T_Q2_0 = 42,
 };
 constexpr int int_type_id(int bits, int group) {
   return 1000 + 10 * bits + (group == 32 ? 0 : group == 64 ? 1 : 2);
@@ -142,14 +168,16 @@ constexpr int int_type_group(int id) { return 32 << ((id - 1000) % 10); }
 #define LT_TYPES_KQUANTS(X) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
 #define LT_TYPES_IQ43(X) X(T_IQ4_NL) X(T_IQ4_XS) X(T_IQ3_XXS) X(T_IQ3_S)
 #define LT_TYPES_IQ21(X) X(T_IQ2_XXS) X(T_IQ2_XS) X(T_IQ2_S) X(T_IQ1_S) X(T_IQ1_M)
-#define LT_TYPES_MX(X) X(T_MXFP4)
+#define LT_TYPES_MX(X) X(T_MXFP4) X(T_NVFP4)
+#define LT_TYPES_LOWBIT(X) X(T_TQ1_0) X(T_TQ2_0) X(T_Q1_0) X(T_Q2_0)
 #define LT_INT_GROUPS(X, B) X(int_type_id(B, 32)) X(int_type_id(B, 64)) X(int_type_id(B, 128))
 #define LT_TYPES_INT23(X) LT_INT_GROUPS(X, 2) LT_INT_GROUPS(X, 3)
 #define LT_TYPES_INT45(X) LT_INT_GROUPS(X, 4) LT_INT_GROUPS(X, 5)
 #define LT_TYPES_INT68(X) LT_INT_GROUPS(X, 6) LT_INT_GROUPS(X, 8)
 #define LT_TYPES_INT(X) LT_TYPES_INT23(X) LT_TYPES_INT45(X) LT_TYPES_INT68(X)
 #define LT_TYPES(X) \
-  LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_IQ43(X) LT_TYPES_IQ21(X) LT_TYPES_MX(X) LT_TYPES_INT(X)
+  LT_TYPES_LEGACY(X) LT_TYPES_KQUANTS(X) LT_TYPES_IQ43(X) LT_TYPES_IQ21(X) LT_TYPES_MX(X) LT_TYPES_LOWBIT(X) \
+  LT_TYPES_INT(X)
 
 // Activation dtypes accepted by the kernels.
 enum DType : int { D_F32 = 0, D_F16 = 1, D_BF16 = 2 };

@@ -63,7 +63,9 @@ constexpr int64_t kAdapterCublasMinRows = 64;
 // N = 4096 at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it
 // wherever the type has one.
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
-// of small codes, i.e. all but the I-quants (cuda/gemv.cu checks this against the kernels' types).
+// of small codes that Unpack gives as codes, i.e. the legacy, K-quant and INTb-gG types (not the
+// I-quants and FP4 types; TQ1_0, TQ2_0, Q1_0 and Q2_0 decode without codes for now). cuda/gemv.cu
+// checks this against the kernels' types.
 constexpr bool has_gemv(int qtype) {
   switch (qtype) {
 #define LT_GEMV_CASE(T) case T:

@@ -1,4 +1,4 @@
-// fp16 / bf16 <-> fp32 and E8M0 -> fp32 conversions usable on the host and in CUDA device code.
+// fp16 / bf16 <-> fp32 and E8M0 / UE4M3 -> fp32 conversions usable on the host and in CUDA device code.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -78,6 +78,16 @@ LT_HD uint16_t fp32_to_bf16(float f) {
 // subnormals 2^-128 and 2^-127; e = 255 gives 2^127 (ggml reads no NaN).
 LT_HD float e8m0_to_fp32_half(uint8_t e) {
   return bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
+}
+
+// Half the value of an unsigned E4M3 scale (4 exponent bits, bias 7, 3 mantissa bits), ggml's
+// ggml_ue4m3_to_fp32: NVFP4's levels are MXFP4's doubled E2M1 values. Bit 7 is ignored; 0x7F (E4M3's
+// NaN) reads as 0; exponent 0 gives the subnormals man * 2^-10. Every value is exact in float.
+LT_HD float ue4m3_to_fp32_half(uint8_t x) {
+  const uint32_t exp = (x >> 3) & 0xF, man = x & 7;
+  if (x == 0x7F) return 0.0f;
+  if (exp == 0) return (float)man * (1.0f / 1024.0f);
+  return bits_to_float(((exp + 119) << 23) | (man << 20));  // (1 + man/8) * 2^(exp - 8)
 }
 
 }  // namespace lowtune

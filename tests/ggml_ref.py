@@ -7,6 +7,7 @@ when no importance matrix is given.
 
     available()                -> True when llama_cpp and its libggml-base are importable
     quantize(w[N, K], type_id[, imatrix]) -> uint8 [N, row_bytes]: ggml's bytes for a float32 matrix
+    dequantize(raw[N, row_bytes], type_id, K) -> float32 [N, K]: ggml's dequantize_row_* (to_float)
     quantize_model(src, out, ftype[, imatrix]) -> llama-quantize on a whole GGUF (llama_model_quantize)
     rewrite_split(first_part, prefix)          -> the same split model written by llama.cpp's writer
 """
@@ -72,9 +73,32 @@ def quantize(w: np.ndarray, type_id: int, imatrix: np.ndarray | None = None) -> 
     return out
 
 
+class _TypeTraits(ctypes.Structure):  # ggml.h's struct ggml_type_traits
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def dequantize(raw: np.ndarray, type_id: int, k: int) -> np.ndarray:
+    """ggml's dequantization (type_traits[type_id].to_float) of uint8 raw [N, row_bytes] into float32 [N, K]."""
+    lib = _ggml_base()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] != lib.ggml_row_size(type_id, k):
+        raise ValueError(f"raw must be uint8 [N, {lib.ggml_row_size(type_id, k)}] for K={k}, got {raw.shape}")
+    out = np.zeros((raw.shape[0], k), np.float32)
+    _TO_FLOAT(lib.ggml_get_type_traits(type_id).contents.to_float)(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
 # llama_ftype values of the recipes the tests ask llama.cpp for (llama.h)
 FTYPES = {"Q4_1": 3, "Q8_0": 7, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24,
-          "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31}
+          "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31,
+          "TQ1_0": 36, "TQ2_0": 37, "Q1_0": 40, "Q2_0": 41}
 
 
 def quantize_model(src, out, recipe: str, imatrix: dict[str, np.ndarray] | None = None,

@@ -52,11 +52,14 @@ def norm_rel_err(a, b) -> float:
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
                "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
-               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": (), "MXFP4": ()}
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": (), "MXFP4": (), "NVFP4": (),
+               "TQ1_0": (52,), "TQ2_0": (64,), "Q1_0": (0,), "Q2_0": (0,)}
 # IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
 SPLIT_HALF_FIELDS = {"IQ1_M": 48}
 # Byte offsets of the E8M0 scale bytes (level unit 2^(e - 128)) inside one block.
 E8M0_FIELDS = {"MXFP4": (0,)}
+# Byte offsets of the unsigned E4M3 scale bytes (half their value times the level) inside one block.
+UE4M3_FIELDS = {"NVFP4": (0, 1, 2, 3)}
 
 
 def random_halves(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -70,10 +73,17 @@ def random_e8m0(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndar
     return (128 + np.floor(np.log2(scale)) - rng.integers(0, 8, size=nblocks)).astype(np.uint8)
 
 
+def random_ue4m3(nblocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """UE4M3 bytes (uint8 [nblocks]) whose half value is in about [scale/16, scale], random mantissas."""
+    top = int(np.floor(np.log2(2 * scale))) + 7  # the exponent field of 2 * scale
+    exp = np.clip(top - rng.integers(0, 4, size=nblocks), 1, 14)
+    return ((exp << 3) | rng.integers(0, 8, size=nblocks)).astype(np.uint8)
+
+
 def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
     """uint8 [n, row_bytes] of `fmt` blocks: random code bytes, and fp16 scales/mins of random sign
-    and magnitude log-uniform in [scale/100, scale] (never inf/nan; E8M0 scales: powers of two
-    about as large), so every code pattern of the format is exercised without depending on a
+    and magnitude log-uniform in [scale/100, scale] (never inf/nan; E8M0 and UE4M3 scales: about as
+    large), so every code pattern of the format is exercised without depending on a
     quantizer."""
     nblocks = n * k // fmt.block_elems
     raw = rng.integers(0, 256, size=(nblocks, fmt.block_bytes), dtype=np.uint8)
@@ -81,6 +91,8 @@ def random_blocks(fmt, n: int, k: int, rng: np.random.Generator, scale: float = 
         raw[:, off:off + 2] = random_halves(nblocks, scale, rng).view(np.uint8).reshape(-1, 2)
     for off in E8M0_FIELDS.get(fmt.name, ()):
         raw[:, off] = random_e8m0(nblocks, scale, rng)
+    for off in UE4M3_FIELDS.get(fmt.name, ()):
+        raw[:, off] = random_ue4m3(nblocks, scale, rng)
     if fmt.name in SPLIT_HALF_FIELDS:
         off = SPLIT_HALF_FIELDS[fmt.name]
         d = random_halves(nblocks, scale, rng)[:, None]

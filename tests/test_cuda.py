@@ -125,7 +125,7 @@ def test_input_grad(name, dtype, gen):
 
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
 @pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_S", "IQ1_M",
-                                  "MXFP4", "INT3-g128", "INT6-g32"])
+                                  "MXFP4", "NVFP4", "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "INT3-g128", "INT6-g32"])
 def test_reference_kernels_agree(name, direction, gen):
     """The slow reference CUDA kernels on the same shapes and tolerance (small shapes: they are slow)."""
     check_matmul(name, torch.bfloat16, gen, direction, shapes=[(1, 37, 3), (20, 70, 16)], ref_kernel=True)

@@ -145,6 +145,27 @@ def test_requantized_merge_lands_near_base_plus_adapter(method, base, path, tiny
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.parametrize("base", ["NVFP4", "TQ1_0", "TQ2_0", "Q1_0", "Q2_0"])
+def test_scale_only_types_merge_as_ggml_quantizes(base, tmp_path):
+    """NVFP4, the ternary and 1-/2-bit types have no min to move: every adapted tensor is re-quantized,
+    and its blocks are exactly ggml's quantization (lowtune's ggml-exact quantizer) of deq(W) + ΔW. (With
+    one scale per 64-256 inputs and 1-2 bit codes little of an update survives the re-rounding; what
+    does is what llama-quantize would keep.)"""
+    path = make_tiny_gguf(tmp_path / f"tiny-{base}.gguf", base)
+    model = load_model(path)
+    ads = A.apply_adapters(model, A.AdapterConfig(method="lora", alpha=16.0, seed=0, rank=8))
+    randomize_adapters(ads, 0.3)
+    A.save_adapter(model, tmp_path / "ad")
+    rep = export_merged_gguf(path, tmp_path / "ad", tmp_path / "merged.gguf")
+    assert rep.paths()["requantize"] == 14
+    with GGUFFile(tmp_path / "merged.gguf") as o, torch.no_grad():
+        for name in ("layers.0.attn_q", "layers.1.ffn_down"):
+            ad = ads[name]
+            want = lowtune.quantize(lowtune.dequantize(ad.base.weight) + ad.delta_weight().float(), base)
+            got = o.tensor("blk." + name.removeprefix("layers.") + ".weight")
+            assert got.type == base and torch.equal(got.raw, want.raw), name
+
+
 def test_dylora_rank_and_retarget(tiny, tmp_path):
     """QDyLoRA exports at the chosen rank; --type re-targets every quantized tensor."""
     model = make_adapter(tiny["Q4_1"], tmp_path / "ad", "qdylora")

@@ -1,10 +1,11 @@
 """Block formats: the C++ quantizer/dequantizer, the NumPy references and gguf-py agree to the bit.
 
 Legacy GGUF types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) are checked both ways against gguf-py (its quantize
-and dequantize are bit-exact with ggml's reference C, research anchors §4.7); K-types, I-quants and
-MXFP4 are checked for dequantization (gguf-py has no K quantizer; the I-quant and MXFP4 quantizers:
-test_iquants.py, test_mxfp4.py); INTb-gG against our NumPy reference, and INT4-g32 / INT5-g32
-against Q4_1 / Q5_1. Data is fresh every run (fixture `rng` prints its seed).
+and dequantize are bit-exact with ggml's reference C, research anchors §4.7); K-types, I-quants,
+MXFP4, NVFP4, TQ1_0 and TQ2_0 are checked for dequantization (gguf-py has no K quantizer; the other
+quantizers, and Q1_0 / Q2_0, which gguf-py lacks, are checked against llama.cpp in test_iquants.py,
+test_mxfp4.py, test_nvfp4.py and test_lowbit.py); INTb-gG against our NumPy reference, and
+INT4-g32 / INT5-g32 against Q4_1 / Q5_1. Data is fresh every run (fixture `rng` prints its seed).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from lowtune.formats import FORMATS, get_format
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
-MX = ["MXFP4"]  # its quantizer and edge cases: test_mxfp4.py
+MX = ["MXFP4", "NVFP4"]  # their quantizers and edge cases: test_mxfp4.py, test_nvfp4.py
+LOWBIT = ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0"]  # test_lowbit.py
+LOWBIT_IN_GGUF_PY = ["TQ1_0", "TQ2_0"]
 INTS = [f.name for f in FORMATS.values() if f.name.startswith("INT")]
-QUANTIZED = LEGACY + KTYPES + IQUANTS + MX + INTS
+QUANTIZED = LEGACY + KTYPES + IQUANTS + MX + LOWBIT + INTS
 
 
 def gguf_type(name: str):
@@ -91,7 +94,7 @@ def test_legacy_quantize_beyond_fp16_range_matches_gguf(name, rng):
 
 
 @pytest.mark.parametrize("name,source", [(t, "quantized") for t in LEGACY] +  # gguf-py has no K quantizer
-                         [(t, "random_bytes") for t in LEGACY + KTYPES + IQUANTS + MX])
+                         [(t, "random_bytes") for t in LEGACY + KTYPES + IQUANTS + MX + LOWBIT_IN_GGUF_PY])
 def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
     fmt = get_format(name)
     n, k = 5, 3 * fmt.block_elems
@@ -101,7 +104,7 @@ def test_gguf_types_dequantize_match_gguf(name, source, rng, random_blocks):
         raw = random_blocks(fmt, n, k, rng)
     expected = gguf.quants.dequantize(raw, gguf_type(name)).astype(np.float32)
     assert same_bits(lt_dequantize(raw, name, k).numpy(), expected), "C++ dequantize differs from gguf-py"
-    if name in LEGACY + IQUANTS + MX:
+    if name in LEGACY + IQUANTS + MX + LOWBIT_IN_GGUF_PY:
         assert same_bits(fmt.dequantize(raw, k), expected), "NumPy reference differs from gguf-py"
 
 

@@ -166,10 +166,10 @@ def test_missing_file_is_gguf_error(tmp_path):
 
 
 def test_unsupported_ggml_type_loads_but_tensor_says_what_to_do(tmp_path):
-    p = tmp_path / "tq.gguf"
-    p.write_bytes(build([ARCH], (("w", (256,), T.TQ2_0, 0),), data=bytes(66)))
+    p = tmp_path / "q8k.gguf"  # Q8_K: ggml's activation type, which no weight is stored in
+    p.write_bytes(build([ARCH], (("w", (256,), T.Q8_K, 0),), data=bytes(292)))
     with GGUFFile(p) as f:
-        assert f.tensor_infos["w"].type is None and f.tensor_infos["w"].type_name == "TQ2_0"
+        assert f.tensor_infos["w"].type is None and f.tensor_infos["w"].type_name == "Q8_K"
         with pytest.raises(GGUFError, match="requantize"):
             f.tensor("w")
     p = tmp_path / "iq.gguf"  # the I-quants are lowtune types

@@ -161,7 +161,8 @@ def test_int6_int8_are_merged_exactly_and_stored_as_f32(name, rng):
 
 # ---- re-quantization ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["Q8_0", "Q4_K", "F16", "INT4-g64"])
+@pytest.mark.parametrize("target", ["Q8_0", "Q4_K", "F16", "INT4-g64", "MXFP4", "NVFP4", "TQ1_0", "TQ2_0", "Q1_0",
+                                    "Q2_0"])
 def test_requantize_rounds_once(target, rng):
     qt = lowtune.quantize(weights(rng, 4, 256), "Q5_1")
     delta = weights(rng, 4, 256) * 0.1
@@ -182,6 +183,11 @@ CASES = [  # base, update ("groups" width or "dense" or None), target, path, exa
     ("Q8_0", 32, None, "requantize", False, "Q8_0", "no min"),
     ("Q6_K", 16, None, "requantize", False, "Q6_K", "no min"),
     ("Q3_K", 16, None, "requantize", False, "Q3_K", "no min"),
+    ("NVFP4", 16, None, "requantize", False, "NVFP4", "no min"),  # E2M1 levels, one scale per 16
+    ("TQ1_0", 256, None, "requantize", False, "TQ1_0", "no min"),  # ternary codes, one scale per 256
+    ("TQ2_0", "dense", None, "requantize", False, "TQ2_0", ""),
+    ("Q1_0", 128, None, "requantize", False, "Q1_0", "no min"),
+    ("Q2_0", 64, None, "requantize", False, "Q2_0", "no min"),
     ("Q4_K", 32, None, "min-refit", False, "Q4_K", None),
     ("Q2_K", 16, None, "min-refit", False, "Q2_K", None),
     ("Q4_K", 16, None, "requantize", False, "Q4_K", "do not align"),

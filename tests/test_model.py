@@ -139,10 +139,12 @@ def test_generate_stops_at_stop_id_and_is_seeded():
     assert a == b and len(a) == 8
 
 
-# (qtype, tied, heads, kv heads, head_dim, rope_dim, dim, ffn, YaRN factor): legacy and K-type
-# blocks, GQA and plain heads, RoPE on part of each head, a separate LM head, YaRN.
+# (qtype, tied, heads, kv heads, head_dim, rope_dim, dim, ffn, YaRN factor): legacy, K-type, NVFP4
+# and low-bit blocks, GQA and plain heads, RoPE on part of each head, a separate LM head, YaRN.
 DECODER_CASES = [("Q4_1", True, 4, 2, 16, 16, 64, 96, 0.0), ("Q8_0", False, 4, 4, 16, 8, 64, 96, 0.0),
-                 ("Q4_K", True, 8, 2, 32, 32, 256, 256, 0.0), ("Q5_0", True, 4, 1, 16, 16, 64, 64, 4.0)]
+                 ("Q4_K", True, 8, 2, 32, 32, 256, 256, 0.0), ("Q5_0", True, 4, 1, 16, 16, 64, 64, 4.0),
+                 ("NVFP4", True, 4, 2, 16, 16, 64, 128, 0.0), ("TQ2_0", False, 8, 2, 32, 32, 256, 256, 0.0),
+                 ("Q1_0", True, 4, 2, 32, 32, 128, 128, 0.0)]
 
 
 @pytest.mark.parametrize("qtype,tied,heads,kv,hd,rd,dim,ffn,yarn", DECODER_CASES)

@@ -118,7 +118,7 @@ def test_half_io_is_exact_conversion_of_the_f32_kernel(dtype, rng, random_blocks
         assert torch.equal(lowtune.qmatmul_input_grad(dy, qt), lowtune.qmatmul_input_grad(dy.float(), qt).to(dtype))
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32", "IQ4_NL", "MXFP4"])  
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "INT3-g32", "IQ4_NL", "MXFP4", "NVFP4", "TQ1_0"])
 def test_fast_kernels_match_reference_kernels(name, rng, random_blocks, monkeypatch):
     # The fast paths (fused small-M, panel GEMM) against the simple loops kept as *_reference
     # (IQ4_NL and MXFP4: the register decoding of table levels at small M).

@@ -139,6 +139,8 @@ def test_choose_type_fallbacks():
     assert choose_type("Q4_K", "w", (8, 576)).name == "Q5_0"
     assert choose_type("Q6_K", "w", (8, 576)).name == "Q8_0"
     assert choose_type("INT3-g128", "w", (8, 576)).name == "INT3-g64"
+    assert [choose_type(t, "w", (8, 544)).name for t in ("TQ1_0", "TQ2_0", "Q2_0", "NVFP4", "Q1_0")] == \
+        ["Q4_0", "Q4_0", "Q4_0", "F16", "F16"]
     assert choose_type("Q4_0", "w", (8, 20)).name == "F16"
     assert choose_type("Q4_0", "norm", (576,)).name == "F32"
 

@@ -72,11 +72,14 @@ LARGE_VARIANTS = {
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
                "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ2_XXS": (0,),
-               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": (), "MXFP4": ()}
+               "IQ2_XS": (0,), "IQ2_S": (0,), "IQ1_S": (0,), "IQ1_M": (), "MXFP4": (), "NVFP4": (),
+               "TQ1_0": (52,), "TQ2_0": (64,), "Q1_0": (0,), "Q2_0": (0,)}
 # IQ1_M keeps its fp16 d in the top nibbles of the four u16 scale words at this byte offset.
 SPLIT_HALF_FIELDS = {"IQ1_M": 48}
 # Byte offsets of E8M0 scale bytes (level unit 2^(e - 128)), set to sane powers of two.
 E8M0_FIELDS = {"MXFP4": (0,)}
+# Byte offsets of unsigned E4M3 scale bytes, set to sane values (subnormals: half value 2^-10..7 * 2^-10).
+UE4M3_FIELDS = {"NVFP4": (0, 1, 2, 3)}
 
 
 def quant_type_names() -> list[str]:
@@ -209,6 +212,8 @@ def random_qtensor(name: str, n: int, k: int) -> lowtune.QTensor:
         raw[:, :, off:off + 2] = halves.view(torch.uint8).view(n, nb, 2)
     for off in E8M0_FIELDS.get(fmt.name, ()):
         raw[:, :, off] = torch.randint(114, 119, (n, nb), dtype=torch.uint8, device="cuda")  # 2^-14..2^-10
+    for off in UE4M3_FIELDS.get(fmt.name, ()):
+        raw[:, :, off] = torch.randint(1, 8, (n, nb), dtype=torch.uint8, device="cuda")
     return lowtune.QTensor.from_raw(raw.view(n, nb * fmt.block_bytes), fmt.name, (n, k))
 
 

@@ -301,8 +301,8 @@ struct FastDequant<T_Q5_K> {
 #if defined(__AVX2__)
 // I-quants and MXFP4 with AVX2 (AVX-512 machines have it too): a grid point's 8 byte values widen to 8
 // float lanes, are scaled, and take their signs by flipping the sign bit (exactly the
-// reference's (scale * g) * ±1); IQ4 and MXFP4 levels come from a byte shuffle of the 16-level
-// table; IQ1 adds delta before scaling, as the reference.
+// reference's (scale * g) * ±1); IQ4, MXFP4 and NVFP4 levels come from a byte shuffle of the
+// 16-level table; IQ1 adds delta before scaling, as the reference.
 inline __m256 iq_u8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g))); }
 inline __m256 iq_i8x8(uint64_t g) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((long long)g))); }
 inline __m256 iq_signed(__m256 v, uint32_t signs) {  // lane j negated where bit j of signs is set
@@ -324,6 +324,17 @@ inline void nibbles_store32(float* y, float scale, const uint8_t* qs, const int8
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
   _mm256_storeu_ps(y + 16, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
   _mm256_storeu_ps(y + 24, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+}
+
+// 16 4-bit codes (8 bytes: low nibbles first) -> 16 floats scale * table[code] (NVFP4's sub-blocks).
+inline void nibbles_store16(float* y, float scale, const uint8_t* qs, const int8_t* table) {
+  const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs));
+  const __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0xF)), hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0xF));
+  const __m128i v = _mm_shuffle_epi8(levels, _mm_unpacklo_epi64(lo, hi));
+  const __m256 s = _mm256_set1_ps(scale);
+  _mm256_storeu_ps(y, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+  _mm256_storeu_ps(y + 8, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)))));
 }
 
 template <>
@@ -349,6 +360,15 @@ template <>
 struct FastDequant<T_MXFP4> {
   LT_FLATTEN static inline void run(const block_mxfp4* __restrict b, float* __restrict y) {
     nibbles_store32(y, e8m0_to_fp32_half(b->e), b->qs, k_kvalues_mxfp4);
+  }
+};
+
+// NVFP4: MXFP4's levels, four sub-blocks of 16 with their own UE4M3 scale.
+template <>
+struct FastDequant<T_NVFP4> {
+  LT_FLATTEN static inline void run(const block_nvfp4* __restrict b, float* __restrict y) {
+    for (int s = 0; s < 4; ++s)
+      nibbles_store16(y + 16 * s, ue4m3_to_fp32_half(b->d[s]), b->qs + 8 * s, k_kvalues_mxfp4);
   }
 };
 

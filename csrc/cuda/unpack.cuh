@@ -740,6 +740,109 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
   }
 };
 
+// NVFP4: d[4] (UE4M3 per 16 elements), qs[32]; within sub-block s, byte 8s + j holds elements j (low
+// nibble) and j + 8 (high). Both spans of 8 of a sub-block read its 8 bytes; 4-byte aligned.
+template <> struct Unpack<T_NVFP4> : UnpackIq<Unpack<T_NVFP4>> {
+  static constexpr int kElems = 64, kBytes = 36, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<3>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u8(b + (e >> 4));
+    ld_words<8, kAlign>(b + 4 + 8 * (e >> 4), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = ue4m3_to_fp32_half((uint8_t)r[0]);
+    const int sh = S == 16 ? 0 : (e & 8) >> 1;  // a span of 8: the low or the high nibbles
+#pragma unroll
+    for (int i = 0; i < S; ++i)
+      v[i] = __fmul_rn(nibble_level<k_kvalues_mxfp4>((byte_of(r + 1, i & 7) >> (sh + 4 * (i >> 3))) & 0xF), d);
+  }
+};
+
+// ---- TQ1_0, TQ2_0, Q1_0, Q2_0 ------------------------------------------------------------------------
+// One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it. No kernel takes them through codes
+// (cuda_policy::has_gemv), so they decode as the I-quants do (decode_fast is decode).
+__device__ __forceinline__ uint32_t tq1_digit_u(uint32_t q, int n) {  // tq1_digit (block_math.h)
+  return (((q * (uint32_t)(uint8_t)(0x00F3511B090301ull >> (8 * n))) & 0xFFu) * 3u) >> 8;
+}
+
+// TQ1_0: qs[48], qh[4], d. A span lies in one of three runs: elements [0, 160) digit e/32 of qs[e%32],
+// [160, 240) digit (e-160)/16 of qs[32 + e%16], [240, 256) digit (e-240)/4 of qh[e%4] (the 4 bytes).
+template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
+  static constexpr int kElems = 256, kBytes = 54, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b + 52);
+    if (e >= 240) {  // 4 bytes: a span of 16 would read past the block
+      ld_words<4, kAlign>(b + 48, r + 1);
+#pragma unroll
+      for (int i = 2; i < 1 + S / 4; ++i) r[i] = 0;
+    } else {
+      ld_words<S, kAlign>(b + (e < 160 ? (e & 31) : 32 + ((e - 160) & 15)), r + 1);
+    }
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    if (e >= 240) {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        const int t = e - 240 + i;
+        v[i] = __fmul_rn(code_minus_f(tq1_digit_u((r[1] >> (8 * (t & 3))) & 0xFFu, t >> 2), 1), d);
+      }
+    } else {
+      const int n = e < 160 ? (e >> 5) : ((e - 160) >> 4);
+#pragma unroll
+      for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(tq1_digit_u(byte_of(r + 1, i), n), 1), d);
+    }
+  }
+};
+
+// TQ2_0: qs[64], d; element 128c + 32l + m at bit 2l of qs[32c + m].
+template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
+  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<1 + S / 4>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b + 64);
+    ld_words<S, kAlign>(b + 32 * (e >> 7) + (e & 31), r + 1);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = 2 * ((e >> 5) & 3);
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 3, 1), d);
+  }
+};
+
+// Q1_0: d, qs[16]; bit j of the little-endian bits is element j's sign (set: +d).
+template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
+  static constexpr int kElems = 128, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    r[1] = ld_u16(b + 2 + 2 * (e >> 4)) >> (e & 8);  // bit i: element e + i
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]), neg_d = -d;
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = (r[1] >> i) & 1u ? d : neg_d;
+  }
+};
+
+// Q2_0: d, qs[16]; element j at bit 2(j%4) of qs[j/4]: a span of 8 is 2 bytes, of 16 four.
+template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
+  static constexpr int kElems = 64, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  template <int S> using Words = IntC<2>;
+  template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
+    r[0] = ld_u16(b);
+    const uint8_t* q = b + 2 + (e >> 2);
+    r[1] = S == 16 ? (uint32_t)ld_u16(q) | ((uint32_t)ld_u16(q + 2) << 16) : (uint32_t)ld_u16(q);
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const float d = half_f((uint16_t)r[0]);
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((r[1] >> (2 * i)) & 3, 1), d);
+  }
+};
+
 // ---- INTb-gG -------------------------------------------------------------------------------------
 // d, m, then the high-bit plane (b = 3, 5, 6), then the low-bit plane; layout in blocks.h.
 template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {

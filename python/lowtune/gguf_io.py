@@ -190,10 +190,28 @@ class _Cursor:
 
 
 def _ggml_type_name(type_id: int) -> str:
+    geometry = _type_geometry(type_id)
+    return f"type {type_id}" if geometry is None else geometry[0]
+
+
+def _type_geometry(type_id: int) -> tuple[str, int, int] | None:
+    """(name, block elements, block bytes) of a ggml type id from gguf-py's table, or from lowtune's
+    formats for a type newer than the installed gguf-py (gguf 0.19 has no Q2_0); None when unknown."""
     try:
-        return GGMLQuantizationType(type_id).name
+        gtype = GGMLQuantizationType(type_id)
+        return (gtype.name, *GGML_QUANT_SIZES[gtype])
+    except (ValueError, KeyError):
+        fmt = _lowtune_format(type_id)
+        return None if fmt is None else (fmt.name, fmt.block_elems, fmt.block_bytes)
+
+
+def _ggml_type(type_id: int) -> GGMLQuantizationType | int:
+    """gguf-py's enum member for a type id, or the id itself where gguf-py lacks it (its writer packs
+    either as the u32 the file stores)."""
+    try:
+        return GGMLQuantizationType(type_id)
     except ValueError:
-        return f"type {type_id}"
+        return type_id
 
 
 def _lowtune_format(type_id: int) -> Format | None:
@@ -302,11 +320,10 @@ class GGUFFile:
             self.tensor_infos[name] = self._check_tensor(c, name, ne, type_id, offset)
 
     def _check_tensor(self, c: _Cursor, name, ne, type_id, offset) -> TensorInfo:
-        try:
-            gtype = GGMLQuantizationType(type_id)
-            block, type_size = GGML_QUANT_SIZES[gtype]
-        except (ValueError, KeyError):
-            raise c.fail(f"tensor {name!r} has unknown tensor type id {type_id}") from None
+        geometry = _type_geometry(type_id)
+        if geometry is None:
+            raise c.fail(f"tensor {name!r} has unknown tensor type id {type_id}")
+        type_name, block, type_size = geometry
         n_elements = 1
         for d in ne:
             n_elements *= d
@@ -314,7 +331,7 @@ class GGUFFile:
             raise c.fail(f"tensor {name!r}: dimensions {list(ne)} overflow 64 bits")
         if ne[0] % block:
             raise c.fail(f"tensor {name!r}: row length ne[0]={ne[0]} is not a multiple of the "
-                         f"{gtype.name} block size {block}")
+                         f"{type_name} block size {block}")
         nbytes = n_elements // block * type_size
         if offset % self.alignment:
             raise c.fail(f"tensor {name!r}: offset {offset} is not a multiple of the alignment {self.alignment}")
@@ -323,7 +340,7 @@ class GGUFFile:
             raise c.fail(f"tensor {name!r}: data [{start}, {start + nbytes}) lies beyond the end of "
                          f"the file ({self.size} bytes); the file is truncated or the offset is wrong")
         return TensorInfo(name=name, type=_lowtune_format(type_id), shape=tuple(reversed(ne)), ne=ne,
-                          offset=start, nbytes=nbytes, type_name=gtype.name, type_id=type_id)
+                          offset=start, nbytes=nbytes, type_name=type_name, type_id=type_id)
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -436,11 +453,13 @@ _FTYPE_MAIN = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9
                16: "Q5_K", 17: "Q5_K", 18: "Q6_K", 32: "BF16",
                19: "IQ2_XXS", 20: "IQ2_XS", 22: "IQ3_S", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
                26: "IQ3_S", 27: "IQ3_S", 28: "IQ2_XS", 29: "IQ2_S", 30: "IQ4_XS", 31: "IQ1_M",
-               38: "MXFP4"}  # 38: MOSTLY_MXFP4_MOE (gpt-oss: the experts MXFP4, the rest wider)
+               36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4", 39: "NVFP4", 40: "Q1_0", 41: "Q2_0"}
+# (38 is MOSTLY_MXFP4_MOE: gpt-oss's experts MXFP4, the rest wider)
 _MAIN_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
                "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32,
                "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26,
-               "IQ2_S": 29, "IQ4_XS": 30, "IQ1_M": 31, "MXFP4": 38}
+               "IQ2_S": 29, "IQ4_XS": 30, "IQ1_M": 31, "TQ1_0": 36, "TQ2_0": 37, "MXFP4": 38, "NVFP4": 39,
+               "Q1_0": 40, "Q2_0": 41}
 
 
 def main_file_type(counts: dict[str, int]) -> int | None:
@@ -516,7 +535,7 @@ def _pack_value(key: str, val, desc) -> bytes:
         raise GGUFError(f"metadata {key!r}: value {val!r} does not fit {desc.name}: {e}") from e
 
 
-def _tensor_bytes(name: str, value) -> tuple[np.ndarray, GGMLQuantizationType, tuple[int, ...]]:
+def _tensor_bytes(name: str, value) -> tuple[np.ndarray, GGMLQuantizationType | int, tuple[int, ...]]:
     """(uint8 bytes, ggml type, ne) for a QTensor, a torch.Tensor or (either, torch_shape)."""
     shape = None
     if isinstance(value, tuple) and len(value) == 2:
@@ -532,7 +551,7 @@ def _tensor_bytes(name: str, value) -> tuple[np.ndarray, GGMLQuantizationType, t
         if shape is not None and (int(np.prod(ne)) != n * k or ne[0] != k):
             raise GGUFError(f"tensor {name!r}: shape {tuple(shape)} does not match the QTensor's rows "
                             f"of {k} (its last dimension must be {k} and it must hold {n}x{k} elements)")
-        return raw.reshape(-1).numpy(), GGMLQuantizationType(fmt.type_id), ne
+        return raw.reshape(-1).numpy(), _ggml_type(fmt.type_id), ne
     if isinstance(value, torch.Tensor):
         inv = {v: k for k, v in _TORCH_DTYPES.items()}
         if value.dtype not in inv:
@@ -602,7 +621,7 @@ class TensorTable:
 
     def __init__(self, path: str):
         self.path = path
-        self.infos: list[tuple[str, GGMLQuantizationType, tuple[int, ...], int]] = []
+        self.infos: list[tuple[str, GGMLQuantizationType | int, tuple[int, ...], int]] = []
         self._names: set[str] = set()
 
     def take(self, name, value) -> np.ndarray:
@@ -643,12 +662,12 @@ def header_kv(metadata: dict, metadata_types: dict | None, infos: list, alignmen
     # general.file_type names the main type; keep the given one while it is a type the file
     # holds (quantized types win over float ones), else take the type with the most elements
     weights = quantized or [(gt, int(np.prod(ne))) for _, gt, ne, _ in infos if len(ne) >= 2]
-    present = {gt.name for gt, _ in weights}
+    present = {_ggml_type_name(gt) for gt, _ in weights}
     ftype = metadata.get("general.file_type")
     if present and _FTYPE_MAIN.get(ftype) not in present:
         counts: dict[str, int] = {}
         for gt, n in weights:
-            counts[gt.name] = counts.get(gt.name, 0) + n
+            counts[_ggml_type_name(gt)] = counts.get(_ggml_type_name(gt), 0) + n
         main = main_file_type(counts)
         if main is not None:
             kv["general.file_type"] = (main, GGUFValueType.UINT32)

@@ -33,7 +33,8 @@ from .formats import Format
 # ggml-cpu's type_traits_cpu[type].vec_dot_type for the weight types llama.cpp has (lowtune's
 # INTb-gG types have none: their GGUF export writes legacy types). F32 weights: no rounding.
 VEC_DOT = {
-    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0",
+    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0", "NVFP4": "Q8_0",
+    "Q1_0": "Q8_0", "Q2_0": "Q8_0", "TQ1_0": "Q8_K", "TQ2_0": "Q8_K",
     "Q4_1": "Q8_1", "Q5_1": "Q8_1",
     "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",
     "IQ4_XS": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K", "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K",

@@ -1381,6 +1381,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
         if "cls_out.weight" in unused:  # (Qwen3 and Qwen3-VL rerankers: their yes/no rows of the head)
             hint = " (a reranker's classification head; lowtune fine-tunes the generative model it was made from)"
+        if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
+            hint = (" (the per-tensor second scales of an NVFP4 checkpoint, which lowtune does not apply: quantize "
+                    "the model's BF16 weights to NVFP4 instead, with lowtune or llama-quantize)")
         raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
                          "this file is a variant lowtune does not support")
     for name in w:

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="GGUF file or Hugging Face safetensors directory")
     p.add_argument("--type", required=True, dest="qtype",
                    help="llama.cpp recipe (F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M "
-                   "Q4_K_M Q5_K_M Q6_K IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS ...) or INTb-gG (e.g. INT2-g32, INT3-g64)")
+                   "Q4_K_M Q5_K_M Q6_K IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS TQ2_0 Q2_0 ...) or INTb-gG (e.g. INT2-g32, "
+                   "INT3-g64)")
     p.add_argument("-o", "--output", required=True, help="GGUF file to write")
     p.add_argument("--pure", action="store_true",
                    help="every 2-D weight gets --type (no recipe mixture), as llama-quantize --pure")

@@ -7,9 +7,13 @@
     to_storage(qt)                               # an INTb-gG QTensor as the GGUF type that holds it
 
 Row fallbacks (llama_tensor_get_type's convert_incompatible_tensor): a row length that a block
-does not divide falls back Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the
-256-wide I-quants -> IQ4_NL; INTb-gG halves G down to 32; then F16. SmolLM2's 576-wide rows take
+does not divide falls back Q2_K/Q3_K/TQ1_0/TQ2_0/Q2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, the 256-wide I-quants -> IQ4_NL; INTb-gG halves G down to 32; then F16 (NVFP4 and Q1_0
+too, which llama-quantize refuses to fall back from). SmolLM2's 576-wide rows take
 these for every K- and I-quant.
+
+The ternary and 1-/2-bit recipes (TQ1_0, TQ2_0, Q1_0, Q2_0) type every decoder matrix so, with
+llama-quantize's Q6_K head and (but Q1_0) Q4_K token_embd.
 
 I-quant recipes. IQ4_XS, IQ4_NL, IQ3_M, IQ3_S and IQ3_XS (IQ3_XXS for attn_q/attn_k and the
 middle ffn_gate/ffn_up) follow llama.cpp's choices without an importance matrix, e.g. IQ4_XS:
@@ -58,6 +62,7 @@ RECIPES: dict[str, tuple[int, str]] = {
     "IQ2_XXS": (19, "IQ2_XXS"), "IQ2_XS": (20, "IQ2_XS"), "IQ3_XS": (22, "IQ3_S"), "IQ3_XXS": (23, "IQ3_XXS"),
     "IQ1_S": (24, "IQ1_S"), "IQ4_NL": (25, "IQ4_NL"), "IQ3_S": (26, "IQ3_S"), "IQ3_M": (27, "IQ3_S"),
     "IQ2_S": (28, "IQ2_XS"), "IQ2_M": (29, "IQ2_S"), "IQ4_XS": (30, "IQ4_XS"), "IQ1_M": (31, "IQ1_M"),
+    "TQ1_0": (36, "TQ1_0"), "TQ2_0": (37, "TQ2_0"), "Q1_0": (40, "Q1_0"), "Q2_0": (41, "Q2_0"),
 }
 # The recipes llama.cpp built around its 1- and 2-bit I-quants (their own branch of
 # llama_tensor_get_type).
@@ -65,6 +70,7 @@ _IQ12_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize
 
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_0": "Q4_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
 # matrices llama-quantize leaves in floats whatever the type (LFM2's convolution kernels)
@@ -270,6 +276,8 @@ class TypePlan:
                 return get_format("Q2_K")
             if r in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
                 return get_format("IQ3_S")
+            if r in ("TQ1_0", "TQ2_0", "Q2_0"):
+                return get_format("Q4_K")
             return self.default
         if r in _IQ12_RECIPES:
             return get_format(self._iq12_type(name, r, t, i))

@@ -26,7 +26,8 @@ class Format:
     scale_group  consecutive inputs of a row that share one scale: the block, or the sub-block of
                  a super-block (16 or 32); None for the float formats
     min_group    consecutive inputs that share one min (fp16 or quantized); None when the format
-                 has no min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every I-quant, MXFP4) or is a float format
+                 has no min (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, every I-quant, MXFP4, NVFP4, TQ1_0, TQ2_0,
+                 Q1_0, Q2_0) or is a float format
     quantized    False for the F32/F16/BF16 passthrough formats
     needs_imatrix  quantizing needs an importance matrix (ggml's IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S,
                  IQ1_M); lowtune computes none, so it reads and trains on these blocks but does
@@ -148,7 +149,8 @@ def register(fmt: Format) -> Format:
 for _cls in (F32, F16, BF16):
     register(_cls())
 
-from . import legacy, kquants, iquants, mxfp4, intgroup  # noqa: E402  (they register their formats)
+# (they register their formats)
+from . import legacy, kquants, iquants, mxfp4, nvfp4, lowbit, intgroup  # noqa: E402
 
 
 def get_format(name_or_format) -> Format:
