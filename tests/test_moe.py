@@ -1,8 +1,10 @@
 """Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
 architecture with experts), OLMoE (olmoe), Qwen2-MoE (qwen2moe, a gated shared expert), Granite
-MoE (granitemoe, an ungated shared expert, Granite's scales) and gpt-oss (attention sinks, biases
-on the router and experts, the softmax of the top k logits, swiglu_oai), as tiny random models
-built by transformers and converted by llama.cpp's converter (tests/family_models.py):
+MoE (granitemoe, an ungated shared expert, Granite's scales), gpt-oss (attention sinks, biases
+on the router and experts, the softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE and DeepSeek
+(deepseek2: latent attention, with and without q's latent; V2's softmax routing, V3's sigmoid
+routing in expert groups with a selection bias), as tiny random models built by transformers and
+converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -20,6 +22,8 @@ built by transformers and converted by llama.cpp's converter (tests/family_model
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,7 +32,7 @@ from lowtune import adapters
 from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
-from lowtune.generate import generate
+from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.model import Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
@@ -40,6 +44,9 @@ from test_families_train_export import adapted_steps, nll_ppl
 from test_streaming import assert_trains_alike
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
+DENSE_FIRST = ("ernie4_5-moe",) + DEEPSEEK  # (leading_dense_block_count: the first layer's FFN is dense)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +67,9 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == {"mixtral": "llama"}.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe"))
-    # ERNIE 4.5 MoE's first layer is dense (leading_dense_block_count)
-    assert [layer.ffn_moe is not None for layer in model.layers] == [name != "ernie4_5-moe"] + [True] * (
+    assert model.config.arch == ("deepseek2" if name in DEEPSEEK else {"mixtral": "llama"}.get(name, name))
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe") + DENSE_FIRST)
+    assert [layer.ffn_moe is not None for layer in model.layers] == [name not in DENSE_FIRST] + [True] * (
         model.config.n_layers - 1)
     with torch.no_grad():
         want = hf_model(name)(ids).logits
@@ -94,13 +100,22 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
+        if name in ("deepseek2", "deepseek3"):  # the weights' scale, and V3's sigmoid, renorm and groups matter
+            matters(moes, "weights_scale", 1.0)
+        if name == "deepseek3":
+            for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
+                matters(moes, what, off)
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          + [(n, "Q8_0", 5e-3) for n in MOE_NAMES]
-                         + [("gpt-oss", "MXFP4", 5e-3)])  # (gpt-oss's files keep their experts in MXFP4)
+                         + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
+                         # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser
+                         # weights DeepSeek-V3's two groups of two experts flip for a few tokens, which
+                         # moves 2 of the 8 windows by 2-5%)
+                         + [(n, "Q4_0", 1.5e-2) for n in DEEPSEEK])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -119,6 +134,38 @@ def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtyp
         assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
 
 
+@pytest.mark.parametrize("name", DEEPSEEK)
+def test_deepseek_latent_attention(moe, name):
+    """DeepSeek's attention as llama.cpp reads the file: q through its latent where the file gives
+    q_lora_rank, keys of key_length_mla dims (RoPE on the last rope.dimension_count), values of
+    value_length_mla, and YaRN's mscale² on the scores (rope.scaling.yarn_log_multiplier, kept as
+    0.1 · mscale_all_dim: the rotation keeps magnitude 1); bf16 activations follow fp32."""
+    model = Model.from_gguf(moe[name].gguf)
+    c, layer = model.config, model.layers[1]
+    assert (c.head_dim, c.rope_dim, c.v_dim, c.kv_lora_rank, c.n_kv_heads) == (48, 16, 32, 32, c.n_heads)
+    assert c.q_lora_rank == (0 if name == "deepseek2-lite" else 32)
+    assert hasattr(layer, "attn_q") == (name == "deepseek2-lite") and not hasattr(layer, "attn_k")
+    if name == "deepseek3":  # YaRN ×4 with mscale_all_dim 0.707
+        assert c.rope_attn_factor == 1.0
+        assert c.query_scale == pytest.approx((1 + 0.1 * 0.707 * math.log(4)) ** 2 / math.sqrt(48), rel=1e-6)
+        md = {k: v for k, v in model.metadata.items() if k != "deepseek2.rope.scaling.yarn_log_multiplier"}
+        plain = ModelConfig.from_gguf_metadata(md)  # (without it: YaRN's magnitude on the rotation and the scores)
+        assert plain.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
+        assert plain.query_scale == pytest.approx((1 + 0.1 * math.log(4)) ** 2 / math.sqrt(48))
+    else:
+        assert c.rope_yarn_factor == 0.0 and c.query_scale == pytest.approx(1 / math.sqrt(48))
+    ids = rand_ids(2, 40, seed=6)
+    with torch.no_grad():
+        fp32 = model(ids)
+        # (a bf16 router picks other experts for a few tokens: the 27 layers of the lite model)
+        assert rel_err(Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)(ids), fp32) < 1e-1
+    with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
+        StepDecoder(model, 16)
+    older = {k: v for k, v in model.metadata.items() if "_mla" not in k}  # (a file that keeps attn_kv_b whole)
+    with pytest.raises(ValueError, match="attn_kv_b whole.*convert the model again"):
+        ModelConfig.from_gguf_metadata(older)
+
+
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_kv_cache_matches_the_full_forward(moe, name):
     model = Model.from_gguf(moe[name].gguf)
@@ -134,8 +181,16 @@ def test_kv_cache_matches_the_full_forward(moe, name):
 def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
-    swiglu_oai, sinks in the attention; 30 tokens pass its window of 16)."""
-    steps, _, _ = compiled_decoder_steps(Model.from_gguf(gguf_of(moe[name], "Q8_0")), rand_ids(1, 30, seed=5), 8)
+    swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). DeepSeek's latent
+    attention is left to the model's own steps."""
+    model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
+    steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
+    if name in DEEPSEEK:
+        assert steps is None
+        stats = GenerationStats()
+        generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
+        assert stats.decode_tokens == 3 and not stats.compiled_decoder
+        return
     assert steps is not None
     for t, (got, want) in enumerate(steps):
         assert rel_err(got, want) < 1e-5, t
@@ -147,9 +202,13 @@ def test_adapters_train_through_the_experts(moe, name):
     losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
     assert losses[-1] < losses[0], losses
     ads = adapters.adapters_of(model)
-    for i, layer in enumerate(model.layers):  # (the FFN of ERNIE 4.5 MoE's dense first layer is adapted too)
+    # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
+    attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
+    if name in DEEPSEEK:
+        attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
+            {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
+    for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
         assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
         assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
 
@@ -182,12 +241,22 @@ def test_exports(moe, tmp_path, name):
     base = moe[name].gguf
     model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
     peft_run, peft_model = tmp_path / "run", model
-    if any(layer.ffn_moe is None for layer in model.layers):  # ERNIE 4.5 MoE's dense layer has FFN adapters
-        with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
+    lora_run, lora_model = tmp_path / "run", model
+    attention = ("attn_q", "attn_k", "attn_v", "attn_output")
+    if name in DEEPSEEK:  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the FFN only
+        with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
+            export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
+        with pytest.raises(ValueError, match="kv_b_proj"):  # (attn_k_b's heads are kv_b_proj's rows transposed)
             export_peft(base, peft_run, tmp_path / "peft")
+        lora_run = tmp_path / "ffn"
+        lora_model = make_adapter(base, lora_run / "adapter", "lora", rel=0.2, rank=4,
+                                  targets=("attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+        attention = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output")
+    if any(layer.ffn_moe is None for layer in model.layers):  # a dense first layer has FFN adapters
+        with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
+            export_peft(base, lora_run, tmp_path / "peft")
         peft_run = tmp_path / "attn"
-        peft_model = make_adapter(base, peft_run / "adapter", "lora", rel=0.2, rank=4,
-                                  targets=("attn_q", "attn_k", "attn_v", "attn_output"))
+        peft_model = make_adapter(base, peft_run / "adapter", "lora", rel=0.2, rank=4, targets=attention)
     ids = rand_ids(2, 40, seed=7)
     with torch.no_grad():
         want, plain = model(ids), Model.from_gguf(base)(ids)
@@ -196,13 +265,14 @@ def test_exports(moe, tmp_path, name):
     merged = Model.from_gguf(tmp_path / "merged.gguf")
     with torch.no_grad():
         assert rel_err(merged(ids), want) < 1e-5
-    export_lora_gguf(base, tmp_path / "run", tmp_path / "lora.gguf")
+    export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
     w = rand_ids(4, SEQ, seed=9)
-    ppl = nll_ppl(merged, w)
+    ppl, lora_ppl = nll_ppl(merged, w), nll_ppl(lora_model, w)
     cpp_merged = llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
     cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
-    print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}, base + GGUF LoRA {cpp_lora:.3f}")
-    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - ppl) / ppl < 2e-3
+    print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}; with the GGUF LoRA lowtune "
+          f"{lora_ppl:.3f}, llama.cpp {cpp_lora:.3f}")
+    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - lora_ppl) / lora_ppl < 2e-3
     export_peft(base, peft_run, tmp_path / "peft")
     hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
     with torch.no_grad():
@@ -221,12 +291,15 @@ def test_what_is_refused(moe):
     assert ModelConfig.from_gguf_metadata(md).n_experts == 8
     with pytest.raises(ValueError, match="shared experts"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_shared_count": 1})
-    with pytest.raises(ValueError, match="gating function 2"):
-        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_gating_func": 2})
+    with pytest.raises(ValueError, match="gating function 4"):  # (llama.cpp's square root of softplus)
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_gating_func": 4})
+    with pytest.raises(ValueError, match="groups must divide the experts"):
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_group_count": 3,
+                                        "qwen3moe.expert_group_used_count": 1}).check()
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek2", "llama4", "qwen3"):
+    for arch in ("deepseek32", "llama4", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})

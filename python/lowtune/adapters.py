@@ -72,7 +72,7 @@ from .formats import Format, get_format
 from .gguf_io import GGUFFile
 from .gguf_split import gguf_parts
 from .methods import GROUP_CONSTANT, METHODS, canonical_method
-from .model import LINEAR_NAMES as TARGETS
+from .model import ADAPTER_TARGETS as TARGETS
 from .qtensor import QTensor
 from .safetensors_io import safetensors_files, safetensors_table, write_safetensors_dict
 

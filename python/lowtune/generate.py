@@ -48,9 +48,9 @@ class GenerationStats:
 
 
 # ModelConfig fields the compiled decoder implements; a field added to ModelConfig must hold its
-# default until csrc/decode_kernels.h does it too. (RoPE's variants reach the decoder as
-# model.rope_rotation's tables, for a context of the cache's length, as the model's own steps pick
-# LongRoPE's factors.)
+# default until csrc/decode_kernels.h does it too (DeepSeek's latent attention and routing do not). (RoPE's
+# variants reach the decoder as model.rope_rotation's tables, for a context of the cache's length, as the
+# model's own steps pick LongRoPE's factors.)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                    "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
                    "rope_yarn_beta_fast", "rope_yarn_beta_slow",
@@ -278,6 +278,9 @@ class StepDecoder:
                              "temperature beyond the original context)")
         if model.config.family.qk_norm_after_rope:
             raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
+        if model.config.kv_lora_rank:
+            raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
+                             "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -422,7 +425,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope
+                  and not c.family.qk_norm_after_rope and not c.kv_lora_rank
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

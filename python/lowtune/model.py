@@ -58,10 +58,15 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, Family, family_of, yarn_magnitude
+from .families import FAMILIES, Family, family_of, yarn_magnitude, yarn_mscale
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b as the
+# file has them, and attn_output
+MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output")
+# every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
+ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +114,16 @@ class ModelConfig:
     n_experts_used: int = 0       # experts each token is routed to
     expert_ffn_dim: int = 0       # an expert's FFN width (0: ffn_dim)
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
-    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
+    expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 2 sigmoid, then top k;
+    #                               3 top k, then softmax
     moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
+    expert_renorm: bool | None = None  # the chosen experts' weights divided by their sum (None: as the family)
+    expert_weights_scale: float = 1.0  # the chosen experts' weights are multiplied by this (DeepSeek)
+    expert_groups: int = 0        # experts are picked from the expert_groups_used best of this many groups
+    expert_groups_used: int = 0   # (a group's score: the sum of its two best; 0: no groups)
+    q_lora_rank: int = 0          # multi-head latent attention: q's latent width (0: q straight from x)
+    kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
+    value_head_dim: int = 0       # the width of each head's value (0: head_dim)
 
     @property
     def family(self) -> Family:
@@ -127,6 +140,15 @@ class ModelConfig:
     @property
     def expert_width(self) -> int:
         return self.expert_ffn_dim or self.ffn_dim
+
+    @property
+    def v_dim(self) -> int:
+        """The width of each head's value."""
+        return self.value_head_dim or self.head_dim
+
+    @property
+    def renorms_experts(self) -> bool:
+        return self.family.moe_renorm if self.expert_renorm is None else self.expert_renorm
 
     @property
     def query_scale(self) -> float:
@@ -193,7 +215,11 @@ class ModelConfig:
         elif scaling == "yarn":
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) if fam.yarn_keys else 0.0
-            attn_factor *= yarn_magnitude(yarn, log_mul)
+            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+                log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
+                attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
+            else:
+                attn_factor *= yarn_magnitude(yarn, log_mul)
         elif scaling not in ("none", "longrope", None):
             raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, yarn, LongRoPE's "
                              "rope_factors and Llama 3's rope_freqs are)")
@@ -227,6 +253,14 @@ class ModelConfig:
         scale = 0.0
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
+        latent = {}
+        if fam.mla:
+            latent = _latent_attention(md, arch)
+            head_dim = latent.pop("head_dim")
+            # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
+            # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
+            m_all = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1 if yarn else 0.0
+            scale = (attn_factor * yarn_mscale(yarn, m_all)) ** 2 / math.sqrt(head_dim)
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
@@ -242,11 +276,22 @@ class ModelConfig:
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
-            if gating not in (1, 3):
+            if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax routing (1) and the softmax of the top k (3, gpt-oss's) only")
+                                 "softmax (1) and sigmoid (2) routing and the softmax of the top k (3, gpt-oss's) "
+                                 "only")
             experts["expert_gating"] = gating
-            if int(md.get(f"{arch}.expert_shared_count", 0) or 0) and not experts["shared_expert_ffn_dim"]:
+            shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
+            if fam.moe_weight_keys:  # (DeepSeek's keys)
+                width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
+                experts["shared_expert_ffn_dim"] = shared * width
+                experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
+                experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
+            groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
+            if groups > 1:
+                experts.update(expert_groups=groups,
+                               expert_groups_used=int(md.get(f"{arch}.expert_group_used_count", 0) or 0))
+            if shared and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
                                  "layout) without giving their width, which lowtune does not run")
             # llama.cpp's rule: dense layers first, then experts in every step-th layer
@@ -266,7 +311,7 @@ class ModelConfig:
                                  "which lowtune does not support")
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
+            n_kv_heads=n_heads if fam.mla else int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get(fam.eps_key)),
@@ -277,7 +322,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts)
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **latent)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -289,6 +334,28 @@ class ModelConfig:
             raise ValueError(f"{self.n_experts_used} experts used of {self.n_experts}: must be 1 to {self.n_experts}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
+        if self.expert_groups and (self.n_experts % self.expert_groups
+                                   or not 0 < self.expert_groups_used <= self.expert_groups):
+            raise ValueError(f"{self.n_experts} experts in {self.expert_groups} groups, {self.expert_groups_used} "
+                             "used: the groups must divide the experts, and 1 to all of them be used")
+        if self.kv_lora_rank and self.rope_dim >= self.head_dim:
+            raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
+                             f"{self.rope_dim} RoPE dims")
+
+
+def _latent_attention(md: Mapping, arch: str) -> dict:
+    """Multi-head latent attention's widths from a deepseek2 file's keys, as llama.cpp reads them
+    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims)."""
+    if f"{arch}.attention.key_length_mla" not in md:
+        raise ValueError(f"this {arch} file has no attention.key_length_mla: an older conversion, which keeps "
+                         "attn_kv_b whole (not split into attn_k_b and attn_v_b); lowtune runs the split "
+                         "layout that llama.cpp's convert_hf_to_gguf.py writes now: convert the model again")
+    if f"{arch}.attention.kv_lora_rank" not in md:
+        raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
+    return {"head_dim": int(md[f"{arch}.attention.key_length_mla"]),
+            "value_head_dim": int(md[f"{arch}.attention.value_length_mla"]),
+            "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
+            "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
 
 
 LlamaConfig = ModelConfig  # the name before other families came
@@ -418,6 +485,18 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
     return RMSNorm(w[name + ".weight"], eps)
 
 
+def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Multi-head latent attention's linears (MLA_LINEAR_NAMES, as the file has them): GGUF layer name ->
+    [rows, columns] as lowtune reads them; attn_k_b [H, kv_lora_rank, no-RoPE dims] and attn_v_b
+    [H, value dims, kv_lora_rank] are read as their heads' rows stacked."""
+    c = config
+    heads_k, rank = c.n_heads * c.head_dim, c.kv_lora_rank
+    out = {"attn_q_a": (c.q_lora_rank, c.dim), "attn_q_b": (heads_k, c.q_lora_rank)} if c.q_lora_rank \
+        else {"attn_q": (heads_k, c.dim)}
+    return {**out, "attn_kv_a_mqa": (rank + c.rope_dim, c.dim), "attn_k_b": (c.n_heads * rank, c.head_dim - c.rope_dim),
+            "attn_v_b": (c.n_heads * c.v_dim, rank), "attn_output": (c.dim, c.n_heads * c.v_dim)}
+
+
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
     """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
     attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
@@ -429,6 +508,10 @@ def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+    if c.q_lora_rank:
+        out["attn_q_a_norm"] = (c.q_lora_rank,)
+    if c.kv_lora_rank:
+        out["attn_kv_a_norm"] = (c.kv_lora_rank,)
     if fam.qk_norm:
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
@@ -474,7 +557,9 @@ class MoE(nn.Module):
         self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
-        self.renorm, self.gating = config.family.moe_renorm, config.expert_gating
+        self.renorm, self.gating = config.renorms_experts, config.expert_gating
+        self.weights_scale = config.expert_weights_scale
+        self.groups, self.groups_used = config.expert_groups, config.expert_groups_used
         # a bias on the routing probabilities that picks the experts but does not weigh them (ERNIE 4.5 MoE)
         b = w.get(p + "exp_probs_b.bias")
         self.register_buffer("selection_bias", None if b is None else _vector(b), persistent=False)
@@ -498,13 +583,20 @@ class MoE(nn.Module):
         if self.gating == 3:  # the top k logits, then their softmax
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
-        else:  # the top k of the softmax (+ the selection bias, which picks but does not weigh)
-            probs = logits.softmax(-1)
+        else:  # the top k of the softmax or sigmoid (+ the selection bias, which picks but does not weigh)
+            probs = logits.sigmoid() if self.gating == 2 else logits.softmax(-1)
             picked = probs if self.selection_bias is None else probs + self.selection_bias
+            if self.groups > 1:  # only the experts of the groups whose two best score most
+                grouped = picked.view(-1, self.groups, self.n_experts // self.groups)
+                best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.groups_used, dim=-1).indices
+                kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter(-1, best, True)
+                picked = grouped.masked_fill(~kept[..., None], float("-inf")).view_as(picked)
             chosen = picked.topk(self.n_used, dim=-1).indices
             weights = probs.gather(-1, chosen)
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
+        if self.weights_scale != 1.0:
+            weights = weights * self.weights_scale
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
         gate, up, down = self.gate_exps.weight, self.up_exps.weight, self.down_exps.weight
         out = torch.zeros_like(x)
@@ -610,7 +702,8 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 
 class KVCache:
-    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd].
+    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (v: the value
+    width, ModelConfig.v_dim).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -622,6 +715,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        shape = (batch, config.n_kv_heads, max_len, config.v_dim)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len = max_len
         self.length = 0
@@ -679,6 +773,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
+    if config.kv_lora_rank:
+        names = tuple(latent_linear_shapes(config)) + names[4:]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -787,8 +883,12 @@ class DecoderLayer(nn.Module):
         if self.config.family.parallel:  # (the FFN reads the attention's normed input)
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, self._mlp_rows(h)
-        x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
-        a = self.attention_branch(x, rot, cache, start, qkv=qkv)
+        if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
+            x, h = (x, self.attn_norm(x)) if m is None else self.attn_norm.after_residual(x, m)
+            a = self.attention_branch(x, rot, cache, start, normed=h)
+        else:
+            x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
+            a = self.attention_branch(x, rot, cache, start, qkv=qkv)
         # the MLP's rows a chunk at a time, its norm included; experts and ungated MLPs take no grouped
         # product either
         if self.mlp_chunks > 1 or self.ffn_moe is not None or not self.config.family.gated:
@@ -835,13 +935,14 @@ class DecoderLayer(nn.Module):
         c, fam = self.config, self.config.family
         b, t, _ = x.shape
         if qkv is None:
-            qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
+            h = self.attn_norm(x) if normed is None else normed
+            qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
         if fam.qk_norm == "whole":
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
-        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, t, c.n_kv_heads, c.v_dim).transpose(1, 2)
         late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
         if fam.qk_norm == "head" and not late:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
@@ -862,10 +963,32 @@ class DecoderLayer(nn.Module):
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
-        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim))
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
+
+    def _latent_qkv(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-head latent attention's q, k [B, T, H·hd] and v [B, T, H·v_dim] for normed inputs h,
+        decompressed (every head's key and value made whole, as llama.cpp's graph without the absorbed
+        products): each head of q and k laid out (RoPE part, no-RoPE part), so that RoPE, the cache
+        and the attention take them as any family's (a dot product does not see the order)."""
+        c = self.config
+        b, t, _ = h.shape
+        rope, rank, heads = c.rope_dim, c.kv_lora_rank, c.n_heads
+        q = self.attn_q_b(self.attn_q_a_norm(self.attn_q_a(h))) if c.q_lora_rank else self.attn_q(h)
+        q = q.view(b, t, heads, c.head_dim)
+        ckr = self.attn_kv_a_mqa(h)
+        latent, k_rope = self.attn_kv_a_norm(ckr[..., :rank]), ckr[..., rank:]
+        # attn_k_b holds each head's [kv_lora_rank, no-RoPE dims] (rows of the keys' latent): its
+        # product with the identity is its transpose, so an adapter on it is in the keys too
+        nope = c.head_dim - rope
+        eye = torch.eye(nope, dtype=h.dtype, device=h.device)
+        k_b = self.attn_k_b(eye).view(nope, heads, rank)
+        k_nope = torch.einsum("btr,nhr->bthn", latent, k_b.to(latent.dtype))
+        k = torch.cat([k_rope[:, :, None, :].expand(b, t, heads, rope), k_nope], dim=-1)
+        q = torch.cat([q[..., c.head_dim - rope:], q[..., :c.head_dim - rope]], dim=-1)
+        return [q.reshape(b, t, -1), k.reshape(b, t, -1), self.attn_v_b(latent)]
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
@@ -1201,8 +1324,8 @@ class Model(nn.Module):
         if isinstance(self.output, QLinear):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
-            for name in LINEAR_NAMES:
-                lin = getattr(layer, name)
+            for name in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES):
+                lin = getattr(layer, name, None)
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
                     out[base.name] = base.weight
@@ -1222,6 +1345,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     if not c.family.gated:
         del shapes["ffn_gate"]
+    if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
+        del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
+        shapes.update(latent_linear_shapes(c))
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
