@@ -164,6 +164,8 @@ def test_deepseek_latent_attention(moe, name):
     older = {k: v for k, v in model.metadata.items() if "_mla" not in k}  # (a file that keeps attn_kv_b whole)
     with pytest.raises(ValueError, match="attn_kv_b whole.*convert the model again"):
         ModelConfig.from_gguf_metadata(older)
+    with pytest.raises(ValueError, match="scales queries by position"):
+        ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
 
 
 @pytest.mark.parametrize("name", MOE_NAMES)
@@ -213,12 +215,13 @@ def test_adapters_train_through_the_experts(moe, name):
         assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
 
 
-def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
+@pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2)])
+def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
-    base = gguf_of(moe["qwen3moe"], "Q8_0")
-    result = lowtune.finetune(base, text, tmp_path / "run", method="qa-lora", rank=4, steps=3, seq_len=32,
-                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+    base = gguf_of(moe[name], "Q8_0")
+    result = lowtune.finetune(base, text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
+                              batch=2, lr=lr, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
 
     def adapted():
@@ -229,7 +232,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
         return model
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu")
-    assert plan.streamed == [0, 1]
+    assert plan.streamed == list(range(resident.config.n_layers))
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 

@@ -352,6 +352,9 @@ def _latent_attention(md: Mapping, arch: str) -> dict:
                          "layout that llama.cpp's convert_hf_to_gguf.py writes now: convert the model again")
     if f"{arch}.attention.kv_lora_rank" not in md:
         raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
+    if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
+        raise ValueError(f"this {arch} file scales queries by position (attention.temperature_scale: Mistral Large "
+                         "3's attention temperature), which lowtune does not run in latent attention")
     return {"head_dim": int(md[f"{arch}.attention.key_length_mla"]),
             "value_head_dim": int(md[f"{arch}.attention.value_length_mla"]),
             "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
