@@ -306,6 +306,8 @@ def test_what_is_refused(moe):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
+    with pytest.raises(ValueError, match="shared experts, which stay frozen"):  # (DeepSeek's ffn_*_shexp too)
+        adapters.AdapterConfig(targets=("attn_output", "ffn_up_shexp"))
     model = Model.from_gguf(moe["mixtral"].gguf)
     assert default_mode("cuda", model) == "off"
     with pytest.raises(ValueError, match="neither compiled nor captured"):

@@ -36,7 +36,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
-    deepseek2     norm  silu       -           -         -          -                        -
+    deepseek2     norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the

@@ -1,6 +1,6 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
-Gemma 2, Gemma 3, OLMo 2/3 and GLM-4.
+Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -10,6 +10,9 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
                               row views of a fused attn_qkv where the file has one (Phi-3)
+    blk.N.attn_q_a/q_b, attn_kv_a_mqa, attn_k_b, attn_v_b
+                              QLinear             latent attention in place of attn_q/k/v (DeepSeek:
+                              DecoderLayer._latent_qkv), attn_q_a_norm and attn_kv_a_norm RMSNorms
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
