@@ -211,15 +211,15 @@ class ModelConfig:
             vocab = len(tokens)
 
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
-        linear_scale, yarn = 1.0, 0.0
+        linear_scale, yarn, log_mul = 1.0, 0.0, 0.0
         attn_factor = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
         if scaling == "linear":
             linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
         elif scaling == "yarn":
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
-            log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) if fam.yarn_keys else 0.0
-            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+            if fam.yarn_keys or fam.mla:
                 log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
+            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
                 attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
             else:
                 attn_factor *= yarn_magnitude(yarn, log_mul)
@@ -262,8 +262,7 @@ class ModelConfig:
             head_dim = latent.pop("head_dim")
             # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
             # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
-            m_all = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1 if yarn else 0.0
-            scale = (attn_factor * yarn_mscale(yarn, m_all)) ** 2 / math.sqrt(head_dim)
+            scale = (attn_factor * yarn_mscale(yarn, log_mul / 0.1)) ** 2 / math.sqrt(head_dim)
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
@@ -499,8 +498,9 @@ def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     heads_k, rank = c.n_heads * c.head_dim, c.kv_lora_rank
     out = {"attn_q_a": (c.q_lora_rank, c.dim), "attn_q_b": (heads_k, c.q_lora_rank)} if c.q_lora_rank \
         else {"attn_q": (heads_k, c.dim)}
-    return {**out, "attn_kv_a_mqa": (rank + c.rope_dim, c.dim), "attn_k_b": (c.n_heads * rank, c.head_dim - c.rope_dim),
-            "attn_v_b": (c.n_heads * c.v_dim, rank), "attn_output": (c.dim, c.n_heads * c.v_dim)}
+    return {**out, "attn_kv_a_mqa": (rank + c.rope_dim, c.dim),
+            "attn_k_b": (c.n_heads * rank, c.head_dim - c.rope_dim), "attn_v_b": (c.n_heads * c.v_dim, rank),
+            "attn_output": (c.dim, c.n_heads * c.v_dim)}
 
 
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
