@@ -33,7 +33,7 @@ from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.generate import GenerationStats, StepDecoder, generate
-from lowtune.model import Model, ModelConfig
+from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
@@ -93,7 +93,7 @@ def test_logits_match_transformers(moe, name):
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
             matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
-            for what in ("shared_gate", "gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
+            for what in ("shared_gate", "ffn_gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
                 if getattr(moes[0], what) is not None:
                     matters(moes, what, None)
         if name == "gpt-oss":  # its sinks, its routing (the softmax of the top k logits) and biases matter
@@ -209,10 +209,14 @@ def test_adapters_train_through_the_experts(moe, name):
     if name in DEEPSEEK:
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
             {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
-    for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too)
+    for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
-        assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
+        m = layer.ffn_moe
+        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES) if m.ffn_gate_shexp else set()
+        assert names == attention | ffn
+        if m is not None:  # the router and the routed experts stay frozen
+            assert not any(p.requires_grad for p in [*m.router.parameters(), *m.gate_exps.parameters(),
+                                                     *m.up_exps.parameters(), *m.down_exps.parameters()])
 
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2)])
@@ -253,9 +257,9 @@ def test_exports(moe, tmp_path, name):
             export_peft(base, peft_run, tmp_path / "peft")
         lora_run = tmp_path / "ffn"
         lora_model = make_adapter(base, lora_run / "adapter", "lora", rel=0.2, rank=4,
-                                  targets=("attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+                                  targets=("attn_output", "ffn_gate", "ffn_up", "ffn_down", *SHARED_EXPERT_NAMES))
         attention = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output")
-    if any(layer.ffn_moe is None for layer in model.layers):  # a dense first layer has FFN adapters
+    if any(".ffn_" in k for k in adapters.adapters_of(model)):  # (a dense first layer's FFN, or shared experts)
         with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
             export_peft(base, lora_run, tmp_path / "peft")
         peft_run = tmp_path / "attn"
@@ -306,8 +310,8 @@ def test_what_is_refused(moe):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
-    with pytest.raises(ValueError, match="shared experts, which stay frozen"):  # (DeepSeek's ffn_*_shexp too)
-        adapters.AdapterConfig(targets=("attn_output", "ffn_up_shexp"))
+    with pytest.raises(ValueError, match="routed experts, which stay frozen"):
+        adapters.AdapterConfig(targets=("attn_output", "ffn_up_exps"))
     model = Model.from_gguf(moe["mixtral"].gguf)
     assert default_mode("cuda", model) == "off"
     with pytest.raises(ValueError, match="neither compiled nor captured"):

@@ -121,11 +121,10 @@ class AdapterConfig:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if not self.targets:
             raise ValueError("targets is empty; name at least one linear (e.g. 'attn_q')")
-        experts = [t for t in self.targets if t.endswith(("_exps", "_shexp"))]
+        experts = [t for t in self.targets if t.endswith("_exps")]
         if experts:
-            raise ValueError(f"targets {experts} are a mixture's experts or shared experts, which stay frozen (they "
-                             "live inside lowtune.model.MoE, routed or not); adapt the attention and the dense "
-                             "layers' FFN")
+            raise ValueError(f"targets {experts} are a mixture's routed experts, which stay frozen (packed together, "
+                             "a row range each); adapt the attention, the shared experts and the dense layers' FFN")
         if int(self.rank) < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= float(self.dropout) < 1.0:

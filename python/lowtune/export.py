@@ -65,11 +65,12 @@ from .safetensors_io import write_safetensors, write_safetensors_dict
 from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
 
 log = logging.getLogger("lowtune")
-_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+)$")
+_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:ffn_moe\.)?(\w+)$")
 
 
 def gguf_name_of_module(module: str) -> str:
-    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight'."""
+    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight' (a shared expert's
+    'layers.3.ffn_moe.ffn_up_shexp' -> 'blk.3.ffn_up_shexp.weight')."""
     m = _MODULE_RE.search(module)
     if m is None:
         raise ValueError(f"adapter module {module!r} is not a decoder-layer linear (layers.N.<name>)")
@@ -480,7 +481,8 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
     if latent:
         raise ValueError(f"llama.cpp applies no GGUF LoRA to {latent[0]} (...): its {arch} graph multiplies q, the "
                          "latents, attn_k_b and attn_v_b without one, only attn_output and the FFN take it. Export "
-                         "the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down")
+                         "the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down,"
+                         "ffn_gate_shexp,ffn_up_shexp,ffn_down_shexp")
     alpha = max(a.shape[0] for a, _ in pairs.values())
     tensors = []
     for name, (a, b) in pairs.items():

@@ -73,7 +73,7 @@ def _linears(layer: DecoderLayer) -> list[QLinear | None]:
     moe = layer.ffn_moe
     if moe is None:
         return [getattr(layer, n, None) for n in _LINEARS]
-    shared = [moe.gate_shexp, moe.up_shexp, moe.down_shexp] if moe.gate_shexp is not None else []
+    shared = [] if moe.ffn_gate_shexp is None else [moe.ffn_gate_shexp, moe.ffn_up_shexp, moe.ffn_down_shexp]
     return [getattr(layer, n) for n in _LINEARS[:4]] + [moe.gate_exps, moe.up_exps, moe.down_exps] + shared
 
 

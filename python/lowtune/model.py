@@ -68,8 +68,10 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b as the
 # file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output")
+# a mixture's shared experts (lowtune.model.MoE's linears of these names)
+SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
-ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES))
+ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +556,8 @@ class MoE(nn.Module):
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
-    go on the attention's linears); gradients flow through them and the router to the input."""
+    go on the attention's linears and the shared experts', ffn_{gate,up,down}_shexp); gradients flow
+    through them and the router to the input."""
 
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
@@ -574,12 +577,12 @@ class MoE(nn.Module):
             b = w.get(p + n + ".bias")
             self.register_buffer(n + "_bias", None if b is None else _table(b), persistent=False)
         self.activation = config.family.activation
-        self.gate_shexp = self.up_shexp = self.down_shexp = None
+        self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
-            names = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
-            self.gate_shexp, self.up_shexp, self.down_shexp = (QLinear(w[p + n + ".weight"], p + n + ".weight")
-                                                               for n in names)
+            names = SHARED_EXPERT_NAMES
+            self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp = (
+                QLinear(w[p + n + ".weight"], p + n + ".weight") for n in names)
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
@@ -611,18 +614,18 @@ class MoE(nn.Module):
             y = self._expert(x[rows], gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
                              down.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
-        if self.gate_shexp is not None:
-            s = self._expert(x, self.gate_shexp.weight, self.up_shexp.weight, self.down_shexp.weight)
+        if self.ffn_gate_shexp is not None:  # (through the modules: adapters may wrap them)
+            g, u = self.ffn_gate_shexp(x), self.ffn_up_shexp(x)
+            s = self.ffn_down_shexp(glue_ops.gated(self.activation, g, u).contiguous())
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = out + s
         return out.view_as(h)
 
-    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor,
-                e: int | None = None) -> torch.Tensor:
-        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: one expert's gated MLP; routed expert
-        e adds its biases where the file has them."""
-        bias = lambda y, b: y if e is None or b is None else y + b[e].to(y.dtype)  # noqa: E731
+    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: routed expert e's gated MLP, with its
+        biases where the file has them."""
+        bias = lambda y, b: y if b is None else y + b[e].to(y.dtype)  # noqa: E731
         g, u = bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias), bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)
         return bias(ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down), self.ffn_down_exps_bias)
 
