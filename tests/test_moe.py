@@ -13,7 +13,8 @@ converted by llama.cpp's converter (tests/family_models.py):
   decoding follows llama.cpp's;
 * the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
   step;
-* adapters (on the attention; the experts are frozen) train: every adapted linear gets a gradient,
+* adapters (on the attention, dense FFNs and shared experts; the routed experts are frozen) train:
+  every adapted linear gets a gradient,
   the gradient reaching the first layer through the later layers' experts; `lowtune finetune`
   runs on the GGUF; a streamed model trains as the resident one;
 * exports: the merged GGUF reloads as the adapted model and llama.cpp runs it, and applies the GGUF
@@ -212,7 +213,7 @@ def test_adapters_train_through_the_experts(moe, name):
     for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
         m = layer.ffn_moe
-        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES) if m.ffn_gate_shexp else set()
+        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES if m.ffn_gate_shexp else ())
         assert names == attention | ffn
         if m is not None:  # the router and the routed experts stay frozen
             assert not any(p.requires_grad for p in [*m.router.parameters(), *m.gate_exps.parameters(),
