@@ -325,6 +325,28 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     return out
 
 
+def deepseek2_kv_b_whole(path: Path, out: Path) -> Path:
+    """The deepseek2 GGUF at `path` as an older conversion wrote it: attn_kv_b [H·(no-RoPE + value
+    dims), kv_lora_rank] whole (each head's key rows, attn_k_b's transposed, then its value rows),
+    key_length / value_length a head's, no _mla keys, and a key/value head for every head."""
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = []
+        for n in f.tensor_infos:
+            if n.endswith("attn_v_b.weight"):
+                continue
+            t = f.tensor(n)
+            if n.endswith("attn_k_b.weight"):  # [H, rank, no-RoPE] and [H, value, rank] -> [H·(no-RoPE + value), rank]
+                v = f.tensor(n.replace("attn_k_b", "attn_v_b"))
+                n, t = n.replace("attn_k_b", "attn_kv_b"), torch.cat([t.transpose(1, 2), v], 1).reshape(-1, t.shape[1])
+            tensors.append((n, t))
+    for key in ("key_length", "value_length"):
+        md[f"deepseek2.attention.{key}"] = md.pop(f"deepseek2.attention.{key}_mla")
+    md["deepseek2.attention.head_count_kv"] = md["deepseek2.attention.head_count"]
+    write_gguf(out, md, tensors, metadata_types=types)
+    return out
+
+
 _QUANTIZED: dict = {}
 
 

@@ -14,9 +14,8 @@ converted by llama.cpp's converter (tests/family_models.py):
 * the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
   step;
 * adapters (on the attention, dense FFNs and shared experts; the routed experts are frozen) train:
-  every adapted linear gets a gradient,
-  the gradient reaching the first layer through the later layers' experts; `lowtune finetune`
-  runs on the GGUF; a streamed model trains as the resident one;
+  every adapted linear gets a gradient, the gradient reaching the first layer through the later
+  layers' experts; `lowtune finetune` runs on the GGUF; a streamed model trains as the resident one;
 * exports: the merged GGUF reloads as the adapted model and llama.cpp runs it, and applies the GGUF
   LoRA, at lowtune's perplexity; the PEFT adapter on transformers' model gives lowtune's logits;
 * what is refused says why: shared experts, other gating, a merged HF export, compile and capture.
@@ -37,8 +36,8 @@ from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
-                           rand_ids, rel_err)
+from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -162,11 +161,43 @@ def test_deepseek_latent_attention(moe, name):
         assert rel_err(Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)(ids), fp32) < 1e-1
     with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
         StepDecoder(model, 16)
-    older = {k: v for k, v in model.metadata.items() if "_mla" not in k}  # (a file that keeps attn_kv_b whole)
-    with pytest.raises(ValueError, match="attn_kv_b whole.*convert the model again"):
-        ModelConfig.from_gguf_metadata(older)
     with pytest.raises(ValueError, match="scales queries by position"):
         ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
+
+
+@pytest.mark.llamacpp
+@pytest.mark.transformers
+def test_deepseek_older_conversion_keeps_kv_b_whole(moe, tmp_path):
+    """A deepseek2 file as older converters wrote it (attn_kv_b whole, key_length a head's, no _mla
+    keys) computes what the split layout does, and llama.cpp's perplexity; adapters on attn_kv_b merge
+    into a GGUF that llama.cpp runs, and export as a PEFT adapter of kv_b_proj that transformers applies."""
+    import peft
+    split = moe["deepseek2"].gguf
+    whole = deepseek2_kv_b_whole(split, tmp_path / "whole.gguf")
+    model = Model.from_gguf(whole)
+    layer = model.layers[1]
+    assert model.config.kv_b_whole and hasattr(layer, "attn_kv_b") and not hasattr(layer, "attn_k_b")
+    ids, w = rand_ids(2, 40, seed=7), rand_ids(4, SEQ, seed=9)
+    with torch.no_grad():
+        assert rel_err(model(ids), Model.from_gguf(split)(ids)) < 1e-6
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(whole), w)
+    print(f"deepseek2 with attn_kv_b whole: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    adapted = make_adapter(whole, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4,
+                           targets=("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"))
+    assert "layers.1.attn_kv_b" in adapters.adapters_of(adapted)
+    with torch.no_grad():
+        want = adapted(ids)
+    export_merged_gguf(whole, tmp_path / "run", tmp_path / "merged.gguf")
+    merged = Model.from_gguf(tmp_path / "merged.gguf")
+    with torch.no_grad():
+        assert rel_err(merged(ids), want) < 1e-5
+    ppl, cpp = nll_ppl(merged, w), llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
+    assert abs(cpp - ppl) / ppl < 2e-3
+    export_peft(whole, tmp_path / "run", tmp_path / "peft")
+    hf = peft.PeftModel.from_pretrained(hf_model("deepseek2"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(hf(input_ids=ids).logits, want) < 1e-4
 
 
 @pytest.mark.parametrize("name", MOE_NAMES)

@@ -65,9 +65,10 @@ from .families import FAMILIES, Family, family_of, yarn_magnitude, yarn_mscale
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-# the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b as the
-# file has them, and attn_output
-MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output")
+# the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
+# attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
+MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
+                    "attn_output")
 # a mixture's shared experts (lowtune.model.MoE's linears of these names)
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
@@ -128,6 +129,7 @@ class ModelConfig:
     expert_groups_used: int = 0   # (a group's score: the sum of its two best; 0: no groups)
     q_lora_rank: int = 0          # multi-head latent attention: q's latent width (0: q straight from x)
     kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
+    kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
     value_head_dim: int = 0       # the width of each head's value (0: head_dim)
 
     @property
@@ -349,18 +351,20 @@ class ModelConfig:
 
 def _latent_attention(md: Mapping, arch: str) -> dict:
     """Multi-head latent attention's widths from a deepseek2 file's keys, as llama.cpp reads them
-    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims)."""
-    if f"{arch}.attention.key_length_mla" not in md:
-        raise ValueError(f"this {arch} file has no attention.key_length_mla: an older conversion, which keeps "
-                         "attn_kv_b whole (not split into attn_k_b and attn_v_b); lowtune runs the split "
-                         "layout that llama.cpp's convert_hf_to_gguf.py writes now: convert the model again")
+    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
+    _mla keys and with attn_kv_b whole, key_length)."""
     if f"{arch}.attention.kv_lora_rank" not in md:
         raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
     if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
         raise ValueError(f"this {arch} file scales queries by position (attention.temperature_scale: Mistral Large "
                          "3's attention temperature), which lowtune does not run in latent attention")
-    return {"head_dim": int(md[f"{arch}.attention.key_length_mla"]),
-            "value_head_dim": int(md[f"{arch}.attention.value_length_mla"]),
+    whole = f"{arch}.attention.key_length_mla" not in md
+    widths = ("key_length", "value_length") if whole else ("key_length_mla", "value_length_mla")
+    for key in widths:
+        if f"{arch}.attention.{key}" not in md:
+            raise ValueError(f"GGUF metadata lacks {arch}.attention.{key}, which a {arch} model needs")
+    return {"head_dim": int(md[f"{arch}.attention.{widths[0]}"]),
+            "value_head_dim": int(md[f"{arch}.attention.{widths[1]}"]), "kv_b_whole": whole,
             "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
             "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
 
@@ -495,14 +499,18 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
 def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """Multi-head latent attention's linears (MLA_LINEAR_NAMES, as the file has them): GGUF layer name ->
     [rows, columns] as lowtune reads them; attn_k_b [H, kv_lora_rank, no-RoPE dims] and attn_v_b
-    [H, value dims, kv_lora_rank] are read as their heads' rows stacked."""
+    [H, value dims, kv_lora_rank] are read as their heads' rows stacked; attn_kv_b [H·(no-RoPE dims +
+    value dims), kv_lora_rank] holds each head's key rows, then its value rows."""
     c = config
-    heads_k, rank = c.n_heads * c.head_dim, c.kv_lora_rank
+    heads_k, rank, nope = c.n_heads * c.head_dim, c.kv_lora_rank, c.head_dim - c.rope_dim
     out = {"attn_q_a": (c.q_lora_rank, c.dim), "attn_q_b": (heads_k, c.q_lora_rank)} if c.q_lora_rank \
         else {"attn_q": (heads_k, c.dim)}
-    return {**out, "attn_kv_a_mqa": (rank + c.rope_dim, c.dim),
-            "attn_k_b": (c.n_heads * rank, c.head_dim - c.rope_dim), "attn_v_b": (c.n_heads * c.v_dim, rank),
-            "attn_output": (c.dim, c.n_heads * c.v_dim)}
+    out["attn_kv_a_mqa"] = (rank + c.rope_dim, c.dim)
+    if c.kv_b_whole:
+        out["attn_kv_b"] = (c.n_heads * (nope + c.v_dim), rank)
+    else:
+        out.update(attn_k_b=(c.n_heads * rank, nope), attn_v_b=(c.n_heads * c.v_dim, rank))
+    return {**out, "attn_output": (c.dim, c.n_heads * c.v_dim)}
 
 
 def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
@@ -989,15 +997,19 @@ class DecoderLayer(nn.Module):
         q = q.view(b, t, heads, c.head_dim)
         ckr = self.attn_kv_a_mqa(h)
         latent, k_rope = self.attn_kv_a_norm(ckr[..., :rank]), ckr[..., rank:]
-        # attn_k_b holds each head's [kv_lora_rank, no-RoPE dims] (rows of the keys' latent): its
-        # product with the identity is its transpose, so an adapter on it is in the keys too
         nope = c.head_dim - rope
-        eye = torch.eye(nope, dtype=h.dtype, device=h.device)
-        k_b = self.attn_k_b(eye).view(nope, heads, rank)
-        k_nope = torch.einsum("btr,nhr->bthn", latent, k_b.to(latent.dtype))
+        if c.kv_b_whole:  # each head's key rows, then its value rows
+            k_nope, v = self.attn_kv_b(latent).view(b, t, heads, nope + c.v_dim).split([nope, c.v_dim], dim=-1)
+            v = v.reshape(b, t, -1)
+        else:
+            # attn_k_b holds each head's [kv_lora_rank, no-RoPE dims] (rows of the keys' latent): its
+            # product with the identity is its transpose, so an adapter on it is in the keys too
+            eye = torch.eye(nope, dtype=h.dtype, device=h.device)
+            k_b = self.attn_k_b(eye).view(nope, heads, rank)
+            k_nope, v = torch.einsum("btr,nhr->bthn", latent, k_b.to(latent.dtype)), self.attn_v_b(latent)
         k = torch.cat([k_rope[:, :, None, :].expand(b, t, heads, rope), k_nope], dim=-1)
-        q = torch.cat([q[..., c.head_dim - rope:], q[..., :c.head_dim - rope]], dim=-1)
-        return [q.reshape(b, t, -1), k.reshape(b, t, -1), self.attn_v_b(latent)]
+        q = torch.cat([q[..., nope:], q[..., :nope]], dim=-1)
+        return [q.reshape(b, t, -1), k.reshape(b, t, -1), v]
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
