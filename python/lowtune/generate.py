@@ -154,6 +154,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
         return None
+    if c.kv_lora_rank:
+        return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
