@@ -112,10 +112,11 @@ def test_logits_match_transformers(moe, name):
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          + [(n, "Q8_0", 5e-3) for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
-                         # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser
-                         # weights DeepSeek-V3's two groups of two experts flip for a few tokens, which
-                         # moves 2 of the 8 windows by 2-5%)
-                         + [(n, "Q4_0", 1.5e-2) for n in DEEPSEEK])
+                         + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3)]
+                         # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
+                         # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
+                         # for a few tokens, which moves 2 of the 8 windows by 2-5%)
+                         + [("deepseek3", "Q4_0", 1.5e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
