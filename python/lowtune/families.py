@@ -76,19 +76,19 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   softmax and takes no value, and llama.cpp's "softmax weight" routing: the top k of the router's
   logits, then the softmax of those k. Its experts' activation is swiglu_oai: g' = min(g, 7),
   u' = clamp(u, -7, 7), g' · sigmoid(1.702 g') · (u' + 1). The FFN norm is post_attention_norm.
-  DeepSeek (deepseek2: DeepSeek-V2/V2-Lite, V3, R1, Moonlight, Kimi K2, GLM-4.7-Flash and the other
-  models llama.cpp's converter writes as deepseek2) attends through latents (Family.mla): q is
-  attn_q(x), or attn_q_b(norm(attn_q_a(x))) where the file gives q_lora_rank; attn_kv_a_mqa(x) is a
-  latent c of kv_lora_rank (normed by attn_kv_a_norm) and one RoPE key part k_pe that every head
-  shares; each head's key is (c · attn_k_b[h], k_pe) and its value attn_v_b[h] · c (older
-  conversions keep both in attn_kv_b, and key_length / value_length in place of the _mla keys).
-  Each head of q and k is (no-RoPE part, rope.dimension_count RoPE part) of key_length_mla dims,
-  its value value_length_mla. The scores are scaled by mscale² / √key_length_mla, mscale the YaRN magnitude of
-  the file's yarn_log_multiplier (which it keeps as 0.1 · mscale_all_dim); its MoE (dense first
+  DeepSeek (deepseek2: DeepSeek-V2/V2-Lite, V3, R1, Moonlight, Kimi K2 and the other models
+  llama.cpp's converter writes as deepseek2) attends through latents (Family.mla): q is attn_q(x),
+  or attn_q_b(norm(attn_q_a(x))) where the file gives q_lora_rank; attn_kv_a_mqa(x) is a latent c
+  of kv_lora_rank (normed by attn_kv_a_norm) and one RoPE key part k_pe that every head shares;
+  each head's key is (c · attn_k_b[h], k_pe) and its value attn_v_b[h] · c (older conversions keep
+  both in attn_kv_b, and key_length / value_length in place of the _mla keys). Each head of q and
+  k is (no-RoPE part, rope.dimension_count RoPE part) of key_length_mla dims, its value
+  value_length_mla. The scores are scaled by mscale² / √key_length_mla, mscale the YaRN magnitude
+  of the file's yarn_log_multiplier (which it keeps as 0.1 · mscale_all_dim). Its MoE (dense first
   layers, shared experts counted by expert_shared_count) routes by softmax or sigmoid (the file's
-  expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where the
-  file gives them, renormalizes and scales the weights as expert_weights_norm / expert_weights_scale
-  say.
+  expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
+  the file gives them, and renormalizes and scales the weights as expert_weights_norm and
+  expert_weights_scale say.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
