@@ -164,6 +164,11 @@ def test_deepseek_latent_attention(moe, name):
         StepDecoder(model, 16)
     with pytest.raises(ValueError, match="scales queries by position"):
         ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
+    # without expert_gating_func: softmax (DeepSeek-V2's files), but sigmoid at GLM-4.7 Flash's layers and vocabulary
+    md = {k: v for k, v in model.metadata.items() if k != "deepseek2.expert_gating_func"}
+    assert ModelConfig.from_gguf_metadata(md).expert_gating == 1
+    glm = {**md, "deepseek2.block_count": 47, "deepseek2.vocab_size": 154880}
+    assert ModelConfig.from_gguf_metadata(glm).expert_gating == 2
 
 
 @pytest.mark.llamacpp

@@ -281,7 +281,10 @@ class ModelConfig:
                        "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
-            gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
+            default = fam.moe_gating
+            if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
+                default = 2  # (llama.cpp's rule for GLM-4.7 Flash files written without expert_gating_func)
+            gating = int(md.get(f"{arch}.expert_gating_func", 0) or default)
             if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
                                  "softmax (1) and sigmoid (2) routing and the softmax of the top k (3, gpt-oss's) "
