@@ -33,6 +33,7 @@ from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.generate import GenerationStats, StepDecoder, generate
+from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
@@ -204,6 +205,35 @@ def test_deepseek_older_conversion_keeps_kv_b_whole(moe, tmp_path):
     hf = peft.PeftModel.from_pretrained(hf_model("deepseek2"), tmp_path / "peft").eval()
     with torch.no_grad():
         assert rel_err(hf(input_ids=ids).logits, want) < 1e-4
+
+
+@pytest.mark.llamacpp
+def test_deepseek_without_experts(moe, tmp_path):
+    """A deepseek2 file whose layers are all dense (leading_dense_block_count the block count, no
+    experts: Youtu-LLM's layout) gives llama.cpp's perplexity, and its steps decode as the full forward."""
+    g = torch.Generator().manual_seed(0)
+    with GGUFFile(moe["deepseek2"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos if not any(s in n for s in ("_exps", "shexp", "gate_inp"))]
+    n_layers, d, ff = md["deepseek2.block_count"], md["deepseek2.embedding_length"], md["deepseek2.feed_forward_length"]
+    for i in range(md["deepseek2.leading_dense_block_count"], n_layers):
+        tensors += [(f"blk.{i}.{n}.weight", torch.randn(rows, cols, generator=g) / math.sqrt(cols))
+                    for n, rows, cols in (("ffn_gate", ff, d), ("ffn_up", ff, d), ("ffn_down", d, ff))]
+    for key in ("expert_count", "expert_used_count", "expert_weights_scale"):
+        del md[f"deepseek2.{key}"]
+    md.update({"deepseek2.leading_dense_block_count": n_layers, "deepseek2.expert_shared_count": 0})  # (as converted)
+    write_gguf(tmp_path / "dense.gguf", md, tensors, metadata_types=types)
+    model = Model.from_gguf(tmp_path / "dense.gguf")
+    assert model.config.n_experts == 0 and all(layer.ffn_moe is None for layer in model.layers)
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(tmp_path / "dense.gguf"), w)
+    print(f"deepseek2 without experts: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    ids = rand_ids(1, 20, seed=3)
+    with torch.no_grad():
+        full, cache = model(ids), model.new_cache(1, 20)
+        steps = [model(ids[:, :8], cache)] + [model(ids[:, t:t + 1], cache) for t in range(8, 20)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
 @pytest.mark.parametrize("name", MOE_NAMES)
