@@ -33,7 +33,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe")
+             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -46,6 +46,9 @@ VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out
                  deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
 LFM2_LAYERS = ("conv", "full_attention", "conv", "full_attention")  # LFM2's short convolutions among attention
 CONV_KERNEL = 3
+# DeepSeek's multi-head latent attention: the widths of the tiny models' latents and heads
+# (the converter reads num_key_value_heads as the heads of kv_b, as DeepSeek's configs give it)
+MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -163,6 +166,27 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, moe_num_experts=EXPERTS, moe_k=EXPERTS_USED, moe_intermediate_size=32,
             moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1,
             tie_word_embeddings=False)),
+        # multi-head latent attention (q through its own latent), a dense first layer, softmax routing
+        # weighed × 2 and two shared experts
+        "deepseek2": lambda: tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(
+            **{**common, **MLA}, num_hidden_layers=3, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+            routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # DeepSeek-V2-Lite's layout: q straight from x, which llama.cpp reads only at its 27 layers
+        "deepseek2-lite": lambda: tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(
+            **{**common, **MLA}, num_hidden_layers=27, q_lora_rank=None, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            tie_word_embeddings=False)),
+        # DeepSeek-V3's routing: sigmoid scores, a selection bias, the best of two expert groups,
+        # renormalized and weighed × 2.5; YaRN with its mscale over an original context shorter than
+        # the test sequences
+        "deepseek3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            **{**common, **MLA}, num_hidden_layers=3, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, scoring_func="sigmoid",
+            tie_word_embeddings=False, rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -256,8 +280,8 @@ def randomized(model, name: str):
         for i, layer in enumerate(model.model.layers if name == "apertus" else ()):  # xIELU's buffers
             layer.mlp.act_fn.beta.fill_(0.5 + 0.1 * i)
             layer.mlp.act_fn.eps.fill_(-1e-6 * (i + 1))
-        for bname, b in model.named_buffers():
-            if bname.endswith("expert_bias"):  # (LFM2-MoE's selection bias is a buffer, zero by default)
+        for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
+            if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
     return model.float().eval()
 
@@ -278,15 +302,15 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
+from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's and LFM2's converters read only byte-level BPE vocabularies; the tiny models share a
+# Phi-2's, StarCoder2's, LFM2's and DeepSeek's converters read only byte-level BPE vocabularies; the tiny models share a
 # SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
-    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
+    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -369,6 +393,28 @@ def hub_expert_layout(path: Path) -> None:
               metadata={"format": "pt"})
 
 
+def deepseek2_kv_b_whole(path: Path, out: Path) -> Path:
+    """The deepseek2 GGUF at `path` as an older conversion wrote it: attn_kv_b [H·(no-RoPE + value
+    dims), kv_lora_rank] whole (each head's key rows, attn_k_b's transposed, then its value rows),
+    key_length / value_length a head's, no _mla keys, and a key/value head for every head."""
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = []
+        for n in f.tensor_infos:
+            if n.endswith("attn_v_b.weight"):
+                continue
+            t = f.tensor(n)
+            if n.endswith("attn_k_b.weight"):  # [H, rank, no-RoPE] and [H, value, rank] -> [H·(no-RoPE + value), rank]
+                v = f.tensor(n.replace("attn_k_b", "attn_v_b"))
+                n, t = n.replace("attn_k_b", "attn_kv_b"), torch.cat([t.transpose(1, 2), v], 1).reshape(-1, t.shape[1])
+            tensors.append((n, t))
+    for key in ("key_length", "value_length"):
+        md[f"deepseek2.attention.{key}"] = md.pop(f"deepseek2.attention.{key}_mla")
+    md["deepseek2.attention.head_count_kv"] = md["deepseek2.attention.head_count"]
+    write_gguf(out, md, tensors, metadata_types=types)
+    return out
+
+
 _QUANTIZED: dict = {}
 
 
@@ -396,7 +442,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     transformers or llama.cpp's converter (the GPU ones)."""
     from lowtune import ops
     from lowtune.families import FAMILIES
-    from lowtune.model import Model, ModelConfig, layer_norm_shapes
+    from lowtune.model import Model, ModelConfig, latent_linear_shapes, layer_norm_shapes
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
@@ -430,11 +476,19 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
                    f"{arch}.shortconv.l_cache": CONV_KERNEL})
+    if arch == "deepseek2":  # DeepSeek-V3's latent attention and routing (tests/family_models.hf_model's deepseek3)
+        rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
+        md.update({"deepseek2.attention.q_lora_rank": 32, "deepseek2.attention.kv_lora_rank": rank,
+                   "deepseek2.attention.key_length_mla": nope + rope, "deepseek2.attention.value_length_mla": v,
+                   "deepseek2.rope.dimension_count": rope, "deepseek2.expert_shared_count": 1,
+                   "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
+                   "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
+                   "deepseek2.expert_group_used_count": 1})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -460,6 +514,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
         elif arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
+        elif c.kv_lora_rank:
+            w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
+                      if n != "attn_output"})
+            q = c.n_heads * c.v_dim  # (attn_output's input)
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
@@ -477,7 +535,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe"):  # a bias that picks the experts
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a bias that picks the experts
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)

@@ -31,7 +31,7 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
+from lowtune.model import CONV_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -685,9 +685,9 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     model = Model.from_gguf(gguf_of(tiny[name], "F32"))
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     c = model.config
-    targets = [t for t in adapters.TARGETS if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
-    attention, conv = targets[:-2], ["shortconv." + t for t in targets[-2:]] + targets[4:-2]  # (LFM2's conv layers)
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in (conv if c.is_conv(i) else attention)}
+    targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
+    conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in (conv if c.is_conv(i) else targets)}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
@@ -861,12 +861,12 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
-    for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
+    for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:

@@ -34,7 +34,7 @@ from lowtune import adapters
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import CONV_LINEAR_NAMES, Model
+from lowtune.model import CONV_LINEAR_NAMES, LINEAR_NAMES, Model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
@@ -144,9 +144,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
     absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
-    if name != "lfm2":  # (the linears of LFM2's short convolutions)
-        absent |= set(CONV_LINEAR_NAMES)
-    assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - absent
+    present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
+    assert {m.rsplit(".", 1)[-1] for m in modules} == present - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
     assert after < before

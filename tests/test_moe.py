@@ -1,9 +1,11 @@
 """Mixture-of-experts models (lowtune.model.MoE): Qwen3-MoE (qwen3moe), Mixtral (the llama
 architecture with experts), OLMoE (olmoe), Qwen2-MoE (qwen2moe, a gated shared expert), Granite
 MoE (granitemoe, an ungated shared expert, Granite's scales), Qwen3-VL MoE's language model
-(qwen3vlmoe, Qwen3-MoE's decoder) and gpt-oss (attention sinks, biases on the router and experts,
-the softmax of the top k logits, swiglu_oai), as tiny random models built by transformers and
-converted by llama.cpp's converter (tests/family_models.py):
+(qwen3vlmoe, Qwen3-MoE's decoder), gpt-oss (attention sinks, biases on the router and experts, the
+softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolutions, sigmoid
+routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
+routing, V3's sigmoid routing in expert groups with a selection bias), as tiny random models built
+by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -12,14 +14,16 @@ converted by llama.cpp's converter (tests/family_models.py):
   decoding follows llama.cpp's;
 * the KV cache gives the full forward's logits, and the compiled CPU decoder the model's, step by
   step;
-* adapters (on the attention; the experts are frozen) train: every adapted linear gets a gradient,
-  the gradient reaching the first layer through the later layers' experts; `lowtune finetune`
-  runs on the GGUF; a streamed model trains as the resident one;
+* adapters (on the attention, dense FFNs and shared experts; the routed experts are frozen) train:
+  every adapted linear gets a gradient, the gradient reaching the first layer through the later
+  layers' experts; `lowtune finetune` runs on the GGUF; a streamed model trains as the resident one;
 * exports: the merged GGUF reloads as the adapted model and llama.cpp runs it, and applies the GGUF
   LoRA, at lowtune's perplexity; the PEFT adapter on transformers' model gives lowtune's logits;
 * what is refused says why: shared experts, other gating, a merged HF export, compile and capture.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -29,18 +33,22 @@ from lowtune import adapters
 from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
-from lowtune.generate import generate
-from lowtune.model import Model, ModelConfig
+from lowtune.generate import GenerationStats, StepDecoder, generate
+from lowtune.gguf_io import GGUFFile, write_gguf
+from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
-                           rand_ids, rel_err)
+from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
 from test_streaming import assert_trains_alike
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe") + DEEPSEEK  # (leading_dense_block_count: the first layer's FFN is dense)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +69,10 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == {"mixtral": "llama"}.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe"))
-    # ERNIE 4.5 MoE's and LFM2-MoE's first layer is dense (leading_dense_block_count)
-    assert [layer.ffn_moe is not None for layer in model.layers] == [name not in ("ernie4_5-moe", "lfm2moe")] + [
-        True] * (model.config.n_layers - 1)
+    assert model.config.arch == ("deepseek2" if name in DEEPSEEK else {"mixtral": "llama"}.get(name, name))
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe") + DEEPSEEK)
+    assert [layer.ffn_moe is not None for layer in model.layers] == [name not in DENSE_FIRST] + [True] * (
+        model.config.n_layers - 1)
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = model(ids)
@@ -88,7 +95,7 @@ def test_logits_match_transformers(moe, name):
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
             matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
-            for what in ("shared_gate", "gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
+            for what in ("shared_gate", "ffn_gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
                 if getattr(moes[0], what) is not None:
                     matters(moes, what, None)
         if name == "lfm2moe":  # its sigmoid routing and its selection bias matter
@@ -98,6 +105,11 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
+        if name in ("deepseek2", "deepseek3"):  # the weights' scale, and V3's sigmoid, renorm and groups matter
+            matters(moes, "weights_scale", 1.0)
+        if name == "deepseek3":
+            for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
+                matters(moes, what, off)
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
@@ -106,7 +118,12 @@ def test_logits_match_transformers(moe, name):
 # test_families.py's QUANTIZED_TOL and test_lfm2_quantized_perplexity_is_llamacpps_rounding)
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          + [(n, "Q8_0", 1e-2 if n == "lfm2moe" else 5e-3) for n in MOE_NAMES]
-                         + [("gpt-oss", "MXFP4", 5e-3)])  # (gpt-oss's files keep their experts in MXFP4)
+                         + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
+                         + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3)]
+                         # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
+                         # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
+                         # for a few tokens, which moves 2 of the 8 windows by 2-5%)
+                         + [("deepseek3", "Q4_0", 1.5e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -125,6 +142,106 @@ def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtyp
         assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
 
 
+@pytest.mark.parametrize("name", DEEPSEEK)
+def test_deepseek_latent_attention(moe, name):
+    """DeepSeek's attention as llama.cpp reads the file: q through its latent where the file gives
+    q_lora_rank, keys of key_length_mla dims (RoPE on the last rope.dimension_count), values of
+    value_length_mla, and YaRN's mscale² on the scores (rope.scaling.yarn_log_multiplier, kept as
+    0.1 · mscale_all_dim: the rotation keeps magnitude 1); bf16 activations follow fp32."""
+    model = Model.from_gguf(moe[name].gguf)
+    c, layer = model.config, model.layers[1]
+    assert (c.head_dim, c.rope_dim, c.v_dim, c.kv_lora_rank, c.n_kv_heads) == (48, 16, 32, 32, c.n_heads)
+    assert c.q_lora_rank == (0 if name == "deepseek2-lite" else 32)
+    assert hasattr(layer, "attn_q") == (name == "deepseek2-lite") and not hasattr(layer, "attn_k")
+    if name == "deepseek3":  # YaRN ×4 with mscale_all_dim 0.707
+        assert c.rope_attn_factor == 1.0
+        assert c.query_scale == pytest.approx((1 + 0.1 * 0.707 * math.log(4)) ** 2 / math.sqrt(48), rel=1e-6)
+        md = {k: v for k, v in model.metadata.items() if k != "deepseek2.rope.scaling.yarn_log_multiplier"}
+        plain = ModelConfig.from_gguf_metadata(md)  # (without it: YaRN's magnitude on the rotation and the scores)
+        assert plain.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
+        assert plain.query_scale == pytest.approx((1 + 0.1 * math.log(4)) ** 2 / math.sqrt(48))
+    else:
+        assert c.rope_yarn_factor == 0.0 and c.query_scale == pytest.approx(1 / math.sqrt(48))
+    ids = rand_ids(2, 40, seed=6)
+    with torch.no_grad():
+        fp32 = model(ids)
+        # (a bf16 router picks other experts for a few tokens: the 27 layers of the lite model)
+        assert rel_err(Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)(ids), fp32) < 1e-1
+    with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
+        StepDecoder(model, 16)
+    with pytest.raises(ValueError, match="scales queries by position"):
+        ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
+    # without expert_gating_func: softmax (DeepSeek-V2's files), but sigmoid at GLM-4.7 Flash's layers and vocabulary
+    md = {k: v for k, v in model.metadata.items() if k != "deepseek2.expert_gating_func"}
+    assert ModelConfig.from_gguf_metadata(md).expert_gating == 1
+    glm = {**md, "deepseek2.block_count": 47, "deepseek2.vocab_size": 154880}
+    assert ModelConfig.from_gguf_metadata(glm).expert_gating == 2
+
+
+@pytest.mark.llamacpp
+@pytest.mark.transformers
+def test_deepseek_older_conversion_keeps_kv_b_whole(moe, tmp_path):
+    """A deepseek2 file as older converters wrote it (attn_kv_b whole, key_length a head's, no _mla
+    keys) computes what the split layout does, and llama.cpp's perplexity; adapters on attn_kv_b merge
+    into a GGUF that llama.cpp runs, and export as a PEFT adapter of kv_b_proj that transformers applies."""
+    import peft
+    split = moe["deepseek2"].gguf
+    whole = deepseek2_kv_b_whole(split, tmp_path / "whole.gguf")
+    model = Model.from_gguf(whole)
+    layer = model.layers[1]
+    assert model.config.kv_b_whole and hasattr(layer, "attn_kv_b") and not hasattr(layer, "attn_k_b")
+    ids, w = rand_ids(2, 40, seed=7), rand_ids(4, SEQ, seed=9)
+    with torch.no_grad():
+        assert rel_err(model(ids), Model.from_gguf(split)(ids)) < 1e-6
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(whole), w)
+    print(f"deepseek2 with attn_kv_b whole: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    adapted = make_adapter(whole, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4,
+                           targets=("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"))
+    assert "layers.1.attn_kv_b" in adapters.adapters_of(adapted)
+    with torch.no_grad():
+        want = adapted(ids)
+    export_merged_gguf(whole, tmp_path / "run", tmp_path / "merged.gguf")
+    merged = Model.from_gguf(tmp_path / "merged.gguf")
+    with torch.no_grad():
+        assert rel_err(merged(ids), want) < 1e-5
+    ppl, cpp = nll_ppl(merged, w), llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
+    assert abs(cpp - ppl) / ppl < 2e-3
+    export_peft(whole, tmp_path / "run", tmp_path / "peft")
+    hf = peft.PeftModel.from_pretrained(hf_model("deepseek2"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(hf(input_ids=ids).logits, want) < 1e-4
+
+
+@pytest.mark.llamacpp
+def test_deepseek_without_experts(moe, tmp_path):
+    """A deepseek2 file whose layers are all dense (leading_dense_block_count the block count, no
+    experts: Youtu-LLM's layout) gives llama.cpp's perplexity, and its steps decode as the full forward."""
+    g = torch.Generator().manual_seed(0)
+    with GGUFFile(moe["deepseek2"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos if not any(s in n for s in ("_exps", "shexp", "gate_inp"))]
+    n_layers, d, ff = md["deepseek2.block_count"], md["deepseek2.embedding_length"], md["deepseek2.feed_forward_length"]
+    for i in range(md["deepseek2.leading_dense_block_count"], n_layers):
+        tensors += [(f"blk.{i}.{n}.weight", torch.randn(rows, cols, generator=g) / math.sqrt(cols))
+                    for n, rows, cols in (("ffn_gate", ff, d), ("ffn_up", ff, d), ("ffn_down", d, ff))]
+    for key in ("expert_count", "expert_used_count", "expert_weights_scale"):
+        del md[f"deepseek2.{key}"]
+    md.update({"deepseek2.leading_dense_block_count": n_layers, "deepseek2.expert_shared_count": 0})  # (as converted)
+    write_gguf(tmp_path / "dense.gguf", md, tensors, metadata_types=types)
+    model = Model.from_gguf(tmp_path / "dense.gguf")
+    assert model.config.n_experts == 0 and all(layer.ffn_moe is None for layer in model.layers)
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(tmp_path / "dense.gguf"), w)
+    print(f"deepseek2 without experts: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    ids = rand_ids(1, 20, seed=3)
+    with torch.no_grad():
+        full, cache = model(ids), model.new_cache(1, 20)
+        steps = [model(ids[:, :8], cache)] + [model(ids[:, t:t + 1], cache) for t in range(8, 20)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_kv_cache_matches_the_full_forward(moe, name):
     model = Model.from_gguf(moe[name].gguf)
@@ -141,10 +258,17 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing are the model's own steps."""
-    steps, _, _ = compiled_decoder_steps(Model.from_gguf(gguf_of(moe[name], "Q8_0")), rand_ids(1, 30, seed=5), 8)
-    assert (steps is not None) == (name != "lfm2moe")
-    for t, (got, want) in enumerate(steps or []):
+    convolutions and sigmoid routing and DeepSeek's latent attention are left to the model's own steps."""
+    model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
+    steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
+    if name in DEEPSEEK + ("lfm2moe",):
+        assert steps is None
+        stats = GenerationStats()
+        generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
+        assert stats.decode_tokens == 3 and not stats.compiled_decoder
+        return
+    assert steps is not None
+    for t, (got, want) in enumerate(steps):
         assert rel_err(got, want) < 1e-5, t
 
 
@@ -154,20 +278,29 @@ def test_adapters_train_through_the_experts(moe, name):
     losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
     assert losses[-1] < losses[0], losses
     ads = adapters.adapters_of(model)
-    for i, layer in enumerate(model.layers):  # (the FFN of ERNIE 4.5 MoE's dense first layer is adapted too)
+    # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
+    attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
+    if name in DEEPSEEK:
+        attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
+            {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
+    for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention = {"in_proj", "out_proj"} if layer.shortconv is not None else {"attn_q", "attn_k", "attn_v",
-                                                                                 "attn_output"}  # (LFM2-MoE's)
-        assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
-        assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
+        attention_i = {"in_proj", "out_proj"} if layer.shortconv is not None else attention  # (LFM2-MoE's)
+        m = layer.ffn_moe
+        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES if m.ffn_gate_shexp else ())
+        assert names == attention_i | ffn
+        if m is not None:  # the router and the routed experts stay frozen
+            assert not any(p.requires_grad for p in [*m.router.parameters(), *m.gate_exps.parameters(),
+                                                     *m.up_exps.parameters(), *m.down_exps.parameters()])
 
 
-def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
+@pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2)])
+def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
-    base = gguf_of(moe["qwen3moe"], "Q8_0")
-    result = lowtune.finetune(base, text, tmp_path / "run", method="qa-lora", rank=4, steps=3, seq_len=32,
-                              batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
+    base = gguf_of(moe[name], "Q8_0")
+    result = lowtune.finetune(base, text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
+                              batch=2, lr=lr, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0)
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
 
     def adapted():
@@ -178,7 +311,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text):
         return model
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu")
-    assert plan.streamed == [0, 1]
+    assert plan.streamed == list(range(resident.config.n_layers))
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
@@ -190,12 +323,22 @@ def test_exports(moe, tmp_path, name):
     base = moe[name].gguf
     model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
     peft_run, peft_model = tmp_path / "run", model
-    if any(layer.ffn_moe is None for layer in model.layers):  # ERNIE 4.5 MoE's dense layer has FFN adapters
-        with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
+    lora_run, lora_model = tmp_path / "run", model
+    attention = ("attn_q", "attn_k", "attn_v", "attn_output")
+    if name in DEEPSEEK:  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the FFN only
+        with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
+            export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
+        with pytest.raises(ValueError, match="kv_b_proj"):  # (attn_k_b's heads are kv_b_proj's rows transposed)
             export_peft(base, peft_run, tmp_path / "peft")
+        lora_run = tmp_path / "ffn"
+        lora_model = make_adapter(base, lora_run / "adapter", "lora", rel=0.2, rank=4,
+                                  targets=("attn_output", "ffn_gate", "ffn_up", "ffn_down", *SHARED_EXPERT_NAMES))
+        attention = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output")
+    if any(".ffn_" in k for k in adapters.adapters_of(model)):  # (a dense first layer's FFN, or shared experts)
+        with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
+            export_peft(base, lora_run, tmp_path / "peft")
         peft_run = tmp_path / "attn"
-        peft_model = make_adapter(base, peft_run / "adapter", "lora", rel=0.2, rank=4,
-                                  targets=("attn_q", "attn_k", "attn_v", "attn_output"))
+        peft_model = make_adapter(base, peft_run / "adapter", "lora", rel=0.2, rank=4, targets=attention)
     ids = rand_ids(2, 40, seed=7)
     with torch.no_grad():
         want, plain = model(ids), Model.from_gguf(base)(ids)
@@ -204,13 +347,14 @@ def test_exports(moe, tmp_path, name):
     merged = Model.from_gguf(tmp_path / "merged.gguf")
     with torch.no_grad():
         assert rel_err(merged(ids), want) < 1e-5
-    export_lora_gguf(base, tmp_path / "run", tmp_path / "lora.gguf")
+    export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
     w = rand_ids(4, SEQ, seed=9)
-    ppl = nll_ppl(merged, w)
+    ppl, lora_ppl = nll_ppl(merged, w), nll_ppl(lora_model, w)
     cpp_merged = llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
     cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
-    print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}, base + GGUF LoRA {cpp_lora:.3f}")
-    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - ppl) / ppl < 2e-3
+    print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}; with the GGUF LoRA lowtune "
+          f"{lora_ppl:.3f}, llama.cpp {cpp_lora:.3f}")
+    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - lora_ppl) / lora_ppl < 2e-3
     export_peft(base, peft_run, tmp_path / "peft")
     hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
     with torch.no_grad():
@@ -230,15 +374,20 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="shared experts"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_shared_count": 1})
     assert ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_gating_func": 2}).expert_gating == 2  # sigmoid
-    with pytest.raises(ValueError, match="gating function 4"):  # (llama.cpp's sqrt of softplus)
+    with pytest.raises(ValueError, match="gating function 4"):  # (llama.cpp's square root of softplus)
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_gating_func": 4})
+    with pytest.raises(ValueError, match="groups must divide the experts"):
+        ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_group_count": 3,
+                                        "qwen3moe.expert_group_used_count": 1}).check()
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek2", "llama4", "qwen3"):
+    for arch in ("deepseek32", "llama4", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
+    with pytest.raises(ValueError, match="routed experts, which stay frozen"):
+        adapters.AdapterConfig(targets=("attn_output", "ffn_up_exps"))
     model = Model.from_gguf(moe["mixtral"].gguf)
     assert default_mode("cuda", model) == "off"
     with pytest.raises(ValueError, match="neither compiled nor captured"):

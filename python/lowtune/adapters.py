@@ -72,11 +72,10 @@ from .formats import Format, get_format
 from .gguf_io import GGUFFile
 from .gguf_split import gguf_parts
 from .methods import GROUP_CONSTANT, METHODS, canonical_method
-from .model import CONV_LINEAR_NAMES, LINEAR_NAMES
+from .model import ADAPTER_TARGETS as TARGETS
 from .qtensor import QTensor
 from .safetensors_io import safetensors_files, safetensors_table, write_safetensors_dict
 
-TARGETS = LINEAR_NAMES + CONV_LINEAR_NAMES  # every logical linear of every family's layers
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -122,6 +121,10 @@ class AdapterConfig:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if not self.targets:
             raise ValueError("targets is empty; name at least one linear (e.g. 'attn_q')")
+        experts = [t for t in self.targets if t.endswith("_exps")]
+        if experts:
+            raise ValueError(f"targets {experts} are a mixture's routed experts, which stay frozen (packed together, "
+                             "a row range each); adapt the attention, the shared experts and the dense layers' FFN")
         if int(self.rank) < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= float(self.dropout) < 1.0:

@@ -53,10 +53,11 @@ from .checkpoint import atomic_write, atomic_write_text
 from .dtypes import hf_name as hf_dtype_name, torch_dtype, type_of
 from .formats import get_format
 from .gguf_io import write_gguf
+from .families import FAMILIES
 from .gguf_split import open_gguf, write_gguf_split
 from .loading import ModelConfig, adapter_rank, check_base, find_adapter_dir, hf_qtype, open_base
 from .merge import KQUANT_MINS, MergeInfo, WeightCheck, check_weight, dense, describe_merge, merge_weight
-from .model import fused_splits
+from .model import MLA_LINEAR_NAMES, fused_splits
 from .methods import GROUP_CONSTANT
 from .progress import tracked
 from .qtensor import QTensor
@@ -65,12 +66,13 @@ from .safetensors_io import safetensors_files, write_safetensors, write_safetens
 from .tokenizer import CONTROL, USER_DEFINED, load_tokenizer, sentencepiece_model_proto
 
 log = logging.getLogger("lowtune")
-_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.([\w.]+)$")
+_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:ffn_moe\.)?([\w.]+)$")
 
 
 def gguf_name_of_module(module: str) -> str:
-    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight' (and LFM2's
-    'layers.0.shortconv.in_proj' -> 'blk.0.shortconv.in_proj.weight')."""
+    """'layers.3.attn_q' (a model's module path) -> 'blk.3.attn_q.weight' (LFM2's
+    'layers.0.shortconv.in_proj' -> 'blk.0.shortconv.in_proj.weight', a shared expert's
+    'layers.3.ffn_moe.ffn_up_shexp' -> 'blk.3.ffn_up_shexp.weight')."""
     m = _MODULE_RE.search(module)
     if m is None:
         raise ValueError(f"adapter module {module!r} is not a decoder-layer linear (layers.N.<name>)")
@@ -475,6 +477,15 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
         base_name = base.metadata.get("general.name", "model")
     finally:
         base.close()
+    # llama.cpp's deepseek2 graph multiplies q, the latents, k_b and v_b without its LoRA (attn_output and the
+    # FFN take it): such adapters would be dropped without a word
+    latent = sorted(n for n in pairs if FAMILIES[arch].mla and n.split(".")[2] in MLA_LINEAR_NAMES[:-1])
+    if latent:
+        raise ValueError(f"llama.cpp applies no GGUF LoRA to {latent[0]} (...): its {arch} graph multiplies q, the "
+                         "latents, attn_k_b/attn_v_b (or attn_kv_b) without one, only attn_output and the FFN take it. "
+                         "Export "
+                         "the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down,"
+                         "ffn_gate_shexp,ffn_up_shexp,ffn_down_shexp")
     alpha = max(a.shape[0] for a, _ in pairs.values())
     tensors = []
     for name, (a, b) in pairs.items():
@@ -511,6 +522,12 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         tensors, ranks = {}, {}
         pairs = ad.lora_pairs(base)
         arch = md["general.architecture"]
+        split = sorted(n for n in pairs if n.split(".")[2] in ("attn_k_b", "attn_v_b"))
+        if split:
+            raise ValueError(f"this adapter has latent attention adapters on attn_k_b/attn_v_b ({split[0]}, ...): "
+                             "transformers keeps them as one kv_b_proj, whose key rows are attn_k_b's heads "
+                             "transposed, so they are no LoRA of kv_b_proj. Export it as GGUF (merged), or train "
+                             "with --targets attn_q,attn_q_a,attn_q_b,attn_kv_a_mqa,attn_output for a PEFT adapter")
         ffn = sorted(n for n in pairs if ".ffn_" in n)
         if ffn and int(md.get(f"{arch}.expert_count", 0) or 0):
             raise ValueError(f"this mixture-of-experts adapter has FFN adapters ({ffn[0]}, ...): transformers' "

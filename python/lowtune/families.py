@@ -43,6 +43,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
+    deepseek2     norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -97,6 +98,19 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   its head is tied to the embeddings. LFM2-MoE (lfm2moe: LFM2-8B-A1B) is LFM2 with experts after its
   dense first layers, routed by llama.cpp's sigmoid gating (2): the top k of sigmoid(logits) plus
   a selection bias that picks but does not weigh, those k sigmoids divided by their sum.
+  DeepSeek (deepseek2: DeepSeek-V2/V2-Lite, V3, R1, Moonlight, Kimi K2 and the other models
+  llama.cpp's converter writes as deepseek2) attends through latents (Family.mla): q is attn_q(x),
+  or attn_q_b(norm(attn_q_a(x))) where the file gives q_lora_rank; attn_kv_a_mqa(x) is a latent c
+  of kv_lora_rank (normed by attn_kv_a_norm) and one RoPE key part k_pe that every head shares;
+  each head's key is (c · attn_k_b[h], k_pe) and its value attn_v_b[h] · c (older conversions keep
+  both in attn_kv_b, and key_length / value_length in place of the _mla keys). Each head of q and
+  k is (no-RoPE part, rope.dimension_count RoPE part) of key_length_mla dims, its value
+  value_length_mla. The scores are scaled by mscale² / √key_length_mla, mscale the YaRN magnitude
+  of the file's yarn_log_multiplier (which it keeps as 0.1 · mscale_all_dim). Its MoE (dense first
+  layers, shared experts counted by expert_shared_count) routes by softmax or sigmoid (the file's
+  expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
+  the file gives them, and renormalizes and scales the weights as expert_weights_norm and
+  expert_weights_scale say.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -162,7 +176,13 @@ class Family:
     moe_shared_gate: bool = False      # a shared expert is scaled by sigmoid(x · ffn_gate_inp_shexp) (Qwen2 MoE)
     moe_gating: int = 1                # llama.cpp's expert_gating_func when the file gives none: 1, softmax over
     #                                    every expert, then the top k; 2, the sigmoid of each, then the top k
-    #                                    (LFM2-MoE); 3, the top k logits, then their softmax (gpt-oss)
+    #                                    (LFM2-MoE, DeepSeek-V3); 3, the top k logits, then their softmax (gpt-oss)
+    moe_weight_keys: bool = False      # the file's expert_weights_norm and expert_weights_scale weigh the
+    #                                    chosen experts, and expert_shared_count × the expert width is the
+    #                                    shared experts' (DeepSeek)
+    mla: bool = False                  # multi-head latent attention (DeepSeek): q, k and v from latents, RoPE
+    #                                    on the last rope.dimension_count dims of each head, values of their
+    #                                    own width
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
@@ -258,6 +278,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
+    Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -276,7 +297,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
+_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
@@ -288,8 +309,13 @@ def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
     """YaRN's scaling of q and k (so of the scores, squared) for a context extended `factor` times:
     m(1) with m(s) = 1 + 0.1 s ln(factor) (1 for factor <= 1), or m(1) / m(log_multiplier) where
     the file gives one (transformers' mscale / mscale_all_dim with mscale 1, as llama.cpp reads it)."""
-    m = lambda s: 1.0 + 0.1 * s * math.log(factor) if factor > 1.0 else 1.0  # noqa: E731
+    m = lambda s: yarn_mscale(factor, s)  # noqa: E731
     return m(1.0) / m(log_multiplier) if log_multiplier else m(1.0)
+
+
+def yarn_mscale(factor: float, s: float = 1.0) -> float:
+    """YaRN's m(s) = 1 + 0.1 s ln(factor) for a context extended `factor` times (1 for factor <= 1)."""
+    return 1.0 + 0.1 * s * math.log(factor) if factor > 1.0 else 1.0
 
 
 
@@ -311,8 +337,8 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss and "
-                         "qwen3vlmoe, lfm2moe)")
+                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
+                         "qwen3vlmoe, lfm2moe and deepseek2)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

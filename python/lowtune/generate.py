@@ -49,9 +49,9 @@ class GenerationStats:
 
 
 # ModelConfig fields the compiled decoder implements; a field added to ModelConfig must hold its
-# default until csrc/decode_kernels.h does it too. (RoPE's variants reach the decoder as
-# model.rope_rotation's tables, for a context of the cache's length, as the model's own steps pick
-# LongRoPE's factors.)
+# default until csrc/decode_kernels.h does it too (DeepSeek's latent attention and routing do not). (RoPE's
+# variants reach the decoder as model.rope_rotation's tables, for a context of the cache's length, as the
+# model's own steps pick LongRoPE's factors.)
 _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                    "rope_dim", "norm_eps", "rope_theta", "rope_linear_scale", "rope_yarn_factor",
                    "rope_yarn_beta_fast", "rope_yarn_beta_slow",
@@ -74,7 +74,7 @@ def _linears(layer: DecoderLayer) -> list[QLinear | None]:
     moe = layer.ffn_moe
     if moe is None:
         return [getattr(layer, n, None) for n in _LINEARS]
-    shared = [moe.gate_shexp, moe.up_shexp, moe.down_shexp] if moe.gate_shexp is not None else []
+    shared = [] if moe.ffn_gate_shexp is None else [moe.ffn_gate_shexp, moe.ffn_up_shexp, moe.ffn_down_shexp]
     return [getattr(layer, n) for n in _LINEARS[:4]] + [moe.gate_exps, moe.up_exps, moe.down_exps] + shared
 
 
@@ -163,6 +163,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if model.device.type != "cpu" or not isinstance(cache, KVCache) or cache.k[0].shape[0] != 1:
         return None
+    if c.kv_lora_rank:
+        return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
     if c.conv_layers or c.expert_gating == 2:
@@ -290,6 +292,9 @@ class StepDecoder:
         if model.config.conv_layers:
             raise ValueError("StepDecoder's captured steps keep no short-convolution state (LFM2's convolution "
                              "layers); decode with graphs=False")
+        if model.config.kv_lora_rank:
+            raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
+                             "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -434,7 +439,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope and not c.conv_layers
+                  and not c.family.qk_norm_after_rope and not c.conv_layers and not c.kv_lora_rank
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

@@ -81,6 +81,14 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
+    # DeepSeek's latent attention (kv_b_proj: attn_kv_b of older conversions; split into attn_k_b and attn_v_b,
+    # not mapped) and dense layers' MLP
+    "deepseek2": {"layer": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+                            "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+                            "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+                            "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+                            "attn_output": "self_attn.o_proj",
+                            "ffn_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
     "starcoder2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",

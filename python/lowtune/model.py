@@ -1,7 +1,7 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
-Gemma 2, Gemma 3, OLMo 2/3, GLM-4, ... and LFM2, whose convolution layers take a ShortConv in place
-of attention.
+Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
+LFM2's convolution layers take a ShortConv in place of attention.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -11,6 +11,9 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
                               row views of a fused attn_qkv where the file has one (Phi-3)
+    blk.N.attn_q_a/q_b, attn_kv_a_mqa, attn_k_b, attn_v_b
+                              QLinear             latent attention in place of attn_q/k/v (DeepSeek:
+                              DecoderLayer._latent_qkv), attn_q_a_norm and attn_kv_a_norm RMSNorms
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
@@ -61,13 +64,21 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude
+from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude, yarn_mscale
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # the linears of a short-convolution layer (LFM2), which takes them in place of the four attention ones;
 # modules blk.N.shortconv.<name>
 CONV_LINEAR_NAMES = ("in_proj", "out_proj")
+# the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
+# attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
+MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
+                    "attn_output")
+# a mixture's shared experts (lowtune.model.MoE's linears of these names)
+SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+# every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
+ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +133,14 @@ class ModelConfig:
     #                               eps) as the file's xielu.* arrays hold them (Apertus; glue_ops.xielu)
     conv_layers: tuple[int, ...] = ()  # the short-convolution layers, without attention (LFM2)
     conv_kernel: int = 0          # their convolution's width: the positions each output reads (shortconv.l_cache)
+    expert_renorm: bool | None = None  # the chosen experts' weights divided by their sum (None: as the family)
+    expert_weights_scale: float = 1.0  # the chosen experts' weights are multiplied by this (DeepSeek)
+    expert_groups: int = 0        # experts are picked from the expert_groups_used best of this many groups
+    expert_groups_used: int = 0   # (a group's score: the sum of its two best; 0: no groups)
+    q_lora_rank: int = 0          # multi-head latent attention: q's latent width (0: q straight from x)
+    kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
+    kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
+    value_head_dim: int = 0       # the width of each head's value (0: head_dim)
 
     @property
     def family(self) -> Family:
@@ -138,6 +157,15 @@ class ModelConfig:
     @property
     def expert_width(self) -> int:
         return self.expert_ffn_dim or self.ffn_dim
+
+    @property
+    def v_dim(self) -> int:
+        """The width of each head's value."""
+        return self.value_head_dim or self.head_dim
+
+    @property
+    def renorms_experts(self) -> bool:
+        return self.family.moe_renorm if self.expert_renorm is None else self.expert_renorm
 
     @property
     def query_scale(self) -> float:
@@ -201,14 +229,18 @@ class ModelConfig:
             vocab = len(tokens)
 
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
-        linear_scale, yarn = 1.0, 0.0
+        linear_scale, yarn, log_mul = 1.0, 0.0, 0.0
         attn_factor = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
         if scaling == "linear":
             linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
         elif scaling == "yarn":
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
-            log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) if fam.yarn_keys else 0.0
-            attn_factor *= yarn_magnitude(yarn, log_mul)
+            if fam.yarn_keys or fam.mla:
+                log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
+            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+                attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
+            else:
+                attn_factor *= yarn_magnitude(yarn, log_mul)
         elif scaling not in ("none", "longrope", None):
             raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, yarn, LongRoPE's "
                              "rope_factors and Llama 3's rope_freqs are)")
@@ -242,6 +274,13 @@ class ModelConfig:
         scale = 0.0
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
+        latent = {}
+        if fam.mla:
+            latent = _latent_attention(md, arch)
+            head_dim = latent.pop("head_dim")
+            # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
+            # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
+            scale = (attn_factor * yarn_mscale(yarn, log_mul / 0.1)) ** 2 / math.sqrt(head_dim)
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
@@ -256,13 +295,26 @@ class ModelConfig:
                        "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
                        "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
-            gating = int(md.get(f"{arch}.expert_gating_func", 0) or fam.moe_gating)
+            default = fam.moe_gating
+            if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
+                default = 2  # (llama.cpp's rule for GLM-4.7 Flash files written without expert_gating_func)
+            gating = int(md.get(f"{arch}.expert_gating_func", 0) or default)
             if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax routing (1), sigmoid routing (2, LFM2-MoE's) and the softmax of the top "
-                                 "k (3, gpt-oss's) only")
+                                 "softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the softmax "
+                                 "of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
-            if int(md.get(f"{arch}.expert_shared_count", 0) or 0) and not experts["shared_expert_ffn_dim"]:
+            shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
+            if fam.moe_weight_keys:  # (DeepSeek's keys)
+                width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
+                experts["shared_expert_ffn_dim"] = shared * width
+                experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
+                experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
+            groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
+            if groups > 1:
+                experts.update(expert_groups=groups,
+                               expert_groups_used=int(md.get(f"{arch}.expert_group_used_count", 0) or 0))
+            if shared and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
                                  "layout) without giving their width, which lowtune does not run")
             # llama.cpp's rule: dense layers first, then experts in every step-th layer
@@ -294,7 +346,8 @@ class ModelConfig:
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
         return cls(
-            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=n_heads if fam.mla else n_kv_heads,
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get(fam.eps_key)),
@@ -306,7 +359,7 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            xielu=xielu)
+            **latent, xielu=xielu)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -320,6 +373,14 @@ class ModelConfig:
             raise ValueError(f"xIELU scalars for {len(self.xielu)} layers in a {self.arch} model of {self.n_layers}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
             raise ValueError(f"sliding layers {self.swa_layers} name layers beyond the {self.n_layers} there are")
+        if self.expert_groups and (self.n_experts % self.expert_groups
+                                   or not 0 < self.expert_groups_used <= self.expert_groups):
+            raise ValueError(f"{self.n_experts} experts in {self.expert_groups} groups, {self.expert_groups_used} "
+                             "used: the groups must divide the experts, and 1 to all of them be used")
+        if self.kv_lora_rank and self.rope_dim >= self.head_dim:
+            raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
+                             f"{self.rope_dim} RoPE dims")
+
         if self.conv_layers and not self.family.short_conv:
             raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
@@ -347,6 +408,26 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     if key not in md:
         raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
     return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
+
+
+def _latent_attention(md: Mapping, arch: str) -> dict:
+    """Multi-head latent attention's widths from a deepseek2 file's keys, as llama.cpp reads them
+    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
+    _mla keys and with attn_kv_b whole, key_length)."""
+    if f"{arch}.attention.kv_lora_rank" not in md:
+        raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
+    if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
+        raise ValueError(f"this {arch} file scales queries by position (attention.temperature_scale: Mistral Large "
+                         "3's attention temperature), which lowtune does not run in latent attention")
+    whole = f"{arch}.attention.key_length_mla" not in md
+    widths = ("key_length", "value_length") if whole else ("key_length_mla", "value_length_mla")
+    for key in widths:
+        if f"{arch}.attention.{key}" not in md:
+            raise ValueError(f"GGUF metadata lacks {arch}.attention.{key}, which a {arch} model needs")
+    return {"head_dim": int(md[f"{arch}.attention.{widths[0]}"]),
+            "value_head_dim": int(md[f"{arch}.attention.{widths[1]}"]), "kv_b_whole": whole,
+            "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
+            "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
 
 
 LlamaConfig = ModelConfig  # the name before other families came
@@ -476,6 +557,23 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
     return RMSNorm(w[name + ".weight"], eps)
 
 
+def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Multi-head latent attention's linears (MLA_LINEAR_NAMES, as the file has them): GGUF layer name ->
+    [rows, columns] as lowtune reads them; attn_k_b [H, kv_lora_rank, no-RoPE dims] and attn_v_b
+    [H, value dims, kv_lora_rank] are read as their heads' rows stacked; attn_kv_b [H·(no-RoPE dims +
+    value dims), kv_lora_rank] holds each head's key rows, then its value rows."""
+    c = config
+    heads_k, rank, nope = c.n_heads * c.head_dim, c.kv_lora_rank, c.head_dim - c.rope_dim
+    out = {"attn_q_a": (c.q_lora_rank, c.dim), "attn_q_b": (heads_k, c.q_lora_rank)} if c.q_lora_rank \
+        else {"attn_q": (heads_k, c.dim)}
+    out["attn_kv_a_mqa"] = (rank + c.rope_dim, c.dim)
+    if c.kv_b_whole:
+        out["attn_kv_b"] = (c.n_heads * (nope + c.v_dim), rank)
+    else:
+        out.update(attn_k_b=(c.n_heads * rank, nope), attn_v_b=(c.n_heads * c.v_dim, rank))
+    return {**out, "attn_output": (c.dim, c.n_heads * c.v_dim)}
+
+
 def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
     """The RMSNorm weights of layer `layer` (None: an attention layer of the family): GGUF layer name
     -> shape (the layer's attribute is the name, but ffn_norm for the FFN's input norm under its
@@ -488,6 +586,10 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+    if c.q_lora_rank:
+        out["attn_q_a_norm"] = (c.q_lora_rank,)
+    if c.kv_lora_rank:
+        out["attn_kv_a_norm"] = (c.kv_lora_rank,)
     if fam.qk_norm and not (layer is not None and c.is_conv(layer)):
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
@@ -524,7 +626,8 @@ class MoE(nn.Module):
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
-    go on the attention's linears); gradients flow through them and the router to the input."""
+    go on the attention's linears and the shared experts', ffn_{gate,up,down}_shexp); gradients flow
+    through them and the router to the input."""
 
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
@@ -533,7 +636,9 @@ class MoE(nn.Module):
         self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
-        self.renorm, self.gating = config.family.moe_renorm, config.expert_gating
+        self.renorm, self.gating = config.renorms_experts, config.expert_gating
+        self.weights_scale = config.expert_weights_scale
+        self.groups, self.groups_used = config.expert_groups, config.expert_groups_used
         # a bias on the routing probabilities that picks the experts but does not weigh them (ERNIE 4.5 MoE)
         b = w.get(p + "exp_probs_b.bias")
         self.register_buffer("selection_bias", None if b is None else _vector(b), persistent=False)
@@ -542,12 +647,12 @@ class MoE(nn.Module):
             b = w.get(p + n + ".bias")
             self.register_buffer(n + "_bias", None if b is None else _table(b), persistent=False)
         self.activation = config.family.activation
-        self.gate_shexp = self.up_shexp = self.down_shexp = None
+        self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
-            names = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
-            self.gate_shexp, self.up_shexp, self.down_shexp = (QLinear(w[p + n + ".weight"], p + n + ".weight")
-                                                               for n in names)
+            names = SHARED_EXPERT_NAMES
+            self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp = (
+                QLinear(w[p + n + ".weight"], p + n + ".weight") for n in names)
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
@@ -560,10 +665,17 @@ class MoE(nn.Module):
         else:  # the top k of the softmax or sigmoid (+ the selection bias, which picks but does not weigh)
             probs = logits.sigmoid() if self.gating == 2 else logits.softmax(-1)
             picked = probs if self.selection_bias is None else probs + self.selection_bias
+            if self.groups > 1:  # only the experts of the groups whose two best score most
+                grouped = picked.view(-1, self.groups, self.n_experts // self.groups)
+                best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.groups_used, dim=-1).indices
+                kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter(-1, best, True)
+                picked = grouped.masked_fill(~kept[..., None], float("-inf")).view_as(picked)
             chosen = picked.topk(self.n_used, dim=-1).indices
             weights = probs.gather(-1, chosen)
         if self.renorm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
+        if self.weights_scale != 1.0:
+            weights = weights * self.weights_scale
         f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
         gate, up, down = self.gate_exps.weight, self.up_exps.weight, self.down_exps.weight
         out = torch.zeros_like(x)
@@ -572,18 +684,18 @@ class MoE(nn.Module):
             y = self._expert(x[rows], gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
                              down.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
-        if self.gate_shexp is not None:
-            s = self._expert(x, self.gate_shexp.weight, self.up_shexp.weight, self.down_shexp.weight)
+        if self.ffn_gate_shexp is not None:  # (through the modules: adapters may wrap them)
+            g, u = self.ffn_gate_shexp(x), self.ffn_up_shexp(x)
+            s = self.ffn_down_shexp(glue_ops.gated(self.activation, g, u).contiguous())
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = out + s
         return out.view_as(h)
 
-    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor,
-                e: int | None = None) -> torch.Tensor:
-        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: one expert's gated MLP; routed expert
-        e adds its biases where the file has them."""
-        bias = lambda y, b: y if e is None or b is None else y + b[e].to(y.dtype)  # noqa: E731
+    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: routed expert e's gated MLP, with its
+        biases where the file has them."""
+        bias = lambda y, b: y if b is None else y + b[e].to(y.dtype)  # noqa: E731
         g, u = bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias), bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)
         return bias(ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down), self.ffn_down_exps_bias)
 
@@ -704,9 +816,10 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 
 class KVCache:
-    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (empty in LFM2's
-    short-convolution layers, whose state is conv_state[i] [B, D, conv_kernel - 1]: the last
-    positions of their convolution's input, which ShortConv keeps).
+    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (v: the value
+    width, ModelConfig.v_dim; both empty in LFM2's short-convolution layers, whose state is
+    conv_state[i] [B, D, conv_kernel - 1]: the last positions of their convolution's input, which
+    ShortConv keeps).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -717,9 +830,11 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        kv = lambda i: torch.zeros((0,) if config.is_conv(i) else shape, device=device, dtype=dtype)  # noqa: E731
-        self.k = [kv(i) for i in range(config.n_layers)]
-        self.v = [kv(i) for i in range(config.n_layers)]
+        kv = lambda i, shape: torch.zeros((0,) if config.is_conv(i) else shape, device=device,  # noqa: E731
+                                          dtype=dtype)
+        self.k = [kv(i, shape) for i in range(config.n_layers)]
+        shape = (batch, config.n_kv_heads, max_len, config.v_dim)
+        self.v = [kv(i, shape) for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
         self.length = 0
@@ -779,6 +894,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
     if config.is_conv(index):  # (a short convolution's: ShortConv's own)
         names = names[4:]
+    elif config.kv_lora_rank:
+        names = tuple(latent_linear_shapes(config)) + names[4:]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -891,8 +1008,12 @@ class DecoderLayer(nn.Module):
         if self.config.family.parallel or self.shortconv is not None:  # (parallel: the FFN reads the
             x, h = self.attend(x if m is None else x + m, rot, cache, start)  # attention's normed input)
             return x, self._mlp_rows(h)
-        x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
-        a = self.attention_branch(x, rot, cache, start, qkv=qkv)
+        if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
+            x, h = (x, self.attn_norm(x)) if m is None else self.attn_norm.after_residual(x, m)
+            a = self.attention_branch(x, rot, cache, start, normed=h)
+        else:
+            x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
+            a = self.attention_branch(x, rot, cache, start, qkv=qkv)
         # the MLP's rows a chunk at a time, its norm included; experts and ungated MLPs take no grouped
         # product either
         if self.mlp_chunks > 1 or self.ffn_moe is not None or not self.config.family.gated:
@@ -941,13 +1062,14 @@ class DecoderLayer(nn.Module):
             return self.shortconv(self.attn_norm(x) if normed is None else normed, cache, start)
         b, t, _ = x.shape
         if qkv is None:
-            qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
+            h = self.attn_norm(x) if normed is None else normed
+            qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
         if fam.qk_norm == "whole":
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q = q.view(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
-        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, t, c.n_kv_heads, c.v_dim).transpose(1, 2)
         late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
         if fam.qk_norm == "head" and not late:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
@@ -968,10 +1090,36 @@ class DecoderLayer(nn.Module):
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
-        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim))
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
+
+    def _latent_qkv(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-head latent attention's q, k [B, T, H·hd] and v [B, T, H·v_dim] for normed inputs h,
+        decompressed (every head's key and value made whole, as llama.cpp's graph without the absorbed
+        products): each head of q and k laid out (RoPE part, no-RoPE part), so that RoPE, the cache
+        and the attention take them as any family's (a dot product does not see the order)."""
+        c = self.config
+        b, t, _ = h.shape
+        rope, rank, heads = c.rope_dim, c.kv_lora_rank, c.n_heads
+        q = self.attn_q_b(self.attn_q_a_norm(self.attn_q_a(h))) if c.q_lora_rank else self.attn_q(h)
+        q = q.view(b, t, heads, c.head_dim)
+        ckr = self.attn_kv_a_mqa(h)
+        latent, k_rope = self.attn_kv_a_norm(ckr[..., :rank]), ckr[..., rank:]
+        nope = c.head_dim - rope
+        if c.kv_b_whole:  # each head's key rows, then its value rows
+            k_nope, v = self.attn_kv_b(latent).view(b, t, heads, nope + c.v_dim).split([nope, c.v_dim], dim=-1)
+            v = v.reshape(b, t, -1)
+        else:
+            # attn_k_b holds each head's [kv_lora_rank, no-RoPE dims] (rows of the keys' latent): its
+            # product with the identity is its transpose, so an adapter on it is in the keys too
+            eye = torch.eye(nope, dtype=h.dtype, device=h.device)
+            k_b = self.attn_k_b(eye).view(nope, heads, rank)
+            k_nope, v = torch.einsum("btr,nhr->bthn", latent, k_b.to(latent.dtype)), self.attn_v_b(latent)
+        k = torch.cat([k_rope[:, :, None, :].expand(b, t, heads, rope), k_nope], dim=-1)
+        q = torch.cat([q[..., nope:], q[..., :nope]], dim=-1)
+        return [q.reshape(b, t, -1), k.reshape(b, t, -1), v]
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
@@ -1308,8 +1456,8 @@ class Model(nn.Module):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
             conv = layer.shortconv
-            for lin in [getattr(layer, n, None) for n in LINEAR_NAMES] + ([] if conv is None else
-                                                                         [conv.in_proj, conv.out_proj]):
+            lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES)]
+            for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
                     out[base.name] = base.weight
@@ -1331,6 +1479,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         del shapes["ffn_gate"]
     conv_shapes = {"shortconv.in_proj": (3 * c.dim, c.dim), "shortconv.out_proj": (c.dim, c.dim),
                    "shortconv.conv": (c.dim, c.conv_kernel)}
+    if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
+        del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
+        shapes.update(latent_linear_shapes(c))
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),

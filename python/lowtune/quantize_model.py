@@ -51,7 +51,7 @@ from .formats import Format, get_format
 from .gguf_io import write_gguf
 from .gguf_split import open_gguf
 from .loading import open_source
-from .model import LINEAR_NAMES
+from .model import ADAPTER_TARGETS
 from .qtensor import QTensor
 from .recipes import (LOGICAL_TYPES_KEY, QUANTIZE_TYPE_KEY, TypePlan, logical_types, storage_format,
                       to_storage)
@@ -135,7 +135,7 @@ def quantize_model(src, out, qtype: str, *, pure: bool = False, output_type: str
 # Bits per weight
 
 
-_LINEAR_RE = re.compile(r"blk\.\d+\.(%s|ffn_gate_exps|ffn_up_exps|ffn_down_exps)\.weight$" % "|".join(LINEAR_NAMES))
+_LINEAR_RE = re.compile(r"blk\.\d+\.(%s|ffn_gate_exps|ffn_up_exps|ffn_down_exps)\.weight$" % "|".join(ADAPTER_TARGETS))
 
 
 @dataclass
