@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense")
+         "exaone4", "seed_oss", "hunyuan-dense", "gemma3n")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
@@ -41,6 +43,8 @@ WINDOW = 16          # sliding window of the tiny models: shorter than every tes
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
 V, D, F, H, HKV = 512, 64, 128, 4, 2
+GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
+GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -126,6 +130,18 @@ def hf_model(name: str):
             sliding_window=WINDOW, final_logit_softcapping=5.0,
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+        # 22 layers: llama.cpp fixes Gemma 3n's K/V sharing from layer 20 on (layer 18 the sliding
+        # layers', 19 the global ones') and sparse FFN gates in the first 10; its AltUp, Laurel rank
+        # and per-layer width are llama.cpp's fixed ones too, and so is the final soft-cap (30)
+        "gemma3n": lambda: tf.Gemma3nForCausalLM(tf.Gemma3nTextConfig(
+            **{**common, "intermediate_size": GEMMA3N_FFN}, vocab_size_per_layer_input=V,
+            num_hidden_layers=GEMMA3N_LAYERS, head_dim=32,
+            sliding_window=WINDOW, num_kv_shared_layers=GEMMA3N_LAYERS - 20, laurel_rank=64,
+            hidden_size_per_layer_input=256, activation_sparsity_pattern=[0.95] * 10 + [0.0] * (GEMMA3N_LAYERS - 10),
+            layer_types=["full_attention" if i % 5 == 4 or i == GEMMA3N_LAYERS - 1 else "sliding_attention"
+                         for i in range(GEMMA3N_LAYERS)],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
         # RoPE on half of each head, q/k/v biases, gate and up fused
         "glm4": lambda: tf.Glm4ForCausalLM(tf.Glm4Config(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, partial_rotary_factor=0.5)),
@@ -195,18 +211,54 @@ def hf_model(name: str):
     model = make()
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma")
+    gemma = name.startswith("gemma") and name != "gemma3n"
+    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled), AltUp's
+    # coefficients small, the embeddings (the head too) small
+    calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "norm" in pname:  # Gemma's norms are 1 + w
+            if calm and ("q_norm" in pname or "k_norm" in pname):
+                p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
+            elif "norm" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w)
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "embed" in pname:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+                p.copy_((0.1 if calm else 0.25) * torch.randn(p.shape, generator=g))
+            elif calm and "coefs" in pname:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
+    if name == "gemma3n":
+        for layer in model.model.layers:
+            layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
     return model.float().eval()
+
+
+def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
+    """Gemma 3n's sparse FFN gate as llama.cpp computes it, the variance over n - 1 (transformers
+    divides by n; at the tiny model's 128 wide gates that moves its logits by 5 %, at E2B's 8192
+    by nothing to see)."""
+    std_mul = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(mlp.activation_sparsity)).to(inputs.dtype)
+    cutoff = inputs.mean(-1, keepdim=True) + inputs.std(-1, keepdim=True, unbiased=True) * std_mul
+    return torch.relu(inputs - cutoff)
+
+
+def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
+    """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
+    safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
+    them out of what it saves)."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(seed)
+    path = hf_dir / "model.safetensors"
+    tensors = load_file(path)
+    hd = 32
+    for i in range(20, layers):
+        p = f"model.layers.{i}.self_attn."
+        tensors[p + "k_proj.weight"] = torch.randn(HKV * hd, D, generator=g) / math.sqrt(D)
+        tensors[p + "v_proj.weight"] = torch.randn(HKV * hd, D, generator=g) / math.sqrt(D)
+        tensors[p + "k_norm.weight"] = 0.3 + 0.05 * torch.randn(hd, generator=g)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def spm_model(text: str) -> bytes:
@@ -259,6 +311,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     for name in NAMES + MOE_NAMES + ("minicpm",):
         d = root / name
         hf_model(name).save_pretrained(d)
+        if name == "gemma3n":
+            add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):

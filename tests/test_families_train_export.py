@@ -35,8 +35,8 @@ from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import Model
 
-from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
-                           random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
+                           rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
@@ -52,13 +52,13 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gemma": "qdylora", "gemma2": "lora", "gemma3": "qa-hira", "olmo2": "qa-lora", "olmo3": "q-bara",
                  "glm4": "qdylora", "exaone4": "qa-hira", "command-r": "q-bara", "cohere2": "q-bara",
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
-                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora"}
+                 "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "gemma3n": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
                    "glm4": "q-bara", "exaone4": "lora", "command-r": "qa-lora", "cohere2": "qdylora",
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
-                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira"}
+                   "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "gemma3n": "qa-hira"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -87,9 +87,15 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
-    model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
+    model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
     assert losses[-1] < losses[0], losses
+
+
+def training_source(tiny) -> Path:
+    """A family's Q4_1 model: its safetensors directory, quantized on load, or llama.cpp's Q4_1
+    quantization of its GGUF where lowtune reads no HF directory of it (Gemma 3n)."""
+    return tiny.hf_dir if tiny.name in HF_NAMES else gguf_of(tiny, "Q4_1")
 
 
 def adapted_steps(model, method: str, ids: torch.Tensor, steps: int = 4) -> list[float]:
@@ -126,7 +132,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
-    hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
+    hf_dir, method = training_source(family_models[name]), FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else None
     result = lowtune.finetune(hf_dir, train_text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
@@ -201,7 +207,7 @@ def adapted(family_models, tmp_path_factory):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", HF_NAMES)
 def test_exports_load_in_transformers_and_peft(adapted, name):
     import peft
     import transformers
@@ -234,6 +240,26 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
     print(f"{name}: PEFT adapter on the HF base vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
+
+
+@pytest.mark.transformers
+def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
+    """Gemma 3n's adapter as PEFT's on transformers' Gemma3nForCausalLM (the tiny model, its sparse
+    gates' variance as llama.cpp's) gives lowtune's adapted logits; a merged HF directory is refused."""
+    import peft
+
+    a = adapted("gemma3n")
+    export_peft(a.base, a.run, a.dir / "peft")
+    config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
+    base = hf_model("gemma3n")
+    with torch.no_grad():
+        assert rel_err(base(input_ids=a.ids).logits, a.plain) < 1e-4
+        got = peft.PeftModel.from_pretrained(base, a.dir / "peft").eval()(input_ids=a.ids).logits
+    print(f"gemma3n: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
+    with pytest.raises(ValueError, match="no Hugging Face directory of a gemma3n model"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
 
 
 @pytest.mark.llamacpp

@@ -146,7 +146,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     csrc/decode_kernels.h lists) on the CPU, in fp32, at batch 1, with every matrix in a quantized
     block format."""
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
-        return None
+        return None  # (Gemma 3n's Gemma3nModel among them: AltUp's copies, Laurel and per-layer inputs are
+        #              not csrc/decode_kernels.h's; its own steps decode it)
     c = model.config
     ungated_gelu = not c.family.gated and c.family.activation != "relu2"  # (the decoder's ungated MLP is relu²)
     if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or ungated_gelu or any(
@@ -278,6 +279,9 @@ class StepDecoder:
                              "temperature beyond the original context)")
         if model.config.family.qk_norm_after_rope:
             raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
+        if model.config.family.altup:
+            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
+                             "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -422,7 +426,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope
+                  and not c.family.qk_norm_after_rope and not c.family.altup
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

@@ -1,6 +1,7 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
-Gemma 2, Gemma 3, OLMo 2/3 and GLM-4.
+Gemma 2, Gemma 3, OLMo 2/3 and GLM-4; Gemma 3n's AltUp, Laurel and per-layer inputs wrap this decoder
+in lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -111,6 +112,13 @@ class ModelConfig:
     shared_expert_ffn_dim: int = 0  # the width of a shared expert every token runs (0: none)
     expert_gating: int = 1        # llama.cpp's expert_gating_func: 1 softmax, then top k; 3 top k, then softmax
     moe_layers: tuple[int, ...] | None = None  # the layers with experts (None: every layer, where n_experts)
+    kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
+    #                               (0: every layer's own)
+    altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
+    altup_active: int = 0         # the copy each layer reads
+    per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n)
+    sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
+    #                                       deviations above its mean (-inf or absent: all of it)
 
     @property
     def family(self) -> Family:
@@ -135,6 +143,17 @@ class ModelConfig:
     def has_experts(self, layer: int) -> bool:
         """Whether layer `layer`'s FFN is a mixture of experts (ERNIE 4.5 MoE's first layers are dense)."""
         return bool(self.n_experts) and (self.moe_layers is None or layer in self.moe_layers)
+
+    def has_kv(self, layer: int) -> bool:
+        """Whether layer `layer` computes K/V of its own (Gemma 3n's last layers reuse earlier ones')."""
+        return not self.kv_layers or layer < self.kv_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose K/V layer `layer` attends to: itself, or the last layer of its kind (sliding
+        or global) that has its own."""
+        if self.has_kv(layer):
+            return layer
+        return max(i for i in range(self.kv_layers) if self.is_sliding(i) == self.is_sliding(layer))
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -224,7 +243,7 @@ class ModelConfig:
             # families without a soft-cap ignore the key, as llama.cpp does
             return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
 
-        scale = 0.0
+        scale = fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         yarn_keys = {}
@@ -264,10 +283,23 @@ class ModelConfig:
             if md.get(f"{arch}.rope.scaling.finetuned", True) is False:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
+        ffn = get("feed_forward_length")
+        if isinstance(ffn, (list, tuple)):  # one width a layer (Gemma 3n's files)
+            if len(set(ffn)) != 1:
+                raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
+                                 "which lowtune does not run")
+            ffn = ffn[0]
+        altup = {}
+        if fam.altup:
+            shared = int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
+            altup = {"altup_inputs": int(get("altup.num_inputs")), "altup_active": int(get("altup.active_idx")),
+                     "per_layer_dim": int(get("embedding_length_per_layer_input")),
+                     "kv_layers": n_layers - shared if shared else 0,
+                     "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", n_heads)),
-            ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
+            ffn_dim=int(ffn), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
@@ -277,7 +309,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts)
+            final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **altup)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -418,9 +450,10 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
     return RMSNorm(w[name + ".weight"], eps)
 
 
-def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
-    """The RMSNorm weights of each layer of the family: GGUF layer name -> shape (the layer's
-    attribute is the name, but ffn_norm for the FFN's input norm under its file name)."""
+def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
+    """The RMSNorm weights of each layer of the family (of layer `layer`, where it reuses another's K/V:
+    no k norm): GGUF layer name -> shape (the layer's attribute is the name, but ffn_norm for the
+    FFN's input norm under its file name)."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
@@ -433,6 +466,8 @@ def layer_norm_shapes(config: ModelConfig) -> dict[str, tuple[int]]:
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
+        if layer is not None and not c.has_kv(layer):
+            del out["attn_k_norm"]
     return out
 
 
@@ -679,6 +714,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
+    if not config.has_kv(index):  # (K/V reused from an earlier layer)
+        names = [n for n in names if n not in ("attn_k", "attn_v")]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -693,7 +730,7 @@ class DecoderLayer(nn.Module):
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
-        for name in layer_norm_shapes(c):
+        for name in layer_norm_shapes(c, index):
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
             setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
         if not fam.pre_norms:
@@ -1015,13 +1052,13 @@ class Model(nn.Module):
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
         config.check()
-        _check_weights(config, weights)
+        _check_weights(config, weights, self.own_tensor_shapes(config))
         c = config
         self.config, self.dtype = c, dtype
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
+        self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
         self.output_norm = make_norm(c.family, weights, "output_norm", c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
@@ -1045,6 +1082,13 @@ class Model(nn.Module):
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
         self.metadata: dict = {}             # the GGUF metadata, when loaded from a file
         self.tensor_types: dict[str, str] = {}
+
+    layer_class = DecoderLayer
+
+    @staticmethod
+    def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """The tensors this model class adds to the family's decoder (name -> shape): none here."""
+        return {}
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -1212,9 +1256,11 @@ class Model(nn.Module):
 LlamaModel = Model  # the name before other families came
 
 
-def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
+def _check_weights(config: ModelConfig, w: Mapping[str, object],
+                   own: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Every tensor the config needs is there with its shape, and nothing else is (a tensor the
-    model would not use means a variant lowtune does not run, e.g. mixture-of-experts)."""
+    model would not use means a variant lowtune does not run, e.g. mixture-of-experts). own: the
+    tensors a model class adds to the family's decoder (Gemma 3n's), name -> shape."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
@@ -1234,7 +1280,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
-    want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
+    want = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,), **(own or {})}
     optional = {"output.weight": (c.vocab_size, c.dim), "output_norm.bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
@@ -1242,14 +1288,18 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c).items()})
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
         if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c).items()})
         layer_shapes = shapes
+        if not c.has_kv(i):  # K/V reused: the file's own k, v and k norm (llama.cpp loads them) go unused
+            layer_shapes = {n: s for n, s in shapes.items() if n not in ("attn_k", "attn_v")}
+            optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
+                             p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
-            layer_shapes = {n: s for n, s in shapes.items() if not n.startswith("ffn_")}
+            layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(c, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
