@@ -377,13 +377,15 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     transformers or llama.cpp's converter (the GPU ones)."""
     from lowtune import ops
     from lowtune.families import FAMILIES
-    from lowtune.model import Model, ModelConfig, layer_norm_shapes
+    from lowtune.loading import model_class
+    from lowtune.model import ModelConfig, layer_norm_shapes
 
     fam = FAMILIES[arch]
-    layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
-    hd = 32 if arch in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
+    layers = {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2)
+    hd = 32 if arch in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") else D // H
+    ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
-          f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
+          f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
@@ -395,6 +397,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
+    if arch == "gemma3n":  # llama.cpp's fixed layout: K/V shared from layer 20 on, sparse gates in the first 10
+        md.update({"gemma3n.altup.num_inputs": 4, "gemma3n.altup.active_idx": 0,
+                   "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
+                   "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
+                   "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
     if arch in ("glm4", "phi2"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "gpt-oss":  # YaRN over an original context shorter than the test sequences
@@ -416,8 +423,22 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
     q, kv = H * hd, HKV * hd
-    w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, D, generator=g), qtype),
+    w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
+                                           qtype),
          "output_norm.weight": vec(D, 1.0)}
+    if arch == "gemma3n":  # AltUp's projections and the per-layer inputs, small q/k norms and AltUp coefficients
+        f32 = lambda n, k, s: ops.quantize(s * torch.randn(n, k, generator=g), "F32")  # noqa: E731
+        w.update({"altup_proj.weight": mat(3 * D, D), "altup_unembd_proj.weight": mat(3 * D, D),
+                  "per_layer_token_embd.weight": ops.quantize(0.1 * torch.randn(V, layers * 256, generator=g), qtype),
+                  "per_layer_model_proj.weight": mat(layers * 256, D), "per_layer_proj_norm.weight": vec(256, 1.0)})
+        for i in range(layers):
+            p = f"blk.{i}."
+            w.update({p + "altup_correct_scale.weight": vec(D), p + "altup_correct_coef.weight": f32(4, 4, 0.05),
+                      p + "altup_predict_coef.weight": f32(16, 4, 0.05), p + "altup_router.weight": f32(4, D, 0.1),
+                      p + "altup_router_norm.weight": vec(D, 1.0), p + "laurel_l.weight": mat(64, D),
+                      p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
+                      p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
+                      p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale:  # Gemma ties its head to the embeddings
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2"):  # the final LayerNorm's bias, and Phi-2's head's
@@ -426,11 +447,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c).items()})
+        w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
+                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
         if arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
-        else:
+        elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+        else:  # (Gemma 3n's last layers: K/V reused)
+            w[p + "attn_q.weight"] = mat(q, D)
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it
             w.update({p + "ffn_gate_inp.weight": ops.quantize(torch.randn(EXPERTS, D, generator=g), "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
@@ -451,10 +475,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         elif not fam.gated:
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
-            w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
+            w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         w.update({p + "attn_output.weight": mat(D, q)})
         if not c.has_experts(i):
-            w[p + "ffn_down.weight"] = mat(D, F)
+            w[p + "ffn_down.weight"] = mat(D, ffn)
         if arch in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2"):  # biases on the output, the MLP and the LayerNorms
@@ -463,7 +487,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])
-    model = Model(c, w, dtype)
+    model = model_class(c)(c, w, dtype)
     model.metadata = md
     return model.eval()
 

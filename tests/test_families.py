@@ -314,6 +314,39 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
+def test_gemma3n_refusals_and_checkpointed_training(tiny):
+    """What does not run Gemma 3n's layers says so by name (streaming, compiled and captured layers,
+    captured decode steps; the compiled CPU decoder leaves it to the model's steps), and its
+    checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
+    from lowtune.compile import compile_model, default_mode
+    from lowtune.generate import StepDecoder, cpu_decoder
+    from lowtune.streaming import stream_model
+    model = Model.from_gguf(gguf_of(tiny["gemma3n"], "Q8_0"))
+    with pytest.raises(ValueError, match="Gemma 3n's layers are not streamed"):
+        stream_model(model, "cpu", streamed=[0])
+    assert default_mode("cuda", model) == "off"
+    with pytest.raises(ValueError, match="Gemma 3n's layers pass AltUp's copies.*--compile off"):
+        compile_model(model, "layer")
+    with pytest.raises(ValueError, match="StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma"):
+        StepDecoder(model, 32, graphs=False)
+    assert cpu_decoder(model, model.new_cache(1, 32)) is None
+    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+    params = adapters.mark_only_adapters_trainable(model)
+    fill_adapters(model, torch.Generator().manual_seed(3))
+    ids = rand_ids(2, 24, seed=4)
+    grads = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        for p in params:
+            p.grad = None
+        model.loss(ids).backward()
+        grads.append([p.grad.clone() for p in params])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    # (the first layers' adapters get gradients through the last layers' reuse of their K/V too)
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_fused_tensors_are_row_views(tiny):
     """Phi-3's attn_qkv and ffn_up are cut into q/k/v and gate/up without a copy, and the model
     records how they join."""

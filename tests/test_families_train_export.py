@@ -325,8 +325,10 @@ def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
         bf16 = random_family_model(arch, dtype=torch.bfloat16).to(device)(ids.to(device)).cpu()
     print(f"{arch} on {device}: logits vs the CPU, relative error fp32 {rel_err(fp32, want):.2e}, "
           f"bf16 {rel_err(bf16, want):.2e}")
-    # (a bf16 router picks other experts for a few tokens)
-    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < (1e-1 if cpu.config.n_experts else 5e-2)
+    # (a bf16 router picks other experts for a few tokens; Gemma 3n's 22 layers of sparse FFN gates move by 8 %
+    # in bf16 on the CPU too, as transformers' tiny model does)
+    loose = cpu.config.n_experts or cpu.config.family.altup
+    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < (1e-1 if loose else 5e-2)
     for method in METHODS:
         model = random_family_model(arch, dtype=torch.bfloat16).to(device)
         losses = adapted_steps(model, method, ids.to(device))

@@ -212,9 +212,6 @@ class Gemma3nModel(Model):
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}")
-        if self.streamer is not None:
-            raise ValueError("gemma3n's layers are not streamed: its AltUp copies and shared K/V cross layers "
-                             "(load it resident)")
         c = self.config
         start = cache.length if cache is not None else 0
         t = ids.shape[1]

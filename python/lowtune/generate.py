@@ -272,6 +272,9 @@ class StepDecoder:
     def __init__(self, model, max_len: int, graphs: bool = True, group_products: bool = True):
         if getattr(model, "streamer", None) is not None:
             raise ValueError("StepDecoder needs the model's layers resident (not streamed)")
+        if model.config.family.altup:
+            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
+                             "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
         if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
             raise ValueError("StepDecoder's one mask per step cannot express sliding-window layers")
         if not _positions_unscaled(model.config, max_len):
@@ -279,9 +282,6 @@ class StepDecoder:
                              "temperature beyond the original context)")
         if model.config.family.qk_norm_after_rope:
             raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
-        if model.config.family.altup:
-            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
-                             "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":

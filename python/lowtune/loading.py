@@ -163,13 +163,18 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
     return weights, types
 
 
+def model_class(config: ModelConfig) -> type[Model]:
+    """The class of a family's model: lowtune.model's, or Gemma 3n's around it."""
+    return Gemma3nModel if config.family.altup else Model
+
+
 def build_model(source, device="cpu", dtype: torch.dtype = torch.float32) -> Model:
     """The model a source holds (ModelConfig from its metadata, then Model, which checks every
     weight against it), in eval mode. It knows its metadata, tensor types and source path."""
     md = dict(source.metadata)
     weights, types = read_weights(source, device)
     config = ModelConfig.from_gguf_metadata(md)
-    model = (Gemma3nModel if config.family.altup else Model)(config, weights, dtype)
+    model = model_class(config)(config, weights, dtype)
     model.metadata, model.tensor_types, model.source_path = md, types, str(source.path)
     return model.eval()
 
