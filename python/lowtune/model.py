@@ -1246,7 +1246,7 @@ class Model(nn.Module):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
             for name in LINEAR_NAMES:
-                lin = getattr(layer, name)
+                lin = getattr(layer, name, None)  # (Gemma 3n: no k, v where K/V are reused)
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
                     out[base.name] = base.weight
