@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2")
+         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3")
@@ -49,6 +51,8 @@ CONV_KERNEL = 3
 # DeepSeek's multi-head latent attention: the widths of the tiny models' latents and heads
 # (the converter reads num_key_value_heads as the heads of kv_b, as DeepSeek's configs give it)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
+GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
+GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -132,6 +136,18 @@ def hf_model(name: str):
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
             sliding_window=WINDOW, final_logit_softcapping=5.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+        # 22 layers: llama.cpp fixes Gemma 3n's K/V sharing from layer 20 on (layer 18 the sliding
+        # layers', 19 the global ones') and sparse FFN gates in the first 10; its AltUp, Laurel rank
+        # and per-layer width are llama.cpp's fixed ones too, and so is the final soft-cap (30)
+        "gemma3n": lambda: tf.Gemma3nForCausalLM(tf.Gemma3nTextConfig(
+            **{**common, "intermediate_size": GEMMA3N_FFN}, vocab_size_per_layer_input=V,
+            num_hidden_layers=GEMMA3N_LAYERS, head_dim=32,
+            sliding_window=WINDOW, num_kv_shared_layers=GEMMA3N_LAYERS - 20, laurel_rank=64,
+            hidden_size_per_layer_input=256, activation_sparsity_pattern=[0.95] * 10 + [0.0] * (GEMMA3N_LAYERS - 10),
+            layer_types=["full_attention" if i % 5 == 4 or i == GEMMA3N_LAYERS - 1 else "sliding_attention"
+                         for i in range(GEMMA3N_LAYERS)],
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
         # RoPE on half of each head, q/k/v biases, gate and up fused
@@ -266,15 +282,22 @@ def randomized(model, name: str):
     name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma")
+    gemma = name.startswith("gemma") and name != "gemma3n"
+    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled), AltUp's
+    # coefficients small, the embeddings (the head too) small
+    calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "norm" in pname:  # Gemma's norms are 1 + w
+            if calm and ("q_norm" in pname or "k_norm" in pname):
+                p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
+            elif "norm" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w)
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "embed" in pname:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+                p.copy_((0.1 if calm else 0.25) * torch.randn(p.shape, generator=g))
+            elif calm and "coefs" in pname:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
         for i, layer in enumerate(model.model.layers if name == "apertus" else ()):  # xIELU's buffers
@@ -283,7 +306,36 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+    if name == "gemma3n":
+        for layer in model.model.layers:
+            layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
     return model.float().eval()
+
+
+def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
+    """Gemma 3n's sparse FFN gate as llama.cpp computes it, the variance over n - 1 (transformers
+    divides by n; at the tiny model's 128 wide gates that moves its logits by 5 %, at E2B's 8192
+    by nothing to see)."""
+    std_mul = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(mlp.activation_sparsity)).to(inputs.dtype)
+    cutoff = inputs.mean(-1, keepdim=True) + inputs.std(-1, keepdim=True, unbiased=True) * std_mul
+    return torch.relu(inputs - cutoff)
+
+
+def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
+    """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
+    safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
+    them out of what it saves)."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(seed)
+    path = hf_dir / "model.safetensors"
+    tensors = load_file(path)
+    hd = 32
+    for i in range(20, layers):
+        p = f"model.layers.{i}.self_attn."
+        tensors[p + "k_proj.weight"] = torch.randn(HKV * hd, D, generator=g) / math.sqrt(D)
+        tensors[p + "v_proj.weight"] = torch.randn(HKV * hd, D, generator=g) / math.sqrt(D)
+        tensors[p + "k_norm.weight"] = 0.3 + 0.05 * torch.randn(hd, generator=g)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def spm_model(text: str) -> bytes:
@@ -347,6 +399,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     for name in NAMES + MOE_NAMES + ("minicpm",):
         d = root / name
         hf_model(name).save_pretrained(d)
+        if name == "gemma3n":
+            add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -442,14 +496,17 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     transformers or llama.cpp's converter (the GPU ones)."""
     from lowtune import ops
     from lowtune.families import FAMILIES
-    from lowtune.model import Model, ModelConfig, latent_linear_shapes, layer_norm_shapes
+    from lowtune.loading import model_class
+    from lowtune.model import ModelConfig, latent_linear_shapes, layer_norm_shapes
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
-    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
+    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4,
+                                                      "gemma3n": GEMMA3N_LAYERS}.get(arch, 2)
+    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") else D // H
+    ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
-          f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
+          f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
@@ -461,6 +518,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma2.attn_logit_softcapping": 3.0, "gemma2.final_logit_softcapping": 5.0})
     if arch == "gemma3":
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
+    if arch == "gemma3n":  # llama.cpp's fixed layout: K/V shared from layer 20 on, sparse gates in the first 10
+        md.update({"gemma3n.altup.num_inputs": 4, "gemma3n.altup.active_idx": 0,
+                   "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
+                   "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
+                   "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
     if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "apertus":  # xIELU's scalars, each layer's own
@@ -497,8 +559,22 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
     q, kv = H * hd, HKV * hd
-    w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, D, generator=g), qtype),
+    w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
+                                           qtype),
          fam.output_norm_tensor + ".weight": vec(D, 1.0)}
+    if arch == "gemma3n":  # AltUp's projections and the per-layer inputs, small q/k norms and AltUp coefficients
+        f32 = lambda n, k, s: ops.quantize(s * torch.randn(n, k, generator=g), "F32")  # noqa: E731
+        w.update({"altup_proj.weight": mat(3 * D, D), "altup_unembd_proj.weight": mat(3 * D, D),
+                  "per_layer_token_embd.weight": ops.quantize(0.1 * torch.randn(V, layers * 256, generator=g), qtype),
+                  "per_layer_model_proj.weight": mat(layers * 256, D), "per_layer_proj_norm.weight": vec(256, 1.0)})
+        for i in range(layers):
+            p = f"blk.{i}."
+            w.update({p + "altup_correct_scale.weight": vec(D), p + "altup_correct_coef.weight": f32(4, 4, 0.05),
+                      p + "altup_predict_coef.weight": f32(16, 4, 0.05), p + "altup_router.weight": f32(4, D, 0.1),
+                      p + "altup_router_norm.weight": vec(D, 1.0), p + "laurel_l.weight": mat(64, D),
+                      p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
+                      p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
+                      p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
@@ -507,7 +583,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(shape, 1.0) for n, shape in layer_norm_shapes(c, i).items()})
+        w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
+                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
         if c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
@@ -518,8 +595,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
             q = c.n_heads * c.v_dim  # (attn_output's input)
-        else:
+        elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+        else:  # (Gemma 3n's last layers: K/V reused)
+            w[p + "attn_q.weight"] = mat(q, D)
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
             # unit size: saturated sigmoids would tie)
             router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 else 1.0)
@@ -542,11 +621,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         elif not fam.gated:
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
-            w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
+            w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         if not c.is_conv(i):
             w[p + "attn_output.weight"] = mat(D, q)
         if not c.has_experts(i):
-            w[p + "ffn_down.weight"] = mat(D, F)
+            w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
@@ -555,7 +634,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])
-    model = Model(c, w, dtype)
+    model = model_class(c)(c, w, dtype)
     model.metadata = md
     return model.eval()
 

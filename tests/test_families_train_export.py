@@ -36,8 +36,8 @@ from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import CONV_LINEAR_NAMES, LINEAR_NAMES, Model
 
-from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
-                           random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
+                           rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
@@ -55,7 +55,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
-                 "lfm2": "qa-lora"}
+                 "lfm2": "qa-lora", "gemma3n": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -63,7 +63,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
-                   "lfm2": "qa-hira"}
+                   "lfm2": "qa-hira", "gemma3n": "qa-hira"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -97,9 +97,15 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
-    model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
+    model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
     assert losses[-1] < losses[0], losses
+
+
+def training_source(tiny) -> Path:
+    """A family's Q4_1 model: its safetensors directory, quantized on load, or llama.cpp's Q4_1
+    quantization of its GGUF where lowtune reads no HF directory of it (Gemma 3n)."""
+    return tiny.hf_dir if tiny.name in HF_NAMES else gguf_of(tiny, "Q4_1")
 
 
 def adapted_steps(model, method: str, ids: torch.Tensor, steps: int = 4) -> list[float]:
@@ -136,7 +142,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
-    hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
+    hf_dir, method = training_source(family_models[name]), FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else None
     result = lowtune.finetune(hf_dir, train_text, tmp_path / "run", method=method, rank=4, steps=3, seq_len=32,
@@ -212,7 +218,7 @@ def adapted(family_models, tmp_path_factory):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in VISION_LANGUAGE])
+@pytest.mark.parametrize("name", [n for n in HF_NAMES if n not in VISION_LANGUAGE])
 def test_exports_load_in_transformers_and_peft(adapted, name):
     import peft
     import transformers
@@ -294,6 +300,25 @@ def test_vision_language_exports(family_models, adapted, tmp_path, name):
     assert rel_err(got, a.want) < 1e-4
 
 
+def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
+    """Gemma 3n's adapter as PEFT's on transformers' Gemma3nForCausalLM (the tiny model, its sparse
+    gates' variance as llama.cpp's) gives lowtune's adapted logits; a merged HF directory is refused."""
+    import peft
+
+    a = adapted("gemma3n")
+    export_peft(a.base, a.run, a.dir / "peft")
+    config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
+    base = hf_model("gemma3n")
+    with torch.no_grad():
+        assert rel_err(base(input_ids=a.ids).logits, a.plain) < 1e-4
+        got = peft.PeftModel.from_pretrained(base, a.dir / "peft").eval()(input_ids=a.ids).logits
+    print(f"gemma3n: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
+    with pytest.raises(ValueError, match="no Hugging Face directory of a gemma3n model"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
@@ -357,8 +382,10 @@ def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
         bf16 = random_family_model(arch, dtype=torch.bfloat16).to(device)(ids.to(device)).cpu()
     print(f"{arch} on {device}: logits vs the CPU, relative error fp32 {rel_err(fp32, want):.2e}, "
           f"bf16 {rel_err(bf16, want):.2e}")
-    # (a bf16 router picks other experts for a few tokens)
-    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < (1e-1 if cpu.config.n_experts else 5e-2)
+    # (a bf16 router picks other experts for a few tokens; Gemma 3n's 22 layers of sparse FFN gates move by 8 %
+    # in bf16 on the CPU too, as transformers' tiny model does)
+    loose = cpu.config.n_experts or cpu.config.family.altup
+    assert rel_err(fp32, want) < 1e-2 and rel_err(bf16, want) < (1e-1 if loose else 5e-2)
     for method in METHODS:
         model = random_family_model(arch, dtype=torch.bfloat16).to(device)
         losses = adapted_steps(model, method, ids.to(device))

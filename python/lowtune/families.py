@@ -44,6 +44,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -122,6 +123,14 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Apertus (apertus) is Llama with per-head q/k norms and an MLP without a gate whose activation is
   xIELU, with four scalars per layer from the file's xielu.* arrays (ModelConfig.xielu; the
   alphas before their softplus, glue_ops.xielu).
+  Gemma 3n (gemma3n: E2B, E4B) runs Gemma 3's attention and GeGLU inside AltUp: four copies of the
+  residual stream (the embedding and three projections of it), predicted from each other before
+  each layer and corrected after it; the layer reads the first. Beside attention a low-rank
+  residual branch (Laurel); after the FFN a per-layer input (a second embedding table plus a
+  projection of the embedding, gated by the layer's output) joins the other copies. Its queries
+  are not scaled, v is normed without a weight, the first layers' FFN gates keep only what lies a
+  Gaussian quantile above their mean, and the last layers reuse the K/V of the last layer of their
+  kind that has its own. lowtune.gemma3n says how, after llama.cpp's gemma3n.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
 
@@ -196,6 +205,10 @@ class Family:
     logit_multiplier: bool = False     # the file's logit_scale multiplies the logits (Command-R; Granite's divides)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
+    query_scale: float = 0.0           # queries are multiplied by this (0: 1/sqrt(head_dim); Gemma 3n: 1)
+    altup: bool = False                # AltUp's copies of the residual stream, Laurel and per-layer inputs
+    #                                    around each layer, v normed, K/V shared by the last layers
+    #                                    (Gemma 3n: lowtune.gemma3n)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
@@ -279,6 +292,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
+           swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -303,6 +318,10 @@ _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falc
               "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
+
+
+# Hugging Face classes of families lowtune runs from GGUF files only: class -> architecture
+_GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -364,6 +383,11 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
         for f in FAMILIES.values():
             if model_type in f.hf_model_types:
                 return f
+    for name in architectures or ():
+        if name in _GGUF_ONLY_HF:
+            raise ValueError(f"Hugging Face architecture {name} ({_GGUF_ONLY_HF[name]}) is read from GGUF only: "
+                             "lowtune has no Hugging Face names for its AltUp, Laurel and per-layer tensors; convert "
+                             "the directory with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)

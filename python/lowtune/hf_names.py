@@ -105,6 +105,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
+    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM): lowtune reads and writes no
+    # Hugging Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors
+    "gemma3n": {"layer": {**_ATTN, **_MLP}, "global": {}},
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
     "command-r": {"layer": _PARALLEL, "global": _GLOBAL},
@@ -711,6 +714,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                          "holds the vision tower too, which a GGUF language model does not have; export from "
                          "the original Hugging Face directory (its vision tower is kept), or export a merged "
                          "GGUF (llama.cpp runs it with the model's mmproj file) or a PEFT adapter")
+    if not fam.hf_architectures:
+        raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model (no Hugging Face names for "
+                         "its tensors); export it as GGUF (merged, or as a GGUF LoRA)")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")

@@ -41,6 +41,7 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterCo
                        model_base_hash, no_min_note, read_adapter_config, set_rank)
 from .dtypes import torch_dtype
 from .formats import get_format
+from .gemma3n import Gemma3nModel
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .gguf_split import SplitGGUF
@@ -162,12 +163,18 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
     return weights, types
 
 
+def model_class(config: ModelConfig) -> type[Model]:
+    """The class of a family's model: lowtune.model's, or Gemma 3n's around it."""
+    return Gemma3nModel if config.family.altup else Model
+
+
 def build_model(source, device="cpu", dtype: torch.dtype = torch.float32) -> Model:
     """The model a source holds (ModelConfig from its metadata, then Model, which checks every
     weight against it), in eval mode. It knows its metadata, tensor types and source path."""
     md = dict(source.metadata)
     weights, types = read_weights(source, device)
-    model = Model(ModelConfig.from_gguf_metadata(md), weights, dtype)
+    config = ModelConfig.from_gguf_metadata(md)
+    model = model_class(config)(config, weights, dtype)
     model.metadata, model.tensor_types, model.source_path = md, types, str(source.path)
     return model.eval()
 

@@ -1,7 +1,8 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
 Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
-LFM2's convolution layers take a ShortConv in place of attention.
+LFM2's convolution layers take a ShortConv in place of attention, and Gemma 3n's AltUp, Laurel and
+per-layer inputs wrap this decoder in lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -141,6 +142,13 @@ class ModelConfig:
     kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
     kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
     value_head_dim: int = 0       # the width of each head's value (0: head_dim)
+    kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
+    #                               (0: every layer's own)
+    altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
+    altup_active: int = 0         # the copy each layer reads
+    per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n)
+    sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
+    #                                       deviations above its mean (-inf or absent: all of it)
 
     @property
     def family(self) -> Family:
@@ -178,6 +186,16 @@ class ModelConfig:
     def is_conv(self, layer: int) -> bool:
         """Whether layer `layer` is a short convolution in place of attention (LFM2)."""
         return layer in self.conv_layers
+    def has_kv(self, layer: int) -> bool:
+        """Whether layer `layer` computes K/V of its own (Gemma 3n's last layers reuse earlier ones')."""
+        return not self.kv_layers or layer < self.kv_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose K/V layer `layer` attends to: itself, or the last layer of its kind (sliding
+        or global) that has its own."""
+        if self.has_kv(layer):
+            return layer
+        return max(i for i in range(self.kv_layers) if self.is_sliding(i) == self.is_sliding(layer))
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -271,7 +289,7 @@ class ModelConfig:
             # families without a soft-cap ignore the key, as llama.cpp does
             return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
 
-        scale = 0.0
+        scale = fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         latent = {}
@@ -344,11 +362,24 @@ class ModelConfig:
                     raise ValueError(f"{key} holds {len(v)} values for {n_layers} layers")
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
+        ffn = get("feed_forward_length")
+        if isinstance(ffn, (list, tuple)):  # one width a layer (Gemma 3n's files)
+            if len(set(ffn)) != 1:
+                raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
+                                 "which lowtune does not run")
+            ffn = ffn[0]
+        altup = {}
+        if fam.altup:
+            shared = int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
+            altup = {"altup_inputs": int(get("altup.num_inputs")), "altup_active": int(get("altup.active_idx")),
+                     "per_layer_dim": int(get("embedding_length_per_layer_input")),
+                     "kv_layers": n_layers - shared if shared else 0,
+                     "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
-            ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
+            ffn_dim=int(ffn), head_dim=head_dim,
             rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
             norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
@@ -359,7 +390,7 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, xielu=xielu)
+            **latent, **altup, xielu=xielu)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -577,7 +608,8 @@ def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
     """The RMSNorm weights of layer `layer` (None: an attention layer of the family): GGUF layer name
     -> shape (the layer's attribute is the name, but ffn_norm for the FFN's input norm under its
-    file name). LFM2's short-convolution layers have no q/k norms."""
+    file name). LFM2's short-convolution layers have no q/k norms; Gemma 3n's layers that reuse
+    another's K/V no k norm."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
@@ -594,6 +626,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
+        if layer is not None and not c.has_kv(layer):
+            del out["attn_k_norm"]
     return out
 
 
@@ -896,6 +930,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = names[4:]
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
+    if not config.has_kv(index):  # (K/V reused from an earlier layer)
+        names = [n for n in names if n not in ("attn_k", "attn_v")]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -1269,13 +1305,13 @@ class Model(nn.Module):
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
         config.check()
-        _check_weights(config, weights)
+        _check_weights(config, weights, self.own_tensor_shapes(config))
         c = config
         self.config, self.dtype = c, dtype
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, weights) for i in range(c.n_layers))
+        self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
         self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
@@ -1299,6 +1335,13 @@ class Model(nn.Module):
         self.loss_chunk_tokens = 1024       # LM-head rows computed at once by loss()
         self.metadata: dict = {}             # the GGUF metadata, when loaded from a file
         self.tensor_types: dict[str, str] = {}
+
+    layer_class = DecoderLayer
+
+    @staticmethod
+    def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """The tensors this model class adds to the family's decoder (name -> shape): none here."""
+        return {}
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -1467,9 +1510,11 @@ class Model(nn.Module):
 LlamaModel = Model  # the name before other families came
 
 
-def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
+def _check_weights(config: ModelConfig, w: Mapping[str, object],
+                   own: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Every tensor the config needs is there with its shape, and nothing else is (a tensor the
-    model would not use means a variant lowtune does not run, e.g. mixture-of-experts)."""
+    model would not use means a variant lowtune does not run, e.g. mixture-of-experts). own: the
+    tensors a model class adds to the family's decoder (Gemma 3n's), name -> shape."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
@@ -1495,7 +1540,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
     norm = c.family.output_norm_tensor
-    want = {"token_embd.weight": (c.vocab_size, c.dim), norm + ".weight": (c.dim,)}
+    want = {"token_embd.weight": (c.vocab_size, c.dim), norm + ".weight": (c.dim,), **(own or {})}
     optional = {"output.weight": (c.vocab_size, c.dim), norm + ".bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
@@ -1510,6 +1555,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if not c.has_kv(i):  # K/V reused: the file's own k, v and k norm (llama.cpp loads them) go unused
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n not in ("attn_k", "attn_v")}
+            optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
+                             p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})

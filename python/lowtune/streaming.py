@@ -877,6 +877,9 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
     host_ram: bytes of host memory the streamed layers (and what else the plan keeps there) may
     hold; the layers beyond it are read from `source`, the GGUF file the model was loaded from,
     whenever they are needed (plan_host; `disk_layers` names them instead, with `streamed`)."""
+    if model.config.family.altup:
+        raise ValueError("Gemma 3n's layers are not streamed: AltUp's copies, the per-layer inputs and the shared "
+                         "K/V cross its layers, outside what a streamed layer takes; load it resident")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
