@@ -34,9 +34,9 @@ from lowtune import adapters
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import CONV_LINEAR_NAMES, Model
+from lowtune.model import CONV_LINEAR_NAMES, SSM_LINEAR_NAMES, Model
 
-from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
+from family_models import (HF_DIR_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
@@ -55,7 +55,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
-                 "lfm2": "qa-lora"}
+                 "lfm2": "qa-lora", "granitehybrid": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -63,7 +63,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
-                   "lfm2": "qa-hira"}
+                   "lfm2": "qa-hira", "granitehybrid": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -97,7 +97,8 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
-    model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
+    tiny = family_models[name]  # Q4_1, quantized on load (llama.cpp's quantization of a GGUF-only family)
+    model = lowtune.load_model(tiny.hf_dir if name in HF_DIR_NAMES else gguf_of(tiny, "Q4_1"))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
     assert losses[-1] < losses[0], losses
 
@@ -134,7 +135,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", HF_DIR_NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
@@ -146,6 +147,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     if name != "lfm2":  # (the linears of LFM2's short convolutions)
         absent |= set(CONV_LINEAR_NAMES)
+    absent |= set(SSM_LINEAR_NAMES)  # (Mamba2's, of a GGUF-only family)
     assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
@@ -213,7 +215,7 @@ def adapted(family_models, tmp_path_factory):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in VISION_LANGUAGE])
+@pytest.mark.parametrize("name", [n for n in HF_DIR_NAMES if n not in VISION_LANGUAGE])
 def test_exports_load_in_transformers_and_peft(adapted, name):
     import peft
     import transformers
@@ -383,10 +385,11 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2"])
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
-    convolution and attention layers (packs of two kinds and sizes)."""
+    convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
+    layers."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -404,7 +407,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2"))
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

@@ -61,8 +61,9 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == {"mixtral": "llama"}.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe"))
+    assert model.config.arch == {"mixtral": "llama", "granitehybridmoe": "granitehybrid"}.get(name, name)
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe",
+                                                                 "granitehybridmoe"))
     # ERNIE 4.5 MoE's and LFM2-MoE's first layer is dense (leading_dense_block_count)
     assert [layer.ffn_moe is not None for layer in model.layers] == [name not in ("ernie4_5-moe", "lfm2moe")] + [
         True] * (model.config.n_layers - 1)
@@ -141,9 +142,9 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing are the model's own steps."""
+    convolutions and sigmoid routing, and Granite 4's Mamba2 layers, are the model's own steps."""
     steps, _, _ = compiled_decoder_steps(Model.from_gguf(gguf_of(moe[name], "Q8_0")), rand_ids(1, 30, seed=5), 8)
-    assert (steps is not None) == (name != "lfm2moe")
+    assert (steps is not None) == (name not in ("lfm2moe", "granitehybridmoe"))
     for t, (got, want) in enumerate(steps or []):
         assert rel_err(got, want) < 1e-5, t
 
@@ -156,8 +157,9 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     for i, layer in enumerate(model.layers):  # (the FFN of ERNIE 4.5 MoE's dense first layer is adapted too)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention = {"in_proj", "out_proj"} if layer.shortconv is not None else {"attn_q", "attn_k", "attn_v",
-                                                                                 "attn_output"}  # (LFM2-MoE's)
+        attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
+        if layer.shortconv is not None or layer.mamba is not None:  # (LFM2-MoE's convolutions, Mamba2 layers)
+            attention = {"in_proj", "out_proj"} if layer.shortconv is not None else {"ssm_in", "ssm_out"}
         assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
         assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
 

@@ -73,6 +73,11 @@ def info(args: argparse.Namespace) -> int:
         if c["conv_layers"]:
             print(f"short conv      layers {', '.join(map(str, c['conv_layers']))} (width {c['conv_kernel']}), "
                   "attention in the others")
+        if c["ssm_layers"]:
+            m = c["ssm"]
+            print(f"mamba2          layers {', '.join(map(str, c['ssm_layers']))} ({m['heads']} heads of "
+                  f"{m['inner'] // m['heads']}, state {m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), "
+                  "attention in the others")
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"

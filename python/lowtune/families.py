@@ -97,6 +97,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   its head is tied to the embeddings. LFM2-MoE (lfm2moe: LFM2-8B-A1B) is LFM2 with experts after its
   dense first layers, routed by llama.cpp's sigmoid gating (2): the top k of sigmoid(logits) plus
   a selection bias that picks but does not weigh, those k sigmoids divided by their sum.
+  Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
+  granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
+  (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
+  ssm_in into z, xBC and dt; a causal depthwise convolution with a bias and SiLU on xBC; the SSD
+  scan of x with A = -exp(A_log), dt = softplus(dt + dt_bias), B and C shared by the heads of a
+  group, the D skip; RMSNorm of y · silu(z) over each group; ssm_out). Their converter switches
+  RoPE off (rope.scaling.finetuned = false): the attention layers run without positions.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -148,6 +155,9 @@ class Family:
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
+    mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
+    rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
+    #                                    hybrids, which attend without positions: NoPE)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
@@ -205,6 +215,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
+    Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -275,11 +286,15 @@ SUPPORTED = tuple(FAMILIES)
 # (xielu.<name>, without the architecture) and of their HF tensors (mlp.act_fn.<name>)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
+# Hugging Face classes of families lowtune runs from GGUF only (Granite 4's hybrids: a dense MLP's gate and up
+# fused in one tensor and the Mamba2 tensors in HF's own forms, which the converter reshapes)
+_GGUF_ONLY_CLASSES = {"GraniteMoeHybridForCausalLM": "granitehybrid"}
+
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
+              "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
@@ -331,6 +346,9 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
     """The Family of a Hugging Face config's `architectures` list (or, without one, its
     `model_type`), or a ValueError naming what is supported."""
     for name in architectures or ():
+        if name in _GGUF_ONLY_CLASSES:
+            raise ValueError(f"lowtune reads {name} ({_GGUF_ONLY_CLASSES[name]}) as the GGUF that llama.cpp's "
+                             "convert_hf_to_gguf.py writes, not as a Hugging Face directory; convert it first")
         for f in FAMILIES.values():
             if name in f.hf_architectures:
                 return f

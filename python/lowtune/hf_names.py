@@ -80,6 +80,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    # Granite 4's hybrids: the linears of the Mamba2 layers (mamba.*) beside the attention's, for PEFT (their
+    # other tensors and the dense MLP's gate and up, fused in shared_mlp.input_linear, not mapped)
+    "granitehybrid": {"layer": {**_MOE_ATTN, "ssm_in": "mamba.in_proj", "ssm_out": "mamba.out_proj",
+                                "ffn_down": "shared_mlp.output_linear"},
+                      "global": _GLOBAL},
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
@@ -285,12 +290,13 @@ def _family(metadata: Mapping) -> Family:
 def rope_heads(name: str, metadata: Mapping) -> int | None:
     """How many heads the rows of GGUF tensor `name` are permuted over (q: heads, k: KV heads),
     or None for tensors in the same row order in both layouts (every tensor of a NEOX family)."""
-    m = re.fullmatch(r"blk\.\d+\.(attn_q|attn_k)\.(weight|bias)", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_q|attn_k)\.(weight|bias)", name)
     if m is None or not _family(metadata).hf_permute_qk:
         return None
     arch = metadata.get("general.architecture", "llama")
     n_head = int(metadata[f"{arch}.attention.head_count"])
-    return n_head if m.group(1) == "attn_q" else int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    kv = metadata.get(f"{arch}.attention.head_count_kv", n_head)  # (one a layer in hybrids: this layer's)
+    return n_head if m.group(2) == "attn_q" else int(kv[int(m.group(1))] if isinstance(kv, (list, tuple)) else kv)
 
 
 def _norm_offset(name: str, metadata: Mapping) -> float:
@@ -698,6 +704,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if c.n_experts:
         raise ValueError("mixture-of-experts models export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
                          "adapters; a merged Hugging Face directory of one is not written")
+    if c.ssm_layers:
+        raise ValueError(f"{arch} models (Mamba2 layers) export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
+                         "adapters on their attention and Mamba2 linears; lowtune writes no merged Hugging Face "
+                         "directory of one")
     if fam.text_of:
         raise ValueError(f"a Hugging Face directory of {arch} ({', '.join(fam.hf_architectures)}) "
                          "holds the vision tower too, which a GGUF language model does not have; export from "
