@@ -888,6 +888,35 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
         open_base(tiny["granitehybrid"].hf_dir)
 
 
+@pytest.mark.transformers
+def test_granitehybrid_peft_adapter_on_transformers_class(tiny, tmp_path):
+    """A PEFT adapter on Granite 4's attention and Mamba2 linears (and the MLP's down) applies to
+    transformers' GraniteMoeHybridForCausalLM at lowtune's adapted logits; the MLP's gate and up, one
+    fused HF tensor, are refused by name, as is a merged HF directory."""
+    import peft
+
+    from lowtune.export import export_hf, export_peft
+    from test_export import make_adapter
+    base = tiny["granitehybrid"].gguf
+    targets = ("attn_q", "attn_k", "attn_v", "attn_output", "ssm_in", "ssm_out", "ffn_down")
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets)
+    ids = rand_ids(2, 40, seed=7)
+    export_peft(base, tmp_path / "run", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj",
+                                             "output_linear"}
+    hf = peft.PeftModel.from_pretrained(hf_model("granitehybrid"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        got, want, plain = hf(input_ids=ids).logits, model(ids), Model.from_gguf(base)(ids)
+    print(f"granitehybrid: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4 and rel_err(plain, want) > 1e-2
+    make_adapter(base, tmp_path / "all" / "adapter", "lora", rel=0.2, rank=4)
+    with pytest.raises(ValueError, match="no module of its own for blk.0.ffn_(gate|up).weight"):
+        export_peft(base, tmp_path / "all", tmp_path / "peft-all")
+    with pytest.raises(ValueError, match="Mamba2 layers.*no merged Hugging Face directory"):
+        export_hf(base, tmp_path / "run", tmp_path / "hf")
+
+
 def test_granitehybrid_decodes_through_its_own_steps(tiny):
     """The compiled CPU decoder and captured decode steps keep no Mamba2 state: both refuse Granite 4's
     hybrid by name, and generate decodes it through the model's steps (the recurrent step of the scan

@@ -517,6 +517,11 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "PEFT loading takes gate_proj/up_proj/down_proj in such models for the experts' "
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
+        unmapped = [n for n in pairs if not hf_names.has_hf_name(n, arch)]
+        if unmapped:  # (Granite 4's hybrid fuses its MLP's gate and up in one HF tensor)
+            raise ValueError(f"{arch}'s Hugging Face class has no module of its own for {unmapped[0]} (...), so a "
+                             "PEFT adapter cannot hold its update. Export it as GGUF (merged, or --lora-gguf), or "
+                             "train without those targets for a PEFT adapter")
         for name, (a, b) in pairs.items():
             module = hf_names.hf_module(name, arch)
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()

@@ -173,6 +173,12 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
 
 
+def has_hf_name(name: str, arch: str) -> bool:
+    """Whether GGUF layer tensor `name` is one tensor of the family's HF class (hf_name)."""
+    m = re.fullmatch(r"blk\.\d+\.(.+)\.(weight|bias)", name)
+    return m is not None and m.group(1) in _table(arch)["layer"]
+
+
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """The GGUF name of an HF tensor; None for buffers GGUF does not store and for the scalars
     it keeps as metadata (layer_scalar)."""
