@@ -32,8 +32,6 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2",
          "granitehybrid")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# the families whose Hugging Face directories lowtune reads and writes (Granite 4's hybrid: GGUF only)
-HF_DIR_NAMES = tuple(n for n in NAMES if n != "granitehybrid")
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "granitehybridmoe")

@@ -36,7 +36,7 @@ from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import CONV_LINEAR_NAMES, SSM_LINEAR_NAMES, Model
 
-from family_models import (HF_DIR_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
+from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
@@ -73,7 +73,10 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
-              "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"}}
+              "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"},
+              # (the MLP's gate and up: one module, input_linear)
+              "granitehybrid": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear",
+                                "output_linear"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 
@@ -97,8 +100,7 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
-    tiny = family_models[name]  # Q4_1, quantized on load (llama.cpp's quantization of a GGUF-only family)
-    model = lowtune.load_model(tiny.hf_dir if name in HF_DIR_NAMES else gguf_of(tiny, "Q4_1"))
+    model = lowtune.load_model(family_models[name].hf_dir)  # Q4_1, quantized on load
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
     assert losses[-1] < losses[0], losses
 
@@ -135,7 +137,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", HF_DIR_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = family_models[name].hf_dir, FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
@@ -147,7 +149,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     if name != "lfm2":  # (the linears of LFM2's short convolutions)
         absent |= set(CONV_LINEAR_NAMES)
-    absent |= set(SSM_LINEAR_NAMES)  # (Mamba2's, of a GGUF-only family)
+    if name != "granitehybrid":  # (the linears of Granite 4's Mamba2 layers)
+        absent |= set(SSM_LINEAR_NAMES)
     assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
@@ -215,7 +218,7 @@ def adapted(family_models, tmp_path_factory):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", [n for n in HF_DIR_NAMES if n not in VISION_LANGUAGE])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in VISION_LANGUAGE])
 def test_exports_load_in_transformers_and_peft(adapted, name):
     import peft
     import transformers

@@ -103,7 +103,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   ssm_in into z, xBC and dt; a causal depthwise convolution with a bias and SiLU on xBC; the SSD
   scan of x with A = -exp(A_log), dt = softplus(dt + dt_bias), B and C shared by the heads of a
   group, the D skip; RMSNorm of y · silu(z) over each group; ssm_out). Their converter switches
-  RoPE off (rope.scaling.finetuned = false): the attention layers run without positions.
+  RoPE off (rope.scaling.finetuned = false): the attention layers run without positions. Their HF
+  class (GraniteMoeHybridForCausalLM) is read and written for the dense models; with experts, as GGUF.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -215,7 +216,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
-    Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True),
+    Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
+           hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -286,10 +288,6 @@ SUPPORTED = tuple(FAMILIES)
 # (xielu.<name>, without the architecture) and of their HF tensors (mlp.act_fn.<name>)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
-# Hugging Face classes of families lowtune runs from GGUF only (Granite 4's hybrids: a dense MLP's gate and up
-# fused in one tensor and the Mamba2 tensors in HF's own forms, which the converter reshapes)
-_GGUF_ONLY_CLASSES = {"GraniteMoeHybridForCausalLM": "granitehybrid"}
-
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
@@ -346,9 +344,6 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
     """The Family of a Hugging Face config's `architectures` list (or, without one, its
     `model_type`), or a ValueError naming what is supported."""
     for name in architectures or ():
-        if name in _GGUF_ONLY_CLASSES:
-            raise ValueError(f"lowtune reads {name} ({_GGUF_ONLY_CLASSES[name]}) as the GGUF that llama.cpp's "
-                             "convert_hf_to_gguf.py writes, not as a Hugging Face directory; convert it first")
         for f in FAMILIES.values():
             if name in f.hf_architectures:
                 return f
