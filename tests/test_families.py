@@ -360,7 +360,7 @@ def test_config_read_from_the_converted_files(tiny):
     conv_layers = lambda n: describe(tiny[n].gguf)["config"]["conv_layers"]  # noqa: E731
     assert (conv_layers("lfm2"), conv_layers("llama")) == ([0, 2], [])
     gh = describe(tiny["granitehybrid"].gguf)["config"]  # (Granite 4's Mamba2 layers)
-    assert (gh["ssm_layers"], gh["ssm"]["heads"]) == ([0, 2], 8)
+    assert (gh["ssm_layers"], gh["ssm"]["heads"], gh["no_rope"]) == ([0, 2], 8, True)
     assert describe(tiny["llama"].gguf)["config"]["ssm_layers"] == []
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)

@@ -87,6 +87,8 @@ def info(args: argparse.Namespace) -> int:
             rope += f", YaRN x{c['rope_yarn_factor']:g} of {c['rope_orig_context']}"
         if c["rope_freqs"]:
             rope += ", llama3 rope_freqs"
+        if c["no_rope"]:  # (Granite 4's hybrids' attention)
+            rope = "none (the file switches it off)"
         print(f"rope            {rope}  rms eps {c['rms_eps']:g}")
     else:
         print(f"note            {info['unsupported']}")

@@ -13,6 +13,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arcee         norm  relu2      -           -         -          -                        if the file gives one
     granite       norm  silu       -           -         from file  -                        if the file gives one
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
+    granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
