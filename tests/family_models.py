@@ -30,12 +30,13 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n")
+         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
+         "granitehybrid")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3")
+             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "granitehybridmoe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -53,6 +54,9 @@ CONV_KERNEL = 3
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
 GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
 GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
+# Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
+GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
+SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -249,6 +253,10 @@ def hf_model(name: str):
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
             layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, num_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, num_dense_layers=1)),
+        # Mamba2 layers (two groups of B/C, conv biases) beside NoPE attention, Granite's scales, its MLP
+        # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
+        "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
+        "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -275,6 +283,19 @@ def hf_model(name: str):
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     }[name]
     return randomized(make(), name)
+
+
+def granite_hybrid(tf, common: dict, experts: int):
+    """Granite 4's hybrid, dense (experts 0, none used, as Granite 4.0 H micro's config and llama.cpp ask) or
+    with experts and a shared expert."""
+    hf_types = {"mamba": "linear_attention", "attention": "full_attention"}  # (transformers' names of the kinds)
+    return tf.GraniteMoeHybridForCausalLM(tf.GraniteMoeHybridConfig(
+        **{**common, "intermediate_size": 32 if experts else F}, num_hidden_layers=len(GRANITE_HYBRID_LAYERS),
+        layer_types=[hf_types[t] for t in GRANITE_HYBRID_LAYERS], num_local_experts=experts,
+        num_experts_per_tok=EXPERTS_USED if experts else 0, shared_intermediate_size=64 if experts else F,
+        tie_word_embeddings=False,
+        embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5,
+        mamba_chunk_size=16, position_embedding_type=None, **SSM))
 
 
 def randomized(model, name: str):
@@ -409,6 +430,10 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             (d / "config.json").write_text(json.dumps(cfg))
         if name == "qwen3vlmoe":
             hub_expert_layout(d / "model.safetensors")
+        if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
+            cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
+            cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
+            (d / "config.json").write_text(json.dumps(cfg))
         (d / "tokenizer.model").write_bytes(tokenizer)
         (d / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
@@ -501,8 +526,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4,
-                                                      "gemma3n": GEMMA3N_LAYERS}.get(arch, 2)
+    layers = len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else {
+        "gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2)
     hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
@@ -511,6 +536,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
+    if fam.mamba2:  # Mamba2 layers where the file gives no KV heads, NoPE attention, Granite's scales
+        md.update({f"{arch}.attention.head_count_kv": [0 if t == "mamba" else HKV for t in GRANITE_HYBRID_LAYERS],
+                   f"{arch}.rope.scaling.finetuned": False, f"{arch}.ssm.conv_kernel": SSM["mamba_d_conv"],
+                   f"{arch}.ssm.state_size": SSM["mamba_d_state"], f"{arch}.ssm.group_count": SSM["mamba_n_groups"],
+                   f"{arch}.ssm.inner_size": SSM["mamba_expand"] * D,
+                   f"{arch}.ssm.time_step_rank": SSM["mamba_n_heads"],
+                   f"{arch}.embedding_scale": 2.0, f"{arch}.residual_scale": 0.7, f"{arch}.attention.scale": 0.3,
+                   f"{arch}.logit_scale": 1.5})
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
                    "granite.logit_scale": 1.5})
@@ -536,7 +569,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
-        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
+        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
@@ -589,6 +622,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
+        elif c.is_ssm(i):  # a Mamba2 layer in place of attention; its kernel in F32, as llama.cpp keeps it
+            m = c.ssm
+            w.update({p + "ssm_in.weight": mat(m.in_dim, D), p + "ssm_out.weight": mat(D, m.inner),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.conv_dim, m.conv_kernel, generator=g)
+                                                            / math.sqrt(m.conv_kernel), "F32"),
+                      p + "ssm_conv1d.bias": vec(m.conv_dim), p + "ssm_dt.bias": vec(m.heads),
+                      p + "ssm_a": -torch.exp(vec(m.heads)), p + "ssm_d": vec(m.heads, 1.0),
+                      p + "ssm_norm.weight": vec(m.inner, 1.0)})
         elif arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         elif c.kv_lora_rank:
@@ -622,7 +663,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
-        if not c.is_conv(i):
+        if c.has_attention(i):
             w[p + "attn_output.weight"] = mat(D, q)
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)

@@ -31,7 +31,8 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import CONV_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
+from lowtune.model import (CONV_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model, ModelConfig, QLinear,
+                           rope_inv_freq)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -111,12 +112,15 @@ def test_logits_match_transformers(tiny, name):
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
 
 
+def config_fields(config: ModelConfig) -> dict:
+    """The config's fields, a nested one (the Mamba2 sizes) as a tuple, for pytest.approx."""
+    return {k: tuple(v.values()) if isinstance(v, dict) else v for k, v in dataclasses.asdict(config).items()}
+
+
 @pytest.mark.parametrize("name", HF_NAMES)
 def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
     """The safetensors directory gives transformers' logits in F32 and, quantized on load, every
     tensor of llama.cpp's conversion in the same blocks; its config and tokenizer are the GGUF's."""
-    from dataclasses import asdict
-
     import lowtune
     ids = rand_ids(2, SEQ)
     with torch.no_grad():
@@ -125,7 +129,7 @@ def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
     print(f"{name}: logits of the HF directory vs transformers, relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
     hf, gg = lowtune.load_model(tiny[name].hf_dir), Model.from_gguf(tiny[name].gguf)
-    assert asdict(hf.config) == pytest.approx(asdict(gg.config))
+    assert config_fields(hf.config) == pytest.approx(config_fields(gg.config))
     with open_base(tiny[name].hf_dir) as src, GGUFFile(tiny[name].gguf) as f:  # the default types
         assert set(src.tensor_infos) == set(f.tensor_infos)
         for n, info in f.tensor_infos.items():
@@ -146,8 +150,6 @@ def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
 def test_hf_names_and_config_round_trip(tiny, name):
     """Every GGUF tensor has an HF name that maps back to it, and the config.json written from the
     GGUF's metadata reads back as the same model config."""
-    from dataclasses import asdict
-
     from lowtune import hf_names
     with GGUFFile(tiny[name].gguf) as f:
         md, infos = dict(f.metadata), dict(f.tensor_infos)
@@ -155,7 +157,8 @@ def test_hf_names_and_config_round_trip(tiny, name):
     arch = md["general.architecture"]
     for n in infos:
         h = hf_names.hf_name(n, arch)
-        assert (n in hf_names.GGUF_ONLY) if h is None else hf_names.gguf_name(h, arch) == n
+        fused = None if h is None else hf_names.fused_parts(h, arch)  # (Granite 4's dense gate and up)
+        assert (n in hf_names.GGUF_ONLY) if h is None else n in (fused or (hf_names.gguf_name(h, arch),))
     config = ModelConfig.from_gguf_metadata(md)
     if config.family.text_of:  # (the class holds a vision tower, which the GGUF lacks)
         with pytest.raises(ValueError, match="holds the vision tower too.*merged GGUF"):
@@ -164,7 +167,7 @@ def test_hf_names_and_config_round_trip(tiny, name):
     cfg = hf_names.hf_config(config, md, "output.weight" not in infos, "float32", tensors)
     back, _ = hf_names.metadata_from_hf_config(cfg)
     back.update({k: md[k] for k in hf_names.LAYER_SCALARS.get(arch, ())})  # (tensors in HF: Apertus's xIELU)
-    assert asdict(ModelConfig.from_gguf_metadata(back)) == pytest.approx(asdict(config))
+    assert config_fields(ModelConfig.from_gguf_metadata(back)) == pytest.approx(config_fields(config))
     factors = {n: v for n, v in tensors.items() if v is not None}  # Phi-3's LongRoPE factors
     assert set(hf_names.generated_tensors(cfg)) == set(factors)
     for n, v in hf_names.generated_tensors(cfg).items():
@@ -196,7 +199,7 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "ernie4_5, ministral3, qwen2"):
+                                         "granitemoehybrid, ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -345,7 +348,7 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -359,6 +362,9 @@ def test_config_read_from_the_converted_files(tiny):
     from lowtune.loading import describe  # (`lowtune info`)
     conv_layers = lambda n: describe(tiny[n].gguf)["config"]["conv_layers"]  # noqa: E731
     assert (conv_layers("lfm2"), conv_layers("llama")) == ([0, 2], [])
+    gh = describe(tiny["granitehybrid"].gguf)["config"]  # (Granite 4's Mamba2 layers)
+    assert (gh["ssm_layers"], gh["ssm"]["heads"], gh["no_rope"]) == ([0, 2], 8, True)
+    assert describe(tiny["llama"].gguf)["config"]["ssm_layers"] == []
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -498,8 +504,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, whose state the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n"))
+# short convolutions and Granite 4's Mamba2 layers, whose states the decoder does not keep; Gemma 3n's
+# AltUp, Laurel and per-layer inputs)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
+                                                      "granitehybrid"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -739,6 +747,10 @@ def merged_weights(model) -> dict:
             children = [(n, m) for n, m in children if n != "shortconv"] + [
                 ("shortconv." + n, m) for n, m in conv.named_children()]
             w[p + "shortconv.conv.weight"] = ops.quantize(conv.kernel, "F32")
+        if layer.mamba is not None:  # (a Mamba2 layer's frozen tensors)
+            children = [(n, m) for n, m in children if n != "mamba"]
+            w.update({p + n: ops.quantize(t, "F32") if t.dim() == 2 else t
+                      for n, t in layer.mamba.frozen_tensors().items()})
         for name, mod in children:
             if isinstance(mod, adapters.AdaptedLinear):
                 dense = ops.dequantize(mod.base.weight) + mod.delta_weight()
@@ -765,8 +777,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     c = model.config
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
+    ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
+    kinds = lambda i: conv if c.is_conv(i) else ssm if c.is_ssm(i) else targets  # noqa: E731
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in (conv if c.is_conv(i) else targets)
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kinds(i)
                         if c.has_kv(i) or t not in ("attn_k", "attn_v")}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
@@ -851,9 +865,11 @@ def test_lfm2_decodes_through_its_own_steps(tiny):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
-def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
-    """`lowtune quantize` gives LFM2's tensors llama-quantize's types and bytes: the convolutions'
-    kernels stay F32, and the recipes' attn_v choices read layer 0's KV heads (none: a convolution)."""
+@pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d")])
+def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name, kernel):
+    """`lowtune quantize` gives LFM2's (and Granite 4's hybrid's) tensors llama-quantize's types and bytes:
+    the convolutions' kernels stay F32, and the recipes' attn_v choices read layer 0's KV heads (none: a
+    convolution, a Mamba2 layer)."""
     import ctypes
 
     import llama_cpp
@@ -861,7 +877,7 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
 
     from lowtune.quantize_model import quantize_model
     from lowtune.recipes import RECIPES
-    src = tiny["lfm2"].gguf
+    src = tiny[name].gguf
     ours = quantize_model(src, tmp_path / "ours.gguf", recipe).path
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = RECIPES[recipe][0], 1
@@ -869,7 +885,7 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     with GGUFFile(ours) as a, GGUFFile(theirs) as b:
         assert set(a.tensor_infos) == set(b.tensor_infos)
-        assert b.tensor_infos["blk.0.shortconv.conv.weight"].type_name == "F32"
+        assert b.tensor_infos[f"blk.0.{kernel}.weight"].type_name == "F32"
         for name, info in b.tensor_infos.items():
             assert a.tensor_infos[name].type_name == info.type_name, name
             assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
@@ -906,6 +922,112 @@ def test_lfm2_metadata_and_configs_lowtune_refuses():
         metadata_from_hf_config({**cfg, "conv_bias": True})
 
 
+def test_granitehybrid_mamba2_layers_and_nope(tiny):
+    from lowtune import hf_names
+    """Granite 4's hybrid: the file's zero KV heads are its Mamba2 layers (sizes from ssm.*), its
+    attention has no RoPE (rope.scaling.finetuned = false); the SSD scan gives the same logits in
+    chunks of any size (each chunk's boundaries carry the state), and its convolution's bias, its D
+    skip and its gated norm's groups matter; what the file lacks, or a config.json asks for that llama.cpp's
+    granitehybrid does not run, is refused."""
+    from lowtune.model import Mamba2
+    model = Model.from_gguf(tiny["granitehybrid"].gguf)
+    c = model.config
+    assert (c.ssm_layers, c.n_kv_heads, c.no_rope) == ((0, 2), HKV, True) and c.has_attention(1)
+    assert (c.ssm.inner, c.ssm.heads, c.ssm.groups, c.ssm.state, c.ssm.conv_kernel) == (2 * D, 8, 2, 16, 4)
+    assert [layer.rope_kind for layer in model.layers] == [NO_ROPE] * 3 and model.layers[1].mamba is None
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("granitehybrid")(ids).logits
+        for chunk in (7, 16, SEQ):  # (7: a last chunk of one position)
+            model.layers[0].mamba.chunk = model.layers[2].mamba.chunk = chunk
+            assert rel_err(model(ids), want) < 1e-4, chunk
+        mixers = [layer.mamba for layer in model.layers if layer.mamba is not None]
+        for what, off in (("conv_bias", None), ("D", 0.0)):
+            kept = [getattr(m, what) for m in mixers]
+            for m in mixers:
+                setattr(m, what, off if off is None else torch.zeros_like(getattr(m, what)))
+            assert rel_err(model(ids), want) > 1e-3, what
+            for m, k in zip(mixers, kept):
+                setattr(m, what, k)
+        shape = mixers[0].shape
+        for m in mixers:  # one group for the norm and B/C: other logits
+            m.shape = dataclasses.replace(shape, groups=1, state=2 * shape.state)
+        assert rel_err(model(ids), want) > 1e-3
+    assert Mamba2.chunk == 64
+    md = {"general.architecture": "granitehybrid", "granitehybrid.embedding_length": 64,
+          "granitehybrid.block_count": 3, "granitehybrid.feed_forward_length": 128,
+          "granitehybrid.attention.head_count": 4, "granitehybrid.vocab_size": 9,
+          "granitehybrid.attention.layer_norm_rms_epsilon": 1e-5, "granitehybrid.attention.head_count_kv": [0, 2, 0],
+          **{f"granitehybrid.ssm.{k}": v for k, v in (("conv_kernel", 4), ("state_size", 16), ("group_count", 2),
+                                                      ("inner_size", 128), ("time_step_rank", 8))}}
+    assert not ModelConfig.from_gguf_metadata(md).no_rope  # (Bamba's converter leaves RoPE on)
+    cfg = json.loads((tiny["granitehybrid"].hf_dir / "config.json").read_text())
+    hf_md, _ = hf_names.metadata_from_hf_config(cfg)  # (the published checkpoints' names of the layer kinds)
+    assert hf_md["granitehybrid.attention.head_count_kv"] == [0, HKV, 0]
+    assert hf_md["granitehybrid.ssm.inner_size"] == 128 and hf_md["granitehybrid.rope.scaling.finetuned"] is False
+    for odd, why in (({"num_local_experts": 4}, "experts as the GGUF.*convert it first"),
+                     ({"mamba_proj_bias": True}, "mamba_proj_bias"), ({"mamba_d_head": 32}, "mamba_d_head 32"),
+                     ({"position_embedding_type": "rope"}, "RoPE in a Granite 4 hybrid")):
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg, **odd})
+    with pytest.raises(ValueError, match="lacks \\['granitehybrid.ssm.state_size'\\]"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "granitehybrid.ssm.state_size"})
+    with pytest.raises(ValueError, match="multiple of heads"):
+        ModelConfig.from_gguf_metadata({**md, "granitehybrid.ssm.time_step_rank": 7})
+    granite = {**{k.replace("granitehybrid", "granite"): v for k, v in md.items()}, "general.architecture": "granite"}
+    with pytest.raises(ValueError, match="layers without attention only as LFM2's short convolutions and Granite 4"):
+        ModelConfig.from_gguf_metadata(granite)
+    with pytest.raises(ValueError, match="switches RoPE off"):
+        ModelConfig.from_gguf_metadata({**granite, "granite.attention.head_count_kv": 2,
+                                        "granite.rope.scaling.finetuned": False})
+
+
+def test_granitehybrid_decodes_through_its_own_steps(tiny):
+    """The compiled CPU decoder and captured decode steps keep no Mamba2 state: both refuse Granite 4's
+    hybrid by name, and generate decodes it through the model's steps (the recurrent step of the scan
+    on the cached conv and SSM states), as the full forward does."""
+    from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
+    model = Model.from_gguf(gguf_of(tiny["granitehybrid"], "Q8_0"))
+    assert cpu_decoder(model, model.new_cache(1, 16)) is None
+    with pytest.raises(ValueError, match="Mamba2 state"):
+        StepDecoder(model, 16, graphs=False)
+    prompt, stats = rand_ids(1, 12, seed=8)[0].tolist(), GenerationStats()
+    got = generate(model, prompt, max_new_tokens=8, stats=stats)
+    assert not stats.compiled_decoder and stats.decode_tokens == 7
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), cache)
+    assert tuple(cache.recurrent_state[0].shape) == (1, 8, 16, 16) and tuple(cache.conv_state[2].shape) == (1, 192, 3)
+    assert cache.k[0].numel() == 0 and cache.k[1].shape[2] == 16
+
+
+def test_granitehybrid_streams_its_mamba2_and_attention_layers(tiny):
+    """Granite 4's layers differ by kind (ssm_in/ssm_out, or q/k/v/output, beside the same MLP):
+    streamed, the first two read from the file, the model trains as the resident one."""
+    path = gguf_of(tiny["granitehybrid"], "Q8_0")
+
+    def adapted():
+        model = Model.from_gguf(path)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        fill_adapters(model, torch.Generator().manual_seed(3))
+        return model
+
+    resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
+    assert plan.streamed == [0, 1, 2] and plan.disk_layers == [0, 1]
+    packs = streaming.streamer.packs
+    kinds = [sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) for i in range(3)]
+    ffn = ["ffn_down.weight", "ffn_gate.weight", "ffn_up.weight"]
+    assert kinds[0] == kinds[2] == sorted(ffn + ["ssm_in.weight", "ssm_out.weight"])
+    assert kinds[1] == sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -938,7 +1060,8 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
+    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid",
+                         "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "gemma3n",

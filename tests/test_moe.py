@@ -69,8 +69,10 @@ def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    assert model.config.arch == ("deepseek2" if name in DEEPSEEK else {"mixtral": "llama"}.get(name, name))
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe") + DEEPSEEK)
+    archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
+    assert model.config.arch == archs.get(name, name)
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe",
+                                                                 "granitehybridmoe") + DEEPSEEK)
     assert [layer.ffn_moe is not None for layer in model.layers] == [name not in DENSE_FIRST] + [True] * (
         model.config.n_layers - 1)
     with torch.no_grad():
@@ -258,10 +260,11 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing and DeepSeek's latent attention are left to the model's own steps."""
+    convolutions and sigmoid routing, Granite 4's Mamba2 layers and DeepSeek's latent attention are left
+    to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe",):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -285,7 +288,9 @@ def test_adapters_train_through_the_experts(moe, name):
             {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
     for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention_i = {"in_proj", "out_proj"} if layer.shortconv is not None else attention  # (LFM2-MoE's)
+        attention_i = attention
+        if layer.shortconv is not None or layer.mamba is not None:  # (LFM2-MoE's convolutions, Mamba2 layers)
+            attention_i = {"in_proj", "out_proj"} if layer.shortconv is not None else {"ssm_in", "ssm_out"}
         m = layer.ffn_moe
         ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES if m.ffn_gate_shexp else ())
         assert names == attention_i | ffn

@@ -73,6 +73,11 @@ def info(args: argparse.Namespace) -> int:
         if c["conv_layers"]:
             print(f"short conv      layers {', '.join(map(str, c['conv_layers']))} (width {c['conv_kernel']}), "
                   "attention in the others")
+        if c["ssm_layers"]:
+            m = c["ssm"]
+            print(f"mamba2          layers {', '.join(map(str, c['ssm_layers']))} ({m['heads']} heads of "
+                  f"{m['inner'] // m['heads']}, state {m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), "
+                  "attention in the others")
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"
@@ -82,6 +87,8 @@ def info(args: argparse.Namespace) -> int:
             rope += f", YaRN x{c['rope_yarn_factor']:g} of {c['rope_orig_context']}"
         if c["rope_freqs"]:
             rope += ", llama3 rope_freqs"
+        if c["no_rope"]:  # (Granite 4's hybrids' attention)
+            rope = "none (the file switches it off)"
         print(f"rope            {rope}  rms eps {c['rms_eps']:g}")
     else:
         print(f"note            {info['unsupported']}")

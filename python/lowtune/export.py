@@ -534,10 +534,9 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "PEFT loading takes gate_proj/up_proj/down_proj in such models for the experts' "
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
-        for name, (a, b) in pairs.items():
-            module = hf_names.hf_module(name, arch)
+        for module, (a, b) in _module_pairs(pairs, base, md).items():
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
             ranks[module] = a.shape[0]
     finally:
         base.close()
@@ -648,6 +647,36 @@ def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str)
     return cfg, tensors, beside
 
 
+def _module_pairs(pairs: dict, base, md: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module -> (A, B in HF's rows) of GGUF LoRA pairs: a module that holds several GGUF tensors'
+    rows (Granite 4's dense gate and up, hf_names.fused_parts) takes their A stacked and their B on the
+    diagonal (zero rows for a part without an adapter), one LoRA of their ranks' sum."""
+    arch = md["general.architecture"]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (a, b) in pairs.items():
+        module = hf_names.hf_module(name, arch)
+        parts = hf_names.fused_parts(module + ".weight", arch)
+        if parts is None:
+            out[module] = (a, hf_names.to_hf_values(name, b, md))
+            continue
+        if module in out:
+            continue
+        done = [(p, *pairs[p]) if p in pairs else None for p in parts]
+        rows = [base.tensor_infos[p].shape[0] for p in parts]
+        rank = sum(d[1].shape[0] for d in done if d is not None)
+        a_all = torch.cat([d[1] for d in done if d is not None])
+        b_all = a_all.new_zeros(sum(rows), rank)
+        row = col = 0
+        for d, n in zip(done, rows):
+            if d is not None:
+                p, pa, pb = d
+                b_all[row:row + n, col:col + pa.shape[0]] = hf_names.to_hf_values(p, pb, md)
+                col += pa.shape[0]
+            row += n
+        out[module] = (a_all, b_all)
+    return out
+
+
 def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = None, base_type=None,
               force: bool = False) -> ExportReport:
     """Write a Hugging Face directory of the family's class (LlamaForCausalLM, Qwen2ForCausalLM,
@@ -674,6 +703,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             cfg, original, beside = _vision_language_original(Path(base.path), arch, hf_dtype_name(tdt))
             specs = [(h, tag, shape) for h, (_, _, shape) in original.items()]
             by_hf = {h: g for h, (_, g, _) in original.items() if g in base.tensor_infos}
+            fused = {}
         else:
             tensors = {n: (base.tensor(n).reshape(-1).tolist() if n in hf_names.GGUF_ONLY else None)
                        for n in base.tensor_infos}
@@ -684,9 +714,11 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
             shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
             names = {n: hf_names.hf_name(n, arch) for n in shapes}
-            specs = [(names[n], tag, hf_names.hf_shape(n, shape)) for n, shape in shapes.items()
-                     if names[n] is not None]
             by_hf = {h: g for g, h in names.items() if h is not None}
+            fused = {h: hf_names.fused_parts(h, arch) for h in by_hf}  # (Granite 4's dense gate and up)
+            fused = {h: parts for h, parts in fused.items() if parts is not None}
+            specs = [(h, tag, hf_names.hf_shape(g, shapes[g] if h not in fused else (
+                sum(shapes[p][0] for p in fused[h]), *shapes[g][1:]))) for h, g in by_hf.items()]
         scalars = hf_names.layer_scalar_tensors(md)  # (Apertus's xIELU scalars: metadata in GGUF)
         specs += [(h, tag, shape) for h, (shape, _) in scalars.items()]
 
@@ -696,7 +728,12 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                 return torch.full(shape, value, dtype=tdt)
             if hf_name not in by_hf:  # (the vision tower's, as the original holds it)
                 return _safetensors_tensor(original[hf_name][0], hf_name).to(tdt)
-            name = by_hf[hf_name]
+            if hf_name in fused:
+                return torch.cat([gguf_tensor(name) for name in fused[hf_name]])
+            return gguf_tensor(by_hf[hf_name])
+
+        def gguf_tensor(name: str) -> torch.Tensor:
+            """GGUF tensor `name`, merged with its adapter, as HF holds it."""
             if name not in base.tensor_infos:
                 return torch.zeros(shapes[name], dtype=tdt)
             ti = base.tensor_infos[name]

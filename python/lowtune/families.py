@@ -13,6 +13,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arcee         norm  relu2      -           -         -          -                        if the file gives one
     granite       norm  silu       -           -         from file  -                        if the file gives one
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
+    granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
@@ -112,6 +113,14 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
   the file gives them, and renormalizes and scales the weights as expert_weights_norm and
   expert_weights_scale say.
+  Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
+  granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
+  (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
+  ssm_in into z, xBC and dt; a causal depthwise convolution with a bias and SiLU on xBC; the SSD
+  scan of x with A = -exp(A_log), dt = softplus(dt + dt_bias), B and C shared by the heads of a
+  group, the D skip; RMSNorm of y · silu(z) over each group; ssm_out). Their converter switches
+  RoPE off (rope.scaling.finetuned = false): the attention layers run without positions. Their HF
+  class (GraniteMoeHybridForCausalLM) is read and written for the dense models; with experts, as GGUF.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -171,6 +180,9 @@ class Family:
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
+    mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
+    rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
+    #                                    hybrids, which attend without positions: NoPE)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
@@ -238,6 +250,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granite", multipliers=True, hf_architectures=("GraniteForCausalLM",), hf_model_types=("granite",),
            hf_permute_qk=True),
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
+    Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
+           hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -315,7 +329,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
+              "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 

@@ -11,8 +11,8 @@ GPU (layers not streamed, no sliding-window layers) each step replays a captured
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
 never waits for the host between them. On the CPU every family decodes through one compiled call
 per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else (adapters, streaming, bf16, LFM2's
-short convolutions, whose state neither the decoder nor the captured steps keep) decodes through the
-model's forward.
+short convolutions and Mamba2 layers, whose states neither the decoder nor the captured steps keep)
+decodes through the model's forward.
 """
 from __future__ import annotations
 
@@ -168,8 +168,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
-    if c.conv_layers or c.expert_gating == 2:
-        return None  # (LFM2's short convolutions, whose state the decoder does not keep; sigmoid routing)
+    if c.stateful_layers or c.expert_gating == 2:
+        return None  # (LFM2's short convolutions and Mamba2 layers, whose states the decoder does not keep;
+        #             sigmoid routing)
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
     if type(model.tok_embd) is not QEmbedding or model.output is not None and (
@@ -299,6 +300,9 @@ class StepDecoder:
         if model.config.kv_lora_rank:
             raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
                              "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
+        if model.config.ssm_layers:
+            raise ValueError("StepDecoder's captured steps keep no Mamba2 state (Granite 4's Mamba2 layers); "
+                             "decode with graphs=False")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -443,7 +447,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope and not c.conv_layers and not c.kv_lora_rank
+                  and not c.family.qk_norm_after_rope and not c.stateful_layers and not c.kv_lora_rank
                   and not c.family.altup
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:

@@ -80,6 +80,14 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
+    # the attention's; the dense MLP's gate and up rows in one tensor (shared_mlp.input_linear, gate first)
+    "granitehybrid": {"layer": {**_MOE_ATTN, "ssm_in": "mamba.in_proj", "ssm_out": "mamba.out_proj",
+                                "ssm_conv1d": "mamba.conv1d", "ssm_norm": "mamba.norm",
+                                "ffn_down": "shared_mlp.output_linear"},
+                      "exact": {"ssm_a": "mamba.A_log", "ssm_d": "mamba.D", "ssm_dt.bias": "mamba.dt_bias"},
+                      "fused": {"shared_mlp.input_linear.weight": ("ffn_gate.weight", "ffn_up.weight")},
+                      "global": _GLOBAL},
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
     # DeepSeek's latent attention (kv_b_proj: attn_kv_b of older conversions; split into attn_k_b and attn_v_b,
     # not mapped) and dense layers' MLP
@@ -171,12 +179,26 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in t.get("exact", {}):
+        return f"model.layers.{m.group(1)}.{t['exact'][m.group(2)]}"
+    for fused, parts in t.get("fused", {}).items():  # (a part of a fused HF tensor: fused_parts)
+        if m and m.group(2) in parts:
+            return f"model.layers.{m.group(1)}.{fused}"
     m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in t["layer"]:
         return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
     if name in GGUF_ONLY:
         return None
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
+
+
+def fused_parts(name: str, arch: str) -> tuple[str, ...] | None:
+    """The GGUF tensors whose rows HF tensor `name` holds one after another, in equal parts (Granite 4's
+    dense MLP: gate, then up), or None for a tensor of its own."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    parts = _table(arch).get("fused", {}).get(m.group(2)) if m else None
+    return None if parts is None else tuple(f"blk.{m.group(1)}.{p}" for p in parts)
 
 
 def gguf_name(name: str, arch: str = "llama") -> str | None:
@@ -190,6 +212,10 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
     for g, h in t["global"].items():
         if h == name:
             return g
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    for g, h in t.get("exact", {}).items():
+        if m and h == m.group(2):
+            return f"blk.{m.group(1)}.{g}"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m:
         for g, h in t["layer"].items():
@@ -296,29 +322,47 @@ def _family(metadata: Mapping) -> Family:
 def rope_heads(name: str, metadata: Mapping) -> int | None:
     """How many heads the rows of GGUF tensor `name` are permuted over (q: heads, k: KV heads),
     or None for tensors in the same row order in both layouts (every tensor of a NEOX family)."""
-    m = re.fullmatch(r"blk\.\d+\.(attn_q|attn_k)\.(weight|bias)", name)
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_q|attn_k)\.(weight|bias)", name)
     if m is None or not _family(metadata).hf_permute_qk:
         return None
     arch = metadata.get("general.architecture", "llama")
     n_head = int(metadata[f"{arch}.attention.head_count"])
-    return n_head if m.group(1) == "attn_q" else int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    kv = metadata.get(f"{arch}.attention.head_count_kv", n_head)  # (one a layer in hybrids: this layer's)
+    return n_head if m.group(2) == "attn_q" else int(kv[int(m.group(1))] if isinstance(kv, (list, tuple)) else kv)
 
 
 def _norm_offset(name: str, metadata: Mapping) -> float:
     return _family(metadata).hf_norm_offset if name.endswith("norm.weight") else 0.0
 
 
+_CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # nn.Conv1d's [D, 1, L] in HF, [D, L] in GGUF
+_SSM_VECTORS = ("ssm_a", "ssm_d")  # Mamba2's A and D: [H] in HF, [H, 1] in GGUF
+
+
 def hf_shape(name: str, shape) -> tuple[int, ...]:
-    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's convolution kernel [D, L] is
-    nn.Conv1d's weight [D, 1, L] (the converter drops the 1); every other tensor its own."""
+    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's and Mamba2's convolution kernels [D, L]
+    are nn.Conv1d's weight [D, 1, L] (the converter drops the 1), Mamba2's A and D [H, 1] and gated
+    norm [groups, inner / groups] are vectors; every other tensor its own."""
     shape = tuple(shape)
-    return (shape[0], 1, *shape[1:]) if name.endswith("shortconv.conv.weight") and len(shape) == 2 else shape
+    if name.endswith(_CONV_KERNELS) and len(shape) == 2:
+        return (shape[0], 1, *shape[1:])
+    if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)):
+        return (math.prod(shape),)
+    return shape
 
 
-def gguf_shape(name: str, shape) -> tuple[int, ...]:
-    """The inverse of hf_shape: the GGUF shape of tensor `name` (its GGUF name) held in HF's `shape`."""
+def gguf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ...]:
+    """The inverse of hf_shape: the GGUF shape of tensor `name` (its GGUF name) held in HF's `shape`
+    (Mamba2's gated norm's groups from `metadata`)."""
     shape = tuple(shape)
-    return (shape[0], *shape[2:]) if name.endswith("shortconv.conv.weight") and len(shape) == 3 else shape
+    if name.endswith(_CONV_KERNELS) and len(shape) == 3:
+        return (shape[0], *shape[2:])
+    if name.endswith(_SSM_VECTORS) and len(shape) == 1:
+        return (shape[0], 1)
+    if name.endswith("ssm_norm.weight") and len(shape) == 1 and metadata is not None:
+        groups = int(metadata[f"{metadata['general.architecture']}.ssm.group_count"])
+        return (groups, shape[0] // groups)
+    return shape
 
 
 def to_hf_values(name: str, w, metadata: Mapping):
@@ -329,6 +373,8 @@ def to_hf_values(name: str, w, metadata: Mapping):
         w = permute_qk_gguf_to_hf(w, heads)
     off = _norm_offset(name, metadata)
     w = w - off if off else w
+    if name.endswith(".ssm_a"):  # (GGUF holds A = -exp(A_log), as the converter writes it)
+        w = (-w).log()
     return w.reshape(hf_shape(name, w.shape))
 
 
@@ -339,7 +385,9 @@ def from_hf_values(name: str, w, metadata: Mapping):
         w = permute_qk_hf_to_gguf(w, heads)
     off = _norm_offset(name, metadata)
     w = w + off if off else w
-    return w.reshape(gguf_shape(name, w.shape))
+    if name.endswith(".ssm_a"):
+        w = -w.float().exp()
+    return w.reshape(gguf_shape(name, w.shape, metadata))
 
 
 to_hf_rows, from_hf_rows = to_hf_values, from_hf_values  # the names before other families came
@@ -431,6 +479,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
+    if fam.mamba2:
+        _mamba2_keys(config, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -514,6 +564,56 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _mamba2_keys(config: dict, key) -> None:
+    """Granite 4's hybrid's config.json as llama.cpp's converter writes it: a KV head count per layer (0
+    in the Mamba2 layers: layer_types "mamba", transformers' "linear_attention"), the Mamba2 sizes, the
+    shared MLP's width and, with Mamba2 layers, RoPE off (and the context it leaves unbounded). What
+    llama.cpp's granitehybrid does not run is refused: experts (their checkpoints are read as the GGUF
+    the converter writes), biases on the Mamba2 linears, heads of another width than inner / heads."""
+    if int(config.get("num_local_experts") or 0):
+        raise ValueError("lowtune reads a GraniteMoeHybrid checkpoint with experts as the GGUF that llama.cpp's "
+                         "convert_hf_to_gguf.py writes, not as a Hugging Face directory; convert it first")
+    if config.get("mamba_proj_bias"):
+        raise ValueError("config.json asks for biases on the Mamba2 linears (mamba_proj_bias), which llama.cpp's "
+                         "granitehybrid does not run (and so lowtune, which follows it)")
+    n_layers, hidden, kv = int(config["num_hidden_layers"]), int(config["hidden_size"]), int(
+        config.get("num_key_value_heads") or config["num_attention_heads"])
+    types = config.get("layer_types") or config.get("layers_block_type") or ["mamba"] * n_layers
+    mamba = [t in ("mamba", "linear_attention") for t in types[:n_layers]]
+    inner, heads = int(config.get("mamba_expand", 2)) * hidden, int(config["mamba_n_heads"])
+    if config.get("mamba_d_head", "auto") not in ("auto", inner // heads):
+        raise ValueError(f"config.json's mamba_d_head {config['mamba_d_head']} is not the Mamba2 width {inner} "
+                         f"over {heads} heads, which llama.cpp's granitehybrid takes")
+    key("attention.head_count_kv", [0 if m else kv for m in mamba], (ARRAY, I32))
+    for gguf_key, value in (("conv_kernel", config.get("mamba_d_conv", 4)), ("state_size", config["mamba_d_state"]),
+                            ("group_count", config.get("mamba_n_groups", 1)), ("inner_size", inner),
+                            ("time_step_rank", heads)):
+        key(f"ssm.{gguf_key}", int(value), U32)
+    if config.get("shared_intermediate_size"):
+        key("expert_shared_feed_forward_length", int(config["shared_intermediate_size"]), U32)
+    if any(mamba):
+        if config.get("position_embedding_type") == "rope":
+            raise ValueError("config.json asks for RoPE in a Granite 4 hybrid with Mamba2 layers; llama.cpp's "
+                             "converter switches it off there (and so lowtune, which follows it)")
+        key("rope.scaling.finetuned", False, BOOL)
+        key("context_length", 2 ** 20, U32)
+
+
+def _mamba2_config(c, cfg: dict, tensors: Collection[str]) -> None:
+    """The GraniteMoeHybrid config.json keys of model config `c` (the inverse of _mamba2_keys), into cfg."""
+    m = c.ssm
+    if m is None or m.inner % c.dim or c.ssm_layers and not c.no_rope:
+        raise ValueError(f"{c.arch} without Mamba2 layers, with RoPE beside them or a Mamba2 width that is no "
+                         "multiple of the model's has no GraniteMoeHybrid config")
+    cfg.update({"layer_types": ["linear_attention" if c.is_ssm(i) else "full_attention" for i in range(c.n_layers)],
+                "mamba_n_heads": m.heads, "mamba_n_groups": m.groups, "mamba_d_state": m.state,
+                "mamba_d_head": m.head_dim, "mamba_d_conv": m.conv_kernel, "mamba_expand": m.inner // c.dim,
+                "mamba_chunk_size": 256, "mamba_proj_bias": False,
+                "mamba_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors),
+                "position_embedding_type": None if c.no_rope else "rope", "num_local_experts": 0,
+                "num_experts_per_tok": 0, "shared_intermediate_size": c.ffn_dim})
 
 
 def _short_conv_keys(config: dict, key) -> None:
@@ -665,7 +765,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES, "lfm2": {},
+    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {},
 }
 
 
@@ -675,6 +775,9 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron")
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
                      "nemotron": ("output_norm.bias",)}
+
+
+_MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
 
 
 def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[str, bool], list[str]]:
@@ -691,6 +794,7 @@ def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[st
         if on:
             zeros += sorted(want - present)
             placed |= want
+    placed |= {n for n in present if n.endswith(_MAMBA2_BIASES)}  # (in the Mamba2 layers only: _mamba2_config)
     stray = sorted(present - placed)
     if stray:
         raise ValueError(f"{stray[0]}: a {arch} model in Hugging Face's layout has no such bias, so "
@@ -814,6 +918,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
+    if fam.mamba2:
+        _mamba2_config(c, cfg, tensors)
     if fam.short_conv:  # (the inverse of _short_conv_keys; the FFN width as it is)
         if any(windows):
             raise ValueError(f"a sliding window has no {arch} HF config")

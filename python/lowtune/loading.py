@@ -28,6 +28,7 @@ without a hash cannot be checked, which is said in a warning (shapes and types a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -412,7 +413,9 @@ def describe(path) -> dict:
                           "rope_orig_context": c.original_context,
                           "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps,
                           "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width,
-                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel}
+                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
+                          "ssm_layers": list(c.ssm_layers), "ssm": None if c.ssm is None else dataclasses.asdict(c.ssm),
+                          "no_rope": c.no_rope}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -1,8 +1,8 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
 Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
-LFM2's convolution layers take a ShortConv in place of attention, and Gemma 3n's AltUp, Laurel and
-per-layer inputs wrap this decoder in lowtune.gemma3n.
+LFM2's convolution layers take a ShortConv in place of attention, Granite 4's hybrids' Mamba2 layers
+a Mamba2, and Gemma 3n's AltUp, Laurel and per-layer inputs wrap this decoder in lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -28,6 +28,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
     blk.N.shortconv           ShortConv           in place of attention in LFM2's convolution layers:
                               in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
+    blk.N.ssm_in, ssm_out     QLinear             in place of attention in Granite 4's Mamba2 layers, around
+    blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen)
     output_norm               RMSNorm             (LFM2's file names it token_embd_norm)
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
@@ -72,6 +74,8 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # the linears of a short-convolution layer (LFM2), which takes them in place of the four attention ones;
 # modules blk.N.shortconv.<name>
 CONV_LINEAR_NAMES = ("in_proj", "out_proj")
+# the linears of a Mamba2 layer (Granite 4's hybrids), in place of the four attention ones; modules blk.N.<name>
+SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
 # attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
@@ -79,7 +83,8 @@ MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b
 # a mixture's shared experts (lowtune.model.MoE's linears of these names)
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
-ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES))
+ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES
+                                     + SSM_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +154,9 @@ class ModelConfig:
     per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n)
     sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
     #                                       deviations above its mean (-inf or absent: all of it)
+    ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
+    ssm: SSMShape | None = None   # their sizes (the file's ssm.* keys)
+    no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
 
     @property
     def family(self) -> Family:
@@ -186,6 +194,7 @@ class ModelConfig:
     def is_conv(self, layer: int) -> bool:
         """Whether layer `layer` is a short convolution in place of attention (LFM2)."""
         return layer in self.conv_layers
+
     def has_kv(self, layer: int) -> bool:
         """Whether layer `layer` computes K/V of its own (Gemma 3n's last layers reuse earlier ones')."""
         return not self.kv_layers or layer < self.kv_layers
@@ -197,6 +206,20 @@ class ModelConfig:
             return layer
         return max(i for i in range(self.kv_layers) if self.is_sliding(i) == self.is_sliding(layer))
 
+    def is_ssm(self, layer: int) -> bool:
+        """Whether layer `layer` is a Mamba2 layer in place of attention (Granite 4's hybrids)."""
+        return layer in self.ssm_layers
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
+        return not (self.is_conv(layer) or self.is_ssm(layer))
+
+    @property
+    def stateful_layers(self) -> tuple[int, ...]:
+        """The layers that keep a recurrent state in the cache in place of keys and values (LFM2's short
+        convolutions, Mamba2 layers), which the compiled CPU decoder and captured decode steps do not keep."""
+        return tuple(sorted(self.conv_layers + self.ssm_layers))
+
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
 
@@ -207,8 +230,8 @@ class ModelConfig:
     def rope_kind(self, layer: int) -> int:
         """0: the global RoPE; 1: the sliding layers' own (another base or scaling); NO_ROPE: none
         (the family's NoPE layers)."""
-        if not self.family.rotates(layer) or (self.family.nope_global and self.sliding_window
-                                              and not self.is_sliding(layer)):
+        if self.no_rope or not self.family.rotates(layer) or (
+                self.family.nope_global and self.sliding_window and not self.is_sliding(layer)):
             return NO_ROPE
         own = (self.rope_theta_swa not in (None, self.rope_theta)
                or self.rope_linear_scale_swa not in (None, self.rope_linear_scale) or self.swa_unscaled_yarn)
@@ -347,7 +370,7 @@ class ModelConfig:
             scale = scales.pop("attn_scale")
             defaults = fam.scale_defaults(n_layers, dim) if fam.scale_defaults else {}
             multipliers = {k: v or defaults.get(k, 1.0) for k, v in scales.items()}
-            if md.get(f"{arch}.rope.scaling.finetuned", True) is False:
+            if md.get(f"{arch}.rope.scaling.finetuned", True) is False and not fam.rope_switch:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
         xielu = ()
@@ -390,7 +413,8 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, xielu=xielu)
+            **latent, **altup, xielu=xielu,
+            no_rope=fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -412,6 +436,8 @@ class ModelConfig:
             raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
                              f"{self.rope_dim} RoPE dims")
 
+        if self.ssm_layers and (self.ssm is None or not self.family.mamba2):
+            raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if self.conv_layers and not self.family.short_conv:
             raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
@@ -419,22 +445,67 @@ class ModelConfig:
                              f"must be at least 2 and the layers among the {self.n_layers} there are")
 
 
+@dataclass(frozen=True)
+class SSMShape:
+    """The sizes of a model's Mamba2 layers, as llama.cpp reads them (ssm.* keys): inner [= heads ·
+    head_dim] is x's and z's width, state the state per head and position of B and C, groups the
+    B/C groups that heads share (and the gated norm's groups), conv_kernel the causal convolution's
+    width."""
+    inner: int
+    state: int
+    heads: int
+    groups: int
+    conv_kernel: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner // self.heads
+
+    @property
+    def conv_dim(self) -> int:
+        """The convolution's channels: x, B and C."""
+        return self.inner + 2 * self.groups * self.state
+
+    @property
+    def in_dim(self) -> int:
+        """ssm_in's rows: z, x, B, C and dt."""
+        return 2 * self.inner + 2 * self.groups * self.state + self.heads
+
+    @classmethod
+    def from_gguf_metadata(cls, md: Mapping, arch: str) -> "SSMShape":
+        keys = {"inner": "inner_size", "state": "state_size", "heads": "time_step_rank", "groups": "group_count",
+                "conv_kernel": "conv_kernel"}
+        missing = [f"{arch}.ssm.{k}" for k in keys.values() if f"{arch}.ssm.{k}" not in md]
+        if missing:
+            raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model with Mamba2 layers needs")
+        shape = cls(**{f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()})
+        if shape.inner % shape.heads or shape.inner % shape.groups or shape.heads % shape.groups \
+                or shape.conv_kernel < 2:
+            raise ValueError(f"Mamba2 sizes {shape}: inner must be a multiple of heads and groups, heads of "
+                             "groups, and the convolution at least 2 wide")
+        return shape
+
+
 def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int) -> tuple[int, dict]:
-    """(the attention layers' KV head count, the short-convolution fields of ModelConfig) of a file's
-    metadata: head_count_kv is one number, or one a layer where LFM2's file gives 0 to its convolution
-    layers (llama.cpp's rule), whose width is shortconv.l_cache."""
+    """(the attention layers' KV head count, the short-convolution or Mamba2 fields of ModelConfig) of a
+    file's metadata: head_count_kv is one number, or one a layer where LFM2's file gives 0 to its
+    convolution layers (llama.cpp's rule), whose width is shortconv.l_cache, and Granite 4's hybrids' to
+    their Mamba2 layers, whose sizes are the ssm.* keys."""
     arch = fam.arch
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
     if not isinstance(kv, (list, tuple)):
         return int(kv), {}
     counts = [int(k) for k in kv[:n_layers]]
     attention = sorted({k for k in counts if k})
-    if len(attention) > 1 or (0 in counts and not fam.short_conv):
+    if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2)):
         raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
-                         "every attention layer (and layers without attention only as LFM2's short convolutions)")
+                         "every attention layer (and layers without attention only as LFM2's short convolutions "
+                         "and Granite 4's Mamba2 layers)")
     conv = tuple(i for i, k in enumerate(counts) if k == 0)
     if not conv:
         return attention[0], {}
+    if fam.mamba2:
+        return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": SSMShape.from_gguf_metadata(md, arch)}
     key = f"{arch}.shortconv.l_cache"
     if key not in md:
         raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
@@ -622,7 +693,7 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         out["attn_q_a_norm"] = (c.q_lora_rank,)
     if c.kv_lora_rank:
         out["attn_kv_a_norm"] = (c.kv_lora_rank,)
-    if fam.qk_norm and not (layer is not None and c.is_conv(layer)):
+    if fam.qk_norm and not (layer is not None and not c.has_attention(layer)):
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
@@ -772,6 +843,115 @@ class ShortConv(nn.Module):
         return f"kernel {tuple(self.kernel.shape)}"
 
 
+class Mamba2(nn.Module):
+    """A Mamba2 layer between its two linears (Granite 4's hybrids), as llama.cpp's build_mamba2_layer
+    runs it: ssm_in's output [.., in_dim] is z, xBC and dt; xBC through a depthwise causal convolution
+    (with its bias) and SiLU, then split into x [heads, head_dim], B and C [groups, state]; the scan
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t per head, with A = -exp(A_log)
+    (the file holds A), dt = softplus(dt + dt_bias) and each group's B and C shared by its heads;
+    then RMSNorm of y · silu(z) over each group (ssm_norm's weight), for ssm_out.
+
+    The scan runs as the chunked SSD algorithm in fp32 (differentiable torch: each chunk's outputs
+    from its own inputs as one masked product, the state carried from chunk to chunk), and one
+    position as the recurrent step. The kernel, its bias, A, D, dt_bias and the norm are frozen as
+    the norms are. With a KV cache the last conv_kernel - 1 positions of xBC are its conv state and
+    the scan's state [B, heads, head_dim, state] its recurrent state."""
+
+    chunk = 64  # positions the SSD algorithm takes at once
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        p, m = f"blk.{index}.", config.ssm
+        self.shape, self.index, self.eps = m, index, config.norm_eps
+        self.register_buffer("kernel", _table(w[p + "ssm_conv1d.weight"]).reshape(m.conv_dim, m.conv_kernel),
+                             persistent=False)
+        bias = w.get(p + "ssm_conv1d.bias")
+        self.register_buffer("conv_bias", None if bias is None else _vector(bias), persistent=False)
+        for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias"), ("norm", "ssm_norm.weight")):
+            self.register_buffer(name, _vector(w[p + key]).reshape(-1), persistent=False)
+
+    def forward(self, zxbcdt: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """ssm_in's output [B, T, in_dim] at positions start..start+T -> y [B, T, inner] for ssm_out."""
+        m = self.shape
+        b, t, _ = zxbcdt.shape
+        z, xbc, dt = zxbcdt.split([m.inner, m.conv_dim, m.heads], dim=-1)
+        xbc = xbc.transpose(1, 2)                                          # [B, C, T]
+        kernel = self.kernel.to(xbc.dtype)
+        past = xbc.new_zeros(b, m.conv_dim, m.conv_kernel - 1)
+        if cache is not None and start:
+            past = cache.conv_state[self.index]
+        seq = torch.cat([past, xbc], dim=-1)
+        if cache is not None:
+            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
+        bias = None if self.conv_bias is None else self.conv_bias.to(xbc.dtype)
+        xbc = F.silu(F.conv1d(seq, kernel[:, None, :], bias, groups=m.conv_dim)).transpose(1, 2).float()
+        x, bb, cc = xbc.split([m.inner, m.groups * m.state, m.groups * m.state], dim=-1)
+        x = x.reshape(b, t, m.heads, m.head_dim)
+        rep = m.heads // m.groups  # (heads h·rep .. h·rep + rep - 1 read group h's B and C)
+        bb = bb.reshape(b, t, m.groups, 1, m.state).expand(-1, -1, -1, rep, -1).reshape(b, t, m.heads, m.state)
+        cc = cc.reshape(b, t, m.groups, 1, m.state).expand(-1, -1, -1, rep, -1).reshape(b, t, m.heads, m.state)
+        dt = F.softplus(dt.float() + self.dt_bias)                          # [B, T, H]
+        state = cache.recurrent_state.get(self.index) if cache is not None and start else None
+        if state is None:
+            state = x.new_zeros(b, m.heads, m.head_dim, m.state)
+        if t == 1:
+            y, state = _ssm_step(x, dt, self.A, bb, cc, state)
+        else:
+            y, state = _ssd_chunked(x, dt, self.A, bb, cc, state, self.chunk)
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        y = (y + x * self.D[:, None]).reshape(b, t, m.inner) * F.silu(z.float())
+        g = y.reshape(b, t, m.groups, -1)
+        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(b, t, m.inner) * self.norm
+        return y.to(zxbcdt.dtype)
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's frozen tensors under their GGUF names after blk.N. (no bias where the file has none)."""
+        out = {"ssm_conv1d.weight": self.kernel, "ssm_a": self.A, "ssm_d": self.D, "ssm_dt.bias": self.dt_bias,
+               "ssm_norm.weight": self.norm}
+        return out if self.conv_bias is None else {**out, "ssm_conv1d.bias": self.conv_bias}
+
+    def extra_repr(self) -> str:
+        m = self.shape
+        return f"{m.heads} heads of {m.head_dim}, state {m.state}, {m.groups} groups, kernel {m.conv_kernel}"
+
+
+def _ssm_step(x, dt, a, b, c, state):
+    """One position of the scan: x [B, 1, H, P], dt [B, 1, H], a [H], b, c [B, 1, H, N], state
+    [B, H, P, N] -> (y [B, 1, H, P], the state after it)."""
+    dt = dt[:, 0]
+    state = state * torch.exp(dt * a)[..., None, None] + (dt[..., None] * x[:, 0])[..., None] * b[:, 0, :, None, :]
+    return torch.einsum("bhpn,bhn->bhp", state, c[:, 0])[:, None], state
+
+
+def _ssd_chunked(x, dt, a, b, c, state, chunk: int):
+    """The scan over T positions as Mamba2's chunked SSD algorithm (transformers' torch_forward):
+    within a chunk y_l = sum_{s <= l} (c_l · b_s) exp(sum_{s < r <= l} dt_r a) dt_s x_s, one masked
+    product; across chunks the state at each chunk's start, carried by the chunk's total decay.
+    Shapes as _ssm_step's with T positions; positions past T (padding to whole chunks) have dt = 0."""
+    bsz, t, h, p = x.shape
+    pad = (-t) % chunk
+    if pad:
+        x, b, c = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, b, c))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    n = (t + pad) // chunk
+    x, b, c = (v.reshape(bsz, n, chunk, h, -1) for v in (x, b, c))
+    xdt = x * dt.reshape(bsz, n, chunk, h, 1)
+    acum = torch.cumsum((dt * a).reshape(bsz, n, chunk, h).permute(0, 3, 1, 2), dim=-1)  # [B, H, n, L]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((acum[..., :, None] - acum[..., None, :]).masked_fill(~causal, float("-inf")))
+    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", c, b, decay, xdt)
+    # each chunk's own contribution to the state at its end, then the states at the chunks' starts
+    ends = torch.einsum("bclhn,bhcl,bclhp->bchpn", b, torch.exp(acum[..., -1:] - acum), xdt)
+    total = torch.exp(acum[..., -1])                                                        # [B, H, n]
+    starts = []
+    for i in range(n):
+        starts.append(state)
+        state = state * total[:, :, i, None, None] + ends[:, i]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", c, torch.stack(starts, 1), torch.exp(acum))
+    return y.reshape(bsz, n * chunk, h, p)[:, :t], state
+
+
 class LayerNorm(nn.Module):
     """(x - mean(x)) / sqrt(var(x) + eps) · w (+ b where the file has one: Phi-2; Command-R has
     none) over the last dim, in fp32, returned in x's dtype, with RMSNorm's interface."""
@@ -851,9 +1031,10 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 class KVCache:
     """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (v: the value
-    width, ModelConfig.v_dim; both empty in LFM2's short-convolution layers, whose state is
-    conv_state[i] [B, D, conv_kernel - 1]: the last positions of their convolution's input, which
-    ShortConv keeps).
+    width, ModelConfig.v_dim; both empty in the layers without attention: LFM2's short convolutions
+    and Mamba2 layers, whose state is conv_state[i] [B, channels, kernel - 1], the last positions of
+    their convolution's input, and for a Mamba2 layer recurrent_state[i] [B, heads, head_dim, state]
+    too, the scan's state after the last position).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -864,12 +1045,13 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        kv = lambda i, shape: torch.zeros((0,) if config.is_conv(i) else shape, device=device,  # noqa: E731
+        kv = lambda i, shape: torch.zeros(shape if config.has_attention(i) else (0,), device=device,  # noqa: E731
                                           dtype=dtype)
         self.k = [kv(i, shape) for i in range(config.n_layers)]
         shape = (batch, config.n_kv_heads, max_len, config.v_dim)
         self.v = [kv(i, shape) for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
+        self.recurrent_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
         self.length = 0
 
@@ -926,8 +1108,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
-    if config.is_conv(index):  # (a short convolution's: ShortConv's own)
-        names = names[4:]
+    if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
+        names = names[4:] + (SSM_LINEAR_NAMES if config.is_ssm(index) else ())
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
@@ -955,6 +1137,7 @@ class DecoderLayer(nn.Module):
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
+        self.mamba = Mamba2(c, index, w) if c.is_ssm(index) else None  # between ssm_in and ssm_out (Granite 4)
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
@@ -1041,7 +1224,7 @@ class DecoderLayer(nn.Module):
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
-        if self.config.family.parallel or self.shortconv is not None:  # (parallel: the FFN reads the
+        if self.config.family.parallel or not self.config.has_attention(self.index):  # (parallel: the FFN reads the
             x, h = self.attend(x if m is None else x + m, rot, cache, start)  # attention's normed input)
             return x, self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1096,6 +1279,10 @@ class DecoderLayer(nn.Module):
         c, fam = self.config, self.config.family
         if self.shortconv is not None:  # (LFM2's convolution layers: no attention)
             return self.shortconv(self.attn_norm(x) if normed is None else normed, cache, start)
+        if self.mamba is not None:  # (Mamba2 layers: no attention)
+            y = self.mamba(self.ssm_in(self.attn_norm(x) if normed is None else normed), cache, start)
+            a = self.ssm_out(y)
+            return a * c.residual_scale if c.residual_scale != 1.0 else a
         b, t, _ = x.shape
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
@@ -1499,7 +1686,8 @@ class Model(nn.Module):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
             conv = layer.shortconv
-            lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES)]
+            lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES
+                                                                   + SSM_LINEAR_NAMES)]
             for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
@@ -1527,6 +1715,12 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
         del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
         shapes.update(latent_linear_shapes(c))
+    ssm_shapes = {}
+    if c.ssm is not None:
+        m = c.ssm
+        ssm_shapes = {"ssm_in.weight": (m.in_dim, c.dim), "ssm_out.weight": (c.dim, m.inner),
+                      "ssm_conv1d.weight": (m.conv_dim, m.conv_kernel), "ssm_dt.bias": (m.heads,), "ssm_a": (m.heads,),
+                      "ssm_d": (m.heads,), "ssm_norm.weight": (m.inner,)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
@@ -1559,6 +1753,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             layer_shapes = {n: s for n, s in layer_shapes.items() if n not in ("attn_k", "attn_v")}
             optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
                              p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
+        if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's
+            want.update({p + n: shape for n, shape in ssm_shapes.items()})
+            optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})

@@ -94,7 +94,7 @@ class HFCheckpoint(Source):
         self.alignment = DEFAULT_ALIGNMENT
         tied = bool(self.config.get("tie_word_embeddings", False))
         self._files: dict[str, Any] = {}
-        self._where: dict[str, tuple[Path, str]] = {}
+        self._where: dict[str, tuple] = {}  # GGUF name -> (file, HF name[, part, parts of a fused tensor])
         infos: dict[str, TensorInfo] = {}
         scalars: dict[str, dict[int, float]] = {}  # per-layer scalars GGUF keeps as metadata (Apertus's xIELU)
         for f in safetensors_files(d):
@@ -104,7 +104,8 @@ class HFCheckpoint(Source):
                 if at is not None:
                     scalars.setdefault(at[0], {})[at[1]] = float(st.get_tensor(hf).float().reshape(-1)[0])
                     continue
-                name = hf_names.gguf_name(hf, self.arch)
+                parts = hf_names.fused_parts(hf, self.arch)
+                name = hf_names.gguf_name(hf, self.arch) if parts is None else parts[0]
                 if name is None or (tied and name == "output.weight"):
                     continue
                 if name in infos:
@@ -113,7 +114,13 @@ class HFCheckpoint(Source):
                 dt = _SAFETENSORS_FLOATS.get(sl.get_dtype())
                 if dt is None:
                     raise ValueError(f"{f}: tensor {hf!r} is {sl.get_dtype()}; expected F32, F16 or BF16")
-                infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape()))
+                if parts is not None:  # (rows of several GGUF tensors, in equal parts: Granite 4's gate and up)
+                    shape = sl.get_shape()
+                    for i, name in enumerate(parts):
+                        infos[name] = _info(name, get_format(dt), (shape[0] // len(parts), *shape[1:]))
+                        self._where[name] = (f, hf, i, len(parts))
+                    continue
+                infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape(), self.metadata))
                 self._where[name] = (f, hf)
         n_layers = int(self.metadata[f"{self.arch}.block_count"])
         for key in hf_names.LAYER_SCALARS.get(self.arch, {}):
@@ -149,8 +156,12 @@ class HFCheckpoint(Source):
             return self._extra[name]
         if name not in self._where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
-        f, hf = self._where[name]
-        return hf_names.from_hf_values(name, self._files[str(f)].get_tensor(hf), self.metadata)
+        f, hf, *part = self._where[name]
+        w = self._files[str(f)].get_tensor(hf)
+        if part:  # (part i of n of a fused HF tensor's rows)
+            i, n = part
+            w = w.chunk(n)[i]
+        return hf_names.from_hf_values(name, w, self.metadata)
 
     def qtensor(self, name: str) -> QTensor:
         """The tensor as an F32/F16/BF16 QTensor [N, K] (1-D tensors as [1, K])."""
