@@ -29,7 +29,8 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
-         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2")
+         "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2",
+         "qwen35")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
@@ -46,6 +47,10 @@ VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out
                  deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
 LFM2_LAYERS = ("conv", "full_attention", "conv", "full_attention")  # LFM2's short convolutions among attention
 CONV_KERNEL = 3
+# Qwen3.5's Gated DeltaNets: twice as many value heads as q/k heads (the converter tiles them), a
+# convolution of 4, every 4th layer attention
+QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    linear_num_key_heads=2, linear_num_value_heads=4)
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -209,6 +214,12 @@ def hf_model(name: str):
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_eps=1e-5, num_hidden_layers=4,
             layer_types=list(LFM2_LAYERS), conv_L_cache=CONV_KERNEL, num_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, num_dense_layers=1)),
+        # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
+        # each head (its M-RoPE sections over those pairs) in the fourth
+        "qwen35": lambda: tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -280,17 +291,19 @@ _CONVERT = """
 import runpy, sys
 from conversion import command_r, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's and LFM2's converters read only byte-level BPE vocabularies; the tiny models share a
-# SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's and Qwen3.5's converters read only byte-level BPE vocabularies; the tiny models
+# share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
-    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
+    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = qwen.Qwen3_5TextModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
-    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
+    # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
+    no_mtp = ["--no-mtp"] if src.endswith("qwen35") else []
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -400,8 +413,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4}.get(arch, 2)
-    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") else D // H
+    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "qwen35": 4}.get(arch, 2)
+    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "qwen35") else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
@@ -417,6 +430,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gemma3.final_logit_softcapping": 5.0, "gemma3.rope.freq_base": 1e6})
     if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
+    dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
+        QWEN35_DELTA["linear_num_value_heads"]
+    if fam.delta_net:  # Gated DeltaNets in three layers of four, RoPE on a quarter of each head
+        md.update({f"{arch}.rope.dimension_count": hd // 4, f"{arch}.full_attention_interval": 4,
+                   f"{arch}.ssm.conv_kernel": QWEN35_DELTA["linear_conv_kernel_dim"], f"{arch}.ssm.state_size": dk,
+                   f"{arch}.ssm.group_count": hk, f"{arch}.ssm.time_step_rank": hv, f"{arch}.ssm.inner_size": hv * dk})
     if arch == "apertus":  # xIELU's scalars, each layer's own
         ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
         md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
@@ -458,8 +477,19 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
+        elif c.is_delta(i):  # a Gated DeltaNet in place of attention; its kernel in F32, as llama.cpp keeps it
+            ch = c.ssm_conv_channels
+            w.update({p + "attn_qkv.weight": mat(ch, D), p + "attn_gate.weight": mat(hv * dk, D),
+                      p + "ssm_alpha.weight": mat(hv, D), p + "ssm_beta.weight": mat(hv, D),
+                      p + "ssm_out.weight": mat(D, hv * dk), p + "ssm_a": -vec(hv, 1.0).abs(),
+                      p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
+                                                                / math.sqrt(c.ssm_conv_kernel), "F32")})
         elif arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
+        elif fam.attn_output_gate:  # q and its gate, head by head
+            w.update({p + "attn_q.weight": mat(2 * q, D), p + "attn_k.weight": mat(kv, D),
+                      p + "attn_v.weight": mat(kv, D)})
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
@@ -485,7 +515,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(F, D), p + "ffn_up.weight": mat(F, D)})
-        if not c.is_conv(i):
+        if not c.is_conv(i) and not c.is_delta(i):
             w[p + "attn_output.weight"] = mat(D, q)
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, F)

@@ -31,7 +31,7 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
+from lowtune.model import DELTA_LINEAR_NAMES, NO_ROPE, Model, ModelConfig, QLinear, rope_inv_freq
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -343,7 +343,7 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 19
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -357,6 +357,12 @@ def test_config_read_from_the_converted_files(tiny):
     from lowtune.loading import describe  # (`lowtune info`)
     conv_layers = lambda n: describe(tiny[n].gguf)["config"]["conv_layers"]  # noqa: E731
     assert (conv_layers("lfm2"), conv_layers("llama")) == ([0, 2], [])
+    qw = cfg["qwen35"]  # (three DeltaNets, then attention; RoPE on a quarter of each head)
+    assert (qw.delta_layers, qw.ssm_conv_kernel, qw.ssm_k_heads, qw.ssm_v_heads, qw.ssm_head_dim, qw.ssm_inner) == (
+        (0, 1, 2), 4, 2, 4, 16, 64)
+    assert (qw.head_dim, qw.rope_dim) == (32, 8)
+    assert all(cfg[n].delta_layers == () for n in NAMES if n != "qwen35")
+    assert describe(tiny["qwen35"].gguf)["config"]["delta_layers"] == [0, 1, 2]
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -431,8 +437,8 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, whose state the decoder does not keep)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2"))
+# short convolutions and Qwen3.5's Gated DeltaNets, whose states the decoder does not keep)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "qwen35"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -483,7 +489,7 @@ def botchan_ids(tiny, botchan_text):
 # activations lose more to llama.cpp's 8-bit rounding of them (0.54 % at Q4_0 on the tiny model, LFM2-MoE's
 # 0.93 % at Q8_0; with lowtune rounding them as llama.cpp does, 0.26 % and 0.2 %:
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-QUANTIZED_TOL = {"lfm2": 1e-2}
+QUANTIZED_TOL = {"lfm2": 1e-2, "qwen35": 1e-2}
 
 
 @pytest.mark.llamacpp
@@ -503,17 +509,19 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name,qtype", [("lfm2", "Q8_0"), ("lfm2", "Q4_0"), ("lfm2moe", "Q8_0")])
+@pytest.mark.parametrize("name,qtype", [("lfm2", "Q8_0"), ("lfm2", "Q4_0"), ("lfm2moe", "Q8_0"), ("qwen35", "Q8_0"),
+                                        ("qwen35", "Q4_0")])
 def test_lfm2_quantized_perplexity_is_llamacpps_rounding(tiny, botchan_ids, name, qtype):
-    """LFM2's (and LFM2-MoE's) quantized perplexity is llama.cpp's within the other families' 0.5 %
-    once lowtune rounds the activations of its products as llama.cpp does (the convolutions' kernels
-    stay in F32)."""
+    """LFM2's (and LFM2-MoE's, Qwen3.5's) quantized perplexity is llama.cpp's within the other families'
+    0.5 % once lowtune rounds the activations of its products as llama.cpp does (the convolutions'
+    kernels stay in F32)."""
     from lowtune.llamacpp_activations import rounded_like_llamacpp
     path = gguf_of(tiny[name], qtype)
     want = llamacpp_perplexity(llamacpp(path), windows(botchan_ids, SEQ, chunks=8))
     model = Model.from_gguf(path)
-    assert model.tensor_types["blk.0.shortconv.in_proj.weight"] == qtype
-    assert model.tensor_types["blk.0.shortconv.conv.weight"] == "F32"
+    linear, kernel = ("attn_qkv", "ssm_conv1d") if name == "qwen35" else ("shortconv.in_proj", "shortconv.conv")
+    assert model.tensor_types[f"blk.0.{linear}.weight"] == qtype
+    assert model.tensor_types[f"blk.0.{kernel}.weight"] == "F32"
     with rounded_like_llamacpp():
         got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}, activations rounded as llama.cpp's: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
@@ -661,6 +669,9 @@ def merged_weights(model) -> dict:
             children = [(n, m) for n, m in children if n != "shortconv"] + [
                 ("shortconv." + n, m) for n, m in conv.named_children()]
             w[p + "shortconv.conv.weight"] = ops.quantize(conv.kernel, "F32")
+        if layer.delta_net:  # (Qwen3.5: the Gated DeltaNet's frozen parts)
+            w.update({p + "ssm_conv1d.weight": ops.quantize(layer.ssm_conv1d, "F32"), p + "ssm_a": layer.ssm_a,
+                      p + "ssm_dt.bias": layer.ssm_dt})
         for name, mod in children:
             if isinstance(mod, adapters.AdaptedLinear):
                 dense = ops.dequantize(mod.base.weight) + mod.delta_weight()
@@ -686,8 +697,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     c = model.config
     targets = [t for t in adapters.TARGETS if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
+    targets = [t for t in targets if t not in DELTA_LINEAR_NAMES]
     attention, conv = targets[:-2], ["shortconv." + t for t in targets[-2:]] + targets[4:-2]  # (LFM2's conv layers)
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in (conv if c.is_conv(i) else attention)}
+    delta = list(DELTA_LINEAR_NAMES) + targets[4:-2]  # (Qwen3.5's Gated DeltaNets)
+    kind = lambda i: conv if c.is_conv(i) else delta if c.is_delta(i) else attention  # noqa: E731
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kind(i)}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
@@ -861,13 +875,13 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "qwen35", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
+                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen3next", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

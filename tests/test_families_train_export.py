@@ -34,7 +34,7 @@ from lowtune import adapters
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import CONV_LINEAR_NAMES, Model
+from lowtune.model import CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, Model
 
 from family_models import (LLAMACPP_NAMES, NAMES, SEQ, gguf_of, llamacpp, llamacpp_perplexity, rand_ids,
                            random_family_model, rel_err)
@@ -55,7 +55,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
-                 "lfm2": "qa-lora"}
+                 "lfm2": "qa-lora", "qwen35": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -63,7 +63,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
-                   "lfm2": "qa-hira"}
+                   "lfm2": "qa-hira", "qwen35": "lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -73,7 +73,10 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
-              "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"}}
+              "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"},
+              # (out_proj: the DeltaNets')
+              "qwen35": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv",
+                         "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 
@@ -146,6 +149,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     if name != "lfm2":  # (the linears of LFM2's short convolutions)
         absent |= set(CONV_LINEAR_NAMES)
+    if name != "qwen35":  # (the linears of Qwen3.5's Gated DeltaNets)
+        absent |= set(DELTA_LINEAR_NAMES)
     assert {m.rsplit(".", 1)[-1] for m in modules} == set(adapters.TARGETS) - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")

@@ -72,11 +72,11 @@ from .formats import Format, get_format
 from .gguf_io import GGUFFile
 from .gguf_split import gguf_parts
 from .methods import GROUP_CONSTANT, METHODS, canonical_method
-from .model import CONV_LINEAR_NAMES, LINEAR_NAMES
+from .model import CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES
 from .qtensor import QTensor
 from .safetensors_io import safetensors_files, safetensors_table, write_safetensors_dict
 
-TARGETS = LINEAR_NAMES + CONV_LINEAR_NAMES  # every logical linear of every family's layers
+TARGETS = LINEAR_NAMES + CONV_LINEAR_NAMES + DELTA_LINEAR_NAMES  # every logical linear of every family's layers
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

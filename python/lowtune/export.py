@@ -519,8 +519,8 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
         for name, (a, b) in pairs.items():
             module = hf_names.hf_module(name, arch)
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_values(name, b, md).contiguous()
+            tensors[f"base_model.model.{module}.lora_A.weight"] = hf_names.to_hf_columns(name, a, md).contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = hf_names.to_hf_rows(name, b, md).contiguous()
             ranks[module] = a.shape[0]
     finally:
         base.close()

@@ -43,6 +43,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
+    qwen35        neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -97,6 +98,14 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   its head is tied to the embeddings. LFM2-MoE (lfm2moe: LFM2-8B-A1B) is LFM2 with experts after its
   dense first layers, routed by llama.cpp's sigmoid gating (2): the top k of sigmoid(logits) plus
   a selection bias that picks but does not weigh, those k sigmoids divided by their sum.
+  Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
+  all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
+  gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
+  decay g = ssm_a · softplus(alpha + dt) and beta = sigmoid(b), the state [heads, d_k, d_v] updated by
+  the delta rule, the output RMS-normed and gated by silu(z)); the others attention whose q projection
+  also gives a per-head gate (Family.attn_output_gate: sigmoid(gate) · attention before attn_output),
+  per-head q/k norms and RoPE on part of each head. The converter adds the 1 of its zero-centred norms
+  (not the gated one) and stores -exp(A_log) as ssm_a. Its FFN norm is post_attention_norm.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -149,6 +158,8 @@ class Family:
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
+    delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
+    attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -258,6 +269,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
+    Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
+           attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM",), hf_model_types=("qwen3_5_text",),
+           hf_norm_offset=1.0),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -279,7 +293,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 _MOE = {"mixtral", "deepseek", "deepseek2", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
+              "granitehybrid", "nemotron_h", "plamo2", "qwen3next", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 

@@ -11,8 +11,8 @@ GPU (layers not streamed, no sliding-window layers) each step replays a captured
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
 never waits for the host between them. On the CPU every family decodes through one compiled call
 per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else (adapters, streaming, bf16, LFM2's
-short convolutions, whose state neither the decoder nor the captured steps keep) decodes through the
-model's forward.
+short convolutions and Qwen3.5's Gated DeltaNets, whose states neither the decoder nor the captured
+steps keep) decodes through the model's forward.
 """
 from __future__ import annotations
 
@@ -165,8 +165,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if not _positions_unscaled(c, cache.max_len):
         return None
-    if c.conv_layers or c.expert_gating == 2:
-        return None  # (LFM2's short convolutions, whose state the decoder does not keep; sigmoid routing)
+    if c.conv_layers or c.delta_layers or c.expert_gating == 2:
+        return None  # (LFM2's short convolutions and Qwen3.5's DeltaNets, whose states the decoder does not
+        #             keep; sigmoid routing)
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
     if type(model.tok_embd) is not QEmbedding or model.output is not None and (
@@ -289,6 +290,9 @@ class StepDecoder:
             raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
         if model.config.conv_layers:
             raise ValueError("StepDecoder's captured steps keep no short-convolution state (LFM2's convolution "
+                             "layers); decode with graphs=False")
+        if model.config.delta_layers:
+            raise ValueError("StepDecoder's captured steps keep no Gated DeltaNet state (Qwen3.5's recurrent "
                              "layers); decode with graphs=False")
         dev = model.device
         self.model, self.max_len = model, max_len
@@ -434,7 +438,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope and not c.conv_layers
+                  and not c.family.qk_norm_after_rope and not c.conv_layers and not c.delta_layers
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

@@ -405,7 +405,8 @@ def describe(path) -> dict:
                           "rope_orig_context": c.original_context,
                           "rope_freqs": "rope_freqs.weight" in names, "rms_eps": c.norm_eps,
                           "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width,
-                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel}
+                          "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
+                          "delta_layers": list(c.delta_layers)}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -1,7 +1,7 @@
 """One readable decoder for every family lowtune runs: Llama (Llama 1/2/3, Mistral, SmolLM2, ...),
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
-Gemma 2, Gemma 3, OLMo 2/3, GLM-4, ... and LFM2, whose convolution layers take a ShortConv in place
-of attention.
+Gemma 2, Gemma 3, OLMo 2/3, GLM-4, ... LFM2, whose convolution layers take a ShortConv in place
+of attention, and Qwen3.5, whose recurrent layers take a Gated DeltaNet (gated_delta_rule).
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -24,6 +24,10 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
     blk.N.shortconv           ShortConv           in place of attention in LFM2's convolution layers:
                               in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
+    blk.N.attn_qkv/attn_gate  QLinear             in place of attention in Qwen3.5's Gated DeltaNet layers,
+    blk.N.ssm_alpha/beta/out  QLinear             with ssm_conv1d [C, L], ssm_a, ssm_dt (frozen buffers) and
+    blk.N.ssm_norm            RMSNorm [d_v]       (DecoderLayer.delta_net_branch); Qwen3.5's attn_q [2·H*hd, D]
+                                                  gives each head's q, then its output gate
     output_norm               RMSNorm             (LFM2's file names it token_embd_norm)
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
@@ -68,6 +72,9 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # the linears of a short-convolution layer (LFM2), which takes them in place of the four attention ones;
 # modules blk.N.shortconv.<name>
 CONV_LINEAR_NAMES = ("in_proj", "out_proj")
+# the linears of a Gated DeltaNet layer (Qwen3.5), in place of the four attention ones: q/k/v into the
+# convolution, z (the output norm's gate), alpha (the decay's), beta, and the output
+DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +129,12 @@ class ModelConfig:
     #                               eps) as the file's xielu.* arrays hold them (Apertus; glue_ops.xielu)
     conv_layers: tuple[int, ...] = ()  # the short-convolution layers, without attention (LFM2)
     conv_kernel: int = 0          # their convolution's width: the positions each output reads (shortconv.l_cache)
+    delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5)
+    ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
+    ssm_k_heads: int = 0          # their q/k heads (ssm.group_count), each d_k = ssm_head_dim wide
+    ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
+    ssm_head_dim: int = 0         # d_k (ssm.state_size)
+    ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
 
     @property
     def family(self) -> Family:
@@ -150,6 +163,15 @@ class ModelConfig:
     def is_conv(self, layer: int) -> bool:
         """Whether layer `layer` is a short convolution in place of attention (LFM2)."""
         return layer in self.conv_layers
+
+    def is_delta(self, layer: int) -> bool:
+        """Whether layer `layer` is a Gated DeltaNet in place of attention (Qwen3.5)."""
+        return layer in self.delta_layers
+
+    @property
+    def ssm_conv_channels(self) -> int:
+        """The DeltaNet convolution's channels: q, k and v (attn_qkv's rows)."""
+        return 2 * self.ssm_k_heads * self.ssm_head_dim + self.ssm_inner
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -293,6 +315,7 @@ class ModelConfig:
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
+        delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
             ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
@@ -306,7 +329,7 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            xielu=xielu)
+            **delta, xielu=xielu)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -325,6 +348,31 @@ class ModelConfig:
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
             raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
                              f"must be at least 2 and the layers among the {self.n_layers} there are")
+        if self.delta_layers and not self.family.delta_net:
+            raise ValueError(f"{self.arch} has no Gated DeltaNet layers (Qwen3.5 has)")
+        if self.delta_layers and (self.ssm_conv_kernel < 2 or not self.ssm_k_heads or not self.ssm_v_heads
+                                  or self.ssm_v_heads % self.ssm_k_heads or self.ssm_inner % self.ssm_v_heads):
+            raise ValueError(f"Gated DeltaNet of {self.ssm_k_heads} q/k heads, {self.ssm_v_heads} value heads "
+                             f"{self.ssm_inner} wide and a convolution of width {self.ssm_conv_kernel}: the value "
+                             "heads must be a multiple of the q/k heads, the width of the value heads, and the "
+                             "convolution at least 2 wide")
+
+
+def _delta_net_fields(md: Mapping, arch_family: Family, n_layers: int) -> dict:
+    """The Gated DeltaNet fields of ModelConfig from a file's metadata (llama.cpp's rule: the layers
+    attention.recurrent_layers marks, else all but every full_attention_interval-th, 4 by default)."""
+    arch = arch_family.arch
+    flags = md.get(f"{arch}.attention.recurrent_layers")
+    if flags is None:
+        every = int(md.get(f"{arch}.full_attention_interval", 4) or 4)
+        flags = [(i + 1) % every != 0 for i in range(n_layers)]
+    keys = {"ssm_conv_kernel": "ssm.conv_kernel", "ssm_k_heads": "ssm.group_count", "ssm_v_heads": "ssm.time_step_rank",
+            "ssm_head_dim": "ssm.state_size", "ssm_inner": "ssm.inner_size"}
+    missing = [f"{arch}.{k}" for k in keys.values() if f"{arch}.{k}" not in md]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
+    return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
+            **{f: int(md[f"{arch}.{k}"]) for f, k in keys.items()}}
 
 
 def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int) -> tuple[int, dict]:
@@ -479,7 +527,7 @@ def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) ->
 def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
     """The RMSNorm weights of layer `layer` (None: an attention layer of the family): GGUF layer name
     -> shape (the layer's attribute is the name, but ffn_norm for the FFN's input norm under its
-    file name). LFM2's short-convolution layers have no q/k norms."""
+    file name). LFM2's short-convolution layers and Qwen3.5's DeltaNets have no q/k norms."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
@@ -488,7 +536,7 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
-    if fam.qk_norm and not (layer is not None and c.is_conv(layer)):
+    if fam.qk_norm and not (layer is not None and (c.is_conv(layer) or c.is_delta(layer))):
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
@@ -626,6 +674,49 @@ class ShortConv(nn.Module):
         return f"kernel {tuple(self.kernel.shape)}"
 
 
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over T positions, in fp32: per head the state S [d_k, d_v] decays by exp(g_t),
+    then takes the delta rule's correction k_t (beta_t (v_t - Sᵀk_t))ᵀ, and o_t = Sᵀ q_t. q, k [B, T, H, d_k]
+    (normed, q scaled), v [B, T, H, d_v], g, beta [B, T, H]; state [B, H, d_k, d_v] (None: zeros) ->
+    (o [B, T, H, d_v], the last state). One position steps the recurrence; more run transformers'
+    chunked form (chunks of `chunk` positions: a triangular solve within each, the state carried between),
+    differentiable throughout."""
+    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))  # heads first
+    b, h, t, dk = k.shape
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.float()
+    if t == 1:
+        kt = k[:, :, 0, :, None]
+        s = s * g.exp()[..., None]
+        s = s + kt * (beta[:, :, 0, None] * (v[:, :, 0] - (s * kt).sum(-2)))[:, :, None]
+        return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
+    pad = (chunk - t % chunk) % chunk
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // chunk
+    q, k, v = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v))
+    g, beta = g.reshape(b, h, n, chunk), beta.reshape(b, h, n, chunk)
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    decay = g.cumsum(-1)                                                   # log decay since the chunk's start
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform)
+    # (its diagonal is taken as ones)
+    system = k_beta @ k.transpose(-1, -2) * pair
+    values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    inner = q @ k.transpose(-1, -2) * pair
+    q_decayed = q * decay.exp()[..., None]
+    k_rest = k * (decay[..., -1:] - decay).exp()[..., None]
+    outs = []
+    for i in range(n):
+        new = values[:, :, i] - k_decayed[:, :, i] @ s
+        outs.append(q_decayed[:, :, i] @ s + inner[:, :, i] @ new)
+        s = s * decay[:, :, i, -1].exp()[..., None, None] + k_rest[:, :, i].transpose(-1, -2) @ new
+    o = torch.stack(outs, 2).reshape(b, h, n * chunk, -1)[:, :, :t]
+    return o.transpose(1, 2), s
+
+
 class LayerNorm(nn.Module):
     """(x - mean(x)) / sqrt(var(x) + eps) · w (+ b where the file has one: Phi-2; Command-R has
     none) over the last dim, in fp32, returned in x's dtype, with RMSNorm's interface."""
@@ -704,9 +795,10 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 
 class KVCache:
-    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (empty in LFM2's
-    short-convolution layers, whose state is conv_state[i] [B, D, conv_kernel - 1]: the last
-    positions of their convolution's input, which ShortConv keeps).
+    """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (empty in the layers
+    without attention: LFM2's short convolutions and Qwen3.5's Gated DeltaNets, whose state is
+    conv_state[i] [B, channels, kernel - 1], the last positions of their convolution's input, and for a
+    DeltaNet recurrent_state[i] [B, heads, d_k, d_v] in fp32).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -717,10 +809,12 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        kv = lambda i: torch.zeros((0,) if config.is_conv(i) else shape, device=device, dtype=dtype)  # noqa: E731
+        kv = lambda i: torch.zeros((0,) if config.is_conv(i) or config.is_delta(i) else shape,  # noqa: E731
+                                   device=device, dtype=dtype)
         self.k = [kv(i) for i in range(config.n_layers)]
         self.v = [kv(i) for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
+        self.recurrent_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
         self.length = 0
 
@@ -756,7 +850,7 @@ def fused_splits(config: ModelConfig, index: int, names) -> dict[str, tuple[tupl
     c, p = config, f"blk.{index}."
     q, kv, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
     out = {}
-    if p + "attn_qkv.weight" in names:
+    if p + "attn_qkv.weight" in names and not c.is_delta(index):  # (a DeltaNet's attn_qkv is its own linear)
         out[p + "attn_qkv.weight"] = ((p + "attn_q.weight", 0, q), (p + "attn_k.weight", q, q + kv),
                                       (p + "attn_v.weight", q + kv, q + 2 * kv))
     if p + "ffn_gate.weight" not in names and p + "ffn_up.weight" in names \
@@ -779,6 +873,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
     if config.is_conv(index):  # (a short convolution's: ShortConv's own)
         names = names[4:]
+    if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's)
+        names = DELTA_LINEAR_NAMES + names[4:]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -802,6 +898,13 @@ class DecoderLayer(nn.Module):
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
+        self.delta_net = c.is_delta(index)  # a Gated DeltaNet in place of attention (Qwen3.5): its frozen parts
+        if self.delta_net:
+            self.register_buffer("ssm_conv1d", _table(w[p + "ssm_conv1d.weight"]).reshape(c.ssm_conv_channels, -1),
+                                 persistent=False)
+            self.register_buffer("ssm_a", _vector(w[p + "ssm_a"]), persistent=False)  # -exp(A_log)
+            self.register_buffer("ssm_dt", _vector(w[p + "ssm_dt.bias"]), persistent=False)
+            self.ssm_norm = RMSNorm(w[p + "ssm_norm.weight"], c.norm_eps)
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
@@ -888,8 +991,8 @@ class DecoderLayer(nn.Module):
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
-        if self.config.family.parallel or self.shortconv is not None:  # (parallel: the FFN reads the
-            x, h = self.attend(x if m is None else x + m, rot, cache, start)  # attention's normed input)
+        if self.config.family.parallel or self.shortconv is not None or self.delta_net:  # (parallel: the FFN
+            x, h = self.attend(x if m is None else x + m, rot, cache, start)  # reads the attention's normed input)
             return x, self._mlp_rows(h)
         x, qkv = self._normed_products(x, m, self.attn_norm, self.PRODUCT_GROUPS[0])
         a = self.attention_branch(x, rot, cache, start, qkv=qkv)
@@ -939,13 +1042,19 @@ class DecoderLayer(nn.Module):
         c, fam = self.config, self.config.family
         if self.shortconv is not None:  # (LFM2's convolution layers: no attention)
             return self.shortconv(self.attn_norm(x) if normed is None else normed, cache, start)
+        if self.delta_net:
+            return self.delta_net_branch(self.attn_norm(x) if normed is None else normed, cache, start)
         b, t, _ = x.shape
         if qkv is None:
             qkv = self._products(self.attn_norm(x) if normed is None else normed, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
+        gate = None
+        if fam.attn_output_gate:  # each head's q, then its gate
+            q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
+            gate = gate.reshape(b, t, c.n_heads * c.head_dim)
         if fam.qk_norm == "whole":
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q = q.view(b, t, c.n_heads, c.head_dim)
+        q = q.reshape(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
@@ -968,10 +1077,45 @@ class DecoderLayer(nn.Module):
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
-        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim)
+        if gate is not None:
+            attn = attn * torch.sigmoid(gate)
+        a = self.attn_output(attn)
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
+
+    def delta_net_branch(self, h: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """A Gated DeltaNet's output for normed h [B, T, D] at positions start..start+T, as llama.cpp's
+        qwen35 runs it: attn_qkv(h) through the causal depthwise convolution (the cache's last inputs
+        first) and SiLU into q, k, v; q and k L2-normed, each value head reading q/k head i mod (q/k heads)
+        (the converter tiles the value heads so); gated_delta_rule with the decay ssm_a · softplus(alpha +
+        dt) and beta = sigmoid(ssm_beta(h)); each head's output RMS-normed, times silu(attn_gate(h)),
+        through ssm_out."""
+        c = self.config
+        b, t, _ = h.shape
+        hk, hv, dk, dv = c.ssm_k_heads, c.ssm_v_heads, c.ssm_head_dim, c.ssm_inner // c.ssm_v_heads
+        mixed = self.attn_qkv(h).float().transpose(1, 2)                      # [B, channels, T], in fp32
+        kernel = self.ssm_conv1d
+        past = mixed.new_zeros(b, mixed.shape[1], kernel.shape[1] - 1)
+        if cache is not None and start:
+            past = cache.conv_state[self.index]
+        seq = torch.cat([past, mixed], dim=-1)
+        if cache is not None:
+            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
+        mixed = F.silu(F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])).transpose(1, 2)
+        q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps).repeat(1, 1, hv // hk, 1)
+                for x in (q, k))
+        beta = torch.sigmoid(self.ssm_beta(h).float())
+        g = self.ssm_a * F.softplus(self.ssm_alpha(h).float() + self.ssm_dt)
+        state = cache.recurrent_state.get(self.index) if cache is not None and start else None
+        o, state = gated_delta_rule(q * dk ** -0.5, k, v.view(b, t, hv, dv), g, beta, state)
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        z = self.attn_gate(h).view(b, t, hv, dv)
+        o = (self.ssm_norm(o) * F.silu(z.float())).to(h.dtype)
+        return self.ssm_out(o.reshape(b, t, hv * dv))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
@@ -1308,8 +1452,8 @@ class Model(nn.Module):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
             conv = layer.shortconv
-            for lin in [getattr(layer, n, None) for n in LINEAR_NAMES] + ([] if conv is None else
-                                                                         [conv.in_proj, conv.out_proj]):
+            for lin in [getattr(layer, n, None) for n in LINEAR_NAMES + DELTA_LINEAR_NAMES] + (
+                    [] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
                     out[base.name] = base.weight
@@ -1324,13 +1468,20 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
     model would not use means a variant lowtune does not run, e.g. mixture-of-experts)."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
+    shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
+              "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
               "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     if not c.family.gated:
         del shapes["ffn_gate"]
     conv_shapes = {"shortconv.in_proj": (3 * c.dim, c.dim), "shortconv.out_proj": (c.dim, c.dim),
                    "shortconv.conv": (c.dim, c.conv_kernel)}
+    ch = c.ssm_conv_channels
+    delta_shapes = {"attn_qkv.weight": (ch, c.dim), "attn_gate.weight": (c.ssm_inner, c.dim),
+                    "ssm_alpha.weight": (c.ssm_v_heads, c.dim), "ssm_beta.weight": (c.ssm_v_heads, c.dim),
+                    "ssm_out.weight": (c.dim, c.ssm_inner), "ssm_conv1d.weight": (ch, c.ssm_conv_kernel),
+                    "ssm_a": (c.ssm_v_heads,), "ssm_dt.bias": (c.ssm_v_heads,),
+                    "ssm_norm.weight": (c.ssm_inner // max(c.ssm_v_heads, 1),)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
@@ -1358,6 +1509,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
         layer_shapes = dict(shapes)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
+            want.update({p + n: shape for n, shape in delta_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})

@@ -73,8 +73,8 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
              "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_0": "Q4_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
-# matrices llama-quantize leaves in floats whatever the type (LFM2's convolution kernels)
-_KEPT_FLOAT = ("shortconv.conv.weight",)
+# matrices llama-quantize leaves in floats whatever the type (LFM2's and Qwen3.5's convolution kernels)
+_KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight")
 
 
 def fallback(fmt: Format, k: int) -> Format:
