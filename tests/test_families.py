@@ -741,11 +741,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-def test_lfm2_streams_its_convolution_and_attention_layers(tiny):
+@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """LFM2's layers differ by kind (a convolution's in_proj/out_proj, or q/k/v/output, beside the
-    same MLP): streamed, the first two read from the file, the model trains as the resident one,
-    every layer's pack holding its own kind's matrices."""
-    path = gguf_of(tiny["lfm2"], "Q8_0")
+    same MLP), as Qwen3.5's (a Gated DeltaNet's five linears, or attention's): streamed, the first two
+    read from the file, the model trains as the resident one, every layer's pack holding its own
+    kind's matrices."""
+    path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
         model = Model.from_gguf(path)
@@ -759,19 +761,27 @@ def test_lfm2_streams_its_convolution_and_attention_layers(tiny):
     packs = streaming.streamer.packs
     kinds = [sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) for i in range(4)]
     ffn = ["ffn_down.weight", "ffn_gate.weight", "ffn_up.weight"]
-    assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
-    assert kinds[1] == kinds[3] == sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
-    assert packs[0].nbytes != packs[1].nbytes  # (the slots hold the larger)
+    attention = sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
+    if name == "lfm2":
+        assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
+        assert kinds[1] == kinds[3] == attention
+    else:  # (three DeltaNets, then attention)
+        assert kinds[0] == kinds[1] == kinds[2] == sorted(ffn + [n + ".weight" for n in DELTA_LINEAR_NAMES])
+        assert kinds[3] == attention
+    assert packs[0].nbytes != packs[3].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-def test_lfm2_decodes_through_its_own_steps(tiny):
-    """The compiled CPU decoder and captured decode steps keep no convolution state: both refuse
-    LFM2 by name, and generate decodes it through the model's steps, as the full forward does."""
+@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+def test_convolution_and_delta_net_states_decode_through_the_models_steps(tiny, name):
+    """The compiled CPU decoder and captured decode steps keep no convolution (or DeltaNet) state:
+    both refuse LFM2 and Qwen3.5 by name, and generate decodes them through the model's steps, as the
+    full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
-    model = Model.from_gguf(gguf_of(tiny["lfm2"], "Q8_0"))
+    model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
-    with pytest.raises(ValueError, match="short-convolution state .LFM2"):
+    with pytest.raises(ValueError, match="short-convolution state .LFM2" if name == "lfm2" else
+                       "Gated DeltaNet state .Qwen3.5"):
         StepDecoder(model, 16, graphs=False)
     prompt, stats = rand_ids(1, 12, seed=8)[0].tolist(), GenerationStats()
     got = generate(model, prompt, max_new_tokens=8, stats=stats)
