@@ -34,7 +34,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe")
+             "lfm2moe", "qwen35moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -220,6 +220,12 @@ def hf_model(name: str):
             **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, rope_parameters={
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
+        # Qwen3.5 with experts and a gated shared expert in every layer
+        "qwen35moe": lambda: tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -298,11 +304,11 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = qwen.Qwen3_5TextModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
-    no_mtp = ["--no-mtp"] if src.endswith("qwen35") else []
+    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next")) else []
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -413,8 +419,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = len(LFM2_LAYERS) if fam.short_conv else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "qwen35": 4}.get(arch, 2)
-    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "qwen35") else D // H
+    layers = len(LFM2_LAYERS) if fam.short_conv else 4 if fam.delta_net else {"gemma3": 6, "smollm3": 4,
+                                                                              "olmo2": 4}.get(arch, 2)
+    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4") or fam.delta_net \
+        else D // H
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
@@ -447,7 +455,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
-        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe"):  # with a shared expert
+        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "qwen35moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
@@ -494,7 +502,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
             # unit size: saturated sigmoids would tie)
-            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 else 1.0)
+            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 or c.delta_layers
+                                                             else 1.0)
             w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})

@@ -30,7 +30,7 @@ from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.generate import generate
-from lowtune.model import Model, ModelConfig
+from lowtune.model import DELTA_LINEAR_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
@@ -62,7 +62,8 @@ def test_logits_match_transformers(moe, name):
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
     assert model.config.arch == {"mixtral": "llama"}.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe"))
+    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe",
+                                                                  "qwen35moe"))
     # ERNIE 4.5 MoE's and LFM2-MoE's first layer is dense (leading_dense_block_count)
     assert [layer.ffn_moe is not None for layer in model.layers] == [name not in ("ernie4_5-moe", "lfm2moe")] + [
         True] * (model.config.n_layers - 1)
@@ -102,10 +103,11 @@ def test_logits_match_transformers(moe, name):
 
 
 @pytest.mark.llamacpp
-# (LFM2-MoE: its convolutions' activations lose more to llama.cpp's rounding of them, as LFM2's do:
-# test_families.py's QUANTIZED_TOL and test_lfm2_quantized_perplexity_is_llamacpps_rounding)
+# (LFM2-MoE and Qwen3.5-MoE: their convolutions' and DeltaNets' activations lose more to llama.cpp's
+# rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
+# test_lfm2_quantized_perplexity_is_llamacpps_rounding)
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
-                         + [(n, "Q8_0", 1e-2 if n == "lfm2moe" else 5e-3) for n in MOE_NAMES]
+                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe") else 5e-3) for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)])  # (gpt-oss's files keep their experts in MXFP4)
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
@@ -143,7 +145,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing are the model's own steps."""
     steps, _, _ = compiled_decoder_steps(Model.from_gguf(gguf_of(moe[name], "Q8_0")), rand_ids(1, 30, seed=5), 8)
-    assert (steps is not None) == (name != "lfm2moe")
+    assert (steps is not None) == (name not in ("lfm2moe", "qwen35moe"))
     for t, (got, want) in enumerate(steps or []):
         assert rel_err(got, want) < 1e-5, t
 
@@ -156,8 +158,9 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     for i, layer in enumerate(model.layers):  # (the FFN of ERNIE 4.5 MoE's dense first layer is adapted too)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention = {"in_proj", "out_proj"} if layer.shortconv is not None else {"attn_q", "attn_k", "attn_v",
-                                                                                 "attn_output"}  # (LFM2-MoE's)
+        attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
+        if layer.shortconv is not None or layer.delta_net:  # (LFM2-MoE's convolutions, Qwen3.5-MoE's DeltaNets)
+            attention = {"in_proj", "out_proj"} if layer.shortconv is not None else set(DELTA_LINEAR_NAMES)
         assert names == (attention if layer.ffn_moe is not None else attention | {"ffn_gate", "ffn_up", "ffn_down"})
         assert layer.ffn_moe is None or not any(p.requires_grad for p in layer.ffn_moe.parameters())
 

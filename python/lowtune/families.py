@@ -44,6 +44,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
+    qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -105,7 +106,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   the delta rule, the output RMS-normed and gated by silu(z)); the others attention whose q projection
   also gives a per-head gate (Family.attn_output_gate: sigmoid(gate) · attention before attn_output),
   per-head q/k norms and RoPE on part of each head. The converter adds the 1 of its zero-centred norms
-  (not the gated one) and stores -exp(A_log) as ssm_a. Its FFN norm is post_attention_norm.
+  (not the gated one) and stores -exp(A_log) as ssm_a. Its FFN norm is post_attention_norm. Qwen3.5-MoE
+  (qwen35moe) is Qwen3.5 with Qwen2-MoE's experts in every layer (softmax routing, the chosen weights
+  renormalized, a shared expert scaled by a sigmoid gate).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -272,6 +275,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM",), hf_model_types=("qwen3_5_text",),
            hf_norm_offset=1.0),
+    Family("qwen35moe", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
+           attn_output_gate=True, moe=True, moe_shared_gate=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -326,7 +331,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss and "
-                         "qwen3vlmoe, lfm2moe)")
+                         "qwen3vlmoe, lfm2moe, qwen35moe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

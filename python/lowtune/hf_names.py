@@ -126,6 +126,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "lfm2": _LFM2,
     "lfm2moe": _LFM2,  # (the dense layers' MLP names; experts not mapped)
     "qwen35": _QWEN35,
+    "qwen35moe": _QWEN35,  # (the attention's and DeltaNets' names; experts not mapped)
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models) keeps its
