@@ -34,7 +34,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe", "qwen35moe")
+             "lfm2moe", "qwen35moe", "qwen3next")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -226,6 +226,11 @@ def hf_model(name: str):
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, shared_expert_intermediate_size=64,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                              "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
+        # Qwen3.5-MoE as Qwen3-Next's converter writes it: value heads grouped, b and a fused, no M-RoPE
+        "qwen3next": lambda: tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -455,7 +460,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
-        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "qwen35moe"):  # with a shared expert
+        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "qwen35moe", "qwen3next"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
@@ -488,7 +493,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         elif c.is_delta(i):  # a Gated DeltaNet in place of attention; its kernel in F32, as llama.cpp keeps it
             ch = c.ssm_conv_channels
             w.update({p + "attn_qkv.weight": mat(ch, D), p + "attn_gate.weight": mat(hv * dk, D),
-                      p + "ssm_alpha.weight": mat(hv, D), p + "ssm_beta.weight": mat(hv, D),
+                      **({p + "ssm_ba.weight": mat(2 * hv, D)} if fam.delta_heads_grouped else  # (Qwen3-Next's)
+                         {p + "ssm_alpha.weight": mat(hv, D), p + "ssm_beta.weight": mat(hv, D)}),
                       p + "ssm_out.weight": mat(D, hv * dk), p + "ssm_a": -vec(hv, 1.0).abs(),
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
@@ -501,7 +507,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         else:
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
-            # unit size: saturated sigmoids would tie)
+            # unit size: saturated sigmoids would tie; for DeltaNet models' softer routing, which bf16 flips less)
             router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 or c.delta_layers
                                                              else 1.0)
             w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),

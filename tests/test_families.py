@@ -699,7 +699,7 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     targets = [t for t in adapters.TARGETS if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
     targets = [t for t in targets if t not in DELTA_LINEAR_NAMES]
     attention, conv = targets[:-2], ["shortconv." + t for t in targets[-2:]] + targets[4:-2]  # (LFM2's conv layers)
-    delta = list(DELTA_LINEAR_NAMES) + targets[4:-2]  # (Qwen3.5's Gated DeltaNets)
+    delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:-2]  # (Qwen3.5's Gated DeltaNets)
     kind = lambda i: conv if c.is_conv(i) else delta if c.is_delta(i) else attention  # noqa: E731
     assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kind(i)}
     fill_adapters(model, torch.Generator().manual_seed(2))
@@ -766,7 +766,8 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
         assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
         assert kinds[1] == kinds[3] == attention
     else:  # (three DeltaNets, then attention)
-        assert kinds[0] == kinds[1] == kinds[2] == sorted(ffn + [n + ".weight" for n in DELTA_LINEAR_NAMES])
+        delta = [n + ".weight" for n in DELTA_LINEAR_NAMES if n != "ssm_ba"]  # (Qwen3-Next's fused b and a)
+        assert kinds[0] == kinds[1] == kinds[2] == sorted(ffn + delta)
         assert kinds[3] == attention
     assert packs[0].nbytes != packs[3].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
@@ -886,12 +887,12 @@ def test_families_and_refusals():
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "qwen35", "qwen35moe",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek2", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen3next", "recurrent"), ("bert", "encoder"),
+                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

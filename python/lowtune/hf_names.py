@@ -162,6 +162,9 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
 def _table(arch: str) -> dict[str, dict[str, str]]:
     if arch in FAMILIES and FAMILIES[arch].text_of:  # a vision-language model's text decoder
         arch = FAMILIES[arch].text_of
+    if arch in FAMILIES and FAMILIES[arch].delta_heads_grouped:
+        raise ValueError(f"{arch}'s Hugging Face modules fuse q, k, v and z (in_proj_qkvz) and b and a (in_proj_ba) "
+                         "head by head, which lowtune does not write; export it as GGUF (merged, or a GGUF LoRA)")
     if arch not in TENSOR_NAMES:
         raise ValueError(f"no Hugging Face names for architecture {arch!r} (known: {', '.join(TENSOR_NAMES)})")
     return TENSOR_NAMES[arch]

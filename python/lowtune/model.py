@@ -73,8 +73,9 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # modules blk.N.shortconv.<name>
 CONV_LINEAR_NAMES = ("in_proj", "out_proj")
 # the linears of a Gated DeltaNet layer (Qwen3.5), in place of the four attention ones: q/k/v into the
-# convolution, z (the output norm's gate), alpha (the decay's), beta, and the output
-DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_out")
+# convolution, z (the output norm's gate), alpha (the decay's), beta (or both in Qwen3-Next's ssm_ba, head
+# by head), and the output
+DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_ba", "ssm_out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,8 +874,9 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
     if config.is_conv(index):  # (a short convolution's: ShortConv's own)
         names = names[4:]
-    if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's)
-        names = DELTA_LINEAR_NAMES + names[4:]
+    if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
+        fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
+        names = tuple(n for n in DELTA_LINEAR_NAMES if n not in fused_ba) + names[4:]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -1089,7 +1091,8 @@ class DecoderLayer(nn.Module):
         """A Gated DeltaNet's output for normed h [B, T, D] at positions start..start+T, as llama.cpp's
         qwen35 runs it: attn_qkv(h) through the causal depthwise convolution (the cache's last inputs
         first) and SiLU into q, k, v; q and k L2-normed, each value head reading q/k head i mod (q/k heads)
-        (the converter tiles the value heads so); gated_delta_rule with the decay ssm_a · softplus(alpha +
+        (the converter tiles Qwen3.5's value heads so; Qwen3-Next's are grouped: head i // (value heads per
+        q/k head)); gated_delta_rule with the decay ssm_a · softplus(alpha +
         dt) and beta = sigmoid(ssm_beta(h)); each head's output RMS-normed, times silu(attn_gate(h)),
         through ssm_out."""
         c = self.config
@@ -1105,10 +1108,18 @@ class DecoderLayer(nn.Module):
             cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
         mixed = F.silu(F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])).transpose(1, 2)
         q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps).repeat(1, 1, hv // hk, 1)
-                for x in (q, k))
-        beta = torch.sigmoid(self.ssm_beta(h).float())
-        g = self.ssm_a * F.softplus(self.ssm_alpha(h).float() + self.ssm_dt)
+        q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps) for x in (q, k))
+        if c.family.delta_heads_grouped:
+            q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+        else:
+            q, k = q.repeat(1, 1, hv // hk, 1), k.repeat(1, 1, hv // hk, 1)
+        if hasattr(self, "ssm_ba"):  # (Qwen3-Next: each q/k head's b, then its a)
+            beta, alpha = self.ssm_ba(h).float().view(b, t, hk, 2, hv // hk).unbind(3)
+            beta, alpha = beta.reshape(b, t, hv), alpha.reshape(b, t, hv)
+        else:
+            beta, alpha = self.ssm_beta(h).float(), self.ssm_alpha(h).float()
+        beta = torch.sigmoid(beta)
+        g = self.ssm_a * F.softplus(alpha + self.ssm_dt)
         state = cache.recurrent_state.get(self.index) if cache is not None and start else None
         o, state = gated_delta_rule(q * dk ** -0.5, k, v.view(b, t, hv, dv), g, beta, state)
         if cache is not None:
@@ -1511,7 +1522,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object]) -> None:
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
-            want.update({p + n: shape for n, shape in delta_shapes.items()})
+            own = dict(delta_shapes)
+            if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
+                del own["ssm_alpha.weight"], own["ssm_beta.weight"]
+                own["ssm_ba.weight"] = (2 * c.ssm_v_heads, c.dim)
+            want.update({p + n: shape for n, shape in own.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
