@@ -260,6 +260,32 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
     assert rel_err(got, want) < 1e-4
 
 
+def test_qwen35_multimodal_checkpoint_reads_as_its_language_model(tiny, tmp_path):
+    """Qwen3_5ForConditionalGeneration (the published Qwen3.5 checkpoints): the text config and the
+    language model's tensors are read, the vision tower and the multi-token-prediction layers (mtp.*)
+    left out, and the logits are its text logits, those of the converted GGUF."""
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    import lowtune
+    text = json.loads((tiny["qwen35"].hf_dir / "config.json").read_text())
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D)
+    hf = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        hf.model.language_model.load_state_dict(hf_model("qwen35").model.state_dict())
+        hf.lm_head.weight.copy_(hf_model("qwen35").lm_head.weight)
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    save_file({**load_file(path), "mtp.fc.weight": torch.zeros(D, 2 * D)}, path, metadata={"format": "pt"})
+    ids = rand_ids(1, 40)
+    with torch.no_grad():
+        got, want = lowtune.load_model(tmp_path, qtype="F32")(ids), hf(input_ids=ids).logits
+        gguf = Model.from_gguf(tiny["qwen35"].gguf)(ids)
+    assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) < 1e-4
+
+
 def test_vision_language_models_are_their_text_families(tiny, tmp_path):
     """Qwen2-VL / Qwen2.5-VL (qwen2vl), Qwen3-VL (qwen3vl) and Qwen3-VL MoE (qwen3vlmoe) run their text
     families' decoders (text tokens take every M-RoPE section at their position: NEOX RoPE; the tiny

@@ -129,11 +129,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen35moe": _QWEN35,  # (the attention's and DeltaNets' names; experts not mapped)
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
-# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models) keeps its
-# language model under a prefix; its vision tower is not part of the text model.
+# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models, Qwen3.5) keeps
+# its language model under a prefix; its vision tower is not part of the text model, nor are Qwen3.5's
+# multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
-                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
+                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
 
@@ -595,9 +596,6 @@ def _delta_net_keys(config: dict, key) -> None:
     n_layers, every = int(config["num_hidden_layers"]), int(config.get("full_attention_interval", 4))
     types = config.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "linear_attention"
                                           for i in range(n_layers)]
-    if config.get("mtp_num_hidden_layers"):
-        raise ValueError("config.json has multi-token-prediction layers (mtp_num_hidden_layers), which lowtune "
-                         "does not run; the GGUF llama.cpp's converter writes with --no-mtp is")
     key("ssm.conv_kernel", int(config["linear_conv_kernel_dim"]), U32)
     key("ssm.state_size", int(config["linear_key_head_dim"]), U32)
     key("ssm.group_count", int(config["linear_num_key_heads"]), U32)
