@@ -822,9 +822,11 @@ def test_convolution_and_delta_net_states_decode_through_the_models_steps(tiny, 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
-def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
-    """`lowtune quantize` gives LFM2's tensors llama-quantize's types and bytes: the convolutions'
-    kernels stay F32, and the recipes' attn_v choices read layer 0's KV heads (none: a convolution)."""
+@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name):
+    """`lowtune quantize` gives LFM2's and Qwen3.5's tensors llama-quantize's types and bytes: the
+    convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads (none: a
+    convolution), and a DeltaNet's attn_qkv takes attn_v's rules and counts among them."""
     import ctypes
 
     import llama_cpp
@@ -832,7 +834,7 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
 
     from lowtune.quantize_model import quantize_model
     from lowtune.recipes import RECIPES
-    src = tiny["lfm2"].gguf
+    src = tiny[name].gguf
     ours = quantize_model(src, tmp_path / "ours.gguf", recipe).path
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = RECIPES[recipe][0], 1
@@ -840,7 +842,8 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe):
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     with GGUFFile(ours) as a, GGUFFile(theirs) as b:
         assert set(a.tensor_infos) == set(b.tensor_infos)
-        assert b.tensor_infos["blk.0.shortconv.conv.weight"].type_name == "F32"
+        kernel = "blk.0.shortconv.conv.weight" if name == "lfm2" else "blk.0.ssm_conv1d.weight"
+        assert b.tensor_infos[kernel].type_name == "F32"
         for name, info in b.tensor_infos.items():
             assert a.tensor_infos[name].type_name == info.type_name, name
             assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
