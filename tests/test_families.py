@@ -260,6 +260,34 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
     assert rel_err(got, want) < 1e-4
 
 
+def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
+    """lowtune.model.gated_delta_rule over 150 positions (three chunks, the last padded) gives
+    transformers' chunked reference's outputs and state, and stepping it a position at a time from the
+    state of a prefix gives the same; gradients reach q, k, v, the decay and beta."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    from lowtune.model import gated_delta_rule
+    g = torch.Generator().manual_seed(0)
+    b, t, h, dk, dv = 2, 150, 3, 8, 5
+    q, k = (torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=g), dim=-1) for _ in range(2))
+    v, decay, beta = (torch.randn(b, t, h, dv, generator=g), -torch.rand(b, t, h, generator=g),
+                      torch.rand(b, t, h, generator=g))
+    want, want_state = torch_chunk_gated_delta_rule(q, k, v, decay, beta, output_final_state=True)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, decay, beta)]
+    got, state = gated_delta_rule(inputs[0] * dk ** -0.5, *inputs[1:])
+    assert rel_err(got, want) < 1e-5 and rel_err(state, want_state) < 1e-5
+    got.square().sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
+    with torch.no_grad():
+        q = q * dk ** -0.5
+        o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
+        parts = [o]
+        for i in range(100, t):
+            o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
+            parts.append(o)
+    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+
+
 def test_qwen35_multimodal_checkpoint_reads_as_its_language_model(tiny, tmp_path):
     """Qwen3_5ForConditionalGeneration (the published Qwen3.5 checkpoints): the text config and the
     language model's tensors are read, the vision tower and the multi-token-prediction layers (mtp.*)

@@ -701,8 +701,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     decay = g.cumsum(-1)                                                   # log decay since the chunk's start
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
-    # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform)
-    # (its diagonal is taken as ones)
+    # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform; its
+    # diagonal is taken as ones)
     system = k_beta @ k.transpose(-1, -2) * pair
     values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
     k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
@@ -850,6 +850,8 @@ def fused_splits(config: ModelConfig, index: int, names) -> dict[str, tuple[tupl
     [2F, D] (with no ffn_gate) holds the gate rows, then the up rows."""
     c, p = config, f"blk.{index}."
     q, kv, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
+    if c.family.attn_output_gate:  # (Qwen3.5: q's rows hold each head's q and gate)
+        q *= 2
     out = {}
     if p + "attn_qkv.weight" in names and not c.is_delta(index):  # (a DeltaNet's attn_qkv is its own linear)
         out[p + "attn_qkv.weight"] = ((p + "attn_q.weight", 0, q), (p + "attn_k.weight", q, q + kv),
