@@ -31,12 +31,12 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid")
+         "granitehybrid", "qwen35")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "granitehybridmoe")
+             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "granitehybridmoe", "qwen35moe", "qwen3next")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -57,6 +57,10 @@ GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, 
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
+# Qwen3.5's Gated DeltaNets: twice as many value heads as q/k heads (the converter tiles them), a
+# convolution of 4, every 4th layer attention
+QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    linear_num_key_heads=2, linear_num_value_heads=4)
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -257,6 +261,23 @@ def hf_model(name: str):
         # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
         "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
+        # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
+        # each head (its M-RoPE sections over those pairs) in the fourth
+        "qwen35": lambda: tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
+        # Qwen3.5 with experts and a gated shared expert in every layer
+        "qwen35moe": lambda: tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
+        # Qwen3.5-MoE as Qwen3-Next's converter writes it: value heads grouped, b and a fused, no M-RoPE
+        "qwen3next": lambda: tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(
+            **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
         "seed_oss": lambda: tf.SeedOssForCausalLM(tf.SeedOssConfig(
             **common, num_hidden_layers=2, head_dim=32, attention_bias=True, tie_word_embeddings=False)),
         # LayerNorm, parallel attention and FFN, logits × 0.25, a tied head; Command R7B's windows
@@ -377,17 +398,20 @@ _CONVERT = """
 import runpy, sys
 from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's and DeepSeek's converters read only byte-level BPE vocabularies; the tiny models share a
-# SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's and Qwen3.5's converters read only byte-level BPE vocabularies; the tiny
+# models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
+    qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
-    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
+    # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
+    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next")) else []
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -526,9 +550,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else {
-        "gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2)
-    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") else D // H
+    layers = (len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
+              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2))
+    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") \
+        or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
@@ -558,6 +583,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
     if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
+    dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
+        QWEN35_DELTA["linear_num_value_heads"]
+    if fam.delta_net:  # Gated DeltaNets in every other layer (bf16 drifts less), RoPE on a quarter of each head
+        md.update({f"{arch}.rope.dimension_count": hd // 4, f"{arch}.full_attention_interval": 2,
+                   f"{arch}.ssm.conv_kernel": QWEN35_DELTA["linear_conv_kernel_dim"], f"{arch}.ssm.state_size": dk,
+                   f"{arch}.ssm.group_count": hk, f"{arch}.ssm.time_step_rank": hv, f"{arch}.ssm.inner_size": hv * dk})
     if arch == "apertus":  # xIELU's scalars, each layer's own
         ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
         md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
@@ -569,7 +600,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.moe and arch != "llama":  # (llama's random model stays dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
-        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid"):  # with a shared expert
+        if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
+                    "qwen3next"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
@@ -630,19 +662,32 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_conv1d.bias": vec(m.conv_dim), p + "ssm_dt.bias": vec(m.heads),
                       p + "ssm_a": -torch.exp(vec(m.heads)), p + "ssm_d": vec(m.heads, 1.0),
                       p + "ssm_norm.weight": vec(m.inner, 1.0)})
+        elif c.is_delta(i):  # a Gated DeltaNet in place of attention; its kernel in F32, as llama.cpp keeps it
+            ch = c.ssm_conv_channels
+            w.update({p + "attn_qkv.weight": mat(ch, D), p + "attn_gate.weight": mat(hv * dk, D),
+                      **({p + "ssm_ba.weight": mat(2 * hv, D)} if fam.delta_heads_grouped else  # (Qwen3-Next's)
+                         {p + "ssm_alpha.weight": mat(hv, D), p + "ssm_beta.weight": mat(hv, D)}),
+                      p + "ssm_out.weight": mat(D, hv * dk), p + "ssm_a": -vec(hv, 1.0).abs(),
+                      p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
+                                                                / math.sqrt(c.ssm_conv_kernel), "F32")})
         elif arch == "phi3":  # fused q/k/v
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
             q = c.n_heads * c.v_dim  # (attn_output's input)
+        elif fam.attn_output_gate:  # q and its gate, head by head
+            w.update({p + "attn_q.weight": mat(2 * q, D), p + "attn_k.weight": mat(kv, D),
+                      p + "attn_v.weight": mat(kv, D)})
         elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         else:  # (Gemma 3n's last layers: K/V reused)
             w[p + "attn_q.weight"] = mat(q, D)
         if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
-            # unit size: saturated sigmoids would tie)
-            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 else 1.0)
+            # unit size: saturated sigmoids would tie; for DeltaNet models' softer routing, which bf16 flips less)
+            router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 or c.delta_layers
+                                                             else 1.0)
             w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})

@@ -31,8 +31,8 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import (CONV_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model, ModelConfig, QLinear,
-                           rope_inv_freq)
+from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
+                           ModelConfig, QLinear, rope_inv_freq)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -265,6 +265,60 @@ def test_gemma3_multimodal_checkpoint_reads_as_its_text_model(tmp_path):
     assert rel_err(got, want) < 1e-4
 
 
+def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
+    """lowtune.model.gated_delta_rule over 150 positions (three chunks, the last padded) gives
+    transformers' chunked reference's outputs and state, and stepping it a position at a time from the
+    state of a prefix gives the same; gradients reach q, k, v, the decay and beta."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    from lowtune.model import gated_delta_rule
+    g = torch.Generator().manual_seed(0)
+    b, t, h, dk, dv = 2, 150, 3, 8, 5
+    q, k = (torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=g), dim=-1) for _ in range(2))
+    v, decay, beta = (torch.randn(b, t, h, dv, generator=g), -torch.rand(b, t, h, generator=g),
+                      torch.rand(b, t, h, generator=g))
+    want, want_state = torch_chunk_gated_delta_rule(q, k, v, decay, beta, output_final_state=True)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, decay, beta)]
+    got, state = gated_delta_rule(inputs[0] * dk ** -0.5, *inputs[1:])
+    assert rel_err(got, want) < 1e-5 and rel_err(state, want_state) < 1e-5
+    got.square().sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
+    with torch.no_grad():
+        q = q * dk ** -0.5
+        o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
+        parts = [o]
+        for i in range(100, t):
+            o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
+            parts.append(o)
+    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+
+
+def test_qwen35_multimodal_checkpoint_reads_as_its_language_model(tiny, tmp_path):
+    """Qwen3_5ForConditionalGeneration (the published Qwen3.5 checkpoints): the text config and the
+    language model's tensors are read, the vision tower and the multi-token-prediction layers (mtp.*)
+    left out, and the logits are its text logits, those of the converted GGUF."""
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    import lowtune
+    text = json.loads((tiny["qwen35"].hf_dir / "config.json").read_text())
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D)
+    hf = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        hf.model.language_model.load_state_dict(hf_model("qwen35").model.state_dict())
+        hf.lm_head.weight.copy_(hf_model("qwen35").lm_head.weight)
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    save_file({**load_file(path), "mtp.fc.weight": torch.zeros(D, 2 * D)}, path, metadata={"format": "pt"})
+    ids = rand_ids(1, 40)
+    with torch.no_grad():
+        got, want = lowtune.load_model(tmp_path, qtype="F32")(ids), hf(input_ids=ids).logits
+        gguf = Model.from_gguf(tiny["qwen35"].gguf)(ids)
+    assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) < 1e-4
+
+
 def test_vision_language_models_are_their_text_families(tiny, tmp_path):
     """Qwen2-VL / Qwen2.5-VL (qwen2vl), Qwen3-VL (qwen3vl) and Qwen3-VL MoE (qwen3vlmoe) run their text
     families' decoders (text tokens take every M-RoPE section at their position: NEOX RoPE; the tiny
@@ -348,7 +402,7 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm"]
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -365,6 +419,12 @@ def test_config_read_from_the_converted_files(tiny):
     gh = describe(tiny["granitehybrid"].gguf)["config"]  # (Granite 4's Mamba2 layers)
     assert (gh["ssm_layers"], gh["ssm"]["heads"], gh["no_rope"]) == ([0, 2], 8, True)
     assert describe(tiny["llama"].gguf)["config"]["ssm_layers"] == []
+    qw = cfg["qwen35"]  # (three DeltaNets, then attention; RoPE on a quarter of each head)
+    assert (qw.delta_layers, qw.ssm_conv_kernel, qw.ssm_k_heads, qw.ssm_v_heads, qw.ssm_head_dim, qw.ssm_inner) == (
+        (0, 1, 2), 4, 2, 4, 16, 64)
+    assert (qw.head_dim, qw.rope_dim) == (32, 8)
+    assert all(cfg[n].delta_layers == () for n in NAMES if n != "qwen35")
+    assert describe(tiny["qwen35"].gguf)["config"]["delta_layers"] == [0, 1, 2]
     p4 = cfg["phi4"]
     assert (p4.head_dim, p4.rope_dim, p4.rope_orig_context) == (16, 12, PHI3_ORIG_CONTEXT)
     co = cfg["cohere2"]
@@ -504,10 +564,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions and Granite 4's Mamba2 layers, whose states the decoder does not keep; Gemma 3n's
-# AltUp, Laurel and per-layer inputs)
+# short convolutions, Granite 4's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states the decoder
+# does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid"))
+                                                      "granitehybrid", "qwen35"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -569,7 +629,7 @@ def botchan_ids(tiny, botchan_text):
 # activations lose more to llama.cpp's 8-bit rounding of them (0.54 % at Q4_0 on the tiny model, LFM2-MoE's
 # 0.93 % at Q8_0; with lowtune rounding them as llama.cpp does, 0.26 % and 0.2 %:
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-QUANTIZED_TOL = {"lfm2": 1e-2}
+QUANTIZED_TOL = {"lfm2": 1e-2, "qwen35": 1e-2}
 
 
 @pytest.mark.llamacpp
@@ -589,17 +649,19 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name,qtype", [("lfm2", "Q8_0"), ("lfm2", "Q4_0"), ("lfm2moe", "Q8_0")])
+@pytest.mark.parametrize("name,qtype", [("lfm2", "Q8_0"), ("lfm2", "Q4_0"), ("lfm2moe", "Q8_0"), ("qwen35", "Q8_0"),
+                                        ("qwen35", "Q4_0")])
 def test_lfm2_quantized_perplexity_is_llamacpps_rounding(tiny, botchan_ids, name, qtype):
-    """LFM2's (and LFM2-MoE's) quantized perplexity is llama.cpp's within the other families' 0.5 %
-    once lowtune rounds the activations of its products as llama.cpp does (the convolutions' kernels
-    stay in F32)."""
+    """LFM2's (and LFM2-MoE's, Qwen3.5's) quantized perplexity is llama.cpp's within the other families'
+    0.5 % once lowtune rounds the activations of its products as llama.cpp does (the convolutions'
+    kernels stay in F32)."""
     from lowtune.llamacpp_activations import rounded_like_llamacpp
     path = gguf_of(tiny[name], qtype)
     want = llamacpp_perplexity(llamacpp(path), windows(botchan_ids, SEQ, chunks=8))
     model = Model.from_gguf(path)
-    assert model.tensor_types["blk.0.shortconv.in_proj.weight"] == qtype
-    assert model.tensor_types["blk.0.shortconv.conv.weight"] == "F32"
+    linear, kernel = ("attn_qkv", "ssm_conv1d") if name == "qwen35" else ("shortconv.in_proj", "shortconv.conv")
+    assert model.tensor_types[f"blk.0.{linear}.weight"] == qtype
+    assert model.tensor_types[f"blk.0.{kernel}.weight"] == "F32"
     with rounded_like_llamacpp():
         got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}, activations rounded as llama.cpp's: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
@@ -751,6 +813,9 @@ def merged_weights(model) -> dict:
             children = [(n, m) for n, m in children if n != "mamba"]
             w.update({p + n: ops.quantize(t, "F32") if t.dim() == 2 else t
                       for n, t in layer.mamba.frozen_tensors().items()})
+        if layer.delta_net:  # (Qwen3.5: the Gated DeltaNet's frozen parts)
+            w.update({p + "ssm_conv1d.weight": ops.quantize(layer.ssm_conv1d, "F32"), p + "ssm_a": layer.ssm_a,
+                      p + "ssm_dt.bias": layer.ssm_dt})
         for name, mod in children:
             if isinstance(mod, adapters.AdaptedLinear):
                 dense = ops.dequantize(mod.base.weight) + mod.delta_weight()
@@ -778,7 +843,9 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
-    kinds = lambda i: conv if c.is_conv(i) else ssm if c.is_ssm(i) else targets  # noqa: E731
+    delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
+    kinds = lambda i: (conv if c.is_conv(i) else ssm if c.is_ssm(i)  # noqa: E731
+                       else delta if c.is_delta(i) else targets)
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
     assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kinds(i)
                         if c.has_kv(i) or t not in ("attn_k", "attn_v")}
@@ -821,11 +888,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-def test_lfm2_streams_its_convolution_and_attention_layers(tiny):
+@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """LFM2's layers differ by kind (a convolution's in_proj/out_proj, or q/k/v/output, beside the
-    same MLP): streamed, the first two read from the file, the model trains as the resident one,
-    every layer's pack holding its own kind's matrices."""
-    path = gguf_of(tiny["lfm2"], "Q8_0")
+    same MLP), as Qwen3.5's (a Gated DeltaNet's five linears, or attention's): streamed, the first two
+    read from the file, the model trains as the resident one, every layer's pack holding its own
+    kind's matrices."""
+    path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
         model = Model.from_gguf(path)
@@ -839,19 +908,28 @@ def test_lfm2_streams_its_convolution_and_attention_layers(tiny):
     packs = streaming.streamer.packs
     kinds = [sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) for i in range(4)]
     ffn = ["ffn_down.weight", "ffn_gate.weight", "ffn_up.weight"]
-    assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
-    assert kinds[1] == kinds[3] == sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
-    assert packs[0].nbytes != packs[1].nbytes  # (the slots hold the larger)
+    attention = sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
+    if name == "lfm2":
+        assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
+        assert kinds[1] == kinds[3] == attention
+    else:  # (three DeltaNets, then attention)
+        delta = [n + ".weight" for n in DELTA_LINEAR_NAMES if n != "ssm_ba"]  # (Qwen3-Next's fused b and a)
+        assert kinds[0] == kinds[1] == kinds[2] == sorted(ffn + delta)
+        assert kinds[3] == attention
+    assert packs[0].nbytes != packs[3].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-def test_lfm2_decodes_through_its_own_steps(tiny):
-    """The compiled CPU decoder and captured decode steps keep no convolution state: both refuse
-    LFM2 by name, and generate decodes it through the model's steps, as the full forward does."""
+@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+def test_convolution_and_delta_net_states_decode_through_the_models_steps(tiny, name):
+    """The compiled CPU decoder and captured decode steps keep no convolution (or DeltaNet) state:
+    both refuse LFM2 and Qwen3.5 by name, and generate decodes them through the model's steps, as the
+    full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
-    model = Model.from_gguf(gguf_of(tiny["lfm2"], "Q8_0"))
+    model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
-    with pytest.raises(ValueError, match="short-convolution state .LFM2"):
+    with pytest.raises(ValueError, match="short-convolution state .LFM2" if name == "lfm2" else
+                       "Gated DeltaNet state .Qwen3.5"):
         StepDecoder(model, 16, graphs=False)
     prompt, stats = rand_ids(1, 12, seed=8)[0].tolist(), GenerationStats()
     got = generate(model, prompt, max_new_tokens=8, stats=stats)
@@ -865,11 +943,13 @@ def test_lfm2_decodes_through_its_own_steps(tiny):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
-@pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d")])
+@pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d"),
+                                         ("qwen35", "ssm_conv1d")])
 def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name, kernel):
-    """`lowtune quantize` gives LFM2's (and Granite 4's hybrid's) tensors llama-quantize's types and bytes:
-    the convolutions' kernels stay F32, and the recipes' attn_v choices read layer 0's KV heads (none: a
-    convolution, a Mamba2 layer)."""
+    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's and Qwen3.5's tensors llama-quantize's types
+    and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
+    (none: a convolution, a Mamba2 layer), and a DeltaNet's attn_qkv takes attn_v's rules and counts
+    among them."""
     import ctypes
 
     import llama_cpp
@@ -1065,12 +1145,12 @@ def test_families_and_refusals():
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "gemma3n",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("qwen35", "recurrent"), ("bert", "encoder"),
+                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

@@ -34,7 +34,7 @@ from lowtune import adapters
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import CONV_LINEAR_NAMES, LINEAR_NAMES, SSM_LINEAR_NAMES, Model
+from lowtune.model import CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, SSM_LINEAR_NAMES, Model
 
 from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
                            rand_ids, random_family_model, rel_err)
@@ -55,7 +55,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
-                 "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara"}
+                 "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
+                 "qwen35": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -63,7 +64,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
-                   "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora"}
+                   "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
+                   "qwen35": "lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -76,7 +78,10 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "lfm2": {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"},
               # (the MLP's gate and up: one module, input_linear)
               "granitehybrid": {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear",
-                                "output_linear"}}
+                                "output_linear"},
+              # (out_proj: the DeltaNets')
+              "qwen35": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv",
+                         "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 
@@ -155,6 +160,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus") else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     present |= set(SSM_LINEAR_NAMES) if name == "granitehybrid" else set()  # (Granite 4's Mamba2 layers)
+    present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
     assert {m.rsplit(".", 1)[-1] for m in modules} == present - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
     print(f"{name} {method}: held-out loss {before:.4f} -> {after:.4f}")
@@ -413,11 +419,11 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid"])
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
-    layers."""
+    layers, Qwen3.5's Gated DeltaNets and gated attention."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -435,7 +441,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid"))
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

@@ -35,7 +35,7 @@ from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
+from lowtune.model import DELTA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
@@ -71,8 +71,8 @@ def test_logits_match_transformers(moe, name):
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
-    assert bool(model.config.shared_expert_ffn_dim) == (name in ("qwen2moe", "granitemoe", "ernie4_5-moe",
-                                                                 "granitehybridmoe") + DEEPSEEK)
+    shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next") + DEEPSEEK
+    assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == [name not in DENSE_FIRST] + [True] * (
         model.config.n_layers - 1)
     with torch.no_grad():
@@ -116,10 +116,12 @@ def test_logits_match_transformers(moe, name):
 
 
 @pytest.mark.llamacpp
-# (LFM2-MoE: its convolutions' activations lose more to llama.cpp's rounding of them, as LFM2's do:
-# test_families.py's QUANTIZED_TOL and test_lfm2_quantized_perplexity_is_llamacpps_rounding)
+# (LFM2-MoE and Qwen3.5-MoE: their convolutions' and DeltaNets' activations lose more to llama.cpp's
+# rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
+# test_lfm2_quantized_perplexity_is_llamacpps_rounding)
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
-                         + [(n, "Q8_0", 1e-2 if n == "lfm2moe" else 5e-3) for n in MOE_NAMES]
+                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next") else 5e-3)
+                            for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
@@ -260,11 +262,11 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, Granite 4's Mamba2 layers and DeepSeek's latent attention are left
-    to the model's own steps."""
+    convolutions and sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's DeltaNets and DeepSeek's latent
+    attention are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -289,8 +291,12 @@ def test_adapters_train_through_the_experts(moe, name):
     for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
         attention_i = attention
-        if layer.shortconv is not None or layer.mamba is not None:  # (LFM2-MoE's convolutions, Mamba2 layers)
-            attention_i = {"in_proj", "out_proj"} if layer.shortconv is not None else {"ssm_in", "ssm_out"}
+        if layer.shortconv is not None:  # (LFM2-MoE's convolutions)
+            attention_i = {"in_proj", "out_proj"}
+        elif layer.mamba is not None:  # (Mamba2 layers)
+            attention_i = {"ssm_in", "ssm_out"}
+        elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
+            attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
         m = layer.ffn_moe
         ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES if m.ffn_gate_shexp else ())
         assert names == attention_i | ffn
@@ -360,6 +366,10 @@ def test_exports(moe, tmp_path, name):
     print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}; with the GGUF LoRA lowtune "
           f"{lora_ppl:.3f}, llama.cpp {cpp_lora:.3f}")
     assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - lora_ppl) / lora_ppl < 2e-3
+    if name == "qwen3next":  # (its HF modules fuse the DeltaNet's projections head by head)
+        with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
+            export_peft(base, peft_run, tmp_path / "peft")
+        return
     export_peft(base, peft_run, tmp_path / "peft")
     hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
     with torch.no_grad():

@@ -657,7 +657,7 @@ def _module_pairs(pairs: dict, base, md: dict) -> dict[str, tuple[torch.Tensor, 
         module = hf_names.hf_module(name, arch)
         parts = hf_names.fused_parts(module + ".weight", arch)
         if parts is None:
-            out[module] = (a, hf_names.to_hf_values(name, b, md))
+            out[module] = (hf_names.to_hf_columns(name, a, md), hf_names.to_hf_rows(name, b, md))
             continue
         if module in out:
             continue
@@ -670,7 +670,7 @@ def _module_pairs(pairs: dict, base, md: dict) -> dict[str, tuple[torch.Tensor, 
         for d, n in zip(done, rows):
             if d is not None:
                 p, pa, pb = d
-                b_all[row:row + n, col:col + pa.shape[0]] = hf_names.to_hf_values(p, pb, md)
+                b_all[row:row + n, col:col + pa.shape[0]] = hf_names.to_hf_rows(p, pb, md)
                 col += pa.shape[0]
             row += n
         out[module] = (a_all, b_all)

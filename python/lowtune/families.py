@@ -46,6 +46,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
+    qwen35        neox  silu       -           yes       -          -                        if the file gives one
+    qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
+    qwen3next     neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -121,6 +124,18 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   group, the D skip; RMSNorm of y · silu(z) over each group; ssm_out). Their converter switches
   RoPE off (rope.scaling.finetuned = false): the attention layers run without positions. Their HF
   class (GraniteMoeHybridForCausalLM) is read and written for the dense models; with experts, as GGUF.
+  Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
+  all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
+  gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
+  decay g = ssm_a · softplus(alpha + dt) and beta = sigmoid(b), the state [heads, d_k, d_v] updated by
+  the delta rule, the output RMS-normed and gated by silu(z)); the others attention whose q projection
+  also gives a per-head gate (Family.attn_output_gate: sigmoid(gate) · attention before attn_output),
+  per-head q/k norms and RoPE on part of each head. The converter adds the 1 of its zero-centred norms
+  (not the gated one) and stores -exp(A_log) as ssm_a. Its FFN norm is post_attention_norm. Qwen3.5-MoE
+  (qwen35moe) is Qwen3.5 with Qwen2-MoE's experts in every layer (softmax routing, the chosen weights
+  renormalized, a shared expert scaled by a sigmoid gate). Qwen3-Next (qwen3next: Qwen3-Next-80B-A3B)
+  is Qwen3.5-MoE as its converter writes it: value heads grouped by q/k head (not tiled), b and a in
+  one tensor (ssm_ba, each q/k head's b then its a), plain NEOX RoPE without M-RoPE sections.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -184,6 +199,10 @@ class Family:
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
     #                                    hybrids, which attend without positions: NoPE)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
+    delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
+    attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
+    delta_heads_grouped: bool = False  # a DeltaNet's value head i reads q/k head i // (value heads per q/k head)
+    #                                    (Qwen3-Next); False: i mod (q/k heads), Qwen3.5's converter's tiling
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -308,6 +327,13 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
+    Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
+           attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
+           hf_model_types=("qwen3_5_text", "qwen3_5"), hf_norm_offset=1.0),
+    Family("qwen35moe", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
+           attn_output_gate=True, moe=True, moe_shared_gate=True),
+    Family("qwen3next", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
+           attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -329,7 +355,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "llama4",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
-              "nemotron_h", "plamo2", "qwen3next", "qwen35", "kimi-linear"}
+              "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
@@ -371,7 +397,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe and deepseek2)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, qwen35moe and qwen3next)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

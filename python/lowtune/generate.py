@@ -11,8 +11,8 @@ GPU (layers not streamed, no sliding-window layers) each step replays a captured
 attention window, not per token; greedy steps also pass their token on the device, so the GPU
 never waits for the host between them. On the CPU every family decodes through one compiled call
 per token (lowtune._C.CpuDecoder, see cpu_decoder); anything else (adapters, streaming, bf16, LFM2's
-short convolutions and Mamba2 layers, whose states neither the decoder nor the captured steps keep)
-decodes through the model's forward.
+short convolutions, Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states neither the decoder nor
+the captured steps keep) decodes through the model's forward.
 """
 from __future__ import annotations
 
@@ -169,8 +169,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     if not _positions_unscaled(c, cache.max_len):
         return None
     if c.stateful_layers or c.expert_gating == 2:
-        return None  # (LFM2's short convolutions and Mamba2 layers, whose states the decoder does not keep;
-        #             sigmoid routing)
+        return None  # (LFM2's short convolutions, Mamba2 layers and Qwen3.5's DeltaNets, whose states the
+        #             decoder does not keep; sigmoid routing)
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
     if type(model.tok_embd) is not QEmbedding or model.output is not None and (
@@ -303,6 +303,9 @@ class StepDecoder:
         if model.config.ssm_layers:
             raise ValueError("StepDecoder's captured steps keep no Mamba2 state (Granite 4's Mamba2 layers); "
                              "decode with graphs=False")
+        if model.config.delta_layers:
+            raise ValueError("StepDecoder's captured steps keep no Gated DeltaNet state (Qwen3.5's recurrent "
+                             "layers); decode with graphs=False")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":

@@ -35,6 +35,7 @@ import math
 import re
 from typing import Any, Collection, Mapping
 
+import torch
 from gguf.constants import GGUFValueType
 
 from .families import FAMILIES, XIELU_KEYS, Family, family_of_hf, yarn_magnitude
@@ -66,6 +67,15 @@ _LFM2 = {"layer": {"attn_norm": "operator_norm", **_ATTN, "attn_output": "self_a
                    "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"},
          "global": {"token_embd.weight": "model.embed_tokens.weight",
                     "token_embd_norm.weight": "model.embedding_norm.weight", "output.weight": "lm_head.weight"}}
+# Qwen3.5: attention layers (q_proj gives q and its gate) and Gated DeltaNet layers (linear_attn.*) share
+# the norms and the MLP; a DeltaNet's A_log and dt_bias are tensors of no linear ("layer_tensors": by
+# their whole GGUF layer name)
+_QWEN35 = {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
+                     "post_attention_norm": "post_attention_layernorm", **_MLP, "attn_qkv": "linear_attn.in_proj_qkv",
+                     "attn_gate": "linear_attn.in_proj_z", "ssm_alpha": "linear_attn.in_proj_a",
+                     "ssm_beta": "linear_attn.in_proj_b", "ssm_out": "linear_attn.out_proj",
+                     "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm"},
+           "layer_tensors": {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}, "global": _GLOBAL}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -134,13 +144,16 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                        "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
     "lfm2": _LFM2,
     "lfm2moe": _LFM2,  # (the dense layers' MLP names; experts not mapped)
+    "qwen35": _QWEN35,
+    "qwen35moe": _QWEN35,  # (the attention's and DeltaNets' names; experts not mapped)
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
-# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models) keeps its
-# language model under a prefix; its vision tower is not part of the text model.
+# does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models, Qwen3.5) keeps
+# its language model under a prefix; its vision tower is not part of the text model, nor are Qwen3.5's
+# multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
-                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
+                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
 
@@ -169,6 +182,9 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
 def _table(arch: str) -> dict[str, dict[str, str]]:
     if arch in FAMILIES and FAMILIES[arch].text_of:  # a vision-language model's text decoder
         arch = FAMILIES[arch].text_of
+    if arch in FAMILIES and FAMILIES[arch].delta_heads_grouped:
+        raise ValueError(f"{arch}'s Hugging Face modules fuse q, k, v and z (in_proj_qkvz) and b and a (in_proj_ba) "
+                         "head by head, which lowtune does not write; export it as GGUF (merged, or a GGUF LoRA)")
     if arch not in TENSOR_NAMES:
         raise ValueError(f"no Hugging Face names for architecture {arch!r} (known: {', '.join(TENSOR_NAMES)})")
     return TENSOR_NAMES[arch]
@@ -188,6 +204,9 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in t["layer"]:
         return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in t.get("layer_tensors", {}):
+        return f"model.layers.{m.group(1)}.{t['layer_tensors'][m.group(2)]}"
     if name in GGUF_ONLY:
         return None
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
@@ -221,6 +240,10 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
         for g, h in t["layer"].items():
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    for g, h in t.get("layer_tensors", {}).items():
+        if m and h == m.group(2):
+            return f"blk.{m.group(1)}.{g}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
                      "unsupported variant)")
 
@@ -332,7 +355,11 @@ def rope_heads(name: str, metadata: Mapping) -> int | None:
 
 
 def _norm_offset(name: str, metadata: Mapping) -> float:
-    return _family(metadata).hf_norm_offset if name.endswith("norm.weight") else 0.0
+    # (Qwen3.5's DeltaNet output norm is not zero-centred: the converter adds nothing to it)
+    return _family(metadata).hf_norm_offset if name.endswith("norm.weight") and "ssm_norm" not in name else 0.0
+
+
+_CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # LFM2's, Qwen3.5's
 
 
 _CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # nn.Conv1d's [D, 1, L] in HF, [D, L] in GGUF
@@ -340,9 +367,9 @@ _SSM_VECTORS = ("ssm_a", "ssm_d")  # Mamba2's A and D: [H] in HF, [H, 1] in GGUF
 
 
 def hf_shape(name: str, shape) -> tuple[int, ...]:
-    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's and Mamba2's convolution kernels [D, L]
-    are nn.Conv1d's weight [D, 1, L] (the converter drops the 1), Mamba2's A and D [H, 1] and gated
-    norm [groups, inner / groups] are vectors; every other tensor its own."""
+    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's, Mamba2's and Qwen3.5's convolution
+    kernels [C, L] are nn.Conv1d's weight [C, 1, L] (the converter drops the 1), Mamba2's A and D
+    [H, 1] and gated norm [groups, inner / groups] are vectors; every other tensor its own."""
     shape = tuple(shape)
     if name.endswith(_CONV_KERNELS) and len(shape) == 2:
         return (shape[0], 1, *shape[1:])
@@ -357,24 +384,76 @@ def gguf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, 
     shape = tuple(shape)
     if name.endswith(_CONV_KERNELS) and len(shape) == 3:
         return (shape[0], *shape[2:])
+    arch = metadata.get("general.architecture") if metadata is not None else None
+    if arch not in FAMILIES or not FAMILIES[arch].mamba2:  # (Qwen3.5's A and gated norm are GGUF vectors too)
+        return shape
     if name.endswith(_SSM_VECTORS) and len(shape) == 1:
         return (shape[0], 1)
-    if name.endswith("ssm_norm.weight") and len(shape) == 1 and metadata is not None:
-        groups = int(metadata[f"{metadata['general.architecture']}.ssm.group_count"])
+    if name.endswith("ssm_norm.weight") and len(shape) == 1:
+        groups = int(metadata[f"{arch}.ssm.group_count"])
         return (groups, shape[0] // groups)
     return shape
 
 
-def to_hf_values(name: str, w, metadata: Mapping):
-    """A GGUF tensor (or its LoRA B) as HF holds it: q/k rows in HF order, Gemma's norms as w,
-    in hf_shape."""
+# Qwen3.5's DeltaNet tensors whose value-head rows (or, ssm_out, columns) the converter reorders, with
+# the width of a head there (0: the value heads' width) and the rows before them (attn_qkv's q and k)
+_V_HEAD_ROWS = {"attn_qkv.weight": 0, "ssm_conv1d.weight": 0, "attn_gate.weight": 0, "ssm_alpha.weight": 1,
+                "ssm_beta.weight": 1, "ssm_a": 1, "ssm_dt.bias": 1}
+
+
+def _v_heads(name: str, metadata: Mapping) -> tuple[int, int, int, int] | None:
+    """(q/k heads, value heads per q/k head, head width, rows before) where `name` holds Qwen3.5's value
+    heads in the converter's tiled order (head j reads q/k head j mod q/k heads; HF groups them by q/k
+    head), else None."""
+    arch = metadata.get("general.architecture", "llama")
+    if arch not in FAMILIES or not FAMILIES[arch].delta_net:
+        return None
+    m = re.fullmatch(r"blk\.\d+\.(.+)", name)
+    part = m.group(1) if m else ""
+    if part not in _V_HEAD_ROWS and part != "ssm_out.weight":
+        return None
+    hk, hv = int(metadata[f"{arch}.ssm.group_count"]), int(metadata[f"{arch}.ssm.time_step_rank"])
+    if hk == hv:
+        return None
+    width = _V_HEAD_ROWS.get(part, 0) or int(metadata[f"{arch}.ssm.inner_size"]) // hv
+    before = 2 * hk * int(metadata[f"{arch}.ssm.state_size"]) if part in ("attn_qkv.weight", "ssm_conv1d.weight") else 0
+    return hk, hv // hk, width, before
+
+
+def _regroup(w, v_heads: tuple[int, int, int, int], to_hf: bool, dim: int = 0):
+    """w with the value heads along `dim` (after `before` others) from tiled to grouped order
+    (to_hf) or back."""
+    hk, per, width, before = v_heads
+    w = w.movedim(dim, 0)
+    head, v = w[:before], w[before:]
+    order = (per, hk) if to_hf else (hk, per)
+    v = v.reshape(*order, width, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+    return torch.cat([head, v]).movedim(0, dim)
+
+
+def to_hf_rows(name: str, w, metadata: Mapping):
+    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, Qwen3.5's value heads;
+    Gemma's norms as w, Qwen3.5's ssm_a as A_log."""
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_gguf_to_hf(w, heads)
+    v_heads = _v_heads(name, metadata)
+    if v_heads is not None and not name.endswith("ssm_out.weight"):
+        w = _regroup(w, v_heads, True)
     off = _norm_offset(name, metadata)
     w = w - off if off else w
-    if name.endswith(".ssm_a"):  # (GGUF holds A = -exp(A_log), as the converter writes it)
-        w = (-w).log()
+    return torch.log(-w) if name.endswith(".ssm_a") else w  # (the converter stores -exp(A_log))
+
+
+def to_hf_columns(name: str, a, metadata: Mapping):
+    """A GGUF matrix's columns (a LoRA A's) in HF's order: Qwen3.5's ssm_out reads value heads."""
+    v_heads = _v_heads(name, metadata) if name.endswith("ssm_out.weight") else None
+    return a if v_heads is None else _regroup(a, v_heads, True, dim=-1)
+
+
+def to_hf_values(name: str, w, metadata: Mapping):
+    """A GGUF tensor as HF holds it (to_hf_rows and to_hf_columns), in hf_shape."""
+    w = to_hf_columns(name, to_hf_rows(name, w, metadata), metadata)
     return w.reshape(hf_shape(name, w.shape))
 
 
@@ -383,14 +462,18 @@ def from_hf_values(name: str, w, metadata: Mapping):
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
+    w = w.reshape(gguf_shape(name, w.shape, metadata))
+    v_heads = _v_heads(name, metadata)
+    if v_heads is not None:
+        w = _regroup(w, v_heads, False, dim=-1 if name.endswith("ssm_out.weight") else 0)
     off = _norm_offset(name, metadata)
     w = w + off if off else w
-    if name.endswith(".ssm_a"):
+    if name.endswith(".ssm_a"):  # (GGUF holds A = -exp(A_log), as the converter writes it)
         w = -w.float().exp()
-    return w.reshape(gguf_shape(name, w.shape, metadata))
+    return w
 
 
-to_hf_rows, from_hf_rows = to_hf_values, from_hf_values  # the names before other families came
+from_hf_rows = from_hf_values  # the name before other families came
 
 
 # ---- config.json -> GGUF metadata ----------------------------------------------------------------
@@ -481,6 +564,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _short_conv_keys(config, key)
     if fam.mamba2:
         _mamba2_keys(config, key)
+    if fam.delta_net:
+        _delta_net_keys(config, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -614,6 +699,22 @@ def _mamba2_config(c, cfg: dict, tensors: Collection[str]) -> None:
                 "mamba_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors),
                 "position_embedding_type": None if c.no_rope else "rope", "num_local_experts": 0,
                 "num_experts_per_tok": 0, "shared_intermediate_size": c.ffn_dim})
+
+
+def _delta_net_keys(config: dict, key) -> None:
+    """Qwen3.5's Gated DeltaNet keys as llama.cpp's converter writes them: the convolution's width, the
+    q/k heads and their width, the value heads and their total width, and which layers are DeltaNets
+    (layer_types "linear_attention", else all but every full_attention_interval-th)."""
+    n_layers, every = int(config["num_hidden_layers"]), int(config.get("full_attention_interval", 4))
+    types = config.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                          for i in range(n_layers)]
+    key("ssm.conv_kernel", int(config["linear_conv_kernel_dim"]), U32)
+    key("ssm.state_size", int(config["linear_key_head_dim"]), U32)
+    key("ssm.group_count", int(config["linear_num_key_heads"]), U32)
+    key("ssm.time_step_rank", int(config["linear_num_value_heads"]), U32)
+    key("ssm.inner_size", int(config["linear_value_head_dim"]) * int(config["linear_num_value_heads"]), U32)
+    key("attention.recurrent_layers", [t == "linear_attention" for t in types[:n_layers]], (ARRAY, BOOL))
+    key("full_attention_interval", every, U32)
 
 
 def _short_conv_keys(config: dict, key) -> None:
@@ -765,7 +866,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {},
+    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {},
 }
 
 
@@ -784,7 +885,8 @@ def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[st
     """(config.json bias flags, GGUF names of the biases to write as zeros) for a model whose
     GGUF tensors are `names`; a ValueError for a bias the HF class has no place for."""
     groups = _HF_BIASES[arch]
-    present = {n for n in names if n.endswith(".bias")}
+    present = {n for n in names if n.endswith(".bias") and not n.endswith("ssm_dt.bias")}  # (not a linear's:
+    # Qwen3.5's DeltaNet time-step bias, a tensor of its own)
     flags, zeros, placed = {}, [], set(_HF_GLOBAL_BIASES.get(arch, ()))
     for flag, parts in groups.items():
         want = {f"blk.{i}.{p}.bias" for i in range(n_layers) for p in parts}
@@ -824,7 +926,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-    if c.rope_dim != c.head_dim and arch not in _PARTIAL_ROTARY:
+    if c.rope_dim != c.head_dim and arch not in _PARTIAL_ROTARY and not fam.delta_net:
         raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
     windows = [c.is_sliding(i) for i in range(c.n_layers)]
     cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
@@ -926,6 +1028,20 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cfg.update({"norm_eps": cfg.pop("rms_norm_eps"), "conv_bias": False, "conv_L_cache": c.conv_kernel or 3,
                     "block_auto_adjust_ff_dim": False, "sliding_window": None,
                     "layer_types": ["conv" if c.is_conv(i) else "full_attention" for i in range(c.n_layers)]})
+    if fam.delta_net:  # (the inverse of _delta_net_keys; RoPE's part and M-RoPE's sections in rope_parameters)
+        if any(windows):
+            raise ValueError(f"a sliding window has no {arch} HF config")
+        sections = [int(x) for x in metadata.get(f"{arch}.rope.dimension_sections", [])][:3]
+        cfg.update({"linear_conv_kernel_dim": c.ssm_conv_kernel, "linear_key_head_dim": c.ssm_head_dim,
+                    "linear_num_key_heads": c.ssm_k_heads, "linear_num_value_heads": c.ssm_v_heads,
+                    "linear_value_head_dim": c.ssm_inner // c.ssm_v_heads, "sliding_window": None,
+                    "layer_types": ["linear_attention" if c.is_delta(i) else "full_attention"
+                                    for i in range(c.n_layers)],
+                    "rope_parameters": {"rope_type": "default", "rope_theta": _f32(c.rope_theta),
+                                        "partial_rotary_factor": c.rope_dim / c.head_dim,
+                                        **({"mrope_section": sections, "mrope_interleaved": True} if sections
+                                           else {})}})
+        del cfg["rope_scaling"], cfg["rope_theta"]
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
     if fam.multipliers:

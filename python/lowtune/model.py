@@ -2,7 +2,8 @@
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
 Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
 LFM2's convolution layers take a ShortConv in place of attention, Granite 4's hybrids' Mamba2 layers
-a Mamba2, and Gemma 3n's AltUp, Laurel and per-layer inputs wrap this decoder in lowtune.gemma3n.
+a Mamba2, Qwen3.5's recurrent layers a Gated DeltaNet (gated_delta_rule), and Gemma 3n's AltUp,
+Laurel and per-layer inputs wrap this decoder in lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -30,6 +31,10 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
                               in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
     blk.N.ssm_in, ssm_out     QLinear             in place of attention in Granite 4's Mamba2 layers, around
     blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen)
+    blk.N.attn_qkv/attn_gate  QLinear             in place of attention in Qwen3.5's Gated DeltaNet layers,
+    blk.N.ssm_alpha/beta/out  QLinear             with ssm_conv1d [C, L], ssm_a, ssm_dt (frozen buffers) and
+    blk.N.ssm_norm            RMSNorm [d_v]       (DecoderLayer.delta_net_branch); Qwen3.5's attn_q [2·H*hd, D]
+                                                  gives each head's q, then its output gate
     output_norm               RMSNorm             (LFM2's file names it token_embd_norm)
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
@@ -74,6 +79,10 @@ LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 # the linears of a short-convolution layer (LFM2), which takes them in place of the four attention ones;
 # modules blk.N.shortconv.<name>
 CONV_LINEAR_NAMES = ("in_proj", "out_proj")
+# the linears of a Gated DeltaNet layer (Qwen3.5), in place of the four attention ones: q/k/v into the
+# convolution, z (the output norm's gate), alpha (the decay's), beta (or both in Qwen3-Next's ssm_ba, head
+# by head), and the output
+DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_ba", "ssm_out")
 # the linears of a Mamba2 layer (Granite 4's hybrids), in place of the four attention ones; modules blk.N.<name>
 SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
@@ -84,7 +93,7 @@ MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
 ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES
-                                     + SSM_LINEAR_NAMES))
+                                     + SSM_LINEAR_NAMES + DELTA_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +166,12 @@ class ModelConfig:
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
     ssm: SSMShape | None = None   # their sizes (the file's ssm.* keys)
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
+    delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5)
+    ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
+    ssm_k_heads: int = 0          # their q/k heads (ssm.group_count), each d_k = ssm_head_dim wide
+    ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
+    ssm_head_dim: int = 0         # d_k (ssm.state_size)
+    ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
 
     @property
     def family(self) -> Family:
@@ -212,13 +227,23 @@ class ModelConfig:
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
-        return not (self.is_conv(layer) or self.is_ssm(layer))
+        return not (self.is_conv(layer) or self.is_ssm(layer) or self.is_delta(layer))
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
         """The layers that keep a recurrent state in the cache in place of keys and values (LFM2's short
-        convolutions, Mamba2 layers), which the compiled CPU decoder and captured decode steps do not keep."""
-        return tuple(sorted(self.conv_layers + self.ssm_layers))
+        convolutions, Mamba2 layers, Gated DeltaNets), which the compiled CPU decoder and captured decode
+        steps do not keep."""
+        return tuple(sorted(self.conv_layers + self.ssm_layers + self.delta_layers))
+
+    def is_delta(self, layer: int) -> bool:
+        """Whether layer `layer` is a Gated DeltaNet in place of attention (Qwen3.5)."""
+        return layer in self.delta_layers
+
+    @property
+    def ssm_conv_channels(self) -> int:
+        """The DeltaNet convolution's channels: q, k and v (attn_qkv's rows)."""
+        return 2 * self.ssm_k_heads * self.ssm_head_dim + self.ssm_inner
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (self.swa_layers is None or layer in self.swa_layers)
@@ -399,6 +424,7 @@ class ModelConfig:
                      "kv_layers": n_layers - shared if shared else 0,
                      "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
+        delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
@@ -413,7 +439,7 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, xielu=xielu,
+            **latent, **altup, **delta, xielu=xielu,
             no_rope=fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -443,6 +469,31 @@ class ModelConfig:
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
             raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
                              f"must be at least 2 and the layers among the {self.n_layers} there are")
+        if self.delta_layers and not self.family.delta_net:
+            raise ValueError(f"{self.arch} has no Gated DeltaNet layers (Qwen3.5 has)")
+        if self.delta_layers and (self.ssm_conv_kernel < 2 or not self.ssm_k_heads or not self.ssm_v_heads
+                                  or self.ssm_v_heads % self.ssm_k_heads or self.ssm_inner % self.ssm_v_heads):
+            raise ValueError(f"Gated DeltaNet of {self.ssm_k_heads} q/k heads, {self.ssm_v_heads} value heads "
+                             f"{self.ssm_inner} wide and a convolution of width {self.ssm_conv_kernel}: the value "
+                             "heads must be a multiple of the q/k heads, the width of the value heads, and the "
+                             "convolution at least 2 wide")
+
+
+def _delta_net_fields(md: Mapping, arch_family: Family, n_layers: int) -> dict:
+    """The Gated DeltaNet fields of ModelConfig from a file's metadata (llama.cpp's rule: the layers
+    attention.recurrent_layers marks, else all but every full_attention_interval-th, 4 by default)."""
+    arch = arch_family.arch
+    flags = md.get(f"{arch}.attention.recurrent_layers")
+    if flags is None:
+        every = int(md.get(f"{arch}.full_attention_interval", 4) or 4)
+        flags = [(i + 1) % every != 0 for i in range(n_layers)]
+    keys = {"ssm_conv_kernel": "ssm.conv_kernel", "ssm_k_heads": "ssm.group_count", "ssm_v_heads": "ssm.time_step_rank",
+            "ssm_head_dim": "ssm.state_size", "ssm_inner": "ssm.inner_size"}
+    missing = [f"{arch}.{k}" for k in keys.values() if f"{arch}.{k}" not in md]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
+    return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
+            **{f: int(md[f"{arch}.{k}"]) for f, k in keys.items()}}
 
 
 @dataclass(frozen=True)
@@ -679,8 +730,8 @@ def latent_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int]]:
     """The RMSNorm weights of layer `layer` (None: an attention layer of the family): GGUF layer name
     -> shape (the layer's attribute is the name, but ffn_norm for the FFN's input norm under its
-    file name). LFM2's short-convolution layers have no q/k norms; Gemma 3n's layers that reuse
-    another's K/V no k norm."""
+    file name). LFM2's short-convolution layers, Mamba2 layers and Qwen3.5's DeltaNets have no q/k
+    norms; Gemma 3n's layers that reuse another's K/V no k norm."""
     c, fam = config, config.family
     out = {}
     if fam.pre_norms:
@@ -952,6 +1003,49 @@ def _ssd_chunked(x, dt, a, b, c, state, chunk: int):
     return y.reshape(bsz, n * chunk, h, p)[:, :t], state
 
 
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over T positions, in fp32: per head the state S [d_k, d_v] decays by exp(g_t),
+    then takes the delta rule's correction k_t (beta_t (v_t - Sᵀk_t))ᵀ, and o_t = Sᵀ q_t. q, k [B, T, H, d_k]
+    (normed, q scaled), v [B, T, H, d_v], g, beta [B, T, H]; state [B, H, d_k, d_v] (None: zeros) ->
+    (o [B, T, H, d_v], the last state). One position steps the recurrence; more run transformers'
+    chunked form (chunks of `chunk` positions: a triangular solve within each, the state carried between),
+    differentiable throughout."""
+    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))  # heads first
+    b, h, t, dk = k.shape
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.float()
+    if t == 1:
+        kt = k[:, :, 0, :, None]
+        s = s * g.exp()[..., None]
+        s = s + kt * (beta[:, :, 0, None] * (v[:, :, 0] - (s * kt).sum(-2)))[:, :, None]
+        return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
+    pad = (chunk - t % chunk) % chunk
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // chunk
+    q, k, v = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v))
+    g, beta = g.reshape(b, h, n, chunk), beta.reshape(b, h, n, chunk)
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    decay = g.cumsum(-1)                                                   # log decay since the chunk's start
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform; its
+    # diagonal is taken as ones)
+    system = k_beta @ k.transpose(-1, -2) * pair
+    values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    inner = q @ k.transpose(-1, -2) * pair
+    q_decayed = q * decay.exp()[..., None]
+    k_rest = k * (decay[..., -1:] - decay).exp()[..., None]
+    outs = []
+    for i in range(n):
+        new = values[:, :, i] - k_decayed[:, :, i] @ s
+        outs.append(q_decayed[:, :, i] @ s + inner[:, :, i] @ new)
+        s = s * decay[:, :, i, -1].exp()[..., None, None] + k_rest[:, :, i].transpose(-1, -2) @ new
+    o = torch.stack(outs, 2).reshape(b, h, n * chunk, -1)[:, :, :t]
+    return o.transpose(1, 2), s
+
+
 class LayerNorm(nn.Module):
     """(x - mean(x)) / sqrt(var(x) + eps) · w (+ b where the file has one: Phi-2; Command-R has
     none) over the last dim, in fp32, returned in x's dtype, with RMSNorm's interface."""
@@ -1031,10 +1125,11 @@ apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated
 
 class KVCache:
     """Keys and values of past positions, per layer: k[i], v[i] [B, Hkv, max_len, hd] (v: the value
-    width, ModelConfig.v_dim; both empty in the layers without attention: LFM2's short convolutions
-    and Mamba2 layers, whose state is conv_state[i] [B, channels, kernel - 1], the last positions of
-    their convolution's input, and for a Mamba2 layer recurrent_state[i] [B, heads, head_dim, state]
-    too, the scan's state after the last position).
+    width, ModelConfig.v_dim; both empty in the layers without attention: LFM2's short convolutions,
+    Mamba2 layers and Qwen3.5's Gated DeltaNets, whose state is conv_state[i] [B, channels, kernel - 1],
+    the last positions of their convolution's input, and for a Mamba2 layer recurrent_state[i] [B,
+    heads, head_dim, state], for a DeltaNet [B, heads, d_k, d_v] in fp32, the state after the last
+    position).
 
     `length` is how many positions are filled; the model appends and advances it. Sliding layers
     keep every position too; their attention masks the ones outside the window. `attn_mask`, when
@@ -1086,8 +1181,10 @@ def fused_splits(config: ModelConfig, index: int, names) -> dict[str, tuple[tupl
     [2F, D] (with no ffn_gate) holds the gate rows, then the up rows."""
     c, p = config, f"blk.{index}."
     q, kv, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
+    if c.family.attn_output_gate:  # (Qwen3.5: q's rows hold each head's q and gate)
+        q *= 2
     out = {}
-    if p + "attn_qkv.weight" in names:
+    if p + "attn_qkv.weight" in names and not c.is_delta(index):  # (a DeltaNet's attn_qkv is its own linear)
         out[p + "attn_qkv.weight"] = ((p + "attn_q.weight", 0, q), (p + "attn_k.weight", q, q + kv),
                                       (p + "attn_v.weight", q + kv, q + 2 * kv))
     if p + "ffn_gate.weight" not in names and p + "ffn_up.weight" in names \
@@ -1110,6 +1207,9 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
     if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
         names = names[4:] + (SSM_LINEAR_NAMES if config.is_ssm(index) else ())
+        if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
+            fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
+            names = tuple(n for n in DELTA_LINEAR_NAMES if n not in fused_ba) + names
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
@@ -1138,6 +1238,13 @@ class DecoderLayer(nn.Module):
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
         self.mamba = Mamba2(c, index, w) if c.is_ssm(index) else None  # between ssm_in and ssm_out (Granite 4)
+        self.delta_net = c.is_delta(index)  # a Gated DeltaNet in place of attention (Qwen3.5): its frozen parts
+        if self.delta_net:
+            self.register_buffer("ssm_conv1d", _table(w[p + "ssm_conv1d.weight"]).reshape(c.ssm_conv_channels, -1),
+                                 persistent=False)
+            self.register_buffer("ssm_a", _vector(w[p + "ssm_a"]), persistent=False)  # -exp(A_log)
+            self.register_buffer("ssm_dt", _vector(w[p + "ssm_dt.bias"]), persistent=False)
+            self.ssm_norm = RMSNorm(w[p + "ssm_norm.weight"], c.norm_eps)
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
@@ -1283,14 +1390,20 @@ class DecoderLayer(nn.Module):
             y = self.mamba(self.ssm_in(self.attn_norm(x) if normed is None else normed), cache, start)
             a = self.ssm_out(y)
             return a * c.residual_scale if c.residual_scale != 1.0 else a
+        if self.delta_net:
+            return self.delta_net_branch(self.attn_norm(x) if normed is None else normed, cache, start)
         b, t, _ = x.shape
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
+        gate = None
+        if fam.attn_output_gate:  # each head's q, then its gate
+            q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
+            gate = gate.reshape(b, t, c.n_heads * c.head_dim)
         if fam.qk_norm == "whole":
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q = q.view(b, t, c.n_heads, c.head_dim)
+        q = q.reshape(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.v_dim).transpose(1, 2)
         late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
@@ -1313,7 +1426,10 @@ class DecoderLayer(nn.Module):
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
-        a = self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim))
+        attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
+        if gate is not None:
+            attn = attn * torch.sigmoid(gate)
+        a = self.attn_output(attn)
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
@@ -1343,6 +1459,47 @@ class DecoderLayer(nn.Module):
         k = torch.cat([k_rope[:, :, None, :].expand(b, t, heads, rope), k_nope], dim=-1)
         q = torch.cat([q[..., nope:], q[..., :nope]], dim=-1)
         return [q.reshape(b, t, -1), k.reshape(b, t, -1), v]
+
+    def delta_net_branch(self, h: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """A Gated DeltaNet's output for normed h [B, T, D] at positions start..start+T, as llama.cpp's
+        qwen35 runs it: attn_qkv(h) through the causal depthwise convolution (the cache's last inputs
+        first) and SiLU into q, k, v; q and k L2-normed, each value head reading q/k head i mod (q/k heads)
+        (the converter tiles Qwen3.5's value heads so; Qwen3-Next's are grouped: head i // (value heads per
+        q/k head)); gated_delta_rule with the decay ssm_a · softplus(alpha +
+        dt) and beta = sigmoid(ssm_beta(h)); each head's output RMS-normed, times silu(attn_gate(h)),
+        through ssm_out."""
+        c = self.config
+        b, t, _ = h.shape
+        hk, hv, dk, dv = c.ssm_k_heads, c.ssm_v_heads, c.ssm_head_dim, c.ssm_inner // c.ssm_v_heads
+        mixed = self.attn_qkv(h).float().transpose(1, 2)                      # [B, channels, T], in fp32
+        kernel = self.ssm_conv1d
+        past = mixed.new_zeros(b, mixed.shape[1], kernel.shape[1] - 1)
+        if cache is not None and start:
+            past = cache.conv_state[self.index]
+        seq = torch.cat([past, mixed], dim=-1)
+        if cache is not None:
+            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
+        mixed = F.silu(F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])).transpose(1, 2)
+        q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps) for x in (q, k))
+        if c.family.delta_heads_grouped:
+            q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+        else:
+            q, k = q.repeat(1, 1, hv // hk, 1), k.repeat(1, 1, hv // hk, 1)
+        if hasattr(self, "ssm_ba"):  # (Qwen3-Next: each q/k head's b, then its a)
+            beta, alpha = self.ssm_ba(h).float().view(b, t, hk, 2, hv // hk).unbind(3)
+            beta, alpha = beta.reshape(b, t, hv), alpha.reshape(b, t, hv)
+        else:
+            beta, alpha = self.ssm_beta(h).float(), self.ssm_alpha(h).float()
+        beta = torch.sigmoid(beta)
+        g = self.ssm_a * F.softplus(alpha + self.ssm_dt)
+        state = cache.recurrent_state.get(self.index) if cache is not None and start else None
+        o, state = gated_delta_rule(q * dk ** -0.5, k, v.view(b, t, hv, dv), g, beta, state)
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        z = self.attn_gate(h).view(b, t, hv, dv)
+        o = (self.ssm_norm(o) * F.silu(z.float())).to(h.dtype)
+        return self.ssm_out(o.reshape(b, t, hv * dv))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
@@ -1687,7 +1844,7 @@ class Model(nn.Module):
         for layer in self.layers:
             conv = layer.shortconv
             lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES
-                                                                   + SSM_LINEAR_NAMES)]
+                                                                   + SSM_LINEAR_NAMES + DELTA_LINEAR_NAMES)]
             for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
@@ -1705,7 +1862,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     tensors a model class adds to the family's decoder (Gemma 3n's), name -> shape."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
+    shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
+              "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
               "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
               "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
     if not c.family.gated:
@@ -1721,6 +1879,12 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         ssm_shapes = {"ssm_in.weight": (m.in_dim, c.dim), "ssm_out.weight": (c.dim, m.inner),
                       "ssm_conv1d.weight": (m.conv_dim, m.conv_kernel), "ssm_dt.bias": (m.heads,), "ssm_a": (m.heads,),
                       "ssm_d": (m.heads,), "ssm_norm.weight": (m.inner,)}
+    ch = c.ssm_conv_channels
+    delta_shapes = {"attn_qkv.weight": (ch, c.dim), "attn_gate.weight": (c.ssm_inner, c.dim),
+                    "ssm_alpha.weight": (c.ssm_v_heads, c.dim), "ssm_beta.weight": (c.ssm_v_heads, c.dim),
+                    "ssm_out.weight": (c.dim, c.ssm_inner), "ssm_conv1d.weight": (ch, c.ssm_conv_kernel),
+                    "ssm_a": (c.ssm_v_heads,), "ssm_dt.bias": (c.ssm_v_heads,),
+                    "ssm_norm.weight": (c.ssm_inner // max(c.ssm_v_heads, 1),)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
@@ -1756,6 +1920,13 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's
             want.update({p + n: shape for n, shape in ssm_shapes.items()})
             optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
+            own = dict(delta_shapes)
+            if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
+                del own["ssm_alpha.weight"], own["ssm_beta.weight"]
+                own["ssm_ba.weight"] = (2 * c.ssm_v_heads, c.dim)
+            want.update({p + n: shape for n, shape in own.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})

@@ -73,8 +73,8 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
              "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_0": "Q4_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
-# matrices llama-quantize leaves in floats whatever the type (LFM2's and Mamba2's convolution kernels; Mamba2's
-# A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices)
+# matrices llama-quantize leaves in floats whatever the type (LFM2's, Mamba2's and Qwen3.5's convolution
+# kernels; Mamba2's A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices)
 _KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight")
 
 
@@ -91,11 +91,17 @@ def fallback(fmt: Format, k: int) -> Format:
     return fmt
 
 
+def ggml_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a tensor of PyTorch `shape`: its leading 1s do not count (Qwen3.5-MoE's shared
+    expert gate [1, D] is a vector to llama-quantize)."""
+    return len(shape) - next((i for i, d in enumerate(shape) if d != 1), max(len(shape) - 1, 0))
+
+
 def choose_type(qtype, name: str, shape: tuple[int, ...]) -> Format:
     """The type a tensor gets when a model is quantized to the plain type `qtype`: 1-D tensors
     (norms, biases, rope factors) and the matrices llama.cpp keeps in floats (_KEPT_FLOAT) F32; a
     matrix `qtype`, or its fallback."""
-    if len(shape) != 2 or name.endswith(_KEPT_FLOAT):
+    if len(shape) != 2 or ggml_dims(shape) < 2 or name.endswith(_KEPT_FLOAT):
         return get_format("F32")
     return fallback(get_format(qtype), int(shape[1]))
 
@@ -172,7 +178,7 @@ def use_more_bits(i: int, n: int) -> bool:
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether llama-quantize would quantize this tensor: a 2-D (or larger) `*weight` that is no
     norm, no MoE router and none of _KEPT_FLOAT."""
-    return (name.endswith("weight") and len(shape) >= 2 and "_norm.weight" not in name
+    return (name.endswith("weight") and ggml_dims(shape) >= 2 and "_norm.weight" not in name
             and "ffn_gate_inp.weight" not in name and not name.endswith(_KEPT_FLOAT))
 
 
@@ -227,7 +233,9 @@ class TypePlan:
                    n_layers=int(metadata.get(f"{arch}.block_count", 0) or 0),
                    has_output="output.weight" in names, **kw)
         for kind in ("attn_v.weight", "ffn_down", "ffn_gate", "ffn_up"):
-            ordered = [n for n in llama_cpp_order(names) if kind in n]
+            # (llama.cpp counts a fused attn_qkv, Phi-3's or a Qwen3.5 DeltaNet's, as an attn_v)
+            ordered = [n for n in llama_cpp_order(names)
+                       if kind in n or kind == "attn_v.weight" and "attn_qkv.weight" in n]
             plan.index.update({n: i for i, n in enumerate(ordered)})
             plan.counts[kind] = len(ordered)
         return plan
@@ -282,7 +290,7 @@ class TypePlan:
             return self.default
         if r in _IQ12_RECIPES:
             return get_format(self._iq12_type(name, r, t, i))
-        if "attn_v.weight" in name:
+        if "attn_v.weight" in name or "attn_qkv.weight" in name:  # (llama.cpp's attn_v rules take both)
             if r == "Q2_K":
                 t = "Q4_K" if self.n_gqa >= 4 else "Q3_K"
             elif r == "Q2_K_S" and self.n_gqa >= 4:
@@ -325,8 +333,6 @@ class TypePlan:
                 t = "Q5_K"
         elif "attn_output.weight" in name:
             t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S", "IQ3_M": "Q4_K"}.get(r, t)
-        elif "attn_qkv.weight" in name:
-            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K", "IQ3_M": "Q4_K"}.get(r, t)
         elif "attn_k.weight" in name or "attn_q.weight" in name:
             t = {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(r, t)
         elif ("ffn_gate" in name or "ffn_up" in name) and r == "IQ3_XS":
@@ -338,7 +344,7 @@ class TypePlan:
     def _iq12_type(self, name: str, r: str, t: str, i: int) -> str:
         """llama.cpp's branch for the 1- and 2-bit I-quant recipes (dense models)."""
         wide = r in ("IQ2_S", "IQ2_M")  # these keep IQ3_S where the others drop to Q2_K
-        if "attn_v.weight" in name:
+        if "attn_v.weight" in name or "attn_qkv.weight" in name:
             return "Q4_K" if self.n_gqa >= 4 else "IQ3_S" if wide else "Q2_K"
         if "ffn_down" in name:
             return ("IQ3_S" if wide else "Q2_K") if i < self.counts["ffn_down"] // 8 else t
