@@ -35,7 +35,7 @@ LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores 
 HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3")
+             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -203,6 +203,13 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
+        # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
+        # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
+        "glm4moe": lambda: tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(
+            **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
+            n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
+            first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -338,6 +345,28 @@ def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def add_nextn_layer(hf_dir: Path, seed: int = 0) -> None:
+    """A multi-token-prediction (NextN) layer after a GLM-4.5 MoE directory's layers, as the released
+    checkpoints carry one: the last layer's tensors again (perturbed) under the next index, with its
+    eh_proj, enorm, hnorm and shared_head.norm, and num_nextn_predict_layers in config.json (the
+    converter writes it into the GGUF; transformers saves none of it)."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(seed)
+    path, cfg_path = hf_dir / "model.safetensors", hf_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    last, nextn = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"]
+    tensors = load_file(path)
+    for name, t in list(tensors.items()):
+        if name.startswith(f"model.layers.{last}."):
+            tensors[name.replace(f".{last}.", f".{nextn}.", 1)] = t + 0.1 * torch.randn(t.shape, generator=g)
+    p = f"model.layers.{nextn}."
+    tensors.update({p + "eh_proj.weight": torch.randn(D, 2 * D, generator=g) / math.sqrt(2 * D),
+                    **{p + n + ".weight": 1.0 + 0.2 * torch.randn(D, generator=g)
+                       for n in ("enorm", "hnorm", "shared_head.norm")}})
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg_path.write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+
+
 def spm_model(text: str) -> bytes:
     """A 512-piece SentencePiece BPE model of `text`, with byte fallback and the chat markers
     of the templates as control pieces (Phi-3's converter also needs <|endoftext|>)."""
@@ -356,14 +385,14 @@ _CONVERT = """
 import runpy, sys
 from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's and DeepSeek's converters read only byte-level BPE vocabularies; the tiny models share a
-# SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's and GLM-4.5 MoE's converters read only byte-level BPE
+# vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32"]
@@ -401,6 +430,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
         hf_model(name).save_pretrained(d)
         if name == "gemma3n":
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
+        if name == "glm4moe":
+            add_nextn_layer(d)
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
