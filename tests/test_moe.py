@@ -250,6 +250,61 @@ def test_deepseek_without_experts(moe, tmp_path):
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
+def test_glm4moe_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
+    """GLM-4.5 MoE's multi-token-prediction layer (the tiny file's blk.3 of 4 blocks, nextn_predict_layers
+    1): llama.cpp loads its tensors and its graph skips it, so lowtune's model ends before it, its
+    adapters and training leave it alone, and a merged GGUF keeps its tensors bit for bit; a file
+    converted without it gives the same logits. Another family's file with such layers is refused."""
+    base = gguf_of(moe["glm4moe"], "Q8_0")
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    with GGUFFile(base) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        nextn = {n: f.raw(n).clone() for n in f.tensor_infos if n.startswith("blk.3.")}
+        kept = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
+                for n, ti in f.tensor_infos.items() if n not in nextn]
+    assert (md["glm4moe.block_count"], md["glm4moe.nextn_predict_layers"], model.config.n_layers) == (4, 1, 3)
+    assert {"blk.3.nextn.eh_proj.weight", "blk.3.ffn_gate_exps.weight", "blk.3.attn_q.weight"} <= set(nextn)
+    trained = Model.from_gguf(base)
+    losses = adapted_steps(trained, "lora", rand_ids(2, 24, seed=2))
+    assert losses[-1] < losses[0]
+    for m in (model, trained):
+        assert len(m.layers) == 3 and not any(name.startswith("layers.3.") for name in adapters.adapters_of(m))
+    export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
+    with GGUFFile(tmp_path / "merged.gguf") as f:
+        assert f.metadata["glm4moe.nextn_predict_layers"] == 1
+        assert all(torch.equal(f.raw(n), t) for n, t in nextn.items())
+        assert not torch.equal(f.raw("blk.2.attn_q.weight"), Model.from_gguf(base).layers[2].attn_q.weight.raw)
+    md.update({"glm4moe.block_count": 3})
+    del md["glm4moe.nextn_predict_layers"]
+    write_gguf(tmp_path / "trunk.gguf", md, kept, metadata_types=types)
+    ids = rand_ids(1, 20, seed=4)
+    with torch.no_grad():
+        assert torch.equal(Model.from_gguf(tmp_path / "trunk.gguf")(ids), Model.from_gguf(base)(ids))
+    with GGUFFile(moe["deepseek3"].gguf) as f:
+        other = {**f.metadata, "deepseek2.nextn_predict_layers": 1}
+    with pytest.raises(ValueError, match="multi-token-prediction"):
+        ModelConfig.from_gguf_metadata(other)
+
+
+@pytest.mark.llamacpp
+def test_glm4moe_without_qk_norms(moe, text_ids, tmp_path):
+    """GLM-4.5 MoE's per-head q/k norms are the file's choice (llama.cpp loads them where present):
+    a file without them runs as llama.cpp runs it, and not as the file with them."""
+    base = moe["glm4moe"].gguf
+    with GGUFFile(base) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos if not n.endswith(("attn_q_norm.weight",
+                                                                                "attn_k_norm.weight"))]
+    write_gguf(tmp_path / "plain.gguf", md, tensors, metadata_types=types)
+    model = Model.from_gguf(tmp_path / "plain.gguf")
+    assert not any(hasattr(layer, "attn_q_norm") for layer in model.layers)
+    w = windows(text_ids, SEQ, chunks=4)
+    want = llamacpp_perplexity(llamacpp(tmp_path / "plain.gguf"), w)
+    got, normed = (perplexity(m, text_ids, SEQ, chunks=4)["perplexity"] for m in (model, Model.from_gguf(base)))
+    print(f"glm4moe without q/k norms: perplexity lowtune {got:.3f}, llama.cpp {want:.3f}; with them {normed:.3f}")
+    assert abs(got - want) / want < 2e-3 and abs(normed - got) / got > 1e-2
+
+
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_kv_cache_matches_the_full_forward(moe, name):
     model = Model.from_gguf(moe[name].gguf)
