@@ -358,7 +358,8 @@ def test_adapters_train_through_the_experts(moe, name):
                                                      *m.up_exps.parameters(), *m.down_exps.parameters()])
 
 
-@pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2)])
+@pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
+                                            ("glm4moe", "lora", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
