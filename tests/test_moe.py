@@ -280,6 +280,13 @@ def test_glm4moe_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
     ids = rand_ids(1, 20, seed=4)
     with torch.no_grad():
         assert torch.equal(Model.from_gguf(tmp_path / "trunk.gguf")(ids), Model.from_gguf(base)(ids))
+    with GGUFFile(base) as f:  # a file of the NextN layer alone (the converter's --mtp-only)
+        mtp = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
+               for n, ti in f.tensor_infos.items() if n in nextn or not n.startswith("blk.")]
+    write_gguf(tmp_path / "mtp.gguf", {**md, "glm4moe.block_count": 4, "glm4moe.nextn_predict_layers": 1}, mtp,
+               metadata_types=types)
+    with pytest.raises(ValueError, match="only its multi-token-prediction layers"):
+        Model.from_gguf(tmp_path / "mtp.gguf")
     with GGUFFile(moe["deepseek3"].gguf) as f:
         other = {**f.metadata, "deepseek2.nextn_predict_layers": 1}
     with pytest.raises(ValueError, match="multi-token-prediction"):

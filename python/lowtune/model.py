@@ -1588,6 +1588,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         for name, parts in fused.items():  # a fused tensor [rows of its parts, D], maybe a fused bias
             want[name] = (parts[-1][2], c.dim)
             optional[name[:-len("weight")] + "bias"] = (parts[-1][2],)
+    if c.family.nextn_layers and "blk.0.attn_norm.weight" not in w and any(is_nextn_tensor(c, n) for n in w):
+        raise ValueError(f"this {c.arch} file holds only its multi-token-prediction layers (converted with "
+                         "--mtp-only), which llama.cpp runs beside the model's own file; pass that file")
     for name, shape in want.items():
         if name not in w:
             raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs")
