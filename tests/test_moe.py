@@ -35,6 +35,7 @@ from lowtune import adapters
 from lowtune.compile import compile_model, default_mode
 from lowtune.evaluate import perplexity, windows
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
+from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import SHARED_EXPERT_NAMES, Model, ModelConfig
@@ -50,7 +51,8 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK  # (leading_dense_block_count: the first layer's FFN is dense)
+# (leading_dense_block_count: the first layer's FFN is dense)
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK
 
 
 @pytest.fixture(scope="module")
@@ -458,6 +460,8 @@ def test_what_is_refused(moe):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
+    with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
+        family_of_hf(["Glm4MoeForCausalLM"])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
         adapters.AdapterConfig(targets=("attn_output", "ffn_up_exps"))
     model = Model.from_gguf(moe["mixtral"].gguf)
