@@ -252,6 +252,12 @@ def test_deepseek_without_experts(moe, tmp_path):
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
+def _tensors_of(f: GGUFFile, keep) -> list:
+    """The tensors of an open GGUF whose names `keep` takes, as write_gguf takes them (blocks as stored)."""
+    return [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
+            for n, ti in f.tensor_infos.items() if keep(n)]
+
+
 def test_glm4moe_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
     """GLM-4.5 MoE's multi-token-prediction layer (the tiny file's blk.3 of 4 blocks, nextn_predict_layers
     1): llama.cpp loads its tensors and its graph skips it, so lowtune's model ends before it, its
@@ -262,8 +268,7 @@ def test_glm4moe_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
     with GGUFFile(base) as f:
         md, types = dict(f.metadata), dict(f.metadata_types)
         nextn = {n: f.raw(n).clone() for n in f.tensor_infos if n.startswith("blk.3.")}
-        kept = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
-                for n, ti in f.tensor_infos.items() if n not in nextn]
+        kept = _tensors_of(f, lambda n: n not in nextn)
     assert (md["glm4moe.block_count"], md["glm4moe.nextn_predict_layers"], model.config.n_layers) == (4, 1, 3)
     assert {"blk.3.nextn.eh_proj.weight", "blk.3.ffn_gate_exps.weight", "blk.3.attn_q.weight"} <= set(nextn)
     trained = Model.from_gguf(base)
@@ -283,8 +288,7 @@ def test_glm4moe_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
     with torch.no_grad():
         assert torch.equal(Model.from_gguf(tmp_path / "trunk.gguf")(ids), Model.from_gguf(base)(ids))
     with GGUFFile(base) as f:  # a file of the NextN layer alone (the converter's --mtp-only)
-        mtp = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
-               for n, ti in f.tensor_infos.items() if n in nextn or not n.startswith("blk.")]
+        mtp = _tensors_of(f, lambda n: n in nextn or not n.startswith("blk."))
     write_gguf(tmp_path / "mtp.gguf", {**md, "glm4moe.block_count": 4, "glm4moe.nextn_predict_layers": 1}, mtp,
                metadata_types=types)
     with pytest.raises(ValueError, match="only its multi-token-prediction layers"):
