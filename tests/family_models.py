@@ -36,7 +36,8 @@ LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores 
 HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
-             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "granitehybridmoe", "qwen35moe", "qwen3next")
+             "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
+             "qwen3next")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -211,6 +212,13 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
+        # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
+        # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
+        "glm4moe": lambda: tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(
+            **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
+            n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
+            first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -380,6 +388,28 @@ def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def add_nextn_layer(hf_dir: Path, seed: int = 0) -> None:
+    """A multi-token-prediction (NextN) layer after a GLM-4.5 MoE directory's layers, as the released
+    checkpoints carry one: the last layer's tensors again (perturbed) under the next index, with its
+    eh_proj, enorm, hnorm and shared_head.norm, and num_nextn_predict_layers in config.json (the
+    converter writes it into the GGUF; transformers saves none of it)."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(seed)
+    path, cfg_path = hf_dir / "model.safetensors", hf_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    last, nextn = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"]
+    tensors = load_file(path)
+    for name, t in list(tensors.items()):
+        if name.startswith(f"model.layers.{last}."):
+            tensors[name.replace(f".{last}.", f".{nextn}.", 1)] = t + 0.1 * torch.randn(t.shape, generator=g)
+    p = f"model.layers.{nextn}."
+    tensors.update({p + "eh_proj.weight": torch.randn(D, 2 * D, generator=g) / math.sqrt(2 * D),
+                    **{p + n + ".weight": 1.0 + 0.2 * torch.randn(D, generator=g)
+                       for n in ("enorm", "hnorm", "shared_head.norm")}})
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg_path.write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+
+
 def spm_model(text: str) -> bytes:
     """A 512-piece SentencePiece BPE model of `text`, with byte fallback and the chat markers
     of the templates as control pieces (Phi-3's converter also needs <|endoftext|>)."""
@@ -398,15 +428,15 @@ _CONVERT = """
 import runpy, sys
 from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's and Qwen3.5's converters read only byte-level BPE vocabularies; the tiny
-# models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's and Qwen3.5's converters read only byte-level BPE
+# vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -446,6 +476,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
         hf_model(name).save_pretrained(d)
         if name == "gemma3n":
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
+        if name == "glm4moe":
+            add_nextn_layer(d)
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -552,8 +584,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2))
-    hd = 32 if text in ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n") \
-        or fam.delta_net else D // H
+    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
+    hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
           f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
@@ -581,7 +613,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
-    if arch in ("glm4", "phi2", "nemotron"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
         QWEN35_DELTA["linear_num_value_heads"]
@@ -603,7 +635,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
                     "qwen3next"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
@@ -616,6 +648,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
+    if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
+        md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
+                   "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -700,7 +735,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2"):  # a bias that picks the experts
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a bias that picks the experts
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
@@ -712,7 +747,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

@@ -45,6 +45,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
@@ -136,6 +137,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   renormalized, a shared expert scaled by a sigmoid gate). Qwen3-Next (qwen3next: Qwen3-Next-80B-A3B)
   is Qwen3.5-MoE as its converter writes it: value heads grouped by q/k head (not tiled), b and a in
   one tensor (ssm_ba, each q/k head's b then its a), plain NEOX RoPE without M-RoPE sections.
+  GLM-4.5 MoE (glm4moe: GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7) is DeepSeek's routing (sigmoid, the
+  selection bias, the file's expert_weights_norm and expert_weights_scale, dense first layers, shared
+  experts) after attention with q/k/v biases, RoPE on part of each head and per-head q/k norms where
+  the file has them; its FFN norm is post_attention_norm. Its files may end in multi-token-prediction
+  (NextN) layers, counted in block_count and by nextn_predict_layers: llama.cpp loads their tensors
+  and its graph skips them, so lowtune runs the layers before them, trains nothing of theirs and
+  writes their tensors into merged files as they were (Family.nextn_layers).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -194,6 +202,7 @@ class Family:
     qk_norm: str = ""                  # RMSNorm on q and k before RoPE: "head" (each head's, Qwen3,
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
+    qk_norm_optional: bool = False     # the per-head q/k norms are there where the file has them (GLM-4.5 MoE)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
     mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
@@ -220,6 +229,9 @@ class Family:
     moe_weight_keys: bool = False      # the file's expert_weights_norm and expert_weights_scale weigh the
     #                                    chosen experts, and expert_shared_count × the expert width is the
     #                                    shared experts' (DeepSeek)
+    nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
+    #                                    layers that llama.cpp's graph skips: left out of the model, their
+    #                                    tensors kept as they are (GLM-4.5 MoE)
     mla: bool = False                  # multi-head latent attention (DeepSeek): q, k and v from latents, RoPE
     #                                    on the last rope.dimension_count dims of each head, values of their
     #                                    own width
@@ -325,6 +337,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
+           moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
@@ -397,7 +411,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, glm4moe, qwen35moe and qwen3next)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -170,7 +170,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if c.stateful_layers or c.expert_gating == 2:
         return None  # (LFM2's short convolutions, Mamba2 layers and Qwen3.5's DeltaNets, whose states the
-        #             decoder does not keep; sigmoid routing)
+        #             decoder does not keep; sigmoid routing: LFM2-MoE's, GLM-4.5 MoE's)
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
     if type(model.tok_embd) is not QEmbedding or model.output is not None and (

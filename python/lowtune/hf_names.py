@@ -107,6 +107,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                             "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
                             "attn_output": "self_attn.o_proj",
                             "ffn_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
+    # GLM-4.5 MoE: the FFN's norm under post_attention_norm, as GGUF names it (dense layers' MLP; experts not mapped)
+    "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
+                          "post_attention_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
     "starcoder2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",

@@ -89,6 +89,8 @@ SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 # attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
                     "attn_output")
+# per-head q/k norms (optional where the family says: Family.qk_norm_optional)
+QK_NORM_NAMES = ("attn_q_norm", "attn_k_norm")
 # a mixture's shared experts (lowtune.model.MoE's linears of these names)
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
@@ -282,8 +284,10 @@ class ModelConfig:
             return v
 
         dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-        n_layers = int(get("block_count"))
-        if int(md.get(f"{arch}.nextn_predict_layers", 0) or 0):
+        n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
+        if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
+            n_layers -= nextn
+        elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
         head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
@@ -1229,6 +1233,8 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         p = f"blk.{index}."
         for name in layer_norm_shapes(c, index):
+            if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
+                continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
             setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
         if not fam.pre_norms:
@@ -1407,7 +1413,7 @@ class DecoderLayer(nn.Module):
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.v_dim).transpose(1, 2)
         late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
-        if fam.qk_norm == "head" and not late:
+        if fam.qk_norm == "head" and not late and hasattr(self, "attn_q_norm"):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
         if cache is None or late:
@@ -1855,6 +1861,12 @@ class Model(nn.Module):
 LlamaModel = Model  # the name before other families came
 
 
+def is_nextn_tensor(config: ModelConfig, name: str) -> bool:
+    """Whether GGUF tensor `name` belongs to a multi-token-prediction layer after the model's
+    (Family.nextn_layers: in the file, not in the model)."""
+    return config.family.nextn_layers and name.startswith("blk.") and int(name.split(".")[1]) >= config.n_layers
+
+
 def _check_weights(config: ModelConfig, w: Mapping[str, object],
                    own: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Every tensor the config needs is there with its shape, and nothing else is (a tensor the
@@ -1907,6 +1919,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     for i in range(c.n_layers):
         p = f"blk.{i}."
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
+        if c.family.qk_norm_optional:
+            optional.update({p + n + ".weight": want.pop(p + n + ".weight") for n in QK_NORM_NAMES
+                             if p + n + ".weight" in want})
         if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
         layer_shapes = dict(shapes)
@@ -1942,9 +1957,14 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         for name, parts in fused.items():  # a fused tensor [rows of its parts, D], maybe a fused bias
             want[name] = (parts[-1][2], c.dim)
             optional[name[:-len("weight")] + "bias"] = (parts[-1][2],)
+    if c.family.nextn_layers and "blk.0.attn_norm.weight" not in w and any(is_nextn_tensor(c, n) for n in w):
+        raise ValueError(f"this {c.arch} file holds only its multi-token-prediction layers (converted with "
+                         "--mtp-only), which llama.cpp runs beside the model's own file; pass that file")
     for name, shape in want.items():
         if name not in w:
             raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs")
+    if c.family.nextn_layers:  # the multi-token-prediction layers' tensors, which the model leaves alone
+        w = {n: t for n, t in w.items() if not is_nextn_tensor(c, n)}
     unused = [n for n in w if n not in want and n not in optional]
     if unused:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
