@@ -920,16 +920,18 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
-def test_convolution_and_delta_net_states_decode_through_the_models_steps(tiny, name):
-    """The compiled CPU decoder and captured decode steps keep no convolution (or DeltaNet) state:
-    both refuse LFM2 and Qwen3.5 by name, and generate decodes them through the model's steps, as the
-    full forward does."""
+@pytest.mark.parametrize("name,state", [("lfm2", "short-convolution state .LFM2"),
+                                        ("qwen35", "Gated DeltaNet state .Qwen3.5"),
+                                        ("granitehybrid", "Mamba2 state .Granite 4")])
+def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
+    """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5 and Granite 4's hybrid by name, and
+    generate decodes them through the model's steps (a scan's recurrent step on the cached states),
+    as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
-    with pytest.raises(ValueError, match="short-convolution state .LFM2" if name == "lfm2" else
-                       "Gated DeltaNet state .Qwen3.5"):
+    with pytest.raises(ValueError, match=state):
         StepDecoder(model, 16, graphs=False)
     prompt, stats = rand_ids(1, 12, seed=8)[0].tolist(), GenerationStats()
     got = generate(model, prompt, max_new_tokens=8, stats=stats)
@@ -939,6 +941,13 @@ def test_convolution_and_delta_net_states_decode_through_the_models_steps(tiny, 
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert got == ids[len(prompt):]
+    if name == "granitehybrid":  # (the scan's state [B, heads, head_dim, state], the conv's last inputs)
+        cache = model.new_cache(1, 16)
+        with torch.no_grad():
+            model(torch.tensor([prompt]), cache)
+        assert tuple(cache.recurrent_state[0].shape) == (1, 8, 16, 16)
+        assert tuple(cache.conv_state[2].shape) == (1, 192, 3)
+        assert cache.k[0].numel() == 0 and cache.k[1].shape[2] == 16  # (keys only where layers attend)
 
 
 @pytest.mark.llamacpp
@@ -1060,30 +1069,6 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
     with pytest.raises(ValueError, match="switches RoPE off"):
         ModelConfig.from_gguf_metadata({**granite, "granite.attention.head_count_kv": 2,
                                         "granite.rope.scaling.finetuned": False})
-
-
-def test_granitehybrid_decodes_through_its_own_steps(tiny):
-    """The compiled CPU decoder and captured decode steps keep no Mamba2 state: both refuse Granite 4's
-    hybrid by name, and generate decodes it through the model's steps (the recurrent step of the scan
-    on the cached conv and SSM states), as the full forward does."""
-    from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
-    model = Model.from_gguf(gguf_of(tiny["granitehybrid"], "Q8_0"))
-    assert cpu_decoder(model, model.new_cache(1, 16)) is None
-    with pytest.raises(ValueError, match="Mamba2 state"):
-        StepDecoder(model, 16, graphs=False)
-    prompt, stats = rand_ids(1, 12, seed=8)[0].tolist(), GenerationStats()
-    got = generate(model, prompt, max_new_tokens=8, stats=stats)
-    assert not stats.compiled_decoder and stats.decode_tokens == 7
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert got == ids[len(prompt):]
-    cache = model.new_cache(1, 16)
-    with torch.no_grad():
-        model(torch.tensor([prompt]), cache)
-    assert tuple(cache.recurrent_state[0].shape) == (1, 8, 16, 16) and tuple(cache.conv_state[2].shape) == (1, 192, 3)
-    assert cache.k[0].numel() == 0 and cache.k[1].shape[2] == 16
 
 
 def test_granitehybrid_streams_its_mamba2_and_attention_layers(tiny):

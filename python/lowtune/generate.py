@@ -294,18 +294,15 @@ class StepDecoder:
                              "temperature beyond the original context)")
         if model.config.family.qk_norm_after_rope:
             raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
-        if model.config.conv_layers:
-            raise ValueError("StepDecoder's captured steps keep no short-convolution state (LFM2's convolution "
-                             "layers); decode with graphs=False")
         if model.config.kv_lora_rank:
             raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
                              "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
-        if model.config.ssm_layers:
-            raise ValueError("StepDecoder's captured steps keep no Mamba2 state (Granite 4's Mamba2 layers); "
-                             "decode with graphs=False")
-        if model.config.delta_layers:
-            raise ValueError("StepDecoder's captured steps keep no Gated DeltaNet state (Qwen3.5's recurrent "
-                             "layers); decode with graphs=False")
+        c = model.config
+        if c.stateful_layers:
+            kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
+                    "Mamba2 state (Granite 4's Mamba2 layers)" if c.ssm_layers else
+                    "Gated DeltaNet state (Qwen3.5's recurrent layers)")
+            raise ValueError(f"StepDecoder's captured steps keep no {kind}; decode with graphs=False")
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
