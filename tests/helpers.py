@@ -46,6 +46,40 @@ def norm_rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def check_products_against_float64(qtype: str, n: int, k: int, m: int, rng: np.random.Generator) -> None:
+    """lowtune's forward and input gradient on `qtype` blocks of random weights [n, k] against float64
+    products of the format's NumPy dequantization, at m rows."""
+    from lowtune.formats import get_format
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.03)
+    qt = ops.quantize(torch.from_numpy(w), qtype)
+    w64 = get_format(qtype).dequantize(qt.raw.numpy(), k).astype(np.float64)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).requires_grad_()
+    y = ops.qmatmul(x, qt)
+    assert max_rel_err(y, torch.from_numpy(x.detach().double().numpy() @ w64.T)) < 1e-5
+    dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32))
+    y.backward(dy)
+    dx64 = torch.from_numpy(dy.double().numpy() @ w64)
+    assert max_rel_err(x.grad, dx64) < 1e-5
+    assert max_rel_err(ops.qmatmul_input_grad(dy, qt), dx64) < 1e-5
+
+
+def check_cuda_products_match_cpu(qtype: str, n: int, k: int, m: int, rng: np.random.Generator) -> None:
+    """On CUDA (whichever path LOWTUNE_CUDA_PATH forces), `qtype`'s dequantization equals the CPU's and
+    its forward and input gradient in fp32 and bf16 follow the CPU products on the same blocks."""
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.05)
+    qt = ops.quantize(torch.from_numpy(w), qtype)
+    qg = qt.to("cuda")
+    assert torch.equal(ops.dequantize(qg, torch.float32).cpu(), ops.dequantize(qt, torch.float32))
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+        dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)).to(dtype)
+        y_ref, dx_ref = ops.qmatmul(x.float(), qt), ops.qmatmul_input_grad(dy.float(), qt)
+        y, dx = ops.qmatmul(x.cuda(), qg), ops.qmatmul_input_grad(dy.cuda(), qg)
+        assert y.dtype == dtype and dx.dtype == dtype
+        assert max_rel_err(y.float().cpu(), y_ref) < tol, (dtype, "forward")
+        assert max_rel_err(dx.float().cpu(), dx_ref) < tol, (dtype, "input grad")
+
+
 # ---- random blocks -------------------------------------------------------------------------------
 
 # Byte offsets of the fp16 fields (scales, mins) inside one block of each quantized type.

@@ -25,7 +25,7 @@ from lowtune.formats.mxfp4 import e8m0_to_fp32_half
 from lowtune.gguf_io import GGUFFile, main_file_type, write_gguf
 
 import ggml_ref
-from helpers import max_rel_err
+from helpers import check_cuda_products_match_cpu, check_products_against_float64, max_rel_err
 
 MX = get_format("MXFP4")
 GGUF_MX = gguf.GGMLQuantizationType.MXFP4
@@ -154,22 +154,15 @@ def test_quantize_edges_and_round_trip(rng):
 
 @pytest.mark.parametrize("m", [1, 3, 70])
 def test_qmatmul_and_input_grad_match_float64(m, rng):
-    n, k = 45, 13 * 32  # 13 blocks: odd row bytes (221), so blocks start at odd addresses
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.03)
-    qt = lowtune.quantize(torch.from_numpy(w), "MXFP4")
-    w64 = MX.dequantize(qt.raw.numpy(), k).astype(np.float64)
-    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).requires_grad_()
-    y = lowtune.qmatmul(x, qt)
-    y64 = x.detach().double().numpy() @ w64.T
-    assert max_rel_err(y, torch.from_numpy(y64)) < 1e-5
-    dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32))
-    y.backward(dy)
-    dx64 = dy.double().numpy() @ w64
-    assert max_rel_err(x.grad, torch.from_numpy(dx64)) < 1e-5
-    assert max_rel_err(lowtune.qmatmul_input_grad(dy, qt), torch.from_numpy(dx64)) < 1e-5
+    k = 13 * 32  # 13 blocks: odd row bytes (221), so blocks start at odd addresses
+    check_products_against_float64("MXFP4", 45, k, m, rng)
     # 16-bit activations: the output rounded once more
-    yb = lowtune.qmatmul(x.detach().to(torch.bfloat16), qt)
-    assert yb.dtype == torch.bfloat16 and max_rel_err(yb, torch.from_numpy(y64)) < 2e-2
+    w = rng.standard_normal((45, k)).astype(np.float32) * np.float32(0.03)
+    qt = lowtune.quantize(torch.from_numpy(w), "MXFP4")
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y64 = torch.from_numpy(x.astype(np.float64) @ MX.dequantize(qt.raw.numpy(), k).astype(np.float64).T)
+    yb = lowtune.qmatmul(torch.from_numpy(x).to(torch.bfloat16), qt)
+    assert yb.dtype == torch.bfloat16 and max_rel_err(yb, y64) < 2e-2
 
 
 @pytest.mark.cuda
@@ -177,21 +170,9 @@ def test_qmatmul_and_input_grad_match_float64(m, rng):
 @pytest.mark.parametrize("m", [1, 7, 24, 40])
 def test_cuda_products_match_cpu(path, m, rng, monkeypatch):
     # every CUDA path that takes the shape (staged: M <= 16, direct: M <= 32; otherwise the
-    # default) against the CPU product on the same blocks; odd row bytes (45 blocks: 765 bytes)
+    # default); odd row bytes (45 blocks: 765 bytes)
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", path)
-    n, k = 130, 45 * 32
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.05)
-    qt = lowtune.quantize(torch.from_numpy(w), "MXFP4")
-    qg = qt.to("cuda")
-    assert torch.equal(lowtune.dequantize(qg, torch.float32).cpu(), lowtune.dequantize(qt, torch.float32))
-    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
-        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-        dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)).to(dtype)
-        y_ref, dx_ref = lowtune.qmatmul(x.float(), qt), lowtune.qmatmul_input_grad(dy.float(), qt)
-        y, dx = lowtune.qmatmul(x.cuda(), qg), lowtune.qmatmul_input_grad(dy.cuda(), qg)
-        assert y.dtype == dtype and dx.dtype == dtype
-        assert max_rel_err(y.float().cpu(), y_ref) < tol, (dtype, "forward")
-        assert max_rel_err(dx.float().cpu(), dx_ref) < tol, (dtype, "input grad")
+    check_cuda_products_match_cpu("MXFP4", 130, 45 * 32, m, rng)
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------------

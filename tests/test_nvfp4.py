@@ -27,7 +27,7 @@ from lowtune.formats.nvfp4 import fp32_to_ue4m3, ue4m3_to_fp32_half
 from lowtune.gguf_io import GGUFFile, main_file_type, write_gguf
 
 import ggml_ref
-from helpers import max_rel_err
+from helpers import check_cuda_products_match_cpu, check_products_against_float64
 
 NV = get_format("NVFP4")
 GGUF_NV = gguf.GGMLQuantizationType.NVFP4
@@ -154,19 +154,7 @@ def test_quantize_edges_and_round_trip(rng):
 
 @pytest.mark.parametrize("m", [1, 3, 70])
 def test_qmatmul_and_input_grad_match_float64(m, rng):
-    n, k = 45, 7 * 64
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.03)
-    qt = lowtune.quantize(torch.from_numpy(w), "NVFP4")
-    w64 = NV.dequantize(qt.raw.numpy(), k).astype(np.float64)
-    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).requires_grad_()
-    y = lowtune.qmatmul(x, qt)
-    y64 = x.detach().double().numpy() @ w64.T
-    assert max_rel_err(y, torch.from_numpy(y64)) < 1e-5
-    dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32))
-    y.backward(dy)
-    dx64 = dy.double().numpy() @ w64
-    assert max_rel_err(x.grad, torch.from_numpy(dx64)) < 1e-5
-    assert max_rel_err(lowtune.qmatmul_input_grad(dy, qt), torch.from_numpy(dx64)) < 1e-5
+    check_products_against_float64("NVFP4", 45, 7 * 64, m, rng)
 
 
 @pytest.mark.cuda
@@ -174,21 +162,8 @@ def test_qmatmul_and_input_grad_match_float64(m, rng):
 @pytest.mark.parametrize("m", [1, 7, 24, 40])
 def test_cuda_products_match_cpu(path, m, rng, monkeypatch):
     # every CUDA path that takes the shape (staged: M <= 16, direct: M <= 32; otherwise the default)
-    # against the CPU product on the same blocks
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", path)
-    n, k = 130, 23 * 64
-    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.05)
-    qt = lowtune.quantize(torch.from_numpy(w), "NVFP4")
-    qg = qt.to("cuda")
-    assert torch.equal(lowtune.dequantize(qg, torch.float32).cpu(), lowtune.dequantize(qt, torch.float32))
-    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
-        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-        dy = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)).to(dtype)
-        y_ref, dx_ref = lowtune.qmatmul(x.float(), qt), lowtune.qmatmul_input_grad(dy.float(), qt)
-        y, dx = lowtune.qmatmul(x.cuda(), qg), lowtune.qmatmul_input_grad(dy.cuda(), qg)
-        assert y.dtype == dtype and dx.dtype == dtype
-        assert max_rel_err(y.float().cpu(), y_ref) < tol, (dtype, "forward")
-        assert max_rel_err(dx.float().cpu(), dx_ref) < tol, (dtype, "input grad")
+    check_cuda_products_match_cpu("NVFP4", 130, 23 * 64, m, rng)
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------
