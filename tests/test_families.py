@@ -700,26 +700,6 @@ def test_tokenizer_matches_llamacpp_vocab_tests(llamacpp_source, vocab):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("pre", ["glm4", "chatglm-bpe"])
-def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
-    """GLM's vocabularies (Llama 3's regex; no BOS token in llama.cpp whatever the file says): a
-    real byte-level vocabulary relabelled with GLM's `pre` tokenizes as llama.cpp tokenizes it,
-    with the special tokens each adds by default."""
-    import llama_cpp
-    base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
-    with GGUFFile(base) as f:
-        md, types = dict(f.metadata), dict(f.metadata_types)
-        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
-    md["tokenizer.ggml.pre"] = pre
-    write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
-    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
-    tok = load_tokenizer(md)
-    assert tok.bos_id is None and not tok.add_bos
-    for text in base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n"):
-        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
-
-
-@pytest.mark.llamacpp
 def test_apertus_xielu_scalars_and_llama3_rope(tiny, llamacpp_source, tmp_path):
     """Apertus's xIELU scalars: one per layer from the file (a single value serves every layer, as
     llama.cpp reads it), refused where absent or of another length. Its own default RoPE, Llama 3's
@@ -888,12 +868,12 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
-    """LFM2's layers differ by kind (a convolution's in_proj/out_proj, or q/k/v/output, beside the
-    same MLP), as Qwen3.5's (a Gated DeltaNet's five linears, or attention's): streamed, the first two
-    read from the file, the model trains as the resident one, every layer's pack holding its own
-    kind's matrices."""
+    """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
+    Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
+    attention's q/k/v/output): streamed, the first two read from the file, the model trains as the
+    resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
@@ -904,19 +884,21 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
         return model
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
-    assert plan.streamed == [0, 1, 2, 3] and plan.disk_layers == [0, 1]
+    c = resident.config
+    assert plan.streamed == list(range(c.n_layers)) and plan.disk_layers == [0, 1]
     packs = streaming.streamer.packs
-    kinds = [sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) for i in range(4)]
-    ffn = ["ffn_down.weight", "ffn_gate.weight", "ffn_up.weight"]
-    attention = sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
-    if name == "lfm2":
-        assert kinds[0] == kinds[2] == sorted(ffn + ["shortconv.in_proj.weight", "shortconv.out_proj.weight"])
-        assert kinds[1] == kinds[3] == attention
-    else:  # (three DeltaNets, then attention)
-        delta = [n + ".weight" for n in DELTA_LINEAR_NAMES if n != "ssm_ba"]  # (Qwen3-Next's fused b and a)
-        assert kinds[0] == kinds[1] == kinds[2] == sorted(ffn + delta)
-        assert kinds[3] == attention
-    assert packs[0].nbytes != packs[3].nbytes  # (the slots hold the larger)
+    own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"], "ssm": list(SSM_LINEAR_NAMES),
+           "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
+           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")]}
+    kind = lambda i: ("conv" if c.is_conv(i) else "ssm" if c.is_ssm(i)  # noqa: E731
+                      else "delta" if c.is_delta(i) else "attention")
+    ffn = ["ffn_down", "ffn_gate", "ffn_up"]
+    assert {kind(i) for i in range(c.n_layers)} > {"attention"}  # (two kinds)
+    for i in range(c.n_layers):
+        assert sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) == sorted(
+            n + ".weight" for n in ffn + own[kind(i)]), i
+    attending = next(i for i in range(c.n_layers) if kind(i) == "attention")
+    assert packs[0].nbytes != packs[attending].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
@@ -1069,28 +1051,6 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
     with pytest.raises(ValueError, match="switches RoPE off"):
         ModelConfig.from_gguf_metadata({**granite, "granite.attention.head_count_kv": 2,
                                         "granite.rope.scaling.finetuned": False})
-
-
-def test_granitehybrid_streams_its_mamba2_and_attention_layers(tiny):
-    """Granite 4's layers differ by kind (ssm_in/ssm_out, or q/k/v/output, beside the same MLP):
-    streamed, the first two read from the file, the model trains as the resident one."""
-    path = gguf_of(tiny["granitehybrid"], "Q8_0")
-
-    def adapted():
-        model = Model.from_gguf(path)
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
-
-    resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
-    assert plan.streamed == [0, 1, 2] and plan.disk_layers == [0, 1]
-    packs = streaming.streamer.packs
-    kinds = [sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) for i in range(3)]
-    ffn = ["ffn_down.weight", "ffn_gate.weight", "ffn_up.weight"]
-    assert kinds[0] == kinds[2] == sorted(ffn + ["ssm_in.weight", "ssm_out.weight"])
-    assert kinds[1] == sorted(ffn + [f"attn_{n}.weight" for n in ("q", "k", "v", "output")])
-    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):

@@ -255,12 +255,9 @@ _PRE_CASES = ["HelloWorld CamelCase ABCdef 1234567 12 they'RE don'T I'll", "a/b/
               "ΑΒΓ αβγ Ωmega Привет мир Ꭰ ᏸ ﬁ", "wow!!\n\n\nnext .\n\n(ok)\r\n\r\n a//\n\nb"]
 
 
-@pytest.mark.llamacpp
-@pytest.mark.parametrize("pre", _distinct_pre_tokenizers())
-def test_every_pre_tokenizer_splits_as_llamacpp(llamacpp_source, tmp_path, pre):
-    """Each of llama.cpp's pre-tokenizers that lowtune knows: a real byte-level vocabulary (Llama
-    3's) relabelled with that `pre` tokenizes llama.cpp's tokenizer test cases and text that each
-    regex treats its own way exactly as llama.cpp tokenizes it."""
+def _relabelled(llamacpp_source, tmp_path, pre: str):
+    """Llama 3's byte-level vocabulary (llama.cpp's test file) relabelled with pre-tokenizer `pre`: its
+    metadata, llama.cpp's vocabulary-only model of it, and llama.cpp's tokenizer test cases."""
     import llama_cpp
     base = llamacpp_source / "models" / "ggml-vocab-llama-bpe.gguf"
     with GGUFFile(base) as f:
@@ -269,11 +266,33 @@ def test_every_pre_tokenizer_splits_as_llamacpp(llamacpp_source, tmp_path, pre):
     md["tokenizer.ggml.pre"] = pre
     write_gguf(tmp_path / "vocab.gguf", md, tensors, metadata_types=types)
     llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    return md, llm, base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("pre", _distinct_pre_tokenizers())
+def test_every_pre_tokenizer_splits_as_llamacpp(llamacpp_source, tmp_path, pre):
+    """Each of llama.cpp's pre-tokenizers that lowtune knows: a real byte-level vocabulary (Llama
+    3's) relabelled with that `pre` tokenizes llama.cpp's tokenizer test cases and text that each
+    regex treats its own way exactly as llama.cpp tokenizes it."""
+    md, llm, cases = _relabelled(llamacpp_source, tmp_path, pre)
     tok = load_tokenizer(md)
-    cases = base.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     for text in cases + _PRE_CASES:
         assert tok.encode(text, add_bos=False, add_eos=False) == llm.tokenize(text.encode(), add_bos=False,
                                                                               special=False), repr(text)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("pre", ["glm4", "chatglm-bpe"])
+def test_glm_pre_tokenizers_match_llamacpp(llamacpp_source, tmp_path, pre):
+    """GLM's vocabularies (Llama 3's regex; no BOS token in llama.cpp whatever the file says): a
+    real byte-level vocabulary relabelled with GLM's `pre` tokenizes as llama.cpp tokenizes it,
+    with the special tokens each adds by default."""
+    md, llm, cases = _relabelled(llamacpp_source, tmp_path, pre)
+    tok = load_tokenizer(md)
+    assert tok.bos_id is None and not tok.add_bos
+    for text in cases:
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), repr(text)
 
 
 @pytest.mark.parametrize("pre", ["deepseek-v3", "qwen35", "seed-coder", "tiny_aya", "youtu"])
