@@ -80,6 +80,20 @@ def check_cuda_products_match_cpu(qtype: str, n: int, k: int, m: int, rng: np.ra
         assert max_rel_err(dx.float().cpu(), dx_ref) < tol, (dtype, "input grad")
 
 
+def assert_logits_match_llamacpp(path, tol: float) -> None:
+    """lowtune's logits of a GGUF model on a few tokens within tol · max|logit| of llama.cpp's."""
+    from llama_cpp import Llama
+    from lowtune.loading import load_model
+    ids = [5, 17, 99, 200, 33, 7, 8, 120]
+    with torch.no_grad():
+        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
+    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
+    llm.close()
+    assert np.abs(ours - theirs).max() < tol * np.abs(theirs).max()
+
+
 # ---- random blocks -------------------------------------------------------------------------------
 
 # Byte offsets of the fp16 fields (scales, mins) inside one block of each quantized type.

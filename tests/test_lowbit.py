@@ -25,7 +25,7 @@ from lowtune.formats import get_format
 from lowtune.gguf_io import GGUFFile, main_file_type, write_gguf
 
 import ggml_ref
-from helpers import check_cuda_products_match_cpu, check_products_against_float64
+from helpers import assert_logits_match_llamacpp, check_cuda_products_match_cpu, check_products_against_float64
 
 TYPES = ["TQ1_0", "TQ2_0", "Q1_0", "Q2_0"]
 GGUF_PY = ["TQ1_0", "TQ2_0"]  # gguf-py has no Q1_0 / Q2_0 quantizer
@@ -193,20 +193,11 @@ def test_llamacpp_runs_a_model_lowtune_wrote(name, tmp_path):
     # agree with lowtune's (measured: 0.01-0.03% of the largest logit; llama.cpp rounds activations to
     # Q8_0 / Q8_K and keeps an F16 KV cache; a misread block is O(1)). Weights of RMS 0.02 keep the
     # 256-wide model from amplifying those roundings (at 0.08 even Q4_0 differs by 1%).
-    from llama_cpp import Llama
     from helpers import write_tiny_llama_gguf
-    from lowtune.loading import load_model
     path = write_tiny_llama_gguf(tmp_path / f"tiny-{name}.gguf", name, dim=256, ffn=512, scale=0.02, embed_type="F32")
     with GGUFFile(path) as f:
         assert f.tensor_infos["blk.0.ffn_down.weight"].type_name == name
-    ids = [5, 17, 99, 200, 33, 7, 8, 120]
-    with torch.no_grad():
-        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-    llm.close()
-    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+    assert_logits_match_llamacpp(path, 2e-3)
 
 
 @pytest.mark.llamacpp
@@ -215,20 +206,11 @@ def test_lowtune_reads_what_llama_quantize_writes(name, tmp_path):
     # llama-quantize's recipe for the type (its file type, its choices for token_embd and the head)
     # on an F32 model: lowtune reads every tensor's type and computes llama.cpp's logits. (llama-quantize
     # has no NVFP4 recipe: only the converter writes NVFP4, from NVIDIA's checkpoints.)
-    from llama_cpp import Llama
     from helpers import write_tiny_llama_gguf
-    from lowtune.loading import load_model
     src = write_tiny_llama_gguf(tmp_path / "f32.gguf", "F32", dim=256, ffn=512, scale=0.02)
     path = tmp_path / f"{name}.gguf"
     ggml_ref.quantize_model(src, path, name)
     with GGUFFile(path) as f:
         assert f.metadata["general.file_type"] == ggml_ref.FTYPES[name]
         assert f.tensor_infos["blk.0.ffn_down.weight"].type_name == name
-    ids = [5, 17, 99, 200, 33, 7, 8, 120]
-    with torch.no_grad():
-        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-    llm.close()
-    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+    assert_logits_match_llamacpp(path, 2e-3)

@@ -25,7 +25,8 @@ from lowtune.formats.mxfp4 import e8m0_to_fp32_half
 from lowtune.gguf_io import GGUFFile, main_file_type, write_gguf
 
 import ggml_ref
-from helpers import check_cuda_products_match_cpu, check_products_against_float64, max_rel_err
+from helpers import (assert_logits_match_llamacpp, check_cuda_products_match_cpu, check_products_against_float64,
+                     max_rel_err)
 
 MX = get_format("MXFP4")
 GGUF_MX = gguf.GGMLQuantizationType.MXFP4
@@ -205,17 +206,8 @@ def test_llamacpp_runs_a_model_lowtune_wrote_in_mxfp4(tmp_path):
     # a tiny Llama whose decoder matrices are MXFP4 blocks from lowtune's quantizer: llama.cpp
     # loads it and its logits agree with lowtune's (measured max difference 0.2% of the largest
     # logit: llama.cpp rounds activations to Q8_0 and keeps an F16 KV cache; a misread block is O(1))
-    from llama_cpp import Llama
     from helpers import write_tiny_llama_gguf
-    from lowtune.loading import load_model
     path = write_tiny_llama_gguf(tmp_path / "tiny-mxfp4.gguf", "MXFP4", embed_type="F32")
     with GGUFFile(path) as f:
         assert f.tensor_infos["blk.0.ffn_down.weight"].type_name == "MXFP4"
-    ids = [5, 17, 99, 200, 33, 7, 8, 120]
-    with torch.no_grad():
-        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-    llm.close()
-    assert np.abs(ours - theirs).max() < 1e-2 * np.abs(theirs).max()
+    assert_logits_match_llamacpp(path, 1e-2)

@@ -27,7 +27,7 @@ from lowtune.formats.nvfp4 import fp32_to_ue4m3, ue4m3_to_fp32_half
 from lowtune.gguf_io import GGUFFile, main_file_type, write_gguf
 
 import ggml_ref
-from helpers import check_cuda_products_match_cpu, check_products_against_float64
+from helpers import assert_logits_match_llamacpp, check_cuda_products_match_cpu, check_products_against_float64
 
 NV = get_format("NVFP4")
 GGUF_NV = gguf.GGMLQuantizationType.NVFP4
@@ -192,20 +192,11 @@ def test_llamacpp_runs_a_model_lowtune_wrote_in_nvfp4(tmp_path):
     # a tiny Llama whose decoder matrices are NVFP4 blocks from lowtune's quantizer: llama.cpp loads
     # it and its logits agree with lowtune's (llama.cpp rounds activations to Q8_0 and keeps an F16
     # KV cache; a misread block is O(1))
-    from llama_cpp import Llama
     from helpers import write_tiny_llama_gguf
-    from lowtune.loading import load_model
     path = write_tiny_llama_gguf(tmp_path / "tiny-nvfp4.gguf", "NVFP4", dim=64, ffn=128, embed_type="F32")
     with GGUFFile(path) as f:
         assert f.tensor_infos["blk.0.ffn_down.weight"].type_name == "NVFP4"
-    ids = [5, 17, 99, 200, 33, 7, 8, 120]
-    with torch.no_grad():
-        ours = load_model(path)(torch.tensor([ids])).double().reshape(len(ids), -1).numpy()
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[:len(ids)], np.float64)
-    llm.close()
-    assert np.abs(ours - theirs).max() < 1e-2 * np.abs(theirs).max()
+    assert_logits_match_llamacpp(path, 1e-2)
 
 
 def test_second_level_scales_are_refused_by_name(tmp_path):
