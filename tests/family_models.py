@@ -37,7 +37,7 @@ HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGU
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next")
+             "qwen3next", "llama4")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -219,6 +219,15 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
             n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
+        # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
+        # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
+        "llama4": lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+            **{**common, "intermediate_size": 32}, intermediate_size_mlp=F, num_hidden_layers=4, head_dim=16,
+            num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            attention_chunk_size=WINDOW, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -426,9 +435,9 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, olmo, phi, qwen, starcoder
+from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's and Qwen3.5's converters read only byte-level BPE
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's and Llama 4's converters read only byte-level BPE
 # vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
@@ -436,7 +445,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
-    glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)

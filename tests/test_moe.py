@@ -41,8 +41,8 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import DELTA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
-                           llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, WINDOW, deepseek2_kv_b_whole, gguf_of, hf_model,
+                           llamacpp, llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -53,6 +53,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK
+TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
+# (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
+INTERLEAVED = {"llama4": [False, True, False, True]}
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +70,31 @@ def text_ids(moe, botchan_text):
                                                                                  add_bos=False)
 
 
+def hf_chunks(model):
+    """Llama 4's chunked layers attend in chunks of the tiny transformers model's attention_chunk_size
+    (WINDOW, shorter than the test sequences) in place of llama.cpp's 8192, which the file cannot change."""
+    for layer in model.layers:
+        layer.window = layer.window and WINDOW
+
+
 @pytest.mark.transformers
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_logits_match_transformers(moe, name):
     ids = rand_ids(2, SEQ)
     model = Model.from_gguf(moe[name].gguf)
-    assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
+    used = 1 if name in TOP_1 else EXPERTS_USED
+    assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, used)
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe") + DEEPSEEK
+              "glm4moe", "llama4") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
-    assert [layer.ffn_moe is not None for layer in model.layers] == [name not in DENSE_FIRST] + [True] * (
-        model.config.n_layers - 1)
+    assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
+        name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
+    chunked = [layer for layer in model.layers if layer.window]
+    if name == "llama4":
+        assert [layer.window for layer in model.layers] == [8192, 8192, 8192, 0]
+        hf_chunks(model)
     with torch.no_grad():
         want = hf_model(name)(ids).logits
         got = model(ids)
@@ -96,7 +111,7 @@ def test_logits_match_transformers(moe, name):
                 setattr(m, what, k)
             assert moved > 1e-3, (what, value)
 
-        for used in (1, EXPERTS):  # the routing matters: other expert counts give other logits
+        for used in sorted({1, EXPERTS} - {used}):  # the routing matters: other expert counts give other logits
             matters(moes, "n_used", used)
         # OLMoE's and Qwen2 MoE's chosen weights are not renormalized (gpt-oss's sum to 1 already)
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
@@ -120,6 +135,11 @@ def test_logits_match_transformers(moe, name):
         if name == "glm4moe":  # its sigmoid routing, selection bias, renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
+        if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
+            matters(chunked, "window", SEQ)
+            matters(chunked, "l2_normed", False)
+            for what, off in (("weight_before", False), ("gating", 1)):
+                matters(moes, what, off)
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
@@ -133,7 +153,8 @@ def test_logits_match_transformers(moe, name):
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
-                         + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2)]
+                         + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
+                            ("llama4", "Q4_0", 5e-3)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -339,10 +360,10 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's
-    DeltaNets and DeepSeek's latent attention are left to the model's own steps."""
+    DeltaNets, DeepSeek's latent attention and Llama 4's chunked attention are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -448,6 +469,8 @@ def test_exports(moe, tmp_path, name):
             export_peft(base, peft_run, tmp_path / "peft")
         return
     export_peft(base, peft_run, tmp_path / "peft")
+    if name == "llama4":
+        hf_chunks(peft_model)
     hf = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()
     with torch.no_grad():
         got, want = hf(input_ids=ids).logits, peft_model(ids)
@@ -474,7 +497,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek32", "llama4", "qwen3"):
+    for arch in ("deepseek32", "dbrx", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})

@@ -45,6 +45,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
@@ -165,6 +166,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   kind that has its own. lowtune.gemma3n says how, after llama.cpp's gemma3n.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
+  Llama 4 (llama4: Scout 17B-16E, Maverick 17B-128E; the language model) leaves RoPE out of every
+  4th layer, which attends globally with its queries scaled by 1 + 0.1 ln(1 + floor((pos + 1) / 8192));
+  the other layers attend within chunks of 8192 positions (llama.cpp's fixed chunk) and L2-norm q and
+  k after RoPE (without a weight; not Maverick, as llama.cpp's use_kq_norm). Every
+  interleave_moe_layer_step-th layer routes each token to its top expert by sigmoid, the weight
+  multiplying the expert's input (Family.moe_weight_before), beside a shared expert.
 
   rope "norm" rotates adjacent pairs of each head (the converter permutes Llama's q/k rows into
   that order); "neox" rotates dimension i with i + rope_dim/2, on rows as Hugging Face keeps them.
@@ -229,6 +236,8 @@ class Family:
     moe_weight_keys: bool = False      # the file's expert_weights_norm and expert_weights_scale weigh the
     #                                    chosen experts, and expert_shared_count × the expert width is the
     #                                    shared experts' (DeepSeek)
+    moe_shared_expert: bool = False    # every expert layer has a shared expert as wide as a routed one (Llama 4)
+    moe_weight_before: bool = False    # the chosen experts' weights multiply their input, not their output (Llama 4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -237,6 +246,10 @@ class Family:
     #                                    own width
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
+    chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
+    l2_qk_norm: bool = False           # q and k of the RoPE layers are RMS-normed without a weight after RoPE,
+    #                                    except in 128-expert files (llama.cpp's use_kq_norm: Llama 4)
+    nope_temperature: bool = False     # NoPE layers scale queries by position (Llama 4's attn_temperature_tuning)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
     #                                    is global (0: every layer slides), llama.cpp's n_pattern
     default_window: int = 0            # window when the file gives none (0: no sliding window)
@@ -337,6 +350,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
+           nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
+           nope_temperature=True),
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
@@ -366,7 +382,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "llama4",
+_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "nemotron_h", "plamo2", "kimi-linear"}
@@ -411,7 +427,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, glm4moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe and qwen3next)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -254,6 +254,11 @@ class ModelConfig:
         """Positions layer `layer` attends to (0: all before it)."""
         return self.sliding_window if self.is_sliding(layer) else 0
 
+    def l2_normed(self, layer: int) -> bool:
+        """Whether layer `layer` RMS-norms q and k without a weight after RoPE (Llama 4's RoPE layers,
+        not Maverick's: llama.cpp's use_kq_norm)."""
+        return self.family.l2_qk_norm and self.n_experts != 128 and self.rope_kind(layer) != NO_ROPE
+
     def rope_kind(self, layer: int) -> int:
         """0: the global RoPE; 1: the sliding layers' own (another base or scaling); NO_ROPE: none
         (the family's NoPE layers)."""
@@ -321,6 +326,11 @@ class ModelConfig:
         window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
         if fam.window_block_counts and n_layers not in fam.window_block_counts:
             window = 0  # (llama.cpp ignores the file's window there)
+        if fam.chunked_attention:
+            if not window:
+                raise ValueError(f"this {arch} file turns chunked attention off (attention.sliding_window = 0: "
+                                 "every layer global and rotated, as MobileLLM), which lowtune does not run")
+            window = fam.default_window  # (llama.cpp's fixed chunk, whatever the file gives)
         swa_layers = None
         if window > 0:
             # llama.cpp's pattern: one flag per layer, or a period p (0: every layer slides;
@@ -375,6 +385,8 @@ class ModelConfig:
                                  "of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
             shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
+            if fam.moe_shared_expert:
+                experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
             if fam.moe_weight_keys:  # (DeepSeek's keys)
                 width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
                 experts["shared_expert_ffn_dim"] = shared * width
@@ -781,8 +793,9 @@ class MoE(nn.Module):
     n_experts_used largest, those weights divided by their sum (where the family renormalizes) — or,
     gating 3 (gpt-oss), the n_experts_used largest logits and the softmax of those; each chosen
     expert a gated MLP over the tokens routed to it (with its biases where the file has them), and
-    the token's output the weighted sum of its experts', plus a shared expert's where the file has
-    one (every token runs it; Qwen2 MoE scales it by sigmoid(x · ffn_gate_inp_shexp)).
+    the token's output the weighted sum of its experts' (Llama 4: of its experts' on the weighted
+    input), plus a shared expert's where the file has one (every token runs it; Qwen2 MoE scales it
+    by sigmoid(x · ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -797,6 +810,7 @@ class MoE(nn.Module):
                                                         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.renorms_experts, config.expert_gating
+        self.weight_before = config.family.moe_weight_before
         self.weights_scale = config.expert_weights_scale
         self.groups, self.groups_used = config.expert_groups, config.expert_groups_used
         # a bias on the routing probabilities that picks the experts but does not weigh them (ERNIE 4.5 MoE)
@@ -841,9 +855,11 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self._expert(x[rows], gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
+            weight = weights[rows, slot, None]
+            xe = (x[rows].float() * weight).to(x.dtype) if self.weight_before else x[rows]
+            y = self._expert(xe, gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
                              down.rows(e * d, (e + 1) * d), e)
-            out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
+            out = out.index_add(0, rows, (y if self.weight_before else (y.float() * weight).to(out.dtype)))
         if self.ffn_gate_shexp is not None:  # (through the modules: adapters may wrap them)
             g, u = self.ffn_gate_shexp(x), self.ffn_up_shexp(x)
             s = self.ffn_down_shexp(glue_ops.gated(self.activation, g, u).contiguous())
@@ -1115,6 +1131,10 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None,
     return inv
 
 
+# Llama 4's NoPE layers' query temperature, fixed by llama.cpp: attn_temperature(0.1, 8192, pos + 1)
+NOPE_TEMPERATURE, NOPE_TEMPERATURE_FLOOR = 0.1, 8192
+
+
 def attn_temperature(t: float, orig: int, positions: torch.Tensor) -> torch.Tensor:
     """Llama 4's query scale at `positions`: 1 + t ln(1 + floor(pos / orig)) (Ministral 3)."""
     return 1.0 + t * (1.0 + (positions // orig)).log()
@@ -1231,6 +1251,7 @@ class DecoderLayer(nn.Module):
         self.config, self.index = c, index
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
+        self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
         for name in layer_norm_shapes(c, index):
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
@@ -1412,13 +1433,16 @@ class DecoderLayer(nn.Module):
         q = q.reshape(b, t, c.n_heads, c.head_dim)
         k = k.view(b, t, c.n_kv_heads, c.head_dim)
         v = v.view(b, t, c.n_kv_heads, c.v_dim).transpose(1, 2)
-        late = fam.qk_norm_after_rope  # (Hunyuan: the per-head norms after RoPE)
+        late = fam.qk_norm_after_rope or self.l2_normed  # (Hunyuan's per-head norms, Llama 4's L2: after RoPE)
         if fam.qk_norm == "head" and not late and hasattr(self, "attn_q_norm"):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, r = q.transpose(1, 2), k.transpose(1, 2), rot[self.rope_kind]
         if cache is None or late:
             q, k = apply_rope(q, r, fam.rope), apply_rope(k, r, fam.rope)
-            if late:
+            if self.l2_normed:
+                l2 = lambda x: F.rms_norm(x.float(), x.shape[-1:], None, c.norm_eps).to(x.dtype)  # noqa: E731
+                q, k = l2(q), l2(k)
+            elif late:
                 q, k = self.attn_q_norm(q), self.attn_k_norm(k)
             if cache is not None:
                 k, v = cache.update(self.index, start, k, v)
@@ -1428,10 +1452,14 @@ class DecoderLayer(nn.Module):
         if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
             q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
+        if fam.nope_temperature and self.rope_kind == NO_ROPE and start + t >= NOPE_TEMPERATURE_FLOOR:
+            pos = torch.arange(start + 1, start + t + 1, device=q.device, dtype=torch.float32)  # (offset 1)
+            q = (q.float() * attn_temperature(NOPE_TEMPERATURE, NOPE_TEMPERATURE_FLOOR, pos)[:, None]).to(q.dtype)
         if cache is not None:  # (sinks: the cache's kernel has none)
             attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
         if attn is None:
-            attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks)
+            attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks,
+                             fam.chunked_attention)
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
@@ -1599,14 +1627,16 @@ class DecoderLayer(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
               window: int = 0, cap: float = 0.0, mask: torch.Tensor | None = None,
-              sinks: torch.Tensor | None = None) -> torch.Tensor:
+              sinks: torch.Tensor | None = None, chunked: bool = False) -> torch.Tensor:
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
     scale: on q·k (None: 1/sqrt(hd)); window > 0: query i sees only keys i-window+1..i; cap > 0:
     scores soft-capped before the softmax. mask (broadcast to [B, H, T, S]: bool, True where a
     query sees a key, or additive float, 0 or -inf), when given, replaces causality and the window
     (a fixed-length decode cache's mask; such caches serve models without sliding layers). sinks
-    [H], when given: one more logit per head in every query's softmax, with no value (gpt-oss)."""
+    [H], when given: one more logit per head in every query's softmax, with no value (gpt-oss).
+    chunked: the window is a chunk instead, query i sees keys of its own chunk of `window`
+    positions (floor(pos / window) equal: Llama 4)."""
     n_rep = q.shape[1] // k.shape[1]
     gqa = {}
     if n_rep > 1:
@@ -1622,7 +1652,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     if mask is not None:
         allowed = mask
     else:
-        windowed = 0 < window < s  # a window no shorter than the sequence cuts nothing
+        windowed = 0 < window < s  # a window (or chunk) no shorter than the sequence cuts nothing
         if not cap and not windowed and sinks is None:
             if start == 0 and t == s:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
@@ -1632,7 +1662,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         kpos = torch.arange(s, device=q.device)[None, :]
         allowed = kpos <= qpos
         if windowed:
-            allowed = allowed & (qpos - kpos < window)
+            allowed = allowed & ((qpos // window == kpos // window) if chunked else (qpos - kpos < window))
     if not cap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, **gqa)
     # soft-capped scores, or sinks: SDPA has neither, so the scores are materialised (as Hugging
