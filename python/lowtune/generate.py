@@ -168,9 +168,10 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
-    if c.stateful_layers or c.expert_gating == 2:
+    if c.stateful_layers or c.expert_gating == 2 or c.family.chunked_attention:
         return None  # (LFM2's short convolutions, Mamba2 layers and Qwen3.5's DeltaNets, whose states the
-        #             decoder does not keep; sigmoid routing: LFM2-MoE's, GLM-4.5 MoE's)
+        #             decoder does not keep; sigmoid routing: LFM2-MoE's, GLM-4.5 MoE's; Llama 4's chunks,
+        #             L2-normed q/k and experts weighed on their input)
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in cache.k + cache.v):
         return None
     if type(model.tok_embd) is not QEmbedding or model.output is not None and (
@@ -288,7 +289,8 @@ class StepDecoder:
             raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
                              "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
         if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
-            raise ValueError("StepDecoder's one mask per step cannot express sliding-window layers")
+            raise ValueError("StepDecoder's one mask per step cannot express sliding-window or chunked (Llama 4) "
+                             "layers")
         if not _positions_unscaled(model.config, max_len):
             raise ValueError("StepDecoder's captured steps cannot scale queries by position (the attention "
                              "temperature beyond the original context)")

@@ -110,6 +110,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # GLM-4.5 MoE: the FFN's norm under post_attention_norm, as GGUF names it (dense layers' MLP; experts not mapped)
     "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
                           "post_attention_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
+    # Llama 4: the attention's names and the norms (PEFT adapters; feed_forward.* not mapped)
+    "llama4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm"},
+               "global": _GLOBAL},
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
     "starcoder2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",
