@@ -509,3 +509,35 @@ def test_what_is_refused(moe):
     assert default_mode("cuda", model) == "off"
     with pytest.raises(ValueError, match="neither compiled nor captured"):
         compile_model(model, "layer", cuda_graphs=False, backend="aot_eager")
+
+
+@pytest.mark.transformers
+def test_llama4_past_its_first_chunk(moe, monkeypatch):
+    """Past 8192 positions, llama.cpp's chunk: the chunked layers start a new chunk and the NoPE
+    layer's queries are scaled by 1 + 0.1 ln 2, as transformers' at attention_chunk_size 8192."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(moe["llama4"].hf_dir, attention_chunk_size=8192,
+                                                           attn_implementation="sdpa").eval()
+    model = Model.from_gguf(moe["llama4"].gguf)
+    ids = rand_ids(1, 8200, seed=11)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[:, -16:]
+        assert rel_err(model(ids)[:, -16:], want) < 1e-4
+        monkeypatch.setattr(lowtune.model, "NOPE_TEMPERATURE", 0.0)  # (without the temperature they differ,
+        assert rel_err(model(ids)[:, -16:], want) > 1e-3              # and without the chunks)
+        monkeypatch.undo()
+        for layer in model.layers:
+            layer.window = 0
+        assert rel_err(model(ids)[:, -16:], want) > 1e-3
+
+
+def test_llama4_variants(moe):
+    """Maverick's files (128 experts) norm no q/k, as llama.cpp's use_kq_norm; a file that turns
+    chunked attention off (MobileLLM's, attention.sliding_window = 0) is refused."""
+    md = Model.from_gguf(moe["llama4"].gguf).metadata
+    scout = ModelConfig.from_gguf_metadata(md)
+    assert [scout.l2_normed(i) for i in range(4)] == [True, True, True, False]
+    maverick = ModelConfig.from_gguf_metadata({**md, "llama4.expert_count": 128})
+    assert not any(maverick.l2_normed(i) for i in range(4))
+    with pytest.raises(ValueError, match="turns chunked attention off.*MobileLLM"):
+        ModelConfig.from_gguf_metadata({**md, "llama4.attention.sliding_window": 0})
