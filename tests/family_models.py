@@ -592,7 +592,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
-              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2))
+              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
@@ -646,6 +646,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
+        if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
+            md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
                    f"{arch}.shortconv.l_cache": CONV_KERNEL})
