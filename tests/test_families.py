@@ -564,10 +564,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, Granite 4's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states the decoder
-# does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35"))
+                                                      "granitehybrid", "qwen35", "nemotron_h"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -640,8 +640,8 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
     model = Model.from_gguf(path)
-    if qtype != "F32":
-        assert model.tensor_types["blk.0.ffn_down.weight"] == qtype
+    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's)
+        assert model.tensor_types[f"blk.{(model.config.mlp_layers or (0,))[0]}.ffn_down.weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
@@ -826,8 +826,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
     kinds = lambda i: (conv if c.is_conv(i) else ssm if c.is_ssm(i)  # noqa: E731
                        else delta if c.is_delta(i) else targets)
+    parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
+                                                else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kinds(i)
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in parts(i)
                         if c.has_kv(i) or t not in ("attn_k", "attn_v")}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
