@@ -456,8 +456,8 @@ _CONVERT = """
 import runpy, sys
 from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, nemotron, olmo, phi, qwen, starcoder
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's and Nemotron-H's converters read only byte-level BPE
-# vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's and Nemotron-H's converters read only
+# byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -612,8 +612,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = (len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
-              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2))
+    layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
+              else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
@@ -631,6 +631,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.ssm.time_step_rank": SSM["mamba_n_heads"],
                    f"{arch}.embedding_scale": 2.0, f"{arch}.residual_scale": 0.7, f"{arch}.attention.scale": 0.3,
                    f"{arch}.logit_scale": 1.5})
+    if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
+        md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
+                   f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
                    "granite.logit_scale": 1.5})
@@ -715,7 +718,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
-        if c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
+        if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
+            pass
+        elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
@@ -749,7 +754,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         else:  # (Gemma 3n's last layers: K/V reused)
             w[p + "attn_q.weight"] = mat(q, D)
-        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
+        if not c.has_ffn(i):  # (Nemotron-H's mixer layers)
+            pass
+        elif c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
             # unit size: saturated sigmoids would tie; for DeltaNet models' softer routing, which bf16 flips less)
             router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 or c.delta_layers
                                                              else 1.0)
@@ -775,7 +782,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         if c.has_attention(i):
             w[p + "attn_output.weight"] = mat(D, q)
-        if not c.has_experts(i):
+        if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})

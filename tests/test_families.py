@@ -870,11 +870,11 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
     Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
-    attention's q/k/v/output): streamed, the first two read from the file, the model trains as the
+    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read from the file, the model trains as the
     resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
@@ -891,14 +891,15 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     packs = streaming.streamer.packs
     own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"], "ssm": list(SSM_LINEAR_NAMES),
            "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
-           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")]}
-    kind = lambda i: ("conv" if c.is_conv(i) else "ssm" if c.is_ssm(i)  # noqa: E731
-                      else "delta" if c.is_delta(i) else "attention")
-    ffn = ["ffn_down", "ffn_gate", "ffn_up"]
+           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "mlp": []}
+    kind = lambda i: ("mlp" if not c.has_mixer(i) else "conv" if c.is_conv(i)  # noqa: E731
+                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i) else "attention")
+    ffn = lambda i: [n for n in ("ffn_down", "ffn_gate", "ffn_up")  # noqa: E731
+                     if c.has_ffn(i) and (c.family.gated or n != "ffn_gate")]
     assert {kind(i) for i in range(c.n_layers)} > {"attention"}  # (two kinds)
     for i in range(c.n_layers):
         assert sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) == sorted(
-            n + ".weight" for n in ffn + own[kind(i)]), i
+            n + ".weight" for n in ffn(i) + own[kind(i)]), i
     attending = next(i for i in range(c.n_layers) if kind(i) == "attention")
     assert packs[0].nbytes != packs[attending].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
@@ -906,10 +907,11 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
 
 @pytest.mark.parametrize("name,state", [("lfm2", "short-convolution state .LFM2"),
                                         ("qwen35", "Gated DeltaNet state .Qwen3.5"),
-                                        ("granitehybrid", "Mamba2 state .Granite 4")])
+                                        ("granitehybrid", "Mamba2 state .Granite 4"),
+                                        ("nemotron_h", "Mamba2 state .Granite 4's and Nemotron-H")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5 and Granite 4's hybrid by name, and
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid and Nemotron-H by name, and
     generate decodes them through the model's steps (a scan's recurrent step on the cached states),
     as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
@@ -1087,7 +1089,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid",
+    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
