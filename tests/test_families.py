@@ -874,8 +874,8 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
     Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
-    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read from the file, the model trains as the
-    resident one, every layer's pack holding its own kind's matrices."""
+    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read
+    from the file, the model trains as the resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
