@@ -1057,6 +1057,28 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
                                         "granite.rope.scaling.finetuned": False})
 
 
+def test_nemotron_h_layers_of_one_part(tiny):
+    """Nemotron-H's file says each layer's one part: KV heads for attention (without RoPE), an FFN width for
+    an MLP, neither for a Mamba2 mixer, all after attn_norm with LayerNorm's epsilon key; FFN widths that
+    differ (Nemotron's Puzzle models) and its mixture-of-experts sibling are refused, saying what runs."""
+    model = Model.from_gguf(tiny["nemotron_h"].gguf)
+    c = model.config
+    assert (c.ssm_layers, c.mlp_layers, c.no_rope, c.norm_eps) == ((0, 4), (1, 3, 5), True, pytest.approx(1e-5))
+    assert [i for i in range(c.n_layers) if c.has_attention(i)] == [2] and model.layers[1].attn_norm is not None
+    assert not any(hasattr(layer, "ffn_norm") or hasattr(layer, "ffn_up") for layer in model.layers[::2])
+    md = {"general.architecture": "nemotron_h", "nemotron_h.embedding_length": 64, "nemotron_h.block_count": 3,
+          "nemotron_h.feed_forward_length": [0, 128, 96], "nemotron_h.attention.head_count": 4,
+          "nemotron_h.vocab_size": 9, "nemotron_h.attention.layer_norm_epsilon": 1e-5,
+          "nemotron_h.attention.head_count_kv": [0, 0, 0],
+          **{f"nemotron_h.ssm.{k}": v for k, v in (("conv_kernel", 4), ("state_size", 16), ("group_count", 2),
+                                                   ("inner_size", 128), ("time_step_rank", 8))}}
+    with pytest.raises(ValueError, match="FFNs of different widths \\[96, 128\\]"):
+        ModelConfig.from_gguf_metadata(md)
+    assert ModelConfig.from_gguf_metadata({**md, "nemotron_h.feed_forward_length": [0, 128, 128]}).mlp_layers == (1, 2)
+    with pytest.raises(ValueError, match="'nemotron_h_moe' is a mixture-of-experts model, which lowtune does not run"):
+        family_of({"general.architecture": "nemotron_h_moe"})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
