@@ -402,7 +402,9 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"]
+    # (Nemotron-H's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -1066,6 +1068,8 @@ def test_nemotron_h_layers_of_one_part(tiny):
     assert (c.ssm_layers, c.mlp_layers, c.no_rope, c.norm_eps) == ((0, 4), (1, 3, 5), True, pytest.approx(1e-5))
     assert [i for i in range(c.n_layers) if c.has_attention(i)] == [2] and model.layers[1].attn_norm is not None
     assert not any(hasattr(layer, "ffn_norm") or hasattr(layer, "ffn_up") for layer in model.layers[::2])
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["nemotron_h"].gguf)["config"]["mlp_layers"] == [1, 3, 5]
     md = {"general.architecture": "nemotron_h", "nemotron_h.embedding_length": 64, "nemotron_h.block_count": 3,
           "nemotron_h.feed_forward_length": [0, 128, 96], "nemotron_h.attention.head_count": 4,
           "nemotron_h.vocab_size": 9, "nemotron_h.attention.layer_norm_epsilon": 1e-5,

@@ -1353,8 +1353,8 @@ class DecoderLayer(nn.Module):
         return x if h is None else x + self._mlp_rows(h)
 
     def forward_deferred(self, x: torch.Tensor, m: torch.Tensor | None, rot: torch.Tensor,
-                         cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(x + m) as the pair (x', m') whose sum it is, for inference: the residual add
+                         cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward(x + m) as the pair (x', m') whose sum it is (m' None: x' alone), for inference: the residual add
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
@@ -1398,7 +1398,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(h)
 
     def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
-               start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input; None
         where the layer has no MLP). A layer of an MLP alone norms its input with attn_norm (Nemotron-H)."""
         c, i = self.config, self.index
