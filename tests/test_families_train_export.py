@@ -435,7 +435,7 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
-    layers, Qwen3.5's Gated DeltaNets and gated attention."""
+    layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
