@@ -31,9 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35")
+         "granitehybrid", "qwen35", "nemotron_h")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-HF_NAMES = tuple(n for n in NAMES if n != "gemma3n")  # (Gemma 3n: read from GGUF, its HF directories refused)
+# (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -58,6 +59,8 @@ GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, 
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
+# Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern
+NEMOTRON_H_PATTERN = "M-*-M-"
 # Qwen3.5's Gated DeltaNets: twice as many value heads as q/k heads (the converter tiles them), a
 # convolution of 4, every 4th layer attention
 QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
@@ -277,6 +280,7 @@ def hf_model(name: str):
         # Mamba2 layers (two groups of B/C, conv biases) beside NoPE attention, Granite's scales, its MLP
         # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
         "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
+        "nemotron_h": lambda: nemotron_h(tf, common),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -334,6 +338,30 @@ def granite_hybrid(tf, common: dict, experts: int):
         tie_word_embeddings=False,
         embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=1.5,
         mamba_chunk_size=16, position_embedding_type=None, **SSM))
+
+
+def nemotron_h(tf, common: dict):
+    """Nemotron-H: Mamba2 layers of Granite 4's sizes, MLPs and one attention layer (NEMOTRON_H_PATTERN)."""
+    kinds = {"M": "mamba", "-": "mlp", "*": "attention"}
+    rms = common["rms_norm_eps"]
+    return tf.NemotronHForCausalLM(tf.NemotronHConfig(
+        **{k: v for k, v in common.items() if k != "rms_norm_eps"}, layer_norm_epsilon=rms, head_dim=D // H,
+        layers_block_type=[kinds[k] for k in NEMOTRON_H_PATTERN], tie_word_embeddings=False, chunk_size=16,
+        mamba_num_heads=SSM["mamba_n_heads"], n_groups=SSM["mamba_n_groups"], ssm_state_size=SSM["mamba_d_state"],
+        mamba_head_dim=SSM["mamba_d_head"], conv_kernel=SSM["mamba_d_conv"]))
+
+
+def nemotron_h_config(d: Path) -> None:
+    """The tiny Nemotron-H's config.json as the converter reads a dense model's: the published configs'
+    hybrid_override_pattern and layer count, without the model_type (transformers' config class would add
+    its MoE defaults, whose num_experts_per_tok makes the converter write nemotron_h_moe) or MoE keys."""
+    cfg = json.loads((d / "config.json").read_text())
+    moe = ("model_type", "layers_block_type", "mtp_layers_block_type", "num_experts_per_tok", "n_routed_experts",
+           "n_shared_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
+           "moe_shared_expert_overlap", "routed_scaling_factor", "norm_topk_prob", "n_group", "topk_group")
+    cfg = {k: v for k, v in cfg.items() if k not in moe}
+    cfg.update(hybrid_override_pattern=NEMOTRON_H_PATTERN, num_hidden_layers=len(NEMOTRON_H_PATTERN))
+    (d / "config.json").write_text(json.dumps(cfg))
 
 
 def randomized(model, name: str):
@@ -435,17 +463,19 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, olmo, phi, qwen, starcoder
+from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
+                        starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's and Llama 4's converters read only byte-level BPE
-# vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
+# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
-    glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -495,6 +525,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             (d / "config.json").write_text(json.dumps(cfg))
         if name == "qwen3vlmoe":
             hub_expert_layout(d / "model.safetensors")
+        if name == "nemotron_h":
+            nemotron_h_config(d)
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -591,7 +623,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
 
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
-    layers = (len(LFM2_LAYERS) if fam.short_conv else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
+    layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
+              else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
     hd = 32 if text in wide or fam.delta_net else D // H
@@ -610,6 +643,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.ssm.time_step_rank": SSM["mamba_n_heads"],
                    f"{arch}.embedding_scale": 2.0, f"{arch}.residual_scale": 0.7, f"{arch}.attention.scale": 0.3,
                    f"{arch}.logit_scale": 1.5})
+    if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
+        md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
+                   f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
                    "granite.logit_scale": 1.5})
@@ -696,7 +732,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
-        if c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
+        if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
+            pass
+        elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
@@ -730,7 +768,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
         else:  # (Gemma 3n's last layers: K/V reused)
             w[p + "attn_q.weight"] = mat(q, D)
-        if c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
+        if not c.has_ffn(i):  # (Nemotron-H's mixer layers)
+            pass
+        elif c.has_experts(i):  # the router in F32, as llama.cpp keeps it (for sigmoid routing logits of
             # unit size: saturated sigmoids would tie; for DeltaNet models' softer routing, which bf16 flips less)
             router = torch.randn(EXPERTS, D, generator=g) / (math.sqrt(D) if c.expert_gating == 2 or c.delta_layers
                                                              else 1.0)
@@ -756,7 +796,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         if c.has_attention(i):
             w[p + "attn_output.weight"] = mat(D, q)
-        if not c.has_experts(i):
+        if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})

@@ -402,7 +402,9 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"]
+    # (Nemotron-H's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -564,10 +566,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, Granite 4's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states the decoder
-# does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35"))
+                                                      "granitehybrid", "qwen35", "nemotron_h"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -640,8 +642,8 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
     model = Model.from_gguf(path)
-    if qtype != "F32":
-        assert model.tensor_types["blk.0.ffn_down.weight"] == qtype
+    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's)
+        assert model.tensor_types[f"blk.{(model.config.mlp_layers or (0,))[0]}.ffn_down.weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
@@ -826,8 +828,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
     kinds = lambda i: (conv if c.is_conv(i) else ssm if c.is_ssm(i)  # noqa: E731
                        else delta if c.is_delta(i) else targets)
+    parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
+                                                else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
-    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in kinds(i)
+    assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in parts(i)
                         if c.has_kv(i) or t not in ("attn_k", "attn_v")}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
@@ -868,12 +872,12 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
     Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
-    attention's q/k/v/output): streamed, the first two read from the file, the model trains as the
-    resident one, every layer's pack holding its own kind's matrices."""
+    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read
+    from the file, the model trains as the resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
@@ -889,14 +893,15 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     packs = streaming.streamer.packs
     own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"], "ssm": list(SSM_LINEAR_NAMES),
            "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
-           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")]}
-    kind = lambda i: ("conv" if c.is_conv(i) else "ssm" if c.is_ssm(i)  # noqa: E731
-                      else "delta" if c.is_delta(i) else "attention")
-    ffn = ["ffn_down", "ffn_gate", "ffn_up"]
+           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "mlp": []}
+    kind = lambda i: ("mlp" if not c.has_mixer(i) else "conv" if c.is_conv(i)  # noqa: E731
+                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i) else "attention")
+    ffn = lambda i: [n for n in ("ffn_down", "ffn_gate", "ffn_up")  # noqa: E731
+                     if c.has_ffn(i) and (c.family.gated or n != "ffn_gate")]
     assert {kind(i) for i in range(c.n_layers)} > {"attention"}  # (two kinds)
     for i in range(c.n_layers):
         assert sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) == sorted(
-            n + ".weight" for n in ffn + own[kind(i)]), i
+            n + ".weight" for n in ffn(i) + own[kind(i)]), i
     attending = next(i for i in range(c.n_layers) if kind(i) == "attention")
     assert packs[0].nbytes != packs[attending].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
@@ -904,10 +909,11 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
 
 @pytest.mark.parametrize("name,state", [("lfm2", "short-convolution state .LFM2"),
                                         ("qwen35", "Gated DeltaNet state .Qwen3.5"),
-                                        ("granitehybrid", "Mamba2 state .Granite 4")])
+                                        ("granitehybrid", "Mamba2 state .Granite 4"),
+                                        ("nemotron_h", "Mamba2 state .Granite 4's and Nemotron-H")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5 and Granite 4's hybrid by name, and
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid and Nemotron-H by name, and
     generate decodes them through the model's steps (a scan's recurrent step on the cached states),
     as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
@@ -1053,6 +1059,30 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
                                         "granite.rope.scaling.finetuned": False})
 
 
+def test_nemotron_h_layers_of_one_part(tiny):
+    """Nemotron-H's file says each layer's one part: KV heads for attention (without RoPE), an FFN width for
+    an MLP, neither for a Mamba2 mixer, all after attn_norm with LayerNorm's epsilon key; FFN widths that
+    differ (Nemotron's Puzzle models) and its mixture-of-experts sibling are refused, saying what runs."""
+    model = Model.from_gguf(tiny["nemotron_h"].gguf)
+    c = model.config
+    assert (c.ssm_layers, c.mlp_layers, c.no_rope, c.norm_eps) == ((0, 4), (1, 3, 5), True, pytest.approx(1e-5))
+    assert [i for i in range(c.n_layers) if c.has_attention(i)] == [2] and model.layers[1].attn_norm is not None
+    assert not any(hasattr(layer, "ffn_norm") or hasattr(layer, "ffn_up") for layer in model.layers[::2])
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["nemotron_h"].gguf)["config"]["mlp_layers"] == [1, 3, 5]
+    md = {"general.architecture": "nemotron_h", "nemotron_h.embedding_length": 64, "nemotron_h.block_count": 3,
+          "nemotron_h.feed_forward_length": [0, 128, 96], "nemotron_h.attention.head_count": 4,
+          "nemotron_h.vocab_size": 9, "nemotron_h.attention.layer_norm_epsilon": 1e-5,
+          "nemotron_h.attention.head_count_kv": [0, 0, 0],
+          **{f"nemotron_h.ssm.{k}": v for k, v in (("conv_kernel", 4), ("state_size", 16), ("group_count", 2),
+                                                   ("inner_size", 128), ("time_step_rank", 8))}}
+    with pytest.raises(ValueError, match="FFNs of different widths \\[96, 128\\]"):
+        ModelConfig.from_gguf_metadata(md)
+    assert ModelConfig.from_gguf_metadata({**md, "nemotron_h.feed_forward_length": [0, 128, 128]}).mlp_layers == (1, 2)
+    with pytest.raises(ValueError, match="'nemotron_h_moe' is a mixture-of-experts model, which lowtune does not run"):
+        family_of({"general.architecture": "nemotron_h_moe"})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -1085,7 +1115,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 
 def test_families_and_refusals():
-    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid",
+    assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",

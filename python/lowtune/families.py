@@ -14,6 +14,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granite       norm  silu       -           -         from file  -                        if the file gives one
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
+    nemotron_h    none  relu2      -           -         -          -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
@@ -126,6 +127,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   group, the D skip; RMSNorm of y · silu(z) over each group; ssm_out). Their converter switches
   RoPE off (rope.scaling.finetuned = false): the attention layers run without positions. Their HF
   class (GraniteMoeHybridForCausalLM) is read and written for the dense models; with experts, as GGUF.
+  Nemotron-H (nemotron_h: Nemotron-H, Nemotron Nano 2 9B/12B) puts one part in each layer after its one
+  norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
+  width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
+  without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream.
   Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
   all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
   gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
@@ -214,6 +219,10 @@ class Family:
     mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
     #                                    hybrids, which attend without positions: NoPE)
+    nope: bool = False                 # no layer applies RoPE, whatever the file says (Nemotron-H)
+    layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
+    #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
+    #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -277,7 +286,9 @@ class Family:
     @property
     def eps_key(self) -> str:
         """The metadata key (after `<arch>.`) of the norms' epsilon."""
-        return "attention.layer_norm_epsilon" if self.norm == "layer" else "attention.layer_norm_rms_epsilon"
+        # (Nemotron-H's converter writes LayerNorm's key for its RMSNorms, which llama.cpp reads so)
+        layer_key = self.norm == "layer" or self.layer_parts
+        return "attention.layer_norm_epsilon" if layer_key else "attention.layer_norm_rms_epsilon"
 
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer` applies RoPE (not one of SmolLM3's NoPE layers)."""
@@ -296,6 +307,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
     Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
+    Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),

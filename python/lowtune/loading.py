@@ -415,7 +415,8 @@ def describe(path) -> dict:
                           "experts": c.n_experts, "experts_used": c.n_experts_used, "expert_ffn_dim": c.expert_width,
                           "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
                           "ssm_layers": list(c.ssm_layers), "ssm": None if c.ssm is None else dataclasses.asdict(c.ssm),
-                          "no_rope": c.no_rope, "delta_layers": list(c.delta_layers)}
+                          "no_rope": c.no_rope, "delta_layers": list(c.delta_layers),
+                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers)}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -168,6 +168,8 @@ class ModelConfig:
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
     ssm: SSMShape | None = None   # their sizes (the file's ssm.* keys)
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
+    mlp_layers: tuple[int, ...] | None = None  # the layers that are an MLP alone, the others a mixer alone
+    #                               (Nemotron-H: Family.layer_parts); None: every layer a mixer and an FFN
     delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5)
     ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
     ssm_k_heads: int = 0          # their q/k heads (ssm.group_count), each d_k = ssm_head_dim wide
@@ -227,9 +229,17 @@ class ModelConfig:
         """Whether layer `layer` is a Mamba2 layer in place of attention (Granite 4's hybrids)."""
         return layer in self.ssm_layers
 
+    def has_mixer(self, layer: int) -> bool:
+        """Whether layer `layer` mixes positions (attention or its recurrent stand-in) before an FFN or alone."""
+        return self.mlp_layers is None or layer not in self.mlp_layers
+
+    def has_ffn(self, layer: int) -> bool:
+        """Whether layer `layer` has an FFN (dense or experts) after its mixer, or as all of it."""
+        return self.mlp_layers is None or layer in self.mlp_layers
+
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
-        return not (self.is_conv(layer) or self.is_ssm(layer) or self.is_delta(layer))
+        return self.has_mixer(layer) and not (self.is_conv(layer) or self.is_ssm(layer) or self.is_delta(layer))
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
@@ -426,7 +436,11 @@ class ModelConfig:
                     raise ValueError(f"{key} holds {len(v)} values for {n_layers} layers")
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
-        ffn = get("feed_forward_length")
+        ffn, parts = get("feed_forward_length"), {}
+        if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
+            widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
+            parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
+            ffn = [f for f in widths if f] or [0]
         if isinstance(ffn, (list, tuple)):  # one width a layer (Gemma 3n's files)
             if len(set(ffn)) != 1:
                 raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
@@ -439,7 +453,7 @@ class ModelConfig:
                      "per_layer_dim": int(get("embedding_length_per_layer_input")),
                      "kv_layers": n_layers - shared if shared else 0,
                      "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
-        n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads)
+        n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
@@ -455,8 +469,8 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, **delta, xielu=xielu,
-            no_rope=fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
+            **latent, **altup, **delta, **parts, xielu=xielu,
+            no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -480,6 +494,10 @@ class ModelConfig:
 
         if self.ssm_layers and (self.ssm is None or not self.family.mamba2):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
+        if (self.mlp_layers is not None) != self.family.layer_parts or any(
+                not 0 <= i < self.n_layers for i in self.mlp_layers or ()):
+            raise ValueError(f"MLP-only layers {self.mlp_layers} in a {self.arch} model of {self.n_layers} layers "
+                             "(Nemotron-H's files give them, as the layers with an FFN width)")
         if self.conv_layers and not self.family.short_conv:
             raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
@@ -553,11 +571,12 @@ class SSMShape:
         return shape
 
 
-def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int) -> tuple[int, dict]:
+def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int,
+                              mlp_layers: tuple[int, ...] = ()) -> tuple[int, dict]:
     """(the attention layers' KV head count, the short-convolution or Mamba2 fields of ModelConfig) of a
     file's metadata: head_count_kv is one number, or one a layer where LFM2's file gives 0 to its
     convolution layers (llama.cpp's rule), whose width is shortconv.l_cache, and Granite 4's hybrids' to
-    their Mamba2 layers, whose sizes are the ssm.* keys."""
+    their Mamba2 layers, whose sizes are the ssm.* keys; Nemotron-H's MLP layers (mlp_layers) have 0 too."""
     arch = fam.arch
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
     if not isinstance(kv, (list, tuple)):
@@ -568,7 +587,7 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
         raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
                          "every attention layer (and layers without attention only as LFM2's short convolutions "
                          "and Granite 4's Mamba2 layers)")
-    conv = tuple(i for i, k in enumerate(counts) if k == 0)
+    conv = tuple(i for i, k in enumerate(counts) if k == 0 and i not in mlp_layers)
     if not conv:
         return attention[0], {}
     if fam.mamba2:
@@ -752,8 +771,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
-        if not fam.parallel:  # (a parallel FFN reads attn_norm's output)
-            out[fam.ffn_norm_tensor] = (c.dim,)
+        if not (fam.parallel or fam.layer_parts):  # (a parallel FFN reads attn_norm's output; a layer of one
+            out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if c.q_lora_rank:
@@ -1238,6 +1257,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = tuple(latent_linear_shapes(config)) + names[4:]
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
+    if not config.has_ffn(index):  # (a mixer alone: Nemotron-H)
+        names = [n for n in names if not n.startswith("ffn_")]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
         if name not in out:
             out[name] = QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias"))
@@ -1350,17 +1371,18 @@ class DecoderLayer(nn.Module):
         Without autograd the MLP runs in mlp_chunks token chunks (rows are independent); with
         autograd it runs whole (a checkpointed layer's backward chunks it: checkpoint_backward)."""
         x, h = self.attend(x, rot, cache, start)
-        return x + self._mlp_rows(h)
+        return x if h is None else x + self._mlp_rows(h)
 
     def forward_deferred(self, x: torch.Tensor, m: torch.Tensor | None, rot: torch.Tensor,
-                         cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(x + m) as the pair (x', m') whose sum it is, for inference: the residual add
+                         cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward(x + m) as the pair (x', m') whose sum it is (m' None: x' alone), for inference: the residual add
         that ends a layer joins the next layer's first norm (glue_ops.add_rms_norm: one kernel on
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
-        if self.config.family.parallel or not self.config.has_attention(self.index):  # (parallel: the FFN reads the
-            x, h = self.attend(x if m is None else x + m, rot, cache, start)  # attention's normed input)
-            return x, self._mlp_rows(h)
+        c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
+        if c.family.parallel or not (c.has_attention(i) and c.has_ffn(i)):
+            x, h = self.attend(x if m is None else x + m, rot, cache, start)
+            return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
             x, h = (x, self.attn_norm(x)) if m is None else self.attn_norm.after_residual(x, m)
             a = self.attention_branch(x, rot, cache, start, normed=h)
@@ -1397,8 +1419,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(h)
 
     def attend(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
-               start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input)."""
+               start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input; None
+        where the layer has no MLP). A layer of an MLP alone norms its input with attn_norm (Nemotron-H)."""
+        c, i = self.config, self.index
+        if not c.has_mixer(i):
+            return x, self.attn_norm(x)
+        if not c.has_ffn(i):
+            return x + self.attention_branch(x, rot, cache, start), None
         if self.config.family.parallel:
             h = self.attn_norm(x)
             return x + self.attention_branch(x, rot, cache, start, normed=h), h
@@ -1575,7 +1603,8 @@ class DecoderLayer(nn.Module):
         chunk's too: the attention is recomputed from its normed output, whose gradient goes
         through the norm chunk by chunk at the end (the products' launches stay one per layer:
         each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
-        if self.mlp_chunks <= 1 or self.config.family.parallel:  # (parallel: the MLP's input is not x1's)
+        c, i = self.config, self.index  # (parallel: the MLP's input is not x1's; a layer of one part: one step)
+        if self.mlp_chunks <= 1 or c.family.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
@@ -1972,6 +2001,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                 del own["ssm_alpha.weight"], own["ssm_beta.weight"]
                 own["ssm_ba.weight"] = (2 * c.ssm_v_heads, c.dim)
             want.update({p + n: shape for n, shape in own.items()})
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if not c.has_ffn(i):  # a mixer alone (Nemotron-H)
+            layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
+        if not c.has_mixer(i):  # an MLP alone (Nemotron-H)
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
             want.update({p + n + ".weight": shape for n, shape in moe.items()})
