@@ -40,8 +40,9 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
 
 Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-capped c·tanh(s/c)
 where the family has a cap (Gemma 2); sliding layers (Gemma 2/3, or wherever the file gives a window)
-see only the last `window` positions and may have their own RoPE base (Llama 4's see their own chunk of
-`window` positions instead); SmolLM3's and Llama 4's every 4th layer has no RoPE. Logits are soft-capped where the family says (Gemma 2, Gemma 3 files that ask).
+see only the last `window` positions and may have their own RoPE base (Llama 4's see their own chunk
+of `window` positions instead); SmolLM3's and Llama 4's every 4th layer has no RoPE. Logits are
+soft-capped where the family says (Gemma 2, Gemma 3 files that ask).
 Granite scales embeddings, each branch before its residual add, queries and logits by its file's
 numbers (ModelConfig.embedding_scale, residual_scale, attn_scale, logit_scale).
 
