@@ -492,7 +492,6 @@ class ModelConfig:
         if self.kv_lora_rank and self.rope_dim >= self.head_dim:
             raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
                              f"{self.rope_dim} RoPE dims")
-
         if self.ssm_layers and (self.ssm is None or not self.family.mamba2):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if (self.mlp_layers is not None) != self.family.layer_parts or any(
@@ -514,10 +513,10 @@ class ModelConfig:
                              "convolution at least 2 wide")
 
 
-def _delta_net_fields(md: Mapping, arch_family: Family, n_layers: int) -> dict:
+def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
     """The Gated DeltaNet fields of ModelConfig from a file's metadata (llama.cpp's rule: the layers
     attention.recurrent_layers marks, else all but every full_attention_interval-th, 4 by default)."""
-    arch = arch_family.arch
+    arch = fam.arch
     flags = md.get(f"{arch}.attention.recurrent_layers")
     if flags is None:
         every = int(md.get(f"{arch}.full_attention_interval", 4) or 4)
@@ -899,6 +898,22 @@ class MoE(nn.Module):
         return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
 
 
+def causal_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, cache: KVCache | None,
+                index: int, start: int) -> torch.Tensor:
+    """x [B, C, T] at positions start..start+T through the depthwise causal convolution of kernel [C, L]
+    (and bias [C]): each output the kernel's weighted sum of the last L positions of its channel, the ones
+    before the sequence zeros, or with a cache the last L - 1 inputs of the previous call (its conv_state
+    of layer `index`, which this call then replaces). LFM2's short convolutions, Mamba2's and the Gated
+    DeltaNet's."""
+    past = x.new_zeros(x.shape[0], x.shape[1], kernel.shape[1] - 1)
+    if cache is not None and start:
+        past = cache.conv_state[index]
+    seq = torch.cat([past, x], dim=-1)
+    if cache is not None:
+        cache.conv_state[index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
+    return F.conv1d(seq, kernel[:, None, :], bias, groups=kernel.shape[0])
+
+
 class ShortConv(nn.Module):
     """LFM2's short convolution, in place of attention in the layers its file gives no KV heads, as
     llama.cpp's build_shortconv_block runs it: in_proj(h) [.., 3D] split into B, C, x; B·x through a
@@ -920,14 +935,7 @@ class ShortConv(nn.Module):
         """h [B, T, D] (normed) at positions start..start+T -> [B, T, D]."""
         b, c, x = self.in_proj(h).chunk(3, dim=-1)
         bx = (b * x).transpose(1, 2)                                    # [B, D, T]
-        kernel = self.kernel.to(bx.dtype)
-        past = bx.new_zeros(bx.shape[0], bx.shape[1], kernel.shape[1] - 1)
-        if cache is not None and start:
-            past = cache.conv_state[self.index]
-        seq = torch.cat([past, bx], dim=-1)
-        if cache is not None:
-            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
-        conv = F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])  # [B, D, T]
+        conv = causal_conv(bx, self.kernel.to(bx.dtype), None, cache, self.index, start)
         return self.out_proj((c * conv.transpose(1, 2)).contiguous())
 
     def extra_repr(self) -> str:
@@ -959,7 +967,7 @@ class Mamba2(nn.Module):
         bias = w.get(p + "ssm_conv1d.bias")
         self.register_buffer("conv_bias", None if bias is None else _vector(bias), persistent=False)
         for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias"), ("norm", "ssm_norm.weight")):
-            self.register_buffer(name, _vector(w[p + key]).reshape(-1), persistent=False)
+            self.register_buffer(name, _vector(w[p + key]), persistent=False)
 
     def forward(self, zxbcdt: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """ssm_in's output [B, T, in_dim] at positions start..start+T -> y [B, T, inner] for ssm_out."""
@@ -967,15 +975,9 @@ class Mamba2(nn.Module):
         b, t, _ = zxbcdt.shape
         z, xbc, dt = zxbcdt.split([m.inner, m.conv_dim, m.heads], dim=-1)
         xbc = xbc.transpose(1, 2)                                          # [B, C, T]
-        kernel = self.kernel.to(xbc.dtype)
-        past = xbc.new_zeros(b, m.conv_dim, m.conv_kernel - 1)
-        if cache is not None and start:
-            past = cache.conv_state[self.index]
-        seq = torch.cat([past, xbc], dim=-1)
-        if cache is not None:
-            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
         bias = None if self.conv_bias is None else self.conv_bias.to(xbc.dtype)
-        xbc = F.silu(F.conv1d(seq, kernel[:, None, :], bias, groups=m.conv_dim)).transpose(1, 2).float()
+        xbc = causal_conv(xbc, self.kernel.to(xbc.dtype), bias, cache, self.index, start)
+        xbc = F.silu(xbc).transpose(1, 2).float()
         x, bb, cc = xbc.split([m.inner, m.groups * m.state, m.groups * m.state], dim=-1)
         x = x.reshape(b, t, m.heads, m.head_dim)
         rep = m.heads // m.groups  # (heads h·rep .. h·rep + rep - 1 read group h's B and C)
@@ -1440,14 +1442,14 @@ class DecoderLayer(nn.Module):
         family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward);
         qkv: the q, k, v products of it (forward_deferred)."""
         c, fam = self.config, self.config.family
-        if self.shortconv is not None:  # (LFM2's convolution layers: no attention)
-            return self.shortconv(self.attn_norm(x) if normed is None else normed, cache, start)
-        if self.mamba is not None:  # (Mamba2 layers: no attention)
-            y = self.mamba(self.ssm_in(self.attn_norm(x) if normed is None else normed), cache, start)
-            a = self.ssm_out(y)
+        if self.shortconv is not None or self.mamba is not None or self.delta_net:  # (attention's recurrent
+            h = self.attn_norm(x) if normed is None else normed  # stand-ins: LFM2, Mamba2, Gated DeltaNet)
+            if self.shortconv is not None:
+                return self.shortconv(h, cache, start)
+            if self.delta_net:
+                return self.delta_net_branch(h, cache, start)
+            a = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
             return a * c.residual_scale if c.residual_scale != 1.0 else a
-        if self.delta_net:
-            return self.delta_net_branch(self.attn_norm(x) if normed is None else normed, cache, start)
         b, t, _ = x.shape
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
@@ -1477,7 +1479,7 @@ class DecoderLayer(nn.Module):
                 k, v = cache.update(self.index, start, k, v)
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
-        mask, attn = (None, None) if cache is None else (cache.attn_mask, None)
+        mask, attn = (None if cache is None else cache.attn_mask), None
         if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
             q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
@@ -1535,14 +1537,7 @@ class DecoderLayer(nn.Module):
         b, t, _ = h.shape
         hk, hv, dk, dv = c.ssm_k_heads, c.ssm_v_heads, c.ssm_head_dim, c.ssm_inner // c.ssm_v_heads
         mixed = self.attn_qkv(h).float().transpose(1, 2)                      # [B, channels, T], in fp32
-        kernel = self.ssm_conv1d
-        past = mixed.new_zeros(b, mixed.shape[1], kernel.shape[1] - 1)
-        if cache is not None and start:
-            past = cache.conv_state[self.index]
-        seq = torch.cat([past, mixed], dim=-1)
-        if cache is not None:
-            cache.conv_state[self.index] = seq[:, :, seq.shape[-1] - past.shape[-1]:]
-        mixed = F.silu(F.conv1d(seq, kernel[:, None, :], groups=kernel.shape[0])).transpose(1, 2)
+        mixed = F.silu(causal_conv(mixed, self.ssm_conv1d, None, cache, self.index, start)).transpose(1, 2)
         q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
         q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps) for x in (q, k))
         if c.family.delta_heads_grouped:
