@@ -14,8 +14,8 @@ The families (lowtune.families says which architecture is which HF class) differ
     after attention and FFN, OLMo 2 only after; Phi-3 keeps q/k/v fused (qkv_proj = attn_qkv) and
     gate/up fused (gate_up_proj = ffn_up, gate rows first), which GGUF keeps too, as GLM-4 keeps
     gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
-    under model.language_model beside the vision tower (which lowtune leaves out);
-    gate/up; LFM2's convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
+    under model.language_model beside the vision tower (which lowtune leaves out); LFM2's
+    convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
     kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
@@ -44,8 +44,10 @@ U32, I32, F32, STR, BOOL = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValue
                             GGUFValueType.BOOL)
 ARRAY = GGUFValueType.ARRAY
 
-# GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias}, and the
-# tensors outside the layers by full name.
+# GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias} ("layer"), and the
+# tensors outside the layers by full name ("global"); where a family has them, layer tensors named whole,
+# without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), and HF
+# tensors that hold several GGUF tensors' rows ("fused": fused_parts).
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "output.bias": "lm_head.bias"}
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -68,14 +70,13 @@ _LFM2 = {"layer": {"attn_norm": "operator_norm", **_ATTN, "attn_output": "self_a
          "global": {"token_embd.weight": "model.embed_tokens.weight",
                     "token_embd_norm.weight": "model.embedding_norm.weight", "output.weight": "lm_head.weight"}}
 # Qwen3.5: attention layers (q_proj gives q and its gate) and Gated DeltaNet layers (linear_attn.*) share
-# the norms and the MLP; a DeltaNet's A_log and dt_bias are tensors of no linear ("layer_tensors": by
-# their whole GGUF layer name)
+# the norms and the MLP; a DeltaNet's A_log and dt_bias are tensors of no linear ("exact")
 _QWEN35 = {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
                      "post_attention_norm": "post_attention_layernorm", **_MLP, "attn_qkv": "linear_attn.in_proj_qkv",
                      "attn_gate": "linear_attn.in_proj_z", "ssm_alpha": "linear_attn.in_proj_a",
                      "ssm_beta": "linear_attn.in_proj_b", "ssm_out": "linear_attn.out_proj",
                      "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm"},
-           "layer_tensors": {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}, "global": _GLOBAL}
+           "exact": {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}, "global": _GLOBAL}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -210,9 +211,6 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in t["layer"]:
         return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m and m.group(2) in t.get("layer_tensors", {}):
-        return f"model.layers.{m.group(1)}.{t['layer_tensors'][m.group(2)]}"
     if name in GGUF_ONLY:
         return None
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
@@ -246,10 +244,6 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
         for g, h in t["layer"].items():
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    for g, h in t.get("layer_tensors", {}).items():
-        if m and h == m.group(2):
-            return f"blk.{m.group(1)}.{g}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
                      "unsupported variant)")
 
@@ -363,9 +357,6 @@ def rope_heads(name: str, metadata: Mapping) -> int | None:
 def _norm_offset(name: str, metadata: Mapping) -> float:
     # (Qwen3.5's DeltaNet output norm is not zero-centred: the converter adds nothing to it)
     return _family(metadata).hf_norm_offset if name.endswith("norm.weight") and "ssm_norm" not in name else 0.0
-
-
-_CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # LFM2's, Qwen3.5's
 
 
 _CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # nn.Conv1d's [D, 1, L] in HF, [D, L] in GGUF
