@@ -483,8 +483,7 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
     if latent:
         raise ValueError(f"llama.cpp applies no GGUF LoRA to {latent[0]} (...): its {arch} graph multiplies q, the "
                          "latents, attn_k_b/attn_v_b (or attn_kv_b) without one, only attn_output and the FFN take it. "
-                         "Export "
-                         "the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down,"
+                         "Export the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down,"
                          "ffn_gate_shexp,ffn_up_shexp,ffn_down_shexp")
     alpha = max(a.shape[0] for a, _ in pairs.values())
     tensors = []
