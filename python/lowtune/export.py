@@ -621,15 +621,8 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
-    """Tensor `name` of the safetensors file at `path`."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as st:
-        return st.get_tensor(name)
-
-
 def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str):
-    """(config.json, {HF name: (file, GGUF name or None, shape)}, the other files) of the original
+    """(config.json, {HF name: (open file, GGUF name or None, shape)}, the other files) of the original
     directory of a vision-language class: its config with the new dtype, every tensor in its own
     name (None: the vision tower's and projector's, which lowtune's model does not hold), and the
     files beside the weights (processor, tokenizer, chat template) to copy."""
@@ -638,9 +631,9 @@ def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str)
     cfg.update({k: torch_dtype_name for k in ("torch_dtype", "dtype") if k in cfg} or {"dtype": torch_dtype_name})
     tensors = {}
     for f in safetensors_files(directory):
-        with safe_open(str(f), framework="pt") as st:
-            for h in st.keys():
-                tensors[h] = (f, hf_names.gguf_name(h, arch), tuple(st.get_slice(h).get_shape()))
+        st = safe_open(str(f), framework="pt")  # kept open: the vision tower's tensors are read from it one by one
+        for h in st.keys():
+            tensors[h] = (st, hf_names.gguf_name(h, arch), tuple(st.get_slice(h).get_shape()))
     beside = [f for f in sorted(directory.iterdir()) if f.is_file() and f.suffix not in _WEIGHT_FILES
               and f.name not in ("config.json", "model.safetensors.index.json")]
     return cfg, tensors, beside
@@ -726,7 +719,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                 shape, value = scalars[hf_name]
                 return torch.full(shape, value, dtype=tdt)
             if hf_name not in by_hf:  # (the vision tower's, as the original holds it)
-                return _safetensors_tensor(original[hf_name][0], hf_name).to(tdt)
+                return original[hf_name][0].get_tensor(hf_name).to(tdt)
             if hf_name in fused:
                 return torch.cat([gguf_tensor(name) for name in fused[hf_name]])
             return gguf_tensor(by_hf[hf_name])
