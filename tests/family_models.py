@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4")
+             "qwen3next", "llama4", "phimoe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -46,6 +46,9 @@ EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
+# LongRoPE's magnitude at 4 × PHI3_ORIG_CONTEXT, as llama.cpp's converter writes it for Phi-3 and PhiMoE
+# (PhiMoE's config gives its own long_mscale and short_mscale, which llama.cpp does not read)
+PHI3_ATTN_FACTOR = math.sqrt(1 + math.log(4) / math.log(PHI3_ORIG_CONTEXT))
 V, D, F, H, HKV = 512, 64, 128, 4, 2
 VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D,
                  deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
@@ -188,6 +191,15 @@ def hf_model(name: str):
             layer_types=["sliding_attention", "full_attention"], rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": True, "original_max_position_embeddings": 32})),
+        # Phi-3's LongRoPE and biases (the LM head's too) with experts in every layer, LayerNorms and
+        # sparsemixer routing made llama.cpp's (phimoe_as_llamacpp)
+        "phimoe": lambda: tf.PhimoeForCausalLM(tf.PhimoeConfig(
+            **{**common, "intermediate_size": 32, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT},
+            num_hidden_layers=2, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, attention_bias=True,
+            lm_head_bias=True, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": PHI3_ORIG_CONTEXT,
+                "long_factor": [1.0 + 0.25 * i for i in range(8)], "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_mscale": PHI3_ATTN_FACTOR, "short_mscale": PHI3_ATTN_FACTOR})),
         # a dense first layer, then experts with a selection bias and two shared experts (the
         # converter's shared width is intermediate_size / kv heads: 2 · 32 here, as in the 21B)
         "ernie4_5-moe": lambda: tf.Ernie4_5_MoeForCausalLM(tf.Ernie4_5_MoeConfig(
@@ -396,7 +408,43 @@ def randomized(model, name: str):
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
+    if name == "phimoe":
+        phimoe_as_llamacpp(model)
     return model.float().eval()
+
+
+def phimoe_as_llamacpp(model, norms: bool = True, routing: bool = True):
+    """PhiMoE as llama.cpp runs it (its phi3 graph): RMSNorms plus the LayerNorms' biases in place of
+    the LayerNorms (norms), and the softmax's top k renormalized in place of sparsemixer (routing),
+    which in eval weighs each of its two experts by a softmax over the experts whose logits lie within
+    2 · router_jitter_noise (relative) of its own: mostly 1 each. Its LongRoPE takes the long factors
+    beyond the original context, as Phi-3's does (transformers' PhiMoE recomputes the short ones at
+    every length, and only its magnitude follows the length)."""
+    import torch.nn.functional as F
+
+    def longrope(rotary, x, position_ids):
+        rope, seq_len = rotary.config.rope_parameters, int(position_ids.max()) + 1
+        inv_freq, _ = rotary.rope_init_fn(rotary.config, x.device, seq_len)
+        mscale = rope["long_mscale" if seq_len > rope["original_max_position_embeddings"] else "short_mscale"]
+        freqs = torch.cat([position_ids[..., None].float() * inv_freq] * 2, dim=-1)
+        return (freqs.cos() * mscale).to(x.dtype), (freqs.sin() * mscale).to(x.dtype)
+
+    model.model.rotary_emb.forward = types.MethodType(longrope, model.model.rotary_emb)
+
+    def rms_bias(norm, x):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps) + norm.bias
+
+    def top_k(router, h):
+        logits = F.linear(h, router.weight)
+        weights, chosen = logits.softmax(-1).topk(router.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), chosen
+
+    for m in model.modules():
+        if norms and isinstance(m, torch.nn.LayerNorm):
+            m.forward = types.MethodType(rms_bias, m)
+        if routing and type(m).__name__ == "PhimoeTopKRouter":
+            m.forward = types.MethodType(top_k, m)
+    return model
 
 
 def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
@@ -517,6 +565,9 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "glm4moe":
             add_nextn_layer(d)
+        if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -698,9 +749,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
         md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
                    "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})
-    if arch == "phi3":
-        md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
-                   "phi3.rope.scaling.attn_factor": 1.18})
+    if arch in ("phi3", "phimoe"):
+        md.update({f"{arch}.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
+                   f"{arch}.rope.scaling.attn_factor": 1.18})
     c = ModelConfig.from_gguf_metadata(md)
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
@@ -724,9 +775,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron", "phimoe"):  # the final norm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
-        if arch == "phi2":
+        if arch in ("phi2", "phimoe"):
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
@@ -798,12 +849,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
-    if arch == "phi3":
+        if arch == "phimoe":  # biases on the output and the norms
+            w.update({p + "attn_output.bias": vec(D), **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
+    if arch in ("phi3", "phimoe"):
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])
     model = model_class(c)(c, w, dtype)

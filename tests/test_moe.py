@@ -6,7 +6,8 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), as tiny random models
+multi-token-prediction layer left out of the model and kept in merged files), Llama 4 and PhiMoE (phimoe:
+Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), as tiny random models
 built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -154,7 +155,7 @@ def test_logits_match_transformers(moe, name):
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -362,10 +363,11 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's
-    DeltaNets, DeepSeek's latent attention and Llama 4's chunked attention are left to the model's own steps."""
+    DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and PhiMoE's norm and head biases are
+    left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -505,7 +507,7 @@ def test_what_is_refused(moe):
                                             if isinstance(v, str) else v for k, v in md.items()})
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
-    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"):
+    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([llama4])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -546,3 +548,33 @@ def test_llama4_variants(moe):
     assert not any(maverick.l2_normed(i) for i in range(4))
     with pytest.raises(ValueError, match="turns chunked attention off.*MobileLLM"):
         ModelConfig.from_gguf_metadata({**md, "llama4.attention.sliding_window": 0})
+
+
+@pytest.mark.transformers
+def test_phimoe_as_llamacpp_runs_it(moe):
+    """PhiMoE as llama.cpp's phi3 graph runs it, where transformers' PhimoeForCausalLM differs
+    (tests/family_models.phimoe_as_llamacpp makes the tiny model llama.cpp's): RMSNorms plus the
+    file's biases in place of LayerNorms, Mixtral's routing (the softmax's top 2, renormalized) in
+    place of sparsemixer's, LongRoPE's long factors beyond the original context, and no window;
+    each of the three moves transformers' logits. bf16 activations follow fp32."""
+    model = Model.from_gguf(moe["phimoe"].gguf)
+    assert type(model.layers[0].attn_norm).__name__ == "BiasedRMSNorm" and model.output.bias is not None
+    assert ModelConfig.from_gguf_metadata({**model.metadata, "phimoe.attention.sliding_window": 16}).sliding_window == 0
+    ids = rand_ids(2, SEQ)
+    hf = hf_model("phimoe")
+    with torch.no_grad():
+        got = model(ids)
+        assert rel_err(got, hf(input_ids=ids).logits) < 1e-4
+        patched = {m: m.__dict__.pop("forward") for m in hf.modules() if "forward" in m.__dict__}
+        kinds = {"norm": lambda m: isinstance(m, torch.nn.LayerNorm), "rope": lambda m: m is hf.model.rotary_emb,
+                 "routing": lambda m: type(m).__name__ == "PhimoeTopKRouter"}
+        for kind, of_kind in kinds.items():  # transformers' own of each kind, the others llama.cpp's
+            for m, f in patched.items():
+                m.forward = m.forward if of_kind(m) else f
+            moved = rel_err(got, hf(input_ids=ids).logits)
+            print(f"phimoe: lowtune vs transformers with its own {kind}: relative error {moved:.2e}")
+            assert moved > 1e-2, kind
+            for m in patched:
+                m.__dict__.pop("forward", None)
+        bf16 = Model.from_gguf(moe["phimoe"].gguf, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, got) < 5e-2

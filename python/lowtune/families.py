@@ -26,6 +26,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
+    phimoe        neox  silu       -           -         -          -                        never (as llama.cpp)
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2        neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
@@ -150,6 +151,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   (NextN) layers, counted in block_count and by nextn_predict_layers: llama.cpp loads their tensors
   and its graph skips them, so lowtune runs the layers before them, trains nothing of theirs and
   writes their tensors into merged files as they were (Family.nextn_layers).
+  PhiMoE (phimoe: Phi-3.5-MoE) is Phi-3's attention (LongRoPE, q/k/v and output biases, an LM head
+  with a bias) with experts in every layer, routed as Mixtral's (the softmax's top 2, renormalized), as
+  llama.cpp runs it: its norms are RMSNorms plus the file's biases (norm "rms_bias"; the Hugging Face
+  model's are LayerNorms), and it reads no window. Transformers' sparsemixer routes otherwise in eval
+  (each of the two experts weighed by a softmax over the experts near its own logit).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -204,7 +210,8 @@ class Family:
     #                                    (Phi-2, StarCoder2), glue_ops.UNGATED, or "xielu" (Apertus: its
     #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
-    norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
+    norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R);
+    #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -232,6 +239,7 @@ class Family:
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
+    windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
     #                                    where the file gives none (older MiniCPM files)
@@ -326,6 +334,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
+    Family("phimoe", rope="neox", norm="rms_bias", moe=True, windowless=True),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),
     Family("gemma2", rope="neox", activation="gelu_tanh", post_norms=True, embed_scale=True,
@@ -439,7 +448,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next and phimoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
