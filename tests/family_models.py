@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "phimoe")
+             "qwen3next", "llama4", "phimoe", "dots1")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -234,6 +234,14 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
             n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # dots.llm1's layout: Qwen3's per-head q/k norms, a dense first layer, then sigmoid routing with a
+        # selection bias, renormalized and weighed × 2, and two shared experts (the converter's
+        # gating from the config's scoring_func, which build_family_models adds; llama.cpp's dots1 takes no
+        # grouped-query attention)
+        "dots1": lambda: tf.Dots1ForCausalLM(tf.Dots1Config(
+            **{**common, "num_key_value_heads": H}, num_hidden_layers=3, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+            norm_topk_prob=True, routed_scaling_factor=2.0, sliding_window=None, tie_word_embeddings=False)),
         # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
         # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
         # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
@@ -565,6 +573,9 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "glm4moe":
             add_nextn_layer(d)
+        if name == "dots1":  # (the router's scoring function, which the converter writes as expert_gating_func)
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
         if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
             cfg = json.loads((d / "config.json").read_text())
             (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
@@ -731,7 +742,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
                     "qwen3next"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -746,9 +757,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
-    if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
-        md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
-                   "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})
+    if arch in ("glm4moe", "dots1"):  # GLM-4.5's and dots.llm1's routing (tests/family_models.hf_model's)
+        md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
+                   f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
     if arch in ("phi3", "phimoe"):
         md.update({f"{arch}.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    f"{arch}.rope.scaling.attn_factor": 1.18})
@@ -837,7 +848,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a bias that picks the experts
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a bias that picks the experts
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)

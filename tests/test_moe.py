@@ -6,8 +6,9 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), Llama 4 and PhiMoE (phimoe:
-Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), as tiny random models
+multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
+Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them) and dots.llm1 (dots1: Qwen3's
+attention before DeepSeek-V3's routing without groups), as tiny random models
 built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -53,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True]}
@@ -88,7 +89,7 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4") + DEEPSEEK
+              "glm4moe", "llama4", "dots1") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -133,7 +134,7 @@ def test_logits_match_transformers(moe, name):
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name == "glm4moe":  # its sigmoid routing, selection bias, renorm and scale matter
+        if name in ("glm4moe", "dots1"):  # their sigmoid routing, selection bias, renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
@@ -155,7 +156,7 @@ def test_logits_match_transformers(moe, name):
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -362,12 +363,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's
-    DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and PhiMoE's norm and head biases are
-    left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's and dots.llm1's sigmoid routing, Granite 4's Mamba2
+    layers, Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and PhiMoE's norm
+    and head biases are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
+                "dots1"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -507,7 +509,8 @@ def test_what_is_refused(moe):
                                             if isinstance(v, str) else v for k, v in md.items()})
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
-    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM"):
+    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM",
+                   "Dots1ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([llama4])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -578,3 +581,13 @@ def test_phimoe_as_llamacpp_runs_it(moe):
                 m.__dict__.pop("forward", None)
         bf16 = Model.from_gguf(moe["phimoe"].gguf, dtype=torch.bfloat16)(ids)
     assert rel_err(bf16, got) < 5e-2
+
+
+def test_dots1_routes_by_sigmoid_unless_the_file_says(moe):
+    """dots.llm1's converter writes expert_gating_func from the config's scoring_func; a file without it
+    routes by sigmoid, its Hugging Face router's only scoring (llama.cpp needs the key)."""
+    md = Model.from_gguf(moe["dots1"].gguf).metadata
+    assert md["dots1.expert_gating_func"] == 2
+    assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "dots1.expert_gating_func"}) \
+        .expert_gating == 2
+    assert ModelConfig.from_gguf_metadata({**md, "dots1.expert_gating_func": 1}).expert_gating == 1

@@ -49,6 +49,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
+    dots1         neox  silu       -           yes       -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
@@ -156,6 +157,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   llama.cpp runs it: its norms are RMSNorms plus the file's biases (norm "rms_bias"; the Hugging Face
   model's are LayerNorms), and it reads no window. Transformers' sparsemixer routes otherwise in eval
   (each of the two experts weighed by a softmax over the experts near its own logit).
+  dots.llm1 (dots1) is Qwen3's attention (per-head q/k norms) before DeepSeek-V3's routing without
+  groups (sigmoid unless the file's expert_gating_func says otherwise, the selection bias, the file's
+  expert_weights_norm and expert_weights_scale, dense first layers, shared experts counted by
+  expert_shared_count).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -376,6 +381,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            nope_temperature=True),
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
+    Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
@@ -448,7 +454,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next and phimoe)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe and dots1)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
