@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "phimoe", "dots1")
+             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -234,6 +234,12 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
             n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # Hunyuan-A13B's layout: per-head q/k norms after RoPE, experts in every layer as wide as the
+        # shared expert beside them (llama.cpp's, whatever moe_intermediate_size says), softmax routing renormalized
+        # (build_family_models adds the per-layer lists the converter reads)
+        "hunyuan-moe": lambda: tf.HunYuanMoEV1ForCausalLM(tf.HunYuanMoEV1Config(
+            **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=16, num_experts=EXPERTS,
+            moe_topk=EXPERTS_USED, eod_token_id=2, tie_word_embeddings=False)),
         # dots.llm1's layout: Qwen3's per-head q/k norms, a dense first layer, then sigmoid routing with a
         # selection bias, renormalized and weighed × 2, and two shared experts (the converter's
         # gating from the config's scoring_func, which build_family_models adds; llama.cpp's dots1 takes no
@@ -521,16 +527,17 @@ _CONVERT = """
 import runpy, sys
 from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
                         starcoder)
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's (dense and
+# MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters
+# read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
-    hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
-    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
-    qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
-    glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
+    hunyuan.HunYuanModel.set_vocab = hunyuan.HunYuanMoEModel.set_vocab = phi.Phi2Model.set_vocab = \
+    starcoder.StarCoder2Model.set_vocab = lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
+    deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
+    qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
+    nemotron.NemotronHModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -573,6 +580,12 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "glm4moe":
             add_nextn_layer(d)
+        if name == "hunyuan-moe":  # (the published configs' per-layer lists, which the converter reads)
+            cfg = json.loads((d / "config.json").read_text())
+            layers = cfg["num_hidden_layers"]
+            cfg.update(moe_topk=[EXPERTS_USED] * layers, moe_intermediate_size=[cfg["intermediate_size"]] * layers,
+                       num_shared_expert=[1] * layers)
+            (d / "config.json").write_text(json.dumps(cfg))
         if name == "dots1":  # (the router's scoring function, which the converter writes as expert_gating_func)
             cfg = json.loads((d / "config.json").read_text())
             (d / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
@@ -740,7 +753,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
-                    "qwen3next"):  # with a shared expert
+                    "qwen3next", "hunyuan-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1

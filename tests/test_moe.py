@@ -8,7 +8,8 @@ routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
 multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them) and dots.llm1 (dots1: Qwen3's
-attention before DeepSeek-V3's routing without groups), as tiny random models
+attention before DeepSeek-V3's routing without groups) and Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
+a gated shared expert), as tiny random models
 built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -89,7 +90,7 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4", "dots1") + DEEPSEEK
+              "glm4moe", "llama4", "dots1", "hunyuan-moe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -157,6 +158,9 @@ def test_logits_match_transformers(moe, name):
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
+                         # (Hunyuan MoE: llama.cpp's 8-bit rounding of the router's input flips near ties with
+                         # Q4_0's weights, 0.7 % here, 0.01 % routed to all four experts)
+                         + [("hunyuan-moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -510,7 +514,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
     for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM",
-                   "Dots1ForCausalLM"):
+                   "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([llama4])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

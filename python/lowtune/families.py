@@ -38,6 +38,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
+    hunyuan-moe   neox  silu       -           post-RoPE -          -                        if the file gives one
     qwen2vl       neox  silu       -           -         -          -                        if the file gives one
     qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
     qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
@@ -69,7 +70,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
   Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
   Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
-  its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it).
+  its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it). Hunyuan
+  MoE (hunyuan-moe: Hunyuan-A13B) is its attention with experts in every layer (the softmax's top k,
+  renormalized) beside a gated shared expert (expert_shared_feed_forward_length wide).
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -365,6 +368,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
     Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
+    Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True),
     Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
            hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
     Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",
@@ -454,7 +458,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe and dots1)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe, dots1 and "
+                         "hunyuan-moe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -146,6 +146,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "cohere2": {"layer": _PARALLEL, "global": _GLOBAL},
     "hunyuan-dense": {"layer": {**_LLAMA, "attn_q_norm": "self_attn.query_layernorm",
                                 "attn_k_norm": "self_attn.key_layernorm"}, "global": _GLOBAL},
+    # Hunyuan MoE: the attention's names and the norms (PEFT adapters; experts and the shared MLP not mapped)
+    "hunyuan-moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "attn_q_norm": "self_attn.query_layernorm",
+                              "attn_k_norm": "self_attn.key_layernorm", "ffn_norm": "post_attention_layernorm"},
+                    "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
