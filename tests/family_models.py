@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe")
+             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -240,6 +240,13 @@ def hf_model(name: str):
         "hunyuan-moe": lambda: tf.HunYuanMoEV1ForCausalLM(tf.HunYuanMoEV1Config(
             **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=16, num_experts=EXPERTS,
             moe_topk=EXPERTS_USED, eod_token_id=2, tie_word_embeddings=False)),
+        # MiniMax-M2's layout: q and k normed over all heads at once, RoPE on half of each head, experts in every
+        # layer routed by sigmoids with a selection bias, renormalized (build_family_models adds the config's
+        # rotary_dim and scoring_func, which the converter reads)
+        "minimax-m2": lambda: tf.MiniMaxM2ForCausalLM(tf.MiniMaxM2Config(
+            **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=32, num_local_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
         # dots.llm1's layout: Qwen3's per-head q/k norms, a dense first layer, then sigmoid routing with a
         # selection bias, renormalized and weighed × 2, and two shared experts (the converter's
         # gating from the config's scoring_func, which build_family_models adds; llama.cpp's dots1 takes no
@@ -525,11 +532,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
-                        starcoder)
+from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron, olmo,
+                        phi, qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's (dense and
-# MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters
-# read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and MiniMax-M2's
+# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -537,7 +544,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     starcoder.StarCoder2Model.set_vocab = lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
     deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
-    nemotron.NemotronHModel.set_vocab = \
+    nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -586,9 +593,10 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             cfg.update(moe_topk=[EXPERTS_USED] * layers, moe_intermediate_size=[cfg["intermediate_size"]] * layers,
                        num_shared_expert=[1] * layers)
             (d / "config.json").write_text(json.dumps(cfg))
-        if name == "dots1":  # (the router's scoring function, which the converter writes as expert_gating_func)
-            cfg = json.loads((d / "config.json").read_text())
-            (d / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
+        if name in ("dots1", "minimax-m2"):  # (the router's scoring function, which the converter writes as
+            cfg = json.loads((d / "config.json").read_text())  # expert_gating_func, and MiniMax-M2's RoPE width)
+            cfg.update(scoring_func="sigmoid", **({"rotary_dim": cfg["head_dim"] // 2} if name == "minimax-m2" else {}))
+            (d / "config.json").write_text(json.dumps(cfg))
         if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
             cfg = json.loads((d / "config.json").read_text())
             (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
@@ -701,7 +709,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
-    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
+    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
@@ -733,7 +741,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
         QWEN35_DELTA["linear_num_value_heads"]
@@ -861,8 +869,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a bias that picks the experts
-                w[p + "exp_probs_b.bias"] = vec(EXPERTS)
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2"):
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # a bias that picks the experts
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         elif not fam.gated:

@@ -9,7 +9,8 @@ DeepSeek's sigmoid routing after attention with biases, q/k norms and partial Ro
 multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them) and dots.llm1 (dots1: Qwen3's
 attention before DeepSeek-V3's routing without groups) and Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
-a gated shared expert), as tiny random models
+a gated shared expert) and MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
+with a selection bias), as tiny random models
 built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -138,6 +139,9 @@ def test_logits_match_transformers(moe, name):
         if name in ("glm4moe", "dots1"):  # their sigmoid routing, selection bias, renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
+        if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
+            for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
+                matters(moes, what, off)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
             matters(chunked, "l2_normed", False)
@@ -158,9 +162,9 @@ def test_logits_match_transformers(moe, name):
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
-                         # (Hunyuan MoE: llama.cpp's 8-bit rounding of the router's input flips near ties with
-                         # Q4_0's weights, 0.7 % here, 0.01 % routed to all four experts)
-                         + [("hunyuan-moe", "Q4_0", 1e-2)]
+                         # (Hunyuan MoE, MiniMax-M2: llama.cpp's 8-bit rounding of the router's input flips near ties
+                         # with Q4_0's weights, 0.7 % and 0.4 % here, 0.01 % routed to all four experts)
+                         + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -367,13 +371,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's and dots.llm1's sigmoid routing, Granite 4's Mamba2
-    layers, Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and PhiMoE's norm
-    and head biases are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's and MiniMax-M2's sigmoid routing, Granite
+    4's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and
+    PhiMoE's norm and head biases are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
-                "dots1"):
+                "dots1", "minimax-m2"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -514,7 +518,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
     for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM",
-                   "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM"):
+                   "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([llama4])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -587,11 +591,11 @@ def test_phimoe_as_llamacpp_runs_it(moe):
     assert rel_err(bf16, got) < 5e-2
 
 
-def test_dots1_routes_by_sigmoid_unless_the_file_says(moe):
-    """dots.llm1's converter writes expert_gating_func from the config's scoring_func; a file without it
-    routes by sigmoid, its Hugging Face router's only scoring (llama.cpp needs the key)."""
-    md = Model.from_gguf(moe["dots1"].gguf).metadata
-    assert md["dots1.expert_gating_func"] == 2
-    assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "dots1.expert_gating_func"}) \
-        .expert_gating == 2
-    assert ModelConfig.from_gguf_metadata({**md, "dots1.expert_gating_func": 1}).expert_gating == 1
+@pytest.mark.parametrize("name", ["dots1", "minimax-m2"])
+def test_sigmoid_routing_unless_the_file_says(moe, name):
+    """dots.llm1's and MiniMax-M2's converters write expert_gating_func from the config's scoring_func; a
+    file without it routes by sigmoid, their Hugging Face routers' only scoring (llama.cpp needs the key)."""
+    md, key = Model.from_gguf(moe[name].gguf).metadata, f"{name}.expert_gating_func"
+    assert md[key] == 2
+    assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != key}).expert_gating == 2
+    assert ModelConfig.from_gguf_metadata({**md, key: 1}).expert_gating == 1

@@ -51,6 +51,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
+    minimax-m2    neox  silu       -           whole     -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
@@ -164,6 +165,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   groups (sigmoid unless the file's expert_gating_func says otherwise, the selection bias, the file's
   expert_weights_norm and expert_weights_scale, dense first layers, shared experts counted by
   expert_shared_count).
+  MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
+  OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
+  file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -386,6 +390,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
@@ -413,8 +418,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
-        "jamba", "minimax-m2"}
+_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "jamba"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -458,8 +462,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe, dots1 and "
-                         "hunyuan-moe)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe, dots1, "
+                         "hunyuan-moe and minimax-m2)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
