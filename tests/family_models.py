@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4")
+             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -46,6 +46,9 @@ EXPERTS, EXPERTS_USED = 4, 2
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
+# LongRoPE's magnitude at 4 × PHI3_ORIG_CONTEXT, as llama.cpp's converter writes it for Phi-3 and PhiMoE
+# (PhiMoE's config gives its own long_mscale and short_mscale, which llama.cpp does not read)
+PHI3_ATTN_FACTOR = math.sqrt(1 + math.log(4) / math.log(PHI3_ORIG_CONTEXT))
 V, D, F, H, HKV = 512, 64, 128, 4, 2
 VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D,
                  deepstack_visual_indexes=[0, 1])  # Qwen3-VL's tiny vision tower
@@ -188,6 +191,15 @@ def hf_model(name: str):
             layer_types=["sliding_attention", "full_attention"], rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": True, "original_max_position_embeddings": 32})),
+        # Phi-3's LongRoPE and biases (the LM head's too) with experts in every layer, LayerNorms and
+        # sparsemixer routing made llama.cpp's (phimoe_as_llamacpp)
+        "phimoe": lambda: tf.PhimoeForCausalLM(tf.PhimoeConfig(
+            **{**common, "intermediate_size": 32, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT},
+            num_hidden_layers=2, num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, attention_bias=True,
+            lm_head_bias=True, tie_word_embeddings=False, rope_parameters={
+                "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": PHI3_ORIG_CONTEXT,
+                "long_factor": [1.0 + 0.25 * i for i in range(8)], "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_mscale": PHI3_ATTN_FACTOR, "short_mscale": PHI3_ATTN_FACTOR})),
         # a dense first layer, then experts with a selection bias and two shared experts (the
         # converter's shared width is intermediate_size / kv heads: 2 · 32 here, as in the 21B)
         "ernie4_5-moe": lambda: tf.Ernie4_5_MoeForCausalLM(tf.Ernie4_5_MoeConfig(
@@ -222,6 +234,27 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
             n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # Hunyuan-A13B's layout: per-head q/k norms after RoPE, experts in every layer as wide as the
+        # shared expert beside them (llama.cpp's, whatever moe_intermediate_size says), softmax routing renormalized
+        # (build_family_models adds the per-layer lists the converter reads)
+        "hunyuan-moe": lambda: tf.HunYuanMoEV1ForCausalLM(tf.HunYuanMoEV1Config(
+            **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=16, num_experts=EXPERTS,
+            moe_topk=EXPERTS_USED, eod_token_id=2, tie_word_embeddings=False)),
+        # MiniMax-M2's layout: q and k normed over all heads at once, RoPE on half of each head, experts in every
+        # layer routed by sigmoids with a selection bias, renormalized (build_family_models adds the config's
+        # rotary_dim and scoring_func, which the converter reads)
+        "minimax-m2": lambda: tf.MiniMaxM2ForCausalLM(tf.MiniMaxM2Config(
+            **{**common, "intermediate_size": 32}, num_hidden_layers=2, head_dim=32, num_local_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+        # dots.llm1's layout: Qwen3's per-head q/k norms, a dense first layer, then sigmoid routing with a
+        # selection bias, renormalized and weighed × 2, and two shared experts (the converter's
+        # gating from the config's scoring_func, which build_family_models adds; llama.cpp's dots1 takes no
+        # grouped-query attention)
+        "dots1": lambda: tf.Dots1ForCausalLM(tf.Dots1Config(
+            **{**common, "num_key_value_heads": H}, num_hidden_layers=3, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+            norm_topk_prob=True, routed_scaling_factor=2.0, sliding_window=None, tie_word_embeddings=False)),
         # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
         # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
         # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
@@ -396,7 +429,43 @@ def randomized(model, name: str):
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
+    if name == "phimoe":
+        phimoe_as_llamacpp(model)
     return model.float().eval()
+
+
+def phimoe_as_llamacpp(model, norms: bool = True, routing: bool = True):
+    """PhiMoE as llama.cpp runs it (its phi3 graph): RMSNorms plus the LayerNorms' biases in place of
+    the LayerNorms (norms), and the softmax's top k renormalized in place of sparsemixer (routing),
+    which in eval weighs each of its two experts by a softmax over the experts whose logits lie within
+    2 · router_jitter_noise (relative) of its own: mostly 1 each. Its LongRoPE takes the long factors
+    beyond the original context, as Phi-3's does (transformers' PhiMoE recomputes the short ones at
+    every length, and only its magnitude follows the length)."""
+    import torch.nn.functional as F
+
+    def longrope(rotary, x, position_ids):
+        rope, seq_len = rotary.config.rope_parameters, int(position_ids.max()) + 1
+        inv_freq, _ = rotary.rope_init_fn(rotary.config, x.device, seq_len)
+        mscale = rope["long_mscale" if seq_len > rope["original_max_position_embeddings"] else "short_mscale"]
+        freqs = torch.cat([position_ids[..., None].float() * inv_freq] * 2, dim=-1)
+        return (freqs.cos() * mscale).to(x.dtype), (freqs.sin() * mscale).to(x.dtype)
+
+    model.model.rotary_emb.forward = types.MethodType(longrope, model.model.rotary_emb)
+
+    def rms_bias(norm, x):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps) + norm.bias
+
+    def top_k(router, h):
+        logits = F.linear(h, router.weight)
+        weights, chosen = logits.softmax(-1).topk(router.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), chosen
+
+    for m in model.modules():
+        if norms and isinstance(m, torch.nn.LayerNorm):
+            m.forward = types.MethodType(rms_bias, m)
+        if routing and type(m).__name__ == "PhimoeTopKRouter":
+            m.forward = types.MethodType(top_k, m)
+    return model
 
 
 def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
@@ -463,18 +532,19 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
-                        starcoder)
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron, olmo,
+                        phi, qwen, starcoder)
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's (dense and
+# MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and MiniMax-M2's
+# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
-    hunyuan.HunYuanModel.set_vocab = phi.Phi2Model.set_vocab = starcoder.StarCoder2Model.set_vocab = \
-    lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
-    qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
-    glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
+    hunyuan.HunYuanModel.set_vocab = hunyuan.HunYuanMoEModel.set_vocab = phi.Phi2Model.set_vocab = \
+    starcoder.StarCoder2Model.set_vocab = lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
+    deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
+    qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
+    nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -517,6 +587,19 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "glm4moe":
             add_nextn_layer(d)
+        if name == "hunyuan-moe":  # (the published configs' per-layer lists, which the converter reads)
+            cfg = json.loads((d / "config.json").read_text())
+            layers = cfg["num_hidden_layers"]
+            cfg.update(moe_topk=[EXPERTS_USED] * layers, moe_intermediate_size=[cfg["intermediate_size"]] * layers,
+                       num_shared_expert=[1] * layers)
+            (d / "config.json").write_text(json.dumps(cfg))
+        if name in ("dots1", "minimax-m2"):  # (the router's scoring function, which the converter writes as
+            cfg = json.loads((d / "config.json").read_text())  # expert_gating_func, and MiniMax-M2's RoPE width)
+            cfg.update(scoring_func="sigmoid", **({"rotary_dim": cfg["head_dim"] // 2} if name == "minimax-m2" else {}))
+            (d / "config.json").write_text(json.dumps(cfg))
+        if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -626,7 +709,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
-    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
+    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
@@ -658,7 +741,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
         QWEN35_DELTA["linear_num_value_heads"]
@@ -678,9 +761,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
-                    "qwen3next"):  # with a shared expert
+                    "qwen3next", "hunyuan-moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -695,12 +778,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
-    if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
-        md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
-                   "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})
-    if arch == "phi3":
-        md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
-                   "phi3.rope.scaling.attn_factor": 1.18})
+    if arch in ("glm4moe", "dots1"):  # GLM-4.5's and dots.llm1's routing (tests/family_models.hf_model's)
+        md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
+                   f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
+    if arch in ("phi3", "phimoe"):
+        md.update({f"{arch}.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
+                   f"{arch}.rope.scaling.attn_factor": 1.18})
     c = ModelConfig.from_gguf_metadata(md)
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
@@ -724,9 +807,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron", "phimoe"):  # the final norm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
-        if arch == "phi2":
+        if arch in ("phi2", "phimoe"):
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
@@ -786,8 +869,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a bias that picks the experts
-                w[p + "exp_probs_b.bias"] = vec(EXPERTS)
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2"):
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # a bias that picks the experts
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         elif not fam.gated:
@@ -798,12 +881,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
-    if arch == "phi3":
+        if arch == "phimoe":  # biases on the output and the norms
+            w.update({p + "attn_output.bias": vec(D), **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
+    if arch in ("phi3", "phimoe"):
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])
     model = model_class(c)(c, w, dtype)

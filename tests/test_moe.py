@@ -6,7 +6,11 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), as tiny random models
+multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
+Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them) and dots.llm1 (dots1: Qwen3's
+attention before DeepSeek-V3's routing without groups) and Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
+a gated shared expert) and MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
+with a selection bias), as tiny random models
 built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -52,7 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True]}
@@ -87,7 +91,7 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4") + DEEPSEEK
+              "glm4moe", "llama4", "dots1", "hunyuan-moe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -132,8 +136,11 @@ def test_logits_match_transformers(moe, name):
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name == "glm4moe":  # its sigmoid routing, selection bias, renorm and scale matter
+        if name in ("glm4moe", "dots1"):  # their sigmoid routing, selection bias, renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
+                matters(moes, what, off)
+        if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
+            for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
@@ -154,7 +161,10 @@ def test_logits_match_transformers(moe, name):
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
+                         # (Hunyuan MoE, MiniMax-M2: llama.cpp's 8-bit rounding of the router's input flips near ties
+                         # with Q4_0's weights, 0.7 % and 0.4 % here, 0.01 % routed to all four experts)
+                         + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -361,11 +371,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's
-    DeltaNets, DeepSeek's latent attention and Llama 4's chunked attention are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's and MiniMax-M2's sigmoid routing, Granite
+    4's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and
+    PhiMoE's norm and head biases are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
+                "dots1", "minimax-m2"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -505,7 +517,8 @@ def test_what_is_refused(moe):
                                             if isinstance(v, str) else v for k, v in md.items()})
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
-    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"):
+    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM",
+                   "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([llama4])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -546,3 +559,43 @@ def test_llama4_variants(moe):
     assert not any(maverick.l2_normed(i) for i in range(4))
     with pytest.raises(ValueError, match="turns chunked attention off.*MobileLLM"):
         ModelConfig.from_gguf_metadata({**md, "llama4.attention.sliding_window": 0})
+
+
+@pytest.mark.transformers
+def test_phimoe_as_llamacpp_runs_it(moe):
+    """PhiMoE as llama.cpp's phi3 graph runs it, where transformers' PhimoeForCausalLM differs
+    (tests/family_models.phimoe_as_llamacpp makes the tiny model llama.cpp's): RMSNorms plus the
+    file's biases in place of LayerNorms, Mixtral's routing (the softmax's top 2, renormalized) in
+    place of sparsemixer's, LongRoPE's long factors beyond the original context, and no window;
+    each of the three moves transformers' logits. bf16 activations follow fp32."""
+    model = Model.from_gguf(moe["phimoe"].gguf)
+    assert type(model.layers[0].attn_norm).__name__ == "BiasedRMSNorm" and model.output.bias is not None
+    assert ModelConfig.from_gguf_metadata({**model.metadata, "phimoe.attention.sliding_window": 16}).sliding_window == 0
+    ids = rand_ids(2, SEQ)
+    hf = hf_model("phimoe")
+    with torch.no_grad():
+        got = model(ids)
+        assert rel_err(got, hf(input_ids=ids).logits) < 1e-4
+        patched = {m: m.__dict__.pop("forward") for m in hf.modules() if "forward" in m.__dict__}
+        kinds = {"norm": lambda m: isinstance(m, torch.nn.LayerNorm), "rope": lambda m: m is hf.model.rotary_emb,
+                 "routing": lambda m: type(m).__name__ == "PhimoeTopKRouter"}
+        for kind, of_kind in kinds.items():  # transformers' own of each kind, the others llama.cpp's
+            for m, f in patched.items():
+                m.forward = m.forward if of_kind(m) else f
+            moved = rel_err(got, hf(input_ids=ids).logits)
+            print(f"phimoe: lowtune vs transformers with its own {kind}: relative error {moved:.2e}")
+            assert moved > 1e-2, kind
+            for m in patched:
+                m.__dict__.pop("forward", None)
+        bf16 = Model.from_gguf(moe["phimoe"].gguf, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, got) < 5e-2
+
+
+@pytest.mark.parametrize("name", ["dots1", "minimax-m2"])
+def test_sigmoid_routing_unless_the_file_says(moe, name):
+    """dots.llm1's and MiniMax-M2's converters write expert_gating_func from the config's scoring_func; a
+    file without it routes by sigmoid, their Hugging Face routers' only scoring (llama.cpp needs the key)."""
+    md, key = Model.from_gguf(moe[name].gguf).metadata, f"{name}.expert_gating_func"
+    assert md[key] == 2
+    assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != key}).expert_gating == 2
+    assert ModelConfig.from_gguf_metadata({**md, key: 1}).expert_gating == 1

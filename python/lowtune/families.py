@@ -26,6 +26,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
+    phimoe        neox  silu       -           -         -          -                        never (as llama.cpp)
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2        neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
@@ -37,6 +38,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
+    hunyuan-moe   neox  silu       -           post-RoPE -          -                        if the file gives one
     qwen2vl       neox  silu       -           -         -          -                        if the file gives one
     qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
     qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
@@ -48,6 +50,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
+    dots1         neox  silu       -           yes       -          -                        if the file gives one
+    minimax-m2    neox  silu       -           whole     -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
@@ -67,7 +71,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
   Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
   Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
-  its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it).
+  its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it). Hunyuan
+  MoE (hunyuan-moe: Hunyuan-A13B) is its attention with experts in every layer (the softmax's top k,
+  renormalized) beside a gated shared expert (expert_shared_feed_forward_length wide).
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -150,6 +156,18 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   (NextN) layers, counted in block_count and by nextn_predict_layers: llama.cpp loads their tensors
   and its graph skips them, so lowtune runs the layers before them, trains nothing of theirs and
   writes their tensors into merged files as they were (Family.nextn_layers).
+  PhiMoE (phimoe: Phi-3.5-MoE) is Phi-3's attention (LongRoPE, q/k/v and output biases, an LM head
+  with a bias) with experts in every layer, routed as Mixtral's (the softmax's top 2, renormalized), as
+  llama.cpp runs it: its norms are RMSNorms plus the file's biases (norm "rms_bias"; the Hugging Face
+  model's are LayerNorms), and it reads no window. Transformers' sparsemixer routes otherwise in eval
+  (each of the two experts weighed by a softmax over the experts near its own logit).
+  dots.llm1 (dots1) is Qwen3's attention (per-head q/k norms) before DeepSeek-V3's routing without
+  groups (sigmoid unless the file's expert_gating_func says otherwise, the selection bias, the file's
+  expert_weights_norm and expert_weights_scale, dense first layers, shared experts counted by
+  expert_shared_count).
+  MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
+  OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
+  file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
@@ -204,7 +222,8 @@ class Family:
     #                                    (Phi-2, StarCoder2), glue_ops.UNGATED, or "xielu" (Apertus: its
     #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
-    norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
+    norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R);
+    #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -232,6 +251,7 @@ class Family:
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
+    windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
     #                                    where the file gives none (older MiniCPM files)
@@ -326,6 +346,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
+    Family("phimoe", rope="neox", norm="rms_bias", moe=True, windowless=True),
     Family("gemma", rope="neox", activation="gelu_tanh", embed_scale=True, hf_architectures=("GemmaForCausalLM",),
            hf_model_types=("gemma",), hf_norm_offset=1.0, spm_space_prefix=False),
     Family("gemma2", rope="neox", activation="gelu_tanh", post_norms=True, embed_scale=True,
@@ -351,6 +372,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
     Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
+    Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True),
     Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
            hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
     Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",
@@ -367,6 +389,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            nope_temperature=True),
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
+    Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
@@ -394,8 +418,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
-        "jamba", "minimax-m2"}
+_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "jamba"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -439,7 +462,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe, dots1, "
+                         "hunyuan-moe and minimax-m2)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

@@ -178,7 +178,7 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
             type(model.output) is not QLinear or model.output.bias is not None):
         return None
     mats = [model.tok_embd.weight, model.head_weight()]
-    norms = (RMSNorm, NoNorm, LayerNorm)
+    norms = (RMSNorm, NoNorm, LayerNorm)  # (PhiMoE's BiasedRMSNorm: the model's own steps)
     for layer in model.layers:
         if type(layer) is not DecoderLayer or type(layer.attn_norm) not in norms \
                 or type(getattr(layer, "ffn_norm", NoNorm())) not in norms:

@@ -114,6 +114,13 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # Llama 4: the attention's names and the norms (PEFT adapters; feed_forward.* not mapped)
     "llama4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm"},
                "global": _GLOBAL},
+    # dots.llm1: Qwen3's attention names (dense layers' MLP; experts not mapped)
+    "dots1": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},
+    # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
+    "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)
+    "phimoe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm"},
+               "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "gpt-oss": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm"},
                 "global": _GLOBAL},
     "starcoder2": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",
@@ -141,6 +148,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "cohere2": {"layer": _PARALLEL, "global": _GLOBAL},
     "hunyuan-dense": {"layer": {**_LLAMA, "attn_q_norm": "self_attn.query_layernorm",
                                 "attn_k_norm": "self_attn.key_layernorm"}, "global": _GLOBAL},
+    # Hunyuan MoE: the attention's names and the norms (PEFT adapters; experts and the shared MLP not mapped)
+    "hunyuan-moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "attn_q_norm": "self_attn.query_layernorm",
+                              "attn_k_norm": "self_attn.key_layernorm", "ffn_norm": "post_attention_layernorm"},
+                    "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,

@@ -10,7 +10,7 @@ the one DecoderLayer below reads it. Every weight matrix stays in its own block 
 and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modules carry GGUF's names:
 
     token_embd                QEmbedding [V, D]   rows dequantized on demand (× sqrt(D) for Gemma)
-    blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm)
+    blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm; with a bias in PhiMoE: BiasedRMSNorm)
     blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
                               row views of a fused attn_qkv where the file has one (Phi-3)
     blk.N.attn_q_a/q_b, attn_kv_a_mqa, attn_k_b, attn_v_b
@@ -335,7 +335,7 @@ class ModelConfig:
         context = int(md.get(f"{arch}.context_length", 2048))
 
         window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
-        if fam.window_block_counts and n_layers not in fam.window_block_counts:
+        if fam.windowless or fam.window_block_counts and n_layers not in fam.window_block_counts:
             window = 0  # (llama.cpp ignores the file's window there)
         if fam.chunked_attention:
             if not window:
@@ -739,9 +739,11 @@ class QEmbedding(nn.Module):
 
 def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) -> nn.Module:
     """The family's norm of GGUF tensor `name`.weight: RMSNorm, or LayerNorm (Command-R; with
-    `name`.bias where the file has one: Phi-2, StarCoder2)."""
+    `name`.bias where the file has one: Phi-2, StarCoder2), or RMSNorm plus that bias (PhiMoE)."""
     if family.norm == "layer":
         return LayerNorm(w[name + ".weight"], eps, w.get(name + ".bias"))
+    if family.norm == "rms_bias" and name + ".bias" in w:
+        return BiasedRMSNorm(w[name + ".weight"], eps, w[name + ".bias"])
     return RMSNorm(w[name + ".weight"], eps)
 
 
@@ -803,6 +805,22 @@ class RMSNorm(nn.Module):
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + a, this norm of x + a): a residual add and the norm that follows it."""
         return glue_ops.add_rms_norm(x, a, self.weight, self.eps)
+
+
+class BiasedRMSNorm(RMSNorm):
+    """RMSNorm plus a bias, x / sqrt(mean(x²) + eps) · w + b, as llama.cpp norms PhiMoE (its own type: the
+    fused norm-and-product paths and the compiled decoders take plain RMSNorms only)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor):
+        super().__init__(weight, eps)
+        self.register_buffer("bias", _vector(bias), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.bias.to(x.dtype)
+
+    def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, h = super().after_residual(x, a)
+        return s, h + self.bias.to(h.dtype)
 
 
 class MoE(nn.Module):
@@ -1977,7 +1995,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if c.family.qk_norm_optional:
             optional.update({p + n + ".weight": want.pop(p + n + ".weight") for n in QK_NORM_NAMES
                              if p + n + ".weight" in want})
-        if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
+        if c.family.norm != "rms":  # (LayerNorm biases where the file has them: Phi-2; PhiMoE's RMSNorm's)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
         layer_shapes = dict(shapes)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
