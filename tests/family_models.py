@@ -31,7 +31,7 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
@@ -312,6 +312,10 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, tie_word_embeddings=False, embedding_multiplier=MINICPM["scale_emb"],
             residual_multiplier=MINICPM["scale_depth"] / math.sqrt(2), attention_multiplier=1 / math.sqrt(D // H),
             logits_scaling=D / MINICPM["dim_model_base"])),
+        # DeepSeek's latent attention (q through its latent, attn_kv_b whole, values D / H wide as llama.cpp
+        # reads them) with MiniCPM's scales at the values llama.cpp's minicpm3 fixes (logits × 4 at this width)
+        "minicpm3": lambda: tf.MiniCPM3ForCausalLM(tf.MiniCPM3Config(
+            **{**common, **MLA, "v_head_dim": None}, num_hidden_layers=2, q_lora_rank=32, tie_word_embeddings=False)),
         # EXAONE 4 32B's layer count, at which llama.cpp takes its windows: every 4th layer global,
         # without RoPE
         "exaone4": lambda: tf.Exaone4ForCausalLM(tf.Exaone4Config(
@@ -695,6 +699,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
+    if arch == "minicpm3":  # its converter's latent attention: attn_kv_b whole, values D / H wide
+        md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
+                   "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
+                   "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
     if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
         md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
                    "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})

@@ -16,6 +16,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
+    minicpm3      neox  silu       -           -         fixed      -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
     mistral3      norm  silu       -           -         -          -                        if the file gives one
@@ -75,7 +76,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
   logit_scale. MiniCPM runs Granite's decoder (in llama.cpp too) with its own scales: scale_emb,
   scale_depth / √layers and width / dim_model_base, or llama.cpp's 12, 1.4 / √layers and 256 / width
-  where an older file gives none.
+  where an older file gives none. MiniCPM3 (minicpm3: MiniCPM3-4B) is DeepSeek's latent attention
+  (Family.mla; attn_kv_b whole, values hidden / heads wide as llama.cpp reads them, NEOX RoPE on rows as
+  Hugging Face keeps them) in MiniCPM's decoder, with the scales llama.cpp's graph fixes whatever the
+  file says: embeddings × 12, residuals × 1.4 / √layers, logits × 256 / width.
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
@@ -234,7 +238,8 @@ class Family:
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
-    #                                    where the file gives none (older MiniCPM files)
+    #                                    where the file gives none (older MiniCPM files); without
+    #                                    multipliers, the scales whatever the file says (MiniCPM3)
     moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
     #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
@@ -250,9 +255,9 @@ class Family:
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
-    mla: bool = False                  # multi-head latent attention (DeepSeek): q, k and v from latents, RoPE
-    #                                    on the last rope.dimension_count dims of each head, values of their
-    #                                    own width
+    mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
+    #                                    latents, RoPE on the last rope.dimension_count dims of each head,
+    #                                    values of their own width
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
@@ -295,6 +300,11 @@ class Family:
         return not self.nope_period or (layer + 1) % self.nope_period != 0
 
 
+def _minicpm_scales(layers: int) -> dict[str, float]:
+    """MiniCPM's embedding and residual scales as llama.cpp fixes them (scale_emb 12, scale_depth 1.4)."""
+    return {"embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers)}
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama", moe=True, hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
@@ -309,7 +319,11 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
-        "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
+        **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
+    # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
+    Family("minicpm3", rope="neox", mla=True, scale_defaults=lambda layers, dim: {
+        **_minicpm_scales(layers), "logit_scale": dim / 256.0}, hf_architectures=("MiniCPM3ForCausalLM",),
+           hf_model_types=("minicpm3",)),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
     Family("ernie4_5-moe", moe=True),
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),

@@ -367,7 +367,7 @@ class ModelConfig:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         latent = {}
         if fam.mla:
-            latent = _latent_attention(md, arch)
+            latent = _latent_attention(md, arch, dim // n_heads)
             head_dim = latent.pop("head_dim")
             # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
             # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
@@ -425,6 +425,8 @@ class ModelConfig:
             if md.get(f"{arch}.rope.scaling.finetuned", True) is False and not fam.rope_switch:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
+        elif fam.scale_defaults:  # (scales llama.cpp's graph fixes, whatever the file says: MiniCPM3)
+            multipliers = fam.scale_defaults(n_layers, dim)
         xielu = ()
         if fam.activation == "xielu":  # (llama.cpp's keys carry no architecture prefix)
             def per_layer(key):
@@ -598,10 +600,11 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
 
 
-def _latent_attention(md: Mapping, arch: str) -> dict:
-    """Multi-head latent attention's widths from a deepseek2 file's keys, as llama.cpp reads them
-    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
-    _mla keys and with attn_kv_b whole, key_length)."""
+def _latent_attention(md: Mapping, arch: str, head_width: int) -> dict:
+    """Multi-head latent attention's widths from a deepseek2 or minicpm3 file's keys, as llama.cpp reads
+    them (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
+    _mla keys and with attn_kv_b whole, key_length, and value_length or, where the file gives none as
+    MiniCPM3's converter does, llama.cpp's default head_width, the model's width over its heads)."""
     if f"{arch}.attention.kv_lora_rank" not in md:
         raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
     if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
@@ -609,11 +612,12 @@ def _latent_attention(md: Mapping, arch: str) -> dict:
                          "3's attention temperature), which lowtune does not run in latent attention")
     whole = f"{arch}.attention.key_length_mla" not in md
     widths = ("key_length", "value_length") if whole else ("key_length_mla", "value_length_mla")
-    for key in widths:
+    needed = widths[:1] if whole else widths  # (value_length: llama.cpp's default where absent)
+    for key in needed:
         if f"{arch}.attention.{key}" not in md:
             raise ValueError(f"GGUF metadata lacks {arch}.attention.{key}, which a {arch} model needs")
     return {"head_dim": int(md[f"{arch}.attention.{widths[0]}"]),
-            "value_head_dim": int(md[f"{arch}.attention.{widths[1]}"]), "kv_b_whole": whole,
+            "value_head_dim": int(md.get(f"{arch}.attention.{widths[1]}", head_width)), "kv_b_whole": whole,
             "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
             "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
 
