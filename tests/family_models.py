@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4")
+             "qwen3next", "llama4", "exaone-moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -222,6 +222,14 @@ def hf_model(name: str):
             **common, num_hidden_layers=3, head_dim=32, attention_bias=True, use_qk_norm=True,
             n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False)),
+        # K-EXAONE's layout: per-head q/k norms, every 4th layer global without RoPE (WINDOW), a dense first
+        # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, beside a shared
+        # expert (its published configs name the scoring function, which the converter writes and llama.cpp needs)
+        "exaone-moe": lambda: tf.ExaoneMoeForCausalLM(tf.ExaoneMoeConfig(
+            **common, num_hidden_layers=4, head_dim=32, sliding_window=WINDOW, sliding_window_pattern=4,
+            first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+            num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.0, scoring_func="sigmoid",
+            tie_word_embeddings=False)),
         # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
         # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
         # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
@@ -469,7 +477,7 @@ _CONVERT = """
 import runpy, sys
 from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
                         starcoder)
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
+# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
 # Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
 # only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
@@ -629,7 +637,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
-              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
+              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
+                    "exaone-moe": 4}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
@@ -684,7 +693,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
                     "qwen3next"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "exaone-moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -703,9 +712,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
-    if arch == "glm4moe":  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe)
-        md.update({"glm4moe.expert_shared_count": 1, "glm4moe.expert_gating_func": 2,
-                   "glm4moe.expert_weights_norm": True, "glm4moe.expert_weights_scale": 2.0})
+    if arch in ("glm4moe", "exaone-moe"):  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe, exaone-moe)
+        md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
+                   f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
     if arch == "phi3":
         md.update({"phi3.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    "phi3.rope.scaling.attn_factor": 1.18})
@@ -794,8 +803,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                           p + "ffn_down_shexp.weight": mat(D, fe)})
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe"):  # a bias that picks the experts
-                w[p + "exp_probs_b.bias"] = vec(EXPERTS)
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "exaone-moe"):
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # (a bias that picks the experts)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         elif not fam.gated:

@@ -6,8 +6,9 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), as tiny random models
-built by transformers and converted by llama.cpp's converter (tests/family_models.py):
+multi-token-prediction layer left out of the model and kept in merged files) and EXAONE MoE
+(exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th layer global without RoPE), as
+tiny random models built by transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -52,7 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "exaone-moe") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True]}
@@ -87,7 +88,7 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4") + DEEPSEEK
+              "glm4moe", "llama4", "exaone-moe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -132,9 +133,12 @@ def test_logits_match_transformers(moe, name):
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name == "glm4moe":  # its sigmoid routing, selection bias, renorm and scale matter
+        if name in ("glm4moe", "exaone-moe"):  # their sigmoid routing, selection bias, renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
+        if name == "exaone-moe":  # its windows, and its global layer without RoPE, matter
+            matters(list(model.layers), "window", 0)
+            matters(list(model.layers), "rope_kind", 0)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
             matters(chunked, "l2_normed", False)
@@ -150,11 +154,12 @@ def test_logits_match_transformers(moe, name):
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
-                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe") else 5e-3)
+                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe")
+                             else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("exaone-moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -361,11 +366,12 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's sigmoid routing, Granite 4's Mamba2 layers, Qwen3.5's
-    DeltaNets, DeepSeek's latent attention and Llama 4's chunked attention are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's and EXAONE MoE's sigmoid routing, Granite 4's Mamba2
+    layers, Qwen3.5's DeltaNets, DeepSeek's latent attention and Llama 4's chunked attention are left to the
+    model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4"):
+    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "exaone-moe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -405,7 +411,7 @@ def test_adapters_train_through_the_experts(moe, name):
 
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
-                                            ("glm4moe", "lora", 1e-2)])
+                                            ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -505,9 +511,9 @@ def test_what_is_refused(moe):
                                             if isinstance(v, str) else v for k, v in md.items()})
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
-    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"):
+    for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "ExaoneMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
-            family_of_hf([llama4])
+            family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
         adapters.AdapterConfig(targets=("attn_output", "ffn_up_exps"))
     model = Model.from_gguf(moe["mixtral"].gguf)

@@ -34,6 +34,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     olmo2         neox  silu       only        whole     -          -                        if the file gives one
     olmoe         neox  silu       -           whole     -          -                        if the file gives one
     exaone4       neox  silu       only        yes       -          -                        64 layers: every 4th global
+    exaone-moe    neox  silu       -           yes       -          -                        every 4th global (128)
     glm4          norm  silu       yes         -         -          -                        if the file gives one
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
@@ -66,6 +67,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   EXAONE 4 (exaone4) is OLMo 2's layer with per-head q/k norms; llama.cpp gives it windows only at
   64 layers (the 32B: 4096 unless the file says, every 4th layer global), and its global layers
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
+  EXAONE MoE (exaone-moe: K-EXAONE) norms before attention and FFN (not after, as EXAONE 4), with
+  EXAONE 4's per-head q/k norms and global layers without RoPE, and windows at every layer count (128
+  unless the file says, every 4th layer global); its experts (a shared one beside them) and NextN layers
+  are GLM-4.5 MoE's (below).
   Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
   Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
   its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it).
@@ -358,6 +363,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("exaone4", rope="neox", pre_norms=False, post_norms=True, qk_norm="head", nope_global=True,
            swa_period=4, default_window=4096, window_block_counts=(64,), hf_architectures=("Exaone4ForCausalLM",),
            hf_model_types=("exaone4",)),
+    Family("exaone-moe", rope="neox", qk_norm="head", nope_global=True, swa_period=4, default_window=128, moe=True,
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("command-r", norm="layer", parallel=True, logit_multiplier=True, hf_architectures=("CohereForCausalLM",),
            hf_model_types=("cohere",)),
     Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
@@ -453,7 +460,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, qwen35moe and qwen3next)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
