@@ -38,7 +38,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "exaone-moe")
+             "qwen3next", "llama4", "exaone-moe", "nemotron_h_moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -59,8 +59,10 @@ GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, 
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
-# Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern
+# Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern;
+# Nemotron-H MoE's: experts (E) in place of the MLPs
 NEMOTRON_H_PATTERN = "M-*-M-"
+NEMOTRON_H_MOE_PATTERN = NEMOTRON_H_PATTERN.replace("-", "E")
 # Qwen3.5's Gated DeltaNets: twice as many value heads as q/k heads (the converter tiles them), a
 # convolution of 4, every 4th layer attention
 QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
@@ -289,6 +291,9 @@ def hf_model(name: str):
         # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
         "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
         "nemotron_h": lambda: nemotron_h(tf, common),
+        # its MLPs as experts without a gate (sigmoid routing with a selection bias, renormalized and weighed
+        # × 2) beside a shared expert twice as wide
+        "nemotron_h_moe": lambda: nemotron_h(tf, common, experts=EXPERTS),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -352,15 +357,20 @@ def granite_hybrid(tf, common: dict, experts: int):
         mamba_chunk_size=16, position_embedding_type=None, **SSM))
 
 
-def nemotron_h(tf, common: dict):
-    """Nemotron-H: Mamba2 layers of Granite 4's sizes, MLPs and one attention layer (NEMOTRON_H_PATTERN)."""
-    kinds = {"M": "mamba", "-": "mlp", "*": "attention"}
+def nemotron_h(tf, common: dict, experts: int = 0):
+    """Nemotron-H: Mamba2 layers of Granite 4's sizes, MLPs and one attention layer (NEMOTRON_H_PATTERN), or
+    with experts in place of the MLPs (NEMOTRON_H_MOE_PATTERN)."""
+    kinds = {"M": "mamba", "-": "mlp", "*": "attention", "E": "moe"}
     rms = common["rms_norm_eps"]
+    moe = dict(n_routed_experts=experts, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+               moe_shared_expert_intermediate_size=64, n_shared_experts=1, norm_topk_prob=True,
+               routed_scaling_factor=2.0, n_group=1, topk_group=1) if experts else {}
     return tf.NemotronHForCausalLM(tf.NemotronHConfig(
         **{k: v for k, v in common.items() if k != "rms_norm_eps"}, layer_norm_epsilon=rms, head_dim=D // H,
-        layers_block_type=[kinds[k] for k in NEMOTRON_H_PATTERN], tie_word_embeddings=False, chunk_size=16,
-        mamba_num_heads=SSM["mamba_n_heads"], n_groups=SSM["mamba_n_groups"], ssm_state_size=SSM["mamba_d_state"],
-        mamba_head_dim=SSM["mamba_d_head"], conv_kernel=SSM["mamba_d_conv"]))
+        layers_block_type=[kinds[k] for k in (NEMOTRON_H_MOE_PATTERN if experts else NEMOTRON_H_PATTERN)],
+        tie_word_embeddings=False, chunk_size=16, mamba_num_heads=SSM["mamba_n_heads"], n_groups=SSM["mamba_n_groups"],
+        ssm_state_size=SSM["mamba_d_state"], mamba_head_dim=SSM["mamba_d_head"], conv_kernel=SSM["mamba_d_conv"],
+        **moe))
 
 
 def nemotron_h_config(d: Path) -> None:
@@ -691,7 +701,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
-                    "qwen3next"):  # with a shared expert
+                    "qwen3next", "nemotron_h_moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "exaone-moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
@@ -712,7 +722,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
-    if arch in ("glm4moe", "exaone-moe"):  # GLM-4.5's routing (tests/family_models.hf_model's glm4moe, exaone-moe)
+    if arch in ("glm4moe", "exaone-moe", "nemotron_h_moe"):  # GLM-4.5's routing (tests/family_models.hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
     if arch == "phi3":
@@ -794,6 +804,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
+            if not fam.gated:  # (Nemotron-H MoE's experts have no gate)
+                del w[p + "ffn_gate_exps.weight"]
             if arch == "gpt-oss":  # biases on the router and the experts, and a sink per head
                 w.update({p + "ffn_gate_inp.bias": vec(EXPERTS), p + "attn_sinks.weight": vec(H),
                           **{p + n + ".bias": ops.quantize(0.2 * torch.randn(EXPERTS, r, generator=g), "F32")
@@ -801,9 +813,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             if c.shared_expert_ffn_dim:
                 w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
                           p + "ffn_down_shexp.weight": mat(D, fe)})
+                if not fam.gated:
+                    del w[p + "ffn_gate_shexp.weight"]
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "exaone-moe"):
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "exaone-moe", "nemotron_h_moe"):
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # (a bias that picks the experts)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)

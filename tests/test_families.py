@@ -1066,7 +1066,8 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
 def test_nemotron_h_layers_of_one_part(tiny):
     """Nemotron-H's file says each layer's one part: KV heads for attention (without RoPE), an FFN width for
     an MLP, neither for a Mamba2 mixer, all after attn_norm with LayerNorm's epsilon key; FFN widths that
-    differ (Nemotron's Puzzle models) and its mixture-of-experts sibling are refused, saying what runs."""
+    differ (Nemotron's Puzzle models) are refused, saying what runs; its mixture-of-experts sibling is its own
+    family (tests/test_moe.py)."""
     model = Model.from_gguf(tiny["nemotron_h"].gguf)
     c = model.config
     assert (c.ssm_layers, c.mlp_layers, c.no_rope, c.norm_eps) == ((0, 4), (1, 3, 5), True, pytest.approx(1e-5))
@@ -1083,8 +1084,7 @@ def test_nemotron_h_layers_of_one_part(tiny):
     with pytest.raises(ValueError, match="FFNs of different widths \\[96, 128\\]"):
         ModelConfig.from_gguf_metadata(md)
     assert ModelConfig.from_gguf_metadata({**md, "nemotron_h.feed_forward_length": [0, 128, 128]}).mlp_layers == (1, 2)
-    with pytest.raises(ValueError, match="'nemotron_h_moe' is a mixture-of-experts model, which lowtune does not run"):
-        family_of({"general.architecture": "nemotron_h_moe"})
+    assert family_of({"general.architecture": "nemotron_h_moe"}) is FAMILIES["nemotron_h_moe"]
 
 
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
@@ -1147,7 +1147,7 @@ def test_minicpm3_latent_attention_with_llamacpps_scales(tiny):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
+                         "nemotron_h_moe", "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r",
                          "cohere2", "glm4",

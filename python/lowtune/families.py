@@ -15,6 +15,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
+    nemotron_h_moe none relu2      -           -         -          -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     minicpm3      neox  silu       -           -         fixed      -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
@@ -140,6 +141,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
   width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
   without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream.
+  Nemotron-H MoE (nemotron_h_moe: Nemotron 3 Nano 30B-A3B) is Nemotron-H whose MLP layers are experts
+  without a gate (relu², as its MLP) beside a shared expert (as wide as the file's
+  expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
+  renormalization and scale, expert groups where the file gives them); its NextN layers are left out
+  as GLM-4.5 MoE's.
   Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
   all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
   gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
@@ -254,7 +260,7 @@ class Family:
     #                                    (LFM2-MoE, DeepSeek-V3); 3, the top k logits, then their softmax (gpt-oss)
     moe_weight_keys: bool = False      # the file's expert_weights_norm and expert_weights_scale weigh the
     #                                    chosen experts, and expert_shared_count × the expert width is the
-    #                                    shared experts' (DeepSeek)
+    #                                    shared experts' where the file gives no width of theirs (DeepSeek)
     moe_shared_expert: bool = False    # every expert layer has a shared expert as wide as a routed one (Llama 4)
     moe_weight_before: bool = False    # the chosen experts' weights multiply their input, not their output (Llama 4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
@@ -323,6 +329,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
+    Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
     # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
@@ -460,7 +468,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, qwen35moe "
+                         "and qwen3next)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

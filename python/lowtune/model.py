@@ -382,9 +382,12 @@ class ModelConfig:
             multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
         experts = {}
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
+            if int(md.get(f"{arch}.moe_latent_size", 0) or 0):
+                raise ValueError(f"this {arch} file routes its experts through a latent (moe_latent_size: Nemotron 3 "
+                                 "Super's ffn_latent_down/up), which lowtune does not run")
             experts = {"n_experts": int(md[f"{arch}.expert_count"]),
-                       "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
-                       "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
+                       "n_experts_used": _one_per_layer(md, f"{arch}.expert_used_count"),
+                       "expert_ffn_dim": _one_per_layer(md, f"{arch}.expert_feed_forward_length"),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             default = fam.moe_gating
             if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
@@ -398,9 +401,9 @@ class ModelConfig:
             shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
-            if fam.moe_weight_keys:  # (DeepSeek's keys)
+            if fam.moe_weight_keys:  # (DeepSeek's keys; a shared expert's width where the file gives it)
                 width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
-                experts["shared_expert_ffn_dim"] = shared * width
+                experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
                 experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
                 experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
             groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
@@ -444,6 +447,8 @@ class ModelConfig:
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
             ffn = [f for f in widths if f] or [0]
+            if experts:  # (Nemotron-H MoE: its MLP layers are the experts')
+                experts["moe_layers"] = parts["mlp_layers"]
         if isinstance(ffn, (list, tuple)):  # one width a layer (Gemma 3n's files)
             if len(set(ffn)) != 1:
                 raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
@@ -513,6 +518,18 @@ class ModelConfig:
                              f"{self.ssm_inner} wide and a convolution of width {self.ssm_conv_kernel}: the value "
                              "heads must be a multiple of the q/k heads, the width of the value heads, and the "
                              "convolution at least 2 wide")
+
+
+def _one_per_layer(md: Mapping, key: str) -> int:
+    """A key's number, or the one number of its per-layer array (0 in the layers it does not apply to), or a
+    ValueError where the layers' numbers differ (Nemotron 3 Puzzle's experts)."""
+    v = md.get(key, 0) or 0
+    if isinstance(v, (list, tuple)):
+        values = sorted({int(x) for x in v if int(x)})
+        if len(values) > 1:
+            raise ValueError(f"this file gives its layers different {key} {values}, which lowtune does not run")
+        v = values[0] if values else 0
+    return int(v)
 
 
 def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
@@ -815,10 +832,11 @@ class MoE(nn.Module):
     bias where the file has one), their softmax (gating 2, LFM2-MoE: each one's sigmoid), the
     n_experts_used largest, those weights divided by their sum (where the family renormalizes) — or,
     gating 3 (gpt-oss), the n_experts_used largest logits and the softmax of those; each chosen
-    expert a gated MLP over the tokens routed to it (with its biases where the file has them), and
-    the token's output the weighted sum of its experts' (Llama 4: of its experts' on the weighted
-    input), plus a shared expert's where the file has one (every token runs it; Qwen2 MoE scales it
-    by sigmoid(x · ffn_gate_inp_shexp)).
+    expert a gated MLP over the tokens routed to it (with its biases where the file has them; where the
+    family's MLP has no gate, down(act(up x)): Nemotron-H MoE's relu²), and the token's output the
+    weighted sum of its experts' (Llama 4: of its experts' on the weighted input), plus a shared
+    expert's where the file has one (every token runs it; Qwen2 MoE scales it by sigmoid(x ·
+    ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -829,8 +847,9 @@ class MoE(nn.Module):
         super().__init__()
         p = f"blk.{index}."
         self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight", w.get(p + "ffn_gate_inp.bias"))
-        self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
-                                                        for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        self.gate_exps, self.up_exps, self.down_exps = (
+            QLinear(w[p + n + ".weight"], p + n + ".weight") if p + n + ".weight" in w else None
+            for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))  # (no gate where the family's MLP has none)
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.renorms_experts, config.expert_gating
         self.weight_before = config.family.moe_weight_before
@@ -847,9 +866,9 @@ class MoE(nn.Module):
         self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
-            names = SHARED_EXPERT_NAMES
             self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp = (
-                QLinear(w[p + n + ".weight"], p + n + ".weight") for n in names)
+                QLinear(w[p + n + ".weight"], p + n + ".weight") if p + n + ".weight" in w else None
+                for n in SHARED_EXPERT_NAMES)
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
@@ -873,33 +892,39 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         if self.weights_scale != 1.0:
             weights = weights * self.weights_scale
-        f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
-        gate, up, down = self.gate_exps.weight, self.up_exps.weight, self.down_exps.weight
+        f, d = self.up_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
+        gate = None if self.gate_exps is None else self.gate_exps.weight
+        up, down = self.up_exps.weight, self.down_exps.weight
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             weight = weights[rows, slot, None]
             xe = (x[rows].float() * weight).to(x.dtype) if self.weight_before else x[rows]
-            y = self._expert(xe, gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
+            y = self._expert(xe, gate and gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
                              down.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y if self.weight_before else (y.float() * weight).to(out.dtype)))
-        if self.ffn_gate_shexp is not None:  # (through the modules: adapters may wrap them)
-            g, u = self.ffn_gate_shexp(x), self.ffn_up_shexp(x)
-            s = self.ffn_down_shexp(glue_ops.gated(self.activation, g, u).contiguous())
+        if self.ffn_up_shexp is not None:  # (through the modules: adapters may wrap them)
+            s = self.ffn_down_shexp(self._mlp(self.ffn_gate_shexp and self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = out + s
         return out.view_as(h)
 
-    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
-        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: routed expert e's gated MLP, with its
-        biases where the file has them."""
+    def _mlp(self, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """act(g) ⊙ u, or act(u) where the experts have no gate."""
+        y = glue_ops.ungated(self.activation, u) if g is None else glue_ops.gated(self.activation, g, u)
+        return y.contiguous()
+
+    def _expert(self, x: torch.Tensor, gate: QTensor | None, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D] (down · act(up · x) without a gate): routed
+        expert e's MLP, with its biases where the file has them."""
         bias = lambda y, b: y if b is None else y + b[e].to(y.dtype)  # noqa: E731
-        g, u = bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias), bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)
-        return bias(ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down), self.ffn_down_exps_bias)
+        g = None if gate is None else bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias)
+        return bias(ops.qmatmul(self._mlp(g, bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)), down),
+                    self.ffn_down_exps_bias)
 
     def extra_repr(self) -> str:
-        return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
+        return f"{self.n_experts} experts, {self.n_used} used, {self.up_exps.format.name}"
 
 
 def causal_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, cache: KVCache | None,
@@ -1965,6 +1990,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             moe.update({"ffn_gate_shexp": (fs, c.dim), "ffn_up_shexp": (fs, c.dim), "ffn_down_shexp": (c.dim, fs)})
             if c.family.moe_shared_gate:
                 moe["ffn_gate_inp_shexp"] = (c.dim,)
+        if not c.family.gated:  # (experts without a gate: Nemotron-H MoE's)
+            moe = {n: shape for n, shape in moe.items() if n not in ("ffn_gate_exps", "ffn_gate_shexp")}
         # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
