@@ -31,7 +31,7 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "minicpm3")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
@@ -247,6 +247,10 @@ def hf_model(name: str):
             num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # LayerNorms without parameters, q/k/v clipped (to 2: a few percent of their values at this size)
+        "olmo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, clip_qkv=2.0,
+            tie_word_embeddings=False)),
         # vision-language models (a one-block vision tower; the converter writes their language models):
         # M-RoPE sections over a head's pairs (8, 16), Qwen3-VL's interleaved, with two deepstack layers
         "qwen2vl": lambda: tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
@@ -487,9 +491,9 @@ _CONVERT = """
 import runpy, sys
 from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
                         starcoder)
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's,
+# gpt-oss's, Hunyuan's, Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and
+# Nemotron-H's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -497,7 +501,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    olmo.OlmoModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -689,6 +693,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.rope.dimension_count": hd // 4, f"{arch}.full_attention_interval": 2,
                    f"{arch}.ssm.conv_kernel": QWEN35_DELTA["linear_conv_kernel_dim"], f"{arch}.ssm.state_size": dk,
                    f"{arch}.ssm.group_count": hk, f"{arch}.ssm.time_step_rank": hv, f"{arch}.ssm.inner_size": hv * dk})
+    if fam.qkv_clamp:  # OLMo's q, k and v clipped
+        md[f"{arch}.attention.clamp_kqv"] = 1.0
     if arch == "apertus":  # xIELU's scalars, each layer's own
         ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
         md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
@@ -735,7 +741,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     q, kv = H * hd, HKV * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
-         fam.output_norm_tensor + ".weight": vec(D, 1.0)}
+         **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
     if arch == "gemma3n":  # AltUp's projections and the per-layer inputs, small q/k norms and AltUp coefficients
         f32 = lambda n, k, s: ops.quantize(s * torch.randn(n, k, generator=g), "F32")  # noqa: E731
         w.update({"altup_proj.weight": mat(3 * D, D), "altup_unembd_proj.weight": mat(3 * D, D),
@@ -758,7 +764,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     for i in range(layers):
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
-                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
+                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items() if fam.norm_weights})
         if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
             pass
         elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it

@@ -87,6 +87,7 @@ SWITCH_OFF = {
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
                 ("query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "olmo": [("q/k/v clipping", lambda m: setattr(m.config, "clamp_qkv", 0.0))],
     "minicpm3": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                  ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0))],
     "nemotron": [("linear RoPE scaling", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
@@ -405,7 +406,8 @@ def test_vision_language_configs_as_published():
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox"]
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
+                                                                                  "norm"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -569,9 +571,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention)
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention;
+# OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -778,7 +781,9 @@ def merged_weights(model) -> dict:
     """GGUF-named weights of `model` with every adapter merged into an F32 copy of its base, fused
     tensors written as their separate parts, biases kept."""
     norm = model.config.family.output_norm_tensor  # (LFM2's token_embd_norm)
-    w = {"token_embd.weight": model.tok_embd.weight, norm + ".weight": model.output_norm.weight}
+    norm_weights = model.config.family.norm_weights  # (OLMo's file holds none)
+    w = {"token_embd.weight": model.tok_embd.weight, **({norm + ".weight": model.output_norm.weight} if norm_weights
+                                                       else {})}
     if getattr(model.output_norm, "bias", None) is not None:  # (Phi-2)
         w[norm + ".bias"] = model.output_norm.bias
     if model.output is not None:
@@ -809,7 +814,7 @@ def merged_weights(model) -> dict:
                 w[p + name + ".weight"] = mod.weight
             else:  # norms (a NoNorm has no weight; Phi-2's LayerNorms have biases), under their file names
                 file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
-                if mod.weight is not None:
+                if mod.weight is not None and norm_weights:
                     w[p + file_name + ".weight"] = mod.weight
                 if getattr(mod, "bias", None) is not None:
                     w[p + file_name + ".bias"] = mod.bias
@@ -1141,6 +1146,31 @@ def test_minicpm3_latent_attention_with_llamacpps_scales(tiny):
             hf_names.metadata_from_hf_config({**cfg, key: value})
 
 
+def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
+    """OLMo's file holds no norm tensors (its LayerNorms have no parameters: lowtune's take ones) and gives
+    transformers' clip_qkv as attention.clamp_kqv; the compiled CPU decoder, which clips nothing, takes a
+    file without it, step by step equal to the model, and leaves the clipped one to the model's steps."""
+    model = Model.from_gguf(tiny["olmo"].gguf)
+    assert model.config.clamp_qkv == 2.0 and not any("norm" in n for n in model.tensor_types)
+    assert all(torch.equal(n.weight, torch.ones(D)) and n.bias is None
+               for n in [model.output_norm] + [layer.attn_norm for layer in model.layers])
+    unclipped = {k: v for k, v in model.metadata.items() if k != "olmo.attention.clamp_kqv"}
+    assert ModelConfig.from_gguf_metadata(unclipped).clamp_qkv == 0.0
+    path = gguf_of(tiny["olmo"], "Q8_0")
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
+                   for n, ti in f.tensor_infos.items()]
+    assert compiled_decoder_steps(Model.from_gguf(path), rand_ids(1, 20, seed=5), 4)[0] is None
+    del md["olmo.attention.clamp_kqv"]
+    write_gguf(tiny["olmo"].gguf.with_name("olmo-unclipped.gguf"), md, tensors, metadata_types=types)
+    steps, _, _ = compiled_decoder_steps(Model.from_gguf(tiny["olmo"].gguf.with_name("olmo-unclipped.gguf")),
+                                         rand_ids(1, 20, seed=5), 4)
+    assert steps is not None
+    for t, (got, want) in enumerate(steps):
+        assert rel_err(got, want) < 1e-5, t
+
+
 # ----------------------------------------------------------------------------------------------
 # what lowtune refuses
 
@@ -1149,7 +1179,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
-                         "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r",
+                         "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r",
                          "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
                          "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")

@@ -32,6 +32,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2        neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3        neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo          norm  silu       -           -         -          -                        if the file gives one
     olmo2         neox  silu       only        whole     -          -                        if the file gives one
     olmoe         neox  silu       -           whole     -          -                        if the file gives one
     exaone4       neox  silu       only        yes       -          -                        64 layers: every 4th global
@@ -61,6 +62,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   logits by the file's logit_scale and tie the head to the embeddings; cohere2's global layers
   have no RoPE.
 
+  OLMo (olmo: OLMo 1B/7B, OLMo 1.7) is Llama whose norms are LayerNorms without a weight or bias (the
+  file holds none: Family.norm_weights) and whose q, k and v are clipped to ± the file's
+  attention.clamp_kqv (transformers' clip_qkv) where it gives one (Family.qkv_clamp).
   OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
   over the whole projection, all heads at once ("whole"); OLMo 3's files give a window (every 4th
   layer global), and its sliding layers take no RoPE scaling (llama.cpp and transformers run them
@@ -220,6 +224,9 @@ class Family:
     #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
+    norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
+    #                                    holds no norm tensor (OLMo's LayerNorm without parameters)
+    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -364,6 +371,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            final_softcap=0.0, wide_query_scale_layers=62,
            hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
            hf_model_types=("gemma3_text", "gemma3"), hf_norm_offset=1.0, spm_space_prefix=False),
+    Family("olmo", norm="layer", norm_weights=False, qkv_clamp=True, hf_architectures=("OlmoForCausalLM",),
+           hf_model_types=("olmo",), hf_permute_qk=True),
     Family("olmo2", rope="neox", pre_norms=False, post_norms=True, qk_norm="whole", swa_period=4,
            swa_rope_scaled=False, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
            hf_model_types=("olmo2", "olmo3")),

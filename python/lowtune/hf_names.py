@@ -95,6 +95,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
@@ -560,6 +561,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(fam.eps_key, float(config.get(_LAYER_NORM_EPS.get(arch, "layer_norm_eps"), 1e-5)), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
+    if fam.qkv_clamp and config.get("clip_qkv"):
+        key("attention.clamp_kqv", float(config["clip_qkv"]), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
     if fam.mamba2:
@@ -890,7 +893,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {},
+    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {},
 }
 
 
@@ -1074,6 +1077,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                     "dim_model_base": round(c.dim / c.logit_scale)})
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
+    if fam.qkv_clamp:
+        cfg["clip_qkv"] = _f32(c.clamp_qkv) if c.clamp_qkv else None
     if fam.multipliers:
         cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})

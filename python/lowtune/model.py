@@ -135,6 +135,7 @@ class ModelConfig:
     rope_yarn_beta_slow: float = 1.0   # ... and pairs turning less than this many times are slowed
     attn_temperature: float = 0.0  # queries × 1 + t ln(1 + floor(pos / rope_orig_context)) (Ministral 3; 0: none)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
+    clamp_qkv: float = 0.0        # q, k and v are clipped to ± this (OLMo's clip_qkv; 0: not clipped)
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
     residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
     logit_scale: float = 1.0      # logits are divided by this (Granite)
@@ -476,6 +477,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
+            clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, xielu=xielu,
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
@@ -758,11 +760,13 @@ class QEmbedding(nn.Module):
         return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
-def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) -> nn.Module:
+def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float, width: int) -> nn.Module:
     """The family's norm of GGUF tensor `name`.weight: RMSNorm, or LayerNorm (Command-R; with
-    `name`.bias where the file has one: Phi-2, StarCoder2)."""
+    `name`.bias where the file has one: Phi-2, StarCoder2; OLMo's, whose file holds no weight, with
+    `width` ones, x normed as it is)."""
     if family.norm == "layer":
-        return LayerNorm(w[name + ".weight"], eps, w.get(name + ".bias"))
+        weight = w[name + ".weight"] if family.norm_weights else torch.ones(width)
+        return LayerNorm(weight, eps, w.get(name + ".bias"))
     return RMSNorm(w[name + ".weight"], eps)
 
 
@@ -1306,11 +1310,11 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
-        for name in layer_norm_shapes(c, index):
+        for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
+            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps, shape[0]))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -1484,6 +1488,8 @@ class DecoderLayer(nn.Module):
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
+        if c.clamp_qkv:  # (OLMo's clip_qkv, as llama.cpp's build_qkv clamps them)
+            q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
         gate = None
         if fam.attn_output_gate:  # each head's q, then its gate
             q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
@@ -1746,7 +1752,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps)
+        self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps, c.dim)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
@@ -1997,6 +2003,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
     norm = c.family.output_norm_tensor
     want = {"token_embd.weight": (c.vocab_size, c.dim), norm + ".weight": (c.dim,), **(own or {})}
+    if not c.family.norm_weights:  # (OLMo's norms have no weight: the file holds none)
+        del want[norm + ".weight"]
     optional = {"output.weight": (c.vocab_size, c.dim), norm + ".bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
@@ -2004,7 +2012,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items() if c.family.norm_weights})
         if c.family.qk_norm_optional:
             optional.update({p + n + ".weight": want.pop(p + n + ".weight") for n in QK_NORM_NAMES
                              if p + n + ".weight" in want})
