@@ -31,14 +31,14 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2")
+             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -62,8 +62,10 @@ GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, 
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
-# Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern
+# Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern;
+# Nemotron-H MoE's: experts (E) in place of the MLPs
 NEMOTRON_H_PATTERN = "M-*-M-"
+NEMOTRON_H_MOE_PATTERN = NEMOTRON_H_PATTERN.replace("-", "E")
 # Qwen3.5's Gated DeltaNets: twice as many value heads as q/k heads (the converter tiles them), a
 # convolution of 4, every 4th layer attention
 QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
@@ -255,6 +257,14 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": H}, num_hidden_layers=3, n_routed_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
             norm_topk_prob=True, routed_scaling_factor=2.0, sliding_window=None, tie_word_embeddings=False)),
+        # K-EXAONE's layout: per-head q/k norms, every 4th layer global without RoPE (WINDOW), a dense first
+        # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, beside a shared
+        # expert (its published configs name the scoring function, which the converter writes and llama.cpp needs)
+        "exaone-moe": lambda: tf.ExaoneMoeForCausalLM(tf.ExaoneMoeConfig(
+            **common, num_hidden_layers=4, head_dim=32, sliding_window=WINDOW, sliding_window_pattern=4,
+            first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+            num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.0, scoring_func="sigmoid",
+            tie_word_embeddings=False)),
         # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
         # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
         # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
@@ -270,6 +280,10 @@ def hf_model(name: str):
             num_experts_per_tok=EXPERTS_USED, norm_topk_prob=False,
             tie_word_embeddings=False)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common, num_hidden_layers=2)),
+        # LayerNorms without parameters, q/k/v clipped (to 2: a few percent of their values at this size)
+        "olmo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, clip_qkv=2.0,
+            tie_word_embeddings=False)),
         # vision-language models (a one-block vision tower; the converter writes their language models):
         # M-RoPE sections over a head's pairs (8, 16), Qwen3-VL's interleaved, with two deepstack layers
         "qwen2vl": lambda: tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
@@ -314,6 +328,9 @@ def hf_model(name: str):
         # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
         "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
         "nemotron_h": lambda: nemotron_h(tf, common),
+        # its MLPs as experts without a gate (sigmoid routing with a selection bias, renormalized and weighed
+        # × 2) beside a shared expert twice as wide
+        "nemotron_h_moe": lambda: nemotron_h(tf, common, experts=EXPERTS),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -345,6 +362,10 @@ def hf_model(name: str):
             **common, num_hidden_layers=2, tie_word_embeddings=False, embedding_multiplier=MINICPM["scale_emb"],
             residual_multiplier=MINICPM["scale_depth"] / math.sqrt(2), attention_multiplier=1 / math.sqrt(D // H),
             logits_scaling=D / MINICPM["dim_model_base"])),
+        # DeepSeek's latent attention (q through its latent, attn_kv_b whole, values D / H wide as llama.cpp
+        # reads them) with MiniCPM's scales at the values llama.cpp's minicpm3 fixes (logits × 4 at this width)
+        "minicpm3": lambda: tf.MiniCPM3ForCausalLM(tf.MiniCPM3Config(
+            **{**common, **MLA, "v_head_dim": None}, num_hidden_layers=2, q_lora_rank=32, tie_word_embeddings=False)),
         # EXAONE 4 32B's layer count, at which llama.cpp takes its windows: every 4th layer global,
         # without RoPE
         "exaone4": lambda: tf.Exaone4ForCausalLM(tf.Exaone4Config(
@@ -373,15 +394,20 @@ def granite_hybrid(tf, common: dict, experts: int):
         mamba_chunk_size=16, position_embedding_type=None, **SSM))
 
 
-def nemotron_h(tf, common: dict):
-    """Nemotron-H: Mamba2 layers of Granite 4's sizes, MLPs and one attention layer (NEMOTRON_H_PATTERN)."""
-    kinds = {"M": "mamba", "-": "mlp", "*": "attention"}
+def nemotron_h(tf, common: dict, experts: int = 0):
+    """Nemotron-H: Mamba2 layers of Granite 4's sizes, MLPs and one attention layer (NEMOTRON_H_PATTERN), or
+    with experts in place of the MLPs (NEMOTRON_H_MOE_PATTERN)."""
+    kinds = {"M": "mamba", "-": "mlp", "*": "attention", "E": "moe"}
     rms = common["rms_norm_eps"]
+    moe = dict(n_routed_experts=experts, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+               moe_shared_expert_intermediate_size=64, n_shared_experts=1, norm_topk_prob=True,
+               routed_scaling_factor=2.0, n_group=1, topk_group=1) if experts else {}
     return tf.NemotronHForCausalLM(tf.NemotronHConfig(
         **{k: v for k, v in common.items() if k != "rms_norm_eps"}, layer_norm_epsilon=rms, head_dim=D // H,
-        layers_block_type=[kinds[k] for k in NEMOTRON_H_PATTERN], tie_word_embeddings=False, chunk_size=16,
-        mamba_num_heads=SSM["mamba_n_heads"], n_groups=SSM["mamba_n_groups"], ssm_state_size=SSM["mamba_d_state"],
-        mamba_head_dim=SSM["mamba_d_head"], conv_kernel=SSM["mamba_d_conv"]))
+        layers_block_type=[kinds[k] for k in (NEMOTRON_H_MOE_PATTERN if experts else NEMOTRON_H_PATTERN)],
+        tie_word_embeddings=False, chunk_size=16, mamba_num_heads=SSM["mamba_n_heads"], n_groups=SSM["mamba_n_groups"],
+        ssm_state_size=SSM["mamba_d_state"], mamba_head_dim=SSM["mamba_d_head"], conv_kernel=SSM["mamba_d_conv"],
+        **moe))
 
 
 def nemotron_h_config(d: Path) -> None:
@@ -534,9 +560,10 @@ _CONVERT = """
 import runpy, sys
 from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron, olmo,
                         phi, qwen, starcoder)
-# OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's (dense and
-# MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and MiniMax-M2's
-# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's,
+# gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
+# Llama 4's, Nemotron-H's and MiniMax-M2's converters read only byte-level BPE vocabularies; the tiny models
+# share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -544,7 +571,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     starcoder.StarCoder2Model.set_vocab = lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
     deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
-    nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = \
+    nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -708,7 +735,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
-              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
+              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
+                    "exaone-moe": 4}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
@@ -749,6 +777,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.rope.dimension_count": hd // 4, f"{arch}.full_attention_interval": 2,
                    f"{arch}.ssm.conv_kernel": QWEN35_DELTA["linear_conv_kernel_dim"], f"{arch}.ssm.state_size": dk,
                    f"{arch}.ssm.group_count": hk, f"{arch}.ssm.time_step_rank": hv, f"{arch}.ssm.inner_size": hv * dk})
+    if fam.qkv_clamp:  # OLMo's q, k and v clipped
+        md[f"{arch}.attention.clamp_kqv"] = 1.0
     if arch == "apertus":  # xIELU's scalars, each layer's own
         ramp = lambda a, b: [a + b * i for i in range(layers)]  # noqa: E731
         md.update({"xielu.alpha_p": ramp(0.0, 0.2), "xielu.alpha_n": ramp(0.0, -0.1), "xielu.beta": ramp(0.5, 0.1),
@@ -761,9 +791,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
-                    "qwen3next", "hunyuan-moe"):  # with a shared expert
+                    "qwen3next", "hunyuan-moe", "nemotron_h_moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -778,7 +808,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
-    if arch in ("glm4moe", "dots1"):  # GLM-4.5's and dots.llm1's routing (tests/family_models.hf_model's)
+    if arch == "minicpm3":  # its converter's latent attention: attn_kv_b whole, values D / H wide
+        md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
+                   "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
+                   "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
+    if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # GLM-4.5's routing (family_models.hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
     if arch in ("phi3", "phimoe"):
@@ -791,7 +825,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     q, kv = H * hd, HKV * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
-         fam.output_norm_tensor + ".weight": vec(D, 1.0)}
+         **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
     if arch == "gemma3n":  # AltUp's projections and the per-layer inputs, small q/k norms and AltUp coefficients
         f32 = lambda n, k, s: ops.quantize(s * torch.randn(n, k, generator=g), "F32")  # noqa: E731
         w.update({"altup_proj.weight": mat(3 * D, D), "altup_unembd_proj.weight": mat(3 * D, D),
@@ -814,7 +848,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     for i in range(layers):
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
-                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
+                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items() if fam.norm_weights})
         if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
             pass
         elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
@@ -860,6 +894,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate_inp.weight": ops.quantize(router, "F32"),
                       p + "ffn_gate_exps.weight": mat(EXPERTS * fe, D), p + "ffn_up_exps.weight": mat(EXPERTS * fe, D),
                       p + "ffn_down_exps.weight": mat(EXPERTS * D, fe)})
+            if not fam.gated:  # (Nemotron-H MoE's experts have no gate)
+                del w[p + "ffn_gate_exps.weight"]
             if arch == "gpt-oss":  # biases on the router and the experts, and a sink per head
                 w.update({p + "ffn_gate_inp.bias": vec(EXPERTS), p + "attn_sinks.weight": vec(H),
                           **{p + n + ".bias": ops.quantize(0.2 * torch.randn(EXPERTS, r, generator=g), "F32")
@@ -867,9 +903,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             if c.shared_expert_ffn_dim:
                 w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
                           p + "ffn_down_shexp.weight": mat(D, fe)})
+                if not fam.gated:
+                    del w[p + "ffn_gate_shexp.weight"]
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2"):
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
+                        "nemotron_h_moe"):
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # a bias that picks the experts
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)

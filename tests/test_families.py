@@ -36,7 +36,7 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT,
+from family_models import (CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA, NAMES, PHI3_ORIG_CONTEXT,
                            SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
                            randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
@@ -87,6 +87,9 @@ SWITCH_OFF = {
     "granite": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
                 ("query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "olmo": [("q/k/v clipping", lambda m: setattr(m.config, "clamp_qkv", 0.0))],
+    "minicpm3": [("residual scale", lambda m: setattr(m.config, "residual_scale", 1.0)),
+                 ("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0))],
     "nemotron": [("linear RoPE scaling", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
         dataclasses.replace(m.config, rope_linear_scale=1.0))[None]))],
     "apertus": [("each layer's own xIELU scalars",
@@ -199,7 +202,7 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, ernie4_5, ministral3, qwen2"):
+                                         "granitemoehybrid, minicpm3, ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -402,8 +405,9 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    # (Nemotron-H's: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
+                                                                                  "norm"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -567,9 +571,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention;
+# OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -776,7 +781,9 @@ def merged_weights(model) -> dict:
     """GGUF-named weights of `model` with every adapter merged into an F32 copy of its base, fused
     tensors written as their separate parts, biases kept."""
     norm = model.config.family.output_norm_tensor  # (LFM2's token_embd_norm)
-    w = {"token_embd.weight": model.tok_embd.weight, norm + ".weight": model.output_norm.weight}
+    norm_weights = model.config.family.norm_weights  # (OLMo's file holds none)
+    w = {"token_embd.weight": model.tok_embd.weight, **({norm + ".weight": model.output_norm.weight} if norm_weights
+                                                       else {})}
     if getattr(model.output_norm, "bias", None) is not None:  # (Phi-2)
         w[norm + ".bias"] = model.output_norm.bias
     if model.output is not None:
@@ -807,7 +814,7 @@ def merged_weights(model) -> dict:
                 w[p + name + ".weight"] = mod.weight
             else:  # norms (a NoNorm has no weight; Phi-2's LayerNorms have biases), under their file names
                 file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
-                if mod.weight is not None:
+                if mod.weight is not None and norm_weights:
                     w[p + file_name + ".weight"] = mod.weight
                 if getattr(mod, "bias", None) is not None:
                     w[p + file_name + ".bias"] = mod.bias
@@ -823,6 +830,8 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     c = model.config
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
+    if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, attn_kv_b whole)
+        targets = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
@@ -1062,7 +1071,8 @@ def test_granitehybrid_mamba2_layers_and_nope(tiny):
 def test_nemotron_h_layers_of_one_part(tiny):
     """Nemotron-H's file says each layer's one part: KV heads for attention (without RoPE), an FFN width for
     an MLP, neither for a Mamba2 mixer, all after attn_norm with LayerNorm's epsilon key; FFN widths that
-    differ (Nemotron's Puzzle models) and its mixture-of-experts sibling are refused, saying what runs."""
+    differ (Nemotron's Puzzle models) are refused, saying what runs; its mixture-of-experts sibling is its own
+    family (tests/test_moe.py)."""
     model = Model.from_gguf(tiny["nemotron_h"].gguf)
     c = model.config
     assert (c.ssm_layers, c.mlp_layers, c.no_rope, c.norm_eps) == ((0, 4), (1, 3, 5), True, pytest.approx(1e-5))
@@ -1079,8 +1089,7 @@ def test_nemotron_h_layers_of_one_part(tiny):
     with pytest.raises(ValueError, match="FFNs of different widths \\[96, 128\\]"):
         ModelConfig.from_gguf_metadata(md)
     assert ModelConfig.from_gguf_metadata({**md, "nemotron_h.feed_forward_length": [0, 128, 128]}).mlp_layers == (1, 2)
-    with pytest.raises(ValueError, match="'nemotron_h_moe' is a mixture-of-experts model, which lowtune does not run"):
-        family_of({"general.architecture": "nemotron_h_moe"})
+    assert family_of({"general.architecture": "nemotron_h_moe"}) is FAMILIES["nemotron_h_moe"]
 
 
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
@@ -1110,18 +1119,70 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
         (12.0, 1.4 / math.sqrt(2), 256 / D))
 
 
+def test_minicpm3_latent_attention_with_llamacpps_scales(tiny):
+    """MiniCPM3 as llama.cpp reads its converter's file: DeepSeek's latent attention with attn_kv_b whole,
+    values D / H wide (the file gives no value_length), NEOX RoPE on each head's last dims; MiniCPM's
+    scales fixed as llama.cpp's graph fixes them (scale_emb 12, scale_depth 1.4, dim_model_base 256),
+    whatever the file says. A config.json with other scales is refused; its own write and read keep the
+    model's config."""
+    from lowtune import hf_names
+    model = Model.from_gguf(tiny["minicpm3"].gguf)
+    c, layer = model.config, model.layers[0]
+    nope, rope = MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"]
+    assert (c.head_dim, c.rope_dim, c.v_dim, c.kv_lora_rank, c.q_lora_rank, c.n_kv_heads) == (
+        nope + rope, rope, D // H, MLA["kv_lora_rank"], 32, H)
+    assert c.kv_b_whole and hasattr(layer, "attn_kv_b") and not hasattr(layer, "attn_q")
+    assert "minicpm3.attention.value_length" not in model.metadata
+    assert (c.embedding_scale, c.residual_scale, c.logit_scale) == pytest.approx((12.0, 1.4 / math.sqrt(2), D / 256))
+    assert c.query_scale == pytest.approx(1 / math.sqrt(nope + rope))
+    scaled = ModelConfig.from_gguf_metadata({**model.metadata, "minicpm3.embedding_scale": 3.0,
+                                             "minicpm3.logit_scale": 2.0})  # (llama.cpp's graph reads neither)
+    assert (scaled.embedding_scale, scaled.logit_scale) == (c.embedding_scale, c.logit_scale)
+    cfg = json.loads((tiny["minicpm3"].hf_dir / "config.json").read_text())
+    md, _ = hf_names.metadata_from_hf_config(cfg)
+    assert config_fields(ModelConfig.from_gguf_metadata(md)) == pytest.approx(config_fields(c))
+    for key, value in (("scale_emb", 3.0), ("scale_depth", 1.0), ("dim_model_base", 64)):
+        with pytest.raises(ValueError, match=f"llama.cpp's minicpm3 fixes them.*{key}"):
+            hf_names.metadata_from_hf_config({**cfg, key: value})
+
+
+def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
+    """OLMo's file holds no norm tensors (its LayerNorms have no parameters: lowtune's take ones) and gives
+    transformers' clip_qkv as attention.clamp_kqv; the compiled CPU decoder, which clips nothing, takes a
+    file without it, step by step equal to the model, and leaves the clipped one to the model's steps."""
+    model = Model.from_gguf(tiny["olmo"].gguf)
+    assert model.config.clamp_qkv == 2.0 and not any("norm" in n for n in model.tensor_types)
+    assert all(torch.equal(n.weight, torch.ones(D)) and n.bias is None
+               for n in [model.output_norm] + [layer.attn_norm for layer in model.layers])
+    unclipped = {k: v for k, v in model.metadata.items() if k != "olmo.attention.clamp_kqv"}
+    assert ModelConfig.from_gguf_metadata(unclipped).clamp_qkv == 0.0
+    path = gguf_of(tiny["olmo"], "Q8_0")
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
+                   for n, ti in f.tensor_infos.items()]
+    assert compiled_decoder_steps(Model.from_gguf(path), rand_ids(1, 20, seed=5), 4)[0] is None
+    del md["olmo.attention.clamp_kqv"]
+    write_gguf(tiny["olmo"].gguf.with_name("olmo-unclipped.gguf"), md, tensors, metadata_types=types)
+    steps, _, _ = compiled_decoder_steps(Model.from_gguf(tiny["olmo"].gguf.with_name("olmo-unclipped.gguf")),
+                                         rand_ids(1, 20, seed=5), 4)
+    assert steps is not None
+    for t, (got, want) in enumerate(steps):
+        assert rel_err(got, want) < 1e-5, t
+
+
 # ----------------------------------------------------------------------------------------------
 # what lowtune refuses
 
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "nemotron_h_moe", "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
-                         "phimoe", "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2",
-                         "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe",
-                         "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "qwen35", "qwen35moe",
-                         "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
+                         "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
+                         "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
+                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -7,11 +7,13 @@ routing) and DeepSeek (deepseek2: latent attention, with and without q's latent;
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
 multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
-Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them) and dots.llm1 (dots1: Qwen3's
-attention before DeepSeek-V3's routing without groups) and Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
-a gated shared expert) and MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
-with a selection bias), as tiny random models
-built by transformers and converted by llama.cpp's converter (tests/family_models.py):
+Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
+attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
+a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
+with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
+layer global without RoPE) and Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
+experts without a gate), as tiny random models built by transformers and converted by llama.cpp's
+converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -45,8 +47,8 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import DELTA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, SEQ, WINDOW, deepseek2_kv_b_whole, gguf_of, hf_model,
-                           llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
+                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -56,10 +58,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
-INTERLEAVED = {"llama4": [False, True, False, True]}
+INTERLEAVED = {"llama4": [False, True, False, True],
+               "nemotron_h_moe": [k == "E" for k in NEMOTRON_H_MOE_PATTERN]}  # (Nemotron-H's layers of one part)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,7 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4", "dots1", "hunyuan-moe") + DEEPSEEK
+              "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -121,7 +124,7 @@ def test_logits_match_transformers(moe, name):
         if not model.config.family.moe_renorm and model.config.expert_gating == 1:
             matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
-            for what in ("shared_gate", "ffn_gate_shexp", "selection_bias"):  # (and ERNIE's selection bias)
+            for what in ("shared_gate", "ffn_up_shexp", "selection_bias"):  # (and ERNIE's selection bias)
                 if getattr(moes[0], what) is not None:
                     matters(moes, what, None)
         if name == "lfm2moe":  # its sigmoid routing and its selection bias matter
@@ -136,12 +139,16 @@ def test_logits_match_transformers(moe, name):
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name in ("glm4moe", "dots1"):  # their sigmoid routing, selection bias, renorm and scale matter
+        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # their sigmoid routing, selection bias,
+            # renorm and scale matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
         if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
+        if name == "exaone-moe":  # its windows, and its global layer without RoPE, matter
+            matters(list(model.layers), "window", 0)
+            matters(list(model.layers), "rope_kind", 0)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
             matters(chunked, "l2_normed", False)
@@ -157,14 +164,17 @@ def test_logits_match_transformers(moe, name):
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
-                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe") else 5e-3)
+                         + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
+                                                      "nemotron_h_moe") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
-                         # (Hunyuan MoE, MiniMax-M2: llama.cpp's 8-bit rounding of the router's input flips near ties
-                         # with Q4_0's weights, 0.7 % and 0.4 % here, 0.01 % routed to all four experts)
-                         + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2)]
+                         # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE: llama.cpp's 8-bit rounding of the
+                         # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
+                         # 0.01 % routed to all four experts)
+                         + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
+                            ("nemotron_h_moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -371,13 +381,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's and MiniMax-M2's sigmoid routing, Granite
-    4's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention and
-    PhiMoE's norm and head biases are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's and EXAONE MoE's sigmoid
+    routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
+    Llama 4's chunked attention and PhiMoE's norm and head biases are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
-                "dots1", "minimax-m2"):
+                           "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -399,9 +409,10 @@ def test_adapters_train_through_the_experts(moe, name):
     if name in DEEPSEEK:
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
             {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
+    c = model.config
     for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
-        attention_i = attention
+        attention_i = attention if c.has_mixer(i) else set()  # (Nemotron-H MoE: a mixer or experts a layer)
         if layer.shortconv is not None:  # (LFM2-MoE's convolutions)
             attention_i = {"in_proj", "out_proj"}
         elif layer.mamba is not None:  # (Mamba2 layers)
@@ -409,15 +420,17 @@ def test_adapters_train_through_the_experts(moe, name):
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
         m = layer.ffn_moe
-        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else set(SHARED_EXPERT_NAMES if m.ffn_gate_shexp else ())
-        assert names == attention_i | ffn
+        # (shared experts without a gate: Nemotron-H MoE's)
+        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else {n for n in SHARED_EXPERT_NAMES if getattr(m, n)}
+        assert names == attention_i | (ffn if c.has_ffn(i) else set())
         if m is not None:  # the router and the routed experts stay frozen
-            assert not any(p.requires_grad for p in [*m.router.parameters(), *m.gate_exps.parameters(),
-                                                     *m.up_exps.parameters(), *m.down_exps.parameters()])
+            frozen = [m.router, m.up_exps, m.down_exps] + ([m.gate_exps] if m.gate_exps is not None else [])
+            assert not any(p.requires_grad for lin in frozen for p in lin.parameters())
 
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
-                                            ("glm4moe", "lora", 1e-2)])
+                                            ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
+                                            ("nemotron_h_moe", "qa-lora", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -482,6 +495,10 @@ def test_exports(moe, tmp_path, name):
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
+    if name == "nemotron_h_moe":  # (lowtune has no Hugging Face names for Nemotron-H's tensors)
+        with pytest.raises(ValueError, match="no Hugging Face names for architecture 'nemotron_h_moe'"):
+            export_peft(base, peft_run, tmp_path / "peft")
+        return
     export_peft(base, peft_run, tmp_path / "peft")
     if name == "llama4":
         hf_chunks(peft_model)
@@ -517,16 +534,38 @@ def test_what_is_refused(moe):
                                             if isinstance(v, str) else v for k, v in md.items()})
     with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):  # (read as GGUF)
         family_of_hf(["Glm4MoeForCausalLM"])
-    for llama4 in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM", "PhimoeForCausalLM",
-                   "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM"):
+    for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
+                         "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
+                         "ExaoneMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
-            family_of_hf([llama4])
+            family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
         adapters.AdapterConfig(targets=("attn_output", "ffn_up_exps"))
     model = Model.from_gguf(moe["mixtral"].gguf)
     assert default_mode("cuda", model) == "off"
     with pytest.raises(ValueError, match="neither compiled nor captured"):
         compile_model(model, "layer", cuda_graphs=False, backend="aot_eager")
+
+
+def test_nemotron_h_moe_layers_and_variants(moe):
+    """Nemotron-H MoE's layers of one part: Mamba2 mixers, attention without RoPE, or experts without a gate
+    beside a shared expert of the file's own width (expert_shared_feed_forward_length, not expert_shared_count
+    × the expert width); Nemotron 3 Super's experts behind a latent and Puzzle's per-layer expert widths are
+    refused by name."""
+    model = Model.from_gguf(moe["nemotron_h_moe"].gguf)
+    c, md = model.config, model.metadata
+    assert (c.ssm_layers, c.mlp_layers, c.moe_layers, c.no_rope) == ((0, 4), (1, 3, 5), (1, 3, 5), True)
+    assert (c.expert_width, c.shared_expert_ffn_dim, md["nemotron_h_moe.expert_shared_count"]) == (32, 64, 1)
+    m = model.layers[1].ffn_moe
+    assert m.gate_exps is None and m.ffn_gate_shexp is None and m.ffn_up_shexp.out_features == 64
+    assert all(layer.ffn_moe is None for layer in model.layers if not c.has_ffn(layer.index))
+    with pytest.raises(ValueError, match="moe_latent_size: Nemotron 3 Super"):
+        ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.moe_latent_size": 16})
+    widths = [0, 32, 0, 48, 0, 32]
+    with pytest.raises(ValueError, match="different nemotron_h_moe.expert_feed_forward_length \\[32, 48\\]"):
+        ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_feed_forward_length": widths})
+    same = ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_used_count": [0, 2, 0, 2, 0, 2]})
+    assert same.n_experts_used == EXPERTS_USED
 
 
 @pytest.mark.transformers

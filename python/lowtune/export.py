@@ -477,8 +477,8 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
         base_name = base.metadata.get("general.name", "model")
     finally:
         base.close()
-    # llama.cpp's deepseek2 graph multiplies q, the latents, k_b and v_b without its LoRA (attn_output and the
-    # FFN take it): such adapters would be dropped without a word
+    # llama.cpp's deepseek2 and minicpm3 graphs multiply q, the latents, k_b and v_b (or kv_b) without its LoRA
+    # (attn_output and the FFN take it): such adapters would be dropped without a word
     latent = sorted(n for n in pairs if FAMILIES[arch].mla and n.split(".")[2] in MLA_LINEAR_NAMES[:-1])
     if latent:
         raise ValueError(f"llama.cpp applies no GGUF LoRA to {latent[0]} (...): its {arch} graph multiplies q, the "

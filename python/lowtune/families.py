@@ -15,7 +15,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitemoe    norm  silu       -           -         from file  -                        if the file gives one
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
+    nemotron_h_moe none relu2      -           -         -          -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
+    minicpm3      neox  silu       -           -         fixed      -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
     mistral3      norm  silu       -           -         -          -                        if the file gives one
@@ -31,9 +33,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
     gemma2        neox  gelu_tanh  yes         -         yes        50, 30 by default        every 2nd layer global
     gemma3        neox  gelu_tanh  yes         yes       yes        -, from the file         every 6th layer global
+    olmo          norm  silu       -           -         -          -                        if the file gives one
     olmo2         neox  silu       only        whole     -          -                        if the file gives one
     olmoe         neox  silu       -           whole     -          -                        if the file gives one
     exaone4       neox  silu       only        yes       -          -                        64 layers: every 4th global
+    exaone-moe    neox  silu       -           yes       -          -                        every 4th global (128)
     glm4          norm  silu       yes         -         -          -                        if the file gives one
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
@@ -62,6 +66,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   logits by the file's logit_scale and tie the head to the embeddings; cohere2's global layers
   have no RoPE.
 
+  OLMo (olmo: OLMo 1B/7B, OLMo 1.7) is Llama whose norms are LayerNorms without a weight or bias (the
+  file holds none: Family.norm_weights) and whose q, k and v are clipped to ± the file's
+  attention.clamp_kqv (transformers' clip_qkv) where it gives one (Family.qkv_clamp).
   OLMo 2 and 3 (olmo2) have no norms before attention and FFN, only after ("only"), and norm q and k
   over the whole projection, all heads at once ("whole"); OLMo 3's files give a window (every 4th
   layer global), and its sliding layers take no RoPE scaling (llama.cpp and transformers run them
@@ -69,6 +76,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   EXAONE 4 (exaone4) is OLMo 2's layer with per-head q/k norms; llama.cpp gives it windows only at
   64 layers (the 32B: 4096 unless the file says, every 4th layer global), and its global layers
   then have no RoPE, as transformers runs any EXAONE 4 with a window.
+  EXAONE MoE (exaone-moe: K-EXAONE) norms before attention and FFN (not after, as EXAONE 4), with
+  EXAONE 4's per-head q/k norms and global layers without RoPE, and windows at every layer count (128
+  unless the file says, every 4th layer global); its experts (a shared one beside them) and NextN layers
+  are GLM-4.5 MoE's (below).
   Seed-OSS (seed_oss) is Qwen2's decoder whose FFN norm the file names post_attention_norm.
   Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
   its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it). Hunyuan
@@ -81,7 +92,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   FFN output × residual_scale before its residual add, queries × attention.scale, logits ÷
   logit_scale. MiniCPM runs Granite's decoder (in llama.cpp too) with its own scales: scale_emb,
   scale_depth / √layers and width / dim_model_base, or llama.cpp's 12, 1.4 / √layers and 256 / width
-  where an older file gives none.
+  where an older file gives none. MiniCPM3 (minicpm3: MiniCPM3-4B) is DeepSeek's latent attention
+  (Family.mla; attn_kv_b whole, values hidden / heads wide as llama.cpp reads them, NEOX RoPE on rows as
+  Hugging Face keeps them) in MiniCPM's decoder, with the scales llama.cpp's graph fixes whatever the
+  file says: embeddings × 12, residuals × 1.4 / √layers, logits × 256 / width.
   Ministral 3 (mistral3) is Llama with YaRN whose beta_fast, beta_slow and log multiplier the file
   gives, and Llama 4's attention temperature: queries beyond the original context × 1 + t ln(1 +
   floor(pos / original context)).
@@ -137,6 +151,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
   width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
   without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream.
+  Nemotron-H MoE (nemotron_h_moe: Nemotron 3 Nano 30B-A3B) is Nemotron-H whose MLP layers are experts
+  without a gate (relu², as its MLP) beside a shared expert (as wide as the file's
+  expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
+  renormalization and scale, expert groups where the file gives them); its NextN layers are left out
+  as GLM-4.5 MoE's.
   Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
   all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
   gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
@@ -224,6 +243,9 @@ class Family:
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R);
     #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
+    norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
+    #                                    holds no norm tensor (OLMo's LayerNorm without parameters)
+    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -254,7 +276,8 @@ class Family:
     windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
-    #                                    where the file gives none (older MiniCPM files)
+    #                                    where the file gives none (older MiniCPM files); without
+    #                                    multipliers, the scales whatever the file says (MiniCPM3)
     moe: bool = False                  # the file may route the FFN to experts (expert_count > 0: Mixtral's
     #                                    llama, Qwen3-MoE, OLMoE), as lowtune.model.MoE runs them
     moe_renorm: bool = True            # the chosen experts' weights are divided by their sum (OLMoE: not)
@@ -264,15 +287,15 @@ class Family:
     #                                    (LFM2-MoE, DeepSeek-V3); 3, the top k logits, then their softmax (gpt-oss)
     moe_weight_keys: bool = False      # the file's expert_weights_norm and expert_weights_scale weigh the
     #                                    chosen experts, and expert_shared_count × the expert width is the
-    #                                    shared experts' (DeepSeek)
+    #                                    shared experts' where the file gives no width of theirs (DeepSeek)
     moe_shared_expert: bool = False    # every expert layer has a shared expert as wide as a routed one (Llama 4)
     moe_weight_before: bool = False    # the chosen experts' weights multiply their input, not their output (Llama 4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
-    mla: bool = False                  # multi-head latent attention (DeepSeek): q, k and v from latents, RoPE
-    #                                    on the last rope.dimension_count dims of each head, values of their
-    #                                    own width
+    mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
+    #                                    latents, RoPE on the last rope.dimension_count dims of each head,
+    #                                    values of their own width
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
@@ -315,6 +338,11 @@ class Family:
         return not self.nope_period or (layer + 1) % self.nope_period != 0
 
 
+def _minicpm_scales(layers: int) -> dict[str, float]:
+    """MiniCPM's embedding and residual scales as llama.cpp fixes them (scale_emb 12, scale_depth 1.4)."""
+    return {"embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers)}
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama", moe=True, hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
            hf_model_types=("llama", "mistral"), hf_permute_qk=True),
@@ -328,8 +356,14 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
+    Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
-        "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
+        **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
+    # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
+    Family("minicpm3", rope="neox", mla=True, scale_defaults=lambda layers, dim: {
+        **_minicpm_scales(layers), "logit_scale": dim / 256.0}, hf_architectures=("MiniCPM3ForCausalLM",),
+           hf_model_types=("minicpm3",)),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
     Family("ernie4_5-moe", moe=True),
     Family("mistral3", yarn_keys=True, hf_architectures=("Ministral3ForCausalLM",), hf_model_types=("ministral3",),
@@ -358,6 +392,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            final_softcap=0.0, wide_query_scale_layers=62,
            hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
            hf_model_types=("gemma3_text", "gemma3"), hf_norm_offset=1.0, spm_space_prefix=False),
+    Family("olmo", norm="layer", norm_weights=False, qkv_clamp=True, hf_architectures=("OlmoForCausalLM",),
+           hf_model_types=("olmo",), hf_permute_qk=True),
     Family("olmo2", rope="neox", pre_norms=False, post_norms=True, qk_norm="whole", swa_period=4,
            swa_rope_scaled=False, hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
            hf_model_types=("olmo2", "olmo3")),
@@ -365,6 +401,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("exaone4", rope="neox", pre_norms=False, post_norms=True, qk_norm="head", nope_global=True,
            swa_period=4, default_window=4096, window_block_counts=(64,), hf_architectures=("Exaone4ForCausalLM",),
            hf_model_types=("exaone4",)),
+    Family("exaone-moe", rope="neox", qk_norm="head", nope_global=True, swa_period=4, default_window=128, moe=True,
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("command-r", norm="layer", parallel=True, logit_multiplier=True, hf_architectures=("CohereForCausalLM",),
            hf_model_types=("cohere",)),
     Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
@@ -462,8 +500,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next, phimoe, dots1, "
-                         "hunyuan-moe and minimax-m2)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, qwen35moe, "
+                         "qwen3next, phimoe, dots1, hunyuan-moe and minimax-m2)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")

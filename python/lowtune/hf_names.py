@@ -77,6 +77,12 @@ _QWEN35 = {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
                      "ssm_beta": "linear_attn.in_proj_b", "ssm_out": "linear_attn.out_proj",
                      "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm"},
            "exact": {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}, "global": _GLOBAL}
+# multi-head latent attention (DeepSeek, MiniCPM3) and a dense MLP
+_MLA = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
+        "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+        "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+        "attn_kv_b": "self_attn.kv_b_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+        **_MLP}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -89,6 +95,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
+    "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
@@ -102,15 +109,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "ernie4_5-moe": {"layer": _LLAMA, "global": _GLOBAL},  # (dense layers' MLP names; experts not mapped)
     # DeepSeek's latent attention (kv_b_proj: attn_kv_b of older conversions; split into attn_k_b and attn_v_b,
     # not mapped) and dense layers' MLP
-    "deepseek2": {"layer": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
-                            "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
-                            "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
-                            "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
-                            "attn_output": "self_attn.o_proj",
-                            "ffn_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
+    "deepseek2": {"layer": _MLA, "global": _GLOBAL},
+    "minicpm3": {"layer": _MLA, "global": _GLOBAL},  # (kv_b_proj whole: attn_kv_b, as its converter keeps it)
     # GLM-4.5 MoE: the FFN's norm under post_attention_norm, as GGUF names it (dense layers' MLP; experts not mapped)
     "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
                           "post_attention_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
+    "exaone-moe": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},  # (dense layers' MLP; experts not mapped)
     # Llama 4: the attention's names and the norms (PEFT adapters; feed_forward.* not mapped)
     "llama4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm"},
                "global": _GLOBAL},
@@ -568,6 +572,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key(fam.eps_key, float(config.get(_LAYER_NORM_EPS.get(arch, "layer_norm_eps"), 1e-5)), F32)
     if fam.logit_multiplier:
         key("logit_scale", float(config.get("logit_scale", 1.0)), F32)
+    if fam.qkv_clamp and config.get("clip_qkv"):
+        key("attention.clamp_kqv", float(config["clip_qkv"]), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
     if fam.mamba2:
@@ -635,6 +641,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         for gguf_key, hf in _MULTIPLIERS:
             if config.get(hf):
                 key(gguf_key, float(config[hf]), F32)
+    if fam.mla:
+        _latent_attention_keys(config, key, fam)
     if arch == "nemotron" and head_dim * n_head != hidden:  # (llama.cpp's q and output are [hidden, hidden])
         raise ValueError(f"head_dim {head_dim} × {n_head} heads is not hidden_size {hidden}; llama.cpp's nemotron "
                          "runs attention only as wide as the model (and so lowtune, which follows it)")
@@ -657,6 +665,28 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _latent_attention_keys(config: dict, key, fam: Family) -> None:
+    """MiniCPM3's latent attention as llama.cpp's converter writes it: the latents' widths, a head's key
+    (no-RoPE and RoPE dims) and its RoPE dims, and the values' width (which llama.cpp reads as hidden /
+    heads where the file gives none). Its scales are the ones llama.cpp's graph fixes, or refused."""
+    nope, rope = int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"])
+    hidden, n_layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    key("attention.kv_lora_rank", int(config["kv_lora_rank"]), U32)
+    if config.get("q_lora_rank"):
+        key("attention.q_lora_rank", int(config["q_lora_rank"]), U32)
+    key("attention.key_length", nope + rope, U32)
+    key("attention.value_length", int(config.get("v_head_dim") or hidden // int(config["num_attention_heads"])), U32)
+    key("rope.dimension_count", rope, U32)
+    depth = config.get("scale_depth") or math.sqrt(n_layers)  # (None: no scaling, as transformers reads it)
+    scales = {"embedding_scale": float(config.get("scale_emb", 1.0)), "residual_scale": depth / math.sqrt(n_layers),
+              "logit_scale": hidden / float(config.get("dim_model_base") or hidden)}
+    fixed = fam.scale_defaults(n_layers, hidden)
+    if any(abs(scales[k] - fixed[k]) > 1e-6 * fixed[k] for k in fixed):
+        raise ValueError(f"config.json's scales (scale_emb, scale_depth, dim_model_base) give {scales}; llama.cpp's "
+                         f"{fam.arch} fixes them to {fixed} (scale_emb 12, scale_depth 1.4, dim_model_base 256), and "
+                         "so lowtune, which follows it")
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -874,7 +904,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {},
+    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {},
 }
 
 
@@ -934,7 +964,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
-    if c.rope_dim != c.head_dim and arch not in _PARTIAL_ROTARY and not fam.delta_net:
+    if c.rope_dim != c.head_dim and arch not in _PARTIAL_ROTARY and not fam.delta_net and not fam.mla:
         raise ValueError(f"partial RoPE (rope.dimension_count < head_dim) has no {arch} HF config")
     windows = [c.is_sliding(i) for i in range(c.n_layers)]
     cls, model_type = fam.hf_architectures[0], fam.hf_model_types[0]
@@ -1050,8 +1080,16 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                                         **({"mrope_section": sections, "mrope_interleaved": True} if sections
                                            else {})}})
         del cfg["rope_scaling"], cfg["rope_theta"]
+    if fam.mla:  # (the inverse of _latent_attention_keys; transformers' head_dim is the RoPE part's)
+        cfg.update({"q_lora_rank": c.q_lora_rank or None, "kv_lora_rank": c.kv_lora_rank,
+                    "qk_nope_head_dim": c.head_dim - c.rope_dim, "qk_rope_head_dim": c.rope_dim,
+                    "head_dim": c.rope_dim, "v_head_dim": c.v_dim, "scale_emb": _f32(c.embedding_scale),
+                    "scale_depth": _f32(c.residual_scale * math.sqrt(c.n_layers)),
+                    "dim_model_base": round(c.dim / c.logit_scale)})
     if fam.logit_multiplier:
         cfg["logit_scale"] = _f32(1.0 / c.logit_scale)
+    if fam.qkv_clamp:
+        cfg["clip_qkv"] = _f32(c.clamp_qkv) if c.clamp_qkv else None
     if fam.multipliers:
         cfg.update({"attention_multiplier": _f32(c.query_scale), "embedding_multiplier": _f32(c.embedding_scale),
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})

@@ -135,6 +135,7 @@ class ModelConfig:
     rope_yarn_beta_slow: float = 1.0   # ... and pairs turning less than this many times are slowed
     attn_temperature: float = 0.0  # queries × 1 + t ln(1 + floor(pos / rope_orig_context)) (Ministral 3; 0: none)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
+    clamp_qkv: float = 0.0        # q, k and v are clipped to ± this (OLMo's clip_qkv; 0: not clipped)
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
     residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
     logit_scale: float = 1.0      # logits are divided by this (Granite)
@@ -367,7 +368,7 @@ class ModelConfig:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         latent = {}
         if fam.mla:
-            latent = _latent_attention(md, arch)
+            latent = _latent_attention(md, arch, dim // n_heads)
             head_dim = latent.pop("head_dim")
             # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
             # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
@@ -382,9 +383,12 @@ class ModelConfig:
             multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
         experts = {}
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
+            if int(md.get(f"{arch}.moe_latent_size", 0) or 0):
+                raise ValueError(f"this {arch} file routes its experts through a latent (moe_latent_size: Nemotron 3 "
+                                 "Super's ffn_latent_down/up), which lowtune does not run")
             experts = {"n_experts": int(md[f"{arch}.expert_count"]),
-                       "n_experts_used": int(md.get(f"{arch}.expert_used_count", 0) or 0),
-                       "expert_ffn_dim": int(md.get(f"{arch}.expert_feed_forward_length", 0) or 0),
+                       "n_experts_used": _one_per_layer(md, f"{arch}.expert_used_count"),
+                       "expert_ffn_dim": _one_per_layer(md, f"{arch}.expert_feed_forward_length"),
                        "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
             default = fam.moe_gating
             if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
@@ -398,9 +402,9 @@ class ModelConfig:
             shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
-            if fam.moe_weight_keys:  # (DeepSeek's keys)
+            if fam.moe_weight_keys:  # (DeepSeek's keys; a shared expert's width where the file gives it)
                 width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
-                experts["shared_expert_ffn_dim"] = shared * width
+                experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
                 experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
                 experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
             groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
@@ -425,6 +429,8 @@ class ModelConfig:
             if md.get(f"{arch}.rope.scaling.finetuned", True) is False and not fam.rope_switch:
                 raise ValueError(f"this {arch} file switches RoPE off (rope.scaling.finetuned = false), "
                                  "which lowtune does not support")
+        elif fam.scale_defaults:  # (scales llama.cpp's graph fixes, whatever the file says: MiniCPM3)
+            multipliers = fam.scale_defaults(n_layers, dim)
         xielu = ()
         if fam.activation == "xielu":  # (llama.cpp's keys carry no architecture prefix)
             def per_layer(key):
@@ -442,6 +448,8 @@ class ModelConfig:
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
             ffn = [f for f in widths if f] or [0]
+            if experts:  # (Nemotron-H MoE: its MLP layers are the experts')
+                experts["moe_layers"] = parts["mlp_layers"]
         if isinstance(ffn, (list, tuple)):  # one width a layer (Gemma 3n's files)
             if len(set(ffn)) != 1:
                 raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
@@ -469,6 +477,7 @@ class ModelConfig:
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
+            clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, xielu=xielu,
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
@@ -511,6 +520,18 @@ class ModelConfig:
                              f"{self.ssm_inner} wide and a convolution of width {self.ssm_conv_kernel}: the value "
                              "heads must be a multiple of the q/k heads, the width of the value heads, and the "
                              "convolution at least 2 wide")
+
+
+def _one_per_layer(md: Mapping, key: str) -> int:
+    """A key's number, or the one number of its per-layer array (0 in the layers it does not apply to), or a
+    ValueError where the layers' numbers differ (Nemotron 3 Puzzle's experts)."""
+    v = md.get(key, 0) or 0
+    if isinstance(v, (list, tuple)):
+        values = sorted({int(x) for x in v if int(x)})
+        if len(values) > 1:
+            raise ValueError(f"this file gives its layers different {key} {values}, which lowtune does not run")
+        v = values[0] if values else 0
+    return int(v)
 
 
 def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
@@ -598,10 +619,11 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
 
 
-def _latent_attention(md: Mapping, arch: str) -> dict:
-    """Multi-head latent attention's widths from a deepseek2 file's keys, as llama.cpp reads them
-    (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
-    _mla keys and with attn_kv_b whole, key_length)."""
+def _latent_attention(md: Mapping, arch: str, head_width: int) -> dict:
+    """Multi-head latent attention's widths from a deepseek2 or minicpm3 file's keys, as llama.cpp reads
+    them (head_dim: key_length_mla, a head's no-RoPE and RoPE dims; in an older conversion, without the
+    _mla keys and with attn_kv_b whole, key_length, and value_length or, where the file gives none as
+    MiniCPM3's converter does, llama.cpp's default head_width, the model's width over its heads)."""
     if f"{arch}.attention.kv_lora_rank" not in md:
         raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
     if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
@@ -609,11 +631,12 @@ def _latent_attention(md: Mapping, arch: str) -> dict:
                          "3's attention temperature), which lowtune does not run in latent attention")
     whole = f"{arch}.attention.key_length_mla" not in md
     widths = ("key_length", "value_length") if whole else ("key_length_mla", "value_length_mla")
-    for key in widths:
+    needed = widths[:1] if whole else widths  # (value_length: llama.cpp's default where absent)
+    for key in needed:
         if f"{arch}.attention.{key}" not in md:
             raise ValueError(f"GGUF metadata lacks {arch}.attention.{key}, which a {arch} model needs")
     return {"head_dim": int(md[f"{arch}.attention.{widths[0]}"]),
-            "value_head_dim": int(md[f"{arch}.attention.{widths[1]}"]), "kv_b_whole": whole,
+            "value_head_dim": int(md.get(f"{arch}.attention.{widths[1]}", head_width)), "kv_b_whole": whole,
             "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
             "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
 
@@ -737,11 +760,13 @@ class QEmbedding(nn.Module):
         return f"{self.format.name}, {self.num_embeddings}, {self.embedding_dim}{scale}"
 
 
-def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float) -> nn.Module:
+def make_norm(family: Family, w: Mapping[str, object], name: str, eps: float, width: int) -> nn.Module:
     """The family's norm of GGUF tensor `name`.weight: RMSNorm, or LayerNorm (Command-R; with
-    `name`.bias where the file has one: Phi-2, StarCoder2), or RMSNorm plus that bias (PhiMoE)."""
+    `name`.bias where the file has one: Phi-2, StarCoder2; OLMo's, whose file holds no weight, with
+    `width` ones, x normed as it is), or RMSNorm plus that bias (PhiMoE)."""
     if family.norm == "layer":
-        return LayerNorm(w[name + ".weight"], eps, w.get(name + ".bias"))
+        weight = w[name + ".weight"] if family.norm_weights else torch.ones(width)
+        return LayerNorm(weight, eps, w.get(name + ".bias"))
     if family.norm == "rms_bias" and name + ".bias" in w:
         return BiasedRMSNorm(w[name + ".weight"], eps, w[name + ".bias"])
     return RMSNorm(w[name + ".weight"], eps)
@@ -829,10 +854,11 @@ class MoE(nn.Module):
     bias where the file has one), their softmax (gating 2, LFM2-MoE: each one's sigmoid), the
     n_experts_used largest, those weights divided by their sum (where the family renormalizes) — or,
     gating 3 (gpt-oss), the n_experts_used largest logits and the softmax of those; each chosen
-    expert a gated MLP over the tokens routed to it (with its biases where the file has them), and
-    the token's output the weighted sum of its experts' (Llama 4: of its experts' on the weighted
-    input), plus a shared expert's where the file has one (every token runs it; Qwen2 MoE scales it
-    by sigmoid(x · ffn_gate_inp_shexp)).
+    expert a gated MLP over the tokens routed to it (with its biases where the file has them; where the
+    family's MLP has no gate, down(act(up x)): Nemotron-H MoE's relu²), and the token's output the
+    weighted sum of its experts' (Llama 4: of its experts' on the weighted input), plus a shared
+    expert's where the file has one (every token runs it; Qwen2 MoE scales it by sigmoid(x ·
+    ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
     ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
@@ -843,8 +869,9 @@ class MoE(nn.Module):
         super().__init__()
         p = f"blk.{index}."
         self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight", w.get(p + "ffn_gate_inp.bias"))
-        self.gate_exps, self.up_exps, self.down_exps = (QLinear(w[p + n + ".weight"], p + n + ".weight")
-                                                        for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        self.gate_exps, self.up_exps, self.down_exps = (
+            QLinear(w[p + n + ".weight"], p + n + ".weight") if p + n + ".weight" in w else None
+            for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))  # (no gate where the family's MLP has none)
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.renorms_experts, config.expert_gating
         self.weight_before = config.family.moe_weight_before
@@ -861,9 +888,9 @@ class MoE(nn.Module):
         self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
-            names = SHARED_EXPERT_NAMES
             self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp = (
-                QLinear(w[p + n + ".weight"], p + n + ".weight") for n in names)
+                QLinear(w[p + n + ".weight"], p + n + ".weight") if p + n + ".weight" in w else None
+                for n in SHARED_EXPERT_NAMES)
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
@@ -887,33 +914,39 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         if self.weights_scale != 1.0:
             weights = weights * self.weights_scale
-        f, d = self.gate_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
-        gate, up, down = self.gate_exps.weight, self.up_exps.weight, self.down_exps.weight
+        f, d = self.up_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
+        gate = None if self.gate_exps is None else self.gate_exps.weight
+        up, down = self.up_exps.weight, self.down_exps.weight
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             weight = weights[rows, slot, None]
             xe = (x[rows].float() * weight).to(x.dtype) if self.weight_before else x[rows]
-            y = self._expert(xe, gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
+            y = self._expert(xe, gate and gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
                              down.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y if self.weight_before else (y.float() * weight).to(out.dtype)))
-        if self.ffn_gate_shexp is not None:  # (through the modules: adapters may wrap them)
-            g, u = self.ffn_gate_shexp(x), self.ffn_up_shexp(x)
-            s = self.ffn_down_shexp(glue_ops.gated(self.activation, g, u).contiguous())
+        if self.ffn_up_shexp is not None:  # (through the modules: adapters may wrap them)
+            s = self.ffn_down_shexp(self._mlp(self.ffn_gate_shexp and self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = out + s
         return out.view_as(h)
 
-    def _expert(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
-        """down · (act(gate · x) ⊙ up · x) for rows x [N, D]: routed expert e's gated MLP, with its
-        biases where the file has them."""
+    def _mlp(self, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """act(g) ⊙ u, or act(u) where the experts have no gate."""
+        y = glue_ops.ungated(self.activation, u) if g is None else glue_ops.gated(self.activation, g, u)
+        return y.contiguous()
+
+    def _expert(self, x: torch.Tensor, gate: QTensor | None, up: QTensor, down: QTensor, e: int) -> torch.Tensor:
+        """down · (act(gate · x) ⊙ up · x) for rows x [N, D] (down · act(up · x) without a gate): routed
+        expert e's MLP, with its biases where the file has them."""
         bias = lambda y, b: y if b is None else y + b[e].to(y.dtype)  # noqa: E731
-        g, u = bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias), bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)
-        return bias(ops.qmatmul(glue_ops.gated(self.activation, g, u).contiguous(), down), self.ffn_down_exps_bias)
+        g = None if gate is None else bias(ops.qmatmul(x, gate), self.ffn_gate_exps_bias)
+        return bias(ops.qmatmul(self._mlp(g, bias(ops.qmatmul(x, up), self.ffn_up_exps_bias)), down),
+                    self.ffn_down_exps_bias)
 
     def extra_repr(self) -> str:
-        return f"{self.n_experts} experts, {self.n_used} used, {self.gate_exps.format.name}"
+        return f"{self.n_experts} experts, {self.n_used} used, {self.up_exps.format.name}"
 
 
 def causal_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, cache: KVCache | None,
@@ -1295,11 +1328,11 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
-        for name in layer_norm_shapes(c, index):
+        for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
+            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps, shape[0]))
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -1473,6 +1506,8 @@ class DecoderLayer(nn.Module):
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
+        if c.clamp_qkv:  # (OLMo's clip_qkv, as llama.cpp's build_qkv clamps them)
+            q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
         gate = None
         if fam.attn_output_gate:  # each head's q, then its gate
             q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
@@ -1735,7 +1770,7 @@ class Model(nn.Module):
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
         self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
-        self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps)
+        self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps, c.dim)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
         self.output = QLinear(out, "output.weight", weights.get("output.bias")) if out is not None else None
@@ -1979,11 +2014,15 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             moe.update({"ffn_gate_shexp": (fs, c.dim), "ffn_up_shexp": (fs, c.dim), "ffn_down_shexp": (c.dim, fs)})
             if c.family.moe_shared_gate:
                 moe["ffn_gate_inp_shexp"] = (c.dim,)
+        if not c.family.gated:  # (experts without a gate: Nemotron-H MoE's)
+            moe = {n: shape for n, shape in moe.items() if n not in ("ffn_gate_exps", "ffn_gate_shexp")}
         # biases where the file has them (gpt-oss): the router's, and each expert's [E, rows]
         moe_bias = {"ffn_gate_inp": (e,), "ffn_gate_exps": (e, f), "ffn_up_exps": (e, f),
                     "ffn_down_exps": (e, c.dim), "exp_probs_b": (e,)}
     norm = c.family.output_norm_tensor
     want = {"token_embd.weight": (c.vocab_size, c.dim), norm + ".weight": (c.dim,), **(own or {})}
+    if not c.family.norm_weights:  # (OLMo's norms have no weight: the file holds none)
+        del want[norm + ".weight"]
     optional = {"output.weight": (c.vocab_size, c.dim), norm + ".bias": (c.dim,),
                 "rope_freqs.weight": (c.rope_dim // 2,), "rope_factors_long.weight": (c.rope_dim // 2,),
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
@@ -1991,7 +2030,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         optional["output.bias"] = (c.vocab_size,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items()})
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items() if c.family.norm_weights})
         if c.family.qk_norm_optional:
             optional.update({p + n + ".weight": want.pop(p + n + ".weight") for n in QK_NORM_NAMES
                              if p + n + ".weight" in want})

@@ -134,7 +134,8 @@ class HFCheckpoint(Source):
             self._extra[name] = torch.tensor(values, dtype=torch.float32)
             infos[name] = _info(name, get_format("F32"), (len(values),))
         norm = FAMILIES[self.arch].output_norm_tensor + ".weight"
-        missing = [n for n in ("token_embd.weight", norm) if n not in infos]
+        needed = ("token_embd.weight", norm) if FAMILIES[self.arch].norm_weights else ("token_embd.weight",)
+        missing = [n for n in needed if n not in infos]
         if missing:
             raise ValueError(f"{d}: the checkpoint lacks {missing}")
         self.tensor_infos = {n: infos[n] for n in sorted(infos, key=_gguf_order)}
