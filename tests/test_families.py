@@ -403,7 +403,7 @@ def test_vision_language_configs_as_published():
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -569,7 +569,7 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "bitnet"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1120,7 +1120,8 @@ def test_families_and_refusals():
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
-                         "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl",
+                         "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

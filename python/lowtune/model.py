@@ -20,10 +20,11 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
     blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
+    blk.N.attn_sub_norm       RMSNorm [H*hd]      on the heads' output before attn_output (BitNet)
     blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.ffn_gate/up         QLinear [F, D]      act(gate(x)) * up(x): SwiGLU, or GeGLU (Gemma); row
                               views of Phi-3's fused ffn_up [2F, D] (gate rows first)
-    blk.N.ffn_down            QLinear [D, F]
+    blk.N.ffn_down            QLinear [D, F]      (BitNet: ffn_sub_norm [F] on its input)
     blk.N.ffn_moe             MoE                 in place of ffn_gate/up/down where the file has experts
                               (Qwen3 MoE, Mixtral): ffn_gate_inp (router), ffn_{gate,up,down}_exps
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
@@ -177,6 +178,8 @@ class ModelConfig:
     ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
     ssm_head_dim: int = 0         # d_k (ssm.state_size)
     ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
+    mlp_activation: str = ""      # the gated MLP's activation where the file names one (BitNet's
+    #                               hidden_activation: relu2); "": the family's
 
     @property
     def family(self) -> Family:
@@ -456,6 +459,10 @@ class ModelConfig:
                      "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
+        act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
+        if act not in ("", fam.activation, "relu2"):
+            raise ValueError(f"this {arch} file's hidden_activation {act!r} is not one lowtune runs "
+                             f"({fam.activation} or relu2)")
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
@@ -470,7 +477,7 @@ class ModelConfig:
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, **delta, **parts, xielu=xielu,
+            **latent, **altup, **delta, **parts, xielu=xielu, mlp_activation="" if act == fam.activation else act,
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -775,6 +782,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
             out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+    if fam.sub_norms:
+        out.update(attn_sub_norm=(c.n_heads * c.v_dim,), ffn_sub_norm=(c.ffn_dim,))
     if c.q_lora_rank:
         out["attn_q_a_norm"] = (c.q_lora_rank,)
     if c.kv_lora_rank:
@@ -1302,7 +1311,7 @@ class DecoderLayer(nn.Module):
         # xIELU's scalars (Apertus), frozen as the layer's other base weights
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
-        self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
+        self.activation = c.mlp_activation or fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
         # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
@@ -1494,7 +1503,7 @@ class DecoderLayer(nn.Module):
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
-        a = self.attn_output(attn)
+        a = self.attn_output(self.attn_sub_norm(attn) if fam.sub_norms else attn)
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
@@ -1570,6 +1579,8 @@ class DecoderLayer(nn.Module):
     def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """ffn_down(activation(g) · u), its post-norm applied where the family has one; for one row
         on CUDA SwiGLU's product runs inside ffn_down's (glue_ops.silu_mul_product)."""
+        if self.config.family.sub_norms:  # (BitNet: the product normed before ffn_down)
+            return self._ffn_out(self.ffn_down(self.ffn_sub_norm(glue_ops.gated(self.activation, g, u))))
         m = None
         if self.activation == "silu" and type(self.ffn_down) is QLinear and self.ffn_down.bias is None:
             m = glue_ops.silu_mul_product(g, u, self.ffn_down.weight)
