@@ -745,7 +745,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
                       p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
                       p + "post_norm.weight": vec(D, 1.0)})
-    if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
+    if not fam.embed_scale and not fam.short_conv and not fam.sub_norms:  # Gemma, LFM2 and BitNet tie their heads
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
