@@ -618,8 +618,8 @@ _QUANTIZED: dict = {}
 
 
 def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
-    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer;
-    MXFP4: llama.cpp's MXFP4_MOE, the experts in MXFP4)."""
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 and BitNet's ternary TQ1_0/TQ2_0 by
+    llama.cpp's quantizer; MXFP4: llama.cpp's MXFP4_MOE, the experts in MXFP4)."""
     if qtype == "F32":
         return tiny_model.gguf
     key = (tiny_model.name, qtype)
@@ -629,7 +629,8 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
                         "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
-                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE}[qtype]
+                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE, "TQ1_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ1_0,
+                        "TQ2_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0}[qtype]
         assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
         _QUANTIZED[key] = dst
     return _QUANTIZED[key]
