@@ -32,11 +32,12 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
-                           ModelConfig, QLinear, rope_inv_freq)
+                           ModelConfig, NoNorm, QLinear, rope_inv_freq)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT,
+from family_models import (BITNET_D, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES,
+                           PHI3_ORIG_CONTEXT,
                            SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
                            randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
@@ -95,6 +96,8 @@ SWITCH_OFF = {
               ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
+    "bitnet": [("attention's sub-norm", lambda m: [setattr(layer, "attn_sub_norm", NoNorm()) for layer in m.layers]),
+               ("the FFN's sub-norm", lambda m: [setattr(layer, "ffn_sub_norm", NoNorm()) for layer in m.layers])],
 }
 
 
@@ -1180,3 +1183,60 @@ def test_unknown_tensors_are_refused(tiny):
         Model(config, {**w, "blk.0.ffn_gate_exps.weight": w["blk.0.ffn_gate.weight"]})
     with pytest.raises(ValueError, match="attn_q_norm"):
         Model(config, {k: v for k, v in w.items() if k != "blk.1.attn_q_norm.weight"})
+
+
+def _with_tensor_type(src, dst, tensor: str, type_id: int) -> None:
+    """A copy of GGUF `src` at `dst` whose tensor info says `tensor` (2-D) is of ggml type `type_id`."""
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name) + 4 + 2 * 8  # (n_dims, ne[0], ne[1])
+    data[at:at + 4] = type_id.to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+
+
+def test_bitnet_variants_are_read_or_refused_by_name(tiny, tmp_path):
+    """BitNet as its other checkpoints and files have it: BitNet b1.58 2B4T's relu² gate (hidden_act relu2)
+    read from a BitNetForCausalLM directory equal to transformers and kept in the file's hidden_activation
+    (without it, SiLU: llama.cpp's graph); per-tensor .scale tensors (an older conversion), Microsoft
+    bitnet.cpp's I2_S blocks, packed (quantization_config) and untied checkpoints refused, saying what to do."""
+    import lowtune
+    import transformers as tf
+    from lowtune import hf_names
+    cfg = tf.BitNetConfig(vocab_size=V, hidden_size=BITNET_D, intermediate_size=2 * BITNET_D, num_attention_heads=H,
+                          num_key_value_heads=HKV, num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    assert cfg.hidden_act == "relu2"  # (the default, as BitNet b1.58 2B4T's)
+    hf, d = randomized(tf.BitNetForCausalLM(cfg), "bitnet"), tmp_path / "relu2"
+    hf.save_pretrained(d)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["bitnet"].hf_dir / f, d / f)
+    ids = rand_ids(2, SEQ)
+    model = lowtune.load_model(d, qtype="F32")
+    assert model.config.mlp_activation == "relu2"
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+    config = json.loads((d / "config.json").read_text())
+    md, types = hf_names.metadata_from_hf_config(config)
+    assert md["bitnet.hidden_activation"] == "relu2"
+    with GGUFFile(tiny["bitnet"].gguf) as f:  # the converted file read with and without the key
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    silu = Model.from_gguf(tiny["bitnet"].gguf)
+    assert silu.config.mlp_activation == "" and silu.layers[0].activation == "silu"
+    write_gguf(tmp_path / "relu2.gguf", {**md, "bitnet.hidden_activation": "relu2"}, tensors, metadata_types=types)
+    assert Model.from_gguf(tmp_path / "relu2.gguf").layers[0].activation == "relu2"
+    write_gguf(tmp_path / "gelu.gguf", {**md, "bitnet.hidden_activation": "gelu"}, tensors, metadata_types=types)
+    with pytest.raises(ValueError, match="hidden_activation 'gelu' is not one lowtune runs"):
+        Model.from_gguf(tmp_path / "gelu.gguf")
+    scale = [("blk.0.attn_q.scale", torch.ones(1))]
+    write_gguf(tmp_path / "scales.gguf", md, tensors + scale, metadata_types=types)
+    with pytest.raises(ValueError, match="BitNet's per-tensor weight scales.*convert_hf_to_gguf.py.*TQ1_0 or TQ2_0"):
+        Model.from_gguf(tmp_path / "scales.gguf")
+    _with_tensor_type(tiny["bitnet"].gguf, tmp_path / "i2_s.gguf", "blk.0.attn_q.weight", 36)
+    with pytest.raises(ValueError, match="bitnet.cpp's I2_S, which ggml .* does not have.*TQ1_0 or TQ2_0"):
+        Model.from_gguf(tmp_path / "i2_s.gguf")
+    for change, why in [({"quantization_config": {"quant_method": "bitnet"}}, "quantized.*convert_hf_to_gguf"),
+                        ({"tie_word_embeddings": False}, "unties BitNet's head"),
+                        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not one lowtune's bitnet runs")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**config, **change})

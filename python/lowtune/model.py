@@ -2043,6 +2043,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
             hint = (" (the per-tensor second scales of an NVFP4 checkpoint, which lowtune does not apply: quantize "
                     "the model's BF16 weights to NVFP4 instead, with lowtune or llama-quantize)")
+        if c.family.sub_norms and any(n.endswith(".scale") for n in unused):  # (an older BitNet conversion)
+            hint = (" (BitNet's per-tensor weight scales, which llama.cpp multiplies into each product and lowtune "
+                    "does not apply: convert the checkpoint with llama.cpp's convert_hf_to_gguf.py, which multiplies "
+                    "them into the weights, and quantize it with llama-quantize to TQ1_0 or TQ2_0)")
         raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
                          "this file is a variant lowtune does not support")
     for name in w:
