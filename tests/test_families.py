@@ -856,10 +856,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers."""
+    fused tensors, Qwen2's biases, Gemma 3's extra norms and BitNet's sub-norms in the streamed layers."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1202,6 +1202,8 @@ def test_bitnet_variants_are_read_or_refused_by_name(tiny, tmp_path):
     import lowtune
     import transformers as tf
     from lowtune import hf_names
+    from lowtune.export import export_hf, export_merged_gguf
+    from test_export import make_adapter
     cfg = tf.BitNetConfig(vocab_size=V, hidden_size=BITNET_D, intermediate_size=2 * BITNET_D, num_attention_heads=H,
                           num_key_value_heads=HKV, num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=True)
     assert cfg.hidden_act == "relu2"  # (the default, as BitNet b1.58 2B4T's)
@@ -1218,6 +1220,12 @@ def test_bitnet_variants_are_read_or_refused_by_name(tiny, tmp_path):
     config = json.loads((d / "config.json").read_text())
     md, types = hf_names.metadata_from_hf_config(config)
     assert md["bitnet.hidden_activation"] == "relu2"
+    make_adapter(d, tmp_path / "run" / "adapter", "lora", rel=0.2)  # (its exports keep relu²)
+    export_merged_gguf(d, tmp_path / "run", tmp_path / "merged.gguf")
+    export_hf(d, tmp_path / "run", tmp_path / "merged-hf")
+    with GGUFFile(tmp_path / "merged.gguf") as f:
+        assert f.metadata["bitnet.hidden_activation"] == "relu2"
+    assert json.loads((tmp_path / "merged-hf" / "config.json").read_text())["hidden_act"] == "relu2"
     with GGUFFile(tiny["bitnet"].gguf) as f:  # the converted file read with and without the key
         md, types = dict(f.metadata), dict(f.metadata_types)
         tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
