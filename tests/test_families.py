@@ -296,6 +296,35 @@ def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
     assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
 
 
+def test_gated_delta_rule_per_channel_is_kimi_delta_attention():
+    """With a decay for each key channel (Kimi Delta Attention's), lowtune.model.gated_delta_rule over 150
+    positions gives transformers' chunked KDA reference's outputs and state, and stepping it from the state
+    of a prefix the same; a decay the same in every channel is the Gated DeltaNet's."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
+
+    from lowtune.model import gated_delta_rule
+    g = torch.Generator().manual_seed(1)
+    b, t, h, dk, dv = 2, 150, 3, 8, 5
+    q, k = (torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=g), dim=-1) for _ in range(2))
+    v, decay, beta = (torch.randn(b, t, h, dv, generator=g), -torch.rand(b, t, h, dk, generator=g),
+                      torch.rand(b, t, h, generator=g))
+    want, want_state = chunk_kimi_delta_attention(q, k, v, decay, beta, output_final_state=True)
+    q = q * dk ** -0.5
+    got, state = gated_delta_rule(q, k, v, decay, beta)
+    assert rel_err(got, want) < 1e-5 and rel_err(state, want_state) < 1e-5
+    o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
+    parts = [o]
+    for i in range(100, t):
+        o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
+        parts.append(o)
+    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+    head = decay[..., 0]  # (one decay a head, given per channel or not)
+    per_head = gated_delta_rule(q, k, v, head, beta)
+    per_channel = gated_delta_rule(q, k, v, head[..., None].expand_as(decay), beta)
+    assert rel_err(per_channel[0], per_head[0]) < 1e-6 and rel_err(per_channel[1], per_head[1]) < 1e-6
+    assert rel_err(per_head[0], want) > 1e-2
+
+
 def test_qwen35_multimodal_checkpoint_reads_as_its_language_model(tiny, tmp_path):
     """Qwen3_5ForConditionalGeneration (the published Qwen3.5 checkpoints): the text config and the
     language model's tensors are read, the vision tower and the multi-token-prediction layers (mtp.*)

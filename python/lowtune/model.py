@@ -1058,41 +1058,48 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                      state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over T positions, in fp32: per head the state S [d_k, d_v] decays by exp(g_t),
     then takes the delta rule's correction k_t (beta_t (v_t - Sᵀk_t))ᵀ, and o_t = Sᵀ q_t. q, k [B, T, H, d_k]
-    (normed, q scaled), v [B, T, H, d_v], g, beta [B, T, H]; state [B, H, d_k, d_v] (None: zeros) ->
-    (o [B, T, H, d_v], the last state). One position steps the recurrence; more run transformers'
-    chunked form (chunks of `chunk` positions: a triangular solve within each, the state carried between),
-    differentiable throughout."""
+    (normed, q scaled), v [B, T, H, d_v], beta [B, T, H], g [B, T, H] (one decay a head: the Gated DeltaNet)
+    or [B, T, H, d_k] (a decay for each key channel, each row of S: Kimi Delta Attention); state
+    [B, H, d_k, d_v] (None: zeros) -> (o [B, T, H, d_v], the last state). One position steps the
+    recurrence; more run transformers' chunked form (chunks of `chunk` positions: a triangular solve within
+    each, the state carried between), differentiable throughout."""
     q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))  # heads first
     b, h, t, dk = k.shape
+    if g.dim() == 3:  # (one decay a head: the same for every key channel)
+        g = g[..., None]
     s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.float()
     if t == 1:
         kt = k[:, :, 0, :, None]
-        s = s * g.exp()[..., None]
+        s = s * g[:, :, 0, :, None].exp()
         s = s + kt * (beta[:, :, 0, None] * (v[:, :, 0] - (s * kt).sum(-2)))[:, :, None]
         return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
     pad = (chunk - t % chunk) % chunk
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    beta = F.pad(beta, (0, pad))
     n = (t + pad) // chunk
-    q, k, v = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v))
-    g, beta = g.reshape(b, h, n, chunk), beta.reshape(b, h, n, chunk)
+    q, k, v, g = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v, g))
+    beta = beta.reshape(b, h, n, chunk)
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
-    decay = g.cumsum(-1)                                                   # log decay since the chunk's start
+    decay = g.cumsum(-2)                                        # log decay since the chunk's start [.., chunk, 1 | d_k]
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # exp(decay_i - decay_j) for j <= i, of each pair of positions (and key channel, where they differ)
+    pair = (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(upper[..., None], float("-inf")).exp()
+    if g.shape[-1] == 1:
+        pair = pair[..., 0]
+        system, inner = k_beta @ k.transpose(-1, -2) * pair, q @ k.transpose(-1, -2) * pair
+    else:
+        system, inner = (torch.einsum("...ic,...jc,...ijc->...ij", x, k, pair) for x in (k_beta, q))
     # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform; its
     # diagonal is taken as ones)
-    system = k_beta @ k.transpose(-1, -2) * pair
     values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
-    inner = q @ k.transpose(-1, -2) * pair
-    q_decayed = q * decay.exp()[..., None]
-    k_rest = k * (decay[..., -1:] - decay).exp()[..., None]
+    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp(), upper=False, unitriangular=True)
+    q_decayed = q * decay.exp()
+    k_rest = k * (decay[..., -1:, :] - decay).exp()
     outs = []
     for i in range(n):
         new = values[:, :, i] - k_decayed[:, :, i] @ s
         outs.append(q_decayed[:, :, i] @ s + inner[:, :, i] @ new)
-        s = s * decay[:, :, i, -1].exp()[..., None, None] + k_rest[:, :, i].transpose(-1, -2) @ new
+        s = s * decay[:, :, i, -1, :, None].exp() + k_rest[:, :, i].transpose(-1, -2) @ new
     o = torch.stack(outs, 2).reshape(b, h, n * chunk, -1)[:, :, :t]
     return o.transpose(1, 2), s
 
