@@ -160,7 +160,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   with SiLU, whatever the config's hidden_act (BitNet b1.58 2B4T's is relu²; lowtune reads such
   Hugging Face directories with relu² and keeps it in the file's hidden_activation key, which
   llama.cpp's bitnet graph does not read). A file with per-tensor `.scale` tensors (an older
-  converter's) or Microsoft bitnet.cpp's I2_S type is refused with what to do (lowtune.loading).
+  converter's; lowtune.model) or Microsoft bitnet.cpp's I2_S type (lowtune.gguf_io) is refused with
+  what to do.
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
