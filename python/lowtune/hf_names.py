@@ -16,7 +16,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
     under model.language_model beside the vision tower (which lowtune leaves out); LFM2's
     convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
-    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape);
+    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); BitNet's sub-norms are transformers'
+    self_attn.attn_sub_norm and mlp.ffn_sub_norm (llama.cpp's converter maps only the 1bitLLM
+    checkpoints' inner_attn_ln and ffn_layernorm);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
