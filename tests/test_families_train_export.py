@@ -486,10 +486,11 @@ def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, de
 @pytest.mark.parametrize("qtype", ("TQ1_0", "TQ2_0"))
 def test_bitnet_ternary_base_merges_into_its_own_type(family_models, botchan_text, tmp_path, qtype):
     """BitNet in llama.cpp's ternary types (its converter's ternary-times-scale matrices, each block
-    holding the scale): lowtune reads the blocks as llama.cpp runs them; adapters merged back are
-    rounded into the base's own type (ternary blocks have no min to absorb an update), and the tensors
-    without one keep the base's ternary codes byte for byte; llama.cpp runs the merged file as lowtune
-    (each with its activations rounded as llama.cpp's products round them: Q8_K's 8 bits for TQ blocks)."""
+    holding the scale): lowtune reads the blocks as llama.cpp runs them, and its adapters as llama.cpp
+    runs them in a GGUF LoRA beside them; adapters merged back are rounded into the base's own type
+    (ternary blocks have no min to absorb an update), and the tensors without one keep the base's
+    ternary codes byte for byte; llama.cpp runs the merged file as lowtune (each with its activations
+    rounded as llama.cpp's products round them: Q8_K's 8 bits for TQ blocks)."""
     from lowtune.evaluate import windows
     from lowtune.llamacpp_activations import rounded_like_llamacpp
     from lowtune.tokenizer import load_tokenizer
@@ -504,7 +505,12 @@ def test_bitnet_ternary_base_merges_into_its_own_type(family_models, botchan_tex
     cpp = llamacpp_perplexity(llamacpp(base), w)
     assert abs(cpp - ppl) / ppl < 5e-3, (ppl, cpp)
     trained = ("attn_q", "ffn_down")
-    make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, targets=trained)
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, targets=trained)
+    export_lora_gguf(base, tmp_path / "run", tmp_path / "lora.gguf")  # (llama.cpp adds it to the ternary products)
+    with rounded_like_llamacpp():
+        ppl = nll_ppl(model, w)
+    cpp = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
+    assert abs(cpp - ppl) / ppl < 5e-3, (ppl, cpp)
     report = export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
     adapted = {f"blk.{i}.{n}.weight" for i in range(2) for n in trained}
     assert {n for n, info in report.tensors.items() if info.path != "copy"} == adapted
