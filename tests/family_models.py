@@ -31,7 +31,7 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
@@ -61,6 +61,8 @@ GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
 GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
+# BitNet: rows of 256, which TQ1_0's and TQ2_0's blocks take
+BITNET_D = 256
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
 # Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern;
 # Nemotron-H MoE's: experts (E) in place of the MLPs
@@ -358,6 +360,10 @@ def hf_model(name: str):
         "cohere2": lambda: tf.Cohere2ForCausalLM(tf.Cohere2Config(
             **common, num_hidden_layers=4, layer_norm_eps=1e-5, logit_scale=0.75, tie_word_embeddings=True,
             sliding_window=WINDOW, rotary_pct=1.0)),
+        # sub-norms in both branches, a tied head, ternary matrices (randomized); SiLU, as llama.cpp runs bitnet
+        "bitnet": lambda: tf.BitNetForCausalLM(tf.BitNetConfig(**{
+            **common, "hidden_size": BITNET_D, "intermediate_size": 2 * BITNET_D}, num_hidden_layers=2,
+            hidden_act="silu", tie_word_embeddings=True)),
         "minicpm": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
             **common, num_hidden_layers=2, tie_word_embeddings=False, embedding_multiplier=MINICPM["scale_emb"],
             residual_multiplier=MINICPM["scale_depth"] / math.sqrt(2), attention_multiplier=1 / math.sqrt(D // H),
@@ -410,6 +416,20 @@ def nemotron_h(tf, common: dict, experts: int = 0):
         **moe))
 
 
+def bitnet_converter_names(d: Path, out: Path) -> Path:
+    """A copy of BitNet's directory `d` at `out` whose sub-norms have the names llama.cpp's converter maps
+    (the 1bitLLM checkpoints' inner_attn_ln and ffn_layernorm; it has none for transformers')."""
+    from safetensors.torch import load_file, save_file
+    out.mkdir()
+    for f in d.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    renamed = {k.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln").replace("mlp.ffn_sub_norm",
+                                                                                       "mlp.ffn_layernorm"): v
+               for k, v in load_file(d / "model.safetensors").items()}
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def nemotron_h_config(d: Path) -> None:
     """The tiny Nemotron-H's config.json as the converter reads a dense model's: the published configs'
     hybrid_override_pattern and layer count, without the model_type (transformers' config class would add
@@ -444,6 +464,8 @@ def randomized(model, name: str):
                 p.copy_((0.1 if calm else 0.25) * torch.randn(p.shape, generator=g))
             elif calm and "coefs" in pname:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif name == "bitnet":  # ternary times one scale, without zeros: the converter's rounding keeps it
+                p.copy_(torch.randn(p.shape, generator=g).sign() / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))  # (fan-in)
         for i, layer in enumerate(model.model.layers if name == "apertus" else ()):  # xIELU's buffers
@@ -646,7 +668,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
             "add_bos_token": True, "chat_template": GEMMA_CHAT if name.startswith("gemma") else PHI_CHAT}))
         out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
-        jobs.append((d, out[name].gguf))
+        source = bitnet_converter_names(d, root / "bitnet-converter") if name == "bitnet" else d
+        jobs.append((source, out[name].gguf))
     convert(llamacpp_source, jobs)
     # Mistral's window, which the converter does not write for the llama architecture
     path = out["mistral"].gguf
@@ -705,8 +728,8 @@ _QUANTIZED: dict = {}
 
 
 def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
-    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 by llama.cpp's quantizer;
-    MXFP4: llama.cpp's MXFP4_MOE, the experts in MXFP4)."""
+    """The tiny model's GGUF in `qtype` (F32 as converted; Q8_0/Q4_0/Q4_1 and BitNet's ternary TQ1_0/TQ2_0 by
+    llama.cpp's quantizer; MXFP4: llama.cpp's MXFP4_MOE, the experts in MXFP4)."""
     if qtype == "F32":
         return tiny_model.gguf
     key = (tiny_model.name, qtype)
@@ -716,7 +739,8 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
                         "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
-                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE}[qtype]
+                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE, "TQ1_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ1_0,
+                        "TQ2_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0}[qtype]
         assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
         _QUANTIZED[key] = dst
     return _QUANTIZED[key]
@@ -839,7 +863,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
                       p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
                       p + "post_norm.weight": vec(D, 1.0)})
-    if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
+    if not fam.embed_scale and not fam.short_conv and not fam.sub_norms:  # Gemma, LFM2 and BitNet tie their heads
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2", "nemotron", "phimoe"):  # the final norm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)

@@ -32,11 +32,12 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
-                           ModelConfig, QLinear, rope_inv_freq)
+                           ModelConfig, NoNorm, QLinear, rope_inv_freq)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA, NAMES, PHI3_ORIG_CONTEXT,
+from family_models import (BITNET_D, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA, NAMES,
+                           PHI3_ORIG_CONTEXT,
                            SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
                            randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
@@ -98,6 +99,8 @@ SWITCH_OFF = {
               ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
+    "bitnet": [("attention's sub-norm", lambda m: [setattr(layer, "attn_sub_norm", NoNorm()) for layer in m.layers]),
+               ("the FFN's sub-norm", lambda m: [setattr(layer, "ffn_sub_norm", NoNorm()) for layer in m.layers])],
 }
 
 
@@ -296,6 +299,35 @@ def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
     assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
 
 
+def test_gated_delta_rule_per_channel_is_kimi_delta_attention():
+    """With a decay for each key channel (Kimi Delta Attention's), lowtune.model.gated_delta_rule over 150
+    positions gives transformers' chunked KDA reference's outputs and state, and stepping it from the state
+    of a prefix the same; a decay the same in every channel is the Gated DeltaNet's."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
+
+    from lowtune.model import gated_delta_rule
+    g = torch.Generator().manual_seed(1)
+    b, t, h, dk, dv = 2, 150, 3, 8, 5
+    q, k = (torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=g), dim=-1) for _ in range(2))
+    v, decay, beta = (torch.randn(b, t, h, dv, generator=g), -torch.rand(b, t, h, dk, generator=g),
+                      torch.rand(b, t, h, generator=g))
+    want, want_state = chunk_kimi_delta_attention(q, k, v, decay, beta, output_final_state=True)
+    q = q * dk ** -0.5
+    got, state = gated_delta_rule(q, k, v, decay, beta)
+    assert rel_err(got, want) < 1e-5 and rel_err(state, want_state) < 1e-5
+    o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
+    parts = [o]
+    for i in range(100, t):
+        o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
+        parts.append(o)
+    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+    head = decay[..., 0]  # (one decay a head, given per channel or not)
+    per_head = gated_delta_rule(q, k, v, head, beta)
+    per_channel = gated_delta_rule(q, k, v, head[..., None].expand_as(decay), beta)
+    assert rel_err(per_channel[0], per_head[0]) < 1e-6 and rel_err(per_channel[1], per_head[1]) < 1e-6
+    assert rel_err(per_head[0], want) > 1e-2
+
+
 def test_qwen35_multimodal_checkpoint_reads_as_its_language_model(tiny, tmp_path):
     """Qwen3_5ForConditionalGeneration (the published Qwen3.5 checkpoints): the text config and the
     language model's tensors are read, the vision tower and the multi-token-prediction layers (mtp.*)
@@ -407,7 +439,7 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's: the default pairing, unused without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
-                                                                                  "norm"]
+                                                                                  "norm", "neox"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -574,7 +606,7 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention;
 # OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -862,10 +894,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers."""
+    fused tensors, Qwen2's biases, Gemma 3's extra norms and BitNet's sub-norms in the streamed layers."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1182,7 +1214,7 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
                          "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
-                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
@@ -1241,3 +1273,68 @@ def test_unknown_tensors_are_refused(tiny):
         Model(config, {**w, "blk.0.ffn_gate_exps.weight": w["blk.0.ffn_gate.weight"]})
     with pytest.raises(ValueError, match="attn_q_norm"):
         Model(config, {k: v for k, v in w.items() if k != "blk.1.attn_q_norm.weight"})
+
+
+def _with_tensor_type(src, dst, tensor: str, type_id: int) -> None:
+    """A copy of GGUF `src` at `dst` whose tensor info says `tensor` (2-D) is of ggml type `type_id`."""
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name) + 4 + 2 * 8  # (n_dims, ne[0], ne[1])
+    data[at:at + 4] = type_id.to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+
+
+def test_bitnet_variants_are_read_or_refused_by_name(tiny, tmp_path):
+    """BitNet as its other checkpoints and files have it: BitNet b1.58 2B4T's relu² gate (hidden_act relu2)
+    read from a BitNetForCausalLM directory equal to transformers and kept in the file's hidden_activation
+    (without it, SiLU: llama.cpp's graph); per-tensor .scale tensors (an older conversion), Microsoft
+    bitnet.cpp's I2_S blocks, packed (quantization_config) and untied checkpoints refused, saying what to do."""
+    import lowtune
+    import transformers as tf
+    from lowtune import hf_names
+    from lowtune.export import export_hf, export_merged_gguf
+    from test_export import make_adapter
+    cfg = tf.BitNetConfig(vocab_size=V, hidden_size=BITNET_D, intermediate_size=2 * BITNET_D, num_attention_heads=H,
+                          num_key_value_heads=HKV, num_hidden_layers=2, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    assert cfg.hidden_act == "relu2"  # (the default, as BitNet b1.58 2B4T's)
+    hf, d = randomized(tf.BitNetForCausalLM(cfg), "bitnet"), tmp_path / "relu2"
+    hf.save_pretrained(d)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["bitnet"].hf_dir / f, d / f)
+    ids = rand_ids(2, SEQ)
+    model = lowtune.load_model(d, qtype="F32")
+    assert model.config.mlp_activation == "relu2"
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+    config = json.loads((d / "config.json").read_text())
+    md, types = hf_names.metadata_from_hf_config(config)
+    assert md["bitnet.hidden_activation"] == "relu2"
+    make_adapter(d, tmp_path / "run" / "adapter", "lora", rel=0.2)  # (its exports keep relu²)
+    export_merged_gguf(d, tmp_path / "run", tmp_path / "merged.gguf")
+    export_hf(d, tmp_path / "run", tmp_path / "merged-hf")
+    with GGUFFile(tmp_path / "merged.gguf") as f:
+        assert f.metadata["bitnet.hidden_activation"] == "relu2"
+    assert json.loads((tmp_path / "merged-hf" / "config.json").read_text())["hidden_act"] == "relu2"
+    with GGUFFile(tiny["bitnet"].gguf) as f:  # the converted file read with and without the key
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    silu = Model.from_gguf(tiny["bitnet"].gguf)
+    assert silu.config.mlp_activation == "" and silu.layers[0].activation == "silu"
+    write_gguf(tmp_path / "relu2.gguf", {**md, "bitnet.hidden_activation": "relu2"}, tensors, metadata_types=types)
+    assert Model.from_gguf(tmp_path / "relu2.gguf").layers[0].activation == "relu2"
+    write_gguf(tmp_path / "gelu.gguf", {**md, "bitnet.hidden_activation": "gelu"}, tensors, metadata_types=types)
+    with pytest.raises(ValueError, match="hidden_activation 'gelu' is not one lowtune runs"):
+        Model.from_gguf(tmp_path / "gelu.gguf")
+    scale = [("blk.0.attn_q.scale", torch.ones(1))]
+    write_gguf(tmp_path / "scales.gguf", md, tensors + scale, metadata_types=types)
+    with pytest.raises(ValueError, match="BitNet's per-tensor weight scales.*convert_hf_to_gguf.py.*TQ1_0 or TQ2_0"):
+        Model.from_gguf(tmp_path / "scales.gguf")
+    _with_tensor_type(tiny["bitnet"].gguf, tmp_path / "i2_s.gguf", "blk.0.attn_q.weight", 36)
+    with pytest.raises(ValueError, match="bitnet.cpp's I2_S, which ggml .* does not have.*TQ1_0 or TQ2_0"):
+        Model.from_gguf(tmp_path / "i2_s.gguf")
+    for change, why in [({"quantization_config": {"quant_method": "bitnet"}}, "quantized.*convert_hf_to_gguf"),
+                        ({"tie_word_embeddings": False}, "unties BitNet's head"),
+                        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not one lowtune's bitnet runs")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**config, **change})

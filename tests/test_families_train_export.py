@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import lowtune
-from lowtune import adapters
+from lowtune import adapters, merge
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
@@ -56,7 +56,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
-                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora"}
+                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
+                 "bitnet": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -65,7 +66,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
-                   "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara"}
+                   "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
+                   "bitnet": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -443,11 +445,13 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
+                                  "bitnet"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
-    layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each."""
+    layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
+    sub-norms."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -465,7 +469,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h"))
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
+                                  "bitnet"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
@@ -489,3 +494,48 @@ def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, de
             x = layer(x, rot)
         want = model.output_norm(x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", ("TQ1_0", "TQ2_0"))
+def test_bitnet_ternary_base_merges_into_its_own_type(family_models, botchan_text, tmp_path, qtype):
+    """BitNet in llama.cpp's ternary types (its converter's ternary-times-scale matrices, each block
+    holding the scale): lowtune reads the blocks as llama.cpp runs them, and its adapters as llama.cpp
+    runs them in a GGUF LoRA beside them; adapters merged back are rounded into the base's own type
+    (ternary blocks have no min to absorb an update), and the tensors without one keep the base's
+    ternary codes byte for byte; llama.cpp runs the merged file as lowtune (each with its activations
+    rounded as llama.cpp's products round them: Q8_K's 8 bits for TQ blocks)."""
+    from lowtune.evaluate import windows
+    from lowtune.llamacpp_activations import rounded_like_llamacpp
+    from lowtune.tokenizer import load_tokenizer
+    base = gguf_of(family_models["bitnet"], qtype)
+    f32 = Model.from_gguf(family_models["bitnet"].gguf)
+    plain = Model.from_gguf(base)
+    assert plain.tensor_types["blk.0.ffn_down.weight"] == qtype  # (the scale: its fp16 in every block)
+    assert rel_err(merge.dense(plain.layers[0].ffn_down.weight), merge.dense(f32.layers[0].ffn_down.weight)) < 1e-3
+    w = windows(torch.tensor(load_tokenizer(plain.metadata).encode(botchan_text[20000:30000])), SEQ, chunks=8)
+    with rounded_like_llamacpp():
+        ppl = nll_ppl(plain, w)
+    cpp = llamacpp_perplexity(llamacpp(base), w)
+    assert abs(cpp - ppl) / ppl < 5e-3, (ppl, cpp)
+    trained = ("attn_q", "ffn_down")
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, targets=trained)
+    export_lora_gguf(base, tmp_path / "run", tmp_path / "lora.gguf")  # (llama.cpp adds it to the ternary products)
+    with rounded_like_llamacpp():
+        ppl = nll_ppl(model, w)
+    cpp = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
+    assert abs(cpp - ppl) / ppl < 5e-3, (ppl, cpp)
+    report = export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
+    adapted = {f"blk.{i}.{n}.weight" for i in range(2) for n in trained}
+    assert {n for n, info in report.tensors.items() if info.path != "copy"} == adapted
+    assert all(report.tensors[n].out_type == qtype for n in adapted)
+    with GGUFFile(base) as b, GGUFFile(tmp_path / "merged.gguf") as m:
+        for n in b.tensor_infos:
+            assert m.tensor_infos[n].type == b.tensor_infos[n].type, n
+            assert torch.equal(m.raw(n), b.raw(n)) != (n in adapted), n
+    merged = Model.from_gguf(tmp_path / "merged.gguf")
+    with rounded_like_llamacpp():
+        ppl = nll_ppl(merged, w)
+    cpp = llamacpp_perplexity(llamacpp(tmp_path / "merged.gguf"), w)
+    print(f"bitnet {qtype} LoRA merged: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 5e-3

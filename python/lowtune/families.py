@@ -60,6 +60,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
     qwen3next     neox  silu       -           yes       -          -                        if the file gives one
+    bitnet        neox  silu       sub-norms   -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -188,6 +189,16 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
+  tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
+  attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
+  matrices are ternary times one scale per tensor: the converter writes them multiplied out (F32/F16,
+  for llama-quantize's TQ1_0/TQ2_0, whose blocks carry the scale), and llama.cpp's graph runs the gate
+  with SiLU, whatever the config's hidden_act (BitNet b1.58 2B4T's is relu²; lowtune reads such
+  Hugging Face directories with relu² and keeps it in the file's hidden_activation key, which
+  llama.cpp's bitnet graph does not read). A file with per-tensor `.scale` tensors (an older
+  converter's; lowtune.model) or Microsoft bitnet.cpp's I2_S type (lowtune.gguf_io) is refused with
+  what to do.
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
@@ -293,6 +304,10 @@ class Family:
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
+    sub_norms: bool = False            # RMSNorms on the attention heads' output before attn_output (attn_sub_norm)
+    #                                    and on act(gate) · up before ffn_down (ffn_sub_norm) (BitNet)
+    activation_key: bool = False       # the file's hidden_activation may name the gated MLP's activation
+    #                                    ("relu2"; absent: `activation`, as llama.cpp's graph runs it) (BitNet)
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
@@ -438,6 +453,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, moe=True, moe_shared_gate=True),
     Family("qwen3next", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
+    Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
+           hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)

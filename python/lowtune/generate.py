@@ -166,6 +166,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if c.kv_lora_rank:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
+    if c.family.sub_norms:
+        return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
     if c.stateful_layers or c.expert_gating == 2 or c.family.chunked_attention:

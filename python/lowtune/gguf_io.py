@@ -189,6 +189,11 @@ class _Cursor:
         return vals, (GGUFValueType.ARRAY, inner)
 
 
+# tensor types of Microsoft bitnet.cpp's ggml fork at ids that upstream ggml leaves unused (its removed
+# IQ4_NL repacks); its TL2 (39) is upstream's MXFP4, which the file's id cannot tell apart
+_BITNET_CPP_TYPES = {36: "I2_S", 37: "I8_S", 38: "TL1"}
+
+
 def _ggml_type_name(type_id: int) -> str:
     geometry = _type_geometry(type_id)
     return f"type {type_id}" if geometry is None else geometry[0]
@@ -321,6 +326,11 @@ class GGUFFile:
 
     def _check_tensor(self, c: _Cursor, name, ne, type_id, offset) -> TensorInfo:
         geometry = _type_geometry(type_id)
+        if geometry is None and type_id in _BITNET_CPP_TYPES:
+            raise c.fail(f"tensor {name!r} has type id {type_id}, Microsoft bitnet.cpp's {_BITNET_CPP_TYPES[type_id]}, "
+                         "which ggml (and so llama.cpp and lowtune) does not have; convert the model's Hugging Face "
+                         "checkpoint with llama.cpp's convert_hf_to_gguf.py and quantize it with llama-quantize to "
+                         "TQ1_0 or TQ2_0 (llama.cpp's ternary types), which lowtune reads")
         if geometry is None:
             raise c.fail(f"tensor {name!r} has unknown tensor type id {type_id}")
         type_name, block, type_size = geometry

@@ -63,7 +63,7 @@ def ungated(activation: str, x: Tensor, scalars: Tensor | None = None) -> Tensor
 
 # the gated MLP's activation(g) · u, by name
 ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu_tanh": lambda g, u: UNGATED["gelu_tanh"](g) * u,
-               "swiglu_oai": _swiglu_oai}
+               "swiglu_oai": _swiglu_oai, "relu2": lambda g, u: UNGATED["relu2"](g) * u}
 FUSED = os.environ.get("LOWTUNE_FUSED_GLUE", "1") != "0"
 
 

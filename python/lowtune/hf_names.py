@@ -16,7 +16,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     gate/up; a vision-language class (Qwen2.5-VL, Qwen3-VL) has its text family's names, its layers
     under model.language_model beside the vision tower (which lowtune leaves out); LFM2's
     convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
-    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape);
+    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); BitNet's sub-norms are transformers'
+    self_attn.attn_sub_norm and mlp.ffn_sub_norm (llama.cpp's converter maps only the 1bitLLM
+    checkpoints' inner_attn_ln and ffn_layernorm);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -91,6 +93,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "ernie4_5": {"layer": _LLAMA, "global": _GLOBAL},
     "mistral3": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2": {"layer": _LLAMA, "global": _GLOBAL},
+    "bitnet": {"layer": {**_LLAMA, "attn_sub_norm": "self_attn.attn_sub_norm", "ffn_sub_norm": "mlp.ffn_sub_norm"},
+               "global": _GLOBAL},
     "qwen3": {"layer": {**_LLAMA, **_QK_NORMS}, "global": _GLOBAL},
     # the attention's names only (PEFT adapters): experts are not read or written in HF's layout
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
@@ -580,6 +584,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _mamba2_keys(config, key)
     if fam.delta_net:
         _delta_net_keys(config, key)
+    if fam.activation_key:
+        _bitnet_keys(config, fam, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -687,6 +693,26 @@ def _latent_attention_keys(config: dict, key, fam: Family) -> None:
         raise ValueError(f"config.json's scales (scale_emb, scale_depth, dim_model_base) give {scales}; llama.cpp's "
                          f"{fam.arch} fixes them to {fixed} (scale_emb 12, scale_depth 1.4, dim_model_base 256), and "
                          "so lowtune, which follows it")
+
+
+def _bitnet_keys(config: dict, fam: Family, key) -> None:
+    """BitNet's config.json: its gate's activation where it is not llama.cpp's (relu², BitNet b1.58 2B4T's,
+    kept in the hidden_activation key that llama.cpp's bitnet graph does not read); its matrices plain, and
+    its head tied to the embeddings (llama.cpp's bitnet has no output matrix)."""
+    act = config.get("hidden_act", "relu2")  # (BitNetConfig's default)
+    if act not in (fam.activation, "relu2"):
+        raise ValueError(f"config.json's hidden_act {act!r} is not one lowtune's bitnet runs ({fam.activation} or "
+                         "relu2)")
+    if act != fam.activation:
+        key("hidden_activation", act, STR)
+    if config.get("quantization_config"):
+        raise ValueError("this BitNet checkpoint is quantized (quantization_config: packed ternary weights or "
+                         "online quantization), which lowtune does not read from safetensors; convert it with "
+                         "llama.cpp's convert_hf_to_gguf.py (which unpacks it) and load the GGUF")
+    if not config.get("tie_word_embeddings", False):
+        raise ValueError("config.json unties BitNet's head (tie_word_embeddings false); llama.cpp's bitnet has no "
+                         "output matrix and runs the embeddings as the head, so lowtune does too: save the "
+                         "checkpoint with tied embeddings")
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -904,7 +930,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
-    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {},
+    "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
 }
 
 
@@ -984,7 +1010,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if fam.activation == "gelu_tanh":
         cfg["hidden_activation"] = cfg["hidden_act"] = "gelu_pytorch_tanh"
     else:
-        cfg["hidden_act"] = fam.activation if fam.activation in ("relu2", "xielu") else "silu"
+        act = c.mlp_activation or fam.activation
+        cfg["hidden_act"] = act if act in ("relu2", "xielu") else "silu"
     if arch == "llama" and cls == "LlamaForCausalLM":
         cfg["pretraining_tp"] = 1
     flags, _ = hf_biases(arch, tensors, c.n_layers)

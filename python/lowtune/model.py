@@ -20,10 +20,11 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
     blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
+    blk.N.attn_sub_norm       RMSNorm [H*hd]      on the heads' output before attn_output (BitNet)
     blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
     blk.N.ffn_gate/up         QLinear [F, D]      act(gate(x)) * up(x): SwiGLU, or GeGLU (Gemma); row
                               views of Phi-3's fused ffn_up [2F, D] (gate rows first)
-    blk.N.ffn_down            QLinear [D, F]
+    blk.N.ffn_down            QLinear [D, F]      (BitNet: ffn_sub_norm [F] on its input)
     blk.N.ffn_moe             MoE                 in place of ffn_gate/up/down where the file has experts
                               (Qwen3 MoE, Mixtral): ffn_gate_inp (router), ffn_{gate,up,down}_exps
     blk.N.post_ffw_norm       RMSNorm             on the FFN output (Gemma 2/3, OLMo 2, GLM-4)
@@ -178,6 +179,8 @@ class ModelConfig:
     ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
     ssm_head_dim: int = 0         # d_k (ssm.state_size)
     ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
+    mlp_activation: str = ""      # the gated MLP's activation where the file names one (BitNet's
+    #                               hidden_activation: relu2); "": the family's
 
     @property
     def family(self) -> Family:
@@ -464,6 +467,10 @@ class ModelConfig:
                      "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
+        act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
+        if act not in ("", fam.activation, "relu2"):
+            raise ValueError(f"this {arch} file's hidden_activation {act!r} is not one lowtune runs "
+                             f"({fam.activation} or relu2)")
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
@@ -479,7 +486,7 @@ class ModelConfig:
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, **delta, **parts, xielu=xielu,
+            **latent, **altup, **delta, **parts, xielu=xielu, mlp_activation="" if act == fam.activation else act,
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -802,6 +809,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
             out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+    if fam.sub_norms:
+        out.update(attn_sub_norm=(c.n_heads * c.v_dim,), ffn_sub_norm=(c.ffn_dim,))
     if c.q_lora_rank:
         out["attn_q_a_norm"] = (c.q_lora_rank,)
     if c.kv_lora_rank:
@@ -1100,41 +1109,48 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                      state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over T positions, in fp32: per head the state S [d_k, d_v] decays by exp(g_t),
     then takes the delta rule's correction k_t (beta_t (v_t - Sᵀk_t))ᵀ, and o_t = Sᵀ q_t. q, k [B, T, H, d_k]
-    (normed, q scaled), v [B, T, H, d_v], g, beta [B, T, H]; state [B, H, d_k, d_v] (None: zeros) ->
-    (o [B, T, H, d_v], the last state). One position steps the recurrence; more run transformers'
-    chunked form (chunks of `chunk` positions: a triangular solve within each, the state carried between),
-    differentiable throughout."""
+    (normed, q scaled), v [B, T, H, d_v], beta [B, T, H], g [B, T, H] (one decay a head: the Gated DeltaNet)
+    or [B, T, H, d_k] (a decay for each key channel, each row of S: Kimi Delta Attention); state
+    [B, H, d_k, d_v] (None: zeros) -> (o [B, T, H, d_v], the last state). One position steps the
+    recurrence; more run transformers' chunked form (chunks of `chunk` positions: a triangular solve within
+    each, the state carried between), differentiable throughout."""
     q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))  # heads first
     b, h, t, dk = k.shape
+    if g.dim() == 3:  # (one decay a head: the same for every key channel)
+        g = g[..., None]
     s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.float()
     if t == 1:
         kt = k[:, :, 0, :, None]
-        s = s * g.exp()[..., None]
+        s = s * g[:, :, 0, :, None].exp()
         s = s + kt * (beta[:, :, 0, None] * (v[:, :, 0] - (s * kt).sum(-2)))[:, :, None]
         return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
     pad = (chunk - t % chunk) % chunk
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    beta = F.pad(beta, (0, pad))
     n = (t + pad) // chunk
-    q, k, v = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v))
-    g, beta = g.reshape(b, h, n, chunk), beta.reshape(b, h, n, chunk)
+    q, k, v, g = (x.reshape(b, h, n, chunk, -1) for x in (q, k, v, g))
+    beta = beta.reshape(b, h, n, chunk)
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
-    decay = g.cumsum(-1)                                                   # log decay since the chunk's start
+    decay = g.cumsum(-2)                                        # log decay since the chunk's start [.., chunk, 1 | d_k]
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # exp(decay_i - decay_j) for j <= i, of each pair of positions (and key channel, where they differ)
+    pair = (decay[..., :, None, :] - decay[..., None, :, :]).masked_fill(upper[..., None], float("-inf")).exp()
+    if g.shape[-1] == 1:
+        pair = pair[..., 0]
+        system, inner = k_beta @ k.transpose(-1, -2) * pair, q @ k.transpose(-1, -2) * pair
+    else:
+        system, inner = (torch.einsum("...ic,...jc,...ijc->...ij", x, k, pair) for x in (k_beta, q))
     # the delta rule's updates within a chunk as one unit-lower-triangular system (the UT transform; its
     # diagonal is taken as ones)
-    system = k_beta @ k.transpose(-1, -2) * pair
     values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
-    inner = q @ k.transpose(-1, -2) * pair
-    q_decayed = q * decay.exp()[..., None]
-    k_rest = k * (decay[..., -1:] - decay).exp()[..., None]
+    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp(), upper=False, unitriangular=True)
+    q_decayed = q * decay.exp()
+    k_rest = k * (decay[..., -1:, :] - decay).exp()
     outs = []
     for i in range(n):
         new = values[:, :, i] - k_decayed[:, :, i] @ s
         outs.append(q_decayed[:, :, i] @ s + inner[:, :, i] @ new)
-        s = s * decay[:, :, i, -1].exp()[..., None, None] + k_rest[:, :, i].transpose(-1, -2) @ new
+        s = s * decay[:, :, i, -1, :, None].exp() + k_rest[:, :, i].transpose(-1, -2) @ new
     o = torch.stack(outs, 2).reshape(b, h, n * chunk, -1)[:, :, :t]
     return o.transpose(1, 2), s
 
@@ -1353,7 +1369,7 @@ class DecoderLayer(nn.Module):
         # xIELU's scalars (Apertus), frozen as the layer's other base weights
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
-        self.activation = fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
+        self.activation = c.mlp_activation or fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
         # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
@@ -1547,7 +1563,7 @@ class DecoderLayer(nn.Module):
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
-        a = self.attn_output(attn)
+        a = self.attn_output(self.attn_sub_norm(attn) if fam.sub_norms else attn)
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
@@ -1623,6 +1639,8 @@ class DecoderLayer(nn.Module):
     def _mlp_out(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """ffn_down(activation(g) · u), its post-norm applied where the family has one; for one row
         on CUDA SwiGLU's product runs inside ffn_down's (glue_ops.silu_mul_product)."""
+        if self.config.family.sub_norms:  # (BitNet: the product normed before ffn_down)
+            return self._ffn_out(self.ffn_down(self.ffn_sub_norm(glue_ops.gated(self.activation, g, u))))
         m = None
         if self.activation == "silu" and type(self.ffn_down) is QLinear and self.ffn_down.bias is None:
             m = glue_ops.silu_mul_product(g, u, self.ffn_down.weight)
@@ -2089,6 +2107,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
             hint = (" (the per-tensor second scales of an NVFP4 checkpoint, which lowtune does not apply: quantize "
                     "the model's BF16 weights to NVFP4 instead, with lowtune or llama-quantize)")
+        if c.family.sub_norms and any(n.endswith(".scale") for n in unused):  # (an older BitNet conversion)
+            hint = (" (BitNet's per-tensor weight scales, which llama.cpp multiplies into each product and lowtune "
+                    "does not apply: convert the checkpoint with llama.cpp's convert_hf_to_gguf.py, which multiplies "
+                    "them into the weights, and quantize it with llama-quantize to TQ1_0 or TQ2_0)")
         raise ValueError(f"tensors {unused[:4]} are not part of a {c.arch} model as lowtune runs it{hint}; "
                          "this file is a variant lowtune does not support")
     for name in w:
