@@ -31,10 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "granitehybrid", "qwen35", "nemotron_h", "mamba2")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
+# (Gemma 3n, Nemotron-H and Mamba-2: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -281,6 +281,13 @@ def hf_model(name: str):
         # (shared_mlp) dense, or experts beside a shared expert; transformers' chunks (16) shorter than SEQ
         "granitehybrid": lambda: granite_hybrid(tf, common, experts=0),
         "nemotron_h": lambda: nemotron_h(tf, common),
+        # Mamba2 layers alone (Granite 4's sizes: two groups of B/C, conv biases); transformers' chunks (16)
+        # shorter than SEQ
+        "mamba2": lambda: tf.Mamba2ForCausalLM(tf.Mamba2Config(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=None, tie_word_embeddings=False, num_heads=SSM["mamba_n_heads"], head_dim=SSM["mamba_d_head"],
+            n_groups=SSM["mamba_n_groups"], state_size=SSM["mamba_d_state"], conv_kernel=SSM["mamba_d_conv"],
+            expand=SSM["mamba_expand"], chunk_size=16)),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -646,6 +653,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
+    if fam.attention_free:  # (Mamba-2: the converter's head_count and feed_forward_length of 0, no KV heads)
+        md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
+        del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
                    "granite.logit_scale": 1.5})

@@ -402,8 +402,8 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    # (Nemotron-H's and Mamba-2's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -566,10 +566,10 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
+# short convolutions, Granite 4's, Nemotron-H's and Mamba-2's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "mamba2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -642,8 +642,10 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
     model = Model.from_gguf(path)
-    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's)
-        assert model.tensor_types[f"blk.{(model.config.mlp_layers or (0,))[0]}.ffn_down.weight"] == qtype
+    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's; Mamba-2 has none)
+        mlp = model.config.mlp_layers
+        linear = "blk.0.ssm_out" if mlp == () else f"blk.{(mlp or (0,))[0]}.ffn_down"
+        assert model.tensor_types[linear + ".weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
@@ -907,15 +909,41 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
+@pytest.mark.parametrize("name", ["mamba2"])
+def test_layers_without_attention_stream(tiny, name):
+    """Mamba-2's layers hold no attention and no FFN: streamed (the first two read from the file), each
+    pack holds its mixer's linears alone, and the model trains as the resident one; its cache keeps no
+    keys, only the states."""
+    path = gguf_of(tiny[name], "Q8_0")
+
+    def adapted():
+        model = Model.from_gguf(path)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        fill_adapters(model, torch.Generator().manual_seed(3))
+        return model
+
+    resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
+    c = resident.config
+    assert plan.streamed == list(range(c.n_layers)) and not any(c.has_attention(i) for i in range(c.n_layers))
+    for i in range(c.n_layers):
+        assert sorted(lin.name.split(".", 2)[2] for lin in streaming.streamer.packs[i].linears) == [
+            n + ".weight" for n in sorted(SSM_LINEAR_NAMES)], i
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
+    cache = resident.new_cache(1, 8)
+    assert all(k.numel() == 0 for k in cache.k + cache.v)
+
+
 @pytest.mark.parametrize("name,state", [("lfm2", "short-convolution state .LFM2"),
                                         ("qwen35", "Gated DeltaNet state .Qwen3.5"),
                                         ("granitehybrid", "Mamba2 state .Granite 4"),
-                                        ("nemotron_h", "Mamba2 state .Granite 4's and Nemotron-H")])
+                                        ("nemotron_h", "Mamba2 state .Granite 4's, Nemotron-H"),
+                                        ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's and Mamba-2")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid and Nemotron-H by name, and
-    generate decodes them through the model's steps (a scan's recurrent step on the cached states),
-    as the full forward does."""
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H and Mamba-2 by
+    name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
+    states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
@@ -1083,6 +1111,30 @@ def test_nemotron_h_layers_of_one_part(tiny):
         family_of({"general.architecture": "nemotron_h_moe"})
 
 
+def test_mamba2_layers_alone(tiny):
+    """Mamba-2's file gives no attention heads and no FFN width: every layer is a Mamba2 mixer after attn_norm,
+    with nothing else in it; its sizes as the file's ssm.* keys say, and a file that lacks one or whose sizes do
+    not divide is refused, saying what it needs."""
+    model = Model.from_gguf(tiny["mamba2"].gguf)
+    c = model.config
+    assert (c.n_heads, c.n_kv_heads, c.ffn_dim, c.ssm_layers, c.mlp_layers) == (0, 0, 0, (0, 1), ())
+    assert (c.ssm.heads, c.ssm.groups, c.ssm.state, c.ssm.inner) == (8, 2, 16, 128)
+    assert not any(c.has_attention(i) or c.has_ffn(i) for i in range(c.n_layers))
+    assert not any(hasattr(layer, n) for layer in model.layers for n in ("attn_q", "ffn_up", "ffn_norm"))
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["mamba2"].gguf)["config"]["ssm_layers"] == [0, 1]
+    md = {"general.architecture": "mamba2", "mamba2.embedding_length": 64, "mamba2.block_count": 2,
+          "mamba2.feed_forward_length": 0, "mamba2.attention.head_count": 0, "mamba2.vocab_size": 9,
+          "mamba2.attention.layer_norm_rms_epsilon": 1e-5,
+          **{f"mamba2.ssm.{k}": v for k, v in (("conv_kernel", 4), ("state_size", 16), ("group_count", 2),
+                                               ("inner_size", 128), ("time_step_rank", 8))}}
+    assert ModelConfig.from_gguf_metadata(md).ssm_layers == (0, 1)
+    with pytest.raises(ValueError, match="lacks \\['mamba2.ssm.group_count'\\]"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mamba2.ssm.group_count"})
+    with pytest.raises(ValueError, match="inner must be a multiple of heads"):
+        ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -1116,7 +1168,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "mamba2", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

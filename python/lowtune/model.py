@@ -2,8 +2,9 @@
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
 Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
 LFM2's convolution layers take a ShortConv in place of attention, Granite 4's hybrids' Mamba2 layers
-a Mamba2, Qwen3.5's recurrent layers a Gated DeltaNet (gated_delta_rule), and Gemma 3n's AltUp,
-Laurel and per-layer inputs wrap this decoder in lowtune.gemma3n.
+a Mamba2 (Mamba-2's layers are that alone), Qwen3.5's recurrent layers a Gated DeltaNet
+(gated_delta_rule), and Gemma 3n's AltUp, Laurel and per-layer inputs wrap this decoder in
+lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -306,7 +307,7 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
-        head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
+        head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads if n_heads else 0))  # (Mamba-2: 0)
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
             tokens = md.get("tokenizer.ggml.tokens")
@@ -438,6 +439,8 @@ class ModelConfig:
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         ffn, parts = get("feed_forward_length"), {}
+        if fam.attention_free:  # (no FFN in any layer: Mamba-2)
+            parts["mlp_layers"] = ()
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
@@ -475,7 +478,7 @@ class ModelConfig:
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
-        if self.n_heads % self.n_kv_heads:
+        if not self.family.attention_free and self.n_heads % self.n_kv_heads:
             raise ValueError(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
@@ -494,7 +497,7 @@ class ModelConfig:
                              f"{self.rope_dim} RoPE dims")
         if self.ssm_layers and (self.ssm is None or not self.family.mamba2):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
-        if (self.mlp_layers is not None) != self.family.layer_parts or any(
+        if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
                 not 0 <= i < self.n_layers for i in self.mlp_layers or ()):
             raise ValueError(f"MLP-only layers {self.mlp_layers} in a {self.arch} model of {self.n_layers} layers "
                              "(Nemotron-H's files give them, as the layers with an FFN width)")
@@ -578,6 +581,8 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     convolution layers (llama.cpp's rule), whose width is shortconv.l_cache, and Granite 4's hybrids' to
     their Mamba2 layers, whose sizes are the ssm.* keys; Nemotron-H's MLP layers (mlp_layers) have 0 too."""
     arch = fam.arch
+    if fam.attention_free:  # (every layer a Mamba2 mixer: Mamba-2)
+        return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": SSMShape.from_gguf_metadata(md, arch)}
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
     if not isinstance(kv, (list, tuple)):
         return int(kv), {}
@@ -771,8 +776,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
-        if not (fam.parallel or fam.layer_parts):  # (a parallel FFN reads attn_norm's output; a layer of one
-            out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
+        if not (fam.parallel or fam.layer_parts or fam.attention_free):  # (a parallel FFN reads attn_norm's
+            out[fam.ffn_norm_tensor] = (c.dim,)  # output; a layer of one part has one norm)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if c.q_lora_rank:
