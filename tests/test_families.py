@@ -403,7 +403,8 @@ def test_vision_language_configs_as_published():
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's and Mamba-2's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm"]
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm",
+                                                                                   "neox"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -566,10 +567,11 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, Granite 4's, Nemotron-H's and Mamba-2's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
+# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1 and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "mamba2"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "mamba2",
+                                                      "falcon-h1"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -828,8 +830,8 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
-    kinds = lambda i: (conv if c.is_conv(i) else ssm if c.is_ssm(i)  # noqa: E731
-                       else delta if c.is_delta(i) else targets)
+    kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
+                       else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
@@ -938,11 +940,13 @@ def test_layers_without_attention_stream(tiny, name):
                                         ("qwen35", "Gated DeltaNet state .Qwen3.5"),
                                         ("granitehybrid", "Mamba2 state .Granite 4"),
                                         ("nemotron_h", "Mamba2 state .Granite 4's, Nemotron-H"),
-                                        ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's and Mamba-2")])
+                                        ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2"),
+                                        ("falcon-h1", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2's and "
+                                                      "Falcon-H1")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H and Mamba-2 by
-    name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2 and
+    Falcon-H1 by name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
     states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
@@ -1135,6 +1139,39 @@ def test_mamba2_layers_alone(tiny):
         ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
 
 
+@pytest.mark.llamacpp
+def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
+    """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
+    ffn_norm, whose tensor its file names without .weight, and an MLP; its multipliers are in the converted
+    weights. A file without the gated norm (mamba_rms_norm false, as the published configs mostly have it)
+    runs without one and gives transformers' logits and llama.cpp's perplexity; per-layer KV head counts are
+    refused."""
+    model = Model.from_gguf(tiny["falcon-h1"].gguf)
+    c = model.config
+    assert c.ssm_layers == (0, 1) and all(c.has_attention(i) and c.has_ffn(i) for i in range(c.n_layers))
+    assert (c.n_heads, c.n_kv_heads, c.ssm.heads, c.family.rope) == (H, HKV, 8, "neox")
+    with GGUFFile(tiny["falcon-h1"].gguf) as f:
+        assert "blk.0.ffn_norm" in f.tensor_infos and "blk.0.ffn_norm.weight" not in f.tensor_infos
+        assert torch.equal(model.layers[0].ffn_norm.weight, f.tensor("blk.0.ffn_norm").reshape(-1))
+    hf = hf_model("falcon-h1")
+    hf.config.mamba_rms_norm = False
+    plain = randomized(type(hf)(hf.config), "falcon-h1")
+    assert not any(".mamba.norm." in n for n, _ in plain.named_parameters())
+    plain.save_pretrained(tmp_path / "hf")
+    shutil.copy(tiny["falcon-h1"].hf_dir / "tokenizer.model", tmp_path / "hf")
+    shutil.copy(tiny["falcon-h1"].hf_dir / "tokenizer_config.json", tmp_path / "hf")
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "plain.gguf")])
+    ids, without = rand_ids(2, SEQ), Model.from_gguf(tmp_path / "plain.gguf")
+    with torch.no_grad():
+        got, want, normed = without(ids), plain(ids).logits, hf(ids).logits
+        ppl = math.exp(float(without.loss(ids)))
+    assert rel_err(got, want) < 1e-4 and rel_err(got, normed) > 1e-3
+    assert ppl == pytest.approx(llamacpp_perplexity(llamacpp(tmp_path / "plain.gguf"), ids), rel=5e-4)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")}
+    with pytest.raises(ValueError, match="KV head counts \\[2, 0\\]; falcon-h1 attends in every layer"):
+        ModelConfig.from_gguf_metadata({**md, "falcon-h1.attention.head_count_kv": [2, 0]})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -1168,7 +1205,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "mamba2", "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "mamba2", "falcon-h1", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

@@ -16,6 +16,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
     mamba2        -     -          -           -         -          -                        -
+    falcon-h1     neox  silu       -           -         -          -                        if the file gives one
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
@@ -135,6 +136,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Mamba-2 (mamba2: Mamba-Codestral, the state-spaces Mamba2 models) has no attention and no FFN: each
   layer is Granite 4's Mamba2 mixer alone after attn_norm (Family.attention_free), its output joining
   the residual stream; the file's head_count and feed_forward_length are 0.
+  Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
+  (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
+  ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
+  gated norm of the Mamba2 output is there where the file has ssm_norm, and its FFN norm's tensor is
+  blk.N.ffn_norm, without .weight (read as the others' blk.N.ffn_norm.weight).
   Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
   all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
   gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
@@ -229,6 +235,9 @@ class Family:
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
     attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 mixer alone after
     #                                    attn_norm (Mamba-2; ModelConfig.mlp_layers empty)
+    parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
+    #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
+    #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -315,6 +324,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
     Family("mamba2", mamba2=True, attention_free=True),
+    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -403,7 +413,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
         "jamba", "minimax-m2"}
-_RECURRENT = {"mamba", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
+_RECURRENT = {"mamba", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}

@@ -302,7 +302,7 @@ class StepDecoder:
         c = model.config
         if c.stateful_layers:
             kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
-                    "Mamba2 state (Granite 4's, Nemotron-H's and Mamba-2's Mamba2 layers)" if c.ssm_layers else
+                    "Mamba2 state (Granite 4's, Nemotron-H's, Mamba-2's and Falcon-H1's Mamba2 layers)" if c.ssm_layers else
                     "Gated DeltaNet state (Qwen3.5's recurrent layers)")
             raise ValueError(f"StepDecoder's captured steps keep no {kind}; decode with graphs=False")
         dev = model.device

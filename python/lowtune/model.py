@@ -228,7 +228,8 @@ class ModelConfig:
         return max(i for i in range(self.kv_layers) if self.is_sliding(i) == self.is_sliding(layer))
 
     def is_ssm(self, layer: int) -> bool:
-        """Whether layer `layer` is a Mamba2 layer in place of attention (Granite 4's hybrids)."""
+        """Whether layer `layer` runs a Mamba2 mixer: in place of attention (Granite 4's hybrids), or beside
+        it (Falcon-H1: Family.parallel_ssm)."""
         return layer in self.ssm_layers
 
     def has_mixer(self, layer: int) -> bool:
@@ -241,7 +242,8 @@ class ModelConfig:
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
-        return self.has_mixer(layer) and not (self.is_conv(layer) or self.is_ssm(layer) or self.is_delta(layer))
+        in_place = self.is_conv(layer) or self.is_delta(layer) or self.is_ssm(layer) and not self.family.parallel_ssm
+        return self.has_mixer(layer) and not in_place
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
@@ -584,6 +586,11 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     if fam.attention_free:  # (every layer a Mamba2 mixer: Mamba-2)
         return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": SSMShape.from_gguf_metadata(md, arch)}
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
+    if fam.parallel_ssm:  # (a Mamba2 mixer beside attention in every layer: Falcon-H1)
+        if isinstance(kv, (list, tuple)):
+            raise ValueError(f"this {arch} file gives its layers KV head counts {list(kv)}; {arch} attends in "
+                             "every layer with one count")
+        return int(kv), {"ssm_layers": tuple(range(n_layers)), "ssm": SSMShape.from_gguf_metadata(md, arch)}
     if not isinstance(kv, (list, tuple)):
         return int(kv), {}
     counts = [int(k) for k in kv[:n_layers]]
@@ -971,8 +978,10 @@ class Mamba2(nn.Module):
                              persistent=False)
         bias = w.get(p + "ssm_conv1d.bias")
         self.register_buffer("conv_bias", None if bias is None else _vector(bias), persistent=False)
-        for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias"), ("norm", "ssm_norm.weight")):
+        for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias")):
             self.register_buffer(name, _vector(w[p + key]), persistent=False)
+        norm = w.get(p + "ssm_norm.weight")  # (Falcon-H1's files may have none)
+        self.register_buffer("norm", None if norm is None else _vector(norm), persistent=False)
 
     def forward(self, zxbcdt: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """ssm_in's output [B, T, in_dim] at positions start..start+T -> y [B, T, inner] for ssm_out."""
@@ -999,15 +1008,16 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.recurrent_state[self.index] = state
         y = (y + x * self.D[:, None]).reshape(b, t, m.inner) * F.silu(z.float())
-        g = y.reshape(b, t, m.groups, -1)
-        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(b, t, m.inner) * self.norm
+        if self.norm is not None:
+            g = y.reshape(b, t, m.groups, -1)
+            y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(b, t, m.inner) * self.norm
         return y.to(zxbcdt.dtype)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's frozen tensors under their GGUF names after blk.N. (no bias where the file has none)."""
         out = {"ssm_conv1d.weight": self.kernel, "ssm_a": self.A, "ssm_d": self.D, "ssm_dt.bias": self.dt_bias,
-               "ssm_norm.weight": self.norm}
-        return out if self.conv_bias is None else {**out, "ssm_conv1d.bias": self.conv_bias}
+               "ssm_norm.weight": self.norm, "ssm_conv1d.bias": self.conv_bias}
+        return {n: t for n, t in out.items() if t is not None}
 
     def extra_repr(self) -> str:
         m = self.shape
@@ -1263,6 +1273,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             names = tuple(n for n in DELTA_LINEAR_NAMES if n not in fused_ba) + names
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
+    elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
+        names = tuple(names) + SSM_LINEAR_NAMES
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
     if not config.has_ffn(index):  # (a mixer alone: Nemotron-H)
@@ -1388,7 +1400,7 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if c.family.parallel or not (c.has_attention(i) and c.has_ffn(i)):
+        if c.family.parallel or c.family.parallel_ssm or not (c.has_attention(i) and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1446,9 +1458,18 @@ class DecoderLayer(nn.Module):
         """What the attention adds to the residual stream x (its post-norm applied, where the
         family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward);
         qkv: the q, k, v products of it (forward_deferred)."""
+        if self.config.family.parallel_ssm:  # (Falcon-H1: its Mamba2 mixer beside attention, on the same input)
+            h = self.attn_norm(x) if normed is None else normed
+            mixed = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
+            return self.attention_alone(x, rot, cache, start, h) + mixed
+        return self.attention_alone(x, rot, cache, start, normed, qkv)
+
+    def attention_alone(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                        normed: torch.Tensor | None = None, qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """attention_branch's attention, or its recurrent stand-in, without a Mamba2 mixer beside it."""
         c, fam = self.config, self.config.family
-        if self.shortconv is not None or self.mamba is not None or self.delta_net:  # (attention's recurrent
-            h = self.attn_norm(x) if normed is None else normed  # stand-ins: LFM2, Mamba2, Gated DeltaNet)
+        if not c.has_attention(self.index):  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
+            h = self.attn_norm(x) if normed is None else normed
             if self.shortconv is not None:
                 return self.shortconv(h, cache, start)
             if self.delta_net:
@@ -1715,7 +1736,9 @@ class Model(nn.Module):
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
         config.check()
-        _check_weights(config, weights, self.own_tensor_shapes(config))
+        if config.family.parallel_ssm:  # (Falcon-H1's blk.N.ffn_norm, read as the others' blk.N.ffn_norm.weight;
+            weights = {n + ".weight" if n.endswith(".ffn_norm") else n: t for n, t in weights.items()}  # exports
+        _check_weights(config, weights, self.own_tensor_shapes(config))  # copy the file's names)
         c = config
         self.config, self.dtype = c, dtype
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
@@ -1992,10 +2015,13 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             layer_shapes = {n: s for n, s in layer_shapes.items() if n not in ("attn_k", "attn_v")}
             optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
                              p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
-        if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's
+        if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's (beside it: Falcon-H1)
             want.update({p + n: shape for n, shape in ssm_shapes.items()})
             optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
-            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+            if c.family.parallel_ssm:  # (its gated norm where the file has one)
+                optional[p + "ssm_norm.weight"] = want.pop(p + "ssm_norm.weight")
+            else:
+                layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
             own = dict(delta_shapes)
             if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
