@@ -567,8 +567,8 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1 and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1 and Qwen3.5's Gated
+# DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "mamba2",
                                                       "falcon-h1"))
