@@ -31,10 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "mamba2", "falcon-h1")
+         "granitehybrid", "qwen35", "nemotron_h", "mamba2", "falcon-h1", "mamba")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H, Mamba-2 and Falcon-H1: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1"))
+# (Gemma 3n, Nemotron-H, Mamba-2, Falcon-H1 and Mamba: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1", "mamba"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -299,6 +299,12 @@ def hf_model(name: str):
             mamba_n_heads=SSM["mamba_n_heads"], mamba_d_head=SSM["mamba_d_head"], mamba_n_groups=SSM["mamba_n_groups"],
             mamba_d_state=SSM["mamba_d_state"], mamba_d_conv=SSM["mamba_d_conv"], mamba_chunk_size=16,
             mamba_rms_norm=True, mamba_norm_before_gate=False, **FALCON_H1_MULTIPLIERS)),
+        # Mamba 1's layers alone: a convolution with its bias, dt of rank 32 (ssm_dt's rows whole blocks); the
+        # CPU runs transformers' reference scan
+        "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=None, tie_word_embeddings=False, state_size=SSM["mamba_d_state"], expand=2,
+            conv_kernel=SSM["mamba_d_conv"], time_step_rank=32, use_conv_bias=True)),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -411,6 +417,9 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+    if name == "mamba":  # steps of softplus(dt) near 0.1, as trained Mamba models take, not near 0.7
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.bias.data -= 2.0
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
@@ -654,8 +663,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
-    if fam.mamba2:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1), NoPE attention,
-        #             Granite's scales
+    if fam.mamba2 or fam.mamba1:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1),
+        #                           NoPE attention, Granite's scales; Mamba's layers
         kv = HKV if fam.parallel_ssm else [0 if t == "mamba" else HKV for t in GRANITE_HYBRID_LAYERS]
         md.update({f"{arch}.attention.head_count_kv": kv,
                    f"{arch}.rope.scaling.finetuned": False, f"{arch}.ssm.conv_kernel": SSM["mamba_d_conv"],
@@ -667,8 +676,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
-    if fam.attention_free:  # (Mamba-2: the converter's head_count and feed_forward_length of 0, no KV heads)
+    if fam.attention_free:  # (Mamba-2, Mamba: the converter's head_count and feed_forward_length of 0, no KV heads)
         md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
+        if fam.mamba1:  # (Mamba's dt of rank 32)
+            md.update({f"{arch}.ssm.time_step_rank": 32, f"{arch}.ssm.inner_size": 2 * D})
         del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
@@ -756,8 +767,17 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
-        if c.is_ssm(i):  # a Mamba2 layer in place of attention (beside it: Falcon-H1); its kernel in F32, as
-            m = c.ssm  #   llama.cpp keeps it
+        if c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
+            m = c.ssm
+            w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
+                      p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner), p + "ssm_dt.weight": mat(m.inner, m.dt_rank),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.inner, m.conv_kernel, generator=g)
+                                                            / math.sqrt(m.conv_kernel), "F32"),
+                      p + "ssm_conv1d.bias": vec(m.inner), p + "ssm_dt.bias": vec(m.inner),
+                      p + "ssm_a": ops.quantize(-torch.exp(0.2 * torch.randn(m.inner, m.state, generator=g)), "F32"),
+                      p + "ssm_d": vec(m.inner, 1.0)})
+        elif c.is_ssm(i):  # a Mamba2 layer in place of attention (beside it: Falcon-H1); its kernel in F32, as
+            m = c.ssm  #     llama.cpp keeps it
             w.update({p + "ssm_in.weight": mat(m.in_dim, D), p + "ssm_out.weight": mat(D, m.inner),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.conv_dim, m.conv_kernel, generator=g)
                                                             / math.sqrt(m.conv_kernel), "F32"),

@@ -31,8 +31,8 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
-                           ModelConfig, QLinear, rope_inv_freq)
+from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
+                           SSM_LINEAR_NAMES, Model, ModelConfig, QLinear, rope_inv_freq, selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -404,7 +404,7 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's and Mamba-2's, the last: the default pairing, unused without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm",
-                                                                                   "neox"]
+                                                                                   "neox", "norm"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -567,11 +567,11 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1 and Qwen3.5's Gated
-# DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and
+# Qwen3.5's Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "mamba2",
-                                                      "falcon-h1"))
+                                                      "falcon-h1", "mamba"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -828,7 +828,7 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     c = model.config
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
-    ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
+    ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
     kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
                        else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
@@ -911,9 +911,9 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["mamba2"])
+@pytest.mark.parametrize("name", ["mamba2", "mamba"])
 def test_layers_without_attention_stream(tiny, name):
-    """Mamba-2's layers hold no attention and no FFN: streamed (the first two read from the file), each
+    """Mamba-2's and Mamba's layers hold no attention and no FFN: streamed (the first two read from the file), each
     pack holds its mixer's linears alone, and the model trains as the resident one; its cache keeps no
     keys, only the states."""
     path = gguf_of(tiny[name], "Q8_0")
@@ -930,7 +930,7 @@ def test_layers_without_attention_stream(tiny, name):
     assert plan.streamed == list(range(c.n_layers)) and not any(c.has_attention(i) for i in range(c.n_layers))
     for i in range(c.n_layers):
         assert sorted(lin.name.split(".", 2)[2] for lin in streaming.streamer.packs[i].linears) == [
-            n + ".weight" for n in sorted(SSM_LINEAR_NAMES)], i
+            n + ".weight" for n in sorted(MAMBA_LINEAR_NAMES if name == "mamba" else SSM_LINEAR_NAMES)], i
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
     cache = resident.new_cache(1, 8)
     assert all(k.numel() == 0 for k in cache.k + cache.v)
@@ -942,11 +942,12 @@ def test_layers_without_attention_stream(tiny, name):
                                         ("nemotron_h", "Mamba2 state .Granite 4's, Nemotron-H"),
                                         ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2"),
                                         ("falcon-h1", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2's and "
-                                                      "Falcon-H1")])
+                                                      "Falcon-H1"),
+                                        ("mamba", "Mamba state .Mamba's selective scans")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2 and
-    Falcon-H1 by name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
+    Falcon-H1 and Mamba by name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
     states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
@@ -1139,6 +1140,46 @@ def test_mamba2_layers_alone(tiny):
         ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
 
 
+def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path):
+    """Mamba's layer (lowtune.model.Mamba: the convolution, ssm_x, ssm_dt, selective_scan, the D skip and the
+    gate) gives transformers' MambaMixer on the converted weights (on the CPU, without the mamba_ssm kernels, its
+    slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B and C (ssm.dt_b_c_rms) give
+    FalconMambaForCausalLM's logits; a file without the scan's sizes is refused, saying which."""
+    model, hf = Model.from_gguf(tiny["mamba"].gguf), hf_model("mamba")
+    layer, mixer = model.layers[0], hf.backbone.layers[0].mixer
+    h = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4))
+    run = lambda h, cache=None, start=0: layer.ssm_out(layer.mamba(  # noqa: E731
+        layer.ssm_in(h), layer.ssm_x, layer.ssm_dt, cache, start))
+    with torch.no_grad():
+        want = mixer(h)
+        cache = model.new_cache(2, 40)
+        parts = torch.cat([run(h[:, :25], cache), run(h[:, 25:], cache, 25)], 1)
+        assert rel_err(run(h), want) < 1e-5 and rel_err(parts, want) < 1e-5
+    assert tuple(cache.recurrent_state[0].shape) == (2, 128, 16) and tuple(cache.conv_state[0].shape) == (2, 128, 3)
+    ones = torch.ones(1, 3, 2)  # (the scan alone: h_t = exp(dt A) h_{t-1} + dt x B, y = h · C)
+    y, state = selective_scan(ones, ones, -torch.ones(2, 1), torch.ones(1, 3, 1), torch.ones(1, 3, 1))
+    e = math.exp(-1.0)
+    assert torch.allclose(y[0, :, 0], torch.tensor([1.0, 1 + e, 1 + e + e * e])) and state.shape == (1, 2, 1)
+    import transformers as tf
+    falcon = randomized(tf.FalconMambaForCausalLM(tf.FalconMambaConfig(**{
+        k: v for k, v in hf.config.to_dict().items() if k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                                "state_size", "expand", "conv_kernel", "time_step_rank",
+                                                                "layer_norm_epsilon", "tie_word_embeddings")},
+        mixer_rms_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None)), "falcon_mamba")
+    falcon.save_pretrained(tmp_path / "hf")
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["mamba"].hf_dir / f, tmp_path / "hf")
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "falcon-mamba.gguf")])
+    fm = Model.from_gguf(tmp_path / "falcon-mamba.gguf")
+    ids = rand_ids(2, SEQ)
+    assert fm.config.ssm.dt_b_c_rms and not model.config.ssm.dt_b_c_rms
+    with torch.no_grad():
+        assert rel_err(fm(ids), falcon(ids).logits) < 1e-4
+    md = {**{k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")}, "mamba.vocab_size": V}
+    with pytest.raises(ValueError, match="lacks \\['mamba.ssm.time_step_rank'\\], which a mamba model's Mamba"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mamba.ssm.time_step_rank"})
+
+
 @pytest.mark.llamacpp
 def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
     """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
@@ -1205,7 +1246,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "mamba2", "falcon-h1", "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "mamba2", "falcon-h1", "mamba", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
@@ -1214,7 +1255,7 @@ def test_families_and_refusals():
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
+                      ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

@@ -17,6 +17,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
     mamba2        -     -          -           -         -          -                        -
     falcon-h1     neox  silu       -           -         -          -                        if the file gives one
+    mamba         -     -          -           -         -          -                        -
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
@@ -136,6 +137,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Mamba-2 (mamba2: Mamba-Codestral, the state-spaces Mamba2 models) has no attention and no FFN: each
   layer is Granite 4's Mamba2 mixer alone after attn_norm (Family.attention_free), its output joining
   the residual stream; the file's head_count and feed_forward_length are 0.
+  Mamba (mamba: the state-spaces Mamba models, Falcon-Mamba) is Mamba-2's layout with Mamba 1's mixer
+  (Family.mamba1, lowtune.model.Mamba: ssm_in gives x and z; x through a causal depthwise convolution with
+  its bias and SiLU; ssm_x gives dt, B and C, which Falcon-Mamba's files (ssm.dt_b_c_rms) RMS-norm; dt =
+  softplus(ssm_dt(dt)); the selective scan, one row of A [inner, state] a channel; the D skip; y · silu(z)
+  into ssm_out).
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -233,8 +239,10 @@ class Family:
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
-    attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 mixer alone after
-    #                                    attn_norm (Mamba-2; ModelConfig.mlp_layers empty)
+    attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 (or Mamba 1) mixer
+    #                                    alone after attn_norm (Mamba-2, Mamba; ModelConfig.mlp_layers empty)
+    mamba1: bool = False               # the Mamba layers run Mamba 1's selective scan (lowtune.model.Mamba), not
+    #                                    Mamba2's (Mamba, Falcon-Mamba)
     parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
     #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
     #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
@@ -325,6 +333,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
     Family("mamba2", mamba2=True, attention_free=True),
     Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
+    Family("mamba", attention_free=True, mamba1=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -413,7 +422,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
         "jamba", "minimax-m2"}
-_RECURRENT = {"mamba", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
+_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
