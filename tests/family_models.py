@@ -770,7 +770,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
             m = c.ssm
             w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
-                      p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner), p + "ssm_dt.weight": mat(m.inner, m.dt_rank),
+                      p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner),
+                      p + "ssm_dt.weight": mat(m.inner, m.dt_rank),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.inner, m.conv_kernel, generator=g)
                                                             / math.sqrt(m.conv_kernel), "F32"),
                       p + "ssm_conv1d.bias": vec(m.inner), p + "ssm_dt.bias": vec(m.inner),

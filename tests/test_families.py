@@ -947,8 +947,8 @@ def test_layers_without_attention_stream(tiny, name):
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
     a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
-    Falcon-H1 and Mamba by name, and generate decodes them through the model's steps (a scan's recurrent step on the cached
-    states), as the full forward does."""
+    Falcon-H1 and Mamba by name, and generate decodes them through the model's steps (a scan's recurrent step
+    on the cached states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
@@ -1143,8 +1143,9 @@ def test_mamba2_layers_alone(tiny):
 def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path):
     """Mamba's layer (lowtune.model.Mamba: the convolution, ssm_x, ssm_dt, selective_scan, the D skip and the
     gate) gives transformers' MambaMixer on the converted weights (on the CPU, without the mamba_ssm kernels, its
-    slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B and C (ssm.dt_b_c_rms) give
-    FalconMambaForCausalLM's logits; a file without the scan's sizes is refused, saying which."""
+    slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B
+    and C (ssm.dt_b_c_rms) give FalconMambaForCausalLM's logits; a file without the scan's sizes is refused,
+    saying which."""
     model, hf = Model.from_gguf(tiny["mamba"].gguf), hf_model("mamba")
     layer, mixer = model.layers[0], hf.backbone.layers[0].mixer
     h = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4))
