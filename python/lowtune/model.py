@@ -599,7 +599,8 @@ class MambaShape:
         return {"ssm_in.weight": (2 * self.inner, dim), "ssm_out.weight": (dim, self.inner),
                 "ssm_conv1d.weight": (self.inner, self.conv_kernel), "ssm_conv1d.bias": (self.inner,),
                 "ssm_x.weight": (self.dt_rank + 2 * self.state, self.inner),
-                "ssm_dt.weight": (self.inner, self.dt_rank), "ssm_dt.bias": (self.inner,), "ssm_a": (self.inner, self.state), "ssm_d": (self.inner,)}
+                "ssm_dt.weight": (self.inner, self.dt_rank), "ssm_dt.bias": (self.inner,),
+                "ssm_a": (self.inner, self.state), "ssm_d": (self.inner,)}
 
     @classmethod
     def from_gguf_metadata(cls, md: Mapping, arch: str) -> "MambaShape":
