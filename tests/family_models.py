@@ -31,10 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1", "mamba")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
+# (Gemma 3n, Nemotron-H, Mamba-2, Falcon-H1 and Mamba: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1", "mamba"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -64,6 +64,10 @@ GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 # BitNet: rows of 256, which TQ1_0's and TQ2_0's blocks take
 BITNET_D = 256
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
+# Falcon-H1's multipliers, none of them 1
+FALCON_H1_MULTIPLIERS = dict(embedding_multiplier=2.0, lm_head_multiplier=0.5, mlp_multipliers=[0.8, 1.2],
+                             key_multiplier=0.7, attention_in_multiplier=0.9, attention_out_multiplier=1.1,
+                             ssm_in_multiplier=0.9, ssm_out_multiplier=1.1, ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.6])
 # Nemotron-H: each layer a Mamba2 mixer (M), an MLP (-) or attention (*), as its configs' hybrid_override_pattern;
 # Nemotron-H MoE's: experts (E) in place of the MLPs
 NEMOTRON_H_PATTERN = "M-*-M-"
@@ -333,6 +337,26 @@ def hf_model(name: str):
         # its MLPs as experts without a gate (sigmoid routing with a selection bias, renormalized and weighed
         # × 2) beside a shared expert twice as wide
         "nemotron_h_moe": lambda: nemotron_h(tf, common, experts=EXPERTS),
+        # Mamba2 layers alone (Granite 4's sizes: two groups of B/C, conv biases); transformers' chunks (16)
+        # shorter than SEQ
+        "mamba2": lambda: tf.Mamba2ForCausalLM(tf.Mamba2Config(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=None, tie_word_embeddings=False, num_heads=SSM["mamba_n_heads"], head_dim=SSM["mamba_d_head"],
+            n_groups=SSM["mamba_n_groups"], state_size=SSM["mamba_d_state"], conv_kernel=SSM["mamba_d_conv"],
+            expand=SSM["mamba_expand"], chunk_size=16)),
+        # a Mamba2 mixer (Granite 4's sizes, the gated RMSNorm after the gate, as llama.cpp runs it) beside
+        # attention in every layer, its many multipliers (the converter folds them into the weights)
+        "falcon-h1": lambda: tf.FalconH1ForCausalLM(tf.FalconH1Config(
+            **common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, mamba_d_ssm=SSM["mamba_expand"] * D,
+            mamba_n_heads=SSM["mamba_n_heads"], mamba_d_head=SSM["mamba_d_head"], mamba_n_groups=SSM["mamba_n_groups"],
+            mamba_d_state=SSM["mamba_d_state"], mamba_d_conv=SSM["mamba_d_conv"], mamba_chunk_size=16,
+            mamba_rms_norm=True, mamba_norm_before_gate=False, **FALCON_H1_MULTIPLIERS)),
+        # Mamba 1's layers alone: a convolution with its bias, dt of rank 32 (ssm_dt's rows whole blocks); the
+        # CPU runs transformers' reference scan
+        "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=None, tie_word_embeddings=False, state_size=SSM["mamba_d_state"], expand=2,
+            conv_kernel=SSM["mamba_d_conv"], time_step_rank=32, use_conv_bias=True)),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
@@ -474,6 +498,9 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+    if name == "mamba":  # steps of softplus(dt) near 0.1, as trained Mamba models take, not near 0.7
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.bias.data -= 2.0
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
@@ -580,12 +607,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron, olmo,
-                        phi, qwen, starcoder)
+from conversion import (command_r, deepseek, exaone, falcon_h1, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron,
+                        olmo, phi, qwen, starcoder)
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's,
 # gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
-# Llama 4's, Nemotron-H's and MiniMax-M2's converters read only byte-level BPE vocabularies; the tiny models
-# share a SentencePiece one
+# Llama 4's, Nemotron-H's, MiniMax-M2's and Falcon-H1's converters read only byte-level BPE vocabularies; the
+# tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -594,6 +621,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
     nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
+    falcon_h1.FalconH1Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
@@ -770,8 +798,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
-    if fam.mamba2:  # Mamba2 layers where the file gives no KV heads, NoPE attention, Granite's scales
-        md.update({f"{arch}.attention.head_count_kv": [0 if t == "mamba" else HKV for t in GRANITE_HYBRID_LAYERS],
+    if fam.mamba2 or fam.mamba1:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1),
+        #                           NoPE attention, Granite's scales; Mamba's layers
+        kv = HKV if fam.parallel_ssm else [0 if t == "mamba" else HKV for t in GRANITE_HYBRID_LAYERS]
+        md.update({f"{arch}.attention.head_count_kv": kv,
                    f"{arch}.rope.scaling.finetuned": False, f"{arch}.ssm.conv_kernel": SSM["mamba_d_conv"],
                    f"{arch}.ssm.state_size": SSM["mamba_d_state"], f"{arch}.ssm.group_count": SSM["mamba_n_groups"],
                    f"{arch}.ssm.inner_size": SSM["mamba_expand"] * D,
@@ -781,6 +811,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
+    if fam.attention_free:  # (Mamba-2, Mamba: the converter's head_count and feed_forward_length of 0, no KV heads)
+        md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
+        if fam.mamba1:  # (Mamba's dt of rank 32)
+            md.update({f"{arch}.ssm.time_step_rank": 32, f"{arch}.ssm.inner_size": 2 * D})
+        del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,
                    "granite.logit_scale": 1.5})
@@ -873,20 +908,30 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c, i).items() if fam.norm_weights})
-        if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
-            pass
-        elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
-            w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
-                      p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
-                                                                / math.sqrt(CONV_KERNEL), "F32")})
-        elif c.is_ssm(i):  # a Mamba2 layer in place of attention; its kernel in F32, as llama.cpp keeps it
+        if c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
             m = c.ssm
+            w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
+                      p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner),
+                      p + "ssm_dt.weight": mat(m.inner, m.dt_rank),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.inner, m.conv_kernel, generator=g)
+                                                            / math.sqrt(m.conv_kernel), "F32"),
+                      p + "ssm_conv1d.bias": vec(m.inner), p + "ssm_dt.bias": vec(m.inner),
+                      p + "ssm_a": ops.quantize(-torch.exp(0.2 * torch.randn(m.inner, m.state, generator=g)), "F32"),
+                      p + "ssm_d": vec(m.inner, 1.0)})
+        elif c.is_ssm(i):  # a Mamba2 layer in place of attention (beside it: Falcon-H1); its kernel in F32, as
+            m = c.ssm  #     llama.cpp keeps it
             w.update({p + "ssm_in.weight": mat(m.in_dim, D), p + "ssm_out.weight": mat(D, m.inner),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.conv_dim, m.conv_kernel, generator=g)
                                                             / math.sqrt(m.conv_kernel), "F32"),
                       p + "ssm_conv1d.bias": vec(m.conv_dim), p + "ssm_dt.bias": vec(m.heads),
                       p + "ssm_a": -torch.exp(vec(m.heads)), p + "ssm_d": vec(m.heads, 1.0),
                       p + "ssm_norm.weight": vec(m.inner, 1.0)})
+        if not c.has_mixer(i) or c.is_ssm(i) and not c.has_attention(i):  # (Nemotron-H's MLP layers; Mamba2's)
+            pass
+        elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
+            w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
+                      p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
+                                                                / math.sqrt(CONV_KERNEL), "F32")})
         elif c.is_delta(i):  # a Gated DeltaNet in place of attention; its kernel in F32, as llama.cpp keeps it
             ch = c.ssm_conv_channels
             w.update({p + "attn_qkv.weight": mat(ch, D), p + "attn_gate.weight": mat(hv * dk, D),

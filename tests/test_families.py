@@ -31,8 +31,8 @@ from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
-from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
-                           ModelConfig, NoNorm, QLinear, rope_inv_freq)
+from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
+                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, rope_inv_freq, selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -437,9 +437,10 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's: the default pairing, unused without RoPE)
+    # (Nemotron-H's, Mamba-2's and Mamba's: the default pairing, unused without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
-                                                                                  "norm", "neox"]
+                                                                                  "norm", "neox", "norm", "neox",
+                                                                                  "norm"]
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
@@ -602,11 +603,12 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention;
-# OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
+# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and
+# Qwen3.5's Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs;
+# MiniCPM3's latent attention; OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo",
+                                                      "bitnet", "mamba2", "falcon-h1", "mamba"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -679,8 +681,10 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
     model = Model.from_gguf(path)
-    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's)
-        assert model.tensor_types[f"blk.{(model.config.mlp_layers or (0,))[0]}.ffn_down.weight"] == qtype
+    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's; Mamba-2 has none)
+        mlp = model.config.mlp_layers
+        linear = "blk.0.ssm_out" if mlp == () else f"blk.{(mlp or (0,))[0]}.ffn_down"
+        assert model.tensor_types[linear + ".weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
     print(f"{name} {qtype}: perplexity lowtune {got:.4f}, llama.cpp {want:.4f} ({(got - want) / want:+.4%})")
@@ -865,10 +869,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, attn_kv_b whole)
         targets = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
-    ssm = list(SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2 layers)
+    ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
-    kinds = lambda i: (conv if c.is_conv(i) else ssm if c.is_ssm(i)  # noqa: E731
-                       else delta if c.is_delta(i) else targets)
+    kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
+                       else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
@@ -948,15 +952,44 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
+@pytest.mark.parametrize("name", ["mamba2", "mamba"])
+def test_layers_without_attention_stream(tiny, name):
+    """Mamba-2's and Mamba's layers hold no attention and no FFN: streamed (the first two read from the file), each
+    pack holds its mixer's linears alone, and the model trains as the resident one; its cache keeps no
+    keys, only the states."""
+    path = gguf_of(tiny[name], "Q8_0")
+
+    def adapted():
+        model = Model.from_gguf(path)
+        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+        adapters.mark_only_adapters_trainable(model)
+        fill_adapters(model, torch.Generator().manual_seed(3))
+        return model
+
+    resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
+    c = resident.config
+    assert plan.streamed == list(range(c.n_layers)) and not any(c.has_attention(i) for i in range(c.n_layers))
+    for i in range(c.n_layers):
+        assert sorted(lin.name.split(".", 2)[2] for lin in streaming.streamer.packs[i].linears) == [
+            n + ".weight" for n in sorted(MAMBA_LINEAR_NAMES if name == "mamba" else SSM_LINEAR_NAMES)], i
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
+    cache = resident.new_cache(1, 8)
+    assert all(k.numel() == 0 for k in cache.k + cache.v)
+
+
 @pytest.mark.parametrize("name,state", [("lfm2", "short-convolution state .LFM2"),
                                         ("qwen35", "Gated DeltaNet state .Qwen3.5"),
                                         ("granitehybrid", "Mamba2 state .Granite 4"),
-                                        ("nemotron_h", "Mamba2 state .Granite 4's and Nemotron-H")])
+                                        ("nemotron_h", "Mamba2 state .Granite 4's, Nemotron-H"),
+                                        ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2"),
+                                        ("falcon-h1", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2's and "
+                                                      "Falcon-H1"),
+                                        ("mamba", "Mamba state .Mamba's selective scans")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
-    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid and Nemotron-H by name, and
-    generate decodes them through the model's steps (a scan's recurrent step on the cached states),
-    as the full forward does."""
+    a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
+    Falcon-H1 and Mamba by name, and generate decodes them through the model's steps (a scan's recurrent step
+    on the cached states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     assert cpu_decoder(model, model.new_cache(1, 16)) is None
@@ -1124,6 +1157,104 @@ def test_nemotron_h_layers_of_one_part(tiny):
     assert family_of({"general.architecture": "nemotron_h_moe"}) is FAMILIES["nemotron_h_moe"]
 
 
+def test_mamba2_layers_alone(tiny):
+    """Mamba-2's file gives no attention heads and no FFN width: every layer is a Mamba2 mixer after attn_norm,
+    with nothing else in it; its sizes as the file's ssm.* keys say, and a file that lacks one or whose sizes do
+    not divide is refused, saying what it needs."""
+    model = Model.from_gguf(tiny["mamba2"].gguf)
+    c = model.config
+    assert (c.n_heads, c.n_kv_heads, c.ffn_dim, c.ssm_layers, c.mlp_layers) == (0, 0, 0, (0, 1), ())
+    assert (c.ssm.heads, c.ssm.groups, c.ssm.state, c.ssm.inner) == (8, 2, 16, 128)
+    assert not any(c.has_attention(i) or c.has_ffn(i) for i in range(c.n_layers))
+    assert not any(hasattr(layer, n) for layer in model.layers for n in ("attn_q", "ffn_up", "ffn_norm"))
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["mamba2"].gguf)["config"]["ssm_layers"] == [0, 1]
+    md = {"general.architecture": "mamba2", "mamba2.embedding_length": 64, "mamba2.block_count": 2,
+          "mamba2.feed_forward_length": 0, "mamba2.attention.head_count": 0, "mamba2.vocab_size": 9,
+          "mamba2.attention.layer_norm_rms_epsilon": 1e-5,
+          **{f"mamba2.ssm.{k}": v for k, v in (("conv_kernel", 4), ("state_size", 16), ("group_count", 2),
+                                               ("inner_size", 128), ("time_step_rank", 8))}}
+    assert ModelConfig.from_gguf_metadata(md).ssm_layers == (0, 1)
+    with pytest.raises(ValueError, match="lacks \\['mamba2.ssm.group_count'\\]"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mamba2.ssm.group_count"})
+    with pytest.raises(ValueError, match="inner must be a multiple of heads"):
+        ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
+
+
+def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path):
+    """Mamba's layer (lowtune.model.Mamba: the convolution, ssm_x, ssm_dt, selective_scan, the D skip and the
+    gate) gives transformers' MambaMixer on the converted weights (on the CPU, without the mamba_ssm kernels, its
+    slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B
+    and C (ssm.dt_b_c_rms) give FalconMambaForCausalLM's logits; a file without the scan's sizes is refused,
+    saying which."""
+    model, hf = Model.from_gguf(tiny["mamba"].gguf), hf_model("mamba")
+    layer, mixer = model.layers[0], hf.backbone.layers[0].mixer
+    h = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4))
+    run = lambda h, cache=None, start=0: layer.ssm_out(layer.mamba(  # noqa: E731
+        layer.ssm_in(h), layer.ssm_x, layer.ssm_dt, cache, start))
+    with torch.no_grad():
+        want = mixer(h)
+        cache = model.new_cache(2, 40)
+        parts = torch.cat([run(h[:, :25], cache), run(h[:, 25:], cache, 25)], 1)
+        assert rel_err(run(h), want) < 1e-5 and rel_err(parts, want) < 1e-5
+    assert tuple(cache.recurrent_state[0].shape) == (2, 128, 16) and tuple(cache.conv_state[0].shape) == (2, 128, 3)
+    ones = torch.ones(1, 3, 2)  # (the scan alone: h_t = exp(dt A) h_{t-1} + dt x B, y = h · C)
+    y, state = selective_scan(ones, ones, -torch.ones(2, 1), torch.ones(1, 3, 1), torch.ones(1, 3, 1))
+    e = math.exp(-1.0)
+    assert torch.allclose(y[0, :, 0], torch.tensor([1.0, 1 + e, 1 + e + e * e])) and state.shape == (1, 2, 1)
+    import transformers as tf
+    falcon = randomized(tf.FalconMambaForCausalLM(tf.FalconMambaConfig(**{
+        k: v for k, v in hf.config.to_dict().items() if k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                                "state_size", "expand", "conv_kernel", "time_step_rank",
+                                                                "layer_norm_epsilon", "tie_word_embeddings")},
+        mixer_rms_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None)), "falcon_mamba")
+    falcon.save_pretrained(tmp_path / "hf")
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["mamba"].hf_dir / f, tmp_path / "hf")
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "falcon-mamba.gguf")])
+    fm = Model.from_gguf(tmp_path / "falcon-mamba.gguf")
+    ids = rand_ids(2, SEQ)
+    assert fm.config.ssm.dt_b_c_rms and not model.config.ssm.dt_b_c_rms
+    with torch.no_grad():
+        assert rel_err(fm(ids), falcon(ids).logits) < 1e-4
+    md = {**{k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")}, "mamba.vocab_size": V}
+    with pytest.raises(ValueError, match="lacks \\['mamba.ssm.time_step_rank'\\], which a mamba model's Mamba"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mamba.ssm.time_step_rank"})
+
+
+@pytest.mark.llamacpp
+def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
+    """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
+    ffn_norm, whose tensor its file names without .weight, and an MLP; its multipliers are in the converted
+    weights. A file without the gated norm (mamba_rms_norm false, as the published configs mostly have it)
+    runs without one and gives transformers' logits and llama.cpp's perplexity; per-layer KV head counts are
+    refused."""
+    model = Model.from_gguf(tiny["falcon-h1"].gguf)
+    c = model.config
+    assert c.ssm_layers == (0, 1) and all(c.has_attention(i) and c.has_ffn(i) for i in range(c.n_layers))
+    assert (c.n_heads, c.n_kv_heads, c.ssm.heads, c.family.rope) == (H, HKV, 8, "neox")
+    with GGUFFile(tiny["falcon-h1"].gguf) as f:
+        assert "blk.0.ffn_norm" in f.tensor_infos and "blk.0.ffn_norm.weight" not in f.tensor_infos
+        assert torch.equal(model.layers[0].ffn_norm.weight, f.tensor("blk.0.ffn_norm").reshape(-1))
+    hf = hf_model("falcon-h1")
+    hf.config.mamba_rms_norm = False
+    plain = randomized(type(hf)(hf.config), "falcon-h1")
+    assert not any(".mamba.norm." in n for n, _ in plain.named_parameters())
+    plain.save_pretrained(tmp_path / "hf")
+    shutil.copy(tiny["falcon-h1"].hf_dir / "tokenizer.model", tmp_path / "hf")
+    shutil.copy(tiny["falcon-h1"].hf_dir / "tokenizer_config.json", tmp_path / "hf")
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "plain.gguf")])
+    ids, without = rand_ids(2, SEQ), Model.from_gguf(tmp_path / "plain.gguf")
+    with torch.no_grad():
+        got, want, normed = without(ids), plain(ids).logits, hf(ids).logits
+        ppl = math.exp(float(without.loss(ids)))
+    assert rel_err(got, want) < 1e-4 and rel_err(got, normed) > 1e-3
+    assert ppl == pytest.approx(llamacpp_perplexity(llamacpp(tmp_path / "plain.gguf"), ids), rel=5e-4)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")}
+    with pytest.raises(ValueError, match="KV head counts \\[2, 0\\]; falcon-h1 attends in every layer"):
+        ModelConfig.from_gguf_metadata({**md, "falcon-h1.attention.head_count_kv": [2, 0]})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -1209,7 +1340,8 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "nemotron_h_moe", "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
+                         "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "minicpm", "minicpm3", "ernie4_5",
+                         "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
@@ -1219,7 +1351,7 @@ def test_families_and_refusals():
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
+                      ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

@@ -34,7 +34,8 @@ from lowtune import adapters, merge
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
 from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
-from lowtune.model import CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, SSM_LINEAR_NAMES, Model
+from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, SSM_LINEAR_NAMES,
+                           Model)
 
 from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
                            rand_ids, random_family_model, rel_err)
@@ -57,7 +58,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
-                 "bitnet": "qdylora"}
+                 "bitnet": "qdylora", "mamba2": "qa-lora",
+                 "falcon-h1": "qdylora", "mamba": "qa-hira"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -67,7 +69,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
-                   "bitnet": "q-bara"}
+                   "bitnet": "q-bara", "mamba2": "qa-hira",
+                   "falcon-h1": "q-bara", "mamba": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -166,7 +169,9 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     if name == "minicpm3":  # (latent attention: q through its latent, attn_kv_b whole)
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
-    present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h") else set()  # (Mamba2 layers)
+    present = set(SSM_LINEAR_NAMES) if name == "mamba2" else present  # (Mamba2 layers alone)
+    present = set(MAMBA_LINEAR_NAMES) if name == "mamba" else present  # (Mamba's)
+    present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h", "falcon-h1") else set()  # (Mamba2)
     present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
     assert {m.rsplit(".", 1)[-1] for m in modules} == present - absent
     before, after = result.eval_before["eval_loss"], result.eval_after["eval_loss"]
@@ -336,17 +341,19 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
 
 
-def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path):
-    """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged HF directory and PEFT adapter
-    are refused, saying to export GGUF, and a NemotronHForCausalLM directory by its class (the converter's
-    GGUF is what lowtune reads)."""
-    a = adapted("nemotron_h")
-    with pytest.raises(ValueError, match="no Hugging Face directory of a nemotron_h model.*GGUF"):
+@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
+                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM")])
+def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors: their merged HF
+    directory and PEFT adapter are refused, saying to export GGUF, and their transformers directories by class
+    (the converter's GGUF is what lowtune reads)."""
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match="nemotron_h"):
+    with pytest.raises(ValueError, match=name):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match="NemotronHForCausalLM.*is not supported"):
-        lowtune.load_model(family_models["nemotron_h"].hf_dir)
+    with pytest.raises(ValueError, match=f"{hf_class}.*is not supported"):
+        lowtune.load_model(family_models[name].hf_dir)
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
@@ -446,12 +453,13 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "bitnet"])
+                                  "bitnet", "mamba2", "falcon-h1", "mamba"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
-    sub-norms."""
+    sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
+    selective scans."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -470,7 +478,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "bitnet"))
+                                  "bitnet", "mamba2", "falcon-h1", "mamba"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

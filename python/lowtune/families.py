@@ -16,6 +16,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     granitehybrid norm  silu       -           -         from file  -                        if the file gives one
     nemotron_h    none  relu2      -           -         -          -                        if the file gives one
     nemotron_h_moe none relu2      -           -         -          -                        if the file gives one
+    mamba2        -     -          -           -         -          -                        -
+    falcon-h1     neox  silu       -           -         -          -                        if the file gives one
+    mamba         -     -          -           -         -          -                        -
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     minicpm3      neox  silu       -           -         fixed      -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
@@ -157,6 +160,19 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
   renormalization and scale, expert groups where the file gives them); its NextN layers are left out
   as GLM-4.5 MoE's.
+  Mamba-2 (mamba2: Mamba-Codestral, the state-spaces Mamba2 models) has no attention and no FFN: each
+  layer is Granite 4's Mamba2 mixer alone after attn_norm (Family.attention_free), its output joining
+  the residual stream; the file's head_count and feed_forward_length are 0.
+  Mamba (mamba: the state-spaces Mamba models, Falcon-Mamba) is Mamba-2's layout with Mamba 1's mixer
+  (Family.mamba1, lowtune.model.Mamba: ssm_in gives x and z; x through a causal depthwise convolution with
+  its bias and SiLU; ssm_x gives dt, B and C, which Falcon-Mamba's files (ssm.dt_b_c_rms) RMS-norm; dt =
+  softplus(ssm_dt(dt)); the selective scan, one row of A [inner, state] a channel; the D skip; y · silu(z)
+  into ssm_out).
+  Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
+  (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
+  ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
+  gated norm of the Mamba2 output is there where the file has ssm_norm, and its FFN norm's tensor is
+  blk.N.ffn_norm, without .weight (read as the others' blk.N.ffn_norm.weight).
   Qwen3.5 (qwen35) is a hybrid too: the layers the file marks recurrent (attention.recurrent_layers, or
   all but every full_attention_interval-th) run a Gated DeltaNet (Family.delta_net, lowtune.model's
   gated_delta_rule: a causal depthwise convolution with SiLU over q, k, v, L2-normed q and k, the
@@ -275,6 +291,13 @@ class Family:
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
+    attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 (or Mamba 1) mixer
+    #                                    alone after attn_norm (Mamba-2, Mamba; ModelConfig.mlp_layers empty)
+    mamba1: bool = False               # the Mamba layers run Mamba 1's selective scan (lowtune.model.Mamba), not
+    #                                    Mamba2's (Mamba, Falcon-Mamba)
+    parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
+    #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
+    #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -373,6 +396,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
     Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
            moe_gating=2, moe_weight_keys=True, nextn_layers=True),
+    Family("mamba2", mamba2=True, attention_free=True),
+    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
+    Family("mamba", attention_free=True, mamba1=True),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
     # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
@@ -474,7 +500,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "jamba"}
-_RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
+_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}

@@ -303,9 +303,10 @@ class StepDecoder:
                              "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
         c = model.config
         if c.stateful_layers:
+            mamba2 = ("Mamba state (Mamba's selective scans)" if c.family.mamba1 else
+                      "Mamba2 state (Granite 4's, Nemotron-H's, Mamba-2's and Falcon-H1's Mamba2 layers)")
             kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
-                    "Mamba2 state (Granite 4's and Nemotron-H's Mamba2 layers)" if c.ssm_layers else
-                    "Gated DeltaNet state (Qwen3.5's recurrent layers)")
+                    mamba2 if c.ssm_layers else "Gated DeltaNet state (Qwen3.5's recurrent layers)")
             raise ValueError(f"StepDecoder's captured steps keep no {kind}; decode with graphs=False")
         dev = model.device
         self.model, self.max_len = model, max_len

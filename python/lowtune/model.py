@@ -2,8 +2,9 @@
 SmolLM3, Granite, ERNIE 4.5, Ministral 3, Qwen2/2.5, Qwen3, Qwen3 MoE, Mixtral, Phi-3/3.5, Gemma,
 Gemma 2, Gemma 3, OLMo 2/3, GLM-4, DeepSeek V2/V3 and the other families lowtune.families lists;
 LFM2's convolution layers take a ShortConv in place of attention, Granite 4's hybrids' Mamba2 layers
-a Mamba2, Qwen3.5's recurrent layers a Gated DeltaNet (gated_delta_rule), and Gemma 3n's AltUp,
-Laurel and per-layer inputs wrap this decoder in lowtune.gemma3n.
+a Mamba2 (Mamba-2's layers are that alone), Qwen3.5's recurrent layers a Gated DeltaNet
+(gated_delta_rule), and Gemma 3n's AltUp, Laurel and per-layer inputs wrap this decoder in
+lowtune.gemma3n.
 
 What differs between the families is data (lowtune.families.Family, reached through ModelConfig);
 the one DecoderLayer below reads it. Every weight matrix stays in its own block format (a QTensor)
@@ -87,6 +88,8 @@ CONV_LINEAR_NAMES = ("in_proj", "out_proj")
 DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_ba", "ssm_out")
 # the linears of a Mamba2 layer (Granite 4's hybrids), in place of the four attention ones; modules blk.N.<name>
 SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
+# the linears of a Mamba 1 layer (Mamba): Mamba2's and the scan's inputs, ssm_x (dt, B, C) and ssm_dt (dt)
+MAMBA_LINEAR_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
 # attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
@@ -97,7 +100,7 @@ QK_NORM_NAMES = ("attn_q_norm", "attn_k_norm")
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
 ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES
-                                     + SSM_LINEAR_NAMES + DELTA_LINEAR_NAMES))
+                                     + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ class ModelConfig:
     sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
     #                                       deviations above its mean (-inf or absent: all of it)
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
-    ssm: SSMShape | None = None   # their sizes (the file's ssm.* keys)
+    ssm: SSMShape | MambaShape | None = None  # their sizes (the file's ssm.* keys; Mamba 1's: Family.mamba1)
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
     mlp_layers: tuple[int, ...] | None = None  # the layers that are an MLP alone, the others a mixer alone
     #                               (Nemotron-H: Family.layer_parts); None: every layer a mixer and an FFN
@@ -231,7 +234,8 @@ class ModelConfig:
         return max(i for i in range(self.kv_layers) if self.is_sliding(i) == self.is_sliding(layer))
 
     def is_ssm(self, layer: int) -> bool:
-        """Whether layer `layer` is a Mamba2 layer in place of attention (Granite 4's hybrids)."""
+        """Whether layer `layer` runs a Mamba2 mixer: in place of attention (Granite 4's hybrids), or beside
+        it (Falcon-H1: Family.parallel_ssm)."""
         return layer in self.ssm_layers
 
     def has_mixer(self, layer: int) -> bool:
@@ -244,7 +248,8 @@ class ModelConfig:
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
-        return self.has_mixer(layer) and not (self.is_conv(layer) or self.is_ssm(layer) or self.is_delta(layer))
+        in_place = self.is_conv(layer) or self.is_delta(layer) or self.is_ssm(layer) and not self.family.parallel_ssm
+        return self.has_mixer(layer) and not in_place
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
@@ -310,7 +315,7 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
-        head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
+        head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads if n_heads else 0))  # (Mamba-2: 0)
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
             tokens = md.get("tokenizer.ggml.tokens")
@@ -447,6 +452,8 @@ class ModelConfig:
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         ffn, parts = get("feed_forward_length"), {}
+        if fam.attention_free:  # (no FFN in any layer: Mamba-2)
+            parts["mlp_layers"] = ()
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
@@ -491,7 +498,7 @@ class ModelConfig:
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
-        if self.n_heads % self.n_kv_heads:
+        if not self.family.attention_free and self.n_heads % self.n_kv_heads:
             raise ValueError(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
@@ -508,9 +515,9 @@ class ModelConfig:
         if self.kv_lora_rank and self.rope_dim >= self.head_dim:
             raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
                              f"{self.rope_dim} RoPE dims")
-        if self.ssm_layers and (self.ssm is None or not self.family.mamba2):
+        if self.ssm_layers and (self.ssm is None or not (self.family.mamba2 or self.family.mamba1)):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
-        if (self.mlp_layers is not None) != self.family.layer_parts or any(
+        if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
                 not 0 <= i < self.n_layers for i in self.mlp_layers or ()):
             raise ValueError(f"MLP-only layers {self.mlp_layers} in a {self.arch} model of {self.n_layers} layers "
                              "(Nemotron-H's files give them, as the layers with an FFN width)")
@@ -599,6 +606,43 @@ class SSMShape:
         return shape
 
 
+@dataclass(frozen=True)
+class MambaShape:
+    """The sizes of a model's Mamba 1 layers, as llama.cpp reads them (ssm.* keys): inner is x's and z's
+    width (each channel a head of its own, with its own row of A), state B's and C's, dt_rank the width
+    ssm_x gives dt, conv_kernel the causal convolution's; dt_b_c_rms: dt, B and C are RMS-normed without a
+    weight (Falcon-Mamba's ssm.dt_b_c_rms)."""
+    inner: int
+    state: int
+    dt_rank: int
+    conv_kernel: int
+    dt_b_c_rms: bool = False
+
+    @property
+    def conv_dim(self) -> int:
+        return self.inner
+
+    def tensor_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """A layer's tensors after blk.N.: GGUF name -> shape as lowtune reads it."""
+        return {"ssm_in.weight": (2 * self.inner, dim), "ssm_out.weight": (dim, self.inner),
+                "ssm_conv1d.weight": (self.inner, self.conv_kernel), "ssm_conv1d.bias": (self.inner,),
+                "ssm_x.weight": (self.dt_rank + 2 * self.state, self.inner),
+                "ssm_dt.weight": (self.inner, self.dt_rank), "ssm_dt.bias": (self.inner,),
+                "ssm_a": (self.inner, self.state), "ssm_d": (self.inner,)}
+
+    @classmethod
+    def from_gguf_metadata(cls, md: Mapping, arch: str) -> "MambaShape":
+        keys = {"inner": "inner_size", "state": "state_size", "dt_rank": "time_step_rank", "conv_kernel": "conv_kernel"}
+        missing = [f"{arch}.ssm.{k}" for k in keys.values() if f"{arch}.ssm.{k}" not in md]
+        if missing:
+            raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Mamba layers need")
+        shape = cls(**{f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()},
+                    dt_b_c_rms=bool(md.get(f"{arch}.ssm.dt_b_c_rms", False)))
+        if min(shape.inner, shape.state, shape.dt_rank) < 1 or shape.conv_kernel < 2:
+            raise ValueError(f"Mamba sizes {shape}: every size must be positive, and the convolution at least 2 wide")
+        return shape
+
+
 def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: int,
                               mlp_layers: tuple[int, ...] = ()) -> tuple[int, dict]:
     """(the attention layers' KV head count, the short-convolution or Mamba2 fields of ModelConfig) of a
@@ -606,7 +650,15 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     convolution layers (llama.cpp's rule), whose width is shortconv.l_cache, and Granite 4's hybrids' to
     their Mamba2 layers, whose sizes are the ssm.* keys; Nemotron-H's MLP layers (mlp_layers) have 0 too."""
     arch = fam.arch
+    if fam.attention_free:  # (every layer a Mamba2 mixer: Mamba-2; Mamba 1's: Mamba)
+        shape = (MambaShape if fam.mamba1 else SSMShape).from_gguf_metadata(md, arch)
+        return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": shape}
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
+    if fam.parallel_ssm:  # (a Mamba2 mixer beside attention in every layer: Falcon-H1)
+        if isinstance(kv, (list, tuple)):
+            raise ValueError(f"this {arch} file gives its layers KV head counts {list(kv)}; {arch} attends in "
+                             "every layer with one count")
+        return int(kv), {"ssm_layers": tuple(range(n_layers)), "ssm": SSMShape.from_gguf_metadata(md, arch)}
     if not isinstance(kv, (list, tuple)):
         return int(kv), {}
     counts = [int(k) for k in kv[:n_layers]]
@@ -805,8 +857,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
-        if not (fam.parallel or fam.layer_parts):  # (a parallel FFN reads attn_norm's output; a layer of one
-            out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
+        if not (fam.parallel or fam.layer_parts or fam.attention_free):  # (a parallel FFN reads attn_norm's
+            out[fam.ffn_norm_tensor] = (c.dim,)  # output; a layer of one part has one norm)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.sub_norms:
@@ -1026,8 +1078,10 @@ class Mamba2(nn.Module):
                              persistent=False)
         bias = w.get(p + "ssm_conv1d.bias")
         self.register_buffer("conv_bias", None if bias is None else _vector(bias), persistent=False)
-        for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias"), ("norm", "ssm_norm.weight")):
+        for name, key in (("A", "ssm_a"), ("D", "ssm_d"), ("dt_bias", "ssm_dt.bias")):
             self.register_buffer(name, _vector(w[p + key]), persistent=False)
+        norm = w.get(p + "ssm_norm.weight")  # (Falcon-H1's files may have none)
+        self.register_buffer("norm", None if norm is None else _vector(norm), persistent=False)
 
     def forward(self, zxbcdt: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """ssm_in's output [B, T, in_dim] at positions start..start+T -> y [B, T, inner] for ssm_out."""
@@ -1054,19 +1108,86 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.recurrent_state[self.index] = state
         y = (y + x * self.D[:, None]).reshape(b, t, m.inner) * F.silu(z.float())
-        g = y.reshape(b, t, m.groups, -1)
-        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(b, t, m.inner) * self.norm
+        if self.norm is not None:
+            g = y.reshape(b, t, m.groups, -1)
+            y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(b, t, m.inner) * self.norm
         return y.to(zxbcdt.dtype)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's frozen tensors under their GGUF names after blk.N. (no bias where the file has none)."""
         out = {"ssm_conv1d.weight": self.kernel, "ssm_a": self.A, "ssm_d": self.D, "ssm_dt.bias": self.dt_bias,
-               "ssm_norm.weight": self.norm}
-        return out if self.conv_bias is None else {**out, "ssm_conv1d.bias": self.conv_bias}
+               "ssm_norm.weight": self.norm, "ssm_conv1d.bias": self.conv_bias}
+        return {n: t for n, t in out.items() if t is not None}
 
     def extra_repr(self) -> str:
         m = self.shape
         return f"{m.heads} heads of {m.head_dim}, state {m.state}, {m.groups} groups, kernel {m.conv_kernel}"
+
+
+class Mamba(nn.Module):
+    """A Mamba 1 layer between its linears (Mamba, Falcon-Mamba), as llama.cpp's build_mamba_layer runs it:
+    ssm_in's output [.., 2·inner] is x and z; x through a depthwise causal convolution (with its bias) and
+    SiLU; ssm_x(x) gives dt [dt_rank], B and C [state] (RMS-normed without a weight where the file says:
+    Falcon-Mamba), and dt = softplus(ssm_dt(dt)) (ssm_dt's bias included); then selective_scan, each of
+    the inner channels with its own row of A = -exp(A_log) [inner, state] (the file holds A), the D skip,
+    and y · silu(z) for ssm_out.
+
+    ssm_x and ssm_dt are the layer's QLinears (adapters wrap them), passed in; the kernel, its bias, A and
+    D are frozen as the norms are. With a KV cache the last conv_kernel - 1 positions of x are its conv
+    state and the scan's state [B, inner, state] its recurrent state."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        p, m = f"blk.{index}.", config.ssm
+        self.shape, self.index, self.eps = m, index, config.norm_eps
+        self.register_buffer("kernel", _table(w[p + "ssm_conv1d.weight"]).reshape(m.inner, m.conv_kernel),
+                             persistent=False)
+        self.register_buffer("conv_bias", _vector(w[p + "ssm_conv1d.bias"]), persistent=False)
+        self.register_buffer("A", _table(w[p + "ssm_a"]).reshape(m.inner, m.state), persistent=False)
+        self.register_buffer("D", _vector(w[p + "ssm_d"]), persistent=False)
+
+    def forward(self, xz: torch.Tensor, ssm_x: nn.Module, ssm_dt: nn.Module, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        """ssm_in's output [B, T, 2·inner] at positions start..start+T -> y [B, T, inner] for ssm_out."""
+        m = self.shape
+        x, z = xz.chunk(2, dim=-1)
+        x = causal_conv(x.transpose(1, 2), self.kernel.to(x.dtype), self.conv_bias.to(x.dtype), cache, self.index,
+                        start)
+        x = F.silu(x).transpose(1, 2).contiguous()                           # [B, T, inner]
+        dt, b, c = ssm_x(x).split([m.dt_rank, m.state, m.state], dim=-1)
+        if m.dt_b_c_rms:
+            dt, b, c = (F.rms_norm(v.float(), v.shape[-1:], None, self.eps).to(v.dtype) for v in (dt, b, c))
+        dt = F.softplus(ssm_dt(dt.contiguous()).float())
+        state = cache.recurrent_state.get(self.index) if cache is not None and start else None
+        y, state = selective_scan(x.float(), dt, self.A, b.float(), c.float(), state)
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        return ((y + x.float() * self.D) * F.silu(z.float())).to(xz.dtype)
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's frozen tensors under their GGUF names after blk.N."""
+        return {"ssm_conv1d.weight": self.kernel, "ssm_conv1d.bias": self.conv_bias, "ssm_a": self.A, "ssm_d": self.D}
+
+    def extra_repr(self) -> str:
+        m = self.shape
+        return f"{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
+
+
+def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                   state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba 1's selective scan in fp32: per channel d the state h [state] decays by exp(dt_t,d · A_d) and
+    takes dt_t,d x_t,d B_t, and y_t,d = h · C_t. x, dt [B, T, inner], a [inner, state], b, c [B, T, state];
+    state [B, inner, state] (None: zeros) -> (y [B, T, inner], the last state). Position by position,
+    differentiable (one position is the recurrent step): the decays of the whole sequence at once, then
+    the recurrence."""
+    decay = torch.exp(dt[..., None] * a)                                    # [B, T, inner, state]
+    inputs = (dt * x)[..., None] * b[:, :, None]
+    h = x.new_zeros(x.shape[0], x.shape[2], a.shape[1]) if state is None else state
+    ys = []
+    for t in range(x.shape[1]):
+        h = h * decay[:, t] + inputs[:, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
+    return torch.stack(ys, 1), h
 
 
 def _ssm_step(x, dt, a, b, c, state):
@@ -1319,12 +1440,15 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
     names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
     if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
-        names = names[4:] + (SSM_LINEAR_NAMES if config.is_ssm(index) else ())
+        ssm = MAMBA_LINEAR_NAMES if config.family.mamba1 else SSM_LINEAR_NAMES
+        names = names[4:] + (ssm if config.is_ssm(index) else ())
         if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
             fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
             names = tuple(n for n in DELTA_LINEAR_NAMES if n not in fused_ba) + names
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
+    elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
+        names = tuple(names) + SSM_LINEAR_NAMES
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
     if not config.has_ffn(index):  # (a mixer alone: Nemotron-H)
@@ -1355,7 +1479,8 @@ class DecoderLayer(nn.Module):
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
-        self.mamba = Mamba2(c, index, w) if c.is_ssm(index) else None  # between ssm_in and ssm_out (Granite 4)
+        # between ssm_in and ssm_out (Granite 4; Mamba 1's, around ssm_x and ssm_dt: Mamba)
+        self.mamba = (Mamba if fam.mamba1 else Mamba2)(c, index, w) if c.is_ssm(index) else None
         self.delta_net = c.is_delta(index)  # a Gated DeltaNet in place of attention (Qwen3.5): its frozen parts
         if self.delta_net:
             self.register_buffer("ssm_conv1d", _table(w[p + "ssm_conv1d.weight"]).reshape(c.ssm_conv_channels, -1),
@@ -1450,7 +1575,7 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if c.family.parallel or not (c.has_attention(i) and c.has_ffn(i)):
+        if c.family.parallel or c.family.parallel_ssm or not (c.has_attention(i) and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1508,13 +1633,24 @@ class DecoderLayer(nn.Module):
         """What the attention adds to the residual stream x (its post-norm applied, where the
         family has one). normed: attn_norm(x), where the caller computed it (checkpoint_backward);
         qkv: the q, k, v products of it (forward_deferred)."""
+        if self.config.family.parallel_ssm:  # (Falcon-H1: its Mamba2 mixer beside attention, on the same input)
+            h = self.attn_norm(x) if normed is None else normed
+            mixed = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
+            return self.attention_alone(x, rot, cache, start, h) + mixed
+        return self.attention_alone(x, rot, cache, start, normed, qkv)
+
+    def attention_alone(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                        normed: torch.Tensor | None = None, qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """attention_branch's attention, or its recurrent stand-in, without a Mamba2 mixer beside it."""
         c, fam = self.config, self.config.family
-        if self.shortconv is not None or self.mamba is not None or self.delta_net:  # (attention's recurrent
-            h = self.attn_norm(x) if normed is None else normed  # stand-ins: LFM2, Mamba2, Gated DeltaNet)
+        if not c.has_attention(self.index):  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
+            h = self.attn_norm(x) if normed is None else normed
             if self.shortconv is not None:
                 return self.shortconv(h, cache, start)
             if self.delta_net:
                 return self.delta_net_branch(h, cache, start)
+            if fam.mamba1:
+                return self.ssm_out(self.mamba(self.ssm_in(h), self.ssm_x, self.ssm_dt, cache, start))
             a = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
             return a * c.residual_scale if c.residual_scale != 1.0 else a
         b, t, _ = x.shape
@@ -1781,7 +1917,9 @@ class Model(nn.Module):
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
         config.check()
-        _check_weights(config, weights, self.own_tensor_shapes(config))
+        if config.family.parallel_ssm:  # (Falcon-H1's blk.N.ffn_norm, read as the others' blk.N.ffn_norm.weight;
+            weights = {n + ".weight" if n.endswith(".ffn_norm") else n: t for n, t in weights.items()}  # exports
+        _check_weights(config, weights, self.own_tensor_shapes(config))  # copy the file's names)
         c = config
         self.config, self.dtype = c, dtype
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
@@ -1976,7 +2114,7 @@ class Model(nn.Module):
         for layer in self.layers:
             conv = layer.shortconv
             lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES
-                                                                   + SSM_LINEAR_NAMES + DELTA_LINEAR_NAMES)]
+                                                                   + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES)]
             for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
@@ -2012,7 +2150,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
         shapes.update(latent_linear_shapes(c))
     ssm_shapes = {}
-    if c.ssm is not None:
+    if isinstance(c.ssm, MambaShape):
+        ssm_shapes = c.ssm.tensor_shapes(c.dim)
+    elif c.ssm is not None:
         m = c.ssm
         ssm_shapes = {"ssm_in.weight": (m.in_dim, c.dim), "ssm_out.weight": (c.dim, m.inner),
                       "ssm_conv1d.weight": (m.conv_dim, m.conv_kernel), "ssm_dt.bias": (m.heads,), "ssm_a": (m.heads,),
@@ -2062,10 +2202,13 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             layer_shapes = {n: s for n, s in layer_shapes.items() if n not in ("attn_k", "attn_v")}
             optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
                              p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
-        if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's
+        if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's (beside it: Falcon-H1)
             want.update({p + n: shape for n, shape in ssm_shapes.items()})
             optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
-            layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+            if c.family.parallel_ssm:  # (its gated norm where the file has one)
+                optional[p + "ssm_norm.weight"] = want.pop(p + "ssm_norm.weight")
+            else:
+                layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
             own = dict(delta_shapes)
             if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
