@@ -478,13 +478,14 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "bitnet", "mamba2", "falcon-h1", "mamba"))
+                                  "bitnet", "mamba2", "falcon-h1", "mamba", "phimoe"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
     for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
-    norms and SwiGLU's product also run inside the grouped products), post-norms included."""
+    norms and SwiGLU's product also run inside the grouped products), post-norms and PhiMoE's biased
+    RMSNorms included."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
     if device == "cuda":

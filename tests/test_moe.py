@@ -638,3 +638,14 @@ def test_sigmoid_routing_unless_the_file_says(moe, name):
     assert md[key] == 2
     assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != key}).expert_gating == 2
     assert ModelConfig.from_gguf_metadata({**md, key: 1}).expert_gating == 1
+
+
+def test_hunyuan_moe_shared_expert_width(moe):
+    """Hunyuan MoE's shared expert is expert_shared_feed_forward_length wide, or (a file without the key)
+    feed_forward_length wide, as llama.cpp reads it."""
+    md = Model.from_gguf(moe["hunyuan-moe"].gguf).metadata
+    width = md["hunyuan-moe.expert_shared_feed_forward_length"]
+    assert ModelConfig.from_gguf_metadata(md).shared_expert_ffn_dim == width
+    md = {**md, "hunyuan-moe.feed_forward_length": 48}
+    del md["hunyuan-moe.expert_shared_feed_forward_length"]
+    assert ModelConfig.from_gguf_metadata(md).shared_expert_ffn_dim == 48

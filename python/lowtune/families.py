@@ -88,7 +88,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Hunyuan dense (hunyuan-dense: Hunyuan 0.5B-7B) norms each head of q and k after RoPE, not before;
   its files carry the RoPE base that its NTK alpha scaling makes (the converter computes it). Hunyuan
   MoE (hunyuan-moe: Hunyuan-A13B) is its attention with experts in every layer (the softmax's top k,
-  renormalized) beside a gated shared expert (expert_shared_feed_forward_length wide).
+  renormalized) beside a gated shared expert (expert_shared_feed_forward_length wide, else
+  feed_forward_length, as llama.cpp reads it).
   GLM-4 (glm4) rotates adjacent pairs of the first rope_dim (half) of each head's dims, as its
   Hugging Face code does (no rows permuted), and keeps gate and up fused in ffn_up as Phi-3 does.
 
@@ -324,6 +325,8 @@ class Family:
     #                                    shared experts' where the file gives no width of theirs (DeepSeek)
     moe_shared_expert: bool = False    # every expert layer has a shared expert as wide as a routed one (Llama 4)
     moe_weight_before: bool = False    # the chosen experts' weights multiply their input, not their output (Llama 4)
+    moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
+    #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -451,7 +454,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
     Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
-    Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True),
+    Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True, moe_shared_ffn_width=True),
     Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
            hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
     Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",

@@ -410,6 +410,8 @@ class ModelConfig:
             shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
+            if fam.moe_shared_ffn_width and not experts["shared_expert_ffn_dim"]:
+                experts["shared_expert_ffn_dim"] = int(get("feed_forward_length"))
             if fam.moe_weight_keys:  # (DeepSeek's keys; a shared expert's width where the file gives it)
                 width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
                 experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
