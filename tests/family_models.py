@@ -31,10 +31,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "granitehybrid", "qwen35", "nemotron_h", "gpt2")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
+# (GPT-2, BLOOM, MPT and StarCoder: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "gpt2"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -127,6 +128,11 @@ def hf_model(name: str):
             vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
             num_key_value_heads=HKV, max_position_embeddings=256, norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
             use_bias=True, sliding_window=None, tie_word_embeddings=True)),
+        # learned absolute positions, LayerNorm with biases, fused q/k/v with a bias, a GELU MLP without a
+        # gate (4 · D wide, as the converter writes), a tied head
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=256, n_ctx=256, layer_norm_epsilon=1e-5,
+            bos_token_id=1, eos_token_id=2)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -377,7 +383,7 @@ def randomized(model, name: str):
         for pname, p in model.named_parameters():
             if calm and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
-            elif "norm" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w)
+            elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
@@ -463,11 +469,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
-                        starcoder)
+from conversion import (command_r, deepseek, exaone, glm, gpt2, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi,
+                        qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and GPT-2's
+# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -475,7 +481,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    gpt2.GPT2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -724,7 +730,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
+    if fam.learned_positions:  # a row a position of the context
+        w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2")  # (LayerNorm, MLP and output biases)
+    if arch in biased:  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
         if arch == "phi2":
             w["output.bias"] = vec(V)
@@ -755,8 +764,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch == "phi3":  # fused q/k/v
+        elif arch in ("phi3", "gpt2"):  # fused q/k/v (GPT-2's with a bias)
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
+            if arch != "phi3":
+                w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
@@ -800,7 +811,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
-        if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
+        if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
     if arch == "phi3":

@@ -95,6 +95,7 @@ SWITCH_OFF = {
               ("YaRN's magnitude", lambda m: setattr(m.config, "rope_attn_factor", 1.0)),
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
+    "gpt2": [("learned positions", lambda m: setattr(m, "position_embd", None))],
 }
 
 
@@ -402,9 +403,11 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
-    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
+    # (Nemotron-H's and GPT-2's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm"]
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2"]
+    g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
+    assert (g2.context_length, g2.ffn_dim, g2.n_kv_heads, g2.alibi_max_bias) == (256, 4 * D, H, 0.0)
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -563,13 +566,36 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
+def test_learned_positions_bound_the_context(tiny, tmp_path):
+    """GPT-2's position_embd rows are its positions: a sequence, a cached continuation, a prompt or a
+    training --seq-len beyond them is refused by name; one within them runs."""
+    from lowtune.trainer import finetune
+    model = Model.from_gguf(tiny["gpt2"].gguf)
+    n = model.max_positions
+    assert n == model.config.context_length == 256
+    with torch.no_grad():
+        assert model(rand_ids(1, n)).shape == (1, n, V)
+        with pytest.raises(ValueError, match=r"learned embeddings for 256 positions \(position_embd\).*--seq-len"):
+            model(rand_ids(1, n + 1))
+        cache = model.new_cache(1, n + 8)
+        model(rand_ids(1, n - 1), cache)
+        with pytest.raises(ValueError, match="257 were asked for"):
+            model(rand_ids(1, 2), cache)
+    with pytest.raises(ValueError, match="context is 256"):
+        generate(model, list(range(n)), 4)
+    data = tmp_path / "train.txt"
+    data.write_text("a b c d e f g\n" * 400)
+    with pytest.raises(Exception, match="256 positions.*--seq-len"):
+        finetune(tiny["gpt2"].gguf, data, tmp_path / "run", method="lora", seq_len=n + 1, steps=1, device="cpu")
+
+
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; GPT-2's learned positions)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "gpt2"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -839,9 +865,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
         got = model(ids)
     # the same update merged into dense copies of the bases (a fused tensor's parts separately)
     weights = merged_weights(model)
-    with GGUFFile(tiny[name].gguf) as f:  # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp
+    # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp, GPT-2's positions (not a fused tensor
+    # or its bias: GPT-2's attn_qkv.bias, written as its parts')
+    with GGUFFile(tiny[name].gguf) as f:
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
-                        if n not in weights and n not in model.fused_views})
+                        if n not in weights and n.replace(".bias", ".weight") not in model.fused_views})
     if name in ("phi3", "phi4"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
     if name in ("llama", "qwen2"):
@@ -1117,7 +1145,8 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "phi2",
+                         "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
                          "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
@@ -1138,6 +1167,8 @@ def test_families_and_refusals():
     with pytest.raises(ValueError, match="vision encoder.*mmproj.*the language model's GGUF"):
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
+        family_of_hf(["FalconForCausalLM"])
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(gpt2\) is read from GGUF only.*Conv1D.*load the GGUF"):
         family_of_hf(["GPT2LMHeadModel"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,

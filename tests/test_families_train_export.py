@@ -56,7 +56,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
-                 "qwen35": "q-bara", "nemotron_h": "qa-hira"}
+                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gpt2": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -65,7 +65,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
-                   "qwen35": "lora", "nemotron_h": "qa-lora"}
+                   "qwen35": "lora", "nemotron_h": "qa-lora", "gpt2": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -157,7 +157,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h") \
+    absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h", "gpt2") \
         else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h") else set()  # (Mamba2 layers)
@@ -341,6 +341,20 @@ def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapte
         export_peft(a.base, a.run, tmp_path / "peft")
     with pytest.raises(ValueError, match="NemotronHForCausalLM.*is not supported"):
         lowtune.load_model(family_models["nemotron_h"].hf_dir)
+@pytest.mark.parametrize("name,cls", [("gpt2", "GPT2LMHeadModel")])
+def test_gguf_only_families_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, cls):
+    """lowtune has no Hugging Face names for GPT-2's transposed (Conv1D) weights and learned positions: its
+    merged HF directory and PEFT adapter are refused, saying to export GGUF, and a directory of its class by
+    name, saying to load the converter's GGUF."""
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+    with pytest.raises(ValueError, match=name):
+        export_peft(a.base, a.run, tmp_path / "peft")
+    with pytest.raises(ValueError, match=f"{cls} .{name}. is read from GGUF only.*load the GGUF"):
+        lowtune.load_model(family_models[name].hf_dir)
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
@@ -431,11 +445,34 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h"])
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gpt2"])
+def test_captured_steps_of_learned_positions_on_cuda(arch, device="cuda"):
+    """GPT-2's learned positions, read at the step's position on the device, through replayed decode graphs
+    across windows (64 positions and past them): the eager steps' bf16 logits, and the model's own
+    steps' through a plain cache."""
+    from lowtune.generate import StepDecoder
+    model = random_family_model(arch, dtype=torch.bfloat16).to(device)
+    prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()
+    eager, graph = StepDecoder(model, 96, graphs=False), StepDecoder(model, 96, graphs=True)
+    cache = model.new_cache(1, 96)
+    assert torch.equal(eager.prefill(prompt), graph.prefill(prompt))
+    model(torch.tensor([prompt], device=device), cache)
+    for i, t in enumerate(tokens):
+        want = model(torch.tensor([[t]], device=device), cache)[0, -1]
+        torch.testing.assert_close(eager.step(t), want, rtol=2e-2, atol=2e-2, msg=f"step {i}")
+        torch.testing.assert_close(graph.step(t), want, rtol=2e-2, atol=2e-2, msg=f"step {i}")
+    assert len(graph._graphs) == 2  # (windows of 64 and 96 positions)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
+                                  "gpt2"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
-    layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each."""
+    layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, GPT-2's
+    learned positions."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))

@@ -25,6 +25,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
+    gpt2          none  gelu_tanh  -           -         -          -                        -
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -153,6 +154,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
+  GPT-2 (gpt2: GPT-2, DistilGPT2 and their fine-tunes) is StarCoder2's layer without RoPE: the token
+  embeddings plus the file's learned absolute position embeddings (position_embd, one row a position,
+  which bound the context: Family.learned_positions), LayerNorm with biases, q/k/v fused in attn_qkv
+  with its bias, a GELU MLP without a gate, biases everywhere, the head tied where the file has none.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
@@ -220,6 +225,14 @@ class Family:
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
     #                                    hybrids, which attend without positions: NoPE)
     nope: bool = False                 # no layer applies RoPE, whatever the file says (Nemotron-H)
+    learned_positions: bool = False    # the file's position_embd rows are added to the token embeddings, one a
+    #                                    position; their count bounds the context (GPT-2; MPT where the file has
+    #                                    them)
+    alibi: str = ""                    # ALiBi's biases on the scores: "fixed", llama.cpp's max bias of 8 for the
+    #                                    architecture (BLOOM); "file", the file's attention.max_alibi_bias (MPT;
+    #                                    0: none); "": none
+    clamp_kqv: bool = False            # q, k and v are clamped to ± the file's attention.clamp_kqv (MPT's clip_qkv)
+    embedding_norm: bool = False       # the token embeddings are normed by token_embd_norm (BLOOM's LayerNorm)
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
@@ -321,6 +334,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen2moe", rope="neox", moe=True, moe_renorm=False, moe_shared_gate=True),
     Family("seed_oss", rope="neox", ffn_norm_tensor="post_attention_norm", hf_architectures=("SeedOssForCausalLM",),
            hf_model_types=("seed_oss",)),
+    Family("gpt2", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
@@ -402,8 +416,12 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
 
-# Hugging Face classes of families lowtune runs from GGUF files only: class -> architecture
-_GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
+# Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
+# lowtune has no Hugging Face names for)
+_GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
+_GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
+                 "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
+                 "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -467,9 +485,10 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
                 return f
     for name in architectures or ():
         if name in _GGUF_ONLY_HF:
-            raise ValueError(f"Hugging Face architecture {name} ({_GGUF_ONLY_HF[name]}) is read from GGUF only: "
-                             "lowtune has no Hugging Face names for its AltUp, Laurel and per-layer tensors; convert "
-                             "the directory with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
+            arch, tensors = _GGUF_ONLY_HF[name]
+            raise ValueError(f"Hugging Face architecture {name} ({arch}) is read from GGUF only: lowtune has no "
+                             f"Hugging Face names for {tensors}; convert the directory with llama.cpp's "
+                             "convert_hf_to_gguf.py and load the GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
