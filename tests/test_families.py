@@ -96,6 +96,7 @@ SWITCH_OFF = {
               ("YaRN's speeds", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
     "gpt2": [("learned positions", lambda m: setattr(m, "position_embd", None))],
+    "starcoder": [("learned positions", lambda m: setattr(m, "position_embd", None))],
 }
 
 
@@ -403,11 +404,12 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's and GPT-2's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "norm"]
-    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2"]
+    # (Nemotron-H's, GPT-2's and StarCoder's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"] + ["norm"] * 3
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder"]
     g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
     assert (g2.context_length, g2.ffn_dim, g2.n_kv_heads, g2.alibi_max_bias) == (256, 4 * D, H, 0.0)
+    assert (cfg["starcoder"].context_length, cfg["starcoder"].n_kv_heads) == (256, 1)  # (multi-query)
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -589,13 +591,28 @@ def test_learned_positions_bound_the_context(tiny, tmp_path):
         finetune(tiny["gpt2"].gguf, data, tmp_path / "run", method="lora", seq_len=n + 1, steps=1, device="cpu")
 
 
+def test_starcoder_without_multi_query_is_refused(tiny):
+    """llama.cpp's converter writes one K/V head into every StarCoder file; a GPT-BigCode model without
+    multi-query attention (K/V rows for every head) is refused, saying so."""
+    with GGUFFile(tiny["starcoder"].gguf) as f:
+        md = dict(f.metadata)
+        w = {n: (f.tensor(n) if len(i.shape) == 1 else f.qtensor(n)) for n, i in f.tensor_infos.items()}
+    config = ModelConfig.from_gguf_metadata(md)
+    Model(config, w)
+    w.update({"blk.0.attn_qkv.weight": ops.quantize(torch.randn(3 * D, D), "F32"),
+              "blk.0.attn_qkv.bias": torch.zeros(3 * D)})
+    with pytest.raises(ValueError, match="attn_qkv.*GPT-BigCode model without multi-query attention"):
+        Model(config, w)
+
+
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
-# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; GPT-2's learned positions)
+# the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; GPT-2's and StarCoder's learned
+# positions)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "gpt2"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1145,7 +1162,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "phi2",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "starcoder", "phi2",
                          "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

@@ -56,7 +56,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
-                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gpt2": "qa-lora"}
+                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gpt2": "qa-lora", "starcoder": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -65,7 +65,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
-                   "qwen35": "lora", "nemotron_h": "qa-lora", "gpt2": "q-bara"}
+                   "qwen35": "lora", "nemotron_h": "qa-lora", "gpt2": "q-bara", "starcoder": "qa-hira"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -157,8 +157,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h", "gpt2") \
-        else set()  # (no gate)
+    absent = {"ffn_gate"} if not FAMILIES[name].gated else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h") else set()  # (Mamba2 layers)
     present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
@@ -341,11 +340,11 @@ def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapte
         export_peft(a.base, a.run, tmp_path / "peft")
     with pytest.raises(ValueError, match="NemotronHForCausalLM.*is not supported"):
         lowtune.load_model(family_models["nemotron_h"].hf_dir)
-@pytest.mark.parametrize("name,cls", [("gpt2", "GPT2LMHeadModel")])
+@pytest.mark.parametrize("name,cls", [("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM")])
 def test_gguf_only_families_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, cls):
-    """lowtune has no Hugging Face names for GPT-2's transposed (Conv1D) weights and learned positions: its
-    merged HF directory and PEFT adapter are refused, saying to export GGUF, and a directory of its class by
-    name, saying to load the converter's GGUF."""
+    """lowtune has no Hugging Face names for GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v
+    and their learned positions: their merged HF directories and PEFT adapters are refused, saying to export
+    GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
@@ -446,11 +445,11 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["gpt2"])
+@pytest.mark.parametrize("arch", ["gpt2", "starcoder"])
 def test_captured_steps_of_learned_positions_on_cuda(arch, device="cuda"):
-    """GPT-2's learned positions, read at the step's position on the device, through replayed decode graphs
-    across windows (64 positions and past them): the eager steps' bf16 logits, and the model's own
-    steps' through a plain cache."""
+    """GPT-2's and StarCoder's learned positions (StarCoder's one K/V head), read at the step's position on the
+    device, through replayed decode graphs across windows (64 positions and past them): the eager steps'
+    bf16 logits, and the model's own steps' through a plain cache."""
     from lowtune.generate import StepDecoder
     model = random_family_model(arch, dtype=torch.bfloat16).to(device)
     prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()

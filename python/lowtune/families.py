@@ -26,6 +26,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     gpt2          none  gelu_tanh  -           -         -          -                        -
+    starcoder     none  gelu_tanh  -           -         -          -                        -
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -158,6 +159,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   embeddings plus the file's learned absolute position embeddings (position_embd, one row a position,
   which bound the context: Family.learned_positions), LayerNorm with biases, q/k/v fused in attn_qkv
   with its bias, a GELU MLP without a gate, biases everywhere, the head tied where the file has none.
+  StarCoder (starcoder: StarCoder 1, StarCoderBase, SantaCoder-style GPT-BigCode, TinyStarCoder) is GPT-2's
+  decoder with multi-query attention: one K/V head for every query head.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
@@ -335,6 +338,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("seed_oss", rope="neox", ffn_norm_tensor="post_attention_norm", hf_architectures=("SeedOssForCausalLM",),
            hf_model_types=("seed_oss",)),
     Family("gpt2", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
+    Family("starcoder", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
@@ -421,7 +425,8 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 _GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
-                 "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions")}
+                 "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions"),
+                 "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

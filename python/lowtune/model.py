@@ -2112,7 +2112,13 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         shape = want.get(name, optional.get(name))
         got = tuple(w[name].shape)
         if got != shape and not (len(shape) == 1 and math.prod(got) == shape[0]):
-            raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} from the metadata")
+            hint = ""
+            if name.endswith(("attn_qkv.weight", "attn_qkv.bias")) and c.n_kv_heads == 1 \
+                    and got[0] == 3 * c.n_heads * c.head_dim:
+                hint = (" (K/V heads for every query head where the metadata gives one: a GPT-BigCode model "
+                        "without multi-query attention, whose file llama.cpp's converter writes wrong and "
+                        "llama.cpp does not run either)")
+            raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} from the metadata{hint}")
 
 
 # ----------------------------------------------------------------------------------------------
