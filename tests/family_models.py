@@ -31,11 +31,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder")
+         "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder", "bloom")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 # (GPT-2, BLOOM, MPT and StarCoder: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "gpt2", "starcoder"))
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "gpt2", "starcoder", "bloom"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -44,6 +44,7 @@ MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss"
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
+BLOOM_HEADS = 6     # BLOOM's tiny model: a head count that is not a power of two (ALiBi's slopes)
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
@@ -137,6 +138,12 @@ def hf_model(name: str):
         "starcoder": lambda: tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(
             vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=256, layer_norm_epsilon=1e-5,
             multi_query=True, bos_token_id=1, eos_token_id=2)),
+        # ALiBi over 6 heads (not a power of two: the slopes of the 2 beyond 4 interleave), the embeddings'
+        # LayerNorm, fused q/k/v with a bias (head by head: the converter reorders them), a GELU MLP without
+        # a gate; seq_length, as the published configs give it, is the converter's context length
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(
+            vocab_size=V, hidden_size=BLOOM_HEADS * 16, n_layer=2, n_head=BLOOM_HEADS, layer_norm_epsilon=1e-5,
+            seq_length=256, bos_token_id=1, eos_token_id=2)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -473,11 +480,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt2, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi,
-                        qwen, starcoder)
+from conversion import (bloom, command_r, deepseek, exaone, glm, gpt2, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo,
+                        phi, qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-2's and
-# StarCoder's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-2's,
+# StarCoder's and BLOOM's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece
+# one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -485,7 +493,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = bloom.BloomModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -736,9 +745,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
+    if fam.embedding_norm:
+        w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
     if fam.learned_positions:  # a row a position of the context
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder")  # (LayerNorm, MLP and output biases)
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom")  # (LayerNorm, MLP and output biases)
     if arch in biased:  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
         if arch == "phi2":
@@ -770,7 +781,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder"):  # fused q/k/v (GPT-2's and StarCoder's with a bias)
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom"):  # fused q/k/v (but Phi-3's with a bias)
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
             if arch != "phi3":
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)

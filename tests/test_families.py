@@ -32,13 +32,13 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, NO_ROPE, SSM_LINEAR_NAMES, Model,
-                           ModelConfig, QLinear, rope_inv_freq)
+                           ModelConfig, QLinear, alibi_slopes, rope_inv_freq)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES, PHI3_ORIG_CONTEXT,
-                           SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
-                           randomized, rel_err)
+from family_models import (BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES,
+                           PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
+                           rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -97,6 +97,8 @@ SWITCH_OFF = {
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
     "gpt2": [("learned positions", lambda m: setattr(m, "position_embd", None))],
     "starcoder": [("learned positions", lambda m: setattr(m, "position_embd", None))],
+    "bloom": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
+              ("the embeddings' norm", lambda m: setattr(m, "token_embd_norm", None))],
 }
 
 
@@ -404,12 +406,13 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, GPT-2's and StarCoder's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"] + ["norm"] * 3
-    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder"]
+    # (Nemotron-H's, GPT-2's, StarCoder's and BLOOM's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"] + ["norm"] * 4
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom"]
     g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
     assert (g2.context_length, g2.ffn_dim, g2.n_kv_heads, g2.alibi_max_bias) == (256, 4 * D, H, 0.0)
     assert (cfg["starcoder"].context_length, cfg["starcoder"].n_kv_heads) == (256, 1)  # (multi-query)
+    assert (cfg["bloom"].alibi_max_bias, cfg["bloom"].n_heads) == (8.0, BLOOM_HEADS)  # (llama.cpp's fixed bias)
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -591,6 +594,18 @@ def test_learned_positions_bound_the_context(tiny, tmp_path):
         finetune(tiny["gpt2"].gguf, data, tmp_path / "run", method="lora", seq_len=n + 1, steps=1, device="cpu")
 
 
+@pytest.mark.parametrize("heads", [1, 2, 4, 6, 12, 16, 40, 112])
+def test_alibi_slopes_are_blooms(heads):
+    """ALiBi's slopes at llama.cpp's max bias 8 are transformers' BLOOM slopes, for head counts that are
+    powers of two and that are not (BLOOM-176B's 112: 64 slopes, then 48 between them)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    config = ModelConfig(vocab_size=9, dim=heads * 2, n_layers=1, n_heads=heads, n_kv_heads=heads, ffn_dim=4,
+                         head_dim=2, rope_dim=2, arch="bloom", alibi_max_bias=8.0)
+    want = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # (position 1: the slopes)
+    torch.testing.assert_close(alibi_slopes(config), want, rtol=1e-6, atol=0)
+    assert alibi_slopes(dataclasses.replace(config, alibi_max_bias=0.0)) is None
+
+
 def test_starcoder_without_multi_query_is_refused(tiny):
     """llama.cpp's converter writes one K/V head into every StarCoder file; a GPT-BigCode model without
     multi-query attention (K/V rows for every head) is refused, saying so."""
@@ -610,9 +625,10 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; GPT-2's and StarCoder's learned
-# positions)
+# positions; BLOOM's ALiBi and embedding norm)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder",
+                                                      "bloom"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1162,7 +1178,8 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "starcoder", "phi2",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "starcoder", "bloom",
+                         "phi2",
                          "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

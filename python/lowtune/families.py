@@ -27,6 +27,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     gpt2          none  gelu_tanh  -           -         -          -                        -
     starcoder     none  gelu_tanh  -           -         -          -                        -
+    bloom         none  gelu_tanh  -           -         -          -                        -
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -161,6 +162,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   with its bias, a GELU MLP without a gate, biases everywhere, the head tied where the file has none.
   StarCoder (starcoder: StarCoder 1, StarCoderBase, SantaCoder-style GPT-BigCode, TinyStarCoder) is GPT-2's
   decoder with multi-query attention: one K/V head for every query head.
+  BLOOM (bloom: BLOOM, BLOOMZ) is GPT-2's layer without learned positions: the token embeddings normed by
+  a LayerNorm with a bias (token_embd_norm), then ALiBi (Family.alibi): each head h adds slope_h × (key
+  position - query position) to its scores, the slopes of llama.cpp's max bias 8 (lowtune.model.alibi_slopes,
+  for a head count that is not a power of two too).
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
@@ -339,6 +344,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("seed_oss",)),
     Family("gpt2", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
     Family("starcoder", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
+    Family("bloom", activation="gelu_tanh", gated=False, norm="layer", nope=True, alibi="fixed", embedding_norm=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
@@ -426,7 +432,8 @@ _GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
                  "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions"),
-                 "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions")}
+                 "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions"),
+                 "BloomForCausalLM": ("bloom", "BLOOM's q/k/v interleaved head by head")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
