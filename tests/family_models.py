@@ -31,11 +31,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder", "bloom")
+         "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder", "bloom", "mpt")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
 # (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
 # (GPT-2, BLOOM, MPT and StarCoder: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "gpt2", "starcoder", "bloom"))
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "gpt2", "starcoder", "bloom", "mpt"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -44,6 +44,7 @@ MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss"
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
+MPT_CLIP_QKV = 1.5  # MPT's tiny model: q/k/v clamped to ± this, inside their spread
 BLOOM_HEADS = 6     # BLOOM's tiny model: a head count that is not a power of two (ALiBi's slopes)
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -144,6 +145,12 @@ def hf_model(name: str):
         "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(
             vocab_size=V, hidden_size=BLOOM_HEADS * 16, n_layer=2, n_head=BLOOM_HEADS, layer_norm_epsilon=1e-5,
             seq_length=256, bos_token_id=1, eos_token_id=2)),
+        # ALiBi (4 heads: transformers' MPT slopes are llama.cpp's for a power of two only), q/k/v clamped, no
+        # biases, a GELU MLP without a gate
+        "mpt": lambda: tf.MptForCausalLM(tf.MptConfig(
+            vocab_size=V, d_model=D, n_heads=H, n_layers=2, expansion_ratio=4, max_seq_len=256,
+            attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": MPT_CLIP_QKV}, bos_token_id=1,
+            eos_token_id=2)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -381,6 +388,13 @@ def nemotron_h_config(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def mpt_config(d: Path) -> None:
+    """config.json of an MPT directory as the published checkpoints give it: MPTForCausalLM, the class
+    name llama.cpp's converter reads (transformers writes MptForCausalLM)."""
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["MPTForCausalLM"]}))
+
+
 def randomized(model, name: str):
     """A transformers model of family `name` with the tiny models' random weights (seeded by the
     name), in fp32 with eager attention."""
@@ -410,6 +424,9 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+    if name == "mpt":  # llama.cpp's MPT runs GELU's tanh approximation (ggml_gelu); transformers' the exact one
+        for block in model.transformer.blocks:
+            block.ffn.act = torch.nn.GELU(approximate="tanh")
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
@@ -480,12 +497,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (bloom, command_r, deepseek, exaone, glm, gpt2, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo,
-                        phi, qwen, starcoder)
+from conversion import (bloom, command_r, deepseek, exaone, glm, gpt2, gpt_oss, hunyuan, lfm2, llama, mpt, nemotron,
+                        olmo, phi, qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
 # Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-2's,
-# StarCoder's and BLOOM's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece
-# one
+# StarCoder's, BLOOM's and MPT's converters read only byte-level BPE vocabularies (MPT's falls back to
+# SEA-LION's ids); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -494,7 +511,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
     gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = bloom.BloomModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    mpt.MPTModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -546,6 +563,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             hub_expert_layout(d / "model.safetensors")
         if name == "nemotron_h":
             nemotron_h_config(d)
+        if name == "mpt":  # the published checkpoints' class name, which the converter reads
+            mpt_config(d)
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -654,6 +673,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if arch == "starcoder":  # multi-query attention
         md["starcoder.attention.head_count_kv"] = 1
+    if arch == "mpt":  # ALiBi and q/k/v clamped, as the tiny converted model
+        md.update({"mpt.attention.max_alibi_bias": 8.0, "mpt.attention.clamp_kqv": MPT_CLIP_QKV})
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
     if fam.mamba2:  # Mamba2 layers where the file gives no KV heads, NoPE attention, Granite's scales
@@ -747,7 +768,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w["output.weight"] = mat(V, D)
     if fam.embedding_norm:
         w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
-    if fam.learned_positions:  # a row a position of the context
+    if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
     biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom")  # (LayerNorm, MLP and output biases)
     if arch in biased:  # the final LayerNorm's bias, and Phi-2's head's
@@ -781,9 +802,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder", "bloom"):  # fused q/k/v (but Phi-3's with a bias)
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
-            if arch != "phi3":
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt"):  # fused q/k/v (GPT-2's, StarCoder's and
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)                # BLOOM's with a bias)
+            if arch in ("gpt2", "starcoder", "bloom"):
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()

@@ -36,9 +36,9 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, NAMES,
-                           PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
-                           rand_ids, randomized, rel_err)
+from family_models import (BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MPT_CLIP_QKV,
+                           NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -97,6 +97,8 @@ SWITCH_OFF = {
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
     "gpt2": [("learned positions", lambda m: setattr(m, "position_embd", None))],
     "starcoder": [("learned positions", lambda m: setattr(m, "position_embd", None))],
+    "mpt": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
+            ("q/k/v clamped", lambda m: setattr(m.config, "clamp_kqv", 0.0))],
     "bloom": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
               ("the embeddings' norm", lambda m: setattr(m, "token_embd_norm", None))],
 }
@@ -406,13 +408,16 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, GPT-2's, StarCoder's and BLOOM's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"] + ["norm"] * 4
-    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom"]
+    # (Nemotron-H's, GPT-2's, StarCoder's, BLOOM's and MPT's, the last: the default pairing, unused without RoPE)
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox"] + ["norm"] * 5
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom",
+                                                    "mpt"]
     g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
     assert (g2.context_length, g2.ffn_dim, g2.n_kv_heads, g2.alibi_max_bias) == (256, 4 * D, H, 0.0)
     assert (cfg["starcoder"].context_length, cfg["starcoder"].n_kv_heads) == (256, 1)  # (multi-query)
     assert (cfg["bloom"].alibi_max_bias, cfg["bloom"].n_heads) == (8.0, BLOOM_HEADS)  # (llama.cpp's fixed bias)
+    assert (cfg["mpt"].alibi_max_bias, cfg["mpt"].clamp_kqv) == (8.0, MPT_CLIP_QKV)  # (the file's)
+    assert all(cfg[n].clamp_kqv == 0.0 for n in NAMES if n != "mpt")
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -606,6 +611,54 @@ def test_alibi_slopes_are_blooms(heads):
     assert alibi_slopes(dataclasses.replace(config, alibi_max_bias=0.0)) is None
 
 
+def mpt_variant(tiny, tmp_path, variant: str):
+    """The tiny MPT file with llama.cpp's other MPT layouts: learned positions in place of ALiBi
+    (max_alibi_bias 0, position_embd), or LayerNorms of q and k over their whole projections (with biases)."""
+    g = torch.Generator().manual_seed(4)
+    with GGUFFile(tiny["mpt"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    if variant == "learned positions":
+        md["mpt.attention.max_alibi_bias"] = 0.0
+        tensors.append(("position_embd.weight", 0.25 * torch.randn(md["mpt.context_length"], D, generator=g)))
+    else:
+        tensors += [(f"blk.{i}.attn_{x}_norm.{kind}", base + 0.2 * torch.randn(D, generator=g))
+                    for i in range(md["mpt.block_count"]) for x in "qk"
+                    for kind, base in (("weight", 1.0), ("bias", 0.0))]
+    path = tmp_path / "mpt-variant.gguf"
+    write_gguf(path, md, tensors, metadata_types=types)
+    return path
+
+
+@pytest.mark.llamacpp
+def test_mpt_learned_positions_as_llamacpp_runs_them(tiny, botchan_ids, tmp_path):
+    """MPT's layout with learned positions in place of ALiBi (transformers' MptForCausalLM has none), which
+    llama.cpp runs: at llama.cpp's perplexity, not the ALiBi file's, its cache's steps equal to the full
+    forward and its context bounded by the positions."""
+    path = mpt_variant(tiny, tmp_path, "learned positions")
+    model = Model.from_gguf(path)
+    assert model.position_embd is not None and model.layers[0].alibi_slopes is None
+    w = windows(botchan_ids, SEQ, chunks=8)
+    want = llamacpp_perplexity(llamacpp(path), w)
+    got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
+    alibi = perplexity(Model.from_gguf(tiny["mpt"].gguf), botchan_ids, SEQ, chunks=8)["perplexity"]
+    print(f"mpt, learned positions: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}, with ALiBi {alibi:.4f}")
+    assert abs(got - want) / want < 5e-4 and abs(alibi - want) / want > 1e-3
+    ids = rand_ids(1, 40, seed=3)
+    with torch.no_grad():
+        full, cache = model(ids), model.new_cache(1, 40)
+        parts = [model(ids[:, :10], cache)] + [model(ids[:, t:t + 1], cache) for t in range(10, 40)]
+        assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+        with pytest.raises(ValueError, match="learned embeddings for 256 positions"):
+            model(rand_ids(1, 257))
+
+
+def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
+    """MPT files with q/k LayerNorms (qk_ln) are refused by name: llama.cpp's graph fails on them."""
+    with pytest.raises(ValueError, match="attn_q_norm.*MPT's q/k LayerNorms, qk_ln.*llama.cpp"):
+        Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
+
+
 def test_starcoder_without_multi_query_is_refused(tiny):
     """llama.cpp's converter writes one K/V head into every StarCoder file; a GPT-BigCode model without
     multi-query attention (K/V rows for every head) is refused, saying so."""
@@ -625,10 +678,10 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; GPT-2's and StarCoder's learned
-# positions; BLOOM's ALiBi and embedding norm)
+# positions; BLOOM's and MPT's ALiBi, BLOOM's embedding norm, MPT's clamped q/k/v)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "gpt2", "starcoder",
-                                                      "bloom"))
+                                                      "bloom", "mpt"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1179,7 +1232,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2", "starcoder", "bloom",
-                         "phi2",
+                         "mpt", "phi2",
                          "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

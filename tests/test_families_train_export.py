@@ -57,7 +57,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "gpt2": "qa-lora", "starcoder": "qdylora",
-                 "bloom": "q-bara"}
+                 "bloom": "q-bara", "mpt": "lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -67,7 +67,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "gpt2": "q-bara", "starcoder": "qa-hira",
-                   "bloom": "qa-lora"}
+                   "bloom": "qa-lora", "mpt": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -343,12 +343,12 @@ def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapte
     with pytest.raises(ValueError, match="NemotronHForCausalLM.*is not supported"):
         lowtune.load_model(family_models["nemotron_h"].hf_dir)
 @pytest.mark.parametrize("name,cls", [("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
-                                      ("bloom", "BloomForCausalLM")])
+                                      ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
 def test_gguf_only_families_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, cls):
     """lowtune has no Hugging Face names for GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v,
-    their learned positions and BLOOM's q/k/v interleaved head by head: their merged HF directories and PEFT
-    adapters are refused, saying to export GGUF, and a directory of their classes by name, saying to load the
-    converter's GGUF."""
+    their learned positions, BLOOM's q/k/v interleaved head by head and MPT's fused q/k/v: their merged HF
+    directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by
+    name, saying to load the converter's GGUF."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
@@ -449,12 +449,12 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom"])
+@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt"])
 def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
     """GPT-2's and StarCoder's learned positions (StarCoder's one K/V head), read at the step's position on the
-    device, and BLOOM's ALiBi, each head's bias in the step's mask (no fused decode attention), through
-    replayed decode graphs across windows (64 positions and past them): the eager steps' bf16 logits, and the
-    model's own steps' through a plain cache."""
+    device, and BLOOM's and MPT's ALiBi, each head's bias in the step's mask (no fused decode attention),
+    through replayed decode graphs across windows (64 positions and past them): the eager steps' bf16 logits,
+    and the model's own steps' through a plain cache."""
     from lowtune.generate import StepDecoder
     model = random_family_model(arch, dtype=torch.bfloat16).to(device)
     prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()

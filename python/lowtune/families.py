@@ -28,6 +28,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     gpt2          none  gelu_tanh  -           -         -          -                        -
     starcoder     none  gelu_tanh  -           -         -          -                        -
     bloom         none  gelu_tanh  -           -         -          -                        -
+    mpt           none  gelu_tanh  -           -         -          -                        -
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
     gemma         neox  gelu_tanh  -           -         yes        -                        if the file gives one
@@ -166,6 +167,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   a LayerNorm with a bias (token_embd_norm), then ALiBi (Family.alibi): each head h adds slope_h × (key
   position - query position) to its scores, the slopes of llama.cpp's max bias 8 (lowtune.model.alibi_slopes,
   for a head count that is not a power of two too).
+  MPT (mpt: MPT-7B, MPT-30B) is GPT-2's layer with ALiBi where the file's attention.max_alibi_bias is not 0
+  (Family.alibi "file"; learned positions where the file has position_embd), no biases unless the file has
+  them, and q, k and v clamped to ± the file's attention.clamp_kqv (clip_qkv). Its GELU is llama.cpp's tanh
+  approximation (transformers' MptForCausalLM computes the exact one). Files with q/k LayerNorms (qk_ln) are
+  refused: llama.cpp's graph fails on them.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
@@ -345,6 +351,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("gpt2", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
     Family("starcoder", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
     Family("bloom", activation="gelu_tanh", gated=False, norm="layer", nope=True, alibi="fixed", embedding_norm=True),
+    Family("mpt", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True, alibi="file",
+           clamp_kqv=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
@@ -433,7 +441,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
                  "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions"),
                  "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions"),
-                 "BloomForCausalLM": ("bloom", "BLOOM's q/k/v interleaved head by head")}
+                 "BloomForCausalLM": ("bloom", "BLOOM's q/k/v interleaved head by head"),
+                 "MPTForCausalLM": ("mpt", "MPT's fused q/k/v"), "MptForCausalLM": ("mpt", "MPT's fused q/k/v")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

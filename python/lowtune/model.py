@@ -2101,6 +2101,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     unused = [n for n in w if n not in want and n not in optional]
     if unused:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
+        if c.arch == "mpt" and any("attn_q_norm" in n for n in unused):
+            hint = (" (MPT's q/k LayerNorms, qk_ln, whose graph llama.cpp fails to build beside a fused attn_qkv: "
+                    "lowtune runs and exports MPT files as llama.cpp runs them)")
         if "cls_out.weight" in unused:  # (Qwen3 and Qwen3-VL rerankers: their yes/no rows of the head)
             hint = " (a reranker's classification head; lowtune fine-tunes the generative model it was made from)"
         if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
