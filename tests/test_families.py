@@ -967,10 +967,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "gpt2", "bloom"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers."""
+    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers, GPT-2's learned
+    positions and BLOOM's ALiBi around them."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))

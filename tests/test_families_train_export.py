@@ -471,12 +471,12 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "gpt2"])
+                                  "gpt2", "bloom"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, GPT-2's
-    learned positions."""
+    learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -494,13 +494,15 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h"))
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h", "gpt2",
+                                  "bloom"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
     for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
-    norms and SwiGLU's product also run inside the grouped products), post-norms included."""
+    norms and SwiGLU's product also run inside the grouped products), post-norms included, GPT-2's learned
+    positions and BLOOM's embedding norm and ALiBi too."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
     if device == "cuda":
@@ -513,7 +515,7 @@ def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, de
     with torch.no_grad():
         got = model.hidden(ids)
         assert len(calls) == len(model.layers)  # the joined path ran
-        x, rot = model.tok_embd(ids).to(model.device), model._rotation_on_device(0, ids.shape[1])
+        x, rot = model.embed(ids), model._rotation_on_device(0, ids.shape[1])
         for layer in model.layers:
             x = layer(x, rot)
         want = model.output_norm(x)
