@@ -31,10 +31,13 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1", "mamba")
+         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2",
+         "starcoder", "bloom", "mpt")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H, Mamba-2, Falcon-H1 and Mamba: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1", "mamba"))
+# (Gemma 3n, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM and MPT: read from GGUF, their HF
+# directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2",
+                                               "starcoder", "bloom", "mpt"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -43,6 +46,8 @@ MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss"
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
+MPT_CLIP_QKV = 1.5  # MPT's tiny model: q/k/v clamped to ± this, inside their spread
+BLOOM_HEADS = 6     # BLOOM's tiny model: a head count that is not a power of two (ALiBi's slopes)
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
 PHI3_ORIG_CONTEXT = 32  # LongRoPE: SEQ > this, so the long factors are the ones in use
@@ -138,6 +143,27 @@ def hf_model(name: str):
             vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
             num_key_value_heads=HKV, max_position_embeddings=256, norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
             use_bias=True, sliding_window=None, tie_word_embeddings=True)),
+        # learned absolute positions, LayerNorm with biases, fused q/k/v with a bias, a GELU MLP without a
+        # gate (4 · D wide, as the converter writes), a tied head
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=256, n_ctx=256, layer_norm_epsilon=1e-5,
+            bos_token_id=1, eos_token_id=2)),
+        # GPT-2's layer with multi-query attention (one K/V head), as llama.cpp's converter writes it
+        "starcoder": lambda: tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(
+            vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=256, layer_norm_epsilon=1e-5,
+            multi_query=True, bos_token_id=1, eos_token_id=2)),
+        # ALiBi over 6 heads (not a power of two: the slopes of the 2 beyond 4 interleave), the embeddings'
+        # LayerNorm, fused q/k/v with a bias (head by head: the converter reorders them), a GELU MLP without
+        # a gate; seq_length, as the published configs give it, is the converter's context length
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(
+            vocab_size=V, hidden_size=BLOOM_HEADS * 16, n_layer=2, n_head=BLOOM_HEADS, layer_norm_epsilon=1e-5,
+            seq_length=256, bos_token_id=1, eos_token_id=2)),
+        # ALiBi (4 heads: transformers' MPT slopes are llama.cpp's for a power of two only), q/k/v clamped, no
+        # biases, a GELU MLP without a gate
+        "mpt": lambda: tf.MptForCausalLM(tf.MptConfig(
+            vocab_size=V, d_model=D, n_heads=H, n_layers=2, expansion_ratio=4, max_seq_len=256,
+            attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": MPT_CLIP_QKV}, bos_token_id=1,
+            eos_token_id=2)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -467,6 +493,13 @@ def nemotron_h_config(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def mpt_config(d: Path) -> None:
+    """config.json of an MPT directory as the published checkpoints give it: MPTForCausalLM, the class
+    name llama.cpp's converter reads (transformers writes MptForCausalLM)."""
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["MPTForCausalLM"]}))
+
+
 def randomized(model, name: str):
     """A transformers model of family `name` with the tiny models' random weights (seeded by the
     name), in fp32 with eager attention."""
@@ -480,7 +513,7 @@ def randomized(model, name: str):
         for pname, p in model.named_parameters():
             if calm and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
-            elif "norm" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w)
+            elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
@@ -501,6 +534,9 @@ def randomized(model, name: str):
     if name == "mamba":  # steps of softplus(dt) near 0.1, as trained Mamba models take, not near 0.7
         for layer in model.backbone.layers:
             layer.mixer.dt_proj.bias.data -= 2.0
+    if name == "mpt":  # llama.cpp's MPT runs GELU's tanh approximation (ggml_gelu); transformers' the exact one
+        for block in model.transformer.blocks:
+            block.ffn.act = torch.nn.GELU(approximate="tanh")
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
@@ -607,12 +643,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, falcon_h1, glm, gpt_oss, hunyuan, lfm2, llama, minimax, nemotron,
-                        olmo, phi, qwen, starcoder)
+from conversion import (bloom, command_r, deepseek, exaone, falcon_h1, glm, gpt2, gpt_oss, hunyuan, lfm2, llama,
+                        minimax, mpt, nemotron, olmo, phi, qwen, starcoder)
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's,
 # gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
-# Llama 4's, Nemotron-H's, MiniMax-M2's and Falcon-H1's converters read only byte-level BPE vocabularies; the
-# tiny models share a SentencePiece one
+# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's and MPT's converters read
+# only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -621,8 +657,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
     nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
-    falcon_h1.FalconH1Model.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
+    bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -687,6 +723,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             hub_expert_layout(d / "model.safetensors")
         if name == "nemotron_h":
             nemotron_h_config(d)
+        if name == "mpt":  # the published checkpoints' class name, which the converter reads
+            mpt_config(d)
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -796,6 +834,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
           f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
+    if arch == "starcoder":  # multi-query attention
+        md["starcoder.attention.head_count_kv"] = 1
+    if arch == "mpt":  # ALiBi and q/k/v clamped, as the tiny converted model
+        md.update({"mpt.attention.max_alibi_bias": 8.0, "mpt.attention.clamp_kqv": MPT_CLIP_QKV})
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
     if fam.mamba2 or fam.mamba1:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1),
@@ -881,7 +923,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, HKV * hd
+    q, kv = H * hd, (1 if arch == "starcoder" else HKV) * hd  # (StarCoder: one K/V head)
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
@@ -900,7 +942,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv and not fam.sub_norms:  # Gemma, LFM2 and BitNet tie their heads
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron", "phimoe"):  # the final norm's bias, and Phi-2's head's
+    if fam.embedding_norm:
+        w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
+    if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
+        w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom")  # (LayerNorm, MLP and output biases)
+    if arch in biased + ("phimoe",):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
             w["output.bias"] = vec(V)
@@ -941,8 +988,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch == "phi3":  # fused q/k/v
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt"):  # fused q/k/v (GPT-2's, StarCoder's and
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)                # BLOOM's with a bias)
+            if arch in ("gpt2", "starcoder", "bloom"):
+                w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
@@ -991,7 +1040,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
-        if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
+        if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
         if arch == "phimoe":  # biases on the output and the norms

@@ -32,14 +32,14 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
-                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, rope_inv_freq, selective_scan)
+                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, alibi_slopes, rope_inv_freq,
+                           selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (BITNET_D, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA, NAMES,
-                           PHI3_ORIG_CONTEXT,
-                           SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
-                           randomized, rel_err)
+from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
+                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert, gguf_of, hf_model,
+                           llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -101,6 +101,12 @@ SWITCH_OFF = {
                   dataclasses.replace(m.config, rope_yarn_factor=0.0))[None]))],
     "bitnet": [("attention's sub-norm", lambda m: [setattr(layer, "attn_sub_norm", NoNorm()) for layer in m.layers]),
                ("the FFN's sub-norm", lambda m: [setattr(layer, "ffn_sub_norm", NoNorm()) for layer in m.layers])],
+    "gpt2": [("learned positions", lambda m: setattr(m, "position_embd", None))],
+    "starcoder": [("learned positions", lambda m: setattr(m, "position_embd", None))],
+    "mpt": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
+            ("q/k/v clamped", lambda m: setattr(m.config, "clamp_qkv", 0.0))],
+    "bloom": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
+              ("the embeddings' norm", lambda m: setattr(m, "token_embd_norm", None))],
 }
 
 
@@ -437,11 +443,19 @@ def test_vision_language_configs_as_published():
 
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
-    # (Nemotron-H's, Mamba-2's and Mamba's: the default pairing, unused without RoPE)
+    # (Nemotron-H's, Mamba-2's, Mamba's, GPT-2's, StarCoder's, BLOOM's and MPT's: the default pairing, unused
+    # without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
                                                                                   "norm", "neox", "norm", "neox",
-                                                                                  "norm"]
-    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
+                                                                                  "norm"] + ["norm"] * 4
+    assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom",
+                                                    "mpt"]
+    g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
+    assert (g2.context_length, g2.ffn_dim, g2.n_kv_heads, g2.alibi_max_bias) == (256, 4 * D, H, 0.0)
+    assert (cfg["starcoder"].context_length, cfg["starcoder"].n_kv_heads) == (256, 1)  # (multi-query)
+    assert (cfg["bloom"].alibi_max_bias, cfg["bloom"].n_heads) == (8.0, BLOOM_HEADS)  # (llama.cpp's fixed bias)
+    assert (cfg["mpt"].alibi_max_bias, cfg["mpt"].clamp_qkv) == (8.0, MPT_CLIP_QKV)  # (the file's)
+    assert all(cfg[n].clamp_qkv == 0.0 for n in NAMES if n not in ("mpt", "olmo"))
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
@@ -600,15 +614,114 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
+def test_learned_positions_bound_the_context(tiny, tmp_path):
+    """GPT-2's position_embd rows are its positions: a sequence, a cached continuation, a prompt or a
+    training --seq-len beyond them is refused by name; one within them runs."""
+    from lowtune.trainer import finetune
+    model = Model.from_gguf(tiny["gpt2"].gguf)
+    n = model.max_positions
+    assert n == model.config.context_length == 256
+    with torch.no_grad():
+        assert model(rand_ids(1, n)).shape == (1, n, V)
+        with pytest.raises(ValueError, match=r"learned embeddings for 256 positions \(position_embd\).*--seq-len"):
+            model(rand_ids(1, n + 1))
+        cache = model.new_cache(1, n + 8)
+        model(rand_ids(1, n - 1), cache)
+        with pytest.raises(ValueError, match="257 were asked for"):
+            model(rand_ids(1, 2), cache)
+    with pytest.raises(ValueError, match="context is 256"):
+        generate(model, list(range(n)), 4)
+    data = tmp_path / "train.txt"
+    data.write_text("a b c d e f g\n" * 400)
+    with pytest.raises(Exception, match="256 positions.*--seq-len"):
+        finetune(tiny["gpt2"].gguf, data, tmp_path / "run", method="lora", seq_len=n + 1, steps=1, device="cpu")
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 6, 12, 16, 40, 112])
+def test_alibi_slopes_are_blooms(heads):
+    """ALiBi's slopes at llama.cpp's max bias 8 are transformers' BLOOM slopes, for head counts that are
+    powers of two and that are not (BLOOM-176B's 112: 64 slopes, then 48 between them)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    config = ModelConfig(vocab_size=9, dim=heads * 2, n_layers=1, n_heads=heads, n_kv_heads=heads, ffn_dim=4,
+                         head_dim=2, rope_dim=2, arch="bloom", alibi_max_bias=8.0)
+    want = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # (position 1: the slopes)
+    torch.testing.assert_close(alibi_slopes(config), want, rtol=1e-6, atol=0)
+    assert alibi_slopes(dataclasses.replace(config, alibi_max_bias=0.0)) is None
+
+
+def mpt_variant(tiny, tmp_path, variant: str):
+    """The tiny MPT file with llama.cpp's other MPT layouts: learned positions in place of ALiBi
+    (max_alibi_bias 0, position_embd), or LayerNorms of q and k over their whole projections (with biases)."""
+    g = torch.Generator().manual_seed(4)
+    with GGUFFile(tiny["mpt"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    if variant == "learned positions":
+        md["mpt.attention.max_alibi_bias"] = 0.0
+        tensors.append(("position_embd.weight", 0.25 * torch.randn(md["mpt.context_length"], D, generator=g)))
+    else:
+        tensors += [(f"blk.{i}.attn_{x}_norm.{kind}", base + 0.2 * torch.randn(D, generator=g))
+                    for i in range(md["mpt.block_count"]) for x in "qk"
+                    for kind, base in (("weight", 1.0), ("bias", 0.0))]
+    path = tmp_path / "mpt-variant.gguf"
+    write_gguf(path, md, tensors, metadata_types=types)
+    return path
+
+
+@pytest.mark.llamacpp
+def test_mpt_learned_positions_as_llamacpp_runs_them(tiny, botchan_ids, tmp_path):
+    """MPT's layout with learned positions in place of ALiBi (transformers' MptForCausalLM has none), which
+    llama.cpp runs: at llama.cpp's perplexity, not the ALiBi file's, its cache's steps equal to the full
+    forward and its context bounded by the positions."""
+    path = mpt_variant(tiny, tmp_path, "learned positions")
+    model = Model.from_gguf(path)
+    assert model.position_embd is not None and model.layers[0].alibi_slopes is None
+    w = windows(botchan_ids, SEQ, chunks=8)
+    want = llamacpp_perplexity(llamacpp(path), w)
+    got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
+    alibi = perplexity(Model.from_gguf(tiny["mpt"].gguf), botchan_ids, SEQ, chunks=8)["perplexity"]
+    print(f"mpt, learned positions: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}, with ALiBi {alibi:.4f}")
+    assert abs(got - want) / want < 5e-4 and abs(alibi - want) / want > 1e-3
+    ids = rand_ids(1, 40, seed=3)
+    with torch.no_grad():
+        full, cache = model(ids), model.new_cache(1, 40)
+        parts = [model(ids[:, :10], cache)] + [model(ids[:, t:t + 1], cache) for t in range(10, 40)]
+        assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+        with pytest.raises(ValueError, match="learned embeddings for 256 positions"):
+            model(rand_ids(1, 257))
+
+
+def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
+    """MPT files with q/k LayerNorms (qk_ln) are refused by name: llama.cpp's graph fails on them."""
+    with pytest.raises(ValueError, match="attn_q_norm.*MPT's q/k LayerNorms, qk_ln.*llama.cpp"):
+        Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
+
+
+def test_starcoder_without_multi_query_is_refused(tiny):
+    """llama.cpp's converter writes one K/V head into every StarCoder file; a GPT-BigCode model without
+    multi-query attention (K/V rows for every head) is refused, saying so."""
+    with GGUFFile(tiny["starcoder"].gguf) as f:
+        md = dict(f.metadata)
+        w = {n: (f.tensor(n) if len(i.shape) == 1 else f.qtensor(n)) for n, i in f.tensor_infos.items()}
+    config = ModelConfig.from_gguf_metadata(md)
+    Model(config, w)
+    w.update({"blk.0.attn_qkv.weight": ops.quantize(torch.randn(3 * D, D), "F32"),
+              "blk.0.attn_qkv.bias": torch.zeros(3 * D)})
+    with pytest.raises(ValueError, match="attn_qkv.*GPT-BigCode model without multi-query attention"):
+        Model(config, w)
+
+
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
 # (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
 # short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and
 # Qwen3.5's Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs;
-# MiniCPM3's latent attention; OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
+# MiniCPM3's latent attention; OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv; GPT-2's and
+# StarCoder's learned positions; BLOOM's and MPT's ALiBi, BLOOM's embedding norm, MPT's clamped q/k/v)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo",
-                                                      "bitnet", "mamba2", "falcon-h1", "mamba"))
+                                                      "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder",
+                                                      "bloom", "mpt"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -884,9 +997,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
         got = model(ids)
     # the same update merged into dense copies of the bases (a fused tensor's parts separately)
     weights = merged_weights(model)
-    with GGUFFile(tiny[name].gguf) as f:  # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp
+    # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp, GPT-2's positions (not a fused tensor
+    # or its bias: GPT-2's attn_qkv.bias, written as its parts')
+    with GGUFFile(tiny[name].gguf) as f:
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
-                        if n not in weights and n not in model.fused_views})
+                        if n not in weights and n.replace(".bias", ".weight") not in model.fused_views})
     if name in ("phi3", "phi4"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
     if name in ("llama", "qwen2"):
@@ -898,10 +1013,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet", "gpt2", "bloom"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases, Gemma 3's extra norms and BitNet's sub-norms in the streamed layers."""
+    fused tensors, Qwen2's biases, Gemma 3's extra norms and BitNet's sub-norms in the streamed layers,
+    GPT-2's learned positions and BLOOM's ALiBi around them."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1341,9 +1457,8 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "minicpm", "minicpm3", "ernie4_5",
-                         "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
-                         "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
+                         "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2",
+                         "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
                          "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
                          "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
@@ -1364,6 +1479,8 @@ def test_families_and_refusals():
     with pytest.raises(ValueError, match="vision encoder.*mmproj.*the language model's GGUF"):
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
+        family_of_hf(["FalconForCausalLM"])
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(gpt2\) is read from GGUF only.*Conv1D.*load the GGUF"):
         family_of_hf(["GPT2LMHeadModel"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,

@@ -32,7 +32,7 @@ import torch
 import lowtune
 from lowtune import adapters, merge
 from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, export_peft
-from lowtune.families import FAMILIES
+from lowtune.families import FAMILIES, family_of
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, SSM_LINEAR_NAMES,
                            Model)
@@ -59,7 +59,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
                  "bitnet": "qdylora", "mamba2": "qa-lora",
-                 "falcon-h1": "qdylora", "mamba": "qa-hira"}
+                 "falcon-h1": "qdylora", "mamba": "qa-hira",
+                 "gpt2": "qa-lora", "starcoder": "qdylora", "bloom": "q-bara", "mpt": "lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -70,7 +71,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
                    "bitnet": "q-bara", "mamba2": "qa-hira",
-                   "falcon-h1": "q-bara", "mamba": "q-bara"}
+                   "falcon-h1": "q-bara", "mamba": "q-bara",
+                   "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -164,8 +166,9 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h") \
-        else set()  # (no gate)
+    with GGUFFile(family_models[name].gguf) as f:
+        gated = family_of(f.metadata).gated  # (olmo3's and phi4's families are named otherwise)
+    absent = {"ffn_gate"} if not gated else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     if name == "minicpm3":  # (latent attention: q through its latent, attn_kv_b whole)
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
@@ -342,18 +345,23 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
-                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM")])
+                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
+                                           ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
+                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors: their merged HF
-    directory and PEFT adapter are refused, saying to export GGUF, and their transformers directories by class
-    (the converter's GGUF is what lowtune reads)."""
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors, GPT-2's
+    transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v interleaved
+    head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused, saying to
+    export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
     with pytest.raises(ValueError, match=name):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match=f"{hf_class}.*is not supported"):
+    with pytest.raises(ValueError, match=f"{hf_class} .{name}. is read from GGUF only.*load the GGUF"):
         lowtune.load_model(family_models[name].hf_dir)
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
@@ -452,14 +460,37 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt"])
+def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
+    """GPT-2's and StarCoder's learned positions (StarCoder's one K/V head), read at the step's position on the
+    device, and BLOOM's and MPT's ALiBi, each head's bias in the step's mask (no fused decode attention),
+    through replayed decode graphs across windows (64 positions and past them): the eager steps' bf16 logits,
+    and the model's own steps' through a plain cache."""
+    from lowtune.generate import StepDecoder
+    model = random_family_model(arch, dtype=torch.bfloat16).to(device)
+    prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()
+    eager, graph = StepDecoder(model, 96, graphs=False), StepDecoder(model, 96, graphs=True)
+    cache = model.new_cache(1, 96)
+    assert torch.equal(eager.prefill(prompt), graph.prefill(prompt))
+    model(torch.tensor([prompt], device=device), cache)
+    for i, t in enumerate(tokens):
+        want = model(torch.tensor([[t]], device=device), cache)[0, -1]
+        torch.testing.assert_close(eager.step(t), want, rtol=2e-2, atol=2e-2, msg=f"step {i}")
+        torch.testing.assert_close(graph.step(t), want, rtol=2e-2, atol=2e-2, msg=f"step {i}")
+    assert len(graph._graphs) == 2  # (windows of 64 and 96 positions)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "bitnet", "mamba2", "falcon-h1", "mamba"])
+                                  "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2",
+                                  "bloom"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
-    selective scans."""
+    selective scans, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         model = random_family_model(arch, dtype=torch.bfloat16)
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -478,14 +509,16 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "bitnet", "mamba2", "falcon-h1", "mamba", "phimoe"))
+                                  "bitnet", "mamba2", "falcon-h1", "mamba", "phimoe", "gpt2",
+                                  "bloom"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
     for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
     norms and SwiGLU's product also run inside the grouped products), post-norms and PhiMoE's biased
-    RMSNorms included."""
+    RMSNorms, GPT-2's
+    learned positions and BLOOM's embedding norm and ALiBi included."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
     if device == "cuda":
@@ -498,7 +531,7 @@ def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, de
     with torch.no_grad():
         got = model.hidden(ids)
         assert len(calls) == len(model.layers)  # the joined path ran
-        x, rot = model.tok_embd(ids).to(model.device), model._rotation_on_device(0, ids.shape[1])
+        x, rot = model.embed(ids), model._rotation_on_device(0, ids.shape[1])
         for layer in model.layers:
             x = layer(x, rot)
         want = model.output_norm(x)

@@ -30,6 +30,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
+    gpt2          none  gelu_tanh  -           -         -          -                        -
+    starcoder     none  gelu_tanh  -           -         -          -                        -
+    bloom         none  gelu_tanh  -           -         -          -                        -
+    mpt           none  gelu_tanh  -           -         -          -                        -
     phi3          neox  silu       -           -         -          -                        if the file gives one
     phimoe        neox  silu       -           -         -          -                        never (as llama.cpp)
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
@@ -218,6 +222,21 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   what to do.
   StarCoder2 (starcoder2) is Phi-2's layer, not parallel: LayerNorm with biases before attention and
   FFN, an MLP without a gate, biases everywhere.
+  GPT-2 (gpt2: GPT-2, DistilGPT2 and their fine-tunes) is StarCoder2's layer without RoPE: the token
+  embeddings plus the file's learned absolute position embeddings (position_embd, one row a position,
+  which bound the context: Family.learned_positions), LayerNorm with biases, q/k/v fused in attn_qkv
+  with its bias, a GELU MLP without a gate, biases everywhere, the head tied where the file has none.
+  StarCoder (starcoder: StarCoder 1, StarCoderBase, SantaCoder-style GPT-BigCode, TinyStarCoder) is GPT-2's
+  decoder with multi-query attention: one K/V head for every query head.
+  BLOOM (bloom: BLOOM, BLOOMZ) is GPT-2's layer without learned positions: the token embeddings normed by
+  a LayerNorm with a bias (token_embd_norm), then ALiBi (Family.alibi): each head h adds slope_h × (key
+  position - query position) to its scores, the slopes of llama.cpp's max bias 8 (lowtune.model.alibi_slopes,
+  for a head count that is not a power of two too).
+  MPT (mpt: MPT-7B, MPT-30B) is GPT-2's layer with ALiBi where the file's attention.max_alibi_bias is not 0
+  (Family.alibi "file"; learned positions where the file has position_embd), no biases unless the file has
+  them, and q, k and v clamped to ± the file's attention.clamp_kqv (clip_qkv). Its GELU is llama.cpp's tanh
+  approximation (transformers' MptForCausalLM computes the exact one). Files with q/k LayerNorms (qk_ln) are
+  refused: llama.cpp's graph fails on them.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
@@ -273,7 +292,7 @@ class Family:
     #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
     #                                    holds no norm tensor (OLMo's LayerNorm without parameters)
-    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo)
+    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo, MPT)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -289,6 +308,13 @@ class Family:
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
     #                                    hybrids, which attend without positions: NoPE)
     nope: bool = False                 # no layer applies RoPE, whatever the file says (Nemotron-H)
+    learned_positions: bool = False    # the file's position_embd rows are added to the token embeddings, one a
+    #                                    position; their count bounds the context (GPT-2; MPT where the file has
+    #                                    them)
+    alibi: str = ""                    # ALiBi's biases on the scores: "fixed", llama.cpp's max bias of 8 for the
+    #                                    architecture (BLOOM); "file", the file's attention.max_alibi_bias (MPT;
+    #                                    0: none); "": none
+    embedding_norm: bool = False       # the token embeddings are normed by token_embd_norm (BLOOM's LayerNorm)
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
@@ -419,6 +445,11 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen2moe", rope="neox", moe=True, moe_renorm=False, moe_shared_gate=True),
     Family("seed_oss", rope="neox", ffn_norm_tensor="post_attention_norm", hf_architectures=("SeedOssForCausalLM",),
            hf_model_types=("seed_oss",)),
+    Family("gpt2", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
+    Family("starcoder", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True),
+    Family("bloom", activation="gelu_tanh", gated=False, norm="layer", nope=True, alibi="fixed", embedding_norm=True),
+    Family("mpt", activation="gelu_tanh", gated=False, norm="layer", nope=True, learned_positions=True, alibi="file",
+           qkv_clamp=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
@@ -509,8 +540,18 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
 
-# Hugging Face classes of families lowtune runs from GGUF files only: class -> architecture
-_GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
+# Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
+# lowtune has no Hugging Face names for)
+_GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
+_GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
+                 "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
+                 "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions"),
+                 "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions"),
+                 "BloomForCausalLM": ("bloom", "BLOOM's q/k/v interleaved head by head"),
+                 "MPTForCausalLM": ("mpt", "MPT's fused q/k/v"), "MptForCausalLM": ("mpt", "MPT's fused q/k/v"),
+                 "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
+                 "Mamba2ForCausalLM": ("mamba2", "Mamba-2's mixers"), "MambaForCausalLM": ("mamba", "Mamba's mixers"),
+                 "FalconH1ForCausalLM": ("falcon-h1", "Falcon-H1's mixers and multipliers")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -575,9 +616,10 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
                 return f
     for name in architectures or ():
         if name in _GGUF_ONLY_HF:
-            raise ValueError(f"Hugging Face architecture {name} ({_GGUF_ONLY_HF[name]}) is read from GGUF only: "
-                             "lowtune has no Hugging Face names for its AltUp, Laurel and per-layer tensors; convert "
-                             "the directory with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
+            arch, tensors = _GGUF_ONLY_HF[name]
+            raise ValueError(f"Hugging Face architecture {name} ({arch}) is read from GGUF only: lowtune has no "
+                             f"Hugging Face names for {tensors}; convert the directory with llama.cpp's "
+                             "convert_hf_to_gguf.py and load the GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)

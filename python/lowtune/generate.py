@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import _C, glue_ops
-from .model import NO_ROPE, DecoderLayer, KVCache, LayerNorm, Model, ModelConfig, NoNorm, QEmbedding, QLinear, RMSNorm
+from .model import (NO_ROPE, DecoderLayer, KVCache, LayerNorm, Model, ModelConfig, NoNorm, QEmbedding, QLinear,
+                    RMSNorm, alibi_bias, alibi_slopes)
 
 
 @dataclass
@@ -170,6 +171,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
+    if model.position_embd is not None or model.token_embd_norm is not None:
+        return None  # (GPT-2's learned positions, BLOOM's embedding norm: the model's own steps)
     if c.stateful_layers or c.expert_gating == 2 or c.family.chunked_attention:
         return None  # (LFM2's short convolutions, Mamba2 layers and Qwen3.5's DeltaNets, whose states the
         #             decoder does not keep; sigmoid routing: LFM2-MoE's, GLM-4.5 MoE's; Llama 4's chunks,
@@ -242,21 +245,30 @@ class StaticKVCache(KVCache):
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.window = max_len
         self.positions = torch.arange(max_len, device=device)
-        # additive, in the activations' dtype: SDPA would turn a bool mask into this in every layer
-        self.bias = torch.zeros(max_len, dtype=dtype, device=device)
+        # additive, in the activations' dtype: SDPA would turn a bool mask into this in every layer; under
+        # ALiBi one a head [H, 1, max_len], each head's slope × (key pos - pos) where filled
+        slopes = alibi_slopes(config)
+        self.alibi = None if slopes is None else slopes.to(device).view(-1, 1, 1)
+        self.bias = torch.zeros(max_len if slopes is None else (config.n_heads, 1, max_len), dtype=dtype,
+                                device=device)
         self._open = torch.zeros((), dtype=dtype, device=device)
         self._shut = torch.full((), float("-inf"), dtype=dtype, device=device)
 
     def set_window(self, window: int) -> None:
         """Steps from now on attend over positions [0, window) (pos must stay below window)."""
         self.window = window
-        self.attn_mask = self.bias[:window].unsqueeze(0)  # [1, window]: attention wants 2-D
+        # [1, window] (attention wants 2-D), or ALiBi's [H, 1, window]
+        self.attn_mask = self.bias[:window].unsqueeze(0) if self.alibi is None else self.bias[..., :window]
 
     def store(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               rot: torch.Tensor, style: str):
         if self.attn_mask is None or k.shape[2] != 1:
             return super().store(layer, start, q, k, v, rot, style)
-        if layer == 0:  # the mask of this step, once for every layer: positions 0..pos
+        if layer == 0 and self.alibi is not None:  # the mask of this step, once for every layer
+            filled = self.positions[:self.window] <= self.pos
+            self.bias[..., :self.window].copy_(
+                alibi_bias(self.alibi, filled, self.pos, self.positions[:self.window], self.bias.dtype))
+        elif layer == 0:  # positions 0..pos
             torch.where(self.positions[:self.window] <= self.pos, self._open, self._shut,
                         out=self.bias[:self.window])
         q = glue_ops.rope_store(q, k, v, rot, style, self.k[layer], self.v[layer], self.pos)
@@ -331,7 +343,7 @@ class StepDecoder:
         """One step at the static token and position (the body a graph captures): its logits [V],
         or (greedy) its argmax, which also becomes the static token of the next step."""
         m, c = self.model, self.cache
-        x = m.tok_embd(self.ids)
+        x = m.embed(self.ids, c.pos)
         rot = self.rot.index_select(2, c.pos)
         logits = m.lm_head(m.normed_layers(x, rot, c, 0)).float()[0, -1]
         if not greedy:

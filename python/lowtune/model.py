@@ -107,6 +107,10 @@ ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_E
 # Configuration
 
 
+# ALiBi's max bias that llama.cpp fixes for BLOOM (Family.alibi "fixed"; its files carry none)
+ALIBI_FIXED_MAX_BIAS = 8.0
+
+
 # The rope kind of a layer without RoPE: its table rotates by nothing (cosines 1, sines 0), so that
 # such a layer runs the same code, caches and kernels as every other, q and k unchanged bit for bit.
 NO_ROPE = 2
@@ -139,7 +143,7 @@ class ModelConfig:
     rope_yarn_beta_slow: float = 1.0   # ... and pairs turning less than this many times are slowed
     attn_temperature: float = 0.0  # queries × 1 + t ln(1 + floor(pos / rope_orig_context)) (Ministral 3; 0: none)
     attn_scale: float = 0.0       # queries are multiplied by this (0: 1/sqrt(head_dim))
-    clamp_qkv: float = 0.0        # q, k and v are clipped to ± this (OLMo's clip_qkv; 0: not clipped)
+    clamp_qkv: float = 0.0        # q, k and v are clipped to ± this (OLMo's and MPT's clip_qkv; 0: not clipped)
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Granite; Gemma: sqrt(D))
     residual_scale: float = 1.0   # attention and FFN outputs are multiplied by this (Granite)
     logit_scale: float = 1.0      # logits are divided by this (Granite)
@@ -184,6 +188,8 @@ class ModelConfig:
     ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
     mlp_activation: str = ""      # the gated MLP's activation where the file names one (BitNet's
     #                               hidden_activation: relu2); "": the family's
+    alibi_max_bias: float = 0.0   # ALiBi: each head's scores biased by its slope × (key pos - query pos), the
+    #                               slopes from this bias (alibi_slopes; BLOOM, MPT; 0: none)
 
     @property
     def family(self) -> Family:
@@ -474,6 +480,9 @@ class ModelConfig:
                      "per_layer_dim": int(get("embedding_length_per_layer_input")),
                      "kv_layers": n_layers - shared if shared else 0,
                      "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
+        alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
+        if alibi is None:
+            alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
         n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
@@ -495,7 +504,8 @@ class ModelConfig:
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, **delta, **parts, xielu=xielu, mlp_activation="" if act == fam.activation else act,
+            **latent, **altup, **delta, **parts, xielu=xielu, alibi_max_bias=alibi,
+            mlp_activation="" if act == fam.activation else act,
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -1352,6 +1362,28 @@ def attn_temperature(t: float, orig: int, positions: torch.Tensor) -> torch.Tens
     return 1.0 + t * (1.0 + (positions // orig)).log()
 
 
+def alibi_slopes(config: ModelConfig) -> torch.Tensor | None:
+    """[H] float32 ALiBi slopes for the config's max bias b, as ggml's softmax computes them: with n the
+    largest power of two <= H, head h < n takes (2^(-b/n))^(h+1), the others (2^(-b/2n))^(2(h-n)+1)
+    (BLOOM's rule for a head count that is not a power of two); None without ALiBi."""
+    b, heads = config.alibi_max_bias, config.n_heads
+    if not b:
+        return None
+    n = 2 ** math.floor(math.log2(heads))
+    m0, m1 = 2.0 ** (-b / n), 2.0 ** (-b / 2 / n)
+    return torch.tensor([m0 ** (h + 1) if h < n else m1 ** (2 * (h - n) + 1) for h in range(heads)])
+
+
+def alibi_bias(slopes: torch.Tensor, allowed: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [H, T, S] in `dtype` of attention under ALiBi: slope × (key pos - query pos) where
+    a query sees a key (`allowed`, [T, S]), -inf elsewhere; computed in fp32 (llama.cpp's mask of
+    -|query pos - key pos|, times each head's slope)."""
+    rel = (kpos - qpos).float()
+    bias = slopes.float().view(-1, 1, 1).to(rel.device) * rel
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
 apply_rope = glue_ops.rope  # x [B, H, T, hd], rot [2, T, rope_dim] -> x rotated (glue_ops.rope)
 
 
@@ -1493,6 +1525,8 @@ class DecoderLayer(nn.Module):
         # a learned logit per head that joins each query's softmax and takes no value (gpt-oss)
         sinks = w.get(p + "attn_sinks.weight")
         self.register_buffer("attn_sinks", None if sinks is None else _vector(sinks), persistent=False)
+        # ALiBi's slopes, one a head (BLOOM, MPT), fp32 as llama.cpp's
+        self.register_buffer("alibi_slopes", alibi_slopes(c), persistent=False)
         # xIELU's scalars (Apertus), frozen as the layer's other base weights
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
@@ -1660,7 +1694,7 @@ class DecoderLayer(nn.Module):
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
-        if c.clamp_qkv:  # (OLMo's clip_qkv, as llama.cpp's build_qkv clamps them)
+        if c.clamp_qkv:  # (OLMo's and MPT's clip_qkv, as llama.cpp's build_qkv clamps them)
             q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
         gate = None
         if fam.attn_output_gate:  # each head's q, then its gate
@@ -1693,11 +1727,11 @@ class DecoderLayer(nn.Module):
         if fam.nope_temperature and self.rope_kind == NO_ROPE and start + t >= NOPE_TEMPERATURE_FLOOR:
             pos = torch.arange(start + 1, start + t + 1, device=q.device, dtype=torch.float32)  # (offset 1)
             q = (q.float() * attn_temperature(NOPE_TEMPERATURE, NOPE_TEMPERATURE_FLOOR, pos)[:, None]).to(q.dtype)
-        if cache is not None:  # (sinks: the cache's kernel has none)
-            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap) if self.attn_sinks is None else None
+        if cache is not None and self.attn_sinks is None and self.alibi_slopes is None:  # (sinks, ALiBi: the
+            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)      # cache's kernel has none)
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks,
-                             fam.chunked_attention)
+                             fam.chunked_attention, self.alibi_slopes)
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
@@ -1861,7 +1895,8 @@ class DecoderLayer(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None,
               window: int = 0, cap: float = 0.0, mask: torch.Tensor | None = None,
-              sinks: torch.Tensor | None = None, chunked: bool = False) -> torch.Tensor:
+              sinks: torch.Tensor | None = None, chunked: bool = False,
+              alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q [B, H, T, hd] at positions start..start+T; k, v [B, Hkv, S, hd] for
     positions 0..S (S = start + T). Query head h reads key/value head h // (H/Hkv), as in ggml.
     scale: on q·k (None: 1/sqrt(hd)); window > 0: query i sees only keys i-window+1..i; cap > 0:
@@ -1870,7 +1905,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     (a fixed-length decode cache's mask; such caches serve models without sliding layers). sinks
     [H], when given: one more logit per head in every query's softmax, with no value (gpt-oss).
     chunked: the window is a chunk instead, query i sees keys of its own chunk of `window`
-    positions (floor(pos / window) equal: Llama 4)."""
+    positions (floor(pos / window) equal: Llama 4). alibi [H]: ALiBi's slopes (alibi_bias; BLOOM, MPT),
+    which a given mask already carries."""
     n_rep = q.shape[1] // k.shape[1]
     gqa = {}
     if n_rep > 1:
@@ -1887,7 +1923,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         allowed = mask
     else:
         windowed = 0 < window < s  # a window (or chunk) no shorter than the sequence cuts nothing
-        if not cap and not windowed and sinks is None:
+        if not cap and not windowed and sinks is None and alibi is None:
             if start == 0 and t == s:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
             if t == 1:  # one new token sees every cached position
@@ -1897,6 +1933,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
         allowed = kpos <= qpos
         if windowed:
             allowed = allowed & ((qpos // window == kpos // window) if chunked else (qpos - kpos < window))
+        if alibi is not None:
+            allowed = alibi_bias(alibi, allowed, qpos, kpos, q.dtype)
     if not cap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, **gqa)
     # soft-capped scores, or sinks: SDPA has neither, so the scores are materialised (as Hugging
@@ -1927,6 +1965,11 @@ class Model(nn.Module):
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \
             else c.embedding_scale
         self.tok_embd = QEmbedding(weights["token_embd.weight"], dtype, scale=embed_scale)
+        # learned absolute positions, one row a position (GPT-2), and the embeddings' norm (BLOOM)
+        pos = weights.get("position_embd.weight") if c.family.learned_positions else None
+        self.position_embd = None if pos is None else QEmbedding(pos, dtype, "position_embd.weight")
+        self.token_embd_norm = make_norm(c.family, weights, "token_embd_norm", c.norm_eps, c.dim) \
+            if c.family.embedding_norm else None
         self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
         self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps, c.dim)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
@@ -2038,12 +2081,36 @@ class Model(nn.Module):
             raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
         t = ids.shape[1]
+        self.check_positions(start + t)
         rot = self._rotation_on_device(start, t, cache.max_len if cache is not None else None)
-        x = self.tok_embd(ids, self.device)     # gathered where the embedding lives, decoded here
+        x = self.embed(ids, start)
         x = self.normed_layers(x, rot, cache, start)
         if cache is not None:
             cache.length = start + t
         return x
+
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the model has learned embeddings for (position_embd's rows: GPT-2), which no
+        sequence may pass; None: no such bound."""
+        return None if self.position_embd is None else self.position_embd.num_embeddings
+
+    def check_positions(self, end: int) -> None:
+        """A ValueError where positions up to `end` pass the learned ones (max_positions)."""
+        if self.max_positions is not None and end > self.max_positions:
+            raise ValueError(f"this {self.config.arch} model has learned embeddings for {self.max_positions} "
+                             f"positions (position_embd) and none beyond; {end} were asked for: use a sequence "
+                             f"(--seq-len, a prompt and its new tokens) of at most {self.max_positions} tokens")
+
+    def embed(self, ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """The input of the first layer for ids [B, T] at positions start..start+T (start an int, or a
+        device tensor [1]: StepDecoder's): the token embeddings, gathered where they live and decoded on
+        the model's device, plus the learned position rows (GPT-2), normed by token_embd_norm (BLOOM)."""
+        x = self.tok_embd(ids, self.device)
+        if self.position_embd is not None:
+            pos = start + torch.arange(ids.shape[1], device=self.position_embd.raw.device)
+            x = x + self.position_embd(pos, self.device)
+        return x if self.token_embd_norm is None else self.token_embd_norm(x)
 
     def normed_layers(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
                       start: int = 0) -> torch.Tensor:
@@ -2188,6 +2255,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                 "rope_factors_short.weight": (c.rope_dim // 2,)}
     if "output.weight" in w:
         optional["output.bias"] = (c.vocab_size,)
+    if c.family.learned_positions:  # (MPT's files carry them where they have no ALiBi)
+        (optional if c.family.alibi else want)["position_embd.weight"] = (c.context_length, c.dim)
+    if c.family.embedding_norm:
+        want["token_embd_norm.weight"], optional["token_embd_norm.bias"] = (c.dim,), (c.dim,)
     for i in range(c.n_layers):
         p = f"blk.{i}."
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items() if c.family.norm_weights})
@@ -2247,6 +2318,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     unused = [n for n in w if n not in want and n not in optional]
     if unused:
         hint = " (mixture-of-experts tensors)" if any("_exps" in n or "gate_inp" in n for n in unused) else ""
+        if c.arch == "mpt" and any("attn_q_norm" in n for n in unused):
+            hint = (" (MPT's q/k LayerNorms, qk_ln, whose graph llama.cpp fails to build beside a fused attn_qkv: "
+                    "lowtune runs and exports MPT files as llama.cpp runs them)")
         if "cls_out.weight" in unused:  # (Qwen3 and Qwen3-VL rerankers: their yes/no rows of the head)
             hint = " (a reranker's classification head; lowtune fine-tunes the generative model it was made from)"
         if any(n.endswith((".scale", ".input_scale")) for n in unused):  # llama.cpp's NVFP4 conversion
@@ -2262,7 +2336,13 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         shape = want.get(name, optional.get(name))
         got = tuple(w[name].shape)
         if got != shape and not (len(shape) == 1 and math.prod(got) == shape[0]):
-            raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} from the metadata")
+            hint = ""
+            if name.endswith(("attn_qkv.weight", "attn_qkv.bias")) and c.n_kv_heads == 1 \
+                    and got[0] == 3 * c.n_heads * c.head_dim:
+                hint = (" (K/V heads for every query head where the metadata gives one: a GPT-BigCode model "
+                        "without multi-query attention, whose file llama.cpp's converter writes wrong and "
+                        "llama.cpp does not run either)")
+            raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} from the metadata{hint}")
 
 
 # ----------------------------------------------------------------------------------------------

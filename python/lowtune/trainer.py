@@ -117,6 +117,10 @@ class Trainer:
             self.model.to(self.device)
             if self.tokenizer is None and getattr(self.model, "metadata", None):
                 self.tokenizer = load_tokenizer(self.model.metadata)
+        try:  # (learned positions bound the sequence: GPT-2's 1024)
+            getattr(self.model, "check_positions", lambda end: None)(cfg.seq_len)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if hasattr(self.model, "gradient_checkpointing"):
             gc = cfg.gradient_checkpointing
             self.model.gradient_checkpointing = (self.device.type == "cuda") if gc is None else gc
