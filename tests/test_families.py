@@ -1247,7 +1247,7 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "mamba2", "falcon-h1", "mamba", "minicpm", "ernie4_5", "ernie4_5-moe",
+                         "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",

@@ -18,6 +18,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     mamba2        -     -          -           -         -          -                        -
     falcon-h1     neox  silu       -           -         -          -                        if the file gives one
     mamba         -     -          -           -         -          -                        -
+    jamba         none  silu       -           -         -          -                        -
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
     ernie4_5-moe  norm  silu       -           -         -          -                        if the file gives one
@@ -142,6 +143,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   its bias and SiLU; ssm_x gives dt, B and C, which Falcon-Mamba's files (ssm.dt_b_c_rms) RMS-norm; dt =
   softplus(ssm_dt(dt)); the selective scan, one row of A [inner, state] a channel; the D skip; y · silu(z)
   into ssm_out).
+  Jamba (jamba: Jamba v0.1, Jamba 1.5/1.6/1.7 Mini and Large) runs Mamba's mixer, its dt, B and C
+  RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
+  no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
+  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -242,7 +247,10 @@ class Family:
     attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 (or Mamba 1) mixer
     #                                    alone after attn_norm (Mamba-2, Mamba; ModelConfig.mlp_layers empty)
     mamba1: bool = False               # the Mamba layers run Mamba 1's selective scan (lowtune.model.Mamba), not
-    #                                    Mamba2's (Mamba, Falcon-Mamba)
+    #                                    Mamba2's (Mamba, Falcon-Mamba); with attention, the layers without KV
+    #                                    heads in the file (Jamba)
+    moe_step: int = 1                  # experts in every moe_step-th layer where the file gives no
+    #                                    interleave_moe_layer_step (Jamba: 2, as its converted files are laid out)
     parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
     #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
     #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
@@ -334,6 +342,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("mamba2", mamba2=True, attention_free=True),
     Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
     Family("mamba", attention_free=True, mamba1=True),
+    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         "embedding_scale": 12.0, "residual_scale": 1.4 / math.sqrt(layers), "logit_scale": 256.0 / dim}),
     Family("ernie4_5", hf_architectures=("Ernie4_5ForCausalLM",), hf_model_types=("ernie4_5",)),
@@ -421,7 +430,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
-        "jamba", "minimax-m2"}
+        "minimax-m2"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -465,7 +474,7 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe and qwen3next)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next and jamba)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders)")
