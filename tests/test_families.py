@@ -1140,7 +1140,7 @@ def test_mamba2_layers_alone(tiny):
         ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
 
 
-def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path):
+def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path, capsys):
     """Mamba's layer (lowtune.model.Mamba: the convolution, ssm_x, ssm_dt, selective_scan, the D skip and the
     gate) gives transformers' MambaMixer on the converted weights (on the CPU, without the mamba_ssm kernels, its
     slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B
@@ -1148,6 +1148,10 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
     saying which."""
     model, hf = Model.from_gguf(tiny["mamba"].gguf), hf_model("mamba")
     layer, mixer = model.layers[0], hf.backbone.layers[0].mixer
+    from lowtune import cli  # (`lowtune info`)
+    assert cli.main(["info", str(tiny["mamba"].gguf)]) == 0
+    assert "mamba           layers 0, 1 (128 channels, state 16, dt rank 32, conv 4), no attention" in \
+        capsys.readouterr().out
     h = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4))
     run = lambda h, cache=None, start=0: layer.ssm_out(layer.mamba(  # noqa: E731
         layer.ssm_in(h), layer.ssm_x, layer.ssm_dt, cache, start))
