@@ -477,7 +477,7 @@ def family_of(metadata: Mapping) -> Family:
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, qwen35moe, qwen3next and jamba)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
-                         f"{_supported()} (attention decoders)")
+                         f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")

@@ -31,7 +31,10 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.shortconv           ShortConv           in place of attention in LFM2's convolution layers:
                               in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
     blk.N.ssm_in, ssm_out     QLinear             in place of attention in Granite 4's Mamba2 layers, around
-    blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen)
+    blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen);
+                                                  beside attention in Falcon-H1, alone in Mamba-2's layers
+    blk.N.ssm_x, ssm_dt       QLinear             Mamba 1's dt, B, C and dt's projection (Mamba, Jamba), its
+                              Mamba               blk.N.mamba: ssm_conv1d + bias, ssm_a [inner, state], ssm_d
     blk.N.attn_qkv/attn_gate  QLinear             in place of attention in Qwen3.5's Gated DeltaNet layers,
     blk.N.ssm_alpha/beta/out  QLinear             with ssm_conv1d [C, L], ssm_a, ssm_dt (frozen buffers) and
     blk.N.ssm_norm            RMSNorm [d_v]       (DecoderLayer.delta_net_branch); Qwen3.5's attn_q [2·H*hd, D]
