@@ -41,7 +41,8 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2"
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
-             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe")
+             "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
+             "jamba")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -384,6 +385,11 @@ def hf_model(name: str):
             pad_token_id=None, tie_word_embeddings=False, state_size=SSM["mamba_d_state"], expand=2,
             conv_kernel=SSM["mamba_d_conv"], time_step_rank=32, use_conv_bias=True)),
         "granitehybridmoe": lambda: granite_hybrid(tf, common, experts=EXPERTS),
+        # Mamba layers (dt, B and C normed) and attention without RoPE in turn, experts in every other layer
+        "jamba": lambda: tf.JambaForCausalLM(tf.JambaConfig(
+            **common, num_hidden_layers=4, tie_word_embeddings=False, attn_layer_offset=1, attn_layer_period=2,
+            expert_layer_offset=1, expert_layer_period=2, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            mamba_d_state=SSM["mamba_d_state"], mamba_d_conv=SSM["mamba_d_conv"], mamba_expand=2, mamba_dt_rank=32)),
         # Gated DeltaNets in three layers of four, attention with an output gate and RoPE on a quarter of
         # each head (its M-RoPE sections over those pairs) in the fourth
         "qwen35": lambda: tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(
@@ -847,7 +853,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.rope.scaling.finetuned": False, f"{arch}.ssm.conv_kernel": SSM["mamba_d_conv"],
                    f"{arch}.ssm.state_size": SSM["mamba_d_state"], f"{arch}.ssm.group_count": SSM["mamba_n_groups"],
                    f"{arch}.ssm.inner_size": SSM["mamba_expand"] * D,
-                   f"{arch}.ssm.time_step_rank": SSM["mamba_n_heads"],
+                   f"{arch}.ssm.time_step_rank": 32 if fam.mamba1 else SSM["mamba_n_heads"],  # (Mamba's dt rank)
                    f"{arch}.embedding_scale": 2.0, f"{arch}.residual_scale": 0.7, f"{arch}.attention.scale": 0.3,
                    f"{arch}.logit_scale": 1.5})
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
@@ -855,8 +861,6 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
     if fam.attention_free:  # (Mamba-2, Mamba: the converter's head_count and feed_forward_length of 0, no KV heads)
         md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
-        if fam.mamba1:  # (Mamba's dt of rank 32)
-            md.update({f"{arch}.ssm.time_step_rank": 32, f"{arch}.ssm.inner_size": 2 * D})
         del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
     if arch == "granite":
         md.update({"granite.embedding_scale": 2.0, "granite.residual_scale": 0.7, "granite.attention.scale": 0.3,

@@ -1297,7 +1297,7 @@ def test_mamba2_layers_alone(tiny):
         ModelConfig.from_gguf_metadata({**md, "mamba2.ssm.time_step_rank": 7})
 
 
-def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path):
+def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, tmp_path, capsys):
     """Mamba's layer (lowtune.model.Mamba: the convolution, ssm_x, ssm_dt, selective_scan, the D skip and the
     gate) gives transformers' MambaMixer on the converted weights (on the CPU, without the mamba_ssm kernels, its
     slow reference scan), whole and in two calls through the cache's states; Falcon-Mamba's RMS-normed dt, B
@@ -1305,6 +1305,10 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
     saying which."""
     model, hf = Model.from_gguf(tiny["mamba"].gguf), hf_model("mamba")
     layer, mixer = model.layers[0], hf.backbone.layers[0].mixer
+    from lowtune import cli  # (`lowtune info`)
+    assert cli.main(["info", str(tiny["mamba"].gguf)]) == 0
+    assert "mamba           layers 0, 1 (128 channels, state 16, dt rank 32, conv 4), no attention" in \
+        capsys.readouterr().out
     h = torch.randn(2, 40, D, generator=torch.Generator().manual_seed(4))
     run = lambda h, cache=None, start=0: layer.ssm_out(layer.mamba(  # noqa: E731
         layer.ssm_in(h), layer.ssm_x, layer.ssm_dt, cache, start))
@@ -1456,12 +1460,13 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "minicpm", "minicpm3", "ernie4_5",
-                         "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2",
-                         "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
-                         "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
-                         "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
-                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3",
+                         "ernie4_5", "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss",
+                         "gpt2", "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2",
+                         "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r", "cohere2", "glm4",
+                         "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe",
+                         "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "qwen35", "qwen35moe",
+                         "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

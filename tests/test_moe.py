@@ -44,7 +44,7 @@ from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, expo
 from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import DELTA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
+from lowtune.model import DELTA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
@@ -61,7 +61,7 @@ DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 archit
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
-INTERLEAVED = {"llama4": [False, True, False, True],
+INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
                "nemotron_h_moe": [k == "E" for k in NEMOTRON_H_MOE_PATTERN]}  # (Nemotron-H's layers of one part)
 
 
@@ -383,11 +383,12 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's and EXAONE MoE's sigmoid
     routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention and PhiMoE's norm and head biases are left to the model's own steps."""
+    Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
+    model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
-                           "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe"):
+                           "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -415,8 +416,8 @@ def test_adapters_train_through_the_experts(moe, name):
         attention_i = attention if c.has_mixer(i) else set()  # (Nemotron-H MoE: a mixer or experts a layer)
         if layer.shortconv is not None:  # (LFM2-MoE's convolutions)
             attention_i = {"in_proj", "out_proj"}
-        elif layer.mamba is not None:  # (Mamba2 layers)
-            attention_i = {"ssm_in", "ssm_out"}
+        elif layer.mamba is not None:  # (Mamba2 layers; Jamba's Mamba layers)
+            attention_i = set(MAMBA_LINEAR_NAMES) if name == "jamba" else {"ssm_in", "ssm_out"}
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
         m = layer.ffn_moe
@@ -498,6 +499,11 @@ def test_exports(moe, tmp_path, name):
     if name == "nemotron_h_moe":  # (lowtune has no Hugging Face names for Nemotron-H's tensors)
         with pytest.raises(ValueError, match="no Hugging Face names for architecture 'nemotron_h_moe'"):
             export_peft(base, peft_run, tmp_path / "peft")
+    elif name == "jamba":  # (lowtune has no Hugging Face names for it: read and written as GGUF)
+        with pytest.raises(ValueError, match="jamba"):
+            export_peft(base, peft_run, tmp_path / "peft")
+        with pytest.raises(ValueError, match="JambaForCausalLM.*is not supported"):
+            lowtune.load_model(moe[name].hf_dir)
         return
     export_peft(base, peft_run, tmp_path / "peft")
     if name == "llama4":
@@ -509,6 +515,29 @@ def test_exports(moe, tmp_path, name):
     assert rel_err(got, want) < 1e-4
     with pytest.raises(ValueError, match="mixture-of-experts models export as GGUF"):
         export_hf(base, tmp_path / "run", tmp_path / "hf")
+
+
+def test_jamba_mamba_layers_attention_and_experts(moe):
+    """Jamba's file gives its Mamba layers no KV heads (Mamba's mixer, dt, B and C RMS-normed with the file's
+    weights, which matter), its attention layers no RoPE, and experts every other layer from the second, as its
+    converted files are laid out; a file with experts elsewhere is refused, saying so."""
+    model, hf = Model.from_gguf(moe["jamba"].gguf), hf_model("jamba")
+    c = model.config
+    assert (c.ssm_layers, c.moe_layers, c.no_rope, c.n_kv_heads) == ((0, 2), (1, 3), True, 2)
+    assert [layer.mamba is not None and layer.mamba.norms is not None for layer in model.layers] == [
+        True, False, True, False]
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        for layer in model.layers[::2]:
+            layer.mamba.norms = None
+        assert rel_err(model(ids), want) > 1e-3
+    with GGUFFile(moe["jamba"].gguf) as f:
+        md = dict(f.metadata)
+        w = {n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()}
+    with pytest.raises(ValueError, match="lacks tensor 'blk.0.ffn_gate_inp.weight', which this jamba"):
+        Model(ModelConfig.from_gguf_metadata({**md, "jamba.interleave_moe_layer_step": 1}), w)
 
 
 def test_what_is_refused(moe):

@@ -74,10 +74,15 @@ def info(args: argparse.Namespace) -> int:
             print(f"short conv      layers {', '.join(map(str, c['conv_layers']))} (width {c['conv_kernel']}), "
                   "attention in the others")
         if c["ssm_layers"]:
-            m = c["ssm"]
-            print(f"mamba2          layers {', '.join(map(str, c['ssm_layers']))} ({m['heads']} heads of "
-                  f"{m['inner'] // m['heads']}, state {m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), "
-                  "attention in the others")
+            m, layers = c["ssm"], ", ".join(map(str, c["ssm_layers"]))
+            beside = ("no attention" if not c["heads"] else "attention beside them"
+                      if len(c["ssm_layers"]) == c["layers"] else "attention in the others")
+            if "dt_rank" in m:  # (Mamba 1's selective scan: Mamba, Jamba)
+                print(f"mamba           layers {layers} ({m['inner']} channels, state {m['state']}, dt rank "
+                      f"{m['dt_rank']}, conv {m['conv_kernel']}), {beside}")
+            else:
+                print(f"mamba2          layers {layers} ({m['heads']} heads of {m['inner'] // m['heads']}, state "
+                      f"{m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), {beside}")
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"

@@ -19,6 +19,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     mamba2        -     -          -           -         -          -                        -
     falcon-h1     neox  silu       -           -         -          -                        if the file gives one
     mamba         -     -          -           -         -          -                        -
+    jamba         none  silu       -           -         -          -                        -
     minicpm       norm  silu       -           -         from file  -                        if the file gives one
     minicpm3      neox  silu       -           -         fixed      -                        if the file gives one
     ernie4_5      norm  silu       -           -         -          -                        if the file gives one
@@ -173,6 +174,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   its bias and SiLU; ssm_x gives dt, B and C, which Falcon-Mamba's files (ssm.dt_b_c_rms) RMS-norm; dt =
   softplus(ssm_dt(dt)); the selective scan, one row of A [inner, state] a channel; the D skip; y · silu(z)
   into ssm_out).
+  Jamba (jamba: Jamba v0.1, Jamba 1.5/1.6/1.7 Mini and Large) runs Mamba's mixer, its dt, B and C
+  RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
+  no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
+  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -321,7 +326,10 @@ class Family:
     attention_free: bool = False       # no layer attends and none has an FFN: each is a Mamba2 (or Mamba 1) mixer
     #                                    alone after attn_norm (Mamba-2, Mamba; ModelConfig.mlp_layers empty)
     mamba1: bool = False               # the Mamba layers run Mamba 1's selective scan (lowtune.model.Mamba), not
-    #                                    Mamba2's (Mamba, Falcon-Mamba)
+    #                                    Mamba2's (Mamba, Falcon-Mamba); with attention, the layers without KV
+    #                                    heads in the file (Jamba)
+    moe_step: int = 1                  # experts in every moe_step-th layer where the file gives no
+    #                                    interleave_moe_layer_step (Jamba: 2, as its converted files are laid out)
     parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
     #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
     #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
@@ -428,6 +436,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("mamba2", mamba2=True, attention_free=True),
     Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
     Family("mamba", attention_free=True, mamba1=True),
+    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
     # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
@@ -533,7 +542,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic", "jamba"}
+_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -588,10 +597,10 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, qwen35moe, "
-                         "qwen3next, phimoe, dots1, hunyuan-moe and minimax-m2)")
+                         "qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2 and jamba)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
-                         f"{_supported()} (attention decoders)")
+                         f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")

@@ -32,7 +32,10 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.shortconv           ShortConv           in place of attention in LFM2's convolution layers:
                               in_proj [3D, D], out_proj [D, D] (QLinear), conv [D, L] (the frozen kernel)
     blk.N.ssm_in, ssm_out     QLinear             in place of attention in Granite 4's Mamba2 layers, around
-    blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen)
+    blk.N.mamba               Mamba2              ssm_conv1d (+ bias), ssm_a, ssm_d, ssm_dt.bias, ssm_norm (frozen);
+                                                  beside attention in Falcon-H1, alone in Mamba-2's layers
+    blk.N.ssm_x, ssm_dt       QLinear             Mamba 1's dt, B, C and dt's projection (Mamba, Jamba), its
+                              Mamba               blk.N.mamba: ssm_conv1d + bias, ssm_a [inner, state], ssm_d
     blk.N.attn_qkv/attn_gate  QLinear             in place of attention in Qwen3.5's Gated DeltaNet layers,
     blk.N.ssm_alpha/beta/out  QLinear             with ssm_conv1d [C, L], ssm_a, ssm_dt (frozen buffers) and
     blk.N.ssm_norm            RMSNorm [d_v]       (DecoderLayer.delta_net_branch); Qwen3.5's attn_q [2·H*hd, D]
@@ -90,6 +93,8 @@ DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_ba"
 SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 # the linears of a Mamba 1 layer (Mamba): Mamba2's and the scan's inputs, ssm_x (dt, B, C) and ssm_dt (dt)
 MAMBA_LINEAR_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")
+# the norms of its dt, B and C where the file has them (Jamba), in that order
+MAMBA_NORM_NAMES = ("ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
 # attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
@@ -432,7 +437,7 @@ class ModelConfig:
                                  "layout) without giving their width, which lowtune does not run")
             # llama.cpp's rule: dense layers first, then experts in every step-th layer
             lead = int(md.get(f"{arch}.leading_dense_block_count", 0) or 0)
-            step = int(md.get(f"{arch}.interleave_moe_layer_step", 1) or 1)
+            step = int(md.get(f"{arch}.interleave_moe_layer_step", fam.moe_step) or fam.moe_step)
             if lead or step > 1:
                 experts["moe_layers"] = tuple(i for i in range(n_layers) if i >= lead and (i + 1) % step == 0)
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
@@ -675,15 +680,16 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
         return int(kv), {}
     counts = [int(k) for k in kv[:n_layers]]
     attention = sorted({k for k in counts if k})
-    if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2)):
+    if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2 or fam.mamba1)):
         raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
                          "every attention layer (and layers without attention only as LFM2's short convolutions "
                          "and Granite 4's Mamba2 layers)")
     conv = tuple(i for i, k in enumerate(counts) if k == 0 and i not in mlp_layers)
     if not conv:
         return attention[0], {}
-    if fam.mamba2:
-        return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": SSMShape.from_gguf_metadata(md, arch)}
+    if fam.mamba2 or fam.mamba1:  # (Mamba 1's layers: Jamba)
+        shape = (MambaShape if fam.mamba1 else SSMShape).from_gguf_metadata(md, arch)
+        return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": shape}
     key = f"{arch}.shortconv.l_cache"
     if key not in md:
         raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
@@ -1157,6 +1163,9 @@ class Mamba(nn.Module):
         self.register_buffer("conv_bias", _vector(w[p + "ssm_conv1d.bias"]), persistent=False)
         self.register_buffer("A", _table(w[p + "ssm_a"]).reshape(m.inner, m.state), persistent=False)
         self.register_buffer("D", _vector(w[p + "ssm_d"]), persistent=False)
+        # the weights of dt's, B's and C's RMSNorms where the file has them (Jamba)
+        self.norms = nn.ModuleList(RMSNorm(w[p + n + ".weight"], config.norm_eps) for n in MAMBA_NORM_NAMES
+                                   if p + n + ".weight" in w) or None
 
     def forward(self, xz: torch.Tensor, ssm_x: nn.Module, ssm_dt: nn.Module, cache: KVCache | None = None,
                 start: int = 0) -> torch.Tensor:
@@ -1167,7 +1176,9 @@ class Mamba(nn.Module):
                         start)
         x = F.silu(x).transpose(1, 2).contiguous()                           # [B, T, inner]
         dt, b, c = ssm_x(x).split([m.dt_rank, m.state, m.state], dim=-1)
-        if m.dt_b_c_rms:
+        if self.norms is not None:
+            dt, b, c = (norm(v) for norm, v in zip(self.norms, (dt, b, c)))
+        elif m.dt_b_c_rms:
             dt, b, c = (F.rms_norm(v.float(), v.shape[-1:], None, self.eps).to(v.dtype) for v in (dt, b, c))
         dt = F.softplus(ssm_dt(dt.contiguous()).float())
         state = cache.recurrent_state.get(self.index) if cache is not None and start else None
@@ -1178,7 +1189,9 @@ class Mamba(nn.Module):
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's frozen tensors under their GGUF names after blk.N."""
-        return {"ssm_conv1d.weight": self.kernel, "ssm_conv1d.bias": self.conv_bias, "ssm_a": self.A, "ssm_d": self.D}
+        norms = {n + ".weight": norm.weight for n, norm in zip(MAMBA_NORM_NAMES, self.norms or ())}
+        return {"ssm_conv1d.weight": self.kernel, "ssm_conv1d.bias": self.conv_bias, "ssm_a": self.A, "ssm_d": self.D,
+                **norms}
 
     def extra_repr(self) -> str:
         m = self.shape
@@ -2278,6 +2291,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's (beside it: Falcon-H1)
             want.update({p + n: shape for n, shape in ssm_shapes.items()})
             optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
+            if isinstance(c.ssm, MambaShape):  # (the weights of the norms of dt, B and C: Jamba)
+                m = c.ssm
+                optional.update({p + "ssm_dt_norm.weight": (m.dt_rank,), p + "ssm_b_norm.weight": (m.state,),
+                                 p + "ssm_c_norm.weight": (m.state,)})
             if c.family.parallel_ssm:  # (its gated norm where the file has one)
                 optional[p + "ssm_norm.weight"] = want.pop(p + "ssm_norm.weight")
             else:
