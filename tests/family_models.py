@@ -42,7 +42,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2"
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba")
+             "jamba", "cohere2moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -298,6 +298,14 @@ def hf_model(name: str):
             first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
             num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.0, scoring_func="sigmoid",
             tie_word_embeddings=False)),
+        # Command R7B's layer (LayerNorm, parallel attention and FFN, logits × 0.75, a tied head) with a dense
+        # first layer, global and rotated, then windows (every 4th layer global, without RoPE) and experts by
+        # sigmoid, renormalized, averaged with a shared expert
+        "cohere2moe": lambda: tf.Cohere2MoeForCausalLM(tf.Cohere2MoeConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=5, head_dim=D // H,
+            layer_norm_eps=1e-5, logit_scale=0.75, tie_word_embeddings=True, sliding_window=WINDOW,
+            first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, num_shared_experts=1,
+            expert_selection_fn="sigmoid", norm_topk_prob=True, prefix_dense_intermediate_size=F)),
         # Llama 4's layout: four layers, the fourth without RoPE and global, the others chunked (WINDOW) with
         # q/k L2 norms; experts in every other layer (top 1 by sigmoid, weighing the input) beside a shared
         # expert, dense MLPs of another width between them; Llama 3's RoPE scaling
@@ -651,10 +659,10 @@ _CONVERT = """
 import runpy, sys
 from conversion import (bloom, command_r, deepseek, exaone, falcon_h1, glm, gpt2, gpt_oss, hunyuan, lfm2, llama,
                         minimax, mpt, nemotron, olmo, phi, qwen, starcoder)
-# OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's, Seed-OSS's,
-# gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
-# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's and MPT's converters read
-# only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); the tiny models share a SentencePiece one
+# OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
+# Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
+# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's and MPT's converters read only
+# byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -664,7 +672,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
     nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
     falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
-    bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = \
+    command_r.Cohere2MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -832,7 +841,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4}.get(arch, 2))
+                    "exaone-moe": 4, "cohere2moe": 5}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
@@ -896,9 +905,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
-                    "qwen3next", "hunyuan-moe", "nemotron_h_moe"):  # with a shared expert
+                    "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe"):  # a dense first layer
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
+                    "cohere2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})

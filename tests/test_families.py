@@ -1460,13 +1460,13 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
-                         "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3",
-                         "ernie4_5", "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss",
-                         "gpt2", "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2",
-                         "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r", "cohere2", "glm4",
-                         "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe",
-                         "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "qwen35", "qwen35moe",
-                         "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
+                         "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2",
+                         "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2",
+                         "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r", "cohere2",
+                         "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2",
+                         "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "qwen35",
+                         "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -11,8 +11,9 @@ Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.
 attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
 a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
 with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
-layer global without RoPE) and Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
-experts without a gate), as tiny random models built by transformers and converted by llama.cpp's
+layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
+experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
+experts averaged with a shared expert), as tiny random models built by transformers and converted by llama.cpp's
 converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -44,7 +45,7 @@ from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, expo
 from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import DELTA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
+from lowtune.model import DELTA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES, Model, ModelConfig
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
@@ -58,7 +59,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -94,7 +95,8 @@ def test_logits_match_transformers(moe, name):
     archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
-              "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe") + DEEPSEEK
+              "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
+              "cohere2moe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -149,6 +151,12 @@ def test_logits_match_transformers(moe, name):
         if name == "exaone-moe":  # its windows, and its global layer without RoPE, matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
+        if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
+            for what, off in (("gating", 1), ("renorm", False), ("shared_average", False)):
+                matters(moes, what, off)
+            matters(list(model.layers), "window", 0)
+            matters(list(model.layers[:1]), "rope_kind", NO_ROPE)  # (the dense first layer's, global)
+            matters(list(model.layers[-1:]), "rope_kind", 0)  # (the last one's, global without it)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
             matters(chunked, "l2_normed", False)
@@ -165,16 +173,17 @@ def test_logits_match_transformers(moe, name):
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
-                                                      "nemotron_h_moe") else 5e-3)
+                                                      "nemotron_h_moe", "cohere2moe") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
-                         # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE: llama.cpp's 8-bit rounding of the
+                         # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
+                         # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
                          # 0.01 % routed to all four experts)
                          + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
-                            ("nemotron_h_moe", "Q4_0", 1e-2)]
+                            ("nemotron_h_moe", "Q4_0", 1e-2), ("cohere2moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -381,14 +390,15 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's and EXAONE MoE's sigmoid
-    routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
+    sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
     Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
     model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
-                           "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba"):
+                           "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
+                           "cohere2moe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -565,7 +575,7 @@ def test_what_is_refused(moe):
         family_of_hf(["Glm4MoeForCausalLM"])
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
-                         "ExaoneMoeForCausalLM"):
+                         "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -595,6 +605,19 @@ def test_nemotron_h_moe_layers_and_variants(moe):
         ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_feed_forward_length": widths})
     same = ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_used_count": [0, 2, 0, 2, 0, 2]})
     assert same.n_experts_used == EXPERTS_USED
+
+
+def test_cohere2moe_layers_and_norm_variant(moe):
+    """Cohere2 MoE as llama.cpp reads its file: the dense first layer global and rotated, then the file's
+    windows (every 4th layer global, without RoPE); a file that gives layer_norm_rms_epsilon (llama.cpp then
+    norms with RMSNorm) is refused by name."""
+    model = Model.from_gguf(moe["cohere2moe"].gguf)
+    c = model.config
+    assert [c.window(i) for i in range(c.n_layers)] == [0, WINDOW, WINDOW, WINDOW, 0]
+    assert [c.rope_kind(i) for i in range(c.n_layers)] == [0, 0, 0, 0, NO_ROPE]
+    assert c.logit_scale == pytest.approx(1 / 0.75) and model.output is None  # (logits × 0.75, a tied head)
+    with pytest.raises(ValueError, match="norms with RMSNorm .attention.layer_norm_rms_epsilon"):
+        ModelConfig.from_gguf_metadata({**model.metadata, "cohere2moe.attention.layer_norm_rms_epsilon": 1e-5})
 
 
 @pytest.mark.transformers

@@ -49,6 +49,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     glm4          norm  silu       yes         -         -          -                        if the file gives one
     command-r     norm  silu       -           -         -          -                        if the file gives one
     cohere2       norm  silu       -           -         -          -                        every 4th layer global
+    cohere2moe    norm  silu       -           -         -          -                        from the file
     hunyuan-dense neox  silu       -           post-RoPE -          -                        if the file gives one
     hunyuan-moe   neox  silu       -           post-RoPE -          -                        if the file gives one
     qwen2vl       neox  silu       -           -         -          -                        if the file gives one
@@ -73,7 +74,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
   logits by the file's logit_scale and tie the head to the embeddings; cohere2's global layers
-  have no RoPE.
+  have no RoPE. Cohere2 MoE (cohere2moe) is Command R7B's layer with experts after dense first layers
+  (which rotate though global: Family.rope_dense_lead; without the file's pattern the first of every
+  4 layers is global), routed by the file's gating (sigmoid unless it says), renormalized and scaled
+  as it says, and a shared expert whose output and the experts' are averaged (Family.moe_shared_average);
+  llama.cpp norms its files that give layer_norm_rms_epsilon with RMSNorm, which lowtune refuses
+  (Family.norm_switch).
 
   OLMo (olmo: OLMo 1B/7B, OLMo 1.7) is Llama whose norms are LayerNorms without a weight or bias (the
   file holds none: Family.norm_weights) and whose q, k and v are clipped to ± the file's
@@ -298,6 +304,8 @@ class Family:
     norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
     #                                    holds no norm tensor (OLMo's LayerNorm without parameters)
     qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo, MPT)
+    norm_switch: bool = False          # llama.cpp norms with RMSNorm where the file gives layer_norm_rms_epsilon
+    #                                    (Cohere2 MoE), which lowtune refuses
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -341,6 +349,7 @@ class Family:
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
+    rope_dense_lead: bool = False      # ... but the dense first layers rotate (Cohere2 MoE)
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
@@ -361,6 +370,7 @@ class Family:
     moe_weight_before: bool = False    # the chosen experts' weights multiply their input, not their output (Llama 4)
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
+    moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -379,6 +389,8 @@ class Family:
     nope_temperature: bool = False     # NoPE layers scale queries by position (Llama 4's attn_temperature_tuning)
     swa_period: int = 0                # with a window and no pattern in the file: every swa_period-th layer
     #                                    is global (0: every layer slides), llama.cpp's n_pattern
+    swa_global_first: bool = False     # with a period (swa_period or the file's), the first layer of each period
+    #                                    is the global one, not the last (llama.cpp's dense_first: Cohere2 MoE)
     default_window: int = 0            # window when the file gives none (0: no sliding window)
     swa_rope_theta: float | None = None  # RoPE base of sliding layers when the file has no freq_base_swa
     #                                      (None: the global base)
@@ -491,6 +503,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("cohere",)),
     Family("cohere2", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, swa_period=4,
            default_window=4096, hf_architectures=("Cohere2ForCausalLM",), hf_model_types=("cohere2",)),
+    Family("cohere2moe", norm="layer", parallel=True, logit_multiplier=True, nope_global=True, rope_dense_lead=True,
+           swa_period=4, swa_global_first=True, default_window=4096, norm_switch=True, moe=True, moe_gating=2,
+           moe_weight_keys=True, moe_shared_average=True, nextn_layers=True),
     Family("glm4", post_norms=True, hf_architectures=("Glm4ForCausalLM",), hf_model_types=("glm4",)),
     Family("hunyuan-dense", rope="neox", qk_norm="head", qk_norm_after_rope=True,
            hf_architectures=("HunYuanDenseV1ForCausalLM",), hf_model_types=("hunyuan_v1_dense",)),
@@ -596,8 +611,8 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, qwen35moe, "
-                         "qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2 and jamba)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2 and jamba)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -119,6 +119,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
                           "post_attention_norm": "post_attention_layernorm", **_MLP}, "global": _GLOBAL},
     "exaone-moe": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},  # (dense layers' MLP; experts not mapped)
+    "cohere2moe": {"layer": _PARALLEL, "global": _GLOBAL},  # (dense layers' MLP; experts not mapped)
     # Llama 4: the attention's names and the norms (PEFT adapters; feed_forward.* not mapped)
     "llama4": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm"},
                "global": _GLOBAL},

@@ -293,8 +293,9 @@ class ModelConfig:
     def rope_kind(self, layer: int) -> int:
         """0: the global RoPE; 1: the sliding layers' own (another base or scaling); NO_ROPE: none
         (the family's NoPE layers)."""
+        dense_lead = self.family.rope_dense_lead and self.n_experts and not self.has_experts(layer)
         if self.no_rope or not self.family.rotates(layer) or (
-                self.family.nope_global and self.sliding_window and not self.is_sliding(layer)):
+                self.family.nope_global and self.sliding_window and not self.is_sliding(layer) and not dense_lead):
             return NO_ROPE
         own = (self.rope_theta_swa not in (None, self.rope_theta)
                or self.rope_linear_scale_swa not in (None, self.rope_linear_scale) or self.swa_unscaled_yarn)
@@ -312,6 +313,9 @@ class ModelConfig:
         llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run."""
         fam = family_of(md)
         arch = fam.arch
+        if fam.norm_switch and f"{arch}.attention.layer_norm_rms_epsilon" in md:
+            raise ValueError(f"this {arch} file norms with RMSNorm (attention.layer_norm_rms_epsilon, transformers' "
+                             "rms_norm_eps), which lowtune does not run; its files with LayerNorm it does")
 
         def get(key, default=None):
             v = md.get(f"{arch}.{key}", default)
@@ -369,8 +373,10 @@ class ModelConfig:
             pattern = md.get(f"{arch}.attention.sliding_window_pattern", fam.swa_period)
             if isinstance(pattern, (list, tuple)):
                 swa_layers = tuple(i for i, s in enumerate(pattern[:n_layers]) if s)
-            elif int(pattern) > 0:
-                swa_layers = tuple(i for i in range(n_layers) if i % int(pattern) < int(pattern) - 1)
+            elif int(pattern) > 0:  # (Cohere2 MoE: the first of every p layers global, llama.cpp's dense_first)
+                p = int(pattern)
+                slides = (lambda i: i % p != 0) if fam.swa_global_first else (lambda i: i % p < p - 1)
+                swa_layers = tuple(i for i in range(n_layers) if slides(i))
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
         theta_swa = md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
         if theta_swa is not None and float(theta_swa) == theta and fam.swa_rope_theta is None:
@@ -954,6 +960,7 @@ class MoE(nn.Module):
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.renorms_experts, config.expert_gating
         self.weight_before = config.family.moe_weight_before
+        self.shared_average = config.family.moe_shared_average
         self.weights_scale = config.expert_weights_scale
         self.groups, self.groups_used = config.expert_groups, config.expert_groups_used
         # a bias on the routing probabilities that picks the experts but does not weigh them (ERNIE 4.5 MoE)
@@ -1008,7 +1015,7 @@ class MoE(nn.Module):
             s = self.ffn_down_shexp(self._mlp(self.ffn_gate_shexp and self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
-            out = out + s
+            out = (out + s) * 0.5 if self.shared_average else out + s
         return out.view_as(h)
 
     def _mlp(self, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
