@@ -31,10 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "gemma4", "granitehybrid", "qwen35", "nemotron_h")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
+# (Gemma 3n, Gemma 4 and Nemotron-H: read from GGUF, their HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "gemma4", "nemotron_h"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -56,6 +56,12 @@ CONV_KERNEL = 3
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
 GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
 GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
+# Gemma 4: sliding and global layers in turn, the last two reusing layer 2's (sliding) and 3's (global) K/V,
+# as llama.cpp takes them (the two layers before the first that reuses); the global layers' heads twice
+# as wide, one KV head whose values are its keys' projection; per-layer inputs 16 wide
+GEMMA4 = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=2,
+              head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+              hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, use_double_wide_mlp=True)
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 SSM = dict(mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2)
@@ -144,6 +150,9 @@ def hf_model(name: str):
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
             **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
             sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+        # the last layers' FFNs twice as wide, a final soft-cap
+        "gemma4": lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
+            **common, **GEMMA4, sliding_window=WINDOW, final_logit_softcapping=5.0)),
         # six layers: Gemma 3's pattern makes every sixth layer global
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
@@ -369,13 +378,13 @@ def randomized(model, name: str):
     name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma") and name != "gemma3n"
-    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled), AltUp's
-    # coefficients small, the embeddings (the head too) small
+    gemma = name.startswith("gemma") and name not in ("gemma3n", "gemma4")
+    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled, nor are
+    # Gemma 4's), AltUp's coefficients small, the embeddings (the head too) small
     calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if calm and ("q_norm" in pname or "k_norm" in pname):
+            if name in ("gemma3n", "gemma4") and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
             elif "norm" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w)
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
@@ -393,6 +402,8 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+            if bname.endswith("layer_scalar"):  # (Gemma 4's layer output scales: ones as made)
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
@@ -463,11 +474,12 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
-                        starcoder)
+from conversion import (command_r, deepseek, exaone, gemma, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi,
+                        qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
 # Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# only byte-level BPE vocabularies, Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models
+# share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -476,6 +488,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
+gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)

@@ -43,6 +43,7 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterCo
 from .dtypes import torch_dtype
 from .formats import get_format
 from .gemma3n import Gemma3nModel
+from .gemma4 import Gemma4Model
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .gguf_split import SplitGGUF
@@ -165,7 +166,9 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
 
 
 def model_class(config: ModelConfig) -> type[Model]:
-    """The class of a family's model: lowtune.model's, or Gemma 3n's around it."""
+    """The class of a family's model: lowtune.model's, or Gemma 3n's or Gemma 4's around it."""
+    if config.family.layer_widths:
+        return Gemma4Model
     return Gemma3nModel if config.family.altup else Model
 
 
