@@ -638,8 +638,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
-              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4}.get(arch, 2))
-    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe")
+              else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
+                    "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
+    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "gemma4")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
@@ -671,6 +672,21 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
+    if arch == "gemma4":  # (tests/family_models.hf_model's gemma4)
+        sliding = [t == "sliding_attention" for t in GEMMA4["layer_types"]]
+        swa_hd = GEMMA4["head_dim"]
+        md.update({"gemma4.attention.sliding_window": WINDOW, "gemma4.attention.sliding_window_pattern": sliding,
+                   "gemma4.attention.key_length_swa": swa_hd,
+                   "gemma4.attention.value_length": hd, "gemma4.attention.value_length_swa": swa_hd,
+                   "gemma4.rope.dimension_count": hd, "gemma4.rope.dimension_count_swa": swa_hd,
+                   "gemma4.attention.head_count_kv": [HKV if s else GEMMA4["num_global_key_value_heads"]
+                                                      for s in sliding],
+                   "gemma4.attention.shared_kv_layers": GEMMA4["num_kv_shared_layers"],
+                   "gemma4.feed_forward_length": [F] * (layers - GEMMA4["num_kv_shared_layers"])
+                   + [2 * F] * GEMMA4["num_kv_shared_layers"],
+                   "gemma4.embedding_length_per_layer_input": GEMMA4["hidden_size_per_layer_input"],
+                   "gemma4.rope.freq_base": 1e6, "gemma4.rope.freq_base_swa": 1e4,
+                   "gemma4.final_logit_softcapping": 5.0})
     if arch in ("glm4", "phi2", "nemotron", "glm4moe"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
@@ -735,6 +751,16 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
                       p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
                       p + "post_norm.weight": vec(D, 1.0)})
+    if arch == "gemma4":  # the per-layer inputs, the global layers' RoPE on a quarter of each head
+        pl = GEMMA4["hidden_size_per_layer_input"]
+        w.update({"per_layer_token_embd.weight": ops.quantize(0.1 * torch.randn(V, layers * pl, generator=g), qtype),
+                  "per_layer_model_proj.weight": mat(layers * pl, D), "per_layer_proj_norm.weight": vec(pl, 1.0),
+                  "rope_freqs.weight": torch.tensor([1.0] * (hd // 8) + [1e30] * (hd // 2 - hd // 8))})
+        for i in range(layers):
+            p = f"blk.{i}."
+            w.update({p + "inp_gate.weight": mat(pl, D),  # (rows of 16: F32, as llama.cpp keeps them)
+                      p + "proj.weight": ops.quantize(torch.randn(D, pl, generator=g) / math.sqrt(pl), "F32"),
+                      p + "post_norm.weight": vec(D, 1.0), p + "layer_output_scale.weight": vec(1, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
     if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
@@ -743,8 +769,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
-                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items()})
+        if c.layer_widths:  # (Gemma 4: each layer's own widths)
+            lc = c.at_layer(i)
+            q, kv, ffn = H * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
+        w.update({p + n + ".weight": vec(shape, 0.3 if fam.query_scale == 1.0 and n in ("attn_q_norm", "attn_k_norm")
+                                         else 1.0) for n, shape in layer_norm_shapes(c.at_layer(i), i).items()})
         if not c.has_mixer(i):  # (Nemotron-H's MLP layers)
             pass
         elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
@@ -779,6 +808,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "attn_v.weight": mat(kv, D)})
         elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+            if arch == "gemma4" and not c.is_sliding(i):  # (values from attn_k's projection)
+                del w[p + "attn_v.weight"]
         else:  # (Gemma 3n's last layers: K/V reused)
             w[p + "attn_q.weight"] = mat(q, D)
         if not c.has_ffn(i):  # (Nemotron-H's mixer layers)

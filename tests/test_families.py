@@ -501,20 +501,21 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
-def test_gemma3n_refusals_and_checkpointed_training(tiny):
-    """What does not run Gemma 3n's layers says so by name (streaming, compiled and captured layers,
-    captured decode steps; the compiled CPU decoder leaves it to the model's steps), and its
+@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4")])
+def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
+    """What does not run Gemma 3n's or Gemma 4's layers says so by name (streaming, compiled and captured
+    layers, captured decode steps; the compiled CPU decoder leaves it to the model's steps), and their
     checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
-    from lowtune.compile import compile_model, default_mode
+    from lowtune.compile import compile_model, default_cuda_graphs, default_mode
     from lowtune.generate import StepDecoder, cpu_decoder
     from lowtune.streaming import stream_model
-    model = Model.from_gguf(gguf_of(tiny["gemma3n"], "Q8_0"))
-    with pytest.raises(ValueError, match="Gemma 3n's layers are not streamed"):
+    model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
+    with pytest.raises(ValueError, match=f"{what}'s layers are not streamed"):
         stream_model(model, "cpu", streamed=[0])
-    assert default_mode("cuda", model) == "off"
-    with pytest.raises(ValueError, match="Gemma 3n's layers pass AltUp's copies.*--compile off"):
+    assert default_mode("cuda", model) == "off" and not default_cuda_graphs("cuda", model)
+    with pytest.raises(ValueError, match=f"{what}'s layers pass .*shared K/V.*--compile off"):
         compile_model(model, "layer")
-    with pytest.raises(ValueError, match="StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma"):
+    with pytest.raises(ValueError, match=f"StepDecoder's captured steps run lowtune.model's decoder layer, not {what}"):
         StepDecoder(model, 32, graphs=False)
     assert cpu_decoder(model, model.new_cache(1, 32)) is None
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
