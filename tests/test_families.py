@@ -548,6 +548,9 @@ def test_gemma4_layers_as_llamacpp_runs_them(tiny):
     assert (c.head_dim, c.n_kv_heads, c.ffn_dim, c.rope_dim, c.kv_layers, c.per_layer_dim) == (32, 1, F, 32, 4, 16)
     assert [c.kv_source(i) for i in range(6)] == [0, 1, 2, 3, 2, 3] and c.swa_layers == (0, 2, 4)
     assert [hasattr(layer, "attn_v") for layer in model.layers] == [True, False, True, False, False, False]
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["gemma4"].gguf)["config"]["layer_widths"][4] == dict(head_dim=16, kv_heads=2, ffn_dim=2 * F,
+                                                                            rope_dim=16)
     assert not hasattr(model.layers[4], "attn_k") and model.layers[5].ffn_up.out_features == 2 * F
     assert [r.shape[-1] for r in model.rope_rotation(0, 3)] == [32, 16]
     assert model.rope_inv_freqs[0][4:].max() < 1e-29 < model.rope_inv_freqs[0][:4].min()  # (rope_freqs' 1e30)

@@ -419,7 +419,9 @@ def describe(path) -> dict:
                           "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
                           "ssm_layers": list(c.ssm_layers), "ssm": None if c.ssm is None else dataclasses.asdict(c.ssm),
                           "no_rope": c.no_rope, "delta_layers": list(c.delta_layers),
-                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers)}
+                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers),
+                          "layer_widths": [dict(zip(("head_dim", "kv_heads", "ffn_dim", "rope_dim"), w))
+                                           for w in c.layer_widths]}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info
