@@ -31,13 +31,13 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2",
-         "starcoder", "bloom", "mpt")
+         "gemma4", "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
+         "mamba", "gpt2", "starcoder", "bloom", "mpt")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM and MPT: read from GGUF, their HF
-# directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2",
-                                               "starcoder", "bloom", "mpt"))
+# (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM and MPT: read from GGUF, their
+# HF directories refused)
+HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba",
+                                               "gpt2", "starcoder", "bloom", "mpt"))
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -65,6 +65,12 @@ CONV_KERNEL = 3
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
 GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
 GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
+# Gemma 4: sliding and global layers in turn, the last two reusing layer 2's (sliding) and 3's (global) K/V,
+# as llama.cpp takes them (the two layers before the first that reuses); the global layers' heads twice
+# as wide, one KV head whose values are its keys' projection; per-layer inputs 16 wide
+GEMMA4 = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=2,
+              head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+              hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, use_double_wide_mlp=True)
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 # BitNet: rows of 256, which TQ1_0's and TQ2_0's blocks take
@@ -182,6 +188,9 @@ def hf_model(name: str):
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
             **common, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32,
             sliding_window=WINDOW, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+        # the last layers' FFNs twice as wide, a final soft-cap
+        "gemma4": lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
+            **common, **GEMMA4, sliding_window=WINDOW, final_logit_softcapping=5.0)),
         # six layers: Gemma 3's pattern makes every sixth layer global
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
@@ -519,13 +528,13 @@ def randomized(model, name: str):
     name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma") and name != "gemma3n"
-    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled), AltUp's
-    # coefficients small, the embeddings (the head too) small
+    gemma = name.startswith("gemma") and name not in ("gemma3n", "gemma4")
+    # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled, nor are
+    # Gemma 4's), AltUp's coefficients small, the embeddings (the head too) small
     calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if calm and ("q_norm" in pname or "k_norm" in pname):
+            if name in ("gemma3n", "gemma4") and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
             elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
@@ -545,6 +554,8 @@ def randomized(model, name: str):
         for bname, b in model.named_buffers():  # LFM2-MoE's and DeepSeek-V3's selection bias (zeros as made)
             if bname.endswith(("expert_bias", "e_score_correction_bias")):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
+            if bname.endswith("layer_scalar"):  # (Gemma 4's layer output scales: ones as made)
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
     if name == "mamba":  # steps of softplus(dt) near 0.1, as trained Mamba models take, not near 0.7
         for layer in model.backbone.layers:
             layer.mixer.dt_proj.bias.data -= 2.0
@@ -657,12 +668,13 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (bloom, command_r, deepseek, exaone, falcon_h1, glm, gpt2, gpt_oss, hunyuan, lfm2, llama,
-                        minimax, mpt, nemotron, olmo, phi, qwen, starcoder)
+from conversion import (bloom, command_r, deepseek, exaone, falcon_h1, gemma, glm, gpt2, gpt_oss, hunyuan, lfm2,
+                        llama, minimax, mpt, nemotron, olmo, phi, qwen, starcoder)
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's and MPT's converters read only
-# byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); the tiny models share a SentencePiece one
+# byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); Gemma 4's only its own BPE one
+# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -674,6 +686,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
     bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = \
     command_r.Cohere2MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -841,8 +854,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5}.get(arch, 2))
-    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2")
+                    "exaone-moe": 4, "cohere2moe": 5,
+                    "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
+    wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
+            "gemma4")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
@@ -883,6 +898,21 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
+    if arch == "gemma4":  # (tests/family_models.hf_model's gemma4)
+        sliding = [t == "sliding_attention" for t in GEMMA4["layer_types"]]
+        swa_hd = GEMMA4["head_dim"]
+        md.update({"gemma4.attention.sliding_window": WINDOW, "gemma4.attention.sliding_window_pattern": sliding,
+                   "gemma4.attention.key_length_swa": swa_hd,
+                   "gemma4.attention.value_length": hd, "gemma4.attention.value_length_swa": swa_hd,
+                   "gemma4.rope.dimension_count": hd, "gemma4.rope.dimension_count_swa": swa_hd,
+                   "gemma4.attention.head_count_kv": [HKV if s else GEMMA4["num_global_key_value_heads"]
+                                                      for s in sliding],
+                   "gemma4.attention.shared_kv_layers": GEMMA4["num_kv_shared_layers"],
+                   "gemma4.feed_forward_length": [F] * (layers - GEMMA4["num_kv_shared_layers"])
+                   + [2 * F] * GEMMA4["num_kv_shared_layers"],
+                   "gemma4.embedding_length_per_layer_input": GEMMA4["hidden_size_per_layer_input"],
+                   "gemma4.rope.freq_base": 1e6, "gemma4.rope.freq_base_swa": 1e4,
+                   "gemma4.final_logit_softcapping": 5.0})
     if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
@@ -954,6 +984,16 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "laurel_r.weight": mat(D, 64), p + "laurel_post_norm.weight": vec(D, 1.0),
                       p + "inp_gate.weight": mat(256, D), p + "proj.weight": mat(D, 256),
                       p + "post_norm.weight": vec(D, 1.0)})
+    if arch == "gemma4":  # the per-layer inputs, the global layers' RoPE on a quarter of each head
+        pl = GEMMA4["hidden_size_per_layer_input"]
+        w.update({"per_layer_token_embd.weight": ops.quantize(0.1 * torch.randn(V, layers * pl, generator=g), qtype),
+                  "per_layer_model_proj.weight": mat(layers * pl, D), "per_layer_proj_norm.weight": vec(pl, 1.0),
+                  "rope_freqs.weight": torch.tensor([1.0] * (hd // 8) + [1e30] * (hd // 2 - hd // 8))})
+        for i in range(layers):
+            p = f"blk.{i}."
+            w.update({p + "inp_gate.weight": mat(pl, D),  # (rows of 16: F32, as llama.cpp keeps them)
+                      p + "proj.weight": ops.quantize(torch.randn(D, pl, generator=g) / math.sqrt(pl), "F32"),
+                      p + "post_norm.weight": vec(D, 1.0), p + "layer_output_scale.weight": vec(1, 1.0)})
     if not fam.embed_scale and not fam.short_conv and not fam.sub_norms:  # Gemma, LFM2 and BitNet tie their heads
         w["output.weight"] = mat(V, D)
     if fam.embedding_norm:
@@ -967,8 +1007,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
-        w.update({p + n + ".weight": vec(shape, 0.3 if arch == "gemma3n" and n in ("attn_q_norm", "attn_k_norm")
-                                         else 1.0) for n, shape in layer_norm_shapes(c, i).items() if fam.norm_weights})
+        if c.layer_widths:  # (Gemma 4: each layer's own widths)
+            lc = c.at_layer(i)
+            q, kv, ffn = H * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
+        w.update({p + n + ".weight": vec(shape, 0.3 if fam.query_scale == 1.0 and n in ("attn_q_norm", "attn_k_norm")
+                                         else 1.0) for n, shape in layer_norm_shapes(c.at_layer(i), i).items()
+                 if fam.norm_weights})
         if c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
             m = c.ssm
             w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
@@ -1015,6 +1059,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "attn_v.weight": mat(kv, D)})
         elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+            if arch == "gemma4" and not c.is_sliding(i):  # (values from attn_k's projection)
+                del w[p + "attn_v.weight"]
         else:  # (Gemma 3n's last layers: K/V reused)
             w[p + "attn_q.weight"] = mat(q, D)
         if not c.has_ffn(i):  # (Nemotron-H's mixer layers)

@@ -65,6 +65,10 @@ def _no_long_rope(m):
     m.rope_inv_freq_long = None
 
 
+def _every_pair_rotated(m):
+    m.rope_inv_freqs[0] = rope_inv_freq(m.config)
+
+
 # Length- and magnitude-dependent features: switched off, the logits must move.
 SWITCH_OFF = {
     "mistral": [("window", _no_windows)],
@@ -75,6 +79,10 @@ SWITCH_OFF = {
     "gemma3": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0))],
     "gemma3n": [("windows", _no_windows), ("sparse FFN gates", lambda m: [setattr(layer, "sparsity_std", None)
                                                                        for layer in m.layers])],
+    "gemma4": [("windows", _no_windows), ("final soft-cap", lambda m: setattr(m.config, "final_softcap", 0.0)),
+               ("layer output scales", lambda m: [setattr(layer, "layer_output_scale", None) for layer in m.layers]),
+               ("per-layer inputs", lambda m: setattr(m.config, "per_layer_dim", 0)),
+               ("the global layers' RoPE on a quarter of each head (rope_freqs)", _every_pair_rotated)],
     "llama": [("biases", lambda m: [setattr(l, "bias", None) for l in m.modules() if isinstance(l, QLinear)])],
     "command-r": [("logit scale", lambda m: setattr(m.config, "logit_scale", 1.0))],
     "cohere2": [("windows", _no_windows),
@@ -445,7 +453,7 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, Mamba-2's, Mamba's, GPT-2's, StarCoder's, BLOOM's and MPT's: the default pairing, unused
     # without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm", "neox",
+    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 21 + ["norm", "neox", "norm", "neox",
                                                                                   "norm", "neox", "norm", "neox",
                                                                                   "norm"] + ["norm"] * 4
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom",
@@ -544,20 +552,21 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
-def test_gemma3n_refusals_and_checkpointed_training(tiny):
-    """What does not run Gemma 3n's layers says so by name (streaming, compiled and captured layers,
-    captured decode steps; the compiled CPU decoder leaves it to the model's steps), and its
+@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4")])
+def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
+    """What does not run Gemma 3n's or Gemma 4's layers says so by name (streaming, compiled and captured
+    layers, captured decode steps; the compiled CPU decoder leaves it to the model's steps), and their
     checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
-    from lowtune.compile import compile_model, default_mode
+    from lowtune.compile import compile_model, default_cuda_graphs, default_mode
     from lowtune.generate import StepDecoder, cpu_decoder
     from lowtune.streaming import stream_model
-    model = Model.from_gguf(gguf_of(tiny["gemma3n"], "Q8_0"))
-    with pytest.raises(ValueError, match="Gemma 3n's layers are not streamed"):
+    model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
+    with pytest.raises(ValueError, match=f"{what}'s layers are not streamed"):
         stream_model(model, "cpu", streamed=[0])
-    assert default_mode("cuda", model) == "off"
-    with pytest.raises(ValueError, match="Gemma 3n's layers pass AltUp's copies.*--compile off"):
+    assert default_mode("cuda", model) == "off" and not default_cuda_graphs("cuda", model)
+    with pytest.raises(ValueError, match=f"{what}'s layers pass .*shared K/V.*--compile off"):
         compile_model(model, "layer")
-    with pytest.raises(ValueError, match="StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma"):
+    with pytest.raises(ValueError, match=f"StepDecoder's captured steps run lowtune.model's decoder layer, not {what}"):
         StepDecoder(model, 32, graphs=False)
     assert cpu_decoder(model, model.new_cache(1, 32)) is None
     adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -575,6 +584,71 @@ def test_gemma3n_refusals_and_checkpointed_training(tiny):
     # (the first layers' adapters get gradients through the last layers' reuse of their K/V too)
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_gemma4_layers_as_llamacpp_runs_them(tiny):
+    """Gemma 4's file as llama.cpp reads it: sliding layers of 16-wide heads and two KV heads, global ones of
+    32-wide heads, one KV head whose values are attn_k's projection and RoPE on a quarter of each head; the
+    last two layers reuse layer 2's (sliding) and 3's (global) K/V with FFNs twice as wide; per-layer inputs
+    and output scales; queries unscaled. Files llama.cpp cannot run are refused, naming why."""
+    from lowtune.gemma4 import Gemma4Model
+    model = Model.from_gguf(tiny["gemma4"].gguf)
+    c = model.config
+    assert type(model) is Gemma4Model and c.query_scale == 1.0 and c.final_softcap == 5.0
+    assert c.layer_widths == ((16, 2, F, 16), (32, 1, F, 32)) * 2 + ((16, 2, 2 * F, 16), (32, 1, 2 * F, 32))
+    assert (c.head_dim, c.n_kv_heads, c.ffn_dim, c.rope_dim, c.kv_layers, c.per_layer_dim) == (32, 1, F, 32, 4, 16)
+    assert [c.kv_source(i) for i in range(6)] == [0, 1, 2, 3, 2, 3] and c.swa_layers == (0, 2, 4)
+    assert [hasattr(layer, "attn_v") for layer in model.layers] == [True, False, True, False, False, False]
+    from lowtune.loading import describe  # (`lowtune info`)
+    assert describe(tiny["gemma4"].gguf)["config"]["layer_widths"][4] == dict(head_dim=16, kv_heads=2, ffn_dim=2 * F,
+                                                                            rope_dim=16)
+    assert not hasattr(model.layers[4], "attn_k") and model.layers[5].ffn_up.out_features == 2 * F
+    assert [r.shape[-1] for r in model.rope_rotation(0, 3)] == [32, 16]
+    assert model.rope_inv_freqs[0][4:].max() < 1e-29 < model.rope_inv_freqs[0][:4].min()  # (rope_freqs' 1e30)
+    with GGUFFile(tiny["gemma4"].gguf) as f:
+        md = dict(f.metadata)
+        w = {n: (f.tensor(n) if len(i.shape) == 1 else f.qtensor(n)) for n, i in f.tensor_infos.items()}
+    with pytest.raises(ValueError, match="layers 1 and 2, before the first that reuses K/V, are not sliding and "
+                                         "global.*llama.cpp"):
+        Gemma4Model(ModelConfig.from_gguf_metadata({**md, "gemma4.attention.shared_kv_layers": 3}), w)
+    bare = {k: v for k, v in md.items() if k not in ("gemma4.final_logit_softcapping", "gemma4.rope.freq_base_swa")}
+    assert (ModelConfig.from_gguf_metadata(bare).final_softcap, ModelConfig.from_gguf_metadata(bare).rope_theta_swa) \
+        == (30.0, 1e4)  # (llama.cpp's defaults)
+    with pytest.raises(ValueError, match="value_length_swa.*llama.cpp's gemma4"):
+        ModelConfig.from_gguf_metadata({**md, "gemma4.attention.value_length_swa": 32})
+    with pytest.raises(ValueError, match="'gemma4' is a mixture-of-experts model .8 experts."):
+        ModelConfig.from_gguf_metadata({**md, "gemma4.expert_count": 8})
+    with pytest.raises(ValueError, match="lacks tensor 'blk.3.inp_gate.weight'"):
+        Gemma4Model(c, {k: v for k, v in w.items() if k != "blk.3.inp_gate.weight"})
+    import lowtune
+    with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
+        lowtune.load_model(tiny["gemma4"].hf_dir)
+
+
+@pytest.mark.llamacpp
+def test_gemma4_without_per_layer_inputs_or_shared_kv(tiny, tmp_path, llamacpp_source, botchan_ids):
+    """The 31B's layout: no per-layer inputs, every layer's own K/V, values of their own in the global
+    layers too; equal to transformers and to llama.cpp's perplexity."""
+    import transformers as tf
+    d = tmp_path / "gemma4-31b-like"
+    hf = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, head_dim=16, global_head_dim=32,
+        sliding_window=WINDOW, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=V, num_kv_shared_layers=0))
+    randomized(hf, "gemma4").save_pretrained(d)
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # (the tiny models' vocabulary)
+        shutil.copy(tiny["gemma4"].hf_dir / name, d / name)
+    convert(llamacpp_source, [(d, tmp_path / "g4.gguf")])
+    model = Model.from_gguf(tmp_path / "g4.gguf")
+    assert model.config.per_layer_dim == 0 and model.config.kv_layers == 0
+    assert all(hasattr(layer, "attn_v") for layer in model.layers)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(ids).logits) < 1e-4
+    want = llamacpp_perplexity(llamacpp(tmp_path / "g4.gguf"), windows(botchan_ids, SEQ, chunks=8))
+    assert perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"] == pytest.approx(want, rel=5e-4)
 
 
 def test_fused_tensors_are_row_views(tiny):
@@ -713,12 +787,13 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
-# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and
-# Qwen3.5's Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs;
+# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's short convolutions,
+# the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and Qwen3.5's Gated DeltaNets, whose
+# states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's layers of two widths;
 # MiniCPM3's latent attention; OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv; GPT-2's and
-# StarCoder's learned positions; BLOOM's and MPT's ALiBi, BLOOM's embedding norm, MPT's clamped q/k/v)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
+# StarCoder's learned positions; BLOOM's and MPT's ALiBi, BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's
+# sub-norms)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n", "gemma4",
                                                       "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo",
                                                       "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder",
                                                       "bloom", "mpt"))
@@ -988,9 +1063,13 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
                        else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
-    # (Gemma 3n's last layers compute no K/V: theirs are earlier layers')
+    # (Gemma 3n's and Gemma 4's last layers compute no K/V: theirs are earlier layers'; Gemma 4's global
+    # layers without attn_v take their values from attn_k)
+    with GGUFFile(tiny[name].gguf) as f:
+        names = set(f.tensor_infos)
     assert set(ads) == {f"layers.{i}.{t}" for i in range(c.n_layers) for t in parts(i)
-                        if c.has_kv(i) or t not in ("attn_k", "attn_v")}
+                        if (c.has_kv(i) or t not in ("attn_k", "attn_v"))
+                        and (t != "attn_v" or not c.family.values_from_keys or f"blk.{i}.attn_v.weight" in names)}
     fill_adapters(model, torch.Generator().manual_seed(2))
     ids = rand_ids(2, 40, seed=5)
     with torch.no_grad():
@@ -1465,8 +1544,8 @@ def test_families_and_refusals():
                          "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2",
                          "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r", "cohere2",
                          "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2",
-                         "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "qwen35",
-                         "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "gemma4",
+                         "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

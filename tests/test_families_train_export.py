@@ -56,7 +56,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "phi4": "qa-lora", "seed_oss": "qa-hira", "hunyuan-dense": "q-bara",
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
-                 "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
+                 "lfm2": "qa-lora", "gemma3n": "qa-lora", "gemma4": "q-bara", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
                  "bitnet": "qdylora", "mamba2": "qa-lora",
                  "falcon-h1": "qdylora", "mamba": "qa-hira",
@@ -68,7 +68,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "phi4": "lora", "seed_oss": "qdylora", "hunyuan-dense": "qa-hira",
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
-                   "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
+                   "lfm2": "qa-hira", "gemma3n": "qa-hira", "gemma4": "qdylora", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
                    "bitnet": "q-bara", "mamba2": "qa-hira",
                    "falcon-h1": "q-bara", "mamba": "q-bara",
@@ -325,22 +325,24 @@ def test_vision_language_exports(family_models, adapted, tmp_path, name):
     assert rel_err(got, a.want) < 1e-4
 
 
-def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
-    """Gemma 3n's adapter as PEFT's on transformers' Gemma3nForCausalLM (the tiny model, its sparse
-    gates' variance as llama.cpp's) gives lowtune's adapted logits; a merged HF directory is refused."""
+@pytest.mark.parametrize("name", ["gemma3n", "gemma4"])
+def test_gemma_peft_adapter_on_transformers_model(adapted, tmp_path, name):
+    """Gemma 3n's and Gemma 4's adapters as PEFT's on transformers' Gemma3nForCausalLM (the tiny model, its
+    sparse gates' variance as llama.cpp's) and Gemma4ForCausalLM give lowtune's adapted logits; a merged HF
+    directory is refused."""
     import peft
 
-    a = adapted("gemma3n")
+    a = adapted(name)
     export_peft(a.base, a.run, a.dir / "peft")
     config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == LLAMA_MODULES
-    base = hf_model("gemma3n")
+    base = hf_model(name)
     with torch.no_grad():
         assert rel_err(base(input_ids=a.ids).logits, a.plain) < 1e-4
         got = peft.PeftModel.from_pretrained(base, a.dir / "peft").eval()(input_ids=a.ids).logits
-    print(f"gemma3n: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    print(f"{name}: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
-    with pytest.raises(ValueError, match="no Hugging Face directory of a gemma3n model"):
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
 
 

@@ -227,7 +227,7 @@ def test_unknown_tokenizer_models_are_refused():
         load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
                         "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "martian"})
     # llama.cpp's pre-tokenizers that lowtune leaves out say why
-    for pre, why in (("gemma4", "raw UTF-8"), ("kimi-k2", "by hand")):
+    for pre, why in (("whitespace", "raw UTF-8 without escaped spaces"), ("kimi-k2", "by hand")):
         with pytest.raises(ValueError, match=why):
             load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
                             "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": pre})
@@ -308,3 +308,99 @@ def test_hf_pre_tokenizer_regexes_name_llamacpps_pre(pre):
     assert _PRE[got] == _PRE[pre]
     steps[0]["pattern"]["Regex"] += "|x"  # a list llama.cpp does not know
     assert _guess_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}}) == "default"
+
+
+# ----------------------------------------------------------------------------------------------
+# BPE over raw UTF-8: Gemma 4's vocabulary ("gemma4"), and the pre-tokenizers llama.cpp runs the same way
+
+# spaces and their runs, newlines and their runs, digits, CJK, emoji (four-byte, joined by a modifier),
+# combining marks, bytes no token covers, chat markers
+_RAW_CASES = ["Hello world", " leading and trailing  ", "a\nb\n\nc\n\n\n\nd\r\n", "digits 1234567 3.14 0042",
+              "深度求索 日本語のテキスト 한국어", "emoji 😀🎉👍🏽 ok 🧑‍💻", "\x00\x01 bytes \x7f\x1b[0m",
+              "<|turn>user\nHi there<turn|>\n<|turn>model\n", "\n", "\n\n\n\n\n", "  ", "\n \n", *_PRE_CASES]
+
+
+@pytest.fixture(scope="module")
+def gemma4_vocab(tmp_path_factory, llamacpp_source, botchan_text) -> Path:
+    """A Gemma 4 vocabulary as llama.cpp's converter writes it (tokenizer.ggml.model "gemma4"), from a
+    tokenizer.json shaped as Gemma 4's: BPE with byte fallback over text whose spaces are "▁", learnt
+    from Botchan with CJK and emoji, its chat markers special; the directory beside it."""
+    import transformers as tf
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from family_models import D, F, GEMMA4, H, HKV
+    d = tmp_path_factory.mktemp("gemma4-vocab")
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), "isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    markers = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
+    tok.train_from_iterator([botchan_text[:100000], "深度求索 日本語のテキスト 😀🎉 12345\n\n\n"], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=markers + [f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    tj = json.loads(tok.to_str())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] in markers]  # (byte tokens: vocabulary)
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "additional_special_tokens": ["<|turn>", "<turn|>"], "add_bos_token": True}))
+    n = tok.get_vocab_size()
+    tf.Gemma4TextConfig(**{**GEMMA4, "vocab_size_per_layer_input": n}, vocab_size=n, hidden_size=D,
+                        intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV).save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma4ForCausalLM"]}))
+    r = subprocess.run([sys.executable, str(llamacpp_source / "convert_hf_to_gguf.py"), str(d), "--outfile",
+                        str(d / "vocab.gguf"), "--vocab-only"], env={**os.environ, "PYTHONPATH": str(llamacpp_source)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def _vocab_metadata(path: Path) -> tuple[dict, dict]:
+    with GGUFFile(path) as f:
+        return dict(f.metadata), dict(f.metadata_types)
+
+
+@pytest.mark.llamacpp
+def test_gemma4_vocabulary_tokenizes_as_llamacpp(gemma4_vocab, botchan_text):
+    """Gemma 4's vocabulary (raw UTF-8 BPE, spaces as "▁", <0xNN> byte fallback, BOS always added) gives
+    llama.cpp's tokens and the tokenizer.json's on text of every kind, and decodes back to the text."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+    md, _ = _vocab_metadata(gemma4_vocab / "vocab.gguf")
+    assert md["tokenizer.ggml.model"] == "gemma4" and "tokenizer.ggml.pre" not in md
+    tok = load_tokenizer(md)
+    assert (tok.model, tok.bos_id, tok.eos_id, tok.add_bos) == ("gemma4", 2, 1, True)
+    assert tok.eog_ids == {1, tok.token_to_id["<turn|>"]}  # (llama.cpp's end-of-generation texts)
+    llm = llama_cpp.Llama(str(gemma4_vocab / "vocab.gguf"), vocab_only=True, verbose=False)
+    hf = Tokenizer.from_file(str(gemma4_vocab / "tokenizer.json"))
+    byte_tokens = 0
+    for text in _RAW_CASES + [botchan_text[50000:60000]]:
+        ids = tok.encode(text)
+        assert ids == llm.tokenize(text.encode(), add_bos=True, special=True), repr(text)
+        assert ids[1:] == hf.encode(text, add_special_tokens=False).ids, repr(text)
+        assert tok.decode(ids, skip_special=True) == text.replace("<|turn>", "").replace("<turn|>", "")
+        byte_tokens += sum(tok.token_types[i] == 6 for i in ids)
+    assert byte_tokens > 20  # (the bytes, CJK and emoji that no token covers)
+    assert tok.encode("<|turn>", special=False, add_bos=False) != [tok.token_to_id["<|turn>"]]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("model,pre", [("gemma4", "gemma4"), ("gpt2", "gemma4"), ("gpt2", "granite-embed-multi-311m"),
+                                       ("gpt2", "sarvam-moe")])
+def test_raw_utf8_pre_tokenizers_as_llamacpp(gemma4_vocab, tmp_path, model, pre):
+    """llama.cpp's pre-tokenizers of BPE over raw UTF-8, on Gemma 4's vocabulary relabelled, with a run of
+    five newlines added as a token that no merge makes: Gemma 4's (and granite-embed-multi-311m's) take it
+    whole, Sarvam-MoE's merge the newlines; each tokenizes every case as llama.cpp does."""
+    import llama_cpp
+    md, types = _vocab_metadata(gemma4_vocab / "vocab.gguf")
+    md = {**md, "tokenizer.ggml.model": model, "tokenizer.ggml.pre": pre,
+          "tokenizer.ggml.tokens": md["tokenizer.ggml.tokens"] + ["\n" * 5],
+          "tokenizer.ggml.scores": md["tokenizer.ggml.scores"] + [0.0],
+          "tokenizer.ggml.token_type": md["tokenizer.ggml.token_type"] + [1]}
+    write_gguf(tmp_path / "vocab.gguf", md, [], metadata_types=types)
+    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    tok = load_tokenizer(md)
+    five = len(md["tokenizer.ggml.tokens"]) - 1
+    assert (five in tok.encode("a\n\n\n\n\nb")) == (pre != "sarvam-moe")
+    for text in _RAW_CASES:
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), repr(text)

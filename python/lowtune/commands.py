@@ -83,6 +83,10 @@ def info(args: argparse.Namespace) -> int:
             else:
                 print(f"mamba2          layers {layers} ({m['heads']} heads of {m['inner'] // m['heads']}, state "
                       f"{m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), {beside}")
+        if c["layer_widths"]:  # (Gemma 4: the sliding and the global layers' own)
+            kinds = {tuple(w.values()): w for w in c["layer_widths"]}.values()
+            print("layer widths    " + "; ".join(f"head_dim {w['head_dim']} (kv {w['kv_heads']}, rope {w['rope_dim']}) "
+                                                 f"ffn {w['ffn_dim']}" for w in kinds))
         print(f"vocab           {c['vocab']}  context {c['context']}  tied embeddings "
               f"{'yes' if info['tied_embeddings'] else 'no'}")
         rope = f"theta {c['rope_theta']:g}"
@@ -91,7 +95,7 @@ def info(args: argparse.Namespace) -> int:
         if c["rope_yarn_factor"]:
             rope += f", YaRN x{c['rope_yarn_factor']:g} of {c['rope_orig_context']}"
         if c["rope_freqs"]:
-            rope += ", llama3 rope_freqs"
+            rope += ", the global layers' rope_freqs" if c["layer_widths"] else ", llama3 rope_freqs"
         if c["no_rope"]:  # (Granite 4's hybrids' attention)
             rope = "none (the file switches it off)"
         print(f"rope            {rope}  rms eps {c['rms_eps']:g}")

@@ -51,14 +51,14 @@ _APPLIED: "weakref.WeakKeyDictionary[Model, CompileSetup]" = weakref.WeakKeyDict
 
 def default_cuda_graphs(device, model: Model) -> bool:
     """Whether layers are captured in CUDA graphs unless asked otherwise: on CUDA, except a mixture of
-    experts (its shapes follow the routing) and Gemma 3n (compile_model says why)."""
-    return torch.device(device).type == "cuda" and not model.config.n_experts and not model.config.family.altup
+    experts (its shapes follow the routing), Gemma 3n and Gemma 4 (compile_model says why)."""
+    return torch.device(device).type == "cuda" and not model.config.n_experts and not model.config.family.own_model
 
 
 def default_mode(device, model: Model | None = None) -> str:
     """The mode `--compile auto` means: layer on CUDA, off on the CPU (inductor's CPU code gains
-    little there against the time it takes to compile) and for mixture-of-experts models and Gemma 3n."""
-    if model is not None and (model.config.n_experts or model.config.family.altup):
+    little there against the time it takes to compile) and for mixture-of-experts models, Gemma 3n and Gemma 4."""
+    if model is not None and (model.config.n_experts or model.config.family.own_model):
         return "off"
     return "layer" if torch.device(device).type == "cuda" else "off"
 
@@ -113,6 +113,9 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
         raise ValueError("Gemma 3n's layers pass AltUp's copies of the residual stream, their per-layer inputs and "
                          "shared K/V from layer to layer, which the compiled and captured layers do not take; use "
                          "--compile off and --cuda-graphs off")
+    if model.config.family.layer_widths and (mode != "off" or cuda_graphs):
+        raise ValueError("Gemma 4's layers pass their per-layer inputs and shared K/V from layer to layer, which the "
+                         "compiled and captured layers do not take; use --compile off and --cuda-graphs off")
     if cuda_graphs and not on_cuda:
         raise ValueError(f"CUDA graphs need the model on a GPU; it is on {model.device} "
                          "(use cuda_graphs=False)")

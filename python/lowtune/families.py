@@ -66,6 +66,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     dots1         neox  silu       -           yes       -          -                        if the file gives one
     minimax-m2    neox  silu       -           whole     -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
+    gemma4        neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     qwen35        neox  silu       -           yes       -          -                        if the file gives one
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
     qwen3next     neox  silu       -           yes       -          -                        if the file gives one
@@ -264,6 +265,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   are not scaled, v is normed without a weight, the first layers' FFN gates keep only what lies a
   Gaussian quantile above their mean, and the last layers reuse the K/V of the last layer of their
   kind that has its own. lowtune.gemma3n says how, after llama.cpp's gemma3n.
+  Gemma 4 (gemma4: E2B, E4B, 31B; the language model) is Gemma 3's layer whose global layers have
+  heads of their own width (key_length; the sliding ones' key_length_swa), KV heads of their own
+  and RoPE on a quarter of each head (the file's rope_freqs), v normed without a weight, unscaled
+  queries; the global layers may take their values from attn_k (no attn_v), the last layers may
+  reuse earlier K/V and have wider FFNs (Gemma 3n's rule), a per-layer input may follow the FFN
+  (Gemma 3n's, without AltUp) and each layer's output is scaled by its layer_output_scale.
+  lowtune.gemma4 says how; its mixture-of-experts files (26B-A4B) are refused.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
   Llama 4 (llama4: Scout 17B-16E, Maverick 17B-128E; the language model) leaves RoPE out of every
@@ -404,6 +412,10 @@ class Family:
     altup: bool = False                # AltUp's copies of the residual stream, Laurel and per-layer inputs
     #                                    around each layer, v normed, K/V shared by the last layers
     #                                    (Gemma 3n: lowtune.gemma3n)
+    layer_widths: bool = False         # heads, KV heads, RoPE and FFN widths of each layer's own (ModelConfig.
+    #                                    at_layer), v normed, K/V shared by the last layers, per-layer inputs
+    #                                    and output scales (Gemma 4: lowtune.gemma4)
+    values_from_keys: bool = False     # a layer without attn_v takes attn_k's projection as its values (Gemma 4)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
@@ -412,6 +424,12 @@ class Family:
     #                                       SentencePiece vocabulary (None: as tokenizer.model says)
     text_of: str = ""                  # a vision-language model's language model: the text family whose
     #                                    decoder and tensor names it has ("": a text model)
+
+    @property
+    def own_model(self) -> bool:
+        """Whether the family runs its own Model class around lowtune.model's layers (lowtune.gemma3n,
+        lowtune.gemma4), which streaming, compiled and captured layers and the compiled CPU decoder refuse."""
+        return self.altup or self.layer_widths
 
     @property
     def eps_key(self) -> str:
@@ -530,6 +548,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
+    Family("gemma4", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
+           swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
            hf_model_types=("qwen3_5_text", "qwen3_5"), hf_norm_offset=1.0),
@@ -567,8 +587,11 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
 # lowtune has no Hugging Face names for)
 _GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
+_GEMMA4_TENSORS = "its per-layer tensors and layers of two widths"
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
+                 "Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
+                 "Gemma4ForConditionalGeneration": ("gemma4", _GEMMA4_TENSORS),
                  "GPT2LMHeadModel": ("gpt2", "GPT-2's transposed (Conv1D) weights and learned positions"),
                  "GPTBigCodeForCausalLM": ("starcoder", "GPT-BigCode's fused q/k/v and learned positions"),
                  "BloomForCausalLM": ("bloom", "BLOOM's q/k/v interleaved head by head"),

@@ -59,7 +59,7 @@ def gemma3n_layout_problems(c: ModelConfig) -> list[str]:
     if c.kv_layers != want_kv:
         out.append(f"K/V of their own in {c.kv_layers or c.n_layers} layers (llama.cpp: the first "
                    f"{LLAMACPP_KV_LAYERS})")
-    elif want_kv and any(c.kv_source(i) != want_kv - (2 if c.is_sliding(i) else 1) for i in range(want_kv, c.n_layers)):
+    elif shared_kv_sources_differ(c):
         out.append(f"layers {want_kv - 2} and {want_kv - 1} not sliding and global (llama.cpp's shared K/V "
                    "come from them)")
     sparse = [i for i, s in enumerate(c.sparsity_std[:c.n_layers]) if math.isfinite(s)]
@@ -70,6 +70,13 @@ def gemma3n_layout_problems(c: ModelConfig) -> list[str]:
     if c.final_softcap != LLAMACPP_FINAL_SOFTCAP:
         out.append(f"a final soft-cap of {c.final_softcap:g} (llama.cpp: {LLAMACPP_FINAL_SOFTCAP:g})")
     return out
+
+
+def shared_kv_sources_differ(c: ModelConfig) -> bool:
+    """Whether a layer that reuses K/V reuses another layer's than llama.cpp's: the sliding ones kv_layers - 2's,
+    the global ones kv_layers - 1's (llama.cpp's rule for Gemma 3n and Gemma 4)."""
+    return bool(c.kv_layers) and any(c.kv_source(i) != c.kv_layers - (2 if c.is_sliding(i) else 1)
+                                     for i in range(c.kv_layers, c.n_layers))
 
 
 def gaussian_top(g: torch.Tensor, std_mul: float) -> torch.Tensor:

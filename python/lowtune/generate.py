@@ -154,8 +154,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
     csrc/decode_kernels.h lists) on the CPU, in fp32, at batch 1, with every matrix in a quantized
     block format."""
     if type(model) is not Model or model.streamer is not None or model.dtype != torch.float32:
-        return None  # (Gemma 3n's Gemma3nModel among them: AltUp's copies, Laurel and per-layer inputs are
-        #              not csrc/decode_kernels.h's; its own steps decode it)
+        return None  # (Gemma 3n's Gemma3nModel and Gemma 4's Gemma4Model among them: AltUp's copies, Laurel, layers
+        #              of two widths and per-layer inputs are not csrc/decode_kernels.h's; their own steps decode them)
     c = model.config
     # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron) and xIELU's (Apertus): Phi-2's and
     # StarCoder2's GELU run the model's own steps
@@ -302,6 +302,9 @@ class StepDecoder:
         if model.config.family.altup:
             raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
                              "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
+        if model.config.family.layer_widths:
+            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 4's (layers of "
+                             "two widths, per-layer inputs, shared K/V); the model's own steps decode it")
         if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
             raise ValueError("StepDecoder's one mask per step cannot express sliding-window or chunked (Llama 4) "
                              "layers")
@@ -465,7 +468,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
         # and shapes that do not follow the data (a mixture of experts routes tokens by it)
         graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
                   and not c.family.qk_norm_after_rope and not c.stateful_layers and not c.kv_lora_rank
-                  and not c.family.altup
+                  and not c.family.own_model
                   and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
     if graphs:
         decoder = StepDecoder(model, max_len)

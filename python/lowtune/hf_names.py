@@ -146,9 +146,11 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
-    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM): lowtune reads and writes no
-    # Hugging Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors
+    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM and Gemma4ForCausalLM): lowtune
+    # reads and writes no Hugging Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors, nor of
+    # Gemma 4's per-layer tensors and layers of two widths
     "gemma3n": {"layer": {**_ATTN, **_MLP}, "global": {}},
+    "gemma4": {"layer": {**_ATTN, **_MLP}, "global": {}},
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
     "command-r": {"layer": _PARALLEL, "global": _GLOBAL},

@@ -43,6 +43,7 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLinear, AdapterCo
 from .dtypes import torch_dtype
 from .formats import get_format
 from .gemma3n import Gemma3nModel
+from .gemma4 import Gemma4Model
 from .frozen_adapter import FrozenAdaptedLinear, freeze_adapter
 from .gguf_io import DEFAULT_ALIGNMENT, GGUFFile, TensorInfo
 from .gguf_split import SplitGGUF
@@ -165,7 +166,9 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
 
 
 def model_class(config: ModelConfig) -> type[Model]:
-    """The class of a family's model: lowtune.model's, or Gemma 3n's around it."""
+    """The class of a family's model: lowtune.model's, or Gemma 3n's or Gemma 4's around it."""
+    if config.family.layer_widths:
+        return Gemma4Model
     return Gemma3nModel if config.family.altup else Model
 
 
@@ -416,7 +419,9 @@ def describe(path) -> dict:
                           "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
                           "ssm_layers": list(c.ssm_layers), "ssm": None if c.ssm is None else dataclasses.asdict(c.ssm),
                           "no_rope": c.no_rope, "delta_layers": list(c.delta_layers),
-                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers)}
+                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers),
+                          "layer_widths": [dict(zip(("head_dim", "kv_heads", "ffn_dim", "rope_dim"), w))
+                                           for w in c.layer_widths]}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -177,7 +177,9 @@ class ModelConfig:
     #                               (0: every layer's own)
     altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
     altup_active: int = 0         # the copy each layer reads
-    per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n)
+    per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n, Gemma 4; 0: none)
+    layer_widths: tuple[tuple[int, int, int, int], ...] = ()  # each layer's (head_dim, n_kv_heads, ffn_dim,
+    #                               rope_dim) where they differ by layer (Gemma 4; at_layer); (): the fields'
     sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
     #                                       deviations above its mean (-inf or absent: all of it)
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
@@ -201,6 +203,15 @@ class ModelConfig:
         if self.arch not in FAMILIES:
             family_of({"general.architecture": self.arch})  # raises, saying why
         return FAMILIES[self.arch]
+
+    def at_layer(self, layer: int) -> "ModelConfig":
+        """The config of layer `layer`: this one with its own head, KV head, FFN and RoPE widths where the
+        file gives them by layer (Gemma 4's global and sliding layers), else this one."""
+        if not self.layer_widths:
+            return self
+        head_dim, kv_heads, ffn_dim, rope_dim = self.layer_widths[layer]
+        return replace(self, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim, rope_dim=rope_dim,
+                       layer_widths=())
 
     @property
     def original_context(self) -> int:
@@ -473,6 +484,11 @@ class ModelConfig:
         ffn, parts = get("feed_forward_length"), {}
         if fam.attention_free:  # (no FFN in any layer: Mamba-2)
             parts["mlp_layers"] = ()
+        if fam.layer_widths:  # (each layer's own, ModelConfig.at_layer; the config's fields a global layer's)
+            sliding = set(range(n_layers) if swa_layers is None else swa_layers) if window > 0 else set()
+            parts["layer_widths"] = _layer_widths(md, arch, n_layers, sliding)
+            first_global = next((i for i in range(n_layers) if i not in sliding), 0)
+            head_dim, global_kv_heads, ffn, _ = parts["layer_widths"][first_global]
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
@@ -485,16 +501,20 @@ class ModelConfig:
                                  "which lowtune does not run")
             ffn = ffn[0]
         altup = {}
-        if fam.altup:
+        if fam.altup or fam.layer_widths:  # (Gemma 3n and 4: per-layer inputs, K/V reused by the last layers)
             shared = int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
-            altup = {"altup_inputs": int(get("altup.num_inputs")), "altup_active": int(get("altup.active_idx")),
-                     "per_layer_dim": int(get("embedding_length_per_layer_input")),
-                     "kv_layers": n_layers - shared if shared else 0,
-                     "sparsity_std": tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ()))}
+            altup = {"per_layer_dim": int(get("embedding_length_per_layer_input", None if fam.altup else 0)),
+                     "kv_layers": n_layers - shared if shared else 0}
+        if fam.altup:
+            altup.update(altup_inputs=int(get("altup.num_inputs")), altup_active=int(get("altup.active_idx")),
+                         sparsity_std=tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ())))
         alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
         if alibi is None:
             alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
-        n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
+        if fam.layer_widths:
+            n_kv_heads, conv = global_kv_heads, {}
+        else:
+            n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
         if act not in ("", fam.activation, "relu2"):
@@ -504,7 +524,7 @@ class ModelConfig:
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
             ffn_dim=int(ffn), head_dim=head_dim,
-            rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
+            rope_dim=min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim),
             norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
             sliding_window=window, swa_layers=swa_layers,
@@ -521,6 +541,10 @@ class ModelConfig:
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
+        if self.layer_widths and len(self.layer_widths) != self.n_layers:
+            raise ValueError(f"widths for {len(self.layer_widths)} layers in a model of {self.n_layers}")
+        for i in range(self.n_layers if self.layer_widths else 0):
+            self.at_layer(i).check()
         if not self.family.attention_free and self.n_heads % self.n_kv_heads:
             raise ValueError(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
@@ -569,6 +593,27 @@ def _one_per_layer(md: Mapping, key: str) -> int:
             raise ValueError(f"this file gives its layers different {key} {values}, which lowtune does not run")
         v = values[0] if values else 0
     return int(v)
+
+
+def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> tuple[tuple[int, int, int, int], ...]:
+    """Each layer's (head_dim, n_kv_heads, ffn_dim, rope_dim) as llama.cpp's gemma4 reads them: key_length and
+    rope.dimension_count for the global layers, key_length_swa and rope.dimension_count_swa for the sliding
+    ones; head_count_kv and feed_forward_length one number or one a layer."""
+    def per_layer(key):
+        v = md[f"{arch}.{key}"]
+        return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
+
+    def widths(suffix):
+        head = int(md[f"{arch}.attention.key_length{suffix}"])
+        if int(md.get(f"{arch}.attention.value_length{suffix}", head)) != head:
+            raise ValueError(f"this {arch} file gives values (value_length{suffix}) another width than keys, "
+                             "which llama.cpp's gemma4 refuses")
+        return head, min(int(md.get(f"{arch}.rope.dimension_count{suffix}", head)), head)
+
+    full, swa = widths(""), widths("_swa")
+    kv, ffn = per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
+    return tuple(((swa if i in sliding else full)[0], kv[i], ffn[i], (swa if i in sliding else full)[1])
+                 for i in range(n_layers))
 
 
 def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
@@ -1427,12 +1472,12 @@ class KVCache:
     attn_mask: torch.Tensor | None = None
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
-        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        kv = lambda i, shape: torch.zeros(shape if config.has_attention(i) else (0,), device=device,  # noqa: E731
-                                          dtype=dtype)
-        self.k = [kv(i, shape) for i in range(config.n_layers)]
-        shape = (batch, config.n_kv_heads, max_len, config.v_dim)
-        self.v = [kv(i, shape) for i in range(config.n_layers)]
+        def kv(i, width):  # (each layer's own widths: ModelConfig.at_layer)
+            c = config.at_layer(i)
+            shape = (batch, c.n_kv_heads, max_len, width(c)) if config.has_attention(i) else (0,)
+            return torch.zeros(shape, device=device, dtype=dtype)
+        self.k = [kv(i, lambda c: c.head_dim) for i in range(config.n_layers)]
+        self.v = [kv(i, lambda c: c.v_dim) for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
         self.recurrent_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
@@ -1505,6 +1550,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = tuple(names) + SSM_LINEAR_NAMES
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
+    if config.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
+        names = [n for n in names if n != "attn_v"]
     if not config.has_ffn(index):  # (a mixer alone: Nemotron-H)
         names = [n for n in names if not n.startswith("ffn_")]
     for name in names if config.family.gated else [n for n in names if n != "ffn_gate"]:
@@ -1516,7 +1563,7 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
-        c, fam = config, config.family
+        c, fam = config.at_layer(index), config.family
         self.config, self.index = c, index
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
@@ -1998,7 +2045,7 @@ class Model(nn.Module):
         # fused GGUF tensor -> its logical parts (name, first row, end row), for export to re-fuse
         self.fused_views: dict[str, tuple[tuple[str, int, int], ...]] = {}
         for i in range(c.n_layers):
-            self.fused_views.update(fused_splits(c, i, weights))
+            self.fused_views.update(fused_splits(c.at_layer(i), i, weights))
         # RoPE speeds [kinds, rope_dim/2] (kind 1: sliding layers with their own base), float64 on
         # the CPU, not buffers, so that model.to(dtype) cannot round them. LongRoPE files carry two
         # factor sets: short up to rope_orig_context positions, long beyond.
@@ -2226,18 +2273,21 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     model would not use means a variant lowtune does not run, e.g. mixture-of-experts). own: the
     tensors a model class adds to the family's decoder (Gemma 3n's), name -> shape."""
     c = config
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
-              "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
-              "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
-              "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
-    if not c.family.gated:
-        del shapes["ffn_gate"]
+
+    def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:  # (of a layer's widths: at_layer)
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
+                  "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
+                  "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
+                  "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
+        if not c.family.gated:
+            del shapes["ffn_gate"]
+        if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
+            del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
+            shapes.update(latent_linear_shapes(c))
+        return shapes
     conv_shapes = {"shortconv.in_proj": (3 * c.dim, c.dim), "shortconv.out_proj": (c.dim, c.dim),
                    "shortconv.conv": (c.dim, c.conv_kernel)}
-    if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
-        del shapes["attn_q"], shapes["attn_k"], shapes["attn_v"]
-        shapes.update(latent_linear_shapes(c))
     ssm_shapes = {}
     if isinstance(c.ssm, MambaShape):
         ssm_shapes = c.ssm.tensor_shapes(c.dim)
@@ -2280,21 +2330,25 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     if c.family.embedding_norm:
         want["token_embd_norm.weight"], optional["token_embd_norm.bias"] = (c.dim,), (c.dim,)
     for i in range(c.n_layers):
-        p = f"blk.{i}."
-        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(c, i).items() if c.family.norm_weights})
+        p, lc = f"blk.{i}.", c.at_layer(i)
+        shapes = linear_shapes(lc)
+        want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(lc, i).items()
+                     if c.family.norm_weights})
         if c.family.qk_norm_optional:
             optional.update({p + n + ".weight": want.pop(p + n + ".weight") for n in QK_NORM_NAMES
                              if p + n + ".weight" in want})
         if c.family.norm != "rms":  # (LayerNorm biases where the file has them: Phi-2; PhiMoE's RMSNorm's)
-            optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
+            optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(lc, i).items()})
         layer_shapes = dict(shapes)
+        if c.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
+            del layer_shapes["attn_v"]
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if not c.has_kv(i):  # K/V reused: the file's own k, v and k norm (llama.cpp loads them) go unused
             layer_shapes = {n: s for n, s in layer_shapes.items() if n not in ("attn_k", "attn_v")}
             optional.update({p + "attn_k.weight": shapes["attn_k"], p + "attn_v.weight": shapes["attn_v"],
-                             p + "attn_k_norm.weight": layer_norm_shapes(c)["attn_k_norm"]})
+                             p + "attn_k_norm.weight": layer_norm_shapes(lc)["attn_k_norm"]})
         if c.is_ssm(i):  # the Mamba2 layer's in place of the attention's (beside it: Falcon-H1)
             want.update({p + n: shape for n, shape in ssm_shapes.items()})
             optional[p + "ssm_conv1d.bias"] = (c.ssm.conv_dim,)
@@ -2322,7 +2376,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
-        fused = fused_splits(c, i, w)
+        fused = fused_splits(lc, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
         for n, shape in layer_shapes.items():
             if p + n + ".weight" not in in_fused:

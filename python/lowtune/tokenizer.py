@@ -1,6 +1,6 @@
 """Tokenizers built from a GGUF file's own metadata, so a GGUF file alone is enough to train.
 
-    tok = load_tokenizer(gguf_file.metadata)     # tokenizer.ggml.model "gpt2" or "llama"
+    tok = load_tokenizer(gguf_file.metadata)     # tokenizer.ggml.model "gpt2", "gemma4" or "llama"
     ids = tok.encode("Hello")                    # [..] (BOS added when the metadata says so)
     tok.decode(ids)                               # "Hello"
     tok.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -12,6 +12,9 @@ Tokenization follows llama.cpp (llama-vocab.cpp), which is what runs the exporte
   * "gpt2" (byte-level BPE): the `pre` value picks llama.cpp's list of pre-tokenizer regexes, each
     splitting the pieces of the previous one; then byte-level BPE with the GGUF's merges. The
     `tokenizers` package does the regex splits and the merges.
+  * "gemma4" (and "gpt2" with the pre-tokenizers llama.cpp runs the same way: RawBPETokenizer): BPE
+    over raw UTF-8 (no byte symbols) of the text with its spaces as "▁", split into lines and runs of
+    newlines; what no token covers becomes <0xNN> byte tokens.
   * "llama" (SentencePiece BPE by scores, byte fallback): every text piece gets a leading space when
     add_space_prefix is set and it starts the text or follows a special token; spaces become "▁".
     `sentencepiece` does the merges, from a model built out of tokens/scores/token_type.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from datetime import datetime
 from pathlib import Path
@@ -122,10 +126,15 @@ for _names, _spec in [
     for _n in _names:
         _PRE[_n] = _spec
 
-_RAW_UTF8 = "BPE over raw UTF-8 rather than GPT-2's byte symbols, which lowtune's BPE does not run"
+# llama.cpp's BPE over raw UTF-8 (SentencePiece-style vocabularies: spaces as "▁", <0xNN> byte tokens; RawBPETokenizer):
+# name -> llama.cpp's pre-tokenizer type: "gemma4" takes a run of newlines that is a token whole, before merges,
+# and always adds BOS; "sarvam-moe" does neither
+_RAW_PRE = {"gemma4": "gemma4", "granite-embed-multi-311m": "gemma4", "sarvam-moe": "sarvam-moe"}
+_LINES = re.compile(r"[^\n]+|\n+")  # (their one split: lines and runs of newlines)
+
 _BY_HAND = "a split that llama.cpp codes by hand rather than by regex, which lowtune does not reproduce"
-_REFUSED_PRE = {"gemma4": _RAW_UTF8, "granite-embed-multi-311m": _RAW_UTF8, "sarvam-moe": _RAW_UTF8,
-                "whitespace": _RAW_UTF8, "kimi-k2": _BY_HAND, "afmoe": _BY_HAND, "superbpe": _BY_HAND,
+_REFUSED_PRE = {"whitespace": "BPE over raw UTF-8 without escaped spaces, split at whitespace, which lowtune does "
+                "not run", "kimi-k2": _BY_HAND, "afmoe": _BY_HAND, "superbpe": _BY_HAND,
                 "chameleon": "image tokens in the text", "granite-embed-multi-97m": "an embedding model's"}
 
 # pre-tokenizers whose vocabularies llama.cpp gives no BOS token, whatever the file says (GLM's)
@@ -134,7 +143,8 @@ _NO_BOS = ("chatglm-bpe", "glm4", "glm5")
 # llama.cpp picks the end-of-turn token by its text when the metadata does not say
 _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
               "<｜end▁of▁sentence｜>"]
-_EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>"]
+_EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+              "<eos>", "<turn|>", "<|tool_response>"]  # (the last three Gemma 4's)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -277,7 +287,7 @@ class BPETokenizer(Tokenizer):
     model = "gpt2"
 
     def __init__(self, tokens, token_types, merges: list[str], pre: str, **kw):
-        from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers
+        from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
 
         super().__init__(tokens, token_types, **kw)
         if pre in _REFUSED_PRE:
@@ -287,24 +297,7 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); known: {sorted(_PRE)}")
         self.pre = pre
         regexes, ignore_merges, _ = _PRE[pre]
-        vocab = self.token_to_id
-        pairs = []
-        for m in merges:
-            if not isinstance(m, str):
-                raise ValueError(f"tokenizer.ggml.merges must hold strings, got {type(m).__name__}")
-            # llama.cpp splits at the first space after the first character
-            k = m.find(" ", 1)
-            if k < 0:
-                raise ValueError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
-            a, b = m[:k], m[k + 1:]
-            # a merge whose parts or result are not tokens can never fire in llama.cpp either
-            if a in vocab and b in vocab and a + b in vocab:
-                pairs.append((a, b))
-        try:
-            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges)
-        except Exception as e:  # tokenizers raises plain Exception
-            raise ValueError(f"cannot build the BPE tokenizer from the GGUF metadata: {e}") from e
-        hf = HFTokenizer(bpe)
+        hf = HFTokenizer(_bpe_model(self.token_to_id, merges, ignore_merges=ignore_merges))
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -326,6 +319,69 @@ class BPETokenizer(Tokenizer):
             except KeyError:
                 pass  # not byte-level text: use the raw text
         return t.encode("utf-8", errors="surrogateescape")
+
+
+def _bpe_model(vocab: dict[str, int], merges: list, **options):
+    """tokenizers' BPE model of a GGUF's vocabulary and merges (tokenizer.ggml.merges)."""
+    from tokenizers import models
+    pairs = []
+    for m in merges:
+        if not isinstance(m, str):
+            raise ValueError(f"tokenizer.ggml.merges must hold strings, got {type(m).__name__}")
+        # llama.cpp splits at the first space after the first character
+        k = m.find(" ", 1)
+        if k < 0:
+            raise ValueError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        a, b = m[:k], m[k + 1:]
+        # a merge whose parts or result are not tokens can never fire in llama.cpp either
+        if a in vocab and b in vocab and a + b in vocab:
+            pairs.append((a, b))
+    try:
+        return models.BPE(vocab=vocab, merges=pairs, **options)
+    except Exception as e:  # tokenizers raises plain Exception
+        raise ValueError(f"cannot build the BPE tokenizer from the GGUF metadata: {e}") from e
+
+
+class RawBPETokenizer(Tokenizer):
+    """BPE over raw UTF-8 ("gemma4" in GGUF, or "gpt2" with a pre-tokenizer of _RAW_PRE), as llama.cpp runs it:
+    spaces become "▁", the text is split into lines and runs of newlines (for Gemma 4 a run that is a token
+    is that token), merges by rank over each piece's UTF-8 characters, and what no token covers becomes its
+    <0xNN> byte tokens (dropped where the vocabulary has none, as llama.cpp drops them)."""
+
+    model = "gemma4"
+
+    def __init__(self, tokens, token_types, merges: list[str], pre: str, **kw):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        super().__init__(tokens, token_types, **kw)
+        self.pre = pre
+        self.whole_newlines = _RAW_PRE[pre] == "gemma4"
+        self._hf = HFTokenizer(_bpe_model(self.token_to_id, merges, byte_fallback=True))
+
+    def _taken_whole(self, piece: str) -> bool:
+        return self.whole_newlines and piece[0] == "\n" and piece in self.token_to_id
+
+    def _encode_fragments(self, frags):
+        pieces = [p for f in frags for p in ([f] if isinstance(f, int) else _LINES.findall(f.replace(" ", "\u2581")))]
+        merged = [p for p in pieces if isinstance(p, str) and not self._taken_whole(p)]
+        encoded = iter(self._hf.encode_batch(merged, add_special_tokens=False) if merged else [])
+        ids: list[int] = []
+        for p in pieces:
+            if isinstance(p, int):
+                ids.append(p)
+            elif self._taken_whole(p):
+                ids.append(self.token_to_id[p])
+            else:
+                ids += next(encoded).ids
+        return ids
+
+    def _piece(self, i):
+        t, tt = self.tokens[i], self.token_types[i]
+        if tt == BYTE and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            return bytes([int(t[3:5], 16)])
+        if tt in (CONTROL, UNKNOWN, USER_DEFINED):
+            return t.encode("utf-8", errors="surrogateescape")
+        return t.replace("\u2581", " ").encode("utf-8", errors="surrogateescape")
 
 
 class SPMTokenizer(Tokenizer):
@@ -433,17 +489,21 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
         # llama.cpp ignores an out-of-range id and keeps its default
         return default if default is not None and 0 <= default < n else None
 
+    pre = "gemma4" if model == "gemma4" else _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default"
     if model == "gpt2":
-        pre = _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default"
         add_bos_default = _PRE.get(pre, (None, False, False))[2]
         bos, eos, unk = tid("bos_token_id", 11), tid("eos_token_id", 11), tid("unknown_token_id", None)
         if pre in _NO_BOS:
             bos, add_bos_default = None, False
+    elif model == "gemma4":  # (llama.cpp: BPE with the gemma4 pre-tokenizer whatever the file says, no default ids)
+        add_bos_default = True
+        bos, eos, unk = tid("bos_token_id", None), tid("eos_token_id", None), tid("unknown_token_id", None)
     elif model == "llama":
         add_bos_default = True
         bos, eos, unk = tid("bos_token_id", 1), tid("eos_token_id", 2), tid("unknown_token_id", 0)
     else:
-        raise ValueError(f"tokenizer.ggml.model {model!r} is not supported (lowtune reads 'gpt2' and 'llama')")
+        raise ValueError(f"tokenizer.ggml.model {model!r} is not supported (lowtune reads 'gpt2', 'gemma4' and "
+                         "'llama')")
     eot = tid("eot_token_id", None)
     if eot is None:
         index = {t: i for i, t in enumerate(tokens)}
@@ -451,16 +511,17 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     for i in (eot,):   # llama.cpp makes the end-of-turn token a control token whatever the file says
         if i is not None:
             types[i] = CONTROL
-    common = dict(bos_id=bos, eos_id=eos, eot_id=eot,
-                  add_bos=bos is not None and bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    if _RAW_PRE.get(pre) == "gemma4":  # (llama.cpp adds BOS to Gemma 4's vocabulary whatever the file says)
+        add_bos = True
+    common = dict(bos_id=bos, eos_id=eos, eot_id=eot, add_bos=bos is not None and add_bos,
                   add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
                   chat_template=_str_or_none(metadata.get("tokenizer.chat_template")))
-    if model == "gpt2":
+    if model in ("gpt2", "gemma4"):
         merges = metadata.get("tokenizer.ggml.merges")
         if not isinstance(merges, list):
-            raise ValueError("a 'gpt2' tokenizer needs tokenizer.ggml.merges (a list of strings)")
-        return BPETokenizer(tokens, types, merges, _str_or_none(metadata.get("tokenizer.ggml.pre")) or "default",
-                            **common)
+            raise ValueError(f"a {model!r} tokenizer needs tokenizer.ggml.merges (a list of strings)")
+        return (RawBPETokenizer if pre in _RAW_PRE else BPETokenizer)(tokens, types, merges, pre, **common)
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * n
     if not isinstance(scores, list) or not all(isinstance(x, (int, float)) for x in scores):
         raise ValueError("tokenizer.ggml.scores must be a list of numbers")
