@@ -31,10 +31,11 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h")
+         "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n and Nemotron-H: read from GGUF, their HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "nemotron_h"))
+# (Gemma 3n, Nemotron-H and GPT-NeoX: read from GGUF, their HF directories refused)
+GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq")
+HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -127,6 +128,15 @@ def hf_model(name: str):
             vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
             num_key_value_heads=HKV, max_position_embeddings=256, norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
             use_bias=True, sliding_window=None, tie_word_embeddings=True)),
+        # Pythia: LayerNorm with biases, attention and an ungated GELU MLP in parallel, each after its own norm
+        # (use_parallel_residual), or one after the other (-seq); q, k, v fused head by head, RoPE on a
+        # quarter of each head, biases but the head's; llama.cpp's GELU is the tanh form
+        **{n: (lambda parallel: lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+            max_position_embeddings=256, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, hidden_act="gelu_new",
+            use_parallel_residual=parallel, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})))(p)
+           for n, p in (("gptneox", True), ("gptneox-seq", False))},
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -463,11 +473,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, hunyuan, lfm2, llama, nemotron, olmo, phi, qwen,
-                        starcoder)
+from conversion import (command_r, deepseek, exaone, glm, gpt_oss, gptneox, hunyuan, lfm2, llama, nemotron, olmo,
+                        phi, qwen, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's and Nemotron-H's converters read
-# only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and GPT-NeoX's
+# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -475,7 +485,13 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    gptneox.GPTNeoXModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+# GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
+_neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
+def _neox_rotary_pct(self):
+    self.hparams.setdefault("rotary_pct", self.rope_parameters["partial_rotary_factor"])
+    _neox_parameters(self)
+gptneox.GPTNeoXModel.set_gguf_parameters = _neox_rotary_pct
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -658,8 +674,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "gptneox"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
+    if arch == "gptneox":  # (its converter writes no KV head count: as many as the heads)
+        md["gptneox.attention.head_count_kv"] = H
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
         QWEN35_DELTA["linear_num_value_heads"]
     if fam.delta_net:  # Gated DeltaNets in every other layer (bf16 drifts less), RoPE on a quarter of each head
@@ -705,7 +723,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, HKV * hd
+    q, kv = H * hd, (H if arch == "gptneox" else HKV) * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          fam.output_norm_tensor + ".weight": vec(D, 1.0)}
@@ -724,7 +742,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron"):  # the final LayerNorm's bias, and Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron", "gptneox"):  # the final LayerNorm's bias, and Phi-2's head's
         w["output_norm.bias"] = vec(D)
         if arch == "phi2":
             w["output.bias"] = vec(V)
@@ -755,8 +773,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch == "phi3":  # fused q/k/v
+        elif arch in ("phi3", "gptneox"):  # fused q/k/v (GPT-NeoX's with a bias)
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
+            if arch == "gptneox":
+                w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
@@ -800,7 +820,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
-        if arch in ("phi2", "starcoder2", "nemotron"):  # biases on the output, the MLP and the LayerNorms
+        if arch in ("phi2", "starcoder2", "nemotron", "gptneox"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
     if arch == "phi3":

@@ -403,9 +403,13 @@ def test_vision_language_configs_as_published():
 def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, the last: the default pairing, unused without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+    assert [cfg[n].family.rope for n in NAMES] == (["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
+                                                   + ["neox"] * 2)
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
+    # GPT-NeoX: parallel or one after the other, as the file's use_parallel_residual says; RoPE on a quarter
+    assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("gptneox", "gptneox-seq")] == [
+        (True, 4, H), (False, 4, H)]
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
     ap = cfg["apertus"]  # (alpha_p, alpha_n, beta, eps) of each layer, as transformers holds them
@@ -565,11 +569,12 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's
+# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and GPT-NeoX's GELU MLP without a gate; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h"))
+                                                      "granitehybrid", "qwen35", "nemotron_h", "gptneox",
+                                                      "gptneox-seq"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -839,9 +844,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
         got = model(ids)
     # the same update merged into dense copies of the bases (a fused tensor's parts separately)
     weights = merged_weights(model)
-    with GGUFFile(tiny[name].gguf) as f:  # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp
+    # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp (a fused tensor's bias is its parts')
+    fused = set(model.fused_views) | {n.removesuffix("weight") + "bias" for n in model.fused_views}
+    with GGUFFile(tiny[name].gguf) as f:
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
-                        if n not in weights and n not in model.fused_views})
+                        if n not in weights and n not in fused})
     if name in ("phi3", "phi4"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
     if name in ("llama", "qwen2"):
@@ -1117,7 +1124,8 @@ def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
-                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "starcoder2", "phi3",
+                         "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "gptneox",
+                         "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
                          "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
@@ -1126,7 +1134,7 @@ def test_families_and_refusals():
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
-                      ("t5", "encoder"), ("falcon", "not supported")]:
+                      ("t5", "encoder"), ("falcon", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})
         assert repr(arch) in str(e.value) and listed in str(e.value)

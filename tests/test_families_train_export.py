@@ -56,7 +56,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
-                 "qwen35": "q-bara", "nemotron_h": "qa-hira"}
+                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gptneox": "q-bara", "gptneox-seq": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -65,7 +65,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
-                   "qwen35": "lora", "nemotron_h": "qa-lora"}
+                   "qwen35": "lora", "nemotron_h": "qa-lora", "gptneox": "qa-hira", "gptneox-seq": "lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -157,8 +157,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    absent = {"ffn_gate"} if name in ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h") \
-        else set()  # (no gate)
+    ungated = ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h", "gptneox", "gptneox-seq")
+    absent = {"ffn_gate"} if name in ungated else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h") else set()  # (Mamba2 layers)
     present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
@@ -330,17 +330,19 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
 
 
-def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path):
-    """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged HF directory and PEFT adapter
-    are refused, saying to export GGUF, and a NemotronHForCausalLM directory by its class (the converter's
+@pytest.mark.parametrize("name,arch,hf_class", [("nemotron_h", "nemotron_h", "NemotronHForCausalLM"),
+                                                ("gptneox", "gptneox", "GPTNeoXForCausalLM")])
+def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, arch, hf_class):
+    """lowtune has no Hugging Face names for Nemotron-H's and GPT-NeoX's tensors: their merged HF directories
+    and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the converter's
     GGUF is what lowtune reads)."""
-    a = adapted("nemotron_h")
-    with pytest.raises(ValueError, match="no Hugging Face directory of a nemotron_h model.*GGUF"):
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {arch} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match="nemotron_h"):
+    with pytest.raises(ValueError, match=arch):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match="NemotronHForCausalLM.*is not supported"):
-        lowtune.load_model(family_models["nemotron_h"].hf_dir)
+    with pytest.raises(ValueError, match=f"{hf_class}.*is not supported"):
+        lowtune.load_model(family_models[name].hf_dir)
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
@@ -431,7 +433,8 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
+                                  "gptneox"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
@@ -453,7 +456,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h"))
+@pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
+                                  "gptneox"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

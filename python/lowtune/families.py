@@ -24,6 +24,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3moe      neox  silu       -           yes       -          -                        if the file gives one
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
+    gptneox       neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
@@ -155,6 +156,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   FFN, an MLP without a gate, biases everywhere.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
+  GPT-NeoX (gptneox: Pythia, GPT-NeoX-20B and their fine-tunes) is Phi-2's layer whose parallel FFN
+  norms x with its own LayerNorm (ffn_norm), as the file's use_parallel_residual says (false: one
+  after the other, StarCoder2's layer); q, k and v in one fused attn_qkv (the converter regroups HF's
+  rows head by head into q, k, v), no head bias. Its GELU is llama.cpp's tanh form, where Pythia's
+  config names the exact one.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
@@ -207,6 +213,9 @@ class Family:
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R)
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
+    parallel_ffn_norm: bool = False    # a parallel FFN norms x with its own ffn_norm (GPT-NeoX)
+    parallel_key: bool = False         # the file's use_parallel_residual says whether the layers are
+    #                                    parallel (GPT-NeoX; ModelConfig.sequential)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
     ffn_norm_tensor: str = "ffn_norm"  # the GGUF layer name of the FFN's input norm (Seed-OSS:
@@ -323,6 +332,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("seed_oss",)),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
+    Family("gptneox", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
+           parallel_ffn_norm=True, parallel_key=True),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
@@ -398,6 +409,8 @@ _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic",
         "jamba", "minimax-m2"}
 _RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "falcon-h1",
               "nemotron_h", "plamo2", "kimi-linear"}
+# llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
+_NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
@@ -446,6 +459,10 @@ def family_of(metadata: Mapping) -> Family:
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")
+    if arch in _NO_GRAPH:
+        raise ValueError(f"{arch!r} ({_NO_GRAPH[arch]}) is an architecture llama.cpp names but does not run (it has no "
+                         f"graph for it, and its converter writes no {arch} file), so lowtune has nothing to match "
+                         f"it against and does not run it either; {_supported()}")
     if arch in _ENCODERS or "bert" in arch or arch.startswith("t5"):
         raise ValueError(f"{arch!r} is an encoder model, which lowtune does not fine-tune; "
                          f"{_supported()} (decoder-only language models)")

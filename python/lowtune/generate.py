@@ -131,7 +131,7 @@ class _CompiledSteps:
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
              _ACTIVATIONS.index(fam.activation), float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel, fam.qk_norm_after_rope),
+             fam.qk_norm == "whole", fam.norm == "layer", c.parallel, fam.qk_norm_after_rope),
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
              fam.moe_renorm, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
@@ -156,8 +156,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (Gemma 3n's Gemma3nModel among them: AltUp's copies, Laurel and per-layer inputs are
         #              not csrc/decode_kernels.h's; its own steps decode it)
     c = model.config
-    # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron) and xIELU's (Apertus): Phi-2's and
-    # StarCoder2's GELU run the model's own steps
+    # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron) and xIELU's (Apertus): Phi-2's,
+    # StarCoder2's and GPT-NeoX's GELU run the model's own steps
     other_ungated = not c.family.gated and c.family.activation not in ("relu2", "xielu")
     if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or other_ungated or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):

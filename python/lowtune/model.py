@@ -177,12 +177,19 @@ class ModelConfig:
     ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
     ssm_head_dim: int = 0         # d_k (ssm.state_size)
     ssm_inner: int = 0            # all value heads' width (ssm.inner_size)
+    sequential: bool = False      # a parallel family's layers run attention, then the FFN (GPT-NeoX's
+    #                               use_parallel_residual = false: Family.parallel_key)
 
     @property
     def family(self) -> Family:
         if self.arch not in FAMILIES:
             family_of({"general.architecture": self.arch})  # raises, saying why
         return FAMILIES[self.arch]
+
+    @property
+    def parallel(self) -> bool:
+        """Whether attention and the FFN read the same x and add to it at once (Family.parallel)."""
+        return self.family.parallel and not self.sequential
 
     @property
     def original_context(self) -> int:
@@ -471,6 +478,7 @@ class ModelConfig:
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, xielu=xielu,
+            sequential=fam.parallel_key and not md.get(f"{arch}.use_parallel_residual", True),
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -771,8 +779,9 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
-        if not (fam.parallel or fam.layer_parts):  # (a parallel FFN reads attn_norm's output; a layer of one
-            out[fam.ffn_norm_tensor] = (c.dim,)     # part has one norm)
+        # (a parallel FFN reads attn_norm's output, but GPT-NeoX's its own norm; a layer of one part has one)
+        if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts):
+            out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if c.q_lora_rank:
@@ -1383,7 +1392,7 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if c.family.parallel or not (c.has_attention(i) and c.has_ffn(i)):
+        if c.parallel or not (c.has_attention(i) and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1430,9 +1439,10 @@ class DecoderLayer(nn.Module):
             return x, self.attn_norm(x)
         if not c.has_ffn(i):
             return x + self.attention_branch(x, rot, cache, start), None
-        if self.config.family.parallel:
+        if c.parallel:  # (the FFN's input: attn_norm's output, or its own norm of x: GPT-NeoX)
             h = self.attn_norm(x)
-            return x + self.attention_branch(x, rot, cache, start, normed=h), h
+            return x + self.attention_branch(x, rot, cache, start, normed=h), \
+                self.ffn_norm(x) if c.family.parallel_ffn_norm else h
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
@@ -1600,7 +1610,7 @@ class DecoderLayer(nn.Module):
         through the norm chunk by chunk at the end (the products' launches stay one per layer:
         each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
         c, i = self.config, self.index  # (parallel: the MLP's input is not x1's; a layer of one part: one step)
-        if self.mlp_chunks <= 1 or c.family.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
+        if self.mlp_chunks <= 1 or c.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
