@@ -31,10 +31,10 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq")
+         "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H and GPT-NeoX: read from GGUF, their HF directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq")
+# (Gemma 3n, Nemotron-H, GPT-NeoX and StableLM: read from GGUF, their HF directories refused)
+GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
@@ -137,6 +137,16 @@ def hf_model(name: str):
             use_parallel_residual=parallel, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})))(p)
            for n, p in (("gptneox", True), ("gptneox-seq", False))},
+        # StableLM 2 1.6B: Llama's layer with LayerNorm (biases), q/k/v biases, RoPE on a quarter of each head;
+        # the 12B's parallel block and LayerNorms of each head's own weight on q and k
+        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, layer_norm_eps=1e-5,
+            use_qkv_bias=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+        "stablelm2-12b": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, layer_norm_eps=1e-5,
+            qk_layernorm=True, use_parallel_residual=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -474,10 +484,10 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (command_r, deepseek, exaone, glm, gpt_oss, gptneox, hunyuan, lfm2, llama, nemotron, olmo,
-                        phi, qwen, starcoder)
+                        phi, qwen, stablelm, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's and GPT-NeoX's
-# converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-NeoX's and
+# StableLM's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -485,13 +495,21 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    gptneox.GPTNeoXModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
 def _neox_rotary_pct(self):
     self.hparams.setdefault("rotary_pct", self.rope_parameters["partial_rotary_factor"])
     _neox_parameters(self)
 gptneox.GPTNeoXModel.set_gguf_parameters = _neox_rotary_pct
+# StableLM's converter returns, where it means to yield them, the q/k norms of each head that it stacks (StableLM 2
+# 12B's): the generator it returns is run here
+_stablelm_tensors = stablelm.StableLMModel.modify_tensors
+def _stablelm_stacked_norms(self, data_torch, name, bid):
+    stacked = yield from _stablelm_tensors(self, data_torch, name, bid)
+    if stacked is not None:
+        yield from stacked
+stablelm.StableLMModel.modify_tensors = _stablelm_stacked_norms
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -674,7 +692,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": layers - 20,
                    "gemma3n.activation_sparsity_scale": [1.6448533] * 10 + [-math.inf] * (layers - 10),
                    "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "gptneox"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "gptneox", "stablelm"):  # RoPE on half of each head
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "gptneox":  # (its converter writes no KV head count: as many as the heads)
         md["gptneox.attention.head_count_kv"] = H
@@ -742,7 +760,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron", "gptneox"):  # the final LayerNorm's bias, and Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron", "gptneox", "stablelm"):  # the final LayerNorm's bias, Phi-2's head's
         w["output_norm.bias"] = vec(D)
         if arch == "phi2":
             w["output.bias"] = vec(V)
@@ -818,11 +836,13 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "stablelm"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in ("phi2", "starcoder2", "nemotron", "gptneox"):  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
+        if arch == "stablelm":  # (StableLM 2 12B's parallel layer: its one LayerNorm's bias, none on q/k's norms)
+            w[p + "attn_norm.bias"] = vec(D)
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])

@@ -404,12 +404,18 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, the last: the default pairing, unused without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == (["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
-                                                   + ["neox"] * 2)
+                                                   + ["neox"] * 4)
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     # GPT-NeoX: parallel or one after the other, as the file's use_parallel_residual says; RoPE on a quarter
     assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("gptneox", "gptneox-seq")] == [
         (True, 4, H), (False, 4, H)]
+    # StableLM: StableLM 2 1.6B's layer one after the other, the 12B's parallel with per-head q/k LayerNorms
+    assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("stablelm", "stablelm2-12b")] == [
+        (False, 4, HKV), (True, 4, HKV)]
+    with GGUFFile(tiny["stablelm2-12b"].gguf) as f:
+        assert f.tensor("blk.0.attn_q_norm.weight").shape == (H, D // H)
+        assert "blk.0.ffn_norm.weight" not in f.tensor_infos
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
     ap = cfg["apertus"]  # (alpha_p, alpha_n, beta, eps) of each layer, as transformers holds them
@@ -569,12 +575,13 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and GPT-NeoX's GELU MLP without a gate; LFM2's
+# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and GPT-NeoX's GELU MLP without a gate; StableLM 2
+# 12B's LayerNorms of q and k; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "gptneox",
-                                                      "gptneox-seq"))
+                                                      "gptneox-seq", "stablelm2-12b"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1125,7 +1132,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "gptneox",
-                         "starcoder2", "phi3",
+                         "stablelm", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
                          "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")

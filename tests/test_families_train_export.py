@@ -56,7 +56,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "arcee": "q-bara", "phi2": "qa-lora", "starcoder2": "lora", "qwen2vl": "qdylora",
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
-                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gptneox": "q-bara", "gptneox-seq": "qdylora"}
+                 "qwen35": "q-bara", "nemotron_h": "qa-hira", "gptneox": "q-bara", "gptneox-seq": "qdylora",
+                 "stablelm": "qa-lora", "stablelm2-12b": "lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -65,7 +66,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "arcee": "lora", "phi2": "qdylora", "starcoder2": "qa-hira", "qwen2vl": "qa-hira",
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
-                   "qwen35": "lora", "nemotron_h": "qa-lora", "gptneox": "qa-hira", "gptneox-seq": "lora"}
+                   "qwen35": "lora", "nemotron_h": "qa-lora", "gptneox": "qa-hira", "gptneox-seq": "lora",
+                   "stablelm": "q-bara", "stablelm2-12b": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -331,11 +333,12 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 
 @pytest.mark.parametrize("name,arch,hf_class", [("nemotron_h", "nemotron_h", "NemotronHForCausalLM"),
-                                                ("gptneox", "gptneox", "GPTNeoXForCausalLM")])
+                                                ("gptneox", "gptneox", "GPTNeoXForCausalLM"),
+                                                ("stablelm", "stablelm", "StableLmForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, arch, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's and GPT-NeoX's tensors: their merged HF directories
-    and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the converter's
-    GGUF is what lowtune reads)."""
+    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's and StableLM's tensors: their merged HF
+    directories and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the
+    converter's GGUF is what lowtune reads)."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {arch} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
@@ -457,7 +460,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "gptneox"))
+                                  "gptneox", "stablelm"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

@@ -25,6 +25,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     gptneox       neox  gelu_tanh  -           -         -          -                        if the file gives one
+    stablelm      neox  silu       -           if given  -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
@@ -161,6 +162,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   after the other, StarCoder2's layer); q, k and v in one fused attn_qkv (the converter regroups HF's
   rows head by head into q, k, v), no head bias. Its GELU is llama.cpp's tanh form, where Pythia's
   config names the exact one.
+  StableLM (stablelm: StableLM 2 1.6B/12B, StableLM-3B-4E1T, StableCode) is Llama's layer with LayerNorm
+  (biases on it, q/k/v biases where the file has them), RoPE on part of each head, and, as the file's
+  use_parallel_residual says, Command-R's parallel block (StableLM 2 12B); the 12B's q and k are normed
+  by a LayerNorm of each head's own weight (attn_q_norm [heads, head_dim], no bias), where the file has them.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
@@ -224,6 +229,7 @@ class Family:
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     qk_norm_optional: bool = False     # the per-head q/k norms are there where the file has them (GLM-4.5 MoE)
+    qk_norm_per_head: bool = False     # each head has its own q/k norm weight, [heads, head_dim] (StableLM 2 12B)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
     mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
@@ -334,6 +340,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
     Family("gptneox", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            parallel_ffn_norm=True, parallel_key=True),
+    Family("stablelm", rope="neox", norm="layer", parallel=True, parallel_key=True, qk_norm="head",
+           qk_norm_optional=True, qk_norm_per_head=True),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),

@@ -60,7 +60,7 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
                    "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
-                   "moe_layers", "xielu"}
+                   "moe_layers", "xielu", "sequential"}  # (sequential: ModelConfig.parallel, which the decoder takes)
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
 _ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -792,6 +792,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
+        if fam.qk_norm_per_head:  # (a weight of each head's own: StableLM 2 12B)
+            out.update(attn_q_norm=(c.n_heads, c.head_dim), attn_k_norm=(c.n_kv_heads, c.head_dim))
         if layer is not None and not c.has_kv(layer):
             del out["attn_k_norm"]
     return out
@@ -1103,12 +1105,16 @@ class LayerNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("weight", _vector(weight), persistent=False)
+        w = _table(weight)  # ([heads, d]: a weight of each head's own, StableLM 2 12B's q/k norms)
+        self.register_buffer("weight", w if w.dim() == 2 and w.shape[0] > 1 else w.reshape(-1), persistent=False)
         self.register_buffer("bias", None if bias is None else _vector(bias), persistent=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
+        if self.weight.dim() == 1:
+            return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
+        # each head by its own weight, x [..., heads, d] (no bias)
+        return (F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps) * self.weight).to(x.dtype)
 
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = x + a
