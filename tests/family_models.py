@@ -31,10 +31,12 @@ from lowtune.gguf_io import GGUFFile, write_gguf
 NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral3", "glm4", "command-r", "cohere2",
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
-         "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b")
+         "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
+         "falcon-40b")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H, GPT-NeoX and StableLM: read from GGUF, their HF directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b")
+# (Gemma 3n, Nemotron-H, GPT-NeoX, StableLM and Falcon: read from GGUF, their HF directories refused)
+GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
+                   "falcon-40b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
@@ -147,6 +149,15 @@ def hf_model(name: str):
             **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, layer_norm_eps=1e-5,
             qk_layernorm=True, use_parallel_residual=True, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+        # Falcon 7B: one KV head, attention and an ungated GELU MLP in parallel from one LayerNorm; 40B: grouped KV
+        # heads, each branch after its own norm (ln_attn, ln_mlp); an FFN of 4 · D, no biases, a tied head
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=H, layer_norm_epsilon=1e-5,
+            bos_token_id=1, eos_token_id=2, activation="gelu_new", tie_word_embeddings=True)),
+        "falcon-40b": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=H, num_kv_heads=HKV,
+            new_decoder_architecture=True, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            activation="gelu_new", tie_word_embeddings=True)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -483,11 +494,11 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (command_r, deepseek, exaone, glm, gpt_oss, gptneox, hunyuan, lfm2, llama, nemotron, olmo,
-                        phi, qwen, stablelm, starcoder)
+from conversion import (command_r, deepseek, exaone, falcon, glm, gpt_oss, gptneox, hunyuan, lfm2, llama, nemotron,
+                        olmo, phi, qwen, stablelm, starcoder)
 # OLMo's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's, Cohere's, Seed-OSS's, gpt-oss's, Hunyuan's,
-# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-NeoX's and
-# StableLM's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
+# Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's, Llama 4's, Nemotron-H's, GPT-NeoX's,
+# StableLM's and Falcon's converters read only byte-level BPE vocabularies; the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -495,7 +506,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = deepseek.DeepseekV2Model.set_vocab = \
     qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = qwen.Qwen3NextModel.set_vocab = \
     glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = nemotron.NemotronHModel.set_vocab = \
-    gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = falcon.FalconModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
 def _neox_rotary_pct(self):
@@ -510,6 +522,14 @@ def _stablelm_stacked_norms(self, data_torch, name, bid):
     if stacked is not None:
         yield from stacked
 stablelm.StableLMModel.modify_tensors = _stablelm_stacked_norms
+# Falcon's converter reads num_kv_heads, which transformers 5's config fills with the head count where Falcon 7B's
+# (multi_query, the old layout) attends with one KV head
+_falcon_init = falcon.FalconModel.__init__
+def _falcon_kv_heads(self, *args, **kwargs):
+    _falcon_init(self, *args, **kwargs)
+    if self.hparams.get("multi_query") and not self.hparams.get("new_decoder_architecture"):
+        self.hparams["num_kv_heads"] = 1
+falcon.FalconModel.__init__ = _falcon_kv_heads
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -760,9 +780,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "post_norm.weight": vec(D, 1.0)})
     if not fam.embed_scale and not fam.short_conv:  # Gemma and LFM2 tie their heads to the embeddings
         w["output.weight"] = mat(V, D)
-    if arch in ("phi2", "starcoder2", "nemotron", "gptneox", "stablelm"):  # the final LayerNorm's bias, Phi-2's head's
+    if arch in ("phi2", "starcoder2", "nemotron", "gptneox", "stablelm", "falcon"):  # the final LayerNorm's bias
         w["output_norm.bias"] = vec(D)
-        if arch == "phi2":
+        if arch == "phi2":  # (and the head's)
             w["output.bias"] = vec(V)
     for i in range(layers):
         p = f"blk.{i}."
@@ -791,7 +811,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gptneox"):  # fused q/k/v (GPT-NeoX's with a bias)
+        elif arch in ("phi3", "gptneox", "falcon"):  # fused q/k/v (GPT-NeoX's with a bias)
             w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)
             if arch == "gptneox":
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
@@ -843,6 +863,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
         if arch == "stablelm":  # (StableLM 2 12B's parallel layer: its one LayerNorm's bias, none on q/k's norms)
             w[p + "attn_norm.bias"] = vec(D)
+        if arch == "falcon":  # Falcon 40B's two LayerNorms with their biases: attention's attn_norm_2, the FFN's
+            w.update({p + "attn_norm.bias": vec(D), p + "attn_norm_2.weight": vec(D, 1.0),
+                      p + "attn_norm_2.bias": vec(D)})
     if arch == "phi3":
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])

@@ -404,7 +404,7 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, the last: the default pairing, unused without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == (["norm"] * 10 + ["neox"] * 20 + ["norm", "neox", "norm"]
-                                                   + ["neox"] * 4)
+                                                   + ["neox"] * 6)
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h"]
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
     # GPT-NeoX: parallel or one after the other, as the file's use_parallel_residual says; RoPE on a quarter
@@ -413,6 +413,10 @@ def test_config_read_from_the_converted_files(tiny):
     # StableLM: StableLM 2 1.6B's layer one after the other, the 12B's parallel with per-head q/k LayerNorms
     assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("stablelm", "stablelm2-12b")] == [
         (False, 4, HKV), (True, 4, HKV)]
+    # Falcon: 7B's one KV head and one norm, 40B's grouped KV heads and attention's own norm (attn_norm_2)
+    assert [cfg[n].n_kv_heads for n in ("falcon", "falcon-40b")] == [1, HKV]
+    assert [Model.from_gguf(tiny[n].gguf).layers[0].norm_files.get("attn_norm") for n in ("falcon", "falcon-40b")] \
+        == [None, "attn_norm_2"]
     with GGUFFile(tiny["stablelm2-12b"].gguf) as f:
         assert f.tensor("blk.0.attn_q_norm.weight").shape == (H, D // H)
         assert "blk.0.ffn_norm.weight" not in f.tensor_infos
@@ -575,13 +579,14 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's and GPT-NeoX's GELU MLP without a gate; StableLM 2
+# (Ministral 3 scales queries by position; Phi-2's, StarCoder2's, GPT-NeoX's and Falcon's GELU MLP without a gate;
+# StableLM 2
 # 12B's LayerNorms of q and k; LFM2's
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs)
 COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
                                                       "granitehybrid", "qwen35", "nemotron_h", "gptneox",
-                                                      "gptneox-seq", "stablelm2-12b"))
+                                                      "gptneox-seq", "stablelm2-12b", "falcon", "falcon-40b"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -818,7 +823,7 @@ def merged_weights(model) -> dict:
             elif isinstance(mod, QLinear):
                 w[p + name + ".weight"] = mod.weight
             else:  # norms (a NoNorm has no weight; Phi-2's LayerNorms have biases), under their file names
-                file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
+                file_name = layer.norm_files.get(name, name)
                 if mod.weight is not None:
                     w[p + file_name + ".weight"] = mod.weight
                 if getattr(mod, "bias", None) is not None:
@@ -867,10 +872,11 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "gptneox", "falcon-40b"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases and Gemma 3's extra norms in the streamed layers."""
+    fused tensors, Qwen2's biases, Gemma 3's extra norms, GPT-NeoX's fused tensor with a bias and
+    Falcon 40B's two norms of a parallel layer in the streamed layers."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1132,7 +1138,7 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "minicpm", "ernie4_5", "ernie4_5-moe",
                          "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "phi2", "gptneox",
-                         "stablelm", "starcoder2", "phi3",
+                         "stablelm", "falcon", "starcoder2", "phi3",
                          "gemma", "gemma2", "gemma3", "olmo2", "olmoe", "exaone4", "command-r", "cohere2", "glm4",
                          "hunyuan-dense", "nemotron", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4",
                          "glm4moe", "gemma3n", "qwen35", "qwen35moe", "qwen3next", "qwen2vl", "qwen3vl", "qwen3vlmoe")
@@ -1141,7 +1147,7 @@ def test_families_and_refusals():
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba", "recurrent"), ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
-                      ("t5", "encoder"), ("falcon", "not supported"), ("gptj", "llama.cpp names but does not run")]:
+                      ("t5", "encoder"), ("bloom", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})
         assert repr(arch) in str(e.value) and listed in str(e.value)

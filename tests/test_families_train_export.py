@@ -57,7 +57,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "gptneox": "q-bara", "gptneox-seq": "qdylora",
-                 "stablelm": "qa-lora", "stablelm2-12b": "lora"}
+                 "stablelm": "qa-lora", "stablelm2-12b": "lora", "falcon": "qa-hira", "falcon-40b": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -67,7 +67,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "gptneox": "qa-hira", "gptneox-seq": "lora",
-                   "stablelm": "q-bara", "stablelm2-12b": "qdylora"}
+                   "stablelm": "q-bara", "stablelm2-12b": "qdylora", "falcon": "qdylora", "falcon-40b": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -159,7 +159,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
                               batch=2, lr=5e-3, warmup=0, eval_every=0, eval_fraction=0.1, device="cpu", seed=0,
                               targets=targets)
     modules = adapters.read_adapter_config(tmp_path / "run" / "adapter")["modules"]
-    ungated = ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h", "gptneox", "gptneox-seq")
+    ungated = ("arcee", "phi2", "starcoder2", "nemotron", "apertus", "nemotron_h", "gptneox", "gptneox-seq", "falcon",
+               "falcon-40b")
     absent = {"ffn_gate"} if name in ungated else set()  # (no gate)
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h") else set()  # (Mamba2 layers)
@@ -334,9 +335,10 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 @pytest.mark.parametrize("name,arch,hf_class", [("nemotron_h", "nemotron_h", "NemotronHForCausalLM"),
                                                 ("gptneox", "gptneox", "GPTNeoXForCausalLM"),
-                                                ("stablelm", "stablelm", "StableLmForCausalLM")])
+                                                ("stablelm", "stablelm", "StableLmForCausalLM"),
+                                                ("falcon-40b", "falcon", "FalconForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, arch, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's and StableLM's tensors: their merged HF
+    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's, StableLM's and Falcon's tensors: their merged HF
     directories and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the
     converter's GGUF is what lowtune reads)."""
     a = adapted(name)
@@ -460,7 +462,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
-                                  "gptneox", "stablelm"))
+                                  "gptneox", "stablelm", "falcon"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

@@ -26,6 +26,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
     gptneox       neox  gelu_tanh  -           -         -          -                        if the file gives one
     stablelm      neox  silu       -           if given  -          -                        if the file gives one
+    falcon        neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     phi3          neox  silu       -           -         -          -                        if the file gives one
     seed_oss      neox  silu       -           -         -          -                        if the file gives one
@@ -166,6 +167,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   (biases on it, q/k/v biases where the file has them), RoPE on part of each head, and, as the file's
   use_parallel_residual says, Command-R's parallel block (StableLM 2 12B); the 12B's q and k are normed
   by a LayerNorm of each head's own weight (attn_q_norm [heads, head_dim], no bias), where the file has them.
+  Falcon (falcon: Falcon 7B/40B/180B, Falcon2 11B; Falcon 3 is llama) is GPT-NeoX's parallel layer without
+  biases but its LayerNorms', q/k/v fused (one KV head: 7B), RoPE on the whole head, a head that may be tied;
+  where the file has a layer's attn_norm_2 (40B, 180B: new_decoder_architecture's ln_attn), attention reads
+  that norm of x and the FFN attn_norm's (ln_mlp); without it both read attn_norm's.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
@@ -219,6 +224,8 @@ class Family:
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
     parallel_ffn_norm: bool = False    # a parallel FFN norms x with its own ffn_norm (GPT-NeoX)
+    attn_norm_2: bool = False          # where the file has a layer's attn_norm_2, attention reads it and the parallel
+    #                                    FFN attn_norm (Falcon 40B; DecoderLayer.norm_files)
     parallel_key: bool = False         # the file's use_parallel_residual says whether the layers are
     #                                    parallel (GPT-NeoX; ModelConfig.sequential)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
@@ -342,6 +349,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            parallel_ffn_norm=True, parallel_key=True),
     Family("stablelm", rope="neox", norm="layer", parallel=True, parallel_key=True, qk_norm="head",
            qk_norm_optional=True, qk_norm_per_head=True),
+    Family("falcon", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True, attn_norm_2=True),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),

@@ -1297,6 +1297,11 @@ class DecoderLayer(nn.Module):
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
             setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps))
+        # the GGUF layer name of each norm whose attribute is another name
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+        if fam.attn_norm_2 and p + "attn_norm_2.weight" in w:  # (Falcon 40B: attention's own norm, attn_norm the FFN's)
+            self.ffn_norm, self.attn_norm = self.attn_norm, make_norm(fam, w, p + "attn_norm_2", c.norm_eps)
+            self.norm_files = {"attn_norm": "attn_norm_2", "ffn_norm": "attn_norm"}
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -1445,10 +1450,10 @@ class DecoderLayer(nn.Module):
             return x, self.attn_norm(x)
         if not c.has_ffn(i):
             return x + self.attention_branch(x, rot, cache, start), None
-        if c.parallel:  # (the FFN's input: attn_norm's output, or its own norm of x: GPT-NeoX)
+        if c.parallel:  # (the FFN's input: its own norm of x where it has one, GPT-NeoX's, Falcon 40B's; else h)
             h = self.attn_norm(x)
             return x + self.attention_branch(x, rot, cache, start, normed=h), \
-                self.ffn_norm(x) if c.family.parallel_ffn_norm else h
+                self.ffn_norm(x) if hasattr(self, "ffn_norm") else h
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
@@ -1995,6 +2000,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                              if p + n + ".weight" in want})
         if c.family.norm == "layer":  # (LayerNorm biases where the file has them: Phi-2)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(c, i).items()})
+        if c.family.attn_norm_2:  # (Falcon 40B's attention norm, where the file has one)
+            optional.update({p + "attn_norm_2.weight": (c.dim,), p + "attn_norm_2.bias": (c.dim,)})
         layer_shapes = dict(shapes)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
