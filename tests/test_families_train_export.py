@@ -335,10 +335,9 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 @pytest.mark.parametrize("name,arch,hf_class", [("nemotron_h", "nemotron_h", "NemotronHForCausalLM"),
                                                 ("gptneox", "gptneox", "GPTNeoXForCausalLM"),
-                                                ("stablelm", "stablelm", "StableLmForCausalLM"),
                                                 ("falcon-40b", "falcon", "FalconForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, arch, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's, StableLM's and Falcon's tensors: their merged HF
+    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's and Falcon's tensors: their merged HF
     directories and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the
     converter's GGUF is what lowtune reads)."""
     a = adapted(name)
@@ -348,6 +347,20 @@ def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted
         export_peft(a.base, a.run, tmp_path / "peft")
     with pytest.raises(ValueError, match=f"{hf_class}.*is not supported"):
         lowtune.load_model(family_models[name].hf_dir)
+def test_stablelm_per_head_qk_norms_are_gguf_only(family_models, adapted, tmp_path):
+    """StableLM 2 12B's q/k LayerNorms (a module of each head's own in Hugging Face's class) are read and written
+    as GGUF only: its merged HF directory is refused, saying to export GGUF, and its HF directory, saying to
+    convert it; its PEFT adapter (linears only) is written."""
+    a = adapted("stablelm2-12b")
+    with pytest.raises(ValueError, match="LayerNorm of each head's own.*export it as GGUF"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+    with pytest.raises(ValueError, match="qk_layernorm.*convert_hf_to_gguf.py"):
+        lowtune.load_model(family_models["stablelm2-12b"].hf_dir)
+    export_peft(a.base, a.run, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", LLAMACPP_NAMES)
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):

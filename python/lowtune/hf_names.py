@@ -143,6 +143,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                                 "attn_k_norm": "self_attn.key_layernorm"}, "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    # (StableLM 2 12B's q/k LayerNorms, a module of each head's own, are not mapped: hf_config, _stablelm_keys)
+    "stablelm": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
                           "ffn_norm": "feedforward_layernorm", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
                 "global": _GLOBAL},
@@ -565,6 +567,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _delta_net_keys(config, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
+    if fam.parallel_key:
+        _stablelm_keys(config, key)
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layers = int(config["num_hidden_layers"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
@@ -646,6 +650,16 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _stablelm_keys(config: dict, key) -> None:
+    """StableLM's use_parallel_residual (transformers' default: false), and its q/k LayerNorms refused:
+    StableLM 2 12B keeps a module of each head's own (q_layernorm.norms.N), which lowtune does not name."""
+    if config.get("qk_layernorm"):
+        raise ValueError("this StableLM checkpoint norms q and k with a LayerNorm of each head's own (qk_layernorm: "
+                         "StableLM 2 12B), which lowtune reads from GGUF only; convert it with llama.cpp's "
+                         "convert_hf_to_gguf.py and load the GGUF")
+    key("use_parallel_residual", bool(config.get("use_parallel_residual", False)), BOOL)
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -864,15 +878,18 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {},
+    "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
 }
+# LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
+_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm")}
 
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
-_PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron")
+_PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm")
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
-                     "nemotron": ("output_norm.bias",)}
+                     "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",)}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -894,6 +911,7 @@ def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[st
             zeros += sorted(want - present)
             placed |= want
     placed |= {n for n in present if n.endswith(_MAMBA2_BIASES)}  # (in the Mamba2 layers only: _mamba2_config)
+    placed |= {n for n in present if n.endswith(tuple(f".{p}.bias" for p in _HF_NORM_BIASES.get(arch, ())))}
     stray = sorted(present - placed)
     if stray:
         raise ValueError(f"{stray[0]}: a {arch} model in Hugging Face's layout has no such bias, so "
@@ -1046,6 +1064,11 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})
     if arch == "ernie4_5":
         cfg["use_bias"] = False
+    if fam.parallel_key:  # (StableLM: the inverse of _stablelm_keys)
+        if any(n.endswith("attn_q_norm.weight") for n in tensors):
+            raise ValueError(f"this {arch} model norms q and k with a LayerNorm of each head's own (StableLM 2 12B), "
+                             "which lowtune writes to GGUF only; export it as GGUF (merged, or as a GGUF LoRA)")
+        cfg.update(use_parallel_residual=c.parallel, qk_layernorm=False)
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
