@@ -34,9 +34,9 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "granitehybrid", "qwen35", "nemotron_h", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
          "falcon-40b")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Nemotron-H, GPT-NeoX, StableLM 2 12B's per-head q/k norms and Falcon: read from GGUF, their HF
-# directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "gptneox", "gptneox-seq", "stablelm2-12b", "falcon", "falcon-40b")
+# (Gemma 3n, Nemotron-H, StableLM 2 12B's per-head q/k norms and Falcon: read from GGUF, their HF directories
+# refused)
+GGUF_ONLY_NAMES = ("gemma3n", "nemotron_h", "stablelm2-12b", "falcon", "falcon-40b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",

@@ -200,7 +200,7 @@ def test_hf_configs_lowtune_refuses():
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
                                          "granitemoehybrid, ernie4_5, ministral3, qwen2"):
-        hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
+        hf_names.metadata_from_hf_config({**qwen, "architectures": ["BloomForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
         {"attention_bias": False, "mlp_bias": True}, ["blk.0.ffn_down.bias", "blk.0.ffn_gate.bias"])

@@ -73,6 +73,8 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
+              **dict.fromkeys(("gptneox", "gptneox-seq"),
+                              {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
@@ -89,8 +91,9 @@ VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision towe
 
 
 def hf_class(name: str) -> str:
-    # the windowed variants' classes; Phi-4-mini is Phi-3's
-    own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM"}
+    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's
+    own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM",
+           "gptneox-seq": "GPTNeoXForCausalLM"}
     return own[name] if name in own else FAMILIES[name].hf_architectures[0]
 
 
@@ -334,10 +337,9 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 
 @pytest.mark.parametrize("name,arch,hf_class", [("nemotron_h", "nemotron_h", "NemotronHForCausalLM"),
-                                                ("gptneox", "gptneox", "GPTNeoXForCausalLM"),
                                                 ("falcon-40b", "falcon", "FalconForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, arch, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, GPT-NeoX's and Falcon's tensors: their merged HF
+    """lowtune has no Hugging Face names for Nemotron-H's and Falcon's tensors: their merged HF
     directories and PEFT adapters are refused, saying to export GGUF, and their HF directories by class (the
     converter's GGUF is what lowtune reads)."""
     a = adapted(name)
