@@ -248,7 +248,7 @@ PYBIND11_MODULE(_C, m) {
         cpu::DecodeConfig config{dim, nh, nkv, hd, rd, ffn, vocab, max_len, eps};
         config.neox = neox, config.attn_scale = attn_scale, config.embedding_scale = embedding_scale;
         config.residual_scale = residual_scale, config.logit_scale = logit_scale;
-        if (act < 0 || act > 4) throw std::invalid_argument("decoder: unknown activation");
+        if (act < 0 || act > 5) throw std::invalid_argument("decoder: unknown activation");
         config.activation = static_cast<cpu::Activation>(act);
         config.attn_softcap = attn_cap, config.final_softcap = final_cap, config.rope_kinds = kinds;
         config.qk_norm_whole = qk_whole, config.layer_norm = layer_norm, config.parallel = parallel;

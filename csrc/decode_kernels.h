@@ -48,13 +48,15 @@ namespace lowtune::cpu {
 
 // The gated MLP's act(g) · u: silu, gelu's tanh form (Gemma), or gpt-oss's swiglu_oai (g clamped
 // above at 7, u to ±7: g · sigmoid(1.702 g) · (u + 1)); or, for an MLP without a gate (no ffn_gate
-// matrix), act(u) = relu(u)² (Arcee, Nemotron) or xIELU (Apertus: with the layer's scalars alpha_p,
-// alpha_n, beta, eps, a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n), a_p u² + beta u
-// where u > 0, else (expm1(min(u, eps)) - u) a_n + beta u).
-enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2, kRelu2 = 3, kXielu = 4 };
+// matrix), act(u) = relu(u)² (Arcee, Nemotron), GELU's tanh form (StarCoder2, GPT-NeoX, Falcon) or
+// xIELU (Apertus: with the layer's scalars alpha_p, alpha_n, beta, eps, a_p = softplus(alpha_p) and
+// a_n = beta + softplus(alpha_n), a_p u² + beta u where u > 0, else (expm1(min(u, eps)) - u) a_n + beta u).
+enum class Activation { kSilu = 0, kGeluTanh = 1, kSwigluOai = 2, kRelu2 = 3, kXielu = 4, kGeluTanhUngated = 5 };
 
 // Whether the MLP of `a` has no gate (no ffn_gate matrix).
-inline bool ungated(Activation a) { return a == Activation::kRelu2 || a == Activation::kXielu; }
+inline bool ungated(Activation a) {
+  return a == Activation::kRelu2 || a == Activation::kXielu || a == Activation::kGeluTanhUngated;
+}
 
 struct DecodeMatrix {
   int qtype;
@@ -105,7 +107,8 @@ struct DecodeConfig {
   bool qk_norm_whole = false;   // q/k norms span all heads at once (OLMo 2), else each head
   bool qk_norm_after_rope = false;  // q/k norms after RoPE (Hunyuan), else before
   bool layer_norm = false;      // the norms are LayerNorm (Command-R, Nemotron), else RMSNorm
-  bool parallel = false;        // the FFN reads the attention's normed input (Command-R)
+  bool parallel = false;        // the FFN reads the attention's normed input (Command-R), or its own norm of
+  //                               the layer's input where the layer has an ffn_norm (GPT-NeoX, Falcon 40B)
   int64_t n_experts = 0, n_experts_used = 0, expert_ffn = 0, shared_ffn = 0;  // layers with a router
   bool moe_renorm = true;
   int expert_gating = 1;        // 1: softmax over every expert, then the top k; 3: the top k logits, then softmax
@@ -129,7 +132,8 @@ class Decoder {
   const float* output_norm_;
   const float* rope_;
   const float* output_norm_bias_;
-  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_, parallel_out_;
+  std::vector<float> x_, h_, q_, k_, v_, o_, gate_, up_, scores_, expert_out_, moe_sum_, probs_, parallel_out_,
+      parallel_in_;
   std::vector<int64_t> order_;  // the experts by routing weight
   // out = Wd (act(Wg in + bg) ⊙ (Wu in + bu)) + bd, F = Wu's rows (biases: three pointers, or none);
   // an ungated activation (g unused): Wd act(Wu in + bu) + bd, xIELU with the scalars `xielu`

@@ -32,12 +32,14 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "qwen2", "qwen3", "phi2", "starcoder2", "phi3", "phi4", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
          "gemma4", "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
-         "mamba", "gpt2", "starcoder", "bloom", "mpt")
+         "mamba", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
+         "falcon-40b")
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
-# (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM and MPT: read from GGUF, their
-# HF directories refused)
-HF_NAMES = tuple(n for n in NAMES if n not in ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba",
-                                               "gpt2", "starcoder", "bloom", "mpt"))
+# (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
+# q/k norms and Falcon: read from GGUF, their HF directories refused)
+GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder", "bloom",
+                   "mpt", "stablelm2-12b", "falcon", "falcon-40b")
+HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
@@ -171,6 +173,34 @@ def hf_model(name: str):
             vocab_size=V, d_model=D, n_heads=H, n_layers=2, expansion_ratio=4, max_seq_len=256,
             attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": MPT_CLIP_QKV}, bos_token_id=1,
             eos_token_id=2)),
+        # Pythia: LayerNorm with biases, attention and an ungated GELU MLP in parallel, each after its own norm
+        # (use_parallel_residual), or one after the other (-seq); q, k, v fused head by head, RoPE on a
+        # quarter of each head, biases but the head's; llama.cpp's GELU is the tanh form
+        **{n: (lambda parallel: lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+            max_position_embeddings=256, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, hidden_act="gelu_new",
+            use_parallel_residual=parallel, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})))(p)
+           for n, p in (("gptneox", True), ("gptneox-seq", False))},
+        # StableLM 2 1.6B: Llama's layer with LayerNorm (biases), q/k/v biases, RoPE on a quarter of each head;
+        # the 12B's parallel block and LayerNorms of each head's own weight on q and k
+        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, layer_norm_eps=1e-5,
+            use_qkv_bias=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+        "stablelm2-12b": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, layer_norm_eps=1e-5,
+            qk_layernorm=True, use_parallel_residual=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+        # Falcon 7B: one KV head, attention and an ungated GELU MLP in parallel from one LayerNorm; 40B: grouped KV
+        # heads, each branch after its own norm (ln_attn, ln_mlp); an FFN of 4 · D, no biases, a tied head
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=H, layer_norm_epsilon=1e-5,
+            bos_token_id=1, eos_token_id=2, activation="gelu_new", tie_word_embeddings=True)),
+        "falcon-40b": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=H, num_kv_heads=HKV,
+            new_decoder_architecture=True, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+            activation="gelu_new", tie_word_embeddings=True)),
         "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
             **{**common, "max_position_embeddings": 4 * PHI3_ORIG_CONTEXT}, num_hidden_layers=2,
             tie_word_embeddings=False, original_max_position_embeddings=PHI3_ORIG_CONTEXT,
@@ -668,13 +698,13 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (bloom, command_r, deepseek, exaone, falcon_h1, gemma, glm, gpt2, gpt_oss, hunyuan, lfm2,
-                        llama, minimax, mpt, nemotron, olmo, phi, qwen, starcoder)
+from conversion import (bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss, gptneox,
+                        hunyuan, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen, stablelm, starcoder)
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
-# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's and MPT's converters read only
-# byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); Gemma 4's only its own BPE one
-# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's and
+# Falcon's converters read only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); Gemma 4's only its own
+# BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -685,8 +715,31 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
     falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
     bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = \
-    command_r.Cohere2MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
+    falcon.FalconModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
+# GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
+_neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
+def _neox_rotary_pct(self):
+    self.hparams.setdefault("rotary_pct", self.rope_parameters["partial_rotary_factor"])
+    _neox_parameters(self)
+gptneox.GPTNeoXModel.set_gguf_parameters = _neox_rotary_pct
+# StableLM's converter returns, where it means to yield them, the q/k norms of each head that it stacks (StableLM 2
+# 12B's): the generator it returns is run here
+_stablelm_tensors = stablelm.StableLMModel.modify_tensors
+def _stablelm_stacked_norms(self, data_torch, name, bid):
+    stacked = yield from _stablelm_tensors(self, data_torch, name, bid)
+    if stacked is not None:
+        yield from stacked
+stablelm.StableLMModel.modify_tensors = _stablelm_stacked_norms
+# Falcon's converter reads num_kv_heads, which transformers 5's config fills with the head count where Falcon 7B's
+# (multi_query, the old layout) attends with one KV head
+_falcon_init = falcon.FalconModel.__init__
+def _falcon_kv_heads(self, *args, **kwargs):
+    _falcon_init(self, *args, **kwargs)
+    if self.hparams.get("multi_query") and not self.hparams.get("new_decoder_architecture"):
+        self.hparams["num_kv_heads"] = 1
+falcon.FalconModel.__init__ = _falcon_kv_heads
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -913,8 +966,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma4.embedding_length_per_layer_input": GEMMA4["hidden_size_per_layer_input"],
                    "gemma4.rope.freq_base": 1e6, "gemma4.rope.freq_base_swa": 1e4,
                    "gemma4.final_logit_softcapping": 5.0})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2"):  # RoPE on half of each head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2", "gptneox", "stablelm"):  # RoPE on half a head
         md[f"{arch}.rope.dimension_count"] = hd // 2
+    if arch == "gptneox":  # (its converter writes no KV head count: as many as the heads)
+        md["gptneox.attention.head_count_kv"] = H
     dk, hk, hv = QWEN35_DELTA["linear_key_head_dim"], QWEN35_DELTA["linear_num_key_heads"], \
         QWEN35_DELTA["linear_num_value_heads"]
     if fam.delta_net:  # Gated DeltaNets in every other layer (bf16 drifts less), RoPE on a quarter of each head
@@ -967,7 +1022,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, (1 if arch == "starcoder" else HKV) * hd  # (StarCoder: one K/V head)
+    q, kv = H * hd, (1 if arch == "starcoder" else H if arch == "gptneox" else HKV) * hd  # (StarCoder: one K/V head)
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
@@ -1000,8 +1055,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
     if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom")  # (LayerNorm, MLP and output biases)
-    if arch in biased + ("phimoe",):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox")  # (LayerNorm, MLP, output)
+    if arch in biased + ("phimoe", "stablelm", "falcon"):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
             w["output.bias"] = vec(V)
@@ -1046,9 +1101,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt"):  # fused q/k/v (GPT-2's, StarCoder's and
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)                # BLOOM's with a bias)
-            if arch in ("gpt2", "starcoder", "bloom"):
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon"):  # fused q/k/v (GPT-2's,
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # StarCoder's, BLOOM's and GPT-NeoX's with a bias)
+            if arch in ("gpt2", "starcoder", "bloom", "gptneox"):
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
@@ -1098,13 +1153,19 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
-        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe"):
+        if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
+                    "stablelm"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),
                       **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
         if arch == "phimoe":  # biases on the output and the norms
             w.update({p + "attn_output.bias": vec(D), **{p + n + ".bias": vec(D) for n in layer_norm_shapes(c)}})
+        if arch == "stablelm":  # (StableLM 2 12B's parallel layer: its one LayerNorm's bias, none on q/k's norms)
+            w[p + "attn_norm.bias"] = vec(D)
+        if arch == "falcon":  # Falcon 40B's two LayerNorms with their biases: attention's attn_norm_2, the FFN's
+            w.update({p + "attn_norm.bias": vec(D), p + "attn_norm_2.weight": vec(D, 1.0),
+                      p + "attn_norm_2.bias": vec(D)})
     if arch in ("phi3", "phimoe"):
         w["rope_factors_long.weight"] = torch.tensor([1.0 + 0.25 * i for i in range(hd // 2)])
         w["rope_factors_short.weight"] = torch.tensor([1.0 + 0.05 * i for i in range(hd // 2)])

@@ -220,7 +220,7 @@ def test_hf_configs_lowtune_refuses():
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
                                          "granitemoehybrid, minicpm3, ernie4_5, ministral3, qwen2"):
-        hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTNeoXForCausalLM"]})
+        hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
         {"attention_bias": False, "mlp_bias": True}, ["blk.0.ffn_down.bias", "blk.0.ffn_gate.bias"])
@@ -455,7 +455,7 @@ def test_config_read_from_the_converted_files(tiny):
     # without RoPE)
     assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 21 + ["norm", "neox", "norm", "neox",
                                                                                   "norm", "neox", "norm", "neox",
-                                                                                  "norm"] + ["norm"] * 4
+                                                                                  "norm"] + ["norm"] * 4 + ["neox"] * 6
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom",
                                                     "mpt"]
     g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
@@ -465,6 +465,19 @@ def test_config_read_from_the_converted_files(tiny):
     assert (cfg["mpt"].alibi_max_bias, cfg["mpt"].clamp_qkv) == (8.0, MPT_CLIP_QKV)  # (the file's)
     assert all(cfg[n].clamp_qkv == 0.0 for n in NAMES if n not in ("mpt", "olmo"))
     assert cfg["hunyuan-dense"].family.qk_norm_after_rope
+    # GPT-NeoX: parallel or one after the other, as the file's use_parallel_residual says; RoPE on a quarter
+    assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("gptneox", "gptneox-seq")] == [
+        (True, 4, H), (False, 4, H)]
+    # StableLM: StableLM 2 1.6B's layer one after the other, the 12B's parallel with per-head q/k LayerNorms
+    assert [(cfg[n].parallel, cfg[n].rope_dim, cfg[n].n_kv_heads) for n in ("stablelm", "stablelm2-12b")] == [
+        (False, 4, HKV), (True, 4, HKV)]
+    # Falcon: 7B's one KV head and one norm, 40B's grouped KV heads and attention's own norm (attn_norm_2)
+    assert [cfg[n].n_kv_heads for n in ("falcon", "falcon-40b")] == [1, HKV]
+    assert [Model.from_gguf(tiny[n].gguf).layers[0].norm_files.get("attn_norm") for n in ("falcon", "falcon-40b")] \
+        == [None, "attn_norm_2"]
+    with GGUFFile(tiny["stablelm2-12b"].gguf) as f:
+        assert f.tensor("blk.0.attn_q_norm.weight").shape == (H, D // H)
+        assert "blk.0.ffn_norm.weight" not in f.tensor_infos
     ne = cfg["nemotron"]
     assert (ne.head_dim, ne.rope_dim, ne.rope_linear_scale) == (16, 8, 2.0)
     ap = cfg["apertus"]  # (alpha_p, alpha_n, beta, eps) of each layer, as transformers holds them
@@ -787,14 +800,14 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 
 # The families the compiled CPU decoder runs here: all (Ministral 3's tiny model only up to its
 # original context, 16 positions: where its queries are scaled by position the decoder is not used)
-# (Ministral 3 scales queries by position; Phi-2's and StarCoder2's GELU MLP without a gate; LFM2's short convolutions,
-# the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and Qwen3.5's Gated DeltaNets, whose
-# states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's layers of two widths;
-# MiniCPM3's latent attention; OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv; GPT-2's and
-# StarCoder's learned positions; BLOOM's and MPT's ALiBi, BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's
-# sub-norms)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n", "gemma4",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo",
+# (Ministral 3 scales queries by position; Phi-2's head has a bias; StableLM 2 12B's LayerNorms of q and k; LFM2's
+# short convolutions, the Mamba2 layers of Granite 4, Nemotron-H, Mamba-2 and Falcon-H1, Mamba's layers and Qwen3.5's
+# Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's
+# layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
+# (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
+# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms)
+COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid",
+                                                      "qwen35", "nemotron_h", "stablelm2-12b", "minicpm3", "olmo",
                                                       "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder",
                                                       "bloom", "mpt"))
 
@@ -802,8 +815,9 @@ COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "star
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
     """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
-    layers, Granite's scales, YaRN, Gemma's GeGLU, relu² and xIELU without a gate, post-norms,
-    soft-caps, windows and sliding layers' own RoPE base), each step's logits are the model's own."""
+    layers, Granite's scales, YaRN, Gemma's GeGLU, relu², xIELU and GELU without a gate, post-norms,
+    parallel layers with one norm or two, soft-caps, windows and sliding layers' own RoPE base), each
+    step's logits are the model's own."""
     from lowtune.generate import cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
     # 40 positions: past the windows, YaRN's original context and Phi-3's (LongRoPE's long factors)
@@ -1037,7 +1051,7 @@ def merged_weights(model) -> dict:
             elif isinstance(mod, QLinear):
                 w[p + name + ".weight"] = mod.weight
             else:  # norms (a NoNorm has no weight; Phi-2's LayerNorms have biases), under their file names
-                file_name = model.config.family.ffn_norm_tensor if name == "ffn_norm" else name
+                file_name = layer.norm_files.get(name, name)
                 if mod.weight is not None and norm_weights:
                     w[p + file_name + ".weight"] = mod.weight
                 if getattr(mod, "bias", None) is not None:
@@ -1076,11 +1090,12 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
         got = model(ids)
     # the same update merged into dense copies of the bases (a fused tensor's parts separately)
     weights = merged_weights(model)
-    # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp, GPT-2's positions (not a fused tensor
-    # or its bias: GPT-2's attn_qkv.bias, written as its parts')
+    # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp, GPT-2's positions (a fused tensor's bias
+    # is its parts': GPT-2's and GPT-NeoX's attn_qkv.bias)
+    fused = set(model.fused_views) | {n.removesuffix("weight") + "bias" for n in model.fused_views}
     with GGUFFile(tiny[name].gguf) as f:
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
-                        if n not in weights and n.replace(".bias", ".weight") not in model.fused_views})
+                        if n not in weights and n not in fused})
     if name in ("phi3", "phi4"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
     if name in ("llama", "qwen2"):
@@ -1092,11 +1107,12 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     assert rel_err(got, Model.from_gguf(tiny[name].gguf)(ids).detach()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet", "gpt2", "bloom"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "gemma3", "bitnet", "gpt2", "bloom", "gptneox", "falcon-40b"])
 def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     """A streamed model trains as the resident one (losses and adapter gradients), with Phi-3's
-    fused tensors, Qwen2's biases, Gemma 3's extra norms and BitNet's sub-norms in the streamed layers,
-    GPT-2's learned positions and BLOOM's ALiBi around them."""
+    fused tensors, Qwen2's biases, Gemma 3's extra norms, BitNet's sub-norms, GPT-NeoX's fused tensor with a
+    bias and Falcon 40B's two norms of a parallel layer in the streamed layers, GPT-2's learned positions and
+    BLOOM's ALiBi around them."""
     def adapted():
         model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
         adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1541,17 +1557,18 @@ def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
                          "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2",
-                         "starcoder", "bloom", "mpt", "phi2", "starcoder2", "phi3", "phimoe", "gemma", "gemma2",
-                         "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe", "command-r", "cohere2",
-                         "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus", "gpt-oss", "lfm2",
-                         "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "gemma4",
-                         "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "starcoder", "bloom", "mpt", "phi2", "gptneox", "stablelm", "falcon", "starcoder2", "phi3",
+                         "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
+                         "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
+                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
+                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
-                      ("t5", "encoder"), ("falcon", "not supported")]:
+                      ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})
         assert repr(arch) in str(e.value) and listed in str(e.value)
@@ -1563,7 +1580,7 @@ def test_families_and_refusals():
     with pytest.raises(ValueError, match="vision encoder.*mmproj.*the language model's GGUF"):
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
-        family_of_hf(["FalconForCausalLM"])
+        family_of_hf(["GPTJForCausalLM"])
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(gpt2\) is read from GGUF only.*Conv1D.*load the GGUF"):
         family_of_hf(["GPT2LMHeadModel"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,

@@ -60,7 +60,9 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
                  "bitnet": "qdylora", "mamba2": "qa-lora",
                  "falcon-h1": "qdylora", "mamba": "qa-hira",
-                 "gpt2": "qa-lora", "starcoder": "qdylora", "bloom": "q-bara", "mpt": "lora"}
+                 "gpt2": "qa-lora", "starcoder": "qdylora", "bloom": "q-bara", "mpt": "lora",
+                 "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
+                 "falcon": "qa-hira", "falcon-40b": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -72,12 +74,16 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
                    "bitnet": "q-bara", "mamba2": "qa-hira",
                    "falcon-h1": "q-bara", "mamba": "q-bara",
-                   "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora"}
+                   "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora",
+                   "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
+                   "falcon": "qdylora", "falcon-40b": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
+              **dict.fromkeys(("gptneox", "gptneox-seq"),
+                              {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
@@ -96,8 +102,9 @@ VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision towe
 
 
 def hf_class(name: str) -> str:
-    # the windowed variants' classes; Phi-4-mini is Phi-3's
-    own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM"}
+    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's
+    own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM",
+           "gptneox-seq": "GPTNeoXForCausalLM"}
     return own[name] if name in own else FAMILIES[name].hf_architectures[0]
 
 
@@ -349,19 +356,34 @@ def test_gemma_peft_adapter_on_transformers_model(adapted, tmp_path, name):
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
                                            ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
                                            ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
-                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
+                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM"),
+                                           ("falcon-40b", "FalconForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors, GPT-2's
-    transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v interleaved
-    head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused, saying to
-    export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
-    a = adapted(name)
-    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's, Mamba's and Falcon's tensors,
+    GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v
+    interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused,
+    saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
+    a, arch = adapted(name), name.removesuffix("-40b")
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {arch} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=arch):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match=f"{hf_class} .{name}. is read from GGUF only.*load the GGUF"):
+    with pytest.raises(ValueError, match=f"{hf_class} .{arch}. is read from GGUF only.*load the GGUF"):
         lowtune.load_model(family_models[name].hf_dir)
+
+
+def test_stablelm_per_head_qk_norms_are_gguf_only(family_models, adapted, tmp_path):
+    """StableLM 2 12B's q/k LayerNorms (a module of each head's own in Hugging Face's class) are read and written
+    as GGUF only: its merged HF directory is refused, saying to export GGUF, and its HF directory, saying to
+    convert it; its PEFT adapter (linears only) is written."""
+    a = adapted("stablelm2-12b")
+    with pytest.raises(ValueError, match="LayerNorm of each head's own.*export it as GGUF"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+    with pytest.raises(ValueError, match="qk_layernorm.*convert_hf_to_gguf.py"):
+        lowtune.load_model(family_models["stablelm2-12b"].hf_dir)
+    export_peft(a.base, a.run, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
 
 
 @pytest.mark.llamacpp
@@ -486,7 +508,7 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom"])
+                                  "bloom", "gptneox"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
@@ -513,7 +535,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
-                                  "bloom"))
+                                  "bloom", "gptneox", "stablelm", "falcon"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

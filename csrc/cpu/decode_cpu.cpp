@@ -136,12 +136,17 @@ float softmax_numerators(float* s, int64_t n) {
 }
 
 // g = gelu(g) · u, gelu's tanh form (torch's approximate="tanh").
-void gelu_mul(float* g, const float* u, int64_t n) {
+float gelu_tanh(float x) {
   constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = g[i];
-    g[i] = 0.5f * x * (1.0f + std::tanh(kC * (x + 0.044715f * x * x * x))) * u[i];
-  }
+  return 0.5f * x * (1.0f + std::tanh(kC * (x + 0.044715f * x * x * x)));
+}
+
+void gelu_mul(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = gelu_tanh(g[i]) * u[i];
+}
+
+void gelu(float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) u[i] = gelu_tanh(u[i]);
 }
 
 float softcap(float s, float cap) { return cap > 0.0f ? cap * std::tanh(s / cap) : s; }
@@ -237,6 +242,7 @@ Decoder::Decoder(const DecodeConfig& c, std::vector<DecodeLayer> layers, DecodeM
   up_.resize(std::max({c.ffn_dim, c.expert_ffn, c.shared_ffn}));
   expert_out_.resize(c.dim);
   parallel_out_.resize(c.parallel ? c.dim : 0);
+  parallel_in_.resize(c.parallel ? c.dim : 0);
   moe_sum_.resize(c.dim);
   probs_.resize(c.n_experts);
   order_.resize(c.n_experts);
@@ -249,6 +255,7 @@ void Decoder::gated_mlp(const DecodeMatrix& g, const DecodeMatrix& u, const Deco
     matvecs({{&u, in, up_.data()}});
     if (bias) add_bias(up_.data(), bias[1], f);
     if (c_.activation == Activation::kXielu) xielu(up_.data(), xielu_scalars, f);
+    else if (c_.activation == Activation::kGeluTanhUngated) gelu(up_.data(), f);
     else
       for (int64_t i = 0; i < f; ++i) up_[i] = up_[i] > 0.0f ? up_[i] * up_[i] : 0.0f;
     matvecs({{&d, up_.data(), out}});
@@ -353,7 +360,12 @@ void Decoder::step(int64_t token, int64_t pos, float* logits) {
       in = h;
     }
     matvecs({{&l.q, in, q_.data()}, {&l.k, in, k_.data()}, {&l.v, in, v_.data()}});
-    if (c_.parallel) ffn(l, in, parallel_out_.data());  // (before the attention's output takes h)
+    if (c_.parallel && l.ffn_norm) {  // (its own norm of x: GPT-NeoX's, Falcon 40B's)
+      norm(x, l.ffn_norm, l.ffn_norm_bias, parallel_in_.data());
+      ffn(l, parallel_in_.data(), parallel_out_.data());
+    } else if (c_.parallel) {
+      ffn(l, in, parallel_out_.data());  // (before the attention's output takes h)
+    }
     add_bias(q_.data(), l.bias[0], c_.n_heads * hd);
     add_bias(k_.data(), l.bias[1], c_.n_kv_heads * hd);
     add_bias(v_.data(), l.bias[2], c_.n_kv_heads * hd);

@@ -30,6 +30,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3moe      neox  silu       -           yes       -          -                        if the file gives one
     qwen2moe      neox  silu       -           -         -          -                        if the file gives one
     phi2          neox  gelu_tanh  -           -         -          -                        if the file gives one
+    gptneox       neox  gelu_tanh  -           -         -          -                        if the file gives one
+    stablelm      neox  silu       -           if given  -          -                        if the file gives one
+    falcon        neox  gelu_tanh  -           -         -          -                        if the file gives one
     starcoder2    neox  gelu_tanh  -           -         -          -                        if the file gives one
     gpt2          none  gelu_tanh  -           -         -          -                        -
     starcoder     none  gelu_tanh  -           -         -          -                        -
@@ -251,6 +254,19 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   refused: llama.cpp's graph fails on them.
   Phi-2 (phi2) is Command-R's parallel block with LayerNorm biases, an MLP without a gate
   (down(gelu(up(x))), biases everywhere, an untied head with a bias) and RoPE on part of each head.
+  GPT-NeoX (gptneox: Pythia, GPT-NeoX-20B and their fine-tunes) is Phi-2's layer whose parallel FFN
+  norms x with its own LayerNorm (ffn_norm), as the file's use_parallel_residual says (false: one
+  after the other, StarCoder2's layer); q, k and v in one fused attn_qkv (the converter regroups HF's
+  rows head by head into q, k, v), no head bias. Its GELU is llama.cpp's tanh form, where Pythia's
+  config names the exact one.
+  StableLM (stablelm: StableLM 2 1.6B/12B, StableLM-3B-4E1T, StableCode) is Llama's layer with LayerNorm
+  (biases on it, q/k/v biases where the file has them), RoPE on part of each head, and, as the file's
+  use_parallel_residual says, Command-R's parallel block (StableLM 2 12B); the 12B's q and k are normed
+  by a LayerNorm of each head's own weight (attn_q_norm [heads, head_dim], no bias), where the file has them.
+  Falcon (falcon: Falcon 7B/40B/180B, Falcon2 11B; Falcon 3 is llama) is GPT-NeoX's parallel layer without
+  biases but its LayerNorms', q/k/v fused (one KV head: 7B), RoPE on the whole head, a head that may be tied;
+  where the file has a layer's attn_norm_2 (40B, 180B: new_decoder_architecture's ln_attn), attention reads
+  that norm of x and the FFN attn_norm's (ln_mlp); without it both read attn_norm's.
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
@@ -316,6 +332,11 @@ class Family:
     #                                    (Cohere2 MoE), which lowtune refuses
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
     #                                    added to x at once (Command-R: no ffn_norm)
+    parallel_ffn_norm: bool = False    # a parallel FFN norms x with its own ffn_norm (GPT-NeoX)
+    attn_norm_2: bool = False          # where the file has a layer's attn_norm_2, attention reads it and the parallel
+    #                                    FFN attn_norm (Falcon 40B; DecoderLayer.norm_files)
+    parallel_key: bool = False         # the file's use_parallel_residual says whether the layers are
+    #                                    parallel (GPT-NeoX; ModelConfig.sequential)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
     ffn_norm_tensor: str = "ffn_norm"  # the GGUF layer name of the FFN's input norm (Seed-OSS:
@@ -324,6 +345,7 @@ class Family:
     #                                    Gemma 3) or "whole" (the whole projection's, OLMo 2); "": none
     qk_norm_after_rope: bool = False   # those norms come after RoPE (Hunyuan)
     qk_norm_optional: bool = False     # the per-head q/k norms are there where the file has them (GLM-4.5 MoE)
+    qk_norm_per_head: bool = False     # each head has its own q/k norm weight, [heads, head_dim] (StableLM 2 12B)
     short_conv: bool = False           # layers with no KV heads in the file are short convolutions (LFM2)
     mamba2: bool = False               # layers with no KV heads in the file are Mamba2 layers (Granite 4's hybrids)
     rope_switch: bool = False          # rope.scaling.finetuned = false leaves RoPE out of every layer (Granite 4's
@@ -491,6 +513,13 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            qkv_clamp=True),
     Family("phi2", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
            hf_architectures=("PhiForCausalLM",), hf_model_types=("phi",)),
+    Family("gptneox", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True,
+           parallel_ffn_norm=True, parallel_key=True, hf_architectures=("GPTNeoXForCausalLM",),
+           hf_model_types=("gpt_neox",)),
+    Family("stablelm", rope="neox", norm="layer", parallel=True, parallel_key=True, qk_norm="head",
+           qk_norm_optional=True, qk_norm_per_head=True, hf_architectures=("StableLmForCausalLM",),
+           hf_model_types=("stablelm",)),
+    Family("falcon", rope="neox", activation="gelu_tanh", gated=False, norm="layer", parallel=True, attn_norm_2=True),
     Family("starcoder2", rope="neox", activation="gelu_tanh", gated=False, norm="layer",
            hf_architectures=("Starcoder2ForCausalLM",), hf_model_types=("starcoder2",)),
     Family("phi3", rope="neox", hf_architectures=("Phi3ForCausalLM",), hf_model_types=("phi3",)),
@@ -580,6 +609,8 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
               "nemotron_h", "plamo2", "kimi-linear"}
+# llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
+_NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
              "neo-bert", "eurobert", "t5", "t5encoder", "gemma-embedding", "llama-embed", "wavtokenizer-dec"}
 
@@ -598,7 +629,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "MPTForCausalLM": ("mpt", "MPT's fused q/k/v"), "MptForCausalLM": ("mpt", "MPT's fused q/k/v"),
                  "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
                  "Mamba2ForCausalLM": ("mamba2", "Mamba-2's mixers"), "MambaForCausalLM": ("mamba", "Mamba's mixers"),
-                 "FalconH1ForCausalLM": ("falcon-h1", "Falcon-H1's mixers and multipliers")}
+                 "FalconH1ForCausalLM": ("falcon-h1", "Falcon-H1's mixers and multipliers"),
+                 "FalconForCausalLM": ("falcon", "Falcon's norms of either layout and q/k/v grouped by KV head")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -642,6 +674,10 @@ def family_of(metadata: Mapping) -> Family:
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")
+    if arch in _NO_GRAPH:
+        raise ValueError(f"{arch!r} ({_NO_GRAPH[arch]}) is an architecture llama.cpp names but does not run (it has no "
+                         f"graph for it, and its converter writes no {arch} file), so lowtune has nothing to match "
+                         f"it against and does not run it either; {_supported()}")
     if arch in _ENCODERS or "bert" in arch or arch.startswith("t5"):
         raise ValueError(f"{arch!r} is an encoder model, which lowtune does not fine-tune; "
                          f"{_supported()} (decoder-only language models)")

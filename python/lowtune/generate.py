@@ -61,9 +61,10 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
                    "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
-                   "moe_layers", "xielu"}
+                   "moe_layers", "xielu", "sequential"}  # (sequential: ModelConfig.parallel, which the decoder takes)
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
 _ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
+_UNGATED_GELU = 5  # cpu::Activation::kGeluTanhUngated: gelu_tanh of an MLP without a gate (Phi-2, GPT-NeoX, Falcon)
 _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")  # where a family has them
 
@@ -131,8 +132,9 @@ class _CompiledSteps:
             (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dim, c.ffn_dim, c.vocab_size,
              cache.max_len, float(c.norm_eps)),
             (neox, float(c.query_scale), float(model.tok_embd.scale), float(c.residual_scale), float(c.logit_scale),
-             _ACTIVATIONS.index(fam.activation), float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
-             fam.qk_norm == "whole", fam.norm == "layer", fam.parallel, fam.qk_norm_after_rope),
+             _UNGATED_GELU if not fam.gated and fam.activation == "gelu_tanh" else _ACTIVATIONS.index(fam.activation),
+             float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
+             fam.qk_norm == "whole", fam.norm == "layer", c.parallel, fam.qk_norm_after_rope),
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
              fam.moe_renorm, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
@@ -157,9 +159,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (Gemma 3n's Gemma3nModel and Gemma 4's Gemma4Model among them: AltUp's copies, Laurel, layers
         #              of two widths and per-layer inputs are not csrc/decode_kernels.h's; their own steps decode them)
     c = model.config
-    # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron) and xIELU's (Apertus): Phi-2's and
-    # StarCoder2's GELU run the model's own steps
-    other_ungated = not c.family.gated and c.family.activation not in ("relu2", "xielu")
+    # the decoder's MLPs without a gate are relu²'s (Arcee, Nemotron), xIELU's (Apertus) and GELU's (StarCoder2,
+    # GPT-NeoX, Falcon)
+    other_ungated = not c.family.gated and c.family.activation not in ("relu2", "xielu", "gelu_tanh")
     if type(c) is not ModelConfig or c.family.activation not in _ACTIVATIONS or other_ungated or any(
             getattr(c, f.name) != f.default for f in dataclasses.fields(c) if f.name not in _DECODER_CONFIG):
         return None

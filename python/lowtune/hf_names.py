@@ -19,6 +19,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); BitNet's sub-norms are transformers'
     self_attn.attn_sub_norm and mlp.ffn_sub_norm (llama.cpp's converter maps only the 1bitLLM
     checkpoints' inner_attn_ln and ffn_layernorm);
+    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); GPT-NeoX keeps its layers under
+    gpt_neox.layers and q, k, v in one tensor, head by head (each head's q, k, v rows), where GGUF
+    has all q rows, then k, then v;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -165,6 +168,15 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                     "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_neox_qkv)
+    "gptneox": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                          "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                          "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+                "global": {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
+                           "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+                           "output_norm.bias": "gpt_neox.final_layer_norm.bias"}},
+    # (StableLM 2 12B's q/k LayerNorms, a module of each head's own, are not mapped: hf_config, _parallel_keys)
+    "stablelm": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
                           "ffn_norm": "feedforward_layernorm", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
                 "global": _GLOBAL},
@@ -181,7 +193,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
 # its language model under a prefix; its vision tower is not part of the text model, nor are Qwen3.5's
 # multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-_HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
+_HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias|\.attention\.bias)$"
                       r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
@@ -208,6 +220,15 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
 
 
+# where a class holds its layers, where not under model.layers
+_LAYERS = {"gptneox": "gpt_neox.layers."}
+
+
+def _layers(arch: str) -> str:
+    """The prefix of layer N's tensors (before N) in the family's HF class."""
+    return _LAYERS.get(FAMILIES[arch].text_of or arch if arch in FAMILIES else arch, "model.layers.")
+
+
 def _table(arch: str) -> dict[str, dict[str, str]]:
     if arch in FAMILIES and FAMILIES[arch].text_of:  # a vision-language model's text decoder
         arch = FAMILIES[arch].text_of
@@ -224,15 +245,15 @@ def hf_name(name: str, arch: str = "llama") -> str | None:
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    m, layers = re.fullmatch(r"blk\.(\d+)\.(.+)", name), _layers(arch)
     if m and m.group(2) in t.get("exact", {}):
-        return f"model.layers.{m.group(1)}.{t['exact'][m.group(2)]}"
+        return f"{layers}{m.group(1)}.{t['exact'][m.group(2)]}"
     for fused, parts in t.get("fused", {}).items():  # (a part of a fused HF tensor: fused_parts)
         if m and m.group(2) in parts:
-            return f"model.layers.{m.group(1)}.{fused}"
+            return f"{layers}{m.group(1)}.{fused}"
     m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in t["layer"]:
-        return f"model.layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
+        return f"{layers}{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
     if name in GGUF_ONLY:
         return None
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
@@ -257,11 +278,12 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
     for g, h in t["global"].items():
         if h == name:
             return g
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    layers = re.escape(_layers(arch))
+    m = re.fullmatch(layers + r"(\d+)\.(.+)", name)
     for g, h in t.get("exact", {}).items():
         if m and h == m.group(2):
             return f"blk.{m.group(1)}.{g}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    m = re.fullmatch(layers + r"(\d+)\.(.+)\.(weight|bias)", name)
     if m:
         for g, h in t["layer"].items():
             if h == m.group(2):
@@ -315,7 +337,8 @@ def layer_scalar_tensors(metadata: Mapping) -> dict[str, tuple[tuple[int, ...], 
 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
-_FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "gate_up_proj": ("ffn_gate", "ffn_up")}
+_FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "query_key_value": ("attn_q", "attn_k", "attn_v"),
+             "gate_up_proj": ("ffn_gate", "ffn_up")}
 
 
 def adapter_targets(targets, arch: str) -> tuple[str, ...]:
@@ -450,12 +473,30 @@ def _regroup(w, v_heads: tuple[int, int, int, int], to_hf: bool, dim: int = 0):
     return torch.cat([head, v]).movedim(0, dim)
 
 
+def _neox_qkv(name: str, metadata: Mapping) -> int | None:
+    """The head count where `name` is GPT-NeoX's fused q/k/v, whose rows HF keeps head by head (each
+    head's q, k, v) and the converter as all q, all k, all v; else None."""
+    if metadata.get("general.architecture") != "gptneox" or not re.fullmatch(r"blk\.\d+\.attn_qkv\.(weight|bias)",
+                                                                             name):
+        return None
+    return int(metadata["gptneox.attention.head_count"])
+
+
+def _regroup_qkv(w, heads: int, to_hf: bool):
+    """GPT-NeoX's q/k/v rows from [3, heads, d] to [heads, 3, d] (to_hf) or back."""
+    order = (3, heads) if to_hf else (heads, 3)
+    return w.reshape(*order, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
 def to_hf_rows(name: str, w, metadata: Mapping):
-    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, Qwen3.5's value heads;
-    Gemma's norms as w, Qwen3.5's ssm_a as A_log."""
+    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, GPT-NeoX's q/k/v,
+    Qwen3.5's value heads; Gemma's norms as w, Qwen3.5's ssm_a as A_log."""
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_gguf_to_hf(w, heads)
+    qkv_heads = _neox_qkv(name, metadata)
+    if qkv_heads is not None:
+        w = _regroup_qkv(w, qkv_heads, True)
     v_heads = _v_heads(name, metadata)
     if v_heads is not None and not name.endswith("ssm_out.weight"):
         w = _regroup(w, v_heads, True)
@@ -481,6 +522,9 @@ def from_hf_values(name: str, w, metadata: Mapping):
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
+    qkv_heads = _neox_qkv(name, metadata)
+    if qkv_heads is not None:
+        w = _regroup_qkv(w, qkv_heads, False)
     w = w.reshape(gguf_shape(name, w.shape, metadata))
     v_heads = _v_heads(name, metadata)
     if v_heads is not None:
@@ -518,6 +562,10 @@ def _rope(config: dict) -> tuple[dict, dict | None]:
     for key in ("partial_rotary_factor", "original_max_position_embeddings"):
         if key in config:
             full.setdefault(key, config[key])
+    if "rotary_pct" in config:  # (GPT-NeoX's names)
+        full.setdefault("partial_rotary_factor", config["rotary_pct"])
+    if "rotary_emb_base" in config and "rope_theta" not in config:
+        full["rope_theta"] = config["rotary_emb_base"]
     local = config.get("rope_local_base_freq")
     return full, ({"rope_type": "default", "rope_theta": local} if local is not None else None)
 
@@ -591,6 +639,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _bitnet_keys(config, fam, key)
     if config.get("use_qk_norm") and not fam.qk_norm:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
+    if fam.parallel_key:
+        _parallel_keys(config, key, arch)
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layers = int(config["num_hidden_layers"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
@@ -716,6 +766,17 @@ def _bitnet_keys(config: dict, fam: Family, key) -> None:
         raise ValueError("config.json unties BitNet's head (tie_word_embeddings false); llama.cpp's bitnet has no "
                          "output matrix and runs the embeddings as the head, so lowtune does too: save the "
                          "checkpoint with tied embeddings")
+
+
+def _parallel_keys(config: dict, key, arch: str) -> None:
+    """use_parallel_residual (transformers' default: GPT-NeoX's true, StableLM's false), and StableLM's q/k
+    LayerNorms refused: StableLM 2 12B keeps a module of each head's own (q_layernorm.norms.N), which lowtune
+    does not name."""
+    if config.get("qk_layernorm"):
+        raise ValueError("this StableLM checkpoint norms q and k with a LayerNorm of each head's own (qk_layernorm: "
+                         "StableLM 2 12B), which lowtune reads from GGUF only; convert it with llama.cpp's "
+                         "convert_hf_to_gguf.py and load the GGUF")
+    key("use_parallel_residual", bool(config.get("use_parallel_residual", arch == "gptneox")), BOOL)
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -934,15 +995,20 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
+    "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
+    "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
 }
+# LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
+_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm")}
 
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
-_PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron")
+_PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
-                     "nemotron": ("output_norm.bias",)}
+                     "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
+                     "gptneox": ("output_norm.bias",)}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -964,6 +1030,7 @@ def hf_biases(arch: str, names: Collection[str], n_layers: int) -> tuple[dict[st
             zeros += sorted(want - present)
             placed |= want
     placed |= {n for n in present if n.endswith(_MAMBA2_BIASES)}  # (in the Mamba2 layers only: _mamba2_config)
+    placed |= {n for n in present if n.endswith(tuple(f".{p}.bias" for p in _HF_NORM_BIASES.get(arch, ())))}
     stray = sorted(present - placed)
     if stray:
         raise ValueError(f"{stray[0]}: a {arch} model in Hugging Face's layout has no such bias, so "
@@ -1125,6 +1192,11 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                     "residual_multiplier": _f32(c.residual_scale), "logits_scaling": _f32(c.logit_scale)})
     if arch == "ernie4_5":
         cfg["use_bias"] = False
+    if fam.parallel_key:  # (GPT-NeoX, StableLM: the inverse of _parallel_keys)
+        if any(n.endswith("attn_q_norm.weight") for n in tensors):
+            raise ValueError(f"this {arch} model norms q and k with a LayerNorm of each head's own (StableLM 2 12B), "
+                             "which lowtune writes to GGUF only; export it as GGUF (merged, or as a GGUF LoRA)")
+        cfg.update(use_parallel_residual=c.parallel, qk_layernorm=False)
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]

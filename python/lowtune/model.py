@@ -197,6 +197,8 @@ class ModelConfig:
     #                               hidden_activation: relu2); "": the family's
     alibi_max_bias: float = 0.0   # ALiBi: each head's scores biased by its slope × (key pos - query pos), the
     #                               slopes from this bias (alibi_slopes; BLOOM, MPT; 0: none)
+    sequential: bool = False      # a parallel family's layers run attention, then the FFN (GPT-NeoX's
+    #                               use_parallel_residual = false: Family.parallel_key)
 
     @property
     def family(self) -> Family:
@@ -212,6 +214,11 @@ class ModelConfig:
         head_dim, kv_heads, ffn_dim, rope_dim = self.layer_widths[layer]
         return replace(self, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim, rope_dim=rope_dim,
                        layer_widths=())
+
+    @property
+    def parallel(self) -> bool:
+        """Whether attention and the FFN read the same x and add to it at once (Family.parallel)."""
+        return self.family.parallel and not self.sequential
 
     @property
     def original_context(self) -> int:
@@ -537,6 +544,7 @@ class ModelConfig:
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, xielu=xielu, alibi_max_bias=alibi,
             mlp_activation="" if act == fam.activation else act,
+            sequential=fam.parallel_key and not md.get(f"{arch}.use_parallel_residual", True),
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
 
     def check(self) -> None:
@@ -926,8 +934,9 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
     out = {}
     if fam.pre_norms:
         out["attn_norm"] = (c.dim,)
-        if not (fam.parallel or fam.layer_parts or fam.attention_free):  # (a parallel FFN reads attn_norm's
-            out[fam.ffn_norm_tensor] = (c.dim,)  # output; a layer of one part has one norm)
+        # (a parallel FFN reads attn_norm's output, but GPT-NeoX's its own norm; a layer of one part has one)
+        if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts or fam.attention_free):
+            out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.sub_norms:
@@ -940,6 +949,8 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         whole = fam.qk_norm == "whole"
         out.update(attn_q_norm=(c.n_heads * c.head_dim if whole else c.head_dim,),
                    attn_k_norm=(c.n_kv_heads * c.head_dim if whole else c.head_dim,))
+        if fam.qk_norm_per_head:  # (a weight of each head's own: StableLM 2 12B)
+            out.update(attn_q_norm=(c.n_heads, c.head_dim), attn_k_norm=(c.n_kv_heads, c.head_dim))
         if layer is not None and not c.has_kv(layer):
             del out["attn_k_norm"]
     return out
@@ -1359,12 +1370,16 @@ class LayerNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("weight", _vector(weight), persistent=False)
+        w = _table(weight)  # ([heads, d]: a weight of each head's own, StableLM 2 12B's q/k norms)
+        self.register_buffer("weight", w if w.dim() == 2 and w.shape[0] > 1 else w.reshape(-1), persistent=False)
         self.register_buffer("bias", None if bias is None else _vector(bias), persistent=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
+        if self.weight.dim() == 1:
+            return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
+        # each head by its own weight, x [..., heads, d] (no bias)
+        return (F.layer_norm(x.float(), x.shape[-1:], None, None, self.eps) * self.weight).to(x.dtype)
 
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = x + a
@@ -1574,6 +1589,12 @@ class DecoderLayer(nn.Module):
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
             attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
             setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps, shape[0]))
+        # the GGUF layer name of each norm whose attribute is another name
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+        if fam.attn_norm_2 and p + "attn_norm_2.weight" in w:  # (Falcon 40B: attention's own norm, attn_norm the FFN's)
+            self.ffn_norm, self.attn_norm = self.attn_norm, make_norm(fam, w, p + "attn_norm_2", c.norm_eps,
+                                                                   c.dim)
+            self.norm_files = {"attn_norm": "attn_norm_2", "ffn_norm": "attn_norm"}
         if not fam.pre_norms:
             self.attn_norm, self.ffn_norm = NoNorm(), NoNorm()
         for name, lin in _linears(c, index, w).items():
@@ -1678,7 +1699,7 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if c.family.parallel or c.family.parallel_ssm or not (c.has_attention(i) and c.has_ffn(i)):
+        if c.parallel or c.family.parallel_ssm or not (c.has_attention(i) and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1725,9 +1746,10 @@ class DecoderLayer(nn.Module):
             return x, self.attn_norm(x)
         if not c.has_ffn(i):
             return x + self.attention_branch(x, rot, cache, start), None
-        if self.config.family.parallel:
+        if c.parallel:  # (the FFN's input: its own norm of x where it has one, GPT-NeoX's, Falcon 40B's; else h)
             h = self.attn_norm(x)
-            return x + self.attention_branch(x, rot, cache, start, normed=h), h
+            return x + self.attention_branch(x, rot, cache, start, normed=h), \
+                self.ffn_norm(x) if hasattr(self, "ffn_norm") else h
         return self.ffn_norm.after_residual(x, self.attention_branch(x, rot, cache, start))
 
     def attention_branch(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
@@ -1910,7 +1932,7 @@ class DecoderLayer(nn.Module):
         through the norm chunk by chunk at the end (the products' launches stay one per layer:
         each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
         c, i = self.config, self.index  # (parallel: the MLP's input is not x1's; a layer of one part: one step)
-        if self.mlp_chunks <= 1 or c.family.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
+        if self.mlp_chunks <= 1 or c.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
@@ -2339,6 +2361,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                              if p + n + ".weight" in want})
         if c.family.norm != "rms":  # (LayerNorm biases where the file has them: Phi-2; PhiMoE's RMSNorm's)
             optional.update({p + n + ".bias": shape for n, shape in layer_norm_shapes(lc, i).items()})
+        if c.family.attn_norm_2:  # (Falcon 40B's attention norm, where the file has one)
+            optional.update({p + "attn_norm_2.weight": (c.dim,), p + "attn_norm_2.bias": (c.dim,)})
         layer_shapes = dict(shapes)
         if c.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
             del layer_shapes["attn_v"]
