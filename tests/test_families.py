@@ -434,6 +434,9 @@ def test_config_read_from_the_converted_files(tiny):
     gh = describe(tiny["granitehybrid"].gguf)["config"]  # (Granite 4's Mamba2 layers)
     assert (gh["ssm_layers"], gh["ssm"]["heads"], gh["no_rope"]) == ([0, 2], 8, True)
     assert describe(tiny["llama"].gguf)["config"]["ssm_layers"] == []
+    info = {n: describe(tiny[n].gguf)["config"] for n in ("gpt2", "bloom", "mpt", "llama")}  # (`lowtune info`)
+    assert [(i["learned_positions"], i["alibi_max_bias"], i["clamp_kqv"]) for i in info.values()] == [
+        (True, 0.0, 0.0), (False, 8.0, 0.0), (False, 8.0, MPT_CLIP_QKV), (False, 0.0, 0.0)]
     qw = cfg["qwen35"]  # (three DeltaNets, then attention; RoPE on a quarter of each head)
     assert (qw.delta_layers, qw.ssm_conv_kernel, qw.ssm_k_heads, qw.ssm_v_heads, qw.ssm_head_dim, qw.ssm_inner) == (
         (0, 1, 2), 4, 2, 4, 16, 64)
@@ -657,6 +660,14 @@ def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
     """MPT files with q/k LayerNorms (qk_ln) are refused by name: llama.cpp's graph fails on them."""
     with pytest.raises(ValueError, match="attn_q_norm.*MPT's q/k LayerNorms, qk_ln.*llama.cpp"):
         Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
+
+
+def test_pretokenizers_of_gpt2_starcoder_bloom_and_mpt_are_known():
+    """The pre-tokenizers llama.cpp's converter writes for GPT-2, StarCoder (SantaCoder's and Refact's
+    vocabularies among its models), BLOOM and MPT are among those lowtune tokenizes with (the tiny models
+    share a SentencePiece vocabulary)."""
+    from lowtune.tokenizer import _PRE
+    assert {"gpt-2", "starcoder", "refact", "bloom", "mpt"} <= set(_PRE)
 
 
 def test_starcoder_without_multi_query_is_refused(tiny):

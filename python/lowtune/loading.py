@@ -416,7 +416,9 @@ def describe(path) -> dict:
                           "conv_layers": list(c.conv_layers), "conv_kernel": c.conv_kernel,
                           "ssm_layers": list(c.ssm_layers), "ssm": None if c.ssm is None else dataclasses.asdict(c.ssm),
                           "no_rope": c.no_rope, "delta_layers": list(c.delta_layers),
-                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers)}
+                          "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers),
+                          "learned_positions": "position_embd.weight" in names, "alibi_max_bias": c.alibi_max_bias,
+                          "clamp_kqv": c.clamp_kqv}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info
