@@ -582,6 +582,7 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 def test_learned_positions_bound_the_context(tiny, tmp_path):
     """GPT-2's position_embd rows are its positions: a sequence, a cached continuation, a prompt or a
     training --seq-len beyond them is refused by name; one within them runs."""
+    from lowtune.generate import StepDecoder
     from lowtune.trainer import finetune
     model = Model.from_gguf(tiny["gpt2"].gguf)
     n = model.max_positions
@@ -596,6 +597,8 @@ def test_learned_positions_bound_the_context(tiny, tmp_path):
             model(rand_ids(1, 2), cache)
     with pytest.raises(ValueError, match="context is 256"):
         generate(model, list(range(n)), 4)
+    with pytest.raises(ValueError, match="257 were asked for"):
+        StepDecoder(model, n + 1, graphs=False)
     data = tmp_path / "train.txt"
     data.write_text("a b c d e f g\n" * 400)
     with pytest.raises(Exception, match="256 positions.*--seq-len"):

@@ -311,6 +311,7 @@ class StepDecoder:
         if model.config.kv_lora_rank:
             raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
                              "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
+        model.check_positions(max_len)  # (GPT-2's learned positions: its steps read their rows unchecked)
         c = model.config
         if c.stateful_layers:
             kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
