@@ -128,6 +128,38 @@ def test_compiled_training_equals_eager(mode, checkpointing, streamed, mlp_chunk
     setup.close()
 
 
+@pytest.mark.parametrize("mode", ["layer", "model"])
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "mpt"])
+def test_learned_positions_and_alibi_compile_as_eager(arch, mode):
+    """GPT-2's learned positions, BLOOM's ALiBi and embedding norm and MPT's ALiBi and clamped q/k/v train
+    compiled (the layers, or the whole forward and loss) as they do eagerly, with adapters of every method."""
+    from family_models import random_family_model
+
+    def adapted():
+        model = random_family_model(arch)
+        g = torch.Generator().manual_seed(1)
+        methods = {**MIXED, "ffn_up": MIXED["ffn_gate"]}  # (no gate: its method on ffn_up)
+        for layer in model.layers:
+            for name in (n for n in LINEAR_NAMES if hasattr(layer, n)):
+                ad = AdaptedLinear(getattr(layer, name), AdapterConfig(method=methods[name], rank=4, alpha=8), g)
+                if ad.method == "qdylora":
+                    ad.set_rank(3)
+                setattr(layer, name, ad)
+        adapters.mark_only_adapters_trainable(model)
+        fill_adapters(model, g)
+        return model
+
+    ids = rand_ids(2, 16)
+    want, want_g = train_steps(adapted(), ids, ids)
+    model = adapted()
+    setup = compile_model(model, mode, backend="aot_eager")
+    got, got_g = train_steps(model, ids, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_same(got_g, want_g, rtol=1e-4, atol=1e-6)
+    assert setup.compiles >= 1
+    setup.close()
+
+
 def test_off_restores_eager_and_modes_are_checked():
     model = mixed_model()
     compile_model(model, "model", backend="aot_eager")

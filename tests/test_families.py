@@ -493,6 +493,9 @@ def test_config_read_from_the_converted_files(tiny):
     gh = describe(tiny["granitehybrid"].gguf)["config"]  # (Granite 4's Mamba2 layers)
     assert (gh["ssm_layers"], gh["ssm"]["heads"], gh["no_rope"]) == ([0, 2], 8, True)
     assert describe(tiny["llama"].gguf)["config"]["ssm_layers"] == []
+    info = {n: describe(tiny[n].gguf)["config"] for n in ("gpt2", "bloom", "mpt", "llama")}  # (`lowtune info`)
+    assert [(i["learned_positions"], i["alibi_max_bias"], i["clamp_qkv"]) for i in info.values()] == [
+        (True, 0.0, 0.0), (False, 8.0, 0.0), (False, 8.0, MPT_CLIP_QKV), (False, 0.0, 0.0)]
     qw = cfg["qwen35"]  # (three DeltaNets, then attention; RoPE on a quarter of each head)
     assert (qw.delta_layers, qw.ssm_conv_kernel, qw.ssm_k_heads, qw.ssm_v_heads, qw.ssm_head_dim, qw.ssm_inner) == (
         (0, 1, 2), 4, 2, 4, 16, 64)
@@ -704,6 +707,7 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 def test_learned_positions_bound_the_context(tiny, tmp_path):
     """GPT-2's position_embd rows are its positions: a sequence, a cached continuation, a prompt or a
     training --seq-len beyond them is refused by name; one within them runs."""
+    from lowtune.generate import StepDecoder
     from lowtune.trainer import finetune
     model = Model.from_gguf(tiny["gpt2"].gguf)
     n = model.max_positions
@@ -718,6 +722,8 @@ def test_learned_positions_bound_the_context(tiny, tmp_path):
             model(rand_ids(1, 2), cache)
     with pytest.raises(ValueError, match="context is 256"):
         generate(model, list(range(n)), 4)
+    with pytest.raises(ValueError, match="257 were asked for"):
+        StepDecoder(model, n + 1, graphs=False)
     data = tmp_path / "train.txt"
     data.write_text("a b c d e f g\n" * 400)
     with pytest.raises(Exception, match="256 positions.*--seq-len"):
@@ -782,6 +788,14 @@ def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
     """MPT files with q/k LayerNorms (qk_ln) are refused by name: llama.cpp's graph fails on them."""
     with pytest.raises(ValueError, match="attn_q_norm.*MPT's q/k LayerNorms, qk_ln.*llama.cpp"):
         Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
+
+
+def test_pretokenizers_of_gpt2_starcoder_bloom_and_mpt_are_known():
+    """The pre-tokenizers llama.cpp's converter writes for GPT-2, StarCoder (SantaCoder's and Refact's
+    vocabularies among its models), BLOOM and MPT are among those lowtune tokenizes with (the tiny models
+    share a SentencePiece vocabulary)."""
+    from lowtune.tokenizer import _PRE
+    assert {"gpt-2", "starcoder", "refact", "bloom", "mpt"} <= set(_PRE)
 
 
 def test_starcoder_without_multi_query_is_refused(tiny):

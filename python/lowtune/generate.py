@@ -318,6 +318,7 @@ class StepDecoder:
         if model.config.kv_lora_rank:
             raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
                              "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
+        model.check_positions(max_len)  # (GPT-2's learned positions: its steps read their rows unchecked)
         c = model.config
         if c.stateful_layers:
             mamba2 = ("Mamba state (Mamba's selective scans)" if c.family.mamba1 else

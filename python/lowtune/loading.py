@@ -421,7 +421,9 @@ def describe(path) -> dict:
                           "no_rope": c.no_rope, "delta_layers": list(c.delta_layers),
                           "mlp_layers": None if c.mlp_layers is None else list(c.mlp_layers),
                           "layer_widths": [dict(zip(("head_dim", "kv_heads", "ffn_dim", "rope_dim"), w))
-                                           for w in c.layer_widths]}
+                                           for w in c.layer_widths],
+                          "learned_positions": "position_embd.weight" in names, "alibi_max_bias": c.alibi_max_bias,
+                          "clamp_qkv": c.clamp_qkv}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

@@ -11,6 +11,9 @@ the one DecoderLayer below reads it. Every weight matrix stays in its own block 
 and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modules carry GGUF's names:
 
     token_embd                QEmbedding [V, D]   rows dequantized on demand (× sqrt(D) for Gemma)
+    position_embd             QEmbedding [n_ctx, D] learned positions added to the token embeddings (GPT-2,
+                                                  StarCoder, MPT's files without ALiBi); its rows bound the context
+    token_embd_norm           LayerNorm           on the embeddings (BLOOM)
     blk.N.attn_norm           RMSNorm             (absent in OLMo 2: NoNorm; with a bias in PhiMoE: BiasedRMSNorm)
     blk.N.attn_q/k/v          QLinear [H*hd | Hkv*hd, D] (+ bias where the file has one, e.g. Qwen2);
                               row views of a fused attn_qkv where the file has one (Phi-3)
@@ -46,7 +49,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
 Attention is causal GQA, queries scaled by ModelConfig.query_scale, scores soft-capped c·tanh(s/c)
 where the family has a cap (Gemma 2); sliding layers (Gemma 2/3, or wherever the file gives a window)
 see only the last `window` positions and may have their own RoPE base (Llama 4's see their own chunk
-of `window` positions instead); SmolLM3's and Llama 4's every 4th layer has no RoPE. Logits are
+of `window` positions instead); SmolLM3's and Llama 4's every 4th layer has no RoPE. BLOOM's and MPT's
+scores take ALiBi's biases (alibi_slopes) in place of RoPE; MPT clamps q, k and v. Logits are
 soft-capped where the family says (Gemma 2, Gemma 3 files that ask).
 Granite scales embeddings, each branch before its residual add, queries and logits by its file's
 numbers (ModelConfig.embedding_scale, residual_scale, attn_scale, logit_scale).
