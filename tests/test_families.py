@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA, NAMES,
-                           PHI3_ORIG_CONTEXT,
+                           PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES,
                            SEQ, V, WINDOW, convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids,
                            randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
@@ -116,6 +117,50 @@ def test_logits_match_transformers(tiny, name):
             model = Model.from_gguf(tiny[name].gguf)
             switch_off(model)
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+# what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
+REMOTE_CODE_SWITCH_OFF = {
+    "exaone": [("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))],
+    "qwen": [("the fused q/k/v bias", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
+                                                for n in ("attn_q", "attn_k", "attn_v")])],
+    "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
+        norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
+}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
+def test_remote_code_logits_match_llamacpp(tiny, name):
+    """Families without a transformers class: llama.cpp's logits of the converted F32 file (its K/V cache in
+    F32 too) are lowtune's."""
+    from llama_cpp import Llama
+    ids = rand_ids(1, SEQ)
+    llm = Llama(model_path=str(tiny[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
+                type_k=0, type_v=0)  # (GGML_TYPE_F32)
+    llm.eval(ids[0].tolist())
+    want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
+    with torch.no_grad():
+        got = Model.from_gguf(tiny[name].gguf)(ids)
+        print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < 1e-4
+        for what, switch_off in REMOTE_CODE_SWITCH_OFF.get(name, []):
+            model = Model.from_gguf(tiny[name].gguf)
+            switch_off(model)
+            assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+def test_exaone_logits_match_transformers_llama(tiny):
+    """transformers runs EXAONE 3's checkpoints (its names renamed on load) as Llama: its logits of the tiny
+    checkpoint, Llama 3's RoPE scaling included, are the converted file's in lowtune."""
+    import transformers as tf
+    hf = tf.AutoModelForCausalLM.from_pretrained(tiny["exaone"].hf_dir, attn_implementation="eager").float().eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.rope_parameters["rope_type"] == "llama3"
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want, got = hf(ids).logits, Model.from_gguf(tiny["exaone"].gguf)(ids)
+    print(f"exaone: logits vs transformers' Llama, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
 
 
 def config_fields(config: ModelConfig) -> dict:
@@ -585,7 +630,7 @@ def test_fused_tensors_are_row_views(tiny):
         assert torch.equal(torch.cat([layer.attn_q.raw, layer.attn_k.raw, layer.attn_v.raw]), fused)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_kv_cache_matches_the_full_forward(tiny, name):
     """Prefill, a multi-token continuation and single tokens through the cache give the logits of
     one full pass, with sequences longer than the sliding windows."""
@@ -605,11 +650,12 @@ def test_kv_cache_matches_the_full_forward(tiny, name):
 # short convolutions, Granite 4's and Nemotron-H's Mamba2 layers and Qwen3.5's Gated DeltaNets, whose states
 # the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; MiniCPM3's latent attention;
 # OLMo's clipped q/k/v, test_olmo_norms_without_weights_and_clipped_qkv)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n",
-                                                      "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet"))
+COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
+                         if n not in ("mistral3", "phi2", "starcoder2", "lfm2", "gemma3n", "granitehybrid", "qwen35",
+                                      "nemotron_h", "minicpm3", "olmo", "bitnet"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
     """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
     layers, Granite's scales, YaRN, Gemma's GeGLU, relu² and xIELU without a gate, post-norms,
@@ -630,7 +676,7 @@ def test_compiled_cpu_decoder_follows_the_model(tiny, name):
 BF16_AS_TRANSFORMERS = ("gemma3n",)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_bf16_activations_follow_fp32(tiny, name):
     """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,
     fused views), on the CPU: close to fp32, with a finite loss."""
@@ -856,7 +902,7 @@ def merged_weights(model) -> dict:
     return w
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_adapters_wrap_every_logical_linear(tiny, name):
     model = Model.from_gguf(gguf_of(tiny[name], "F32"))
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -882,10 +928,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     weights = merged_weights(model)
     with GGUFFile(tiny[name].gguf) as f:  # the rest as the file has it: LongRoPE's factors, Gemma 3n's AltUp
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
-                        if n not in weights and n not in model.fused_views})
-    if name in ("phi3", "phi4"):
+                        if n not in weights and n.replace(".bias", ".weight") not in model.fused_views})
+    if name in ("phi3", "phi4", "qwen"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
-    if name in ("llama", "qwen2"):
+    if name in ("llama", "qwen2", "qwen"):  # (Qwen's a row range of its fused attn_qkv's bias)
         assert ads["layers.1.attn_v"].base.bias is not None
     merged = type(model)(model.config, weights)
     with torch.no_grad():
@@ -1207,6 +1253,24 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 # what lowtune refuses
 
 
+def test_remote_code_variants_and_directories_refused(tiny):
+    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
+    refused, and so are the remote-code families' Hugging Face directories, by class, saying to convert them."""
+    import lowtune
+    with GGUFFile(tiny["baichuan"].gguf) as f:
+        md = dict(f.metadata)
+    assert ModelConfig.from_gguf_metadata(md).n_layers == 32
+    for layers in (40, 2):
+        with pytest.raises(ValueError, match=f"{layers} layers; llama.cpp rotates q and k only at 32 layers .*ALiBi"):
+            ModelConfig.from_gguf_metadata({**md, "baichuan.block_count": layers})
+    qwen = Model.from_gguf(tiny["qwen"].gguf).config
+    assert (qwen.ffn_dim, qwen.family.ffn_length_both_halves) == (F, True)
+    for name in REMOTE_CODE_NAMES:
+        cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
+        with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
+            lowtune.load_model(tiny[name].hf_dir)
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "minicpm", "minicpm3", "ernie4_5", "ernie4_5-moe",
@@ -1214,7 +1278,8 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
                          "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
-                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "exaone", "internlm2", "baichuan",
+                         "qwen", "orion", "xverse", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -36,8 +36,8 @@ from lowtune.families import FAMILIES
 from lowtune.gguf_io import GGUFFile
 from lowtune.model import CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, SSM_LINEAR_NAMES, Model
 
-from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
-                           rand_ids, random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
@@ -57,7 +57,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "qwen3vl": "qa-lora", "nemotron": "qa-hira", "apertus": "qdylora",
                  "lfm2": "qa-lora", "gemma3n": "qa-lora", "granitehybrid": "q-bara",
                  "qwen35": "q-bara", "nemotron_h": "qa-hira", "minicpm3": "lora", "olmo": "qdylora",
-                 "bitnet": "qdylora"}
+                 "bitnet": "qdylora", "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora",
+                 "qwen": "qa-lora", "orion": "qdylora", "xverse": "qa-hira"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -67,7 +68,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen3vl": "lora", "nemotron": "q-bara", "apertus": "qa-lora",
                    "lfm2": "qa-hira", "gemma3n": "qa-hira", "granitehybrid": "qdylora",
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
-                   "bitnet": "q-bara"}
+                   "bitnet": "q-bara", "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara",
+                   "qwen": "q-bara", "orion": "lora", "xverse": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -107,7 +109,7 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
     model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
@@ -152,7 +154,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = training_source(family_models[name]), FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
@@ -334,6 +336,17 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
     assert rel_err(got, a.want) < 1e-4
     with pytest.raises(ValueError, match="no Hugging Face directory of a gemma3n model"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+
+
+@pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
+def test_remote_code_hf_exports_are_refused(adapted, tmp_path, name):
+    """The remote-code families have no transformers class to name their modules or tensors: their merged HF
+    directory and PEFT adapter are refused, the first saying to export GGUF."""
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
+        export_peft(a.base, a.run, tmp_path / "peft")
 
 
 def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path):

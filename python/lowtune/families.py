@@ -61,6 +61,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
     qwen3next     neox  silu       -           yes       -          -                        if the file gives one
     bitnet        neox  silu       sub-norms   -         -          -                        if the file gives one
+    exaone        neox  silu       -           -         -          -                        if the file gives one
+    internlm2     norm  silu       -           -         -          -                        if the file gives one
+    baichuan      norm  silu       -           -         -          -                        if the file gives one
+    qwen          neox  silu       -           -         -          -                        if the file gives one
+    orion         neox  silu       -           -         -          -                        if the file gives one
+    xverse        norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -189,6 +195,16 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
+  converter writes (their Hugging Face directories are refused, saying so): EXAONE 3 (exaone: EXAONE 3.0
+  7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's rope_freqs in 3.5); InternLM2 (internlm2: InternLM2,
+  InternLM2.5), whose fused wqkv the converter splits; Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose
+  W_pack it splits, rotated only at 7B's 32 layers (Family.rope_block_counts: llama.cpp gives the 13B's 40
+  ALiBi, and other counts no positions; lowtune refuses both), its head as the file holds it (Baichuan 2's
+  NormHead rows are not normalized by the converter, nor by llama.cpp); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1)
+  with NEOX RoPE, q/k/v fused in attn_qkv with a bias, and a feed_forward_length of twice the MLP's width
+  (Family.ffn_length_both_halves: the config's intermediate_size counts gate and up); Orion (orion:
+  Orion-14B) with NEOX RoPE and LayerNorms with biases; XVERSE (xverse: XVERSE-7B to 65B) as Llama.
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -252,6 +268,8 @@ class Family:
     #                                    (Phi-2, StarCoder2), glue_ops.UNGATED, or "xielu" (Apertus: its
     #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
+    ffn_length_both_halves: bool = False  # the file's feed_forward_length counts gate's and up's rows, twice the
+    #                                    MLP's width (Qwen: llama.cpp's n_ff / 2)
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R);
     #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
@@ -285,6 +303,8 @@ class Family:
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
+    rope_block_counts: tuple[int, ...] = ()  # llama.cpp rotates q and k only at these layer counts, ALiBi or no
+    #                                    positions at the others, which lowtune refuses (Baichuan: 7B's 32)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
     #                                    where the file gives none (older MiniCPM files); without
@@ -455,6 +475,13 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
+    # Llama's decoder from checkpoints that ship their own modeling code (no transformers class), read from GGUF
+    Family("exaone", rope="neox"),
+    Family("internlm2"),
+    Family("baichuan", rope_block_counts=(32,)),
+    Family("qwen", rope="neox", ffn_length_both_halves=True),
+    Family("orion", rope="neox", norm="layer"),
+    Family("xverse"),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -482,6 +509,11 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> architecture
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
+# Hugging Face classes of checkpoints that ship their own modeling code (lowtune reads no names of theirs):
+# class -> architecture
+_REMOTE_CODE_HF = {"ExaoneForCausalLM": "exaone", "InternLM2ForCausalLM": "internlm2",
+                   "BaichuanForCausalLM": "baichuan", "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen",
+                   "OrionForCausalLM": "orion", "XverseForCausalLM": "xverse"}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -549,6 +581,11 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
             raise ValueError(f"Hugging Face architecture {name} ({_GGUF_ONLY_HF[name]}) is read from GGUF only: "
                              "lowtune has no Hugging Face names for its AltUp, Laurel and per-layer tensors; convert "
                              "the directory with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
+        if name in _REMOTE_CODE_HF:
+            raise ValueError(f"Hugging Face architecture {name} ({_REMOTE_CODE_HF[name]}) is read from GGUF only: its "
+                             "checkpoints ship their own modeling code, whose fused and renamed tensors lowtune does "
+                             "not read; convert the directory with llama.cpp's convert_hf_to_gguf.py and load the "
+                             "GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)

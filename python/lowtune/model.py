@@ -310,6 +310,10 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
+        if fam.rope_block_counts and n_layers not in fam.rope_block_counts:
+            raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
+                             f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
+                             "others with ALiBi (Baichuan 13B's 40) or no positions, which lowtune does not run")
         head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
@@ -447,6 +451,8 @@ class ModelConfig:
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
         ffn, parts = get("feed_forward_length"), {}
+        if fam.ffn_length_both_halves:  # (Qwen's file counts gate and up: llama.cpp's n_ff / 2)
+            ffn = int(ffn) // 2
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
