@@ -340,13 +340,33 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
 
 @pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
 def test_remote_code_hf_exports_are_refused(adapted, tmp_path, name):
-    """The remote-code families have no transformers class to name their modules or tensors: their merged HF
-    directory and PEFT adapter are refused, the first saying to export GGUF."""
+    """The remote-code families' merged HF directories are refused, saying to export GGUF, and so are their PEFT
+    adapters, which name the modules of a transformers class they have not (EXAONE 3's: test_exaone_peft_adapter)."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
-        export_peft(a.base, a.run, tmp_path / "peft")
+    if name != "exaone":
+        with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
+            export_peft(a.base, a.run, tmp_path / "peft")
+
+
+@pytest.mark.transformers
+def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
+    """transformers holds EXAONE 3's checkpoints as Llama: lowtune's PEFT adapter of the converted file names
+    its modules, and on the checkpoint transformers loads gives lowtune's adapted logits."""
+    import peft
+    import transformers as tf
+    a = adapted("exaone")
+    export_peft(a.base, a.run, a.dir / "peft")
+    config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
+    base = tf.AutoModelForCausalLM.from_pretrained(family_models["exaone"].hf_dir, attn_implementation="eager")
+    base = base.float().eval()
+    with torch.no_grad():
+        assert rel_err(base(input_ids=a.ids).logits, a.plain) < 1e-4
+        got = peft.PeftModel.from_pretrained(base, a.dir / "peft").eval()(input_ids=a.ids).logits
+    print(f"exaone: PEFT adapter on transformers' Llama vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
 
 
 def test_nemotron_h_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path):

@@ -100,6 +100,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
+    # (PEFT adapters only: transformers holds EXAONE 3's checkpoints as Llama, under Llama's module names)
+    "exaone": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
