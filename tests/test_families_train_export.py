@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,16 +339,42 @@ def test_gemma3n_peft_adapter_on_transformers_model(adapted, tmp_path):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
 
 
-@pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", [n for n in REMOTE_CODE_NAMES if n != "exaone"])
 def test_remote_code_hf_exports_are_refused(adapted, tmp_path, name):
-    """The remote-code families' merged HF directories are refused, saying to export GGUF, and so are their PEFT
-    adapters, which name the modules of a transformers class they have not (EXAONE 3's: test_exaone_peft_adapter)."""
+    """The remote-code families but EXAONE 3 (test_exaone_hf_export_and_peft_adapter) have no transformers class:
+    their merged HF directories are refused, saying to export GGUF, and so are their PEFT adapters, which name
+    its modules."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    if name != "exaone":
-        with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
-            export_peft(a.base, a.run, tmp_path / "peft")
+    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
+        export_peft(a.base, a.run, tmp_path / "peft")
+
+
+@pytest.mark.transformers
+def test_exaone_hf_export_loads_in_transformers(family_models, adapted, tmp_path):
+    """EXAONE 3.0's directory (no RoPE scaling) exports merged as ExaoneForCausalLM under the Llama names
+    transformers holds it by, which transformers loads as lowtune's adapted model; EXAONE 3.5's Llama 3 scaling
+    (the file's rope_freqs) is refused there, as Llama 3.1's."""
+    import transformers as tf
+    with pytest.raises(ValueError, match="rope_freqs"):
+        export_hf(adapted("exaone").base, adapted("exaone").run, tmp_path / "scaled", dtype="fp32")
+    d = tmp_path / "exaone-3.0"
+    shutil.copytree(family_models["exaone"].hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_scaling"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = rand_ids(2, 40, seed=7)
+    model = make_adapter(d, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    with torch.no_grad():
+        want = model(ids)
+    export_hf(d, tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["ExaoneForCausalLM"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        got = hf(ids).logits
+    print(f"exaone: merged HF directory in transformers vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
 
 
 @pytest.mark.transformers

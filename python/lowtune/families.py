@@ -196,8 +196,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
-  converter writes (their Hugging Face directories are refused, saying so): EXAONE 3 (exaone: EXAONE 3.0
-  7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's rope_freqs in 3.5); InternLM2 (internlm2: InternLM2,
+  converter writes (their Hugging Face directories are refused, saying so, but EXAONE 3's, which transformers
+  reads as Llama, and lowtune too): EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE
+  (Llama 3's rope_freqs in 3.5); InternLM2 (internlm2: InternLM2,
   InternLM2.5), whose fused wqkv the converter splits; Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose
   W_pack it splits, rotated only at 7B's 32 layers (Family.rope_block_counts: llama.cpp gives the 13B's 40
   ALiBi, and other counts no positions; lowtune refuses both), its head as the file holds it (Baichuan 2's
@@ -476,7 +477,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
     # Llama's decoder from checkpoints that ship their own modeling code (no transformers class), read from GGUF
-    Family("exaone", rope="neox"),
+    Family("exaone", rope="neox", hf_architectures=("ExaoneForCausalLM",), hf_model_types=("exaone",)),
     Family("internlm2"),
     Family("baichuan", rope_block_counts=(32,)),
     Family("qwen", rope="neox", ffn_length_both_halves=True),
@@ -511,7 +512,7 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
 # Hugging Face classes of checkpoints that ship their own modeling code (lowtune reads no names of theirs):
 # class -> architecture
-_REMOTE_CODE_HF = {"ExaoneForCausalLM": "exaone", "InternLM2ForCausalLM": "internlm2",
+_REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2",
                    "BaichuanForCausalLM": "baichuan", "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen",
                    "OrionForCausalLM": "orion", "XverseForCausalLM": "xverse"}
 

@@ -18,7 +18,10 @@ The families (lowtune.families says which architecture is which HF class) differ
     convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
     kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); BitNet's sub-norms are transformers'
     self_attn.attn_sub_norm and mlp.ffn_sub_norm (llama.cpp's converter maps only the 1bitLLM
-    checkpoints' inner_attn_ln and ffn_layernorm);
+    checkpoints' inner_attn_ln and ffn_layernorm); EXAONE 3's checkpoints (transformer.h.N.attn.attention.*,
+    ln_1, mlp.c_fc_0, ...) and config keys (num_layers, layer_norm_epsilon) are read as transformers renames
+    them onto Llama's (_CHECKPOINT_NAMES, _CONFIG_ALIASES) and written under Llama's names, as transformers
+    holds and saves them;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -100,7 +103,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
-    # (PEFT adapters only: transformers holds EXAONE 3's checkpoints as Llama, under Llama's module names)
+    # (EXAONE 3's checkpoints read through _CHECKPOINT_NAMES: transformers holds them as Llama)
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
@@ -184,6 +187,18 @@ _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$"
                       r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
+# Checkpoints that name their tensors otherwise, read under the names transformers renames them to on load
+# (EXAONE 3's: its conversion mapping onto Llama's)
+_CHECKPOINT_NAMES = {"exaone": tuple((re.compile(a), b) for a, b in (
+    (r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.h\.", "model.layers."),
+    (r"^transformer\.ln_f\.", "model.norm."), (r"\.attn\.attention\.", ".self_attn."),
+    (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."), (r"\.ln_1\.", ".input_layernorm."),
+    (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.mlp\.c_fc_0\.", ".mlp.gate_proj."),
+    (r"\.mlp\.c_fc_1\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")))}
+# config.json keys a family's checkpoints spell otherwise: theirs -> the common key (EXAONE 3's, as transformers'
+# ExaoneConfig maps them)
+_CONFIG_ALIASES = {"exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                              "activation_function": "hidden_act"}}
 
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
@@ -250,7 +265,7 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
     it keeps as metadata (layer_scalar)."""
     if _HF_ONLY.search(name) or layer_scalar(name, arch) is not None:
         return None
-    for prefix, repl in _LANGUAGE_MODEL:
+    for prefix, repl in _LANGUAGE_MODEL + _CHECKPOINT_NAMES.get(arch, ()):
         name = prefix.sub(repl, name)
     t = _table(arch)
     for g, h in t["global"].items():
@@ -561,6 +576,10 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     `llama.attention.sliding_window`)."""
     fam = family_of_hf(config.get("architectures"), config.get("model_type", "llama"))
     config = _text_config(config)
+    config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
+                           if own in config}}
+    if config.get("hidden_act", "silu") != "silu" and fam.arch in _CONFIG_ALIASES:
+        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {fam.arch} runs SiLU")
     arch = fam.arch
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
@@ -920,7 +939,7 @@ def _f32(x: float) -> float:
 _ATTN_BIASES = {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")}
 _LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES,
+    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "exaone": _LLAMA_BIASES,
     "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "phi2": {"": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
                   "ffn_down")},
