@@ -1284,8 +1284,12 @@ def test_remote_code_variants_and_directories_refused(tiny):
     for layers in (40, 2):
         with pytest.raises(ValueError, match=f"{layers} layers; llama.cpp rotates q and k only at 32 layers .*ALiBi"):
             ModelConfig.from_gguf_metadata({**md, "baichuan.block_count": layers})
-    qwen = Model.from_gguf(tiny["qwen"].gguf).config
-    assert (qwen.ffn_dim, qwen.family.ffn_length_both_halves) == (F, True)
+    qwen = Model.from_gguf(tiny["qwen"].gguf)
+    assert (qwen.config.ffn_dim, qwen.config.family.ffn_length_both_halves) == (F, True)
+    # (the converter's file of a published Qwen config, which gives only layer_norm_epsilon)
+    layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
+    with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
+        ModelConfig.from_gguf_metadata(layer_eps)
     for name in [n for n in REMOTE_CODE_NAMES if n != "exaone"]:
         cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
         with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
