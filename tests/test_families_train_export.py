@@ -347,7 +347,8 @@ def test_remote_code_hf_exports_are_refused(adapted, tmp_path, name):
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
+    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'|"
+                                         f"PEFT adapters name the modules of .*which transformers cannot build"):
         export_peft(a.base, a.run, tmp_path / "peft")
 
 

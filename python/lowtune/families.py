@@ -197,7 +197,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes (their Hugging Face directories are refused, saying so, but EXAONE 3's, which transformers
-  reads as Llama, and lowtune too): EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE
+  reads as Llama, and lowtune too, and Orion's, which lowtune reads: Llama's names): EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE
   (Llama 3's rope_freqs in 3.5); InternLM2 (internlm2: InternLM2,
   InternLM2.5), whose fused wqkv the converter splits; Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose
   W_pack it splits, rotated only at 7B's 32 layers (Family.rope_block_counts: llama.cpp gives the 13B's 40
@@ -355,6 +355,9 @@ class Family:
     #                                    (Gemma 3n: lowtune.gemma3n)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
+    hf_writable: bool = True           # lowtune writes the HF class's directories and PEFT adapters; False: the
+    #                                    checkpoints' own modeling code, of which transformers has no class, is
+    #                                    read only (Orion)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
@@ -481,7 +484,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("internlm2"),
     Family("baichuan", rope_block_counts=(32,)),
     Family("qwen", rope="neox", ffn_length_both_halves=True),
-    Family("orion", rope="neox", norm="layer"),
+    Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
+           hf_writable=False),
     Family("xverse"),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
@@ -514,7 +518,7 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGenerati
 # class -> architecture
 _REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2",
                    "BaichuanForCausalLM": "baichuan", "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen",
-                   "OrionForCausalLM": "orion", "XverseForCausalLM": "xverse"}
+                   "XverseForCausalLM": "xverse"}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

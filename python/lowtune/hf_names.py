@@ -105,6 +105,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
     # (EXAONE 3's checkpoints read through _CHECKPOINT_NAMES: transformers holds them as Llama)
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
+    "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},  # (read only)
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
@@ -219,7 +220,7 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
     ("vocab_size", "vocab_size", "vocab_size", U32, None),
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
-_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps"}
 
 
 def _table(arch: str) -> dict[str, dict[str, str]]:
@@ -292,6 +293,11 @@ def hf_module(name: str, arch: str) -> str:
     """The HF module of GGUF layer linear `name` (blk.N.attn_q.weight) where the family's class holds
     it, as PEFT names it: model.layers.N.self_attn.q_proj, model.language_model.layers.N... in a
     vision-language class."""
+    fam = FAMILIES[arch]
+    if not fam.hf_writable:
+        raise ValueError(f"PEFT adapters name the modules of {fam.hf_architectures[0]}, which transformers cannot "
+                         f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
+                         "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
     return module.replace("model.layers.", _VL_LAYERS, 1) if FAMILIES[arch].text_of else module
 
@@ -1008,6 +1014,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if not fam.hf_architectures:
         raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model (no Hugging Face names for "
                          "its tensors); export it as GGUF (merged, or as a GGUF LoRA)")
+    if not fam.hf_writable:
+        raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model ({fam.hf_architectures[0]}: its "
+                         "checkpoints' own modeling code, of which transformers has no class); export it as GGUF "
+                         "(merged, or as a GGUF LoRA)")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
