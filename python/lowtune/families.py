@@ -196,16 +196,17 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
-  converter writes (their Hugging Face directories are refused, saying so, but EXAONE 3's, which transformers
-  reads as Llama, and lowtune too, and Orion's, which lowtune reads: Llama's names): EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE
-  (Llama 3's rope_freqs in 3.5); InternLM2 (internlm2: InternLM2,
-  InternLM2.5), whose fused wqkv the converter splits; Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose
-  W_pack it splits, rotated only at 7B's 32 layers (Family.rope_block_counts: llama.cpp gives the 13B's 40
-  ALiBi, and other counts no positions; lowtune refuses both), its head as the file holds it (Baichuan 2's
-  NormHead rows are not normalized by the converter, nor by llama.cpp); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1)
-  with NEOX RoPE, q/k/v fused in attn_qkv with a bias, and a feed_forward_length of twice the MLP's width
-  (Family.ffn_length_both_halves: the config's intermediate_size counts gate and up); Orion (orion:
-  Orion-14B) with NEOX RoPE and LayerNorms with biases; XVERSE (xverse: XVERSE-7B to 65B) as Llama.
+  converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
+  rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
+  Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose W_pack it splits, rotated only at 7B's 32 layers
+  (Family.rope_block_counts: llama.cpp gives the 13B's 40 ALiBi, and other counts no positions; lowtune
+  refuses both), its head as the file holds it (neither the converter nor llama.cpp normalizes the rows of
+  Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
+  a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
+  intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
+  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names), which
+  lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -355,9 +356,9 @@ class Family:
     #                                    (Gemma 3n: lowtune.gemma3n)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
-    hf_writable: bool = True           # lowtune writes the HF class's directories and PEFT adapters; False: the
-    #                                    checkpoints' own modeling code, of which transformers has no class, is
-    #                                    read only (Orion)
+    hf_writable: bool = True           # lowtune writes the HF class's directories and PEFT adapters; False: read
+    #                                    only, the class being its checkpoints' own code, which transformers
+    #                                    cannot build (Orion)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
@@ -479,7 +480,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
-    # Llama's decoder from checkpoints that ship their own modeling code (no transformers class), read from GGUF
+    # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
     Family("exaone", rope="neox", hf_architectures=("ExaoneForCausalLM",), hf_model_types=("exaone",)),
     Family("internlm2"),
     Family("baichuan", rope_block_counts=(32,)),
@@ -514,11 +515,10 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> architecture
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
-# Hugging Face classes of checkpoints that ship their own modeling code (lowtune reads no names of theirs):
-# class -> architecture
-_REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2",
-                   "BaichuanForCausalLM": "baichuan", "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen",
-                   "XverseForCausalLM": "xverse"}
+# Hugging Face classes of checkpoints that ship their own modeling code, whose directories lowtune does not read
+# (fused and renamed tensors, tokenizer.json vocabularies the converter rebuilds): class -> architecture
+_REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2", "BaichuanForCausalLM": "baichuan",
+                   "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen", "XverseForCausalLM": "xverse"}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

@@ -299,7 +299,7 @@ def hf_module(name: str, arch: str) -> str:
                          f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
                          "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
-    return module.replace("model.layers.", _VL_LAYERS, 1) if FAMILIES[arch].text_of else module
+    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
 
 
 def peft_target_modules(modules, arch: str) -> list[str] | str:

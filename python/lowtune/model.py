@@ -475,10 +475,10 @@ class ModelConfig:
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
         if f"{arch}.{fam.eps_key}" not in md and f"{arch}.attention.layer_norm_epsilon" in md:
             raise ValueError(f"this {arch} file gives its norms' epsilon under LayerNorm's key "
-                             f"(attention.layer_norm_epsilon, as llama.cpp's converter writes Qwen's "
+                             "(attention.layer_norm_epsilon, as llama.cpp's converter writes Qwen's "
                              f"layer_norm_epsilon), where llama.cpp's {arch} graph reads {fam.eps_key}, so llama.cpp "
-                             f"does not load it either: convert the checkpoint with rms_norm_eps added to its "
-                             "config.json (the same value)")
+                             "does not load it either: convert the checkpoint with rms_norm_eps added to its "
+                             "config.json (its layer_norm_epsilon's value)")
         act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
         if act not in ("", fam.activation, "relu2"):
             raise ValueError(f"this {arch} file's hidden_activation {act!r} is not one lowtune runs "
