@@ -168,11 +168,12 @@ def config_fields(config: ModelConfig) -> dict:
     return {k: tuple(v.values()) if isinstance(v, dict) else v for k, v in dataclasses.asdict(config).items()}
 
 
-@pytest.mark.parametrize("name", ["exaone", "orion"])
+@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan"])
 def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
-    """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's) and
-    Orion's (Llama's names, LayerNorms with biases) read as llama.cpp's conversion: the same tensors, config and
-    logits, EXAONE 3.5's rope_freqs made from its config."""
+    """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's),
+    Orion's (Llama's names, LayerNorms with biases) and Baichuan's (q, k and v in W_pack, q and k permuted as
+    Llama's) read as llama.cpp's conversion: the same tensors, config and logits, EXAONE 3.5's rope_freqs made
+    from its config."""
     import lowtune
     hf_dir, gguf = tiny[name].hf_dir, tiny[name].gguf
     ids = rand_ids(2, SEQ)
@@ -187,7 +188,7 @@ def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
         for n, info in f.tensor_infos.items():
             if len(info.shape) == 1:  # (norms, Orion's norm biases, rope_freqs)
                 assert torch.equal(src.tensor(n), f.tensor(n)), n
-    if name == "orion":
+    if name != "exaone":
         return
     assert json.loads((hf_dir / "config.json").read_text())["num_layers"] == 2
     from lowtune import hf_names
@@ -1283,8 +1284,8 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_remote_code_variants_and_directories_refused(tiny):
     """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
-    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's and Orion's, by class,
-    saying to convert them."""
+    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's and
+    Baichuan's, by class, saying to convert them."""
     import lowtune
     with GGUFFile(tiny["baichuan"].gguf) as f:
         md = dict(f.metadata)
@@ -1298,7 +1299,7 @@ def test_remote_code_variants_and_directories_refused(tiny):
     layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
     with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
         ModelConfig.from_gguf_metadata(layer_eps)
-    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion")]:
+    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan")]:
         cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
         with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
             lowtune.load_model(tiny[name].hf_dir)

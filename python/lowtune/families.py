@@ -205,8 +205,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
   intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
   XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
-  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names), which
-  lowtune reads and does not write (Family.hf_writable).
+  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
+  Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -358,7 +358,7 @@ class Family:
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
     hf_writable: bool = True           # lowtune writes the HF class's directories and PEFT adapters; False: read
     #                                    only, the class being its checkpoints' own code, which transformers
-    #                                    cannot build (Orion)
+    #                                    cannot build (Orion, Baichuan)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
@@ -483,7 +483,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
     Family("exaone", rope="neox", hf_architectures=("ExaoneForCausalLM",), hf_model_types=("exaone",)),
     Family("internlm2"),
-    Family("baichuan", rope_block_counts=(32,)),
+    Family("baichuan", rope_block_counts=(32,), hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),
+           hf_model_types=("baichuan",), hf_permute_qk=True, hf_writable=False),
     Family("qwen", rope="neox", ffn_length_both_halves=True),
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
@@ -517,8 +518,7 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": "gemma3n", "Gemma3nForConditionalGeneration": "gemma3n"}
 # Hugging Face classes of checkpoints that ship their own modeling code, whose directories lowtune does not read
 # (fused and renamed tensors, tokenizer.json vocabularies the converter rebuilds): class -> architecture
-_REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2", "BaichuanForCausalLM": "baichuan",
-                   "BaiChuanForCausalLM": "baichuan", "QWenLMHeadModel": "qwen", "XverseForCausalLM": "xverse"}
+_REMOTE_CODE_HF = {"InternLM2ForCausalLM": "internlm2", "QWenLMHeadModel": "qwen", "XverseForCausalLM": "xverse"}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

@@ -106,6 +106,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # (EXAONE 3's checkpoints read through _CHECKPOINT_NAMES: transformers holds them as Llama)
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
     "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},  # (read only)
+    "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},  # (read
+                 "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},  # only)
+                 "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
