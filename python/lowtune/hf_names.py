@@ -105,9 +105,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
     # (EXAONE 3's checkpoints read through _CHECKPOINT_NAMES: transformers holds them as Llama)
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
-    "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},  # (read only)
-    "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},  # (read
-                 "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},  # only)
+    # (read only: Family.hf_writable)
+    "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},
+                 "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},
                  "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
