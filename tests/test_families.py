@@ -168,6 +168,27 @@ def config_fields(config: ModelConfig) -> dict:
     return {k: tuple(v.values()) if isinstance(v, dict) else v for k, v in dataclasses.asdict(config).items()}
 
 
+def test_exaone_config_as_published():
+    """EXAONE 3.5 2.4B's config.json (its own keys, a tied head, Llama 3's RoPE scaling) reads as the converter's
+    metadata would give it, rope_freqs made from it."""
+    from lowtune import hf_names
+    cfg = {"activation_function": "silu", "architectures": ["ExaoneForCausalLM"], "attention_dropout": 0.0,
+           "bos_token_id": 1, "embed_dropout": 0.0, "eos_token_id": 361, "head_dim": 80, "hidden_size": 2560,
+           "initializer_range": 0.02, "intermediate_size": 7168, "layer_norm_epsilon": 1e-05,
+           "max_position_embeddings": 32768, "model_type": "exaone", "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_layers": 30, "pad_token_id": 0, "rope_scaling": {
+               "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+           "rope_theta": 1000000.0, "tie_word_embeddings": True, "vocab_size": 102400}
+    md, _ = hf_names.metadata_from_hf_config(cfg)
+    c = ModelConfig.from_gguf_metadata(md)
+    assert (c.arch, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.context_length) == (
+        "exaone", 30, 2560, 32, 8, 80, 7168, 32768)
+    assert (c.norm_eps, c.rope_theta, c.rope_dim, c.family.rope) == (pytest.approx(1e-5), 1e6, 80, "neox")
+    factors = hf_names.generated_tensors(cfg)["rope_freqs.weight"]
+    assert len(factors) == 40 and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+
+
 @pytest.mark.parametrize("name", ["exaone", "orion", "baichuan"])
 def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
     """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's),
