@@ -34,7 +34,12 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "gemma4", "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
          "mamba", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
          "falcon-40b")
-LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral")  # llama.cpp ignores a llama window
+# Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
+# as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
+# (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
+BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
+LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
 # q/k norms and Falcon: read from GGUF, their HF directories refused)
 GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder", "bloom",
@@ -643,6 +648,90 @@ def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
     return torch.relu(inputs - cutoff)
 
 
+def remote_code_checkpoint(name: str, d: Path) -> None:
+    """The tiny model of `name` (one of REMOTE_CODE_NAMES) as its published checkpoints hold it: their
+    config.json keys and tensor names (fused q/k/v where theirs are fused), random weights seeded by the name."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+    mha = name in ("baichuan", "qwen")  # (their checkpoints have no KV head count: every head its own)
+    hkv, hd = (H if mha else HKV), D // H
+    layers = BAICHUAN_LAYERS if name == "baichuan" else 2
+    # the canonical parts of each layer, then named as the checkpoint names them
+    ffn = 2 * F if name == "qwen" else F  # (Qwen's config counts both halves of its MLP)
+    cfg = dict(vocab_size=V, hidden_size=D, intermediate_size=ffn, num_attention_heads=H, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    if not mha:
+        cfg["num_key_value_heads"] = hkv
+    w = {}
+    for i in range(layers):
+        q, k, v, o = mat(D, D), mat(hkv * hd, D), mat(hkv * hd, D), mat(D, D)
+        gate, up, down = mat(F, D), mat(F, D), mat(D, F)
+        n1, n2 = vec(D, 1.0), vec(D, 1.0)
+        if name == "exaone":
+            p = f"transformer.h.{i}."
+            w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.attention.q_proj.weight": q,
+                      p + "attn.attention.k_proj.weight": k, p + "attn.attention.v_proj.weight": v,
+                      p + "attn.attention.out_proj.weight": o, p + "mlp.c_fc_0.weight": gate,
+                      p + "mlp.c_fc_1.weight": up, p + "mlp.c_proj.weight": down})
+        elif name == "internlm2":  # wqkv: each KV group's q heads, then its k head and v head
+            p, per = f"model.layers.{i}.", H // hkv
+            qkv = torch.cat([q.reshape(hkv, per, hd, D), k.reshape(hkv, 1, hd, D), v.reshape(hkv, 1, hd, D)], 1)
+            w.update({p + "attention_norm.weight": n1, p + "ffn_norm.weight": n2,
+                      p + "attention.wqkv.weight": qkv.reshape(-1, D), p + "attention.wo.weight": o,
+                      p + "feed_forward.w1.weight": gate, p + "feed_forward.w3.weight": up,
+                      p + "feed_forward.w2.weight": down})
+        elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
+            p = f"transformer.h.{i}."
+            w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
+                      p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
+                      p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
+        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases)
+            p = f"model.layers.{i}."
+            attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
+                    {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                     p + "self_attn.v_proj.weight": v})
+            w.update({p + "input_layernorm.weight": n1, p + "post_attention_layernorm.weight": n2, **attn,
+                      p + "self_attn.o_proj.weight": o, p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": down})
+            if name == "orion":
+                w.update({p + "input_layernorm.bias": vec(D), p + "post_attention_layernorm.bias": vec(D)})
+    embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
+    if name in ("exaone", "qwen"):
+        w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
+    elif name == "internlm2":
+        w.update({"model.tok_embeddings.weight": embed, "model.norm.weight": final, "output.weight": head})
+    else:
+        w.update({"model.embed_tokens.weight": embed, "model.norm.weight": final, "lm_head.weight": head})
+        if name == "orion":
+            w["model.norm.bias"] = vec(D)
+    cfg.update({
+        # EXAONE 3.5's Llama 3 RoPE scaling, over an original context shorter than the test sequences
+        "exaone": dict(architectures=["ExaoneForCausalLM"], model_type="exaone", num_layers=layers,
+                       layer_norm_epsilon=1e-5, activation_function="silu", rope_theta=10000.0, rope_scaling={
+                           "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32}),
+        "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
+                          rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
+        "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
+                         rms_norm_eps=1e-5, model_max_length=256),
+        "qwen": dict(architectures=["QWenLMHeadModel"], model_type="qwen", num_hidden_layers=layers,
+                     kv_channels=hd, layer_norm_epsilon=1e-5, rotary_emb_base=10000.0, rotary_pct=1.0,
+                     seq_length=256, no_bias=True,
+                     # (the published configs give only layer_norm_epsilon, which the converter writes as
+                     # LayerNorm's key, where llama.cpp's qwen graph, and lowtune as it, reads the RMSNorm's)
+                     rms_norm_eps=1e-5),
+        "orion": dict(architectures=["OrionForCausalLM"], model_type="orion", num_hidden_layers=layers,
+                      rms_norm_eps=1e-5, rope_theta=10000.0),
+        "xverse": dict(architectures=["XverseForCausalLM"], model_type="xverse", num_hidden_layers=layers,
+                       rms_norm_eps=1e-5, rope_theta=10000.0),
+    }[name])
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
     safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
@@ -698,13 +787,16 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss, gptneox,
-                        hunyuan, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen, stablelm, starcoder)
+from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
+                        gptneox, hunyuan, internlm, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen, stablelm,
+                        starcoder, xverse)
+from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
-# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's and
-# Falcon's converters read only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids); Gemma 4's only its own
-# BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
+# Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids,
+# XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through protobuf); Gemma 4's only its own BPE
+# one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -716,7 +808,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
     bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = \
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
-    falcon.FalconModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
+    xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -740,6 +833,21 @@ def _falcon_kv_heads(self, *args, **kwargs):
     if self.hparams.get("multi_query") and not self.hparams.get("new_decoder_architecture"):
         self.hparams["num_kv_heads"] = 1
 falcon.FalconModel.__init__ = _falcon_kv_heads
+# transformers' ExaoneConfig (which the converter reads EXAONE 3's config.json through) renames its
+# activation_function to hidden_act, which the converter's assert does not look for
+_exaone_parameters = exaone.ExaoneModel.set_gguf_parameters
+def _exaone_activation_named(self):
+    self.hparams.setdefault("activation_function", self.hparams.get("hidden_act"))
+    _exaone_parameters(self)
+exaone.ExaoneModel.set_gguf_parameters = _exaone_activation_named
+# Baichuan's converter hands every tensor but W_pack back to its own modify_tensors under the GGUF name, which
+# recurses without end; the base class's maps it once
+_baichuan_tensors = baichuan.BaichuanModel.modify_tensors
+def _baichuan_tensors_mapped_once(self, data_torch, name, bid):
+    if name.endswith("W_pack.weight"):
+        return _baichuan_tensors(self, data_torch, name, bid)
+    return TextModel.modify_tensors(self, data_torch, name, bid)
+baichuan.BaichuanModel.modify_tensors = _baichuan_tensors_mapped_once
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
@@ -774,9 +882,12 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",):
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES:
         d = root / name
-        hf_model(name).save_pretrained(d)
+        if name in REMOTE_CODE_NAMES:
+            remote_code_checkpoint(name, d)
+        else:
+            hf_model(name).save_pretrained(d)
         if name == "gemma3n":
             add_reused_kv_tensors(d, GEMMA3N_LAYERS)
         if name == "glm4moe":
@@ -907,14 +1018,15 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5,
+                    "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS,
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
     hd = 32 if text in wide or fam.delta_net else D // H
     ffn = GEMMA3N_FFN if arch == "gemma3n" else F
+    file_ffn = 2 * ffn if fam.ffn_length_both_halves else ffn  # (Qwen's file counts both halves of its MLP)
     md = {"general.architecture": arch, f"{arch}.embedding_length": D, f"{arch}.block_count": layers,
-          f"{arch}.feed_forward_length": ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
+          f"{arch}.feed_forward_length": file_ffn, f"{arch}.attention.head_count": H, f"{arch}.vocab_size": V,
           f"{arch}.attention.head_count_kv": HKV, f"{arch}.attention.key_length": hd,
           f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 256}
     if arch == "starcoder":  # multi-query attention

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,8 +39,8 @@ from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
-                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, SEQ, V, WINDOW, convert, gguf_of, hf_model,
-                           llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
+                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, V, WINDOW, convert, gguf_of,
+                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
 from test_streaming import assert_trains_alike
 
@@ -132,9 +133,103 @@ def test_logits_match_transformers(tiny, name):
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
 
 
+# what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
+REMOTE_CODE_SWITCH_OFF = {
+    "exaone": [("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))],
+    "qwen": [("the fused q/k/v bias", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
+                                                for n in ("attn_q", "attn_k", "attn_v")])],
+    "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
+        norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
+}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
+def test_remote_code_logits_match_llamacpp(tiny, name):
+    """Families without a transformers class: llama.cpp's logits of the converted F32 file (its K/V cache in
+    F32 too) are lowtune's."""
+    from llama_cpp import Llama
+    ids = rand_ids(1, SEQ)
+    llm = Llama(model_path=str(tiny[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
+                type_k=0, type_v=0)  # (GGML_TYPE_F32)
+    llm.eval(ids[0].tolist())
+    want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
+    with torch.no_grad():
+        got = Model.from_gguf(tiny[name].gguf)(ids)
+        print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < 1e-4
+        for what, switch_off in REMOTE_CODE_SWITCH_OFF.get(name, []):
+            model = Model.from_gguf(tiny[name].gguf)
+            switch_off(model)
+            assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+
+
+def test_exaone_logits_match_transformers_llama(tiny):
+    """transformers runs EXAONE 3's checkpoints (its names renamed on load) as Llama: its logits of the tiny
+    checkpoint, Llama 3's RoPE scaling included, are the converted file's in lowtune."""
+    import transformers as tf
+    hf = tf.AutoModelForCausalLM.from_pretrained(tiny["exaone"].hf_dir, attn_implementation="eager").float().eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.rope_parameters["rope_type"] == "llama3"
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want, got = hf(ids).logits, Model.from_gguf(tiny["exaone"].gguf)(ids)
+    print(f"exaone: logits vs transformers' Llama, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+
+
 def config_fields(config: ModelConfig) -> dict:
     """The config's fields, a nested one (the Mamba2 sizes) as a tuple, for pytest.approx."""
     return {k: tuple(v.values()) if isinstance(v, dict) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def test_exaone_config_as_published():
+    """EXAONE 3.5 2.4B's config.json (its own keys, a tied head, Llama 3's RoPE scaling) reads as the converter's
+    metadata would give it, rope_freqs made from it."""
+    from lowtune import hf_names
+    cfg = {"activation_function": "silu", "architectures": ["ExaoneForCausalLM"], "attention_dropout": 0.0,
+           "bos_token_id": 1, "embed_dropout": 0.0, "eos_token_id": 361, "head_dim": 80, "hidden_size": 2560,
+           "initializer_range": 0.02, "intermediate_size": 7168, "layer_norm_epsilon": 1e-05,
+           "max_position_embeddings": 32768, "model_type": "exaone", "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_layers": 30, "pad_token_id": 0, "rope_scaling": {
+               "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+           "rope_theta": 1000000.0, "tie_word_embeddings": True, "vocab_size": 102400}
+    md, _ = hf_names.metadata_from_hf_config(cfg)
+    c = ModelConfig.from_gguf_metadata(md)
+    assert (c.arch, c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.context_length) == (
+        "exaone", 30, 2560, 32, 8, 80, 7168, 32768)
+    assert (c.norm_eps, c.rope_theta, c.rope_dim, c.family.rope) == (pytest.approx(1e-5), 1e6, 80, "neox")
+    factors = hf_names.generated_tensors(cfg)["rope_freqs.weight"]
+    assert len(factors) == 40 and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan"])
+def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
+    """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's),
+    Orion's (Llama's names, LayerNorms with biases) and Baichuan's (q, k and v in W_pack, q and k permuted as
+    Llama's) read as llama.cpp's conversion: the same tensors, config and logits, EXAONE 3.5's rope_freqs made
+    from its config."""
+    import lowtune
+    hf_dir, gguf = tiny[name].hf_dir, tiny[name].gguf
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        got, want = lowtune.load_model(hf_dir, qtype="F32")(ids), Model.from_gguf(gguf)(ids)
+    assert rel_err(got, want) < 1e-5
+    want_config = config_fields(Model.from_gguf(gguf).config)
+    assert config_fields(lowtune.load_model(hf_dir).config) == pytest.approx(want_config)
+    with open_base(hf_dir) as src, GGUFFile(gguf) as f:
+        assert set(src.tensor_infos) == set(f.tensor_infos)
+        assert ("rope_freqs.weight" in f.tensor_infos) == (name == "exaone")
+        for n, info in f.tensor_infos.items():
+            if len(info.shape) == 1:  # (norms, Orion's norm biases, rope_freqs)
+                assert torch.equal(src.tensor(n), f.tensor(n)), n
+    if name != "exaone":
+        return
+    assert json.loads((hf_dir / "config.json").read_text())["num_layers"] == 2
+    from lowtune import hf_names
+    with pytest.raises(ValueError, match="activation 'gelu'.*SiLU"):
+        hf_names.metadata_from_hf_config({**json.loads((hf_dir / "config.json").read_text()),
+                                          "activation_function": "gelu"})
 
 
 @pytest.mark.parametrize("name", HF_NAMES)
@@ -690,7 +785,7 @@ def test_fused_tensors_are_row_views(tiny):
         assert torch.equal(torch.cat([layer.attn_q.raw, layer.attn_k.raw, layer.attn_v.raw]), fused)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_kv_cache_matches_the_full_forward(tiny, name):
     """Prefill, a multi-token continuation and single tokens through the cache give the logits of
     one full pass, with sequences longer than the sliding windows."""
@@ -820,13 +915,13 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
 # BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms)
-COMPILED_DECODER = tuple(n for n in NAMES if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid",
-                                                      "qwen35", "nemotron_h", "stablelm2-12b", "minicpm3", "olmo",
-                                                      "bitnet", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder",
-                                                      "bloom", "mpt"))
+COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
+                         if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
+                                      "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
+                                      "mamba", "gpt2", "starcoder", "bloom", "mpt"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
     """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
     layers, Granite's scales, YaRN, Gemma's GeGLU, relu², xIELU and GELU without a gate, post-norms,
@@ -848,7 +943,7 @@ def test_compiled_cpu_decoder_follows_the_model(tiny, name):
 BF16_AS_TRANSFORMERS = ("gemma3n",)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_bf16_activations_follow_fp32(tiny, name):
     """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,
     fused views), on the CPU: close to fp32, with a finite loss."""
@@ -1076,7 +1171,7 @@ def merged_weights(model) -> dict:
     return w
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_adapters_wrap_every_logical_linear(tiny, name):
     model = Model.from_gguf(gguf_of(tiny[name], "F32"))
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1110,9 +1205,9 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     with GGUFFile(tiny[name].gguf) as f:
         weights.update({n: f.qtensor(n) if len(info.shape) > 1 else f.tensor(n) for n, info in f.tensor_infos.items()
                         if n not in weights and n not in fused})
-    if name in ("phi3", "phi4"):
+    if name in ("phi3", "phi4", "qwen"):
         assert ads["layers.0.attn_k"].base.fused_from[0] == "blk.0.attn_qkv.weight"
-    if name in ("llama", "qwen2"):
+    if name in ("llama", "qwen2", "qwen"):  # (Qwen's a row range of its fused attn_qkv's bias)
         assert ads["layers.1.attn_v"].base.bias is not None
     merged = type(model)(model.config, weights)
     with torch.no_grad():
@@ -1567,6 +1662,29 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 # what lowtune refuses
 
 
+def test_remote_code_variants_and_directories_refused(tiny):
+    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
+    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's and
+    Baichuan's, by class, saying to convert them."""
+    import lowtune
+    with GGUFFile(tiny["baichuan"].gguf) as f:
+        md = dict(f.metadata)
+    assert ModelConfig.from_gguf_metadata(md).n_layers == 32
+    for layers in (40, 2):
+        with pytest.raises(ValueError, match=f"{layers} layers; llama.cpp rotates q and k only at 32 layers .*ALiBi"):
+            ModelConfig.from_gguf_metadata({**md, "baichuan.block_count": layers})
+    qwen = Model.from_gguf(tiny["qwen"].gguf)
+    assert (qwen.config.ffn_dim, qwen.config.family.ffn_length_both_halves) == (F, True)
+    # (the converter's file of a published Qwen config, which gives only layer_norm_epsilon)
+    layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
+    with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
+        ModelConfig.from_gguf_metadata(layer_eps)
+    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan")]:
+        cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
+        with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
+            lowtune.load_model(tiny[name].hf_dir)
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
@@ -1575,8 +1693,8 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
-                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl",
-                         "qwen3vl", "qwen3vlmoe")
+                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "bitnet", "exaone",
+                         "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

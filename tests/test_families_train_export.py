@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from lowtune.gguf_io import GGUFFile
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, SSM_LINEAR_NAMES,
                            Model)
 
-from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, SEQ, gguf_of, hf_model, llamacpp, llamacpp_perplexity,
-                           rand_ids, random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import fill_adapters, resident_and_streamed
 from test_export import make_adapter
@@ -62,7 +63,9 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "falcon-h1": "qdylora", "mamba": "qa-hira",
                  "gpt2": "qa-lora", "starcoder": "qdylora", "bloom": "q-bara", "mpt": "lora",
                  "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
-                 "falcon": "qa-hira", "falcon-40b": "qa-lora"}
+                 "falcon": "qa-hira", "falcon-40b": "qa-lora",
+                 "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
+                 "xverse": "qa-hira"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -76,7 +79,9 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "falcon-h1": "q-bara", "mamba": "q-bara",
                    "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora",
                    "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
-                   "falcon": "qdylora", "falcon-40b": "q-bara"}
+                   "falcon": "qdylora", "falcon-40b": "q-bara",
+                   "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
+                   "xverse": "qdylora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -119,7 +124,7 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
     model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
@@ -164,7 +169,7 @@ def train_text(tmp_path_factory, botchan_text) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
 def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, name):
     hf_dir, method = training_source(family_models[name]), FINETUNE_METHOD[name]
     # every linear, Phi-3's named as its HF modules (fused ones stand for their parts)
@@ -351,6 +356,64 @@ def test_gemma_peft_adapter_on_transformers_model(adapted, tmp_path, name):
     assert rel_err(got, a.want) < 1e-4
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+
+
+@pytest.mark.parametrize("name", [n for n in REMOTE_CODE_NAMES if n != "exaone"])
+def test_remote_code_hf_exports_are_refused(adapted, tmp_path, name):
+    """The remote-code families but EXAONE 3 (test_exaone_hf_export_and_peft_adapter) have no transformers class:
+    their merged HF directories are refused, saying to export GGUF, and so are their PEFT adapters, which name
+    its modules."""
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
+        export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
+    with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'|"
+                                         f"PEFT adapters name the modules of .*which transformers cannot build"):
+        export_peft(a.base, a.run, tmp_path / "peft")
+
+
+@pytest.mark.transformers
+def test_exaone_hf_export_loads_in_transformers(family_models, adapted, tmp_path):
+    """EXAONE 3.0's directory (no RoPE scaling) exports merged as ExaoneForCausalLM under the Llama names
+    transformers holds it by, which transformers loads as lowtune's adapted model; EXAONE 3.5's Llama 3 scaling
+    (the file's rope_freqs) is refused there, as Llama 3.1's."""
+    import transformers as tf
+    with pytest.raises(ValueError, match="rope_freqs"):
+        export_hf(adapted("exaone").base, adapted("exaone").run, tmp_path / "scaled", dtype="fp32")
+    d = tmp_path / "exaone-3.0"
+    shutil.copytree(family_models["exaone"].hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_scaling"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = rand_ids(2, 40, seed=7)
+    model = make_adapter(d, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    with torch.no_grad():
+        want = model(ids)
+    export_hf(d, tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["ExaoneForCausalLM"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        got = hf(ids).logits
+    print(f"exaone: merged HF directory in transformers vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.transformers
+def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
+    """transformers holds EXAONE 3's checkpoints as Llama: lowtune's PEFT adapter of the converted file names
+    its modules, and on the checkpoint transformers loads gives lowtune's adapted logits."""
+    import peft
+    import transformers as tf
+    a = adapted("exaone")
+    export_peft(a.base, a.run, a.dir / "peft")
+    config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == LLAMA_MODULES
+    base = tf.AutoModelForCausalLM.from_pretrained(family_models["exaone"].hf_dir, attn_implementation="eager")
+    base = base.float().eval()
+    with torch.no_grad():
+        assert rel_err(base(input_ids=a.ids).logits, a.plain) < 1e-4
+        got = peft.PeftModel.from_pretrained(base, a.dir / "peft").eval()(input_ids=a.ids).logits
+    print(f"exaone: PEFT adapter on transformers' Llama vs lowtune, relative error {rel_err(got, a.want):.2e}")
+    assert rel_err(got, a.want) < 1e-4
 
 
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),

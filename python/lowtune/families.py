@@ -74,6 +74,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen35moe     neox  silu       -           yes       -          -                        if the file gives one
     qwen3next     neox  silu       -           yes       -          -                        if the file gives one
     bitnet        neox  silu       sub-norms   -         -          -                        if the file gives one
+    exaone        neox  silu       -           -         -          -                        if the file gives one
+    internlm2     norm  silu       -           -         -          -                        if the file gives one
+    baichuan      norm  silu       -           -         -          -                        if the file gives one
+    qwen          neox  silu       -           -         -          -                        if the file gives one
+    orion         neox  silu       -           -         -          -                        if the file gives one
+    xverse        norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -225,6 +231,18 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
+  converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
+  rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
+  Baichuan (baichuan: Baichuan 7B, Baichuan 2 7B), whose W_pack it splits, rotated only at 7B's 32 layers
+  (Family.rope_block_counts: llama.cpp gives the 13B's 40 ALiBi, and other counts no positions; lowtune
+  refuses both), its head as the file holds it (neither the converter nor llama.cpp normalizes the rows of
+  Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
+  a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
+  intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
+  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
+  Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -323,6 +341,8 @@ class Family:
     #                                    (Phi-2, StarCoder2), glue_ops.UNGATED, or "xielu" (Apertus: its
     #                                    layer's scalars, glue_ops.xielu)
     gated: bool = True                 # the MLP is down(act(gate) · up); False: down(act(up)), no ffn_gate
+    ffn_length_both_halves: bool = False  # the file's feed_forward_length counts gate's and up's rows, twice the
+    #                                    MLP's width (Qwen: llama.cpp's n_ff / 2)
     norm: str = "rms"                  # "rms": RMSNorm; "layer": LayerNorm without a bias (Command-R);
     #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
@@ -382,6 +402,8 @@ class Family:
     rope_dense_lead: bool = False      # ... but the dense first layers rotate (Cohere2 MoE)
     window_block_counts: tuple[int, ...] = ()  # llama.cpp reads windows only at these layer counts (EXAONE 4)
     windowless: bool = False           # llama.cpp reads no window from the file (PhiMoE: every layer global)
+    rope_block_counts: tuple[int, ...] = ()  # llama.cpp rotates q and k only at these layer counts, ALiBi or no
+    #                                    positions at the others, which lowtune refuses (Baichuan: 7B's 32)
     multipliers: bool = False          # Granite's embedding, residual, attention and logit scales (file keys)
     scale_defaults: Callable[[int, int], dict[str, float]] | None = None  # those scales (by layers, width)
     #                                    where the file gives none (older MiniCPM files); without
@@ -440,6 +462,9 @@ class Family:
     values_from_keys: bool = False     # a layer without attn_v takes attn_k's projection as its values (Gemma 4)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
+    hf_writable: bool = True           # lowtune writes the HF class's directories and PEFT adapters; False: read
+    #                                    only, the class being its checkpoints' own code, which transformers
+    #                                    cannot build (Orion, Baichuan)
     hf_norm_offset: float = 0.0        # added to HF norm weights to get GGUF's (Gemma, Nemotron's LayerNorm1p: 1)
     hf_permute_qk: bool = False        # HF q/k rows are permuted into GGUF's pair order (Llama)
     spm_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix the converter writes for a
@@ -588,6 +613,15 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
+    # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
+    Family("exaone", rope="neox", hf_architectures=("ExaoneForCausalLM",), hf_model_types=("exaone",)),
+    Family("internlm2"),
+    Family("baichuan", rope_block_counts=(32,), hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),
+           hf_model_types=("baichuan",), hf_permute_qk=True, hf_writable=False),
+    Family("qwen", rope="neox", ffn_length_both_halves=True),
+    Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
+           hf_writable=False),
+    Family("xverse"),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -630,7 +664,11 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
                  "Mamba2ForCausalLM": ("mamba2", "Mamba-2's mixers"), "MambaForCausalLM": ("mamba", "Mamba's mixers"),
                  "FalconH1ForCausalLM": ("falcon-h1", "Falcon-H1's mixers and multipliers"),
-                 "FalconForCausalLM": ("falcon", "Falcon's norms of either layout and q/k/v grouped by KV head")}
+                 "FalconForCausalLM": ("falcon", "Falcon's norms of either layout and q/k/v grouped by KV head"),
+                 # (checkpoints that ship their own modeling code)
+                 "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
+                 "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
+                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

@@ -18,10 +18,11 @@ The families (lowtune.families says which architecture is which HF class) differ
     convolution layers hold conv.in_proj/out_proj/conv (blk.N.shortconv.*), its
     kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); BitNet's sub-norms are transformers'
     self_attn.attn_sub_norm and mlp.ffn_sub_norm (llama.cpp's converter maps only the 1bitLLM
-    checkpoints' inner_attn_ln and ffn_layernorm);
-    kernel [D, 1, L] in HF and [D, L] in GGUF (hf_shape); GPT-NeoX keeps its layers under
-    gpt_neox.layers and q, k, v in one tensor, head by head (each head's q, k, v rows), where GGUF
-    has all q rows, then k, then v;
+    checkpoints' inner_attn_ln and ffn_layernorm); EXAONE 3's checkpoints (transformer.h.N.attn.attention.*,
+    ln_1, mlp.c_fc_0, ...) and config keys (num_layers, layer_norm_epsilon) are read as transformers renames
+    them onto Llama's (_CHECKPOINT_NAMES, _CONFIG_ALIASES) and written under Llama's names, as transformers
+    holds and saves them; GPT-NeoX keeps its layers under gpt_neox.layers and q, k, v in one tensor,
+    head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -103,6 +104,13 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "qwen3moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "olmo": {"layer": _LLAMA, "global": _GLOBAL},  # (its LayerNorms hold no tensors)
+    # (EXAONE 3's checkpoints read through _CHECKPOINT_NAMES: transformers holds them as Llama)
+    "exaone": {"layer": _LLAMA, "global": _GLOBAL},
+    # (read only: Family.hf_writable)
+    "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},
+                 "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},
+                 "global": _GLOBAL},
     "qwen2moe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     "granitemoe": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Granite 4's hybrids: the Mamba2 layers' tensors (mamba.*; A, D and dt's bias without a suffix) beside
@@ -197,6 +205,18 @@ _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias|\.atten
                       r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
+# Checkpoints that name their tensors otherwise, read under the names transformers renames them to on load
+# (EXAONE 3's: its conversion mapping onto Llama's)
+_CHECKPOINT_NAMES = {"exaone": tuple((re.compile(a), b) for a, b in (
+    (r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.h\.", "model.layers."),
+    (r"^transformer\.ln_f\.", "model.norm."), (r"\.attn\.attention\.", ".self_attn."),
+    (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."), (r"\.ln_1\.", ".input_layernorm."),
+    (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.mlp\.c_fc_0\.", ".mlp.gate_proj."),
+    (r"\.mlp\.c_fc_1\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")))}
+# config.json keys a family's checkpoints spell otherwise: theirs -> the common key (EXAONE 3's, as transformers'
+# ExaoneConfig maps them)
+_CONFIG_ALIASES = {"exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                              "activation_function": "hidden_act"}}
 
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
@@ -217,7 +237,7 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
     ("vocab_size", "vocab_size", "vocab_size", U32, None),
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
-_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps"}
 
 
 # where a class holds its layers, where not under model.layers
@@ -272,7 +292,7 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
     it keeps as metadata (layer_scalar)."""
     if _HF_ONLY.search(name) or layer_scalar(name, arch) is not None:
         return None
-    for prefix, repl in _LANGUAGE_MODEL:
+    for prefix, repl in _LANGUAGE_MODEL + _CHECKPOINT_NAMES.get(arch, ()):
         name = prefix.sub(repl, name)
     t = _table(arch)
     for g, h in t["global"].items():
@@ -300,8 +320,13 @@ def hf_module(name: str, arch: str) -> str:
     """The HF module of GGUF layer linear `name` (blk.N.attn_q.weight) where the family's class holds
     it, as PEFT names it: model.layers.N.self_attn.q_proj, model.language_model.layers.N... in a
     vision-language class."""
+    fam = FAMILIES[arch]
+    if not fam.hf_writable:
+        raise ValueError(f"PEFT adapters name the modules of {fam.hf_architectures[0]}, which transformers cannot "
+                         f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
+                         "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
-    return module.replace("model.layers.", _VL_LAYERS, 1) if FAMILIES[arch].text_of else module
+    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
 
 
 def peft_target_modules(modules, arch: str) -> list[str] | str:
@@ -610,6 +635,10 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     `llama.attention.sliding_window`)."""
     fam = family_of_hf(config.get("architectures"), config.get("model_type", "llama"))
     config = _text_config(config)
+    config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
+                           if own in config}}
+    if config.get("hidden_act", "silu") != "silu" and fam.arch in _CONFIG_ALIASES:
+        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {fam.arch} runs SiLU")
     arch = fam.arch
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
@@ -982,7 +1011,7 @@ def _f32(x: float) -> float:
 _ATTN_BIASES = {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output")}
 _LLAMA_BIASES = {**_ATTN_BIASES, "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")}
 _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES,
+    "llama": _LLAMA_BIASES, "smollm3": _LLAMA_BIASES, "granite": _LLAMA_BIASES, "exaone": _LLAMA_BIASES,
     "arcee": {**_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "phi2": {"": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
                   "ffn_down")},
@@ -1057,6 +1086,10 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if not fam.hf_architectures:
         raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model (no Hugging Face names for "
                          "its tensors); export it as GGUF (merged, or as a GGUF LoRA)")
+    if not fam.hf_writable:
+        raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model ({fam.hf_architectures[0]}: its "
+                         "checkpoints' own modeling code, of which transformers has no class); export it as GGUF "
+                         "(merged, or as a GGUF LoRA)")
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")

@@ -352,6 +352,10 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
+        if fam.rope_block_counts and n_layers not in fam.rope_block_counts:
+            raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
+                             f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
+                             "others with ALiBi (Baichuan 13B's 40) or no positions, which lowtune does not run")
         head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads if n_heads else 0))  # (Mamba-2: 0)
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
@@ -500,6 +504,8 @@ class ModelConfig:
             parts["layer_widths"] = _layer_widths(md, arch, n_layers, sliding)
             first_global = next((i for i in range(n_layers) if i not in sliding), 0)
             head_dim, global_kv_heads, ffn, _ = parts["layer_widths"][first_global]
+        if fam.ffn_length_both_halves:  # (Qwen's file counts gate and up: llama.cpp's n_ff / 2)
+            ffn = int(ffn) // 2
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
             widths = list(ffn)[:n_layers] if isinstance(ffn, (list, tuple)) else [int(ffn)] * n_layers
             parts["mlp_layers"] = tuple(i for i, f in enumerate(widths) if f)
@@ -527,6 +533,12 @@ class ModelConfig:
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
+        if f"{arch}.{fam.eps_key}" not in md and f"{arch}.attention.layer_norm_epsilon" in md:
+            raise ValueError(f"this {arch} file gives its norms' epsilon under LayerNorm's key "
+                             "(attention.layer_norm_epsilon, as llama.cpp's converter writes Qwen's "
+                             f"layer_norm_epsilon), where llama.cpp's {arch} graph reads {fam.eps_key}, so llama.cpp "
+                             "does not load it either: convert the checkpoint with rms_norm_eps added to its "
+                             "config.json (its layer_norm_epsilon's value)")
         act = str(md.get(f"{arch}.hidden_activation", "")) if fam.activation_key else ""
         if act not in ("", fam.activation, "relu2"):
             raise ValueError(f"this {arch} file's hidden_activation {act!r} is not one lowtune runs "
