@@ -1346,12 +1346,13 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron", "apertus",
                          "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "minimax-m2",
-                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "bitnet", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "gemma3n", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet", "qwen2vl", "qwen3vl",
+                         "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
+                      ("rwkv6", "recurrent"), ("plamo2", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("falcon", "not supported")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})
