@@ -77,8 +77,9 @@ NEMOTRON_H_MOE_PATTERN = NEMOTRON_H_PATTERN.replace("-", "E")
 # convolution of 4, every 4th layer attention
 QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
                     linear_num_key_heads=2, linear_num_value_heads=4)
-# Kimi Linear's Kimi Delta Attention: H heads of 16, a convolution of 4, every 4th layer latent attention
-KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=16, linear_num_heads=H)
+# Kimi Linear's Kimi Delta Attention: H heads of 32 (ssm_f_b's and ssm_g_b's rows a block wide), a convolution
+# of 4, every 4th layer latent attention
+KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=32, linear_num_heads=H)
 KIMI_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
@@ -983,10 +984,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({**{p + f"attn_{x}.weight": mat(inner, D) for x in "qkv"},
                       **{p + f"ssm_conv1d_{x}.weight": ops.quantize(torch.randn(inner, L, generator=g) / math.sqrt(L),
                                                                     "F32") for x in "qkv"},
-                      p + "ssm_f_a.weight": mat(dk, D), p + "ssm_g_a.weight": mat(dk, D),
-                      # (rows of dk: narrower than a block, F32 as llama.cpp's quantizer leaves them)
-                      **{p + n: ops.quantize(torch.randn(inner, dk, generator=g) / math.sqrt(dk), "F32")
-                         for n in ("ssm_f_b.weight", "ssm_g_b.weight")},
+                      p + "ssm_f_a.weight": mat(dk, D), p + "ssm_f_b.weight": mat(inner, dk),
+                      p + "ssm_g_a.weight": mat(dk, D), p + "ssm_g_b.weight": mat(inner, dk),
                       p + "ssm_beta.weight": mat(H, D), p + "attn_output.weight": mat(D, inner),
                       p + "ssm_a": -vec(H, 1.0).abs(), p + "ssm_dt.bias": vec(inner),
                       p + "ssm_norm.weight": vec(dk, 1.0)})
@@ -1036,7 +1035,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
                         "nemotron_h_moe", "kimi-linear"):
-                w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # a bias that picks the experts
+                # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
+                # where its DeltaNets' and latent attention's drift would flip near ties)
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         elif not fam.gated:
