@@ -175,7 +175,7 @@ def test_logits_match_transformers(moe, name):
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
                          # 0.01 % routed to all four experts)
                          + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
-                            ("nemotron_h_moe", "Q4_0", 1e-2), ("kimi-linear", "Q4_0", 1.5e-2)]
+                            ("nemotron_h_moe", "Q4_0", 1e-2), ("kimi-linear", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
