@@ -657,12 +657,13 @@ def test_hunyuan_moe_shared_expert_width(moe):
 
 
 @pytest.mark.transformers
-def test_kimi_linear_layers_and_variants(moe):
+def test_kimi_linear_layers_and_variants(moe, tmp_path):
     """Kimi Linear: Kimi Delta Attention where the file gives no KV heads (q, k and v convolved apart, a decay
     for each key channel, the sigmoid-gated output norm), latent attention without RoPE (q straight from x),
     the experts' weights renormalized though the file has no expert_weights_norm (llama.cpp's graph); the
     decay's bias for each key channel moves transformers' logits. A KDA layer's bf16 activations follow fp32.
-    A file without kda.head_dim, or with KDA q/k heads other than its value heads, is refused by name."""
+    A file without kda.head_dim, with KDA q/k heads other than its value heads, or with q, k and v fused into
+    attn_qkv, is refused by name."""
     model = Model.from_gguf(moe["kimi-linear"].gguf)
     c, md = model.config, model.metadata
     assert (c.delta_layers, c.moe_layers, c.no_rope) == ((0, 1, 2), (1, 2, 3), True)
@@ -695,3 +696,11 @@ def test_kimi_linear_layers_and_variants(moe):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "kimi-linear.kda.head_dim"})
     with pytest.raises(ValueError, match="as many of each"):
         dataclasses.replace(c, ssm_v_heads=8).check()
+    with GGUFFile(moe["kimi-linear"].gguf) as f:
+        types = dict(f.metadata_types)
+        tensors = {n: f.tensor(n) for n in f.tensor_infos}
+    qkv = [tensors.pop(f"blk.0.attn_{x}.weight") for x in "qkv"]
+    tensors["blk.0.attn_qkv.weight"] = torch.cat([torch.as_tensor(t) for t in qkv])
+    write_gguf(tmp_path / "fused.gguf", md, list(tensors.items()), metadata_types=types)
+    with pytest.raises(ValueError, match="fuses the Kimi Delta Attention layers' q, k and v into attn_qkv"):
+        Model.from_gguf(tmp_path / "fused.gguf")

@@ -2267,6 +2267,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             else:
                 layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
+            # (llama.cpp's graph reads a fused attn_qkv too; its converter writes q, k and v apart)
+            if c.family.kda and p + "attn_qkv.weight" in w:
+                raise ValueError(f"this {c.arch} file fuses the Kimi Delta Attention layers' q, k and v into "
+                                 "attn_qkv, which lowtune does not split; convert the checkpoint with llama.cpp's "
+                                 "convert_hf_to_gguf.py, which writes attn_q, attn_k and attn_v")
             own = dict(delta_shapes)
             if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
                 del own["ssm_alpha.weight"], own["ssm_beta.weight"]
