@@ -46,6 +46,7 @@ from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, SHARED_EXPERT_NAMES, Model, ModelConfig
+from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
@@ -696,6 +697,8 @@ def test_kimi_linear_layers_and_variants(moe, tmp_path):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "kimi-linear.kda.head_dim"})
     with pytest.raises(ValueError, match="as many of each"):
         dataclasses.replace(c, ssm_v_heads=8).check()
+    # its convolution kernels stay in F32 whatever the type, as llama-quantize keeps them
+    assert [choose_type("Q4_0", f"blk.0.ssm_conv1d_{x}.weight", (128, 32)).name for x in "qkv"] == ["F32"] * 3
     with GGUFFile(moe["kimi-linear"].gguf) as f:
         types = dict(f.metadata_types)
         tensors = {n: f.tensor(n) for n in f.tensor_infos}
