@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe")
+             "jamba", "cohere2moe", "kimi-linear")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -95,6 +95,10 @@ NEMOTRON_H_MOE_PATTERN = NEMOTRON_H_PATTERN.replace("-", "E")
 # convolution of 4, every 4th layer attention
 QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
                     linear_num_key_heads=2, linear_num_value_heads=4)
+# Kimi Linear's Kimi Delta Attention: H heads of 32 (ssm_f_b's and ssm_g_b's rows a block wide), a convolution
+# of 4, every 4th layer latent attention
+KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=32, linear_num_heads=H)
+KIMI_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -448,6 +452,15 @@ def hf_model(name: str):
             **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, rope_parameters={
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
+        # Kimi Delta Attention in three layers of four, latent attention without RoPE (q straight from x) in the
+        # fourth; a dense first layer, then sigmoid routing with a selection bias, renormalized and weighed × 2,
+        # beside a shared expert (rms_norm_eps: transformers' l2norm of q and k takes a fixed 1e-6, llama.cpp's
+        # the file's)
+        "kimi-linear": lambda: tf.KimiLinearForCausalLM(tf.KimiLinearConfig(
+            **{**common, **MLA, "rms_norm_eps": 1e-6}, num_hidden_layers=len(KIMI_LAYERS), q_lora_rank=None,
+            layer_types=list(KIMI_LAYERS), mlp_layer_types=["dense"] + ["sparse"] * (len(KIMI_LAYERS) - 1),
+            num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+            n_shared_experts=1, routed_scaling_factor=2.0, tie_word_embeddings=False, **KIMI_KDA)),
         # Qwen3.5 with experts and a gated shared expert in every layer
         "qwen35moe": lambda: tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(
             **common, num_hidden_layers=4, head_dim=32, tie_word_embeddings=False, **QWEN35_DELTA, num_experts=EXPERTS,
@@ -556,6 +569,27 @@ def mpt_config(d: Path) -> None:
     name llama.cpp's converter reads (transformers writes MptForCausalLM)."""
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["MPTForCausalLM"]}))
+
+
+def kimi_linear_converter_layout(d: Path) -> None:
+    """The tiny Kimi Linear's directory as the converter reads the published checkpoints: config.json's
+    linear_attn_config (its full-attention layers counted from 1), first_k_dense_replace and the router's
+    sigmoid, and the dense layer's MLP under mlp. (transformers saves it under block_sparse_moe, and
+    reads either)."""
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((d / "config.json").read_text())
+    types = cfg["layer_types"]
+    cfg.update(linear_attn_config={
+        "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+        "kda_layers": [i + 1 for i, t in enumerate(types) if t != "full_attention"],
+        "short_conv_kernel_size": cfg["linear_conv_kernel_dim"], "head_dim": cfg["linear_head_dim"],
+        "num_heads": cfg["linear_num_heads"]},
+        first_k_dense_replace=cfg["mlp_layer_types"].index("sparse"), moe_router_activation_func="sigmoid")
+    (d / "config.json").write_text(json.dumps(cfg))
+    path = d / "model.safetensors"
+    dense = tuple(f"block_sparse_moe.{n}_proj." for n in ("gate", "up", "down"))
+    save_file({(k.replace("block_sparse_moe.", "mlp.") if any(x in k for x in dense) else k): v
+               for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
 
 
 def randomized(model, name: str):
@@ -788,15 +822,15 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen, stablelm,
-                        starcoder, xverse)
+                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen,
+                        stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (MPT's falls back to SEA-LION's ids,
-# XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through protobuf); Gemma 4's only its own BPE
-# one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
+# falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
+# protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -809,7 +843,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     bloom.BloomModel.set_vocab = mpt.MPTModel.set_vocab = \
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
-    xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
+    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -917,6 +952,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             nemotron_h_config(d)
         if name == "mpt":  # the published checkpoints' class name, which the converter reads
             mpt_config(d)
+        elif name == "kimi-linear":
+            kimi_linear_converter_layout(d)
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -1016,7 +1053,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     fam = FAMILIES[arch]
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
-              else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net
+              else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
                     "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS,
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
@@ -1120,6 +1157,16 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
+    if fam.kda:  # Kimi Linear's KDA layers (no KV heads) and latent attention without RoPE, its routing
+        #          (tests/family_models.hf_model's kimi-linear)
+        rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
+        md.update({f"{arch}.attention.head_count_kv": [0 if t == "linear_attention" else 1 for t in KIMI_LAYERS],
+                   f"{arch}.kda.head_dim": KIMI_KDA["linear_head_dim"],
+                   f"{arch}.ssm.conv_kernel": KIMI_KDA["linear_conv_kernel_dim"],
+                   f"{arch}.attention.kv_lora_rank": rank, f"{arch}.attention.key_length_mla": nope + rope,
+                   f"{arch}.attention.value_length_mla": v, f"{arch}.rope.dimension_count": rope,
+                   f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_scale": 2.0,
+                   f"{arch}.leading_dense_block_count": 1})
     if arch == "minicpm3":  # its converter's latent attention: attn_kv_b whole, values D / H wide
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
@@ -1204,6 +1251,16 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
                                                                 / math.sqrt(CONV_KERNEL), "F32")})
+        elif c.is_delta(i) and fam.kda:  # Kimi Delta Attention: q, k, v and their kernels (F32) apart,
+            inner, dk, L = c.ssm_inner, c.ssm_head_dim, c.ssm_conv_kernel  # the decay and gate low-rank
+            w.update({**{p + f"attn_{x}.weight": mat(inner, D) for x in "qkv"},
+                      **{p + f"ssm_conv1d_{x}.weight": ops.quantize(torch.randn(inner, L, generator=g) / math.sqrt(L),
+                                                                    "F32") for x in "qkv"},
+                      p + "ssm_f_a.weight": mat(dk, D), p + "ssm_f_b.weight": mat(inner, dk),
+                      p + "ssm_g_a.weight": mat(dk, D), p + "ssm_g_b.weight": mat(inner, dk),
+                      p + "ssm_beta.weight": mat(H, D), p + "attn_output.weight": mat(D, inner),
+                      p + "ssm_a": -vec(H, 1.0).abs(), p + "ssm_dt.bias": vec(inner),
+                      p + "ssm_norm.weight": vec(dk, 1.0)})
         elif c.is_delta(i):  # a Gated DeltaNet in place of attention; its kernel in F32, as llama.cpp keeps it
             ch = c.ssm_conv_channels
             w.update({p + "attn_qkv.weight": mat(ch, D), p + "attn_gate.weight": mat(hv * dk, D),
@@ -1253,8 +1310,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
-                        "nemotron_h_moe"):
-                w[p + "exp_probs_b.bias"] = vec(EXPERTS)  # a bias that picks the experts
+                        "nemotron_h_moe", "kimi-linear"):
+                # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
+                # where its DeltaNets' and latent attention's drift would flip near ties)
+                w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)
         elif arch in ("phi3", "glm4"):  # fused gate/up
             w[p + "ffn_up.weight"] = mat(2 * F, D)
         elif not fam.gated:

@@ -917,8 +917,8 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
-                                      "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
-                                      "mamba", "gpt2", "starcoder", "bloom", "mpt"))
+                                      "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
+                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1693,13 +1693,14 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
-                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "bitnet", "exaone",
-                         "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl", "qwen3vl",
+                         "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("rwkv6", "recurrent"), ("kimi-linear", "recurrent"), ("bert", "encoder"),
+                      ("rwkv6", "recurrent"), ("plamo2", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

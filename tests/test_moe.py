@@ -32,6 +32,7 @@ converter (tests/family_models.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -45,7 +46,9 @@ from lowtune.export import export_hf, export_lora_gguf, export_merged_gguf, expo
 from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
-from lowtune.model import DELTA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES, Model, ModelConfig
+from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES,
+                           Model, ModelConfig)
+from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
@@ -59,7 +62,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -96,7 +99,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe") + DEEPSEEK
+              "cohere2moe", "kimi-linear") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -141,8 +144,8 @@ def test_logits_match_transformers(moe, name):
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # their sigmoid routing, selection bias,
-            # renorm and scale matter
+        # their sigmoid routing, selection bias, renorm and scale matter
+        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
         if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
@@ -166,14 +169,14 @@ def test_logits_match_transformers(moe, name):
 
 
 @pytest.mark.llamacpp
-# (LFM2-MoE and Qwen3.5-MoE: their convolutions' and DeltaNets' activations lose more to llama.cpp's
+# (LFM2-MoE, Qwen3.5-MoE and Kimi Linear: their convolutions' and DeltaNets' activations lose more to llama.cpp's
 # rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
 @pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
-                                                      "nemotron_h_moe", "cohere2moe") else 5e-3)
+                                                      "nemotron_h_moe", "cohere2moe", "kimi-linear") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -183,7 +186,8 @@ def test_logits_match_transformers(moe, name):
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
                          # 0.01 % routed to all four experts)
                          + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
-                            ("nemotron_h_moe", "Q4_0", 1e-2), ("cohere2moe", "Q4_0", 1e-2)]
+                            ("nemotron_h_moe", "Q4_0", 1e-2), ("cohere2moe", "Q4_0", 1e-2),
+                            ("kimi-linear", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -398,7 +402,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe"):
+                           "cohere2moe", "kimi-linear"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -417,9 +421,9 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
     attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
-    if name in DEEPSEEK:
+    if name in DEEPSEEK + ("kimi-linear",):
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
-            {"attn_q"} if name == "deepseek2-lite" else {"attn_q_a", "attn_q_b"})
+            {"attn_q"} if name in ("deepseek2-lite", "kimi-linear") else {"attn_q_a", "attn_q_b"})
     c = model.config
     for i, layer in enumerate(model.layers):  # (the FFN of a dense first layer is adapted too, and shared experts)
         names = {k.rsplit(".", 1)[-1] for k in ads if k.startswith(f"layers.{i}.")}
@@ -428,6 +432,8 @@ def test_adapters_train_through_the_experts(moe, name):
             attention_i = {"in_proj", "out_proj"}
         elif layer.mamba is not None:  # (Mamba2 layers; Jamba's Mamba layers)
             attention_i = set(MAMBA_LINEAR_NAMES) if name == "jamba" else {"ssm_in", "ssm_out"}
+        elif layer.delta_net and name == "kimi-linear":  # (Kimi Delta Attention's)
+            attention_i = set(KDA_LINEAR_NAMES)
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
         m = layer.ffn_moe
@@ -441,7 +447,7 @@ def test_adapters_train_through_the_experts(moe, name):
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
-                                            ("nemotron_h_moe", "qa-lora", 1e-2)])
+                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -472,14 +478,16 @@ def test_exports(moe, tmp_path, name):
     peft_run, peft_model = tmp_path / "run", model
     lora_run, lora_model = tmp_path / "run", model
     attention = ("attn_q", "attn_k", "attn_v", "attn_output")
-    if name in DEEPSEEK:  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the FFN only
+    if name in DEEPSEEK + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
+        #                                      FFN only (kimi-linear's on the FFN and its latent attention's output)
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
             export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
         with pytest.raises(ValueError, match="kv_b_proj"):  # (attn_k_b's heads are kv_b_proj's rows transposed)
             export_peft(base, peft_run, tmp_path / "peft")
         lora_run = tmp_path / "ffn"
         lora_model = make_adapter(base, lora_run / "adapter", "lora", rel=0.2, rank=4,
-                                  targets=("attn_output", "ffn_gate", "ffn_up", "ffn_down", *SHARED_EXPERT_NAMES))
+                                  targets=("ffn_gate", "ffn_up", "ffn_down", *SHARED_EXPERT_NAMES)
+                                  + (() if name == "kimi-linear" else ("attn_output",)))
         attention = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output")
     if any(".ffn_" in k for k in adapters.adapters_of(model)):  # (a dense first layer's FFN, or shared experts)
         with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
@@ -506,10 +514,11 @@ def test_exports(moe, tmp_path, name):
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
-    if name == "nemotron_h_moe":  # (lowtune has no Hugging Face names for Nemotron-H's tensors)
-        with pytest.raises(ValueError, match="no Hugging Face names for architecture 'nemotron_h_moe'"):
+    if name in ("nemotron_h_moe", "kimi-linear"):  # (lowtune has no Hugging Face names for their tensors)
+        with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
             export_peft(base, peft_run, tmp_path / "peft")
-    elif name == "jamba":  # (lowtune has no Hugging Face names for it: read and written as GGUF)
+        return
+    if name == "jamba":  # (lowtune has no Hugging Face names for it: read and written as GGUF)
         with pytest.raises(ValueError, match="jamba"):
             export_peft(base, peft_run, tmp_path / "peft")
         with pytest.raises(ValueError, match="JambaForCausalLM.*is not supported"):
@@ -575,7 +584,8 @@ def test_what_is_refused(moe):
         family_of_hf(["Glm4MoeForCausalLM"])
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
-                         "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM"):
+                         "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
+                         "KimiLinearForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -701,3 +711,55 @@ def test_hunyuan_moe_shared_expert_width(moe):
     md = {**md, "hunyuan-moe.feed_forward_length": 48}
     del md["hunyuan-moe.expert_shared_feed_forward_length"]
     assert ModelConfig.from_gguf_metadata(md).shared_expert_ffn_dim == 48
+
+
+@pytest.mark.transformers
+def test_kimi_linear_layers_and_variants(moe, tmp_path):
+    """Kimi Linear: Kimi Delta Attention where the file gives no KV heads (q, k and v convolved apart, a decay
+    for each key channel, the sigmoid-gated output norm), latent attention without RoPE (q straight from x),
+    the experts' weights renormalized though the file has no expert_weights_norm (llama.cpp's graph); the
+    decay's bias for each key channel moves transformers' logits. A KDA layer's bf16 activations follow fp32.
+    A file without kda.head_dim, with KDA q/k heads other than its value heads, or with q, k and v fused into
+    attn_qkv, is refused by name."""
+    model = Model.from_gguf(moe["kimi-linear"].gguf)
+    c, md = model.config, model.metadata
+    assert (c.delta_layers, c.moe_layers, c.no_rope) == ((0, 1, 2), (1, 2, 3), True)
+    assert (c.q_lora_rank, c.kv_lora_rank) == (0, 32)
+    assert (c.ssm_k_heads, c.ssm_head_dim, c.ssm_conv_kernel, c.renorms_experts) == (4, 32, 4, True)
+    assert "kimi-linear.expert_weights_norm" not in md
+    kda = [layer for layer in model.layers if layer.delta_net]
+    assert kda[0].ssm_conv1d.shape == (3 * c.ssm_inner, 4) and not hasattr(kda[0], "attn_qkv")
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("kimi-linear")(ids).logits
+        got = model(ids)
+        assert rel_err(got, want) < 1e-4
+        kept = [layer.ssm_dt for layer in kda]
+        for layer in kda:  # dt's bias one a head in place of one for each key channel
+            layer.ssm_dt = layer.ssm_dt.view(c.ssm_k_heads, -1).mean(-1, keepdim=True).expand(-1, c.ssm_head_dim)
+        assert rel_err(model(ids), want) > 1e-3
+        for layer, dt in zip(kda, kept):
+            layer.ssm_dt = dt
+        assert rel_err(model(ids), want) < 1e-4
+        # (the logits move by 10 % in bf16: its router flips experts near ties, as test_cuda's bound allows)
+        bf16 = Model.from_gguf(moe["kimi-linear"].gguf, dtype=torch.bfloat16)
+        inputs = []
+        model.layers[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+        model(ids)
+        h = model.layers[0].attn_norm(inputs[0])
+        kda_bf16 = bf16.layers[0].delta_net_branch(h.bfloat16()).float()
+    assert rel_err(kda_bf16, model.layers[0].delta_net_branch(h)) < 2e-2
+    with pytest.raises(ValueError, match="lacks.*kda.head_dim"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "kimi-linear.kda.head_dim"})
+    with pytest.raises(ValueError, match="as many of each"):
+        dataclasses.replace(c, ssm_v_heads=8).check()
+    # its convolution kernels stay in F32 whatever the type, as llama-quantize keeps them
+    assert [choose_type("Q4_0", f"blk.0.ssm_conv1d_{x}.weight", (128, 32)).name for x in "qkv"] == ["F32"] * 3
+    with GGUFFile(moe["kimi-linear"].gguf) as f:
+        types = dict(f.metadata_types)
+        tensors = {n: f.tensor(n) for n in f.tensor_infos}
+    qkv = [tensors.pop(f"blk.0.attn_{x}.weight") for x in "qkv"]
+    tensors["blk.0.attn_qkv.weight"] = torch.cat([torch.as_tensor(t) for t in qkv])
+    write_gguf(tmp_path / "fused.gguf", md, list(tensors.items()), metadata_types=types)
+    with pytest.raises(ValueError, match="fuses the Kimi Delta Attention layers' q, k and v into attn_qkv"):
+        Model.from_gguf(tmp_path / "fused.gguf")

@@ -475,16 +475,21 @@ def export_lora_gguf(model, adapter, out, dtype: str = "F32", rank: int | None =
         pairs = ad.lora_pairs(base)
         arch = base.metadata["general.architecture"]
         base_name = base.metadata.get("general.name", "model")
+        kda = ModelConfig.from_gguf_metadata(base.metadata).delta_layers if FAMILIES[arch].kda else ()
     finally:
         base.close()
     # llama.cpp's deepseek2 and minicpm3 graphs multiply q, the latents, k_b and v_b (or kv_b) without its LoRA
-    # (attn_output and the FFN take it): such adapters would be dropped without a word
-    latent = sorted(n for n in pairs if FAMILIES[arch].mla and n.split(".")[2] in MLA_LINEAR_NAMES[:-1])
+    # (attn_output and the FFN take it), kimi-linear's also every linear of its KDA layers: such adapters would
+    # be dropped without a word
+    latent = sorted(n for n in pairs if FAMILIES[arch].mla and n.split(".")[2] in MLA_LINEAR_NAMES[:-1]
+                    or int(n.split(".")[1]) in kda and not n.split(".")[2].startswith("ffn_"))
     if latent:
         raise ValueError(f"llama.cpp applies no GGUF LoRA to {latent[0]} (...): its {arch} graph multiplies q, the "
-                         "latents, attn_k_b/attn_v_b (or attn_kv_b) without one, only attn_output and the FFN take it. "
-                         "Export the merged GGUF, or train with --targets attn_output,ffn_gate,ffn_up,ffn_down,"
-                         "ffn_gate_shexp,ffn_up_shexp,ffn_down_shexp")
+                         "latents, attn_k_b/attn_v_b (or attn_kv_b)"
+                         + (" and its Kimi Delta Attention layers' linears" if kda else "")
+                         + " without one, only attn_output and the FFN take it. "
+                         "Export the merged GGUF, or train with --targets " + ("" if kda else "attn_output,")
+                         + "ffn_gate,ffn_up,ffn_down,ffn_gate_shexp,ffn_up_shexp,ffn_down_shexp")
     alpha = max(a.shape[0] for a, _ in pairs.values())
     tensors = []
     for name, (a, b) in pairs.items():

@@ -80,6 +80,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen          neox  silu       -           -         -          -                        if the file gives one
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
+    kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -211,6 +212,14 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   renormalized, a shared expert scaled by a sigmoid gate). Qwen3-Next (qwen3next: Qwen3-Next-80B-A3B)
   is Qwen3.5-MoE as its converter writes it: value heads grouped by q/k head (not tiled), b and a in
   one tensor (ssm_ba, each q/k head's b then its a), plain NEOX RoPE without M-RoPE sections.
+  Kimi Linear (kimi-linear: Kimi-Linear-48B-A3B) interleaves Kimi Delta Attention (Family.kda) with
+  DeepSeek's latent attention without RoPE: the layers whose head_count_kv is 0 run the Gated DeltaNet
+  with attn_q, attn_k and attn_v each through its own causal convolution (ssm_conv1d_q/k/v), a decay for
+  each key channel ssm_a · softplus(ssm_f_b(ssm_f_a(x)) + dt), beta = sigmoid(ssm_beta(x)), and each
+  head's output RMS-normed (ssm_norm) times sigmoid(ssm_g_b(ssm_g_a(x))) into attn_output; the others
+  attend through latents (q straight from x). Its first leading_dense_block_count layers are dense, the
+  others DeepSeek-V3's experts (sigmoid routing, the selection bias, renormalized, weighed by
+  expert_weights_scale) beside shared experts.
   GLM-4.5 MoE (glm4moe: GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7) is DeepSeek's routing (sigmoid, the
   selection bias, the file's expert_weights_norm and expert_weights_scale, dense first layers, shared
   experts) after attention with q/k/v biases, RoPE on part of each head and per-head q/k norms where
@@ -396,6 +405,8 @@ class Family:
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
     delta_heads_grouped: bool = False  # a DeltaNet's value head i reads q/k head i // (value heads per q/k head)
     #                                    (Qwen3-Next); False: i mod (q/k heads), Qwen3.5's converter's tiling
+    kda: bool = False                  # the layers with no KV heads in the file run Kimi Delta Attention: the
+    #                                    Gated DeltaNet with a decay for each key channel (Kimi Linear)
     embed_scale: bool = False          # token embeddings multiplied by sqrt(D) (fp32)
     nope_period: int = 0               # every nope_period-th layer has no RoPE (0: every layer rotates)
     nope_global: bool = False          # in a model with sliding layers the global ones have no RoPE
@@ -611,6 +622,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, moe=True, moe_shared_gate=True),
     Family("qwen3next", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
+    # (llama.cpp's kimi-linear renormalizes the chosen experts' weights whatever the file says: moe_renorm)
+    Family("kimi-linear", moe=True, moe_gating=2, moe_weight_keys=True, mla=True, nope=True, kda=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
     # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
@@ -642,7 +655,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
-              "nemotron_h", "plamo2", "kimi-linear"}
+              "nemotron_h", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -705,7 +718,7 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2 and jamba)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba and kimi-linear)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -43,6 +43,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.ssm_alpha/beta/out  QLinear             with ssm_conv1d [C, L], ssm_a, ssm_dt (frozen buffers) and
     blk.N.ssm_norm            RMSNorm [d_v]       (DecoderLayer.delta_net_branch); Qwen3.5's attn_q [2·H*hd, D]
                                                   gives each head's q, then its output gate
+    blk.N.attn_q/k/v, ssm_f_a/f_b, ssm_beta, ssm_g_a/g_b, attn_output (QLinear) in place of attention in
+                              Kimi Linear's KDA layers, with ssm_conv1d_q/k/v joined as ssm_conv1d [3·H*d_k, L]
     output_norm               RMSNorm             (LFM2's file names it token_embd_norm)
     output                    QLinear [V, D]      absent when tied: token_embd's blocks are reused
 
@@ -93,6 +95,10 @@ CONV_LINEAR_NAMES = ("in_proj", "out_proj")
 # convolution, z (the output norm's gate), alpha (the decay's), beta (or both in Qwen3-Next's ssm_ba, head
 # by head), and the output
 DELTA_LINEAR_NAMES = ("attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_ba", "ssm_out")
+# the linears of a Kimi Delta Attention layer (Kimi Linear), in place of the four attention ones: q, k and v
+# (each into its own convolution), the decay's low-rank pair f_a/f_b, beta, the output gate's g_a/g_b, the output
+KDA_LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "ssm_f_a", "ssm_f_b", "ssm_beta", "ssm_g_a", "ssm_g_b",
+                    "attn_output")
 # the linears of a Mamba2 layer (Granite 4's hybrids), in place of the four attention ones; modules blk.N.<name>
 SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 # the linears of a Mamba 1 layer (Mamba): Mamba2's and the scan's inputs, ssm_x (dt, B, C) and ssm_dt (dt)
@@ -109,7 +115,7 @@ QK_NORM_NAMES = ("attn_q_norm", "attn_k_norm")
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
 ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES
-                                     + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES))
+                                     + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES + KDA_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +197,8 @@ class ModelConfig:
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
     mlp_layers: tuple[int, ...] | None = None  # the layers that are an MLP alone, the others a mixer alone
     #                               (Nemotron-H: Family.layer_parts); None: every layer a mixer and an FFN
-    delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5)
+    delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5; Kimi Delta
+    #                                     Attention's: Family.kda)
     ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
     ssm_k_heads: int = 0          # their q/k heads (ssm.group_count), each d_k = ssm_head_dim wide
     ssm_v_heads: int = 0          # their value heads (ssm.time_step_rank), each ssm_inner / ssm_v_heads wide
@@ -458,7 +465,8 @@ class ModelConfig:
             if fam.moe_weight_keys:  # (DeepSeek's keys; a shared expert's width where the file gives it)
                 width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
                 experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
-                experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
+                if not fam.kda:  # (kimi-linear: the family's moe_renorm, as llama.cpp's graph)
+                    experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
                 experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
             groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
             if groups > 1:
@@ -532,7 +540,7 @@ class ModelConfig:
             n_kv_heads, conv = global_kv_heads, {}
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
-        delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net else {}
+        delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net or fam.kda else {}
         if f"{arch}.{fam.eps_key}" not in md and f"{arch}.attention.layer_norm_epsilon" in md:
             raise ValueError(f"this {arch} file gives its norms' epsilon under LayerNorm's key "
                              "(attention.layer_norm_epsilon, as llama.cpp's converter writes Qwen's "
@@ -597,8 +605,11 @@ class ModelConfig:
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
             raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
                              f"must be at least 2 and the layers among the {self.n_layers} there are")
-        if self.delta_layers and not self.family.delta_net:
+        if self.delta_layers and not (self.family.delta_net or self.family.kda):
             raise ValueError(f"{self.arch} has no Gated DeltaNet layers (Qwen3.5 has)")
+        if self.family.kda and self.ssm_k_heads != self.ssm_v_heads:
+            raise ValueError(f"Kimi Delta Attention of {self.ssm_k_heads} q/k heads and {self.ssm_v_heads} value "
+                             "heads: llama.cpp's kimi-linear runs as many of each")
         if self.delta_layers and (self.ssm_conv_kernel < 2 or not self.ssm_k_heads or not self.ssm_v_heads
                                   or self.ssm_v_heads % self.ssm_k_heads or self.ssm_inner % self.ssm_v_heads):
             raise ValueError(f"Gated DeltaNet of {self.ssm_k_heads} q/k heads, {self.ssm_v_heads} value heads "
@@ -644,6 +655,8 @@ def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
     """The Gated DeltaNet fields of ModelConfig from a file's metadata (llama.cpp's rule: the layers
     attention.recurrent_layers marks, else all but every full_attention_interval-th, 4 by default)."""
     arch = fam.arch
+    if fam.kda:  # (Kimi Linear: the layers with no KV heads; as many q/k heads as value heads, kda.head_dim wide)
+        return _kda_fields(md, arch, n_layers)
     flags = md.get(f"{arch}.attention.recurrent_layers")
     if flags is None:
         every = int(md.get(f"{arch}.full_attention_interval", 4) or 4)
@@ -655,6 +668,20 @@ def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
     return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
             **{f: int(md[f"{arch}.{k}"]) for f, k in keys.items()}}
+
+
+def _kda_fields(md: Mapping, arch: str, n_layers: int) -> dict:
+    """The Kimi Delta Attention fields of ModelConfig, as llama.cpp's kimi-linear reads them: the layers
+    whose head_count_kv is 0, head_count heads of kda.head_dim, a convolution of ssm.conv_kernel."""
+    keys = [f"{arch}.{k}" for k in ("kda.head_dim", "ssm.conv_kernel")]
+    missing = [k for k in keys if k not in md]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Kimi Delta Attention layers need")
+    kv = md.get(f"{arch}.attention.head_count_kv", 1)
+    counts = [int(k) for k in kv[:n_layers]] if isinstance(kv, (list, tuple)) else [int(kv)] * n_layers
+    heads, dk = int(md[f"{arch}.attention.head_count"]), int(md[keys[0]])
+    return {"delta_layers": tuple(i for i, k in enumerate(counts) if k == 0), "ssm_conv_kernel": int(md[keys[1]]),
+            "ssm_k_heads": heads, "ssm_v_heads": heads, "ssm_head_dim": dk, "ssm_inner": heads * dk}
 
 
 @dataclass(frozen=True)
@@ -755,13 +782,13 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
         return int(kv), {}
     counts = [int(k) for k in kv[:n_layers]]
     attention = sorted({k for k in counts if k})
-    if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2 or fam.mamba1)):
+    if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2 or fam.mamba1 or fam.kda)):
         raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
                          "every attention layer (and layers without attention only as LFM2's short convolutions "
                          "and Granite 4's Mamba2 layers)")
     conv = tuple(i for i, k in enumerate(counts) if k == 0 and i not in mlp_layers)
-    if not conv:
-        return attention[0], {}
+    if not conv or fam.kda:  # (Kimi Linear's layers without KV heads: _kda_fields')
+        return (attention or [n_heads])[0], {}
     if fam.mamba2 or fam.mamba1:  # (Mamba 1's layers: Jamba)
         shape = (MambaShape if fam.mamba1 else SSMShape).from_gguf_metadata(md, arch)
         return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": shape}
@@ -957,9 +984,10 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.sub_norms:
         out.update(attn_sub_norm=(c.n_heads * c.v_dim,), ffn_sub_norm=(c.ffn_dim,))
-    if c.q_lora_rank:
+    latent = c.kv_lora_rank and (layer is None or c.has_attention(layer))  # (Kimi Linear's KDA layers: none)
+    if latent and c.q_lora_rank:
         out["attn_q_a_norm"] = (c.q_lora_rank,)
-    if c.kv_lora_rank:
+    if latent:
         out["attn_kv_a_norm"] = (c.kv_lora_rank,)
     if fam.qk_norm and not (layer is not None and not c.has_attention(layer)):
         whole = fam.qk_norm == "whole"
@@ -1574,7 +1602,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = names[4:] + (ssm if config.is_ssm(index) else ())
         if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
             fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
-            names = tuple(n for n in DELTA_LINEAR_NAMES if n not in fused_ba) + names
+            delta = KDA_LINEAR_NAMES if config.family.kda else DELTA_LINEAR_NAMES
+            names = tuple(n for n in delta if n not in fused_ba) + names
     elif config.kv_lora_rank:
         names = tuple(latent_linear_shapes(config)) + names[4:]
     elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
@@ -1620,9 +1649,10 @@ class DecoderLayer(nn.Module):
         # between ssm_in and ssm_out (Granite 4; Mamba 1's, around ssm_x and ssm_dt: Mamba)
         self.mamba = (Mamba if fam.mamba1 else Mamba2)(c, index, w) if c.is_ssm(index) else None
         self.delta_net = c.is_delta(index)  # a Gated DeltaNet in place of attention (Qwen3.5): its frozen parts
-        if self.delta_net:
-            self.register_buffer("ssm_conv1d", _table(w[p + "ssm_conv1d.weight"]).reshape(c.ssm_conv_channels, -1),
-                                 persistent=False)
+        if self.delta_net:  # (Kimi Delta Attention's q, k and v kernels apart, joined as one convolution's)
+            kernels = [p + f"ssm_conv1d_{x}.weight" for x in "qkv"] if fam.kda else [p + "ssm_conv1d.weight"]
+            self.register_buffer("ssm_conv1d", torch.cat([_table(w[k]).reshape(-1, c.ssm_conv_kernel)
+                                                          for k in kernels]), persistent=False)
             self.register_buffer("ssm_a", _vector(w[p + "ssm_a"]), persistent=False)  # -exp(A_log)
             self.register_buffer("ssm_dt", _vector(w[p + "ssm_dt.bias"]), persistent=False)
             self.ssm_norm = RMSNorm(w[p + "ssm_norm.weight"], c.norm_eps)
@@ -1878,29 +1908,45 @@ class DecoderLayer(nn.Module):
         (the converter tiles Qwen3.5's value heads so; Qwen3-Next's are grouped: head i // (value heads per
         q/k head)); gated_delta_rule with the decay ssm_a · softplus(alpha +
         dt) and beta = sigmoid(ssm_beta(h)); each head's output RMS-normed, times silu(attn_gate(h)),
-        through ssm_out."""
+        through ssm_out. Kimi Delta Attention (Family.kda), as llama.cpp's kimi-linear: attn_q, attn_k and
+        attn_v each through its own convolution, as many q/k heads as value heads, a decay for each key
+        channel ssm_a · softplus(ssm_f_b(ssm_f_a(h)) + dt), and the output times sigmoid(ssm_g_b(ssm_g_a(h)))
+        through attn_output."""
         c = self.config
         b, t, _ = h.shape
         hk, hv, dk, dv = c.ssm_k_heads, c.ssm_v_heads, c.ssm_head_dim, c.ssm_inner // c.ssm_v_heads
-        mixed = self.attn_qkv(h).float().transpose(1, 2)                      # [B, channels, T], in fp32
+        fam = c.family
+        qkv = torch.cat(self._products(h, self.PRODUCT_GROUPS[0]), -1) if fam.kda else self.attn_qkv(h)
+        mixed = qkv.float().transpose(1, 2)                                   # [B, channels, T], in fp32
         mixed = F.silu(causal_conv(mixed, self.ssm_conv1d, None, cache, self.index, start)).transpose(1, 2)
         q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps) for x in (q, k))
+        if fam.kda:  # (x / √(Σx² + eps), as llama.cpp's build_gdn_l2_norm and transformers' l2norm)
+            q, k = (x.view(b, t, hk, dk) * torch.rsqrt(x.view(b, t, hk, dk).square().sum(-1, keepdim=True)
+                                                        + c.norm_eps) for x in (q, k))
+        else:
+            q, k = (F.normalize(x.float().view(b, t, hk, dk), dim=-1, eps=c.norm_eps) for x in (q, k))
         if c.family.delta_heads_grouped:
             q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
         else:
             q, k = q.repeat(1, 1, hv // hk, 1), k.repeat(1, 1, hv // hk, 1)
-        if hasattr(self, "ssm_ba"):  # (Qwen3-Next: each q/k head's b, then its a)
+        if fam.kda:  # (a decay for each key channel: low-rank f_a, f_b)
+            beta = self.ssm_beta(h).float()
+            alpha = self.ssm_f_b(self.ssm_f_a(h)).float().view(b, t, hk, dk)
+        elif hasattr(self, "ssm_ba"):  # (Qwen3-Next: each q/k head's b, then its a)
             beta, alpha = self.ssm_ba(h).float().view(b, t, hk, 2, hv // hk).unbind(3)
             beta, alpha = beta.reshape(b, t, hv), alpha.reshape(b, t, hv)
         else:
             beta, alpha = self.ssm_beta(h).float(), self.ssm_alpha(h).float()
         beta = torch.sigmoid(beta)
-        g = self.ssm_a * F.softplus(alpha + self.ssm_dt)
+        g = self.ssm_a[:, None] * F.softplus(alpha + self.ssm_dt.view(hk, dk)) if fam.kda else \
+            self.ssm_a * F.softplus(alpha + self.ssm_dt)
         state = cache.recurrent_state.get(self.index) if cache is not None and start else None
         o, state = gated_delta_rule(q * dk ** -0.5, k, v.view(b, t, hv, dv), g, beta, state)
         if cache is not None:
             cache.recurrent_state[self.index] = state
+        if fam.kda:  # (the output gate's sigmoid, through attn_output)
+            z = self.ssm_g_b(self.ssm_g_a(h)).view(b, t, hv, dv)
+            return self.attn_output((self.ssm_norm(o) * torch.sigmoid(z.float())).to(h.dtype).reshape(b, t, -1))
         z = self.attn_gate(h).view(b, t, hv, dv)
         o = (self.ssm_norm(o) * F.silu(z.float())).to(h.dtype)
         return self.ssm_out(o.reshape(b, t, hv * dv))
@@ -2288,7 +2334,8 @@ class Model(nn.Module):
         for layer in self.layers:
             conv = layer.shortconv
             lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES
-                                                                   + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES)]
+                                                                   + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES
+                                                                   + KDA_LINEAR_NAMES)]
             for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
@@ -2340,6 +2387,14 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                     "ssm_out.weight": (c.dim, c.ssm_inner), "ssm_conv1d.weight": (ch, c.ssm_conv_kernel),
                     "ssm_a": (c.ssm_v_heads,), "ssm_dt.bias": (c.ssm_v_heads,),
                     "ssm_norm.weight": (c.ssm_inner // max(c.ssm_v_heads, 1),)}
+    if c.family.kda:  # (Kimi Delta Attention: q, k, v and their kernels apart, low-rank decay and gate)
+        inner, dk = c.ssm_inner, c.ssm_head_dim
+        delta_shapes = {**{f"attn_{x}.weight": (inner, c.dim) for x in "qkv"},
+                        **{f"ssm_conv1d_{x}.weight": (inner, c.ssm_conv_kernel) for x in "qkv"},
+                        "ssm_f_a.weight": (dk, c.dim), "ssm_f_b.weight": (inner, dk), "ssm_g_a.weight": (dk, c.dim),
+                        "ssm_g_b.weight": (inner, dk), "ssm_beta.weight": (c.ssm_v_heads, c.dim),
+                        "attn_output.weight": (c.dim, inner), "ssm_a": (c.ssm_v_heads,), "ssm_dt.bias": (inner,),
+                        "ssm_norm.weight": (dk,)}
     if c.n_experts:  # the experts' tensors [E, F, D] / [E, D, F], read as [E·F, D] / [E·D, F]
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
@@ -2401,6 +2456,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             else:
                 layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.is_delta(i):  # the Gated DeltaNet's tensors in place of the attention's
+            # (llama.cpp's graph reads a fused attn_qkv too; its converter writes q, k and v apart)
+            if c.family.kda and p + "attn_qkv.weight" in w:
+                raise ValueError(f"this {c.arch} file fuses the Kimi Delta Attention layers' q, k and v into "
+                                 "attn_qkv, which lowtune does not split; convert the checkpoint with llama.cpp's "
+                                 "convert_hf_to_gguf.py, which writes attn_q, attn_k and attn_v")
             own = dict(delta_shapes)
             if p + "ssm_ba.weight" in w:  # (Qwen3-Next: b and a in one tensor)
                 del own["ssm_alpha.weight"], own["ssm_beta.weight"]

@@ -73,9 +73,10 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
              "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_0": "Q4_0",
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
-# matrices llama-quantize leaves in floats whatever the type (LFM2's, Mamba2's and Qwen3.5's convolution
-# kernels; Mamba2's A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices)
-_KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight")
+# matrices llama-quantize leaves in floats whatever the type (LFM2's, Mamba2's, Qwen3.5's and Kimi Linear's
+# convolution kernels; Mamba2's A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices)
+_KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", "ssm_conv1d_q.weight", "ssm_conv1d_k.weight",
+               "ssm_conv1d_v.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight")
 
 
 def fallback(fmt: Format, k: int) -> Format:
