@@ -654,8 +654,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
-_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
-              "nemotron_h", "plamo2"}
+_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",

@@ -1625,6 +1625,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         c, fam = config.at_layer(index), config.family
         self.config, self.index = c, index
+        self.attends = c.has_attention(index)  # (a flag, not a lookup by index: compiled layers share their graphs)
         self.window = c.window(index)
         self.rope_kind = c.rope_kind(index)
         self.l2_normed = c.l2_normed(index)
@@ -1745,7 +1746,7 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if c.parallel or c.family.parallel_ssm or not (c.has_attention(i) and c.has_ffn(i)):
+        if c.parallel or c.family.parallel_ssm or not (self.attends and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
         if self.config.kv_lora_rank:  # (latent attention: no grouped q/k/v product)
@@ -1814,7 +1815,7 @@ class DecoderLayer(nn.Module):
                         normed: torch.Tensor | None = None, qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """attention_branch's attention, or its recurrent stand-in, without a Mamba2 mixer beside it."""
         c, fam = self.config, self.config.family
-        if not c.has_attention(self.index):  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
+        if not self.attends:  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
             h = self.attn_norm(x) if normed is None else normed
             if self.shortconv is not None:
                 return self.shortconv(h, cache, start)
