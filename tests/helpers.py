@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowtune import ops
+from lowtune import adapters, ops
 from lowtune.adapters import adapter_parameters
 from lowtune.data import DataStats, Dataset, pack
 from lowtune.gguf_io import write_gguf
@@ -483,3 +483,12 @@ def fill_adapters(model, generator: torch.Generator, std: float = 0.05) -> None:
     with torch.no_grad():
         for p in adapter_parameters(model):
             p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def with_filled_lora(model):
+    """`model` with LoRA (rank 4) on its default targets, only the adapters trainable, and their
+    matrices filled (fill_adapters), as the streamed-against-resident tests compare it."""
+    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+    adapters.mark_only_adapters_trainable(model)
+    fill_adapters(model, torch.Generator().manual_seed(3))
+    return model

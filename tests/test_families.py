@@ -41,7 +41,8 @@ from lowtune.tokenizer import load_tokenizer
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
                            MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, V, WINDOW, convert, gguf_of,
                            hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
-from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
+from helpers import (compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed,
+                     with_filled_lora)
 from test_streaming import assert_trains_alike
 
 
@@ -1223,11 +1224,7 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     bias and Falcon 40B's two norms of a parallel layer in the streamed layers, GPT-2's learned positions and
     BLOOM's ALiBi around them."""
     def adapted():
-        model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
+        return with_filled_lora(Model.from_gguf(gguf_of(tiny[name], "Q8_0")))
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu")
     assert plan.streamed == list(range(streaming.config.n_layers))
@@ -1246,11 +1243,7 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
-        model = Model.from_gguf(path)
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
+        return with_filled_lora(Model.from_gguf(path))
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
     c = resident.config
@@ -1280,11 +1273,7 @@ def test_layers_without_attention_stream(tiny, name):
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
-        model = Model.from_gguf(path)
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
+        return with_filled_lora(Model.from_gguf(path))
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu", disk_layers=[0, 1], source=path)
     c = resident.config

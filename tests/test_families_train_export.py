@@ -41,7 +41,7 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
 from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
                            llamacpp_perplexity, rand_ids, random_family_model, rel_err)
 from conftest import devices
-from helpers import fill_adapters, resident_and_streamed
+from helpers import resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_streaming import step_losses
 
@@ -581,11 +581,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     latent attention and experts, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed
     layers."""
     def adapted():
-        model = random_family_model(arch, dtype=torch.bfloat16)
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
+        return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
     resident, streaming, _ = resident_and_streamed(adapted, device)
     ids = rand_ids(2, 24, seed=4).to(device)

@@ -53,7 +53,7 @@ from lowtune.tokenizer import load_tokenizer
 
 from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
                            gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
-from helpers import compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed
+from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
 from test_streaming import assert_trains_alike
@@ -457,11 +457,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name,
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
 
     def adapted():
-        model = Model.from_gguf(base)
-        adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, torch.Generator().manual_seed(3))
-        return model
+        return with_filled_lora(Model.from_gguf(base))
 
     resident, streaming, plan = resident_and_streamed(adapted, "cpu")
     assert plan.streamed == list(range(resident.config.n_layers))

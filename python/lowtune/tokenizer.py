@@ -342,6 +342,16 @@ def _bpe_model(vocab: dict[str, int], merges: list, **options):
         raise ValueError(f"cannot build the BPE tokenizer from the GGUF metadata: {e}") from e
 
 
+def _sentencepiece_piece(t: str, tt: int) -> bytes:
+    """A piece's bytes in SentencePiece's spelling (Gemma 4's raw BPE spells its pieces so too): <0xNN>
+    byte tokens as that byte, special pieces as written, U+2581 as a space."""
+    if tt == BYTE and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        return bytes([int(t[3:5], 16)])
+    if tt in (CONTROL, UNKNOWN, USER_DEFINED):
+        return t.encode("utf-8", errors="surrogateescape")
+    return t.replace("\u2581", " ").encode("utf-8", errors="surrogateescape")
+
+
 class RawBPETokenizer(Tokenizer):
     """BPE over raw UTF-8 ("gemma4" in GGUF, or "gpt2" with a pre-tokenizer of _RAW_PRE), as llama.cpp runs it:
     spaces become "▁", the text is split into lines and runs of newlines (for Gemma 4 a run that is a token
@@ -376,12 +386,7 @@ class RawBPETokenizer(Tokenizer):
         return ids
 
     def _piece(self, i):
-        t, tt = self.tokens[i], self.token_types[i]
-        if tt == BYTE and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            return bytes([int(t[3:5], 16)])
-        if tt in (CONTROL, UNKNOWN, USER_DEFINED):
-            return t.encode("utf-8", errors="surrogateescape")
-        return t.replace("\u2581", " ").encode("utf-8", errors="surrogateescape")
+        return _sentencepiece_piece(self.tokens[i], self.token_types[i])
 
 
 class SPMTokenizer(Tokenizer):
@@ -425,12 +430,7 @@ class SPMTokenizer(Tokenizer):
         return ids
 
     def _piece(self, i):
-        t, tt = self.tokens[i], self.token_types[i]
-        if tt == BYTE and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            return bytes([int(t[3:5], 16)])
-        if tt in (CONTROL, UNKNOWN, USER_DEFINED):
-            return t.encode("utf-8", errors="surrogateescape")
-        return t.replace("\u2581", " ").encode("utf-8", errors="surrogateescape")
+        return _sentencepiece_piece(self.tokens[i], self.token_types[i])
 
     def decode_bytes(self, ids, skip_special=False):
         """Mirror of encoding: the space put in front of a text run (at the start, or after a
