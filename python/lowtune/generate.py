@@ -298,34 +298,41 @@ class StepDecoder:
 
     MIN_WINDOW = 64
 
-    def __init__(self, model, max_len: int, graphs: bool = True, group_products: bool = True):
-        if getattr(model, "streamer", None) is not None:
-            raise ValueError("StepDecoder needs the model's layers resident (not streamed)")
-        if model.config.family.altup:
-            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's "
-                             "copies, Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
-        if model.config.family.layer_widths:
-            raise ValueError("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 4's (layers of "
-                             "two widths, per-layer inputs, shared K/V); the model's own steps decode it")
-        if any(model.config.is_sliding(i) for i in range(model.config.n_layers)):
-            raise ValueError("StepDecoder's one mask per step cannot express sliding-window or chunked (Llama 4) "
-                             "layers")
-        if not _positions_unscaled(model.config, max_len):
-            raise ValueError("StepDecoder's captured steps cannot scale queries by position (the attention "
-                             "temperature beyond the original context)")
-        if model.config.family.qk_norm_after_rope:
-            raise ValueError("StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)")
-        if model.config.kv_lora_rank:
-            raise ValueError("StepDecoder's fused RoPE, cache write and attention take keys and values of one "
-                             "width, not latent attention's (DeepSeek): decode with graphs=False, the model's steps")
-        model.check_positions(max_len)  # (GPT-2's learned positions: its steps read their rows unchecked)
+    @staticmethod
+    def refusal(model, max_len: int) -> str | None:
+        """Why StepDecoder cannot decode `model` up to max_len positions, or None where it can."""
         c = model.config
+        if getattr(model, "streamer", None) is not None:
+            return "StepDecoder needs the model's layers resident (not streamed)"
+        if c.family.altup:
+            return ("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 3n's (AltUp's copies, "
+                    "Laurel, per-layer inputs, shared K/V); the model's own steps decode it")
+        if c.family.layer_widths:
+            return ("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 4's (layers of two "
+                    "widths, per-layer inputs, shared K/V); the model's own steps decode it")
+        if any(c.is_sliding(i) for i in range(c.n_layers)):
+            return "StepDecoder's one mask per step cannot express sliding-window or chunked (Llama 4) layers"
+        if not _positions_unscaled(c, max_len):
+            return ("StepDecoder's captured steps cannot scale queries by position (the attention temperature "
+                    "beyond the original context)")
+        if c.family.qk_norm_after_rope:
+            return "StepDecoder's fused RoPE and cache write cannot norm k after RoPE (Hunyuan)"
+        if c.kv_lora_rank:
+            return ("StepDecoder's fused RoPE, cache write and attention take keys and values of one width, not "
+                    "latent attention's (DeepSeek): decode with graphs=False, the model's steps")
         if c.stateful_layers:
             mamba2 = ("Mamba state (Mamba's selective scans)" if c.family.mamba1 else
                       "Mamba2 state (Granite 4's, Nemotron-H's, Mamba-2's and Falcon-H1's Mamba2 layers)")
             kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
                     mamba2 if c.ssm_layers else "Gated DeltaNet state (Qwen3.5's recurrent layers)")
-            raise ValueError(f"StepDecoder's captured steps keep no {kind}; decode with graphs=False")
+            return f"StepDecoder's captured steps keep no {kind}; decode with graphs=False"
+        return None
+
+    def __init__(self, model, max_len: int, graphs: bool = True, group_products: bool = True):
+        why = self.refusal(model, max_len)
+        if why is not None:
+            raise ValueError(why)
+        model.check_positions(max_len)  # (GPT-2's learned positions: its steps read their rows unchecked)
         dev = model.device
         self.model, self.max_len = model, max_len
         if group_products and dev.type == "cuda":
@@ -467,12 +474,9 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, tempera
     model.eval()
     max_len = len(prompt) + max_new_tokens
     if graphs is None:
-        c = model.config  # graphs need the layers resident, one mask for every layer, fixed positions
-        # and shapes that do not follow the data (a mixture of experts routes tokens by it)
-        graphs = (model.device.type == "cuda" and getattr(model, "streamer", None) is None and not c.n_experts
-                  and not c.family.qk_norm_after_rope and not c.stateful_layers and not c.kv_lora_rank
-                  and not c.family.own_model
-                  and not any(c.is_sliding(i) for i in range(c.n_layers)) and _positions_unscaled(c, max_len))
+        # (and shapes that do not follow the data: a mixture of experts routes tokens by it)
+        graphs = (model.device.type == "cuda" and not model.config.n_experts
+                  and StepDecoder.refusal(model, max_len) is None)
     if graphs:
         decoder = StepDecoder(model, max_len)
         prefill, step = decoder.prefill, decoder.step
