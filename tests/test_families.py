@@ -727,8 +727,9 @@ def test_gemma4_layers_as_llamacpp_runs_them(tiny):
         == (30.0, 1e4)  # (llama.cpp's defaults)
     with pytest.raises(ValueError, match="value_length_swa.*llama.cpp's gemma4"):
         ModelConfig.from_gguf_metadata({**md, "gemma4.attention.value_length_swa": 32})
-    with pytest.raises(ValueError, match="'gemma4' is a mixture-of-experts model .8 experts."):
-        ModelConfig.from_gguf_metadata({**md, "gemma4.expert_count": 8})
+    experts = ModelConfig.from_gguf_metadata({**md, "gemma4.expert_count": 8, "gemma4.expert_used_count": 2})
+    with pytest.raises(ValueError, match="lacks tensor 'blk.0.ffn_gate_inp.scale'"):  # (a file of experts' keys)
+        Gemma4Model(experts, w)
     with pytest.raises(ValueError, match="lacks tensor 'blk.3.inp_gate.weight'"):
         Gemma4Model(c, {k: v for k, v in w.items() if k != "blk.3.inp_gate.weight"})
     import lowtune
