@@ -627,6 +627,50 @@ def test_nemotron_h_moe_layers_and_variants(moe):
     assert same.n_experts_used == EXPERTS_USED
 
 
+@pytest.mark.llamacpp
+def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
+    """Gemma 4's expert layers as llama.cpp reads them: the dense FFN kept beside the experts, gate and up in one
+    ffn_gate_up_exps; a file with them apart (ffn_gate_exps, ffn_up_exps, which llama.cpp reads too) gives the
+    same logits and llama.cpp's perplexity. bf16 activations follow fp32; the HF directory is refused by name."""
+    from lowtune.gemma4 import Gemma4Model
+    path = moe["gemma4moe"].gguf
+    model = Model.from_gguf(path)
+    assert type(model) is Gemma4Model and model.config.expert_width == 32
+    for layer in model.layers:
+        m = layer.ffn_moe
+        assert m is not None and layer.ffn_gate.out_features == layer.ffn_up.out_features == model.config.ffn_dim
+        assert m.gate_exps is None and m.up_exps is None and m.gate_up_exps.out_features == 2 * 32 * EXPERTS
+        assert m.router_scale.shape == (model.config.dim,) and m.expert_scales.shape == (EXPERTS,)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = model(ids)
+        bf16 = Model.from_gguf(path, dtype=torch.bfloat16)(ids)
+    print(f"gemma4moe: bf16 vs fp32, relative error {rel_err(bf16, want):.2e}")
+    assert rel_err(bf16, want) < 5e-2
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = []
+        for n in f.tensor_infos:
+            t = f.tensor(n)
+            if n.endswith("ffn_gate_up_exps.weight"):  # [E, 2F, D]: each expert's gate rows, then its up rows
+                gate, up = torch.as_tensor(t).chunk(2, dim=1)
+                tensors += [(n.replace("gate_up", "gate"), gate.contiguous()), (n.replace("gate_up", "up"),
+                                                                                 up.contiguous())]
+            else:
+                tensors.append((n, t))
+    write_gguf(tmp_path / "split.gguf", md, tensors, metadata_types=types)
+    split = Model.from_gguf(tmp_path / "split.gguf")
+    assert split.layers[0].ffn_moe.gate_up_exps is None and split.layers[0].ffn_moe.gate_exps is not None
+    with torch.no_grad():
+        assert rel_err(split(ids), want) < 1e-6
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(split, w), llamacpp_perplexity(llamacpp(tmp_path / "split.gguf"), w)
+    print(f"gemma4moe, gate and up apart: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["gemma4moe"].hf_dir)
+
+
 def test_cohere2moe_layers_and_norm_variant(moe):
     """Cohere2 MoE as llama.cpp reads its file: the dense first layer global and rotated, then the file's
     windows (every 4th layer global, without RoPE); a file that gives layer_norm_rms_epsilon (llama.cpp then
