@@ -663,7 +663,8 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
-@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4"), ("gemma4moe", "Gemma 4")])
+@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4"),
+                                       ("gemma4moe", "Gemma 4")])
 def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
     """What does not run Gemma 3n's or Gemma 4's layers (with experts too) says so by name (streaming, compiled and captured
     layers, captured decode steps; the compiled CPU decoder leaves it to the model's steps), and their
