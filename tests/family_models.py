@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -78,6 +78,12 @@ GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, 
 GEMMA4 = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=2,
               head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
               hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, use_double_wide_mlp=True)
+# Gemma 4 26B-A4B's layout: no per-layer inputs nor shared K/V, experts in every layer
+GEMMA4_MOE = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, head_dim=16,
+                  global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                  hidden_size_per_layer_input=0, vocab_size_per_layer_input=V, num_kv_shared_layers=0,
+                  enable_moe_block=True, num_experts=EXPERTS,
+                  top_k_experts=EXPERTS_USED, moe_intermediate_size=32)
 # Granite 4's hybrids: Mamba2 layers around an attention layer; 8 heads of 16 in two groups, a state of 16
 GRANITE_HYBRID_LAYERS = ("mamba", "attention", "mamba")
 # BitNet: rows of 256, which TQ1_0's and TQ2_0's blocks take
@@ -230,6 +236,10 @@ def hf_model(name: str):
         # the last layers' FFNs twice as wide, a final soft-cap
         "gemma4": lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
             **common, **GEMMA4, sliding_window=WINDOW, final_logit_softcapping=5.0)),
+        # Gemma 4's experts (26B-A4B's layer) beside every layer's dense FFN, the router's scales and each
+        # expert's random
+        "gemma4moe": lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
+            **common, **GEMMA4_MOE, sliding_window=WINDOW, final_logit_softcapping=5.0)),
         # six layers: Gemma 3's pattern makes every sixth layer global
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **common, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
@@ -597,13 +607,13 @@ def randomized(model, name: str):
     name), in fp32 with eager attention."""
     model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    gemma = name.startswith("gemma") and name not in ("gemma3n", "gemma4")
+    gemma = name.startswith("gemma") and name not in ("gemma3n", "gemma4", "gemma4moe")
     # Gemma 3n's 22 layers, kept from chaos: q and k normed small (its queries are not scaled, nor are
     # Gemma 4's), AltUp's coefficients small, the embeddings (the head too) small
     calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if name in ("gemma3n", "gemma4") and ("q_norm" in pname or "k_norm" in pname):
+            if name in ("gemma3n", "gemma4", "gemma4moe") and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
             elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))

@@ -664,9 +664,10 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
-@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4")])
+@pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4"),
+                                       ("gemma4moe", "Gemma 4")])
 def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
-    """What does not run Gemma 3n's or Gemma 4's layers says so by name (streaming, compiled and captured
+    """What does not run Gemma 3n's or Gemma 4's layers (with experts too) says so by name (streaming, compiled and captured
     layers, captured decode steps; the compiled CPU decoder leaves it to the model's steps), and their
     checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
     from lowtune.compile import compile_model, default_cuda_graphs, default_mode
@@ -676,7 +677,8 @@ def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
     with pytest.raises(ValueError, match=f"{what}'s layers are not streamed"):
         stream_model(model, "cpu", streamed=[0])
     assert default_mode("cuda", model) == "off" and not default_cuda_graphs("cuda", model)
-    with pytest.raises(ValueError, match=f"{what}'s layers pass .*shared K/V.*--compile off"):
+    compiled = "mixture-of-experts model routes" if name == "gemma4moe" else f"{what}'s layers pass .*shared K/V"
+    with pytest.raises(ValueError, match=compiled + ".*--compile off"):  # (the experts' refusal first)
         compile_model(model, "layer")
     with pytest.raises(ValueError, match=f"StepDecoder's captured steps run lowtune.model's decoder layer, not {what}"):
         StepDecoder(model, 32, graphs=False)
@@ -728,8 +730,9 @@ def test_gemma4_layers_as_llamacpp_runs_them(tiny):
         == (30.0, 1e4)  # (llama.cpp's defaults)
     with pytest.raises(ValueError, match="value_length_swa.*llama.cpp's gemma4"):
         ModelConfig.from_gguf_metadata({**md, "gemma4.attention.value_length_swa": 32})
-    with pytest.raises(ValueError, match="'gemma4' is a mixture-of-experts model .8 experts."):
-        ModelConfig.from_gguf_metadata({**md, "gemma4.expert_count": 8})
+    experts = ModelConfig.from_gguf_metadata({**md, "gemma4.expert_count": 8, "gemma4.expert_used_count": 2})
+    with pytest.raises(ValueError, match="lacks tensor 'blk.0.ffn_gate_inp.scale'"):  # (a file of experts' keys)
+        Gemma4Model(experts, w)
     with pytest.raises(ValueError, match="lacks tensor 'blk.3.inp_gate.weight'"):
         Gemma4Model(c, {k: v for k, v in w.items() if k != "blk.3.inp_gate.weight"})
     import lowtune

@@ -13,8 +13,9 @@ a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partia
 with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
-experts averaged with a shared expert), as tiny random models built by transformers and converted by llama.cpp's
-converter (tests/family_models.py):
+experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
+dense FFN, a scaled router on the normed residual stream, a scale for each expert), as tiny random models built by
+transformers and converted by llama.cpp's converter (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -95,7 +96,8 @@ def test_logits_match_transformers(moe, name):
     model = Model.from_gguf(moe[name].gguf)
     used = 1 if name in TOP_1 else EXPERTS_USED
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, used)
-    archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", **{n: "deepseek2" for n in DEEPSEEK}}
+    archs = {"mixtral": "llama", "granitehybridmoe": "granitehybrid", "gemma4moe": "gemma4",
+             **{n: "deepseek2" for n in DEEPSEEK}}
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
@@ -160,6 +162,9 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "window", 0)
             matters(list(model.layers[:1]), "rope_kind", NO_ROPE)  # (the dense first layer's, global)
             matters(list(model.layers[-1:]), "rope_kind", 0)  # (the last one's, global without it)
+        if name == "gemma4moe":  # the router's scale (on its normed input) and each expert's matter
+            for what in ("router_scale", "expert_scales"):
+                matters(moes, what, None)
         if name == "llama4":  # the chunks, the L2 norms of q and k, and the weights on the experts' input matter
             matters(chunked, "window", SEQ)
             matters(chunked, "l2_normed", False)
@@ -176,7 +181,8 @@ def test_logits_match_transformers(moe, name):
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
-                                                      "nemotron_h_moe", "cohere2moe", "kimi-linear") else 5e-3)
+                                                      "nemotron_h_moe", "cohere2moe", "kimi-linear",
+                                                      "gemma4moe") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -187,7 +193,7 @@ def test_logits_match_transformers(moe, name):
                          # 0.01 % routed to all four experts)
                          + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
                             ("nemotron_h_moe", "Q4_0", 1e-2), ("cohere2moe", "Q4_0", 1e-2),
-                            ("kimi-linear", "Q4_0", 1e-2)]
+                            ("kimi-linear", "Q4_0", 1e-2), ("gemma4moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
@@ -402,7 +408,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear"):
+                           "cohere2moe", "kimi-linear", "gemma4moe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -436,12 +442,15 @@ def test_adapters_train_through_the_experts(moe, name):
             attention_i = set(KDA_LINEAR_NAMES)
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
+        if c.family.values_from_keys and not hasattr(layer, "attn_v"):  # (Gemma 4's global layers: attn_k's values)
+            attention_i = attention_i - {"attn_v"}
         m = layer.ffn_moe
-        # (shared experts without a gate: Nemotron-H MoE's)
-        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None else {n for n in SHARED_EXPERT_NAMES if getattr(m, n)}
+        # (shared experts without a gate: Nemotron-H MoE's; Gemma 4's dense FFN beside its experts)
+        ffn = {"ffn_gate", "ffn_up", "ffn_down"} if m is None or c.family.moe_beside_ffn else {
+            n for n in SHARED_EXPERT_NAMES if getattr(m, n)}
         assert names == attention_i | (ffn if c.has_ffn(i) else set())
         if m is not None:  # the router and the routed experts stay frozen
-            frozen = [m.router, m.up_exps, m.down_exps] + ([m.gate_exps] if m.gate_exps is not None else [])
+            frozen = [e for e in (m.router, m.gate_exps, m.up_exps, m.gate_up_exps, m.down_exps) if e is not None]
             assert not any(p.requires_grad for lin in frozen for p in lin.parameters())
 
 
@@ -485,7 +494,8 @@ def test_exports(moe, tmp_path, name):
                                   targets=("ffn_gate", "ffn_up", "ffn_down", *SHARED_EXPERT_NAMES)
                                   + (() if name == "kimi-linear" else ("attn_output",)))
         attention = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output")
-    if any(".ffn_" in k for k in adapters.adapters_of(model)):  # (a dense first layer's FFN, or shared experts)
+    # (a dense first layer's FFN, or shared experts; Gemma 4's dense FFN beside its experts is transformers' mlp)
+    if any(".ffn_" in k for k in adapters.adapters_of(model)) and not model.config.family.moe_beside_ffn:
         with pytest.raises(ValueError, match="FFN adapters"):  # (transformers would take them for the experts')
             export_peft(base, lora_run, tmp_path / "peft")
         peft_run = tmp_path / "attn"
@@ -611,6 +621,50 @@ def test_nemotron_h_moe_layers_and_variants(moe):
         ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_feed_forward_length": widths})
     same = ModelConfig.from_gguf_metadata({**md, "nemotron_h_moe.expert_used_count": [0, 2, 0, 2, 0, 2]})
     assert same.n_experts_used == EXPERTS_USED
+
+
+@pytest.mark.llamacpp
+def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
+    """Gemma 4's expert layers as llama.cpp reads them: the dense FFN kept beside the experts, gate and up in one
+    ffn_gate_up_exps; a file with them apart (ffn_gate_exps, ffn_up_exps, which llama.cpp reads too) gives the
+    same logits and llama.cpp's perplexity. bf16 activations follow fp32; the HF directory is refused by name."""
+    from lowtune.gemma4 import Gemma4Model
+    path = moe["gemma4moe"].gguf
+    model = Model.from_gguf(path)
+    assert type(model) is Gemma4Model and model.config.expert_width == 32
+    for layer in model.layers:
+        m = layer.ffn_moe
+        assert m is not None and layer.ffn_gate.out_features == layer.ffn_up.out_features == model.config.ffn_dim
+        assert m.gate_exps is None and m.up_exps is None and m.gate_up_exps.out_features == 2 * 32 * EXPERTS
+        assert m.router_scale.shape == (model.config.dim,) and m.expert_scales.shape == (EXPERTS,)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = model(ids)
+        bf16 = Model.from_gguf(path, dtype=torch.bfloat16)(ids)
+    print(f"gemma4moe: bf16 vs fp32, relative error {rel_err(bf16, want):.2e}")
+    assert rel_err(bf16, want) < 5e-2
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = []
+        for n in f.tensor_infos:
+            t = f.tensor(n)
+            if n.endswith("ffn_gate_up_exps.weight"):  # [E, 2F, D]: each expert's gate rows, then its up rows
+                gate, up = torch.as_tensor(t).chunk(2, dim=1)
+                tensors += [(n.replace("gate_up", "gate"), gate.contiguous()), (n.replace("gate_up", "up"),
+                                                                                 up.contiguous())]
+            else:
+                tensors.append((n, t))
+    write_gguf(tmp_path / "split.gguf", md, tensors, metadata_types=types)
+    split = Model.from_gguf(tmp_path / "split.gguf")
+    assert split.layers[0].ffn_moe.gate_up_exps is None and split.layers[0].ffn_moe.gate_exps is not None
+    with torch.no_grad():
+        assert rel_err(split(ids), want) < 1e-6
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(split, w), llamacpp_perplexity(llamacpp(tmp_path / "split.gguf"), w)
+    print(f"gemma4moe, gate and up apart: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
+    with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["gemma4moe"].hf_dir)
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

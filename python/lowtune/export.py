@@ -533,7 +533,9 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "transposed, so they are no LoRA of kv_b_proj. Export it as GGUF (merged), or train "
                              "with --targets attn_q,attn_q_a,attn_q_b,attn_kv_a_mqa,attn_output for a PEFT adapter")
         ffn = sorted(n for n in pairs if ".ffn_" in n)
-        if ffn and int(md.get(f"{arch}.expert_count", 0) or 0):
+        # (Gemma 4's dense FFN beside its experts keeps its own gate_proj/up_proj/down_proj)
+        dense_beside = arch in FAMILIES and FAMILIES[arch].moe_beside_ffn
+        if ffn and int(md.get(f"{arch}.expert_count", 0) or 0) and not dense_beside:
             raise ValueError(f"this mixture-of-experts adapter has FFN adapters ({ffn[0]}, ...): transformers' "
                              "PEFT loading takes gate_proj/up_proj/down_proj in such models for the experts' "
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "

@@ -314,7 +314,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   queries; the global layers may take their values from attn_k (no attn_v), the last layers may
   reuse earlier K/V and have wider FFNs (Gemma 3n's rule), a per-layer input may follow the FFN
   (Gemma 3n's, without AltUp) and each layer's output is scaled by its layer_output_scale.
-  lowtune.gemma4 says how; its mixture-of-experts files (26B-A4B) are refused.
+  Its mixture of experts (26B-A4B) runs the experts beside the dense FFN, each with its own norms,
+  the router reading the residual stream normed without a weight and scaled (ffn_gate_inp.scale),
+  each expert's output scaled by its ffn_down_exps.scale. lowtune.gemma4 says how.
   SmolLM3 is Llama with every 4th layer's RoPE left out (NoPE: q and k unrotated), a rule llama.cpp
   fixes for the architecture (its n_no_rope_layer_step) and the file does not carry.
   Llama 4 (llama4: Scout 17B-16E, Maverick 17B-128E; the language model) leaves RoPE out of every
@@ -434,6 +436,8 @@ class Family:
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
+    moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
+    #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -614,7 +618,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("gemma4", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
-           swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True),
+           swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True,
+           moe=True, moe_beside_ffn=True),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
            hf_model_types=("qwen3_5_text", "qwen3_5"), hf_norm_offset=1.0),
@@ -717,7 +722,7 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba and kimi-linear)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

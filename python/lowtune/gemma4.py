@@ -17,9 +17,14 @@ with what is new:
                             the sum ÷ sqrt(2); after the FFN's residual add, h += post_norm(proj(
                             gelu(inp_gate(h)) · the layer's input))
     layer_output_scale      each layer's output multiplied by its scalar
+    experts (26B-A4B)       beside the dense FFN (its output post_ffw_norm_1-normed), lowtune.model.MoE on
+                            pre_ffw_norm_2(x) (its output post_ffw_norm_2-normed), routed by x (the residual
+                            stream) normed without a weight × ffn_gate_inp.scale / sqrt(D); the chosen
+                            weights renormalized, each × its expert's ffn_down_exps.scale; the sum of the
+                            two post_ffw_norm-normed (Family.moe_beside_ffn)
 
-Adapters go on the attention's and the FFN's linears (model.LINEAR_NAMES); the per-layer inputs stay frozen,
-the gradient going through them. Mixture-of-experts files (26B-A4B) are refused by families.family_of.
+Adapters go on the attention's and the dense FFN's linears (model.LINEAR_NAMES); the per-layer inputs, the
+router and the experts stay frozen, the gradient going through them.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ from .model import (DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLine
                     attention, checkpoint, rope_inv_freq)
 
 
+# an expert layer's norms: the dense FFN's output's, the experts' input's and output's
+EXPERT_NORM_NAMES = ("post_ffw_norm_1", "pre_ffw_norm_2", "post_ffw_norm_2")
+
+
 class Gemma4Layer(DecoderLayer):
     """Gemma 3's decoder layer at its own widths, with Gemma 4's attention, per-layer input and output
     scale (the module's docstring). self.config is the layer's (ModelConfig.at_layer)."""
@@ -47,6 +56,9 @@ class Gemma4Layer(DecoderLayer):
             self.inp_gate = QLinear(w[p + "inp_gate.weight"], p + "inp_gate.weight")
             self.proj = QLinear(w[p + "proj.weight"], p + "proj.weight")
             self.post_norm = RMSNorm(w[p + "post_norm.weight"], c.norm_eps)
+        if self.ffn_moe is not None:  # the experts' norms and the dense FFN's post-norm
+            self.post_ffw_norm_1, self.pre_ffw_norm_2, self.post_ffw_norm_2 = (
+                RMSNorm(w[p + n + ".weight"], c.norm_eps) for n in EXPERT_NORM_NAMES)
         scale = w.get(p + "layer_output_scale.weight")
         self.register_buffer("layer_output_scale", None if scale is None else _vector(scale), persistent=False)
         self.register_buffer("v_norm_weight", torch.ones(c.head_dim), persistent=False)  # (a norm without one)
@@ -57,11 +69,19 @@ class Gemma4Layer(DecoderLayer):
         kv: the K/V of the layers before (layer -> (k, v) of every position so far), which this layer
         adds its own to or reads another's from."""
         x = x + self.attention_of(self.attn_norm(x), rot, cache, start, {} if kv is None else kv)
-        x = x + self.mlp(self.ffn_norm(x))
+        x = x + (self.mlp(self.ffn_norm(x)) if self.ffn_moe is None else self.dense_and_experts(x))
         if per_layer is not None:
             gate = F.gelu(self.inp_gate(x), approximate="tanh") * per_layer
             x = x + self.post_norm(self.proj(gate))
         return x if self.layer_output_scale is None else x * self.layer_output_scale.to(x.dtype)
+
+    def dense_and_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """An expert layer's FFN output for the residual stream x: the dense FFN's and the experts' outputs,
+        each normed by its own norms, summed and post-normed; the router reads x."""
+        h = self.ffn_norm(x)
+        dense = self.post_ffw_norm_1(self.ffn_down(glue_ops.gated(self.activation, self.ffn_gate(h), self.ffn_up(h))))
+        experts = self.post_ffw_norm_2(self.ffn_moe(self.pre_ffw_norm_2(x), routed_by=x))
+        return self.post_ffw_norm(dense + experts)
 
     def attention_of(self, h: torch.Tensor, rot: list[torch.Tensor], cache: KVCache | None, start: int,
                      kv: dict) -> torch.Tensor:
@@ -112,6 +132,10 @@ class Gemma4Model(Model):
     def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         c, p = config, config.per_layer_dim
         out = {f"blk.{i}.layer_output_scale.weight": (1,) for i in range(c.n_layers)}
+        for i in range(c.n_layers):
+            if c.has_experts(i):  # the router's scale, each expert's, the experts' norms
+                out.update({f"blk.{i}.ffn_gate_inp.scale": (c.dim,), f"blk.{i}.ffn_down_exps.scale": (c.n_experts,)})
+                out.update({f"blk.{i}.{n}.weight": (c.dim,) for n in EXPERT_NORM_NAMES})
         if p:
             out.update({"per_layer_token_embd.weight": (c.vocab_size, c.n_layers * p),
                         "per_layer_model_proj.weight": (c.n_layers * p, c.dim), "per_layer_proj_norm.weight": (p,)})

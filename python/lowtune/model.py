@@ -1046,17 +1046,19 @@ class MoE(nn.Module):
     ffn_gate_inp_shexp)).
 
     The experts stay packed as GGUF stores them: ffn_gate_exps and ffn_up_exps [E·F, D],
-    ffn_down_exps [E·D, F], an expert being a row range (QTensor.rows). They are frozen (adapters
-    go on the attention's linears and the shared experts', ffn_{gate,up,down}_shexp); gradients flow
-    through them and the router to the input."""
+    ffn_down_exps [E·D, F] (gate and up in one ffn_gate_up_exps [E·2F, D]: Gemma 4), an expert being a
+    row range (QTensor.rows). They are frozen (adapters go on the attention's linears and the shared
+    experts', ffn_{gate,up,down}_shexp); gradients flow through them and the router to the input."""
 
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
         p = f"blk.{index}."
         self.router = QLinear(w[p + "ffn_gate_inp.weight"], p + "ffn_gate_inp.weight", w.get(p + "ffn_gate_inp.bias"))
-        self.gate_exps, self.up_exps, self.down_exps = (
+        self.gate_exps, self.up_exps, self.down_exps, self.gate_up_exps = (
             QLinear(w[p + n + ".weight"], p + n + ".weight") if p + n + ".weight" in w else None
-            for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))  # (no gate where the family's MLP has none)
+            for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"))
+        # (no gate where the family's MLP has none; gate and up in one tensor, each expert's 2F rows its
+        # gate's then its up's: Gemma 4)
         self.n_experts, self.n_used = config.n_experts, config.n_experts_used
         self.renorm, self.gating = config.renorms_experts, config.expert_gating
         self.weight_before = config.family.moe_weight_before
@@ -1070,6 +1072,14 @@ class MoE(nn.Module):
         for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             b = w.get(p + n + ".bias")
             self.register_buffer(n + "_bias", None if b is None else _table(b), persistent=False)
+        # Gemma 4's router: its input RMS-normed without a weight, × ffn_gate_inp.scale / sqrt(D); each
+        # expert's output × its ffn_down_exps.scale
+        scale = w.get(p + "ffn_gate_inp.scale")
+        self.register_buffer("router_scale", None if scale is None else _vector(scale) / math.sqrt(config.dim),
+                             persistent=False)
+        self.norm_eps = config.norm_eps
+        scale = w.get(p + "ffn_down_exps.scale")
+        self.register_buffer("expert_scales", None if scale is None else _vector(scale), persistent=False)
         self.activation = config.family.activation
         self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
@@ -1080,9 +1090,14 @@ class MoE(nn.Module):
             if config.family.moe_shared_gate:
                 self.shared_gate = _vector(w[p + "ffn_gate_inp_shexp.weight"])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, routed_by: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' output for h [..., D]; routed_by: what the router reads (None: h; Gemma 4's the
+        residual stream, its experts the stream normed by their own norm)."""
         x = h.reshape(-1, h.shape[-1]).contiguous()
-        logits = self.router(x).float()
+        r = x if routed_by is None else routed_by.reshape(-1, h.shape[-1]).contiguous()
+        if self.router_scale is not None:
+            r = (F.rms_norm(r.float(), r.shape[-1:], None, self.norm_eps) * self.router_scale).to(r.dtype)
+        logits = self.router(r).float()
         if self.gating == 3:  # the top k logits, then their softmax
             weights, chosen = logits.topk(self.n_used, dim=-1)
             weights = weights.softmax(-1)
@@ -1100,16 +1115,15 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)  # (llama.cpp's clamp)
         if self.weights_scale != 1.0:
             weights = weights * self.weights_scale
-        f, d = self.up_exps.out_features // self.n_experts, self.down_exps.out_features // self.n_experts
-        gate = None if self.gate_exps is None else self.gate_exps.weight
-        up, down = self.up_exps.weight, self.down_exps.weight
+        if self.expert_scales is not None:
+            weights = weights * self.expert_scales[chosen]
+        d = self.down_exps.out_features // self.n_experts
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # the experts some token chose (a host sync: shapes follow the data)
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             weight = weights[rows, slot, None]
             xe = (x[rows].float() * weight).to(x.dtype) if self.weight_before else x[rows]
-            y = self._expert(xe, gate and gate.rows(e * f, (e + 1) * f), up.rows(e * f, (e + 1) * f),
-                             down.rows(e * d, (e + 1) * d), e)
+            y = self._expert(xe, *self.gate_up_of(e), self.down_exps.weight.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y if self.weight_before else (y.float() * weight).to(out.dtype)))
         if self.ffn_up_shexp is not None:  # (through the modules: adapters may wrap them)
             s = self.ffn_down_shexp(self._mlp(self.ffn_gate_shexp and self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
@@ -1117,6 +1131,15 @@ class MoE(nn.Module):
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = (out + s) * 0.5 if self.shared_average else out + s
         return out.view_as(h)
+
+    def gate_up_of(self, e: int) -> tuple[QTensor | None, QTensor]:
+        """Expert e's gate (None where the experts have none) and up rows."""
+        if self.gate_up_exps is not None:
+            f, gate_up = self.gate_up_exps.out_features // (2 * self.n_experts), self.gate_up_exps.weight
+            return gate_up.rows(2 * e * f, (2 * e + 1) * f), gate_up.rows((2 * e + 1) * f, (2 * e + 2) * f)
+        f = self.up_exps.out_features // self.n_experts
+        gate = None if self.gate_exps is None else self.gate_exps.weight.rows(e * f, (e + 1) * f)
+        return gate, self.up_exps.weight.rows(e * f, (e + 1) * f)
 
     def _mlp(self, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
         """act(g) ⊙ u, or act(u) where the experts have no gate."""
@@ -1132,7 +1155,7 @@ class MoE(nn.Module):
                     self.ffn_down_exps_bias)
 
     def extra_repr(self) -> str:
-        return f"{self.n_experts} experts, {self.n_used} used, {self.up_exps.format.name}"
+        return f"{self.n_experts} experts, {self.n_used} used, {self.down_exps.format.name}"
 
 
 def causal_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, cache: KVCache | None,
@@ -1596,7 +1619,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
             bias = _vector(fused_bias)[a:b] if fused_bias is not None else w.get(name[:-len("weight")] + "bias")
             view = qt.rows(a, b)
             out[name[len(p):-len(".weight")]] = QLinear(view, name, bias, fused_from=(fused, a, b))
-    names = LINEAR_NAMES[:4] if config.has_experts(index) else LINEAR_NAMES  # (experts: MoE's own)
+    experts_only = config.has_experts(index) and not config.family.moe_beside_ffn
+    names = LINEAR_NAMES[:4] if experts_only else LINEAR_NAMES  # (experts: MoE's own)
     if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
         ssm = MAMBA_LINEAR_NAMES if config.family.mamba1 else SSM_LINEAR_NAMES
         names = names[4:] + (ssm if config.is_ssm(index) else ())
@@ -2473,9 +2497,14 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         if not c.has_mixer(i):  # an MLP alone (Nemotron-H)
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
         if c.has_experts(i):
-            want.update({p + n + ".weight": shape for n, shape in moe.items()})
+            layer_moe = dict(moe)
+            if p + "ffn_gate_up_exps.weight" in w:  # (gate and up in one tensor: Gemma 4)
+                del layer_moe["ffn_gate_exps"], layer_moe["ffn_up_exps"]
+                layer_moe["ffn_gate_up_exps"] = (2 * e * f, c.dim)
+            want.update({p + n + ".weight": shape for n, shape in layer_moe.items()})
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
-            layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
+            if not c.family.moe_beside_ffn:
+                layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(lc, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
