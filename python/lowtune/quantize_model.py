@@ -135,7 +135,8 @@ def quantize_model(src, out, qtype: str, *, pure: bool = False, output_type: str
 # Bits per weight
 
 
-_LINEAR_RE = re.compile(r"blk\.\d+\.(%s|ffn_gate_exps|ffn_up_exps|ffn_gate_up_exps|ffn_down_exps)\.weight$" % "|".join(ADAPTER_TARGETS))
+_LINEAR_RE = re.compile(r"blk\.\d+\.(%s|ffn_gate_exps|ffn_up_exps|ffn_gate_up_exps|ffn_down_exps)\.weight$"
+                        % "|".join(ADAPTER_TARGETS))
 
 
 @dataclass
