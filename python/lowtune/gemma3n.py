@@ -94,6 +94,29 @@ def rescaled(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (x.float() * norm(like) / norm(x)).to(x.dtype)
 
 
+def attention_with_shared_kv(layer: DecoderLayer, h: torch.Tensor, rot: list[torch.Tensor], cache: KVCache | None,
+                             start: int, kv: dict) -> torch.Tensor:
+    """Gemma 3n's and Gemma 4's attention of a layer for normed h [B, T, D], post-normed: q and k normed
+    before RoPE, v normed without a weight (from attn_k's output where the layer has no attn_v: Gemma 4's
+    global layers), queries unscaled; a layer that reuses K/V (kv_source) reads them from kv, which each
+    layer that computes its own fills."""
+    c = layer.config
+    b, t, _ = h.shape
+    r = rot[layer.rope_kind]
+    q = apply_rope(layer.attn_q_norm(layer.attn_q(h).view(b, t, c.n_heads, c.head_dim)).transpose(1, 2), r, "neox")
+    if c.has_kv(layer.index):
+        k = layer.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim)
+        v = layer.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim) if hasattr(layer, "attn_v") else k
+        k = apply_rope(layer.attn_k_norm(k).transpose(1, 2), r, "neox")
+        v = glue_ops.rms_norm(v, layer.v_norm_weight, c.norm_eps).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer.index, start, k, v)
+        kv[layer.index] = (k, v)
+    k, v = kv[c.kv_source(layer.index)]
+    attn = attention(q, k, v, start, c.query_scale, layer.window)
+    return layer.post_attention_norm(layer.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim)))
+
+
 class Gemma3nLayer(DecoderLayer):
     """Gemma 3's decoder layer inside AltUp, with Laurel and a per-layer input (the module's docstring)."""
 
@@ -144,23 +167,7 @@ class Gemma3nLayer(DecoderLayer):
         first = self.post_norm(self.proj(first))
         return torch.cat([corrected[:1], corrected[1:] + first])
 
-    def attention_of(self, h: torch.Tensor, rot: torch.Tensor, cache: KVCache | None, start: int,
-                     kv: dict) -> torch.Tensor:
-        """The attention's output for normed h [B, T, D], post-normed."""
-        c = self.config
-        b, t, _ = h.shape
-        r = rot[self.rope_kind]
-        q = apply_rope(self.attn_q_norm(self.attn_q(h).view(b, t, c.n_heads, c.head_dim)).transpose(1, 2), r, "neox")
-        if c.has_kv(self.index):
-            k = self.attn_k_norm(self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim)).transpose(1, 2)
-            v = glue_ops.rms_norm(self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim), self.v_norm_weight, c.norm_eps)
-            k, v = apply_rope(k, r, "neox"), v.transpose(1, 2)
-            if cache is not None:
-                k, v = cache.update(self.index, start, k, v)
-            kv[self.index] = (k, v)
-        k, v = kv[c.kv_source(self.index)]
-        attn = attention(q, k, v, start, c.query_scale, self.window)
-        return self.post_attention_norm(self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim)))
+    attention_of = attention_with_shared_kv
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """GeGLU, its gate made sparse in the first layers."""

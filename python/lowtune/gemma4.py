@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from . import glue_ops
-from .gemma3n import Gemma3nModel, shared_kv_sources_differ
-from .model import (DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLinear, RMSNorm, _vector, apply_rope,
-                    attention, checkpoint, rope_inv_freq)
+from .gemma3n import Gemma3nModel, attention_with_shared_kv, shared_kv_sources_differ
+from .model import (DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLinear, RMSNorm, _vector, checkpoint,
+                    rope_inv_freq)
 
 
 # an expert layer's norms: the dense FFN's output's, the experts' input's and output's
@@ -83,24 +83,7 @@ class Gemma4Layer(DecoderLayer):
         experts = self.post_ffw_norm_2(self.ffn_moe(self.pre_ffw_norm_2(x), routed_by=x))
         return self.post_ffw_norm(dense + experts)
 
-    def attention_of(self, h: torch.Tensor, rot: list[torch.Tensor], cache: KVCache | None, start: int,
-                     kv: dict) -> torch.Tensor:
-        """The attention's output for normed h [B, T, D], post-normed."""
-        c = self.config
-        b, t, _ = h.shape
-        r = rot[self.rope_kind]
-        q = apply_rope(self.attn_q_norm(self.attn_q(h).view(b, t, c.n_heads, c.head_dim)).transpose(1, 2), r, "neox")
-        if c.has_kv(self.index):
-            k = self.attn_k(h).view(b, t, c.n_kv_heads, c.head_dim)
-            v = self.attn_v(h).view(b, t, c.n_kv_heads, c.head_dim) if hasattr(self, "attn_v") else k
-            k = apply_rope(self.attn_k_norm(k).transpose(1, 2), r, "neox")
-            v = glue_ops.rms_norm(v, self.v_norm_weight, c.norm_eps).transpose(1, 2)
-            if cache is not None:
-                k, v = cache.update(self.index, start, k, v)
-            kv[self.index] = (k, v)
-        k, v = kv[c.kv_source(self.index)]
-        attn = attention(q, k, v, start, c.query_scale, self.window)
-        return self.post_attention_norm(self.attn_output(attn.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim)))
+    attention_of = attention_with_shared_kv
 
 
 class Gemma4Model(Model):
