@@ -1039,14 +1039,9 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
         return tiny_model.gguf
     key = (tiny_model.name, qtype)
     if key not in _QUANTIZED:
-        import llama_cpp
+        import ggml_ref
         dst = tiny_model.gguf.with_name(f"{tiny_model.name}-{qtype}.gguf")
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-                        "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
-                        "MXFP4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE, "TQ1_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ1_0,
-                        "TQ2_0": llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0}[qtype]
-        assert llama_cpp.llama_model_quantize(str(tiny_model.gguf).encode(), str(dst).encode(), params) == 0
+        ggml_ref.quantize_model(tiny_model.gguf, dst, "MXFP4_MOE" if qtype == "MXFP4" else qtype)
         _QUANTIZED[key] = dst
     return _QUANTIZED[key]
 

@@ -96,9 +96,9 @@ def dequantize(raw: np.ndarray, type_id: int, k: int) -> np.ndarray:
 
 
 # llama_ftype values of the recipes the tests ask llama.cpp for (llama.h)
-FTYPES = {"Q4_1": 3, "Q8_0": 7, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24,
-          "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31,
-          "TQ1_0": 36, "TQ2_0": 37, "Q1_0": 40, "Q2_0": 41}
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_S": 16, "IQ2_XXS": 19,
+          "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28,
+          "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38, "Q1_0": 40, "Q2_0": 41}
 
 
 def quantize_model(src, out, recipe: str, imatrix: dict[str, np.ndarray] | None = None,

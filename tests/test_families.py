@@ -1333,19 +1333,14 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name
     and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
     (none: a convolution, a Mamba2 layer), and a DeltaNet's attn_qkv takes attn_v's rules and counts
     among them."""
-    import ctypes
-
-    import llama_cpp
     import numpy as np
 
+    import ggml_ref
     from lowtune.quantize_model import quantize_model
-    from lowtune.recipes import RECIPES
     src = tiny[name].gguf
     ours = quantize_model(src, tmp_path / "ours.gguf", recipe).path
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = RECIPES[recipe][0], 1
     theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ggml_ref.quantize_model(src, theirs, recipe, threads=1)
     with GGUFFile(ours) as a, GGUFFile(theirs) as b:
         assert set(a.tensor_infos) == set(b.tensor_infos)
         assert b.tensor_infos[f"blk.0.{kernel}.weight"].type_name == "F32"

@@ -19,6 +19,7 @@ from lowtune.recipes import (LOGICAL_TYPES_KEY, RECIPES, TypePlan, llama_cpp_ord
                              use_more_bits)
 from lowtune.safetensors_io import HFCheckpoint
 
+import ggml_ref
 from helpers import TINY_VOCAB, write_tiny_llama_gguf, write_tiny_llama_hf
 
 INT_TYPES = [f"INT{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
@@ -183,16 +184,11 @@ def test_importance_matrix_recipes_are_refused_before_writing(tiny_f32, tmp_path
 @pytest.mark.parametrize("tied", [True, False])
 def test_recipes_equal_llama_quantize_byte_for_byte(recipe, tied, tmp_path):
     """Every tensor gets llama-quantize's type and bytes."""
-    import ctypes
-
-    import llama_cpp
     # (llama-quantize has no fallback for Q1_0's 128-wide blocks: rows of 128 there)
     src = tiny_llama_gguf(tmp_path / "src.gguf", tied=tied, **({"dim": 128} if recipe == "Q1_0" else {}))
     ours = quantize_model(src, tmp_path / "ours.gguf", recipe).path
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = RECIPES[recipe][0], 1
     theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ggml_ref.quantize_model(src, theirs, recipe, threads=1)
     with GGUFFile(ours) as a, GGUFFile(theirs) as b:
         assert set(a.tensor_infos) == set(b.tensor_infos)
         for name, info in b.tensor_infos.items():
