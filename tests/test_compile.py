@@ -38,16 +38,21 @@ def mixed_model(device="cpu", dtype=torch.float32, layers=2, methods=MIXED, seed
     """A tiny packed Llama with non-zero adapters of every method (QDyLoRA at rank 3 of 4)."""
     c = tiny_config(layers=layers, ffn=128)
     model = LlamaModel(c, gguf_weights(c, tiny_weights(c, seed), qtype), dtype).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    return with_mixed_adapters(model, methods, torch.Generator().manual_seed(seed + 1)).to(device)
+
+
+def with_mixed_adapters(model, methods, g: torch.Generator):
+    """`model` with an adapter of methods[name] on each linear its layers have (QDyLoRA at rank 3 of 4),
+    only the adapters trainable, their matrices drawn from g."""
     for layer in model.layers:
-        for name in LINEAR_NAMES:
+        for name in (n for n in LINEAR_NAMES if hasattr(layer, n)):
             ad = AdaptedLinear(getattr(layer, name), AdapterConfig(method=methods[name], rank=4, alpha=8), g)
             if ad.method == "qdylora":
                 ad.set_rank(3)
             setattr(layer, name, ad)
     adapters.mark_only_adapters_trainable(model)
     fill_adapters(model, g)
-    return model.to(device)
+    return model
 
 
 def grads(model) -> dict:
@@ -136,18 +141,8 @@ def test_learned_positions_and_alibi_compile_as_eager(arch, mode):
     from family_models import random_family_model
 
     def adapted():
-        model = random_family_model(arch)
-        g = torch.Generator().manual_seed(1)
         methods = {**MIXED, "ffn_up": MIXED["ffn_gate"]}  # (no gate: its method on ffn_up)
-        for layer in model.layers:
-            for name in (n for n in LINEAR_NAMES if hasattr(layer, n)):
-                ad = AdaptedLinear(getattr(layer, name), AdapterConfig(method=methods[name], rank=4, alpha=8), g)
-                if ad.method == "qdylora":
-                    ad.set_rank(3)
-                setattr(layer, name, ad)
-        adapters.mark_only_adapters_trainable(model)
-        fill_adapters(model, g)
-        return model
+        return with_mixed_adapters(random_family_model(arch), methods, torch.Generator().manual_seed(1))
 
     ids = rand_ids(2, 16)
     want, want_g = train_steps(adapted(), ids, ids)
