@@ -125,11 +125,19 @@ def test_logits_match_transformers(tiny, name):
     ids = rand_ids(2, SEQ)
     with torch.no_grad():
         want = hf_model(name)(ids).logits
-        got = Model.from_gguf(tiny[name].gguf)(ids)
-        print(f"{name}: logits vs transformers, relative error {rel_err(got, want):.2e}")
+    assert_logits_and_what_matters(tiny[name].gguf, ids, want, SWITCH_OFF.get(name, []),
+                                   f"{name}: logits vs transformers")
+
+
+def assert_logits_and_what_matters(path, ids, want, switch_offs, label: str) -> None:
+    """The converted file's logits on ids in lowtune are `want` (relative error under 1e-4), and leave it
+    with each of switch_offs' parts switched off: each part matters at this size."""
+    with torch.no_grad():
+        got = Model.from_gguf(path)(ids)
+        print(f"{label}, relative error {rel_err(got, want):.2e}")
         assert rel_err(got, want) < 1e-4
-        for what, switch_off in SWITCH_OFF.get(name, []):
-            model = Model.from_gguf(tiny[name].gguf)
+        for what, switch_off in switch_offs:
+            model = Model.from_gguf(path)
             switch_off(model)
             assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
 
@@ -155,14 +163,8 @@ def test_remote_code_logits_match_llamacpp(tiny, name):
                 type_k=0, type_v=0)  # (GGML_TYPE_F32)
     llm.eval(ids[0].tolist())
     want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
-    with torch.no_grad():
-        got = Model.from_gguf(tiny[name].gguf)(ids)
-        print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
-        assert rel_err(got, want) < 1e-4
-        for what, switch_off in REMOTE_CODE_SWITCH_OFF.get(name, []):
-            model = Model.from_gguf(tiny[name].gguf)
-            switch_off(model)
-            assert rel_err(model(ids), want) > 1e-3, f"{what} does not matter at this size"
+    assert_logits_and_what_matters(tiny[name].gguf, ids, want, REMOTE_CODE_SWITCH_OFF.get(name, []),
+                                   f"{name}: logits vs llama.cpp")
 
 
 def test_exaone_logits_match_transformers_llama(tiny):
@@ -667,9 +669,9 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
 @pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4"),
                                        ("gemma4moe", "Gemma 4")])
 def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
-    """What does not run Gemma 3n's or Gemma 4's layers (with experts too) says so by name (streaming, compiled and captured
-    layers, captured decode steps; the compiled CPU decoder leaves it to the model's steps), and their
-    checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
+    """What does not run Gemma 3n's or Gemma 4's layers (with experts too) says so by name (streaming,
+    compiled and captured layers, captured decode steps; the compiled CPU decoder leaves it to the model's
+    steps), and their checkpointed layers, whose shared K/V cross them, give the gradients of plain ones."""
     from lowtune.compile import compile_model, default_cuda_graphs, default_mode
     from lowtune.generate import StepDecoder, cpu_decoder
     from lowtune.streaming import stream_model
