@@ -402,13 +402,20 @@ def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
     got.square().sum().backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
     with torch.no_grad():
-        q = q * dk ** -0.5
-        o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
-        parts = [o]
-        for i in range(100, t):
-            o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
-            parts.append(o)
-    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+        o, s = delta_rule_stepped_after(100, q * dk ** -0.5, k, v, decay, beta)
+    assert rel_err(o, want) < 1e-5 and rel_err(s, want_state) < 1e-5
+
+
+def delta_rule_stepped_after(prefix: int, *inputs):
+    """gated_delta_rule's outputs and final state over inputs [B, T, ...] run on the first `prefix` positions
+    at once, then one position at a time from the state (the decode steps)."""
+    from lowtune.model import gated_delta_rule
+    o, s = gated_delta_rule(*(x[:, :prefix] for x in inputs))
+    parts = [o]
+    for i in range(prefix, inputs[0].shape[1]):
+        o, s = gated_delta_rule(*(x[:, i:i + 1] for x in inputs), s)
+        parts.append(o)
+    return torch.cat(parts, 1), s
 
 
 def test_gated_delta_rule_per_channel_is_kimi_delta_attention():
@@ -427,12 +434,8 @@ def test_gated_delta_rule_per_channel_is_kimi_delta_attention():
     q = q * dk ** -0.5
     got, state = gated_delta_rule(q, k, v, decay, beta)
     assert rel_err(got, want) < 1e-5 and rel_err(state, want_state) < 1e-5
-    o, s = gated_delta_rule(*(x[:, :100] for x in (q, k, v, decay, beta)))
-    parts = [o]
-    for i in range(100, t):
-        o, s = gated_delta_rule(*(x[:, i:i + 1] for x in (q, k, v, decay, beta)), s)
-        parts.append(o)
-    assert rel_err(torch.cat(parts, 1), want) < 1e-5 and rel_err(s, want_state) < 1e-5
+    o, s = delta_rule_stepped_after(100, q, k, v, decay, beta)
+    assert rel_err(o, want) < 1e-5 and rel_err(s, want_state) < 1e-5
     head = decay[..., 0]  # (one decay a head, given per channel or not)
     per_head = gated_delta_rule(q, k, v, head, beta)
     per_channel = gated_delta_rule(q, k, v, head[..., None].expand_as(decay), beta)
