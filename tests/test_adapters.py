@@ -150,6 +150,21 @@ def test_gradcheck_reference_float64(method):
     assert torch.autograd.gradcheck(f, (x, *mats))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fp32_input_under_bf16_autocast_keeps_the_products_dtypes(method, monkeypatch):
+    """An fp32 activation (an fp32 norm or relu² before the layer) under a trainer's bf16 autocast, with
+    the adapter's products through torch.mm (as on CUDA from 64 rows): the same step as without autocast
+    (the products pick their dtypes; autocast would cast one operand of a product and not the other)."""
+    monkeypatch.setattr(ops, "_cpu_gemm_mode", lambda: "dense")
+    assert adapter_ops._use_torch_gemm(torch.empty(80, 256))
+    ad = make_adapter(method, "Q4_K", n=96, k=256)
+    x, dy = torch.randn(80, 256), torch.randn(80, 96)
+    want = grads_of(ad, x, dy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads_of(ad, x, dy)
+    for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
 def test_non_fusable_base_accumulates_in_place():
     ad = make_adapter("q-bara", "Q4_1", n=64, k=128, base_cls=BiasedQLinear)
     assert not lowtune.adapters._fusable(ad.base)

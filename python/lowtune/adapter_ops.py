@@ -207,6 +207,7 @@ def _add_pooled_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
         dx.addmm_(t, _expansion(t.shape[1], pool, t.dtype, t.device), alpha=alpha / pool)
 
 
+@ops.without_autocast  # (an fp32 x under bf16 autocast: u in bf16 against B in fp32)
 def _torch_forward(x2, A32, B32, geom, y, pool):
     """_launch_forward's products through torch.mm (cuBLAS or the CPU's sgemm): u = pool(x)·A[:r]ᵀ,
     y += s·expand_q(u·B[:, :r]ᵀ)."""
@@ -230,6 +231,7 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
     return full
 
 
+@ops.without_autocast  # (an fp32 x under bf16 autocast: u in bf16 against B in fp32)
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
     input gradient, expanded over the pool, in place. Folded (_folds), dy is not summed over the

@@ -41,6 +41,17 @@ from .qtensor import QTensor
 ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def without_autocast(computation):
+    """computation(first, ...) run with autocast off on first's device: it picks its own dtypes (a
+    trainer's bf16 autocast around it would cast some operands and not others, or reach an op that
+    has no bf16 kernel)."""
+    @functools.wraps(computation)
+    def run(first: Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return computation(first, *args, **kwargs)
+    return run
+
+
 def _check_qtensor(qt, name: str = "weight") -> QTensor:
     if not isinstance(qt, QTensor):
         raise ValueError(f"{name} must be a lowtune.QTensor, got {type(qt).__name__}")
