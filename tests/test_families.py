@@ -406,6 +406,26 @@ def test_gated_delta_rule_is_transformers_chunked_and_recurrent_forms():
     assert rel_err(o, want) < 1e-5 and rel_err(s, want_state) < 1e-5
 
 
+def test_gated_delta_rule_runs_in_fp32_under_bf16_autocast():
+    """The chunked delta rule under a trainer's bf16 autocast, with a decay for each key channel (whose
+    einsums autocast would take to bf16, and whose triangular solve has no bf16 kernel on CUDA): the
+    same fp32 outputs and gradients as without autocast."""
+    from lowtune.model import gated_delta_rule
+    g = torch.Generator().manual_seed(1)
+    b, t, h, dk, dv = 1, 70, 2, 8, 4
+    inputs = [torch.nn.functional.normalize(torch.randn(b, t, h, dk, generator=g), dim=-1) for _ in range(2)]
+    inputs += [torch.randn(b, t, h, dv, generator=g), -torch.rand(b, t, h, dk, generator=g),
+               torch.rand(b, t, h, generator=g)]
+    results = []
+    for autocast in (False, True):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, s = gated_delta_rule(*leaves)
+        (o.square().sum() + s.sum()).backward()
+        results.append([o, s] + [x.grad for x in leaves])
+    for got, want in zip(*results[::-1]):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
 def delta_rule_stepped_after(prefix: int, *inputs):
     """gated_delta_rule's outputs and final state over inputs [B, T, ...] run on the first `prefix` positions
     at once, then one position at a time from the state (the decode steps)."""

@@ -1381,6 +1381,7 @@ def _ssd_chunked(x, dt, a, b, c, state, chunk: int):
     return y.reshape(bsz, n * chunk, h, p)[:, :t], state
 
 
+@ops.without_autocast  # (in fp32 under a bf16 trainer too: CUDA has no bf16 triangular solve)
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over T positions, in fp32: per head the state S [d_k, d_v] decays by exp(g_t),
