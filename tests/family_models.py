@@ -1140,7 +1140,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"gpt-oss.rope.scaling.type": "yarn", "gpt-oss.rope.scaling.factor": 4.0,
                    "gpt-oss.rope.scaling.original_context_length": 32})
     fe = 32  # an expert's width
-    if fam.moe and arch != "llama":  # (llama's random model stays dense)
+    if fam.moe and arch not in ("llama", "gemma4"):  # (llama's and Gemma 4's random models stay dense)
         md.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": EXPERTS_USED,
                    f"{arch}.expert_feed_forward_length": fe})
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
