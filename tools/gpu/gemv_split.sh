@@ -2,7 +2,7 @@
 # One GPU call for the gemv's K split over a cluster of two CTAs (gemv.cuh: gemv_rows_kernel<..., 2>):
 # the gemv tests (every setting against float64), every type's timings with the split off, forced
 # and by default (cuda_policy::gemv_split_k), decoding with and without, compute-sanitizer on the
-# split; then the CUDA tests of the newest families and test_compile whole.
+# split.
 # Usage, from the repository root: OUT=dir bash tools/gpu/gemv_split.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,10 +16,6 @@ for s in 1 0; do
   LOWTUNE_CUDA_GEMV_SPLIT=$s stage decode_split$s 30 50 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
     --out "$out/decode_split$s.jsonl"
 done
-stage families 30 90 $py -m pytest -q -p no:cacheprovider -n 6 -rf -m cuda tests/test_families_train_export.py \
-  -k "hunyuan or arcee or phi2 or starcoder2"
-stage compile 30 80 $py -m pytest -q -p no:cacheprovider -rf -n 6 -m "not llamacpp and not smollm2 and not transformers" \
-  tests/test_compile.py
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 LOWTUNE_CUDA_GEMV_SPLIT=2 stage sanitizer 30 100 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q \
   -p no:cacheprovider -x tests/test_cuda.py -k "test_gemv_against and (Q4_K or Q4_0) and bfloat16"
