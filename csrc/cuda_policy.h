@@ -32,6 +32,8 @@
 //                          layout, for every type (1..9; default per type: staged_two_tiles_default)
 //   LOWTUNE_CUDA_GEMV_ROWS 1 or 2: rows a warp of the M = 1 gemv, for every shape (default:
 //                          gemv_rows_per_warp)
+//   LOWTUNE_CUDA_GEMV_SPLIT 1 or 2: K split over a cluster of that many CTAs in the two-row gemv
+//                          (gemv_split_k)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
@@ -162,6 +164,17 @@ inline int gemv_rows_per_warp(int qtype, bool one_row, int64_t k) {
   const int64_t forced = env_int("LOWTUNE_CUDA_GEMV_ROWS", 0);
   if (forced == 1 || forced == 2) return (int)forced;
   return one_row && k > 4096 && gemv_one_row_at_long_k(qtype) ? 1 : 2;
+}
+
+// K split over a cluster of two CTAs in the two-row gemv (sm_90; cuda/gemv.cuh: gemv_rows_kernel<...,
+// 2>): where every warp can take one task of the split (fits: twice the tasks fit at once) and rows
+// are long (K > 4096: N = 4096 shapes leave half the resident warps idle, each walking a long row).
+// LOWTUNE_CUDA_GEMV_SPLIT=1|2 sets it wherever it fits; LOWTUNE_CUDA_GEMV_ROWS=1 turns it off.
+inline int gemv_split_k(int64_t k, bool fits) {
+  const int64_t forced = env_int("LOWTUNE_CUDA_GEMV_SPLIT", 0);
+  if (!fits || env_int("LOWTUNE_CUDA_GEMV_ROWS", 0) == 1) return 1;
+  if (forced == 1 || forced == 2) return (int)forced;
+  return k > 4096 ? 2 : 1;
 }
 
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }

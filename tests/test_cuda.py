@@ -310,19 +310,25 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
             a = a.to(dtype)
             ref = a.double() @ w64.t()
             by_rows = {}
-            for rows in ("1", "2"):  # rows a warp: gemv_kernel, gemv_rows_kernel
+            # rows a warp and K's split: gemv_kernel, gemv_rows_kernel, the same over clusters of two
+            # CTAs (sm_90; elsewhere, or where it does not fit, the unsplit kernel)
+            for rows, split in (("1", "1"), ("2", "1"), ("2", "2")):
                 monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", rows)
-                by_rows[rows] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n),
-                                         "gemv", monkeypatch)
+                monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", split)
+                by_rows[rows + split] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k,
+                                                 (1, n), "gemv", monkeypatch)
             monkeypatch.delenv("LOWTUNE_CUDA_GEMV_ROWS")
-            gemv = by_rows["1"]
+            monkeypatch.delenv("LOWTUNE_CUDA_GEMV_SPLIT")
+            gemv = by_rows["11"]
             staged = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k, (1, n), "staged",
                               monkeypatch)
             err, err_staged = rel_err(gemv, ref), rel_err(staged, ref)
             assert err < TOLERANCE[dtype], f"gemv {name} {dtype} N={n} K={k} {kind}: {err:.2e}"
             assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
             # a lane adds its units in the same order in both kernels
-            assert torch.equal(by_rows["2"], gemv), f"two rows a warp {name} N={n} K={k} {kind}"
+            assert torch.equal(by_rows["21"], gemv), f"two rows a warp {name} N={n} K={k} {kind}"
+            err_split = rel_err(by_rows["22"], ref)  # the split adds the halves' sums
+            assert err_split < TOLERANCE[dtype], f"split K {name} {dtype} N={n} K={k} {kind}: {err_split:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -103,3 +103,19 @@ def test_one_row_gemv_takes_two_rows_a_warp_but_at_long_rows_of_some_types(monke
     assert _C.cuda_gemv_rows(q4_k, False, 4096) == 1
     monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", "2")
     assert _C.cuda_gemv_rows(q4_0, True, 14336) == 2
+
+
+def test_one_row_gemv_splits_long_rows_over_a_cluster_where_every_warp_takes_one_task(monkeypatch):
+    """cuda_policy::gemv_split_k: two CTAs a cluster split K where the split fits in one pass of the
+    resident warps and rows are longer than 4096; the knob forces it where it fits; one row a warp
+    forced turns it off (the split runs the two-row kernel)."""
+    for var in ("LOWTUNE_CUDA_GEMV_SPLIT", "LOWTUNE_CUDA_GEMV_ROWS"):
+        monkeypatch.delenv(var, raising=False)
+    assert [_C.cuda_gemv_split(k, fits) for k, fits in ((14336, True), (4096, True), (14336, False))] == [2, 1, 1]
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", "2")
+    assert [_C.cuda_gemv_split(4096, True), _C.cuda_gemv_split(4096, False)] == [2, 1]
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", "1")
+    assert _C.cuda_gemv_split(14336, True) == 1
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", "2")
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_ROWS", "1")
+    assert _C.cuda_gemv_split(14336, True) == 1

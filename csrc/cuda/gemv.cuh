@@ -25,6 +25,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,6 +43,8 @@
 
 namespace lowtune::cuda {
 namespace gemv {
+
+namespace cg = cooperative_groups;
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kInFlight = 4;  // units per lane loaded before any is decoded
@@ -403,11 +406,18 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
 // The kernels that load their first round early: the PDL wait (x's form is prepare_kernel's
 // output), then the form into shared memory by cp.async (no registers between the load and the
 // store while the round is held).
-__device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* form, int k) {
+// With a split of K (gemv_rows_kernel over a cluster) a CTA stages only its part, units u0 .. u0 +
+// units - 1 (u0 a multiple of 32): xs_index(u0 + v, h) = 4 u0 + xs_index(v, h), so the part's x is
+// one contiguous run of the form, and its aux another.
+__device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* form, int k, int u0 = 0,
+                                                      int units = -1) {
   pdl_launch_dependents();
   pdl_wait();
-  for (int i = threadIdx.x; i < 4 * padded_units(k) + k / 32; i += kThreads)
-    cp_async16(smem_addr(smem + i), form + i, 16);
+  if (units < 0) units = k / 32;
+  const int xs = 4 * padded_units(32 * units);
+  const uint4* aux = form + 4 * padded_units(k) + u0;
+  for (int i = threadIdx.x; i < xs + units; i += kThreads)
+    cp_async16(smem_addr(smem + i), i < xs ? form + 4 * u0 + i : aux + (i - xs), 16);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -569,29 +579,36 @@ template <int T> constexpr int rows_min_ctas() { return min_ctas<T>() >= 4 ? min
 // Warp task t: rows R t .. R t + R - 1, where a last task short of R rows reads its last row again.
 // The warp's first round is loaded before the wait (as gemv_kernel's one-row case does), so that its
 // latency overlaps the kernels before: without it the kernel was up to 1.5x slower (BENCHMARKS.md).
-template <int T, class ACT, int R>
+// C > 1 (sm_90, launched in clusters of C CTAs along x): K is split over the cluster. Rank c takes
+// units c part .. (c + 1) part - 1 of the same tasks (part a multiple of 32, so a lane's unit of its
+// block stays what it was) and stages only that part of x; ranks 1.. add their sums into rank 0's
+// shared memory, which writes y. The launch gives every warp one task (launch_gemv), so that every
+// thread reaches the cluster barriers once.
+template <int T, class ACT, int R, int C = 1>
 __global__ void __launch_bounds__(kThreads, rows_min_ctas<T>())
 gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
-                 ACT* __restrict__ y, int n, int k, int64_t row_bytes) {
+                 ACT* __restrict__ y, int n, int k, int64_t row_bytes, int part) {
   using U = Unpack<T>;
   using Un = Units<T>;
   constexpr int N = kInFlight / R;
   static_assert(N * R == kInFlight, "R divides the units in flight");
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   extern __shared__ uint4 smem[];
-  const int units = k / 32;
-  const float4* aux = reinterpret_cast<const float4*>(smem + 4 * padded_units(k));
-  const int lane = threadIdx.x & 31;
-  const int first = blockIdx.x * kWarps + (threadIdx.x >> 5), stride = gridDim.x * kWarps;
+  const int rank = C > 1 ? (int)(blockIdx.x % C) : 0;
+  const int u_first = rank * part;  // the part's units, counted from here on
+  const int units = C > 1 ? min(part, k / 32 - u_first) : k / 32;
+  const float4* aux = reinterpret_cast<const float4*>(smem + 4 * padded_units(32 * units));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int first = (int)(blockIdx.x / C) * kWarps + warp, stride = (int)(gridDim.x / C) * kWarps;
   const int e0 = Un::e0(lane % Un::kPerBlock);
   const LaneUnits l{e0, e0 + Un::kGap, smem + lane, aux + lane};
   const int whole = units - units % (32 * N);
   const int tasks = (n + R - 1) / R;
+  const int64_t lane_bytes = (int64_t)(u_first / Un::kPerBlock + lane / Un::kPerBlock) * U::kBytes;
   const uint8_t* b[R];
   auto task_rows = [&](int t) {
 #pragma unroll
-    for (int j = 0; j < R; ++j)
-      b[j] = w + (int64_t)min(R * t + j, n - 1) * row_bytes + lane / Un::kPerBlock * U::kBytes;
+    for (int j = 0; j < R; ++j) b[j] = w + (int64_t)min(R * t + j, n - 1) * row_bytes + lane_bytes;
   };
   RowsWords<T, R, N> r0;  // the first task's first round
   task_rows(first);
@@ -599,10 +616,10 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     if (whole > 0) rows_load<T, R, N, false>(b, 0, units, l, r0);
     else rows_load<T, R, N, true>(b, 0, units, l, r0);
   }
-  stage_form_after_wait(smem, form, k);
+  stage_form_after_wait(smem, form, k, u_first, units);
 
-  // task t's rounds from unit u0 on, then its R sums out
-  auto finish = [&](int t, int u0, float (&acc)[R]) {
+  // task t's rounds from unit u0 on, then its R sums (in every lane)
+  auto finish = [&](int u0, float (&acc)[R]) {
     for (; u0 < whole; u0 += 32 * N) {
       rows_round<T, R, N, false>(b, u0, units, l, acc);
 #pragma unroll
@@ -610,24 +627,49 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     }
     if (u0 < units) rows_round<T, R, N, true>(b, u0, units, l, acc);  // the rest
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
+    for (int j = 0; j < R; ++j)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-      if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
-    }
   };
+  auto store = [&](int t, const float (&acc)[R]) {
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
+  };
+  float acc[R] = {};
   if (first < tasks) {  // the first task's first round, outside the loop: r0 dies here
-    float acc[R] = {};
     if (whole > 0) rows_decode<T, R, N, false>(b, 0, units, l, r0, acc);
     else rows_decode<T, R, N, true>(b, 0, units, l, r0, acc);
 #pragma unroll
     for (int j = 0; j < R; ++j) b[j] += N * kStep;
-    finish(first, 32 * N, acc);
+    finish(32 * N, acc);
   }
-  for (int t = first + stride; t < tasks; t += stride) {
-    float acc[R] = {};
-    task_rows(t);
-    finish(t, 0, acc);
+  if constexpr (C > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __shared__ float red[C - 1][kWarps][R];
+    cg::cluster_group cl = cg::this_cluster();
+    if (rank > 0 && lane == 0) {
+      float* dst = cl.map_shared_rank(&red[rank - 1][warp][0], 0);
+#pragma unroll
+      for (int j = 0; j < R; ++j) dst[j] = acc[j];
+    }
+    cl.sync();
+    if (rank == 0 && first < tasks) {
+      for (int c = 0; c + 1 < C; ++c)  // in rank order: the same sum in every run
+#pragma unroll
+        for (int j = 0; j < R; ++j) acc[j] += red[c][warp][j];
+      store(first, acc);
+    }
+#endif
+    return;
+  } else {
+    if (first < tasks) store(first, acc);
+    for (int t = first + stride; t < tasks; t += stride) {
+      float acc_t[R] = {};
+      task_rows(t);
+      finish(0, acc_t);
+      store(t, acc_t);
+    }
   }
 }
 
@@ -651,21 +693,34 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       const bool one_row = want <= (int64_t)per_sm_one * sm_count();  // every warp's row in one wave
       const int grid = (int)(one_row ? want : std::min<int64_t>(want, (int64_t)per_sm * sm_count()));
       ScratchBuffer form(smem, stream);  // x's form: smem_bytes(k) is its size too
-      const int64_t tasks = 4 * gemv::padded_units(k);  // prepare_kernel: four threads a unit
-      const dim3 prep_grid((unsigned)((tasks + gemv::kThreads - 1) / gemv::kThreads));
+      const int64_t threads = 4 * gemv::padded_units(k);  // prepare_kernel: four a unit
+      const dim3 prep_grid((unsigned)((threads + gemv::kThreads - 1) / gemv::kThreads));
       const auto prepare = pro.kind == GemvPrologue::AddRmsNorm ? gemv::prepare_kernel<T, ACT, GemvPrologue::AddRmsNorm>
                            : pro.kind == GemvPrologue::SiluMul  ? gemv::prepare_kernel<T, ACT, GemvPrologue::SiluMul>
                                                                 : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
                  form.as<uint4>(), pro);
       const int per_sm_rows = kernel_ctas<gemv::gemv_rows_kernel<T, ACT, 2>>(smem, gemv::kThreads);
+      const int64_t tasks = (n + 1) / 2;  // of two rows
+      // K split over clusters of two CTAs (sm_90): each stages half of x, every warp takes one task
+      constexpr auto split_kernel = gemv::gemv_rows_kernel<T, ACT, 2, 2>;
+      const int part = (int)(((k / 32 + 1) / 2 + 31) / 32 * 32);
+      const size_t split_smem = gemv::smem_bytes(32 * (int64_t)part);
+      const int64_t split_fit = per_sm_rows > 0 && k / 32 > 32 && built_for_sm90<split_kernel>()
+          ? (int64_t)kernel_ctas<split_kernel>(split_smem, gemv::kThreads) * sm_count() * gemv::kWarps : 0;
+      if (cuda_policy::gemv_split_k(k, 2 * tasks <= split_fit) == 2) {
+        launch_pdl_cluster(split_kernel, dim3((unsigned)(2 * ((tasks + gemv::kWarps - 1) / gemv::kWarps))), 2,
+                           dim3(gemv::kThreads), split_smem, stream, form.as<const uint4>(), w, static_cast<ACT*>(y),
+                           (int)n, (int)k, row_bytes, part);
+        return;
+      }
       if (per_sm_rows > 0 && cuda_policy::gemv_rows_per_warp(T, one_row, k) == 2) {
         // every warp the same count of tasks (but the last): as many warps as that takes
-        const int64_t fit = (int64_t)per_sm_rows * sm_count() * gemv::kWarps, tasks = (n + 1) / 2;
+        const int64_t fit = (int64_t)per_sm_rows * sm_count() * gemv::kWarps;
         const int64_t per_warp = (tasks + fit - 1) / fit, warps = (tasks + per_warp - 1) / per_warp;
         launch_pdl(gemv::gemv_rows_kernel<T, ACT, 2>, dim3((unsigned)((warps + gemv::kWarps - 1) / gemv::kWarps)),
                    dim3(gemv::kThreads), smem, stream, form.as<const uint4>(), w, static_cast<ACT*>(y), (int)n, (int)k,
-                   row_bytes);
+                   row_bytes, 0);
         return;
       }
       const auto kernel = one_row ? gemv::gemv_kernel<T, ACT, true> : gemv::gemv_kernel<T, ACT, false>;

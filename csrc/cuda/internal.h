@@ -51,19 +51,46 @@ bool pdl_supported();
 // Launches kernel with programmatic dependent launch where the device has it: it may start while
 // the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (pdl.cuh:
 // pdl_wait) before it reads that kernel's output or writes anything. Elsewhere a plain launch.
+// launch_pdl_cluster: the same in clusters of `cluster` CTAs along x (sm_90; 1: no clusters).
 template <class... P, class... A>
-void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, int cluster, dim3 block, size_t smem, cudaStream_t stream,
+                        A&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl_supported()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {(unsigned)cluster, 1, 1};
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  cfg.numAttrs = n;
   LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+template <class... P, class... A>
+void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  launch_pdl_cluster(kernel, grid, 1, block, smem, stream, std::forward<A>(args)...);
+}
+
+// Whether K's code for the current device is sm_90's or later (thread block clusters): a build
+// for several architectures may run sm_80 code on a newer device.
+template <auto K>
+bool built_for_sm90() {
+  static int version[kMaxDevices] = {};
+  const int dev = current_device();
+  if (!version[dev]) {
+    cudaFuncAttributes a{};
+    LT_CUDA_CHECK(cudaFuncGetAttributes(&a, K));
+    version[dev] = std::max(a.binaryVersion, 1);
+  }
+  return version[dev] >= 90;
 }
 
 // Scratch memory: stream-ordered from a memory pool of our own; while the stream is being

@@ -614,17 +614,9 @@ inline int target_ctas_per_sm(int fit) {
 // 4096x14336 at M = 1 11-14% faster for Q4_0, Q4_1 and INT4-g64 (Q4_K 1-2%), and 4096x4096
 // (2 stages per CTA) up to 5% slower, hence the depth rule. LOWTUNE_CUDA_STAGED_CLUSTER=1|2|4 sets
 // c for any type (1: off), for measurements.
-template <bool kAuto, class Kernel>
-int cluster_split(Kernel kernel, int tiles, int nst, int fit) {
-  static int binary[64] = {};  // per device: the kernel's SASS version (90 = sm_90)
-  int dev = 0;
-  LT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (!binary[dev]) {
-    cudaFuncAttributes a{};
-    LT_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
-    binary[dev] = std::max(a.binaryVersion, 1);
-  }
-  if (binary[dev] < 90) return 1;
+template <bool kAuto, auto Kernel>
+int cluster_split(int tiles, int nst, int fit) {
+  if (!built_for_sm90<Kernel>()) return 1;
   const char* s = std::getenv("LOWTUNE_CUDA_STAGED_CLUSTER");
   if (s && *s) return std::max(1, std::min({std::atoi(s), kMaxClusterSplit, nst}));
   if (!kAuto) return 1;
@@ -646,7 +638,7 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
   if constexpr (NT == 1) {
     // Tiles that leave resident CTA slots empty (N = 4096: 256 tiles for 528-660 slots) split
     // their reduction over a cluster, added in shared memory (no partial sums, no second kernel).
-    const int cluster = cluster_split<fwd_lane_owns_64<T, NT>()>(kernel, tiles, nst, fit);
+    const int cluster = cluster_split<fwd_lane_owns_64<T, NT>(), kernel>(tiles, nst, fit);
     if (cluster > 1) {
       const int per = (nst + cluster - 1) / cluster;
       cudaLaunchConfig_t cfg = {};
