@@ -1677,6 +1677,31 @@ def test_remote_code_variants_and_directories_refused(tiny):
             lowtune.load_model(tiny[name].hf_dir)
 
 
+def test_falcon_hf_configs_and_names(tiny):
+    """Falcon's config.json as llama.cpp's converter reads it: 7B's one KV head (multi_query, whatever num_kv_heads
+    transformers fills in), 40B's KV groups, a context of 2048; 40B's two norms under their own names (ln_attn before
+    attention: attn_norm_2), 7B's one as input_layernorm; what llama.cpp's falcon does not run is refused by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("falcon", "falcon-40b")}
+    assert cfg["falcon"]["multi_query"] and cfg["falcon"]["num_kv_heads"] == H
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert [(m["falcon.attention.head_count_kv"], m["falcon.context_length"]) for m in md.values()] == [
+        (1, 2048), (HKV, 2048)]
+    two = ["blk.0.attn_norm.weight", "blk.0.attn_norm_2.weight"]
+    assert [hf_names.hf_name(n, "falcon", two) for n in two] == ["transformer.h.0.ln_mlp.weight",
+                                                                  "transformer.h.0.ln_attn.weight"]
+    assert hf_names.hf_name(two[0], "falcon", two[:1]) == "transformer.h.0.input_layernorm.weight"
+    assert [hf_names.gguf_name(f"transformer.h.0.{n}.bias", "falcon") for n in ("input_layernorm", "ln_mlp",
+                                                                                 "ln_attn")] == [
+        "blk.0.attn_norm.bias", "blk.0.attn_norm.bias", "blk.0.attn_norm_2.bias"]
+    for change, why in [({"alibi": True}, "ALiBi in place of RoPE"), ({"bias": True}, "biases on the linears"),
+                        ({"parallel_attn": False}, "one after the other"),
+                        ({"ffn_hidden_size": 3 * D}, "ffn_hidden_size 192 is not 4 · hidden_size"),
+                        ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "RoPE base is not 10000")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg["falcon"], **change})
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",

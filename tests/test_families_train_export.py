@@ -87,7 +87,7 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
-              **dict.fromkeys(("gptneox", "gptneox-seq"),
+              **dict.fromkeys(("gptneox", "gptneox-seq", "falcon", "falcon-40b"),
                               {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
@@ -107,9 +107,10 @@ VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision towe
 
 
 def hf_class(name: str) -> str:
-    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's
+    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's;
+    # Falcon 40B's layout is Falcon's
     own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM",
-           "gptneox-seq": "GPTNeoXForCausalLM"}
+           "gptneox-seq": "GPTNeoXForCausalLM", "falcon-40b": "FalconForCausalLM"}
     return own[name] if name in own else FAMILIES[name].hf_architectures[0]
 
 
@@ -419,19 +420,18 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
                                            ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
                                            ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
-                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM"),
-                                           ("falcon-40b", "FalconForCausalLM")])
+                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's, Mamba's and Falcon's tensors,
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors,
     GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v
     interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused,
     saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
-    a, arch = adapted(name), name.removesuffix("-40b")
-    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {arch} model.*GGUF"):
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match=arch):
+    with pytest.raises(ValueError, match=name):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match=f"{hf_class} .{arch}. is read from GGUF only.*load the GGUF"):
+    with pytest.raises(ValueError, match=f"{hf_class} .{name}. is read from GGUF only.*load the GGUF"):
         lowtune.load_model(family_models[name].hf_dir)
 
 

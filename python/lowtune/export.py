@@ -712,7 +712,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
             shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
             shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
-            names = {n: hf_names.hf_name(n, arch) for n in shapes}
+            names = {n: hf_names.hf_name(n, arch, shapes) for n in shapes}
             by_hf = {h: g for g, h in names.items() if h is not None}
             fused = {h: hf_names.fused_parts(h, arch) for h in by_hf}  # (Granite 4's dense gate and up)
             fused = {h: parts for h, parts in fused.items() if parts is not None}

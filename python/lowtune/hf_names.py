@@ -22,7 +22,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     ln_1, mlp.c_fc_0, ...) and config keys (num_layers, layer_norm_epsilon) are read as transformers renames
     them onto Llama's (_CHECKPOINT_NAMES, _CONFIG_ALIASES) and written under Llama's names, as transformers
     holds and saves them; GPT-NeoX keeps its layers under gpt_neox.layers and q, k, v in one tensor,
-    head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v;
+    head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v; Falcon keeps its
+    layers under transformer.h and q, k, v grouped by KV head (each group's q heads, then its k and v), 40B's
+    two norms as ln_attn (attn_norm_2) and ln_mlp (attn_norm), 7B's one as input_layernorm;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
@@ -176,13 +178,20 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                     "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
-    # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_neox_qkv)
+    # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_qkv_groups)
     "gptneox": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
                           "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
                           "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
                 "global": {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
                            "output_norm.weight": "gpt_neox.final_layer_norm.weight",
                            "output_norm.bias": "gpt_neox.final_layer_norm.bias"}},
+    # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
+    # and v rows in one tensor, grouped by KV head (_qkv_groups)
+    "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                         "attn_output": "self_attention.dense", "ffn_up": "mlp.dense_h_to_4h",
+                         "ffn_down": "mlp.dense_4h_to_h"},
+               "global": {"token_embd.weight": "transformer.word_embeddings.weight", "output.weight": "lm_head.weight",
+                          "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias"}},
     # (StableLM 2 12B's q/k LayerNorms, a module of each head's own, are not mapped: hf_config, _parallel_keys)
     "stablelm": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
@@ -237,11 +246,15 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
     ("vocab_size", "vocab_size", "vocab_size", U32, None),
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
-_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps"}
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps",
+                   "falcon": "layer_norm_epsilon"}
 
 
 # where a class holds its layers, where not under model.layers
-_LAYERS = {"gptneox": "gpt_neox.layers."}
+_LAYERS = {"gptneox": "gpt_neox.layers.", "falcon": "transformer.h."}
+# the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
+# attention and ln_mlp before the FFN), in place of the one norm's
+_TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
 
 
 def _layers(arch: str) -> str:
@@ -260,12 +273,17 @@ def _table(arch: str) -> dict[str, dict[str, str]]:
     return TENSOR_NAMES[arch]
 
 
-def hf_name(name: str, arch: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor; None for tensors HF does not store (GGUF_ONLY)."""
+def hf_name(name: str, arch: str = "llama", tensors: Collection[str] = ()) -> str | None:
+    """The HF name of a GGUF tensor of a model with `tensors` (which tell Falcon's layouts apart: _TWO_NORMS);
+    None for tensors HF does not store (GGUF_ONLY)."""
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
     m, layers = re.fullmatch(r"blk\.(\d+)\.(.+)", name), _layers(arch)
+    two = re.fullmatch(r"blk\.(\d+)\.(attn_norm|attn_norm_2)\.(weight|bias)", name)
+    if two and arch in _TWO_NORMS and (two.group(2) == "attn_norm_2" or f"blk.{two.group(1)}.attn_norm_2.weight"
+                                       in tensors):
+        return f"{layers}{two.group(1)}.{_TWO_NORMS[arch][two.group(2)]}.{two.group(3)}"
     if m and m.group(2) in t.get("exact", {}):
         return f"{layers}{m.group(1)}.{t['exact'][m.group(2)]}"
     for fused, parts in t.get("fused", {}).items():  # (a part of a fused HF tensor: fused_parts)
@@ -305,7 +323,7 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
             return f"blk.{m.group(1)}.{g}"
     m = re.fullmatch(layers + r"(\d+)\.(.+)\.(weight|bias)", name)
     if m:
-        for g, h in t["layer"].items():
+        for g, h in (*_TWO_NORMS.get(arch, {}).items(), *t["layer"].items()):
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
@@ -498,30 +516,42 @@ def _regroup(w, v_heads: tuple[int, int, int, int], to_hf: bool, dim: int = 0):
     return torch.cat([head, v]).movedim(0, dim)
 
 
-def _neox_qkv(name: str, metadata: Mapping) -> int | None:
-    """The head count where `name` is GPT-NeoX's fused q/k/v, whose rows HF keeps head by head (each
-    head's q, k, v) and the converter as all q, all k, all v; else None."""
-    if metadata.get("general.architecture") != "gptneox" or not re.fullmatch(r"blk\.\d+\.attn_qkv\.(weight|bias)",
-                                                                             name):
+# the families whose HF class keeps q, k and v rows in one tensor grouped by KV head (each group's q heads, its k
+# head, its v head; GPT-NeoX's a group a head), where the converter writes all q rows, then k, then v
+_QKV_GROUPED = ("gptneox", "falcon")
+
+
+def _qkv_groups(name: str, metadata: Mapping) -> tuple[int, int] | None:
+    """(KV heads, q heads of each) where `name` is fused q/k/v in groups of KV heads in HF (_QKV_GROUPED);
+    else None."""
+    arch = metadata.get("general.architecture")
+    if arch not in _QKV_GROUPED or not re.fullmatch(r"blk\.\d+\.attn_qkv\.(weight|bias)", name):
         return None
-    return int(metadata["gptneox.attention.head_count"])
+    n_head = int(metadata[f"{arch}.attention.head_count"])
+    kv = int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    return kv, n_head // kv
 
 
-def _regroup_qkv(w, heads: int, to_hf: bool):
-    """GPT-NeoX's q/k/v rows from [3, heads, d] to [heads, 3, d] (to_hf) or back."""
-    order = (3, heads) if to_hf else (heads, 3)
-    return w.reshape(*order, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+def _regroup_qkv(w, groups: tuple[int, int], to_hf: bool):
+    """Fused q/k/v rows from all q, all k, all v to [KV heads, q heads of each + 2, d] (to_hf) or back."""
+    kv, per = groups
+    d, rest = w.shape[0] // (kv * (per + 2)), w.shape[1:]
+    if to_hf:
+        q, k, v = w.split([kv * per * d, kv * d, kv * d])
+        return torch.cat([x.reshape(kv, -1, *rest) for x in (q, k, v)], 1).reshape(w.shape)
+    q, k, v = w.reshape(kv, (per + 2) * d, *rest).split([per * d, d, d], 1)
+    return torch.cat([x.reshape(-1, *rest) for x in (q, k, v)])
 
 
 def to_hf_rows(name: str, w, metadata: Mapping):
-    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, GPT-NeoX's q/k/v,
+    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, GPT-NeoX's and Falcon's q/k/v,
     Qwen3.5's value heads; Gemma's norms as w, Qwen3.5's ssm_a as A_log."""
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_gguf_to_hf(w, heads)
-    qkv_heads = _neox_qkv(name, metadata)
-    if qkv_heads is not None:
-        w = _regroup_qkv(w, qkv_heads, True)
+    groups = _qkv_groups(name, metadata)
+    if groups is not None:
+        w = _regroup_qkv(w, groups, True)
     v_heads = _v_heads(name, metadata)
     if v_heads is not None and not name.endswith("ssm_out.weight"):
         w = _regroup(w, v_heads, True)
@@ -547,9 +577,9 @@ def from_hf_values(name: str, w, metadata: Mapping):
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
-    qkv_heads = _neox_qkv(name, metadata)
-    if qkv_heads is not None:
-        w = _regroup_qkv(w, qkv_heads, False)
+    groups = _qkv_groups(name, metadata)
+    if groups is not None:
+        w = _regroup_qkv(w, groups, False)
     w = w.reshape(gguf_shape(name, w.shape, metadata))
     v_heads = _v_heads(name, metadata)
     if v_heads is not None:
@@ -637,6 +667,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     config = _text_config(config)
     config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
                            if own in config}}
+    if fam.arch == "falcon":
+        config = _falcon_config(config)
     if config.get("hidden_act", "silu") != "silu" and fam.arch in _CONFIG_ALIASES:
         raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {fam.arch} runs SiLU")
     arch = fam.arch
@@ -806,6 +838,30 @@ def _parallel_keys(config: dict, key, arch: str) -> None:
                          "StableLM 2 12B), which lowtune reads from GGUF only; convert it with llama.cpp's "
                          "convert_hf_to_gguf.py and load the GGUF")
     key("use_parallel_residual", bool(config.get("use_parallel_residual", arch == "gptneox")), BOOL)
+
+
+def _falcon_config(config: dict) -> dict:
+    """Falcon's config.json in the common keys, as llama.cpp's converter reads it: one KV head in 7B's layout
+    (multi_query), 40B's num_kv_heads, an FFN 4 · hidden_size wide and a context of 2048 (which it writes
+    whatever the file says); RoPE at the base llama.cpp takes without a key (10000). What llama.cpp's falcon
+    does not run is refused: ALiBi, attention and FFN one after the other, biases on the linears."""
+    for flag, what in (("alibi", "ALiBi in place of RoPE"), ("bias", "biases on the linears")):
+        if config.get(flag):
+            raise ValueError(f"config.json asks for {what} ({flag}), which llama.cpp's falcon does not run (and "
+                             "so lowtune, which follows it)")
+    if not config.get("parallel_attn", True):
+        raise ValueError("config.json runs Falcon's attention and FFN one after the other (parallel_attn false), "
+                         "which llama.cpp's falcon does not (and so lowtune, which follows it)")
+    hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if int(config.get("ffn_hidden_size") or 4 * hidden) != 4 * hidden:
+        raise ValueError(f"config.json's ffn_hidden_size {config['ffn_hidden_size']} is not 4 · hidden_size, the "
+                         "width llama.cpp's converter writes for falcon (and so lowtune, which follows it)")
+    if float(_rope(config)[0].get("rope_theta", 10000.0)) != 10000.0:
+        raise ValueError("config.json's RoPE base is not 10000, the one llama.cpp's falcon takes (its converter "
+                         "writes none), and so lowtune, which follows it")
+    grouped = config.get("new_decoder_architecture") or not config.get("multi_query", True)
+    return {**config, "num_key_value_heads": int(config.get("num_kv_heads") or n_head) if grouped else 1,
+            "intermediate_size": 4 * hidden, "max_position_embeddings": 2048}
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -1026,9 +1082,10 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
+    "falcon": {},
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
-_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm")}
+_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
 
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
@@ -1037,7 +1094,7 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
                      "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     "gptneox": ("output_norm.bias",)}
+                     "gptneox": ("output_norm.bias",), "falcon": ("output_norm.bias",)}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -1230,6 +1287,13 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             raise ValueError(f"this {arch} model norms q and k with a LayerNorm of each head's own (StableLM 2 12B), "
                              "which lowtune writes to GGUF only; export it as GGUF (merged, or as a GGUF LoRA)")
         cfg.update(use_parallel_residual=c.parallel, qk_layernorm=False)
+    if arch == "falcon":  # (the inverse of _falcon_config: 40B's layout where a layer has two norms or KV groups)
+        two_norms = any(n.endswith("attn_norm_2.weight") for n in tensors)
+        grouped = two_norms or c.n_kv_heads not in (1, c.n_heads)
+        cfg.update(new_decoder_architecture=grouped, num_ln_in_parallel_attn=(2 if two_norms else 1) if grouped
+                   else None, multi_query=c.n_kv_heads == 1, num_kv_heads=c.n_kv_heads, parallel_attn=True,
+                   bias=False, alibi=False, ffn_hidden_size=c.ffn_dim, activation=cfg["hidden_act"])
+        del cfg["head_dim"]  # (FalconConfig's is hidden_size / heads, a property)
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
