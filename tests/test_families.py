@@ -1702,6 +1702,24 @@ def test_falcon_hf_configs_and_names(tiny):
             hf_names.metadata_from_hf_config({**cfg["falcon"], **change})
 
 
+def test_gpt2_and_starcoder_hf_configs(tiny):
+    """GPT-2's and GPT-BigCode's config.json in their own keys (n_embd, n_layer, ...) as llama.cpp's converter reads
+    them: GPT-2's context from n_ctx, StarCoder's one KV head; GPT-2's Conv1D weights transposed, GPT-BigCode's
+    nn.Linear's as they are; what llama.cpp does not run is refused by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("gpt2", "starcoder")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert [(m[f"{n}.context_length"], m[f"{n}.attention.head_count_kv"], m[f"{n}.feed_forward_length"])
+            for n, m in md.items()] == [(256, H, 4 * D), (256, 1, 4 * D)]
+    assert hf_names.metadata_from_hf_config({**cfg["gpt2"], "n_ctx": 128})[0]["gpt2.context_length"] == 128
+    assert [hf_names.hf_shape("blk.0.ffn_up.weight", (4 * D, D), m) for m in md.values()] == [(D, 4 * D), (4 * D, D)]
+    for name, change, why in [("gpt2", {"n_inner": 3 * D}, "n_inner 192 is not 4 · n_embd"),
+                              ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scales GPT-2's attention"),
+                              ("starcoder", {"multi_query": False}, "multi_query false")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
@@ -1731,8 +1749,9 @@ def test_families_and_refusals():
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
         family_of_hf(["GPTJForCausalLM"])
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(gpt2\) is read from GGUF only.*Conv1D.*load the GGUF"):
-        family_of_hf(["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"NemotronHForCausalLM \(nemotron_h\) is read from GGUF only.*layers of one "
+                                         "part.*load the GGUF"):
+        family_of_hf(["NemotronHForCausalLM"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
           "qwen2.attention.layer_norm_rms_epsilon": 1e-6}

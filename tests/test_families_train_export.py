@@ -77,7 +77,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
                    "bitnet": "q-bara", "mamba2": "qa-hira",
                    "falcon-h1": "q-bara", "mamba": "q-bara",
-                   "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora",
+                   "gpt2": "q-bara", "starcoder": "lora", "bloom": "qa-lora", "mpt": "qdylora",
                    "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
                    "falcon": "qdylora", "falcon-40b": "q-bara",
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
@@ -90,6 +90,8 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               **dict.fromkeys(("gptneox", "gptneox-seq", "falcon", "falcon-40b"),
                               {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
+              # (c_proj: the attention's and the MLP's)
+              **dict.fromkeys(("gpt2", "starcoder"), {"c_attn", "c_proj", "c_fc"}),
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
@@ -284,6 +286,7 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     export_peft(a.base, a.run, a.dir / "peft")
     config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == HF_MODULES.get(name, LLAMA_MODULES)
+    assert config["fan_in_fan_out"] == (name == "gpt2")  # (GPT-2's Conv1D modules)
     base = hf(a.dir / "hf-base")
     assert rel_err(logits(base), a.plain) < 1e-4
     got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
@@ -419,13 +422,11 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
 
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
                                            ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
-                                           ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
                                            ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors,
-    GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v
-    interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused,
-    saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors, BLOOM's
+    q/k/v interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are
+    refused, saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")

@@ -24,9 +24,12 @@ The families (lowtune.families says which architecture is which HF class) differ
     holds and saves them; GPT-NeoX keeps its layers under gpt_neox.layers and q, k, v in one tensor,
     head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v; Falcon keeps its
     layers under transformer.h and q, k, v grouped by KV head (each group's q heads, then its k and v), 40B's
-    two norms as ln_attn (attn_norm_2) and ln_mlp (attn_norm), 7B's one as input_layernorm;
+    two norms as ln_attn (attn_norm_2) and ln_mlp (attn_norm), 7B's one as input_layernorm; GPT-2 and
+    GPT-BigCode (StarCoder) keep theirs under transformer.h, their learned positions as wpe and q, k, v in one
+    c_attn as GGUF does (StarCoder's one K/V head after the q rows);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
-    and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
+    and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
+    Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D);
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
     Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
     layers slide (layer_types), soft-caps, Gemma's query scale, which biases the HF class can
@@ -91,6 +94,12 @@ _MLA = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_q_a"
         "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
         "attn_kv_b": "self_attn.kv_b_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
         **_MLP}
+# GPT-2's and GPT-BigCode's names, their layers under transformer.h (_LAYERS)
+_GPT2 = {"layer": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                   "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+         "global": {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                    "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                    "output.weight": "lm_head.weight"}}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -185,6 +194,10 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                 "global": {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
                            "output_norm.weight": "gpt_neox.final_layer_norm.weight",
                            "output_norm.bias": "gpt_neox.final_layer_norm.bias"}},
+    # GPT-2 and GPT-BigCode (StarCoder): learned positions (wpe); GPT-2's linears are Conv1D's [in, out] (_CONV1D),
+    # GPT-BigCode's nn.Linear's; one K/V head's rows after the q rows in StarCoder's c_attn, as GGUF has them
+    "gpt2": _GPT2,
+    "starcoder": _GPT2,
     # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
     # and v rows in one tensor, grouped by KV head (_qkv_groups)
     "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
@@ -225,7 +238,10 @@ _CHECKPOINT_NAMES = {"exaone": tuple((re.compile(a), b) for a, b in (
 # config.json keys a family's checkpoints spell otherwise: theirs -> the common key (EXAONE 3's, as transformers'
 # ExaoneConfig maps them)
 _CONFIG_ALIASES = {"exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
-                              "activation_function": "hidden_act"}}
+                              "activation_function": "hidden_act"},
+                   **dict.fromkeys(("gpt2", "starcoder"), {
+                       "n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                       "n_positions": "max_position_embeddings"})}
 
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
@@ -247,11 +263,12 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps",
-                   "falcon": "layer_norm_epsilon"}
+                   **dict.fromkeys(("falcon", "gpt2", "starcoder"), "layer_norm_epsilon")}
 
 
 # where a class holds its layers, where not under model.layers
-_LAYERS = {"gptneox": "gpt_neox.layers.", "falcon": "transformer.h."}
+_LAYERS = {"gptneox": "gpt_neox.layers.", "falcon": "transformer.h.", "gpt2": "transformer.h.",
+           "starcoder": "transformer.h."}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
@@ -381,6 +398,7 @@ def layer_scalar_tensors(metadata: Mapping) -> dict[str, tuple[tuple[int, ...], 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
 _FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "query_key_value": ("attn_q", "attn_k", "attn_v"),
+             "c_attn": ("attn_q", "attn_k", "attn_v"),
              "gate_up_proj": ("ffn_gate", "ffn_up")}
 
 
@@ -451,11 +469,30 @@ _CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # nn.Conv1d's [D
 _SSM_VECTORS = ("ssm_a", "ssm_d")  # Mamba2's A and D: [H] in HF, [H, 1] in GGUF
 
 
-def hf_shape(name: str, shape) -> tuple[int, ...]:
-    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's, Mamba2's and Qwen3.5's convolution
-    kernels [C, L] are nn.Conv1d's weight [C, 1, L] (the converter drops the 1), Mamba2's A and D
-    [H, 1] and gated norm [groups, inner / groups] are vectors; every other tensor its own."""
+# GPT-2's linears, Conv1D modules whose weight is [in, out]: transposed in GGUF, as the converter writes them
+_CONV1D = {"gpt2": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
+
+
+def _conv1d(name: str, metadata: Mapping | None) -> bool:
+    """Whether GGUF weight `name` is a Conv1D's in HF, its matrix transposed (_CONV1D)."""
+    m = re.fullmatch(r"blk\.\d+\.(.+)\.weight", name)
+    arch = metadata.get("general.architecture") if metadata is not None else None
+    return m is not None and m.group(1) in _CONV1D.get(arch, ())
+
+
+def peft_fan_in_fan_out(arch: str) -> bool:
+    """PEFT's fan_in_fan_out: whether the family's adapted modules are Conv1D's, their weight [in, out] (_CONV1D)."""
+    return arch in _CONV1D
+
+
+def hf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ...]:
+    """The shape HF gives GGUF tensor `name` of `shape` (of a model of `metadata`): LFM2's, Mamba2's and
+    Qwen3.5's convolution kernels [C, L] are nn.Conv1d's weight [C, 1, L] (the converter drops the 1),
+    Mamba2's A and D [H, 1] and gated norm [groups, inner / groups] are vectors, GPT-2's Conv1D weights
+    transposed; every other tensor its own."""
     shape = tuple(shape)
+    if _conv1d(name, metadata):
+        return shape[::-1]
     if name.endswith(_CONV_KERNELS) and len(shape) == 2:
         return (shape[0], 1, *shape[1:])
     if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)):
@@ -469,6 +506,8 @@ def gguf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, 
     shape = tuple(shape)
     if name.endswith(_CONV_KERNELS) and len(shape) == 3:
         return (shape[0], *shape[2:])
+    if _conv1d(name, metadata):
+        return shape[::-1]
     arch = metadata.get("general.architecture") if metadata is not None else None
     if arch not in FAMILIES or not FAMILIES[arch].mamba2:  # (Qwen3.5's A and gated norm are GGUF vectors too)
         return shape
@@ -567,9 +606,9 @@ def to_hf_columns(name: str, a, metadata: Mapping):
 
 
 def to_hf_values(name: str, w, metadata: Mapping):
-    """A GGUF tensor as HF holds it (to_hf_rows and to_hf_columns), in hf_shape."""
+    """A GGUF tensor as HF holds it (to_hf_rows and to_hf_columns), in hf_shape (a Conv1D's transposed)."""
     w = to_hf_columns(name, to_hf_rows(name, w, metadata), metadata)
-    return w.reshape(hf_shape(name, w.shape))
+    return w.t().contiguous() if _conv1d(name, metadata) else w.reshape(hf_shape(name, w.shape, metadata))
 
 
 def from_hf_values(name: str, w, metadata: Mapping):
@@ -580,7 +619,7 @@ def from_hf_values(name: str, w, metadata: Mapping):
     groups = _qkv_groups(name, metadata)
     if groups is not None:
         w = _regroup_qkv(w, groups, False)
-    w = w.reshape(gguf_shape(name, w.shape, metadata))
+    w = w.t() if _conv1d(name, metadata) else w.reshape(gguf_shape(name, w.shape, metadata))
     v_heads = _v_heads(name, metadata)
     if v_heads is not None:
         w = _regroup(w, v_heads, False, dim=-1 if name.endswith("ssm_out.weight") else 0)
@@ -667,11 +706,13 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     config = _text_config(config)
     config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
                            if own in config}}
-    if fam.arch == "falcon":
-        config = _falcon_config(config)
-    if config.get("hidden_act", "silu") != "silu" and fam.arch in _CONFIG_ALIASES:
-        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {fam.arch} runs SiLU")
     arch = fam.arch
+    if "hidden_act" in _CONFIG_ALIASES.get(arch, {}).values() and config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {arch} runs SiLU")
+    if arch == "falcon":
+        config = _falcon_config(config)
+    elif arch in ("gpt2", "starcoder"):
+        config = _gpt2_config(config, arch)
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
         "general.name": (name or config.get("_name_or_path") or "model", STR)}
@@ -862,6 +903,30 @@ def _falcon_config(config: dict) -> dict:
     grouped = config.get("new_decoder_architecture") or not config.get("multi_query", True)
     return {**config, "num_key_value_heads": int(config.get("num_kv_heads") or n_head) if grouped else 1,
             "intermediate_size": 4 * hidden, "max_position_embeddings": 2048}
+
+
+def _gpt2_config(config: dict, arch: str) -> dict:
+    """GPT-2's and GPT-BigCode's config.json in the common keys (their own names: _CONFIG_ALIASES), as llama.cpp's
+    converter reads it: GPT-2's context from n_ctx where the file gives it, an FFN 4 · n_embd wide, StarCoder's one
+    KV head. What llama.cpp's gpt2 and starcoder do not run is refused: another FFN width, GPT-2's attention scaled
+    otherwise, GPT-BigCode's K/V heads of their own."""
+    hidden = int(config["hidden_size"])
+    if int(config.get("n_inner") or 4 * hidden) != 4 * hidden:
+        raise ValueError(f"config.json's n_inner {config['n_inner']} is not 4 · n_embd, the width llama.cpp's "
+                         f"converter writes for {arch} (and so lowtune, which follows it)")
+    if arch == "gpt2" and (not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx")):
+        raise ValueError("config.json scales GPT-2's attention otherwise than by 1/sqrt(head size) "
+                         "(scale_attn_weights, scale_attn_by_inverse_layer_idx), which llama.cpp's gpt2 does not (and "
+                         "so lowtune, which follows it)")
+    if arch == "starcoder" and not config.get("multi_query", True):
+        raise ValueError("config.json gives GPT-BigCode a K/V head of each head's own (multi_query false); llama.cpp's "
+                         "converter writes starcoder with one (and so lowtune, which follows it)")
+    out = {**config, "intermediate_size": 4 * hidden}
+    if arch == "starcoder":
+        out["num_key_value_heads"] = 1
+    if arch == "gpt2" and config.get("n_ctx"):
+        out["max_position_embeddings"] = config["n_ctx"]
+    return out
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -1083,6 +1148,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
     "falcon": {},
+    **dict.fromkeys(("gpt2", "starcoder"), {"": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up",
+                                                 "ffn_down")}),
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
 _HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
@@ -1094,7 +1161,7 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
                      "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     "gptneox": ("output_norm.bias",), "falcon": ("output_norm.bias",)}
+                     **dict.fromkeys(("gptneox", "falcon", "gpt2", "starcoder"), ("output_norm.bias",))}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -1294,6 +1361,16 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                    else None, multi_query=c.n_kv_heads == 1, num_kv_heads=c.n_kv_heads, parallel_attn=True,
                    bias=False, alibi=False, ffn_hidden_size=c.ffn_dim, activation=cfg["hidden_act"])
         del cfg["head_dim"]  # (FalconConfig's is hidden_size / heads, a property)
+    if arch in ("gpt2", "starcoder"):  # (the inverse of _gpt2_config, in the classes' own keys)
+        cfg.update(n_embd=c.dim, n_layer=c.n_layers, n_head=c.n_heads, n_positions=c.context_length, n_inner=c.ffn_dim,
+                   activation_function=cfg["hidden_act"], scale_attn_weights=True)
+        if arch == "gpt2":
+            cfg.update(n_ctx=c.context_length, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+        else:
+            cfg["multi_query"] = True
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                  "intermediate_size", "num_key_value_heads", "head_dim"):
+            del cfg[k]
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
