@@ -894,6 +894,29 @@ def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
         Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
 
 
+def test_bloom_and_mpt_hf_configs(tiny, tmp_path):
+    """BLOOM's and MPT's config.json in their own keys as llama.cpp's converter reads them (BLOOM's context from
+    seq_length, MPT's clip_qkv and alibi_bias_max from attn_config); what their transformers classes do not hold or
+    llama.cpp does not run is refused by name, and so is a merged MptForCausalLM of MPT with learned positions."""
+    from lowtune import hf_names
+    from lowtune.export import export_hf
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("bloom", "mpt")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert (md["bloom"]["bloom.context_length"], md["bloom"]["bloom.attention.head_count_kv"]) == (256, BLOOM_HEADS)
+    assert (md["mpt"]["mpt.attention.max_alibi_bias"], md["mpt"]["mpt.attention.clamp_kqv"]) == (8.0, MPT_CLIP_QKV)
+    attn = cfg["mpt"]["attn_config"]
+    for name, change, why in [
+            ("bloom", {"apply_residual_connection_post_layernorm": True}, "residual after the norm"),
+            ("mpt", {"attn_config": {**attn, "alibi": False}}, "alibi false .learned positions"),
+            ("mpt", {"attn_config": {**attn, "kv_n_heads": 1}}, "kv_n_heads"),
+            ("mpt", {"attn_config": {**attn, "qk_ln": True}}, "qk_ln"), ("mpt", {"no_bias": False}, "biases"),
+            ("mpt", {"expansion_ratio": 2}, "expansion_ratio")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+    with pytest.raises(ValueError, match="learned positions in place of ALiBi, which MptForCausalLM does not hold"):
+        export_hf(mpt_variant(tiny, tmp_path, "learned positions"), None, tmp_path / "hf", dtype="fp32")
+
+
 def test_pretokenizers_of_gpt2_starcoder_bloom_and_mpt_are_known():
     """The pre-tokenizers llama.cpp's converter writes for GPT-2, StarCoder (SantaCoder's and Refact's
     vocabularies among its models), BLOOM and MPT are among those lowtune tokenizes with (the tiny models

@@ -39,7 +39,7 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
                            Model)
 
 from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
-                           llamacpp_perplexity, rand_ids, random_family_model, rel_err)
+                           llamacpp_perplexity, mpt_as_llamacpp, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import resident_and_streamed, with_filled_lora
 from test_export import make_adapter
@@ -87,11 +87,12 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
-              **dict.fromkeys(("gptneox", "gptneox-seq", "falcon", "falcon-40b"),
+              **dict.fromkeys(("gptneox", "gptneox-seq", "falcon", "falcon-40b", "bloom"),
                               {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
               # (c_proj: the attention's and the MLP's)
               **dict.fromkeys(("gpt2", "starcoder"), {"c_attn", "c_proj", "c_fc"}),
+              "mpt": {"Wqkv", "out_proj", "up_proj", "down_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
@@ -272,6 +273,8 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
         assert type(m).__name__ == hf_class(name)
+        if name == "mpt":
+            mpt_as_llamacpp(m)
         return m
 
     def logits(m):
@@ -421,12 +424,11 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
 
 
 @pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
-                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
-                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM")])
+                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors, BLOOM's
-    q/k/v interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are
-    refused, saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
+    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors: their merged
+    HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,
+    saying to load the converter's GGUF."""
     a = adapted(name)
     with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")

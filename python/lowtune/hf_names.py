@@ -26,7 +26,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     layers under transformer.h and q, k, v grouped by KV head (each group's q heads, then its k and v), 40B's
     two norms as ln_attn (attn_norm_2) and ln_mlp (attn_norm), 7B's one as input_layernorm; GPT-2 and
     GPT-BigCode (StarCoder) keep theirs under transformer.h, their learned positions as wpe and q, k, v in one
-    c_attn as GGUF does (StarCoder's one K/V head after the q rows);
+    c_attn as GGUF does (StarCoder's one K/V head after the q rows); BLOOM keeps its layers under
+    transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
+    Wqkv as GGUF does;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D);
@@ -198,6 +200,21 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # GPT-BigCode's nn.Linear's; one K/V head's rows after the q rows in StarCoder's c_attn, as GGUF has them
     "gpt2": _GPT2,
     "starcoder": _GPT2,
+    # BLOOM: its layers under transformer.h (_LAYERS), the embeddings' LayerNorm; q, k and v rows in one tensor,
+    # head by head (_qkv_groups)
+    "bloom": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                        "attn_output": "self_attention.dense", "ffn_norm": "post_attention_layernorm",
+                        "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+              "global": {"token_embd.weight": "transformer.word_embeddings.weight",
+                         "token_embd_norm.weight": "transformer.word_embeddings_layernorm.weight",
+                         "token_embd_norm.bias": "transformer.word_embeddings_layernorm.bias",
+                         "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                         "output.weight": "lm_head.weight"}},
+    # MPT: its layers under transformer.blocks (_LAYERS), no biases; q, k and v rows in one Wqkv, as GGUF has them
+    "mpt": {"layer": {"attn_norm": "norm_1", "attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj",
+                      "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"},
+            "global": {"token_embd.weight": "transformer.wte.weight", "output_norm.weight": "transformer.norm_f.weight",
+                       "output.weight": "lm_head.weight"}},
     # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
     # and v rows in one tensor, grouped by KV head (_qkv_groups)
     "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
@@ -241,7 +258,10 @@ _CONFIG_ALIASES = {"exaone": {"num_layers": "num_hidden_layers", "layer_norm_eps
                               "activation_function": "hidden_act"},
                    **dict.fromkeys(("gpt2", "starcoder"), {
                        "n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-                       "n_positions": "max_position_embeddings"})}
+                       "n_positions": "max_position_embeddings"}),
+                   "bloom": {"n_embed": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"},
+                   "mpt": {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                           "max_seq_len": "max_position_embeddings"}}
 
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
@@ -263,12 +283,12 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps",
-                   **dict.fromkeys(("falcon", "gpt2", "starcoder"), "layer_norm_epsilon")}
+                   **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom", "mpt"), "layer_norm_epsilon")}
 
 
 # where a class holds its layers, where not under model.layers
-_LAYERS = {"gptneox": "gpt_neox.layers.", "falcon": "transformer.h.", "gpt2": "transformer.h.",
-           "starcoder": "transformer.h."}
+_LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
+           "mpt": "transformer.blocks."}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
@@ -398,7 +418,7 @@ def layer_scalar_tensors(metadata: Mapping) -> dict[str, tuple[tuple[int, ...], 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
 _FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "query_key_value": ("attn_q", "attn_k", "attn_v"),
-             "c_attn": ("attn_q", "attn_k", "attn_v"),
+             "c_attn": ("attn_q", "attn_k", "attn_v"), "Wqkv": ("attn_q", "attn_k", "attn_v"),
              "gate_up_proj": ("ffn_gate", "ffn_up")}
 
 
@@ -556,8 +576,8 @@ def _regroup(w, v_heads: tuple[int, int, int, int], to_hf: bool, dim: int = 0):
 
 
 # the families whose HF class keeps q, k and v rows in one tensor grouped by KV head (each group's q heads, its k
-# head, its v head; GPT-NeoX's a group a head), where the converter writes all q rows, then k, then v
-_QKV_GROUPED = ("gptneox", "falcon")
+# head, its v head; GPT-NeoX's and BLOOM's a group a head), where the converter writes all q rows, then k, then v
+_QKV_GROUPED = ("gptneox", "bloom", "falcon")
 
 
 def _qkv_groups(name: str, metadata: Mapping) -> tuple[int, int] | None:
@@ -709,14 +729,20 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     arch = fam.arch
     if "hidden_act" in _CONFIG_ALIASES.get(arch, {}).values() and config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {arch} runs SiLU")
-    if arch == "falcon":
-        config = _falcon_config(config)
-    elif arch in ("gpt2", "starcoder"):
-        config = _gpt2_config(config, arch)
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
         "general.name": (name or config.get("_name_or_path") or "model", STR)}
     key = lambda k, v, t: md.__setitem__(f"{arch}.{k}", (v, t))
+    # (classes whose config.json has keys of its own: in the common keys, as the converter reads them)
+    if arch == "falcon":
+        config = _falcon_config(config)
+    elif arch in ("gpt2", "starcoder"):
+        config = _gpt2_config(config, arch)
+    elif arch == "bloom":
+        config = _bloom_config(config)
+    elif arch == "mpt":
+        config = _mpt_config(config)
+        key("attention.max_alibi_bias", float(config["alibi_bias_max"]), F32)
     for gguf_key, hf, _, gtype, default in CONFIG_KEYS:
         value = config.get(hf)
         if value is None:
@@ -927,6 +953,37 @@ def _gpt2_config(config: dict, arch: str) -> dict:
     if arch == "gpt2" and config.get("n_ctx"):
         out["max_position_embeddings"] = config["n_ctx"]
     return out
+
+
+def _bloom_config(config: dict) -> dict:
+    """BLOOM's config.json in the common keys (its own names: _CONFIG_ALIASES), as llama.cpp's converter reads it:
+    a K/V head of each head's own, an FFN 4 · hidden_size wide, the context of seq_length (else hidden_size).
+    The residual taken after the norm (apply_residual_connection_post_layernorm), which llama.cpp's bloom does not
+    run, is refused."""
+    if config.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("config.json adds BLOOM's residual after the norm (apply_residual_connection_post_layernorm), "
+                         "which llama.cpp's bloom does not (and so lowtune, which follows it)")
+    hidden = int(config["hidden_size"])
+    return {**config, "intermediate_size": 4 * hidden, "num_key_value_heads": config["num_attention_heads"],
+            "max_position_embeddings": config.get("seq_length") or hidden}
+
+
+def _mpt_config(config: dict) -> dict:
+    """MPT's config.json in the common keys (its own names: _CONFIG_ALIASES; attn_config's clip_qkv and
+    alibi_bias_max), as llama.cpp's converter reads it: an FFN 4 · d_model wide, LayerNorm's epsilon 1e-5.
+    What transformers' MptForCausalLM does not hold is refused: learned positions in place of ALiBi, grouped K/V
+    heads, q/k LayerNorms, biases, another FFN width."""
+    attn = config.get("attn_config") or {}
+    refused = {"alibi false (learned positions)": not attn.get("alibi", True),
+               "kv_n_heads (grouped K/V heads)": attn.get("kv_n_heads") not in (None, config["num_attention_heads"]),
+               "qk_ln (q/k LayerNorms)": attn.get("qk_ln"), "no_bias false (biases)": not config.get("no_bias", True),
+               "expansion_ratio other than 4": config.get("expansion_ratio", 4) != 4}
+    what = [k for k, v in refused.items() if v]
+    if what:
+        raise ValueError(f"config.json asks for {what[0]}, which transformers' MptForCausalLM does not hold; convert "
+                         "the checkpoint with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
+    return {**config, "intermediate_size": 4 * int(config["hidden_size"]), "layer_norm_epsilon": 1e-5,
+            "clip_qkv": attn.get("clip_qkv"), "alibi_bias_max": attn.get("alibi_bias_max", 8)}
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -1148,8 +1205,9 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
     "falcon": {},
-    **dict.fromkeys(("gpt2", "starcoder"), {"": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up",
-                                                 "ffn_down")}),
+    **dict.fromkeys(("gpt2", "starcoder", "bloom"), {"": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm",
+                                                          "ffn_up", "ffn_down")}),
+    "mpt": {},
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
 _HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
@@ -1161,7 +1219,8 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
                      "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     **dict.fromkeys(("gptneox", "falcon", "gpt2", "starcoder"), ("output_norm.bias",))}
+                     **dict.fromkeys(("gptneox", "falcon", "gpt2", "starcoder"), ("output_norm.bias",)),
+                     "bloom": ("output_norm.bias", "token_embd_norm.bias")}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -1371,6 +1430,19 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
                   "intermediate_size", "num_key_value_heads", "head_dim"):
             del cfg[k]
+    if arch == "bloom":  # (the inverse of _bloom_config)
+        cfg.update(n_layer=c.n_layers, n_head=c.n_heads, seq_length=c.context_length,
+                   apply_residual_connection_post_layernorm=False, pretraining_tp=1, slow_but_exact=False)
+    if arch == "mpt":  # (the inverse of _mpt_config, in MPT's own keys)
+        if not c.alibi_max_bias or c.alibi_max_bias != round(c.alibi_max_bias):
+            what = "learned positions in place of ALiBi" if not c.alibi_max_bias else \
+                f"ALiBi's maximum bias {c.alibi_max_bias}, no whole number as alibi_bias_max is"
+            raise ValueError(f"this mpt model has {what}, which MptForCausalLM does not hold; export it as GGUF "
+                             "(merged, or as a GGUF LoRA)")
+        cfg.update(d_model=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, max_seq_len=c.context_length,
+                   expansion_ratio=c.ffn_dim // c.dim, no_bias=True, attn_config={
+                       "alibi": True, "alibi_bias_max": round(c.alibi_max_bias), "clip_qkv": _f32(c.clamp_qkv) or None,
+                       "qk_ln": False, "softmax_scale": None})
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
