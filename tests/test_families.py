@@ -39,8 +39,8 @@ from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
-                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, V, WINDOW, convert, gguf_of,
-                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
+                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, SSM, V, WINDOW, convert,
+                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import (compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed,
                      with_filled_lora)
 from test_streaming import assert_trains_alike
@@ -317,7 +317,7 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, minicpm3, ernie4_5, ministral3, qwen2"):
+                                         "granitemoehybrid, mamba2, mamba, minicpm3, ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -1562,6 +1562,24 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
 
 
 @pytest.mark.llamacpp
+def test_mamba_hf_configs(tiny):
+    """Mamba's and Mamba-2's config.json as llama.cpp's converter reads it: Mamba-2's heads inner / head_dim (not
+    its time_step_rank), the vocabulary padded to pad_vocab_size_multiple; what llama.cpp does not run is refused
+    by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("mamba", "mamba2")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert (md["mamba"]["mamba.ssm.time_step_rank"], md["mamba2"]["mamba2.ssm.time_step_rank"]) == (
+        32, SSM["mamba_n_heads"])
+    assert hf_names.metadata_from_hf_config({**cfg["mamba"], "vocab_size": V - 3})[0]["mamba.vocab_size"] == V
+    for name, change, why in [("mamba", {"use_bias": True}, "use_bias"), ("mamba", {"intermediate_size": 3 * D},
+                                                                          "inner width 192, not expand"),
+                              ("mamba2", {"rms_norm": False}, "no gated norm"),
+                              ("mamba2", {"norm_before_gate": True}, "norm_before_gate")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+
+
 def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
     """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
     ffn_norm, whose tensor its file names without .weight, and an MLP; its multipliers are in the converted

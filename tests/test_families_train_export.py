@@ -93,6 +93,7 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               # (c_proj: the attention's and the MLP's)
               **dict.fromkeys(("gpt2", "starcoder"), {"c_attn", "c_proj", "c_fc"}),
               "mpt": {"Wqkv", "out_proj", "up_proj", "down_proj"},
+              "mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
@@ -107,6 +108,7 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
                            "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
+MAMBA = ("mamba", "mamba2")
 
 
 def hf_class(name: str) -> str:
@@ -286,6 +288,10 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
     export_hf(a.base, None, a.dir / "hf-base", dtype="fp32")
+    if name in MAMBA:  # (PEFT refuses Mamba's out_proj: test_mamba_peft_adapter_without_out_proj)
+        with pytest.raises(ValueError, match="would not apply in Mamba.*without (ssm_dt, )?ssm_out in --targets"):
+            export_peft(a.base, a.run, a.dir / "peft")
+        return
     export_peft(a.base, a.run, a.dir / "peft")
     config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == HF_MODULES.get(name, LLAMA_MODULES)
@@ -295,6 +301,29 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
     print(f"{name}: PEFT adapter on the HF base vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", MAMBA)
+def test_mamba_peft_adapter_without_out_proj(family_models, tmp_path, name):
+    """PEFT refuses a LoRA on Mamba's and Mamba-2's out_proj, and transformers' Mamba reads dt_proj's weight past
+    one (test_exports_load_in_transformers_and_peft: refused by name); an adapter on their other linears exports as
+    PEFT's, which on the class transformers loads from the directory gives lowtune's adapted logits."""
+    import peft
+    import transformers
+    tiny, ids = family_models[name], rand_ids(2, 40, seed=7)
+    targets = ("ssm_in", "ssm_x") if name == "mamba" else ("ssm_in",)
+    model = make_adapter(tiny.gguf, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets)
+    export_peft(tiny.gguf, tmp_path / "run", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == HF_MODULES[name] - {"dt_proj", "out_proj"}
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, plain = model(ids), base(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(input_ids=ids).logits
+    assert rel_err(plain, want) > 1e-2  # (the adapter matters)
+    print(f"{name}: PEFT adapter without out_proj vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
 
 
 @pytest.mark.transformers
@@ -423,10 +452,10 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
     assert rel_err(got, a.want) < 1e-4
 
 
-@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
-                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM")])
+@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"),
+                                           ("falcon-h1", "FalconH1ForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's and Mamba's tensors: their merged
+    """lowtune has no Hugging Face names for Nemotron-H's and Falcon-H1's tensors: their merged
     HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,
     saying to load the converter's GGUF."""
     a = adapted(name)

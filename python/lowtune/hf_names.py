@@ -28,7 +28,8 @@ The families (lowtune.families says which architecture is which HF class) differ
     GPT-BigCode (StarCoder) keep theirs under transformer.h, their learned positions as wpe and q, k, v in one
     c_attn as GGUF does (StarCoder's one K/V head after the q rows); BLOOM keeps its layers under
     transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
-    Wqkv as GGUF does;
+    Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
+    dt_bias), their conv1d kernels [C, 1, L];
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D);
@@ -102,6 +103,9 @@ _GPT2 = {"layer": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output"
          "global": {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
                     "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
                     "output.weight": "lm_head.weight"}}
+# Mamba's and Mamba-2's tensors outside the layers
+_BACKBONE = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
+             "output.weight": "lm_head.weight"}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -215,6 +219,15 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                       "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"},
             "global": {"token_embd.weight": "transformer.wte.weight", "output_norm.weight": "transformer.norm_f.weight",
                        "output.weight": "lm_head.weight"}},
+    # Mamba and Mamba-2: their layers under backbone.layers (_LAYERS), a mixer each; A (as A_log), D and Mamba-2's
+    # dt bias without a suffix
+    "mamba": {"layer": {"attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                        "ssm_x": "mixer.x_proj", "ssm_dt": "mixer.dt_proj", "ssm_out": "mixer.out_proj"},
+              "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D"}, "global": _BACKBONE},
+    "mamba2": {"layer": {"attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                         "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
+               "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
+               "global": _BACKBONE},
     # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
     # and v rows in one tensor, grouped by KV head (_qkv_groups)
     "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
@@ -288,7 +301,7 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion"
 
 # where a class holds its layers, where not under model.layers
 _LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
-           "mpt": "transformer.blocks."}
+           "mpt": "transformer.blocks.", **dict.fromkeys(("mamba", "mamba2"), "backbone.layers.")}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
@@ -369,6 +382,10 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
 
 # A vision-language class (Qwen2_5_VLForConditionalGeneration, ...) holds its language model's layers here
 _VL_LAYERS = "model.language_model.layers."
+# linears of a family whose PEFT LoRA would not apply in its class, and why (Mamba's kernels read them whole)
+_PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA",
+                           "ssm_out": "PEFT refuses a LoRA on out_proj"},
+                 "mamba2": {"ssm_out": "PEFT refuses a LoRA on out_proj"}}
 
 
 def hf_module(name: str, arch: str) -> str:
@@ -381,6 +398,11 @@ def hf_module(name: str, arch: str) -> str:
                          f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
                          "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
+    part, refused = name.split(".")[2] if name.startswith("blk.") else "", _PEFT_REFUSED.get(arch, {})
+    if part in refused:
+        raise ValueError(f"a PEFT adapter on {name} would not apply in {fam.hf_architectures[0]}: {refused[part]}; "
+                         f"train without {', '.join(refused)} in --targets for a PEFT adapter, or export a merged "
+                         "Hugging Face directory or GGUF (merged, or as a GGUF LoRA)")
     return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
 
 
@@ -515,8 +537,9 @@ def hf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ..
         return shape[::-1]
     if name.endswith(_CONV_KERNELS) and len(shape) == 2:
         return (shape[0], 1, *shape[1:])
-    if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)):
-        return (math.prod(shape),)
+    arch = metadata.get("general.architecture") if metadata is not None else None
+    if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)) and not (arch in FAMILIES and FAMILIES[arch].mamba1):
+        return (math.prod(shape),)  # (Mamba 1's A is [inner, state] in both)
     return shape
 
 
@@ -743,6 +766,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     elif arch == "mpt":
         config = _mpt_config(config)
         key("attention.max_alibi_bias", float(config["alibi_bias_max"]), F32)
+    if fam.attention_free:  # (Mamba, Mamba-2: no attention, no FFN)
+        _ssm_keys(config, fam, key)
+        return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
     for gguf_key, hf, _, gtype, default in CONFIG_KEYS:
         value = config.get(hf)
         if value is None:
@@ -986,6 +1012,37 @@ def _mpt_config(config: dict) -> dict:
             "clip_qkv": attn.get("clip_qkv"), "alibi_bias_max": attn.get("alibi_bias_max", 8)}
 
 
+def _ssm_keys(config: dict, fam: Family, key) -> None:
+    """Mamba's and Mamba-2's config.json as llama.cpp's converter writes it: the mixers' sizes (Mamba-2's heads:
+    inner / head_dim), no attention nor FFN, an unbounded context and the vocabulary padded to a multiple of
+    pad_vocab_size_multiple. What llama.cpp's mamba and mamba2 do not run is refused: biases on the mixers'
+    linears, a width other than expand · hidden_size, Mamba-2 without its gated norm or normed before the gate."""
+    hidden, mamba2 = int(config["hidden_size"]), fam.mamba2
+    inner = int(config.get("intermediate_size") or int(config.get("expand", 2)) * hidden)
+    refused = {"use_bias (biases on in_proj and out_proj)": config.get("use_bias"),
+               f"an inner width {inner}, not expand · hidden_size": inner != int(config.get("expand", 2)) * hidden,
+               "rms_norm false (no gated norm)": mamba2 and not config.get("rms_norm", True),
+               "norm_before_gate": mamba2 and config.get("norm_before_gate")}
+    what = [k for k, v in refused.items() if v]
+    if what:
+        raise ValueError(f"config.json asks for {what[0]}, which llama.cpp's {fam.arch} does not run (and so lowtune, "
+                         "which follows it)")
+    pad = int(config.get("pad_vocab_size_multiple", 16 if mamba2 else 8))
+    for gguf_key, value in (("context_length", 2 ** 20), ("embedding_length", hidden), ("feed_forward_length", 0),
+                            ("attention.head_count", 0), ("block_count", int(config["num_hidden_layers"])),
+                            ("vocab_size", -(int(config["vocab_size"]) // -pad) * pad),
+                            ("ssm.conv_kernel", int(config.get("conv_kernel", 4))), ("ssm.inner_size", inner),
+                            ("ssm.state_size", int(config.get("state_size", 128 if mamba2 else 16))),
+                            ("ssm.time_step_rank", inner // int(config.get("head_dim", 64)) if mamba2 else
+                             int(config.get("time_step_rank") or -(hidden // -16)))):
+        key(gguf_key, value, U32)
+    if mamba2:
+        key("ssm.group_count", int(config.get("n_groups", 1)), U32)
+    key("attention.layer_norm_rms_epsilon", float(config.get("layer_norm_epsilon", 1e-5)), F32)
+    if not mamba2:
+        key("ssm.dt_b_c_rms", False, BOOL)
+
+
 def _mamba2_keys(config: dict, key) -> None:
     """Granite 4's hybrid's config.json as llama.cpp's converter writes it: a KV head count per layer (0
     in the Mamba2 layers: layer_types "mamba", transformers' "linear_attention"), the Mamba2 sizes, the
@@ -1208,6 +1265,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     **dict.fromkeys(("gpt2", "starcoder", "bloom"), {"": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm",
                                                           "ffn_up", "ffn_down")}),
     "mpt": {},
+    **dict.fromkeys(("mamba", "mamba2"), {"use_conv_bias": ("ssm_conv1d",)}),
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
 _HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
@@ -1273,6 +1331,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model ({fam.hf_architectures[0]}: its "
                          "checkpoints' own modeling code, of which transformers has no class); export it as GGUF "
                          "(merged, or as a GGUF LoRA)")
+    if fam.attention_free:
+        return _ssm_config(c, metadata, tied, torch_dtype, tensors)
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
@@ -1451,10 +1511,38 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cfg["query_pre_attn_scalar"] = round(1.0 / c.query_scale ** 2)
         cfg["final_logit_softcapping"] = _f32(c.final_softcap) if c.final_softcap else None
         cfg["attn_logit_softcapping"] = _f32(c.attn_softcap) if c.attn_softcap else None
-    cfg["pad_token_id"] = None  # not the class default (Phi-3's is 32000, past a small vocab)
+    return {**cfg, **_token_ids(metadata, c.vocab_size)}
+
+
+def _token_ids(metadata: Mapping, vocab_size: int) -> dict:
+    """config.json's bos, eos and pad ids from the GGUF's tokenizer keys (pad None where it has none)."""
+    ids = {"pad_token_id": None}  # not the class default (Phi-3's is 32000, past a small vocab)
     for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                     ("pad_token_id", "padding_token_id")):
         v = metadata.get(f"tokenizer.ggml.{tk}")
-        if v is not None and 0 <= int(v) < c.vocab_size:  # Phi-3's converter writes a pad id past the vocab
-            cfg[key] = int(v)
-    return cfg
+        if v is not None and 0 <= int(v) < vocab_size:  # Phi-3's converter writes a pad id past the vocab
+            ids[key] = int(v)
+    return ids
+
+
+def _ssm_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: Collection[str]) -> dict:
+    """config.json of Mamba or Mamba-2 (the inverse of _ssm_keys)."""
+    fam, m = c.family, c.ssm
+    if m.inner % c.dim:
+        raise ValueError(f"a {c.arch} mixer {m.inner} wide, no multiple of the model's {c.dim}, has no "
+                         f"{fam.hf_architectures[0]} config")
+    cfg = {"architectures": [fam.hf_architectures[0]], "model_type": fam.hf_model_types[0], "hidden_size": c.dim,
+           "num_hidden_layers": c.n_layers, "vocab_size": c.vocab_size, "pad_vocab_size_multiple": 1,
+           "layer_norm_epsilon": _f32(c.norm_eps), "tie_word_embeddings": tied, "torch_dtype": torch_dtype,
+           "state_size": m.state, "conv_kernel": m.conv_kernel, "expand": m.inner // c.dim,
+           "intermediate_size": m.inner, "use_bias": False, "hidden_act": "silu", "use_cache": True,
+           "use_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors)}
+    if fam.mamba2:
+        cfg.update(num_heads=m.heads, head_dim=m.head_dim, n_groups=m.groups, rms_norm=True, norm_before_gate=False,
+                   chunk_size=256)
+    elif m.dt_b_c_rms:
+        raise ValueError("a Mamba model whose dt, B and C are RMS-normed (Falcon-Mamba) has no MambaForCausalLM "
+                         "config; export it as GGUF (merged, or as a GGUF LoRA)")
+    else:
+        cfg["time_step_rank"] = m.dt_rank
+    return {**cfg, **_token_ids(metadata, c.vocab_size)}
