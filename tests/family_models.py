@@ -40,9 +40,9 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
-# (Gemma 3n, Gemma 4, Nemotron-H, Falcon-H1 and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF
-# directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "falcon-h1", "stablelm2-12b")
+# (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
+# refused)
+GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "stablelm2-12b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",

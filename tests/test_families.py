@@ -317,7 +317,8 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, mamba2, mamba, minicpm3, ernie4_5, ministral3, qwen2"):
+                                         "granitemoehybrid, mamba2, falcon_h1, mamba, minicpm3, ernie4_5, ministral3, "
+                                         "qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -1562,12 +1563,12 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
 
 
 @pytest.mark.llamacpp
-def test_mamba_hf_configs(tiny):
-    """Mamba's and Mamba-2's config.json as llama.cpp's converter reads it: Mamba-2's heads inner / head_dim (not
-    its time_step_rank), the vocabulary padded to pad_vocab_size_multiple; what llama.cpp does not run is refused
-    by name."""
+def test_mamba_and_falcon_h1_hf_configs(tiny):
+    """Mamba's, Mamba-2's and Falcon-H1's config.json as llama.cpp's converter reads it: Mamba-2's heads inner /
+    head_dim (not its time_step_rank), the vocabulary padded to pad_vocab_size_multiple; what llama.cpp does not
+    run is refused by name."""
     from lowtune import hf_names
-    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("mamba", "mamba2")}
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("mamba", "mamba2", "falcon-h1")}
     md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
     assert (md["mamba"]["mamba.ssm.time_step_rank"], md["mamba2"]["mamba2.ssm.time_step_rank"]) == (
         32, SSM["mamba_n_heads"])
@@ -1575,7 +1576,9 @@ def test_mamba_hf_configs(tiny):
     for name, change, why in [("mamba", {"use_bias": True}, "use_bias"), ("mamba", {"intermediate_size": 3 * D},
                                                                           "inner width 192, not expand"),
                               ("mamba2", {"rms_norm": False}, "no gated norm"),
-                              ("mamba2", {"norm_before_gate": True}, "norm_before_gate")]:
+                              ("mamba2", {"norm_before_gate": True}, "norm_before_gate"),
+                              ("falcon-h1", {"mamba_norm_before_gate": True}, "mamba_norm_before_gate"),
+                              ("falcon-h1", {"projectors_bias": True}, "projectors_bias")]:
         with pytest.raises(ValueError, match=why):
             hf_names.metadata_from_hf_config({**cfg[name], **change})
 

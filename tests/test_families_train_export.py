@@ -109,6 +109,9 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
 MAMBA = ("mamba", "mamba2")
+# the families whose PEFT adapters of every linear lowtune refuses, saying why
+PEFT_REFUSED = {**dict.fromkeys(MAMBA, "would not apply in Mamba.*without (ssm_dt, )?ssm_out in --targets"),
+                "falcon-h1": "folds Falcon-H1's multipliers into, not to a checkpoint's"}
 
 
 def hf_class(name: str) -> str:
@@ -288,8 +291,8 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
     export_hf(a.base, None, a.dir / "hf-base", dtype="fp32")
-    if name in MAMBA:  # (PEFT refuses Mamba's out_proj: test_mamba_peft_adapter_without_out_proj)
-        with pytest.raises(ValueError, match="would not apply in Mamba.*without (ssm_dt, )?ssm_out in --targets"):
+    if name in PEFT_REFUSED:  # (Mamba's without out_proj: test_mamba_peft_adapter_without_out_proj)
+        with pytest.raises(ValueError, match=PEFT_REFUSED[name]):
             export_peft(a.base, a.run, a.dir / "peft")
         return
     export_peft(a.base, a.run, a.dir / "peft")
@@ -452,10 +455,9 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
     assert rel_err(got, a.want) < 1e-4
 
 
-@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"),
-                                           ("falcon-h1", "FalconH1ForCausalLM")])
+@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's and Falcon-H1's tensors: their merged
+    """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged
     HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,
     saying to load the converter's GGUF."""
     a = adapted(name)

@@ -29,10 +29,12 @@ The families (lowtune.families says which architecture is which HF class) differ
     c_attn as GGUF does (StarCoder's one K/V head after the q rows); BLOOM keeps its layers under
     transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
     Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
-    dt_bias), their conv1d kernels [C, 1, L];
+    dt_bias), their conv1d kernels [C, 1, L]; Falcon-H1 its mixer as mamba.* beside Llama's attention and
+    feed_forward.*, the FFN's norm (pre_ff_layernorm) as the converter's blk.N.ffn_norm;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
-    Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D);
+    Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
+    its weights (fold_multipliers) and written back as 1;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
     Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
     layers slide (layer_types), soft-caps, Gemma's query scale, which biases the HF class can
@@ -228,6 +230,15 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                          "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
+    # Falcon-H1: a Mamba2 mixer (mamba.*) beside Llama's attention and MLP (feed_forward.*); the FFN's norm the
+    # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (_fold_multipliers)
+    "falcon-h1": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_gate": "feed_forward.gate_proj",
+                            "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
+                            "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_norm": "mamba.norm",
+                            "ssm_out": "mamba.out_proj"},
+                  "exact": {"ssm_a": "mamba.A_log", "ssm_d": "mamba.D", "ssm_dt.bias": "mamba.dt_bias",
+                            "ffn_norm": "pre_ff_layernorm.weight"},
+                  "global": {**_GLOBAL, "output_norm.weight": "model.final_layernorm.weight"}},
     # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
     # and v rows in one tensor, grouped by KV head (_qkv_groups)
     "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
@@ -398,6 +409,10 @@ def hf_module(name: str, arch: str) -> str:
                          f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
                          "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
+    if arch == "falcon-h1":
+        raise ValueError("a PEFT adapter of falcon-h1 would apply to the weights that llama.cpp's converter folds "
+                         "Falcon-H1's multipliers into, not to a checkpoint's; export a merged Hugging Face directory "
+                         "(its multipliers 1) or GGUF (merged, or as a GGUF LoRA)")
     part, refused = name.split(".")[2] if name.startswith("blk.") else "", _PEFT_REFUSED.get(arch, {})
     if part in refused:
         raise ValueError(f"a PEFT adapter on {name} would not apply in {fam.hf_architectures[0]}: {refused[part]}; "
@@ -676,6 +691,36 @@ def from_hf_values(name: str, w, metadata: Mapping):
 from_hf_rows = from_hf_values  # the name before other families came
 
 
+# Falcon-H1's scalar multipliers, which llama.cpp's converter folds into the weights (its mlp_multipliers and
+# ssm_multipliers: lists)
+_FALCON_H1_MULTIPLIERS = ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
+                          "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")
+
+
+def fold_multipliers(name: str, w, config: Mapping):
+    """GGUF tensor `name` of an HF checkpoint of `config` (config.json) with the multipliers that llama.cpp's
+    converter folds into it (Falcon-H1's, in the converter's order of products); every other tensor as it is."""
+    if config.get("model_type") != "falcon_h1":
+        return w
+    get = lambda k: config.get(k, 1.0)  # noqa: E731
+    part = re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+    mlp = config.get("mlp_multipliers") or (1.0, 1.0)
+    scales = {"ffn_gate": (mlp[0],), "ffn_down": (mlp[1],), "attn_k": (get("key_multiplier"),
+                                                                         get("attention_in_multiplier")),
+              "attn_q": (get("attention_in_multiplier"),), "attn_v": (get("attention_in_multiplier"),),
+              "attn_output": (get("attention_out_multiplier"),), "ssm_out": (get("ssm_out_multiplier"),),
+              "ssm_in": (get("ssm_in_multiplier"),), "output": (get("lm_head_multiplier"),),
+              "token_embd": (get("embedding_multiplier"),)}
+    for s in scales.get(part, ()):
+        w = w * s
+    if part == "ssm_in":  # (z, x, B, C and dt rows, each by its own of ssm_multipliers)
+        inner, bc = int(config["mamba_d_ssm"]), int(config["mamba_n_groups"]) * int(config["mamba_d_state"])
+        ends = (inner, 2 * inner, 2 * inner + bc, 2 * inner + 2 * bc, w.shape[0])
+        for start, end, s in zip((0,) + ends[:-1], ends, config.get("ssm_multipliers") or (1.0,) * 5):
+            w[start:end] *= s
+    return w
+
+
 # ---- config.json -> GGUF metadata ----------------------------------------------------------------
 
 def _text_config(config: dict) -> dict:
@@ -785,7 +830,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("attention.clamp_kqv", float(config["clip_qkv"]), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
-    if fam.mamba2:
+    if arch == "falcon-h1":
+        _falcon_h1_keys(config, key)
+    elif fam.mamba2:
         _mamba2_keys(config, key)
     if fam.delta_net:
         _delta_net_keys(config, key)
@@ -1043,6 +1090,38 @@ def _ssm_keys(config: dict, fam: Family, key) -> None:
         key("ssm.dt_b_c_rms", False, BOOL)
 
 
+def _falcon_h1_keys(config: dict, key) -> None:
+    """Falcon-H1's Mamba2 mixers as llama.cpp's converter writes them (mamba_* keys; heads mamba_d_ssm /
+    mamba_d_head). What llama.cpp's falcon-h1 does not run is refused: biases on the linears, the gated norm
+    before the gate, another activation."""
+    refused = {k: config.get(k) for k in ("mamba_proj_bias", "projectors_bias", "attention_bias", "mlp_bias",
+                                          "mamba_norm_before_gate") if config.get(k)}
+    if config.get("hidden_act", "silu") != "silu":
+        refused["hidden_act"] = config["hidden_act"]
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's falcon-h1 does not run (and so lowtune, "
+                         "which follows it)")
+    inner = int(config["mamba_d_ssm"])
+    for gguf_key, value in (("conv_kernel", config.get("mamba_d_conv", 4)), ("inner_size", inner),
+                            ("state_size", config["mamba_d_state"]), ("group_count", config.get("mamba_n_groups", 1)),
+                            ("time_step_rank", inner // int(config["mamba_d_head"]))):
+        key(f"ssm.{gguf_key}", int(value), U32)
+
+
+def _falcon_h1_config(c, cfg: dict, tensors: Collection[str]) -> None:
+    """Falcon-H1's config.json keys of model config `c` (the inverse of _falcon_h1_keys), into cfg: its multipliers
+    1, as the converter has folded them into the weights (_fold_multipliers)."""
+    m = c.ssm
+    cfg.update({"mamba_d_ssm": m.inner, "mamba_n_heads": m.heads, "mamba_d_head": m.head_dim,
+                "mamba_n_groups": m.groups, "mamba_d_state": m.state, "mamba_d_conv": m.conv_kernel,
+                "mamba_expand": m.inner // c.dim, "mamba_chunk_size": 256, "mamba_proj_bias": False,
+                "projectors_bias": False, "mamba_norm_before_gate": False,
+                "mamba_rms_norm": any(n.endswith("ssm_norm.weight") for n in tensors),
+                "mamba_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors),
+                **dict.fromkeys(_FALCON_H1_MULTIPLIERS, 1.0), "mlp_multipliers": [1.0, 1.0],
+                "ssm_multipliers": [1.0] * 5})
+
+
 def _mamba2_keys(config: dict, key) -> None:
     """Granite 4's hybrid's config.json as llama.cpp's converter writes it: a KV head count per layer (0
     in the Mamba2 layers: layer_types "mamba", transformers' "linear_attention"), the Mamba2 sizes, the
@@ -1266,6 +1345,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
                                                           "ffn_up", "ffn_down")}),
     "mpt": {},
     **dict.fromkeys(("mamba", "mamba2"), {"use_conv_bias": ("ssm_conv1d",)}),
+    "falcon-h1": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                  "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
 _HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
@@ -1431,7 +1512,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
-    if fam.mamba2:
+    if arch == "falcon-h1":
+        _falcon_h1_config(c, cfg, tensors)
+    elif fam.mamba2:
         _mamba2_config(c, cfg, tensors)
     if fam.short_conv:  # (the inverse of _short_conv_keys; the FFN width as it is)
         if any(windows):
