@@ -231,7 +231,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
     # Falcon-H1: a Mamba2 mixer (mamba.*) beside Llama's attention and MLP (feed_forward.*); the FFN's norm the
-    # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (_fold_multipliers)
+    # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (fold_multipliers)
     "falcon-h1": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_gate": "feed_forward.gate_proj",
                             "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
                             "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_norm": "mamba.norm",
@@ -704,13 +704,11 @@ def fold_multipliers(name: str, w, config: Mapping):
         return w
     get = lambda k: config.get(k, 1.0)  # noqa: E731
     part = re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
-    mlp = config.get("mlp_multipliers") or (1.0, 1.0)
-    scales = {"ffn_gate": (mlp[0],), "ffn_down": (mlp[1],), "attn_k": (get("key_multiplier"),
-                                                                         get("attention_in_multiplier")),
-              "attn_q": (get("attention_in_multiplier"),), "attn_v": (get("attention_in_multiplier"),),
-              "attn_output": (get("attention_out_multiplier"),), "ssm_out": (get("ssm_out_multiplier"),),
-              "ssm_in": (get("ssm_in_multiplier"),), "output": (get("lm_head_multiplier"),),
-              "token_embd": (get("embedding_multiplier"),)}
+    mlp, attn_in = config.get("mlp_multipliers") or (1.0, 1.0), get("attention_in_multiplier")
+    scales = {"ffn_gate": (mlp[0],), "ffn_down": (mlp[1],), "attn_k": (get("key_multiplier"), attn_in),
+              "attn_q": (attn_in,), "attn_v": (attn_in,), "attn_output": (get("attention_out_multiplier"),),
+              "ssm_in": (get("ssm_in_multiplier"),), "ssm_out": (get("ssm_out_multiplier"),),
+              "output": (get("lm_head_multiplier"),), "token_embd": (get("embedding_multiplier"),)}
     for s in scales.get(part, ()):
         w = w * s
     if part == "ssm_in":  # (z, x, B, C and dt rows, each by its own of ssm_multipliers)
