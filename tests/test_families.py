@@ -905,6 +905,7 @@ def test_bloom_and_mpt_hf_configs(tiny, tmp_path):
     md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
     assert (md["bloom"]["bloom.context_length"], md["bloom"]["bloom.attention.head_count_kv"]) == (256, BLOOM_HEADS)
     assert (md["mpt"]["mpt.attention.max_alibi_bias"], md["mpt"]["mpt.attention.clamp_kqv"]) == (8.0, MPT_CLIP_QKV)
+    assert hf_names.adapter_targets(["Wqkv", "out_proj"], "mpt") == ("attn_q", "attn_k", "attn_v", "attn_output")
     attn = cfg["mpt"]["attn_config"]
     for name, change, why in [
             ("bloom", {"apply_residual_connection_post_layernorm": True}, "residual after the norm"),
@@ -1757,6 +1758,9 @@ def test_gpt2_and_starcoder_hf_configs(tiny):
             for n, m in md.items()] == [(256, H, 4 * D), (256, 1, 4 * D)]
     assert hf_names.metadata_from_hf_config({**cfg["gpt2"], "n_ctx": 128})[0]["gpt2.context_length"] == 128
     assert [hf_names.hf_shape("blk.0.ffn_up.weight", (4 * D, D), m) for m in md.values()] == [(D, 4 * D), (4 * D, D)]
+    # (--targets in the classes' names: c_attn is q, k and v; c_proj the attention's output and the MLP's down)
+    assert hf_names.adapter_targets(["c_attn", "c_proj"], "gpt2") == ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                      "ffn_down")
     for name, change, why in [("gpt2", {"n_inner": 3 * D}, "n_inner 192 is not 4 · n_embd"),
                               ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scales GPT-2's attention"),
                               ("starcoder", {"multi_query": False}, "multi_query false")]:
