@@ -40,10 +40,9 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
-# (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
-# q/k norms and Falcon: read from GGUF, their HF directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder", "bloom",
-                   "mpt", "stablelm2-12b", "falcon", "falcon-40b")
+# (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
+# refused)
+GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "stablelm2-12b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
@@ -638,15 +637,20 @@ def randomized(model, name: str):
     if name == "mamba":  # steps of softplus(dt) near 0.1, as trained Mamba models take, not near 0.7
         for layer in model.backbone.layers:
             layer.mixer.dt_proj.bias.data -= 2.0
-    if name == "mpt":  # llama.cpp's MPT runs GELU's tanh approximation (ggml_gelu); transformers' the exact one
-        for block in model.transformer.blocks:
-            block.ffn.act = torch.nn.GELU(approximate="tanh")
+    if name == "mpt":
+        mpt_as_llamacpp(model)
     if name == "gemma3n":
         for layer in model.model.layers:
             layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
     if name == "phimoe":
         phimoe_as_llamacpp(model)
     return model.float().eval()
+
+
+def mpt_as_llamacpp(model) -> None:
+    """MPT's GELU as llama.cpp runs it, the tanh approximation (ggml_gelu); transformers' is the exact one."""
+    for block in model.transformer.blocks:
+        block.ffn.act = torch.nn.GELU(approximate="tanh")
 
 
 def phimoe_as_llamacpp(model, norms: bool = True, routing: bool = True):

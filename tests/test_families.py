@@ -39,8 +39,8 @@ from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
-                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, V, WINDOW, convert, gguf_of,
-                           hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
+                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, SSM, V, WINDOW, convert,
+                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import (compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed,
                      with_filled_lora)
 from test_streaming import assert_trains_alike
@@ -317,7 +317,8 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, minicpm3, ernie4_5, ministral3, qwen2"):
+                                         "granitemoehybrid, mamba2, falcon_h1, mamba, minicpm3, ernie4_5, ministral3, "
+                                         "qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -912,6 +913,30 @@ def test_mpt_qk_layernorms_are_refused(tiny, tmp_path):
     """MPT files with q/k LayerNorms (qk_ln) are refused by name: llama.cpp's graph fails on them."""
     with pytest.raises(ValueError, match="attn_q_norm.*MPT's q/k LayerNorms, qk_ln.*llama.cpp"):
         Model.from_gguf(mpt_variant(tiny, tmp_path, "q/k LayerNorms"))
+
+
+def test_bloom_and_mpt_hf_configs(tiny, tmp_path):
+    """BLOOM's and MPT's config.json in their own keys as llama.cpp's converter reads them (BLOOM's context from
+    seq_length, MPT's clip_qkv and alibi_bias_max from attn_config); what their transformers classes do not hold or
+    llama.cpp does not run is refused by name, and so is a merged MptForCausalLM of MPT with learned positions."""
+    from lowtune import hf_names
+    from lowtune.export import export_hf
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("bloom", "mpt")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert (md["bloom"]["bloom.context_length"], md["bloom"]["bloom.attention.head_count_kv"]) == (256, BLOOM_HEADS)
+    assert (md["mpt"]["mpt.attention.max_alibi_bias"], md["mpt"]["mpt.attention.clamp_kqv"]) == (8.0, MPT_CLIP_QKV)
+    assert hf_names.adapter_targets(["Wqkv", "out_proj"], "mpt") == ("attn_q", "attn_k", "attn_v", "attn_output")
+    attn = cfg["mpt"]["attn_config"]
+    for name, change, why in [
+            ("bloom", {"apply_residual_connection_post_layernorm": True}, "residual after the norm"),
+            ("mpt", {"attn_config": {**attn, "alibi": False}}, "alibi false .learned positions"),
+            ("mpt", {"attn_config": {**attn, "kv_n_heads": 1}}, "kv_n_heads"),
+            ("mpt", {"attn_config": {**attn, "qk_ln": True}}, "qk_ln"), ("mpt", {"no_bias": False}, "biases"),
+            ("mpt", {"expansion_ratio": 2}, "expansion_ratio")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+    with pytest.raises(ValueError, match="learned positions in place of ALiBi, which MptForCausalLM does not hold"):
+        export_hf(mpt_variant(tiny, tmp_path, "learned positions"), None, tmp_path / "hf", dtype="fp32")
 
 
 def test_pretokenizers_of_gpt2_starcoder_bloom_and_mpt_are_known():
@@ -1559,6 +1584,26 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
 
 
 @pytest.mark.llamacpp
+def test_mamba_and_falcon_h1_hf_configs(tiny):
+    """Mamba's, Mamba-2's and Falcon-H1's config.json as llama.cpp's converter reads it: Mamba-2's heads inner /
+    head_dim (not its time_step_rank), the vocabulary padded to pad_vocab_size_multiple; what llama.cpp does not
+    run is refused by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("mamba", "mamba2", "falcon-h1")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert (md["mamba"]["mamba.ssm.time_step_rank"], md["mamba2"]["mamba2.ssm.time_step_rank"]) == (
+        32, SSM["mamba_n_heads"])
+    assert hf_names.metadata_from_hf_config({**cfg["mamba"], "vocab_size": V - 3})[0]["mamba.vocab_size"] == V
+    for name, change, why in [("mamba", {"use_bias": True}, "use_bias"), ("mamba", {"intermediate_size": 3 * D},
+                                                                          "inner width 192, not expand"),
+                              ("mamba2", {"rms_norm": False}, "no gated norm"),
+                              ("mamba2", {"norm_before_gate": True}, "norm_before_gate"),
+                              ("falcon-h1", {"mamba_norm_before_gate": True}, "mamba_norm_before_gate"),
+                              ("falcon-h1", {"projectors_bias": True}, "projectors_bias")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+
+
 def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
     """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
     ffn_norm, whose tensor its file names without .weight, and an MLP; its multipliers are in the converted
@@ -1697,6 +1742,52 @@ def test_remote_code_variants_and_directories_refused(tiny):
             lowtune.load_model(tiny[name].hf_dir)
 
 
+def test_falcon_hf_configs_and_names(tiny):
+    """Falcon's config.json as llama.cpp's converter reads it: 7B's one KV head (multi_query, whatever num_kv_heads
+    transformers fills in), 40B's KV groups, a context of 2048; 40B's two norms under their own names (ln_attn before
+    attention: attn_norm_2), 7B's one as input_layernorm; what llama.cpp's falcon does not run is refused by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("falcon", "falcon-40b")}
+    assert cfg["falcon"]["multi_query"] and cfg["falcon"]["num_kv_heads"] == H
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert [(m["falcon.attention.head_count_kv"], m["falcon.context_length"]) for m in md.values()] == [
+        (1, 2048), (HKV, 2048)]
+    two = ["blk.0.attn_norm.weight", "blk.0.attn_norm_2.weight"]
+    assert [hf_names.hf_name(n, "falcon", two) for n in two] == ["transformer.h.0.ln_mlp.weight",
+                                                                  "transformer.h.0.ln_attn.weight"]
+    assert hf_names.hf_name(two[0], "falcon", two[:1]) == "transformer.h.0.input_layernorm.weight"
+    assert [hf_names.gguf_name(f"transformer.h.0.{n}.bias", "falcon") for n in ("input_layernorm", "ln_mlp",
+                                                                                 "ln_attn")] == [
+        "blk.0.attn_norm.bias", "blk.0.attn_norm.bias", "blk.0.attn_norm_2.bias"]
+    for change, why in [({"alibi": True}, "ALiBi in place of RoPE"), ({"bias": True}, "biases on the linears"),
+                        ({"parallel_attn": False}, "one after the other"),
+                        ({"ffn_hidden_size": 3 * D}, "ffn_hidden_size 192 is not 4 · hidden_size"),
+                        ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "RoPE base is not 10000")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg["falcon"], **change})
+
+
+def test_gpt2_and_starcoder_hf_configs(tiny):
+    """GPT-2's and GPT-BigCode's config.json in their own keys (n_embd, n_layer, ...) as llama.cpp's converter reads
+    them: GPT-2's context from n_ctx, StarCoder's one KV head; GPT-2's Conv1D weights transposed, GPT-BigCode's
+    nn.Linear's as they are; what llama.cpp does not run is refused by name."""
+    from lowtune import hf_names
+    cfg = {n: json.loads((tiny[n].hf_dir / "config.json").read_text()) for n in ("gpt2", "starcoder")}
+    md = {n: hf_names.metadata_from_hf_config(c)[0] for n, c in cfg.items()}
+    assert [(m[f"{n}.context_length"], m[f"{n}.attention.head_count_kv"], m[f"{n}.feed_forward_length"])
+            for n, m in md.items()] == [(256, H, 4 * D), (256, 1, 4 * D)]
+    assert hf_names.metadata_from_hf_config({**cfg["gpt2"], "n_ctx": 128})[0]["gpt2.context_length"] == 128
+    assert [hf_names.hf_shape("blk.0.ffn_up.weight", (4 * D, D), m) for m in md.values()] == [(D, 4 * D), (4 * D, D)]
+    # (--targets in the classes' names: c_attn is q, k and v; c_proj the attention's output and the MLP's down)
+    assert hf_names.adapter_targets(["c_attn", "c_proj"], "gpt2") == ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                      "ffn_down")
+    for name, change, why in [("gpt2", {"n_inner": 3 * D}, "n_inner 192 is not 4 · n_embd"),
+                              ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scales GPT-2's attention"),
+                              ("starcoder", {"multi_query": False}, "multi_query false")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg[name], **change})
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
@@ -1726,8 +1817,9 @@ def test_families_and_refusals():
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
         family_of_hf(["GPTJForCausalLM"])
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(gpt2\) is read from GGUF only.*Conv1D.*load the GGUF"):
-        family_of_hf(["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"NemotronHForCausalLM \(nemotron_h\) is read from GGUF only.*layers of one "
+                                         "part.*load the GGUF"):
+        family_of_hf(["NemotronHForCausalLM"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
           "qwen2.attention.layer_norm_rms_epsilon": 1e-6}

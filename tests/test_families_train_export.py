@@ -39,7 +39,7 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
                            Model)
 
 from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
-                           llamacpp_perplexity, rand_ids, random_family_model, rel_err)
+                           llamacpp_perplexity, mpt_as_llamacpp, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import resident_and_streamed, with_filled_lora
 from test_export import make_adapter
@@ -77,7 +77,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "qwen35": "lora", "nemotron_h": "qa-lora", "minicpm3": "qa-hira", "olmo": "q-bara",
                    "bitnet": "q-bara", "mamba2": "qa-hira",
                    "falcon-h1": "q-bara", "mamba": "q-bara",
-                   "gpt2": "q-bara", "starcoder": "qa-hira", "bloom": "qa-lora", "mpt": "qdylora",
+                   "gpt2": "q-bara", "starcoder": "lora", "bloom": "qa-lora", "mpt": "qdylora",
                    "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
                    "falcon": "qdylora", "falcon-40b": "q-bara",
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
@@ -87,9 +87,13 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
               "arcee": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "phi2": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
-              **dict.fromkeys(("gptneox", "gptneox-seq"),
+              **dict.fromkeys(("gptneox", "gptneox-seq", "falcon", "falcon-40b", "bloom"),
                               {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
               "starcoder2": {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"},
+              # (c_proj: the attention's and the MLP's)
+              **dict.fromkeys(("gpt2", "starcoder"), {"c_attn", "c_proj", "c_fc"}),
+              "mpt": {"Wqkv", "out_proj", "up_proj", "down_proj"},
+              "mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"},
               "nemotron": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
@@ -104,12 +108,17 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
                            "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
+MAMBA = ("mamba", "mamba2")
+# the families whose PEFT adapters of every linear lowtune refuses, saying why
+PEFT_REFUSED = {**dict.fromkeys(MAMBA, "would not apply in Mamba.*without (ssm_dt, )?ssm_out in --targets"),
+                "falcon-h1": "folds Falcon-H1's multipliers into, not to a checkpoint's"}
 
 
 def hf_class(name: str) -> str:
-    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's
+    # the windowed variants' classes; Phi-4-mini is Phi-3's; GPT-NeoX one layer after the other is GPT-NeoX's;
+    # Falcon 40B's layout is Falcon's
     own = {"mistral": "MistralForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi4": "Phi3ForCausalLM",
-           "gptneox-seq": "GPTNeoXForCausalLM"}
+           "gptneox-seq": "GPTNeoXForCausalLM", "falcon-40b": "FalconForCausalLM"}
     return own[name] if name in own else FAMILIES[name].hf_architectures[0]
 
 
@@ -269,6 +278,8 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
         assert type(m).__name__ == hf_class(name)
+        if name == "mpt":
+            mpt_as_llamacpp(m)
         return m
 
     def logits(m):
@@ -280,14 +291,42 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
     print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
     export_hf(a.base, None, a.dir / "hf-base", dtype="fp32")
+    if name in PEFT_REFUSED:  # (Mamba's without out_proj: test_mamba_peft_adapter_without_out_proj)
+        with pytest.raises(ValueError, match=PEFT_REFUSED[name]):
+            export_peft(a.base, a.run, a.dir / "peft")
+        return
     export_peft(a.base, a.run, a.dir / "peft")
     config = json.loads((a.dir / "peft" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == HF_MODULES.get(name, LLAMA_MODULES)
+    assert config["fan_in_fan_out"] == (name == "gpt2")  # (GPT-2's Conv1D modules)
     base = hf(a.dir / "hf-base")
     assert rel_err(logits(base), a.plain) < 1e-4
     got = logits(peft.PeftModel.from_pretrained(base, a.dir / "peft").eval())
     print(f"{name}: PEFT adapter on the HF base vs lowtune, relative error {rel_err(got, a.want):.2e}")
     assert rel_err(got, a.want) < 1e-4
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", MAMBA)
+def test_mamba_peft_adapter_without_out_proj(family_models, tmp_path, name):
+    """PEFT refuses a LoRA on Mamba's and Mamba-2's out_proj, and transformers' Mamba reads dt_proj's weight past
+    one (test_exports_load_in_transformers_and_peft: refused by name); an adapter on their other linears exports as
+    PEFT's, which on the class transformers loads from the directory gives lowtune's adapted logits."""
+    import peft
+    import transformers
+    tiny, ids = family_models[name], rand_ids(2, 40, seed=7)
+    targets = ("ssm_in", "ssm_x") if name == "mamba" else ("ssm_in",)
+    model = make_adapter(tiny.gguf, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets)
+    export_peft(tiny.gguf, tmp_path / "run", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == HF_MODULES[name] - {"dt_proj", "out_proj"}
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, plain = model(ids), base(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(input_ids=ids).logits
+    assert rel_err(plain, want) > 1e-2  # (the adapter matters)
+    print(f"{name}: PEFT adapter without out_proj vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
 
 
 @pytest.mark.transformers
@@ -416,22 +455,17 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
     assert rel_err(got, a.want) < 1e-4
 
 
-@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
-                                           ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
-                                           ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
-                                           ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM"),
-                                           ("falcon-40b", "FalconForCausalLM")])
+@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's, Mamba's and Falcon's tensors,
-    GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v
-    interleaved head by head and MPT's fused q/k/v: their merged HF directories and PEFT adapters are refused,
-    saying to export GGUF, and a directory of their classes by name, saying to load the converter's GGUF."""
-    a, arch = adapted(name), name.removesuffix("-40b")
-    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {arch} model.*GGUF"):
+    """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged
+    HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,
+    saying to load the converter's GGUF."""
+    a = adapted(name)
+    with pytest.raises(ValueError, match=f"no Hugging Face directory of a {name} model.*GGUF"):
         export_hf(a.base, a.run, tmp_path / "hf", dtype="fp32")
-    with pytest.raises(ValueError, match=arch):
+    with pytest.raises(ValueError, match=name):
         export_peft(a.base, a.run, tmp_path / "peft")
-    with pytest.raises(ValueError, match=f"{hf_class} .{arch}. is read from GGUF only.*load the GGUF"):
+    with pytest.raises(ValueError, match=f"{hf_class} .{name}. is read from GGUF only.*load the GGUF"):
         lowtune.load_model(family_models[name].hf_dir)
 
 

@@ -156,7 +156,7 @@ def test_tied_embeddings_and_bad_dirs(hf_dir, tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         HFCheckpoint(tmp_path / "nowhere")
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gptj"}))
     with pytest.raises(ValueError, match="llama"):
         HFCheckpoint(tmp_path / "gpt")
 

@@ -552,7 +552,8 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
         "base_model_name_or_path": base_model_name or md.get("general.name") or str(model), "revision": None,
         "inference_mode": True, "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
-        "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True, "modules_to_save": None,
+        "fan_in_fan_out": hf_names.peft_fan_in_fan_out(arch), "bias": "none", "init_lora_weights": True,
+        "modules_to_save": None,
         "target_modules": hf_names.peft_target_modules(ranks, arch),
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": other, "alpha_pattern": dict(other), "use_dora": False,
@@ -712,12 +713,12 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
             shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
             shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
-            names = {n: hf_names.hf_name(n, arch) for n in shapes}
+            names = {n: hf_names.hf_name(n, arch, shapes) for n in shapes}
             by_hf = {h: g for g, h in names.items() if h is not None}
             fused = {h: hf_names.fused_parts(h, arch) for h in by_hf}  # (Granite 4's dense gate and up)
             fused = {h: parts for h, parts in fused.items() if parts is not None}
             specs = [(h, tag, hf_names.hf_shape(g, shapes[g] if h not in fused else (
-                sum(shapes[p][0] for p in fused[h]), *shapes[g][1:]))) for h, g in by_hf.items()]
+                sum(shapes[p][0] for p in fused[h]), *shapes[g][1:]), md)) for h, g in by_hf.items()]
         scalars = hf_names.layer_scalar_tensors(md)  # (Apertus's xIELU scalars: metadata in GGUF)
         specs += [(h, tag, shape) for h, (shape, _) in scalars.items()]
 
@@ -746,7 +747,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                     lin = ad.adapted(part, qt.rows(a, b))
                     if lin is not None:
                         w[a:b] = lin.effective_weight()
-            return hf_names.to_hf_values(name, w, md).reshape(hf_names.hf_shape(name, ti.shape)).to(tdt)
+            return hf_names.to_hf_values(name, w, md).reshape(hf_names.hf_shape(name, ti.shape, md)).to(tdt)
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)

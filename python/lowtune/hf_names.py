@@ -22,9 +22,19 @@ The families (lowtune.families says which architecture is which HF class) differ
     ln_1, mlp.c_fc_0, ...) and config keys (num_layers, layer_norm_epsilon) are read as transformers renames
     them onto Llama's (_CHECKPOINT_NAMES, _CONFIG_ALIASES) and written under Llama's names, as transformers
     holds and saves them; GPT-NeoX keeps its layers under gpt_neox.layers and q, k, v in one tensor,
-    head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v;
+    head by head (each head's q, k, v rows), where GGUF has all q rows, then k, then v; Falcon keeps its
+    layers under transformer.h and q, k, v grouped by KV head (each group's q heads, then its k and v), 40B's
+    two norms as ln_attn (attn_norm_2) and ln_mlp (attn_norm), 7B's one as input_layernorm; GPT-2 and
+    GPT-BigCode (StarCoder) keep theirs under transformer.h, their learned positions as wpe and q, k, v in one
+    c_attn as GGUF does (StarCoder's one K/V head after the q rows); BLOOM keeps its layers under
+    transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
+    Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
+    dt_bias), their conv1d kernels [C, 1, L]; Falcon-H1 its mixer as mamba.* beside Llama's attention and
+    feed_forward.*, the FFN's norm (pre_ff_layernorm) as the converter's blk.N.ffn_norm;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
-    and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them;
+    and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
+    Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
+    its weights (fold_multipliers) and written back as 1;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
     Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
     layers slide (layer_types), soft-caps, Gemma's query scale, which biases the HF class can
@@ -89,6 +99,15 @@ _MLA = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_q_a"
         "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
         "attn_kv_b": "self_attn.kv_b_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
         **_MLP}
+# GPT-2's and GPT-BigCode's names, their layers under transformer.h (_LAYERS)
+_GPT2 = {"layer": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                   "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+         "global": {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                    "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                    "output.weight": "lm_head.weight"}}
+# Mamba's and Mamba-2's tensors outside the layers
+_BACKBONE = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
+             "output.weight": "lm_head.weight"}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -176,13 +195,57 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                     "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
-    # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_neox_qkv)
+    # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_qkv_groups)
     "gptneox": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
                           "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
                           "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
                 "global": {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
                            "output_norm.weight": "gpt_neox.final_layer_norm.weight",
                            "output_norm.bias": "gpt_neox.final_layer_norm.bias"}},
+    # GPT-2 and GPT-BigCode (StarCoder): learned positions (wpe); GPT-2's linears are Conv1D's [in, out] (_CONV1D),
+    # GPT-BigCode's nn.Linear's; one K/V head's rows after the q rows in StarCoder's c_attn, as GGUF has them
+    "gpt2": _GPT2,
+    "starcoder": _GPT2,
+    # BLOOM: its layers under transformer.h (_LAYERS), the embeddings' LayerNorm; q, k and v rows in one tensor,
+    # head by head (_qkv_groups)
+    "bloom": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                        "attn_output": "self_attention.dense", "ffn_norm": "post_attention_layernorm",
+                        "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+              "global": {"token_embd.weight": "transformer.word_embeddings.weight",
+                         "token_embd_norm.weight": "transformer.word_embeddings_layernorm.weight",
+                         "token_embd_norm.bias": "transformer.word_embeddings_layernorm.bias",
+                         "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                         "output.weight": "lm_head.weight"}},
+    # MPT: its layers under transformer.blocks (_LAYERS), no biases; q, k and v rows in one Wqkv, as GGUF has them
+    "mpt": {"layer": {"attn_norm": "norm_1", "attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj",
+                      "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"},
+            "global": {"token_embd.weight": "transformer.wte.weight", "output_norm.weight": "transformer.norm_f.weight",
+                       "output.weight": "lm_head.weight"}},
+    # Mamba and Mamba-2: their layers under backbone.layers (_LAYERS), a mixer each; A (as A_log), D and Mamba-2's
+    # dt bias without a suffix
+    "mamba": {"layer": {"attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                        "ssm_x": "mixer.x_proj", "ssm_dt": "mixer.dt_proj", "ssm_out": "mixer.out_proj"},
+              "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D"}, "global": _BACKBONE},
+    "mamba2": {"layer": {"attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                         "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
+               "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
+               "global": _BACKBONE},
+    # Falcon-H1: a Mamba2 mixer (mamba.*) beside Llama's attention and MLP (feed_forward.*); the FFN's norm the
+    # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (fold_multipliers)
+    "falcon-h1": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_gate": "feed_forward.gate_proj",
+                            "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
+                            "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_norm": "mamba.norm",
+                            "ssm_out": "mamba.out_proj"},
+                  "exact": {"ssm_a": "mamba.A_log", "ssm_d": "mamba.D", "ssm_dt.bias": "mamba.dt_bias",
+                            "ffn_norm": "pre_ff_layernorm.weight"},
+                  "global": {**_GLOBAL, "output_norm.weight": "model.final_layernorm.weight"}},
+    # Falcon: its layers under transformer.h (_LAYERS), 40B's two norms under their own names (_TWO_NORMS); q, k
+    # and v rows in one tensor, grouped by KV head (_qkv_groups)
+    "falcon": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                         "attn_output": "self_attention.dense", "ffn_up": "mlp.dense_h_to_4h",
+                         "ffn_down": "mlp.dense_4h_to_h"},
+               "global": {"token_embd.weight": "transformer.word_embeddings.weight", "output.weight": "lm_head.weight",
+                          "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias"}},
     # (StableLM 2 12B's q/k LayerNorms, a module of each head's own, are not mapped: hf_config, _parallel_keys)
     "stablelm": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,
@@ -216,7 +279,13 @@ _CHECKPOINT_NAMES = {"exaone": tuple((re.compile(a), b) for a, b in (
 # config.json keys a family's checkpoints spell otherwise: theirs -> the common key (EXAONE 3's, as transformers'
 # ExaoneConfig maps them)
 _CONFIG_ALIASES = {"exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
-                              "activation_function": "hidden_act"}}
+                              "activation_function": "hidden_act"},
+                   **dict.fromkeys(("gpt2", "starcoder"), {
+                       "n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                       "n_positions": "max_position_embeddings"}),
+                   "bloom": {"n_embed": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"},
+                   "mpt": {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                           "max_seq_len": "max_position_embeddings"}}
 
 # GGUF metadata arrays of a value per layer that HF keeps as tensors of each layer (Apertus's
 # xIELU scalars: alpha_p and alpha_n [1], beta and eps []): GGUF key -> (HF layer tensor, shape)
@@ -237,11 +306,16 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
     ("vocab_size", "vocab_size", "vocab_size", U32, None),
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
-_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps"}
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps",
+                   **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom", "mpt"), "layer_norm_epsilon")}
 
 
 # where a class holds its layers, where not under model.layers
-_LAYERS = {"gptneox": "gpt_neox.layers."}
+_LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
+           "mpt": "transformer.blocks.", **dict.fromkeys(("mamba", "mamba2"), "backbone.layers.")}
+# the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
+# attention and ln_mlp before the FFN), in place of the one norm's
+_TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
 
 
 def _layers(arch: str) -> str:
@@ -260,12 +334,17 @@ def _table(arch: str) -> dict[str, dict[str, str]]:
     return TENSOR_NAMES[arch]
 
 
-def hf_name(name: str, arch: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor; None for tensors HF does not store (GGUF_ONLY)."""
+def hf_name(name: str, arch: str = "llama", tensors: Collection[str] = ()) -> str | None:
+    """The HF name of a GGUF tensor of a model with `tensors` (which tell Falcon's layouts apart: _TWO_NORMS);
+    None for tensors HF does not store (GGUF_ONLY)."""
     t = _table(arch)
     if name in t["global"]:
         return t["global"][name]
     m, layers = re.fullmatch(r"blk\.(\d+)\.(.+)", name), _layers(arch)
+    two = re.fullmatch(r"blk\.(\d+)\.(attn_norm|attn_norm_2)\.(weight|bias)", name)
+    if two and arch in _TWO_NORMS and (two.group(2) == "attn_norm_2" or f"blk.{two.group(1)}.attn_norm_2.weight"
+                                       in tensors):
+        return f"{layers}{two.group(1)}.{_TWO_NORMS[arch][two.group(2)]}.{two.group(3)}"
     if m and m.group(2) in t.get("exact", {}):
         return f"{layers}{m.group(1)}.{t['exact'][m.group(2)]}"
     for fused, parts in t.get("fused", {}).items():  # (a part of a fused HF tensor: fused_parts)
@@ -305,7 +384,7 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
             return f"blk.{m.group(1)}.{g}"
     m = re.fullmatch(layers + r"(\d+)\.(.+)\.(weight|bias)", name)
     if m:
-        for g, h in t["layer"].items():
+        for g, h in (*_TWO_NORMS.get(arch, {}).items(), *t["layer"].items()):
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
@@ -314,6 +393,10 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
 
 # A vision-language class (Qwen2_5_VLForConditionalGeneration, ...) holds its language model's layers here
 _VL_LAYERS = "model.language_model.layers."
+# linears of a family whose PEFT LoRA would not apply in its class, and why (Mamba's kernels read them whole)
+_PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA",
+                           "ssm_out": "PEFT refuses a LoRA on out_proj"},
+                 "mamba2": {"ssm_out": "PEFT refuses a LoRA on out_proj"}}
 
 
 def hf_module(name: str, arch: str) -> str:
@@ -326,6 +409,15 @@ def hf_module(name: str, arch: str) -> str:
                          f"build ({arch}'s checkpoints ship their own modeling code); export it as GGUF (merged, or "
                          "as a GGUF LoRA)")
     module = hf_name(name, arch).removesuffix(".weight")
+    if arch == "falcon-h1":
+        raise ValueError("a PEFT adapter of falcon-h1 would apply to the weights that llama.cpp's converter folds "
+                         "Falcon-H1's multipliers into, not to a checkpoint's; export a merged Hugging Face directory "
+                         "(its multipliers 1) or GGUF (merged, or as a GGUF LoRA)")
+    part, refused = name.split(".")[2] if name.startswith("blk.") else "", _PEFT_REFUSED.get(arch, {})
+    if part in refused:
+        raise ValueError(f"a PEFT adapter on {name} would not apply in {fam.hf_architectures[0]}: {refused[part]}; "
+                         f"train without {', '.join(refused)} in --targets for a PEFT adapter, or export a merged "
+                         "Hugging Face directory or GGUF (merged, or as a GGUF LoRA)")
     return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
 
 
@@ -363,6 +455,7 @@ def layer_scalar_tensors(metadata: Mapping) -> dict[str, tuple[tuple[int, ...], 
 
 # Phi-3's fused HF modules stand for lowtune's logical linears (the model cuts them into views).
 _FUSED_HF = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "query_key_value": ("attn_q", "attn_k", "attn_v"),
+             "c_attn": ("attn_q", "attn_k", "attn_v"), "Wqkv": ("attn_q", "attn_k", "attn_v"),
              "gate_up_proj": ("ffn_gate", "ffn_up")}
 
 
@@ -433,15 +526,35 @@ _CONV_KERNELS = ("shortconv.conv.weight", "ssm_conv1d.weight")  # nn.Conv1d's [D
 _SSM_VECTORS = ("ssm_a", "ssm_d")  # Mamba2's A and D: [H] in HF, [H, 1] in GGUF
 
 
-def hf_shape(name: str, shape) -> tuple[int, ...]:
-    """The shape HF gives GGUF tensor `name` of `shape`: LFM2's, Mamba2's and Qwen3.5's convolution
-    kernels [C, L] are nn.Conv1d's weight [C, 1, L] (the converter drops the 1), Mamba2's A and D
-    [H, 1] and gated norm [groups, inner / groups] are vectors; every other tensor its own."""
+# GPT-2's linears, Conv1D modules whose weight is [in, out]: transposed in GGUF, as the converter writes them
+_CONV1D = {"gpt2": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
+
+
+def _conv1d(name: str, metadata: Mapping | None) -> bool:
+    """Whether GGUF weight `name` is a Conv1D's in HF, its matrix transposed (_CONV1D)."""
+    m = re.fullmatch(r"blk\.\d+\.(.+)\.weight", name)
+    arch = metadata.get("general.architecture") if metadata is not None else None
+    return m is not None and m.group(1) in _CONV1D.get(arch, ())
+
+
+def peft_fan_in_fan_out(arch: str) -> bool:
+    """PEFT's fan_in_fan_out: whether the family's adapted modules are Conv1D's, their weight [in, out] (_CONV1D)."""
+    return arch in _CONV1D
+
+
+def hf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ...]:
+    """The shape HF gives GGUF tensor `name` of `shape` (of a model of `metadata`): LFM2's, Mamba2's and
+    Qwen3.5's convolution kernels [C, L] are nn.Conv1d's weight [C, 1, L] (the converter drops the 1),
+    Mamba2's A and D [H, 1] and gated norm [groups, inner / groups] are vectors, GPT-2's Conv1D weights
+    transposed; every other tensor its own."""
     shape = tuple(shape)
+    if _conv1d(name, metadata):
+        return shape[::-1]
     if name.endswith(_CONV_KERNELS) and len(shape) == 2:
         return (shape[0], 1, *shape[1:])
-    if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)):
-        return (math.prod(shape),)
+    arch = metadata.get("general.architecture") if metadata is not None else None
+    if name.endswith(_SSM_VECTORS + ("ssm_norm.weight",)) and not (arch in FAMILIES and FAMILIES[arch].mamba1):
+        return (math.prod(shape),)  # (Mamba 1's A is [inner, state] in both)
     return shape
 
 
@@ -451,6 +564,8 @@ def gguf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, 
     shape = tuple(shape)
     if name.endswith(_CONV_KERNELS) and len(shape) == 3:
         return (shape[0], *shape[2:])
+    if _conv1d(name, metadata):
+        return shape[::-1]
     arch = metadata.get("general.architecture") if metadata is not None else None
     if arch not in FAMILIES or not FAMILIES[arch].mamba2:  # (Qwen3.5's A and gated norm are GGUF vectors too)
         return shape
@@ -498,30 +613,42 @@ def _regroup(w, v_heads: tuple[int, int, int, int], to_hf: bool, dim: int = 0):
     return torch.cat([head, v]).movedim(0, dim)
 
 
-def _neox_qkv(name: str, metadata: Mapping) -> int | None:
-    """The head count where `name` is GPT-NeoX's fused q/k/v, whose rows HF keeps head by head (each
-    head's q, k, v) and the converter as all q, all k, all v; else None."""
-    if metadata.get("general.architecture") != "gptneox" or not re.fullmatch(r"blk\.\d+\.attn_qkv\.(weight|bias)",
-                                                                             name):
+# the families whose HF class keeps q, k and v rows in one tensor grouped by KV head (each group's q heads, its k
+# head, its v head; GPT-NeoX's and BLOOM's a group a head), where the converter writes all q rows, then k, then v
+_QKV_GROUPED = ("gptneox", "bloom", "falcon")
+
+
+def _qkv_groups(name: str, metadata: Mapping) -> tuple[int, int] | None:
+    """(KV heads, q heads of each) where `name` is fused q/k/v in groups of KV heads in HF (_QKV_GROUPED);
+    else None."""
+    arch = metadata.get("general.architecture")
+    if arch not in _QKV_GROUPED or not re.fullmatch(r"blk\.\d+\.attn_qkv\.(weight|bias)", name):
         return None
-    return int(metadata["gptneox.attention.head_count"])
+    n_head = int(metadata[f"{arch}.attention.head_count"])
+    kv = int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    return kv, n_head // kv
 
 
-def _regroup_qkv(w, heads: int, to_hf: bool):
-    """GPT-NeoX's q/k/v rows from [3, heads, d] to [heads, 3, d] (to_hf) or back."""
-    order = (3, heads) if to_hf else (heads, 3)
-    return w.reshape(*order, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+def _regroup_qkv(w, groups: tuple[int, int], to_hf: bool):
+    """Fused q/k/v rows from all q, all k, all v to [KV heads, q heads of each + 2, d] (to_hf) or back."""
+    kv, per = groups
+    d, rest = w.shape[0] // (kv * (per + 2)), w.shape[1:]
+    if to_hf:
+        q, k, v = w.split([kv * per * d, kv * d, kv * d])
+        return torch.cat([x.reshape(kv, -1, *rest) for x in (q, k, v)], 1).reshape(w.shape)
+    q, k, v = w.reshape(kv, (per + 2) * d, *rest).split([per * d, d, d], 1)
+    return torch.cat([x.reshape(-1, *rest) for x in (q, k, v)])
 
 
 def to_hf_rows(name: str, w, metadata: Mapping):
-    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, GPT-NeoX's q/k/v,
+    """A GGUF tensor's rows (a LoRA B's too) in HF's order: q/k rows of a Llama, GPT-NeoX's and Falcon's q/k/v,
     Qwen3.5's value heads; Gemma's norms as w, Qwen3.5's ssm_a as A_log."""
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_gguf_to_hf(w, heads)
-    qkv_heads = _neox_qkv(name, metadata)
-    if qkv_heads is not None:
-        w = _regroup_qkv(w, qkv_heads, True)
+    groups = _qkv_groups(name, metadata)
+    if groups is not None:
+        w = _regroup_qkv(w, groups, True)
     v_heads = _v_heads(name, metadata)
     if v_heads is not None and not name.endswith("ssm_out.weight"):
         w = _regroup(w, v_heads, True)
@@ -537,9 +664,9 @@ def to_hf_columns(name: str, a, metadata: Mapping):
 
 
 def to_hf_values(name: str, w, metadata: Mapping):
-    """A GGUF tensor as HF holds it (to_hf_rows and to_hf_columns), in hf_shape."""
+    """A GGUF tensor as HF holds it (to_hf_rows and to_hf_columns), in hf_shape (a Conv1D's transposed)."""
     w = to_hf_columns(name, to_hf_rows(name, w, metadata), metadata)
-    return w.reshape(hf_shape(name, w.shape))
+    return w.t().contiguous() if _conv1d(name, metadata) else w.reshape(hf_shape(name, w.shape, metadata))
 
 
 def from_hf_values(name: str, w, metadata: Mapping):
@@ -547,10 +674,10 @@ def from_hf_values(name: str, w, metadata: Mapping):
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
-    qkv_heads = _neox_qkv(name, metadata)
-    if qkv_heads is not None:
-        w = _regroup_qkv(w, qkv_heads, False)
-    w = w.reshape(gguf_shape(name, w.shape, metadata))
+    groups = _qkv_groups(name, metadata)
+    if groups is not None:
+        w = _regroup_qkv(w, groups, False)
+    w = w.t() if _conv1d(name, metadata) else w.reshape(gguf_shape(name, w.shape, metadata))
     v_heads = _v_heads(name, metadata)
     if v_heads is not None:
         w = _regroup(w, v_heads, False, dim=-1 if name.endswith("ssm_out.weight") else 0)
@@ -562,6 +689,34 @@ def from_hf_values(name: str, w, metadata: Mapping):
 
 
 from_hf_rows = from_hf_values  # the name before other families came
+
+
+# Falcon-H1's scalar multipliers, which llama.cpp's converter folds into the weights (its mlp_multipliers and
+# ssm_multipliers: lists)
+_FALCON_H1_MULTIPLIERS = ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
+                          "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")
+
+
+def fold_multipliers(name: str, w, config: Mapping):
+    """GGUF tensor `name` of an HF checkpoint of `config` (config.json) with the multipliers that llama.cpp's
+    converter folds into it (Falcon-H1's, in the converter's order of products); every other tensor as it is."""
+    if config.get("model_type") != "falcon_h1":
+        return w
+    get = lambda k: config.get(k, 1.0)  # noqa: E731
+    part = re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+    mlp, attn_in = config.get("mlp_multipliers") or (1.0, 1.0), get("attention_in_multiplier")
+    scales = {"ffn_gate": (mlp[0],), "ffn_down": (mlp[1],), "attn_k": (get("key_multiplier"), attn_in),
+              "attn_q": (attn_in,), "attn_v": (attn_in,), "attn_output": (get("attention_out_multiplier"),),
+              "ssm_in": (get("ssm_in_multiplier"),), "ssm_out": (get("ssm_out_multiplier"),),
+              "output": (get("lm_head_multiplier"),), "token_embd": (get("embedding_multiplier"),)}
+    for s in scales.get(part, ()):
+        w = w * s
+    if part == "ssm_in":  # (z, x, B, C and dt rows, each by its own of ssm_multipliers)
+        inner, bc = int(config["mamba_d_ssm"]), int(config["mamba_n_groups"]) * int(config["mamba_d_state"])
+        ends = (inner, 2 * inner, 2 * inner + bc, 2 * inner + 2 * bc, w.shape[0])
+        for start, end, s in zip((0,) + ends[:-1], ends, config.get("ssm_multipliers") or (1.0,) * 5):
+            w[start:end] *= s
+    return w
 
 
 # ---- config.json -> GGUF metadata ----------------------------------------------------------------
@@ -637,13 +792,26 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     config = _text_config(config)
     config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
                            if own in config}}
-    if config.get("hidden_act", "silu") != "silu" and fam.arch in _CONFIG_ALIASES:
-        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {fam.arch} runs SiLU")
     arch = fam.arch
+    if "hidden_act" in _CONFIG_ALIASES.get(arch, {}).values() and config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {arch} runs SiLU")
     md: dict[str, tuple[Any, Any]] = {
         "general.architecture": (arch, STR), "general.type": ("model", STR),
         "general.name": (name or config.get("_name_or_path") or "model", STR)}
     key = lambda k, v, t: md.__setitem__(f"{arch}.{k}", (v, t))
+    # (classes whose config.json has keys of its own: in the common keys, as the converter reads them)
+    if arch == "falcon":
+        config = _falcon_config(config)
+    elif arch in ("gpt2", "starcoder"):
+        config = _gpt2_config(config, arch)
+    elif arch == "bloom":
+        config = _bloom_config(config)
+    elif arch == "mpt":
+        config = _mpt_config(config)
+        key("attention.max_alibi_bias", float(config["alibi_bias_max"]), F32)
+    if fam.attention_free:  # (Mamba, Mamba-2: no attention, no FFN)
+        _ssm_keys(config, fam, key)
+        return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
     for gguf_key, hf, _, gtype, default in CONFIG_KEYS:
         value = config.get(hf)
         if value is None:
@@ -660,7 +828,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("attention.clamp_kqv", float(config["clip_qkv"]), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
-    if fam.mamba2:
+    if arch == "falcon-h1":
+        _falcon_h1_keys(config, key)
+    elif fam.mamba2:
         _mamba2_keys(config, key)
     if fam.delta_net:
         _delta_net_keys(config, key)
@@ -806,6 +976,148 @@ def _parallel_keys(config: dict, key, arch: str) -> None:
                          "StableLM 2 12B), which lowtune reads from GGUF only; convert it with llama.cpp's "
                          "convert_hf_to_gguf.py and load the GGUF")
     key("use_parallel_residual", bool(config.get("use_parallel_residual", arch == "gptneox")), BOOL)
+
+
+def _falcon_config(config: dict) -> dict:
+    """Falcon's config.json in the common keys, as llama.cpp's converter reads it: one KV head in 7B's layout
+    (multi_query), 40B's num_kv_heads, an FFN 4 · hidden_size wide and a context of 2048 (which it writes
+    whatever the file says); RoPE at the base llama.cpp takes without a key (10000). What llama.cpp's falcon
+    does not run is refused: ALiBi, attention and FFN one after the other, biases on the linears."""
+    for flag, what in (("alibi", "ALiBi in place of RoPE"), ("bias", "biases on the linears")):
+        if config.get(flag):
+            raise ValueError(f"config.json asks for {what} ({flag}), which llama.cpp's falcon does not run (and "
+                             "so lowtune, which follows it)")
+    if not config.get("parallel_attn", True):
+        raise ValueError("config.json runs Falcon's attention and FFN one after the other (parallel_attn false), "
+                         "which llama.cpp's falcon does not (and so lowtune, which follows it)")
+    hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if int(config.get("ffn_hidden_size") or 4 * hidden) != 4 * hidden:
+        raise ValueError(f"config.json's ffn_hidden_size {config['ffn_hidden_size']} is not 4 · hidden_size, the "
+                         "width llama.cpp's converter writes for falcon (and so lowtune, which follows it)")
+    if float(_rope(config)[0].get("rope_theta", 10000.0)) != 10000.0:
+        raise ValueError("config.json's RoPE base is not 10000, the one llama.cpp's falcon takes (its converter "
+                         "writes none), and so lowtune, which follows it")
+    grouped = config.get("new_decoder_architecture") or not config.get("multi_query", True)
+    return {**config, "num_key_value_heads": int(config.get("num_kv_heads") or n_head) if grouped else 1,
+            "intermediate_size": 4 * hidden, "max_position_embeddings": 2048}
+
+
+def _gpt2_config(config: dict, arch: str) -> dict:
+    """GPT-2's and GPT-BigCode's config.json in the common keys (their own names: _CONFIG_ALIASES), as llama.cpp's
+    converter reads it: GPT-2's context from n_ctx where the file gives it, an FFN 4 · n_embd wide, StarCoder's one
+    KV head. What llama.cpp's gpt2 and starcoder do not run is refused: another FFN width, GPT-2's attention scaled
+    otherwise, GPT-BigCode's K/V heads of their own."""
+    hidden = int(config["hidden_size"])
+    if int(config.get("n_inner") or 4 * hidden) != 4 * hidden:
+        raise ValueError(f"config.json's n_inner {config['n_inner']} is not 4 · n_embd, the width llama.cpp's "
+                         f"converter writes for {arch} (and so lowtune, which follows it)")
+    if arch == "gpt2" and (not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx")):
+        raise ValueError("config.json scales GPT-2's attention otherwise than by 1/sqrt(head size) "
+                         "(scale_attn_weights, scale_attn_by_inverse_layer_idx), which llama.cpp's gpt2 does not (and "
+                         "so lowtune, which follows it)")
+    if arch == "starcoder" and not config.get("multi_query", True):
+        raise ValueError("config.json gives GPT-BigCode a K/V head of each head's own (multi_query false); llama.cpp's "
+                         "converter writes starcoder with one (and so lowtune, which follows it)")
+    out = {**config, "intermediate_size": 4 * hidden}
+    if arch == "starcoder":
+        out["num_key_value_heads"] = 1
+    if arch == "gpt2" and config.get("n_ctx"):
+        out["max_position_embeddings"] = config["n_ctx"]
+    return out
+
+
+def _bloom_config(config: dict) -> dict:
+    """BLOOM's config.json in the common keys (its own names: _CONFIG_ALIASES), as llama.cpp's converter reads it:
+    a K/V head of each head's own, an FFN 4 · hidden_size wide, the context of seq_length (else hidden_size).
+    The residual taken after the norm (apply_residual_connection_post_layernorm), which llama.cpp's bloom does not
+    run, is refused."""
+    if config.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("config.json adds BLOOM's residual after the norm (apply_residual_connection_post_layernorm), "
+                         "which llama.cpp's bloom does not (and so lowtune, which follows it)")
+    hidden = int(config["hidden_size"])
+    return {**config, "intermediate_size": 4 * hidden, "num_key_value_heads": config["num_attention_heads"],
+            "max_position_embeddings": config.get("seq_length") or hidden}
+
+
+def _mpt_config(config: dict) -> dict:
+    """MPT's config.json in the common keys (its own names: _CONFIG_ALIASES; attn_config's clip_qkv and
+    alibi_bias_max), as llama.cpp's converter reads it: an FFN 4 · d_model wide, LayerNorm's epsilon 1e-5.
+    What transformers' MptForCausalLM does not hold is refused: learned positions in place of ALiBi, grouped K/V
+    heads, q/k LayerNorms, biases, another FFN width."""
+    attn = config.get("attn_config") or {}
+    refused = {"alibi false (learned positions)": not attn.get("alibi", True),
+               "kv_n_heads (grouped K/V heads)": attn.get("kv_n_heads") not in (None, config["num_attention_heads"]),
+               "qk_ln (q/k LayerNorms)": attn.get("qk_ln"), "no_bias false (biases)": not config.get("no_bias", True),
+               "expansion_ratio other than 4": config.get("expansion_ratio", 4) != 4}
+    what = [k for k, v in refused.items() if v]
+    if what:
+        raise ValueError(f"config.json asks for {what[0]}, which transformers' MptForCausalLM does not hold; convert "
+                         "the checkpoint with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
+    return {**config, "intermediate_size": 4 * int(config["hidden_size"]), "layer_norm_epsilon": 1e-5,
+            "clip_qkv": attn.get("clip_qkv"), "alibi_bias_max": attn.get("alibi_bias_max", 8)}
+
+
+def _ssm_keys(config: dict, fam: Family, key) -> None:
+    """Mamba's and Mamba-2's config.json as llama.cpp's converter writes it: the mixers' sizes (Mamba-2's heads:
+    inner / head_dim), no attention nor FFN, an unbounded context and the vocabulary padded to a multiple of
+    pad_vocab_size_multiple. What llama.cpp's mamba and mamba2 do not run is refused: biases on the mixers'
+    linears, a width other than expand · hidden_size, Mamba-2 without its gated norm or normed before the gate."""
+    hidden, mamba2 = int(config["hidden_size"]), fam.mamba2
+    inner = int(config.get("intermediate_size") or int(config.get("expand", 2)) * hidden)
+    refused = {"use_bias (biases on in_proj and out_proj)": config.get("use_bias"),
+               f"an inner width {inner}, not expand · hidden_size": inner != int(config.get("expand", 2)) * hidden,
+               "rms_norm false (no gated norm)": mamba2 and not config.get("rms_norm", True),
+               "norm_before_gate": mamba2 and config.get("norm_before_gate")}
+    what = [k for k, v in refused.items() if v]
+    if what:
+        raise ValueError(f"config.json asks for {what[0]}, which llama.cpp's {fam.arch} does not run (and so lowtune, "
+                         "which follows it)")
+    pad = int(config.get("pad_vocab_size_multiple", 16 if mamba2 else 8))
+    for gguf_key, value in (("context_length", 2 ** 20), ("embedding_length", hidden), ("feed_forward_length", 0),
+                            ("attention.head_count", 0), ("block_count", int(config["num_hidden_layers"])),
+                            ("vocab_size", -(int(config["vocab_size"]) // -pad) * pad),
+                            ("ssm.conv_kernel", int(config.get("conv_kernel", 4))), ("ssm.inner_size", inner),
+                            ("ssm.state_size", int(config.get("state_size", 128 if mamba2 else 16))),
+                            ("ssm.time_step_rank", inner // int(config.get("head_dim", 64)) if mamba2 else
+                             int(config.get("time_step_rank") or -(hidden // -16)))):
+        key(gguf_key, value, U32)
+    if mamba2:
+        key("ssm.group_count", int(config.get("n_groups", 1)), U32)
+    key("attention.layer_norm_rms_epsilon", float(config.get("layer_norm_epsilon", 1e-5)), F32)
+    if not mamba2:
+        key("ssm.dt_b_c_rms", False, BOOL)
+
+
+def _falcon_h1_keys(config: dict, key) -> None:
+    """Falcon-H1's Mamba2 mixers as llama.cpp's converter writes them (mamba_* keys; heads mamba_d_ssm /
+    mamba_d_head). What llama.cpp's falcon-h1 does not run is refused: biases on the linears, the gated norm
+    before the gate, another activation."""
+    refused = {k: config.get(k) for k in ("mamba_proj_bias", "projectors_bias", "attention_bias", "mlp_bias",
+                                          "mamba_norm_before_gate") if config.get(k)}
+    if config.get("hidden_act", "silu") != "silu":
+        refused["hidden_act"] = config["hidden_act"]
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's falcon-h1 does not run (and so lowtune, "
+                         "which follows it)")
+    inner = int(config["mamba_d_ssm"])
+    for gguf_key, value in (("conv_kernel", config.get("mamba_d_conv", 4)), ("inner_size", inner),
+                            ("state_size", config["mamba_d_state"]), ("group_count", config.get("mamba_n_groups", 1)),
+                            ("time_step_rank", inner // int(config["mamba_d_head"]))):
+        key(f"ssm.{gguf_key}", int(value), U32)
+
+
+def _falcon_h1_config(c, cfg: dict, tensors: Collection[str]) -> None:
+    """Falcon-H1's config.json keys of model config `c` (the inverse of _falcon_h1_keys), into cfg: its multipliers
+    1, as the converter has folded them into the weights (_fold_multipliers)."""
+    m = c.ssm
+    cfg.update({"mamba_d_ssm": m.inner, "mamba_n_heads": m.heads, "mamba_d_head": m.head_dim,
+                "mamba_n_groups": m.groups, "mamba_d_state": m.state, "mamba_d_conv": m.conv_kernel,
+                "mamba_expand": m.inner // c.dim, "mamba_chunk_size": 256, "mamba_proj_bias": False,
+                "projectors_bias": False, "mamba_norm_before_gate": False,
+                "mamba_rms_norm": any(n.endswith("ssm_norm.weight") for n in tensors),
+                "mamba_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors),
+                **dict.fromkeys(_FALCON_H1_MULTIPLIERS, 1.0), "mlp_multipliers": [1.0, 1.0],
+                "ssm_multipliers": [1.0] * 5})
 
 
 def _mamba2_keys(config: dict, key) -> None:
@@ -1026,9 +1338,16 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
+    "falcon": {},
+    **dict.fromkeys(("gpt2", "starcoder", "bloom"), {"": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm",
+                                                          "ffn_up", "ffn_down")}),
+    "mpt": {},
+    **dict.fromkeys(("mamba", "mamba2"), {"use_conv_bias": ("ssm_conv1d",)}),
+    "falcon-h1": {"attention_bias": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                  "mlp_bias": ("ffn_gate", "ffn_up", "ffn_down")},
 }
 # LayerNorms whose bias the HF class holds wherever the model has the norm (a parallel StableLM has no ffn_norm)
-_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm")}
+_HF_NORM_BIASES = {"stablelm": ("attn_norm", "ffn_norm"), "falcon": ("attn_norm", "attn_norm_2")}
 
 
 # the HF classes with RoPE on part of each head (config.json's partial_rotary_factor)
@@ -1037,7 +1356,8 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
                      "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     "gptneox": ("output_norm.bias",)}
+                     **dict.fromkeys(("gptneox", "falcon", "gpt2", "starcoder"), ("output_norm.bias",)),
+                     "bloom": ("output_norm.bias", "token_embd_norm.bias")}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
@@ -1090,6 +1410,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         raise ValueError(f"lowtune writes no Hugging Face directory of a {arch} model ({fam.hf_architectures[0]}: its "
                          "checkpoints' own modeling code, of which transformers has no class); export it as GGUF "
                          "(merged, or as a GGUF LoRA)")
+    if fam.attention_free:
+        return _ssm_config(c, metadata, tied, torch_dtype, tensors)
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
@@ -1188,7 +1510,9 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.norm == "layer":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
-    if fam.mamba2:
+    if arch == "falcon-h1":
+        _falcon_h1_config(c, cfg, tensors)
+    elif fam.mamba2:
         _mamba2_config(c, cfg, tensors)
     if fam.short_conv:  # (the inverse of _short_conv_keys; the FFN width as it is)
         if any(windows):
@@ -1230,6 +1554,36 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             raise ValueError(f"this {arch} model norms q and k with a LayerNorm of each head's own (StableLM 2 12B), "
                              "which lowtune writes to GGUF only; export it as GGUF (merged, or as a GGUF LoRA)")
         cfg.update(use_parallel_residual=c.parallel, qk_layernorm=False)
+    if arch == "falcon":  # (the inverse of _falcon_config: 40B's layout where a layer has two norms or KV groups)
+        two_norms = any(n.endswith("attn_norm_2.weight") for n in tensors)
+        grouped = two_norms or c.n_kv_heads not in (1, c.n_heads)
+        cfg.update(new_decoder_architecture=grouped, num_ln_in_parallel_attn=(2 if two_norms else 1) if grouped
+                   else None, multi_query=c.n_kv_heads == 1, num_kv_heads=c.n_kv_heads, parallel_attn=True,
+                   bias=False, alibi=False, ffn_hidden_size=c.ffn_dim, activation=cfg["hidden_act"])
+        del cfg["head_dim"]  # (FalconConfig's is hidden_size / heads, a property)
+    if arch in ("gpt2", "starcoder"):  # (the inverse of _gpt2_config, in the classes' own keys)
+        cfg.update(n_embd=c.dim, n_layer=c.n_layers, n_head=c.n_heads, n_positions=c.context_length, n_inner=c.ffn_dim,
+                   activation_function=cfg["hidden_act"], scale_attn_weights=True)
+        if arch == "gpt2":
+            cfg.update(n_ctx=c.context_length, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+        else:
+            cfg["multi_query"] = True
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                  "intermediate_size", "num_key_value_heads", "head_dim"):
+            del cfg[k]
+    if arch == "bloom":  # (the inverse of _bloom_config)
+        cfg.update(n_layer=c.n_layers, n_head=c.n_heads, seq_length=c.context_length,
+                   apply_residual_connection_post_layernorm=False, pretraining_tp=1, slow_but_exact=False)
+    if arch == "mpt":  # (the inverse of _mpt_config, in MPT's own keys)
+        if not c.alibi_max_bias or c.alibi_max_bias != round(c.alibi_max_bias):
+            what = "learned positions in place of ALiBi" if not c.alibi_max_bias else \
+                f"ALiBi's maximum bias {c.alibi_max_bias}, no whole number as alibi_bias_max is"
+            raise ValueError(f"this mpt model has {what}, which MptForCausalLM does not hold; export it as GGUF "
+                             "(merged, or as a GGUF LoRA)")
+        cfg.update(d_model=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, max_seq_len=c.context_length,
+                   expansion_ratio=c.ffn_dim // c.dim, no_bias=True, attn_config={
+                       "alibi": True, "alibi_bias_max": round(c.alibi_max_bias), "clip_qkv": _f32(c.clamp_qkv) or None,
+                       "qk_ln": False, "softmax_scale": None})
     if fam.nope_period:  # SmolLM3: 1 where a layer rotates
         cfg["no_rope_layer_interval"] = fam.nope_period
         cfg["no_rope_layers"] = [int(fam.rotates(i)) for i in range(c.n_layers)]
@@ -1238,10 +1592,38 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
         cfg["query_pre_attn_scalar"] = round(1.0 / c.query_scale ** 2)
         cfg["final_logit_softcapping"] = _f32(c.final_softcap) if c.final_softcap else None
         cfg["attn_logit_softcapping"] = _f32(c.attn_softcap) if c.attn_softcap else None
-    cfg["pad_token_id"] = None  # not the class default (Phi-3's is 32000, past a small vocab)
+    return {**cfg, **_token_ids(metadata, c.vocab_size)}
+
+
+def _token_ids(metadata: Mapping, vocab_size: int) -> dict:
+    """config.json's bos, eos and pad ids from the GGUF's tokenizer keys (pad None where it has none)."""
+    ids = {"pad_token_id": None}  # not the class default (Phi-3's is 32000, past a small vocab)
     for key, tk in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                     ("pad_token_id", "padding_token_id")):
         v = metadata.get(f"tokenizer.ggml.{tk}")
-        if v is not None and 0 <= int(v) < c.vocab_size:  # Phi-3's converter writes a pad id past the vocab
-            cfg[key] = int(v)
-    return cfg
+        if v is not None and 0 <= int(v) < vocab_size:  # Phi-3's converter writes a pad id past the vocab
+            ids[key] = int(v)
+    return ids
+
+
+def _ssm_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: Collection[str]) -> dict:
+    """config.json of Mamba or Mamba-2 (the inverse of _ssm_keys)."""
+    fam, m = c.family, c.ssm
+    if m.inner % c.dim:
+        raise ValueError(f"a {c.arch} mixer {m.inner} wide, no multiple of the model's {c.dim}, has no "
+                         f"{fam.hf_architectures[0]} config")
+    cfg = {"architectures": [fam.hf_architectures[0]], "model_type": fam.hf_model_types[0], "hidden_size": c.dim,
+           "num_hidden_layers": c.n_layers, "vocab_size": c.vocab_size, "pad_vocab_size_multiple": 1,
+           "layer_norm_epsilon": _f32(c.norm_eps), "tie_word_embeddings": tied, "torch_dtype": torch_dtype,
+           "state_size": m.state, "conv_kernel": m.conv_kernel, "expand": m.inner // c.dim,
+           "intermediate_size": m.inner, "use_bias": False, "hidden_act": "silu", "use_cache": True,
+           "use_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors)}
+    if fam.mamba2:
+        cfg.update(num_heads=m.heads, head_dim=m.head_dim, n_groups=m.groups, rms_norm=True, norm_before_gate=False,
+                   chunk_size=256)
+    elif m.dt_b_c_rms:
+        raise ValueError("a Mamba model whose dt, B and C are RMS-normed (Falcon-Mamba) has no MambaForCausalLM "
+                         "config; export it as GGUF (merged, or as a GGUF LoRA)")
+    else:
+        cfg["time_step_rank"] = m.dt_rank
+    return {**cfg, **_token_ids(metadata, c.vocab_size)}

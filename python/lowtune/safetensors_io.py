@@ -162,7 +162,7 @@ class HFCheckpoint(Source):
         if part:  # (part i of n of a fused HF tensor's rows)
             i, n = part
             w = w.chunk(n)[i]
-        return hf_names.from_hf_values(name, w, self.metadata)
+        return hf_names.fold_multipliers(name, hf_names.from_hf_values(name, w, self.metadata), self.config)
 
     def qtensor(self, name: str) -> QTensor:
         """The tensor as an F32/F16/BF16 QTensor [N, K] (1-D tensors as [1, K])."""
