@@ -49,12 +49,13 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
 MPT_CLIP_QKV = 1.5  # MPT's tiny model: q/k/v clamped to ± this, inside their spread
+DBRX_CLIP_QKV = 1.5  # DBRX's, as MPT's
 BLOOM_HEADS = 6     # BLOOM's tiny model: a head count that is not a power of two (ALiBi's slopes)
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -373,6 +374,14 @@ def hf_model(name: str):
             attention_chunk_size=WINDOW, tie_word_embeddings=False, rope_parameters={
                 "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        # LayerNorms without biases, q/k/v fused and clipped (to 1.5, inside their spread),
+        # NEOX RoPE, experts in every layer (the softmax's top k, renormalized), their gate, up and down fused
+        # in one tensor each ([experts · width, D], the converter's 3-D)
+        "dbrx": lambda: tf.DbrxForCausalLM(tf.DbrxConfig(
+            vocab_size=V, d_model=D, n_heads=H, n_layers=2, max_seq_len=256, bos_token_id=1, eos_token_id=2,
+            attn_config={"kv_n_heads": HKV, "clip_qkv": DBRX_CLIP_QKV, "rope_theta": 10000.0},
+            ffn_config={"ffn_hidden_size": 32, "moe_num_experts": EXPERTS, "moe_top_k": EXPERTS_USED},
+            tie_word_embeddings=False)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -613,9 +622,10 @@ def randomized(model, name: str):
     calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
+            leaf = pname.replace("norm_attn_norm.", "")  # (DBRX's blocks keep their attention under that name)
             if name in ("gemma3n", "gemma4", "gemma4moe") and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
-            elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
+            elif "norm" in leaf or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
@@ -831,16 +841,16 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen,
-                        stablelm, starcoder, xverse)
+from conversion import (baichuan, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2,
+                        gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo,
+                        phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
-# falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Falcon's, EXAONE's, Qwen's and DBRX's converters read only byte-level BPE vocabularies (Kimi Linear's also
+# tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model
+# through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -854,7 +864,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1275,8 +1285,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon"):  # fused q/k/v (GPT-2's,
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # StarCoder's, BLOOM's and GPT-NeoX's with a bias)
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon", "dbrx"):  # fused q/k/v
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # (GPT-2's, StarCoder's, BLOOM's and GPT-NeoX's with a bias)
             if arch in ("gpt2", "starcoder", "bloom", "gptneox"):
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:

@@ -14,8 +14,9 @@ with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAO
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
 experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
-dense FFN, a scaled router on the normed residual stream, a scale for each expert), as tiny random models built by
-transformers and converted by llama.cpp's converter (tests/family_models.py):
+dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
+biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
+(tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -52,8 +53,8 @@ from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NA
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
-                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (DBRX_CLIP_QKV, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW,
+                           deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -186,7 +187,8 @@ def test_logits_match_transformers(moe, name):
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
+                            ("dbrx", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -402,13 +404,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
     sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
-    model's own steps."""
+    Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers and DBRX's clipped q/k/v are
+    left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "dbrx"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -582,7 +584,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek32", "dbrx", "qwen3"):
+    for arch in ("deepseek32", "llada-moe", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
@@ -591,7 +593,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM"):
+                         "KimiLinearForCausalLM", "DbrxForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -813,3 +815,36 @@ def test_kimi_linear_layers_and_variants(moe, tmp_path):
     write_gguf(tmp_path / "fused.gguf", md, list(tensors.items()), metadata_types=types)
     with pytest.raises(ValueError, match="fuses the Kimi Delta Attention layers' q, k and v into attn_qkv"):
         Model.from_gguf(tmp_path / "fused.gguf")
+
+
+@pytest.mark.transformers
+def test_dbrx_clipped_qkv_and_layer_norms(moe):
+    """DBRX as llama.cpp reads its file: LayerNorms without biases (the FFN's attn_output_norm), q, k and v row views
+    of the fused attn_qkv, clipped to ± clip_qkv, which moves transformers' logits when left out; bf16 activations
+    follow fp32; its HF directory is refused by class, saying to convert it."""
+    model = Model.from_gguf(moe["dbrx"].gguf)
+    c = model.config
+    assert (c.clamp_qkv, c.expert_width, c.shared_expert_ffn_dim) == (DBRX_CLIP_QKV, 32, 0)
+    for i, layer in enumerate(model.layers):
+        assert all(type(n).__name__ == "LayerNorm" and n.bias is None for n in (layer.attn_norm, layer.ffn_norm))
+        assert [getattr(layer, n).fused_from for n in ("attn_q", "attn_k", "attn_v")] == [
+            (f"blk.{i}.attn_qkv.weight", a, b) for a, b in ((0, 64), (64, 96), (96, 128))]
+    assert "blk.0.attn_output_norm.weight" in model.tensor_types
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("dbrx")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        model.config.clamp_qkv = 0.0
+        assert rel_err(model(ids), want) > 1e-3
+        model.config.clamp_qkv = DBRX_CLIP_QKV
+        bf16 = Model.from_gguf(moe["dbrx"].gguf, dtype=torch.bfloat16)
+        fp32, low = model(ids), bf16(ids)
+        # (a bf16 router picks other experts for a few tokens; routed to all of them, bf16 follows closely)
+        assert rel_err(low, fp32) < 1e-1
+        for layer in model.layers + bf16.layers:
+            layer.ffn_moe.n_used = EXPERTS
+        fp32, low = model(ids), bf16(ids)
+    print(f"dbrx: bf16 vs fp32 routed to all experts, relative error {rel_err(low, fp32):.2e}")
+    assert rel_err(low, fp32) < 2e-2
+    with pytest.raises(ValueError, match="DbrxForCausalLM.*mixtures of experts among them.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["dbrx"].hf_dir)

@@ -136,6 +136,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "global": _GLOBAL},
     # dots.llm1: Qwen3's attention names (dense layers' MLP; experts not mapped)
     "dots1": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},
+    # DBRX: its layers under transformer.blocks (_LAYERS), q, k and v in one Wqkv, the norms (PEFT adapters; experts
+    # not mapped)
+    "dbrx": {"layer": {"attn_norm": "norm_attn_norm.norm_1", "attn_qkv": "norm_attn_norm.attn.Wqkv",
+                       "attn_output": "norm_attn_norm.attn.out_proj", "attn_output_norm": "norm_attn_norm.norm_2"},
+             "global": {"token_embd.weight": "transformer.wte.weight", "output.weight": "lm_head.weight",
+                        "output_norm.weight": "transformer.norm_f.weight"}},
     # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
     "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)
@@ -241,7 +247,7 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion"
 
 
 # where a class holds its layers, where not under model.layers
-_LAYERS = {"gptneox": "gpt_neox.layers."}
+_LAYERS = {"gptneox": "gpt_neox.layers.", "dbrx": "transformer.blocks."}
 
 
 def _layers(arch: str) -> str:
