@@ -38,6 +38,8 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
+# ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint
+REMOTE_CODE_MOE_NAMES = ("deepseek",)
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -786,6 +788,43 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def remote_code_moe_checkpoint(name: str, d: Path) -> None:
+    """The tiny model of `name` (one of REMOTE_CODE_MOE_NAMES) as its published checkpoints hold it, config.json
+    and random weights (seeded by the name) under their own names: DeepSeek-MoE's (deepseek: DeepSeek-MoE 16B) a
+    dense first layer, then EXPERTS experts routed by the softmax's top EXPERTS_USED, not renormalized, beside
+    a shared expert of their width, Llama's attention with grouped KV heads."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+    layers, fe, hd = 2, 32, D // H
+    mlp = lambda p, f: {p + "gate_proj.weight": mat(f, D), p + "up_proj.weight": mat(f, D),  # noqa: E731
+                        p + "down_proj.weight": mat(D, f)}
+    w = {"model.embed_tokens.weight": 0.25 * torch.randn(V, D, generator=g), "model.norm.weight": vec(D, 1.0),
+         "lm_head.weight": mat(V, D)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
+                  p + "self_attn.q_proj.weight": mat(D, D), p + "self_attn.k_proj.weight": mat(HKV * hd, D),
+                  p + "self_attn.v_proj.weight": mat(HKV * hd, D), p + "self_attn.o_proj.weight": mat(D, D)})
+        if i == 0:
+            w.update(mlp(p + "mlp.", F))
+            continue
+        w[p + "mlp.gate.weight"] = mat(EXPERTS, D)
+        for e in range(EXPERTS):
+            w.update(mlp(p + f"mlp.experts.{e}.", fe))
+        w.update(mlp(p + "mlp.shared_experts.", fe))
+    cfg = dict(architectures=["DeepseekForCausalLM"], model_type="deepseek", vocab_size=V, hidden_size=D,
+               intermediate_size=F, moe_intermediate_size=fe, num_hidden_layers=layers, num_attention_heads=H,
+               num_key_value_heads=HKV, n_routed_experts=EXPERTS, n_shared_experts=1,
+               num_experts_per_tok=EXPERTS_USED, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
+               scoring_func="softmax", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
     safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
@@ -937,10 +976,12 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES:
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + REMOTE_CODE_MOE_NAMES:
         d = root / name
         if name in REMOTE_CODE_NAMES:
             remote_code_checkpoint(name, d)
+        elif name in REMOTE_CODE_MOE_NAMES:
+            remote_code_moe_checkpoint(name, d)
         else:
             hf_model(name).save_pretrained(d)
         if name == "gemma3n":
@@ -1157,8 +1198,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
-                    "cohere2moe"):  # a dense first layer
+                    "cohere2moe", "deepseek"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
+        if arch == "deepseek":  # a shared expert as wide as a routed one (tests/family_models' deepseek)
+            md["deepseek.expert_shared_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
     if fam.short_conv:  # the convolution layers give no KV heads

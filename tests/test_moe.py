@@ -16,7 +16,9 @@ experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rota
 experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
 dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
 biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
-(tests/family_models.py):
+(tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
+renormalized beside a shared expert), whose checkpoints ship their own code, as config.json and random safetensors
+under their own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,8 +56,9 @@ from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NA
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (DBRX_CLIP_QKV, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW,
-                           deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (DBRX_CLIP_QKV, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN,
+                           REMOTE_CODE_MOE_NAMES, SEQ, WINDOW, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -73,7 +77,7 @@ INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, Fals
 
 @pytest.fixture(scope="module")
 def moe(family_models):
-    return {n: family_models[n] for n in MOE_NAMES}
+    return {n: family_models[n] for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -174,21 +178,63 @@ def test_logits_match_transformers(moe, name):
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
+# what sets each remote-code mixture apart at this size (switched off, its logits leave llama.cpp's): the module's
+# attribute and the value that switches it off
+REMOTE_CODE_SWITCH_OFF = {
+    "deepseek": [("renorm", True), ("ffn_up_shexp", None)],
+}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", REMOTE_CODE_MOE_NAMES)
+def test_remote_code_logits_match_llamacpp(moe, name):
+    """Mixtures without a transformers class: llama.cpp's logits of the converted F32 file (its K/V cache in F32
+    too) are lowtune's, and the routing matters (other expert counts, and what sets the family apart, move them);
+    routed to all experts (a bf16 router flips near ties), bf16 activations follow fp32."""
+    from llama_cpp import Llama
+    ids = rand_ids(1, SEQ)
+    llm = Llama(model_path=str(moe[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
+                type_k=0, type_v=0)  # (GGML_TYPE_F32)
+    llm.eval(ids[0].tolist())
+    want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
+    model = Model.from_gguf(moe[name].gguf)
+    assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
+    moes = [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
+    with torch.no_grad():
+        got = model(ids)
+        print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < 1e-4
+        for what, off in [("n_used", 1), ("n_used", EXPERTS)] + REMOTE_CODE_SWITCH_OFF.get(name, []):
+            kept = [getattr(m, what) for m in moes]
+            for m in moes:
+                setattr(m, what, off)
+            assert rel_err(model(ids), want) > 1e-3, (what, off)
+            for m, k in zip(moes, kept):
+                setattr(m, what, k)
+        assert rel_err(model(ids), want) < 1e-4  # (everything put back)
+        bf16 = Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)
+        for m in moes + [layer.ffn_moe for layer in bf16.layers if layer.ffn_moe is not None]:
+            m.n_used = EXPERTS
+        low, fp32 = bf16(ids), model(ids)
+    print(f"{name}: bf16 vs fp32 routed to all experts, relative error {rel_err(low, fp32):.2e}")
+    assert rel_err(low, fp32) < 2e-2
+
+
 @pytest.mark.llamacpp
 # (LFM2-MoE, Qwen3.5-MoE and Kimi Linear: their convolutions' and DeltaNets' activations lose more to llama.cpp's
 # rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
                                                       "gemma4moe") else 5e-3)
-                            for n in MOE_NAMES]
+                            for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
-                            ("dbrx", "Q4_0", 5e-3)]
+                            ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -384,7 +430,7 @@ def test_glm4moe_without_qk_norms(moe, text_ids, tmp_path):
     assert abs(got - want) / want < 2e-3 and abs(normed - got) / got > 1e-2
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_kv_cache_matches_the_full_forward(moe, name):
     model = Model.from_gguf(moe[name].gguf)
     if name == "llama4":  # (chunks shorter than the sequence: the steps cross them)
@@ -397,7 +443,7 @@ def test_kv_cache_matches_the_full_forward(moe, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
@@ -421,7 +467,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
         assert rel_err(got, want) < 1e-5, t
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_adapters_train_through_the_experts(moe, name):
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
@@ -477,7 +523,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name,
 
 @pytest.mark.llamacpp
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_exports(moe, tmp_path, name):
     import peft
     base = moe[name].gguf
@@ -522,7 +568,8 @@ def test_exports(moe, tmp_path, name):
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
-    if name in ("nemotron_h_moe", "kimi-linear"):  # (lowtune has no Hugging Face names for their tensors)
+    # (lowtune has no Hugging Face names for their tensors; transformers has no class for the remote-code ones)
+    if name in ("nemotron_h_moe", "kimi-linear") + REMOTE_CODE_MOE_NAMES:
         with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
@@ -593,7 +640,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "DbrxForCausalLM"):
+                         "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -82,6 +82,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
     dbrx          neox  silu       -           -         -          -                        if the file gives one
+    deepseek      norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -243,6 +244,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   DBRX (dbrx: DBRX Base and Instruct) is MPT's attention with NEOX RoPE: LayerNorms without biases, q, k and v
   fused in attn_qkv and clipped to ± the file's attention.clamp_kqv (Family.qkv_clamp); its FFN norm is
   attn_output_norm, before experts in every layer (the softmax's top k, renormalized).
+  DeepSeek-MoE (deepseek: DeepSeek-MoE 16B, DeepSeek LLM's mixtures; not deepseek2's latent attention) is Llama's
+  attention before dense first layers (leading_dense_block_count), then experts routed by the softmax's top k,
+  not renormalized, weighed by expert_weights_scale, beside expert_shared_count shared experts of their width;
+  its checkpoints ship their own code, so it is read as the converter's GGUF.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -645,6 +650,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_writable=False),
     Family("xverse"),
     Family("dbrx", rope="neox", norm="layer", qkv_clamp=True, ffn_norm_tensor="attn_output_norm", moe=True),
+    Family("deepseek", moe=True, moe_renorm=False, moe_weight_keys=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -663,7 +669,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "grok", "arctic"}
+_MOE = {"mixtral", "deepseek32", "grok", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
@@ -727,8 +733,8 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4 and "
-                         "dbrx)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
+                         "dbrx and deepseek)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
