@@ -39,7 +39,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint
-REMOTE_CODE_MOE_NAMES = ("deepseek",)
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -790,9 +790,13 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
 
 def remote_code_moe_checkpoint(name: str, d: Path) -> None:
     """The tiny model of `name` (one of REMOTE_CODE_MOE_NAMES) as its published checkpoints hold it, config.json
-    and random weights (seeded by the name) under their own names: DeepSeek-MoE's (deepseek: DeepSeek-MoE 16B) a
-    dense first layer, then EXPERTS experts routed by the softmax's top EXPERTS_USED, not renormalized, beside
-    a shared expert of their width, Llama's attention with grouped KV heads."""
+    and random weights (seeded by the name) under their own names, EXPERTS experts routed by the softmax's top
+    EXPERTS_USED in every layer with experts, Llama's attention with grouped KV heads:
+    * DeepSeek-MoE's (deepseek: DeepSeek-MoE 16B): a dense first layer, then the experts, not renormalized, beside
+      a shared expert of their width;
+    * Grok-1's (grok: its PyTorch checkpoint's names): norms after attention and after the experts (GeGLU,
+      renormalized, as wide as intermediate_size), a tied head, its multipliers none of them 1 and its
+      attention's soft-cap (3) within reach of the scores."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -800,13 +804,25 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
     layers, fe, hd = 2, 32, D // H
     mlp = lambda p, f: {p + "gate_proj.weight": mat(f, D), p + "up_proj.weight": mat(f, D),  # noqa: E731
                         p + "down_proj.weight": mat(D, f)}
-    w = {"model.embed_tokens.weight": 0.25 * torch.randn(V, D, generator=g), "model.norm.weight": vec(D, 1.0),
-         "lm_head.weight": mat(V, D)}
+    embed = 0.25 * torch.randn(V, D, generator=g)
+    w = {}
     for i in range(layers):
+        q, k, v, o = mat(D, D), mat(HKV * hd, D), mat(HKV * hd, D), mat(D, D)
+        if name == "grok":
+            p = f"transformer.decoder_layer.{i}."
+            w.update({p + "multi_head_attention.query.weight": q, p + "multi_head_attention.key.weight": k,
+                      p + "multi_head_attention.value.weight": v, p + "multi_head_attention.linear.weight": o,
+                      **{p + n + ".weight": vec(D, 1.0) for n in ("rms_norm", "rms_norm_1", "rms_norm_2",
+                                                                  "rms_norm_3")},
+                      p + "router.weight": mat(EXPERTS, D)})
+            for e in range(EXPERTS):  # (linear: the gate, linear_v: up, linear_1: down)
+                w.update({p + f"moe.{e}.linear.weight": mat(fe, D), p + f"moe.{e}.linear_v.weight": mat(fe, D),
+                          p + f"moe.{e}.linear_1.weight": mat(D, fe)})
+            continue
         p = f"model.layers.{i}."
         w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
-                  p + "self_attn.q_proj.weight": mat(D, D), p + "self_attn.k_proj.weight": mat(HKV * hd, D),
-                  p + "self_attn.v_proj.weight": mat(HKV * hd, D), p + "self_attn.o_proj.weight": mat(D, D)})
+                  p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                  p + "self_attn.o_proj.weight": o})
         if i == 0:
             w.update(mlp(p + "mlp.", F))
             continue
@@ -814,12 +830,19 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         for e in range(EXPERTS):
             w.update(mlp(p + f"mlp.experts.{e}.", fe))
         w.update(mlp(p + "mlp.shared_experts.", fe))
-    cfg = dict(architectures=["DeepseekForCausalLM"], model_type="deepseek", vocab_size=V, hidden_size=D,
-               intermediate_size=F, moe_intermediate_size=fe, num_hidden_layers=layers, num_attention_heads=H,
-               num_key_value_heads=HKV, n_routed_experts=EXPERTS, n_shared_experts=1,
-               num_experts_per_tok=EXPERTS_USED, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
-               scoring_func="softmax", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
-               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    cfg = dict(vocab_size=V, hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=HKV,
+               num_experts_per_tok=EXPERTS_USED, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    if name == "grok":
+        w.update({"transformer.in_out_embed.weight": embed, "transformer.rms_norm.weight": vec(D, 1.0)})
+        cfg.update(architectures=["Grok1ForCausalLM"], model_type="grok-1", intermediate_size=fe,
+                   num_local_experts=EXPERTS, tie_word_embeddings=True, embedding_multiplier_scale=4.0,
+                   output_multiplier_scale=0.5, attn_output_multiplier=0.2, attn_logit_softcapping=3.0)
+    else:
+        w.update({"model.embed_tokens.weight": embed, "model.norm.weight": vec(D, 1.0), "lm_head.weight": mat(V, D)})
+        cfg.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", intermediate_size=F,
+                   moe_intermediate_size=fe, n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=1,
+                   moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax", tie_word_embeddings=False)
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
@@ -1202,6 +1225,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "deepseek":  # a shared expert as wide as a routed one (tests/family_models' deepseek)
             md["deepseek.expert_shared_count"] = 1
+        if arch == "grok":  # Grok-1's experts, as wide as feed_forward_length; its multipliers and soft-cap
+            del md["grok.expert_feed_forward_length"]
+            md.update({"grok.feed_forward_length": fe, "grok.embedding_scale": 4.0, "grok.logit_scale": 0.5,
+                       "grok.attention.output_scale": 0.2, "grok.attn_logit_softcapping": 3.0})
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
     if fam.short_conv:  # the convolution layers give no KV heads

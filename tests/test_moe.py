@@ -17,8 +17,9 @@ experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B
 dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
 biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
 (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
-renormalized beside a shared expert), whose checkpoints ship their own code, as config.json and random safetensors
-under their own names, compared with llama.cpp's logits:
+renormalized beside a shared expert) and Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
+and after the experts), whose checkpoints ship their own code, as config.json and random safetensors under their
+own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -178,11 +179,29 @@ def test_logits_match_transformers(moe, name):
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
-# what sets each remote-code mixture apart at this size (switched off, its logits leave llama.cpp's): the module's
-# attribute and the value that switches it off
+def _set_all(mods, what, value):
+    for m in mods:
+        setattr(m, what, value)
+
+
+# what sets each remote-code mixture apart at this size (switched off, its logits leave llama.cpp's)
 REMOTE_CODE_SWITCH_OFF = {
-    "deepseek": [("renorm", True), ("ffn_up_shexp", None)],
+    "deepseek": [("weights not renormalized", lambda m: _set_all(_moes(m), "renorm", True)),
+                 ("the shared expert", lambda m: _set_all(_moes(m), "ffn_up_shexp", None))],
+    "grok": [("the attention's soft-cap", lambda m: setattr(m.config, "attn_softcap", 0.0)),
+             ("the scores' scale", lambda m: setattr(m.config, "attn_scale", 0.0)),
+             ("the embeddings' scale", lambda m: setattr(m.tok_embd, "scale", 1.0)),
+             ("the logits' scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
+             ("the norm after attention", lambda m: _set_all(m.layers, "post_attention_norm", torch.nn.Identity())),
+             ("the norm after the experts", lambda m: _set_all(m.layers, "post_ffw_norm", torch.nn.Identity()))],
 }
+# (Grok: llama.cpp's GELU reads a table of fp16 values, 2e-4 here; lowtune's with its input and output so rounded
+# is within 3e-5)
+REMOTE_CODE_TOL = {"grok": 5e-4}
+
+
+def _moes(model):
+    return [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
 
 
 @pytest.mark.llamacpp
@@ -199,22 +218,18 @@ def test_remote_code_logits_match_llamacpp(moe, name):
     want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
     model = Model.from_gguf(moe[name].gguf)
     assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
-    moes = [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
+    tol = REMOTE_CODE_TOL.get(name, 1e-4)
     with torch.no_grad():
         got = model(ids)
         print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
-        assert rel_err(got, want) < 1e-4
-        for what, off in [("n_used", 1), ("n_used", EXPERTS)] + REMOTE_CODE_SWITCH_OFF.get(name, []):
-            kept = [getattr(m, what) for m in moes]
-            for m in moes:
-                setattr(m, what, off)
-            assert rel_err(model(ids), want) > 1e-3, (what, off)
-            for m, k in zip(moes, kept):
-                setattr(m, what, k)
-        assert rel_err(model(ids), want) < 1e-4  # (everything put back)
+        assert rel_err(got, want) < tol
+        switches = [(f"{n} experts a token", lambda m, n=n: _set_all(_moes(m), "n_used", n)) for n in (1, EXPERTS)]
+        for what, switch_off in switches + REMOTE_CODE_SWITCH_OFF.get(name, []):
+            changed = Model.from_gguf(moe[name].gguf)
+            switch_off(changed)
+            assert rel_err(changed(ids), want) > 10 * tol, f"{what} does not matter at this size"
         bf16 = Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)
-        for m in moes + [layer.ffn_moe for layer in bf16.layers if layer.ffn_moe is not None]:
-            m.n_used = EXPERTS
+        _set_all(_moes(model) + _moes(bf16), "n_used", EXPERTS)
         low, fp32 = bf16(ids), model(ids)
     print(f"{name}: bf16 vs fp32 routed to all experts, relative error {rel_err(low, fp32):.2e}")
     assert rel_err(low, fp32) < 2e-2
@@ -234,7 +249,8 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
-                            ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3)]
+                            ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
+                            ("grok", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -640,7 +656,8 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM"):
+                         "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM",
+                         "Grok1ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -895,3 +912,22 @@ def test_dbrx_clipped_qkv_and_layer_norms(moe):
     assert rel_err(low, fp32) < 2e-2
     with pytest.raises(ValueError, match="DbrxForCausalLM.*mixtures of experts among them.*convert_hf_to_gguf"):
         lowtune.load_model(moe["dbrx"].hf_dir)
+
+
+def test_grok_scales_and_variants(moe):
+    """Grok-1 as llama.cpp reads its file: the embeddings × embedding_scale, the scores × attention.output_scale (in
+    place of 1/sqrt(head_dim)) and soft-capped, the logits × logit_scale, RMSNorms after attention
+    (attn_output_norm) and after the experts (layer_output_norm); a file without one of the scales (an older
+    conversion, which llama.cpp runs with Grok-1's) or with Grok 2's dense FFN beside the experts is refused."""
+    model = Model.from_gguf(moe["grok"].gguf)
+    c, md = model.config, model.metadata
+    assert (c.embedding_scale, c.attn_scale, c.attn_softcap, c.logit_scale) == pytest.approx((4.0, 0.2, 3.0, 2.0))
+    assert model.output is None and c.expert_width == c.ffn_dim == 32
+    assert model.layers[0].norm_files == {"ffn_norm": "ffn_norm", "post_attention_norm": "attn_output_norm",
+                                          "post_ffw_norm": "layer_output_norm"}
+    assert {"blk.1.attn_output_norm.weight", "blk.1.layer_output_norm.weight"} <= set(model.tensor_types)
+    for key in ("embedding_scale", "attention.output_scale", "logit_scale"):
+        with pytest.raises(ValueError, match=f"lacks grok.{key} .an older conversion.*convert_hf_to_gguf"):
+            ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != f"grok.{key}"})
+    with pytest.raises(ValueError, match="Grok 2's layout"):
+        ModelConfig.from_gguf_metadata({**md, "grok.expert_feed_forward_length": 32})

@@ -83,6 +83,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     kimi-linear   none  silu       -           -         -          -                        -
     dbrx          neox  silu       -           -         -          -                        if the file gives one
     deepseek      norm  silu       -           -         -          -                        if the file gives one
+    grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -248,6 +249,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   attention before dense first layers (leading_dense_block_count), then experts routed by the softmax's top k,
   not renormalized, weighed by expert_weights_scale, beside expert_shared_count shared experts of their width;
   its checkpoints ship their own code, so it is read as the converter's GGUF.
+  Grok-1 (grok) multiplies the embeddings by the file's embedding_scale, the scores by attention.output_scale (in
+  place of 1/sqrt(head_dim)) before soft-capping them (attn_logit_softcapping, 30 unless the file says) and the
+  logits by logit_scale (Family.file_scales); RMSNorms follow attention (attn_output_norm) and the experts
+  (layer_output_norm: Family.post_norm_tensors), which are GeGLU MLPs as wide as feed_forward_length, routed by the
+  softmax's top k, renormalized (llama.cpp applies no router soft-cap, whatever the file says). Grok 2's files
+  (a dense FFN beside the experts, expert_feed_forward_length) are refused. Its checkpoints ship their own code.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -378,6 +385,8 @@ class Family:
     parallel_key: bool = False         # the file's use_parallel_residual says whether the layers are
     #                                    parallel (GPT-NeoX; ModelConfig.sequential)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
+    post_norm_tensors: tuple[str, str] = ("post_attention_norm", "post_ffw_norm")  # their GGUF layer names
+    #                                    (Grok: attn_output_norm, layer_output_norm)
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
     ffn_norm_tensor: str = "ffn_norm"  # the GGUF layer name of the FFN's input norm (Seed-OSS:
     #                                    post_attention_norm)
@@ -474,6 +483,9 @@ class Family:
     attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
     logit_multiplier: bool = False     # the file's logit_scale multiplies the logits (Command-R; Granite's divides)
+    file_scales: bool = False          # the file's embedding_scale multiplies the embeddings, attention.output_scale
+    #                                    the scores (in place of 1/sqrt(head_dim)) and logit_scale the logits; the
+    #                                    file must give all three (Grok)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     query_scale: float = 0.0           # queries are multiplied by this (0: 1/sqrt(head_dim); Gemma 3n: 1)
@@ -651,6 +663,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("xverse"),
     Family("dbrx", rope="neox", norm="layer", qkv_clamp=True, ffn_norm_tensor="attn_output_norm", moe=True),
     Family("deepseek", moe=True, moe_renorm=False, moe_weight_keys=True),
+    Family("grok", rope="neox", activation="gelu_tanh", post_norms=True,
+           post_norm_tensors=("attn_output_norm", "layer_output_norm"), attn_softcap=30.0, final_softcap=0.0,
+           logit_multiplier=True, file_scales=True, moe=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -669,7 +684,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek32", "grok", "arctic"}
+_MOE = {"mixtral", "deepseek32", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
@@ -734,7 +749,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx and deepseek)")
+                         "dbrx, deepseek and grok)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -439,6 +439,17 @@ class ModelConfig:
         multipliers = {}
         if fam.logit_multiplier:  # ModelConfig divides by logit_scale
             multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
+        if fam.file_scales:  # (Grok's; llama.cpp takes Grok-1's for an older file without them)
+            missing = [k for k in ("embedding_scale", "attention.output_scale", "logit_scale")
+                       if f"{arch}.{k}" not in md]
+            if missing:
+                raise ValueError(f"this {arch} file lacks {arch}.{missing[0]} (an older conversion), which lowtune "
+                                 "needs; convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py")
+            if f"{arch}.expert_feed_forward_length" in md:
+                raise ValueError(f"this {arch} file gives expert_feed_forward_length: Grok 2's layout (a dense FFN "
+                                 "beside the experts), which lowtune does not run; Grok-1's files it does")
+            multipliers["embedding_scale"] = float(md[f"{arch}.embedding_scale"])
+            scale = float(md[f"{arch}.attention.output_scale"])
         experts = {}
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
             if int(md.get(f"{arch}.moe_latent_size", 0) or 0):
@@ -981,7 +992,7 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts or fam.attention_free):
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
-        out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+        out.update({name: (c.dim,) for name in fam.post_norm_tensors})
     if fam.sub_norms:
         out.update(attn_sub_norm=(c.n_heads * c.v_dim,), ffn_sub_norm=(c.ffn_dim,))
     latent = c.kv_lora_rank and (layer is None or c.has_attention(layer))  # (Kimi Linear's KDA layers: none)
@@ -1654,13 +1665,14 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
+        # the GGUF layer name of each norm whose attribute is another name
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor, "post_attention_norm": fam.post_norm_tensors[0],
+                           "post_ffw_norm": fam.post_norm_tensors[1]}
+        attrs = {file: attr for attr, file in self.norm_files.items()}
         for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
-            attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps, shape[0]))
-        # the GGUF layer name of each norm whose attribute is another name
-        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+            setattr(self, attrs.get(name, name), make_norm(fam, w, p + name, c.norm_eps, shape[0]))
         if fam.attn_norm_2 and p + "attn_norm_2.weight" in w:  # (Falcon 40B: attention's own norm, attn_norm the FFN's)
             self.ffn_norm, self.attn_norm = self.attn_norm, make_norm(fam, w, p + "attn_norm_2", c.norm_eps,
                                                                    c.dim)
