@@ -39,7 +39,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint
-REMOTE_CODE_MOE_NAMES = ("deepseek", "grok")
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -796,7 +796,9 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
       a shared expert of their width;
     * Grok-1's (grok: its PyTorch checkpoint's names): norms after attention and after the experts (GeGLU,
       renormalized, as wide as intermediate_size), a tied head, its multipliers none of them 1 and its
-      attention's soft-cap (3) within reach of the scores."""
+      attention's soft-cap (3) within reach of the scores;
+    * Snowflake Arctic's (arctic): a dense MLP D wide after attention (residual_mlp), and the experts
+      (renormalized, as wide as intermediate_size) on the layer's input normed by residual_layernorm."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -823,6 +825,14 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
                   p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                   p + "self_attn.o_proj.weight": o})
+        if name == "arctic":  # (w1: the gate, w3: up, w2: down)
+            w.update({p + "residual_layernorm.weight": vec(D, 1.0), p + "block_sparse_moe.gate.weight": mat(EXPERTS, D),
+                      p + "residual_mlp.w1.weight": mat(D, D), p + "residual_mlp.w3.weight": mat(D, D),
+                      p + "residual_mlp.w2.weight": mat(D, D)})
+            for e in range(EXPERTS):
+                q = p + f"block_sparse_moe.experts.{e}."
+                w.update({q + "w1.weight": mat(fe, D), q + "w3.weight": mat(fe, D), q + "w2.weight": mat(D, fe)})
+            continue
         if i == 0:
             w.update(mlp(p + "mlp.", F))
             continue
@@ -840,6 +850,11 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
                    output_multiplier_scale=0.5, attn_output_multiplier=0.2, attn_logit_softcapping=3.0)
     else:
         w.update({"model.embed_tokens.weight": embed, "model.norm.weight": vec(D, 1.0), "lm_head.weight": mat(V, D)})
+    if name == "arctic":
+        cfg.update(architectures=["ArcticForCausalLM"], model_type="arctic", intermediate_size=fe,
+                   num_local_experts=EXPERTS, moe_layer_frequency=1, parallel_attn_mlp_res=True,
+                   tie_word_embeddings=False)
+    elif name == "deepseek":
         cfg.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", intermediate_size=F,
                    moe_intermediate_size=fe, n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=1,
                    moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax", tie_word_embeddings=False)
@@ -1409,6 +1424,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
+        if c.has_experts(i) and fam.moe_residual:  # (Arctic: the dense FFN, D wide, beside the experts)
+            w.update({p + "ffn_gate.weight": mat(c.ffn_dim, D), p + "ffn_up.weight": mat(c.ffn_dim, D),
+                      p + "ffn_down.weight": mat(D, c.ffn_dim)})
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
                     "stablelm"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})

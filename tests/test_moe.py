@@ -17,8 +17,9 @@ experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B
 dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
 biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
 (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
-renormalized beside a shared expert) and Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
-and after the experts), whose checkpoints ship their own code, as config.json and random safetensors under their
+renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
+and after the experts) and Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN after
+attention), whose checkpoints ship their own code, as config.json and random safetensors under their
 own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -194,6 +195,8 @@ REMOTE_CODE_SWITCH_OFF = {
              ("the logits' scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
              ("the norm after attention", lambda m: _set_all(m.layers, "post_attention_norm", torch.nn.Identity())),
              ("the norm after the experts", lambda m: _set_all(m.layers, "post_ffw_norm", torch.nn.Identity()))],
+    "arctic": [("the experts' own norm", lambda m: _set_all(m.layers, "ffn_norm_exps", torch.nn.Identity())),
+               ("the dense FFN", lambda m: _set_all(m.layers, "mlp", torch.zeros_like))],
 }
 # (Grok: llama.cpp's GELU reads a table of fp16 values, 2e-4 here; lowtune's with its input and output so rounded
 # is within 3e-5)
@@ -250,7 +253,7 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
                             ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
-                            ("grok", "Q4_0", 5e-3)]
+                            ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -466,13 +469,13 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
     sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers and DBRX's clipped q/k/v are
-    left to the model's own steps."""
+    Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers, DBRX's clipped q/k/v and
+    Arctic's experts on the layer's input are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe", "dbrx"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "dbrx", "arctic"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -657,7 +660,7 @@ def test_what_is_refused(moe):
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
                          "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM",
-                         "Grok1ForCausalLM"):
+                         "Grok1ForCausalLM", "ArcticForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -931,3 +934,46 @@ def test_grok_scales_and_variants(moe):
             ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != f"grok.{key}"})
     with pytest.raises(ValueError, match="Grok 2's layout"):
         ModelConfig.from_gguf_metadata({**md, "grok.expert_feed_forward_length": 32})
+
+
+def test_arctic_experts_on_the_layer_input_train_and_stream(moe, tmp_path, botchan_text):
+    """Snowflake Arctic's experts read the layer's input (normed by ffn_norm_exps) and join the layer's output
+    beside the dense FFN (D wide) after attention: the layer's steps, its deferred residual (the next norm's)
+    and a checkpointed backward agree; `lowtune finetune` runs on its GGUF and a streamed model trains as the
+    resident one (its tiny random model's held-out loss does not fall in three steps of any method, so the
+    finetune is checked to run, not to improve it)."""
+    base = gguf_of(moe["arctic"], "Q8_0")
+    model = Model.from_gguf(base)
+    c = model.config
+    assert (c.ffn_dim, c.expert_width) == (c.dim, 32) and all(layer.residual_moe for layer in model.layers)
+    layer = model.layers[1]
+    assert layer.ffn_up.out_features == c.dim and layer.ffn_norm_exps.weight.shape == (c.dim,)
+    x = torch.randn(1, 20, c.dim, generator=torch.Generator().manual_seed(2))
+    rot = model.rope_rotation(0, 20)
+    with torch.no_grad():
+        y = layer(x, rot)
+        plain = x + layer.attention_branch(x, rot)
+        plain = plain + layer.norm_mlp(plain)
+        assert rel_err(y, plain + layer.residual_experts(x)) < 1e-6 and rel_err(y, plain) > 1e-2
+        a, m = layer.forward_deferred(x * 0.5, x * 0.5, rot)
+        assert rel_err(a + m, y) < 1e-6
+    result = lowtune.finetune(base, _text_file(tmp_path, botchan_text), tmp_path / "run", method="lora", rank=4,
+                              steps=3, seq_len=32, batch=2, lr=1e-2, warmup=0, eval_every=0, eval_fraction=0.1,
+                              device="cpu", seed=0)
+    assert math.isfinite(result.eval_after["eval_loss"]) and (tmp_path / "run" / "adapter").is_dir()
+    resident, streaming, plan = resident_and_streamed(lambda: with_filled_lora(Model.from_gguf(base)), "cpu")
+    assert plan.streamed == list(range(c.n_layers))
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
+    with torch.enable_grad():  # (a checkpointed layer's backward recomputes the experts on its input too)
+        xs = x.clone().requires_grad_()
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        want = torch.autograd.grad(layer(xs, rot), xs, dy)[0]
+        layer.mlp_chunks = 2
+        got = layer.checkpoint_backward(xs, rot, dy, [xs])[0]
+    assert rel_err(got, want) < 1e-5
+
+
+def _text_file(tmp_path, botchan_text):
+    text = tmp_path / "text.txt"
+    text.write_text(botchan_text[30000:34000], encoding="utf-8")
+    return text

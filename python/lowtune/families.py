@@ -84,6 +84,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     dbrx          neox  silu       -           -         -          -                        if the file gives one
     deepseek      norm  silu       -           -         -          -                        if the file gives one
     grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
+    arctic        norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -255,6 +256,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   (layer_output_norm: Family.post_norm_tensors), which are GeGLU MLPs as wide as feed_forward_length, routed by the
   softmax's top k, renormalized (llama.cpp applies no router soft-cap, whatever the file says). Grok 2's files
   (a dense FFN beside the experts, expert_feed_forward_length) are refused. Its checkpoints ship their own code.
+  Snowflake Arctic (arctic: Arctic Base and Instruct) is Llama's layer whose dense FFN is D wide, beside experts in
+  every layer (the softmax's top k, renormalized, feed_forward_length wide) that read the layer's input normed by
+  ffn_norm_exps, their output joining the layer's (Family.moe_residual). Its checkpoints ship their own code.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -456,6 +460,9 @@ class Family:
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
+    moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
+    #                                    ffn_norm_exps and their output joins the layer's, the dense FFN D wide
+    #                                    after attention (feed_forward_length the experts' width: Arctic)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -666,6 +673,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("grok", rope="neox", activation="gelu_tanh", post_norms=True,
            post_norm_tensors=("attn_output_norm", "layer_output_norm"), attn_softcap=30.0, final_softcap=0.0,
            logit_multiplier=True, file_scales=True, moe=True),
+    Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -684,7 +692,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek32", "arctic"}
+_MOE = {"mixtral", "deepseek32"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
@@ -749,7 +757,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx, deepseek and grok)")
+                         "dbrx, deepseek, grok and arctic)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
