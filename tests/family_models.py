@@ -38,8 +38,9 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
-# ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint
-REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "arctic")
+# ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
+# updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -798,7 +799,9 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
       renormalized, as wide as intermediate_size), a tied head, its multipliers none of them 1 and its
       attention's soft-cap (3) within reach of the scores;
     * Snowflake Arctic's (arctic): a dense MLP D wide after attention (residual_mlp), and the experts
-      (renormalized, as wide as intermediate_size) on the layer's input normed by residual_layernorm."""
+      (renormalized, as wide as intermediate_size) on the layer's input normed by residual_layernorm;
+    * Ling's (bailingmoe: Ling-lite, Ling-plus): q, k and v in one query_key_value, the experts (renormalized)
+      beside a shared expert of their width in every layer."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -825,6 +828,14 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
                   p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                   p + "self_attn.o_proj.weight": o})
+        if name == "bailingmoe":  # (Ling's names: attention.query_key_value, attention.dense)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                del w[p + "self_attn." + n + ".weight"]
+            w.update({p + "attention.query_key_value.weight": torch.cat([q, k, v]), p + "attention.dense.weight": o,
+                      p + "mlp.gate.weight": mat(EXPERTS, D), **mlp(p + "mlp.shared_experts.", fe)})
+            for e in range(EXPERTS):
+                w.update(mlp(p + f"mlp.experts.{e}.", fe))
+            continue
         if name == "arctic":  # (w1: the gate, w3: up, w2: down)
             w.update({p + "residual_layernorm.weight": vec(D, 1.0), p + "block_sparse_moe.gate.weight": mat(EXPERTS, D),
                       p + "residual_mlp.w1.weight": mat(D, D), p + "residual_mlp.w3.weight": mat(D, D),
@@ -843,18 +854,24 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
     cfg = dict(vocab_size=V, hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=HKV,
                num_experts_per_tok=EXPERTS_USED, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
                bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    untied = {"model.norm.weight": vec(D, 1.0), "lm_head.weight": mat(V, D)}
     if name == "grok":
         w.update({"transformer.in_out_embed.weight": embed, "transformer.rms_norm.weight": vec(D, 1.0)})
         cfg.update(architectures=["Grok1ForCausalLM"], model_type="grok-1", intermediate_size=fe,
                    num_local_experts=EXPERTS, tie_word_embeddings=True, embedding_multiplier_scale=4.0,
                    output_multiplier_scale=0.5, attn_output_multiplier=0.2, attn_logit_softcapping=3.0)
-    else:
-        w.update({"model.embed_tokens.weight": embed, "model.norm.weight": vec(D, 1.0), "lm_head.weight": mat(V, D)})
-    if name == "arctic":
+    elif name == "bailingmoe":
+        w.update({"model.word_embeddings.weight": embed, **untied})
+        cfg.update(architectures=["BailingMoeForCausalLM"], model_type="bailing_moe", intermediate_size=F,
+                   moe_intermediate_size=fe, num_experts=EXPERTS, num_shared_experts=1, first_k_dense_replace=0,
+                   norm_topk_prob=True, norm_head=False, tie_word_embeddings=False)
+    elif name == "arctic":
+        w.update({"model.embed_tokens.weight": embed, **untied})
         cfg.update(architectures=["ArcticForCausalLM"], model_type="arctic", intermediate_size=fe,
                    num_local_experts=EXPERTS, moe_layer_frequency=1, parallel_attn_mlp_res=True,
                    tie_word_embeddings=False)
-    elif name == "deepseek":
+    else:
+        w.update({"model.embed_tokens.weight": embed, **untied})
         cfg.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", intermediate_size=F,
                    moe_intermediate_size=fe, n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=1,
                    moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax", tie_word_embeddings=False)
@@ -918,16 +935,17 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2,
-                        gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo,
-                        phi, qwen, stablelm, starcoder, xverse)
+from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
+                        olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's, Qwen's and DBRX's converters read only byte-level BPE vocabularies (Kimi Linear's also
-# tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model
-# through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Falcon's, EXAONE's, Qwen's, DBRX's and Ling's converters read only byte-level BPE vocabularies (Kimi Linear's
+# also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece
+# model through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a
+# SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -941,7 +959,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1238,8 +1257,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
                     "cohere2moe", "deepseek"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
-        if arch == "deepseek":  # a shared expert as wide as a routed one (tests/family_models' deepseek)
-            md["deepseek.expert_shared_count"] = 1
+        if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
+            md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_norm": arch == "bailingmoe"})
         if arch == "grok":  # Grok-1's experts, as wide as feed_forward_length; its multipliers and soft-cap
             del md["grok.expert_feed_forward_length"]
             md.update({"grok.feed_forward_length": fe, "grok.embedding_scale": 4.0, "grok.logit_scale": 0.5,

@@ -18,8 +18,8 @@ dense FFN, a scaled router on the normed residual stream, a scale for each exper
 biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
 (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
 renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
-and after the experts) and Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN after
-attention), whose checkpoints ship their own code, as config.json and random safetensors under their
+and after the experts), Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN after
+attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints ship their own code, as config.json and random safetensors under their
 own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -195,6 +195,8 @@ REMOTE_CODE_SWITCH_OFF = {
              ("the logits' scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
              ("the norm after attention", lambda m: _set_all(m.layers, "post_attention_norm", torch.nn.Identity())),
              ("the norm after the experts", lambda m: _set_all(m.layers, "post_ffw_norm", torch.nn.Identity()))],
+    "bailingmoe": [("weights renormalized", lambda m: _set_all(_moes(m), "renorm", False)),
+                   ("the shared expert", lambda m: _set_all(_moes(m), "ffn_up_shexp", None))],
     "arctic": [("the experts' own norm", lambda m: _set_all(m.layers, "ffn_norm_exps", torch.nn.Identity())),
                ("the dense FFN", lambda m: _set_all(m.layers, "mlp", torch.zeros_like))],
 }
@@ -253,7 +255,8 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
                             ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
-                            ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3)]
+                            ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3),
+                            ("bailingmoe", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -660,7 +663,7 @@ def test_what_is_refused(moe):
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
                          "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM",
-                         "Grok1ForCausalLM", "ArcticForCausalLM"):
+                         "Grok1ForCausalLM", "ArcticForCausalLM", "BailingMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -85,6 +85,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     deepseek      norm  silu       -           -         -          -                        if the file gives one
     grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
     arctic        norm  silu       -           -         -          -                        if the file gives one
+    bailingmoe    norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -259,6 +260,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Snowflake Arctic (arctic: Arctic Base and Instruct) is Llama's layer whose dense FFN is D wide, beside experts in
   every layer (the softmax's top k, renormalized, feed_forward_length wide) that read the layer's input normed by
   ffn_norm_exps, their output joining the layer's (Family.moe_residual). Its checkpoints ship their own code.
+  Ling (bailingmoe: Ling-lite, Ling-plus; its converter splits their fused query_key_value) is Llama's attention
+  before experts in every layer, routed by the softmax's top k, renormalized as expert_weights_norm says, beside
+  expert_shared_count shared experts of their width (DeepSeek's keys). Its checkpoints ship their own code.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -674,6 +678,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            post_norm_tensors=("attn_output_norm", "layer_output_norm"), attn_softcap=30.0, final_softcap=0.0,
            logit_multiplier=True, file_scales=True, moe=True),
     Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
+    Family("bailingmoe", moe=True, moe_weight_keys=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -757,7 +762,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx, deepseek, grok and arctic)")
+                         "dbrx, deepseek, grok, arctic and bailingmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
