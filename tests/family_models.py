@@ -38,6 +38,9 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
+# ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
+# updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
@@ -48,12 +51,13 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
 EXPERTS, EXPERTS_USED = 4, 2
 MPT_CLIP_QKV = 1.5  # MPT's tiny model: q/k/v clamped to ± this, inside their spread
+DBRX_CLIP_QKV = 1.5  # DBRX's, as MPT's
 BLOOM_HEADS = 6     # BLOOM's tiny model: a head count that is not a power of two (ALiBi's slopes)
 WINDOW = 16          # sliding window of the tiny models: shorter than every test sequence
 SEQ = 64             # tokens of the logits comparison and of each perplexity window
@@ -372,6 +376,14 @@ def hf_model(name: str):
             attention_chunk_size=WINDOW, tie_word_embeddings=False, rope_parameters={
                 "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        # LayerNorms without biases, q/k/v fused and clipped (to 1.5, inside their spread),
+        # NEOX RoPE, experts in every layer (the softmax's top k, renormalized), their gate, up and down fused
+        # in one tensor each ([experts · width, D], the converter's 3-D)
+        "dbrx": lambda: tf.DbrxForCausalLM(tf.DbrxConfig(
+            vocab_size=V, d_model=D, n_heads=H, n_layers=2, max_seq_len=256, bos_token_id=1, eos_token_id=2,
+            attn_config={"kv_n_heads": HKV, "clip_qkv": DBRX_CLIP_QKV, "rope_theta": 10000.0},
+            ffn_config={"ffn_hidden_size": 32, "moe_num_experts": EXPERTS, "moe_top_k": EXPERTS_USED},
+            tie_word_embeddings=False)),
         # (llama.cpp's olmoe takes no grouped-query attention: k's norm spans D)
         "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **{**common, "num_key_value_heads": H}, num_hidden_layers=2, num_experts=EXPERTS,
@@ -612,9 +624,10 @@ def randomized(model, name: str):
     calm = name == "gemma3n"
     with torch.no_grad():
         for pname, p in model.named_parameters():
+            leaf = pname.replace("norm_attn_norm.", "")  # (DBRX's blocks keep their attention under that name)
             if name in ("gemma3n", "gemma4", "gemma4moe") and ("q_norm" in pname or "k_norm" in pname):
                 p.copy_(0.3 + 0.05 * torch.randn(p.shape, generator=g))
-            elif "norm" in pname or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
+            elif "norm" in leaf or ".ln_" in pname:  # Gemma's norms are 1 + w (Gemma 3n's are w); GPT-2's ln_*
                 p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
@@ -780,6 +793,97 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def remote_code_moe_checkpoint(name: str, d: Path) -> None:
+    """The tiny model of `name` (one of REMOTE_CODE_MOE_NAMES) as its published checkpoints hold it, config.json
+    and random weights (seeded by the name) under their own names, EXPERTS experts routed by the softmax's top
+    EXPERTS_USED in every layer with experts, Llama's attention with grouped KV heads:
+    * DeepSeek-MoE's (deepseek: DeepSeek-MoE 16B): a dense first layer, then the experts, not renormalized, beside
+      a shared expert of their width;
+    * Grok-1's (grok: its PyTorch checkpoint's names): norms after attention and after the experts (GeGLU,
+      renormalized, as wide as intermediate_size), a tied head, its multipliers none of them 1 and its
+      attention's soft-cap (3) within reach of the scores;
+    * Snowflake Arctic's (arctic): a dense MLP D wide after attention (residual_mlp), and the experts
+      (renormalized, as wide as intermediate_size) on the layer's input normed by residual_layernorm;
+    * Ling's (bailingmoe: Ling-lite, Ling-plus): q, k and v in one query_key_value, the experts (renormalized)
+      beside a shared expert of their width in every layer."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+    layers, fe, hd = 2, 32, D // H
+    mlp = lambda p, f: {p + "gate_proj.weight": mat(f, D), p + "up_proj.weight": mat(f, D),  # noqa: E731
+                        p + "down_proj.weight": mat(D, f)}
+    embed = 0.25 * torch.randn(V, D, generator=g)
+    w = {}
+    for i in range(layers):
+        q, k, v, o = mat(D, D), mat(HKV * hd, D), mat(HKV * hd, D), mat(D, D)
+        if name == "grok":
+            p = f"transformer.decoder_layer.{i}."
+            w.update({p + "multi_head_attention.query.weight": q, p + "multi_head_attention.key.weight": k,
+                      p + "multi_head_attention.value.weight": v, p + "multi_head_attention.linear.weight": o,
+                      **{p + n + ".weight": vec(D, 1.0) for n in ("rms_norm", "rms_norm_1", "rms_norm_2",
+                                                                  "rms_norm_3")},
+                      p + "router.weight": mat(EXPERTS, D)})
+            for e in range(EXPERTS):  # (linear: the gate, linear_v: up, linear_1: down)
+                w.update({p + f"moe.{e}.linear.weight": mat(fe, D), p + f"moe.{e}.linear_v.weight": mat(fe, D),
+                          p + f"moe.{e}.linear_1.weight": mat(D, fe)})
+            continue
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
+                  p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                  p + "self_attn.o_proj.weight": o})
+        if name == "bailingmoe":  # (Ling's names: attention.query_key_value, attention.dense)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                del w[p + "self_attn." + n + ".weight"]
+            w.update({p + "attention.query_key_value.weight": torch.cat([q, k, v]), p + "attention.dense.weight": o,
+                      p + "mlp.gate.weight": mat(EXPERTS, D), **mlp(p + "mlp.shared_experts.", fe)})
+            for e in range(EXPERTS):
+                w.update(mlp(p + f"mlp.experts.{e}.", fe))
+            continue
+        if name == "arctic":  # (w1: the gate, w3: up, w2: down)
+            w.update({p + "residual_layernorm.weight": vec(D, 1.0), p + "block_sparse_moe.gate.weight": mat(EXPERTS, D),
+                      p + "residual_mlp.w1.weight": mat(D, D), p + "residual_mlp.w3.weight": mat(D, D),
+                      p + "residual_mlp.w2.weight": mat(D, D)})
+            for e in range(EXPERTS):
+                q = p + f"block_sparse_moe.experts.{e}."
+                w.update({q + "w1.weight": mat(fe, D), q + "w3.weight": mat(fe, D), q + "w2.weight": mat(D, fe)})
+            continue
+        if i == 0:
+            w.update(mlp(p + "mlp.", F))
+            continue
+        w[p + "mlp.gate.weight"] = mat(EXPERTS, D)
+        for e in range(EXPERTS):
+            w.update(mlp(p + f"mlp.experts.{e}.", fe))
+        w.update(mlp(p + "mlp.shared_experts.", fe))
+    cfg = dict(vocab_size=V, hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=HKV,
+               num_experts_per_tok=EXPERTS_USED, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    untied = {"model.norm.weight": vec(D, 1.0), "lm_head.weight": mat(V, D)}
+    if name == "grok":
+        w.update({"transformer.in_out_embed.weight": embed, "transformer.rms_norm.weight": vec(D, 1.0)})
+        cfg.update(architectures=["Grok1ForCausalLM"], model_type="grok-1", intermediate_size=fe,
+                   num_local_experts=EXPERTS, tie_word_embeddings=True, embedding_multiplier_scale=4.0,
+                   output_multiplier_scale=0.5, attn_output_multiplier=0.2, attn_logit_softcapping=3.0)
+    elif name == "bailingmoe":
+        w.update({"model.word_embeddings.weight": embed, **untied})
+        cfg.update(architectures=["BailingMoeForCausalLM"], model_type="bailing_moe", intermediate_size=F,
+                   moe_intermediate_size=fe, num_experts=EXPERTS, num_shared_experts=1, first_k_dense_replace=0,
+                   norm_topk_prob=True, norm_head=False, tie_word_embeddings=False)
+    elif name == "arctic":
+        w.update({"model.embed_tokens.weight": embed, **untied})
+        cfg.update(architectures=["ArcticForCausalLM"], model_type="arctic", intermediate_size=fe,
+                   num_local_experts=EXPERTS, moe_layer_frequency=1, parallel_attn_mlp_res=True,
+                   tie_word_embeddings=False)
+    else:
+        w.update({"model.embed_tokens.weight": embed, **untied})
+        cfg.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", intermediate_size=F,
+                   moe_intermediate_size=fe, n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=1,
+                   moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax", tie_word_embeddings=False)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
     safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
@@ -835,16 +939,17 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen,
-                        stablelm, starcoder, xverse)
+from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
+                        olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
-# falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Falcon's, EXAONE's, Qwen's, DBRX's and Ling's converters read only byte-level BPE vocabularies (Kimi Linear's
+# also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece
+# model through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a
+# SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -858,7 +963,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -931,10 +1037,12 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES:
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + REMOTE_CODE_MOE_NAMES:
         d = root / name
         if name in REMOTE_CODE_NAMES:
             remote_code_checkpoint(name, d)
+        elif name in REMOTE_CODE_MOE_NAMES:
+            remote_code_moe_checkpoint(name, d)
         else:
             hf_model(name).save_pretrained(d)
         if name == "gemma3n":
@@ -1151,8 +1259,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
-                    "cohere2moe"):  # a dense first layer
+                    "cohere2moe", "deepseek"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
+        if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
+            md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_norm": arch == "bailingmoe"})
+        if arch == "grok":  # Grok-1's experts, as wide as feed_forward_length; its multipliers and soft-cap
+            del md["grok.expert_feed_forward_length"]
+            md.update({"grok.feed_forward_length": fe, "grok.embedding_scale": 4.0, "grok.logit_scale": 0.5,
+                       "grok.attention.output_scale": 0.2, "grok.attn_logit_softcapping": 3.0})
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
     if fam.short_conv:  # the convolution layers give no KV heads
@@ -1279,8 +1393,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon"):  # fused q/k/v (GPT-2's,
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # StarCoder's, BLOOM's and GPT-NeoX's with a bias)
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon", "dbrx"):  # fused q/k/v
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # (GPT-2's, StarCoder's, BLOOM's and GPT-NeoX's with a bias)
             if arch in ("gpt2", "starcoder", "bloom", "gptneox"):
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
@@ -1333,6 +1447,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
+        if c.has_experts(i) and fam.moe_residual:  # (Arctic: the dense FFN, D wide, beside the experts)
+            w.update({p + "ffn_gate.weight": mat(c.ffn_dim, D), p + "ffn_up.weight": mat(c.ffn_dim, D),
+                      p + "ffn_down.weight": mat(D, c.ffn_dim)})
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
                     "stablelm"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})

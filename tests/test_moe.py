@@ -14,8 +14,13 @@ with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAO
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
 experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
-dense FFN, a scaled router on the normed residual stream, a scale for each expert), as tiny random models built by
-transformers and converted by llama.cpp's converter (tests/family_models.py):
+dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
+biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
+(tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
+renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
+and after the experts), Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN after
+attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints ship their own code, as config.json and random safetensors under their
+own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -36,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,8 +58,9 @@ from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NA
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
-                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (DBRX_CLIP_QKV, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN,
+                           REMOTE_CODE_MOE_NAMES, SEQ, WINDOW, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
+                           llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -72,7 +79,7 @@ INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, Fals
 
 @pytest.fixture(scope="module")
 def moe(family_models):
-    return {n: family_models[n] for n in MOE_NAMES}
+    return {n: family_models[n] for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +180,83 @@ def test_logits_match_transformers(moe, name):
         assert rel_err(model(ids), want) < 1e-4  # (everything put back)
 
 
+def _set_all(mods, what, value):
+    for m in mods:
+        setattr(m, what, value)
+
+
+# what sets each remote-code mixture apart at this size (switched off, its logits leave llama.cpp's)
+REMOTE_CODE_SWITCH_OFF = {
+    "deepseek": [("weights not renormalized", lambda m: _set_all(_moes(m), "renorm", True)),
+                 ("the shared expert", lambda m: _set_all(_moes(m), "ffn_up_shexp", None))],
+    "grok": [("the attention's soft-cap", lambda m: setattr(m.config, "attn_softcap", 0.0)),
+             ("the scores' scale", lambda m: setattr(m.config, "attn_scale", 0.0)),
+             ("the embeddings' scale", lambda m: setattr(m.tok_embd, "scale", 1.0)),
+             ("the logits' scale", lambda m: setattr(m.config, "logit_scale", 1.0)),
+             ("the norm after attention", lambda m: _set_all(m.layers, "post_attention_norm", torch.nn.Identity())),
+             ("the norm after the experts", lambda m: _set_all(m.layers, "post_ffw_norm", torch.nn.Identity()))],
+    "bailingmoe": [("weights renormalized", lambda m: _set_all(_moes(m), "renorm", False)),
+                   ("the shared expert", lambda m: _set_all(_moes(m), "ffn_up_shexp", None))],
+    "arctic": [("the experts' own norm", lambda m: _set_all(m.layers, "ffn_norm_exps", torch.nn.Identity())),
+               ("the dense FFN", lambda m: _set_all(m.layers, "mlp", torch.zeros_like))],
+}
+# (Grok: llama.cpp's GELU reads a table of fp16 values, 2e-4 here; lowtune's with its input and output so rounded
+# is within 3e-5)
+REMOTE_CODE_TOL = {"grok": 5e-4}
+
+
+def _moes(model):
+    return [layer.ffn_moe for layer in model.layers if layer.ffn_moe is not None]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", REMOTE_CODE_MOE_NAMES)
+def test_remote_code_logits_match_llamacpp(moe, name):
+    """Mixtures without a transformers class: llama.cpp's logits of the converted F32 file (its K/V cache in F32
+    too) are lowtune's, and the routing matters (other expert counts, and what sets the family apart, move them);
+    routed to all experts (a bf16 router flips near ties), bf16 activations follow fp32."""
+    from llama_cpp import Llama
+    ids = rand_ids(1, SEQ)
+    llm = Llama(model_path=str(moe[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
+                type_k=0, type_v=0)  # (GGML_TYPE_F32)
+    llm.eval(ids[0].tolist())
+    want = torch.tensor(np.array(llm.scores[:SEQ]))[None]
+    model = Model.from_gguf(moe[name].gguf)
+    assert (model.config.n_experts, model.config.n_experts_used) == (EXPERTS, EXPERTS_USED)
+    tol = REMOTE_CODE_TOL.get(name, 1e-4)
+    with torch.no_grad():
+        got = model(ids)
+        print(f"{name}: logits vs llama.cpp, relative error {rel_err(got, want):.2e}")
+        assert rel_err(got, want) < tol
+        switches = [(f"{n} experts a token", lambda m, n=n: _set_all(_moes(m), "n_used", n)) for n in (1, EXPERTS)]
+        for what, switch_off in switches + REMOTE_CODE_SWITCH_OFF.get(name, []):
+            changed = Model.from_gguf(moe[name].gguf)
+            switch_off(changed)
+            assert rel_err(changed(ids), want) > 10 * tol, f"{what} does not matter at this size"
+        bf16 = Model.from_gguf(moe[name].gguf, dtype=torch.bfloat16)
+        _set_all(_moes(model) + _moes(bf16), "n_used", EXPERTS)
+        low, fp32 = bf16(ids), model(ids)
+    print(f"{name}: bf16 vs fp32 routed to all experts, relative error {rel_err(low, fp32):.2e}")
+    assert rel_err(low, fp32) < 2e-2
+
+
 @pytest.mark.llamacpp
 # (LFM2-MoE, Qwen3.5-MoE and Kimi Linear: their convolutions' and DeltaNets' activations lose more to llama.cpp's
 # rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
                                                       "gemma4moe") else 5e-3)
-                            for n in MOE_NAMES]
+                            for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
+                            ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
+                            ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3),
+                            ("bailingmoe", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -382,7 +452,7 @@ def test_glm4moe_without_qk_norms(moe, text_ids, tmp_path):
     assert abs(got - want) / want < 2e-3 and abs(normed - got) / got > 1e-2
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_kv_cache_matches_the_full_forward(moe, name):
     model = Model.from_gguf(moe[name].gguf)
     if name == "llama4":  # (chunks shorter than the sequence: the steps cross them)
@@ -395,20 +465,20 @@ def test_kv_cache_matches_the_full_forward(moe, name):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
     sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
-    model's own steps."""
+    Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers, DBRX's clipped q/k/v and
+    Arctic's experts on the layer's input are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "dbrx", "arctic"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -419,7 +489,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
         assert rel_err(got, want) < 1e-5, t
 
 
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_adapters_train_through_the_experts(moe, name):
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     losses = adapted_steps(model, "lora", rand_ids(2, 32, seed=11))  # every adapter gets a gradient
@@ -475,7 +545,7 @@ def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name,
 
 @pytest.mark.llamacpp
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", MOE_NAMES)
+@pytest.mark.parametrize("name", MOE_NAMES + REMOTE_CODE_MOE_NAMES)
 def test_exports(moe, tmp_path, name):
     import peft
     base = moe[name].gguf
@@ -520,7 +590,8 @@ def test_exports(moe, tmp_path, name):
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
-    if name in ("nemotron_h_moe", "kimi-linear"):  # (lowtune has no Hugging Face names for their tensors)
+    # (lowtune has no Hugging Face names for their tensors; transformers has no class for the remote-code ones)
+    if name in ("nemotron_h_moe", "kimi-linear") + REMOTE_CODE_MOE_NAMES:
         with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
             export_peft(base, peft_run, tmp_path / "peft")
         return
@@ -582,7 +653,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek32", "dbrx", "qwen3"):
+    for arch in ("deepseek32", "llada-moe", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
@@ -591,7 +662,8 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM"):
+                         "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM",
+                         "Grok1ForCausalLM", "ArcticForCausalLM", "BailingMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -813,3 +885,98 @@ def test_kimi_linear_layers_and_variants(moe, tmp_path):
     write_gguf(tmp_path / "fused.gguf", md, list(tensors.items()), metadata_types=types)
     with pytest.raises(ValueError, match="fuses the Kimi Delta Attention layers' q, k and v into attn_qkv"):
         Model.from_gguf(tmp_path / "fused.gguf")
+
+
+@pytest.mark.transformers
+def test_dbrx_clipped_qkv_and_layer_norms(moe):
+    """DBRX as llama.cpp reads its file: LayerNorms without biases (the FFN's attn_output_norm), q, k and v row views
+    of the fused attn_qkv, clipped to ± clip_qkv, which moves transformers' logits when left out; bf16 activations
+    follow fp32; its HF directory is refused by class, saying to convert it."""
+    model = Model.from_gguf(moe["dbrx"].gguf)
+    c = model.config
+    assert (c.clamp_qkv, c.expert_width, c.shared_expert_ffn_dim) == (DBRX_CLIP_QKV, 32, 0)
+    for i, layer in enumerate(model.layers):
+        assert all(type(n).__name__ == "LayerNorm" and n.bias is None for n in (layer.attn_norm, layer.ffn_norm))
+        assert [getattr(layer, n).fused_from for n in ("attn_q", "attn_k", "attn_v")] == [
+            (f"blk.{i}.attn_qkv.weight", a, b) for a, b in ((0, 64), (64, 96), (96, 128))]
+    assert "blk.0.attn_output_norm.weight" in model.tensor_types
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("dbrx")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        model.config.clamp_qkv = 0.0
+        assert rel_err(model(ids), want) > 1e-3
+        model.config.clamp_qkv = DBRX_CLIP_QKV
+        bf16 = Model.from_gguf(moe["dbrx"].gguf, dtype=torch.bfloat16)
+        fp32, low = model(ids), bf16(ids)
+        # (a bf16 router picks other experts for a few tokens; routed to all of them, bf16 follows closely)
+        assert rel_err(low, fp32) < 1e-1
+        for layer in model.layers + bf16.layers:
+            layer.ffn_moe.n_used = EXPERTS
+        fp32, low = model(ids), bf16(ids)
+    print(f"dbrx: bf16 vs fp32 routed to all experts, relative error {rel_err(low, fp32):.2e}")
+    assert rel_err(low, fp32) < 2e-2
+    with pytest.raises(ValueError, match="DbrxForCausalLM.*mixtures of experts among them.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["dbrx"].hf_dir)
+
+
+def test_grok_scales_and_variants(moe):
+    """Grok-1 as llama.cpp reads its file: the embeddings × embedding_scale, the scores × attention.output_scale (in
+    place of 1/sqrt(head_dim)) and soft-capped, the logits × logit_scale, RMSNorms after attention
+    (attn_output_norm) and after the experts (layer_output_norm); a file without one of the scales (an older
+    conversion, which llama.cpp runs with Grok-1's) or with Grok 2's dense FFN beside the experts is refused."""
+    model = Model.from_gguf(moe["grok"].gguf)
+    c, md = model.config, model.metadata
+    assert (c.embedding_scale, c.attn_scale, c.attn_softcap, c.logit_scale) == pytest.approx((4.0, 0.2, 3.0, 2.0))
+    assert model.output is None and c.expert_width == c.ffn_dim == 32
+    assert model.layers[0].norm_files == {"ffn_norm": "ffn_norm", "post_attention_norm": "attn_output_norm",
+                                          "post_ffw_norm": "layer_output_norm"}
+    assert {"blk.1.attn_output_norm.weight", "blk.1.layer_output_norm.weight"} <= set(model.tensor_types)
+    for key in ("embedding_scale", "attention.output_scale", "logit_scale"):
+        with pytest.raises(ValueError, match=f"lacks grok.{key} .an older conversion.*convert_hf_to_gguf"):
+            ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != f"grok.{key}"})
+    with pytest.raises(ValueError, match="Grok 2's layout"):
+        ModelConfig.from_gguf_metadata({**md, "grok.expert_feed_forward_length": 32})
+
+
+def test_arctic_experts_on_the_layer_input_train_and_stream(moe, tmp_path, botchan_text):
+    """Snowflake Arctic's experts read the layer's input (normed by ffn_norm_exps) and join the layer's output
+    beside the dense FFN (D wide) after attention: the layer's steps, its deferred residual (the next norm's)
+    and a checkpointed backward agree; `lowtune finetune` runs on its GGUF and a streamed model trains as the
+    resident one (its tiny random model's held-out loss does not fall in three steps of any method, so the
+    finetune is checked to run, not to improve it)."""
+    base = gguf_of(moe["arctic"], "Q8_0")
+    model = Model.from_gguf(base)
+    c = model.config
+    assert (c.ffn_dim, c.expert_width) == (c.dim, 32) and all(layer.residual_moe for layer in model.layers)
+    layer = model.layers[1]
+    assert layer.ffn_up.out_features == c.dim and layer.ffn_norm_exps.weight.shape == (c.dim,)
+    x = torch.randn(1, 20, c.dim, generator=torch.Generator().manual_seed(2))
+    rot = model.rope_rotation(0, 20)
+    with torch.no_grad():
+        y = layer(x, rot)
+        plain = x + layer.attention_branch(x, rot)
+        plain = plain + layer.norm_mlp(plain)
+        assert rel_err(y, plain + layer.residual_experts(x)) < 1e-6 and rel_err(y, plain) > 1e-2
+        a, m = layer.forward_deferred(x * 0.5, x * 0.5, rot)
+        assert rel_err(a + m, y) < 1e-6
+    result = lowtune.finetune(base, _text_file(tmp_path, botchan_text), tmp_path / "run", method="lora", rank=4,
+                              steps=3, seq_len=32, batch=2, lr=1e-2, warmup=0, eval_every=0, eval_fraction=0.1,
+                              device="cpu", seed=0)
+    assert math.isfinite(result.eval_after["eval_loss"]) and (tmp_path / "run" / "adapter").is_dir()
+    resident, streaming, plan = resident_and_streamed(lambda: with_filled_lora(Model.from_gguf(base)), "cpu")
+    assert plan.streamed == list(range(c.n_layers))
+    assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
+    with torch.enable_grad():  # (a checkpointed layer's backward recomputes the experts on its input too)
+        xs = x.clone().requires_grad_()
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        want = torch.autograd.grad(layer(xs, rot), xs, dy)[0]
+        layer.mlp_chunks = 2
+        got = layer.checkpoint_backward(xs, rot, dy, [xs])[0]
+    assert rel_err(got, want) < 1e-5
+
+
+def _text_file(tmp_path, botchan_text):
+    text = tmp_path / "text.txt"
+    text.write_text(botchan_text[30000:34000], encoding="utf-8")
+    return text

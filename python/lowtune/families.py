@@ -81,6 +81,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
+    dbrx          neox  silu       -           -         -          -                        if the file gives one
+    deepseek      norm  silu       -           -         -          -                        if the file gives one
+    grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
+    arctic        norm  silu       -           -         -          -                        if the file gives one
+    bailingmoe    norm  silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -239,6 +244,25 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
+  DBRX (dbrx: DBRX Base and Instruct) is MPT's attention with NEOX RoPE: LayerNorms without biases, q, k and v
+  fused in attn_qkv and clipped to ± the file's attention.clamp_kqv (Family.qkv_clamp); its FFN norm is
+  attn_output_norm, before experts in every layer (the softmax's top k, renormalized).
+  DeepSeek-MoE (deepseek: DeepSeek-MoE 16B, DeepSeek LLM's mixtures; not deepseek2's latent attention) is Llama's
+  attention before dense first layers (leading_dense_block_count), then experts routed by the softmax's top k,
+  not renormalized, weighed by expert_weights_scale, beside expert_shared_count shared experts of their width;
+  its checkpoints ship their own code, so it is read as the converter's GGUF.
+  Grok-1 (grok) multiplies the embeddings by the file's embedding_scale, the scores by attention.output_scale (in
+  place of 1/sqrt(head_dim)) before soft-capping them (attn_logit_softcapping, 30 unless the file says) and the
+  logits by logit_scale (Family.file_scales); RMSNorms follow attention (attn_output_norm) and the experts
+  (layer_output_norm: Family.post_norm_tensors), which are GeGLU MLPs as wide as feed_forward_length, routed by the
+  softmax's top k, renormalized (llama.cpp applies no router soft-cap, whatever the file says). Grok 2's files
+  (a dense FFN beside the experts, expert_feed_forward_length) are refused. Its checkpoints ship their own code.
+  Snowflake Arctic (arctic: Arctic Base and Instruct) is Llama's layer whose dense FFN is D wide, beside experts in
+  every layer (the softmax's top k, renormalized, feed_forward_length wide) that read the layer's input normed by
+  ffn_norm_exps, their output joining the layer's (Family.moe_residual). Its checkpoints ship their own code.
+  Ling (bailingmoe: Ling-lite, Ling-plus; its converter splits their fused query_key_value) is Llama's attention
+  before experts in every layer, routed by the softmax's top k, renormalized as expert_weights_norm says, beside
+  expert_shared_count shared experts of their width (DeepSeek's keys). Its checkpoints ship their own code.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -358,7 +382,7 @@ class Family:
     #                                    "rms_bias": RMSNorm plus the file's bias (PhiMoE, as llama.cpp runs it)
     norm_weights: bool = True          # the norms' weights (and biases) are the file's; False: none, the file
     #                                    holds no norm tensor (OLMo's LayerNorm without parameters)
-    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo, MPT)
+    qkv_clamp: bool = False            # q, k and v are clipped to ± the file's attention.clamp_kqv (OLMo, MPT, DBRX)
     norm_switch: bool = False          # llama.cpp norms with RMSNorm where the file gives layer_norm_rms_epsilon
     #                                    (Cohere2 MoE), which lowtune refuses
     parallel: bool = False             # the FFN reads the attention's normed input, and both outputs are
@@ -369,6 +393,8 @@ class Family:
     parallel_key: bool = False         # the file's use_parallel_residual says whether the layers are
     #                                    parallel (GPT-NeoX; ModelConfig.sequential)
     post_norms: bool = False           # RMSNorm on the attention and FFN outputs before the residual add
+    post_norm_tensors: tuple[str, str] = ("post_attention_norm", "post_ffw_norm")  # their GGUF layer names
+    #                                    (Grok: attn_output_norm, layer_output_norm)
     pre_norms: bool = True             # RMSNorm on the attention and FFN inputs (OLMo 2 has none)
     ffn_norm_tensor: str = "ffn_norm"  # the GGUF layer name of the FFN's input norm (Seed-OSS:
     #                                    post_attention_norm)
@@ -438,6 +464,9 @@ class Family:
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
+    moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
+    #                                    ffn_norm_exps and their output joins the layer's, the dense FFN D wide
+    #                                    after attention (feed_forward_length the experts' width: Arctic)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
     #                                    layers that llama.cpp's graph skips: left out of the model, their
     #                                    tensors kept as they are (GLM-4.5 MoE)
@@ -465,6 +494,9 @@ class Family:
     attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
     logit_multiplier: bool = False     # the file's logit_scale multiplies the logits (Command-R; Granite's divides)
+    file_scales: bool = False          # the file's embedding_scale multiplies the embeddings, attention.output_scale
+    #                                    the scores (in place of 1/sqrt(head_dim)) and logit_scale the logits; the
+    #                                    file must give all three (Grok)
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     query_scale: float = 0.0           # queries are multiplied by this (0: 1/sqrt(head_dim); Gemma 3n: 1)
@@ -647,6 +679,13 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
     Family("xverse"),
+    Family("dbrx", rope="neox", norm="layer", qkv_clamp=True, ffn_norm_tensor="attn_output_norm", moe=True),
+    Family("deepseek", moe=True, moe_renorm=False, moe_weight_keys=True),
+    Family("grok", rope="neox", activation="gelu_tanh", post_norms=True,
+           post_norm_tensors=("attn_output_norm", "layer_output_norm"), attn_softcap=30.0, final_softcap=0.0,
+           logit_multiplier=True, file_scales=True, moe=True),
+    Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
+    Family("bailingmoe", moe=True, moe_weight_keys=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -665,7 +704,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
+_MOE = {"mixtral", "deepseek32"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
@@ -722,7 +761,8 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
+                         "dbrx, deepseek, grok, arctic and bailingmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -61,7 +61,8 @@ _DECODER_CONFIG = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_theta_swa", "rope_linear_scale_swa", "attn_softcap", "final_softcap",
                    "attn_temperature",  # (only where 1 up to the cache's length: cpu_decoder)
                    "n_experts", "n_experts_used", "expert_ffn_dim", "shared_expert_ffn_dim", "expert_gating",
-                   "moe_layers", "xielu", "sequential"}  # (sequential: ModelConfig.parallel, which the decoder takes)
+                   "moe_layers", "xielu", "sequential",  # (sequential: ModelConfig.parallel, which the decoder takes)
+                   "expert_renorm"}  # (ModelConfig.renorms_experts, which the decoder takes)
 # the gated MLP's activations the decoder computes, by their index there (csrc/decode_kernels.h: Activation)
 _ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 _UNGATED_GELU = 5  # cpu::Activation::kGeluTanhUngated: gelu_tanh of an MLP without a gate (Phi-2, GPT-NeoX, Falcon)
@@ -136,7 +137,7 @@ class _CompiledSteps:
              float(c.attn_softcap), float(c.final_softcap), self.rope.shape[0],
              fam.qk_norm == "whole", fam.norm == "layer", c.parallel, fam.qk_norm_after_rope),
             (c.n_experts, c.n_experts_used, c.expert_width if c.n_experts else 0, c.shared_expert_ffn_dim,
-             fam.moe_renorm, c.expert_gating),
+             c.renorms_experts, c.expert_gating),
             layers, mat(model.tok_embd.weight), mat(model.head_weight()),
             model.output_norm.weight.data_ptr(), self.rope.data_ptr(), ptr(getattr(model.output_norm, "bias", None)))
 
@@ -171,6 +172,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if c.family.sub_norms:
         return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
+    if c.family.moe_residual:
+        return None  # (Arctic's experts beside the layer, on its input: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
     if model.position_embd is not None or model.token_embd_norm is not None:

@@ -155,6 +155,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "global": _GLOBAL},
     # dots.llm1: Qwen3's attention names (dense layers' MLP; experts not mapped)
     "dots1": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},
+    # DBRX: its layers under transformer.blocks (_LAYERS), q, k and v in one Wqkv, the norms (PEFT adapters; experts
+    # not mapped)
+    "dbrx": {"layer": {"attn_norm": "norm_attn_norm.norm_1", "attn_qkv": "norm_attn_norm.attn.Wqkv",
+                       "attn_output": "norm_attn_norm.attn.out_proj", "attn_output_norm": "norm_attn_norm.norm_2"},
+             "global": {"token_embd.weight": "transformer.wte.weight", "output.weight": "lm_head.weight",
+                        "output_norm.weight": "transformer.norm_f.weight"}},
     # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
     "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)
@@ -312,7 +318,8 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion"
 
 # where a class holds its layers, where not under model.layers
 _LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
-           "mpt": "transformer.blocks.", **dict.fromkeys(("mamba", "mamba2"), "backbone.layers.")}
+           **dict.fromkeys(("mpt", "dbrx"), "transformer.blocks."),
+           **dict.fromkeys(("mamba", "mamba2"), "backbone.layers.")}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}

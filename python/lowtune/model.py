@@ -439,6 +439,17 @@ class ModelConfig:
         multipliers = {}
         if fam.logit_multiplier:  # ModelConfig divides by logit_scale
             multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
+        if fam.file_scales:  # (Grok's; llama.cpp takes Grok-1's for an older file without them)
+            missing = [k for k in ("embedding_scale", "attention.output_scale", "logit_scale")
+                       if f"{arch}.{k}" not in md]
+            if missing:
+                raise ValueError(f"this {arch} file lacks {arch}.{missing[0]} (an older conversion), which lowtune "
+                                 "needs; convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py")
+            if f"{arch}.expert_feed_forward_length" in md:
+                raise ValueError(f"this {arch} file gives expert_feed_forward_length: Grok 2's layout (a dense FFN "
+                                 "beside the experts), which lowtune does not run; Grok-1's files it does")
+            multipliers["embedding_scale"] = float(md[f"{arch}.embedding_scale"])
+            scale = float(md[f"{arch}.attention.output_scale"])
         experts = {}
         if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
             if int(md.get(f"{arch}.moe_latent_size", 0) or 0):
@@ -525,6 +536,11 @@ class ModelConfig:
                 raise ValueError(f"this {arch} file gives its layers FFNs of different widths {sorted(set(ffn))}, "
                                  "which lowtune does not run")
             ffn = ffn[0]
+        if fam.moe_residual:  # (Arctic: feed_forward_length is the experts' width, the dense FFN D wide)
+            if not experts:
+                raise ValueError(f"this {arch} file has no experts (expert_count), which an {arch} model has")
+            experts["expert_ffn_dim"] = experts["expert_ffn_dim"] or int(ffn)
+            ffn = dim
         altup = {}
         if fam.altup or fam.layer_widths:  # (Gemma 3n and 4: per-layer inputs, K/V reused by the last layers)
             shared = int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
@@ -981,7 +997,9 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts or fam.attention_free):
             out[fam.ffn_norm_tensor] = (c.dim,)
     if fam.post_norms:
-        out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
+        out.update({name: (c.dim,) for name in fam.post_norm_tensors})
+    if fam.moe_residual and (layer is None or c.has_experts(layer)):  # (Arctic: the experts' input norm)
+        out["ffn_norm_exps"] = (c.dim,)
     if fam.sub_norms:
         out.update(attn_sub_norm=(c.n_heads * c.v_dim,), ffn_sub_norm=(c.ffn_dim,))
     latent = c.kv_lora_rank and (layer is None or c.has_attention(layer))  # (Kimi Linear's KDA layers: none)
@@ -1655,13 +1673,14 @@ class DecoderLayer(nn.Module):
         self.rope_kind = c.rope_kind(index)
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
+        # the GGUF layer name of each norm whose attribute is another name
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor, "post_attention_norm": fam.post_norm_tensors[0],
+                           "post_ffw_norm": fam.post_norm_tensors[1]}
+        attrs = {file: attr for attr, file in self.norm_files.items()}
         for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
                 continue  # (GLM-4.5 MoE's q/k norms: where the file has them)
-            attr = "ffn_norm" if name == fam.ffn_norm_tensor else name
-            setattr(self, attr, make_norm(fam, w, p + name, c.norm_eps, shape[0]))
-        # the GGUF layer name of each norm whose attribute is another name
-        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+            setattr(self, attrs.get(name, name), make_norm(fam, w, p + name, c.norm_eps, shape[0]))
         if fam.attn_norm_2 and p + "attn_norm_2.weight" in w:  # (Falcon 40B: attention's own norm, attn_norm the FFN's)
             self.ffn_norm, self.attn_norm = self.attn_norm, make_norm(fam, w, p + "attn_norm_2", c.norm_eps,
                                                                    c.dim)
@@ -1761,8 +1780,18 @@ class DecoderLayer(nn.Module):
         [kinds, T, rope_dim/2] (Model.rope_rotation); this layer uses rot[self.rope_kind].
         Without autograd the MLP runs in mlp_chunks token chunks (rows are independent); with
         autograd it runs whole (a checkpointed layer's backward chunks it: checkpoint_backward)."""
-        x, h = self.attend(x, rot, cache, start)
-        return x if h is None else x + self._mlp_rows(h)
+        y, h = self.attend(x, rot, cache, start)
+        y = y if h is None else y + self._mlp_rows(h)
+        return y + self.residual_experts(x) if self.residual_moe else y
+
+    @property
+    def residual_moe(self) -> bool:
+        """Whether the experts read the layer's input beside the layer (Arctic: Family.moe_residual)."""
+        return self.ffn_moe is not None and self.config.family.moe_residual
+
+    def residual_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' output for the layer's input x, normed by ffn_norm_exps (Arctic)."""
+        return self.ffn_moe(self.ffn_norm_exps(x))
 
     def forward_deferred(self, x: torch.Tensor, m: torch.Tensor | None, rot: torch.Tensor,
                          cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1771,6 +1800,10 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
+        if self.residual_moe:  # (Arctic: the experts read the layer's input)
+            x = x if m is None else x + m
+            y, h = self.attend(x, rot, cache, start)
+            return y, self._mlp_rows(h) + self.residual_experts(x)
         if c.parallel or c.family.parallel_ssm or not (self.attends and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
@@ -1979,7 +2012,7 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP's output for normed inputs h [..., D] (row by row: any rows at a time)."""
-        if self.ffn_moe is not None:
+        if self.ffn_moe is not None and not self.config.family.moe_beside_ffn:
             return self._ffn_out(self.ffn_moe(h))
         if not self.config.family.gated:  # down(act(up(h)))
             return self._ffn_out(self.ffn_down(glue_ops.ungated(self.activation, self.ffn_up(h), self.xielu)))
@@ -2019,8 +2052,9 @@ class DecoderLayer(nn.Module):
         chunk's too: the attention is recomputed from its normed output, whose gradient goes
         through the norm chunk by chunk at the end (the products' launches stay one per layer:
         each chunk of them would add its kernel nodes to the layer's CUDA graphs)."""
-        c, i = self.config, self.index  # (parallel: the MLP's input is not x1's; a layer of one part: one step)
-        if self.mlp_chunks <= 1 or c.parallel or not (c.has_mixer(i) and c.has_ffn(i)):
+        c, i = self.config, self.index  # (parallel: the MLP's input is not x1's; a layer of one part: one step;
+        #                                 Arctic's experts read x)
+        if self.mlp_chunks <= 1 or c.parallel or self.residual_moe or not (c.has_mixer(i) and c.has_ffn(i)):
             with torch.enable_grad(), recompute():
                 y = self(x, rot)
             return list(torch.autograd.grad(y, inputs, dy, allow_unused=True))
