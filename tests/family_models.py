@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -356,6 +356,14 @@ def hf_model(name: str):
             first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
             num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.0, scoring_func="sigmoid",
             tie_word_embeddings=False)),
+        # Trinity's layout (AFMoE): per-head q/k norms, norms before and after attention and the FFN, embeddings
+        # × √D (mup_enabled, which llama.cpp's graph always does), an output gate from its own projection, every
+        # 4th layer global without RoPE (WINDOW), a dense first layer, then sigmoid routing with a selection bias,
+        # renormalized (route_norm, which build_family_models adds) and weighed × 2, beside a shared expert
+        "afmoe": lambda: tf.AfmoeForCausalLM(tf.AfmoeConfig(
+            **common, num_hidden_layers=4, head_dim=16, sliding_window=WINDOW, global_attn_every_n_layers=4,
+            num_dense_layers=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+            num_shared_experts=1, route_scale=2.0, mup_enabled=True, tie_word_embeddings=False)),
         # Command R7B's layer (LayerNorm, parallel attention and FFN, logits × 0.75, a tied head) with a dense
         # first layer, global and rotated, then windows (every 4th layer global, without RoPE) and experts by
         # sigmoid, renormalized, averaged with a shared expert
@@ -943,6 +951,9 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             cfg.update(moe_topk=[EXPERTS_USED] * layers, moe_intermediate_size=[cfg["intermediate_size"]] * layers,
                        num_shared_expert=[1] * layers)
             (d / "config.json").write_text(json.dumps(cfg))
+        if name == "afmoe":  # (the published configs' route_norm, which the converter writes as expert_weights_norm)
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "route_norm": True}))
         if name in ("dots1", "minimax-m2"):  # (the router's scoring function, which the converter writes as
             cfg = json.loads((d / "config.json").read_text())  # expert_gating_func, and MiniMax-M2's RoPE width)
             cfg.update(scoring_func="sigmoid", **({"rotary_dim": cfg["head_dim"] // 2} if name == "minimax-m2" else {}))
@@ -1060,7 +1071,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS,
+                    "exaone-moe": 4, "cohere2moe": 5, "afmoe": 4, "baichuan": BAICHUAN_LAYERS,
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1147,7 +1158,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
-                    "cohere2moe"):  # a dense first layer
+                    "cohere2moe", "afmoe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -1176,7 +1187,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
-    if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # GLM-4.5's routing (family_models.hf_model's)
+    if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "afmoe"):  # GLM-4.5's routing (hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
     if arch in ("phi3", "phimoe"):
@@ -1315,7 +1326,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
-                        "nemotron_h_moe", "kimi-linear"):
+                        "nemotron_h_moe", "kimi-linear", "afmoe"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)
@@ -1327,6 +1338,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         if c.has_attention(i):
             w[p + "attn_output.weight"] = mat(D, q)
+            if fam.attn_gate:  # (AFMoE's output gate, its own projection)
+                w[p + "attn_gate.weight"] = mat(q, D)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",

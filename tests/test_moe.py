@@ -13,9 +13,11 @@ a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partia
 with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
-experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
-dense FFN, a scaled router on the normed residual stream, a scale for each expert), as tiny random models built by
-transformers and converted by llama.cpp's converter (tests/family_models.py):
+experts averaged with a shared expert), Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
+dense FFN, a scaled router on the normed residual stream, a scale for each expert) and AFMoE (afmoe: Trinity's
+norms before and after each branch, gated attention, every 4th layer global without RoPE, sigmoid routing with a
+selection bias), as tiny random models built by transformers and converted by llama.cpp's converter
+(tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -48,7 +50,7 @@ from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES,
-                           Model, ModelConfig)
+                           DecoderLayer, Model, ModelConfig)
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
@@ -63,7 +65,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
+               "afmoe") + DEEPSEEK
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -101,7 +104,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear") + DEEPSEEK
+              "cohere2moe", "kimi-linear", "afmoe") + DEEPSEEK
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -147,13 +150,13 @@ def test_logits_match_transformers(moe, name):
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
         # their sigmoid routing, selection bias, renorm and scale matter
-        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
+        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
         if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
-        if name == "exaone-moe":  # its windows, and its global layer without RoPE, matter
+        if name in ("exaone-moe", "afmoe"):  # their windows, and their global layer without RoPE, matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
         if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
@@ -186,7 +189,8 @@ def test_logits_match_transformers(moe, name):
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
-                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3)]
+                            ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
+                            ("afmoe", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -400,7 +404,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's and AFMoE's
     sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
     Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
     model's own steps."""
@@ -408,7 +412,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -442,6 +446,8 @@ def test_adapters_train_through_the_experts(moe, name):
             attention_i = set(KDA_LINEAR_NAMES)
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
+        if c.family.attn_gate:  # (AFMoE's output gate, its own projection)
+            attention_i = attention_i | {"attn_gate"}
         if c.family.values_from_keys and not hasattr(layer, "attn_v"):  # (Gemma 4's global layers: attn_k's values)
             attention_i = attention_i - {"attn_v"}
         m = layer.ffn_moe
@@ -456,7 +462,8 @@ def test_adapters_train_through_the_experts(moe, name):
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
-                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2)])
+                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2),
+                                            ("afmoe", "lora", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -591,7 +598,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM"):
+                         "KimiLinearForCausalLM", "AfmoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -665,6 +672,39 @@ def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
     assert abs(cpp - ppl) / ppl < 2e-3
     with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
         lowtune.load_model(moe["gemma4moe"].hf_dir)
+
+
+@pytest.mark.transformers
+def test_afmoe_gate_positions_and_peft_refusal(moe, tmp_path):
+    """AFMoE as llama.cpp reads its file: every 4th layer global and without RoPE, and without RoPE still where
+    the file gives no window (llama.cpp's fixed step, as transformers' layer types); embeddings × √D and each
+    head's output gate from attn_gate move transformers' logits. bf16 activations follow fp32. A PEFT adapter on the
+    gate (self_attn.gate_proj, which PEFT's loading takes for the experts') is refused by name."""
+    path = moe["afmoe"].gguf
+    model = Model.from_gguf(path)
+    c = model.config
+    assert [c.window(i) for i in range(c.n_layers)] == [WINDOW] * 3 + [0]
+    assert [c.rope_kind(i) for i in range(c.n_layers)] == [0, 0, 0, NO_ROPE]
+    md = {k: v for k, v in model.metadata.items() if k != "afmoe.attention.sliding_window"}
+    windowless = ModelConfig.from_gguf_metadata(md)
+    assert [windowless.window(i) for i in range(4)] == [0] * 4 and windowless.rope_kind(3) == NO_ROPE
+    assert model.tok_embd.scale == math.sqrt(c.dim)
+    assert all(layer.attn_gate.out_features == c.n_heads * c.head_dim for layer in model.layers)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("afmoe")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        for layer in model.layers:  # (q, k and v without the gate's product: no gate)
+            layer.PRODUCT_GROUPS = DecoderLayer.PRODUCT_GROUPS
+        assert rel_err(model(ids), want) > 1e-3
+        model = Model.from_gguf(path)
+        model.tok_embd.scale = 1.0
+        assert rel_err(model(ids), want) > 1e-3
+        bf16 = Model.from_gguf(path, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, want) < 5e-2
+    make_adapter(path, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=("attn_q", "attn_gate"))
+    with pytest.raises(ValueError, match="output gate .blk.0.attn_gate.*takes every gate_proj"):
+        export_peft(path, tmp_path / "run", tmp_path / "peft")
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

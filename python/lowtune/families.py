@@ -81,6 +81,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
+    afmoe         neox  silu       yes         yes       yes        -                        every 4th global, no RoPE
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -240,6 +241,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  AFMoE (afmoe: Arcee's Trinity Mini, Nano, Large) norms before and after attention and the FFN, per-head
+  q/k norms, embeddings × √D, each head's output times sigmoid(attn_gate(x)) before attn_output (its own
+  projection of the normed input: Family.attn_gate), and leaves RoPE out of every 4th layer (llama.cpp's fixed
+  n_no_rope_layer_step, as SmolLM3), the global one where the file gives a window; its experts are DeepSeek-V3's
+  routing without groups (sigmoid unless the file says, the selection bias, the file's expert_weights_norm and
+  expert_weights_scale, dense first layers, shared experts counted by expert_shared_count).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
   rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
@@ -405,6 +412,8 @@ class Family:
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
+    attn_gate: bool = False            # attn_gate(h) gives that gate, from its own projection of the normed
+    #                                    input (AFMoE)
     delta_heads_grouped: bool = False  # a DeltaNet's value head i reads q/k head i // (value heads per q/k head)
     #                                    (Qwen3-Next); False: i mod (q/k heads), Qwen3.5's converter's tiling
     kda: bool = False                  # the layers with no KV heads in the file run Kimi Delta Attention: the
@@ -629,6 +638,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     # (llama.cpp's kimi-linear renormalizes the chosen experts' weights whatever the file says: moe_renorm)
     Family("kimi-linear", moe=True, moe_gating=2, moe_weight_keys=True, mla=True, nope=True, kda=True),
+    Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate=True, nope_period=4,
+           swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
     # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
@@ -722,7 +733,8 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4 and "
+                         "afmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -23,6 +23,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
+    blk.N.attn_gate           QLinear [H*hd, D]   the heads' output gate, sigmoid(attn_gate(x)) · attention before
+                              attn_output (AFMoE)
     blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
     blk.N.attn_sub_norm       RMSNorm [H*hd]      on the heads' output before attn_output (BitNet)
     blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
@@ -1632,6 +1634,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = tuple(latent_linear_shapes(config)) + names[4:]
     elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
         names = tuple(names) + SSM_LINEAR_NAMES
+    elif config.family.attn_gate:  # (AFMoE: the heads' output gate)
+        names = tuple(names) + ("attn_gate",)
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
     if config.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
@@ -1690,6 +1694,8 @@ class DecoderLayer(nn.Module):
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
         self.activation = c.mlp_activation or fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
+        if fam.attn_gate:  # (AFMoE: the output gate reads attention's input, in its product)
+            self.PRODUCT_GROUPS = (self.PRODUCT_GROUPS[0] + ("attn_gate",), *self.PRODUCT_GROUPS[1:])
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
         # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
@@ -1853,10 +1859,10 @@ class DecoderLayer(nn.Module):
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
-        q, k, v = qkv
+        q, k, v, *own_gate = qkv  # (AFMoE's gate: its own product beside them)
         if c.clamp_qkv:  # (OLMo's and MPT's clip_qkv, as llama.cpp's build_qkv clamps them)
             q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
-        gate = None
+        gate = own_gate[0] if own_gate else None
         if fam.attn_output_gate:  # each head's q, then its gate
             q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
             gate = gate.reshape(b, t, c.n_heads * c.head_dim)
@@ -2390,6 +2396,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                   "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
                   "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
                   "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
+        if c.family.attn_gate:  # (AFMoE: the heads' output gate, its own projection)
+            shapes["attn_gate"] = (q, c.dim)
         if not c.family.gated:
             del shapes["ffn_gate"]
         if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
