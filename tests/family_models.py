@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -320,6 +320,18 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # Mistral Small 4's layout: DeepSeek-V3's latent attention (q through its latent, YaRN with mscale and
+        # mscale_all_dim 1, as its config: llama.cpp takes mscale as 1 whatever the config says) and softmax routing
+        # in groups, renormalized and weighed × 2, beside a shared expert after a dense first layer; its Llama 4
+        # attention temperature 0 (the converter writes none, so llama.cpp runs none); build_family_models saves
+        # it as the published checkpoints' class, which the converter reads
+        "mistral4": lambda: tf.Mistral4ForCausalLM(tf.Mistral4Config(
+            **{**common, **MLA}, num_hidden_layers=3, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "llama_4_scaling_beta": 0.0})),
         # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
         # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
@@ -958,9 +970,10 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             cfg = json.loads((d / "config.json").read_text())  # expert_gating_func, and MiniMax-M2's RoPE width)
             cfg.update(scoring_func="sigmoid", **({"rotary_dim": cfg["head_dim"] // 2} if name == "minimax-m2" else {}))
             (d / "config.json").write_text(json.dumps(cfg))
-        if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
+        if name in ("phimoe", "mistral4"):  # (the published checkpoints' class, which the converter reads)
             cfg = json.loads((d / "config.json").read_text())
-            (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
+            published = {"phimoe": "PhiMoEForCausalLM", "mistral4": "Mistral3ForConditionalGeneration"}[name]
+            (d / "config.json").write_text(json.dumps({**cfg, "architectures": [published]}))
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -1158,7 +1171,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
-                    "cohere2moe", "afmoe"):  # a dense first layer
+                    "cohere2moe", "afmoe", "mistral4"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
             md.update({"llama4.interleave_moe_layer_step": 2, "llama4.expert_used_count": 1})
@@ -1173,6 +1186,13 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
+    if arch == "mistral4":  # DeepSeek's latent attention, softmax routing in groups (hf_model's mistral4)
+        rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
+        md.update({"mistral4.attention.q_lora_rank": 32, "mistral4.attention.kv_lora_rank": rank,
+                   "mistral4.attention.key_length_mla": nope + rope, "mistral4.attention.value_length_mla": v,
+                   "mistral4.rope.dimension_count": rope, "mistral4.expert_shared_count": 1,
+                   "mistral4.expert_weights_norm": True, "mistral4.expert_weights_scale": 2.0,
+                   "mistral4.expert_group_count": 2, "mistral4.expert_group_used_count": 1})
     if fam.kda:  # Kimi Linear's KDA layers (no KV heads) and latent attention without RoPE, its routing
         #          (tests/family_models.hf_model's kimi-linear)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]

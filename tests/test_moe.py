@@ -8,8 +8,9 @@ routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
 multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
-attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
-a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
+attention before DeepSeek-V3's routing without groups), Mistral Small 4 (mistral4: DeepSeek's latent
+attention, softmax routing in groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE, a gated shared expert),
+MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
 with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
@@ -64,9 +65,10 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
+LATENT = DEEPSEEK + ("mistral4",)  # (latent attention in llama.cpp's deepseek2 graph)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
-               "afmoe") + DEEPSEEK
+               "afmoe") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -104,7 +106,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear", "afmoe") + DEEPSEEK
+              "cohere2moe", "kimi-linear", "afmoe") + LATENT
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -131,7 +133,7 @@ def test_logits_match_transformers(moe, name):
         for used in sorted({1, EXPERTS} - {used}):  # the routing matters: other expert counts give other logits
             matters(moes, "n_used", used)
         # OLMoE's and Qwen2 MoE's chosen weights are not renormalized (gpt-oss's sum to 1 already)
-        if not model.config.family.moe_renorm and model.config.expert_gating == 1:
+        if not moes[0].renorm and model.config.expert_gating == 1:
             matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
             for what in ("shared_gate", "ffn_up_shexp", "selection_bias"):  # (and ERNIE's selection bias)
@@ -144,8 +146,11 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
-        if name in ("deepseek2", "deepseek3"):  # the weights' scale, and V3's sigmoid, renorm and groups matter
-            matters(moes, "weights_scale", 1.0)
+        if name in ("deepseek2", "deepseek3", "mistral4"):  # the weights' scale, V3's sigmoid, renorm and groups
+            matters(moes, "weights_scale", 1.0)                # matter, and Mistral 4's softmax's in groups
+        if name == "mistral4":
+            for what, off in (("gating", 2), ("renorm", False), ("groups", 0)):
+                matters(moes, what, off)
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
@@ -185,7 +190,7 @@ def test_logits_match_transformers(moe, name):
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe") else 5e-3)
+                                                      "gemma4moe", "mistral4") else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -200,8 +205,9 @@ def test_logits_match_transformers(moe, name):
                             ("kimi-linear", "Q4_0", 1e-2), ("gemma4moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
-                         # for a few tokens, which moves 2 of the 8 windows by 2-5%)
-                         + [("deepseek3", "Q4_0", 1.5e-2)])
+                         # for a few tokens, which moves 2 of the 8 windows by 2-5%; Mistral Small 4's groups
+                         # flip so in Q8_0 too, 0.5 % here)
+                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -220,24 +226,32 @@ def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtyp
         assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
 
 
-@pytest.mark.parametrize("name", DEEPSEEK)
+@pytest.mark.parametrize("name", LATENT)
 def test_deepseek_latent_attention(moe, name):
-    """DeepSeek's attention as llama.cpp reads the file: q through its latent where the file gives
-    q_lora_rank, keys of key_length_mla dims (RoPE on the last rope.dimension_count), values of
-    value_length_mla, and YaRN's mscale² on the scores (rope.scaling.yarn_log_multiplier, kept as
-    0.1 · mscale_all_dim: the rotation keeps magnitude 1); bf16 activations follow fp32."""
+    """DeepSeek's attention (and Mistral Small 4's, llama.cpp's deepseek2 graph under its own name) as
+    llama.cpp reads the file: q through its latent where the file gives q_lora_rank, keys of key_length_mla
+    dims (RoPE on the last rope.dimension_count), values of value_length_mla, and YaRN's mscale² on the
+    scores (rope.scaling.yarn_log_multiplier, kept as 0.1 · mscale_all_dim: the rotation keeps magnitude 1);
+    bf16 activations follow fp32."""
     model = Model.from_gguf(moe[name].gguf)
     c, layer = model.config, model.layers[1]
+    arch = c.arch
     assert (c.head_dim, c.rope_dim, c.v_dim, c.kv_lora_rank, c.n_kv_heads) == (48, 16, 32, 32, c.n_heads)
     assert c.q_lora_rank == (0 if name == "deepseek2-lite" else 32)
     assert hasattr(layer, "attn_q") == (name == "deepseek2-lite") and not hasattr(layer, "attn_k")
     if name == "deepseek3":  # YaRN ×4 with mscale_all_dim 0.707
         assert c.rope_attn_factor == 1.0
         assert c.query_scale == pytest.approx((1 + 0.1 * 0.707 * math.log(4)) ** 2 / math.sqrt(48), rel=1e-6)
-        md = {k: v for k, v in model.metadata.items() if k != "deepseek2.rope.scaling.yarn_log_multiplier"}
+        md = {k: v for k, v in model.metadata.items() if k != f"{arch}.rope.scaling.yarn_log_multiplier"}
         plain = ModelConfig.from_gguf_metadata(md)  # (without it: YaRN's magnitude on the rotation and the scores)
         assert plain.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
         assert plain.query_scale == pytest.approx((1 + 0.1 * math.log(4)) ** 2 / math.sqrt(48))
+    elif name == "mistral4":  # YaRN ×4 with mscale and mscale_all_dim 1; llama.cpp's mscale 1 beside another
+        m = lambda s: 1 + 0.1 * s * math.log(4)  # noqa: E731   mscale_all_dim: the rotation at m(1) / m(0.707)
+        assert c.rope_attn_factor == pytest.approx(1.0) and c.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48))
+        other = ModelConfig.from_gguf_metadata({**model.metadata, "mistral4.rope.scaling.yarn_log_multiplier": 0.0707})
+        assert other.rope_attn_factor == pytest.approx(m(1) / m(0.707))
+        assert other.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48))
     else:
         assert c.rope_yarn_factor == 0.0 and c.query_scale == pytest.approx(1 / math.sqrt(48))
     ids = rand_ids(2, 40, seed=6)
@@ -248,12 +262,30 @@ def test_deepseek_latent_attention(moe, name):
     with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
         StepDecoder(model, 16)
     with pytest.raises(ValueError, match="scales queries by position"):
-        ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
+        ModelConfig.from_gguf_metadata({**model.metadata, f"{arch}.attention.temperature_scale": 0.1})
     # without expert_gating_func: softmax (DeepSeek-V2's files), but sigmoid at GLM-4.7 Flash's layers and vocabulary
-    md = {k: v for k, v in model.metadata.items() if k != "deepseek2.expert_gating_func"}
+    md = {k: v for k, v in model.metadata.items() if k != f"{arch}.expert_gating_func"}
     assert ModelConfig.from_gguf_metadata(md).expert_gating == 1
-    glm = {**md, "deepseek2.block_count": 47, "deepseek2.vocab_size": 154880}
+    glm = {**md, f"{arch}.block_count": 47, f"{arch}.vocab_size": 154880}
     assert ModelConfig.from_gguf_metadata(glm).expert_gating == 2
+
+
+@pytest.mark.llamacpp
+def test_mistral4_yarn_mscale_as_llamacpp(moe, tmp_path):
+    """Mistral Small 4's file with an mscale_all_dim other than 1 (yarn_log_multiplier 0.0707): llama.cpp takes
+    YaRN's mscale as 1 beside it (not as mscale_all_dim, as for deepseek2), the rotation at m(1) / m(0.707), and
+    lowtune gives its perplexity (DeepSeek's rule misses it by 0.3 %)."""
+    with GGUFFile(moe["mistral4"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "mscale.gguf", {**md, "mistral4.rope.scaling.yarn_log_multiplier": 0.0707}, tensors,
+               metadata_types=types)
+    model = Model.from_gguf(tmp_path / "mscale.gguf")
+    assert model.config.rope_attn_factor == pytest.approx((1 + 0.1 * math.log(4)) / (1 + 0.0707 * math.log(4)))
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(tmp_path / "mscale.gguf"), w)
+    print(f"mistral4 with mscale_all_dim 0.707: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
 
 
 @pytest.mark.llamacpp
@@ -410,7 +442,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
+    if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
                            "cohere2moe", "kimi-linear", "gemma4moe", "afmoe"):
         assert steps is None
@@ -431,7 +463,7 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
     attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
-    if name in DEEPSEEK + ("kimi-linear",):
+    if name in LATENT + ("kimi-linear",):
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
             {"attn_q"} if name in ("deepseek2-lite", "kimi-linear") else {"attn_q_a", "attn_q_b"})
     c = model.config
@@ -490,7 +522,7 @@ def test_exports(moe, tmp_path, name):
     peft_run, peft_model = tmp_path / "run", model
     lora_run, lora_model = tmp_path / "run", model
     attention = ("attn_q", "attn_k", "attn_v", "attn_output")
-    if name in DEEPSEEK + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
+    if name in LATENT + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
         #                                      FFN only (kimi-linear's on the FFN and its latent attention's output)
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
             export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
@@ -598,7 +630,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "AfmoeForCausalLM"):
+                         "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -64,6 +64,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    mistral4      norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
@@ -166,7 +167,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   layers, shared experts counted by expert_shared_count) routes by softmax or sigmoid (the file's
   expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
   the file gives them, and renormalizes and scales the weights as expert_weights_norm and
-  expert_weights_scale say.
+  expert_weights_scale say. Mistral Small 4 (mistral4) is this decoder under its own name (llama.cpp's
+  deepseek2 graph: latent attention, softmax routing in expert groups, renormalized and scaled as the file
+  says, a shared expert after dense first layers) but for YaRN's mscale, which llama.cpp takes as 1 beside the
+  file's mscale_all_dim (DeepSeek's as mscale_all_dim: Family.yarn_mscale_one); its converter writes no
+  attention temperature (llama_4_scaling_beta), and a file that gives one is refused as DeepSeek's.
   Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
   granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
   (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
@@ -457,6 +462,9 @@ class Family:
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
+    yarn_mscale_one: bool = False      # latent attention's YaRN takes mscale 1 beside the file's mscale_all_dim: the
+    #                                    rotation at magnitude m(1) / m(mscale_all_dim), not 1 (llama.cpp's other
+    #                                    architectures than deepseek2: Mistral Small 4)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
@@ -617,6 +625,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("mistral4", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, yarn_mscale_one=True),
     Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
            nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
            nope_temperature=True),
@@ -732,9 +741,9 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4 and "
-                         "afmoe)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, mistral4, llama4, glm4moe, exaone-moe, nemotron_h_moe, "
+                         "cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, "
+                         "kimi-linear, gemma4 and afmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -382,7 +382,9 @@ class ModelConfig:
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             if fam.yarn_keys or fam.mla:
                 log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
-            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+            if fam.yarn_mscale_one:  # (m(1) / m(mscale_all_dim), which the file keeps as 0.1 · mscale_all_dim)
+                attn_factor *= yarn_magnitude(yarn, log_mul / 0.1)
+            elif fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
                 attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
             else:
                 attn_factor *= yarn_magnitude(yarn, log_mul)
