@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4", "mimo2")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -105,6 +105,8 @@ QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_val
 # of 4, every 4th layer latent attention
 KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=32, linear_num_heads=H)
 KIMI_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+# MiMo-V2-Flash: global and sliding layers, the sliding ones with twice the KV heads and a sink per head
+MIMO2_LAYERS = ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -320,6 +322,17 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # MiMo-V2-Flash's layout: global and sliding layers (WINDOW, their own RoPE base, twice the KV heads and a
+        # sink per head), RoPE on half of each head, values narrower than keys and scaled, a dense first layer,
+        # then sigmoid routing with a selection bias, renormalized (mimo2_converter_layout writes the published
+        # checkpoints' config keys and experts, which the converter reads)
+        "mimo2": lambda: tf.MiMoV2FlashForCausalLM(tf.MiMoV2FlashConfig(
+            **{**common, "num_key_value_heads": 1}, num_hidden_layers=len(MIMO2_LAYERS), head_dim=16, v_head_dim=8,
+            sliding_window=WINDOW, layer_types=list(MIMO2_LAYERS), n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, attention_value_scale=0.7,
+            tie_word_embeddings=False, rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
         # Mistral Small 4's layout: DeepSeek-V3's latent attention (q through its latent, YaRN with mscale and
         # mscale_all_dim 1, as its config: llama.cpp takes mscale as 1 whatever the config says) and softmax routing
         # in groups, renormalized and weighed × 2, beside a shared expert after a dense first layer; its Llama 4
@@ -622,6 +635,31 @@ def kimi_linear_converter_layout(d: Path) -> None:
                for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
 
 
+def mimo2_converter_layout(d: Path) -> None:
+    """The tiny MiMo-V2-Flash's directory as the converter reads the published checkpoints: config.json's
+    hybrid_layer_pattern (1: sliding), the sliding layers' head counts and widths, the router's topk_method
+    and the norms' epsilon under layernorm_epsilon; each expert's gate, up and down apart and the sinks under
+    attention_sink_bias (transformers saves the experts stacked, and reads either)."""
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(hybrid_layer_pattern=[int(t == "sliding_attention") for t in cfg["layer_types"]],
+               swa_num_key_value_heads=2 * cfg["num_key_value_heads"], swa_head_dim=cfg["head_dim"],
+               swa_num_attention_heads=cfg["num_attention_heads"], swa_v_head_dim=cfg["v_head_dim"],
+               topk_method="noaux_tc", layernorm_epsilon=cfg["rms_norm_eps"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    path, out = d / "model.safetensors", {}
+    for k, v in load_file(path).items():
+        if k.endswith("experts.gate_up_proj"):  # [E, 2F, D]: each expert's gate rows, then its up rows
+            for e, (gate, up) in enumerate(zip(*v.chunk(2, dim=1))):
+                out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate.contiguous()
+                out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = up.contiguous()
+        elif k.endswith("experts.down_proj"):
+            out.update({k.replace("down_proj", f"{e}.down_proj.weight"): w.contiguous() for e, w in enumerate(v)})
+        else:
+            out[k.replace("self_attn.sinks", "self_attn.attention_sink_bias")] = v
+    save_file(out, path, metadata={"format": "pt"})
+
+
 def randomized(model, name: str):
     """A transformers model of family `name` with the tiny models' random weights (seeded by the
     name), in fp32 with eager attention."""
@@ -852,8 +890,8 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen,
-                        stablelm, starcoder, xverse)
+                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, mimo, minimax, mpt, nemotron, olmo, phi,
+                        qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -874,7 +912,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = mimo.MimoV2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -913,10 +951,18 @@ def _baichuan_tensors_mapped_once(self, data_torch, name, bid):
         return _baichuan_tensors(self, data_torch, name, bid)
     return TextModel.modify_tensors(self, data_torch, name, bid)
 baichuan.BaichuanModel.modify_tensors = _baichuan_tensors_mapped_once
+# MiMo-V2-Flash's converter reads partial_rotary_factor at the top of rope_parameters, which transformers 5's
+# config keeps for each layer type
+_mimo2_parameters = mimo.MimoV2Model.set_gguf_parameters
+def _mimo2_partial_rotary(self):
+    self.rope_parameters.setdefault("partial_rotary_factor",
+                                    self.rope_parameters["full_attention"]["partial_rotary_factor"])
+    _mimo2_parameters(self)
+mimo.MimoV2Model.set_gguf_parameters = _mimo2_partial_rotary
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
-    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next")) else []
+    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next", "mimo2")) else []
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -988,6 +1034,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             mpt_config(d)
         elif name == "kimi-linear":
             kimi_linear_converter_layout(d)
+        elif name == "mimo2":
+            mimo2_converter_layout(d)
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -1084,7 +1132,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5, "afmoe": 4, "baichuan": BAICHUAN_LAYERS,
+                    "exaone-moe": 4, "cohere2moe": 5, "afmoe": 4, "mimo2": len(MIMO2_LAYERS),
+                    "baichuan": BAICHUAN_LAYERS,
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1210,10 +1259,18 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "afmoe"):  # GLM-4.5's routing (hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
+    if arch == "mimo2":  # (hf_model's mimo2: sliding layers with twice the KV heads, values of half a head, scaled)
+        sliding = [t == "sliding_attention" for t in MIMO2_LAYERS]
+        md.update({"mimo2.attention.head_count_kv": [2 * HKV if s else HKV for s in sliding],
+                   "mimo2.attention.sliding_window_pattern": sliding, "mimo2.attention.value_length": hd // 2,
+                   "mimo2.attention.value_scale": 0.7, "mimo2.rope.dimension_count": hd // 2,
+                   "mimo2.rope.freq_base_swa": 1e4, "mimo2.rope.freq_base": 1e6})
     if arch in ("phi3", "phimoe"):
         md.update({f"{arch}.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    f"{arch}.rope.scaling.attn_factor": 1.18})
     c = ModelConfig.from_gguf_metadata(md)
+    if fam.moe_by_router:  # (a dense first layer, as the tiny model's: the layers with a router have experts)
+        c = replace(c, moe_layers=tuple(range(1, layers)))
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
@@ -1319,6 +1376,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "attn_v.weight": mat(kv, D)})
         elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+            if fam.kv_by_layer:  # (MiMo-V2-Flash: values of their own width, a sink per head in sliding layers)
+                lc = c.at_layer(i)
+                w[p + "attn_v.weight"] = mat(lc.n_kv_heads * lc.v_dim, D)
+                q = H * lc.v_dim  # (attn_output's input)
+                if c.is_sliding(i):
+                    w[p + "attn_sinks.weight"] = vec(H)
             if arch == "gemma4" and not c.is_sliding(i):  # (values from attn_k's projection)
                 del w[p + "attn_v.weight"]
         else:  # (Gemma 3n's last layers: K/V reused)
@@ -1346,7 +1409,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
-                        "nemotron_h_moe", "kimi-linear", "afmoe"):
+                        "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)

@@ -1685,9 +1685,9 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "mistral4", "llama4", "glm4moe", "dots1",
-                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "afmoe",
-                         "bitnet", "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "mimo2",
+                         "afmoe", "bitnet", "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -17,7 +17,8 @@ experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rota
 experts averaged with a shared expert), Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
 dense FFN, a scaled router on the normed residual stream, a scale for each expert) and AFMoE (afmoe: Trinity's
 norms before and after each branch, gated attention, every 4th layer global without RoPE, sigmoid routing with a
-selection bias), as tiny random models built by transformers and converted by llama.cpp's converter
+selection bias) and MiMo-V2-Flash (mimo2: sliding layers with KV heads of their own count and sinks, values narrower
+than keys and scaled), as tiny random models built by transformers and converted by llama.cpp's converter
 (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -68,7 +69,7 @@ DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 archit
 LATENT = DEEPSEEK + ("mistral4",)  # (latent attention in llama.cpp's deepseek2 graph)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
-               "afmoe") + LATENT
+               "afmoe", "mimo2") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -158,10 +159,10 @@ def test_logits_match_transformers(moe, name):
         if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
-        if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
+        if name in ("minimax-m2", "mimo2"):  # their sigmoid routing, selection bias and renorm matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
-        if name in ("exaone-moe", "afmoe"):  # their windows, and their global layer without RoPE, matter
+        if name in ("exaone-moe", "afmoe", "mimo2"):  # their windows (and the global layer without RoPE) matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
         if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
@@ -195,7 +196,7 @@ def test_logits_match_transformers(moe, name):
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
-                            ("afmoe", "Q4_0", 5e-3)]
+                            ("afmoe", "Q4_0", 5e-3), ("mimo2", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -436,15 +437,15 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's and AFMoE's
-    sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers are left to the
-    model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's, AFMoE's
+    and MiMo-V2-Flash's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets,
+    DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers
+    are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mimo2"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -495,7 +496,7 @@ def test_adapters_train_through_the_experts(moe, name):
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
                                             ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2),
-                                            ("afmoe", "lora", 1e-2)])
+                                            ("afmoe", "lora", 1e-2), ("mimo2", "lora", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -630,7 +631,8 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM"):
+                         "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM",
+                         "MiMoV2FlashForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -737,6 +739,30 @@ def test_afmoe_gate_positions_and_peft_refusal(moe, tmp_path):
     make_adapter(path, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=("attn_q", "attn_gate"))
     with pytest.raises(ValueError, match="output gate .blk.0.attn_gate.*takes every gate_proj"):
         export_peft(path, tmp_path / "run", tmp_path / "peft")
+
+
+@pytest.mark.transformers
+def test_mimo2_layers_of_their_own_widths(moe):
+    """MiMo-V2-Flash as llama.cpp reads its file: the sliding layers' own KV head count (twice the global ones'),
+    sinks and RoPE base, values half a head wide, the attention's output × the value scale (which moves
+    transformers' logits), the layers with a router (not the first) experts. bf16 activations follow fp32."""
+    model = Model.from_gguf(moe["mimo2"].gguf)
+    c = model.config
+    assert [c.at_layer(i).n_kv_heads for i in range(c.n_layers)] == [1, 2, 2, 1]
+    assert (c.head_dim, c.v_dim, c.rope_dim, c.moe_layers) == (16, 8, 8, (1, 2, 3))
+    assert c.attn_value_scale == pytest.approx(0.7) and c.rope_theta_swa == 1e4
+    assert [layer.attn_sinks is not None for layer in model.layers] == [False, True, True, False]
+    assert [layer.attn_v.out_features for layer in model.layers] == [8, 16, 16, 8]
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("mimo2")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        model.config = dataclasses.replace(c, attn_value_scale=1.0)
+        for layer in model.layers:
+            layer.config = dataclasses.replace(layer.config, attn_value_scale=1.0)
+        assert rel_err(model(ids), want) > 1e-3
+        bf16 = Model.from_gguf(moe["mimo2"].gguf, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, want) < 5e-2
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

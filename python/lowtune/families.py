@@ -82,6 +82,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
+    mimo2         neox  silu       -           -         -          -                        from the file
     afmoe         neox  silu       yes         yes       yes        -                        every 4th global, no RoPE
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -246,6 +247,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  MiMo-V2-Flash (mimo2: MiMo-V2-Flash, MiMo-V2.5) attends globally or within the file's window by its per-layer
+  pattern, the sliding layers with their own RoPE base, their own KV head count (head_count_kv one a layer:
+  Family.kv_by_layer, ModelConfig.at_layer) and gpt-oss's sinks; values are value_length wide (narrower than the
+  keys) and the attention's output is scaled by attention.value_scale; RoPE on part of each head. Its layers with
+  a router in the file route by sigmoid with the selection bias, the chosen weights renormalized (llama.cpp's fixed
+  rule), the others are dense (Family.moe_by_router); its multi-token-prediction layers are GLM-4.5 MoE's.
   AFMoE (afmoe: Arcee's Trinity Mini, Nano, Large) norms before and after attention and the FFN, per-head
   q/k norms, embeddings × √D, each head's output times sigmoid(attn_gate(x)) before attn_output (its own
   projection of the normed input: Family.attn_gate), and leaves RoPE out of every 4th layer (llama.cpp's fixed
@@ -419,6 +426,9 @@ class Family:
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
     attn_gate: bool = False            # attn_gate(h) gives that gate, from its own projection of the normed
     #                                    input (AFMoE)
+    kv_by_layer: bool = False          # head_count_kv one a layer as the file gives it (ModelConfig.at_layer),
+    #                                    values value_length wide, the attention's output × attention.value_scale
+    #                                    (MiMo-V2-Flash)
     delta_heads_grouped: bool = False  # a DeltaNet's value head i reads q/k head i // (value heads per q/k head)
     #                                    (Qwen3-Next); False: i mod (q/k heads), Qwen3.5's converter's tiling
     kda: bool = False                  # the layers with no KV heads in the file run Kimi Delta Attention: the
@@ -450,6 +460,8 @@ class Family:
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
+    moe_by_router: bool = False        # the layers with experts are those the file gives a router (ffn_gate_inp),
+    #                                    as llama.cpp picks them (MiMo-V2-Flash's files count no dense layers)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
@@ -647,6 +659,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     # (llama.cpp's kimi-linear renormalizes the chosen experts' weights whatever the file says: moe_renorm)
     Family("kimi-linear", moe=True, moe_gating=2, moe_weight_keys=True, mla=True, nope=True, kda=True),
+    Family("mimo2", rope="neox", kv_by_layer=True, moe=True, moe_gating=2, moe_by_router=True, nextn_layers=True),
     Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate=True, nope_period=4,
            swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
@@ -743,7 +756,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, mistral4, llama4, glm4moe, exaone-moe, nemotron_h_moe, "
                          "cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, "
-                         "kimi-linear, gemma4 and afmoe)")
+                         "kimi-linear, gemma4, mimo2 and afmoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

@@ -185,6 +185,7 @@ class ModelConfig:
     kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
     kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
     value_head_dim: int = 0       # the width of each head's value (0: head_dim)
+    attn_value_scale: float = 1.0  # the attention's output is multiplied by this (MiMo-V2-Flash's value scale)
     kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
     #                               (0: every layer's own)
     altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
@@ -540,8 +541,17 @@ class ModelConfig:
         alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
         if alibi is None:
             alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
+        rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
+        elif fam.kv_by_layer:  # (each layer's own count, ModelConfig.at_layer; values of their own width)
+            given = md.get(f"{arch}.attention.head_count_kv", n_heads)
+            counts = [int(k) for k in given[:n_layers]] if isinstance(given, (list, tuple)) else [int(given)] * n_layers
+            n_kv_heads, conv = counts[0], {}
+            if len(set(counts)) > 1:
+                parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
+            parts["value_head_dim"] = int(md.get(f"{arch}.attention.value_length", head_dim))
+            parts["attn_value_scale"] = float(md.get(f"{arch}.attention.value_scale", 1.0) or 1.0)
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net or fam.kda else {}
@@ -558,8 +568,7 @@ class ModelConfig:
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
-            ffn_dim=int(ffn), head_dim=head_dim,
-            rope_dim=min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim),
+            ffn_dim=int(ffn), head_dim=head_dim, rope_dim=rope_dim,
             norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
             sliding_window=window, swa_layers=swa_layers,
@@ -1904,6 +1913,8 @@ class DecoderLayer(nn.Module):
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
         a = self.attn_output(self.attn_sub_norm(attn) if fam.sub_norms else attn)
+        if c.attn_value_scale != 1.0:  # (MiMo-V2-Flash: the values', on the output as llama.cpp scales it)
+            a = a * c.attn_value_scale
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
@@ -2140,6 +2151,9 @@ class Model(nn.Module):
         """weights: GGUF tensor name -> QTensor (matrices) or float tensor (vectors: norms, biases,
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
+        if config.family.moe_by_router and config.n_experts:  # (MiMo-V2-Flash: its file counts no dense layers)
+            routed = tuple(i for i in range(config.n_layers) if f"blk.{i}.ffn_gate_inp.weight" in weights)
+            config = replace(config, moe_layers=routed)  # (the layers with a router, as llama.cpp's mimo2 picks)
         config.check()
         if config.family.parallel_ssm:  # (Falcon-H1's blk.N.ffn_norm, read as the others' blk.N.ffn_norm.weight;
             weights = {n + ".weight" if n.endswith(".ffn_norm") else n: t for n, t in weights.items()}  # exports
@@ -2395,8 +2409,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:  # (of a layer's widths: at_layer)
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
-                  "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
-                  "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
+                  "attn_k": (kv, c.dim), "attn_v": (c.n_kv_heads * c.v_dim, c.dim),
+                  "attn_output": (c.dim, c.n_heads * c.v_dim), "ffn_gate": (c.ffn_dim, c.dim),
                   "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
         if c.family.attn_gate:  # (AFMoE: the heads' output gate, its own projection)
             shapes["attn_gate"] = (q, c.dim)
