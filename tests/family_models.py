@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4", "mimo2")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4", "mimo2", "laguna")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -105,6 +105,8 @@ QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_val
 # of 4, every 4th layer latent attention
 KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=32, linear_num_heads=H)
 KIMI_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+# Laguna: the first of every 4 layers global, the others sliding
+LAGUNA_LAYERS = ("full_attention", "sliding_attention", "sliding_attention", "sliding_attention")
 # MiMo-V2-Flash: global and sliding layers, the sliding ones with twice the KV heads and a sink per head
 MIMO2_LAYERS = ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
 
@@ -330,6 +332,17 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": 1}, num_hidden_layers=len(MIMO2_LAYERS), head_dim=16, v_head_dim=8,
             sliding_window=WINDOW, layer_types=list(MIMO2_LAYERS), n_routed_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, attention_value_scale=0.7,
+            tie_word_embeddings=False, rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
+        # Laguna-XS.2's layout (one query head count): per-head q/k norms, a softplus output gate one a head, the
+        # first of every 4 layers global (WINDOW), the sliding ones with their own RoPE base, RoPE on half of each
+        # head, a dense first layer, then sigmoid routing with a selection bias, renormalized and weighed × 2,
+        # beside a shared expert of its own width (converter_expert_layout writes the published checkpoints' experts)
+        "laguna": lambda: tf.LagunaForCausalLM(tf.LagunaConfig(
+            **common, num_hidden_layers=len(LAGUNA_LAYERS), head_dim=16, sliding_window=WINDOW,
+            layer_types=list(LAGUNA_LAYERS), num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            moe_intermediate_size=32, shared_expert_intermediate_size=64, gating=True, moe_routed_scaling_factor=2.0,
             tie_word_embeddings=False, rope_parameters={
                 "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
@@ -640,23 +653,33 @@ def mimo2_converter_layout(d: Path) -> None:
     hybrid_layer_pattern (1: sliding), the sliding layers' head counts and widths, the router's topk_method
     and the norms' epsilon under layernorm_epsilon; each expert's gate, up and down apart and the sinks under
     attention_sink_bias (transformers saves the experts stacked, and reads either)."""
-    from safetensors.torch import load_file, save_file
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(hybrid_layer_pattern=[int(t == "sliding_attention") for t in cfg["layer_types"]],
                swa_num_key_value_heads=2 * cfg["num_key_value_heads"], swa_head_dim=cfg["head_dim"],
                swa_num_attention_heads=cfg["num_attention_heads"], swa_v_head_dim=cfg["v_head_dim"],
                topk_method="noaux_tc", layernorm_epsilon=cfg["rms_norm_eps"])
     (d / "config.json").write_text(json.dumps(cfg))
-    path, out = d / "model.safetensors", {}
+    converter_expert_layout(d / "model.safetensors", {"self_attn.sinks": "self_attn.attention_sink_bias"})
+
+
+def converter_expert_layout(path: Path, renamed: dict[str, str]) -> None:
+    """A safetensors file of transformers' stacked experts ([E, 2F, D] gate_up_proj: each expert's gate rows,
+    then its up rows; [E, D, F] down_proj) with each expert's gate, up and down apart, as the published
+    checkpoints (and their converters) have them, and the tensors whose names hold a key of `renamed` under its
+    value's."""
+    from safetensors.torch import load_file, save_file
+    out = {}
     for k, v in load_file(path).items():
-        if k.endswith("experts.gate_up_proj"):  # [E, 2F, D]: each expert's gate rows, then its up rows
+        if k.endswith("experts.gate_up_proj"):
             for e, (gate, up) in enumerate(zip(*v.chunk(2, dim=1))):
                 out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate.contiguous()
                 out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = up.contiguous()
         elif k.endswith("experts.down_proj"):
             out.update({k.replace("down_proj", f"{e}.down_proj.weight"): w.contiguous() for e, w in enumerate(v)})
         else:
-            out[k.replace("self_attn.sinks", "self_attn.attention_sink_bias")] = v
+            for old, new in renamed.items():
+                k = k.replace(old, new)
+            out[k] = v
     save_file(out, path, metadata={"format": "pt"})
 
 
@@ -890,8 +913,8 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, mimo, minimax, mpt, nemotron, olmo, phi,
-                        qwen, stablelm, starcoder, xverse)
+                        gptneox, hunyuan, internlm, kimi_linear, laguna, lfm2, llama, mimo, minimax, mpt, nemotron,
+                        olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -912,7 +935,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = mimo.MimoV2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1036,6 +1060,9 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             kimi_linear_converter_layout(d)
         elif name == "mimo2":
             mimo2_converter_layout(d)
+        elif name == "laguna":
+            converter_expert_layout(d / "model.safetensors", {"mlp.gate.e_score_correction_bias":
+                                                              "mlp.experts.e_score_correction_bias"})
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)

@@ -17,8 +17,9 @@ experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rota
 experts averaged with a shared expert), Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
 dense FFN, a scaled router on the normed residual stream, a scale for each expert) and AFMoE (afmoe: Trinity's
 norms before and after each branch, gated attention, every 4th layer global without RoPE, sigmoid routing with a
-selection bias) and MiMo-V2-Flash (mimo2: sliding layers with KV heads of their own count and sinks, values narrower
-than keys and scaled), as tiny random models built by transformers and converted by llama.cpp's converter
+selection bias), MiMo-V2-Flash (mimo2: sliding layers with KV heads of their own count and sinks, values narrower
+than keys and scaled) and Laguna (laguna: a softplus output gate one a head, the first of every 4 layers global, a
+shared expert of its own width), as tiny random models built by transformers and converted by llama.cpp's converter
 (tests/family_models.py):
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
@@ -69,7 +70,7 @@ DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 archit
 LATENT = DEEPSEEK + ("mistral4",)  # (latent attention in llama.cpp's deepseek2 graph)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
-               "afmoe", "mimo2") + LATENT
+               "afmoe", "mimo2", "laguna") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -107,7 +108,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear", "afmoe") + LATENT
+              "cohere2moe", "kimi-linear", "afmoe", "laguna") + LATENT
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -156,13 +157,13 @@ def test_logits_match_transformers(moe, name):
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
         # their sigmoid routing, selection bias, renorm and scale matter
-        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe"):
+        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "laguna"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
         if name in ("minimax-m2", "mimo2"):  # their sigmoid routing, selection bias and renorm matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
-        if name in ("exaone-moe", "afmoe", "mimo2"):  # their windows (and the global layer without RoPE) matter
+        if name in ("exaone-moe", "afmoe", "mimo2", "laguna"):  # their windows (and the global layers' RoPE) matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
         if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
@@ -207,8 +208,9 @@ def test_logits_match_transformers(moe, name):
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%; Mistral Small 4's groups
-                         # flip so in Q8_0 too, 0.5 % here)
-                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2)])
+                         # flip so in Q8_0 too, 0.5 % here; Laguna's sigmoid routing with its selection bias, 1 %
+                         # here, 0.9 % with lowtune's activations rounded as llama.cpp's: llamacpp_activations)
+                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2), ("laguna", "Q4_0", 1.5e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -438,14 +440,14 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's, AFMoE's
-    and MiMo-V2-Flash's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets,
+    MiMo-V2-Flash's and Laguna's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets,
     DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases and Jamba's Mamba layers
     are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mimo2"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mimo2", "laguna"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -632,7 +634,7 @@ def test_what_is_refused(moe):
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
                          "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM",
-                         "MiMoV2FlashForCausalLM"):
+                         "MiMoV2FlashForCausalLM", "LagunaForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -763,6 +765,40 @@ def test_mimo2_layers_of_their_own_widths(moe):
         assert rel_err(model(ids), want) > 1e-3
         bf16 = Model.from_gguf(moe["mimo2"].gguf, dtype=torch.bfloat16)(ids)
     assert rel_err(bf16, want) < 5e-2
+
+
+@pytest.mark.transformers
+def test_laguna_gate_and_variants(moe, tmp_path):
+    """Laguna as llama.cpp reads its file: the first of every 4 layers global, the sliding ones with their own RoPE
+    base; the softplus output gate one a head (XS.2's: attn_gate a row a head) moves transformers' logits, and one
+    an element (M.1's) computes the same where each head's rows repeat its one. A file whose layers have query head
+    counts of their own, or whose sliding layers rotate other dims, is refused by name."""
+    path = moe["laguna"].gguf
+    model = Model.from_gguf(path)
+    c = model.config
+    assert [c.window(i) for i in range(c.n_layers)] == [0] + [WINDOW] * 3 and c.rope_theta_swa == 1e4
+    assert all(layer.attn_gate.out_features == c.n_heads for layer in model.layers)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("laguna")(ids).logits
+        got = model(ids)
+        assert rel_err(got, want) < 1e-4
+        for layer in model.layers:  # (q, k and v without the gate's product: no gate)
+            layer.PRODUCT_GROUPS = DecoderLayer.PRODUCT_GROUPS
+        assert rel_err(model(ids), want) > 1e-3
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, torch.as_tensor(f.tensor(n)).repeat_interleave(c.head_dim, 0) if n.endswith("attn_gate.weight")
+                    else f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "per-element.gguf", md, tensors, metadata_types=types)
+    element = Model.from_gguf(tmp_path / "per-element.gguf")
+    assert element.layers[0].attn_gate.out_features == c.n_heads * c.head_dim
+    with torch.no_grad():
+        assert rel_err(element(ids), got) < 1e-6
+    with pytest.raises(ValueError, match="different laguna.attention.head_count \\[4, 8\\]"):
+        ModelConfig.from_gguf_metadata({**md, "laguna.attention.head_count": [4, 8, 8, 8]})
+    with pytest.raises(ValueError, match="rotates its sliding layers over 16 dims.*the others over 8"):
+        ModelConfig.from_gguf_metadata({**md, "laguna.rope.dimension_count_swa": 16})
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

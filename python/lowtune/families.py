@@ -84,6 +84,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     kimi-linear   none  silu       -           -         -          -                        -
     mimo2         neox  silu       -           -         -          -                        from the file
     afmoe         neox  silu       yes         yes       yes        -                        every 4th global, no RoPE
+    laguna        neox  silu       -           yes       -          -                        the first of every 4 global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -259,6 +260,12 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   n_no_rope_layer_step, as SmolLM3), the global one where the file gives a window; its experts are DeepSeek-V3's
   routing without groups (sigmoid unless the file says, the selection bias, the file's expert_weights_norm and
   expert_weights_scale, dense first layers, shared experts counted by expert_shared_count).
+  Laguna (laguna: poolside's Laguna) is AFMoE's attention without its post-norms, embedding scale and NoPE layers,
+  its output gate softplus(attn_gate(x)), one a head where attn_gate has a row a head (XS.2), else one an element
+  (M.1); the first of every 4 layers is global where the file gives a window (llama.cpp's dense_first), the
+  sliding ones with their own RoPE base and without the global layers' YaRN; its experts are AFMoE's (a shared
+  expert expert_shared_feed_forward_length wide). A file whose layers have query head counts of their own (XS.2's
+  48 and 64) or rotate the sliding layers over other dims (rope.dimension_count_swa) is refused.
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
   rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
@@ -424,8 +431,9 @@ class Family:
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
-    attn_gate: bool = False            # attn_gate(h) gives that gate, from its own projection of the normed
-    #                                    input (AFMoE)
+    attn_gate: str = ""                # the activation of attn_gate(h), the heads' output gate from its own projection
+    #                                    of the normed input: "sigmoid" (AFMoE) or "softplus" (Laguna); one value a
+    #                                    head where attn_gate has a row a head, else one an element; "": none
     kv_by_layer: bool = False          # head_count_kv one a layer as the file gives it (ModelConfig.at_layer),
     #                                    values value_length wide, the attention's output × attention.value_scale
     #                                    (MiMo-V2-Flash)
@@ -660,8 +668,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     # (llama.cpp's kimi-linear renormalizes the chosen experts' weights whatever the file says: moe_renorm)
     Family("kimi-linear", moe=True, moe_gating=2, moe_weight_keys=True, mla=True, nope=True, kda=True),
     Family("mimo2", rope="neox", kv_by_layer=True, moe=True, moe_gating=2, moe_by_router=True, nextn_layers=True),
-    Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate=True, nope_period=4,
-           swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate="sigmoid",
+           nope_period=4, swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("laguna", rope="neox", qk_norm="head", attn_gate="softplus", swa_period=4, swa_global_first=True,
+           swa_rope_scaled=False, moe=True, moe_gating=2, moe_weight_keys=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
     # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
@@ -756,7 +766,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, mistral4, llama4, glm4moe, exaone-moe, nemotron_h_moe, "
                          "cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, "
-                         "kimi-linear, gemma4, mimo2 and afmoe)")
+                         "kimi-linear, gemma4, mimo2, afmoe and laguna)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

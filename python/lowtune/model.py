@@ -23,8 +23,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
-    blk.N.attn_gate           QLinear [H*hd, D]   the heads' output gate, sigmoid(attn_gate(x)) · attention before
-                              attn_output (AFMoE)
+    blk.N.attn_gate           QLinear [H*hd, D]   the heads' output gate, act(attn_gate(x)) · attention before
+                              attn_output (AFMoE: sigmoid; Laguna: softplus, [H, D] where one a head)
     blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
     blk.N.attn_sub_norm       RMSNorm [H*hd]      on the heads' output before attn_output (BitNet)
     blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
@@ -355,7 +355,9 @@ class ModelConfig:
                 raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        # (one query head count, or one a layer where all are the same: Laguna's files)
+        dim, n_heads = int(get("embedding_length")), _one_per_layer(md, f"{arch}.attention.head_count")
+        n_heads = n_heads or int(get("attention.head_count"))
         n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
@@ -542,6 +544,11 @@ class ModelConfig:
         if alibi is None:
             alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
         rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
+        swa_rope_dim = int(md.get(f"{arch}.rope.dimension_count_swa", rope_dim))
+        if not fam.layer_widths and window > 0 and swa_rope_dim != rope_dim:  # (Gemma 4's: its layer widths)
+            raise ValueError(f"this {arch} file rotates its sliding layers over {swa_rope_dim} dims of each head and "
+                             f"the others over {rope_dim} (rope.dimension_count_swa: Laguna-XS.2's), which lowtune "
+                             "does not run")
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
         elif fam.kv_by_layer:  # (each layer's own count, ModelConfig.at_layer; values of their own width)
@@ -1645,7 +1652,7 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = tuple(latent_linear_shapes(config)) + names[4:]
     elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
         names = tuple(names) + SSM_LINEAR_NAMES
-    elif config.family.attn_gate:  # (AFMoE: the heads' output gate)
+    elif config.family.attn_gate:  # (AFMoE, Laguna: the heads' output gate)
         names = tuple(names) + ("attn_gate",)
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
@@ -1705,7 +1712,7 @@ class DecoderLayer(nn.Module):
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
         self.activation = c.mlp_activation or fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
-        if fam.attn_gate:  # (AFMoE: the output gate reads attention's input, in its product)
+        if fam.attn_gate:  # (AFMoE, Laguna: the output gate reads attention's input, in its product)
             self.PRODUCT_GROUPS = (self.PRODUCT_GROUPS[0] + ("attn_gate",), *self.PRODUCT_GROUPS[1:])
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
@@ -1870,7 +1877,7 @@ class DecoderLayer(nn.Module):
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
-        q, k, v, *own_gate = qkv  # (AFMoE's gate: its own product beside them)
+        q, k, v, *own_gate = qkv  # (AFMoE's and Laguna's gate: its own product beside them)
         if c.clamp_qkv:  # (OLMo's and MPT's clip_qkv, as llama.cpp's build_qkv clamps them)
             q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
         gate = own_gate[0] if own_gate else None
@@ -1910,8 +1917,12 @@ class DecoderLayer(nn.Module):
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks,
                              fam.chunked_attention, self.alibi_slopes)
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
-        if gate is not None:
-            attn = attn * torch.sigmoid(gate)
+        if gate is not None:  # (sigmoid: Qwen3.5's, AFMoE's; softplus: Laguna's, in fp32 as transformers)
+            g = F.softplus(gate.float()).to(gate.dtype) if fam.attn_gate == "softplus" else torch.sigmoid(gate)
+            if g.shape[-1] == c.n_heads:  # (one a head: Laguna-XS.2's)
+                attn = (attn.view(b, t, c.n_heads, c.v_dim) * g.unsqueeze(-1)).view_as(attn)
+            else:
+                attn = attn * g
         a = self.attn_output(self.attn_sub_norm(attn) if fam.sub_norms else attn)
         if c.attn_value_scale != 1.0:  # (MiMo-V2-Flash: the values', on the output as llama.cpp scales it)
             a = a * c.attn_value_scale
@@ -2412,7 +2423,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                   "attn_k": (kv, c.dim), "attn_v": (c.n_kv_heads * c.v_dim, c.dim),
                   "attn_output": (c.dim, c.n_heads * c.v_dim), "ffn_gate": (c.ffn_dim, c.dim),
                   "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
-        if c.family.attn_gate:  # (AFMoE: the heads' output gate, its own projection)
+        if c.family.attn_gate:  # (AFMoE, Laguna: the heads' output gate, its own projection)
             shapes["attn_gate"] = (q, c.dim)
         if not c.family.gated:
             del shapes["ffn_gate"]
@@ -2486,6 +2497,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         layer_shapes = dict(shapes)
         if c.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
             del layer_shapes["attn_v"]
+        gate = w.get(p + "attn_gate.weight")  # (Laguna-XS.2's output gate: one a head)
+        if "attn_gate" in layer_shapes and gate is not None and tuple(gate.shape)[0] == c.n_heads:
+            layer_shapes["attn_gate"] = (c.n_heads, c.dim)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
