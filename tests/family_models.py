@@ -33,7 +33,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
          "gemma4", "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
          "mamba", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
-         "falcon-40b")
+         "falcon-40b", "jais2")
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
@@ -456,6 +456,10 @@ def hf_model(name: str):
             num_key_value_heads=HKV, max_position_embeddings=256, norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
             attention_bias=True, mlp_bias=True, tie_word_embeddings=False, rope_parameters={
                 "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5})),
+        # LayerNorms with biases, a relu² MLP without a gate, biases everywhere
+        "jais2": lambda: tf.Jais2ForCausalLM(tf.Jais2Config(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, head_dim=16,
+            layer_norm_eps=1e-5, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),
         # per-head q/k norms, an xIELU MLP without a gate (each layer's own beta and eps below)
         "apertus": lambda: tf.ApertusForCausalLM(tf.ApertusConfig(
             **common, num_hidden_layers=2, tie_word_embeddings=False,
@@ -913,8 +917,8 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, laguna, lfm2, llama, mimo, minimax, mpt, nemotron,
-                        olmo, phi, qwen, stablelm, starcoder, xverse)
+                        gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mimo, minimax, mpt,
+                        nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -936,6 +940,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = \
+    jais.Jais2Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1334,7 +1339,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
     if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox")  # (LayerNorm, MLP, output)
+    # (LayerNorm, MLP, output)
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox", "jais2")
     if arch in biased + ("phimoe", "stablelm", "falcon"):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
@@ -1453,7 +1459,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
-                    "stablelm"):
+                    "stablelm", "jais2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

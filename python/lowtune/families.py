@@ -59,6 +59,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
     qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
     nemotron      neox  relu2      -           -         -          -                        if the file gives one
+    jais2         neox  relu2      -           -         -          -                        -
     apertus       neox  xielu      -           yes       -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
@@ -323,6 +324,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
+  Jais 2 (jais2: Jais-2 8B, 70B) is Nemotron's layer with plain LayerNorms (weights as they are, biases) and RoPE on
+  the whole head; llama.cpp reads no window for it.
   Apertus (apertus) is Llama with per-head q/k norms and an MLP without a gate whose activation is
   xIELU, with four scalars per layer from the file's xielu.* arrays (ModelConfig.xielu; the
   alphas before their softplus, glue_ops.xielu).
@@ -636,6 +639,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True, moe_shared_ffn_width=True),
     Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
            hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
+    Family("jais2", rope="neox", activation="relu2", gated=False, norm="layer", windowless=True,
+           hf_architectures=("Jais2ForCausalLM",), hf_model_types=("jais2",)),
     Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",
            hf_architectures=("ApertusForCausalLM",), hf_model_types=("apertus",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,

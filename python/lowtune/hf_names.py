@@ -186,6 +186,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                     "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "jais2": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
+              "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_neox_qkv)
     "gptneox": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
                           "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
@@ -1033,6 +1035,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
+    "jais2": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
@@ -1046,8 +1049,8 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
-                     "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     "gptneox": ("output_norm.bias",)}
+                     "nemotron": ("output_norm.bias",), "jais2": ("output_norm.bias",),
+                     "stablelm": ("output_norm.bias",), "gptneox": ("output_norm.bias",)}
 
 
 _MAMBA2_BIASES = ("ssm_dt.bias", "ssm_conv1d.bias")
