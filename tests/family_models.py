@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
          "exaone4", "seed_oss", "hunyuan-dense", "nemotron", "apertus", "qwen2vl", "qwen3vl", "lfm2", "gemma3n",
          "gemma4", "granitehybrid", "qwen35", "nemotron_h", "minicpm3", "olmo", "bitnet", "mamba2", "falcon-h1",
          "mamba", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "gptneox-seq", "stablelm", "stablelm2-12b", "falcon",
-         "falcon-40b")
+         "falcon-40b", "jais2")
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
@@ -51,7 +51,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "dbrx")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4", "mimo2", "laguna", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -108,6 +108,10 @@ QWEN35_DELTA = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_val
 # of 4, every 4th layer latent attention
 KIMI_KDA = dict(linear_conv_kernel_dim=4, linear_head_dim=32, linear_num_heads=H)
 KIMI_LAYERS = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+# Laguna: the first of every 4 layers global, the others sliding
+LAGUNA_LAYERS = ("full_attention", "sliding_attention", "sliding_attention", "sliding_attention")
+# MiMo-V2-Flash: global and sliding layers, the sliding ones with twice the KV heads and a sink per head
+MIMO2_LAYERS = ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
 
 PHI_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -323,6 +327,40 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # MiMo-V2-Flash's layout: global and sliding layers (WINDOW, their own RoPE base, twice the KV heads and a
+        # sink per head), RoPE on half of each head, values narrower than keys and scaled, a dense first layer,
+        # then sigmoid routing with a selection bias, renormalized (mimo2_converter_layout writes the published
+        # checkpoints' config keys and experts, which the converter reads)
+        "mimo2": lambda: tf.MiMoV2FlashForCausalLM(tf.MiMoV2FlashConfig(
+            **{**common, "num_key_value_heads": 1}, num_hidden_layers=len(MIMO2_LAYERS), head_dim=16, v_head_dim=8,
+            sliding_window=WINDOW, layer_types=list(MIMO2_LAYERS), n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, attention_value_scale=0.7,
+            tie_word_embeddings=False, rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
+        # Laguna-XS.2's layout (one query head count): per-head q/k norms, a softplus output gate one a head, the
+        # first of every 4 layers global (WINDOW), the sliding ones with their own RoPE base, RoPE on half of each
+        # head, a dense first layer, then sigmoid routing with a selection bias, renormalized and weighed × 2,
+        # beside a shared expert of its own width (converter_expert_layout writes the published checkpoints' experts)
+        "laguna": lambda: tf.LagunaForCausalLM(tf.LagunaConfig(
+            **common, num_hidden_layers=len(LAGUNA_LAYERS), head_dim=16, sliding_window=WINDOW,
+            layer_types=list(LAGUNA_LAYERS), num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            moe_intermediate_size=32, shared_expert_intermediate_size=64, gating=True, moe_routed_scaling_factor=2.0,
+            tie_word_embeddings=False, rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
+        # Mistral Small 4's layout: DeepSeek-V3's latent attention (q through its latent, YaRN with mscale and
+        # mscale_all_dim 1, as its config: llama.cpp takes mscale as 1 whatever the config says) and softmax routing
+        # in groups, renormalized and weighed × 2, beside a shared expert after a dense first layer; its Llama 4
+        # attention temperature 0 (the converter writes none, so llama.cpp runs none); build_family_models saves
+        # it as the published checkpoints' class, which the converter reads
+        "mistral4": lambda: tf.Mistral4ForCausalLM(tf.Mistral4Config(
+            **{**common, **MLA}, num_hidden_layers=3, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "llama_4_scaling_beta": 0.0})),
         # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
         # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
@@ -359,6 +397,14 @@ def hf_model(name: str):
             first_k_dense_replace=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
             num_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.0, scoring_func="sigmoid",
             tie_word_embeddings=False)),
+        # Trinity's layout (AFMoE): per-head q/k norms, norms before and after attention and the FFN, embeddings
+        # × √D (mup_enabled, which llama.cpp's graph always does), an output gate from its own projection, every
+        # 4th layer global without RoPE (WINDOW), a dense first layer, then sigmoid routing with a selection bias,
+        # renormalized (route_norm, which build_family_models adds) and weighed × 2, beside a shared expert
+        "afmoe": lambda: tf.AfmoeForCausalLM(tf.AfmoeConfig(
+            **common, num_hidden_layers=4, head_dim=16, sliding_window=WINDOW, global_attn_every_n_layers=4,
+            num_dense_layers=1, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32,
+            num_shared_experts=1, route_scale=2.0, mup_enabled=True, tie_word_embeddings=False)),
         # Command R7B's layer (LayerNorm, parallel attention and FFN, logits × 0.75, a tied head) with a dense
         # first layer, global and rotated, then windows (every 4th layer global, without RoPE) and experts by
         # sigmoid, renormalized, averaged with a shared expert
@@ -421,6 +467,10 @@ def hf_model(name: str):
             num_key_value_heads=HKV, max_position_embeddings=256, norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
             attention_bias=True, mlp_bias=True, tie_word_embeddings=False, rope_parameters={
                 "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5})),
+        # LayerNorms with biases, a relu² MLP without a gate, biases everywhere
+        "jais2": lambda: tf.Jais2ForCausalLM(tf.Jais2Config(
+            **{k: v for k, v in common.items() if k != "rms_norm_eps"}, num_hidden_layers=2, head_dim=16,
+            layer_norm_eps=1e-5, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),
         # per-head q/k norms, an xIELU MLP without a gate (each layer's own beta and eps below)
         "apertus": lambda: tf.ApertusForCausalLM(tf.ApertusConfig(
             **common, num_hidden_layers=2, tie_word_embeddings=False,
@@ -611,6 +661,41 @@ def kimi_linear_converter_layout(d: Path) -> None:
     dense = tuple(f"block_sparse_moe.{n}_proj." for n in ("gate", "up", "down"))
     save_file({(k.replace("block_sparse_moe.", "mlp.") if any(x in k for x in dense) else k): v
                for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
+def mimo2_converter_layout(d: Path) -> None:
+    """The tiny MiMo-V2-Flash's directory as the converter reads the published checkpoints: config.json's
+    hybrid_layer_pattern (1: sliding), the sliding layers' head counts and widths, the router's topk_method
+    and the norms' epsilon under layernorm_epsilon; each expert's gate, up and down apart and the sinks under
+    attention_sink_bias (transformers saves the experts stacked, and reads either)."""
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(hybrid_layer_pattern=[int(t == "sliding_attention") for t in cfg["layer_types"]],
+               swa_num_key_value_heads=2 * cfg["num_key_value_heads"], swa_head_dim=cfg["head_dim"],
+               swa_num_attention_heads=cfg["num_attention_heads"], swa_v_head_dim=cfg["v_head_dim"],
+               topk_method="noaux_tc", layernorm_epsilon=cfg["rms_norm_eps"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    converter_expert_layout(d / "model.safetensors", {"self_attn.sinks": "self_attn.attention_sink_bias"})
+
+
+def converter_expert_layout(path: Path, renamed: dict[str, str]) -> None:
+    """A safetensors file of transformers' stacked experts ([E, 2F, D] gate_up_proj: each expert's gate rows,
+    then its up rows; [E, D, F] down_proj) with each expert's gate, up and down apart, as the published
+    checkpoints (and their converters) have them, and the tensors whose names hold a key of `renamed` under its
+    value's."""
+    from safetensors.torch import load_file, save_file
+    out = {}
+    for k, v in load_file(path).items():
+        if k.endswith("experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*v.chunk(2, dim=1))):
+                out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate.contiguous()
+                out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = up.contiguous()
+        elif k.endswith("experts.down_proj"):
+            out.update({k.replace("down_proj", f"{e}.down_proj.weight"): w.contiguous() for e, w in enumerate(v)})
+        else:
+            for old, new in renamed.items():
+                k = k.replace(old, new)
+            out[k] = v
+    save_file(out, path, metadata={"format": "pt"})
 
 
 def randomized(model, name: str):
@@ -940,8 +1025,8 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
-                        olmo, phi, qwen, stablelm, starcoder, xverse)
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mimo,
+                        minimax, mpt, nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -964,6 +1049,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
+    mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = jais.Jais2Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1003,10 +1089,18 @@ def _baichuan_tensors_mapped_once(self, data_torch, name, bid):
         return _baichuan_tensors(self, data_torch, name, bid)
     return TextModel.modify_tensors(self, data_torch, name, bid)
 baichuan.BaichuanModel.modify_tensors = _baichuan_tensors_mapped_once
+# MiMo-V2-Flash's converter reads partial_rotary_factor at the top of rope_parameters, which transformers 5's
+# config keeps for each layer type
+_mimo2_parameters = mimo.MimoV2Model.set_gguf_parameters
+def _mimo2_partial_rotary(self):
+    self.rope_parameters.setdefault("partial_rotary_factor",
+                                    self.rope_parameters["full_attention"]["partial_rotary_factor"])
+    _mimo2_parameters(self)
+mimo.MimoV2Model.set_gguf_parameters = _mimo2_partial_rotary
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
-    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next")) else []
+    no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next", "mimo2")) else []
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -1055,13 +1149,17 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             cfg.update(moe_topk=[EXPERTS_USED] * layers, moe_intermediate_size=[cfg["intermediate_size"]] * layers,
                        num_shared_expert=[1] * layers)
             (d / "config.json").write_text(json.dumps(cfg))
+        if name == "afmoe":  # (the published configs' route_norm, which the converter writes as expert_weights_norm)
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "route_norm": True}))
         if name in ("dots1", "minimax-m2"):  # (the router's scoring function, which the converter writes as
             cfg = json.loads((d / "config.json").read_text())  # expert_gating_func, and MiniMax-M2's RoPE width)
             cfg.update(scoring_func="sigmoid", **({"rotary_dim": cfg["head_dim"] // 2} if name == "minimax-m2" else {}))
             (d / "config.json").write_text(json.dumps(cfg))
-        if name == "phimoe":  # (the published checkpoints' class, which the converter reads)
+        if name in ("phimoe", "mistral4"):  # (the published checkpoints' class, which the converter reads)
             cfg = json.loads((d / "config.json").read_text())
-            (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiMoEForCausalLM"]}))
+            published = {"phimoe": "PhiMoEForCausalLM", "mistral4": "Mistral3ForConditionalGeneration"}[name]
+            (d / "config.json").write_text(json.dumps({**cfg, "architectures": [published]}))
         if name == "minicpm":
             cfg = json.loads((d / "config.json").read_text())
             for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -1076,6 +1174,11 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
             mpt_config(d)
         elif name == "kimi-linear":
             kimi_linear_converter_layout(d)
+        elif name == "mimo2":
+            mimo2_converter_layout(d)
+        elif name == "laguna":
+            converter_expert_layout(d / "model.safetensors", {"mlp.gate.e_score_correction_bias":
+                                                              "mlp.experts.e_score_correction_bias"})
         if name.startswith("granitehybrid"):  # the published checkpoints' names of the layer kinds, which the
             cfg = json.loads((d / "config.json").read_text())  # converter reads (transformers writes its own)
             cfg["layer_types"] = list(GRANITE_HYBRID_LAYERS)
@@ -1172,7 +1275,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS,
+                    "exaone-moe": 4, "cohere2moe": 5, "afmoe": 4, "mimo2": len(MIMO2_LAYERS),
+                    "baichuan": BAICHUAN_LAYERS,
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1259,7 +1363,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
         if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
-                    "cohere2moe", "deepseek"):  # a dense first layer
+                    "cohere2moe", "afmoe", "mistral4", "deepseek"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
             md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_norm": arch == "bailingmoe"})
@@ -1280,6 +1384,13 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
                    "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
                    "deepseek2.expert_group_used_count": 1})
+    if arch == "mistral4":  # DeepSeek's latent attention, softmax routing in groups (hf_model's mistral4)
+        rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
+        md.update({"mistral4.attention.q_lora_rank": 32, "mistral4.attention.kv_lora_rank": rank,
+                   "mistral4.attention.key_length_mla": nope + rope, "mistral4.attention.value_length_mla": v,
+                   "mistral4.rope.dimension_count": rope, "mistral4.expert_shared_count": 1,
+                   "mistral4.expert_weights_norm": True, "mistral4.expert_weights_scale": 2.0,
+                   "mistral4.expert_group_count": 2, "mistral4.expert_group_used_count": 1})
     if fam.kda:  # Kimi Linear's KDA layers (no KV heads) and latent attention without RoPE, its routing
         #          (tests/family_models.hf_model's kimi-linear)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
@@ -1294,13 +1405,21 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
-    if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # GLM-4.5's routing (family_models.hf_model's)
+    if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "afmoe"):  # GLM-4.5's routing (hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
+    if arch == "mimo2":  # (hf_model's mimo2: sliding layers with twice the KV heads, values of half a head, scaled)
+        sliding = [t == "sliding_attention" for t in MIMO2_LAYERS]
+        md.update({"mimo2.attention.head_count_kv": [2 * HKV if s else HKV for s in sliding],
+                   "mimo2.attention.sliding_window_pattern": sliding, "mimo2.attention.value_length": hd // 2,
+                   "mimo2.attention.value_scale": 0.7, "mimo2.rope.dimension_count": hd // 2,
+                   "mimo2.rope.freq_base_swa": 1e4, "mimo2.rope.freq_base": 1e6})
     if arch in ("phi3", "phimoe"):
         md.update({f"{arch}.rope.scaling.original_context_length": PHI3_ORIG_CONTEXT,
                    f"{arch}.rope.scaling.attn_factor": 1.18})
     c = ModelConfig.from_gguf_metadata(md)
+    if fam.moe_by_router:  # (a dense first layer, as the tiny model's: the layers with a router have experts)
+        c = replace(c, moe_layers=tuple(range(1, layers)))
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
@@ -1337,7 +1456,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
     if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox")  # (LayerNorm, MLP, output)
+    # (LayerNorm, MLP, output)
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox", "jais2")
     if arch in biased + ("phimoe", "stablelm", "falcon"):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
@@ -1406,6 +1526,12 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "attn_v.weight": mat(kv, D)})
         elif c.has_kv(i):
             w.update({p + "attn_q.weight": mat(q, D), p + "attn_k.weight": mat(kv, D), p + "attn_v.weight": mat(kv, D)})
+            if fam.kv_by_layer:  # (MiMo-V2-Flash: values of their own width, a sink per head in sliding layers)
+                lc = c.at_layer(i)
+                w[p + "attn_v.weight"] = mat(lc.n_kv_heads * lc.v_dim, D)
+                q = H * lc.v_dim  # (attn_output's input)
+                if c.is_sliding(i):
+                    w[p + "attn_sinks.weight"] = vec(H)
             if arch == "gemma4" and not c.is_sliding(i):  # (values from attn_k's projection)
                 del w[p + "attn_v.weight"]
         else:  # (Gemma 3n's last layers: K/V reused)
@@ -1433,7 +1559,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
-                        "nemotron_h_moe", "kimi-linear"):
+                        "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)
@@ -1445,13 +1571,15 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
         if c.has_attention(i):
             w[p + "attn_output.weight"] = mat(D, q)
+            if fam.attn_gate:  # (AFMoE's output gate, its own projection)
+                w[p + "attn_gate.weight"] = mat(q, D)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if c.has_experts(i) and fam.moe_residual:  # (Arctic: the dense FFN, D wide, beside the experts)
             w.update({p + "ffn_gate.weight": mat(c.ffn_dim, D), p + "ffn_up.weight": mat(c.ffn_dim, D),
                       p + "ffn_down.weight": mat(D, c.ffn_dim)})
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
-                    "stablelm"):
+                    "stablelm", "jais2"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

@@ -33,8 +33,8 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
-                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, alibi_slopes, rope_inv_freq,
-                           selective_scan)
+                           SSM_LINEAR_NAMES, LayerNorm, Model, ModelConfig, NoNorm, QLinear, alibi_slopes,
+                           rope_inv_freq, selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
 
@@ -1107,6 +1107,16 @@ def test_tokenizer_matches_llamacpp_vocab_tests(llamacpp_source, vocab):
         assert tok.encode(text, add_bos=False, add_eos=False) == [int(i) for i in ids.split()], repr(text)
 
 
+def test_jais2_layer_norms_and_no_window(tiny):
+    """Jais 2's norms are LayerNorms of the file's weights and biases as they are (not Nemotron's 1 + w), and
+    llama.cpp's jais2 reads no window: a file that gives one attends globally."""
+    model = Model.from_gguf(tiny["jais2"].gguf)
+    assert type(model.layers[0].attn_norm) is LayerNorm and model.layers[0].attn_norm.bias is not None
+    assert FAMILIES["jais2"].hf_norm_offset == 0.0
+    windowed = ModelConfig.from_gguf_metadata({**model.metadata, "jais2.attention.sliding_window": 16})
+    assert windowed.sliding_window == 0 and not any(windowed.is_sliding(i) for i in range(windowed.n_layers))
+
+
 @pytest.mark.llamacpp
 def test_apertus_xielu_scalars_and_llama3_rope(tiny, llamacpp_source, tmp_path):
     """Apertus's xIELU scalars: one per layer from the file (a single value serves every layer, as
@@ -1795,10 +1805,11 @@ def test_families_and_refusals():
                          "starcoder", "bloom", "mpt", "phi2", "gptneox", "stablelm", "falcon", "starcoder2", "phi3",
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
-                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
-                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "dbrx", "deepseek", "grok",
-                         "arctic", "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "mistral4", "llama4", "glm4moe", "dots1",
+                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "mimo2",
+                         "afmoe", "laguna", "bitnet", "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse",
+                         "dbrx", "deepseek", "grok", "arctic", "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe",
+                         "jais2")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

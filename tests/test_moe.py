@@ -8,19 +8,23 @@ routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
 multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
-attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
-a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
+attention before DeepSeek-V3's routing without groups), Mistral Small 4 (mistral4: DeepSeek's latent
+attention, softmax routing in groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE, a gated shared expert),
+MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
 with a selection bias), EXAONE MoE (exaone-moe: GLM-4.5 MoE's routing after EXAONE's attention, every 4th
 layer global without RoPE), Nemotron-H MoE (nemotron_h_moe: Nemotron-H's layers of one part, its MLPs
 experts without a gate) and Cohere2 MoE (cohere2moe: Command R7B's layer, a rotated dense first layer,
-experts averaged with a shared expert) and Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
-dense FFN, a scaled router on the normed residual stream, a scale for each expert) and DBRX (dbrx: LayerNorms without
-biases, q/k/v fused and clipped), as tiny random models built by transformers and converted by llama.cpp's converter
-(tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not
-renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms after attention
-and after the experts), Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN after
-attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints ship their own code, as config.json and random safetensors under their
-own names, compared with llama.cpp's logits:
+experts averaged with a shared expert), Gemma 4's experts (gemma4moe: 26B-A4B's layer, the experts beside the
+dense FFN, a scaled router on the normed residual stream, a scale for each expert), DBRX (dbrx: LayerNorms without
+biases, q/k/v fused and clipped), AFMoE (afmoe: Trinity's norms before and after each branch, gated attention, every
+4th layer global without RoPE, sigmoid routing with a selection bias), MiMo-V2-Flash (mimo2: sliding layers with KV
+heads of their own count and sinks, values narrower than keys and scaled) and Laguna (laguna: a softplus output gate
+one a head, the first of every 4 layers global, a shared expert of its own width), as tiny random models built by
+transformers and converted by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's
+attention, a dense first layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers,
+soft-capped scores, norms after attention and after the experts), Snowflake Arctic (arctic: experts on the layer's
+input beside a dense FFN after attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints
+ship their own code, as config.json and random safetensors under their own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
@@ -54,7 +58,7 @@ from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES,
-                           Model, ModelConfig)
+                           DecoderLayer, Model, ModelConfig)
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
@@ -69,8 +73,10 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
+LATENT = DEEPSEEK + ("mistral4",)  # (latent attention in llama.cpp's deepseek2 graph)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
+               "afmoe", "mimo2", "laguna") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -108,7 +114,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear") + DEEPSEEK
+              "cohere2moe", "kimi-linear", "afmoe", "laguna") + LATENT
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -135,7 +141,7 @@ def test_logits_match_transformers(moe, name):
         for used in sorted({1, EXPERTS} - {used}):  # the routing matters: other expert counts give other logits
             matters(moes, "n_used", used)
         # OLMoE's and Qwen2 MoE's chosen weights are not renormalized (gpt-oss's sum to 1 already)
-        if not model.config.family.moe_renorm and model.config.expert_gating == 1:
+        if not moes[0].renorm and model.config.expert_gating == 1:
             matters(moes, "renorm", True)
         if model.config.shared_expert_ffn_dim:  # the shared expert, and Qwen2 MoE's gate on it, matter
             for what in ("shared_gate", "ffn_up_shexp", "selection_bias"):  # (and ERNIE's selection bias)
@@ -148,19 +154,22 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
-        if name in ("deepseek2", "deepseek3"):  # the weights' scale, and V3's sigmoid, renorm and groups matter
-            matters(moes, "weights_scale", 1.0)
+        if name in ("deepseek2", "deepseek3", "mistral4"):  # the weights' scale, V3's sigmoid, renorm and groups
+            matters(moes, "weights_scale", 1.0)                # matter, and Mistral 4's softmax's in groups
+        if name == "mistral4":
+            for what, off in (("gating", 2), ("renorm", False), ("groups", 0)):
+                matters(moes, what, off)
         if name == "deepseek3":
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
         # their sigmoid routing, selection bias, renorm and scale matter
-        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
+        if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "laguna"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
                 matters(moes, what, off)
-        if name == "minimax-m2":  # its sigmoid routing, selection bias and renorm matter
+        if name in ("minimax-m2", "mimo2"):  # their sigmoid routing, selection bias and renorm matter
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False)):
                 matters(moes, what, off)
-        if name == "exaone-moe":  # its windows, and its global layer without RoPE, matter
+        if name in ("exaone-moe", "afmoe", "mimo2", "laguna"):  # their windows (and the global layers' RoPE) matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
         if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
@@ -249,14 +258,14 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe") else 5e-3)
+                                                      "gemma4moe", "mistral4") else 5e-3)
                             for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
                             ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
                             ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3),
-                            ("bailingmoe", "Q4_0", 5e-3)]
+                            ("bailingmoe", "Q4_0", 5e-3), ("afmoe", "Q4_0", 5e-3), ("mimo2", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -266,8 +275,10 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                             ("kimi-linear", "Q4_0", 1e-2), ("gemma4moe", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
-                         # for a few tokens, which moves 2 of the 8 windows by 2-5%)
-                         + [("deepseek3", "Q4_0", 1.5e-2)])
+                         # for a few tokens, which moves 2 of the 8 windows by 2-5%; Mistral Small 4's groups
+                         # flip so in Q8_0 too, 0.5 % here; Laguna's sigmoid routing with its selection bias, 1 %
+                         # here, 0.9 % with lowtune's activations rounded as llama.cpp's: llamacpp_activations)
+                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2), ("laguna", "Q4_0", 1.5e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -286,24 +297,32 @@ def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtyp
         assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
 
 
-@pytest.mark.parametrize("name", DEEPSEEK)
+@pytest.mark.parametrize("name", LATENT)
 def test_deepseek_latent_attention(moe, name):
-    """DeepSeek's attention as llama.cpp reads the file: q through its latent where the file gives
-    q_lora_rank, keys of key_length_mla dims (RoPE on the last rope.dimension_count), values of
-    value_length_mla, and YaRN's mscale² on the scores (rope.scaling.yarn_log_multiplier, kept as
-    0.1 · mscale_all_dim: the rotation keeps magnitude 1); bf16 activations follow fp32."""
+    """DeepSeek's attention (and Mistral Small 4's, llama.cpp's deepseek2 graph under its own name) as
+    llama.cpp reads the file: q through its latent where the file gives q_lora_rank, keys of key_length_mla
+    dims (RoPE on the last rope.dimension_count), values of value_length_mla, and YaRN's mscale² on the
+    scores (rope.scaling.yarn_log_multiplier, kept as 0.1 · mscale_all_dim: the rotation keeps magnitude 1);
+    bf16 activations follow fp32."""
     model = Model.from_gguf(moe[name].gguf)
     c, layer = model.config, model.layers[1]
+    arch = c.arch
     assert (c.head_dim, c.rope_dim, c.v_dim, c.kv_lora_rank, c.n_kv_heads) == (48, 16, 32, 32, c.n_heads)
     assert c.q_lora_rank == (0 if name == "deepseek2-lite" else 32)
     assert hasattr(layer, "attn_q") == (name == "deepseek2-lite") and not hasattr(layer, "attn_k")
     if name == "deepseek3":  # YaRN ×4 with mscale_all_dim 0.707
         assert c.rope_attn_factor == 1.0
         assert c.query_scale == pytest.approx((1 + 0.1 * 0.707 * math.log(4)) ** 2 / math.sqrt(48), rel=1e-6)
-        md = {k: v for k, v in model.metadata.items() if k != "deepseek2.rope.scaling.yarn_log_multiplier"}
+        md = {k: v for k, v in model.metadata.items() if k != f"{arch}.rope.scaling.yarn_log_multiplier"}
         plain = ModelConfig.from_gguf_metadata(md)  # (without it: YaRN's magnitude on the rotation and the scores)
         assert plain.rope_attn_factor == pytest.approx(1 + 0.1 * math.log(4))
         assert plain.query_scale == pytest.approx((1 + 0.1 * math.log(4)) ** 2 / math.sqrt(48))
+    elif name == "mistral4":  # YaRN ×4 with mscale and mscale_all_dim 1; llama.cpp's mscale 1 beside another
+        m = lambda s: 1 + 0.1 * s * math.log(4)  # noqa: E731   mscale_all_dim: the rotation at m(1) / m(0.707)
+        assert c.rope_attn_factor == pytest.approx(1.0) and c.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48))
+        other = ModelConfig.from_gguf_metadata({**model.metadata, "mistral4.rope.scaling.yarn_log_multiplier": 0.0707})
+        assert other.rope_attn_factor == pytest.approx(m(1) / m(0.707))
+        assert other.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48))
     else:
         assert c.rope_yarn_factor == 0.0 and c.query_scale == pytest.approx(1 / math.sqrt(48))
     ids = rand_ids(2, 40, seed=6)
@@ -314,12 +333,30 @@ def test_deepseek_latent_attention(moe, name):
     with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
         StepDecoder(model, 16)
     with pytest.raises(ValueError, match="scales queries by position"):
-        ModelConfig.from_gguf_metadata({**model.metadata, "deepseek2.attention.temperature_scale": 0.1})
+        ModelConfig.from_gguf_metadata({**model.metadata, f"{arch}.attention.temperature_scale": 0.1})
     # without expert_gating_func: softmax (DeepSeek-V2's files), but sigmoid at GLM-4.7 Flash's layers and vocabulary
-    md = {k: v for k, v in model.metadata.items() if k != "deepseek2.expert_gating_func"}
+    md = {k: v for k, v in model.metadata.items() if k != f"{arch}.expert_gating_func"}
     assert ModelConfig.from_gguf_metadata(md).expert_gating == 1
-    glm = {**md, "deepseek2.block_count": 47, "deepseek2.vocab_size": 154880}
+    glm = {**md, f"{arch}.block_count": 47, f"{arch}.vocab_size": 154880}
     assert ModelConfig.from_gguf_metadata(glm).expert_gating == 2
+
+
+@pytest.mark.llamacpp
+def test_mistral4_yarn_mscale_as_llamacpp(moe, tmp_path):
+    """Mistral Small 4's file with an mscale_all_dim other than 1 (yarn_log_multiplier 0.0707): llama.cpp takes
+    YaRN's mscale as 1 beside it (not as mscale_all_dim, as for deepseek2), the rotation at m(1) / m(0.707), and
+    lowtune gives its perplexity (DeepSeek's rule misses it by 0.3 %)."""
+    with GGUFFile(moe["mistral4"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "mscale.gguf", {**md, "mistral4.rope.scaling.yarn_log_multiplier": 0.0707}, tensors,
+               metadata_types=types)
+    model = Model.from_gguf(tmp_path / "mscale.gguf")
+    assert model.config.rope_attn_factor == pytest.approx((1 + 0.1 * math.log(4)) / (1 + 0.0707 * math.log(4)))
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(tmp_path / "mscale.gguf"), w)
+    print(f"mistral4 with mscale_all_dim 0.707: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
 
 
 @pytest.mark.llamacpp
@@ -470,15 +507,15 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's and Cohere2 MoE's
-    sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets, DeepSeek's latent attention,
-    Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers, DBRX's clipped q/k/v and
-    Arctic's experts on the layer's input are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's, AFMoE's
+    MiMo-V2-Flash's and Laguna's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets,
+    DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers,
+    DBRX's clipped q/k/v and Arctic's experts on the layer's input are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
+    if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe", "dbrx", "arctic"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mimo2", "laguna", "dbrx", "arctic"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -497,7 +534,7 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
     attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
-    if name in DEEPSEEK + ("kimi-linear",):
+    if name in LATENT + ("kimi-linear",):
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
             {"attn_q"} if name in ("deepseek2-lite", "kimi-linear") else {"attn_q_a", "attn_q_b"})
     c = model.config
@@ -512,6 +549,8 @@ def test_adapters_train_through_the_experts(moe, name):
             attention_i = set(KDA_LINEAR_NAMES)
         elif layer.delta_net:  # (Qwen3.5-MoE's DeltaNets; Qwen3-Next's b and a in one)
             attention_i = set(DELTA_LINEAR_NAMES) - ({"ssm_alpha", "ssm_beta"} if name == "qwen3next" else {"ssm_ba"})
+        if c.family.attn_gate:  # (AFMoE's output gate, its own projection)
+            attention_i = attention_i | {"attn_gate"}
         if c.family.values_from_keys and not hasattr(layer, "attn_v"):  # (Gemma 4's global layers: attn_k's values)
             attention_i = attention_i - {"attn_v"}
         m = layer.ffn_moe
@@ -526,7 +565,8 @@ def test_adapters_train_through_the_experts(moe, name):
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
-                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2)])
+                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2),
+                                            ("afmoe", "lora", 1e-2), ("mimo2", "lora", 1e-2)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -553,7 +593,7 @@ def test_exports(moe, tmp_path, name):
     peft_run, peft_model = tmp_path / "run", model
     lora_run, lora_model = tmp_path / "run", model
     attention = ("attn_q", "attn_k", "attn_v", "attn_output")
-    if name in DEEPSEEK + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
+    if name in LATENT + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
         #                                      FFN only (kimi-linear's on the FFN and its latent attention's output)
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
             export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
@@ -662,8 +702,9 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM",
-                         "Grok1ForCausalLM", "ArcticForCausalLM", "BailingMoeForCausalLM"):
+                         "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM",
+                         "LagunaForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "Grok1ForCausalLM",
+                         "ArcticForCausalLM", "BailingMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -737,6 +778,97 @@ def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
     assert abs(cpp - ppl) / ppl < 2e-3
     with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
         lowtune.load_model(moe["gemma4moe"].hf_dir)
+
+
+@pytest.mark.transformers
+def test_afmoe_gate_positions_and_peft_refusal(moe, tmp_path):
+    """AFMoE as llama.cpp reads its file: every 4th layer global and without RoPE, and without RoPE still where
+    the file gives no window (llama.cpp's fixed step, as transformers' layer types); embeddings × √D and each
+    head's output gate from attn_gate move transformers' logits. bf16 activations follow fp32. A PEFT adapter on the
+    gate (self_attn.gate_proj, which PEFT's loading takes for the experts') is refused by name."""
+    path = moe["afmoe"].gguf
+    model = Model.from_gguf(path)
+    c = model.config
+    assert [c.window(i) for i in range(c.n_layers)] == [WINDOW] * 3 + [0]
+    assert [c.rope_kind(i) for i in range(c.n_layers)] == [0, 0, 0, NO_ROPE]
+    md = {k: v for k, v in model.metadata.items() if k != "afmoe.attention.sliding_window"}
+    windowless = ModelConfig.from_gguf_metadata(md)
+    assert [windowless.window(i) for i in range(4)] == [0] * 4 and windowless.rope_kind(3) == NO_ROPE
+    assert model.tok_embd.scale == math.sqrt(c.dim)
+    assert all(layer.attn_gate.out_features == c.n_heads * c.head_dim for layer in model.layers)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("afmoe")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        for layer in model.layers:  # (q, k and v without the gate's product: no gate)
+            layer.PRODUCT_GROUPS = DecoderLayer.PRODUCT_GROUPS
+        assert rel_err(model(ids), want) > 1e-3
+        model = Model.from_gguf(path)
+        model.tok_embd.scale = 1.0
+        assert rel_err(model(ids), want) > 1e-3
+        bf16 = Model.from_gguf(path, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, want) < 5e-2
+    make_adapter(path, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=("attn_q", "attn_gate"))
+    with pytest.raises(ValueError, match="output gate .blk.0.attn_gate.*takes every gate_proj"):
+        export_peft(path, tmp_path / "run", tmp_path / "peft")
+
+
+@pytest.mark.transformers
+def test_mimo2_layers_of_their_own_widths(moe):
+    """MiMo-V2-Flash as llama.cpp reads its file: the sliding layers' own KV head count (twice the global ones'),
+    sinks and RoPE base, values half a head wide, the attention's output × the value scale (which moves
+    transformers' logits), the layers with a router (not the first) experts. bf16 activations follow fp32."""
+    model = Model.from_gguf(moe["mimo2"].gguf)
+    c = model.config
+    assert [c.at_layer(i).n_kv_heads for i in range(c.n_layers)] == [1, 2, 2, 1]
+    assert (c.head_dim, c.v_dim, c.rope_dim, c.moe_layers) == (16, 8, 8, (1, 2, 3))
+    assert c.attn_value_scale == pytest.approx(0.7) and c.rope_theta_swa == 1e4
+    assert [layer.attn_sinks is not None for layer in model.layers] == [False, True, True, False]
+    assert [layer.attn_v.out_features for layer in model.layers] == [8, 16, 16, 8]
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("mimo2")(ids).logits
+        assert rel_err(model(ids), want) < 1e-4
+        model.config = dataclasses.replace(c, attn_value_scale=1.0)
+        for layer in model.layers:
+            layer.config = dataclasses.replace(layer.config, attn_value_scale=1.0)
+        assert rel_err(model(ids), want) > 1e-3
+        bf16 = Model.from_gguf(moe["mimo2"].gguf, dtype=torch.bfloat16)(ids)
+    assert rel_err(bf16, want) < 5e-2
+
+
+@pytest.mark.transformers
+def test_laguna_gate_and_variants(moe, tmp_path):
+    """Laguna as llama.cpp reads its file: the first of every 4 layers global, the sliding ones with their own RoPE
+    base; the softplus output gate one a head (XS.2's: attn_gate a row a head) moves transformers' logits, and one
+    an element (M.1's) computes the same where each head's rows repeat its one. A file whose layers have query head
+    counts of their own, or whose sliding layers rotate other dims, is refused by name."""
+    path = moe["laguna"].gguf
+    model = Model.from_gguf(path)
+    c = model.config
+    assert [c.window(i) for i in range(c.n_layers)] == [0] + [WINDOW] * 3 and c.rope_theta_swa == 1e4
+    assert all(layer.attn_gate.out_features == c.n_heads for layer in model.layers)
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf_model("laguna")(ids).logits
+        got = model(ids)
+        assert rel_err(got, want) < 1e-4
+        for layer in model.layers:  # (q, k and v without the gate's product: no gate)
+            layer.PRODUCT_GROUPS = DecoderLayer.PRODUCT_GROUPS
+        assert rel_err(model(ids), want) > 1e-3
+    with GGUFFile(path) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, torch.as_tensor(f.tensor(n)).repeat_interleave(c.head_dim, 0) if n.endswith("attn_gate.weight")
+                    else f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "per-element.gguf", md, tensors, metadata_types=types)
+    element = Model.from_gguf(tmp_path / "per-element.gguf")
+    assert element.layers[0].attn_gate.out_features == c.n_heads * c.head_dim
+    with torch.no_grad():
+        assert rel_err(element(ids), got) < 1e-6
+    with pytest.raises(ValueError, match="different laguna.attention.head_count \\[4, 8\\]"):
+        ModelConfig.from_gguf_metadata({**md, "laguna.attention.head_count": [4, 8, 8, 8]})
+    with pytest.raises(ValueError, match="rotates its sliding layers over 16 dims.*the others over 8"):
+        ModelConfig.from_gguf_metadata({**md, "laguna.rope.dimension_count_swa": 16})
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

@@ -535,11 +535,21 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         ffn = sorted(n for n in pairs if ".ffn_" in n)
         # (Gemma 4's dense FFN beside its experts keeps its own gate_proj/up_proj/down_proj)
         dense_beside = arch in FAMILIES and FAMILIES[arch].moe_beside_ffn
-        if ffn and int(md.get(f"{arch}.expert_count", 0) or 0) and not dense_beside:
+        experts = int(md.get(f"{arch}.expert_count", 0) or 0)
+        if ffn and experts and not dense_beside:
             raise ValueError(f"this mixture-of-experts adapter has FFN adapters ({ffn[0]}, ...): transformers' "
                              "PEFT loading takes gate_proj/up_proj/down_proj in such models for the experts' "
                              "parameters, so it would not apply them. Export it as GGUF (merged, or --lora-gguf), "
                              "or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT adapter")
+        # (AFMoE's attention gate is self_attn.gate_proj: a name that PEFT's loading takes for the experts' too)
+        gates = sorted(n for n in pairs if ".ffn_" not in n and experts
+                       and (hf_names.hf_name(n, arch) or "").endswith(".gate_proj.weight"))
+        if gates:
+            raise ValueError(f"this mixture-of-experts adapter has adapters on the attention's output gate "
+                             f"({gates[0]}, ...): transformers' PEFT loading takes every gate_proj of such models for "
+                             "the experts' gate, so it would not apply them. Export it as GGUF (merged, or "
+                             "--lora-gguf), or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT "
+                             "adapter")
         for module, (a, b) in _module_pairs(pairs, base, md).items():
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()

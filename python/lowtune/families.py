@@ -59,11 +59,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen3vl       neox  silu       -           yes       -          -                        if the file gives one
     qwen3vlmoe    neox  silu       -           yes       -          -                        if the file gives one
     nemotron      neox  relu2      -           -         -          -                        if the file gives one
+    jais2         neox  relu2      -           -         -          -                        -
     apertus       neox  xielu      -           yes       -          -                        if the file gives one
     gpt-oss       neox  swiglu_oai -           -         -          -                        every 2nd layer global
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    mistral4      norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
@@ -86,6 +88,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
     arctic        norm  silu       -           -         -          -                        if the file gives one
     bailingmoe    norm  silu       -           -         -          -                        if the file gives one
+    mimo2         neox  silu       -           -         -          -                        from the file
+    afmoe         neox  silu       yes         yes       yes        -                        every 4th global, no RoPE
+    laguna        neox  silu       -           yes       -          -                        the first of every 4 global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -170,7 +175,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   layers, shared experts counted by expert_shared_count) routes by softmax or sigmoid (the file's
   expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
   the file gives them, and renormalizes and scales the weights as expert_weights_norm and
-  expert_weights_scale say.
+  expert_weights_scale say. Mistral Small 4 (mistral4) is this decoder under its own name (llama.cpp's
+  deepseek2 graph: latent attention, softmax routing in expert groups, renormalized and scaled as the file
+  says, a shared expert after dense first layers) but for YaRN's mscale, which llama.cpp takes as 1 beside the
+  file's mscale_all_dim (DeepSeek's as mscale_all_dim: Family.yarn_mscale_one); its converter writes no
+  attention temperature (llama_4_scaling_beta), and a file that gives one is refused as DeepSeek's.
   Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
   granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
   (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
@@ -264,6 +273,24 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   before experts in every layer, routed by the softmax's top k, renormalized as expert_weights_norm says, beside
   expert_shared_count shared experts of their width (DeepSeek's keys). Its checkpoints ship their own code.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
+  MiMo-V2-Flash (mimo2: MiMo-V2-Flash, MiMo-V2.5) attends globally or within the file's window by its per-layer
+  pattern, the sliding layers with their own RoPE base, their own KV head count (head_count_kv one a layer:
+  Family.kv_by_layer, ModelConfig.at_layer) and gpt-oss's sinks; values are value_length wide (narrower than the
+  keys) and the attention's output is scaled by attention.value_scale; RoPE on part of each head. Its layers with
+  a router in the file route by sigmoid with the selection bias, the chosen weights renormalized (llama.cpp's fixed
+  rule), the others are dense (Family.moe_by_router); its multi-token-prediction layers are GLM-4.5 MoE's.
+  AFMoE (afmoe: Arcee's Trinity Mini, Nano, Large) norms before and after attention and the FFN, per-head
+  q/k norms, embeddings × √D, each head's output times sigmoid(attn_gate(x)) before attn_output (its own
+  projection of the normed input: Family.attn_gate), and leaves RoPE out of every 4th layer (llama.cpp's fixed
+  n_no_rope_layer_step, as SmolLM3), the global one where the file gives a window; its experts are DeepSeek-V3's
+  routing without groups (sigmoid unless the file says, the selection bias, the file's expert_weights_norm and
+  expert_weights_scale, dense first layers, shared experts counted by expert_shared_count).
+  Laguna (laguna: poolside's Laguna) is AFMoE's attention without its post-norms, embedding scale and NoPE layers,
+  its output gate softplus(attn_gate(x)), one a head where attn_gate has a row a head (XS.2), else one an element
+  (M.1); the first of every 4 layers is global where the file gives a window (llama.cpp's dense_first), the
+  sliding ones with their own RoPE base and without the global layers' YaRN; its experts are AFMoE's (a shared
+  expert expert_shared_feed_forward_length wide). A file whose layers have query head counts of their own (XS.2's
+  48 and 64) or rotate the sliding layers over other dims (rope.dimension_count_swa) is refused.
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
   rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
@@ -321,6 +348,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Nemotron (nemotron: Nemotron-3/4, Minitron, Nemotron-Mini) is StarCoder2's layer with a relu²
   MLP and RoPE on part of each head; its LayerNorm1p (x normed · (1 + w) + b) is a LayerNorm whose
   stored weight has the 1 added (the converter adds it, as Gemma's).
+  Jais 2 (jais2: Jais-2 8B, 70B) is Nemotron's layer with plain LayerNorms (weights as they are, biases) and RoPE on
+  the whole head; llama.cpp reads no window for it.
   Apertus (apertus) is Llama with per-head q/k norms and an MLP without a gate whose activation is
   xIELU, with four scalars per layer from the file's xielu.* arrays (ModelConfig.xielu; the
   alphas before their softplus, glue_ops.xielu).
@@ -431,6 +460,12 @@ class Family:
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
+    attn_gate: str = ""                # the activation of attn_gate(h), the heads' output gate from its own projection
+    #                                    of the normed input: "sigmoid" (AFMoE) or "softplus" (Laguna); one value a
+    #                                    head where attn_gate has a row a head, else one an element; "": none
+    kv_by_layer: bool = False          # head_count_kv one a layer as the file gives it (ModelConfig.at_layer),
+    #                                    values value_length wide, the attention's output × attention.value_scale
+    #                                    (MiMo-V2-Flash)
     delta_heads_grouped: bool = False  # a DeltaNet's value head i reads q/k head i // (value heads per q/k head)
     #                                    (Qwen3-Next); False: i mod (q/k heads), Qwen3.5's converter's tiling
     kda: bool = False                  # the layers with no KV heads in the file run Kimi Delta Attention: the
@@ -462,6 +497,8 @@ class Family:
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
+    moe_by_router: bool = False        # the layers with experts are those the file gives a router (ffn_gate_inp),
+    #                                    as llama.cpp picks them (MiMo-V2-Flash's files count no dense layers)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
     moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
@@ -477,6 +514,9 @@ class Family:
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
+    yarn_mscale_one: bool = False      # latent attention's YaRN takes mscale 1 beside the file's mscale_all_dim: the
+    #                                    rotation at magnitude m(1) / m(mscale_all_dim), not 1 (llama.cpp's other
+    #                                    architectures than deepseek2: Mistral Small 4)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
@@ -638,6 +678,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("hunyuan-moe", rope="neox", qk_norm="head", qk_norm_after_rope=True, moe=True, moe_shared_ffn_width=True),
     Family("nemotron", rope="neox", activation="relu2", gated=False, norm="layer",
            hf_architectures=("NemotronForCausalLM",), hf_model_types=("nemotron",), hf_norm_offset=1.0),
+    Family("jais2", rope="neox", activation="relu2", gated=False, norm="layer", windowless=True,
+           hf_architectures=("Jais2ForCausalLM",), hf_model_types=("jais2",)),
     Family("apertus", rope="neox", activation="xielu", gated=False, qk_norm="head",
            hf_architectures=("ApertusForCausalLM",), hf_model_types=("apertus",)),
     Family("gpt-oss", rope="neox", activation="swiglu_oai", moe=True, moe_renorm=False, moe_gating=3, swa_period=2,
@@ -647,6 +689,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("mistral4", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, yarn_mscale_one=True),
     Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
            nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
            nope_temperature=True),
@@ -668,6 +711,11 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            attn_output_gate=True, delta_heads_grouped=True, moe=True, moe_shared_gate=True),
     # (llama.cpp's kimi-linear renormalizes the chosen experts' weights whatever the file says: moe_renorm)
     Family("kimi-linear", moe=True, moe_gating=2, moe_weight_keys=True, mla=True, nope=True, kda=True),
+    Family("mimo2", rope="neox", kv_by_layer=True, moe=True, moe_gating=2, moe_by_router=True, nextn_layers=True),
+    Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate="sigmoid",
+           nope_period=4, swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("laguna", rope="neox", qk_norm="head", attn_gate="softplus", swa_period=4, swa_global_first=True,
+           swa_rope_scaled=False, moe=True, moe_gating=2, moe_weight_keys=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,
            hf_architectures=("BitNetForCausalLM", "BitnetForCausalLM"), hf_model_types=("bitnet",)),
     # Llama's decoder from checkpoints that ship their own modeling code (their HF classes: the module doc)
@@ -759,10 +807,8 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is a mixture-of-experts model"
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
-                         "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx, deepseek, grok, arctic and bailingmoe)")
+                         "Mixtral's llama, " + ", ".join(a for a, fam in FAMILIES.items() if fam.moe and a != "llama")
+                         + ")")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

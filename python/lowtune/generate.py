@@ -174,6 +174,8 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
     if c.family.moe_residual:
         return None  # (Arctic's experts beside the layer, on its input: the model's own steps)
+    if c.family.attn_gate:
+        return None  # (AFMoE's output gate, its own product: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):
         return None
     if model.position_embd is not None or model.token_embd_norm is not None:

@@ -144,6 +144,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # DeepSeek's latent attention (kv_b_proj: attn_kv_b of older conversions; split into attn_k_b and attn_v_b,
     # not mapped) and dense layers' MLP
     "deepseek2": {"layer": _MLA, "global": _GLOBAL},
+    "mistral4": {"layer": _MLA, "global": _GLOBAL},  # (Mistral Small 4: DeepSeek's names)
     "minicpm3": {"layer": _MLA, "global": _GLOBAL},  # (kv_b_proj whole: attn_kv_b, as its converter keeps it)
     # GLM-4.5 MoE: the FFN's norm under post_attention_norm, as GGUF names it (dense layers' MLP; experts not mapped)
     "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,
@@ -161,6 +162,15 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                        "attn_output": "norm_attn_norm.attn.out_proj", "attn_output_norm": "norm_attn_norm.norm_2"},
              "global": {"token_embd.weight": "transformer.wte.weight", "output.weight": "lm_head.weight",
                         "output_norm.weight": "transformer.norm_f.weight"}},
+    # AFMoE: its attention's output gate, norms before and after attention and the MLP (dense layers' MLP; experts
+    # not mapped)
+    "afmoe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "attn_gate": "self_attn.gate_proj", **_QK_NORMS,
+                        "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_mlp_layernorm", **_MLP,
+                        "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
+    # Laguna: its attention's output gate (g_proj), q/k norms (dense layers' MLP; experts not mapped)
+    "laguna": {"layer": {**_MOE_ATTN, "attn_gate": "self_attn.g_proj", **_MLP}, "global": _GLOBAL},
+    # MiMo-V2-Flash: Llama's names (dense layers' MLP; experts and sinks not mapped)
+    "mimo2": {"layer": _LLAMA, "global": _GLOBAL},
     # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
     "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)
@@ -201,6 +211,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                     "global": _GLOBAL},
     "nemotron": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
                  "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "jais2": {"layer": {k: v for k, v in _LLAMA.items() if k != "ffn_gate"},
+              "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     # GPT-NeoX: its layers under gpt_neox.layers (_LAYERS); q, k and v rows in one tensor, head by head (_qkv_groups)
     "gptneox": {"layer": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
                           "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
@@ -1342,6 +1354,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
+    "jais2": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
@@ -1362,8 +1375,8 @@ _PARTIAL_ROTARY = ("phi2", "phi3", "glm4", "nemotron", "stablelm", "gptneox")
 
 # biases outside the layers that the HF class holds (the others' lm_head has none)
 _HF_GLOBAL_BIASES = {"phi2": ("output.bias", "output_norm.bias"), "starcoder2": ("output_norm.bias",),
-                     "nemotron": ("output_norm.bias",), "stablelm": ("output_norm.bias",),
-                     **dict.fromkeys(("gptneox", "falcon", "gpt2", "starcoder"), ("output_norm.bias",)),
+                     **dict.fromkeys(("nemotron", "jais2", "stablelm", "gptneox", "falcon", "gpt2", "starcoder"),
+                                     ("output_norm.bias",)),
                      "bloom": ("output_norm.bias", "token_embd_norm.bias")}
 
 

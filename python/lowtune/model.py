@@ -23,6 +23,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
+    blk.N.attn_gate           QLinear [H*hd, D]   the heads' output gate, act(attn_gate(x)) · attention before
+                              attn_output (AFMoE: sigmoid; Laguna: softplus, [H, D] where one a head)
     blk.N.post_attention_norm RMSNorm             on the attention output (Gemma 2/3, OLMo 2, GLM-4)
     blk.N.attn_sub_norm       RMSNorm [H*hd]      on the heads' output before attn_output (BitNet)
     blk.N.ffn_norm            RMSNorm             (absent in OLMo 2: NoNorm)
@@ -183,6 +185,7 @@ class ModelConfig:
     kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
     kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
     value_head_dim: int = 0       # the width of each head's value (0: head_dim)
+    attn_value_scale: float = 1.0  # the attention's output is multiplied by this (MiMo-V2-Flash's value scale)
     kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
     #                               (0: every layer's own)
     altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
@@ -352,7 +355,9 @@ class ModelConfig:
                 raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        # (one query head count, or one a layer where all are the same: Laguna's files)
+        dim, n_heads = int(get("embedding_length")), _one_per_layer(md, f"{arch}.attention.head_count")
+        n_heads = n_heads or int(get("attention.head_count"))
         n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
@@ -380,7 +385,9 @@ class ModelConfig:
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             if fam.yarn_keys or fam.mla:
                 log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
-            if fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+            if fam.yarn_mscale_one:  # (m(1) / m(mscale_all_dim), which the file keeps as 0.1 · mscale_all_dim)
+                attn_factor *= yarn_magnitude(yarn, log_mul / 0.1)
+            elif fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
                 attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
             else:
                 attn_factor *= yarn_magnitude(yarn, log_mul)
@@ -552,8 +559,22 @@ class ModelConfig:
         alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
         if alibi is None:
             alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
+        rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
+        swa_rope_dim = int(md.get(f"{arch}.rope.dimension_count_swa", rope_dim))
+        if not fam.layer_widths and window > 0 and swa_rope_dim != rope_dim:  # (Gemma 4's: its layer widths)
+            raise ValueError(f"this {arch} file rotates its sliding layers over {swa_rope_dim} dims of each head and "
+                             f"the others over {rope_dim} (rope.dimension_count_swa: Laguna-XS.2's), which lowtune "
+                             "does not run")
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
+        elif fam.kv_by_layer:  # (each layer's own count, ModelConfig.at_layer; values of their own width)
+            given = md.get(f"{arch}.attention.head_count_kv", n_heads)
+            counts = [int(k) for k in given[:n_layers]] if isinstance(given, (list, tuple)) else [int(given)] * n_layers
+            n_kv_heads, conv = counts[0], {}
+            if len(set(counts)) > 1:
+                parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
+            parts["value_head_dim"] = int(md.get(f"{arch}.attention.value_length", head_dim))
+            parts["attn_value_scale"] = float(md.get(f"{arch}.attention.value_scale", 1.0) or 1.0)
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net or fam.kda else {}
@@ -570,8 +591,7 @@ class ModelConfig:
         return cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
-            ffn_dim=int(ffn), head_dim=head_dim,
-            rope_dim=min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim),
+            ffn_dim=int(ffn), head_dim=head_dim, rope_dim=rope_dim,
             norm_eps=float(get(fam.eps_key)),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
             sliding_window=window, swa_layers=swa_layers,
@@ -1651,6 +1671,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
         names = tuple(latent_linear_shapes(config)) + names[4:]
     elif config.is_ssm(index):  # (Falcon-H1: a Mamba2 mixer's linears beside attention's)
         names = tuple(names) + SSM_LINEAR_NAMES
+    elif config.family.attn_gate:  # (AFMoE, Laguna: the heads' output gate)
+        names = tuple(names) + ("attn_gate",)
     if not config.has_kv(index):  # (K/V reused from an earlier layer)
         names = [n for n in names if n not in ("attn_k", "attn_v")]
     if config.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
@@ -1710,6 +1732,8 @@ class DecoderLayer(nn.Module):
         xielu = torch.tensor(c.xielu[index], dtype=torch.float32) if c.xielu else None
         self.register_buffer("xielu", xielu, persistent=False)
         self.activation = c.mlp_activation or fam.activation  # of the gated MLP (glue_ops.ACTIVATIONS)
+        if fam.attn_gate:  # (AFMoE, Laguna: the output gate reads attention's input, in its product)
+            self.PRODUCT_GROUPS = (self.PRODUCT_GROUPS[0] + ("attn_gate",), *self.PRODUCT_GROUPS[1:])
         self.grouped: dict[tuple[str, ...], QLinear] = {}  # group_products(); not submodules
         # token chunks the MLP runs in without autograd and in checkpoint_backward (set by
         # lowtune.streaming's plan where a budget needs one chunk's intermediates at a time)
@@ -1887,10 +1911,10 @@ class DecoderLayer(nn.Module):
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
             qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
-        q, k, v = qkv
+        q, k, v, *own_gate = qkv  # (AFMoE's and Laguna's gate: its own product beside them)
         if c.clamp_qkv:  # (OLMo's and MPT's clip_qkv, as llama.cpp's build_qkv clamps them)
             q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
-        gate = None
+        gate = own_gate[0] if own_gate else None
         if fam.attn_output_gate:  # each head's q, then its gate
             q, gate = q.view(b, t, c.n_heads, 2, c.head_dim).unbind(3)
             gate = gate.reshape(b, t, c.n_heads * c.head_dim)
@@ -1927,9 +1951,15 @@ class DecoderLayer(nn.Module):
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks,
                              fam.chunked_attention, self.alibi_slopes)
         attn = attn.transpose(1, 2).reshape(b, t, c.n_heads * c.v_dim)
-        if gate is not None:
-            attn = attn * torch.sigmoid(gate)
+        if gate is not None:  # (sigmoid: Qwen3.5's, AFMoE's; softplus: Laguna's, in fp32 as transformers)
+            g = F.softplus(gate.float()).to(gate.dtype) if fam.attn_gate == "softplus" else torch.sigmoid(gate)
+            if g.shape[-1] == c.n_heads:  # (one a head: Laguna-XS.2's)
+                attn = (attn.view(b, t, c.n_heads, c.v_dim) * g.unsqueeze(-1)).view_as(attn)
+            else:
+                attn = attn * g
         a = self.attn_output(self.attn_sub_norm(attn) if fam.sub_norms else attn)
+        if c.attn_value_scale != 1.0:  # (MiMo-V2-Flash: the values', on the output as llama.cpp scales it)
+            a = a * c.attn_value_scale
         if c.residual_scale != 1.0:
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
@@ -2167,6 +2197,9 @@ class Model(nn.Module):
         """weights: GGUF tensor name -> QTensor (matrices) or float tensor (vectors: norms, biases,
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
+        if config.family.moe_by_router and config.n_experts:  # (MiMo-V2-Flash: its file counts no dense layers)
+            routed = tuple(i for i in range(config.n_layers) if f"blk.{i}.ffn_gate_inp.weight" in weights)
+            config = replace(config, moe_layers=routed)  # (the layers with a router, as llama.cpp's mimo2 picks)
         config.check()
         if config.family.parallel_ssm:  # (Falcon-H1's blk.N.ffn_norm, read as the others' blk.N.ffn_norm.weight;
             weights = {n + ".weight" if n.endswith(".ffn_norm") else n: t for n, t in weights.items()}  # exports
@@ -2422,9 +2455,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
     def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:  # (of a layer's widths: at_layer)
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         shapes = {"attn_q": (2 * q if c.family.attn_output_gate else q, c.dim),  # (Qwen3.5: q and its gate)
-                  "attn_k": (kv, c.dim), "attn_v": (kv, c.dim),
-                  "attn_output": (c.dim, q), "ffn_gate": (c.ffn_dim, c.dim),
+                  "attn_k": (kv, c.dim), "attn_v": (c.n_kv_heads * c.v_dim, c.dim),
+                  "attn_output": (c.dim, c.n_heads * c.v_dim), "ffn_gate": (c.ffn_dim, c.dim),
                   "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim)}
+        if c.family.attn_gate:  # (AFMoE, Laguna: the heads' output gate, its own projection)
+            shapes["attn_gate"] = (q, c.dim)
         if not c.family.gated:
             del shapes["ffn_gate"]
         if c.kv_lora_rank:  # latent attention's linears in place of attn_q/k/v
@@ -2497,6 +2532,9 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         layer_shapes = dict(shapes)
         if c.family.values_from_keys and p + "attn_v.weight" not in w:  # (attn_k's projection: Gemma 4)
             del layer_shapes["attn_v"]
+        gate = w.get(p + "attn_gate.weight")  # (Laguna-XS.2's output gate: one a head)
+        if "attn_gate" in layer_shapes and gate is not None and tuple(gate.shape)[0] == c.n_heads:
+            layer_shapes["attn_gate"] = (c.n_heads, c.dim)
         if c.is_conv(i):  # the convolution's tensors in place of the attention's
             want.update({p + n + ".weight": shape for n, shape in conv_shapes.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
