@@ -6,7 +6,8 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
+multi-token-prediction layer left out of the model and kept in merged files), DeepSeek-V3.2 (deepseek32: V3's
+layer with the lightning indexer picking the keys each query attends to), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
 attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
 a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
@@ -52,8 +53,8 @@ from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NA
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW, deepseek2_kv_b_whole,
-                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
+from family_models import (DSA_TOP_K, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN, SEQ, WINDOW,
+                           deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
 from test_export import make_adapter
 from test_families_train_export import adapted_steps, nll_ppl
@@ -62,8 +63,9 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
+LATENT = DEEPSEEK + ("deepseek32",)  # (DeepSeek's latent attention, and V3's layer in deepseek32)
 # (leading_dense_block_count: the first layer's FFN is dense)
-DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + DEEPSEEK
+DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -101,7 +103,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear") + DEEPSEEK
+              "cohere2moe", "kimi-linear") + LATENT
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -141,11 +143,14 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
-        if name in ("deepseek2", "deepseek3"):  # the weights' scale, and V3's sigmoid, renorm and groups matter
+        # the weights' scale, and V3's (and V3.2's) sigmoid, renorm and groups matter
+        if name in ("deepseek2", "deepseek3", "deepseek32"):
             matters(moes, "weights_scale", 1.0)
-        if name == "deepseek3":
+        if name in ("deepseek3", "deepseek32"):
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
+        if name == "deepseek32":  # the indexer's choice matters (keeping every key)
+            matters([layer.indexer for layer in model.layers], "top_k", SEQ)
         # their sigmoid routing, selection bias, renorm and scale matter
         if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
@@ -182,7 +187,7 @@ def test_logits_match_transformers(moe, name):
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe") else 5e-3)
+                                                      "gemma4moe") else 3e-2 if n == "deepseek32" else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -197,7 +202,11 @@ def test_logits_match_transformers(moe, name):
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
-                         + [("deepseek3", "Q4_0", 1.5e-2)])
+                         + [("deepseek3", "Q4_0", 1.5e-2)]
+                         # (DeepSeek-V3.2: llama.cpp's 8-bit rounding of the products' inputs moves the indexer's
+                         # scores enough to flip its top 16 near ties, 2.5 % and 1.6 % here; its perplexity without the
+                         # selection within 5e-3: test_deepseek32_lightning_indexer)
+                         + [("deepseek32", "Q4_0", 3e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -316,6 +325,78 @@ def test_deepseek_without_experts(moe, tmp_path):
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
+@pytest.mark.transformers
+def test_deepseek32_lightning_indexer(moe):
+    """DeepSeek-V3.2's lightning indexer in every layer (its file's indexer head count, width and top k): a
+    query sees every key up to position top_k, then the top_k its indexer scores best (active from position 16 of
+    the 64 the logits tests run), causal. Where the file's YaRN mscale_all_dim is not 1, llama.cpp's deepseek32
+    takes mscale 1 (deepseek2 takes it equal). bf16 follows fp32 (the indexer computes in fp32); its HF directory
+    is refused, pointing at the converter, and a file without the indexer's keys or with heads narrower than the
+    RoPE dims by name."""
+    model = Model.from_gguf(moe["deepseek32"].gguf)
+    c = model.config
+    assert (c.arch, c.indexer_heads, c.indexer_head_dim, c.indexer_top_k) == ("deepseek32", 32, 64, DSA_TOP_K)
+    assert all(layer.indexer is not None for layer in model.layers) and c.rope_attn_factor == pytest.approx(1.0)
+    assert model.layers[0].indexer.style == "neox" and c.family.rope == "norm"  # (relaid: neox_pairing)
+    ids = rand_ids(2, SEQ)
+    kept = []
+    model.layers[0].indexer.register_forward_hook(lambda mod, args, out: kept.append(out))
+    with torch.no_grad():
+        fp32 = model(ids)
+    seen = kept[0][:, 0].sum(-1)  # [B, T]: the keys each query sees
+    pos = torch.arange(SEQ)
+    assert torch.equal(seen, torch.minimum(pos + 1, torch.tensor(DSA_TOP_K)).expand(2, -1))
+    assert not kept[0][:, 0].triu(1).any()  # (causal)
+    # bf16: the first layer's choice (of inputs equal up to bf16's rounding) is fp32's but for near ties, and with
+    # every key kept the logits follow (the later layers' choices flip on bf16's drift, which moves them by 25 %)
+    bf16 = Model.from_gguf(moe["deepseek32"].gguf, dtype=torch.bfloat16)
+    bf16.layers[0].indexer.register_forward_hook(lambda mod, args, out: kept.append(out))
+    with torch.no_grad():
+        bf16(ids)
+        assert (kept[1] & kept[0]).sum() > 0.99 * kept[0].sum()
+        for layer in model.layers + bf16.layers:
+            layer.indexer.top_k = SEQ
+        assert rel_err(bf16(ids), model(ids)) < 5e-2
+    md = dict(model.metadata)
+    yarn = {"rope.scaling.yarn_log_multiplier": 0.0707}  # (the converter's 0.1 · mscale_all_dim)
+    m = lambda s: 1 + 0.1 * s * math.log(4)  # noqa: E731 (YaRN's m(s) at the file's factor 4)
+    v32 = ModelConfig.from_gguf_metadata({**md, **{f"deepseek32.{k}": v for k, v in yarn.items()}})
+    assert v32.rope_attn_factor == pytest.approx(m(1) / m(0.707), rel=1e-5)
+    assert v32.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48), rel=1e-5)
+    with GGUFFile(moe["deepseek3"].gguf) as f:  # (deepseek2: mscale = mscale_all_dim = 0.707)
+        v3 = ModelConfig.from_gguf_metadata(f.metadata)
+    assert v3.rope_attn_factor == 1.0 and v3.query_scale == pytest.approx(m(0.707) ** 2 / math.sqrt(48), rel=1e-5)
+    with pytest.raises(ValueError, match="lacks deepseek32.attention.indexer.top_k"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "deepseek32.attention.indexer.top_k"})
+    with pytest.raises(ValueError, match="lightning indexer of 32 heads of 8 dims"):
+        ModelConfig.from_gguf_metadata({**md, "deepseek32.attention.indexer.key_length": 8}).check()
+    with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
+        StepDecoder(model, 16)
+    with pytest.raises(ValueError, match="DeepseekV32ForCausalLM.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["deepseek32"].hf_dir)
+
+
+@pytest.mark.llamacpp
+def test_deepseek32_without_the_selection_is_llamacpps_in_q8_0(moe, text_ids, tmp_path):
+    """DeepSeek-V3.2's file with an indexer top k no sequence reaches (every key kept) gives llama.cpp's perplexity
+    in Q8_0 within 5e-3 as the other mixtures do: what moves it by 2.5 % with the selection is llama.cpp's 8-bit
+    rounding of the indexer's inputs flipping its top 16 near ties (test_perplexity_and_greedy_decoding_match_
+    llamacpp)."""
+    import ggml_ref
+    with GGUFFile(moe["deepseek32"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "all-keys.gguf", {**md, "deepseek32.attention.indexer.top_k": 4 * SEQ}, tensors,
+               metadata_types=types)
+    ggml_ref.quantize_model(tmp_path / "all-keys.gguf", tmp_path / "all-keys-Q8_0.gguf", "Q8_0")
+    model = Model.from_gguf(tmp_path / "all-keys-Q8_0.gguf")
+    w = windows(text_ids, SEQ, chunks=8)
+    want = llamacpp_perplexity(llamacpp(tmp_path / "all-keys-Q8_0.gguf"), w)
+    got = perplexity(model, text_ids, SEQ, chunks=8)["perplexity"]
+    print(f"deepseek32 Q8_0 keeping every key: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
+    assert abs(got - want) / want < 5e-3
+
+
 def _tensors_of(f: GGUFFile, keep) -> list:
     """The tensors of an open GGUF whose names `keep` takes, as write_gguf takes them (blocks as stored)."""
     return [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
@@ -406,7 +487,7 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
-    if name in DEEPSEEK + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
+    if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
                            "cohere2moe", "kimi-linear", "gemma4moe"):
         assert steps is None
@@ -427,7 +508,7 @@ def test_adapters_train_through_the_experts(moe, name):
     ads = adapters.adapters_of(model)
     # DeepSeek's latent attention: q (or q's latent and q_b), the keys' and values' latent, k_b, v_b, the output
     attention = {"attn_q", "attn_k", "attn_v", "attn_output"}
-    if name in DEEPSEEK + ("kimi-linear",):
+    if name in LATENT + ("kimi-linear",):
         attention = {"attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"} | (
             {"attn_q"} if name in ("deepseek2-lite", "kimi-linear") else {"attn_q_a", "attn_q_b"})
     c = model.config
@@ -452,11 +533,14 @@ def test_adapters_train_through_the_experts(moe, name):
         if m is not None:  # the router and the routed experts stay frozen
             frozen = [e for e in (m.router, m.gate_exps, m.up_exps, m.gate_up_exps, m.down_exps) if e is not None]
             assert not any(p.requires_grad for lin in frozen for p in lin.parameters())
+        if layer.indexer is not None:  # DeepSeek-V3.2's indexer too (its selection takes no gradient)
+            assert not any(p.requires_grad for p in layer.indexer.parameters())
 
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
-                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2)])
+                                            ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2),
+                                            ("deepseek32", "lora", 5e-3)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -483,7 +567,7 @@ def test_exports(moe, tmp_path, name):
     peft_run, peft_model = tmp_path / "run", model
     lora_run, lora_model = tmp_path / "run", model
     attention = ("attn_q", "attn_k", "attn_v", "attn_output")
-    if name in DEEPSEEK + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
+    if name in LATENT + ("kimi-linear",):  # llama.cpp's deepseek2 graph takes a GGUF LoRA on attn_output and the
         #                                      FFN only (kimi-linear's on the FFN and its latent attention's output)
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA"):
             export_lora_gguf(base, lora_run, tmp_path / "lora.gguf")
@@ -582,7 +666,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek32", "dbrx", "qwen3"):
+    for arch in ("deepseek", "dbrx", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
@@ -591,7 +675,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM"):
+                         "KimiLinearForCausalLM", "DeepseekV32ForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -64,6 +64,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2          neox  silu       -           yes       -          -                        if the file gives one
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
+    deepseek32    norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
@@ -166,6 +167,17 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   expert_gating_func), picks with the selection bias exp_probs_b, in the best expert groups where
   the file gives them, and renormalizes and scales the weights as expert_weights_norm and
   expert_weights_scale say.
+  DeepSeek-V3.2 (deepseek32: DeepSeek-V3.2-Exp, V3.2) is DeepSeek-V3 with its lightning indexer in every
+  layer (Family.indexer, DeepSeek Sparse Attention): each query attends only to the attention.indexer.top_k
+  keys the indexer scores best, Σ_h w_h · relu(q_h · k) with q_h = indexer.attn_q_b(q's normed latent)
+  (indexer.head_count heads of indexer.key_length), one key indexer.k_norm(indexer.attn_k(x)) (a LayerNorm
+  with a bias, ε 1e-6), both NEOX-rotated on their first rope.dimension_count dims, and w =
+  indexer.proj(x) / √(heads · key_length); a query with no more than top_k keys before it sees them all,
+  as llama.cpp's graph. The selection takes no gradient (transformers runs the indexer without one too):
+  the indexer's linears stay frozen. Its NextN layers are GLM-4.5 MoE's (below). Where YaRN's mscale_all_dim
+  is not 1, llama.cpp's deepseek32 takes mscale as 1 (deepseek2 alone takes it equal: Family.mla_yarn_mscale),
+  the rotation m(1) / m(mscale_all_dim) and the scores m(1)², as lowtune does; transformers (mscale from the
+  config) agrees where both are 1, as DeepSeek-V3.2's config gives them.
   Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
   granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
   (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
@@ -445,6 +457,11 @@ class Family:
     #                                    and on act(gate) · up before ffn_down (ffn_sub_norm) (BitNet)
     activation_key: bool = False       # the file's hidden_activation may name the gated MLP's activation
     #                                    ("relu2"; absent: `activation`, as llama.cpp's graph runs it) (BitNet)
+    mla_yarn_mscale: bool = False      # YaRN's mscale is the file's mscale_all_dim, so the rotation keeps magnitude 1
+    #                                    (llama.cpp's deepseek2 alone; the other latent-attention graphs take mscale
+    #                                    1, so m(1) / m(mscale_all_dim) on the rotation, m(1)² on the scores)
+    indexer: str = ""                  # DeepSeek's lightning indexer picks the keys each query attends to, its
+    #                                    RoPE's pairing ("neox": DeepSeek-V3.2; "": no indexer)
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
@@ -607,7 +624,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
-    Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, mla_yarn_mscale=True),
+    Family("deepseek32", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, nextn_layers=True,
+           indexer="neox"),
     Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
            nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
            nope_temperature=True),
@@ -658,7 +677,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
+_MOE = {"mixtral", "deepseek", "dbrx", "grok", "arctic"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
@@ -721,8 +740,9 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, deepseek32, llama4, glm4moe, exaone-moe, nemotron_h_moe, "
+                         "cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear "
+                         "and gemma4)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
