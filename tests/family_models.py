@@ -49,7 +49,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "deepseek32")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "deepseek32", "glm-dsa")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -335,6 +335,13 @@ def hf_model(name: str):
             rope_parameters={
                 "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
                 "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # GLM-5's (glm-dsa): DeepSeek-V3.2's indexer (interleaved RoPE) in the first and third layers, the second
+        # and fourth reusing their choice (GLM-5.2's "shared" layers), sigmoid routing after a dense first layer
+        "glm-dsa": lambda: tf.GlmMoeDsaForCausalLM(tf.GlmMoeDsaConfig(
+            **{**common, **MLA}, num_hidden_layers=4, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            norm_topk_prob=True, routed_scaling_factor=2.5, tie_word_embeddings=False, index_topk=DSA_TOP_K,
+            index_head_dim=64, index_n_heads=32, indexer_types=["full", "shared", "full", "shared"])),
         # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
         # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
@@ -870,7 +877,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = glm.GlmMoeDsaModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1162,7 +1170,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm4moe", "dots1", "exaone-moe",
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "glm4moe", "dots1", "exaone-moe",
                     "cohere2moe"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch == "llama4":  # experts in every other layer, one a token (tests/family_models.hf_model's llama4)
@@ -1170,8 +1178,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
                    f"{arch}.shortconv.l_cache": CONV_KERNEL})
-    if arch in ("deepseek2", "deepseek32"):  # DeepSeek-V3's latent attention and routing (tests/family_models.
-        #                                       hf_model's deepseek3), DeepSeek-V3.2's indexer (its deepseek32)
+    if arch in ("deepseek2", "deepseek32", "glm-dsa"):  # DeepSeek-V3's latent attention and routing (tests/
+        #                                 family_models.hf_model's deepseek3), DeepSeek-V3.2's indexer (its deepseek32)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
         md.update({f"{arch}.attention.q_lora_rank": 32, f"{arch}.attention.kv_lora_rank": rank,
                    f"{arch}.attention.key_length_mla": nope + rope, f"{arch}.attention.value_length_mla": v,
@@ -1182,6 +1190,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.indexer:
         md.update({f"{arch}.attention.indexer.head_count": 32, f"{arch}.attention.indexer.key_length": 64,
                    f"{arch}.attention.indexer.top_k": DSA_TOP_K})
+    if fam.indexer_types:  # (GLM-5.2's shared layers: the second reuses the first's choice)
+        md[f"{arch}.attention.indexer.types"] = [True, False]
     if fam.kda:  # Kimi Linear's KDA layers (no KV heads) and latent attention without RoPE, its routing
         #          (tests/family_models.hf_model's kimi-linear)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
@@ -1302,7 +1312,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
-            if c.indexer_heads:  # the lightning indexer's (DeepSeek-V3.2)
+            if c.indexer_heads and c.indexer_source(i) == i:  # the lightning indexer's (DeepSeek-V3.2)
                 heads, width = c.indexer_heads, c.indexer_head_dim
                 w.update({p + "indexer.attn_q_b.weight": mat(heads * width, c.q_lora_rank),
                           p + "indexer.attn_k.weight": mat(width, D), p + "indexer.proj.weight": mat(heads, D),
@@ -1339,8 +1349,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     del w[p + "ffn_gate_shexp.weight"]
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm4moe", "dots1", "minimax-m2",
-                        "exaone-moe", "nemotron_h_moe", "kimi-linear"):
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "glm4moe", "dots1",
+                        "minimax-m2", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)

@@ -7,7 +7,8 @@ routing) and DeepSeek (deepseek2: latent attention, with and without q's latent;
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
 multi-token-prediction layer left out of the model and kept in merged files), DeepSeek-V3.2 (deepseek32: V3's
-layer with the lightning indexer picking the keys each query attends to), Llama 4, PhiMoE (phimoe:
+layer with the lightning indexer picking the keys each query attends to) and GLM-5 (glm-dsa: its indexer in some
+layers, the others reusing their choice), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
 attention before DeepSeek-V3's routing without groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE,
 a gated shared expert), MiniMax-M2 (minimax-m2: q/k norms over all heads, partial RoPE, sigmoid routing
@@ -63,7 +64,7 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
-LATENT = DEEPSEEK + ("deepseek32",)  # (DeepSeek's latent attention, and V3's layer in deepseek32)
+LATENT = DEEPSEEK + ("deepseek32", "glm-dsa")  # (DeepSeek's latent attention, and V3's layer in deepseek32, glm-dsa)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
@@ -149,8 +150,12 @@ def test_logits_match_transformers(moe, name):
         if name in ("deepseek3", "deepseek32"):
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name == "deepseek32":  # the indexer's choice matters (keeping every key)
-            matters([layer.indexer for layer in model.layers], "top_k", SEQ)
+        if name in ("deepseek32", "glm-dsa"):  # the indexer's choice matters (keeping every key)
+            matters([layer.indexer for layer in model.layers if layer.indexer is not None], "top_k", SEQ)
+        if name == "glm-dsa":  # its routing, and its shared layers' reuse of the layer before's choice, matter
+            for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
+                matters(moes, what, off)
+            matters([layer for layer in model.layers if layer.indexer is None], "indexer_source", None)
         # their sigmoid routing, selection bias, renorm and scale matter
         if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
@@ -182,12 +187,14 @@ def test_logits_match_transformers(moe, name):
 # (LFM2-MoE, Qwen3.5-MoE and Kimi Linear: their convolutions' and DeltaNets' activations lose more to llama.cpp's
 # rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES]
+# (GLM-5: its indexer's choice flips near ties on llama.cpp's F16 rounding of its keys, 0.6 % here)
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 1e-2 if n == "glm-dsa" else 2e-3) for n in MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe") else 3e-2 if n == "deepseek32" else 5e-3)
+                                                      "gemma4moe") else 3e-2 if n in ("deepseek32", "glm-dsa")
+                                                      else 5e-3)
                             for n in MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -203,10 +210,10 @@ def test_logits_match_transformers(moe, name):
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%)
                          + [("deepseek3", "Q4_0", 1.5e-2)]
-                         # (DeepSeek-V3.2: llama.cpp's 8-bit rounding of the products' inputs moves the indexer's
-                         # scores enough to flip its top 16 near ties, 2.5 % and 1.6 % here; its perplexity without the
-                         # selection within 5e-3: test_deepseek32_lightning_indexer)
-                         + [("deepseek32", "Q4_0", 3e-2)])
+                         # (DeepSeek-V3.2, GLM-5: llama.cpp's 8-bit rounding of the products' inputs moves the
+                         # indexer's scores enough to flip its top 16 near ties, up to 2.5 % here; their perplexity
+                         # without the selection within 5e-3: test_without_the_selection_the_indexed_are_llamacpps)
+                         + [("deepseek32", "Q4_0", 3e-2), ("glm-dsa", "Q4_0", 3e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -377,24 +384,55 @@ def test_deepseek32_lightning_indexer(moe):
 
 
 @pytest.mark.llamacpp
-def test_deepseek32_without_the_selection_is_llamacpps_in_q8_0(moe, text_ids, tmp_path):
-    """DeepSeek-V3.2's file with an indexer top k no sequence reaches (every key kept) gives llama.cpp's perplexity
-    in Q8_0 within 5e-3 as the other mixtures do: what moves it by 2.5 % with the selection is llama.cpp's 8-bit
-    rounding of the indexer's inputs flipping its top 16 near ties (test_perplexity_and_greedy_decoding_match_
-    llamacpp)."""
+@pytest.mark.parametrize("name,qtype,tol", [("deepseek32", "F32", 2e-3), ("deepseek32", "Q8_0", 5e-3),
+                                            ("glm-dsa", "F32", 2e-3), ("glm-dsa", "Q8_0", 5e-3)])
+def test_without_the_selection_the_indexed_are_llamacpps(moe, text_ids, tmp_path, name, qtype, tol):
+    """DeepSeek-V3.2's and GLM-5's files with an indexer top k no sequence reaches (every key kept) give llama.cpp's
+    perplexity as the other mixtures do: what moves them with the selection (GLM-5's by 0.6 % in F32, both by up
+    to 2.5 % in Q8_0) is llama.cpp's rounding of the indexer's keys to F16 and of its inputs to 8 bits, which flips
+    its top 16 near ties (test_perplexity_and_greedy_decoding_match_llamacpp)."""
     import ggml_ref
-    with GGUFFile(moe["deepseek32"].gguf) as f:
+    with GGUFFile(moe[name].gguf) as f:
         md, types = dict(f.metadata), dict(f.metadata_types)
         tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
-    write_gguf(tmp_path / "all-keys.gguf", {**md, "deepseek32.attention.indexer.top_k": 4 * SEQ}, tensors,
-               metadata_types=types)
-    ggml_ref.quantize_model(tmp_path / "all-keys.gguf", tmp_path / "all-keys-Q8_0.gguf", "Q8_0")
-    model = Model.from_gguf(tmp_path / "all-keys-Q8_0.gguf")
+    path = tmp_path / "all-keys.gguf"
+    write_gguf(path, {**md, f"{name}.attention.indexer.top_k": 4 * SEQ}, tensors, metadata_types=types)
+    if qtype != "F32":
+        ggml_ref.quantize_model(path, tmp_path / f"all-keys-{qtype}.gguf", qtype)
+        path = tmp_path / f"all-keys-{qtype}.gguf"
+    model = Model.from_gguf(path)
     w = windows(text_ids, SEQ, chunks=8)
-    want = llamacpp_perplexity(llamacpp(tmp_path / "all-keys-Q8_0.gguf"), w)
+    want = llamacpp_perplexity(llamacpp(path), w)
     got = perplexity(model, text_ids, SEQ, chunks=8)["perplexity"]
-    print(f"deepseek32 Q8_0 keeping every key: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
-    assert abs(got - want) / want < 5e-3
+    print(f"{name} {qtype} keeping every key: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
+    assert abs(got - want) / want < tol
+
+
+def test_glm_dsa_shared_indexers(moe):
+    """GLM-5's indexer only in the layers its file's attention.indexer.types marks (the first and third here), the
+    others reusing the choice of the last layer before them with one; without the key every layer has its own
+    below a context of 1048576 (GLM-5, 5.1), GLM-5.2's pattern from there (the first two, then every fourth), as
+    llama.cpp reads it. Its indexer rotates adjacent pairs, as its attention; a file with YaRN is refused by name."""
+    model = Model.from_gguf(moe["glm-dsa"].gguf)
+    c, md = model.config, model.metadata
+    assert c.indexer_shared == (1, 3) and [c.indexer_source(i) for i in range(4)] == [0, 0, 2, 2]
+    assert [layer.indexer is not None for layer in model.layers] == [True, False, True, False]
+    assert model.layers[0].indexer.style == "norm" and not model.layers[0].indexer.relaid
+    assert model.layers[0].indexer.k_norm.eps == 0.0 and c.expert_gating == 2
+    ids = rand_ids(1, SEQ, seed=2)
+    with torch.no_grad():
+        model(ids)
+    assert model.layers[1].indexer_choices[0].shape == (1, 1, SEQ, SEQ)  # (layer 0's, which layer 1 read)
+    plain = {k: v for k, v in md.items() if k != "glm-dsa.attention.indexer.types"}
+    assert ModelConfig.from_gguf_metadata(plain).indexer_shared == ()
+    glm52 = ModelConfig.from_gguf_metadata({**plain, "glm-dsa.context_length": 1048576})
+    assert glm52.indexer_shared == (3,)
+    with pytest.raises(ValueError, match="scales RoPE by YaRN"):
+        ModelConfig.from_gguf_metadata({**md, "glm-dsa.rope.scaling.type": "yarn", "glm-dsa.rope.scaling.factor": 4.0})
+    with pytest.raises(ValueError, match="the first layer must have its own"):
+        ModelConfig.from_gguf_metadata({**md, "glm-dsa.attention.indexer.types": [False, True, True, True]}).check()
+    with pytest.raises(ValueError, match="GlmMoeDsaForCausalLM.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["glm-dsa"].hf_dir)
 
 
 def _tensors_of(f: GGUFFile, keep) -> list:
@@ -599,7 +637,8 @@ def test_exports(moe, tmp_path, name):
     cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
     print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}; with the GGUF LoRA lowtune "
           f"{lora_ppl:.3f}, llama.cpp {cpp_lora:.3f}")
-    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - lora_ppl) / lora_ppl < 2e-3
+    tol = 1e-2 if name == "glm-dsa" else 2e-3  # (GLM-5's indexer flips near ties on llama.cpp's F16 keys)
+    assert abs(cpp_merged - ppl) / ppl < tol and abs(cpp_lora - lora_ppl) / lora_ppl < tol
     if name == "qwen3next":  # (its HF modules fuse the DeltaNet's projections head by head)
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
@@ -675,7 +714,7 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "DeepseekV32ForCausalLM"):
+                         "KimiLinearForCausalLM", "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -65,6 +65,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
     deepseek32    norm  silu       -           -         -          -                        if the file gives one
+    glm-dsa       norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
@@ -178,6 +179,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   is not 1, llama.cpp's deepseek32 takes mscale as 1 (deepseek2 alone takes it equal: Family.mla_yarn_mscale),
   the rotation m(1) / m(mscale_all_dim) and the scores m(1)², as lowtune does; transformers (mscale from the
   config) agrees where both are 1, as DeepSeek-V3.2's config gives them.
+  GLM-5 (glm-dsa: GLM-5, GLM-5.1, GLM-5.2) is DeepSeek-V3.2's layer with the indexer's RoPE on adjacent pairs
+  (as attention's), sigmoid routing unless the file says, and the indexer only in the layers the file's
+  attention.indexer.types marks (Family.indexer_types): the others reuse the keys of the last layer before them
+  that has one. Without the key, every layer has its own below a context of 1048576 (GLM-5, 5.1), GLM-5.2's
+  pattern from there (the first two layers, then every fourth), as llama.cpp reads it. llama.cpp's glm-dsa
+  reads no yarn_log_multiplier and norms the indexer's key with ε 0 (f_norm_eps, which it does not read); lowtune
+  refuses a glm-dsa file with YaRN (GLM-5's checkpoints have none) and takes ε 0 too (transformers' 1e-6).
   Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
   granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
   (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
@@ -461,7 +469,10 @@ class Family:
     #                                    (llama.cpp's deepseek2 alone; the other latent-attention graphs take mscale
     #                                    1, so m(1) / m(mscale_all_dim) on the rotation, m(1)² on the scores)
     indexer: str = ""                  # DeepSeek's lightning indexer picks the keys each query attends to, its
-    #                                    RoPE's pairing ("neox": DeepSeek-V3.2; "": no indexer)
+    #                                    RoPE's pairing ("neox": DeepSeek-V3.2; "norm": GLM-5; "": no indexer)
+    indexer_norm_eps: float = 1e-6     # ... its key's LayerNorm ε (llama.cpp's f_norm_eps: GLM-5's 0, unread)
+    indexer_types: bool = False        # ... only in the layers attention.indexer.types marks, the others reusing
+    #                                    the keys of the last layer before them with one (GLM-5.2)
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
@@ -627,6 +638,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, mla_yarn_mscale=True),
     Family("deepseek32", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, nextn_layers=True,
            indexer="neox"),
+    Family("glm-dsa", moe=True, moe_gating=2, moe_renorm=False, moe_weight_keys=True, mla=True, nextn_layers=True,
+           indexer="norm", indexer_norm_eps=0.0, indexer_types=True),
     Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
            nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
            nope_temperature=True),
@@ -740,9 +753,9 @@ def family_of(metadata: Mapping) -> Family:
                          + (f" ({experts} experts)" if experts else "")
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
-                         "qwen3vlmoe, lfm2moe, deepseek2, deepseek32, llama4, glm4moe, exaone-moe, nemotron_h_moe, "
-                         "cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear "
-                         "and gemma4)")
+                         "qwen3vlmoe, lfm2moe, deepseek2, deepseek32, glm-dsa, llama4, glm4moe, exaone-moe, "
+                         "nemotron_h_moe, cohere2moe, qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, "
+                         "jamba, kimi-linear and gemma4)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

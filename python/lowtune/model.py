@@ -188,6 +188,8 @@ class ModelConfig:
     indexer_heads: int = 0        # DeepSeek's lightning indexer (Family.indexer): its heads (0: no indexer),
     indexer_head_dim: int = 0     # ... each this wide (RoPE on the first rope_dim dims),
     indexer_top_k: int = 0        # ... and the keys it keeps for each query
+    indexer_shared: tuple[int, ...] = ()  # the layers without one, which reuse the keys of the last layer before
+    #                                       them with one (GLM-5.2: Family.indexer_types)
     kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
     #                               (0: every layer's own)
     altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
@@ -303,6 +305,13 @@ class ModelConfig:
         steps do not keep."""
         return tuple(sorted(self.conv_layers + self.ssm_layers + self.delta_layers))
 
+    def indexer_source(self, layer: int) -> int:
+        """The layer whose lightning indexer picks layer `layer`'s keys: itself, or for GLM-5.2's shared layers
+        the last before it with one (ModelConfig.indexer_shared)."""
+        while layer in self.indexer_shared:
+            layer -= 1
+        return layer
+
     def is_delta(self, layer: int) -> bool:
         """Whether layer `layer` is a Gated DeltaNet in place of attention (Qwen3.5)."""
         return layer in self.delta_layers
@@ -385,6 +394,9 @@ class ModelConfig:
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             if fam.yarn_keys or fam.mla:
                 log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
+            if fam.indexer_types:
+                raise ValueError(f"this {arch} file scales RoPE by YaRN, which GLM-5's checkpoints do not and lowtune "
+                                 f"does not run for {arch} (llama.cpp's graph reads no yarn_log_multiplier for it)")
             if fam.mla_yarn_mscale:  # (llama.cpp's deepseek2: magnitude 1 where the file gives mscale_all_dim)
                 attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
             elif fam.mla:  # (the others' mscale 1: m(1) / m(mscale_all_dim), the file's 0.1 · mscale_all_dim)
@@ -442,6 +454,10 @@ class ModelConfig:
             latent.update(indexer_heads=int(get("attention.indexer.head_count")),
                           indexer_head_dim=int(get("attention.indexer.key_length")),
                           indexer_top_k=int(get("attention.indexer.top_k")))
+        if fam.indexer_types:  # (without the key: all full below GLM-5.2's context, its pattern from there)
+            full = md.get(f"{arch}.attention.indexer.types") or [
+                context < 1048576 or i < 2 or (i - 2) % 4 == 0 for i in range(n_layers)]
+            latent["indexer_shared"] = tuple(i for i in range(n_layers) if not full[i])
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
@@ -610,6 +626,9 @@ class ModelConfig:
             raise ValueError(f"a lightning indexer of {self.indexer_heads} heads of {self.indexer_head_dim} dims "
                              f"keeping {self.indexer_top_k} keys, beside q's latent of {self.q_lora_rank}: it reads "
                              f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key")
+        if self.indexer_shared and (0 in self.indexer_shared or not self.indexer_heads):
+            raise ValueError(f"layers {self.indexer_shared} reuse an earlier layer's indexer: the first layer must "
+                             "have its own")
         if self.ssm_layers and (self.ssm is None or not (self.family.mamba2 or self.family.mamba1)):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
@@ -1579,7 +1598,8 @@ class KVCache:
         # the lightning indexer's one key head [B, 1, max_len, width] in fp32, as it computes (DeepSeek-V3.2;
         # empty without one)
         self.indexer_k = [torch.zeros((batch, 1, max_len, config.indexer_head_dim) if config.indexer_heads
-                                      and config.has_attention(i) else (0,), device=device, dtype=torch.float32)
+                                      and config.has_attention(i) and config.indexer_source(i) == i else (0,),
+                                      device=device, dtype=torch.float32)
                           for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
         self.recurrent_state: dict[int, torch.Tensor] = {}
@@ -1673,9 +1693,6 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     return out
 
 
-INDEXER_NORM_EPS = 1e-6  # the lightning indexer's k_norm (llama.cpp's deepseek32: f_norm_eps, not the file's)
-
-
 def neox_pairing(rot: torch.Tensor) -> torch.Tensor:
     """RoPE tables [..., rope_dim] laid out for "norm" pairing (adjacent dims) relaid for "neox" (halves)."""
     return torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
@@ -1697,7 +1714,7 @@ class LightningIndexer(nn.Module):
         self.wq_b = QLinear(w[p + "attn_q_b.weight"], p + "attn_q_b.weight")
         self.wk = QLinear(w[p + "attn_k.weight"], p + "attn_k.weight")
         self.weights_proj = QLinear(w[p + "proj.weight"], p + "proj.weight")
-        self.k_norm = LayerNorm(w[p + "k_norm.weight"], INDEXER_NORM_EPS, w[p + "k_norm.bias"])
+        self.k_norm = LayerNorm(w[p + "k_norm.weight"], c.family.indexer_norm_eps, w[p + "k_norm.bias"])
 
     @torch.no_grad()
     def forward(self, h: torch.Tensor, q_latent: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
@@ -1749,8 +1766,12 @@ class DecoderLayer(nn.Module):
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
-        # the keys each query attends to (DeepSeek-V3.2)
-        self.indexer = LightningIndexer(c, index, w) if c.indexer_heads and self.attends else None
+        # the keys each query attends to (DeepSeek-V3.2), or the layer whose indexer picks them (GLM-5.2's shared
+        # layers: its choice read from indexer_choices, one dict the model's layers share)
+        own = c.indexer_heads and self.attends and c.indexer_source(index) == index
+        self.indexer = LightningIndexer(c, index, w) if own else None
+        self.indexer_source = c.indexer_source(index) if c.indexer_heads and not own else None
+        self.indexer_choices: dict[int, torch.Tensor] = {}
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
         # between ssm_in and ssm_out (Granite 4; Mamba 1's, around ssm_x and ssm_dt: Mamba)
         self.mamba = (Mamba if fam.mamba1 else Mamba2)(c, index, w) if c.is_ssm(index) else None
@@ -1938,6 +1959,10 @@ class DecoderLayer(nn.Module):
                 *qkv, q_latent = self._latent_qkv(h)
                 if self.indexer is not None:
                     kept = self.indexer(h, q_latent, rot[self.rope_kind], cache, start)
+                    if c.indexer_shared:  # (for the layers after it that reuse its choice)
+                        self.indexer_choices[self.index] = kept
+                elif self.indexer_source is not None:
+                    kept = self.indexer_choices[self.indexer_source]
             else:
                 qkv = self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v = qkv
@@ -2239,6 +2264,9 @@ class Model(nn.Module):
         self.token_embd_norm = make_norm(c.family, weights, "token_embd_norm", c.norm_eps, c.dim) \
             if c.family.embedding_norm else None
         self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
+        choices: dict[int, torch.Tensor] = {}  # the indexers' last choices, for GLM-5.2's shared layers
+        for layer in self.layers:
+            layer.indexer_choices = choices
         self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps, c.dim)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
@@ -2597,7 +2625,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
             if not c.family.moe_beside_ffn:
                 layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
-        if c.indexer_heads and c.has_attention(i):  # (the lightning indexer: DeepSeek-V3.2)
+        if c.indexer_heads and c.has_attention(i) and c.indexer_source(i) == i:  # (the indexer: DeepSeek-V3.2)
             heads, width = c.indexer_heads, c.indexer_head_dim
             want.update({p + "indexer.attn_q_b.weight": (heads * width, c.q_lora_rank),
                          p + "indexer.attn_k.weight": (width, c.dim), p + "indexer.proj.weight": (heads, c.dim),
