@@ -586,7 +586,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
     latent attention and experts, DeepSeek-V3.2's lightning indexer (its frozen linears in the packs) and GLM-5's
-    layers that reuse an earlier one's choice, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
+    layers that reuse an earlier one's choice, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around
+    the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
