@@ -50,7 +50,7 @@ from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES,
-                           Model, ModelConfig)
+                           LightningIndexer, Model, ModelConfig)
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
@@ -333,13 +333,13 @@ def test_deepseek_without_experts(moe, tmp_path):
 
 
 @pytest.mark.transformers
-def test_deepseek32_lightning_indexer(moe):
+def test_deepseek32_lightning_indexer(moe, monkeypatch):
     """DeepSeek-V3.2's lightning indexer in every layer (its file's indexer head count, width and top k): a
     query sees every key up to position top_k, then the top_k its indexer scores best (active from position 16 of
     the 64 the logits tests run), causal. Where the file's YaRN mscale_all_dim is not 1, llama.cpp's deepseek32
-    takes mscale 1 (deepseek2 takes it equal). bf16 follows fp32 (the indexer computes in fp32); its HF directory
-    is refused, pointing at the converter, and a file without the indexer's keys or with heads narrower than the
-    RoPE dims by name."""
+    takes mscale 1 (deepseek2 takes it equal). Its scores are held a chunk of queries at a time, to the same choice.
+    bf16 follows fp32 (the indexer computes in fp32); its HF directory is refused, pointing at the converter, and a
+    file without the indexer's keys or with heads narrower than the RoPE dims by name."""
     model = Model.from_gguf(moe["deepseek32"].gguf)
     c = model.config
     assert (c.arch, c.indexer_heads, c.indexer_head_dim, c.indexer_top_k) == ("deepseek32", 32, 64, DSA_TOP_K)
@@ -354,6 +354,11 @@ def test_deepseek32_lightning_indexer(moe):
     pos = torch.arange(SEQ)
     assert torch.equal(seen, torch.minimum(pos + 1, torch.tensor(DSA_TOP_K)).expand(2, -1))
     assert not kept[0][:, 0].triu(1).any()  # (causal)
+    monkeypatch.setattr(LightningIndexer, "SCORES", 2 * c.indexer_heads * SEQ * 5)  # (chunks of 5 queries)
+    with torch.no_grad():
+        assert torch.equal(model(ids), fp32) and torch.equal(kept[1], kept[0])
+    monkeypatch.undo()
+    del kept[1]
     # bf16: the first layer's choice (of inputs equal up to bf16's rounding) is fp32's but for near ties, and with
     # every key kept the logits follow (the later layers' choices flip on bf16's drift, which moves them by 25 %)
     bf16 = Model.from_gguf(moe["deepseek32"].gguf, dtype=torch.bfloat16)

@@ -1734,10 +1734,19 @@ class LightningIndexer(nn.Module):
         if s <= self.top_k:  # (every query keeps all its keys)
             return causal.expand(b, 1, t, s)
         weights = self.weights_proj(h) / math.sqrt(self.heads * self.width)  # [B, T, heads]
+        rows = max(1, self.SCORES // (b * self.heads * s))  # (queries a chunk: [B, heads, rows, S] of scores)
+        kept = [self._best(q[:, :, a:a + rows], k, weights[:, a:a + rows], causal[a:a + rows])
+                for a in range(0, t, rows)]
+        return torch.cat(kept, dim=1).unsqueeze(1)
+
+    SCORES = 1 << 26  # the most per-head scores held at once (256 MiB in fp32)
+
+    def _best(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """[B, rows, S] bool: the top_k keys of queries q [B, heads, rows, width] among keys k [B, 1, S, width],
+        scored with their weights [B, rows, heads], of those causal [rows, S] lets them see."""
         scores = torch.einsum("bhts,bth->bts", torch.relu(q @ k.transpose(-1, -2)), weights)
         best = scores.masked_fill(~causal, float("-inf")).topk(self.top_k, dim=-1).indices
-        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
-        return (kept & causal).unsqueeze(1)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True) & causal
 
 
 class DecoderLayer(nn.Module):
