@@ -51,7 +51,8 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mistral4", "mimo2", "laguna", "dbrx")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "deepseek32", "glm-dsa", "afmoe", "mistral4", "mimo2",
+             "laguna", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -73,6 +74,7 @@ CONV_KERNEL = 3
 # DeepSeek's multi-head latent attention: the widths of the tiny models' latents and heads
 # (the converter reads num_key_value_heads as the heads of kv_b, as DeepSeek's configs give it)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_key_value_heads=H)
+DSA_TOP_K = 16  # the keys DeepSeek-V3.2's lightning indexer keeps for each query (DeepSeek Sparse Attention)
 GEMMA3N_LAYERS = 22  # llama.cpp's Gemma 3n shares K/V from layer 20 on
 GEMMA3N_FFN = 1024   # its sparse FFN gates let 5 % through: 51 values a token, not a noisy 6
 # Gemma 4: sliding and global layers in turn, the last two reusing layer 2's (sliding) and 3's (global) K/V,
@@ -361,6 +363,27 @@ def hf_model(name: str):
             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                              "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0,
                              "beta_fast": 32.0, "beta_slow": 1.0, "llama_4_scaling_beta": 0.0})),
+        # DeepSeek-V3.2: DeepSeek-V3's latent attention and routing, the lightning indexer in every layer
+        # keeping the DSA_TOP_K best-scored keys of each query (fewer than the test sequences: the selection
+        # is active from position DSA_TOP_K on); 32 indexer heads, so that no key scores exactly 0 (every head's
+        # q·k negative, through the ReLU), whose ties llama.cpp's and torch's top k break each its own way; 64 wide,
+        # the smallest Hadamard rotation llama.cpp applies to the indexer's q and k. YaRN's mscale and
+        # mscale_all_dim 1, as DeepSeek-V3.2's config gives them (llama.cpp's deepseek32 takes mscale as 1)
+        "deepseek32": lambda: tf.DeepseekV32ForCausalLM(tf.DeepseekV32Config(
+            **{**common, **MLA}, num_hidden_layers=3, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, scoring_func="sigmoid",
+            tie_word_embeddings=False, index_topk=DSA_TOP_K, index_head_dim=64, index_n_heads=32,
+            rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})),
+        # GLM-5's (glm-dsa): DeepSeek-V3.2's indexer (interleaved RoPE) in the first and third layers, the second
+        # and fourth reusing their choice (GLM-5.2's "shared" layers), sigmoid routing after a dense first layer
+        "glm-dsa": lambda: tf.GlmMoeDsaForCausalLM(tf.GlmMoeDsaConfig(
+            **{**common, **MLA}, num_hidden_layers=4, q_lora_rank=32, n_routed_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+            norm_topk_prob=True, routed_scaling_factor=2.5, tie_word_embeddings=False, index_topk=DSA_TOP_K,
+            index_head_dim=64, index_n_heads=32, indexer_types=["full", "shared", "full", "shared"])),
         # GLM-4.5's layout: q/k/v biases, per-head q/k norms, RoPE on half of each head, a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, and a shared
         # expert (build_family_models adds a multi-token-prediction layer to the saved directory)
@@ -1040,7 +1063,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
     hunyuan.HunYuanModel.set_vocab = hunyuan.HunYuanMoEModel.set_vocab = phi.Phi2Model.set_vocab = \
     starcoder.StarCoder2Model.set_vocab = lfm2.LFM2Model.set_vocab = lfm2.LFM2MoeModel.set_vocab = \
-    deepseek.DeepseekV2Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = qwen.Qwen3_5MoeTextModel.set_vocab = \
+    deepseek.DeepseekV2Model.set_vocab = deepseek.DeepseekV32Model.set_vocab = qwen.Qwen3_5TextModel.set_vocab = \
+    qwen.Qwen3_5MoeTextModel.set_vocab = \
     qwen.Qwen3NextModel.set_vocab = glm.Glm4MoeModel.set_vocab = llama.Llama4Model.set_vocab = \
     nemotron.NemotronHModel.set_vocab = minimax.MiniMaxM2Model.set_vocab = olmo.OlmoModel.set_vocab = \
     falcon_h1.FalconH1Model.set_vocab = gpt2.GPT2Model.set_vocab = starcoder.StarCoderModel.set_vocab = \
@@ -1050,6 +1074,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
     mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = jais.Jais2Model.set_vocab = \
+    glm.GlmMoeDsaModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1362,7 +1387,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if arch in ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybrid", "qwen35moe",
                     "qwen3next", "hunyuan-moe", "nemotron_h_moe", "cohere2moe"):  # with a shared expert
             md[f"{arch}.expert_shared_feed_forward_length"] = fe
-        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "exaone-moe",
+        if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "glm4moe", "dots1", "exaone-moe",
                     "cohere2moe", "afmoe", "mistral4", "deepseek"):  # a dense first layer
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
@@ -1376,14 +1401,20 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.short_conv:  # the convolution layers give no KV heads
         md.update({f"{arch}.attention.head_count_kv": [0 if t == "conv" else HKV for t in LFM2_LAYERS],
                    f"{arch}.shortconv.l_cache": CONV_KERNEL})
-    if arch == "deepseek2":  # DeepSeek-V3's latent attention and routing (tests/family_models.hf_model's deepseek3)
+    if arch in ("deepseek2", "deepseek32", "glm-dsa"):  # DeepSeek-V3's latent attention and routing (tests/
+        #                                 family_models.hf_model's deepseek3), DeepSeek-V3.2's indexer (its deepseek32)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
-        md.update({"deepseek2.attention.q_lora_rank": 32, "deepseek2.attention.kv_lora_rank": rank,
-                   "deepseek2.attention.key_length_mla": nope + rope, "deepseek2.attention.value_length_mla": v,
-                   "deepseek2.rope.dimension_count": rope, "deepseek2.expert_shared_count": 1,
-                   "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
-                   "deepseek2.expert_weights_scale": 2.5, "deepseek2.expert_group_count": 2,
-                   "deepseek2.expert_group_used_count": 1})
+        md.update({f"{arch}.attention.q_lora_rank": 32, f"{arch}.attention.kv_lora_rank": rank,
+                   f"{arch}.attention.key_length_mla": nope + rope, f"{arch}.attention.value_length_mla": v,
+                   f"{arch}.rope.dimension_count": rope, f"{arch}.expert_shared_count": 1,
+                   f"{arch}.expert_gating_func": 2, f"{arch}.expert_weights_norm": True,
+                   f"{arch}.expert_weights_scale": 2.5, f"{arch}.expert_group_count": 2,
+                   f"{arch}.expert_group_used_count": 1})
+    if fam.indexer:
+        md.update({f"{arch}.attention.indexer.head_count": 32, f"{arch}.attention.indexer.key_length": 64,
+                   f"{arch}.attention.indexer.top_k": DSA_TOP_K})
+    if fam.indexer_types:  # (GLM-5.2's shared layers: the second reuses the first's choice)
+        md[f"{arch}.attention.indexer.types"] = [True, False]
     if arch == "mistral4":  # DeepSeek's latent attention, softmax routing in groups (hf_model's mistral4)
         rank, nope, rope, v = MLA["kv_lora_rank"], MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"]
         md.update({"mistral4.attention.q_lora_rank": 32, "mistral4.attention.kv_lora_rank": rank,
@@ -1520,6 +1551,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         elif c.kv_lora_rank:
             w.update({p + n + ".weight": mat(*shape) for n, shape in latent_linear_shapes(c).items()
                       if n != "attn_output"})
+            if c.indexer_heads and c.indexer_source(i) == i:  # the lightning indexer's (DeepSeek-V3.2)
+                heads, width = c.indexer_heads, c.indexer_head_dim
+                w.update({p + "indexer.attn_q_b.weight": mat(heads * width, c.q_lora_rank),
+                          p + "indexer.attn_k.weight": mat(width, D), p + "indexer.proj.weight": mat(heads, D),
+                          p + "indexer.k_norm.weight": vec(width, 1.0), p + "indexer.k_norm.bias": vec(width)})
             q = c.n_heads * c.v_dim  # (attn_output's input)
         elif fam.attn_output_gate:  # q and its gate, head by head
             w.update({p + "attn_q.weight": mat(2 * q, D), p + "attn_k.weight": mat(kv, D),
@@ -1558,8 +1594,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                     del w[p + "ffn_gate_shexp.weight"]
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
-            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "glm4moe", "dots1", "minimax-m2", "exaone-moe",
-                        "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2"):
+            if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "glm4moe", "dots1",
+                        "minimax-m2", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)

@@ -1805,15 +1805,15 @@ def test_families_and_refusals():
                          "starcoder", "bloom", "mpt", "phi2", "gptneox", "stablelm", "falcon", "starcoder2", "phi3",
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
-                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "mistral4", "llama4", "glm4moe", "dots1",
-                         "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "mimo2",
-                         "afmoe", "laguna", "bitnet", "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse",
-                         "dbrx", "deepseek", "grok", "arctic", "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe",
-                         "jais2")
+                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "mistral4",
+                         "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe",
+                         "qwen3next", "kimi-linear", "mimo2", "afmoe", "laguna", "bitnet", "exaone", "internlm2",
+                         "baichuan", "qwen", "orion", "xverse", "dbrx", "deepseek", "grok", "arctic", "bailingmoe",
+                         "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
-    for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
+    for arch, why in [("deepseek", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("rwkv6", "recurrent"), ("plamo2", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:

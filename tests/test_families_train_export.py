@@ -547,11 +547,18 @@ ARCHS = tuple(FAMILIES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_family_runs_and_trains_on_cuda(arch, device="cuda"):
     ids = rand_ids(2, 40, seed=5)
+
+    def every_key(model):  # (DeepSeek-V3.2's and GLM-5's indexers flip their top k near ties on bf16's drift)
+        for layer in model.layers:
+            if getattr(layer, "indexer", None) is not None:
+                layer.indexer.top_k = ids.shape[1]
+        return model
+
     with torch.no_grad():
-        cpu = random_family_model(arch)
+        cpu = every_key(random_family_model(arch))
         want = cpu(ids)
-        fp32 = random_family_model(arch).to(device)(ids.to(device)).cpu()
-        bf16 = random_family_model(arch, dtype=torch.bfloat16).to(device)(ids.to(device)).cpu()
+        fp32 = every_key(random_family_model(arch)).to(device)(ids.to(device)).cpu()
+        bf16 = every_key(random_family_model(arch, dtype=torch.bfloat16)).to(device)(ids.to(device)).cpu()
     print(f"{arch} on {device}: logits vs the CPU, relative error fp32 {rel_err(fp32, want):.2e}, "
           f"bf16 {rel_err(bf16, want):.2e}")
     # (a bf16 router picks other experts for a few tokens; Gemma 3n's 22 layers of sparse FFN gates move by 8 %
@@ -605,15 +612,16 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear", "afmoe"])
+                                  "bloom", "gptneox", "kimi-linear", "deepseek32", "glm-dsa", "afmoe"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
-    latent attention and experts, AFMoE's gated attention, GPT-2's learned positions and BLOOM's ALiBi and embedding
-    norm around the streamed layers."""
+    latent attention and experts, AFMoE's gated attention, DeepSeek-V3.2's lightning indexer (its frozen linears in
+    the packs) and GLM-5's layers that reuse an earlier one's choice, GPT-2's learned positions and BLOOM's ALiBi and
+    embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
@@ -630,7 +638,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
                                   "bloom", "gptneox", "stablelm", "falcon",
-                                  "kimi-linear", "afmoe"))
+                                  "kimi-linear", "deepseek32", "glm-dsa", "afmoe"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

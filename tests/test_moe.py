@@ -6,7 +6,9 @@ softmax of the top k logits, swiglu_oai), ERNIE 4.5 MoE, LFM2-MoE (short convolu
 routing) and DeepSeek (deepseek2: latent attention, with and without q's latent; V2's softmax
 routing, V3's sigmoid routing in expert groups with a selection bias) and GLM-4.5 MoE (glm4moe:
 DeepSeek's sigmoid routing after attention with biases, q/k norms and partial RoPE; its file's
-multi-token-prediction layer left out of the model and kept in merged files), Llama 4, PhiMoE (phimoe:
+multi-token-prediction layer left out of the model and kept in merged files), DeepSeek-V3.2 (deepseek32: V3's
+layer with the lightning indexer picking the keys each query attends to) and GLM-5 (glm-dsa: its indexer in some
+layers, the others reusing their choice), Llama 4, PhiMoE (phimoe:
 Phi-3's LongRoPE and biases, RMSNorms with biases as llama.cpp runs them), dots.llm1 (dots1: Qwen3's
 attention before DeepSeek-V3's routing without groups), Mistral Small 4 (mistral4: DeepSeek's latent
 attention, softmax routing in groups), Hunyuan MoE (hunyuan-moe: q/k norms after RoPE, a gated shared expert),
@@ -58,11 +60,11 @@ from lowtune.families import family_of_hf
 from lowtune.generate import GenerationStats, StepDecoder, generate
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.model import (DELTA_LINEAR_NAMES, KDA_LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE, SHARED_EXPERT_NAMES,
-                           DecoderLayer, Model, ModelConfig)
+                           DecoderLayer, LightningIndexer, Model, ModelConfig)
 from lowtune.recipes import choose_type
 from lowtune.tokenizer import load_tokenizer
 
-from family_models import (DBRX_CLIP_QKV, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN,
+from family_models import (DBRX_CLIP_QKV, DSA_TOP_K, EXPERTS, EXPERTS_USED, MOE_NAMES, NEMOTRON_H_MOE_PATTERN,
                            REMOTE_CODE_MOE_NAMES, SEQ, WINDOW, deepseek2_kv_b_whole, gguf_of, hf_model, llamacpp,
                            llamacpp_perplexity, rand_ids, rel_err)
 from helpers import compiled_decoder_steps, llamacpp_greedy, resident_and_streamed, with_filled_lora
@@ -73,7 +75,8 @@ from test_streaming import assert_trains_alike
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEEPSEEK = ("deepseek2", "deepseek2-lite", "deepseek3")  # (the deepseek2 architecture)
-LATENT = DEEPSEEK + ("mistral4",)  # (latent attention in llama.cpp's deepseek2 graph)
+LATENT = DEEPSEEK + ("mistral4", "deepseek32", "glm-dsa")  # (latent attention: llama.cpp's deepseek2 graph, and
+#                                                             V3's layer in deepseek32, glm-dsa)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
                "afmoe", "mimo2", "laguna") + LATENT
@@ -154,14 +157,21 @@ def test_logits_match_transformers(moe, name):
             matters(list(model.layers), "attn_sinks", None)
             for what, off in (("gating", 1), ("ffn_down_exps_bias", None), ("ffn_up_exps_bias", None)):
                 matters(moes, what, off)
-        if name in ("deepseek2", "deepseek3", "mistral4"):  # the weights' scale, V3's sigmoid, renorm and groups
-            matters(moes, "weights_scale", 1.0)                # matter, and Mistral 4's softmax's in groups
+        # the weights' scale, and V3's (and V3.2's) sigmoid, renorm and groups, and Mistral 4's softmax's in groups
+        if name in ("deepseek2", "deepseek3", "deepseek32", "mistral4"):
+            matters(moes, "weights_scale", 1.0)
         if name == "mistral4":
             for what, off in (("gating", 2), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
-        if name == "deepseek3":
+        if name in ("deepseek3", "deepseek32"):
             for what, off in (("gating", 1), ("renorm", False), ("groups", 0)):
                 matters(moes, what, off)
+        if name in ("deepseek32", "glm-dsa"):  # the indexer's choice matters (keeping every key)
+            matters([layer.indexer for layer in model.layers if layer.indexer is not None], "top_k", SEQ)
+        if name == "glm-dsa":  # its routing, and its shared layers' reuse of the layer before's choice, matter
+            for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
+                matters(moes, what, off)
+            matters([layer for layer in model.layers if layer.indexer is None], "indexer_source", None)
         # their sigmoid routing, selection bias, renorm and scale matter
         if name in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "laguna"):
             for what, off in (("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0)):
@@ -253,12 +263,15 @@ def test_remote_code_logits_match_llamacpp(moe, name):
 # (LFM2-MoE, Qwen3.5-MoE and Kimi Linear: their convolutions' and DeltaNets' activations lose more to llama.cpp's
 # rounding of them, as LFM2's and Qwen3.5's do: test_families.py's QUANTIZED_TOL and
 # test_lfm2_quantized_perplexity_is_llamacpps_rounding)
-@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 2e-3) for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
+# (GLM-5: its indexer's choice flips near ties on llama.cpp's F16 rounding of its keys, 0.6 % here)
+@pytest.mark.parametrize("name,qtype,tol", [(n, "F32", 1e-2 if n == "glm-dsa" else 2e-3)
+                                            for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          # (GLM-4.5 MoE: two of four experts by sigmoid scores with a selection bias; llama.cpp's
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe", "mistral4") else 5e-3)
+                                                      "gemma4moe", "mistral4")
+                                                      else 3e-2 if n in ("deepseek32", "glm-dsa") else 5e-3)
                             for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
                          + [("deepseek2", "Q4_0", 5e-3), ("deepseek2-lite", "Q4_0", 5e-3), ("glm4moe", "Q4_0", 1e-2),
@@ -278,7 +291,11 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%; Mistral Small 4's groups
                          # flip so in Q8_0 too, 0.5 % here; Laguna's sigmoid routing with its selection bias, 1 %
                          # here, 0.9 % with lowtune's activations rounded as llama.cpp's: llamacpp_activations)
-                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2), ("laguna", "Q4_0", 1.5e-2)])
+                         + [("deepseek3", "Q4_0", 1.5e-2), ("mistral4", "Q4_0", 1.5e-2), ("laguna", "Q4_0", 1.5e-2)]
+                         # (DeepSeek-V3.2, GLM-5: llama.cpp's 8-bit rounding of the products' inputs moves the
+                         # indexer's scores enough to flip its top 16 near ties, up to 2.5 % here; their perplexity
+                         # without the selection within 5e-3: test_without_the_selection_the_indexed_are_llamacpps)
+                         + [("deepseek32", "Q4_0", 3e-2), ("glm-dsa", "Q4_0", 3e-2)])
 def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtype, tol):
     path = gguf_of(moe[name], qtype)
     model = Model.from_gguf(path)
@@ -423,6 +440,114 @@ def test_deepseek_without_experts(moe, tmp_path):
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
+@pytest.mark.transformers
+def test_deepseek32_lightning_indexer(moe, monkeypatch):
+    """DeepSeek-V3.2's lightning indexer in every layer (its file's indexer head count, width and top k): a
+    query sees every key up to position top_k, then the top_k its indexer scores best (active from position 16 of
+    the 64 the logits tests run), causal. Where the file's YaRN mscale_all_dim is not 1, llama.cpp's deepseek32
+    takes mscale 1 (deepseek2 takes it equal). Its scores are held a chunk of queries at a time, to the same choice.
+    bf16 follows fp32 (the indexer computes in fp32); its HF directory is refused, pointing at the converter, and a
+    file without the indexer's keys or with heads narrower than the RoPE dims by name."""
+    model = Model.from_gguf(moe["deepseek32"].gguf)
+    c = model.config
+    assert (c.arch, c.indexer_heads, c.indexer_head_dim, c.indexer_top_k) == ("deepseek32", 32, 64, DSA_TOP_K)
+    assert all(layer.indexer is not None for layer in model.layers) and c.rope_attn_factor == pytest.approx(1.0)
+    assert model.layers[0].indexer.style == "neox" and c.family.rope == "norm"  # (relaid: neox_pairing)
+    ids = rand_ids(2, SEQ)
+    kept = []
+    model.layers[0].indexer.register_forward_hook(lambda mod, args, out: kept.append(out))
+    with torch.no_grad():
+        fp32 = model(ids)
+    seen = kept[0][:, 0].sum(-1)  # [B, T]: the keys each query sees
+    pos = torch.arange(SEQ)
+    assert torch.equal(seen, torch.minimum(pos + 1, torch.tensor(DSA_TOP_K)).expand(2, -1))
+    assert not kept[0][:, 0].triu(1).any()  # (causal)
+    monkeypatch.setattr(LightningIndexer, "SCORES", 2 * c.indexer_heads * SEQ * 5)  # (chunks of 5 queries)
+    with torch.no_grad():
+        assert torch.equal(model(ids), fp32) and torch.equal(kept[1], kept[0])
+    monkeypatch.undo()
+    del kept[1]
+    # bf16: the first layer's choice (of inputs equal up to bf16's rounding) is fp32's but for near ties, and with
+    # every key kept the logits follow (the later layers' choices flip on bf16's drift, which moves them by 25 %)
+    bf16 = Model.from_gguf(moe["deepseek32"].gguf, dtype=torch.bfloat16)
+    bf16.layers[0].indexer.register_forward_hook(lambda mod, args, out: kept.append(out))
+    with torch.no_grad():
+        bf16(ids)
+        assert (kept[1] & kept[0]).sum() > 0.99 * kept[0].sum()
+        for layer in model.layers + bf16.layers:
+            layer.indexer.top_k = SEQ
+        assert rel_err(bf16(ids), model(ids)) < 5e-2
+    md = dict(model.metadata)
+    yarn = {"rope.scaling.yarn_log_multiplier": 0.0707}  # (the converter's 0.1 · mscale_all_dim)
+    m = lambda s: 1 + 0.1 * s * math.log(4)  # noqa: E731 (YaRN's m(s) at the file's factor 4)
+    v32 = ModelConfig.from_gguf_metadata({**md, **{f"deepseek32.{k}": v for k, v in yarn.items()}})
+    assert v32.rope_attn_factor == pytest.approx(m(1) / m(0.707), rel=1e-5)
+    assert v32.query_scale == pytest.approx(m(1) ** 2 / math.sqrt(48), rel=1e-5)
+    with GGUFFile(moe["deepseek3"].gguf) as f:  # (deepseek2: mscale = mscale_all_dim = 0.707)
+        v3 = ModelConfig.from_gguf_metadata(f.metadata)
+    assert v3.rope_attn_factor == 1.0 and v3.query_scale == pytest.approx(m(0.707) ** 2 / math.sqrt(48), rel=1e-5)
+    with pytest.raises(ValueError, match="lacks deepseek32.attention.indexer.top_k"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "deepseek32.attention.indexer.top_k"})
+    with pytest.raises(ValueError, match="lightning indexer of 32 heads of 8 dims"):
+        ModelConfig.from_gguf_metadata({**md, "deepseek32.attention.indexer.key_length": 8}).check()
+    with pytest.raises(ValueError, match="latent attention's"):  # (captured steps: one width of keys and values)
+        StepDecoder(model, 16)
+    with pytest.raises(ValueError, match="DeepseekV32ForCausalLM.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["deepseek32"].hf_dir)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name,qtype,tol", [("deepseek32", "F32", 2e-3), ("deepseek32", "Q8_0", 5e-3),
+                                            ("glm-dsa", "F32", 2e-3), ("glm-dsa", "Q8_0", 5e-3)])
+def test_without_the_selection_the_indexed_are_llamacpps(moe, text_ids, tmp_path, name, qtype, tol):
+    """DeepSeek-V3.2's and GLM-5's files with an indexer top k no sequence reaches (every key kept) give llama.cpp's
+    perplexity as the other mixtures do: what moves them with the selection (GLM-5's by 0.6 % in F32, both by up
+    to 2.5 % in Q8_0) is llama.cpp's rounding of the indexer's keys to F16 and of its inputs to 8 bits, which flips
+    its top 16 near ties (test_perplexity_and_greedy_decoding_match_llamacpp)."""
+    import ggml_ref
+    with GGUFFile(moe[name].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    path = tmp_path / "all-keys.gguf"
+    write_gguf(path, {**md, f"{name}.attention.indexer.top_k": 4 * SEQ}, tensors, metadata_types=types)
+    if qtype != "F32":
+        ggml_ref.quantize_model(path, tmp_path / f"all-keys-{qtype}.gguf", qtype)
+        path = tmp_path / f"all-keys-{qtype}.gguf"
+    model = Model.from_gguf(path)
+    w = windows(text_ids, SEQ, chunks=8)
+    want = llamacpp_perplexity(llamacpp(path), w)
+    got = perplexity(model, text_ids, SEQ, chunks=8)["perplexity"]
+    print(f"{name} {qtype} keeping every key: perplexity lowtune {got:.4f}, llama.cpp {want:.4f}")
+    assert abs(got - want) / want < tol
+
+
+def test_glm_dsa_shared_indexers(moe):
+    """GLM-5's indexer only in the layers its file's attention.indexer.types marks (the first and third here), the
+    others reusing the choice of the last layer before them with one; without the key every layer has its own
+    below a context of 1048576 (GLM-5, 5.1), GLM-5.2's pattern from there (the first two, then every fourth), as
+    llama.cpp reads it. Its indexer rotates adjacent pairs, as its attention; a file with YaRN is refused by name."""
+    model = Model.from_gguf(moe["glm-dsa"].gguf)
+    c, md = model.config, model.metadata
+    assert c.indexer_shared == (1, 3) and [c.indexer_source(i) for i in range(4)] == [0, 0, 2, 2]
+    assert [layer.indexer is not None for layer in model.layers] == [True, False, True, False]
+    assert model.layers[0].indexer.style == "norm" and not model.layers[0].indexer.relaid
+    assert model.layers[0].indexer.k_norm.eps == 0.0 and c.expert_gating == 2
+    ids = rand_ids(1, SEQ, seed=2)
+    with torch.no_grad():
+        model(ids)
+    assert model.layers[1].indexer_choices[0].shape == (1, 1, SEQ, SEQ)  # (layer 0's, which layer 1 read)
+    plain = {k: v for k, v in md.items() if k != "glm-dsa.attention.indexer.types"}
+    assert ModelConfig.from_gguf_metadata(plain).indexer_shared == ()
+    glm52 = ModelConfig.from_gguf_metadata({**plain, "glm-dsa.context_length": 1048576})
+    assert glm52.indexer_shared == (3,)
+    with pytest.raises(ValueError, match="scales RoPE by YaRN"):
+        ModelConfig.from_gguf_metadata({**md, "glm-dsa.rope.scaling.type": "yarn", "glm-dsa.rope.scaling.factor": 4.0})
+    with pytest.raises(ValueError, match="the first layer must have its own"):
+        ModelConfig.from_gguf_metadata({**md, "glm-dsa.attention.indexer.types": [False, True, True, True]}).check()
+    with pytest.raises(ValueError, match="GlmMoeDsaForCausalLM.*convert_hf_to_gguf"):
+        lowtune.load_model(moe["glm-dsa"].hf_dir)
+
+
 def _tensors_of(f: GGUFFile, keep) -> list:
     """The tensors of an open GGUF whose names `keep` takes, as write_gguf takes them (blocks as stored)."""
     return [(n, (f.qtensor(n) if ti.type.quantized or len(ti.shape) >= 2 else f.tensor(n), ti.shape))
@@ -561,12 +686,15 @@ def test_adapters_train_through_the_experts(moe, name):
         if m is not None:  # the router and the routed experts stay frozen
             frozen = [e for e in (m.router, m.gate_exps, m.up_exps, m.gate_up_exps, m.down_exps) if e is not None]
             assert not any(p.requires_grad for lin in frozen for p in lin.parameters())
+        if layer.indexer is not None:  # DeepSeek-V3.2's indexer too (its selection takes no gradient)
+            assert not any(p.requires_grad for p in layer.indexer.parameters())
 
 
 @pytest.mark.parametrize("name,method,lr", [("qwen3moe", "qa-lora", 5e-3), ("deepseek3", "lora", 1e-2),
                                             ("glm4moe", "lora", 1e-2), ("exaone-moe", "q-bara", 1e-2),
                                             ("nemotron_h_moe", "qa-lora", 1e-2), ("kimi-linear", "lora", 2e-2),
-                                            ("afmoe", "lora", 1e-2), ("mimo2", "lora", 1e-2)])
+                                            ("afmoe", "lora", 1e-2), ("mimo2", "lora", 1e-2),
+                                            ("deepseek32", "lora", 5e-3)])
 def test_finetune_and_streaming_on_a_moe_gguf(moe, tmp_path, botchan_text, name, method, lr):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
@@ -625,7 +753,8 @@ def test_exports(moe, tmp_path, name):
     cpp_lora = llamacpp_perplexity(llamacpp(base, lora=tmp_path / "lora.gguf"), w)
     print(f"{name}: perplexity merged lowtune {ppl:.3f}, llama.cpp {cpp_merged:.3f}; with the GGUF LoRA lowtune "
           f"{lora_ppl:.3f}, llama.cpp {cpp_lora:.3f}")
-    assert abs(cpp_merged - ppl) / ppl < 2e-3 and abs(cpp_lora - lora_ppl) / lora_ppl < 2e-3
+    tol = 1e-2 if name == "glm-dsa" else 2e-3  # (GLM-5's indexer flips near ties on llama.cpp's F16 keys)
+    assert abs(cpp_merged - ppl) / ppl < tol and abs(cpp_lora - lora_ppl) / lora_ppl < tol
     if name == "qwen3next":  # (its HF modules fuse the DeltaNet's projections head by head)
         with pytest.raises(ValueError, match="in_proj_qkvz.*export it as GGUF"):
             export_peft(base, peft_run, tmp_path / "peft")
@@ -693,7 +822,7 @@ def test_what_is_refused(moe):
     with pytest.raises(ValueError, match="9 experts used of 8"):
         ModelConfig.from_gguf_metadata({**md, "qwen3moe.expert_used_count": 9}).check()
     # other routers, and experts in a family that has none
-    for arch in ("deepseek32", "llada-moe", "qwen3"):
+    for arch in ("llada-moe", "qwen3"):
         with pytest.raises(ValueError, match=f"'{arch}' is a mixture-of-experts model"):
             ModelConfig.from_gguf_metadata({k.replace("qwen3moe", arch): v.replace("qwen3moe", arch)
                                             if isinstance(v, str) else v for k, v in md.items()})
@@ -702,9 +831,9 @@ def test_what_is_refused(moe):
     for read_as_gguf in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "PhiMoEForCausalLM",
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
-                         "KimiLinearForCausalLM", "AfmoeForCausalLM", "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM",
-                         "LagunaForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "Grok1ForCausalLM",
-                         "ArcticForCausalLM", "BailingMoeForCausalLM"):
+                         "KimiLinearForCausalLM", "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM", "AfmoeForCausalLM",
+                         "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "DbrxForCausalLM",
+                         "DeepseekForCausalLM", "Grok1ForCausalLM", "ArcticForCausalLM", "BailingMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -66,6 +66,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     lfm2moe       neox  silu       -           yes       -          -                        if the file gives one
     deepseek2     norm  silu       -           -         -          -                        if the file gives one
     mistral4      norm  silu       -           -         -          -                        if the file gives one
+    deepseek32    norm  silu       -           -         -          -                        if the file gives one
+    glm-dsa       norm  silu       -           -         -          -                        if the file gives one
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
@@ -178,8 +180,26 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   expert_weights_scale say. Mistral Small 4 (mistral4) is this decoder under its own name (llama.cpp's
   deepseek2 graph: latent attention, softmax routing in expert groups, renormalized and scaled as the file
   says, a shared expert after dense first layers) but for YaRN's mscale, which llama.cpp takes as 1 beside the
-  file's mscale_all_dim (DeepSeek's as mscale_all_dim: Family.yarn_mscale_one); its converter writes no
+  file's mscale_all_dim (deepseek2 alone takes it equal: Family.mla_yarn_mscale); its converter writes no
   attention temperature (llama_4_scaling_beta), and a file that gives one is refused as DeepSeek's.
+  DeepSeek-V3.2 (deepseek32: DeepSeek-V3.2-Exp, V3.2) is DeepSeek-V3 with its lightning indexer in every
+  layer (Family.indexer, DeepSeek Sparse Attention): each query attends only to the attention.indexer.top_k
+  keys the indexer scores best, Σ_h w_h · relu(q_h · k) with q_h = indexer.attn_q_b(q's normed latent)
+  (indexer.head_count heads of indexer.key_length), one key indexer.k_norm(indexer.attn_k(x)) (a LayerNorm
+  with a bias, ε 1e-6), both NEOX-rotated on their first rope.dimension_count dims, and w =
+  indexer.proj(x) / √(heads · key_length); a query with no more than top_k keys before it sees them all,
+  as llama.cpp's graph. The selection takes no gradient (transformers runs the indexer without one too):
+  the indexer's linears stay frozen. Its NextN layers are GLM-4.5 MoE's (below). Where YaRN's mscale_all_dim
+  is not 1, llama.cpp's deepseek32 takes mscale as 1 (deepseek2 alone takes it equal: Family.mla_yarn_mscale),
+  the rotation m(1) / m(mscale_all_dim) and the scores m(1)², as lowtune does; transformers (mscale from the
+  config) agrees where both are 1, as DeepSeek-V3.2's config gives them.
+  GLM-5 (glm-dsa: GLM-5, GLM-5.1, GLM-5.2) is DeepSeek-V3.2's layer with the indexer's RoPE on adjacent pairs
+  (as attention's), sigmoid routing unless the file says, and the indexer only in the layers the file's
+  attention.indexer.types marks (Family.indexer_types): the others reuse the keys of the last layer before them
+  that has one. Without the key, every layer has its own below a context of 1048576 (GLM-5, 5.1), GLM-5.2's
+  pattern from there (the first two layers, then every fourth), as llama.cpp reads it. llama.cpp's glm-dsa
+  reads no yarn_log_multiplier and norms the indexer's key with ε 0 (f_norm_eps, which it does not read); lowtune
+  refuses a glm-dsa file with YaRN (GLM-5's checkpoints have none) and takes ε 0 too (transformers' 1e-6).
   Granite 4.0's hybrids (granitehybrid: Granite 4.0 H micro, tiny, small) are Granite (its scales,
   granitemoe's experts and shared expert where the file has experts) whose layers without KV heads
   (0 in the file's per-layer count) are Mamba2 layers (Family.mamba2, lowtune.model.Mamba2:
@@ -511,12 +531,17 @@ class Family:
     #                                    and on act(gate) · up before ffn_down (ffn_sub_norm) (BitNet)
     activation_key: bool = False       # the file's hidden_activation may name the gated MLP's activation
     #                                    ("relu2"; absent: `activation`, as llama.cpp's graph runs it) (BitNet)
+    mla_yarn_mscale: bool = False      # YaRN's mscale is the file's mscale_all_dim, so the rotation keeps magnitude 1
+    #                                    (llama.cpp's deepseek2 alone; the other latent-attention graphs take mscale
+    #                                    1, so m(1) / m(mscale_all_dim) on the rotation, m(1)² on the scores)
+    indexer: str = ""                  # DeepSeek's lightning indexer picks the keys each query attends to, its
+    #                                    RoPE's pairing ("neox": DeepSeek-V3.2; "norm": GLM-5; "": no indexer)
+    indexer_norm_eps: float = 1e-6     # ... its key's LayerNorm ε (llama.cpp's f_norm_eps: GLM-5's 0, unread)
+    indexer_types: bool = False        # ... only in the layers attention.indexer.types marks, the others reusing
+    #                                    the keys of the last layer before them with one (GLM-5.2)
     mla: bool = False                  # multi-head latent attention (DeepSeek, MiniCPM3): q, k and v from
     #                                    latents, RoPE on the last rope.dimension_count dims of each head,
     #                                    values of their own width
-    yarn_mscale_one: bool = False      # latent attention's YaRN takes mscale 1 beside the file's mscale_all_dim: the
-    #                                    rotation at magnitude m(1) / m(mscale_all_dim), not 1 (llama.cpp's other
-    #                                    architectures than deepseek2: Mistral Small 4)
     yarn_keys: bool = False            # YaRN's betas and log multiplier, and the attention temperature,
     #                                    from the file (llama.cpp's mistral3)
     chunked_attention: bool = False    # sliding layers attend within chunks of the window, aligned at 0 (Llama 4)
@@ -688,8 +713,12 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("Lfm2ForCausalLM",), hf_model_types=("lfm2",)),
     Family("lfm2moe", rope="neox", qk_norm="head", short_conv=True, output_norm_tensor="token_embd_norm", moe=True,
            moe_gating=2),
-    Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
-    Family("mistral4", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, yarn_mscale_one=True),
+    Family("deepseek2", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, mla_yarn_mscale=True),
+    Family("mistral4", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True),
+    Family("deepseek32", moe=True, moe_renorm=False, moe_weight_keys=True, mla=True, nextn_layers=True,
+           indexer="neox"),
+    Family("glm-dsa", moe=True, moe_gating=2, moe_renorm=False, moe_weight_keys=True, mla=True, nextn_layers=True,
+           indexer="norm", indexer_norm_eps=0.0, indexer_types=True),
     Family("llama4", moe=True, moe_gating=2, moe_renorm=False, moe_shared_expert=True, moe_weight_before=True,
            nope_period=4, swa_period=4, default_window=8192, chunked_attention=True, l2_qk_norm=True,
            nope_temperature=True),
@@ -752,7 +781,7 @@ SUPPORTED = tuple(FAMILIES)
 XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
-_MOE = {"mixtral", "deepseek32"}
+_MOE = {"mixtral"}
 _RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}

@@ -145,6 +145,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     # not mapped) and dense layers' MLP
     "deepseek2": {"layer": _MLA, "global": _GLOBAL},
     "mistral4": {"layer": _MLA, "global": _GLOBAL},  # (Mistral Small 4: DeepSeek's names)
+    "deepseek32": {"layer": _MLA, "global": _GLOBAL},  # (their indexers' linears frozen: not mapped)
+    "glm-dsa": {"layer": _MLA, "global": _GLOBAL},
     "minicpm3": {"layer": _MLA, "global": _GLOBAL},  # (kv_b_proj whole: attn_kv_b, as its converter keeps it)
     # GLM-4.5 MoE: the FFN's norm under post_attention_norm, as GGUF names it (dense layers' MLP; experts not mapped)
     "glm4moe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, **_QK_NORMS,

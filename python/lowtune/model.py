@@ -20,6 +20,8 @@ and is used through `lowtune.ops.qmatmul`; nothing is dequantized at load. Modul
     blk.N.attn_q_a/q_b, attn_kv_a_mqa, attn_k_b, attn_v_b
                               QLinear             latent attention in place of attn_q/k/v (DeepSeek:
                               DecoderLayer._latent_qkv), attn_q_a_norm and attn_kv_a_norm RMSNorms
+    blk.N.indexer             LightningIndexer    which keys each query attends to (DeepSeek-V3.2): attn_q_b,
+                                                  attn_k, proj (QLinear, frozen), k_norm (LayerNorm)
     blk.N.attn_q/k_norm       RMSNorm [hd]        per head, before RoPE (Qwen3, Gemma 3); [H*hd | Hkv*hd]
                               over the whole projection (OLMo 2)
     blk.N.attn_output         QLinear [D, H*hd]
@@ -186,6 +188,11 @@ class ModelConfig:
     kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
     value_head_dim: int = 0       # the width of each head's value (0: head_dim)
     attn_value_scale: float = 1.0  # the attention's output is multiplied by this (MiMo-V2-Flash's value scale)
+    indexer_heads: int = 0        # DeepSeek's lightning indexer (Family.indexer): its heads (0: no indexer),
+    indexer_head_dim: int = 0     # ... each this wide (RoPE on the first rope_dim dims),
+    indexer_top_k: int = 0        # ... and the keys it keeps for each query
+    indexer_shared: tuple[int, ...] = ()  # the layers without one, which reuse the keys of the last layer before
+    #                                       them with one (GLM-5.2: Family.indexer_types)
     kv_layers: int = 0            # the first kv_layers layers have K/V of their own; the others reuse them
     #                               (0: every layer's own)
     altup_inputs: int = 0         # copies of the residual stream (AltUp, Gemma 3n; 0: one, no AltUp)
@@ -301,6 +308,13 @@ class ModelConfig:
         steps do not keep."""
         return tuple(sorted(self.conv_layers + self.ssm_layers + self.delta_layers))
 
+    def indexer_source(self, layer: int) -> int:
+        """The layer whose lightning indexer picks layer `layer`'s keys: itself, or for GLM-5.2's shared layers
+        the last before it with one (ModelConfig.indexer_shared)."""
+        while layer in self.indexer_shared:
+            layer -= 1
+        return layer
+
     def is_delta(self, layer: int) -> bool:
         """Whether layer `layer` is a Gated DeltaNet in place of attention (Qwen3.5)."""
         return layer in self.delta_layers
@@ -385,10 +399,13 @@ class ModelConfig:
             yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
             if fam.yarn_keys or fam.mla:
                 log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
-            if fam.yarn_mscale_one:  # (m(1) / m(mscale_all_dim), which the file keeps as 0.1 · mscale_all_dim)
-                attn_factor *= yarn_magnitude(yarn, log_mul / 0.1)
-            elif fam.mla:  # (llama.cpp's deepseek2: RoPE at magnitude 1 where the file gives mscale_all_dim)
+            if fam.indexer_types:
+                raise ValueError(f"this {arch} file scales RoPE by YaRN, which GLM-5's checkpoints do not and lowtune "
+                                 f"does not run for {arch} (llama.cpp's graph reads no yarn_log_multiplier for it)")
+            if fam.mla_yarn_mscale:  # (llama.cpp's deepseek2: magnitude 1 where the file gives mscale_all_dim)
                 attn_factor *= 1.0 if log_mul else yarn_magnitude(yarn)
+            elif fam.mla:  # (the others' mscale 1: m(1) / m(mscale_all_dim), the file's 0.1 · mscale_all_dim)
+                attn_factor *= yarn_magnitude(yarn, log_mul / 0.1)
             else:
                 attn_factor *= yarn_magnitude(yarn, log_mul)
         elif scaling not in ("none", "longrope", None):
@@ -438,6 +455,14 @@ class ModelConfig:
             # mscale² / √key_length, mscale the rotation's magnitude × m(mscale_all_dim), which the
             # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
             scale = (attn_factor * yarn_mscale(yarn, log_mul / 0.1)) ** 2 / math.sqrt(head_dim)
+        if fam.indexer:
+            latent.update(indexer_heads=int(get("attention.indexer.head_count")),
+                          indexer_head_dim=int(get("attention.indexer.key_length")),
+                          indexer_top_k=int(get("attention.indexer.top_k")))
+        if fam.indexer_types:  # (without the key: all full below GLM-5.2's context, its pattern from there)
+            full = md.get(f"{arch}.attention.indexer.types") or [
+                context < 1048576 or i < 2 or (i - 2) % 4 == 0 for i in range(n_layers)]
+            latent["indexer_shared"] = tuple(i for i in range(n_layers) if not full[i])
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
             yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
@@ -630,6 +655,14 @@ class ModelConfig:
         if self.kv_lora_rank and self.rope_dim >= self.head_dim:
             raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
                              f"{self.rope_dim} RoPE dims")
+        if self.indexer_heads and (not self.q_lora_rank or self.indexer_head_dim < self.rope_dim
+                                   or self.indexer_top_k < 1):
+            raise ValueError(f"a lightning indexer of {self.indexer_heads} heads of {self.indexer_head_dim} dims "
+                             f"keeping {self.indexer_top_k} keys, beside q's latent of {self.q_lora_rank}: it reads "
+                             f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key")
+        if self.indexer_shared and (0 in self.indexer_shared or not self.indexer_heads):
+            raise ValueError(f"layers {self.indexer_shared} reuse an earlier layer's indexer: the first layer must "
+                             "have its own")
         if self.ssm_layers and (self.ssm is None or not (self.family.mamba2 or self.family.mamba1)):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
@@ -1599,6 +1632,12 @@ class KVCache:
             return torch.zeros(shape, device=device, dtype=dtype)
         self.k = [kv(i, lambda c: c.head_dim) for i in range(config.n_layers)]
         self.v = [kv(i, lambda c: c.v_dim) for i in range(config.n_layers)]
+        # the lightning indexer's one key head [B, 1, max_len, width] in fp32, as it computes (DeepSeek-V3.2;
+        # empty without one)
+        self.indexer_k = [torch.zeros((batch, 1, max_len, config.indexer_head_dim) if config.indexer_heads
+                                      and config.has_attention(i) and config.indexer_source(i) == i else (0,),
+                                      device=device, dtype=torch.float32)
+                          for i in range(config.n_layers)]
         self.conv_state: dict[int, torch.Tensor] = {}
         self.recurrent_state: dict[int, torch.Tensor] = {}
         self.max_len = max_len
@@ -1612,6 +1651,14 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def update_indexer(self, layer: int, start: int, k: torch.Tensor) -> torch.Tensor:
+        """Write the lightning indexer's keys k [B, 1, T, width] at positions start..start+T; return all so far."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self.indexer_k[layer][:, :, start:end] = k
+        return self.indexer_k[layer][:, :, :end]
 
     def store(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               rot: torch.Tensor, style: str):
@@ -1685,6 +1732,62 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     return out
 
 
+def neox_pairing(rot: torch.Tensor) -> torch.Tensor:
+    """RoPE tables [..., rope_dim] laid out for "norm" pairing (adjacent dims) relaid for "neox" (halves)."""
+    return torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
+
+
+class LightningIndexer(nn.Module):
+    """DeepSeek's lightning indexer (DeepSeek Sparse Attention, Family.indexer): the keys each query of
+    a latent-attention layer attends to, the top_k its score Σ_h w_h · relu(q_h · k) ranks best, as
+    llama.cpp's deepseek32 graph picks them. q_h = attn_q_b(q's normed latent), one key head
+    k = k_norm(attn_k(x)), both rotated on their first rope_dim dims in the family's indexer pairing,
+    w = proj(x) / √(heads · width). The selection takes no gradient, so its linears stay frozen (their
+    names are not attention's: adapters leave them alone)."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        c, p = config, f"blk.{index}.indexer."
+        self.index, self.heads, self.width, self.top_k = index, c.indexer_heads, c.indexer_head_dim, c.indexer_top_k
+        self.style, self.relaid = c.family.indexer, c.family.indexer != c.family.rope
+        self.wq_b = QLinear(w[p + "attn_q_b.weight"], p + "attn_q_b.weight")
+        self.wk = QLinear(w[p + "attn_k.weight"], p + "attn_k.weight")
+        self.weights_proj = QLinear(w[p + "proj.weight"], p + "proj.weight")
+        self.k_norm = LayerNorm(w[p + "k_norm.weight"], c.family.indexer_norm_eps, w[p + "k_norm.bias"])
+
+    @torch.no_grad()
+    def forward(self, h: torch.Tensor, q_latent: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        """The keys that queries h [B, T, D] at positions start..start+T attend to: [B, 1, T, start + T] bool,
+        causal and at most top_k of them (all of them where a query has no more than top_k before it).
+        q_latent [B, T, q_lora_rank]: attn_q_a_norm(attn_q_a(h)); rot: the layer's RoPE tables."""
+        b, t, _ = h.shape
+        h, q_latent = h.float(), q_latent.float()  # (in fp32 whatever the activations: the choice flips near ties)
+        r = neox_pairing(rot) if self.relaid else rot
+        q = apply_rope(self.wq_b(q_latent).view(b, t, self.heads, self.width).transpose(1, 2), r, self.style)
+        k = apply_rope(self.k_norm(self.wk(h)).unsqueeze(1), r, self.style)  # [B, 1, T, width]
+        if cache is not None:
+            k = cache.update_indexer(self.index, start, k)
+        s = k.shape[2]
+        causal = torch.arange(s, device=h.device)[None, :] <= torch.arange(start, start + t, device=h.device)[:, None]
+        if s <= self.top_k:  # (every query keeps all its keys)
+            return causal.expand(b, 1, t, s)
+        weights = self.weights_proj(h) / math.sqrt(self.heads * self.width)  # [B, T, heads]
+        rows = max(1, self.SCORES // (b * self.heads * s))  # (queries a chunk: [B, heads, rows, S] of scores)
+        kept = [self._best(q[:, :, a:a + rows], k, weights[:, a:a + rows], causal[a:a + rows])
+                for a in range(0, t, rows)]
+        return torch.cat(kept, dim=1).unsqueeze(1)
+
+    SCORES = 1 << 26  # the most per-head scores held at once (256 MiB in fp32)
+
+    def _best(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """[B, rows, S] bool: the top_k keys of queries q [B, heads, rows, width] among keys k [B, 1, S, width],
+        scored with their weights [B, rows, heads], of those causal [rows, S] lets them see."""
+        scores = torch.einsum("bhts,bth->bts", torch.relu(q @ k.transpose(-1, -2)), weights)
+        best = scores.masked_fill(~causal, float("-inf")).topk(self.top_k, dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True) & causal
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
@@ -1712,6 +1815,12 @@ class DecoderLayer(nn.Module):
         for name, lin in _linears(c, index, w).items():
             setattr(self, name, lin)
         self.ffn_moe = MoE(c, index, w) if c.has_experts(index) else None  # in place of ffn_gate/up/down
+        # the keys each query attends to (DeepSeek-V3.2), or the layer whose indexer picks them (GLM-5.2's shared
+        # layers: its choice read from indexer_choices, one dict the model's layers share)
+        own = c.indexer_heads and self.attends and c.indexer_source(index) == index
+        self.indexer = LightningIndexer(c, index, w) if own else None
+        self.indexer_source = c.indexer_source(index) if c.indexer_heads and not own else None
+        self.indexer_choices: dict[int, torch.Tensor] = {}
         self.shortconv = ShortConv(c, index, w) if c.is_conv(index) else None  # in place of attention (LFM2)
         # between ssm_in and ssm_out (Granite 4; Mamba 1's, around ssm_x and ssm_dt: Mamba)
         self.mamba = (Mamba if fam.mamba1 else Mamba2)(c, index, w) if c.is_ssm(index) else None
@@ -1908,9 +2017,19 @@ class DecoderLayer(nn.Module):
             a = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
             return a * c.residual_scale if c.residual_scale != 1.0 else a
         b, t, _ = x.shape
+        kept = None  # the keys each query attends to, where an indexer picks them
         if qkv is None:
             h = self.attn_norm(x) if normed is None else normed
-            qkv = self._latent_qkv(h) if c.kv_lora_rank else self._products(h, self.PRODUCT_GROUPS[0])
+            if c.kv_lora_rank:
+                *qkv, q_latent = self._latent_qkv(h)
+                if self.indexer is not None:
+                    kept = self.indexer(h, q_latent, rot[self.rope_kind], cache, start)
+                    if c.indexer_shared:  # (for the layers after it that reuse its choice)
+                        self.indexer_choices[self.index] = kept
+                elif self.indexer_source is not None:
+                    kept = self.indexer_choices[self.indexer_source]
+            else:
+                qkv = self._products(h, self.PRODUCT_GROUPS[0])
         q, k, v, *own_gate = qkv  # (AFMoE's and Laguna's gate: its own product beside them)
         if c.clamp_qkv:  # (OLMo's and MPT's clip_qkv, as llama.cpp's build_qkv clamps them)
             q, k, v = (t.clamp(-c.clamp_qkv, c.clamp_qkv) for t in (q, k, v))
@@ -1939,14 +2058,17 @@ class DecoderLayer(nn.Module):
         else:
             q, k, v = cache.store(self.index, start, q, k, v, r, fam.rope)
         mask, attn = (None if cache is None else cache.attn_mask), None
+        if kept is not None:  # (in place of causality: the cache of a model with an indexer sets no mask)
+            mask = kept
         if c.attn_temperature and start + t > c.original_context:  # (1 within the original context)
             pos = torch.arange(start, start + t, device=q.device, dtype=torch.float32)
             q = (q.float() * attn_temperature(c.attn_temperature, c.original_context, pos)[:, None]).to(q.dtype)
         if fam.nope_temperature and self.rope_kind == NO_ROPE and start + t >= NOPE_TEMPERATURE_FLOOR:
             pos = torch.arange(start + 1, start + t + 1, device=q.device, dtype=torch.float32)  # (offset 1)
             q = (q.float() * attn_temperature(NOPE_TEMPERATURE, NOPE_TEMPERATURE_FLOOR, pos)[:, None]).to(q.dtype)
-        if cache is not None and self.attn_sinks is None and self.alibi_slopes is None:  # (sinks, ALiBi: the
-            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)      # cache's kernel has none)
+        # (sinks, ALiBi, an indexer's keys: the cache's kernel has none)
+        if cache is not None and self.attn_sinks is None and self.alibi_slopes is None and kept is None:
+            attn = cache.attend_step(self.index, q, c.query_scale, c.attn_softcap)
         if attn is None:
             attn = attention(q, k, v, start, c.query_scale, self.window, c.attn_softcap, mask, self.attn_sinks,
                              fam.chunked_attention, self.alibi_slopes)
@@ -1964,15 +2086,17 @@ class DecoderLayer(nn.Module):
             a = a * c.residual_scale
         return self.post_attention_norm(a) if fam.post_norms else a
 
-    def _latent_qkv(self, h: torch.Tensor) -> list[torch.Tensor]:
+    def _latent_qkv(self, h: torch.Tensor) -> list[torch.Tensor | None]:
         """Multi-head latent attention's q, k [B, T, H·hd] and v [B, T, H·v_dim] for normed inputs h,
         decompressed (every head's key and value made whole, as llama.cpp's graph without the absorbed
         products): each head of q and k laid out (RoPE part, no-RoPE part), so that RoPE, the cache
-        and the attention take them as any family's (a dot product does not see the order)."""
+        and the attention take them as any family's (a dot product does not see the order); then q's
+        normed latent [B, T, q_lora_rank] (None where q comes straight from h), which an indexer reads."""
         c = self.config
         b, t, _ = h.shape
         rope, rank, heads = c.rope_dim, c.kv_lora_rank, c.n_heads
-        q = self.attn_q_b(self.attn_q_a_norm(self.attn_q_a(h))) if c.q_lora_rank else self.attn_q(h)
+        q_latent = self.attn_q_a_norm(self.attn_q_a(h)) if c.q_lora_rank else None
+        q = self.attn_q_b(q_latent) if c.q_lora_rank else self.attn_q(h)
         q = q.view(b, t, heads, c.head_dim)
         ckr = self.attn_kv_a_mqa(h)
         latent, k_rope = self.attn_kv_a_norm(ckr[..., :rank]), ckr[..., rank:]
@@ -1988,7 +2112,7 @@ class DecoderLayer(nn.Module):
             k_nope, v = torch.einsum("btr,nhr->bthn", latent, k_b.to(latent.dtype)), self.attn_v_b(latent)
         k = torch.cat([k_rope[:, :, None, :].expand(b, t, heads, rope), k_nope], dim=-1)
         q = torch.cat([q[..., nope:], q[..., :nope]], dim=-1)
-        return [q.reshape(b, t, -1), k.reshape(b, t, -1), v]
+        return [q.reshape(b, t, -1), k.reshape(b, t, -1), v, q_latent]
 
     def delta_net_branch(self, h: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """A Gated DeltaNet's output for normed h [B, T, D] at positions start..start+T, as llama.cpp's
@@ -2215,6 +2339,9 @@ class Model(nn.Module):
         self.token_embd_norm = make_norm(c.family, weights, "token_embd_norm", c.norm_eps, c.dim) \
             if c.family.embedding_norm else None
         self.layers = nn.ModuleList(self.layer_class(c, i, weights) for i in range(c.n_layers))
+        choices: dict[int, torch.Tensor] = {}  # the indexers' last choices, for GLM-5.2's shared layers
+        for layer in self.layers:
+            layer.indexer_choices = choices
         self.output_norm = make_norm(c.family, weights, c.family.output_norm_tensor, c.norm_eps, c.dim)
         # Tied embeddings: no output.weight; the head then reads tok_embd's blocks (no second copy).
         out = weights.get("output.weight")
@@ -2578,6 +2705,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
             optional.update({p + n + ".bias": shape for n, shape in moe_bias.items()})
             if not c.family.moe_beside_ffn:
                 layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
+        if c.indexer_heads and c.has_attention(i) and c.indexer_source(i) == i:  # (the indexer: DeepSeek-V3.2)
+            heads, width = c.indexer_heads, c.indexer_head_dim
+            want.update({p + "indexer.attn_q_b.weight": (heads * width, c.q_lora_rank),
+                         p + "indexer.attn_k.weight": (width, c.dim), p + "indexer.proj.weight": (heads, c.dim),
+                         p + "indexer.k_norm.weight": (width,), p + "indexer.k_norm.bias": (width,)})
         optional[p + "attn_sinks.weight"] = (c.n_heads,)
         fused = fused_splits(lc, i, w)
         in_fused = {part for parts in fused.values() for part, _, _ in parts}
