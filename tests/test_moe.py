@@ -314,7 +314,7 @@ def test_perplexity_and_greedy_decoding_match_llamacpp(moe, text_ids, name, qtyp
         assert generate(model, prompt, max_new_tokens=8) == llamacpp_greedy(llm, prompt, 8)
 
 
-@pytest.mark.parametrize("name", LATENT)
+@pytest.mark.parametrize("name", DEEPSEEK + ("mistral4",))  # (deepseek32's and glm-dsa's: their own tests)
 def test_deepseek_latent_attention(moe, name):
     """DeepSeek's attention (and Mistral Small 4's, llama.cpp's deepseek2 graph under its own name) as
     llama.cpp reads the file: q through its latent where the file gives q_lora_rank, keys of key_length_mla
