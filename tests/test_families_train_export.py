@@ -65,7 +65,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
                  "falcon": "qa-hira", "falcon-40b": "qa-lora",
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
-                 "xverse": "qa-hira"}
+                 "xverse": "qa-hira", "plamo2": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -81,7 +81,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
                    "falcon": "qdylora", "falcon-40b": "q-bara",
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
-                   "xverse": "qdylora"}
+                   "xverse": "qdylora", "plamo2": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -186,6 +186,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
     present = set(SSM_LINEAR_NAMES) if name == "mamba2" else present  # (Mamba2 layers alone)
     present = set(MAMBA_LINEAR_NAMES) if name == "mamba" else present  # (Mamba's)
+    present |= set(MAMBA_LINEAR_NAMES) if name == "plamo2" else set()  # (PLaMo 2's Mamba layers beside attention)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h", "falcon-h1") else set()  # (Mamba2)
     present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
     assert {m.rsplit(".", 1)[-1] for m in modules} == present - absent
@@ -571,15 +572,15 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear"])
+                                  "bloom", "gptneox", "kimi-linear", "plamo2"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
-    latent attention and experts, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed
-    layers."""
+    latent attention and experts, PLaMo 2's Mamba layers in heads beside attention, GPT-2's learned positions and
+    BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
@@ -596,7 +597,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
                                   "bloom", "gptneox", "stablelm", "falcon",
-                                  "kimi-linear"))
+                                  "kimi-linear", "plamo2"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

@@ -81,6 +81,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
+    plamo2        neox  silu       yes         yes       -          -                        never (as llama.cpp)
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -195,6 +196,17 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
   no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
   other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
+  PLaMo 2 (plamo2: PLaMo 2 1B, 2B, 8B; its checkpoints ship their own modeling code, read as the converted
+  GGUF) runs a Mamba mixer in the layers its file gives no heads and attention (q, k and v fused in attn_qkv,
+  q and k normed by a weight of each head's own, NEOX RoPE) in the others, each followed by a SwiGLU MLP
+  (gate and up fused in ffn_up), both outputs post-normed (post_attention_norm, post_ffw_norm) before the
+  residual add. Its mixer is Mamba's layout in heads (Family.mamba_heads): ssm_in gives each head's z and x;
+  x through a causal depthwise convolution without a bias and SiLU; ssm_x gives B, C and dt, each RMS-normed
+  with its weight; dt = softplus(ssm_dt(dt)), one a head; Mamba2's scan, each head with one A and D, all
+  sharing B and C; y · silu(z) into ssm_out. Its post-norms and the dt, B and C norms are tensors without
+  .weight (Family.bare_norms). RoPE turns the whole of each head (key_length): llama.cpp reads RoPE's width
+  from layer 0's heads, none where layer 0 is a Mamba layer (as in every PLaMo 2 checkpoint), and its graph
+  then does not finish; it runs files whose layer 0 attends as lowtune does.
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -401,7 +413,13 @@ class Family:
     #                                    interleave_moe_layer_step (Jamba: 2, as its converted files are laid out)
     parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
     #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
-    #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
+    #                                    has one
+    mamba_heads: bool = False          # the Mamba 1 layers' (mamba1) channels run in the file's time_step_rank
+    #                                    heads, z and x interleaved head by head, B, C and dt from ssm_x (dt of
+    #                                    llama.cpp's width max(64, D / 16)), Mamba2's scan (PLaMo 2: MambaShape)
+    bare_norms: tuple[str, ...] = ()   # the layer norms whose tensors the file names without .weight, read as
+    #                                    blk.N.<norm>.weight (Falcon-H1's ffn_norm; PLaMo 2's post-norms, dt's,
+    #                                    B's and C's)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -526,7 +544,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
            moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("mamba2", mamba2=True, attention_free=True),
-    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True),
+    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_norms=("ffn_norm",)),
     Family("mamba", attention_free=True, mamba1=True),
     Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
@@ -640,6 +658,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
     Family("xverse"),
+    Family("plamo2", rope="neox", qk_norm="head", qk_norm_per_head=True, post_norms=True, windowless=True,
+           mamba1=True, mamba_heads=True,
+           bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -659,7 +680,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
-_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
+_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -685,7 +706,9 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
-                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds")}
+                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),
+                 **dict.fromkeys(("Plamo2ForCausalLM", "PLaMo2ForCausalLM"),
+                                 ("plamo2", "PLaMo 2's Mamba layers, its norms less their offsets and its vocabulary"))}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
