@@ -37,7 +37,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "pangu-embedded")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # PLaMo 2: Mamba and attention layers in turn (its mamba_step of 2), 8 Mamba heads of the attention heads' width
 PLAMO2 = dict(num_hidden_layers=4, mamba_step=2, mamba_num_heads=8, mamba_d_state=16, mamba_d_conv=4)
@@ -735,7 +735,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
                       p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
                       p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
-        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases)
+        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases; openPangu
+            #    Embedded's attention biases)
             p = f"model.layers.{i}."
             attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
                     {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -745,6 +746,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "mlp.down_proj.weight": down})
             if name == "orion":
                 w.update({p + "input_layernorm.bias": vec(D), p + "post_attention_layernorm.bias": vec(D)})
+            if name == "pangu-embedded":
+                w.update({p + "self_attn.q_proj.bias": vec(D), p + "self_attn.k_proj.bias": vec(hkv * hd),
+                          p + "self_attn.v_proj.bias": vec(hkv * hd), p + "self_attn.o_proj.bias": vec(D)})
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
     if name in ("exaone", "qwen"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
@@ -774,6 +778,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       rms_norm_eps=1e-5, rope_theta=10000.0),
         "xverse": dict(architectures=["XverseForCausalLM"], model_type="xverse", num_hidden_layers=layers,
                        rms_norm_eps=1e-5, rope_theta=10000.0),
+        "pangu-embedded": dict(architectures=["PanguEmbeddedForCausalLM"], model_type="PanguEmbedded",
+                               num_hidden_layers=layers, rms_norm_eps=1e-5, rope_theta=10000.0, bias=True),
     }[name])
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))

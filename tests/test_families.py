@@ -149,6 +149,8 @@ REMOTE_CODE_SWITCH_OFF = {
                                                 for n in ("attn_q", "attn_k", "attn_v")])],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
+    "pangu-embedded": [("the attention output's bias", lambda m: [setattr(layer.attn_output, "bias", None)
+                                                                  for layer in m.layers])],
     "plamo2": [("each head's own q/k norm weight", lambda m: [setattr(n, "weight", n.weight.mean(0))
                                                              for layer in m.layers if layer.attends
                                                              for n in (layer.attn_q_norm, layer.attn_k_norm)]),
@@ -213,10 +215,11 @@ def test_exaone_config_as_published():
     assert len(factors) == 40 and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
 
 
-@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan"])
+@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan", "pangu-embedded"])
 def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
     """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's),
-    Orion's (Llama's names, LayerNorms with biases) and Baichuan's (q, k and v in W_pack, q and k permuted as
+    Orion's (Llama's names, LayerNorms with biases), openPangu Embedded's (Llama's names, attention biases) and
+    Baichuan's (q, k and v in W_pack, q and k permuted as
     Llama's) read as llama.cpp's conversion: the same tensors, config and logits, EXAONE 3.5's rope_freqs made
     from its config."""
     import lowtune
@@ -1691,8 +1694,8 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_remote_code_variants_and_directories_refused(tiny):
     """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
-    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's and
-    Baichuan's, by class, saying to convert them."""
+    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's, Baichuan's
+    and openPangu Embedded's, by class, saying to convert them."""
     import lowtune
     with GGUFFile(tiny["baichuan"].gguf) as f:
         md = dict(f.metadata)
@@ -1706,7 +1709,7 @@ def test_remote_code_variants_and_directories_refused(tiny):
     layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
     with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
         ModelConfig.from_gguf_metadata(layer_eps)
-    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan")]:
+    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan", "pangu-embedded")]:
         cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
         with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
             lowtune.load_model(tiny[name].hf_dir)
@@ -1721,8 +1724,8 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "pangu-embedded", "plamo2",
+                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -82,6 +82,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
     plamo2        neox  silu       yes         yes       -          -                        never (as llama.cpp)
+    pangu-embedded neox silu       -           -         -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -261,9 +262,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
   a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
   intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
-  XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
-  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
-  Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama; openPangu Embedded (pangu-embedded: openPangu-Embedded-1B and
+  7B) with NEOX RoPE and biases on q, k, v and the attention's output. Their Hugging Face directories are
+  refused, saying to convert them, but EXAONE 3's, which transformers reads (and writes) as Llama, and
+  Orion's and openPangu Embedded's (Llama's names) and Baichuan's (Llama's, q, k and v in W_pack), which
+  lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -658,6 +661,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
     Family("xverse"),
+    Family("pangu-embedded", rope="neox", hf_architectures=("PanguEmbeddedForCausalLM",),
+           hf_model_types=("PanguEmbedded",), hf_writable=False),
     Family("plamo2", rope="neox", qk_norm="head", qk_norm_per_head=True, post_norms=True, windowless=True,
            mamba1=True, mamba_heads=True,
            bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),

@@ -108,6 +108,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
     # (read only: Family.hf_writable)
     "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "pangu-embedded": {"layer": _LLAMA, "global": _GLOBAL},
     "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},
                  "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},
                  "global": _GLOBAL},
