@@ -37,10 +37,13 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "pangu-embedded")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "pangu-embedded",
+                     "plamo3")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # PLaMo 2: Mamba and attention layers in turn (its mamba_step of 2), 8 Mamba heads of the attention heads' width
 PLAMO2 = dict(num_hidden_layers=4, mamba_step=2, mamba_num_heads=8, mamba_d_state=16, mamba_d_conv=4)
+# PLaMo 3: sliding and global layers in turn (its published pattern is 8)
+PLAMO3 = dict(num_hidden_layers=4, sliding_window_pattern=2)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
 # q/k norms and Falcon: read from GGUF, their HF directories refused)
@@ -697,8 +700,8 @@ def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
 def remote_code_checkpoint(name: str, d: Path) -> None:
     """The tiny model of `name` (one of REMOTE_CODE_NAMES) as its published checkpoints hold it: their
     config.json keys and tensor names (fused q/k/v where theirs are fused), random weights seeded by the name."""
-    if name == "plamo2":  # (a hybrid of its own)
-        return plamo2_checkpoint(d)
+    if name in ("plamo2", "plamo3"):  # (PLaMo's own layout: pre- and post-norms, q/k/v and gate/up fused)
+        return plamo_checkpoint(name, d)
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -786,21 +789,26 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
 
 
-def plamo2_checkpoint(d: Path) -> None:
-    """PLaMo 2's tiny model as its published checkpoints hold it (Plamo2ForCausalLM's config.json keys and
-    tensor names): Mamba layers (in_proj's z and x interleaved head by head, bcdt_proj's B, C and dt, each
-    normed by its weight, dt_proj to the heads, A_log, D) and attention layers (qkv_proj, a q and k norm
-    weight for each head) in turn, each followed by a SwiGLU MLP (gate_up_proj), every output post-normed."""
+def plamo_checkpoint(name: str, d: Path) -> None:
+    """PLaMo 2's or PLaMo 3's tiny model as its published checkpoints hold it (Plamo2ForCausalLM's and
+    Plamo3ForCausalLM's config.json keys and tensor names). PLaMo 2: Mamba layers (in_proj's z and x
+    interleaved head by head, bcdt_proj's B, C and dt, each normed by its weight, dt_proj to the heads,
+    A_log, D) and attention layers (qkv_proj, a q and k norm weight for each head) in turn; PLaMo 3: attention
+    layers (qkv_proj, q and k norms), sliding and global. Each followed by a SwiGLU MLP (gate_up_proj), every
+    output post-normed."""
     from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(2 if name == "plamo2" else 3)
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
     vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
     hd, heads, state, kernel = D // H, PLAMO2["mamba_num_heads"], PLAMO2["mamba_d_state"], PLAMO2["mamba_d_conv"]
     inner, dt_dim = heads * hd, max(64, D // 16)  # (llama.cpp's dt width: the checkpoints' rule)
     w = {}
-    for i in range(PLAMO2["num_hidden_layers"]):
+    for i in range((PLAMO2 if name == "plamo2" else PLAMO3)["num_hidden_layers"]):
         p = f"model.layers.layers.{i}."
-        if i % PLAMO2["mamba_step"] != PLAMO2["mamba_step"] // 2:
+        if name == "plamo3":  # (q and k norms of one weight for every head, less the converter's 1)
+            w.update({p + "mixer.qkv_proj.weight": mat((H + 2 * HKV) * hd, D), p + "mixer.q_norm.weight": vec(hd),
+                      p + "mixer.k_norm.weight": vec(hd), p + "mixer.o_proj.weight": mat(D, H * hd)})
+        elif i % PLAMO2["mamba_step"] != PLAMO2["mamba_step"] // 2:
             w.update({p + "mixer.in_proj.weight": mat(2 * inner, D),
                       p + "mixer.conv1d.weight": mat(inner, kernel)[:, None],
                       p + "mixer.bcdt_proj.weight": mat(2 * state + dt_dim, inner),
@@ -818,10 +826,15 @@ def plamo2_checkpoint(d: Path) -> None:
                   p + "mlp.gate_up_proj.weight": mat(2 * F, D), p + "mlp.down_proj.weight": mat(D, F)})
     w.update({"model.embed_tokens.weight": 0.25 * torch.randn(V, D, generator=g), "model.norm.weight": vec(D),
               "lm_head.weight": mat(V, D)})
-    cfg = dict(architectures=["Plamo2ForCausalLM"], model_type="plamo2", vocab_size=V, hidden_size=D,
-               intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV, hidden_size_per_head=hd,
-               max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, mamba_enabled=True,
-               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32", **PLAMO2)
+    cfg = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+               max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+               tie_word_embeddings=False, torch_dtype="float32")
+    if name == "plamo2":
+        cfg.update(architectures=["Plamo2ForCausalLM"], model_type="plamo2", hidden_size_per_head=hd,
+                   mamba_enabled=True, **PLAMO2)
+    else:
+        cfg.update(architectures=["Plamo3ForCausalLM"], model_type="plamo3", head_dim=hd, sliding_window=WINDOW,
+                   **PLAMO3)
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
@@ -891,8 +904,8 @@ from conversion.base import TextModel
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, PLaMo 2's its tokenizer.jsonl); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny
-# models share a SentencePiece one
+# protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl); Gemma 4's only its own BPE one (tests/test_tokenizer.py);
+# the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -906,7 +919,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = plamo.Plamo2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters

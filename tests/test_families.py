@@ -158,6 +158,9 @@ REMOTE_CODE_SWITCH_OFF = {
                                                        if layer.mamba is not None]),
                ("the post-norms", lambda m: [setattr(n, "weight", torch.ones_like(n.weight)) for layer in m.layers
                                              for n in (layer.post_attention_norm, layer.post_ffw_norm)])],
+    "plamo3": [("the sliding windows", _no_windows),
+               ("the q/k norms", lambda m: [setattr(n, "weight", torch.ones_like(n.weight)) for layer in m.layers
+                                            for n in (layer.attn_q_norm, layer.attn_k_norm)])],
 }
 
 
@@ -1725,7 +1728,7 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "pangu-embedded", "plamo2",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "plamo3", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -83,6 +83,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     kimi-linear   none  silu       -           -         -          -                        -
     plamo2        neox  silu       yes         yes       -          -                        never (as llama.cpp)
     pangu-embedded neox silu       -           -         -          -                        if the file gives one
+    plamo3        neox  silu       yes         yes       -          -                        every 8th layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -208,6 +209,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   .weight (Family.bare_norms). RoPE turns the whole of each head (key_length): llama.cpp reads RoPE's width
   from layer 0's heads, none where layer 0 is a Mamba layer (as in every PLaMo 2 checkpoint), and its graph
   then does not finish; it runs files whose layer 0 attends as lowtune does.
+  PLaMo 3 (plamo3: PLaMo 3 2B and its merges) is PLaMo 2's attention layer in every layer, its q and k norms
+  one weight for every head, sliding windows in all but every 8th layer (the file's pattern where it gives
+  one), the sliding layers' RoPE base the file's freq_base_swa.
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -666,6 +670,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("plamo2", rope="neox", qk_norm="head", qk_norm_per_head=True, post_norms=True, windowless=True,
            mamba1=True, mamba_heads=True,
            bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
+    Family("plamo3", rope="neox", qk_norm="head", post_norms=True, swa_period=8,
+           bare_norms=("post_attention_norm", "post_ffw_norm")),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -713,7 +719,9 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
                  "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),
                  **dict.fromkeys(("Plamo2ForCausalLM", "PLaMo2ForCausalLM"),
-                                 ("plamo2", "PLaMo 2's Mamba layers, its norms less their offsets and its vocabulary"))}
+                                 ("plamo2", "PLaMo 2's Mamba layers, its norms less their offsets and its vocabulary")),
+                 **dict.fromkeys(("Plamo3ForCausalLM", "PLaMo3ForCausalLM"),
+                                 ("plamo3", "PLaMo 3's fused q/k/v, its norms less their offsets and its vocabulary"))}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
