@@ -54,7 +54,7 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "hy_v3")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -353,6 +353,12 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": H}, num_hidden_layers=3, n_routed_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
             norm_topk_prob=True, routed_scaling_factor=2.0, sliding_window=None, tie_word_embeddings=False)),
+        # HY V3's layout: dots.llm1's with grouped-query attention, a dense first layer (which its converted file
+        # marks only by having no router), weights renormalized and scaled by its router_scaling_factor
+        "hy_v3": lambda: tf.HYV3ForCausalLM(tf.HYV3Config(
+            **common, num_hidden_layers=3, head_dim=16, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            moe_intermediate_size=32, num_shared_experts=1, first_k_dense_replace=1, router_scaling_factor=2.0,
+            tie_word_embeddings=False)),
         # K-EXAONE's layout: per-head q/k norms, every 4th layer global without RoPE (WINDOW), a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, beside a shared
         # expert (its published configs name the scoring function, which the converter writes and llama.cpp needs)
@@ -920,7 +926,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
-    lambda self: self._set_vocab_sentencepiece()
+    hunyuan.HYV3Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters

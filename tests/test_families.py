@@ -1725,7 +1725,7 @@ def test_families_and_refusals():
                          "starcoder", "bloom", "mpt", "phi2", "gptneox", "stablelm", "falcon", "starcoder2", "phi3",
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
-                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
+                         "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1", "hy_v3",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "pangu-embedded", "plamo2",
                          "plamo3", "qwen2vl", "qwen3vl", "qwen3vlmoe")

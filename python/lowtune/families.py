@@ -67,6 +67,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
+    hy_v3         neox  silu       -           yes       -          -                        if the file gives one
     minimax-m2    neox  silu       -           whole     -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     gemma4        neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
@@ -253,6 +254,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   groups (sigmoid unless the file's expert_gating_func says otherwise, the selection bias, the file's
   expert_weights_norm and expert_weights_scale, dense first layers, shared experts counted by
   expert_shared_count).
+  HY V3 (hy_v3: Tencent Hy3) is dots.llm1's layer (per-head q/k norms before NEOX RoPE, sigmoid routing with
+  the selection bias, renormalized and scaled as the file says, a shared expert) whose dense layers are the
+  ones its file gives no router (Family.moe_where_routed, as llama.cpp finds them: its converter writes no
+  leading_dense_block_count); its selection bias is exp_probs_b without .bias.
   MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
@@ -461,6 +466,8 @@ class Family:
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
+    moe_where_routed: bool = False     # experts in the layers the file gives a router (ffn_gate_inp), a dense FFN in
+    #                                    the others, as llama.cpp finds them (HY V3: no leading_dense_block_count)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
     nextn_layers: bool = False         # the file's last nextn_predict_layers blocks are multi-token-prediction
@@ -639,6 +646,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("hy_v3", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True, moe_where_routed=True),
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
@@ -758,7 +766,8 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
-                         "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
+                         "qwen35moe, qwen3next, phimoe, dots1, hy_v3, hunyuan-moe, minimax-m2, jamba, kimi-linear "
+                         "and gemma4)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")

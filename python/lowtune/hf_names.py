@@ -137,6 +137,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "global": _GLOBAL},
     # dots.llm1: Qwen3's attention names (dense layers' MLP; experts not mapped)
     "dots1": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},
+    "hy_v3": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},  # (dense layers' MLP; experts not mapped)
     # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
     "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)

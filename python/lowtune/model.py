@@ -75,7 +75,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -337,9 +337,11 @@ class ModelConfig:
         return self.rope_yarn_factor > 1.0 and not self.family.swa_rope_scaled
 
     @classmethod
-    def from_gguf_metadata(cls, md: Mapping) -> "ModelConfig":
+    def from_gguf_metadata(cls, md: Mapping, tensor_names: Collection[str] | None = None) -> "ModelConfig":
         """Read `general.architecture` and the `<arch>.*` keys of a GGUF file's metadata, with
-        llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run."""
+        llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run.
+        tensor_names: the file's tensors, where the family finds its expert layers by them
+        (Family.moe_where_routed; without them every layer is an expert layer)."""
         fam = family_of(md)
         arch = fam.arch
         if fam.norm_switch and f"{arch}.attention.layer_norm_rms_epsilon" in md:
@@ -481,6 +483,9 @@ class ModelConfig:
             step = int(md.get(f"{arch}.interleave_moe_layer_step", fam.moe_step) or fam.moe_step)
             if lead or step > 1:
                 experts["moe_layers"] = tuple(i for i in range(n_layers) if i >= lead and (i + 1) % step == 0)
+            if fam.moe_where_routed and tensor_names is not None:  # (HY V3: llama.cpp's rule, by the tensors)
+                experts["moe_layers"] = tuple(i for i in range(n_layers)
+                                              if f"blk.{i}.ffn_gate_inp.weight" in tensor_names)
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
             scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
@@ -2204,6 +2209,8 @@ class Model(nn.Module):
         if bare:
             weights = {n + ".weight" if n.startswith("blk.") and n.rsplit(".", 1)[1] in bare else n: t
                        for n, t in weights.items()}
+        # (the selection bias without .bias, as HY V3's converter names it)
+        weights = {n + ".bias" if n.endswith(".exp_probs_b") else n: t for n, t in weights.items()}
         _check_weights(config, weights, self.own_tensor_shapes(config))
         c = config
         self.config, self.dtype = c, dtype
