@@ -37,11 +37,16 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "pangu-embedded",
+                     "plamo3")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
 # updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
 REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
+# PLaMo 2: Mamba and attention layers in turn (its mamba_step of 2), 8 Mamba heads of the attention heads' width
+PLAMO2 = dict(num_hidden_layers=4, mamba_step=2, mamba_num_heads=8, mamba_d_state=16, mamba_d_conv=4)
+# PLaMo 3: sliding and global layers in turn (its published pattern is 8)
+PLAMO3 = dict(num_hidden_layers=4, sliding_window_pattern=2)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
 # refused)
@@ -51,8 +56,8 @@ HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
-             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "deepseek32", "glm-dsa", "afmoe", "mistral4", "mimo2",
-             "laguna", "dbrx")
+             "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "hy_v3", "deepseek32", "glm-dsa", "afmoe", "mistral4",
+             "mimo2", "laguna", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -412,6 +417,12 @@ def hf_model(name: str):
             **{**common, "num_key_value_heads": H}, num_hidden_layers=3, n_routed_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
             norm_topk_prob=True, routed_scaling_factor=2.0, sliding_window=None, tie_word_embeddings=False)),
+        # HY V3's layout: dots.llm1's with grouped-query attention, a dense first layer (which its converted file
+        # marks only by having no router), weights renormalized and scaled by its router_scaling_factor
+        "hy_v3": lambda: tf.HYV3ForCausalLM(tf.HYV3Config(
+            **common, num_hidden_layers=3, head_dim=16, num_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED,
+            moe_intermediate_size=32, num_shared_experts=1, first_k_dense_replace=1, router_scaling_factor=2.0,
+            tie_word_embeddings=False)),
         # K-EXAONE's layout: per-head q/k norms, every 4th layer global without RoPE (WINDOW), a dense first
         # layer, then sigmoid routing with a selection bias, renormalized and weighed × 2, beside a shared
         # expert (its published configs name the scoring function, which the converter writes and llama.cpp needs)
@@ -820,6 +831,8 @@ def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
 def remote_code_checkpoint(name: str, d: Path) -> None:
     """The tiny model of `name` (one of REMOTE_CODE_NAMES) as its published checkpoints hold it: their
     config.json keys and tensor names (fused q/k/v where theirs are fused), random weights seeded by the name."""
+    if name in ("plamo2", "plamo3"):  # (PLaMo's own layout: pre- and post-norms, q/k/v and gate/up fused)
+        return plamo_checkpoint(name, d)
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -856,7 +869,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
                       p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
                       p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
-        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases)
+        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases; openPangu
+            #    Embedded's attention biases)
             p = f"model.layers.{i}."
             attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
                     {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -866,6 +880,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "mlp.down_proj.weight": down})
             if name == "orion":
                 w.update({p + "input_layernorm.bias": vec(D), p + "post_attention_layernorm.bias": vec(D)})
+            if name == "pangu-embedded":
+                w.update({p + "self_attn.q_proj.bias": vec(D), p + "self_attn.k_proj.bias": vec(hkv * hd),
+                          p + "self_attn.v_proj.bias": vec(hkv * hd), p + "self_attn.o_proj.bias": vec(D)})
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
     if name in ("exaone", "qwen"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
@@ -895,6 +912,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       rms_norm_eps=1e-5, rope_theta=10000.0),
         "xverse": dict(architectures=["XverseForCausalLM"], model_type="xverse", num_hidden_layers=layers,
                        rms_norm_eps=1e-5, rope_theta=10000.0),
+        "pangu-embedded": dict(architectures=["PanguEmbeddedForCausalLM"], model_type="PanguEmbedded",
+                               num_hidden_layers=layers, rms_norm_eps=1e-5, rope_theta=10000.0, bias=True),
     }[name])
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
@@ -992,6 +1011,57 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
     save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def plamo_checkpoint(name: str, d: Path) -> None:
+    """PLaMo 2's or PLaMo 3's tiny model as its published checkpoints hold it (Plamo2ForCausalLM's and
+    Plamo3ForCausalLM's config.json keys and tensor names). PLaMo 2: Mamba layers (in_proj's z and x
+    interleaved head by head, bcdt_proj's B, C and dt, each normed by its weight, dt_proj to the heads,
+    A_log, D) and attention layers (qkv_proj, a q and k norm weight for each head) in turn; PLaMo 3: attention
+    layers (qkv_proj, q and k norms), sliding and global. Each followed by a SwiGLU MLP (gate_up_proj), every
+    output post-normed."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(2 if name == "plamo2" else 3)
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+    hd, heads, state, kernel = D // H, PLAMO2["mamba_num_heads"], PLAMO2["mamba_d_state"], PLAMO2["mamba_d_conv"]
+    inner, dt_dim = heads * hd, max(64, D // 16)  # (llama.cpp's dt width: the checkpoints' rule)
+    w = {}
+    for i in range((PLAMO2 if name == "plamo2" else PLAMO3)["num_hidden_layers"]):
+        p = f"model.layers.layers.{i}."
+        if name == "plamo3":  # (q and k norms of one weight for every head, less the converter's 1)
+            w.update({p + "mixer.qkv_proj.weight": mat((H + 2 * HKV) * hd, D), p + "mixer.q_norm.weight": vec(hd),
+                      p + "mixer.k_norm.weight": vec(hd), p + "mixer.o_proj.weight": mat(D, H * hd)})
+        elif i % PLAMO2["mamba_step"] != PLAMO2["mamba_step"] // 2:
+            w.update({p + "mixer.in_proj.weight": mat(2 * inner, D),
+                      p + "mixer.conv1d.weight": mat(inner, kernel)[:, None],
+                      p + "mixer.bcdt_proj.weight": mat(2 * state + dt_dim, inner),
+                      p + "mixer.dt_proj.weight": mat(heads, dt_dim), p + "mixer.dt_bias": vec(heads, -1.0),
+                      p + "mixer.A_log": vec(heads), p + "mixer.D": vec(heads, 1.0),
+                      p + "mixer.dt_norm_weight": vec(dt_dim, 1.0), p + "mixer.B_norm_weight": vec(state, 1.0),
+                      p + "mixer.C_norm_weight": vec(state, 1.0), p + "mixer.out_proj.weight": mat(D, inner)})
+        else:
+            w.update({p + "mixer.qkv_proj.weight": mat((H + 2 * HKV) * hd, D), p + "mixer.q_weight": vec(H * hd, 1.0)
+                      .reshape(H, hd), p + "mixer.k_weight": vec(HKV * hd, 1.0).reshape(HKV, hd),
+                      p + "mixer.o_proj.weight": mat(D, H * hd)})
+        # (the checkpoints keep each norm's weight less the converter's offset: 1, 1/5, 1, 1/5^1.5)
+        w.update({p + "pre_mixer_norm.weight": vec(D), p + "post_mixer_norm.weight": vec(D),
+                  p + "pre_mlp_norm.weight": vec(D), p + "post_mlp_norm.weight": vec(D),
+                  p + "mlp.gate_up_proj.weight": mat(2 * F, D), p + "mlp.down_proj.weight": mat(D, F)})
+    w.update({"model.embed_tokens.weight": 0.25 * torch.randn(V, D, generator=g), "model.norm.weight": vec(D),
+              "lm_head.weight": mat(V, D)})
+    cfg = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+               max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+               tie_word_embeddings=False, torch_dtype="float32")
+    if name == "plamo2":
+        cfg.update(architectures=["Plamo2ForCausalLM"], model_type="plamo2", hidden_size_per_head=hd,
+                   mamba_enabled=True, **PLAMO2)
+    else:
+        cfg.update(architectures=["Plamo3ForCausalLM"], model_type="plamo3", head_dim=hd, sliding_window=WINDOW,
+                   **PLAMO3)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def add_reused_kv_tensors(hf_dir: Path, layers: int, seed: int = 0) -> None:
     """Gemma 3n's k, v and k norm in the layers that reuse earlier K/V, added to a directory's
     safetensors: the released checkpoints carry them and llama.cpp loads them (transformers leaves
@@ -1049,15 +1119,15 @@ _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
                         gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mimo,
-                        minimax, mpt, nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
+                        minimax, mpt, nemotron, olmo, phi, plamo, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's, Qwen's, DBRX's and Ling's converters read only byte-level BPE vocabularies (Kimi Linear's
 # also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece
-# model through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a
-# SentencePiece one
+# model through protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl); Gemma 4's only its own BPE one
+# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -1074,7 +1144,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
     mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = jais.Jais2Model.set_vocab = \
-    glm.GlmMoeDsaModel.set_vocab = \
+    glm.GlmMoeDsaModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
+    hunyuan.HYV3Model.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1233,7 +1304,29 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
         md["tokenizer.ggml.eot_token_id"] = md["tokenizer.ggml.tokens"].index("<end_of_turn>")
         write_gguf(root / "gemma-eot.gguf", md, tensors, metadata_types=types)
     out["gemma"].gguf = root / "gemma-eot.gguf"
+    # llama.cpp's plamo2 reads RoPE's width from layer 0's heads: 0 where layer 0 is a Mamba layer, as in every
+    # PLaMo 2 checkpoint, and its graph then hangs; the tiny file's layers swapped in pairs, so layer 0 attends
+    # (the converter's file stays beside it)
+    out["plamo2"].gguf = plamo2_attention_first(out["plamo2"].gguf, root / "plamo2-attention-first.gguf")
     return out
+
+
+def plamo2_attention_first(src: Path, dst: Path) -> Path:
+    """PLaMo 2's GGUF `src` with layers 2i and 2i + 1 swapped (tensors and per-layer head counts), as `dst`."""
+    with GGUFFile(src) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        swapped = lambda i: i ^ 1  # noqa: E731
+        tensors = []
+        for name in f.tensor_infos:
+            if name.startswith("blk."):
+                _, i, rest = name.split(".", 2)
+                tensors.append((f"blk.{swapped(int(i))}.{rest}", f.tensor(name)))
+            else:
+                tensors.append((name, f.tensor(name)))
+        for key in ("plamo2.attention.head_count", "plamo2.attention.head_count_kv"):
+            md[key] = [md[key][swapped(i)] for i in range(len(md[key]))]
+        write_gguf(dst, md, tensors, metadata_types=types)
+    return dst
 
 
 def hub_expert_layout(path: Path) -> None:
@@ -1328,6 +1421,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    f"{arch}.ssm.time_step_rank": 32 if fam.mamba1 else SSM["mamba_n_heads"],  # (Mamba's dt rank)
                    f"{arch}.embedding_scale": 2.0, f"{arch}.residual_scale": 0.7, f"{arch}.attention.scale": 0.3,
                    f"{arch}.logit_scale": 1.5})
+    if fam.mamba_heads:  # (PLaMo 2: Mamba's layers in heads that share one B and C; no heads in its Mamba layers)
+        md.update({f"{arch}.ssm.time_step_rank": SSM["mamba_n_heads"], f"{arch}.ssm.group_count": 0,
+                   f"{arch}.attention.head_count": [H * bool(k) for k in md[f"{arch}.attention.head_count_kv"]]})
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
@@ -1501,7 +1597,17 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({p + n + ".weight": vec(shape, 0.3 if fam.query_scale == 1.0 and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c.at_layer(i), i).items()
                  if fam.norm_weights})
-        if c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
+        if c.is_ssm(i) and fam.mamba_heads:  # PLaMo 2's: one dt, A and D a head, no convolution bias, dt's, B's and
+            m = c.ssm  #                           C's norms
+            w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
+                      p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner),
+                      p + "ssm_dt.weight": mat(m.heads, m.dt_rank),
+                      p + "ssm_conv1d.weight": ops.quantize(torch.randn(m.inner, m.conv_kernel, generator=g)
+                                                            / math.sqrt(m.conv_kernel), "F32"),
+                      p + "ssm_dt.bias": vec(m.heads, -1.0), p + "ssm_a": -torch.exp(vec(m.heads)),
+                      p + "ssm_d": vec(m.heads, 1.0), p + "ssm_dt_norm.weight": vec(m.dt_rank, 1.0),
+                      p + "ssm_b_norm.weight": vec(m.state, 1.0), p + "ssm_c_norm.weight": vec(m.state, 1.0)})
+        elif c.is_ssm(i) and fam.mamba1:  # Mamba's layer: its kernel and A [inner, state] in F32
             m = c.ssm
             w.update({p + "ssm_in.weight": mat(2 * m.inner, D), p + "ssm_out.weight": mat(D, m.inner),
                       p + "ssm_x.weight": mat(m.dt_rank + 2 * m.state, m.inner),

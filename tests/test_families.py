@@ -149,6 +149,18 @@ REMOTE_CODE_SWITCH_OFF = {
                                                 for n in ("attn_q", "attn_k", "attn_v")])],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
+    "pangu-embedded": [("the attention output's bias", lambda m: [setattr(layer.attn_output, "bias", None)
+                                                                  for layer in m.layers])],
+    "plamo2": [("each head's own q/k norm weight", lambda m: [setattr(n, "weight", n.weight.mean(0))
+                                                             for layer in m.layers if layer.attends
+                                                             for n in (layer.attn_q_norm, layer.attn_k_norm)]),
+               ("the norms of dt, B and C", lambda m: [setattr(layer.mamba, "norms", None) for layer in m.layers
+                                                       if layer.mamba is not None]),
+               ("the post-norms", lambda m: [setattr(n, "weight", torch.ones_like(n.weight)) for layer in m.layers
+                                             for n in (layer.post_attention_norm, layer.post_ffw_norm)])],
+    "plamo3": [("the sliding windows", _no_windows),
+               ("the q/k norms", lambda m: [setattr(n, "weight", torch.ones_like(n.weight)) for layer in m.layers
+                                            for n in (layer.attn_q_norm, layer.attn_k_norm)])],
 }
 
 
@@ -206,10 +218,11 @@ def test_exaone_config_as_published():
     assert len(factors) == 40 and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
 
 
-@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan"])
+@pytest.mark.parametrize("name", ["exaone", "orion", "baichuan", "pangu-embedded"])
 def test_remote_code_hf_directory_loads_as_the_converted_gguf(tiny, name):
     """EXAONE 3's directory (its own tensor names and config keys, which transformers renames onto Llama's),
-    Orion's (Llama's names, LayerNorms with biases) and Baichuan's (q, k and v in W_pack, q and k permuted as
+    Orion's (Llama's names, LayerNorms with biases), openPangu Embedded's (Llama's names, attention biases) and
+    Baichuan's (q, k and v in W_pack, q and k permuted as
     Llama's) read as llama.cpp's conversion: the same tensors, config and logits, EXAONE 3.5's rope_freqs made
     from its config."""
     import lowtune
@@ -972,7 +985,7 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
-                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt"))
+                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "plamo2"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1297,12 +1310,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h", "plamo2"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
-    Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
-    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read
-    from the file, the model trains as the resident one, every layer's pack holding its own kind's matrices."""
+    Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; PLaMo 2: a Mamba
+    layer's ssm_in/ssm_x/ssm_dt/ssm_out; or attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a
+    layer): streamed, the first two read from the file, the model trains as the resident one, every layer's pack
+    holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
@@ -1312,7 +1326,8 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     c = resident.config
     assert plan.streamed == list(range(c.n_layers)) and plan.disk_layers == [0, 1]
     packs = streaming.streamer.packs
-    own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"], "ssm": list(SSM_LINEAR_NAMES),
+    own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"],
+           "ssm": list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES),
            "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
            "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "mlp": []}
     kind = lambda i: ("mlp" if not c.has_mixer(i) else "conv" if c.is_conv(i)  # noqa: E731
@@ -1324,7 +1339,8 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
         assert sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) == sorted(
             n + ".weight" for n in ffn(i) + own[kind(i)]), i
     attending = next(i for i in range(c.n_layers) if kind(i) == "attention")
-    assert packs[0].nbytes != packs[attending].nbytes  # (the slots hold the larger)
+    other = next(i for i in range(c.n_layers) if kind(i) != "attention")
+    assert packs[other].nbytes != packs[attending].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
@@ -1356,11 +1372,12 @@ def test_layers_without_attention_stream(tiny, name):
                                         ("mamba2", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2"),
                                         ("falcon-h1", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2's and "
                                                       "Falcon-H1"),
-                                        ("mamba", "Mamba state .Mamba's selective scans")])
+                                        ("mamba", "Mamba state .Mamba's selective scans"),
+                                        ("plamo2", "Mamba state .Mamba's selective scans, PLaMo 2's in heads")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
     a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
-    Falcon-H1 and Mamba by name, and generate decodes them through the model's steps (a scan's recurrent step
+    Falcon-H1, Mamba and PLaMo 2 by name, and generate decodes them through the model's steps (a scan's recurrent step
     on the cached states), as the full forward does."""
     from lowtune.generate import GenerationStats, StepDecoder, cpu_decoder
     model = Model.from_gguf(gguf_of(tiny[name], "Q8_0"))
@@ -1387,12 +1404,12 @@ def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
 @pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d"),
-                                         ("qwen35", "ssm_conv1d")])
+                                         ("qwen35", "ssm_conv1d"), ("plamo2", "ssm_conv1d")])
 def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name, kernel):
-    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's and Qwen3.5's tensors llama-quantize's types
-    and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
-    (none: a convolution, a Mamba2 layer), and a DeltaNet's attn_qkv takes attn_v's rules and counts
-    among them."""
+    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's, Qwen3.5's and PLaMo 2's tensors llama-quantize's
+    types and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
+    (none: a convolution, a Mamba2 layer; PLaMo 2's heads a layer too), and a DeltaNet's attn_qkv takes attn_v's
+    rules and counts among them."""
     import numpy as np
 
     import ggml_ref
@@ -1403,7 +1420,8 @@ def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name
     ggml_ref.quantize_model(src, theirs, recipe, threads=1)
     with GGUFFile(ours) as a, GGUFFile(theirs) as b:
         assert set(a.tensor_infos) == set(b.tensor_infos)
-        assert b.tensor_infos[f"blk.0.{kernel}.weight"].type_name == "F32"
+        kernels = [n for n in b.tensor_infos if n.endswith(f".{kernel}.weight")]
+        assert kernels and all(b.tensor_infos[n].type_name == "F32" for n in kernels)
         for name, info in b.tensor_infos.items():
             assert a.tensor_infos[name].type_name == info.type_name, name
             assert np.array_equal(a.raw(name).numpy(), b.raw(name).numpy()), name
@@ -1646,6 +1664,29 @@ def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
         ModelConfig.from_gguf_metadata({**md, "falcon-h1.attention.head_count_kv": [2, 0]})
 
 
+def test_plamo2_mamba_layers_in_heads_beside_attention(tiny):
+    """PLaMo 2's converted file (layer 0 a Mamba layer, as in its checkpoints) reads as the tiny file with its layers
+    swapped in pairs (which llama.cpp runs): Mamba layers of 8 heads sharing B and C, dt llama.cpp's 64 wide, the
+    scan's state a head's [head_dim, state]; B/C groups in the file are refused."""
+    converted = tiny["plamo2"].gguf.with_name("plamo2-F32.gguf")
+    model, swapped = Model.from_gguf(converted), Model.from_gguf(tiny["plamo2"].gguf)
+    c = model.config
+    assert (c.ssm_layers, swapped.config.ssm_layers, c.n_heads, c.n_kv_heads) == ((0, 2), (1, 3), H, HKV)
+    assert (c.ssm.heads, c.ssm.head_dim, c.ssm.dt_rank, c.ssm.state) == (8, D // H, 64, 16)
+    assert tuple(model.layers[1].attn_q_norm.weight.shape) == (H, D // H)  # (a weight of each head's own)
+    ids = rand_ids(1, 12, seed=4)
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(ids, cache)
+    assert tuple(cache.recurrent_state[0].shape) == (1, 8, D // H, 16)
+    assert tuple(cache.conv_state[2].shape) == (1, 128, 3)
+    assert cache.k[0].numel() == 0 and cache.k[1].shape[2] == 16
+    with GGUFFile(converted) as f:
+        md = dict(f.metadata)
+    with pytest.raises(ValueError, match="B/C groups .ssm.group_count.*llama.cpp's plamo2 graph refuses"):
+        ModelConfig.from_gguf_metadata({**md, "plamo2.ssm.group_count": 2})
+
+
 def test_minicpm_runs_granites_decoder_with_its_scales(tiny, botchan_ids):
     """MiniCPM (a GGUF family: transformers has no class for it) against a Granite model of the
     same function in transformers, and against llama.cpp; its scales from the file, and llama.cpp's
@@ -1731,8 +1772,8 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 def test_remote_code_variants_and_directories_refused(tiny):
     """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
-    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's and
-    Baichuan's, by class, saying to convert them."""
+    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's, Baichuan's
+    and openPangu Embedded's, by class, saying to convert them."""
     import lowtune
     with GGUFFile(tiny["baichuan"].gguf) as f:
         md = dict(f.metadata)
@@ -1746,7 +1787,7 @@ def test_remote_code_variants_and_directories_refused(tiny):
     layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
     with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
         ModelConfig.from_gguf_metadata(layer_eps)
-    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan")]:
+    for name in [n for n in REMOTE_CODE_NAMES if n not in ("exaone", "orion", "baichuan", "pangu-embedded")]:
         cls = json.loads((tiny[name].hf_dir / "config.json").read_text())["architectures"][0]
         with pytest.raises(ValueError, match=f"{cls} \\({name}\\) is read from GGUF only.*convert_hf_to_gguf.py"):
             lowtune.load_model(tiny[name].hf_dir)
@@ -1806,15 +1847,15 @@ def test_families_and_refusals():
                          "phimoe", "gemma", "gemma2", "gemma3", "olmo", "olmo2", "olmoe", "exaone4", "exaone-moe",
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "mistral4",
-                         "llama4", "glm4moe", "dots1", "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe",
-                         "qwen3next", "kimi-linear", "mimo2", "afmoe", "laguna", "bitnet", "exaone", "internlm2",
-                         "baichuan", "qwen", "orion", "xverse", "dbrx", "deepseek", "grok", "arctic", "bailingmoe",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2")
+                         "llama4", "glm4moe", "dots1", "hy_v3", "minimax-m2", "gemma3n", "gemma4", "qwen35",
+                         "qwen35moe", "qwen3next", "kimi-linear", "mimo2", "afmoe", "laguna", "bitnet", "exaone",
+                         "internlm2", "baichuan", "qwen", "orion", "xverse", "pangu-embedded", "plamo2", "plamo3",
+                         "dbrx", "deepseek", "grok", "arctic", "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
-    for arch, why in [("deepseek", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("rwkv6", "recurrent"), ("plamo2", "recurrent"), ("bert", "encoder"),
+    for arch, why in [("llada-moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
+                      ("rwkv6", "recurrent"), ("rwkv7", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

@@ -65,7 +65,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
                  "falcon": "qa-hira", "falcon-40b": "qa-lora",
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
-                 "xverse": "qa-hira", "jais2": "qdylora"}
+                 "xverse": "qa-hira", "jais2": "qdylora", "plamo2": "q-bara", "pangu-embedded": "qdylora",
+                 "plamo3": "qa-lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -81,7 +82,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "gptneox": "qa-hira", "gptneox-seq": "lora", "stablelm": "q-bara", "stablelm2-12b": "qdylora",
                    "falcon": "qdylora", "falcon-40b": "q-bara",
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
-                   "xverse": "qdylora", "jais2": "qa-lora"}
+                   "xverse": "qdylora", "jais2": "qa-lora", "plamo2": "qa-lora", "pangu-embedded": "lora",
+                   "plamo3": "qa-hira"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -195,6 +197,7 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
     present = set(SSM_LINEAR_NAMES) if name == "mamba2" else present  # (Mamba2 layers alone)
     present = set(MAMBA_LINEAR_NAMES) if name == "mamba" else present  # (Mamba's)
+    present |= set(MAMBA_LINEAR_NAMES) if name == "plamo2" else set()  # (PLaMo 2's Mamba layers beside attention)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h", "falcon-h1") else set()  # (Mamba2)
     present |= set(DELTA_LINEAR_NAMES) - {"ssm_ba"} if name == "qwen35" else set()  # (Qwen3.5's Gated DeltaNets)
     assert {m.rsplit(".", 1)[-1] for m in modules} == present - absent
@@ -612,7 +615,7 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear", "deepseek32", "glm-dsa", "afmoe"])
+                                  "bloom", "gptneox", "kimi-linear", "plamo2", "deepseek32", "glm-dsa", "afmoe"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
@@ -620,8 +623,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
     latent attention and experts, AFMoE's gated attention, DeepSeek-V3.2's lightning indexer (its frozen linears in
-    the packs) and GLM-5's layers that reuse an earlier one's choice, GPT-2's learned positions and BLOOM's ALiBi and
-    embedding norm around the streamed layers."""
+    the packs) and GLM-5's layers that reuse an earlier one's choice, PLaMo 2's Mamba layers in heads beside
+    attention, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
@@ -638,7 +641,7 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
                                   "bloom", "gptneox", "stablelm", "falcon",
-                                  "kimi-linear", "deepseek32", "glm-dsa", "afmoe"))
+                                  "kimi-linear", "plamo2", "deepseek32", "glm-dsa", "afmoe"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next

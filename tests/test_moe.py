@@ -79,7 +79,7 @@ LATENT = DEEPSEEK + ("mistral4", "deepseek32", "glm-dsa")  # (latent attention: 
 #                                                             V3's layer in deepseek32, glm-dsa)
 # (leading_dense_block_count: the first layer's FFN is dense)
 DENSE_FIRST = ("ernie4_5-moe", "lfm2moe", "glm4moe", "dots1", "exaone-moe", "cohere2moe", "kimi-linear",
-               "afmoe", "mimo2", "laguna") + LATENT
+               "afmoe", "mimo2", "laguna", "hy_v3") + LATENT
 TOP_1 = ("llama4",)  # (one expert a token, as Llama 4's checkpoints route)
 # (experts in every other layer, dense MLPs between: interleave_moe_layer_step)
 INTERLEAVED = {"llama4": [False, True, False, True], "jamba": [False, True, False, True],
@@ -117,7 +117,7 @@ def test_logits_match_transformers(moe, name):
     assert model.config.arch == archs.get(name, name)
     shared = ("qwen2moe", "granitemoe", "ernie4_5-moe", "granitehybridmoe", "qwen35moe", "qwen3next",
               "glm4moe", "llama4", "dots1", "hunyuan-moe", "exaone-moe", "nemotron_h_moe",
-              "cohere2moe", "kimi-linear", "afmoe", "laguna") + LATENT
+              "cohere2moe", "kimi-linear", "afmoe", "laguna", "hy_v3") + LATENT
     assert bool(model.config.shared_expert_ffn_dim) == (name in shared)
     assert [layer.ffn_moe is not None for layer in model.layers] == INTERLEAVED.get(name, [
         name not in DENSE_FIRST] + [True] * (model.config.n_layers - 1))
@@ -270,7 +270,7 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          # rounding of the router's input flips near ties, 0.5 % here, 0.15 % routed to all four)
                          + [(n, "Q8_0", 1e-2 if n in ("lfm2moe", "qwen35moe", "qwen3next", "glm4moe", "exaone-moe",
                                                       "nemotron_h_moe", "cohere2moe", "kimi-linear",
-                                                      "gemma4moe", "mistral4")
+                                                      "gemma4moe", "mistral4", "hy_v3")
                                                       else 3e-2 if n in ("deepseek32", "glm-dsa") else 5e-3)
                             for n in MOE_NAMES + REMOTE_CODE_MOE_NAMES]
                          + [("gpt-oss", "MXFP4", 5e-3)]  # (gpt-oss's files keep their experts in MXFP4)
@@ -285,7 +285,7 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                          # 0.01 % routed to all four experts)
                          + [("hunyuan-moe", "Q4_0", 1e-2), ("minimax-m2", "Q4_0", 1e-2), ("exaone-moe", "Q4_0", 1e-2),
                             ("nemotron_h_moe", "Q4_0", 1e-2), ("cohere2moe", "Q4_0", 1e-2),
-                            ("kimi-linear", "Q4_0", 1e-2), ("gemma4moe", "Q4_0", 1e-2)]
+                            ("kimi-linear", "Q4_0", 1e-2), ("gemma4moe", "Q4_0", 1e-2), ("hy_v3", "Q4_0", 1e-2)]
                          # (llama.cpp rounds each product's input to 8 bits: with Q4_0's coarser weights
                          # DeepSeek-V3's tiny model, one of two groups of two experts, flips its group
                          # for a few tokens, which moves 2 of the 8 windows by 2-5%; Mistral Small 4's groups
@@ -632,15 +632,16 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     """lowtune._C.CpuDecoder routes each token to its experts (and shared expert) as the model
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
-    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's, AFMoE's
-    MiMo-V2-Flash's and Laguna's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's DeltaNets,
-    DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba layers,
-    DBRX's clipped q/k/v and Arctic's experts on the layer's input are left to the model's own steps."""
+    convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, HY V3's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's,
+    AFMoE's, MiMo-V2-Flash's and Laguna's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's
+    DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba
+    layers, DBRX's clipped q/k/v and Arctic's experts on the layer's input are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
-                           "cohere2moe", "kimi-linear", "gemma4moe", "afmoe", "mimo2", "laguna", "dbrx", "arctic"):
+                           "cohere2moe", "kimi-linear", "gemma4moe", "hy_v3", "afmoe", "mimo2", "laguna", "dbrx",
+                           "arctic"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -1073,6 +1074,20 @@ def test_phimoe_as_llamacpp_runs_it(moe):
                 m.__dict__.pop("forward", None)
         bf16 = Model.from_gguf(moe["phimoe"].gguf, dtype=torch.bfloat16)(ids)
     assert rel_err(bf16, got) < 5e-2
+
+
+def test_hy_v3_expert_layers_are_the_routed_ones(moe):
+    """HY V3's converted file marks its dense first layer only by giving it no router (no
+    leading_dense_block_count): its expert layers are the ones with ffn_gate_inp, as llama.cpp finds them, and
+    its selection bias is read from exp_probs_b, named without .bias."""
+    with GGUFFile(moe["hy_v3"].gguf) as f:
+        md, names = dict(f.metadata), set(f.tensor_infos)
+    assert "hy_v3.leading_dense_block_count" not in md and "blk.1.exp_probs_b" in names
+    assert ModelConfig.from_gguf_metadata(md, names).moe_layers == (1, 2)
+    assert ModelConfig.from_gguf_metadata(md).moe_layers is None  # (without the tensors: every layer's experts)
+    model = Model.from_gguf(moe["hy_v3"].gguf)
+    assert [layer.ffn_moe is None for layer in model.layers] == [True, False, False]
+    assert model.layers[1].ffn_moe.selection_bias is not None
 
 
 @pytest.mark.parametrize("name", ["dots1", "minimax-m2"])

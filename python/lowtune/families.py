@@ -71,6 +71,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     llama4        norm  silu       -           L2, roped -          -                        every 4th layer global
     glm4moe       neox  silu       -           if given  -          -                        if the file gives one
     dots1         neox  silu       -           yes       -          -                        if the file gives one
+    hy_v3         neox  silu       -           yes       -          -                        if the file gives one
     minimax-m2    neox  silu       -           whole     -          -                        if the file gives one
     gemma3n       neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
     gemma4        neox  gelu_tanh  yes         yes       yes        -, 30 by default         from the file
@@ -93,6 +94,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     mimo2         neox  silu       -           -         -          -                        from the file
     afmoe         neox  silu       yes         yes       yes        -                        every 4th global, no RoPE
     laguna        neox  silu       -           yes       -          -                        the first of every 4 global
+    plamo2        neox  silu       yes         yes       -          -                        never (as llama.cpp)
+    pangu-embedded neox silu       -           -         -          -                        if the file gives one
+    plamo3        neox  silu       yes         yes       -          -                        every 8th layer global
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -229,6 +233,20 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
   no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
   other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
+  PLaMo 2 (plamo2: PLaMo 2 1B, 2B, 8B; its checkpoints ship their own modeling code, read as the converted
+  GGUF) runs a Mamba mixer in the layers its file gives no heads and attention (q, k and v fused in attn_qkv,
+  q and k normed by a weight of each head's own, NEOX RoPE) in the others, each followed by a SwiGLU MLP
+  (gate and up fused in ffn_up), both outputs post-normed (post_attention_norm, post_ffw_norm) before the
+  residual add. Its mixer is Mamba's layout in heads (Family.mamba_heads): ssm_in gives each head's z and x;
+  x through a causal depthwise convolution without a bias and SiLU; ssm_x gives B, C and dt, each RMS-normed
+  with its weight; dt = softplus(ssm_dt(dt)), one a head; Mamba2's scan, each head with one A and D, all
+  sharing B and C; y · silu(z) into ssm_out. Its post-norms and the dt, B and C norms are tensors without
+  .weight (Family.bare_norms). RoPE turns the whole of each head (key_length): llama.cpp reads RoPE's width
+  from layer 0's heads, none where layer 0 is a Mamba layer (as in every PLaMo 2 checkpoint), and its graph
+  then does not finish; it runs files whose layer 0 attends as lowtune does.
+  PLaMo 3 (plamo3: PLaMo 3 2B and its merges) is PLaMo 2's attention layer in every layer, its q and k norms
+  one weight for every head, sliding windows in all but every 8th layer (the file's pattern where it gives
+  one), the sliding layers' RoPE base the file's freq_base_swa.
   Falcon-H1 (falcon-h1: Falcon-H1 0.5B to 34B) runs a Mamba2 mixer beside attention in every layer
   (Family.parallel_ssm), both on attn_norm's output and their sum joining the residual stream, then
   ffn_norm and a SwiGLU MLP; its many multipliers are in the weights (the converter folds them in), its
@@ -270,6 +288,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   groups (sigmoid unless the file's expert_gating_func says otherwise, the selection bias, the file's
   expert_weights_norm and expert_weights_scale, dense first layers, shared experts counted by
   expert_shared_count).
+  HY V3 (hy_v3: Tencent Hy3) is dots.llm1's layer (per-head q/k norms before NEOX RoPE, sigmoid routing with
+  the selection bias, renormalized and scaled as the file says, a shared expert) whose dense layers are the
+  ones its file gives no router (Family.moe_by_router, as llama.cpp finds them: its converter writes no
+  leading_dense_block_count); its selection bias is exp_probs_b without .bias.
   MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
@@ -320,9 +342,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
   a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
   intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
-  XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
-  them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
-  Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama; openPangu Embedded (pangu-embedded: openPangu-Embedded-1B and
+  7B) with NEOX RoPE and biases on q, k, v and the attention's output. Their Hugging Face directories are
+  refused, saying to convert them, but EXAONE 3's, which transformers reads (and writes) as Llama, and
+  Orion's and openPangu Embedded's (Llama's names) and Baichuan's (Llama's, q, k and v in W_pack), which
+  lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -476,7 +500,13 @@ class Family:
     #                                    interleave_moe_layer_step (Jamba: 2, as its converted files are laid out)
     parallel_ssm: bool = False         # every layer runs a Mamba2 mixer beside its attention, on the same normed
     #                                    input, the two outputs summed (Falcon-H1); its ssm_norm where the file
-    #                                    has one, and the FFN norm's tensor without .weight (blk.N.ffn_norm)
+    #                                    has one
+    mamba_heads: bool = False          # the Mamba 1 layers' (mamba1) channels run in the file's time_step_rank
+    #                                    heads, z and x interleaved head by head, B, C and dt from ssm_x (dt of
+    #                                    llama.cpp's width max(64, D / 16)), Mamba2's scan (PLaMo 2: MambaShape)
+    bare_norms: tuple[str, ...] = ()   # the layer norms whose tensors the file names without .weight, read as
+    #                                    blk.N.<norm>.weight (Falcon-H1's ffn_norm; PLaMo 2's post-norms, dt's,
+    #                                    B's and C's)
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -517,8 +547,9 @@ class Family:
     moe_shared_ffn_width: bool = False  # every expert layer has a shared expert, as wide as feed_forward_length
     #                                    where the file gives no expert_shared_feed_forward_length (Hunyuan MoE)
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
-    moe_by_router: bool = False        # the layers with experts are those the file gives a router (ffn_gate_inp),
-    #                                    as llama.cpp picks them (MiMo-V2-Flash's files count no dense layers)
+    moe_by_router: bool = False        # experts in the layers the file gives a router (ffn_gate_inp), a dense FFN in
+    #                                    the others, as llama.cpp finds them (MiMo-V2-Flash's files count no dense
+    #                                    layers, HY V3's write no leading_dense_block_count): ModelConfig.routed
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
     moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
@@ -624,8 +655,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("mamba2", mamba2=True, attention_free=True, hf_architectures=("Mamba2ForCausalLM",),
            hf_model_types=("mamba2",)),
-    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, hf_architectures=("FalconH1ForCausalLM",),
-           hf_model_types=("falcon_h1",)),
+    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_norms=("ffn_norm",),
+           hf_architectures=("FalconH1ForCausalLM",), hf_model_types=("falcon_h1",)),
     Family("mamba", attention_free=True, mamba1=True, hf_architectures=("MambaForCausalLM",),
            hf_model_types=("mamba",)),
     Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
@@ -725,6 +756,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("hy_v3", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True, moe_by_router=True),
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
@@ -763,6 +795,13 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            logit_multiplier=True, file_scales=True, moe=True),
     Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
     Family("bailingmoe", moe=True, moe_weight_keys=True),
+    Family("pangu-embedded", rope="neox", hf_architectures=("PanguEmbeddedForCausalLM",),
+           hf_model_types=("PanguEmbedded",), hf_writable=False),
+    Family("plamo2", rope="neox", qk_norm="head", qk_norm_per_head=True, post_norms=True, windowless=True,
+           mamba1=True, mamba_heads=True,
+           bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
+    Family("plamo3", rope="neox", qk_norm="head", post_norms=True, swa_period=8,
+           bare_norms=("post_attention_norm", "post_ffw_norm")),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -782,7 +821,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral"}
-_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
+_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -801,7 +840,11 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
-                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds")}
+                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),
+                 **dict.fromkeys(("Plamo2ForCausalLM", "PLaMo2ForCausalLM"),
+                                 ("plamo2", "PLaMo 2's Mamba layers, its norms less their offsets and its vocabulary")),
+                 **dict.fromkeys(("Plamo3ForCausalLM", "PLaMo3ForCausalLM"),
+                                 ("plamo3", "PLaMo 3's fused q/k/v, its norms less their offsets and its vocabulary"))}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

@@ -326,7 +326,7 @@ class StepDecoder:
             return ("StepDecoder's fused RoPE, cache write and attention take keys and values of one width, not "
                     "latent attention's (DeepSeek): decode with graphs=False, the model's steps")
         if c.stateful_layers:
-            mamba2 = ("Mamba state (Mamba's selective scans)" if c.family.mamba1 else
+            mamba2 = ("Mamba state (Mamba's selective scans, PLaMo 2's in heads)" if c.family.mamba1 else
                       "Mamba2 state (Granite 4's, Nemotron-H's, Mamba-2's and Falcon-H1's Mamba2 layers)")
             kind = ("short-convolution state (LFM2's convolution layers)" if c.conv_layers else
                     mamba2 if c.ssm_layers else "Gated DeltaNet state (Qwen3.5's recurrent layers)")

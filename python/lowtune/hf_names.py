@@ -127,6 +127,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "exaone": {"layer": _LLAMA, "global": _GLOBAL},
     # (read only: Family.hf_writable)
     "orion": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
+    "pangu-embedded": {"layer": _LLAMA, "global": _GLOBAL},
     "baichuan": {"layer": {k: v for k, v in _LLAMA.items() if k not in ("attn_q", "attn_k", "attn_v")},
                  "fused": {"self_attn.W_pack.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight")},
                  "global": _GLOBAL},
@@ -173,6 +174,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "laguna": {"layer": {**_MOE_ATTN, "attn_gate": "self_attn.g_proj", **_MLP}, "global": _GLOBAL},
     # MiMo-V2-Flash: Llama's names (dense layers' MLP; experts and sinks not mapped)
     "mimo2": {"layer": _LLAMA, "global": _GLOBAL},
+    "hy_v3": {"layer": {**_MOE_ATTN, **_MLP}, "global": _GLOBAL},  # (dense layers' MLP; experts not mapped)
     # MiniMax-M2: the attention's names and the norms (PEFT adapters; experts not mapped)
     "minimax-m2": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # PhiMoE: the attention's names and the norms with their biases (PEFT adapters; experts not mapped)

@@ -177,7 +177,7 @@ def build_model(source, device="cpu", dtype: torch.dtype = torch.float32) -> Mod
     weight against it), in eval mode. It knows its metadata, tensor types and source path."""
     md = dict(source.metadata)
     weights, types = read_weights(source, device)
-    config = ModelConfig.from_gguf_metadata(md)
+    config = ModelConfig.from_gguf_metadata(md, weights)
     model = model_class(config)(config, weights, dtype)
     model.metadata, model.tensor_types, model.source_path = md, types, str(source.path)
     return model.eval()

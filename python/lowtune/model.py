@@ -79,7 +79,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -354,9 +354,11 @@ class ModelConfig:
         return self.rope_yarn_factor > 1.0 and not self.family.swa_rope_scaled
 
     @classmethod
-    def from_gguf_metadata(cls, md: Mapping) -> "ModelConfig":
+    def from_gguf_metadata(cls, md: Mapping, tensor_names: Collection[str] | None = None) -> "ModelConfig":
         """Read `general.architecture` and the `<arch>.*` keys of a GGUF file's metadata, with
-        llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run."""
+        llama.cpp's defaults where a key is absent. Refuses (ValueError) what lowtune cannot run.
+        tensor_names: the file's tensors, where the family finds its expert layers by them
+        (Family.moe_by_router: ModelConfig.routed; without them every layer is an expert layer)."""
         fam = family_of(md)
         arch = fam.arch
         if fam.norm_switch and f"{arch}.attention.layer_norm_rms_epsilon" in md:
@@ -369,7 +371,8 @@ class ModelConfig:
                 raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        # (one query head count, or one a layer where all are the same: Laguna's files)
+        # (one query head count, or one a layer where all are the same: Laguna's files; 0 in the layers without
+        # attention: PLaMo 2's)
         dim, n_heads = int(get("embedding_length")), _one_per_layer(md, f"{arch}.attention.head_count")
         n_heads = n_heads or int(get("attention.head_count"))
         n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
@@ -613,7 +616,7 @@ class ModelConfig:
         if act not in ("", fam.activation, "relu2"):
             raise ValueError(f"this {arch} file's hidden_activation {act!r} is not one lowtune runs "
                              f"({fam.activation} or relu2)")
-        return cls(
+        config = cls(
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
             ffn_dim=int(ffn), head_dim=head_dim, rope_dim=rope_dim,
@@ -631,6 +634,15 @@ class ModelConfig:
             mlp_activation="" if act == fam.activation else act,
             sequential=fam.parallel_key and not md.get(f"{arch}.use_parallel_residual", True),
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
+        return config if tensor_names is None else config.routed(tensor_names)
+
+    def routed(self, tensor_names: Collection[str]) -> "ModelConfig":
+        """Family.moe_by_router: the experts in the layers whose tensors hold a router (ffn_gate_inp), a dense FFN
+        in the others, as llama.cpp finds them; this config where the family counts its layers otherwise."""
+        if not (self.family.moe_by_router and self.n_experts):
+            return self
+        return replace(self, moe_layers=tuple(i for i in range(self.n_layers)
+                                              if f"blk.{i}.ffn_gate_inp.weight" in tensor_names))
 
     def check(self) -> None:
         self.family  # noqa: B018 (raises for an unsupported arch)
@@ -799,19 +811,32 @@ class MambaShape:
     """The sizes of a model's Mamba 1 layers, as llama.cpp reads them (ssm.* keys): inner is x's and z's
     width (each channel a head of its own, with its own row of A), state B's and C's, dt_rank the width
     ssm_x gives dt, conv_kernel the causal convolution's; dt_b_c_rms: dt, B and C are RMS-normed without a
-    weight (Falcon-Mamba's ssm.dt_b_c_rms)."""
+    weight (Falcon-Mamba's ssm.dt_b_c_rms). heads: the channels run in that many heads of inner / heads,
+    each with one A, dt and D (Family.mamba_heads: PLaMo 2, whose file gives them as time_step_rank and
+    dt_rank is llama.cpp's max(64, width / 16)); 0: a head a channel."""
     inner: int
     state: int
     dt_rank: int
     conv_kernel: int
     dt_b_c_rms: bool = False
+    heads: int = 0
 
     @property
     def conv_dim(self) -> int:
         return self.inner
 
+    @property
+    def head_dim(self) -> int:
+        return self.inner // self.heads if self.heads else 1
+
     def tensor_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
-        """A layer's tensors after blk.N.: GGUF name -> shape as lowtune reads it."""
+        """A layer's tensors after blk.N.: GGUF name -> shape as lowtune reads it (heads: no convolution bias)."""
+        if self.heads:
+            return {"ssm_in.weight": (2 * self.inner, dim), "ssm_out.weight": (dim, self.inner),
+                    "ssm_conv1d.weight": (self.inner, self.conv_kernel),
+                    "ssm_x.weight": (self.dt_rank + 2 * self.state, self.inner),
+                    "ssm_dt.weight": (self.heads, self.dt_rank), "ssm_dt.bias": (self.heads,),
+                    "ssm_a": (self.heads,), "ssm_d": (self.heads,)}
         return {"ssm_in.weight": (2 * self.inner, dim), "ssm_out.weight": (dim, self.inner),
                 "ssm_conv1d.weight": (self.inner, self.conv_kernel), "ssm_conv1d.bias": (self.inner,),
                 "ssm_x.weight": (self.dt_rank + 2 * self.state, self.inner),
@@ -819,15 +844,23 @@ class MambaShape:
                 "ssm_a": (self.inner, self.state), "ssm_d": (self.inner,)}
 
     @classmethod
-    def from_gguf_metadata(cls, md: Mapping, arch: str) -> "MambaShape":
+    def from_gguf_metadata(cls, md: Mapping, arch: str, heads: bool = False) -> "MambaShape":
         keys = {"inner": "inner_size", "state": "state_size", "dt_rank": "time_step_rank", "conv_kernel": "conv_kernel"}
         missing = [f"{arch}.ssm.{k}" for k in keys.values() if f"{arch}.ssm.{k}" not in md]
         if missing:
             raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Mamba layers need")
-        shape = cls(**{f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()},
-                    dt_b_c_rms=bool(md.get(f"{arch}.ssm.dt_b_c_rms", False)))
-        if min(shape.inner, shape.state, shape.dt_rank) < 1 or shape.conv_kernel < 2:
-            raise ValueError(f"Mamba sizes {shape}: every size must be positive, and the convolution at least 2 wide")
+        sizes = {f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()}
+        if heads:  # (time_step_rank counts the heads; dt's width is llama.cpp's rule, not a key)
+            if int(md.get(f"{arch}.ssm.group_count", 0) or 0):
+                raise ValueError(f"this {arch} file gives its Mamba layers B/C groups (ssm.group_count), which "
+                                 f"llama.cpp's {arch} graph refuses: its heads share one B and C")
+            width = int(md[f"{arch}.embedding_length"])
+            sizes.update(heads=sizes["dt_rank"], dt_rank=max(64, width // 16))
+        shape = cls(**sizes, dt_b_c_rms=bool(md.get(f"{arch}.ssm.dt_b_c_rms", False)))
+        if min(shape.inner, shape.state, shape.dt_rank) < 1 or shape.conv_kernel < 2 \
+                or shape.heads and shape.inner % shape.heads:
+            raise ValueError(f"Mamba sizes {shape}: every size must be positive, the convolution at least 2 wide "
+                             "and the width a multiple of the heads")
         return shape
 
 
@@ -839,8 +872,7 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     their Mamba2 layers, whose sizes are the ssm.* keys; Nemotron-H's MLP layers (mlp_layers) have 0 too."""
     arch = fam.arch
     if fam.attention_free:  # (every layer a Mamba2 mixer: Mamba-2; Mamba 1's: Mamba)
-        shape = (MambaShape if fam.mamba1 else SSMShape).from_gguf_metadata(md, arch)
-        return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": shape}
+        return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": _ssm_shape(md, fam)}
     kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
     if fam.parallel_ssm:  # (a Mamba2 mixer beside attention in every layer: Falcon-H1)
         if isinstance(kv, (list, tuple)):
@@ -859,12 +891,18 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     if not conv or fam.kda:  # (Kimi Linear's layers without KV heads: _kda_fields')
         return (attention or [n_heads])[0], {}
     if fam.mamba2 or fam.mamba1:  # (Mamba 1's layers: Jamba)
-        shape = (MambaShape if fam.mamba1 else SSMShape).from_gguf_metadata(md, arch)
-        return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": shape}
+        return (attention or [n_heads])[0], {"ssm_layers": conv, "ssm": _ssm_shape(md, fam)}
     key = f"{arch}.shortconv.l_cache"
     if key not in md:
         raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
     return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
+
+
+def _ssm_shape(md: Mapping, fam: Family) -> SSMShape | MambaShape:
+    """The sizes of the file's Mamba layers: Mamba2's, or Mamba 1's (Family.mamba1; in heads: mamba_heads)."""
+    if fam.mamba1:
+        return MambaShape.from_gguf_metadata(md, fam.arch, heads=fam.mamba_heads)
+    return SSMShape.from_gguf_metadata(md, fam.arch)
 
 
 def _latent_attention(md: Mapping, arch: str, head_width: int) -> dict:
@@ -1077,10 +1115,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.register_buffer("weight", _vector(weight), persistent=False)
+        w = _table(weight)  # ([heads, d]: a weight of each head's own, PLaMo 2's q/k norms)
+        self.register_buffer("weight", w if w.dim() == 2 and w.shape[0] > 1 else w.reshape(-1), persistent=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 2:  # (each head by its own weight, x [..., heads, d])
+            return (F.rms_norm(x.float(), x.shape[-1:], None, self.eps) * self.weight).to(x.dtype)
         return glue_ops.rms_norm(x, self.weight, self.eps)
 
     def after_residual(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1351,9 +1392,16 @@ class Mamba(nn.Module):
     the inner channels with its own row of A = -exp(A_log) [inner, state] (the file holds A), the D skip,
     and y · silu(z) for ssm_out.
 
+    In heads (MambaShape.heads: PLaMo 2, as llama.cpp's build_plamo2_mamba_layer) ssm_in's output holds each
+    head's z, then its x; the convolution has no bias; ssm_x gives B, C, then dt, each normed by its weight;
+    ssm_dt gives one dt a head, and the scan is Mamba2's, each head with one A and D, all heads sharing B
+    and C.
+
     ssm_x and ssm_dt are the layer's QLinears (adapters wrap them), passed in; the kernel, its bias, A and
     D are frozen as the norms are. With a KV cache the last conv_kernel - 1 positions of x are its conv
-    state and the scan's state [B, inner, state] its recurrent state."""
+    state and the scan's state [B, inner, state] (heads: [B, heads, head_dim, state]) its recurrent state."""
+
+    chunk = Mamba2.chunk  # (heads: the SSD algorithm's positions at once)
 
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
@@ -1361,8 +1409,10 @@ class Mamba(nn.Module):
         self.shape, self.index, self.eps = m, index, config.norm_eps
         self.register_buffer("kernel", _table(w[p + "ssm_conv1d.weight"]).reshape(m.inner, m.conv_kernel),
                              persistent=False)
-        self.register_buffer("conv_bias", _vector(w[p + "ssm_conv1d.bias"]), persistent=False)
-        self.register_buffer("A", _table(w[p + "ssm_a"]).reshape(m.inner, m.state), persistent=False)
+        bias = w.get(p + "ssm_conv1d.bias")  # (in heads: none)
+        self.register_buffer("conv_bias", None if bias is None else _vector(bias), persistent=False)
+        a = _table(w[p + "ssm_a"])
+        self.register_buffer("A", a.reshape(-1) if m.heads else a.reshape(m.inner, m.state), persistent=False)
         self.register_buffer("D", _vector(w[p + "ssm_d"]), persistent=False)
         # the weights of dt's, B's and C's RMSNorms where the file has them (Jamba)
         self.norms = nn.ModuleList(RMSNorm(w[p + n + ".weight"], config.norm_eps) for n in MAMBA_NORM_NAMES
@@ -1372,31 +1422,58 @@ class Mamba(nn.Module):
                 start: int = 0) -> torch.Tensor:
         """ssm_in's output [B, T, 2·inner] at positions start..start+T -> y [B, T, inner] for ssm_out."""
         m = self.shape
-        x, z = xz.chunk(2, dim=-1)
-        x = causal_conv(x.transpose(1, 2), self.kernel.to(x.dtype), self.conv_bias.to(x.dtype), cache, self.index,
-                        start)
+        if m.heads:  # (each head's z, then its x)
+            z, x = xz.unflatten(-1, (m.heads, 2, m.head_dim)).unbind(-2)
+            z, x = z.flatten(-2), x.flatten(-2)
+        else:
+            x, z = xz.chunk(2, dim=-1)
+        bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
+        x = causal_conv(x.transpose(1, 2), self.kernel.to(x.dtype), bias, cache, self.index, start)
         x = F.silu(x).transpose(1, 2).contiguous()                           # [B, T, inner]
-        dt, b, c = ssm_x(x).split([m.dt_rank, m.state, m.state], dim=-1)
+        parts = ssm_x(x).split([m.state, m.state, m.dt_rank] if m.heads else [m.dt_rank, m.state, m.state], dim=-1)
+        b, c, dt = parts if m.heads else (parts[1], parts[2], parts[0])
         if self.norms is not None:
             dt, b, c = (norm(v) for norm, v in zip(self.norms, (dt, b, c)))
         elif m.dt_b_c_rms:
             dt, b, c = (F.rms_norm(v.float(), v.shape[-1:], None, self.eps).to(v.dtype) for v in (dt, b, c))
         dt = F.softplus(ssm_dt(dt.contiguous()).float())
         state = cache.recurrent_state.get(self.index) if cache is not None and start else None
-        y, state = selective_scan(x.float(), dt, self.A, b.float(), c.float(), state)
+        if m.heads:
+            y = self._heads_scan(x.float(), dt, b.float(), c.float(), cache, state)
+        else:
+            y, state = selective_scan(x.float(), dt, self.A, b.float(), c.float(), state)
+            if cache is not None:
+                cache.recurrent_state[self.index] = state
+            y = y + x.float() * self.D
+        return (y * F.silu(z.float())).to(xz.dtype)
+
+    def _heads_scan(self, x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                    cache: KVCache | None, state: torch.Tensor | None) -> torch.Tensor:
+        """Mamba2's scan of x [B, T, inner] in heads, dt [B, T, heads], B and C [B, T, state] shared by every
+        head, with the D skip -> [B, T, inner]."""
+        m = self.shape
+        bsz, t, _ = x.shape
+        x = x.reshape(bsz, t, m.heads, m.head_dim)
+        b, c = (v[:, :, None].expand(-1, -1, m.heads, -1) for v in (b, c))
+        if state is None:
+            state = x.new_zeros(bsz, m.heads, m.head_dim, m.state)
+        scan = _ssm_step if t == 1 else lambda *a: _ssd_chunked(*a, self.chunk)
+        y, state = scan(x, dt, self.A, b, c, state)
         if cache is not None:
             cache.recurrent_state[self.index] = state
-        return ((y + x.float() * self.D) * F.silu(z.float())).to(xz.dtype)
+        return (y + x * self.D[:, None]).reshape(bsz, t, m.inner)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's frozen tensors under their GGUF names after blk.N."""
         norms = {n + ".weight": norm.weight for n, norm in zip(MAMBA_NORM_NAMES, self.norms or ())}
-        return {"ssm_conv1d.weight": self.kernel, "ssm_conv1d.bias": self.conv_bias, "ssm_a": self.A, "ssm_d": self.D,
-                **norms}
+        out = {"ssm_conv1d.weight": self.kernel, "ssm_conv1d.bias": self.conv_bias, "ssm_a": self.A, "ssm_d": self.D,
+               **norms}
+        return {n: t for n, t in out.items() if t is not None}
 
     def extra_repr(self) -> str:
         m = self.shape
-        return f"{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
+        heads = f"{m.heads} heads of {m.head_dim}, " if m.heads else ""
+        return f"{heads}{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
 
 
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -2012,8 +2089,9 @@ class DecoderLayer(nn.Module):
                 return self.shortconv(h, cache, start)
             if self.delta_net:
                 return self.delta_net_branch(h, cache, start)
-            if fam.mamba1:
-                return self.ssm_out(self.mamba(self.ssm_in(h), self.ssm_x, self.ssm_dt, cache, start))
+            if fam.mamba1:  # (post-normed as attention: PLaMo 2)
+                a = self.ssm_out(self.mamba(self.ssm_in(h), self.ssm_x, self.ssm_dt, cache, start))
+                return self.post_attention_norm(a) if fam.post_norms else a
             a = self.ssm_out(self.mamba(self.ssm_in(h), cache, start))
             return a * c.residual_scale if c.residual_scale != 1.0 else a
         b, t, _ = x.shape
@@ -2321,13 +2399,15 @@ class Model(nn.Module):
         """weights: GGUF tensor name -> QTensor (matrices) or float tensor (vectors: norms, biases,
         RoPE factors; a one-row QTensor is read as a vector too)."""
         super().__init__()
-        if config.family.moe_by_router and config.n_experts:  # (MiMo-V2-Flash: its file counts no dense layers)
-            routed = tuple(i for i in range(config.n_layers) if f"blk.{i}.ffn_gate_inp.weight" in weights)
-            config = replace(config, moe_layers=routed)  # (the layers with a router, as llama.cpp's mimo2 picks)
+        config = config.routed(weights)
         config.check()
-        if config.family.parallel_ssm:  # (Falcon-H1's blk.N.ffn_norm, read as the others' blk.N.ffn_norm.weight;
-            weights = {n + ".weight" if n.endswith(".ffn_norm") else n: t for n, t in weights.items()}  # exports
-        _check_weights(config, weights, self.own_tensor_shapes(config))  # copy the file's names)
+        bare = config.family.bare_norms  # (blk.N.<norm>, read as blk.N.<norm>.weight; exports copy the file's names)
+        if bare:
+            weights = {n + ".weight" if n.startswith("blk.") and n.rsplit(".", 1)[1] in bare else n: t
+                       for n, t in weights.items()}
+        # (the selection bias without .bias, as HY V3's converter names it)
+        weights = {n + ".bias" if n.endswith(".exp_probs_b") else n: t for n, t in weights.items()}
+        _check_weights(config, weights, self.own_tensor_shapes(config))
         c = config
         self.config, self.dtype = c, dtype
         embed_scale = float(torch.tensor(math.sqrt(c.dim), dtype=torch.float32)) if c.family.embed_scale \

@@ -224,7 +224,10 @@ class TypePlan:
     @classmethod
     def for_source(cls, qtype: str, metadata: dict, names: list[str], **kw) -> "TypePlan":
         arch = metadata.get("general.architecture", "llama")
-        heads = int(metadata.get(f"{arch}.attention.head_count", 1) or 1)
+        heads = metadata.get(f"{arch}.attention.head_count", 1) or 1
+        if isinstance(heads, (list, tuple)):  # (a count a layer: PLaMo 2's; layer 0's, as llama.cpp's n_gqa())
+            heads = int(heads[0]) if heads else 1
+        heads = int(heads)
         kv = metadata.get(f"{arch}.attention.head_count_kv", heads)
         if isinstance(kv, (list, tuple)):  # a count a layer (LFM2): llama.cpp's n_gqa() reads layer 0's, 0 where
             n_gqa = heads // int(kv[0]) if kv and int(kv[0]) else 0  # it has no KV heads (a convolution)
