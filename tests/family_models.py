@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -39,7 +40,20 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
-LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
+# RWKV: transformers has no class for RWKV-7 (its RwkvForCausalLM is RWKV-4): its tiny model is config.json and
+# random safetensors under fla-hub's names (rwkv_checkpoint), with RWKV's world vocabulary, and llama.cpp runs
+# its reference logits
+RWKV_NAMES = ("rwkv7", "rwkv6")
+RWKV7 = dict(hidden_size=128, head_dim=64, num_hidden_layers=3, intermediate_size=256, decay_low_rank_dim=32,
+             a_low_rank_dim=32, v_low_rank_dim=16, gate_low_rank_dim=48)  # (heads of 64: ggml's wkv7 rows)
+# RWKV-6's (its converter fixes the token-shift mix's width at 32 and the decay's at 64 below 4096 channels),
+# the residual stream halved after every 2nd layer
+RWKV6 = dict(hidden_size=128, head_size=64, num_hidden_layers=3, intermediate_size=256, rescale_every=2)
+RWKV6_MIX, RWKV6_DECAY = 32, 64
+RWKV_CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n"
+             "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES + RWKV_NAMES  # (a llama window
+#                                                                                               llama.cpp ignores)
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
 # q/k norms and Falcon: read from GGUF, their HF directories refused)
 GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "mamba2", "falcon-h1", "mamba", "gpt2", "starcoder", "bloom",
@@ -692,6 +706,103 @@ def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
     return torch.relu(inputs - cutoff)
 
 
+def rwkv_checkpoint(name: str, d: Path, text: str) -> None:
+    """The tiny model of `name` (one of RWKV_NAMES) as the published checkpoints hold it (fla-hub's RWKV-7,
+    RWKV7ForCausalLM; RWKV's RWKV-6, Rwkv6ForCausalLM: their config.json keys and tensor names), random weights
+    seeded by the name, and RWKV's world vocabulary (rwkv_world_vocab) of `text` with a chat template."""
+    from safetensors.torch import save_file
+    c = RWKV7 if name == "rwkv7" else RWKV6
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0, spread=0.2: mean + spread * torch.randn(n, generator=g)  # noqa: E731
+    unit = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731  (lerps: between x and x_prev)
+    w = rwkv6_tensors(c, mat, vec, unit) if name == "rwkv6" else rwkv7_tensors(c, mat, vec, unit)
+    cfg = dict(architectures=["RWKV7ForCausalLM"], model_type="rwkv7", norm_eps=1e-5) if name == "rwkv7" else \
+        dict(architectures=["Rwkv6ForCausalLM"], model_type="rwkv6", layer_norm_epsilon=1e-5)
+    cfg.update(vocab_size=V, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=0, **c)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "rwkv_vocab_v20230424.txt").write_text(rwkv_world_vocab(text), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": RWKV_CHAT}))
+
+
+def rwkv7_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """RWKV-7's tensors of sizes `c` under fla-hub's names (rwkv_checkpoint's random makers)."""
+    d_, f, heads = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["head_dim"]
+    w = {"model.embeddings.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "model.layers.0.pre_norm.weight":
+         vec(d_, 1.0), "model.layers.0.pre_norm.bias": vec(d_), "model.norm.weight": vec(d_, 1.0),
+         "model.norm.bias": vec(d_), "lm_head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w.update({p + "attn_norm.weight": vec(d_, 1.0), p + "attn_norm.bias": vec(d_),
+                  p + "ffn_norm.weight": vec(d_, 1.0), p + "ffn_norm.bias": vec(d_),
+                  **{p + f"attn.x_{x}": unit(1, 1, d_) for x in "rwkvag"},
+                  p + "attn.k_k": vec(d_, 0.8), p + "attn.k_a": vec(d_, 1.0), p + "attn.r_k": vec(d_).view(heads, -1),
+                  **{p + f"attn.{x}_proj.weight": mat(d_, d_) for x in "rkvo"},
+                  p + "attn.g_norm.weight": vec(d_, 1.0), p + "attn.g_norm.bias": vec(d_),
+                  p + "ffn.x_k": unit(1, 1, d_), p + "ffn.key.weight": mat(f, d_), p + "ffn.value.weight": mat(d_, f)})
+        # the low-rank parts, Linear -> (tanh, -, -, sigmoid) -> Linear: lora.0, lora.2 (with the bias but the gate's)
+        for x, rank in (("w", "decay"), ("a", "a"), ("v", "v"), ("g", "gate")):
+            if x == "v" and i == 0:
+                continue  # (the first layer has no value mix)
+            r = c[f"{rank}_low_rank_dim"]
+            w.update({p + f"attn.{x}_lora.lora.0.weight": mat(r, d_), p + f"attn.{x}_lora.lora.2.weight": mat(d_, r)})
+            if x != "g":
+                w[p + f"attn.{x}_lora.lora.2.bias"] = vec(d_, 0.5 if x == "w" else 0.0, 0.5)
+    return w
+
+
+def rwkv6_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """RWKV-6's tensors of sizes `c` under RWKV's Hugging Face names (rwkv_checkpoint's random makers): the
+    token-shift mix's w1 [D, 5·32] and w2 [5, 32, D] and the decay's w1 [D, 64], w2 [64, D] as x @ w."""
+    d_, f, heads = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["head_size"]
+    w = {"rwkv.embeddings.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "rwkv.blocks.0.pre_ln.weight": vec(d_, 1.0),
+         "rwkv.blocks.0.pre_ln.bias": vec(d_), "rwkv.ln_out.weight": vec(d_, 1.0), "rwkv.ln_out.bias": vec(d_),
+         "head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"rwkv.blocks.{i}."
+        w.update({p + "ln1.weight": vec(d_, 1.0), p + "ln1.bias": vec(d_), p + "ln2.weight": vec(d_, 1.0),
+                  p + "ln2.bias": vec(d_), **{p + f"attention.time_maa_{x}": unit(1, 1, d_) for x in "xwkvrg"},
+                  p + "attention.time_maa_w1": mat(d_, 5 * RWKV6_MIX), p + "attention.time_maa_w2":
+                  torch.stack([mat(RWKV6_MIX, d_) for _ in range(5)]),
+                  p + "attention.time_decay": vec(d_, -1.0, 0.5).view(1, 1, d_),
+                  p + "attention.time_decay_w1": mat(d_, RWKV6_DECAY),
+                  p + "attention.time_decay_w2": mat(RWKV6_DECAY, d_),
+                  p + "attention.time_faaaa": vec(d_).view(heads, -1),
+                  **{p + f"attention.{x}.weight": mat(d_, d_)
+                     for x in ("receptance", "key", "value", "gate", "output")},
+                  p + "attention.ln_x.weight": vec(d_, 1.0), p + "attention.ln_x.bias": vec(d_),
+                  p + "feed_forward.time_maa_k": unit(1, 1, d_), p + "feed_forward.time_maa_r": unit(1, 1, d_),
+                  p + "feed_forward.key.weight": mat(f, d_), p + "feed_forward.value.weight": mat(d_, f),
+                  p + "feed_forward.receptance.weight": mat(d_, d_)})
+    return w
+
+
+def rwkv_world_vocab(text: str) -> str:
+    """RWKV's world vocabulary file (rwkv_vocab_v20230424.txt: "id repr(token) length" a line) of V - 1 tokens:
+    the 256 bytes, then "\\n\\n" at 261 (the converter's end-of-turn) among the words and pairs of characters
+    most frequent in `text`, and a few characters of other scripts (several bytes in UTF-8)."""
+    from collections import Counter
+    words = Counter(re.findall(r" ?[A-Za-z]+|[.,;!?]\"?|\n\n", text))
+    words.update({text[j:j + 2]: 1 for j in range(len(text) - 1)})
+    extra = ["é", "ü", "日本", "語", "😀", " the", "\n\n"]
+    chosen = list(dict.fromkeys(extra + [t for t, _ in words.most_common() if len(t.encode("utf-8")) > 1]))
+    chosen.remove("\n\n")
+    tokens = [bytes([b]) for b in range(256)]
+    chosen = [t.encode("utf-8") for t in chosen]
+    tokens += chosen[:4] + [b"\n\n"] + chosen[4:V - 1 - 256 - 1]
+    lines = []
+    for i, t in enumerate(tokens, 1):
+        try:
+            shown = repr(t.decode("utf-8"))
+        except UnicodeDecodeError:
+            shown = repr(t)
+        lines.append(f"{i} {shown} {len(t)}")
+    assert len(tokens) == V - 1 and tokens[260] == b"\n\n"
+    return "\n".join(lines) + "\n"
+
+
 def remote_code_checkpoint(name: str, d: Path) -> None:
     """The tiny model of `name` (one of REMOTE_CODE_NAMES) as its published checkpoints hold it: their
     config.json keys and tensor names (fused q/k/v where theirs are fused), random weights seeded by the name."""
@@ -927,8 +1038,13 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES:
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + RWKV_NAMES:
         d = root / name
+        if name in RWKV_NAMES:  # (its own world vocabulary and chat template)
+            rwkv_checkpoint(name, d, text)
+            out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
+            jobs.append((d, out[name].gguf))
+            continue
         if name in REMOTE_CODE_NAMES:
             remote_code_checkpoint(name, d)
         else:
@@ -1046,6 +1162,52 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
     return _QUANTIZED[key]
 
 
+def random_rwkv_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """random_family_model's RWKV-7 and RWKV-6: the tiny models' sizes (RWKV7, RWKV6), their linears in `qtype`,
+    the low-rank parts, lerps and RWKV-6's bonus in F32 as llama.cpp keeps them."""
+    from lowtune import ops
+    from lowtune.families import FAMILIES
+    from lowtune.loading import model_class
+    from lowtune.model import RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, RWKV7_LORA_RANK_KEYS, ModelConfig
+    v7 = FAMILIES[arch].rwkv == 7
+    c = RWKV7 if v7 else RWKV6
+    d = c["hidden_size"]
+    md = {"general.architecture": arch, f"{arch}.embedding_length": d, f"{arch}.block_count": c["num_hidden_layers"],
+          f"{arch}.feed_forward_length": c["intermediate_size"], f"{arch}.attention.head_count": 0,
+          f"{arch}.vocab_size": V, f"{arch}.attention.layer_norm_epsilon": 1e-5, f"{arch}.context_length": 1048576,
+          f"{arch}.wkv.head_size": c["head_dim" if v7 else "head_size"]}
+    if v7:
+        ranks = [c[k] for k in ("decay_low_rank_dim", "a_low_rank_dim", "v_low_rank_dim", "gate_low_rank_dim")]
+        md.update({f"{arch}.attention.{k}_lora_rank": r for k, r in zip(RWKV7_LORA_RANK_KEYS, ranks)})
+    else:
+        md.update({f"{arch}.time_mix_extra_dim": RWKV6_MIX, f"{arch}.time_decay_extra_dim": RWKV6_DECAY,
+                   f"{arch}.rescale_every_n_layers": c["rescale_every"]})
+    config = ModelConfig.from_gguf_metadata(md)
+    cls = model_class(config)
+    g = torch.Generator().manual_seed(seed)
+    w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, d, generator=g), qtype),
+         "output.weight": ops.quantize(torch.randn(V, d, generator=g) / math.sqrt(d), qtype)}
+    for n in ("token_embd_norm", "output_norm"):
+        w.update({n + ".weight": 1.0 + 0.2 * torch.randn(d, generator=g),
+                  n + ".bias": 0.2 * torch.randn(d, generator=g)})
+    for name, shape in cls.own_tensor_shapes(config).items():
+        kind = name.split(".")[2]
+        if kind in (RWKV7_LINEAR_NAMES if v7 else RWKV6_LINEAR_NAMES):
+            # (RWKV-6's outputs divided as its converter divides them where the stream is halved)
+            halved = 0 if v7 or kind not in ("time_mix_output", "channel_mix_value") else \
+                int(name.split(".")[1]) // c["rescale_every"]
+            w[name] = ops.quantize(torch.randn(*shape, generator=g) / (math.sqrt(shape[1]) * 2 ** halved), qtype)
+        elif "lerp" in kind:  # (between x and the position before)
+            t = torch.rand(*shape, generator=g)
+            w[name] = ops.quantize(t, "F32") if len(shape) == 2 else t
+        elif len(shape) == 2:
+            w[name] = ops.quantize(torch.randn(*shape, generator=g) / math.sqrt(shape[1]), "F32")
+        else:  # (norms about 1, the rest about 0)
+            one = name.endswith(".weight") and ("norm" in kind or kind in ("time_mix_ln", "time_mix_k_a"))
+            w[name] = float(one) + 0.2 * torch.randn(*shape, generator=g)
+    return cls(config, w, dtype).eval()
+
+
 def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A random model of architecture `arch` made straight from GGUF-named weights (matrices in
     `qtype`), with the optional parts of the tiny models above switched on: for machines without
@@ -1056,6 +1218,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     from lowtune.model import ModelConfig, latent_linear_shapes, layer_norm_shapes
 
     fam = FAMILIES[arch]
+    if fam.rwkv:
+        return random_rwkv_model(arch, qtype, dtype, seed)
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda

@@ -38,8 +38,8 @@ from lowtune.gguf_io import GGUFFile
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, SSM_LINEAR_NAMES,
                            Model)
 
-from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
-                           llamacpp_perplexity, rand_ids, random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, RWKV_NAMES, SEQ, gguf_of, hf_model,
+                           llamacpp, llamacpp_perplexity, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import resident_and_streamed, with_filled_lora
 from test_export import make_adapter
@@ -65,7 +65,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
                  "falcon": "qa-hira", "falcon-40b": "qa-lora",
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
-                 "xverse": "qa-hira"}
+                 "xverse": "qa-hira", "rwkv7": "q-bara", "rwkv6": "q-bara"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -124,7 +124,7 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
     model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
@@ -420,7 +420,8 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
                                            ("falcon-h1", "FalconH1ForCausalLM"), ("mamba", "MambaForCausalLM"),
                                            ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
                                            ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM"),
-                                           ("falcon-40b", "FalconForCausalLM")])
+                                           ("falcon-40b", "FalconForCausalLM"), ("rwkv7", "RWKV7ForCausalLM"),
+                                           ("rwkv6", "Rwkv6ForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
     """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's, Mamba's and Falcon's tensors,
     GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v

@@ -81,6 +81,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
+    rwkv7         -     -          -           -         -          -                        -
+    rwkv6         -     -          -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -330,6 +332,13 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   that order); "neox" rotates dimension i with i + rope_dim/2, on rows as Hugging Face keeps them.
   Biases (q/k/v/output, FFN, LM head) are used wherever the file has them; fused attn_qkv and
   Phi-3's ffn_up (gate rows, then up rows) are recognised by their tensors.
+  RWKV-7 (rwkv7: the RWKV-7 "Goose" world models) has no attention and no gated MLP: each layer runs RWKV-7's
+  time mix (its wkv recurrence per head, the token shift, the value residual from the first layer) and its
+  channel mix, each after its own LayerNorm (attn_norm, attn_norm_2), in its own model class around
+  lowtune.model's embeddings (normed by token_embd_norm) and head (Family.rwkv: lowtune.rwkv says how).
+  RWKV-6 (rwkv6: the RWKV-6 "Finch" world models) is RWKV-7's layout with RWKV-6's mixes (a data-dependent
+  token shift, the wkv6 recurrence with its bonus u, a gated channel mix) and the residual stream halved
+  after every rescale_every_n_layers-th layer.
   Gemma's RMSNorm weights are stored with the +1 already added (the converter adds it), so every
   family computes x / rms(x) · w from the file's w.
 
@@ -474,6 +483,8 @@ class Family:
     layer_widths: bool = False         # heads, KV heads, RoPE and FFN widths of each layer's own (ModelConfig.
     #                                    at_layer), v normed, K/V shared by the last layers, per-layer inputs
     #                                    and output scales (Gemma 4: lowtune.gemma4)
+    rwkv: int = 0                      # RWKV's time mix and channel mix in place of attention and the MLP, in its
+    #                                    own model class (7: RWKV-7, 6: RWKV-6; lowtune.rwkv); 0: none
     values_from_keys: bool = False     # a layer without attn_v takes attn_k's projection as its values (Gemma 4)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
@@ -490,8 +501,9 @@ class Family:
     @property
     def own_model(self) -> bool:
         """Whether the family runs its own Model class around lowtune.model's layers (lowtune.gemma3n,
-        lowtune.gemma4), which streaming, compiled and captured layers and the compiled CPU decoder refuse."""
-        return self.altup or self.layer_widths
+        lowtune.gemma4, lowtune.rwkv), which streaming, compiled and captured layers and the compiled CPU decoder
+        refuse."""
+        return self.altup or self.layer_widths or bool(self.rwkv)
 
     @property
     def eps_key(self) -> str:
@@ -640,6 +652,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
     Family("xverse"),
+    Family("rwkv7", norm="layer", embedding_norm=True, rwkv=7),
+    Family("rwkv6", norm="layer", embedding_norm=True, rwkv=6),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -659,7 +673,7 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral", "deepseek", "deepseek32", "dbrx", "grok", "arctic"}
-_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"}
+_RECURRENT = {"rwkv6qwen2", "arwkv7", "plamo2"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -685,7 +699,10 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
-                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds")}
+                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),
+                 "RWKV7ForCausalLM": ("rwkv7", "RWKV-7's time mix and channel mix"),
+                 "Rwkv7ForCausalLM": ("rwkv7", "RWKV-7's time mix and channel mix"),
+                 "Rwkv6ForCausalLM": ("rwkv6", "RWKV-6's time mix and channel mix")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -725,7 +742,7 @@ def family_of(metadata: Mapping) -> Family:
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear and gemma4)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
-                         f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
+                         f"{_supported()} (attention decoders, Mamba, Mamba-2, their hybrids, RWKV-6 and RWKV-7)")
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")
