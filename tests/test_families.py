@@ -33,9 +33,10 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
-                           RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm,
-                           QLinear, alibi_slopes, rope_inv_freq, selective_scan)
+                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, alibi_slopes, rope_inv_freq,
+                           selective_scan)
 from lowtune.recipes import is_quantizable
+from lowtune.rwkv import rwkv_linear_names
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
@@ -156,6 +157,12 @@ REMOTE_CODE_SWITCH_OFF = {
     "rwkv6": [("the halved residual stream (rescale_every_n_layers)", lambda m: [
         setattr(layer, "halved", False) for layer in m.layers]),
               ("the wkv state's bonus (time_mix_first)", lambda m: [layer.first.zero_() for layer in m.layers])],
+    "arwkv7": [("the first layer's values mixed into the others'", lambda m: [
+        layer.v0.fill_(-1e4) for layer in m.layers[1:]]),
+               ("the token shift", lambda m: [layer.lerp.zero_() for layer in m.layers])],
+    "rwkv6qwen2": [("Qwen2's biases of r, k and v", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in
+                                                             m.layers for n in ("time_mix_receptance", "time_mix_key",
+                                                                                "time_mix_value")])],
 }
 
 
@@ -1011,7 +1018,7 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's; Mamba-2 has none; RWKV's is its channel mix)
         mlp = model.config.mlp_layers
         linear = "blk.0.ssm_out" if mlp == () else f"blk.{(mlp or (0,))[0]}.ffn_down"
-        linear = "blk.0.channel_mix_value" if model.config.family.rwkv else linear
+        linear = "blk.0.channel_mix_value" if model.config.family.rwkv and not model.config.family.rwkv_mlp else linear
         assert model.tensor_types[linear + ".weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
@@ -1201,7 +1208,7 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
     kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
                        else ssm if c.is_ssm(i) else delta if c.is_delta(i)  # (Falcon-H1: both)
-                       else {7: RWKV7_LINEAR_NAMES, 6: RWKV6_LINEAR_NAMES}.get(c.family.rwkv, targets))
+                       else rwkv_linear_names(c) if c.family.rwkv else targets)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith(("ffn_", "channel_mix_"))  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's and Gemma 4's last layers compute no K/V: theirs are earlier layers'; Gemma 4's global
@@ -1312,7 +1319,9 @@ def test_layers_without_attention_stream(tiny, name):
                                                       "Falcon-H1"),
                                         ("mamba", "Mamba state .Mamba's selective scans"),
                                         ("rwkv7", "not RWKV's .token shifts and wkv states"),
-                                        ("rwkv6", "not RWKV's .token shifts and wkv states")])
+                                        ("rwkv6", "not RWKV's .token shifts and wkv states"),
+                                        ("arwkv7", "not RWKV's .token shifts and wkv states"),
+                                        ("rwkv6qwen2", "not RWKV's .token shifts and wkv states")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
     a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
@@ -1604,6 +1613,36 @@ def test_wkv6_is_ggmls_loop():
     assert all(x.grad is not None and bool(x.grad.abs().sum() > 0) for x in inputs)
 
 
+def test_qrwkv6_gated_linear_attention_of_grouped_heads(tiny):
+    """QRWKV6's recurrence is ggml's gated_linear_attn written out element by element (from a state, whole and in
+    two calls); its k and v have one head, read by both of r's, as llama.cpp repeats them; its file has no bonus,
+    no output norm and no channel mix."""
+    from lowtune.rwkv import gated_linear_attention
+    g = torch.Generator().manual_seed(2)
+    b, t, h, n = 2, 5, 2, 4
+    q, k, v = (torch.randn(b, t, h, n, generator=g) for _ in range(3))
+    w, s0 = torch.rand(b, t, h, n, generator=g), torch.randn(b, h, n, n, generator=g)
+    want, s = torch.zeros(b, t, h, n, dtype=torch.float64), s0.double().clone()
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                for i in range(n):  # (row i of the state: the key channel i over the value channels j)
+                    for j in range(n):
+                        s[bi, hi, i, j] = (s[bi, hi, i, j] * float(w[bi, ti, hi, i])
+                                           + float(k[bi, ti, hi, i]) * float(v[bi, ti, hi, j]))
+                        want[bi, ti, hi, j] += s[bi, hi, i, j] * float(q[bi, ti, hi, i])
+    out, last = gated_linear_attention(q, k, v, w, s0)
+    assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
+    first, mid = gated_linear_attention(*(x[:, :2] for x in (q, k, v, w)), s0)
+    rest, end = gated_linear_attention(*(x[:, 2:] for x in (q, k, v, w)), mid)
+    assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
+    model = Model.from_gguf(tiny["rwkv6qwen2"].gguf)
+    c, layer = model.config, model.layers[0]
+    assert (c.n_heads, c.n_kv_heads, c.head_dim, layer.time_mix_key.out_features) == (2, 1, 64, 64)
+    assert not hasattr(layer, "first") and not hasattr(layer, "ln_weight") and layer.mlp
+    assert layer.time_mix_receptance.bias is not None and layer.time_mix_value.bias is not None
+
+
 def test_rwkv6_config_and_states(tiny):
     """RWKV-6's file gives its token-shift mix's and decay's widths and the layers after which the residual stream
     is halved; its cache keeps the two token shifts and the wkv state of each layer; a file without its widths is
@@ -1623,6 +1662,25 @@ def test_rwkv6_config_and_states(tiny):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "rwkv6.time_decay_extra_dim"})
     assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items()
                                            if k != "rwkv6.rescale_every_n_layers"}).rescale_every == 0
+
+
+def test_arwkv7_time_mix_on_qwen2_layers(tiny):
+    """ARWKV-7 runs RWKV-7's time mix without a gate (5 lerps) after an RMSNorm and Qwen2's gated MLP after
+    another, one token shift a layer in its cache; a file that keeps two is refused, as llama.cpp's graph runs one."""
+    model = Model.from_gguf(gguf_of(tiny["arwkv7"], "Q8_0"))
+    c, layer = model.config, model.layers[1]
+    assert (c.wkv_lora_ranks, tuple(layer.lerp.shape), layer.gated) == ((64, 64, 32, 0), (5, 128), False)
+    assert type(layer.attn_norm).__name__ == type(layer.ffn_norm).__name__ == "RMSNorm"
+    assert model.token_embd_norm is None
+    assert model.tensor_types["blk.1.ffn_down.weight"] == "Q8_0" and model.tensor_types["blk.1.time_mix_a1.weight"] \
+        == "F32"
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(rand_ids(1, 9, seed=2), cache)
+    assert tuple(cache.conv_state[0].shape) == (1, 1, 128) and tuple(cache.recurrent_state[0].shape) == (1, 2, 64, 64)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")} | {"arwkv7.vocab_size": V}
+    with pytest.raises(ValueError, match="keeps 2 token shifts a layer; llama.cpp's arwkv7 graph runs 1"):
+        ModelConfig.from_gguf_metadata({**md, "arwkv7.token_shift_count": 2})
 
 
 def test_rwkv7_layers_states_and_refusals(tiny):
@@ -1845,13 +1903,13 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "qwen2vl",
-                         "qwen3vl", "qwen3vlmoe")
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "arwkv7",
+                         "rwkv6qwen2", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("deepseek32", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("rwkv6qwen2", "recurrent"), ("plamo2", "recurrent"), ("bert", "encoder"),
+                      ("plamo2", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

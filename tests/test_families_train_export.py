@@ -65,7 +65,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "gptneox": "q-bara", "gptneox-seq": "qdylora", "stablelm": "qa-lora", "stablelm2-12b": "lora",
                  "falcon": "qa-hira", "falcon-40b": "qa-lora",
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
-                 "xverse": "qa-hira", "rwkv7": "q-bara", "rwkv6": "q-bara"}
+                 "xverse": "qa-hira", "rwkv7": "q-bara", "rwkv6": "q-bara", "arwkv7": "qa-hira",
+                 "rwkv6qwen2": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -421,7 +422,8 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
                                            ("gpt2", "GPT2LMHeadModel"), ("starcoder", "GPTBigCodeForCausalLM"),
                                            ("bloom", "BloomForCausalLM"), ("mpt", "MPTForCausalLM"),
                                            ("falcon-40b", "FalconForCausalLM"), ("rwkv7", "RWKV7ForCausalLM"),
-                                           ("rwkv6", "Rwkv6ForCausalLM")])
+                                           ("rwkv6", "Rwkv6ForCausalLM"), ("arwkv7", "RwkvHybridForCausalLM"),
+                                           ("rwkv6qwen2", "RWKV6Qwen2ForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
     """lowtune has no Hugging Face names for Nemotron-H's, Mamba-2's, Falcon-H1's, Mamba's and Falcon's tensors,
     GPT-2's transposed (Conv1D) weights, GPT-BigCode's fused q/k/v, their learned positions, BLOOM's q/k/v

@@ -702,9 +702,9 @@ def _rwkv_fields(md: Mapping, fam: Family, dim: int) -> dict:
     head = int(md[keys[0]])
     if head < 1 or dim % head:
         raise ValueError(f"wkv.head_size {head} does not divide the width {dim}")
-    shifts = int(md.get(f"{arch}.token_shift_count", 2))
-    if shifts != 2:
-        raise ValueError(f"this {arch} file keeps {shifts} token shifts a layer; llama.cpp's {arch} graph runs 2")
+    shifts, runs = int(md.get(f"{arch}.token_shift_count", 2)), 1 if fam.rwkv_mlp else 2  # (ARWKV-7: the time mix's)
+    if shifts != runs:
+        raise ValueError(f"this {arch} file keeps {shifts} token shifts a layer; llama.cpp's {arch} graph runs {runs}")
     return {"wkv_lora_ranks": tuple(int(md[k]) for k in keys[1:]),
             "rescale_every": int(md.get(f"{arch}.rescale_every_n_layers", 0) or 0) if fam.rwkv == 6 else 0}
 

@@ -21,6 +21,11 @@ and the channel mix (attn_norm_2). RWKV-7's, R the low-rank widths (ModelConfig.
     time_mix_output [D, D]
     channel_mix_lerp_k [D]; _key [F, D], _value [D, F]   value(relu(key(x + (x_prev - x) · lerp_k))²)
 
+ARWKV-7 (arwkv7: RWKV-7's time mix on Qwen2's layers) norms with RMSNorms (attn_norm, ffn_norm; the final one too,
+without an embedding norm), runs Qwen2's gated MLP (ffn_gate, ffn_up, ffn_down) in place of the channel mix,
+keeps one token shift (the time mix's), and may go without the gate (5 lerps, no g1/g2); lowtune reads its
+files with time_mix_ln (llama.cpp also runs them without).
+
 RWKV-6's, E and Ed its token-shift mix's and decay's widths (ModelConfig.wkv_lora_ranks):
 
     time_mix_lerp_x [D], w1 [5E, D], w2 [5, D, E], lerp_fused [5, D]   the inputs of w, k, v, r and g:
@@ -35,10 +40,15 @@ RWKV-6's, E and Ed its token-shift mix's and decay's widths (ModelConfig.wkv_lor
     rescale_every_n_layers  the residual stream halved after every n-th layer (the converter divides
                             time_mix_output and channel_mix_value to match)
 
-The KV cache keeps no keys: per layer its conv_state [B, 2, D] (the last normed inputs of the two mixes)
-and recurrent_state [B, H, N, N] (the wkv state, fp32). Adapters go on the linears llama.cpp multiplies
-with their LoRA (model.RWKV7_LINEAR_NAMES, RWKV6_LINEAR_NAMES); the low-rank parts, the lerps and the norms
-stay frozen, the gradient going through them.
+QRWKV6 (rwkv6qwen2: RWKV-6's time mix on Qwen2's layers) is RWKV-6's time mix after an RMSNorm with Qwen2's
+biases on r, k and v, k and v of head_count_kv heads (each read by a group of r's heads), no bonus: gated linear
+attention (S ← diag(w) S + k (1 - w) vᵀ, out = Sᵀ r / √N), a sigmoid gate and no time_mix_ln; then Qwen2's
+RMSNorm and gated MLP as ARWKV-7's, one token shift a layer.
+
+The KV cache keeps no keys: per layer its conv_state [B, 2, D] (the last normed inputs of the two mixes;
+[B, 1, D] with an MLP) and recurrent_state [B, H, N, N] (the wkv state, fp32). Adapters go on the linears
+llama.cpp multiplies with their LoRA (rwkv_linear_names); the low-rank parts, the lerps and the norms stay
+frozen, the gradient going through them.
 """
 from __future__ import annotations
 
@@ -48,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import glue_ops
 from .model import (RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, KVCache, Model, ModelConfig, QLinear, _table, _vector,
                     checkpoint, make_norm)
 
 DECAY_SCALE = 0.606531   # w = exp(-DECAY_SCALE · sigmoid(.)): llama.cpp's rounding of exp(-1/2)
 GROUP_NORM_EPS = 64e-5   # the per-head norm of the wkv output, fixed in llama.cpp's graph
-MIXES = "rwkvag"         # the rows of RWKV-7's time_mix_lerp_fused: the inputs of r, w, k, v, a and g
 LOW_RANK = "wavg"        # the low-rank parts: decay, learning rate, value residual mix, gate (wkv_lora_ranks' order)
 MIXES6 = "wkvrg"         # the rows of RWKV-6's time_mix_lerp_fused and its w2: the inputs of w, k, v, r and g
 
@@ -87,33 +97,58 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: 
     return torch.stack(outs, 1), s
 
 
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                           state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention in fp32, as ggml's gated_linear_attn (its scale already in q): per head the state
+    S [N (key), N (value)] becoming diag(g_t) S + k_t v_tᵀ and the output S ᵀ q_t. q, k, v, g [B, T, H, N];
+    state [B, H, N, N] (None: zeros) -> (out [B, T, H, N], the last state). Position by position and
+    differentiable."""
+    s = q.new_zeros(*q.shape[:1], *q.shape[2:], q.shape[-1]) if state is None else state
+    outs = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t, :, :, None] + k[:, t, :, :, None] * v[:, t, :, None]
+        outs.append(torch.einsum("bhi,bhij->bhj", q[:, t], s))
+    return torch.stack(outs, 1), s
+
+
 def shifted(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """x [B, T, D] one position later: each position's predecessor, `last` [B, D] (None: zeros) first."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last[:, None].to(x.dtype)
     return torch.cat([first, x[:, :-1]], 1)
 
 
-class RwkvLayer(nn.Module):
-    """One RWKV layer: the time mix, then the channel mix, each after its LayerNorm, on its input and the
-    position before, and added to the residual stream (the module's docstring); RWKV-6's and RWKV-7's
-    (their subclasses) differ in the mixes."""
+def rwkv_linear_names(config: ModelConfig) -> tuple[str, ...]:
+    """The linears of an RWKV layer of config's family: the time mix's and the channel mix's (ARWKV-7's and
+    QRWKV6's gated MLP's)."""
+    fam = config.family
+    names = RWKV7_LINEAR_NAMES if fam.rwkv == 7 else RWKV6_LINEAR_NAMES
+    if fam.rwkv_mlp:
+        return tuple(n for n in names if not n.startswith("channel_mix_")) + ("ffn_gate", "ffn_up", "ffn_down")
+    return names
 
-    linear_names: tuple[str, ...] = ()
+
+class RwkvLayer(nn.Module):
+    """One RWKV layer: the time mix, then the channel mix (ARWKV-7's and QRWKV6's: the gated MLP), each after its
+    norm, on its input and the position before, and added to the residual stream (the module's docstring);
+    RWKV-6's and RWKV-7's (their subclasses) differ in the mixes."""
 
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__()
         c, p = config, f"blk.{index}."
         self.config, self.index = c, index
         self.heads, self.head_size = c.n_heads, c.head_dim
+        self.mlp = c.family.rwkv_mlp  # (ARWKV-7: the gated MLP without a token shift)
+        ffn_norm = "ffn_norm" if self.mlp else "attn_norm_2"
         self.attn_norm = make_norm(c.family, w, p + "attn_norm", c.norm_eps, c.dim)
-        self.ffn_norm = make_norm(c.family, w, p + "attn_norm_2", c.norm_eps, c.dim)
-        self.norm_files = {"ffn_norm": "attn_norm_2"}  # (the GGUF layer name of each norm whose attribute differs)
+        self.ffn_norm = make_norm(c.family, w, p + ffn_norm, c.norm_eps, c.dim)
+        self.norm_files = {"ffn_norm": ffn_norm}  # (the GGUF layer name of each norm whose attribute differs)
         # (RWKV-6: the residual stream halved after every rescale_every-th layer)
         self.halved = bool(c.rescale_every) and (index + 1) % c.rescale_every == 0
-        for name in self.linear_names:
-            setattr(self, name, QLinear(w[p + name + ".weight"], p + name + ".weight"))
-        self.register_buffer("ln_weight", _vector(w[p + "time_mix_ln.weight"]), persistent=False)
-        self.register_buffer("ln_bias", _vector(w[p + "time_mix_ln.bias"]), persistent=False)
+        for name in rwkv_linear_names(c):  # (QRWKV6's r, k and v with Qwen2's biases)
+            setattr(self, name, QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias")))
+        if p + "time_mix_ln.weight" in w:  # (QRWKV6 has no norm of the wkv output)
+            self.register_buffer("ln_weight", _vector(w[p + "time_mix_ln.weight"]), persistent=False)
+            self.register_buffer("ln_bias", _vector(w[p + "time_mix_ln.bias"]), persistent=False)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: KVCache | None = None,
                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,8 +160,11 @@ class RwkvLayer(nn.Module):
         x = x + mixed
         f = self.ffn_norm(x)
         if cache is not None:
-            cache.conv_state[self.index] = torch.stack([h[:, -1], f[:, -1]], 1)
-        x = x + self.channel_mix(f, shifted(f, None if last is None else last[:, 1]))
+            cache.conv_state[self.index] = torch.stack([h[:, -1]] if self.mlp else [h[:, -1], f[:, -1]], 1)
+        if self.mlp:
+            x = x + self.ffn_down(glue_ops.gated("silu", self.ffn_gate(f), self.ffn_up(f)))
+        else:
+            x = x + self.channel_mix(f, shifted(f, None if last is None else last[:, 1]))
         return (x * 0.5 if self.halved else x), v_first
 
     def heads_of(self, y: torch.Tensor) -> torch.Tensor:
@@ -148,14 +186,14 @@ class RwkvLayer(nn.Module):
 class Rwkv7Layer(RwkvLayer):
     """RWKV-7's layer (the module's docstring)."""
 
-    linear_names = RWKV7_LINEAR_NAMES
-
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__(config, index, w)
         c, p = config, f"blk.{index}."
-        frozen = {"lerp": _table(w[p + "time_mix_lerp_fused.weight"]).reshape(len(MIXES), c.dim),
-                  "lerp_k": _vector(w[p + "channel_mix_lerp_k.weight"])}
-        for x in LOW_RANK:
+        self.gated = bool(c.wkv_lora_ranks[3])  # (ARWKV-7 may have no gate, and then 5 lerps)
+        frozen = {"lerp": _table(w[p + "time_mix_lerp_fused.weight"]).reshape(-1, c.dim)}
+        if not self.mlp:
+            frozen["lerp_k"] = _vector(w[p + "channel_mix_lerp_k.weight"])
+        for x in LOW_RANK if self.gated else LOW_RANK[:-1]:
             if x != "g":  # (the gate has no bias)
                 frozen[x + "0"] = _vector(w[f"{p}time_mix_{x}0.weight"])
             frozen[x + "1"], frozen[x + "2"] = (_table(w[f"{p}time_mix_{x}{j}.weight"]) for j in (1, 2))
@@ -174,7 +212,7 @@ class Rwkv7Layer(RwkvLayer):
         v_first). The low-rank parts and the recurrence run in fp32, the linears in the activation dtype."""
         heads = self.heads_of
         hf = h.float()
-        xr, xw, xk, xv, xa, xg = hf + (prev.float() - hf) * self.lerp[:, None, None]
+        xr, xw, xk, xv, xa, *xg = hf + (prev.float() - hf) * self.lerp[:, None, None]
         r = self.time_mix_receptance(xr.to(h.dtype)).float()
         k = self.time_mix_key(xk.to(h.dtype)).float()
         v = self.time_mix_value(xv.to(h.dtype)).float()
@@ -184,7 +222,7 @@ class Rwkv7Layer(RwkvLayer):
         else:
             v = v + (v_first - v) * torch.sigmoid(F.linear(F.linear(xv, self.v1), self.v2) + self.v0)
         a = torch.sigmoid(F.linear(F.linear(xa, self.a1), self.a2) + self.a0)
-        g = F.linear(torch.sigmoid(F.linear(xg, self.g1)), self.g2)
+        g = F.linear(torch.sigmoid(F.linear(xg[0], self.g1)), self.g2) if self.gated else 1.0
         kk = F.normalize(heads(k * self.k_k), dim=-1, eps=1e-12)
         ka = k * self.k_a
         k = k + (a * ka - ka)
@@ -199,22 +237,22 @@ class Rwkv7Layer(RwkvLayer):
 class Rwkv6Layer(RwkvLayer):
     """RWKV-6's layer (the module's docstring)."""
 
-    linear_names = RWKV6_LINEAR_NAMES
-
     def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
         super().__init__(config, index, w)
         c, p = config, f"blk.{index}."
         mix_rank = c.wkv_lora_ranks[0]
+        self.kv_heads = c.n_kv_heads  # (QRWKV6: k and v of fewer heads, each read by a group of r's)
         frozen = {"lerp_x": _vector(w[p + "time_mix_lerp_x.weight"]),
                   "lerp": _table(w[p + "time_mix_lerp_fused.weight"]).reshape(len(MIXES6), c.dim),
                   "w1": _table(w[p + "time_mix_w1.weight"]),
                   "w2": _table(w[p + "time_mix_w2.weight"]).reshape(len(MIXES6), c.dim, mix_rank),
                   "decay": _vector(w[p + "time_mix_decay.weight"]),
                   "decay_w1": _table(w[p + "time_mix_decay_w1.weight"]),
-                  "decay_w2": _table(w[p + "time_mix_decay_w2.weight"]),
-                  "first": _table(w[p + "time_mix_first.weight"]).reshape(self.heads, self.head_size),
-                  "lerp_k": _vector(w[p + "channel_mix_lerp_k.weight"]),
-                  "lerp_r": _vector(w[p + "channel_mix_lerp_r.weight"])}
+                  "decay_w2": _table(w[p + "time_mix_decay_w2.weight"])}
+        if not self.mlp:  # (QRWKV6 has no bonus and no channel mix)
+            frozen.update({"first": _table(w[p + "time_mix_first.weight"]).reshape(self.heads, self.head_size),
+                           "lerp_k": _vector(w[p + "channel_mix_lerp_k.weight"]),
+                           "lerp_r": _vector(w[p + "channel_mix_lerp_r.weight"])})
         for name, t in frozen.items():
             self.register_buffer(name, t, persistent=False)
 
@@ -235,12 +273,20 @@ class Rwkv6Layer(RwkvLayer):
         xw, xk, xv, xr, xg = hf + sx * mix
         r, k, v = (lin(x.to(h.dtype)).float() for lin, x in ((self.time_mix_receptance, xr), (self.time_mix_key, xk),
                                                               (self.time_mix_value, xv)))
-        g = F.silu(self.time_mix_gate(xg.to(h.dtype)).float())
-        w = torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2) + self.decay))
-        out, state = wkv6(heads(r), heads(k), heads(v), self.first, heads(w), self.wkv_state(cache, start))
+        gate = self.time_mix_gate(xg.to(h.dtype)).float()
+        w = heads(torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2) + self.decay)))
+        if self.mlp:  # (QRWKV6: gated linear attention of k · (1 - w), r scaled, a sigmoid gate, no output norm)
+            group = self.heads // self.kv_heads
+            k, v = (y.unflatten(-1, (self.kv_heads, self.head_size)).repeat_interleave(group, 2) for y in (k, v))
+            out, state = gated_linear_attention(heads(r) * self.head_size ** -0.5, k * (1 - w), v, w,
+                                                self.wkv_state(cache, start))
+            out = out.flatten(2) * torch.sigmoid(gate)
+        else:
+            out, state = wkv6(heads(r), heads(k), heads(v), self.first, w, self.wkv_state(cache, start))
+            out = self.normed_heads(out) * F.silu(gate)
         if cache is not None:
             cache.recurrent_state[self.index] = state
-        return self.time_mix_output((self.normed_heads(out) * g).to(h.dtype)), None
+        return self.time_mix_output(out.to(h.dtype)), None
 
 
 class RwkvModel(Model):
@@ -259,56 +305,67 @@ class RwkvModel(Model):
 
 
 class Rwkv7Model(RwkvModel):
-    """RWKV-7 (rwkv7)."""
+    """RWKV-7 (rwkv7) and ARWKV-7 (arwkv7)."""
 
     layer_class = Rwkv7Layer
 
     @staticmethod
     def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         c = config
-        d, f = c.dim, c.ffn_dim
+        d, f, mlp = c.dim, c.ffn_dim, c.family.rwkv_mlp
+        low_rank = LOW_RANK if c.wkv_lora_ranks[3] else LOW_RANK[:-1]  # (ARWKV-7 without the gate)
         out = {}
         for i in range(c.n_layers):
             p = f"blk.{i}."
             # (the first layer's value mix is unused: the converter gives it the learning rate's shapes)
             ranks = dict(zip(LOW_RANK, c.wkv_lora_ranks))
             ranks["v"] = ranks["a"] if i == 0 else ranks["v"]
-            for x, rank in ranks.items():
+            for x in low_rank:
                 if x != "g":
                     out[f"{p}time_mix_{x}0.weight"] = (d,)
-                out[f"{p}time_mix_{x}1.weight"], out[f"{p}time_mix_{x}2.weight"] = (rank, d), (d, rank)
+                out[f"{p}time_mix_{x}1.weight"], out[f"{p}time_mix_{x}2.weight"] = (ranks[x], d), (d, ranks[x])
             out.update({p + n + ".weight": (d, d) for n in RWKV7_LINEAR_NAMES[:4]})
             out.update({p + n: (d,) for n in ("time_mix_k_k.weight", "time_mix_k_a.weight", "time_mix_r_k.weight",
-                                              "time_mix_ln.weight", "time_mix_ln.bias", "channel_mix_lerp_k.weight",
-                                              "attn_norm.weight", "attn_norm.bias", "attn_norm_2.weight",
-                                              "attn_norm_2.bias")})
-            out.update({p + "time_mix_lerp_fused.weight": (len(MIXES), d), p + "channel_mix_key.weight": (f, d),
-                        p + "channel_mix_value.weight": (d, f)})
+                                              "time_mix_ln.weight", "time_mix_ln.bias", "attn_norm.weight")})
+            out[p + "time_mix_lerp_fused.weight"] = (len(low_rank) + 2, d)  # (the inputs of r, w, k, v, a, g)
+            if mlp:  # (Qwen2's RMSNorm and gated MLP)
+                out.update({p + "ffn_norm.weight": (d,), p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d),
+                            p + "ffn_down.weight": (d, f)})
+            else:
+                out.update({p + n: (d,) for n in ("attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias",
+                                                  "channel_mix_lerp_k.weight")})
+                out.update({p + "channel_mix_key.weight": (f, d), p + "channel_mix_value.weight": (d, f)})
         return out
 
 
 class Rwkv6Model(RwkvModel):
-    """RWKV-6 (rwkv6)."""
+    """RWKV-6 (rwkv6) and QRWKV6 (rwkv6qwen2)."""
 
     layer_class = Rwkv6Layer
 
     @staticmethod
     def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         c = config
-        d, f, (mix, decay) = c.dim, c.ffn_dim, c.wkv_lora_ranks
+        d, f, (mix, decay), mlp = c.dim, c.ffn_dim, c.wkv_lora_ranks, c.family.rwkv_mlp
+        kv = c.n_kv_heads * c.head_dim  # (QRWKV6's k and v)
         out = {}
         for i in range(c.n_layers):
             p = f"blk.{i}."
-            out.update({p + n + ".weight": (d, d) for n in RWKV6_LINEAR_NAMES if n not in ("channel_mix_key",
-                                                                                           "channel_mix_value")})
-            out.update({p + n: (d,) for n in ("time_mix_lerp_x.weight", "time_mix_decay.weight", "time_mix_ln.weight",
-                                              "time_mix_ln.bias", "channel_mix_lerp_k.weight",
-                                              "channel_mix_lerp_r.weight", "attn_norm.weight", "attn_norm.bias",
-                                              "attn_norm_2.weight", "attn_norm_2.bias")})
+            out.update({p + n + ".weight": (d, d) for n in ("time_mix_receptance", "time_mix_gate", "time_mix_output")})
+            out.update({p + "time_mix_key.weight": (kv, d), p + "time_mix_value.weight": (kv, d)})
+            out.update({p + n: (d,) for n in ("time_mix_lerp_x.weight", "time_mix_decay.weight", "attn_norm.weight")})
             out.update({p + "time_mix_lerp_fused.weight": (len(MIXES6), d),
                         p + "time_mix_w1.weight": (len(MIXES6) * mix, d),
                         p + "time_mix_w2.weight": (len(MIXES6) * d, mix),
-                        p + "time_mix_decay_w1.weight": (decay, d), p + "time_mix_decay_w2.weight": (d, decay),
-                        p + "time_mix_first.weight": (c.n_heads, c.head_dim), p + "channel_mix_key.weight": (f, d),
-                        p + "channel_mix_value.weight": (d, f)})
+                        p + "time_mix_decay_w1.weight": (decay, d), p + "time_mix_decay_w2.weight": (d, decay)})
+            if mlp:  # (Qwen2's biases of r, k and v, its RMSNorm and gated MLP)
+                out.update({p + "time_mix_receptance.bias": (d,), p + "time_mix_key.bias": (kv,),
+                            p + "time_mix_value.bias": (kv,), p + "ffn_norm.weight": (d,),
+                            p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f)})
+                continue
+            out.update({p + n: (d,) for n in ("time_mix_ln.weight", "time_mix_ln.bias", "channel_mix_lerp_k.weight",
+                                              "channel_mix_lerp_r.weight", "attn_norm.bias", "attn_norm_2.weight",
+                                              "attn_norm_2.bias")})
+            out.update({p + "time_mix_first.weight": (c.n_heads, c.head_dim), p + "channel_mix_key.weight": (f, d),
+                        p + "channel_mix_value.weight": (d, f), p + "channel_mix_receptance.weight": (d, d)})
         return out
