@@ -1643,10 +1643,12 @@ def test_qrwkv6_gated_linear_attention_of_grouped_heads(tiny):
     assert layer.time_mix_receptance.bias is not None and layer.time_mix_value.bias is not None
 
 
-def test_rwkv6_config_and_states(tiny):
+def test_rwkv6_config_and_states(tiny, tmp_path):
     """RWKV-6's file gives its token-shift mix's and decay's widths and the layers after which the residual stream
-    is halved; its cache keeps the two token shifts and the wkv state of each layer; a file without its widths is
-    refused, saying which."""
+    is halved (lowtune info shows them); its cache keeps the two token shifts and the wkv state of each layer; a
+    file without its widths is refused, saying which, and one with the lerps apart (an older conversion), saying
+    to convert it again."""
+    from lowtune.loading import describe  # (`lowtune info`)
     model = Model.from_gguf(gguf_of(tiny["rwkv6"], "Q8_0"))
     c = model.config
     assert (c.n_heads, c.head_dim, c.wkv_lora_ranks, c.rescale_every) == (2, 64, (32, 64), 2)
@@ -1662,6 +1664,19 @@ def test_rwkv6_config_and_states(tiny):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "rwkv6.time_decay_extra_dim"})
     assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items()
                                            if k != "rwkv6.rescale_every_n_layers"}).rescale_every == 0
+    info = describe(tiny["rwkv6"].gguf)["config"]
+    assert (info["rwkv"], info["rwkv_mlp"], info["wkv_lora_ranks"]) == (6, False, [32, 64])
+    with GGUFFile(tiny["rwkv6"].gguf) as f:  # (an older conversion's lerps, apart)
+        types, tensors = dict(f.metadata_types), []
+        for n in f.tensor_infos:
+            if n.endswith("time_mix_lerp_fused.weight"):
+                tensors += [(n.replace("fused", x), t) for x, t in zip("wkvrg", f.tensor(n))]
+            else:
+                tensors.append((n, f.tensor(n)))
+        write_gguf(tmp_path / "apart.gguf", dict(f.metadata), tensors, metadata_types=types)
+    with pytest.raises(ValueError, match="lacks tensor 'blk.0.time_mix_lerp_fused.weight'.*lerps apart.*current "
+                                         "convert_hf_to_gguf.py"):
+        Model.from_gguf(tmp_path / "apart.gguf")
 
 
 def test_arwkv7_time_mix_on_qwen2_layers(tiny):
@@ -1738,7 +1753,7 @@ def test_rwkv7_layers_states_and_refusals(tiny):
 def test_rwkv_world_tokenizer_matches_llamacpp(tiny):
     """RWKV's world vocabulary ("rwkv": the longest token at each position, tokens escaped as Python writes bytes)
     tokenizes mixed text (other scripts, emoji, escapes, control characters, the <s> control token) as llama.cpp
-    does, and decodes it back."""
+    does, and decodes it back; a file whose chat template is the name rwkv-world renders llama.cpp's."""
     from llama_cpp import Llama
     model = Model.from_gguf(tiny["rwkv7"].gguf)
     tok = load_tokenizer(model.metadata)
@@ -1753,6 +1768,17 @@ def test_rwkv_world_tokenizer_matches_llamacpp(tiny):
         assert ids == vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True), repr(text)
         assert tok.decode(ids) == text
     assert tok.encode("日本 the\n\n") == [259, 263, 261]  # (tokens of several bytes taken whole)
+    # the template the converter names where a checkpoint has none: llama.cpp's built-in rwkv-world
+    import ctypes
+    import llama_cpp
+    chat = [("system", " Be brief. "), ("user", "Hi there\n"), ("assistant", "Hello!"), ("user", "Who are you?")]
+    messages = (llama_cpp.llama_chat_message * len(chat))(*[llama_cpp.llama_chat_message(role=r.encode(),
+                                                                                         content=c.encode())
+                                                            for r, c in chat])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(b"rwkv-world", messages, len(chat), True, buf, len(buf))
+    named = load_tokenizer({**model.metadata, "tokenizer.chat_template": "rwkv-world"})
+    assert named.apply_chat_template([{"role": r, "content": c} for r, c in chat]) == buf.raw[:n].decode()
 
 
 @pytest.mark.llamacpp

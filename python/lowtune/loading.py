@@ -426,7 +426,8 @@ def describe(path) -> dict:
                           "layer_widths": [dict(zip(("head_dim", "kv_heads", "ffn_dim", "rope_dim"), w))
                                            for w in c.layer_widths],
                           "learned_positions": "position_embd.weight" in names, "alibi_max_bias": c.alibi_max_bias,
-                          "clamp_qkv": c.clamp_qkv}
+                          "clamp_qkv": c.clamp_qkv, "rwkv": c.family.rwkv, "rwkv_mlp": c.family.rwkv_mlp,
+                          "wkv_lora_ranks": list(c.wkv_lora_ranks)}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

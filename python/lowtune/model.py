@@ -2557,7 +2557,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                          "--mtp-only), which llama.cpp runs beside the model's own file; pass that file")
     for name, shape in want.items():
         if name not in w:
-            raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs")
+            hint = ""
+            if name.endswith("time_mix_lerp_fused.weight"):  # (older RWKV-6 conversions keep them apart)
+                hint = (" (its token-shift lerps apart, time_mix_lerp_w/k/v/r/g, as older conversions wrote them: "
+                        "convert the checkpoint with llama.cpp's current convert_hf_to_gguf.py, which fuses them)")
+            raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs{hint}")
     if c.family.nextn_layers:  # the multi-token-prediction layers' tensors, which the model leaves alone
         w = {n: t for n, t in w.items() if not is_nextn_tensor(c, n)}
     unused = [n for n in w if n not in want and n not in optional]

@@ -148,6 +148,12 @@ _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
               "<｜end▁of▁sentence｜>"]
 _EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
               "<eos>", "<turn|>", "<|tool_response>"]  # (the last three Gemma 4's)
+# llama.cpp's built-in templates that a file names in place of a Jinja one (tokenizer.chat_template), as Jinja:
+# "rwkv-world", which RWKV's converter writes where the checkpoint has no template (llama-chat.cpp's format)
+_NAMED_TEMPLATES = {"rwkv-world": (
+    "{% for m in messages %}{% if m['role'] == 'system' %}System: {{ m['content'] | trim }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] | trim }}\n\n{% if loop.last %}Assistant:{% endif %}"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] | trim }}\n\n{% endif %}{% endfor %}")}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -573,9 +579,10 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
     if _RAW_PRE.get(pre) == "gemma4":  # (llama.cpp adds BOS to Gemma 4's vocabulary whatever the file says)
         add_bos = True
+    template = _str_or_none(metadata.get("tokenizer.chat_template"))
     common = dict(bos_id=bos, eos_id=eos, eot_id=eot, add_bos=bos is not None and add_bos,
                   add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-                  chat_template=_str_or_none(metadata.get("tokenizer.chat_template")))
+                  chat_template=_NAMED_TEMPLATES.get(template, template))
     if model in ("gpt2", "gemma4"):
         merges = metadata.get("tokenizer.ggml.merges")
         if not isinstance(merges, list):
