@@ -1352,12 +1352,14 @@ def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
 @pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d"),
-                                         ("qwen35", "ssm_conv1d")])
+                                         ("qwen35", "ssm_conv1d"), ("rwkv7", "time_mix_w1"),
+                                         ("rwkv6", "time_mix_decay_w2"), ("arwkv7", "time_mix_lerp_fused"),
+                                         ("rwkv6qwen2", "time_mix_w2")])
 def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name, kernel):
-    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's and Qwen3.5's tensors llama-quantize's types
-    and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
-    (none: a convolution, a Mamba2 layer), and a DeltaNet's attn_qkv takes attn_v's rules and counts
-    among them."""
+    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's, Qwen3.5's and RWKV's tensors llama-quantize's types
+    and bytes: the convolutions' kernels and RWKV's low-rank and lerp matrices stay F32, the recipes' attn_v
+    choices read layer 0's KV heads (none: a convolution, a Mamba2 layer), and a DeltaNet's attn_qkv takes
+    attn_v's rules and counts among them."""
     import numpy as np
 
     import ggml_ref
