@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -47,7 +48,28 @@ BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 
 PLAMO2 = dict(num_hidden_layers=4, mamba_step=2, mamba_num_heads=8, mamba_d_state=16, mamba_d_conv=4)
 # PLaMo 3: sliding and global layers in turn (its published pattern is 8)
 PLAMO3 = dict(num_hidden_layers=4, sliding_window_pattern=2)
-LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
+# RWKV: transformers has no class for RWKV-7 (its RwkvForCausalLM is RWKV-4): its tiny model is config.json and
+# random safetensors under fla-hub's names (rwkv_checkpoint), with RWKV's world vocabulary, and llama.cpp runs
+# its reference logits
+RWKV_NAMES = ("rwkv7", "rwkv6", "arwkv7", "rwkv6qwen2")
+WORLD_VOCAB_NAMES = ("rwkv7", "rwkv6")  # (ARWKV-7's and QRWKV6's are Qwen2's: the tiny models' SentencePiece one)
+RWKV7 = dict(hidden_size=128, head_dim=64, num_hidden_layers=3, intermediate_size=256, decay_low_rank_dim=32,
+             a_low_rank_dim=32, v_low_rank_dim=16, gate_low_rank_dim=48)  # (heads of 64: ggml's wkv7 rows)
+# RWKV-6's (its converter fixes the token-shift mix's width at 32 and the decay's at 64 below 4096 channels),
+# the residual stream halved after every 2nd layer
+RWKV6 = dict(hidden_size=128, head_size=64, num_hidden_layers=3, intermediate_size=256, rescale_every=2)
+RWKV6_MIX, RWKV6_DECAY = 32, 64
+# ARWKV-7's (its converter fixes the low-rank widths: 64, 64, 32 and no gate where the checkpoint has none)
+ARWKV7 = dict(hidden_size=128, head_size=64, num_hidden_layers=3, intermediate_size=256, wkv_has_gate=False,
+              wkv_version=7)
+ARWKV7_RANKS = (64, 64, 32, 0)
+# QRWKV6's: Qwen2's heads of 64, one K/V head, RWKV-6's widths
+QRWKV6 = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
+              intermediate_size=256)
+RWKV_CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n"
+             "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+# (llama.cpp ignores a llama window: mistral's tiny model left out)
+LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES + RWKV_NAMES
 # (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
 # refused)
 GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "nemotron_h", "stablelm2-12b")
@@ -828,6 +850,156 @@ def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:
     return torch.relu(inputs - cutoff)
 
 
+def rwkv_checkpoint(name: str, d: Path, text: str) -> None:
+    """The tiny model of `name` (one of RWKV_NAMES) as the published checkpoints hold it (fla-hub's RWKV-7,
+    RWKV7ForCausalLM; RWKV's RWKV-6, Rwkv6ForCausalLM: their config.json keys and tensor names), random weights
+    seeded by the name, and RWKV's world vocabulary (rwkv_world_vocab) of `text` with a chat template."""
+    from safetensors.torch import save_file
+    c = {"rwkv7": RWKV7, "rwkv6": RWKV6, "arwkv7": ARWKV7, "rwkv6qwen2": QRWKV6}[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
+    vec = lambda n, mean=0.0, spread=0.2: mean + spread * torch.randn(n, generator=g)  # noqa: E731
+    unit = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731  (lerps: between x and x_prev)
+    w = {"rwkv7": rwkv7_tensors, "rwkv6": rwkv6_tensors, "arwkv7": arwkv7_tensors,
+         "rwkv6qwen2": qrwkv6_tensors}[name](c, mat, vec, unit)
+    cfg = {"rwkv7": dict(architectures=["RWKV7ForCausalLM"], model_type="rwkv7", norm_eps=1e-5),
+           "rwkv6": dict(architectures=["Rwkv6ForCausalLM"], model_type="rwkv6", layer_norm_epsilon=1e-5),
+           "arwkv7": dict(architectures=["RwkvHybridForCausalLM"], model_type="rwkv_hybrid", rms_norm_eps=1e-5,
+                          bos_token_id=1, eos_token_id=2),
+           "rwkv6qwen2": dict(architectures=["RWKV6Qwen2ForCausalLM"], model_type="rwkv6qwen2", rms_norm_eps=1e-5,
+                              bos_token_id=1, eos_token_id=2)}[name]
+    cfg = dict(vocab_size=V, tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=0,
+               **c) | cfg
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({k: t.contiguous() for k, t in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    if name in WORLD_VOCAB_NAMES:
+        (d / "rwkv_vocab_v20230424.txt").write_text(rwkv_world_vocab(text), encoding="utf-8")
+        (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": RWKV_CHAT}))
+
+
+def rwkv7_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """RWKV-7's tensors of sizes `c` under fla-hub's names (rwkv_checkpoint's random makers)."""
+    d_, f, heads = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["head_dim"]
+    w = {"model.embeddings.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "model.layers.0.pre_norm.weight":
+         vec(d_, 1.0), "model.layers.0.pre_norm.bias": vec(d_), "model.norm.weight": vec(d_, 1.0),
+         "model.norm.bias": vec(d_), "lm_head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w.update({p + "attn_norm.weight": vec(d_, 1.0), p + "attn_norm.bias": vec(d_),
+                  p + "ffn_norm.weight": vec(d_, 1.0), p + "ffn_norm.bias": vec(d_),
+                  **{p + f"attn.x_{x}": unit(1, 1, d_) for x in "rwkvag"},
+                  p + "attn.k_k": vec(d_, 0.8), p + "attn.k_a": vec(d_, 1.0), p + "attn.r_k": vec(d_).view(heads, -1),
+                  **{p + f"attn.{x}_proj.weight": mat(d_, d_) for x in "rkvo"},
+                  p + "attn.g_norm.weight": vec(d_, 1.0), p + "attn.g_norm.bias": vec(d_),
+                  p + "ffn.x_k": unit(1, 1, d_), p + "ffn.key.weight": mat(f, d_), p + "ffn.value.weight": mat(d_, f)})
+        # the low-rank parts, Linear -> (tanh, -, -, sigmoid) -> Linear: lora.0, lora.2 (with the bias but the gate's)
+        for x, rank in (("w", "decay"), ("a", "a"), ("v", "v"), ("g", "gate")):
+            if x == "v" and i == 0:
+                continue  # (the first layer has no value mix)
+            r = c[f"{rank}_low_rank_dim"]
+            w.update({p + f"attn.{x}_lora.lora.0.weight": mat(r, d_), p + f"attn.{x}_lora.lora.2.weight": mat(d_, r)})
+            if x != "g":
+                w[p + f"attn.{x}_lora.lora.2.bias"] = vec(d_, 0.5 if x == "w" else 0.0, 0.5)
+    return w
+
+
+def arwkv7_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """ARWKV-7's tensors of sizes `c` under its checkpoints' names (rwkv_checkpoint's random makers): Qwen2's
+    embeddings, RMSNorms, MLP and head around RWKV-7's time mix without a gate, its low-rank parts as x @ w."""
+    d_, f, heads = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["head_size"]
+    w = {"model.embed_tokens.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "model.norm.weight": vec(d_, 1.0),
+         "lm_head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn.time_mixer."
+        w.update({p + "input_layernorm.weight": vec(d_, 1.0), p + "post_attention_layernorm.weight": vec(d_, 1.0),
+                  p + "mlp.gate_proj.weight": mat(f, d_), p + "mlp.up_proj.weight": mat(f, d_),
+                  p + "mlp.down_proj.weight": mat(d_, f), **{a + f"x_{x}": unit(1, 1, d_) for x in "rwkva"},
+                  a + "k_k": vec(d_, 0.8).view(1, 1, d_), a + "k_a": vec(d_, 1.0).view(1, 1, d_),
+                  a + "r_k": vec(d_).view(heads, -1), **{a + f"{x}.weight": mat(d_, d_)
+                                                         for x in ("receptance", "key", "value", "output")},
+                  a + "ln_x.weight": vec(d_, 1.0), a + "ln_x.bias": vec(d_)})
+        for x, rank in zip("wav", ARWKV7_RANKS):
+            if x == "v" and i == 0:
+                continue  # (the first layer has no value mix)
+            w.update({a + f"{x}1": mat(rank, d_).T, a + f"{x}2": mat(d_, rank).T,
+                      a + f"{x}0": vec(d_, 0.5 if x == "w" else 0.0, 0.5).view(1, 1, d_)})
+    return w
+
+
+def qrwkv6_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """QRWKV6's tensors of sizes `c` under its checkpoints' names (rwkv_checkpoint's random makers): Qwen2's
+    embeddings, RMSNorms, biased q (r), k and v of fewer heads, o, MLP and head around RWKV-6's token-shift mix,
+    decay and gate."""
+    d_, f = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * d_ // c["num_attention_heads"]
+    w = {"model.embed_tokens.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "model.norm.weight": vec(d_, 1.0),
+         "lm_head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        w.update({p + "input_layernorm.weight": vec(d_, 1.0), p + "post_attention_layernorm.weight": vec(d_, 1.0),
+                  p + "mlp.gate_proj.weight": mat(f, d_), p + "mlp.up_proj.weight": mat(f, d_),
+                  p + "mlp.down_proj.weight": mat(d_, f), **{a + f"time_maa_{x}": unit(1, 1, d_) for x in "xwkvrg"},
+                  a + "time_maa_w1": mat(d_, 5 * RWKV6_MIX),
+                  a + "time_maa_w2": torch.stack([mat(RWKV6_MIX, d_) for _ in range(5)]),
+                  a + "time_decay": vec(d_, -1.0, 0.5).view(1, 1, d_), a + "time_decay_w1": mat(d_, RWKV6_DECAY),
+                  a + "time_decay_w2": mat(RWKV6_DECAY, d_), a + "q_proj.weight": mat(d_, d_),
+                  a + "q_proj.bias": vec(d_),
+                  a + "k_proj.weight": mat(kv, d_), a + "k_proj.bias": vec(kv), a + "v_proj.weight": mat(kv, d_),
+                  a + "v_proj.bias": vec(kv), a + "o_proj.weight": mat(d_, d_), a + "gate.weight": mat(d_, d_)})
+    return w
+
+
+def rwkv6_tensors(c: dict, mat, vec, unit) -> dict[str, torch.Tensor]:
+    """RWKV-6's tensors of sizes `c` under RWKV's Hugging Face names (rwkv_checkpoint's random makers): the
+    token-shift mix's w1 [D, 5·32] and w2 [5, 32, D] and the decay's w1 [D, 64], w2 [64, D] as x @ w."""
+    d_, f, heads = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["head_size"]
+    w = {"rwkv.embeddings.weight": vec(V * d_, 0.0, 0.25).view(V, d_), "rwkv.blocks.0.pre_ln.weight": vec(d_, 1.0),
+         "rwkv.blocks.0.pre_ln.bias": vec(d_), "rwkv.ln_out.weight": vec(d_, 1.0), "rwkv.ln_out.bias": vec(d_),
+         "head.weight": mat(V, d_)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"rwkv.blocks.{i}."
+        w.update({p + "ln1.weight": vec(d_, 1.0), p + "ln1.bias": vec(d_), p + "ln2.weight": vec(d_, 1.0),
+                  p + "ln2.bias": vec(d_), **{p + f"attention.time_maa_{x}": unit(1, 1, d_) for x in "xwkvrg"},
+                  p + "attention.time_maa_w1": mat(d_, 5 * RWKV6_MIX), p + "attention.time_maa_w2":
+                  torch.stack([mat(RWKV6_MIX, d_) for _ in range(5)]),
+                  p + "attention.time_decay": vec(d_, -1.0, 0.5).view(1, 1, d_),
+                  p + "attention.time_decay_w1": mat(d_, RWKV6_DECAY),
+                  p + "attention.time_decay_w2": mat(RWKV6_DECAY, d_),
+                  p + "attention.time_faaaa": vec(d_).view(heads, -1),
+                  **{p + f"attention.{x}.weight": mat(d_, d_)
+                     for x in ("receptance", "key", "value", "gate", "output")},
+                  p + "attention.ln_x.weight": vec(d_, 1.0), p + "attention.ln_x.bias": vec(d_),
+                  p + "feed_forward.time_maa_k": unit(1, 1, d_), p + "feed_forward.time_maa_r": unit(1, 1, d_),
+                  p + "feed_forward.key.weight": mat(f, d_), p + "feed_forward.value.weight": mat(d_, f),
+                  p + "feed_forward.receptance.weight": mat(d_, d_)})
+    return w
+
+
+def rwkv_world_vocab(text: str) -> str:
+    """RWKV's world vocabulary file (rwkv_vocab_v20230424.txt: "id repr(token) length" a line) of V - 1 tokens:
+    the 256 bytes, then "\\n\\n" at 261 (the converter's end-of-turn) among the words and pairs of characters
+    most frequent in `text`, and a few characters of other scripts (several bytes in UTF-8)."""
+    from collections import Counter
+    words = Counter(re.findall(r" ?[A-Za-z]+|[.,;!?]\"?|\n\n", text))
+    words.update({text[j:j + 2]: 1 for j in range(len(text) - 1)})
+    extra = ["é", "ü", "日本", "語", "😀", " the", "\n\n"]
+    chosen = list(dict.fromkeys(extra + [t for t, _ in words.most_common() if len(t.encode("utf-8")) > 1]))
+    chosen.remove("\n\n")
+    tokens = [bytes([b]) for b in range(256)]
+    chosen = [t.encode("utf-8") for t in chosen]
+    tokens += chosen[:4] + [b"\n\n"] + chosen[4:V - 1 - 256 - 1]
+    lines = []
+    for i, t in enumerate(tokens, 1):
+        try:
+            shown = repr(t.decode("utf-8"))
+        except UnicodeDecodeError:
+            shown = repr(t)
+        lines.append(f"{i} {shown} {len(t)}")
+    assert len(tokens) == V - 1 and tokens[260] == b"\n\n"
+    return "\n".join(lines) + "\n"
+
+
 def remote_code_checkpoint(name: str, d: Path) -> None:
     """The tiny model of `name` (one of REMOTE_CODE_NAMES) as its published checkpoints hold it: their
     config.json keys and tensor names (fused q/k/v where theirs are fused), random weights seeded by the name."""
@@ -1119,7 +1291,7 @@ _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
                         gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mimo,
-                        minimax, mpt, nemotron, olmo, phi, plamo, qwen, stablelm, starcoder, xverse)
+                        minimax, mpt, nemotron, olmo, phi, plamo, qwen, rwkv, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -1198,6 +1370,8 @@ for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
     no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next", "mimo2")) else []
     sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
+    # (RWKV's converters gather each layer's lerps in a dict of the class, which the next model would find full)
+    rwkv.Rwkv6Model.lerp_weights, rwkv.Rwkv7Model.lerp_weights = {}, {}
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -1227,9 +1401,16 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + REMOTE_CODE_MOE_NAMES:
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + REMOTE_CODE_MOE_NAMES + RWKV_NAMES:
         d = root / name
-        if name in REMOTE_CODE_NAMES:
+        if name in WORLD_VOCAB_NAMES:  # (its own world vocabulary and chat template)
+            rwkv_checkpoint(name, d, text)
+            out[name] = Tiny(name, d, root / f"{name}-F32.gguf")
+            jobs.append((d, out[name].gguf))
+            continue
+        if name in RWKV_NAMES:
+            rwkv_checkpoint(name, d, text)
+        elif name in REMOTE_CODE_NAMES:
             remote_code_checkpoint(name, d)
         elif name in REMOTE_CODE_MOE_NAMES:
             remote_code_moe_checkpoint(name, d)
@@ -1379,6 +1560,63 @@ def gguf_of(tiny_model: Tiny, qtype: str) -> Path:
     return _QUANTIZED[key]
 
 
+def random_rwkv_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """random_family_model's RWKV-7, RWKV-6, ARWKV-7 and QRWKV6: the tiny models' sizes (RWKV7, RWKV6, ARWKV7,
+    QRWKV6), their linears in `qtype`, the low-rank parts, lerps and RWKV-6's bonus in F32 as llama.cpp keeps them."""
+    from lowtune import ops
+    from lowtune.families import FAMILIES
+    from lowtune.loading import model_class
+    from lowtune.model import RWKV7_LORA_RANK_KEYS, ModelConfig
+    from lowtune.rwkv import rwkv_linear_names
+    fam = FAMILIES[arch]
+    v7 = fam.rwkv == 7
+    c = (ARWKV7 if v7 else QRWKV6) if fam.rwkv_mlp else RWKV7 if v7 else RWKV6
+    d = c["hidden_size"]
+    head = c.get("head_size") or c.get("head_dim") or d // c["num_attention_heads"]
+    md = {"general.architecture": arch, f"{arch}.embedding_length": d, f"{arch}.block_count": c["num_hidden_layers"],
+          f"{arch}.feed_forward_length": c["intermediate_size"], f"{arch}.attention.head_count": 0,
+          f"{arch}.vocab_size": V, f"{arch}.{fam.eps_key}": 1e-5, f"{arch}.context_length": 1048576,
+          f"{arch}.wkv.head_size": head}
+    if fam.rwkv_mlp:
+        md[f"{arch}.token_shift_count"] = 1
+    if "num_key_value_heads" in c:  # (QRWKV6's grouped k and v)
+        md[f"{arch}.attention.head_count_kv"] = c["num_key_value_heads"]
+    if v7:
+        ranks = ARWKV7_RANKS if fam.rwkv_mlp else [c[k] for k in ("decay_low_rank_dim", "a_low_rank_dim",
+                                                                 "v_low_rank_dim", "gate_low_rank_dim")]
+        md.update({f"{arch}.attention.{k}_lora_rank": r for k, r in zip(RWKV7_LORA_RANK_KEYS, ranks)})
+    else:
+        md.update({f"{arch}.time_mix_extra_dim": RWKV6_MIX, f"{arch}.time_decay_extra_dim": RWKV6_DECAY,
+                   f"{arch}.rescale_every_n_layers": c.get("rescale_every", 0)})
+    config = ModelConfig.from_gguf_metadata(md)
+    cls = model_class(config)
+    g = torch.Generator().manual_seed(seed)
+    w = {"token_embd.weight": ops.quantize(0.25 * torch.randn(V, d, generator=g), qtype),
+         "output.weight": ops.quantize(torch.randn(V, d, generator=g) / math.sqrt(d), qtype)}
+    for n in ("output_norm",) if fam.rwkv_mlp else ("token_embd_norm", "output_norm"):  # (ARWKV-7's an RMSNorm)
+        w[n + ".weight"] = 1.0 + 0.2 * torch.randn(d, generator=g)
+        if not fam.rwkv_mlp:
+            w[n + ".bias"] = 0.2 * torch.randn(d, generator=g)
+    for name, shape in cls.own_tensor_shapes(config).items():
+        kind = name.split(".")[2]
+        if kind in rwkv_linear_names(config) and name.endswith(".bias"):  # (QRWKV6's r, k and v)
+            w[name] = 0.2 * torch.randn(*shape, generator=g)
+        elif kind in rwkv_linear_names(config):
+            # (RWKV-6's outputs divided as its converter divides them where the stream is halved)
+            halved = 0 if not config.rescale_every or kind not in ("time_mix_output", "channel_mix_value") else \
+                int(name.split(".")[1]) // config.rescale_every
+            w[name] = ops.quantize(torch.randn(*shape, generator=g) / (math.sqrt(shape[1]) * 2 ** halved), qtype)
+        elif "lerp" in kind:  # (between x and the position before)
+            t = torch.rand(*shape, generator=g)
+            w[name] = ops.quantize(t, "F32") if len(shape) == 2 else t
+        elif len(shape) == 2:
+            w[name] = ops.quantize(torch.randn(*shape, generator=g) / math.sqrt(shape[1]), "F32")
+        else:  # (norms about 1, the rest about 0)
+            one = name.endswith(".weight") and ("norm" in kind or kind in ("time_mix_ln", "time_mix_k_a"))
+            w[name] = float(one) + 0.2 * torch.randn(*shape, generator=g)
+    return cls(config, w, dtype).eval()
+
+
 def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A random model of architecture `arch` made straight from GGUF-named weights (matrices in
     `qtype`), with the optional parts of the tiny models above switched on: for machines without
@@ -1389,6 +1627,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     from lowtune.model import ModelConfig, latent_linear_shapes, layer_norm_shapes
 
     fam = FAMILIES[arch]
+    if fam.rwkv:
+        return random_rwkv_model(arch, qtype, dtype, seed)
     text = fam.text_of or arch  # (a vision-language model's language model: its text family's parts)
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda

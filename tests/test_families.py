@@ -36,10 +36,12 @@ from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, 
                            SSM_LINEAR_NAMES, LayerNorm, Model, ModelConfig, NoNorm, QLinear, alibi_slopes,
                            rope_inv_freq, selective_scan)
 from lowtune.recipes import is_quantizable
+from lowtune.rwkv import rwkv_linear_names
 from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
-                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, SEQ, SSM, V, WINDOW, convert,
+                           MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, RWKV_NAMES, SEQ, SSM, V, WINDOW,
+                           convert,
                            gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
 from helpers import (compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed,
                      with_filled_lora)
@@ -161,14 +163,26 @@ REMOTE_CODE_SWITCH_OFF = {
     "plamo3": [("the sliding windows", _no_windows),
                ("the q/k norms", lambda m: [setattr(n, "weight", torch.ones_like(n.weight)) for layer in m.layers
                                             for n in (layer.attn_q_norm, layer.attn_k_norm)])],
+    "rwkv7": [("the first layer's values mixed into the others'", lambda m: [
+        layer.v0.fill_(-1e4) for layer in m.layers[1:]]),
+              ("the wkv state's bonus (time_mix_r_k)", lambda m: [layer.r_k.zero_() for layer in m.layers])],
+    "rwkv6": [("the halved residual stream (rescale_every_n_layers)", lambda m: [
+        setattr(layer, "halved", False) for layer in m.layers]),
+              ("the wkv state's bonus (time_mix_first)", lambda m: [layer.first.zero_() for layer in m.layers])],
+    "arwkv7": [("the first layer's values mixed into the others'", lambda m: [
+        layer.v0.fill_(-1e4) for layer in m.layers[1:]]),
+               ("the token shift", lambda m: [layer.lerp.zero_() for layer in m.layers])],
+    "rwkv6qwen2": [("Qwen2's biases of r, k and v", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in
+                                                             m.layers for n in ("time_mix_receptance", "time_mix_key",
+                                                                                "time_mix_value")])],
 }
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_remote_code_logits_match_llamacpp(tiny, name):
-    """Families without a transformers class: llama.cpp's logits of the converted F32 file (its K/V cache in
-    F32 too) are lowtune's."""
+    """Families without a transformers class (RWKV-7's RwkvForCausalLM is RWKV-4): llama.cpp's logits of the
+    converted F32 file (its K/V cache in F32 too) are lowtune's."""
     from llama_cpp import Llama
     ids = rand_ids(1, SEQ)
     llm = Llama(model_path=str(tiny[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
@@ -588,10 +602,9 @@ def test_config_read_from_the_converted_files(tiny):
     cfg = {n: Model.from_gguf(tiny[n].gguf).config for n in NAMES}
     # (Nemotron-H's, Mamba-2's, Mamba's, GPT-2's, StarCoder's, BLOOM's and MPT's: the default pairing, unused
     # without RoPE)
-    assert [cfg[n].family.rope for n in NAMES] == ["norm"] * 10 + ["neox"] * 21 + ["norm", "neox", "norm", "neox",
-                                                                                  "norm", "neox", "norm", "neox",
-                                                                                  "norm"] + ["norm"] * 4 + ["neox"] * 6 \
-        + ["neox"]  # (jais2)
+    alternating = ["norm", "neox", "norm", "neox", "norm", "neox", "norm", "neox", "norm"]
+    assert [cfg[n].family.rope for n in NAMES] == (["norm"] * 10 + ["neox"] * 21 + alternating + ["norm"] * 4
+                                                   + ["neox"] * 6 + ["neox"])  # (the last: jais2)
     assert [n for n in NAMES if cfg[n].no_rope] == ["granitehybrid", "nemotron_h", "gpt2", "starcoder", "bloom",
                                                     "mpt"]
     g2 = cfg["gpt2"]  # (the converter's n_ctx: as many positions as position_embd's rows)
@@ -829,7 +842,7 @@ def test_fused_tensors_are_row_views(tiny):
         assert torch.equal(torch.cat([layer.attn_q.raw, layer.attn_k.raw, layer.attn_v.raw]), fused)
 
 
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_kv_cache_matches_the_full_forward(tiny, name):
     """Prefill, a multi-token continuation and single tokens through the cache give the logits of
     one full pass, with sequences longer than the sliding windows."""
@@ -989,7 +1002,7 @@ COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                                       "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "plamo2"))
 
 
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_compiled_cpu_decoder_follows_the_model(tiny, name):
     """Where lowtune._C.CpuDecoder applies (biases, LayerNorm's too, q/k norms, RoPE on halves, NoPE
     layers, Granite's scales, YaRN, Gemma's GeGLU, relu², xIELU and GELU without a gate, post-norms,
@@ -1011,7 +1024,7 @@ def test_compiled_cpu_decoder_follows_the_model(tiny, name):
 BF16_AS_TRANSFORMERS = ("gemma3n",)
 
 
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_bf16_activations_follow_fp32(tiny, name):
     """The GPU activation dtype through every family's code path (soft-caps, q/k norms, neox RoPE,
     fused views), on the CPU: close to fp32, with a finite loss."""
@@ -1060,9 +1073,10 @@ def test_perplexity_matches_llamacpp(tiny, botchan_ids, name, qtype, tol):
     w = windows(botchan_ids, SEQ, chunks=8)
     want = llamacpp_perplexity(llamacpp(path), w)
     model = Model.from_gguf(path)
-    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's; Mamba-2 has none)
+    if qtype != "F32":  # (Nemotron-H's first MLP is layer 1's; Mamba-2 has none; RWKV's is its channel mix)
         mlp = model.config.mlp_layers
         linear = "blk.0.ssm_out" if mlp == () else f"blk.{(mlp or (0,))[0]}.ffn_down"
+        linear = "blk.0.channel_mix_value" if model.config.family.rwkv and not model.config.family.rwkv_mlp else linear
         assert model.tensor_types[linear + ".weight"] == qtype
         tol = QUANTIZED_TOL.get(name, tol)
     got = perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"]
@@ -1218,16 +1232,16 @@ def merged_weights(model) -> dict:
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
         children = list(layer.named_children())
-        if layer.shortconv is not None:  # (LFM2: the convolution's linears, and its kernel)
+        if getattr(layer, "shortconv", None) is not None:  # (LFM2: the convolution's linears, and its kernel)
             conv = layer.shortconv
             children = [(n, m) for n, m in children if n != "shortconv"] + [
                 ("shortconv." + n, m) for n, m in conv.named_children()]
             w[p + "shortconv.conv.weight"] = ops.quantize(conv.kernel, "F32")
-        if layer.mamba is not None:  # (a Mamba2 layer's frozen tensors)
+        if getattr(layer, "mamba", None) is not None:  # (a Mamba2 layer's frozen tensors; an RWKV layer has none)
             children = [(n, m) for n, m in children if n != "mamba"]
             w.update({p + n: ops.quantize(t, "F32") if t.dim() == 2 else t
                       for n, t in layer.mamba.frozen_tensors().items()})
-        if layer.delta_net:  # (Qwen3.5: the Gated DeltaNet's frozen parts)
+        if getattr(layer, "delta_net", False):  # (Qwen3.5: the Gated DeltaNet's frozen parts)
             w.update({p + "ssm_conv1d.weight": ops.quantize(layer.ssm_conv1d, "F32"), p + "ssm_a": layer.ssm_a,
                       p + "ssm_dt.bias": layer.ssm_dt})
         for name, mod in children:
@@ -1249,7 +1263,7 @@ def merged_weights(model) -> dict:
     return w
 
 
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_adapters_wrap_every_logical_linear(tiny, name):
     model = Model.from_gguf(gguf_of(tiny[name], "F32"))
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
@@ -1261,8 +1275,9 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
     kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
-                       else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
-    parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
+                       else ssm if c.is_ssm(i) else delta if c.is_delta(i)  # (Falcon-H1: both)
+                       else rwkv_linear_names(c) if c.family.rwkv else targets)
+    parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith(("ffn_", "channel_mix_"))  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's and Gemma 4's last layers compute no K/V: theirs are earlier layers'; Gemma 4's global
     # layers without attn_v take their values from attn_k)
@@ -1374,7 +1389,11 @@ def test_layers_without_attention_stream(tiny, name):
                                         ("falcon-h1", "Mamba2 state .Granite 4's, Nemotron-H's, Mamba-2's and "
                                                       "Falcon-H1"),
                                         ("mamba", "Mamba state .Mamba's selective scans"),
-                                        ("plamo2", "Mamba state .Mamba's selective scans, PLaMo 2's in heads")])
+                                        ("plamo2", "Mamba state .Mamba's selective scans, PLaMo 2's in heads"),
+                                        ("rwkv7", "not RWKV's .token shifts and wkv states"),
+                                        ("rwkv6", "not RWKV's .token shifts and wkv states"),
+                                        ("arwkv7", "not RWKV's .token shifts and wkv states"),
+                                        ("rwkv6qwen2", "not RWKV's .token shifts and wkv states")])
 def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
     """The compiled CPU decoder and captured decode steps keep no recurrent state (convolution inputs,
     a DeltaNet's or Mamba2's state): both refuse LFM2, Qwen3.5, Granite 4's hybrid, Nemotron-H, Mamba-2,
@@ -1405,12 +1424,15 @@ def test_recurrent_states_decode_through_the_models_steps(tiny, name, state):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q2_K"])
 @pytest.mark.parametrize("name,kernel", [("lfm2", "shortconv.conv"), ("granitehybrid", "ssm_conv1d"),
-                                         ("qwen35", "ssm_conv1d"), ("plamo2", "ssm_conv1d")])
+                                         ("qwen35", "ssm_conv1d"), ("plamo2", "ssm_conv1d"),
+                                         ("rwkv7", "time_mix_w1"),
+                                         ("rwkv6", "time_mix_decay_w2"), ("arwkv7", "time_mix_lerp_fused"),
+                                         ("rwkv6qwen2", "time_mix_w2")])
 def test_lfm2_quantize_recipes_equal_llama_quantize(tiny, tmp_path, recipe, name, kernel):
-    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's, Qwen3.5's and PLaMo 2's tensors llama-quantize's
-    types and bytes: the convolutions' kernels stay F32, the recipes' attn_v choices read layer 0's KV heads
-    (none: a convolution, a Mamba2 layer; PLaMo 2's heads a layer too), and a DeltaNet's attn_qkv takes attn_v's
-    rules and counts among them."""
+    """`lowtune quantize` gives LFM2's, Granite 4's hybrid's, Qwen3.5's, PLaMo 2's and RWKV's tensors llama-quantize's
+    types and bytes: the convolutions' kernels and RWKV's low-rank and lerp matrices stay F32, the recipes' attn_v
+    choices read layer 0's KV heads (none: a convolution, a Mamba2 layer; PLaMo 2's heads a layer too), and a
+    DeltaNet's attn_qkv takes attn_v's rules and counts among them."""
     import numpy as np
 
     import ggml_ref
@@ -1610,6 +1632,229 @@ def test_mamba_selective_scan_is_transformers_reference(tiny, llamacpp_source, t
     md = {**{k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")}, "mamba.vocab_size": V}
     with pytest.raises(ValueError, match="lacks \\['mamba.ssm.time_step_rank'\\], which a mamba model's Mamba"):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mamba.ssm.time_step_rank"})
+
+
+def test_wkv7_is_ggmls_loop():
+    """RWKV-7's recurrence (lowtune.rwkv.wkv7) is ggml's rwkv_wkv7 written out element by element, from a state,
+    whole and in two calls (the second from the first's last state); its gradient reaches every input."""
+    from lowtune.rwkv import wkv7
+    g = torch.Generator().manual_seed(0)
+    b, t, h, n = 2, 5, 2, 4
+    r, k, v, a, bb = (torch.randn(b, t, h, n, generator=g) for _ in range(5))
+    w, s0 = torch.rand(b, t, h, n, generator=g), torch.randn(b, h, n, n, generator=g)
+    want, s = torch.zeros(b, t, h, n, dtype=torch.float64), s0.double().clone()
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                for i in range(n):  # (row i of the state: the value channel i over the key channels j)
+                    sa = sum(float(a[bi, ti, hi, j]) * float(s[bi, hi, i, j]) for j in range(n))
+                    for j in range(n):
+                        s[bi, hi, i, j] = (s[bi, hi, i, j] * float(w[bi, ti, hi, j]) + float(v[bi, ti, hi, i])
+                                           * float(k[bi, ti, hi, j]) + sa * float(bb[bi, ti, hi, j]))
+                    want[bi, ti, hi, i] = sum(float(s[bi, hi, i, j]) * float(r[bi, ti, hi, j]) for j in range(n))
+    out, last = wkv7(r, w, k, v, a, bb, s0)
+    assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
+    first, mid = wkv7(*(x[:, :2] for x in (r, w, k, v, a, bb)), s0)
+    rest, end = wkv7(*(x[:, 2:] for x in (r, w, k, v, a, bb)), mid)
+    assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
+    inputs = [x.clone().requires_grad_() for x in (r, w, k, v, a, bb, s0)]
+    wkv7(*inputs)[0].square().sum().backward()
+    assert all(x.grad is not None and bool(x.grad.abs().sum() > 0) for x in inputs)
+
+
+def test_wkv6_is_ggmls_loop():
+    """RWKV-6's recurrence (lowtune.rwkv.wkv6) is ggml's rwkv_wkv6 written out element by element, from a state,
+    whole and in two calls; its gradient reaches every input."""
+    from lowtune.rwkv import wkv6
+    g = torch.Generator().manual_seed(1)
+    b, t, h, n = 2, 5, 2, 4
+    r, k, v = (torch.randn(b, t, h, n, generator=g) for _ in range(3))
+    w, u, s0 = torch.rand(b, t, h, n, generator=g), torch.randn(h, n, generator=g), torch.randn(b, h, n, n, generator=g)
+    want, s = torch.zeros(b, t, h, n, dtype=torch.float64), s0.double().clone()
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                for i in range(n):  # (row i of the state: the key channel i over the value channels j)
+                    for j in range(n):
+                        kv = float(v[bi, ti, hi, j]) * float(k[bi, ti, hi, i])
+                        want[bi, ti, hi, j] += (kv * float(u[hi, i]) + s[bi, hi, i, j]) * float(r[bi, ti, hi, i])
+                        s[bi, hi, i, j] = s[bi, hi, i, j] * float(w[bi, ti, hi, i]) + kv
+    out, last = wkv6(r, k, v, u, w, s0)
+    assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
+    first, mid = wkv6(*(x[:, :2] for x in (r, k, v)), u, w[:, :2], s0)
+    rest, end = wkv6(*(x[:, 2:] for x in (r, k, v)), u, w[:, 2:], mid)
+    assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
+    inputs = [x.clone().requires_grad_() for x in (r, k, v, u, w, s0)]
+    wkv6(*inputs)[0].square().sum().backward()
+    assert all(x.grad is not None and bool(x.grad.abs().sum() > 0) for x in inputs)
+
+
+def test_qrwkv6_gated_linear_attention_of_grouped_heads(tiny):
+    """QRWKV6's recurrence is ggml's gated_linear_attn written out element by element (from a state, whole and in
+    two calls); its k and v have one head, read by both of r's, as llama.cpp repeats them; its file has no bonus,
+    no output norm and no channel mix."""
+    from lowtune.rwkv import gated_linear_attention
+    g = torch.Generator().manual_seed(2)
+    b, t, h, n = 2, 5, 2, 4
+    q, k, v = (torch.randn(b, t, h, n, generator=g) for _ in range(3))
+    w, s0 = torch.rand(b, t, h, n, generator=g), torch.randn(b, h, n, n, generator=g)
+    want, s = torch.zeros(b, t, h, n, dtype=torch.float64), s0.double().clone()
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                for i in range(n):  # (row i of the state: the key channel i over the value channels j)
+                    for j in range(n):
+                        s[bi, hi, i, j] = (s[bi, hi, i, j] * float(w[bi, ti, hi, i])
+                                           + float(k[bi, ti, hi, i]) * float(v[bi, ti, hi, j]))
+                        want[bi, ti, hi, j] += s[bi, hi, i, j] * float(q[bi, ti, hi, i])
+    out, last = gated_linear_attention(q, k, v, w, s0)
+    assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
+    first, mid = gated_linear_attention(*(x[:, :2] for x in (q, k, v, w)), s0)
+    rest, end = gated_linear_attention(*(x[:, 2:] for x in (q, k, v, w)), mid)
+    assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
+    model = Model.from_gguf(tiny["rwkv6qwen2"].gguf)
+    c, layer = model.config, model.layers[0]
+    assert (c.n_heads, c.n_kv_heads, c.head_dim, layer.time_mix_key.out_features) == (2, 1, 64, 64)
+    assert not hasattr(layer, "first") and not hasattr(layer, "ln_weight") and layer.mlp
+    assert layer.time_mix_receptance.bias is not None and layer.time_mix_value.bias is not None
+
+
+def test_rwkv6_config_and_states(tiny, tmp_path):
+    """RWKV-6's file gives its token-shift mix's and decay's widths and the layers after which the residual stream
+    is halved (lowtune info shows them); its cache keeps the two token shifts and the wkv state of each layer; a
+    file without its widths is refused, saying which, and one with the lerps apart (an older conversion), saying
+    to convert it again."""
+    from lowtune.loading import describe  # (`lowtune info`)
+    model = Model.from_gguf(gguf_of(tiny["rwkv6"], "Q8_0"))
+    c = model.config
+    assert (c.n_heads, c.head_dim, c.wkv_lora_ranks, c.rescale_every) == (2, 64, (32, 64), 2)
+    assert [layer.halved for layer in model.layers] == [False, True, False]
+    assert {model.tensor_types[f"blk.0.{n}.weight"] for n in ("time_mix_w1", "time_mix_first", "time_mix_decay_w2")} \
+        == {"F32"} and model.tensor_types["blk.0.time_mix_gate.weight"] == "Q8_0"
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(rand_ids(1, 9, seed=2), cache)
+    assert tuple(cache.conv_state[2].shape) == (1, 2, 128) and tuple(cache.recurrent_state[2].shape) == (1, 2, 64, 64)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")} | {"rwkv6.vocab_size": V}
+    with pytest.raises(ValueError, match="lacks \\['rwkv6.time_decay_extra_dim'\\]"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "rwkv6.time_decay_extra_dim"})
+    assert ModelConfig.from_gguf_metadata({k: v for k, v in md.items()
+                                           if k != "rwkv6.rescale_every_n_layers"}).rescale_every == 0
+    info = describe(tiny["rwkv6"].gguf)["config"]
+    assert (info["rwkv"], info["rwkv_mlp"], info["wkv_lora_ranks"]) == (6, False, [32, 64])
+    with GGUFFile(tiny["rwkv6"].gguf) as f:  # (an older conversion's lerps, apart)
+        types, tensors = dict(f.metadata_types), []
+        for n in f.tensor_infos:
+            if n.endswith("time_mix_lerp_fused.weight"):
+                tensors += [(n.replace("fused", x), t) for x, t in zip("wkvrg", f.tensor(n))]
+            else:
+                tensors.append((n, f.tensor(n)))
+        write_gguf(tmp_path / "apart.gguf", dict(f.metadata), tensors, metadata_types=types)
+    with pytest.raises(ValueError, match="lacks tensor 'blk.0.time_mix_lerp_fused.weight'.*lerps apart.*current "
+                                         "convert_hf_to_gguf.py"):
+        Model.from_gguf(tmp_path / "apart.gguf")
+
+
+def test_arwkv7_time_mix_on_qwen2_layers(tiny):
+    """ARWKV-7 runs RWKV-7's time mix without a gate (5 lerps) after an RMSNorm and Qwen2's gated MLP after
+    another, one token shift a layer in its cache; a file that keeps two is refused, as llama.cpp's graph runs one."""
+    model = Model.from_gguf(gguf_of(tiny["arwkv7"], "Q8_0"))
+    c, layer = model.config, model.layers[1]
+    assert (c.wkv_lora_ranks, tuple(layer.lerp.shape), layer.gated) == ((64, 64, 32, 0), (5, 128), False)
+    assert type(layer.attn_norm).__name__ == type(layer.ffn_norm).__name__ == "RMSNorm"
+    assert model.token_embd_norm is None
+    assert model.tensor_types["blk.1.ffn_down.weight"] == "Q8_0" and model.tensor_types["blk.1.time_mix_a1.weight"] \
+        == "F32"
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(rand_ids(1, 9, seed=2), cache)
+    assert tuple(cache.conv_state[0].shape) == (1, 1, 128) and tuple(cache.recurrent_state[0].shape) == (1, 2, 64, 64)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")} | {"arwkv7.vocab_size": V}
+    with pytest.raises(ValueError, match="keeps 2 token shifts a layer; llama.cpp's arwkv7 graph runs 1"):
+        ModelConfig.from_gguf_metadata({**md, "arwkv7.token_shift_count": 2})
+
+
+def test_rwkv7_layers_states_and_refusals(tiny):
+    """RWKV-7's cache keeps no keys, per layer its two token shifts [B, 2, D] and its wkv state [B, H, N, N]; what
+    does not run its layers says so by name (streaming, compiled and captured layers; the compiled CPU decoder
+    leaves it to the model's steps); its checkpointed layers, which pass the first layer's values on, give the
+    gradients of plain ones; files lowtune cannot run as llama.cpp does and its HF directories are refused."""
+    import lowtune
+    from lowtune.compile import compile_model, default_cuda_graphs, default_mode
+    from lowtune.generate import cpu_decoder
+    from lowtune.streaming import stream_model
+    model = Model.from_gguf(gguf_of(tiny["rwkv7"], "Q8_0"))
+    c = model.config
+    assert (c.n_heads, c.head_dim, c.wkv_lora_ranks) == (2, 64, (32, 32, 16, 48))
+    assert model.tensor_types["blk.0.time_mix_w1.weight"] == "F32" and not is_quantizable("blk.0.time_mix_g2.weight",
+                                                                                            (128, 48))
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(rand_ids(2, 9, seed=2), cache)
+    assert all(k.numel() == 0 for k in cache.k + cache.v)
+    assert [tuple(cache.conv_state[i].shape) + tuple(cache.recurrent_state[i].shape) for i in range(c.n_layers)] \
+        == [(2, 2, 128, 2, 2, 64, 64)] * c.n_layers
+    with pytest.raises(ValueError, match="RWKV's layers are not streamed"):
+        stream_model(model, "cpu", streamed=[0])
+    assert default_mode("cuda", model) == "off" and not default_cuda_graphs("cuda", model)
+    with pytest.raises(ValueError, match="RWKV's layers pass RWKV-7's first layer's values.*--compile off"):
+        compile_model(model, "layer")
+    assert cpu_decoder(model, model.new_cache(1, 32)) is None
+    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+    params = adapters.mark_only_adapters_trainable(model)
+    fill_adapters(model, torch.Generator().manual_seed(3))
+    ids, grads = rand_ids(2, 24, seed=4), []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        for p in params:
+            p.grad = None
+        model.loss(ids).backward()
+        grads.append([p.grad.clone() for p in params])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")} | {"rwkv7.vocab_size": V}
+    assert ModelConfig.from_gguf_metadata(md).wkv_lora_ranks == c.wkv_lora_ranks
+    with pytest.raises(ValueError, match="lacks \\['rwkv7.wkv.head_size'\\]"):
+        ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "rwkv7.wkv.head_size"})
+    with pytest.raises(ValueError, match="wkv.head_size 48 does not divide the width 128"):
+        ModelConfig.from_gguf_metadata({**md, "rwkv7.wkv.head_size": 48})
+    with pytest.raises(ValueError, match="keeps 1 token shifts a layer; llama.cpp's rwkv7 graph runs 2"):
+        ModelConfig.from_gguf_metadata({**md, "rwkv7.token_shift_count": 1})
+    with pytest.raises(ValueError, match="RWKV7ForCausalLM .rwkv7. is read from GGUF only.*convert_hf_to_gguf.py"):
+        lowtune.load_model(tiny["rwkv7"].hf_dir)
+
+
+@pytest.mark.llamacpp
+def test_rwkv_world_tokenizer_matches_llamacpp(tiny):
+    """RWKV's world vocabulary ("rwkv": the longest token at each position, tokens escaped as Python writes bytes)
+    tokenizes mixed text (other scripts, emoji, escapes, control characters, the <s> control token) as llama.cpp
+    does, and decodes it back; a file whose chat template is the name rwkv-world renders llama.cpp's."""
+    from llama_cpp import Llama
+    model = Model.from_gguf(tiny["rwkv7"].gguf)
+    tok = load_tokenizer(model.metadata)
+    vocab = Llama(model_path=str(tiny["rwkv7"].gguf), vocab_only=True, verbose=False)
+    assert (type(tok).__name__, tok.bos_id, tok.eot_id, tok.add_bos) == ("RWKVTokenizer", 0, 261, False)
+    texts = ["Hello world, the quick brown fox.\n\nA new paragraph\twith a tab\r\n",
+             "日本語 é ü 😀 mixed ñ text \\n back\\slash 'quotes\" <s> and [PAD3]",
+             "  spaces   and\n\n\n\nnewlines",
+             "\x00\x01 ~\x7f end"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True), repr(text)
+        assert tok.decode(ids) == text
+    assert tok.encode("日本 the\n\n") == [259, 263, 261]  # (tokens of several bytes taken whole)
+    # the template the converter names where a checkpoint has none: llama.cpp's built-in rwkv-world
+    import ctypes
+    import llama_cpp
+    chat = [("system", " Be brief. "), ("user", "Hi there\n"), ("assistant", "Hello!"), ("user", "Who are you?")]
+    messages = (llama_cpp.llama_chat_message * len(chat))(*[llama_cpp.llama_chat_message(role=r.encode(),
+                                                                                         content=c.encode())
+                                                            for r, c in chat])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(b"rwkv-world", messages, len(chat), True, buf, len(buf))
+    named = load_tokenizer({**model.metadata, "tokenizer.chat_template": "rwkv-world"})
+    assert named.apply_chat_template([{"role": r, "content": c} for r, c in chat]) == buf.raw[:n].decode()
 
 
 @pytest.mark.llamacpp
@@ -1841,7 +2086,8 @@ def test_gpt2_and_starcoder_hf_configs(tiny):
 
 
 def test_families_and_refusals():
-    assert sorted(SUPPORTED) == sorted(("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
+    assert sorted(SUPPORTED) == sorted(("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid",
+                         "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
                          "ernie4_5-moe", "mistral3", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "seed_oss", "gpt2",
                          "starcoder", "bloom", "mpt", "phi2", "gptneox", "stablelm", "falcon", "starcoder2", "phi3",
@@ -1850,14 +2096,14 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "mistral4",
                          "llama4", "glm4moe", "dots1", "hy_v3", "minimax-m2", "gemma3n", "gemma4", "qwen35",
                          "qwen35moe", "qwen3next", "kimi-linear", "mimo2", "afmoe", "laguna", "bitnet", "exaone",
-                         "internlm2", "baichuan", "qwen", "orion", "xverse", "pangu-embedded", "plamo2", "plamo3",
-                         "dbrx", "deepseek", "grok", "arctic", "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe",
-                         "jais2"))  # (in any order: the table's is the families' own)
+                         "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "arwkv7", "rwkv6qwen2",
+                         "pangu-embedded", "plamo2", "plamo3", "dbrx", "deepseek", "grok", "arctic", "bailingmoe",
+                         "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2"))  # (any order)
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("llada-moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
-                      ("rwkv6", "recurrent"), ("rwkv7", "recurrent"), ("bert", "encoder"),
+                      ("mamba3", "recurrent"), ("bert", "encoder"),
                       ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})

@@ -38,8 +38,8 @@ from lowtune.gguf_io import GGUFFile
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, SSM_LINEAR_NAMES,
                            Model)
 
-from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, SEQ, gguf_of, hf_model, llamacpp,
-                           llamacpp_perplexity, mpt_as_llamacpp, rand_ids, random_family_model, rel_err)
+from family_models import (HF_NAMES, LLAMACPP_NAMES, NAMES, REMOTE_CODE_NAMES, RWKV_NAMES, SEQ, gguf_of, hf_model,
+                           llamacpp, llamacpp_perplexity, mpt_as_llamacpp, rand_ids, random_family_model, rel_err)
 from conftest import devices
 from helpers import resident_and_streamed, with_filled_lora
 from test_export import make_adapter
@@ -66,7 +66,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "falcon": "qa-hira", "falcon-40b": "qa-lora",
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
                  "xverse": "qa-hira", "jais2": "qdylora", "plamo2": "q-bara", "pangu-embedded": "qdylora",
-                 "plamo3": "qa-lora"}
+                 "plamo3": "qa-lora", "rwkv7": "q-bara", "rwkv6": "q-bara",
+                 "arwkv7": "qa-hira", "rwkv6qwen2": "qdylora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -135,7 +136,7 @@ def nll_ppl(model, windows: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
+@pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
 def test_every_method_trains_on_every_family(family_models, name, method):
     model = lowtune.load_model(training_source(family_models[name]))
     losses = adapted_steps(model, method, rand_ids(2, 32, seed=11))
@@ -458,7 +459,9 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
     assert rel_err(got, a.want) < 1e-4
 
 
-@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM")])
+@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("rwkv7", "RWKV7ForCausalLM"),
+                                           ("rwkv6", "Rwkv6ForCausalLM"), ("arwkv7", "RwkvHybridForCausalLM"),
+                                           ("rwkv6qwen2", "RWKV6Qwen2ForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
     """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged
     HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,

@@ -83,6 +83,10 @@ def info(args: argparse.Namespace) -> int:
             else:
                 print(f"mamba2          layers {layers} ({m['heads']} heads of {m['inner'] // m['heads']}, state "
                       f"{m['state']}, {m['groups']} groups, conv {m['conv_kernel']}), {beside}")
+        if c["rwkv"]:  # (RWKV's time mix in place of attention)
+            mlp = "Qwen2's gated MLP" if c["rwkv_mlp"] else "RWKV's channel mix"
+            print(f"rwkv            RWKV-{c['rwkv']} time mix in every layer ({c['heads']} heads of {c['head_dim']}, "
+                  f"low ranks {c['wkv_lora_ranks']}), then {mlp}")
         if c["layer_widths"]:  # (Gemma 4: the sliding and the global layers' own)
             kinds = {tuple(w.values()): w for w in c["layer_widths"]}.values()
             print("layer widths    " + "; ".join(f"head_dim {w['head_dim']} (kv {w['kv_heads']}, rope {w['rope_dim']}) "
@@ -98,6 +102,8 @@ def info(args: argparse.Namespace) -> int:
             rope += ", the global layers' rope_freqs" if c["layer_widths"] else ", llama3 rope_freqs"
         if c["no_rope"]:  # (Granite 4's hybrids' attention)
             rope = "none (the file switches it off)"
+        if c["rwkv"]:
+            rope = "none (RWKV's token shift and recurrence order the positions)"
         print(f"rope            {rope}  rms eps {c['rms_eps']:g}")
     else:
         print(f"note            {info['unsupported']}")

@@ -51,7 +51,8 @@ _APPLIED: "weakref.WeakKeyDictionary[Model, CompileSetup]" = weakref.WeakKeyDict
 
 def default_cuda_graphs(device, model: Model) -> bool:
     """Whether layers are captured in CUDA graphs unless asked otherwise: on CUDA, except a mixture of
-    experts (its shapes follow the routing), Gemma 3n and Gemma 4 (compile_model says why)."""
+    experts (its shapes follow the routing), Gemma 3n, Gemma 4 and RWKV (compile_model says
+    why)."""
     return torch.device(device).type == "cuda" and not model.config.n_experts and not model.config.family.own_model
 
 
@@ -116,6 +117,10 @@ def compile_model(model: Model, mode: str = "layer", *, cuda_graphs: bool | None
     if model.config.family.layer_widths and (mode != "off" or cuda_graphs):
         raise ValueError("Gemma 4's layers pass their per-layer inputs and shared K/V from layer to layer, which the "
                          "compiled and captured layers do not take; use --compile off and --cuda-graphs off")
+    if model.config.family.rwkv and (mode != "off" or cuda_graphs):
+        raise ValueError("RWKV's layers pass RWKV-7's first layer's values from layer to layer and run their own "
+                         "recurrences, which the compiled and captured layers do not take; use --compile off and "
+                         "--cuda-graphs off")
     if cuda_graphs and not on_cuda:
         raise ValueError(f"CUDA graphs need the model on a GPU; it is on {model.device} "
                          "(use cuda_graphs=False)")

@@ -97,6 +97,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     plamo2        neox  silu       yes         yes       -          -                        never (as llama.cpp)
     pangu-embedded neox silu       -           -         -          -                        if the file gives one
     plamo3        neox  silu       yes         yes       -          -                        every 8th layer global
+    rwkv7         -     -          -           -         -          -                        -
+    rwkv6         -     -          -           -         -          -                        -
+    arwkv7        -     silu       -           -         -          -                        -
+    rwkv6qwen2    -     silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -427,6 +431,16 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   that order); "neox" rotates dimension i with i + rope_dim/2, on rows as Hugging Face keeps them.
   Biases (q/k/v/output, FFN, LM head) are used wherever the file has them; fused attn_qkv and
   Phi-3's ffn_up (gate rows, then up rows) are recognised by their tensors.
+  RWKV-7 (rwkv7: the RWKV-7 "Goose" world models) has no attention and no gated MLP: each layer runs RWKV-7's
+  time mix (its wkv recurrence per head, the token shift, the value residual from the first layer) and its
+  channel mix, each after its own LayerNorm (attn_norm, attn_norm_2), in its own model class around
+  lowtune.model's embeddings (normed by token_embd_norm) and head (Family.rwkv: lowtune.rwkv says how).
+  RWKV-6 (rwkv6: the RWKV-6 "Finch" world models) is RWKV-7's layout with RWKV-6's mixes (a data-dependent
+  token shift, the wkv6 recurrence with its bonus u, a gated channel mix) and the residual stream halved
+  after every rescale_every_n_layers-th layer. ARWKV-7 (arwkv7: RWKV-7's time mix distilled into Qwen2 7B) runs
+  RWKV-7's time mix after an RMSNorm and Qwen2's SwiGLU MLP in place of the channel mix (Family.rwkv_mlp);
+  QRWKV6 (rwkv6qwen2: RWKV-6's time mix distilled into Qwen2.5 32B) the same with RWKV-6's time mix, as gated
+  linear attention over grouped k and v heads with Qwen2's biases.
   Gemma's RMSNorm weights are stored with the +1 already added (the converter adds it), so every
   family computes x / rms(x) · w from the file's w.
 
@@ -602,6 +616,10 @@ class Family:
     layer_widths: bool = False         # heads, KV heads, RoPE and FFN widths of each layer's own (ModelConfig.
     #                                    at_layer), v normed, K/V shared by the last layers, per-layer inputs
     #                                    and output scales (Gemma 4: lowtune.gemma4)
+    rwkv: int = 0                      # RWKV's time mix and channel mix in place of attention and the MLP, in its
+    #                                    own model class (7: RWKV-7, 6: RWKV-6; lowtune.rwkv); 0: none
+    rwkv_mlp: bool = False             # RWKV's layers run Qwen2's RMSNorms and gated MLP in place of the channel mix,
+    #                                    one token shift a layer (ARWKV-7, QRWKV6)
     values_from_keys: bool = False     # a layer without attn_v takes attn_k's projection as its values (Gemma 4)
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" (the first is written)
     hf_model_types: tuple[str, ...] = ()    # config.json "model_type" (the first is written)
@@ -618,8 +636,9 @@ class Family:
     @property
     def own_model(self) -> bool:
         """Whether the family runs its own Model class around lowtune.model's layers (lowtune.gemma3n,
-        lowtune.gemma4), which streaming, compiled and captured layers and the compiled CPU decoder refuse."""
-        return self.altup or self.layer_widths
+        lowtune.gemma4, lowtune.rwkv), which streaming, compiled and captured layers and the compiled CPU decoder
+        refuse."""
+        return self.altup or self.layer_widths or bool(self.rwkv)
 
     @property
     def eps_key(self) -> str:
@@ -802,6 +821,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
     Family("plamo3", rope="neox", qk_norm="head", post_norms=True, swa_period=8,
            bare_norms=("post_attention_norm", "post_ffw_norm")),
+    Family("rwkv7", norm="layer", embedding_norm=True, rwkv=7),
+    Family("rwkv6", norm="layer", embedding_norm=True, rwkv=6),
+    Family("arwkv7", rwkv=7, rwkv_mlp=True),
+    Family("rwkv6qwen2", rwkv=6, rwkv_mlp=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -821,7 +844,6 @@ XIELU_KEYS = ("alpha_p", "alpha_n", "beta", "eps")
 
 # Architectures llama.cpp runs that lowtune refuses, grouped by why.
 _MOE = {"mixtral"}
-_RECURRENT = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
 # llama.cpp names these architectures but builds no graph for them, and its converter writes no such file
 _NO_GRAPH = {"gptj": "GPT-J"}
 _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
@@ -844,7 +866,12 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  **dict.fromkeys(("Plamo2ForCausalLM", "PLaMo2ForCausalLM"),
                                  ("plamo2", "PLaMo 2's Mamba layers, its norms less their offsets and its vocabulary")),
                  **dict.fromkeys(("Plamo3ForCausalLM", "PLaMo3ForCausalLM"),
-                                 ("plamo3", "PLaMo 3's fused q/k/v, its norms less their offsets and its vocabulary"))}
+                                 ("plamo3", "PLaMo 3's fused q/k/v, its norms less their offsets and its vocabulary")),
+                 "RWKV7ForCausalLM": ("rwkv7", "RWKV-7's time mix and channel mix"),
+                 "Rwkv7ForCausalLM": ("rwkv7", "RWKV-7's time mix and channel mix"),
+                 "Rwkv6ForCausalLM": ("rwkv6", "RWKV-6's time mix and channel mix"),
+                 "RwkvHybridForCausalLM": ("arwkv7", "ARWKV-7's time mix"),
+                 "RWKV6Qwen2ForCausalLM": ("rwkv6qwen2", "QRWKV6's time mix")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
@@ -881,9 +908,10 @@ def family_of(metadata: Mapping) -> Family:
                          + f", which lowtune does not run; {_supported()} (of mixture-of-experts models: "
                          "Mixtral's llama, " + ", ".join(a for a, fam in FAMILIES.items() if fam.moe and a != "llama")
                          + ")")
-    if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
+    if "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
-                         f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
+                         f"{_supported()} (attention decoders, Mamba, Mamba-2, their hybrids, RWKV-6, RWKV-7, "
+                         "ARWKV-7 and QRWKV6)")
     if arch == "clip":  # (llama.cpp's mmproj files)
         raise ValueError("this is a vision encoder (a multimodal projector, mmproj) file, which lowtune does not "
                          "fine-tune; pass the language model's GGUF, which llama.cpp runs with this file beside it")

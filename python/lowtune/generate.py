@@ -315,6 +315,9 @@ class StepDecoder:
         if c.family.layer_widths:
             return ("StepDecoder's captured steps run lowtune.model's decoder layer, not Gemma 4's (layers of two "
                     "widths, per-layer inputs, shared K/V); the model's own steps decode it")
+        if c.family.rwkv:
+            return ("StepDecoder's captured steps run lowtune.model's decoder layer, not RWKV's (token shifts and "
+                    "wkv states); the model's own steps decode it")
         if any(c.is_sliding(i) for i in range(c.n_layers)):
             return "StepDecoder's one mask per step cannot express sliding-window or chunked (Llama 4) layers"
         if not _positions_unscaled(c, max_len):

@@ -267,7 +267,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                          "attn_output": "self_attention.dense", "ffn_up": "mlp.dense_h_to_4h",
                          "ffn_down": "mlp.dense_4h_to_h"},
                "global": {"token_embd.weight": "transformer.word_embeddings.weight", "output.weight": "lm_head.weight",
-                          "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias"}},
+                          "output_norm.weight": "transformer.ln_f.weight",
+                          "output_norm.bias": "transformer.ln_f.bias"}},
     # (StableLM 2 12B's q/k LayerNorms, a module of each head's own, are not mapped: hf_config, _parallel_keys)
     "stablelm": {"layer": _LLAMA, "global": {**_GLOBAL, "output_norm.bias": "model.norm.bias"}},
     "apertus": {"layer": {"attn_norm": "attention_layernorm", **_ATTN, **_QK_NORMS,

@@ -55,6 +55,7 @@ from .progress import tracked
 from .qtensor import QTensor
 from .recipes import logical_types, training_type
 from .rundir import ADAPTER
+from .rwkv import Rwkv6Model, Rwkv7Model
 from .safetensors_io import HFCheckpoint, Source, set_file_type
 from .streaming import stream_model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -166,7 +167,9 @@ def read_weights(source, device="cpu") -> tuple[dict, dict[str, str]]:
 
 
 def model_class(config: ModelConfig) -> type[Model]:
-    """The class of a family's model: lowtune.model's, or Gemma 3n's or Gemma 4's around it."""
+    """The class of a family's model: lowtune.model's, or Gemma 3n's, Gemma 4's or RWKV's around it."""
+    if config.family.rwkv:
+        return Rwkv7Model if config.family.rwkv == 7 else Rwkv6Model
     if config.family.layer_widths:
         return Gemma4Model
     return Gemma3nModel if config.family.altup else Model
@@ -423,7 +426,8 @@ def describe(path) -> dict:
                           "layer_widths": [dict(zip(("head_dim", "kv_heads", "ffn_dim", "rope_dim"), w))
                                            for w in c.layer_widths],
                           "learned_positions": "position_embd.weight" in names, "alibi_max_bias": c.alibi_max_bias,
-                          "clamp_qkv": c.clamp_qkv}
+                          "clamp_qkv": c.clamp_qkv, "rwkv": c.family.rwkv, "rwkv_mlp": c.family.rwkv_mlp,
+                          "wkv_lora_ranks": list(c.wkv_lora_ranks)}
     except ValueError as e:
         info["unsupported"] = str(e)
     return info

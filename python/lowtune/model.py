@@ -109,6 +109,14 @@ SSM_LINEAR_NAMES = ("ssm_in", "ssm_out")
 MAMBA_LINEAR_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")
 # the norms of its dt, B and C where the file has them (Jamba), in that order
 MAMBA_NORM_NAMES = ("ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")
+# RWKV-7's low-rank widths, as the metadata names them (attention.<name>_lora_rank): ModelConfig.wkv_lora_ranks
+RWKV7_LORA_RANK_KEYS = ("decay", "iclr", "value_residual_mix", "gate")
+# the linears of an RWKV-7 layer (lowtune.rwkv): the time mix's and the channel mix's, which llama.cpp's graph
+# multiplies with their LoRA; the low-rank decay, learning rate, value mix and gate stay frozen
+RWKV7_LINEAR_NAMES = ("time_mix_receptance", "time_mix_key", "time_mix_value", "time_mix_output", "channel_mix_key",
+                      "channel_mix_value")
+# ... and of an RWKV-6 layer: its time mix's gate and its channel mix's receptance besides
+RWKV6_LINEAR_NAMES = RWKV7_LINEAR_NAMES[:3] + ("time_mix_gate",) + RWKV7_LINEAR_NAMES[3:] + ("channel_mix_receptance",)
 # the attention's linears of multi-head latent attention (DeepSeek), attn_q or attn_q_a/attn_q_b, and
 # attn_k_b/attn_v_b or (older conversions) attn_kv_b whole, as the file has them, and attn_output
 MLA_LINEAR_NAMES = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_kv_b",
@@ -119,7 +127,8 @@ QK_NORM_NAMES = ("attn_q_norm", "attn_k_norm")
 SHARED_EXPERT_NAMES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # every linear of a decoder layer that adapters may wrap (a layer has those its family uses)
 ADAPTER_TARGETS = tuple(dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES + SHARED_EXPERT_NAMES + CONV_LINEAR_NAMES
-                                     + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES + KDA_LINEAR_NAMES))
+                                     + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES + KDA_LINEAR_NAMES
+                                     + RWKV6_LINEAR_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +229,10 @@ class ModelConfig:
     #                               slopes from this bias (alibi_slopes; BLOOM, MPT; 0: none)
     sequential: bool = False      # a parallel family's layers run attention, then the FFN (GPT-NeoX's
     #                               use_parallel_residual = false: Family.parallel_key)
+    wkv_lora_ranks: tuple[int, ...] = ()  # RWKV-7's low-rank widths of the decay, the in-context learning rate,
+    #                               the value residual mix and the gate (attention.*_lora_rank); RWKV-6's of the
+    #                               token-shift mix and the decay (time_mix_extra_dim, time_decay_extra_dim)
+    rescale_every: int = 0        # RWKV-6 halves the residual stream after every this many layers (0: never)
 
     @property
     def family(self) -> Family:
@@ -299,13 +312,16 @@ class ModelConfig:
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
         in_place = self.is_conv(layer) or self.is_delta(layer) or self.is_ssm(layer) and not self.family.parallel_ssm
+        in_place = in_place or bool(self.family.rwkv)  # (RWKV's time mix: lowtune.rwkv)
         return self.has_mixer(layer) and not in_place
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
         """The layers that keep a recurrent state in the cache in place of keys and values (LFM2's short
         convolutions, Mamba2 layers, Gated DeltaNets), which the compiled CPU decoder and captured decode
-        steps do not keep."""
+        steps do not keep; every RWKV layer (its token shift and wkv state)."""
+        if self.family.rwkv:
+            return tuple(range(self.n_layers))
         return tuple(sorted(self.conv_layers + self.ssm_layers + self.delta_layers))
 
     def indexer_source(self, layer: int) -> int:
@@ -375,6 +391,9 @@ class ModelConfig:
         # attention: PLaMo 2's)
         dim, n_heads = int(get("embedding_length")), _one_per_layer(md, f"{arch}.attention.head_count")
         n_heads = n_heads or int(get("attention.head_count"))
+        rwkv = _rwkv_fields(md, fam, dim) if fam.rwkv else {}
+        if rwkv:  # (the file's head_count is 0: RWKV's heads are wkv.head_size wide)
+            n_heads = dim // int(get("wkv.head_size"))
         n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
@@ -630,7 +649,7 @@ class ModelConfig:
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
             clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
-            **latent, **altup, **delta, **parts, xielu=xielu, alibi_max_bias=alibi,
+            **latent, **altup, **delta, **parts, **rwkv, xielu=xielu, alibi_max_bias=alibi,
             mlp_activation="" if act == fam.activation else act,
             sequential=fam.parallel_key and not md.get(f"{arch}.use_parallel_residual", True),
             no_rope=fam.nope or fam.rope_switch and md.get(f"{arch}.rope.scaling.finetuned", True) is False)
@@ -749,6 +768,26 @@ def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
     return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
             **{f: int(md[f"{arch}.{k}"]) for f, k in keys.items()}}
+
+
+def _rwkv_fields(md: Mapping, fam: Family, dim: int) -> dict:
+    """RWKV's fields of ModelConfig (its low-rank widths, RWKV-6's halving) from a file's metadata, which must give
+    heads that divide the width and the two token shifts (time mix's and channel mix's) llama.cpp's graph runs."""
+    arch = fam.arch
+    ranks = [f"{arch}.attention.{k}_lora_rank" for k in RWKV7_LORA_RANK_KEYS] if fam.rwkv == 7 else \
+        [f"{arch}.time_mix_extra_dim", f"{arch}.time_decay_extra_dim"]
+    keys = [f"{arch}.wkv.head_size"] + ranks
+    missing = [k for k in keys if k not in md]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model needs")
+    head = int(md[keys[0]])
+    if head < 1 or dim % head:
+        raise ValueError(f"wkv.head_size {head} does not divide the width {dim}")
+    shifts, runs = int(md.get(f"{arch}.token_shift_count", 2)), 1 if fam.rwkv_mlp else 2  # (ARWKV-7: the time mix's)
+    if shifts != runs:
+        raise ValueError(f"this {arch} file keeps {shifts} token shifts a layer; llama.cpp's {arch} graph runs {runs}")
+    return {"wkv_lora_ranks": tuple(int(md[k]) for k in keys[1:]),
+            "rescale_every": int(md.get(f"{arch}.rescale_every_n_layers", 0) or 0) if fam.rwkv == 6 else 0}
 
 
 def _kda_fields(md: Mapping, arch: str, n_layers: int) -> dict:
@@ -2632,10 +2671,8 @@ class Model(nn.Module):
         if isinstance(self.output, QLinear):
             out["output.weight"] = self.output.weight
         for layer in self.layers:
-            conv = layer.shortconv
-            lins = [getattr(layer, n, None) for n in dict.fromkeys(LINEAR_NAMES + MLA_LINEAR_NAMES
-                                                                   + MAMBA_LINEAR_NAMES + DELTA_LINEAR_NAMES
-                                                                   + KDA_LINEAR_NAMES)]
+            conv = getattr(layer, "shortconv", None)  # (an RWKV layer has none)
+            lins = [getattr(layer, n, None) for n in ADAPTER_TARGETS]
             for lin in lins + ([] if conv is None else [conv.in_proj, conv.out_proj]):
                 base = lin if isinstance(lin, QLinear) else getattr(lin, "base", None)
                 if isinstance(base, QLinear):
@@ -2724,7 +2761,7 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         (optional if c.family.alibi else want)["position_embd.weight"] = (c.context_length, c.dim)
     if c.family.embedding_norm:
         want["token_embd_norm.weight"], optional["token_embd_norm.bias"] = (c.dim,), (c.dim,)
-    for i in range(c.n_layers):
+    for i in range(0 if c.family.rwkv else c.n_layers):  # (RWKV's layers: their model class's, all in `own`)
         p, lc = f"blk.{i}.", c.at_layer(i)
         shapes = linear_shapes(lc)
         want.update({p + n + ".weight": shape for n, shape in layer_norm_shapes(lc, i).items()
@@ -2805,7 +2842,11 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                          "--mtp-only), which llama.cpp runs beside the model's own file; pass that file")
     for name, shape in want.items():
         if name not in w:
-            raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs")
+            hint = ""
+            if name.endswith("time_mix_lerp_fused.weight"):  # (older RWKV-6 conversions keep them apart)
+                hint = (" (its token-shift lerps apart, time_mix_lerp_w/k/v/r/g, as older conversions wrote them: "
+                        "convert the checkpoint with llama.cpp's current convert_hf_to_gguf.py, which fuses them)")
+            raise ValueError(f"GGUF file lacks tensor {name!r}, which this {c.arch} model needs{hint}")
     if c.family.nextn_layers:  # the multi-token-prediction layers' tensors, which the model leaves alone
         w = {n: t for n, t in w.items() if not is_nextn_tensor(c, n)}
     unused = [n for n in w if n not in want and n not in optional]

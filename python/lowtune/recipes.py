@@ -74,9 +74,12 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
              **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")}}
 
 # matrices llama-quantize leaves in floats whatever the type (LFM2's, Mamba2's, Qwen3.5's and Kimi Linear's
-# convolution kernels; Mamba2's A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices)
+# convolution kernels; Mamba2's A, D [heads, 1] and gated norm [groups, width], vectors GGUF holds as matrices;
+# RWKV's small low-rank and lerp matrices)
 _KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", "ssm_conv1d_q.weight", "ssm_conv1d_k.weight",
-               "ssm_conv1d_v.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight")
+               "ssm_conv1d_v.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight", "time_mix_first.weight",
+               "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight",
+               *(f"time_mix_{x}{i}.weight" for x in "wavg" for i in "12"))
 
 
 def fallback(fmt: Format, k: int) -> Format:

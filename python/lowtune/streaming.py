@@ -883,6 +883,9 @@ def stream_model(model: Model, device, max_vram: int | str | None = None, tokens
     if model.config.family.layer_widths:
         raise ValueError("Gemma 4's layers are not streamed: the per-layer inputs and the shared K/V cross its layers, "
                          "outside what a streamed layer takes; load it resident")
+    if model.config.family.rwkv:
+        raise ValueError("RWKV's layers are not streamed: their token shifts and RWKV-7's first layer's values cross "
+                         "its layers, outside what a streamed layer takes; load it resident")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -1,6 +1,6 @@
 """Tokenizers built from a GGUF file's own metadata, so a GGUF file alone is enough to train.
 
-    tok = load_tokenizer(gguf_file.metadata)     # tokenizer.ggml.model "gpt2", "gemma4" or "llama"
+    tok = load_tokenizer(gguf_file.metadata)     # tokenizer.ggml.model "gpt2", "gemma4", "llama" or "rwkv"
     ids = tok.encode("Hello")                    # [..] (BOS added when the metadata says so)
     tok.decode(ids)                               # "Hello"
     tok.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -18,6 +18,9 @@ Tokenization follows llama.cpp (llama-vocab.cpp), which is what runs the exporte
   * "llama" (SentencePiece BPE by scores, byte fallback): every text piece gets a leading space when
     add_space_prefix is set and it starts the text or follows a special token; spaces become "▁".
     `sentencepiece` does the merges, from a model built out of tokens/scores/token_type.
+  * "rwkv" (RWKV's world vocabulary): each token's bytes are its text unescaped as llama.cpp unescapes it
+    (\\t, \\n, \\r, \\xNN, \\<char>); the text's bytes are taken greedily, the longest token that starts
+    each position first.
 Decoding joins each token's bytes (byte-level BPE unmapped, "▁" back to space, <0xNN> byte tokens) and
 decodes UTF-8 once, so multi-byte characters split over tokens come out whole.
 """
@@ -145,6 +148,12 @@ _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
               "<｜end▁of▁sentence｜>"]
 _EOG_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
               "<eos>", "<turn|>", "<|tool_response>"]  # (the last three Gemma 4's)
+# llama.cpp's built-in templates that a file names in place of a Jinja one (tokenizer.chat_template), as Jinja:
+# "rwkv-world", which RWKV's converter writes where the checkpoint has no template (llama-chat.cpp's format)
+_NAMED_TEMPLATES = {"rwkv-world": (
+    "{% for m in messages %}{% if m['role'] == 'system' %}System: {{ m['content'] | trim }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] | trim }}\n\n{% if loop.last %}Assistant:{% endif %}"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] | trim }}\n\n{% endif %}{% endfor %}")}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -458,6 +467,59 @@ class SPMTokenizer(Tokenizer):
         return b"".join(out)
 
 
+class RWKVTokenizer(Tokenizer):
+    """RWKV's world vocabulary ("rwkv" in GGUF), as llama.cpp's llm_tokenizer_rwkv runs it: the longest token
+    whose bytes start the text at each position, over every token of the vocabulary (a later token of the
+    same bytes taking the place of an earlier one, as llama.cpp's trie does)."""
+
+    model = "rwkv"
+
+    def __init__(self, tokens, token_types, **kw):
+        super().__init__(tokens, token_types, **kw)
+        self._ids = {rwkv_unescape(t): i for i, t in enumerate(tokens)}
+        self._longest = max(map(len, self._ids))
+
+    def _encode_fragments(self, frags):
+        ids: list[int] = []
+        for f in frags:
+            if isinstance(f, int):
+                ids.append(f)
+                continue
+            data, pos = f.encode("utf-8"), 0
+            while pos < len(data):
+                for end in range(min(len(data), pos + self._longest), pos, -1):
+                    tid = self._ids.get(data[pos:end])
+                    if tid is not None:
+                        break
+                else:
+                    raise ValueError(f"byte {data[pos]:#04x} of the text is no token of this RWKV vocabulary")
+                ids.append(tid)
+                pos = end
+        return ids
+
+    def _piece(self, i):
+        return rwkv_unescape(self.tokens[i])
+
+
+def rwkv_unescape(text: str) -> bytes:
+    """The bytes of an RWKV token's text as the converter escapes them (Python's repr of the bytes) and
+    llama.cpp's llama_unescape_rwkv_token reads them back."""
+    out, it = bytearray(), iter(text.encode("utf-8"))
+    for c in it:
+        if c != 0x5C:  # (a backslash)
+            out.append(c)
+            continue
+        e = next(it, None)
+        if e is None:
+            break
+        if e == ord("x"):
+            digits = bytes((next(it, 0x30), next(it, 0x30)))
+            out.append(int(digits, 16))
+        else:
+            out.append({ord("t"): 9, ord("n"): 10, ord("r"): 13}.get(e, e))
+    return bytes(out)
+
+
 # ---- building -----------------------------------------------------------------------------------
 
 def load_tokenizer(metadata: dict) -> Tokenizer:
@@ -501,9 +563,12 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     elif model == "llama":
         add_bos_default = True
         bos, eos, unk = tid("bos_token_id", 1), tid("eos_token_id", 2), tid("unknown_token_id", 0)
+    elif model == "rwkv":  # (llama.cpp: no default ids, no BOS added unless the file says)
+        add_bos_default = False
+        bos, eos, unk = tid("bos_token_id", None), tid("eos_token_id", None), tid("unknown_token_id", None)
     else:
-        raise ValueError(f"tokenizer.ggml.model {model!r} is not supported (lowtune reads 'gpt2', 'gemma4' and "
-                         "'llama')")
+        raise ValueError(f"tokenizer.ggml.model {model!r} is not supported (lowtune reads 'gpt2', 'gemma4', "
+                         "'llama' and 'rwkv')")
     eot = tid("eot_token_id", None)
     if eot is None:
         index = {t: i for i, t in enumerate(tokens)}
@@ -514,14 +579,17 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
     if _RAW_PRE.get(pre) == "gemma4":  # (llama.cpp adds BOS to Gemma 4's vocabulary whatever the file says)
         add_bos = True
+    template = _str_or_none(metadata.get("tokenizer.chat_template"))
     common = dict(bos_id=bos, eos_id=eos, eot_id=eot, add_bos=bos is not None and add_bos,
                   add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-                  chat_template=_str_or_none(metadata.get("tokenizer.chat_template")))
+                  chat_template=_NAMED_TEMPLATES.get(template, template))
     if model in ("gpt2", "gemma4"):
         merges = metadata.get("tokenizer.ggml.merges")
         if not isinstance(merges, list):
             raise ValueError(f"a {model!r} tokenizer needs tokenizer.ggml.merges (a list of strings)")
         return (RawBPETokenizer if pre in _RAW_PRE else BPETokenizer)(tokens, types, merges, pre, **common)
+    if model == "rwkv":
+        return RWKVTokenizer(tokens, types, **common)
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * n
     if not isinstance(scores, list) or not all(isinstance(x, (int, float)) for x in scores):
         raise ValueError("tokenizer.ggml.scores must be a list of numbers")

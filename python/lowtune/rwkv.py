@@ -1,0 +1,371 @@
+"""RWKV-7 ("Goose": rwkv7) and RWKV-6 ("Finch": rwkv6), after llama.cpp's src/models/rwkv7.cpp, rwkv6.cpp
+and their -base.cpp, which run the exported files, and ggml's rwkv_wkv7 and rwkv_wkv6 (the recurrences).
+lowtune.model's embeddings (normed by token_embd_norm), final LayerNorm and head around layers of D channels
+in H heads of N = wkv.head_size, each with its own LayerNorms (with biases) before the time mix (attn_norm)
+and the channel mix (attn_norm_2). RWKV-7's, R the low-rank widths (ModelConfig.wkv_lora_ranks):
+
+    token shift             each mix reads its normed input x and the one of the position before, x_prev
+                            (zeros before the sequence; with a cache, the last position of the call before)
+    time_mix_lerp_fused [6, D]   x + (x_prev - x) · lerp_i: the inputs of r, w, k, v, a and g
+    time_mix_receptance, _key, _value [D, D]   r, k, v
+    time_mix_w0, w1 [R, D], w2 [D, R]          decay w = exp(-0.606531 · sigmoid(w2 tanh(w1 x) + w0))
+    time_mix_a0, a1, a2                        in-context learning rate a = sigmoid(a2 a1 x + a0)
+    time_mix_v0, v1, v2                        after the first layer v += (v_first - v) · sigmoid(v2 v1 x + v0),
+                                               v_first the first layer's v (the first layer's own are unused)
+    time_mix_g1, g2                            gate g = g2 sigmoid(g1 x)
+    time_mix_k_k, _k_a [D]                     kk = L2-normed k · k_k per head; k · (1 + (a - 1) · k_a)
+    wkv7                                       the state S [N, N] per head: S ← S diag(w) + v kᵀ + (S (-kk))
+                                               (kk · a)ᵀ, out = S r
+    time_mix_ln [D] (+ bias)                   out LayerNormed per head (eps 64e-5, llama.cpp's), scaled
+    time_mix_r_k [D]                           plus v · Σ (k · r · r_k) per head, times g
+    time_mix_output [D, D]
+    channel_mix_lerp_k [D]; _key [F, D], _value [D, F]   value(relu(key(x + (x_prev - x) · lerp_k))²)
+
+ARWKV-7 (arwkv7: RWKV-7's time mix on Qwen2's layers) norms with RMSNorms (attn_norm, ffn_norm; the final one too,
+without an embedding norm), runs Qwen2's gated MLP (ffn_gate, ffn_up, ffn_down) in place of the channel mix,
+keeps one token shift (the time mix's), and may go without the gate (5 lerps, no g1/g2); lowtune reads its
+files with time_mix_ln (llama.cpp also runs them without).
+
+RWKV-6's, E and Ed its token-shift mix's and decay's widths (ModelConfig.wkv_lora_ranks):
+
+    time_mix_lerp_x [D], w1 [5E, D], w2 [5, D, E], lerp_fused [5, D]   the inputs of w, k, v, r and g:
+                            x + (x_prev - x) · (lerp_i + w2_i tanh(w1 (x + (x_prev - x) · lerp_x))_i)
+    time_mix_receptance, _key, _value, _gate [D, D]   r, k, v, g = silu(gate(.))
+    time_mix_decay [D], decay_w1 [Ed, D], decay_w2 [D, Ed]   w = exp(-exp(decay_w2 tanh(decay_w1 x) + decay))
+    wkv6, time_mix_first u [H, N]   the state S [N (key), N (value)] per head: out = rᵀ (S + u k vᵀ),
+                            S ← diag(w) S + k vᵀ
+    time_mix_ln [D] (+ bias), × g, time_mix_output [D, D]
+    channel_mix_lerp_k, _lerp_r [D]; _key [F, D], _value [D, F], _receptance [D, D]
+                            sigmoid(receptance(x_r)) · value(relu(key(x_k))²)
+    rescale_every_n_layers  the residual stream halved after every n-th layer (the converter divides
+                            time_mix_output and channel_mix_value to match)
+
+QRWKV6 (rwkv6qwen2: RWKV-6's time mix on Qwen2's layers) is RWKV-6's time mix after an RMSNorm with Qwen2's
+biases on r, k and v, k and v of head_count_kv heads (each read by a group of r's heads), no bonus: gated linear
+attention (S ← diag(w) S + k (1 - w) vᵀ, out = Sᵀ r / √N), a sigmoid gate and no time_mix_ln; then Qwen2's
+RMSNorm and gated MLP as ARWKV-7's, one token shift a layer.
+
+The KV cache keeps no keys: per layer its conv_state [B, 2, D] (the last normed inputs of the two mixes;
+[B, 1, D] with an MLP) and recurrent_state [B, H, N, N] (the wkv state, fp32). Adapters go on the linears
+llama.cpp multiplies with their LoRA (rwkv_linear_names); the low-rank parts, the lerps and the norms stay
+frozen, the gradient going through them.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import glue_ops
+from .model import (RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, KVCache, Model, ModelConfig, QLinear, _table, _vector,
+                    checkpoint, make_norm)
+
+DECAY_SCALE = 0.606531   # w = exp(-DECAY_SCALE · sigmoid(.)): llama.cpp's rounding of exp(-1/2)
+GROUP_NORM_EPS = 64e-5   # the per-head norm of the wkv output, fixed in llama.cpp's graph
+LOW_RANK = "wavg"        # the low-rank parts: decay, learning rate, value residual mix, gate (wkv_lora_ranks' order)
+MIXES6 = "wkvrg"         # the rows of RWKV-6's time_mix_lerp_fused and its w2: the inputs of w, k, v, r and g
+
+
+def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7's recurrence in fp32, as ggml's rwkv_wkv7: per head the state S [N (value), N (key)] becomes
+    S diag(w_t) + v_t k_tᵀ + (S a_t) b_tᵀ and the output S r_t. r, w, k, v, a, b [B, T, H, N]; state [B, H, N, N]
+    (None: zeros) -> (out [B, T, H, N], the last state). Position by position and differentiable: one position
+    is the step the cache runs."""
+    s = r.new_zeros(*r.shape[:1], *r.shape[2:], r.shape[-1]) if state is None else state
+    outs = []
+    for t in range(r.shape[1]):
+        sa = torch.einsum("bhij,bhj->bhi", s, a[:, t])
+        s = s * w[:, t, :, None] + v[:, t, :, :, None] * k[:, t, :, None] + sa[..., None] * b[:, t, :, None]
+        outs.append(torch.einsum("bhij,bhj->bhi", s, r[:, t]))
+    return torch.stack(outs, 1), s
+
+
+def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-6's recurrence in fp32, as ggml's rwkv_wkv6: per head the output rᵀ (S + diag(u) k vᵀ) and the state
+    S [N (key), N (value)] becoming diag(w_t) S + k_t v_tᵀ. r, k, v, w [B, T, H, N], u [H, N]; state [B, H, N, N]
+    (None: zeros) -> (out [B, T, H, N], the last state). Position by position and differentiable."""
+    s = r.new_zeros(*r.shape[:1], *r.shape[2:], r.shape[-1]) if state is None else state
+    outs = []
+    for t in range(r.shape[1]):
+        kv = k[:, t, :, :, None] * v[:, t, :, None]
+        outs.append(torch.einsum("bhi,bhij->bhj", r[:, t], s + u[..., None] * kv))
+        s = s * w[:, t, :, :, None] + kv
+    return torch.stack(outs, 1), s
+
+
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                           state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention in fp32, as ggml's gated_linear_attn (its scale already in q): per head the state
+    S [N (key), N (value)] becoming diag(g_t) S + k_t v_tᵀ and the output S ᵀ q_t. q, k, v, g [B, T, H, N];
+    state [B, H, N, N] (None: zeros) -> (out [B, T, H, N], the last state). Position by position and
+    differentiable."""
+    s = q.new_zeros(*q.shape[:1], *q.shape[2:], q.shape[-1]) if state is None else state
+    outs = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t, :, :, None] + k[:, t, :, :, None] * v[:, t, :, None]
+        outs.append(torch.einsum("bhi,bhij->bhj", q[:, t], s))
+    return torch.stack(outs, 1), s
+
+
+def shifted(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, D] one position later: each position's predecessor, `last` [B, D] (None: zeros) first."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], 1)
+
+
+def rwkv_linear_names(config: ModelConfig) -> tuple[str, ...]:
+    """The linears of an RWKV layer of config's family: the time mix's and the channel mix's (ARWKV-7's and
+    QRWKV6's gated MLP's)."""
+    fam = config.family
+    names = RWKV7_LINEAR_NAMES if fam.rwkv == 7 else RWKV6_LINEAR_NAMES
+    if fam.rwkv_mlp:
+        return tuple(n for n in names if not n.startswith("channel_mix_")) + ("ffn_gate", "ffn_up", "ffn_down")
+    return names
+
+
+class RwkvLayer(nn.Module):
+    """One RWKV layer: the time mix, then the channel mix (ARWKV-7's and QRWKV6's: the gated MLP), each after its
+    norm, on its input and the position before, and added to the residual stream (the module's docstring);
+    RWKV-6's and RWKV-7's (their subclasses) differ in the mixes."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__()
+        c, p = config, f"blk.{index}."
+        self.config, self.index = c, index
+        self.heads, self.head_size = c.n_heads, c.head_dim
+        self.mlp = c.family.rwkv_mlp  # (ARWKV-7: the gated MLP without a token shift)
+        ffn_norm = "ffn_norm" if self.mlp else "attn_norm_2"
+        self.attn_norm = make_norm(c.family, w, p + "attn_norm", c.norm_eps, c.dim)
+        self.ffn_norm = make_norm(c.family, w, p + ffn_norm, c.norm_eps, c.dim)
+        self.norm_files = {"ffn_norm": ffn_norm}  # (the GGUF layer name of each norm whose attribute differs)
+        # (RWKV-6: the residual stream halved after every rescale_every-th layer)
+        self.halved = bool(c.rescale_every) and (index + 1) % c.rescale_every == 0
+        for name in rwkv_linear_names(c):  # (QRWKV6's r, k and v with Qwen2's biases)
+            setattr(self, name, QLinear(w[p + name + ".weight"], p + name + ".weight", w.get(p + name + ".bias")))
+        if p + "time_mix_ln.weight" in w:  # (QRWKV6 has no norm of the wkv output)
+            self.register_buffer("ln_weight", _vector(w[p + "time_mix_ln.weight"]), persistent=False)
+            self.register_buffer("ln_bias", _vector(w[p + "time_mix_ln.bias"]), persistent=False)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: KVCache | None = None,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, D] at positions start..start+T, v_first the first layer's values (RWKV-7's; None in the
+        first layer) -> (x after both mixes, v_first)."""
+        last = cache.conv_state.get(self.index) if cache is not None and start else None
+        h = self.attn_norm(x)
+        mixed, v_first = self.time_mix(h, shifted(h, None if last is None else last[:, 0]), v_first, cache, start)
+        x = x + mixed
+        f = self.ffn_norm(x)
+        if cache is not None:
+            cache.conv_state[self.index] = torch.stack([h[:, -1]] if self.mlp else [h[:, -1], f[:, -1]], 1)
+        if self.mlp:
+            x = x + self.ffn_down(glue_ops.gated("silu", self.ffn_gate(f), self.ffn_up(f)))
+        else:
+            x = x + self.channel_mix(f, shifted(f, None if last is None else last[:, 1]))
+        return (x * 0.5 if self.halved else x), v_first
+
+    def heads_of(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T, H, N]."""
+        return y.reshape(*y.shape[:2], self.heads, self.head_size)
+
+    def wkv_state(self, cache: KVCache | None, start: int) -> torch.Tensor | None:
+        return cache.recurrent_state.get(self.index) if cache is not None and start else None
+
+    def normed_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """The wkv output [B, T, H, N] LayerNormed per head (llama.cpp's eps), scaled by time_mix_ln -> [B, T, D]."""
+        normed = F.layer_norm(out, (self.head_size,), eps=GROUP_NORM_EPS).reshape(*out.shape[:2], -1)
+        return normed * self.ln_weight + self.ln_bias
+
+    def extra_repr(self) -> str:
+        return f"{self.heads} heads of {self.head_size}, low ranks {self.config.wkv_lora_ranks}"
+
+
+class Rwkv7Layer(RwkvLayer):
+    """RWKV-7's layer (the module's docstring)."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__(config, index, w)
+        c, p = config, f"blk.{index}."
+        self.gated = bool(c.wkv_lora_ranks[3])  # (ARWKV-7 may have no gate, and then 5 lerps)
+        frozen = {"lerp": _table(w[p + "time_mix_lerp_fused.weight"]).reshape(-1, c.dim)}
+        if not self.mlp:
+            frozen["lerp_k"] = _vector(w[p + "channel_mix_lerp_k.weight"])
+        for x in LOW_RANK if self.gated else LOW_RANK[:-1]:
+            if x != "g":  # (the gate has no bias)
+                frozen[x + "0"] = _vector(w[f"{p}time_mix_{x}0.weight"])
+            frozen[x + "1"], frozen[x + "2"] = (_table(w[f"{p}time_mix_{x}{j}.weight"]) for j in (1, 2))
+        for x in ("k_k", "k_a", "r_k"):
+            frozen[x] = _vector(w[f"{p}time_mix_{x}.weight"])
+        for name, t in frozen.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def channel_mix(self, f: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        k = self.channel_mix_key(f + (prev - f) * self.lerp_k.to(f.dtype))
+        return self.channel_mix_value(torch.relu(k).square())
+
+    def time_mix(self, h: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, cache: KVCache | None,
+                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, D] (normed) and its predecessors -> (what the time mix adds to the residual stream,
+        v_first). The low-rank parts and the recurrence run in fp32, the linears in the activation dtype."""
+        heads = self.heads_of
+        hf = h.float()
+        xr, xw, xk, xv, xa, *xg = hf + (prev.float() - hf) * self.lerp[:, None, None]
+        r = self.time_mix_receptance(xr.to(h.dtype)).float()
+        k = self.time_mix_key(xk.to(h.dtype)).float()
+        v = self.time_mix_value(xv.to(h.dtype)).float()
+        w = torch.exp(-DECAY_SCALE * torch.sigmoid(F.linear(torch.tanh(F.linear(xw, self.w1)), self.w2) + self.w0))
+        if v_first is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(F.linear(F.linear(xv, self.v1), self.v2) + self.v0)
+        a = torch.sigmoid(F.linear(F.linear(xa, self.a1), self.a2) + self.a0)
+        g = F.linear(torch.sigmoid(F.linear(xg[0], self.g1)), self.g2) if self.gated else 1.0
+        kk = F.normalize(heads(k * self.k_k), dim=-1, eps=1e-12)
+        ka = k * self.k_a
+        k = k + (a * ka - ka)
+        out, state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), self.wkv_state(cache, start))
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        bonus = (heads(k) * heads(r) * self.r_k.reshape(self.heads, self.head_size)).sum(-1, keepdim=True)
+        out = (self.normed_heads(out) + (heads(v) * bonus).flatten(2)) * g
+        return self.time_mix_output(out.to(h.dtype)), v_first
+
+
+class Rwkv6Layer(RwkvLayer):
+    """RWKV-6's layer (the module's docstring)."""
+
+    def __init__(self, config: ModelConfig, index: int, w: Mapping[str, object]):
+        super().__init__(config, index, w)
+        c, p = config, f"blk.{index}."
+        mix_rank = c.wkv_lora_ranks[0]
+        self.kv_heads = c.n_kv_heads  # (QRWKV6: k and v of fewer heads, each read by a group of r's)
+        frozen = {"lerp_x": _vector(w[p + "time_mix_lerp_x.weight"]),
+                  "lerp": _table(w[p + "time_mix_lerp_fused.weight"]).reshape(len(MIXES6), c.dim),
+                  "w1": _table(w[p + "time_mix_w1.weight"]),
+                  "w2": _table(w[p + "time_mix_w2.weight"]).reshape(len(MIXES6), c.dim, mix_rank),
+                  "decay": _vector(w[p + "time_mix_decay.weight"]),
+                  "decay_w1": _table(w[p + "time_mix_decay_w1.weight"]),
+                  "decay_w2": _table(w[p + "time_mix_decay_w2.weight"])}
+        if not self.mlp:  # (QRWKV6 has no bonus and no channel mix)
+            frozen.update({"first": _table(w[p + "time_mix_first.weight"]).reshape(self.heads, self.head_size),
+                           "lerp_k": _vector(w[p + "channel_mix_lerp_k.weight"]),
+                           "lerp_r": _vector(w[p + "channel_mix_lerp_r.weight"])})
+        for name, t in frozen.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def channel_mix(self, f: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        k = self.channel_mix_key(f + (prev - f) * self.lerp_k.to(f.dtype))
+        r = self.channel_mix_receptance(f + (prev - f) * self.lerp_r.to(f.dtype))
+        return torch.sigmoid(r) * self.channel_mix_value(torch.relu(k).square())
+
+    def time_mix(self, h: torch.Tensor, prev: torch.Tensor, v_first: None, cache: KVCache | None,
+                 start: int) -> tuple[torch.Tensor, None]:
+        """h [B, T, D] (normed) and its predecessors -> (what the time mix adds to the residual stream, None).
+        The token-shift mix, the decay and the recurrence run in fp32, the linears in the activation dtype."""
+        heads = self.heads_of
+        hf = h.float()
+        sx = prev.float() - hf
+        mix = torch.tanh(F.linear(hf + sx * self.lerp_x, self.w1)).unflatten(-1, (len(MIXES6), -1))
+        mix = torch.einsum("btje,jde->jbtd", mix, self.w2) + self.lerp[:, None, None]
+        xw, xk, xv, xr, xg = hf + sx * mix
+        r, k, v = (lin(x.to(h.dtype)).float() for lin, x in ((self.time_mix_receptance, xr), (self.time_mix_key, xk),
+                                                              (self.time_mix_value, xv)))
+        gate = self.time_mix_gate(xg.to(h.dtype)).float()
+        w = heads(torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2) + self.decay)))
+        if self.mlp:  # (QRWKV6: gated linear attention of k · (1 - w), r scaled, a sigmoid gate, no output norm)
+            group = self.heads // self.kv_heads
+            k, v = (y.unflatten(-1, (self.kv_heads, self.head_size)).repeat_interleave(group, 2) for y in (k, v))
+            out, state = gated_linear_attention(heads(r) * self.head_size ** -0.5, k * (1 - w), v, w,
+                                                self.wkv_state(cache, start))
+            out = out.flatten(2) * torch.sigmoid(gate)
+        else:
+            out, state = wkv6(heads(r), heads(k), heads(v), self.first, w, self.wkv_state(cache, start))
+            out = self.normed_heads(out) * F.silu(gate)
+        if cache is not None:
+            cache.recurrent_state[self.index] = state
+        return self.time_mix_output(out.to(h.dtype)), None
+
+
+class RwkvModel(Model):
+    """lowtune.model.Model with RWKV's layers, RWKV-7's first layer's values passed on to the others."""
+
+    def normed_layers(self, x: torch.Tensor, rot: torch.Tensor, cache: KVCache | None = None,
+                      start: int = 0) -> torch.Tensor:
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        v_first = None
+        for layer in self.layers:
+            if recompute:
+                x, v_first = checkpoint(lambda x, v, layer=layer: layer(x, v), x, v_first)
+            else:
+                x, v_first = layer(x, v_first, cache, start)
+        return self.output_norm(x)
+
+
+class Rwkv7Model(RwkvModel):
+    """RWKV-7 (rwkv7) and ARWKV-7 (arwkv7)."""
+
+    layer_class = Rwkv7Layer
+
+    @staticmethod
+    def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        c = config
+        d, f, mlp = c.dim, c.ffn_dim, c.family.rwkv_mlp
+        low_rank = LOW_RANK if c.wkv_lora_ranks[3] else LOW_RANK[:-1]  # (ARWKV-7 without the gate)
+        out = {}
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            # (the first layer's value mix is unused: the converter gives it the learning rate's shapes)
+            ranks = dict(zip(LOW_RANK, c.wkv_lora_ranks))
+            ranks["v"] = ranks["a"] if i == 0 else ranks["v"]
+            for x in low_rank:
+                if x != "g":
+                    out[f"{p}time_mix_{x}0.weight"] = (d,)
+                out[f"{p}time_mix_{x}1.weight"], out[f"{p}time_mix_{x}2.weight"] = (ranks[x], d), (d, ranks[x])
+            out.update({p + n + ".weight": (d, d) for n in RWKV7_LINEAR_NAMES[:4]})
+            out.update({p + n: (d,) for n in ("time_mix_k_k.weight", "time_mix_k_a.weight", "time_mix_r_k.weight",
+                                              "time_mix_ln.weight", "time_mix_ln.bias", "attn_norm.weight")})
+            out[p + "time_mix_lerp_fused.weight"] = (len(low_rank) + 2, d)  # (the inputs of r, w, k, v, a, g)
+            if mlp:  # (Qwen2's RMSNorm and gated MLP)
+                out.update({p + "ffn_norm.weight": (d,), p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d),
+                            p + "ffn_down.weight": (d, f)})
+            else:
+                out.update({p + n: (d,) for n in ("attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias",
+                                                  "channel_mix_lerp_k.weight")})
+                out.update({p + "channel_mix_key.weight": (f, d), p + "channel_mix_value.weight": (d, f)})
+        return out
+
+
+class Rwkv6Model(RwkvModel):
+    """RWKV-6 (rwkv6) and QRWKV6 (rwkv6qwen2)."""
+
+    layer_class = Rwkv6Layer
+
+    @staticmethod
+    def own_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        c = config
+        d, f, (mix, decay), mlp = c.dim, c.ffn_dim, c.wkv_lora_ranks, c.family.rwkv_mlp
+        kv = c.n_kv_heads * c.head_dim  # (QRWKV6's k and v)
+        out = {}
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            out.update({p + n + ".weight": (d, d) for n in ("time_mix_receptance", "time_mix_gate", "time_mix_output")})
+            out.update({p + "time_mix_key.weight": (kv, d), p + "time_mix_value.weight": (kv, d)})
+            out.update({p + n: (d,) for n in ("time_mix_lerp_x.weight", "time_mix_decay.weight", "attn_norm.weight")})
+            out.update({p + "time_mix_lerp_fused.weight": (len(MIXES6), d),
+                        p + "time_mix_w1.weight": (len(MIXES6) * mix, d),
+                        p + "time_mix_w2.weight": (len(MIXES6) * d, mix),
+                        p + "time_mix_decay_w1.weight": (decay, d), p + "time_mix_decay_w2.weight": (d, decay)})
+            if mlp:  # (Qwen2's biases of r, k and v, its RMSNorm and gated MLP)
+                out.update({p + "time_mix_receptance.bias": (d,), p + "time_mix_key.bias": (kv,),
+                            p + "time_mix_value.bias": (kv,), p + "ffn_norm.weight": (d,),
+                            p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f)})
+                continue
+            out.update({p + n: (d,) for n in ("time_mix_ln.weight", "time_mix_ln.bias", "channel_mix_lerp_k.weight",
+                                              "channel_mix_lerp_r.weight", "attn_norm.bias", "attn_norm_2.weight",
+                                              "attn_norm_2.bias")})
+            out.update({p + "time_mix_first.weight": (c.n_heads, c.head_dim), p + "channel_mix_key.weight": (f, d),
+                        p + "channel_mix_value.weight": (d, f), p + "channel_mix_receptance.weight": (d, d)})
+        return out
