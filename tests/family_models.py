@@ -1401,7 +1401,8 @@ def build_family_models(root: Path, llamacpp_source: Path, text: str) -> dict[st
     """Every family's tiny model under `root`, as a safetensors directory and as llama.cpp's GGUF F32."""
     tokenizer = spm_model(text)
     out, jobs = {}, []
-    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + REMOTE_CODE_MOE_NAMES + RWKV_NAMES:
+    # (REMOTE_CODE_MOE_NAMES last: Arctic's converter changes the class-wide tensor map the others would read)
+    for name in NAMES + MOE_NAMES + ("minicpm",) + REMOTE_CODE_NAMES + RWKV_NAMES + REMOTE_CODE_MOE_NAMES:
         d = root / name
         if name in WORLD_VOCAB_NAMES:  # (its own world vocabulary and chat template)
             rwkv_checkpoint(name, d, text)
