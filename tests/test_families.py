@@ -1696,8 +1696,8 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "jais2", "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "mistral4", "llama4", "glm4moe",
                          "dots1", "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear",
-                         "mimo2", "afmoe", "laguna", "bitnet", "exaone", "internlm2", "baichuan", "qwen", "orion",
-                         "xverse", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "mimo2", "afmoe", "mellum", "laguna", "bitnet", "exaone", "internlm2", "baichuan", "qwen",
+                         "orion", "xverse", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
