@@ -79,7 +79,7 @@ MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss"
              "lfm2moe", "deepseek2", "deepseek2-lite", "deepseek3", "glm4moe", "granitehybridmoe", "qwen35moe",
              "qwen3next", "llama4", "phimoe", "dots1", "hunyuan-moe", "minimax-m2", "exaone-moe", "nemotron_h_moe",
              "jamba", "cohere2moe", "kimi-linear", "gemma4moe", "hy_v3", "deepseek32", "glm-dsa", "afmoe", "mistral4",
-             "mimo2", "laguna", "dbrx")
+             "mimo2", "laguna", "mellum", "dbrx")
 # MiniCPM: transformers has no class for it, so its tiny model is a Granite model of the same
 # function (Granite's scales set to MiniCPM's) saved with MiniCPM's config.json for the converter
 MINICPM = {"scale_emb": 3.0, "scale_depth": 1.4, "dim_model_base": 16}
@@ -378,6 +378,15 @@ def hf_model(name: str):
             tie_word_embeddings=False, rope_parameters={
                 "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})),
+        # Mellum2's layout: per-head q/k norms, sliding (WINDOW) and global layers in turn (the file's pattern, not
+        # the default every 4th global), experts in every layer, softmax routing renormalized; one RoPE base
+        # (llama.cpp's sliding layers take the global one, where transformers' take their own)
+        "mellum": lambda: tf.MellumForCausalLM(tf.MellumConfig(
+            **common, num_hidden_layers=4, head_dim=16, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"] * 2, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_USED, moe_intermediate_size=32, tie_word_embeddings=False,
+            rope_parameters={t: {"rope_type": "default", "rope_theta": 1e4}
+                             for t in ("full_attention", "sliding_attention")})),
         # Mistral Small 4's layout: DeepSeek-V3's latent attention (q through its latent, YaRN with mscale and
         # mscale_all_dim 1, as its config: llama.cpp takes mscale as 1 whatever the config says) and softmax routing
         # in groups, renormalized and weighed × 2, beside a shared expert after a dense first layer; its Llama 4
@@ -1290,7 +1299,7 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mimo,
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mellum, mimo,
                         minimax, mpt, nemotron, olmo, phi, plamo, qwen, rwkv, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
@@ -1317,7 +1326,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
     mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = jais.Jais2Model.set_vocab = \
     glm.GlmMoeDsaModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
-    hunyuan.HYV3Model.set_vocab = \
+    hunyuan.HYV3Model.set_vocab = mellum.MellumModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor

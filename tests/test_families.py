@@ -2095,10 +2095,10 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "mistral4",
                          "llama4", "glm4moe", "dots1", "hy_v3", "minimax-m2", "gemma3n", "gemma4", "qwen35",
-                         "qwen35moe", "qwen3next", "kimi-linear", "mimo2", "afmoe", "laguna", "bitnet", "exaone",
-                         "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "arwkv7", "rwkv6qwen2",
-                         "pangu-embedded", "plamo2", "plamo3", "dbrx", "deepseek", "grok", "arctic", "bailingmoe",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2"))  # (any order)
+                         "qwen35moe", "qwen3next", "kimi-linear", "mimo2", "afmoe", "mellum", "laguna", "bitnet",
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "arwkv7",
+                         "rwkv6qwen2", "pangu-embedded", "plamo2", "plamo3", "dbrx", "deepseek", "grok", "arctic",
+                         "bailingmoe", "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2"))  # (any order)
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

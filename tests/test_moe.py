@@ -20,10 +20,10 @@ experts averaged with a shared expert), Gemma 4's experts (gemma4moe: 26B-A4B's 
 dense FFN, a scaled router on the normed residual stream, a scale for each expert), DBRX (dbrx: LayerNorms without
 biases, q/k/v fused and clipped), AFMoE (afmoe: Trinity's norms before and after each branch, gated attention, every
 4th layer global without RoPE, sigmoid routing with a selection bias), MiMo-V2-Flash (mimo2: sliding layers with KV
-heads of their own count and sinks, values narrower than keys and scaled) and Laguna (laguna: a softplus output gate
-one a head, the first of every 4 layers global, a shared expert of its own width), as tiny random models built by
-transformers and converted by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's
-attention, a dense first layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers,
+heads of their own count and sinks, values narrower than keys and scaled), Laguna (laguna: a softplus output gate
+one a head, the first of every 4 layers global, a shared expert of its own width) and Mellum (mellum: Qwen3-MoE's
+layer with sliding layers rotating with the global base), as tiny random models built by transformers and converted
+by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers,
 soft-capped scores, norms after attention and after the experts), Snowflake Arctic (arctic: experts on the layer's
 input beside a dense FFN after attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints
 ship their own code, as config.json and random safetensors under their own names, compared with llama.cpp's logits:
@@ -182,6 +182,8 @@ def test_logits_match_transformers(moe, name):
         if name in ("exaone-moe", "afmoe", "mimo2", "laguna"):  # their windows (and the global layers' RoPE) matter
             matters(list(model.layers), "window", 0)
             matters(list(model.layers), "rope_kind", 0)
+        if name == "mellum":  # its windows matter
+            matters(list(model.layers), "window", 0)
         if name == "cohere2moe":  # its sigmoid routing, renorm, averaged shared expert, windows and RoPE matter
             for what, off in (("gating", 1), ("renorm", False), ("shared_average", False)):
                 matters(moes, what, off)
@@ -278,7 +280,8 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                             ("llama4", "Q4_0", 5e-3), ("phimoe", "Q4_0", 5e-3), ("dots1", "Q4_0", 5e-3),
                             ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
                             ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3),
-                            ("bailingmoe", "Q4_0", 5e-3), ("afmoe", "Q4_0", 5e-3), ("mimo2", "Q4_0", 5e-3)]
+                            ("bailingmoe", "Q4_0", 5e-3), ("afmoe", "Q4_0", 5e-3), ("mimo2", "Q4_0", 5e-3),
+                            ("mellum", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -833,8 +836,9 @@ def test_what_is_refused(moe):
                          "PhimoeForCausalLM", "Dots1ForCausalLM", "HunYuanMoEV1ForCausalLM", "MiniMaxM2ForCausalLM",
                          "ExaoneMoeForCausalLM", "Cohere2MoeForCausalLM",
                          "KimiLinearForCausalLM", "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM", "AfmoeForCausalLM",
-                         "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "DbrxForCausalLM",
-                         "DeepseekForCausalLM", "Grok1ForCausalLM", "ArcticForCausalLM", "BailingMoeForCausalLM"):
+                         "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "MellumForCausalLM",
+                         "DbrxForCausalLM", "DeepseekForCausalLM", "Grok1ForCausalLM", "ArcticForCausalLM",
+                         "BailingMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):
@@ -999,6 +1003,25 @@ def test_laguna_gate_and_variants(moe, tmp_path):
         ModelConfig.from_gguf_metadata({**md, "laguna.attention.head_count": [4, 8, 8, 8]})
     with pytest.raises(ValueError, match="rotates its sliding layers over 16 dims.*the others over 8"):
         ModelConfig.from_gguf_metadata({**md, "laguna.rope.dimension_count_swa": 16})
+
+
+@pytest.mark.llamacpp
+def test_mellum_sliding_layers_rotate_with_the_global_base(moe, tmp_path):
+    """Mellum's file may give its sliding layers a RoPE base of their own (freq_base_swa, its converter's from
+    transformers' sliding_attention parameters), which llama.cpp's mellum graph does not read: they rotate with the
+    global base, and lowtune gives llama.cpp's perplexity so."""
+    with GGUFFile(moe["mellum"].gguf) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = [(n, f.tensor(n)) for n in f.tensor_infos]
+    write_gguf(tmp_path / "swa-base.gguf", {**md, "mellum.rope.freq_base": 5e5}, tensors, metadata_types=types)
+    model = Model.from_gguf(tmp_path / "swa-base.gguf")
+    assert model.metadata["mellum.rope.freq_base_swa"] == 1e4 and model.config.rope_theta_swa is None
+    assert [model.config.rope_kind(i) for i in range(model.config.n_layers)] == [0] * 4
+    assert [model.config.window(i) for i in range(model.config.n_layers)] == [WINDOW, 0] * 2  # (the file's pattern)
+    w = rand_ids(4, SEQ, seed=9)
+    ppl, cpp = nll_ppl(model, w), llamacpp_perplexity(llamacpp(tmp_path / "swa-base.gguf"), w)
+    print(f"mellum with freq_base_swa 1e4 under freq_base 5e5: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
+    assert abs(cpp - ppl) / ppl < 2e-3
 
 
 def test_cohere2moe_layers_and_norm_variant(moe):

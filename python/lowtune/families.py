@@ -101,6 +101,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     rwkv6         -     -          -           -         -          -                        -
     arwkv7        -     silu       -           -         -          -                        -
     rwkv6qwen2    -     silu       -           -         -          -                        -
+    mellum        neox  silu       -           yes       -          -                        from the file
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -337,6 +338,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   sliding ones with their own RoPE base and without the global layers' YaRN; its experts are AFMoE's (a shared
   expert expert_shared_feed_forward_length wide). A file whose layers have query head counts of their own (XS.2's
   48 and 64) or rotate the sliding layers over other dims (rope.dimension_count_swa) is refused.
+  Mellum (mellum: JetBrains' Mellum2 12B-A2.5B) is Qwen3-MoE (per-head q/k norms, softmax routing renormalized,
+  experts in every layer) with the file's sliding layers (every 4th global where it gives no pattern), which rotate
+  with the global RoPE base (whatever the file's freq_base_swa: llama.cpp's graph, Family.swa_rope_global_base;
+  transformers takes the sliding layers' own) and without the global layers' scaling.
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
   rope_freqs in 3.5); InternLM2 (internlm2: InternLM2, InternLM2.5), whose fused wqkv the converter splits;
@@ -601,6 +606,8 @@ class Family:
     swa_rope_theta: float | None = None  # RoPE base of sliding layers when the file has no freq_base_swa
     #                                      (None: the global base)
     swa_rope_scaled: bool = True       # sliding layers take the global RoPE scaling (linear, YaRN) too
+    swa_rope_global_base: bool = False  # sliding layers rotate with the global RoPE base whatever the file's
+    #                                    freq_base_swa (llama.cpp's mellum graph)
     attn_softcap: float | None = None  # default attention-score soft-cap (None: the family has none)
     final_softcap: float | None = None  # default final-logit soft-cap (None: the family has none)
     logit_multiplier: bool = False     # the file's logit_scale multiplies the logits (Command-R; Granite's divides)
@@ -794,6 +801,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("mimo2", rope="neox", kv_by_layer=True, moe=True, moe_gating=2, moe_by_router=True, nextn_layers=True),
     Family("afmoe", rope="neox", post_norms=True, qk_norm="head", embed_scale=True, attn_gate="sigmoid",
            nope_period=4, swa_period=4, moe=True, moe_gating=2, moe_weight_keys=True),
+    Family("mellum", rope="neox", qk_norm="head", swa_period=4, swa_rope_scaled=False, swa_rope_global_base=True,
+           moe=True),
     Family("laguna", rope="neox", qk_norm="head", attn_gate="softplus", swa_period=4, swa_global_first=True,
            swa_rope_scaled=False, moe=True, moe_gating=2, moe_weight_keys=True),
     Family("bitnet", rope="neox", sub_norms=True, activation_key=True,

@@ -170,6 +170,8 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "afmoe": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "attn_gate": "self_attn.gate_proj", **_QK_NORMS,
                         "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_mlp_layernorm", **_MLP,
                         "post_ffw_norm": "post_mlp_layernorm"}, "global": _GLOBAL},
+    # Mellum: the attention's names and the norms (PEFT adapters; experts not mapped)
+    "mellum": {"layer": _MOE_ATTN, "global": _GLOBAL},
     # Laguna: its attention's output gate (g_proj), q/k norms (dense layers' MLP; experts not mapped)
     "laguna": {"layer": {**_MOE_ATTN, "attn_gate": "self_attn.g_proj", **_MLP}, "global": _GLOBAL},
     # MiMo-V2-Flash: Llama's names (dense layers' MLP; experts and sinks not mapped)

@@ -457,7 +457,8 @@ class ModelConfig:
                 slides = (lambda i: i % p != 0) if fam.swa_global_first else (lambda i: i % p < p - 1)
                 swa_layers = tuple(i for i in range(n_layers) if slides(i))
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
-        theta_swa = md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
+        # (Mellum's sliding layers: the global base, whatever the file gives, as llama.cpp's graph rotates them)
+        theta_swa = None if fam.swa_rope_global_base else md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
         if theta_swa is not None and float(theta_swa) == theta and fam.swa_rope_theta is None:
             theta_swa = None  # (OLMo 3's converter writes the global base again)
         if yarn and theta_swa is not None and float(theta_swa) != theta:
