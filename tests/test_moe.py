@@ -23,10 +23,11 @@ biases, q/k/v fused and clipped), AFMoE (afmoe: Trinity's norms before and after
 heads of their own count and sinks, values narrower than keys and scaled), Laguna (laguna: a softplus output gate
 one a head, the first of every 4 layers global, a shared expert of its own width) and Mellum (mellum: Qwen3-MoE's
 layer with sliding layers rotating with the global base), as tiny random models built by transformers and converted
-by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers,
-soft-capped scores, norms after attention and after the experts), Snowflake Arctic (arctic: experts on the layer's
-input beside a dense FFN after attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints
-ship their own code, as config.json and random safetensors under their own names, compared with llama.cpp's logits:
+by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first
+layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms
+after attention and after the experts), Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN
+after attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints ship their own code, as
+config.json and random safetensors under their own names, compared with llama.cpp's logits:
 
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
