@@ -86,6 +86,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     grok          neox  gelu_tanh  yes         -         from file  30 by default, -         if the file gives one
     arctic        norm  silu       -           -         -          -                        if the file gives one
     bailingmoe    norm  silu       -           -         -          -                        if the file gives one
+    bailingmoe2   neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -263,6 +264,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Ling (bailingmoe: Ling-lite, Ling-plus; its converter splits their fused query_key_value) is Llama's attention
   before experts in every layer, routed by the softmax's top k, renormalized as expert_weights_norm says, beside
   expert_shared_count shared experts of their width (DeepSeek's keys). Its checkpoints ship their own code.
+  Ling 2.0 (bailingmoe2: Ling-mini-2.0, Ling-flash-2.0, Ring 2.0) fuses q, k and v in attn_qkv, norms each head
+  of q and k before RoPE on part of each head, and routes DeepSeek-V3's way after dense first layers (the file's
+  gating, the selection bias, expert groups, expert_weights_norm and expert_weights_scale) beside a shared expert
+  of expert_shared_feed_forward_length; its NextN layers are left out as GLM-4.5 MoE's.
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -679,6 +684,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            logit_multiplier=True, file_scales=True, moe=True),
     Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
     Family("bailingmoe", moe=True, moe_weight_keys=True),
+    Family("bailingmoe2", rope="neox", qk_norm="head", moe=True, moe_weight_keys=True, nextn_layers=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -762,7 +768,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx, deepseek, grok, arctic and bailingmoe)")
+                         "dbrx, deepseek, grok, arctic, bailingmoe and bailingmoe2)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
