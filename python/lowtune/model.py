@@ -1673,8 +1673,9 @@ class DecoderLayer(nn.Module):
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
         # the GGUF layer name of each norm whose attribute is another name
-        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor, "post_attention_norm": fam.post_norm_tensors[0],
-                           "post_ffw_norm": fam.post_norm_tensors[1]}
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+        if fam.post_norms:  # (Grok's names of them; gpt-oss's FFN norm is its file's post_attention_norm)
+            self.norm_files.update(post_attention_norm=fam.post_norm_tensors[0], post_ffw_norm=fam.post_norm_tensors[1])
         attrs = {file: attr for attr, file in self.norm_files.items()}
         for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
