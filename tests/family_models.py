@@ -40,7 +40,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
 # updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
-REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "bailingmoe2", "arctic")
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "bailingmoe2", "grovemoe", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -804,7 +804,9 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
       beside a shared expert of their width in every layer;
     * Ling 2.0's (bailingmoe2): Ling's attention with per-head q/k norms and RoPE on half of each head, a dense
       first layer, then the experts routed by sigmoid with a selection bias in the best of two groups,
-      renormalized and weighed × 2.5, beside a shared expert."""
+      renormalized and weighed × 2.5, beside a shared expert;
+    * Grove MoE's (grovemoe: GroveMoE-Base, -Inst): Qwen3-MoE's layer (per-head q/k norms, heads of 32, the
+      experts renormalized) with an adjugate expert for each pair of experts (chunk_experts, head_dim wide)."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -847,6 +849,16 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
             for e in range(EXPERTS):
                 w.update(mlp(p + f"mlp.experts.{e}.", fe))
             continue
+        if name == "grovemoe":  # (Qwen3-MoE's names, heads of 32)
+            w.update({p + "self_attn.q_proj.weight": mat(H * 32, D), p + "self_attn.k_proj.weight": mat(HKV * 32, D),
+                      p + "self_attn.v_proj.weight": mat(HKV * 32, D), p + "self_attn.o_proj.weight": mat(D, H * 32),
+                      p + "self_attn.q_norm.weight": vec(32, 1.0), p + "self_attn.k_norm.weight": vec(32, 1.0),
+                      p + "mlp.gate.weight": mat(EXPERTS, D)})
+            for e in range(EXPERTS):
+                w.update(mlp(p + f"mlp.experts.{e}.", fe))
+            for e in range(EXPERTS // 2):
+                w.update(mlp(p + f"mlp.chunk_experts.{e}.", 32))
+            continue
         if name == "arctic":  # (w1: the gate, w3: up, w2: down)
             w.update({p + "residual_layernorm.weight": vec(D, 1.0), p + "block_sparse_moe.gate.weight": mat(EXPERTS, D),
                       p + "residual_mlp.w1.weight": mat(D, D), p + "residual_mlp.w3.weight": mat(D, D),
@@ -880,6 +892,11 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
             cfg.update(architectures=["BailingMoeV2ForCausalLM"], model_type="bailing_moe_v2", first_k_dense_replace=1,
                        use_qk_norm=True, partial_rotary_factor=0.5, score_function="sigmoid", n_group=2, topk_group=1,
                        routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+    elif name == "grovemoe":
+        w.update({"model.embed_tokens.weight": embed, **untied})
+        cfg.update(architectures=["GroveMoeForCausalLM"], model_type="grove_moe", intermediate_size=F,
+                   moe_intermediate_size=fe, head_dim=32, num_experts=EXPERTS, norm_topk_prob=True,
+                   tie_word_embeddings=False)
     elif name == "arctic":
         w.update({"model.embed_tokens.weight": embed, **untied})
         cfg.update(architectures=["ArcticForCausalLM"], model_type="arctic", intermediate_size=fe,
@@ -951,16 +968,16 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
-                        olmo, phi, qwen, stablelm, starcoder, xverse)
+                        gpt2, gpt_oss, gptneox, grovemoe, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt,
+                        nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's, Qwen's, DBRX's and Ling's (1 and 2.0) converters read only byte-level BPE vocabularies (Kimi
-# Linear's also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its
-# SentencePiece model through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models
-# share a SentencePiece one
+# Falcon's, EXAONE's, Qwen's, DBRX's, Ling's (1 and 2.0) and Grove MoE's converters read only byte-level BPE
+# vocabularies (Kimi Linear's also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json,
+# InternLM2's its SentencePiece model through protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the
+# tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -975,7 +992,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = dbrx.DbrxModel.set_vocab = bailingmoe.BailingMoeModel.set_vocab = \
-    bailingmoe.BailingMoeV2Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    bailingmoe.BailingMoeV2Model.set_vocab = grovemoe.GroveMoeModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1274,6 +1292,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
             md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_norm": arch == "bailingmoe"})
+        if arch == "grovemoe":  # an adjugate expert for each pair of experts (remote_code_moe_checkpoint's)
+            md.update({"grovemoe.experts_per_group": 2, "grovemoe.expert_group_scale": 0.05,
+                       "grovemoe.expert_chunk_feed_forward_length": fe})
         if arch == "bailingmoe2":  # (remote_code_moe_checkpoint's: a dense first layer, DeepSeek-V3's routing)
             md.update({"bailingmoe2.expert_shared_count": 1, "bailingmoe2.expert_gating_func": 2,
                        "bailingmoe2.expert_weights_norm": True, "bailingmoe2.expert_weights_scale": 2.5,
@@ -1442,6 +1463,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 w.update({p + "ffn_gate_inp.bias": vec(EXPERTS), p + "attn_sinks.weight": vec(H),
                           **{p + n + ".bias": ops.quantize(0.2 * torch.randn(EXPERTS, r, generator=g), "F32")
                              for n, r in (("ffn_gate_exps", fe), ("ffn_up_exps", fe), ("ffn_down_exps", D))}})
+            if c.experts_per_group:  # (Grove MoE's adjugate experts)
+                n = EXPERTS // c.experts_per_group
+                w.update({p + "ffn_gate_chexps.weight": mat(n * fe, D), p + "ffn_up_chexps.weight": mat(n * fe, D),
+                          p + "ffn_down_chexps.weight": mat(n * D, fe)})
             if c.shared_expert_ffn_dim:
                 w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
                           p + "ffn_down_shexp.weight": mat(D, fe)})

@@ -87,6 +87,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arctic        norm  silu       -           -         -          -                        if the file gives one
     bailingmoe    norm  silu       -           -         -          -                        if the file gives one
     bailingmoe2   neox  silu       -           yes       -          -                        if the file gives one
+    grovemoe      neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -268,6 +269,11 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   of q and k before RoPE on part of each head, and routes DeepSeek-V3's way after dense first layers (the file's
   gating, the selection bias, expert groups, expert_weights_norm and expert_weights_scale) beside a shared expert
   of expert_shared_feed_forward_length; its NextN layers are left out as GLM-4.5 MoE's.
+  Grove MoE (grovemoe: GroveMoE-Base, GroveMoE-Inst) is Qwen3-MoE's layer with an adjugate expert for each group
+  of experts_per_group experts (ffn_*_chexps, expert_chunk_feed_forward_length wide: Family.moe_adjugate), run as
+  llama.cpp's grovemoe runs them: on the routed experts' output, each of the top min(k, adjugates) experts e
+  picking adjugate e // group, weighed by expert e // group's probability (renormalized), their sum × the file's
+  expert_group_scale added to the experts' output (lowtune.model.MoE.adjugate_experts).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   Llama's decoder from checkpoints that ship their own modeling code, read as the GGUF that llama.cpp's
   converter writes: EXAONE 3 (exaone: EXAONE 3.0 7.8B, EXAONE 3.5 2.4B-32B) with NEOX RoPE (Llama 3's
@@ -469,6 +475,8 @@ class Family:
     moe_shared_average: bool = False   # the experts' output and the shared expert's are averaged (Cohere2 MoE)
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
+    moe_adjugate: bool = False         # each group of experts_per_group experts has an adjugate expert (ffn_*_chexps),
+    #                                    run on the experts' output (Grove MoE: lowtune.model.MoE.adjugate_experts)
     moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
     #                                    ffn_norm_exps and their output joins the layer's, the dense FFN D wide
     #                                    after attention (feed_forward_length the experts' width: Arctic)
@@ -685,6 +693,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("arctic", moe=True, moe_beside_ffn=True, moe_residual=True),
     Family("bailingmoe", moe=True, moe_weight_keys=True),
     Family("bailingmoe2", rope="neox", qk_norm="head", moe=True, moe_weight_keys=True, nextn_layers=True),
+    Family("grovemoe", rope="neox", qk_norm="head", moe=True, moe_adjugate=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -768,7 +777,7 @@ def family_of(metadata: Mapping) -> Family:
                          "Mixtral's llama, qwen3moe, qwen2moe, olmoe, granitemoe, ernie4_5-moe, gpt-oss, "
                          "qwen3vlmoe, lfm2moe, deepseek2, llama4, glm4moe, exaone-moe, nemotron_h_moe, cohere2moe, "
                          "qwen35moe, qwen3next, phimoe, dots1, hunyuan-moe, minimax-m2, jamba, kimi-linear, gemma4, "
-                         "dbrx, deepseek, grok, arctic, bailingmoe and bailingmoe2)")
+                         "dbrx, deepseek, grok, arctic, bailingmoe, bailingmoe2 and grovemoe)")
     if arch in _RECURRENT or "mamba" in arch or "rwkv" in arch:
         raise ValueError(f"{arch!r} is a recurrent/state-space model, which lowtune does not run; "
                          f"{_supported()} (attention decoders, Mamba, Mamba-2 and their hybrids)")
