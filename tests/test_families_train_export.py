@@ -571,15 +571,15 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear"])
+                                  "bloom", "gptneox", "kimi-linear", "arctic"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
-    latent attention and experts, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed
-    layers."""
+    latent attention and experts, Arctic's experts on the layer's input, GPT-2's learned positions and BLOOM's ALiBi
+    and embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
@@ -596,15 +596,15 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
                                   "bloom", "gptneox", "stablelm", "falcon",
-                                  "kimi-linear"))
+                                  "kimi-linear", "grok", "arctic"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
     for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
-    norms and SwiGLU's product also run inside the grouped products), post-norms and PhiMoE's biased
-    RMSNorms, GPT-2's
-    learned positions and BLOOM's embedding norm and ALiBi included."""
+    norms and SwiGLU's product also run inside the grouped products), post-norms (Grok's under its own names)
+    and PhiMoE's biased RMSNorms, GPT-2's learned positions, BLOOM's embedding norm and ALiBi, and Arctic's experts
+    on the layer's input included."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
     if device == "cuda":

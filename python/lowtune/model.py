@@ -1832,10 +1832,10 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if self.residual_moe:  # (Arctic: the experts read the layer's input)
+        if self.residual_moe:  # (Arctic: the experts read the layer's input; added last, as forward adds them)
             x = x if m is None else x + m
             y, h = self.attend(x, rot, cache, start)
-            return y, self._mlp_rows(h) + self.residual_experts(x)
+            return y + self._mlp_rows(h), self.residual_experts(x)
         if c.parallel or c.family.parallel_ssm or not (self.attends and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
