@@ -42,7 +42,7 @@ REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse
                      "plamo3")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
 # updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
-REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "arctic")
+REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "bailingmoe2", "grovemoe", "arctic")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # PLaMo 2: Mamba and attention layers in turn (its mamba_step of 2), 8 Mamba heads of the attention heads' width
 PLAMO2 = dict(num_hidden_layers=4, mamba_step=2, mamba_num_heads=8, mamba_d_state=16, mamba_d_conv=4)
@@ -1113,7 +1113,12 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
     * Snowflake Arctic's (arctic): a dense MLP D wide after attention (residual_mlp), and the experts
       (renormalized, as wide as intermediate_size) on the layer's input normed by residual_layernorm;
     * Ling's (bailingmoe: Ling-lite, Ling-plus): q, k and v in one query_key_value, the experts (renormalized)
-      beside a shared expert of their width in every layer."""
+      beside a shared expert of their width in every layer;
+    * Ling 2.0's (bailingmoe2): Ling's attention with per-head q/k norms and RoPE on half of each head, a dense
+      first layer, then the experts routed by sigmoid with a selection bias in the best of two groups,
+      renormalized and weighed × 2.5, beside a shared expert;
+    * Grove MoE's (grovemoe: GroveMoE-Base, -Inst): Qwen3-MoE's layer (per-head q/k norms, heads of 32, the
+      experts renormalized) with an adjugate expert for each pair of experts (chunk_experts, head_dim wide)."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
@@ -1140,13 +1145,31 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         w.update({p + "input_layernorm.weight": vec(D, 1.0), p + "post_attention_layernorm.weight": vec(D, 1.0),
                   p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                   p + "self_attn.o_proj.weight": o})
-        if name == "bailingmoe":  # (Ling's names: attention.query_key_value, attention.dense)
+        if name.startswith("bailingmoe"):  # (Ling's names: attention.query_key_value, attention.dense)
             for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 del w[p + "self_attn." + n + ".weight"]
-            w.update({p + "attention.query_key_value.weight": torch.cat([q, k, v]), p + "attention.dense.weight": o,
-                      p + "mlp.gate.weight": mat(EXPERTS, D), **mlp(p + "mlp.shared_experts.", fe)})
+            w.update({p + "attention.query_key_value.weight": torch.cat([q, k, v]), p + "attention.dense.weight": o})
+            if name == "bailingmoe2":
+                w.update({p + "attention.query_layernorm.weight": vec(hd, 1.0),
+                          p + "attention.key_layernorm.weight": vec(hd, 1.0)})
+            if name == "bailingmoe2" and i == 0:
+                w.update(mlp(p + "mlp.", F))
+                continue
+            w.update({p + "mlp.gate.weight": mat(EXPERTS, D), **mlp(p + "mlp.shared_experts.", fe)})
+            if name == "bailingmoe2":  # (the selection bias)
+                w[p + "mlp.gate.expert_bias"] = 0.2 * torch.randn(EXPERTS, generator=g)
             for e in range(EXPERTS):
                 w.update(mlp(p + f"mlp.experts.{e}.", fe))
+            continue
+        if name == "grovemoe":  # (Qwen3-MoE's names, heads of 32)
+            w.update({p + "self_attn.q_proj.weight": mat(H * 32, D), p + "self_attn.k_proj.weight": mat(HKV * 32, D),
+                      p + "self_attn.v_proj.weight": mat(HKV * 32, D), p + "self_attn.o_proj.weight": mat(D, H * 32),
+                      p + "self_attn.q_norm.weight": vec(32, 1.0), p + "self_attn.k_norm.weight": vec(32, 1.0),
+                      p + "mlp.gate.weight": mat(EXPERTS, D)})
+            for e in range(EXPERTS):
+                w.update(mlp(p + f"mlp.experts.{e}.", fe))
+            for e in range(EXPERTS // 2):
+                w.update(mlp(p + f"mlp.chunk_experts.{e}.", 32))
             continue
         if name == "arctic":  # (w1: the gate, w3: up, w2: down)
             w.update({p + "residual_layernorm.weight": vec(D, 1.0), p + "block_sparse_moe.gate.weight": mat(EXPERTS, D),
@@ -1172,11 +1195,20 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         cfg.update(architectures=["Grok1ForCausalLM"], model_type="grok-1", intermediate_size=fe,
                    num_local_experts=EXPERTS, tie_word_embeddings=True, embedding_multiplier_scale=4.0,
                    output_multiplier_scale=0.5, attn_output_multiplier=0.2, attn_logit_softcapping=3.0)
-    elif name == "bailingmoe":
+    elif name.startswith("bailingmoe"):
         w.update({"model.word_embeddings.weight": embed, **untied})
         cfg.update(architectures=["BailingMoeForCausalLM"], model_type="bailing_moe", intermediate_size=F,
                    moe_intermediate_size=fe, num_experts=EXPERTS, num_shared_experts=1, first_k_dense_replace=0,
                    norm_topk_prob=True, norm_head=False, tie_word_embeddings=False)
+        if name == "bailingmoe2":
+            cfg.update(architectures=["BailingMoeV2ForCausalLM"], model_type="bailing_moe_v2", first_k_dense_replace=1,
+                       use_qk_norm=True, partial_rotary_factor=0.5, score_function="sigmoid", n_group=2, topk_group=1,
+                       routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+    elif name == "grovemoe":
+        w.update({"model.embed_tokens.weight": embed, **untied})
+        cfg.update(architectures=["GroveMoeForCausalLM"], model_type="grove_moe", intermediate_size=F,
+                   moe_intermediate_size=fe, head_dim=32, num_experts=EXPERTS, norm_topk_prob=True,
+                   tie_word_embeddings=False)
     elif name == "arctic":
         w.update({"model.embed_tokens.weight": embed, **untied})
         cfg.update(architectures=["ArcticForCausalLM"], model_type="arctic", intermediate_size=fe,
@@ -1299,16 +1331,16 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama, mellum, mimo,
-                        minimax, mpt, nemotron, olmo, phi, plamo, qwen, rwkv, stablelm, starcoder, xverse)
+                        gpt2, gpt_oss, gptneox, grovemoe, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama,
+                        mellum, mimo, minimax, mpt, nemotron, olmo, phi, plamo, qwen, rwkv, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
-# Falcon's, EXAONE's, Qwen's, DBRX's and Ling's converters read only byte-level BPE vocabularies (Kimi Linear's
-# also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece
-# model through protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl); Gemma 4's only its own BPE one
-# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# Falcon's, EXAONE's, Qwen's, DBRX's, Ling's (1 and 2.0) and Grove MoE's converters read only byte-level BPE
+# vocabularies (Kimi Linear's also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json,
+# InternLM2's its SentencePiece model through protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl); Gemma 4's only
+# its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -1327,6 +1359,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     mimo.MimoV2Model.set_vocab = laguna.LagunaModel.set_vocab = jais.Jais2Model.set_vocab = \
     glm.GlmMoeDsaModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
     hunyuan.HYV3Model.set_vocab = mellum.MellumModel.set_vocab = \
+    bailingmoe.BailingMoeV2Model.set_vocab = grovemoe.GroveMoeModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1738,6 +1771,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             md[f"{arch}.leading_dense_block_count"] = 1
         if arch in ("deepseek", "bailingmoe"):  # a shared expert as wide as a routed one (remote_code_moe_checkpoint's)
             md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_weights_norm": arch == "bailingmoe"})
+        if arch == "grovemoe":  # an adjugate expert for each pair of experts (remote_code_moe_checkpoint's)
+            md.update({"grovemoe.experts_per_group": 2, "grovemoe.expert_group_scale": 0.05,
+                       "grovemoe.expert_chunk_feed_forward_length": fe})
+        if arch == "bailingmoe2":  # (remote_code_moe_checkpoint's: a dense first layer, DeepSeek-V3's routing)
+            md.update({"bailingmoe2.expert_shared_count": 1, "bailingmoe2.expert_gating_func": 2,
+                       "bailingmoe2.expert_weights_norm": True, "bailingmoe2.expert_weights_scale": 2.5,
+                       "bailingmoe2.expert_group_count": 2, "bailingmoe2.expert_group_used_count": 1,
+                       "bailingmoe2.leading_dense_block_count": 1, "bailingmoe2.rope.dimension_count": hd // 2})
         if arch == "grok":  # Grok-1's experts, as wide as feed_forward_length; its multipliers and soft-cap
             del md["grok.expert_feed_forward_length"]
             md.update({"grok.feed_forward_length": fe, "grok.embedding_scale": 4.0, "grok.logit_scale": 0.5,
@@ -1900,8 +1941,9 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_dt.bias": vec(hv), p + "ssm_norm.weight": vec(dk, 1.0),
                       p + "ssm_conv1d.weight": ops.quantize(torch.randn(ch, c.ssm_conv_kernel, generator=g)
                                                                 / math.sqrt(c.ssm_conv_kernel), "F32")})
-        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon", "dbrx"):  # fused q/k/v
-            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # (GPT-2's, StarCoder's, BLOOM's and GPT-NeoX's with a bias)
+        elif arch in ("phi3", "gpt2", "starcoder", "bloom", "mpt", "gptneox", "falcon", "dbrx", "bailingmoe2"):
+            w[p + "attn_qkv.weight"] = mat(q + 2 * kv, D)  # fused q/k/v (GPT-2's, StarCoder's, BLOOM's and GPT-NeoX's
+            #                                                with a bias)
             if arch in ("gpt2", "starcoder", "bloom", "gptneox"):
                 w[p + "attn_qkv.bias"] = vec(q + 2 * kv)
         elif c.kv_lora_rank:
@@ -1943,6 +1985,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 w.update({p + "ffn_gate_inp.bias": vec(EXPERTS), p + "attn_sinks.weight": vec(H),
                           **{p + n + ".bias": ops.quantize(0.2 * torch.randn(EXPERTS, r, generator=g), "F32")
                              for n, r in (("ffn_gate_exps", fe), ("ffn_up_exps", fe), ("ffn_down_exps", D))}})
+            if c.experts_per_group:  # (Grove MoE's adjugate experts)
+                n = EXPERTS // c.experts_per_group
+                w.update({p + "ffn_gate_chexps.weight": mat(n * fe, D), p + "ffn_up_chexps.weight": mat(n * fe, D),
+                          p + "ffn_down_chexps.weight": mat(n * D, fe)})
             if c.shared_expert_ffn_dim:
                 w.update({p + "ffn_gate_shexp.weight": mat(fe, D), p + "ffn_up_shexp.weight": mat(fe, D),
                           p + "ffn_down_shexp.weight": mat(D, fe)})
@@ -1951,7 +1997,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                 if fam.moe_shared_gate:
                     w[p + "ffn_gate_inp_shexp.weight"] = vec(D)
             if arch in ("ernie4_5-moe", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "glm4moe", "dots1",
-                        "minimax-m2", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2"):
+                        "minimax-m2", "exaone-moe", "nemotron_h_moe", "kimi-linear", "afmoe", "mimo2", "bailingmoe2"):
                 # a bias that picks the experts (Kimi Linear's wide apart: the choice the bias's, which bf16 keeps
                 # where its DeltaNets' and latent attention's drift would flip near ties)
                 w[p + "exp_probs_b.bias"] = vec(EXPERTS) * (20.0 if fam.kda else 1.0)

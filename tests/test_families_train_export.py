@@ -618,7 +618,8 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear", "plamo2", "deepseek32", "glm-dsa", "afmoe"])
+                                  "bloom", "gptneox", "kimi-linear", "arctic", "plamo2", "deepseek32", "glm-dsa",
+                                  "afmoe"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
@@ -627,7 +628,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
     latent attention and experts, AFMoE's gated attention, DeepSeek-V3.2's lightning indexer (its frozen linears in
     the packs) and GLM-5's layers that reuse an earlier one's choice, PLaMo 2's Mamba layers in heads beside
-    attention, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
+    attention, Arctic's experts on the layer's input, GPT-2's learned positions and BLOOM's ALiBi and embedding norm
+    around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
@@ -644,16 +646,15 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
 @pytest.mark.parametrize("arch", ("llama", "qwen3", "gemma2", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "phimoe", "gpt2",
                                   "bloom", "gptneox", "stablelm", "falcon",
-                                  "kimi-linear", "plamo2", "deepseek32", "glm-dsa", "afmoe"))
+                                  "kimi-linear", "grok", "arctic", "plamo2", "deepseek32", "glm-dsa", "afmoe"))
 @pytest.mark.parametrize("tokens", (9, 1))
 def test_inference_joins_each_residual_add_to_the_next_norm_bit_for_bit(arch, device, tokens):
     """Without autograd, Model.normed_layers passes each layer's closing residual add to the next
     norm (DecoderLayer.forward_deferred); the hidden states equal the layer-by-layer forward's bit
     for bit (fp32 on the CPU; bf16 through the fused glue kernels on CUDA, where for one token the
-    norms and SwiGLU's product also run inside the grouped products), post-norms and PhiMoE's biased
-    RMSNorms, GPT-2's
-    learned positions, BLOOM's embedding norm and ALiBi and AFMoE's attention gate (its product beside q, k and v)
-    included."""
+    norms and SwiGLU's product also run inside the grouped products), post-norms (Grok's under its own names)
+    and PhiMoE's biased RMSNorms, GPT-2's learned positions, BLOOM's embedding norm and ALiBi, AFMoE's attention
+    gate (its product beside q, k and v) and Arctic's experts on the layer's input included."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_family_model(arch, dtype=dtype).to(device)
     if device == "cuda":

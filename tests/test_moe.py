@@ -26,9 +26,9 @@ layer with sliding layers rotating with the global base), as tiny random models 
 by llama.cpp's converter (tests/family_models.py); and DeepSeek-MoE (deepseek: Llama's attention, a dense first
 layer, experts not renormalized beside a shared expert), Grok-1 (grok: its multipliers, soft-capped scores, norms
 after attention and after the experts), Snowflake Arctic (arctic: experts on the layer's input beside a dense FFN
-after attention) and Ling (bailingmoe: fused q/k/v, a shared expert), whose checkpoints ship their own code, as
-config.json and random safetensors under their own names, compared with llama.cpp's logits:
-
+after attention), Ling (bailingmoe: fused q/k/v, a shared expert), Ling 2.0 (bailingmoe2: q/k norms, DeepSeek-V3's
+routing in expert groups) and Grove MoE (grovemoe: an adjugate expert for each pair of experts), whose checkpoints
+ship their own code, as config.json and random safetensors under their own names, compared with llama.cpp's logits:
 * logits equal transformers' (fp32), and the routing matters (routing every token to all experts,
   or to one, renormalizing OLMoE's and Qwen2-MoE's weights, dropping a shared expert or its gate,
   moves them);
@@ -219,6 +219,11 @@ REMOTE_CODE_SWITCH_OFF = {
              ("the norm after the experts", lambda m: _set_all(m.layers, "post_ffw_norm", torch.nn.Identity()))],
     "bailingmoe": [("weights renormalized", lambda m: _set_all(_moes(m), "renorm", False)),
                    ("the shared expert", lambda m: _set_all(_moes(m), "ffn_up_shexp", None))],
+    "bailingmoe2": [(what, lambda m, what=what, off=off: _set_all(_moes(m), what, off)) for what, off in (
+        ("gating", 1), ("selection_bias", None), ("renorm", False), ("weights_scale", 1.0), ("groups", 0),
+        ("ffn_up_shexp", None))],
+    "grovemoe": [("the adjugate experts", lambda m: _set_all(_moes(m), "group_scale", 0.0)),
+                 ("weights not renormalized", lambda m: _set_all(_moes(m), "renorm", False))],
     "arctic": [("the experts' own norm", lambda m: _set_all(m.layers, "ffn_norm_exps", torch.nn.Identity())),
                ("the dense FFN", lambda m: _set_all(m.layers, "mlp", torch.zeros_like))],
 }
@@ -282,7 +287,8 @@ def test_remote_code_logits_match_llamacpp(moe, name):
                             ("dbrx", "Q4_0", 5e-3), ("deepseek", "Q4_0", 5e-3),
                             ("grok", "Q4_0", 5e-3), ("arctic", "Q4_0", 5e-3),
                             ("bailingmoe", "Q4_0", 5e-3), ("afmoe", "Q4_0", 5e-3), ("mimo2", "Q4_0", 5e-3),
-                            ("mellum", "Q4_0", 5e-3)]
+                            ("mellum", "Q4_0", 5e-3), ("bailingmoe2", "Q4_0", 5e-3),
+                            ("grovemoe", "Q4_0", 5e-3)]
                          # (Hunyuan MoE, MiniMax-M2, EXAONE MoE, Nemotron-H MoE, Cohere2
                          # MoE: llama.cpp's 8-bit rounding of the
                          # router's input flips near ties with Q4_0's weights, 0.7 % and 0.4 % here for the first two,
@@ -637,15 +643,16 @@ def test_compiled_cpu_decoder_follows_the_model(moe, name):
     does, step by step (gpt-oss: the softmax of the top k logits, biased router and experts,
     swiglu_oai, sinks in the attention; 30 tokens pass its window of 16). LFM2-MoE's short
     convolutions and sigmoid routing, GLM-4.5 MoE's, dots.llm1's, HY V3's, MiniMax-M2's, EXAONE MoE's, Cohere2 MoE's,
-    AFMoE's, MiMo-V2-Flash's and Laguna's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers, Qwen3.5's
-    DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases, Jamba's Mamba
-    layers, DBRX's clipped q/k/v and Arctic's experts on the layer's input are left to the model's own steps."""
+    AFMoE's, MiMo-V2-Flash's, Laguna's and Ling 2.0's sigmoid routing, Granite 4's and Nemotron-H MoE's Mamba2 layers,
+    Qwen3.5's DeltaNets, DeepSeek's latent attention, Llama 4's chunked attention, PhiMoE's norm and head biases,
+    Jamba's Mamba layers, DBRX's clipped q/k/v, Arctic's experts on the layer's input and Grove MoE's adjugate experts
+    are left to the model's own steps."""
     model = Model.from_gguf(gguf_of(moe[name], "Q8_0"))
     steps, _, _ = compiled_decoder_steps(model, rand_ids(1, 30, seed=5), 8)
     if name in LATENT + ("lfm2moe", "granitehybridmoe", "qwen35moe", "qwen3next", "glm4moe", "llama4", "phimoe",
                            "dots1", "minimax-m2", "exaone-moe", "nemotron_h_moe", "jamba",
                            "cohere2moe", "kimi-linear", "gemma4moe", "hy_v3", "afmoe", "mimo2", "laguna", "dbrx",
-                           "arctic"):
+                           "arctic", "bailingmoe2", "grovemoe"):
         assert steps is None
         stats = GenerationStats()
         generate(model, rand_ids(1, 8, seed=5)[0].tolist(), max_new_tokens=4, stats=stats)
@@ -839,7 +846,7 @@ def test_what_is_refused(moe):
                          "KimiLinearForCausalLM", "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM", "AfmoeForCausalLM",
                          "Mistral4ForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "MellumForCausalLM",
                          "DbrxForCausalLM", "DeepseekForCausalLM", "Grok1ForCausalLM", "ArcticForCausalLM",
-                         "BailingMoeForCausalLM"):
+                         "BailingMoeForCausalLM", "BailingMoeV2ForCausalLM", "GroveMoeForCausalLM"):
         with pytest.raises(ValueError, match="mixtures of experts among them.*convert_hf_to_gguf"):
             family_of_hf([read_as_gguf])
     with pytest.raises(ValueError, match="routed experts, which stay frozen"):

@@ -102,6 +102,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     arwkv7        -     silu       -           -         -          -                        -
     rwkv6qwen2    -     silu       -           -         -          -                        -
     mellum        neox  silu       -           yes       -          -                        from the file
+    bailingmoe2   neox  silu       -           yes       -          -                        if the file gives one
+    grovemoe      neox  silu       -           yes       -          -                        if the file gives one
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
   LayerNorm (no bias), run attention and FFN in parallel on the same normed input, multiply the
@@ -319,6 +321,15 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Ling (bailingmoe: Ling-lite, Ling-plus; its converter splits their fused query_key_value) is Llama's attention
   before experts in every layer, routed by the softmax's top k, renormalized as expert_weights_norm says, beside
   expert_shared_count shared experts of their width (DeepSeek's keys). Its checkpoints ship their own code.
+  Ling 2.0 (bailingmoe2: Ling-mini-2.0, Ling-flash-2.0, Ring 2.0) fuses q, k and v in attn_qkv, norms each head
+  of q and k before RoPE on part of each head, and routes DeepSeek-V3's way after dense first layers (the file's
+  gating, the selection bias, expert groups, expert_weights_norm and expert_weights_scale) beside a shared expert
+  of expert_shared_feed_forward_length; its NextN layers are left out as GLM-4.5 MoE's.
+  Grove MoE (grovemoe: GroveMoE-Base, GroveMoE-Inst) is Qwen3-MoE's layer with an adjugate expert for each group
+  of experts_per_group experts (ffn_*_chexps, expert_chunk_feed_forward_length wide: Family.moe_adjugate), run as
+  llama.cpp's grovemoe runs them: on the routed experts' output, each of the top min(k, adjugates) experts e
+  picking adjugate e // group, weighed by expert e // group's probability (renormalized), their sum × the file's
+  expert_group_scale added to the experts' output (lowtune.model.MoE.adjugate_experts).
   Arcee (arcee: AFM-4.5B) is Llama whose MLP has no gate: down(relu(up(x))²).
   MiMo-V2-Flash (mimo2: MiMo-V2-Flash, MiMo-V2.5) attends globally or within the file's window by its per-layer
   pattern, the sliding layers with their own RoPE base, their own KV head count (head_count_kv one a layer:
@@ -571,6 +582,8 @@ class Family:
     #                                    layers, HY V3's write no leading_dense_block_count): ModelConfig.routed
     moe_beside_ffn: bool = False       # an expert layer keeps its dense FFN (ffn_gate/up/down), which its model's
     #                                    layer runs beside the experts (Gemma 4: lowtune.gemma4)
+    moe_adjugate: bool = False         # each group of experts_per_group experts has an adjugate expert (ffn_*_chexps),
+    #                                    run on the experts' output (Grove MoE: lowtune.model.MoE.adjugate_experts)
     moe_residual: bool = False         # with moe_beside_ffn: the experts read the layer's input normed by
     #                                    ffn_norm_exps and their output joins the layer's, the dense FFN D wide
     #                                    after attention (feed_forward_length the experts' width: Arctic)
@@ -834,6 +847,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("rwkv6", norm="layer", embedding_norm=True, rwkv=6),
     Family("arwkv7", rwkv=7, rwkv_mlp=True),
     Family("rwkv6qwen2", rwkv=6, rwkv_mlp=True),
+    Family("bailingmoe2", rope="neox", qk_norm="head", moe=True, moe_weight_keys=True, nextn_layers=True),
+    Family("grovemoe", rope="neox", qk_norm="head", moe=True, moe_adjugate=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)

@@ -172,8 +172,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
     if c.family.sub_norms:
         return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
-    if c.family.moe_residual:
-        return None  # (Arctic's experts beside the layer, on its input: the model's own steps)
+    if c.family.moe_residual or c.experts_per_group:
+        return None  # (Arctic's experts beside the layer, on its input; Grove MoE's adjugate experts: the model's own
+        #             steps)
     if c.family.attn_gate:
         return None  # (AFMoE's output gate, its own product: the model's own steps)
     if not _positions_unscaled(c, cache.max_len):

@@ -192,6 +192,9 @@ class ModelConfig:
     expert_weights_scale: float = 1.0  # the chosen experts' weights are multiplied by this (DeepSeek)
     expert_groups: int = 0        # experts are picked from the expert_groups_used best of this many groups
     expert_groups_used: int = 0   # (a group's score: the sum of its two best; 0: no groups)
+    experts_per_group: int = 0    # Grove MoE: an adjugate expert for each group of this many experts (0: none),
+    adjugate_ffn_dim: int = 0     # ... each this wide (expert_chunk_feed_forward_length; 0: head_dim),
+    expert_group_scale: float = 0.0  # ... their output weighed by this (expert_group_scale)
     q_lora_rank: int = 0          # multi-head latent attention: q's latent width (0: q straight from x)
     kv_lora_rank: int = 0         # ... the keys' and values' latent width (0: no latent attention)
     kv_b_whole: bool = False      # ... attn_kv_b, not split into attn_k_b and attn_v_b (older conversions)
@@ -523,6 +526,10 @@ class ModelConfig:
                                  "softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the softmax "
                                  "of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
+            if fam.moe_adjugate:  # (Grove MoE's adjugate experts, as llama.cpp's grovemoe reads them)
+                experts.update(experts_per_group=int(get("experts_per_group")),
+                               adjugate_ffn_dim=int(md.get(f"{arch}.expert_chunk_feed_forward_length", 0) or 0),
+                               expert_group_scale=float(get("expert_group_scale")))
             shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
@@ -1233,6 +1240,11 @@ class MoE(nn.Module):
         scale = w.get(p + "ffn_down_exps.scale")
         self.register_buffer("expert_scales", None if scale is None else _vector(scale), persistent=False)
         self.activation = config.family.activation
+        # Grove MoE's adjugate experts, one for each group of experts_per_group experts (frozen as the experts)
+        self.gate_chexps, self.up_chexps, self.down_chexps = (
+            QLinear(w[p + n + ".weight"], p + n + ".weight") if config.experts_per_group else None
+            for n in ("ffn_gate_chexps", "ffn_up_chexps", "ffn_down_chexps"))
+        self.group_size, self.group_scale = config.experts_per_group, config.expert_group_scale
         self.ffn_gate_shexp = self.ffn_up_shexp = self.ffn_down_shexp = None
         self.register_buffer("shared_gate", None, persistent=False)
         if config.shared_expert_ffn_dim:
@@ -1277,12 +1289,32 @@ class MoE(nn.Module):
             xe = (x[rows].float() * weight).to(x.dtype) if self.weight_before else x[rows]
             y = self._expert(xe, *self.gate_up_of(e), self.down_exps.weight.rows(e * d, (e + 1) * d), e)
             out = out.index_add(0, rows, (y if self.weight_before else (y.float() * weight).to(out.dtype)))
+        if self.down_chexps is not None:
+            out = out + self.group_scale * self.adjugate_experts(out, logits, probs)
         if self.ffn_up_shexp is not None:  # (through the modules: adapters may wrap them)
             s = self.ffn_down_shexp(self._mlp(self.ffn_gate_shexp and self.ffn_gate_shexp(x), self.ffn_up_shexp(x)))
             if self.shared_gate is not None:
                 s = (s.float() * torch.sigmoid(x.float() @ self.shared_gate)[:, None]).to(s.dtype)
             out = (out + s) * 0.5 if self.shared_average else out + s
         return out.view_as(h)
+
+    def adjugate_experts(self, x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Grove MoE's adjugate experts on x [N, D] as llama.cpp's grovemoe runs them: x is the routed experts'
+        output; each of the top min(k, adjugates) experts e by the router's logits picks adjugate e // group,
+        weighed by expert e // group's probability, those weights divided by their sum."""
+        n = self.down_chexps.out_features // x.shape[-1]
+        chosen = logits.topk(min(self.n_used, n), dim=-1).indices // self.group_size
+        weights = probs.gather(-1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+        f, out = self.up_chexps.out_features // n, torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            gate, up = (t.weight.rows(e * f, (e + 1) * f) for t in (self.gate_chexps, self.up_chexps))
+            xe = x[rows]
+            y = ops.qmatmul(self._mlp(ops.qmatmul(xe, gate), ops.qmatmul(xe, up)),
+                            self.down_chexps.weight.rows(e * x.shape[-1], (e + 1) * x.shape[-1]))
+            out = out.index_add(0, rows, (y.float() * weights[rows, slot, None]).to(out.dtype))
+        return out
 
     def gate_up_of(self, e: int) -> tuple[QTensor | None, QTensor]:
         """Expert e's gate (None where the experts have none) and up rows."""
@@ -1916,8 +1948,9 @@ class DecoderLayer(nn.Module):
         self.l2_normed = c.l2_normed(index)
         p = f"blk.{index}."
         # the GGUF layer name of each norm whose attribute is another name
-        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor, "post_attention_norm": fam.post_norm_tensors[0],
-                           "post_ffw_norm": fam.post_norm_tensors[1]}
+        self.norm_files = {"ffn_norm": fam.ffn_norm_tensor}
+        if fam.post_norms:  # (Grok's names of them; gpt-oss's FFN norm is its file's post_attention_norm)
+            self.norm_files.update(post_attention_norm=fam.post_norm_tensors[0], post_ffw_norm=fam.post_norm_tensors[1])
         attrs = {file: attr for attr, file in self.norm_files.items()}
         for name, shape in layer_norm_shapes(c, index).items():
             if fam.qk_norm_optional and name in QK_NORM_NAMES and p + name + ".weight" not in w:
@@ -2050,10 +2083,10 @@ class DecoderLayer(nn.Module):
         CUDA, where forward's add and norm are two; for one row both norms, and SwiGLU's product,
         run inside the product after them). m None: the pair of forward(x)."""
         c, i = self.config, self.index  # (parallel: the FFN reads the attention's normed input)
-        if self.residual_moe:  # (Arctic: the experts read the layer's input)
+        if self.residual_moe:  # (Arctic: the experts read the layer's input; added last, as forward adds them)
             x = x if m is None else x + m
             y, h = self.attend(x, rot, cache, start)
-            return y, self._mlp_rows(h) + self.residual_experts(x)
+            return y + self._mlp_rows(h), self.residual_experts(x)
         if c.parallel or c.family.parallel_ssm or not (self.attends and c.has_ffn(i)):
             x, h = self.attend(x if m is None else x + m, rot, cache, start)
             return x, None if h is None else self._mlp_rows(h)
@@ -2739,6 +2772,10 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
         e, f = c.n_experts, c.expert_width
         moe = {"ffn_gate_inp": (e, c.dim), "ffn_gate_exps": (e * f, c.dim), "ffn_up_exps": (e * f, c.dim),
                "ffn_down_exps": (e * c.dim, f)}
+        if c.experts_per_group:  # (Grove MoE's adjugate experts)
+            n, fa = e // c.experts_per_group, c.adjugate_ffn_dim or c.head_dim
+            moe.update({"ffn_gate_chexps": (n * fa, c.dim), "ffn_up_chexps": (n * fa, c.dim),
+                        "ffn_down_chexps": (n * c.dim, fa)})
         if c.shared_expert_ffn_dim:
             fs = c.shared_expert_ffn_dim
             moe.update({"ffn_gate_shexp": (fs, c.dim), "ffn_up_shexp": (fs, c.dim), "ffn_down_shexp": (c.dim, fs)})
