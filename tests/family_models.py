@@ -37,7 +37,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
@@ -726,6 +726,13 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attention.wqkv.weight": qkv.reshape(-1, D), p + "attention.wo.weight": o,
                       p + "feed_forward.w1.weight": gate, p + "feed_forward.w3.weight": up,
                       p + "feed_forward.w2.weight": down})
+        elif name == "chatglm":  # query_key_value with a bias; dense_h_to_4h holds the gate rows, then up's
+            p = f"transformer.encoder.layers.{i}."
+            w.update({p + "input_layernorm.weight": n1, p + "post_attention_layernorm.weight": n2,
+                      p + "self_attention.query_key_value.weight": torch.cat([q, k, v]),
+                      p + "self_attention.query_key_value.bias": vec(D + 2 * hkv * hd),
+                      p + "self_attention.dense.weight": o, p + "mlp.dense_h_to_4h.weight": torch.cat([gate, up]),
+                      p + "mlp.dense_4h_to_h.weight": down})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -744,6 +751,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
     if name in ("exaone", "qwen"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
+    elif name == "chatglm":  # (the rotary table, which the converter drops)
+        w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
+                  final, "transformer.output_layer.weight": head, "transformer.rotary_pos_emb.inv_freq": vec(hd // 4)})
     elif name == "internlm2":
         w.update({"model.tok_embeddings.weight": embed, "model.norm.weight": final, "output.weight": head})
     else:
@@ -756,6 +766,11 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                        layer_norm_epsilon=1e-5, activation_function="silu", rope_theta=10000.0, rope_scaling={
                            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 32}),
+        # ChatGLM3's keys: RoPE on half of each head, the KV groups as multi_query_group_num
+        "chatglm": dict(architectures=["ChatGLMModel"], model_type="chatglm", num_layers=layers, kv_channels=hd,
+                        ffn_hidden_size=ffn, multi_query_attention=True, multi_query_group_num=hkv,
+                        padded_vocab_size=V, layernorm_epsilon=1e-5, rmsnorm=True, add_qkv_bias=True,
+                        add_bias_linear=False, post_layer_norm=True, seq_length=256, rope_ratio=1.0),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -831,16 +846,17 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm, gpt2, gpt_oss,
-                        gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron, olmo, phi, qwen,
-                        stablelm, starcoder, xverse)
+from conversion import (baichuan, bloom, chatglm, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm,
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
+                        olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny
+# models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -854,7 +870,8 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = \
+    lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
 _neox_parameters = gptneox.GPTNeoXModel.set_gguf_parameters
@@ -1120,7 +1137,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma4.embedding_length_per_layer_input": GEMMA4["hidden_size_per_layer_input"],
                    "gemma4.rope.freq_base": 1e6, "gemma4.rope.freq_base_swa": 1e4,
                    "gemma4.final_logit_softcapping": 5.0})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2", "gptneox", "stablelm"):  # RoPE on half a head
+    # RoPE on half a head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2", "gptneox", "stablelm", "chatglm"):
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "gptneox":  # (its converter writes no KV head count: as many as the heads)
         md["gptneox.attention.head_count_kv"] = H

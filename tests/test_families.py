@@ -143,10 +143,12 @@ def assert_logits_and_what_matters(path, ids, want, switch_offs, label: str) -> 
 
 
 # what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
+NO_QKV_BIAS = ("the q/k/v biases", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
+                                              for n in ("attn_q", "attn_k", "attn_v")])
 REMOTE_CODE_SWITCH_OFF = {
     "exaone": [("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))],
-    "qwen": [("the fused q/k/v bias", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
-                                                for n in ("attn_q", "attn_k", "attn_v")])],
+    "qwen": [NO_QKV_BIAS],
+    "chatglm": [NO_QKV_BIAS],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
 }
@@ -178,6 +180,36 @@ def test_exaone_logits_match_transformers_llama(tiny):
         want, got = hf(ids).logits, Model.from_gguf(tiny["exaone"].gguf)(ids)
     print(f"exaone: logits vs transformers' Llama, relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
+
+
+def test_chatglm_of_transformers_glm(tiny, llamacpp_source, tmp_path):
+    """GLM-4 9B's transformers checkpoints (GlmForCausalLM: q, k and v apart, RoPE on adjacent pairs of half of
+    each head) are what llama.cpp's converter writes as chatglm: transformers' logits are the converted file's,
+    its directory refused by class, saying to convert it."""
+    import shutil
+
+    import transformers as tf
+
+    import lowtune
+    hf = randomized(tf.GlmForCausalLM(tf.GlmConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+        head_dim=D // H, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, attention_bias=True)), "chatglm")
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "seq_length": 256}))  # (the converter's context)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["chatglm"].hf_dir / name, tmp_path / "hf" / name)
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "glm.gguf")])
+    with GGUFFile(tmp_path / "glm.gguf") as f:
+        assert f.metadata["general.architecture"] == "chatglm" and "blk.0.attn_q.bias" in f.tensor_infos
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert_logits_and_what_matters(tmp_path / "glm.gguf", ids, want, [NO_QKV_BIAS],
+                                   "chatglm: logits vs transformers' GLM")
+    with pytest.raises(ValueError, match="GlmForCausalLM \\(chatglm\\) is read from GGUF only.*convert_hf_to_gguf.py"):
+        lowtune.load_model(tmp_path / "hf")
 
 
 def config_fields(config: ModelConfig) -> dict:
@@ -1686,8 +1718,8 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

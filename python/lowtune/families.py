@@ -80,6 +80,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen          neox  silu       -           -         -          -                        if the file gives one
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
+    chatglm       norm  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -249,7 +250,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
   a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
   intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
-  XVERSE (xverse: XVERSE-7B to 65B) as Llama. Their Hugging Face directories are refused, saying to convert
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama; ChatGLM (chatglm: ChatGLM2, ChatGLM3, GLM-4 9B's first
+  checkpoints) with RoPE on adjacent pairs of the first half of each head (GLM-4's), q/k/v fused in attn_qkv with
+  a bias and gate and up fused in ffn_up (Phi-3's). Their Hugging Face directories are refused, saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -640,6 +643,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("orion", rope="neox", norm="layer", hf_architectures=("OrionForCausalLM",), hf_model_types=("orion",),
            hf_writable=False),
     Family("xverse"),
+    Family("chatglm"),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -685,7 +689,10 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
-                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds")}
+                 "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),
+                 "ChatGLMModel": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
+                 "ChatGLMForConditionalGeneration": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
+                 "GlmForCausalLM": ("chatglm", "GLM's layers, which the converter writes as ChatGLM's")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
