@@ -37,8 +37,13 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
+# Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
+# and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
+# 2/3 of it times the width, rounded up to 256): attention of 2 KV heads, neither attention nor FFN (not last:
+# llama.cpp fails on a last layer without tensors), a linear, an FFN alone, attention of 1 KV head
+DECI_BLOCKS = ((2, False, 1.0), (None, False, None), (None, True, 1.0), (None, False, 7.0), (4, False, 7.0))
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
 # q/k norms and Falcon: read from GGUF, their HF directories refused)
@@ -709,6 +714,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     if not mha:
         cfg["num_key_value_heads"] = hkv
     w = {}
+    if name == "deci":
+        layers = len(DECI_BLOCKS)
     for i in range(layers):
         q, k, v, o = mat(D, D), mat(hkv * hd, D), mat(hkv * hd, D), mat(D, D)
         gate, up, down = mat(F, D), mat(F, D), mat(D, F)
@@ -733,6 +740,19 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "self_attention.query_key_value.bias": vec(D + 2 * hkv * hd),
                       p + "self_attention.dense.weight": o, p + "mlp.dense_h_to_4h.weight": torch.cat([gate, up]),
                       p + "mlp.dense_4h_to_h.weight": down})
+        elif name == "deci":  # Llama's names, each layer's own parts and widths
+            p, (group, linear, mult) = f"model.layers.{i}.", DECI_BLOCKS[i]
+            if group:
+                w.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": mat(H // group * hd, D),
+                          p + "self_attn.v_proj.weight": mat(H // group * hd, D), p + "self_attn.o_proj.weight": o})
+            elif linear:
+                w[p + "self_attn.linear_attn.weight"] = o
+            if group or linear:
+                w[p + "input_layernorm.weight"] = n1
+            if mult:
+                f = -(-int(2 * mult * D / 3) // 256) * 256
+                w.update({p + "post_attention_layernorm.weight": n2, p + "mlp.gate_proj.weight": mat(f, D),
+                          p + "mlp.up_proj.weight": mat(f, D), p + "mlp.down_proj.weight": mat(D, f)})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -771,6 +791,16 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                         ffn_hidden_size=ffn, multi_query_attention=True, multi_query_group_num=hkv,
                         padded_vocab_size=V, layernorm_epsilon=1e-5, rmsnorm=True, add_qkv_bias=True,
                         add_bias_linear=False, post_layer_norm=True, seq_length=256, rope_ratio=1.0),
+        # Llama-3.1-Nemotron's keys and Llama 3's RoPE scaling, over an original context shorter than the test
+        # sequences
+        "deci": dict(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", num_hidden_layers=layers,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", block_configs=[
+                         {"attention": {"n_heads_in_group": group, "no_op": not group and not linear,
+                                        "replace_with_linear": linear},
+                          "ffn": {"ffn_mult": mult, "no_op": mult is None, "replace_with_linear": False}}
+                         for group, linear, mult in DECI_BLOCKS], rope_scaling={
+                             "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32}),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -846,7 +876,7 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, chatglm, command_r, deepseek, exaone, falcon, falcon_h1, gemma, glm,
+from conversion import (baichuan, bloom, chatglm, command_r, deci, deepseek, exaone, falcon, falcon_h1, gemma, glm,
                         gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
                         olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
@@ -855,8 +885,8 @@ from conversion.base import TextModel
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny
-# models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer); Gemma 4's only its own BPE one
+# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -870,7 +900,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     command_r.Cohere2MoeModel.set_vocab = gptneox.GPTNeoXModel.set_vocab = stablelm.StableLMModel.set_vocab = \
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
-    kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = \
+    kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1077,7 +1107,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     layers = (len(LFM2_LAYERS) if fam.short_conv else len(NEMOTRON_H_PATTERN) if fam.layer_parts
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
-                    "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS,
+                    "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS, "deci": len(DECI_BLOCKS),
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1107,6 +1137,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
+    if fam.per_layer_blocks:  # (Deci's layers of their own parts and widths: tests/family_models' DECI_BLOCKS)
+        md.update({"deci.attention.head_count": [H if group or linear else 0 for group, linear, _ in DECI_BLOCKS],
+                   "deci.attention.head_count_kv": [H // group if group else 0 for group, _, _ in DECI_BLOCKS],
+                   "deci.feed_forward_length": [{None: 0, 1.0: F, 7.0: 2 * F}[mult] for _, _, mult in DECI_BLOCKS]})
     if fam.attention_free:  # (Mamba-2, Mamba: the converter's head_count and feed_forward_length of 0, no KV heads)
         md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
         del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
@@ -1268,8 +1302,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_conv1d.bias": vec(m.conv_dim), p + "ssm_dt.bias": vec(m.heads),
                       p + "ssm_a": -torch.exp(vec(m.heads)), p + "ssm_d": vec(m.heads, 1.0),
                       p + "ssm_norm.weight": vec(m.inner, 1.0)})
-        if not c.has_mixer(i) or c.is_ssm(i) and not c.has_attention(i):  # (Nemotron-H's MLP layers; Mamba2's)
-            pass
+        if not c.has_mixer(i) or c.is_ssm(i) and not c.has_attention(i) or i in c.linear_attention_layers:
+            pass  # (Nemotron-H's MLP layers; Mamba2's; Deci's linear, attn_output alone)
         elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
@@ -1343,7 +1377,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
-        if c.has_attention(i):
+        if c.has_attention(i) or i in c.linear_attention_layers:
             w[p + "attn_output.weight"] = mat(D, q)
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)

@@ -33,7 +33,7 @@ from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
-                           SSM_LINEAR_NAMES, Model, ModelConfig, NoNorm, QLinear, alibi_slopes, rope_inv_freq,
+                           SSM_LINEAR_NAMES, KVCache, Model, ModelConfig, NoNorm, QLinear, alibi_slopes, rope_inv_freq,
                            selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.tokenizer import load_tokenizer
@@ -145,8 +145,12 @@ def assert_logits_and_what_matters(path, ids, want, switch_offs, label: str) -> 
 # what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
 NO_QKV_BIAS = ("the q/k/v biases", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
                                               for n in ("attn_q", "attn_k", "attn_v")])
+LLAMA3_ROPE_FREQS = ("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))
 REMOTE_CODE_SWITCH_OFF = {
-    "exaone": [("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))],
+    "exaone": [LLAMA3_ROPE_FREQS],
+    "deci": [LLAMA3_ROPE_FREQS, ("the linear in attention's place", lambda m: [
+        setattr(layer, "config", dataclasses.replace(layer.config, attentionless_layers=(layer.index,)))
+        for layer in m.layers if layer.index in m.config.linear_attention_layers])],
     "qwen": [NO_QKV_BIAS],
     "chatglm": [NO_QKV_BIAS],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
@@ -955,11 +959,11 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
-# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms)
+# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's layers of their own parts and widths)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
-                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt"))
+                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1223,8 +1227,10 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
+    linear = ["attn_output"] + targets[4:]  # (Deci's linear in attention's place)
     kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
-                       else ssm if c.is_ssm(i) else delta if c.is_delta(i) else targets)  # (Falcon-H1: both)
+                       else ssm if c.is_ssm(i) else delta if c.is_delta(i)  # (Falcon-H1: both)
+                       else linear if i in c.linear_attention_layers else targets)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith("ffn_")  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's and Gemma 4's last layers compute no K/V: theirs are earlier layers'; Gemma 4's global
@@ -1274,12 +1280,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h", "deci"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
     Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; or
-    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer): streamed, the first two read
-    from the file, the model trains as the resident one, every layer's pack holding its own kind's matrices."""
+    attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a layer; Deci: attention, a linear, an
+    MLP alone or nothing, MLPs of their own widths): streamed, the first two read from the file, the model trains
+    as the resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
@@ -1291,9 +1298,10 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     packs = streaming.streamer.packs
     own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"], "ssm": list(SSM_LINEAR_NAMES),
            "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
-           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "mlp": []}
+           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "linear": ["attn_output"], "mlp": []}
     kind = lambda i: ("mlp" if not c.has_mixer(i) else "conv" if c.is_conv(i)  # noqa: E731
-                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i) else "attention")
+                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i)
+                      else "linear" if i in c.linear_attention_layers else "attention")
     ffn = lambda i: [n for n in ("ffn_down", "ffn_gate", "ffn_up")  # noqa: E731
                      if c.has_ffn(i) and (c.family.gated or n != "ffn_gate")]
     assert {kind(i) for i in range(c.n_layers)} > {"attention"}  # (two kinds)
@@ -1301,7 +1309,8 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
         assert sorted(lin.name.split(".", 2)[2] for lin in packs[i].linears) == sorted(
             n + ".weight" for n in ffn(i) + own[kind(i)]), i
     attending = next(i for i in range(c.n_layers) if kind(i) == "attention")
-    assert packs[0].nbytes != packs[attending].nbytes  # (the slots hold the larger)
+    other = next(i for i in range(c.n_layers) if kind(i) != "attention")
+    assert packs[other].nbytes != packs[attending].nbytes  # (the slots hold the larger)
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
@@ -1709,6 +1718,28 @@ def test_remote_code_variants_and_directories_refused(tiny):
             lowtune.load_model(tiny[name].hf_dir)
 
 
+def test_deci_layers_of_their_own_parts_and_widths(tiny):
+    """Deci's converted file gives each layer its own heads, KV heads and FFN width: attention with 2 and with 1
+    KV heads, a layer of neither attention nor FFN, a linear in attention's place, an FFN alone; only the
+    attending layers keep K/V. A layer that attends (or runs its linear) without an FFN, which llama.cpp's graph
+    runs without its attention's output, is refused, and so are query head counts that differ by layer."""
+    model = Model.from_gguf(tiny["deci"].gguf)
+    c = model.config
+    assert [w[1:3] for w in c.layer_widths] == [(2, 2 * F), (2, 0), (2, 2 * F), (2, 4 * F), (1, 4 * F)]
+    assert (c.attentionless_layers, c.linear_attention_layers, c.ffnless_layers) == ((1, 3), (2,), (1,))
+    assert [c.has_attention(i) for i in range(c.n_layers)] == [True, False, False, False, True]
+    cache = KVCache(c, 1, 8, "cpu", torch.float32)
+    assert [tuple(k.shape) for k in cache.k] == [(1, 2, 8, 16), (0,), (0,), (0,), (1, 1, 8, 16)]
+    md = model.metadata
+    for layer, what in ((0, "attends"), (2, "runs a linear")):
+        ffn = [w[2] for w in c.layer_widths]
+        ffn[layer] = 0
+        with pytest.raises(ValueError, match=f"layer {layer} of this deci file {what} without an FFN.*drops"):
+            ModelConfig.from_gguf_metadata({**md, "deci.feed_forward_length": ffn})
+    with pytest.raises(ValueError, match="query head counts \\[4, 0, 4, 0, 2\\]"):
+        ModelConfig.from_gguf_metadata({**md, "deci.attention.head_count": [4, 0, 4, 0, 2]})
+
+
 def test_families_and_refusals():
     assert SUPPORTED == ("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid", "nemotron_h",
                          "nemotron_h_moe", "mamba2", "falcon-h1", "mamba", "jamba", "minicpm", "minicpm3", "ernie4_5",
@@ -1718,8 +1749,8 @@ def test_families_and_refusals():
                          "command-r", "cohere2", "cohere2moe", "glm4", "hunyuan-dense", "hunyuan-moe", "nemotron",
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "qwen2vl",
-                         "qwen3vl", "qwen3vlmoe")
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
+                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

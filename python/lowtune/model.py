@@ -197,6 +197,10 @@ class ModelConfig:
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
     mlp_layers: tuple[int, ...] | None = None  # the layers that are an MLP alone, the others a mixer alone
     #                               (Nemotron-H: Family.layer_parts); None: every layer a mixer and an FFN
+    attentionless_layers: tuple[int, ...] = ()  # layers without attention, an FFN alone or nothing (Deci's)
+    linear_attention_layers: tuple[int, ...] = ()  # layers whose attention is attn_output of the normed input
+    #                               alone (Deci's replace_with_linear)
+    ffnless_layers: tuple[int, ...] = ()  # layers without an FFN (Deci's)
     delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5; Kimi Delta
     #                                     Attention's: Family.kda)
     ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
@@ -279,17 +283,17 @@ class ModelConfig:
         return layer in self.ssm_layers
 
     def has_mixer(self, layer: int) -> bool:
-        """Whether layer `layer` mixes positions (attention or its recurrent stand-in) before an FFN or alone."""
-        return self.mlp_layers is None or layer not in self.mlp_layers
+        """Whether layer `layer` mixes positions (attention or its stand-in) before an FFN or alone."""
+        return (self.mlp_layers is None or layer not in self.mlp_layers) and layer not in self.attentionless_layers
 
     def has_ffn(self, layer: int) -> bool:
         """Whether layer `layer` has an FFN (dense or experts) after its mixer, or as all of it."""
-        return self.mlp_layers is None or layer in self.mlp_layers
+        return (self.mlp_layers is None or layer in self.mlp_layers) and layer not in self.ffnless_layers
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
         in_place = self.is_conv(layer) or self.is_delta(layer) or self.is_ssm(layer) and not self.family.parallel_ssm
-        return self.has_mixer(layer) and not in_place
+        return self.has_mixer(layer) and not in_place and layer not in self.linear_attention_layers
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
@@ -352,8 +356,9 @@ class ModelConfig:
                 raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
         n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
+        blocks = _per_layer_blocks(md, arch, n_layers) if fam.per_layer_blocks else {}
+        dim, n_heads = int(get("embedding_length")), blocks.pop("n_heads", None) or int(get("attention.head_count"))
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
         elif nextn:
@@ -512,6 +517,9 @@ class ModelConfig:
             parts["layer_widths"] = _layer_widths(md, arch, n_layers, sliding)
             first_global = next((i for i in range(n_layers) if i not in sliding), 0)
             head_dim, global_kv_heads, ffn, _ = parts["layer_widths"][first_global]
+        if blocks:  # (each layer's own parts and widths, ModelConfig.at_layer; the config's fields the widest)
+            ffn = max(w[2] for w in blocks["layer_widths"])
+            parts.update(blocks)
         if fam.ffn_length_both_halves:  # (Qwen's file counts gate and up: llama.cpp's n_ff / 2)
             ffn = int(ffn) // 2
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
@@ -538,6 +546,8 @@ class ModelConfig:
             alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
+        elif blocks:
+            n_kv_heads, conv = blocks["layer_widths"][0][1], {}
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net or fam.kda else {}
@@ -649,6 +659,38 @@ def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> t
     kv, ffn = per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
     return tuple(((swa if i in sliding else full)[0], kv[i], ffn[i], (swa if i in sliding else full)[1])
                  for i in range(n_layers))
+
+
+def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
+    """Deci's layers as llama.cpp's deci reads its converter's per-layer head_count, head_count_kv and
+    feed_forward_length: no heads, no attention; heads without KV heads, attn_output alone on the normed input
+    in attention's place; no FFN width, no FFN. ModelConfig's fields: n_heads, each layer's widths (a layer
+    without attention the KV heads of the first with it) and its layers of each kind."""
+    def per_layer(key, default=None):
+        v = md.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
+        return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
+    heads = per_layer("attention.head_count")
+    kv, ffn = per_layer("attention.head_count_kv", heads), per_layer("feed_forward_length")
+    if len({h for h in heads if h}) > 1:
+        raise ValueError(f"this {arch} file gives its layers query head counts {heads}; lowtune runs one count for "
+                         "every layer with attention")
+    n_heads = max(heads)
+    dim = int(md[f"{arch}.embedding_length"])
+    head_dim = int(md.get(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
+    rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
+    for i in range(n_layers):
+        if heads[i] and not ffn[i]:
+            raise ValueError(f"layer {i} of this {arch} file {'attends' if kv[i] else 'runs a linear'} without an "
+                             "FFN, whose output llama.cpp's deci graph drops (it skips the rest of a layer without "
+                             "an FFN) where the checkpoint adds it; lowtune does not run a layer the two disagree on")
+    kv_heads = next((k for k in kv if k), n_heads)
+    return {"n_heads": n_heads,
+            "layer_widths": tuple((head_dim, kv[i] or kv_heads, ffn[i], rope_dim) for i in range(n_layers)),
+            "attentionless_layers": tuple(i for i in range(n_layers) if not heads[i]),
+            "linear_attention_layers": tuple(i for i in range(n_layers) if heads[i] and not kv[i]),
+            "ffnless_layers": tuple(i for i in range(n_layers) if not ffn[i])}
 
 
 def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
@@ -980,6 +1022,10 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         # (a parallel FFN reads attn_norm's output, but GPT-NeoX's its own norm; a layer of one part has one)
         if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts or fam.attention_free):
             out[fam.ffn_norm_tensor] = (c.dim,)
+    if layer in c.attentionless_layers:  # (Deci's layers without attention: no attn_norm; without an FFN, no ffn_norm)
+        del out["attn_norm"]
+    if layer in c.ffnless_layers:
+        del out[fam.ffn_norm_tensor]
     if fam.post_norms:
         out.update(post_attention_norm=(c.dim,), post_ffw_norm=(c.dim,))
     if fam.sub_norms:
@@ -1624,6 +1670,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
         ssm = MAMBA_LINEAR_NAMES if config.family.mamba1 else SSM_LINEAR_NAMES
         names = names[4:] + (ssm if config.is_ssm(index) else ())
+        if index in config.linear_attention_layers:  # (Deci's linear in attention's place)
+            names = ("attn_output",) + names
         if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
             fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
             delta = KDA_LINEAR_NAMES if config.family.kda else DELTA_LINEAR_NAMES
@@ -1813,8 +1861,10 @@ class DecoderLayer(nn.Module):
         """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input; None
         where the layer has no MLP). A layer of an MLP alone norms its input with attn_norm (Nemotron-H)."""
         c, i = self.config, self.index
-        if not c.has_mixer(i):
-            return x, self.attn_norm(x)
+        if not c.has_mixer(i):  # (Deci's FFN alone reads its ffn_norm; without an FFN, the layer passes x on)
+            if not c.has_ffn(i):
+                return x, None
+            return x, (self.ffn_norm if hasattr(self, "ffn_norm") else self.attn_norm)(x)
         if not c.has_ffn(i):
             return x + self.attention_branch(x, rot, cache, start), None
         if c.parallel:  # (the FFN's input: its own norm of x where it has one, GPT-NeoX's, Falcon 40B's; else h)
@@ -1839,8 +1889,10 @@ class DecoderLayer(nn.Module):
                         normed: torch.Tensor | None = None, qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """attention_branch's attention, or its recurrent stand-in, without a Mamba2 mixer beside it."""
         c, fam = self.config, self.config.family
-        if not self.attends:  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
+        if not self.attends:  # (attention's stand-ins: LFM2, Mamba2, Gated DeltaNet, Deci's linear)
             h = self.attn_norm(x) if normed is None else normed
+            if self.index in c.linear_attention_layers:
+                return self.attn_output(h)
             if self.shortconv is not None:
                 return self.shortconv(h, cache, start)
             if self.delta_net:
@@ -2492,6 +2544,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                 own["ssm_ba.weight"] = (2 * c.ssm_v_heads, c.dim)
             want.update({p + n: shape for n, shape in own.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if i in c.linear_attention_layers:  # (Deci's linear in attention's place)
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n == "attn_output" or n.startswith("ffn_")}
         if not c.has_ffn(i):  # a mixer alone (Nemotron-H)
             layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         if not c.has_mixer(i):  # an MLP alone (Nemotron-H)
