@@ -37,13 +37,17 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
 # 2/3 of it times the width, rounded up to 256): attention of 2 KV heads, neither attention nor FFN (not last:
 # llama.cpp fails on a last layer without tensors), a linear, an FFN alone, attention of 1 KV head
 DECI_BLOCKS = ((2, False, 1.0), (None, False, None), (None, True, 1.0), (None, False, 7.0), (4, False, 7.0))
+# OpenELM's tiny model: each layer's query heads, KV heads and FFN multiplier (its width that times D, a multiple of
+# OPENELM_FFN_DIVISOR)
+OPENELM_LAYERS = ((2, 1, 1.0), (4, 2, 2.0), (4, 1, 3.0))
+OPENELM_FFN_DIVISOR = 64
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES  # llama.cpp ignores a llama window
 # (Gemma 3n, Gemma 4, Nemotron-H, Mamba-2, Falcon-H1, Mamba, GPT-2, StarCoder, BLOOM, MPT, StableLM 2 12B's per-head
 # q/k norms and Falcon: read from GGUF, their HF directories refused)
@@ -714,8 +718,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     if not mha:
         cfg["num_key_value_heads"] = hkv
     w = {}
-    if name == "deci":
-        layers = len(DECI_BLOCKS)
+    if name in ("deci", "openelm"):
+        layers = len(DECI_BLOCKS if name == "deci" else OPENELM_LAYERS)
     for i in range(layers):
         q, k, v, o = mat(D, D), mat(hkv * hd, D), mat(hkv * hd, D), mat(D, D)
         gate, up, down = mat(F, D), mat(F, D), mat(D, F)
@@ -753,6 +757,14 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                 f = -(-int(2 * mult * D / 3) // 256) * 256
                 w.update({p + "post_attention_layernorm.weight": n2, p + "mlp.gate_proj.weight": mat(f, D),
                           p + "mlp.up_proj.weight": mat(f, D), p + "mlp.down_proj.weight": mat(D, f)})
+        elif name == "openelm":  # each layer's own heads and width: q/k/v in qkv_proj, gate and up in proj_1
+            p, (heads, kv_heads, mult) = f"transformer.layers.{i}.", OPENELM_LAYERS[i]
+            f = int(mult * D)
+            w.update({p + "attn_norm.weight": n1, p + "ffn_norm.weight": n2,
+                      p + "attn.qkv_proj.weight": mat((heads + 2 * kv_heads) * hd, D),
+                      p + "attn.q_norm.weight": vec(hd, 1.0), p + "attn.k_norm.weight": vec(hd, 1.0),
+                      p + "attn.out_proj.weight": mat(D, heads * hd), p + "ffn.proj_1.weight": mat(2 * f, D),
+                      p + "ffn.proj_2.weight": mat(D, f)})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -774,6 +786,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     elif name == "chatglm":  # (the rotary table, which the converter drops)
         w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
                   final, "transformer.output_layer.weight": head, "transformer.rotary_pos_emb.inv_freq": vec(hd // 4)})
+    elif name == "openelm":  # (its head tied to the embeddings)
+        w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
     elif name == "internlm2":
         w.update({"model.tok_embeddings.weight": embed, "model.norm.weight": final, "output.weight": head})
     else:
@@ -801,6 +815,14 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                          for group, linear, mult in DECI_BLOCKS], rope_scaling={
                              "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 32}),
+        # OpenELM's keys (its head tied to the embeddings)
+        "openelm": dict(architectures=["OpenELMForCausalLM"], model_type="openelm", num_transformer_layers=layers,
+                        model_dim=D, head_dim=hd, num_query_heads=[h for h, _, _ in OPENELM_LAYERS],
+                        num_kv_heads=[k for _, k, _ in OPENELM_LAYERS],
+                        ffn_multipliers=[m for _, _, m in OPENELM_LAYERS], ffn_dim_divisor=OPENELM_FFN_DIVISOR,
+                        ffn_with_glu=True, normalize_qk_projections=True, share_input_output_layers=True,
+                        rope_freq_constant=10000, rope_max_length=256, max_context_length=256,
+                        activation_fn_name="swish", tie_word_embeddings=True),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -1108,6 +1130,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
                     "exaone-moe": 4, "cohere2moe": 5, "baichuan": BAICHUAN_LAYERS, "deci": len(DECI_BLOCKS),
+                    "openelm": len(OPENELM_LAYERS),
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1137,7 +1160,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
-    if fam.per_layer_blocks:  # (Deci's layers of their own parts and widths: tests/family_models' DECI_BLOCKS)
+    if arch == "openelm":  # (its layers' own heads and widths: OPENELM_LAYERS)
+        md.update({"openelm.attention.head_count": [h for h, _, _ in OPENELM_LAYERS],
+                   "openelm.attention.head_count_kv": [k for _, k, _ in OPENELM_LAYERS],
+                   "openelm.feed_forward_length": [int(m * D) for _, _, m in OPENELM_LAYERS]})
+    if arch == "deci":  # (its layers' own parts and widths: DECI_BLOCKS)
         md.update({"deci.attention.head_count": [H if group or linear else 0 for group, linear, _ in DECI_BLOCKS],
                    "deci.attention.head_count_kv": [H // group if group else 0 for group, _, _ in DECI_BLOCKS],
                    "deci.feed_forward_length": [{None: 0, 1.0: F, 7.0: 2 * F}[mult] for _, _, mult in DECI_BLOCKS]})
@@ -1280,7 +1307,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         if c.layer_widths:  # (Gemma 4: each layer's own widths)
             lc = c.at_layer(i)
-            q, kv, ffn = H * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
+            q, kv, ffn = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
         w.update({p + n + ".weight": vec(shape, 0.3 if fam.query_scale == 1.0 and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c.at_layer(i), i).items()
                  if fam.norm_weights})

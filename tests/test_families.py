@@ -153,6 +153,8 @@ REMOTE_CODE_SWITCH_OFF = {
         for layer in m.layers if layer.index in m.config.linear_attention_layers])],
     "qwen": [NO_QKV_BIAS],
     "chatglm": [NO_QKV_BIAS],
+    "openelm": [("the q/k norms", lambda m: [setattr(layer, n, NoNorm()) for layer in m.layers
+                                            for n in ("attn_q_norm", "attn_k_norm")])],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
 }
@@ -959,11 +961,13 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
-# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's layers of their own parts and widths)
+# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's and OpenELM's layers of their own parts
+# and widths)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
-                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci"))
+                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci",
+                                      "openelm"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1718,11 +1722,11 @@ def test_remote_code_variants_and_directories_refused(tiny):
             lowtune.load_model(tiny[name].hf_dir)
 
 
-def test_deci_layers_of_their_own_parts_and_widths(tiny):
+def test_layers_of_their_own_heads_parts_and_widths(tiny):
     """Deci's converted file gives each layer its own heads, KV heads and FFN width: attention with 2 and with 1
     KV heads, a layer of neither attention nor FFN, a linear in attention's place, an FFN alone; only the
     attending layers keep K/V. A layer that attends (or runs its linear) without an FFN, which llama.cpp's graph
-    runs without its attention's output, is refused, and so are query head counts that differ by layer."""
+    runs without its attention's output, is refused. OpenELM's layers have their own query heads too."""
     model = Model.from_gguf(tiny["deci"].gguf)
     c = model.config
     assert [w[1:3] for w in c.layer_widths] == [(2, 2 * F), (2, 0), (2, 2 * F), (2, 4 * F), (1, 4 * F)]
@@ -1736,8 +1740,12 @@ def test_deci_layers_of_their_own_parts_and_widths(tiny):
         ffn[layer] = 0
         with pytest.raises(ValueError, match=f"layer {layer} of this deci file {what} without an FFN.*drops"):
             ModelConfig.from_gguf_metadata({**md, "deci.feed_forward_length": ffn})
-    with pytest.raises(ValueError, match="query head counts \\[4, 0, 4, 0, 2\\]"):
-        ModelConfig.from_gguf_metadata({**md, "deci.attention.head_count": [4, 0, 4, 0, 2]})
+    openelm = Model.from_gguf(tiny["openelm"].gguf).config
+    assert openelm.layer_heads == (2, 4, 4) and [w[1:3] for w in openelm.layer_widths] == [(1, F // 2), (2, F),
+                                                                                         (1, 3 * F // 2)]
+    assert [tuple(k.shape) for k in KVCache(openelm, 1, 8, "cpu", torch.float32).k] == [
+        (1, 1, 8, 16), (1, 2, 8, 16), (1, 1, 8, 16)]
+    assert [lc.n_heads * lc.head_dim for lc in map(openelm.at_layer, range(3))] == [32, 64, 64]
 
 
 def test_families_and_refusals():
@@ -1750,7 +1758,7 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "openelm", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -82,6 +82,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     xverse        norm  silu       -           -         -          -                        if the file gives one
     chatglm       norm  silu       -           -         -          -                        if the file gives one
     deci          norm  silu       -           -         -          -                        if the file gives one
+    openelm       neox  silu       -           yes       -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -257,8 +258,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   as Llama whose layers have their own KV heads and FFN widths (Family.per_layer_blocks: the file's per-layer
   head_count, head_count_kv and feed_forward_length), no attention where the layer has no heads, attn_output
   alone on the normed input in attention's place where it has no KV heads, no FFN where its width is 0 (a layer
-  that attends without an FFN is refused: llama.cpp's graph drops its attention's output). Their Hugging Face
-  directories are refused, saying to convert
+  that attends without an FFN is refused: llama.cpp's graph drops its attention's output); OpenELM (openelm:
+  OpenELM 270M to 3B) with NEOX RoPE, per-head q/k norms, q/k/v fused in attn_qkv, a tied head, and each layer's
+  own query heads, KV heads and FFN width (Family.per_layer_blocks). Their Hugging Face directories are refused,
+  saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -399,8 +402,9 @@ class Family:
     #                                    0: none); "": none
     embedding_norm: bool = False       # the token embeddings are normed by token_embd_norm (BLOOM's LayerNorm)
     per_layer_blocks: bool = False     # the file's per-layer head_count, head_count_kv and feed_forward_length give
-    #                                    each layer's parts and widths: no heads, no attention; no KV heads, a
-    #                                    linear in its place; no width, no FFN (Deci; ModelConfig.layer_widths)
+    #                                    each layer's heads, parts and widths (OpenELM): no heads, no attention;
+    #                                    no KV heads, a linear in its place; no width, no FFN (Deci;
+    #                                    ModelConfig.layer_widths, layer_heads)
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
@@ -654,6 +658,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("xverse"),
     Family("chatglm"),
     Family("deci", per_layer_blocks=True),
+    Family("openelm", rope="neox", qk_norm="head", per_layer_blocks=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -703,7 +708,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "ChatGLMModel": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
                  "ChatGLMForConditionalGeneration": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
                  "GlmForCausalLM": ("chatglm", "GLM's layers, which the converter writes as ChatGLM's"),
-                 "DeciLMForCausalLM": ("deci", "Deci's layers of their own parts and widths (block_configs)")}
+                 "DeciLMForCausalLM": ("deci", "Deci's layers of their own parts and widths (block_configs)"),
+                 "OpenELMForCausalLM": ("openelm", "OpenELM's layers of their own heads and widths")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

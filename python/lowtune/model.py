@@ -190,6 +190,8 @@ class ModelConfig:
     per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n, Gemma 4; 0: none)
     layer_widths: tuple[tuple[int, int, int, int], ...] = ()  # each layer's (head_dim, n_kv_heads, ffn_dim,
     #                               rope_dim) where they differ by layer (Gemma 4; at_layer); (): the fields'
+    layer_heads: tuple[int, ...] = ()  # each layer's query heads where they differ by layer, with layer_widths
+    #                               (OpenELM; at_layer); (): n_heads
     sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
     #                                       deviations above its mean (-inf or absent: all of it)
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
@@ -223,12 +225,14 @@ class ModelConfig:
 
     def at_layer(self, layer: int) -> "ModelConfig":
         """The config of layer `layer`: this one with its own head, KV head, FFN and RoPE widths where the
-        file gives them by layer (Gemma 4's global and sliding layers), else this one."""
+        file gives them by layer (Gemma 4's global and sliding layers), its own query heads (OpenELM's), else
+        this one."""
         if not self.layer_widths:
             return self
         head_dim, kv_heads, ffn_dim, rope_dim = self.layer_widths[layer]
-        return replace(self, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim, rope_dim=rope_dim,
-                       layer_widths=())
+        heads = self.layer_heads[layer] if self.layer_heads else self.n_heads
+        return replace(self, n_heads=heads, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim,
+                       rope_dim=rope_dim, layer_widths=(), layer_heads=())
 
     @property
     def parallel(self) -> bool:
@@ -662,10 +666,11 @@ def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> t
 
 
 def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
-    """Deci's layers as llama.cpp's deci reads its converter's per-layer head_count, head_count_kv and
-    feed_forward_length: no heads, no attention; heads without KV heads, attn_output alone on the normed input
-    in attention's place; no FFN width, no FFN. ModelConfig's fields: n_heads, each layer's widths (a layer
-    without attention the KV heads of the first with it) and its layers of each kind."""
+    """Deci's and OpenELM's layers as llama.cpp reads their converters' per-layer head_count, head_count_kv and
+    feed_forward_length: each layer's own query heads, KV heads and FFN width; no heads, no attention; heads
+    without KV heads, attn_output alone on the normed input in attention's place; no FFN width, no FFN (Deci's).
+    ModelConfig's fields: n_heads (the first attending layer's), each layer's widths and heads (a layer without
+    attention the KV heads of the first with it) and its layers of each kind."""
     def per_layer(key, default=None):
         v = md.get(f"{arch}.{key}", default)
         if v is None:
@@ -673,10 +678,7 @@ def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
         return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
     heads = per_layer("attention.head_count")
     kv, ffn = per_layer("attention.head_count_kv", heads), per_layer("feed_forward_length")
-    if len({h for h in heads if h}) > 1:
-        raise ValueError(f"this {arch} file gives its layers query head counts {heads}; lowtune runs one count for "
-                         "every layer with attention")
-    n_heads = max(heads)
+    n_heads = next((h for h in heads if h), 0)
     dim = int(md[f"{arch}.embedding_length"])
     head_dim = int(md.get(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
     rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
@@ -686,7 +688,7 @@ def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
                              "FFN, whose output llama.cpp's deci graph drops (it skips the rest of a layer without "
                              "an FFN) where the checkpoint adds it; lowtune does not run a layer the two disagree on")
     kv_heads = next((k for k in kv if k), n_heads)
-    return {"n_heads": n_heads,
+    return {"n_heads": n_heads, "layer_heads": tuple(h or n_heads for h in heads) if len(set(heads) - {0}) > 1 else (),
             "layer_widths": tuple((head_dim, kv[i] or kv_heads, ffn[i], rope_dim) for i in range(n_layers)),
             "attentionless_layers": tuple(i for i in range(n_layers) if not heads[i]),
             "linear_attention_layers": tuple(i for i in range(n_layers) if heads[i] and not kv[i]),
