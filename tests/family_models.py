@@ -37,7 +37,8 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # Families whose checkpoints ship their own modeling code (transformers has no class for them; EXAONE 3's it runs
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
-REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm")
+REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
+                     "jais")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -708,7 +709,7 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
     vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    mha = name in ("baichuan", "qwen")  # (their checkpoints have no KV head count: every head its own)
+    mha = name in ("baichuan", "qwen", "jais")  # (their checkpoints have no KV head count: every head its own)
     hkv, hd = (H if mha else HKV), D // H
     layers = BAICHUAN_LAYERS if name == "baichuan" else 2
     # the canonical parts of each layer, then named as the checkpoint names them
@@ -765,6 +766,13 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attn.q_norm.weight": vec(hd, 1.0), p + "attn.k_norm.weight": vec(hd, 1.0),
                       p + "attn.out_proj.weight": mat(D, heads * hd), p + "ffn.proj_1.weight": mat(2 * f, D),
                       p + "ffn.proj_2.weight": mat(D, f)})
+        elif name == "jais":  # GPT-2's names and transposed (Conv1D) weights, biases everywhere; c_fc2 the gate
+            p = f"transformer.h.{i}."
+            w.update({p + "ln_1.weight": n1, p + "ln_1.bias": vec(D), p + "ln_2.weight": n2, p + "ln_2.bias": vec(D),
+                      p + "attn.c_attn.weight": torch.cat([q, k, v]).T, p + "attn.c_attn.bias": vec(D + 2 * hkv * hd),
+                      p + "attn.c_proj.weight": o.T, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": up.T,
+                      p + "mlp.c_fc.bias": vec(F), p + "mlp.c_fc2.weight": gate.T, p + "mlp.c_fc2.bias": vec(F),
+                      p + "mlp.c_proj.weight": down.T, p + "mlp.c_proj.bias": vec(D)})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -786,6 +794,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     elif name == "chatglm":  # (the rotary table, which the converter drops)
         w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
                   final, "transformer.output_layer.weight": head, "transformer.rotary_pos_emb.inv_freq": vec(hd // 4)})
+    elif name == "jais":  # (ALiBi's slopes of 8 over the heads, which the converter reads its max bias from)
+        w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
+                  "lm_head.weight": head, "transformer.relative_pe.slopes": torch.tensor([[2.0 ** (-8.0 * (h + 1) / H)] for h in range(H)])})
     elif name == "openelm":  # (its head tied to the embeddings)
         w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
     elif name == "internlm2":
@@ -823,6 +834,12 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                         ffn_with_glu=True, normalize_qk_projections=True, share_input_output_layers=True,
                         rope_freq_constant=10000, rope_max_length=256, max_context_length=256,
                         activation_fn_name="swish", tie_word_embeddings=True),
+        # Jais's keys: ALiBi, SwiGLU, muP's scales (of the embeddings and the head, which the converter multiplies
+        # in, and of the scores, 1 / head_dim, which llama.cpp's graph fixes)
+        "jais": dict(architectures=["JAISLMHeadModel"], model_type="jais", n_layer=layers, n_embd=D, n_head=H,
+                     n_inner=F, n_positions=256, layer_norm_epsilon=1e-5, activation_function="swiglu",
+                     position_embedding_type="alibi", mup_embeddings_scale=2.0, mup_output_alpha=1.5,
+                     mup_width_scale=0.5, mup_scale_qk_dot_by_d=True, scale_attn_weights=True),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -899,15 +916,15 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, chatglm, command_r, deci, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, kimi_linear, lfm2, llama, minimax, mpt, nemotron,
-                        olmo, phi, qwen, stablelm, starcoder, xverse)
+                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax, mpt,
+                        nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer); Gemma 4's only its own BPE one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's byte-level BPE); Gemma 4's only its own BPE one
 # (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
@@ -923,6 +940,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
+    jais.JaisModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -966,7 +984,9 @@ script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
     no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next")) else []
-    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
+    # (Jais's converter reads ALiBi's max bias from its slopes' values, which a lazy conversion does not hold)
+    no_lazy = ["--no-lazy"] if src.endswith("jais") else []
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp, *no_lazy]
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -1145,6 +1165,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md["starcoder.attention.head_count_kv"] = 1
     if arch == "mpt":  # ALiBi and q/k/v clamped, as the tiny converted model
         md.update({"mpt.attention.max_alibi_bias": 8.0, "mpt.attention.clamp_kqv": MPT_CLIP_QKV})
+    if arch == "jais":  # ALiBi, every head its own K/V, as the tiny converted model
+        md.update({"jais.attention.max_alibi_bias": 8.0, "jais.attention.head_count_kv": H})
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
     if fam.mamba2 or fam.mamba1:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1),
@@ -1265,7 +1287,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, (1 if arch == "starcoder" else H if arch == "gptneox" else HKV) * hd  # (StarCoder: one K/V head)
+    q, kv = H * hd, (1 if arch == "starcoder" else H if arch in ("gptneox", "jais") else HKV) * hd  # (StarCoder: one K/V head)
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
@@ -1298,7 +1320,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         w.update({"token_embd_norm.weight": vec(D, 1.0), "token_embd_norm.bias": vec(D)})
     if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox")  # (LayerNorm, MLP, output)
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox", "jais")  # (LayerNorm, MLP,
+    #                                                                                                output)
     if arch in biased + ("phimoe", "stablelm", "falcon"):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
@@ -1409,7 +1432,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         if c.has_ffn(i) and not c.has_experts(i):
             w[p + "ffn_down.weight"] = mat(D, ffn)
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
-                    "stablelm"):
+                    "stablelm", "jais"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

@@ -83,6 +83,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     chatglm       norm  silu       -           -         -          -                        if the file gives one
     deci          norm  silu       -           -         -          -                        if the file gives one
     openelm       neox  silu       -           yes       -          -                        if the file gives one
+    jais          none  silu       -           -         -          -                        -
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -260,8 +261,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   alone on the normed input in attention's place where it has no KV heads, no FFN where its width is 0 (a layer
   that attends without an FFN is refused: llama.cpp's graph drops its attention's output); OpenELM (openelm:
   OpenELM 270M to 3B) with NEOX RoPE, per-head q/k norms, q/k/v fused in attn_qkv, a tied head, and each layer's
-  own query heads, KV heads and FFN width (Family.per_layer_blocks). Their Hugging Face directories are refused,
-  saying to convert
+  own query heads, KV heads and FFN width (Family.per_layer_blocks); Jais (jais: Jais 590M to 30B) as GPT-2's
+  layer (LayerNorms, q/k/v fused, biases everywhere) with SwiGLU, ALiBi of the file's max bias (Family.alibi
+  "file") and muP's scales: of the embeddings and the head, which the converter multiplies in, and of the
+  scores, 1 / head_dim (Family.mup_query_scale). Their Hugging Face directories are refused, saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -484,6 +487,7 @@ class Family:
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     query_scale: float = 0.0           # queries are multiplied by this (0: 1/sqrt(head_dim); Gemma 3n: 1)
+    mup_query_scale: bool = False      # queries are multiplied by 1/head_dim, muP's (Jais, as llama.cpp fixes it)
     altup: bool = False                # AltUp's copies of the residual stream, Laurel and per-layer inputs
     #                                    around each layer, v normed, K/V shared by the last layers
     #                                    (Gemma 3n: lowtune.gemma3n)
@@ -659,6 +663,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("chatglm"),
     Family("deci", per_layer_blocks=True),
     Family("openelm", rope="neox", qk_norm="head", per_layer_blocks=True),
+    Family("jais", norm="layer", nope=True, alibi="file", mup_query_scale=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -709,7 +714,9 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "ChatGLMForConditionalGeneration": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
                  "GlmForCausalLM": ("chatglm", "GLM's layers, which the converter writes as ChatGLM's"),
                  "DeciLMForCausalLM": ("deci", "Deci's layers of their own parts and widths (block_configs)"),
-                 "OpenELMForCausalLM": ("openelm", "OpenELM's layers of their own heads and widths")}
+                 "OpenELMForCausalLM": ("openelm", "OpenELM's layers of their own heads and widths"),
+                 "JAISLMHeadModel": ("jais", "Jais's transposed (Conv1D) weights and muP's scales, which the "
+                                     "converter multiplies in")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

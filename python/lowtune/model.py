@@ -430,7 +430,7 @@ class ModelConfig:
             # families without a soft-cap ignore the key, as llama.cpp does
             return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
 
-        scale = fam.query_scale
+        scale = 1.0 / head_dim if fam.mup_query_scale else fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         latent = {}
