@@ -795,8 +795,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
         w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
                   final, "transformer.output_layer.weight": head, "transformer.rotary_pos_emb.inv_freq": vec(hd // 4)})
     elif name == "jais":  # (ALiBi's slopes of 8 over the heads, which the converter reads its max bias from)
+        slopes = torch.tensor([[2.0 ** (-8.0 * (h + 1) / H)] for h in range(H)])
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
-                  "lm_head.weight": head, "transformer.relative_pe.slopes": torch.tensor([[2.0 ** (-8.0 * (h + 1) / H)] for h in range(H)])})
+                  "lm_head.weight": head, "transformer.relative_pe.slopes": slopes})
     elif name == "openelm":  # (its head tied to the embeddings)
         w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
     elif name == "internlm2":
@@ -924,8 +925,8 @@ from conversion.base import TextModel
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's byte-level BPE); Gemma 4's only its own BPE one
-# (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's byte-level BPE); Gemma 4's only
+# its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -1287,7 +1288,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, (1 if arch == "starcoder" else H if arch in ("gptneox", "jais") else HKV) * hd  # (StarCoder: one K/V head)
+    # (StarCoder: one K/V head; GPT-NeoX and Jais: as many as the heads)
+    q, kv = H * hd, (1 if arch == "starcoder" else H if arch in ("gptneox", "jais") else HKV) * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
