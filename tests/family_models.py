@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais")
+                     "jais", "codeshell")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -773,6 +773,13 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attn.c_proj.weight": o.T, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": up.T,
                       p + "mlp.c_fc.bias": vec(F), p + "mlp.c_fc2.weight": gate.T, p + "mlp.c_fc2.bias": vec(F),
                       p + "mlp.c_proj.weight": down.T, p + "mlp.c_proj.bias": vec(D)})
+        elif name == "codeshell":  # GPT-2's names, q/k/v in c_attn, biases everywhere, an MLP 4 × D wide
+            p, ffn = f"transformer.h.{i}.", 4 * D
+            w.update({p + "ln_1.weight": n1, p + "ln_1.bias": vec(D), p + "ln_2.weight": n2, p + "ln_2.bias": vec(D),
+                      p + "attn.c_attn.weight": torch.cat([q, k, v]), p + "attn.c_attn.bias": vec(D + 2 * hkv * hd),
+                      p + "attn.c_proj.weight": o, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": mat(ffn, D),
+                      p + "mlp.c_fc.bias": vec(ffn), p + "mlp.c_proj.weight": mat(D, ffn),
+                      p + "mlp.c_proj.bias": vec(D)})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -798,6 +805,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
         slopes = torch.tensor([[2.0 ** (-8.0 * (h + 1) / H)] for h in range(H)])
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
                   "lm_head.weight": head, "transformer.relative_pe.slopes": slopes})
+    elif name == "codeshell":
+        w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
+                  "lm_head.weight": head})
     elif name == "openelm":  # (its head tied to the embeddings)
         w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
     elif name == "internlm2":
@@ -841,6 +851,11 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                      n_inner=F, n_positions=256, layer_norm_epsilon=1e-5, activation_function="swiglu",
                      position_embedding_type="alibi", mup_embeddings_scale=2.0, mup_output_alpha=1.5,
                      mup_width_scale=0.5, mup_scale_qk_dot_by_d=True, scale_attn_weights=True),
+        # CodeShell's keys (the converter fixes the MLP's width at 4 × D and RoPE's base at 10000)
+        "codeshell": dict(architectures=["CodeShellForCausalLM"], model_type="codeshell", n_layer=layers, n_embd=D,
+                          n_head=H, num_query_groups=hkv, group_query_attention=True, n_positions=256,
+                          layer_norm_epsilon=1e-5, position_embedding_type="rope",
+                          activation_function="gelu_pytorch_tanh"),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -916,17 +931,17 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bloom, chatglm, command_r, deci, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax, mpt,
-                        nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
+from conversion import (baichuan, bloom, chatglm, codeshell, command_r, deci, deepseek, exaone, falcon, falcon_h1,
+                        gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax,
+                        mpt, nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's byte-level BPE); Gemma 4's only
-# its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's and CodeShell's byte-level
+# BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -941,7 +956,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
-    jais.JaisModel.set_vocab = \
+    jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor

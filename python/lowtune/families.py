@@ -84,6 +84,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     deci          norm  silu       -           -         -          -                        if the file gives one
     openelm       neox  silu       -           yes       -          -                        if the file gives one
     jais          none  silu       -           -         -          -                        -
+    codeshell     neox  gelu_tanh  -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -264,7 +265,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   own query heads, KV heads and FFN width (Family.per_layer_blocks); Jais (jais: Jais 590M to 30B) as GPT-2's
   layer (LayerNorms, q/k/v fused, biases everywhere) with SwiGLU, ALiBi of the file's max bias (Family.alibi
   "file") and muP's scales: of the embeddings and the head, which the converter multiplies in, and of the
-  scores, 1 / head_dim (Family.mup_query_scale). Their Hugging Face directories are refused, saying to convert
+  scores, 1 / head_dim (Family.mup_query_scale); CodeShell (codeshell: CodeShell-7B) as StarCoder2's layer with
+  q/k/v fused in attn_qkv. Their Hugging Face directories are refused, saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -664,6 +666,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("deci", per_layer_blocks=True),
     Family("openelm", rope="neox", qk_norm="head", per_layer_blocks=True),
     Family("jais", norm="layer", nope=True, alibi="file", mup_query_scale=True),
+    Family("codeshell", rope="neox", activation="gelu_tanh", gated=False, norm="layer"),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -716,7 +719,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "DeciLMForCausalLM": ("deci", "Deci's layers of their own parts and widths (block_configs)"),
                  "OpenELMForCausalLM": ("openelm", "OpenELM's layers of their own heads and widths"),
                  "JAISLMHeadModel": ("jais", "Jais's transposed (Conv1D) weights and muP's scales, which the "
-                                     "converter multiplies in")}
+                                     "converter multiplies in"),
+                 "CodeShellForCausalLM": ("codeshell", "CodeShell's fused c_attn")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
