@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais", "codeshell")
+                     "jais", "codeshell", "refact")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -780,6 +780,11 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attn.c_proj.weight": o, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": mat(ffn, D),
                       p + "mlp.c_fc.bias": vec(ffn), p + "mlp.c_proj.weight": mat(D, ffn),
                       p + "mlp.c_proj.bias": vec(D)})
+        elif name == "refact":  # one K/V head in attn.kv; gate and up in gate_up_proj, 4 × D × 2/3 up to 256s
+            p, ffn = f"transformer.h.{i}.", 256
+            w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.q.weight": q,
+                      p + "attn.kv.weight": mat(2 * hd, D), p + "attn.c_proj.weight": o,
+                      p + "mlp.gate_up_proj.weight": mat(2 * ffn, D), p + "mlp.c_proj.weight": mat(D, ffn)})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -796,7 +801,7 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             if name == "orion":
                 w.update({p + "input_layernorm.bias": vec(D), p + "post_attention_layernorm.bias": vec(D)})
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
-    if name in ("exaone", "qwen"):
+    if name in ("exaone", "qwen", "refact"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
     elif name == "chatglm":  # (the rotary table, which the converter drops)
         w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
@@ -856,6 +861,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                           n_head=H, num_query_groups=hkv, group_query_attention=True, n_positions=256,
                           layer_norm_epsilon=1e-5, position_embedding_type="rope",
                           activation_function="gelu_pytorch_tanh"),
+        # Refact's keys (multi-query attention, ALiBi of llama.cpp's fixed max bias)
+        "refact": dict(architectures=["GPTRefactForCausalLM"], model_type="gpt_refact", n_layer=layers, n_embd=D,
+                       n_head=H, multi_query=True, n_positions=256, layer_norm_epsilon=1e-5),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -933,15 +941,15 @@ _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, chatglm, codeshell, command_r, deci, deepseek, exaone, falcon, falcon_h1,
                         gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax,
-                        mpt, nemotron, olmo, phi, qwen, stablelm, starcoder, xverse)
+                        mpt, nemotron, olmo, phi, qwen, refact, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's and CodeShell's byte-level
-# BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's and Refact's
+# byte-level BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -956,7 +964,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     falcon.FalconModel.set_vocab = exaone.ExaoneModel.set_vocab = qwen.QwenModel.set_vocab = \
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
-    jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = \
+    jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = refact.RefactModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1181,6 +1189,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md["starcoder.attention.head_count_kv"] = 1
     if arch == "mpt":  # ALiBi and q/k/v clamped, as the tiny converted model
         md.update({"mpt.attention.max_alibi_bias": 8.0, "mpt.attention.clamp_kqv": MPT_CLIP_QKV})
+    if arch == "refact":  # multi-query attention, as the tiny converted model
+        md["refact.attention.head_count_kv"] = 1
     if arch == "jais":  # ALiBi, every head its own K/V, as the tiny converted model
         md.update({"jais.attention.max_alibi_bias": 8.0, "jais.attention.head_count_kv": H})
     if fam.swa_period or arch == "llama":
@@ -1303,8 +1313,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    # (StarCoder: one K/V head; GPT-NeoX and Jais: as many as the heads)
-    q, kv = H * hd, (1 if arch == "starcoder" else H if arch in ("gptneox", "jais") else HKV) * hd
+    # (StarCoder and Refact: one K/V head; GPT-NeoX and Jais: as many as the heads)
+    q, kv = H * hd, (1 if arch in ("starcoder", "refact") else H if arch in ("gptneox", "jais") else HKV) * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}

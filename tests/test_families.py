@@ -155,6 +155,7 @@ REMOTE_CODE_SWITCH_OFF = {
     "chatglm": [NO_QKV_BIAS],
     "jais": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
              ("muP's query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "refact": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers])],
     "openelm": [("the q/k norms", lambda m: [setattr(layer, n, NoNorm()) for layer in m.layers
                                             for n in ("attn_q_norm", "attn_k_norm")])],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
@@ -968,12 +969,12 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
 # BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's and OpenELM's layers of their own parts
-# and widths; Jais's ALiBi and muP query scale)
+# and widths; Jais's ALiBi and muP query scale, Refact's ALiBi)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
                                       "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci",
-                                      "openelm", "jais"))
+                                      "openelm", "jais", "refact"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1764,7 +1765,7 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "openelm", "jais", "codeshell", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "openelm", "jais", "codeshell", "refact", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
