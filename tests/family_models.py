@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais", "codeshell", "refact")
+                     "jais", "codeshell", "refact", "nanbeige")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -790,7 +790,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
                       p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
                       p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
-        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases)
+        else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases; XVERSE's and
+            #    Nanbeige's as Llama's)
             p = f"model.layers.{i}."
             attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
                     {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -864,6 +865,9 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
         # Refact's keys (multi-query attention, ALiBi of llama.cpp's fixed max bias)
         "refact": dict(architectures=["GPTRefactForCausalLM"], model_type="gpt_refact", n_layer=layers, n_embd=D,
                        n_head=H, multi_query=True, n_positions=256, layer_norm_epsilon=1e-5),
+        # Nanbeige's keys: Llama's, its layers run once (num_loops)
+        "nanbeige": dict(architectures=["NanbeigeForCausalLM"], model_type="nanbeige", num_hidden_layers=layers,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, num_loops=1, skip_loop_final_norm=False),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,

@@ -1707,9 +1707,9 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 
 def test_remote_code_variants_and_directories_refused(tiny):
-    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
-    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's and
-    Baichuan's, by class, saying to convert them."""
+    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) and Nanbeige
+    files of looped layers are refused, and so are the remote-code families' Hugging Face directories but EXAONE
+    3's, Orion's and Baichuan's, by class, saying to convert them."""
     import lowtune
     with GGUFFile(tiny["baichuan"].gguf) as f:
         md = dict(f.metadata)
@@ -1719,6 +1719,10 @@ def test_remote_code_variants_and_directories_refused(tiny):
             ModelConfig.from_gguf_metadata({**md, "baichuan.block_count": layers})
     qwen = Model.from_gguf(tiny["qwen"].gguf)
     assert (qwen.config.ffn_dim, qwen.config.family.ffn_length_both_halves) == (F, True)
+    nanbeige = Model.from_gguf(tiny["nanbeige"].gguf).metadata
+    assert nanbeige["nanbeige.num_loops"] == 1
+    with pytest.raises(ValueError, match="runs its 2 layers 3 times over .num_loops.*a file of one loop it does"):
+        ModelConfig.from_gguf_metadata({**nanbeige, "nanbeige.num_loops": 3})
     # (the converter's file of a published Qwen config, which gives only layer_norm_epsilon)
     layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
     with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
@@ -1765,7 +1769,7 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "openelm", "jais", "codeshell", "refact", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "openelm", "jais", "codeshell", "refact", "nanbeige", "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

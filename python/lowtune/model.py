@@ -368,6 +368,11 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
+        loops = int(md.get(f"{arch}.num_loops", 1) or 1)
+        if loops > 1:
+            raise ValueError(f"this {arch} file runs its {n_layers} layers {loops} times over (num_loops: Nanbeige's "
+                             "looped layers, each pass with its own K/V), which lowtune does not run; a file of one "
+                             "loop it does")
         if fam.rope_block_counts and n_layers not in fam.rope_block_counts:
             raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
                              f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
