@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais", "codeshell", "refact", "nanbeige")
+                     "jais", "codeshell", "refact", "nanbeige", "plamo")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -785,6 +785,11 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.q.weight": q,
                       p + "attn.kv.weight": mat(2 * hd, D), p + "attn.c_proj.weight": o,
                       p + "mlp.gate_up_proj.weight": mat(2 * ffn, D), p + "mlp.c_proj.weight": mat(D, ffn)})
+        elif name == "plamo":  # one norm (attention and MLP in parallel); q's heads ordered KV group by KV group
+            p = f"model.layers.layers.{i}."
+            w.update({p + "norm.weight": n1, p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": o,
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": down})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -868,6 +873,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
         # Nanbeige's keys: Llama's, its layers run once (num_loops)
         "nanbeige": dict(architectures=["NanbeigeForCausalLM"], model_type="nanbeige", num_hidden_layers=layers,
                          rms_norm_eps=1e-5, rope_theta=10000.0, num_loops=1, skip_loop_final_norm=False),
+        "plamo": dict(architectures=["PlamoForCausalLM"], model_type="plamo", num_hidden_layers=layers,
+                      rms_norm_eps=1e-5, rope_theta=10000.0),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -945,7 +952,7 @@ _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, chatglm, codeshell, command_r, deci, deepseek, exaone, falcon, falcon_h1,
                         gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax,
-                        mpt, nemotron, olmo, phi, qwen, refact, stablelm, starcoder, xverse)
+                        mpt, nemotron, olmo, phi, plamo, qwen, refact, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
@@ -1008,6 +1015,22 @@ def _baichuan_tensors_mapped_once(self, data_torch, name, bid):
         return _baichuan_tensors(self, data_torch, name, bid)
     return TextModel.modify_tensors(self, data_torch, name, bid)
 baichuan.BaichuanModel.modify_tensors = _baichuan_tensors_mapped_once
+# PLaMo's converter fixes PLaMo-13B's shapes (40 heads of 128 in 5 KV groups, 5120 wide): the tiny model's KV heads
+# and its q and output rows regrouped alike, each KV group's heads together
+def _plamo_groups(self):
+    kv = self.hparams["num_key_value_heads"]
+    return self.hparams["num_attention_heads"] // kv, kv
+def _plamo_q(self, t):
+    return t.reshape(*_plamo_groups(self), -1, t.shape[1]).permute(1, 0, 2, 3).reshape(t.shape)
+def _plamo_output(self, t):
+    return t.reshape(t.shape[0], *_plamo_groups(self), -1).permute(0, 2, 1, 3).reshape(t.shape)
+plamo.PlamoModel.shuffle_attn_q_weight, plamo.PlamoModel.shuffle_attn_output_weight = _plamo_q, _plamo_output
+_plamo_parameters = plamo.PlamoModel.set_gguf_parameters
+def _plamo_kv_heads(self):
+    add = self.gguf_writer.add_head_count_kv
+    self.gguf_writer.add_head_count_kv = lambda n: add(self.hparams["num_key_value_heads"])
+    _plamo_parameters(self)
+plamo.PlamoModel.set_gguf_parameters = _plamo_kv_heads
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)

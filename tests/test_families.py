@@ -1769,7 +1769,8 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "openelm", "jais", "codeshell", "refact", "nanbeige", "qwen2vl", "qwen3vl", "qwen3vlmoe")
+                         "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo", "qwen2vl", "qwen3vl",
+                         "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -87,6 +87,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     codeshell     neox  gelu_tanh  -           -         -          -                        if the file gives one
     refact        none  silu       -           -         -          -                        -
     nanbeige      norm  silu       -           -         -          -                        if the file gives one
+    plamo         neox  silu       -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -270,8 +271,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   scores, 1 / head_dim (Family.mup_query_scale); CodeShell (codeshell: CodeShell-7B) as StarCoder2's layer with
   q/k/v fused in attn_qkv; Refact (refact: Refact-1.6B) as Llama without RoPE, with one K/V head and ALiBi of
   llama.cpp's fixed max bias 8 (Family.alibi "fixed", as BLOOM's); Nanbeige (nanbeige: Nanbeige 4.x) as Llama,
-  where its file runs the layers once (num_loops 1: looped layers are refused). Their Hugging Face directories
-  are refused, saying to convert
+  where its file runs the layers once (num_loops 1: looped layers are refused); PLaMo (plamo: PLaMo-13B) as
+  Llama with NEOX RoPE whose attention and MLP read one norm's output in parallel (Command-R's block with
+  RMSNorm). Their Hugging Face directories are refused, saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -674,6 +676,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("codeshell", rope="neox", activation="gelu_tanh", gated=False, norm="layer"),
     Family("refact", nope=True, alibi="fixed"),
     Family("nanbeige"),
+    Family("plamo", rope="neox", parallel=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -729,7 +732,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                                      "converter multiplies in"),
                  "CodeShellForCausalLM": ("codeshell", "CodeShell's fused c_attn"),
                  "GPTRefactForCausalLM": ("refact", "Refact's fused kv and gate_up_proj"),
-                 "NanbeigeForCausalLM": ("nanbeige", "Nanbeige's looped layers")}
+                 "NanbeigeForCausalLM": ("nanbeige", "Nanbeige's looped layers"),
+                 "PlamoForCausalLM": ("plamo", "PLaMo's q heads, which the converter regroups by KV head")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
