@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais", "codeshell", "refact", "nanbeige", "plamo")
+                     "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -796,7 +796,7 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
                       p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
         else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases; XVERSE's and
-            #    Nanbeige's as Llama's)
+            #    Nanbeige's as Llama's, Maincoder's with per-head q/k norms)
             p = f"model.layers.{i}."
             attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
                     {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -806,6 +806,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "mlp.down_proj.weight": down})
             if name == "orion":
                 w.update({p + "input_layernorm.bias": vec(D), p + "post_attention_layernorm.bias": vec(D)})
+            if name == "maincoder":  # (per-head q/k norms)
+                w.update({p + "self_attn.q_norm.weight": vec(hd, 1.0), p + "self_attn.k_norm.weight": vec(hd, 1.0)})
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
     if name in ("exaone", "qwen", "refact"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
@@ -875,6 +877,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                          rms_norm_eps=1e-5, rope_theta=10000.0, num_loops=1, skip_loop_final_norm=False),
         "plamo": dict(architectures=["PlamoForCausalLM"], model_type="plamo", num_hidden_layers=layers,
                       rms_norm_eps=1e-5, rope_theta=10000.0),
+        "maincoder": dict(architectures=["MaincoderForCausalLM"], model_type="maincoder", num_hidden_layers=layers,
+                          head_dim=hd, rms_norm_eps=1e-5, rope_theta=10000.0),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -951,16 +955,17 @@ def spm_model(text: str) -> bytes:
 _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, chatglm, codeshell, command_r, deci, deepseek, exaone, falcon, falcon_h1,
-                        gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama, minimax,
-                        mpt, nemotron, olmo, phi, plamo, qwen, refact, stablelm, starcoder, xverse)
+                        gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama,
+                        maincoder, minimax, mpt, nemotron, olmo, phi, plamo, qwen, refact, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's and Refact's
-# byte-level BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's, Refact's and
+# Maincoder's byte-level BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a
+# SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -976,6 +981,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
     jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = refact.RefactModel.set_vocab = \
+    maincoder.MaincoderModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor

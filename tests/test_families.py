@@ -145,6 +145,8 @@ def assert_logits_and_what_matters(path, ids, want, switch_offs, label: str) -> 
 # what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
 NO_QKV_BIAS = ("the q/k/v biases", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
                                               for n in ("attn_q", "attn_k", "attn_v")])
+NO_QK_NORMS = ("the q/k norms", lambda m: [setattr(layer, n, NoNorm()) for layer in m.layers
+                                          for n in ("attn_q_norm", "attn_k_norm")])
 LLAMA3_ROPE_FREQS = ("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))
 REMOTE_CODE_SWITCH_OFF = {
     "exaone": [LLAMA3_ROPE_FREQS],
@@ -156,8 +158,8 @@ REMOTE_CODE_SWITCH_OFF = {
     "jais": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
              ("muP's query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
     "refact": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers])],
-    "openelm": [("the q/k norms", lambda m: [setattr(layer, n, NoNorm()) for layer in m.layers
-                                            for n in ("attn_q_norm", "attn_k_norm")])],
+    "openelm": [NO_QK_NORMS],
+    "maincoder": [NO_QK_NORMS],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
 }
@@ -1769,8 +1771,8 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo", "qwen2vl", "qwen3vl",
-                         "qwen3vlmoe")
+                         "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder", "qwen2vl",
+                         "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -67,7 +67,8 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
                  "xverse": "qa-hira", "chatglm": "q-bara", "deci": "qa-lora",
                  "openelm": "lora", "jais": "qdylora", "codeshell": "qa-hira",
-                 "refact": "q-bara", "nanbeige": "qa-lora", "plamo": "lora"}
+                 "refact": "q-bara", "nanbeige": "qa-lora", "plamo": "lora",
+                 "maincoder": "qa-hira"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -85,7 +86,8 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
                    "xverse": "qdylora", "chatglm": "lora", "deci": "qa-hira",
                    "openelm": "q-bara", "jais": "qa-hira", "codeshell": "lora",
-                   "refact": "q-bara", "nanbeige": "lora", "plamo": "qdylora"}
+                   "refact": "q-bara", "nanbeige": "lora", "plamo": "qdylora",
+                   "maincoder": "q-bara"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
