@@ -38,7 +38,7 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
-                     "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder")
+                     "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder", "plm")
 BAICHUAN_LAYERS = 32  # llama.cpp rotates Baichuan's q and k only at Baichuan 2 7B's 32 layers (13B's 40: ALiBi)
 # Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
 # and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
@@ -790,6 +790,16 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             w.update({p + "norm.weight": n1, p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                       p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": o,
                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": down})
+        elif name == "plm":  # DeepSeek's latent attention (q straight from x) and names, an MLP without a gate
+            p, rank, nope, rope, hv = (f"model.layers.{i}.", MLA["kv_lora_rank"], MLA["qk_nope_head_dim"],
+                                       MLA["qk_rope_head_dim"], MLA["v_head_dim"])
+            w.update({p + "input_layernorm.weight": n1, p + "post_attention_layernorm.weight": n2,
+                      p + "self_attn.q_proj.weight": mat(H * (nope + rope), D),
+                      p + "self_attn.kv_a_proj_with_mqa.weight": mat(rank + rope, D),
+                      p + "self_attn.kv_a_layernorm.weight": vec(rank, 1.0),
+                      p + "self_attn.kv_b_proj.weight": mat(H * (nope + hv), rank),
+                      p + "self_attn.o_proj.weight": mat(D, H * hv), p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": down})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
@@ -823,6 +833,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                   "lm_head.weight": head})
     elif name == "openelm":  # (its head tied to the embeddings)
         w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
+    elif name == "plm":  # (its head tied to the embeddings)
+        w.update({"model.embed_tokens.weight": embed, "model.norm.weight": final})
     elif name == "internlm2":
         w.update({"model.tok_embeddings.weight": embed, "model.norm.weight": final, "output.weight": head})
     else:
@@ -879,6 +891,11 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       rms_norm_eps=1e-5, rope_theta=10000.0),
         "maincoder": dict(architectures=["MaincoderForCausalLM"], model_type="maincoder", num_hidden_layers=layers,
                           head_dim=hd, rms_norm_eps=1e-5, rope_theta=10000.0),
+        # PLM's keys: DeepSeek-V2's latent attention without q's latent, relu² without a gate, a tied head
+        "plm": dict(architectures=["PLMForCausalLM"], model_type="plm", num_hidden_layers=layers,
+                    num_key_value_heads=H, kv_lora_rank=MLA["kv_lora_rank"], qk_nope_head_dim=MLA["qk_nope_head_dim"],
+                    qk_rope_head_dim=MLA["qk_rope_head_dim"], v_head_dim=MLA["v_head_dim"], rms_norm_eps=1e-5,
+                    rope_theta=10000.0, hidden_act="relu2", tie_word_embeddings=True),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -956,16 +973,17 @@ _CONVERT = """
 import runpy, sys
 from conversion import (baichuan, bloom, chatglm, codeshell, command_r, deci, deepseek, exaone, falcon, falcon_h1,
                         gemma, glm, gpt2, gpt_oss, gptneox, hunyuan, internlm, jais, kimi_linear, lfm2, llama,
-                        maincoder, minimax, mpt, nemotron, olmo, phi, plamo, qwen, refact, stablelm, starcoder, xverse)
+                        maincoder, minimax, mpt, nemotron, olmo, phi, plamo, plm, qwen, refact, stablelm, starcoder,
+                        xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's and Qwen's converters read only byte-level BPE vocabularies (Kimi Linear's also tiktoken's, MPT's
 # falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json, InternLM2's its SentencePiece model through
-# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's, Refact's and
-# Maincoder's byte-level BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a
-# SentencePiece one
+# protobuf, ChatGLM's its tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's, Refact's,
+# Maincoder's and PLM's byte-level BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models
+# share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -981,7 +999,7 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     xverse.XverseModel.set_vocab = internlm.InternLM2Model.set_vocab = \
     kimi_linear.KimiLinearModel.set_vocab = chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
     jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = refact.RefactModel.set_vocab = \
-    maincoder.MaincoderModel.set_vocab = \
+    maincoder.MaincoderModel.set_vocab = plm.PLMModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1336,6 +1354,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
+    if arch == "plm":  # its converter's latent attention: q straight from x, attn_kv_b whole, values of their own
+        md.update({"plm.attention.kv_lora_rank": MLA["kv_lora_rank"], "plm.attention.head_count_kv": H,
+                   "plm.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
+                   "plm.attention.value_length": MLA["v_head_dim"],
+                   "plm.rope.dimension_count": MLA["qk_rope_head_dim"]})
     if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe"):  # GLM-4.5's routing (family_models.hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})

@@ -971,12 +971,12 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
 # BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's and OpenELM's layers of their own parts
-# and widths; Jais's ALiBi and muP query scale, Refact's ALiBi)
+# and widths; Jais's ALiBi and muP query scale, Refact's ALiBi; PLM's latent attention)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
                                       "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci",
-                                      "openelm", "jais", "refact"))
+                                      "openelm", "jais", "refact", "plm"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES)
@@ -1235,8 +1235,9 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     c = model.config
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
-    if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, attn_kv_b whole)
-        targets = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
+    if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, PLM's straight; attn_kv_b whole)
+        q = ["attn_q_a", "attn_q_b"] if c.q_lora_rank else ["attn_q"]
+        targets = q + ["attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
@@ -1771,8 +1772,8 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "llama4", "glm4moe", "dots1",
                          "minimax-m2", "gemma3n", "gemma4", "qwen35", "qwen35moe", "qwen3next", "kimi-linear", "bitnet",
                          "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci",
-                         "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder", "qwen2vl",
-                         "qwen3vl", "qwen3vlmoe")
+                         "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder", "plm",
+                         "qwen2vl", "qwen3vl", "qwen3vlmoe")
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)

@@ -68,7 +68,7 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "xverse": "qa-hira", "chatglm": "q-bara", "deci": "qa-lora",
                  "openelm": "lora", "jais": "qdylora", "codeshell": "qa-hira",
                  "refact": "q-bara", "nanbeige": "qa-lora", "plamo": "lora",
-                 "maincoder": "qa-hira"}
+                 "maincoder": "qa-hira", "plm": "lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -87,7 +87,7 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "xverse": "qdylora", "chatglm": "lora", "deci": "qa-hira",
                    "openelm": "q-bara", "jais": "qa-hira", "codeshell": "lora",
                    "refact": "q-bara", "nanbeige": "lora", "plamo": "qdylora",
-                   "maincoder": "q-bara"}
+                   "maincoder": "q-bara", "plm": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -190,6 +190,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     if name == "minicpm3":  # (latent attention: q through its latent, attn_kv_b whole)
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
+    if name == "plm":  # (latent attention with q straight from x)
+        present = present - {"attn_k", "attn_v"} | {"attn_kv_a_mqa", "attn_kv_b"}
     present = set(SSM_LINEAR_NAMES) if name == "mamba2" else present  # (Mamba2 layers alone)
     present = set(MAMBA_LINEAR_NAMES) if name == "mamba" else present  # (Mamba's)
     present |= set(SSM_LINEAR_NAMES) if name in ("granitehybrid", "nemotron_h", "falcon-h1") else set()  # (Mamba2)
@@ -460,7 +462,8 @@ def test_stablelm_per_head_qk_norms_are_gguf_only(family_models, adapted, tmp_pa
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
     a = adapted(name)
     lora_run = a.run
-    if name == "minicpm3":  # llama.cpp's minicpm3 graph takes a GGUF LoRA on attn_output and the MLP only
+    if name in ("minicpm3", "plm"):  # llama.cpp's minicpm3 and plm graphs take a GGUF LoRA on attn_output and
+        #                              the MLP only
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA to blk.0.attn_kv_a_mqa"):
             export_lora_gguf(a.base, a.run, a.dir / "lora.gguf")
         lora_run = a.dir / "outer"

@@ -89,6 +89,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     nanbeige      norm  silu       -           -         -          -                        if the file gives one
     plamo         neox  silu       -           -         -          -                        if the file gives one
     maincoder     norm  silu       -           post-RoPE -          -                        if the file gives one
+    plm           norm  relu2      -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
 
   Command-R (command-r: Command-R, Aya 23, Aya Expanse) and Command R7B (cohere2) norm with
@@ -275,8 +276,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   where its file runs the layers once (num_loops 1: looped layers are refused); PLaMo (plamo: PLaMo-13B) as
   Llama with NEOX RoPE whose attention and MLP read one norm's output in parallel (Command-R's block with
   RMSNorm); Maincoder (maincoder: Maincoder-1B) as Llama with per-head q/k norms after RoPE (Hunyuan's) on q
-  and k rows as its checkpoints keep them (the converter permutes none). Their Hugging Face directories are
-  refused, saying to convert
+  and k rows as its checkpoints keep them (the converter permutes none); PLM (plm: PLM-1.8B) as DeepSeek-V2's
+  latent attention (Family.mla; q straight from x, attn_kv_b whole) with an MLP without a gate, relu², and a
+  tied head. Their Hugging Face directories are refused, saying to convert
   them, but EXAONE 3's, which transformers reads (and writes) as Llama, and Orion's (Llama's names) and
   Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
@@ -681,6 +683,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("nanbeige"),
     Family("plamo", rope="neox", parallel=True),
     Family("maincoder", qk_norm="head", qk_norm_after_rope=True),
+    Family("plm", activation="relu2", gated=False, mla=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -738,7 +741,8 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "GPTRefactForCausalLM": ("refact", "Refact's fused kv and gate_up_proj"),
                  "NanbeigeForCausalLM": ("nanbeige", "Nanbeige's looped layers"),
                  "PlamoForCausalLM": ("plamo", "PLaMo's q heads, which the converter regroups by KV head"),
-                 "MaincoderForCausalLM": ("maincoder", "Maincoder's layers and their q/k norms after RoPE")}
+                 "MaincoderForCausalLM": ("maincoder", "Maincoder's layers and their q/k norms after RoPE"),
+                 "PLMForCausalLM": ("plm", "PLM's latent attention")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
