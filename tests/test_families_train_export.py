@@ -557,12 +557,12 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt"])
+@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt", "jais", "refact"])
 def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
     """GPT-2's and StarCoder's learned positions (StarCoder's one K/V head), read at the step's position on the
-    device, and BLOOM's and MPT's ALiBi, each head's bias in the step's mask (no fused decode attention),
-    through replayed decode graphs across windows (64 positions and past them): the eager steps' bf16 logits,
-    and the model's own steps' through a plain cache."""
+    device, and BLOOM's, MPT's, Jais's and Refact's ALiBi, each head's bias in the step's mask (no fused decode
+    attention), through replayed decode graphs across windows (64 positions and past them): the eager steps'
+    bf16 logits, and the model's own steps' through a plain cache."""
     from lowtune.generate import StepDecoder
     model = random_family_model(arch, dtype=torch.bfloat16).to(device)
     prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()
@@ -580,15 +580,15 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear"])
+                                  "bloom", "gptneox", "kimi-linear", "deci", "openelm"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
     layers, Qwen3.5's Gated DeltaNets and gated attention, Nemotron-H's layers of one part each, BitNet's
     sub-norms, Mamba-2's layers without attention, Falcon-H1's Mamba2 mixers beside attention, Mamba's
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
-    latent attention and experts, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed
-    layers."""
+    latent attention and experts, Deci's layers of their own parts and widths and OpenELM's of their own heads,
+    GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 
