@@ -39,7 +39,8 @@ NAMES = ("llama", "mistral", "smollm3", "arcee", "granite", "ernie4_5", "mistral
 # as Llama): their tiny models are config.json and random safetensors under the checkpoints' own names
 # (remote_code_checkpoint), converted by llama.cpp's converter, and llama.cpp runs their reference logits
 REMOTE_CODE_NAMES = ("exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "plamo2", "pangu-embedded",
-                     "plamo3")
+                     "plamo3", "chatglm", "deci", "openelm", "jais", "codeshell", "refact", "nanbeige", "plamo",
+                     "maincoder", "plm")
 # ... and their mixtures of experts (tests/test_moe.py): remote_code_moe_checkpoint (Arctic's last: its converter
 # updates the class-wide tensor map for Arctic, which the conversions after it in the one process would read)
 REMOTE_CODE_MOE_NAMES = ("deepseek", "grok", "bailingmoe", "bailingmoe2", "grovemoe", "arctic")
@@ -68,6 +69,15 @@ QRWKV6 = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num
               intermediate_size=256)
 RWKV_CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n"
              "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+# Deci's tiny model (Llama-3.1-Nemotron's block_configs): each layer's query heads per KV head (None: no attention)
+# and whether a linear takes attention's place, and its FFN multiplier (None: no FFN; the converter's width is
+# 2/3 of it times the width, rounded up to 256): attention of 2 KV heads, neither attention nor FFN (not last:
+# llama.cpp fails on a last layer without tensors), a linear, an FFN alone, attention of 1 KV head
+DECI_BLOCKS = ((2, False, 1.0), (None, False, None), (None, True, 1.0), (None, False, 7.0), (4, False, 7.0))
+# OpenELM's tiny model: each layer's query heads, KV heads and FFN multiplier (its width that times D, a multiple of
+# OPENELM_FFN_DIVISOR)
+OPENELM_LAYERS = ((2, 1, 1.0), (4, 2, 2.0), (4, 1, 3.0))
+OPENELM_FFN_DIVISOR = 64
 # (llama.cpp ignores a llama window: mistral's tiny model left out)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES + RWKV_NAMES
 # (Gemma 3n, Gemma 4, Nemotron-H and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories
@@ -1018,7 +1028,7 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mat = lambda n, k: torch.randn(n, k, generator=g) / math.sqrt(k)  # noqa: E731  (fan-in)
     vec = lambda n, mean=0.0: mean + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    mha = name in ("baichuan", "qwen")  # (their checkpoints have no KV head count: every head its own)
+    mha = name in ("baichuan", "qwen", "jais")  # (their checkpoints have no KV head count: every head its own)
     hkv, hd = (H if mha else HKV), D // H
     layers = BAICHUAN_LAYERS if name == "baichuan" else 2
     # the canonical parts of each layer, then named as the checkpoint names them
@@ -1028,6 +1038,8 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
     if not mha:
         cfg["num_key_value_heads"] = hkv
     w = {}
+    if name in ("deci", "openelm"):
+        layers = len(DECI_BLOCKS if name == "deci" else OPENELM_LAYERS)
     for i in range(layers):
         q, k, v, o = mat(D, D), mat(hkv * hd, D), mat(hkv * hd, D), mat(D, D)
         gate, up, down = mat(F, D), mat(F, D), mat(D, F)
@@ -1045,13 +1057,75 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                       p + "attention.wqkv.weight": qkv.reshape(-1, D), p + "attention.wo.weight": o,
                       p + "feed_forward.w1.weight": gate, p + "feed_forward.w3.weight": up,
                       p + "feed_forward.w2.weight": down})
+        elif name == "chatglm":  # query_key_value with a bias; dense_h_to_4h holds the gate rows, then up's
+            p = f"transformer.encoder.layers.{i}."
+            w.update({p + "input_layernorm.weight": n1, p + "post_attention_layernorm.weight": n2,
+                      p + "self_attention.query_key_value.weight": torch.cat([q, k, v]),
+                      p + "self_attention.query_key_value.bias": vec(D + 2 * hkv * hd),
+                      p + "self_attention.dense.weight": o, p + "mlp.dense_h_to_4h.weight": torch.cat([gate, up]),
+                      p + "mlp.dense_4h_to_h.weight": down})
+        elif name == "deci":  # Llama's names, each layer's own parts and widths
+            p, (group, linear, mult) = f"model.layers.{i}.", DECI_BLOCKS[i]
+            if group:
+                w.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": mat(H // group * hd, D),
+                          p + "self_attn.v_proj.weight": mat(H // group * hd, D), p + "self_attn.o_proj.weight": o})
+            elif linear:
+                w[p + "self_attn.linear_attn.weight"] = o
+            if group or linear:
+                w[p + "input_layernorm.weight"] = n1
+            if mult:
+                f = -(-int(2 * mult * D / 3) // 256) * 256
+                w.update({p + "post_attention_layernorm.weight": n2, p + "mlp.gate_proj.weight": mat(f, D),
+                          p + "mlp.up_proj.weight": mat(f, D), p + "mlp.down_proj.weight": mat(D, f)})
+        elif name == "openelm":  # each layer's own heads and width: q/k/v in qkv_proj, gate and up in proj_1
+            p, (heads, kv_heads, mult) = f"transformer.layers.{i}.", OPENELM_LAYERS[i]
+            f = int(mult * D)
+            w.update({p + "attn_norm.weight": n1, p + "ffn_norm.weight": n2,
+                      p + "attn.qkv_proj.weight": mat((heads + 2 * kv_heads) * hd, D),
+                      p + "attn.q_norm.weight": vec(hd, 1.0), p + "attn.k_norm.weight": vec(hd, 1.0),
+                      p + "attn.out_proj.weight": mat(D, heads * hd), p + "ffn.proj_1.weight": mat(2 * f, D),
+                      p + "ffn.proj_2.weight": mat(D, f)})
+        elif name == "jais":  # GPT-2's names and transposed (Conv1D) weights, biases everywhere; c_fc2 the gate
+            p = f"transformer.h.{i}."
+            w.update({p + "ln_1.weight": n1, p + "ln_1.bias": vec(D), p + "ln_2.weight": n2, p + "ln_2.bias": vec(D),
+                      p + "attn.c_attn.weight": torch.cat([q, k, v]).T, p + "attn.c_attn.bias": vec(D + 2 * hkv * hd),
+                      p + "attn.c_proj.weight": o.T, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": up.T,
+                      p + "mlp.c_fc.bias": vec(F), p + "mlp.c_fc2.weight": gate.T, p + "mlp.c_fc2.bias": vec(F),
+                      p + "mlp.c_proj.weight": down.T, p + "mlp.c_proj.bias": vec(D)})
+        elif name == "codeshell":  # GPT-2's names, q/k/v in c_attn, biases everywhere, an MLP 4 × D wide
+            p, ffn = f"transformer.h.{i}.", 4 * D
+            w.update({p + "ln_1.weight": n1, p + "ln_1.bias": vec(D), p + "ln_2.weight": n2, p + "ln_2.bias": vec(D),
+                      p + "attn.c_attn.weight": torch.cat([q, k, v]), p + "attn.c_attn.bias": vec(D + 2 * hkv * hd),
+                      p + "attn.c_proj.weight": o, p + "attn.c_proj.bias": vec(D), p + "mlp.c_fc.weight": mat(ffn, D),
+                      p + "mlp.c_fc.bias": vec(ffn), p + "mlp.c_proj.weight": mat(D, ffn),
+                      p + "mlp.c_proj.bias": vec(D)})
+        elif name == "refact":  # one K/V head in attn.kv; gate and up in gate_up_proj, 4 × D × 2/3 up to 256s
+            p, ffn = f"transformer.h.{i}.", 256
+            w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.q.weight": q,
+                      p + "attn.kv.weight": mat(2 * hd, D), p + "attn.c_proj.weight": o,
+                      p + "mlp.gate_up_proj.weight": mat(2 * ffn, D), p + "mlp.c_proj.weight": mat(D, ffn)})
+        elif name == "plamo":  # one norm (attention and MLP in parallel); q's heads ordered KV group by KV group
+            p = f"model.layers.layers.{i}."
+            w.update({p + "norm.weight": n1, p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                      p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": o,
+                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": down})
+        elif name == "plm":  # DeepSeek's latent attention (q straight from x) and names, an MLP without a gate
+            p, rank, nope, rope, hv = (f"model.layers.{i}.", MLA["kv_lora_rank"], MLA["qk_nope_head_dim"],
+                                       MLA["qk_rope_head_dim"], MLA["v_head_dim"])
+            w.update({p + "input_layernorm.weight": n1, p + "post_attention_layernorm.weight": n2,
+                      p + "self_attn.q_proj.weight": mat(H * (nope + rope), D),
+                      p + "self_attn.kv_a_proj_with_mqa.weight": mat(rank + rope, D),
+                      p + "self_attn.kv_a_layernorm.weight": vec(rank, 1.0),
+                      p + "self_attn.kv_b_proj.weight": mat(H * (nope + hv), rank),
+                      p + "self_attn.o_proj.weight": mat(D, H * hv), p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": down})
         elif name == "qwen":  # c_attn with a bias; mlp.w2 is the gate, w1 the up projection
             p = f"transformer.h.{i}."
             w.update({p + "ln_1.weight": n1, p + "ln_2.weight": n2, p + "attn.c_attn.weight": torch.cat([q, k, v]),
                       p + "attn.c_attn.bias": vec(3 * D), p + "attn.c_proj.weight": o, p + "mlp.w2.weight": gate,
                       p + "mlp.w1.weight": up, p + "mlp.c_proj.weight": down})
         else:  # Llama's names (Baichuan's q, k and v in one W_pack; Orion's LayerNorms with biases; openPangu
-            #    Embedded's attention biases)
+            #    Embedded's attention biases; XVERSE's and Nanbeige's as Llama's, Maincoder's with per-head q/k norms)
             p = f"model.layers.{i}."
             attn = ({p + "self_attn.W_pack.weight": torch.cat([q, k, v])} if name == "baichuan" else
                     {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -1064,9 +1138,25 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
             if name == "pangu-embedded":
                 w.update({p + "self_attn.q_proj.bias": vec(D), p + "self_attn.k_proj.bias": vec(hkv * hd),
                           p + "self_attn.v_proj.bias": vec(hkv * hd), p + "self_attn.o_proj.bias": vec(D)})
+            if name == "maincoder":  # (per-head q/k norms)
+                w.update({p + "self_attn.q_norm.weight": vec(hd, 1.0), p + "self_attn.k_norm.weight": vec(hd, 1.0)})
     embed, head, final = 0.25 * torch.randn(V, D, generator=g), mat(V, D), vec(D, 1.0)
-    if name in ("exaone", "qwen"):
+    if name in ("exaone", "qwen", "refact"):
         w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "lm_head.weight": head})
+    elif name == "chatglm":  # (the rotary table, which the converter drops)
+        w.update({"transformer.embedding.word_embeddings.weight": embed, "transformer.encoder.final_layernorm.weight":
+                  final, "transformer.output_layer.weight": head, "transformer.rotary_pos_emb.inv_freq": vec(hd // 4)})
+    elif name == "jais":  # (ALiBi's slopes of 8 over the heads, which the converter reads its max bias from)
+        slopes = torch.tensor([[2.0 ** (-8.0 * (h + 1) / H)] for h in range(H)])
+        w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
+                  "lm_head.weight": head, "transformer.relative_pe.slopes": slopes})
+    elif name == "codeshell":
+        w.update({"transformer.wte.weight": embed, "transformer.ln_f.weight": final, "transformer.ln_f.bias": vec(D),
+                  "lm_head.weight": head})
+    elif name == "openelm":  # (its head tied to the embeddings)
+        w.update({"transformer.token_embeddings.weight": embed, "transformer.norm.weight": final})
+    elif name == "plm":  # (its head tied to the embeddings)
+        w.update({"model.embed_tokens.weight": embed, "model.norm.weight": final})
     elif name == "internlm2":
         w.update({"model.tok_embeddings.weight": embed, "model.norm.weight": final, "output.weight": head})
     else:
@@ -1079,6 +1169,55 @@ def remote_code_checkpoint(name: str, d: Path) -> None:
                        layer_norm_epsilon=1e-5, activation_function="silu", rope_theta=10000.0, rope_scaling={
                            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 32}),
+        # ChatGLM3's keys: RoPE on half of each head, the KV groups as multi_query_group_num
+        "chatglm": dict(architectures=["ChatGLMModel"], model_type="chatglm", num_layers=layers, kv_channels=hd,
+                        ffn_hidden_size=ffn, multi_query_attention=True, multi_query_group_num=hkv,
+                        padded_vocab_size=V, layernorm_epsilon=1e-5, rmsnorm=True, add_qkv_bias=True,
+                        add_bias_linear=False, post_layer_norm=True, seq_length=256, rope_ratio=1.0),
+        # Llama-3.1-Nemotron's keys and Llama 3's RoPE scaling, over an original context shorter than the test
+        # sequences
+        "deci": dict(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", num_hidden_layers=layers,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", block_configs=[
+                         {"attention": {"n_heads_in_group": group, "no_op": not group and not linear,
+                                        "replace_with_linear": linear},
+                          "ffn": {"ffn_mult": mult, "no_op": mult is None, "replace_with_linear": False}}
+                         for group, linear, mult in DECI_BLOCKS], rope_scaling={
+                             "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32}),
+        # OpenELM's keys (its head tied to the embeddings)
+        "openelm": dict(architectures=["OpenELMForCausalLM"], model_type="openelm", num_transformer_layers=layers,
+                        model_dim=D, head_dim=hd, num_query_heads=[h for h, _, _ in OPENELM_LAYERS],
+                        num_kv_heads=[k for _, k, _ in OPENELM_LAYERS],
+                        ffn_multipliers=[m for _, _, m in OPENELM_LAYERS], ffn_dim_divisor=OPENELM_FFN_DIVISOR,
+                        ffn_with_glu=True, normalize_qk_projections=True, share_input_output_layers=True,
+                        rope_freq_constant=10000, rope_max_length=256, max_context_length=256,
+                        activation_fn_name="swish", tie_word_embeddings=True),
+        # Jais's keys: ALiBi, SwiGLU, muP's scales (of the embeddings and the head, which the converter multiplies
+        # in, and of the scores, 1 / head_dim, which llama.cpp's graph fixes)
+        "jais": dict(architectures=["JAISLMHeadModel"], model_type="jais", n_layer=layers, n_embd=D, n_head=H,
+                     n_inner=F, n_positions=256, layer_norm_epsilon=1e-5, activation_function="swiglu",
+                     position_embedding_type="alibi", mup_embeddings_scale=2.0, mup_output_alpha=1.5,
+                     mup_width_scale=0.5, mup_scale_qk_dot_by_d=True, scale_attn_weights=True),
+        # CodeShell's keys (the converter fixes the MLP's width at 4 × D and RoPE's base at 10000)
+        "codeshell": dict(architectures=["CodeShellForCausalLM"], model_type="codeshell", n_layer=layers, n_embd=D,
+                          n_head=H, num_query_groups=hkv, group_query_attention=True, n_positions=256,
+                          layer_norm_epsilon=1e-5, position_embedding_type="rope",
+                          activation_function="gelu_pytorch_tanh"),
+        # Refact's keys (multi-query attention, ALiBi of llama.cpp's fixed max bias)
+        "refact": dict(architectures=["GPTRefactForCausalLM"], model_type="gpt_refact", n_layer=layers, n_embd=D,
+                       n_head=H, multi_query=True, n_positions=256, layer_norm_epsilon=1e-5),
+        # Nanbeige's keys: Llama's, its layers run once (num_loops)
+        "nanbeige": dict(architectures=["NanbeigeForCausalLM"], model_type="nanbeige", num_hidden_layers=layers,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, num_loops=1, skip_loop_final_norm=False),
+        "plamo": dict(architectures=["PlamoForCausalLM"], model_type="plamo", num_hidden_layers=layers,
+                      rms_norm_eps=1e-5, rope_theta=10000.0),
+        "maincoder": dict(architectures=["MaincoderForCausalLM"], model_type="maincoder", num_hidden_layers=layers,
+                          head_dim=hd, rms_norm_eps=1e-5, rope_theta=10000.0),
+        # PLM's keys: DeepSeek-V2's latent attention without q's latent, relu² without a gate, a tied head
+        "plm": dict(architectures=["PLMForCausalLM"], model_type="plm", num_hidden_layers=layers,
+                    num_key_value_heads=H, kv_lora_rank=MLA["kv_lora_rank"], qk_nope_head_dim=MLA["qk_nope_head_dim"],
+                    qk_rope_head_dim=MLA["qk_rope_head_dim"], v_head_dim=MLA["v_head_dim"], rms_norm_eps=1e-5,
+                    rope_theta=10000.0, hidden_act="relu2", tie_word_embeddings=True),
         "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=layers,
                           rms_norm_eps=1e-5, rope_theta=10000.0, bias=False, rope_scaling=None),
         "baichuan": dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", num_hidden_layers=layers,
@@ -1330,17 +1469,19 @@ def spm_model(text: str) -> bytes:
 
 _CONVERT = """
 import runpy, sys
-from conversion import (baichuan, bailingmoe, bloom, command_r, dbrx, deepseek, exaone, falcon, falcon_h1, gemma, glm,
-                        gpt2, gpt_oss, gptneox, grovemoe, hunyuan, internlm, jais, kimi_linear, laguna, lfm2, llama,
-                        mellum, mimo, minimax, mpt, nemotron, olmo, phi, plamo, qwen, rwkv, stablelm, starcoder, xverse)
+from conversion import (baichuan, bailingmoe, bloom, chatglm, codeshell, command_r, dbrx, deci, deepseek, exaone,
+                        falcon, falcon_h1, gemma, glm, gpt2, gpt_oss, gptneox, grovemoe, hunyuan, internlm, jais,
+                        kimi_linear, laguna, lfm2, llama, maincoder, mellum, mimo, minimax, mpt, nemotron, olmo, phi,
+                        plamo, plm, qwen, refact, rwkv, stablelm, starcoder, xverse)
 from conversion.base import TextModel
 # OLMo's, OLMo 2's, OLMoE's, GLM-4's, Qwen2/3-MoE's, EXAONE 4's (and EXAONE MoE's), Cohere's (and Cohere2 MoE's),
 # Seed-OSS's, gpt-oss's, Hunyuan's (dense and MoE), Phi-2's, StarCoder2's, LFM2's, DeepSeek's, GLM-4.5 MoE's, Qwen3.5's,
 # Llama 4's, Nemotron-H's, MiniMax-M2's, Falcon-H1's, GPT-2's, StarCoder's, BLOOM's, MPT's, GPT-NeoX's, StableLM's,
 # Falcon's, EXAONE's, Qwen's, DBRX's, Ling's (1 and 2.0) and Grove MoE's converters read only byte-level BPE
 # vocabularies (Kimi Linear's also tiktoken's, MPT's falls back to SEA-LION's ids, XVERSE's reads its tokenizer.json,
-# InternLM2's its SentencePiece model through protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl); Gemma 4's only
-# its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
+# InternLM2's its SentencePiece model through protobuf, PLaMo 2's and PLaMo 3's their tokenizer.jsonl, ChatGLM's its
+# tokenizer's own code, Deci's Llama's HF tokenizer, Jais's, CodeShell's, Refact's, Maincoder's and PLM's byte-level
+# BPE); Gemma 4's only its own BPE one (tests/test_tokenizer.py); the tiny models share a SentencePiece one
 olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab = qwen.Qwen3MoeModel.set_vocab = \
     qwen.Qwen2MoeModel.set_vocab = exaone.Exaone4Model.set_vocab = command_r.CommandR2Model.set_vocab = \
     command_r.Cohere2Model.set_vocab = olmo.SeedOssModel.set_vocab = gpt_oss.GptOssModel.set_vocab = \
@@ -1360,6 +1501,9 @@ olmo.Olmo2Model.set_vocab = olmo.OlmoeModel.set_vocab = glm.Glm4Model.set_vocab 
     glm.GlmMoeDsaModel.set_vocab = plamo.Plamo2Model.set_vocab = plamo.Plamo3Model.set_vocab = \
     hunyuan.HYV3Model.set_vocab = mellum.MellumModel.set_vocab = \
     bailingmoe.BailingMoeV2Model.set_vocab = grovemoe.GroveMoeModel.set_vocab = \
+    chatglm.ChatGLMModel.set_vocab = deci.DeciModel.set_vocab = \
+    jais.JaisModel.set_vocab = codeshell.CodeShellModel.set_vocab = refact.RefactModel.set_vocab = \
+    maincoder.MaincoderModel.set_vocab = plm.PLMModel.set_vocab = \
     lambda self: self._set_vocab_sentencepiece()
 gemma.Gemma4Model.set_vocab = gemma.Gemma3Model.set_vocab  # (without a space prefix, as Gemma 4's vocabulary)
 # GPT-NeoX's converter reads rotary_pct, which transformers 5's config keeps as rope_parameters' partial_rotary_factor
@@ -1407,11 +1551,29 @@ def _mimo2_partial_rotary(self):
                                     self.rope_parameters["full_attention"]["partial_rotary_factor"])
     _mimo2_parameters(self)
 mimo.MimoV2Model.set_gguf_parameters = _mimo2_partial_rotary
+# PLaMo's converter fixes PLaMo-13B's shapes (40 heads of 128 in 5 KV groups, 5120 wide): the tiny model's KV heads
+# and its q and output rows regrouped alike, each KV group's heads together
+def _plamo_groups(self):
+    kv = self.hparams["num_key_value_heads"]
+    return self.hparams["num_attention_heads"] // kv, kv
+def _plamo_q(self, t):
+    return t.reshape(*_plamo_groups(self), -1, t.shape[1]).permute(1, 0, 2, 3).reshape(t.shape)
+def _plamo_output(self, t):
+    return t.reshape(t.shape[0], *_plamo_groups(self), -1).permute(0, 2, 1, 3).reshape(t.shape)
+plamo.PlamoModel.shuffle_attn_q_weight, plamo.PlamoModel.shuffle_attn_output_weight = _plamo_q, _plamo_output
+_plamo_parameters = plamo.PlamoModel.set_gguf_parameters
+def _plamo_kv_heads(self):
+    add = self.gguf_writer.add_head_count_kv
+    self.gguf_writer.add_head_count_kv = lambda n: add(self.hparams["num_key_value_heads"])
+    _plamo_parameters(self)
+plamo.PlamoModel.set_gguf_parameters = _plamo_kv_heads
 script, jobs = sys.argv[1], sys.argv[2:]
 for src, dst in zip(jobs[::2], jobs[1::2]):
     # (Qwen3.5's converter counts multi-token-prediction layers the tiny models do not have)
     no_mtp = ["--no-mtp"] if src.endswith(("qwen35", "qwen35moe", "qwen3next", "mimo2")) else []
-    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp]
+    # (Jais's converter reads ALiBi's max bias from its slopes' values, which a lazy conversion does not hold)
+    no_lazy = ["--no-lazy"] if src.endswith("jais") else []
+    sys.argv = [script, src, "--outfile", dst, "--outtype", "f32", *no_mtp, *no_lazy]
     # (RWKV's converters gather each layer's lerps in a dict of the class, which the next model would find full)
     rwkv.Rwkv6Model.lerp_weights, rwkv.Rwkv7Model.lerp_weights = {}, {}
     try:
@@ -1677,7 +1839,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
               else len(GRANITE_HYBRID_LAYERS) if fam.mamba2 else 4 if fam.delta_net or fam.kda
               else {"gemma3": 6, "smollm3": 4, "olmo2": 4, "gemma3n": GEMMA3N_LAYERS, "llama4": 4,
                     "exaone-moe": 4, "cohere2moe": 5, "afmoe": 4, "mimo2": len(MIMO2_LAYERS),
-                    "baichuan": BAICHUAN_LAYERS,
+                    "baichuan": BAICHUAN_LAYERS, "deci": len(DECI_BLOCKS), "openelm": len(OPENELM_LAYERS),
                     "gemma4": GEMMA4["num_hidden_layers"]}.get(arch, 2))
     wide = ("ernie4_5", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "glm4", "gemma3n", "glm4moe", "minimax-m2",
             "gemma4")
@@ -1692,6 +1854,10 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md["starcoder.attention.head_count_kv"] = 1
     if arch == "mpt":  # ALiBi and q/k/v clamped, as the tiny converted model
         md.update({"mpt.attention.max_alibi_bias": 8.0, "mpt.attention.clamp_kqv": MPT_CLIP_QKV})
+    if arch == "refact":  # multi-query attention, as the tiny converted model
+        md["refact.attention.head_count_kv"] = 1
+    if arch == "jais":  # ALiBi, every head its own K/V, as the tiny converted model
+        md.update({"jais.attention.max_alibi_bias": 8.0, "jais.attention.head_count_kv": H})
     if fam.swa_period or arch == "llama":
         md[f"{arch}.attention.sliding_window"] = WINDOW
     if fam.mamba2 or fam.mamba1:  # Mamba2 layers where the file gives no KV heads (beside attention: Falcon-H1),
@@ -1710,6 +1876,14 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.layer_parts:  # Nemotron-H's layers of one part: KV heads for attention, a width for an MLP
         md.update({f"{arch}.attention.head_count_kv": [HKV if k == "*" else 0 for k in NEMOTRON_H_PATTERN],
                    f"{arch}.feed_forward_length": [ffn if k == "-" else 0 for k in NEMOTRON_H_PATTERN]})
+    if arch == "openelm":  # (its layers' own heads and widths: OPENELM_LAYERS)
+        md.update({"openelm.attention.head_count": [h for h, _, _ in OPENELM_LAYERS],
+                   "openelm.attention.head_count_kv": [k for _, k, _ in OPENELM_LAYERS],
+                   "openelm.feed_forward_length": [int(m * D) for _, _, m in OPENELM_LAYERS]})
+    if arch == "deci":  # (its layers' own parts and widths: DECI_BLOCKS)
+        md.update({"deci.attention.head_count": [H if group or linear else 0 for group, linear, _ in DECI_BLOCKS],
+                   "deci.attention.head_count_kv": [H // group if group else 0 for group, _, _ in DECI_BLOCKS],
+                   "deci.feed_forward_length": [{None: 0, 1.0: F, 7.0: 2 * F}[mult] for _, _, mult in DECI_BLOCKS]})
     if fam.attention_free:  # (Mamba-2, Mamba: the converter's head_count and feed_forward_length of 0, no KV heads)
         md.update({f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0})
         del md[f"{arch}.attention.head_count_kv"], md[f"{arch}.attention.key_length"]
@@ -1740,7 +1914,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                    "gemma4.embedding_length_per_layer_input": GEMMA4["hidden_size_per_layer_input"],
                    "gemma4.rope.freq_base": 1e6, "gemma4.rope.freq_base_swa": 1e4,
                    "gemma4.final_logit_softcapping": 5.0})
-    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2", "gptneox", "stablelm"):  # RoPE on half a head
+    # RoPE on half a head
+    if arch in ("glm4", "phi2", "nemotron", "glm4moe", "minimax-m2", "gptneox", "stablelm", "chatglm"):
         md[f"{arch}.rope.dimension_count"] = hd // 2
     if arch == "gptneox":  # (its converter writes no KV head count: as many as the heads)
         md["gptneox.attention.head_count_kv"] = H
@@ -1823,6 +1998,11 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         md.update({"minicpm3.attention.q_lora_rank": 32, "minicpm3.attention.kv_lora_rank": MLA["kv_lora_rank"],
                    "minicpm3.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
                    "minicpm3.rope.dimension_count": MLA["qk_rope_head_dim"]})
+    if arch == "plm":  # its converter's latent attention: q straight from x, attn_kv_b whole, values of their own
+        md.update({"plm.attention.kv_lora_rank": MLA["kv_lora_rank"], "plm.attention.head_count_kv": H,
+                   "plm.attention.key_length": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"],
+                   "plm.attention.value_length": MLA["v_head_dim"],
+                   "plm.rope.dimension_count": MLA["qk_rope_head_dim"]})
     if arch in ("glm4moe", "dots1", "exaone-moe", "nemotron_h_moe", "afmoe"):  # GLM-4.5's routing (hf_model's)
         md.update({f"{arch}.expert_shared_count": 1, f"{arch}.expert_gating_func": 2,
                    f"{arch}.expert_weights_norm": True, f"{arch}.expert_weights_scale": 2.0})
@@ -1841,7 +2021,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     g = torch.Generator().manual_seed(seed)
     mat = lambda n, k: ops.quantize(torch.randn(n, k, generator=g) / math.sqrt(k), qtype)  # noqa: E731
     vec = lambda n, base=0.0: base + 0.2 * torch.randn(n, generator=g)  # noqa: E731
-    q, kv = H * hd, (1 if arch == "starcoder" else H if arch == "gptneox" else HKV) * hd  # (StarCoder: one K/V head)
+    # (StarCoder and Refact: one K/V head; GPT-NeoX and Jais: as many as the heads)
+    q, kv = H * hd, (1 if arch in ("starcoder", "refact") else H if arch in ("gptneox", "jais") else HKV) * hd
     w = {"token_embd.weight": ops.quantize((0.1 if arch == "gemma3n" else 0.25) * torch.randn(V, D, generator=g),
                                            qtype),
          **({fam.output_norm_tensor + ".weight": vec(D, 1.0)} if fam.norm_weights else {})}
@@ -1875,7 +2056,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
     if fam.learned_positions and arch != "mpt":  # a row a position of the context (MPT's random model: ALiBi)
         w["position_embd.weight"] = ops.quantize(0.25 * torch.randn(256, D, generator=g), "F32")
     # (LayerNorm, MLP, output)
-    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox", "jais2")
+    biased = ("phi2", "starcoder2", "nemotron", "gpt2", "starcoder", "bloom", "gptneox", "jais2", "jais")
     if arch in biased + ("phimoe", "stablelm", "falcon"):  # the final norm's bias, and Phi-2's and PhiMoE's heads'
         w["output_norm.bias"] = vec(D)
         if arch in ("phi2", "phimoe"):
@@ -1884,7 +2065,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
         p = f"blk.{i}."
         if c.layer_widths:  # (Gemma 4: each layer's own widths)
             lc = c.at_layer(i)
-            q, kv, ffn = H * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
+            q, kv, ffn = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim, lc.ffn_dim
         w.update({p + n + ".weight": vec(shape, 0.3 if fam.query_scale == 1.0 and n in ("attn_q_norm", "attn_k_norm")
                                          else 1.0) for n, shape in layer_norm_shapes(c.at_layer(i), i).items()
                  if fam.norm_weights})
@@ -1916,8 +2097,8 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
                       p + "ssm_conv1d.bias": vec(m.conv_dim), p + "ssm_dt.bias": vec(m.heads),
                       p + "ssm_a": -torch.exp(vec(m.heads)), p + "ssm_d": vec(m.heads, 1.0),
                       p + "ssm_norm.weight": vec(m.inner, 1.0)})
-        if not c.has_mixer(i) or c.is_ssm(i) and not c.has_attention(i):  # (Nemotron-H's MLP layers; Mamba2's)
-            pass
+        if not c.has_mixer(i) or c.is_ssm(i) and not c.has_attention(i) or i in c.linear_attention_layers:
+            pass  # (Nemotron-H's MLP layers; Mamba2's; Deci's linear, attn_output alone)
         elif c.is_conv(i):  # a short convolution in place of attention; its kernel in F32, as llama.cpp keeps it
             w.update({p + "shortconv.in_proj.weight": mat(3 * D, D), p + "shortconv.out_proj.weight": mat(D, D),
                       p + "shortconv.conv.weight": ops.quantize(torch.randn(D, CONV_KERNEL, generator=g)
@@ -2007,7 +2188,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w[p + "ffn_up.weight"] = mat(F, D)
         else:
             w.update({p + "ffn_gate.weight": mat(ffn, D), p + "ffn_up.weight": mat(ffn, D)})
-        if c.has_attention(i):
+        if c.has_attention(i) or i in c.linear_attention_layers:
             w[p + "attn_output.weight"] = mat(D, q)
             if fam.attn_gate:  # (AFMoE's output gate, its own projection)
                 w[p + "attn_gate.weight"] = mat(q, D)
@@ -2017,7 +2198,7 @@ def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = tor
             w.update({p + "ffn_gate.weight": mat(c.ffn_dim, D), p + "ffn_up.weight": mat(c.ffn_dim, D),
                       p + "ffn_down.weight": mat(D, c.ffn_dim)})
         if text in ("llama", "qwen2", "glm4", "gpt-oss", "phi2", "starcoder2", "nemotron", "glm4moe", "phimoe",
-                    "stablelm", "jais2"):
+                    "stablelm", "jais2", "jais"):
             w.update({p + n + ".bias": vec(r) for n, r in (("attn_q", q), ("attn_k", kv), ("attn_v", kv))})
         if arch in biased:  # biases on the output, the MLP and the LayerNorms
             w.update({p + "attn_output.bias": vec(D), p + "ffn_up.bias": vec(F), p + "ffn_down.bias": vec(D),

@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import torch
 
-from lowtune import adapters, ops
+from lowtune import adapters, glue_ops, ops
 from lowtune.evaluate import perplexity, windows
 from lowtune.families import FAMILIES, SUPPORTED, family_of, family_of_hf
 from lowtune.generate import generate, generate_text
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.loading import open_base
 from lowtune.model import (CONV_LINEAR_NAMES, DELTA_LINEAR_NAMES, LINEAR_NAMES, MAMBA_LINEAR_NAMES, NO_ROPE,
-                           SSM_LINEAR_NAMES, LayerNorm, Model, ModelConfig, NoNorm, QLinear, alibi_slopes,
+                           SSM_LINEAR_NAMES, KVCache, LayerNorm, Model, ModelConfig, NoNorm, QLinear, alibi_slopes,
                            rope_inv_freq, selective_scan)
 from lowtune.recipes import is_quantizable
 from lowtune.rwkv import rwkv_linear_names
@@ -145,10 +145,23 @@ def assert_logits_and_what_matters(path, ids, want, switch_offs, label: str) -> 
 
 
 # what sets each remote-code family apart from Llama at this size (switched off, its logits leave llama.cpp's)
+NO_QKV_BIAS = ("the q/k/v biases", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
+                                              for n in ("attn_q", "attn_k", "attn_v")])
+NO_QK_NORMS = ("the q/k norms", lambda m: [setattr(layer, n, NoNorm()) for layer in m.layers
+                                          for n in ("attn_q_norm", "attn_k_norm")])
+LLAMA3_ROPE_FREQS = ("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))
 REMOTE_CODE_SWITCH_OFF = {
-    "exaone": [("Llama 3's rope_freqs", lambda m: setattr(m, "rope_inv_freq", rope_inv_freq(m.config)[None]))],
-    "qwen": [("the fused q/k/v bias", lambda m: [setattr(getattr(layer, n), "bias", None) for layer in m.layers
-                                                for n in ("attn_q", "attn_k", "attn_v")])],
+    "exaone": [LLAMA3_ROPE_FREQS],
+    "deci": [LLAMA3_ROPE_FREQS, ("the linear in attention's place", lambda m: [
+        setattr(layer, "config", dataclasses.replace(layer.config, attentionless_layers=(layer.index,)))
+        for layer in m.layers if layer.index in m.config.linear_attention_layers])],
+    "qwen": [NO_QKV_BIAS],
+    "chatglm": [NO_QKV_BIAS],
+    "jais": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers]),
+             ("muP's query scale", lambda m: setattr(m.config, "attn_scale", 0.0))],
+    "refact": [("ALiBi", lambda m: [setattr(layer, "alibi_slopes", None) for layer in m.layers])],
+    "openelm": [NO_QK_NORMS],
+    "maincoder": [NO_QK_NORMS],
     "orion": [("the LayerNorms' biases", lambda m: [setattr(n, "bias", None) for n in [m.output_norm] + [
         norm for layer in m.layers for norm in (layer.attn_norm, layer.ffn_norm)]])],
     "pangu-embedded": [("the attention output's bias", lambda m: [setattr(layer.attn_output, "bias", None)
@@ -180,10 +193,14 @@ REMOTE_CODE_SWITCH_OFF = {
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", REMOTE_CODE_NAMES + RWKV_NAMES)
-def test_remote_code_logits_match_llamacpp(tiny, name):
+def test_remote_code_logits_match_llamacpp(tiny, name, monkeypatch):
     """Families without a transformers class (RWKV-7's RwkvForCausalLM is RWKV-4): llama.cpp's logits of the
-    converted F32 file (its K/V cache in F32 too) are lowtune's."""
+    converted F32 file (its K/V cache in F32 too) are lowtune's, with llama.cpp's CPU GELU (its fp16 table of fp16
+    inputs, 3e-4 from the exact tanh form at this size) where the family's MLP is GELU's (CodeShell)."""
     from llama_cpp import Llama
+    if FAMILIES[name].activation == "gelu_tanh":
+        monkeypatch.setitem(glue_ops.UNGATED, "gelu_tanh",
+                            lambda x: torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().to(x.dtype))
     ids = rand_ids(1, SEQ)
     llm = Llama(model_path=str(tiny[name].gguf), n_ctx=SEQ, n_batch=SEQ, logits_all=True, verbose=False, seed=0,
                 type_k=0, type_v=0)  # (GGML_TYPE_F32)
@@ -204,6 +221,36 @@ def test_exaone_logits_match_transformers_llama(tiny):
         want, got = hf(ids).logits, Model.from_gguf(tiny["exaone"].gguf)(ids)
     print(f"exaone: logits vs transformers' Llama, relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
+
+
+def test_chatglm_of_transformers_glm(tiny, llamacpp_source, tmp_path):
+    """GLM-4 9B's transformers checkpoints (GlmForCausalLM: q, k and v apart, RoPE on adjacent pairs of half of
+    each head) are what llama.cpp's converter writes as chatglm: transformers' logits are the converted file's,
+    its directory refused by class, saying to convert it."""
+    import shutil
+
+    import transformers as tf
+
+    import lowtune
+    hf = randomized(tf.GlmForCausalLM(tf.GlmConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
+        head_dim=D // H, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, attention_bias=True)), "chatglm")
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "seq_length": 256}))  # (the converter's context)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny["chatglm"].hf_dir / name, tmp_path / "hf" / name)
+    convert(llamacpp_source, [(tmp_path / "hf", tmp_path / "glm.gguf")])
+    with GGUFFile(tmp_path / "glm.gguf") as f:
+        assert f.metadata["general.architecture"] == "chatglm" and "blk.0.attn_q.bias" in f.tensor_infos
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert_logits_and_what_matters(tmp_path / "glm.gguf", ids, want, [NO_QKV_BIAS],
+                                   "chatglm: logits vs transformers' GLM")
+    with pytest.raises(ValueError, match="GlmForCausalLM \\(chatglm\\) is read from GGUF only.*convert_hf_to_gguf.py"):
+        lowtune.load_model(tmp_path / "hf")
 
 
 def config_fields(config: ModelConfig) -> dict:
@@ -995,11 +1042,13 @@ def test_starcoder_without_multi_query_is_refused(tiny):
 # Gated DeltaNets, whose states the decoder does not keep; Gemma 3n's AltUp, Laurel and per-layer inputs; Gemma 4's
 # layers of two widths; MiniCPM3's latent attention; OLMo's clipped q/k/v
 # (test_olmo_norms_without_weights_and_clipped_qkv); GPT-2's and StarCoder's learned positions; BLOOM's and MPT's ALiBi,
-# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms)
+# BLOOM's embedding norm, MPT's clamped q/k/v; BitNet's sub-norms; Deci's and OpenELM's layers of their own parts
+# and widths; Jais's ALiBi and muP query scale, Refact's ALiBi; PLM's latent attention)
 COMPILED_DECODER = tuple(n for n in NAMES + REMOTE_CODE_NAMES
                          if n not in ("mistral3", "phi2", "lfm2", "gemma3n", "gemma4", "granitehybrid", "qwen35",
                                       "nemotron_h", "stablelm2-12b", "minicpm3", "olmo", "bitnet", "mamba2",
-                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "plamo2"))
+                                      "falcon-h1", "mamba", "gpt2", "starcoder", "bloom", "mpt", "deci", "openelm",
+                                      "jais", "refact", "plm", "plamo2"))
 
 
 @pytest.mark.parametrize("name", NAMES + REMOTE_CODE_NAMES + RWKV_NAMES)
@@ -1269,14 +1318,17 @@ def test_adapters_wrap_every_logical_linear(tiny, name):
     ads = adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
     c = model.config
     targets = [t for t in LINEAR_NAMES if c.family.gated or t != "ffn_gate"]  # (Arcee: no gate)
-    if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, attn_kv_b whole)
-        targets = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
+    if c.kv_lora_rank:  # (MiniCPM3's latent attention: q through its latent, PLM's straight; attn_kv_b whole)
+        q = ["attn_q_a", "attn_q_b"] if c.q_lora_rank else ["attn_q"]
+        targets = q + ["attn_kv_a_mqa", "attn_kv_b", "attn_output"] + targets[4:]
     conv = ["shortconv." + t for t in CONV_LINEAR_NAMES] + targets[4:]  # (LFM2's convolution layers)
     ssm = list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES) + targets[4:]  # (Mamba2, Mamba)
     delta = [t for t in DELTA_LINEAR_NAMES if t != "ssm_ba"] + targets[4:]  # (Qwen3.5's Gated DeltaNets)
+    linear = ["attn_output"] + targets[4:]  # (Deci's linear in attention's place)
     kinds = lambda i: (conv if c.is_conv(i) else targets + ssm[:2] if c.is_ssm(i) and c.has_attention(i)  # noqa: E731
                        else ssm if c.is_ssm(i) else delta if c.is_delta(i)  # (Falcon-H1: both)
-                       else rwkv_linear_names(c) if c.family.rwkv else targets)
+                       else rwkv_linear_names(c) if c.family.rwkv
+                       else linear if i in c.linear_attention_layers else targets)
     parts = lambda i: [t for t in kinds(i) if (c.has_ffn(i) if t.startswith(("ffn_", "channel_mix_"))  # noqa: E731
                                                 else c.has_mixer(i))]  # (Nemotron-H: a mixer or an MLP a layer)
     # (Gemma 3n's and Gemma 4's last layers compute no K/V: theirs are earlier layers'; Gemma 4's global
@@ -1326,13 +1378,13 @@ def test_streaming_layers_with_fused_views_and_biases(tiny, name):
     assert_trains_alike(resident, streaming, rand_ids(2, 24, seed=4))
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h", "plamo2"])
+@pytest.mark.parametrize("name", ["lfm2", "qwen35", "granitehybrid", "nemotron_h", "plamo2", "deci"])
 def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     """The hybrids' layers differ by kind beside the same MLP (LFM2: a convolution's in_proj/out_proj;
     Qwen3.5: a Gated DeltaNet's five linears; Granite 4.0 H: a Mamba2 layer's ssm_in/ssm_out; PLaMo 2: a Mamba
     layer's ssm_in/ssm_x/ssm_dt/ssm_out; or attention's q/k/v/output; Nemotron-H: one of those mixers or an MLP a
-    layer): streamed, the first two read from the file, the model trains as the resident one, every layer's pack
-    holding its own kind's matrices."""
+    layer; Deci: attention, a linear, an MLP alone or nothing, MLPs of their own widths): streamed, the first two
+    read from the file, the model trains as the resident one, every layer's pack holding its own kind's matrices."""
     path = gguf_of(tiny[name], "Q8_0")
 
     def adapted():
@@ -1345,9 +1397,10 @@ def test_hybrid_layers_of_two_kinds_stream(tiny, name):
     own = {"conv": ["shortconv.in_proj", "shortconv.out_proj"],
            "ssm": list(MAMBA_LINEAR_NAMES if c.family.mamba1 else SSM_LINEAR_NAMES),
            "delta": [n for n in DELTA_LINEAR_NAMES if n != "ssm_ba"],  # (Qwen3-Next's fused b and a)
-           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "mlp": []}
+           "attention": [f"attn_{n}" for n in ("q", "k", "v", "output")], "linear": ["attn_output"], "mlp": []}
     kind = lambda i: ("mlp" if not c.has_mixer(i) else "conv" if c.is_conv(i)  # noqa: E731
-                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i) else "attention")
+                      else "ssm" if c.is_ssm(i) else "delta" if c.is_delta(i)
+                      else "linear" if i in c.linear_attention_layers else "attention")
     ffn = lambda i: [n for n in ("ffn_down", "ffn_gate", "ffn_up")  # noqa: E731
                      if c.has_ffn(i) and (c.family.gated or n != "ffn_gate")]
     assert {kind(i) for i in range(c.n_layers)} > {"attention"}  # (two kinds)
@@ -2017,9 +2070,9 @@ def test_olmo_norms_without_weights_and_clipped_qkv(tiny):
 
 
 def test_remote_code_variants_and_directories_refused(tiny):
-    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) are
-    refused, and so are the remote-code families' Hugging Face directories but EXAONE 3's, Orion's, Baichuan's
-    and openPangu Embedded's, by class, saying to convert them."""
+    """Baichuan files of another layer count than 7B's 32 (13B's 40, which llama.cpp runs with ALiBi) and Nanbeige
+    files of looped layers are refused, and so are the remote-code families' Hugging Face directories but EXAONE
+    3's, Orion's, Baichuan's and openPangu Embedded's, by class, saying to convert them."""
     import lowtune
     with GGUFFile(tiny["baichuan"].gguf) as f:
         md = dict(f.metadata)
@@ -2029,6 +2082,10 @@ def test_remote_code_variants_and_directories_refused(tiny):
             ModelConfig.from_gguf_metadata({**md, "baichuan.block_count": layers})
     qwen = Model.from_gguf(tiny["qwen"].gguf)
     assert (qwen.config.ffn_dim, qwen.config.family.ffn_length_both_halves) == (F, True)
+    nanbeige = Model.from_gguf(tiny["nanbeige"].gguf).metadata
+    assert nanbeige["nanbeige.num_loops"] == 1
+    with pytest.raises(ValueError, match="runs its 2 layers 3 times over .num_loops.*a file of one loop it does"):
+        ModelConfig.from_gguf_metadata({**nanbeige, "nanbeige.num_loops": 3})
     # (the converter's file of a published Qwen config, which gives only layer_norm_epsilon)
     layer_eps = {k: v for k, v in qwen.metadata.items() if k != "qwen.attention.layer_norm_rms_epsilon"}
     with pytest.raises(ValueError, match="LayerNorm's key .*reads attention.layer_norm_rms_epsilon.*rms_norm_eps"):
@@ -2085,6 +2142,32 @@ def test_gpt2_and_starcoder_hf_configs(tiny):
             hf_names.metadata_from_hf_config({**cfg[name], **change})
 
 
+def test_layers_of_their_own_heads_parts_and_widths(tiny):
+    """Deci's converted file gives each layer its own heads, KV heads and FFN width: attention with 2 and with 1
+    KV heads, a layer of neither attention nor FFN, a linear in attention's place, an FFN alone; only the
+    attending layers keep K/V. A layer that attends (or runs its linear) without an FFN, which llama.cpp's graph
+    runs without its attention's output, is refused. OpenELM's layers have their own query heads too."""
+    model = Model.from_gguf(tiny["deci"].gguf)
+    c = model.config
+    assert [w[1:3] for w in c.layer_widths] == [(2, 2 * F), (2, 0), (2, 2 * F), (2, 4 * F), (1, 4 * F)]
+    assert (c.attentionless_layers, c.linear_attention_layers, c.ffnless_layers) == ((1, 3), (2,), (1,))
+    assert [c.has_attention(i) for i in range(c.n_layers)] == [True, False, False, False, True]
+    cache = KVCache(c, 1, 8, "cpu", torch.float32)
+    assert [tuple(k.shape) for k in cache.k] == [(1, 2, 8, 16), (0,), (0,), (0,), (1, 1, 8, 16)]
+    md = model.metadata
+    for layer, what in ((0, "attends"), (2, "runs a linear")):
+        ffn = [w[2] for w in c.layer_widths]
+        ffn[layer] = 0
+        with pytest.raises(ValueError, match=f"layer {layer} of this deci file {what} without an FFN.*drops"):
+            ModelConfig.from_gguf_metadata({**md, "deci.feed_forward_length": ffn})
+    openelm = Model.from_gguf(tiny["openelm"].gguf).config
+    assert openelm.layer_heads == (2, 4, 4) and [w[1:3] for w in openelm.layer_widths] == [(1, F // 2), (2, F),
+                                                                                         (1, 3 * F // 2)]
+    assert [tuple(k.shape) for k in KVCache(openelm, 1, 8, "cpu", torch.float32).k] == [
+        (1, 1, 8, 16), (1, 2, 8, 16), (1, 1, 8, 16)]
+    assert [lc.n_heads * lc.head_dim for lc in map(openelm.at_layer, range(3))] == [32, 64, 64]
+
+
 def test_families_and_refusals():
     assert sorted(SUPPORTED) == sorted(("llama", "arcee", "smollm3", "granite", "granitemoe", "granitehybrid",
                          "nemotron_h",
@@ -2096,15 +2179,18 @@ def test_families_and_refusals():
                          "apertus", "gpt-oss", "lfm2", "lfm2moe", "deepseek2", "deepseek32", "glm-dsa", "mistral4",
                          "llama4", "glm4moe", "dots1", "hy_v3", "minimax-m2", "gemma3n", "gemma4", "qwen35",
                          "qwen35moe", "qwen3next", "kimi-linear", "mimo2", "afmoe", "mellum", "laguna", "bitnet",
-                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "rwkv7", "rwkv6", "arwkv7",
-                         "rwkv6qwen2", "pangu-embedded", "plamo2", "plamo3", "dbrx", "deepseek", "grok", "arctic",
-                         "bailingmoe", "bailingmoe2", "grovemoe", "qwen2vl", "qwen3vl", "qwen3vlmoe", "jais2"))
+                         "exaone", "internlm2", "baichuan", "qwen", "orion", "xverse", "chatglm", "deci", "openelm",
+                         "jais", "codeshell", "refact", "nanbeige", "plamo", "maincoder", "plm", "rwkv7", "rwkv6",
+                         "arwkv7", "rwkv6qwen2", "pangu-embedded", "plamo2", "plamo3", "dbrx", "deepseek", "grok",
+                         "arctic", "bailingmoe", "bailingmoe2", "grovemoe", "qwen2vl", "qwen3vl", "qwen3vlmoe",
+                         "jais2"))
     assert family_of({"general.architecture": "gemma3"}) is FAMILIES["gemma3"]
     assert family_of_hf(["Phi3ForCausalLM"]).arch == "phi3"
     listed = ", ".join(SUPPORTED)
     for arch, why in [("llada-moe", "mixture-of-experts"), ("mixtral", "mixture-of-experts"),
                       ("mamba3", "recurrent"), ("bert", "encoder"),
-                      ("t5", "encoder"), ("codeshell", "not supported"), ("gptj", "llama.cpp names but does not run")]:
+                      ("t5", "encoder"), ("smallthinker", "not supported"),
+                      ("gptj", "llama.cpp names but does not run")]:
         with pytest.raises(ValueError, match=why) as e:
             family_of({"general.architecture": arch})
         assert repr(arch) in str(e.value) and listed in str(e.value)

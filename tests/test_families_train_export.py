@@ -67,7 +67,11 @@ EXPORT_METHOD = {"llama": "qa-hira", "mistral": "lora", "smollm3": "q-bara", "gr
                  "exaone": "qa-hira", "internlm2": "q-bara", "baichuan": "lora", "qwen": "qa-lora", "orion": "qdylora",
                  "xverse": "qa-hira", "jais2": "qdylora", "plamo2": "q-bara", "pangu-embedded": "qdylora",
                  "plamo3": "qa-lora", "rwkv7": "q-bara", "rwkv6": "q-bara",
-                 "arwkv7": "qa-hira", "rwkv6qwen2": "qdylora"}
+                 "arwkv7": "qa-hira", "rwkv6qwen2": "qdylora",
+                 "chatglm": "q-bara", "deci": "qa-lora",
+                 "openelm": "lora", "jais": "qdylora", "codeshell": "qa-hira",
+                 "refact": "q-bara", "nanbeige": "qa-lora", "plamo": "lora",
+                 "maincoder": "qa-hira", "plm": "lora"}
 FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", "granite": "qa-hira",
                    "ernie4_5": "q-bara", "mistral3": "lora", "qwen2": "q-bara", "qwen3": "qa-lora", "phi3": "qa-hira",
                    "gemma": "lora", "gemma2": "qdylora", "gemma3": "qa-lora", "olmo2": "qa-hira", "olmo3": "lora",
@@ -84,7 +88,11 @@ FINETUNE_METHOD = {"llama": "lora", "mistral": "qa-hira", "smollm3": "qdylora", 
                    "falcon": "qdylora", "falcon-40b": "q-bara",
                    "exaone": "lora", "internlm2": "qa-hira", "baichuan": "q-bara", "qwen": "q-bara", "orion": "lora",
                    "xverse": "qdylora", "jais2": "qa-lora", "plamo2": "qa-lora", "pangu-embedded": "lora",
-                   "plamo3": "qa-hira"}
+                   "plamo3": "qa-hira",
+                   "chatglm": "lora", "deci": "qa-hira",
+                   "openelm": "q-bara", "jais": "qa-hira", "codeshell": "lora",
+                   "refact": "q-bara", "nanbeige": "lora", "plamo": "qdylora",
+                   "maincoder": "q-bara", "plm": "qa-lora"}
 HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "phi4": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
@@ -196,6 +204,8 @@ def test_finetune_from_the_hf_directory(family_models, train_text, tmp_path, nam
     present = set(LINEAR_NAMES) | (set(CONV_LINEAR_NAMES) if name == "lfm2" else set())  # (LFM2's convolutions)
     if name == "minicpm3":  # (latent attention: q through its latent, attn_kv_b whole)
         present = present - {"attn_q", "attn_k", "attn_v"} | {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}
+    if name == "plm":  # (latent attention with q straight from x)
+        present = present - {"attn_k", "attn_v"} | {"attn_kv_a_mqa", "attn_kv_b"}
     present = set(SSM_LINEAR_NAMES) if name == "mamba2" else present  # (Mamba2 layers alone)
     present = set(MAMBA_LINEAR_NAMES) if name == "mamba" else present  # (Mamba's)
     present |= set(MAMBA_LINEAR_NAMES) if name == "plamo2" else set()  # (PLaMo 2's Mamba layers beside attention)
@@ -494,7 +504,8 @@ def test_stablelm_per_head_qk_norms_are_gguf_only(family_models, adapted, tmp_pa
 def test_llamacpp_runs_the_merged_gguf_and_the_lora(adapted, name):
     a = adapted(name)
     lora_run = a.run
-    if name == "minicpm3":  # llama.cpp's minicpm3 graph takes a GGUF LoRA on attn_output and the MLP only
+    if name in ("minicpm3", "plm"):  # llama.cpp's minicpm3 and plm graphs take a GGUF LoRA on attn_output and
+        #                              the MLP only
         with pytest.raises(ValueError, match="llama.cpp applies no GGUF LoRA to blk.0.attn_kv_a_mqa"):
             export_lora_gguf(a.base, a.run, a.dir / "lora.gguf")
         lora_run = a.dir / "outer"
@@ -595,12 +606,12 @@ def test_captured_steps_of_mlps_without_a_gate_on_cuda(arch, device="cuda"):
 
 @pytest.mark.cuda
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt"])
+@pytest.mark.parametrize("arch", ["gpt2", "starcoder", "bloom", "mpt", "jais", "refact"])
 def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
     """GPT-2's and StarCoder's learned positions (StarCoder's one K/V head), read at the step's position on the
-    device, and BLOOM's and MPT's ALiBi, each head's bias in the step's mask (no fused decode attention),
-    through replayed decode graphs across windows (64 positions and past them): the eager steps' bf16 logits,
-    and the model's own steps' through a plain cache."""
+    device, and BLOOM's, MPT's, Jais's and Refact's ALiBi, each head's bias in the step's mask (no fused decode
+    attention), through replayed decode graphs across windows (64 positions and past them): the eager steps'
+    bf16 logits, and the model's own steps' through a plain cache."""
     from lowtune.generate import StepDecoder
     model = random_family_model(arch, dtype=torch.bfloat16).to(device)
     prompt, tokens = [3, 1, 4, 1, 5], rand_ids(1, 80, seed=2)[0].tolist()
@@ -618,8 +629,8 @@ def test_captured_steps_of_positions_and_alibi_on_cuda(arch, device="cuda"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3", "lfm2", "granitehybrid", "qwen35", "nemotron_h",
                                   "bitnet", "mamba2", "falcon-h1", "mamba", "jamba", "gpt2",
-                                  "bloom", "gptneox", "kimi-linear", "arctic", "plamo2", "deepseek32", "glm-dsa",
-                                  "afmoe"])
+                                  "bloom", "gptneox", "kimi-linear", "deci", "openelm", "arctic", "plamo2",
+                                  "deepseek32", "glm-dsa", "afmoe"])
 def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     """Streamed layers with Phi-3's fused views, Qwen2's biases, Gemma 3's extra norms, LFM2's
     convolution and attention layers (packs of two kinds and sizes), Granite 4's Mamba2 and attention
@@ -628,8 +639,8 @@ def test_streamed_family_trains_as_resident_on_cuda(arch, device="cuda"):
     selective scans, Jamba's Mamba and attention layers with experts, Kimi Linear's Kimi Delta Attention beside
     latent attention and experts, AFMoE's gated attention, DeepSeek-V3.2's lightning indexer (its frozen linears in
     the packs) and GLM-5's layers that reuse an earlier one's choice, PLaMo 2's Mamba layers in heads beside
-    attention, Arctic's experts on the layer's input, GPT-2's learned positions and BLOOM's ALiBi and embedding norm
-    around the streamed layers."""
+    attention, Arctic's experts on the layer's input, Deci's layers of their own parts and widths and OpenELM's of
+    their own heads, GPT-2's learned positions and BLOOM's ALiBi and embedding norm around the streamed layers."""
     def adapted():
         return with_filled_lora(random_family_model(arch, dtype=torch.bfloat16))
 

@@ -99,7 +99,9 @@ def info(args: argparse.Namespace) -> int:
         if c["rope_yarn_factor"]:
             rope += f", YaRN x{c['rope_yarn_factor']:g} of {c['rope_orig_context']}"
         if c["rope_freqs"]:
-            rope += ", the global layers' rope_freqs" if c["layer_widths"] else ", llama3 rope_freqs"
+            # (Gemma 4's apply to its global layers; Deci's, OpenELM's widths by layer take Llama 3's)
+            gemma4 = c["layer_widths"] and info["architecture"].startswith("gemma4")
+            rope += ", the global layers' rope_freqs" if gemma4 else ", llama3 rope_freqs"
         if c["no_rope"]:  # (Granite 4's hybrids' attention)
             rope = "none (the file switches it off)"
         if c["rwkv"]:

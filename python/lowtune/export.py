@@ -98,7 +98,7 @@ def fused_parts(base) -> dict[str, tuple[tuple[str, int, int], ...]]:
     config = ModelConfig.from_gguf_metadata(dict(base.metadata))
     out = {}
     for i in range(config.n_layers):
-        out.update(fused_splits(config, i, base.tensor_infos))
+        out.update(fused_splits(config.at_layer(i), i, base.tensor_infos))
     return out
 
 

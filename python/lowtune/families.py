@@ -85,6 +85,16 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
     qwen          neox  silu       -           -         -          -                        if the file gives one
     orion         neox  silu       -           -         -          -                        if the file gives one
     xverse        norm  silu       -           -         -          -                        if the file gives one
+    chatglm       norm  silu       -           -         -          -                        if the file gives one
+    deci          norm  silu       -           -         -          -                        if the file gives one
+    openelm       neox  silu       -           yes       -          -                        if the file gives one
+    jais          none  silu       -           -         -          -                        -
+    codeshell     neox  gelu_tanh  -           -         -          -                        if the file gives one
+    refact        none  silu       -           -         -          -                        -
+    nanbeige      norm  silu       -           -         -          -                        if the file gives one
+    plamo         neox  silu       -           -         -          -                        if the file gives one
+    maincoder     norm  silu       -           post-RoPE -          -                        if the file gives one
+    plm           norm  relu2      -           -         -          -                        if the file gives one
     kimi-linear   none  silu       -           -         -          -                        -
     dbrx          neox  silu       -           -         -          -                        if the file gives one
     deepseek      norm  silu       -           -         -          -                        if the file gives one
@@ -362,11 +372,29 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Baichuan 2's NormHead); Qwen (qwen: Qwen-1.8B to 72B, Qwen 1) with NEOX RoPE, q/k/v fused in attn_qkv with
   a bias, and a feed_forward_length of twice the MLP's width (Family.ffn_length_both_halves: the config's
   intermediate_size counts gate and up); Orion (orion: Orion-14B) with NEOX RoPE and LayerNorms with biases;
-  XVERSE (xverse: XVERSE-7B to 65B) as Llama; openPangu Embedded (pangu-embedded: openPangu-Embedded-1B and
-  7B) with NEOX RoPE and biases on q, k, v and the attention's output. Their Hugging Face directories are
-  refused, saying to convert them, but EXAONE 3's, which transformers reads (and writes) as Llama, and
-  Orion's and openPangu Embedded's (Llama's names) and Baichuan's (Llama's, q, k and v in W_pack), which
-  lowtune reads and does not write (Family.hf_writable).
+  XVERSE (xverse: XVERSE-7B to 65B) as Llama; ChatGLM (chatglm: ChatGLM2, ChatGLM3, GLM-4 9B's first
+  checkpoints) with RoPE on adjacent pairs of the first half of each head (GLM-4's), q/k/v fused in attn_qkv with
+  a bias and gate and up fused in ffn_up (Phi-3's); Deci (deci: DeciLM, Llama-3.1-Nemotron Nano, Super and Ultra)
+  as Llama whose layers have their own KV heads and FFN widths (Family.per_layer_blocks: the file's per-layer
+  head_count, head_count_kv and feed_forward_length), no attention where the layer has no heads, attn_output
+  alone on the normed input in attention's place where it has no KV heads, no FFN where its width is 0 (a layer
+  that attends without an FFN is refused: llama.cpp's graph drops its attention's output); OpenELM (openelm:
+  OpenELM 270M to 3B) with NEOX RoPE, per-head q/k norms, q/k/v fused in attn_qkv, a tied head, and each layer's
+  own query heads, KV heads and FFN width (Family.per_layer_blocks); Jais (jais: Jais 590M to 30B) as GPT-2's
+  layer (LayerNorms, q/k/v fused, biases everywhere) with SwiGLU, ALiBi of the file's max bias (Family.alibi
+  "file") and muP's scales: of the embeddings and the head, which the converter multiplies in, and of the
+  scores, 1 / head_dim (Family.mup_query_scale); CodeShell (codeshell: CodeShell-7B) as StarCoder2's layer with
+  q/k/v fused in attn_qkv; Refact (refact: Refact-1.6B) as Llama without RoPE, with one K/V head and ALiBi of
+  llama.cpp's fixed max bias 8 (Family.alibi "fixed", as BLOOM's); Nanbeige (nanbeige: Nanbeige 4.x) as Llama,
+  where its file runs the layers once (num_loops 1: looped layers are refused); PLaMo (plamo: PLaMo-13B) as
+  Llama with NEOX RoPE whose attention and MLP read one norm's output in parallel (Command-R's block with
+  RMSNorm); Maincoder (maincoder: Maincoder-1B) as Llama with per-head q/k norms after RoPE (Hunyuan's) on q
+  and k rows as its checkpoints keep them (the converter permutes none); PLM (plm: PLM-1.8B) as DeepSeek-V2's
+  latent attention (Family.mla; q straight from x, attn_kv_b whole) with an MLP without a gate, relu², and a
+  tied head; openPangu Embedded (pangu-embedded: openPangu-Embedded-1B and 7B) with NEOX RoPE and biases on q,
+  k, v and the attention's output. Their Hugging Face directories are refused, saying to convert them, but EXAONE
+  3's, which transformers reads (and writes) as Llama, and Orion's and openPangu Embedded's (Llama's names) and
+  Baichuan's (Llama's, q, k and v in W_pack), which lowtune reads and does not write (Family.hf_writable).
   BitNet (bitnet: BitNet b1.58 2B4T and the 1bitLLM models) is Qwen2's NEOX RoPE without biases, a head
   tied to the embeddings, and RMSNorms inside both branches (Family.sub_norms): attn_sub_norm on the
   attention heads' output before attn_output, ffn_sub_norm on act(gate) · up before ffn_down. Its
@@ -518,6 +546,10 @@ class Family:
     #                                    architecture (BLOOM); "file", the file's attention.max_alibi_bias (MPT;
     #                                    0: none); "": none
     embedding_norm: bool = False       # the token embeddings are normed by token_embd_norm (BLOOM's LayerNorm)
+    per_layer_blocks: bool = False     # the file's per-layer head_count, head_count_kv and feed_forward_length give
+    #                                    each layer's heads, parts and widths (OpenELM): no heads, no attention;
+    #                                    no KV heads, a linear in its place; no width, no FFN (Deci;
+    #                                    ModelConfig.layer_widths, layer_heads)
     layer_parts: bool = False          # each layer holds one part after its one norm (attn_norm): a Mamba2 or an
     #                                    attention mixer, or an MLP, as the file's per-layer head_count_kv and
     #                                    feed_forward_length say (Nemotron-H; ModelConfig.mlp_layers)
@@ -630,6 +662,7 @@ class Family:
     wide_query_scale_layers: int = 0   # block count of the 27B model, whose queries llama.cpp scales by
     #                                    1/sqrt(D/H) instead of 1/sqrt(head_dim)
     query_scale: float = 0.0           # queries are multiplied by this (0: 1/sqrt(head_dim); Gemma 3n: 1)
+    mup_query_scale: bool = False      # queries are multiplied by 1/head_dim, muP's (Jais, as llama.cpp fixes it)
     altup: bool = False                # AltUp's copies of the residual stream, Laurel and per-layer inputs
     #                                    around each layer, v normed, K/V shared by the last layers
     #                                    (Gemma 3n: lowtune.gemma3n)
@@ -849,6 +882,16 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("rwkv6qwen2", rwkv=6, rwkv_mlp=True),
     Family("bailingmoe2", rope="neox", qk_norm="head", moe=True, moe_weight_keys=True, nextn_layers=True),
     Family("grovemoe", rope="neox", qk_norm="head", moe=True, moe_adjugate=True),
+    Family("chatglm"),
+    Family("deci", per_layer_blocks=True),
+    Family("openelm", rope="neox", qk_norm="head", per_layer_blocks=True),
+    Family("jais", norm="layer", nope=True, alibi="file", mup_query_scale=True),
+    Family("codeshell", rope="neox", activation="gelu_tanh", gated=False, norm="layer"),
+    Family("refact", nope=True, alibi="fixed"),
+    Family("nanbeige"),
+    Family("plamo", rope="neox", parallel=True),
+    Family("maincoder", qk_norm="head", qk_norm_after_rope=True),
+    Family("plm", activation="relu2", gated=False, mla=True),
 )}
 # Vision-language architectures: the text family's rules under their own name and Hugging Face classes
 # (a MoE one, as its text family, is read from GGUF only)
@@ -895,7 +938,20 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Rwkv7ForCausalLM": ("rwkv7", "RWKV-7's time mix and channel mix"),
                  "Rwkv6ForCausalLM": ("rwkv6", "RWKV-6's time mix and channel mix"),
                  "RwkvHybridForCausalLM": ("arwkv7", "ARWKV-7's time mix"),
-                 "RWKV6Qwen2ForCausalLM": ("rwkv6qwen2", "QRWKV6's time mix")}
+                 "RWKV6Qwen2ForCausalLM": ("rwkv6qwen2", "QRWKV6's time mix"),
+                 "ChatGLMModel": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
+                 "ChatGLMForConditionalGeneration": ("chatglm", "ChatGLM's fused query_key_value and dense_h_to_4h"),
+                 "GlmForCausalLM": ("chatglm", "GLM's layers, which the converter writes as ChatGLM's"),
+                 "DeciLMForCausalLM": ("deci", "Deci's layers of their own parts and widths (block_configs)"),
+                 "OpenELMForCausalLM": ("openelm", "OpenELM's layers of their own heads and widths"),
+                 "JAISLMHeadModel": ("jais", "Jais's transposed (Conv1D) weights and muP's scales, which the "
+                                     "converter multiplies in"),
+                 "CodeShellForCausalLM": ("codeshell", "CodeShell's fused c_attn"),
+                 "GPTRefactForCausalLM": ("refact", "Refact's fused kv and gate_up_proj"),
+                 "NanbeigeForCausalLM": ("nanbeige", "Nanbeige's looped layers"),
+                 "PlamoForCausalLM": ("plamo", "PLaMo's q heads, which the converter regroups by KV head"),
+                 "MaincoderForCausalLM": ("maincoder", "Maincoder's layers and their q/k norms after RoPE"),
+                 "PLMForCausalLM": ("plm", "PLM's latent attention")}
 
 
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:

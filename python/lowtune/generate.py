@@ -170,6 +170,9 @@ def cpu_decoder(model, cache) -> Callable[[int], torch.Tensor] | None:
         return None
     if c.kv_lora_rank:
         return None  # (DeepSeek's latent attention, keys and values of two widths: the model's own steps)
+    if c.layer_widths:
+        return None  # (Deci's layers of their own KV heads and FFN widths, without attention or an FFN, with a
+        #             linear in attention's place: the model's own steps)
     if c.family.sub_norms:
         return None  # (BitNet's norms inside the attention and the MLP: the model's own steps)
     if c.family.moe_residual or c.experts_per_group:

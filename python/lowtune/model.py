@@ -212,6 +212,8 @@ class ModelConfig:
     per_layer_dim: int = 0        # width of each layer's per-layer input (Gemma 3n, Gemma 4; 0: none)
     layer_widths: tuple[tuple[int, int, int, int], ...] = ()  # each layer's (head_dim, n_kv_heads, ffn_dim,
     #                               rope_dim) where they differ by layer (Gemma 4; at_layer); (): the fields'
+    layer_heads: tuple[int, ...] = ()  # each layer's query heads where they differ by layer, with layer_widths
+    #                               (OpenELM; at_layer); (): n_heads
     sparsity_std: tuple[float, ...] = ()  # per layer: the FFN gate keeps what lies this many standard
     #                                       deviations above its mean (-inf or absent: all of it)
     ssm_layers: tuple[int, ...] = ()  # the Mamba2 layers, without attention (Granite 4's hybrids)
@@ -219,6 +221,10 @@ class ModelConfig:
     no_rope: bool = False         # no layer applies RoPE (Granite 4's hybrids: rope.scaling.finetuned = false)
     mlp_layers: tuple[int, ...] | None = None  # the layers that are an MLP alone, the others a mixer alone
     #                               (Nemotron-H: Family.layer_parts); None: every layer a mixer and an FFN
+    attentionless_layers: tuple[int, ...] = ()  # layers without attention, an FFN alone or nothing (Deci's)
+    linear_attention_layers: tuple[int, ...] = ()  # layers whose attention is attn_output of the normed input
+    #                               alone (Deci's replace_with_linear)
+    ffnless_layers: tuple[int, ...] = ()  # layers without an FFN (Deci's)
     delta_layers: tuple[int, ...] = ()  # the Gated DeltaNet layers, without attention (Qwen3.5; Kimi Delta
     #                                     Attention's: Family.kda)
     ssm_conv_kernel: int = 0      # their convolution's width (ssm.conv_kernel)
@@ -245,12 +251,14 @@ class ModelConfig:
 
     def at_layer(self, layer: int) -> "ModelConfig":
         """The config of layer `layer`: this one with its own head, KV head, FFN and RoPE widths where the
-        file gives them by layer (Gemma 4's global and sliding layers), else this one."""
+        file gives them by layer (Gemma 4's global and sliding layers), its own query heads (OpenELM's), else
+        this one."""
         if not self.layer_widths:
             return self
         head_dim, kv_heads, ffn_dim, rope_dim = self.layer_widths[layer]
-        return replace(self, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim, rope_dim=rope_dim,
-                       layer_widths=())
+        heads = self.layer_heads[layer] if self.layer_heads else self.n_heads
+        return replace(self, n_heads=heads, head_dim=head_dim, n_kv_heads=kv_heads, ffn_dim=ffn_dim,
+                       rope_dim=rope_dim, layer_widths=(), layer_heads=())
 
     @property
     def parallel(self) -> bool:
@@ -305,18 +313,18 @@ class ModelConfig:
         return layer in self.ssm_layers
 
     def has_mixer(self, layer: int) -> bool:
-        """Whether layer `layer` mixes positions (attention or its recurrent stand-in) before an FFN or alone."""
-        return self.mlp_layers is None or layer not in self.mlp_layers
+        """Whether layer `layer` mixes positions (attention or its stand-in) before an FFN or alone."""
+        return (self.mlp_layers is None or layer not in self.mlp_layers) and layer not in self.attentionless_layers
 
     def has_ffn(self, layer: int) -> bool:
         """Whether layer `layer` has an FFN (dense or experts) after its mixer, or as all of it."""
-        return self.mlp_layers is None or layer in self.mlp_layers
+        return (self.mlp_layers is None or layer in self.mlp_layers) and layer not in self.ffnless_layers
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
         in_place = self.is_conv(layer) or self.is_delta(layer) or self.is_ssm(layer) and not self.family.parallel_ssm
         in_place = in_place or bool(self.family.rwkv)  # (RWKV's time mix: lowtune.rwkv)
-        return self.has_mixer(layer) and not in_place
+        return self.has_mixer(layer) and not in_place and layer not in self.linear_attention_layers
 
     @property
     def stateful_layers(self) -> tuple[int, ...]:
@@ -390,19 +398,26 @@ class ModelConfig:
                 raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
             return v
 
-        # (one query head count, or one a layer where all are the same: Laguna's files; 0 in the layers without
-        # attention: PLaMo 2's)
-        dim, n_heads = int(get("embedding_length")), _one_per_layer(md, f"{arch}.attention.head_count")
-        n_heads = n_heads or int(get("attention.head_count"))
+        n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
+        blocks = _per_layer_blocks(md, arch, n_layers) if fam.per_layer_blocks else {}
+        # (one query head count, or one a layer where all are the same: Laguna's files, 0 in the layers without
+        # attention: PLaMo 2's; or each layer's own: Deci's and OpenELM's blocks)
+        dim = int(get("embedding_length"))
+        n_heads = blocks.pop("n_heads", None) or _one_per_layer(md, f"{arch}.attention.head_count") \
+            or int(get("attention.head_count"))
         rwkv = _rwkv_fields(md, fam, dim) if fam.rwkv else {}
         if rwkv:  # (the file's head_count is 0: RWKV's heads are wkv.head_size wide)
             n_heads = dim // int(get("wkv.head_size"))
-        n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
+        loops = int(md.get(f"{arch}.num_loops", 1) or 1)
+        if loops > 1:
+            raise ValueError(f"this {arch} file runs its {n_layers} layers {loops} times over (num_loops: Nanbeige's "
+                             "looped layers, each pass with its own K/V), which lowtune does not run; a file of one "
+                             "loop it does")
         if fam.rope_block_counts and n_layers not in fam.rope_block_counts:
             raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
                              f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
@@ -471,7 +486,7 @@ class ModelConfig:
             # families without a soft-cap ignore the key, as llama.cpp does
             return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
 
-        scale = fam.query_scale
+        scale = 1.0 / head_dim if fam.mup_query_scale else fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
             scale = 1.0 / math.sqrt(dim // n_heads)  # llama.cpp's rule for Gemma 27B
         latent = {}
@@ -585,6 +600,9 @@ class ModelConfig:
             parts["layer_widths"] = _layer_widths(md, arch, n_layers, sliding)
             first_global = next((i for i in range(n_layers) if i not in sliding), 0)
             head_dim, global_kv_heads, ffn, _ = parts["layer_widths"][first_global]
+        if blocks:  # (each layer's own parts and widths, ModelConfig.at_layer; the config's fields the widest)
+            ffn = max(w[2] for w in blocks["layer_widths"])
+            parts.update(blocks)
         if fam.ffn_length_both_halves:  # (Qwen's file counts gate and up: llama.cpp's n_ff / 2)
             ffn = int(ffn) // 2
         if fam.layer_parts:  # (a width for the MLP layers, 0 for the mixers: Nemotron-H)
@@ -630,6 +648,8 @@ class ModelConfig:
                 parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
             parts["value_head_dim"] = int(md.get(f"{arch}.attention.value_length", head_dim))
             parts["attn_value_scale"] = float(md.get(f"{arch}.attention.value_scale", 1.0) or 1.0)
+        elif blocks:  # (Deci's and OpenELM's: _per_layer_blocks)
+            n_kv_heads, conv = blocks["layer_widths"][0][1], {}
         else:
             n_kv_heads, conv = _kv_heads_and_conv_layers(md, fam, n_layers, n_heads, parts.get("mlp_layers", ()))
         delta = _delta_net_fields(md, fam, n_layers) if fam.delta_net or fam.kda else {}
@@ -757,6 +777,36 @@ def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> t
     kv, ffn = per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
     return tuple(((swa if i in sliding else full)[0], kv[i], ffn[i], (swa if i in sliding else full)[1])
                  for i in range(n_layers))
+
+
+def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
+    """Deci's and OpenELM's layers as llama.cpp reads their converters' per-layer head_count, head_count_kv and
+    feed_forward_length: each layer's own query heads, KV heads and FFN width; no heads, no attention; heads
+    without KV heads, attn_output alone on the normed input in attention's place; no FFN width, no FFN (Deci's).
+    ModelConfig's fields: n_heads (the first attending layer's), each layer's widths and heads (a layer without
+    attention the KV heads of the first with it) and its layers of each kind."""
+    def per_layer(key, default=None):
+        v = md.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
+        return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
+    heads = per_layer("attention.head_count")
+    kv, ffn = per_layer("attention.head_count_kv", heads), per_layer("feed_forward_length")
+    n_heads = next((h for h in heads if h), 0)
+    dim = int(md[f"{arch}.embedding_length"])
+    head_dim = int(md.get(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
+    rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
+    for i in range(n_layers):
+        if heads[i] and not ffn[i]:
+            raise ValueError(f"layer {i} of this {arch} file {'attends' if kv[i] else 'runs a linear'} without an "
+                             "FFN, whose output llama.cpp's deci graph drops (it skips the rest of a layer without "
+                             "an FFN) where the checkpoint adds it; lowtune does not run a layer the two disagree on")
+    kv_heads = next((k for k in kv if k), n_heads)
+    return {"n_heads": n_heads, "layer_heads": tuple(h or n_heads for h in heads) if len(set(heads) - {0}) > 1 else (),
+            "layer_widths": tuple((head_dim, kv[i] or kv_heads, ffn[i], rope_dim) for i in range(n_layers)),
+            "attentionless_layers": tuple(i for i in range(n_layers) if not heads[i]),
+            "linear_attention_layers": tuple(i for i in range(n_layers) if heads[i] and not kv[i]),
+            "ffnless_layers": tuple(i for i in range(n_layers) if not ffn[i])}
 
 
 def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
@@ -1134,6 +1184,10 @@ def layer_norm_shapes(config: ModelConfig, layer: int | None = None) -> dict[str
         # (a parallel FFN reads attn_norm's output, but GPT-NeoX's its own norm; a layer of one part has one)
         if not (c.parallel and not fam.parallel_ffn_norm or fam.layer_parts or fam.attention_free):
             out[fam.ffn_norm_tensor] = (c.dim,)
+    if layer in c.attentionless_layers:  # (Deci's layers without attention: no attn_norm; without an FFN, no ffn_norm)
+        del out["attn_norm"]
+    if layer in c.ffnless_layers:
+        del out[fam.ffn_norm_tensor]
     if fam.post_norms:
         out.update({name: (c.dim,) for name in fam.post_norm_tensors})
     if fam.moe_residual and (layer is None or c.has_experts(layer)):  # (Arctic: the experts' input norm)
@@ -1859,6 +1913,8 @@ def _linears(config: ModelConfig, index: int, w: Mapping[str, object]) -> dict[s
     if not config.has_attention(index):  # (a short convolution's: ShortConv's own; a Mamba2 layer's: ssm_in/out)
         ssm = MAMBA_LINEAR_NAMES if config.family.mamba1 else SSM_LINEAR_NAMES
         names = names[4:] + (ssm if config.is_ssm(index) else ())
+        if index in config.linear_attention_layers:  # (Deci's linear in attention's place)
+            names = ("attn_output",) + names
         if config.is_delta(index):  # (a Gated DeltaNet's in place of attention's; b and a fused or not)
             fused_ba = ("ssm_alpha", "ssm_beta") if p + "ssm_ba.weight" in w else ("ssm_ba",)
             delta = KDA_LINEAR_NAMES if config.family.kda else DELTA_LINEAR_NAMES
@@ -2130,8 +2186,10 @@ class DecoderLayer(nn.Module):
         """The layer up to its MLP: (x after the attention's residual add, the MLP's normed input; None
         where the layer has no MLP). A layer of an MLP alone norms its input with attn_norm (Nemotron-H)."""
         c, i = self.config, self.index
-        if not c.has_mixer(i):
-            return x, self.attn_norm(x)
+        if not c.has_mixer(i):  # (Deci's FFN alone reads its ffn_norm; without an FFN, the layer passes x on)
+            if not c.has_ffn(i):
+                return x, None
+            return x, (self.ffn_norm if hasattr(self, "ffn_norm") else self.attn_norm)(x)
         if not c.has_ffn(i):
             return x + self.attention_branch(x, rot, cache, start), None
         if c.parallel:  # (the FFN's input: its own norm of x where it has one, GPT-NeoX's, Falcon 40B's; else h)
@@ -2156,8 +2214,10 @@ class DecoderLayer(nn.Module):
                         normed: torch.Tensor | None = None, qkv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """attention_branch's attention, or its recurrent stand-in, without a Mamba2 mixer beside it."""
         c, fam = self.config, self.config.family
-        if not self.attends:  # (attention's recurrent stand-ins: LFM2, Mamba2, Gated DeltaNet)
+        if not self.attends:  # (attention's stand-ins: LFM2, Mamba2, Gated DeltaNet, Deci's linear)
             h = self.attn_norm(x) if normed is None else normed
+            if self.index in c.linear_attention_layers:
+                return self.attn_output(h)
             if self.shortconv is not None:
                 return self.shortconv(h, cache, start)
             if self.delta_net:
@@ -2847,6 +2907,8 @@ def _check_weights(config: ModelConfig, w: Mapping[str, object],
                 own["ssm_ba.weight"] = (2 * c.ssm_v_heads, c.dim)
             want.update({p + n: shape for n, shape in own.items()})
             layer_shapes = {n: s for n, s in layer_shapes.items() if n.startswith("ffn_")}
+        if i in c.linear_attention_layers:  # (Deci's linear in attention's place)
+            layer_shapes = {n: s for n, s in layer_shapes.items() if n == "attn_output" or n.startswith("ffn_")}
         if not c.has_ffn(i):  # a mixer alone (Nemotron-H)
             layer_shapes = {n: s for n, s in layer_shapes.items() if not n.startswith("ffn_")}
         if not c.has_mixer(i):  # an MLP alone (Nemotron-H)
