@@ -764,6 +764,24 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         lowtune.load_model(tiny["gemma3n"].hf_dir)
 
 
+def assert_recomputed_lora_gradients_equal(model):
+    """LoRA on every linear of `model`, filled: every adapter gets a gradient, and recomputing the layers in
+    backward (gradient checkpointing) gives the same gradients."""
+    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
+    params = adapters.mark_only_adapters_trainable(model)
+    fill_adapters(model, torch.Generator().manual_seed(3))
+    ids, grads = rand_ids(2, 24, seed=4), []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        for p in params:
+            p.grad = None
+        model.loss(ids).backward()
+        grads.append([p.grad.clone() for p in params])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name,what", [("gemma3n", "Gemma 3n"), ("gemma4", "Gemma 4"),
                                        ("gemma4moe", "Gemma 4")])
 def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
@@ -783,21 +801,8 @@ def test_gemma_refusals_and_checkpointed_training(tiny, name, what):
     with pytest.raises(ValueError, match=f"StepDecoder's captured steps run lowtune.model's decoder layer, not {what}"):
         StepDecoder(model, 32, graphs=False)
     assert cpu_decoder(model, model.new_cache(1, 32)) is None
-    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-    params = adapters.mark_only_adapters_trainable(model)
-    fill_adapters(model, torch.Generator().manual_seed(3))
-    ids = rand_ids(2, 24, seed=4)
-    grads = []
-    for recompute in (False, True):
-        model.gradient_checkpointing = recompute
-        for p in params:
-            p.grad = None
-        model.loss(ids).backward()
-        grads.append([p.grad.clone() for p in params])
-    assert all(g.abs().sum() > 0 for g in grads[0])
     # (the first layers' adapters get gradients through the last layers' reuse of their K/V too)
-    for plain, checkpointed in zip(*grads):
-        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    assert_recomputed_lora_gradients_equal(model)
 
 
 def test_gemma4_layers_as_llamacpp_runs_them(tiny):
@@ -1853,19 +1858,7 @@ def test_rwkv7_layers_states_and_refusals(tiny):
     with pytest.raises(ValueError, match="RWKV's layers pass RWKV-7's first layer's values.*--compile off"):
         compile_model(model, "layer")
     assert cpu_decoder(model, model.new_cache(1, 32)) is None
-    adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=1))
-    params = adapters.mark_only_adapters_trainable(model)
-    fill_adapters(model, torch.Generator().manual_seed(3))
-    ids, grads = rand_ids(2, 24, seed=4), []
-    for recompute in (False, True):
-        model.gradient_checkpointing = recompute
-        for p in params:
-            p.grad = None
-        model.loss(ids).backward()
-        grads.append([p.grad.clone() for p in params])
-    assert all(g.abs().sum() > 0 for g in grads[0])
-    for plain, checkpointed in zip(*grads):
-        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    assert_recomputed_lora_gradients_equal(model)
     md = {k: v for k, v in model.metadata.items() if not k.startswith("tokenizer.")} | {"rwkv7.vocab_size": V}
     assert ModelConfig.from_gguf_metadata(md).wkv_lora_ranks == c.wkv_lora_ranks
     with pytest.raises(ValueError, match="lacks \\['rwkv7.wkv.head_size'\\]"):
