@@ -1255,7 +1255,7 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
       beside a shared expert of their width in every layer;
     * Ling 2.0's (bailingmoe2): Ling's attention with per-head q/k norms and RoPE on half of each head, a dense
       first layer, then the experts routed by sigmoid with a selection bias in the best of two groups,
-      renormalized and weighed × 2.5, beside a shared expert;
+      renormalized and weighed × 2.5, beside a shared expert, and a multi-token-prediction (NextN) layer;
     * Grove MoE's (grovemoe: GroveMoE-Base, -Inst): Qwen3-MoE's layer (per-head q/k norms, heads of 32, the
       experts renormalized) with an adjugate expert for each pair of experts (chunk_experts, head_dim wide)."""
     from safetensors.torch import save_file
@@ -1267,7 +1267,8 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
                         p + "down_proj.weight": mat(D, f)}
     embed = 0.25 * torch.randn(V, D, generator=g)
     w = {}
-    for i in range(layers):
+    nextn = int(name == "bailingmoe2")  # (Ling 2.0's multi-token-prediction layer after the others)
+    for i in range(layers + nextn):
         q, k, v, o = mat(D, D), mat(HKV * hd, D), mat(HKV * hd, D), mat(D, D)
         if name == "grok":
             p = f"transformer.decoder_layer.{i}."
@@ -1297,6 +1298,9 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
             w.update({p + "mlp.gate.weight": mat(EXPERTS, D), **mlp(p + "mlp.shared_experts.", fe)})
             if name == "bailingmoe2":  # (the selection bias)
                 w[p + "mlp.gate.expert_bias"] = 0.2 * torch.randn(EXPERTS, generator=g)
+            if i == layers:  # (the NextN layer's own tensors)
+                w.update({p + "eh_proj.weight": mat(D, 2 * D), p + "enorm.weight": vec(D, 1.0),
+                          p + "hnorm.weight": vec(D, 1.0), p + "final_layernorm.weight": vec(D, 1.0)})
             for e in range(EXPERTS):
                 w.update(mlp(p + f"mlp.experts.{e}.", fe))
             continue
@@ -1342,7 +1346,7 @@ def remote_code_moe_checkpoint(name: str, d: Path) -> None:
         if name == "bailingmoe2":
             cfg.update(architectures=["BailingMoeV2ForCausalLM"], model_type="bailing_moe_v2", first_k_dense_replace=1,
                        use_qk_norm=True, partial_rotary_factor=0.5, score_function="sigmoid", n_group=2, topk_group=1,
-                       routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+                       routed_scaling_factor=2.5, num_nextn_predict_layers=nextn)
     elif name == "grovemoe":
         w.update({"model.embed_tokens.weight": embed, **untied})
         cfg.update(architectures=["GroveMoeForCausalLM"], model_type="grove_moe", intermediate_size=F,

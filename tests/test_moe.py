@@ -1287,3 +1287,21 @@ def _text_file(tmp_path, botchan_text):
     text = tmp_path / "text.txt"
     text.write_text(botchan_text[30000:34000], encoding="utf-8")
     return text
+
+
+def test_bailingmoe2_nextn_layer_is_kept_out_of_the_model(moe, tmp_path):
+    """Ling 2.0's multi-token-prediction layer (the tiny file's blk.2 of 3 blocks, nextn_predict_layers 1), as
+    GLM-4.5 MoE's: llama.cpp loads its tensors and its graph skips it, so lowtune's model ends before it, its
+    adapters leave it alone and a merged GGUF keeps its tensors bit for bit."""
+    base = moe["bailingmoe2"].gguf
+    model = make_adapter(base, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    with GGUFFile(base) as f:
+        md = dict(f.metadata)
+        nextn = {n: f.raw(n).clone() for n in f.tensor_infos if n.startswith("blk.2.")}
+    assert (md["bailingmoe2.block_count"], md["bailingmoe2.nextn_predict_layers"], model.config.n_layers) == (3, 1, 2)
+    assert {"blk.2.nextn.eh_proj.weight", "blk.2.layer_output_norm.weight", "blk.2.ffn_gate_exps.weight"} <= set(nextn)
+    assert not any(name.startswith("layers.2.") for name in adapters.adapters_of(model))
+    export_merged_gguf(base, tmp_path / "run", tmp_path / "merged.gguf")
+    with GGUFFile(tmp_path / "merged.gguf") as f:
+        assert f.metadata["bailingmoe2.nextn_predict_layers"] == 1
+        assert all(torch.equal(f.raw(n), t) for n, t in nextn.items())
