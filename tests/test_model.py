@@ -441,8 +441,8 @@ def test_config_from_metadata():
     assert ((inv[low + 1:high] < plain[low + 1:high]) & (inv[low + 1:high] > plain[low + 1:high] / 4)).all()
     with pytest.raises(ValueError, match="'dynamic' is not supported"):
         LlamaConfig.from_gguf_metadata({**md, "llama.rope.scaling.type": "dynamic"})
-    with pytest.raises(ValueError, match="'plamo2' is a recurrent"):
-        LlamaConfig.from_gguf_metadata({**md, "general.architecture": "plamo2"})
+    with pytest.raises(ValueError, match="'mamba3' is a recurrent"):
+        LlamaConfig.from_gguf_metadata({**md, "general.architecture": "mamba3"})
     with pytest.raises(ValueError, match="block_count"):
         LlamaConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "llama.block_count"})
 

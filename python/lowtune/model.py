@@ -314,11 +314,14 @@ class ModelConfig:
 
     def has_mixer(self, layer: int) -> bool:
         """Whether layer `layer` mixes positions (attention or its stand-in) before an FFN or alone."""
-        return (self.mlp_layers is None or layer not in self.mlp_layers) and layer not in self.attentionless_layers
+        # (each tuple asked only where it is not empty: a compiled layer reads its index only where it matters)
+        return (self.mlp_layers is None or layer not in self.mlp_layers) and \
+            (not self.attentionless_layers or layer not in self.attentionless_layers)
 
     def has_ffn(self, layer: int) -> bool:
         """Whether layer `layer` has an FFN (dense or experts) after its mixer, or as all of it."""
-        return (self.mlp_layers is None or layer in self.mlp_layers) and layer not in self.ffnless_layers
+        return (self.mlp_layers is None or layer in self.mlp_layers) and \
+            (not self.ffnless_layers or layer not in self.ffnless_layers)
 
     def has_attention(self, layer: int) -> bool:
         """Whether layer `layer` attends (and so keeps keys and values in a KV cache)."""
