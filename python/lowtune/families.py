@@ -1003,7 +1003,8 @@ def family_of(metadata: Mapping) -> Family:
         raise ValueError(f"{arch!r} is an encoder model, which lowtune does not fine-tune; "
                          f"{_supported()} (decoder-only language models)")
     if arch not in FAMILIES:
-        raise ValueError(f"architecture {arch!r} is not supported; {_supported()}")
+        raise ValueError(f"architecture {arch!r} is not supported: lowtune does not fine-tune it (llama.cpp may run "
+                         f"the file as it is); fine-tune a model of another architecture: {_supported()}")
     return FAMILIES[arch]
 
 
