@@ -258,7 +258,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   x through a causal depthwise convolution without a bias and SiLU; ssm_x gives B, C and dt, each RMS-normed
   with its weight; dt = softplus(ssm_dt(dt)), one a head; Mamba2's scan, each head with one A and D, all
   sharing B and C; y · silu(z) into ssm_out. Its post-norms and the dt, B and C norms are tensors without
-  .weight (Family.bare_norms). RoPE turns the whole of each head (key_length): llama.cpp reads RoPE's width
+  .weight (Family.bare_tensors). RoPE turns the whole of each head (key_length): llama.cpp reads RoPE's width
   from layer 0's heads, none where layer 0 is a Mamba layer (as in every PLaMo 2 checkpoint), and its graph
   then does not finish; it runs files whose layer 0 attends as lowtune does.
   PLaMo 3 (plamo3: PLaMo 3 2B and its merges) is PLaMo 2's attention layer in every layer, its q and k norms
@@ -308,7 +308,7 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   HY V3 (hy_v3: Tencent Hy3) is dots.llm1's layer (per-head q/k norms before NEOX RoPE, sigmoid routing with
   the selection bias, renormalized and scaled as the file says, a shared expert) whose dense layers are the
   ones its file gives no router (Family.moe_by_router, as llama.cpp finds them: its converter writes no
-  leading_dense_block_count); its selection bias is exp_probs_b without .bias.
+  leading_dense_block_count); its selection bias is exp_probs_b without .bias (Family.bare_tensors).
   MiniMax-M2 (minimax-m2: MiniMax-M2, M2.1) norms q and k over the whole projection (all heads at once,
   OLMo 2's "whole"), rotates part of each head, and routes experts in every layer by sigmoid (unless the
   file's expert_gating_func says otherwise) with the selection bias, the chosen weights renormalized.
@@ -566,9 +566,9 @@ class Family:
     mamba_heads: bool = False          # the Mamba 1 layers' (mamba1) channels run in the file's time_step_rank
     #                                    heads, z and x interleaved head by head, B, C and dt from ssm_x (dt of
     #                                    llama.cpp's width max(64, D / 16)), Mamba2's scan (PLaMo 2: MambaShape)
-    bare_norms: tuple[str, ...] = ()   # the layer norms whose tensors the file names without .weight, read as
-    #                                    blk.N.<norm>.weight (Falcon-H1's ffn_norm; PLaMo 2's post-norms, dt's,
-    #                                    B's and C's)
+    bare_tensors: tuple[str, ...] = ()  # the layer tensors the file names without .weight (norms: Falcon-H1's
+    #                                    ffn_norm; PLaMo 2's post-norms, dt's, B's and C's) or, for the selection
+    #                                    bias exp_probs_b, without .bias (HY V3), read under the full name
     output_norm_tensor: str = "output_norm"  # the GGUF name of the final norm (LFM2: token_embd_norm)
     delta_net: bool = False            # the layers the file marks recurrent are Gated DeltaNets (Qwen3.5)
     attn_output_gate: bool = False     # attn_q gives each head's q and a gate, sigmoid(gate) · attention (Qwen3.5)
@@ -727,7 +727,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("mamba2", mamba2=True, attention_free=True, hf_architectures=("Mamba2ForCausalLM",),
            hf_model_types=("mamba2",)),
-    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_norms=("ffn_norm",),
+    Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_tensors=("ffn_norm",),
            hf_architectures=("FalconH1ForCausalLM",), hf_model_types=("falcon_h1",)),
     Family("mamba", attention_free=True, mamba1=True, hf_architectures=("MambaForCausalLM",),
            hf_model_types=("mamba",)),
@@ -828,7 +828,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("glm4moe", rope="neox", qk_norm="head", qk_norm_optional=True, ffn_norm_tensor="post_attention_norm",
            moe=True, moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("dots1", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True),
-    Family("hy_v3", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True, moe_by_router=True),
+    Family("hy_v3", rope="neox", qk_norm="head", moe=True, moe_gating=2, moe_weight_keys=True, moe_by_router=True,
+           bare_tensors=("exp_probs_b",)),
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
@@ -873,9 +874,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_model_types=("PanguEmbedded",), hf_writable=False),
     Family("plamo2", rope="neox", qk_norm="head", qk_norm_per_head=True, post_norms=True, windowless=True,
            mamba1=True, mamba_heads=True,
-           bare_norms=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
+           bare_tensors=("post_attention_norm", "post_ffw_norm", "ssm_dt_norm", "ssm_b_norm", "ssm_c_norm")),
     Family("plamo3", rope="neox", qk_norm="head", post_norms=True, swa_period=8,
-           bare_norms=("post_attention_norm", "post_ffw_norm")),
+           bare_tensors=("post_attention_norm", "post_ffw_norm")),
     Family("rwkv7", norm="layer", embedding_norm=True, rwkv=7),
     Family("rwkv6", norm="layer", embedding_norm=True, rwkv=6),
     Family("arwkv7", rwkv=7, rwkv_mlp=True),

@@ -2537,12 +2537,11 @@ class Model(nn.Module):
         super().__init__()
         config = config.routed(weights)
         config.check()
-        bare = config.family.bare_norms  # (blk.N.<norm>, read as blk.N.<norm>.weight; exports copy the file's names)
+        bare = config.family.bare_tensors  # (read under their full names; exports copy the file's names)
         if bare:
-            weights = {n + ".weight" if n.startswith("blk.") and n.rsplit(".", 1)[1] in bare else n: t
+            full = lambda n: n + (".bias" if n.endswith(".exp_probs_b") else ".weight")  # noqa: E731
+            weights = {full(n) if n.startswith("blk.") and n.rsplit(".", 1)[1] in bare else n: t
                        for n, t in weights.items()}
-        # (the selection bias without .bias, as HY V3's converter names it)
-        weights = {n + ".bias" if n.endswith(".exp_probs_b") else n: t for n, t in weights.items()}
         _check_weights(config, weights, self.own_tensor_shapes(config))
         c = config
         self.config, self.dtype = c, dtype
