@@ -644,8 +644,7 @@ class ModelConfig:
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
         elif fam.kv_by_layer:  # (each layer's own count, ModelConfig.at_layer; values of their own width)
-            given = md.get(f"{arch}.attention.head_count_kv", n_heads)
-            counts = [int(k) for k in given[:n_layers]] if isinstance(given, (list, tuple)) else [int(given)] * n_layers
+            counts = _per_layer(md, arch, "attention.head_count_kv", n_layers, n_heads)
             n_kv_heads, conv = counts[0], {}
             if len(set(counts)) > 1:
                 parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
@@ -761,14 +760,18 @@ def _one_per_layer(md: Mapping, key: str) -> int:
     return int(v)
 
 
+def _per_layer(md: Mapping, arch: str, key: str, n_layers: int, default=None) -> list[int]:
+    """The file's `key` for each of n_layers layers: its array's first n_layers, or its one number repeated."""
+    v = md.get(f"{arch}.{key}", default)
+    if v is None:
+        raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
+    return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
+
+
 def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> tuple[tuple[int, int, int, int], ...]:
     """Each layer's (head_dim, n_kv_heads, ffn_dim, rope_dim) as llama.cpp's gemma4 reads them: key_length and
     rope.dimension_count for the global layers, key_length_swa and rope.dimension_count_swa for the sliding
     ones; head_count_kv and feed_forward_length one number or one a layer."""
-    def per_layer(key):
-        v = md[f"{arch}.{key}"]
-        return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
-
     def widths(suffix):
         head = int(md[f"{arch}.attention.key_length{suffix}"])
         if int(md.get(f"{arch}.attention.value_length{suffix}", head)) != head:
@@ -777,7 +780,7 @@ def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> t
         return head, min(int(md.get(f"{arch}.rope.dimension_count{suffix}", head)), head)
 
     full, swa = widths(""), widths("_swa")
-    kv, ffn = per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
+    kv, ffn = (_per_layer(md, arch, key, n_layers) for key in ("attention.head_count_kv", "feed_forward_length"))
     return tuple(((swa if i in sliding else full)[0], kv[i], ffn[i], (swa if i in sliding else full)[1])
                  for i in range(n_layers))
 
@@ -788,13 +791,9 @@ def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
     without KV heads, attn_output alone on the normed input in attention's place; no FFN width, no FFN (Deci's).
     ModelConfig's fields: n_heads (the first attending layer's), each layer's widths and heads (a layer without
     attention the KV heads of the first with it) and its layers of each kind."""
-    def per_layer(key, default=None):
-        v = md.get(f"{arch}.{key}", default)
-        if v is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
-        return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
-    heads = per_layer("attention.head_count")
-    kv, ffn = per_layer("attention.head_count_kv", heads), per_layer("feed_forward_length")
+    heads = _per_layer(md, arch, "attention.head_count", n_layers)
+    kv = _per_layer(md, arch, "attention.head_count_kv", n_layers, heads)
+    ffn = _per_layer(md, arch, "feed_forward_length", n_layers)
     n_heads = next((h for h in heads if h), 0)
     dim = int(md[f"{arch}.embedding_length"])
     head_dim = int(md.get(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
@@ -858,8 +857,7 @@ def _kda_fields(md: Mapping, arch: str, n_layers: int) -> dict:
     missing = [k for k in keys if k not in md]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Kimi Delta Attention layers need")
-    kv = md.get(f"{arch}.attention.head_count_kv", 1)
-    counts = [int(k) for k in kv[:n_layers]] if isinstance(kv, (list, tuple)) else [int(kv)] * n_layers
+    counts = _per_layer(md, arch, "attention.head_count_kv", n_layers, 1)
     heads, dk = int(md[f"{arch}.attention.head_count"]), int(md[keys[0]])
     return {"delta_layers": tuple(i for i, k in enumerate(counts) if k == 0), "ssm_conv_kernel": int(md[keys[1]]),
             "ssm_k_heads": heads, "ssm_v_heads": heads, "ssm_head_dim": dk, "ssm_inner": heads * dk}
