@@ -41,8 +41,8 @@ from lowtune.tokenizer import load_tokenizer
 
 from family_models import (BITNET_D, BLOOM_HEADS, CONV_KERNEL, D, F, H, HF_NAMES, HKV, LLAMACPP_NAMES, MINICPM, MLA,
                            MPT_CLIP_QKV, NAMES, PHI3_ORIG_CONTEXT, REMOTE_CODE_NAMES, RWKV_NAMES, SEQ, SSM, V, WINDOW,
-                           convert,
-                           gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, randomized, rel_err)
+                           convert, gguf_of, hf_model, llamacpp, llamacpp_perplexity, rand_ids, random_rwkv_model,
+                           randomized, rel_err)
 from helpers import (compiled_decoder_steps, fill_adapters, llamacpp_greedy, resident_and_streamed,
                      with_filled_lora)
 from test_streaming import assert_trains_alike
@@ -500,6 +500,56 @@ def test_gated_delta_rule_runs_in_fp32_under_bf16_autocast():
         results.append([o, s] + [x.grad for x in leaves])
     for got, want in zip(*results[::-1]):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+def _recurrences():
+    """Each fp32 recurrence with inputs drawn for it: (name, function, inputs)."""
+    from lowtune.model import _ssd_chunked, _ssm_step
+    from lowtune.rwkv import gated_linear_attention, wkv6, wkv7
+    g = torch.Generator().manual_seed(2)
+    b, t, h, n, p = 1, 9, 2, 8, 4
+    rand, unit = (lambda *s: torch.randn(*s, generator=g)), (lambda *s: torch.rand(*s, generator=g))
+    return [("selective_scan", selective_scan, [rand(b, t, h * p), unit(b, t, h * p), -unit(h * p, n), rand(b, t, n),
+                                                rand(b, t, n)]),
+            ("_ssd_chunked", lambda *a: _ssd_chunked(*a, 4), [rand(b, t, h, p), unit(b, t, h), -unit(h),
+                                                              rand(b, t, h, n), rand(b, t, h, n), rand(b, h, p, n)]),
+            ("_ssm_step", _ssm_step, [rand(b, 1, h, p), unit(b, 1, h), -unit(h), rand(b, 1, h, n), rand(b, 1, h, n),
+                                      rand(b, h, p, n)]),
+            ("wkv7", wkv7, [rand(b, t, h, n), unit(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n),
+                            -unit(b, t, h, n) * 0.1, unit(b, t, h, n) * 0.1]),
+            ("wkv6", wkv6, [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), rand(h, n), unit(b, t, h, n)]),
+            ("gated_linear_attention", gated_linear_attention, [rand(b, t, h, n) for _ in range(3)] + [unit(b, t, h, n)])]
+
+
+@pytest.mark.parametrize("name", ["selective_scan", "_ssd_chunked", "_ssm_step", "wkv7", "wkv6",
+                                  "gated_linear_attention"])
+def test_recurrences_run_in_fp32_under_bf16_autocast(name):
+    """Mamba's, Mamba2's and RWKV's recurrences under a trainer's bf16 autocast (which would take their
+    einsums to bf16): the same fp32 outputs and gradients as without autocast."""
+    fn, inputs = next((f, i) for n, f, i in _recurrences() if n == name)
+    results = []
+    for autocast in (False, True):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, s = fn(*leaves)
+        (o.square().sum() + s.sum()).backward()
+        results.append([o, s] + [x.grad for x in leaves])
+    for got, want in zip(*results[::-1]):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", RWKV_NAMES)
+def test_rwkv_time_mix_runs_in_fp32_under_bf16_autocast(arch):
+    """An RWKV layer's time mix under a trainer's bf16 autocast: its low-rank parts (decay, mixes, gate) and its
+    recurrence in fp32 as without autocast, the same output bit for bit."""
+    layer = random_rwkv_model(arch).layers[0]
+    g = torch.Generator().manual_seed(3)
+    h, prev = (torch.randn(1, 5, layer.config.dim, generator=g) for _ in range(2))
+    outs = []
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs.append(layer.time_mix(h, prev, None, None, 0)[0])
+    assert torch.equal(*outs)
+
 
 def delta_rule_stepped_after(prefix: int, *inputs):
     """gated_delta_rule's outputs and final state over inputs [B, T, ...] run on the first `prefix` positions

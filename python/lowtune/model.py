@@ -1603,6 +1603,7 @@ class Mamba(nn.Module):
         return f"{heads}{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                    state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba 1's selective scan in fp32: per channel d the state h [state] decays by exp(dt_t,d · A_d) and
@@ -1620,6 +1621,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     return torch.stack(ys, 1), h
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def _ssm_step(x, dt, a, b, c, state):
     """One position of the scan: x [B, 1, H, P], dt [B, 1, H], a [H], b, c [B, 1, H, N], state
     [B, H, P, N] -> (y [B, 1, H, P], the state after it)."""
@@ -1628,6 +1630,7 @@ def _ssm_step(x, dt, a, b, c, state):
     return torch.einsum("bhpn,bhn->bhp", state, c[:, 0])[:, None], state
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def _ssd_chunked(x, dt, a, b, c, state, chunk: int):
     """The scan over T positions as Mamba2's chunked SSD algorithm (transformers' torch_forward):
     within a chunk y_l = sum_{s <= l} (c_l · b_s) exp(sum_{s < r <= l} dt_r a) dt_s x_s, one masked

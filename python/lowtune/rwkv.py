@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import glue_ops
+from . import glue_ops, ops
 from .model import (RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, KVCache, Model, ModelConfig, QLinear, _table, _vector,
                     checkpoint, make_norm)
 
@@ -68,6 +68,7 @@ LOW_RANK = "wavg"        # the low-rank parts: decay, learning rate, value resid
 MIXES6 = "wkvrg"         # the rows of RWKV-6's time_mix_lerp_fused and its w2: the inputs of w, k, v, r and g
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
          state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7's recurrence in fp32, as ggml's rwkv_wkv7: per head the state S [N (value), N (key)] becomes
@@ -83,6 +84,7 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
     return torch.stack(outs, 1), s
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
          state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-6's recurrence in fp32, as ggml's rwkv_wkv6: per head the output rᵀ (S + diag(u) k vᵀ) and the state
@@ -97,6 +99,7 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: 
     return torch.stack(outs, 1), s
 
 
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention in fp32, as ggml's gated_linear_attn (its scale already in q): per head the state
@@ -216,13 +219,14 @@ class Rwkv7Layer(RwkvLayer):
         r = self.time_mix_receptance(xr.to(h.dtype)).float()
         k = self.time_mix_key(xk.to(h.dtype)).float()
         v = self.time_mix_value(xv.to(h.dtype)).float()
-        w = torch.exp(-DECAY_SCALE * torch.sigmoid(F.linear(torch.tanh(F.linear(xw, self.w1)), self.w2) + self.w0))
-        if v_first is None:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(F.linear(F.linear(xv, self.v1), self.v2) + self.v0)
-        a = torch.sigmoid(F.linear(F.linear(xa, self.a1), self.a2) + self.a0)
-        g = F.linear(torch.sigmoid(F.linear(xg[0], self.g1)), self.g2) if self.gated else 1.0
+        with torch.autocast(h.device.type, enabled=False):  # (fp32 under a trainer's bf16 autocast too)
+            w = torch.exp(-DECAY_SCALE * torch.sigmoid(F.linear(torch.tanh(F.linear(xw, self.w1)), self.w2) + self.w0))
+            if v_first is None:
+                v_first = v
+            else:
+                v = v + (v_first - v) * torch.sigmoid(F.linear(F.linear(xv, self.v1), self.v2) + self.v0)
+            a = torch.sigmoid(F.linear(F.linear(xa, self.a1), self.a2) + self.a0)
+            g = F.linear(torch.sigmoid(F.linear(xg[0], self.g1)), self.g2) if self.gated else 1.0
         kk = F.normalize(heads(k * self.k_k), dim=-1, eps=1e-12)
         ka = k * self.k_a
         k = k + (a * ka - ka)
@@ -268,13 +272,16 @@ class Rwkv6Layer(RwkvLayer):
         heads = self.heads_of
         hf = h.float()
         sx = prev.float() - hf
-        mix = torch.tanh(F.linear(hf + sx * self.lerp_x, self.w1)).unflatten(-1, (len(MIXES6), -1))
-        mix = torch.einsum("btje,jde->jbtd", mix, self.w2) + self.lerp[:, None, None]
+        with torch.autocast(h.device.type, enabled=False):  # (fp32 under a trainer's bf16 autocast too)
+            mix = torch.tanh(F.linear(hf + sx * self.lerp_x, self.w1)).unflatten(-1, (len(MIXES6), -1))
+            mix = torch.einsum("btje,jde->jbtd", mix, self.w2) + self.lerp[:, None, None]
         xw, xk, xv, xr, xg = hf + sx * mix
         r, k, v = (lin(x.to(h.dtype)).float() for lin, x in ((self.time_mix_receptance, xr), (self.time_mix_key, xk),
                                                               (self.time_mix_value, xv)))
         gate = self.time_mix_gate(xg.to(h.dtype)).float()
-        w = heads(torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2) + self.decay)))
+        with torch.autocast(h.device.type, enabled=False):
+            w = heads(torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2)
+                                           + self.decay)))
         if self.mlp:  # (QRWKV6: gated linear attention of k · (1 - w), r scaled, a sigmoid gate, no output norm)
             group = self.heads // self.kv_heads
             k, v = (y.unflatten(-1, (self.kv_heads, self.head_size)).repeat_interleave(group, 2) for y in (k, v))
