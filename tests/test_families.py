@@ -517,7 +517,8 @@ def _recurrences():
             ("wkv7", wkv7, [rand(b, t, h, n), unit(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n),
                             -unit(b, t, h, n) * 0.1, unit(b, t, h, n) * 0.1]),
             ("wkv6", wkv6, [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), rand(h, n), unit(b, t, h, n)]),
-            ("gated_linear_attention", gated_linear_attention, [rand(b, t, h, n) for _ in range(3)] + [unit(b, t, h, n)])]
+            ("gated_linear_attention", gated_linear_attention,
+             [rand(b, t, h, n) for _ in range(3)] + [unit(b, t, h, n)])]
 
 
 @pytest.mark.parametrize("name", ["selective_scan", "_ssd_chunked", "_ssm_step", "wkv7", "wkv6",
