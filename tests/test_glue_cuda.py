@@ -198,6 +198,34 @@ def test_decode_attention_against_the_formula(dtype, h, hkv, hd, length, pos, mo
     assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), err
 
 
+@pytest.mark.parametrize("positions", ["16", "64"])
+@torch.no_grad()
+def test_decode_attention_merge_in_the_split_kernel_equals_the_merge_kernel(positions, monkeypatch):
+    """The last CTA of a head merging its splits' partials (a counter per head) gives the merge
+    kernel's bits, call after call (the counters are set back) and replayed from a captured graph at
+    other positions."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, 8, 1, 128, device="cuda", generator=g).to(torch.bfloat16)
+    kc, vc = (torch.randn(1, 2, 300, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    monkeypatch.setenv("LOWTUNE_CUDA_ATTN_POSITIONS", positions)
+    at = torch.tensor([0], device="cuda")
+    runs = {}
+    for combine in ("0", "1", "1"):
+        monkeypatch.setenv("LOWTUNE_CUDA_ATTN_COMBINE", combine)
+        for p in (0, 5, 120, 299):
+            at.fill_(p)
+            got = glue_ops.decode_attention(q, kc, vc, at, 0.1)
+            assert torch.equal(runs.setdefault(p, got), got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = glue_ops.decode_attention(q, kc, vc, at, 0.1)
+    for p in (5, 120, 299, 0):
+        at.fill_(p)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, runs[p])
+
+
 @torch.no_grad()
 def test_decode_attention_kernels_refuse_head_sizes_they_lack():
     """Head size 96 (Phi-3): no kernel, so a decode step keeps its masked SDPA (StaticKVCache.attend_step)."""

@@ -6,10 +6,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 
 #include "../blocks.h"
+#include "../cuda_policy.h"  // env_int
 #include "../glue_kernels.h"
 #include "common.cuh"
 #include "internal.h"  // ScratchBuffer, kernel_ctas, launch_pdl
@@ -157,15 +159,36 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
 
 // Flash-decoding: CTA (head, split) takes its share of positions 0..*pos (n / splits, rounded up)
 // and writes a partial result (the share's max score m, its sum of exp(score - m) l, and the
-// values weighted by exp(score - m)); decode_attention_combine_kernel merges a head's partials.
+// values weighted by exp(score - m)); the last of a head's CTAs to finish (a counter per head,
+// `done`, which it sets back to 0) merges the head's partials into out (combined_value). Without
+// `done` (null), decode_attention_combine_kernel merges them instead.
 // Within a CTA: a thread per position for the scores (its key row in registers, q in shared
 // memory), then a thread per (position, 16-byte piece of the value row), kRowsPer positions at a
 // time and several passes' loads in flight, the passes' sums added in shared memory. fp32 throughout.
 constexpr int kAttnThreads = 128;
+
+// Element i of a head's attention output from its splits' partials hw [splits][m, l, HD sums]:
+// each rescaled to the largest max, in split order. Read through L2 (other CTAs wrote them).
+template <int HD>
+__device__ __forceinline__ float combined_value(const float* hw, int splits, int i) {
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(hw + s * (HD + 2)));
+  float l = 0.0f, o = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float* w = hw + s * (HD + 2);
+    const float ms = __ldcg(w);
+    const float f = ms == -INFINITY ? 0.0f : expf(ms - m);
+    l = fmaf(f, __ldcg(w + 1), l);
+    o = fmaf(f, __ldcg(w + 2 + i), o);
+  }
+  return o / l;
+}
+
 template <class T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, float* __restrict__ ws,
-    const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale) {
+    const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale, int* done,
+    T* __restrict__ result) {
   pdl_launch_dependents();
   pdl_wait();  // the inputs are the previous kernel's outputs
   constexpr int E = 16 / (int)sizeof(T);
@@ -231,6 +254,18 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     for (int r = 0; r < kRowsPer; ++r) o += part[r * HD + i];
     out[2 + i] = o;
   }
+  if (done == nullptr) return;
+  __shared__ bool last;
+  __threadfence();  // this CTA's partial is visible to the CTA that merges
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done + head, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* hw = ws + (int64_t)head * splits * (HD + 2);
+  for (int i = threadIdx.x; i < HD; i += kAttnThreads)
+    result[(int64_t)head * HD + i] = f_to_act<T>(combined_value<HD>(hw, splits, i));
+  if (threadIdx.x == 0) done[head] = 0;  // for the next call (and graph replay)
 }
 
 // A thread per output element of a head: the splits' partials rescaled to the largest max.
@@ -240,16 +275,7 @@ __global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const floa
   pdl_launch_dependents();
   pdl_wait();  // the inputs are the previous kernel's outputs
   const float* hw = ws + (int64_t)blockIdx.x * splits * (HD + 2);
-  float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, hw[s * (HD + 2)]);
-  float l = 0.0f, o = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float* w = hw + s * (HD + 2);
-    const float f = w[0] == -INFINITY ? 0.0f : expf(w[0] - m);
-    l = fmaf(f, w[1], l);
-    o = fmaf(f, w[2 + threadIdx.x], o);
-  }
-  out[(int64_t)blockIdx.x * HD + threadIdx.x] = f_to_act<T>(o / l);
+  out[(int64_t)blockIdx.x * HD + threadIdx.x] = f_to_act<T>(combined_value<HD>(hw, splits, threadIdx.x));
 }
 
 template <class F> void by_dtype(int dtype, F&& f) {
@@ -331,9 +357,36 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
   LT_CUDA_CHECK_LAUNCH();
 }
 
-// Splits of a head's positions: one per 64 cached positions, at most 32 (the grid is fixed when a
-// graph is captured, so it follows the cache's length, not the filled positions).
-int64_t decode_attention_splits(int64_t cache_len) { return std::min<int64_t>((cache_len + 63) / 64, 32); }
+// Splits of a head's positions: one per LOWTUNE_CUDA_ATTN_POSITIONS (default 64) cached positions, at
+// most 32 (the grid is fixed when a graph is captured, so it follows the cache's length, not the
+// filled positions).
+int64_t decode_attention_splits(int64_t cache_len) {
+  const int64_t per = std::max<int64_t>(1, cuda_policy::env_int("LOWTUNE_CUDA_ATTN_POSITIONS", 64));
+  return std::min<int64_t>((cache_len + per - 1) / per, 32);
+}
+
+// The per-head counters of the merge in the split kernel (zeroed once, set back to 0 by each
+// merge), per device; null (the separate merge kernel) while a graph is being captured before they
+// exist, for more heads than they hold, or with LOWTUNE_CUDA_ATTN_COMBINE=0. Calls on one device run
+// in stream order, as the layer graphs and decode steps do.
+constexpr int64_t kAttnCounters = 4096;
+int* decode_attention_counters(int64_t heads, cudaStream_t stream) {
+  static int* counters[kMaxDevices] = {};
+  static std::mutex mu;
+  if (heads > kAttnCounters || cuda_policy::env_int("LOWTUNE_CUDA_ATTN_COMBINE", 1) == 0) return nullptr;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (!counters[dev]) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    LT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+    int* c = nullptr;
+    LT_CUDA_CHECK(cudaMalloc(&c, kAttnCounters * sizeof(int)));
+    LT_CUDA_CHECK(cudaMemset(c, 0, kAttnCounters * sizeof(int)));
+    counters[dev] = c;
+  }
+  return counters[dev];
+}
 
 size_t decode_attention_smem(int64_t hd, int64_t cache_len) {
   const int64_t splits = decode_attention_splits(cache_len), share = (cache_len + splits - 1) / splits;
@@ -354,6 +407,7 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
   const int splits = (int)decode_attention_splits(cache_len);
   const size_t smem = decode_attention_smem(hd, cache_len);
   ScratchBuffer ws((size_t)(h * splits * (hd + 2)) * sizeof(float), st);
+  int* done = decode_attention_counters(h, st);
   auto launch = [&](auto tag, auto hd_c) {
     using T = decltype(tag);
     constexpr int HD = decltype(hd_c)::value;
@@ -361,9 +415,10 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
     kernel_ctas<kernel>(smem, kAttnThreads);  // raises the kernel's shared-memory limit where smem needs it
     launch_pdl(kernel, dim3((unsigned)h, (unsigned)splits), dim3(kAttnThreads), smem, st, static_cast<const T*>(q),
                static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos, h, hkv, cache_len,
-               scale);
-    launch_pdl(decode_attention_combine_kernel<T, HD>, dim3((unsigned)h), dim3(HD), 0, st,
-               static_cast<const float*>(ws.as<float>()), static_cast<T*>(out), splits);
+               scale, done, static_cast<T*>(out));
+    if (done == nullptr)
+      launch_pdl(decode_attention_combine_kernel<T, HD>, dim3((unsigned)h), dim3(HD), 0, st,
+                 static_cast<const float*>(ws.as<float>()), static_cast<T*>(out), splits);
   };
   auto by_hd = [&](auto tag) {
     if (hd == 64) launch(tag, std::integral_constant<int, 64>{});
