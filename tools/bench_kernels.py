@@ -427,6 +427,8 @@ def bench_decode(args, bw: float, emit) -> None:
     prompt = list(range(1, args.decode_prompt + 1))
     n_new = args.decode_tokens
     for name, (graphs, grouped, chained) in DECODE_VARIANTS.items():
+        if args.decode_variants and name not in args.decode_variants.split(","):
+            continue
         # Greedy steps (argmax read back every token, or chained on the device as generate() runs
         # them), timed on a second pass over the same positions, so that the graph captures of the
         # first pass are not counted.
@@ -693,6 +695,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-layers", type=int, default=32)
     ap.add_argument("--decode-prompt", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--decode-variants", default="", help="comma-separated DECODE_VARIANTS to run (default: all)")
     ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print tables and targets from result files")
     ap.add_argument("--brief", action="store_true", help="--summary: the short form")
     ap.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds of repetitions per measurement")
