@@ -564,15 +564,17 @@ def rwkv7_recurrence_inputs(b: int, t: int, h: int, n: int, seed: int) -> list[t
     return [r, w, k, v, -kk, kk * torch.rand(b, t, h, n, generator=g)]
 
 
-@pytest.mark.parametrize("t,chunk,block", [(70, 16, 4), (70, 32, 8), (5, 16, 4), (40, 8, 8)])
-def test_wkv7_chunked_is_stepped(t, chunk, block):
+@pytest.mark.parametrize("t,chunk,block,device", [(70, 16, 4, "cpu"), (70, 32, 8, "cpu"), (5, 16, 4, "cpu"),
+                                                  (40, 8, 8, "cpu"),
+                                                  pytest.param(70, 16, 4, "cuda", marks=pytest.mark.cuda)])
+def test_wkv7_chunked_is_stepped(t, chunk, block, device):
     """RWKV-7's recurrence in chunks (T not a multiple of the chunk, or shorter than one) gives the position-by-
     position recurrence's outputs, last state and gradients (to every input and the initial state) within
     fp32 rounding."""
     from lowtune.rwkv import _wkv7_stepped, wkv7
     b, h, n = 2, 2, 64
-    inputs = rwkv7_recurrence_inputs(b, t, h, n, seed=4) + [torch.randn(b, h, n, n)]
-    out_grad, state_grad = torch.randn(b, t, h, n), torch.randn(b, h, n, n)
+    inputs = [x.to(device) for x in rwkv7_recurrence_inputs(b, t, h, n, seed=4) + [torch.randn(b, h, n, n)]]
+    out_grad, state_grad = torch.randn(b, t, h, n, device=device), torch.randn(b, h, n, n, device=device)
     results = []
     for fn in (_wkv7_stepped, lambda *x: wkv7(*x, chunk=chunk, block=block)):
         leaves = [x.clone().requires_grad_() for x in inputs]
