@@ -566,7 +566,7 @@ def rwkv7_recurrence_inputs(b: int, t: int, h: int, n: int, seed: int) -> list[t
 
 @pytest.mark.parametrize("t,chunk,block,device", [(70, 16, 4, "cpu"), (70, 32, 8, "cpu"), (5, 16, 4, "cpu"),
                                                   (40, 8, 8, "cpu"),
-                                                  pytest.param(70, 16, 4, "cuda", marks=pytest.mark.cuda)])
+                                                  pytest.param(70, 32, 8, "cuda", marks=pytest.mark.cuda)])
 def test_wkv7_chunked_is_stepped(t, chunk, block, device):
     """RWKV-7's recurrence in chunks (T not a multiple of the chunk, or shorter than one) gives the position-by-
     position recurrence's outputs, last state and gradients (to every input and the initial state) within

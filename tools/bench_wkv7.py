@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", default="512,2048")
-    p.add_argument("--chunks", default="16/4,32/8,64/16",
+    p.add_argument("--chunks", default="32/8,16/4,64/16",
                    help="the chunked form's chunk/block sizes, comma-separated")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)

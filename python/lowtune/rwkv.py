@@ -70,7 +70,7 @@ MIXES6 = "wkvrg"         # the rows of RWKV-6's time_mix_lerp_fused and its w2: 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-         state: torch.Tensor | None = None, chunk: int = 16, block: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+         state: torch.Tensor | None = None, chunk: int = 32, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7's recurrence in fp32, as ggml's rwkv_wkv7: per head the state S [N (value), N (key)] becomes
     S diag(w_t) + v_t k_tᵀ + (S a_t) b_tᵀ and the output S r_t. r, w, k, v, a, b [B, T, H, N]; state [B, H, N, N]
     (None: zeros) -> (out [B, T, H, N], the last state). One position is the step the cache runs; more run the
