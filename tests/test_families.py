@@ -552,6 +552,58 @@ def test_rwkv_time_mix_runs_in_fp32_under_bf16_autocast(arch):
     assert torch.equal(*outs)
 
 
+def rwkv7_recurrence_inputs(b: int, t: int, h: int, n: int, seed: int) -> list[torch.Tensor]:
+    """r, w, k, v, a, b of wkv7 as RWKV-7's time mix draws them: decays w = exp(-0.606531 sigmoid(.)) in
+    (0.545, 1), a = -kk and b = kk · a_gate, kk a normed key and the gate in (0, 1)."""
+    from lowtune.rwkv import DECAY_SCALE
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda: torch.randn(b, t, h, n, generator=g)  # noqa: E731
+    r, k, v = rand(), rand(), rand()
+    w = torch.exp(-DECAY_SCALE * torch.sigmoid(3 * rand()))
+    kk = torch.nn.functional.normalize(rand(), dim=-1)
+    return [r, w, k, v, -kk, kk * torch.rand(b, t, h, n, generator=g)]
+
+
+@pytest.mark.parametrize("t,chunk,block,device", [(70, 16, 4, "cpu"), (70, 32, 8, "cpu"), (5, 16, 4, "cpu"),
+                                                  (40, 8, 8, "cpu"),
+                                                  pytest.param(70, 32, 8, "cuda", marks=pytest.mark.cuda)])
+def test_wkv7_chunked_is_stepped(t, chunk, block, device):
+    """RWKV-7's recurrence in chunks (T not a multiple of the chunk, or shorter than one) gives the position-by-
+    position recurrence's outputs, last state and gradients (to every input and the initial state) within
+    fp32 rounding."""
+    from lowtune.rwkv import _wkv7_stepped, wkv7
+    b, h, n = 2, 2, 64
+    inputs = [x.to(device) for x in rwkv7_recurrence_inputs(b, t, h, n, seed=4) + [torch.randn(b, h, n, n)]]
+    out_grad, state_grad = torch.randn(b, t, h, n, device=device), torch.randn(b, h, n, n, device=device)
+    results = []
+    for fn in (_wkv7_stepped, lambda *x: wkv7(*x, chunk=chunk, block=block)):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out, state = fn(*leaves)
+        ((out * out_grad).sum() + (state * state_grad).sum()).backward()
+        results.append([out.detach(), state.detach()] + [x.grad for x in leaves])
+    for got, want in zip(*results[::-1]):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_wkv7_continues_a_chunked_prefix_one_position_at_a_time():
+    """The decode steps (one position, the stepped form) from the state a chunked prompt leaves give the
+    recurrence over the whole sequence, from a given state; extreme decays (w near 0 and 1) stay finite and
+    equal too."""
+    from lowtune.rwkv import _wkv7_stepped, wkv7
+    b, t, h, n = 1, 60, 2, 64
+    inputs = rwkv7_recurrence_inputs(b, t, h, n, seed=5)
+    inputs[1] = torch.rand(b, t, h, n).pow(8)  # (decays from below 1e-8 to near 1)
+    initial = torch.randn(b, h, n, n)
+    want, want_state = _wkv7_stepped(*inputs, initial)
+    o, s = wkv7(*(x[:, :37] for x in inputs), initial)
+    parts = [o]
+    for i in range(37, t):
+        o, s = wkv7(*(x[:, i:i + 1] for x in inputs), s)
+        parts.append(o)
+    got = torch.cat(parts, 1)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5 and rel_err(s, want_state) < 1e-5
+
+
 def delta_rule_stepped_after(prefix: int, *inputs):
     """gated_delta_rule's outputs and final state over inputs [B, T, ...] run on the first `prefix` positions
     at once, then one position at a time from the state (the decode steps)."""

@@ -70,11 +70,21 @@ MIXES6 = "wkvrg"         # the rows of RWKV-6's time_mix_lerp_fused and its w2: 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         state: torch.Tensor | None = None, chunk: int = 32, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7's recurrence in fp32, as ggml's rwkv_wkv7: per head the state S [N (value), N (key)] becomes
     S diag(w_t) + v_t k_tᵀ + (S a_t) b_tᵀ and the output S r_t. r, w, k, v, a, b [B, T, H, N]; state [B, H, N, N]
-    (None: zeros) -> (out [B, T, H, N], the last state). Position by position and differentiable: one position
-    is the step the cache runs."""
+    (None: zeros) -> (out [B, T, H, N], the last state). One position is the step the cache runs; more run the
+    chunked form (_wkv7_chunked: chunks of `chunk` positions in blocks of `block`, which divides it; the fastest
+    on a CPU of those measured by tools/bench_wkv7.py); differentiable throughout."""
+    if r.shape[1] == 1:
+        return _wkv7_stepped(r, w, k, v, a, b, state)
+    return _wkv7_chunked(r, w, k, v, a, b, state, chunk, block)
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _wkv7_stepped(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """wkv7 position by position (its decode step, and the reference its chunked form is tested against)."""
     s = r.new_zeros(*r.shape[:1], *r.shape[2:], r.shape[-1]) if state is None else state
     outs = []
     for t in range(r.shape[1]):
@@ -82,6 +92,78 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
         s = s * w[:, t, :, None] + v[:, t, :, :, None] * k[:, t, :, None] + sa[..., None] * b[:, t, :, None]
         outs.append(torch.einsum("bhij,bhj->bhi", s, r[:, t]))
     return torch.stack(outs, 1), s
+
+
+def _wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, state: torch.Tensor | None, chunk: int,
+                  block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """wkv7 over chunks of `chunk` positions: the transition diag(w) + a bᵀ is diagonal plus rank one, so within
+    a chunk the values S_{t-1} a_t that the rank-one parts read solve one unit-lower-triangular system (the
+    generalized delta rule's WY form), and each chunk maps the state entering it linearly to the one leaving it.
+    In the transposed state S' = Sᵀ [key, value], D_t = w_1 ⋯ w_t within the chunk and u_t = S'_{t-1}ᵀ a_t:
+        u_t = S'_0ᵀ (a_t D_{t-1}) + Σ_{j<t} (u_j b_j + v_j k_j)ᵀ (a_t D_{t-1} / D_j)
+        out_t = S'_0ᵀ (r_t D_t) + Σ_{j<=t} (u_j b_j + v_j k_j)ᵀ (r_t D_t / D_j)
+        S'_C = diag(D_C) S'_0 + Σ_j (b_j D_C / D_j) u_jᵀ + (k_j D_C / D_j) v_jᵀ
+    Every decay is exp of a difference of log decays that is never above 0 (_decayed_inner), so none overflows."""
+    if chunk % block:
+        raise ValueError(f"wkv7's chunk ({chunk}) must be a multiple of its block ({block})")
+    r, w, k, v, a, b = (x.transpose(1, 2).float() for x in (r, w, k, v, a, b))  # heads first
+    bs, h, t, n = r.shape
+    s = r.new_zeros(bs, h, n, n) if state is None else state.float().transpose(-1, -2)
+    pad = (chunk - t % chunk) % chunk  # (positions of w = 1 and zeros elsewhere: the state passes unchanged)
+    r, k, v, a, b = (F.pad(x, (0, 0, 0, pad)).reshape(bs, h, -1, chunk, n) for x in (r, k, v, a, b))
+    # (a decay of 0 would give log decays of -inf, whose differences are NaN)
+    log_w = F.pad(w.clamp(min=torch.finfo(torch.float32).tiny).log(), (0, 0, 0, pad)).reshape(r.shape)
+    decay = log_w.cumsum(-2)                                   # log D_t [.., chunk, n]
+    before = F.pad(decay[..., :-1, :], (0, 0, 1, 0))           # log D_{t-1}
+    a_next = F.pad(a[..., 1:, :], (0, 0, 0, 1))
+    # rows a_{i+1} (the rank-one parts' reads, shifted down a row below) and r_i; columns b_j and k_j
+    inner = _decayed_inner(torch.stack([a_next, r], -3), torch.stack([b, k], -3), decay, block)
+    (ab, ak), (rb, rk) = (x.unbind(-3) for x in inner.unbind(-4))
+    ab, ak = (F.pad(x[..., :-1, :], (0, 0, 1, 0)) for x in (ab, ak))  # strictly lower: j < t
+    # u_t = (the part from the chunk's values) + (the part from S'_0) S'_0, at once for every chunk
+    solved = torch.linalg.solve_triangular(-ab, torch.cat([ak @ v, a * before.exp()], -1), upper=False,
+                                           unitriangular=True)
+    u_values, u_state = solved.split(n, -1)
+    leave = (decay[..., -1:, :] - decay).exp()                 # D_C / D_j
+    b_leave, k_leave = (b * leave).transpose(-1, -2), (k * leave).transpose(-1, -2)
+    transition = torch.diag_embed(decay[..., -1, :].exp()) + b_leave @ u_state  # S'_C = transition S'_0 + added
+    added = b_leave @ u_values + k_leave @ v
+    entering = []
+    # (unbound once, chunks first: one backward for all chunks, and contiguous matrices for the matmuls)
+    for transition_i, added_i in zip(*(x.movedim(2, 0).contiguous().unbind() for x in (transition, added))):
+        entering.append(s)
+        s = transition_i @ s + added_i
+    out = (r * decay.exp() + rb @ u_state) @ torch.stack(entering, 2) + rb @ u_values + rk @ v
+    return out.reshape(bs, h, -1, n)[:, :, :t].transpose(1, 2), s.transpose(-1, -2)
+
+
+def _decayed_inner(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor, block: int) -> torch.Tensor:
+    """Σ_c x_ic y_jc exp(decay_ic - decay_jc) for j <= i, zero above, of rows x [.., X, C, N] and columns
+    y [.., Y, C, N] under log decays [.., C, N] -> [.., X, Y, C, C]. In blocks of `block` positions: within a
+    block through the pairwise differences, between blocks as matmuls of factors through the log decay before the
+    row's block, exp(decay_i - before) · exp(before - decay_j), neither above 1."""
+    (rows, c), cols = x.shape[-3:-1], y.shape[-3]
+    blocks = c // block
+
+    def by_block(z: torch.Tensor) -> torch.Tensor:  # [.., X | Y, C, N] -> [.., blocks, block, X | Y, N]
+        return z.unflatten(-2, (blocks, block)).movedim(-4, -2)
+    before = F.pad(decay[..., :-1, :], (0, 0, 1, 0))[..., ::block, :]  # [.., blocks, N]
+    earlier = torch.arange(c, device=decay.device) < torch.arange(0, c, block, device=decay.device)[:, None]
+    to_before = (before[..., :, None, :] - decay[..., None, :, :]).masked_fill(~earlier[..., None], float("-inf"))
+    x_rows = by_block(x * (decay - before.repeat_interleave(block, -2)).exp()[..., None, :, :])
+    y_cols = y.movedim(-3, -2)[..., None, :, :, :] * to_before.exp()[..., :, :, None, :]  # [.., blocks, C, Y, N]
+    between = x_rows.flatten(-3, -2) @ y_cols.flatten(-3, -2).transpose(-1, -2)
+    between = between.unflatten(-1, (c, cols)).unflatten(-3, (block, rows))  # [.., blocks, block, X, C, Y]
+    within_decay = decay.unflatten(-2, (blocks, block))
+    upper = torch.ones(block, block, dtype=torch.bool, device=decay.device).triu(1)
+    pair = (within_decay[..., :, None, :] - within_decay[..., None, :, :]).masked_fill(upper[..., None], float("-inf"))
+    y_pair = pair.exp()[..., None, :] * by_block(y)[..., None, :, :, :]  # [.., blocks, block (i), block (j), Y, N]
+    within = by_block(x) @ y_pair.flatten(-3, -2).transpose(-1, -2)
+    within = within.unflatten(-1, (block, cols))  # [.., blocks, block (i), X, block (j), Y]
+    diagonal = torch.eye(blocks, dtype=decay.dtype, device=decay.device)[:, None, None, :, None, None]
+    inner = between.unflatten(-2, (blocks, block)) + within[..., None, :, :] * diagonal
+    return inner.permute(*range(inner.dim() - 6), -4, -1, -6, -5, -3, -2).reshape(*x.shape[:-3], rows, cols, c, c)
 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
