@@ -1603,7 +1603,9 @@ class Mamba(nn.Module):
         return f"{heads}{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
 
 
-SCAN_CHUNK = 32  # positions a chunk of Mamba 1's chunked scan: about √T of the training lengths (C + T/C steps)
+# positions a chunk of Mamba 1's chunked scan: it runs chunk + T / chunk steps, fewest near √T (training's T:
+# 512-2048), and keeps the states of every position as the stepped form does
+SCAN_CHUNK = 32
 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
