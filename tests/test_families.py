@@ -516,9 +516,9 @@ def _recurrences():
                                       rand(b, h, p, n)]),
             ("wkv7", wkv7, [rand(b, t, h, n), unit(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n),
                             -unit(b, t, h, n) * 0.1, unit(b, t, h, n) * 0.1]),
-            ("wkv6", wkv6, [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), rand(h, n), unit(b, t, h, n)]),
+            ("wkv6", wkv6, [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), rand(h, n), unit(b, t, h, n).log()]),
             ("gated_linear_attention", gated_linear_attention,
-             [rand(b, t, h, n) for _ in range(3)] + [unit(b, t, h, n)])]
+             [rand(b, t, h, n) for _ in range(3)] + [unit(b, t, h, n).log()])]
 
 
 @pytest.mark.parametrize("name", ["selective_scan", "_ssd_chunked", "_ssm_step", "wkv7", "wkv6",
@@ -536,6 +536,62 @@ def test_recurrences_run_in_fp32_under_bf16_autocast(name):
         results.append([o, s] + [x.grad for x in leaves])
     for got, want in zip(*results[::-1]):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def _diagonal_decay_recurrences(t: int, seed: int = 4):
+    """Mamba 1's scan, RWKV-6's wkv6 and gated linear attention over t positions, each with its stepped twin
+    and inputs drawn for it: (name, chunked, stepped, inputs with the initial state last). The log decays
+    reach from ~-1e-8 (a decay ~1, rounding to 1) to ~-1e4 (0), a channel each always near one end."""
+    from lowtune.model import _selective_scan_stepped
+    from lowtune.rwkv import _gla_stepped, _wkv6_stepped, gated_linear_attention, wkv6
+    g = torch.Generator().manual_seed(seed)
+    b, h, n, inner, state = 2, 3, 8, 12, 4
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    log_w = -torch.exp(rand(b, t, h, n) * 4)             # RWKV-6's log w = -exp(.)
+    log_w[..., 0], log_w[..., 1] = -torch.exp(8 + rand(b, t, h)), -torch.exp(-18 + rand(b, t, h))
+    dt = torch.nn.functional.softplus(rand(b, t, inner) * 3)
+    a = -torch.exp(rand(inner, state) * 3)
+    a[0], a[1] = -1e4, -1e-8
+    return [("selective_scan", selective_scan, _selective_scan_stepped,
+             [rand(b, t, inner), dt, a, rand(b, t, state), rand(b, t, state), rand(b, inner, state)]),
+            ("wkv6", wkv6, _wkv6_stepped, [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), rand(h, n), log_w,
+                                          rand(b, h, n, n)]),
+            ("gated_linear_attention", gated_linear_attention, _gla_stepped,
+             [rand(b, t, h, n), rand(b, t, h, n), rand(b, t, h, n), log_w, rand(b, h, n, n)])]
+
+
+@pytest.mark.parametrize("name", ["selective_scan", "wkv6", "gated_linear_attention"])
+@pytest.mark.parametrize("t, chunk", [(100, 16), (64, 16), (7, 16)])
+def test_chunked_recurrences_equal_their_stepped_twins(name, t, chunk):
+    """The chunked forms of the diagonal-decay recurrences (T a multiple of the chunk, not one, and shorter
+    than one; strong and weak decays; an initial state given and not) give their stepped twins' outputs,
+    last states and gradients of every input, to fp32 rounding."""
+    fast, slow, inputs = next((f, s, i) for n, f, s, i in _diagonal_decay_recurrences(t) if n == name)
+    for given in (inputs, inputs[:-1]):
+        results = []
+        for fn in (lambda *a: fast(*a, chunk=chunk), slow):
+            leaves = [x.clone().requires_grad_() for x in given]
+            o, s = fn(*leaves)
+            (o.square().sum() + (s * torch.linspace(-1, 1, s.numel()).reshape(s.shape)).sum()).backward()
+            results.append([o.detach(), s.detach()] + [x.grad for x in leaves])
+        for i, (got, want) in enumerate(zip(*results)):
+            assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5, (name, i)
+
+
+@pytest.mark.parametrize("name", ["selective_scan", "wkv6", "gated_linear_attention"])
+def test_chunked_recurrences_continue_one_position_at_a_time(name):
+    """A chunked prefix, then one position at a time from its last state (the KV cache's path), gives the
+    stepped twin's outputs and last state over the whole sequence."""
+    fast, slow, inputs = next((f, s, i) for n, f, s, i in _diagonal_decay_recurrences(45) if n == name)
+    fixed = {"selective_scan": 2, "wkv6": 3}.get(name)  # (the input of no position: A; u)
+    part = lambda lo, hi: [x if i == fixed else x[:, lo:hi] for i, x in enumerate(inputs[:-1])]  # noqa: E731
+    o, state = fast(*part(0, 37), inputs[-1], chunk=16)
+    outs = [o]
+    for i in range(37, 45):
+        o, state = fast(*part(i, i + 1), state)
+        outs.append(o)
+    want, want_state = slow(*inputs)
+    assert rel_err(torch.cat(outs, 1), want) < 1e-5 and rel_err(state, want_state) < 1e-5
 
 
 @pytest.mark.parametrize("arch", RWKV_NAMES)
@@ -1840,12 +1896,13 @@ def test_wkv6_is_ggmls_loop():
                         kv = float(v[bi, ti, hi, j]) * float(k[bi, ti, hi, i])
                         want[bi, ti, hi, j] += (kv * float(u[hi, i]) + s[bi, hi, i, j]) * float(r[bi, ti, hi, i])
                         s[bi, hi, i, j] = s[bi, hi, i, j] * float(w[bi, ti, hi, i]) + kv
-    out, last = wkv6(r, k, v, u, w, s0)
+    log_w = w.log()  # (wkv6 takes the decays' logs)
+    out, last = wkv6(r, k, v, u, log_w, s0)
     assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
-    first, mid = wkv6(*(x[:, :2] for x in (r, k, v)), u, w[:, :2], s0)
-    rest, end = wkv6(*(x[:, 2:] for x in (r, k, v)), u, w[:, 2:], mid)
+    first, mid = wkv6(*(x[:, :2] for x in (r, k, v)), u, log_w[:, :2], s0)
+    rest, end = wkv6(*(x[:, 2:] for x in (r, k, v)), u, log_w[:, 2:], mid)
     assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
-    inputs = [x.clone().requires_grad_() for x in (r, k, v, u, w, s0)]
+    inputs = [x.clone().requires_grad_() for x in (r, k, v, u, log_w, s0)]
     wkv6(*inputs)[0].square().sum().backward()
     assert all(x.grad is not None and bool(x.grad.abs().sum() > 0) for x in inputs)
 
@@ -1868,10 +1925,11 @@ def test_qrwkv6_gated_linear_attention_of_grouped_heads(tiny):
                         s[bi, hi, i, j] = (s[bi, hi, i, j] * float(w[bi, ti, hi, i])
                                            + float(k[bi, ti, hi, i]) * float(v[bi, ti, hi, j]))
                         want[bi, ti, hi, j] += s[bi, hi, i, j] * float(q[bi, ti, hi, i])
-    out, last = gated_linear_attention(q, k, v, w, s0)
+    log_w = w.log()  # (gated_linear_attention takes the decays' logs)
+    out, last = gated_linear_attention(q, k, v, log_w, s0)
     assert rel_err(out, want) < 1e-6 and rel_err(last, s) < 1e-6
-    first, mid = gated_linear_attention(*(x[:, :2] for x in (q, k, v, w)), s0)
-    rest, end = gated_linear_attention(*(x[:, 2:] for x in (q, k, v, w)), mid)
+    first, mid = gated_linear_attention(*(x[:, :2] for x in (q, k, v, log_w)), s0)
+    rest, end = gated_linear_attention(*(x[:, 2:] for x in (q, k, v, log_w)), mid)
     assert rel_err(torch.cat([first, rest], 1), want) < 1e-6 and rel_err(end, s) < 1e-6
     model = Model.from_gguf(tiny["rwkv6qwen2"].gguf)
     c, layer = model.config, model.layers[0]

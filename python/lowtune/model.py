@@ -1603,14 +1603,27 @@ class Mamba(nn.Module):
         return f"{heads}{m.inner} channels, state {m.state}, dt rank {m.dt_rank}, kernel {m.conv_kernel}"
 
 
+# positions a chunk of Mamba 1's chunked scan: it runs chunk + T / chunk steps, fewest near √T (training's T:
+# 512-2048), and keeps the states of every position as the stepped form does
+SCAN_CHUNK = 32
+
+
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                   state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   state: torch.Tensor | None = None, chunk: int = SCAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba 1's selective scan in fp32: per channel d the state h [state] decays by exp(dt_t,d · A_d) and
     takes dt_t,d x_t,d B_t, and y_t,d = h · C_t. x, dt [B, T, inner], a [inner, state], b, c [B, T, state];
-    state [B, inner, state] (None: zeros) -> (y [B, T, inner], the last state). Position by position,
-    differentiable (one position is the recurrent step): the decays of the whole sequence at once, then
-    the recurrence."""
+    state [B, inner, state] (None: zeros) -> (y [B, T, inner], the last state). One position is the
+    recurrent step; more run chunked (_selective_scan_chunked), differentiable throughout."""
+    if x.shape[1] == 1:
+        return _selective_scan_stepped(x, dt, a, b, c, state)
+    return _selective_scan_chunked(x, dt, a, b, c, state, chunk)
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _selective_scan_stepped(x, dt, a, b, c, state=None):
+    """selective_scan position by position (its one-position step, and the reference of its chunked form):
+    the decays of the whole sequence at once, then the recurrence."""
     decay = torch.exp(dt[..., None] * a)                                    # [B, T, inner, state]
     inputs = (dt * x)[..., None] * b[:, :, None]
     h = x.new_zeros(x.shape[0], x.shape[2], a.shape[1]) if state is None else state
@@ -1619,6 +1632,38 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
         h = h * decay[:, t] + inputs[:, t]
         ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
     return torch.stack(ys, 1), h
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _selective_scan_chunked(x, dt, a, b, c, state, chunk: int):
+    """selective_scan over T positions in chunks of `chunk`: the recurrence from a zero state within every
+    chunk at once (chunk steps), then the state at each chunk's start carried by the chunk's total decay
+    (T / chunk steps) and added to its positions' states through their decays since the chunk's start.
+    (Not the pairwise form of _ssd_chunked: with a decay for each channel and state, its pairs cost
+    chunk · inner · state a position, `chunk` times the recurrence's own work.) Shapes as selective_scan's;
+    positions past T (padding to whole chunks) have dt = 0: decay 1, no input."""
+    bsz, t, inner = x.shape
+    chunk = min(chunk, t)
+    pad = (-t) % chunk
+    x, dt, b, c = (F.pad(v, (0, 0, 0, pad)) for v in (x, dt, b, c))
+    n = (t + pad) // chunk
+    x, dt, b, c = (v.reshape(bsz, n, chunk, -1) for v in (x, dt, b, c))
+    log_decay = dt[..., None] * a                                          # [B, n, C, inner, state]
+    inputs = (dt * x)[..., None] * b[..., None, :]
+    h = x.new_zeros(bsz, n, inner, a.shape[1])
+    within = []
+    for decay, given in zip(log_decay.exp().unbind(2), inputs.unbind(2)):
+        h = h * decay + given
+        within.append(h)
+    since_start = log_decay.cumsum(2)                                      # sums of one sign: no cancellation
+    h = x.new_zeros(bsz, inner, a.shape[1]) if state is None else state
+    starts = []
+    for total, own in zip(since_start[:, :, -1].exp().unbind(1), within[-1].unbind(1)):
+        starts.append(h)
+        h = h * total + own
+    states = torch.stack(within, 2) + since_start.exp() * torch.stack(starts, 1)[:, :, None]
+    y = torch.einsum("bcidn,bcin->bcid", states, c)
+    return y.reshape(bsz, n * chunk, inner)[:, :t], h
 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)

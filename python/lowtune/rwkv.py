@@ -166,13 +166,29 @@ def _decayed_inner(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor, block:
     return inner.permute(*range(inner.dim() - 6), -4, -1, -6, -5, -3, -2).reshape(*x.shape[:-3], rows, cols, c, c)
 
 
+# positions a chunk of wkv6 and gated_linear_attention: their pairwise decays hold C·N numbers a position, a quarter
+# of the N·N state a position that the stepped form keeps for its backward (N = 64); 16 ran fastest on a CPU
+DIAG_DECAY_CHUNK = 16
+
+
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
-def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, log_w: torch.Tensor,
+         state: torch.Tensor | None = None, chunk: int = DIAG_DECAY_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-6's recurrence in fp32, as ggml's rwkv_wkv6: per head the output rᵀ (S + diag(u) k vᵀ) and the state
-    S [N (key), N (value)] becoming diag(w_t) S + k_t v_tᵀ. r, k, v, w [B, T, H, N], u [H, N]; state [B, H, N, N]
-    (None: zeros) -> (out [B, T, H, N], the last state). Position by position and differentiable."""
+    S [N (key), N (value)] becoming diag(w_t) S + k_t v_tᵀ. r, k, v [B, T, H, N], u [H, N], log_w = log w_t
+    [B, T, H, N] (the log: a decay near 0 is ~-1e4 there, and its gradient stays finite); state [B, H, N, N]
+    (None: zeros) -> (out [B, T, H, N], the last state). One position is the step the cache runs; more run
+    chunked (_diag_decay_chunked), differentiable throughout."""
+    if r.shape[1] == 1:
+        return _wkv6_stepped(r, k, v, u, log_w, state)
+    return _diag_decay_chunked(r, k, v, log_w, state, chunk, bonus=u)
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _wkv6_stepped(r, k, v, u, log_w, state=None):
+    """wkv6 position by position (its one-position step, and the reference of its chunked form)."""
     s = r.new_zeros(*r.shape[:1], *r.shape[2:], r.shape[-1]) if state is None else state
+    w = log_w.exp()
     outs = []
     for t in range(r.shape[1]):
         kv = k[:, t, :, :, None] * v[:, t, :, None]
@@ -182,18 +198,70 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: 
 
 
 @ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
-def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                           state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
+                           state: torch.Tensor | None = None,
+                           chunk: int = DIAG_DECAY_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention in fp32, as ggml's gated_linear_attn (its scale already in q): per head the state
-    S [N (key), N (value)] becoming diag(g_t) S + k_t v_tᵀ and the output S ᵀ q_t. q, k, v, g [B, T, H, N];
-    state [B, H, N, N] (None: zeros) -> (out [B, T, H, N], the last state). Position by position and
-    differentiable."""
+    S [N (key), N (value)] becoming diag(g_t) S + k_t v_tᵀ and the output S ᵀ q_t. q, k, v [B, T, H, N],
+    log_g = log g_t [B, T, H, N]; state [B, H, N, N] (None: zeros) -> (out [B, T, H, N], the last state).
+    One position is the step the cache runs; more run chunked (_diag_decay_chunked), differentiable
+    throughout."""
+    if q.shape[1] == 1:
+        return _gla_stepped(q, k, v, log_g, state)
+    return _diag_decay_chunked(q, k, v, log_g, state, chunk)
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _gla_stepped(q, k, v, log_g, state=None):
+    """gated_linear_attention position by position (its one-position step, and the reference of its chunked
+    form)."""
     s = q.new_zeros(*q.shape[:1], *q.shape[2:], q.shape[-1]) if state is None else state
+    g = log_g.exp()
     outs = []
     for t in range(q.shape[1]):
         s = s * g[:, t, :, :, None] + k[:, t, :, :, None] * v[:, t, :, None]
         outs.append(torch.einsum("bhi,bhij->bhj", q[:, t], s))
     return torch.stack(outs, 1), s
+
+
+@ops.without_autocast  # (the trainer's bf16 autocast would run its products in bf16)
+def _diag_decay_chunked(q, k, v, log_w, state, chunk: int, bonus: torch.Tensor | None = None):
+    """The recurrence S_t = diag(w_t) S_{t-1} + k_t v_tᵀ per head over T positions in chunks of `chunk`:
+    within a chunk one masked product over its pairs of positions (i reads j <= i through the decays of
+    the positions between), across chunks the state at each chunk's start, carried by the chunk's total
+    decay. Without `bonus` out_t = S_tᵀ q_t (gated linear attention); with it (RWKV-6's u [H, N])
+    out_t = (S_{t-1} + diag(bonus) k_t v_tᵀ)ᵀ q_t. Shapes as wkv6's; positions past T (padding to whole
+    chunks) have k = v = 0 and w = 1."""
+    bsz, t, h, n_k = k.shape
+    chunk = min(chunk, t)
+    pad = (-t) % chunk
+    q, k, v, log_w = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, log_w))
+    n = (t + pad) // chunk
+    q, k, v, log_w = (x.reshape(bsz, n, chunk, h, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v, log_w))
+    # spans[i, j] = sum of log w_r over j < r <= i: sums of terms of one sign, never differences of cumulative
+    # sums (which lose a weak decay's digits after a strong one), and never exp(+sum) (which overflows)
+    later = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)[..., None]  # [r, j, 1]: r > j
+    spans = log_w[..., :, None, :].expand(*log_w.shape[:-1], chunk, n_k).masked_fill(~later, 0).cumsum(-3)
+    to_end = spans[..., -1, :, :]                                  # [B, H, n, C, N]: after j to the chunk's end
+    since_start = log_w.cumsum(-2)                                 # the chunk's start to i, i included
+    total = since_start[..., -1, :].exp()                          # [B, H, n, N]
+    reads = later | torch.eye(chunk, dtype=torch.bool, device=q.device)[..., None]          # j <= i
+    if bonus is not None:  # (position i reads the state before its own update: the decays strictly before i)
+        spans = F.pad(spans[..., :-1, :, :], (0, 0, 0, 0, 1, 0))
+        since_start = F.pad(since_start[..., :-1, :], (0, 0, 1, 0))
+        reads = later
+    pair = spans.masked_fill(~reads, float("-inf")).exp()
+    scores = torch.einsum("...ix,...jx,...ijx->...ij", q, k, pair)
+    if bonus is not None:
+        scores = scores + torch.diag_embed((q * k * bonus[:, None, None]).sum(-1))
+    ends = torch.einsum("...jx,...jy->...xy", k * to_end.exp(), v)      # each chunk's own part of its last state
+    s = q.new_zeros(bsz, h, n_k, v.shape[-1]) if state is None else state
+    starts = []
+    for decay, own in zip(total.unbind(2), ends.unbind(2)):
+        starts.append(s)
+        s = s * decay[..., None] + own
+    out = scores @ v + (q * since_start.exp()) @ torch.stack(starts, 2)
+    return out.permute(0, 2, 3, 1, 4).reshape(bsz, n * chunk, h, -1)[:, :t], s
 
 
 def shifted(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
@@ -361,17 +429,16 @@ class Rwkv6Layer(RwkvLayer):
         r, k, v = (lin(x.to(h.dtype)).float() for lin, x in ((self.time_mix_receptance, xr), (self.time_mix_key, xk),
                                                               (self.time_mix_value, xv)))
         gate = self.time_mix_gate(xg.to(h.dtype)).float()
-        with torch.autocast(h.device.type, enabled=False):
-            w = heads(torch.exp(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2)
-                                           + self.decay)))
+        with torch.autocast(h.device.type, enabled=False):  # (the decay w = exp(log_w), passed as its log)
+            log_w = heads(-torch.exp(F.linear(torch.tanh(F.linear(xw, self.decay_w1)), self.decay_w2) + self.decay))
         if self.mlp:  # (QRWKV6: gated linear attention of k · (1 - w), r scaled, a sigmoid gate, no output norm)
             group = self.heads // self.kv_heads
             k, v = (y.unflatten(-1, (self.kv_heads, self.head_size)).repeat_interleave(group, 2) for y in (k, v))
-            out, state = gated_linear_attention(heads(r) * self.head_size ** -0.5, k * (1 - w), v, w,
+            out, state = gated_linear_attention(heads(r) * self.head_size ** -0.5, k * (1 - log_w.exp()), v, log_w,
                                                 self.wkv_state(cache, start))
             out = out.flatten(2) * torch.sigmoid(gate)
         else:
-            out, state = wkv6(heads(r), heads(k), heads(v), self.first, w, self.wkv_state(cache, start))
+            out, state = wkv6(heads(r), heads(k), heads(v), self.first, log_w, self.wkv_state(cache, start))
             out = self.normed_heads(out) * F.silu(gate)
         if cache is not None:
             cache.recurrent_state[self.index] = state
