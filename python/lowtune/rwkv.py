@@ -75,7 +75,7 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
     S diag(w_t) + v_t k_tᵀ + (S a_t) b_tᵀ and the output S r_t. r, w, k, v, a, b [B, T, H, N]; state [B, H, N, N]
     (None: zeros) -> (out [B, T, H, N], the last state). One position is the step the cache runs; more run the
     chunked form (_wkv7_chunked: chunks of `chunk` positions in blocks of `block`, which divides it; the fastest
-    on a CPU of those measured by tools/bench_wkv7.py); differentiable throughout."""
+    on a CPU of those measured by tools/bench_recurrences.py); differentiable throughout."""
     if r.shape[1] == 1:
         return _wkv7_stepped(r, w, k, v, a, b, state)
     return _wkv7_chunked(r, w, k, v, a, b, state, chunk, block)
