@@ -24,9 +24,9 @@ for pr in "16:1:64:0 64:1 16:1 32:1 16:0" "16:2:64:0 64:1 16:1" "1024:1:64:0 64:
 done
 if [ -f tools/bench_recurrences.py ]; then
   stage recurrence_tests 40 150 $py -m pytest -q -p no:cacheprovider -n 8 -rf -m "not llamacpp and not smollm2" \
-    -k "cuda and (rwkv or mamba or recurrence or falcon_h1 or granitehybrid or jamba or plamo2 or nemotron_h)" \
+    -k "cuda and (rwkv or wkv or mamba or recurrence or falcon_h1 or granitehybrid or jamba or plamo2 or nemotron_h)" \
     tests/test_families.py tests/test_families_train_export.py
-  stage recurrences 30 120 $py tools/bench_recurrences.py --device cuda --json "$out/recurrences.json"
+  stage recurrences 30 120 $py tools/bench_recurrences.py --device cuda --repeats 2 --json "$out/recurrences.json"
 fi
 cp tools/gpu/decode_merge.sh "$out/call.sh"
 # at most 8 files come back: everything in one archive beside the folder, which goes
