@@ -1,0 +1,151 @@
+"""Every family's metadata reader under broken metadata: a file whose `<arch>.*` keys are deleted, 0, negative,
+absurdly large, a string where a number belongs or an array one layer short either loads (what the format allows:
+then a few tokens run through it) or is refused with a ValueError that names the key or the tensor that disagrees
+with it; never another exception, a hang or a huge allocation.
+
+Each family's file is random_family_model's (its GGUF metadata and its weights as build_model reads them), loaded
+the way build_model loads a file (ModelConfig.from_gguf_metadata, then the family's class, which checks every
+weight against the config). Every family runs "delete" and "0" of its core keys and one mutation of each of its
+other keys (a different one from family to family); LOWTUNE_METADATA_FUZZ=all runs every mutation of every key.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from unittest import mock
+
+import pytest
+import torch
+
+from family_models import rand_ids, random_family_model
+from lowtune import loading
+from lowtune.families import FAMILIES
+from lowtune.model import ModelConfig
+
+ARCHS = tuple(FAMILIES)
+CORE_KEYS = ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+             "feed_forward_length", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size",
+             "expert_count", "expert_used_count", "expert_feed_forward_length")
+HUGE = 2 ** 40  # (a size no file holds: an allocation of it fails at once, a loop over it never ends)
+MUTATIONS = ("delete", "zero", "negative", "huge", "string", "short")
+EVERY_MUTATION = os.environ.get("LOWTUNE_METADATA_FUZZ") == "all"
+SECONDS = 20  # a load and a forward of the tiny model take well under a second
+
+
+@functools.lru_cache(maxsize=None)
+def family_file(arch: str) -> tuple[dict, dict]:
+    """(metadata, weights) of random_family_model(arch): the weights its class was given, as a file's."""
+    seen = {}
+    real = loading.model_class
+
+    def recording(config):
+        cls = real(config)
+
+        class Recorded(cls):
+            def __init__(self, config, weights, dtype):
+                seen["weights"] = dict(weights)
+                super().__init__(config, weights, dtype)
+        return Recorded
+
+    with mock.patch.object(loading, "model_class", recording):
+        model = random_family_model(arch)
+    return dict(model.metadata), seen["weights"]
+
+
+def load(md: dict, weights: dict):
+    """The model a file of this metadata and these weights holds, as build_model makes it."""
+    config = ModelConfig.from_gguf_metadata(md, weights)
+    return loading.model_class(config)(config, dict(weights), torch.float32).eval()
+
+
+def mutated(md: dict, key: str, mutation: str) -> dict | None:
+    """md with `key` broken by `mutation`, or None where the mutation does not apply to its value."""
+    value, out = md[key], dict(md)
+    if mutation == "delete":
+        del out[key]
+    elif mutation == "short":
+        if not isinstance(value, (list, tuple)) or not value:
+            return None
+        out[key] = list(value)[:-1]
+    elif isinstance(value, str) and mutation != "string":
+        return None  # (a number where a string belongs reads as the string it is not: rope.scaling.type)
+    else:
+        out[key] = {"zero": 0, "negative": -1, "huge": HUGE, "string": "x"}[mutation]
+    return out
+
+
+def cases(arch: str) -> list[tuple[str, str]]:
+    """(key, mutation) pairs run for `arch`: delete and 0 of its core keys, one mutation of each other key."""
+    md, _ = family_file(arch)
+    keys = [k for k in md if k.startswith(f"{arch}.") or k.startswith("xielu.")]
+    core = {f"{arch}.{k}" for k in CORE_KEYS}
+    turn = ARCHS.index(arch)
+    out = []
+    for i, key in enumerate(keys):
+        if EVERY_MUTATION:
+            out += [(key, m) for m in MUTATIONS]
+            continue
+        if key in core:
+            out += [(key, "delete"), (key, "zero")]
+        out.append((key, MUTATIONS[(turn + i) % len(MUTATIONS)]))
+    return list(dict.fromkeys(out))
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str):
+    """TimeoutError where the body runs longer than `seconds` (a loop over an absurd size)."""
+    def expire(*_):
+        raise TimeoutError(f"{what} ran past {seconds} s")
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def names_the_problem(message: str, key: str) -> bool:
+    """Whether a refusal names the broken key (whole, or its last part as a message about related keys names
+    them: `head_count_kv`) or a tensor whose shape or presence disagrees with the metadata (the loader's check of
+    each size against the tensors)."""
+    return key.rsplit(".", 1)[-1] in message or "tensor" in message
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_broken_metadata_loads_or_is_refused_clearly(arch):
+    md, weights = family_file(arch)
+    ids = rand_ids(1, 4)
+    unclear, raw, ran = [], [], 0
+    for key, mutation in cases(arch):
+        broken = mutated(md, key, mutation)
+        if broken is None:
+            continue
+        ran += 1
+        try:
+            with deadline(SECONDS, f"{arch} {key} {mutation}"), torch.no_grad():
+                logits = load(broken, weights)(ids)
+            assert logits.shape[:2] == ids.shape
+        except ValueError as e:
+            if not names_the_problem(str(e), key):
+                unclear.append(f"{key} {mutation}: {e}")
+        except Exception as e:  # noqa: BLE001 (the failure this test looks for)
+            raw.append(f"{key} {mutation}: {type(e).__name__}: {e}")
+    assert ran >= 2
+    assert not raw, f"{arch}: raw exceptions under broken metadata:\n" + "\n".join(raw)
+    assert not unclear, f"{arch}: refusals that name neither the key nor a tensor:\n" + "\n".join(unclear)
+
+
+def test_every_core_size_of_zero_or_text_is_refused_by_name():
+    """A count of 0 where the model needs one, and a string where a number belongs, are refused naming the key
+    (not found later as a tensor of the wrong shape)."""
+    md, weights = family_file("llama")
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count",
+                "llama.attention.head_count_kv", "llama.attention.key_length", "llama.vocab_size"):
+        for value in (0, "x", -1, 1.5):
+            with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+                load({**md, key: value}, weights)
+    with pytest.raises(ValueError, match=r"llama\.block_count is 513"):
+        load({**md, "llama.block_count": 513}, weights)
