@@ -982,7 +982,7 @@ def checked_number(key: str, v, kind: type = int, low: int | None = None):
                          f"written by llama.cpp's converter; {RECONVERT}")
     if kind is float:
         return float(v)
-    if float(v) != int(v) or v < (low or 0):
+    if not float(v).is_integer() or v < (low or 0):  # (inf and nan are no whole numbers either)
         what = f"at least {low}" if low else "a whole number, not negative"
         raise ValueError(f"GGUF metadata {key} is {v!r}, where a count or size ({what}) belongs: the file is "
                          f"damaged or was not written by llama.cpp's converter; {RECONVERT}")

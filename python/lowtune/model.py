@@ -399,7 +399,7 @@ class ModelConfig:
         def get(key, default=ABSENT, kind=int, low=None):
             return key_number(md, f"{arch}.{key}", default, kind, low)
 
-        n_layers, nextn = get("block_count", low=1), key_number(md, f"{arch}.nextn_predict_layers", 0)
+        n_layers, nextn = get("block_count", low=1), get("nextn_predict_layers", 0)
         if n_layers > MAX_LAYERS or nextn >= n_layers:
             raise ValueError(f"GGUF metadata {arch}.block_count is {n_layers} ({nextn} of them NextN layers): "
                              f"llama.cpp loads 1 to {MAX_LAYERS} layers, so the file is damaged; {RECONVERT}")
@@ -420,7 +420,7 @@ class ModelConfig:
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
-        loops = key_number(md, f"{arch}.num_loops", 1) or 1
+        loops = get("num_loops", 1) or 1
         if loops > 1:
             raise ValueError(f"this {arch} file runs its {n_layers} layers {loops} times over (num_loops: Nanbeige's "
                              "looped layers, each pass with its own K/V), which lowtune does not run; a file of one "
@@ -441,13 +441,13 @@ class ModelConfig:
 
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
         linear_scale, yarn, log_mul = 1.0, 0.0, 0.0
-        attn_factor = key_number(md, f"{arch}.rope.scaling.attn_factor", 1.0, kind=float)
+        attn_factor = get("rope.scaling.attn_factor", 1.0, kind=float)
         if scaling == "linear":
-            linear_scale = key_number(md, f"{arch}.rope.scaling.factor", 0.0, kind=float) or 1.0
+            linear_scale = get("rope.scaling.factor", 0.0, kind=float) or 1.0
         elif scaling == "yarn":
-            yarn = key_number(md, f"{arch}.rope.scaling.factor", 0.0, kind=float) or 1.0
+            yarn = get("rope.scaling.factor", 0.0, kind=float) or 1.0
             if fam.yarn_keys or fam.mla:
-                log_mul = key_number(md, f"{arch}.rope.scaling.yarn_log_multiplier", 0.0, kind=float)
+                log_mul = get("rope.scaling.yarn_log_multiplier", 0.0, kind=float)
             if fam.indexer_types:
                 raise ValueError(f"this {arch} file scales RoPE by YaRN, which GLM-5's checkpoints do not and lowtune "
                                  f"does not run for {arch} (llama.cpp's graph reads no yarn_log_multiplier for it)")
@@ -461,10 +461,10 @@ class ModelConfig:
             raise ValueError(f"rope scaling {scaling!r} is not supported ({arch}.rope.scaling.type: none, linear, "
                              "yarn, LongRoPE's rope_factors and Llama 3's rope_freqs are)")
         if f"{arch}.rope.scale_linear" in md:  # older GGUFs
-            linear_scale = key_number(md, f"{arch}.rope.scale_linear", kind=float)
-        context = key_number(md, f"{arch}.context_length", 2048)
+            linear_scale = get("rope.scale_linear", kind=float)
+        context = get("context_length", 2048)
 
-        window = key_number(md, f"{arch}.attention.sliding_window", fam.default_window) or 0
+        window = get("attention.sliding_window", fam.default_window) or 0
         if fam.windowless or fam.window_block_counts and n_layers not in fam.window_block_counts:
             window = 0  # (llama.cpp ignores the file's window there)
         if fam.chunked_attention:
@@ -483,10 +483,10 @@ class ModelConfig:
                 p = int(pattern)  # (Cohere2 MoE: the first of every p layers global, llama.cpp's dense_first)
                 slides = (lambda i: i % p != 0) if fam.swa_global_first else (lambda i: i % p < p - 1)
                 swa_layers = tuple(i for i in range(n_layers) if slides(i))
-        theta = key_number(md, f"{arch}.rope.freq_base", 10000.0, kind=float)
+        theta = get("rope.freq_base", 10000.0, kind=float)
         # (Mellum's sliding layers: the global base, whatever the file gives, as llama.cpp's graph rotates them)
         theta_swa = None if fam.swa_rope_global_base else \
-            key_number(md, f"{arch}.rope.freq_base_swa", fam.swa_rope_theta, kind=float)
+            get("rope.freq_base_swa", fam.swa_rope_theta, kind=float)
         if theta_swa is not None and float(theta_swa) == theta and fam.swa_rope_theta is None:
             theta_swa = None  # (OLMo 3's converter writes the global base again)
         if yarn and theta_swa is not None and float(theta_swa) != theta:
@@ -494,7 +494,7 @@ class ModelConfig:
 
         def cap(key, default):
             # families without a soft-cap ignore the key, as llama.cpp does
-            return 0.0 if default is None else (key_number(md, f"{arch}.{key}", default, kind=float) or 0.0)
+            return 0.0 if default is None else (get(key, default, kind=float) or 0.0)
 
         scale = 1.0 / head_dim if fam.mup_query_scale else fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
@@ -516,12 +516,12 @@ class ModelConfig:
             latent["indexer_shared"] = tuple(i for i in range(n_layers) if not full[i])
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
-            yarn_keys = {"rope_yarn_beta_fast": key_number(md, f"{arch}.rope.scaling.yarn_beta_fast", 32.0, kind=float),
-                         "rope_yarn_beta_slow": key_number(md, f"{arch}.rope.scaling.yarn_beta_slow", 1.0, kind=float),
-                         "attn_temperature": key_number(md, f"{arch}.attention.temperature_scale", 0.0, kind=float)}
+            yarn_keys = {"rope_yarn_beta_fast": get("rope.scaling.yarn_beta_fast", 32.0, kind=float),
+                         "rope_yarn_beta_slow": get("rope.scaling.yarn_beta_slow", 1.0, kind=float),
+                         "attn_temperature": get("attention.temperature_scale", 0.0, kind=float)}
         multipliers = {}
         if fam.logit_multiplier:  # ModelConfig divides by logit_scale
-            multipliers["logit_scale"] = 1.0 / (key_number(md, f"{arch}.logit_scale", 1.0, kind=float) or 1.0)
+            multipliers["logit_scale"] = 1.0 / (get("logit_scale", 1.0, kind=float) or 1.0)
         if fam.file_scales:  # (Grok's; llama.cpp takes Grok-1's for an older file without them)
             missing = [k for k in ("embedding_scale", "attention.output_scale", "logit_scale")
                        if f"{arch}.{k}" not in md]
@@ -531,32 +531,31 @@ class ModelConfig:
             if f"{arch}.expert_feed_forward_length" in md:
                 raise ValueError(f"this {arch} file gives expert_feed_forward_length: Grok 2's layout (a dense FFN "
                                  "beside the experts), which lowtune does not run; Grok-1's files it does")
-            multipliers["embedding_scale"] = key_number(md, f"{arch}.embedding_scale", kind=float)
-            scale = key_number(md, f"{arch}.attention.output_scale", kind=float)
+            multipliers["embedding_scale"] = get("embedding_scale", kind=float)
+            scale = get("attention.output_scale", kind=float)
         experts = {}
-        if fam.moe and key_number(md, f"{arch}.expert_count", 0):  # (family_of refused experts elsewhere)
-            if key_number(md, f"{arch}.moe_latent_size", 0):
+        if fam.moe and get("expert_count", 0):  # (family_of refused experts elsewhere)
+            if get("moe_latent_size", 0):
                 raise ValueError(f"this {arch} file routes its experts through a latent (moe_latent_size: Nemotron 3 "
                                  "Super's ffn_latent_down/up), which lowtune does not run")
-            experts = {"n_experts": key_number(md, f"{arch}.expert_count", low=1),
+            experts = {"n_experts": get("expert_count", low=1),
                        "n_experts_used": _one_per_layer(md, f"{arch}.expert_used_count"),
                        "expert_ffn_dim": _one_per_layer(md, f"{arch}.expert_feed_forward_length"),
-                       "shared_expert_ffn_dim": key_number(md, f"{arch}.expert_shared_feed_forward_length", 0)}
+                       "shared_expert_ffn_dim": get("expert_shared_feed_forward_length", 0)}
             default = fam.moe_gating
             if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
                 default = 2  # (llama.cpp's rule for GLM-4.7 Flash files written without expert_gating_func)
-            gating = key_number(md, f"{arch}.expert_gating_func", 0) or default
+            gating = get("expert_gating_func", 0) or default
             if gating not in (1, 2, 3):
                 raise ValueError(f"this {arch} file routes experts by gating function {gating} (expert_gating_func); "
-                                 "lowtune runs "
-                                 "softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the softmax "
-                                 "of the top k (3, gpt-oss's) only")
+                                 "lowtune runs softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the "
+                                 "softmax of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
             if fam.moe_adjugate:  # (Grove MoE's adjugate experts, as llama.cpp's grovemoe reads them)
                 experts.update(experts_per_group=get("experts_per_group"),
-                               adjugate_ffn_dim=key_number(md, f"{arch}.expert_chunk_feed_forward_length", 0),
+                               adjugate_ffn_dim=get("expert_chunk_feed_forward_length", 0),
                                expert_group_scale=get("expert_group_scale", kind=float))
-            shared = key_number(md, f"{arch}.expert_shared_count", 0)
+            shared = get("expert_shared_count", 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
             if fam.moe_shared_ffn_width and not experts["shared_expert_ffn_dim"]:
@@ -566,21 +565,21 @@ class ModelConfig:
                 experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
                 if not fam.kda:  # (kimi-linear: the family's moe_renorm, as llama.cpp's graph)
                     experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
-                experts["expert_weights_scale"] = key_number(md, f"{arch}.expert_weights_scale", 0.0, kind=float) or 1.0
-            groups = key_number(md, f"{arch}.expert_group_count", 0)
+                experts["expert_weights_scale"] = get("expert_weights_scale", 0.0, kind=float) or 1.0
+            groups = get("expert_group_count", 0)
             if groups > 1:
                 experts.update(expert_groups=groups,
-                               expert_groups_used=key_number(md, f"{arch}.expert_group_used_count", 0))
+                               expert_groups_used=get("expert_group_used_count", 0))
             if shared and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
                                  "layout) without giving their width, which lowtune does not run")
             # llama.cpp's rule: dense layers first, then experts in every step-th layer
-            lead = key_number(md, f"{arch}.leading_dense_block_count", 0)
-            step = key_number(md, f"{arch}.interleave_moe_layer_step", fam.moe_step) or fam.moe_step
+            lead = get("leading_dense_block_count", 0)
+            step = get("interleave_moe_layer_step", fam.moe_step) or fam.moe_step
             if lead or step > 1:
                 experts["moe_layers"] = tuple(i for i in range(n_layers) if i >= lead and (i + 1) % step == 0)
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
-            scales = {k: key_number(md, f"{arch}.{key}", 0.0, kind=float) for k, key in (
+            scales = {k: get(key, 0.0, kind=float) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
                 ("residual_scale", "residual_scale"), ("logit_scale", "logit_scale"))}
             scale = scales.pop("attn_scale")
@@ -638,7 +637,7 @@ class ModelConfig:
             ffn = dim
         altup = {}
         if fam.altup or fam.layer_widths:  # (Gemma 3n and 4: per-layer inputs, K/V reused by the last layers)
-            shared = key_number(md, f"{arch}.attention.shared_kv_layers", 0)
+            shared = get("attention.shared_kv_layers", 0)
             if shared >= n_layers:
                 raise ValueError(f"GGUF metadata {arch}.attention.shared_kv_layers is {shared}: the layers that reuse "
                                  f"K/V must be fewer than the {n_layers} there are; {RECONVERT}")
@@ -650,9 +649,9 @@ class ModelConfig:
                                            if f"{arch}.activation_sparsity_scale" in md else ()))
         alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
         if alibi is None:
-            alibi = key_number(md, f"{arch}.attention.max_alibi_bias", 0.0, kind=float)
-        rope_dim = min(key_number(md, f"{arch}.rope.dimension_count", head_dim), head_dim)
-        swa_rope_dim = key_number(md, f"{arch}.rope.dimension_count_swa", rope_dim)
+            alibi = get("attention.max_alibi_bias", 0.0, kind=float)
+        rope_dim = min(get("rope.dimension_count", head_dim), head_dim)
+        swa_rope_dim = get("rope.dimension_count_swa", rope_dim)
         if not fam.layer_widths and window > 0 and swa_rope_dim != rope_dim:  # (Gemma 4's: its layer widths)
             raise ValueError(f"this {arch} file rotates its sliding layers over {swa_rope_dim} dims of each head and "
                              f"the others over {rope_dim} (rope.dimension_count_swa: Laguna-XS.2's), which lowtune "
@@ -664,8 +663,8 @@ class ModelConfig:
             n_kv_heads, conv = counts[0], {}
             if len(set(counts)) > 1:
                 parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
-            parts["value_head_dim"] = key_number(md, f"{arch}.attention.value_length", head_dim)
-            parts["attn_value_scale"] = key_number(md, f"{arch}.attention.value_scale", 1.0, kind=float) or 1.0
+            parts["value_head_dim"] = get("attention.value_length", head_dim)
+            parts["attn_value_scale"] = get("attention.value_scale", 1.0, kind=float) or 1.0
         elif blocks:  # (Deci's and OpenELM's: _per_layer_blocks)
             n_kv_heads, conv = blocks["layer_widths"][0][1], {}
         else:
@@ -691,9 +690,9 @@ class ModelConfig:
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
             rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
-            rope_orig_context=key_number(md, f"{arch}.rope.scaling.original_context_length", 0),
+            rope_orig_context=get("rope.scaling.original_context_length", 0),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            clamp_qkv=key_number(md, f"{arch}.attention.clamp_kqv", 0.0, kind=float) if fam.qkv_clamp else 0.0,
+            clamp_qkv=get("attention.clamp_kqv", 0.0, kind=float) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, **rwkv, xielu=xielu, alibi_max_bias=alibi,
             mlp_activation="" if act == fam.activation else act,
@@ -738,10 +737,11 @@ class ModelConfig:
                                    or self.indexer_top_k < 1):
             raise ValueError(f"a lightning indexer of {self.indexer_heads} heads of {self.indexer_head_dim} dims "
                              f"keeping {self.indexer_top_k} keys, beside q's latent of {self.q_lora_rank}: it reads "
-                             f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key")
+                             f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key "
+                             "(attention.q_lora_rank, attention.indexer.head_count, key_length and top_k)")
         if self.indexer_shared and (0 in self.indexer_shared or not self.indexer_heads):
             raise ValueError(f"layers {self.indexer_shared} reuse an earlier layer's indexer: the first layer must "
-                             "have its own")
+                             "have its own (attention.indexer.types, attention.indexer.head_count)")
         if self.ssm_layers and (self.ssm is None or not (self.family.mamba2 or self.family.mamba1)):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
@@ -752,7 +752,8 @@ class ModelConfig:
             raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
             raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
-                             f"must be at least 2 and the layers among the {self.n_layers} there are")
+                             f"must be at least 2 and the layers among the {self.n_layers} there are "
+                             "(shortconv.l_cache, attention.head_count_kv)")
         if self.delta_layers and not (self.family.delta_net or self.family.kda):
             raise ValueError(f"{self.arch} has no Gated DeltaNet layers (Qwen3.5 has)")
         if self.family.kda and self.ssm_k_heads != self.ssm_v_heads:
@@ -828,9 +829,9 @@ def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
     for i in range(n_layers):
         if heads[i] and not ffn[i]:
             raise ValueError(f"layer {i} of this {arch} file {'attends' if kv[i] else 'runs a linear'} without an "
-                             "FFN (feed_forward_length 0), whose output llama.cpp's deci graph drops (it skips the "
-                             "rest of a layer without an FFN) where the checkpoint adds it; lowtune does not run a "
-                             "layer the two disagree on")
+                             f"FFN (attention.head_count {heads[i]}, feed_forward_length 0), whose output llama.cpp's "
+                             "deci graph drops (it skips the rest of a layer without an FFN) where the checkpoint adds "
+                             "it; lowtune does not run a layer the two disagree on")
     kv_heads = next((k for k in kv if k), n_heads)
     return {"n_heads": n_heads, "layer_heads": tuple(h or n_heads for h in heads) if len(set(heads) - {0}) > 1 else (),
             "layer_widths": tuple((head_dim, kv[i] or kv_heads, ffn[i], rope_dim) for i in range(n_layers)),
