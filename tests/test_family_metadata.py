@@ -5,7 +5,7 @@ with it; never another exception, a hang or a huge allocation.
 
 Each family's file is random_family_model's (its GGUF metadata and its weights as build_model reads them), loaded
 the way build_model loads a file (ModelConfig.from_gguf_metadata, then the family's class, which checks every
-weight against the config). Every family runs "delete" and "0" of its core keys and one mutation of each of its
+weight against the config), in memory; one test writes the file and reads it with load_model. Every family runs "delete" and "0" of its core keys and one mutation of each of its
 other keys (a different one from family to family); LOWTUNE_METADATA_FUZZ=all runs every mutation of every key.
 """
 from __future__ import annotations
@@ -18,10 +18,13 @@ from unittest import mock
 
 import pytest
 import torch
+from gguf.constants import GGUFValueType
 
 from family_models import rand_ids, random_family_model
 from lowtune import loading
 from lowtune.families import FAMILIES
+from lowtune.gguf_io import write_gguf
+from lowtune.loading import load_model
 from lowtune.model import ModelConfig
 
 ARCHS = tuple(FAMILIES)
@@ -118,6 +121,8 @@ def names_the_problem(message: str, key: str) -> bool:
 def test_broken_metadata_loads_or_is_refused_clearly(arch):
     md, weights = family_file(arch)
     ids = rand_ids(1, 4)
+    with torch.no_grad():  # (the file as written loads: each refusal below is the broken key's)
+        assert load(md, weights)(ids).shape[:2] == ids.shape
     unclear, raw, ran = [], [], 0
     for key, mutation in cases(arch):
         broken = mutated(md, key, mutation)
@@ -149,3 +154,19 @@ def test_every_core_size_of_zero_or_text_is_refused_by_name():
                 load({**md, key: value}, weights)
     with pytest.raises(ValueError, match=r"llama\.block_count is 513"):
         load({**md, "llama.block_count": 513}, weights)
+
+
+def test_a_file_of_broken_metadata_is_refused_by_name_through_load_model(tmp_path):
+    """The same refusals through the one way in: a GGUF file written with a string for a count, or a count of
+    layers no file holds, read by load_model."""
+    md, weights = family_file("llama")
+    path = tmp_path / "llama.gguf"
+    write_gguf(path, md, list(weights.items()))
+    assert load_model(path)(rand_ids(1, 4)).shape[:2] == (1, 4)
+    for key, value, value_type in (("llama.attention.head_count", "x", GGUFValueType.STRING),
+                                   ("llama.block_count", HUGE, GGUFValueType.UINT64),
+                                   ("llama.attention.head_count_kv", 0, GGUFValueType.UINT32)):
+        write_gguf(path, {**md, key: value}, list(weights.items()), metadata_types={key: value_type})
+        with deadline(SECONDS, f"load_model with {key} = {value!r}"), \
+                pytest.raises(ValueError, match=key.replace(".", r"\.") + ".*convert_hf_to_gguf"):
+            load_model(path)

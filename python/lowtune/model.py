@@ -478,7 +478,8 @@ class ModelConfig:
             # p > 0: layer i slides when i % p < p - 1, so every p-th layer is global)
             pattern = md.get(f"{arch}.attention.sliding_window_pattern", fam.swa_period)
             if isinstance(pattern, (list, tuple)):
-                swa_layers = tuple(i for i, s in enumerate(pattern[:n_layers]) if s)
+                flags = _per_layer(md, arch, "attention.sliding_window_pattern", n_layers)
+                swa_layers = tuple(i for i, s in enumerate(flags) if s)
             elif checked_number(f"{arch}.attention.sliding_window_pattern", pattern) > 0:
                 p = int(pattern)  # (Cohere2 MoE: the first of every p layers global, llama.cpp's dense_first)
                 slides = (lambda i: i % p != 0) if fam.swa_global_first else (lambda i: i % p < p - 1)
@@ -846,16 +847,15 @@ def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
     arch = fam.arch
     if fam.kda:  # (Kimi Linear: the layers with no KV heads; as many q/k heads as value heads, kda.head_dim wide)
         return _kda_fields(md, arch, n_layers)
-    flags = md.get(f"{arch}.attention.recurrent_layers")
-    if flags is None:
-        every = key_number(md, f"{arch}.full_attention_interval", 4) or 4
-        flags = [(i + 1) % every != 0 for i in range(n_layers)]
+    every = key_number(md, f"{arch}.full_attention_interval", 4) or 4
+    flags = _per_layer(md, arch, "attention.recurrent_layers", n_layers,
+                       [(i + 1) % every != 0 for i in range(n_layers)])
     keys = {"ssm_conv_kernel": "ssm.conv_kernel", "ssm_k_heads": "ssm.group_count", "ssm_v_heads": "ssm.time_step_rank",
             "ssm_head_dim": "ssm.state_size", "ssm_inner": "ssm.inner_size"}
     missing = [f"{arch}.{k}" for k in keys.values() if f"{arch}.{k}" not in md]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
-    return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
+    return {"delta_layers": tuple(i for i, r in enumerate(flags) if r),
             **{f: key_number(md, f"{arch}.{k}") for f, k in keys.items()}}
 
 
