@@ -2,6 +2,7 @@
 
     family = family_of(metadata)      # the Family of a GGUF's general.architecture, or a ValueError
     family.rope, family.activation    # read by lowtune.model's one decoder
+    key_number(metadata, key, 0)      # a metadata number, or a ValueError naming the key (the one reader)
 
 Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Family says
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs

@@ -429,7 +429,7 @@ class ModelConfig:
             raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
                              f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
                              "others with ALiBi (Baichuan 13B's 40) or no positions, which lowtune does not run")
-        # (Mamba-2's: 0)
+        # (no heads, no key length: Mamba-2's 0)
         head_dim = get("attention.key_length", dim // n_heads if n_heads else 0, low=1 if n_heads else None)
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
