@@ -1823,7 +1823,9 @@ def random_rwkv_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch
         else:  # (norms about 1, the rest about 0)
             one = name.endswith(".weight") and ("norm" in kind or kind in ("time_mix_ln", "time_mix_k_a"))
             w[name] = float(one) + 0.2 * torch.randn(*shape, generator=g)
-    return cls(config, w, dtype).eval()
+    model = cls(config, w, dtype)
+    model.metadata = md
+    return model.eval()
 
 
 def random_family_model(arch: str, qtype: str = "Q4_1", dtype: torch.dtype = torch.float32, seed: int = 0):

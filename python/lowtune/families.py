@@ -2,6 +2,7 @@
 
     family = family_of(metadata)      # the Family of a GGUF's general.architecture, or a ValueError
     family.rope, family.activation    # read by lowtune.model's one decoder
+    key_number(metadata, key, 0)      # a metadata number, or a ValueError naming the key (the one reader)
 
 Every family is the same decoder (RMSNorm, RoPE, GQA attention, gated MLP); a Family says
 what its architecture changes. The numbers follow llama.cpp (src/models/<arch>.cpp), which runs
@@ -493,6 +494,7 @@ The hf_* fields are the Hugging Face side of the same facts, for loading safeten
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -955,6 +957,39 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "PLMForCausalLM": ("plm", "PLM's latent attention")}
 
 
+# llama.cpp's bound on block_count (LLAMA_MAX_LAYERS): a file with more layers is damaged
+MAX_LAYERS = 512
+RECONVERT = "convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py"
+ABSENT = object()
+
+
+def key_number(md: Mapping, key: str, default=ABSENT, kind: type = int, low: int | None = None):
+    """The number GGUF metadata `key` holds, `default` where the file lacks it: a whole one, not negative (at
+    least `low` where given), for kind int. The one reader of a metadata number: a file that lacks the key
+    without a default or holds a string, an array, a fraction or a size out of range there is refused with a
+    ValueError that names the key."""
+    v = md.get(key)
+    if v is None:
+        if default is ABSENT:
+            raise ValueError(f"GGUF metadata lacks {key}, which this model needs; {RECONVERT}")
+        return default
+    return checked_number(key, v, kind, low)
+
+
+def checked_number(key: str, v, kind: type = int, low: int | None = None):
+    """key_number's check of a value (of `key`, or of one of its array's elements)."""
+    if isinstance(v, (str, bytes, list, tuple, dict)) or not isinstance(v, (bool, numbers.Real)):
+        raise ValueError(f"GGUF metadata {key} is {v!r}, where a number belongs: the file is damaged or was not "
+                         f"written by llama.cpp's converter; {RECONVERT}")
+    if kind is float:
+        return float(v)
+    if not float(v).is_integer() or v < (low or 0):  # (inf and nan are no whole numbers either)
+        what = f"at least {low}" if low else "a whole number, not negative"
+        raise ValueError(f"GGUF metadata {key} is {v!r}, where a count or size ({what}) belongs: the file is "
+                         f"damaged or was not written by llama.cpp's converter; {RECONVERT}")
+    return int(v)
+
+
 def yarn_magnitude(factor: float, log_multiplier: float = 0.0) -> float:
     """YaRN's scaling of q and k (so of the scores, squared) for a context extended `factor` times:
     m(1) with m(s) = 1 + 0.1 s ln(factor) (1 for factor <= 1), or m(1) / m(log_multiplier) where
@@ -980,7 +1015,7 @@ def family_of(metadata: Mapping) -> Family:
     if arch is None:
         raise ValueError(f"the file has no general.architecture; {_supported()}")
     arch = str(arch)
-    experts = int(metadata.get(f"{arch}.expert_count", 0) or 0)
+    experts = key_number(metadata, f"{arch}.expert_count", 0)
     if arch in FAMILIES and (FAMILIES[arch].moe or experts == 0):
         return FAMILIES[arch]
     if experts > 0 or arch in _MOE or "moe" in arch:

@@ -46,6 +46,8 @@ from .model import (DecoderLayer, KVCache, Model, ModelConfig, QEmbedding, QLine
 LAUREL_RANK = 64  # llama.cpp's hparams.laurel_rank
 # llama.cpp's fixed layout (src/llama-hparams.h, src/models/gemma3n.cpp): the numbers a file must say
 LLAMACPP_LAYOUT = {"altup_inputs": 4, "altup_active": 0, "per_layer_dim": 256}
+LAYOUT_KEYS = {"altup_inputs": "altup.num_inputs", "altup_active": "altup.active_idx",  # (the file's keys of them)
+               "per_layer_dim": "embedding_length_per_layer_input"}
 LLAMACPP_KV_LAYERS = 20            # n_layer_kv_from_start
 LLAMACPP_SPARSE_LAYERS = 10        # n_layer_sparsity
 LLAMACPP_SPARSITY_STD = 1.6448533535003662  # f_sparsity_std_mul, the standard normal's 95th percentile
@@ -54,19 +56,20 @@ LLAMACPP_FINAL_SOFTCAP = 30.0      # f_final_logit_softcapping's default (its ge
 
 def gemma3n_layout_problems(c: ModelConfig) -> list[str]:
     """What in config `c` llama.cpp, whose gemma3n fixes these numbers, would run otherwise."""
-    out = [f"{k} {getattr(c, k)} (llama.cpp: {v})" for k, v in LLAMACPP_LAYOUT.items() if getattr(c, k) != v]
+    out = [f"{LAYOUT_KEYS[k]} {getattr(c, k)} (llama.cpp: {v})" for k, v in LLAMACPP_LAYOUT.items()
+           if getattr(c, k) != v]
     want_kv = LLAMACPP_KV_LAYERS if c.n_layers > LLAMACPP_KV_LAYERS else 0
     if c.kv_layers != want_kv:
-        out.append(f"K/V of their own in {c.kv_layers or c.n_layers} layers (llama.cpp: the first "
-                   f"{LLAMACPP_KV_LAYERS})")
+        out.append(f"K/V of their own in {c.kv_layers or c.n_layers} layers (attention.shared_kv_layers; llama.cpp: "
+                   f"the first {LLAMACPP_KV_LAYERS})")
     elif shared_kv_sources_differ(c):
         out.append(f"layers {want_kv - 2} and {want_kv - 1} not sliding and global (llama.cpp's shared K/V "
                    "come from them)")
     sparse = [i for i, s in enumerate(c.sparsity_std[:c.n_layers]) if math.isfinite(s)]
     if sparse != list(range(min(LLAMACPP_SPARSE_LAYERS, c.n_layers))) \
             or any(abs(c.sparsity_std[i] - LLAMACPP_SPARSITY_STD) > 1e-5 for i in sparse):
-        out.append(f"activation sparsity in layers {sparse} (llama.cpp: the first {LLAMACPP_SPARSE_LAYERS}, "
-                   "at the 95th percentile)")
+        out.append(f"activation sparsity in layers {sparse} (activation_sparsity_scale; llama.cpp: the first "
+                   f"{LLAMACPP_SPARSE_LAYERS}, at the 95th percentile)")
     if c.final_softcap != LLAMACPP_FINAL_SOFTCAP:
         out.append(f"a final soft-cap of {c.final_softcap:g} (llama.cpp: {LLAMACPP_FINAL_SOFTCAP:g})")
     return out

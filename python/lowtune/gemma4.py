@@ -95,8 +95,8 @@ class Gemma4Model(Model):
         c = config
         if shared_kv_sources_differ(c):
             raise ValueError(f"this gemma4 file's layers {c.kv_layers - 2} and {c.kv_layers - 1}, before the first "
-                             "that reuses K/V, are not sliding and global, whose K/V llama.cpp's gemma4 shares; "
-                             "lowtune refuses it, as llama.cpp cannot run it")
+                             "that reuses K/V, are not sliding and global (attention.sliding_window_pattern), whose "
+                             "K/V llama.cpp's gemma4 shares; lowtune refuses it, as llama.cpp cannot run it")
         super().__init__(config, weights, dtype)
         if c.per_layer_dim:
             self.per_layer_token_embd = QEmbedding(weights["per_layer_token_embd.weight"], dtype,

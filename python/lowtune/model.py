@@ -88,7 +88,8 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import glue_ops, ops
-from .families import FAMILIES, XIELU_KEYS, Family, family_of, yarn_magnitude, yarn_mscale
+from .families import (ABSENT, FAMILIES, MAX_LAYERS, RECONVERT, XIELU_KEYS, Family, checked_number,
+                       family_of, key_number, yarn_magnitude, yarn_mscale)
 from .qtensor import QTensor
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -395,28 +396,31 @@ class ModelConfig:
             raise ValueError(f"this {arch} file norms with RMSNorm (attention.layer_norm_rms_epsilon, transformers' "
                              "rms_norm_eps), which lowtune does not run; its files with LayerNorm it does")
 
-        def get(key, default=None):
-            v = md.get(f"{arch}.{key}", default)
-            if v is None:
-                raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
-            return v
+        def get(key, default=ABSENT, kind=int, low=None):
+            return key_number(md, f"{arch}.{key}", default, kind, low)
 
-        n_layers, nextn = int(get("block_count")), int(md.get(f"{arch}.nextn_predict_layers", 0) or 0)
+        n_layers, nextn = get("block_count", low=1), get("nextn_predict_layers", 0)
+        if n_layers > MAX_LAYERS or nextn >= n_layers:
+            raise ValueError(f"GGUF metadata {arch}.block_count is {n_layers} ({nextn} of them NextN layers): "
+                             f"llama.cpp loads 1 to {MAX_LAYERS} layers, so the file is damaged; {RECONVERT}")
         blocks = _per_layer_blocks(md, arch, n_layers) if fam.per_layer_blocks else {}
         # (one query head count, or one a layer where all are the same: Laguna's files, 0 in the layers without
         # attention: PLaMo 2's; or each layer's own: Deci's and OpenELM's blocks)
-        dim = int(get("embedding_length"))
+        dim = get("embedding_length", low=1)
         n_heads = blocks.pop("n_heads", None) or _one_per_layer(md, f"{arch}.attention.head_count") \
-            or int(get("attention.head_count"))
+            or get("attention.head_count")
+        if not n_heads and not (fam.attention_free or fam.rwkv):
+            raise ValueError(f"GGUF metadata {arch}.attention.head_count is 0, where a {arch} model attends with at "
+                             f"least one head: the file is damaged; {RECONVERT}")
         rwkv = _rwkv_fields(md, fam, dim) if fam.rwkv else {}
         if rwkv:  # (the file's head_count is 0: RWKV's heads are wkv.head_size wide)
-            n_heads = dim // int(get("wkv.head_size"))
+            n_heads = dim // get("wkv.head_size")
         if nextn and fam.nextn_layers:  # (the last blocks: llama.cpp's graph skips them, Family.nextn_layers)
             n_layers -= nextn
         elif nextn:
             raise ValueError(f"this {arch} file has multi-token-prediction (NextN) layers, which lowtune does not "
                              "run; a file converted without them is")
-        loops = int(md.get(f"{arch}.num_loops", 1) or 1)
+        loops = get("num_loops", 1) or 1
         if loops > 1:
             raise ValueError(f"this {arch} file runs its {n_layers} layers {loops} times over (num_loops: Nanbeige's "
                              "looped layers, each pass with its own K/V), which lowtune does not run; a file of one "
@@ -425,23 +429,25 @@ class ModelConfig:
             raise ValueError(f"this {arch} file has {n_layers} layers; llama.cpp rotates q and k only at "
                              f"{' or '.join(map(str, fam.rope_block_counts))} layers (Baichuan 7B) and runs the "
                              "others with ALiBi (Baichuan 13B's 40) or no positions, which lowtune does not run")
-        head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads if n_heads else 0))  # (Mamba-2: 0)
+        # (no heads, no key length: Mamba-2's 0)
+        head_dim = get("attention.key_length", dim // n_heads if n_heads else 0, low=1 if n_heads else None)
         vocab = md.get(f"{arch}.vocab_size")
         if vocab is None:
             tokens = md.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise ValueError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
             vocab = len(tokens)
+        vocab = checked_number(f"{arch}.vocab_size", vocab, low=1)
 
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
         linear_scale, yarn, log_mul = 1.0, 0.0, 0.0
-        attn_factor = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+        attn_factor = get("rope.scaling.attn_factor", 1.0, kind=float)
         if scaling == "linear":
-            linear_scale = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
+            linear_scale = get("rope.scaling.factor", 0.0, kind=float) or 1.0
         elif scaling == "yarn":
-            yarn = float(md.get(f"{arch}.rope.scaling.factor", 0.0)) or 1.0
+            yarn = get("rope.scaling.factor", 0.0, kind=float) or 1.0
             if fam.yarn_keys or fam.mla:
-                log_mul = float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0))
+                log_mul = get("rope.scaling.yarn_log_multiplier", 0.0, kind=float)
             if fam.indexer_types:
                 raise ValueError(f"this {arch} file scales RoPE by YaRN, which GLM-5's checkpoints do not and lowtune "
                                  f"does not run for {arch} (llama.cpp's graph reads no yarn_log_multiplier for it)")
@@ -452,13 +458,13 @@ class ModelConfig:
             else:
                 attn_factor *= yarn_magnitude(yarn, log_mul)
         elif scaling not in ("none", "longrope", None):
-            raise ValueError(f"rope scaling {scaling!r} is not supported (none, linear, yarn, LongRoPE's "
-                             "rope_factors and Llama 3's rope_freqs are)")
+            raise ValueError(f"rope scaling {scaling!r} is not supported ({arch}.rope.scaling.type: none, linear, "
+                             "yarn, LongRoPE's rope_factors and Llama 3's rope_freqs are)")
         if f"{arch}.rope.scale_linear" in md:  # older GGUFs
-            linear_scale = float(md[f"{arch}.rope.scale_linear"])
-        context = int(md.get(f"{arch}.context_length", 2048))
+            linear_scale = get("rope.scale_linear", kind=float)
+        context = get("context_length", 2048)
 
-        window = int(md.get(f"{arch}.attention.sliding_window", fam.default_window) or 0)
+        window = get("attention.sliding_window", fam.default_window) or 0
         if fam.windowless or fam.window_block_counts and n_layers not in fam.window_block_counts:
             window = 0  # (llama.cpp ignores the file's window there)
         if fam.chunked_attention:
@@ -472,14 +478,16 @@ class ModelConfig:
             # p > 0: layer i slides when i % p < p - 1, so every p-th layer is global)
             pattern = md.get(f"{arch}.attention.sliding_window_pattern", fam.swa_period)
             if isinstance(pattern, (list, tuple)):
-                swa_layers = tuple(i for i, s in enumerate(pattern[:n_layers]) if s)
-            elif int(pattern) > 0:  # (Cohere2 MoE: the first of every p layers global, llama.cpp's dense_first)
-                p = int(pattern)
+                flags = _per_layer(md, arch, "attention.sliding_window_pattern", n_layers)
+                swa_layers = tuple(i for i, s in enumerate(flags) if s)
+            elif checked_number(f"{arch}.attention.sliding_window_pattern", pattern) > 0:
+                p = int(pattern)  # (Cohere2 MoE: the first of every p layers global, llama.cpp's dense_first)
                 slides = (lambda i: i % p != 0) if fam.swa_global_first else (lambda i: i % p < p - 1)
                 swa_layers = tuple(i for i in range(n_layers) if slides(i))
-        theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+        theta = get("rope.freq_base", 10000.0, kind=float)
         # (Mellum's sliding layers: the global base, whatever the file gives, as llama.cpp's graph rotates them)
-        theta_swa = None if fam.swa_rope_global_base else md.get(f"{arch}.rope.freq_base_swa", fam.swa_rope_theta)
+        theta_swa = None if fam.swa_rope_global_base else \
+            get("rope.freq_base_swa", fam.swa_rope_theta, kind=float)
         if theta_swa is not None and float(theta_swa) == theta and fam.swa_rope_theta is None:
             theta_swa = None  # (OLMo 3's converter writes the global base again)
         if yarn and theta_swa is not None and float(theta_swa) != theta:
@@ -487,7 +495,7 @@ class ModelConfig:
 
         def cap(key, default):
             # families without a soft-cap ignore the key, as llama.cpp does
-            return 0.0 if default is None else float(md.get(f"{arch}.{key}", default) or 0.0)
+            return 0.0 if default is None else (get(key, default, kind=float) or 0.0)
 
         scale = 1.0 / head_dim if fam.mup_query_scale else fam.query_scale
         if fam.wide_query_scale_layers and n_layers == fam.wide_query_scale_layers:
@@ -500,21 +508,21 @@ class ModelConfig:
             # file keeps as 0.1 · mscale_all_dim (llama.cpp's deepseek2)
             scale = (attn_factor * yarn_mscale(yarn, log_mul / 0.1)) ** 2 / math.sqrt(head_dim)
         if fam.indexer:
-            latent.update(indexer_heads=int(get("attention.indexer.head_count")),
-                          indexer_head_dim=int(get("attention.indexer.key_length")),
-                          indexer_top_k=int(get("attention.indexer.top_k")))
+            latent.update(indexer_heads=get("attention.indexer.head_count"),
+                          indexer_head_dim=get("attention.indexer.key_length"),
+                          indexer_top_k=get("attention.indexer.top_k"))
         if fam.indexer_types:  # (without the key: all full below GLM-5.2's context, its pattern from there)
-            full = md.get(f"{arch}.attention.indexer.types") or [
-                context < 1048576 or i < 2 or (i - 2) % 4 == 0 for i in range(n_layers)]
+            full = _per_layer(md, arch, "attention.indexer.types", n_layers, [
+                context < 1048576 or i < 2 or (i - 2) % 4 == 0 for i in range(n_layers)])
             latent["indexer_shared"] = tuple(i for i in range(n_layers) if not full[i])
         yarn_keys = {}
         if fam.yarn_keys:  # as llama.cpp's mistral3 reads them
-            yarn_keys = {"rope_yarn_beta_fast": float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
-                         "rope_yarn_beta_slow": float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
-                         "attn_temperature": float(md.get(f"{arch}.attention.temperature_scale", 0.0))}
+            yarn_keys = {"rope_yarn_beta_fast": get("rope.scaling.yarn_beta_fast", 32.0, kind=float),
+                         "rope_yarn_beta_slow": get("rope.scaling.yarn_beta_slow", 1.0, kind=float),
+                         "attn_temperature": get("attention.temperature_scale", 0.0, kind=float)}
         multipliers = {}
         if fam.logit_multiplier:  # ModelConfig divides by logit_scale
-            multipliers["logit_scale"] = 1.0 / float(md.get(f"{arch}.logit_scale", 1.0) or 1.0)
+            multipliers["logit_scale"] = 1.0 / (get("logit_scale", 1.0, kind=float) or 1.0)
         if fam.file_scales:  # (Grok's; llama.cpp takes Grok-1's for an older file without them)
             missing = [k for k in ("embedding_scale", "attention.output_scale", "logit_scale")
                        if f"{arch}.{k}" not in md]
@@ -524,55 +532,55 @@ class ModelConfig:
             if f"{arch}.expert_feed_forward_length" in md:
                 raise ValueError(f"this {arch} file gives expert_feed_forward_length: Grok 2's layout (a dense FFN "
                                  "beside the experts), which lowtune does not run; Grok-1's files it does")
-            multipliers["embedding_scale"] = float(md[f"{arch}.embedding_scale"])
-            scale = float(md[f"{arch}.attention.output_scale"])
+            multipliers["embedding_scale"] = get("embedding_scale", kind=float)
+            scale = get("attention.output_scale", kind=float)
         experts = {}
-        if fam.moe and int(md.get(f"{arch}.expert_count", 0) or 0):  # (family_of refused experts elsewhere)
-            if int(md.get(f"{arch}.moe_latent_size", 0) or 0):
+        if fam.moe and get("expert_count", 0):  # (family_of refused experts elsewhere)
+            if get("moe_latent_size", 0):
                 raise ValueError(f"this {arch} file routes its experts through a latent (moe_latent_size: Nemotron 3 "
                                  "Super's ffn_latent_down/up), which lowtune does not run")
-            experts = {"n_experts": int(md[f"{arch}.expert_count"]),
+            experts = {"n_experts": get("expert_count", low=1),
                        "n_experts_used": _one_per_layer(md, f"{arch}.expert_used_count"),
                        "expert_ffn_dim": _one_per_layer(md, f"{arch}.expert_feed_forward_length"),
-                       "shared_expert_ffn_dim": int(md.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
+                       "shared_expert_ffn_dim": get("expert_shared_feed_forward_length", 0)}
             default = fam.moe_gating
             if fam.mla and n_layers in (47, 48) and int(vocab) == 154880:
                 default = 2  # (llama.cpp's rule for GLM-4.7 Flash files written without expert_gating_func)
-            gating = int(md.get(f"{arch}.expert_gating_func", 0) or default)
+            gating = get("expert_gating_func", 0) or default
             if gating not in (1, 2, 3):
-                raise ValueError(f"this {arch} file routes experts by gating function {gating}; lowtune runs "
-                                 "softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the softmax "
-                                 "of the top k (3, gpt-oss's) only")
+                raise ValueError(f"this {arch} file routes experts by gating function {gating} (expert_gating_func); "
+                                 "lowtune runs softmax (1) and sigmoid (2: LFM2-MoE's, DeepSeek-V3's) routing and the "
+                                 "softmax of the top k (3, gpt-oss's) only")
             experts["expert_gating"] = gating
             if fam.moe_adjugate:  # (Grove MoE's adjugate experts, as llama.cpp's grovemoe reads them)
-                experts.update(experts_per_group=int(get("experts_per_group")),
-                               adjugate_ffn_dim=int(md.get(f"{arch}.expert_chunk_feed_forward_length", 0) or 0),
-                               expert_group_scale=float(get("expert_group_scale")))
-            shared = int(md.get(f"{arch}.expert_shared_count", 0) or 0)
+                experts.update(experts_per_group=get("experts_per_group"),
+                               adjugate_ffn_dim=get("expert_chunk_feed_forward_length", 0),
+                               expert_group_scale=get("expert_group_scale", kind=float))
+            shared = get("expert_shared_count", 0)
             if fam.moe_shared_expert:
                 experts["shared_expert_ffn_dim"] = experts["expert_ffn_dim"]
             if fam.moe_shared_ffn_width and not experts["shared_expert_ffn_dim"]:
-                experts["shared_expert_ffn_dim"] = int(get("feed_forward_length"))
+                experts["shared_expert_ffn_dim"] = _one_per_layer(md, f"{arch}.feed_forward_length")
             if fam.moe_weight_keys:  # (DeepSeek's keys; a shared expert's width where the file gives it)
-                width = experts["expert_ffn_dim"] or int(get("feed_forward_length"))
+                width = experts["expert_ffn_dim"] or _one_per_layer(md, f"{arch}.feed_forward_length")
                 experts["shared_expert_ffn_dim"] = experts["shared_expert_ffn_dim"] or shared * width
                 if not fam.kda:  # (kimi-linear: the family's moe_renorm, as llama.cpp's graph)
                     experts["expert_renorm"] = bool(md.get(f"{arch}.expert_weights_norm", False))
-                experts["expert_weights_scale"] = float(md.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
-            groups = int(md.get(f"{arch}.expert_group_count", 0) or 0)
+                experts["expert_weights_scale"] = get("expert_weights_scale", 0.0, kind=float) or 1.0
+            groups = get("expert_group_count", 0)
             if groups > 1:
                 experts.update(expert_groups=groups,
-                               expert_groups_used=int(md.get(f"{arch}.expert_group_used_count", 0) or 0))
+                               expert_groups_used=get("expert_group_used_count", 0))
             if shared and not experts["shared_expert_ffn_dim"]:
                 raise ValueError(f"this {arch} file counts its shared experts (expert_shared_count, DeepSeek's "
                                  "layout) without giving their width, which lowtune does not run")
             # llama.cpp's rule: dense layers first, then experts in every step-th layer
-            lead = int(md.get(f"{arch}.leading_dense_block_count", 0) or 0)
-            step = int(md.get(f"{arch}.interleave_moe_layer_step", fam.moe_step) or fam.moe_step)
+            lead = get("leading_dense_block_count", 0)
+            step = get("interleave_moe_layer_step", fam.moe_step) or fam.moe_step
             if lead or step > 1:
                 experts["moe_layers"] = tuple(i for i in range(n_layers) if i >= lead and (i + 1) % step == 0)
         if fam.multipliers:  # Granite's scales; 0 or absent: the family's default or none, as llama.cpp reads them
-            scales = {k: float(md.get(f"{arch}.{key}", 0.0) or 0.0) for k, key in (
+            scales = {k: get(key, 0.0, kind=float) for k, key in (
                 ("attn_scale", "attention.scale"), ("embedding_scale", "embedding_scale"),
                 ("residual_scale", "residual_scale"), ("logit_scale", "logit_scale"))}
             scale = scales.pop("attn_scale")
@@ -590,12 +598,16 @@ class ModelConfig:
                 if v is None:
                     raise ValueError(f"GGUF metadata lacks {key} (xIELU's scalars), which {arch} needs; llama.cpp's "
                                      "converter writes them")
-                v = [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * n_layers
+                v = [checked_number(key, x, float) for x in (v if isinstance(v, (list, tuple)) else [v] * n_layers)]
                 if len(v) != n_layers:
                     raise ValueError(f"{key} holds {len(v)} values for {n_layers} layers")
                 return v
             xielu = tuple(zip(*(per_layer(f"xielu.{k}") for k in XIELU_KEYS)))
-        ffn, parts = get("feed_forward_length"), {}
+        # (one width, or one a layer: Gemma 3n's, Nemotron-H's 0 in its mixer layers)
+        ffn = md.get(f"{arch}.feed_forward_length")
+        ffn = _per_layer(md, arch, "feed_forward_length", n_layers) if isinstance(ffn, (list, tuple)) else \
+            get("feed_forward_length")
+        parts = {}
         if fam.attention_free:  # (no FFN in any layer: Mamba-2)
             parts["mlp_layers"] = ()
         if fam.layer_widths:  # (each layer's own, ModelConfig.at_layer; the config's fields a global layer's)
@@ -626,17 +638,21 @@ class ModelConfig:
             ffn = dim
         altup = {}
         if fam.altup or fam.layer_widths:  # (Gemma 3n and 4: per-layer inputs, K/V reused by the last layers)
-            shared = int(md.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
-            altup = {"per_layer_dim": int(get("embedding_length_per_layer_input", None if fam.altup else 0)),
+            shared = get("attention.shared_kv_layers", 0)
+            if shared >= n_layers:
+                raise ValueError(f"GGUF metadata {arch}.attention.shared_kv_layers is {shared}: the layers that reuse "
+                                 f"K/V must be fewer than the {n_layers} there are; {RECONVERT}")
+            altup = {"per_layer_dim": get("embedding_length_per_layer_input", ABSENT if fam.altup else 0),
                      "kv_layers": n_layers - shared if shared else 0}
         if fam.altup:
-            altup.update(altup_inputs=int(get("altup.num_inputs")), altup_active=int(get("altup.active_idx")),
-                         sparsity_std=tuple(float(s) for s in md.get(f"{arch}.activation_sparsity_scale", ())))
+            altup.update(altup_inputs=get("altup.num_inputs"), altup_active=get("altup.active_idx"),
+                         sparsity_std=tuple(_per_layer(md, arch, "activation_sparsity_scale", n_layers, kind=float)
+                                           if f"{arch}.activation_sparsity_scale" in md else ()))
         alibi = {"fixed": ALIBI_FIXED_MAX_BIAS, "": 0.0}.get(fam.alibi)
         if alibi is None:
-            alibi = float(md.get(f"{arch}.attention.max_alibi_bias", 0.0) or 0.0)
-        rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
-        swa_rope_dim = int(md.get(f"{arch}.rope.dimension_count_swa", rope_dim))
+            alibi = get("attention.max_alibi_bias", 0.0, kind=float)
+        rope_dim = min(get("rope.dimension_count", head_dim), head_dim)
+        swa_rope_dim = get("rope.dimension_count_swa", rope_dim)
         if not fam.layer_widths and window > 0 and swa_rope_dim != rope_dim:  # (Gemma 4's: its layer widths)
             raise ValueError(f"this {arch} file rotates its sliding layers over {swa_rope_dim} dims of each head and "
                              f"the others over {rope_dim} (rope.dimension_count_swa: Laguna-XS.2's), which lowtune "
@@ -644,12 +660,12 @@ class ModelConfig:
         if fam.layer_widths:
             n_kv_heads, conv = global_kv_heads, {}
         elif fam.kv_by_layer:  # (each layer's own count, ModelConfig.at_layer; values of their own width)
-            counts = _per_layer(md, arch, "attention.head_count_kv", n_layers, n_heads)
+            counts = _per_layer(md, arch, "attention.head_count_kv", n_layers, n_heads, low=1)
             n_kv_heads, conv = counts[0], {}
             if len(set(counts)) > 1:
                 parts["layer_widths"] = tuple((head_dim, k, int(ffn), rope_dim) for k in counts)
-            parts["value_head_dim"] = int(md.get(f"{arch}.attention.value_length", head_dim))
-            parts["attn_value_scale"] = float(md.get(f"{arch}.attention.value_scale", 1.0) or 1.0)
+            parts["value_head_dim"] = get("attention.value_length", head_dim)
+            parts["attn_value_scale"] = get("attention.value_scale", 1.0, kind=float) or 1.0
         elif blocks:  # (Deci's and OpenELM's: _per_layer_blocks)
             n_kv_heads, conv = blocks["layer_widths"][0][1], {}
         else:
@@ -669,15 +685,15 @@ class ModelConfig:
             vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_heads if fam.mla else n_kv_heads,
             ffn_dim=int(ffn), head_dim=head_dim, rope_dim=rope_dim,
-            norm_eps=float(get(fam.eps_key)),
+            norm_eps=get(fam.eps_key, kind=float),
             rope_theta=theta, rope_linear_scale=linear_scale, context_length=context, arch=arch,
             sliding_window=window, swa_layers=swa_layers,
             rope_theta_swa=None if theta_swa is None else float(theta_swa),
             rope_linear_scale_swa=None if fam.swa_rope_scaled else 1.0,
             rope_attn_factor=attn_factor, rope_yarn_factor=yarn, **yarn_keys,
-            rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
+            rope_orig_context=get("rope.scaling.original_context_length", 0),
             attn_scale=scale, attn_softcap=cap("attn_logit_softcapping", fam.attn_softcap),
-            clamp_qkv=float(md.get(f"{arch}.attention.clamp_kqv", 0.0) or 0.0) if fam.qkv_clamp else 0.0,
+            clamp_qkv=get("attention.clamp_kqv", 0.0, kind=float) if fam.qkv_clamp else 0.0,
             final_softcap=cap("final_logit_softcapping", fam.final_softcap), **multipliers, **experts, **conv,
             **latent, **altup, **delta, **parts, **rwkv, xielu=xielu, alibi_max_bias=alibi,
             mlp_activation="" if act == fam.activation else act,
@@ -704,7 +720,8 @@ class ModelConfig:
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
         if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
-            raise ValueError(f"{self.n_experts_used} experts used of {self.n_experts}: must be 1 to {self.n_experts}")
+            raise ValueError(f"{self.n_experts_used} experts used of {self.n_experts} (expert_used_count of "
+                             f"expert_count): must be 1 to {self.n_experts}")
         if (self.family.activation == "xielu") != (len(self.xielu) == self.n_layers):
             raise ValueError(f"xIELU scalars for {len(self.xielu)} layers in a {self.arch} model of {self.n_layers}")
         if self.swa_layers is not None and any(not 0 <= i < self.n_layers for i in self.swa_layers):
@@ -712,18 +729,20 @@ class ModelConfig:
         if self.expert_groups and (self.n_experts % self.expert_groups
                                    or not 0 < self.expert_groups_used <= self.expert_groups):
             raise ValueError(f"{self.n_experts} experts in {self.expert_groups} groups, {self.expert_groups_used} "
-                             "used: the groups must divide the experts, and 1 to all of them be used")
+                             "used (expert_count, expert_group_count, expert_group_used_count): the groups must "
+                             "divide the experts, and 1 to all of them be used")
         if self.kv_lora_rank and self.rope_dim >= self.head_dim:
-            raise ValueError(f"latent attention's heads of {self.head_dim} dims must have more than the "
-                             f"{self.rope_dim} RoPE dims")
+            raise ValueError(f"latent attention's heads of {self.head_dim} dims (attention.key_length_mla) must "
+                             f"have more than the {self.rope_dim} RoPE dims (rope.dimension_count)")
         if self.indexer_heads and (not self.q_lora_rank or self.indexer_head_dim < self.rope_dim
                                    or self.indexer_top_k < 1):
             raise ValueError(f"a lightning indexer of {self.indexer_heads} heads of {self.indexer_head_dim} dims "
                              f"keeping {self.indexer_top_k} keys, beside q's latent of {self.q_lora_rank}: it reads "
-                             f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key")
+                             f"q's latent, its heads take the {self.rope_dim} RoPE dims, and it keeps at least one key "
+                             "(attention.q_lora_rank, attention.indexer.head_count, key_length and top_k)")
         if self.indexer_shared and (0 in self.indexer_shared or not self.indexer_heads):
             raise ValueError(f"layers {self.indexer_shared} reuse an earlier layer's indexer: the first layer must "
-                             "have its own")
+                             "have its own (attention.indexer.types, attention.indexer.head_count)")
         if self.ssm_layers and (self.ssm is None or not (self.family.mamba2 or self.family.mamba1)):
             raise ValueError(f"{self.arch} has no Mamba2 layers (Granite 4's hybrids have)")
         if (self.mlp_layers is not None) != (self.family.layer_parts or self.family.attention_free) or any(
@@ -734,7 +753,8 @@ class ModelConfig:
             raise ValueError(f"{self.arch} has no short-convolution layers (LFM2 has)")
         if self.conv_layers and (self.conv_kernel < 2 or any(not 0 <= i < self.n_layers for i in self.conv_layers)):
             raise ValueError(f"short-convolution layers {self.conv_layers} of width {self.conv_kernel}: the width "
-                             f"must be at least 2 and the layers among the {self.n_layers} there are")
+                             f"must be at least 2 and the layers among the {self.n_layers} there are "
+                             "(shortconv.l_cache, attention.head_count_kv)")
         if self.delta_layers and not (self.family.delta_net or self.family.kda):
             raise ValueError(f"{self.arch} has no Gated DeltaNet layers (Qwen3.5 has)")
         if self.family.kda and self.ssm_k_heads != self.ssm_v_heads:
@@ -745,7 +765,8 @@ class ModelConfig:
             raise ValueError(f"Gated DeltaNet of {self.ssm_k_heads} q/k heads, {self.ssm_v_heads} value heads "
                              f"{self.ssm_inner} wide and a convolution of width {self.ssm_conv_kernel}: the value "
                              "heads must be a multiple of the q/k heads, the width of the value heads, and the "
-                             "convolution at least 2 wide")
+                             "convolution at least 2 wide (ssm.group_count, ssm.time_step_rank, ssm.inner_size, "
+                             "ssm.conv_kernel)")
 
 
 def _one_per_layer(md: Mapping, key: str) -> int:
@@ -753,19 +774,25 @@ def _one_per_layer(md: Mapping, key: str) -> int:
     ValueError where the layers' numbers differ (Nemotron 3 Puzzle's experts)."""
     v = md.get(key, 0) or 0
     if isinstance(v, (list, tuple)):
-        values = sorted({int(x) for x in v if int(x)})
+        values = sorted({x for x in (checked_number(key, x) for x in v) if x})
         if len(values) > 1:
             raise ValueError(f"this file gives its layers different {key} {values}, which lowtune does not run")
         v = values[0] if values else 0
-    return int(v)
+    return checked_number(key, v)
 
 
-def _per_layer(md: Mapping, arch: str, key: str, n_layers: int, default=None) -> list[int]:
-    """The file's `key` for each of n_layers layers: its array's first n_layers, or its one number repeated."""
+def _per_layer(md: Mapping, arch: str, key: str, n_layers: int, default=None, kind: type = int,
+               low: int | None = None) -> list:
+    """The file's `key` for each of n_layers layers: its array's first n_layers, or its one number repeated
+    (checked_number's kind and low: a ValueError naming the key where one is not a number of that kind, or the
+    array is shorter than the layers)."""
     v = md.get(f"{arch}.{key}", default)
-    if v is None:
-        raise ValueError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
-    return [int(x) for x in v[:n_layers]] if isinstance(v, (list, tuple)) else [int(v)] * n_layers
+    if not isinstance(v, (list, tuple)):
+        return [key_number(md, f"{arch}.{key}", ABSENT if default is None else default, kind, low)] * n_layers
+    if len(v) < n_layers:
+        raise ValueError(f"GGUF metadata {arch}.{key} holds {len(v)} values for the {n_layers} layers of "
+                         f"{arch}.block_count: the file is damaged; {RECONVERT}")
+    return [checked_number(f"{arch}.{key}", x, kind, low) for x in v[:n_layers]]
 
 
 def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> tuple[tuple[int, int, int, int], ...]:
@@ -773,14 +800,16 @@ def _layer_widths(md: Mapping, arch: str, n_layers: int, sliding: set[int]) -> t
     rope.dimension_count for the global layers, key_length_swa and rope.dimension_count_swa for the sliding
     ones; head_count_kv and feed_forward_length one number or one a layer."""
     def widths(suffix):
-        head = int(md[f"{arch}.attention.key_length{suffix}"])
-        if int(md.get(f"{arch}.attention.value_length{suffix}", head)) != head:
-            raise ValueError(f"this {arch} file gives values (value_length{suffix}) another width than keys, "
+        head = key_number(md, f"{arch}.attention.key_length{suffix}")
+        if key_number(md, f"{arch}.attention.value_length{suffix}", head) != head:
+            raise ValueError(f"this {arch} file gives values (value_length{suffix}) another width than keys "
+                             f"(key_length{suffix}), "
                              "which llama.cpp's gemma4 refuses")
-        return head, min(int(md.get(f"{arch}.rope.dimension_count{suffix}", head)), head)
+        return head, min(key_number(md, f"{arch}.rope.dimension_count{suffix}", head), head)
 
     full, swa = widths(""), widths("_swa")
-    kv, ffn = (_per_layer(md, arch, key, n_layers) for key in ("attention.head_count_kv", "feed_forward_length"))
+    kv, ffn = _per_layer(md, arch, "attention.head_count_kv", n_layers, low=1), \
+        _per_layer(md, arch, "feed_forward_length", n_layers)
     return tuple(((swa if i in sliding else full)[0], kv[i], ffn[i], (swa if i in sliding else full)[1])
                  for i in range(n_layers))
 
@@ -795,14 +824,15 @@ def _per_layer_blocks(md: Mapping, arch: str, n_layers: int) -> dict:
     kv = _per_layer(md, arch, "attention.head_count_kv", n_layers, heads)
     ffn = _per_layer(md, arch, "feed_forward_length", n_layers)
     n_heads = next((h for h in heads if h), 0)
-    dim = int(md[f"{arch}.embedding_length"])
-    head_dim = int(md.get(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
-    rope_dim = min(int(md.get(f"{arch}.rope.dimension_count", head_dim)), head_dim)
+    dim = key_number(md, f"{arch}.embedding_length")
+    head_dim = key_number(md, f"{arch}.attention.key_length", dim // max(n_heads, 1))
+    rope_dim = min(key_number(md, f"{arch}.rope.dimension_count", head_dim), head_dim)
     for i in range(n_layers):
         if heads[i] and not ffn[i]:
             raise ValueError(f"layer {i} of this {arch} file {'attends' if kv[i] else 'runs a linear'} without an "
-                             "FFN, whose output llama.cpp's deci graph drops (it skips the rest of a layer without "
-                             "an FFN) where the checkpoint adds it; lowtune does not run a layer the two disagree on")
+                             f"FFN (attention.head_count {heads[i]}, feed_forward_length 0), whose output llama.cpp's "
+                             "deci graph drops (it skips the rest of a layer without an FFN) where the checkpoint adds "
+                             "it; lowtune does not run a layer the two disagree on")
     kv_heads = next((k for k in kv if k), n_heads)
     return {"n_heads": n_heads, "layer_heads": tuple(h or n_heads for h in heads) if len(set(heads) - {0}) > 1 else (),
             "layer_widths": tuple((head_dim, kv[i] or kv_heads, ffn[i], rope_dim) for i in range(n_layers)),
@@ -817,17 +847,16 @@ def _delta_net_fields(md: Mapping, fam: Family, n_layers: int) -> dict:
     arch = fam.arch
     if fam.kda:  # (Kimi Linear: the layers with no KV heads; as many q/k heads as value heads, kda.head_dim wide)
         return _kda_fields(md, arch, n_layers)
-    flags = md.get(f"{arch}.attention.recurrent_layers")
-    if flags is None:
-        every = int(md.get(f"{arch}.full_attention_interval", 4) or 4)
-        flags = [(i + 1) % every != 0 for i in range(n_layers)]
+    every = key_number(md, f"{arch}.full_attention_interval", 4) or 4
+    flags = _per_layer(md, arch, "attention.recurrent_layers", n_layers,
+                       [(i + 1) % every != 0 for i in range(n_layers)])
     keys = {"ssm_conv_kernel": "ssm.conv_kernel", "ssm_k_heads": "ssm.group_count", "ssm_v_heads": "ssm.time_step_rank",
             "ssm_head_dim": "ssm.state_size", "ssm_inner": "ssm.inner_size"}
     missing = [f"{arch}.{k}" for k in keys.values() if f"{arch}.{k}" not in md]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Gated DeltaNet layers need")
-    return {"delta_layers": tuple(i for i, r in enumerate(list(flags)[:n_layers]) if r),
-            **{f: int(md[f"{arch}.{k}"]) for f, k in keys.items()}}
+    return {"delta_layers": tuple(i for i, r in enumerate(flags) if r),
+            **{f: key_number(md, f"{arch}.{k}") for f, k in keys.items()}}
 
 
 def _rwkv_fields(md: Mapping, fam: Family, dim: int) -> dict:
@@ -840,14 +869,15 @@ def _rwkv_fields(md: Mapping, fam: Family, dim: int) -> dict:
     missing = [k for k in keys if k not in md]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model needs")
-    head = int(md[keys[0]])
+    head = key_number(md, keys[0])
     if head < 1 or dim % head:
         raise ValueError(f"wkv.head_size {head} does not divide the width {dim}")
-    shifts, runs = int(md.get(f"{arch}.token_shift_count", 2)), 1 if fam.rwkv_mlp else 2  # (ARWKV-7: the time mix's)
+    shifts, runs = key_number(md, f"{arch}.token_shift_count", 2), 1 if fam.rwkv_mlp else 2  # (ARWKV-7: the time mix's)
     if shifts != runs:
-        raise ValueError(f"this {arch} file keeps {shifts} token shifts a layer; llama.cpp's {arch} graph runs {runs}")
-    return {"wkv_lora_ranks": tuple(int(md[k]) for k in keys[1:]),
-            "rescale_every": int(md.get(f"{arch}.rescale_every_n_layers", 0) or 0) if fam.rwkv == 6 else 0}
+        raise ValueError(f"this {arch} file keeps {shifts} token shifts a layer; llama.cpp's {arch} graph runs {runs} "
+                         "(token_shift_count)")
+    return {"wkv_lora_ranks": tuple(key_number(md, k) for k in keys[1:]),
+            "rescale_every": key_number(md, f"{arch}.rescale_every_n_layers", 0) if fam.rwkv == 6 else 0}
 
 
 def _kda_fields(md: Mapping, arch: str, n_layers: int) -> dict:
@@ -858,9 +888,10 @@ def _kda_fields(md: Mapping, arch: str, n_layers: int) -> dict:
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Kimi Delta Attention layers need")
     counts = _per_layer(md, arch, "attention.head_count_kv", n_layers, 1)
-    heads, dk = int(md[f"{arch}.attention.head_count"]), int(md[keys[0]])
-    return {"delta_layers": tuple(i for i, k in enumerate(counts) if k == 0), "ssm_conv_kernel": int(md[keys[1]]),
-            "ssm_k_heads": heads, "ssm_v_heads": heads, "ssm_head_dim": dk, "ssm_inner": heads * dk}
+    heads, dk = key_number(md, f"{arch}.attention.head_count"), key_number(md, keys[0])
+    return {"delta_layers": tuple(i for i, k in enumerate(counts) if k == 0),
+            "ssm_conv_kernel": key_number(md, keys[1]), "ssm_k_heads": heads, "ssm_v_heads": heads,
+            "ssm_head_dim": dk, "ssm_inner": heads * dk}
 
 
 @dataclass(frozen=True)
@@ -896,11 +927,12 @@ class SSMShape:
         missing = [f"{arch}.ssm.{k}" for k in keys.values() if f"{arch}.ssm.{k}" not in md]
         if missing:
             raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model with Mamba2 layers needs")
-        shape = cls(**{f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()})
+        shape = cls(**{f: key_number(md, f"{arch}.ssm.{k}", low=1) for f, k in keys.items()})
         if shape.inner % shape.heads or shape.inner % shape.groups or shape.heads % shape.groups \
                 or shape.conv_kernel < 2:
-            raise ValueError(f"Mamba2 sizes {shape}: inner must be a multiple of heads and groups, heads of "
-                             "groups, and the convolution at least 2 wide")
+            raise ValueError(f"Mamba2 sizes {shape} (ssm.inner_size, time_step_rank, group_count, conv_kernel): "
+                             "inner must be a multiple of heads and groups, heads of groups, and the convolution "
+                             "at least 2 wide")
         return shape
 
 
@@ -947,18 +979,19 @@ class MambaShape:
         missing = [f"{arch}.ssm.{k}" for k in keys.values() if f"{arch}.ssm.{k}" not in md]
         if missing:
             raise ValueError(f"GGUF metadata lacks {missing}, which a {arch} model's Mamba layers need")
-        sizes = {f: int(md[f"{arch}.ssm.{k}"]) for f, k in keys.items()}
+        sizes = {f: key_number(md, f"{arch}.ssm.{k}") for f, k in keys.items()}
         if heads:  # (time_step_rank counts the heads; dt's width is llama.cpp's rule, not a key)
-            if int(md.get(f"{arch}.ssm.group_count", 0) or 0):
+            if key_number(md, f"{arch}.ssm.group_count", 0):
                 raise ValueError(f"this {arch} file gives its Mamba layers B/C groups (ssm.group_count), which "
                                  f"llama.cpp's {arch} graph refuses: its heads share one B and C")
-            width = int(md[f"{arch}.embedding_length"])
+            width = key_number(md, f"{arch}.embedding_length")
             sizes.update(heads=sizes["dt_rank"], dt_rank=max(64, width // 16))
         shape = cls(**sizes, dt_b_c_rms=bool(md.get(f"{arch}.ssm.dt_b_c_rms", False)))
         if min(shape.inner, shape.state, shape.dt_rank) < 1 or shape.conv_kernel < 2 \
                 or shape.heads and shape.inner % shape.heads:
-            raise ValueError(f"Mamba sizes {shape}: every size must be positive, the convolution at least 2 wide "
-                             "and the width a multiple of the heads")
+            raise ValueError(f"Mamba sizes {shape} (ssm.inner_size, state_size, time_step_rank, conv_kernel): "
+                             "every size must be positive, the convolution at least 2 wide and the width a multiple "
+                             "of the heads")
         return shape
 
 
@@ -971,15 +1004,17 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     arch = fam.arch
     if fam.attention_free:  # (every layer a Mamba2 mixer: Mamba-2; Mamba 1's: Mamba)
         return 0, {"ssm_layers": tuple(range(n_layers)), "ssm": _ssm_shape(md, fam)}
-    kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
+    kv_key = f"{arch}.attention.head_count_kv"
+    kv = md.get(kv_key, n_heads)
     if fam.parallel_ssm:  # (a Mamba2 mixer beside attention in every layer: Falcon-H1)
         if isinstance(kv, (list, tuple)):
             raise ValueError(f"this {arch} file gives its layers KV head counts {list(kv)}; {arch} attends in "
                              "every layer with one count")
-        return int(kv), {"ssm_layers": tuple(range(n_layers)), "ssm": SSMShape.from_gguf_metadata(md, arch)}
+        return checked_number(kv_key, kv, low=1), {"ssm_layers": tuple(range(n_layers)),
+                                                     "ssm": SSMShape.from_gguf_metadata(md, arch)}
     if not isinstance(kv, (list, tuple)):
-        return int(kv), {}
-    counts = [int(k) for k in kv[:n_layers]]
+        return checked_number(kv_key, kv, low=1), {}
+    counts = _per_layer(md, arch, "attention.head_count_kv", n_layers)
     attention = sorted({k for k in counts if k})
     if len(attention) > 1 or (0 in counts and not (fam.short_conv or fam.mamba2 or fam.mamba1 or fam.kda)):
         raise ValueError(f"this {arch} file gives its layers KV head counts {counts}; lowtune runs one count for "
@@ -993,7 +1028,7 @@ def _kv_heads_and_conv_layers(md: Mapping, fam: Family, n_layers: int, n_heads: 
     key = f"{arch}.shortconv.l_cache"
     if key not in md:
         raise ValueError(f"GGUF metadata lacks {key}, which a {arch} model with short-convolution layers needs")
-    return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": int(md[key])}
+    return (attention or [n_heads])[0], {"conv_layers": conv, "conv_kernel": key_number(md, key)}
 
 
 def _ssm_shape(md: Mapping, fam: Family) -> SSMShape | MambaShape:
@@ -1010,7 +1045,7 @@ def _latent_attention(md: Mapping, arch: str, head_width: int) -> dict:
     MiniCPM3's converter does, llama.cpp's default head_width, the model's width over its heads)."""
     if f"{arch}.attention.kv_lora_rank" not in md:
         raise ValueError(f"GGUF metadata lacks {arch}.attention.kv_lora_rank, which a {arch} model needs")
-    if float(md.get(f"{arch}.attention.temperature_scale", 0.0) or 0.0):
+    if key_number(md, f"{arch}.attention.temperature_scale", 0.0, kind=float):
         raise ValueError(f"this {arch} file scales queries by position (attention.temperature_scale: Mistral Large "
                          "3's attention temperature), which lowtune does not run in latent attention")
     whole = f"{arch}.attention.key_length_mla" not in md
@@ -1019,10 +1054,10 @@ def _latent_attention(md: Mapping, arch: str, head_width: int) -> dict:
     for key in needed:
         if f"{arch}.attention.{key}" not in md:
             raise ValueError(f"GGUF metadata lacks {arch}.attention.{key}, which a {arch} model needs")
-    return {"head_dim": int(md[f"{arch}.attention.{widths[0]}"]),
-            "value_head_dim": int(md.get(f"{arch}.attention.{widths[1]}", head_width)), "kv_b_whole": whole,
-            "kv_lora_rank": int(md[f"{arch}.attention.kv_lora_rank"]),
-            "q_lora_rank": int(md.get(f"{arch}.attention.q_lora_rank", 0) or 0)}
+    return {"head_dim": key_number(md, f"{arch}.attention.{widths[0]}", low=1),
+            "value_head_dim": key_number(md, f"{arch}.attention.{widths[1]}", head_width), "kv_b_whole": whole,
+            "kv_lora_rank": key_number(md, f"{arch}.attention.kv_lora_rank", low=1),
+            "q_lora_rank": key_number(md, f"{arch}.attention.q_lora_rank", 0)}
 
 
 LlamaConfig = ModelConfig  # the name before other families came
