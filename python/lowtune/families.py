@@ -978,7 +978,7 @@ def key_number(md: Mapping, key: str, default=ABSENT, kind: type = int, low: int
 
 def checked_number(key: str, v, kind: type = int, low: int | None = None):
     """key_number's check of a value (of `key`, or of one of its array's elements)."""
-    if isinstance(v, (str, bytes, list, tuple, dict)) or not isinstance(v, (bool, numbers.Real)):
+    if not isinstance(v, numbers.Real):  # (numpy's scalars are; strings, arrays and None are not)
         raise ValueError(f"GGUF metadata {key} is {v!r}, where a number belongs: the file is damaged or was not "
                          f"written by llama.cpp's converter; {RECONVERT}")
     if kind is float:
