@@ -233,7 +233,8 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Nemotron-H (nemotron_h: Nemotron-H, Nemotron Nano 2 9B/12B) puts one part in each layer after its one
   norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
   width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
-  without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream.
+  without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream. Its HF
+  class (NemotronHForCausalLM) is read and written for the dense models; with experts, as GGUF.
   Nemotron-H MoE (nemotron_h_moe: Nemotron 3 Nano 30B-A3B) is Nemotron-H whose MLP layers are experts
   without a gate (relu², as its MLP) beside a shared expert (as wide as the file's
   expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
@@ -724,7 +725,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
     Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
-    Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
+    Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True,
+           hf_architectures=("NemotronHForCausalLM",), hf_model_types=("nemotron_h",),
+           hf_permute_qk=True),  # (its converter permutes q and k as Llama's, though no layer rotates them)
     Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
            moe_gating=2, moe_weight_keys=True, nextn_layers=True),
     Family("mamba2", mamba2=True, attention_free=True, hf_architectures=("Mamba2ForCausalLM",),
@@ -928,7 +931,6 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
                  "Gemma4ForConditionalGeneration": ("gemma4", _GEMMA4_TENSORS),
-                 "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
