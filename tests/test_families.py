@@ -391,8 +391,8 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, nemotron_h, mamba2, falcon_h1, mamba, minicpm3, ernie4_5, "
-                                         "ministral3, qwen2"):
+                                         "granitemoehybrid, nemotron_h, mamba2, falcon_h1, mamba, jamba, minicpm3, "
+                                         "ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (

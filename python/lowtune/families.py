@@ -251,7 +251,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Jamba (jamba: Jamba v0.1, Jamba 1.5/1.6/1.7 Mini and Large) runs Mamba's mixer, its dt, B and C
   RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
   no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
-  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
+  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized). Its HF
+  class (JambaForCausalLM) is read, each expert's tensors stacked as the converter stacks them; as a mixture of
+  experts it is written as GGUF and PEFT adapters (on attention and the Mamba linears but dt_proj).
   PLaMo 2 (plamo2: PLaMo 2 1B, 2B, 8B; its checkpoints ship their own modeling code, read as the converted
   GGUF) runs a Mamba mixer in the layers its file gives no heads and attention (q, k and v fused in attn_qkv,
   q and k normed by a weight of each head's own, NEOX RoPE) in the others, each followed by a SwiGLU MLP
@@ -736,7 +738,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            hf_architectures=("FalconH1ForCausalLM",), hf_model_types=("falcon_h1",)),
     Family("mamba", attention_free=True, mamba1=True, hf_architectures=("MambaForCausalLM",),
            hf_model_types=("mamba",)),
-    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
+    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2,
+           hf_architectures=("JambaForCausalLM",), hf_model_types=("jamba",)),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
     # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)

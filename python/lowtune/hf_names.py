@@ -32,7 +32,8 @@ The families (lowtune.families says which architecture is which HF class) differ
     dt_bias), their conv1d kernels [C, 1, L]; Nemotron-H its layers under backbone.layers too, each one mixer.*
     (Mamba2's, an MLP's or attention's), which its class holds under model.layers (PEFT's module names); Falcon-H1
     its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm (pre_ff_layernorm) as the
-    converter's blk.N.ffn_norm;
+    converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms) or attention in each layer, then
+    an MLP or experts (feed_forward.*), each expert's tensors apart (stacked in GGUF: expert_part);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
@@ -64,8 +65,9 @@ ARRAY = GGUFValueType.ARRAY
 
 # GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias} ("layer"), and the
 # tensors outside the layers by full name ("global"); where a family has them, layer tensors named whole,
-# without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), and HF
-# tensors that hold several GGUF tensors' rows ("fused": fused_parts).
+# without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), HF
+# tensors that hold several GGUF tensors' rows ("fused": fused_parts), and GGUF tensors that stack an HF
+# tensor of each expert ("experts": expert_part; read only, as mixtures of experts write no HF directory).
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "output.bias": "lm_head.bias"}
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -264,6 +266,20 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                              "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
                    "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                    "global": _BACKBONE},
+    # Jamba: Mamba's mixer (mamba.*; its dt, B and C norms) or attention, then an MLP (feed_forward.*) or experts,
+    # each expert's gate, up and down tensors of its own, which GGUF stacks ("experts": expert_part)
+    "jamba": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "pre_ff_layernorm",
+                        "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+                        "ffn_down": "feed_forward.down_proj", "ffn_gate_inp": "feed_forward.router",
+                        "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_x": "mamba.x_proj",
+                        "ssm_dt": "mamba.dt_proj", "ssm_dt_norm": "mamba.dt_layernorm",
+                        "ssm_b_norm": "mamba.b_layernorm", "ssm_c_norm": "mamba.c_layernorm",
+                        "ssm_out": "mamba.out_proj"},
+              "exact": {"ssm_a": "mamba.A_log", "ssm_d": "mamba.D"},
+              "experts": {f"ffn_{p}_exps.weight": f"feed_forward.experts.{{}}.{p}_proj.weight"
+                          for p in ("gate", "up", "down")},
+              "global": {"token_embd.weight": "model.embed_tokens.weight",
+                         "output_norm.weight": "model.final_layernorm.weight", "output.weight": "lm_head.weight"}},
     # Falcon-H1: a Mamba2 mixer (mamba.*) beside Llama's attention and MLP (feed_forward.*); the FFN's norm the
     # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (fold_multipliers)
     "falcon-h1": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_gate": "feed_forward.gate_proj",
@@ -403,6 +419,18 @@ def fused_parts(name: str, arch: str) -> tuple[str, ...] | None:
     return None if parts is None else tuple(f"blk.{m.group(1)}.{p}" for p in parts)
 
 
+def expert_part(name: str, arch: str) -> tuple[str, int] | None:
+    """(GGUF tensor, expert) where HF tensor `name` is one expert's part of a GGUF tensor that stacks every
+    expert's on its first dimension (Jamba's feed_forward.experts.E.up_proj.weight: blk.N.ffn_up_exps.weight),
+    else None."""
+    m = re.fullmatch(re.escape(_layers(arch)) + r"(\d+)\.(.+)", name)
+    for g, h in _table(arch).get("experts", {}).items() if m else ():
+        e = re.fullmatch(re.escape(h).replace(r"\{\}", r"(\d+)"), m.group(2))
+        if e:
+            return f"blk.{m.group(1)}.{g}", int(e.group(1))
+    return None
+
+
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """The GGUF name of an HF tensor; None for buffers GGUF does not store and for the scalars
     it keeps as metadata (layer_scalar)."""
@@ -433,6 +461,7 @@ _VL_LAYERS = "model.language_model.layers."
 # linears of a family whose PEFT LoRA would not apply in its class, and why (Mamba's kernels read them whole)
 _PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA",
                            "ssm_out": "PEFT refuses a LoRA on out_proj"},
+                 "jamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA"},
                  **dict.fromkeys(("mamba2", "nemotron_h"), {"ssm_out": "PEFT refuses a LoRA on out_proj"})}
 # classes that hold their checkpoints' layers under another prefix (Nemotron-H's backbone.*, which transformers
 # renames on load): the names of their modules, which PEFT adapters take
@@ -876,6 +905,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _falcon_h1_keys(config, key)
     elif arch == "nemotron_h":
         _nemotron_h_keys(config, key)
+    elif arch == "jamba":
+        _jamba_keys(config, key)
     elif fam.mamba2:
         _mamba2_keys(config, key)
     if fam.delta_net:
@@ -1239,6 +1270,35 @@ def _nemotron_h_config(c, cfg: dict, tensors: Collection[str]) -> None:
                 "expand": m.inner // c.dim, "chunk_size": 256, "use_bias": False, "mamba_proj_bias": False,
                 "attention_bias": False, "mlp_bias": False, "mlp_hidden_act": "relu2", "mamba_hidden_act": "silu",
                 "use_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors)})
+
+
+def _jamba_keys(config: dict, key) -> None:
+    """Jamba's config.json as llama.cpp's converter writes it: KV heads in the attention layers (every
+    attn_layer_period-th from attn_layer_offset; 0 in the Mamba layers), Mamba's sizes, the experts. What
+    llama.cpp's jamba does not run is refused: experts in other layers than every other one from the second (the
+    layout its graph takes from the converted files), biases on the Mamba linears, another activation."""
+    n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    period, offset = int(config.get("expert_layer_period", 2)), int(config.get("expert_layer_offset", 1))
+    refused = {"mamba_proj_bias": True} if config.get("mamba_proj_bias") else {}
+    if (period, offset) != (2, 1):
+        refused["expert_layer_period, expert_layer_offset"] = (period, offset)
+    if config.get("hidden_act", "silu") != "silu":
+        refused["hidden_act"] = config["hidden_act"]
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's jamba does not run (and so lowtune, "
+                         "which follows it: experts every other layer from the second)")
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    attn_period, attn_offset = int(config.get("attn_layer_period", 8)), int(config.get("attn_layer_offset", 4))
+    key("attention.head_count_kv", [kv if i >= attn_offset and (i - attn_offset) % attn_period == 0 else 0
+                                    for i in range(n_layers)], (ARRAY, I32))
+    for gguf_key, value in (("conv_kernel", config.get("mamba_d_conv") or 4),
+                            ("inner_size", int(config.get("mamba_expand", 2)) * hidden),
+                            ("state_size", config.get("mamba_d_state") or 16),
+                            ("time_step_rank", -(hidden // -16) if config.get("mamba_dt_rank", "auto") == "auto"
+                             else config["mamba_dt_rank"])):
+        key(f"ssm.{gguf_key}", int(value), U32)
+    key("expert_count", int(config.get("num_experts", config.get("num_local_experts", 16))), U32)
+    key("expert_used_count", int(config.get("num_experts_per_tok", 2)), U32)
 
 
 def _mamba2_keys(config: dict, key) -> None:
