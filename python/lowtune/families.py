@@ -234,7 +234,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
   width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
   without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream. Its HF
-  class (NemotronHForCausalLM) is read and written for the dense models; with experts, as GGUF.
+  class (NemotronHForCausalLM) is read and written for the dense models; with experts (its config's layer
+  kinds say so: nemotron_h_moe) read, each expert's tensors stacked as the converter stacks them, and written
+  as GGUF and PEFT adapters.
   Nemotron-H MoE (nemotron_h_moe: Nemotron 3 Nano 30B-A3B) is Nemotron-H whose MLP layers are experts
   without a gate (relu², as its MLP) beside a shared expert (as wide as the file's
   expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
@@ -730,8 +732,10 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True,
            hf_architectures=("NemotronHForCausalLM",), hf_model_types=("nemotron_h",),
            hf_permute_qk=True),  # (its converter permutes q and k as Llama's, though no layer rotates them)
+    # (its class is Nemotron-H's, read as nemotron_h_moe where its layer kinds hold experts)
     Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
-           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True, hf_architectures=("NemotronHForCausalLM",),
+           hf_permute_qk=True),
     Family("mamba2", mamba2=True, attention_free=True, hf_architectures=("Mamba2ForCausalLM",),
            hf_model_types=("mamba2",)),
     Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_tensors=("ffn_norm",),

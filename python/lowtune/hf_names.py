@@ -30,10 +30,11 @@ The families (lowtune.families says which architecture is which HF class) differ
     transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
     Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
     dt_bias), their conv1d kernels [C, 1, L]; Nemotron-H its layers under backbone.layers too, each one mixer.*
-    (Mamba2's, an MLP's or attention's), which its class holds under model.layers (PEFT's module names); Falcon-H1
-    its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm (pre_ff_layernorm) as the
-    converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms) or attention in each layer, then
-    an MLP or experts (feed_forward.*), each expert's tensors apart (stacked in GGUF: expert_part);
+    (Mamba2's, an MLP's, experts' or attention's), which its class holds under model.layers (PEFT's module
+    names); Falcon-H1 its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm
+    (pre_ff_layernorm) as the converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms)
+    or attention in each layer, then an MLP or experts (feed_forward.*); experts' tensors each expert's apart
+    (stacked in GGUF: expert_part);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
@@ -112,6 +113,14 @@ _GPT2 = {"layer": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output"
 # Mamba's and Mamba-2's tensors outside the layers
 _BACKBONE = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
              "output.weight": "lm_head.weight"}
+# Nemotron-H: its layers under backbone.layers (_LAYERS), one part each after its one norm: a Mamba2 mixer, an MLP
+# without a gate or attention without RoPE, all named mixer.*; A (as A_log), D and dt's bias without a suffix
+_NEMOTRON_H = {"layer": {"attn_norm": "norm", "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj",
+                         "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj", "ffn_up": "mixer.up_proj",
+                         "ffn_down": "mixer.down_proj", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                         "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
+               "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
+               "global": _BACKBONE}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -258,14 +267,18 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                          "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
-    # Nemotron-H: its layers under backbone.layers (_LAYERS), one part each after its one norm: a Mamba2 mixer, an
-    # MLP without a gate or attention without RoPE, all named mixer.*; A (as A_log), D and dt's bias without a suffix
-    "nemotron_h": {"layer": {"attn_norm": "norm", "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj",
-                             "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj", "ffn_up": "mixer.up_proj",
-                             "ffn_down": "mixer.down_proj", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
-                             "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
-                   "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
-                   "global": _BACKBONE},
+    "nemotron_h": _NEMOTRON_H,
+    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": expert_part) or
+    # stacked as transformers holds them, the router (gate) and its selection bias, a shared expert
+    "nemotron_h_moe": {"layer": {**_NEMOTRON_H["layer"], "ffn_gate_inp": "mixer.gate",
+                                 "ffn_up_shexp": "mixer.shared_experts.up_proj",
+                                 "ffn_down_shexp": "mixer.shared_experts.down_proj"},
+                       "exact": {**_NEMOTRON_H["exact"], "exp_probs_b.bias": "mixer.gate.e_score_correction_bias",
+                                 "ffn_up_exps.weight": "mixer.experts.up_proj",
+                                 "ffn_down_exps.weight": "mixer.experts.down_proj"},
+                       "experts": {f"ffn_{p}_exps.weight": f"mixer.experts.{{}}.{p}_proj.weight"
+                                   for p in ("up", "down")},
+                       "global": _BACKBONE},
     # Jamba: Mamba's mixer (mamba.*; its dt, B and C norms) or attention, then an MLP (feed_forward.*) or experts,
     # each expert's gate, up and down tensors of its own, which GGUF stacks ("experts": expert_part)
     "jamba": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "pre_ff_layernorm",
@@ -365,7 +378,7 @@ _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion"
 # where a class holds its layers, where not under model.layers
 _LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
            **dict.fromkeys(("mpt", "dbrx"), "transformer.blocks."),
-           **dict.fromkeys(("mamba", "mamba2", "nemotron_h"), "backbone.layers.")}
+           **dict.fromkeys(("mamba", "mamba2", "nemotron_h", "nemotron_h_moe"), "backbone.layers.")}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
@@ -462,10 +475,11 @@ _VL_LAYERS = "model.language_model.layers."
 _PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA",
                            "ssm_out": "PEFT refuses a LoRA on out_proj"},
                  "jamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA"},
-                 **dict.fromkeys(("mamba2", "nemotron_h"), {"ssm_out": "PEFT refuses a LoRA on out_proj"})}
+                 **dict.fromkeys(("mamba2", "nemotron_h", "nemotron_h_moe"),
+                                 {"ssm_out": "PEFT refuses a LoRA on out_proj"})}
 # classes that hold their checkpoints' layers under another prefix (Nemotron-H's backbone.*, which transformers
 # renames on load): the names of their modules, which PEFT adapters take
-_CLASS_PREFIX = {"nemotron_h": ("backbone.", "model.")}
+_CLASS_PREFIX = dict.fromkeys(("nemotron_h", "nemotron_h_moe"), ("backbone.", "model."))
 
 
 def hf_module(name: str, arch: str) -> str:
@@ -863,6 +877,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     config = _text_config(config)
     config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
                            if own in config}}
+    if fam.arch == "nemotron_h" and "E" in _nemotron_h_layers(config):  # (its MoE: experts in place of the MLPs)
+        fam = FAMILIES["nemotron_h_moe"]
     arch = fam.arch
     if "hidden_act" in _CONFIG_ALIASES.get(arch, {}).values() and config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {arch} runs SiLU")
@@ -880,7 +896,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     elif arch == "mpt":
         config = _mpt_config(config)
         key("attention.max_alibi_bias", float(config["alibi_bias_max"]), F32)
-    elif arch == "nemotron_h":
+    elif arch in _NEMOTRON_H_ARCHS:
         config = _nemotron_h_common(config)
     if fam.attention_free:  # (Mamba, Mamba-2: no attention, no FFN)
         _ssm_keys(config, fam, key)
@@ -903,7 +919,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _short_conv_keys(config, key)
     if arch == "falcon-h1":
         _falcon_h1_keys(config, key)
-    elif arch == "nemotron_h":
+    elif arch in _NEMOTRON_H_ARCHS:
         _nemotron_h_keys(config, key)
     elif arch == "jamba":
         _jamba_keys(config, key)
@@ -1197,6 +1213,8 @@ def _falcon_h1_config(c, cfg: dict, tensors: Collection[str]) -> None:
                 "ssm_multipliers": [1.0] * 5})
 
 
+# Nemotron-H and its MoE, one HF class
+_NEMOTRON_H_ARCHS = ("nemotron_h", "nemotron_h_moe")
 # Nemotron-H's layer kinds as its published configs' hybrid_override_pattern spells them, from transformers'
 # layers_block_type (and the converter's other names of them)
 _NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "mlp": "-", "attention": "*", "full_attention": "*",
@@ -1204,20 +1222,17 @@ _NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "mlp": "-", "attenti
 
 
 def _nemotron_h_layers(config: dict) -> str:
-    """Nemotron-H's layer kinds, one character a layer (M: a Mamba2 mixer, -: an MLP, *: attention), from
-    config.json's hybrid_override_pattern or transformers' layers_block_type. A layer of experts (E, "moe":
-    Nemotron 3 Nano) is refused: lowtune reads those checkpoints as the nemotron_h_moe GGUF the converter writes."""
+    """Nemotron-H's layer kinds, one character a layer (M: a Mamba2 mixer, -: an MLP, *: attention, E: experts,
+    Nemotron-H MoE's), from config.json's hybrid_override_pattern or transformers' layers_block_type. MLPs beside
+    experts are refused: the converter writes a MoE file's FFN widths in its experts' layers only."""
     pattern = config.get("hybrid_override_pattern") or config.get("layers_block_type")
     if not pattern:
         raise ValueError("config.json gives Nemotron-H no layer kinds (hybrid_override_pattern or layers_block_type)")
     kinds = pattern if isinstance(pattern, str) else "".join(_NEMOTRON_H_KINDS.get(t, "?") for t in pattern)
-    if "E" in kinds:
-        raise ValueError("this Nemotron-H checkpoint has experts (Nemotron-H MoE), which lowtune reads as the "
-                         "nemotron_h_moe GGUF that llama.cpp's converter writes, not as a Hugging Face directory; "
-                         "convert it with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
-    if set(kinds) - set("M-*"):
+    if set(kinds) - set("M-*E") or {"-", "E"} <= set(kinds):
         raise ValueError(f"config.json's Nemotron-H layer kinds {pattern!r} are not Mamba2 (M, mamba), MLP (-, mlp) "
-                         "and attention (*, attention) layers, the ones llama.cpp's nemotron_h runs")
+                         "or experts' (E, moe) and attention (*, attention) layers, the ones llama.cpp's nemotron_h "
+                         "and nemotron_h_moe run")
     return kinds
 
 
@@ -1242,8 +1257,11 @@ def _nemotron_h_keys(config: dict, key) -> None:
     the attention layers (0 in the others), the Mamba2 sizes (inner: mamba_num_heads · mamba_head_dim), RoPE off
     with Mamba2 layers."""
     kinds = _nemotron_h_layers(config)
-    kv, ffn = int(config.get("num_key_value_heads") or config["num_attention_heads"]), int(config["intermediate_size"])
-    key("feed_forward_length", [ffn if k == "-" else 0 for k in kinds], (ARRAY, I32))
+    if "E" in kinds:
+        _nemotron_h_moe_keys(config, key)
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    ffn = int(config["moe_intermediate_size" if "E" in kinds else "intermediate_size"])
+    key("feed_forward_length", [ffn if k in "-E" else 0 for k in kinds], (ARRAY, I32))
     key("attention.head_count_kv", [kv if k == "*" else 0 for k in kinds], (ARRAY, I32))
     heads = int(config["mamba_num_heads"])
     for gguf_key, value in (("conv_kernel", config.get("conv_kernel", config.get("mamba_d_conv", 4))),
@@ -1253,6 +1271,26 @@ def _nemotron_h_keys(config: dict, key) -> None:
         key(f"ssm.{gguf_key}", int(value), U32)
     if "M" in kinds:
         key("rope.scaling.finetuned", False, BOOL)
+
+
+def _nemotron_h_moe_keys(config: dict, key) -> None:
+    """Nemotron-H MoE's experts as llama.cpp's converter writes them: their count, width, routing (the chosen
+    weights renormalized and scaled as the config says, in groups) and the shared expert. A latent of the
+    experts' input (moe_latent_size), which lowtune does not run, is refused."""
+    if config.get("moe_latent_size"):
+        raise ValueError(f"config.json asks for experts on a latent {config['moe_latent_size']} wide "
+                         "(moe_latent_size), which lowtune does not run")
+    for gguf_key, hf, gtype, default in (
+            ("expert_count", "n_routed_experts", U32, None), ("expert_used_count", "num_experts_per_tok", U32, None),
+            ("expert_feed_forward_length", "moe_intermediate_size", U32, None),
+            ("expert_shared_feed_forward_length", "moe_shared_expert_intermediate_size", U32, None),
+            ("expert_shared_count", "n_shared_experts", U32, 1), ("expert_weights_norm", "norm_topk_prob", BOOL, True),
+            ("expert_weights_scale", "routed_scaling_factor", F32, 1.0), ("expert_group_count", "n_group", U32, 1),
+            ("expert_group_used_count", "topk_group", U32, 1)):
+        value = config.get(hf, default)
+        if value is None:
+            raise ValueError(f"config.json lacks {hf!r}, which a Nemotron-H MoE model needs")
+        key(gguf_key, {U32: int, BOOL: bool, F32: float}[gtype](value), gtype)
 
 
 def _nemotron_h_config(c, cfg: dict, tensors: Collection[str]) -> None:
