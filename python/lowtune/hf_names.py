@@ -268,14 +268,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
     "nemotron_h": _NEMOTRON_H,
-    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": expert_part) or
-    # stacked as transformers holds them, the router (gate) and its selection bias, a shared expert
+    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": expert_part), the
+    # router (gate) and its selection bias, a shared expert
     "nemotron_h_moe": {"layer": {**_NEMOTRON_H["layer"], "ffn_gate_inp": "mixer.gate",
                                  "ffn_up_shexp": "mixer.shared_experts.up_proj",
                                  "ffn_down_shexp": "mixer.shared_experts.down_proj"},
-                       "exact": {**_NEMOTRON_H["exact"], "exp_probs_b.bias": "mixer.gate.e_score_correction_bias",
-                                 "ffn_up_exps.weight": "mixer.experts.up_proj",
-                                 "ffn_down_exps.weight": "mixer.experts.down_proj"},
+                       "exact": {**_NEMOTRON_H["exact"], "exp_probs_b.bias": "mixer.gate.e_score_correction_bias"},
                        "experts": {f"ffn_{p}_exps.weight": f"mixer.experts.{{}}.{p}_proj.weight"
                                    for p in ("up", "down")},
                        "global": _BACKBONE},
@@ -1314,10 +1312,10 @@ def _jamba_keys(config: dict, key) -> None:
     """Jamba's config.json as llama.cpp's converter writes it: KV heads in the attention layers (every
     attn_layer_period-th from attn_layer_offset; 0 in the Mamba layers), Mamba's sizes, the experts. What
     llama.cpp's jamba does not run is refused: experts in other layers than every other one from the second (the
-    layout its graph takes from the converted files), biases on the Mamba linears, another activation."""
+    layout its graph takes from the converted files), biases on the Mamba linears, a window, another activation."""
     n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
     period, offset = int(config.get("expert_layer_period", 2)), int(config.get("expert_layer_offset", 1))
-    refused = {"mamba_proj_bias": True} if config.get("mamba_proj_bias") else {}
+    refused = {k: config[k] for k in ("mamba_proj_bias", "sliding_window") if config.get(k)}
     if (period, offset) != (2, 1):
         refused["expert_layer_period, expert_layer_offset"] = (period, offset)
     if config.get("hidden_act", "silu") != "silu":
