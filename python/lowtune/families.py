@@ -1072,7 +1072,8 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
                              "convert_hf_to_gguf.py and load the GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
-    classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+    # (each class once: Nemotron-H's is its MoE's too)
+    classes = ", ".join(dict.fromkeys(a for f in FAMILIES.values() for a in f.hf_architectures))
     raise ValueError(f"Hugging Face architecture {what} is not supported; lowtune reads {types} "
                      f"checkpoints ({classes}), and the others it runs (mixtures of experts among them) as the "
                      "GGUF that llama.cpp's convert_hf_to_gguf.py writes")
