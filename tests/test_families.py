@@ -391,8 +391,8 @@ def test_hf_configs_lowtune_refuses():
                                               "layer_types": ["full_attention", "sliding_attention"]})
     assert [ModelConfig.from_gguf_metadata(md).window(i) for i in (0, 1)] == [0, 16]
     with pytest.raises(ValueError, match="not supported; lowtune reads llama, mistral, arcee, smollm3, granite, "
-                                         "granitemoehybrid, mamba2, falcon_h1, mamba, minicpm3, ernie4_5, ministral3, "
-                                         "qwen2"):
+                                         "granitemoehybrid, nemotron_h, mamba2, falcon_h1, mamba, jamba, minicpm3, "
+                                         "ernie4_5, ministral3, qwen2"):
         hf_names.metadata_from_hf_config({**qwen, "architectures": ["GPTJForCausalLM"]})
     assert hf_names.hf_biases("qwen2", ["blk.0.attn_q.bias"], 1) == ({}, ["blk.0.attn_k.bias", "blk.0.attn_v.bias"])
     assert hf_names.hf_biases("llama", ["blk.0.ffn_up.bias"], 1) == (
@@ -2085,6 +2085,36 @@ def test_mamba_and_falcon_h1_hf_configs(tiny):
             hf_names.metadata_from_hf_config({**cfg[name], **change})
 
 
+def test_nemotron_h_hf_directory(tiny):
+    """Nemotron-H's config.json as llama.cpp's converter reads its published form (hybrid_override_pattern), and
+    transformers' layers_block_type as the same layers (with experts: Nemotron-H MoE's, tests/test_moe.py); what
+    llama.cpp's nemotron_h does not run (MLPs beside experts among them) is refused by name. The directory in bf16
+    is the converted file in bf16."""
+    import lowtune
+    from lowtune import hf_names
+    ids = rand_ids(2, 40, seed=6)
+    with torch.no_grad():
+        got = lowtune.load_model(tiny["nemotron_h"].hf_dir, qtype="F32", dtype=torch.bfloat16)(ids)
+        want = Model.from_gguf(tiny["nemotron_h"].gguf, dtype=torch.bfloat16)(ids)
+        assert torch.equal(got, want) and rel_err(got, Model.from_gguf(tiny["nemotron_h"].gguf)(ids)) < 5e-2
+    cfg = json.loads((tiny["nemotron_h"].hf_dir / "config.json").read_text())
+    md, _ = hf_names.metadata_from_hf_config(cfg)
+    with GGUFFile(tiny["nemotron_h"].gguf) as f:
+        for k in ("feed_forward_length", "attention.head_count_kv", "ssm.inner_size", "ssm.time_step_rank",
+                  "ssm.group_count", "context_length", "rope.scaling.finetuned"):
+            assert md[f"nemotron_h.{k}"] == f.metadata[f"nemotron_h.{k}"], k
+    kinds = {"M": "mamba", "-": "mlp", "*": "attention"}
+    listed = {k: v for k, v in cfg.items() if k not in ("hybrid_override_pattern", "num_hidden_layers")}
+    listed["layers_block_type"] = [kinds[k] for k in cfg["hybrid_override_pattern"]]
+    assert hf_names.metadata_from_hf_config(listed)[0] == md
+    for change, why in [({"hybrid_override_pattern": "M-*E"}, "layer kinds 'M-\\*E'.*MLP .-, mlp. or experts'"),
+                        ({"hybrid_override_pattern": "M*E"}, "lacks 'n_routed_experts'.*Nemotron-H MoE"),
+                        ({"hybrid_override_pattern": "M*X"}, "layer kinds 'M\\*X'"),
+                        ({"mlp_bias": True}, "mlp_bias"), ({"mlp_hidden_act": "silu"}, "mlp_hidden_act")]:
+        with pytest.raises(ValueError, match=why):
+            hf_names.metadata_from_hf_config({**cfg, **change})
+
+
 def test_falcon_h1_mamba2_beside_attention(tiny, llamacpp_source, tmp_path):
     """Falcon-H1 runs a Mamba2 mixer beside attention in every layer (both on attn_norm's output), then
     ffn_norm, whose tensor its file names without .weight, and an MLP; its multipliers are in the converted
@@ -2357,9 +2387,9 @@ def test_families_and_refusals():
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
         family_of_hf(["GPTJForCausalLM"])
-    with pytest.raises(ValueError, match=r"NemotronHForCausalLM \(nemotron_h\) is read from GGUF only.*layers of one "
-                                         "part.*load the GGUF"):
-        family_of_hf(["NemotronHForCausalLM"])
+    with pytest.raises(ValueError, match=r"Gemma3nForCausalLM \(gemma3n\) is read from GGUF only.*AltUp.*load the "
+                                         "GGUF"):
+        family_of_hf(["Gemma3nForCausalLM"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
           "qwen2.attention.layer_norm_rms_epsilon": 1e-6}

@@ -105,6 +105,8 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
               **dict.fromkeys(("gpt2", "starcoder"), {"c_attn", "c_proj", "c_fc"}),
               "mpt": {"Wqkv", "out_proj", "up_proj", "down_proj"},
               "mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"},
+              # (Nemotron-H's mixers: Mamba2's, the MLP's and attention's)
+              "nemotron_h": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj"},
               **dict.fromkeys(("nemotron", "jais2"), {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}),
               "apertus": {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"},
               # (out_proj: the attention's and the convolutions')
@@ -119,9 +121,10 @@ HF_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
                            "down_proj"}}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VISION_LANGUAGE = ("qwen2vl", "qwen3vl")  # (their HF classes hold a vision tower too)
-MAMBA = ("mamba", "mamba2")
+MAMBA = ("mamba", "mamba2", "nemotron_h")  # (PEFT refuses a LoRA on their mixers' out_proj)
 # the families whose PEFT adapters of every linear lowtune refuses, saying why
-PEFT_REFUSED = {**dict.fromkeys(MAMBA, "would not apply in Mamba.*without (ssm_dt, )?ssm_out in --targets"),
+PEFT_REFUSED = {**dict.fromkeys(MAMBA, "would not apply in (Mamba|NemotronH).*without (ssm_dt, )?ssm_out in "
+                                "--targets"),
                 "falcon-h1": "folds Falcon-H1's multipliers into, not to a checkpoint's"}
 
 
@@ -323,18 +326,22 @@ def test_exports_load_in_transformers_and_peft(adapted, name):
 @pytest.mark.transformers
 @pytest.mark.parametrize("name", MAMBA)
 def test_mamba_peft_adapter_without_out_proj(family_models, tmp_path, name):
-    """PEFT refuses a LoRA on Mamba's and Mamba-2's out_proj, and transformers' Mamba reads dt_proj's weight past
-    one (test_exports_load_in_transformers_and_peft: refused by name); an adapter on their other linears exports as
-    PEFT's, which on the class transformers loads from the directory gives lowtune's adapted logits."""
+    """PEFT refuses a LoRA on Mamba's, Mamba-2's and Nemotron-H's out_proj, and transformers' Mamba reads dt_proj's
+    weight past one (test_exports_load_in_transformers_and_peft: refused by name); an adapter on their other linears
+    exports as PEFT's, which on the class transformers loads from the directory gives lowtune's adapted logits
+    (Nemotron-H's under model.layers, where its class holds the checkpoint's backbone.layers)."""
     import peft
     import transformers
     tiny, ids = family_models[name], rand_ids(2, 40, seed=7)
-    targets = ("ssm_in", "ssm_x") if name == "mamba" else ("ssm_in",)
+    targets = {"mamba": ("ssm_in", "ssm_x"), "mamba2": ("ssm_in",),
+               "nemotron_h": ("ssm_in", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")}[name]
     model = make_adapter(tiny.gguf, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets)
     export_peft(tiny.gguf, tmp_path / "run", tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == HF_MODULES[name] - {"dt_proj", "out_proj"}
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32).eval()
+    # (the tiny Nemotron-H's config.json is the published one, without a model_type: its class by name)
+    cls = getattr(transformers, hf_class(name)) if name == "nemotron_h" else transformers.AutoModelForCausalLM
+    base = cls.from_pretrained(tiny.hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         want, plain = model(ids), base(input_ids=ids).logits
         got = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(input_ids=ids).logits
@@ -469,11 +476,11 @@ def test_exaone_peft_adapter_on_transformers_llama(family_models, adapted):
     assert rel_err(got, a.want) < 1e-4
 
 
-@pytest.mark.parametrize("name,hf_class", [("nemotron_h", "NemotronHForCausalLM"), ("rwkv7", "RWKV7ForCausalLM"),
+@pytest.mark.parametrize("name,hf_class", [("rwkv7", "RWKV7ForCausalLM"),
                                            ("rwkv6", "Rwkv6ForCausalLM"), ("arwkv7", "RwkvHybridForCausalLM"),
                                            ("rwkv6qwen2", "RWKV6Qwen2ForCausalLM")])
 def test_gguf_only_hf_exports_and_directories_are_refused(family_models, adapted, tmp_path, name, hf_class):
-    """lowtune has no Hugging Face names for Nemotron-H's tensors: its merged
+    """lowtune has no Hugging Face names for RWKV's tensors: their merged
     HF directories and PEFT adapters are refused, saying to export GGUF, and a directory of their classes by name,
     saying to load the converter's GGUF."""
     a = adapted(name)

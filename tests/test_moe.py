@@ -46,6 +46,7 @@ ship their own code, as config.json and random safetensors under their own names
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -772,15 +773,9 @@ def test_exports(moe, tmp_path, name):
             export_peft(base, peft_run, tmp_path / "peft")
         return
     # (lowtune has no Hugging Face names for their tensors; transformers has no class for the remote-code ones)
-    if name in ("nemotron_h_moe", "kimi-linear") + REMOTE_CODE_MOE_NAMES:
+    if name in ("kimi-linear",) + REMOTE_CODE_MOE_NAMES:
         with pytest.raises(ValueError, match=f"no Hugging Face names for architecture '{name}'"):
             export_peft(base, peft_run, tmp_path / "peft")
-        return
-    if name == "jamba":  # (lowtune has no Hugging Face names for it: read and written as GGUF)
-        with pytest.raises(ValueError, match="jamba"):
-            export_peft(base, peft_run, tmp_path / "peft")
-        with pytest.raises(ValueError, match="JambaForCausalLM.*is not supported"):
-            lowtune.load_model(moe[name].hf_dir)
         return
     export_peft(base, peft_run, tmp_path / "peft")
     if name == "llama4":
@@ -792,6 +787,56 @@ def test_exports(moe, tmp_path, name):
     assert rel_err(got, want) < 1e-4
     with pytest.raises(ValueError, match="mixture-of-experts models export as GGUF"):
         export_hf(base, tmp_path / "run", tmp_path / "hf")
+
+
+# the mixtures whose HF directories lowtune reads: the PEFT adapter's targets, a linear whose LoRA is refused and
+# why, and a config.json change refused and why
+HF_MIXTURES = {
+    "jamba": (("attn_q", "attn_k", "attn_v", "attn_output", "ssm_in", "ssm_x", "ssm_out"), "ssm_dt",
+              "transformers reads dt_proj's weight", {"expert_layer_period": 1, "expert_layer_offset": 0},
+              "expert_layer_period, expert_layer_offset.*llama.cpp's jamba"),
+    "nemotron_h_moe": (("attn_q", "attn_k", "attn_v", "attn_output", "ssm_in"), "ssm_out",
+                       "PEFT refuses a LoRA on out_proj", {"moe_latent_size": 16}, "moe_latent_size")}
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("name", HF_MIXTURES)
+def test_hf_directory_of_a_mixture(moe, tmp_path, name):
+    """Jamba's and Nemotron-H MoE's directories read as the converted GGUF: the same tensors (each expert's up, down
+    and Jamba's gate stacked as the converter stacks them), transformers' logits in fp32 and the converted file's
+    in bf16; they train quantized on load. A PEFT adapter on their attention and Mamba linears gives lowtune's
+    adapted logits on transformers' model (Jamba's dt_proj and Nemotron-H's out_proj refused by name);
+    config.json's variants that llama.cpp does not run are refused by name."""
+    import peft
+    from lowtune import hf_names
+    from lowtune.safetensors_io import HFCheckpoint
+    targets, refused, why, change, change_why = HF_MIXTURES[name]
+    hf_dir, gguf, ids = moe[name].hf_dir, moe[name].gguf, rand_ids(2, SEQ)
+    with torch.no_grad():
+        got, want = lowtune.load_model(hf_dir, qtype="F32")(ids), hf_model(name)(ids).logits
+        assert rel_err(got, want) < 1e-4 and torch.equal(got, Model.from_gguf(gguf)(ids))
+        low = lowtune.load_model(hf_dir, qtype="F32", dtype=torch.bfloat16)(ids)
+        assert torch.equal(low, Model.from_gguf(gguf, dtype=torch.bfloat16)(ids))
+    with HFCheckpoint(hf_dir) as src, GGUFFile(gguf) as f:
+        assert set(src.tensor_infos) == set(f.tensor_infos) and "blk.1.ffn_up_exps.weight" in f.tensor_infos, \
+            set(src.tensor_infos) ^ set(f.tensor_infos)
+        for n in f.tensor_infos:
+            assert torch.equal(src.tensor(n), f.tensor(n)), n
+    losses = adapted_steps(lowtune.load_model(hf_dir), "lora", rand_ids(2, 32, seed=11))
+    assert losses[-1] < losses[0], losses
+    model = make_adapter(gguf, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets + (refused,))
+    with pytest.raises(ValueError, match=f"on blk.\\d+.{refused}.weight would not apply in .*: {why}"):
+        export_peft(gguf, tmp_path / "run", tmp_path / "peft")
+    model = make_adapter(gguf, tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4, targets=targets)
+    export_peft(gguf, tmp_path / "run", tmp_path / "peft")
+    with torch.no_grad():
+        want = model(ids)
+        got = peft.PeftModel.from_pretrained(hf_model(name), tmp_path / "peft").eval()(input_ids=ids).logits
+    print(f"{name}: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4 and rel_err(Model.from_gguf(gguf)(ids), want) > 1e-2
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=change_why):
+        hf_names.metadata_from_hf_config({**cfg, **change})
 
 
 def test_jamba_mamba_layers_attention_and_experts(moe):

@@ -233,7 +233,10 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Nemotron-H (nemotron_h: Nemotron-H, Nemotron Nano 2 9B/12B) puts one part in each layer after its one
   norm (attn_norm; Family.layer_parts, ModelConfig.mlp_layers): a Mamba2 mixer (no KV heads and no FFN
   width in the file's per-layer arrays: Granite 4's Mamba2), attention without RoPE (KV heads), or an MLP
-  without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream.
+  without a gate, down(relu(up(x))²) (an FFN width); the part's output joins the residual stream. Its HF
+  class (NemotronHForCausalLM) is read and written for the dense models; with experts (its config's layer
+  kinds say so: nemotron_h_moe) read, each expert's tensors stacked as the converter stacks them, and written
+  as GGUF and PEFT adapters.
   Nemotron-H MoE (nemotron_h_moe: Nemotron 3 Nano 30B-A3B) is Nemotron-H whose MLP layers are experts
   without a gate (relu², as its MLP) beside a shared expert (as wide as the file's
   expert_shared_feed_forward_length), routed as GLM-4.5 MoE's (sigmoid, the selection bias, the file's
@@ -250,7 +253,9 @@ the exported files, and its converter (convert_hf_to_gguf.py), which writes them
   Jamba (jamba: Jamba v0.1, Jamba 1.5/1.6/1.7 Mini and Large) runs Mamba's mixer, its dt, B and C
   RMS-normed with the file's weights (ssm_dt_norm, ssm_b_norm, ssm_c_norm), in the layers its file gives
   no KV heads, attention without RoPE in the others, each followed by ffn_norm and an MLP: experts in every
-  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized).
+  other layer from the second (Family.moe_step; softmax routing, the chosen weights not renormalized). Its HF
+  class (JambaForCausalLM) is read, each expert's tensors stacked as the converter stacks them; as a mixture of
+  experts it is written as GGUF and PEFT adapters (on attention and the Mamba linears but dt_proj).
   PLaMo 2 (plamo2: PLaMo 2 1B, 2B, 8B; its checkpoints ship their own modeling code, read as the converted
   GGUF) runs a Mamba mixer in the layers its file gives no heads and attention (q, k and v fused in attn_qkv,
   q and k normed by a weight of each head's own, NEOX RoPE) in the others, each followed by a SwiGLU MLP
@@ -724,16 +729,21 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitemoe", multipliers=True, moe=True, hf_permute_qk=True),
     Family("granitehybrid", multipliers=True, moe=True, mamba2=True, rope_switch=True, hf_permute_qk=True,
            hf_architectures=("GraniteMoeHybridForCausalLM",), hf_model_types=("granitemoehybrid",)),
-    Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True),
+    Family("nemotron_h", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True,
+           hf_architectures=("NemotronHForCausalLM",), hf_model_types=("nemotron_h",),
+           hf_permute_qk=True),  # (its converter permutes q and k as Llama's, though no layer rotates them)
+    # (its class is Nemotron-H's, read as nemotron_h_moe where its layer kinds hold experts)
     Family("nemotron_h_moe", activation="relu2", gated=False, mamba2=True, nope=True, layer_parts=True, moe=True,
-           moe_gating=2, moe_weight_keys=True, nextn_layers=True),
+           moe_gating=2, moe_weight_keys=True, nextn_layers=True, hf_architectures=("NemotronHForCausalLM",),
+           hf_permute_qk=True),
     Family("mamba2", mamba2=True, attention_free=True, hf_architectures=("Mamba2ForCausalLM",),
            hf_model_types=("mamba2",)),
     Family("falcon-h1", rope="neox", mamba2=True, parallel_ssm=True, bare_tensors=("ffn_norm",),
            hf_architectures=("FalconH1ForCausalLM",), hf_model_types=("falcon_h1",)),
     Family("mamba", attention_free=True, mamba1=True, hf_architectures=("MambaForCausalLM",),
            hf_model_types=("mamba",)),
-    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2),
+    Family("jamba", mamba1=True, nope=True, moe=True, moe_renorm=False, moe_step=2,
+           hf_architectures=("JambaForCausalLM",), hf_model_types=("jamba",)),
     Family("minicpm", multipliers=True, scale_defaults=lambda layers, dim: {
         **_minicpm_scales(layers), "logit_scale": 256.0 / dim}),
     # (llama.cpp's minicpm3 multiplies the logits by 256 / width, where minicpm divides by it)
@@ -928,7 +938,6 @@ _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
                  "Gemma4ForConditionalGeneration": ("gemma4", _GEMMA4_TENSORS),
-                 "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
@@ -1063,7 +1072,8 @@ def family_of_hf(architectures, model_type: str | None = None) -> Family:
                              "convert_hf_to_gguf.py and load the GGUF")
     what = list(architectures or []) or repr(model_type)
     types = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
-    classes = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+    # (each class once: Nemotron-H's is its MoE's too)
+    classes = ", ".join(dict.fromkeys(a for f in FAMILIES.values() for a in f.hf_architectures))
     raise ValueError(f"Hugging Face architecture {what} is not supported; lowtune reads {types} "
                      f"checkpoints ({classes}), and the others it runs (mixtures of experts among them) as the "
                      "GGUF that llama.cpp's convert_hf_to_gguf.py writes")

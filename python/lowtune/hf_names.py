@@ -29,8 +29,12 @@ The families (lowtune.families says which architecture is which HF class) differ
     c_attn as GGUF does (StarCoder's one K/V head after the q rows); BLOOM keeps its layers under
     transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
     Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
-    dt_bias), their conv1d kernels [C, 1, L]; Falcon-H1 its mixer as mamba.* beside Llama's attention and
-    feed_forward.*, the FFN's norm (pre_ff_layernorm) as the converter's blk.N.ffn_norm;
+    dt_bias), their conv1d kernels [C, 1, L]; Nemotron-H its layers under backbone.layers too, each one mixer.*
+    (Mamba2's, an MLP's, experts' or attention's), which its class holds under model.layers (PEFT's module
+    names); Falcon-H1 its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm
+    (pre_ff_layernorm) as the converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms)
+    or attention in each layer, then an MLP or experts (feed_forward.*); experts' tensors each expert's apart
+    (stacked in GGUF: expert_part);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
@@ -62,8 +66,9 @@ ARRAY = GGUFValueType.ARRAY
 
 # GGUF blk.N.<layer name>.{weight,bias} <-> HF model.layers.N.<hf name>.{weight,bias} ("layer"), and the
 # tensors outside the layers by full name ("global"); where a family has them, layer tensors named whole,
-# without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), and HF
-# tensors that hold several GGUF tensors' rows ("fused": fused_parts).
+# without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), HF
+# tensors that hold several GGUF tensors' rows ("fused": fused_parts), and GGUF tensors that stack an HF
+# tensor of each expert ("experts": expert_part; read only, as mixtures of experts write no HF directory).
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "output.bias": "lm_head.bias"}
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -108,6 +113,14 @@ _GPT2 = {"layer": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output"
 # Mamba's and Mamba-2's tensors outside the layers
 _BACKBONE = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
              "output.weight": "lm_head.weight"}
+# Nemotron-H: its layers under backbone.layers (_LAYERS), one part each after its one norm: a Mamba2 mixer, an MLP
+# without a gate or attention without RoPE, all named mixer.*; A (as A_log), D and dt's bias without a suffix
+_NEMOTRON_H = {"layer": {"attn_norm": "norm", "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj",
+                         "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj", "ffn_up": "mixer.up_proj",
+                         "ffn_down": "mixer.down_proj", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                         "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
+               "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
+               "global": _BACKBONE}
 TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "llama": {"layer": _LLAMA, "global": _GLOBAL},
     "smollm3": {"layer": _LLAMA, "global": _GLOBAL},
@@ -254,6 +267,30 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                          "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj"},
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
+    "nemotron_h": _NEMOTRON_H,
+    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": expert_part), the
+    # router (gate) and its selection bias, a shared expert
+    "nemotron_h_moe": {"layer": {**_NEMOTRON_H["layer"], "ffn_gate_inp": "mixer.gate",
+                                 "ffn_up_shexp": "mixer.shared_experts.up_proj",
+                                 "ffn_down_shexp": "mixer.shared_experts.down_proj"},
+                       "exact": {**_NEMOTRON_H["exact"], "exp_probs_b.bias": "mixer.gate.e_score_correction_bias"},
+                       "experts": {f"ffn_{p}_exps.weight": f"mixer.experts.{{}}.{p}_proj.weight"
+                                   for p in ("up", "down")},
+                       "global": _BACKBONE},
+    # Jamba: Mamba's mixer (mamba.*; its dt, B and C norms) or attention, then an MLP (feed_forward.*) or experts,
+    # each expert's gate, up and down tensors of its own, which GGUF stacks ("experts": expert_part)
+    "jamba": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "pre_ff_layernorm",
+                        "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+                        "ffn_down": "feed_forward.down_proj", "ffn_gate_inp": "feed_forward.router",
+                        "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_x": "mamba.x_proj",
+                        "ssm_dt": "mamba.dt_proj", "ssm_dt_norm": "mamba.dt_layernorm",
+                        "ssm_b_norm": "mamba.b_layernorm", "ssm_c_norm": "mamba.c_layernorm",
+                        "ssm_out": "mamba.out_proj"},
+              "exact": {"ssm_a": "mamba.A_log", "ssm_d": "mamba.D"},
+              "experts": {f"ffn_{p}_exps.weight": f"feed_forward.experts.{{}}.{p}_proj.weight"
+                          for p in ("gate", "up", "down")},
+              "global": {"token_embd.weight": "model.embed_tokens.weight",
+                         "output_norm.weight": "model.final_layernorm.weight", "output.weight": "lm_head.weight"}},
     # Falcon-H1: a Mamba2 mixer (mamba.*) beside Llama's attention and MLP (feed_forward.*); the FFN's norm the
     # converter names blk.N.ffn_norm, without a suffix; values with the multipliers folded in (fold_multipliers)
     "falcon-h1": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_gate": "feed_forward.gate_proj",
@@ -332,13 +369,14 @@ CONFIG_KEYS: list[tuple[str, str, str, Any, Any]] = [
 ]
 # config.json's key of a LayerNorm family's epsilon (in place of rms_norm_eps), where it is not layer_norm_eps
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps", "orion": "rms_norm_eps",
+                   "nemotron_h": "layer_norm_epsilon",
                    **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom", "mpt"), "layer_norm_epsilon")}
 
 
 # where a class holds its layers, where not under model.layers
 _LAYERS = {"gptneox": "gpt_neox.layers.", **dict.fromkeys(("falcon", "gpt2", "starcoder", "bloom"), "transformer.h."),
            **dict.fromkeys(("mpt", "dbrx"), "transformer.blocks."),
-           **dict.fromkeys(("mamba", "mamba2"), "backbone.layers.")}
+           **dict.fromkeys(("mamba", "mamba2", "nemotron_h", "nemotron_h_moe"), "backbone.layers.")}
 # the names of a layer's norms where it has two (attn_norm_2: Falcon 40B's new_decoder_architecture, ln_attn before
 # attention and ln_mlp before the FFN), in place of the one norm's
 _TWO_NORMS = {"falcon": {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"}}
@@ -392,6 +430,18 @@ def fused_parts(name: str, arch: str) -> tuple[str, ...] | None:
     return None if parts is None else tuple(f"blk.{m.group(1)}.{p}" for p in parts)
 
 
+def expert_part(name: str, arch: str) -> tuple[str, int] | None:
+    """(GGUF tensor, expert) where HF tensor `name` is one expert's part of a GGUF tensor that stacks every
+    expert's on its first dimension (Jamba's feed_forward.experts.E.up_proj.weight: blk.N.ffn_up_exps.weight),
+    else None."""
+    m = re.fullmatch(re.escape(_layers(arch)) + r"(\d+)\.(.+)", name)
+    for g, h in _table(arch).get("experts", {}).items() if m else ():
+        e = re.fullmatch(re.escape(h).replace(r"\{\}", r"(\d+)"), m.group(2))
+        if e:
+            return f"blk.{m.group(1)}.{g}", int(e.group(1))
+    return None
+
+
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """The GGUF name of an HF tensor; None for buffers GGUF does not store and for the scalars
     it keeps as metadata (layer_scalar)."""
@@ -422,7 +472,12 @@ _VL_LAYERS = "model.language_model.layers."
 # linears of a family whose PEFT LoRA would not apply in its class, and why (Mamba's kernels read them whole)
 _PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA",
                            "ssm_out": "PEFT refuses a LoRA on out_proj"},
-                 "mamba2": {"ssm_out": "PEFT refuses a LoRA on out_proj"}}
+                 "jamba": {"ssm_dt": "transformers reads dt_proj's weight past the LoRA"},
+                 **dict.fromkeys(("mamba2", "nemotron_h", "nemotron_h_moe"),
+                                 {"ssm_out": "PEFT refuses a LoRA on out_proj"})}
+# classes that hold their checkpoints' layers under another prefix (Nemotron-H's backbone.*, which transformers
+# renames on load): the names of their modules, which PEFT adapters take
+_CLASS_PREFIX = dict.fromkeys(("nemotron_h", "nemotron_h_moe"), ("backbone.", "model."))
 
 
 def hf_module(name: str, arch: str) -> str:
@@ -444,6 +499,8 @@ def hf_module(name: str, arch: str) -> str:
         raise ValueError(f"a PEFT adapter on {name} would not apply in {fam.hf_architectures[0]}: {refused[part]}; "
                          f"train without {', '.join(refused)} in --targets for a PEFT adapter, or export a merged "
                          "Hugging Face directory or GGUF (merged, or as a GGUF LoRA)")
+    if arch in _CLASS_PREFIX:
+        module = module.replace(*_CLASS_PREFIX[arch], 1)
     return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
 
 
@@ -818,6 +875,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     config = _text_config(config)
     config = {**config, **{common: config[own] for own, common in _CONFIG_ALIASES.get(fam.arch, {}).items()
                            if own in config}}
+    if fam.arch == "nemotron_h" and "E" in _nemotron_h_layers(config):  # (its MoE: experts in place of the MLPs)
+        fam = FAMILIES["nemotron_h_moe"]
     arch = fam.arch
     if "hidden_act" in _CONFIG_ALIASES.get(arch, {}).values() and config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json's activation {config['hidden_act']!r}: llama.cpp's {arch} runs SiLU")
@@ -835,6 +894,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     elif arch == "mpt":
         config = _mpt_config(config)
         key("attention.max_alibi_bias", float(config["alibi_bias_max"]), F32)
+    elif arch in _NEMOTRON_H_ARCHS:
+        config = _nemotron_h_common(config)
     if fam.attention_free:  # (Mamba, Mamba-2: no attention, no FFN)
         _ssm_keys(config, fam, key)
         return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
@@ -845,7 +906,7 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         if value is None:
             raise ValueError(f"config.json lacks {hf!r}, which a {arch} model needs")
         key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
-    if fam.norm == "layer":  # LayerNorm's epsilon, under its own keys
+    if fam.eps_key != "attention.layer_norm_rms_epsilon":  # LayerNorm's epsilon (Nemotron-H's), under its own keys
         del md[f"{arch}.attention.layer_norm_rms_epsilon"]
         key(fam.eps_key, float(config.get(_LAYER_NORM_EPS.get(arch, "layer_norm_eps"), 1e-5)), F32)
     if fam.logit_multiplier:
@@ -856,6 +917,10 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         _short_conv_keys(config, key)
     if arch == "falcon-h1":
         _falcon_h1_keys(config, key)
+    elif arch in _NEMOTRON_H_ARCHS:
+        _nemotron_h_keys(config, key)
+    elif arch == "jamba":
+        _jamba_keys(config, key)
     elif fam.mamba2:
         _mamba2_keys(config, key)
     if fam.delta_net:
@@ -1146,6 +1211,132 @@ def _falcon_h1_config(c, cfg: dict, tensors: Collection[str]) -> None:
                 "ssm_multipliers": [1.0] * 5})
 
 
+# Nemotron-H and its MoE, one HF class
+_NEMOTRON_H_ARCHS = ("nemotron_h", "nemotron_h_moe")
+# Nemotron-H's layer kinds as its published configs' hybrid_override_pattern spells them, from transformers'
+# layers_block_type (and the converter's other names of them)
+_NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "mlp": "-", "attention": "*", "full_attention": "*",
+                     "moe": "E"}
+
+
+def _nemotron_h_layers(config: dict) -> str:
+    """Nemotron-H's layer kinds, one character a layer (M: a Mamba2 mixer, -: an MLP, *: attention, E: experts,
+    Nemotron-H MoE's), from config.json's hybrid_override_pattern or transformers' layers_block_type. MLPs beside
+    experts are refused: the converter writes a MoE file's FFN widths in its experts' layers only."""
+    pattern = config.get("hybrid_override_pattern") or config.get("layers_block_type")
+    if not pattern:
+        raise ValueError("config.json gives Nemotron-H no layer kinds (hybrid_override_pattern or layers_block_type)")
+    kinds = pattern if isinstance(pattern, str) else "".join(_NEMOTRON_H_KINDS.get(t, "?") for t in pattern)
+    if set(kinds) - set("M-*E") or {"-", "E"} <= set(kinds):
+        raise ValueError(f"config.json's Nemotron-H layer kinds {pattern!r} are not Mamba2 (M, mamba), MLP (-, mlp) "
+                         "or experts' (E, moe) and attention (*, attention) layers, the ones llama.cpp's nemotron_h "
+                         "and nemotron_h_moe run")
+    return kinds
+
+
+def _nemotron_h_common(config: dict) -> dict:
+    """Nemotron-H's config.json in the common keys, as llama.cpp's converter reads it: a layer for each of its
+    kinds, the vocabulary padded to a multiple of 8, an unbounded context where Mamba2 layers switch RoPE off.
+    What llama.cpp's nemotron_h does not run is refused: biases on the linears, other activations, a window."""
+    refused = {k: config[k] for k in ("use_bias", "mamba_proj_bias", "attention_bias", "mlp_bias", "sliding_window")
+               if config.get(k)}
+    refused.update({k: config[k] for k, act in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2"))
+                    if config.get(k, act) != act})
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's nemotron_h does not run (and so lowtune, "
+                         "which follows it)")
+    kinds, vocab = _nemotron_h_layers(config), int(config["vocab_size"])
+    return {**config, "num_hidden_layers": len(kinds), "vocab_size": -(vocab // -8) * 8,
+            "max_position_embeddings": 2 ** 20 if "M" in kinds else config.get("max_position_embeddings", 4096)}
+
+
+def _nemotron_h_keys(config: dict, key) -> None:
+    """Nemotron-H's layers as llama.cpp's converter writes them: an FFN width in the MLP layers and KV heads in
+    the attention layers (0 in the others), the Mamba2 sizes (inner: mamba_num_heads · mamba_head_dim), RoPE off
+    with Mamba2 layers."""
+    kinds = _nemotron_h_layers(config)
+    if "E" in kinds:
+        _nemotron_h_moe_keys(config, key)
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    ffn = int(config["moe_intermediate_size" if "E" in kinds else "intermediate_size"])
+    key("feed_forward_length", [ffn if k in "-E" else 0 for k in kinds], (ARRAY, I32))
+    key("attention.head_count_kv", [kv if k == "*" else 0 for k in kinds], (ARRAY, I32))
+    heads = int(config["mamba_num_heads"])
+    for gguf_key, value in (("conv_kernel", config.get("conv_kernel", config.get("mamba_d_conv", 4))),
+                            ("state_size", config["ssm_state_size"]),
+                            ("group_count", config.get("n_groups", config.get("mamba_n_groups", 8))),
+                            ("inner_size", heads * int(config["mamba_head_dim"])), ("time_step_rank", heads)):
+        key(f"ssm.{gguf_key}", int(value), U32)
+    if "M" in kinds:
+        key("rope.scaling.finetuned", False, BOOL)
+
+
+def _nemotron_h_moe_keys(config: dict, key) -> None:
+    """Nemotron-H MoE's experts as llama.cpp's converter writes them: their count, width, routing (the chosen
+    weights renormalized and scaled as the config says, in groups) and the shared expert. A latent of the
+    experts' input (moe_latent_size), which lowtune does not run, is refused."""
+    if config.get("moe_latent_size"):
+        raise ValueError(f"config.json asks for experts on a latent {config['moe_latent_size']} wide "
+                         "(moe_latent_size), which lowtune does not run")
+    for gguf_key, hf, gtype, default in (
+            ("expert_count", "n_routed_experts", U32, None), ("expert_used_count", "num_experts_per_tok", U32, None),
+            ("expert_feed_forward_length", "moe_intermediate_size", U32, None),
+            ("expert_shared_feed_forward_length", "moe_shared_expert_intermediate_size", U32, None),
+            ("expert_shared_count", "n_shared_experts", U32, 1), ("expert_weights_norm", "norm_topk_prob", BOOL, True),
+            ("expert_weights_scale", "routed_scaling_factor", F32, 1.0), ("expert_group_count", "n_group", U32, 1),
+            ("expert_group_used_count", "topk_group", U32, 1)):
+        value = config.get(hf, default)
+        if value is None:
+            raise ValueError(f"config.json lacks {hf!r}, which a Nemotron-H MoE model needs")
+        key(gguf_key, {U32: int, BOOL: bool, F32: float}[gtype](value), gtype)
+
+
+def _nemotron_h_config(c, cfg: dict, tensors: Collection[str]) -> None:
+    """Nemotron-H's config.json keys of model config `c` (the inverse of _nemotron_h_keys), into cfg: its layer
+    kinds as the published configs' hybrid_override_pattern (which the converter reads too), no experts."""
+    m = c.ssm
+    kinds = "".join("M" if c.is_ssm(i) else "-" if c.has_ffn(i) else "*" for i in range(c.n_layers))
+    if m is None:
+        raise ValueError(f"a {c.arch} model without Mamba2 layers has no NemotronHForCausalLM config "
+                         "(its converter would switch RoPE on); export it as GGUF (merged, or as a GGUF LoRA)")
+    for k in ("rope_theta", "rope_scaling", "sliding_window", "hidden_act"):
+        cfg.pop(k, None)
+    cfg.update({"hybrid_override_pattern": kinds, "mamba_num_heads": m.heads, "mamba_head_dim": m.head_dim,
+                "n_groups": m.groups, "ssm_state_size": m.state, "conv_kernel": m.conv_kernel,
+                "expand": m.inner // c.dim, "chunk_size": 256, "use_bias": False, "mamba_proj_bias": False,
+                "attention_bias": False, "mlp_bias": False, "mlp_hidden_act": "relu2", "mamba_hidden_act": "silu",
+                "use_conv_bias": any(n.endswith("ssm_conv1d.bias") for n in tensors)})
+
+
+def _jamba_keys(config: dict, key) -> None:
+    """Jamba's config.json as llama.cpp's converter writes it: KV heads in the attention layers (every
+    attn_layer_period-th from attn_layer_offset; 0 in the Mamba layers), Mamba's sizes, the experts. What
+    llama.cpp's jamba does not run is refused: experts in other layers than every other one from the second (the
+    layout its graph takes from the converted files), biases on the Mamba linears, a window, another activation."""
+    n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    period, offset = int(config.get("expert_layer_period", 2)), int(config.get("expert_layer_offset", 1))
+    refused = {k: config[k] for k in ("mamba_proj_bias", "sliding_window") if config.get(k)}
+    if (period, offset) != (2, 1):
+        refused["expert_layer_period, expert_layer_offset"] = (period, offset)
+    if config.get("hidden_act", "silu") != "silu":
+        refused["hidden_act"] = config["hidden_act"]
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's jamba does not run (and so lowtune, "
+                         "which follows it: experts every other layer from the second)")
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    attn_period, attn_offset = int(config.get("attn_layer_period", 8)), int(config.get("attn_layer_offset", 4))
+    key("attention.head_count_kv", [kv if i >= attn_offset and (i - attn_offset) % attn_period == 0 else 0
+                                    for i in range(n_layers)], (ARRAY, I32))
+    for gguf_key, value in (("conv_kernel", config.get("mamba_d_conv") or 4),
+                            ("inner_size", int(config.get("mamba_expand", 2)) * hidden),
+                            ("state_size", config.get("mamba_d_state") or 16),
+                            ("time_step_rank", -(hidden // -16) if config.get("mamba_dt_rank", "auto") == "auto"
+                             else config["mamba_dt_rank"])):
+        key(f"ssm.{gguf_key}", int(value), U32)
+    key("expert_count", int(config.get("num_experts", config.get("num_local_experts", 16))), U32)
+    key("expert_used_count", int(config.get("num_experts_per_tok", 2)), U32)
+
+
 def _mamba2_keys(config: dict, key) -> None:
     """Granite 4's hybrid's config.json as llama.cpp's converter writes it: a KV head count per layer (0
     in the Mamba2 layers: layer_types "mamba", transformers' "linear_attention"), the Mamba2 sizes, the
@@ -1363,6 +1554,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "nemotron": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "jais2": {"": ("attn_norm", "ffn_norm"), **_ATTN_BIASES, "mlp_bias": ("ffn_up", "ffn_down")},
     "apertus": _ATTN_BIASES, "lfm2": {}, "granitehybrid": {}, "qwen35": {}, "minicpm3": {}, "olmo": {}, "bitnet": {},
+    "nemotron_h": {},
     "stablelm": {"use_qkv_bias": ("attn_q", "attn_k", "attn_v")},
     "gptneox": {"": ("attn_norm", "ffn_norm", "ffn_up", "ffn_down"), "attention_bias": ("attn_qkv", "attn_output")},
     "falcon": {},
@@ -1535,10 +1727,12 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["use_sliding_window"] = False
         if arch in ("gemma2", "gemma3", "exaone4"):
             cfg["layer_types"] = ["full_attention"] * c.n_layers
-    if fam.norm == "layer":
+    if fam.eps_key != "attention.layer_norm_rms_epsilon":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
     if arch == "falcon-h1":
         _falcon_h1_config(c, cfg, tensors)
+    elif arch == "nemotron_h":
+        _nemotron_h_config(c, cfg, tensors)
     elif fam.mamba2:
         _mamba2_config(c, cfg, tensors)
     if fam.short_conv:  # (the inverse of _short_conv_keys; the FFN width as it is)

@@ -95,6 +95,7 @@ class HFCheckpoint(Source):
         tied = bool(self.config.get("tie_word_embeddings", False))
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple] = {}  # GGUF name -> (file, HF name[, part, parts of a fused tensor])
+        experts: dict[str, dict[int, tuple]] = {}  # GGUF name -> {expert: (file, HF name, dtype, shape)}
         infos: dict[str, TensorInfo] = {}
         scalars: dict[str, dict[int, float]] = {}  # per-layer scalars GGUF keeps as metadata (Apertus's xIELU)
         for f in safetensors_files(d):
@@ -103,6 +104,11 @@ class HFCheckpoint(Source):
                 at = hf_names.layer_scalar(hf, self.arch)
                 if at is not None:
                     scalars.setdefault(at[0], {})[at[1]] = float(st.get_tensor(hf).float().reshape(-1)[0])
+                    continue
+                stacked = hf_names.expert_part(hf, self.arch)
+                if stacked is not None:  # (one expert's of a GGUF tensor that stacks them: Jamba's)
+                    sl = st.get_slice(hf)
+                    experts.setdefault(stacked[0], {})[stacked[1]] = (f, hf, sl.get_dtype(), tuple(sl.get_shape()))
                     continue
                 parts = hf_names.fused_parts(hf, self.arch)
                 name = hf_names.gguf_name(hf, self.arch) if parts is None else parts[0]
@@ -122,6 +128,17 @@ class HFCheckpoint(Source):
                     continue
                 infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape(), self.metadata))
                 self._where[name] = (f, hf)
+        self._experts = {}
+        for name, each in experts.items():
+            n = len(each)
+            if sorted(each) != list(range(n)) or len({(dt, shape) for _, _, dt, shape in each.values()}) != 1:
+                raise ValueError(f"{d}: the checkpoint's experts of {name} are not experts 0 to {n - 1} of one "
+                                 "shape and type")
+            self._experts[name] = [each[e][:2] for e in range(n)]
+            _, _, dt, shape = each[0]
+            if dt not in _SAFETENSORS_FLOATS:
+                raise ValueError(f"{d}: tensor {each[0][1]!r} is {dt}; expected F32, F16 or BF16")
+            infos[name] = _info(name, get_format(_SAFETENSORS_FLOATS[dt]), (n, *shape))
         n_layers = int(self.metadata[f"{self.arch}.block_count"])
         for key in hf_names.LAYER_SCALARS.get(self.arch, {}):
             if sorted(scalars.get(key, {})) != list(range(n_layers)):
@@ -155,6 +172,8 @@ class HFCheckpoint(Source):
         """The tensor as stored (its float dtype), in GGUF's name and row order."""
         if name in self._extra:
             return self._extra[name]
+        if name in self._experts:  # (every expert's, stacked on the first dimension as GGUF holds them)
+            return torch.stack([self._files[str(f)].get_tensor(hf) for f, hf in self._experts[name]])
         if name not in self._where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         f, hf, *part = self._where[name]
