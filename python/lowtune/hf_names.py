@@ -30,7 +30,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     transformer.h and q, k, v head by head as GPT-NeoX; MPT its layers under transformer.blocks, q, k, v in one
     Wqkv as GGUF does; Mamba and Mamba-2 theirs under backbone.layers, a mixer each (A as A_log, D, Mamba-2's
     dt_bias), their conv1d kernels [C, 1, L]; Falcon-H1 its mixer as mamba.* beside Llama's attention and
-    feed_forward.*, the FFN's norm (pre_ff_layernorm) as the converter's blk.N.ffn_norm;
+    feed_forward.*, the FFN's norm (pre_ff_layernorm) as the converter's blk.N.ffn_norm; Gemma 4 has Gemma 3's
+    names beside its per-layer inputs', its layer_scalar and the 26B-A4B's router and stacked experts, and its
+    config keeps the global layers' widths in per_layer_config (_gemma4_keys, _gemma4_config);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
