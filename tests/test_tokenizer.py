@@ -14,7 +14,7 @@ import pytest
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.tokenizer import (load_tokenizer, load_tokenizer_dir, render_chat_template,
-                               sentencepiece_model_proto, spm_metadata)
+                               sentencepiece_model_proto, spm_metadata, tokenizer_metadata_from_dir)
 
 MISTRAL_COMMON = "mistral-common==1.13.1"
 MISTRAL_MODEL = "mistral_common/data/tokenizer.model.v1"
@@ -382,6 +382,35 @@ def test_gemma4_vocabulary_tokenizes_as_llamacpp(gemma4_vocab, botchan_text):
         byte_tokens += sum(tok.token_types[i] == 6 for i in ids)
     assert byte_tokens > 20  # (the bytes, CJK and emoji that no token covers)
     assert tok.encode("<|turn>", special=False, add_bos=False) != [tok.token_to_id["<|turn>"]]
+
+
+def test_gemma4_hf_directory_vocabulary_is_the_converters(gemma4_vocab, tmp_path, llamacpp_source):
+    """A Gemma 4 directory's tokenizer.json reads as the vocabulary llama.cpp's converter writes from it (every
+    tokenizer key equal): its markers CONTROL, the converter's visible markers (<|channel>) USER_DEFINED though
+    special, added tokens past the vocabulary USER_DEFINED, BOS added whatever tokenizer_config.json says."""
+    import shutil
+    d = tmp_path / "vocab"
+    shutil.copytree(gemma4_vocab, d, ignore=shutil.ignore_patterns("*.gguf"))
+    tj = json.loads((d / "tokenizer.json").read_text())
+    n = len(tj["model"]["vocab"])
+    tj["added_tokens"] += [{"id": n, "content": "<|channel>", "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True},
+                           {"id": n + 1, "content": "<tool>", "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": False}]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(additional_special_tokens=cfg["additional_special_tokens"] + ["<|channel>"], add_bos_token=False)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, str(llamacpp_source / "convert_hf_to_gguf.py"), str(d), "--outfile",
+                        str(d / "vocab.gguf"), "--vocab-only"], env={**os.environ, "PYTHONPATH": str(llamacpp_source)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md, _ = _vocab_metadata(d / "vocab.gguf")
+    want = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
+    got = tokenizer_metadata_from_dir(d, "gemma4")
+    assert got == want
+    types = dict(zip(got["tokenizer.ggml.tokens"], got["tokenizer.ggml.token_type"]))
+    assert (types["<|turn>"], types["<|channel>"], types["<tool>"], types["<0x41>"]) == (3, 4, 4, 6)
 
 
 @pytest.mark.llamacpp
