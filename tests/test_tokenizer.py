@@ -413,6 +413,24 @@ def test_gemma4_hf_directory_vocabulary_is_the_converters(gemma4_vocab, tmp_path
     assert (types["<|turn>"], types["<|channel>"], types["<tool>"], types["<0x41>"]) == (3, 4, 4, 6)
 
 
+@pytest.mark.transformers
+def test_gemma4_vocabulary_writes_as_its_tokenizer_json(gemma4_vocab, tmp_path, botchan_text):
+    """Gemma 4's vocabulary written for a Hugging Face directory (tokenizer.json: BPE over raw UTF-8 with byte
+    fallback, spaces as "▁", its markers special) gives lowtune's tokens in transformers, and reads back as the
+    vocabulary it was written from."""
+    import transformers
+
+    from lowtune.export import write_hf_tokenizer
+    md, _ = _vocab_metadata(gemma4_vocab / "vocab.gguf")
+    assert "tokenizer.json" in write_hf_tokenizer(md, tmp_path)
+    tok, hf = load_tokenizer(md), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in _RAW_CASES + [botchan_text[50000:53000]]:
+        assert hf(text)["input_ids"] == tok.encode(text), repr(text)
+    back = tokenizer_metadata_from_dir(tmp_path, "gemma4")
+    back.pop("tokenizer.ggml.add_eos_token")  # (tokenizer_config.json's, which the converter's file lacks)
+    assert back == {k: v for k, v in md.items() if k.startswith("tokenizer.")}
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("model,pre", [("gemma4", "gemma4"), ("gpt2", "gemma4"), ("gpt2", "granite-embed-multi-311m"),
                                        ("gpt2", "sarvam-moe")])

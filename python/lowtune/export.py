@@ -584,8 +584,8 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
 
 def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
     """Tokenizer files for transformers from GGUF tokenizer metadata: tokenizer.json (byte-level
-    BPE, built from lowtune's tokenizers object) or tokenizer.model (SentencePiece), plus
-    tokenizer_config.json and special_tokens_map.json. Returns the names written."""
+    BPE, or Gemma 4's BPE over raw UTF-8, built from lowtune's tokenizers object) or tokenizer.model
+    (SentencePiece), plus tokenizer_config.json and special_tokens_map.json. Returns the names written."""
     tok = load_tokenizer(md)
     names = []
     tokens = md["tokenizer.ggml.tokens"]
@@ -606,11 +606,19 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
         cfg["unk_token"] = tokens[unk]
     if tok.chat_template:
         cfg["chat_template"] = tok.chat_template
-    if tok.model == "gpt2":
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, processors
+    if tok.model == "gemma4":  # (its markers, which transformers and llama.cpp's converter then take as special)
+        named = {cfg["bos_token"], cfg["eos_token"], cfg.get("pad_token"), cfg.get("unk_token")}
+        cfg["additional_special_tokens"] = [t for t, ty in zip(tokens, types) if ty == CONTROL and t not in named]
+    if tok.model in ("gpt2", "gemma4"):
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers import processors
 
         hf = HFTokenizer.from_str(tok._hf.to_str())
         hf.decoder = decoders.ByteLevel()
+        if tok.model == "gemma4":  # (Gemma 4's tokenizer.json: spaces as "▁", lines and runs of newlines apart)
+            hf.normalizer = normalizers.Replace(" ", "\u2581")
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), "isolated")
+            hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
         special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
         hf.add_special_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                                for i in special])
