@@ -1005,8 +1005,9 @@ def test_gemma4_layers_as_llamacpp_runs_them(tiny):
 def test_gemma4_hf_directories(tiny, tmp_path):
     """Gemma 4's HF directories as llama.cpp's converter reads them: Gemma4ForConditionalGeneration's language model
     (its vision and audio towers and their embedders left out) gives its text logits, those of the converted GGUF;
-    bf16 activations follow fp32; RoPE other than the converter's, attention biases, and layouts that
-    Gemma4ForCausalLM cannot hold are refused by name."""
+    bf16 activations follow fp32; its merged directory is the checkpoint with its language model merged and its
+    towers as they were, its PEFT adapter applies to its language model; RoPE other than the converter's,
+    attention biases, and layouts that Gemma4ForCausalLM cannot hold are refused by name."""
     import transformers as tf
 
     import lowtune
@@ -1028,6 +1029,31 @@ def test_gemma4_hf_directories(tiny, tmp_path):
     print(f"gemma4: the multimodal checkpoint vs transformers {rel_err(got, want):.2e}, vs the GGUF "
           f"{rel_err(got, gguf):.2e}; bf16 vs fp32 {rel_err(bf16, gguf):.2e}")
     assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) < 1e-6 and rel_err(bf16, gguf) < 5e-2
+    # its exports: the merged directory in its own class, the towers as they were; the PEFT adapter on its
+    # language model's modules
+    import peft
+
+    from lowtune.export import export_hf, export_peft
+    from test_export import make_adapter
+    model = make_adapter(tmp_path / "mm", tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    export_hf(tmp_path / "mm", tmp_path / "run", tmp_path / "merged", dtype="fp32")
+    merged = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    assert type(merged).__name__ == "Gemma4ForConditionalGeneration"
+    towers = {k: v for k, v in hf.state_dict().items() if "language_model" not in k and "lm_head" not in k}
+    assert towers and all(torch.equal(merged.state_dict()[k], v) for k, v in towers.items())
+    export_peft(tmp_path / "mm", tmp_path / "run", tmp_path / "peft")
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, model(ids)
+        assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) > 1e-2  # (the adapter matters)
+        want = lowtune.load_model(tmp_path / "mm", qtype="F32", adapter=tmp_path / "run", force=True)(ids)
+        hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+        got = hf(input_ids=ids).logits
+    adapted = {n.rsplit(".", 2)[0] for n, _ in hf.named_modules() if n.endswith("lora_A.default")}
+    # (every linear of 6 layers but the K/V-reusing layers' k and v and the global layers' v, values from k)
+    assert len(adapted) == 6 * 7 - 2 * 2 - 2 and all(".language_model.layers." in n for n in adapted)
+    print(f"gemma4: PEFT adapter on the multimodal checkpoint vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
     rope = config["rope_parameters"]
     for odd, match in (({"rope_parameters": {**rope, "full_attention": {"rope_type": "default"}}},
                         "'default' .global layers.*'proportional'"),

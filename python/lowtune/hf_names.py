@@ -440,10 +440,18 @@ _PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past t
                  "mamba2": {"ssm_out": "PEFT refuses a LoRA on out_proj"}}
 
 
-def hf_module(name: str, arch: str) -> str:
+def in_language_model(arch: str, config: Mapping | None) -> bool:
+    """Whether a model of `arch` read from a checkpoint of config.json `config` (None: a GGUF file) has its layers
+    under model.language_model in its class: a vision-language family's, or Gemma4ForConditionalGeneration's
+    (whose language model is the gemma4 of Gemma4ForCausalLM)."""
+    return bool(FAMILIES[arch].text_of) or (config or {}).get("architectures", [""])[0] == \
+        "Gemma4ForConditionalGeneration"
+
+
+def hf_module(name: str, arch: str, language_model: bool = False) -> str:
     """The HF module of GGUF layer linear `name` (blk.N.attn_q.weight) where the family's class holds
     it, as PEFT names it: model.layers.N.self_attn.q_proj, model.language_model.layers.N... in a
-    vision-language class."""
+    vision-language class (language_model: in_language_model)."""
     fam = FAMILIES[arch]
     if not fam.hf_writable:
         raise ValueError(f"PEFT adapters name the modules of {fam.hf_architectures[0]}, which transformers cannot "
@@ -459,14 +467,15 @@ def hf_module(name: str, arch: str) -> str:
         raise ValueError(f"a PEFT adapter on {name} would not apply in {fam.hf_architectures[0]}: {refused[part]}; "
                          f"train without {', '.join(refused)} in --targets for a PEFT adapter, or export a merged "
                          "Hugging Face directory or GGUF (merged, or as a GGUF LoRA)")
-    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
+    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of or language_model else module
 
 
-def peft_target_modules(modules, arch: str) -> list[str] | str:
+def peft_target_modules(modules, arch: str, language_model: bool = False) -> list[str] | str:
     """PEFT's target_modules for adapters on these HF modules: their short names, or in a
-    vision-language class a pattern of the language model's (the vision tower has gate_proj too)."""
+    vision-language class (language_model: in_language_model) a pattern of the language model's (the vision
+    tower has gate_proj too)."""
     names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    if not FAMILIES[arch].text_of:
+    if not FAMILIES[arch].text_of and not language_model:
         return names
     return re.escape(_VL_LAYERS) + r"\d+\..*\.(" + "|".join(names) + ")"
 
