@@ -1534,6 +1534,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     c = model_config
     arch, fam = c.arch, c.family
     tensors = tensors or {}
+    if fam.layer_widths:  # (Gemma 4's experts too: the checkpoint's names and layout, TENSOR_NAMES)
+        return _gemma4_config(c, metadata, tied, torch_dtype, tensors)
     if c.n_experts:
         raise ValueError("mixture-of-experts models export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
                          "adapters; a merged Hugging Face directory of one is not written")
@@ -1551,8 +1553,6 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
                          "(merged, or as a GGUF LoRA)")
     if fam.attention_free:
         return _ssm_config(c, metadata, tied, torch_dtype, tensors)
-    if fam.layer_widths:
-        return _gemma4_config(c, metadata, tied, torch_dtype, tensors)
     if "rope_freqs.weight" in tensors:
         raise ValueError("this model scales RoPE with a rope_freqs tensor (Llama 3.1); its HF "
                          "rope_scaling cannot be recovered from the GGUF, so the HF export is refused")
@@ -1750,8 +1750,8 @@ def _token_ids(metadata: Mapping, vocab_size: int) -> dict:
 def _gemma4_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: Mapping[str, Any]) -> dict:
     """Gemma4ForCausalLM's config.json of a gemma4 model (the inverse of _gemma4_keys): the sliding layers' head,
     KV heads and RoPE part, the global layers' in per_layer_config, their "proportional" RoPE's part from
-    rope_freqs (the pairs it rotates), values from k_proj where the global layers have no v_proj; a model
-    transformers' class cannot hold is refused."""
+    rope_freqs (the pairs it rotates), values from k_proj where the global layers have no v_proj, the 26B-A4B's
+    experts; a model transformers' class cannot hold is refused."""
     n, refuse = c.n_layers, "; export it as GGUF (merged, or as a GGUF LoRA)"
     swa = [c.is_sliding(i) for i in range(n)]
     layers = [c.at_layer(i) for i in range(n)]
@@ -1773,6 +1773,9 @@ def _gemma4_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: 
     if full_rot != full_dim or len(factors) != full_dim // 2 or any(f < 1e29 for f in factors[rotated:]):
         raise ValueError("this gemma4 model's global layers' RoPE (rope_freqs, rope.dimension_count) is not "
                          f"transformers' \"proportional\" RoPE on a part of each head{refuse}")
+    if any(t.endswith("ffn_gate_exps.weight") for t in tensors):
+        raise ValueError("this gemma4 model keeps its experts' gate and up apart (ffn_gate_exps, ffn_up_exps), which "
+                         f"Gemma4ForCausalLM holds in one gate_up_proj{refuse}")
     own_kv = [i for i in range(n - shared) if not swa[i]]
     k_eq_v = {f"blk.{i}.attn_v.weight" not in tensors for i in own_kv}
     if len(k_eq_v) > 1 or any(f"blk.{i}.attn_v.weight" not in tensors for i in range(n - shared) if swa[i]):
@@ -1797,7 +1800,8 @@ def _gemma4_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: 
            "final_logit_softcapping": _f32(c.final_softcap) if c.final_softcap else None,
            "vocab_size_per_layer_input": c.vocab_size, "hidden_size_per_layer_input": c.per_layer_dim,
            "num_kv_shared_layers": shared, "use_double_wide_mlp": double, "attention_k_eq_v": k_eq_v == {True},
-           "enable_moe_block": False}
+           "enable_moe_block": bool(c.n_experts), "num_experts": c.n_experts or None,
+           "top_k_experts": c.n_experts_used or None, "moe_intermediate_size": c.expert_ffn_dim or None}
     return {**cfg, **_token_ids(metadata, c.vocab_size)}
 
 
