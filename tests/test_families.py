@@ -1080,8 +1080,11 @@ def test_gemma4_hf_directories(tiny, tmp_path):
 @pytest.mark.llamacpp
 def test_gemma4_without_per_layer_inputs_or_shared_kv(tiny, tmp_path, llamacpp_source, botchan_ids):
     """The 31B's layout: no per-layer inputs, every layer's own K/V, values of their own in the global
-    layers too; equal to transformers and to llama.cpp's perplexity."""
+    layers too; equal to transformers and to llama.cpp's perplexity; its HF directory reads as the converted GGUF
+    and its config is written back."""
     import transformers as tf
+
+    import lowtune
     d = tmp_path / "gemma4-31b-like"
     hf = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
         vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
@@ -1099,6 +1102,14 @@ def test_gemma4_without_per_layer_inputs_or_shared_kv(tiny, tmp_path, llamacpp_s
     ids = rand_ids(2, SEQ)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < 1e-4
+        assert rel_err(lowtune.load_model(d, qtype="F32")(ids), model(ids)) < 1e-6  # (its HF directory)
+    from lowtune import hf_names
+    with GGUFFile(tmp_path / "g4.gguf") as f:  # (written back: values of their own in the global layers)
+        tensors = {n: (f.tensor(n).tolist() if n in hf_names.GGUF_ONLY else None) for n in f.tensor_infos}
+        cfg = hf_names.hf_config(model.config, dict(f.metadata), True, "float32", tensors)
+    assert cfg["attention_k_eq_v"] is False and cfg["hidden_size_per_layer_input"] == 0
+    assert config_fields(ModelConfig.from_gguf_metadata(hf_names.metadata_from_hf_config(cfg)[0])) == \
+        pytest.approx(config_fields(model.config))
     want = llamacpp_perplexity(llamacpp(tmp_path / "g4.gguf"), windows(botchan_ids, SEQ, chunks=8))
     assert perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"] == pytest.approx(want, rel=5e-4)
 
