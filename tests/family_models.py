@@ -80,8 +80,8 @@ OPENELM_LAYERS = ((2, 1, 1.0), (4, 2, 2.0), (4, 1, 3.0))
 OPENELM_FFN_DIVISOR = 64
 # (llama.cpp ignores a llama window: mistral's tiny model left out)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES + RWKV_NAMES
-# (Gemma 3n, Gemma 4 and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "gemma4", "stablelm2-12b")
+# (Gemma 3n and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories refused)
+GGUF_ONLY_NAMES = ("gemma3n", "stablelm2-12b")
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",

@@ -327,8 +327,9 @@ def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
         for n, info in f.tensor_infos.items():
             if len(info.shape) == 1 or not is_quantizable(n, info.shape):  # norms (Gemma's 1 + w), biases,
                 assert torch.equal(src.tensor(n), f.tensor(n)), n        # LongRoPE factors, LFM2's conv kernels
-            else:  # rows of 64 and 128: Q4_1; of 256 (Phi-2's FFN of 4 · D): Q4_K
-                got, want_type = src.qtensor(n), "Q4_K" if info.shape[-1] % 256 == 0 else "Q4_1"
+            else:  # rows of 64 and 128: Q4_1; of 256 (Phi-2's FFN of 4 · D): Q4_K; of 16 (Gemma 4's per-layer
+                k = info.shape[-1]  # projection): F16, llama-quantize's fallback
+                got, want_type = src.qtensor(n), "Q4_K" if k % 256 == 0 else "Q4_1" if k % 32 == 0 else "F16"
                 assert got.type == want_type and torch.equal(got.raw, ops.quantize(f.tensor(n), want_type).raw), n
     text = botchan_text[1000:3000]
     tok_hf, tok_gg = load_tokenizer(hf.metadata), load_tokenizer(gg.metadata)
@@ -999,16 +1000,91 @@ def test_gemma4_layers_as_llamacpp_runs_them(tiny):
         Gemma4Model(experts, w)
     with pytest.raises(ValueError, match="lacks tensor 'blk.3.inp_gate.weight'"):
         Gemma4Model(c, {k: v for k, v in w.items() if k != "blk.3.inp_gate.weight"})
+
+
+def test_gemma4_hf_directories(tiny, tmp_path):
+    """Gemma 4's HF directories as llama.cpp's converter reads them: Gemma4ForConditionalGeneration's language model
+    (its vision and audio towers and their embedders left out) gives its text logits, those of the converted GGUF;
+    bf16 activations follow fp32; its merged directory is the checkpoint with its language model merged and its
+    towers as they were, its PEFT adapter applies to its language model; RoPE other than the converter's,
+    attention biases, and layouts that Gemma4ForCausalLM cannot hold are refused by name."""
+    import transformers as tf
+
     import lowtune
-    with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
-        lowtune.load_model(tiny["gemma4"].hf_dir)
+    from lowtune import hf_names
+    config = json.loads((tiny["gemma4"].hf_dir / "config.json").read_text())
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)
+    audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    hf = tf.Gemma4ForConditionalGeneration(tf.Gemma4Config(text_config={**config, "pad_token_id": 0},
+                                                           vision_config=vision, audio_config=audio)).eval()
+    with torch.no_grad():
+        hf.model.language_model.load_state_dict(hf_model("gemma4").model.state_dict())
+    hf.save_pretrained(tmp_path / "mm")
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        got, want = lowtune.load_model(tmp_path / "mm", qtype="F32")(ids), hf(input_ids=ids).logits
+        gguf = Model.from_gguf(tiny["gemma4"].gguf)(ids)
+        bf16 = lowtune.load_model(tiny["gemma4"].hf_dir, qtype="F32", dtype=torch.bfloat16)(ids)
+    print(f"gemma4: the multimodal checkpoint vs transformers {rel_err(got, want):.2e}, vs the GGUF "
+          f"{rel_err(got, gguf):.2e}; bf16 vs fp32 {rel_err(bf16, gguf):.2e}")
+    assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) < 1e-6 and rel_err(bf16, gguf) < 5e-2
+    # its exports: the merged directory in its own class, the towers as they were; the PEFT adapter on its
+    # language model's modules
+    import peft
+
+    from lowtune.export import export_hf, export_peft
+    from test_export import make_adapter
+    model = make_adapter(tmp_path / "mm", tmp_path / "run" / "adapter", "lora", rel=0.2, rank=4)
+    export_hf(tmp_path / "mm", tmp_path / "run", tmp_path / "merged", dtype="fp32")
+    merged = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    assert type(merged).__name__ == "Gemma4ForConditionalGeneration"
+    towers = {k: v for k, v in hf.state_dict().items() if "language_model" not in k and "lm_head" not in k}
+    assert towers and all(torch.equal(merged.state_dict()[k], v) for k, v in towers.items())
+    export_peft(tmp_path / "mm", tmp_path / "run", tmp_path / "peft")
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, model(ids)
+        assert rel_err(got, want) < 1e-4 and rel_err(got, gguf) > 1e-2  # (the adapter matters)
+        want = lowtune.load_model(tmp_path / "mm", qtype="F32", adapter=tmp_path / "run", force=True)(ids)
+        hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+        got = hf(input_ids=ids).logits
+    adapted = {n.rsplit(".", 2)[0] for n, _ in hf.named_modules() if n.endswith("lora_A.default")}
+    # (every linear of 6 layers but the K/V-reusing layers' k and v and the global layers' v, values from k)
+    assert len(adapted) == 6 * 7 - 2 * 2 - 2 and all(".language_model.layers." in n for n in adapted)
+    print(f"gemma4: PEFT adapter on the multimodal checkpoint vs lowtune, relative error {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4
+    rope = config["rope_parameters"]
+    for odd, match in (({"rope_parameters": {**rope, "full_attention": {"rope_type": "default"}}},
+                        "'default' .global layers.*'proportional'"),
+                       ({"attention_bias": True}, "attention_bias, which llama.cpp's gemma4"),
+                       ({"per_layer_config": {}}, "no head_dim .global_head_dim or per_layer_config"),
+                       ({"vocab_size_per_layer_input": 2 * V}, "vocab_size_per_layer_input 1024 differs")):
+        with pytest.raises(ValueError, match=match):
+            hf_names.metadata_from_hf_config({**config, **odd})
+    with GGUFFile(tiny["gemma4"].gguf) as f:
+        md, infos = dict(f.metadata), dict(f.tensor_infos)
+        tensors = {n: (f.tensor(n).tolist() if n in hf_names.GGUF_ONLY else None) for n in infos}
+    for odd, match in ((("gemma4.feed_forward_length", [F, 2 * F, F, F, 2 * F, 2 * F]), "FFN widths"),
+                       (("gemma4.attention.sliding_window_pattern", [True] * 6), "last layer slides")):
+        c = ModelConfig.from_gguf_metadata(dict(md, **dict([odd])))
+        with pytest.raises(ValueError, match=f"{match}.*Gemma4ForCausalLM.*export it as GGUF"):
+            hf_names.hf_config(c, md, True, "float32", tensors)
+    c = ModelConfig.from_gguf_metadata(md)
+    with pytest.raises(ValueError, match="not transformers' \"proportional\" RoPE"):
+        hf_names.hf_config(c, md, True, "float32", {**tensors, "rope_freqs.weight": [1.0, 1e30] * 8})
+    with pytest.raises(ValueError, match="differ in having attn_v"):
+        hf_names.hf_config(c, md, True, "float32", {**tensors, "blk.1.attn_v.weight": None})
 
 
 @pytest.mark.llamacpp
 def test_gemma4_without_per_layer_inputs_or_shared_kv(tiny, tmp_path, llamacpp_source, botchan_ids):
     """The 31B's layout: no per-layer inputs, every layer's own K/V, values of their own in the global
-    layers too; equal to transformers and to llama.cpp's perplexity."""
+    layers too; equal to transformers and to llama.cpp's perplexity; its HF directory reads as the converted GGUF
+    and its config is written back."""
     import transformers as tf
+
+    import lowtune
     d = tmp_path / "gemma4-31b-like"
     hf = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
         vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=HKV,
@@ -1026,6 +1102,14 @@ def test_gemma4_without_per_layer_inputs_or_shared_kv(tiny, tmp_path, llamacpp_s
     ids = rand_ids(2, SEQ)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < 1e-4
+        assert rel_err(lowtune.load_model(d, qtype="F32")(ids), model(ids)) < 1e-6  # (its HF directory)
+    from lowtune import hf_names
+    with GGUFFile(tmp_path / "g4.gguf") as f:  # (written back: values of their own in the global layers)
+        tensors = {n: (f.tensor(n).tolist() if n in hf_names.GGUF_ONLY else None) for n in f.tensor_infos}
+        cfg = hf_names.hf_config(model.config, dict(f.metadata), True, "float32", tensors)
+    assert cfg["attention_k_eq_v"] is False and cfg["hidden_size_per_layer_input"] == 0
+    assert config_fields(ModelConfig.from_gguf_metadata(hf_names.metadata_from_hf_config(cfg)[0])) == \
+        pytest.approx(config_fields(model.config))
     want = llamacpp_perplexity(llamacpp(tmp_path / "g4.gguf"), windows(botchan_ids, SEQ, chunks=8))
     assert perplexity(model, botchan_ids, SEQ, chunks=8)["perplexity"] == pytest.approx(want, rel=5e-4)
 

@@ -785,6 +785,16 @@ def test_exports(moe, tmp_path, name):
         got, want = hf(input_ids=ids).logits, peft_model(ids)
     print(f"{name}: PEFT adapter on transformers' model vs lowtune, relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
+    if name == "gemma4moe":  # (its experts as its checkpoints hold them: stacked gate_up_proj and down_proj)
+        import transformers
+        export_hf(base, tmp_path / "run", tmp_path / "hf", dtype="fp32")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
+        with torch.no_grad():
+            got = merged(input_ids=ids).logits
+        print(f"{name}: merged HF directory vs lowtune, relative error {rel_err(got, model(ids)):.2e}")
+        assert rel_err(got, model(ids)) < 1e-4
+        return
     with pytest.raises(ValueError, match="mixture-of-experts models export as GGUF"):
         export_hf(base, tmp_path / "run", tmp_path / "hf")
 
@@ -927,7 +937,8 @@ def test_nemotron_h_moe_layers_and_variants(moe):
 def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
     """Gemma 4's expert layers as llama.cpp reads them: the dense FFN kept beside the experts, gate and up in one
     ffn_gate_up_exps; a file with them apart (ffn_gate_exps, ffn_up_exps, which llama.cpp reads too) gives the
-    same logits and llama.cpp's perplexity. bf16 activations follow fp32; the HF directory is refused by name."""
+    same logits and llama.cpp's perplexity (its merged HF directory refused: the class holds gate and up in one
+    tensor). bf16 activations follow fp32."""
     from lowtune.gemma4 import Gemma4Model
     path = moe["gemma4moe"].gguf
     model = Model.from_gguf(path)
@@ -963,8 +974,38 @@ def test_gemma4moe_layers_and_split_gate_up(moe, tmp_path):
     ppl, cpp = nll_ppl(split, w), llamacpp_perplexity(llamacpp(tmp_path / "split.gguf"), w)
     print(f"gemma4moe, gate and up apart: perplexity lowtune {ppl:.3f}, llama.cpp {cpp:.3f}")
     assert abs(cpp - ppl) / ppl < 2e-3
-    with pytest.raises(ValueError, match="Gemma4ForCausalLM .gemma4. is read from GGUF only.*convert_hf_to_gguf"):
-        lowtune.load_model(moe["gemma4moe"].hf_dir)
+    with pytest.raises(ValueError, match="gate and up apart .ffn_gate_exps, ffn_up_exps.*gate_up_proj.*GGUF"):
+        export_hf(tmp_path / "split.gguf", None, tmp_path / "hf")
+
+
+@pytest.mark.transformers
+def test_gemma4moe_hf_directory_reads_as_the_converted_gguf(moe, tmp_path):
+    """Gemma 4 26B-A4B's HF directory (the router's proj, scale and per_expert_scale, the experts' stacked
+    gate_up_proj and down_proj, the norms beside them) reads as llama.cpp's converter's GGUF: every tensor equal,
+    transformers' logits in fp32, bf16 following; adapters train on it (Q4_1 on load); its merged HF directory
+    holds every tensor as it was."""
+    from lowtune.safetensors_io import HFCheckpoint
+    hf_dir, gguf = moe["gemma4moe"].hf_dir, moe["gemma4moe"].gguf
+    with HFCheckpoint(hf_dir) as src, GGUFFile(gguf) as f:
+        assert set(src.tensor_infos) == set(f.tensor_infos)
+        for n in f.tensor_infos:
+            assert torch.equal(src.tensor(n).float(), f.tensor(n).float()), n
+    ids = rand_ids(2, SEQ)
+    with torch.no_grad():
+        got, want = lowtune.load_model(hf_dir, qtype="F32")(ids), hf_model("gemma4moe")(ids).logits
+        bf16 = lowtune.load_model(hf_dir, qtype="F32", dtype=torch.bfloat16)(ids)
+        assert rel_err(got, Model.from_gguf(gguf)(ids)) < 1e-6
+    print(f"gemma4moe: the HF directory vs transformers {rel_err(got, want):.2e}, bf16 vs fp32 "
+          f"{rel_err(bf16, got):.2e}")
+    assert rel_err(got, want) < 1e-4 and rel_err(bf16, got) < 5e-2
+    model = lowtune.load_model(hf_dir)  # (Q4_1 on load)
+    assert adapters.apply_adapters(model, adapters.AdapterConfig(method="lora", rank=4, alpha=8, seed=0))
+    loss = model.loss(ids)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in adapters.adapter_parameters(model))
+    export_hf(hf_dir, None, tmp_path / "hf", dtype="fp32", base_type="F32")  # (the experts as the checkpoint has)
+    with HFCheckpoint(tmp_path / "hf") as written, HFCheckpoint(hf_dir) as src:
+        assert all(torch.equal(written.tensor(n), src.tensor(n)) for n in src.tensor_infos)
 
 
 @pytest.mark.transformers

@@ -135,6 +135,7 @@ def test_load_quantized_checkpoint(hf_dir, qtype, expect):
 def test_choose_type_fallbacks():
     assert training_type(None, (8, 1536)).name == "Q4_K" and training_type(None, (8, 96)).name == "Q4_1"
     assert training_type("Q4_K", (8, 96)).name == "Q5_0" and training_type(None, (96,)).name == "F32"
+    assert training_type(None, (8, 16)).name == "F16"  # (rows of no whole block: Gemma 4's per-layer projection)
     assert choose_type("Q4_K", "w", (8, 1536)).name == "Q4_K"
     assert choose_type("Q4_K", "w", (8, 576)).name == "Q5_0"
     assert choose_type("Q6_K", "w", (8, 576)).name == "Q8_0"

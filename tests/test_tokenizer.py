@@ -14,7 +14,7 @@ import pytest
 
 from lowtune.gguf_io import GGUFFile, write_gguf
 from lowtune.tokenizer import (load_tokenizer, load_tokenizer_dir, render_chat_template,
-                               sentencepiece_model_proto, spm_metadata)
+                               sentencepiece_model_proto, spm_metadata, tokenizer_metadata_from_dir)
 
 MISTRAL_COMMON = "mistral-common==1.13.1"
 MISTRAL_MODEL = "mistral_common/data/tokenizer.model.v1"
@@ -382,6 +382,53 @@ def test_gemma4_vocabulary_tokenizes_as_llamacpp(gemma4_vocab, botchan_text):
         byte_tokens += sum(tok.token_types[i] == 6 for i in ids)
     assert byte_tokens > 20  # (the bytes, CJK and emoji that no token covers)
     assert tok.encode("<|turn>", special=False, add_bos=False) != [tok.token_to_id["<|turn>"]]
+
+
+def test_gemma4_hf_directory_vocabulary_is_the_converters(gemma4_vocab, tmp_path, llamacpp_source):
+    """A Gemma 4 directory's tokenizer.json reads as the vocabulary llama.cpp's converter writes from it (every
+    tokenizer key equal): its markers CONTROL, the converter's visible markers (<|channel>) USER_DEFINED though
+    special, added tokens past the vocabulary USER_DEFINED, BOS added whatever tokenizer_config.json says."""
+    import shutil
+    d = tmp_path / "vocab"
+    shutil.copytree(gemma4_vocab, d, ignore=shutil.ignore_patterns("*.gguf"))
+    tj = json.loads((d / "tokenizer.json").read_text())
+    n = len(tj["model"]["vocab"])
+    tj["added_tokens"] += [{"id": n, "content": "<|channel>", "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True},
+                           {"id": n + 1, "content": "<tool>", "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": False}]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(additional_special_tokens=cfg["additional_special_tokens"] + ["<|channel>"], add_bos_token=False)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, str(llamacpp_source / "convert_hf_to_gguf.py"), str(d), "--outfile",
+                        str(d / "vocab.gguf"), "--vocab-only"], env={**os.environ, "PYTHONPATH": str(llamacpp_source)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md, _ = _vocab_metadata(d / "vocab.gguf")
+    want = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
+    got = tokenizer_metadata_from_dir(d, "gemma4")
+    assert got == want
+    types = dict(zip(got["tokenizer.ggml.tokens"], got["tokenizer.ggml.token_type"]))
+    assert (types["<|turn>"], types["<|channel>"], types["<tool>"], types["<0x41>"]) == (3, 4, 4, 6)
+
+
+@pytest.mark.transformers
+def test_gemma4_vocabulary_writes_as_its_tokenizer_json(gemma4_vocab, tmp_path, botchan_text):
+    """Gemma 4's vocabulary written for a Hugging Face directory (tokenizer.json: BPE over raw UTF-8 with byte
+    fallback, spaces as "▁", its markers special) gives lowtune's tokens in transformers, and reads back as the
+    vocabulary it was written from."""
+    import transformers
+
+    from lowtune.export import write_hf_tokenizer
+    md, _ = _vocab_metadata(gemma4_vocab / "vocab.gguf")
+    assert "tokenizer.json" in write_hf_tokenizer(md, tmp_path)
+    tok, hf = load_tokenizer(md), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in _RAW_CASES + [botchan_text[50000:53000]]:
+        assert hf(text)["input_ids"] == tok.encode(text), repr(text)
+    back = tokenizer_metadata_from_dir(tmp_path, "gemma4")
+    back.pop("tokenizer.ggml.add_eos_token")  # (tokenizer_config.json's, which the converter's file lacks)
+    assert back == {k: v for k, v in md.items() if k.startswith("tokenizer.")}
 
 
 @pytest.mark.llamacpp

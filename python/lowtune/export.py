@@ -550,7 +550,8 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
                              "the experts' gate, so it would not apply them. Export it as GGUF (merged, or "
                              "--lora-gguf), or train with --targets attn_q,attn_k,attn_v,attn_output for a PEFT "
                              "adapter")
-        for module, (a, b) in _module_pairs(pairs, base, md).items():
+        language_model = hf_names.in_language_model(arch, _checkpoint_config(base))
+        for module, (a, b) in _module_pairs(pairs, base, md, language_model).items():
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
             ranks[module] = a.shape[0]
@@ -564,7 +565,7 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
         "inference_mode": True, "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False,
         "fan_in_fan_out": hf_names.peft_fan_in_fan_out(arch), "bias": "none", "init_lora_weights": True,
         "modules_to_save": None,
-        "target_modules": hf_names.peft_target_modules(ranks, arch),
+        "target_modules": hf_names.peft_target_modules(ranks, arch, language_model),
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": other, "alpha_pattern": dict(other), "use_dora": False,
     }
@@ -584,8 +585,8 @@ def export_peft(model, adapter, out_dir, rank: int | None = None, base_type=None
 
 def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
     """Tokenizer files for transformers from GGUF tokenizer metadata: tokenizer.json (byte-level
-    BPE, built from lowtune's tokenizers object) or tokenizer.model (SentencePiece), plus
-    tokenizer_config.json and special_tokens_map.json. Returns the names written."""
+    BPE, or Gemma 4's BPE over raw UTF-8, built from lowtune's tokenizers object) or tokenizer.model
+    (SentencePiece), plus tokenizer_config.json and special_tokens_map.json. Returns the names written."""
     tok = load_tokenizer(md)
     names = []
     tokens = md["tokenizer.ggml.tokens"]
@@ -606,11 +607,19 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
         cfg["unk_token"] = tokens[unk]
     if tok.chat_template:
         cfg["chat_template"] = tok.chat_template
-    if tok.model == "gpt2":
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, processors
+    if tok.model == "gemma4":  # (its markers, which transformers and llama.cpp's converter then take as special)
+        named = {cfg["bos_token"], cfg["eos_token"], cfg.get("pad_token"), cfg.get("unk_token")}
+        cfg["additional_special_tokens"] = [t for t, ty in zip(tokens, types) if ty == CONTROL and t not in named]
+    if tok.model in ("gpt2", "gemma4"):
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers import processors
 
         hf = HFTokenizer.from_str(tok._hf.to_str())
         hf.decoder = decoders.ByteLevel()
+        if tok.model == "gemma4":  # (Gemma 4's tokenizer.json: spaces as "▁", lines and runs of newlines apart)
+            hf.normalizer = normalizers.Replace(" ", "\u2581")
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), "isolated")
+            hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
         special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
         hf.add_special_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                                for i in special])
@@ -639,6 +648,12 @@ def write_hf_tokenizer(md: dict, out_dir: Path) -> list[str]:
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+def _checkpoint_config(base) -> dict | None:
+    """The config.json of the HF directory `base` was read from, None for a GGUF file."""
+    path = Path(base.path) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str):
     """(config.json, {HF name: (open file, GGUF name or None, shape)}, the other files) of the original
     directory of a vision-language class: its config with the new dtype, every tensor in its own
@@ -657,14 +672,16 @@ def _vision_language_original(directory: Path, arch: str, torch_dtype_name: str)
     return cfg, tensors, beside
 
 
-def _module_pairs(pairs: dict, base, md: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _module_pairs(pairs: dict, base, md: dict, language_model: bool = False
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HF module -> (A, B in HF's rows) of GGUF LoRA pairs: a module that holds several GGUF tensors'
     rows (Granite 4's dense gate and up, hf_names.fused_parts) takes their A stacked and their B on the
-    diagonal (zero rows for a part without an adapter), one LoRA of their ranks' sum."""
+    diagonal (zero rows for a part without an adapter), one LoRA of their ranks' sum. language_model: the
+    modules under model.language_model (hf_names.in_language_model)."""
     arch = md["general.architecture"]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (a, b) in pairs.items():
-        module = hf_names.hf_module(name, arch)
+        module = hf_names.hf_module(name, arch, language_model)
         parts = hf_names.fused_parts(module + ".weight", arch)
         if parts is None:
             out[module] = (hf_names.to_hf_columns(name, a, md), hf_names.to_hf_rows(name, b, md))
@@ -693,9 +710,9 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
     Phi3ForCausalLM, Gemma3ForCausalLM, ...): model.safetensors (deq(W) + ΔW in bf16, fp16 or
     fp32, in HF's layout, written tensor by tensor), config.json, generation_config.json and the
     tokenizer. adapter None exports the base alone. A vision-language model read from its HF
-    directory is written as that directory: its class and config, its language model merged, the
-    vision tower's tensors and the processor's files as they were (in the chosen dtype); from a
-    GGUF (no vision tower) it is refused."""
+    directory (or Gemma4ForConditionalGeneration's) is written as that directory: its class and config, its
+    language model merged, the vision (and audio) tower's tensors and the processor's files as they were (in
+    the chosen dtype); from a GGUF (no vision tower) it is refused (Gemma 4's written as Gemma4ForCausalLM)."""
     t0 = time.perf_counter()
     try:
         tag = type_of(dtype)
@@ -709,7 +726,8 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
         mc = ModelConfig.from_gguf_metadata(md)
         # config.json first: it refuses what HF cannot hold before anything is written
         original, beside = {}, []
-        if mc.family.text_of and Path(base.path).is_dir():
+        checkpoint = _checkpoint_config(base)
+        if checkpoint is not None and hf_names.in_language_model(arch, checkpoint):
             cfg, original, beside = _vision_language_original(Path(base.path), arch, hf_dtype_name(tdt))
             specs = [(h, tag, shape) for h, (_, _, shape) in original.items()]
             by_hf = {h: g for h, (_, g, _) in original.items() if g in base.tensor_infos}

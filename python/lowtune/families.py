@@ -847,7 +847,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
     Family("gemma4", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True,
-           moe=True, moe_beside_ffn=True),
+           moe=True, moe_beside_ffn=True, hf_architectures=("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
+           hf_model_types=("gemma4_text", "gemma4"), spm_space_prefix=False),
     Family("qwen35", rope="neox", qk_norm="head", ffn_norm_tensor="post_attention_norm", delta_net=True,
            attn_output_gate=True, hf_architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
            hf_model_types=("qwen3_5_text", "qwen3_5"), hf_norm_offset=1.0),
@@ -933,11 +934,8 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
 # lowtune has no Hugging Face names for)
 _GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
-_GEMMA4_TENSORS = "its per-layer tensors and layers of two widths"
 _GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
                  "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
-                 "Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
-                 "Gemma4ForConditionalGeneration": ("gemma4", _GEMMA4_TENSORS),
                  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),

@@ -34,7 +34,9 @@ The families (lowtune.families says which architecture is which HF class) differ
     names); Falcon-H1 its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm
     (pre_ff_layernorm) as the converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms)
     or attention in each layer, then an MLP or experts (feed_forward.*); experts' tensors each expert's apart
-    (stacked in GGUF: expert_part);
+    (stacked in GGUF: expert_part); Gemma 4 has Gemma 3's names beside its per-layer inputs', its layer_scalar
+    and the 26B-A4B's router and stacked experts, and its config keeps the global layers' widths in
+    per_layer_config (_gemma4_keys, _gemma4_config);
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
@@ -211,11 +213,23 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
-    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM and Gemma4ForCausalLM): lowtune
-    # reads and writes no Hugging Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors, nor of
-    # Gemma 4's per-layer tensors and layers of two widths
+    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM): lowtune reads and writes no Hugging
+    # Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors
     "gemma3n": {"layer": {**_ATTN, **_MLP}, "global": {}},
-    "gemma4": {"layer": {**_ATTN, **_MLP}, "global": {}},
+    # Gemma 4: Gemma 3's names, the per-layer inputs', the 26B-A4B's router and experts beside the dense MLP; the
+    # scalars and stacked experts named without a suffix ("exact")
+    "gemma4": {"layer": {**_GEMMA, **_QK_NORMS, "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+                         "post_norm": "post_per_layer_input_norm", "ffn_gate_inp": "router.proj",
+                         "post_ffw_norm_1": "post_feedforward_layernorm_1",
+                         "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+                         "post_ffw_norm_2": "post_feedforward_layernorm_2"},
+               "exact": {"layer_output_scale.weight": "layer_scalar", "ffn_gate_inp.scale": "router.scale",
+                         "ffn_down_exps.scale": "router.per_expert_scale",
+                         "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+                         "ffn_down_exps.weight": "experts.down_proj"},
+               "global": {**_GLOBAL, "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+                          "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+                          "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}},
     "olmo2": {"layer": _POST_NORMED, "global": _GLOBAL},
     "exaone4": {"layer": _POST_NORMED, "global": _GLOBAL},
     "command-r": {"layer": _PARALLEL, "global": _GLOBAL},
@@ -323,11 +337,12 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models, Qwen3.5) keeps
-# its language model under a prefix; its vision tower is not part of the text model, nor are Qwen3.5's
-# multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
+# its language model under a prefix; its vision (and Gemma 4's audio) tower is not part of the text model, nor
+# are Qwen3.5's multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias|\.attention\.bias)$"
-                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp)\.")
+                      r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp|audio_tower"
+                      r"|embed_vision|embed_audio)\.")
 _LANGUAGE_MODEL = ((re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),
                    (re.compile(r"^language_model\.lm_head\."), "lm_head."))
 # Checkpoints that name their tensors otherwise, read under the names transformers renames them to on load
@@ -480,10 +495,18 @@ _PEFT_REFUSED = {"mamba": {"ssm_dt": "transformers reads dt_proj's weight past t
 _CLASS_PREFIX = dict.fromkeys(("nemotron_h", "nemotron_h_moe"), ("backbone.", "model."))
 
 
-def hf_module(name: str, arch: str) -> str:
+def in_language_model(arch: str, config: Mapping | None) -> bool:
+    """Whether a model of `arch` read from a checkpoint of config.json `config` (None: a GGUF file) has its layers
+    under model.language_model in its class: a vision-language family's, or Gemma4ForConditionalGeneration's
+    (whose language model is the gemma4 of Gemma4ForCausalLM)."""
+    return bool(FAMILIES[arch].text_of) or (config or {}).get("architectures", [""])[0] == \
+        "Gemma4ForConditionalGeneration"
+
+
+def hf_module(name: str, arch: str, language_model: bool = False) -> str:
     """The HF module of GGUF layer linear `name` (blk.N.attn_q.weight) where the family's class holds
     it, as PEFT names it: model.layers.N.self_attn.q_proj, model.language_model.layers.N... in a
-    vision-language class."""
+    vision-language class (language_model: in_language_model)."""
     fam = FAMILIES[arch]
     if not fam.hf_writable:
         raise ValueError(f"PEFT adapters name the modules of {fam.hf_architectures[0]}, which transformers cannot "
@@ -501,14 +524,15 @@ def hf_module(name: str, arch: str) -> str:
                          "Hugging Face directory or GGUF (merged, or as a GGUF LoRA)")
     if arch in _CLASS_PREFIX:
         module = module.replace(*_CLASS_PREFIX[arch], 1)
-    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of else module
+    return module.replace("model.layers.", _VL_LAYERS, 1) if fam.text_of or language_model else module
 
 
-def peft_target_modules(modules, arch: str) -> list[str] | str:
+def peft_target_modules(modules, arch: str, language_model: bool = False) -> list[str] | str:
     """PEFT's target_modules for adapters on these HF modules: their short names, or in a
-    vision-language class a pattern of the language model's (the vision tower has gate_proj too)."""
+    vision-language class (language_model: in_language_model) a pattern of the language model's (the vision
+    tower has gate_proj too)."""
     names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    if not FAMILIES[arch].text_of:
+    if not FAMILIES[arch].text_of and not language_model:
         return names
     return re.escape(_VL_LAYERS) + r"\d+\..*\.(" + "|".join(names) + ")"
 
@@ -931,6 +955,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         raise ValueError(f"config.json asks for q/k norms, which lowtune's {arch} does not run")
     if fam.parallel_key:
         _parallel_keys(config, key, arch)
+    if fam.layer_widths:  # (Gemma 4: layers of two widths, RoPE of its own; none of the rest below applies)
+        _gemma4_keys(config, key)
+        return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
     hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layers = int(config["num_hidden_layers"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
@@ -1014,6 +1041,89 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
     if "query_pre_attn_scalar" in config:
         _check_query_scale(config, fam, head_dim)
     return {k: v for k, (v, _) in md.items()}, {k: t for k, (_, t) in md.items()}
+
+
+def _gemma4_global(config: dict, key: str):
+    """A Gemma 4 config's value of `key` for its global layers: global_<key>, else per_layer_config's of the first
+    full_attention layer, as llama.cpp's converter finds head_dim and num_key_value_heads (None: neither)."""
+    if config.get(f"global_{key}") is not None:
+        return config[f"global_{key}"]
+    types = config.get("layer_types") or []
+    for i, layer in (config.get("per_layer_config") or {}).items():
+        if int(i) < len(types) and types[int(i)] == "full_attention" and key in layer:
+            return layer[key]
+    return None
+
+
+def _gemma4_keys(config: dict, key) -> None:
+    """Gemma 4's layers of two widths as llama.cpp's converter writes them: the global layers' head and KV heads
+    (global_head_dim, num_global_key_value_heads or per_layer_config's) beside the sliding ones', which layers
+    slide, the FFN twice as wide from the first layer that reuses K/V (use_double_wide_mlp), RoPE on all of a
+    global head ("proportional": rope_freqs, generated_tensors) and on partial_rotary_factor of a sliding one,
+    the per-layer inputs' width, the experts'; the rest of the config is refused where llama.cpp's gemma4 would
+    not run it as transformers does."""
+    n_layers, head_dim = int(config["num_hidden_layers"]), int(config.get("head_dim") or 256)
+    types = config.get("layer_types")
+    if not types or len(types) < n_layers:
+        raise ValueError("config.json lacks layer_types for every layer, which llama.cpp's converter reads for gemma4")
+    swa = [t == "sliding_attention" for t in types[:n_layers]]
+    full_dim, full_kv = _gemma4_global(config, "head_dim"), _gemma4_global(config, "num_key_value_heads")
+    if full_dim is None:
+        raise ValueError("config.json gives the global layers no head_dim (global_head_dim or per_layer_config), "
+                         "which llama.cpp's converter needs for gemma4")
+    full, sliding = _rope(config)
+    if full.get("rope_type") != "proportional" or (sliding or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"gemma4's RoPE {full.get('rope_type')!r} (global layers) and "
+                         f"{(sliding or {}).get('rope_type')!r} (sliding layers): llama.cpp's converter writes only "
+                         "'proportional' and 'default' (and so lowtune, which follows it)")
+    for unsupported in ("attention_bias", "use_bidirectional_attention"):
+        if config.get(unsupported):
+            raise ValueError(f"config.json asks for {unsupported}, which llama.cpp's gemma4 does not run (and so "
+                             "lowtune, which follows it)")
+    if config.get("attn_logit_softcapping"):
+        raise ValueError("config.json asks for attn_logit_softcapping, which a gemma4 model does not have")
+    per_layer_vocab = config.get("vocab_size_per_layer_input", config["vocab_size"])
+    if config.get("hidden_size_per_layer_input") and per_layer_vocab != config["vocab_size"]:
+        raise ValueError(f"config.json's vocab_size_per_layer_input {per_layer_vocab} differs from vocab_size "
+                         f"{config['vocab_size']}; llama.cpp's gemma4 reads the per-layer embeddings by the "
+                         "vocabulary's ids (and so lowtune, which follows it)")
+    shared = int(config.get("num_kv_shared_layers") or 0)
+    ffn = int(config["intermediate_size"])
+    if config.get("use_double_wide_mlp"):
+        key("feed_forward_length", [ffn if i < n_layers - shared else 2 * ffn for i in range(n_layers)], (ARRAY, U32))
+    kv = int(config.get("num_key_value_heads") or 4)
+    key("attention.head_count_kv", kv if full_kv is None else [kv if s else int(full_kv) for s in swa],
+        U32 if full_kv is None else (ARRAY, U32))
+    key("context_length", int(config.get("max_position_embeddings") or 131072), U32)
+    key("rope.freq_base", float(full.get("rope_theta", 1e6)), F32)
+    key("rope.freq_base_swa", float((sliding or {}).get("rope_theta", 10000.0)), F32)
+    key("attention.key_length", int(full_dim), U32)
+    key("attention.value_length", int(full_dim), U32)
+    key("attention.key_length_swa", head_dim, U32)
+    key("attention.value_length_swa", head_dim, U32)
+    key("rope.dimension_count", int(full_dim), U32)
+    key("rope.dimension_count_swa", int(head_dim * float((sliding or {}).get("partial_rotary_factor") or 1.0)), U32)
+    if config.get("final_logit_softcapping"):
+        key("final_logit_softcapping", float(config["final_logit_softcapping"]), F32)
+    if config.get("sliding_window_pattern") != 1:
+        key("attention.sliding_window", int(config["sliding_window"]), U32)
+    key("attention.sliding_window_pattern", swa, (ARRAY, BOOL))
+    key("attention.shared_kv_layers", shared, U32)
+    key("embedding_length_per_layer_input", int(config.get("hidden_size_per_layer_input") or 0), U32)
+    if config.get("enable_moe_block"):
+        key("expert_count", int(config["num_experts"]), U32)
+        key("expert_used_count", int(config["top_k_experts"]), U32)
+        key("expert_feed_forward_length", int(config["moe_intermediate_size"]), U32)
+
+
+def _gemma4_rope_freqs(config: dict) -> list[float]:
+    """Gemma 4's rope_freqs, as llama.cpp's converter builds them: its global layers' "proportional" RoPE
+    rotates partial_rotary_factor of each head's pairs at the speeds of the whole head, which ggml's NEOX RoPE on
+    the whole head runs with the other pairs' speeds divided by 1e30 (left unrotated)."""
+    full, _ = _rope(config)
+    head_dim = int(_gemma4_global(config, "head_dim"))
+    rotated = int(head_dim * float(full["partial_rotary_factor"]) / 2)
+    return [1.0] * rotated + [1e30] * (head_dim // 2 - rotated)
 
 
 def _latent_attention_keys(config: dict, key, fam: Family) -> None:
@@ -1496,6 +1606,8 @@ def generated_tensors(config: dict) -> dict[str, list[float]]:
     config = _text_config(config)
     rope, _ = _rope(config)
     kind = rope.get("rope_type", rope.get("type"))
+    if kind == "proportional":  # (Gemma 4's global layers)
+        return {"rope_freqs.weight": _gemma4_rope_freqs(config)}
     if kind in ("longrope", "su") and rope.get("long_factor"):
         return {"rope_factors_long.weight": [float(x) for x in rope["long_factor"]],
                 "rope_factors_short.weight": [float(x) for x in rope["short_factor"]]}
@@ -1547,7 +1659,7 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "starcoder2": {"use_bias": ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
                                 "ffn_down")}, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
-    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "olmo2": _ATTN_BIASES,
+    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "gemma4": {}, "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
@@ -1614,6 +1726,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     c = model_config
     arch, fam = c.arch, c.family
     tensors = tensors or {}
+    if fam.layer_widths:  # (Gemma 4's experts too: the checkpoint's names and layout, TENSOR_NAMES)
+        return _gemma4_config(c, metadata, tied, torch_dtype, tensors)
     if c.n_experts:
         raise ValueError("mixture-of-experts models export as GGUF (merged, or as a GGUF LoRA) and as PEFT "
                          "adapters; a merged Hugging Face directory of one is not written")
@@ -1825,6 +1939,64 @@ def _token_ids(metadata: Mapping, vocab_size: int) -> dict:
         if v is not None and 0 <= int(v) < vocab_size:  # Phi-3's converter writes a pad id past the vocab
             ids[key] = int(v)
     return ids
+
+
+def _gemma4_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: Mapping[str, Any]) -> dict:
+    """Gemma4ForCausalLM's config.json of a gemma4 model (the inverse of _gemma4_keys): the sliding layers' head,
+    KV heads and RoPE part, the global layers' in per_layer_config, their "proportional" RoPE's part from
+    rope_freqs (the pairs it rotates), values from k_proj where the global layers have no v_proj, the 26B-A4B's
+    experts; a model transformers' class cannot hold is refused."""
+    n, refuse = c.n_layers, "; export it as GGUF (merged, or as a GGUF LoRA)"
+    swa = [c.is_sliding(i) for i in range(n)]
+    layers = [c.at_layer(i) for i in range(n)]
+    widths = {s: {(w.head_dim, w.n_kv_heads, w.rope_dim) for w, ws in zip(layers, swa) if ws == s}
+              for s in (True, False)}
+    if any(len(w) > 1 for w in widths.values()) or swa[-1]:
+        raise ValueError("this gemma4 model's sliding or global layers differ in their widths, or its last layer "
+                         f"slides, which Gemma4ForCausalLM does not hold{refuse}")
+    (swa_dim, swa_kv, swa_rot), = widths[True] or {(c.head_dim, c.n_kv_heads, c.head_dim)}
+    (full_dim, full_kv, full_rot), = widths[False]
+    ffn = [w.ffn_dim for w in layers]
+    shared = n - c.kv_layers if c.kv_layers else 0
+    double = ffn != [ffn[0]] * n
+    if double and ffn != [ffn[0] if i < n - shared else 2 * ffn[0] for i in range(n)]:
+        raise ValueError(f"this gemma4 model's FFN widths {ffn} are not one width, twice as wide in the layers that "
+                         f"reuse K/V (use_double_wide_mlp), which Gemma4ForCausalLM holds{refuse}")
+    factors = tensors.get("rope_freqs.weight") or [1.0] * (full_dim // 2)
+    rotated = next((i for i, f in enumerate(factors) if f != 1.0), len(factors))  # (the rest left unrotated: 1e30)
+    if full_rot != full_dim or len(factors) != full_dim // 2 or any(f < 1e29 for f in factors[rotated:]):
+        raise ValueError("this gemma4 model's global layers' RoPE (rope_freqs, rope.dimension_count) is not "
+                         f"transformers' \"proportional\" RoPE on a part of each head{refuse}")
+    if any(t.endswith("ffn_gate_exps.weight") for t in tensors):
+        raise ValueError("this gemma4 model keeps its experts' gate and up apart (ffn_gate_exps, ffn_up_exps), which "
+                         f"Gemma4ForCausalLM holds in one gate_up_proj{refuse}")
+    own_kv = [i for i in range(n - shared) if not swa[i]]
+    k_eq_v = {f"blk.{i}.attn_v.weight" not in tensors for i in own_kv}
+    if len(k_eq_v) > 1 or any(f"blk.{i}.attn_v.weight" not in tensors for i in range(n - shared) if swa[i]):
+        raise ValueError("this gemma4 model's layers of one kind differ in having attn_v, which Gemma4ForCausalLM "
+                         f"holds for all of them or for none of its global layers{refuse}")
+    sliding = {"rope_type": "default", "rope_theta": _f32(c.rope_theta_swa or c.rope_theta)}
+    if swa_rot != swa_dim:
+        sliding["partial_rotary_factor"] = swa_rot / swa_dim
+    cfg = {"architectures": [c.family.hf_architectures[0]], "model_type": c.family.hf_model_types[0],
+           "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": ffn[0], "num_hidden_layers": n,
+           "num_attention_heads": c.n_heads, "num_key_value_heads": swa_kv, "head_dim": swa_dim,
+           "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": c.context_length,
+           "rms_norm_eps": _f32(c.norm_eps), "tie_word_embeddings": tied, "torch_dtype": torch_dtype,
+           "initializer_range": 0.02, "use_cache": True, "attention_bias": False, "attention_dropout": 0.0,
+           "sliding_window": int(c.sliding_window) or None,
+           "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+           "per_layer_config": {str(i): {"head_dim": full_dim, "num_key_value_heads": full_kv}
+                                for i in range(n) if not swa[i]},
+           "rope_parameters": {"sliding_attention": sliding, "full_attention": {
+               "rope_type": "proportional", "rope_theta": _f32(c.rope_theta),
+               "partial_rotary_factor": 2 * rotated / full_dim}},
+           "final_logit_softcapping": _f32(c.final_softcap) if c.final_softcap else None,
+           "vocab_size_per_layer_input": c.vocab_size, "hidden_size_per_layer_input": c.per_layer_dim,
+           "num_kv_shared_layers": shared, "use_double_wide_mlp": double, "attention_k_eq_v": k_eq_v == {True},
+           "enable_moe_block": bool(c.n_experts), "num_experts": c.n_experts or None,
+           "top_k_experts": c.n_experts_used or None, "moe_intermediate_size": c.expert_ffn_dim or None}
+    return {**cfg, **_token_ids(metadata, c.vocab_size)}
 
 
 def _ssm_config(c, metadata: Mapping, tied: bool, torch_dtype: str, tensors: Collection[str]) -> dict:

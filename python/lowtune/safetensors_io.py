@@ -158,7 +158,7 @@ class HFCheckpoint(Source):
         self.tensor_infos = {n: infos[n] for n in sorted(infos, key=_gguf_order)}
         set_file_type(self.metadata, self.metadata_types, self.tensor_infos)
         if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
-            self.metadata.update(tokenizer_metadata_from_dir(d))
+            self.metadata.update(tokenizer_metadata_from_dir(d, self.arch))
             prefix = FAMILIES[self.arch].spm_space_prefix
             if prefix is not None and self.metadata.get("tokenizer.ggml.model") == "llama":
                 self.metadata["tokenizer.ggml.add_space_prefix"] = prefix

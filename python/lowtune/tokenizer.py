@@ -618,15 +618,18 @@ def load_tokenizer_dir(path) -> Tokenizer:
     return load_tokenizer(tokenizer_metadata_from_dir(path))
 
 
-def tokenizer_metadata_from_dir(path) -> dict[str, Any]:
-    """GGUF tokenizer.* metadata for a HF directory. tokenizer.model (SentencePiece) gives a 'llama'
-    tokenizer; tokenizer.json with a byte-level BPE model gives 'gpt2' with `pre` guessed from its
-    pre-tokenizer regex."""
+def tokenizer_metadata_from_dir(path, arch: str = "") -> dict[str, Any]:
+    """GGUF tokenizer.* metadata for a HF directory (of a model of architecture `arch`). tokenizer.model
+    (SentencePiece) gives a 'llama' tokenizer; tokenizer.json with a byte-level BPE model gives 'gpt2' with
+    `pre` guessed from its pre-tokenizer regex; a gemma4 model's BPE with byte fallback 'gemma4', as llama.cpp's
+    converter writes it (_gemma4_metadata)."""
     d = Path(path)
     cfg = _read_json(d / "tokenizer_config.json") or {}
     meta: dict[str, Any] = {}
     tj = _read_json(d / "tokenizer.json")
-    if tj is not None and tj.get("model", {}).get("type") == "BPE" and _is_byte_level(tj):
+    if arch == "gemma4" and tj is not None and tj.get("model", {}).get("byte_fallback"):
+        meta.update(_gemma4_metadata(tj, cfg))
+    elif tj is not None and tj.get("model", {}).get("type") == "BPE" and _is_byte_level(tj):
         meta.update(_bpe_metadata(tj))
     elif (d / "tokenizer.model").exists():
         meta.update(spm_metadata((d / "tokenizer.model").read_bytes()))
@@ -649,6 +652,8 @@ def tokenizer_metadata_from_dir(path) -> dict[str, Any]:
         meta["tokenizer.ggml.add_bos_token"] = bool(cfg["add_bos_token"])
     elif meta["tokenizer.ggml.model"] == "gpt2" and tj is not None:
         meta["tokenizer.ggml.add_bos_token"] = _post_processor_adds_bos(tj, meta)
+    if meta["tokenizer.ggml.model"] == "gemma4":  # (whatever the config says, as the converter writes it)
+        meta["tokenizer.ggml.add_bos_token"] = True
     if "add_eos_token" in cfg:
         meta["tokenizer.ggml.add_eos_token"] = bool(cfg["add_eos_token"])
     template = cfg.get("chat_template")
@@ -690,6 +695,32 @@ def _bpe_metadata(tj: dict) -> dict:
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _guess_pre(tj),
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.merges": merges}
+
+
+# Gemma 4's markers that llama.cpp's converter types USER_DEFINED (always rendered, for its chat parser)
+_GEMMA4_VISIBLE = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+                   "<|\"|>")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _gemma4_metadata(tj: dict, cfg: dict) -> dict:
+    """Gemma 4's tokenizer.json (BPE with byte fallback) as llama.cpp's converter writes it (LlamaHfVocab): the
+    tokens by id, scores of -1000, <0xNN> BYTE, transformers' special tokens CONTROL, _GEMMA4_VISIBLE and other
+    added tokens past the vocabulary USER_DEFINED, the merges; no space prefix, BOS always added."""
+    meta = _bpe_metadata(tj)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    base = len(tj["model"]["vocab"])
+    named = [cfg.get(k) for k in _SPECIAL_KEYS]
+    extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+    named += list(extra.values()) if isinstance(extra, dict) else list(extra)
+    special = {t.get("content") if isinstance(t, dict) else t for t in named}
+    for i, t in enumerate(tokens):
+        types[i] = (USER_DEFINED if t in _GEMMA4_VISIBLE else BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)
+                    else CONTROL if t in special else USER_DEFINED if i >= base else NORMAL)
+    meta.update({"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.scores": [-1000.0] * len(tokens),
+                 "tokenizer.ggml.add_space_prefix": False})
+    del meta["tokenizer.ggml.pre"]
+    return meta
 
 
 def _guess_pre(tj: dict) -> str:
