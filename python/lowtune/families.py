@@ -834,7 +834,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            bare_tensors=("exp_probs_b",)),
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
-           swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
+           swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True,
+           hf_architectures=("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"),
+           hf_model_types=("gemma3n_text", "gemma3n"), spm_space_prefix=False),
     Family("gemma4", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True,
            moe=True, moe_beside_ffn=True),
@@ -922,11 +924,8 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
 # lowtune has no Hugging Face names for)
-_GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
 _GEMMA4_TENSORS = "its per-layer tensors and layers of two widths"
-_GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
-                 "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
-                 "Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
+_GGUF_ONLY_HF = {"Gemma4ForCausalLM": ("gemma4", _GEMMA4_TENSORS),
                  "Gemma4ForConditionalGeneration": ("gemma4", _GEMMA4_TENSORS),
                  "NemotronHForCausalLM": ("nemotron_h", "Nemotron-H's layers of one part"),
                  # (checkpoints that ship their own modeling code)

@@ -113,9 +113,11 @@ def choose_type(qtype, name: str, shape: tuple[int, ...]) -> Format:
 def training_type(qtype, shape: tuple[int, ...], name: str = "") -> Format:
     """The type safetensors tensor `name` gets when a model is quantized on load to train on it:
     `qtype` as choose_type, or by default Q4_K where its rows are whole 256-wide super-blocks,
-    else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly)."""
+    else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly); rows no block fits F32."""
     if qtype is not None or len(shape) != 2 or name.endswith(_KEPT_FLOAT):
         return choose_type(qtype, name, shape)
+    if shape[1] % 32:  # (Gemma 3n's AltUp coefficients, rows of 4: tiny, kept exact)
+        return get_format("F32")
     return get_format("Q4_K" if shape[1] % 256 == 0 else "Q4_1")
 
 

@@ -95,6 +95,7 @@ class HFCheckpoint(Source):
         tied = bool(self.config.get("tie_word_embeddings", False))
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple] = {}  # GGUF name -> (file, HF name[, part, parts of a fused tensor])
+        self._stacked: dict[str, dict[int, tuple]] = {}  # GGUF name -> {i: (file, HF name)} of the matrices it stacks
         infos: dict[str, TensorInfo] = {}
         scalars: dict[str, dict[int, float]] = {}  # per-layer scalars GGUF keeps as metadata (Apertus's xIELU)
         for f in safetensors_files(d):
@@ -103,6 +104,10 @@ class HFCheckpoint(Source):
                 at = hf_names.layer_scalar(hf, self.arch)
                 if at is not None:
                     scalars.setdefault(at[0], {})[at[1]] = float(st.get_tensor(hf).float().reshape(-1)[0])
+                    continue
+                stacked = hf_names.stacked_part(hf, self.arch)
+                if stacked is not None:  # (one matrix of a stacked GGUF tensor: Gemma 3n's AltUp projections)
+                    self._stacked.setdefault(stacked[0], {})[stacked[1]] = (f, hf)
                     continue
                 parts = hf_names.fused_parts(hf, self.arch)
                 name = hf_names.gguf_name(hf, self.arch) if parts is None else parts[0]
@@ -122,6 +127,12 @@ class HFCheckpoint(Source):
                     continue
                 infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape(), self.metadata))
                 self._where[name] = (f, hf)
+        for name, mats in self._stacked.items():
+            if sorted(mats) != list(range(len(mats))):
+                raise ValueError(f"{d}: the checkpoint holds {name}'s matrices {sorted(mats)}, not 0 to "
+                                 f"{len(mats) - 1}")
+            sl = self._files[str(mats[0][0])].get_slice(mats[0][1])
+            infos[name] = _info(name, get_format(_SAFETENSORS_FLOATS[sl.get_dtype()]), (len(mats), *sl.get_shape()))
         n_layers = int(self.metadata[f"{self.arch}.block_count"])
         for key in hf_names.LAYER_SCALARS.get(self.arch, {}):
             if sorted(scalars.get(key, {})) != list(range(n_layers)):
@@ -155,6 +166,10 @@ class HFCheckpoint(Source):
         """The tensor as stored (its float dtype), in GGUF's name and row order."""
         if name in self._extra:
             return self._extra[name]
+        if name in self._stacked:
+            mats = self._stacked[name]
+            w = torch.stack([self._files[str(f)].get_tensor(hf) for f, hf in (mats[i] for i in range(len(mats)))])
+            return hf_names.from_hf_values(name, w, self.metadata)
         if name not in self._where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         f, hf, *part = self._where[name]
