@@ -936,7 +936,9 @@ def test_gemma3n_multimodal_directory_reads_its_text_model(tiny, tmp_path):
     """A Gemma3nForConditionalGeneration directory (the released checkpoints) is read as llama.cpp's converter
     reads it: the language model under model.language_model, its config under text_config, the vision and audio
     towers and their embedders left out; the per-layer table, shorter than the vocabulary (its vision and audio
-    tokens), padded with zero rows as the converter pads it. Its logits are the text model's."""
+    tokens), padded with zero rows as the converter pads it. Its logits are the text model's; in bf16 the text
+    model's directory gives the converted GGUF's bf16 logits (test_bf16_activations_follow_fp32 holds those to
+    transformers' own bf16)."""
     import lowtune
     from lowtune.loading import open_source
     from safetensors.torch import load_file, save_file
@@ -966,7 +968,9 @@ def test_gemma3n_multimodal_directory_reads_its_text_model(tiny, tmp_path):
         assert not any(n.startswith(("vision", "audio", "embed_")) for n in mm.tensor_infos)
     with torch.no_grad():
         got, want = lowtune.load_model(d, qtype="F32")(ids), Model.from_gguf(tiny["gemma3n"].gguf)(ids)
-    assert rel_err(got[..., :V], want) < 1e-6
+        assert rel_err(got[..., :V], want) < 1e-6
+        bf16 = lowtune.load_model(src, qtype="F32", dtype=torch.bfloat16)(ids)
+        assert torch.equal(bf16, Model.from_gguf(tiny["gemma3n"].gguf, dtype=torch.bfloat16)(ids))
 
 
 def assert_recomputed_lora_gradients_equal(model):
