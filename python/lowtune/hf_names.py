@@ -1191,7 +1191,8 @@ def _gemma3n_keys(config: dict, key) -> None:
         raise ValueError(f"config.json asks for {refused}, which llama.cpp's gemma3n does not run (and so lowtune, "
                          "which follows it)")
     normal = torch.distributions.normal.Normal(0, 1)
-    sparsity = [normal.icdf(torch.tensor(p, dtype=torch.float32)).item() for p in config["activation_sparsity_pattern"]]
+    sparsity = [normal.icdf(torch.tensor(p, dtype=torch.float32)).item()
+                for p in config["activation_sparsity_pattern"]]
     key("altup.active_idx", int(config["altup_active_idx"]), U32)
     key("altup.num_inputs", int(config["altup_num_inputs"]), U32)
     key("embedding_length_per_layer_input", int(config["hidden_size_per_layer_input"]), U32)
@@ -1206,10 +1207,11 @@ def _gemma3n_config(c, cfg: dict) -> None:
     normal = torch.distributions.normal.Normal(0, 1)
     sparsity = [_f32(normal.cdf(torch.tensor(s)).item()) if math.isfinite(s) else 0.0
                 for s in (c.sparsity_std + (-math.inf,) * c.n_layers)[:c.n_layers]]
+    shared = c.n_layers - c.kv_layers if c.kv_layers else 0  # (the layers that reuse earlier K/V)
     cfg.update({"altup_num_inputs": c.altup_inputs, "altup_active_idx": c.altup_active, "altup_correct_scale": True,
                 "laurel_rank": LAUREL_RANK, "hidden_size_per_layer_input": c.per_layer_dim,
-                "vocab_size_per_layer_input": c.vocab_size, "num_kv_shared_layers": c.n_layers - c.kv_layers
-                if c.kv_layers else 0, "activation_sparsity_pattern": sparsity, "attention_bias": False,
+                "vocab_size_per_layer_input": c.vocab_size, "num_kv_shared_layers": shared,
+                "activation_sparsity_pattern": sparsity, "attention_bias": False,
                 "intermediate_size": [c.ffn_dim] * c.n_layers,
                 "final_logit_softcapping": _f32(c.final_softcap) if c.final_softcap else None})
 
