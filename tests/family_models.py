@@ -80,8 +80,8 @@ OPENELM_LAYERS = ((2, 1, 1.0), (4, 2, 2.0), (4, 1, 3.0))
 OPENELM_FFN_DIVISOR = 64
 # (llama.cpp ignores a llama window: mistral's tiny model left out)
 LLAMACPP_NAMES = tuple(n for n in NAMES if n != "mistral") + REMOTE_CODE_NAMES + RWKV_NAMES
-# (Gemma 3n and StableLM 2 12B's per-head q/k norms: read from GGUF, their HF directories refused)
-GGUF_ONLY_NAMES = ("gemma3n", "stablelm2-12b")
+# (StableLM 2 12B's per-head q/k norms: read from GGUF, its HF directories refused)
+GGUF_ONLY_NAMES = ("stablelm2-12b",)
 HF_NAMES = tuple(n for n in NAMES if n not in GGUF_ONLY_NAMES)
 # mixture-of-experts models, read as GGUF only (tests/test_moe.py)
 MOE_NAMES = ("qwen3moe", "mixtral", "olmoe", "qwen2moe", "granitemoe", "gpt-oss", "ernie4_5-moe", "qwen3vlmoe",
@@ -812,8 +812,7 @@ def randomized(model, name: str):
     if name == "mpt":
         mpt_as_llamacpp(model)
     if name == "gemma3n":
-        for layer in model.model.layers:
-            layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
+        gemma3n_as_llamacpp(model)
     if name == "phimoe":
         phimoe_as_llamacpp(model)
     return model.float().eval()
@@ -857,6 +856,12 @@ def phimoe_as_llamacpp(model, norms: bool = True, routing: bool = True):
         if routing and type(m).__name__ == "PhimoeTopKRouter":
             m.forward = types.MethodType(top_k, m)
     return model
+
+
+def gemma3n_as_llamacpp(model) -> None:
+    """Gemma 3n's sparse FFN gates as llama.cpp computes them (_gaussian_topk_llamacpp)."""
+    for layer in model.model.layers:
+        layer.mlp._gaussian_topk = types.MethodType(_gaussian_topk_llamacpp, layer.mlp)
 
 
 def _gaussian_topk_llamacpp(mlp, inputs: torch.Tensor) -> torch.Tensor:

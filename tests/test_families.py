@@ -325,10 +325,12 @@ def test_hf_directory_loads_as_the_converted_gguf(tiny, name, botchan_text):
     with open_base(tiny[name].hf_dir) as src, GGUFFile(tiny[name].gguf) as f:  # the default types
         assert set(src.tensor_infos) == set(f.tensor_infos)
         for n, info in f.tensor_infos.items():
-            if len(info.shape) == 1 or not is_quantizable(n, info.shape):  # norms (Gemma's 1 + w), biases,
-                assert torch.equal(src.tensor(n), f.tensor(n)), n        # LongRoPE factors, LFM2's conv kernels
+            # norms (Gemma's 1 + w), biases, LongRoPE factors, LFM2's conv kernels, Gemma 3n's stacked AltUp
+            # projections
+            if len(info.shape) != 2 or not is_quantizable(n, info.shape):
+                assert torch.equal(src.tensor(n), f.tensor(n)), n
             else:  # rows of 64 and 128: Q4_1; of 256 (Phi-2's FFN of 4 · D): Q4_K; of 16 (Gemma 4's per-layer
-                k = info.shape[-1]  # projection): F16, llama-quantize's fallback
+                k = info.shape[-1]  # projection) and 4 (Gemma 3n's AltUp coefficients): F16, llama-quantize's fallback
                 got, want_type = src.qtensor(n), "Q4_K" if k % 256 == 0 else "Q4_1" if k % 32 == 0 else "F16"
                 assert got.type == want_type and torch.equal(got.raw, ops.quantize(f.tensor(n), want_type).raw), n
     text = botchan_text[1000:3000]
@@ -349,6 +351,10 @@ def test_hf_names_and_config_round_trip(tiny, name):
         tensors = {n: (f.tensor(n).tolist() if n in hf_names.GGUF_ONLY else None) for n in infos}
     arch = md["general.architecture"]
     for n in infos:
+        stacked = hf_names.stacked_names(n, arch, infos[n].shape[0])  # (Gemma 3n's AltUp projections)
+        if stacked is not None:
+            assert [hf_names.stacked_part(h, arch) for h in stacked] == [(n, i) for i in range(len(stacked))]
+            continue
         h = hf_names.hf_name(n, arch)
         fused = None if h is None else hf_names.fused_parts(h, arch)  # (Granite 4's dense gate and up)
         assert (n in hf_names.GGUF_ONLY) if h is None else n in (fused or (hf_names.gguf_name(h, arch),))
@@ -919,9 +925,53 @@ def test_gemma3n_layout_as_llamacpp_runs_it(tiny):
         ModelConfig.from_gguf_metadata({**md, "gemma3n.feed_forward_length": [1024] * 21 + [512]})
     with pytest.raises(ValueError, match="lacks tensor 'blk.3.laurel_l.weight'"):
         Gemma3nModel(c, {k: v for k, v in w.items() if k != "blk.3.laurel_l.weight"})
+    from lowtune import hf_names
+    cfg = json.loads((tiny["gemma3n"].hf_dir / "config.json").read_text())
+    for change, what in [({"laurel_rank": 32}, "laurel_rank"), ({"altup_correct_scale": False}, "altup_correct_scale"),
+                         ({"attention_bias": True}, "attention_bias")]:
+        with pytest.raises(ValueError, match=f"{what}.*llama.cpp's gemma3n does not run"):
+            hf_names.metadata_from_hf_config({**cfg, **change})
+
+
+def test_gemma3n_multimodal_directory_reads_its_text_model(tiny, tmp_path):
+    """A Gemma3nForConditionalGeneration directory (the released checkpoints) is read as llama.cpp's converter
+    reads it: the language model under model.language_model, its config under text_config, the vision and audio
+    towers and their embedders left out; the per-layer table, shorter than the vocabulary (its vision and audio
+    tokens), padded with zero rows as the converter pads it. Its logits are the text model's; in bf16 the text
+    model's directory gives the converted GGUF's bf16 logits (test_bf16_activations_follow_fp32 holds those to
+    transformers' own bf16)."""
     import lowtune
-    with pytest.raises(ValueError, match="Gemma3nForCausalLM .gemma3n. is read from GGUF only.*convert_hf_to_gguf"):
-        lowtune.load_model(tiny["gemma3n"].hf_dir)
+    from lowtune.loading import open_source
+    from safetensors.torch import load_file, save_file
+    src, d = tiny["gemma3n"].hf_dir, tmp_path / "gemma3n-mm"
+    d.mkdir()
+    text = json.loads((src / "config.json").read_text())
+    extra = 8  # (tokens past the per-layer table: the vision and audio tokens of the released models)
+    w = {k.replace("model.", "model.language_model.", 1): v for k, v in load_file(src / "model.safetensors").items()}
+    w["model.language_model.embed_tokens.weight"] = torch.cat([w["model.language_model.embed_tokens.weight"],
+                                                                torch.randn(extra, D)])
+    tower = {"model.vision_tower.timm_model.conv_stem.conv.weight": torch.randn(4, 3, 3, 3),
+             "model.audio_tower.conformer.0.attention.attn.q_proj.weight": torch.randn(8, 8),
+             "model.embed_vision.embedding.weight": torch.randn(4, D),
+             "model.embed_audio.embedding_projection.weight": torch.randn(D, 8)}
+    save_file({**w, **tower}, d / "model.safetensors")
+    text.update(vocab_size=text["vocab_size"] + extra, model_type="gemma3n_text")
+    (d / "config.json").write_text(json.dumps({"architectures": ["Gemma3nForConditionalGeneration"],
+                                               "model_type": "gemma3n", "text_config": text,
+                                               "vision_config": {"model_type": "gemma3n_vision"},
+                                               "audio_config": {"model_type": "gemma3n_audio"}}))
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(src / f, d / f)
+    ids = rand_ids(2, SEQ)
+    with open_source(d) as mm:
+        table = mm.tensor("per_layer_token_embd.weight")
+        assert table.shape[0] == text["vocab_size"] and not table[-extra:].any()
+        assert not any(n.startswith(("vision", "audio", "embed_")) for n in mm.tensor_infos)
+    with torch.no_grad():
+        got, want = lowtune.load_model(d, qtype="F32")(ids), Model.from_gguf(tiny["gemma3n"].gguf)(ids)
+        assert rel_err(got[..., :V], want) < 1e-6
+        bf16 = lowtune.load_model(src, qtype="F32", dtype=torch.bfloat16)(ids)
+        assert torch.equal(bf16, Model.from_gguf(tiny["gemma3n"].gguf, dtype=torch.bfloat16)(ids))
 
 
 def assert_recomputed_lora_gradients_equal(model):
@@ -2471,9 +2521,9 @@ def test_families_and_refusals():
         family_of({"general.architecture": "clip"})
     with pytest.raises(ValueError, match="not supported"):
         family_of_hf(["GPTJForCausalLM"])
-    with pytest.raises(ValueError, match=r"Gemma3nForCausalLM \(gemma3n\) is read from GGUF only.*AltUp.*load the "
+    with pytest.raises(ValueError, match=r"InternLM2ForCausalLM \(internlm2\) is read from GGUF only.*wqkv.*load the "
                                          "GGUF"):
-        family_of_hf(["Gemma3nForCausalLM"])
+        family_of_hf(["InternLM2ForCausalLM"])
     md = {"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.block_count": 2,
           "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4, "qwen2.vocab_size": 9,
           "qwen2.attention.layer_norm_rms_epsilon": 1e-6}

@@ -725,7 +725,7 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
         arch = md["general.architecture"]
         mc = ModelConfig.from_gguf_metadata(md)
         # config.json first: it refuses what HF cannot hold before anything is written
-        original, beside = {}, []
+        original, beside, mats = {}, [], {}
         checkpoint = _checkpoint_config(base)
         if checkpoint is not None and hf_names.in_language_model(arch, checkpoint):
             cfg, original, beside = _vision_language_original(Path(base.path), arch, hf_dtype_name(tdt))
@@ -741,12 +741,16 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
             _, zero_biases = hf_names.hf_biases(arch, base.tensor_infos, mc.n_layers)
             shapes = {n: tuple(ti.shape) for n, ti in base.tensor_infos.items()}
             shapes.update({n: (base.tensor_infos[n[:-len("bias")] + "weight"].shape[0],) for n in zero_biases})
-            names = {n: hf_names.hf_name(n, arch, shapes) for n in shapes}
-            by_hf = {h: g for g, h in names.items() if h is not None}
+            # (Gemma 3n's AltUp projections: a GGUF tensor that stacks several HF matrices)
+            stacked = {n: hf_names.stacked_names(n, arch, shapes[n][0]) for n in shapes}
+            mats = {h: (g, i) for g, hs in stacked.items() for i, h in enumerate(hs or ())}
+            names = {n: hf_names.hf_name(n, arch, shapes) for n in shapes if stacked[n] is None}
+            by_hf = {**{h: g for g, h in names.items() if h is not None}, **{h: g for h, (g, _) in mats.items()}}
             fused = {h: hf_names.fused_parts(h, arch) for h in by_hf}  # (Granite 4's dense gate and up)
             fused = {h: parts for h, parts in fused.items() if parts is not None}
             specs = [(h, tag, hf_names.hf_shape(g, shapes[g] if h not in fused else (
                 sum(shapes[p][0] for p in fused[h]), *shapes[g][1:]), md)) for h, g in by_hf.items()]
+            specs = [(h, t, shape[1:] if h in mats else shape) for h, t, shape in specs]  # (one stacked matrix)
         scalars = hf_names.layer_scalar_tensors(md)  # (Apertus's xIELU scalars: metadata in GGUF)
         specs += [(h, tag, shape) for h, (shape, _) in scalars.items()]
 
@@ -758,6 +762,9 @@ def export_hf(model, adapter, out_dir, dtype: str = "bf16", rank: int | None = N
                 return original[hf_name][0].get_tensor(hf_name).to(tdt)
             if hf_name in fused:
                 return torch.cat([gguf_tensor(name) for name in fused[hf_name]])
+            if hf_name in mats:
+                name, i = mats[hf_name]
+                return gguf_tensor(name)[i].contiguous()
             return gguf_tensor(by_hf[hf_name])
 
         def gguf_tensor(name: str) -> torch.Tensor:

@@ -844,7 +844,9 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            bare_tensors=("exp_probs_b",)),
     Family("minimax-m2", rope="neox", qk_norm="whole", moe=True, moe_gating=2),
     Family("gemma3n", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
-           swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True),
+           swa_period=5, final_softcap=30.0, query_scale=1.0, altup=True,
+           hf_architectures=("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"),
+           hf_model_types=("gemma3n_text", "gemma3n"), spm_space_prefix=False),
     Family("gemma4", rope="neox", activation="gelu_tanh", post_norms=True, qk_norm="head", embed_scale=True,
            swa_rope_theta=10000.0, final_softcap=30.0, query_scale=1.0, layer_widths=True, values_from_keys=True,
            moe=True, moe_beside_ffn=True, hf_architectures=("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
@@ -933,10 +935,7 @@ _ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-
 
 # Hugging Face classes of families lowtune runs from GGUF files only: class -> (architecture, the tensors
 # lowtune has no Hugging Face names for)
-_GEMMA3N_TENSORS = "its AltUp, Laurel and per-layer tensors"
-_GGUF_ONLY_HF = {"Gemma3nForCausalLM": ("gemma3n", _GEMMA3N_TENSORS),
-                 "Gemma3nForConditionalGeneration": ("gemma3n", _GEMMA3N_TENSORS),
-                 # (checkpoints that ship their own modeling code)
+_GGUF_ONLY_HF = {  # (checkpoints that ship their own modeling code)
                  "InternLM2ForCausalLM": ("internlm2", "InternLM2's wqkv, q/k/v grouped by KV head"),
                  "QWenLMHeadModel": ("qwen", "Qwen's fused c_attn and its tiktoken vocabulary"),
                  "XverseForCausalLM": ("xverse", "XVERSE's tokenizer.json, which the converter rebuilds"),

@@ -34,13 +34,16 @@ The families (lowtune.families says which architecture is which HF class) differ
     names); Falcon-H1 its mixer as mamba.* beside Llama's attention and feed_forward.*, the FFN's norm
     (pre_ff_layernorm) as the converter's blk.N.ffn_norm; Jamba Mamba's mixer (mamba.*, its dt, B and C norms)
     or attention in each layer, then an MLP or experts (feed_forward.*); experts' tensors each expert's apart
-    (stacked in GGUF: expert_part); Gemma 4 has Gemma 3's names beside its per-layer inputs', its layer_scalar
+    (stacked in GGUF: stacked_part); Gemma 4 has Gemma 3's names beside its per-layer inputs', its layer_scalar
     and the 26B-A4B's router and stacked experts, and its config keeps the global layers' widths in
-    per_layer_config (_gemma4_keys, _gemma4_config);
+    per_layer_config (_gemma4_keys, _gemma4_config); Gemma 3n its AltUp (altup.*), Laurel (laurel.*) and
+    per-layer input (per_layer_*) beside Gemma 3's names, the embeddings' AltUp projections one matrix a copy
+    where GGUF stacks them (stacked_names), its multimodal class's towers left out;
   * values: Llama's q/k rows are permuted (below); Gemma's RMSNorm weights are stored as w in HF
     and 1 + w in GGUF (Family.hf_norm_offset), as llama.cpp's converter writes them; GPT-2's linears are
     Conv1D's, their weights [in, out] transposed in GGUF (_CONV1D); Falcon-H1's multipliers are folded into
-    its weights (fold_multipliers) and written back as 1;
+    its weights (fold_multipliers) and written back as 1; Gemma 3n's per-layer embedding table is padded with
+    zero rows to the vocabulary (_VOCAB_PADDED), as the converter pads it;
   * config: RoPE (linear, Llama 3's rope_freqs, Phi-3's LongRoPE factors and attention factor,
     Gemma 3's base for sliding layers, SmolLM3's layers without it), sliding windows and which
     layers slide (layer_types), soft-caps, Gemma's query scale, which biases the HF class can
@@ -61,6 +64,7 @@ import torch
 from gguf.constants import GGUFValueType
 
 from .families import FAMILIES, XIELU_KEYS, Family, family_of_hf, yarn_magnitude
+from .gemma3n import LAUREL_RANK
 
 U32, I32, F32, STR, BOOL = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
                             GGUFValueType.BOOL)
@@ -70,7 +74,7 @@ ARRAY = GGUFValueType.ARRAY
 # tensors outside the layers by full name ("global"); where a family has them, layer tensors named whole,
 # without a .weight or .bias (Mamba2's and the Gated DeltaNet's A_log, D, dt_bias: "exact"), HF
 # tensors that hold several GGUF tensors' rows ("fused": fused_parts), and GGUF tensors that stack an HF
-# tensor of each expert ("experts": expert_part; read only, as mixtures of experts write no HF directory).
+# tensor of each expert ("experts": stacked_part; read only, as mixtures of experts write no HF directory).
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "output.bias": "lm_head.bias"}
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -213,9 +217,20 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "gemma": {"layer": _LLAMA, "global": _GLOBAL},
     "gemma2": {"layer": _GEMMA, "global": _GLOBAL},
     "gemma3": {"layer": {**_GEMMA, **_QK_NORMS}, "global": _GLOBAL},
-    # the adapted linears' names only (PEFT adapters for Gemma3nForCausalLM): lowtune reads and writes no Hugging
-    # Face directory of Gemma 3n's AltUp, Laurel and per-layer tensors
-    "gemma3n": {"layer": {**_ATTN, **_MLP}, "global": {}},
+    # Gemma 3n: Gemma 3's layer with AltUp (altup.*), Laurel (laurel.*) and the per-layer input's gate, projection
+    # and norm; AltUp's scale named without .weight ("exact"); the embeddings' AltUp projections one HF matrix a
+    # copy, stacked in GGUF ("stacked": stacked_part)
+    "gemma3n": {"layer": {**_GEMMA, **_QK_NORMS, "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+                          "post_norm": "post_per_layer_input_norm", "altup_correct_coef": "altup.correction_coefs",
+                          "altup_predict_coef": "altup.prediction_coefs", "altup_router": "altup.modality_router",
+                          "altup_router_norm": "altup.router_norm", "laurel_l": "laurel.linear_left",
+                          "laurel_r": "laurel.linear_right", "laurel_post_norm": "laurel.post_laurel_norm"},
+                "exact": {"altup_correct_scale.weight": "altup.correct_output_scale"},
+                "stacked": {"altup_proj.weight": "model.altup_projections",
+                            "altup_unembd_proj.weight": "model.altup_unembed_projections"},
+                "global": {**_GLOBAL, "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+                           "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+                           "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}},
     # Gemma 4: Gemma 3's names, the per-layer inputs', the 26B-A4B's router and experts beside the dense MLP; the
     # scalars and stacked experts named without a suffix ("exact")
     "gemma4": {"layer": {**_GEMMA, **_QK_NORMS, "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
@@ -282,7 +297,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                "exact": {"ssm_a": "mixer.A_log", "ssm_d": "mixer.D", "ssm_dt.bias": "mixer.dt_bias"},
                "global": _BACKBONE},
     "nemotron_h": _NEMOTRON_H,
-    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": expert_part), the
+    # Nemotron-H MoE: experts in place of the MLPs, each expert's up and down apart ("experts": stacked_part), the
     # router (gate) and its selection bias, a shared expert
     "nemotron_h_moe": {"layer": {**_NEMOTRON_H["layer"], "ffn_gate_inp": "mixer.gate",
                                  "ffn_up_shexp": "mixer.shared_experts.up_proj",
@@ -292,7 +307,7 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
                                    for p in ("up", "down")},
                        "global": _BACKBONE},
     # Jamba: Mamba's mixer (mamba.*; its dt, B and C norms) or attention, then an MLP (feed_forward.*) or experts,
-    # each expert's gate, up and down tensors of its own, which GGUF stacks ("experts": expert_part)
+    # each expert's gate, up and down tensors of its own, which GGUF stacks ("experts": stacked_part)
     "jamba": {"layer": {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "pre_ff_layernorm",
                         "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
                         "ffn_down": "feed_forward.down_proj", "ffn_gate_inp": "feed_forward.router",
@@ -337,8 +352,9 @@ TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
 }
 # GGUF tensors HF does not store (rebuilt from config.json: generated_tensors), and HF buffers GGUF
 # does not store. A multimodal checkpoint (Gemma3ForConditionalGeneration, the Qwen VL models, Qwen3.5) keeps
-# its language model under a prefix; its vision (and Gemma 4's audio) tower is not part of the text model, nor
-# are Qwen3.5's multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp).
+# its language model under a prefix; its vision tower is not part of the text model, nor are Qwen3.5's
+# multi-token-prediction layers (mtp.*, which llama.cpp's converter leaves out with --no-mtp), nor Gemma 3n's and
+# Gemma 4's audio towers and vision and audio embedders.
 GGUF_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _HF_ONLY = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias|\.attention\.bias)$"
                       r"|^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|mtp|audio_tower"
@@ -434,7 +450,34 @@ def hf_name(name: str, arch: str = "llama", tensors: Collection[str] = ()) -> st
         return f"{layers}{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
     if name in GGUF_ONLY:
         return None
+    if name in t.get("stacked", {}):
+        raise ValueError(f"GGUF tensor {name!r} of a {arch} model stacks several Hugging Face tensors "
+                         f"({t['stacked'][name]}.N.weight): stacked_names")
     raise ValueError(f"no Hugging Face name for GGUF tensor {name!r} of a {arch} model")
+
+
+def stacked_names(name: str, arch: str, count: int) -> tuple[str, ...] | None:
+    """The HF matrices GGUF tensor `name` stacks, `count` of them (Gemma 3n's AltUp projections, one a copy), or
+    None for a tensor that is one HF tensor."""
+    prefix = _table(arch).get("stacked", {}).get(name)
+    return None if prefix is None else tuple(f"{prefix}.{i}.weight" for i in range(count))
+
+
+def stacked_part(name: str, arch: str) -> tuple[str, int] | None:
+    """(GGUF tensor, index) where HF tensor `name` is one matrix of a GGUF tensor that stacks several on its first
+    dimension: Gemma 3n's AltUp projections, one a copy (stacked_names), or one expert's part (Jamba's
+    feed_forward.experts.E.up_proj.weight: blk.N.ffn_up_exps.weight); else None."""
+    name, t = _checkpoint_name(name, arch), _table(arch)
+    for g, prefix in t.get("stacked", {}).items():
+        m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.weight", name)
+        if m:
+            return g, int(m.group(1))
+    m = re.fullmatch(re.escape(_layers(arch)) + r"(\d+)\.(.+)", name)
+    for g, h in t.get("experts", {}).items() if m else ():
+        e = re.fullmatch(re.escape(h).replace(r"\{\}", r"(\d+)"), m.group(2))
+        if e:
+            return f"blk.{m.group(1)}.{g}", int(e.group(1))
+    return None
 
 
 def fused_parts(name: str, arch: str) -> tuple[str, ...] | None:
@@ -445,26 +488,12 @@ def fused_parts(name: str, arch: str) -> tuple[str, ...] | None:
     return None if parts is None else tuple(f"blk.{m.group(1)}.{p}" for p in parts)
 
 
-def expert_part(name: str, arch: str) -> tuple[str, int] | None:
-    """(GGUF tensor, expert) where HF tensor `name` is one expert's part of a GGUF tensor that stacks every
-    expert's on its first dimension (Jamba's feed_forward.experts.E.up_proj.weight: blk.N.ffn_up_exps.weight),
-    else None."""
-    m = re.fullmatch(re.escape(_layers(arch)) + r"(\d+)\.(.+)", name)
-    for g, h in _table(arch).get("experts", {}).items() if m else ():
-        e = re.fullmatch(re.escape(h).replace(r"\{\}", r"(\d+)"), m.group(2))
-        if e:
-            return f"blk.{m.group(1)}.{g}", int(e.group(1))
-    return None
-
-
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """The GGUF name of an HF tensor; None for buffers GGUF does not store and for the scalars
     it keeps as metadata (layer_scalar)."""
     if _HF_ONLY.search(name) or layer_scalar(name, arch) is not None:
         return None
-    for prefix, repl in _LANGUAGE_MODEL + _CHECKPOINT_NAMES.get(arch, ()):
-        name = prefix.sub(repl, name)
-    t = _table(arch)
+    name, t = _checkpoint_name(name, arch), _table(arch)
     for g, h in t["global"].items():
         if h == name:
             return g
@@ -480,6 +509,14 @@ def gguf_name(name: str, arch: str = "llama") -> str | None:
                 return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     raise ValueError(f"unknown tensor {name!r} in a {arch} checkpoint (not a {arch} model, or an "
                      "unsupported variant)")
+
+
+def _checkpoint_name(name: str, arch: str) -> str:
+    """HF tensor `name` as the family's causal-LM class holds it: a multimodal class's language model out of its
+    prefix, a checkpoint's own names as transformers renames them (_CHECKPOINT_NAMES)."""
+    for prefix, repl in _LANGUAGE_MODEL + _CHECKPOINT_NAMES.get(arch, ()):
+        name = prefix.sub(repl, name)
+    return name
 
 
 # A vision-language class (Qwen2_5_VLForConditionalGeneration, ...) holds its language model's layers here
@@ -665,10 +702,24 @@ def hf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ..
     return shape
 
 
+# the embedding tables that llama.cpp's converter pads with zero rows to vocab_size (Gemma 3n's per-layer table
+# holds vocab_size_per_layer_input rows: the vision and audio tokens get zeros)
+_VOCAB_PADDED = {"gemma3n": ("token_embd.weight", "per_layer_token_embd.weight")}
+
+
+def _padded_vocab(name: str, w, metadata: Mapping):
+    """HF tensor w of GGUF tensor `name` with the zero rows the converter adds up to the vocabulary (_VOCAB_PADDED)."""
+    arch = metadata.get("general.architecture")
+    rows = int(metadata[f"{arch}.vocab_size"]) if name in _VOCAB_PADDED.get(arch, ()) else 0
+    return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if rows > w.shape[0] else w
+
+
 def gguf_shape(name: str, shape, metadata: Mapping | None = None) -> tuple[int, ...]:
     """The inverse of hf_shape: the GGUF shape of tensor `name` (its GGUF name) held in HF's `shape`
-    (Mamba2's gated norm's groups from `metadata`)."""
+    (Mamba2's gated norm's groups from `metadata`, an embedding table padded to the vocabulary: _VOCAB_PADDED)."""
     shape = tuple(shape)
+    if metadata is not None and name in _VOCAB_PADDED.get(metadata.get("general.architecture"), ()):
+        return tuple(_padded_vocab(name, torch.empty(shape, device="meta"), metadata).shape)
     if name.endswith(_CONV_KERNELS) and len(shape) == 3:
         return (shape[0], *shape[2:])
     if _conv1d(name, metadata):
@@ -778,6 +829,7 @@ def to_hf_values(name: str, w, metadata: Mapping):
 
 def from_hf_values(name: str, w, metadata: Mapping):
     """An HF tensor as GGUF holds it (the inverse of to_hf_values); `name` is its GGUF name."""
+    w = _padded_vocab(name, w, metadata)
     heads = rope_heads(name, metadata)
     if heads is not None:
         w = permute_qk_hf_to_gguf(w, heads)
@@ -929,6 +981,9 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
             value = config.get(default) if isinstance(default, str) else default
         if value is None:
             raise ValueError(f"config.json lacks {hf!r}, which a {arch} model needs")
+        if isinstance(value, list):  # (one a layer: Gemma 3n's FFN widths)
+            key(gguf_key, [int(v) for v in value], (ARRAY, I32))
+            continue
         key(gguf_key, float(value) if gtype == F32 else int(value), gtype)
     if fam.eps_key != "attention.layer_norm_rms_epsilon":  # LayerNorm's epsilon (Nemotron-H's), under its own keys
         del md[f"{arch}.attention.layer_norm_rms_epsilon"]
@@ -939,6 +994,8 @@ def metadata_from_hf_config(config: dict, name: str = "") -> tuple[dict, dict]:
         key("attention.clamp_kqv", float(config["clip_qkv"]), F32)
     if fam.short_conv:
         _short_conv_keys(config, key)
+    if fam.altup:
+        _gemma3n_keys(config, key)
     if arch == "falcon-h1":
         _falcon_h1_keys(config, key)
     elif arch in _NEMOTRON_H_ARCHS:
@@ -1287,6 +1344,43 @@ def _ssm_keys(config: dict, fam: Family, key) -> None:
     key("attention.layer_norm_rms_epsilon", float(config.get("layer_norm_epsilon", 1e-5)), F32)
     if not mamba2:
         key("ssm.dt_b_c_rms", False, BOOL)
+
+
+def _gemma3n_keys(config: dict, key) -> None:
+    """Gemma 3n's AltUp, per-layer inputs, shared K/V and sparse FFN gates as llama.cpp's converter writes them
+    (each layer's sparsity as the standard normal's quantile, in fp32 as the converter computes it). What
+    llama.cpp's gemma3n does not run is refused: a Laurel rank other than its fixed 64, AltUp's output
+    unscaled, biases, another activation (the rest of its fixed layout: lowtune.gemma3n)."""
+    refused = {k: config.get(k) for k, ours in (("laurel_rank", LAUREL_RANK), ("altup_correct_scale", True),
+                                                 ("attention_bias", False), ("hidden_activation", "gelu_pytorch_tanh"))
+               if config.get(k, ours) != ours}
+    if refused:
+        raise ValueError(f"config.json asks for {refused}, which llama.cpp's gemma3n does not run (and so lowtune, "
+                         "which follows it)")
+    normal = torch.distributions.normal.Normal(0, 1)
+    sparsity = [normal.icdf(torch.tensor(p, dtype=torch.float32)).item()
+                for p in config["activation_sparsity_pattern"]]
+    key("altup.active_idx", int(config["altup_active_idx"]), U32)
+    key("altup.num_inputs", int(config["altup_num_inputs"]), U32)
+    key("embedding_length_per_layer_input", int(config["hidden_size_per_layer_input"]), U32)
+    key("attention.shared_kv_layers", int(config["num_kv_shared_layers"]), U32)
+    key("activation_sparsity_scale", sparsity, (ARRAY, F32))
+
+
+def _gemma3n_config(c, cfg: dict) -> None:
+    """Gemma 3n's config.json keys of model config `c` (the inverse of _gemma3n_keys), into cfg: the per-layer
+    table as long as the vocabulary (GGUF's, padded: _VOCAB_PADDED), each layer's sparsity as the quantile's
+    probability (0 where the gate is dense)."""
+    normal = torch.distributions.normal.Normal(0, 1)
+    sparsity = [_f32(normal.cdf(torch.tensor(s)).item()) if math.isfinite(s) else 0.0
+                for s in (c.sparsity_std + (-math.inf,) * c.n_layers)[:c.n_layers]]
+    shared = c.n_layers - c.kv_layers if c.kv_layers else 0  # (the layers that reuse earlier K/V)
+    cfg.update({"altup_num_inputs": c.altup_inputs, "altup_active_idx": c.altup_active, "altup_correct_scale": True,
+                "laurel_rank": LAUREL_RANK, "hidden_size_per_layer_input": c.per_layer_dim,
+                "vocab_size_per_layer_input": c.vocab_size, "num_kv_shared_layers": shared,
+                "activation_sparsity_pattern": sparsity, "attention_bias": False,
+                "intermediate_size": [c.ffn_dim] * c.n_layers,
+                "final_logit_softcapping": _f32(c.final_softcap) if c.final_softcap else None})
 
 
 def _falcon_h1_keys(config: dict, key) -> None:
@@ -1659,7 +1753,8 @@ _HF_BIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "starcoder2": {"use_bias": ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up",
                                 "ffn_down")}, "ernie4_5": {}, "mistral3": {},
     "qwen2": {"": ("attn_q", "attn_k", "attn_v")}, "qwen3": _ATTN_BIASES, "phi3": {},
-    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "gemma4": {}, "olmo2": _ATTN_BIASES,
+    "gemma": _ATTN_BIASES, "gemma2": _ATTN_BIASES, "gemma3": _ATTN_BIASES, "gemma3n": {}, "gemma4": {},
+    "olmo2": _ATTN_BIASES,
     "glm4": {"attention_bias": ("attn_q", "attn_k", "attn_v")}, "exaone4": {}, "command-r": _ATTN_BIASES,
     "cohere2": {}, "seed_oss": {"attention_bias": ("attn_q", "attn_k", "attn_v"),
                                 "attention_out_bias": ("attn_output",)}, "hunyuan-dense": _ATTN_BIASES,
@@ -1814,7 +1909,7 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
     if arch == "apertus":  # (without rope_parameters ApertusConfig takes Llama 3's scaling and base by default)
         scaling = cfg.pop("rope_scaling") or {"rope_type": "default"}
         cfg["rope_parameters"] = {**scaling, "rope_theta": _f32(c.rope_theta)}
-    if model_type == "olmo3":  # RoPE per layer type; the sliding layers' plain, maybe with its own base
+    if model_type == "olmo3" or fam.altup:  # RoPE per layer type; the sliding layers' plain, maybe of its own base
         full = cfg.pop("rope_scaling") or {"rope_type": "default"}
         cfg["rope_parameters"] = {
             "full_attention": {**full, "rope_theta": _f32(c.rope_theta)},
@@ -1843,6 +1938,8 @@ def hf_config(model_config, metadata: Mapping, tied: bool, torch_dtype: str,
             cfg["layer_types"] = ["full_attention"] * c.n_layers
     if fam.eps_key != "attention.layer_norm_rms_epsilon":
         cfg[_LAYER_NORM_EPS.get(arch, "layer_norm_eps")] = cfg.pop("rms_norm_eps")
+    if fam.altup:
+        _gemma3n_config(c, cfg)
     if arch == "falcon-h1":
         _falcon_h1_config(c, cfg, tensors)
     elif arch == "nemotron_h":

@@ -114,7 +114,7 @@ def training_type(qtype, shape: tuple[int, ...], name: str = "") -> Format:
     """The type safetensors tensor `name` gets when a model is quantized on load to train on it:
     `qtype` as choose_type, or by default Q4_K where its rows are whole 256-wide super-blocks,
     else Q4_1 (32-wide blocks with a float min, so QA-HiRA/QA-LoRA merge exactly), else its fallback (F16 for
-    rows of no whole block: Gemma 4's per-layer projection of a width below 32)."""
+    rows of no whole block: Gemma 4's per-layer projection of a width below 32, Gemma 3n's AltUp coefficients)."""
     if qtype is not None or len(shape) != 2 or name.endswith(_KEPT_FLOAT):
         return choose_type(qtype, name, shape)
     return fallback(get_format("Q4_K" if shape[1] % 256 == 0 else "Q4_1"), int(shape[1]))

@@ -95,7 +95,8 @@ class HFCheckpoint(Source):
         tied = bool(self.config.get("tie_word_embeddings", False))
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple] = {}  # GGUF name -> (file, HF name[, part, parts of a fused tensor])
-        experts: dict[str, dict[int, tuple]] = {}  # GGUF name -> {expert: (file, HF name, dtype, shape)}
+        # GGUF name -> {i: (file, HF name, dtype, shape)} of the matrices it stacks on its first dimension
+        stacked: dict[str, dict[int, tuple]] = {}
         infos: dict[str, TensorInfo] = {}
         scalars: dict[str, dict[int, float]] = {}  # per-layer scalars GGUF keeps as metadata (Apertus's xIELU)
         for f in safetensors_files(d):
@@ -105,10 +106,10 @@ class HFCheckpoint(Source):
                 if at is not None:
                     scalars.setdefault(at[0], {})[at[1]] = float(st.get_tensor(hf).float().reshape(-1)[0])
                     continue
-                stacked = hf_names.expert_part(hf, self.arch)
-                if stacked is not None:  # (one expert's of a GGUF tensor that stacks them: Jamba's)
+                part = hf_names.stacked_part(hf, self.arch)
+                if part is not None:  # (one matrix of a stacked GGUF tensor: an expert's, Gemma 3n's AltUp's)
                     sl = st.get_slice(hf)
-                    experts.setdefault(stacked[0], {})[stacked[1]] = (f, hf, sl.get_dtype(), tuple(sl.get_shape()))
+                    stacked.setdefault(part[0], {})[part[1]] = (f, hf, sl.get_dtype(), tuple(sl.get_shape()))
                     continue
                 parts = hf_names.fused_parts(hf, self.arch)
                 name = hf_names.gguf_name(hf, self.arch) if parts is None else parts[0]
@@ -128,13 +129,13 @@ class HFCheckpoint(Source):
                     continue
                 infos[name] = _info(name, get_format(dt), hf_names.gguf_shape(name, sl.get_shape(), self.metadata))
                 self._where[name] = (f, hf)
-        self._experts = {}
-        for name, each in experts.items():
+        self._stacked = {}
+        for name, each in stacked.items():
             n = len(each)
             if sorted(each) != list(range(n)) or len({(dt, shape) for _, _, dt, shape in each.values()}) != 1:
-                raise ValueError(f"{d}: the checkpoint's experts of {name} are not experts 0 to {n - 1} of one "
+                raise ValueError(f"{d}: the checkpoint's matrices of {name} are not matrices 0 to {n - 1} of one "
                                  "shape and type")
-            self._experts[name] = [each[e][:2] for e in range(n)]
+            self._stacked[name] = [each[i][:2] for i in range(n)]
             _, _, dt, shape = each[0]
             if dt not in _SAFETENSORS_FLOATS:
                 raise ValueError(f"{d}: tensor {each[0][1]!r} is {dt}; expected F32, F16 or BF16")
@@ -172,15 +173,16 @@ class HFCheckpoint(Source):
         """The tensor as stored (its float dtype), in GGUF's name and row order."""
         if name in self._extra:
             return self._extra[name]
-        if name in self._experts:  # (every expert's, stacked on the first dimension as GGUF holds them)
-            return torch.stack([self._files[str(f)].get_tensor(hf) for f, hf in self._experts[name]])
-        if name not in self._where:
+        if name in self._stacked:  # (its matrices stacked on the first dimension, as GGUF holds them)
+            w = torch.stack([self._files[str(f)].get_tensor(hf) for f, hf in self._stacked[name]])
+        elif name not in self._where:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
-        f, hf, *part = self._where[name]
-        w = self._files[str(f)].get_tensor(hf)
-        if part:  # (part i of n of a fused HF tensor's rows)
-            i, n = part
-            w = w.chunk(n)[i]
+        else:
+            f, hf, *part = self._where[name]
+            w = self._files[str(f)].get_tensor(hf)
+            if part:  # (part i of n of a fused HF tensor's rows)
+                i, n = part
+                w = w.chunk(n)[i]
         return hf_names.fold_multipliers(name, hf_names.from_hf_values(name, w, self.metadata), self.config)
 
     def qtensor(self, name: str) -> QTensor:
