@@ -19,7 +19,8 @@ for pr in "16:1:64:0 64:1 16:1 32:1 16:0" "16:2:64:0 64:1 16:1" "1024:1:64:0 64:
       pos=${s%:*} comb=${s#*:}
       stage "decode_p${prompt}_pos${pos}_comb${comb}_run$run" 25 60 env LOWTUNE_CUDA_ATTN_POSITIONS=$pos \
         LOWTUNE_CUDA_ATTN_COMBINE=$comb $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
-        --decode-variants generate --decode-prompt $prompt --out "$out/decode_p${prompt}_pos${pos}_comb${comb}_run$run.jsonl"
+        --decode-variants generate --decode-prompt $prompt \
+        --out "$out/decode_p${prompt}_pos${pos}_comb${comb}_run$run.jsonl"
   done
 done
 if [ -f tools/bench_recurrences.py ]; then
