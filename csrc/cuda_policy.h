@@ -35,6 +35,10 @@
 //   LOWTUNE_CUDA_GEMV_SPLIT 1 or 2: K split over a cluster of that many CTAs in the two-row gemv
 //                          (gemv_split_k)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
+//   LOWTUNE_CUDA_ATTN_POSITIONS  cached positions per split of a decode attention head (default 64:
+//                          decode_attention_splits)
+//   LOWTUNE_CUDA_ATTN_COMBINE  0: merge a head's splits in a kernel of its own, not in the split
+//                          kernel's last CTA (decode_attention_merge_in_split)
 // and those of the cublas path's scratch (plan_chunks below), which Python asks through
 // cublas_scratch_bytes to budget GPU memory:
 //   LOWTUNE_CUDA_CHUNK_MB     scratch per chunk in MiB (default 16)
@@ -176,6 +180,17 @@ inline int gemv_split_k(int64_t k, bool fits) {
   if (forced == 1 || forced == 2) return (int)forced;
   return k > 4096 ? 2 : 1;
 }
+
+// Splits of a decode attention head's positions: one per 64 cached positions, at most 32 (the grid
+// is fixed when a graph is captured, so it follows the cache's length, not the filled positions;
+// 16 or 32 positions a split were slower on an H100, BENCHMARKS.md "The decode attention's merge").
+inline int64_t decode_attention_splits(int64_t cache_len) {
+  const int64_t per = std::max<int64_t>(1, env_int("LOWTUNE_CUDA_ATTN_POSITIONS", 64));
+  return std::min<int64_t>((cache_len + per - 1) / per, 32);
+}
+// Whether the last CTA of a head's splits merges their partials (one launch fewer a layer: 2.6%
+// faster decoding at 1024 positions, 0.4% slower at 16 on an H100) rather than a merge kernel.
+inline bool decode_attention_merge_in_split() { return env_int("LOWTUNE_CUDA_ATTN_COMBINE", 1) != 0; }
 
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }
 

@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "../blocks.h"
-#include "../cuda_policy.h"  // env_int
+#include "../cuda_policy.h"  // decode_attention_splits, decode_attention_merge_in_split
 #include "../glue_kernels.h"
 #include "common.cuh"
 #include "internal.h"  // ScratchBuffer, kernel_ctas, launch_pdl
@@ -357,23 +357,17 @@ void silu_mul(const void* g, const void* u, int dtype, void* y, int64_t n, void*
   LT_CUDA_CHECK_LAUNCH();
 }
 
-// Splits of a head's positions: one per LOWTUNE_CUDA_ATTN_POSITIONS (default 64) cached positions, at
-// most 32 (the grid is fixed when a graph is captured, so it follows the cache's length, not the
-// filled positions).
-int64_t decode_attention_splits(int64_t cache_len) {
-  const int64_t per = std::max<int64_t>(1, cuda_policy::env_int("LOWTUNE_CUDA_ATTN_POSITIONS", 64));
-  return std::min<int64_t>((cache_len + per - 1) / per, 32);
-}
+using cuda_policy::decode_attention_splits;
 
 // The per-head counters of the merge in the split kernel (zeroed once, set back to 0 by each
 // merge), per device; null (the separate merge kernel) while a graph is being captured before they
-// exist, for more heads than they hold, or with LOWTUNE_CUDA_ATTN_COMBINE=0. Calls on one device run
-// in stream order, as the layer graphs and decode steps do.
+// exist, for more heads than they hold, or where cuda_policy::decode_attention_merge_in_split says
+// no. Calls on one device run in stream order, as the layer graphs and decode steps do.
 constexpr int64_t kAttnCounters = 4096;
 int* decode_attention_counters(int64_t heads, cudaStream_t stream) {
   static int* counters[kMaxDevices] = {};
   static std::mutex mu;
-  if (heads > kAttnCounters || cuda_policy::env_int("LOWTUNE_CUDA_ATTN_COMBINE", 1) == 0) return nullptr;
+  if (heads > kAttnCounters || !cuda_policy::decode_attention_merge_in_split()) return nullptr;
   const int dev = current_device();
   std::lock_guard<std::mutex> lock(mu);
   if (!counters[dev]) {
