@@ -1640,6 +1640,17 @@ class Mamba(nn.Module):
 
 # positions a chunk of Mamba 1's chunked scan: it runs chunk + T / chunk steps, fewest near √T (training's T:
 # 512-2048), and keeps the states of every position as the stepped form does
+def carried_states(state: torch.Tensor, decays, ends) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([the state entering each chunk], the state after the last) of a chunked linear recurrence whose chunk i
+    takes the state s entering it to s · decays[i] + ends[i] (its total decay, broadcast against the state, and
+    what its own positions add): the loop over chunks that Mamba's, Mamba2's and RWKV-6's chunked forms share."""
+    starts = []
+    for decay, own in zip(decays, ends):
+        starts.append(state)
+        state = state * decay + own
+    return starts, state
+
+
 SCAN_CHUNK = 32
 
 
@@ -1692,10 +1703,7 @@ def _selective_scan_chunked(x, dt, a, b, c, state, chunk: int):
         within.append(h)
     since_start = log_decay.cumsum(2)                                      # sums of one sign: no cancellation
     h = x.new_zeros(bsz, inner, a.shape[1]) if state is None else state
-    starts = []
-    for total, own in zip(since_start[:, :, -1].exp().unbind(1), within[-1].unbind(1)):
-        starts.append(h)
-        h = h * total + own
+    starts, h = carried_states(h, since_start[:, :, -1].exp().unbind(1), within[-1].unbind(1))
     states = torch.stack(within, 2) + since_start.exp() * torch.stack(starts, 1)[:, :, None]
     y = torch.einsum("bcidn,bcin->bcid", states, c)
     return y.reshape(bsz, n * chunk, inner)[:, :t], h
@@ -1731,10 +1739,7 @@ def _ssd_chunked(x, dt, a, b, c, state, chunk: int):
     # each chunk's own contribution to the state at its end, then the states at the chunks' starts
     ends = torch.einsum("bclhn,bhcl,bclhp->bchpn", b, torch.exp(acum[..., -1:] - acum), xdt)
     total = torch.exp(acum[..., -1])                                                        # [B, H, n]
-    starts = []
-    for i in range(n):
-        starts.append(state)
-        state = state * total[:, :, i, None, None] + ends[:, i]
+    starts, state = carried_states(state, total[..., None, None].unbind(2), ends.unbind(1))
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", c, torch.stack(starts, 1), torch.exp(acum))
     return y.reshape(bsz, n * chunk, h, p)[:, :t], state
 

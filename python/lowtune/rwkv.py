@@ -60,7 +60,7 @@ from torch import nn
 
 from . import glue_ops, ops
 from .model import (RWKV6_LINEAR_NAMES, RWKV7_LINEAR_NAMES, KVCache, Model, ModelConfig, QLinear, _table, _vector,
-                    checkpoint, make_norm)
+                    carried_states, checkpoint, make_norm)
 
 DECAY_SCALE = 0.606531   # w = exp(-DECAY_SCALE · sigmoid(.)): llama.cpp's rounding of exp(-1/2)
 GROUP_NORM_EPS = 64e-5   # the per-head norm of the wkv output, fixed in llama.cpp's graph
@@ -256,10 +256,7 @@ def _diag_decay_chunked(q, k, v, log_w, state, chunk: int, bonus: torch.Tensor |
         scores = scores + torch.diag_embed((q * k * bonus[:, None, None]).sum(-1))
     ends = torch.einsum("...jx,...jy->...xy", k * to_end.exp(), v)      # each chunk's own part of its last state
     s = q.new_zeros(bsz, h, n_k, v.shape[-1]) if state is None else state
-    starts = []
-    for decay, own in zip(total.unbind(2), ends.unbind(2)):
-        starts.append(s)
-        s = s * decay[..., None] + own
+    starts, s = carried_states(s, total[..., None].unbind(2), ends.unbind(2))
     out = scores @ v + (q * since_start.exp()) @ torch.stack(starts, 2)
     return out.permute(0, 2, 3, 1, 4).reshape(bsz, n * chunk, h, -1)[:, :t], s
 
