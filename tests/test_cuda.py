@@ -317,6 +317,14 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
                 monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", split)
                 by_rows[rows + split] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k,
                                                  (1, n), "gemv", monkeypatch)
+            # the streamed kernel (sm_90; elsewhere, or where its rows are not 16-byte aligned, the
+            # unsplit register kernels): one and two CTAs an SM
+            monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", "1")
+            for ctas in ("1", "2"):
+                monkeypatch.setenv("LOWTUNE_CUDA_GEMV_STREAM", ctas)
+                by_rows["stream" + ctas] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n,
+                                                    k, (1, n), "gemv", monkeypatch)
+            monkeypatch.delenv("LOWTUNE_CUDA_GEMV_STREAM")
             monkeypatch.delenv("LOWTUNE_CUDA_GEMV_ROWS")
             monkeypatch.delenv("LOWTUNE_CUDA_GEMV_SPLIT")
             gemv = by_rows["11"]
@@ -327,6 +335,8 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
             assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
             # a lane adds its units in the same order in both kernels
             assert torch.equal(by_rows["21"], gemv), f"two rows a warp {name} N={n} K={k} {kind}"
+            for ctas in ("1", "2"):
+                assert torch.equal(by_rows["stream" + ctas], gemv), f"streamed ({ctas}) {name} N={n} K={k} {kind}"
             err_split = rel_err(by_rows["22"], ref)  # the split adds the halves' sums
             assert err_split < TOLERANCE[dtype], f"split K {name} {dtype} N={n} K={k} {kind}: {err_split:.2e}"
 
@@ -335,7 +345,8 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
 @pytest.mark.parametrize("name", GEMV_TYPES)
 def test_gemv_against_float64_and_the_staged_kernel(name, dtype, gen, monkeypatch):
     # (12000, 1): more rows than one wave of warps, the persistent loop (fewer: one row a warp)
-    shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112), (12000, 1)]
+    # (203, 24): rows whose bytes are 16-byte aligned for every type (the streamed kernel's bulk copies)
+    shapes = GEMV_SHAPES if name == "Q4_K" else [(37, 1), (301, 17), (65, 112), (12000, 1), (203, 24)]
     check_gemv(name, dtype, shapes, gen, monkeypatch)
 
 

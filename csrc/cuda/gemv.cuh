@@ -53,7 +53,7 @@ constexpr float kXMax = 32767.0f;
 // Shared memory per K: x as int16 (64 bytes per 32-element unit, for whole groups of 32 units:
 // xs_index's layout) and per unit one float4 (sigma and sigma sum(xq) of its two spans).
 __host__ __device__ inline int64_t padded_units(int64_t k) { return (k / 32 + 31) / 32 * 32; }
-inline size_t smem_bytes(int64_t k) { return (size_t)padded_units(k) * 64 + (size_t)(k / 32) * 16; }
+__host__ __device__ inline size_t smem_bytes(int64_t k) { return (size_t)padded_units(k) * 64 + (size_t)(k / 32) * 16; }
 
 // Unit u of a block (u < kElems / 32): its two spans start at e0 and e1 = e0 + the distance at
 // which Unpack<T> reads the same words again (the low and the high nibbles of the same bytes),
@@ -673,6 +673,96 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
   }
 }
 
+
+// The streamed gemv (sm_90; cuda_policy::gemv_stream_ctas): gemv_rows_kernel's two rows a warp and
+// its order of addition (the same bits), but the weights reach shared memory through the copy
+// engine, not registers. Each warp keeps `stages` slots, each one step of its task (64 units of
+// both rows, two bulk copies, one mbarrier); lane 0 refills a slot once the warp has decoded it. The
+// first `stages` steps are issued before the PDL wait: shared memory, unlike registers, holds tens
+// of KB an SM in flight, and with one CTA an SM (LOWTUNE_CUDA_GEMV_STREAM=1) sized to leave room
+// for a second, the next product's CTAs start and stream their first steps while this one decodes
+// its last (the register kernels' fixed few us a call: BENCHMARKS.md, "The streamed gemv").
+// A step is 64 units of a row (two a lane; 0.7-2.2 KB), so that the slot a warp decodes is a small
+// part of what it has in flight.
+template <int T> struct StreamStep {
+  static constexpr int kUnits = 64;
+  static constexpr int kRowBytes = kUnits / Units<T>::kPerBlock * Unpack<T>::kBytes;  // a row's bytes a step
+};
+constexpr int kStreamRows = 2, kMaxStages = 8;
+// CTAs an SM its registers are held to (nvcc 13.0, sm_90): 3 leaves room beside one CTA of the next
+// product; Q3_K spilled 8 bytes there and takes 2
+template <int T> constexpr int stream_min_ctas() { return T == T_Q3_K ? 2 : 3; }
+// shared memory for `stages` slots a warp beside x's form
+inline size_t stream_smem_bytes(int64_t k, int row_bytes, int stages) {
+  return smem_bytes(k) + (size_t)kWarps * stages * kStreamRows * row_bytes;
+}
+
+template <int T, class ACT>
+__global__ void __launch_bounds__(kThreads, stream_min_ctas<T>())
+gemv_stream_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w, ACT* __restrict__ y, int n, int k,
+                   int64_t row_bytes, int stages) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using U = Unpack<T>;
+  using Un = Units<T>;
+  using St = StreamStep<T>;
+  constexpr int R = kStreamRows, N = St::kUnits / 32;
+  constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
+  extern __shared__ uint4 smem[];
+  __shared__ uint64_t bars[kWarps][kMaxStages];
+  const int units = k / 32;
+  const float4* aux = reinterpret_cast<const float4*>(smem + 4 * padded_units(k));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint8_t* slots = reinterpret_cast<uint8_t*>(smem) + smem_bytes(k) + (size_t)warp * stages * R * St::kRowBytes;
+  uint64_t* bar = bars[warp];
+  const int e0 = Un::e0(lane % Un::kPerBlock);
+  const LaneUnits l{e0, e0 + Un::kGap, smem + lane, aux + lane};
+  const int tasks = (n + R - 1) / R, rounds = (units + St::kUnits - 1) / St::kUnits;
+  const int gw = blockIdx.x * kWarps + warp, G = gridDim.x * kWarps;
+  const int steps = gw < tasks ? (tasks - gw + G - 1) / G * rounds : 0;
+  auto issue = [&](int s) {  // lane 0: step s (task gw + (s / rounds) G, its round s % rounds) into its slot
+    const int t = gw + s / rounds * G;
+    const int64_t off = (int64_t)(s % rounds) * St::kRowBytes;
+    const uint32_t bytes = (uint32_t)(row_bytes - off < St::kRowBytes ? row_bytes - off : St::kRowBytes);
+    uint8_t* dst = slots + (size_t)(s % stages) * R * St::kRowBytes;
+    mbar_arrive_expect_tx(bar + s % stages, R * bytes);
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      bulk_copy(dst + j * St::kRowBytes, w + (int64_t)min(R * t + j, n - 1) * row_bytes + off, bytes, bar + s % stages);
+  };
+  if (lane == 0) {
+    for (int i = 0; i < stages; ++i) mbar_init(bar + i, 1);
+    mbar_init_fence();
+    for (int s = 0; s < min(stages, steps); ++s) issue(s);  // weights only: safe before the wait
+  }
+  stage_form_after_wait(smem, form, k);  // (its barrier also orders the mbarriers' init before the waits)
+
+  float acc[R] = {};
+  for (int s = 0; s < steps; ++s) {
+    const int slot = s % stages, u0 = s % rounds * St::kUnits;
+    mbar_wait(bar + slot, (uint32_t)(s / stages) & 1u);
+    const uint8_t* base = slots + (size_t)slot * R * St::kRowBytes + lane / Un::kPerBlock * U::kBytes;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const uint8_t* const b[R] = {base + i * kStep, base + St::kRowBytes + i * kStep};
+      if (u0 + St::kUnits <= units) rows_round<T, R, 1, false>(b, u0 + 32 * i, units, l, acc);
+      else rows_round<T, R, 1, true>(b, u0 + 32 * i, units, l, acc);
+    }
+    __syncwarp();  // every lane's reads of the slot done before the copy engine refills it
+    if (lane == 0 && s + stages < steps) issue(s + stages);
+    if (s % rounds == rounds - 1) {  // the task's last step: its two sums
+      const int t = gw + s / rounds * G;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+        if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
+        acc[j] = 0.0f;
+      }
+    }
+  }
+#endif
+}
+
 }  // namespace gemv
 
 template <int T>
@@ -700,8 +790,34 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
                                                                 : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
                  form.as<uint4>(), pro);
-      const int per_sm_rows = kernel_ctas<gemv::gemv_rows_kernel<T, ACT, 2>>(smem, gemv::kThreads);
       const int64_t tasks = (n + 1) / 2;  // of two rows
+      // the streamed gemv (sm_90): as many stages a warp as leave room for two CTAs an SM (at one a
+      // multiprocessor, the second is the next product's), 2 at least; its bulk copies need 16-byte
+      // aligned rows and steps
+      using St = gemv::StreamStep<T>;
+      constexpr auto stream_kernel = gemv::gemv_stream_kernel<T, ACT>;
+      const int stream_ctas = cuda_policy::gemv_stream_ctas();
+      if constexpr (St::kRowBytes % 16 == 0) {
+        if (stream_ctas > 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+            built_for_sm90<stream_kernel>()) {
+          auto fits = [&](int stages) {  // two CTAs an SM (beside the 512 bytes of their barriers)
+            const size_t bytes = gemv::stream_smem_bytes(k, St::kRowBytes, stages);
+            return bytes + 1024 <= (size_t)smem_optin_limit() &&
+                   kernel_ctas<stream_kernel>(bytes, gemv::kThreads) >= 2;
+          };
+          int stages = gemv::kMaxStages;
+          while (stages >= 2 && !fits(stages)) --stages;
+          if (stages >= 2) {
+            const int64_t ctas = std::min<int64_t>((int64_t)stream_ctas * sm_count(),
+                                                   (tasks + gemv::kWarps - 1) / gemv::kWarps);
+            launch_pdl(stream_kernel, dim3((unsigned)ctas), dim3(gemv::kThreads),
+                       gemv::stream_smem_bytes(k, St::kRowBytes, stages), stream, form.as<const uint4>(), w,
+                       static_cast<ACT*>(y), (int)n, (int)k, row_bytes, stages);
+            return;
+          }
+        }
+      }
+      const int per_sm_rows = kernel_ctas<gemv::gemv_rows_kernel<T, ACT, 2>>(smem, gemv::kThreads);
       // K split over clusters of two CTAs (sm_90): each stages half of x, every warp takes one task
       constexpr auto split_kernel = gemv::gemv_rows_kernel<T, ACT, 2, 2>;
       const int part = (int)(((k / 32 + 1) / 2 + 31) / 32 * 32);
