@@ -34,7 +34,7 @@
 //                          gemv_rows_per_warp)
 //   LOWTUNE_CUDA_GEMV_SPLIT 1 or 2: K split over a cluster of that many CTAs in the two-row gemv
 //                          (gemv_split_k)
-//   LOWTUNE_CUDA_GEMV_STREAM 1 or 2: CTAs an SM of the streamed M = 1 gemv, weights through bulk
+//   LOWTUNE_CUDA_GEMV_STREAM 1..3: CTAs an SM of the streamed M = 1 gemv, weights through bulk
 //                          copies (0: the register kernels; gemv_stream_ctas)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 //   LOWTUNE_CUDA_ATTN_POSITIONS  cached positions per split of a decode attention head (default 64:
@@ -184,8 +184,8 @@ inline int gemv_split_k(int64_t k, bool fits) {
 }
 
 // CTAs a multiprocessor of the streamed M = 1 gemv (cuda/gemv.cuh: gemv_stream_kernel, sm_90, rows
-// and steps 16-byte aligned); 0: the register kernels. LOWTUNE_CUDA_GEMV_STREAM=0|1|2.
-inline int gemv_stream_ctas() { return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", 0), 0, 2); }
+// and steps 16-byte aligned); 0: the register kernels. LOWTUNE_CUDA_GEMV_STREAM=0..3.
+inline int gemv_stream_ctas() { return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", 0), 0, 3); }
 
 // Splits of a decode attention head's positions: one per 64 cached positions, at most 32 (the grid
 // is fixed when a graph is captured, so it follows the cache's length, not the filled positions;

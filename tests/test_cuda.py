@@ -318,9 +318,9 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
                 by_rows[rows + split] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n, k,
                                                  (1, n), "gemv", monkeypatch)
             # the streamed kernel (sm_90; elsewhere, or where its rows are not 16-byte aligned, the
-            # unsplit register kernels): one and two CTAs an SM
+            # unsplit register kernels): one to three CTAs an SM
             monkeypatch.setenv("LOWTUNE_CUDA_GEMV_SPLIT", "1")
-            for ctas in ("1", "2"):
+            for ctas in ("1", "2", "3"):
                 monkeypatch.setenv("LOWTUNE_CUDA_GEMV_STREAM", ctas)
                 by_rows["stream" + ctas] = run_path(_C.cuda_qmatmul_forward, name, a.cuda(), raw_gpu, dtype, 1, n,
                                                     k, (1, n), "gemv", monkeypatch)
@@ -335,7 +335,7 @@ def check_gemv(name, dtype, shapes, gen, monkeypatch):
             assert rel_err(gemv, staged) < 2 * TOLERANCE[dtype], (err, err_staged)
             # a lane adds its units in the same order in both kernels
             assert torch.equal(by_rows["21"], gemv), f"two rows a warp {name} N={n} K={k} {kind}"
-            for ctas in ("1", "2"):
+            for ctas in ("1", "2", "3"):
                 assert torch.equal(by_rows["stream" + ctas], gemv), f"streamed ({ctas}) {name} N={n} K={k} {kind}"
             err_split = rel_err(by_rows["22"], ref)  # the split adds the halves' sums
             assert err_split < TOLERANCE[dtype], f"split K {name} {dtype} N={n} K={k} {kind}: {err_split:.2e}"

@@ -122,10 +122,10 @@ def test_one_row_gemv_splits_long_rows_over_a_cluster_where_every_warp_takes_one
 
 
 def test_the_streamed_gemv_is_a_knob_of_ctas_a_multiprocessor(monkeypatch):
-    """cuda_policy::gemv_stream_ctas: off unless LOWTUNE_CUDA_GEMV_STREAM asks for one or two CTAs an
-    SM; other values are clamped to that range."""
+    """cuda_policy::gemv_stream_ctas: off unless LOWTUNE_CUDA_GEMV_STREAM asks for one to three CTAs
+    an SM; other values are clamped to that range."""
     monkeypatch.delenv("LOWTUNE_CUDA_GEMV_STREAM", raising=False)
     assert _C.cuda_gemv_stream() == 0
-    for value, want in (("1", 1), ("2", 2), ("7", 2), ("0", 0), ("-3", 0)):
+    for value, want in (("1", 1), ("3", 3), ("7", 3), ("0", 0), ("-3", 0)):
         monkeypatch.setenv("LOWTUNE_CUDA_GEMV_STREAM", value)
         assert _C.cuda_gemv_stream() == want

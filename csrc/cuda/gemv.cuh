@@ -686,6 +686,9 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
 // part of what it has in flight.
 template <int T> struct StreamStep {
   static constexpr int kUnits = 64;
+  // units a lane loads before it decodes them: both, but one for the types whose words would spill
+  // at the register bound (Q5_K and Q6_K 350-380 bytes with two; Q3_K 12 even at 128 registers)
+  static constexpr int kAtOnce = T == T_Q3_K || T == T_Q5_K || T == T_Q6_K ? 1 : 2;
   static constexpr int kRowBytes = kUnits / Units<T>::kPerBlock * Unpack<T>::kBytes;  // a row's bytes a step
 };
 constexpr int kStreamRows = 2, kMaxStages = 8;
@@ -705,7 +708,7 @@ gemv_stream_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w
   using U = Unpack<T>;
   using Un = Units<T>;
   using St = StreamStep<T>;
-  constexpr int R = kStreamRows, N = St::kUnits / 32;
+  constexpr int R = kStreamRows, N = St::kUnits / 32, A = St::kAtOnce;
   constexpr int kStep = 32 / Un::kPerBlock * U::kBytes;
   extern __shared__ uint4 smem[];
   __shared__ uint64_t bars[kWarps][kMaxStages];
@@ -742,10 +745,10 @@ gemv_stream_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w
     mbar_wait(bar + slot, (uint32_t)(s / stages) & 1u);
     const uint8_t* base = slots + (size_t)slot * R * St::kRowBytes + lane / Un::kPerBlock * U::kBytes;
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
+    for (int i = 0; i < N; i += A) {  // A units' loads, then their sums
       const uint8_t* const b[R] = {base + i * kStep, base + St::kRowBytes + i * kStep};
-      if (u0 + St::kUnits <= units) rows_round<T, R, 1, false>(b, u0 + 32 * i, units, l, acc);
-      else rows_round<T, R, 1, true>(b, u0 + 32 * i, units, l, acc);
+      if (u0 + St::kUnits <= units) rows_round<T, R, A, false>(b, u0 + 32 * i, units, l, acc);
+      else rows_round<T, R, A, true>(b, u0 + 32 * i, units, l, acc);
     }
     __syncwarp();  // every lane's reads of the slot done before the copy engine refills it
     if (lane == 0 && s + stages < steps) issue(s + stages);
@@ -791,19 +794,19 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
                  form.as<uint4>(), pro);
       const int64_t tasks = (n + 1) / 2;  // of two rows
-      // the streamed gemv (sm_90): as many stages a warp as leave room for two CTAs an SM (at one a
-      // multiprocessor, the second is the next product's), 2 at least; its bulk copies need 16-byte
-      // aligned rows and steps
+      // the streamed gemv (sm_90): as many stages a warp as leave room for its CTAs an SM (at one, for
+      // a second: the next product's), 2 at least; its bulk copies need 16-byte aligned rows and steps
       using St = gemv::StreamStep<T>;
       constexpr auto stream_kernel = gemv::gemv_stream_kernel<T, ACT>;
       const int stream_ctas = cuda_policy::gemv_stream_ctas();
       if constexpr (St::kRowBytes % 16 == 0) {
         if (stream_ctas > 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
             built_for_sm90<stream_kernel>()) {
-          auto fits = [&](int stages) {  // two CTAs an SM (beside the 512 bytes of their barriers)
+          const int need = std::max(stream_ctas, 2);  // (one: room for the next product's CTA beside it)
+          auto fits = [&](int stages) {  // (beside the 512 bytes of their barriers)
             const size_t bytes = gemv::stream_smem_bytes(k, St::kRowBytes, stages);
             return bytes + 1024 <= (size_t)smem_optin_limit() &&
-                   kernel_ctas<stream_kernel>(bytes, gemv::kThreads) >= 2;
+                   kernel_ctas<stream_kernel>(bytes, gemv::kThreads) >= need;
           };
           int stages = gemv::kMaxStages;
           while (stages >= 2 && !fits(stages)) --stages;
