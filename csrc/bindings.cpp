@@ -125,8 +125,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_gemv_split", &cuda_policy::gemv_split_k, py::arg("k"), py::arg("fits"),
         "CTAs of a cluster that split K in the two-row M = 1 gemv (1: no split) for K-long rows, where "
         "fits says every warp could take one task of the split.");
-  m.def("cuda_gemv_stream", &cuda_policy::gemv_stream_ctas,
-        "CTAs a multiprocessor of the streamed M = 1 gemv (weights through bulk copies, sm_90); 0: off.");
+  m.def("cuda_gemv_stream", &cuda_policy::gemv_stream_ctas, py::arg("qtype"), py::arg("n"), py::arg("k"),
+        "CTAs a multiprocessor of the streamed M = 1 gemv (weights through bulk copies, sm_90) for an "
+        "N x K weight of type qtype; 0: the register kernels.");
   m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {
     namespace cp = cuda_policy;
     return cp::cublas_scratch_bytes(cp::product_from_name(product), M, N, K, dtype == D_F32 ? 4 : 2);

@@ -34,8 +34,8 @@
 //                          gemv_rows_per_warp)
 //   LOWTUNE_CUDA_GEMV_SPLIT 1 or 2: K split over a cluster of that many CTAs in the two-row gemv
 //                          (gemv_split_k)
-//   LOWTUNE_CUDA_GEMV_STREAM 1..3: CTAs an SM of the streamed M = 1 gemv, weights through bulk
-//                          copies (0: the register kernels; gemv_stream_ctas)
+//   LOWTUNE_CUDA_GEMV_STREAM 0..3: CTAs an SM of the streamed M = 1 gemv, weights through bulk
+//                          copies (0: the register kernels; default: gemv_stream_ctas)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 //   LOWTUNE_CUDA_ATTN_POSITIONS  cached positions per split of a decode attention head (default 64:
 //                          decode_attention_splits)
@@ -184,8 +184,26 @@ inline int gemv_split_k(int64_t k, bool fits) {
 }
 
 // CTAs a multiprocessor of the streamed M = 1 gemv (cuda/gemv.cuh: gemv_stream_kernel, sm_90, rows
-// and steps 16-byte aligned); 0: the register kernels. LOWTUNE_CUDA_GEMV_STREAM=0..3.
-inline int gemv_stream_ctas() { return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", 0), 0, 3); }
+// and steps 16-byte aligned); 0: the register kernels. Where it was timed faster on an H100
+// (BENCHMARKS.md, "The streamed gemv"): two CTAs for the long rows of 4096-row products (K >= 14336:
+// 7-10% less time for Q4_0, Q4_1, INT4-g64, Q6_K, Q8_0, INT8-g32; the other group sizes follow their
+// siblings), three for the 6- and 5-bit types' wide products (N > 4096, K <= 4096: Q6_K and Q5_K
+// 15-18% less, Q5_0 5%). Elsewhere the register kernels won. LOWTUNE_CUDA_GEMV_STREAM=0..3 forces it.
+constexpr int gemv_stream_default(int qtype, int64_t n, int64_t k) {
+  const bool int4_8 = (qtype >= int_type_id(4, 32) && qtype <= int_type_id(4, 128)) ||
+                      (qtype >= int_type_id(8, 32) && qtype <= int_type_id(8, 128));
+  if (n <= 4096 && k >= 14336 && (int4_8 || qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_K ||
+                                  qtype == T_Q6_K || qtype == T_Q8_0))
+    return 2;
+  if (n > 4096 && k <= 4096 && (qtype == T_Q5_K || qtype == T_Q6_K || qtype == T_Q5_0)) return 3;
+  return 0;
+}
+inline int gemv_stream_ctas(int qtype, int64_t n, int64_t k) {
+  // (rows a warp or K's split forced: the register kernels they name, unless this knob is set too)
+  const bool register_forced = env_int("LOWTUNE_CUDA_GEMV_ROWS", 0) || env_int("LOWTUNE_CUDA_GEMV_SPLIT", 0);
+  const int fallback = register_forced ? 0 : gemv_stream_default(qtype, n, k);
+  return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", fallback), 0, 3);
+}
 
 // Splits of a decode attention head's positions: one per 64 cached positions, at most 32 (the grid
 // is fixed when a graph is captured, so it follows the cache's length, not the filled positions;

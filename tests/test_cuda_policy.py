@@ -121,11 +121,26 @@ def test_one_row_gemv_splits_long_rows_over_a_cluster_where_every_warp_takes_one
     assert _C.cuda_gemv_split(14336, True) == 1
 
 
-def test_the_streamed_gemv_is_a_knob_of_ctas_a_multiprocessor(monkeypatch):
-    """cuda_policy::gemv_stream_ctas: off unless LOWTUNE_CUDA_GEMV_STREAM asks for one to three CTAs
-    an SM; other values are clamped to that range."""
+def test_the_streamed_gemv_takes_long_rows_of_4096_row_products_and_wide_5_and_6_bit_ones(monkeypatch):
+    """cuda_policy::gemv_stream_ctas: two CTAs an SM for N <= 4096, K >= 14336 of the types timed faster
+    so, three for Q5_K, Q6_K and Q5_0 with N > 4096, K <= 4096, the register kernels elsewhere and
+    where their rows or split are forced; the knob forces a count (0..3, clamped) for every type and
+    shape."""
     monkeypatch.delenv("LOWTUNE_CUDA_GEMV_STREAM", raising=False)
-    assert _C.cuda_gemv_stream() == 0
+    q4_0, q4_k, q5_0, q6_k, q8_0, int4_g64, int8_g32 = 2, 12, 6, 14, 8, 1041, 1080
+    for t in (q4_0, q6_k, q8_0, int4_g64, int8_g32):
+        assert [_C.cuda_gemv_stream(t, n, k) for n, k in ((4096, 14336), (4096, 11008), (14336, 14336))] == [2, 0, 0]
+    assert _C.cuda_gemv_stream(q4_k, 4096, 14336) == 0
+    for t in (q6_k, q5_0):
+        assert [_C.cuda_gemv_stream(t, n, k) for n, k in ((14336, 4096), (4096, 4096), (14336, 8192))] == [3, 0, 0]
+    assert _C.cuda_gemv_stream(q4_0, 14336, 4096) == 0
     for value, want in (("1", 1), ("3", 3), ("7", 3), ("0", 0), ("-3", 0)):
         monkeypatch.setenv("LOWTUNE_CUDA_GEMV_STREAM", value)
-        assert _C.cuda_gemv_stream() == want
+        assert _C.cuda_gemv_stream(q4_k, 4096, 4096) == want
+    monkeypatch.setenv("LOWTUNE_CUDA_GEMV_STREAM", "0")
+    assert _C.cuda_gemv_stream(q6_k, 14336, 4096) == 0
+    monkeypatch.delenv("LOWTUNE_CUDA_GEMV_STREAM")
+    for knob in ("LOWTUNE_CUDA_GEMV_ROWS", "LOWTUNE_CUDA_GEMV_SPLIT"):  # a register kernel forced
+        monkeypatch.setenv(knob, "2")
+        assert _C.cuda_gemv_stream(q6_k, 14336, 4096) == 0
+        monkeypatch.delenv(knob)

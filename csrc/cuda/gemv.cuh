@@ -798,7 +798,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       // a second: the next product's), 2 at least; its bulk copies need 16-byte aligned rows and steps
       using St = gemv::StreamStep<T>;
       constexpr auto stream_kernel = gemv::gemv_stream_kernel<T, ACT>;
-      const int stream_ctas = cuda_policy::gemv_stream_ctas();
+      const int stream_ctas = cuda_policy::gemv_stream_ctas(T, n, k);
       if constexpr (St::kRowBytes % 16 == 0) {
         if (stream_ctas > 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
             built_for_sm90<stream_kernel>()) {

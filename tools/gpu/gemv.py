@@ -1,7 +1,7 @@
 """Graph-replay timings of one-row products (decoding): the gemv kernel (LOWTUNE_CUDA_PATH=gemv)
 against the staged kernel (LOWTUNE_CUDA_PATH=staged), the gemv with one or two rows a warp forced
 (LOWTUNE_CUDA_GEMV_ROWS), K split over a cluster of two CTAs or not (LOWTUNE_CUDA_GEMV_SPLIT) and the
-default choice (cuda_policy), the streamed kernel at one to three CTAs an SM
+default choice (cuda_policy), the streamed kernel off or at one to three CTAs an SM
 (LOWTUNE_CUDA_GEMV_STREAM), per type, on the shapes of 7B/8B decode steps, in one process, weights rotated past 2x L2
 (tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape, type and setting,
 JSON lines to --out.
@@ -37,7 +37,8 @@ SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": _G
             # the streamed kernel (weights through bulk copies) at one and two CTAs an SM
             "stream1": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "1"},
             "stream2": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "2"},
-            "stream3": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "3"}}
+            "stream3": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "3"},
+            "stream0": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "0"}}
 KNOBS = ("LOWTUNE_CUDA_PATH", "LOWTUNE_CUDA_GEMV_ROWS", "LOWTUNE_CUDA_GEMV_SPLIT", "LOWTUNE_CUDA_GEMV_STREAM")
 
 def main(argv=None) -> int:

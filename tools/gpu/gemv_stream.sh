@@ -5,14 +5,17 @@
 # streamed kernel.
 # Usage, from the repository root: OUT=dir bash tools/gpu/gemv_stream.sh
 # (TYPES, SHAPES, SETTINGS: gemv.py's --types, --shapes and --settings; DECODE: the settings of
-# LOWTUNE_CUDA_GEMV_STREAM decoded; SAN=0 skips the sanitizer, SAN_STREAM is its setting)
+# LOWTUNE_CUDA_GEMV_STREAM decoded (" ": none); SAN=0 skips the sanitizer, SAN_STREAM is its setting;
+# TESTS_ALL=1 runs all of test_cuda.py and test_glue_cuda.py, TESTS_LIMIT their seconds)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call gemv_stream 575 || { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader > "$out/gpu.txt"
-stage tests 40 130 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_policy.py tests/test_cuda.py \
-  -k "gemv_against or policy"
+sel=(-k "gemv_against or policy")
+[ -n "${TESTS_ALL:-}" ] && sel=(tests/test_glue_cuda.py)
+stage tests 40 "${TESTS_LIMIT:-130}" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_policy.py \
+  tests/test_cuda.py "${sel[@]}"
 stage gemv 60 200 $py tools/gpu/gemv.py --settings "${SETTINGS:-default,stream1,stream2,stream3}" \
   ${TYPES:+--types $TYPES} ${SHAPES:+--shapes $SHAPES} --out "$out/gemv.jsonl"
 for s in ${DECODE:-0 1 2 3}; do
