@@ -330,3 +330,23 @@ def test_smollm2_students(smollm2_path, tmp_path):
     int2 = quantize_model(smollm2_path, tmp_path / "int2.gguf", "INT2-g32")
     assert int2.bits.linear_bpw == pytest.approx(3.0) and math.isclose(int2.bits.embedding_bits
                                                                         / int2.bits.embedding_params, 16.0)
+
+
+def test_type_plan_reads_the_sources_counts_layer_0s_where_per_layer_and_refuses_damaged_ones():
+    """TypePlan.for_source: llama.cpp's n_gqa (heads over KV heads, layer 0's where the file holds a
+    count a layer, 0 where layer 0 has no KV heads) and the layer count, through families.key_number's
+    checks: a count that is no number is refused with the key named."""
+    from lowtune.recipes import TypePlan
+    names = ["blk.0.attn_v.weight", "blk.1.attn_v.weight", "output.weight"]
+
+    def plan(**md):
+        return TypePlan.for_source("Q4_K_M", {"general.architecture": "a", **{"a." + k: v for k, v in md.items()}},
+                                   names)
+    p = plan(**{"attention.head_count": 32, "attention.head_count_kv": 8, "block_count": 2})
+    assert (p.n_gqa, p.n_layers, p.counts["attn_v.weight"]) == (4, 2, 2)
+    assert plan(**{"attention.head_count": [16, 16], "attention.head_count_kv": 4}).n_gqa == 4
+    assert plan(**{"attention.head_count": 32, "attention.head_count_kv": [0, 8]}).n_gqa == 0
+    assert plan(**{"attention.head_count": 32}).n_gqa == 1  # no KV count: as many as heads
+    for key, bad in (("block_count", "two"), ("attention.head_count_kv", 2.5), ("attention.head_count", [-1])):
+        with pytest.raises(ValueError, match=f"a.{key}"):
+            plan(**{"attention.head_count": 32, key: bad})

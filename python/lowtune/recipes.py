@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .families import checked_number, key_number
 from .formats import Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.legacy import pack_bits, pack_nibbles
@@ -80,6 +81,14 @@ _KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", "ssm_conv1d_q.weigh
                "ssm_conv1d_v.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight", "time_mix_first.weight",
                "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight",
                *(f"time_mix_{x}{i}.weight" for x in "wavg" for i in "12"))
+
+
+def _layer0_number(metadata: dict, key: str, default: int) -> int:
+    """The count at `key`, layer 0's where the file holds one a layer (families.key_number's checks)."""
+    v = metadata.get(key)
+    if isinstance(v, (list, tuple)):
+        return checked_number(key, v[0]) if len(v) else default
+    return key_number(metadata, key, default)
 
 
 def fallback(fmt: Format, k: int) -> Format:
@@ -228,17 +237,16 @@ class TypePlan:
     @classmethod
     def for_source(cls, qtype: str, metadata: dict, names: list[str], **kw) -> "TypePlan":
         arch = metadata.get("general.architecture", "llama")
-        heads = metadata.get(f"{arch}.attention.head_count", 1) or 1
-        if isinstance(heads, (list, tuple)):  # (a count a layer: PLaMo 2's; layer 0's, as llama.cpp's n_gqa())
-            heads = int(heads[0]) if heads else 1
-        heads = int(heads)
-        kv = metadata.get(f"{arch}.attention.head_count_kv", heads)
-        if isinstance(kv, (list, tuple)):  # a count a layer (LFM2): llama.cpp's n_gqa() reads layer 0's, 0 where
-            n_gqa = heads // int(kv[0]) if kv and int(kv[0]) else 0  # it has no KV heads (a convolution)
+        # (a count a layer, PLaMo 2's heads or LFM2's KV heads: layer 0's, as llama.cpp's n_gqa() reads, where
+        # 0 KV heads is a convolution's layer)
+        heads = _layer0_number(metadata, f"{arch}.attention.head_count", 1) or 1
+        kv_key = f"{arch}.attention.head_count_kv"
+        if isinstance(metadata.get(kv_key), (list, tuple)):
+            kv = _layer0_number(metadata, kv_key, 0)
+            n_gqa = heads // kv if kv else 0
         else:
-            n_gqa = max(1, heads // max(int(kv or heads), 1))
-        plan = cls(qtype, n_gqa=n_gqa,
-                   n_layers=int(metadata.get(f"{arch}.block_count", 0) or 0),
+            n_gqa = max(1, heads // max(key_number(metadata, kv_key, heads) or heads, 1))
+        plan = cls(qtype, n_gqa=n_gqa, n_layers=key_number(metadata, f"{arch}.block_count", 0),
                    has_output="output.weight" in names, **kw)
         for kind in ("attn_v.weight", "ffn_down", "ffn_gate", "ffn_up"):
             # (llama.cpp counts a fused attn_qkv, Phi-3's or a Qwen3.5 DeltaNet's, as an attn_v)
