@@ -1,6 +1,6 @@
 // Asynchronous global -> shared copies (sm_80+): the bytes go to shared memory without passing
-// through registers, so a thread may have many in flight. Used by the staged kernels' stages and
-// by the gemv's copy of x.
+// through registers, so a thread may have many in flight. Used by the staged kernels' stages, by
+// the gemv's copy of x and (bulk copies on mbarriers, sm_90) by the streamed gemv's weights.
 #pragma once
 #include <cstdint>
 

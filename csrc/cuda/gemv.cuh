@@ -16,8 +16,9 @@
 // prepare_kernel writes x in that form once per product, in the order lanes read it (a warp's 32
 // units side by side, 16 bytes per lane per load: conflict-free); each CTA of gemv_kernel copies
 // it into shared memory, then its warps take rows, one at a time (gemv_kernel) or two
-// (gemv_rows_kernel: one read of x for both). Both launch with programmatic dependent launch
-// (launch_pdl), so that a kernel's start overlaps the previous one's end.
+// (gemv_rows_kernel: one read of x for both; gemv_stream_kernel: the same with the weights streamed
+// into shared memory by bulk copies). All launch with programmatic dependent launch (launch_pdl), so
+// that a kernel's start overlaps the previous one's end.
 //
 // Error: below the bf16 rounding of each weight that the MMA kernels apply (x to ~2^-16 of its
 // span's largest element, the sums exact); tests/test_cuda.py holds both to one tolerance
