@@ -17,7 +17,6 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-
 // Bulk copies (sm_90+): one thread moves a run of bytes global -> shared through the copy engine,
 // completing on an mbarrier (the streamed gemv's weight stages). The addresses 16-byte aligned, the
 // size a multiple of 16. A barrier of count 1: the issuing thread's arrive_expect_tx names the bytes,

@@ -94,6 +94,13 @@ __device__ __forceinline__ int span_dot(const uint32_t* cw, uint4 a, uint4 b) {
   return dp2a_hi(b.w, cw[3], d);
 }
 
+// a warp's sum of v, in every lane (one order of addition in every kernel: the same bits)
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
   return (uint32_t)(uint16_t)(int16_t)__float2int_rn(a) | ((uint32_t)(uint16_t)(int16_t)__float2int_rn(b) << 16);
 }
@@ -503,8 +510,7 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     for (b += kInFlight * kStep; u0 < whole; u0 += 32 * kInFlight, b += kInFlight * kStep)
       acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
     if (u0 < units) acc = round_sum<T, kInFlight, true>(b, u0, units, l, acc);  // the rest
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    acc = warp_sum(acc);
     if (lane == 0) y[first] = f_to_act<ACT>(acc);
   } else {
     pdl_launch_dependents();
@@ -523,8 +529,7 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
         acc = round_sum<T, kInFlight, false>(b, u0, units, l, acc);
       if (u0 < units) acc = round_sum<T, kInFlight, true>(b, u0, units, l, acc);  // the rest
       // the row's sum
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      acc = warp_sum(acc);
       if (lane == 0) y[row] = f_to_act<ACT>(acc);
       acc = 0.0f;
     }
@@ -577,6 +582,14 @@ __device__ __forceinline__ void rows_round(const uint8_t* const (&b)[R], int u0,
 // leaves some types (spills, nvcc 13.0, sm_90): one CTA fewer where that bound is 4 or 5.
 template <int T> constexpr int rows_min_ctas() { return min_ctas<T>() >= 4 ? min_ctas<T>() - 1 : min_ctas<T>(); }
 
+// Task t's R sums (lane 0's) into y: rows R t .. R t + R - 1 that exist
+template <class ACT, int R>
+__device__ __forceinline__ void store_task(ACT* y, int n, int t, const float (&acc)[R]) {
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+    if ((threadIdx.x & 31) == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
+}
+
 // Warp task t: rows R t .. R t + R - 1, where a last task short of R rows reads its last row again.
 // The warp's first round is loaded before the wait (as gemv_kernel's one-row case does), so that its
 // latency overlaps the kernels before: without it the kernel was up to 1.5x slower (BENCHMARKS.md).
@@ -628,15 +641,9 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     }
     if (u0 < units) rows_round<T, R, N, true>(b, u0, units, l, acc);  // the rest
 #pragma unroll
-    for (int j = 0; j < R; ++j)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+    for (int j = 0; j < R; ++j) acc[j] = warp_sum(acc[j]);
   };
-  auto store = [&](int t, const float (&acc)[R]) {
-#pragma unroll
-    for (int j = 0; j < R; ++j)
-      if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
-  };
+  auto store = [&](int t, const float (&acc)[R]) { store_task(y, n, t, acc); };
   float acc[R] = {};
   if (first < tasks) {  // the first task's first round, outside the loop: r0 dies here
     if (whole > 0) rows_decode<T, R, N, false>(b, 0, units, l, r0, acc);
@@ -673,7 +680,6 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     }
   }
 }
-
 
 // The streamed gemv (sm_90; cuda_policy::gemv_stream_ctas): gemv_rows_kernel's two rows a warp and
 // its order of addition (the same bits), but the weights reach shared memory through the copy
@@ -754,14 +760,11 @@ gemv_stream_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w
     __syncwarp();  // every lane's reads of the slot done before the copy engine refills it
     if (lane == 0 && s + stages < steps) issue(s + stages);
     if (s % rounds == rounds - 1) {  // the task's last step: its two sums
-      const int t = gw + s / rounds * G;
 #pragma unroll
-      for (int j = 0; j < R; ++j) {
+      for (int j = 0; j < R; ++j) acc[j] = warp_sum(acc[j]);
+      store_task(y, n, gw + s / rounds * G, acc);
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-        if (lane == 0 && R * t + j < n) y[R * t + j] = f_to_act<ACT>(acc[j]);
-        acc[j] = 0.0f;
-      }
+      for (int j = 0; j < R; ++j) acc[j] = 0.0f;
     }
   }
 #endif
@@ -799,8 +802,8 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       // a second: the next product's), 2 at least; its bulk copies need 16-byte aligned rows and steps
       using St = gemv::StreamStep<T>;
       constexpr auto stream_kernel = gemv::gemv_stream_kernel<T, ACT>;
-      const int stream_ctas = cuda_policy::gemv_stream_ctas(T, n, k);
       if constexpr (St::kRowBytes % 16 == 0) {
+        const int stream_ctas = cuda_policy::gemv_stream_ctas(T, n, k);
         if (stream_ctas > 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
             built_for_sm90<stream_kernel>()) {
           const int need = std::max(stream_ctas, 2);  // (one: room for the next product's CTA beside it)

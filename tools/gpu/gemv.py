@@ -2,9 +2,9 @@
 against the staged kernel (LOWTUNE_CUDA_PATH=staged), the gemv with one or two rows a warp forced
 (LOWTUNE_CUDA_GEMV_ROWS), K split over a cluster of two CTAs or not (LOWTUNE_CUDA_GEMV_SPLIT) and the
 default choice (cuda_policy), the streamed kernel off or at one to three CTAs an SM
-(LOWTUNE_CUDA_GEMV_STREAM), per type, on the shapes of 7B/8B decode steps, in one process, weights rotated past 2x L2
-(tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape, type and setting,
-JSON lines to --out.
+(LOWTUNE_CUDA_GEMV_STREAM), per type, on the shapes of 7B/8B decode steps, in one process, weights
+rotated past 2x L2 (tools/bench_kernels.py's GraphTimer), after a warm-up; µs and TB/s per shape,
+type and setting, JSON lines to --out.
 
     python3 tools/gpu/gemv.py [--types Q4_K,Q4_0] [--out gemv.jsonl]
 """
@@ -34,7 +34,7 @@ SETTINGS = {"staged": {"LOWTUNE_CUDA_PATH": "staged"}, "default": {}, "gemv": _G
             # K split over a cluster of two CTAs off / forced where it fits (cuda_policy::gemv_split_k)
             "gemv_split1": {**_GEMV, "LOWTUNE_CUDA_GEMV_SPLIT": "1"},
             "gemv_split2": {**_GEMV, "LOWTUNE_CUDA_GEMV_SPLIT": "2"},
-            # the streamed kernel (weights through bulk copies) at one and two CTAs an SM
+            # the streamed kernel (weights through bulk copies) at one to three CTAs an SM, or off
             "stream1": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "1"},
             "stream2": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "2"},
             "stream3": {**_GEMV, "LOWTUNE_CUDA_GEMV_STREAM": "3"},
