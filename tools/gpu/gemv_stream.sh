@@ -5,8 +5,9 @@
 # streamed kernel.
 # Usage, from the repository root: OUT=dir bash tools/gpu/gemv_stream.sh
 # (TYPES, SHAPES, SETTINGS: gemv.py's --types, --shapes and --settings; DECODE: the settings of
-# LOWTUNE_CUDA_GEMV_STREAM decoded (" ": none); SAN=0 skips the sanitizer, SAN_STREAM is its setting;
-# TESTS_ALL=1 runs all of test_cuda.py and test_glue_cuda.py, TESTS_LIMIT their seconds)
+# LOWTUNE_CUDA_GEMV_STREAM decoded, d for the default policy (" ": none); SAN=0 skips the sanitizer,
+# SAN_STREAM is its setting; TESTS_ALL=1 runs all of test_cuda.py and test_glue_cuda.py, TESTS_LIMIT
+# their seconds)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -19,7 +20,7 @@ stage tests 40 "${TESTS_LIMIT:-130}" $py -m pytest -q -p no:cacheprovider -n 8 -
 stage gemv 60 200 $py tools/gpu/gemv.py --settings "${SETTINGS:-default,stream1,stream2,stream3}" \
   ${TYPES:+--types $TYPES} ${SHAPES:+--shapes $SHAPES} --out "$out/gemv.jsonl"
 for s in ${DECODE:-0 1 2 3}; do
-  LOWTUNE_CUDA_GEMV_STREAM=$s stage decode_stream$s 30 50 $py tools/bench_kernels.py --device cuda --decode \
+  LOWTUNE_CUDA_GEMV_STREAM=${s#d} stage decode_stream$s 30 50 $py tools/bench_kernels.py --device cuda --decode \
     --warmup-s 1 --out "$out/decode_stream$s.jsonl"
 done
 if [ "${SAN:-1}" = 1 ]; then
