@@ -48,6 +48,7 @@ from .formats import Format, get_format
 from .formats.intgroup import IntFormat
 from .formats.legacy import pack_bits, pack_nibbles
 from .qtensor import QTensor
+from .rwkv import LOW_RANK
 
 LOGICAL_TYPES_KEY = "lowtune.logical_types"
 QUANTIZE_TYPE_KEY = "lowtune.quantize.type"
@@ -80,7 +81,7 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
 _KEPT_FLOAT = ("shortconv.conv.weight", "ssm_conv1d.weight", "ssm_conv1d_q.weight", "ssm_conv1d_k.weight",
                "ssm_conv1d_v.weight", ".ssm_a", ".ssm_d", "ssm_norm.weight", "time_mix_first.weight",
                "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight",
-               *(f"time_mix_{x}{i}.weight" for x in "wavg" for i in "12"))
+               *(f"time_mix_{x}{i}.weight" for x in LOW_RANK for i in "12"))
 
 
 def _layer0_number(metadata: dict, key: str, default: int) -> int:
