@@ -832,7 +832,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
       const int64_t split_fit = per_sm_rows > 0 && k / 32 > 32 && built_for_sm90<split_kernel>()
           ? (int64_t)kernel_ctas<split_kernel>(split_smem, gemv::kThreads) * sm_count() * gemv::kWarps : 0;
       if (cuda_policy::gemv_split_k(k, 2 * tasks <= split_fit) == 2) {
-        launch_pdl_cluster(split_kernel, dim3((unsigned)(2 * ((tasks + gemv::kWarps - 1) / gemv::kWarps))), 2,
+        launch_pdl_cluster(split_kernel, dim3((unsigned)(2 * ((tasks + gemv::kWarps - 1) / gemv::kWarps))), dim3(2),
                            dim3(gemv::kThreads), split_smem, stream, form.as<const uint4>(), w, static_cast<ACT*>(y),
                            (int)n, (int)k, row_bytes, part);
         return;

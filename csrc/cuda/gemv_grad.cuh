@@ -11,7 +11,8 @@
 //   and per span z_sum += dy z (added once at the end).
 // The eight warps of a CTA then add their sums through shared memory in a fixed order, each CTA
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
-// does not depend on timing.
+// does not depend on timing. Both launch with programmatic dependent launch (launch_pdl), the first
+// rows' words loaded before the wait for the kernel that wrote dy.
 #pragma once
 #include "gemv.cuh"  // Units, LaneUnits, round_load, place_words
 
@@ -91,25 +92,36 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
   // the next NR rows' loads are issued before this NR's decoding, so a warp's loads overlap its math
-  auto load_rows = [&](int row, uint32_t (&r)[NR][RW], float (&d)[NR]) {
+  auto load_words = [&](int row, uint32_t (&r)[NR][RW]) {
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int rr = row + j * kWarps;
-      d[j] = rr < r1 ? act_to_f(dy[rr]) : 0.0f;
       if (on && rr < r1)
         gemv::round_load<T, 1, false>(col + (int64_t)rr * row_bytes, 32 * s, units, l,
                                       *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
     }
   };
+  auto load_dy = [&](int row, float (&d)[NR]) {
+#pragma unroll
+    for (int j = 0; j < NR; ++j) d[j] = row + j * kWarps < r1 ? act_to_f(dy[row + j * kWarps]) : 0.0f;
+  };
   constexpr int kStep = kWarps * NR;
   uint32_t r[NR][RW];
   float d[NR];
-  if (r0 + warp < r1) load_rows(r0 + warp, r, d);
+  // the first rows' words (W: the previous kernel does not write it) are requested before the wait for
+  // that kernel, their dy after it
+  if (r0 + warp < r1) load_words(r0 + warp, r);
+  pdl_launch_dependents();
+  pdl_wait();  // dy is the previous kernel's output; partial is written after this
+  if (r0 + warp < r1) load_dy(r0 + warp, d);
   for (int row = r0 + warp; row < r1; row += kStep) {
     uint32_t nr[NR][RW];
     float nd[NR];
     const bool more = row + kStep < r1;
-    if (more) load_rows(row + kStep, nr, nd);
+    if (more) {
+      load_words(row + kStep, nr);
+      load_dy(row + kStep, nd);
+    }
     if (on) {
       bool ok[NR];
 #pragma unroll
@@ -186,6 +198,8 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const float* __restric
                                                           ACT* __restrict__ dx) {
   __shared__ float part[kWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, i = blockIdx.x * 32 + lane;
+  pdl_launch_dependents();
+  pdl_wait();  // partial is grad_kernel's output
   float sum = 0.0f;
   if (i < k) {
 #pragma unroll 8
@@ -222,10 +236,10 @@ void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* d
       const int64_t want = std::clamp<int64_t>(std::min(2, per_sm) * (int64_t)sm_count() / slices, 1, most);
       const int64_t rows = (n + want - 1) / want, groups = (n + rows - 1) / rows;
       ScratchBuffer partial((size_t)(groups * k) * sizeof(float), stream);
-      grad_kernel<T, ACT><<<dim3((unsigned)slices, (unsigned)groups), kThreads, 0, stream>>>(
-          static_cast<const ACT*>(dy), w, partial.as<float>(), (int)n, (int)k, row_bytes, (int)rows);
-      finish_kernel<ACT><<<(unsigned)((k + 31) / 32), kThreads, 0, stream>>>(
-          partial.as<const float>(), (int)groups, (int)k, static_cast<ACT*>(dx));
+      launch_pdl(grad_kernel<T, ACT>, dim3((unsigned)slices, (unsigned)groups), dim3(kThreads), 0, stream,
+                 static_cast<const ACT*>(dy), w, partial.as<float>(), (int)n, (int)k, row_bytes, (int)rows);
+      launch_pdl(finish_kernel<ACT>, dim3((unsigned)((k + 31) / 32)), dim3(kThreads), 0, stream,
+                 partial.as<const float>(), (int)groups, (int)k, static_cast<ACT*>(dx));
     };
     if (dtype == D_BF16) launch(__nv_bfloat16{});
     else if (dtype == D_F16) launch(__half{});

@@ -51,9 +51,9 @@ bool pdl_supported();
 // Launches kernel with programmatic dependent launch where the device has it: it may start while
 // the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (pdl.cuh:
 // pdl_wait) before it reads that kernel's output or writes anything. Elsewhere a plain launch.
-// launch_pdl_cluster: the same in clusters of `cluster` CTAs along x (sm_90; 1: no clusters).
+// launch_pdl_cluster: the same in clusters of `cluster` CTAs (sm_90; dim3(1): no clusters).
 template <class... P, class... A>
-void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, int cluster, dim3 block, size_t smem, cudaStream_t stream,
+void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 block, size_t smem, cudaStream_t stream,
                         A&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
@@ -66,9 +66,9 @@ void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, int cluster, dim3 block
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster > 1) {
+  if (cluster.x * cluster.y * cluster.z > 1) {
     attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n++].val.clusterDim = {(unsigned)cluster, 1, 1};
+    attr[n++].val.clusterDim = {cluster.x, cluster.y, cluster.z};
   }
   cfg.attrs = attr;
   cfg.numAttrs = n;
@@ -76,7 +76,7 @@ void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, int cluster, dim3 block
 }
 template <class... P, class... A>
 void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
-  launch_pdl_cluster(kernel, grid, 1, block, smem, stream, std::forward<A>(args)...);
+  launch_pdl_cluster(kernel, grid, dim3(1), block, smem, stream, std::forward<A>(args)...);
 }
 
 // Whether K's code for the current device is sm_90's or later (thread block clusters): a build

@@ -25,6 +25,7 @@
 #include "common.cuh"
 #include "internal.h"
 #include "mma.cuh"
+#include "pdl.cuh"
 #include "unpack.cuh"
 
 namespace lowtune::cuda {
@@ -252,9 +253,12 @@ __global__ void __launch_bounds__(128) small_input_grad_kernel(const uint16_t* _
       }
 }
 
-// out[i] = sum over splits s (in order) of part[s * count + i].
+// out[i] = sum over splits s (in order) of part[s * count + i]. Launched with programmatic dependent
+// launch: it starts while the kernel that writes part ends.
 template <class ACT>
 __global__ void reduce_splits_kernel(const float* __restrict__ part, int splits, int64_t count, ACT* __restrict__ out) {
+  pdl_launch_dependents();
+  pdl_wait();  // part is the previous kernel's output
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
     float s = 0.0f;
     for (int j = 0; j < splits; ++j) s += part[j * count + i];
@@ -265,8 +269,8 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, int splits,
 template <class ACT>
 void launch_reduce(const float* part, int splits, int64_t count, void* out, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4 * (int64_t)sm_count());
-  reduce_splits_kernel<ACT><<<(unsigned)blocks, 256, 0, stream>>>(part, splits, count, static_cast<ACT*>(out));
-  LT_CUDA_CHECK_LAUNCH();
+  launch_pdl(reduce_splits_kernel<ACT>, dim3((unsigned)blocks), dim3(256), 0, stream, part, splits, count,
+             static_cast<ACT*>(out));
 }
 
 // Units of the reduction per split: enough CTAs for one full wave (ctas_per_sm resident on

@@ -35,7 +35,9 @@
 //   at those 16 rows. The two row-phase warps add their sums through shared memory at the end.
 // Both split the reduction over gridDim.y when the tiles alone would not fill the GPU; the
 // splits write fp32 partial sums that reduce_splits_kernel adds in a fixed order
-// (deterministic results, like the direct kernels of small_m.cuh).
+// (deterministic results, like the direct kernels of small_m.cuh). Both launch with programmatic
+// dependent launch (launch_pdl): a CTA requests its first stages of W before it waits for the
+// kernel that wrote X or dY.
 //
 // Requirements (checked by the launchers' caller): w, x/dy and y/dx 16-byte aligned; K a
 // multiple of the block size (so of 32). Rows past N and blocks past K are zero-filled in
@@ -52,6 +54,7 @@
 #include "cp_async.cuh"
 #include "internal.h"
 #include "mma.cuh"
+#include "pdl.cuh"
 #include "small_m.cuh"
 #include "unpack.cuh"
 
@@ -256,11 +259,13 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
 
   const WeightStager<T, R, THREADS, SK> stager(w, row_bytes, (int64_t)n0 * row_bytes + (int64_t)st0 * SB);
   const uint32_t smem0 = smem_addr(smem);
-  auto issue = [&](int st) {
-    const uint32_t sw = smem0 + (st % NS) * stage_bytes;
+  auto issue_w = [&](int st) {
     const int valid = segment_valid<T, SK>(st * (SK / U::kElems), nblk);
-    stager.issue(sw, w, (int64_t)(st - st0) * SB, ((st - st0) * (SB & 15)) & 15, valid, N - n0,
-                 valid == SB && n0 + R < N);
+    stager.issue(smem0 + (st % NS) * stage_bytes, w, (int64_t)(st - st0) * SB, ((st - st0) * (SB & 15)) & 15,
+                 valid, N - n0, valid == SB && n0 + R < N);
+  };
+  auto issue_x = [&](int st) {
+    const uint32_t sw = smem0 + (st % NS) * stage_bytes;
     // X rows < M of the stage's columns (zeros past K): chunk i = (row i / (SK/8), columns 8*(i % (SK/8)) ..)
     const int k0 = st * SK;
 #pragma unroll
@@ -271,6 +276,10 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
       cp_async16(sw + R * P + m * PX + 2 * col, in ? x + (int64_t)m * K + k0 + col : x, in ? 16 : 0);
     }
   };
+  auto issue = [&](int st) {
+    issue_w(st);
+    issue_x(st);
+  };
 
   float acc[NT][4];
 #pragma unroll
@@ -278,9 +287,16 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
+  // The ring's first stages of W (the previous kernel does not write it) are requested before the
+  // wait for that kernel, X's after it; the first commit group holds them all.
+#pragma unroll
+  for (int s = 0; s < NS - 1; ++s)
+    if (st0 + s < st1) issue_w(st0 + s);
+  pdl_launch_dependents();
+  pdl_wait();  // X is the previous kernel's output; y and part are written after this
 #pragma unroll
   for (int s = 0; s < NS - 1; ++s) {
-    if (st0 + s < st1) issue(st0 + s);
+    if (st0 + s < st1) issue_x(st0 + s);
     cp_async_commit();
   }
 #pragma unroll 1
@@ -462,12 +478,14 @@ __global__ void __launch_bounds__(kIgThreads) staged_input_grad_kernel(const ACT
   const WeightStager<T, R, kIgThreads> stager(w, row_bytes, (int64_t)st0 * R * row_bytes + (int64_t)kb0 * U::kBytes);
   const int valid = segment_valid<T>(kb0, nblk);
   const uint32_t smem0 = smem_addr(smem);
-  auto issue = [&](int st) {
+  auto issue_w = [&](int st) {
+    const int64_t shift = (int64_t)(st - st0) * R * row_bytes;
+    stager.issue(smem0 + (st % kStages) * STAGE, w, shift, (int)(shift & 15), valid, N - st * R,
+                 valid == seg_bytes<T>() && st * R + R < N);
+  };
+  auto issue_dy = [&](int st) {
     const int slot = st % kStages;
     const int r0 = st * R;
-    const int64_t shift = (int64_t)(st - st0) * R * row_bytes;
-    stager.issue(smem0 + slot * STAGE, w, shift, (int)(shift & 15), valid, N - r0,
-                 valid == seg_bytes<T>() && r0 + R < N);
     // dY[m, r0 .. r0+R) for m < M; zeros past N. 16-byte chunk i = (row i/8, rows 8*(i%8)..)
     if (dy_vec) {
       if ((int)threadIdx.x < M * (R / 8)) {
@@ -485,6 +503,10 @@ __global__ void __launch_bounds__(kIgThreads) staged_input_grad_kernel(const ACT
       }
     }
   };
+  auto issue = [&](int st) {
+    issue_w(st);
+    issue_dy(st);
+  };
 
   float acc[8][NT][4];
 #pragma unroll
@@ -500,9 +522,15 @@ __global__ void __launch_bounds__(kIgThreads) staged_input_grad_kernel(const ACT
   // and are not stored; every lane takes part in the warp's MMAs.
   const bool cols_in = (int64_t)kb0 * U::kElems + e < K;
 
+  // W's first stages before the wait for the previous kernel, dY's after it (as in the forward)
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s)
+    if (st0 + s < st1) issue_w(st0 + s);
+  pdl_launch_dependents();
+  pdl_wait();  // dY is the previous kernel's output; dx and part are written after this
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (st0 + s < st1) issue(st0 + s);
+    if (st0 + s < st1) issue_dy(st0 + s);
     cp_async_commit();
   }
 #pragma unroll 1
@@ -641,20 +669,9 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
     const int cluster = cluster_split<fwd_lane_owns_64<T, NT>(), kernel>(tiles, nst, fit);
     if (cluster > 1) {
       const int per = (nst + cluster - 1) / cluster;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3((unsigned)tiles, (unsigned)cluster);
-      cfg.blockDim = dim3((unsigned)threads);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 1;
-      attr[0].val.clusterDim.y = (unsigned)cluster;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
-                                       static_cast<float*>(nullptr), m, n, k, row_bytes, per));
+      launch_pdl_cluster(kernel, dim3((unsigned)tiles, (unsigned)cluster), dim3(1, (unsigned)cluster),
+                         dim3((unsigned)threads), smem, stream, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
+                         static_cast<float*>(nullptr), m, n, k, row_bytes, per);
       return;
     }
   }
@@ -666,9 +683,8 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
                                                  : units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
-  kernel<<<dim3((unsigned)tiles, (unsigned)splits), threads, smem, stream>>>(
-      static_cast<const ACT*>(x), w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per);
-  LT_CUDA_CHECK_LAUNCH();
+  launch_pdl(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(threads), smem, stream, static_cast<const ACT*>(x),
+             w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per);
   if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * n, y, stream);
 }
 
@@ -683,9 +699,8 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
   const int per = units_per_split(tiles, nst, nst, target_ctas_per_sm(fit));
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * k * sizeof(float) : 0, stream);
-  kernel<<<dim3((unsigned)tiles, (unsigned)splits), kIgThreads, smem, stream>>>(
-      static_cast<const ACT*>(dy), w, static_cast<ACT*>(dx), part.as<float>(), m, n, k, row_bytes, per);
-  LT_CUDA_CHECK_LAUNCH();
+  launch_pdl(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(kIgThreads), smem, stream,
+             static_cast<const ACT*>(dy), w, static_cast<ACT*>(dx), part.as<float>(), m, n, k, row_bytes, per);
   if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * k, dx, stream);
 }
 
