@@ -6,7 +6,7 @@
 # replay with LOWTUNE_CUDA_PDL=0 and with the default, alternated, each in its own process; decoding
 # with either.
 # Usage, from the repository root: OUT=dir bash tools/gpu/small_m_pdl.sh
-# (TYPES: bench_kernels.py's --types; ROUNDS: how many off/on pairs)
+# (TYPES: bench_kernels.py's --types; ROUNDS: how many off/on pairs; SAN_K: the sanitizer's tests, pytest -k)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -16,7 +16,7 @@ stage tests 40 150 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda
   tests/test_glue_cuda.py
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 stage sanitizer 30 90 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
-  tests/test_cuda.py -k "back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad"
+  tests/test_cuda.py -k "${SAN_K:-back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad}"
 types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
 for r in $(seq 1 "${ROUNDS:-1}"); do
   for pdl in 0 1; do
