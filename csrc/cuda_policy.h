@@ -85,12 +85,12 @@ constexpr bool has_gemv(int qtype) {
 
 // The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise: those it ran
 // faster than the staged kernel for, summed over a 7B layer's seven products (H200, BENCHMARKS.md
-// "The one-row input gradient": 2-14% less time). It was slower for Q4_K, Q2_K and Q3_K, even (within
-// 2%) for Q4_0, Q5_0 and Q8_0, and the other types were not timed.
+// "The one-row input gradient": 2-14% less time), and not timed since. Once both kernels launched
+// programmatically the staged kernel won for every type timed, Q4_1, Q5_K, Q6_K and INT4-g64 among
+// them (H100, BENCHMARKS.md "The small-M kernels on programmatic launch": 4-21% less time).
 constexpr bool gemv_grad_default(int qtype) {
   switch (qtype) {
-    case T_Q4_1: case T_Q5_K: case T_Q6_K:
-    case int_type_id(2, 64): case int_type_id(4, 64): case int_type_id(8, 32): return true;
+    case int_type_id(2, 64): case int_type_id(8, 32): return true;
     default: return false;
   }
 }

@@ -37,7 +37,7 @@
 // splits write fp32 partial sums that reduce_splits_kernel adds in a fixed order
 // (deterministic results, like the direct kernels of small_m.cuh). Both launch with programmatic
 // dependent launch (launch_pdl): a CTA requests its first stages of W before it waits for the
-// kernel that wrote X or dY.
+// kernel that wrote X or dY (but the forward's clusters, launched plainly).
 //
 // Requirements (checked by the launchers' caller): w, x/dy and y/dx 16-byte aligned; K a
 // multiple of the block size (so of 32). Rows past N and blocks past K are zero-filled in
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
                                                                            const uint8_t* __restrict__ w,
                                                                            ACT* __restrict__ y, float* __restrict__ part,
                                                                            int M, int N, int K, int64_t row_bytes,
-                                                                           int stages_per_split) {
+                                                                           int stages_per_split, bool w_early) {
   using U = Unpack<T>;
   constexpr int SK = fwd_stage_k<NT>(), WK = fwd_warps_k<NT>(), R = fwd_rows<NT>();
   constexpr int P = row_pitch<T, SK>(), PX = fwd_x_pitch(SK), SB = seg_bytes<T, SK>();
@@ -287,16 +287,22 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
-  // The ring's first stages of W (the previous kernel does not write it) are requested before the
-  // wait for that kernel, X's after it; the first commit group holds them all.
+  // Launched programmatically (w_early), the ring's first stages of W (the previous kernel does not
+  // write it) are requested before the wait for that kernel, X's after it, the first commit group
+  // holding them all; launched plainly, stage by stage.
+  if (w_early) {
 #pragma unroll
-  for (int s = 0; s < NS - 1; ++s)
-    if (st0 + s < st1) issue_w(st0 + s);
+    for (int s = 0; s < NS - 1; ++s)
+      if (st0 + s < st1) issue_w(st0 + s);
+  }
   pdl_launch_dependents();
   pdl_wait();  // X is the previous kernel's output; y and part are written after this
 #pragma unroll
   for (int s = 0; s < NS - 1; ++s) {
-    if (st0 + s < st1) issue_x(st0 + s);
+    if (st0 + s < st1) {
+      if (!w_early) issue_w(st0 + s);
+      issue_x(st0 + s);
+    }
     cp_async_commit();
   }
 #pragma unroll 1
@@ -669,9 +675,20 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
     const int cluster = cluster_split<fwd_lane_owns_64<T, NT>(), kernel>(tiles, nst, fit);
     if (cluster > 1) {
       const int per = (nst + cluster - 1) / cluster;
-      launch_pdl_cluster(kernel, dim3((unsigned)tiles, (unsigned)cluster), dim3(1, (unsigned)cluster),
-                         dim3((unsigned)threads), smem, stream, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
-                         static_cast<float*>(nullptr), m, n, k, row_bytes, per);
+      // launched plainly: with programmatic launch the clusters ran 1.1-1.3x slower at 4096x4096
+      // (H100, BENCHMARKS.md "The small-M kernels on programmatic launch")
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3((unsigned)tiles, (unsigned)cluster);
+      cfg.blockDim = dim3((unsigned)threads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim = {1, (unsigned)cluster, 1};
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
+                                       static_cast<float*>(nullptr), m, n, k, row_bytes, per, false));
       return;
     }
   }
@@ -684,7 +701,7 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
   launch_pdl(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(threads), smem, stream, static_cast<const ACT*>(x),
-             w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per);
+             w, static_cast<ACT*>(y), part.as<float>(), m, n, k, row_bytes, per, pdl_supported());
   if (splits > 1) launch_reduce<ACT>(part.as<float>(), splits, (int64_t)m * n, y, stream);
 }
 
