@@ -22,8 +22,9 @@ for r in $(seq 1 "${ROUNDS:-1}"); do
   done
 done
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+san_k=${SAN_K:-back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad}
 stage sanitizer 30 90 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
-  tests/test_cuda.py -k "${SAN_K:-back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad}"
+  tests/test_cuda.py -k "$san_k"
 for pdl in 0 1; do
   LOWTUNE_CUDA_PDL=$pdl stage decode_pdl$pdl 25 45 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
     --out "$out/decode_pdl$pdl.jsonl"
