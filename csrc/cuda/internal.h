@@ -51,10 +51,11 @@ bool pdl_supported();
 // Launches kernel with programmatic dependent launch where the device has it: it may start while
 // the previous kernel in the stream is finishing, so it must execute griddepcontrol.wait (pdl.cuh:
 // pdl_wait) before it reads that kernel's output or writes anything. Elsewhere a plain launch.
-// launch_pdl_cluster: the same in clusters of `cluster` CTAs (sm_90; dim3(1): no clusters).
+// launch_cluster: in clusters of `cluster` CTAs (sm_90; dim3(1): no clusters), programmatically where
+// `pdl` and the device has it; launch_pdl_cluster: the same with `pdl` true.
 template <class... P, class... A>
-void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 block, size_t smem, cudaStream_t stream,
-                        A&&... args) {
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 block, size_t smem, cudaStream_t stream,
+                    bool pdl, A&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -62,7 +63,7 @@ void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 bloc
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   int n = 0;
-  if (pdl_supported()) {
+  if (pdl && pdl_supported()) {
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
@@ -73,6 +74,11 @@ void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 bloc
   cfg.attrs = attr;
   cfg.numAttrs = n;
   LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+template <class... P, class... A>
+void launch_pdl_cluster(void (*kernel)(P...), dim3 grid, dim3 cluster, dim3 block, size_t smem, cudaStream_t stream,
+                        A&&... args) {
+  launch_cluster(kernel, grid, cluster, block, smem, stream, true, std::forward<A>(args)...);
 }
 template <class... P, class... A>
 void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {

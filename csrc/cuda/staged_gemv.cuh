@@ -677,18 +677,9 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
       const int per = (nst + cluster - 1) / cluster;
       // launched plainly: with programmatic launch the clusters ran 1.1-1.3x slower at 4096x4096
       // (H100, BENCHMARKS.md "The small-M kernels on programmatic launch")
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3((unsigned)tiles, (unsigned)cluster);
-      cfg.blockDim = dim3((unsigned)threads);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim = {1, (unsigned)cluster, 1};
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      LT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const ACT*>(x), w, static_cast<ACT*>(y),
-                                       static_cast<float*>(nullptr), m, n, k, row_bytes, per, false));
+      launch_cluster(kernel, dim3((unsigned)tiles, (unsigned)cluster), dim3(1, (unsigned)cluster),
+                     dim3((unsigned)threads), smem, stream, false, static_cast<const ACT*>(x), w,
+                     static_cast<ACT*>(y), static_cast<float*>(nullptr), m, n, k, row_bytes, per, false);
       return;
     }
   }
