@@ -251,11 +251,23 @@ def test_staged_kernels_on_model_sized_weights(name, direction, gen, monkeypatch
 
 
 def test_staged_split_heuristic_knob(gen, monkeypatch):
-    """Fewer resident CTAs per multiprocessor change the splits, not the result."""
-    for ctas in ("1", "2"):
+    """Fewer resident CTAs per multiprocessor, or the splits rounded up (the rule before one wave),
+    change the splits, not the result."""
+    for ctas, one_wave in (("1", "1"), ("2", "1"), ("2", "0"), ("", "0")):
         monkeypatch.setenv("LOWTUNE_CUDA_STAGED_CTAS_PER_SM", ctas)
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_ONE_WAVE", one_wave)
         check_matmul("Q4_0", torch.bfloat16, gen, "forward", shapes=[(1, 300, 96), (16, 64, 200)])
         check_matmul("Q4_0", torch.bfloat16, gen, "input_grad", shapes=[(1, 300, 96), (16, 1000, 24)])
+
+
+def test_staged_forced_splits_knob(gen, monkeypatch):
+    """Any number of splits of the reduction (LOWTUNE_CUDA_STAGED_SPLITS, more than the stages too)
+    gives the same products: uneven last splits, one stage a split, no split."""
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
+    for s in ("1", "3", "7", "64"):
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_SPLITS", s)
+        check_matmul("Q4_K", torch.bfloat16, gen, "forward", shapes=[(16, 300, 40), (9, 64, 28)])
+        check_matmul("Q4_K", torch.bfloat16, gen, "input_grad", shapes=[(1, 1000, 24), (16, 300, 8)])
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q8_0", "IQ4_XS", "INT3-g128"])

@@ -302,6 +302,7 @@ def run_cuda(args) -> int:
     types = parse_types(args.types)
     kernels = [k for k in args.kernels.split(",") if k in ("forward", "input_grad")]
     peers = set(args.peers.split(",")) if args.peers else set()
+    paths = set(args.paths.split(",")) if args.paths else set()
     act = torch.bfloat16
     print("| kernel | type | N×K | M | impl | µs | %BW | %peak |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
@@ -362,6 +363,8 @@ def run_cuda(args) -> int:
                     tid = get_format(name).type_id
                     default = _C.cuda_path(kernel, m, 2, True, n, k, tid)
                     for impl, variant in our_variants(m, kernel).items():
+                        if paths and impl not in paths:
+                            continue
                         with env(variant):
                             path = _C.cuda_path(kernel, m, 2, True, n, k, tid)
                             if impl == "gemv" and path != "gemv":
@@ -687,6 +690,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", help="comma-separated batch rows M, e.g. 1,16,2048")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--peers", default=",".join(PEERS), help="CUDA: peers to time (empty: none)")
+    ap.add_argument("--paths", help="CUDA: only these of our paths, e.g. staged,gemv (default: every one)")
     ap.add_argument("--out", help="CUDA: append JSON lines here")
     ap.add_argument("--target-ms", type=float, default=2.0, help="CUDA: graph length per replay")
     ap.add_argument("--reps", type=int, default=5, help="CUDA: replays per entry (median)")
