@@ -128,6 +128,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_gemv_stream", &cuda_policy::gemv_stream_ctas, py::arg("qtype"), py::arg("n"), py::arg("k"),
         "CTAs a multiprocessor of the streamed M = 1 gemv (weights through bulk copies, sm_90) for an "
         "N x K weight of type qtype; 0: the register kernels.");
+  m.def("cuda_staged_split", [](int qtype, const std::string& product, int64_t tiles, int64_t nst, int64_t slots,
+                                int64_t min_per) {
+    namespace cp = cuda_policy;
+    const bool forward = cp::product_from_name(product) == cp::Product::Forward;
+    return cp::staged_stages_per_split(tiles, nst, slots, cp::staged_split_waves(qtype, forward), min_per);
+  }, py::arg("qtype"), py::arg("product"), py::arg("tiles"), py::arg("nst"), py::arg("slots"), py::arg("min_per"),
+     "Stages of the reduction a CTA of the staged kernels takes ('forward' or 'input_grad' of type qtype) "
+     "when `tiles` tiles split nst stages for `slots` resident CTAs, each split at least min_per stages.");
   m.def("cuda_scratch_bytes", [](const std::string& product, int64_t M, int64_t N, int64_t K, int dtype) {
     namespace cp = cuda_policy;
     return cp::cublas_scratch_bytes(cp::product_from_name(product), M, N, K, dtype == D_F32 ? 4 : 2);

@@ -36,6 +36,9 @@
 //                          (gemv_split_k)
 //   LOWTUNE_CUDA_GEMV_STREAM 0..3: CTAs an SM of the streamed M = 1 gemv, weights through bulk
 //                          copies (0: the register kernels; default: gemv_stream_ctas)
+//   LOWTUNE_CUDA_STAGED_WAVES  waves of resident CTAs the staged kernels' split reduction fills, 0: the
+//                          splits rounded up (default per type and direction: staged_split_waves_default)
+//   LOWTUNE_CUDA_STAGED_SPLITS  s > 0: s splits of the staged kernels' reduction (staged_stages_per_split)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
 //   LOWTUNE_CUDA_ATTN_POSITIONS  cached positions per split of a decode attention head (default 64:
 //                          decode_attention_splits)
@@ -203,6 +206,36 @@ inline int gemv_stream_ctas(int qtype, int64_t n, int64_t k) {
   const bool register_forced = env_int("LOWTUNE_CUDA_GEMV_ROWS", 0) || env_int("LOWTUNE_CUDA_GEMV_SPLIT", 0);
   const int fallback = register_forced ? 0 : gemv_stream_default(qtype, n, k);
   return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", fallback), 0, 3);
+}
+
+// Waves of resident CTAs the staged kernels (cuda/staged_gemv.cuh) split a product's reduction into
+// when its tiles alone leave resident CTA slots empty. One for the input gradient and for most forward
+// types: as many splits as every CTA resident at once (rounding the splits up left a partial second
+// wave, 1.08-1.3x the time; H100, BENCHMARKS.md "How the staged kernels split their reduction"). Four
+// for the forward of Q2_K, Q3_K and Q6_K, whose decoding (a scale per 16 elements), not the bytes,
+// bounds them: many short CTAs balance better (Q2_K 14336x4096 at M = 16 0.88x the time of one wave).
+// LOWTUNE_CUDA_STAGED_WAVES=1..8 sets it for every type, 0 the rule before (splits rounded up).
+constexpr int staged_split_waves_default(int qtype, bool forward) {
+  return forward && (qtype == T_Q2_K || qtype == T_Q3_K || qtype == T_Q6_K) ? 4 : 1;
+}
+inline int staged_split_waves(int qtype, bool forward) {
+  return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_WAVES", staged_split_waves_default(qtype, forward)),
+                                  0, 8);
+}
+// Stages of the reduction a CTA takes when `tiles` tiles split their nst stages for `slots` resident
+// CTAs (at most nst: no split): splits = waves x slots / tiles, each split at least min_per stages
+// (the input gradient: its ring's depth; CTAs of 2 stages ran 1.1-1.3x the time of 4).
+// LOWTUNE_CUDA_STAGED_SPLITS=s > 0 forces s splits, for measurements.
+inline int64_t staged_stages_per_split(int64_t tiles, int64_t nst, int64_t slots, int waves, int64_t min_per) {
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  tiles = std::max<int64_t>(tiles, 1), nst = std::max<int64_t>(nst, 1), slots = std::max<int64_t>(slots, 1);
+  const int64_t forced = std::min(env_int("LOWTUNE_CUDA_STAGED_SPLITS", 0), nst);
+  int64_t per;
+  if (forced > 0) per = ceil_div(nst, forced);
+  else if (waves <= 0) per = ceil_div(nst, ceil_div(slots, tiles));  // the rule before: splits rounded up
+  else per = std::max(ceil_div(nst, std::max<int64_t>(1, waves * slots / tiles)),
+                      std::min(min_per, nst));
+  return std::max(per, ceil_div(nst, 65535));  // gridDim.y's limit
 }
 
 // Splits of a decode attention head's positions: one per 64 cached positions, at most 32 (the grid

@@ -251,11 +251,11 @@ def test_staged_kernels_on_model_sized_weights(name, direction, gen, monkeypatch
 
 
 def test_staged_split_heuristic_knob(gen, monkeypatch):
-    """Fewer resident CTAs per multiprocessor, or the splits rounded up (the rule before one wave),
-    change the splits, not the result."""
-    for ctas, one_wave in (("1", "1"), ("2", "1"), ("2", "0"), ("", "0")):
+    """Fewer resident CTAs per multiprocessor, more waves of them, or the splits rounded up (the rule
+    before whole waves) change the splits, not the result."""
+    for ctas, waves in (("1", "1"), ("2", "1"), ("2", "0"), ("", "0"), ("", "4")):
         monkeypatch.setenv("LOWTUNE_CUDA_STAGED_CTAS_PER_SM", ctas)
-        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_ONE_WAVE", one_wave)
+        monkeypatch.setenv("LOWTUNE_CUDA_STAGED_WAVES", waves)
         check_matmul("Q4_0", torch.bfloat16, gen, "forward", shapes=[(1, 300, 96), (16, 64, 200)])
         check_matmul("Q4_0", torch.bfloat16, gen, "input_grad", shapes=[(1, 300, 96), (16, 1000, 24)])
 

@@ -144,3 +144,35 @@ def test_the_streamed_gemv_takes_long_rows_of_4096_row_products_and_wide_5_and_6
         monkeypatch.setenv(knob, "2")
         assert _C.cuda_gemv_stream(q6_k, 14336, 4096) == 0
         monkeypatch.delenv(knob)
+
+
+def test_the_staged_kernels_split_into_whole_waves_and_decode_bound_types_into_four(monkeypatch):
+    """cuda_policy::staged_stages_per_split: as many splits as one wave of resident CTAs holds (never a
+    partial second wave), the forward of Q2_K, Q3_K and Q6_K into four waves, the input gradient at least
+    its ring's depth a split; LOWTUNE_CUDA_STAGED_WAVES=0 rounds the splits up as before, and
+    LOWTUNE_CUDA_STAGED_SPLITS forces a count."""
+    for var in ("LOWTUNE_CUDA_STAGED_WAVES", "LOWTUNE_CUDA_STAGED_SPLITS"):
+        monkeypatch.delenv(var, raising=False)
+    q2_k, q4_k, q6_k, q8_0 = 10, 12, 14, 8
+    split = _C.cuda_staged_split
+    # 112 tiles of a 14336-row weight, 16 stages, 2 x 132 slots: 2 splits of 8 (3 of 6 would need 336 slots)
+    assert split(q4_k, "forward", 112, 16, 264, 1) == 8
+    assert split(q8_0, "forward", 32, 56, 132, 1) == 14  # 4 splits, 128 CTAs (5 would be 160)
+    assert split(q2_k, "forward", 112, 16, 264, 1) == 2  # four waves: 9 splits asked, 8 of 2
+    assert split(q6_k, "forward", 32, 16, 264, 1) == 1
+    assert split(q6_k, "input_grad", 16, 64, 528, 4) == 4  # 33 splits of 2 asked, a ring's depth kept
+    assert split(q4_k, "input_grad", 56, 64, 528, 4) == 8
+    assert split(q4_k, "forward", 300, 16, 264, 1) == 16  # the tiles alone fill the slots: no split
+    assert split(q4_k, "input_grad", 16, 3, 528, 4) == 3  # never more than the stages
+    monkeypatch.setenv("LOWTUNE_CUDA_STAGED_WAVES", "0")
+    assert split(q4_k, "forward", 112, 16, 264, 1) == 6
+    assert split(q8_0, "forward", 32, 56, 132, 1) == 12
+    assert split(q4_k, "input_grad", 16, 64, 528, 4) == 2
+    monkeypatch.setenv("LOWTUNE_CUDA_STAGED_WAVES", "2")
+    assert split(q4_k, "forward", 112, 16, 264, 1) == 4
+    monkeypatch.setenv("LOWTUNE_CUDA_STAGED_SPLITS", "3")
+    assert split(q4_k, "forward", 112, 16, 264, 1) == 6
+    assert split(q4_k, "input_grad", 16, 2, 528, 4) == 1  # three splits of two stages: two of one
+    assert split(q4_k, "forward", 1, 200000, 1, 1) == 66667
+    monkeypatch.setenv("LOWTUNE_CUDA_STAGED_SPLITS", "100000")
+    assert split(q4_k, "forward", 1, 200000, 1, 1) == 4  # gridDim.y's limit: at most 65535 splits

@@ -641,23 +641,6 @@ inline int target_ctas_per_sm(int fit) {
   return want > 0 ? std::min(want, fit) : fit;
 }
 
-// Stages of the reduction per CTA when `tiles` tiles split their nst stages: as many splits as keep
-// every CTA resident at once (tiles x splits <= ctas_per_sm x SMs), each at least min_per stages.
-// Rounding the splits up instead left a second, partial wave of CTAs (Q8_0 4096x14336 at M = 16:
-// 5 x 32 CTAs for 132 slots, 1.32x the time of 4 splits), and the input gradient's CTAs that never
-// fill their ring (2 stages) ran 1.1-1.3x the time of 4 (H100, BENCHMARKS.md "How the staged kernels
-// split their reduction"). LOWTUNE_CUDA_STAGED_SPLITS = s > 0 forces s splits, and
-// LOWTUNE_CUDA_STAGED_ONE_WAVE=0 the rule before (units_per_split), for measurements.
-inline int per_split(int tiles, int nst, int ctas_per_sm, int min_per) {
-  const char* s = std::getenv("LOWTUNE_CUDA_STAGED_SPLITS");
-  const int forced = (s && *s) ? std::min(std::atoi(s), nst) : 0;
-  if (forced > 0) return (nst + forced - 1) / forced;
-  const char* w = std::getenv("LOWTUNE_CUDA_STAGED_ONE_WAVE");
-  if (w && *w == '0') return units_per_split(tiles, nst, nst, ctas_per_sm);
-  const int splits = std::max(1, ctas_per_sm * sm_count() / tiles);
-  return std::max({(nst + splits - 1) / splits, std::min(min_per, nst), (nst + 65534) / 65535});
-}
-
 // CTAs per cluster that split an M <= 8 tile's reduction (1: none), where the kernel was built for
 // sm_90 (thread block clusters). Automatic for the 4-bit types (those timed): the largest c in
 // {1, 2, 4} whose c x tiles CTAs are all resident at once and leave each CTA at least a ring's
@@ -701,11 +684,14 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
     }
   }
   // Split the reduction only when the tiles leave multiprocessors idle (M <= 8: its 16-row tiles
-  // keep each CTA's three stages in flight, which suffices), or as many as one wave holds (M <= 16).
+  // keep each CTA's three stages in flight, which suffices), or into the waves of resident CTAs
+  // cuda_policy::staged_split_waves asks for (M <= 16).
   // (Splitting M <= 8 whenever its tiles fill less than one wave of resident CTAs was measured
   // slower: Q4_K 4096x4096 9.9 µs against 7.6, the second kernel costs more than the CTAs gain.)
-  const int per = NT == 1 && tiles >= sm_count() ? per_split(tiles, nst, 1, nst)
-                                                 : per_split(tiles, nst, target_ctas_per_sm(fit), 1);
+  const bool split = !(NT == 1 && tiles >= sm_count());  // (one slot, one wave: no split unless forced)
+  const int slots = split ? target_ctas_per_sm(fit) * sm_count() : 1;
+  const int per = (int)cuda_policy::staged_stages_per_split(tiles, nst, slots,
+                                                            split ? cuda_policy::staged_split_waves(T, true) : 1, 1);
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * n * sizeof(float) : 0, stream);
   launch_pdl(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(threads), smem, stream, static_cast<const ACT*>(x),
@@ -721,7 +707,8 @@ void input_grad_typed(const void* dy, const uint8_t* w, void* dx, int m, int n, 
   constexpr auto kernel = staged_input_grad_kernel<T, ACT, NT>;
   const int fit = std::max(kernel_ctas<kernel>(smem, kIgThreads), 1);
   const int tiles = (k + kStageK - 1) / kStageK, nst = (n + kStageRows - 1) / kStageRows;
-  const int per = per_split(tiles, nst, target_ctas_per_sm(fit), kStages);
+  const int per = (int)cuda_policy::staged_stages_per_split(tiles, nst, target_ctas_per_sm(fit) * sm_count(),
+                                                            cuda_policy::staged_split_waves(T, false), kStages);
   const int splits = (nst + per - 1) / per;
   ScratchBuffer part(splits > 1 ? (size_t)splits * m * k * sizeof(float) : 0, stream);
   launch_pdl(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(kIgThreads), smem, stream,
