@@ -4,9 +4,9 @@
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
 //   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
-//              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), for
-//              the types where it beat the staged kernel (gemv_grad_default; any has_gemv type
-//              when forced): bf16/fp16, operands 16-byte aligned
+//              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), when
+//              forced (gemv_grad_default: the staged kernel beat it for every type timed; any
+//              has_gemv type): bf16/fp16, operands 16-byte aligned
 //   regs       the M <= 16 forward with W decoded straight into tensor-core fragments
 //              (cuda/small_m_regs.cuh) for the types with codes: by default where it was timed
 //              faster than staged (regs_default), any has_gemv type when forced
@@ -86,17 +86,14 @@ constexpr bool has_gemv(int qtype) {
   }
 }
 
-// The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise: those it ran
-// faster than the staged kernel for, summed over a 7B layer's seven products (H200, BENCHMARKS.md
-// "The one-row input gradient": 2-14% less time), and not timed since. Once both kernels launched
-// programmatically the staged kernel won for every type timed, Q4_1, Q5_K, Q6_K and INT4-g64 among
-// them (H100, BENCHMARKS.md "The small-M kernels on programmatic launch": 4-21% less time).
-constexpr bool gemv_grad_default(int qtype) {
-  switch (qtype) {
-    case int_type_id(2, 64): case int_type_id(8, 32): return true;
-    default: return false;
-  }
-}
+// The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise: none now. It ran
+// faster than the staged kernel for some types over a 7B layer's seven products (H200, BENCHMARKS.md
+// "The one-row input gradient": 2-14% less time); once both kernels launched programmatically the
+// staged kernel won for every type timed (H100, "The small-M kernels on programmatic launch": 4-21%
+// less time), and once its splits filled whole waves also for INT2-g64 and INT8-g32, the last two
+// (H100, "How the staged kernels split their reduction": 10% and 6% less over the seven products).
+// LOWTUNE_CUDA_PATH=gemv still takes it for any has_gemv type.
+constexpr bool gemv_grad_default(int /*qtype*/) { return false; }
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
 // staged kernel at every 7B shape (H200, BENCHMARKS.md "The M <= 16 forward from registers"): Q6_K
