@@ -159,6 +159,8 @@ def test_the_staged_kernels_split_into_whole_waves_and_decode_bound_types_into_f
     assert split(q4_k, "forward", 112, 16, 264, 1) == 8
     assert split(q8_0, "forward", 32, 56, 132, 1) == 14  # 4 splits, 128 CTAs (5 would be 160)
     assert split(q2_k, "forward", 112, 16, 264, 1) == 2  # four waves: 9 splits asked, 8 of 2
+    assert split(11, "forward", 112, 16, 264, 1) == 2  # Q3_K too
+    assert split(q2_k, "input_grad", 112, 16, 264, 1) == 8  # but one wave for its input gradient
     assert split(q6_k, "forward", 32, 16, 264, 1) == 1
     assert split(q6_k, "input_grad", 16, 64, 528, 4) == 4  # 33 splits of 2 asked, a ring's depth kept
     assert split(q4_k, "input_grad", 56, 64, 528, 4) == 8
