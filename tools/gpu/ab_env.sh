@@ -12,8 +12,8 @@ source tools/gpu/common.sh
 begin_call ab_env 570 || { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 echo "A: ${A:-}" > "$out/settings.txt"; echo "B: ${B:-}" >> "$out/settings.txt"
-stage tests 40 150 env ${B:-} $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
-  tests/test_glue_cuda.py
+stage tests 40 150 env ${B:-} $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
+  tests/test_cuda_policy.py tests/test_glue_cuda.py
 types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for s in a b; do
@@ -24,12 +24,13 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
       --out "$out/kernels_${s}_$r.jsonl"
   done
 done
-$py tools/gpu/ab_kernels.py --a "$out"/kernels_a_*.jsonl --b "$out"/kernels_b_*.jsonl --paths "${PATHS:-staged,gemv,regs}" \
-  --rows > "$out/ab.md" 2>&1; tail -n 12 "$out/ab.md"
+$py tools/gpu/ab_kernels.py --a "$out"/kernels_a_*.jsonl --b "$out"/kernels_b_*.jsonl \
+  --paths "${PATHS:-staged,gemv,regs}" --rows > "$out/ab.md" 2>&1; tail -n 12 "$out/ab.md"
 if [ "${DECODE:-1}" = 1 ]; then
   for s in a b; do
     if [ $s = a ]; then e=${A:-}; else e=${B:-}; fi
-    stage decode_$s 25 45 env $e $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 --out "$out/decode_$s.jsonl"
+    stage decode_$s 25 45 env $e $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
+      --out "$out/decode_$s.jsonl"
   done
 fi
 cp tools/gpu/ab_env.sh "$out/call.sh"

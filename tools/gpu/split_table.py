@@ -19,9 +19,11 @@ def staged(path: str) -> dict:
 
 def main(d: str) -> None:
     base = staged(os.path.join(d, "kernels.jsonl"))
-    forced = {int(re.search(r"splits_(\d+)", p).group(1)): staged(p) for p in glob.glob(os.path.join(d, "splits_*.jsonl"))}
+    forced = {int(re.search(r"splits_(\d+)", p).group(1)): staged(p)
+              for p in glob.glob(os.path.join(d, "splits_*.jsonl"))}
     ss = sorted(forced)
-    print("| kernel | type | N×K | M | default µs | " + " | ".join(f"s={s}" for s in ss) + " | best | best / default |")
+    cols = " | ".join(f"s={s}" for s in ss)
+    print(f"| kernel | type | N×K | M | default µs | {cols} | best | best / default |")
     print("|---" * (len(ss) + 7) + "|")
     for key in sorted(set().union(*forced.values()), key=lambda t: (t[0], t[4], t[2], t[3], t[1])):
         times = {s: forced[s].get(key) for s in ss}
