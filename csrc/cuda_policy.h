@@ -219,6 +219,13 @@ inline int staged_split_waves(int qtype, bool forward) {
   return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_STAGED_WAVES", staged_split_waves_default(qtype, forward)),
                                   0, 8);
 }
+// Units of a reduction per split when `tiles` tiles split it into enough CTAs to fill `slots`
+// resident ones, the splits rounded up (the direct and regs kernels' rule, small_m.cuh:
+// units_per_split; the staged kernels' before whole waves).
+inline int64_t per_split_rounded_up(int64_t tiles, int64_t units, int64_t slots) {
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  return ceil_div(std::max<int64_t>(units, 1), ceil_div(std::max<int64_t>(slots, 1), std::max<int64_t>(tiles, 1)));
+}
 // Stages of the reduction a CTA takes when `tiles` tiles split their nst stages for `slots` resident
 // CTAs (at most nst: no split): splits = waves x slots / tiles, each split at least min_per stages
 // (the input gradient: its ring's depth; CTAs of 2 stages ran 1.1-1.3x the time of 4).
@@ -229,7 +236,7 @@ inline int64_t staged_stages_per_split(int64_t tiles, int64_t nst, int64_t slots
   const int64_t forced = std::min(env_int("LOWTUNE_CUDA_STAGED_SPLITS", 0), nst);
   int64_t per;
   if (forced > 0) per = ceil_div(nst, forced);
-  else if (waves <= 0) per = ceil_div(nst, ceil_div(slots, tiles));  // the rule before: splits rounded up
+  else if (waves <= 0) per = per_split_rounded_up(tiles, nst, slots);  // the rule before
   else per = std::max(ceil_div(nst, std::max<int64_t>(1, waves * slots / tiles)),
                       std::min(min_per, nst));
   return std::max(per, ceil_div(nst, 65535));  // gridDim.y's limit

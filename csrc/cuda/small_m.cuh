@@ -22,6 +22,7 @@
 #pragma once
 #include <algorithm>
 
+#include "../cuda_policy.h"
 #include "common.cuh"
 #include "internal.h"
 #include "mma.cuh"
@@ -276,11 +277,8 @@ void launch_reduce(const float* part, int splits, int64_t count, void* out, cuda
 // Units of the reduction per split: enough CTAs for one full wave (ctas_per_sm resident on
 // every multiprocessor), at most max_per units (the shared-memory slice of X or dY holds that many).
 inline int units_per_split(int tiles, int units, int max_per, int ctas_per_sm) {
-  const int want = std::max(1, (ctas_per_sm * sm_count() + tiles - 1) / tiles);
-  int per = (units + want - 1) / want;
-  per = std::max(1, std::min(per, max_per));
-  per = std::max(per, (units + 65534) / 65535);  // gridDim.y limit
-  return per;
+  const int64_t per = cuda_policy::per_split_rounded_up(tiles, units, (int64_t)ctas_per_sm * sm_count());
+  return std::max({1, (int)std::min<int64_t>(per, max_per), (units + 65534) / 65535});  // (gridDim.y's limit)
 }
 
 template <int T, class ACT, int MT>
