@@ -9,17 +9,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-begin_call ab_env 570 || { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; exit 1; }
+begin_call ab_env 570 || { end_call tools/gpu/ab_env.sh; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 echo "A: ${A:-}" > "$out/settings.txt"; echo "B: ${B:-}" >> "$out/settings.txt"
-stage tests 40 150 env ${B:-} $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
-  tests/test_cuda_policy.py tests/test_glue_cuda.py
+cuda_tests env ${B:-}
 types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
+setting() { if [ "$1" = a ]; then echo "${A:-}"; else echo "${B:-}"; fi; }  # the environment of a or b
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for s in a b; do
-    if [ $s = a ]; then e=${A:-}; else e=${B:-}; fi
-    stage kernels_${s}_$r 30 110 env $e $py tools/bench_kernels.py --device cuda --types "$types" --ms "${MS:-1,16}" \
-      --kernels forward,input_grad --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
+    stage kernels_${s}_$r 30 110 env $(setting $s) $py tools/bench_kernels.py --device cuda --types "$types" \
+      --ms "${MS:-1,16}" --kernels forward,input_grad --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
       --paths "${PATHS:-staged,gemv,regs}" --peers tinygemm,cublas_bf16 --warmup-s 0.5 --reps 3 \
       --out "$out/kernels_${s}_$r.jsonl"
   done
@@ -28,11 +27,8 @@ $py tools/gpu/ab_kernels.py --a "$out"/kernels_a_*.jsonl --b "$out"/kernels_b_*.
   --paths "${PATHS:-staged,gemv,regs}" --rows > "$out/ab.md" 2>&1; tail -n 12 "$out/ab.md"
 if [ "${DECODE:-1}" = 1 ]; then
   for s in a b; do
-    if [ $s = a ]; then e=${A:-}; else e=${B:-}; fi
-    stage decode_$s 25 45 env $e $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
+    stage decode_$s 25 45 env $(setting $s) $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
       --out "$out/decode_$s.jsonl"
   done
 fi
-cp tools/gpu/ab_env.sh "$out/call.sh"
-# at most 8 files come back: everything in one archive beside the folder, which goes
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+end_call tools/gpu/ab_env.sh

@@ -14,6 +14,11 @@
 #                           runs CMD with at most LIMIT seconds (and no more than are left), its
 #                           output in $logs/NAME.log (logs defaults to $out), the tail shown; skipped
 #                           when fewer than NEED seconds are left; returns CMD's exit status
+#   cuda_tests [PREFIX...]  stage "tests": the CUDA test files, run through PREFIX (e.g. env VAR=1)
+#   sanitizer_tests K [PREFIX...]
+#                           stage "sanitizer": compute-sanitizer memcheck over tests/test_cuda.py -k K
+#   end_call SCRIPT         SCRIPT kept as $out/call.sh, $out packed into $out.tgz beside it (at most 8
+#                           files come back from a call) and the folder removed
 export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
@@ -59,4 +64,22 @@ stage() {
   tail -n 25 "$dir/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s, $(left) s left"
   return $rc
+}
+
+cuda_tests() {
+  stage tests 40 150 "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
+    tests/test_glue_cuda.py
+}
+
+sanitizer_tests() {
+  local k=$1; shift
+  local san
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  stage sanitizer 30 90 "$@" "$san" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
+    tests/test_cuda.py -k "$k"
+}
+
+end_call() {
+  cp "$1" "$out/call.sh"
+  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
 }

@@ -9,10 +9,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-begin_call small_m_pdl 570 || { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; exit 1; }
+begin_call small_m_pdl 570 || { end_call tools/gpu/small_m_pdl.sh; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-stage tests 40 150 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
-  tests/test_glue_cuda.py
+cuda_tests
 types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
 for r in $(seq 1 "${ROUNDS:-1}"); do
   for pdl in 0 1; do
@@ -21,14 +20,9 @@ for r in $(seq 1 "${ROUNDS:-1}"); do
       --warmup-s 0.5 --reps 3 --out "$out/kernels_pdl${pdl}_$r.jsonl"
   done
 done
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-san_k=${SAN_K:-back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad}
-stage sanitizer 30 90 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
-  tests/test_cuda.py -k "$san_k"
+sanitizer_tests "${SAN_K:-back_to_back or (staged_kernels_every_type and (Q4_K or Q6_K or Q4_0)) or gemv_input_grad}"
 for pdl in 0 1; do
   LOWTUNE_CUDA_PDL=$pdl stage decode_pdl$pdl 25 45 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
     --out "$out/decode_pdl$pdl.jsonl"
 done
-cp tools/gpu/small_m_pdl.sh "$out/call.sh"
-# at most 8 files come back: everything in one archive beside the folder, which goes
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+end_call tools/gpu/small_m_pdl.sh

@@ -9,13 +9,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-begin_call staged_splits 570 || { tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"; exit 1; }
+begin_call staged_splits 570 || { end_call tools/gpu/staged_splits.sh; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-stage tests 40 150 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
-  tests/test_glue_cuda.py
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-stage sanitizer 30 90 "$SAN" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
-  tests/test_cuda.py -k "forced_splits or cluster_split or back_to_back"
+cuda_tests
+sanitizer_tests "forced_splits or cluster_split or back_to_back"
 shapes=4096x4096,14336x4096,4096x14336
 stage kernels 40 110 $py tools/bench_kernels.py --device cuda --types Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K \
   --ms 1,16 --kernels forward,input_grad --shapes $shapes --peers tinygemm,cublas_bf16 --warmup-s 0.5 --reps 3 \
@@ -26,6 +23,4 @@ for s in ${SPLITS:-1 2 3 4 6 8 12 16 24 32}; do
     --warmup-s 0.5 --reps 3 --out "$out/splits_$s.jsonl"
 done
 stage decode 25 45 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 --out "$out/decode.jsonl"
-cp tools/gpu/staged_splits.sh "$out/call.sh"
-# at most 8 files come back: everything in one archive beside the folder, which goes
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+end_call tools/gpu/staged_splits.sh
