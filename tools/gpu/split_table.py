@@ -5,16 +5,15 @@ tools/gpu/staged_splits.sh call: per entry the staged path's time under the defa
     python3 tools/gpu/split_table.py DIR
 """
 import glob
-import json
 import os
 import re
 import sys
 
+from ab_kernels import entries  # (this folder: the script's own, first on sys.path)
+
 
 def staged(path: str) -> dict:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return {(r["kernel"], r["type"], r["n"], r["k"], r["m"]): r["us"] for r in rows
-            if r.get("kind") == "entry" and r.get("impl") == "staged" and r.get("us")}
+    return {key[:5]: us for key, us in entries(path).items() if key[5] == "staged" and us}
 
 
 def main(d: str) -> None:
