@@ -17,8 +17,10 @@
 #   cuda_tests [PREFIX...]  stage "tests": the CUDA test files, run through PREFIX (e.g. env VAR=1)
 #   sanitizer_tests K [PREFIX...]
 #                           stage "sanitizer": compute-sanitizer memcheck over tests/test_cuda.py -k K
-#   end_call SCRIPT         SCRIPT kept as $out/call.sh, $out packed into $out.tgz beside it (at most 8
-#                           files come back from a call) and the folder removed
+#   end_call SCRIPT         SCRIPT kept as $out/call.sh, then $out packed into $out/NAME.tgz (NAME its
+#                           last part) and every other file there removed: at most 8 files come back
+#                           from a call, and the archive comes back whether OUT names a folder under
+#                           the run's output folder or that folder itself
 export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
@@ -81,5 +83,9 @@ sanitizer_tests() {
 
 end_call() {
   cp "$1" "$out/call.sh"
-  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+  local name tmp
+  name=$(basename "$out") tmp=$(mktemp -d)
+  tar czf "$tmp/$name.tgz" -C "$(dirname "$out")" "$name" && find "$out" -mindepth 1 -delete \
+    && mv "$tmp/$name.tgz" "$out/"
+  rmdir "$tmp" 2>/dev/null
 }
