@@ -5,7 +5,7 @@
 # weights in Llama-2-7B shapes, every matrix Q4_K) ROUNDS times a prompt length; then
 # tools/gpu/profile_decode.py under each (the step's kernels, eager and replayed).
 # Usage, from the repository root:
-#   A="LOWTUNE_CUDA_ATTN_PREFETCH=0" B="" OUT=$OUT/d bash tools/gpu/ab_decode.sh
+#   A="LOWTUNE_CUDA_PDL=0" B="" OUT=$OUT/d bash tools/gpu/ab_decode.sh
 # (ROUNDS: 2; PROMPTS: "16 1024"; SAN_K: unset skips the sanitizer; PROFILE=0 skips the profiles;
 # BUILD=0 on a warm machine)
 set -uo pipefail
