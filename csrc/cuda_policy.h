@@ -40,6 +40,8 @@
 //                          splits rounded up (default per type and direction: staged_split_waves_default)
 //   LOWTUNE_CUDA_STAGED_SPLITS  s > 0: s splits of the staged kernels' reduction (staged_stages_per_split)
 //   LOWTUNE_CUDA_PDL       0: launch without programmatic dependent launch (internal.h: launch_pdl)
+//   LOWTUNE_CUDA_EARLY_LOADS  bits of the loads issued before a PDL wait (default 3): 1 the one-row
+//                          product's norm weights, 2 the decode attention's rows into L2 (pdl_early_loads)
 //   LOWTUNE_CUDA_ATTN_POSITIONS  cached positions per split of a decode attention head (default 64:
 //                          decode_attention_splits)
 //   LOWTUNE_CUDA_ATTN_COMBINE  0: merge a head's splits in a kernel of its own, not in the split
@@ -252,6 +254,13 @@ inline int64_t decode_attention_splits(int64_t cache_len) {
 // Whether the last CTA of a head's splits merges their partials (one launch fewer a layer: 2.6%
 // faster decoding at 1024 positions, 0.4% slower at 16 on an H100) rather than a merge kernel.
 inline bool decode_attention_merge_in_split() { return env_int("LOWTUNE_CUDA_ATTN_COMBINE", 1) != 0; }
+// Loads a kernel may issue before its PDL wait because their data is not the previous kernel's
+// output, so that their memory round trip overlaps that kernel: bit 1, the norm weights of the
+// one-row product's fused RMSNorm (a parameter); bit 2, an L2 prefetch of the decode attention's key
+// and value rows (written by earlier steps; the newest row's line too, as a prefetch returns nothing).
+inline int pdl_early_loads() { return env_int("LOWTUNE_CUDA_EARLY_LOADS", 3); }
+inline bool early_norm_weights() { return (pdl_early_loads() & 1) != 0; }
+inline bool early_attention_rows() { return (pdl_early_loads() & 2) != 0; }
 
 inline int64_t small_m_max() { return std::min<int64_t>(env_int("LOWTUNE_CUDA_SMALL_M", kDirectMaxM), kDirectMaxM); }
 

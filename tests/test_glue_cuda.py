@@ -106,10 +106,13 @@ def test_gated_silu_bit_for_bit(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0", "Q3_K"])
 @pytest.mark.parametrize("k,residual", [(4096, True), (4096, False), (512, True), (8192, True)])
+@pytest.mark.parametrize("early", ["3", "0"])
 @torch.no_grad()
-def test_norm_inside_the_product_bit_for_bit(dtype, qtype, k, residual):
+def test_norm_inside_the_product_bit_for_bit(dtype, qtype, k, residual, early, monkeypatch):
     """add_rms_norm_product's norm, made inside the one-row product's preparation, gives
-    add_rms_norm's kernel values: x + r and the product of the normed row, bit for bit."""
+    add_rms_norm's kernel values: x + r and the product of the normed row, bit for bit, with its
+    weights loaded before the PDL wait (LOWTUNE_CUDA_EARLY_LOADS bit 1) or after."""
+    monkeypatch.setenv("LOWTUNE_CUDA_EARLY_LOADS", early)
     g = torch.Generator(device="cuda").manual_seed(k + len(qtype))
     qt = quantized(torch.randn(96, k, generator=g, device="cuda").cpu() * 0.05, qtype).to("cuda")
     x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
@@ -224,6 +227,58 @@ def test_decode_attention_merge_in_the_split_kernel_equals_the_merge_kernel(posi
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, runs[p])
+
+
+@pytest.mark.parametrize("h,hkv,hd,length", [(8, 2, 128, 300), (4, 4, 64, 40), (4, 1, 256, 3000)])
+@torch.no_grad()
+def test_decode_attention_rows_prefetched_before_the_wait_change_no_bit(h, hkv, hd, length, monkeypatch):
+    """The L2 prefetch of a split's key and value rows before the kernel's PDL wait
+    (LOWTUNE_CUDA_EARLY_LOADS bit 2) leaves the results as without it, step after step, where the
+    kernel just before (rope_store) writes the step's newest row: eagerly and replayed from a
+    captured graph; and the last step agrees with the formula."""
+    g = torch.Generator(device="cuda").manual_seed(h * hd + length)
+    caches = [torch.randn(1, hkv, length, hd, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2)]
+    positions = [p for p in (0, 1, 5, 63, 64, 65, 200, length - 2, length - 1) if p < length]
+    steps = {p: torch.randn(1, 1, (h + 2 * hkv) * hd, device="cuda", generator=g).to(torch.bfloat16)
+             for p in positions}
+    rot = torch.randn(2, 1, hd, device="cuda", generator=g)
+    y = torch.empty(1, 1, (h + 2 * hkv) * hd, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (part.view(1, 1, -1, hd).transpose(1, 2) for part in y.split([h * hd, hkv * hd, hkv * hd], -1))
+    at = torch.tensor([0], device="cuda")
+
+    def run(early: str, graphed: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("LOWTUNE_CUDA_EARLY_LOADS", early)
+        kc, vc = (c.clone() for c in caches)
+
+        def step():
+            return glue_ops.decode_attention(glue_ops.rope_store(q, k, v, rot, "norm", kc, vc, at), kc, vc, at, 0.1)
+        if graphed:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+        outs = []
+        for p in positions:
+            y.copy_(steps[p])
+            at.fill_(p)
+            if graphed:
+                graph.replay()
+                outs.append(out.clone())
+            else:
+                outs.append(step())
+        torch.cuda.synchronize()
+        return outs + [kc, vc]
+
+    seen = calls_kernel(monkeypatch, "cuda_decode_attention")
+    without = run("0", False)
+    assert len(seen) == len(positions)
+    for early, graphed in (("3", False), ("3", True), ("0", True)):
+        got = run(early, graphed)
+        assert all(torch.equal(a, b) for a, b in zip(got, without)), (early, graphed)
+    kc, vc = without[-2:]
+    want = formula(glue_ops.decode_attention, glue_ops.rope_store(q, k, v, rot, "norm", kc.clone(), vc.clone(), at),
+                   kc, vc, at, 0.1)  # the last step again, against the formula
+    err = (without[-3].float() - want.float()).norm() / want.float().norm()
+    assert torch.isfinite(without[-3]).all() and err < 1e-2, err
 
 
 @torch.no_grad()

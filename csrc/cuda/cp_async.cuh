@@ -1,6 +1,7 @@
 // Asynchronous global -> shared copies (sm_80+): the bytes go to shared memory without passing
 // through registers, so a thread may have many in flight. Used by the staged kernels' stages, by
-// the gemv's copy of x and (bulk copies on mbarriers, sm_90) by the streamed gemv's weights.
+// the gemv's copy of x and (bulk copies on mbarriers, sm_90) by the streamed gemv's weights; and an
+// L2 prefetch (the decode attention's rows).
 #pragma once
 #include <cstdint>
 
@@ -12,6 +13,11 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// The 128-byte line holding p into L2, nothing returned (so it may run before a PDL wait even where
+// the previous kernel writes that line: L2 is where its writes land, and no L1 line is made).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -110,23 +110,32 @@ __device__ __forceinline__ uint32_t pack_xq(float a, float b) {
 // and sum go across the pair). Units from K / 32 up to padded_units(K) get zero codes. (Each CTA
 // preparing all of x cost 2.4 µs of 14 at K = 4096 and 6 µs of 19 at K = 14336: BENCHMARKS.md.)
 // P (GemvPrologue) makes x from the previous glue's inputs first; for the norm every CTA sums the
-// whole row itself (K <= 8192: at most 16 KB, from L2), in the RMSNorm kernel's order.
+// whole row itself (K <= 8192: at most 16 KB, from L2), in the RMSNorm kernel's order. With `early`
+// the norm's weights, a parameter and never the previous kernel's output, are loaded before the PDL
+// wait (they have left L2 since the last token: a memory round trip off the step's critical path).
 template <int T, class ACT, int P>
 __global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict__ x, int k, uint4* __restrict__ form,
-                                                           GemvPrologue pro) {
+                                                           GemvPrologue pro, bool early) {
   using Un = Units<T>;
   static_assert(kThreads == kNormThreads, "the fused norm sums a row as the RMSNorm kernel does");
   pdl_launch_dependents();
+  const int units = k / 32, t = blockIdx.x * kThreads + threadIdx.x;
+  const int q = t >> 2, p = (t >> 1) & 1, h = t & 1;
+  const bool on = q < units;
+  const int first = on ? (q / Un::kPerBlock) * Unpack<T>::kElems + Un::e0(q % Un::kPerBlock) + p * Un::kGap + 8 * h : 0;
+  float wv[8];
+  auto load_w = [&] {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) wv[i] = pro.w[first + i];
+  };
+  if constexpr (P == GemvPrologue::AddRmsNorm)
+    if (early && on) load_w();
   pdl_wait();  // x is the previous kernel's output
   const ACT* b = static_cast<const ACT*>(pro.b);
   float rstd = 0.0f;
   if constexpr (P == GemvPrologue::AddRmsNorm) rstd = rsqrtf(cta_sum(rms_sq_part(x, b, k)) / (float)k + pro.eps);
-  const int units = k / 32, t = blockIdx.x * kThreads + threadIdx.x;
-  const int q = t >> 2, p = (t >> 1) & 1, h = t & 1;
-  const bool on = q < units;
   float v[8];
   if (on) {
-    const int first = (q / Un::kPerBlock) * Unpack<T>::kElems + Un::e0(q % Un::kPerBlock) + p * Un::kGap + 8 * h;
     uint4 raw = *reinterpret_cast<const uint4*>(x + first);  // 16-byte aligned: spans start at 16k
     ACT* el = reinterpret_cast<ACT*>(&raw);
     if (P != GemvPrologue::None && b != nullptr) {
@@ -139,8 +148,9 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const ACT* __restrict
         *reinterpret_cast<uint4*>(static_cast<ACT*>(pro.s) + first) = raw;  // x + b: the residual stream
     }
     if constexpr (P == GemvPrologue::AddRmsNorm) {
+      if (!early) load_w();
 #pragma unroll
-      for (int i = 0; i < 8; ++i) el[i] = rms_scaled<ACT>(act_to_f(el[i]), rstd, pro.w[first + i]);
+      for (int i = 0; i < 8; ++i) el[i] = rms_scaled<ACT>(act_to_f(el[i]), rstd, wv[i]);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = act_to_f(el[i]);
@@ -796,7 +806,7 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
                            : pro.kind == GemvPrologue::SiluMul  ? gemv::prepare_kernel<T, ACT, GemvPrologue::SiluMul>
                                                                 : gemv::prepare_kernel<T, ACT, GemvPrologue::None>;
       launch_pdl(prepare, prep_grid, dim3(gemv::kThreads), 0, stream, static_cast<const ACT*>(x), (int)k,
-                 form.as<uint4>(), pro);
+                 form.as<uint4>(), pro, cuda_policy::early_norm_weights());
       const int64_t tasks = (n + 1) / 2;  // of two rows
       // the streamed gemv (sm_90): as many stages a warp as leave room for its CTAs an SM (at one, for
       // a second: the next product's), 2 at least; its bulk copies need 16-byte aligned rows and steps

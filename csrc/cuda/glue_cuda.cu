@@ -14,6 +14,7 @@
 #include "../cuda_policy.h"  // decode_attention_splits, decode_attention_merge_in_split
 #include "../glue_kernels.h"
 #include "common.cuh"
+#include "cp_async.cuh"  // prefetch_l2
 #include "internal.h"  // ScratchBuffer, kernel_ctas, launch_pdl
 #include "pdl.cuh"
 #include "glue_math.cuh"  // cta_sum, the norm and SwiGLU formulas
@@ -162,6 +163,9 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
 // values weighted by exp(score - m)); the last of a head's CTAs to finish (a counter per head,
 // `done`, which it sets back to 0) merges the head's partials into out (combined_value). Without
 // `done` (null), decode_attention_combine_kernel merges them instead.
+// With `early` a CTA asks L2 for its share's key and value rows before its PDL wait: *pos was set
+// before the step and the rows are this layer's cache, out of L2 since the last token, so their
+// memory round trip overlaps the kernel before (which writes q and the newest row).
 // Within a CTA: a thread per position for the scores (its key row in registers, q in shared
 // memory), then a thread per (position, 16-byte piece of the value row), kRowsPer positions at a
 // time and several passes' loads in flight, the passes' sums added in shared memory. fp32 throughout.
@@ -187,10 +191,9 @@ __device__ __forceinline__ float combined_value(const float* hw, int splits, int
 template <class T, int HD>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, float* __restrict__ ws,
-    const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale, int* done,
+    const int64_t* __restrict__ pos, int64_t h, int64_t hkv, int64_t cache_len, float scale, bool early, int* done,
     T* __restrict__ result) {
   pdl_launch_dependents();
-  pdl_wait();  // the inputs are the previous kernel's outputs
   constexpr int E = 16 / (int)sizeof(T);
   constexpr int kPieces = HD / E, kRowsPer = kAttnThreads / kPieces;  // row pieces; positions per pass
   extern __shared__ float attn_smem[];
@@ -204,6 +207,14 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_split_kernel(
   const int64_t j0 = min(n, split * share), cnt = min(n, j0 + share) - j0;
   const T* kh = k_cache + (kvh * cache_len + j0) * HD;
   const T* vh = v_cache + (kvh * cache_len + j0) * HD;
+  if (early) {  // the share's key and value rows into L2 (a prefetch returns nothing: safe for the newest row)
+    const int64_t lines = (cnt * HD * (int64_t)sizeof(T) + 127) / 128;
+    for (int64_t i = threadIdx.x; i < lines; i += kAttnThreads) {
+      prefetch_l2(reinterpret_cast<const char*>(kh) + 128 * i);
+      prefetch_l2(reinterpret_cast<const char*>(vh) + 128 * i);
+    }
+  }
+  pdl_wait();  // q and the newest row are the previous kernel's outputs
   for (int i = threadIdx.x; i < HD; i += kAttnThreads) qs[i] = act_to_f(q[(int64_t)head * HD + i]) * scale;
   __syncthreads();
   float mx = -INFINITY;
@@ -409,7 +420,7 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, i
     kernel_ctas<kernel>(smem, kAttnThreads);  // raises the kernel's shared-memory limit where smem needs it
     launch_pdl(kernel, dim3((unsigned)h, (unsigned)splits), dim3(kAttnThreads), smem, st, static_cast<const T*>(q),
                static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), ws.as<float>(), pos, h, hkv, cache_len,
-               scale, done, static_cast<T*>(out));
+               scale, cuda_policy::early_attention_rows(), done, static_cast<T*>(out));
     if (done == nullptr)
       launch_pdl(decode_attention_combine_kernel<T, HD>, dim3((unsigned)h), dim3(HD), 0, st,
                  static_cast<const float*>(ws.as<float>()), static_cast<T*>(out), splits);
