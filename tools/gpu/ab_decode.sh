@@ -12,9 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call ab_decode 560 || { end_call tools/gpu/ab_decode.sh; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-echo "A: ${A:-}" > "$out/settings.txt"; echo "B: ${B:-}" >> "$out/settings.txt"
-names="a b"; [ -n "${C:-}" ] && { names="a b c"; echo "C: $C" >> "$out/settings.txt"; }
+ab_settings
 stage tests 40 150 env ${B:-} $py -m pytest -q -p no:cacheprovider -n 8 -rf -m "not llamacpp and not smollm2" \
   tests/test_glue_cuda.py tests/test_generate_static.py
 if [ -n "${SAN_K:-}" ]; then
@@ -22,7 +20,6 @@ if [ -n "${SAN_K:-}" ]; then
   stage sanitizer 30 90 env ${B:-} "$san" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider \
     -x tests/test_glue_cuda.py -k "$SAN_K"
 fi
-setting() { case $1 in a) echo "${A:-}" ;; b) echo "${B:-}" ;; c) echo "${C:-}" ;; esac; }  # a setting's environment
 for prompt in ${PROMPTS:-16 1024}; do
   for r in $(seq 1 "${ROUNDS:-2}"); do
     for s in $names; do

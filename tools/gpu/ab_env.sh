@@ -10,11 +10,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call ab_env 570 || { end_call tools/gpu/ab_env.sh; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-echo "A: ${A:-}" > "$out/settings.txt"; echo "B: ${B:-}" >> "$out/settings.txt"
+ab_settings
 cuda_tests env ${B:-}
 types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
-setting() { if [ "$1" = a ]; then echo "${A:-}"; else echo "${B:-}"; fi; }  # the environment of a or b
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for s in a b; do
     stage kernels_${s}_$r 30 110 env $(setting $s) $py tools/bench_kernels.py --device cuda --types "$types" \
