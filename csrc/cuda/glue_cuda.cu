@@ -1,6 +1,8 @@
 // CUDA kernels of csrc/glue_kernels.h (forward only; the formulas they follow are there).
 // Every kernel here opens with pdl_launch_dependents and pdl_wait and is launched by launch_pdl
-// (pdl.cuh), so that in a decode step each one's launch overlaps the previous kernel's end.
+// (pdl.cuh), so that in a decode step each one's launch overlaps the previous kernel's end. Before
+// the wait a kernel touches only what the previous kernel does not write (the decode attention:
+// *pos and an L2 prefetch of its rows; cuda_policy::pdl_early_loads).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
