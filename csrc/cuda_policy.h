@@ -137,6 +137,8 @@ struct Call {
   bool regs = false;       // the forward takes the regs kernel by default at this M (regs_default)
 };
 
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline int64_t env_int(const char* name, int64_t fallback) {
   const char* s = std::getenv(name);
   return (s && *s) ? std::atoll(s) : fallback;
@@ -225,7 +227,6 @@ inline int staged_split_waves(int qtype, bool forward) {
 // resident ones, the splits rounded up (the direct and regs kernels' rule, small_m.cuh:
 // units_per_split; the staged kernels' before whole waves).
 inline int64_t per_split_rounded_up(int64_t tiles, int64_t units, int64_t slots) {
-  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   return ceil_div(std::max<int64_t>(units, 1), ceil_div(std::max<int64_t>(slots, 1), std::max<int64_t>(tiles, 1)));
 }
 // Stages of the reduction a CTA takes when `tiles` tiles split their nst stages for `slots` resident
@@ -233,7 +234,6 @@ inline int64_t per_split_rounded_up(int64_t tiles, int64_t units, int64_t slots)
 // (the input gradient: its ring's depth; CTAs of 2 stages ran 1.1-1.3x the time of 4).
 // LOWTUNE_CUDA_STAGED_SPLITS=s > 0 forces s splits, for measurements.
 inline int64_t staged_stages_per_split(int64_t tiles, int64_t nst, int64_t slots, int waves, int64_t min_per) {
-  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   tiles = std::max<int64_t>(tiles, 1), nst = std::max<int64_t>(nst, 1), slots = std::max<int64_t>(slots, 1);
   const int64_t forced = std::min(env_int("LOWTUNE_CUDA_STAGED_SPLITS", 0), nst);
   int64_t per;
@@ -249,7 +249,7 @@ inline int64_t staged_stages_per_split(int64_t tiles, int64_t nst, int64_t slots
 // 16 or 32 positions a split were slower on an H100, BENCHMARKS.md "The decode attention's merge").
 inline int64_t decode_attention_splits(int64_t cache_len) {
   const int64_t per = std::max<int64_t>(1, env_int("LOWTUNE_CUDA_ATTN_POSITIONS", 64));
-  return std::min<int64_t>((cache_len + per - 1) / per, 32);
+  return std::min<int64_t>(ceil_div(cache_len, per), 32);
 }
 // Whether the last CTA of a head's splits merges their partials (one launch fewer a layer: 2.6%
 // faster decoding at 1024 positions, 0.4% slower at 16 on an H100) rather than a merge kernel.
