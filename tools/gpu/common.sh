@@ -17,9 +17,9 @@
 #   cuda_tests [PREFIX...]  stage "tests": the CUDA test files, run through PREFIX (e.g. env VAR=1)
 #   sanitizer_tests K [PREFIX...]
 #                           stage "sanitizer": compute-sanitizer memcheck over tests/test_cuda.py -k K
-#   ab_settings             the machine into $out/gpu.txt and the environments A, B (and C where set) of
-#                           an A/B script into $out/settings.txt; sets names: "a b" or "a b c"
-#   setting NAME            the environment of setting a, b or c
+#   ab_settings             the machine into $out/gpu.txt and the environments A, B (and C, D where set)
+#                           of an A/B script into $out/settings.txt; sets names: "a b", "a b c", ...
+#   setting NAME            the environment of setting a, b, c or d
 #   end_call SCRIPT         SCRIPT kept as $out/call.sh, then $out packed into $out/NAME.tgz (NAME its
 #                           last part) and every other file there removed: at most 8 files come back
 #                           from a call, and the archive comes back whether OUT names a folder under
@@ -89,8 +89,9 @@ ab_settings() {
   echo "A: ${A:-}" > "$out/settings.txt"; echo "B: ${B:-}" >> "$out/settings.txt"
   names="a b"
   if [ -n "${C:-}" ]; then names="a b c"; echo "C: $C" >> "$out/settings.txt"; fi
+  if [ -n "${D:-}" ]; then names="$names d"; echo "D: $D" >> "$out/settings.txt"; fi
 }
-setting() { case $1 in a) echo "${A:-}" ;; b) echo "${B:-}" ;; c) echo "${C:-}" ;; esac; }
+setting() { case $1 in a) echo "${A:-}" ;; b) echo "${B:-}" ;; c) echo "${C:-}" ;; d) echo "${D:-}" ;; esac; }
 
 end_call() {
   cp "$1" "$out/call.sh"
