@@ -76,13 +76,15 @@ constexpr int64_t kAdapterCublasMinRows = 64;
 // N = 4096 at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it
 // wherever the type has one.
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
-// of small codes that Unpack gives as codes, i.e. the legacy, K-quant and INTb-gG types (not the
-// I-quants and FP4 types; TQ1_0, TQ2_0, Q1_0 and Q2_0 decode without codes for now). cuda/gemv.cu
-// checks this against the kernels' types.
+// of small codes that Unpack gives as codes, i.e. the legacy, K-quant and INTb-gG types, and the
+// types with a table of 16 int8 levels and one scale a block or sub-block (IQ4_NL, IQ4_XS, MXFP4),
+// whose codes are level + 128 (not the grid I-quants or NVFP4; TQ1_0, TQ2_0, Q1_0 and Q2_0 decode
+// without codes for now). cuda/gemv.cu checks this against the kernels' types.
 constexpr bool has_gemv(int qtype) {
   switch (qtype) {
 #define LT_GEMV_CASE(T) case T:
-    LT_TYPES_LEGACY(LT_GEMV_CASE) LT_TYPES_KQUANTS(LT_GEMV_CASE) LT_TYPES_INT(LT_GEMV_CASE) return true;
+    LT_TYPES_LEGACY(LT_GEMV_CASE) LT_TYPES_KQUANTS(LT_GEMV_CASE) LT_TYPES_INT(LT_GEMV_CASE)
+    case T_IQ4_NL: case T_IQ4_XS: case T_MXFP4: return true;  // a table of 16 levels: codes level + 128
 #undef LT_GEMV_CASE
     default: return false;
   }

@@ -74,13 +74,15 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "regs")
     assert [_C.cuda_path("forward", m, BF16, True, n, k, q4k) for m in (1, 5, 16, 17)] == ["regs"] * 3 + ["direct"]
     assert _C.cuda_path("input_grad", 5, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 5, BF16, True, n, k, 23) == "staged"  # IQ4_XS has no codes
+    assert _C.cuda_path("forward", 5, BF16, True, n, k, 21) == "staged"  # IQ3_S has no codes
+    assert _C.cuda_path("forward", 5, BF16, True, n, k, 23) == "regs"  # IQ4_XS: its table's codes
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     assert _C.cuda_path("forward", 5, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, 23) == "staged"  # IQ4_XS has none
+    assert _C.cuda_path("forward", 1, BF16, True, n, k, 21) == "staged"  # IQ3_S has none
+    assert [_C.cuda_path("forward", 1, BF16, True, n, k, t) for t in (20, 23, 39)] == ["gemv"] * 3  # tables
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
-    assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 1020, 1041, 1082) if _C.cuda_has_gemv(t)] == \
-        [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 1020, 1041, 1082]
+    assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 39, 40, 1020, 1041, 1082)
+            if _C.cuda_has_gemv(t)] == [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 39, 1020, 1041, 1082]
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
     assert _C.cuda_path("forward", 1, BF16, False, n, k, q4k) == "cublas"
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")

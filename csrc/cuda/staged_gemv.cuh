@@ -178,7 +178,7 @@ template <class ACT> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32
 
 // Whether a type's codes fit the magic of the activation type (else decode_fast + conversion).
 template <int T, class ACT> constexpr bool narrow_codes() {
-  if constexpr (HasCodes<T>) return Unpack<T>::kCodeBits <= Magic<ACT>::kBits;
+  if constexpr (HasCodes<T>) return Unpack<T>::kCodeBits <= Magic<ACT>::kBits && !Unpack<T>::kTableCodes;
   else return false;
 }
 

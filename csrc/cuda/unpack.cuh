@@ -6,7 +6,8 @@
 //                                     of the next piece of work before decoding this one.
 //   Unpack<T>::codes<SPAN>(r, e, cw, s, z)   the span as small unsigned codes u_i (byte i%4 of
 //                                     cw[i/4]) and one affine map x_i ~ u_i*s + z (decode_fast);
-//                                     kCodeBits bounds the codes (u_i < 2^kCodeBits).
+//                                     kCodeBits bounds the codes (u_i < 2^kCodeBits). The 4-bit
+//                                     table types (IQ4_NL, IQ4_XS, MXFP4) give level + 128.
 //
 // SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
 // The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
@@ -112,6 +113,9 @@ template <class Self> struct UnpackBase {
   // The first kHeadWords words of load's output depend only on the block (its scales), not on e:
   // spans of one block may take them from one load, and share the arithmetic on them.
   static constexpr int kHeadWords = 0;
+  // true: the codes index a table of levels (level + 128, codes' offset -128 s), an offset that can
+  // leave a 16-bit type's range where the values do not, so the staged kernels' narrow path skips them
+  static constexpr bool kTableCodes = false;
   template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
     uint32_t r[Self::template Words<SPAN>::value];
     Self::template load<SPAN>(b, e, r);
@@ -475,6 +479,7 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
 //   IQ4: dl * level;  IQ3/IQ2: (db * grid) * sign == db * (±grid);  IQ1: dl * (grid + delta).
 // No affine form is cheaper here, so decode_fast is decode.
 template <class Self> struct UnpackIq : UnpackBase<Self> {
+  static constexpr bool kTableCodes = true;
   template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
     Self::template decode<S>(r, e, v);
   }
@@ -500,6 +505,25 @@ __device__ __forceinline__ float nibble_level(uint32_t q) {
 }
 __device__ __forceinline__ float iq4nl_level(uint32_t q) { return nibble_level<k_kvalues_iq4nl>(q); }
 
+// Four 4-bit codes (the bytes of q, each < 16) as the unsigned bytes level + 128 of such a table:
+// codes for the one-row gemv's integer dot products (values: the scale times (u - 128)). The codes
+// become a selector's four nibbles; one byte permute looks them up in the table's lower half, one in
+// its upper half, and a third takes each byte from the half its code is in (the code's bit 3).
+constexpr uint32_t level_word_u(const int8_t* table, int w) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= (uint32_t)(uint8_t)(table[4 * w + i] + 128) << (8 * i);
+  return v;
+}
+template <const int8_t* Table>
+__device__ __forceinline__ uint32_t level_codes(uint32_t q) {
+  constexpr uint32_t w0 = level_word_u(Table, 0), w1 = level_word_u(Table, 1);
+  constexpr uint32_t w2 = level_word_u(Table, 2), w3 = level_word_u(Table, 3);
+  const uint32_t sel = __byte_perm(q | (q >> 4), 0u, 0x0020u);  // codes 0..3 in bits 0..15
+  const uint32_t s7 = sel & 0x7777u;  // (a selector nibble's bit 3 would replicate a sign)
+  const uint32_t lo = __byte_perm(w0, w1, s7), hi = __byte_perm(w2, w3, s7);
+  return __byte_perm(lo, hi, ((sel >> 1) & 0x4444u) | 0x3210u);
+}
+
 // IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
   static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
@@ -513,6 +537,14 @@ template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
     const int sh = (e >> 4) * 4;
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(d, iq4nl_level((byte_of(r + 1, i) >> sh) & 0xF));
+  }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    const float d = half_f((uint16_t)r[0]);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_iq4nl>((r[1 + j] >> sh) & 0x0F0F0F0Fu);
+    scale = d;
+    offset = __fmul_rn(-128.0f, d);
   }
 };
 
@@ -532,6 +564,15 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
     const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(dl, iq4nl_level((byte_of(r + 2, i) >> sh) & 0xF));
+  }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    const int ib = e >> 5, sh = ((e >> 4) & 1) * 4;
+    const int ls = (int)((r[1] >> (4 * (ib & 1))) & 0xF) | (int)(((r[0] >> (16 + 2 * ib)) & 3) << 4);
+    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_iq4nl>((r[2 + j] >> sh) & 0x0F0F0F0Fu);
+    scale = dl;
+    offset = __fmul_rn(-128.0f, dl);
   }
 };
 
@@ -737,6 +778,14 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
     const int sh = (e >> 4) * 4;
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(nibble_level<k_kvalues_mxfp4>((byte_of(r + 1, i) >> sh) & 0xF), d);
+  }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    const float d = e8m0_to_fp32_half((uint8_t)r[0]);
+    const int sh = (e >> 4) * 4;
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_mxfp4>((r[1 + j] >> sh) & 0x0F0F0F0Fu);
+    scale = d;
+    offset = __fmul_rn(-128.0f, d);
   }
 };
 
