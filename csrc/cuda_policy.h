@@ -4,9 +4,9 @@
 // (cuda/qmatmul_cuda.cu) and the Python layer (through the bindings, lowtune.adapter_ops) ask it.
 //
 //   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
-//              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), when
-//              forced (gemv_grad_default: the staged kernel beat it for every type timed; any
-//              has_gemv type): bf16/fp16, operands 16-byte aligned
+//              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), for the
+//              4-bit table types or when forced (gemv_grad_default; any has_gemv type): bf16/fp16,
+//              operands 16-byte aligned
 //   regs       the M <= 16 forward with W decoded straight into tensor-core fragments
 //              (cuda/small_m_regs.cuh) for the types with codes: by default where it was timed
 //              faster than staged (regs_default), any has_gemv type when forced
@@ -90,14 +90,19 @@ constexpr bool has_gemv(int qtype) {
   }
 }
 
-// The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise: none now. It ran
+// The types whose M = 1 input gradient takes gemv_grad.cuh unless forced otherwise. It ran
 // faster than the staged kernel for some types over a 7B layer's seven products (H200, BENCHMARKS.md
 // "The one-row input gradient": 2-14% less time); once both kernels launched programmatically the
 // staged kernel won for every type timed (H100, "The small-M kernels on programmatic launch": 4-21%
 // less time), and once its splits filled whole waves also for INT2-g64 and INT8-g32, the last two
 // (H100, "How the staged kernels split their reduction": 10% and 6% less over the seven products).
-// LOWTUNE_CUDA_PATH=gemv still takes it for any has_gemv type.
-constexpr bool gemv_grad_default(int /*qtype*/) { return false; }
+// LOWTUNE_CUDA_PATH=gemv still takes it for any has_gemv type. The 4-bit table types (IQ4_NL, IQ4_XS,
+// MXFP4) take it: the staged kernel decodes their levels one by one in fp32, and gemv_grad was 1.1-1.7x
+// faster for all three at 4096x4096, 14336x4096 and 4096x14336 (H100, BENCHMARKS.md "The one-row
+// kernels for the 4-bit table types").
+constexpr bool gemv_grad_default(int qtype) {
+  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4;
+}
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
 // staged kernel at every 7B shape (H200, BENCHMARKS.md "The M <= 16 forward from registers"): Q6_K

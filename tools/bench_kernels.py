@@ -17,8 +17,8 @@ cuBLAS path (side-stream overlap, chunk size). Peers, same shapes, same run:
   bnb_nf4       bitsandbytes' 4-bit matmul (nf4, block 64), forward, where bitsandbytes is installed
 Every quantized format lowtune knows is a valid --types entry ("all" = every one), so new types
 appear without edits here. Rows go to --out as JSON lines; --summary FILE... prints the tables
-and the targets from such files. --decode times greedy decoding of a random 7B-shaped Q4_K
-Llama against its bytes-per-token roofline, with and without what a decode step adds to the
+and the targets from such files. --decode times greedy decoding of a random 7B-shaped Q4_K (or
+--decode-type) Llama against its bytes-per-token roofline, with and without what a decode step adds to the
 layers (DECODE_VARIANTS: CUDA graphs, grouped products, steps chained on the device).
 
 CPU (--device cpu) keeps the simple timer: median of repeated synchronous calls, dense fp32
@@ -389,12 +389,12 @@ def run_cuda(args) -> int:
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-def decode_model(n_layers: int) -> tuple[Model, int]:
-    """A random Llama-2-7B-shaped model (every matrix Q4_K, random blocks) with n_layers layers on
+def decode_model(n_layers: int, qtype: str = "Q4_K") -> tuple[Model, int]:
+    """A random Llama-2-7B-shaped model (every matrix `qtype`, random blocks) with n_layers layers on
     the GPU, and the bytes one decode step reads of its matrices (all but the token embedding)."""
     c = ModelConfig(vocab_size=32000, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32,
                     ffn_dim=11008, head_dim=128, rope_dim=128, context_length=4096)
-    qt = lambda n, k: random_qtensor("Q4_K", n, k)  # noqa: E731
+    qt = lambda n, k: random_qtensor(qtype, n, k)  # noqa: E731
     w = {"token_embd.weight": qt(c.vocab_size, c.dim), "output.weight": qt(c.vocab_size, c.dim),
          "output_norm.weight": torch.ones(c.dim, device="cuda")}
     for i in range(c.n_layers):
@@ -425,7 +425,7 @@ def bench_decode(args, bw: float, emit) -> None:
     """tokens/s of greedy decoding of decode_model(), batch 1, in the DECODE_VARIANTS, against the
     roofline: read bandwidth / bytes per token (every matrix but the embedding, plus the filled
     part of the KV cache)."""
-    model, weight_bytes = decode_model(args.decode_layers)
+    model, weight_bytes = decode_model(args.decode_layers, args.decode_type)
     c = model.config
     prompt = list(range(1, args.decode_prompt + 1))
     n_new = args.decode_tokens
@@ -460,7 +460,8 @@ def bench_decode(args, bw: float, emit) -> None:
         per_token = weight_bytes + kv_bytes
         tps = n_new / decode_s
         roof = bw / per_token
-        rec = {"kind": "decode", "variant": name, "graphs": graphs, "grouped": grouped, "chained": chained,
+        rec = {"kind": "decode", "type": args.decode_type, "variant": name, "graphs": graphs, "grouped": grouped,
+               "chained": chained,
                "layers": c.n_layers, "tokens": n_new, "prompt_tokens": len(prompt), "prompt_s": prompt_s,
                "decode_s": decode_s, "tokens_per_s": tps, "bytes_per_token": per_token,
                "roofline_tokens_per_s": roof, "pct_roofline": 100 * tps / roof}
@@ -697,6 +698,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-s", type=float, default=2.0, help="CUDA: seconds of matmuls before measuring")
     ap.add_argument("--decode", action="store_true", help="CUDA: decoding benchmark instead of kernels")
     ap.add_argument("--decode-layers", type=int, default=32)
+    ap.add_argument("--decode-type", default="Q4_K", help="the decode model's matrices' type")
     ap.add_argument("--decode-prompt", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-variants", default="", help="comma-separated DECODE_VARIANTS to run (default: all)")

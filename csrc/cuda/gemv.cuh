@@ -1,6 +1,7 @@
 // The M = 1 forward on CUDA cores with integer dot products (decoding), for every type whose
-// values are an affine map of small codes (Unpack<T>::codes): y[n] = sum_k x[k] * deq(W)[n, k],
-// bf16 or fp16 activations. cuda_policy::choose sends one-row forwards here ("gemv").
+// values are an affine map of small codes (Unpack<T>::codes; for the 4-bit table types IQ4_NL,
+// IQ4_XS and MXFP4 the codes are their levels + 128): y[n] = sum_k x[k] * deq(W)[n, k], bf16 or
+// fp16 activations. cuda_policy::choose sends one-row forwards here ("gemv").
 //
 // Why not the staged MMA kernels at M = 1: an m16n8k16 tile computes 8 columns where one is used,
 // and feeding it costs ~5.7 instructions per weight (BENCHMARKS.md, "What bounds the staged

@@ -1,7 +1,8 @@
 // The M = 1 input gradient on CUDA cores, the one-row forward's transpose (gemv.cuh):
 // dx[k] = sum_n dy[n] deq(W)[n, k], bf16 or fp16, for every type with codes. cuda_policy::choose
-// sends one-row input gradients here ("gemv") when forced (LOWTUNE_CUDA_PATH=gemv): the staged kernel
-// was timed faster for every type (gemv_grad_default); its twin is reference.cu's input gradient.
+// sends one-row input gradients here ("gemv") for the 4-bit table types, and for any type when forced
+// (LOWTUNE_CUDA_PATH=gemv): the staged kernel was timed faster for every other type
+// (gemv_grad_default); its twin is reference.cu's input gradient.
 //
 // W is read as the forward reads it, a row's units side by side across a warp's lanes, but the sum
 // runs over rows: lane l of a CTA's slice s owns unit 32 s + l (its two 16-element spans) and keeps

@@ -6,8 +6,8 @@
 # Usage, from the repository root:
 #   A="LOWTUNE_CUDA_STAGED_ONE_WAVE=0" B="" OUT=dir bash tools/gpu/ab_env.sh
 # (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS: bench_kernels.py's --types, --ms, --shapes, --paths,
-# --kernels; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K under B; DECODE=0 skips decoding;
-# BUILD=0 on a warm machine)
+# --kernels; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K under B; DECODE=0 skips decoding,
+# DECODE_TYPE and DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -32,7 +32,7 @@ done
 if [ "${DECODE:-1}" = 1 ]; then
   for s in $names; do
     stage decode_$s 25 45 env $(setting $s) $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
-      --out "$out/decode_$s.jsonl"
+      --decode-type "${DECODE_TYPE:-Q4_K}" --decode-variants "${DECODE_VARIANTS:-}" --out "$out/decode_$s.jsonl"
   done
 fi
 end_call tools/gpu/ab_env.sh
