@@ -19,7 +19,8 @@ types=${TYPES:-Q4_K,Q4_0,Q4_1,INT4-g64,Q6_K,Q5_K,Q8_0,Q2_K,Q3_K}
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for s in $names; do
     stage kernels_${s}_$r 30 110 env $(setting $s) $py tools/bench_kernels.py --device cuda --types "$types" \
-      --ms "${MS:-1,16}" --kernels "${KERNELS:-forward,input_grad}" --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
+      --ms "${MS:-1,16}" --kernels "${KERNELS:-forward,input_grad}" \
+      --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
       --paths "${PATHS:-staged,gemv,regs}" --peers tinygemm,cublas_bf16 --warmup-s 0.5 --reps 3 \
       --out "$out/kernels_${s}_$r.jsonl"
   done
