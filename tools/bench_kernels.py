@@ -17,9 +17,10 @@ cuBLAS path (side-stream overlap, chunk size). Peers, same shapes, same run:
   bnb_nf4       bitsandbytes' 4-bit matmul (nf4, block 64), forward, where bitsandbytes is installed
 Every quantized format lowtune knows is a valid --types entry ("all" = every one), so new types
 appear without edits here. Rows go to --out as JSON lines; --summary FILE... prints the tables
-and the targets from such files. --decode times greedy decoding of a random 7B-shaped Q4_K (or
---decode-type) Llama against its bytes-per-token roofline, with and without what a decode step adds to the
-layers (DECODE_VARIANTS: CUDA graphs, grouped products, steps chained on the device).
+and the targets from such files. --decode times greedy decoding of a random 7B-shaped Llama
+(every matrix Q4_K, or --decode-type) against its bytes-per-token roofline, with and without what
+a decode step adds to the layers (DECODE_VARIANTS: CUDA graphs, grouped products, steps chained on
+the device).
 
 CPU (--device cpu) keeps the simple timer: median of repeated synchronous calls, dense fp32
 torch as the peer.
@@ -460,11 +461,11 @@ def bench_decode(args, bw: float, emit) -> None:
         per_token = weight_bytes + kv_bytes
         tps = n_new / decode_s
         roof = bw / per_token
-        rec = {"kind": "decode", "type": args.decode_type, "variant": name, "graphs": graphs, "grouped": grouped,
-               "chained": chained,
-               "layers": c.n_layers, "tokens": n_new, "prompt_tokens": len(prompt), "prompt_s": prompt_s,
-               "decode_s": decode_s, "tokens_per_s": tps, "bytes_per_token": per_token,
-               "roofline_tokens_per_s": roof, "pct_roofline": 100 * tps / roof}
+        rec = {"kind": "decode", "type": args.decode_type, "variant": name, "graphs": graphs,
+               "grouped": grouped, "chained": chained, "layers": c.n_layers, "tokens": n_new,
+               "prompt_tokens": len(prompt), "prompt_s": prompt_s, "decode_s": decode_s,
+               "tokens_per_s": tps, "bytes_per_token": per_token, "roofline_tokens_per_s": roof,
+               "pct_roofline": 100 * tps / roof}
         emit(rec)
         print(f"decode ({name}): {tps:.1f} tokens/s over {n_new} tokens, "
               f"{per_token / 1e9:.2f} GB/token, roofline {roof:.0f} tokens/s -> {rec['pct_roofline']:.0f}%; "
