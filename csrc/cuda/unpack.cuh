@@ -523,6 +523,16 @@ __device__ __forceinline__ uint32_t level_codes(uint32_t q) {
   const uint32_t lo = __byte_perm(w0, w1, s7), hi = __byte_perm(w2, w3, s7);
   return __byte_perm(lo, hi, ((sel >> 1) & 0x4444u) | 0x3210u);
 }
+// A span's codes from its code words q (the low nibbles, or the high ones: sh = 4), and the affine
+// map of levels + 128 with scale d: what codes() gives for every 4-bit table type.
+template <const int8_t* Table, int S>
+__device__ __forceinline__ void level_span_codes(const uint32_t* q, int sh, float d, uint32_t* cw, float& scale,
+                                                 float& offset) {
+#pragma unroll
+  for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<Table>((q[j] >> sh) & 0x0F0F0F0Fu);
+  scale = d;
+  offset = __fmul_rn(-128.0f, d);
+}
 
 // IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
@@ -539,12 +549,7 @@ template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(d, iq4nl_level((byte_of(r + 1, i) >> sh) & 0xF));
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
-    const float d = half_f((uint16_t)r[0]);
-    const int sh = (e >> 4) * 4;
-#pragma unroll
-    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_iq4nl>((r[1 + j] >> sh) & 0x0F0F0F0Fu);
-    scale = d;
-    offset = __fmul_rn(-128.0f, d);
+    level_span_codes<k_kvalues_iq4nl, S>(r + 1, (e >> 4) * 4, half_f((uint16_t)r[0]), cw, scale, offset);
   }
 };
 
@@ -558,21 +563,19 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
     r[1] = ld_u8(b + 4 + (ib >> 1));
     ld_words<S, 8>(b + 8 + 16 * ib + (e & 15), r + 2);
   }
-  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
-    const int ib = e >> 5, sh = ((e >> 4) & 1) * 4;
+  // sub-block ib's scale d * (ls - 32), ls its six bits from scales_l and scales_h
+  __device__ static float sub_scale(const uint32_t* r, int ib) {
     const int ls = (int)((r[1] >> (4 * (ib & 1))) & 0xF) | (int)(((r[0] >> (16 + 2 * ib)) & 3) << 4);
-    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
+    return __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
+  }
+  template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
+    const int sh = ((e >> 4) & 1) * 4;
+    const float dl = sub_scale(r, e >> 5);
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(dl, iq4nl_level((byte_of(r + 2, i) >> sh) & 0xF));
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
-    const int ib = e >> 5, sh = ((e >> 4) & 1) * 4;
-    const int ls = (int)((r[1] >> (4 * (ib & 1))) & 0xF) | (int)(((r[0] >> (16 + 2 * ib)) & 3) << 4);
-    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)(ls - 32));
-#pragma unroll
-    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_iq4nl>((r[2 + j] >> sh) & 0x0F0F0F0Fu);
-    scale = dl;
-    offset = __fmul_rn(-128.0f, dl);
+    level_span_codes<k_kvalues_iq4nl, S>(r + 2, ((e >> 4) & 1) * 4, sub_scale(r, e >> 5), cw, scale, offset);
   }
 };
 
@@ -780,12 +783,7 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(nibble_level<k_kvalues_mxfp4>((byte_of(r + 1, i) >> sh) & 0xF), d);
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
-    const float d = e8m0_to_fp32_half((uint8_t)r[0]);
-    const int sh = (e >> 4) * 4;
-#pragma unroll
-    for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<k_kvalues_mxfp4>((r[1 + j] >> sh) & 0x0F0F0F0Fu);
-    scale = d;
-    offset = __fmul_rn(-128.0f, d);
+    level_span_codes<k_kvalues_mxfp4, S>(r + 1, (e >> 4) * 4, e8m0_to_fp32_half((uint8_t)r[0]), cw, scale, offset);
   }
 };
 
