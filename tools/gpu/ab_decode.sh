@@ -15,11 +15,7 @@ begin_call ab_decode 560 || { end_call tools/gpu/ab_decode.sh; exit 1; }
 ab_settings
 stage tests 40 150 env ${B:-} $py -m pytest -q -p no:cacheprovider -n 8 -rf -m "not llamacpp and not smollm2" \
   tests/test_glue_cuda.py tests/test_generate_static.py
-if [ -n "${SAN_K:-}" ]; then
-  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  stage sanitizer 30 90 env ${B:-} "$san" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider \
-    -x tests/test_glue_cuda.py -k "$SAN_K"
-fi
+[ -z "${SAN_K:-}" ] || SAN_FILE=tests/test_glue_cuda.py sanitizer_tests "$SAN_K" env ${B:-}
 for prompt in ${PROMPTS:-16 1024}; do
   for r in $(seq 1 "${ROUNDS:-2}"); do
     for s in $names; do

@@ -16,7 +16,8 @@
 #                           when fewer than NEED seconds are left; returns CMD's exit status
 #   cuda_tests [PREFIX...]  stage "tests": the CUDA test files, run through PREFIX (e.g. env VAR=1)
 #   sanitizer_tests K [PREFIX...]
-#                           stage "sanitizer": compute-sanitizer memcheck over tests/test_cuda.py -k K
+#                           stage "sanitizer": compute-sanitizer memcheck over SAN_FILE (default
+#                           tests/test_cuda.py) -k K
 #   ab_settings             the machine into $out/gpu.txt and the environments A, B (and C, D where set)
 #                           of an A/B script into $out/settings.txt; sets names: "a b", "a b c", ...
 #   setting NAME            the environment of setting a, b, c or d
@@ -81,7 +82,7 @@ sanitizer_tests() {
   local san
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   stage sanitizer 30 90 "$@" "$san" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
-    tests/test_cuda.py -k "$k"
+    ${SAN_FILE:-tests/test_cuda.py} -k "$k"
 }
 
 ab_settings() {
