@@ -392,6 +392,29 @@ def test_gemv_input_grad_against_float64_and_the_staged_kernel(name, dtype, gen,
         assert torch.equal(gemv, again), "the row groups' sums are added in a fixed order"
 
 
+@pytest.mark.parametrize("name", ["IQ4_NL", "MXFP4"])
+def test_table_types_blocks_read_as_the_aligned_words_around_them(name, gen, monkeypatch):
+    """IQ4_NL's 18-byte and MXFP4's 17-byte blocks, which the one-row kernels read as the aligned words
+    around them (legacy_words, mxfp4_words): blocks at every address mod 4 (rows of an odd number of
+    blocks), the tensor's last block ending inside a word (N odd, K = 96); the gemv forward, its
+    transpose and the regs forward against float64."""
+    rng = torch.Generator().manual_seed(8)
+    for n, k in [(37, 96), (5, 32), (301, 160), (64, 4192), (3, 224)]:
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
+        raw_gpu = raw.cuda()
+        x, dy = torch.randn(3, k, generator=rng).bfloat16(), torch.randn(1, n, generator=rng).bfloat16()
+        y = run_path(_C.cuda_qmatmul_forward, name, x[:1].cuda(), raw_gpu, torch.bfloat16, 1, n, k, (1, n), "gemv",
+                     monkeypatch)
+        assert rel_err(y, x[:1].double() @ w64.t()) < TOLERANCE[torch.bfloat16], f"gemv {name} N={n} K={k}"
+        dx = run_path(_C.cuda_qmatmul_input_grad, name, dy.cuda(), raw_gpu, torch.bfloat16, 1, n, k, (1, k), "gemv",
+                      monkeypatch)
+        assert rel_err(dx, dy.double() @ w64) < TOLERANCE[torch.bfloat16], f"gemv_grad {name} N={n} K={k}"
+        y3 = run_path(_C.cuda_qmatmul_forward, name, x.cuda(), raw_gpu, torch.bfloat16, 3, n, k, (3, n), "regs",
+                      monkeypatch)
+        assert rel_err(y3, x.double() @ w64.t()) < TOLERANCE[torch.bfloat16], f"regs {name} N={n} K={k}"
+
+
 # the forward (Q4_K, Q8_0) and gemv_grad's integer path (Q4_1) and fp32 path (Q6_K, Q8_0)
 @pytest.mark.parametrize("product, name", [("forward", "Q4_K"), ("forward", "Q8_0"), ("input_grad", "Q4_1"),
                                            ("input_grad", "Q6_K"), ("input_grad", "Q8_0")])

@@ -267,12 +267,12 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
   }
 }
 
-// Q4_0's 18-byte, Q5_0's 22-byte and Q8_0's 34-byte blocks (a 2-byte d, then NQ = 4, 5 or 8 words:
-// Q5_0's first is qh) are only 2-byte aligned, and Unpack's loads read them 2 bytes at a time (9,
-// 22 and 18 loads a unit). round_sum reads the NQ + 1 aligned words around a block instead, w[0..NQ]
-// from the block's start (the last a 2-byte load there: not past the block) or from 2 before it
-// (odd); this turns them into d and the words after it, and for Q5_0 and Q8_0 (two spans a unit)
-// into load's layout of both spans.
+// Q4_0's and IQ4_NL's 18-byte, Q5_0's 22-byte and Q8_0's 34-byte blocks (a 2-byte d, then NQ = 4, 5
+// or 8 words: Q5_0's first is qh) are only 2-byte aligned, and Unpack's loads read them 2 bytes at a
+// time (9, 22 and 18 loads a unit). round_sum reads the NQ + 1 aligned words around a block instead,
+// w[0..NQ] from the block's start (the last a 2-byte load there: not past the block) or from 2 before
+// it (odd); this turns them into d and the words after it, and for Q5_0, IQ4_NL and Q8_0 (two spans a
+// unit) into load's layout of both spans.
 template <int T>
 __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
   constexpr int NQ = Unpack<T>::kBytes / 4;
@@ -284,10 +284,26 @@ __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
 #pragma unroll
     for (int j = 9; j >= 6; --j) w[j] = w[j - 1];
     w[5] = d;
-  } else if constexpr (T == T_Q5_0) {  // d, qh, q0..q3 -> the same again for the unit's second span
-#pragma unroll
-    for (int j = 0; j < 6; ++j) w[6 + j] = w[j];
+  } else if constexpr (T == T_Q5_0 || T == T_IQ4_NL) {  // d, (qh,) q0..q3 -> the same again for the
+#pragma unroll                                            // unit's second span
+    for (int j = 0; j <= NQ; ++j) w[NQ + 1 + j] = w[j];
   }
+}
+
+// MXFP4's 17-byte blocks are only byte-aligned, and Unpack's loads read them a byte at a time (17
+// loads a span). round_sum reads the five aligned words around a block instead, from `mis` (its
+// address mod 4) bytes before it; the fifth only up to the block's last byte (a tensor's last block
+// may end inside it). This turns them into load's layout, e and the four code words, twice (the
+// unit's two spans are the low and the high nibbles of the same bytes).
+__device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
+  uint32_t q[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) q[j] = __funnelshift_rc(w[j], w[j + 1], 8 * (mis + 1));
+  w[0] = (w[0] >> (8 * mis)) & 0xFFu;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) w[1 + j] = q[j];
+#pragma unroll
+  for (int j = 0; j < 5; ++j) w[5 + j] = w[j];
 }
 
 // Q3_K's 110-byte and Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a
@@ -318,12 +334,14 @@ __device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
   for (int j = 0; j < 2 * S; ++j) r[j] = out[j];
 }
 
-// A unit's words as round_load left them, put where Unpack<T> reads them: the 2-byte-aligned types
-// that round_load reads as aligned words (odd: the block starts 2 bytes into a word).
+// A unit's words as round_load left them, put where Unpack<T> reads them: the types that round_load
+// reads as aligned words. odd: the 2-byte-aligned types' block starts 2 bytes into a word; MXFP4's
+// blocks start anywhere: block is the unit's block (or one at the same address mod 4).
 template <int T>
-__device__ __forceinline__ void place_words(uint32_t* r, bool odd) {
-  if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) legacy_words<T>(r, odd);
+__device__ __forceinline__ void place_words(uint32_t* r, bool odd, const uint8_t* block) {
+  if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0 || T == T_IQ4_NL) legacy_words<T>(r, odd);
   if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r, odd);
+  if constexpr (T == T_MXFP4) mxfp4_words(r, (int)(reinterpret_cast<uintptr_t>(block) & 3));
 }
 
 // A round: units u0 + 32 i + lane (i < N) of a row, the lane's first of them in the block at b, the
@@ -356,7 +374,7 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
         const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
         r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
         r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
-      } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {  // aligned words, put in place by legacy_words
+      } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0 || T == T_IQ4_NL) {  // aligned words: legacy_words
         constexpr int NQ = U::kBytes / 4;
         const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
 #pragma unroll
@@ -389,6 +407,16 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
         r[i][18] = ld_u16(bi + f0);
         r[i][19] = ld_u16(bi + f1);
         if constexpr (T == T_Q3_K) r[i][20] = ld_u16(bi + f2);
+      } else if constexpr (T == T_MXFP4) {  // aligned words, put in place by mxfp4_words
+        const int mis = (int)(reinterpret_cast<uintptr_t>(bi) & 3);
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - mis);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r[i][j] = wa[j];
+        // bytes 0..mis of the fifth word are the block's last (2-byte loads from 4-aligned addresses)
+        r[i][4] = mis == 3 ? wa[4]
+                  : mis == 2 ? (uint32_t)ld_u16(bi + 14) | (uint32_t)ld_u8(bi + 16) << 16
+                  : mis == 1 ? (uint32_t)ld_u16(bi + 15)
+                             : (uint32_t)ld_u8(bi + 16);
       } else {
         U::template load<16>(bi, l.e0, r[i]);
         if constexpr (kLoads == 2) U::template load<16>(bi, l.e1, r[i] + kW);
@@ -399,7 +427,7 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (kCheck && u0 + 32 * i + lane >= units) continue;
-      place_words<T>(r[i], odd);
+      place_words<T>(r[i], odd, b);  // (every block of the round at b's address mod 4: kStep is a multiple of 4)
       acc = unit_sum<T>(r[i], l, l.xl + 4 * (u0 + 32 * i), l.al[u0 + 32 * i], acc);
     }
   }
@@ -576,7 +604,7 @@ __device__ __forceinline__ void rows_decode(const uint8_t* const (&b)[R], int u0
     const float4 a = l.al[u0 + 32 * i];
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      place_words<T>(r[j][i], (reinterpret_cast<uintptr_t>(b[j]) & 2) != 0);
+      place_words<T>(r[j][i], (reinterpret_cast<uintptr_t>(b[j]) & 2) != 0, b[j]);
       acc[j] = unit_sum<T, 1>(r[j][i], l, xv, a, acc[j]);
     }
   }

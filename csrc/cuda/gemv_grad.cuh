@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
       for (int j = 0; j < NR; ++j) {
         const int rr = row + j * kWarps;
         ok[j] = rr < r1;
-        const bool odd = (reinterpret_cast<uintptr_t>(col + (int64_t)rr * row_bytes) & 2) != 0;
-        gemv::place_words<T>(r[j], odd);
+        const uint8_t* block = col + (int64_t)rr * row_bytes;
+        gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(block) & 2) != 0, block);
       }
       if constexpr (NR >= 4) {
         // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)

@@ -30,12 +30,12 @@ template <int T> constexpr bool kPipeDefault = gemv::kRoundWords<T> <= 12;
 
 // Lane (g, t)'s unit of rows g and 8 + g, decoded into B fragments b[h][c] = {b0, b1} of chunk 4h + c.
 template <int T, class ACT>
-__device__ __forceinline__ void decode_unit(uint32_t* r, bool odd, int e0, int e1, uint32_t (&b)[2][8]) {
+__device__ __forceinline__ void decode_unit(uint32_t* r, const uint8_t* block, int e0, int e1, uint32_t (&b)[2][8]) {
   using U = Unpack<T>;
   using Un = gemv::Units<T>;
   constexpr int kW = U::template Words<16>::value;
   constexpr int kLoads = Un::kSame ? 1 : 2;
-  gemv::place_words<T>(r, odd);
+  gemv::place_words<T>(r, (reinterpret_cast<uintptr_t>(block) & 2) != 0, block);
   staged::decode_pairs<T, ACT>(r, e0, b[0]);
   staged::decode_pairs<T, ACT>(r + (kLoads - 1) * kW, e1, b[1]);
 }
@@ -115,7 +115,7 @@ regs_forward_kernel(const ACT* __restrict__ x, const uint8_t* __restrict__ w, AC
     for (int j = 0; j < 2; ++j) {
       uint32_t b[2][8] = {};
       if (p.has && row0 + 8 * j < n)
-        decode_unit<T, ACT>(r[j], (reinterpret_cast<uintptr_t>(p.blk[j]) & 2) != 0, p.e0, p.e1, b);
+        decode_unit<T, ACT>(r[j], p.blk[j], p.e0, p.e1, b);
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         const uint32_t af[4] = {a[q].x, a[q].y, a[q].z, a[q].w};
