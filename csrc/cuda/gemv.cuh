@@ -246,6 +246,14 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
                           a.x * (float)(d0 * (int)__byte_perm(sm, 0u, 0x4440u)));
     const float sm_ = fmaf(a.w, byte_f(sm, 3), a.y * byte_f(sm, 2));
     return fmaf(d, sd, fmaf(-dmin, sm_, acc));
+  } else if constexpr (HasCodes2<T>) {
+    // the table types: both spans' codes from one lookup of each word, and one (s, z) for both
+    float s, z;
+    uint32_t cw1[4];
+    U::template codes2<16>(r, l.e0, cw, cw1, s, z);
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
+    const int d1 = span_dot(cw1, xu[2 * XS], xu[3 * XS]);
+    return fmaf(s, fmaf(a.z, (float)d1, a.x * (float)d0), fmaf(z, a.y + a.w, acc));
   } else if constexpr (kOneScale<T>) {
     // both spans' (s, z) are the block's: s (sigma0 D0 + sigma1 D1) + z (sigma0 S0 + sigma1 S1)
     float s, z, s1, z1;
@@ -271,8 +279,8 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
 // or 8 words: Q5_0's first is qh) are only 2-byte aligned, and Unpack's loads read them 2 bytes at a
 // time (9, 22 and 18 loads a unit). round_sum reads the NQ + 1 aligned words around a block instead,
 // w[0..NQ] from the block's start (the last a 2-byte load there: not past the block) or from 2 before
-// it (odd); this turns them into d and the words after it, and for Q5_0, IQ4_NL and Q8_0 (two spans a
-// unit) into load's layout of both spans.
+// it (odd); this turns them into d and the words after it, and for Q5_0 and Q8_0 (two spans a unit)
+// into load's layout of both spans.
 template <int T>
 __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
   constexpr int NQ = Unpack<T>::kBytes / 4;
@@ -284,17 +292,16 @@ __device__ __forceinline__ void legacy_words(uint32_t* w, bool odd) {
 #pragma unroll
     for (int j = 9; j >= 6; --j) w[j] = w[j - 1];
     w[5] = d;
-  } else if constexpr (T == T_Q5_0 || T == T_IQ4_NL) {  // d, (qh,) q0..q3 -> the same again for the
-#pragma unroll                                            // unit's second span
-    for (int j = 0; j <= NQ; ++j) w[NQ + 1 + j] = w[j];
+  } else if constexpr (T == T_Q5_0) {  // d, qh, q0..q3 -> the same again for the unit's second span
+#pragma unroll
+    for (int j = 0; j < 6; ++j) w[6 + j] = w[j];
   }
 }
 
 // MXFP4's 17-byte blocks are only byte-aligned, and Unpack's loads read them a byte at a time (17
-// loads a span). round_sum reads the five aligned words around a block instead, from `mis` (its
+// loads a unit). round_sum reads the five aligned words around a block instead, from `mis` (its
 // address mod 4) bytes before it; the fifth only up to the block's last byte (a tensor's last block
-// may end inside it). This turns them into load's layout, e and the four code words, twice (the
-// unit's two spans are the low and the high nibbles of the same bytes).
+// may end inside it). This turns them into load's layout, e and the four code words (both spans').
 __device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
   uint32_t q[4];
 #pragma unroll
@@ -302,8 +309,6 @@ __device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
   w[0] = (w[0] >> (8 * mis)) & 0xFFu;
 #pragma unroll
   for (int j = 0; j < 4; ++j) w[1 + j] = q[j];
-#pragma unroll
-  for (int j = 0; j < 5; ++j) w[5 + j] = w[j];
 }
 
 // Q3_K's 110-byte and Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a

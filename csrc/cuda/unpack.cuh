@@ -514,14 +514,27 @@ constexpr uint32_t level_word_u(const int8_t* table, int w) {
   for (int i = 0; i < 4; ++i) v |= (uint32_t)(uint8_t)(table[4 * w + i] + 128) << (8 * i);
   return v;
 }
+// the four codes in bits 0..15 of sel (a nibble each), looked up
 template <const int8_t* Table>
-__device__ __forceinline__ uint32_t level_codes(uint32_t q) {
+__device__ __forceinline__ uint32_t level_lookup(uint32_t sel) {
   constexpr uint32_t w0 = level_word_u(Table, 0), w1 = level_word_u(Table, 1);
   constexpr uint32_t w2 = level_word_u(Table, 2), w3 = level_word_u(Table, 3);
-  const uint32_t sel = __byte_perm(q | (q >> 4), 0u, 0x0020u);  // codes 0..3 in bits 0..15
   const uint32_t s7 = sel & 0x7777u;  // (a selector nibble's bit 3 would replicate a sign)
   const uint32_t lo = __byte_perm(w0, w1, s7), hi = __byte_perm(w2, w3, s7);
   return __byte_perm(lo, hi, ((sel >> 1) & 0x4444u) | 0x3210u);
+}
+template <const int8_t* Table>
+__device__ __forceinline__ uint32_t level_codes(uint32_t q) {
+  return level_lookup<Table>(__byte_perm(q | (q >> 4), 0u, 0x0020u));  // codes 0..3 in bits 0..15
+}
+// Both nibbles of the four bytes of w at once: lo the low nibbles' codes, hi the high ones'. A 16-bit
+// half of w is already a selector of four codes (low, high, low, high), so no compaction: two
+// lookups, then the bytes sorted by nibble (~1.9 instructions a code against level_codes' ~2.5).
+template <const int8_t* Table>
+__device__ __forceinline__ void level_codes_pair(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t a = level_lookup<Table>(w), b = level_lookup<Table>(w >> 16);
+  lo = __byte_perm(a, b, 0x6420u);
+  hi = __byte_perm(a, b, 0x7531u);
 }
 // A span's codes from its code words q (the low nibbles, or the high ones: sh = 4), and the affine
 // map of levels + 128 with scale d: what codes() gives for every 4-bit table type.
@@ -533,10 +546,20 @@ __device__ __forceinline__ void level_span_codes(const uint32_t* q, int sh, floa
   scale = d;
   offset = __fmul_rn(-128.0f, d);
 }
+// Both spans' codes (the low nibbles' in cw, the high ones' in cw1) and their one map: what codes2()
+// gives for every 4-bit table type.
+template <const int8_t* Table, int S>
+__device__ __forceinline__ void level_pair_codes(const uint32_t* q, float d, uint32_t* cw, uint32_t* cw1, float& scale,
+                                                 float& offset) {
+#pragma unroll
+  for (int j = 0; j < S / 4; ++j) level_codes_pair<Table>(q[j], cw[j], cw1[j]);
+  scale = d;
+  offset = __fmul_rn(-128.0f, d);
+}
 
 // IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
 template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
-  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 18, kAlign = gcd_c(kBytes, 16), kSameWords = 16;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -551,11 +574,15 @@ template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_iq4nl, S>(r + 1, (e >> 4) * 4, half_f((uint16_t)r[0]), cw, scale, offset);
   }
+  template <int S> __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
+                                                 float& offset) {
+    level_pair_codes<k_kvalues_iq4nl, S>(r + 1, half_f((uint16_t)r[0]), cw, cw1, scale, offset);
+  }
 };
 
 // IQ4_XS: d, scales_h, scales_l[4], qs[128]; sub-block ib = e/32 as IQ4_NL at qs + 16ib.
 template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
-  static constexpr int kElems = 256, kBytes = 136, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 136, kAlign = gcd_c(kBytes, 16), kSameWords = 16;
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5;
@@ -576,6 +603,10 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_iq4nl, S>(r + 2, ((e >> 4) & 1) * 4, sub_scale(r, e >> 5), cw, scale, offset);
+  }
+  template <int S> __device__ static void codes2(const uint32_t* r, int e, uint32_t* cw, uint32_t* cw1, float& scale,
+                                                 float& offset) {
+    level_pair_codes<k_kvalues_iq4nl, S>(r + 2, sub_scale(r, e >> 5), cw, cw1, scale, offset);
   }
 };
 
@@ -770,7 +801,7 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
 // only byte-aligned, so every load is a byte load. Not affine in its codes (E2M1 levels), so it
 // decodes as the I-quants do (UnpackIq: decode_fast is decode).
 template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
-  static constexpr int kElems = 32, kBytes = 17, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 32, kBytes = 17, kAlign = gcd_c(kBytes, 16), kSameWords = 16;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u8(b);
@@ -784,6 +815,10 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_mxfp4, S>(r + 1, (e >> 4) * 4, e8m0_to_fp32_half((uint8_t)r[0]), cw, scale, offset);
+  }
+  template <int S> __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
+                                                 float& offset) {
+    level_pair_codes<k_kvalues_mxfp4, S>(r + 1, e8m0_to_fp32_half((uint8_t)r[0]), cw, cw1, scale, offset);
   }
 };
 
@@ -962,6 +997,12 @@ LT_TYPES_INT(LT_UNPACK_INT)
 template <int T>
 concept HasCodes = requires(const uint32_t* r, uint32_t* cw, float& s, float& z) {
   Unpack<T>::template codes<16>(r, 0, cw, s, z);
+};
+// The types that give both spans of a kSameWords pair (e, e + 16: the low and the high nibbles of the
+// same words, one scale) from one lookup of each word (Unpack<T>::codes2): the 4-bit table types.
+template <int T>
+concept HasCodes2 = requires(const uint32_t* r, uint32_t* cw, float& s, float& z) {
+  Unpack<T>::template codes2<16>(r, 0, cw, cw, s, z);
 };
 
 }  // namespace lowtune::cuda
