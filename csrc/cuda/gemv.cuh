@@ -229,18 +229,34 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
   constexpr int kW = U::template Words<16>::value;
   constexpr int kLoads = Units<T>::kSame ? 1 : 2;
   uint32_t cw[4];
-  if constexpr (T == T_Q4_K) {
-    // one head for both spans (sub-blocks j, j + 1 of chunk j / 2: low and high nibbles). The high
-    // nibbles meet xq unshifted (16 u per byte; the sum < 2^31) and their sum is shifted back
-    // (exact: a multiple of 16). sc_j D_j < 63 * 2^23: exact in int32.
+  if constexpr (T == T_Q4_K || T == T_Q5_K) {
+    // one head for both spans (sub-blocks j, j + 1 of chunk j / 2: low and high nibbles). Q4_K: the
+    // high nibbles meet xq unshifted (16 u per byte; the sum < 2^31) and their sum is shifted back
+    // (exact: a multiple of 16). Q5_K: the fifth bits, bits 2j and 2j + 1 of the qh bytes, rotated to
+    // bit 4 of each byte (a rotation keeps each byte's bits in its byte). sc_j D_j < 63 * 16 * 31 *
+    // 32767: exact in int32.
     const uint32_t* q = r + 4;
-    const uint32_t sm = scale_min_pair_k4(r + 1, l.e0 >> 5);
+    const int j2 = l.e0 >> 5;  // 2j
+    const uint32_t sm = scale_min_pair_k4(r + 1, j2);
+    int d0, d1;
+    if constexpr (T == T_Q4_K) {
 #pragma unroll
-    for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0x0F0F0F0Fu;
-    const int d0 = span_dot(cw, xu[0], xu[XS]);
+      for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0x0F0F0F0Fu;
+      d0 = span_dot(cw, xu[0], xu[XS]);
 #pragma unroll
-    for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0xF0F0F0F0u;
-    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]) >> 4;
+      for (int t = 0; t < 4; ++t) cw[t] = q[t] & 0xF0F0F0F0u;
+      d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]) >> 4;
+    } else {
+      const uint32_t* qh = r + 8;
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+        cw[t] = (q[t] & 0x0F0F0F0Fu) | (__funnelshift_r(qh[t], qh[t], (j2 - 4) & 31) & 0x10101010u);
+      d0 = span_dot(cw, xu[0], xu[XS]);
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+        cw[t] = ((q[t] >> 4) & 0x0F0F0F0Fu) | (__funnelshift_r(qh[t], qh[t], (j2 - 3) & 31) & 0x10101010u);
+      d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]);
+    }
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     const float sd = fmaf(a.z, (float)(d1 * (int)__byte_perm(sm, 0u, 0x4441u)),
                           a.x * (float)(d0 * (int)__byte_perm(sm, 0u, 0x4440u)));
@@ -374,11 +390,16 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
       if (kCheck && u0 + 32 * i + lane >= units) continue;
       // every block starts kAlign-aligned (16-byte aligned tensor): the compiler may widen loads
       const auto* bi = static_cast<const uint8_t*>(__builtin_assume_aligned(b + i * kStep, U::kAlign));
-      if constexpr (T == T_Q4_K) {  // Unpack<T_Q4_K>::load<16>(bi, e0) in two 16-byte loads
+      if constexpr (T == T_Q4_K || T == T_Q5_K) {  // Unpack<T>::load<16>(bi, e0) in 16-byte loads
+        constexpr int kQs = T == T_Q4_K ? 16 : 48;  // Q5_K: qh[32] before qs
         const uint4 head = *reinterpret_cast<const uint4*>(bi);
-        const uint4 q = *reinterpret_cast<const uint4*>(bi + 16 + 32 * (l.e0 >> 6) + (l.e0 & 31));
+        const uint4 q = *reinterpret_cast<const uint4*>(bi + kQs + 32 * (l.e0 >> 6) + (l.e0 & 31));
         r[i][0] = head.x; r[i][1] = head.y; r[i][2] = head.z; r[i][3] = head.w;
         r[i][4] = q.x; r[i][5] = q.y; r[i][6] = q.z; r[i][7] = q.w;
+        if constexpr (T == T_Q5_K) {
+          const uint4 qh = *reinterpret_cast<const uint4*>(bi + 16 + (l.e0 & 31));
+          r[i][8] = qh.x; r[i][9] = qh.y; r[i][10] = qh.z; r[i][11] = qh.w;
+        }
       } else if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0 || T == T_IQ4_NL) {  // aligned words: legacy_words
         constexpr int NQ = U::kBytes / 4;
         const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - (odd ? 2 : 0));
@@ -480,18 +501,21 @@ __device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* 
 // cost a CTA (Q6_K: 130 registers, one CTA). Measured with nvcc 13.0 for sm_90, the most CTAs at
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
-// unbound take 64 registers: 4; Q2_K spills 40 bytes at 4 and unbound takes 80 registers: 3).
-// Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without. Holding the early round (kOneRow)
-// a few one-row kernels spill a little where their bound stays: Q4_1, INT2-g32 and INT4-g32 8 bytes,
-// INT2-g64/g128 4, Q4_K and INT6-g32 40 (BENCHMARKS.md, "The gemv's first round loaded before its
-// wait"); the persistent kernels spill nothing.
+// unbound take 64 registers: 4). Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
+// Q2_K and Q5_K, whose units load their words once for both spans (kSameWords), spill at 5 and 4
+// (48-108 bytes) and not at 4 and 3. Holding the early round (kOneRow) a few one-row kernels spill
+// a little where their bound stays: Q4_1, INT2-g32, INT4-g32, Q2_K and Q5_K 8 bytes, INT2-g64/g128
+// 4, Q4_K and INT6-g32 40 (BENCHMARKS.md, "The gemv's first round loaded before its wait"); the
+// persistent kernels spill nothing.
 template <int T> constexpr int min_ctas() {
   if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
     return 5;
-  else if constexpr (T == T_Q4_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+  else if constexpr (T == T_Q4_K || T == T_Q2_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
     return 4;
-  else if constexpr (T == T_Q3_K || T == T_Q5_K || T == T_Q6_K)
+  else if constexpr (T == T_Q5_K)
+    return 3;
+  else if constexpr (T == T_Q3_K || T == T_Q6_K)
     return 2;
   else
     return 0;
@@ -623,8 +647,8 @@ __device__ __forceinline__ void rows_round(const uint8_t* const (&b)[R], int u0,
 }
 
 // R rows' words and x's four loads held at once take more registers than gemv_kernel's bound
-// leaves some types (spills, nvcc 13.0, sm_90): one CTA fewer where that bound is 4 or 5.
-template <int T> constexpr int rows_min_ctas() { return min_ctas<T>() >= 4 ? min_ctas<T>() - 1 : min_ctas<T>(); }
+// leaves some types (spills, nvcc 13.0, sm_90): one CTA fewer where that bound is 3 to 5.
+template <int T> constexpr int rows_min_ctas() { return min_ctas<T>() >= 3 ? min_ctas<T>() - 1 : min_ctas<T>(); }
 
 // Task t's R sums (lane 0's) into y: rows R t .. R t + R - 1 that exist
 template <class ACT, int R>
@@ -738,8 +762,8 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
 template <int T> struct StreamStep {
   static constexpr int kUnits = 64;
   // units a lane loads before it decodes them: both, but one for the types whose words would spill
-  // at the register bound (Q5_K and Q6_K 350-380 bytes with two; Q3_K 12 even at 128 registers)
-  static constexpr int kAtOnce = T == T_Q3_K || T == T_Q5_K || T == T_Q6_K ? 1 : 2;
+  // at the register bound (Q6_K 350-380 bytes with two; Q3_K 12 even at 128 registers)
+  static constexpr int kAtOnce = T == T_Q3_K || T == T_Q6_K ? 1 : 2;
   static constexpr int kRowBytes = kUnits / Units<T>::kPerBlock * Unpack<T>::kBytes;  // a row's bytes a step
 };
 constexpr int kStreamRows = 2, kMaxStages = 8;

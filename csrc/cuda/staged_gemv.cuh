@@ -217,10 +217,11 @@ template <int NT> constexpr int fwd_warps_n() { return NT == 1 ? 1 : 8; }
 template <int NT> constexpr int fwd_threads() { return 32 * fwd_warps_k<NT>() * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_stage_k() { return kStageK * fwd_warps_k<NT>(); }
-// M <= 8 in the 4-bit types (Unpack::kSameWords): lane c owns 64 consecutive elements of its
-// slice, so it loads the bytes of its spans once (2-7% faster than 16c-spans on an H200), and the
-// types with one scale word per block (Q4_0, Q4_1, INT4) also run one stage shallower with
-// registers capped, for five resident CTAs instead of four (a further 1-8%; Q4_K spills there).
+// M <= 8 in the types whose spans share words (Unpack::kSameWords: the 4-bit types, Q2_K, Q5_K):
+// lane c owns 64 consecutive elements of its slice, so it loads the bytes of its spans once (2-7%
+// faster than 16c-spans for the 4-bit types on an H200), and the types with one scale word per
+// block (Q4_0, Q4_1, INT4) also run one stage shallower with registers capped, for five resident
+// CTAs instead of four (a further 1-8%; Q4_K spills there).
 // tools/results/small_m_variants_h200_2026-12-03/ has the measurements.
 template <int T, int NT> constexpr bool fwd_lane_owns_64() { return NT == 1 && Unpack<T>::kSameWords > 0; }
 template <int T, int NT> constexpr bool fwd_five_ctas() {
@@ -352,8 +353,8 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
     } else {
       if (kStageK * wk >= kv) continue;  // this warp's slice lies past K (the same for the whole warp)
       // Lane c owns the 64 elements [64c, 64c+64) of the warp's slice, as four 16-element spans. In
-      // the 4-bit types two spans read the same words (the low and high nibbles of the same bytes,
-      // Unpack::kSameWords), which are loaded once. Elements past K (a partial last slice) are
+      // the types with Unpack::kSameWords two spans read the same words (e.g. the low and high
+      // nibbles of the same bytes), which are loaded once. Elements past K (a partial last slice) are
       // zero-filled in W and X.
       constexpr int NQ = kStageK / 64, SHARE = U::kSameWords / kSpan;  // 0, or the span bit to drop
       static_assert(SHARE == 0 || SHARE == 1 || SHARE == 2, "spans of one lane share words");

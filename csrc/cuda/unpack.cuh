@@ -263,27 +263,36 @@ template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
 
 // ---- K-quants: 256-element super-blocks ----------------------------------------------------------
 // Q2_K: scales[16], qs[64], d, dmin. Element e: half h = e/128, e' = e%128, shift 2*(e'/32),
-// sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32].
+// sub-block 8h + 2*(e'/32) + (e'%32)/16, byte qs[32h + e'%32]. load reads the scale bytes of four
+// sub-blocks (8h + 4(s/2) ..: those of shifts s and s + 1), so the spans e and e + 32 (shifts s and
+// s + 1 of the same qs bytes, s even) load the same words.
 template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
-  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
+  static constexpr int kElems = 256, kBytes = 84, kAlign = gcd_c(kBytes, 16), kCodeBits = 2, kSameWords = 32;
   template <int S> using Words = IntC<2 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
     r[0] = ld_u32(b + 80);
-    r[1] = ld_u8(b + 8 * h + 2 * s + (l0 >> 4));
+    r[1] = ld_u32(b + 8 * h + 2 * (s & 2));
     ld_words<S, 4>(b + 16 + 32 * h + l0, r + 2);
+  }
+  // the span's scale byte (low nibble: scale, high: min) of load's four
+  __device__ static uint32_t scale_byte(const uint32_t* r, int e) {
+    const int s = (e & 127) >> 5;
+    return (r[1] >> (8 * (2 * (s & 1) + ((e >> 4) & 1)))) & 0xFFu;
   }
   template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     const int s = (e & 127) >> 5;
-    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
+    const uint32_t sb = scale_byte(r, e);
+    const float dl = __fmul_rn(d, code_f(sb & 0xF)), ml = __fmul_rn(dmin, code_f(sb >> 4));
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fsub_rn(__fmul_rn(dl, code_f((byte_of(r + 2, i) >> (2 * s)) & 3)), ml);
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     const int s = (e & 127) >> 5;
-    const float dl = __fmul_rn(d, code_f(r[1] & 0xF)), ml = __fmul_rn(dmin, code_f(r[1] >> 4));
+    const uint32_t sb = scale_byte(r, e);
+    const float dl = __fmul_rn(d, code_f(sb & 0xF)), ml = __fmul_rn(dmin, code_f(sb >> 4));
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[2 + j] >> (2 * s)) & 0x03030303u;
     scale = dl;
@@ -334,24 +343,9 @@ template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
   }
 };
 
-// Q4_K / Q5_K six-bit scale and min of sub-block j from the three packed bytes it uses:
-// x = q[j < 4 ? j : j+4], y = q[j < 4 ? j+4 : j-4], z = q[j] (see get_scale_min_k4).
-__device__ __forceinline__ void load_scale_min_k4(const uint8_t* q, int j, uint32_t* r) {
-  r[0] = ld_u8(q + (j < 4 ? j : j + 4));
-  r[1] = ld_u8(q + (j < 4 ? j + 4 : j - 4));
-  r[2] = ld_u8(q + j);
-}
-__device__ __forceinline__ void scale_min_k4(const uint32_t* r, int j, uint32_t* sc, uint32_t* mn) {
-  if (j < 4) {
-    *sc = r[0] & 63; *mn = r[1] & 63;
-  } else {
-    *sc = (r[0] & 0xF) | ((r[1] >> 6) << 4);
-    *mn = (r[0] >> 4) | ((r[2] >> 6) << 4);
-  }
-}
-
-// The same from all twelve scale bytes as three little-endian words s[0..2] (byte k of the
-// array is byte k%4 of s[k/4]): sub-block j reads byte j%4 of each word.
+// Q4_K / Q5_K: the six-bit scale and min of sub-block j (get_scale_min_k4) from all twelve scale
+// bytes as three little-endian words s[0..2] (byte k of the array is byte k%4 of s[k/4]): sub-block
+// j reads byte j%4 of each word.
 __device__ __forceinline__ void scale_min_k4_words(const uint32_t* s, int j, uint32_t* sc, uint32_t* mn) {
   const uint32_t sel = 0x4440u | (uint32_t)(j & 3);  // byte j%4 into byte 0, zeros above
   const uint32_t b0 = __byte_perm(s[0], 0u, sel), b1 = __byte_perm(s[1], 0u, sel);
@@ -400,13 +394,15 @@ template <> struct Unpack<T_Q4_K> : UnpackBase<Unpack<T_Q4_K>> {
 };
 
 // Q5_K: d, dmin, scales[12], qh[32], qs[128]; as Q4_K plus a fifth bit, bit 2j + hi of qh[e%32].
+// As Q4_K's, load reads all twelve scale bytes, so the spans e and e + 32 load the same words (the
+// low and high nibbles of the same qs bytes, bits 2j and 2j + 1 of the same qh bytes).
 template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
-  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
+  static constexpr int kElems = 256, kBytes = 176, kAlign = gcd_c(kBytes, 16), kCodeBits = 5, kSameWords = 32, kHeadWords = 4;
   template <int S> using Words = IntC<4 + S / 2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
-    const int j = e >> 6, hi = (e >> 5) & 1, l0 = e & 31;
+    const int j = e >> 6, l0 = e & 31;
     r[0] = ld_u32(b);
-    load_scale_min_k4(b + 4, 2 * j + hi, r + 1);
+    ld_words<12, 4>(b + 4, r + 1);
     ld_words<S, 8>(b + 48 + 32 * j + l0, r + 4);
     ld_words<S, 8>(b + 16 + l0, r + 4 + S / 4);
   }
@@ -414,7 +410,7 @@ template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
-    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    scale_min_k4_words(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
     const int sh = 4 * hi, hb = 2 * j + hi;
 #pragma unroll
@@ -427,7 +423,7 @@ template <> struct Unpack<T_Q5_K> : UnpackBase<Unpack<T_Q5_K>> {
     const int j = e >> 6, hi = (e >> 5) & 1;
     const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
     uint32_t sc, mn;
-    scale_min_k4(r + 1, 2 * j + hi, &sc, &mn);
+    scale_min_k4_words(r + 1, 2 * j + hi, &sc, &mn);
     const float d1 = __fmul_rn(d, code_f(sc)), m1 = __fmul_rn(dmin, code_f(mn));
     const int hb = 2 * j + hi;
 #pragma unroll
