@@ -327,32 +327,46 @@ __device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
   for (int j = 0; j < 4; ++j) w[1 + j] = q[j];
 }
 
-// Q3_K's 110-byte and Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a
-// span in 19 (Q3_K: d, two scale bytes, eight 2-byte halves each of qs and hmask) or 18 loads (Q6_K:
-// d, its scale, eight halves each of ql and qh), 38 and 36 a unit. round_sum reads the unit's two
-// 32-byte code arrays (both spans side by side) as nine aligned words each, r[0..8] and r[9..17]
-// (from 2 before them where odd; the ninth only then), d as r[18] and each per-span byte field
-// (Q3_K: the scales' low bits and high bits; Q6_K: the scale) as one 2-byte load for both spans,
-// r[19..17 + H]: 21 and 20 loads. This puts them in load's layout, span e0 then e1: d, the span's
-// byte of each field, the first array's 16 bytes, the second's.
-template <int H>  // words before a span's codes in load's layout: d and H - 1 byte fields
-__device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
-  constexpr int S = H + 8;  // words a span
+// Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a span in 18 loads (d, its
+// scale, eight 2-byte halves each of ql and qh), 36 a unit. round_sum reads the unit's two 32-byte
+// code arrays (both spans side by side) as nine aligned words each, r[0..8] and r[9..17] (from 2
+// before them where odd; the ninth only then), d as r[18] and the two spans' scale bytes as one 2-byte
+// load, r[19]: 20 loads. This puts them in load's layout, span e0 then e1: d, the span's scale byte,
+// the first array's 16 bytes, the second's.
+__device__ __forceinline__ void q6k_words(uint32_t* r, bool odd) {
+  constexpr int S = 10;  // words a span
   const int sh = odd ? 16 : 0;
   uint32_t out[2 * S];
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
     out[S * p] = r[18];
-#pragma unroll
-    for (int f = 1; f < H; ++f) out[S * p + f] = p ? r[18 + f] >> 8 : r[18 + f] & 0xFFu;
+    out[S * p + 1] = p ? r[19] >> 8 : r[19] & 0xFFu;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      out[S * p + H + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
-      out[S * p + H + 4 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
+      out[S * p + 2 + j] = __funnelshift_r(r[4 * p + j], r[4 * p + j + 1], sh);
+      out[S * p + 6 + j] = __funnelshift_r(r[9 + 4 * p + j], r[9 + 4 * p + j + 1], sh);
     }
   }
 #pragma unroll
   for (int j = 0; j < 2 * S; ++j) r[j] = out[j];
+}
+
+// Q3_K's 110-byte blocks are only 2-byte aligned too. A unit (spans e0 and e0 + 32: shifts s and s + 1
+// of the same 16 qs and 16 hmask bytes, Unpack's kSameWords) is read as five aligned words of each
+// array, r[0..4] and r[5..9] (from 2 before them where odd; the fifth only then), d as r[10] and the
+// two four-byte scale windows as r[11], r[12] (two 2-byte loads each): 15 loads, against 21 for a
+// unit of one shift's 32 bytes of each array. This puts them in load's layout.
+__device__ __forceinline__ void q3k_words(uint32_t* r, bool odd) {
+  const int sh = odd ? 16 : 0;
+  uint32_t out[11];
+  out[0] = r[10], out[1] = r[11], out[2] = r[12];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    out[3 + j] = __funnelshift_r(r[j], r[j + 1], sh);
+    out[7 + j] = __funnelshift_r(r[5 + j], r[6 + j], sh);
+  }
+#pragma unroll
+  for (int j = 0; j < 11; ++j) r[j] = out[j];
 }
 
 // A unit's words as round_load left them, put where Unpack<T> reads them: the types that round_load
@@ -361,7 +375,8 @@ __device__ __forceinline__ void two_array_words(uint32_t* r, bool odd) {
 template <int T>
 __device__ __forceinline__ void place_words(uint32_t* r, bool odd, const uint8_t* block) {
   if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0 || T == T_IQ4_NL) legacy_words<T>(r, odd);
-  if constexpr (T == T_Q3_K || T == T_Q6_K) two_array_words<T == T_Q3_K ? 3 : 2>(r, odd);
+  if constexpr (T == T_Q3_K) q3k_words(r, odd);
+  if constexpr (T == T_Q6_K) q6k_words(r, odd);
   if constexpr (T == T_MXFP4) mxfp4_words(r, (int)(reinterpret_cast<uintptr_t>(block) & 3));
 }
 
@@ -369,7 +384,8 @@ __device__ __forceinline__ void place_words(uint32_t* r, bool odd, const uint8_t
 // rest kStep bytes apart. round_load issues all of its loads into r, round_decode then adds their
 // sums to acc (round_sum: both). kCheck (a row's last round where 32 kInFlight does not divide
 // K / 32): units at or past `units` are skipped.
-template <int T> constexpr int kRoundWords = (Units<T>::kSame ? 1 : 2) * Unpack<T>::template Words<16>::value;
+template <int T>
+constexpr int kRoundWords = T == T_Q3_K ? 13 : (Units<T>::kSame ? 1 : 2) * Unpack<T>::template Words<16>::value;
 
 // kLoad, kDecode: which halves of the round run (round_load, round_decode, round_sum: both). One
 // function for both halves: with two, ptxas gave the persistent loop different registers (8 bytes
@@ -406,23 +422,27 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
 #pragma unroll
         for (int j = 0; j < NQ; ++j) r[i][j] = wa[j];
         r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
-      } else if constexpr (T == T_Q3_K || T == T_Q6_K) {  // aligned words, put in place by two_array_words
-        // the unit's two code arrays at a and c, then d and the byte fields at offsets f0, f1, f2
-        const uint8_t *a, *c;
-        int f0, f1, f2 = 0;
-        if constexpr (T == T_Q3_K) {  // sub-blocks 2 sb, 2 sb + 1 of half h: qs[32 h ..], hmask[0 .. 32)
-          const int h = l.e0 >> 7, sb = (l.e0 >> 5) & 3;
-          a = bi + 32 + 32 * h;
-          c = bi;  // odd: from 2 bytes into the block before (a block at offset 0 is never odd)
-          f0 = 108, f1 = 96 + 2 * sb, f2 = 104 + (2 * sb & 2);
-        } else {  // the unit's 32 ql bytes and 32 qh bytes
-          const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
-          a = bi + 64 * h + 32 * (w & 1);
-          c = bi + 128 + 32 * h;
-          f0 = 208, f1 = 192 + 8 * h + 2 * w;
+      } else if constexpr (T == T_Q3_K) {  // aligned words, put in place by q3k_words
+        // shifts s, s + 1 (s even) of half h: 16 bytes of qs[32 h ..] and of hmask[0 .. 32) from e0 % 32
+        const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, l0 = l.e0 & 31;
+        // odd: from 2 bytes before (hmask at l0 = 0: in the block before, as a block at offset 0 is never odd)
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi + 32 + 32 * h + l0 - (odd ? 2 : 0));
+        const uint32_t* wc = reinterpret_cast<const uint32_t*>(bi + l0 - (odd ? 2 : 0));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          r[i][j] = wa[j];
+          r[i][5 + j] = wc[j];
         }
-        const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
-        const uint32_t* wc = reinterpret_cast<const uint32_t*>(c - (odd ? 2 : 0));
+        r[i][4] = odd ? wa[4] : 0u;  // (inside the block: both runs end at least 2 bytes before it)
+        r[i][9] = odd ? wc[4] : 0u;
+        r[i][10] = ld_u16(bi + 108);
+        r[i][11] = (uint32_t)ld_u16(bi + 96 + 2 * s) | ((uint32_t)ld_u16(bi + 98 + 2 * s) << 16);
+        r[i][12] = (uint32_t)ld_u16(bi + 104) | ((uint32_t)ld_u16(bi + 106) << 16);
+      } else if constexpr (T == T_Q6_K) {  // aligned words, put in place by q6k_words
+        // the unit's 32 ql bytes and 32 qh bytes, then d and the scale bytes
+        const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi + 64 * h + 32 * (w & 1) - (odd ? 2 : 0));
+        const uint32_t* wc = reinterpret_cast<const uint32_t*>(bi + 128 + 32 * h - (odd ? 2 : 0));
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           r[i][j] = wa[j];
@@ -430,9 +450,8 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
         }
         r[i][8] = odd ? wa[8] : 0u;  // (inside the block: both arrays end at least 2 bytes before it)
         r[i][17] = odd ? wc[8] : 0u;
-        r[i][18] = ld_u16(bi + f0);
-        r[i][19] = ld_u16(bi + f1);
-        if constexpr (T == T_Q3_K) r[i][20] = ld_u16(bi + f2);
+        r[i][18] = ld_u16(bi + 208);
+        r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
       } else if constexpr (T == T_MXFP4) {  // aligned words, put in place by mxfp4_words
         const int mis = (int)(reinterpret_cast<uintptr_t>(bi) & 3);
         const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi - mis);
@@ -502,8 +521,8 @@ __device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* 
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
 // unbound take 64 registers: 4). Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
-// Q2_K and Q5_K, whose units load their words once for both spans (kSameWords), spill at 5 and 4
-// (48-108 bytes) and not at 4 and 3. Holding the early round (kOneRow) a few one-row kernels spill
+// Q2_K, Q3_K and Q5_K, whose units load their words once for both spans (kSameWords), spill at 5,
+// 4 and 4 (48-108 bytes) and not at 4, 3 and 3. Holding the early round (kOneRow) a few one-row kernels spill
 // a little where their bound stays: Q4_1, INT2-g32, INT4-g32, Q2_K and Q5_K 8 bytes, INT2-g64/g128
 // 4, Q4_K and INT6-g32 40 (BENCHMARKS.md, "The gemv's first round loaded before its wait"); the
 // persistent kernels spill nothing.
@@ -513,9 +532,9 @@ template <int T> constexpr int min_ctas() {
     return 5;
   else if constexpr (T == T_Q4_K || T == T_Q2_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
     return 4;
-  else if constexpr (T == T_Q5_K)
+  else if constexpr (T == T_Q3_K || T == T_Q5_K)
     return 3;
-  else if constexpr (T == T_Q3_K || T == T_Q6_K)
+  else if constexpr (T == T_Q6_K)
     return 2;
   else
     return 0;

@@ -301,25 +301,34 @@ template <> struct Unpack<T_Q2_K> : UnpackBase<Unpack<T_Q2_K>> {
 };
 
 // Q3_K: hmask[32], qs[64], scales[12], d. Same element order as Q2_K; the hmask bit 4h + s of
-// byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales).
+// byte e%32 set means no -4 offset; six-bit signed scales (see q3_K_scales): sub-block is = 8h + 2s
+// + (e%32)/16 takes its low four bits from scales[is % 8] (the low nibble for h = 0, the high one for
+// h = 1) and its top two from bits 2(is/4) of scales[8 + is % 4]. load reads the scale bytes of both
+// shifts s and s + 1 (s even): four from 96 + 2s and four from 104, so the spans e and e + 32 (the
+// same qs and hmask bytes) load the same words.
 template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
-  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16), kCodeBits = 3;
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16), kCodeBits = 3, kSameWords = 32;
   template <int S> using Words = IntC<3 + S / 2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
-    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
-    const int is = 8 * h + 2 * s + (l0 >> 4);
+    const int h = e >> 7, s = (e & 127) >> 5, l0 = e & 31;
     r[0] = ld_u16(b + 108);
-    r[1] = ld_u8(b + 96 + (is & 7));      // low 4 bits: low nibble (is < 8) or high nibble
-    r[2] = ld_u8(b + 96 + 8 + (is & 3));  // high 2 bits at 2*(is/4)
+    r[1] = (uint32_t)ld_u16(b + 96 + 2 * (s & 2)) | ((uint32_t)ld_u16(b + 98 + 2 * (s & 2)) << 16);
+    r[2] = (uint32_t)ld_u16(b + 104) | ((uint32_t)ld_u16(b + 106) << 16);
     ld_words<S, 2>(b + 32 + 32 * h + l0, r + 3);
     ld_words<S, 2>(b + l0, r + 3 + S / 4);
   }
+  // d times the span's scale (its six bits less 32)
+  __device__ static float span_scale(const uint32_t* r, int e) {
+    const int h = e >> 7, s = (e & 127) >> 5;
+    const int sh = 8 * (2 * (s & 1) + ((e >> 4) & 1));  // the sub-block's byte in both windows
+    const uint32_t lo = r[1] >> sh;
+    const int low = (int)(h ? (lo >> 4) & 0xF : lo & 0xF);
+    const int high = (int)(r[2] >> (sh + 2 * (2 * h + (s >> 1)))) & 3;
+    return __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+  }
   template <int S> __device__ static void decode(const uint32_t* r, int e, float* v) {
-    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
-    const int is = 8 * h + 2 * s + (l0 >> 4);
-    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
-    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
-    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+    const int h = e >> 7, s = (e & 127) >> 5;
+    const float dl = span_scale(r, e);
     const int hbit = 4 * h + s;
 #pragma unroll
     for (int i = 0; i < S; ++i) {
@@ -329,11 +338,8 @@ template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
     }
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
-    const int h = e >> 7, ep = e & 127, s = ep >> 5, l0 = ep & 31;
-    const int is = 8 * h + 2 * s + (l0 >> 4);
-    const int low = is < 8 ? (int)(r[1] & 0xF) : (int)(r[1] >> 4);
-    const int high = (int)(r[2] >> (2 * (is >> 2))) & 3;
-    const float dl = __fmul_rn(half_f((uint16_t)r[0]), (float)((low | (high << 4)) - 32));
+    const int h = e >> 7, s = (e & 127) >> 5;
+    const float dl = span_scale(r, e);
     const int hbit = 4 * h + s;
 #pragma unroll
     for (int j = 0; j < S / 4; ++j)
