@@ -383,7 +383,8 @@ __device__ __forceinline__ void place_words(uint32_t* r, bool odd, const uint8_t
 // A round: units u0 + 32 i + lane (i < N) of a row, the lane's first of them in the block at b, the
 // rest kStep bytes apart. round_load issues all of its loads into r, round_decode then adds their
 // sums to acc (round_sum: both). kCheck (a row's last round where 32 kInFlight does not divide
-// K / 32): units at or past `units` are skipped.
+// K / 32): units at or past `units` are skipped. A unit holds its words in load's layout (once where
+// its spans share them), or Q3_K's 13 raw words before q3k_words places them.
 template <int T>
 constexpr int kRoundWords = T == T_Q3_K ? 13 : (Units<T>::kSame ? 1 : 2) * Unpack<T>::template Words<16>::value;
 
