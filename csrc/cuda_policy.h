@@ -5,7 +5,7 @@
 //
 //   gemv       the M = 1 forward on CUDA cores (cuda/gemv.cuh) for the types that have one
 //              (has_gemv), and its transpose, the M = 1 input gradient (cuda/gemv_grad.cuh), for the
-//              4-bit table types or when forced (gemv_grad_default; any has_gemv type): bf16/fp16,
+//              types of gemv_grad_default or when forced (any has_gemv type): bf16/fp16,
 //              operands 16-byte aligned
 //   regs       the M <= 16 forward with W decoded straight into tensor-core fragments
 //              (cuda/small_m_regs.cuh) for the types with codes: by default where it was timed
@@ -99,9 +99,12 @@ constexpr bool has_gemv(int qtype) {
 // LOWTUNE_CUDA_PATH=gemv still takes it for any has_gemv type. The 4-bit table types (IQ4_NL, IQ4_XS,
 // MXFP4) take it: the staged kernel decodes their levels one by one in fp32, and gemv_grad was 1.1-1.7x
 // faster for all three at 4096x4096, 14336x4096 and 4096x14336 (H100, BENCHMARKS.md "The one-row
-// kernels for the 4-bit table types").
+// kernels for the 4-bit table types"). So do Q2_K and Q5_K since their units load their words once
+// (kSameWords): gemv_grad 0.80x the staged kernel's time for Q2_K at all three shapes, and for Q5_K
+// 0.80x at 4096x4096 and 1.02-1.05x at the other two, 0.94x over a layer's seven products (H100,
+// BENCHMARKS.md "Shared unit words for Q5_K, Q2_K and Q3_K"); Q3_K's staged kernel stayed faster.
 constexpr bool gemv_grad_default(int qtype) {
-  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4;
+  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4 || qtype == T_Q2_K || qtype == T_Q5_K;
 }
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
