@@ -27,7 +27,8 @@ constexpr int kWarps = 8, kThreads = 32 * kWarps;
 // the codes, and their codes (level + 128) are large against the levels that the offset leaves
 // (MXFP4's fp16 input gradient missed the tolerance of the tests by 1.2-1.4x with four rows a step).
 template <int T>
-constexpr int kRowsInFlight = gemv::kRoundWords<T> <= 6 && !Unpack<T>::kTableCodes ? 4 : gemv::kRoundWords<T> <= 12 ? 2 : 1;
+constexpr int kRowsInFlight =
+    gemv::kRoundWords<T> <= 6 && !Unpack<T>::kTableCodes ? 4 : gemv::kRoundWords<T> <= 12 ? 2 : 1;
 
 // acc[i] += a u_i for the span's codes (bytes of cw[4]); one byte permute makes each code's float
 // bits 2^23 + u (code_f without the shift and mask)

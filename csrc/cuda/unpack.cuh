@@ -576,8 +576,9 @@ template <> struct Unpack<T_IQ4_NL> : UnpackIq<Unpack<T_IQ4_NL>> {
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_iq4nl, S>(r + 1, (e >> 4) * 4, half_f((uint16_t)r[0]), cw, scale, offset);
   }
-  template <int S> __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
-                                                 float& offset) {
+  template <int S>
+  __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
+                                float& offset) {
     level_pair_codes<k_kvalues_iq4nl, S>(r + 1, half_f((uint16_t)r[0]), cw, cw1, scale, offset);
   }
 };
@@ -818,8 +819,9 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_mxfp4, S>(r + 1, (e >> 4) * 4, e8m0_to_fp32_half((uint8_t)r[0]), cw, scale, offset);
   }
-  template <int S> __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
-                                                 float& offset) {
+  template <int S>
+  __device__ static void codes2(const uint32_t* r, int /*e*/, uint32_t* cw, uint32_t* cw1, float& scale,
+                                float& offset) {
     level_pair_codes<k_kvalues_mxfp4, S>(r + 1, e8m0_to_fp32_half((uint8_t)r[0]), cw, cw1, scale, offset);
   }
 };
