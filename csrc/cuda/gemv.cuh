@@ -327,6 +327,22 @@ __device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
   for (int j = 0; j < 4; ++j) w[1 + j] = q[j];
 }
 
+// Two runs of 4 NW bytes at a and c (2-byte aligned) as aligned words, r[0 .. NW] and r[NW + 1 .. 2 NW + 1]:
+// from 2 bytes before each where odd (a block at the tensor's offset 0 never is), the last word only
+// then (both runs end at least 2 bytes before their block does). q6k_words and q3k_words place them.
+template <int NW>
+__device__ __forceinline__ void two_runs(const uint8_t* a, const uint8_t* c, bool odd, uint32_t* r) {
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
+  const uint32_t* wc = reinterpret_cast<const uint32_t*>(c - (odd ? 2 : 0));
+#pragma unroll
+  for (int j = 0; j < NW; ++j) {
+    r[j] = wa[j];
+    r[NW + 1 + j] = wc[j];
+  }
+  r[NW] = odd ? wa[NW] : 0u;
+  r[2 * NW + 1] = odd ? wc[NW] : 0u;
+}
+
 // Q6_K's 210-byte blocks are only 2-byte aligned, and Unpack's loads read a span in 18 loads (d, its
 // scale, eight 2-byte halves each of ql and qh), 36 a unit. round_sum reads the unit's two 32-byte
 // code arrays (both spans side by side) as nine aligned words each, r[0..8] and r[9..17] (from 2
@@ -426,31 +442,14 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
       } else if constexpr (T == T_Q3_K) {  // aligned words, put in place by q3k_words
         // shifts s, s + 1 (s even) of half h: 16 bytes of qs[32 h ..] and of hmask[0 .. 32) from e0 % 32
         const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, l0 = l.e0 & 31;
-        // odd: from 2 bytes before (hmask at l0 = 0: in the block before, as a block at offset 0 is never odd)
-        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi + 32 + 32 * h + l0 - (odd ? 2 : 0));
-        const uint32_t* wc = reinterpret_cast<const uint32_t*>(bi + l0 - (odd ? 2 : 0));
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          r[i][j] = wa[j];
-          r[i][5 + j] = wc[j];
-        }
-        r[i][4] = odd ? wa[4] : 0u;  // (inside the block: both runs end at least 2 bytes before it)
-        r[i][9] = odd ? wc[4] : 0u;
+        two_runs<4>(bi + 32 + 32 * h + l0, bi + l0, odd, r[i]);  // (hmask at l0 = 0, odd: from the block before)
         r[i][10] = ld_u16(bi + 108);
         r[i][11] = (uint32_t)ld_u16(bi + 96 + 2 * s) | ((uint32_t)ld_u16(bi + 98 + 2 * s) << 16);
         r[i][12] = (uint32_t)ld_u16(bi + 104) | ((uint32_t)ld_u16(bi + 106) << 16);
       } else if constexpr (T == T_Q6_K) {  // aligned words, put in place by q6k_words
         // the unit's 32 ql bytes and 32 qh bytes, then d and the scale bytes
         const int h = l.e0 >> 7, w = (l.e0 >> 5) & 3;
-        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi + 64 * h + 32 * (w & 1) - (odd ? 2 : 0));
-        const uint32_t* wc = reinterpret_cast<const uint32_t*>(bi + 128 + 32 * h - (odd ? 2 : 0));
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          r[i][j] = wa[j];
-          r[i][9 + j] = wc[j];
-        }
-        r[i][8] = odd ? wa[8] : 0u;  // (inside the block: both arrays end at least 2 bytes before it)
-        r[i][17] = odd ? wc[8] : 0u;
+        two_runs<8>(bi + 64 * h + 32 * (w & 1), bi + 128 + 32 * h, odd, r[i]);
         r[i][18] = ld_u16(bi + 208);
         r[i][19] = ld_u16(bi + 192 + 8 * h + 2 * w);
       } else if constexpr (T == T_MXFP4) {  // aligned words, put in place by mxfp4_words
