@@ -329,7 +329,7 @@ __device__ __forceinline__ void mxfp4_words(uint32_t* w, int mis) {
 
 // Two runs of 4 NW bytes at a and c (2-byte aligned) as aligned words, r[0 .. NW] and r[NW + 1 .. 2 NW + 1]:
 // from 2 bytes before each where odd (a block at the tensor's offset 0 never is), the last word only
-// then (both runs end at least 2 bytes before their block does). q6k_words and q3k_words place them.
+// then (both runs end at least 2 bytes before their block does). q6k_words places them.
 template <int NW>
 __device__ __forceinline__ void two_runs(const uint8_t* a, const uint8_t* c, bool odd, uint32_t* r) {
   const uint32_t* wa = reinterpret_cast<const uint32_t*>(a - (odd ? 2 : 0));
@@ -441,8 +441,19 @@ __device__ __forceinline__ float round_impl(const uint8_t* b, int u0, int units,
         r[i][NQ] = odd ? wa[NQ] : (uint32_t)ld_u16(bi + 4 * NQ);  // not past the block's end
       } else if constexpr (T == T_Q3_K) {  // aligned words, put in place by q3k_words
         // shifts s, s + 1 (s even) of half h: 16 bytes of qs[32 h ..] and of hmask[0 .. 32) from e0 % 32
+        // (written out: through two_runs<4> ptxas scheduled Q3_K's kernels otherwise, and its one-row
+        // forward took 4-6% longer on an H100; BENCHMARKS.md "Shared unit words for Q5_K, Q2_K and Q3_K")
         const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, l0 = l.e0 & 31;
-        two_runs<4>(bi + 32 + 32 * h + l0, bi + l0, odd, r[i]);  // (hmask at l0 = 0, odd: from the block before)
+        // odd: from 2 bytes before (hmask at l0 = 0: in the block before, as a block at offset 0 is never odd)
+        const uint32_t* wa = reinterpret_cast<const uint32_t*>(bi + 32 + 32 * h + l0 - (odd ? 2 : 0));
+        const uint32_t* wc = reinterpret_cast<const uint32_t*>(bi + l0 - (odd ? 2 : 0));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          r[i][j] = wa[j];
+          r[i][5 + j] = wc[j];
+        }
+        r[i][4] = odd ? wa[4] : 0u;  // (inside the block: both runs end at least 2 bytes before it)
+        r[i][9] = odd ? wc[4] : 0u;
         r[i][10] = ld_u16(bi + 108);
         r[i][11] = (uint32_t)ld_u16(bi + 96 + 2 * s) | ((uint32_t)ld_u16(bi + 98 + 2 * s) << 16);
         r[i][12] = (uint32_t)ld_u16(bi + 104) | ((uint32_t)ld_u16(bi + 106) << 16);
