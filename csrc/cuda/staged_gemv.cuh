@@ -217,7 +217,7 @@ template <int NT> constexpr int fwd_warps_n() { return NT == 1 ? 1 : 8; }
 template <int NT> constexpr int fwd_threads() { return 32 * fwd_warps_k<NT>() * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_rows() { return 16 * fwd_warps_n<NT>(); }
 template <int NT> constexpr int fwd_stage_k() { return kStageK * fwd_warps_k<NT>(); }
-// M <= 8 in the types whose spans share words (Unpack::kSameWords: the 4-bit types, Q2_K, Q5_K):
+// M <= 8 in the types whose spans share words (Unpack::kSameWords: the 4-bit types, Q2_K-Q5_K):
 // lane c owns 64 consecutive elements of its slice, so it loads the bytes of its spans once (2-7%
 // faster than 16c-spans for the 4-bit types on an H200), and the types with one scale word per
 // block (Q4_0, Q4_1, INT4) also run one stage shallower with registers capped, for five resident
