@@ -387,7 +387,8 @@ __device__ __forceinline__ void q3k_words(uint32_t* r, bool odd) {
 
 // A unit's words as round_load left them, put where Unpack<T> reads them: the types that round_load
 // reads as aligned words. odd: the 2-byte-aligned types' block starts 2 bytes into a word; MXFP4's
-// blocks start anywhere: block is the unit's block (or one at the same address mod 4).
+// blocks start anywhere: block is the unit's block (or one at the same address mod 4). (odd is the
+// callers' own: derived here from block, ptxas gave Q4_0's persistent gemv an 8-byte spill.)
 template <int T>
 __device__ __forceinline__ void place_words(uint32_t* r, bool odd, const uint8_t* block) {
   if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0 || T == T_IQ4_NL) legacy_words<T>(r, odd);
@@ -532,16 +533,17 @@ __device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* 
 // which each type compiles without spills (both activation types); 0: no bound (Q8_0, INT6-g64/g128
 // and INT8 spill when held to 4, and take 3; Q5_0's aligned words spill when held to 4 or 5, and
 // unbound take 64 registers: 4). Q5_1 spilled 16 bytes at 5; at 4 it takes 63 registers without.
-// Q2_K, Q3_K and Q5_K, whose units load their words once for both spans (kSameWords), spill at 5,
-// 4 and 4 (48-108 bytes) and not at 4, 3 and 3. Holding the early round (kOneRow) a few one-row kernels spill
-// a little where their bound stays: Q4_1, INT2-g32, INT4-g32, Q2_K and Q5_K 8 bytes, INT2-g64/g128
-// 4, Q4_K and INT6-g32 40 (BENCHMARKS.md, "The gemv's first round loaded before its wait"); the
-// persistent kernels spill nothing.
+// Q2_K and Q5_K, whose units load their words once for both spans (kSameWords), spill at 5 and 4
+// (48-108 bytes) and not at 4 and 3; Q3_K's, held to 3, spill nothing (4 not tried). Holding the
+// early round (kOneRow) a few one-row kernels spill a little where their bound stays: Q4_1,
+// INT2-g32, INT4-g32, Q2_K and Q5_K 8 bytes, INT2-g64/g128 4, Q4_K and INT6-g32 40 (BENCHMARKS.md,
+// "The gemv's first round loaded before its wait"); the persistent kernels spill nothing.
 template <int T> constexpr int min_ctas() {
   if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
                 T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
     return 5;
-  else if constexpr (T == T_Q4_K || T == T_Q2_K || T == T_Q5_1 || (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+  else if constexpr (T == T_Q4_K || T == T_Q2_K || T == T_Q5_1 ||
+                     (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
     return 4;
   else if constexpr (T == T_Q3_K || T == T_Q5_K)
     return 3;

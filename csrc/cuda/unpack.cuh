@@ -607,8 +607,9 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
     level_span_codes<k_kvalues_iq4nl, S>(r + 2, ((e >> 4) & 1) * 4, sub_scale(r, e >> 5), cw, scale, offset);
   }
-  template <int S> __device__ static void codes2(const uint32_t* r, int e, uint32_t* cw, uint32_t* cw1, float& scale,
-                                                 float& offset) {
+  template <int S>
+  __device__ static void codes2(const uint32_t* r, int e, uint32_t* cw, uint32_t* cw1, float& scale,
+                                float& offset) {
     level_pair_codes<k_kvalues_iq4nl, S>(r + 2, sub_scale(r, e >> 5), cw, cw1, scale, offset);
   }
 };

@@ -40,7 +40,8 @@ carried_wheels() {
 build_cuda() {
   local t=$SECONDS
   env LOWTUNE_CUDA=ON LOWTUNE_CUDA_ARCHITECTURES="${LOWTUNE_CUDA_ARCHITECTURES:-90}" \
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" timeout "${2:-420}" tools/dev_build.sh >"$1" 2>&1 \
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    timeout "${2:-420}" tools/dev_build.sh >"$1" 2>&1 \
     || { tail -30 "$1"; echo "build failed"; return 1; }
   echo "== built in $((SECONDS - t)) s: $($py -c "import lowtune; print(lowtune.build_info())")"
 }
