@@ -262,6 +262,24 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
                           a.x * (float)(d0 * (int)__byte_perm(sm, 0u, 0x4440u)));
     const float sm_ = fmaf(a.w, byte_f(sm, 3), a.y * byte_f(sm, 2));
     return fmaf(d, sd, fmaf(-dmin, sm_, acc));
+  } else if constexpr (T == T_Q2_K) {
+    // both spans (shifts s and s + 1, s even: the two halves of one nibble of each byte) with the
+    // block's d and dmin once, and their 4-bit scales and mins (bytes t and t + 2 of the scale window)
+    // as integers: sc D < 15 * 16 * 3 * 32767, exact in int32. The second span's codes meet xq
+    // unshifted (4 u per byte) and its sum is shifted back (exact: a multiple of 4).
+    const uint32_t* q = r + 2;
+    const int s = (l.e0 >> 5) & 3;
+    const uint32_t sb = r[1] >> (8 * ((l.e0 >> 4) & 1));  // byte 0: span s's scale and min, byte 2: s + 1's
+#pragma unroll
+    for (int t = 0; t < 4; ++t) cw[t] = (q[t] >> (2 * s)) & 0x03030303u;
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) cw[t] = (q[t] >> (2 * s)) & 0x0C0C0C0Cu;
+    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]) >> 2;
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    const float sd = fmaf(a.z, (float)(d1 * (int)((sb >> 16) & 0xF)), a.x * (float)(d0 * (int)(sb & 0xF)));
+    const float smn = fmaf(a.w, code_f((sb >> 20) & 0xF), a.y * code_f((sb >> 4) & 0xF));
+    return fmaf(d, sd, fmaf(-dmin, smn, acc));
   } else if constexpr (HasCodes2<T>) {
     // the table types: both spans' codes from one lookup of each word, and one (s, z) for both
     float s, z;
