@@ -280,6 +280,28 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
     const float sd = fmaf(a.z, (float)(d1 * (int)((sb >> 16) & 0xF)), a.x * (float)(d0 * (int)(sb & 0xF)));
     const float smn = fmaf(a.w, code_f((sb >> 20) & 0xF), a.y * code_f((sb >> 4) & 0xF));
     return fmaf(d, sd, fmaf(-dmin, smn, acc));
+  } else if constexpr (T == T_Q3_K) {
+    // as Q2_K's: shifts s and s + 1 (s even) from one nibble of each qs byte, the hmask bits 4h + s and
+    // 4h + s + 1 rotated into place (bit 2 of the first span's codes, bit 4 of the second's, which meets
+    // xq unshifted: 4 u per byte), d once, and the six-bit scales less 32 as integers (bytes t and
+    // t + 2 of both scale windows): x = d sc (u - 4), so a span adds d sc (sum(u xq) - 4 sum(xq)).
+    // sc D < 32 * 16 * 28 * 32767: exact in int32.
+    const uint32_t *q = r + 3, *hm = r + 7;
+    const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, hbit = 4 * h + s, sh = 8 * ((l.e0 >> 4) & 1);
+    const uint32_t lo = r[1] >> sh, hi = r[2] >> (sh + 2 * (2 * h + (s >> 1)));
+    const int sc0 = (int)((h ? (lo >> 4) & 0xF : lo & 0xF) | ((hi & 3) << 4)) - 32;
+    const int sc1 = (int)((h ? (lo >> 20) & 0xF : (lo >> 16) & 0xF) | (((hi >> 16) & 3) << 4)) - 32;
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      cw[t] = ((q[t] >> (2 * s)) & 0x03030303u) | (__funnelshift_r(hm[t], hm[t], (hbit - 2) & 31) & 0x04040404u);
+    const int d0 = span_dot(cw, xu[0], xu[XS]);
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      cw[t] = ((q[t] >> (2 * s)) & 0x0C0C0C0Cu) | (__funnelshift_r(hm[t], hm[t], (hbit - 3) & 31) & 0x10101010u);
+    const int d1 = span_dot(cw, xu[2 * XS], xu[3 * XS]) >> 2;
+    const float sd = fmaf(a.z, (float)(d1 * sc1), a.x * (float)(d0 * sc0));
+    const float so = fmaf(a.w, (float)sc1, a.y * (float)sc0);
+    return fmaf(half_f((uint16_t)r[0]), fmaf(-4.0f, so, sd), acc);
   } else if constexpr (HasCodes2<T>) {
     // the table types: both spans' codes from one lookup of each word, and one (s, z) for both
     float s, z;
