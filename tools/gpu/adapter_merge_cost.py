@@ -1,0 +1,110 @@
+"""What a LoRA-type adapter would cost inside the chunked frozen product, measured before it is built.
+
+The adapted layer's step is the bare layer's (W dequantized chunk by chunk into bf16 scratch, each
+chunk multiplied by cuBLAS) plus the adapter's separate products. A rank-r adapter whose update is
+s·B·A (LoRA, QA-LoRA, Q-BaRA, QDyLoRA, with A and B expanded over pool and repeat) could instead be
+added to each scratch chunk while it is still in L2, so that y and dx come out of the frozen GEMMs
+and their extra passes go; u = x·Aᵀ and g = dy·B could ride along as r more rows of the frozen
+GEMMs' W. This times, by CUDA-graph replay of many calls (torch ops only), the pieces of both
+routes at one layer's shape:
+
+    python3 tools/gpu/adapter_merge_cost.py [--m 2048 --k 4096 --n 4096 --r 64 --chunk 1024] [--json F]
+
+Rows: the passes the adapter costs now (y += s·u·Bᵀ and dx += s·g·A, reading and writing [M, N] /
+[M, K] from memory; the four skinny products) and those of the merged route (the chunk update with
+the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_kernels import GraphTimer, copies_for  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--r", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=1024, help="rows of W per scratch chunk")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    m, k, n, r, c = a.m, a.k, a.n, a.r, a.chunk
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=bf, generator=g) * 0.02
+
+    for _ in range(20):  # clocks up
+        torch.matmul(rnd(8192, 8192), rnd(8192, 8192))
+    timer = GraphTimer(target_ms=4.0, reps=7)
+    x, dy, A, B, u, gg = rnd(m, k), rnd(m, n), rnd(r, k), rnd(n, r), rnd(m, r), rnd(m, r)
+    rows = []
+
+    def row(name, us, note=""):
+        rows.append({"name": name, "us": us, "note": note})
+        print(f"{name:<44} {us:8.2f} us  {note}", flush=True)
+
+    # the adapter's passes now
+    ys = [rnd(m, n) for _ in range(copies_for(m * n * 2))]
+    row("y += s u B^T (y from memory)", timer(lambda i: ys[i % len(ys)].addmm_(u, B.t(), alpha=0.5)))
+    row("y += s u B^T (y in L2)", timer(lambda i: ys[0].addmm_(u, B.t(), alpha=0.5)))
+    dxs = [rnd(m, k) for _ in range(copies_for(m * k * 2))]
+    row("dx += s g A (dx from memory)", timer(lambda i: dxs[i % len(dxs)].addmm_(gg, A, alpha=0.5)))
+    row("u = x A^T", timer(lambda i: torch.matmul(x, A.t())))
+    row("g = dy B", timer(lambda i: torch.matmul(dy, B)))
+    row("dB = s dy^T u (fp32 out)", timer(lambda i: torch.mm(dy.t(), u, out_dtype=torch.float32)))
+    row("dA = s g^T x (fp32 out)", timer(lambda i: torch.mm(gg.t(), x, out_dtype=torch.float32)))
+
+    # the merged route: each chunk of scratch += s B_c A while in L2 (four chunks rotated: a layer's
+    # W), and from memory for comparison
+    chunks = n // c
+    hot = [rnd(c, k) for _ in range(chunks)]
+    bc = [B[i * c:(i + 1) * c] for i in range(chunks)]
+    row(f"chunk += s B_c A, {chunks} chunks in L2 (per chunk)",
+        timer(lambda i: hot[i % chunks].addmm_(bc[i % chunks], A, alpha=0.5)))
+    cold = [rnd(c, k) for _ in range(copies_for(c * k * 2))]
+    row("chunk += s B_c A, chunk from memory", timer(lambda i: cold[i % len(cold)].addmm_(bc[0], A, alpha=0.5)))
+
+    # the frozen GEMMs as the chunked path runs them (one chunk of W rows at a time, in L2), and with
+    # r more rows of W (u or g as extra output columns)
+    wc = [rnd(c, k) for _ in range(chunks)]
+    wce = [rnd(c + r, k) for _ in range(chunks)]
+    row("forward chunk: x W_c^T", timer(lambda i: torch.matmul(x, wc[i % chunks].t())))
+    row("forward chunk + r rows: x [W_c; A]^T", timer(lambda i: torch.matmul(x, wce[i % chunks].t())))
+    dyc = [dy[:, i * c:(i + 1) * c] for i in range(chunks)]
+    wcb = [rnd(c, k + r) for _ in range(chunks)]
+    dxo = torch.empty(m, k, device=dev, dtype=bf)
+    dxe = torch.empty(m, k + r, device=dev, dtype=bf)
+    row("input-grad chunk: dx += dy_c W_c", timer(lambda i: dxo.addmm_(dyc[i % chunks], wc[i % chunks])))
+    row("input-grad chunk + r cols: [dx|g] += dy_c [W_c|B_c]",
+        timer(lambda i: dxe.addmm_(dyc[i % chunks], wcb[i % chunks])))
+    by = {rw["name"]: rw["us"] for rw in rows}
+    now = (by["y += s u B^T (y from memory)"] + by["dx += s g A (dx from memory)"] + by["u = x A^T"]
+           + by["g = dy B"] + by["dB = s dy^T u (fp32 out)"] + by["dA = s g^T x (fp32 out)"])
+    per = by[f"chunk += s B_c A, {chunks} chunks in L2 (per chunk)"]
+    merged = (2 * chunks * per + chunks * (by["forward chunk + r rows: x [W_c; A]^T"] - by["forward chunk: x W_c^T"])
+              + chunks * (by["input-grad chunk + r cols: [dx|g] += dy_c [W_c|B_c]"]
+                          - by["input-grad chunk: dx += dy_c W_c"])
+              + by["dB = s dy^T u (fp32 out)"] + by["dA = s g^T x (fp32 out)"])
+    frozen = chunks * (by["forward chunk: x W_c^T"] + by["input-grad chunk: dx += dy_c W_c"])
+    summary = {"adapter_now_us": now, "adapter_merged_us": merged, "frozen_gemms_us": frozen,
+               "budget_15pct_of_frozen_gemms_us": 0.15 * frozen}
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(a), "rows": rows, "summary": summary}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
