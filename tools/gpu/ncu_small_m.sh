@@ -23,6 +23,7 @@ for e in $entries; do
   args=(--type "$ty" --shape "$shape" --m "$m" --kernel "$kern")
   stage "time_$tag" 20 60 $py tools/gpu/profile_small_m.py "${args[@]}" --time
   [ -n "$ncu" ] || { echo "no ncu found"; continue; }
-  stage "ncu_$tag" 30 120 "$ncu" --clock-control none --kernel-name regex:"gemv|staged|direct|reduce|grad_kernel|finish_kernel" --launch-skip 1 \
-    --launch-count 2 "${sec_args[@]}" $py tools/gpu/profile_small_m.py "${args[@]}"
+  stage "ncu_$tag" 30 120 "$ncu" --clock-control none \
+    --kernel-name regex:"gemv|staged|direct|reduce|grad_kernel|finish_kernel" --launch-skip 1 --launch-count 2 \
+    "${sec_args[@]}" $py tools/gpu/profile_small_m.py "${args[@]}"
 done
