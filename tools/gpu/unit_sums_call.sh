@@ -10,13 +10,13 @@ cd "$(dirname "$0")/../.."
 root=${OUT:-unit_sums}
 mkdir -p "$root"
 h200=0; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && h200=1
-dt="Q2_K Q3_K"; ab_s=400
-[ $h200 = 1 ] && { dt="Q2_K Q3_K Q4_K"; ab_s=360; }
+dt="Q2_K Q3_K"; ab_s=340
+[ $h200 = 1 ] && { dt="Q2_K Q3_K Q4_K"; ab_s=320; }
 BUDGET_S=$ab_s TYPES=Q2_K,Q3_K,Q4_K,Q4_0 MS=1 PATHS=gemv SAN_K="gemv and (Q2_K or Q3_K)" DECODE_TYPES="$dt" \
   OUT=$root/p bash tools/gpu/ab_build.sh
 (
   source tools/gpu/common.sh
-  out=$root/n; mkdir -p "$out"; budget_from 170
+  out=$root/n; mkdir -p "$out"; budget_from 130
   if [ $h200 = 1 ]; then
     stage peers 60 100 $py tools/bench_kernels.py --device cuda --types Q4_0,Q4_1,Q4_K,INT4-g64 --ms 1,16 \
       --kernels forward --shapes 4096x4096,14336x4096,4096x14336 --paths gemv,staged --peers cublas_bf16,tinygemm \
