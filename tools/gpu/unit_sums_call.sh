@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One call on branch k-unit-sums: its Q2_K/Q3_K one-row units against main's (tools/gpu/ab_build.sh,
-# base = BASE_DIR, i.e. main's gemv.cuh), then with what is left: on an H200 the 4-bit types at M = 1
-# beside their peers (the kernel targets are set on an H200) and Q4_K's decode in the A/B; Nsight
-# profiles of the one-row input gradient (Q4_K staged, Q2_K gemv_grad) and Q2_K's forward; the cost
-# model of an adapter merged into the frozen product's chunks (tools/gpu/adapter_merge_cost.py).
+# The one call that timed Q2_K's and Q3_K's one-row units summed as one (branch k-unit-sums, since
+# merged) against main's (tools/gpu/ab_build.sh, base = BASE_DIR: main's gemv.cuh then), then with what
+# is left: on an H200 the 4-bit types at M = 1 beside their peers (the kernel targets are set on an H200)
+# and Q4_K's decode in the A/B; Nsight profiles of the one-row input gradient (Q4_K staged, Q2_K
+# gemv_grad) and Q2_K's forward; the cost model of an adapter merged into the frozen product's chunks
+# (tools/gpu/adapter_merge_cost.py).
 #   OUT=dir BASE_DIR=.carry/base bash tools/gpu/unit_sums_call.sh     (carry .whl and .carry)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
