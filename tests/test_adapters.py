@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -581,7 +580,6 @@ def test_cpu_gemm_backend_matches_reference_twin(geom, dtype):
 
 
 def test_cpu_gemm_backend_thread_count_does_not_change_results():
-    geom = (300, 192, 96, 1, 1, 16, True)
     before = _C.num_threads()
     results = []
     try:
