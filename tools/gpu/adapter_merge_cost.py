@@ -49,28 +49,29 @@ def main(argv=None) -> int:
     x, dy, A, B, u, gg = rnd(m, k), rnd(m, n), rnd(r, k), rnd(n, r), rnd(m, r), rnd(m, r)
     rows = []
 
-    def row(name, us, note=""):
-        rows.append({"name": name, "us": us, "note": note})
-        print(f"{name:<44} {us:8.2f} us  {note}", flush=True)
+    def row(name, us):  # recorded, printed, and returned for the sums below
+        rows.append({"name": name, "us": us})
+        print(f"{name:<44} {us:8.2f} us", flush=True)
+        return us
 
     # the adapter's passes now
     ys = [rnd(m, n) for _ in range(copies_for(m * n * 2))]
-    row("y += s u B^T (y from memory)", timer(lambda i: ys[i % len(ys)].addmm_(u, B.t(), alpha=0.5)))
+    y_add = row("y += s u B^T (y from memory)", timer(lambda i: ys[i % len(ys)].addmm_(u, B.t(), alpha=0.5)))
     row("y += s u B^T (y in L2)", timer(lambda i: ys[0].addmm_(u, B.t(), alpha=0.5)))
     dxs = [rnd(m, k) for _ in range(copies_for(m * k * 2))]
-    row("dx += s g A (dx from memory)", timer(lambda i: dxs[i % len(dxs)].addmm_(gg, A, alpha=0.5)))
-    row("u = x A^T", timer(lambda i: torch.matmul(x, A.t())))
-    row("g = dy B", timer(lambda i: torch.matmul(dy, B)))
-    row("dB = s dy^T u (fp32 out)", timer(lambda i: torch.mm(dy.t(), u, out_dtype=torch.float32)))
-    row("dA = s g^T x (fp32 out)", timer(lambda i: torch.mm(gg.t(), x, out_dtype=torch.float32)))
+    dx_add = row("dx += s g A (dx from memory)", timer(lambda i: dxs[i % len(dxs)].addmm_(gg, A, alpha=0.5)))
+    u_mm = row("u = x A^T", timer(lambda i: torch.matmul(x, A.t())))
+    g_mm = row("g = dy B", timer(lambda i: torch.matmul(dy, B)))
+    db_mm = row("dB = s dy^T u (fp32 out)", timer(lambda i: torch.mm(dy.t(), u, out_dtype=torch.float32)))
+    da_mm = row("dA = s g^T x (fp32 out)", timer(lambda i: torch.mm(gg.t(), x, out_dtype=torch.float32)))
 
     # the merged route: each chunk of scratch += s B_c A while in L2 (four chunks rotated: a layer's
     # W), and from memory for comparison
     chunks = n // c
     hot = [rnd(c, k) for _ in range(chunks)]
     bc = [B[i * c:(i + 1) * c] for i in range(chunks)]
-    row(f"chunk += s B_c A, {chunks} chunks in L2 (per chunk)",
-        timer(lambda i: hot[i % chunks].addmm_(bc[i % chunks], A, alpha=0.5)))
+    per = row(f"chunk += s B_c A, {chunks} chunks in L2 (per chunk)",
+              timer(lambda i: hot[i % chunks].addmm_(bc[i % chunks], A, alpha=0.5)))
     cold = [rnd(c, k) for _ in range(copies_for(c * k * 2))]
     row("chunk += s B_c A, chunk from memory", timer(lambda i: cold[i % len(cold)].addmm_(bc[0], A, alpha=0.5)))
 
@@ -78,24 +79,18 @@ def main(argv=None) -> int:
     # r more rows of W (u or g as extra output columns)
     wc = [rnd(c, k) for _ in range(chunks)]
     wce = [rnd(c + r, k) for _ in range(chunks)]
-    row("forward chunk: x W_c^T", timer(lambda i: torch.matmul(x, wc[i % chunks].t())))
-    row("forward chunk + r rows: x [W_c; A]^T", timer(lambda i: torch.matmul(x, wce[i % chunks].t())))
+    fwd = row("forward chunk: x W_c^T", timer(lambda i: torch.matmul(x, wc[i % chunks].t())))
+    fwd_r = row("forward chunk + r rows: x [W_c; A]^T", timer(lambda i: torch.matmul(x, wce[i % chunks].t())))
     dyc = [dy[:, i * c:(i + 1) * c] for i in range(chunks)]
     wcb = [rnd(c, k + r) for _ in range(chunks)]
     dxo = torch.empty(m, k, device=dev, dtype=bf)
     dxe = torch.empty(m, k + r, device=dev, dtype=bf)
-    row("input-grad chunk: dx += dy_c W_c", timer(lambda i: dxo.addmm_(dyc[i % chunks], wc[i % chunks])))
-    row("input-grad chunk + r cols: [dx|g] += dy_c [W_c|B_c]",
-        timer(lambda i: dxe.addmm_(dyc[i % chunks], wcb[i % chunks])))
-    by = {rw["name"]: rw["us"] for rw in rows}
-    now = (by["y += s u B^T (y from memory)"] + by["dx += s g A (dx from memory)"] + by["u = x A^T"]
-           + by["g = dy B"] + by["dB = s dy^T u (fp32 out)"] + by["dA = s g^T x (fp32 out)"])
-    per = by[f"chunk += s B_c A, {chunks} chunks in L2 (per chunk)"]
-    merged = (2 * chunks * per + chunks * (by["forward chunk + r rows: x [W_c; A]^T"] - by["forward chunk: x W_c^T"])
-              + chunks * (by["input-grad chunk + r cols: [dx|g] += dy_c [W_c|B_c]"]
-                          - by["input-grad chunk: dx += dy_c W_c"])
-              + by["dB = s dy^T u (fp32 out)"] + by["dA = s g^T x (fp32 out)"])
-    frozen = chunks * (by["forward chunk: x W_c^T"] + by["input-grad chunk: dx += dy_c W_c"])
+    bwd = row("input-grad chunk: dx += dy_c W_c", timer(lambda i: dxo.addmm_(dyc[i % chunks], wc[i % chunks])))
+    bwd_r = row("input-grad chunk + r cols: [dx|g] += dy_c [W_c|B_c]",
+                timer(lambda i: dxe.addmm_(dyc[i % chunks], wcb[i % chunks])))
+    now = y_add + dx_add + u_mm + g_mm + db_mm + da_mm
+    merged = 2 * chunks * per + chunks * (fwd_r - fwd) + chunks * (bwd_r - bwd) + db_mm + da_mm
+    frozen = chunks * (fwd + bwd)
     summary = {"adapter_now_us": now, "adapter_merged_us": merged, "frozen_gemms_us": frozen,
                "budget_15pct_of_frozen_gemms_us": 0.15 * frozen}
     print(json.dumps(summary, indent=1))
