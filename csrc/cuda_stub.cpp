@@ -16,6 +16,10 @@ void scratch_reserve(int64_t, void*) {}
 void dequantize(int, const void*, void*, int, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_forward(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
 void qmatmul_input_grad(int, const void*, int, const void*, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
+void qmatmul_forward_lowrank(int, const void*, int, const void*, const LowRankUpdate&, void*, int64_t, int64_t, int64_t,
+                             void*) { no_cuda(); }
+void qmatmul_input_grad_lowrank(int, const void*, int, const void*, const LowRankUpdate&, void*, int64_t, int64_t,
+                                int64_t, void*) { no_cuda(); }
 bool qmatmul_forward_one_row(int, const GemvPrologue&, const void*, int, const void*, void*, int64_t, int64_t, void*) {
   no_cuda();
 }

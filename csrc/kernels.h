@@ -63,6 +63,20 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
                      int64_t m, int64_t n, int64_t k, void* stream);
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k, void* stream);
+// A rank-r update of W inside the large-M products: W' = deq(W) + scale · Bx · Atᵀ with Bx [n][rank]
+// and At [k][rank] row-major in the activation dtype (bf16 or fp16), rank a multiple of 16 (zero-padded),
+// 4-byte aligned. y = x·W'ᵀ or dx = dy·W' through the chunked cuBLAS path, whatever M: each chunk of W'
+// is formed by the dequantization kernel, so the update costs no pass over y or dx of its own.
+struct LowRankUpdate {
+  const void* bx = nullptr;
+  const void* at = nullptr;
+  int rank = 0;
+  float scale = 0.0f;
+};
+void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w, const LowRankUpdate& u, void* y,
+                             int64_t m, int64_t n, int64_t k, void* stream);
+void qmatmul_input_grad_lowrank(int qtype, const void* dy, int dtype, const void* w, const LowRankUpdate& u,
+                                void* dx, int64_t m, int64_t n, int64_t k, void* stream);
 // What the one-row product makes its x from while preparing it (glue_kernels.h's formulas, the
 // separate kernels' values bit for bit), so that a decode step runs no glue kernel before it:
 //   None        x itself

@@ -149,6 +149,45 @@ def test_chunked_path_many_chunks(direction, overlap, gen, monkeypatch):
         check_matmul("Q4_K", dtype, gen, direction, shapes=[(100, 600, 64), (40, 1000, 40)])
 
 
+@pytest.mark.parametrize("overlap", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+def test_chunked_path_with_a_low_rank_update(direction, dtype, overlap, gen, monkeypatch):
+    """W' = deq(W) + s·Bx·Atᵀ formed in the dequantization kernel (dequant_lowrank_kernel) against a
+    float64 product of the exactly dequantized weight plus the update: several 1 MiB chunks with a
+    ragged last one, tiles with ragged rows and columns, rank 40 (padded to 48 by lowtune.ops: three
+    MMA steps). The update is as large as W, so a lost or misplaced one fails the tolerance."""
+    from lowtune import ops
+    from lowtune.qtensor import QTensor
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", overlap)
+    rank, scale = 40, 0.7
+    for name in ["Q4_K", "Q4_0", "Q6_K", "IQ4_XS"]:
+        for m, n, k32 in [(100, 600, 64), (40, 1000, 40), (3, 70, 16)]:
+            k = k_for(name, k32)
+            raw = random_blocks(name, n, k, gen)
+            w64 = dequant_cpu(raw, name, n, k).double()
+            c = (w64.norm().item() / (n * k) ** 0.5 / (scale * rank ** 0.5)) ** 0.5  # update ~ W in size
+            bx = (torch.randn(n, rank) * c).to(dtype)
+            at = (torch.randn(k, rank) * c).to(dtype)
+            wp = w64 + scale * (bx.double() @ at.double().t())
+            assert (wp - w64).norm() > 0.5 * w64.norm()
+            qt = QTensor(raw.cuda(), get_format(name), (n, k))
+            if direction == "forward":
+                a = torch.randn(m, k).to(dtype)
+                ref = a.double() @ wp.t()
+                out = ops.qmatmul_lowrank(a.cuda(), qt, bx.cuda(), at.cuda(), scale)
+            else:
+                a = torch.randn(m, n).to(dtype)
+                ref = a.double() @ wp
+                out = ops.qmatmul_input_grad_lowrank(a.cuda(), qt, bx.cuda(), at.cuda(), scale)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), f"{name} M={m} N={n} K={k}: non-finite outputs"
+            err = rel_err(out, ref)
+            assert err < TOLERANCE[dtype], f"{name} {direction} M={m} N={n} K={k}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
 def test_cublas_path_for_small_m(direction, gen, monkeypatch):
     """With the fused kernels switched off, small M takes the chunked cuBLAS path."""

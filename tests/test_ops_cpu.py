@@ -263,6 +263,28 @@ def test_wrong_device_names_the_tensor(q4k):
         lowtune.qmatmul_input_grad(torch.zeros(2, 16, device="meta"), q4k)
 
 
+def test_low_rank_update_arguments_are_checked(q4k):
+    """ops.qmatmul_lowrank / qmatmul_input_grad_lowrank (CUDA kernels, tested in test_cuda.py) name the
+    bad argument before anything runs, and on a CPU weight say that they are CUDA's."""
+    from lowtune import ops
+    x, dy = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16)
+    bx, at = torch.zeros(16, 8), torch.zeros(256, 8)
+    with pytest.raises(ValueError, match=r"^x must be float16 or bfloat16"):
+        ops.qmatmul_lowrank(x.float(), q4k, bx, at, 1.0)
+    with pytest.raises(ValueError, match=r"^bx must be a \[16, rank\] tensor"):
+        ops.qmatmul_lowrank(x, q4k, bx[:15], at, 1.0)
+    with pytest.raises(ValueError, match=r"^at must be a \[256, rank\] tensor"):
+        ops.qmatmul_input_grad_lowrank(dy, q4k, bx, at.t(), 1.0)
+    with pytest.raises(ValueError, match=r"^bx and at must share a positive rank, got 8 and 4"):
+        ops.qmatmul_lowrank(x, q4k, bx, at[:, :4], 1.0)
+    with pytest.raises(ValueError, match=r"^dy must have shape"):
+        ops.qmatmul_input_grad_lowrank(x, q4k, bx, at, 1.0)
+    with pytest.raises(ValueError, match=r"runs on CUDA only"):
+        ops.qmatmul_lowrank(x, q4k, bx, at, 1.0)
+    with pytest.raises(ValueError, match=r"runs on CUDA only"):
+        ops.qmatmul_input_grad_lowrank(dy, q4k, bx, at, 1.0)
+
+
 def test_non_contiguous_input_names_the_tensor(q4k):
     with pytest.raises(ValueError, match=r"^x must be contiguous"):
         lowtune.qmatmul(torch.zeros(256, 4).t(), q4k)

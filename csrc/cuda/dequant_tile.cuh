@@ -80,4 +80,95 @@ void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int
   LT_CUDA_CHECK_LAUNCH();
 }
 
+// The chunk of W' = deq(W) + scale · Bx · Atᵀ (a rank-r update, e.g. an adapter's s·B·A with B and A
+// expanded over repeat and pool) that the large-M path hands to cuBLAS, formed in one pass: a CTA of
+// four warps takes 64 rows x 128 columns of the tile, its warps' m16n8k16 products (warp w: rows
+// 16 w .. 16 w + 15, sixteen 8-column tiles, rank / 16 steps) go to shared memory in fp32, then each
+// thread dequantizes 16 consecutive elements as dequant_tile_kernel does, adds the update and stores
+// them with 16-byte stores. bx: the tile's rows of Bx [nrows][rank]; at: its columns of At [ncols][rank]
+// (row-major, OUT's 16-bit type, rank a multiple of 16: zero-padded by the caller). Rows and columns
+// past the tile's are read as zero and not stored. Its twin: deq(W) + scale · Bx · Atᵀ in fp32
+// (tests/test_cuda.py).
+constexpr int kLowRankRows = 64, kLowRankCols = 128;
+template <int T, class OUT>
+__global__ void __launch_bounds__(128) dequant_lowrank_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
+                                                              int64_t nrows, int64_t col0, int64_t ncols,
+                                                              OUT* __restrict__ out, int64_t ldo,
+                                                              const OUT* __restrict__ bx, const OUT* __restrict__ at,
+                                                              int rank, float scale) {
+  using U = Unpack<T>;
+  constexpr int W = U::template Words<16>::value;
+  __shared__ float upd[kLowRankRows][kLowRankCols + 4];  // +4: the fragment stores' rows in other banks
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int64_t r0 = (int64_t)blockIdx.y * kLowRankRows, c0 = (int64_t)blockIdx.x * kLowRankCols;
+  // a pair of 16-bit values (t, t + 1) of row i of a [rows][rank] factor, zero past its rows
+  auto pair = [&](const OUT* f, int64_t i, int64_t rows, int t) -> uint32_t {
+    return i < rows ? *reinterpret_cast<const uint32_t*>(f + i * rank + t) : 0u;
+  };
+  float acc[kLowRankCols / 8][4];
+#pragma unroll
+  for (int j = 0; j < kLowRankCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  const int64_t ra = r0 + 16 * warp + g, rb = ra + 8;
+  for (int t0 = 0; t0 < rank; t0 += 16) {
+    const uint32_t a[4] = {pair(bx, ra, nrows, t0 + 2 * c), pair(bx, rb, nrows, t0 + 2 * c),
+                           pair(bx, ra, nrows, t0 + 2 * c + 8), pair(bx, rb, nrows, t0 + 2 * c + 8)};
+#pragma unroll
+    for (int j = 0; j < kLowRankCols / 8; ++j) {
+      const int64_t col = c0 + 8 * j + g;
+      mma16816<OUT>(acc[j], a, pair(at, col, ncols, t0 + 2 * c), pair(at, col, ncols, t0 + 2 * c + 8));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kLowRankCols / 8; ++j) {
+    const int rr = 16 * warp + g, cc = 8 * j + 2 * c;
+    upd[rr][cc] = scale * acc[j][0];
+    upd[rr][cc + 1] = scale * acc[j][1];
+    upd[rr + 8][cc] = scale * acc[j][2];
+    upd[rr + 8][cc + 1] = scale * acc[j][3];
+  }
+  __syncthreads();
+  constexpr int kGroups = kLowRankCols / 16;
+  for (int it = threadIdx.x; it < kLowRankRows * kGroups; it += blockDim.x) {
+    const int rr = it / kGroups, gg = it % kGroups;
+    const int64_t row = r0 + rr, col = c0 + 16 * gg;
+    if (row >= nrows || col >= ncols) continue;
+    const int64_t k = col0 + col;
+    const int e = (int)(k % U::kElems);
+    uint32_t r[W];
+    U::template load<16>(w + row * row_bytes + (k / U::kElems) * U::kBytes, e, r);
+    float v[16];
+    U::template decode<16>(r, e, v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] += upd[rr][16 * gg + i];
+    store16<OUT>(out + row * ldo + col, v);
+  }
+}
+
+template <int T>
+void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
+                                 void* out, int out_dtype, int64_t ldo, const void* bx, const void* at, int rank,
+                                 float scale, cudaStream_t stream) {
+  if (nrows <= 0 || ncols <= 0) return;
+  if (rank <= 0 || rank % 16)
+    throw std::invalid_argument("the low-rank update's rank must be a positive multiple of 16 (zero-padded)");
+  const int64_t row_tiles = (nrows + kLowRankRows - 1) / kLowRankRows;
+  if (row_tiles > 65535) throw std::invalid_argument("dequant_lowrank: too many rows in one chunk");
+  const dim3 grid((unsigned)((ncols + kLowRankCols - 1) / kLowRankCols), (unsigned)row_tiles);
+  switch (out_dtype) {
+    case D_F16:
+      dequant_lowrank_kernel<T, __half><<<grid, 128, 0, stream>>>(
+          w, row_bytes, nrows, col0, ncols, static_cast<__half*>(out), ldo, static_cast<const __half*>(bx),
+          static_cast<const __half*>(at), rank, scale);
+      break;
+    case D_BF16:
+      dequant_lowrank_kernel<T, __nv_bfloat16><<<grid, 128, 0, stream>>>(
+          w, row_bytes, nrows, col0, ncols, static_cast<__nv_bfloat16*>(out), ldo,
+          static_cast<const __nv_bfloat16*>(bx), static_cast<const __nv_bfloat16*>(at), rank, scale);
+      break;
+    default:
+      throw std::invalid_argument("the low-rank update takes bfloat16 or float16 activations");
+  }
+  LT_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace lowtune::cuda

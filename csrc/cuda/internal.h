@@ -130,6 +130,13 @@ class ScratchBuffer {
 template <int T>
 void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                          void* out, int out_dtype, int64_t ldo, cudaStream_t stream);
+// The same tile of W' = deq(W) + scale · Bx · Atᵀ (dequant_tile.cuh): bx and at point at the tile's
+// first row of Bx [rows][rank] and first column's row of At [cols][rank], in out_dtype (bf16 or
+// fp16); rank a multiple of 16.
+template <int T>
+void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
+                                 void* out, int out_dtype, int64_t ldo, const void* bx, const void* at, int rank,
+                                 float scale, cudaStream_t stream);
 
 // Fused small-M kernels (bf16/fp16 activations): Y = X·deq(W)ᵀ for M <= 32 and dX = dY·deq(W)
 // for M <= 16. x and w 16-byte aligned; may split the reduction and add a deterministic reduce pass.

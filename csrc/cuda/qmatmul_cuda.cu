@@ -215,10 +215,10 @@ void pipeline_chunks(int64_t chunks, bool overlap, cudaStream_t stream, Produce 
   // The caller's stream has waited for the side stream's last work (the last chunk's ready).
 }
 
-// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows.
+// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ).
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
-                     int64_t row_bytes, cudaStream_t stream) {
+                     int64_t row_bytes, cudaStream_t stream, const LowRankUpdate* lr = nullptr) {
   const int es = dtype_size(dtype);
   const ChunkPlan p = plan_chunks(n, k, es);
   const size_t buf = (size_t)(p.size * k * es);
@@ -228,7 +228,12 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
-        launch_dequant_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, s);
+        if (lr)
+          launch_dequant_lowrank_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k,
+                                         static_cast<const char*>(lr->bx) + r0 * lr->rank * es, lr->at, lr->rank,
+                                         lr->scale, s);
+        else
+          launch_dequant_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, s);
       },
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
@@ -238,10 +243,10 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
       });
 }
 
-// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns.
+// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns (with lr: W' as above).
 template <int T>
 void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t m, int64_t n, int64_t k,
-                        int64_t row_bytes, cudaStream_t stream) {
+                        int64_t row_bytes, cudaStream_t stream, const LowRankUpdate* lr = nullptr) {
   const int es = dtype_size(dtype);
   const ChunkPlan p = plan_chunks(k, n, es);  // p.size: a multiple of 128 or all of K (a multiple of 32)
   const size_t buf = (size_t)(p.size * n * es);
@@ -251,7 +256,12 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
-        launch_dequant_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, s);
+        if (lr)
+          launch_dequant_lowrank_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, lr->bx,
+                                         static_cast<const char*>(lr->at) + c0 * lr->rank * es, lr->rank, lr->scale,
+                                         s);
+        else
+          launch_dequant_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, s);
       },
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
@@ -431,6 +441,50 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
     default:
       reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);
   }
+}
+
+namespace {
+// The low-rank products' arguments (kernels.h); they need cuBLAS (no reference path takes them).
+void check_lowrank(const LowRankUpdate& u, int dtype) {
+  if (dtype == D_F32) throw std::invalid_argument("the low-rank update takes bfloat16 or float16 activations");
+  if (!u.bx || !u.at) throw std::invalid_argument("the low-rank update's Bx and At must be given");
+  if (u.rank <= 0 || u.rank % 16)
+    throw std::invalid_argument("the low-rank update's rank must be a positive multiple of 16 (zero-padded), got " +
+                                std::to_string(u.rank));
+  if ((reinterpret_cast<uintptr_t>(u.bx) | reinterpret_cast<uintptr_t>(u.at)) & 3)
+    throw std::invalid_argument("the low-rank update's Bx and At must be 4-byte aligned");
+  if (!cublas_available()) throw std::runtime_error("the low-rank update needs cuBLAS, which could not be loaded");
+}
+}  // namespace
+
+void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w, const LowRankUpdate& u, void* y,
+                             int64_t m, int64_t n, int64_t k, void* stream) {
+  const BlockInfo bi = check_args(qtype, dtype, m, n, k);
+  check_lowrank(u, dtype);
+  if (m == 0 || n == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (k == 0) {  // empty reduction
+    LT_CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)(m * n * dtype_size(dtype)), s));
+    return;
+  }
+  const int64_t row_bytes = k / bi.elems * bi.bytes;
+  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
+  dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wa.get(), y, m, n, k, row_bytes, s, &u); });
+}
+
+void qmatmul_input_grad_lowrank(int qtype, const void* dy, int dtype, const void* w, const LowRankUpdate& u,
+                                void* dx, int64_t m, int64_t n, int64_t k, void* stream) {
+  const BlockInfo bi = check_args(qtype, dtype, m, n, k);
+  check_lowrank(u, dtype);
+  if (m == 0 || k == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (n == 0) {  // empty reduction
+    LT_CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)(m * k * dtype_size(dtype)), s));
+    return;
+  }
+  const int64_t row_bytes = k / bi.elems * bi.bytes;
+  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
+  dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wa.get(), dx, m, n, k, row_bytes, s, &u); });
 }
 
 }  // namespace lowtune::cuda

@@ -362,3 +362,57 @@ def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
         y = _call(qmatmul_op, _QMatmul, _forward_kernel, x2, torch.is_grad_enabled() and x.requires_grad,
                   qt.raw, qt.format.type_id, n, k)
     return y.reshape(*x.shape[:-1], n)
+
+
+# ---- a rank-r update of W inside the large-M products -------------------------------------------
+# The building block of an adapter merged into the frozen product (BENCHMARKS.md, "The adapter merged
+# into the frozen product's chunks"): W' = deq(W) + scale·Bx·Atᵀ is formed chunk by chunk by the
+# dequantization kernel of the chunked cuBLAS path, so y and dx need no pass of the update's own.
+# CUDA, bf16/fp16 only; not differentiable (a caller's autograd formula uses it for both directions).
+
+def _lowrank_args(a: Tensor, name: str, qt: QTensor, bx: Tensor, at: Tensor, last: int, last_name: str):
+    _check_qtensor(qt)
+    if not qt.format.quantized:
+        raise ValueError(f"the low-rank update needs a quantized weight, got {qt.format.name}")
+    _check_act(a, name, qt.device, last, last_name)
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float16 or bfloat16 for the low-rank update, got {a.dtype}")
+    n, k = qt.shape
+    for t, tname, rows in ((bx, "bx", n), (at, "at", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != rows or t.device != qt.device:
+            raise ValueError(f"{tname} must be a [{rows}, rank] tensor on {qt.device}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if bx.shape[1] != at.shape[1] or bx.shape[1] == 0:
+        raise ValueError(f"bx and at must share a positive rank, got {bx.shape[1]} and {at.shape[1]}")
+    if qt.device.type != "cuda":
+        raise ValueError("the low-rank update runs on CUDA only (its CPU twin: dequantize + the update + matmul)")
+    pad = -bx.shape[1] % 16  # the kernel's MMA steps take 16 of the rank at a time
+
+    def ready(t: Tensor) -> Tensor:
+        t = t.to(a.dtype)
+        return torch.nn.functional.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
+    return a.reshape(-1, last).contiguous(), ready(bx), ready(at), bx.shape[1] + pad
+
+
+def qmatmul_lowrank(x: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
+    """Y[..., N] = X[..., K] · (deq(W) + scale·Bx·Atᵀ)ᵀ; Bx [N, r], At [K, r] (cast to x's dtype)."""
+    n, k = qt.shape
+    x2, bx, at, r = _lowrank_args(x, "x", qt, bx, at, k, "K")
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if y.numel():
+        _C.cuda_qmatmul_forward_lowrank(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x.dtype], qt.raw.data_ptr(),
+                                        bx.data_ptr(), at.data_ptr(), r, float(scale), y.data_ptr(), x2.shape[0],
+                                        n, k, _stream(x.device))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def qmatmul_input_grad_lowrank(dy: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
+    """dX[..., K] = dY[..., N] · (deq(W) + scale·Bx·Atᵀ); Bx [N, r], At [K, r] (cast to dy's dtype)."""
+    n, k = qt.shape
+    dy2, bx, at, r = _lowrank_args(dy, "dy", qt, bx, at, n, "N")
+    dx = torch.empty((dy2.shape[0], k), dtype=dy.dtype, device=dy.device)
+    if dx.numel():
+        _C.cuda_qmatmul_input_grad_lowrank(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy.dtype],
+                                           qt.raw.data_ptr(), bx.data_ptr(), at.data_ptr(), r, float(scale),
+                                           dx.data_ptr(), dy2.shape[0], n, k, _stream(dy.device))
+    return dx.reshape(*dy.shape[:-1], k)

@@ -5,14 +5,16 @@ chunk multiplied by cuBLAS) plus the adapter's separate products. A rank-r adapt
 s·B·A (LoRA, QA-LoRA, Q-BaRA, QDyLoRA, with A and B expanded over pool and repeat) could instead be
 added to each scratch chunk while it is still in L2, so that y and dx come out of the frozen GEMMs
 and their extra passes go; u = x·Aᵀ and g = dy·B could ride along as r more rows of the frozen
-GEMMs' W. This times, by CUDA-graph replay of many calls (torch ops only), the pieces of both
+GEMMs' W. This times, by CUDA-graph replay of many calls, the pieces of both
 routes at one layer's shape:
 
-    python3 tools/gpu/adapter_merge_cost.py [--m 2048 --k 4096 --n 4096 --r 64 --chunk 1024] [--json F]
+    python3 tools/gpu/adapter_merge_cost.py [--m 2048 --k 4096 --n 4096 --r 64 --chunk 1024 --type Q4_K] [--json F]
 
 Rows: the passes the adapter costs now (y += s·u·Bᵀ and dx += s·g·A, reading and writing [M, N] /
 [M, K] from memory; the four skinny products) and those of the merged route (the chunk update with
-the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows).
+the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows), and, where lowtune
+has CUDA, the update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and its input gradient)
+against the frozen products alone.
 """
 from __future__ import annotations
 
@@ -27,6 +29,34 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_kernels import GraphTimer, copies_for  # noqa: E402
 
 
+def fused_rows(a, timer, x, dy, A, B, rows, row, summary) -> None:
+    """The chunk update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and
+    qmatmul_input_grad_lowrank) against the frozen products alone, on a random weight of --type (copies
+    rotated past 2x L2), where lowtune was built with CUDA; the route's sum: the fused products' extra
+    time, u = x·Aᵀ, dB and dA, against 15% of the frozen products."""
+    import lowtune
+    from lowtune import ops
+    if not lowtune.build_info().get("cuda"):
+        print("lowtune was built without CUDA: no fused rows")
+        return
+    from bench_kernels import random_qtensor
+    w = random_qtensor(a.type, a.n, a.k)
+    qts = [w] + [random_qtensor(a.type, a.n, a.k) for _ in range(copies_for(w.nbytes) - 1)]
+    nq, at = len(qts), A.t().contiguous()
+    names = [f"{a.type} forward x·deq(W)^T", f"{a.type} forward x·(deq(W) + s B A)^T, fused",
+             f"{a.type} input grad dy·deq(W)", f"{a.type} input grad dy·(deq(W) + s B A), fused"]
+    row(names[0], timer(lambda i: ops.qmatmul(x, qts[i % nq])))
+    row(names[1], timer(lambda i: ops.qmatmul_lowrank(x, qts[i % nq], B, at, 0.5)))
+    row(names[2], timer(lambda i: ops.qmatmul_input_grad(dy, qts[i % nq])))
+    row(names[3], timer(lambda i: ops.qmatmul_input_grad_lowrank(dy, qts[i % nq], B, at, 0.5)))
+    t = {rw["name"]: rw["us"] for rw in rows}
+    bare = t[names[0]] + t[names[2]]
+    extra = t[names[1]] + t[names[3]] - bare
+    summary.update({"bare_layer_us": bare, "fused_update_extra_us": extra,
+                    "fused_route_us": extra + t["u = x A^T"] + t["dB = s dy^T u (fp32 out)"]
+                    + t["dA = s g^T x (fp32 out)"], "budget_15pct_of_bare_us": 0.15 * bare})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=2048)
@@ -34,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=1024, help="rows of W per scratch chunk")
+    ap.add_argument("--type", default="Q4_K", help="the frozen weight's type for the fused rows")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     m, k, n, r, c = a.m, a.k, a.n, a.r, a.chunk
@@ -93,6 +124,7 @@ def main(argv=None) -> int:
     frozen = chunks * (fwd + bwd)
     summary = {"adapter_now_us": now, "adapter_merged_us": merged, "frozen_gemms_us": frozen,
                "budget_15pct_of_frozen_gemms_us": 0.15 * frozen}
+    fused_rows(a, timer, x, dy, A, B, rows, row, summary)
     print(json.dumps(summary, indent=1))
     if a.json:
         with open(a.json, "w") as f:
