@@ -616,6 +616,50 @@ def test_cuda_fused_close_to_float64(method, qtype, dtype):
             assert rel_err(got, truth) < tol, (m, k, n)
 
 
+@pytest.mark.parametrize("pool,repeat,rank", [(1, 1, 8), (32, 1, 8), (2, 2, 16), (4, 1, 3), (1, 4, 5)])
+def test_merged_factors_give_the_adapters_update(pool, repeat, rank):
+    """The merged route's factors (adapter_ops._merged_factors, which CUDA's route hands the
+    dequantization kernel), checked on the CPU: x·(s·Bx·Atᵀ)ᵀ is the adapter's output for pooled and
+    repeated geometries, with rows and columns past the rank in use (QDyLoRA) and the rank padded."""
+    k, n, s = 128, 64, 0.7
+    geom = adapter_ops.AdapterGeometry(k, n, pool, repeat, rank, True, s)
+    A = torch.randn(rank + 2, k // pool, dtype=torch.float64)
+    B = torch.randn(n // repeat, rank + 2, dtype=torch.float64)
+    x = torch.randn(5, k, dtype=torch.float64)
+    y = torch.zeros(5, n, dtype=torch.float64)
+    adapter_ops._torch_forward(x, A, B, geom, y, pool)
+    bx, at = adapter_ops._merged_factors(A, B, geom, torch.float64)
+    assert bx.shape[0] == n and at.shape == (k, bx.shape[1]) and bx.shape[1] % 16 == 0
+    assert y.abs().max() > 0.1
+    torch.testing.assert_close(x @ (s * bx @ at.t()).t(), y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method,qtype", METHOD_BASES)
+def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
+    """The adapter merged into the frozen product (adapter_ops._MERGE_ADAPTER: ΔW = s/p·expand_q(B·A)
+    formed in the chunked path's dequantization kernel) against float64, and taken exactly where it
+    applies: methods with B, at the rows the GEMM path takes (not M = 7), both directions."""
+    monkeypatch.setattr(adapter_ops, "_MERGE_ADAPTER", True)
+    calls = []
+    for name in ("_forward_lowrank_kernel", "_input_grad_lowrank_kernel"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for m, k, n in CUDA_SHAPES:
+        ad = make_adapter(method, qtype, n=n, k=k, device="cuda")
+        if method == "qdylora":
+            ad.set_rank(3)
+        x, dy = torch.randn(m, k), torch.randn(m, n)
+        calls.clear()
+        merged = grads_of(ad, x.to("cuda", dtype), dy.to("cuda", dtype))
+        want = 2 if method != "qa-hira" and m >= 64 else 0
+        assert len(calls) == want, (method, m, calls)
+        t64 = truth64(ad, x.to(dtype), dy.to(dtype))
+        for got, truth in zip([merged[0], merged[1], *merged[2]], [t64[0], t64[1], *t64[2]]):
+            assert rel_err(got, truth) < 2e-2, (method, m, k, n)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("pool", [2, 3, 4, 8, 16, 32, 64, 256, 512])

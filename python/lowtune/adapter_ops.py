@@ -24,6 +24,7 @@ may be any float dtype; the kernels read them as fp32 and the gradients come bac
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -343,12 +344,41 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
     return xs, u
 
 
+# The adapter merged into the frozen product (LOWTUNE_CUDA_ADAPTER_MERGE=1; off until timed on a GPU:
+# BENCHMARKS.md "The adapter merged into the frozen product's chunks"). Where it applies (CUDA, 16-bit
+# activations, the rows the torch GEMM path takes, a B factor, the adapter reading x itself rather than a
+# separate input such as a dropped-out one), y = x·(deq(W) + ΔW)ᵀ and dx = dy·(deq(W) + ΔW), with
+# ΔW = s/p·expand_q(B·A) formed by the chunked path's dequantization kernel (ops.qmatmul_lowrank): no pass
+# over y or dx of the adapter's own. u, dA and dB are the torch path's.
+_MERGE_ADAPTER = os.environ.get("LOWTUNE_CUDA_ADAPTER_MERGE", "0") == "1"
+
+
+def _merges(t: Tensor, geom: AdapterGeometry, separate: bool) -> bool:
+    return (_MERGE_ADAPTER and geom.has_b and not separate and t.device.type == "cuda"
+            and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
+
+
+def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(Bx [n, r'], At [k, r']) with Bx·Atᵀ = expand_q(B[:, :r])·expand_p(A[:r])/p: B's rows repeated over
+    the repeat's q outputs, A's columns over the pool's p inputs (each weighing 1/p), ready for the kernel."""
+    r, p, q = geom.rank, geom.pool, geom.repeat
+    bx = B32[:, :r].repeat_interleave(q, dim=0) if q > 1 else B32[:, :r]
+    at = (A32[:r] / p).repeat_interleave(p, dim=1).t() if p > 1 else A32[:r].t()
+    return ops.lowrank_ready(bx, at, dtype)
+
+
 def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
                        type_id: int, k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool,
                        scale: float, grad_from: int) -> tuple[Tensor, Tensor, Tensor]:
     """(y, xs, u): y [M, n] = x [M, k]·deq(W)ᵀ + adapter(xa if given else x), the adapter
     accumulated into the frozen matmul's output."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
+    if _merges(x, geom, xa is not None):
+        A32 = _f32(A)
+        y = ops._forward_lowrank_kernel(x, raw, type_id, n, k, *_merged_factors(A32, _f32(B), geom, x.dtype), scale)
+        xs = _pool(x, pool)
+        u = xs @ A32[:rank].to(x.dtype).t()  # for dB, as the torch path keeps it
+        return (y, *_aux_outputs(x, x, u, xs, has_b))
     y = ops._forward_kernel(x, raw, type_id, n, k)
     ain = x if xa is None else xa
     kk, pp = _kernel_input(geom, xa is not None)
@@ -374,14 +404,19 @@ def _adapted_qmatmul_backward(
     input's gradient. Unrequested or absent ones are empty."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     dy, m = dy.contiguous(), dy.shape[0]
-    dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
+    merged = need_dx and _merges(dy, geom, separate)
+    if merged:  # the adapter's share of dx comes out of the frozen product
+        dx = ops._input_grad_lowrank_kernel(dy, raw, type_id, n, k, *_merged_factors(_f32(A), _f32(B), geom, dy.dtype),
+                                            scale)
+    else:
+        dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
     dxa = None
     if separate:
         if need_dxa:
             dxa = torch.zeros((m, geom.k_pooled), dtype=dy.dtype, device=dy.device)
         target = dxa
     else:
-        target = dx  # the adapter's share accumulates into the frozen layer's input gradient
+        target = None if merged else dx  # the adapter's share accumulates into the frozen layer's dx
     kk, pp = _kernel_input(geom, separate)
     dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, target, kk, pp)
     empty = dy.new_empty((0,))

@@ -386,33 +386,53 @@ def _lowrank_args(a: Tensor, name: str, qt: QTensor, bx: Tensor, at: Tensor, las
         raise ValueError(f"bx and at must share a positive rank, got {bx.shape[1]} and {at.shape[1]}")
     if qt.device.type != "cuda":
         raise ValueError("the low-rank update runs on CUDA only (its CPU twin: dequantize + the update + matmul)")
-    pad = -bx.shape[1] % 16  # the kernel's MMA steps take 16 of the rank at a time
+    return (a.reshape(-1, last).contiguous(), *lowrank_ready(bx, at, a.dtype))
+
+
+def lowrank_ready(bx: Tensor, at: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """bx, at as the kernels take them: in dtype, contiguous, the rank zero-padded to a multiple of 16
+    (the kernel's MMA steps take 16 of it at a time)."""
+    pad = -bx.shape[1] % 16
 
     def ready(t: Tensor) -> Tensor:
-        t = t.to(a.dtype)
+        t = t.to(dtype)
         return torch.nn.functional.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
-    return a.reshape(-1, last).contiguous(), ready(bx), ready(at), bx.shape[1] + pad
+    return ready(bx), ready(at)
+
+
+def _forward_lowrank_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, bx: Tensor, at: Tensor,
+                            scale: float) -> Tensor:
+    """x2 [m, k]·(deq(W) + scale·bx·atᵀ)ᵀ with bx, at ready (x2's dtype, rank a multiple of 16, contiguous)."""
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    if y.numel():
+        _C.cuda_qmatmul_forward_lowrank(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), bx.data_ptr(),
+                                        at.data_ptr(), bx.shape[1], float(scale), y.data_ptr(), x2.shape[0], n, k,
+                                        _stream(x2.device))
+    return y
+
+
+def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, bx: Tensor, at: Tensor,
+                               scale: float) -> Tensor:
+    """dy2 [m, n]·(deq(W) + scale·bx·atᵀ), bx and at as for _forward_lowrank_kernel."""
+    dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype, device=dy2.device)
+    if dx.numel():
+        _C.cuda_qmatmul_input_grad_lowrank(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(),
+                                           bx.data_ptr(), at.data_ptr(), bx.shape[1], float(scale), dx.data_ptr(),
+                                           dy2.shape[0], n, k, _stream(dy2.device))
+    return dx
 
 
 def qmatmul_lowrank(x: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
     """Y[..., N] = X[..., K] · (deq(W) + scale·Bx·Atᵀ)ᵀ; Bx [N, r], At [K, r] (cast to x's dtype)."""
     n, k = qt.shape
-    x2, bx, at, r = _lowrank_args(x, "x", qt, bx, at, k, "K")
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    if y.numel():
-        _C.cuda_qmatmul_forward_lowrank(qt.format.type_id, x2.data_ptr(), ACT_DTYPES[x.dtype], qt.raw.data_ptr(),
-                                        bx.data_ptr(), at.data_ptr(), r, float(scale), y.data_ptr(), x2.shape[0],
-                                        n, k, _stream(x.device))
+    x2, bx, at = _lowrank_args(x, "x", qt, bx, at, k, "K")
+    y = _forward_lowrank_kernel(x2, qt.raw, qt.format.type_id, n, k, bx, at, scale)
     return y.reshape(*x.shape[:-1], n)
 
 
 def qmatmul_input_grad_lowrank(dy: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
     """dX[..., K] = dY[..., N] · (deq(W) + scale·Bx·Atᵀ); Bx [N, r], At [K, r] (cast to dy's dtype)."""
     n, k = qt.shape
-    dy2, bx, at, r = _lowrank_args(dy, "dy", qt, bx, at, n, "N")
-    dx = torch.empty((dy2.shape[0], k), dtype=dy.dtype, device=dy.device)
-    if dx.numel():
-        _C.cuda_qmatmul_input_grad_lowrank(qt.format.type_id, dy2.data_ptr(), ACT_DTYPES[dy.dtype],
-                                           qt.raw.data_ptr(), bx.data_ptr(), at.data_ptr(), r, float(scale),
-                                           dx.data_ptr(), dy2.shape[0], n, k, _stream(dy.device))
+    dy2, bx, at = _lowrank_args(dy, "dy", qt, bx, at, n, "N")
+    dx = _input_grad_lowrank_kernel(dy2, qt.raw, qt.format.type_id, n, k, bx, at, scale)
     return dx.reshape(*dy.shape[:-1], k)
