@@ -87,7 +87,7 @@ void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int
 // thread dequantizes 16 consecutive elements as dequant_tile_kernel does, adds the update and stores
 // them with 16-byte stores. bx: the tile's rows of Bx [nrows][rank]; at: its columns of At [ncols][rank]
 // (row-major, OUT's 16-bit type, rank a multiple of 16: zero-padded by the caller). Rows and columns
-// past the tile's are read as zero and not stored. Its twin: deq(W) + scale · Bx · Atᵀ in fp32
+// past the tile's are read as zero and not stored. Its twin: deq(W) + scale · Bx · Atᵀ in float64
 // (tests/test_cuda.py).
 constexpr int kLowRankRows = 64, kLowRankCols = 128;
 template <int T, class OUT>
