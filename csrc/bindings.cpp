@@ -185,6 +185,23 @@ PYBIND11_MODULE(_C, m) {
     cuda::qmatmul_input_grad_lowrank(t, ptr<const void>(dy), dt, ptr<const void>(w), u, ptr<void>(dx), M, N, K,
                                      ptr<void>(stream));
   }, nogil(), "dx = dy . (deq(W) + scale Bx At^T) through the chunked cuBLAS path (Bx [N, rank], At [K, rank]).");
+  m.def("cuda_qmatmul_forward_expanded", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t a, int pool,
+                                            int repeat, float scale, uintptr_t y, int64_t M, int64_t N, int64_t K,
+                                            uintptr_t stream) {
+    cuda::LowRankUpdate u;
+    u.a = ptr<const float>(a), u.pool = pool, u.repeat = repeat, u.scale = scale;
+    cuda::qmatmul_forward_lowrank(t, ptr<const void>(x), dt, ptr<const void>(w), u, ptr<void>(y), M, N, K,
+                                  ptr<void>(stream));
+  }, nogil(), "y = x . (deq(W) + scale / pool a[i / repeat][j / pool])^T through the chunked cuBLAS path "
+              "(a fp32 [N / repeat, K / pool]).");
+  m.def("cuda_qmatmul_input_grad_expanded", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t a, int pool,
+                                               int repeat, float scale, uintptr_t dx, int64_t M, int64_t N,
+                                               int64_t K, uintptr_t stream) {
+    cuda::LowRankUpdate u;
+    u.a = ptr<const float>(a), u.pool = pool, u.repeat = repeat, u.scale = scale;
+    cuda::qmatmul_input_grad_lowrank(t, ptr<const void>(dy), dt, ptr<const void>(w), u, ptr<void>(dx), M, N, K,
+                                     ptr<void>(stream));
+  }, nogil(), "dx = dy . (deq(W) + scale / pool a[i / repeat][j / pool]) through the chunked cuBLAS path.");
   m.def("cuda_qmatmul_forward_add_rms_norm", [](int t, uintptr_t x, uintptr_t r, uintptr_t nw, float eps,
                                                 uintptr_t s, int dt, uintptr_t w, uintptr_t y, int64_t N, int64_t K,
                                                 uintptr_t stream) {

@@ -638,12 +638,13 @@ def test_merged_factors_give_the_adapters_update(pool, repeat, rank):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
 def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
-    """The adapter merged into the frozen product (adapter_ops._MERGE_ADAPTER: ΔW = s/p·expand_q(B·A)
-    formed in the chunked path's dequantization kernel) against float64, and taken exactly where it
-    applies: methods with B, at the rows the GEMM path takes (not M = 7), both directions."""
+    """The adapter merged into the frozen product (adapter_ops._MERGE_ADAPTER: ΔW = s/p·expand_q(B·A), or
+    QA-HiRA's s/p·expand_q(A), formed in the chunked path's dequantization kernel) against float64, and
+    taken exactly where it applies: at the rows the GEMM path takes (not M = 7), both directions."""
     monkeypatch.setattr(adapter_ops, "_MERGE_ADAPTER", True)
     calls = []
-    for name in ("_forward_lowrank_kernel", "_input_grad_lowrank_kernel"):
+    for name in ("_forward_lowrank_kernel", "_input_grad_lowrank_kernel", "_forward_expanded_kernel",
+                 "_input_grad_expanded_kernel"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     for m, k, n in CUDA_SHAPES:
@@ -653,8 +654,9 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
         x, dy = torch.randn(m, k), torch.randn(m, n)
         calls.clear()
         merged = grads_of(ad, x.to("cuda", dtype), dy.to("cuda", dtype))
-        want = 2 if method != "qa-hira" and m >= 64 else 0
-        assert len(calls) == want, (method, m, calls)
+        kind = "expanded" if method == "qa-hira" else "lowrank"
+        want = [f"_forward_{kind}_kernel", f"_input_grad_{kind}_kernel"] if m >= 64 else []
+        assert calls == want, (method, m, calls)
         t64 = truth64(ad, x.to(dtype), dy.to(dtype))
         for got, truth in zip([merged[0], merged[1], *merged[2]], [t64[0], t64[1], *t64[2]]):
             assert rel_err(got, truth) < 2e-2, (method, m, k, n)

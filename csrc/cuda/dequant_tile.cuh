@@ -144,6 +144,64 @@ __global__ void __launch_bounds__(128) dequant_lowrank_kernel(const uint8_t* __r
   }
 }
 
+// The chunk of W' = deq(W) + scale · a[(row0 + r) / repeat][(col0 + c) / pool] (one matrix expanded over
+// repeat and pool: QA-HiRA's update, scale including its 1/pool) in one pass: dequant_tile_kernel's
+// layout, the update added before the stores. a: fp32 [N / repeat][K / pool] (row length lda), row0 the
+// tile's first row in W. Where pool is a multiple of 16 a thread's 16 elements share one value of a.
+template <int T, class OUT>
+__global__ void __launch_bounds__(128) dequant_expand_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
+                                                             int64_t nrows, int64_t col0, int groups,
+                                                             OUT* __restrict__ out, int64_t ldo,
+                                                             const float* __restrict__ a, int64_t lda, int pool,
+                                                             int repeat, int64_t row0, float scale) {
+  using U = Unpack<T>;
+  constexpr int W = U::template Words<16>::value;
+  const int gi = blockIdx.x * blockDim.x + threadIdx.x;
+  if (gi >= groups) return;
+  const int64_t k = col0 + 16 * (int64_t)gi;
+  const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
+  const int e = (int)(k % U::kElems);
+  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+    uint32_t words[W];
+    U::template load<16>(blk + r * row_bytes, e, words);
+    float v[16];
+    U::template decode<16>(words, e, v);
+    const float* arow = a + (row0 + r) / repeat * lda;
+    if (pool % 16 == 0) {
+      const float d = scale * arow[k / pool];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] += d;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] += scale * arow[(k + i) / pool];
+    }
+    store16<OUT>(out + r * ldo + 16 * (int64_t)gi, v);
+  }
+}
+
+template <int T>
+void launch_dequant_expand_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
+                                void* out, int out_dtype, int64_t ldo, const float* a, int64_t lda, int pool,
+                                int repeat, int64_t row0, float scale, cudaStream_t stream) {
+  if (nrows <= 0 || ncols <= 0) return;
+  const int groups = (int)(ncols / 16);
+  const dim3 grid((unsigned)((groups + 127) / 128), (unsigned)(nrows < 65535 ? nrows : 65535));
+  switch (out_dtype) {
+    case D_F16:
+      dequant_expand_kernel<T, __half><<<grid, 128, 0, stream>>>(w, row_bytes, nrows, col0, groups,
+                                                                 static_cast<__half*>(out), ldo, a, lda, pool,
+                                                                 repeat, row0, scale);
+      break;
+    case D_BF16:
+      dequant_expand_kernel<T, __nv_bfloat16><<<grid, 128, 0, stream>>>(
+          w, row_bytes, nrows, col0, groups, static_cast<__nv_bfloat16*>(out), ldo, a, lda, pool, repeat, row0, scale);
+      break;
+    default:
+      throw std::invalid_argument("the expanded update takes bfloat16 or float16 activations");
+  }
+  LT_CUDA_CHECK_LAUNCH();
+}
+
 template <int T>
 void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                                  void* out, int out_dtype, int64_t ldo, const void* bx, const void* at, int rank,

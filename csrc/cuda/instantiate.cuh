@@ -18,6 +18,8 @@ namespace lowtune::cuda {
                                        int64_t, cudaStream_t);                                     \
   template void launch_dequant_lowrank_tile<T>(const uint8_t*, int64_t, int64_t, int64_t, int64_t, void*, int, \
                                                int64_t, const void*, const void*, int, float, cudaStream_t); \
+  template void launch_dequant_expand_tile<T>(const uint8_t*, int64_t, int64_t, int64_t, int64_t, void*, int, \
+                                              int64_t, const float*, int64_t, int, int, int64_t, float, cudaStream_t); \
   template void launch_small_forward<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \
                                         cudaStream_t);                                             \
   template void launch_small_input_grad<T>(const void*, int, const uint8_t*, void*, int, int, int, int64_t, \

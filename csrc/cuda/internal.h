@@ -137,6 +137,12 @@ template <int T>
 void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                                  void* out, int out_dtype, int64_t ldo, const void* bx, const void* at, int rank,
                                  float scale, cudaStream_t stream);
+// The same tile of W' = deq(W) + scale · a[(row0 + r) / repeat][(col0 + c) / pool] (dequant_tile.cuh):
+// a fp32 with rows of lda values; row0 the tile's first row in W.
+template <int T>
+void launch_dequant_expand_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
+                                void* out, int out_dtype, int64_t ldo, const float* a, int64_t lda, int pool,
+                                int repeat, int64_t row0, float scale, cudaStream_t stream);
 
 // Fused small-M kernels (bf16/fp16 activations): Y = X·deq(W)ᵀ for M <= 32 and dX = dY·deq(W)
 // for M <= 16. x and w 16-byte aligned; may split the reduction and add a deterministic reduce pass.

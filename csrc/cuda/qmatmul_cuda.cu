@@ -228,7 +228,10 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
-        if (lr)
+        if (lr && lr->a)
+          launch_dequant_expand_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, lr->a,
+                                        k / lr->pool, lr->pool, lr->repeat, r0, lr->scale / lr->pool, s);
+        else if (lr)
           launch_dequant_lowrank_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k,
                                          static_cast<const char*>(lr->bx) + r0 * lr->rank * es, lr->at, lr->rank,
                                          lr->scale, s);
@@ -256,7 +259,10 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
-        if (lr)
+        if (lr && lr->a)
+          launch_dequant_expand_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, lr->a, k / lr->pool, lr->pool,
+                                        lr->repeat, 0, lr->scale / lr->pool, s);
+        else if (lr)
           launch_dequant_lowrank_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, lr->bx,
                                          static_cast<const char*>(lr->at) + c0 * lr->rank * es, lr->rank, lr->scale,
                                          s);
@@ -445,22 +451,27 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
 
 namespace {
 // The low-rank products' arguments (kernels.h); they need cuBLAS (no reference path takes them).
-void check_lowrank(const LowRankUpdate& u, int dtype) {
+void check_lowrank(const LowRankUpdate& u, int dtype, int64_t n, int64_t k) {
   if (dtype == D_F32) throw std::invalid_argument("the low-rank update takes bfloat16 or float16 activations");
+  if (!cublas_available()) throw std::runtime_error("the low-rank update needs cuBLAS, which could not be loaded");
+  if (u.a) {  // one matrix expanded
+    if (u.pool < 1 || u.repeat < 1 || k % u.pool || n % u.repeat)
+      throw std::invalid_argument("the expanded update's pool and repeat must divide K and N");
+    return;
+  }
   if (!u.bx || !u.at) throw std::invalid_argument("the low-rank update's Bx and At must be given");
   if (u.rank <= 0 || u.rank % 16)
     throw std::invalid_argument("the low-rank update's rank must be a positive multiple of 16 (zero-padded), got " +
                                 std::to_string(u.rank));
   if ((reinterpret_cast<uintptr_t>(u.bx) | reinterpret_cast<uintptr_t>(u.at)) & 3)
     throw std::invalid_argument("the low-rank update's Bx and At must be 4-byte aligned");
-  if (!cublas_available()) throw std::runtime_error("the low-rank update needs cuBLAS, which could not be loaded");
 }
 }  // namespace
 
 void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w, const LowRankUpdate& u, void* y,
                              int64_t m, int64_t n, int64_t k, void* stream) {
   const BlockInfo bi = check_args(qtype, dtype, m, n, k);
-  check_lowrank(u, dtype);
+  check_lowrank(u, dtype, n, k);
   if (m == 0 || n == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   if (k == 0) {  // empty reduction
@@ -475,7 +486,7 @@ void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w,
 void qmatmul_input_grad_lowrank(int qtype, const void* dy, int dtype, const void* w, const LowRankUpdate& u,
                                 void* dx, int64_t m, int64_t n, int64_t k, void* stream) {
   const BlockInfo bi = check_args(qtype, dtype, m, n, k);
-  check_lowrank(u, dtype);
+  check_lowrank(u, dtype, n, k);
   if (m == 0 || k == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   if (n == 0) {  // empty reduction

@@ -346,15 +346,16 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
 
 # The adapter merged into the frozen product (LOWTUNE_CUDA_ADAPTER_MERGE=1; off until timed on a GPU:
 # BENCHMARKS.md "The adapter merged into the frozen product's chunks"). Where it applies (CUDA, 16-bit
-# activations, the rows the torch GEMM path takes, a B factor, the adapter reading x itself rather than a
+# activations, the rows the torch GEMM path takes, the adapter reading x itself rather than a
 # separate input such as a dropped-out one), y = x·(deq(W) + ΔW)ᵀ and dx = dy·(deq(W) + ΔW), with
-# ΔW = s/p·expand_q(B·A) formed by the chunked path's dequantization kernel (ops.qmatmul_lowrank): no pass
-# over y or dx of the adapter's own. u, dA and dB are the torch path's.
+# ΔW = s/p·expand_q(B·A) (or, for a single matrix, s/p·expand_q(A)) formed by the chunked path's
+# dequantization kernel (ops.qmatmul_lowrank; the expanded kernels for a single matrix): no pass over y
+# or dx of the adapter's own. u, dA and dB are the torch path's.
 _MERGE_ADAPTER = os.environ.get("LOWTUNE_CUDA_ADAPTER_MERGE", "0") == "1"
 
 
 def _merges(t: Tensor, geom: AdapterGeometry, separate: bool) -> bool:
-    return (_MERGE_ADAPTER and geom.has_b and not separate and t.device.type == "cuda"
+    return (_MERGE_ADAPTER and not separate and t.device.type == "cuda"
             and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
 
 
@@ -367,6 +368,24 @@ def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry, dtype: torc
     return ops.lowrank_ready(bx, at, dtype)
 
 
+def _merged_forward(x: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
+                    geom: AdapterGeometry) -> Tensor:
+    if geom.has_b:
+        return ops._forward_lowrank_kernel(x, raw, type_id, geom.n, geom.k,
+                                           *_merged_factors(A32, B32, geom, x.dtype), geom.scale)
+    return ops._forward_expanded_kernel(x, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(), geom.pool,
+                                        geom.repeat, geom.scale)
+
+
+def _merged_input_grad(dy: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
+                       geom: AdapterGeometry) -> Tensor:
+    if geom.has_b:
+        return ops._input_grad_lowrank_kernel(dy, raw, type_id, geom.n, geom.k,
+                                              *_merged_factors(A32, B32, geom, dy.dtype), geom.scale)
+    return ops._input_grad_expanded_kernel(dy, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(),
+                                           geom.pool, geom.repeat, geom.scale)
+
+
 def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
                        type_id: int, k: int, n: int, pool: int, repeat: int, rank: int, has_b: bool,
                        scale: float, grad_from: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -375,9 +394,9 @@ def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, 
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     if _merges(x, geom, xa is not None):
         A32 = _f32(A)
-        y = ops._forward_lowrank_kernel(x, raw, type_id, n, k, *_merged_factors(A32, _f32(B), geom, x.dtype), scale)
+        y = _merged_forward(x, raw, type_id, A32, _f32(B), geom)
         xs = _pool(x, pool)
-        u = xs @ A32[:rank].to(x.dtype).t()  # for dB, as the torch path keeps it
+        u = xs @ A32[:rank].to(x.dtype).t() if has_b else None  # for dB, as the torch path keeps it
         return (y, *_aux_outputs(x, x, u, xs, has_b))
     y = ops._forward_kernel(x, raw, type_id, n, k)
     ain = x if xa is None else xa
@@ -406,8 +425,7 @@ def _adapted_qmatmul_backward(
     dy, m = dy.contiguous(), dy.shape[0]
     merged = need_dx and _merges(dy, geom, separate)
     if merged:  # the adapter's share of dx comes out of the frozen product
-        dx = ops._input_grad_lowrank_kernel(dy, raw, type_id, n, k, *_merged_factors(_f32(A), _f32(B), geom, dy.dtype),
-                                            scale)
+        dx = _merged_input_grad(dy, raw, type_id, _f32(A), _f32(B), geom)
     else:
         dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
     dxa = None

@@ -422,6 +422,28 @@ def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k
     return dx
 
 
+def _forward_expanded_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, a: Tensor, pool: int,
+                             repeat: int, scale: float) -> Tensor:
+    """x2 [m, k]·(deq(W) + scale/pool·a[i/repeat][j/pool])ᵀ, a fp32 contiguous [n/repeat, k/pool]."""
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    if y.numel():
+        _C.cuda_qmatmul_forward_expanded(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), a.data_ptr(),
+                                         pool, repeat, float(scale), y.data_ptr(), x2.shape[0], n, k,
+                                         _stream(x2.device))
+    return y
+
+
+def _input_grad_expanded_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, a: Tensor, pool: int,
+                                repeat: int, scale: float) -> Tensor:
+    """dy2 [m, n]·(deq(W) + scale/pool·a[i/repeat][j/pool]), a as for _forward_expanded_kernel."""
+    dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype, device=dy2.device)
+    if dx.numel():
+        _C.cuda_qmatmul_input_grad_expanded(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(),
+                                            a.data_ptr(), pool, repeat, float(scale), dx.data_ptr(), dy2.shape[0],
+                                            n, k, _stream(dy2.device))
+    return dx
+
+
 def qmatmul_lowrank(x: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
     """Y[..., N] = X[..., K] · (deq(W) + scale·Bx·Atᵀ)ᵀ; Bx [N, r], At [K, r] (cast to x's dtype)."""
     n, k = qt.shape
