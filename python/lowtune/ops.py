@@ -391,12 +391,13 @@ def _lowrank_args(a: Tensor, name: str, qt: QTensor, bx: Tensor, at: Tensor, las
 
 def lowrank_ready(bx: Tensor, at: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """bx, at as the kernels take them: in dtype, contiguous, the rank zero-padded to a multiple of 16
-    (the kernel's MMA steps take 16 of it at a time)."""
+    (the kernel's MMA steps take 16 of it at a time), 16-byte aligned (its loads take 4 ranks at once)."""
     pad = -bx.shape[1] % 16
 
     def ready(t: Tensor) -> Tensor:
         t = t.to(dtype)
-        return torch.nn.functional.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
+        t = torch.nn.functional.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
+        return t if t.data_ptr() % 16 == 0 else t.clone()
     return ready(bx), ready(at)
 
 

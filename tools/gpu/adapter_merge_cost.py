@@ -49,6 +49,9 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
     bwd = row(f"{a.type} input grad dy·deq(W)", timer(lambda i: ops.qmatmul_input_grad(dy, qts[i % nq])))
     bwd_u = row(f"{a.type} input grad dy·(deq(W) + s B A), fused",
                 timer(lambda i: ops.qmatmul_input_grad_lowrank(dy, qts[i % nq], B, at, 0.5)))
+    # the update's kernel nearly alone: at M = 16 each chunk's GEMM is small (the plain dequantization for scale)
+    row(f"{a.type} dequantize W to bf16 (one kernel)", timer(lambda i: ops.dequantize(qts[i % nq], torch.bfloat16)))
+    row(f"{a.type} forward at M = 16, fused", timer(lambda i: ops.qmatmul_lowrank(x[:16], qts[i % nq], B, at, 0.5)))
     bare, extra = fwd + bwd, fwd_u + bwd_u - fwd - bwd
     summary.update({"bare_layer_us": bare, "fused_update_extra_us": extra, "fused_route_us": extra + rest_us,
                     "budget_15pct_of_bare_us": 0.15 * bare})
