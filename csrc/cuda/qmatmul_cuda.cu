@@ -370,37 +370,56 @@ void dequantize(int qtype, const void* blocks, void* out, int out_dtype, int64_t
   dispatch_qtype(qtype, [&]<int T>() { launch_dequant_tile<T>(w.get(), row_bytes, n, 0, k, out, out_dtype, k, s); });
 }
 
-void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y, int64_t m, int64_t n, int64_t k,
-                     void* stream) {
+// The products' shared preamble: the arguments checked, nothing done where the output is empty, zeros
+// where the reduction is (K for the forward, N for the input gradient), else run(stream, the weight
+// 16-byte aligned, its row bytes).
+template <class F>
+void product(cuda_policy::Product which, int qtype, int dtype, const void* w, void* out, int64_t m, int64_t n,
+             int64_t k, void* stream, F run) {
   const BlockInfo bi = check_args(qtype, dtype, m, n, k);
-  if (m == 0 || n == 0) return;
+  const bool forward = which == cuda_policy::Product::Forward;
+  const int64_t cols = forward ? n : k, reduced = forward ? k : n;
+  if (m == 0 || cols == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (k == 0) {  // empty reduction
-    LT_CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)(m * n * dtype_size(dtype)), s));
+  if (reduced == 0) {
+    LT_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)(m * cols * dtype_size(dtype)), s));
     return;
   }
   const int64_t row_bytes = k / bi.elems * bi.bytes;
   const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
-  const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
-    case cuda_policy::Path::Gemv:
-      dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Staged:
-      dispatch_qtype(qtype, [&]<int T>() { launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Regs:
-      dispatch_qtype(qtype, [&]<int T>() { launch_regs_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Direct:
-      dispatch_qtype(qtype, [&]<int T>() { launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Cublas:
-      dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
-      break;
-    default:
-      reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, stream);
-  }
+  run(s, wa.get(), row_bytes);
+}
+
+void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y, int64_t m, int64_t n, int64_t k,
+                     void* stream) {
+  auto run = [&](cudaStream_t s, const uint8_t* wb, int64_t row_bytes) {
+    switch (choose_path(cuda_policy::Product::Forward, qtype, dtype, m, n, k, x, y)) {
+      case cuda_policy::Path::Gemv:
+        dispatch_qtype(qtype, [&]<int T>() { launch_gemv<T>(x, dtype, wb, y, n, k, row_bytes, s); });
+        break;
+      case cuda_policy::Path::Staged:
+        dispatch_qtype(qtype, [&]<int T>() {
+          launch_staged_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s);
+        });
+        break;
+      case cuda_policy::Path::Regs:
+        dispatch_qtype(qtype, [&]<int T>() {
+          launch_regs_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s);
+        });
+        break;
+      case cuda_policy::Path::Direct:
+        dispatch_qtype(qtype, [&]<int T>() {
+          launch_small_forward<T>(x, dtype, wb, y, (int)m, (int)n, (int)k, row_bytes, s);
+        });
+        break;
+      case cuda_policy::Path::Cublas:
+        dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s); });
+        break;
+      default:
+        reference::qmatmul_forward(qtype, x, dtype, wb, y, m, n, k, s);
+    }
+  };
+  product(cuda_policy::Product::Forward, qtype, dtype, w, y, m, n, k, stream, run);
 }
 
 bool qmatmul_forward_one_row(int qtype, const GemvPrologue& p, const void* x, int dtype, const void* w, void* y,
@@ -421,32 +440,29 @@ bool qmatmul_forward_one_row(int qtype, const GemvPrologue& p, const void* x, in
 
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx, int64_t m, int64_t n,
                         int64_t k, void* stream) {
-  const BlockInfo bi = check_args(qtype, dtype, m, n, k);
-  if (m == 0 || k == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (n == 0) {  // empty reduction
-    LT_CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)(m * k * dtype_size(dtype)), s));
-    return;
-  }
-  const int64_t row_bytes = k / bi.elems * bi.bytes;
-  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
-  const uint8_t* wb = wa.get();
-  switch (choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx)) {
-    case cuda_policy::Path::Gemv:
-      dispatch_qtype(qtype, [&]<int T>() { launch_gemv_input_grad<T>(dy, dtype, wb, dx, n, k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Staged:
-      dispatch_qtype(qtype, [&]<int T>() { launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Direct:
-      dispatch_qtype(qtype, [&]<int T>() { launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s); });
-      break;
-    case cuda_policy::Path::Cublas:
-      dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
-      break;
-    default:
-      reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, stream);
-  }
+  auto run = [&](cudaStream_t s, const uint8_t* wb, int64_t row_bytes) {
+    switch (choose_path(cuda_policy::Product::InputGrad, qtype, dtype, m, n, k, dy, dx)) {
+      case cuda_policy::Path::Gemv:
+        dispatch_qtype(qtype, [&]<int T>() { launch_gemv_input_grad<T>(dy, dtype, wb, dx, n, k, row_bytes, s); });
+        break;
+      case cuda_policy::Path::Staged:
+        dispatch_qtype(qtype, [&]<int T>() {
+          launch_staged_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s);
+        });
+        break;
+      case cuda_policy::Path::Direct:
+        dispatch_qtype(qtype, [&]<int T>() {
+          launch_small_input_grad<T>(dy, dtype, wb, dx, (int)m, (int)n, (int)k, row_bytes, s);
+        });
+        break;
+      case cuda_policy::Path::Cublas:
+        dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s); });
+        break;
+      default:
+        reference::qmatmul_input_grad(qtype, dy, dtype, wb, dx, m, n, k, s);
+    }
+  };
+  product(cuda_policy::Product::InputGrad, qtype, dtype, w, dx, m, n, k, stream, run);
 }
 
 namespace {
@@ -470,32 +486,22 @@ void check_lowrank(const LowRankUpdate& u, int dtype, int64_t n, int64_t k) {
 
 void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w, const LowRankUpdate& u, void* y,
                              int64_t m, int64_t n, int64_t k, void* stream) {
-  const BlockInfo bi = check_args(qtype, dtype, m, n, k);
   check_lowrank(u, dtype, n, k);
-  if (m == 0 || n == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (k == 0) {  // empty reduction
-    LT_CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)(m * n * dtype_size(dtype)), s));
-    return;
-  }
-  const int64_t row_bytes = k / bi.elems * bi.bytes;
-  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
-  dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wa.get(), y, m, n, k, row_bytes, s, &u); });
+  product(cuda_policy::Product::Forward, qtype, dtype, w, y, m, n, k, stream,
+          [&](cudaStream_t s, const uint8_t* wb, int64_t row_bytes) {
+            dispatch_qtype(qtype, [&]<int T>() { chunked_forward<T>(x, dtype, wb, y, m, n, k, row_bytes, s, &u); });
+          });
 }
 
 void qmatmul_input_grad_lowrank(int qtype, const void* dy, int dtype, const void* w, const LowRankUpdate& u,
                                 void* dx, int64_t m, int64_t n, int64_t k, void* stream) {
-  const BlockInfo bi = check_args(qtype, dtype, m, n, k);
   check_lowrank(u, dtype, n, k);
-  if (m == 0 || k == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (n == 0) {  // empty reduction
-    LT_CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)(m * k * dtype_size(dtype)), s));
-    return;
-  }
-  const int64_t row_bytes = k / bi.elems * bi.bytes;
-  const AlignedWeight wa(w, (size_t)(n * row_bytes), s);
-  dispatch_qtype(qtype, [&]<int T>() { chunked_input_grad<T>(dy, dtype, wa.get(), dx, m, n, k, row_bytes, s, &u); });
+  product(cuda_policy::Product::InputGrad, qtype, dtype, w, dx, m, n, k, stream,
+          [&](cudaStream_t s, const uint8_t* wb, int64_t row_bytes) {
+            dispatch_qtype(qtype, [&]<int T>() {
+              chunked_input_grad<T>(dy, dtype, wb, dx, m, n, k, row_bytes, s, &u);
+            });
+          });
 }
 
 }  // namespace lowtune::cuda
