@@ -634,14 +634,22 @@ def test_merged_factors_give_the_adapters_update(pool, repeat, rank):
     torch.testing.assert_close(x @ (s * bx @ at.t()).t(), y)
 
 
+def test_merge_setting_read():
+    """LOWTUNE_CUDA_ADAPTER_MERGE's values: auto takes the kinds timed faster, 1 both, 0 neither; others refused."""
+    assert adapter_ops._merge_kinds("auto") == adapter_ops._MERGE_AUTO
+    assert adapter_ops._merge_kinds("1") == {"lowrank", "expanded"} and not adapter_ops._merge_kinds("0")
+    with pytest.raises(ValueError, match="auto, 1 or 0"):
+        adapter_ops._merge_kinds("yes")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
 def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
-    """The adapter merged into the frozen product (adapter_ops._MERGE_ADAPTER: ΔW = s/p·expand_q(B·A), or
+    """The adapter merged into the frozen product (adapter_ops._MERGE_KINDS: ΔW = s/p·expand_q(B·A), or
     QA-HiRA's s/p·expand_q(A), formed in the chunked path's dequantization kernel) against float64, and
     taken exactly where it applies: at the rows the GEMM path takes (not M = 7), both directions."""
-    monkeypatch.setattr(adapter_ops, "_MERGE_ADAPTER", True)
+    monkeypatch.setattr(adapter_ops, "_MERGE_KINDS", adapter_ops._merge_kinds("1"))
     calls = []
     for name in ("_forward_lowrank_kernel", "_input_grad_lowrank_kernel", "_forward_expanded_kernel",
                  "_input_grad_expanded_kernel"):

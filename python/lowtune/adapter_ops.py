@@ -344,19 +344,29 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
     return xs, u
 
 
-# The adapter merged into the frozen product (LOWTUNE_CUDA_ADAPTER_MERGE=1; off until timed on a GPU:
-# BENCHMARKS.md "The adapter merged into the frozen product's chunks"). Where it applies (CUDA, 16-bit
-# activations, the rows the torch GEMM path takes, the adapter reading x itself rather than a
-# separate input such as a dropped-out one), y = x·(deq(W) + ΔW)ᵀ and dx = dy·(deq(W) + ΔW), with
-# ΔW = s/p·expand_q(B·A) (or, for a single matrix, s/p·expand_q(A)) formed by the chunked path's
-# dequantization kernel (ops.qmatmul_lowrank; the expanded kernels for a single matrix): no pass over y
-# or dx of the adapter's own. u, dA and dB are the torch path's.
-_MERGE_ADAPTER = os.environ.get("LOWTUNE_CUDA_ADAPTER_MERGE", "0") == "1"
+# The adapter merged into the frozen product. Where it applies (CUDA, 16-bit activations, the rows the
+# torch GEMM path takes, the adapter reading x itself rather than a separate input such as a dropped-out
+# one), y = x·(deq(W) + ΔW)ᵀ and dx = dy·(deq(W) + ΔW), with ΔW = s/p·expand_q(B·A) ("lowrank") or, for
+# a single matrix (QA-HiRA), s/p·expand_q(A) ("expanded"), formed by the chunked path's dequantization
+# kernel (ops.qmatmul_lowrank; the expanded kernels): no pass over y or dx of the adapter's own. u, dA and
+# dB are the torch path's. LOWTUNE_CUDA_ADAPTER_MERGE: auto (the kinds timed faster than the separate
+# products: BENCHMARKS.md "The adapter merged into the frozen product's chunks"), 1 (both), 0 (neither).
+_MERGE_AUTO = frozenset({"expanded"})
+
+
+def _merge_kinds(setting: str) -> frozenset:
+    choices = {"auto": _MERGE_AUTO, "1": frozenset({"lowrank", "expanded"}), "0": frozenset()}
+    if setting not in choices:
+        raise ValueError(f"LOWTUNE_CUDA_ADAPTER_MERGE must be auto, 1 or 0, got {setting!r}")
+    return choices[setting]
+
+
+_MERGE_KINDS = _merge_kinds(os.environ.get("LOWTUNE_CUDA_ADAPTER_MERGE", "auto"))
 
 
 def _merges(t: Tensor, geom: AdapterGeometry, separate: bool) -> bool:
-    return (_MERGE_ADAPTER and not separate and t.device.type == "cuda"
-            and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
+    return (("lowrank" if geom.has_b else "expanded") in _MERGE_KINDS and not separate
+            and t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
 
 
 def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call for the rank-r update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank, its
 # input gradient; dequant_lowrank_kernel in csrc/cuda/dequant_tile.cuh) and the adapter route on it
-# (adapter_ops._MERGE_ADAPTER): build, the CUDA tests (kernels, policy, adapters: the update's and the
+# (adapter_ops._MERGE_KINDS): build, the CUDA tests (kernels, policy, adapters: the update's and the
 # route's against float64), compute-sanitizer on the update's tests, then
 # tools/gpu/adapter_merge_cost.py (the adapter's passes now, the cuBLAS merge, the fused rows and the
 # route's sum against 15% of the bare layer); then tools/bench_adapters.py (graph replay of whole
