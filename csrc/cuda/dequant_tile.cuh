@@ -82,78 +82,71 @@ void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int
 
 // The chunk of W' = deq(W) + scale · Bx · Atᵀ (a rank-r update, e.g. an adapter's s·B·A with B and A
 // expanded over repeat and pool) that the large-M path hands to cuBLAS, formed in one pass with no shared
-// memory. A warp takes 32 rows x 64 columns: its m16n8k16 products of Bx's rows and At's columns leave in
-// each thread exactly the 16 consecutive columns of 4 rows that it then dequantizes, adds to and stores
-// with 16-byte stores. That needs only a relabelling of the products' indices, which a sum over them
-// allows: of 8-column tile j, column n is the warp's column 16 (n / 2) + 2 j + n % 2 (so thread c's
-// accumulators hold columns 16 c .. 16 c + 15), and of 16-rank step s, pair index 2 c (+8) is rank
-// 16 s + 4 c (+2) (so each lane's A and B registers of a step are one 8-byte load). A CTA's 8 warps
-// cover 128 x 128; warps on the same rows or columns read the same factor rows, mostly from L1.
-// bx: the tile's rows of Bx [nrows][rank]; at: its columns of At [ncols][rank] (row-major, OUT's 16-bit
-// type, rank a multiple of 16: zero-padded by the caller, 8-byte aligned). Rows and columns past the
-// tile's are read as zero and not stored. Its twin: deq(W) + scale · Bx · Atᵀ in float64
+// memory. A warp takes 16 rows x 64 columns: its m16n8k16 products of Bx's rows and At's columns leave in
+// each thread exactly the 16 consecutive columns of 2 rows that it dequantizes, adds to and stores with
+// 16-byte stores. That needs only a relabelling of the products' indices, which a sum over them allows:
+// of 8-column tile j, column n is the warp's column 16 (n / 2) + 2 j + n % 2 (so thread c's accumulators
+// hold columns 16 c .. 16 c + 15), and of 16-rank step s, pair index 2 c (+8) is rank 16 s + 4 c (+2) (so
+// each lane's A and B registers of a step are one 8-byte load). A CTA's 4 warps are stacked in rows
+// (64 x 64) and read the same At rows, mostly from L1. Rows and columns past the tile's are read clamped
+// to its last (their products land only in accumulators that are not stored). bx: the tile's rows of
+// Bx [nrows][rank]; at: its columns of At [ncols][rank] (row-major, OUT's 16-bit type, rank a multiple
+// of 16: zero-padded by the caller, 8-byte aligned). Its twin: deq(W) + scale · Bx · Atᵀ in float64
 // (tests/test_cuda.py).
-constexpr int kLowRankWarpRows = 32, kLowRankWarpCols = 64, kLowRankRows = 128, kLowRankCols = 128;
+constexpr int kLowRankRows = 64, kLowRankCols = 64;
 template <int T, class OUT>
-__global__ void __launch_bounds__(256, 2) dequant_lowrank_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
+__global__ void __launch_bounds__(128, 5) dequant_lowrank_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
                                                                  int64_t nrows, int64_t col0, int64_t ncols,
                                                                  OUT* __restrict__ out, int64_t ldo,
                                                                  const OUT* __restrict__ bx,
                                                                  const OUT* __restrict__ at, int rank, float scale) {
   using U = Unpack<T>;
-  constexpr int W = U::template Words<16>::value;
-  constexpr int kM = kLowRankWarpRows / 16, kJ = kLowRankWarpCols / 8;
-  constexpr int kWarpsAcross = kLowRankCols / kLowRankWarpCols;
+  constexpr int W = U::template Words<16>::value, kJ = kLowRankCols / 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t wr0 = (int64_t)blockIdx.y * kLowRankRows + kLowRankWarpRows * (warp / kWarpsAcross);
-  const int64_t wc0 = (int64_t)blockIdx.x * kLowRankCols + kLowRankWarpCols * (warp % kWarpsAcross);
-  if (wr0 >= nrows || wc0 >= ncols) return;  // the whole warp: no product of it is stored
-  // this thread's rows wr0 + 8 q + g (q = 2 m + h: m-tile m, fragment half h) and columns col .. col + 15
-  const int64_t col = wc0 + 16 * c;
-  const bool live_col = col < ncols;
+  const int64_t wr0 = (int64_t)blockIdx.y * kLowRankRows + 16 * warp, wc0 = (int64_t)blockIdx.x * kLowRankCols;
+  if (wr0 >= nrows) return;  // the whole warp: no product of it is stored
+  // this thread's rows wr0 + g, wr0 + g + 8 and columns col .. col + 15
+  const int64_t row_a = wr0 + g, row_b = row_a + 8, col = wc0 + 16 * c;
+  const bool live = col < ncols;
   const int64_t k = col0 + col;
   const int e = (int)(k % U::kElems);
   const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
-  auto quad = [&](const OUT* f, int64_t i, int64_t rows, int t) -> uint2 {  // ranks t .. t + 3 of row i
-    return i < rows ? *reinterpret_cast<const uint2*>(f + i * rank + t) : make_uint2(0u, 0u);
-  };
-  float acc[kM][kJ][4];
+  const int64_t last_row = nrows - 1, last_col = ncols - 1;
+  const OUT* pa = bx + (row_a < last_row ? row_a : last_row) * rank + 4 * c;
+  const OUT* pb = bx + (row_b < last_row ? row_b : last_row) * rank + 4 * c;
+  int ot[kJ];  // At's offsets (a chunk's At is far below 2^31 elements)
 #pragma unroll
-  for (int m = 0; m < kM; ++m)
+  for (int j = 0; j < kJ; ++j) {
+    const int64_t tc = wc0 + 16 * (g >> 1) + 2 * j + (g & 1);
+    ot[j] = (int)((tc < last_col ? tc : last_col) * rank + 4 * c);
+  }
+  float acc[kJ][4];
 #pragma unroll
-    for (int j = 0; j < kJ; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
-  for (int t = 4 * c; t < rank; t += 16) {
-    uint32_t a[kM][4];
-#pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      const uint2 lo = quad(bx, wr0 + 16 * m + g, nrows, t), hi = quad(bx, wr0 + 16 * m + g + 8, nrows, t);
-      a[m][0] = lo.x, a[m][1] = hi.x, a[m][2] = lo.y, a[m][3] = hi.y;
-    }
+  for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll 2
+  for (int t = 0; t < rank; t += 16) {
+    const uint2 lo = *reinterpret_cast<const uint2*>(pa + t), hi = *reinterpret_cast<const uint2*>(pb + t);
+    const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
-      const uint2 b = quad(at, wc0 + 16 * (g >> 1) + 2 * j + (g & 1), ncols, t);
-#pragma unroll
-      for (int m = 0; m < kM; ++m) mma16816<OUT>(acc[m][j], a[m], b.x, b.y);
+      const uint2 b = *reinterpret_cast<const uint2*>(at + ot[j] + t);
+      mma16816<OUT>(acc[j], a, b.x, b.y);
     }
   }
-  if (!live_col) return;
-  uint32_t words[2 * kM][W];  // loaded after the products: held through them they would spill
+  if (!live) return;
+  uint32_t wa[W], wb[W];  // loaded after the products: held through them they would spill
+  if (row_a < nrows) U::template load<16>(blk + row_a * row_bytes, e, wa);
+  if (row_b < nrows) U::template load<16>(blk + row_b * row_bytes, e, wb);
 #pragma unroll
-  for (int q = 0; q < 2 * kM; ++q) {
-    const int64_t row = wr0 + 8 * q + g;
-    if (row < nrows) U::template load<16>(blk + row * row_bytes, e, words[q]);
-  }
-#pragma unroll
-  for (int q = 0; q < 2 * kM; ++q) {
-    const int64_t row = wr0 + 8 * q + g;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = h ? row_b : row_a;
     if (row >= nrows) continue;
     float v[16];
-    U::template decode<16>(words[q], e, v);
-    const int m = q / 2, h = 2 * (q % 2);
+    U::template decode<16>(h ? wb : wa, e, v);
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
-      v[2 * j] += scale * acc[m][j][h];
-      v[2 * j + 1] += scale * acc[m][j][h + 1];
+      v[2 * j] += scale * acc[j][2 * h];
+      v[2 * j + 1] += scale * acc[j][2 * h + 1];
     }
     store16<OUT>(out + row * ldo + col, v);
   }
@@ -229,12 +222,12 @@ void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nr
   const dim3 grid((unsigned)((ncols + kLowRankCols - 1) / kLowRankCols), (unsigned)row_tiles);
   switch (out_dtype) {
     case D_F16:
-      dequant_lowrank_kernel<T, __half><<<grid, 256, 0, stream>>>(
+      dequant_lowrank_kernel<T, __half><<<grid, 128, 0, stream>>>(
           w, row_bytes, nrows, col0, ncols, static_cast<__half*>(out), ldo, static_cast<const __half*>(bx),
           static_cast<const __half*>(at), rank, scale);
       break;
     case D_BF16:
-      dequant_lowrank_kernel<T, __nv_bfloat16><<<grid, 256, 0, stream>>>(
+      dequant_lowrank_kernel<T, __nv_bfloat16><<<grid, 128, 0, stream>>>(
           w, row_bytes, nrows, col0, ncols, static_cast<__nv_bfloat16*>(out), ldo,
           static_cast<const __nv_bfloat16*>(bx), static_cast<const __nv_bfloat16*>(at), rank, scale);
       break;
