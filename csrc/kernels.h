@@ -64,8 +64,9 @@ void qmatmul_forward(int qtype, const void* x, int dtype, const void* w, void* y
 void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, void* dx,
                         int64_t m, int64_t n, int64_t k, void* stream);
 // An update of W inside the large-M products, W' = deq(W) + ΔW, either of rank r: ΔW = scale · Bx · Atᵀ
-// with Bx [n][rank] and At [k][rank] row-major in the activation dtype (bf16 or fp16), rank a multiple of
-// 16 (zero-padded), 8-byte aligned; or (bx null) one matrix expanded: ΔW[i][j] = scale / pool ·
+// with Bx [n][rank] and At [k][rank] in the activation dtype (bf16 or fp16), in the order the kernel reads
+// its MMA fragments (lowtune.ops.lowrank_ready: rank zero-padded to a multiple of 16, n to 16 rows, k to 64
+// columns), 16-byte aligned; or (bx null) one matrix expanded: ΔW[i][j] = scale / pool ·
 // a[i / repeat][j / pool], a fp32 [n / repeat][k / pool]. y = x·W'ᵀ or dx = dy·W' through the chunked
 // cuBLAS path, whatever M: each chunk of W' is formed by the dequantization kernel, so the update costs
 // no pass over y or dx of its own.

@@ -285,6 +285,32 @@ def test_low_rank_update_arguments_are_checked(q4k):
         ops.qmatmul_input_grad_lowrank(dy, q4k, bx, at, 1.0)
 
 
+@pytest.mark.parametrize("n,k,r", [(16, 64, 16), (40, 96, 5), (200, 320, 37)])
+def test_low_rank_fragments_are_where_the_kernel_reads_them(n, k, r):
+    """ops.lowrank_ready's layout against dequant_lowrank_kernel's reads, written out element by element:
+    lane 4 g + c of row tile R reads Bx's ranks 16 s + 4 c .. + 3 of rows 16 R + g and 16 R + g + 8 as one
+    16-byte load at ((R S + s) 32 + lane) 8 (registers a0..a3: row g low pair, row g + 8 low pair, row g high
+    pair, row g + 8 high pair); of 8-column tile j in column tile T, At's ranks 16 s + 4 c .. + 3 of column
+    64 T + 16 (g / 2) + 2 j + g % 2 as one 8-byte load at ((T S + s) 8 + j) 128 + 4 lane. Padding reads zero."""
+    from lowtune import ops
+    bx, at = torch.randn(n, r, dtype=torch.float64), torch.randn(k, r, dtype=torch.float64)
+    f = ops.lowrank_ready(bx, at, torch.float64)
+    S = f.rank // 16
+    assert f.rank % 16 == 0 and f.rank >= r and f.bx.is_contiguous() and f.at.is_contiguous()
+    i, t = torch.meshgrid(torch.arange(n), torch.arange(r), indexing="ij")
+    s, c, q = t // 16, t % 16 // 4, t % 4
+    g, h = i % 8, i % 16 // 8
+    at_b = (((i // 16) * S + s) * 32 + 4 * g + c) * 8 + (q // 2 * 2 + h) * 2 + q % 2
+    assert torch.equal(f.bx.flatten()[at_b], bx)
+    i, t = torch.meshgrid(torch.arange(k), torch.arange(r), indexing="ij")
+    s, c, q = t // 16, t % 16 // 4, t % 4
+    gh, j, gl = i % 64 // 16, i % 16 // 2, i % 2
+    at_a = (((i // 64) * S + s) * 8 + j) * 128 + 4 * (4 * (2 * gh + gl) + c) + q
+    assert torch.equal(f.at.flatten()[at_a], at)
+    assert f.bx.count_nonzero() == bx.numel() and f.at.count_nonzero() == at.numel()  # the rest is zero
+    assert f.bx.numel() == -(-n // 16) * 16 * f.rank and f.at.numel() == -(-k // 64) * 64 * f.rank
+
+
 def test_non_contiguous_input_names_the_tensor(q4k):
     with pytest.raises(ValueError, match=r"^x must be contiguous"):
         lowtune.qmatmul(torch.zeros(256, 4).t(), q4k)

@@ -83,16 +83,17 @@ void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int
 // The chunk of W' = deq(W) + scale · Bx · Atᵀ (a rank-r update, e.g. an adapter's s·B·A with B and A
 // expanded over repeat and pool) that the large-M path hands to cuBLAS, formed in one pass with no shared
 // memory. A warp takes 16 rows x 64 columns: its m16n8k16 products of Bx's rows and At's columns leave in
-// each thread exactly the 16 consecutive columns of 2 rows that it dequantizes, adds to and stores with
-// 16-byte stores. That needs only a relabelling of the products' indices, which a sum over them allows:
-// of 8-column tile j, column n is the warp's column 16 (n / 2) + 2 j + n % 2 (so thread c's accumulators
-// hold columns 16 c .. 16 c + 15), and of 16-rank step s, pair index 2 c (+8) is rank 16 s + 4 c (+2) (so
-// each lane's A and B registers of a step are one 8-byte load). A CTA's 4 warps are stacked in rows
-// (64 x 64) and read the same At rows, mostly from L1. Rows and columns past the tile's are read clamped
-// to its last (their products land only in accumulators that are not stored). bx: the tile's rows of
-// Bx [nrows][rank]; at: its columns of At [ncols][rank] (row-major, OUT's 16-bit type, rank a multiple
-// of 16: zero-padded by the caller, 8-byte aligned). Its twin: deq(W) + scale · Bx · Atᵀ in float64
-// (tests/test_cuda.py).
+// each thread exactly the 16 consecutive columns of 2 rows that it then dequantizes, adds to and stores
+// with 16-byte stores. That needs only a relabelling of the products' indices, which a sum over them
+// allows: of 8-column tile j, column n is the warp's column 16 (n / 2) + 2 j + n % 2 (so thread c's
+// accumulators hold columns 16 c .. 16 c + 15), and of 16-rank step s, pair index 2 c (+8) is rank
+// 16 s + 4 c (+2). Bx and At come in the order those fragments are read (lowtune.ops.lowrank_ready): a
+// lane's A registers of a step are one 16-byte load and its B registers of a tile one 8-byte load, and a
+// warp's 32 loads are contiguous (512 or 256 bytes), so the factors cost the L1 whole lines. A CTA's 4
+// warps are stacked in rows (64 x 64) and read the same At fragments. bx: the chunk's row tiles of Bx, at:
+// its column tiles of At (N padded to 16 rows, K to 64 columns, rank to a multiple of 16, all zero: rows
+// and columns past the chunk's are read, their products land only in accumulators that are not stored).
+// Its twin: deq(W) + scale · Bx · Atᵀ in float64 (tests/test_cuda.py); the layout's test: test_ops_cpu.py.
 constexpr int kLowRankRows = 64, kLowRankCols = 64;
 template <int T, class OUT>
 __global__ void __launch_bounds__(128, 5) dequant_lowrank_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
@@ -103,37 +104,32 @@ __global__ void __launch_bounds__(128, 5) dequant_lowrank_kernel(const uint8_t* 
   using U = Unpack<T>;
   constexpr int W = U::template Words<16>::value, kJ = kLowRankCols / 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t wr0 = (int64_t)blockIdx.y * kLowRankRows + 16 * warp, wc0 = (int64_t)blockIdx.x * kLowRankCols;
+  const int64_t row_tile = (int64_t)blockIdx.y * (kLowRankRows / 16) + warp;
+  const int64_t wr0 = 16 * row_tile, wc0 = (int64_t)blockIdx.x * kLowRankCols;
   if (wr0 >= nrows) return;  // the whole warp: no product of it is stored
-  // this thread's rows wr0 + g, wr0 + g + 8 and columns col .. col + 15
-  const int64_t row_a = wr0 + g, row_b = row_a + 8, col = wc0 + 16 * c;
-  const bool live = col < ncols;
-  const int64_t k = col0 + col;
-  const int e = (int)(k % U::kElems);
-  const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
-  const int64_t last_row = nrows - 1, last_col = ncols - 1;
-  const OUT* pa = bx + (row_a < last_row ? row_a : last_row) * rank + 4 * c;
-  const OUT* pb = bx + (row_b < last_row ? row_b : last_row) * rank + 4 * c;
-  int ot[kJ];  // At's offsets (a chunk's At is far below 2^31 elements)
-#pragma unroll
-  for (int j = 0; j < kJ; ++j) {
-    const int64_t tc = wc0 + 16 * (g >> 1) + 2 * j + (g & 1);
-    ot[j] = (int)((tc < last_col ? tc : last_col) * rank + 4 * c);
-  }
+  const int steps = rank / 16;
+  const uint4* fa = reinterpret_cast<const uint4*>(bx) + row_tile * steps * 32 + lane;  // step s: + 32 s
+  // + 32 (8 s + j)
+  const uint2* fb = reinterpret_cast<const uint2*>(at) + (int64_t)blockIdx.x * steps * kJ * 32 + lane;
   float acc[kJ][4];
 #pragma unroll
   for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll 2
-  for (int t = 0; t < rank; t += 16) {
-    const uint2 lo = *reinterpret_cast<const uint2*>(pa + t), hi = *reinterpret_cast<const uint2*>(pb + t);
-    const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
+  for (int s = 0; s < steps; ++s) {
+    const uint4 av = fa[32 * s];
+    const uint32_t a[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
-      const uint2 b = *reinterpret_cast<const uint2*>(at + ot[j] + t);
+      const uint2 b = fb[32 * (kJ * s + j)];
       mma16816<OUT>(acc[j], a, b.x, b.y);
     }
   }
-  if (!live) return;
+  // this thread's rows wr0 + g, wr0 + g + 8 and columns col .. col + 15
+  const int64_t row_a = wr0 + g, row_b = row_a + 8, col = wc0 + 16 * c;
+  if (col >= ncols) return;
+  const int64_t k = col0 + col;
+  const int e = (int)(k % U::kElems);
+  const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
   uint32_t wa[W], wb[W];  // loaded after the products: held through them they would spill
   if (row_a < nrows) U::template load<16>(blk + row_a * row_bytes, e, wa);
   if (row_b < nrows) U::template load<16>(blk + row_b * row_bytes, e, wb);

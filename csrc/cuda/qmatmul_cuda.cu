@@ -479,8 +479,8 @@ void check_lowrank(const LowRankUpdate& u, int dtype, int64_t n, int64_t k) {
   if (u.rank <= 0 || u.rank % 16)
     throw std::invalid_argument("the low-rank update's rank must be a positive multiple of 16 (zero-padded), got " +
                                 std::to_string(u.rank));
-  if ((reinterpret_cast<uintptr_t>(u.bx) | reinterpret_cast<uintptr_t>(u.at)) & 7)
-    throw std::invalid_argument("the low-rank update's Bx and At must be 8-byte aligned");
+  if ((reinterpret_cast<uintptr_t>(u.bx) | reinterpret_cast<uintptr_t>(u.at)) & 15)
+    throw std::invalid_argument("the low-rank update's Bx and At must be 16-byte aligned");
 }
 }  // namespace
 

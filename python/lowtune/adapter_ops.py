@@ -369,20 +369,20 @@ def _merges(t: Tensor, geom: AdapterGeometry, separate: bool) -> bool:
             and t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
 
 
-def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(Bx [n, r'], At [k, r']) with Bx·Atᵀ = expand_q(B[:, :r])·expand_p(A[:r])/p: B's rows repeated over
-    the repeat's q outputs, A's columns over the pool's p inputs (each weighing 1/p), ready for the kernel."""
+def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry) -> tuple[Tensor, Tensor]:
+    """(Bx [n, r], At [k, r]) with Bx·Atᵀ = expand_q(B[:, :r])·expand_p(A[:r])/p: B's rows repeated over
+    the repeat's q outputs, A's columns over the pool's p inputs (each weighing 1/p)."""
     r, p, q = geom.rank, geom.pool, geom.repeat
     bx = B32[:, :r].repeat_interleave(q, dim=0) if q > 1 else B32[:, :r]
     at = (A32[:r] / p).repeat_interleave(p, dim=1).t() if p > 1 else A32[:r].t()
-    return ops.lowrank_ready(bx, at, dtype)
+    return bx, at
 
 
 def _merged_forward(x: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
                     geom: AdapterGeometry) -> Tensor:
     if geom.has_b:
-        return ops._forward_lowrank_kernel(x, raw, type_id, geom.n, geom.k,
-                                           *_merged_factors(A32, B32, geom, x.dtype), geom.scale)
+        f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), x.dtype)
+        return ops._forward_lowrank_kernel(x, raw, type_id, geom.n, geom.k, f, geom.scale)
     return ops._forward_expanded_kernel(x, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(), geom.pool,
                                         geom.repeat, geom.scale)
 
@@ -390,8 +390,8 @@ def _merged_forward(x: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tens
 def _merged_input_grad(dy: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
                        geom: AdapterGeometry) -> Tensor:
     if geom.has_b:
-        return ops._input_grad_lowrank_kernel(dy, raw, type_id, geom.n, geom.k,
-                                              *_merged_factors(A32, B32, geom, dy.dtype), geom.scale)
+        f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), dy.dtype)
+        return ops._input_grad_lowrank_kernel(dy, raw, type_id, geom.n, geom.k, f, geom.scale)
     return ops._input_grad_expanded_kernel(dy, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(),
                                            geom.pool, geom.repeat, geom.scale)
 

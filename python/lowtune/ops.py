@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -386,39 +387,55 @@ def _lowrank_args(a: Tensor, name: str, qt: QTensor, bx: Tensor, at: Tensor, las
         raise ValueError(f"bx and at must share a positive rank, got {bx.shape[1]} and {at.shape[1]}")
     if qt.device.type != "cuda":
         raise ValueError("the low-rank update runs on CUDA only (its CPU twin: dequantize + the update + matmul)")
-    return (a.reshape(-1, last).contiguous(), *lowrank_ready(bx, at, a.dtype))
+    return a.reshape(-1, last).contiguous(), lowrank_ready(bx, at, a.dtype)
 
 
-def lowrank_ready(bx: Tensor, at: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """bx, at as the kernels take them: in dtype, contiguous, the rank zero-padded to a multiple of 16
-    (the kernel's MMA steps take 16 of it at a time), 16-byte aligned (its loads take 4 ranks at once)."""
-    pad = -bx.shape[1] % 16
-
-    def ready(t: Tensor) -> Tensor:
-        t = t.to(dtype)
-        t = torch.nn.functional.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
-        return t if t.data_ptr() % 16 == 0 else t.clone()
-    return ready(bx), ready(at)
+class LowRankFragments(NamedTuple):
+    """A rank-r update's factors in the order dequant_lowrank_kernel reads its MMA fragments (lowrank_ready)."""
+    bx: Tensor
+    at: Tensor
+    rank: int  # padded to a multiple of 16
 
 
-def _forward_lowrank_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, bx: Tensor, at: Tensor,
+def lowrank_ready(bx: Tensor, at: Tensor, dtype: torch.dtype) -> LowRankFragments:
+    """Bx [N, r] and At [K, r] in dtype, laid out so that each lane's fragment registers of an MMA step are one
+    load and a warp's loads are contiguous (csrc/cuda/dequant_tile.cuh says which lane takes which element):
+    the rank zero-padded to a multiple of 16, N to a multiple of 16 and K to a multiple of 64 (a warp's tile
+    never reads past them), then, with row = 16 R + 8 h + g, column = 64 T + 16 gh + 2 j + gl and
+    rank = 16 s + 4 c + q (q = 2 qh + ql):
+      Bx as [R][s][g][c][qh][h][ql]: lane 4 g + c's A registers a0..a3 one 16-byte load;
+      At as [T][s][j][gh][gl][c][q]: lane 4 (2 gh + gl) + c's B registers of 8-column tile j one 8-byte load."""
+    r = -(-bx.shape[1] // 16) * 16
+
+    def padded(t: Tensor, rows: int) -> Tensor:
+        return torch.nn.functional.pad(t, (0, r - t.shape[1], 0, rows - t.shape[0]))
+
+    n16, k64 = -(-bx.shape[0] // 16) * 16, -(-at.shape[0] // 64) * 64
+    b = padded(bx, n16).view(n16 // 16, 2, 8, r // 16, 4, 2, 2).permute(0, 3, 2, 4, 5, 1, 6)
+    a = padded(at, k64).view(k64 // 64, 4, 8, 2, r // 16, 4, 4).permute(0, 4, 2, 1, 3, 5, 6)
+    # one copy each, cast included; fresh allocations are 16-byte aligned
+    return LowRankFragments(torch.empty(b.shape, dtype=dtype, device=bx.device).copy_(b),
+                            torch.empty(a.shape, dtype=dtype, device=at.device).copy_(a), r)
+
+
+def _forward_lowrank_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, f: LowRankFragments,
                             scale: float) -> Tensor:
-    """x2 [m, k]·(deq(W) + scale·bx·atᵀ)ᵀ with bx, at ready (x2's dtype, rank a multiple of 16, contiguous)."""
+    """x2 [m, k]·(deq(W) + scale·Bx·Atᵀ)ᵀ with Bx, At as lowrank_ready lays them out (in x2's dtype)."""
     y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
     if y.numel():
-        _C.cuda_qmatmul_forward_lowrank(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(), bx.data_ptr(),
-                                        at.data_ptr(), bx.shape[1], float(scale), y.data_ptr(), x2.shape[0], n, k,
-                                        _stream(x2.device))
+        _C.cuda_qmatmul_forward_lowrank(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(),
+                                        f.bx.data_ptr(), f.at.data_ptr(), f.rank, float(scale), y.data_ptr(),
+                                        x2.shape[0], n, k, _stream(x2.device))
     return y
 
 
-def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, bx: Tensor, at: Tensor,
+def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, f: LowRankFragments,
                                scale: float) -> Tensor:
-    """dy2 [m, n]·(deq(W) + scale·bx·atᵀ), bx and at as for _forward_lowrank_kernel."""
+    """dy2 [m, n]·(deq(W) + scale·Bx·Atᵀ), Bx and At as for _forward_lowrank_kernel."""
     dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype, device=dy2.device)
     if dx.numel():
         _C.cuda_qmatmul_input_grad_lowrank(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(),
-                                           bx.data_ptr(), at.data_ptr(), bx.shape[1], float(scale), dx.data_ptr(),
+                                           f.bx.data_ptr(), f.at.data_ptr(), f.rank, float(scale), dx.data_ptr(),
                                            dy2.shape[0], n, k, _stream(dy2.device))
     return dx
 
@@ -448,14 +465,14 @@ def _input_grad_expanded_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, 
 def qmatmul_lowrank(x: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
     """Y[..., N] = X[..., K] · (deq(W) + scale·Bx·Atᵀ)ᵀ; Bx [N, r], At [K, r] (cast to x's dtype)."""
     n, k = qt.shape
-    x2, bx, at = _lowrank_args(x, "x", qt, bx, at, k, "K")
-    y = _forward_lowrank_kernel(x2, qt.raw, qt.format.type_id, n, k, bx, at, scale)
+    x2, f = _lowrank_args(x, "x", qt, bx, at, k, "K")
+    y = _forward_lowrank_kernel(x2, qt.raw, qt.format.type_id, n, k, f, scale)
     return y.reshape(*x.shape[:-1], n)
 
 
 def qmatmul_input_grad_lowrank(dy: Tensor, qt: QTensor, bx: Tensor, at: Tensor, scale: float) -> Tensor:
     """dX[..., K] = dY[..., N] · (deq(W) + scale·Bx·Atᵀ); Bx [N, r], At [K, r] (cast to dy's dtype)."""
     n, k = qt.shape
-    dy2, bx, at = _lowrank_args(dy, "dy", qt, bx, at, n, "N")
-    dx = _input_grad_lowrank_kernel(dy2, qt.raw, qt.format.type_id, n, k, bx, at, scale)
+    dy2, f = _lowrank_args(dy, "dy", qt, bx, at, n, "N")
+    dx = _input_grad_lowrank_kernel(dy2, qt.raw, qt.format.type_id, n, k, f, scale)
     return dx.reshape(*dy.shape[:-1], k)
