@@ -177,14 +177,14 @@ PYBIND11_MODULE(_C, m) {
     const cuda::LowRankUpdate u{ptr<const void>(bx), ptr<const void>(at), rank, scale};
     cuda::qmatmul_forward_lowrank(t, ptr<const void>(x), dt, ptr<const void>(w), u, ptr<void>(y), M, N, K,
                                   ptr<void>(stream));
-  }, nogil(), "y = x . (deq(W) + scale Bx At^T)^T through the chunked cuBLAS path (Bx [N, rank], At [K, rank]).");
+  }, nogil(), "y = x . (deq(W) + scale Bx At^T)^T through the chunked cuBLAS path (Bx, At: ops.lowrank_ready).");
   m.def("cuda_qmatmul_input_grad_lowrank", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t bx, uintptr_t at,
                                               int rank, float scale, uintptr_t dx, int64_t M, int64_t N, int64_t K,
                                               uintptr_t stream) {
     const cuda::LowRankUpdate u{ptr<const void>(bx), ptr<const void>(at), rank, scale};
     cuda::qmatmul_input_grad_lowrank(t, ptr<const void>(dy), dt, ptr<const void>(w), u, ptr<void>(dx), M, N, K,
                                      ptr<void>(stream));
-  }, nogil(), "dx = dy . (deq(W) + scale Bx At^T) through the chunked cuBLAS path (Bx [N, rank], At [K, rank]).");
+  }, nogil(), "dx = dy . (deq(W) + scale Bx At^T) through the chunked cuBLAS path (Bx, At: ops.lowrank_ready).");
   m.def("cuda_qmatmul_forward_expanded", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t a, int pool,
                                             int repeat, float scale, uintptr_t y, int64_t M, int64_t N, int64_t K,
                                             uintptr_t stream) {

@@ -131,8 +131,8 @@ template <int T>
 void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                          void* out, int out_dtype, int64_t ldo, cudaStream_t stream);
 // The same tile of W' = deq(W) + scale · Bx · Atᵀ (dequant_tile.cuh): bx and at point at the tile's
-// first row of Bx [rows][rank] and first column's row of At [cols][rank], in out_dtype (bf16 or
-// fp16); rank a multiple of 16.
+// first row tile of Bx and first column tile of At, both in fragment order (lowtune.ops.lowrank_ready),
+// in out_dtype (bf16 or fp16); rank a multiple of 16.
 template <int T>
 void launch_dequant_lowrank_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                                  void* out, int out_dtype, int64_t ldo, const void* bx, const void* at, int rank,

@@ -215,6 +215,26 @@ void pipeline_chunks(int64_t chunks, bool overlap, cudaStream_t stream, Produce 
   // The caller's stream has waited for the side stream's last work (the last chunk's ready).
 }
 
+// Rows r0 .. r0 + nr and columns c0 .. c0 + nc of deq(W) (with lr: of W' = deq(W) + ΔW, kernels.h) into
+// out (row length nc), the scratch chunk a product hands to cuBLAS. k: W's columns; the low-rank factors'
+// row and column tiles start at r0 and c0 (lr->rank values a row, in fragment order).
+template <int T>
+void produce_chunk(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                   void* out, int dtype, const LowRankUpdate* lr, cudaStream_t s) {
+  const uint8_t* rows = w + r0 * row_bytes;
+  if (!lr) {
+    launch_dequant_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, s);
+  } else if (lr->a) {
+    launch_dequant_expand_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, lr->a, k / lr->pool, lr->pool,
+                                  lr->repeat, r0, lr->scale / lr->pool, s);
+  } else {
+    const int64_t es = dtype_size(dtype);
+    launch_dequant_lowrank_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc,
+                                   static_cast<const char*>(lr->bx) + r0 * lr->rank * es,
+                                   static_cast<const char*>(lr->at) + c0 * lr->rank * es, lr->rank, lr->scale, s);
+  }
+}
+
 // Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ).
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
@@ -228,15 +248,7 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
-        if (lr && lr->a)
-          launch_dequant_expand_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, lr->a,
-                                        k / lr->pool, lr->pool, lr->repeat, r0, lr->scale / lr->pool, s);
-        else if (lr)
-          launch_dequant_lowrank_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k,
-                                         static_cast<const char*>(lr->bx) + r0 * lr->rank * es, lr->at, lr->rank,
-                                         lr->scale, s);
-        else
-          launch_dequant_tile<T>(w + r0 * row_bytes, row_bytes, nr, 0, k, at(b), dtype, k, s);
+        produce_chunk<T>(w, row_bytes, k, r0, nr, 0, k, at(b), dtype, lr, s);
       },
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
@@ -259,15 +271,7 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       p.chunks, p.overlap, stream,
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
-        if (lr && lr->a)
-          launch_dequant_expand_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, lr->a, k / lr->pool, lr->pool,
-                                        lr->repeat, 0, lr->scale / lr->pool, s);
-        else if (lr)
-          launch_dequant_lowrank_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, lr->bx,
-                                         static_cast<const char*>(lr->at) + c0 * lr->rank * es, lr->rank, lr->scale,
-                                         s);
-        else
-          launch_dequant_tile<T>(w, row_bytes, n, c0, nc, at(b), dtype, nc, s);
+        produce_chunk<T>(w, row_bytes, k, 0, n, c0, nc, at(b), dtype, lr, s);
       },
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
