@@ -350,7 +350,7 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
 # a single matrix (QA-HiRA), s/p·expand_q(A) ("expanded"), formed by the chunked path's dequantization
 # kernel (ops.qmatmul_lowrank; the expanded kernels): no pass over y or dx of the adapter's own. u, dA and
 # dB are the torch path's. LOWTUNE_CUDA_ADAPTER_MERGE: auto (the kinds timed faster than the separate
-# products: BENCHMARKS.md "The adapter merged into the frozen product's chunks"), 1 (both), 0 (neither).
+# products: BENCHMARKS.md "The adapter's update inside the dequantization kernel"), 1 (both), 0 (neither).
 _MERGE_AUTO = frozenset({"expanded"})
 
 
@@ -378,22 +378,15 @@ def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry) -> tuple[Te
     return bx, at
 
 
-def _merged_forward(x: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
-                    geom: AdapterGeometry) -> Tensor:
+def _merged_product(t: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None, geom: AdapterGeometry,
+                    forward: bool) -> Tensor:
+    """y = t·W'ᵀ (forward) or dx = t·W' (t = dy), W' = deq(W) + ΔW formed in the dequantization kernel."""
     if geom.has_b:
-        f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), x.dtype)
-        return ops._forward_lowrank_kernel(x, raw, type_id, geom.n, geom.k, f, geom.scale)
-    return ops._forward_expanded_kernel(x, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(), geom.pool,
-                                        geom.repeat, geom.scale)
-
-
-def _merged_input_grad(dy: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None,
-                       geom: AdapterGeometry) -> Tensor:
-    if geom.has_b:
-        f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), dy.dtype)
-        return ops._input_grad_lowrank_kernel(dy, raw, type_id, geom.n, geom.k, f, geom.scale)
-    return ops._input_grad_expanded_kernel(dy, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(),
-                                           geom.pool, geom.repeat, geom.scale)
+        f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), t.dtype)
+        kernel = ops._forward_lowrank_kernel if forward else ops._input_grad_lowrank_kernel
+        return kernel(t, raw, type_id, geom.n, geom.k, f, geom.scale)
+    kernel = ops._forward_expanded_kernel if forward else ops._input_grad_expanded_kernel
+    return kernel(t, raw, type_id, geom.n, geom.k, A32[:geom.rank].contiguous(), geom.pool, geom.repeat, geom.scale)
 
 
 def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, raw: Tensor,
@@ -404,7 +397,7 @@ def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, 
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     if _merges(x, geom, xa is not None):
         A32 = _f32(A)
-        y = _merged_forward(x, raw, type_id, A32, _f32(B), geom)
+        y = _merged_product(x, raw, type_id, A32, _f32(B), geom, forward=True)
         xs = _pool(x, pool)
         u = xs @ A32[:rank].to(x.dtype).t() if has_b else None  # for dB, as the torch path keeps it
         return (y, *_aux_outputs(x, x, u, xs, has_b))
@@ -433,9 +426,10 @@ def _adapted_qmatmul_backward(
     input's gradient. Unrequested or absent ones are empty."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     dy, m = dy.contiguous(), dy.shape[0]
+    A32, B32 = _f32(A), _f32(B)
     merged = need_dx and _merges(dy, geom, separate)
     if merged:  # the adapter's share of dx comes out of the frozen product
-        dx = _merged_input_grad(dy, raw, type_id, _f32(A), _f32(B), geom)
+        dx = _merged_product(dy, raw, type_id, A32, B32, geom, forward=False)
     else:
         dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
     dxa = None
@@ -446,7 +440,7 @@ def _adapted_qmatmul_backward(
     else:
         target = None if merged else dx  # the adapter's share accumulates into the frozen layer's dx
     kk, pp = _kernel_input(geom, separate)
-    dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, target, kk, pp)
+    dA, dB = _launch_backward(dy, xs, A, B, A32, B32, u if has_b else None, geom, target, kk, pp)
     empty = dy.new_empty((0,))
     return (dx if dx is not None else empty, dxa if dxa is not None else dy.new_empty((0,)),
             dA, dB if dB is not None else A.new_empty((0,)))
