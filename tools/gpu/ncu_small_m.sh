@@ -5,11 +5,11 @@
 # Builds lowtune._C for sm_90 unless BUILD=0, then for each entry TYPE:NxK:M:KERNEL writes
 # $OUT/time_<entry>.log (tools/gpu/profile_small_m.py --time) and $OUT/ncu_<entry>.log (ncu's text
 # report, clocks left alone). The register and shared-memory use of every staged and gemv kernel go to
-# $OUT/res_usage.txt.
+# $OUT/res_usage.txt; everything is packed into $OUT/<name of OUT>.tgz at the end (end_call).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
-begin_call ncu_small_m 480 || exit 1
+begin_call ncu_small_m 480 || { end_call tools/gpu/ncu_small_m.sh; exit 1; }
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 entries=${ENTRIES:-"Q4_K:14336x4096:1:forward Q4_1:14336x4096:1:forward INT4-g64:14336x4096:1:forward Q4_K:4096x4096:1:forward Q4_K:14336x4096:16:forward Q4_K:14336x4096:1:input_grad"}
 sections=${SECTIONS:-"SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis InstructionStats"}
@@ -27,3 +27,4 @@ for e in $entries; do
     --kernel-name regex:"gemv|staged|direct|reduce|grad_kernel|finish_kernel" --launch-skip 1 --launch-count 2 \
     "${sec_args[@]}" $py tools/gpu/profile_small_m.py "${args[@]}"
 done
+end_call tools/gpu/ncu_small_m.sh
