@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU call that compares the adapter's merged route of this tree (B) with a base build (A: the tree
+# with the files under BASE_DIR laid over it, e.g. the dequantization kernels as they were before a
+# change). B is built first; A builds beside B's profile of one adapted step per method
+# (tools/bench_adapters.py --profile, the merged route on) and B's tools/gpu/adapter_merge_cost.py; then
+# the cost model and the adapters' graph replay (LOWTUNE_CUDA_ADAPTER_MERGE=1; =0 once under B for the
+# separate route) alternate A, B, A, B while time is left; with DECODE=1, B's greedy 7B Q4_K decode.
+#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] bash tools/gpu/adapter_route_ab.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source tools/gpu/common.sh
+begin_call adapter_route_ab 585 || { end_call tools/gpu/adapter_route_ab.sh; exit 1; }
+out=$(cd "$out" && pwd)  # absolute: the base builds from another folder
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+if [ ! -d "${BASE_DIR:-}" ]; then echo "BASE_DIR (the base's files) is missing"; end_call tools/gpu/adapter_route_ab.sh; exit 1; fi
+base=$(mktemp -d)
+tar cf - --exclude=./build --exclude=./.whl --exclude=./.carry . | tar xf - -C "$base"
+cp -r "$BASE_DIR"/. "$base"/
+rm -f "$base"/python/lowtune/_C*.so  # a failed base build must not time B's library as A
+(find "$BASE_DIR" -type f | sed "s|^$BASE_DIR/||") > "$out/base_files.txt"
+(cd "$base" && CMAKE_BUILD_PARALLEL_LEVEL=12 build_cuda "$out/build_base.log") > "$out/build_base.out" 2>&1 &
+base_build=$!
+stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py --profile --iters 3 \
+  --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
+stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.json"
+wait "$base_build"; cat "$out/build_base.out"
+round() {  # NAME ROOT MERGE
+  stage "adapters_$1" 25 60 env PYTHONPATH="$2/python" LOWTUNE_CUDA_ADAPTER_MERGE=$3 $py tools/bench_adapters.py \
+    --json "$out/adapters_$1.json"
+}
+stage cost_a_1 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_cost.py --json "$out/cost_a_1.json"
+round a1_merged "$base" 1
+round b1_merged "$PWD" 1
+round b1_separate "$PWD" 0
+[ "${DECODE:-0}" = 1 ] && stage decode_b 40 90 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
+  --decode-variants generate --out "$out/decode_b.jsonl"
+round a2_merged "$base" 1
+round b2_merged "$PWD" 1
+stage cost_a_2 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_cost.py --json "$out/cost_a_2.json"
+stage cost_b_2 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_2.json"
+end_call tools/gpu/adapter_route_ab.sh
