@@ -4,8 +4,11 @@
 # change). B is built first; A builds beside B's profile of one adapted step per method
 # (tools/bench_adapters.py --profile, the merged route on) and B's tools/gpu/adapter_merge_cost.py; then
 # the cost model and the adapters' graph replay (LOWTUNE_CUDA_ADAPTER_MERGE=1; =0 once under B for the
-# separate route) alternate A, B, A, B while time is left; with DECODE=1, B's greedy 7B Q4_K decode.
-#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] bash tools/gpu/adapter_route_ab.sh
+# separate route) alternate A, B, A, B while time is left; with DECODE=1, B's greedy 7B Q4_K decode; with
+# KTYPES (e.g. Q2_K), B's CUDA tests of those types' products and bench_kernels.py's M = 1 rows of them
+# (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees.
+#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] \
+#     bash tools/gpu/adapter_route_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -23,7 +26,16 @@ base_build=$!
 stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py --profile --iters 3 \
   --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
 stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.json"
+[ -n "${KTYPES:-}" ] && stage tests_b 30 90 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
+  -k "$(echo "$KTYPES" | sed 's/,/ or /g')"
 wait "$base_build"; cat "$out/build_base.out"
+kernels() {  # NAME ROOT
+  [ -n "${KTYPES:-}" ] && stage "kernels_$1" 30 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda \
+    --types "$KTYPES" --ms 1 --kernels forward,input_grad --shapes 4096x4096,14336x4096,4096x14336 \
+    ${KPATHS:+--paths "$KPATHS"} --peers "" --warmup-s 0.5 --reps 3 --out "$out/kernels_$1.jsonl"
+}
+kernels a1 "$base"
+kernels b1 "$PWD"
 round() {  # NAME ROOT MERGE
   stage "adapters_$1" 25 60 env PYTHONPATH="$2/python" LOWTUNE_CUDA_ADAPTER_MERGE=$3 $py tools/bench_adapters.py \
     --json "$out/adapters_$1.json"
@@ -38,4 +50,6 @@ round a2_merged "$base" 1
 round b2_merged "$PWD" 1
 stage cost_a_2 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_cost.py --json "$out/cost_a_2.json"
 stage cost_b_2 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_2.json"
+kernels b2 "$PWD"
+kernels a2 "$base"
 end_call tools/gpu/adapter_route_ab.sh
