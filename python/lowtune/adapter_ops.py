@@ -242,7 +242,7 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     fold = _folds(dy2)
     dys = dy2 if q == 1 or fold else dy2.view(dy2.shape[0], -1, q).sum(-1)
     qf = q if fold else 1  # the repeat the products below still carry
-    A = A32[:r].to(dt)
+    A = A32[:r].to(dt) if dx is not None else None  # (the merged route's dx needs no cast of A)
     dB = None
     if geom.has_b:
         dB = _widen(_rows_summed(_mm_f32(dys.t(), u), qf).mul_(s), B32.shape)
