@@ -6,8 +6,9 @@
 # the cost model and the adapters' graph replay (LOWTUNE_CUDA_ADAPTER_MERGE=1; =0 once under B for the
 # separate route) alternate A, B, A, B while time is left; with DECODE=1, B's greedy 7B Q4_K decode; with
 # KTYPES (e.g. Q2_K), B's CUDA tests of those types' products and bench_kernels.py's M = 1 rows of them
-# (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees.
-#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] \
+# (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees;
+# TEST_K: B's CUDA and adapter tests matching it (default: KTYPES's types), beside A's build.
+#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] [TEST_K=...] \
 #     bash tools/gpu/adapter_route_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +27,9 @@ base_build=$!
 stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py --profile --iters 3 \
   --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
 stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.json"
-[ -n "${KTYPES:-}" ] && stage tests_b 30 90 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
-  -k "$(echo "$KTYPES" | sed 's/,/ or /g')"
+test_k=${TEST_K:-$(echo "${KTYPES:-}" | sed 's/,/ or /g')}
+[ -n "$test_k" ] && stage tests_b 30 90 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
+  tests/test_adapters.py -k "$test_k"
 wait "$base_build"; cat "$out/build_base.out"
 kernels() {  # NAME ROOT
   [ -n "${KTYPES:-}" ] && stage "kernels_$1" 30 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda \
