@@ -12,16 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call ab_build 585 || { end_call tools/gpu/ab_build.sh; exit 1; }
-out=$(cd "$out" && pwd)  # absolute: the base builds from another folder
+start_base_build tools/gpu/ab_build.sh 10 || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-if [ ! -d "${BASE_DIR:-}" ]; then echo "BASE_DIR (the base's files) is missing"; end_call tools/gpu/ab_build.sh; exit 1; fi
-base=$(mktemp -d)
-tar cf - --exclude=./build --exclude=./.whl --exclude=./.carry . | tar xf - -C "$base"
-cp -r "$BASE_DIR"/. "$base"/
-rm -f "$base"/python/lowtune/_C*.so  # a failed base build must not time B's library as A
-(find "$BASE_DIR" -type f | sed "s|^$BASE_DIR/||") > "$out/base_files.txt"
-(cd "$base" && CMAKE_BUILD_PARALLEL_LEVEL=10 build_cuda "$out/build_base.log") > "$out/build_base.out" 2>&1 &
-base_build=$!
 cuda_tests
 [ -z "${SAN_K:-}" ] || sanitizer_tests "$SAN_K"
 bench() {  # NAME ROOT: bench_kernels.py with ROOT's build

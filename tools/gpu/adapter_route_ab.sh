@@ -14,16 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call adapter_route_ab 585 || { end_call tools/gpu/adapter_route_ab.sh; exit 1; }
-out=$(cd "$out" && pwd)  # absolute: the base builds from another folder
+start_base_build tools/gpu/adapter_route_ab.sh 12 || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-if [ ! -d "${BASE_DIR:-}" ]; then echo "BASE_DIR (the base's files) is missing"; end_call tools/gpu/adapter_route_ab.sh; exit 1; fi
-base=$(mktemp -d)
-tar cf - --exclude=./build --exclude=./.whl --exclude=./.carry . | tar xf - -C "$base"
-cp -r "$BASE_DIR"/. "$base"/
-rm -f "$base"/python/lowtune/_C*.so  # a failed base build must not time B's library as A
-(find "$BASE_DIR" -type f | sed "s|^$BASE_DIR/||") > "$out/base_files.txt"
-(cd "$base" && CMAKE_BUILD_PARALLEL_LEVEL=12 build_cuda "$out/build_base.log") > "$out/build_base.out" 2>&1 &
-base_build=$!
 stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py --profile --iters 3 \
   --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
 stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.json"

@@ -18,6 +18,11 @@
 #   sanitizer_tests K [PREFIX...]
 #                           stage "sanitizer": compute-sanitizer memcheck over SAN_FILE (default
 #                           tests/test_cuda.py) -k K
+#   start_base_build SCRIPT JOBS
+#                           an A/B script's base build: $out made absolute, a copy of this tree with the
+#                           files under BASE_DIR laid over it in $base (their list in $out/base_files.txt),
+#                           built in the background with JOBS parallel jobs (its pid in $base_build, to
+#                           wait for); returns 1 after end_call SCRIPT when BASE_DIR is missing
 #   ab_settings             the machine into $out/gpu.txt and the environments A, B (and C, D where set)
 #                           of an A/B script into $out/settings.txt; sets names: "a b", "a b c", ...
 #   setting NAME            the environment of setting a, b, c or d
@@ -84,6 +89,18 @@ sanitizer_tests() {
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   stage sanitizer 30 90 "$@" "$san" --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider -x \
     ${SAN_FILE:-tests/test_cuda.py} -k "$k"
+}
+
+start_base_build() {
+  out=$(cd "$out" && pwd)  # absolute: the base builds from another folder
+  if [ ! -d "${BASE_DIR:-}" ]; then echo "BASE_DIR (the base's files) is missing"; end_call "$1"; return 1; fi
+  base=$(mktemp -d)
+  tar cf - --exclude=./build --exclude=./.whl --exclude=./.carry . | tar xf - -C "$base"
+  cp -r "$BASE_DIR"/. "$base"/
+  rm -f "$base"/python/lowtune/_C*.so  # a failed base build must not time B's library as A
+  (find "$BASE_DIR" -type f | sed "s|^$BASE_DIR/||") > "$out/base_files.txt"
+  (cd "$base" && CMAKE_BUILD_PARALLEL_LEVEL=$2 build_cuda "$out/build_base.log") > "$out/build_base.out" 2>&1 &
+  base_build=$!
 }
 
 ab_settings() {
