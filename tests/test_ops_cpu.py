@@ -285,8 +285,9 @@ def test_low_rank_update_arguments_are_checked(q4k):
         ops.qmatmul_input_grad_lowrank(dy, q4k, bx, at, 1.0)
 
 
-@pytest.mark.parametrize("n,k,r", [(16, 64, 16), (40, 96, 5), (200, 320, 37)])
-def test_low_rank_fragments_are_where_the_kernel_reads_them(n, k, r):
+@pytest.mark.parametrize("n,k,r,at_transposed", [(16, 64, 16, False), (16, 64, 16, True), (40, 96, 5, False),
+                                                  (200, 320, 37, True)])
+def test_low_rank_fragments_are_where_the_kernel_reads_them(n, k, r, at_transposed):
     """ops.lowrank_ready's layout against dequant_lowrank_kernel's reads, written out element by element:
     lane 4 g + c of row tile R reads Bx's ranks 16 s + 4 c .. + 3 of rows 16 R + g and 16 R + g + 8 as one
     16-byte load at ((R S + s) 32 + lane) 8 (registers a0..a3: row g low pair, row g + 8 low pair, row g high
@@ -294,6 +295,8 @@ def test_low_rank_fragments_are_where_the_kernel_reads_them(n, k, r):
     64 T + 16 (g / 2) + 2 j + g % 2 as one 8-byte load at ((T S + s) 8 + j) 128 + 4 lane. Padding reads zero."""
     from lowtune import ops
     bx, at = torch.randn(n, r, dtype=torch.float64), torch.randn(k, r, dtype=torch.float64)
+    if at_transposed:  # as the adapter's merged route hands it over: A[:r].t(), a view
+        at = at.t().contiguous().t()
     f = ops.lowrank_ready(bx, at, torch.float64)
     S = f.rank // 16
     assert f.rank % 16 == 0 and f.rank >= r and f.bx.is_contiguous() and f.at.is_contiguous()

@@ -407,7 +407,9 @@ def lowrank_ready(bx: Tensor, at: Tensor, dtype: torch.dtype) -> LowRankFragment
       At as [T][s][j][gh][gl][c][q]: lane 4 (2 gh + gl) + c's B registers of 8-column tile j one 8-byte load."""
     r = -(-bx.shape[1] // 16) * 16
 
-    def padded(t: Tensor, rows: int) -> Tensor:
+    def padded(t: Tensor, rows: int) -> Tensor:  # (a pad of nothing would still copy)
+        if tuple(t.shape) == (rows, r):
+            return t
         return torch.nn.functional.pad(t, (0, r - t.shape[1], 0, rows - t.shape[0]))
 
     n16, k64 = -(-bx.shape[0] // 16) * 16, -(-at.shape[0] // 64) * 64
