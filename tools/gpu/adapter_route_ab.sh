@@ -7,9 +7,10 @@
 # separate route) alternate A, B, A, B while time is left; with DECODE=1, B's greedy 7B Q4_K decode; with
 # KTYPES (e.g. Q2_K), B's CUDA tests of those types' products and bench_kernels.py's M = 1 rows of them
 # (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees;
-# TEST_K: B's CUDA and adapter tests matching it (default: KTYPES's types), beside A's build.
+# TEST_K: B's CUDA and adapter tests matching it (default: KTYPES's types), and SAN_K: compute-sanitizer over
+# B's tests/test_cuda.py matching it, both beside A's build.
 #   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] [TEST_K=...] \
-#     bash tools/gpu/adapter_route_ab.sh
+#     [SAN_K=...] bash tools/gpu/adapter_route_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -22,6 +23,7 @@ stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.j
 test_k=${TEST_K:-$(echo "${KTYPES:-}" | sed 's/,/ or /g')}
 [ -n "$test_k" ] && stage tests_b 30 90 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
   tests/test_adapters.py -k "$test_k"
+[ -z "${SAN_K:-}" ] || sanitizer_tests "$SAN_K"
 wait "$base_build"; cat "$out/build_base.out"
 kernels() {  # NAME ROOT
   [ -n "${KTYPES:-}" ] && stage "kernels_$1" 30 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda \
