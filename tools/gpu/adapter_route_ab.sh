@@ -26,9 +26,7 @@ test_k=${TEST_K:-$(echo "${KTYPES:-}" | sed 's/,/ or /g')}
 [ -z "${SAN_K:-}" ] || sanitizer_tests "$SAN_K"
 wait "$base_build"; cat "$out/build_base.out"
 kernels() {  # NAME ROOT
-  [ -n "${KTYPES:-}" ] && stage "kernels_$1" 30 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda \
-    --types "$KTYPES" --ms 1 --kernels forward,input_grad --shapes 4096x4096,14336x4096,4096x14336 \
-    ${KPATHS:+--paths "$KPATHS"} --peers "" --warmup-s 0.5 --reps 3 --out "$out/kernels_$1.jsonl"
+  [ -z "${KTYPES:-}" ] || m1_rows "kernels_$1" "$2" forward,input_grad
 }
 kernels a1 "$base"
 kernels b1 "$PWD"
@@ -40,8 +38,7 @@ stage cost_a_1 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_c
 round a1_merged "$base" 1
 round b1_merged "$PWD" 1
 round b1_separate "$PWD" 0
-[ "${DECODE:-0}" = 1 ] && stage decode_b 40 90 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
-  --decode-variants generate --out "$out/decode_b.jsonl"
+[ "${DECODE:-0}" = 1 ] && decode_generate decode_b "$PWD"
 round a2_merged "$base" 1
 round b2_merged "$PWD" 1
 stage cost_a_2 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_cost.py --json "$out/cost_a_2.json"

@@ -23,6 +23,12 @@
 #                           files under BASE_DIR laid over it in $base (their list in $out/base_files.txt),
 #                           built in the background with JOBS parallel jobs (its pid in $base_build, to
 #                           wait for); returns 1 after end_call SCRIPT when BASE_DIR is missing
+#   m1_rows NAME ROOT KERNELS
+#                           stage NAME: bench_kernels.py's M = 1 rows (graph replay) of KTYPES (KPATHS where set)
+#                           at 4096x4096, 14336x4096 and 4096x14336, KERNELS (forward,input_grad), ROOT's build
+#   decode_generate NAME ROOT
+#                           stage NAME: the greedy 7B Q4_K decode (bench_kernels.py --decode, variant generate)
+#                           with ROOT's build
 #   ab_settings             the machine into $out/gpu.txt and the environments A, B (and C, D where set)
 #                           of an A/B script into $out/settings.txt; sets names: "a b", "a b c", ...
 #   setting NAME            the environment of setting a, b, c or d
@@ -101,6 +107,17 @@ start_base_build() {
   (find "$BASE_DIR" -type f | sed "s|^$BASE_DIR/||") > "$out/base_files.txt"
   (cd "$base" && CMAKE_BUILD_PARALLEL_LEVEL=$2 build_cuda "$out/build_base.log") > "$out/build_base.out" 2>&1 &
   base_build=$!
+}
+
+m1_rows() {
+  stage "$1" 30 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda --types "$KTYPES" --ms 1 \
+    --kernels "$3" --shapes 4096x4096,14336x4096,4096x14336 ${KPATHS:+--paths "$KPATHS"} --peers "" \
+    --warmup-s 0.5 --reps 3 --out "$out/$1.jsonl"
+}
+
+decode_generate() {
+  stage "$1" 40 90 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
+    --decode-variants generate --out "$out/$1.jsonl"
 }
 
 ab_settings() {

@@ -22,9 +22,6 @@ for e in ${TIME_ENTRIES:-}; do
   stage "time_${kern}_${ty}_${shape}_m$m" 20 60 $py tools/gpu/profile_small_m.py --type "$ty" --shape "$shape" \
     --m "$m" --kernel "$kern" --time
 done
-[ -n "${KTYPES:-}" ] && stage kernels 30 90 $py tools/bench_kernels.py --device cuda --types "$KTYPES" --ms 1 \
-  --kernels forward --shapes 4096x4096,14336x4096,4096x14336 ${KPATHS:+--paths "$KPATHS"} --peers "" \
-  --warmup-s 0.5 --reps 3 --out "$out/kernels.jsonl"
-[ "${DECODE:-0}" = 1 ] && stage decode 40 90 $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
-  --decode-variants generate --out "$out/decode.jsonl"
+[ -n "${KTYPES:-}" ] && m1_rows kernels "$PWD" forward
+[ "${DECODE:-0}" = 1 ] && decode_generate decode "$PWD"
 end_call tools/gpu/quick_checks.sh
