@@ -188,6 +188,44 @@ def test_chunked_path_with_a_low_rank_update(direction, dtype, overlap, gen, mon
             assert err < TOLERANCE[dtype], f"{name} {direction} M={m} N={n} K={k}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("overlap", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+def test_chunked_path_with_an_expanded_update(direction, dtype, overlap, gen, monkeypatch):
+    """W' = deq(W) + s/p·a[i/q][j/p] (QA-HiRA's update) formed in the dequantization kernel
+    (dequant_expand_kernel) against float64: several 1 MiB chunks with a ragged last one (so the rows of a
+    start at each chunk's first row), an odd number of rows (the kernel takes rows in pairs), pools that are
+    and are not a multiple of a thread's 16 elements, and repeats over rows."""
+    from lowtune import ops
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", overlap)
+    scale = 0.7
+    for name, n, k32, pool, repeat in [("Q4_K", 1001, 40, 32, 1), ("Q4_0", 600, 64, 8, 3), ("Q6_K", 130, 16, 64, 2),
+                                       ("IQ4_XS", 70, 16, 2, 7)]:
+        k = k_for(name, k32)
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
+        a = torch.randn(n // repeat, k // pool) * (w64.norm().item() / (n * k) ** 0.5 / scale * pool)
+        wp = w64 + scale / pool * a.double().repeat_interleave(repeat, 0).repeat_interleave(pool, 1)
+        assert (wp - w64).norm() > 0.5 * w64.norm()
+        m = 37
+        if direction == "forward":
+            t = torch.randn(m, k).to(dtype)
+            ref = t.double() @ wp.t()
+            out = ops._forward_expanded_kernel(t.cuda(), raw.cuda(), get_format(name).type_id, n, k, a.cuda(), pool,
+                                               repeat, scale)
+        else:
+            t = torch.randn(m, n).to(dtype)
+            ref = t.double() @ wp
+            out = ops._input_grad_expanded_kernel(t.cuda(), raw.cuda(), get_format(name).type_id, n, k, a.cuda(),
+                                                  pool, repeat, scale)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), f"{name} N={n} K={k}: non-finite outputs"
+        err = rel_err(out, ref)
+        assert err < TOLERANCE[dtype], f"{name} {direction} N={n} K={k} pool={pool} repeat={repeat}: error {err:.2e}"
+
+
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
 def test_cublas_path_for_small_m(direction, gen, monkeypatch):
     """With the fused kernels switched off, small M takes the chunked cuBLAS path."""

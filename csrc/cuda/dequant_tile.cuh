@@ -26,41 +26,108 @@ __device__ __forceinline__ void store16(OUT* dst, const float* v) {
   }
 }
 
-// Grid: x over 16-element groups of a row, y over pairs of rows (strided); the loads of both
-// rows are issued before either is decoded.
-template <int T, class OUT>
-__global__ void __launch_bounds__(128) dequant_tile_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
-                                                           int64_t nrows, int64_t col0, int groups,
-                                                           OUT* __restrict__ out, int64_t ldo) {
+// What a row's 16 elements get added before they are stored: nothing (the plain chunk), or one matrix
+// expanded over repeat and pool (ExpandUpdate). row() reads what a row needs before the row is decoded, so
+// its load is in flight with the weights'.
+struct NoUpdate {
+  struct Row {};
+  __device__ __forceinline__ Row row(int, int) const { return {}; }
+  __device__ __forceinline__ void add(const Row&, int, float*) const {}
+};
+
+// W' = deq(W) + scale · a[(row0 + r) / repeat][c / pool]: QA-HiRA's update, scale including its 1/pool.
+// a: fp32 [N / repeat][K / pool] (row length lda). Where pool is a multiple of 16 a thread's 16 elements
+// share one value of a. Indices are 32-bit (K and N < 2^31): a 64-bit division is a long call.
+struct ExpandUpdate {
+  const float* a;
+  int64_t lda;
+  int pool, repeat, row0;
+  float scale;
+  struct Row {
+    const float* arow;
+    float d;
+  };
+  __device__ __forceinline__ Row row(int r, int k) const {
+    const float* arow = a + (int64_t)((row0 + r) / repeat) * lda;
+    return {arow, pool % 16 == 0 ? scale * __ldg(arow + k / pool) : 0.0f};
+  }
+  __device__ __forceinline__ void add(const Row& x, int k, float* v) const {
+    if (pool % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] += x.d;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] += scale * __ldg(x.arow + (k + i) / pool);
+    }
+  }
+};
+
+// Grid: x over 16-element groups of a row, y over pairs of rows (strided); the loads of both rows (and
+// their updates' values) are issued before either is decoded.
+template <int T, class OUT, class UPD>
+__device__ __forceinline__ void dequant_rows(const uint8_t* __restrict__ w, int64_t row_bytes, int nrows, int col0,
+                                             int groups, OUT* __restrict__ out, int64_t ldo, const UPD& upd) {
   using U = Unpack<T>;
   constexpr int W = U::template Words<16>::value;
   const int gi = blockIdx.x * blockDim.x + threadIdx.x;
   if (gi >= groups) return;
-  const int64_t k = col0 + 16 * (int64_t)gi;
-  const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
-  const int e = (int)(k % U::kElems);
-  for (int64_t r = blockIdx.y; r < nrows; r += 2 * (int64_t)gridDim.y) {
-    const int64_t r2 = r + gridDim.y;
+  const int k = col0 + 16 * gi;
+  const uint8_t* blk = w + (int64_t)(k / U::kElems) * U::kBytes;
+  const int e = k % U::kElems;
+  for (int r = blockIdx.y; r < nrows; r += 2 * gridDim.y) {
+    const int r2 = r + gridDim.y;
+    const bool two = r2 < nrows;
     uint32_t ra[W], rb[W];
     U::template load<16>(blk + r * row_bytes, e, ra);
-    if (r2 < nrows) U::template load<16>(blk + r2 * row_bytes, e, rb);
+    if (two) U::template load<16>(blk + r2 * row_bytes, e, rb);
+    const typename UPD::Row ua = upd.row(r, k);
+    typename UPD::Row ub{};
+    if (two) ub = upd.row(r2, k);
     float v[16];
     U::template decode<16>(ra, e, v);
-    store16<OUT>(out + r * ldo + 16 * (int64_t)gi, v);
-    if (r2 < nrows) {
+    upd.add(ua, k, v);
+    store16<OUT>(out + r * ldo + 16 * gi, v);
+    if (two) {
       U::template decode<16>(rb, e, v);
-      store16<OUT>(out + r2 * ldo + 16 * (int64_t)gi, v);
+      upd.add(ub, k, v);
+      store16<OUT>(out + r2 * ldo + 16 * gi, v);
     }
   }
+}
+
+template <int T, class OUT>
+__global__ void __launch_bounds__(128) dequant_tile_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
+                                                           int nrows, int col0, int groups,
+                                                           OUT* __restrict__ out, int64_t ldo) {
+  dequant_rows<T, OUT>(w, row_bytes, nrows, col0, groups, out, ldo, NoUpdate{});
+}
+
+template <int T, class OUT>
+__global__ void __launch_bounds__(128) dequant_expand_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
+                                                             int nrows, int col0, int groups,
+                                                             OUT* __restrict__ out, int64_t ldo, ExpandUpdate upd) {
+  dequant_rows<T, OUT>(w, row_bytes, nrows, col0, groups, out, ldo, upd);
+}
+
+// The launches' grid: 128 threads over a row's 16-element groups, then pairs of rows.
+inline dim3 dequant_rows_grid(int64_t nrows, int groups) {
+  const int64_t row_pairs = (nrows + 1) / 2;
+  return dim3((unsigned)((groups + 127) / 128), (unsigned)(row_pairs < 65535 ? row_pairs : 65535));
+}
+
+// K, N and a chunk's column offset index with 32 bits in the kernels.
+inline void check_dequant_extent(int64_t nrows, int64_t col0, int64_t ncols) {
+  if (nrows > INT32_MAX || col0 + ncols > INT32_MAX)
+    throw std::invalid_argument("dequantize: a matrix needs fewer than 2^31 rows and columns");
 }
 
 template <int T>
 void launch_dequant_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                          void* out, int out_dtype, int64_t ldo, cudaStream_t stream) {
   if (nrows <= 0 || ncols <= 0) return;
+  check_dequant_extent(nrows, col0, ncols);
   const int groups = (int)(ncols / 16);
-  const int64_t row_pairs = (nrows + 1) / 2;
-  const dim3 grid((unsigned)((groups + 127) / 128), (unsigned)(row_pairs < 65535 ? row_pairs : 65535));
+  const dim3 grid = dequant_rows_grid(nrows, groups);
   switch (out_dtype) {
     case D_F32:
       dequant_tile_kernel<T, float><<<grid, 128, 0, stream>>>(w, row_bytes, nrows, col0, groups,
@@ -148,57 +215,23 @@ __global__ void __launch_bounds__(128, 5) dequant_lowrank_kernel(const uint8_t* 
   }
 }
 
-// The chunk of W' = deq(W) + scale · a[(row0 + r) / repeat][(col0 + c) / pool] (one matrix expanded over
-// repeat and pool: QA-HiRA's update, scale including its 1/pool) in one pass: dequant_tile_kernel's
-// layout, the update added before the stores. a: fp32 [N / repeat][K / pool] (row length lda), row0 the
-// tile's first row in W. Where pool is a multiple of 16 a thread's 16 elements share one value of a.
-template <int T, class OUT>
-__global__ void __launch_bounds__(128) dequant_expand_kernel(const uint8_t* __restrict__ w, int64_t row_bytes,
-                                                             int64_t nrows, int64_t col0, int groups,
-                                                             OUT* __restrict__ out, int64_t ldo,
-                                                             const float* __restrict__ a, int64_t lda, int pool,
-                                                             int repeat, int64_t row0, float scale) {
-  using U = Unpack<T>;
-  constexpr int W = U::template Words<16>::value;
-  const int gi = blockIdx.x * blockDim.x + threadIdx.x;
-  if (gi >= groups) return;
-  const int64_t k = col0 + 16 * (int64_t)gi;
-  const uint8_t* blk = w + (k / U::kElems) * U::kBytes;
-  const int e = (int)(k % U::kElems);
-  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
-    uint32_t words[W];
-    U::template load<16>(blk + r * row_bytes, e, words);
-    float v[16];
-    U::template decode<16>(words, e, v);
-    const float* arow = a + (row0 + r) / repeat * lda;
-    if (pool % 16 == 0) {
-      const float d = scale * arow[k / pool];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] += d;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] += scale * arow[(k + i) / pool];
-    }
-    store16<OUT>(out + r * ldo + 16 * (int64_t)gi, v);
-  }
-}
-
 template <int T>
 void launch_dequant_expand_tile(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t col0, int64_t ncols,
                                 void* out, int out_dtype, int64_t ldo, const float* a, int64_t lda, int pool,
                                 int repeat, int64_t row0, float scale, cudaStream_t stream) {
   if (nrows <= 0 || ncols <= 0) return;
+  check_dequant_extent(row0 + nrows, col0, ncols);
   const int groups = (int)(ncols / 16);
-  const dim3 grid((unsigned)((groups + 127) / 128), (unsigned)(nrows < 65535 ? nrows : 65535));
+  const dim3 grid = dequant_rows_grid(nrows, groups);
+  const ExpandUpdate upd{a, lda, pool, repeat, (int)row0, scale};
   switch (out_dtype) {
     case D_F16:
-      dequant_expand_kernel<T, __half><<<grid, 128, 0, stream>>>(w, row_bytes, nrows, col0, groups,
-                                                                 static_cast<__half*>(out), ldo, a, lda, pool,
-                                                                 repeat, row0, scale);
+      dequant_expand_kernel<T, __half><<<grid, 128, 0, stream>>>(w, row_bytes, (int)nrows, (int)col0, groups,
+                                                                 static_cast<__half*>(out), ldo, upd);
       break;
     case D_BF16:
       dequant_expand_kernel<T, __nv_bfloat16><<<grid, 128, 0, stream>>>(
-          w, row_bytes, nrows, col0, groups, static_cast<__nv_bfloat16*>(out), ldo, a, lda, pool, repeat, row0, scale);
+          w, row_bytes, (int)nrows, (int)col0, groups, static_cast<__nv_bfloat16*>(out), ldo, upd);
       break;
     default:
       throw std::invalid_argument("the expanded update takes bfloat16 or float16 activations");
