@@ -166,14 +166,29 @@ def _rows_summed(g: torch.Tensor, q: int) -> torch.Tensor:
 
 
 _MM_TO_F32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (torch >= 2.8)
+_ADDMM_TO_F32 = "dtype" in torch.ops.aten.addmm.overloads()
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·b as fp32 (the adapter weights' gradients): straight from the GEMM's accumulator on CUDA
-    (one kernel, no bf16 rounding), else the product cast."""
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """alpha·a·b as fp32 (the adapter weights' gradients): straight from the GEMM's accumulator on CUDA
+    (one kernel, no bf16 rounding; alpha applied in its epilogue, not by a kernel of its own), else the
+    product cast and scaled."""
     if a.device.type == "cuda" and a.dtype != torch.float32 and _MM_TO_F32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
+        if alpha == 1.0:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        if _ADDMM_TO_F32:  # beta = 0: the input is not read
+            c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
+            return torch.addmm(c, a, b, out_dtype=torch.float32, beta=0, alpha=alpha)
+    c = (a @ b).float()
+    return c if alpha == 1.0 else c.mul_(alpha)
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha·a·b in a's dtype; on CUDA alpha is applied in the GEMM's epilogue (one kernel, one rounding)."""
+    if a.device.type == "cuda":
+        return torch.addmm(torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device), a, b,
+                           beta=0, alpha=alpha)
+    return (a @ b).mul_(alpha)
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,13 +260,13 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     A = A32[:r].to(dt) if dx is not None else None  # (the merged route's dx needs no cast of A)
     dB = None
     if geom.has_b:
-        dB = _widen(_rows_summed(_mm_f32(dys.t(), u), qf).mul_(s), B32.shape)
-        du = (dys @ _rows_repeated(B32[:, :r], qf, dt)).mul_(s)      # [m, r]
+        dB = _widen(_rows_summed(_mm_f32(dys.t(), u, s), qf), B32.shape)
+        du = _mm_scaled(dys, _rows_repeated(B32[:, :r], qf, dt), s)  # [m, r]
         dA = _widen(_mm_f32(du.t(), xs), A32.shape)
         if dx is not None:
             _add_pooled_cols(dx, du, A, pool, 1.0)
     else:  # dM = s·dysᵀ·xs
-        dA = _widen(_rows_summed(_mm_f32(dys.t(), xs), qf).mul_(s), A32.shape)
+        dA = _widen(_rows_summed(_mm_f32(dys.t(), xs, s), qf), A32.shape)
         if dx is not None:
             _add_pooled_cols(dx, dys, _rows_repeated(A, qf, dt), pool, s)
     return dA, dB
