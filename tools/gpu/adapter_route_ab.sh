@@ -9,16 +9,16 @@
 # (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees;
 # TEST_K: B's CUDA and adapter tests matching it (default: KTYPES's types), and SAN_K: compute-sanitizer over
 # B's tests/test_cuda.py matching it, both beside A's build.
-#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [PROFILE=0] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] [TEST_K=...] \
-#     [SAN_K=...] bash tools/gpu/adapter_route_ab.sh
+#   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [PROFILE=0] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] \
+#     [TEST_K=...] [SAN_K=...] bash tools/gpu/adapter_route_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
 begin_call adapter_route_ab 585 || { end_call tools/gpu/adapter_route_ab.sh; exit 1; }
 start_base_build tools/gpu/adapter_route_ab.sh 12 || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-[ "${PROFILE:-1}" = 1 ] && stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py --profile --iters 3 \
-  --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
+[ "${PROFILE:-1}" = 1 ] && stage profile_b 30 90 env LOWTUNE_CUDA_ADAPTER_MERGE=1 $py tools/bench_adapters.py \
+  --profile --iters 3 --graph-steps 5 --methods "${METHODS:-qa-hira,lora}"
 stage cost_b_1 30 90 $py tools/gpu/adapter_merge_cost.py --json "$out/cost_b_1.json"
 test_k=${TEST_K:-$(echo "${KTYPES:-}" | sed 's/,/ or /g')}
 [ -n "$test_k" ] && stage tests_b 30 90 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
