@@ -14,7 +14,8 @@ Rows: the passes the adapter costs now (y += s·u·Bᵀ and dx += s·g·A, readi
 [M, K] from memory; the four skinny products) and those of the merged route (the chunk update with
 the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows), and, where lowtune
 has CUDA, the update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and its input gradient)
-against the frozen products alone.
+against the frozen products alone; last, the skinny products in two layouts each, their large operand
+rotated past 2x L2 (layout_rows).
 """
 from __future__ import annotations
 
@@ -55,6 +56,32 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
     bare, extra = fwd + bwd, fwd_u + bwd_u - fwd - bwd
     summary.update({"bare_layer_us": bare, "fused_update_extra_us": extra, "fused_route_us": extra + rest_us,
                     "budget_15pct_of_bare_us": 0.15 * bare})
+
+
+def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:
+    """The skinny products of the adapter's step (u, g, dB, dA, and QA-HiRA's dA = s·dyᵀ·xs with xs the
+    pooled x) with their large operand (x or dy, [M, 4096] bf16) rotated past 2x L2, each as adapter_ops
+    asks cuBLAS for it and as the transposed product (cuBLAS picks its kernels by layout and shape, so
+    one of the two may read the large operand fewer times)."""
+    f32 = torch.float32
+    xs_ = [rnd(m, k) for _ in range(copies_for(m * k * 2))]
+    dys = [rnd(m, n) for _ in range(copies_for(m * n * 2))]
+    nx, nd = len(xs_), len(dys)
+    A, B, u, gg, xp = rnd(r, k), rnd(n, r), rnd(m, r), rnd(m, r), rnd(m, k // pool)
+    c_db, c_da = torch.empty(n, r, device="cuda", dtype=f32), torch.empty(n, k // pool, device="cuda", dtype=f32)
+    row("rotated: u = x A^T", timer(lambda i: torch.matmul(xs_[i % nx], A.t())))
+    row("rotated: u as (A x^T)^T", timer(lambda i: torch.mm(A, xs_[i % nx].t()).t()))
+    row("rotated: g = dy B", timer(lambda i: torch.matmul(dys[i % nd], B)))
+    row("rotated: g as (B^T dy^T)^T", timer(lambda i: torch.mm(B.t(), dys[i % nd].t()).t()))
+    row("rotated: dB = s dy^T u (fp32, addmm alpha)",
+        timer(lambda i: torch.addmm(c_db, dys[i % nd].t(), u, out_dtype=f32, beta=0, alpha=0.5)))
+    row("rotated: dB as (s u^T dy)^T (fp32)", timer(lambda i: torch.mm(u.t(), dys[i % nd], out_dtype=f32).t()))
+    row("rotated: dA = g^T x (fp32)", timer(lambda i: torch.mm(gg.t(), xs_[i % nx], out_dtype=f32)))
+    row("rotated: dA as (x^T g)^T (fp32)", timer(lambda i: torch.mm(xs_[i % nx].t(), gg, out_dtype=f32).t()))
+    row(f"rotated: QA-HiRA dA = s dy^T xs, xs [M, K/{pool}] (fp32, addmm alpha)",
+        timer(lambda i: torch.addmm(c_da, dys[i % nd].t(), xp, out_dtype=f32, beta=0, alpha=0.5)))
+    row("rotated: QA-HiRA dA as (xs^T dy)^T (fp32)", timer(lambda i: torch.mm(xp.t(), dys[i % nd], out_dtype=f32).t()))
+    row("rotated: QA-HiRA dA in bf16, then cast", timer(lambda i: torch.mm(dys[i % nd].t(), xp).float()))
 
 
 def main(argv=None) -> int:
@@ -130,6 +157,7 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(a), "rows": rows, "summary": summary}, f,
                       indent=1)
+    layout_rows(timer, rnd, m, k, n, r, 32, row)  # printed only: not part of the summary
     return 0
 
 
