@@ -185,6 +185,24 @@ PYBIND11_MODULE(_C, m) {
     cuda::qmatmul_input_grad_lowrank(t, ptr<const void>(dy), dt, ptr<const void>(w), u, ptr<void>(dx), M, N, K,
                                      ptr<void>(stream));
   }, nogil(), "dx = dy . (deq(W) + scale Bx At^T) through the chunked cuBLAS path (Bx, At: ops.lowrank_ready).");
+  m.def("cuda_qmatmul_forward_epilogue", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t left, uintptr_t right,
+                                            int rank, float scale, uintptr_t y, int64_t M, int64_t N, int64_t K,
+                                            uintptr_t stream) {
+    cuda::LowRankUpdate u;
+    u.left = ptr<const void>(left), u.right = ptr<const void>(right), u.rank = rank, u.scale = scale;
+    cuda::qmatmul_forward_lowrank(t, ptr<const void>(x), dt, ptr<const void>(w), u, ptr<void>(y), M, N, K,
+                                  ptr<void>(stream));
+  }, nogil(), "y = x . deq(W)^T + scale left right^T, the update added after each chunk's GEMM "
+              "(left [M, rank], right [N, rank]).");
+  m.def("cuda_qmatmul_input_grad_epilogue", [](int t, uintptr_t dy, int dt, uintptr_t w, uintptr_t left,
+                                               uintptr_t right, int rank, float scale, uintptr_t dx, int64_t M,
+                                               int64_t N, int64_t K, uintptr_t stream) {
+    cuda::LowRankUpdate u;
+    u.left = ptr<const void>(left), u.right = ptr<const void>(right), u.rank = rank, u.scale = scale;
+    cuda::qmatmul_input_grad_lowrank(t, ptr<const void>(dy), dt, ptr<const void>(w), u, ptr<void>(dx), M, N, K,
+                                     ptr<void>(stream));
+  }, nogil(), "dx = dy . deq(W) + scale left right^T, the update added after each chunk's GEMM "
+              "(left [M, rank], right [K, rank]).");
   m.def("cuda_qmatmul_forward_expanded", [](int t, uintptr_t x, int dt, uintptr_t w, uintptr_t a, int pool,
                                             int repeat, float scale, uintptr_t y, int64_t M, int64_t N, int64_t K,
                                             uintptr_t stream) {

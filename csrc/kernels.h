@@ -70,6 +70,10 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
 // a[i / repeat][j / pool], a fp32 [n / repeat][k / pool]. y = x·W'ᵀ or dx = dy·W' through the chunked
 // cuBLAS path, whatever M: each chunk of W' is formed by the dequantization kernel, so the update costs
 // no pass over y or dx of its own.
+// Or (left given) the update's product added after each chunk's GEMM instead: y += scale · left · rightᵀ
+// (forward, right [n][rank]) or dx += scale · left · rightᵀ (input gradient, right [k][rank]), left [m][rank],
+// both plain row-major in the activation dtype; each chunk's addition reads its slice of y or dx while the
+// chunk's GEMM has just left it in L2, where a separate pass would read and write all of it from memory.
 struct LowRankUpdate {
   const void* bx = nullptr;
   const void* at = nullptr;
@@ -77,6 +81,8 @@ struct LowRankUpdate {
   float scale = 0.0f;
   const float* a = nullptr;
   int pool = 1, repeat = 1;
+  const void* left = nullptr;
+  const void* right = nullptr;
 };
 void qmatmul_forward_lowrank(int qtype, const void* x, int dtype, const void* w, const LowRankUpdate& u, void* y,
                              int64_t m, int64_t n, int64_t k, void* stream);

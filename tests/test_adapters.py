@@ -635,24 +635,29 @@ def test_merged_factors_give_the_adapters_update(pool, repeat, rank):
 
 
 def test_merge_setting_read():
-    """LOWTUNE_CUDA_ADAPTER_MERGE's values: auto takes the kinds timed faster, 1 both, 0 neither; others refused."""
+    """LOWTUNE_CUDA_ADAPTER_MERGE's values: auto takes the kinds timed faster, 1 the epilogue and the expanded
+    update, 0 none, or kinds by name; others refused."""
     assert adapter_ops._merge_kinds("auto") == adapter_ops._MERGE_AUTO
-    assert adapter_ops._merge_kinds("1") == {"lowrank", "expanded"} and not adapter_ops._merge_kinds("0")
-    with pytest.raises(ValueError, match="auto, 1 or 0"):
-        adapter_ops._merge_kinds("yes")
+    assert adapter_ops._merge_kinds("1") == {"epilogue", "expanded"} and not adapter_ops._merge_kinds("0")
+    assert adapter_ops._merge_kinds("lowrank,expanded") == {"lowrank", "expanded"}
+    for bad in ("yes", "lowrank,", "epilogue,all"):
+        with pytest.raises(ValueError, match="auto, 1, 0 or kinds among lowrank, epilogue, expanded"):
+            adapter_ops._merge_kinds(bad)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["epilogue,expanded", "lowrank,expanded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method,qtype", METHOD_BASES)
-def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
-    """The adapter merged into the frozen product (adapter_ops._MERGE_KINDS: ΔW = s/p·expand_q(B·A), or
-    QA-HiRA's s/p·expand_q(A), formed in the chunked path's dequantization kernel) against float64, and
-    taken exactly where it applies: at the rows the GEMM path takes (not M = 7), both directions."""
-    monkeypatch.setattr(adapter_ops, "_MERGE_KINDS", adapter_ops._merge_kinds("1"))
+def test_cuda_merged_route_close_to_float64(method, qtype, dtype, setting, monkeypatch):
+    """The adapter merged into the frozen product (adapter_ops._MERGE_KINDS: ΔW = s/p·expand_q(B·A) formed in
+    the chunked path's dequantization kernel or its two factors multiplied after each chunk's GEMM, or
+    QA-HiRA's s/p·expand_q(A)) against float64, and taken exactly where it applies: at the rows the GEMM
+    path takes (not M = 7), both directions."""
+    monkeypatch.setattr(adapter_ops, "_MERGE_KINDS", adapter_ops._merge_kinds(setting))
     calls = []
     for name in ("_forward_lowrank_kernel", "_input_grad_lowrank_kernel", "_forward_expanded_kernel",
-                 "_input_grad_expanded_kernel"):
+                 "_input_grad_expanded_kernel", "_forward_epilogue_kernel", "_input_grad_epilogue_kernel"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     for m, k, n in CUDA_SHAPES:
@@ -662,7 +667,7 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, monkeypatch):
         x, dy = torch.randn(m, k), torch.randn(m, n)
         calls.clear()
         merged = grads_of(ad, x.to("cuda", dtype), dy.to("cuda", dtype))
-        kind = "expanded" if method == "qa-hira" else "lowrank"
+        kind = "expanded" if method == "qa-hira" else setting.split(",")[0]
         want = [f"_forward_{kind}_kernel", f"_input_grad_{kind}_kernel"] if m >= 64 else []
         assert calls == want, (method, m, calls)
         t64 = truth64(ad, x.to(dtype), dy.to(dtype))

@@ -226,6 +226,38 @@ def test_chunked_path_with_an_expanded_update(direction, dtype, overlap, gen, mo
         assert err < TOLERANCE[dtype], f"{name} {direction} N={n} K={k} pool={pool} repeat={repeat}: error {err:.2e}"
 
 
+@pytest.mark.parametrize("overlap", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", ["forward", "input_grad"])
+def test_chunked_path_with_an_update_after_each_gemm(direction, dtype, overlap, gen, monkeypatch):
+    """y = x·deq(W)ᵀ + s·left·rightᵀ (or dx = dy·deq(W) + s·left·rightᵀ) with the update multiplied after each
+    chunk's GEMM into its slice of the output (ops._forward_epilogue_kernel) against float64: several 1 MiB
+    chunks with a ragged last one (a misplaced slice of right or of the output fails), an odd rank and M. The
+    update is as large as the product, so a lost one fails the tolerance."""
+    from lowtune import ops
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
+    monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
+    monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", overlap)
+    scale, rank, m = 0.7, 37, 45
+    for name, n, k32 in [("Q4_K", 1001, 40), ("Q4_0", 600, 64), ("Q6_K", 130, 16), ("IQ4_XS", 70, 16)]:
+        k = k_for(name, k32)
+        raw = random_blocks(name, n, k, gen)
+        w64 = dequant_cpu(raw, name, n, k).double()
+        rows, cols = (k, n) if direction == "forward" else (n, k)
+        t = torch.randn(m, rows).to(dtype)
+        base = t.double() @ (w64.t() if direction == "forward" else w64)
+        c = base.norm().item() / (m * cols) ** 0.5 / (scale * rank ** 0.5)  # update ~ the product in size
+        left, right = torch.randn(m, rank).to(dtype), (torch.randn(cols, rank) * c).to(dtype)
+        ref = base + scale * left.double() @ right.double().t()
+        assert (ref - base).norm() > 0.5 * base.norm()
+        kernel = ops._forward_epilogue_kernel if direction == "forward" else ops._input_grad_epilogue_kernel
+        out = kernel(t.cuda(), raw.cuda(), get_format(name).type_id, n, k, left.cuda(), right.cuda(), scale)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), f"{name} N={n} K={k}: non-finite outputs"
+        err = rel_err(out, ref)
+        assert err < TOLERANCE[dtype], f"{name} {direction} N={n} K={k}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
 def test_cublas_path_for_small_m(direction, gen, monkeypatch):
     """With the fused kernels switched off, small M takes the chunked cuBLAS path."""

@@ -330,15 +330,34 @@ struct CudaBackend {
 
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
 // pass over x (for [2048, 4096] bf16 on an H200: 7.4-7.6 us, where torch's mean over the short
-// last axis took 54-60 us). Each thread loads one 16-byte vector of V elements. Sums in fp32.
+// last axis took 54-60 us). The vector kernels load kPoolVecs 16-byte vectors of V elements a thread,
+// kPoolThreads apart, before summing any: one vector a thread left too few bytes in flight to cover
+// the H200's memory latency (6.0 us for 16.8 MB, 65% of its read bandwidth). Sums in fp32.
+constexpr int kPoolThreads = 256, kPoolVecs = 4;
 
-// 16 bytes as V floats
+// The sum of the V elements of a 16-byte vector
 template <class T, int V>
-__device__ __forceinline__ void load_vec(const T* x, int64_t v, float (&f)[V]) {
-  const uint4 q = reinterpret_cast<const uint4*>(x)[v];
+__device__ __forceinline__ float vec_sum(const uint4& q) {
   const T* e = reinterpret_cast<const T*>(&q);
+  float s = 0.0f;
 #pragma unroll
-  for (int i = 0; i < V; ++i) f[i] = from_ct(e[i]);
+  for (int i = 0; i < V; ++i) s += from_ct(e[i]);
+  return s;
+}
+
+// This thread's kPoolVecs vectors (index of vector u: first + u kPoolThreads), loaded before any is used;
+// those past the end stay zero.
+__device__ __forceinline__ void load_pool_vecs(const void* x, int64_t first, int64_t vectors,
+                                               uint4 (&q)[kPoolVecs]) {
+#pragma unroll
+  for (int u = 0; u < kPoolVecs; ++u) {
+    const int64_t v = first + u * kPoolThreads;
+    q[u] = v < vectors ? reinterpret_cast<const uint4*>(x)[v] : make_uint4(0, 0, 0, 0);
+  }
+}
+
+__device__ __forceinline__ int64_t pool_first_vec() {
+  return blockIdx.x * (int64_t)(kPoolThreads * kPoolVecs) + threadIdx.x;
 }
 
 template <int Bytes> struct Word;  // an unsigned type of that size, to store several outputs at once
@@ -346,42 +365,54 @@ template <> struct Word<2> { using type = uint16_t; };
 template <> struct Word<4> { using type = uint32_t; };
 template <> struct Word<8> { using type = uint2; };
 
-// P <= V: the vector holds V / P whole pools, stored as one word (P a template argument, so that
+// P <= V: a vector holds V / P whole pools, stored as one word (P a template argument, so that
 // the sums index registers, not local memory).
 template <class T, int V, int P>
-__global__ void pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, float inv) {
-  const int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (v >= vectors) return;
-  float f[V];
-  load_vec<T, V>(x, v, f);
-  T o[V / P];
-#pragma unroll
-  for (int j = 0; j < V / P; ++j) {
-    float s = 0.0f;
-#pragma unroll
-    for (int t = 0; t < P; ++t) s += f[j * P + t];
-    o[j] = to_ct<T>(s * inv);
-  }
+__global__ void __launch_bounds__(kPoolThreads) pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs,
+                                                                     int64_t vectors, float inv) {
+  const int64_t first = pool_first_vec();
+  uint4 q[kPoolVecs];
+  load_pool_vecs(x, first, vectors, q);
   using W = typename Word<V / P * sizeof(T)>::type;
-  reinterpret_cast<W*>(xs)[v] = *reinterpret_cast<const W*>(o);
+#pragma unroll
+  for (int u = 0; u < kPoolVecs; ++u) {
+    const int64_t v = first + u * kPoolThreads;
+    if (v >= vectors) break;
+    const T* e = reinterpret_cast<const T*>(&q[u]);
+    T o[V / P];
+#pragma unroll
+    for (int j = 0; j < V / P; ++j) {
+      float s = 0.0f;
+#pragma unroll
+      for (int t = 0; t < P; ++t) s += from_ct(e[j * P + t]);
+      o[j] = to_ct<T>(s * inv);
+    }
+    reinterpret_cast<W*>(xs)[v] = *reinterpret_cast<const W*>(o);
+  }
 }
 
 // p > V: a pool spans g = p / V lanes (g a power of two up to 32), summed by shuffles.
 template <class T, int V>
-__global__ void pool_mean_lanes_kernel(const T* __restrict__ x, T* __restrict__ xs, int64_t vectors, int g,
-                                       float inv) {
-  const int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const bool live = v < vectors;  // no early return: every lane takes part in the shuffles
-  float s = 0.0f;
-  if (live) {
-    float f[V];
-    load_vec<T, V>(x, v, f);
+__global__ void __launch_bounds__(kPoolThreads) pool_mean_lanes_kernel(const T* __restrict__ x, T* __restrict__ xs,
+                                                                       int64_t vectors, int g, float inv) {
+  const int64_t first = pool_first_vec();
+  uint4 q[kPoolVecs];
+  load_pool_vecs(x, first, vectors, q);  // no early return: every lane takes part in the shuffles
+  float s[kPoolVecs];
 #pragma unroll
-    for (int i = 0; i < V; ++i) s += f[i];
+  for (int u = 0; u < kPoolVecs; ++u) s[u] = vec_sum<T, V>(q[u]);
+  // groups of g lanes never straddle rows or the end (vectors % g == 0, kPoolThreads % 32 == 0); the loop
+  // over the offsets outside the one over u keeps s[u] in registers
+  for (int o = g / 2; o > 0; o >>= 1) {
+#pragma unroll
+    for (int u = 0; u < kPoolVecs; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
   }
-  // groups of g lanes never straddle rows or the end (vectors % g == 0; blocks of 256 lanes)
-  for (int o = g / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (live && (threadIdx.x & (g - 1)) == 0) xs[v / g] = to_ct<T>(s * inv);
+  if ((threadIdx.x & (g - 1)) != 0) return;
+#pragma unroll
+  for (int u = 0; u < kPoolVecs; ++u) {
+    const int64_t v = first + u * kPoolThreads;
+    if (v < vectors) xs[v / g] = to_ct<T>(s[u] * inv);
+  }
 }
 
 // Any p: one output per thread.
@@ -401,13 +432,14 @@ void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xs) % 16 == 0 &&
                        k % V == 0;
   const int64_t vectors = m * k / V;
-  const unsigned blocks = (unsigned)((vectors + 255) / 256);
+  const unsigned blocks = (unsigned)((vectors + kPoolThreads * kPoolVecs - 1) / (kPoolThreads * kPoolVecs));
   const int g = p / V;
-  if (aligned && p == 2) pool_mean_vec_kernel<T, V, 2><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
-  else if (aligned && p == 4) pool_mean_vec_kernel<T, V, 4><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
-  else if (aligned && p == V) pool_mean_vec_kernel<T, V, V><<<blocks, 256, 0, stream>>>(x, xs, vectors, inv);
+  constexpr int N = kPoolThreads;
+  if (aligned && p == 2) pool_mean_vec_kernel<T, V, 2><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == 4) pool_mean_vec_kernel<T, V, 4><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == V) pool_mean_vec_kernel<T, V, V><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
   else if (aligned && p % V == 0 && g <= 32 && (g & (g - 1)) == 0)
-    pool_mean_lanes_kernel<T, V><<<blocks, 256, 0, stream>>>(x, xs, vectors, g, inv);
+    pool_mean_lanes_kernel<T, V><<<blocks, N, 0, stream>>>(x, xs, vectors, g, inv);
   else {
     const int64_t outputs = m * (k / p);
     pool_mean_kernel<T><<<(unsigned)((outputs + 255) / 256), 256, 0, stream>>>(x, xs, outputs, p, inv);

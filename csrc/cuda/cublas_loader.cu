@@ -21,7 +21,8 @@
 namespace lowtune::cuda {
 bool cublas_available() { return false; }
 void cublas_workspace_stats(int64_t* bytes, int64_t* count) { *bytes = 0; *count = 0; }
-void cublas_gemm(bool, bool, int, int, int, const void*, int, const void*, int, void*, int, int, cudaStream_t) {
+void cublas_gemm(bool, bool, int, int, int, const void*, int, const void*, int, void*, int, int, cudaStream_t, float,
+                 float) {
   throw std::runtime_error("cuBLAS loading is not implemented on Windows");
 }
 }  // namespace lowtune::cuda
@@ -116,7 +117,7 @@ bool cublas_available() {
 }
 
 void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
-                 void* c_out, int ldc, int data_type, cudaStream_t stream) {
+                 void* c_out, int ldc, int data_type, cudaStream_t stream, float alpha, float beta) {
   Cublas& c = cublas();
   std::lock_guard<std::mutex> lock(c.mu);
   if (!c.load()) throw std::runtime_error("cuBLAS could not be loaded");
@@ -127,9 +128,8 @@ void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a,
     const auto ws = workspace(c, dev, stream);
     check(c.set_workspace(c.handles[dev], ws.first, ws.second), "cublasSetWorkspace");
   }
-  const float one = 1.0f, zero = 0.0f;
-  check(c.gemm(c.handles[dev], trans_a ? kOpT : kOpN, trans_b ? kOpT : kOpN, m, n, k, &one, a, data_type, lda, b,
-               data_type, ldb, &zero, c_out, data_type, ldc, kCompute32F, kGemmDefault),
+  check(c.gemm(c.handles[dev], trans_a ? kOpT : kOpN, trans_b ? kOpT : kOpN, m, n, k, &alpha, a, data_type, lda, b,
+               data_type, ldb, &beta, c_out, data_type, ldc, kCompute32F, kGemmDefault),
         "cublasGemmEx");
 }
 

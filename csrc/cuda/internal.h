@@ -179,13 +179,13 @@ template <int T>
 void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t n, int64_t k,
                             int64_t row_bytes, cudaStream_t stream);
 // cuBLAS, opened at run time (never linked): false when no libcublas could be loaded.
-// Column-major C[m,n] = op(A)·op(B), fp32 compute; types are cudaDataType values.
+// Column-major C[m,n] = alpha·op(A)·op(B) + beta·C, fp32 compute; types are cudaDataType values.
 // Each stream the products run on gets its own cuBLAS workspace of LOWTUNE_CUBLAS_WORKSPACE_MB
 // (default 8), set explicitly: left to itself, cuBLAS allocates a workspace inside every captured
 // graph. Their total bytes and count:
 bool cublas_available();
 void cublas_workspace_stats(int64_t* bytes, int64_t* count);
 void cublas_gemm(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
-                 void* c, int ldc, int data_type, cudaStream_t stream);
+                 void* c, int ldc, int data_type, cudaStream_t stream, float alpha = 1.0f, float beta = 0.0f);
 
 }  // namespace lowtune::cuda

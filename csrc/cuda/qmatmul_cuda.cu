@@ -222,7 +222,7 @@ template <int T>
 void produce_chunk(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    void* out, int dtype, const LowRankUpdate* lr, cudaStream_t s) {
   const uint8_t* rows = w + r0 * row_bytes;
-  if (!lr) {
+  if (!lr || lr->left) {  // (an update after the GEMM leaves the chunk plain)
     launch_dequant_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, s);
   } else if (lr->a) {
     launch_dequant_expand_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, lr->a, k / lr->pool, lr->pool,
@@ -235,7 +235,20 @@ void produce_chunk(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t r0, i
   }
 }
 
-// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ).
+// The update after a chunk's GEMM (lr->left given): out[:, c0:c0+nc] (row length ld) += scale · left · right[c0:c0+nc]ᵀ,
+// one GEMM with K = rank on the caller's stream right after the chunk's, whose output is still in L2.
+void add_chunk_update(const LowRankUpdate* lr, int64_t m, int64_t c0, int64_t nc, void* out, int64_t ld, int dtype,
+                      cudaStream_t s) {
+  if (!lr || !lr->left) return;
+  const int64_t es = dtype_size(dtype);
+  // column-major: outᵀ[c0:c0+nc, :] (nc x m, ld) += right[c0:c0+nc] (stored rank x nc)ᵀ · leftᵀ (rank x m)
+  cublas_gemm(true, false, (int)nc, (int)m, lr->rank, static_cast<const char*>(lr->right) + c0 * lr->rank * es,
+              lr->rank, lr->left, lr->rank, static_cast<char*>(out) + c0 * es, (int)ld, cuda_data_type(dtype), s,
+              lr->scale, 1.0f);
+}
+
+// Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ, or
+// the update added after each chunk's GEMM).
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
                      int64_t row_bytes, cudaStream_t stream, const LowRankUpdate* lr = nullptr) {
@@ -255,10 +268,11 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
         // column-major view: Yᵀ[r0:r0+nr, :] (nr x m, ld n) = S (nr x k, stored as k x nr, ld k)ᵀ · Xᵀ (k x m, ld k)
         cublas_gemm(true, false, (int)nr, (int)m, (int)k, at(b), (int)k, x, (int)k,
                     static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s);
+        add_chunk_update(lr, m, r0, nr, y, n, dtype, s);
       });
 }
 
-// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns (with lr: W' as above).
+// dX[:, c0:c0+cols] = dY · deq(W[:, c0:c0+cols]) for chunks of columns (with lr: as above).
 template <int T>
 void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, int64_t m, int64_t n, int64_t k,
                         int64_t row_bytes, cudaStream_t stream, const LowRankUpdate* lr = nullptr) {
@@ -278,6 +292,7 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
         // column-major: dXᵀ[c0:c0+nc, :] (ld k) = S (nc x n, ld nc) · dYᵀ (n x m, ld n)
         cublas_gemm(false, false, (int)nc, (int)m, (int)n, at(b), (int)nc, dy, (int)n,
                     static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s);
+        add_chunk_update(lr, m, c0, nc, dx, k, dtype, s);
       });
 }
 
@@ -474,6 +489,10 @@ namespace {
 void check_lowrank(const LowRankUpdate& u, int dtype, int64_t n, int64_t k) {
   if (dtype == D_F32) throw std::invalid_argument("the low-rank update takes bfloat16 or float16 activations");
   if (!cublas_available()) throw std::runtime_error("the low-rank update needs cuBLAS, which could not be loaded");
+  if (u.left) {  // added after each chunk's GEMM
+    if (!u.right || u.rank <= 0) throw std::invalid_argument("the update after the GEMM needs right and a rank > 0");
+    return;
+  }
   if (u.a) {  // one matrix expanded
     if (u.pool < 1 || u.repeat < 1 || k % u.pool || n % u.repeat)
       throw std::invalid_argument("the expanded update's pool and repeat must divide K and N");

@@ -249,8 +249,9 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
 
 @ops.without_autocast  # (an fp32 x under bf16 autocast: u in bf16 against B in fp32)
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
-    """(dA, dB) in fp32, full-size (rows/columns past the rank in use stay 0); dx += the adapter's
-    input gradient, expanded over the pool, in place. Folded (_folds), dy is not summed over the
+    """(dA, dB, du) with dA and dB in fp32, full-size (rows/columns past the rank in use stay 0), and du =
+    s·dy·B [m, r] (None for a single matrix); dx += the adapter's input gradient, expanded over the pool, in
+    place. Folded (_folds), dy is not summed over the
     repeat's q columns: the last factor's rows are repeated instead and its small gradient summed."""
     q, r, s = geom.repeat, geom.rank, geom.scale
     dt = dy2.dtype
@@ -258,7 +259,7 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     dys = dy2 if q == 1 or fold else dy2.view(dy2.shape[0], -1, q).sum(-1)
     qf = q if fold else 1  # the repeat the products below still carry
     A = A32[:r].to(dt) if dx is not None else None  # (the merged route's dx needs no cast of A)
-    dB = None
+    dB = du = None
     if geom.has_b:
         dB = _widen(_rows_summed(_mm_f32(dys.t(), u, s), qf), B32.shape)
         du = _mm_scaled(dys, _rows_repeated(B32[:, :r], qf, dt), s)  # [m, r]
@@ -269,7 +270,7 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
         dA = _widen(_rows_summed(_mm_f32(dys.t(), xs, s), qf), A32.shape)
         if dx is not None:
             _add_pooled_cols(dx, dys, _rows_repeated(A, qf, dt), pool, s)
-    return dA, dB
+    return dA, dB, du
 
 
 def _launch_forward(x2, A32, B32, geom, y, pool):
@@ -293,10 +294,12 @@ def _launch_forward(x2, A32, B32, geom, y, pool):
 
 
 def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
-    """Gradients (dA, dB) in A's and B's dtypes; accumulates the adapter's input gradient into
-    dx [m, k] when dx is given. xs is the saved, already pooled adapter input."""
+    """Gradients (dA, dB) in A's and B's dtypes, and du = s·dy·B [m, r] where the torch GEMMs made it (else
+    None); accumulates the adapter's input gradient into dx [m, k] when dx is given. xs is the saved, already
+    pooled adapter input."""
+    du = None
     if _use_torch_gemm(dy2):
-        dA, dB = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool)
+        dA, dB, du = _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool)
     else:
         dA, dB = _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool)
     if geom.grad_from > 0:  # DyLoRA's frozen mode: only the newest slice learns
@@ -305,7 +308,7 @@ def _launch_backward(dy2, xs, A, B, A32, B32, u, geom, dx, k, pool):
             dB[:, :geom.grad_from] = 0
     dA = dA.to(A.dtype)
     dB = dB.to(B.dtype) if dB is not None else None
-    return dA, dB
+    return dA, dB, du
 
 
 def _fused_backward(dy2, xs, A32, B32, u, geom, dx, k, pool):
@@ -361,42 +364,69 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
 
 # The adapter merged into the frozen product. Where it applies (CUDA, 16-bit activations, the rows the
 # torch GEMM path takes, the adapter reading x itself rather than a separate input such as a dropped-out
-# one), y = x·(deq(W) + ΔW)ᵀ and dx = dy·(deq(W) + ΔW), with ΔW = s/p·expand_q(B·A) ("lowrank") or, for
-# a single matrix (QA-HiRA), s/p·expand_q(A) ("expanded"), formed by the chunked path's dequantization
-# kernel (ops.qmatmul_lowrank; the expanded kernels): no pass over y or dx of the adapter's own. u, dA and
-# dB are the torch path's. LOWTUNE_CUDA_ADAPTER_MERGE: auto (the kinds timed faster than the separate
-# products: BENCHMARKS.md "The adapter's update inside the dequantization kernel"), 1 (both), 0 (neither).
+# one), y = x·deq(W)ᵀ + adapter(x) and dx = dy·deq(W) + the adapter's share come out of the chunked
+# path's products, in one of three kinds:
+#   lowrank   ΔW = s/p·expand_q(B·A) added to each dequantized chunk (ops.qmatmul_lowrank);
+#   epilogue  the same two factors, B's against u = pool(x)·Aᵀ (forward) or expand_p(A)/p's against
+#             du = s·dy·B (input gradient) multiplied after each chunk's GEMM into its slice of y or dx,
+#             still in L2 (ops._forward_epilogue_kernel);
+#   expanded  a single matrix (QA-HiRA): ΔW = s/p·expand_q(A) added to each dequantized chunk.
+# None needs a pass over y or dx of its own. u, dA and dB are the torch path's. LOWTUNE_CUDA_ADAPTER_MERGE:
+# auto (the kinds timed faster than the separate products: BENCHMARKS.md "The adapter's update inside the
+# dequantization kernel"), 1 (epilogue and expanded), 0 (none), or kinds joined by commas.
 _MERGE_AUTO = frozenset({"expanded"})
+_MERGE_NAMES = ("lowrank", "epilogue", "expanded")
 
 
 def _merge_kinds(setting: str) -> frozenset:
-    choices = {"auto": _MERGE_AUTO, "1": frozenset({"lowrank", "expanded"}), "0": frozenset()}
-    if setting not in choices:
-        raise ValueError(f"LOWTUNE_CUDA_ADAPTER_MERGE must be auto, 1 or 0, got {setting!r}")
-    return choices[setting]
+    choices = {"auto": _MERGE_AUTO, "1": frozenset({"epilogue", "expanded"}), "0": frozenset()}
+    if setting in choices:
+        return choices[setting]
+    kinds = frozenset(setting.split(","))
+    if not kinds <= set(_MERGE_NAMES):
+        raise ValueError(f"LOWTUNE_CUDA_ADAPTER_MERGE must be auto, 1, 0 or kinds among {', '.join(_MERGE_NAMES)} "
+                         f"joined by commas, got {setting!r}")
+    return kinds
 
 
 _MERGE_KINDS = _merge_kinds(os.environ.get("LOWTUNE_CUDA_ADAPTER_MERGE", "auto"))
 
 
-def _merges(t: Tensor, geom: AdapterGeometry, separate: bool) -> bool:
-    return (("lowrank" if geom.has_b else "expanded") in _MERGE_KINDS and not separate
-            and t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16) and _use_torch_gemm(t))
+def _merge_kind(t: Tensor, geom: AdapterGeometry, separate: bool) -> str | None:
+    """The kind of merge the adapter's products take for rows t, or None for the separate products
+    (the epilogue before lowrank where both are allowed)."""
+    if separate or t.device.type != "cuda" or t.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    kinds = ("epilogue", "lowrank") if geom.has_b else ("expanded",)
+    kind = next((c for c in kinds if c in _MERGE_KINDS), None)
+    return kind if kind is not None and _use_torch_gemm(t) else None
 
 
 def _merged_factors(A32: Tensor, B32: Tensor, geom: AdapterGeometry) -> tuple[Tensor, Tensor]:
     """(Bx [n, r], At [k, r]) with Bx·Atᵀ = expand_q(B[:, :r])·expand_p(A[:r])/p: B's rows repeated over
     the repeat's q outputs, A's columns over the pool's p inputs (each weighing 1/p)."""
-    r, p, q = geom.rank, geom.pool, geom.repeat
-    bx = B32[:, :r].repeat_interleave(q, dim=0) if q > 1 else B32[:, :r]
-    at = (A32[:r] / p).repeat_interleave(p, dim=1).t() if p > 1 else A32[:r].t()
-    return bx, at
+    return _merged_bx(B32, geom), _merged_at(A32, geom)
+
+
+def _merged_bx(B32: Tensor, geom: AdapterGeometry) -> Tensor:
+    return B32[:, :geom.rank].repeat_interleave(geom.repeat, dim=0) if geom.repeat > 1 else B32[:, :geom.rank]
+
+
+def _merged_at(A32: Tensor, geom: AdapterGeometry) -> Tensor:
+    r, p = geom.rank, geom.pool
+    return (A32[:r] / p).repeat_interleave(p, dim=1).t() if p > 1 else A32[:r].t()
 
 
 def _merged_product(t: Tensor, raw: Tensor, type_id: int, A32: Tensor, B32: Tensor | None, geom: AdapterGeometry,
-                    forward: bool) -> Tensor:
-    """y = t·W'ᵀ (forward) or dx = t·W' (t = dy), W' = deq(W) + ΔW formed in the dequantization kernel."""
-    if geom.has_b:
+                    kind: str, forward: bool, left: Tensor | None = None) -> Tensor:
+    """y = t·W'ᵀ (forward) or dx = t·W' (t = dy), W' = deq(W) + ΔW; for the epilogue, left is u (forward) or
+    du (input gradient, already scaled)."""
+    if kind == "epilogue":
+        right = _merged_bx(B32, geom) if forward else _merged_at(A32, geom)
+        right = right.to(t.dtype, memory_format=torch.contiguous_format)
+        kernel = ops._forward_epilogue_kernel if forward else ops._input_grad_epilogue_kernel
+        return kernel(t, raw, type_id, geom.n, geom.k, left, right, geom.scale if forward else 1.0)
+    if kind == "lowrank":
         f = ops.lowrank_ready(*_merged_factors(A32, B32, geom), t.dtype)
         kernel = ops._forward_lowrank_kernel if forward else ops._input_grad_lowrank_kernel
         return kernel(t, raw, type_id, geom.n, geom.k, f, geom.scale)
@@ -410,11 +440,12 @@ def _adapted_qmatmul(x: Tensor, xa: Tensor | None, A: Tensor, B: Tensor | None, 
     """(y, xs, u): y [M, n] = x [M, k]·deq(W)ᵀ + adapter(xa if given else x), the adapter
     accumulated into the frozen matmul's output."""
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
-    if _merges(x, geom, xa is not None):
+    kind = _merge_kind(x, geom, xa is not None)
+    if kind is not None:
         A32 = _f32(A)
-        y = _merged_product(x, raw, type_id, A32, _f32(B), geom, forward=True)
         xs = _pool(x, pool)
         u = xs @ A32[:rank].to(x.dtype).t() if has_b else None  # for dB, as the torch path keeps it
+        y = _merged_product(x, raw, type_id, A32, _f32(B), geom, kind, forward=True, left=u)
         return (y, *_aux_outputs(x, x, u, xs, has_b))
     y = ops._forward_kernel(x, raw, type_id, n, k)
     ain = x if xa is None else xa
@@ -442,11 +473,13 @@ def _adapted_qmatmul_backward(
     geom = AdapterGeometry(k, n, pool, repeat, rank, has_b, scale, grad_from)
     dy, m = dy.contiguous(), dy.shape[0]
     A32, B32 = _f32(A), _f32(B)
-    merged = need_dx and _merges(dy, geom, separate)
-    if merged:  # the adapter's share of dx comes out of the frozen product
-        dx = _merged_product(dy, raw, type_id, A32, B32, geom, forward=False)
-    else:
-        dx = ops._input_grad_kernel(dy, raw, type_id, n, k) if need_dx else None
+    kind = _merge_kind(dy, geom, separate) if need_dx else None
+    merged = kind is not None  # the adapter's share of dx comes out of the frozen product
+    dx = None
+    if kind in ("lowrank", "expanded"):  # (the epilogue's needs du, made below)
+        dx = _merged_product(dy, raw, type_id, A32, B32, geom, kind, forward=False)
+    elif need_dx and not merged:
+        dx = ops._input_grad_kernel(dy, raw, type_id, n, k)
     dxa = None
     if separate:
         if need_dxa:
@@ -455,7 +488,9 @@ def _adapted_qmatmul_backward(
     else:
         target = None if merged else dx  # the adapter's share accumulates into the frozen layer's dx
     kk, pp = _kernel_input(geom, separate)
-    dA, dB = _launch_backward(dy, xs, A, B, A32, B32, u if has_b else None, geom, target, kk, pp)
+    dA, dB, du = _launch_backward(dy, xs, A, B, A32, B32, u if has_b else None, geom, target, kk, pp)
+    if kind == "epilogue":  # du (the torch path's, scaled) multiplied after each chunk's GEMM
+        dx = _merged_product(dy, raw, type_id, A32, B32, geom, kind, forward=False, left=du)
     empty = dy.new_empty((0,))
     return (dx if dx is not None else empty, dxa if dxa is not None else dy.new_empty((0,)),
             dA, dB if dB is not None else A.new_empty((0,)))
@@ -534,7 +569,7 @@ def _adapter_backward(dy: Tensor, xs: Tensor, u: Tensor, A: Tensor, B: Tensor | 
     dy = dy.contiguous()
     kk, pp = _kernel_input(geom, pooled)
     dxa = torch.zeros((dy.shape[0], kk), dtype=dy.dtype, device=dy.device) if need_dxa else None
-    dA, dB = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, dxa, kk, pp)
+    dA, dB, _ = _launch_backward(dy, xs, A, B, _f32(A), _f32(B), u if has_b else None, geom, dxa, kk, pp)
     return (dxa if dxa is not None else dy.new_empty((0,)), dA,
             dB if dB is not None else A.new_empty((0,)))
 

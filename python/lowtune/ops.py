@@ -442,6 +442,29 @@ def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k
     return dx
 
 
+def _forward_epilogue_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, left: Tensor, right: Tensor,
+                             scale: float) -> Tensor:
+    """x2 [m, k]·deq(W)ᵀ + scale·left·rightᵀ, left [m, r] and right [n, r] contiguous in x2's dtype: the update
+    added after each chunk's GEMM, while the chunk of y is still in L2."""
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    if y.numel():
+        _C.cuda_qmatmul_forward_epilogue(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(),
+                                         left.data_ptr(), right.data_ptr(), left.shape[1], float(scale),
+                                         y.data_ptr(), x2.shape[0], n, k, _stream(x2.device))
+    return y
+
+
+def _input_grad_epilogue_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k: int, left: Tensor,
+                                right: Tensor, scale: float) -> Tensor:
+    """dy2 [m, n]·deq(W) + scale·left·rightᵀ, left [m, r] and right [k, r] as for _forward_epilogue_kernel."""
+    dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype, device=dy2.device)
+    if dx.numel():
+        _C.cuda_qmatmul_input_grad_epilogue(type_id, dy2.data_ptr(), ACT_DTYPES[dy2.dtype], raw.data_ptr(),
+                                            left.data_ptr(), right.data_ptr(), left.shape[1], float(scale),
+                                            dx.data_ptr(), dy2.shape[0], n, k, _stream(dy2.device))
+    return dx
+
+
 def _forward_expanded_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, a: Tensor, pool: int,
                              repeat: int, scale: float) -> Tensor:
     """x2 [m, k]·(deq(W) + scale/pool·a[i/repeat][j/pool])ᵀ, a fp32 contiguous [n/repeat, k/pool]."""
