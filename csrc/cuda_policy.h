@@ -309,6 +309,10 @@ inline int64_t chunk_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CH
 inline int64_t scratch_cap_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
 inline bool overlap_chunks() { return env_int("LOWTUNE_CUDA_OVERLAP", 1) != 0; }
 inline int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MIN", 1024) / 128 * 128, 128); }
+// A rank-r update multiplied into each chunk's output (kernels.h's LowRankUpdate with left): after the
+// chunk's GEMM (0: the update reads and writes the slice the GEMM left in L2) or before it (1: the update
+// writes the slice, and the chunk's GEMM adds into it with beta = 1).
+inline bool chunk_update_first() { return env_int("LOWTUNE_CUDA_UPDATE_FIRST", 0) != 0; }
 
 struct ChunkPlan {
   int64_t size, chunks;  // rows or columns per chunk (a multiple of 128, or all of them); how many

@@ -226,18 +226,21 @@ def test_chunked_path_with_an_expanded_update(direction, dtype, overlap, gen, mo
         assert err < TOLERANCE[dtype], f"{name} {direction} N={n} K={k} pool={pool} repeat={repeat}: error {err:.2e}"
 
 
+@pytest.mark.parametrize("first", ["0", "1"], ids=["after", "before"])
 @pytest.mark.parametrize("overlap", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("direction", ["forward", "input_grad"])
-def test_chunked_path_with_an_update_after_each_gemm(direction, dtype, overlap, gen, monkeypatch):
-    """y = x·deq(W)ᵀ + s·left·rightᵀ (or dx = dy·deq(W) + s·left·rightᵀ) with the update multiplied after each
-    chunk's GEMM into its slice of the output (ops._forward_epilogue_kernel) against float64: several 1 MiB
-    chunks with a ragged last one (a misplaced slice of right or of the output fails), an odd rank and M. The
-    update is as large as the product, so a lost one fails the tolerance."""
+def test_chunked_path_with_an_update_after_each_gemm(direction, dtype, overlap, first, gen, monkeypatch):
+    """y = x·deq(W)ᵀ + s·left·rightᵀ (or dx = dy·deq(W) + s·left·rightᵀ) with the update multiplied into each
+    chunk's slice of the output after the chunk's GEMM, or before it (LOWTUNE_CUDA_UPDATE_FIRST; the GEMM then
+    adds into it), through ops._forward_epilogue_kernel, against float64: several 1 MiB chunks with a ragged
+    last one (a misplaced slice of right or of the output fails), an odd rank and M. The update is as large as
+    the product, so a lost one fails the tolerance."""
     from lowtune import ops
     monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MB", "1")
     monkeypatch.setenv("LOWTUNE_CUDA_CHUNK_MIN", "128")
     monkeypatch.setenv("LOWTUNE_CUDA_OVERLAP", overlap)
+    monkeypatch.setenv("LOWTUNE_CUDA_UPDATE_FIRST", first)
     scale, rank, m = 0.7, 37, 45
     for name, n, k32 in [("Q4_K", 1001, 40), ("Q4_0", 600, 64), ("Q6_K", 130, 16), ("IQ4_XS", 70, 16)]:
         k = k_for(name, k32)

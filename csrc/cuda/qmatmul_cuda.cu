@@ -235,16 +235,29 @@ void produce_chunk(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t r0, i
   }
 }
 
-// The update after a chunk's GEMM (lr->left given): out[:, c0:c0+nc] (row length ld) += scale · left · right[c0:c0+nc]ᵀ,
-// one GEMM with K = rank on the caller's stream right after the chunk's, whose output is still in L2.
-void add_chunk_update(const LowRankUpdate* lr, int64_t m, int64_t c0, int64_t nc, void* out, int64_t ld, int dtype,
-                      cudaStream_t s) {
-  if (!lr || !lr->left) return;
+// The update of a chunk's output (lr->left given): out[:, c0:c0+nc] (row length ld) = scale · left · right[c0:c0+nc]ᵀ
+// + beta · out[:, c0:c0+nc], one GEMM with K = rank on the caller's stream next to the chunk's (before it, or
+// after it while the chunk's output is still in L2: cuda_policy::chunk_update_first).
+void chunk_update(const LowRankUpdate* lr, int64_t m, int64_t c0, int64_t nc, void* out, int64_t ld, int dtype,
+                  float beta, cudaStream_t s) {
   const int64_t es = dtype_size(dtype);
   // column-major: outᵀ[c0:c0+nc, :] (nc x m, ld) += right[c0:c0+nc] (stored rank x nc)ᵀ · leftᵀ (rank x m)
   cublas_gemm(true, false, (int)nc, (int)m, lr->rank, static_cast<const char*>(lr->right) + c0 * lr->rank * es,
               lr->rank, lr->left, lr->rank, static_cast<char*>(out) + c0 * es, (int)ld, cuda_data_type(dtype), s,
-              lr->scale, 1.0f);
+              lr->scale, beta);
+}
+
+// The chunk's GEMM, `gemm(beta)`, with the update of its output (if any) before or after it.
+template <class Gemm>
+void gemm_with_update(const LowRankUpdate* lr, int64_t m, int64_t c0, int64_t nc, void* out, int64_t ld, int dtype,
+                      cudaStream_t s, Gemm gemm) {
+  if (!lr || !lr->left) return gemm(0.0f);
+  if (cuda_policy::chunk_update_first()) {
+    chunk_update(lr, m, c0, nc, out, ld, dtype, 0.0f, s);
+    return gemm(1.0f);
+  }
+  gemm(0.0f);
+  chunk_update(lr, m, c0, nc, out, ld, dtype, 1.0f, s);
 }
 
 // Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ, or
@@ -266,9 +279,10 @@ void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t r0 = i * p.size, nr = std::min(p.size, n - r0);
         // column-major view: Yᵀ[r0:r0+nr, :] (nr x m, ld n) = S (nr x k, stored as k x nr, ld k)ᵀ · Xᵀ (k x m, ld k)
-        cublas_gemm(true, false, (int)nr, (int)m, (int)k, at(b), (int)k, x, (int)k,
-                    static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s);
-        add_chunk_update(lr, m, r0, nr, y, n, dtype, s);
+        gemm_with_update(lr, m, r0, nr, y, n, dtype, s, [&](float beta) {
+          cublas_gemm(true, false, (int)nr, (int)m, (int)k, at(b), (int)k, x, (int)k,
+                      static_cast<char*>(y) + r0 * es, (int)n, cuda_data_type(dtype), s, 1.0f, beta);
+        });
       });
 }
 
@@ -290,9 +304,10 @@ void chunked_input_grad(const void* dy, int dtype, const uint8_t* w, void* dx, i
       [&](int64_t i, int b, cudaStream_t s) {
         const int64_t c0 = i * p.size, nc = std::min(p.size, k - c0);
         // column-major: dXᵀ[c0:c0+nc, :] (ld k) = S (nc x n, ld nc) · dYᵀ (n x m, ld n)
-        cublas_gemm(false, false, (int)nc, (int)m, (int)n, at(b), (int)nc, dy, (int)n,
-                    static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s);
-        add_chunk_update(lr, m, c0, nc, dx, k, dtype, s);
+        gemm_with_update(lr, m, c0, nc, dx, k, dtype, s, [&](float beta) {
+          cublas_gemm(false, false, (int)nc, (int)m, (int)n, at(b), (int)nc, dy, (int)n,
+                      static_cast<char*>(dx) + c0 * es, (int)k, cuda_data_type(dtype), s, 1.0f, beta);
+        });
       });
 }
 

@@ -14,8 +14,8 @@ Rows: the passes the adapter costs now (y += s·u·Bᵀ and dx += s·g·A, readi
 [M, K] from memory; the four skinny products) and those of the merged route (the chunk update with
 the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows), and, where lowtune
 has CUDA, the update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and its input gradient)
-against the frozen products alone; last, the skinny products in two layouts each, their large operand
-rotated past 2x L2 (layout_rows).
+and after each chunk's GEMM (the epilogue kind) against the frozen products alone; last, the skinny
+products in two layouts each, their large operand rotated past 2x L2 (layout_rows).
 """
 from __future__ import annotations
 
@@ -56,6 +56,19 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
     bare, extra = fwd + bwd, fwd_u + bwd_u - fwd - bwd
     summary.update({"bare_layer_us": bare, "fused_update_extra_us": extra, "fused_route_us": extra + rest_us,
                     "budget_15pct_of_bare_us": 0.15 * bare})
+    # the update multiplied into each chunk's output (the epilogue merge kind), after the chunk's GEMM or before
+    # it (LOWTUNE_CUDA_UPDATE_FIRST, read on every call): u or du [M, r] against B or Aᵀ
+    left = (x @ A.t()).contiguous()
+    for first, where in (("0", "after"), ("1", "before")):
+        os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = first
+        fwd_e = row(f"{a.type} forward x·deq(W)^T + s u B^T, update {where} each chunk's GEMM",
+                    timer(lambda i: ops._forward_epilogue_kernel(x, qts[i % nq].raw, qts[i % nq].format.type_id,
+                                                                 a.n, a.k, left, B, 0.5)))
+        bwd_e = row(f"{a.type} input grad dy·deq(W) + du A, update {where} each chunk's GEMM",
+                    timer(lambda i: ops._input_grad_epilogue_kernel(dy, qts[i % nq].raw, qts[i % nq].format.type_id,
+                                                                    a.n, a.k, left, at, 1.0)))
+        summary[f"epilogue_{where}_extra_us"] = fwd_e + bwd_e - fwd - bwd
+    os.environ.pop("LOWTUNE_CUDA_UPDATE_FIRST")
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:

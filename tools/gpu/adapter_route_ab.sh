@@ -9,8 +9,9 @@
 # (graph replay, KPATHS, forward and input gradient) under A and B, for a kernel change in the same trees;
 # TEST_K: B's CUDA and adapter tests matching it (default: KTYPES's types), and SAN_K: compute-sanitizer over
 # B's tests/test_cuda.py matching it, both beside A's build.
+# B_ENV (VAR=VALUE ...): one more merged round of B under those settings (a knob of the route).
 #   OUT=dir BASE_DIR=.carry/base [METHODS=qa-hira,lora] [PROFILE=0] [DECODE=1] [KTYPES=Q2_K [KPATHS=gemv]] \
-#     [TEST_K=...] [SAN_K=...] bash tools/gpu/adapter_route_ab.sh
+#     [TEST_K=...] [SAN_K=...] [B_ENV="LOWTUNE_CUDA_UPDATE_FIRST=1"] bash tools/gpu/adapter_route_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -30,15 +31,16 @@ kernels() {  # NAME ROOT
 }
 kernels a1 "$base"
 kernels b1 "$PWD"
-round() {  # NAME ROOT MERGE
-  stage "adapters_$1" 25 60 env PYTHONPATH="$2/python" LOWTUNE_CUDA_ADAPTER_MERGE=$3 $py tools/bench_adapters.py \
-    --json "$out/adapters_$1.json"
+round() {  # NAME ROOT MERGE [VAR=VALUE...]
+  stage "adapters_$1" 25 60 env PYTHONPATH="$2/python" LOWTUNE_CUDA_ADAPTER_MERGE=$3 "${@:4}" $py \
+    tools/bench_adapters.py --json "$out/adapters_$1.json"
 }
 stage cost_a_1 30 90 env PYTHONPATH="$base/python" $py tools/gpu/adapter_merge_cost.py --json "$out/cost_a_1.json"
 round a1_merged "$base" 1
 round b1_merged "$PWD" 1
 round b1_separate "$PWD" 0
 round a1_separate "$base" 0
+[ -n "${B_ENV:-}" ] && round b1_env "$PWD" 1 $B_ENV
 [ "${DECODE:-0}" = 1 ] && decode_generate decode_b "$PWD"
 round a2_merged "$base" 1
 round b2_merged "$PWD" 1
