@@ -678,10 +678,13 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, setting, monke
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("pool", [2, 3, 4, 8, 16, 32, 64, 256, 512])
-def test_cuda_pool_kernel_equals_the_mean(pool, dtype):
+@pytest.mark.parametrize("vecs", ["1", "4"])
+def test_cuda_pool_kernel_equals_the_mean(pool, dtype, vecs, monkeypatch):
     """The cuBLAS path's pooling kernel against torch's mean over the pool (fp32 sums): its
-    vector paths (a pool inside a 16-byte vector, or across lanes) and its scalar path (a pool
-    that fits neither, or x not 16-byte aligned)."""
+    vector paths (a pool inside a 16-byte vector, or across lanes; one or four vectors a thread, the
+    last block's partly past the end) and its scalar path (a pool that fits neither, or x not 16-byte
+    aligned)."""
+    monkeypatch.setenv("LOWTUNE_CUDA_POOL_VECS", vecs)
     m, k = 37, 1536
     base = torch.randn(m * k + 1, device="cuda").to(dtype)
     for x in (base[:-1].view(m, k), base[1:].view(m, k)):  # aligned, then 2 or 4 bytes off

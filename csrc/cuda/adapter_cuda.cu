@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "../adapter_kernels.h"
+#include "../cuda_policy.h"  // pool_vectors
 #include "../fp16.h"
 #include "common.cuh"
 #include "internal.h"  // sm_count
@@ -330,10 +331,11 @@ struct CudaBackend {
 
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
 // pass over x (for [2048, 4096] bf16 on an H200: 7.4-7.6 us, where torch's mean over the short
-// last axis took 54-60 us). The vector kernels load kPoolVecs 16-byte vectors of V elements a thread,
-// kPoolThreads apart, before summing any: one vector a thread left too few bytes in flight to cover
-// the H200's memory latency (6.0 us for 16.8 MB, 65% of its read bandwidth). Sums in fp32.
-constexpr int kPoolThreads = 256, kPoolVecs = 4;
+// last axis took 54-60 us). The vector kernels load U 16-byte vectors of V elements a thread,
+// kPoolThreads apart, before summing any (cuda_policy::pool_vectors): one vector a thread may leave too few
+// bytes in flight to cover the H200's memory latency (6.0 us for 16.8 MB, 65% of its read bandwidth).
+// Sums in fp32.
+constexpr int kPoolThreads = 256;
 
 // The sum of the V elements of a 16-byte vector
 template <class T, int V>
@@ -345,19 +347,20 @@ __device__ __forceinline__ float vec_sum(const uint4& q) {
   return s;
 }
 
-// This thread's kPoolVecs vectors (index of vector u: first + u kPoolThreads), loaded before any is used;
+// This thread's U vectors (index of vector u: first + u kPoolThreads), loaded before any is used;
 // those past the end stay zero.
-__device__ __forceinline__ void load_pool_vecs(const void* x, int64_t first, int64_t vectors,
-                                               uint4 (&q)[kPoolVecs]) {
+template <int U>
+__device__ __forceinline__ void load_pool_vecs(const void* x, int64_t first, int64_t vectors, uint4 (&q)[U]) {
 #pragma unroll
-  for (int u = 0; u < kPoolVecs; ++u) {
+  for (int u = 0; u < U; ++u) {
     const int64_t v = first + u * kPoolThreads;
     q[u] = v < vectors ? reinterpret_cast<const uint4*>(x)[v] : make_uint4(0, 0, 0, 0);
   }
 }
 
+template <int U>
 __device__ __forceinline__ int64_t pool_first_vec() {
-  return blockIdx.x * (int64_t)(kPoolThreads * kPoolVecs) + threadIdx.x;
+  return blockIdx.x * (int64_t)(kPoolThreads * U) + threadIdx.x;
 }
 
 template <int Bytes> struct Word;  // an unsigned type of that size, to store several outputs at once
@@ -367,15 +370,15 @@ template <> struct Word<8> { using type = uint2; };
 
 // P <= V: a vector holds V / P whole pools, stored as one word (P a template argument, so that
 // the sums index registers, not local memory).
-template <class T, int V, int P>
+template <class T, int V, int P, int U>
 __global__ void __launch_bounds__(kPoolThreads) pool_mean_vec_kernel(const T* __restrict__ x, T* __restrict__ xs,
                                                                      int64_t vectors, float inv) {
-  const int64_t first = pool_first_vec();
-  uint4 q[kPoolVecs];
+  const int64_t first = pool_first_vec<U>();
+  uint4 q[U];
   load_pool_vecs(x, first, vectors, q);
   using W = typename Word<V / P * sizeof(T)>::type;
 #pragma unroll
-  for (int u = 0; u < kPoolVecs; ++u) {
+  for (int u = 0; u < U; ++u) {
     const int64_t v = first + u * kPoolThreads;
     if (v >= vectors) break;
     const T* e = reinterpret_cast<const T*>(&q[u]);
@@ -392,24 +395,24 @@ __global__ void __launch_bounds__(kPoolThreads) pool_mean_vec_kernel(const T* __
 }
 
 // p > V: a pool spans g = p / V lanes (g a power of two up to 32), summed by shuffles.
-template <class T, int V>
+template <class T, int V, int U>
 __global__ void __launch_bounds__(kPoolThreads) pool_mean_lanes_kernel(const T* __restrict__ x, T* __restrict__ xs,
                                                                        int64_t vectors, int g, float inv) {
-  const int64_t first = pool_first_vec();
-  uint4 q[kPoolVecs];
+  const int64_t first = pool_first_vec<U>();
+  uint4 q[U];
   load_pool_vecs(x, first, vectors, q);  // no early return: every lane takes part in the shuffles
-  float s[kPoolVecs];
+  float s[U];
 #pragma unroll
-  for (int u = 0; u < kPoolVecs; ++u) s[u] = vec_sum<T, V>(q[u]);
+  for (int u = 0; u < U; ++u) s[u] = vec_sum<T, V>(q[u]);
   // groups of g lanes never straddle rows or the end (vectors % g == 0, kPoolThreads % 32 == 0); the loop
   // over the offsets outside the one over u keeps s[u] in registers
   for (int o = g / 2; o > 0; o >>= 1) {
 #pragma unroll
-    for (int u = 0; u < kPoolVecs; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+    for (int u = 0; u < U; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
   }
   if ((threadIdx.x & (g - 1)) != 0) return;
 #pragma unroll
-  for (int u = 0; u < kPoolVecs; ++u) {
+  for (int u = 0; u < U; ++u) {
     const int64_t v = first + u * kPoolThreads;
     if (v < vectors) xs[v / g] = to_ct<T>(s[u] * inv);
   }
@@ -425,26 +428,31 @@ __global__ void pool_mean_kernel(const T* __restrict__ x, T* __restrict__ xs, in
   xs[o] = to_ct<T>(s * inv);
 }
 
-template <class T>
-void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
+template <class T, int U>
+void launch_pool_mean_vectors(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T), N = kPoolThreads;
   const float inv = 1.0f / (float)p;
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xs) % 16 == 0 &&
                        k % V == 0;
   const int64_t vectors = m * k / V;
-  const unsigned blocks = (unsigned)((vectors + kPoolThreads * kPoolVecs - 1) / (kPoolThreads * kPoolVecs));
+  const unsigned blocks = (unsigned)((vectors + N * U - 1) / (N * U));
   const int g = p / V;
-  constexpr int N = kPoolThreads;
-  if (aligned && p == 2) pool_mean_vec_kernel<T, V, 2><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
-  else if (aligned && p == 4) pool_mean_vec_kernel<T, V, 4><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
-  else if (aligned && p == V) pool_mean_vec_kernel<T, V, V><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
+  if (aligned && p == 2) pool_mean_vec_kernel<T, V, 2, U><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == 4) pool_mean_vec_kernel<T, V, 4, U><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
+  else if (aligned && p == V) pool_mean_vec_kernel<T, V, V, U><<<blocks, N, 0, stream>>>(x, xs, vectors, inv);
   else if (aligned && p % V == 0 && g <= 32 && (g & (g - 1)) == 0)
-    pool_mean_lanes_kernel<T, V><<<blocks, N, 0, stream>>>(x, xs, vectors, g, inv);
+    pool_mean_lanes_kernel<T, V, U><<<blocks, N, 0, stream>>>(x, xs, vectors, g, inv);
   else {
     const int64_t outputs = m * (k / p);
     pool_mean_kernel<T><<<(unsigned)((outputs + 255) / 256), 256, 0, stream>>>(x, xs, outputs, p, inv);
   }
   LT_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
+  if (cuda_policy::pool_vectors() == 4) launch_pool_mean_vectors<T, 4>(x, xs, m, k, p, stream);
+  else launch_pool_mean_vectors<T, 1>(x, xs, m, k, p, stream);
 }
 
 void check_dtype(int dtype) {
