@@ -70,10 +70,11 @@ void qmatmul_input_grad(int qtype, const void* dy, int dtype, const void* w, voi
 // a[i / repeat][j / pool], a fp32 [n / repeat][k / pool]. y = x·W'ᵀ or dx = dy·W' through the chunked
 // cuBLAS path, whatever M: each chunk of W' is formed by the dequantization kernel, so the update costs
 // no pass over y or dx of its own.
-// Or (left given) the update's product added after each chunk's GEMM instead: y += scale · left · rightᵀ
-// (forward, right [n][rank]) or dx += scale · left · rightᵀ (input gradient, right [k][rank]), left [m][rank],
-// both plain row-major in the activation dtype; each chunk's addition reads its slice of y or dx while the
-// chunk's GEMM has just left it in L2, where a separate pass would read and write all of it from memory.
+// Or (left given) the update's product added to each chunk's output by a GEMM of its own: y += scale · left ·
+// rightᵀ (forward, right [n][rank]) or dx += scale · left · rightᵀ (input gradient, right [k][rank]), left
+// [m][rank], both plain row-major in the activation dtype. It runs right after the chunk's GEMM, while that
+// slice of y or dx is still in L2, or right before it (cuda_policy::chunk_update_first). A separate pass
+// would read and write all of y or dx from memory.
 struct LowRankUpdate {
   const void* bx = nullptr;
   const void* at = nullptr;
