@@ -222,7 +222,7 @@ template <int T>
 void produce_chunk(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    void* out, int dtype, const LowRankUpdate* lr, cudaStream_t s) {
   const uint8_t* rows = w + r0 * row_bytes;
-  if (!lr || lr->left) {  // (an update after the GEMM leaves the chunk plain)
+  if (!lr || lr->left) {  // (an update by a GEMM of its own leaves the chunk plain)
     launch_dequant_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, s);
   } else if (lr->a) {
     launch_dequant_expand_tile<T>(rows, row_bytes, nr, c0, nc, out, dtype, nc, lr->a, k / lr->pool, lr->pool,
@@ -261,7 +261,7 @@ void gemm_with_update(const LowRankUpdate* lr, int64_t m, int64_t c0, int64_t nc
 }
 
 // Y[:, r0:r0+rows] = X · deq(W[r0:r0+rows])ᵀ for chunks of rows (with lr: W' = deq(W) + s·Bx·Atᵀ, or
-// the update added after each chunk's GEMM).
+// the update added by a GEMM beside each chunk's).
 template <int T>
 void chunked_forward(const void* x, int dtype, const uint8_t* w, void* y, int64_t m, int64_t n, int64_t k,
                      int64_t row_bytes, cudaStream_t stream, const LowRankUpdate* lr = nullptr) {

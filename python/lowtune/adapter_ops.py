@@ -251,8 +251,8 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB, du) with dA and dB in fp32, full-size (rows/columns past the rank in use stay 0), and du =
     s·dy·B [m, r] (None for a single matrix); dx += the adapter's input gradient, expanded over the pool, in
-    place. Folded (_folds), dy is not summed over the
-    repeat's q columns: the last factor's rows are repeated instead and its small gradient summed."""
+    place. Folded (_folds), dy is not summed over the repeat's q columns: the last factor's rows are
+    repeated instead and its small gradient summed."""
     q, r, s = geom.repeat, geom.rank, geom.scale
     dt = dy2.dtype
     fold = _folds(dy2)
@@ -368,8 +368,9 @@ def _fake_aux(x2: Tensor, geom: AdapterGeometry, pooled: bool):
 # path's products, in one of three kinds:
 #   lowrank   ΔW = s/p·expand_q(B·A) added to each dequantized chunk (ops.qmatmul_lowrank);
 #   epilogue  the same two factors, B's against u = pool(x)·Aᵀ (forward) or expand_p(A)/p's against
-#             du = s·dy·B (input gradient) multiplied after each chunk's GEMM into its slice of y or dx,
-#             still in L2 (ops._forward_epilogue_kernel);
+#             du = s·dy·B (input gradient) multiplied into each chunk's slice of y or dx by a GEMM of its
+#             own, after the chunk's GEMM (the slice still in L2) or before it (LOWTUNE_CUDA_UPDATE_FIRST)
+#             (ops._forward_epilogue_kernel);
 #   expanded  a single matrix (QA-HiRA): ΔW = s/p·expand_q(A) added to each dequantized chunk.
 # None needs a pass over y or dx of its own. u, dA and dB are the torch path's. LOWTUNE_CUDA_ADAPTER_MERGE:
 # auto (the kinds timed faster than the separate products: BENCHMARKS.md "The adapter's update inside the
@@ -489,7 +490,7 @@ def _adapted_qmatmul_backward(
         target = None if merged else dx  # the adapter's share accumulates into the frozen layer's dx
     kk, pp = _kernel_input(geom, separate)
     dA, dB, du = _launch_backward(dy, xs, A, B, A32, B32, u if has_b else None, geom, target, kk, pp)
-    if kind == "epilogue":  # du (the torch path's, scaled) multiplied after each chunk's GEMM
+    if kind == "epilogue":  # du (the torch path's, scaled) multiplied into each chunk of dx
         dx = _merged_product(dy, raw, type_id, A32, B32, geom, kind, forward=False, left=du)
     empty = dy.new_empty((0,))
     return (dx if dx is not None else empty, dxa if dxa is not None else dy.new_empty((0,)),

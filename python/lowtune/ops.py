@@ -445,7 +445,8 @@ def _input_grad_lowrank_kernel(dy2: Tensor, raw: Tensor, type_id: int, n: int, k
 def _forward_epilogue_kernel(x2: Tensor, raw: Tensor, type_id: int, n: int, k: int, left: Tensor, right: Tensor,
                              scale: float) -> Tensor:
     """x2 [m, k]·deq(W)ᵀ + scale·left·rightᵀ, left [m, r] and right [n, r] contiguous in x2's dtype: the update
-    added after each chunk's GEMM, while the chunk of y is still in L2."""
+    multiplied into each chunk of y by a GEMM of its own, after the chunk's GEMM (the chunk still in L2) or
+    before it (LOWTUNE_CUDA_UPDATE_FIRST=1)."""
     y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
     if y.numel():
         _C.cuda_qmatmul_forward_epilogue(type_id, x2.data_ptr(), ACT_DTYPES[x2.dtype], raw.data_ptr(),

@@ -59,6 +59,7 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
     # the update multiplied into each chunk's output (the epilogue merge kind), after the chunk's GEMM or before
     # it (LOWTUNE_CUDA_UPDATE_FIRST, read on every call): u or du [M, r] against B or Aᵀ
     left = (x @ A.t()).contiguous()
+    setting = os.environ.get("LOWTUNE_CUDA_UPDATE_FIRST")
     for first, where in (("0", "after"), ("1", "before")):
         os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = first
         fwd_e = row(f"{a.type} forward x·deq(W)^T + s u B^T, update {where} each chunk's GEMM",
@@ -68,7 +69,10 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
                     timer(lambda i: ops._input_grad_epilogue_kernel(dy, qts[i % nq].raw, qts[i % nq].format.type_id,
                                                                     a.n, a.k, left, at, 1.0)))
         summary[f"epilogue_{where}_extra_us"] = fwd_e + bwd_e - fwd - bwd
-    os.environ.pop("LOWTUNE_CUDA_UPDATE_FIRST")
+    if setting is None:
+        os.environ.pop("LOWTUNE_CUDA_UPDATE_FIRST")
+    else:
+        os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = setting
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:

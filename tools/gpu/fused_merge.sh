@@ -39,8 +39,9 @@ b, a = torch.randn(4096, 64, device='cuda') * 0.02, torch.randn(4096, 64, device
 ops.qmatmul(x, w); ops.qmatmul_lowrank(x, w, b, a, 0.5); torch.cuda.synchronize()"
 fi
 for round in $(seq 1 $((2 - quick))); do
-  for merge in 0 1; do
-    stage "adapters_${merge}_$round" 30 60 env LOWTUNE_CUDA_ADAPTER_MERGE=$merge $py tools/bench_adapters.py \
+  for merge in 0 1; do  # 1: this update (=1 itself now names the epilogue kind)
+    kinds=$([ $merge = 1 ] && echo lowrank,expanded || echo 0)
+    stage "adapters_${merge}_$round" 30 60 env LOWTUNE_CUDA_ADAPTER_MERGE=$kinds $py tools/bench_adapters.py \
       --json "$out/adapters_${merge}_$round.json"
   done
 done
