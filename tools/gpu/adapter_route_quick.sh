@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The short form of adapter_route_ab.sh for a call with little device time: this tree only (no base build).
-# TEST_K: its CUDA and adapter tests matching it; then tools/gpu/adapter_merge_cost.py and the adapters' graph
-# replay with the merged route on (LOWTUNE_CUDA_ADAPTER_MERGE=1), off (=0), and on under B_ENV (VAR=VALUE ...).
-#   OUT=dir [BUDGET_S=400] [TEST_K=...] [B_ENV="LOWTUNE_CUDA_POOL_VECS=4"] bash tools/gpu/adapter_route_quick.sh
+# TEST_K: its CUDA and adapter tests matching it; SAN_K: compute-sanitizer over tests/test_cuda.py matching it;
+# then tools/gpu/adapter_merge_cost.py and the adapters' graph replay with the merged route on (LOWTUNE_CUDA_ADAPTER_MERGE=1), off (=0), and on under B_ENV (VAR=VALUE ...).
+#   OUT=dir [BUDGET_S=400] [TEST_K=...] [SAN_K=...] [B_ENV="LOWTUNE_CUDA_POOL_VECS=4"] \
+#     bash tools/gpu/adapter_route_quick.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -10,6 +11,7 @@ begin_call adapter_route_quick 400 || { end_call tools/gpu/adapter_route_quick.s
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 [ -n "${TEST_K:-}" ] && stage tests 30 70 $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
   tests/test_adapters.py -k "$TEST_K"
+[ -z "${SAN_K:-}" ] || sanitizer_tests "$SAN_K"
 round() {  # NAME MERGE [VAR=VALUE...]
   stage "adapters_$1" 25 60 env LOWTUNE_CUDA_ADAPTER_MERGE=$2 "${@:3}" $py tools/bench_adapters.py \
     --json "$out/adapters_$1.json"
