@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The short form of adapter_route_ab.sh for a call with little device time: this tree only (no base build).
 # TEST_K: its CUDA and adapter tests matching it; SAN_K: compute-sanitizer over tests/test_cuda.py matching it;
-# then tools/gpu/adapter_merge_cost.py and the adapters' graph replay with the merged route on (LOWTUNE_CUDA_ADAPTER_MERGE=1), off (=0), and on under B_ENV (VAR=VALUE ...).
+# then tools/gpu/adapter_merge_cost.py and the adapters' graph replay with the merged route on
+# (LOWTUNE_CUDA_ADAPTER_MERGE=1), off (=0), and on under B_ENV (VAR=VALUE ...).
 #   OUT=dir [BUDGET_S=400] [TEST_K=...] [SAN_K=...] [B_ENV="LOWTUNE_CUDA_POOL_VECS=4"] \
 #     bash tools/gpu/adapter_route_quick.sh
 set -uo pipefail
