@@ -309,8 +309,10 @@ inline int64_t chunk_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CH
 inline int64_t scratch_cap_bytes() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_SCRATCH_MB", 128), 1) << 20; }
 inline bool overlap_chunks() { return env_int("LOWTUNE_CUDA_OVERLAP", 1) != 0; }
 inline int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUNK_MIN", 1024) / 128 * 128, 128); }
-// The adapter's pooling kernels: 16-byte vectors a thread, loaded before any is summed (1 or 4).
-inline int pool_vectors() { return env_int("LOWTUNE_CUDA_POOL_VECS", 1) == 4 ? 4 : 1; }
+// The adapter's pooling kernels: 16-byte vectors a thread, loaded before any is summed (4, or 1). Four took
+// QA-HiRA's adapted step from 0.238 to 0.234 ms (H200, BENCHMARKS.md "Four vectors a thread in QA-HiRA's
+// pooling, and the rank-r update after each chunk's GEMM timed").
+inline int pool_vectors() { return env_int("LOWTUNE_CUDA_POOL_VECS", 4) == 1 ? 1 : 4; }
 
 // A rank-r update multiplied into each chunk's output (kernels.h's LowRankUpdate with left): after the
 // chunk's GEMM (0: the update reads and writes the slice the GEMM left in L2) or before it (1: the update

@@ -332,9 +332,9 @@ struct CudaBackend {
 // xs[i, j] = mean of x[i, j p .. j p + p - 1]: the pooled adapter input of the cuBLAS path, one
 // pass over x (for [2048, 4096] bf16 on an H200: 7.4-7.6 us, where torch's mean over the short
 // last axis took 54-60 us). The vector kernels load U 16-byte vectors of V elements a thread,
-// kPoolThreads apart, before summing any (cuda_policy::pool_vectors): one vector a thread may leave too few
-// bytes in flight to cover the H200's memory latency (6.0 us for 16.8 MB, 65% of its read bandwidth).
-// Sums in fp32.
+// kPoolThreads apart, before summing any (cuda_policy::pool_vectors: four by default): one vector a thread
+// left too few bytes in flight to cover the H200's memory latency (6.0 us for 16.8 MB, 65% of its read
+// bandwidth). Sums in fp32.
 constexpr int kPoolThreads = 256;
 
 // The sum of the V elements of a 16-byte vector
