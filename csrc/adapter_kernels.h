@@ -170,6 +170,10 @@ void adapter_backward(const AdapterGeom& g, const void* dy, int dtype, const voi
 // xs [m, k/pool] = x [m, k] averaged over each `pool` adjacent columns (the torch GEMM path's
 // pooled adapter input; the fused kernels pool on the fly).
 void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int64_t pool, void* stream);
+// g [m, r] += scale·dy·B and dB [n, r] += scale·dyᵀ·u from one read of dy [m, n] (B [n, r], u [m, r]; fp16 or
+// bf16, row-major, 16-byte aligned; g and dB fp32): r 16, 32, 48 or 64, n a multiple of 128.
+void adapter_dual_products(const void* dy, int dtype, const void* B, const void* u, float* g, float* dB, int64_t m,
+                           int64_t n, int64_t r, float scale, void* stream);
 }  // namespace cuda
 
 }  // namespace lowtune

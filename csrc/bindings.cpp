@@ -339,6 +339,11 @@ PYBIND11_MODULE(_C, m) {
                                 uintptr_t stream) {
     cuda::adapter_pool(ptr<const void>(x), dt, ptr<void>(xs), M, K, pool, ptr<void>(stream));
   }, nogil(), "xs [M, K/pool] = x [M, K] averaged over each `pool` adjacent columns (CUDA).");
+  m.def("cuda_adapter_dual_products", [](uintptr_t dy, int dt, uintptr_t B, uintptr_t u, uintptr_t g, uintptr_t dB,
+                                         int64_t M, int64_t N, int64_t r, float scale, uintptr_t stream) {
+    cuda::adapter_dual_products(ptr<const void>(dy), dt, ptr<const void>(B), ptr<const void>(u), ptr<float>(g),
+                                ptr<float>(dB), M, N, r, scale, ptr<void>(stream));
+  }, nogil(), "g [M, r] += scale dy B and dB [N, r] += scale dy^T u from one read of dy [M, N] (CUDA).");
   m.def("cuda_adapter_backward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
                                     int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
                                     int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,

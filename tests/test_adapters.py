@@ -676,6 +676,46 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, setting, monke
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("r", [16, 32, 48, 64])
+def test_cuda_dual_products_match_float64(r, dtype):
+    """g = s·dy·B and dB = s·dyᵀ·u from one read of dy (lowtune's kernel, adapter_ops._dual_products) against
+    float64 on the same rounded inputs: one row, rows ending inside a tile, and enough rows and columns for
+    several row splits and column strips (fp32 sums: error far below the inputs' rounding)."""
+    for m, n in ((1, 128), (300, 384), (2048, 512)):
+        dy, B, u = (torch.randn(shape, device="cuda").to(dtype) for shape in ((m, n), (n, r), (m, r)))
+        g, dB = adapter_ops._dual_products(dy, B, u, 0.5)
+        wants = (0.5 * dy.double() @ B.double(), 0.5 * dy.double().t() @ u.double())
+        for got, want in zip((g, dB), wants):
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6, (m, n, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,qtype", [("lora", "Q4_K"), ("qa-lora", "Q4_1"), ("q-bara", "Q6_K"),
+                                          ("qdylora", "Q8_0")])
+def test_cuda_dual_products_in_the_backward(method, qtype, monkeypatch):
+    """With adapter_ops._DUAL the GEMM path's backward takes g and dB from the dual kernel (where N is a multiple
+    of 128: the repeat folded into B's rows for Q-BaRA, QDyLoRA's leading slice) and its gradients stay within
+    the route's tolerance of float64."""
+    monkeypatch.setattr(adapter_ops, "_DUAL", True)
+    calls = []
+    real = adapter_ops._dual_products
+    monkeypatch.setattr(adapter_ops, "_dual_products", lambda *a: calls.append(a[0].shape) or real(*a))
+    for m, k, n in ((300, 512, 256), (1030, 1024, 384)):
+        ad = make_adapter(method, qtype, n=n, k=k, rank=32 if method == "qdylora" else 16, device="cuda")
+        if method == "qdylora":
+            ad.set_rank(16)
+        x, dy = torch.randn(m, k), torch.randn(m, n)
+        calls.clear()
+        got = grads_of(ad, x.to("cuda", torch.bfloat16), dy.to("cuda", torch.bfloat16))
+        assert calls == [(m, n)], (method, m, calls)
+        t64 = truth64(ad, x.to(torch.bfloat16), dy.to(torch.bfloat16))
+        for g, truth in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
+            assert rel_err(g, truth) < 2e-2, (method, m, k, n)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("pool", [2, 3, 4, 8, 16, 32, 64, 256, 512])
 @pytest.mark.parametrize("vecs", ["1", "4"])

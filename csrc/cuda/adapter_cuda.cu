@@ -21,6 +21,7 @@
 #include "../fp16.h"
 #include "common.cuh"
 #include "internal.h"  // sm_count
+#include "mma.cuh"      // the dual products' fragments
 
 namespace lowtune::cuda {
 namespace {
@@ -455,6 +456,122 @@ void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream
   else launch_pool_mean_vectors<T, 1>(x, xs, m, k, p, stream);
 }
 
+// g = s·dy·B [m, R] and dB = s·dyᵀ·u [n, R] from one read of dy [m, n] (B [n, R], u [m, R]; all 16-bit,
+// row-major; g and dB fp32, zeroed by the caller): the rank-R adapter's two products of dy, which cuBLAS runs
+// as two calls that each read dy. CTA (strip, split) takes dy's columns n0 .. n0 + kDualCols and its split's
+// rows in tiles of kDualRows. Per tile, warps 0-7 take g's partial (m16 tile w % 4, half w / 4 of R), which goes
+// out by fp32 atomics, and dB's (the strip's m16 tile w, all of R), which stays in registers until the split
+// ends. Fragments by ldmatrix (mma.cuh's layouts); dyᵀ's and u's by its transposing form.
+constexpr int kDualCols = 128, kDualRows = 64, kDualThreads = 256, kDualPad = 8;
+
+template <class T, int R>
+__global__ void __launch_bounds__(kDualThreads)
+dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T* __restrict__ u,
+                     float* __restrict__ g, float* __restrict__ dB, int m, int n, int rows_per_split, float s) {
+  static_assert(R % 16 == 0 && R <= 64, "R: a multiple of 16 up to 64");
+  constexpr int LD = kDualCols + kDualPad, LR = R + kDualPad;  // padded rows: ldmatrix without bank conflicts
+  __shared__ __align__(16) T bs[kDualCols][LR];
+  __shared__ __align__(16) T ds[kDualRows][LD];
+  __shared__ __align__(16) T us[kDualRows][LR];
+  const int n0 = blockIdx.x * kDualCols;
+  const int r0 = blockIdx.y * rows_per_split, r1 = min(m, r0 + rows_per_split);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gq = lane >> 2, cq = lane & 3;  // the fragments' row and column pair
+  const int q = lane >> 3, l8 = lane & 7;   // ldmatrix: the lane's matrix and row in it
+  constexpr int RV = R / 8;                 // 16-byte vectors a row of B or u
+  for (int i = threadIdx.x; i < kDualCols * RV; i += kDualThreads) {
+    const int row = i / RV, v = i % RV;
+    *reinterpret_cast<uint4*>(&bs[row][8 * v]) = *reinterpret_cast<const uint4*>(B + (int64_t)(n0 + row) * R + 8 * v);
+  }
+  constexpr int GN = R / 16;  // g's n8 tiles a warp (half of R)
+  constexpr int DN = R / 8;   // dB's n8 tiles a warp (all of R)
+  float acc_db[DN][4] = {};
+  const int gm = (warp & 3) * 16, gj = (warp >> 2) * (R / 2);  // the warp's g tile: rows gm.., columns gj..
+  const int di = warp * 16;                                     // the warp's dB tile: strip columns di..
+  for (int t0 = r0; t0 < r1; t0 += kDualRows) {
+    __syncthreads();  // the last tile's fragments are read (and bs is written, on the first)
+    for (int i = threadIdx.x; i < kDualRows * (kDualCols / 8); i += kDualThreads) {
+      const int row = i / (kDualCols / 8), v = i % (kDualCols / 8);
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (t0 + row < r1) val = *reinterpret_cast<const uint4*>(dy + (int64_t)(t0 + row) * n + n0 + 8 * v);
+      *reinterpret_cast<uint4*>(&ds[row][8 * v]) = val;
+    }
+    for (int i = threadIdx.x; i < kDualRows * RV; i += kDualThreads) {
+      const int row = i / RV, v = i % RV;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (t0 + row < r1) val = *reinterpret_cast<const uint4*>(u + (int64_t)(t0 + row) * R + 8 * v);
+      *reinterpret_cast<uint4*>(&us[row][8 * v]) = val;
+    }
+    __syncthreads();
+    // g's partial: rows gm..gm+15 of the tile against the strip's B rows, columns gj .. gj + R/2
+    float acc_g[GN][4] = {};
+#pragma unroll
+    for (int k0 = 0; k0 < kDualCols; k0 += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, &ds[gm + (lane & 15)][k0 + (lane >> 4) * 8]);
+#pragma unroll
+      for (int j = 0; j < GN; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, &bs[k0 + (q & 1) * 8 + l8][gj + 8 * j + (q >> 1) * 8]);
+        mma16816<T>(acc_g[j], a, b[0], b[1]);
+        if (j + 1 < GN) mma16816<T>(acc_g[j + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < GN; ++j) {
+      const int col = gj + 8 * j + 2 * cq, row = t0 + gm + gq;
+      if (row < r1) {
+        atomicAdd(g + (int64_t)row * R + col, s * acc_g[j][0]);
+        atomicAdd(g + (int64_t)row * R + col + 1, s * acc_g[j][1]);
+      }
+      if (row + 8 < r1) {
+        atomicAdd(g + (int64_t)(row + 8) * R + col, s * acc_g[j][2]);
+        atomicAdd(g + (int64_t)(row + 8) * R + col + 1, s * acc_g[j][3]);
+      }
+    }
+    // dB's partial: the strip's columns di..di+15 (dyᵀ's rows) against the tile's rows of u
+#pragma unroll
+    for (int k0 = 0; k0 < kDualRows; k0 += 16) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, &ds[k0 + (q >> 1) * 8 + l8][di + (q & 1) * 8]);
+#pragma unroll
+      for (int j = 0; j < DN; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, &us[k0 + (q & 1) * 8 + l8][8 * j + (q >> 1) * 8]);
+        mma16816<T>(acc_db[j], a, b[0], b[1]);
+        mma16816<T>(acc_db[j + 1], a, b[2], b[3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < DN; ++j) {
+    const int col = 8 * j + 2 * cq, row = n0 + di + gq;
+    atomicAdd(dB + (int64_t)row * R + col, s * acc_db[j][0]);
+    atomicAdd(dB + (int64_t)row * R + col + 1, s * acc_db[j][1]);
+    atomicAdd(dB + (int64_t)(row + 8) * R + col, s * acc_db[j][2]);
+    atomicAdd(dB + (int64_t)(row + 8) * R + col + 1, s * acc_db[j][3]);
+  }
+}
+
+template <class T>
+void launch_dual_products(const T* dy, const T* B, const T* u, float* g, float* dB, int64_t m, int64_t n, int r,
+                          float s, cudaStream_t stream) {
+  const int strips = (int)(n / kDualCols);
+  // about two CTAs a multiprocessor: the splits' rows a whole number of tiles
+  const int64_t want = std::max<int64_t>(1, (2 * sm_count() + strips - 1) / strips);
+  const int64_t tiles = (m + kDualRows - 1) / kDualRows;
+  const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kDualRows;
+  const dim3 grid(strips, (unsigned)((m + per - 1) / per));
+  auto go = [&](auto kernel) {
+    kernel<<<grid, kDualThreads, 0, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per, s);
+  };
+  if (r == 16) go(dual_products_kernel<T, 16>);
+  else if (r == 32) go(dual_products_kernel<T, 32>);
+  else if (r == 48) go(dual_products_kernel<T, 48>);
+  else go(dual_products_kernel<T, 64>);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
 void check_dtype(int dtype) {
   if (dtype != D_F32 && dtype != D_F16 && dtype != D_BF16)
     throw std::invalid_argument("adapter: unknown activation dtype " + std::to_string(dtype));
@@ -493,6 +610,26 @@ void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int6
   if (dtype == D_F32) launch(float{});
   else if (dtype == D_F16) launch(__half{});
   else launch(__nv_bfloat16{});
+}
+
+void adapter_dual_products(const void* dy, int dtype, const void* B, const void* u, float* g, float* dB, int64_t m,
+                           int64_t n, int64_t r, float scale, void* stream) {
+  if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument("adapter_dual_products: fp16 or bf16 only");
+  if (r % 16 || r < 16 || r > 64 || n % kDualCols)
+    throw std::invalid_argument("adapter_dual_products: the rank must be 16, 32, 48 or 64 and N a multiple of 128");
+  if (m >= (int64_t{1} << 31) || n >= (int64_t{1} << 31))
+    throw std::invalid_argument("adapter_dual_products: M and N must fit in 32 bits");
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(dy) || !aligned(B) || !aligned(u))
+    throw std::invalid_argument("adapter_dual_products: dy, B and u must be 16-byte aligned");
+  if (m == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == D_F16)
+    launch_dual_products(static_cast<const __half*>(dy), static_cast<const __half*>(B), static_cast<const __half*>(u),
+                         g, dB, m, n, (int)r, scale, s);
+  else
+    launch_dual_products(static_cast<const __nv_bfloat16*>(dy), static_cast<const __nv_bfloat16*>(B),
+                         static_cast<const __nv_bfloat16*>(u), g, dB, m, n, (int)r, scale, s);
 }
 
 }  // namespace lowtune::cuda

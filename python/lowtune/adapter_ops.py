@@ -247,6 +247,31 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
     return full
 
 
+# g = s·dy·B and dB = s·dyᵀ·u by lowtune's kernel from one read of dy, where cuBLAS's two calls read it twice
+# (LOWTUNE_CUDA_DUAL_PRODUCTS=1; off until timed against them: tools/gpu/adapter_merge_cost.py).
+_DUAL = os.environ.get("LOWTUNE_CUDA_DUAL_PRODUCTS", "0") == "1"
+
+
+def _dual_fits(dys: Tensor, u: Tensor) -> bool:
+    r = u.shape[1]
+    return (_DUAL and dys.is_cuda and dys.dtype in (torch.float16, torch.bfloat16) and u.dtype == dys.dtype
+            and r in (16, 32, 48, 64) and dys.shape[1] % 128 == 0)
+
+
+def _dual_products(dys: Tensor, B: Tensor, u: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(s·dys·B [m, r], s·dysᵀ·u [n, r]) in fp32 from one read of dys [m, n] (lowtune's kernel; B [n, r] and u
+    [m, r] in dys's dtype, r 16, 32, 48 or 64, n a multiple of 128)."""
+    m, n = dys.shape
+    r = u.shape[1]
+    dys, B, u = dys.contiguous(), B.contiguous(), u.contiguous()
+    g = torch.zeros((m, r), dtype=torch.float32, device=dys.device)
+    dB = torch.zeros((n, r), dtype=torch.float32, device=dys.device)
+    with torch.cuda.device(dys.device):
+        _C.cuda_adapter_dual_products(dys.data_ptr(), ACT_DTYPES[dys.dtype], B.data_ptr(), u.data_ptr(), g.data_ptr(),
+                                      dB.data_ptr(), m, n, r, float(scale), ops._stream(dys.device))
+    return g, dB
+
+
 @ops.without_autocast  # (an fp32 x under bf16 autocast: u in bf16 against B in fp32)
 def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     """(dA, dB, du) with dA and dB in fp32, full-size (rows/columns past the rank in use stay 0), and du =
@@ -260,9 +285,14 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     qf = q if fold else 1  # the repeat the products below still carry
     A = A32[:r].to(dt) if dx is not None else None  # (the merged route's dx needs no cast of A)
     dB = du = None
-    if geom.has_b:
+    if geom.has_b and _dual_fits(dys, u):
+        g, dB_rows = _dual_products(dys, _rows_repeated(B32[:, :r], qf, dt), u, s)
+        dB = _widen(_rows_summed(dB_rows, qf), B32.shape)
+        du = g.to(dt)
+    elif geom.has_b:
         dB = _widen(_rows_summed(_mm_f32(dys.t(), u, s), qf), B32.shape)
         du = _mm_scaled(dys, _rows_repeated(B32[:, :r], qf, dt), s)  # [m, r]
+    if geom.has_b:
         dA = _widen(_mm_f32(du.t(), xs), A32.shape)
         if dx is not None:
             _add_pooled_cols(dx, du, A, pool, 1.0)
