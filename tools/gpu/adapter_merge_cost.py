@@ -14,9 +14,9 @@ Rows: the passes the adapter costs now (y += s·u·Bᵀ and dx += s·g·A, readi
 [M, K] from memory; the four skinny products) and those of the merged route (the chunk update with
 the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more rows), and, where lowtune
 has CUDA, the update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and its input gradient)
-and after each chunk's GEMM (the epilogue kind) against the frozen products alone, and g and dB from one read
-of dy by lowtune's kernel against cuBLAS's two calls; last, the skinny
-products in two layouts each, their large operand rotated past 2x L2 (layout_rows).
+and after each chunk's GEMM (the epilogue kind) against the frozen products alone; then the skinny
+products in two layouts each, their large operand rotated past 2x L2 (layout_rows), and last g and dB from one
+read of dy by lowtune's kernel against cuBLAS's two calls (dual_rows).
 """
 from __future__ import annotations
 
@@ -74,18 +74,23 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
         os.environ.pop("LOWTUNE_CUDA_UPDATE_FIRST")
     else:
         os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = setting
-    # g = s·dy·B and dB = s·dyᵀ·u from one read of dy (lowtune's kernel, LOWTUNE_CUDA_DUAL_PRODUCTS), dy in L2 and
-    # rotated past 2x L2, against cuBLAS's two calls (zeroing its fp32 outputs included)
+
+
+def dual_rows(timer, dy, B, u, row) -> None:
+    """g = s·dy·B and dB = s·dyᵀ·u from one read of dy (lowtune's kernel, LOWTUNE_CUDA_DUAL_PRODUCTS), dy in L2
+    and rotated past 2x L2, against cuBLAS's two calls as adapter_ops makes them (the kernel's zeroed fp32
+    outputs included), where lowtune has CUDA."""
+    import lowtune
     from lowtune import adapter_ops
+    if not lowtune.build_info().get("cuda"):
+        return
     dys = [dy] + [torch.randn_like(dy) for _ in range(copies_for(dy.numel() * 2) - 1)]
     nd = len(dys)
-    summary["dual_products_us"] = row("g and dB from one read of dy (lowtune's kernel)",
-                                      timer(lambda i: adapter_ops._dual_products(dy, B, left, 0.5)))
-    summary["dual_products_rotated_us"] = row("rotated: g and dB from one read of dy (lowtune's kernel)",
-                                              timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, left, 0.5)))
-    summary["g_and_db_cublas_rotated_us"] = row(
-        "rotated: g = s dy B, then dB = s dy^T u (cuBLAS)",
-        timer(lambda i: (adapter_ops._mm_scaled(dys[i % nd], B, 0.5), adapter_ops._mm_f32(dys[i % nd].t(), left, 0.5))))
+    row("g and dB from one read of dy (lowtune's kernel)", timer(lambda i: adapter_ops._dual_products(dy, B, u, 0.5)))
+    row("rotated: g and dB from one read of dy (lowtune's kernel)",
+        timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
+    row("rotated: g = s dy B, then dB = s dy^T u (cuBLAS)",
+        timer(lambda i: (adapter_ops._mm_scaled(dys[i % nd], B, 0.5), adapter_ops._mm_f32(dys[i % nd].t(), u, 0.5))))
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:
@@ -188,6 +193,7 @@ def main(argv=None) -> int:
             json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(a), "rows": rows, "summary": summary}, f,
                       indent=1)
     layout_rows(timer, rnd, m, k, n, r, 32, row)  # printed only: not part of the summary
+    dual_rows(timer, dy, B, u, row)  # printed only, last: a new kernel's fault loses no row above
     return 0
 
 
