@@ -624,12 +624,13 @@ void adapter_dual_products(const void* dy, int dtype, const void* B, const void*
     throw std::invalid_argument("adapter_dual_products: dy, B and u must be 16-byte aligned");
   if (m == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (dtype == D_F16)
-    launch_dual_products(static_cast<const __half*>(dy), static_cast<const __half*>(B), static_cast<const __half*>(u),
-                         g, dB, m, n, (int)r, scale, s);
-  else
-    launch_dual_products(static_cast<const __nv_bfloat16*>(dy), static_cast<const __nv_bfloat16*>(B),
-                         static_cast<const __nv_bfloat16*>(u), g, dB, m, n, (int)r, scale, s);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    launch_dual_products(static_cast<const T*>(dy), static_cast<const T*>(B), static_cast<const T*>(u), g, dB, m, n,
+                         (int)r, scale, s);
+  };
+  if (dtype == D_F16) launch(__half{});
+  else launch(__nv_bfloat16{});
 }
 
 }  // namespace lowtune::cuda

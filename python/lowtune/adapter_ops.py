@@ -285,14 +285,15 @@ def _torch_backward(dy2, xs, A32, B32, u, geom, dx, pool):
     qf = q if fold else 1  # the repeat the products below still carry
     A = A32[:r].to(dt) if dx is not None else None  # (the merged route's dx needs no cast of A)
     dB = du = None
-    if geom.has_b and _dual_fits(dys, u):
-        g, dB_rows = _dual_products(dys, _rows_repeated(B32[:, :r], qf, dt), u, s)
-        dB = _widen(_rows_summed(dB_rows, qf), B32.shape)
-        du = g.to(dt)
-    elif geom.has_b:
-        dB = _widen(_rows_summed(_mm_f32(dys.t(), u, s), qf), B32.shape)
-        du = _mm_scaled(dys, _rows_repeated(B32[:, :r], qf, dt), s)  # [m, r]
     if geom.has_b:
+        Bq = _rows_repeated(B32[:, :r], qf, dt)
+        if _dual_fits(dys, u):  # both from one read of dy
+            g, dB_rows = _dual_products(dys, Bq, u, s)
+            du = g.to(dt)
+        else:
+            dB_rows = _mm_f32(dys.t(), u, s)
+            du = _mm_scaled(dys, Bq, s)  # [m, r]
+        dB = _widen(_rows_summed(dB_rows, qf), B32.shape)
         dA = _widen(_mm_f32(du.t(), xs), A32.shape)
         if dx is not None:
             _add_pooled_cols(dx, du, A, pool, 1.0)
