@@ -344,6 +344,12 @@ PYBIND11_MODULE(_C, m) {
     cuda::adapter_dual_products(ptr<const void>(dy), dt, ptr<const void>(B), ptr<const void>(u), ptr<float>(g),
                                 ptr<float>(dB), M, N, r, scale, ptr<void>(stream));
   }, nogil(), "g [M, r] += scale dy B and dB [N, r] += scale dy^T u from one read of dy [M, N] (CUDA).");
+  m.def("cuda_adapter_rank_update", [](uintptr_t out, int dt, uintptr_t left, uintptr_t right, int64_t M, int64_t C,
+                                       int64_t r, bool right_kmajor, float alpha, uintptr_t stream) {
+    cuda::adapter_rank_update(ptr<void>(out), dt, ptr<const void>(left), ptr<const void>(right), M, C, r, right_kmajor,
+                              alpha, ptr<void>(stream));
+  }, nogil(), "out [M, C] += alpha left right^T in one pass over out (right [C, r], or [r, C] when right_kmajor; "
+              "CUDA).");
   m.def("cuda_adapter_backward", [](int64_t M, int64_t K, int64_t N, int64_t p, int64_t q, int64_t r,
                                     int64_t a_ld, int64_t b_ld, bool has_b, float scale, uintptr_t dy,
                                     int dt, uintptr_t xs, int64_t xs_pool, uintptr_t A, uintptr_t B,

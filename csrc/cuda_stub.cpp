@@ -30,6 +30,9 @@ void adapter_backward(const AdapterGeom&, const void*, int, const void*, int64_t
 void adapter_pool(const void*, int, void*, int64_t, int64_t, int64_t, void*) { no_cuda(); }
 void adapter_dual_products(const void*, int, const void*, const void*, float*, float*, int64_t, int64_t, int64_t,
                            float, void*) { no_cuda(); }
+void adapter_rank_update(void*, int, const void*, const void*, int64_t, int64_t, int64_t, bool, float, void*) {
+  no_cuda();
+}
 void rms_norm(const void*, int, const float*, void*, int64_t, int64_t, float, void*, const void*, void*) { no_cuda(); }
 bool rms_norm_vectorized(int, int64_t, const void*, const void*, const void*, const void*) { return false; }
 void rope(const void*, int, const float*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,

@@ -716,6 +716,51 @@ def test_cuda_dual_products_in_the_backward(method, qtype, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kmajor", [False, True], ids=["right_cr", "right_rc"])
+@pytest.mark.parametrize("r", [16, 32, 48, 64, 128])
+def test_cuda_rank_update_matches_float64(r, kmajor, dtype, monkeypatch):
+    """out += alpha·left·right by lowtune's kernel (adapter_ops._rank_update, right [c, r] or [r, c]) against
+    float64 on the same rounded inputs: one row, rows ending inside a tile, several tiles of rows and columns. Each
+    element is within twice the output's rounding of the truth."""
+    monkeypatch.setattr(adapter_ops, "_RANK_UPDATE", True)
+    for m, c in ((1, 128), (300, 384), (1030, 512)):
+        out, left = (torch.randn(shape, device="cuda").to(dtype) for shape in ((m, c), (m, r)))
+        right = torch.randn((r, c) if kmajor else (c, r), device="cuda").to(dtype)
+        want = out.double() + 0.5 * left.double() @ (right.double() if kmajor else right.double().t())
+        got = out.clone()
+        assert adapter_ops._rank_update(got, left, right, kmajor, 0.5)
+        ulp = want.abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) + 1e-4  # twice the rounding
+        assert ((got.double() - want).abs() <= ulp).all(), (m, c, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,qtype", [("lora", "Q4_K"), ("qa-lora", "Q4_1"), ("q-bara", "Q6_K"),
+                                          ("qdylora", "Q8_0")])
+def test_cuda_rank_update_in_the_adapter(method, qtype, monkeypatch):
+    """With adapter_ops._RANK_UPDATE the GEMM path adds the rank-r update to y (forward) and to dx (backward) by
+    lowtune's kernel (B's rows repeated for Q-BaRA, A's columns over QA-LoRA's and Q-BaRA's pools) and the
+    outputs and gradients stay within the route's tolerance of float64."""
+    monkeypatch.setattr(adapter_ops, "_RANK_UPDATE", True)
+    monkeypatch.setattr(adapter_ops, "_MERGE_KINDS", frozenset())  # the separate products
+    calls = []
+    real = adapter_ops._rank_update
+    monkeypatch.setattr(adapter_ops, "_rank_update",
+                        lambda *a: real(*a) and (calls.append((tuple(a[0].shape), a[3])) or True))
+    for m, k, n in ((300, 512, 256), (1030, 1024, 384)):
+        ad = make_adapter(method, qtype, n=n, k=k, rank=32 if method == "qdylora" else 16, device="cuda")
+        if method == "qdylora":
+            ad.set_rank(16)
+        x, dy = torch.randn(m, k), torch.randn(m, n)
+        calls.clear()
+        got = grads_of(ad, x.to("cuda", torch.bfloat16), dy.to("cuda", torch.bfloat16))
+        assert calls == [((m, n), False), ((m, k), True)], (method, m, calls)
+        t64 = truth64(ad, x.to(torch.bfloat16), dy.to(torch.bfloat16))
+        for g, truth in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
+            assert rel_err(g, truth) < 2e-2, (method, m, k, n)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("pool", [2, 3, 4, 8, 16, 32, 64, 256, 512])
 @pytest.mark.parametrize("vecs", ["1", "4"])

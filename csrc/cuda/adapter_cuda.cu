@@ -572,6 +572,122 @@ void launch_dual_products(const T* dy, const T* B, const T* u, float* g, float* 
   LT_CUDA_CHECK_LAUNCH();
 }
 
+// out [m, c] += alpha·left·rightᵀ: the adapter's rank-R update of y or dx (left u or du [m, R]; right [c, R], or
+// [R, c] when KMAJOR), which cuBLAS runs at about half the rate of its pass over out. CTA tile 64 rows x 128
+// columns, warp w rows 16 (w % 4) and columns 64 (w / 4). Each lane's n8 tiles are relabelled so that its
+// accumulators over four tiles are 8 consecutive columns of out (right's rows stored in that order in shared
+// memory): out is read and written as 16-byte vectors, its loads issued before the tiles' so that they are in
+// flight during the products. R over 64 goes in steps of 64.
+constexpr int kRankRows = 64, kRankCols = 128, kRankThreads = 256;
+
+// The shared-memory row of right's row (out's column) a of a CTA's 128: group h = a / 32 of the warp's 64, lane
+// column pair c, relabelled tile j and element e (a % 32 = 8c + 2j + e) -> 32h + 8j + 2c + e.
+__device__ __forceinline__ int rank_srow(int a) {
+  const int h = a >> 5, b = a & 31;
+  return (h << 5) + (((b & 7) >> 1) << 3) + ((b >> 3) << 1) + (b & 1);
+}
+
+template <class T>
+__device__ __forceinline__ uint4 rank_add(uint4 o, const float* acc, float alpha) {  // o + alpha·acc[0..7]
+  T* v = reinterpret_cast<T*>(&o);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = f_to_act<T>(act_to_f<T>(v[e]) + alpha * acc[e]);
+  return o;
+}
+
+template <class T, int R, bool KMAJOR>
+__global__ void __launch_bounds__(kRankThreads)
+rank_update_kernel(T* __restrict__ out, const T* __restrict__ left, const T* __restrict__ right, int m, int c,
+                   float alpha) {
+  constexpr int KC = R < 64 ? R : 64, LK = KC + 8;  // a step's rank columns; padded rows for ldmatrix
+  static_assert(R % 16 == 0 && (R <= 64 || R % 64 == 0), "R: 16, 32, 48, 64 or a multiple of 64");
+  __shared__ __align__(16) T ls[kRankRows][LK];
+  __shared__ __align__(16) T rs[kRankCols][LK];
+  const int row0 = blockIdx.y * kRankRows, col0 = blockIdx.x * kRankCols;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gq = lane >> 2, cq = lane & 3;
+  const int wm = (warp & 3) * 16, wn = (warp >> 2) * 64;
+  uint4 o[2][2];  // [column group h][row g or g + 8]: out's columns wn + 32h + 8cq .. + 7
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = row0 + wm + gq + 8 * hi;
+      o[h][hi] = row < m ? *reinterpret_cast<const uint4*>(out + (int64_t)row * c + col0 + wn + 32 * h + 8 * cq)
+                         : make_uint4(0, 0, 0, 0);
+    }
+  float acc[2][4][4] = {};
+  for (int k0 = 0; k0 < R; k0 += KC) {
+    if (k0) __syncthreads();  // the last step's fragments are read
+    for (int i = threadIdx.x; i < kRankRows * (KC / 8); i += kRankThreads) {
+      const int row = i / (KC / 8), v = i % (KC / 8);
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (row0 + row < m) val = *reinterpret_cast<const uint4*>(left + (int64_t)(row0 + row) * R + k0 + 8 * v);
+      *reinterpret_cast<uint4*>(&ls[row][8 * v]) = val;
+    }
+    if constexpr (!KMAJOR) {  // right [c, R]: its rows straight into their relabelled places
+      for (int i = threadIdx.x; i < kRankCols * (KC / 8); i += kRankThreads) {
+        const int a = i / (KC / 8), v = i % (KC / 8);
+        *reinterpret_cast<uint4*>(&rs[rank_srow(a)][8 * v]) =
+            *reinterpret_cast<const uint4*>(right + (int64_t)(col0 + a) * R + k0 + 8 * v);
+      }
+    } else {  // right [R, c]: 8 columns of one rank row a vector, transposed element by element
+      for (int i = threadIdx.x; i < KC * (kRankCols / 8); i += kRankThreads) {
+        const int k = i / (kRankCols / 8), v = i % (kRankCols / 8);
+        const uint4 val = *reinterpret_cast<const uint4*>(right + (int64_t)(k0 + k) * c + col0 + 8 * v);
+        const T* e = reinterpret_cast<const T*>(&val);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) rs[rank_srow(8 * v + t)][k] = e[t];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < KC; kk += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, &ls[wm + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) {  // tiles j, j + 1: matrices (j, k lo), (j, k hi), (j+1, lo), (j+1, hi)
+          uint32_t b[4];
+          const int q = lane >> 3;
+          ldmatrix_x4(b, &rs[wn + 32 * h + 8 * (j + (q >> 1)) + (lane & 7)][kk + (q & 1) * 8]);
+          mma16816<T>(acc[h][j], a, b[0], b[1]);
+          mma16816<T>(acc[h][j + 1], a, b[2], b[3]);
+        }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = row0 + wm + gq + 8 * hi;
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[2 * j] = acc[h][j][2 * hi], v[2 * j + 1] = acc[h][j][2 * hi + 1];
+      if (row < m)
+        *reinterpret_cast<uint4*>(out + (int64_t)row * c + col0 + wn + 32 * h + 8 * cq) =
+            rank_add<T>(o[h][hi], v, alpha);
+    }
+}
+
+template <class T>
+void launch_rank_update(T* out, const T* left, const T* right, int64_t m, int64_t c, int r, bool kmajor, float alpha,
+                        cudaStream_t stream) {
+  const dim3 grid((unsigned)(c / kRankCols), (unsigned)((m + kRankRows - 1) / kRankRows));
+  auto go = [&](auto kernel) { kernel<<<grid, kRankThreads, 0, stream>>>(out, left, right, (int)m, (int)c, alpha); };
+  auto by_rank = [&]<bool K>() {
+    if (r == 16) go(rank_update_kernel<T, 16, K>);
+    else if (r == 32) go(rank_update_kernel<T, 32, K>);
+    else if (r == 48) go(rank_update_kernel<T, 48, K>);
+    else if (r == 64) go(rank_update_kernel<T, 64, K>);
+    else go(rank_update_kernel<T, 128, K>);
+  };
+  if (kmajor) by_rank.template operator()<true>();
+  else by_rank.template operator()<false>();
+  LT_CUDA_CHECK_LAUNCH();
+}
+
 void check_dtype(int dtype) {
   if (dtype != D_F32 && dtype != D_F16 && dtype != D_BF16)
     throw std::invalid_argument("adapter: unknown activation dtype " + std::to_string(dtype));
@@ -628,6 +744,28 @@ void adapter_dual_products(const void* dy, int dtype, const void* B, const void*
     using T = decltype(tag);
     launch_dual_products(static_cast<const T*>(dy), static_cast<const T*>(B), static_cast<const T*>(u), g, dB, m, n,
                          (int)r, scale, s);
+  };
+  if (dtype == D_F16) launch(__half{});
+  else launch(__nv_bfloat16{});
+}
+
+void adapter_rank_update(void* out, int dtype, const void* left, const void* right, int64_t m, int64_t c, int64_t r,
+                         bool right_kmajor, float alpha, void* stream) {
+  if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument("adapter_rank_update: fp16 or bf16 only");
+  if (!(r == 16 || r == 32 || r == 48 || r == 64 || r == 128) || c % kRankCols)
+    throw std::invalid_argument("adapter_rank_update: the rank must be 16, 32, 48, 64 or 128 and the columns a "
+                                "multiple of 128");
+  if (m >= (int64_t{1} << 31) || c >= (int64_t{1} << 31) || (m + kRankRows - 1) / kRankRows > 65535)
+    throw std::invalid_argument("adapter_rank_update: too many rows or columns for the kernel's grid");
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(out) || !aligned(left) || !aligned(right))
+    throw std::invalid_argument("adapter_rank_update: out, left and right must be 16-byte aligned");
+  if (m == 0 || c == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    launch_rank_update(static_cast<T*>(out), static_cast<const T*>(left), static_cast<const T*>(right), m, c, (int)r,
+                       right_kmajor, alpha, s);
   };
   if (dtype == D_F16) launch(__half{});
   else launch(__nv_bfloat16{});

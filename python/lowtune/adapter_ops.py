@@ -197,30 +197,53 @@ def _expansion(cols: int, pool: int, dtype: torch.dtype, device: torch.device) -
     return torch.eye(cols, dtype=dtype, device=device).repeat_interleave(pool, dim=1)
 
 
+# out += alpha·left·rightᵀ by lowtune's kernel in one pass over out, where cuBLAS's addmm with K = rank runs at
+# about half the rate of that pass (LOWTUNE_CUDA_RANK_UPDATE=1; off until timed: tools/gpu/adapter_merge_cost.py).
+_RANK_UPDATE = os.environ.get("LOWTUNE_CUDA_RANK_UPDATE", "0") == "1"
+
+
+def _rank_update(out: Tensor, left: Tensor, right: Tensor, kmajor: bool, alpha: float) -> bool:
+    """out [m, c] += alpha·left·right (right [r, c] when kmajor, else rightᵀ with right [c, r]) by lowtune's
+    kernel where it takes them (16-bit, contiguous and 16-byte aligned, r 16, 32, 48, 64 or 128, c a multiple of
+    128); False, with nothing done, elsewhere."""
+    m, c = out.shape
+    r = left.shape[1]
+    if not (_RANK_UPDATE and out.is_cuda and out.dtype in (torch.float16, torch.bfloat16) and r in (16, 32, 48, 64, 128)
+            and c % 128 == 0 and left.dtype == out.dtype and right.dtype == out.dtype and out.is_contiguous()):
+        return False
+    left, right = left.contiguous(), right.contiguous()
+    if any(t.data_ptr() % 16 for t in (out, left, right)):
+        return False
+    with torch.cuda.device(out.device):
+        _C.cuda_adapter_rank_update(out.data_ptr(), ACT_DTYPES[out.dtype], left.data_ptr(), right.data_ptr(), m, c, r,
+                                    kmajor, float(alpha), ops._stream(out.device))
+    return True
+
+
 def _add_repeated_cols(y: torch.Tensor, left: torch.Tensor, w: torch.Tensor, q: int, alpha: float) -> None:
     """y [m, n] += alpha · expand_q(left·wᵀ), each column of the product repeated over q adjacent
     ones (w [n/q, c] in y's dtype)."""
-    if q == 1:
-        y.addmm_(left, w.t(), alpha=alpha)
-    elif _folds(y):
-        y.addmm_(left, _rows_repeated(w, q, w.dtype).t(), alpha=alpha)
-    else:
+    if q > 1 and not _folds(y):
         y.view(y.shape[0], -1, q).add_((left @ w.t()).unsqueeze(-1), alpha=alpha)
+        return
+    w = _rows_repeated(w, q, w.dtype)
+    if not _rank_update(y, left, w, False, alpha):
+        y.addmm_(left, w.t(), alpha=alpha)
 
 
 def _add_pooled_cols(dx: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pool: int, alpha: float) -> None:
     """dx [m, k] += alpha/pool · expand_pool(left·right), each column repeated over pool adjacent
     ones. Folded: one GEMM into dx, with right's columns repeated when left is the narrow side
     (the rank), else through the 0/1 expansion matrix (a GEMM over k/pool)."""
-    if pool == 1:
-        dx.addmm_(left, right, alpha=alpha)
-    elif not _folds(dx):
+    if pool > 1 and not _folds(dx):
         dx.view(dx.shape[0], -1, pool).add_((left @ right).unsqueeze(-1), alpha=alpha / pool)
-    elif left.shape[1] <= right.shape[1]:
-        dx.addmm_(left, right.repeat_interleave(pool, dim=1), alpha=alpha / pool)
-    else:
+    elif pool > 1 and left.shape[1] > right.shape[1]:
         t = left @ right
         dx.addmm_(t, _expansion(t.shape[1], pool, t.dtype, t.device), alpha=alpha / pool)
+    else:
+        right = right if pool == 1 else right.repeat_interleave(pool, dim=1)
+        if not _rank_update(dx, left, right, True, alpha / pool):
+            dx.addmm_(left, right, alpha=alpha / pool)
 
 
 @ops.without_autocast  # (an fp32 x under bf16 autocast: u in bf16 against B in fp32)

@@ -16,7 +16,8 @@ the chunk in L2 and, for comparison, from memory; the frozen GEMMs with r more r
 has CUDA, the update inside the dequantization kernel (lowtune.ops.qmatmul_lowrank and its input gradient)
 and after each chunk's GEMM (the epilogue kind) against the frozen products alone; then the skinny
 products in two layouts each, their large operand rotated past 2x L2 (layout_rows), and last g and dB from one
-read of dy by lowtune's kernel against cuBLAS's two calls (dual_rows).
+read of dy by lowtune's kernel against cuBLAS's two calls (dual_rows) and the rank-r updates of y and dx by
+lowtune's kernel (rank_rows).
 """
 from __future__ import annotations
 
@@ -91,6 +92,20 @@ def dual_rows(timer, dy, B, u, row) -> None:
         timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
     row("rotated: g = s dy B, then dB = s dy^T u (cuBLAS)",
         timer(lambda i: (adapter_ops._mm_scaled(dys[i % nd], B, 0.5), adapter_ops._mm_f32(dys[i % nd].t(), u, 0.5))))
+
+
+def rank_rows(timer, ys, u, B, dxs, gg, A, row) -> None:
+    """y += s·u·Bᵀ and dx += s·g·A by lowtune's kernel in one pass over y or dx (LOWTUNE_CUDA_RANK_UPDATE), y and
+    dx rotated past 2x L2 as in the rows of the passes now (cuBLAS's addmm), where lowtune has CUDA."""
+    import lowtune
+    from lowtune import adapter_ops
+    if not lowtune.build_info().get("cuda"):
+        return
+    adapter_ops._RANK_UPDATE = True
+    row("y += s u B^T (y from memory, lowtune's kernel)",
+        timer(lambda i: adapter_ops._rank_update(ys[i % len(ys)], u, B, False, 0.5)))
+    row("dx += s g A (dx from memory, lowtune's kernel)",
+        timer(lambda i: adapter_ops._rank_update(dxs[i % len(dxs)], gg, A, True, 0.5)))
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:
@@ -194,6 +209,7 @@ def main(argv=None) -> int:
                       indent=1)
     layout_rows(timer, rnd, m, k, n, r, 32, row)  # printed only: not part of the summary
     dual_rows(timer, dy, B, u, row)  # printed only, last: a new kernel's fault loses no row above
+    rank_rows(timer, ys, u, B, dxs, gg, A, row)
     return 0
 
 
