@@ -313,6 +313,9 @@ inline int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUN
 // QA-HiRA's adapted step from 0.238 to 0.234 ms (H200, BENCHMARKS.md "Four vectors a thread in QA-HiRA's
 // pooling, and the rank-r update after each chunk's GEMM timed").
 inline int pool_vectors() { return env_int("LOWTUNE_CUDA_POOL_VECS", 4) == 1 ? 1 : 4; }
+// The dual products' tile buffers (adapter_cuda.cu's dual_products_kernel): 2, the next tile's copies in flight
+// during this tile's products, or 1 (copy, then products). Neither timed yet.
+inline int dual_stages() { return env_int("LOWTUNE_CUDA_DUAL_STAGES", 2) == 1 ? 1 : 2; }
 
 // A rank-r update multiplied into each chunk's output (kernels.h's LowRankUpdate with left): after the
 // chunk's GEMM (0: the update reads and writes the slice the GEMM left in L2) or before it (1: the update

@@ -678,11 +678,13 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, setting, monke
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("r", [16, 32, 48, 64])
-def test_cuda_dual_products_match_float64(r, dtype):
-    """g = s·dy·B and dB = s·dyᵀ·u from one read of dy (lowtune's kernel, adapter_ops._dual_products) against
-    float64 on the same rounded inputs: one row, rows ending inside a tile, and enough rows and columns for
-    several row splits and column strips (fp32 sums: error far below the inputs' rounding)."""
-    for m, n in ((1, 128), (300, 384), (2048, 512)):
+@pytest.mark.parametrize("stages", ["1", "2"])
+def test_cuda_dual_products_match_float64(r, dtype, stages, monkeypatch):
+    """g = s·dy·B and dB = s·dyᵀ·u from one read of dy (lowtune's kernel, adapter_ops._dual_products, one or two
+    tile buffers) against float64 on the same rounded inputs: one row, rows ending inside a tile, and enough rows
+    and columns for several row splits and column strips (fp32 sums: error far below the inputs' rounding)."""
+    monkeypatch.setenv("LOWTUNE_CUDA_DUAL_STAGES", stages)
+    for m, n in ((1, 128), (300, 384), (2048, 512), (1000, 4096)):  # the last: splits of several tiles
         dy, B, u = (torch.randn(shape, device="cuda").to(dtype) for shape in ((m, n), (n, r), (m, r)))
         g, dB = adapter_ops._dual_products(dy, B, u, 0.5)
         wants = (0.5 * dy.double() @ B.double(), 0.5 * dy.double().t() @ u.double())

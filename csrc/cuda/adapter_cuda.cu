@@ -17,9 +17,10 @@
 #include <type_traits>
 
 #include "../adapter_kernels.h"
-#include "../cuda_policy.h"  // pool_vectors
+#include "../cuda_policy.h"  // pool_vectors, dual_stages
 #include "../fp16.h"
 #include "common.cuh"
+#include "cp_async.cuh"  // the dual products' tiles
 #include "internal.h"  // sm_count
 #include "mma.cuh"      // the dual products' fragments
 
@@ -461,54 +462,71 @@ void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream
 // as two calls that each read dy. CTA (strip, split) takes dy's columns n0 .. n0 + kDualCols and its split's
 // rows in tiles of kDualRows. Per tile, warps 0-7 take g's partial (m16 tile w % 4, half w / 4 of R), which goes
 // out by fp32 atomics, and dB's (the strip's m16 tile w, all of R), which stays in registers until the split
-// ends. Fragments by ldmatrix (mma.cuh's layouts); dyᵀ's and u's by its transposing form.
+// ends. Fragments by ldmatrix (mma.cuh's layouts); dyᵀ's and u's by its transposing form. Tiles come in by
+// cp.async into STAGES buffers: with two, the next tile's copies are in flight during this tile's products.
 constexpr int kDualCols = 128, kDualRows = 64, kDualThreads = 256, kDualPad = 8;
 
-template <class T, int R>
+template <class T, int R, int STAGES>
+constexpr size_t dual_smem_bytes() {
+  return sizeof(T) * (kDualCols * (R + kDualPad) + STAGES * kDualRows * (kDualCols + kDualPad + R + kDualPad));
+}
+
+template <class T, int R, int STAGES>
 __global__ void __launch_bounds__(kDualThreads)
 dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T* __restrict__ u,
                      float* __restrict__ g, float* __restrict__ dB, int m, int n, int rows_per_split, float s) {
   static_assert(R % 16 == 0 && R <= 64, "R: a multiple of 16 up to 64");
+  static_assert(STAGES == 1 || STAGES == 2, "one or two tile buffers");
   constexpr int LD = kDualCols + kDualPad, LR = R + kDualPad;  // padded rows: ldmatrix without bank conflicts
-  __shared__ __align__(16) T bs[kDualCols][LR];
-  __shared__ __align__(16) T ds[kDualRows][LD];
-  __shared__ __align__(16) T us[kDualRows][LR];
+  extern __shared__ __align__(16) unsigned char dual_smem[];
+  auto bs = reinterpret_cast<T(*)[LR]>(dual_smem);  // [kDualCols][LR]
+  auto ds = reinterpret_cast<T(*)[kDualRows][LD]>(dual_smem + sizeof(T) * kDualCols * LR);  // [STAGES][..]
+  auto us = reinterpret_cast<T(*)[kDualRows][LR]>(dual_smem + sizeof(T) * (kDualCols * LR + STAGES * kDualRows * LD));
   const int n0 = blockIdx.x * kDualCols;
   const int r0 = blockIdx.y * rows_per_split, r1 = min(m, r0 + rows_per_split);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gq = lane >> 2, cq = lane & 3;  // the fragments' row and column pair
   const int q = lane >> 3, l8 = lane & 7;   // ldmatrix: the lane's matrix and row in it
   constexpr int RV = R / 8;                 // 16-byte vectors a row of B or u
+  auto load_tile = [&](int t0, int buf) {   // rows past the split's end zero-filled
+    for (int i = threadIdx.x; i < kDualRows * (kDualCols / 8); i += kDualThreads) {
+      const int row = i / (kDualCols / 8), v = i % (kDualCols / 8);
+      const bool in = t0 + row < r1;
+      cp_async16(smem_addr(&ds[buf][row][8 * v]), in ? dy + (int64_t)(t0 + row) * n + n0 + 8 * v : dy, in ? 16 : 0);
+    }
+    for (int i = threadIdx.x; i < kDualRows * RV; i += kDualThreads) {
+      const int row = i / RV, v = i % RV;
+      const bool in = t0 + row < r1;
+      cp_async16(smem_addr(&us[buf][row][8 * v]), in ? u + (int64_t)(t0 + row) * R + 8 * v : u, in ? 16 : 0);
+    }
+  };
   for (int i = threadIdx.x; i < kDualCols * RV; i += kDualThreads) {
     const int row = i / RV, v = i % RV;
-    *reinterpret_cast<uint4*>(&bs[row][8 * v]) = *reinterpret_cast<const uint4*>(B + (int64_t)(n0 + row) * R + 8 * v);
+    cp_async16(smem_addr(&bs[row][8 * v]), B + (int64_t)(n0 + row) * R + 8 * v, 16);
   }
+  load_tile(r0, 0);
+  cp_async_commit();
   constexpr int GN = R / 16;  // g's n8 tiles a warp (half of R)
   constexpr int DN = R / 8;   // dB's n8 tiles a warp (all of R)
   float acc_db[DN][4] = {};
   const int gm = (warp & 3) * 16, gj = (warp >> 2) * (R / 2);  // the warp's g tile: rows gm.., columns gj..
   const int di = warp * 16;                                     // the warp's dB tile: strip columns di..
+  int buf = 0;
   for (int t0 = r0; t0 < r1; t0 += kDualRows) {
-    __syncthreads();  // the last tile's fragments are read (and bs is written, on the first)
-    for (int i = threadIdx.x; i < kDualRows * (kDualCols / 8); i += kDualThreads) {
-      const int row = i / (kDualCols / 8), v = i % (kDualCols / 8);
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (t0 + row < r1) val = *reinterpret_cast<const uint4*>(dy + (int64_t)(t0 + row) * n + n0 + 8 * v);
-      *reinterpret_cast<uint4*>(&ds[row][8 * v]) = val;
+    if constexpr (STAGES == 2) {
+      if (t0 + kDualRows < r1) load_tile(t0 + kDualRows, buf ^ 1);
+      cp_async_commit();  // (empty after the last tile: the wait below still counts one group behind)
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    for (int i = threadIdx.x; i < kDualRows * RV; i += kDualThreads) {
-      const int row = i / RV, v = i % RV;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (t0 + row < r1) val = *reinterpret_cast<const uint4*>(u + (int64_t)(t0 + row) * R + 8 * v);
-      *reinterpret_cast<uint4*>(&us[row][8 * v]) = val;
-    }
-    __syncthreads();
+    __syncthreads();  // this tile's copies (and B's) visible to every warp
     // g's partial: rows gm..gm+15 of the tile against the strip's B rows, columns gj .. gj + R/2
     float acc_g[GN][4] = {};
 #pragma unroll
     for (int k0 = 0; k0 < kDualCols; k0 += 16) {
       uint32_t a[4];
-      ldmatrix_x4(a, &ds[gm + (lane & 15)][k0 + (lane >> 4) * 8]);
+      ldmatrix_x4(a, &ds[buf][gm + (lane & 15)][k0 + (lane >> 4) * 8]);
 #pragma unroll
       for (int j = 0; j < GN; j += 2) {
         uint32_t b[4];
@@ -533,14 +551,21 @@ dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T*
 #pragma unroll
     for (int k0 = 0; k0 < kDualRows; k0 += 16) {
       uint32_t a[4];
-      ldmatrix_x4_trans(a, &ds[k0 + (q >> 1) * 8 + l8][di + (q & 1) * 8]);
+      ldmatrix_x4_trans(a, &ds[buf][k0 + (q >> 1) * 8 + l8][di + (q & 1) * 8]);
 #pragma unroll
       for (int j = 0; j < DN; j += 2) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, &us[k0 + (q & 1) * 8 + l8][8 * j + (q >> 1) * 8]);
+        ldmatrix_x4_trans(b, &us[buf][k0 + (q & 1) * 8 + l8][8 * j + (q >> 1) * 8]);
         mma16816<T>(acc_db[j], a, b[0], b[1]);
         mma16816<T>(acc_db[j + 1], a, b[2], b[3]);
       }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+    if constexpr (STAGES == 1) {
+      if (t0 + kDualRows < r1) load_tile(t0 + kDualRows, 0);
+      cp_async_commit();
+    } else {
+      buf ^= 1;
     }
   }
 #pragma unroll
@@ -553,23 +578,32 @@ dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T*
   }
 }
 
-template <class T>
-void launch_dual_products(const T* dy, const T* B, const T* u, float* g, float* dB, int64_t m, int64_t n, int r,
-                          float s, cudaStream_t stream) {
+template <class T, int R, int STAGES>
+void launch_dual_products_at(const T* dy, const T* B, const T* u, float* g, float* dB, int64_t m, int64_t n, float s,
+                             cudaStream_t stream) {
+  constexpr size_t smem = dual_smem_bytes<T, R, STAGES>();
+  const int per_sm = kernel_ctas<dual_products_kernel<T, R, STAGES>>(smem, kDualThreads);  // (raises the limit)
   const int strips = (int)(n / kDualCols);
-  // about two CTAs a multiprocessor: the splits' rows a whole number of tiles
-  const int64_t want = std::max<int64_t>(1, (2 * sm_count() + strips - 1) / strips);
+  // a full wave of CTAs: the splits' rows a whole number of tiles
+  const int64_t want = std::max<int64_t>(1, (std::max(per_sm, 1) * sm_count() + strips - 1) / strips);
   const int64_t tiles = (m + kDualRows - 1) / kDualRows;
   const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kDualRows;
   const dim3 grid(strips, (unsigned)((m + per - 1) / per));
-  auto go = [&](auto kernel) {
-    kernel<<<grid, kDualThreads, 0, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per, s);
-  };
-  if (r == 16) go(dual_products_kernel<T, 16>);
-  else if (r == 32) go(dual_products_kernel<T, 32>);
-  else if (r == 48) go(dual_products_kernel<T, 48>);
-  else go(dual_products_kernel<T, 64>);
+  dual_products_kernel<T, R, STAGES><<<grid, kDualThreads, smem, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per, s);
   LT_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void launch_dual_products(const T* dy, const T* B, const T* u, float* g, float* dB, int64_t m, int64_t n, int r,
+                          float s, cudaStream_t stream) {
+  auto by_rank = [&]<int S>() {
+    if (r == 16) launch_dual_products_at<T, 16, S>(dy, B, u, g, dB, m, n, s, stream);
+    else if (r == 32) launch_dual_products_at<T, 32, S>(dy, B, u, g, dB, m, n, s, stream);
+    else if (r == 48) launch_dual_products_at<T, 48, S>(dy, B, u, g, dB, m, n, s, stream);
+    else launch_dual_products_at<T, 64, S>(dy, B, u, g, dB, m, n, s, stream);
+  };
+  if (cuda_policy::dual_stages() == 1) by_rank.template operator()<1>();
+  else by_rank.template operator()<2>();
 }
 
 // out [m, c] += alpha·left·rightᵀ: the adapter's rank-R update of y or dx (left u or du [m, R]; right [c, R], or

@@ -87,9 +87,17 @@ def dual_rows(timer, dy, B, u, row) -> None:
         return
     dys = [dy] + [torch.randn_like(dy) for _ in range(copies_for(dy.numel() * 2) - 1)]
     nd = len(dys)
-    row("g and dB from one read of dy (lowtune's kernel)", timer(lambda i: adapter_ops._dual_products(dy, B, u, 0.5)))
-    row("rotated: g and dB from one read of dy (lowtune's kernel)",
-        timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
+    setting = os.environ.get("LOWTUNE_CUDA_DUAL_STAGES")
+    for stages in ("1", "2"):  # tile buffers: copy then products, or the next tile's copies in flight
+        os.environ["LOWTUNE_CUDA_DUAL_STAGES"] = stages
+        row(f"g and dB from one read of dy (lowtune's kernel, {stages} stages)",
+            timer(lambda i: adapter_ops._dual_products(dy, B, u, 0.5)))
+        row(f"rotated: g and dB from one read of dy (lowtune's kernel, {stages} stages)",
+            timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
+    if setting is None:
+        os.environ.pop("LOWTUNE_CUDA_DUAL_STAGES")
+    else:
+        os.environ["LOWTUNE_CUDA_DUAL_STAGES"] = setting
     row("rotated: g = s dy B, then dB = s dy^T u (cuBLAS)",
         timer(lambda i: (adapter_ops._mm_scaled(dys[i % nd], B, 0.5), adapter_ops._mm_f32(dys[i % nd].t(), u, 0.5))))
 
