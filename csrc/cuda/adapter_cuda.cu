@@ -589,7 +589,8 @@ void launch_dual_products_at(const T* dy, const T* B, const T* u, float* g, floa
   const int64_t tiles = (m + kDualRows - 1) / kDualRows;
   const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kDualRows;
   const dim3 grid(strips, (unsigned)((m + per - 1) / per));
-  dual_products_kernel<T, R, STAGES><<<grid, kDualThreads, smem, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per, s);
+  dual_products_kernel<T, R, STAGES><<<grid, kDualThreads, smem, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per,
+                                                                          s);
   LT_CUDA_CHECK_LAUNCH();
 }
 
