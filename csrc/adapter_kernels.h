@@ -175,8 +175,8 @@ void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int6
 void adapter_dual_products(const void* dy, int dtype, const void* B, const void* u, float* g, float* dB, int64_t m,
                            int64_t n, int64_t r, float scale, void* stream);
 // out [m, c] += alpha·left·rightᵀ, the adapter's rank-r update of y or dx, in one pass over out (left [m, r];
-// right [c, r], or [r, c] when right_kmajor; fp16 or bf16, row-major, 16-byte aligned): r 16, 32, 48, 64 or
-// 128, c a multiple of 128.
+// right [c, r], or [r, c] when right_kmajor; fp16 or bf16, row-major, 16-byte aligned): r 16, 32, 48 or 64, c a
+// multiple of 128.
 void adapter_rank_update(void* out, int dtype, const void* left, const void* right, int64_t m, int64_t c, int64_t r,
                          bool right_kmajor, float alpha, void* stream);
 }  // namespace cuda

@@ -466,6 +466,16 @@ void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream
 // cp.async into STAGES buffers: with two, the next tile's copies are in flight during this tile's products.
 constexpr int kDualCols = 128, kDualRows = 64, kDualThreads = 256, kDualPad = 8;
 
+// p[0] += a, p[1] += b (p 8-byte aligned): one vector atomic on sm_90, where the atomics' count bounds the kernel
+__device__ __forceinline__ void add_pair(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
 template <class T, int R, int STAGES>
 constexpr size_t dual_smem_bytes() {
   return sizeof(T) * (kDualCols * (R + kDualPad) + STAGES * kDualRows * (kDualCols + kDualPad + R + kDualPad));
@@ -538,14 +548,8 @@ dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T*
 #pragma unroll
     for (int j = 0; j < GN; ++j) {
       const int col = gj + 8 * j + 2 * cq, row = t0 + gm + gq;
-      if (row < r1) {
-        atomicAdd(g + (int64_t)row * R + col, s * acc_g[j][0]);
-        atomicAdd(g + (int64_t)row * R + col + 1, s * acc_g[j][1]);
-      }
-      if (row + 8 < r1) {
-        atomicAdd(g + (int64_t)(row + 8) * R + col, s * acc_g[j][2]);
-        atomicAdd(g + (int64_t)(row + 8) * R + col + 1, s * acc_g[j][3]);
-      }
+      if (row < r1) add_pair(g + (int64_t)row * R + col, s * acc_g[j][0], s * acc_g[j][1]);
+      if (row + 8 < r1) add_pair(g + (int64_t)(row + 8) * R + col, s * acc_g[j][2], s * acc_g[j][3]);
     }
     // dB's partial: the strip's columns di..di+15 (dyᵀ's rows) against the tile's rows of u
 #pragma unroll
@@ -571,10 +575,8 @@ dual_products_kernel(const T* __restrict__ dy, const T* __restrict__ B, const T*
 #pragma unroll
   for (int j = 0; j < DN; ++j) {
     const int col = 8 * j + 2 * cq, row = n0 + di + gq;
-    atomicAdd(dB + (int64_t)row * R + col, s * acc_db[j][0]);
-    atomicAdd(dB + (int64_t)row * R + col + 1, s * acc_db[j][1]);
-    atomicAdd(dB + (int64_t)(row + 8) * R + col, s * acc_db[j][2]);
-    atomicAdd(dB + (int64_t)(row + 8) * R + col + 1, s * acc_db[j][3]);
+    add_pair(dB + (int64_t)row * R + col, s * acc_db[j][0], s * acc_db[j][1]);
+    add_pair(dB + (int64_t)(row + 8) * R + col, s * acc_db[j][2], s * acc_db[j][3]);
   }
 }
 
@@ -608,11 +610,12 @@ void launch_dual_products(const T* dy, const T* B, const T* u, float* g, float* 
 }
 
 // out [m, c] += alpha·left·rightᵀ: the adapter's rank-R update of y or dx (left u or du [m, R]; right [c, R], or
-// [R, c] when KMAJOR), which cuBLAS runs at about half the rate of its pass over out. CTA tile 64 rows x 128
-// columns, warp w rows 16 (w % 4) and columns 64 (w / 4). Each lane's n8 tiles are relabelled so that its
-// accumulators over four tiles are 8 consecutive columns of out (right's rows stored in that order in shared
-// memory): out is read and written as 16-byte vectors, its loads issued before the tiles' so that they are in
-// flight during the products. R over 64 goes in steps of 64.
+// [R, c] when KMAJOR), which cuBLAS runs at about half the rate of its pass over out. A CTA owns a strip of 128
+// columns and walks its split's rows in tiles of 64: right's strip goes to shared memory once; each tile's left
+// rows come by cp.async into two buffers and its out rows into registers, both one tile ahead, so that the next
+// tile's bytes are in flight during this tile's products and stores. Warp w takes rows 16 (w % 4) and columns
+// 64 (w / 4) of a tile; each lane's n8 tiles are relabelled so that its accumulators over four tiles are 8
+// consecutive columns of out, read and written as 16-byte vectors.
 constexpr int kRankRows = 64, kRankCols = 128, kRankThreads = 256;
 
 // The shared-memory row of right's row (out's column) a of a CTA's 128: group h = a / 32 of the warp's 64, lane
@@ -631,55 +634,70 @@ __device__ __forceinline__ uint4 rank_add(uint4 o, const float* acc, float alpha
 }
 
 template <class T, int R, bool KMAJOR>
-__global__ void __launch_bounds__(kRankThreads)
+__global__ void __launch_bounds__(kRankThreads, 2)
 rank_update_kernel(T* __restrict__ out, const T* __restrict__ left, const T* __restrict__ right, int m, int c,
-                   float alpha) {
-  constexpr int KC = R < 64 ? R : 64, LK = KC + 8;  // a step's rank columns; padded rows for ldmatrix
-  static_assert(R % 16 == 0 && (R <= 64 || R % 64 == 0), "R: 16, 32, 48, 64 or a multiple of 64");
-  __shared__ __align__(16) T ls[kRankRows][LK];
+                   int rows_per_split, float alpha) {
+  static_assert(R % 16 == 0 && R <= 64, "R: 16, 32, 48 or 64");
+  constexpr int LK = R + 8;  // padded rows: ldmatrix without bank conflicts
+  __shared__ __align__(16) T ls[2][kRankRows][LK];
   __shared__ __align__(16) T rs[kRankCols][LK];
-  const int row0 = blockIdx.y * kRankRows, col0 = blockIdx.x * kRankCols;
+  const int col0 = blockIdx.x * kRankCols;
+  const int r0 = blockIdx.y * rows_per_split, r1 = min(m, r0 + rows_per_split);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gq = lane >> 2, cq = lane & 3;
   const int wm = (warp & 3) * 16, wn = (warp >> 2) * 64;
-  uint4 o[2][2];  // [column group h][row g or g + 8]: out's columns wn + 32h + 8cq .. + 7
+  T* const ocol = out + col0 + wn + 8 * cq;  // + row · c + 32h: this lane's vectors
+  auto load_out = [&](int t0, uint4 (&o)[2][2]) {  // [column group h][row g or g + 8]; rows past r1 not read
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      const int row = row0 + wm + gq + 8 * hi;
-      o[h][hi] = row < m ? *reinterpret_cast<const uint4*>(out + (int64_t)row * c + col0 + wn + 32 * h + 8 * cq)
-                         : make_uint4(0, 0, 0, 0);
-    }
-  float acc[2][4][4] = {};
-  for (int k0 = 0; k0 < R; k0 += KC) {
-    if (k0) __syncthreads();  // the last step's fragments are read
-    for (int i = threadIdx.x; i < kRankRows * (KC / 8); i += kRankThreads) {
-      const int row = i / (KC / 8), v = i % (KC / 8);
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (row0 + row < m) val = *reinterpret_cast<const uint4*>(left + (int64_t)(row0 + row) * R + k0 + 8 * v);
-      *reinterpret_cast<uint4*>(&ls[row][8 * v]) = val;
-    }
-    if constexpr (!KMAJOR) {  // right [c, R]: its rows straight into their relabelled places
-      for (int i = threadIdx.x; i < kRankCols * (KC / 8); i += kRankThreads) {
-        const int a = i / (KC / 8), v = i % (KC / 8);
-        *reinterpret_cast<uint4*>(&rs[rank_srow(a)][8 * v]) =
-            *reinterpret_cast<const uint4*>(right + (int64_t)(col0 + a) * R + k0 + 8 * v);
+      for (int hi = 0; hi < 2; ++hi) {
+        const int row = t0 + wm + gq + 8 * hi;
+        o[h][hi] = row < r1 ? *reinterpret_cast<const uint4*>(ocol + (int64_t)row * c + 32 * h) : make_uint4(0, 0, 0, 0);
       }
-    } else {  // right [R, c]: 8 columns of one rank row a vector, transposed element by element
-      for (int i = threadIdx.x; i < KC * (kRankCols / 8); i += kRankThreads) {
-        const int k = i / (kRankCols / 8), v = i % (kRankCols / 8);
-        const uint4 val = *reinterpret_cast<const uint4*>(right + (int64_t)(k0 + k) * c + col0 + 8 * v);
-        const T* e = reinterpret_cast<const T*>(&val);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) rs[rank_srow(8 * v + t)][k] = e[t];
-      }
+  };
+  auto load_left = [&](int t0, int buf) {  // rows past r1 zero-filled
+    for (int i = threadIdx.x; i < kRankRows * (R / 8); i += kRankThreads) {
+      const int row = i / (R / 8), v = i % (R / 8);
+      const bool in = t0 + row < r1;
+      cp_async16(smem_addr(&ls[buf][row][8 * v]), in ? left + (int64_t)(t0 + row) * R + 8 * v : left, in ? 16 : 0);
     }
-    __syncthreads();
+  };
+  if (r0 >= r1) return;
+  uint4 o[2][2], on[2][2];
+  load_out(r0, o);
+  load_left(r0, 0);
+  cp_async_commit();
+  if constexpr (!KMAJOR) {  // right [c, R]: its rows straight into their relabelled places
+    for (int i = threadIdx.x; i < kRankCols * (R / 8); i += kRankThreads) {
+      const int a = i / (R / 8), v = i % (R / 8);
+      *reinterpret_cast<uint4*>(&rs[rank_srow(a)][8 * v]) =
+          *reinterpret_cast<const uint4*>(right + (int64_t)(col0 + a) * R + 8 * v);
+    }
+  } else {  // right [R, c]: 8 columns of one rank row a vector, transposed element by element
+    for (int i = threadIdx.x; i < R * (kRankCols / 8); i += kRankThreads) {
+      const int k = i / (kRankCols / 8), v = i % (kRankCols / 8);
+      const uint4 val = *reinterpret_cast<const uint4*>(right + (int64_t)k * c + col0 + 8 * v);
+      const T* e = reinterpret_cast<const T*>(&val);
 #pragma unroll
-    for (int kk = 0; kk < KC; kk += 16) {
+      for (int t = 0; t < 8; ++t) rs[rank_srow(8 * v + t)][k] = e[t];
+    }
+  }
+  int buf = 0;
+  for (int t0 = r0; t0 < r1; t0 += kRankRows) {
+    const bool more = t0 + kRankRows < r1;
+    if (more) {  // the next tile's bytes in flight during this one's products
+      load_left(t0 + kRankRows, buf ^ 1);
+      load_out(t0 + kRankRows, on);
+    }
+    cp_async_commit();  // (empty after the last tile: the wait below still counts one group behind)
+    cp_async_wait<1>();
+    __syncthreads();  // this tile's left rows (and right's strip) visible to every warp
+    float acc[2][4][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < R; kk += 16) {
       uint32_t a[4];
-      ldmatrix_x4(a, &ls[wm + (lane & 15)][kk + (lane >> 4) * 8]);
+      ldmatrix_x4(a, &ls[buf][wm + (lane & 15)][kk + (lane >> 4) * 8]);
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -691,32 +709,39 @@ rank_update_kernel(T* __restrict__ out, const T* __restrict__ left, const T* __r
           mma16816<T>(acc[h][j + 1], a, b[2], b[3]);
         }
     }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        const int row = t0 + wm + gq + 8 * hi;
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[2 * j] = acc[h][j][2 * hi], v[2 * j + 1] = acc[h][j][2 * hi + 1];
+        if (row < r1) *reinterpret_cast<uint4*>(ocol + (int64_t)row * c + 32 * h) = rank_add<T>(o[h][hi], v, alpha);
+        o[h][hi] = on[h][hi];
+      }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+    buf ^= 1;
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      const int row = row0 + wm + gq + 8 * hi;
-      float v[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) v[2 * j] = acc[h][j][2 * hi], v[2 * j + 1] = acc[h][j][2 * hi + 1];
-      if (row < m)
-        *reinterpret_cast<uint4*>(out + (int64_t)row * c + col0 + wn + 32 * h + 8 * cq) =
-            rank_add<T>(o[h][hi], v, alpha);
-    }
 }
 
 template <class T>
 void launch_rank_update(T* out, const T* left, const T* right, int64_t m, int64_t c, int r, bool kmajor, float alpha,
                         cudaStream_t stream) {
-  const dim3 grid((unsigned)(c / kRankCols), (unsigned)((m + kRankRows - 1) / kRankRows));
-  auto go = [&](auto kernel) { kernel<<<grid, kRankThreads, 0, stream>>>(out, left, right, (int)m, (int)c, alpha); };
+  const int strips = (int)(c / kRankCols);
+  // two CTAs a multiprocessor (its register bound), the splits' rows a whole number of tiles
+  const int64_t want = std::max<int64_t>(1, (2 * sm_count() + strips - 1) / strips);
+  const int64_t tiles = (m + kRankRows - 1) / kRankRows;
+  const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kRankRows;
+  const dim3 grid((unsigned)strips, (unsigned)((m + per - 1) / per));
+  auto go = [&](auto kernel) {
+    kernel<<<grid, kRankThreads, 0, stream>>>(out, left, right, (int)m, (int)c, (int)per, alpha);
+  };
   auto by_rank = [&]<bool K>() {
     if (r == 16) go(rank_update_kernel<T, 16, K>);
     else if (r == 32) go(rank_update_kernel<T, 32, K>);
     else if (r == 48) go(rank_update_kernel<T, 48, K>);
-    else if (r == 64) go(rank_update_kernel<T, 64, K>);
-    else go(rank_update_kernel<T, 128, K>);
+    else go(rank_update_kernel<T, 64, K>);
   };
   if (kmajor) by_rank.template operator()<true>();
   else by_rank.template operator()<false>();
@@ -787,11 +812,11 @@ void adapter_dual_products(const void* dy, int dtype, const void* B, const void*
 void adapter_rank_update(void* out, int dtype, const void* left, const void* right, int64_t m, int64_t c, int64_t r,
                          bool right_kmajor, float alpha, void* stream) {
   if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument("adapter_rank_update: fp16 or bf16 only");
-  if (!(r == 16 || r == 32 || r == 48 || r == 64 || r == 128) || c % kRankCols)
-    throw std::invalid_argument("adapter_rank_update: the rank must be 16, 32, 48, 64 or 128 and the columns a "
-                                "multiple of 128");
-  if (m >= (int64_t{1} << 31) || c >= (int64_t{1} << 31) || (m + kRankRows - 1) / kRankRows > 65535)
-    throw std::invalid_argument("adapter_rank_update: too many rows or columns for the kernel's grid");
+  if (r % 16 || r < 16 || r > 64 || c % kRankCols)
+    throw std::invalid_argument("adapter_rank_update: the rank must be 16, 32, 48 or 64 and the columns a multiple "
+                                "of 128");
+  if (m >= (int64_t{1} << 31) || c >= (int64_t{1} << 31))
+    throw std::invalid_argument("adapter_rank_update: M and the columns must fit in 32 bits");
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!aligned(out) || !aligned(left) || !aligned(right))
     throw std::invalid_argument("adapter_rank_update: out, left and right must be 16-byte aligned");

@@ -204,11 +204,11 @@ _RANK_UPDATE = os.environ.get("LOWTUNE_CUDA_RANK_UPDATE", "0") == "1"
 
 def _rank_update(out: Tensor, left: Tensor, right: Tensor, kmajor: bool, alpha: float) -> bool:
     """out [m, c] += alpha·left·right (right [r, c] when kmajor, else rightᵀ with right [c, r]) by lowtune's
-    kernel where it takes them (16-bit, contiguous and 16-byte aligned, r 16, 32, 48, 64 or 128, c a multiple of
-    128); False, with nothing done, elsewhere."""
+    kernel where it takes them (16-bit, contiguous and 16-byte aligned, r 16, 32, 48 or 64, c a multiple of 128);
+    False, with nothing done, elsewhere."""
     m, c = out.shape
     r = left.shape[1]
-    if not (_RANK_UPDATE and out.is_cuda and out.dtype in (torch.float16, torch.bfloat16) and r in (16, 32, 48, 64, 128)
+    if not (_RANK_UPDATE and out.is_cuda and out.dtype in (torch.float16, torch.bfloat16) and r in (16, 32, 48, 64)
             and c % 128 == 0 and left.dtype == out.dtype and right.dtype == out.dtype and out.is_contiguous()):
         return False
     left, right = left.contiguous(), right.contiguous()
