@@ -314,7 +314,8 @@ inline int64_t chunk_min() { return std::max<int64_t>(env_int("LOWTUNE_CUDA_CHUN
 // pooling, and the rank-r update after each chunk's GEMM timed").
 inline int pool_vectors() { return env_int("LOWTUNE_CUDA_POOL_VECS", 4) == 1 ? 1 : 4; }
 // The dual products' tile buffers (adapter_cuda.cu's dual_products_kernel): 2, the next tile's copies in flight
-// during this tile's products, or 1 (copy, then products). Neither timed yet.
+// during this tile's products, or 1 (copy, then products). Two were 1% and 5% faster (H100, BENCHMARKS.md "Two
+// kernels of lowtune's own for the LoRA types' skinny passes"); the kernel itself is off by default.
 inline int dual_stages() { return env_int("LOWTUNE_CUDA_DUAL_STAGES", 2) == 1 ? 1 : 2; }
 
 // A rank-r update multiplied into each chunk's output (kernels.h's LowRankUpdate with left): after the

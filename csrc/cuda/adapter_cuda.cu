@@ -653,7 +653,8 @@ rank_update_kernel(T* __restrict__ out, const T* __restrict__ left, const T* __r
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi) {
         const int row = t0 + wm + gq + 8 * hi;
-        o[h][hi] = row < r1 ? *reinterpret_cast<const uint4*>(ocol + (int64_t)row * c + 32 * h) : make_uint4(0, 0, 0, 0);
+        o[h][hi] = row < r1 ? *reinterpret_cast<const uint4*>(ocol + (int64_t)row * c + 32 * h)
+                            : make_uint4(0, 0, 0, 0);
       }
   };
   auto load_left = [&](int t0, int buf) {  // rows past r1 zero-filled

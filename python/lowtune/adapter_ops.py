@@ -197,8 +197,9 @@ def _expansion(cols: int, pool: int, dtype: torch.dtype, device: torch.device) -
     return torch.eye(cols, dtype=dtype, device=device).repeat_interleave(pool, dim=1)
 
 
-# out += alpha·left·rightᵀ by lowtune's kernel in one pass over out, where cuBLAS's addmm with K = rank runs at
-# about half the rate of that pass (LOWTUNE_CUDA_RANK_UPDATE=1; off until timed: tools/gpu/adapter_merge_cost.py).
+# out += alpha·left·rightᵀ by lowtune's kernel in one pass over out (LOWTUNE_CUDA_RANK_UPDATE=1): 8-11% faster than
+# cuBLAS's addmm alone, yet the adapted step was slower with it, so off (BENCHMARKS.md "Two kernels of lowtune's own
+# for the LoRA types' skinny passes").
 _RANK_UPDATE = os.environ.get("LOWTUNE_CUDA_RANK_UPDATE", "0") == "1"
 
 
@@ -271,7 +272,8 @@ def _widen(g: torch.Tensor, shape) -> torch.Tensor:
 
 
 # g = s·dy·B and dB = s·dyᵀ·u by lowtune's kernel from one read of dy, where cuBLAS's two calls read it twice
-# (LOWTUNE_CUDA_DUAL_PRODUCTS=1; off until timed against them: tools/gpu/adapter_merge_cost.py).
+# (LOWTUNE_CUDA_DUAL_PRODUCTS=1): bound by its atomics, 1.65x cuBLAS's two calls, so off (BENCHMARKS.md, same
+# section).
 _DUAL = os.environ.get("LOWTUNE_CUDA_DUAL_PRODUCTS", "0") == "1"
 
 
