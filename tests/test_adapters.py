@@ -675,6 +675,22 @@ def test_cuda_merged_route_close_to_float64(method, qtype, dtype, setting, monke
             assert rel_err(got, truth) < 2e-2, (method, m, k, n)
 
 
+def gemm_path_close_to_float64(method, qtype, calls, expected):
+    """The adapter's GEMM path in bf16 at two shapes (QDyLoRA at rank 16 of 32): the patched kernel's record
+    `calls` equals expected(m, k, n), and the outputs and gradients stay within the route's tolerance of float64."""
+    for m, k, n in ((300, 512, 256), (1030, 1024, 384)):
+        ad = make_adapter(method, qtype, n=n, k=k, rank=32 if method == "qdylora" else 16, device="cuda")
+        if method == "qdylora":
+            ad.set_rank(16)
+        x, dy = torch.randn(m, k), torch.randn(m, n)
+        calls.clear()
+        got = grads_of(ad, x.to("cuda", torch.bfloat16), dy.to("cuda", torch.bfloat16))
+        assert calls == expected(m, k, n), (method, m, calls)
+        t64 = truth64(ad, x.to(torch.bfloat16), dy.to(torch.bfloat16))
+        for g, truth in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
+            assert rel_err(g, truth) < 2e-2, (method, m, k, n)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("r", [16, 32, 48, 64])
@@ -704,17 +720,7 @@ def test_cuda_dual_products_in_the_backward(method, qtype, monkeypatch):
     calls = []
     real = adapter_ops._dual_products
     monkeypatch.setattr(adapter_ops, "_dual_products", lambda *a: calls.append(a[0].shape) or real(*a))
-    for m, k, n in ((300, 512, 256), (1030, 1024, 384)):
-        ad = make_adapter(method, qtype, n=n, k=k, rank=32 if method == "qdylora" else 16, device="cuda")
-        if method == "qdylora":
-            ad.set_rank(16)
-        x, dy = torch.randn(m, k), torch.randn(m, n)
-        calls.clear()
-        got = grads_of(ad, x.to("cuda", torch.bfloat16), dy.to("cuda", torch.bfloat16))
-        assert calls == [(m, n)], (method, m, calls)
-        t64 = truth64(ad, x.to(torch.bfloat16), dy.to(torch.bfloat16))
-        for g, truth in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
-            assert rel_err(g, truth) < 2e-2, (method, m, k, n)
+    gemm_path_close_to_float64(method, qtype, calls, lambda m, k, n: [(m, n)])
 
 
 @pytest.mark.cuda
@@ -749,17 +755,7 @@ def test_cuda_rank_update_in_the_adapter(method, qtype, monkeypatch):
     real = adapter_ops._rank_update
     monkeypatch.setattr(adapter_ops, "_rank_update",
                         lambda *a: real(*a) and (calls.append((tuple(a[0].shape), a[3])) or True))
-    for m, k, n in ((300, 512, 256), (1030, 1024, 384)):
-        ad = make_adapter(method, qtype, n=n, k=k, rank=32 if method == "qdylora" else 16, device="cuda")
-        if method == "qdylora":
-            ad.set_rank(16)
-        x, dy = torch.randn(m, k), torch.randn(m, n)
-        calls.clear()
-        got = grads_of(ad, x.to("cuda", torch.bfloat16), dy.to("cuda", torch.bfloat16))
-        assert calls == [((m, n), False), ((m, k), True)], (method, m, calls)
-        t64 = truth64(ad, x.to(torch.bfloat16), dy.to(torch.bfloat16))
-        for g, truth in zip([got[0], got[1], *got[2]], [t64[0], t64[1], *t64[2]]):
-            assert rel_err(g, truth) < 2e-2, (method, m, k, n)
+    gemm_path_close_to_float64(method, qtype, calls, lambda m, k, n: [((m, n), False), ((m, k), True)])
 
 
 @pytest.mark.cuda
