@@ -14,6 +14,8 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <string>
 #include <type_traits>
 
 #include "../adapter_kernels.h"
@@ -434,8 +436,7 @@ template <class T, int U>
 void launch_pool_mean_vectors(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T), N = kPoolThreads;
   const float inv = 1.0f / (float)p;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xs) % 16 == 0 &&
-                       k % V == 0;
+  const bool aligned = aligned16(x) && aligned16(xs) && k % V == 0;
   const int64_t vectors = m * k / V;
   const unsigned blocks = (unsigned)((vectors + N * U - 1) / (N * U));
   const int g = p / V;
@@ -455,6 +456,14 @@ template <class T>
 void launch_pool_mean(const T* x, T* xs, int64_t m, int64_t k, int p, cudaStream_t stream) {
   if (cuda_policy::pool_vectors() == 4) launch_pool_mean_vectors<T, 4>(x, xs, m, k, p, stream);
   else launch_pool_mean_vectors<T, 1>(x, xs, m, k, p, stream);
+}
+
+// The rows of each split of m rows over a grid of strips × splits that fills ctas_per_sm CTAs a multiprocessor,
+// a whole number of tiles of tile_rows (the dual products' and the rank update's CTAs walk their split's tiles).
+int64_t split_rows(int64_t m, int tile_rows, int strips, int ctas_per_sm) {
+  const int64_t want = std::max<int64_t>(1, (std::max(ctas_per_sm, 1) * sm_count() + strips - 1) / strips);
+  const int64_t tiles = (m + tile_rows - 1) / tile_rows;
+  return (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * tile_rows;
 }
 
 // g = s·dy·B [m, R] and dB = s·dyᵀ·u [n, R] from one read of dy [m, n] (B [n, R], u [m, R]; all 16-bit,
@@ -586,10 +595,7 @@ void launch_dual_products_at(const T* dy, const T* B, const T* u, float* g, floa
   constexpr size_t smem = dual_smem_bytes<T, R, STAGES>();
   const int per_sm = kernel_ctas<dual_products_kernel<T, R, STAGES>>(smem, kDualThreads);  // (raises the limit)
   const int strips = (int)(n / kDualCols);
-  // a full wave of CTAs: the splits' rows a whole number of tiles
-  const int64_t want = std::max<int64_t>(1, (std::max(per_sm, 1) * sm_count() + strips - 1) / strips);
-  const int64_t tiles = (m + kDualRows - 1) / kDualRows;
-  const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kDualRows;
+  const int64_t per = split_rows(m, kDualRows, strips, per_sm);
   const dim3 grid(strips, (unsigned)((m + per - 1) / per));
   dual_products_kernel<T, R, STAGES><<<grid, kDualThreads, smem, stream>>>(dy, B, u, g, dB, (int)m, (int)n, (int)per,
                                                                           s);
@@ -730,10 +736,7 @@ template <class T>
 void launch_rank_update(T* out, const T* left, const T* right, int64_t m, int64_t c, int r, bool kmajor, float alpha,
                         cudaStream_t stream) {
   const int strips = (int)(c / kRankCols);
-  // two CTAs a multiprocessor (its register bound), the splits' rows a whole number of tiles
-  const int64_t want = std::max<int64_t>(1, (2 * sm_count() + strips - 1) / strips);
-  const int64_t tiles = (m + kRankRows - 1) / kRankRows;
-  const int64_t per = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles) * kRankRows;
+  const int64_t per = split_rows(m, kRankRows, strips, 2);  // two CTAs a multiprocessor: its register bound
   const dim3 grid((unsigned)strips, (unsigned)((m + per - 1) / per));
   auto go = [&](auto kernel) {
     kernel<<<grid, kRankThreads, 0, stream>>>(out, left, right, (int)m, (int)c, (int)per, alpha);
@@ -789,47 +792,51 @@ void adapter_pool(const void* x, int dtype, void* xs, int64_t m, int64_t k, int6
   else launch(__nv_bfloat16{});
 }
 
+namespace {
+// The dual products' and the rank update's common arguments: fp16 or bf16, the rank 16, 32, 48 or 64, cols (N, or
+// out's columns) a multiple of 128, both sizes in 32 bits, every operand 16-byte aligned.
+void check_skinny(const char* name, int dtype, int64_t m, int64_t cols, int64_t r, const char* cols_name,
+                  std::initializer_list<const void*> operands, const char* operand_names) {
+  const std::string who = std::string(name) + ": ";
+  if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument(who + "fp16 or bf16 only");
+  if (r % 16 || r < 16 || r > 64 || cols % 128)
+    throw std::invalid_argument(who + "the rank must be 16, 32, 48 or 64 and " + cols_name + " a multiple of 128");
+  if (m >= (int64_t{1} << 31) || cols >= (int64_t{1} << 31))
+    throw std::invalid_argument(who + "M and " + cols_name + " must fit in 32 bits");
+  for (const void* p : operands)
+    if (!aligned16(p)) throw std::invalid_argument(who + operand_names + " must be 16-byte aligned");
+}
+
+// f(T{}) for the 16-bit activation type of dtype (fp16 or bf16).
+template <class F>
+void with_half_type(int dtype, F f) {
+  if (dtype == D_F16) f(__half{});
+  else f(__nv_bfloat16{});
+}
+}  // namespace
+
 void adapter_dual_products(const void* dy, int dtype, const void* B, const void* u, float* g, float* dB, int64_t m,
                            int64_t n, int64_t r, float scale, void* stream) {
-  if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument("adapter_dual_products: fp16 or bf16 only");
-  if (r % 16 || r < 16 || r > 64 || n % kDualCols)
-    throw std::invalid_argument("adapter_dual_products: the rank must be 16, 32, 48 or 64 and N a multiple of 128");
-  if (m >= (int64_t{1} << 31) || n >= (int64_t{1} << 31))
-    throw std::invalid_argument("adapter_dual_products: M and N must fit in 32 bits");
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!aligned(dy) || !aligned(B) || !aligned(u))
-    throw std::invalid_argument("adapter_dual_products: dy, B and u must be 16-byte aligned");
+  static_assert(kDualCols == 128, "check_skinny's multiple");
+  check_skinny("adapter_dual_products", dtype, m, n, r, "N", {dy, B, u}, "dy, B and u");
   if (m == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag) {
+  with_half_type(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_dual_products(static_cast<const T*>(dy), static_cast<const T*>(B), static_cast<const T*>(u), g, dB, m, n,
-                         (int)r, scale, s);
-  };
-  if (dtype == D_F16) launch(__half{});
-  else launch(__nv_bfloat16{});
+                         (int)r, scale, static_cast<cudaStream_t>(stream));
+  });
 }
 
 void adapter_rank_update(void* out, int dtype, const void* left, const void* right, int64_t m, int64_t c, int64_t r,
                          bool right_kmajor, float alpha, void* stream) {
-  if (dtype != D_F16 && dtype != D_BF16) throw std::invalid_argument("adapter_rank_update: fp16 or bf16 only");
-  if (r % 16 || r < 16 || r > 64 || c % kRankCols)
-    throw std::invalid_argument("adapter_rank_update: the rank must be 16, 32, 48 or 64 and the columns a multiple "
-                                "of 128");
-  if (m >= (int64_t{1} << 31) || c >= (int64_t{1} << 31))
-    throw std::invalid_argument("adapter_rank_update: M and the columns must fit in 32 bits");
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!aligned(out) || !aligned(left) || !aligned(right))
-    throw std::invalid_argument("adapter_rank_update: out, left and right must be 16-byte aligned");
+  static_assert(kRankCols == 128, "check_skinny's multiple");
+  check_skinny("adapter_rank_update", dtype, m, c, r, "the columns", {out, left, right}, "out, left and right");
   if (m == 0 || c == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag) {
+  with_half_type(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_rank_update(static_cast<T*>(out), static_cast<const T*>(left), static_cast<const T*>(right), m, c, (int)r,
-                       right_kmajor, alpha, s);
-  };
-  if (dtype == D_F16) launch(__half{});
-  else launch(__nv_bfloat16{});
+                       right_kmajor, alpha, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace lowtune::cuda

@@ -22,6 +22,7 @@ lowtune's kernel (rank_rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_kernels import GraphTimer, copies_for  # noqa: E402
+
+
+@contextlib.contextmanager
+def restored_env(name: str):
+    """The environment variable `name` (read by the kernels on every call) put back as it was, or unset, when the
+    block ends."""
+    saved = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
@@ -61,20 +76,16 @@ def fused_rows(a, timer, x, dy, A, B, row, rest_us: float, summary) -> None:
     # the update multiplied into each chunk's output (the epilogue merge kind), after the chunk's GEMM or before
     # it (LOWTUNE_CUDA_UPDATE_FIRST, read on every call): u or du [M, r] against B or Aᵀ
     left = (x @ A.t()).contiguous()
-    setting = os.environ.get("LOWTUNE_CUDA_UPDATE_FIRST")
-    for first, where in (("0", "after"), ("1", "before")):
-        os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = first
-        fwd_e = row(f"{a.type} forward x·deq(W)^T + s u B^T, update {where} each chunk's GEMM",
-                    timer(lambda i: ops._forward_epilogue_kernel(x, qts[i % nq].raw, qts[i % nq].format.type_id,
-                                                                 a.n, a.k, left, B, 0.5)))
-        bwd_e = row(f"{a.type} input grad dy·deq(W) + du A, update {where} each chunk's GEMM",
-                    timer(lambda i: ops._input_grad_epilogue_kernel(dy, qts[i % nq].raw, qts[i % nq].format.type_id,
-                                                                    a.n, a.k, left, at, 1.0)))
-        summary[f"epilogue_{where}_extra_us"] = fwd_e + bwd_e - fwd - bwd
-    if setting is None:
-        os.environ.pop("LOWTUNE_CUDA_UPDATE_FIRST")
-    else:
-        os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = setting
+    with restored_env("LOWTUNE_CUDA_UPDATE_FIRST"):
+        for first, where in (("0", "after"), ("1", "before")):
+            os.environ["LOWTUNE_CUDA_UPDATE_FIRST"] = first
+            fwd_e = row(f"{a.type} forward x·deq(W)^T + s u B^T, update {where} each chunk's GEMM",
+                        timer(lambda i: ops._forward_epilogue_kernel(x, qts[i % nq].raw, qts[i % nq].format.type_id,
+                                                                     a.n, a.k, left, B, 0.5)))
+            bwd_e = row(f"{a.type} input grad dy·deq(W) + du A, update {where} each chunk's GEMM",
+                        timer(lambda i: ops._input_grad_epilogue_kernel(dy, qts[i % nq].raw, qts[i % nq].format.type_id,
+                                                                        a.n, a.k, left, at, 1.0)))
+            summary[f"epilogue_{where}_extra_us"] = fwd_e + bwd_e - fwd - bwd
 
 
 def dual_rows(timer, dy, B, u, row) -> None:
@@ -87,17 +98,13 @@ def dual_rows(timer, dy, B, u, row) -> None:
         return
     dys = [dy] + [torch.randn_like(dy) for _ in range(copies_for(dy.numel() * 2) - 1)]
     nd = len(dys)
-    setting = os.environ.get("LOWTUNE_CUDA_DUAL_STAGES")
-    for stages in ("1", "2"):  # tile buffers: copy then products, or the next tile's copies in flight
-        os.environ["LOWTUNE_CUDA_DUAL_STAGES"] = stages
-        row(f"g and dB from one read of dy (lowtune's kernel, {stages} stages)",
-            timer(lambda i: adapter_ops._dual_products(dy, B, u, 0.5)))
-        row(f"rotated: g and dB from one read of dy (lowtune's kernel, {stages} stages)",
-            timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
-    if setting is None:
-        os.environ.pop("LOWTUNE_CUDA_DUAL_STAGES")
-    else:
-        os.environ["LOWTUNE_CUDA_DUAL_STAGES"] = setting
+    with restored_env("LOWTUNE_CUDA_DUAL_STAGES"):
+        for stages in ("1", "2"):  # tile buffers: copy then products, or the next tile's copies in flight
+            os.environ["LOWTUNE_CUDA_DUAL_STAGES"] = stages
+            row(f"g and dB from one read of dy (lowtune's kernel, {stages} stages)",
+                timer(lambda i: adapter_ops._dual_products(dy, B, u, 0.5)))
+            row(f"rotated: g and dB from one read of dy (lowtune's kernel, {stages} stages)",
+                timer(lambda i: adapter_ops._dual_products(dys[i % nd], B, u, 0.5)))
     row("rotated: g = s dy B, then dB = s dy^T u (cuBLAS)",
         timer(lambda i: (adapter_ops._mm_scaled(dys[i % nd], B, 0.5), adapter_ops._mm_f32(dys[i % nd].t(), u, 0.5))))
 
@@ -109,11 +116,12 @@ def rank_rows(timer, ys, u, B, dxs, gg, A, row) -> None:
     from lowtune import adapter_ops
     if not lowtune.build_info().get("cuda"):
         return
-    adapter_ops._RANK_UPDATE = True
+    setting, adapter_ops._RANK_UPDATE = adapter_ops._RANK_UPDATE, True
     row("y += s u B^T (y from memory, lowtune's kernel)",
         timer(lambda i: adapter_ops._rank_update(ys[i % len(ys)], u, B, False, 0.5)))
     row("dx += s g A (dx from memory, lowtune's kernel)",
         timer(lambda i: adapter_ops._rank_update(dxs[i % len(dxs)], gg, A, True, 0.5)))
+    adapter_ops._RANK_UPDATE = setting
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:
