@@ -14,8 +14,15 @@
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
 // does not depend on timing. Both launch with programmatic dependent launch (launch_pdl), the first
 // rows' words loaded before the wait for the kernel that wrote dy.
+// Two ways to bring the rows in, the same sums bit for bit (cuda_policy::gemv_grad_staged):
+//   grad_kernel: each warp loads its next step's words into registers while it decodes this step's
+//     (two sets of words held, one step ahead: its profile waited on L1TEX loads 38% of the time);
+//   grad_staged_kernel: the CTA copies stages of 32 rows of its slice into a shared-memory ring by
+//     cp.async (staged_gemv.cuh's WeightStager), two stages ahead, and each warp reads its rows' words
+//     from there: more bytes in flight and no registers holding them.
 #pragma once
-#include "gemv.cuh"  // Units, LaneUnits, round_load, place_words
+#include "gemv.cuh"         // Units, LaneUnits, round_load, place_words
+#include "staged_gemv.cuh"  // WeightStager, staged_block
 
 namespace lowtune::cuda {
 namespace gemv_grad {
@@ -74,6 +81,76 @@ __device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[N
   for (int i = 0; i < 16; ++i) acc[i] = fmaf(unit, __fsub_rn(__int_as_float(ia[i]), 12582912.0f), acc[i]);
 }
 
+// One step of NR rows of the lane's unit (words r, already placed; row j's dy d[j], ok[j]: the row
+// exists): its two spans' sums into acc0, acc1 and the dy z sums into z0, z1.
+template <int T>
+__device__ __forceinline__ void add_step(const uint32_t (&r)[kRowsInFlight<T>][gemv::kRoundWords<T>],
+                                         const float (&d)[kRowsInFlight<T>], const bool (&ok)[kRowsInFlight<T>],
+                                         int e0, int e1, float* acc0, float* acc1, float& z0, float& z1) {
+  using U = Unpack<T>;
+  constexpr int NR = kRowsInFlight<T>;
+  constexpr int kW = U::template Words<16>::value;
+  constexpr int kLoads = gemv::Units<T>::kSame ? 1 : 2;
+  if constexpr (NR >= 4) {
+    // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
+    auto add_spans = [&](int e, int off, float* acc, float& z) {
+      uint32_t cw[NR][4];
+      float a[NR];
+#pragma unroll
+      for (int j = 0; j < NR; ++j) {
+        float sc, zz;
+        U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
+        a[j] = ok[j] ? d[j] * sc : 0.0f;
+        z = ok[j] ? fmaf(d[j], zz, z) : z;
+      }
+      add_span_rows<NR, U::kCodeBits>(acc, cw, a);
+    };
+    add_spans(e0, 0, acc0, z0);
+    add_spans(e1, (kLoads - 1) * kW, acc1, z1);
+  } else {
+    // one or two rows a step in fp32, each row's spans added as soon as they are decoded (decoding
+    // every row first ran Q5_0 and Q8_0 6-10% slower: BENCHMARKS.md "The one-row input gradient")
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      if (!ok[j]) continue;
+      uint32_t cw[4];
+      float sc, zz;
+      U::template codes<16>(r[j], e0, cw, sc, zz);
+      add_span(acc0, cw, d[j] * sc);
+      z0 = fmaf(d[j], zz, z0);
+      U::template codes<16>(r[j] + (kLoads - 1) * kW, e1, cw, sc, zz);
+      add_span(acc1, cw, d[j] * sc);
+      z1 = fmaf(d[j], zz, z1);
+    }
+  }
+}
+
+// The CTA's eight warps' sums added in a fixed order (red: kWarps * 32 * 32 floats of shared memory,
+// [warp][element of the unit][lane]: conflict-free), then its partial dx written: partial[g K + the
+// slice's elements].
+template <int T>
+__device__ __forceinline__ void store_partial(float* red, const float* acc0, const float* acc1, float z0, float z1,
+                                              float* __restrict__ partial, int k) {
+  using U = Unpack<T>;
+  using Un = gemv::Units<T>;
+  const int units = k / 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.x;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    red[(warp * 32 + i) * 32 + lane] = acc0[i] + z0;
+    red[(warp * 32 + 16 + i) * 32 + lane] = acc1[i] + z1;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < 32 * 32; t += kThreads) {
+    const int e = t >> 5, ln = t & 31, uu = 32 * s + ln;
+    if (uu >= units) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += red[(v * 32 + e) * 32 + ln];
+    const int first = Un::e0(ln % Un::kPerBlock) + (e >= 16 ? Un::kGap : 0);
+    partial[(int64_t)blockIdx.y * k + (int64_t)(uu / Un::kPerBlock) * U::kElems + first + (e & 15)] = sum;
+  }
+}
+
 // CTA (s, g): units [32 s, 32 s + 32) of rows [g R, g R + R) (R = rows_per_group); its partial sums
 // in partial[g K + the units' elements].
 template <int T, class ACT>
@@ -82,8 +159,6 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
                                                         int rows_per_group) {
   using U = Unpack<T>;
   using Un = gemv::Units<T>;
-  constexpr int kW = U::template Words<16>::value;
-  constexpr int kLoads = Un::kSame ? 1 : 2;
   constexpr int NR = kRowsInFlight<T>;
   constexpr int RW = gemv::kRoundWords<T>;
   __shared__ float red[kWarps * 32 * 32];  // [warp][element of the unit][lane]: conflict-free
@@ -137,38 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         const uint8_t* block = col + (int64_t)rr * row_bytes;
         gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(block) & 2) != 0, block);
       }
-      if constexpr (NR >= 4) {
-        // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
-        auto add_spans = [&](int e, int off, float* acc, float& z) {
-          uint32_t cw[NR][4];
-          float a[NR];
-#pragma unroll
-          for (int j = 0; j < NR; ++j) {
-            float sc, zz;
-            U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
-            a[j] = ok[j] ? d[j] * sc : 0.0f;
-            z = ok[j] ? fmaf(d[j], zz, z) : z;
-          }
-          add_span_rows<NR, U::kCodeBits>(acc, cw, a);
-        };
-        add_spans(e0, 0, acc0, z0);
-        add_spans(e1, (kLoads - 1) * kW, acc1, z1);
-      } else {
-        // one or two rows a step in fp32, each row's spans added as soon as they are decoded (decoding
-        // every row first ran Q5_0 and Q8_0 6-10% slower: BENCHMARKS.md "The one-row input gradient")
-#pragma unroll
-        for (int j = 0; j < NR; ++j) {
-          if (!ok[j]) continue;
-          uint32_t cw[4];
-          float sc, zz;
-          U::template codes<16>(r[j], e0, cw, sc, zz);
-          add_span(acc0, cw, d[j] * sc);
-          z0 = fmaf(d[j], zz, z0);
-          U::template codes<16>(r[j] + (kLoads - 1) * kW, e1, cw, sc, zz);
-          add_span(acc1, cw, d[j] * sc);
-          z1 = fmaf(d[j], zz, z1);
-        }
-      }
+      add_step<T>(r, d, ok, e0, e1, acc0, acc1, z0, z1);
     }
     if (more) {
 #pragma unroll
@@ -179,21 +223,107 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
       }
     }
   }
+  store_partial<T>(red, acc0, acc1, z0, z1, partial, k);
+}
+
+// grad_kernel's sums with the rows brought in through shared memory: stages of kStageRows rows of the
+// CTA's slice (its 32 units, whole blocks: 1024 elements of each row) copied by cp.async into a ring
+// kStageDepth deep (WeightStager: each row's bytes keep their global address mod 16, so the units'
+// aligned-word loads read them as they read global memory), while the warps decode the stage before.
+// Warp w takes rows w + 8 j of a stage in steps of NR, grad_kernel's rows and steps: the same sums.
+constexpr int kSliceK = 1024, kStageRows = 32, kStageDepth = 3;
+template <int T> constexpr int staged_stage_bytes() { return kStageRows * staged::row_pitch<T, kSliceK>(); }
+template <int T> constexpr size_t staged_smem() {
+  return std::max<size_t>((size_t)kStageDepth * staged_stage_bytes<T>(), sizeof(float) * kWarps * 32 * 32);
+}
+
+template <int T, class ACT>
+__global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __restrict__ dy,
+                                                               const uint8_t* __restrict__ w,
+                                                               float* __restrict__ partial, int n, int k,
+                                                               int64_t row_bytes, int rows_per_group) {
+  using U = Unpack<T>;
+  using Un = gemv::Units<T>;
+  constexpr int NR = kRowsInFlight<T>, RW = gemv::kRoundWords<T>, R = kStageRows;
+  constexpr int P = staged::row_pitch<T, kSliceK>(), SB = staged::seg_bytes<T, kSliceK>();
+  constexpr int STAGE = staged_stage_bytes<T>(), STEPS = R / (kWarps * NR);
+  static_assert(STEPS * kWarps * NR == R, "a stage is whole steps of the warps");
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int units = k / 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int s = blockIdx.x;
+  const bool on = 32 * s + lane < units;
+  const int r0 = blockIdx.y * rows_per_group, r1 = min(n, r0 + rows_per_group), nst = (r1 - r0 + R - 1) / R;
+  const int kb0 = 32 * s / Un::kPerBlock, jb = lane / Un::kPerBlock;  // the slice's first block, the lane's
+  const int valid = staged::segment_valid<T, kSliceK>(kb0, k / U::kElems);
+  const int e0 = Un::e0(lane % Un::kPerBlock), e1 = e0 + Un::kGap;
+  const gemv::LaneUnits l{e0, e1, nullptr, nullptr};
+  const staged::WeightStager<T, R, kThreads, kSliceK> stager(w, row_bytes, (int64_t)r0 * row_bytes +
+                                                                               (int64_t)kb0 * U::kBytes);
+  const uint32_t smem0 = smem_addr(smem);
+  // Rows past the group's end but inside W may be copied whole (full) and are never added (ok false).
+  auto issue = [&](int st) {
+    const int64_t shift = (int64_t)st * R * row_bytes;
+    const int row0 = r0 + st * R;
+    stager.issue(smem0 + (st % kStageDepth) * STAGE, w, shift, (int)(shift & 15), valid, r1 - row0,
+                 valid == SB && row0 + R < n);
+  };
+  // the warp's rows of stage st: w + 8 j, j < STEPS NR
+  auto load_dy = [&](int st, float (&d)[STEPS * NR]) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    red[(warp * 32 + i) * 32 + lane] = acc0[i] + z0;
-    red[(warp * 32 + 16 + i) * 32 + lane] = acc1[i] + z1;
-  }
-  __syncthreads();
-  for (int t = threadIdx.x; t < 32 * 32; t += kThreads) {
-    const int e = t >> 5, ln = t & 31, uu = 32 * s + ln;
-    if (uu >= units) continue;
-    float sum = 0.0f;
+    for (int j = 0; j < STEPS * NR; ++j) {
+      const int rr = r0 + st * R + warp + kWarps * j;
+      d[j] = rr < r1 ? act_to_f(dy[rr]) : 0.0f;
+    }
+  };
+  float acc0[16], acc1[16], z0 = 0.0f, z1 = 0.0f;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) sum += red[(v * 32 + e) * 32 + ln];
-    const int first = Un::e0(ln % Un::kPerBlock) + (e >= 16 ? Un::kGap : 0);
-    partial[(int64_t)blockIdx.y * k + (int64_t)(uu / Un::kPerBlock) * U::kElems + first + (e & 15)] = sum;
+  for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
+
+  // the first stages of W (the previous kernel does not write it) before the wait for that kernel
+#pragma unroll
+  for (int st = 0; st < kStageDepth - 1; ++st) {
+    if (st < nst) issue(st);
+    cp_async_commit();
   }
+  pdl_launch_dependents();
+  pdl_wait();  // dy is the previous kernel's output; partial is written after this
+  float d[STEPS * NR];
+  load_dy(0, d);
+#pragma unroll 1
+  for (int st = 0; st < nst; ++st) {
+    cp_async_wait<kStageDepth - 2>();
+    __syncthreads();  // stage st visible to all; slot (st - 1) % depth free for reuse
+    if (st + kStageDepth - 1 < nst) issue(st + kStageDepth - 1);
+    cp_async_commit();
+    float nd[STEPS * NR];
+    if (st + 1 < nst) load_dy(st + 1, nd);  // in flight during this stage
+    const uint8_t* slot = smem + (st % kStageDepth) * STAGE;
+    if (on) {
+#pragma unroll
+      for (int t = 0; t < STEPS; ++t) {
+        uint32_t r[NR][RW];
+        float dd[NR];
+        bool ok[NR];
+#pragma unroll
+        for (int j = 0; j < NR; ++j) {
+          const int lr = warp + kWarps * (t * NR + j), rr = r0 + st * R + lr;
+          ok[j] = rr < r1;
+          dd[j] = d[t * NR + j];
+          const uint8_t* b = staged::staged_block<T>(slot + lr * P, rr, row_bytes, kb0, jb);
+          gemv::round_load<T, 1, false>(b, 32 * s, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
+          gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(b) & 2) != 0, b);
+        }
+        add_step<T>(r, dd, ok, e0, e1, acc0, acc1, z0, z1);
+      }
+    }
+    if (st + 1 < nst) {
+#pragma unroll
+      for (int j = 0; j < STEPS * NR; ++j) d[j] = nd[j];
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the ring: the reduction reuses it
+  store_partial<T>(reinterpret_cast<float*>(smem), acc0, acc1, z0, z1, partial, k);
 }
 
 // dx[i] = sum over the groups, in order, of partial[g K + i]: a CTA per 32 columns, its warp v
@@ -231,9 +361,12 @@ void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* d
   } else {
     using namespace gemv_grad;
     const int64_t slices = (k / 32 + 31) / 32;
+    const bool staged = cuda_policy::gemv_grad_staged();
     auto launch = [&](auto tag) {
       using ACT = decltype(tag);
-      const int per_sm = kernel_ctas<grad_kernel<T, ACT>>(0, kThreads);
+      const size_t smem = staged ? staged_smem<T>() : 0;
+      const int per_sm = staged ? kernel_ctas<grad_staged_kernel<T, ACT>>(smem, kThreads)
+                                : kernel_ctas<grad_kernel<T, ACT>>(0, kThreads);
       if (per_sm < 1) throw std::runtime_error("gemv input grad: no CTA fits");
       // about two CTAs per multiprocessor (a CTA keeps ~8 rows x 32 units of loads in flight, enough
       // for its share of the bandwidth; more would add partial sums), and every warp of a row group at
@@ -242,8 +375,9 @@ void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* d
       const int64_t want = std::clamp<int64_t>(std::min(2, per_sm) * (int64_t)sm_count() / slices, 1, most);
       const int64_t rows = (n + want - 1) / want, groups = (n + rows - 1) / rows;
       ScratchBuffer partial((size_t)(groups * k) * sizeof(float), stream);
-      launch_pdl(grad_kernel<T, ACT>, dim3((unsigned)slices, (unsigned)groups), dim3(kThreads), 0, stream,
-                 static_cast<const ACT*>(dy), w, partial.as<float>(), (int)n, (int)k, row_bytes, (int)rows);
+      launch_pdl(staged ? grad_staged_kernel<T, ACT> : grad_kernel<T, ACT>, dim3((unsigned)slices, (unsigned)groups),
+                 dim3(kThreads), smem, stream, static_cast<const ACT*>(dy), w, partial.as<float>(), (int)n, (int)k,
+                 row_bytes, (int)rows);
       launch_pdl(finish_kernel<ACT>, dim3((unsigned)((k + 31) / 32)), dim3(kThreads), 0, stream,
                  partial.as<const float>(), (int)groups, (int)k, static_cast<ACT*>(dx));
     };

@@ -6,7 +6,8 @@
 # Usage, from the repository root:
 #   A="LOWTUNE_CUDA_STAGED_ONE_WAVE=0" B="" OUT=dir bash tools/gpu/ab_env.sh
 # (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS: bench_kernels.py's --types, --ms, --shapes, --paths,
-# --kernels; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K under B; DECODE=0 skips decoding,
+# --kernels; TEST_K: only the CUDA tests matching it; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K
+# under B; DECODE=0 skips decoding,
 # DECODE_TYPE and DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -14,7 +14,8 @@
 #                           runs CMD with at most LIMIT seconds (and no more than are left), its
 #                           output in $logs/NAME.log (logs defaults to $out), the tail shown; skipped
 #                           when fewer than NEED seconds are left; returns CMD's exit status
-#   cuda_tests [PREFIX...]  stage "tests": the CUDA test files, run through PREFIX (e.g. env VAR=1)
+#   cuda_tests [PREFIX...]  stage "tests": the CUDA test files (those matching TEST_K where set), run
+#                           through PREFIX (e.g. env VAR=1)
 #   sanitizer_tests K [PREFIX...]
 #                           stage "sanitizer": compute-sanitizer memcheck over SAN_FILE (default
 #                           tests/test_cuda.py) -k K
@@ -86,7 +87,7 @@ stage() {
 
 cuda_tests() {
   stage tests 40 150 "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
-    tests/test_glue_cuda.py
+    tests/test_glue_cuda.py ${TEST_K:+-k "$TEST_K"}
 }
 
 sanitizer_tests() {
