@@ -221,7 +221,8 @@ inline int gemv_stream_ctas(int qtype, int64_t n, int64_t k) {
 
 // How the M = 1 input gradient (cuda/gemv_grad.cuh) brings W's rows in: false, each warp's next step into
 // registers (grad_kernel); true, stages of 32 rows through a shared-memory ring by cp.async
-// (grad_staged_kernel), the same sums. LOWTUNE_CUDA_GEMV_GRAD_STAGED=1 takes the ring; off until timed.
+// (grad_staged_kernel), four rows a step for more types. LOWTUNE_CUDA_GEMV_GRAD_STAGED=1 takes the ring;
+// off until timed.
 inline bool gemv_grad_staged() { return env_int("LOWTUNE_CUDA_GEMV_GRAD_STAGED", 0) != 0; }
 
 // Waves of resident CTAs the staged kernels (cuda/staged_gemv.cuh) split a product's reduction into

@@ -505,12 +505,11 @@ def test_gemv_input_grad_against_float64_and_the_staged_kernel(name, dtype, gen,
 
 
 @pytest.mark.parametrize("name", GEMV_TYPES)
-def test_gemv_input_grad_through_shared_memory_gives_the_register_kernels_sums(name, gen, monkeypatch):
-    """grad_staged_kernel (W's rows through a shared-memory ring, LOWTUNE_CUDA_GEMV_GRAD_STAGED=1) adds
-    the rows in grad_kernel's steps and order, so its dx equals grad_kernel's bit for bit, and float64's
-    within the tolerance: rows not a multiple of the 32-row stage, one stage and many, a partial last
-    slice of units (K / 32 not a multiple of 32), and for the 32-element types rows at every address mod
-    16 (K = 96, 160: odd numbers of blocks)."""
+def test_gemv_input_grad_through_shared_memory_against_float64_and_the_register_kernel(name, gen, monkeypatch):
+    """grad_staged_kernel (W's rows through a shared-memory ring, LOWTUNE_CUDA_GEMV_GRAD_STAGED=1) against
+    float64 and grad_kernel, and the same bits when run again: rows not a multiple of the 32-row stage, one
+    stage and many, a partial last slice of units (K / 32 not a multiple of 32), and for the 32-element
+    types rows at every address mod 16 (K = 96, 160: odd numbers of blocks)."""
     rng = torch.Generator().manual_seed(9)
     shapes = [(37, 256), (301, 1280), (4096, 4096), (5000, 768), (70, 256 * 57)]
     if get_format(name).block_elems == 32:
@@ -521,13 +520,14 @@ def test_gemv_input_grad_through_shared_memory_gives_the_register_kernels_sums(n
         raw_gpu = raw.cuda()
         dy = torch.randn(1, n, generator=rng).bfloat16()
         out = {}
-        for ring in ("0", "1"):
-            monkeypatch.setenv("LOWTUNE_CUDA_GEMV_GRAD_STAGED", ring)
+        for ring in ("0", "1", "again"):
+            monkeypatch.setenv("LOWTUNE_CUDA_GEMV_GRAD_STAGED", "0" if ring == "0" else "1")
             out[ring] = run_path(_C.cuda_qmatmul_input_grad, name, dy.cuda(), raw_gpu, torch.bfloat16, 1, n, k, (1, k),
                                  "gemv", monkeypatch)
         err = rel_err(out["1"], dy.double() @ w64)
         assert err < TOLERANCE[torch.bfloat16], f"{name} N={n} K={k}: {err:.2e}"
-        assert torch.equal(out["1"], out["0"]), f"{name} N={n} K={k}: the ring's sums differ from grad_kernel's"
+        assert rel_err(out["1"], out["0"]) < 2 * TOLERANCE[torch.bfloat16], f"{name} N={n} K={k}"
+        assert torch.equal(out["1"], out["again"]), f"{name} N={n} K={k}: the ring's sums depend on timing"
 
 
 @pytest.mark.parametrize("name", ["IQ4_NL", "MXFP4"])

@@ -14,15 +14,15 @@
 // writes its row group's partial dx (fp32), and finish_kernel adds the groups in order: the result
 // does not depend on timing. Both launch with programmatic dependent launch (launch_pdl), the first
 // rows' words loaded before the wait for the kernel that wrote dy.
-// Two ways to bring the rows in, the same sums bit for bit (cuda_policy::gemv_grad_staged):
+// Two ways to bring the rows in (cuda_policy::gemv_grad_staged):
 //   grad_kernel: each warp loads its next step's words into registers while it decodes this step's
 //     (two sets of words held, one step ahead: its profile waited on L1TEX loads 38% of the time);
 //   grad_staged_kernel: the CTA copies stages of 32 rows of its slice into a shared-memory ring by
-//     cp.async (staged_gemv.cuh's WeightStager), two stages ahead, and each warp reads its rows' words
-//     from there: more bytes in flight and no registers holding them.
+//     cp.async, two stages ahead, and each warp reads its rows' words from there: more bytes in flight
+//     and no registers holding them, so four rows a step (the integer path) for more types.
 #pragma once
 #include "gemv.cuh"         // Units, LaneUnits, round_load, place_words
-#include "staged_gemv.cuh"  // WeightStager, staged_block
+#include "staged_gemv.cuh"  // seg_chunks, row_pitch, staged_block, copy_partial16
 
 namespace lowtune::cuda {
 namespace gemv_grad {
@@ -83,12 +83,11 @@ __device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[N
 
 // One step of NR rows of the lane's unit (words r, already placed; row j's dy d[j], ok[j]: the row
 // exists): its two spans' sums into acc0, acc1 and the dy z sums into z0, z1.
-template <int T>
-__device__ __forceinline__ void add_step(const uint32_t (&r)[kRowsInFlight<T>][gemv::kRoundWords<T>],
-                                         const float (&d)[kRowsInFlight<T>], const bool (&ok)[kRowsInFlight<T>],
-                                         int e0, int e1, float* acc0, float* acc1, float& z0, float& z1) {
+template <int T, int NR>
+__device__ __forceinline__ void add_step(const uint32_t (&r)[NR][gemv::kRoundWords<T>], const float (&d)[NR],
+                                         const bool (&ok)[NR], int e0, int e1, float* acc0, float* acc1, float& z0,
+                                         float& z1) {
   using U = Unpack<T>;
-  constexpr int NR = kRowsInFlight<T>;
   constexpr int kW = U::template Words<16>::value;
   constexpr int kLoads = gemv::Units<T>::kSame ? 1 : 2;
   if constexpr (NR >= 4) {
@@ -212,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         const uint8_t* block = col + (int64_t)rr * row_bytes;
         gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(block) & 2) != 0, block);
       }
-      add_step<T>(r, d, ok, e0, e1, acc0, acc1, z0, z1);
+      add_step<T, NR>(r, d, ok, e0, e1, acc0, acc1, z0, z1);
     }
     if (more) {
 #pragma unroll
@@ -228,10 +227,15 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
 
 // grad_kernel's sums with the rows brought in through shared memory: stages of kStageRows rows of the
 // CTA's slice (its 32 units, whole blocks: 1024 elements of each row) copied by cp.async into a ring
-// kStageDepth deep (WeightStager: each row's bytes keep their global address mod 16, so the units'
-// aligned-word loads read them as they read global memory), while the warps decode the stage before.
-// Warp w takes rows w + 8 j of a stage in steps of NR, grad_kernel's rows and steps: the same sums.
+// kStageDepth deep (each row's bytes keep their global address mod 16, so the units' aligned-word loads
+// read them as they read global memory), while the warps decode the stage before. Warp w takes rows
+// w + 8 j of a stage in steps of NR rows (kRingRows).
 constexpr int kSliceK = 1024, kStageRows = 32, kStageDepth = 3;
+// Rows a warp decodes per step from the ring: one set of words in registers (no next step's held), so
+// four, the integer path, for every type whose four rows' words fit (grad_kernel: two or one for the
+// K-quants, Q5_0, Q8_0), but two for the table types (kRowsInFlight's precision limit).
+template <int T>
+constexpr int kRingRows = Unpack<T>::kTableCodes ? 2 : gemv::kRoundWords<T> <= 13 ? 4 : 2;
 template <int T> constexpr int staged_stage_bytes() { return kStageRows * staged::row_pitch<T, kSliceK>(); }
 template <int T> constexpr size_t staged_smem() {
   return std::max<size_t>((size_t)kStageDepth * staged_stage_bytes<T>(), sizeof(float) * kWarps * 32 * 32);
@@ -244,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
                                                                int64_t row_bytes, int rows_per_group) {
   using U = Unpack<T>;
   using Un = gemv::Units<T>;
-  constexpr int NR = kRowsInFlight<T>, RW = gemv::kRoundWords<T>, R = kStageRows;
+  constexpr int NR = kRingRows<T>, RW = gemv::kRoundWords<T>, R = kStageRows;
   constexpr int P = staged::row_pitch<T, kSliceK>(), SB = staged::seg_bytes<T, kSliceK>();
   constexpr int STAGE = staged_stage_bytes<T>(), STEPS = R / (kWarps * NR);
   static_assert(STEPS * kWarps * NR == R, "a stage is whole steps of the warps");
@@ -257,15 +261,33 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
   const int valid = staged::segment_valid<T, kSliceK>(kb0, k / U::kElems);
   const int e0 = Un::e0(lane % Un::kPerBlock), e1 = e0 + Un::kGap;
   const gemv::LaneUnits l{e0, e1, nullptr, nullptr};
-  const staged::WeightStager<T, R, kThreads, kSliceK> stager(w, row_bytes, (int64_t)r0 * row_bytes +
-                                                                               (int64_t)kb0 * U::kBytes);
   const uint32_t smem0 = smem_addr(smem);
-  // Rows past the group's end but inside W may be copied whole (full) and are never added (ok false).
+  // Thread t copies row t / 8 of a stage, the 16-byte chunks t % 8, t % 8 + 8, ... of its segment (CH of
+  // them cover it at any address mod 16), to its slot's row at the segment's address mod 16 (staged_block).
+  // Full stages (whole segments, and rows of W after the stage) copy whole chunks: the bytes past a
+  // segment belong to W. Else bytes past the segment, or rows past the group, are zero-filled and no byte
+  // outside W is read. Rows past the group's end are never added (ok false).
+  constexpr int CH = staged::seg_chunks<T, kSliceK>();
+  static_assert(kThreads == 8 * R, "eight threads copy each row of a stage");
   auto issue = [&](int st) {
-    const int64_t shift = (int64_t)st * R * row_bytes;
-    const int row0 = r0 + st * R;
-    stager.issue(smem0 + (st % kStageDepth) * STAGE, w, shift, (int)(shift & 15), valid, r1 - row0,
-                 valid == SB && row0 + R < n);
+    const int lr = threadIdx.x >> 3, row0 = r0 + st * R, rr = row0 + lr;
+    const int64_t a = (int64_t)rr * row_bytes + (int64_t)kb0 * U::kBytes;  // the row's segment in W
+    const int lo = (int)(a & 15);
+    const uint8_t* src = w + (a - lo);
+    const uint32_t dst = smem0 + (st % kStageDepth) * STAGE + lr * P;
+    const bool full = valid == SB && row0 + R < n;
+#pragma unroll
+    for (int q = 0; q < (CH + 7) / 8; ++q) {
+      const int ch = 8 * q + (threadIdx.x & 7);
+      if (ch >= CH) break;
+      if (full) {
+        cp_async16(dst + 16 * ch, src + 16 * ch, 16);
+      } else {
+        const int bytes = rr < r1 ? min(16, max(0, valid + lo - 16 * ch)) : 0;
+        if (bytes == 16 || bytes == 0) cp_async16(dst + 16 * ch, bytes ? src + 16 * ch : w, bytes);
+        else staged::copy_partial16(dst + 16 * ch, src + 16 * ch, bytes);
+      }
+    }
   };
   // the warp's rows of stage st: w + 8 j, j < STEPS NR
   auto load_dy = [&](int st, float (&d)[STEPS * NR]) {
@@ -313,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
           gemv::round_load<T, 1, false>(b, 32 * s, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
           gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(b) & 2) != 0, b);
         }
-        add_step<T>(r, dd, ok, e0, e1, acc0, acc1, z0, z1);
+        add_step<T, NR>(r, dd, ok, e0, e1, acc0, acc1, z0, z1);
       }
     }
     if (st + 1 < nst) {
