@@ -102,9 +102,11 @@ constexpr bool has_gemv(int qtype) {
 // kernels for the 4-bit table types"). So do Q2_K and Q5_K since their units load their words once
 // (kSameWords): gemv_grad 0.80x the staged kernel's time for Q2_K at all three shapes, and for Q5_K
 // 0.80x at 4096x4096 and 1.02-1.05x at the other two, 0.94x over a layer's seven products (H100,
-// BENCHMARKS.md "Shared unit words for Q5_K, Q2_K and Q3_K"); Q3_K's staged kernel stayed faster.
+// BENCHMARKS.md "Shared unit words for Q5_K, Q2_K and Q3_K"); Q3_K's staged kernel stayed faster then. With
+// their rows through a shared-memory ring (gemv_grad_ring_default) Q3_K and Q4_K take it too.
 constexpr bool gemv_grad_default(int qtype) {
-  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4 || qtype == T_Q2_K || qtype == T_Q5_K;
+  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4 || qtype == T_Q2_K || qtype == T_Q3_K ||
+         qtype == T_Q4_K || qtype == T_Q5_K;
 }
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
@@ -219,11 +221,17 @@ inline int gemv_stream_ctas(int qtype, int64_t n, int64_t k) {
   return (int)std::clamp<int64_t>(env_int("LOWTUNE_CUDA_GEMV_STREAM", fallback), 0, 3);
 }
 
-// How the M = 1 input gradient (cuda/gemv_grad.cuh) brings W's rows in: false, each warp's next step into
-// registers (grad_kernel); true, stages of 32 rows through a shared-memory ring by cp.async
-// (grad_staged_kernel), four rows a step for more types. LOWTUNE_CUDA_GEMV_GRAD_STAGED=1 takes the ring;
-// off until timed.
-inline bool gemv_grad_staged() { return env_int("LOWTUNE_CUDA_GEMV_GRAD_STAGED", 0) != 0; }
+// How the M = 1 input gradient (cuda/gemv_grad.cuh) brings W's rows in: each warp's next step into
+// registers (grad_kernel), or stages of 32 rows through a shared-memory ring by cp.async (grad_staged_kernel,
+// four rows a step for more types). The ring for the types it was timed faster for than the kernel they took
+// before (H100, BENCHMARKS.md "The one-row input gradient through a shared-memory ring"): Q3_K 0.83-0.89x the
+// staged kernel's time, Q4_K 0.91-0.94x, Q5_K 0.87-0.98x the register kernel's at 4096x4096, 14336x4096 and
+// 4096x14336. It was 2-34% slower than both for the 2-, 4- and 8-bit types with one scale a block, Q2_K, Q6_K and
+// Q8_0. LOWTUNE_CUDA_GEMV_GRAD_STAGED=0|1 chooses for every type.
+constexpr bool gemv_grad_ring_default(int qtype) { return qtype == T_Q3_K || qtype == T_Q4_K || qtype == T_Q5_K; }
+inline bool gemv_grad_staged(int qtype) {
+  return env_int("LOWTUNE_CUDA_GEMV_GRAD_STAGED", gemv_grad_ring_default(qtype)) != 0;
+}
 
 // Waves of resident CTAs the staged kernels (cuda/staged_gemv.cuh) split a product's reduction into
 // when its tiles alone leave resident CTA slots empty. One for the input gradient and for most forward

@@ -56,13 +56,13 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
         for shape in ((n, k), (4096, k), (4096, 11008), (4096, 14336), (6144, 14336)):
             assert _C.cuda_path("forward", 1, BF16, True, *shape, t) == "gemv"
     assert _C.cuda_path("forward", 2, BF16, True, n, k, q4k) == "staged"
-    # its transpose (gemv_grad.cuh) by default for the table types, Q2_K and Q5_K only (the staged
-    # kernel was timed faster for the other types with codes)
-    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "staged"
+    # its transpose (gemv_grad.cuh) by default for the table types and Q2_K-Q5_K only (the staged kernel
+    # was timed faster for the other types with codes)
+    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, 2) == "staged"
     assert [t for t in (2, 3, 6, 8, 10, 11, 12, 13, 14, 20, 21, 23, 39, 1020, 1021, 1041, 1080, 1081)
-            if _C.cuda_path("input_grad", 1, BF16, True, n, k, t) == "gemv"] == [10, 13, 20, 23, 39]
+            if _C.cuda_path("input_grad", 1, BF16, True, n, k, t) == "gemv"] == [10, 11, 12, 13, 20, 23, 39]
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
-    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, q4k) == "gemv"  # any type with codes when forced
+    assert _C.cuda_path("input_grad", 1, BF16, True, n, k, 2) == "gemv"  # any type with codes when forced
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     assert _C.cuda_path("input_grad", 2, BF16, True, n, k, q4k) == "staged"
     # the M <= 16 forward with W in registers (small_m_regs.cuh): by default for Q6_K from M = 8, any type

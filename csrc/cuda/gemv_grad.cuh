@@ -1,8 +1,8 @@
 // The M = 1 input gradient on CUDA cores, the one-row forward's transpose (gemv.cuh):
 // dx[k] = sum_n dy[n] deq(W)[n, k], bf16 or fp16, for every type with codes. cuda_policy::choose
-// sends one-row input gradients here ("gemv") for the 4-bit table types, and for any type when forced
-// (LOWTUNE_CUDA_PATH=gemv): the staged kernel was timed faster for every other type
-// (gemv_grad_default); its twin is reference.cu's input gradient.
+// sends one-row input gradients here ("gemv") for the types of gemv_grad_default (the table types and the
+// K-quants but Q6_K), and for any type when forced (LOWTUNE_CUDA_PATH=gemv): the staged kernel was timed
+// faster for the others; its twin is reference.cu's input gradient.
 //
 // W is read as the forward reads it, a row's units side by side across a warp's lanes, but the sum
 // runs over rows: lane l of a CTA's slice s owns unit 32 s + l (its two 16-element spans) and keeps
@@ -225,91 +225,20 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
   store_partial<T>(red, acc0, acc1, z0, z1, partial, k);
 }
 
-// grad_kernel's sums with the rows brought in through shared memory: stages of ring_stage_rows rows of the
+// grad_kernel's sums with the rows brought in through shared memory: stages of kStageRows rows of the
 // CTA's slice (its 32 units, whole blocks: 1024 elements of each row) copied by cp.async into a ring
-// two or three stages deep (each row's bytes keep their global address mod 16, so the units' aligned-word loads
+// kStageDepth deep (each row's bytes keep their global address mod 16, so the units' aligned-word loads
 // read them as they read global memory), while the warps decode the stage before. Warp w takes rows
 // w + 8 j of a stage in steps of NR rows (kRingRows).
-constexpr int kSliceK = 1024;
-// Rows a warp adds per step from the ring. Its words need not stay in registers while the next step's
-// load (the ring holds them), so the integer path takes eight rows (add_rows_paired: its per-step costs,
-// the int accumulators' start and end and the scaling, spread over twice grad_kernel's four), four for
-// 8-bit codes (whose int16 scaling of a_j would be coarser at eight), two in fp32 for the table types
-// (kRowsInFlight's precision limit) and for Q6_K (two rows of its 20 words spilled).
+constexpr int kSliceK = 1024, kStageRows = 32, kStageDepth = 3;
+// Rows a warp decodes per step from the ring: one set of words in registers (no next step's held), so
+// four, the integer path, for every type whose four rows' words fit (grad_kernel: two or one for the
+// K-quants, Q5_0, Q8_0), but two for the table types (kRowsInFlight's precision limit).
 template <int T>
-constexpr int kRingRows = Unpack<T>::kTableCodes || gemv::kRoundWords<T> > 13 ? 2 : Unpack<T>::kCodeBits <= 6 ? 8 : 4;
-// A stage: every warp's step (at least four rows a warp), and the ring two or three stages deep: as deep
-// as fits in 100 KB, so that two CTAs fit a multiprocessor.
-template <int T> constexpr int ring_stage_rows() { return kWarps * std::max(kRingRows<T>, 4); }
-template <int T> constexpr int staged_stage_bytes() { return ring_stage_rows<T>() * staged::row_pitch<T, kSliceK>(); }
-template <int T> constexpr int ring_depth() { return 3 * staged_stage_bytes<T>() <= 100 * 1024 ? 3 : 2; }
+constexpr int kRingRows = Unpack<T>::kTableCodes ? 2 : gemv::kRoundWords<T> <= 13 ? 4 : 2;
+template <int T> constexpr int staged_stage_bytes() { return kStageRows * staged::row_pitch<T, kSliceK>(); }
 template <int T> constexpr size_t staged_smem() {
-  return std::max<size_t>((size_t)ring_depth<T>() * staged_stage_bytes<T>(), sizeof(float) * kWarps * 32 * 32);
-}
-
-// acc0, acc1 (the lane's two spans) += sum_j a_j u_j over NR rows (NR even) in integer arithmetic, as
-// add_span_rows, in two passes so that only two rows' words are live at once: first every row's a_j = dy s
-// of each span (and the dy z sums), then the codes pair by pair, both spans of a pair's words at once.
-// words(j, r) fills r with row j's words (placed); rows with !ok[j] add nothing.
-template <int T, int NR, class Words>
-__device__ __forceinline__ void add_rows_paired(Words&& words, const float (&d)[NR], const bool (&ok)[NR], int e0,
-                                                int e1, float* acc0, float* acc1, float& z0, float& z1) {
-  using U = Unpack<T>;
-  constexpr int RW = gemv::kRoundWords<T>;
-  constexpr int kW = U::template Words<16>::value;
-  constexpr int off = (gemv::Units<T>::kSame ? 0 : 1) * kW;  // span 1's words in r
-  constexpr int kQMax = std::min(32767, ((1 << 22) - 1) / (((1 << U::kCodeBits) - 1) * NR));
-  static_assert(NR % 2 == 0, "rows are taken in pairs");
-  float a0[NR], a1[NR], m0 = 0.0f, m1 = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NR; ++j) {  // the scales (the codes' decoding, unused here, is left out by the compiler)
-    uint32_t r[RW], cw[4];
-    float sc, zz;
-    words(j, r);
-    U::template codes<16>(r, e0, cw, sc, zz);
-    a0[j] = ok[j] ? d[j] * sc : 0.0f;
-    z0 = ok[j] ? fmaf(d[j], zz, z0) : z0;
-    U::template codes<16>(r + off, e1, cw, sc, zz);
-    a1[j] = ok[j] ? d[j] * sc : 0.0f;
-    z1 = ok[j] ? fmaf(d[j], zz, z1) : z1;
-    m0 = fmaxf(m0, fabsf(a0[j]));
-    m1 = fmaxf(m1, fabsf(a1[j]));
-  }
-  // then the codes pair by pair, both spans of a pair's words at once
-  const float inv0 = m0 > 0.0f ? (float)kQMax / m0 : 0.0f, inv1 = m1 > 0.0f ? (float)kQMax / m1 : 0.0f;
-  int ia0[16], ia1[16];
-#pragma unroll
-  for (int i = 0; i < 16; ++i) ia0[i] = ia1[i] = 0x4B400000;
-  auto dots = [](int* ia, uint32_t q2, const uint32_t* x, const uint32_t* y) {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t lo = __byte_perm(x[w], y[w], 0x5140u);  // codes 4w, 4w + 1 of both rows
-      const uint32_t hi = __byte_perm(x[w], y[w], 0x7362u);  // codes 4w + 2, 4w + 3
-      ia[4 * w] = gemv::dp2a_lo(q2, lo, ia[4 * w]);
-      ia[4 * w + 1] = gemv::dp2a_hi(q2, lo, ia[4 * w + 1]);
-      ia[4 * w + 2] = gemv::dp2a_lo(q2, hi, ia[4 * w + 2]);
-      ia[4 * w + 3] = gemv::dp2a_hi(q2, hi, ia[4 * w + 3]);
-    }
-  };
-#pragma unroll
-  for (int p = 0; p < NR; p += 2) {
-    uint32_t ra[RW], rb[RW], ca[4], cb[4];
-    float sc, zz;
-    words(p, ra);
-    words(p + 1, rb);
-    U::template codes<16>(ra, e0, ca, sc, zz);
-    U::template codes<16>(rb, e0, cb, sc, zz);
-    dots(ia0, gemv::pack_xq(a0[p] * inv0, a0[p + 1] * inv0), ca, cb);
-    U::template codes<16>(ra + off, e1, ca, sc, zz);
-    U::template codes<16>(rb + off, e1, cb, sc, zz);
-    dots(ia1, gemv::pack_xq(a1[p] * inv1, a1[p + 1] * inv1), ca, cb);
-  }
-  const float unit0 = m0 / (float)kQMax, unit1 = m1 / (float)kQMax;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    acc0[i] = fmaf(unit0, __fsub_rn(__int_as_float(ia0[i]), 12582912.0f), acc0[i]);
-    acc1[i] = fmaf(unit1, __fsub_rn(__int_as_float(ia1[i]), 12582912.0f), acc1[i]);
-  }
+  return std::max<size_t>((size_t)kStageDepth * staged_stage_bytes<T>(), sizeof(float) * kWarps * 32 * 32);
 }
 
 template <int T, class ACT>
@@ -319,9 +248,9 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
                                                                int64_t row_bytes, int rows_per_group) {
   using U = Unpack<T>;
   using Un = gemv::Units<T>;
-  constexpr int NR = kRingRows<T>, RW = gemv::kRoundWords<T>, R = ring_stage_rows<T>(), DEPTH = ring_depth<T>();
+  constexpr int NR = kRingRows<T>, RW = gemv::kRoundWords<T>, R = kStageRows;
   constexpr int P = staged::row_pitch<T, kSliceK>(), SB = staged::seg_bytes<T, kSliceK>();
-  constexpr int STAGE = staged_stage_bytes<T>(), STEPS = R / (kWarps * NR), TPR = kThreads / R;
+  constexpr int STAGE = staged_stage_bytes<T>(), STEPS = R / (kWarps * NR);
   static_assert(STEPS * kWarps * NR == R, "a stage is whole steps of the warps");
   extern __shared__ __align__(16) uint8_t smem[];
   const int units = k / 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -333,24 +262,23 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
   const int e0 = Un::e0(lane % Un::kPerBlock), e1 = e0 + Un::kGap;
   const gemv::LaneUnits l{e0, e1, nullptr, nullptr};
   const uint32_t smem0 = smem_addr(smem);
-  // Thread t copies row t / TPR of a stage, the 16-byte chunks t % TPR, t % TPR + TPR, ... of its segment
-  // (CH of them cover it at any address mod 16), to its slot's row at the segment's address mod 16
-  // (staged_block).
+  // Thread t copies row t / 8 of a stage, the 16-byte chunks t % 8, t % 8 + 8, ... of its segment (CH of
+  // them cover it at any address mod 16), to its slot's row at the segment's address mod 16 (staged_block).
   // Full stages (whole segments, and rows of W after the stage) copy whole chunks: the bytes past a
   // segment belong to W. Else bytes past the segment, or rows past the group, are zero-filled and no byte
   // outside W is read. Rows past the group's end are never added (ok false).
   constexpr int CH = staged::seg_chunks<T, kSliceK>();
-  static_assert(kThreads == TPR * R, "whole groups of threads copy each row of a stage");
+  static_assert(kThreads == 8 * R, "eight threads copy each row of a stage");
   auto issue = [&](int st) {
-    const int lr = threadIdx.x / TPR, row0 = r0 + st * R, rr = row0 + lr;
+    const int lr = threadIdx.x >> 3, row0 = r0 + st * R, rr = row0 + lr;
     const int64_t a = (int64_t)rr * row_bytes + (int64_t)kb0 * U::kBytes;  // the row's segment in W
     const int lo = (int)(a & 15);
     const uint8_t* src = w + (a - lo);
-    const uint32_t dst = smem0 + (st % DEPTH) * STAGE + lr * P;
+    const uint32_t dst = smem0 + (st % kStageDepth) * STAGE + lr * P;
     const bool full = valid == SB && row0 + R < n;
 #pragma unroll
-    for (int q = 0; q < (CH + TPR - 1) / TPR; ++q) {
-      const int ch = TPR * q + (int)threadIdx.x % TPR;
+    for (int q = 0; q < (CH + 7) / 8; ++q) {
+      const int ch = 8 * q + (threadIdx.x & 7);
       if (ch >= CH) break;
       if (full) {
         cp_async16(dst + 16 * ch, src + 16 * ch, 16);
@@ -375,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
 
   // the first stages of W (the previous kernel does not write it) before the wait for that kernel
 #pragma unroll
-  for (int st = 0; st < DEPTH - 1; ++st) {
+  for (int st = 0; st < kStageDepth - 1; ++st) {
     if (st < nst) issue(st);
     cp_async_commit();
   }
@@ -385,38 +313,29 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
   load_dy(0, d);
 #pragma unroll 1
   for (int st = 0; st < nst; ++st) {
-    cp_async_wait<DEPTH - 2>();
+    cp_async_wait<kStageDepth - 2>();
     __syncthreads();  // stage st visible to all; slot (st - 1) % depth free for reuse
-    if (st + DEPTH - 1 < nst) issue(st + DEPTH - 1);
+    if (st + kStageDepth - 1 < nst) issue(st + kStageDepth - 1);
     cp_async_commit();
     float nd[STEPS * NR];
     if (st + 1 < nst) load_dy(st + 1, nd);  // in flight during this stage
-    const uint8_t* slot = smem + (st % DEPTH) * STAGE;
+    const uint8_t* slot = smem + (st % kStageDepth) * STAGE;
     if (on) {
 #pragma unroll
       for (int t = 0; t < STEPS; ++t) {
+        uint32_t r[NR][RW];
         float dd[NR];
         bool ok[NR];
-        // row j of the step: its words from the ring, placed as the units' loads from W would leave them
-        auto words = [&](int j, uint32_t* r) {
-          const int lr = warp + kWarps * (t * NR + j), rr = r0 + st * R + lr;
-          const uint8_t* b = staged::staged_block<T>(slot + lr * P, rr, row_bytes, kb0, jb);
-          gemv::round_load<T, 1, false>(b, 32 * s, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(r));
-          gemv::place_words<T>(r, (reinterpret_cast<uintptr_t>(b) & 2) != 0, b);
-        };
 #pragma unroll
         for (int j = 0; j < NR; ++j) {
-          ok[j] = r0 + st * R + warp + kWarps * (t * NR + j) < r1;
+          const int lr = warp + kWarps * (t * NR + j), rr = r0 + st * R + lr;
+          ok[j] = rr < r1;
           dd[j] = d[t * NR + j];
+          const uint8_t* b = staged::staged_block<T>(slot + lr * P, rr, row_bytes, kb0, jb);
+          gemv::round_load<T, 1, false>(b, 32 * s, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
+          gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(b) & 2) != 0, b);
         }
-        if constexpr (NR >= 4) {
-          add_rows_paired<T, NR>(words, dd, ok, e0, e1, acc0, acc1, z0, z1);
-        } else {
-          uint32_t r[NR][RW];
-#pragma unroll
-          for (int j = 0; j < NR; ++j) words(j, r[j]);
-          add_step<T, NR>(r, dd, ok, e0, e1, acc0, acc1, z0, z1);
-        }
+        add_step<T, NR>(r, dd, ok, e0, e1, acc0, acc1, z0, z1);
       }
     }
     if (st + 1 < nst) {
@@ -464,7 +383,7 @@ void launch_gemv_input_grad(const void* dy, int dtype, const uint8_t* w, void* d
   } else {
     using namespace gemv_grad;
     const int64_t slices = (k / 32 + 31) / 32;
-    const bool staged = cuda_policy::gemv_grad_staged();
+    const bool staged = cuda_policy::gemv_grad_staged(T);
     auto launch = [&](auto tag) {
       using ACT = decltype(tag);
       const size_t smem = staged ? staged_smem<T>() : 0;
