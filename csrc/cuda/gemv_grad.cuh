@@ -61,8 +61,9 @@ __device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[N
   for (int j = 0; j < NR; ++j) m = fmaxf(m, fabsf(a[j]));
   if (m == 0.0f) return;
   // unit: m / kQMax by a constant's product; inv: its reciprocal by the special-function unit (two
-  // instructions where two IEEE divisions took a dozen each, on the step's critical path). inv's error of
-  // ~2^-22 leaves a * inv <= kQMax (1 + 2^-22): rounded, at most kQMax, so the int16 never wraps.
+  // instructions where two IEEE divisions took a dozen each, on the step's critical path: 0.94-1.00x the
+  // time, BENCHMARKS.md "The one-row input gradient through a shared-memory ring"). inv's error of ~2^-22
+  // leaves a * inv <= kQMax (1 + 2^-22): rounded, at most kQMax, so the int16 never wraps.
   const float unit = m * (1.0f / (float)kQMax), inv = __fdividef(1.0f, unit);
   int ia[16];
 #pragma unroll
