@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles of the small-M CUDA kernels (M <= 16; at M = 1 the gemv kernel where the
 # policy takes it), with their graph-replay timings:
-#   OUT=dir [ENTRIES="Q4_K:14336x4096:1:forward ..."] [SECTIONS="..."] tools/gpu/ncu_small_m.sh
+#   OUT=dir [ENTRIES="Q4_K:14336x4096:1:forward ..."] [SECTIONS="..."] [NCU_EXTRA="--print-details all"] \
+#     tools/gpu/ncu_small_m.sh
+# (NCU_EXTRA: more ncu arguments, e.g. the stall reasons of WarpStateStats and SourceCounters' top stall
+# locations, which the summary view leaves out; the build has -lineinfo)
 # Builds lowtune._C for sm_90 unless BUILD=0, then for each entry TYPE:NxK:M:KERNEL writes
 # $OUT/time_<entry>.log (tools/gpu/profile_small_m.py --time) and $OUT/ncu_<entry>.log (ncu's text
 # report, clocks left alone). The register and shared-memory use of every staged and gemv kernel go to
@@ -23,7 +26,7 @@ for e in $entries; do
   args=(--type "$ty" --shape "$shape" --m "$m" --kernel "$kern")
   stage "time_$tag" 20 60 $py tools/gpu/profile_small_m.py "${args[@]}" --time
   [ -n "$ncu" ] || { echo "no ncu found"; continue; }
-  stage "ncu_$tag" 30 120 "$ncu" --clock-control none \
+  stage "ncu_$tag" 30 120 "$ncu" --clock-control none ${NCU_EXTRA:-} \
     --kernel-name regex:"gemv|staged|direct|reduce|grad_kernel|finish_kernel" --launch-skip 1 --launch-count 2 \
     "${sec_args[@]}" $py tools/gpu/profile_small_m.py "${args[@]}"
 done
