@@ -7,7 +7,8 @@
 #   A="LOWTUNE_CUDA_STAGED_ONE_WAVE=0" B="" OUT=dir bash tools/gpu/ab_env.sh
 # (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS: bench_kernels.py's --types, --ms, --shapes, --paths,
 # --kernels; TEST_K: only the CUDA tests matching it; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K
-# under B; DECODE=0 skips decoding,
+# under B; FORWARD=1: the one-row forward of TYPES once and tools/gpu/input_grad_table.py's table (B_GEMV: its
+# --b-gemv); DECODE=0 skips decoding,
 # DECODE_TYPE and DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +32,13 @@ for s in ${names#a }; do  # each setting against A
   $py tools/gpu/ab_kernels.py --a "$out"/kernels_a_*.jsonl --b "$out"/kernels_${s}_*.jsonl \
     --paths "${PATHS:-staged,gemv,regs}" --rows > "$md" 2>&1; tail -n 12 "$md"
 done
+if [ "${FORWARD:-0}" = 1 ]; then  # the one-row forward once (under A), and the input gradient's table against it
+  stage forward 20 60 env $(setting a) $py tools/bench_kernels.py --device cuda --types "$types" --ms 1 \
+    --kernels forward --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" --paths gemv --peers "" --warmup-s 0.5 \
+    --reps 3 --out "$out/forward.jsonl"
+  $py tools/gpu/input_grad_table.py "$out" "$out/forward.jsonl" ${B_GEMV:+--b-gemv "$B_GEMV"} > "$out/table.md" 2>&1
+  cat "$out/table.md"
+fi
 if [ "${DECODE:-1}" = 1 ]; then
   for s in $names; do
     stage decode_$s 25 45 env $(setting $s) $py tools/bench_kernels.py --device cuda --decode --warmup-s 1 \
