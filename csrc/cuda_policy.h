@@ -224,8 +224,8 @@ inline int gemv_stream_ctas(int qtype, int64_t n, int64_t k) {
 // How the M = 1 input gradient (cuda/gemv_grad.cuh) brings W's rows in: each warp's next step into
 // registers (grad_kernel), or stages of 32 rows through a shared-memory ring by cp.async (grad_staged_kernel,
 // four rows a step for more types). The ring for the types it was timed faster for than the kernel they took
-// before (H100, BENCHMARKS.md "The one-row input gradient through a shared-memory ring"): Q3_K 0.83-0.89x the
-// staged kernel's time, Q4_K 0.91-0.94x, Q5_K 0.87-0.98x the register kernel's at 4096x4096, 14336x4096 and
+// before (H100, BENCHMARKS.md "The one-row input gradient through a shared-memory ring"): Q3_K 0.82-0.89x the
+// staged kernel's time, Q4_K 0.92-0.94x, Q5_K 0.87-0.96x the register kernel's at 4096x4096, 14336x4096 and
 // 4096x14336. For Q2_K, Q6_K, Q8_0 and the 2-, 4- and 8-bit types with one scale a block it took 1.02-1.32x the time
 // of the kernel they take by default (Q5_0 even). LOWTUNE_CUDA_GEMV_GRAD_STAGED=0|1 chooses for every type.
 constexpr bool gemv_grad_ring_default(int qtype) { return qtype == T_Q3_K || qtype == T_Q4_K || qtype == T_Q5_K; }

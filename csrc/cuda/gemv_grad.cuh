@@ -22,7 +22,7 @@
 //     and no registers holding them, so four rows a step (the integer path) for more types.
 #pragma once
 #include "gemv.cuh"         // Units, LaneUnits, round_load, place_words
-#include "staged_gemv.cuh"  // seg_chunks, row_pitch, staged_block, copy_partial16
+#include "staged_gemv.cuh"  // seg_chunks, row_pitch, staged_block, copy_chunk16
 
 namespace lowtune::cuda {
 namespace gemv_grad {
@@ -287,9 +287,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
       if (full) {
         cp_async16(dst + 16 * ch, src + 16 * ch, 16);
       } else {
-        const int bytes = rr < r1 ? min(16, max(0, valid + lo - 16 * ch)) : 0;
-        if (bytes == 16 || bytes == 0) cp_async16(dst + 16 * ch, bytes ? src + 16 * ch : w, bytes);
-        else staged::copy_partial16(dst + 16 * ch, src + 16 * ch, bytes);
+        staged::copy_chunk16(dst + 16 * ch, src + 16 * ch, rr < r1 ? min(16, max(0, valid + lo - 16 * ch)) : 0, w);
       }
     }
   };

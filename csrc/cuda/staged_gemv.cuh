@@ -93,6 +93,12 @@ __device__ __forceinline__ void copy_partial16(uint32_t smem, const uint8_t* gme
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
                : "memory");
 }
+// `bytes` (0..16) of a 16-byte chunk from gmem, zero-filled past them: whole and empty chunks by cp.async (an
+// empty one reads nothing; `any` is a valid address to name), partial ones by copy_partial16.
+__device__ __forceinline__ void copy_chunk16(uint32_t smem, const uint8_t* gmem, int bytes, const uint8_t* any) {
+  if (bytes == 16 || bytes == 0) cp_async16(smem, bytes ? gmem : any, bytes);
+  else copy_partial16(smem, gmem, bytes);
+}
 
 // Copies stages of R rows (SK/elems blocks of each) into slots of shared memory (pitch
 // row_pitch<T, SK>()): a row's bytes land at r*pitch + (the segment's global address % 16), so every
@@ -139,9 +145,7 @@ struct WeightStager {
       if ((j + 1) * THREADS > R * CH && dst[j] < 0) continue;
       const int lo0 = dst[j] & 15, lo = (lo0 + sh) & 15;
       const int left = (rowch[j] >> 16) < rows_left ? valid + lo - (rowch[j] & 0xFFFF) : 0;
-      const int bytes = min(16, max(0, left));
-      if (bytes == 16 || bytes == 0) cp_async16(slot + (dst[j] & ~15), bytes ? src[j] + (shift + lo0 - lo) : w, bytes);
-      else copy_partial16(slot + (dst[j] & ~15), src[j] + (shift + lo0 - lo), bytes);
+      copy_chunk16(slot + (dst[j] & ~15), src[j] + (shift + lo0 - lo), min(16, max(0, left)), w);
     }
   }
 };
