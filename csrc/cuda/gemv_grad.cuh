@@ -51,9 +51,12 @@ __device__ __forceinline__ void add_span(float* acc, const uint32_t* cw, float a
 // instructions of add_span per product: the a_j are rounded to int16 on the step's largest |a_j|
 // (relative error 2^-16 of it, or 2^-13 for 8-bit codes), two rows' codes interleaved by a byte
 // permute, and dp2a adds both rows' products into an int that starts at 0x4B400000: its bits are
-// the float 2^23 + 2^22 + sum, exact while |sum| < 2^22, which kQMax keeps.
+// the float C + sum (C = 2^23 + 2^22), exact while |sum| < 2^22, which kQMax keeps. One FFMA adds
+// unit (C + sum) to acc and the span's z takes -C unit once a step (z is added to every acc[i] at
+// the end): where an FADD took C off each element first. The rounding of acc at ~C sum(unit) costs
+// ~2^-24 C unit a step, below the int16 rounding's 2^-16 kQMax unit.
 template <int NR, int kCodeBits>
-__device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[NR][4], const float (&a)[NR]) {
+__device__ __forceinline__ void add_span_rows(float* acc, float& z, const uint32_t (&cw)[NR][4], const float (&a)[NR]) {
   static_assert(NR % 2 == 0, "rows are taken in pairs");
   constexpr int kQMax = std::min(32767, ((1 << 22) - 1) / (((1 << kCodeBits) - 1) * NR));
   float m = 0.0f;
@@ -82,7 +85,40 @@ __device__ __forceinline__ void add_span_rows(float* acc, const uint32_t (&cw)[N
     }
   }
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc[i] = fmaf(unit, __fsub_rn(__int_as_float(ia[i]), 12582912.0f), acc[i]);
+  for (int i = 0; i < 16; ++i) acc[i] = fmaf(unit, __int_as_float(ia[i]), acc[i]);
+  z = fmaf(-12582912.0f, unit, z);
+}
+
+// The (s, z) of both spans of a lane's unit (e0 and e0 + kGap) from its words r. Q4_K and Q5_K: both
+// sub-blocks' six-bit scales and mins from one scale_min_pair_k4, d and dmin once; Q3_K: both six-bit
+// scales from the same two scale words (as the forward's unit_sum). The values are codes()' own, bit
+// for bit; the other types take each span's codes() (their code words unused: the compiler drops them).
+template <int T>
+__device__ __forceinline__ void unit_scales(const uint32_t* r, int e0, float& s0, float& z0, float& s1, float& z1) {
+  using U = Unpack<T>;
+  if constexpr (T == T_Q4_K || T == T_Q5_K) {
+    const uint32_t sm = gemv::scale_min_pair_k4(r + 1, e0 >> 5);  // sc_j, sc_j+1, m_j, m_j+1
+    const float d = half_f(r[0] & 0xFFFF), dmin = half_f(r[0] >> 16);
+    s0 = __fmul_rn(d, byte_f(sm, 0));
+    s1 = __fmul_rn(d, byte_f(sm, 1));
+    z0 = -__fmul_rn(dmin, byte_f(sm, 2));
+    z1 = -__fmul_rn(dmin, byte_f(sm, 3));
+  } else if constexpr (T == T_Q3_K) {
+    const int h = e0 >> 7, s = (e0 & 127) >> 5, sh = 8 * ((e0 >> 4) & 1);
+    const uint32_t lo = r[1] >> sh, hi = r[2] >> (sh + 2 * (2 * h + (s >> 1)));
+    const int sc0 = (int)((h ? (lo >> 4) & 0xF : lo & 0xF) | ((hi & 3) << 4)) - 32;
+    const int sc1 = (int)((h ? (lo >> 20) & 0xF : (lo >> 16) & 0xF) | (((hi >> 16) & 3) << 4)) - 32;
+    const float d = half_f((uint16_t)r[0]);
+    s0 = __fmul_rn(d, (float)sc0);
+    s1 = __fmul_rn(d, (float)sc1);
+    z0 = __fmul_rn(-4.0f, s0);
+    z1 = __fmul_rn(-4.0f, s1);
+  } else {
+    constexpr int kW = U::template Words<16>::value, kLoads = gemv::Units<T>::kSame ? 1 : 2;
+    uint32_t cw[4];
+    U::template codes<16>(r, e0, cw, s0, z0);
+    U::template codes<16>(r + (kLoads - 1) * kW, e0 + gemv::Units<T>::kGap, cw, s1, z1);
+  }
 }
 
 // One step of NR rows of the lane's unit (words r, already placed; row j's dy d[j], ok[j]: the row
@@ -95,21 +131,29 @@ __device__ __forceinline__ void add_step(const uint32_t (&r)[NR][gemv::kRoundWor
   constexpr int kW = U::template Words<16>::value;
   constexpr int kLoads = gemv::Units<T>::kSame ? 1 : 2;
   if constexpr (NR >= 4) {
-    // a span of every row, then the other span (a row past r1 has no words: its a and z are 0)
-    auto add_spans = [&](int e, int off, float* acc, float& z) {
+    // every row's two spans' scales first (unit_scales: one decoding for both), then a span of every
+    // row, then the other span (a row past r1 has no words: its a and z are 0)
+    float a0[NR], a1[NR];
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      float s0, zz0, s1, zz1;
+      unit_scales<T>(r[j], e0, s0, zz0, s1, zz1);
+      a0[j] = ok[j] ? d[j] * s0 : 0.0f;
+      a1[j] = ok[j] ? d[j] * s1 : 0.0f;
+      z0 = ok[j] ? fmaf(d[j], zz0, z0) : z0;
+      z1 = ok[j] ? fmaf(d[j], zz1, z1) : z1;
+    }
+    auto add_spans = [&](int e, int off, float* acc, float& z, const float (&a)[NR]) {
       uint32_t cw[NR][4];
-      float a[NR];
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
-        float sc, zz;
+        float sc, zz;  // unused: unit_scales gave them
         U::template codes<16>(r[j] + off, e, cw[j], sc, zz);
-        a[j] = ok[j] ? d[j] * sc : 0.0f;
-        z = ok[j] ? fmaf(d[j], zz, z) : z;
       }
-      add_span_rows<NR, U::kCodeBits>(acc, cw, a);
+      add_span_rows<NR, U::kCodeBits>(acc, z, cw, a);
     };
-    add_spans(e0, 0, acc0, z0);
-    add_spans(e1, (kLoads - 1) * kW, acc1, z1);
+    add_spans(e0, 0, acc0, z0, a0);
+    add_spans(e1, (kLoads - 1) * kW, acc1, z1, a1);
   } else {
     // one or two rows a step in fp32, each row's spans added as soon as they are decoded (decoding
     // every row first ran Q5_0 and Q8_0 6-10% slower: BENCHMARKS.md "The one-row input gradient")

@@ -238,6 +238,10 @@ constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
 template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
   return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<NT>()>() + m * fwd_x_pitch(fwd_stage_k<NT>());
 }
+// The forward's shared memory: the ring's stages, then (M <= 16) one zeroed X row
+template <int T, int NT> constexpr size_t fwd_smem(int m) {
+  return (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m) + (NT == 2 ? fwd_x_pitch(fwd_stage_k<NT>()) : 0);
+}
 template <int T, int NT> constexpr int ig_stage_bytes() {
   return kStageRows * row_pitch<T>() + 8 * NT * (2 * kStageRows + 16);
 }
@@ -256,6 +260,12 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
   constexpr int WD = U::template Words<kSpan>::value;
   extern __shared__ __align__(16) uint8_t smem[];
   const int stage_bytes = fwd_stage_bytes<T, NT>(M);
+  // M <= 16: X's rows past M read a zeroed row after the ring (fwd_smem), so the loads need no predicate
+  // and no zeroed registers (32 CS2R in the Q4_K loop's 638 instructions). M <= 8 keeps its predicate and
+  // its shared memory (five CTAs a multiprocessor for some types).
+  const uint8_t* zero_row = smem + NS * stage_bytes;
+  if constexpr (NT == 2)
+    for (int i = threadIdx.x; i < PX / 16; i += THREADS) reinterpret_cast<uint4*>(smem + NS * stage_bytes)[i] = uint4{};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const int wn = warp / WK, wk = warp % WK;  // this warp's 16 rows, and its 256-element slice of a stage
   const int nblk = K / U::kElems, nst = (K + SK - 1) / SK;
@@ -332,8 +342,8 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
         for (int nt = 0; nt < NT; ++nt) {
           const int m = g + 8 * nt;
           uint4 a = make_uint4(0, 0, 0, 0), b = a;
-          if (m < M) {
-            const uint4* p = reinterpret_cast<const uint4*>(sx + m * PX + 2 * e);
+          if (NT == 2 || m < M) {
+            const uint4* p = reinterpret_cast<const uint4*>((NT == 1 || m < M ? sx + m * PX : zero_row) + 2 * e);
             a = p[0];
             b = p[1];
           }
@@ -383,8 +393,8 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
         for (int nt = 0; nt < NT; ++nt) {
           const int m = g + 8 * nt;
           uint4 a = make_uint4(0, 0, 0, 0), b = a;
-          if (m < M) {
-            const uint4* p = reinterpret_cast<const uint4*>(sx + m * PX + 2 * e);
+          if (NT == 2 || m < M) {
+            const uint4* p = reinterpret_cast<const uint4*>((NT == 1 || m < M ? sx + m * PX : zero_row) + 2 * e);
             a = p[0];
             b = p[1];
           }
@@ -670,7 +680,7 @@ void forward_typed(const void* x, const uint8_t* w, void* y, int m, int n, int k
                    cudaStream_t stream) {
   constexpr int threads = fwd_threads<NT>();
   constexpr auto kernel = staged_forward_kernel<T, ACT, NT>;
-  const size_t smem = (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m);
+  const size_t smem = fwd_smem<T, NT>(m);
   const int fit = std::max(kernel_ctas<kernel>(smem, threads), 1);  // resident CTAs
   const int tiles = (n + fwd_rows<NT>() - 1) / fwd_rows<NT>();
   const int nst = (k + fwd_stage_k<NT>() - 1) / fwd_stage_k<NT>();
