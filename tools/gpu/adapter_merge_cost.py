@@ -117,11 +117,13 @@ def rank_rows(timer, ys, u, B, dxs, gg, A, row) -> None:
     if not lowtune.build_info().get("cuda"):
         return
     setting, adapter_ops._RANK_UPDATE = adapter_ops._RANK_UPDATE, True
-    row("y += s u B^T (y from memory, lowtune's kernel)",
-        timer(lambda i: adapter_ops._rank_update(ys[i % len(ys)], u, B, False, 0.5)))
-    row("dx += s g A (dx from memory, lowtune's kernel)",
-        timer(lambda i: adapter_ops._rank_update(dxs[i % len(dxs)], gg, A, True, 0.5)))
-    adapter_ops._RANK_UPDATE = setting
+    try:
+        row("y += s u B^T (y from memory, lowtune's kernel)",
+            timer(lambda i: adapter_ops._rank_update(ys[i % len(ys)], u, B, False, 0.5)))
+        row("dx += s g A (dx from memory, lowtune's kernel)",
+            timer(lambda i: adapter_ops._rank_update(dxs[i % len(dxs)], gg, A, True, 0.5)))
+    finally:
+        adapter_ops._RANK_UPDATE = setting
 
 
 def layout_rows(timer, rnd, m: int, k: int, n: int, r: int, pool: int, row) -> None:
