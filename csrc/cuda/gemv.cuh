@@ -212,15 +212,6 @@ __device__ __forceinline__ uint32_t scale_min_pair_k4(const uint32_t* s, int j) 
   return j < 4 ? lo : hi;
 }
 
-// Q3_K: the six-bit scales less 32 of a unit's two spans (shifts s and s + 1, s even, of half h: e0's), from the
-// low-nibble window r[1] and the top-bits window r[2] (Unpack<T_Q3_K>::load's words; its span_scale per span)
-__device__ __forceinline__ void q3k_scale_pair(const uint32_t* r, int e0, int& sc0, int& sc1) {
-  const int h = e0 >> 7, s = (e0 & 127) >> 5, sh = 8 * ((e0 >> 4) & 1);
-  const uint32_t lo = r[1] >> sh, hi = r[2] >> (sh + 2 * (2 * h + (s >> 1)));
-  sc0 = (int)((h ? (lo >> 4) & 0xF : lo & 0xF) | ((hi & 3) << 4)) - 32;
-  sc1 = (int)((h ? (lo >> 20) & 0xF : (lo >> 16) & 0xF) | (((hi >> 16) & 3) << 4)) - 32;
-}
-
 // Where a lane's units are (see gemv_kernel): its spans' e in every block it reads, its x (xs_index(u,
 // h) = xl[4 (u - lane) + 32 h]) and aux (al[u - lane]).
 struct LaneUnits {
@@ -296,9 +287,10 @@ __device__ __forceinline__ float unit_sum(const uint32_t* r, const LaneUnits& l,
     // t + 2 of both scale windows): x = d sc (u - 4), so a span adds d sc (sum(u xq) - 4 sum(xq)).
     // sc D < 32 * 16 * 28 * 32767: exact in int32.
     const uint32_t *q = r + 3, *hm = r + 7;
-    const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, hbit = 4 * h + s;
-    int sc0, sc1;
-    q3k_scale_pair(r, l.e0, sc0, sc1);
+    const int h = l.e0 >> 7, s = (l.e0 >> 5) & 3, hbit = 4 * h + s, sh = 8 * ((l.e0 >> 4) & 1);
+    const uint32_t lo = r[1] >> sh, hi = r[2] >> (sh + 2 * (2 * h + (s >> 1)));
+    const int sc0 = (int)((h ? (lo >> 4) & 0xF : lo & 0xF) | ((hi & 3) << 4)) - 32;
+    const int sc1 = (int)((h ? (lo >> 20) & 0xF : (lo >> 16) & 0xF) | (((hi >> 16) & 3) << 4)) - 32;
 #pragma unroll
     for (int t = 0; t < 4; ++t)
       cw[t] = ((q[t] >> (2 * s)) & 0x03030303u) | (__funnelshift_r(hm[t], hm[t], (hbit - 2) & 31) & 0x04040404u);

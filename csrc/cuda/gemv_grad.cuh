@@ -91,7 +91,7 @@ __device__ __forceinline__ void add_span_rows(float* acc, float& z, const uint32
 
 // The (s, z) of both spans of a lane's unit (e0 and e0 + kGap) from its words r. Q4_K and Q5_K: both
 // sub-blocks' six-bit scales and mins from one scale_min_pair_k4, d and dmin once; Q3_K: both six-bit
-// scales from the same two scale words (q3k_scale_pair, as the forward's unit_sum). The values are codes()' own, bit
+// scales from the same two scale words (as the forward's unit_sum). The values are codes()' own, bit
 // for bit; the other types take each span's codes() (their code words unused: the compiler drops them).
 template <int T>
 __device__ __forceinline__ void unit_scales(const uint32_t* r, int e0, float& s0, float& z0, float& s1, float& z1) {
@@ -104,8 +104,10 @@ __device__ __forceinline__ void unit_scales(const uint32_t* r, int e0, float& s0
     z0 = -__fmul_rn(dmin, byte_f(sm, 2));
     z1 = -__fmul_rn(dmin, byte_f(sm, 3));
   } else if constexpr (T == T_Q3_K) {
-    int sc0, sc1;
-    gemv::q3k_scale_pair(r, e0, sc0, sc1);
+    const int h = e0 >> 7, s = (e0 & 127) >> 5, sh = 8 * ((e0 >> 4) & 1);
+    const uint32_t lo = r[1] >> sh, hi = r[2] >> (sh + 2 * (2 * h + (s >> 1)));
+    const int sc0 = (int)((h ? (lo >> 4) & 0xF : lo & 0xF) | ((hi & 3) << 4)) - 32;
+    const int sc1 = (int)((h ? (lo >> 20) & 0xF : (lo >> 16) & 0xF) | (((hi >> 16) & 3) << 4)) - 32;
     const float d = half_f((uint16_t)r[0]);
     s0 = __fmul_rn(d, (float)sc0);
     s1 = __fmul_rn(d, (float)sc1);
