@@ -2,13 +2,17 @@
 no GPU (nvcc compiles for sm_90; cuobjdump disassembles: `pip install nvidia-cuda-cuobjdump`, whose wheel
 holds the binary under nvidia/cu13/bin).
 
-    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -O3 -cubin -Icsrc -o /tmp/k.cubin probe.cu
-    python3 tools/gpu/sass_loops.py /tmp/k.cubin grad_staged_kernelILi12E13__nv_bfloat16
+    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -O3 -cubin -Icsrc -o build/k.cubin probe.cu
+    python3 tools/gpu/sass_loops.py build/k.cubin grad_staged_kernelILi12E13__nv_bfloat16
+    python3 tools/gpu/sass_loops.py build/k.cubin "" --same-as build/k_before.cubin
 
 (probe.cu: includes the kernel's header and instantiates its launcher for the types wanted.) For every
 function whose mangled name contains the pattern: its instruction count, and for each loop (a backward
 branch) the instructions between its target and the branch by opcode. A loop's body holds every path
 through it (cold branches too), so compare two builds of the same code, not the count with a profile's.
+--same-as: instead, whether each function's instructions equal those of the other build's function of the
+same name (branch targets and other hex literals masked), the check that a refactor left the SASS alone;
+exits 1 where one differs or is missing.
 """
 from __future__ import annotations
 
@@ -63,12 +67,28 @@ def loops(ins: list[tuple[int, str, str]]):
             yield lo, addr, collections.Counter(o for a, o, _ in ins if lo <= a <= addr)
 
 
+def same_as(ours: dict, theirs: dict, pattern: str) -> int:
+    masked = lambda ins: [(op, re.sub(r"0x[0-9a-f]+", "X", args)) for _, op, args in ins]  # noqa: E731
+    names = [n for n in ours if pattern in n]
+    if not names:
+        print(f"no function's name contains {pattern!r}")
+        return 1
+    differ = [n for n in names if n not in theirs or masked(ours[n]) != masked(theirs[n])]
+    for n in differ:
+        print(f"differs: {n} ({len(ours[n])} against {len(theirs.get(n, []))} instructions)")
+    print(f"{len(names) - len(differ)} of {len(names)} functions the same")
+    return 1 if differ else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cubin")
     ap.add_argument("pattern", help="a part of the kernels' mangled names")
     ap.add_argument("--top", type=int, default=20, help="opcodes shown a loop")
+    ap.add_argument("--same-as", metavar="CUBIN", help="compare every matching function with this build's")
     a = ap.parse_args(argv)
+    if a.same_as:
+        return same_as(functions(a.cubin), functions(a.same_as), a.pattern)
     for name, ins in functions(a.cubin).items():
         if a.pattern not in name:
             continue
