@@ -231,12 +231,25 @@ template <int T, int NT> constexpr bool fwd_lane_owns_64() { return NT == 1 && U
 template <int T, int NT> constexpr bool fwd_five_ctas() {
   return fwd_lane_owns_64<T, NT>() && Unpack<T>::kHeadWords == 1;
 }
-template <int T, int NT> constexpr int fwd_stages() { return NT == 1 && !fwd_five_ctas<T, NT>() ? kStages : kStages - 1; }
-template <int T, int NT> constexpr int fwd_min_ctas() { return fwd_five_ctas<T, NT>() ? 5 : 0; }  // 0: compiler's choice
 constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
 // Bytes of one stage: the weight tile, then X rows < M.
 template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
   return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<NT>()>() + m * fwd_x_pitch(fwd_stage_k<NT>());
+}
+// M <= 16 (NT = 2) for Q2_K and Q3_K: two stages and three resident CTAs (registers capped at 80; three
+// fit the 228 KiB of an sm_90 multiprocessor, 1 KiB a CTA reserved), as many stages in flight as two CTAs
+// of three and half as many warps again for their long decoding: 0.88-0.94x the time on an H100. The
+// 4-bit types, Q5_K and IQ4_XS ran 1.05-1.64x slower so (fewer stages a CTA; Q5_K spills): BENCHMARKS.md
+// "Three resident CTAs for the small-M kernels".
+template <int T, int NT> constexpr bool fwd_three_ctas() {
+  return NT == 2 && (T == T_Q2_K || T == T_Q3_K) &&
+         3 * (2 * fwd_stage_bytes<T, NT>(16) + fwd_x_pitch(fwd_stage_k<NT>()) + 1024) <= 228 * 1024;
+}
+template <int T, int NT> constexpr int fwd_stages() {
+  return NT == 1 && !fwd_five_ctas<T, NT>() ? kStages : fwd_three_ctas<T, NT>() ? 2 : kStages - 1;
+}
+template <int T, int NT> constexpr int fwd_min_ctas() {  // 0: the compiler's choice
+  return fwd_five_ctas<T, NT>() ? 5 : fwd_three_ctas<T, NT>() ? 3 : 0;
 }
 // The forward's shared memory: the ring's stages, then (M <= 16) one zeroed X row
 template <int T, int NT> constexpr size_t fwd_smem(int m) {
