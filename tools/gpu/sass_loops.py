@@ -6,9 +6,10 @@ holds the binary under nvidia/cu13/bin).
     python3 tools/gpu/sass_loops.py build/k.cubin grad_staged_kernelILi12E13__nv_bfloat16
     python3 tools/gpu/sass_loops.py build/k.cubin "" --same-as build/k_before.cubin
 
-(probe.cu: includes the kernel's header and instantiates its launcher for the types wanted.) For every
-function whose mangled name contains the pattern: its instruction count, and for each loop (a backward
-branch) the instructions between its target and the branch by opcode. A loop's body holds every path
+(probe.cu: includes the kernel's header and instantiates its launcher for the types wanted; csrc/cuda/inst_*.cu
+are such files for a group of types, every launcher.) For every function whose mangled name contains the
+pattern: its instruction count, registers and stack bytes (spills: whether a __launch_bounds__ fits), and for
+each loop (a backward branch) the instructions between its target and the branch by opcode. A loop's body holds every path
 through it (cold branches too), so compare two builds of the same code, not the count with a profile's.
 --same-as: instead, whether each function's instructions equal those of the other build's function of the
 same name (branch targets and other hex literals masked), the check that a refactor left the SASS alone;
@@ -59,6 +60,21 @@ def functions(cubin: str) -> dict[str, list[tuple[int, str, str]]]:
     return out
 
 
+def usage(cubin: str) -> dict[str, str]:
+    """Each function's registers and stack bytes (a stack frame in these kernels is spills), as ptxas set them."""
+    text = subprocess.run([cuobjdump(), "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+    out, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+)", line)
+        if m and name:
+            out[name] = f"{m.group(1)} registers, {m.group(2)} bytes of stack"
+    return out
+
+
 def loops(ins: list[tuple[int, str, str]]):
     for addr, op, args in ins:
         target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
@@ -89,10 +105,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.same_as:
         return same_as(functions(a.cubin), functions(a.same_as), a.pattern)
+    res = usage(a.cubin)
     for name, ins in functions(a.cubin).items():
         if a.pattern not in name:
             continue
-        print(f"{name}: {len(ins)} instructions")
+        print(f"{name}: {len(ins)} instructions, {res.get(name, 'usage unknown')}")
         for lo, hi, hist in loops(ins):
             top = ", ".join(f"{k} {v}" for k, v in hist.most_common(a.top))
             print(f"  loop {lo:#06x}-{hi:#06x}: {sum(hist.values())} ({top})")
