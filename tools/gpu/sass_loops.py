@@ -9,8 +9,9 @@ holds the binary under nvidia/cu13/bin).
 (probe.cu: includes the kernel's header and instantiates its launcher for the types wanted; csrc/cuda/inst_*.cu
 are such files for a group of types, every launcher.) For every function whose mangled name contains the
 pattern: its instruction count, registers and stack bytes (spills: whether a __launch_bounds__ fits), and for
-each loop (a backward branch) the instructions between its target and the branch by opcode. A loop's body holds every path
-through it (cold branches too), so compare two builds of the same code, not the count with a profile's.
+each loop (a backward branch) the instructions between its target and the branch by opcode. A loop's body
+holds every path through it (cold branches too), so compare two builds of the same code, not the count with a
+profile's.
 --same-as: instead, whether each function's instructions equal those of the other build's function of the
 same name (branch targets and other hex literals masked), the check that a refactor left the SASS alone;
 exits 1 where one differs or is missing.
