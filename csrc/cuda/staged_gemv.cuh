@@ -236,14 +236,17 @@ constexpr int fwd_x_pitch(int sk) { return 2 * sk + 16; }
 template <int T, int NT> constexpr int fwd_stage_bytes(int m) {
   return fwd_rows<NT>() * row_pitch<T, fwd_stage_k<NT>()>() + m * fwd_x_pitch(fwd_stage_k<NT>());
 }
+// The forward's shared memory with `stages` stages: the ring, then (M <= 16) one zeroed X row
+template <int T, int NT> constexpr size_t fwd_ring_smem(int stages, int m) {
+  return (size_t)stages * fwd_stage_bytes<T, NT>(m) + (NT == 2 ? fwd_x_pitch(fwd_stage_k<NT>()) : 0);
+}
 // M <= 16 (NT = 2) for Q2_K and Q3_K: two stages and three resident CTAs (registers capped at 80; three
 // fit the 228 KiB of an sm_90 multiprocessor, 1 KiB a CTA reserved), as many stages in flight as two CTAs
 // of three and half as many warps again for their long decoding: 0.88-0.94x the time on an H100. The
 // 4-bit types, Q5_K and IQ4_XS ran 1.05-1.64x slower so (fewer stages a CTA; Q5_K spills): BENCHMARKS.md
 // "Three resident CTAs for the small-M kernels".
 template <int T, int NT> constexpr bool fwd_three_ctas() {
-  return NT == 2 && (T == T_Q2_K || T == T_Q3_K) &&
-         3 * (2 * fwd_stage_bytes<T, NT>(16) + fwd_x_pitch(fwd_stage_k<NT>()) + 1024) <= 228 * 1024;
+  return NT == 2 && (T == T_Q2_K || T == T_Q3_K) && 3 * (fwd_ring_smem<T, NT>(2, 16) + 1024) <= 228 * 1024;
 }
 template <int T, int NT> constexpr int fwd_stages() {
   return NT == 1 && !fwd_five_ctas<T, NT>() ? kStages : fwd_three_ctas<T, NT>() ? 2 : kStages - 1;
@@ -251,10 +254,7 @@ template <int T, int NT> constexpr int fwd_stages() {
 template <int T, int NT> constexpr int fwd_min_ctas() {  // 0: the compiler's choice
   return fwd_five_ctas<T, NT>() ? 5 : fwd_three_ctas<T, NT>() ? 3 : 0;
 }
-// The forward's shared memory: the ring's stages, then (M <= 16) one zeroed X row
-template <int T, int NT> constexpr size_t fwd_smem(int m) {
-  return (size_t)fwd_stages<T, NT>() * fwd_stage_bytes<T, NT>(m) + (NT == 2 ? fwd_x_pitch(fwd_stage_k<NT>()) : 0);
-}
+template <int T, int NT> constexpr size_t fwd_smem(int m) { return fwd_ring_smem<T, NT>(fwd_stages<T, NT>(), m); }
 template <int T, int NT> constexpr int ig_stage_bytes() {
   return kStageRows * row_pitch<T>() + 8 * NT * (2 * kStageRows + 16);
 }
@@ -276,6 +276,7 @@ __global__ void __launch_bounds__(fwd_threads<NT>(), fwd_min_ctas<T, NT>()) stag
   // M <= 16: X's rows past M read a zeroed row after the ring (fwd_smem), so the loads need no predicate
   // and no zeroed registers (32 CS2R in the Q4_K loop's 638 instructions). M <= 8 keeps its predicate and
   // its shared memory (five CTAs a multiprocessor for some types).
+  // (zeroed through its own address expression: through a non-const zero_row every M <= 16 kernel's SASS changed)
   const uint8_t* zero_row = smem + NS * stage_bytes;
   if constexpr (NT == 2)
     for (int i = threadIdx.x; i < PX / 16; i += THREADS) reinterpret_cast<uint4*>(smem + NS * stage_bytes)[i] = uint4{};
