@@ -8,7 +8,8 @@
 # Usage, from the repository root:
 #   OUT=dir BASE_DIR=.carry/base TYPES=Q5_K,Q4_K [MS=1,4] [SHAPES=...] [PATHS=gemv,staged] [SAN_K=...] \
 #     [DECODE_TYPES="Q5_K IQ4_XS"] bash tools/gpu/ab_build.sh
-# SETS="1:input_grad:gemv:Q4_K,Q5_K 16:forward:staged:Q4_0" times each set (M:KERNELS:PATHS:TYPES) instead of
+# SETS="1:input_grad:gemv:Q4_K,Q5_K 16:forward:staged:Q4_0" times each set (M:KERNELS:PATHS:TYPES[:ENV], ENV
+# comma-separated assignments for that set's processes, e.g. LOWTUNE_CUDA_GEMV_GRAD_STAGED=1) instead of
 # TYPES x MS x both kernels. On a fresh machine the two builds take ~150 and ~200 s (the base's beside B's tests):
 # with BUDGET_S below ~450 the base's rounds may not run.
 set -uo pipefail
@@ -19,11 +20,11 @@ start_base_build tools/gpu/ab_build.sh 10 || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 cuda_tests
 [ -z "${SAN_K:-}" ] || sanitizer_tests "$SAN_K"
-bench() {  # NAME ROOT: bench_kernels.py with ROOT's build, once for each of SETS (M:KERNELS:PATHS:TYPES)
-  local sets=${SETS:-"${MS:-1,4}:forward,input_grad:${PATHS:-}:${TYPES:-}"} i=0 s ms kernels paths types rc=0
+bench() {  # NAME ROOT: bench_kernels.py with ROOT's build, once for each of SETS (M:KERNELS:PATHS:TYPES[:ENV])
+  local sets=${SETS:-"${MS:-1,4}:forward,input_grad:${PATHS:-}:${TYPES:-}"} i=0 s ms kernels paths types envs rc=0
   for s in $sets; do
-    IFS=: read -r ms kernels paths types <<<"$s"
-    stage "$1_s$i" 30 120 env PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda --types "$types" \
+    IFS=: read -r ms kernels paths types envs <<<"$s"
+    stage "$1_s$i" 30 120 env ${envs//,/ } PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda --types "$types" \
       --ms "$ms" --kernels "$kernels" --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
       ${paths:+--paths "$paths"} --peers "" --warmup-s 0.5 --reps 3 --out "$out/$1_s$i.jsonl" || rc=$?
     i=$((i + 1))
