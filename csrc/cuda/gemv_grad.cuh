@@ -229,13 +229,15 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
                                       *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
     }
   };
-  auto load_dy = [&](int row, float (&d)[NR]) {
+  // dy as loaded (rows past the group read the group's last row; add_step skips them): converted where
+  // add_step reads it, so that no instruction beside the loads waits for them (see grad_staged_kernel)
+  auto load_dy = [&](int row, ACT (&d)[NR]) {
 #pragma unroll
-    for (int j = 0; j < NR; ++j) d[j] = row + j * kWarps < r1 ? act_to_f(dy[row + j * kWarps]) : 0.0f;
+    for (int j = 0; j < NR; ++j) d[j] = dy[min(row + j * kWarps, r1 - 1)];
   };
   constexpr int kStep = kWarps * NR;
   uint32_t r[NR][RW];
-  float d[NR];
+  ACT d[NR];
   // the first rows' words (W: the previous kernel does not write it) are requested before the wait for
   // that kernel, their dy after it
   if (r0 + warp < r1) load_words(r0 + warp, r);
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
   if (r0 + warp < r1) load_dy(r0 + warp, d);
   for (int row = r0 + warp; row < r1; row += kStep) {
     uint32_t nr[NR][RW];
-    float nd[NR];
+    ACT nd[NR];
     const bool more = row + kStep < r1;
     if (more) {
       load_words(row + kStep, nr);
@@ -259,7 +261,10 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
         const uint8_t* block = col + (int64_t)rr * row_bytes;
         gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(block) & 2) != 0, block);
       }
-      add_step<T, NR>(r, d, ok, e0, e1, acc0, acc1, z0, z1);
+      float df[NR];
+#pragma unroll
+      for (int j = 0; j < NR; ++j) df[j] = act_to_f(d[j]);
+      add_step<T, NR>(r, df, ok, e0, e1, acc0, acc1, z0, z1);
     }
     if (more) {
 #pragma unroll
@@ -335,13 +340,13 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
       }
     }
   };
-  // the warp's rows of stage st: w + 8 j, j < STEPS NR
-  auto load_dy = [&](int st, float (&d)[STEPS * NR]) {
+  // dy of the warp's rows of stage st (w + 8 j, j < STEPS NR) as loaded, rows past the group reading its
+  // last row (never added): converted in the step that reads them. Converted beside their loads, each
+  // stage waited there for dy's latency (a quarter of the kernel's stall samples, Nsight Compute's source
+  // counters, Q4_K 14336x4096).
+  auto load_dy = [&](int st, ACT (&d)[STEPS * NR]) {
 #pragma unroll
-    for (int j = 0; j < STEPS * NR; ++j) {
-      const int rr = r0 + st * R + warp + kWarps * j;
-      d[j] = rr < r1 ? act_to_f(dy[rr]) : 0.0f;
-    }
+    for (int j = 0; j < STEPS * NR; ++j) d[j] = dy[min(r0 + st * R + warp + kWarps * j, r1 - 1)];
   };
   float acc0[16], acc1[16], z0 = 0.0f, z1 = 0.0f;
 #pragma unroll
@@ -355,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
   }
   pdl_launch_dependents();
   pdl_wait();  // dy is the previous kernel's output; partial is written after this
-  float d[STEPS * NR];
+  ACT d[STEPS * NR];
   load_dy(0, d);
 #pragma unroll 1
   for (int st = 0; st < nst; ++st) {
@@ -363,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
     __syncthreads();  // stage st visible to all; slot (st - 1) % depth free for reuse
     if (st + kStageDepth - 1 < nst) issue(st + kStageDepth - 1);
     cp_async_commit();
-    float nd[STEPS * NR];
+    ACT nd[STEPS * NR];
     if (st + 1 < nst) load_dy(st + 1, nd);  // in flight during this stage
     const uint8_t* slot = smem + (st % kStageDepth) * STAGE;
     if (on) {
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
         for (int j = 0; j < NR; ++j) {
           const int lr = warp + kWarps * (t * NR + j), rr = r0 + st * R + lr;
           ok[j] = rr < r1;
-          dd[j] = d[t * NR + j];
+          dd[j] = act_to_f(d[t * NR + j]);
           const uint8_t* b = staged::staged_block<T>(slot + lr * P, rr, row_bytes, kb0, jb);
           gemv::round_load<T, 1, false>(b, 32 * s, units, l, *reinterpret_cast<uint32_t(*)[1][RW]>(&r[j]));
           gemv::place_words<T>(r[j], (reinterpret_cast<uintptr_t>(b) & 2) != 0, b);
