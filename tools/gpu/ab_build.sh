@@ -24,8 +24,8 @@ bench() {  # NAME ROOT: bench_kernels.py with ROOT's build, once for each of SET
   local sets=${SETS:-"${MS:-1,4}:forward,input_grad:${PATHS:-}:${TYPES:-}"} i=0 s ms kernels paths types envs rc=0
   for s in $sets; do
     IFS=: read -r ms kernels paths types envs <<<"$s"
-    stage "$1_s$i" 30 120 env ${envs//,/ } PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda --types "$types" \
-      --ms "$ms" --kernels "$kernels" --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
+    stage "$1_s$i" 30 120 env ${envs//,/ } PYTHONPATH="$2/python" $py tools/bench_kernels.py --device cuda \
+      --types "$types" --ms "$ms" --kernels "$kernels" --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
       ${paths:+--paths "$paths"} --peers "" --warmup-s 0.5 --reps 3 --out "$out/$1_s$i.jsonl" || rc=$?
     i=$((i + 1))
   done
