@@ -19,11 +19,11 @@
 //   fused      the adapter kernels (cuda/adapter_cuda.cu)
 //   reference  the slow reference kernels, when no cuBLAS can be loaded
 //
-// Defaults: quantized products take gemv where it applies, regs where regs_default says, staged for
-// M <= 16, direct for a forward of 17..32 rows and cublas above (a benchmark run,
-// tools/gpu/kernels.sh, times every path per shape; a rule that depends on the shape goes into
-// choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there the
-// rank-r products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
+// Defaults: quantized products take gemv where it applies, regs where regs_default says, direct for the
+// one-row forwards of direct_one_row_default, staged for M <= 16, direct for a forward of 17..32 rows and
+// cublas above (a benchmark run, tools/gpu/kernels.sh, times every path per shape; a rule that depends on
+// the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there
+// the rank-r products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
 // Knobs, read on every call so that a benchmark or test can compare paths in one process:
 //   LOWTUNE_CUDA_PATH      gemv | regs | staged | direct | cublas: force that path for the quantized products
 //                          wherever its conditions hold (otherwise the default applies)
@@ -109,6 +109,21 @@ constexpr bool gemv_grad_default(int qtype) {
          qtype == T_Q4_K || qtype == T_Q5_K;
 }
 
+// The one-row forwards that take the direct kernel (cuda/small_m.cuh) unless forced otherwise: the quantized
+// types without a gemv kernel (the I-quants below 4 bits, TQ1_0, TQ2_0, Q1_0, Q2_0, NVFP4: values looked up or
+// decoded one at a time) at N <= 8192. At N = 4096 the staged forward's 16-row tiles are too few to fill the
+// GPU and it splits the reduction; direct took 0.52-1.01x its time there (K = 4096 and 14336; Q1_0 even at
+// 4096x4096), and staged 0.49-0.96x direct's at N = 14336 (H200, BENCHMARKS.md "The one-row forward of the types without a gemv
+// kernel"). N between the two was not timed: the cut is between them.
+constexpr bool direct_one_row_default(int qtype, int64_t n) {
+  switch (qtype) {
+#define LT_DIRECT_CASE(T) case T:
+    LT_TYPES(LT_DIRECT_CASE) return !has_gemv(qtype) && n > 0 && n <= 8192;
+#undef LT_DIRECT_CASE
+    default: return false;
+  }
+}
+
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
 // staged kernel at every 7B shape (H200, BENCHMARKS.md "The M <= 16 forward from registers"): Q6_K
 // from M = 8 (1.13-2.13x at M = 8 and 16; at M = 2 and 4 it lost at 14336x4096). For the other
@@ -147,6 +162,7 @@ struct Call {
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
   bool gemv_grad = false;  // and its input gradient takes it by default (gemv_grad_default)
   bool regs = false;       // the forward takes the regs kernel by default at this M (regs_default)
+  bool direct = false;     // a one-row forward takes the direct kernel by default (direct_one_row_default)
 };
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -310,6 +326,7 @@ inline Path choose(const Call& c) {
   }
   if (gemv_default) return Path::Gemv;
   if (c.regs && regs_ok) return Path::Regs;
+  if (c.direct && c.m == 1 && !grad && direct_ok) return Path::Direct;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

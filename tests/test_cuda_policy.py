@@ -93,6 +93,29 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply
 
 
+def test_one_row_forwards_of_the_types_without_a_gemv_take_the_direct_kernel_at_small_n(monkeypatch):
+    """The I-quants below 4 bits, TQ1_0, TQ2_0, Q1_0, Q2_0 and NVFP4 at M = 1: direct up to N = 8192, staged
+    above; their input gradient, two rows, and the types with a gemv kernel are not moved."""
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
+    monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
+    no_gemv = (16, 17, 18, 19, 21, 22, 29, 34, 35, 40, 41, 42)
+    for t in no_gemv:
+        assert not _C.cuda_has_gemv(t)
+        for n, k in ((4096, 4096), (4096, 14336), (1024, 4096), (8192, 4096)):
+            assert _C.cuda_path("forward", 1, BF16, True, n, k, t) == "direct", (t, n, k)
+        assert _C.cuda_path("forward", 1, BF16, True, 14336, 4096, t) == "staged"
+        assert _C.cuda_path("forward", 1, BF16, True, 8193, 4096, t) == "staged"
+        assert _C.cuda_path("forward", 2, BF16, True, 4096, 4096, t) == "staged"
+        assert _C.cuda_path("input_grad", 1, BF16, True, 4096, 14336, t) == "staged"
+        assert _C.cuda_path("forward", 1, BF16, False, 4096, 4096, t) == "cublas"  # direct needs an aligned x
+        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
+        assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096, t) == "staged"
+        monkeypatch.delenv("LOWTUNE_CUDA_PATH")
+    for t in (2, 12, 20, 23, 39, 1041):  # Q4_0, Q4_K, IQ4_NL, IQ4_XS, MXFP4, INT4-g64: gemv
+        assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096, t) == "gemv"
+    assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096) == "staged"  # type unknown
+
+
 def test_one_row_gemv_takes_two_rows_a_warp_but_at_long_rows_of_some_types(monkeypatch):
     """cuda_policy::gemv_rows_per_warp: two rows a warp, except where every warp would own a row
     (one_row) of more than 4096 columns and the type's two-row kernel was timed slower there."""
