@@ -5,11 +5,11 @@
 # (ab.md; C / A in ac.md, D / A in ad.md); decoding under each.
 # Usage, from the repository root:
 #   A="LOWTUNE_CUDA_STAGED_ONE_WAVE=0" B="" OUT=dir bash tools/gpu/ab_env.sh
-# (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS: bench_kernels.py's --types, --ms, --shapes, --paths,
-# --kernels; TEST_K: only the CUDA tests matching it; SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K
-# under B; FORWARD=1: the one-row forward of TYPES once and tools/gpu/input_grad_table.py's table (B_GEMV: its
-# --b-gemv); DECODE=0 skips decoding,
-# DECODE_TYPE and DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
+# (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS, PEERS: bench_kernels.py's --types, --ms, --shapes, --paths,
+# --kernels, --peers (default tinygemm,cublas_bf16; empty: none); TEST_K: only the CUDA tests matching it; SAN_K:
+# compute-sanitizer over tests/test_cuda.py -k SAN_K under B; FORWARD=1: the one-row forward of TYPES once and
+# tools/gpu/input_grad_table.py's table (B_GEMV: its --b-gemv); DECODE=0 skips decoding, DECODE_TYPE and
+# DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/common.sh
@@ -23,7 +23,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     stage kernels_${s}_$r 30 110 env $(setting $s) $py tools/bench_kernels.py --device cuda --types "$types" \
       --ms "${MS:-1,16}" --kernels "${KERNELS:-forward,input_grad}" \
       --shapes "${SHAPES:-4096x4096,14336x4096,4096x14336}" \
-      --paths "${PATHS:-staged,gemv,regs}" --peers tinygemm,cublas_bf16 --warmup-s 0.5 --reps 3 \
+      --paths "${PATHS:-staged,gemv,regs}" --peers "${PEERS-tinygemm,cublas_bf16}" --warmup-s 0.5 --reps 3 \
       --out "$out/kernels_${s}_$r.jsonl"
   done
 done
