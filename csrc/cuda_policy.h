@@ -113,8 +113,8 @@ constexpr bool gemv_grad_default(int qtype) {
 // types without a gemv kernel (the I-quants below 4 bits, TQ1_0, TQ2_0, Q1_0, Q2_0, NVFP4: values looked up or
 // decoded one at a time) at N <= 8192. At N = 4096 the staged forward's 16-row tiles are too few to fill the
 // GPU and it splits the reduction; direct took 0.52-1.01x its time there (K = 4096 and 14336; Q1_0 even at
-// 4096x4096), and staged 0.49-0.96x direct's at N = 14336 (H200, BENCHMARKS.md "The one-row forward of the types without a gemv
-// kernel"). N between the two was not timed: the cut is between them.
+// 4096x4096), and staged 0.49-0.96x direct's at N = 14336 (H200, BENCHMARKS.md "The one-row forward of the
+// types without a gemv kernel"). N between the two was not timed: the cut is between them.
 constexpr bool direct_one_row_default(int qtype, int64_t n) {
   switch (qtype) {
 #define LT_DIRECT_CASE(T) case T:
