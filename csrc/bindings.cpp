@@ -110,7 +110,7 @@ PYBIND11_MODULE(_C, m) {
     const cp::Product p = cp::product_from_name(product);
     const bool gemv = cp::has_gemv(qtype);  // (the kernel's shared-memory limit on K is not asked)
     const cp::Call call{p, M, N, K, dtype != D_F32, aligned, aligned, true, gemv, cp::gemv_grad_default(qtype),
-                        cp::regs_default(qtype, M), cp::direct_one_row_default(qtype, N)};
+                        cp::regs_default(qtype, M)};
     return std::string(cp::path_name(cp::choose(call)));
   }, py::arg("product"), py::arg("m"), py::arg("dtype"), py::arg("aligned"), py::arg("n") = 0, py::arg("k") = 0,
      py::arg("qtype") = -1,

@@ -19,8 +19,8 @@
 //   fused      the adapter kernels (cuda/adapter_cuda.cu)
 //   reference  the slow reference kernels, when no cuBLAS can be loaded
 //
-// Defaults: quantized products take gemv where it applies, regs where regs_default says, direct for the
-// one-row forwards of direct_one_row_default, staged for M <= 16, direct for a forward of 17..32 rows and
+// Defaults: quantized products take gemv where it applies (M = 1; its input gradient for the types of
+// gemv_grad_default), regs where regs_default says, staged for M <= 16, direct for a forward of 17..32 rows and
 // cublas above (a benchmark run, tools/gpu/kernels.sh, times every path per shape; a rule that depends on
 // the shape goes into choose() below); adapter products take cublas from kAdapterCublasMinRows rows on (there
 // the rank-r products are skinny GEMMs that cuBLAS streams at memory speed) and fused below.
@@ -76,15 +76,15 @@ constexpr int64_t kAdapterCublasMinRows = 64;
 // N = 4096 at K = 14336: Q4_0 16.3 against 18.2 µs, INT4-g64 14.8 against 17.5), so M = 1 takes it
 // wherever the type has one.
 // The types with an M = 1 CUDA-core kernel (cuda/gemv.cuh): those whose values are an affine map
-// of small codes that Unpack gives as codes, i.e. the legacy, K-quant and INTb-gG types, and the
-// types with a table of 16 int8 levels and one scale a block or sub-block (IQ4_NL, IQ4_XS, MXFP4),
-// whose codes are level + 128 (not the grid I-quants or NVFP4; TQ1_0, TQ2_0, Q1_0 and Q2_0 decode
-// without codes for now). cuda/gemv.cu checks this against the kernels' types.
+// of small codes that Unpack gives as codes. That is every type: the legacy, K-quant and INTb-gG types
+// their codes as stored; the types with a table of 16 int8 levels (IQ4_NL, IQ4_XS, MXFP4, NVFP4) level +
+// 128; the grid I-quants their grid values with the signs applied, plus an offset (IQ1_S and IQ1_M
+// 8 (grid + delta) + 9); TQ1_0, TQ2_0, Q1_0 and Q2_0 their digits or bits. cuda/instantiate.cuh checks
+// this against the kernels' types.
 constexpr bool has_gemv(int qtype) {
   switch (qtype) {
 #define LT_GEMV_CASE(T) case T:
-    LT_TYPES_LEGACY(LT_GEMV_CASE) LT_TYPES_KQUANTS(LT_GEMV_CASE) LT_TYPES_INT(LT_GEMV_CASE)
-    case T_IQ4_NL: case T_IQ4_XS: case T_MXFP4: return true;  // a table of 16 levels: codes level + 128
+    LT_TYPES(LT_GEMV_CASE) return true;
 #undef LT_GEMV_CASE
     default: return false;
   }
@@ -107,21 +107,6 @@ constexpr bool has_gemv(int qtype) {
 constexpr bool gemv_grad_default(int qtype) {
   return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4 || qtype == T_Q2_K || qtype == T_Q3_K ||
          qtype == T_Q4_K || qtype == T_Q5_K;
-}
-
-// The one-row forwards that take the direct kernel (cuda/small_m.cuh) unless forced otherwise: the quantized
-// types without a gemv kernel (the I-quants below 4 bits, TQ1_0, TQ2_0, Q1_0, Q2_0, NVFP4: values looked up or
-// decoded one at a time) at N <= 8192. At N = 4096 the staged forward's 16-row tiles are too few to fill the
-// GPU and it splits the reduction; direct took 0.52-1.01x its time there (K = 4096 and 14336; Q1_0 even at
-// 4096x4096), and staged 0.49-0.96x direct's at N = 14336 (H200, BENCHMARKS.md "The one-row forward of the
-// types without a gemv kernel"). N between the two was not timed: the cut is between them.
-constexpr bool direct_one_row_default(int qtype, int64_t n) {
-  switch (qtype) {
-#define LT_DIRECT_CASE(T) case T:
-    LT_TYPES(LT_DIRECT_CASE) return !has_gemv(qtype) && n > 0 && n <= 8192;
-#undef LT_DIRECT_CASE
-    default: return false;
-  }
 }
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the
@@ -162,7 +147,6 @@ struct Call {
   bool gemv = false; // the weight's type has an M = 1 CUDA-core kernel (has_gemv) that fits K
   bool gemv_grad = false;  // and its input gradient takes it by default (gemv_grad_default)
   bool regs = false;       // the forward takes the regs kernel by default at this M (regs_default)
-  bool direct = false;     // a one-row forward takes the direct kernel by default (direct_one_row_default)
 };
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -326,7 +310,6 @@ inline Path choose(const Call& c) {
   }
   if (gemv_default) return Path::Gemv;
   if (c.regs && regs_ok) return Path::Regs;
-  if (c.direct && c.m == 1 && !grad && direct_ok) return Path::Direct;
   if (staged_ok) return Path::Staged;
   if (direct_ok) return Path::Direct;
   return big;

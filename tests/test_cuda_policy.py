@@ -75,15 +75,14 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "regs")
     assert [_C.cuda_path("forward", m, BF16, True, n, k, q4k) for m in (1, 5, 16, 17)] == ["regs"] * 3 + ["direct"]
     assert _C.cuda_path("input_grad", 5, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 5, BF16, True, n, k, 21) == "staged"  # IQ3_S has no codes
+    assert _C.cuda_path("forward", 5, BF16, True, n, k, 21) == "regs"  # IQ3_S: its grid's codes
     assert _C.cuda_path("forward", 5, BF16, True, n, k, 23) == "regs"  # IQ4_XS: its table's codes
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     assert _C.cuda_path("forward", 5, BF16, True, n, k, q4k) == "staged"
-    assert _C.cuda_path("forward", 1, BF16, True, n, k, 21) == "staged"  # IQ3_S has none
-    assert [_C.cuda_path("forward", 1, BF16, True, n, k, t) for t in (20, 23, 39)] == ["gemv"] * 3  # tables
+    assert [_C.cuda_path("forward", 1, BF16, True, n, k, t) for t in (20, 21, 23, 39)] == ["gemv"] * 4  # codes
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
-    assert [t for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 39, 40, 1020, 1041, 1082)
-            if _C.cuda_has_gemv(t)] == [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 39, 1020, 1041, 1082]
+    assert all(_C.cuda_has_gemv(t) for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 39, 40, 1020, 1041, 1082))
+    assert not _C.cuda_has_gemv(0) and not _C.cuda_has_gemv(1)  # F32, F16: no quantized type
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
     assert _C.cuda_path("forward", 1, BF16, False, n, k, q4k) == "cublas"
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
@@ -91,29 +90,6 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 2) == "gemv"  # forced: any N and K
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply
-
-
-def test_one_row_forwards_of_the_types_without_a_gemv_take_the_direct_kernel_at_small_n(monkeypatch):
-    """The I-quants below 4 bits, TQ1_0, TQ2_0, Q1_0, Q2_0 and NVFP4 at M = 1: direct up to N = 8192, staged
-    above; their input gradient, two rows, and the types with a gemv kernel are not moved."""
-    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
-    monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
-    no_gemv = (16, 17, 18, 19, 21, 22, 29, 34, 35, 40, 41, 42)
-    for t in no_gemv:
-        assert not _C.cuda_has_gemv(t)
-        for n, k in ((4096, 4096), (4096, 14336), (1024, 4096), (8192, 4096)):
-            assert _C.cuda_path("forward", 1, BF16, True, n, k, t) == "direct", (t, n, k)
-        assert _C.cuda_path("forward", 1, BF16, True, 14336, 4096, t) == "staged"
-        assert _C.cuda_path("forward", 1, BF16, True, 8193, 4096, t) == "staged"
-        assert _C.cuda_path("forward", 2, BF16, True, 4096, 4096, t) == "staged"
-        assert _C.cuda_path("input_grad", 1, BF16, True, 4096, 14336, t) == "staged"
-        assert _C.cuda_path("forward", 1, BF16, False, 4096, 4096, t) == "cublas"  # direct needs an aligned x
-        monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")
-        assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096, t) == "staged"
-        monkeypatch.delenv("LOWTUNE_CUDA_PATH")
-    for t in (2, 12, 20, 23, 39, 1041):  # Q4_0, Q4_K, IQ4_NL, IQ4_XS, MXFP4, INT4-g64: gemv
-        assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096, t) == "gemv"
-    assert _C.cuda_path("forward", 1, BF16, True, 4096, 4096) == "staged"  # type unknown
 
 
 def test_one_row_gemv_takes_two_rows_a_warp_but_at_long_rows_of_some_types(monkeypatch):

@@ -316,7 +316,7 @@ cuda_policy::Path choose_path(cuda_policy::Product product, int qtype, int dtype
   const bool gemv = cuda_policy::has_gemv(qtype) && gemv_fits(k);
   return cuda_policy::choose({product, m, n, k, dtype != D_F32, aligned16(act), aligned16(out), cublas_available(),
                               gemv, cuda_policy::gemv_grad_default(qtype),
-                              cuda_policy::regs_default(qtype, m), cuda_policy::direct_one_row_default(qtype, n)});
+                              cuda_policy::regs_default(qtype, m)});
 }
 
 // Attribute A of the current device, read once per device (none of those asked is ever 0).

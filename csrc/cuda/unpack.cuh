@@ -490,6 +490,20 @@ __device__ __forceinline__ float signed_f(uint32_t g, bool negative) {  // ±(fl
   const float f = code_f(g);
   return negative ? -f : f;
 }
+// Four grid values (the bytes of g, each at most O) with their signs (bits 0..3 of s4, set: negative) as
+// the codes O ± g for the one-row kernels' integer dot products (values: the scale times (u - O)). Every
+// byte stays in 0..2 O < 256, so no byte carries into or borrows from the next.
+template <uint32_t O>
+__device__ __forceinline__ uint32_t signed_grid_codes(uint32_t g, uint32_t s4) {
+  const uint32_t neg = g & (spread4(s4) * 0xFFu);
+  return g + O * 0x01010101u - 2u * neg;
+}
+// The codes of an I-quant span whose values are db (±g): O ± g, with the map's offset -O db.
+template <uint32_t O>
+__device__ __forceinline__ void grid_map(float db, float& scale, float& offset) {
+  scale = db;
+  offset = __fmul_rn(-(float)O, db);
+}
 // The level of a 4-bit code in a table of 16 int8 levels (IQ4_NL's, MXFP4's), without a memory
 // access: the table as four words (built at compile time from iq_grids.h), one byte selected by
 // __byte_perm.
@@ -617,7 +631,7 @@ template <> struct Unpack<T_IQ4_XS> : UnpackIq<Unpack<T_IQ4_XS>> {
 // IQ3_XXS: d, qs[64] (one grid index per 4 elements), then per 32 a u32: four 7-bit sign indices
 // (one per 8 elements) and the scale at bit 28.
 template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
-  static constexpr int kElems = 256, kBytes = 98, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 98, kAlign = gcd_c(kBytes, 16), kCodeBits = 7;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, j0 = e & 31;
@@ -639,12 +653,25 @@ template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
       for (int j = 0; j < 4; ++j) v[4 * p + j] = __fmul_rn(db, signed_f((g >> (8 * j)) & 0xFF, (signs >> j) & 1));
     }
   }
+  // the one-row kernels' spans (S = 16): four grid points of four, 64 ± g
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int j0 = e & 31;
+    const uint32_t aux = r[1];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int l4 = j0 / 4 + p;
+      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
+      cw[p] = signed_grid_codes<64>(iq3xxs_grid(byte_of(r + 2, p)), signs);
+    }
+    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.5f), scale, offset);
+  }
 };
 
 // IQ3_S: d, qs[64], qh[8], signs[32], scales[4]; index k of sub-block ib: qs[8ib + k] | bit k of
 // qh[ib] << 8; a sign bit per element; the scale nibble ib % 2 of scales[ib / 2].
 template <> struct Unpack<T_IQ3_S> : UnpackIq<Unpack<T_IQ3_S>> {
-  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 110, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, j0 = e & 31;
@@ -666,12 +693,23 @@ template <> struct Unpack<T_IQ3_S> : UnpackIq<Unpack<T_IQ3_S>> {
       for (int j = 0; j < 4; ++j) v[4 * p + j] = __fmul_rn(db, signed_f((g >> (8 * j)) & 0xFF, (r[2] >> (4 * p + j)) & 1));
     }
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int ib = e >> 5, j0 = e & 31;
+    const uint32_t s = (r[0] >> (16 + 4 * (ib & 1))) & 0xF, qh = r[0] >> 24;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int k = j0 / 4 + p;
+      cw[p] = signed_grid_codes<16>(iq3s_grid(byte_of(r + 1, p) | (((qh >> k) & 1) << 8)), r[2] >> (4 * p));
+    }
+    grid_map<16>(__fmul_rn(half_f((uint16_t)r[0]), code_f(1 + 2 * s)), scale, offset);
+  }
 };
 
 // IQ2_XXS: d, then per 32 two u32: four grid indices (bytes, 8 elements each), four 7-bit sign
 // indices and the scale at bit 28.
 template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
-  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16), kCodeBits = 7;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, j0 = e & 31;
@@ -693,12 +731,25 @@ template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
       for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
     }
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int j0 = e & 31;
+    const uint32_t aux = r[1];
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (j0 / 8 + p))) & 127);
+      const uint64_t g = iq2xxs_grid(byte_of(r + 2, p));
+      cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
+      cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
+    }
+    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f), scale, offset);
+  }
 };
 
 // IQ2_XS: d, qs[32] (u16 per 8 elements: 9-bit grid index, 7-bit sign index), scales[8] (a nibble
 // per 16 elements).
 template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
-  static constexpr int kElems = 256, kBytes = 74, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 74, kAlign = gcd_c(kBytes, 16), kCodeBits = 7;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = (uint32_t)ld_u16(b) | ((uint32_t)ld_u8(b + 66 + (e >> 5)) << 16);
@@ -717,12 +768,25 @@ template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
       for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
     }
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const uint32_t s = (r[0] >> (16 + 4 * ((e >> 4) & 1))) & 0xF;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const uint32_t q = (r[1] >> (16 * p)) & 0xFFFF;
+      const uint32_t signs = ksigns_iq2xs(q >> 9);
+      const uint64_t g = iq2xs_grid(q & 511);
+      cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
+      cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
+    }
+    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
+  }
 };
 
 // IQ2_S: d, qs[64] (low index bytes, then a sign byte per 8 elements), qh[8] (index bits 8-9 of
 // point l of sub-block ib at bit 2l), scales[8] (a nibble per 16).
 template <> struct Unpack<T_IQ2_S> : UnpackIq<Unpack<T_IQ2_S>> {
-  static constexpr int kElems = 256, kBytes = 82, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 82, kAlign = gcd_c(kBytes, 16), kCodeBits = 7;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, l0 = (e & 31) >> 3;
@@ -743,6 +807,19 @@ template <> struct Unpack<T_IQ2_S> : UnpackIq<Unpack<T_IQ2_S>> {
       for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
     }
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int l0 = (e & 31) >> 3;
+    const uint32_t qh = (r[0] >> 16) & 0xFF, s = (r[0] >> (24 + 4 * ((e >> 4) & 1))) & 0xF;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const uint64_t g = iq2s_grid(byte_of(r + 1, p) | (((qh >> (2 * (l0 + p))) & 3) << 8));
+      const uint32_t signs = byte_of(r + 2, p);
+      cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
+      cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
+    }
+    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
+  }
 };
 
 // IQ1 grid values are int8 in {-1, 0, 1}; x = dl * (grid + delta), delta = ±1/8.
@@ -750,11 +827,22 @@ __device__ __forceinline__ void iq1_points(uint64_t g, float dl, float delta, fl
 #pragma unroll
   for (int j = 0; j < 8; ++j) v[j] = __fmul_rn(dl, __fadd_rn((float)(int8_t)(g >> (8 * j)), delta));
 }
+// Four IQ1 grid points (int8 bytes of g4 in {-1, 0, 1}) as the codes u = 8 (g + delta) + 9 (0..18), so
+// that dl (g + delta) = (dl / 8) (u - 9): with c = g + 1 (bit 0 of the byte, less twice bit 1), u = 8 c + 2
+// where delta = +1/8 and 8 c where it is -1/8.
+__device__ __forceinline__ uint32_t iq1_codes(uint32_t g4, bool minus) {
+  const uint32_t c = 0x01010101u + (g4 & 0x01010101u) - 2u * ((g4 >> 1) & 0x01010101u);
+  return (c << 3) + (minus ? 0u : 0x02020202u);
+}
+__device__ __forceinline__ void iq1_map(float dl, float& scale, float& offset) {
+  scale = __fmul_rn(dl, 0.125f);
+  offset = __fmul_rn(-9.0f, scale);
+}
 
 // IQ1_S: d, qs[32] (index bits 0-7), qh[8] (u16 per 32: index bits 8-10 of point l at bit 3l, the
 // scale at bits 12-14, the delta sign at bit 15).
 template <> struct Unpack<T_IQ1_S> : UnpackIq<Unpack<T_IQ1_S>> {
-  static constexpr int kElems = 256, kBytes = 50, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 50, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, l0 = (e & 31) >> 3;
@@ -770,12 +858,25 @@ template <> struct Unpack<T_IQ1_S> : UnpackIq<Unpack<T_IQ1_S>> {
     for (int p = 0; p < S / 8; ++p)
       iq1_points(iq1s_grid(byte_of(r + 1, p) | (((qh >> (3 * (l0 + p))) & 7) << 8)), dl, delta, v + 8 * p);
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int l0 = (e & 31) >> 3;
+    const uint32_t qh = r[0] >> 16;
+    const bool minus = (qh & 0x8000) != 0;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const uint64_t g = iq1s_grid(byte_of(r + 1, p) | (((qh >> (3 * (l0 + p))) & 7) << 8));
+      cw[2 * p] = iq1_codes((uint32_t)g, minus);
+      cw[2 * p + 1] = iq1_codes((uint32_t)(g >> 32), minus);
+    }
+    iq1_map(__fmul_rn(half_f((uint16_t)r[0]), code_f(2 * ((qh >> 12) & 7) + 1)), scale, offset);
+  }
 };
 
 // IQ1_M: qs[32], qh[16] (a nibble per 8 elements: index bits 8-10, delta sign), scales[8] (four
 // u16: 3-bit scales per 16 elements, and d's fp16 bits in their top nibbles).
 template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
-  static constexpr int kElems = 256, kBytes = 56, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 56, kAlign = gcd_c(kBytes, 16), kCodeBits = 5;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     const int ib = e >> 5, l0 = (e & 31) >> 3;
@@ -797,6 +898,23 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
       const uint32_t h = qh >> (4 * ((l0 + p) & 1));
       iq1_points(iq1s_grid(byte_of(r + 2, p) | ((h & 7) << 8)), dl, (h & 8) ? -kIq1Delta : kIq1Delta, v + 8 * p);
     }
+  }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    const int ib = e >> 5, l0 = (e & 31) >> 3;
+    const uint32_t d_bits = ((r[0] & 0xFFFF) >> 12) | ((r[0] >> 24) & 0x00F0) | (((r[1] & 0xFFFF) >> 4) & 0x0F00) |
+                            ((r[1] >> 16) & 0xF000);
+    const uint32_t sc = ((ib >> 2 ? r[1] : r[0]) >> (16 * ((ib >> 1) & 1))) & 0xFFFF;
+    const uint32_t qh = r[2] >> 16;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {  // (a delta per 8 elements: in the codes, not the span's map)
+      const uint32_t h = qh >> (4 * ((l0 + p) & 1));
+      const uint64_t g = iq1s_grid(byte_of(r + 2, p) | ((h & 7) << 8));
+      cw[2 * p] = iq1_codes((uint32_t)g, (h & 8) != 0);
+      cw[2 * p + 1] = iq1_codes((uint32_t)(g >> 32), (h & 8) != 0);
+    }
+    iq1_map(__fmul_rn(half_f((uint16_t)d_bits), code_f(2 * ((sc >> (6 * (ib & 1) + 3 * (l0 >> 1))) & 7) + 1)), scale,
+            offset);
   }
 };
 
@@ -830,7 +948,7 @@ template <> struct Unpack<T_MXFP4> : UnpackIq<Unpack<T_MXFP4>> {
 // NVFP4: d[4] (UE4M3 per 16 elements), qs[32]; within sub-block s, byte 8s + j holds elements j (low
 // nibble) and j + 8 (high). Both spans of 8 of a sub-block read its 8 bytes; 4-byte aligned.
 template <> struct Unpack<T_NVFP4> : UnpackIq<Unpack<T_NVFP4>> {
-  static constexpr int kElems = 64, kBytes = 36, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 64, kBytes = 36, kAlign = gcd_c(kBytes, 16), kCodeBits = 8;
   template <int S> using Words = IntC<3>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u8(b + (e >> 4));
@@ -843,19 +961,40 @@ template <> struct Unpack<T_NVFP4> : UnpackIq<Unpack<T_NVFP4>> {
     for (int i = 0; i < S; ++i)
       v[i] = __fmul_rn(nibble_level<k_kvalues_mxfp4>((byte_of(r + 1, i & 7) >> (sh + 4 * (i >> 3))) & 0xF), d);
   }
+  // a 16-element span is one sub-block: its low nibbles, then its high ones
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    level_codes_pair<k_kvalues_mxfp4>(r[1], cw[0], cw[2]);
+    level_codes_pair<k_kvalues_mxfp4>(r[2], cw[1], cw[3]);
+    scale = ue4m3_to_fp32_half((uint8_t)r[0]);
+    offset = __fmul_rn(-128.0f, scale);
+  }
 };
 
 // ---- TQ1_0, TQ2_0, Q1_0, Q2_0 ------------------------------------------------------------------------
-// One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it. No kernel takes them through codes
-// (cuda_policy::has_gemv), so they decode as the I-quants do (decode_fast is decode).
+// One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it. Their codes serve the one-row kernels; the
+// staged kernels decode them as the I-quants (decode_fast is decode).
+__device__ __forceinline__ uint32_t tq1_mult(int n) { return (uint32_t)(uint8_t)(0x00F3511B090301ull >> (8 * n)); }
 __device__ __forceinline__ uint32_t tq1_digit_u(uint32_t q, int n) {  // tq1_digit (block_math.h)
-  return (((q * (uint32_t)(uint8_t)(0x00F3511B090301ull >> (8 * n))) & 0xFFu) * 3u) >> 8;
+  return (((q * tq1_mult(n)) & 0xFFu) * 3u) >> 8;
+}
+// tq1_digit_u of the four bytes of w at once (digit n through its multiplier m = tq1_mult(n)), in two
+// halves of two 16-bit lanes: a byte times m (< 2^16) and its low byte times 3 (< 2^10) stay in a lane.
+__device__ __forceinline__ uint32_t tq1_digits4(uint32_t w, uint32_t m) {
+  const uint32_t even = ((((w & 0x00FF00FFu) * m) & 0x00FF00FFu) * 3u >> 8) & 0x00FF00FFu;
+  const uint32_t odd = (((((w >> 8) & 0x00FF00FFu) * m) & 0x00FF00FFu) * 3u >> 8) & 0x00FF00FFu;
+  return even | (odd << 8);
+}
+// d (u - 1): the ternary types' codes' map, exact (as decode's products of d and -1, 0 or 1)
+__device__ __forceinline__ void ternary_map(float d, float& scale, float& offset) {
+  scale = d;
+  offset = -d;
 }
 
 // TQ1_0: qs[48], qh[4], d. A span lies in one of three runs: elements [0, 160) digit e/32 of qs[e%32],
 // [160, 240) digit (e-160)/16 of qs[32 + e%16], [240, 256) digit (e-240)/4 of qh[e%4] (the 4 bytes).
 template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
-  static constexpr int kElems = 256, kBytes = 54, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 54, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b + 52);
@@ -881,11 +1020,23 @@ template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
       for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f(tq1_digit_u(byte_of(r + 1, i), n), 1), d);
     }
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    static_assert(S == 16, "codes of a 16-element span");
+    if (e >= 240) {  // element 240 + i: digit i / 4 of qh[i % 4]
+#pragma unroll
+      for (int j = 0; j < 4; ++j) cw[j] = tq1_digits4(r[1], tq1_mult(j));
+    } else {
+      const uint32_t m = tq1_mult(e < 160 ? (e >> 5) : ((e - 160) >> 4));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) cw[j] = tq1_digits4(r[1 + j], m);
+    }
+    ternary_map(half_f((uint16_t)r[0]), scale, offset);
+  }
 };
 
 // TQ2_0: qs[64], d; element 128c + 32l + m at bit 2l of qs[32c + m].
 template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
-  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b + 64);
@@ -897,11 +1048,17 @@ template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((byte_of(r + 1, i) >> sh) & 3, 1), d);
   }
+  template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
+    const int sh = 2 * ((e >> 5) & 3);
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x03030303u;
+    ternary_map(half_f((uint16_t)r[0]), scale, offset);
+  }
 };
 
 // Q1_0: d, qs[16]; bit j of the little-endian bits is element j's sign (set: +d).
 template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
-  static constexpr int kElems = 128, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 128, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 1;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -912,11 +1069,19 @@ template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = (r[1] >> i) & 1u ? d : neg_d;
   }
+  // codes: the bits themselves, x = 2d u - d (exact: d or -d)
+  template <int S> __device__ static void codes(const uint32_t* r, int /*e*/, uint32_t* cw, float& scale, float& offset) {
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) cw[j] = spread4(r[1] >> (4 * j));
+    const float d = half_f((uint16_t)r[0]);
+    scale = __fmul_rn(2.0f, d);
+    offset = -d;
+  }
 };
 
 // Q2_0: d, qs[16]; element j at bit 2(j%4) of qs[j/4]: a span of 8 is 2 bytes, of 16 four.
 template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
-  static constexpr int kElems = 64, kBytes = 18, kAlign = gcd_c(kBytes, 16);
+  static constexpr int kElems = 64, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
     r[0] = ld_u16(b);
@@ -927,6 +1092,14 @@ template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
     const float d = half_f((uint16_t)r[0]);
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((r[1] >> (2 * i)) & 3, 1), d);
+  }
+  template <int S> __device__ static void codes(const uint32_t* r, int /*e*/, uint32_t* cw, float& scale, float& offset) {
+#pragma unroll
+    for (int j = 0; j < S / 4; ++j) {  // the four 2-bit fields of byte j, one a byte
+      const uint32_t b = r[1] >> (8 * j);
+      cw[j] = (b & 0x3u) | ((b & 0xCu) << 6) | ((b & 0x30u) << 12) | ((b & 0xC0u) << 18);
+    }
+    ternary_map(half_f((uint16_t)r[0]), scale, offset);
   }
 };
 

@@ -6,8 +6,9 @@
 # Usage, from the repository root:
 #   A="LOWTUNE_CUDA_STAGED_ONE_WAVE=0" B="" OUT=dir bash tools/gpu/ab_env.sh
 # (ROUNDS: 2; TYPES, MS, SHAPES, PATHS, KERNELS, PEERS: bench_kernels.py's --types, --ms, --shapes, --paths,
-# --kernels, --peers (default tinygemm,cublas_bf16; empty: none); TEST_K: only the CUDA tests matching it; SAN_K:
-# compute-sanitizer over tests/test_cuda.py -k SAN_K under B; FORWARD=1: the one-row forward of TYPES once and
+# --kernels, --peers (default tinygemm,cublas_bf16; empty: none); TEST_K: only the CUDA tests matching it
+# (TEST_LIMIT_S: their time limit, default 150 s); SAN_K: compute-sanitizer over tests/test_cuda.py -k SAN_K
+# under B; FORWARD=1: the one-row forward of TYPES once and
 # tools/gpu/input_grad_table.py's table (B_GEMV: its --b-gemv); DECODE=0 skips decoding, DECODE_TYPE and
 # DECODE_VARIANTS: its --decode-type and --decode-variants; BUILD=0 on a warm machine)
 set -uo pipefail

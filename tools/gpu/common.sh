@@ -86,7 +86,7 @@ stage() {
 }
 
 cuda_tests() {
-  stage tests 40 150 "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
+  stage tests 40 "${TEST_LIMIT_S:-150}" "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
     tests/test_glue_cuda.py ${TEST_K:+-k "$TEST_K"}
 }
 
