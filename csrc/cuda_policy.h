@@ -103,10 +103,18 @@ constexpr bool has_gemv(int qtype) {
 // (kSameWords): gemv_grad 0.80x the staged kernel's time for Q2_K at all three shapes, and for Q5_K
 // 0.80x at 4096x4096 and 1.02-1.05x at the other two, 0.94x over a layer's seven products (H100,
 // BENCHMARKS.md "Shared unit words for Q5_K, Q2_K and Q3_K"); Q3_K's staged kernel stayed faster then. With
-// their rows through a shared-memory ring (gemv_grad_ring_default) Q3_K and Q4_K take it too.
+// their rows through a shared-memory ring (gemv_grad_ring_default) Q3_K and Q4_K take it too. Of the types whose
+// codes came last (H100, BENCHMARKS.md "One-row kernels for the grid I-quants, NVFP4 and the ternary types"),
+// those it took 0.68-0.92x the staged kernel's time over a 7B layer's seven products: IQ2_XXS, IQ2_XS, IQ2_S,
+// IQ3_XXS, IQ3_S, TQ1_0, TQ2_0 and NVFP4 (IQ1_S and IQ1_M 0.98x, Q1_0 1.00x, Q2_0 1.09x stay staged).
 constexpr bool gemv_grad_default(int qtype) {
-  return qtype == T_IQ4_NL || qtype == T_IQ4_XS || qtype == T_MXFP4 || qtype == T_Q2_K || qtype == T_Q3_K ||
-         qtype == T_Q4_K || qtype == T_Q5_K;
+  switch (qtype) {
+    case T_IQ4_NL: case T_IQ4_XS: case T_MXFP4: case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K:
+    case T_IQ2_XXS: case T_IQ2_XS: case T_IQ2_S: case T_IQ3_XXS: case T_IQ3_S: case T_TQ1_0: case T_TQ2_0:
+    case T_NVFP4:
+      return true;
+    default: return false;
+  }
 }
 
 // The forwards that take the regs kernel unless forced otherwise: those it ran faster than the

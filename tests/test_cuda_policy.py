@@ -60,7 +60,7 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     # was timed faster for the other types with codes)
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, 2) == "staged"
     assert [t for t in (2, 3, 6, 8, 10, 11, 12, 13, 14, 20, 21, 23, 39, 1020, 1021, 1041, 1080, 1081)
-            if _C.cuda_path("input_grad", 1, BF16, True, n, k, t) == "gemv"] == [10, 11, 12, 13, 20, 23, 39]
+            if _C.cuda_path("input_grad", 1, BF16, True, n, k, t) == "gemv"] == [10, 11, 12, 13, 20, 21, 23, 39]
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
     assert _C.cuda_path("input_grad", 1, BF16, True, n, k, 2) == "gemv"  # any type with codes when forced
     monkeypatch.delenv("LOWTUNE_CUDA_PATH")
@@ -90,6 +90,22 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     monkeypatch.setenv("LOWTUNE_CUDA_PATH", "gemv")
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 2) == "gemv"  # forced: any N and K
     assert _C.cuda_path("forward", 4, BF16, True, n, k, q4k) == "staged"  # forced where it cannot apply
+
+
+def test_one_row_products_of_the_types_whose_codes_came_last(monkeypatch):
+    """The grid I-quants, NVFP4 and the ternary/binary types: the forward at M = 1 takes gemv at every shape;
+    the input gradient takes gemv_grad where it was timed faster than the staged kernel, staged elsewhere."""
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
+    monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
+    grad_gemv = {16: "IQ2_XXS", 17: "IQ2_XS", 22: "IQ2_S", 18: "IQ3_XXS", 21: "IQ3_S", 34: "TQ1_0", 35: "TQ2_0",
+                 40: "NVFP4"}
+    grad_staged = {19: "IQ1_S", 29: "IQ1_M", 41: "Q1_0", 42: "Q2_0"}
+    for t in (*grad_gemv, *grad_staged):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
+            assert _C.cuda_path("forward", 1, BF16, True, n, k, t) == "gemv", (t, n, k)
+            assert _C.cuda_path("input_grad", 1, BF16, True, n, k, t) == ("gemv" if t in grad_gemv else "staged")
+        assert _C.cuda_path("forward", 2, BF16, True, 4096, 4096, t) == "staged"
+        assert _C.cuda_path("forward", 1, BF16, False, 4096, 4096, t) == "cublas"  # x not 16-byte aligned
 
 
 def test_one_row_gemv_takes_two_rows_a_warp_but_at_long_rows_of_some_types(monkeypatch):

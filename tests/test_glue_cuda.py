@@ -139,14 +139,17 @@ def test_silu_mul_inside_the_product_bit_for_bit(dtype, qtype):
 
 
 @torch.no_grad()
-def test_products_with_a_glue_step_decline_what_the_one_row_kernel_does_not_take():
+def test_products_with_a_glue_step_decline_what_the_one_row_kernel_does_not_take(monkeypatch):
     qt = quantized(torch.randn(64, 512) * 0.05, "Q4_K").to("cuda")
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)  # two rows
     w = torch.ones(512, device="cuda")
     assert glue_ops.add_rms_norm_product(x, None, w, 1e-5, qt) is None
     assert glue_ops.silu_mul_product(x, x, qt) is None
-    iq = quantized(torch.randn(64, 512) * 0.05, "IQ3_S").to("cuda")  # no one-row kernel (a grid, no codes)
+    iq = quantized(torch.randn(64, 512) * 0.05, "IQ3_S").to("cuda")  # a grid type: its codes' one-row kernel
+    assert glue_ops.add_rms_norm_product(x[:1], None, w, 1e-5, iq) is not None
+    monkeypatch.setenv("LOWTUNE_CUDA_PATH", "staged")  # the policy sends the product elsewhere
     assert glue_ops.add_rms_norm_product(x[:1], None, w, 1e-5, iq) is None
+    monkeypatch.delenv("LOWTUNE_CUDA_PATH")
     with torch.enable_grad():
         xg = x[:1].clone().requires_grad_()
         assert glue_ops.add_rms_norm_product(xg, None, w, 1e-5, qt) is None  # autograd: the formulas

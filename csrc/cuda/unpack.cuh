@@ -7,7 +7,8 @@
 //   Unpack<T>::codes<SPAN>(r, e, cw, s, z)   the span as small unsigned codes u_i (byte i%4 of
 //                                     cw[i/4]) and one affine map x_i ~ u_i*s + z (decode_fast);
 //                                     kCodeBits bounds the codes (u_i < 2^kCodeBits). The 4-bit
-//                                     table types (IQ4_NL, IQ4_XS, MXFP4) give level + 128.
+//                                     table types (IQ4_NL, IQ4_XS, MXFP4, NVFP4) give level + 128,
+//                                     the grid I-quants their signed grid values plus an offset.
 //
 // SPAN is 8 or 16 and e a multiple of SPAN, so one call never crosses a sub-block scale.
 // The values are bit-identical to Traits<T>::dequant in block_math.h (the CPU twin): the
@@ -113,8 +114,9 @@ template <class Self> struct UnpackBase {
   // The first kHeadWords words of load's output depend only on the block (its scales), not on e:
   // spans of one block may take them from one load, and share the arithmetic on them.
   static constexpr int kHeadWords = 0;
-  // true: the codes index a table of levels (level + 128, codes' offset -128 s), an offset that can
-  // leave a 16-bit type's range where the values do not, so the staged kernels' narrow path skips them
+  // true: the codes come from a table of levels or grid points with an offset (level + 128: the
+  // codes' offset -128 s) that can leave a 16-bit type's range where the values do not, so the staged
+  // kernels' narrow path skips them (they decode with decode: UnpackIq)
   static constexpr bool kTableCodes = false;
   template <int SPAN> __device__ static void run(const uint8_t* b, int e, float* v) {
     uint32_t r[Self::template Words<SPAN>::value];
@@ -479,7 +481,8 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
 // Codes index the tables of iq_grids.h (read from device memory in decode; they are small and stay
 // in cache). The values are Traits' products, each rounded on its own:
 //   IQ4: dl * level;  IQ3/IQ2: (db * grid) * sign == db * (±grid);  IQ1: dl * (grid + delta).
-// No affine form is cheaper here, so decode_fast is decode.
+// decode_fast is decode (the staged kernels' path); codes (the one-row kernels' integer path) give the
+// levels + 128, or the signed grid values plus an offset, for a span of 16.
 template <class Self> struct UnpackIq : UnpackBase<Self> {
   static constexpr bool kTableCodes = true;
   template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
@@ -1171,7 +1174,7 @@ template <int B, int G> struct UnpackInt : UnpackBase<UnpackInt<B, G>> {
 LT_TYPES_INT(LT_UNPACK_INT)
 #undef LT_UNPACK_INT
 
-// The types whose values are an affine map of small codes (Unpack<T>::codes): the I-quants' are not.
+// The types whose values are an affine map of small codes (Unpack<T>::codes): every type.
 template <int T>
 concept HasCodes = requires(const uint32_t* r, uint32_t* cw, float& s, float& z) {
   Unpack<T>::template codes<16>(r, 0, cw, s, z);
