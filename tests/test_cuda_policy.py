@@ -81,7 +81,8 @@ def test_one_row_forwards_take_the_gemv_kernel(monkeypatch):
     assert _C.cuda_path("forward", 5, BF16, True, n, k, q4k) == "staged"
     assert [_C.cuda_path("forward", 1, BF16, True, n, k, t) for t in (20, 21, 23, 39)] == ["gemv"] * 4  # codes
     assert _C.cuda_path("forward", 1, BF16, True, 4096, 14336, 14) == "gemv"  # Q6_K
-    assert all(_C.cuda_has_gemv(t) for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 39, 40, 1020, 1041, 1082))
+    assert all(_C.cuda_has_gemv(t)
+               for t in (2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 20, 23, 29, 39, 40, 1020, 1041, 1082))
     assert not _C.cuda_has_gemv(0) and not _C.cuda_has_gemv(1)  # F32, F16: no quantized type
     assert _C.cuda_path("forward", 1, F32, True, n, k, q4k) == "cublas"
     assert _C.cuda_path("forward", 1, BF16, False, n, k, q4k) == "cublas"

@@ -745,7 +745,8 @@ template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
-    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f), scale, offset);
+    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f), scale,
+                 offset);
   }
 };
 
@@ -1073,7 +1074,7 @@ template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
     for (int i = 0; i < S; ++i) v[i] = (r[1] >> i) & 1u ? d : neg_d;
   }
   // codes: the bits themselves, x = 2d u - d (exact: d or -d)
-  template <int S> __device__ static void codes(const uint32_t* r, int /*e*/, uint32_t* cw, float& scale, float& offset) {
+  template <int S> __device__ static void codes(const uint32_t* r, int, uint32_t* cw, float& scale, float& offset) {
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = spread4(r[1] >> (4 * j));
     const float d = half_f((uint16_t)r[0]);
@@ -1096,7 +1097,7 @@ template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
 #pragma unroll
     for (int i = 0; i < S; ++i) v[i] = __fmul_rn(code_minus_f((r[1] >> (2 * i)) & 3, 1), d);
   }
-  template <int S> __device__ static void codes(const uint32_t* r, int /*e*/, uint32_t* cw, float& scale, float& offset) {
+  template <int S> __device__ static void codes(const uint32_t* r, int, uint32_t* cw, float& scale, float& offset) {
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) {  // the four 2-bit fields of byte j, one a byte
       const uint32_t b = r[1] >> (8 * j);

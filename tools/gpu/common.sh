@@ -86,8 +86,8 @@ stage() {
 }
 
 cuda_tests() {
-  stage tests 40 "${TEST_LIMIT_S:-150}" "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py tests/test_cuda_policy.py \
-    tests/test_glue_cuda.py ${TEST_K:+-k "$TEST_K"}
+  stage tests 40 "${TEST_LIMIT_S:-150}" "$@" $py -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda.py \
+    tests/test_cuda_policy.py tests/test_glue_cuda.py ${TEST_K:+-k "$TEST_K"}
 }
 
 sanitizer_tests() {
