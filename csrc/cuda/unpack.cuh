@@ -501,11 +501,12 @@ __device__ __forceinline__ uint32_t signed_grid_codes(uint32_t g, uint32_t s4) {
   const uint32_t neg = g & (spread4(s4) * 0xFFu);
   return g + O * 0x01010101u - 2u * neg;
 }
-// The codes of an I-quant span whose values are db (±g): O ± g, with the map's offset -O db.
+// The map of codes that carry an offset O: values d (u - O) (the table types' level + 128, the grid I-quants'
+// O ± g, the ternary types' digit: O = 1).
 template <uint32_t O>
-__device__ __forceinline__ void grid_map(float db, float& scale, float& offset) {
-  scale = db;
-  offset = __fmul_rn(-(float)O, db);
+__device__ __forceinline__ void offset_map(float d, float& scale, float& offset) {
+  scale = d;
+  offset = O == 1 ? -d : __fmul_rn(-(float)O, d);  // (the same value; a negation folds into its user's FMA)
 }
 // The level of a 4-bit code in a table of 16 int8 levels (IQ4_NL's, MXFP4's), without a memory
 // access: the table as four words (built at compile time from iq_grids.h), one byte selected by
@@ -562,8 +563,7 @@ __device__ __forceinline__ void level_span_codes(const uint32_t* q, int sh, floa
                                                  float& offset) {
 #pragma unroll
   for (int j = 0; j < S / 4; ++j) cw[j] = level_codes<Table>((q[j] >> sh) & 0x0F0F0F0Fu);
-  scale = d;
-  offset = __fmul_rn(-128.0f, d);
+  offset_map<128>(d, scale, offset);
 }
 // Both spans' codes (the low nibbles' in cw, the high ones' in cw1) and their one map: what codes2()
 // gives for every 4-bit table type.
@@ -572,8 +572,7 @@ __device__ __forceinline__ void level_pair_codes(const uint32_t* q, float d, uin
                                                  float& offset) {
 #pragma unroll
   for (int j = 0; j < S / 4; ++j) level_codes_pair<Table>(q[j], cw[j], cw1[j]);
-  scale = d;
-  offset = __fmul_rn(-128.0f, d);
+  offset_map<128>(d, scale, offset);
 }
 
 // IQ4_NL: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
@@ -667,7 +666,8 @@ template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
       const uint32_t signs = ksigns_iq2xs((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
       cw[p] = signed_grid_codes<64>(iq3xxs_grid(byte_of(r + 2, p)), signs);
     }
-    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.5f), scale, offset);
+    offset_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.5f), scale,
+                   offset);
   }
 };
 
@@ -705,7 +705,7 @@ template <> struct Unpack<T_IQ3_S> : UnpackIq<Unpack<T_IQ3_S>> {
       const int k = j0 / 4 + p;
       cw[p] = signed_grid_codes<16>(iq3s_grid(byte_of(r + 1, p) | (((qh >> k) & 1) << 8)), r[2] >> (4 * p));
     }
-    grid_map<16>(__fmul_rn(half_f((uint16_t)r[0]), code_f(1 + 2 * s)), scale, offset);
+    offset_map<16>(__fmul_rn(half_f((uint16_t)r[0]), code_f(1 + 2 * s)), scale, offset);
   }
 };
 
@@ -745,8 +745,8 @@ template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
-    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f), scale,
-                 offset);
+    offset_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.25f), scale,
+                   offset);
   }
 };
 
@@ -783,7 +783,7 @@ template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
-    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
+    offset_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
   }
 };
 
@@ -822,7 +822,7 @@ template <> struct Unpack<T_IQ2_S> : UnpackIq<Unpack<T_IQ2_S>> {
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
-    grid_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
+    offset_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(s))), 0.25f), scale, offset);
   }
 };
 
@@ -970,14 +970,13 @@ template <> struct Unpack<T_NVFP4> : UnpackIq<Unpack<T_NVFP4>> {
     static_assert(S == 16, "codes of a 16-element span");
     level_codes_pair<k_kvalues_mxfp4>(r[1], cw[0], cw[2]);
     level_codes_pair<k_kvalues_mxfp4>(r[2], cw[1], cw[3]);
-    scale = ue4m3_to_fp32_half((uint8_t)r[0]);
-    offset = __fmul_rn(-128.0f, scale);
+    offset_map<128>(ue4m3_to_fp32_half((uint8_t)r[0]), scale, offset);
   }
 };
 
 // ---- TQ1_0, TQ2_0, Q1_0, Q2_0 ------------------------------------------------------------------------
-// One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it. Their codes serve the one-row kernels; the
-// staged kernels decode them as the I-quants (decode_fast is decode).
+// One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it (offset_map<1>: -1 times d is exact). Their
+// codes serve the one-row kernels; the staged kernels decode them as the I-quants (decode_fast is decode).
 __device__ __forceinline__ uint32_t tq1_mult(int n) { return (uint32_t)(uint8_t)(0x00F3511B090301ull >> (8 * n)); }
 __device__ __forceinline__ uint32_t tq1_digit_u(uint32_t q, int n) {  // tq1_digit (block_math.h)
   return (((q * tq1_mult(n)) & 0xFFu) * 3u) >> 8;
@@ -988,11 +987,6 @@ __device__ __forceinline__ uint32_t tq1_digits4(uint32_t w, uint32_t m) {
   const uint32_t even = ((((w & 0x00FF00FFu) * m) & 0x00FF00FFu) * 3u >> 8) & 0x00FF00FFu;
   const uint32_t odd = (((((w >> 8) & 0x00FF00FFu) * m) & 0x00FF00FFu) * 3u >> 8) & 0x00FF00FFu;
   return even | (odd << 8);
-}
-// d (u - 1): the ternary types' codes' map, exact (as decode's products of d and -1, 0 or 1)
-__device__ __forceinline__ void ternary_map(float d, float& scale, float& offset) {
-  scale = d;
-  offset = -d;
 }
 
 // TQ1_0: qs[48], qh[4], d. A span lies in one of three runs: elements [0, 160) digit e/32 of qs[e%32],
@@ -1034,7 +1028,7 @@ template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
 #pragma unroll
       for (int j = 0; j < 4; ++j) cw[j] = tq1_digits4(r[1 + j], m);
     }
-    ternary_map(half_f((uint16_t)r[0]), scale, offset);
+    offset_map<1>(half_f((uint16_t)r[0]), scale, offset);
   }
 };
 
@@ -1056,7 +1050,7 @@ template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
     const int sh = 2 * ((e >> 5) & 3);
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x03030303u;
-    ternary_map(half_f((uint16_t)r[0]), scale, offset);
+    offset_map<1>(half_f((uint16_t)r[0]), scale, offset);
   }
 };
 
@@ -1103,7 +1097,7 @@ template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
       const uint32_t b = r[1] >> (8 * j);
       cw[j] = (b & 0x3u) | ((b & 0xCu) << 6) | ((b & 0x30u) << 12) | ((b & 0xC0u) << 18);
     }
-    ternary_map(half_f((uint16_t)r[0]), scale, offset);
+    offset_map<1>(half_f((uint16_t)r[0]), scale, offset);
   }
 };
 
