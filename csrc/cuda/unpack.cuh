@@ -131,6 +131,14 @@ template <class Self> struct UnpackBase {
   }
 };
 template <int N> struct IntC { static constexpr int value = N; };
+// The map of codes that carry an offset O: values d (u - O), exact where O is a power of two (the symmetric
+// legacy and K-quant types' codes, the table types' level + 128, the grid I-quants' O ± g, the ternary types'
+// digit: O = 1).
+template <uint32_t O>
+__device__ __forceinline__ void offset_map(float d, float& scale, float& offset) {
+  scale = d;
+  offset = O == 1 ? -d : __fmul_rn(-(float)O, d);  // (the same value; a negation folds into its user's FMA)
+}
 
 // ---- legacy 32-element blocks --------------------------------------------------------------------
 // Q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
@@ -152,8 +160,7 @@ template <> struct Unpack<T_Q4_0> : UnpackBase<Unpack<T_Q4_0>> {
     const int sh = (e >> 4) * 4;
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = (r[1 + j] >> sh) & 0x0F0F0F0Fu;
-    scale = d;
-    offset = __fmul_rn(-8.0f, d);
+    offset_map<8>(d, scale, offset);
   }
 };
 
@@ -206,8 +213,7 @@ template <> struct Unpack<T_Q5_0> : UnpackBase<Unpack<T_Q5_0>> {
     const int sh = (e >> 4) * 4;
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = ((r[2 + j] >> sh) & 0x0F0F0F0Fu) | (spread4(qh >> (4 * j)) << 4);
-    scale = d;
-    offset = __fmul_rn(-16.0f, d);
+    offset_map<16>(d, scale, offset);
   }
 };
 
@@ -258,8 +264,7 @@ template <> struct Unpack<T_Q8_0> : UnpackBase<Unpack<T_Q8_0>> {
     const float d = half_f((uint16_t)r[0]);
 #pragma unroll
     for (int j = 0; j < S / 4; ++j) cw[j] = r[1 + j] ^ 0x80808080u;  // int8 q -> q + 128
-    scale = d;
-    offset = __fmul_rn(-128.0f, d);
+    offset_map<128>(d, scale, offset);
   }
 };
 
@@ -346,8 +351,7 @@ template <> struct Unpack<T_Q3_K> : UnpackBase<Unpack<T_Q3_K>> {
 #pragma unroll
     for (int j = 0; j < S / 4; ++j)
       cw[j] = ((r[3 + j] >> (2 * s)) & 0x03030303u) | (((r[3 + S / 4 + j] >> hbit) & 0x01010101u) << 2);
-    scale = dl;
-    offset = __fmul_rn(-4.0f, dl);
+    offset_map<4>(dl, scale, offset);
   }
 };
 
@@ -472,8 +476,7 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
 #pragma unroll
     for (int j = 0; j < S / 4; ++j)
       cw[j] = ((r[2 + j] >> sl) & 0x0F0F0F0Fu) | (((r[2 + S / 4 + j] >> shh) & 0x03030303u) << 4);
-    scale = ds;
-    offset = __fmul_rn(-32.0f, ds);
+    offset_map<32>(ds, scale, offset);
   }
 };
 
@@ -500,13 +503,6 @@ template <uint32_t O>
 __device__ __forceinline__ uint32_t signed_grid_codes(uint32_t g, uint32_t s4) {
   const uint32_t neg = g & (spread4(s4) * 0xFFu);
   return g + O * 0x01010101u - 2u * neg;
-}
-// The map of codes that carry an offset O: values d (u - O) (the table types' level + 128, the grid I-quants'
-// O ± g, the ternary types' digit: O = 1).
-template <uint32_t O>
-__device__ __forceinline__ void offset_map(float d, float& scale, float& offset) {
-  scale = d;
-  offset = O == 1 ? -d : __fmul_rn(-(float)O, d);  // (the same value; a negation folds into its user's FMA)
 }
 // The level of a 4-bit code in a table of 16 int8 levels (IQ4_NL's, MXFP4's), without a memory
 // access: the table as four words (built at compile time from iq_grids.h), one byte selected by
