@@ -13,7 +13,10 @@ for f in $(sed -n 's|^+++ b/||p' "$patch_file"); do
   mkdir -p "$base_dir/$(dirname "$f")"
   cp "$f" "$base_dir/$f"
 done
-git apply "$patch_file" 2>/dev/null || patch -p1 --forward < "$patch_file" || { echo "the patch did not apply"; exit 1; }
+if ! git apply "$patch_file" 2>/dev/null && ! patch -p1 --forward < "$patch_file"; then
+  echo "the patch did not apply"
+  exit 1
+fi
 grid=IQ1_S,IQ1_M,IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S
 lowbit=TQ1_0,TQ2_0,Q1_0,Q2_0
 export BASE_DIR=$base_dir DECODE_TYPES="IQ2_XXS TQ2_0"
