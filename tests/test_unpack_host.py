@@ -1,11 +1,11 @@
 """The CUDA decoders (csrc/cuda/unpack.cuh) without a GPU: tests/cuda_host/unpack_host.cpp compiles them with the
 host C++ compiler through stand-ins for the few CUDA intrinsics they use (tests/cuda_host/shim/), and each type's
-random blocks (every code, random finite scales) go through load + decode, decode_fast (codes + affine map) and
-codes2, at spans of 16 and 8, against the CPU dequantization:
+random blocks (every code, random finite scales) go through load + decode and decode_fast at spans of 16 and 8,
+and codes and codes2 at 16, against the CPU dequantization:
 
     decode: bit for bit (unpack.cuh's contract with block_math.h)
-    decode_fast, codes (the one-row kernels' path) and codes2: within a few fp32 roundings of the block's largest value (one FMA where the CPU
-        rounds a product and a sum), and every code below 2^kCodeBits
+    decode_fast, codes (the one-row kernels' path) and codes2: within a few fp32 roundings of the block's
+        largest value (one FMA where the CPU rounds a product and a sum), and every code below 2^kCodeBits
 
 So a change to a decoder is checked here, on every machine, before the CUDA tests see it.
 """
