@@ -1,11 +1,13 @@
 """The CUDA decoders (csrc/cuda/unpack.cuh) without a GPU: tests/cuda_host/unpack_host.cpp compiles them with the
 host C++ compiler through stand-ins for the few CUDA intrinsics they use (tests/cuda_host/shim/), and each type's
 random blocks (every code, random finite scales) go through load + decode and decode_fast at spans of 16 and 8,
-and codes and codes2 at 16, against the CPU dequantization:
+codes and codes2 at 16, and decode_pairs (csrc/cuda/decode_pairs.cuh: the tensor-core kernels' bf16 and fp16 pairs,
+through the magic-exponent path where the codes fit), against the CPU dequantization:
 
     decode: bit for bit (unpack.cuh's contract with block_math.h)
     decode_fast, codes (the one-row kernels' path) and codes2: within a few fp32 roundings of the block's
         largest value (one FMA where the CPU rounds a product and a sum), and every code below 2^kCodeBits
+    decode_pairs: within a few roundings of the 16-bit type (of s, z and u*s + z) of the block's largest value
 
 So a change to a decoder is checked here, on every machine, before the CUDA tests see it.
 """
@@ -28,7 +30,8 @@ import helpers
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "cuda_host"
 QUANT_TYPES = sorted(f.name for f in FORMATS.values() if f.quantized)
-MODES = ("decode<16>", "decode_fast<16>", "decode<8>", "decode_fast<8>", "codes<16>", "codes2")
+MODES = ("decode<16>", "decode_fast<16>", "decode<8>", "decode_fast<8>", "codes<16>", "codes2", "pairs<bf16>",
+         "pairs<fp16>")
 NEEDS = {"codes<16>": 1, "codes2": 2}  # the flag bit unpack_host sets where the type has them
 
 
@@ -56,7 +59,8 @@ def test_cuda_decoders_match_cpu(name, unpack_host):
     assert run.returncode == 0, f"{name}: a code at or above 2^kCodeBits (exit {run.returncode}) {run.stderr!r}"
     flags = int(np.frombuffer(run.stdout[:4], np.int32)[0])
     out = np.frombuffer(run.stdout[4:], np.float32).reshape(ref.shape[0], len(MODES), fmt.block_elems)
-    bound = 8 * np.finfo(np.float32).eps * np.abs(ref).max(axis=1, keepdims=True)
+    amax = np.abs(ref).max(axis=1, keepdims=True)
+    bound = {"pairs<bf16>": 4 * 2.0**-7 * amax, "pairs<fp16>": 4 * 2.0**-10 * amax + 2.0**-24}
     for i, mode in enumerate(MODES):
         got = out[:, i]
         if mode in NEEDS and not flags & NEEDS[mode]:
@@ -64,5 +68,6 @@ def test_cuda_decoders_match_cpu(name, unpack_host):
         if mode.startswith("decode<"):
             bad = np.flatnonzero((got.view(np.uint32) != ref.view(np.uint32)).any(axis=1))
         else:
-            bad = np.flatnonzero((np.abs(got - ref) > bound).any(axis=1))
+            tol = bound.get(mode, 8 * np.finfo(np.float32).eps * amax)
+            bad = np.flatnonzero((np.abs(got - ref) > tol).any(axis=1))
         assert bad.size == 0, f"{name} {mode}: block {bad[0]} differs from the CPU's dequantization"

@@ -11,7 +11,7 @@
 //     permute (bytes [u, m, u', m] are the exact pair (M + u, M + u') for the magic exponent byte m),
 //     one exact subtraction of M and one fused multiply-add with the span's scale and offset
 //     (1.5 instructions per weight; types whose codes do not fit the magic, or that have no
-//     codes, take decode_fast and a conversion instead);
+//     codes, take decode_fast and a conversion instead; decode_pairs.cuh);
 //   - no shared-memory round trip of decoded values: a thread decodes straight into the
 //     registers of a tensor-core fragment (mma.m16n8k16, fp32 accumulation).
 // The weight is the 16-row A operand and the activations the 8-column B operand (Yᵀ = W·Xᵀ),
@@ -52,6 +52,7 @@
 #include "../cuda_policy.h"
 #include "common.cuh"
 #include "cp_async.cuh"
+#include "decode_pairs.cuh"
 #include "internal.h"
 #include "mma.cuh"
 #include "pdl.cuh"
@@ -69,7 +70,6 @@ namespace cg = cooperative_groups;
 constexpr int kStageK = 256;   // elements of a row per stage: whole blocks of every type
 constexpr int kStageRows = 64; // rows of W per input-gradient stage (four 16-row groups)
 constexpr int kIgThreads = 128;
-constexpr int kSpan = 16;      // elements one lane decodes per call
 constexpr int kStages = 4;     // depth of the shared-memory ring
 constexpr int kMaxClusterSplit = 4;  // CTAs of one cluster that split an M <= 8 tile's reduction
 
@@ -160,55 +160,6 @@ __device__ __forceinline__ const uint8_t* staged_block(const uint8_t* srow, int6
                                                        int jb) {
   using U = Unpack<T>;
   return srow + (int)((n * row_bytes + (int64_t)kb0 * U::kBytes) & 15) + jb * U::kBytes;
-}
-
-// ---- decoding a span into 16-bit pairs ----------------------------------------------------------
-template <class ACT> struct Magic;
-template <> struct Magic<__nv_bfloat16> {  // bf16 0x43xx = 128 + xx for xx < 128
-  static constexpr uint32_t kWord = 0x43434343u, kNeg = 0xC300C300u, kOne = 0x3F803F80u;
-  static constexpr int kBits = 7;
-};
-template <> struct Magic<__half> {  // fp16 0x64xx = 1024 + xx for xx < 256
-  static constexpr uint32_t kWord = 0x64646464u, kNeg = 0xE400E400u, kOne = 0x3C003C00u;
-  static constexpr int kBits = 8;
-};
-
-template <class ACT> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
-  using P2 = std::conditional_t<std::is_same_v<ACT, __half>, __half2, __nv_bfloat162>;
-  const P2 r = __hfma2(*reinterpret_cast<const P2*>(&a), *reinterpret_cast<const P2*>(&b),
-                       *reinterpret_cast<const P2*>(&c));
-  return *reinterpret_cast<const uint32_t*>(&r);
-}
-
-// Whether a type's codes fit the magic of the activation type (else decode_fast + conversion).
-template <int T, class ACT> constexpr bool narrow_codes() {
-  if constexpr (HasCodes<T>) return Unpack<T>::kCodeBits <= Magic<ACT>::kBits && !Unpack<T>::kTableCodes;
-  else return false;
-}
-
-// pw[j] = the pair (x[2j], x[2j+1]) of span elements e .. e+15 in ACT. Narrow path: one rounding
-// of the exact u*s + z, with s and z rounded to ACT (within about one ACT rounding of decode_fast).
-template <int T, class ACT>
-__device__ __forceinline__ void decode_pairs(const uint32_t* r, int e, uint32_t* pw) {
-  using U = Unpack<T>;
-  if constexpr (narrow_codes<T, ACT>()) {
-    uint32_t cw[kSpan / 4];
-    float s, z;
-    U::template codes<kSpan>(r, e, cw, s, z);
-    const uint32_t s2 = pack2<ACT>(s, s), z2 = pack2<ACT>(z, z);
-#pragma unroll
-    for (int j = 0; j < kSpan / 4; ++j) {
-      const uint32_t lo = __byte_perm(cw[j], Magic<ACT>::kWord, 0x4140);  // (M + u0, M + u1)
-      const uint32_t hi = __byte_perm(cw[j], Magic<ACT>::kWord, 0x4342);  // (M + u2, M + u3)
-      pw[2 * j] = fma2<ACT>(fma2<ACT>(lo, Magic<ACT>::kOne, Magic<ACT>::kNeg), s2, z2);
-      pw[2 * j + 1] = fma2<ACT>(fma2<ACT>(hi, Magic<ACT>::kOne, Magic<ACT>::kNeg), s2, z2);
-    }
-  } else {
-    float v[kSpan];
-    U::template decode_fast<kSpan>(r, e, v);
-#pragma unroll
-    for (int i = 0; i < kSpan / 2; ++i) pw[i] = pack2<ACT>(v[2 * i], v[2 * i + 1]);
-  }
 }
 
 // Forward CTA configurations. M <= 8 (NT = 1): 4 warps that split a 1024-element stage of 16

@@ -1,18 +1,40 @@
-// The CUDA decoders (csrc/cuda/unpack.cuh: Unpack<T>'s load, decode, codes and codes2) compiled for the host
-// through shim/, so that tests/test_unpack_host.py holds them to the CPU's dequantization without a GPU.
+// The CUDA decoders (csrc/cuda/unpack.cuh: Unpack<T>'s load, decode, codes and codes2; decode_pairs.cuh: the
+// tensor-core kernels' 16-bit pairs) compiled for the host through shim/, so that tests/test_unpack_host.py holds
+// them to the CPU's dequantization without a GPU.
 //   unpack_host TYPE_ID < blocks > values
 // stdin: the blocks of one type, back to back. stdout: int32 flags (bit 0: the type has codes, bit 1: codes2), then for
-// each block six runs of kElems floats: decode<16>, decode_fast<16>, decode<8>, decode_fast<8>, codes<16> and
-// codes2's spans through affine_codes (zeros without codes2). Exit 3: a code at or above 2^kCodeBits.
+// each block eight runs of kElems floats: decode<16>, decode_fast<16>, decode<8>, decode_fast<8>, codes<16>,
+// codes2's spans through affine_codes (zeros without codes2), and decode_pairs' bf16 and fp16 values.
+// Exit 3: a code at or above 2^kCodeBits.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 #include "cuda_bf16.h"  // shim/: before anything that reads __device__
+#include "cuda/decode_pairs.cuh"
 #include "cuda/unpack.cuh"
 
 float __half2float(__half h) { return lowtune::fp16_to_fp32(h.bits); }
+float __bfloat162float(__nv_bfloat16 b) { return lowtune::bf16_to_fp32(b.bits); }
+__half __float2half_rn(float f) { return __half{lowtune::fp32_to_fp16(f)}; }
+__nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{lowtune::fp32_to_bf16(f)}; }
+__half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+__nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+// a*b + c: exact in double for these operands' products, then rounded through float (a second rounding that the
+// test's tolerance covers).
+__half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  auto f = [](__half p, __half q, __half r) {
+    return __float2half_rn((float)((double)__half2float(p) * __half2float(q) + __half2float(r)));
+  };
+  return {f(a.x, b.x, c.x), f(a.y, b.y, c.y)};
+}
+__nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  auto f = [](__nv_bfloat16 p, __nv_bfloat16 q, __nv_bfloat16 r) {
+    return __float2bfloat16_rn((float)((double)__bfloat162float(p) * __bfloat162float(q) + __bfloat162float(r)));
+  };
+  return {f(a.x, b.x, c.x), f(a.y, b.y, c.y)};
+}
 
 namespace {
 using namespace lowtune;
@@ -63,13 +85,26 @@ bool pairs(const uint8_t* b, float* v) {
   return ok;
 }
 
+template <int T, class ACT>
+void pairs16(const uint8_t* b, float* v) {
+  for (int e = 0; e < Unpack<T>::kElems; e += staged::kSpan) {
+    uint32_t r[Unpack<T>::template Words<staged::kSpan>::value], pw[staged::kSpan / 2];
+    Unpack<T>::template load<staged::kSpan>(b, e, r);
+    staged::decode_pairs<T, ACT>(r, e, pw);
+    for (int i = 0; i < staged::kSpan; ++i) {
+      const uint16_t bits = (uint16_t)(pw[i / 2] >> (16 * (i % 2)));
+      v[e + i] = std::is_same_v<ACT, __half> ? fp16_to_fp32(bits) : bf16_to_fp32(bits);
+    }
+  }
+}
+
 template <int T>
 int run() {
   using U = Unpack<T>;
   const int32_t flags = (HasCodes<T> ? 1 : 0) | (HasCodes2<T> ? 2 : 0);
   std::fwrite(&flags, 4, 1, stdout);
   alignas(16) uint8_t b[U::kBytes + 16];
-  std::vector<float> out(6 * U::kElems);
+  std::vector<float> out(8 * U::kElems);
   bool ok = true;
   while (std::fread(b, 1, U::kBytes, stdin) == (size_t)U::kBytes) {
     std::fill(out.begin(), out.end(), 0.0f);
@@ -77,6 +112,8 @@ int run() {
     ok = spans<T, 16>(b, o, o + U::kElems, o + 4 * U::kElems) && ok;
     ok = spans<T, 8>(b, o + 2 * U::kElems, o + 3 * U::kElems, nullptr) && ok;
     ok = pairs<T>(b, o + 5 * U::kElems) && ok;
+    pairs16<T, __nv_bfloat16>(b, o + 6 * U::kElems);
+    pairs16<T, __half>(b, o + 7 * U::kElems);
     std::fwrite(out.data(), 4, out.size(), stdout);
   }
   return ok ? 0 : 3;
