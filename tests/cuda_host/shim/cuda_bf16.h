@@ -1,6 +1,6 @@
 // Host stand-ins for the CUDA names that csrc/cuda/unpack.cuh and decode_pairs.cuh use, so that the decoders
-// compile with the host C++ compiler (unpack_host.cpp). Each intrinsic has CUDA's semantics for the arguments the decoders pass; the
-// *_rn arithmetic needs -ffp-contract=off, as nvcc's intrinsics are never contracted.
+// compile with the host C++ compiler (unpack_host.cpp). Each intrinsic has CUDA's semantics for the arguments
+// the decoders pass; the *_rn arithmetic needs -ffp-contract=off, as nvcc's intrinsics are never contracted.
 #pragma once
 #include <cmath>
 #include <cstddef>
