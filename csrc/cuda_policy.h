@@ -106,11 +106,14 @@ constexpr bool has_gemv(int qtype) {
 // their rows through a shared-memory ring (gemv_grad_ring_default) Q3_K and Q4_K take it too. Of the types whose
 // codes came last (H100, BENCHMARKS.md "One-row kernels for the grid I-quants, NVFP4 and the ternary types"),
 // those it took 0.68-0.92x the staged kernel's time over a 7B layer's seven products: IQ2_XXS, IQ2_XS, IQ2_S,
-// IQ3_XXS, IQ3_S, TQ1_0, TQ2_0 and NVFP4 (IQ1_S and IQ1_M 0.98x, Q1_0 1.00x, Q2_0 1.09x stay staged).
+// IQ3_XXS, IQ3_S, TQ1_0, TQ2_0 and NVFP4 (IQ1_S and IQ1_M 0.98x, Q1_0 1.00x, Q2_0 1.09x stayed staged). With
+// the ternary/bit types' narrow codes in the staged kernels and the grids in shared memory (H100, BENCHMARKS.md
+// "The grids in shared memory"), over a layer: TQ1_0 and TQ2_0 go back to staged (its time 0.95x and 0.70x
+// gemv_grad's), Q1_0 and IQ1_M to gemv_grad (0.80x and 0.93x the staged kernel's).
 constexpr bool gemv_grad_default(int qtype) {
   switch (qtype) {
     case T_IQ4_NL: case T_IQ4_XS: case T_MXFP4: case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K:
-    case T_IQ2_XXS: case T_IQ2_XS: case T_IQ2_S: case T_IQ3_XXS: case T_IQ3_S: case T_TQ1_0: case T_TQ2_0:
+    case T_IQ2_XXS: case T_IQ2_XS: case T_IQ2_S: case T_IQ3_XXS: case T_IQ3_S: case T_IQ1_M: case T_Q1_0:
     case T_NVFP4:
       return true;
     default: return false;

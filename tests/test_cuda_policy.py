@@ -98,9 +98,9 @@ def test_one_row_products_of_the_types_whose_codes_came_last(monkeypatch):
     the input gradient takes gemv_grad where it was timed faster than the staged kernel, staged elsewhere."""
     monkeypatch.delenv("LOWTUNE_CUDA_PATH", raising=False)
     monkeypatch.delenv("LOWTUNE_CUDA_SMALL_M", raising=False)
-    grad_gemv = {16: "IQ2_XXS", 17: "IQ2_XS", 22: "IQ2_S", 18: "IQ3_XXS", 21: "IQ3_S", 34: "TQ1_0", 35: "TQ2_0",
+    grad_gemv = {16: "IQ2_XXS", 17: "IQ2_XS", 22: "IQ2_S", 18: "IQ3_XXS", 21: "IQ3_S", 29: "IQ1_M", 41: "Q1_0",
                  40: "NVFP4"}
-    grad_staged = {19: "IQ1_S", 29: "IQ1_M", 41: "Q1_0", 42: "Q2_0"}
+    grad_staged = {19: "IQ1_S", 34: "TQ1_0", 35: "TQ2_0", 42: "Q2_0"}
     for t in (*grad_gemv, *grad_staged):
         for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
             assert _C.cuda_path("forward", 1, BF16, True, n, k, t) == "gemv", (t, n, k)

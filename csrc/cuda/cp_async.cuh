@@ -12,6 +12,10 @@ namespace lowtune::cuda {
 __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes) : "memory");
 }
+// B (4, 8 or 16) bytes global -> shared through L1 (.ca: sizes below 16; both addresses B-aligned)
+template <int B> __device__ __forceinline__ void cp_async_ca(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem), "l"(gmem), "n"(B) : "memory");
+}
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 // The 128-byte line holding p into L2, nothing returned (so it may run before a PDL wait even where
 // the previous kernel writes that line: L2 is where its writes land, and no L1 line is made).

@@ -547,6 +547,18 @@ __device__ __forceinline__ float round_sum(const uint8_t* b, int u0, int units, 
   return round_impl<T, N, kCheck, true, true>(b, u0, units, l, r, acc);
 }
 
+// A grid type's table into shared memory for codes() (GridOf, grid_copy), by cp.async: a constant table,
+// so before the PDL wait; waited with the kernel's copy of x (stage_form_after_wait) or by its own wait.
+template <int T> __device__ __forceinline__ void stage_grid() {
+  if constexpr (GridOf<T>::kPoints > 0) {
+    using P = typename GridOf<T>::Point;
+    P* dst = grid_copy<T>();
+    for (int i = threadIdx.x; i < GridOf<T>::kPoints; i += blockDim.x)
+      cp_async_ca<sizeof(P)>(smem_addr(dst + i), GridOf<T>::table() + i);
+    cp_async_commit();
+  }
+}
+
 // The kernels that load their first round early: the PDL wait (x's form is prepare_kernel's
 // output), then the form into shared memory by cp.async (no registers between the load and the
 // store while the round is held).
@@ -577,13 +589,19 @@ __device__ __forceinline__ void stage_form_after_wait(uint4* smem, const uint4* 
 // (48-108 bytes) and not at 4 and 3; Q3_K's, held to 3, spill nothing (4 not tried). Holding the
 // early round (kOneRow) a few one-row kernels spill a little where their bound stays: Q4_1,
 // INT2-g32, INT4-g32, Q2_K and Q5_K 8 bytes, INT2-g64/g128 4, Q4_K and INT6-g32 40 (BENCHMARKS.md,
-// "The gemv's first round loaded before its wait"); the persistent kernels spill nothing.
+// "The gemv's first round loaded before its wait"); the persistent kernels spill nothing. The grid
+// I-quants and Q1_0/Q2_0, unbound, took 59-128 registers: at 5 (IQ1_*, IQ2_XXS, IQ2_XS, IQ3_XXS, Q1_0, Q2_0)
+// and 4 (IQ2_S, IQ3_S) they spill at most 16 bytes (IQ3_XXS 24-40 with its grid's copy). TQ1_0, TQ2_0 and
+// NVFP4 held to 4 were no faster (1.0-1.45x the time, BENCHMARKS.md "The grids in shared memory"): unbound.
 template <int T> constexpr int min_ctas() {
   if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == int_type_id(4, 32) ||
-                T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)))
+                T == int_type_id(6, 32) || (T >= int_type_id(2, 32) && T <= int_type_id(3, 128)) ||
+                T == T_IQ1_S || T == T_IQ1_M || T == T_IQ2_XXS || T == T_IQ2_XS || T == T_IQ3_XXS ||
+                T == T_Q1_0 || T == T_Q2_0)
     return 5;
   else if constexpr (T == T_Q4_K || T == T_Q2_K || T == T_Q5_1 ||
-                     (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)))
+                     (T >= int_type_id(4, 64) && T <= int_type_id(5, 128)) ||
+                     T == T_IQ2_S || T == T_IQ3_S)
     return 4;
   else if constexpr (T == T_Q3_K || T == T_Q5_K)
     return 3;
@@ -633,6 +651,7 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     const uint8_t* b = w + (int64_t)first * row_bytes + lane / Un::kPerBlock * U::kBytes;
     constexpr int E = kEarlyUnits<T>, R = kInFlight - E;  // the first round: E units early, R after
     uint32_t r0[E][kRoundWords<T>];
+    stage_grid<T>();
     if (first < n) {
       if (whole > 0) round_load<T, E, false>(b, 0, units, l, r0);
       else round_load<T, E, true>(b, 0, units, l, r0);
@@ -653,9 +672,11 @@ gemv_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     acc = warp_sum(acc);
     if (lane == 0) y[first] = f_to_act<ACT>(acc);
   } else {
+    stage_grid<T>();
     pdl_launch_dependents();
     pdl_wait();  // x's form is prepare_kernel's output
     for (int i = threadIdx.x; i < 4 * padded_units(k) + units; i += kThreads) smem[i] = form[i];
+    if constexpr (GridOf<T>::kPoints > 0) cp_async_wait<0>();  // the grid's copy
     __syncthreads();
 
     const int e0 = Un::e0(lane % Un::kPerBlock);  // the lane's spans in every block it reads
@@ -765,6 +786,7 @@ gemv_rows_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w,
     for (int j = 0; j < R; ++j) b[j] = w + (int64_t)min(R * t + j, n - 1) * row_bytes + lane_bytes;
   };
   RowsWords<T, R, N> r0;  // the first task's first round
+  stage_grid<T>();
   task_rows(first);
   if (first < tasks) {
     if (whole > 0) rows_load<T, R, N, false>(b, 0, units, l, r0);
@@ -884,6 +906,7 @@ gemv_stream_kernel(const uint4* __restrict__ form, const uint8_t* __restrict__ w
     mbar_init_fence();
     for (int s = 0; s < min(stages, steps); ++s) issue(s);  // weights only: safe before the wait
   }
+  stage_grid<T>();
   stage_form_after_wait(smem, form, k);  // (its barrier also orders the mbarriers' init before the waits)
 
   float acc[R] = {};
@@ -947,9 +970,9 @@ void launch_gemv(const void* x, int dtype, const uint8_t* w, void* y, int64_t n,
         if (stream_ctas > 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
             built_for_sm90<stream_kernel>()) {
           const int need = std::max(stream_ctas, 2);  // (one: room for the next product's CTA beside it)
-          auto fits = [&](int stages) {  // (beside the 512 bytes of their barriers)
+          auto fits = [&](int stages) {  // (beside its barriers and a grid's copy, and 512 bytes to spare)
             const size_t bytes = gemv::stream_smem_bytes(k, St::kRowBytes, stages);
-            return bytes + 1024 <= (size_t)smem_optin_limit() &&
+            return bytes + static_smem<stream_kernel>() + 512 <= (size_t)smem_optin_limit() &&
                    kernel_ctas<stream_kernel>(bytes, gemv::kThreads) >= need;
           };
           int stages = gemv::kMaxStages;

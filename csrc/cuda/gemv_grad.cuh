@@ -241,6 +241,11 @@ __global__ void __launch_bounds__(kThreads, 2) grad_kernel(const ACT* __restrict
   // the first rows' words (W: the previous kernel does not write it) are requested before the wait for
   // that kernel, their dy after it
   if (r0 + warp < r1) load_words(r0 + warp, r);
+  if constexpr (GridOf<T>::kPoints > 0) {  // codes() read the grid's copy
+    gemv::stage_grid<T>();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
   pdl_launch_dependents();
   pdl_wait();  // dy is the previous kernel's output; partial is written after this
   if (r0 + warp < r1) load_dy(r0 + warp, d);
@@ -352,7 +357,9 @@ __global__ void __launch_bounds__(kThreads, 2) grad_staged_kernel(const ACT* __r
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
 
-  // the first stages of W (the previous kernel does not write it) before the wait for that kernel
+  // the first stages of W (the previous kernel does not write it) before the wait for that kernel, after
+  // the grid's copy (codes()), whose group the first stage's wait completes too
+  gemv::stage_grid<T>();
 #pragma unroll
   for (int st = 0; st < kStageDepth - 1; ++st) {
     if (st < nst) issue(st);

@@ -85,18 +85,31 @@ void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
   launch_pdl_cluster(kernel, grid, dim3(1), block, smem, stream, std::forward<A>(args)...);
 }
 
+// K's attributes on the current device (asked once a device).
+template <auto K>
+const cudaFuncAttributes& kernel_attributes() {
+  static cudaFuncAttributes attributes[kMaxDevices] = {};
+  static bool known[kMaxDevices] = {};
+  const int dev = current_device();
+  if (!known[dev]) {
+    LT_CUDA_CHECK(cudaFuncGetAttributes(&attributes[dev], K));
+    known[dev] = true;
+  }
+  return attributes[dev];
+}
+
 // Whether K's code for the current device is sm_90's or later (thread block clusters): a build
 // for several architectures may run sm_80 code on a newer device.
 template <auto K>
 bool built_for_sm90() {
-  static int version[kMaxDevices] = {};
-  const int dev = current_device();
-  if (!version[dev]) {
-    cudaFuncAttributes a{};
-    LT_CUDA_CHECK(cudaFuncGetAttributes(&a, K));
-    version[dev] = std::max(a.binaryVersion, 1);
-  }
-  return version[dev] >= 90;
+  return kernel_attributes<K>().binaryVersion >= 90;
+}
+
+// K's static shared memory (its __shared__ variables: barriers, a grid's copy), which counts against the
+// opt-in limit beside the dynamic shared memory a launch asks for.
+template <auto K>
+size_t static_smem() {
+  return kernel_attributes<K>().sharedSizeBytes;
 }
 
 // Scratch memory: stream-ordered from a memory pool of our own; while the stream is being

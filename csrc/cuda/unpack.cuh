@@ -486,6 +486,47 @@ template <> struct Unpack<T_Q6_K> : UnpackBase<Unpack<T_Q6_K>> {
 //   IQ4: dl * level;  IQ3/IQ2: (db * grid) * sign == db * (±grid);  IQ1: dl * (grid + delta).
 // decode_fast is decode (the staged kernels' path); codes (the one-row kernels' integer path) give the
 // levels + 128, or the signed grid values plus an offset, for a span of 16.
+// ksigns_iq2xs(i) without its table's gather: bit 7 makes the count of set bits (minus signs) even.
+__device__ __forceinline__ uint32_t ksigns_rule(uint32_t i) { return i | (__popc(i) & 1u) << 7; }
+constexpr bool ksigns_rule_is_the_table() {
+  for (int i = 0; i < 128; ++i) {
+    int ones = 0;
+    for (int b = 0; b < 7; ++b) ones += (i >> b) & 1;
+    if (k_ksigns_iq2xs[i] != (i | (ones & 1) << 7)) return false;
+  }
+  return true;
+}
+static_assert(ksigns_rule_is_the_table(), "ksigns_rule: ggml's sign table is the even-parity rule");
+// The grids in shared memory. codes() gathers a grid point per 4 or 8 elements; from L1 a warp's 32
+// points cost a wavefront per cache line they touch (up to 32 of the shared L1/LSU's one a cycle), from
+// shared memory a few bank conflicts. So codes() reads a copy of its type's grid in shared memory
+// (grid_copy), which every kernel that calls it fills first (gemv.cuh: stage_grid); decode() reads the
+// global table.
+template <int T> struct GridOf { static constexpr int kPoints = 0; };
+#ifdef __CUDA_ARCH__
+#define LT_GRID_TABLE(NAME) d_##NAME
+#else  // the host twin of the table (tests/cuda_host compiles these decoders for the host)
+#define LT_GRID_TABLE(NAME) k_##NAME
+#endif
+#define LT_GRID_OF(TYPE, POINT, N, NAME)                                   \
+  template <> struct GridOf<TYPE> {                                        \
+    using Point = POINT;                                                   \
+    static constexpr int kPoints = N;                                      \
+    __device__ static const Point* table() { return LT_GRID_TABLE(NAME); } \
+  };
+LT_GRID_OF(T_IQ2_XXS, uint64_t, 256, iq2xxs_grid)
+LT_GRID_OF(T_IQ2_XS, uint64_t, 512, iq2xs_grid)
+LT_GRID_OF(T_IQ2_S, uint64_t, 1024, iq2s_grid)
+LT_GRID_OF(T_IQ3_XXS, uint32_t, 256, iq3xxs_grid)
+LT_GRID_OF(T_IQ3_S, uint32_t, 512, iq3s_grid)
+LT_GRID_OF(T_IQ1_S, uint64_t, 2048, iq1s_grid)
+LT_GRID_OF(T_IQ1_M, uint64_t, 2048, iq1s_grid)
+#undef LT_GRID_OF
+#undef LT_GRID_TABLE
+template <int T> __device__ __forceinline__ typename GridOf<T>::Point* grid_copy() {
+  __shared__ typename GridOf<T>::Point points[GridOf<T>::kPoints];  // one per CTA of a kernel that calls this
+  return points;
+}
 template <class Self> struct UnpackIq : UnpackBase<Self> {
   static constexpr bool kTableCodes = true;
   template <int S> __device__ static void decode_fast(const uint32_t* r, int e, float* v) {
@@ -645,7 +686,7 @@ template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
 #pragma unroll
     for (int p = 0; p < S / 4; ++p) {
       const int l4 = j0 / 4 + p;  // grid point in the 32 elements
-      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
+      const uint32_t signs = ksigns_rule((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
       const uint32_t g = iq3xxs_grid(byte_of(r + 2, p));
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[4 * p + j] = __fmul_rn(db, signed_f((g >> (8 * j)) & 0xFF, (signs >> j) & 1));
@@ -659,8 +700,8 @@ template <> struct Unpack<T_IQ3_XXS> : UnpackIq<Unpack<T_IQ3_XXS>> {
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       const int l4 = j0 / 4 + p;
-      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
-      cw[p] = signed_grid_codes<64>(iq3xxs_grid(byte_of(r + 2, p)), signs);
+      const uint32_t signs = ksigns_rule((aux >> (7 * (l4 >> 1))) & 127) >> (4 * (l4 & 1));
+      cw[p] = signed_grid_codes<64>(grid_copy<T_IQ3_XXS>()[byte_of(r + 2, p)], signs);
     }
     offset_map<64>(__fmul_rn(__fmul_rn(half_f((uint16_t)r[0]), __fadd_rn(0.5f, code_f(aux >> 28))), 0.5f), scale,
                    offset);
@@ -699,7 +740,8 @@ template <> struct Unpack<T_IQ3_S> : UnpackIq<Unpack<T_IQ3_S>> {
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       const int k = j0 / 4 + p;
-      cw[p] = signed_grid_codes<16>(iq3s_grid(byte_of(r + 1, p) | (((qh >> k) & 1) << 8)), r[2] >> (4 * p));
+      const uint32_t g = grid_copy<T_IQ3_S>()[byte_of(r + 1, p) | (((qh >> k) & 1) << 8)];
+      cw[p] = signed_grid_codes<16>(g, r[2] >> (4 * p));
     }
     offset_map<16>(__fmul_rn(half_f((uint16_t)r[0]), code_f(1 + 2 * s)), scale, offset);
   }
@@ -724,7 +766,7 @@ template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
 #pragma unroll
     for (int p = 0; p < S / 8; ++p) {
       const int l = j0 / 8 + p;
-      const uint32_t signs = ksigns_iq2xs((aux >> (7 * l)) & 127);
+      const uint32_t signs = ksigns_rule((aux >> (7 * l)) & 127);
       const uint64_t g = iq2xxs_grid(byte_of(r + 2, p));
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
@@ -736,8 +778,8 @@ template <> struct Unpack<T_IQ2_XXS> : UnpackIq<Unpack<T_IQ2_XXS>> {
     const uint32_t aux = r[1];
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      const uint32_t signs = ksigns_iq2xs((aux >> (7 * (j0 / 8 + p))) & 127);
-      const uint64_t g = iq2xxs_grid(byte_of(r + 2, p));
+      const uint32_t signs = ksigns_rule((aux >> (7 * (j0 / 8 + p))) & 127);
+      const uint64_t g = grid_copy<T_IQ2_XXS>()[byte_of(r + 2, p)];
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
@@ -762,7 +804,7 @@ template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
 #pragma unroll
     for (int p = 0; p < S / 8; ++p) {
       const uint32_t q = (r[1] >> (16 * p)) & 0xFFFF;
-      const uint32_t signs = ksigns_iq2xs(q >> 9);
+      const uint32_t signs = ksigns_rule(q >> 9);
       const uint64_t g = iq2xs_grid(q & 511);
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[8 * p + j] = __fmul_rn(db, signed_f((uint32_t)(g >> (8 * j)) & 0xFF, (signs >> j) & 1));
@@ -774,8 +816,8 @@ template <> struct Unpack<T_IQ2_XS> : UnpackIq<Unpack<T_IQ2_XS>> {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const uint32_t q = (r[1] >> (16 * p)) & 0xFFFF;
-      const uint32_t signs = ksigns_iq2xs(q >> 9);
-      const uint64_t g = iq2xs_grid(q & 511);
+      const uint32_t signs = ksigns_rule(q >> 9);
+      const uint64_t g = grid_copy<T_IQ2_XS>()[q & 511];
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
     }
@@ -813,7 +855,7 @@ template <> struct Unpack<T_IQ2_S> : UnpackIq<Unpack<T_IQ2_S>> {
     const uint32_t qh = (r[0] >> 16) & 0xFF, s = (r[0] >> (24 + 4 * ((e >> 4) & 1))) & 0xF;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      const uint64_t g = iq2s_grid(byte_of(r + 1, p) | (((qh >> (2 * (l0 + p))) & 3) << 8));
+      const uint64_t g = grid_copy<T_IQ2_S>()[byte_of(r + 1, p) | (((qh >> (2 * (l0 + p))) & 3) << 8)];
       const uint32_t signs = byte_of(r + 2, p);
       cw[2 * p] = signed_grid_codes<64>((uint32_t)g, signs);
       cw[2 * p + 1] = signed_grid_codes<64>((uint32_t)(g >> 32), signs >> 4);
@@ -865,7 +907,7 @@ template <> struct Unpack<T_IQ1_S> : UnpackIq<Unpack<T_IQ1_S>> {
     const bool minus = (qh & 0x8000) != 0;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      const uint64_t g = iq1s_grid(byte_of(r + 1, p) | (((qh >> (3 * (l0 + p))) & 7) << 8));
+      const uint64_t g = grid_copy<T_IQ1_S>()[byte_of(r + 1, p) | (((qh >> (3 * (l0 + p))) & 7) << 8)];
       cw[2 * p] = iq1_codes((uint32_t)g, minus);
       cw[2 * p + 1] = iq1_codes((uint32_t)(g >> 32), minus);
     }
@@ -909,7 +951,7 @@ template <> struct Unpack<T_IQ1_M> : UnpackIq<Unpack<T_IQ1_M>> {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {  // (a delta per 8 elements: in the codes, not the span's map)
       const uint32_t h = qh >> (4 * ((l0 + p) & 1));
-      const uint64_t g = iq1s_grid(byte_of(r + 2, p) | ((h & 7) << 8));
+      const uint64_t g = grid_copy<T_IQ1_M>()[byte_of(r + 2, p) | ((h & 7) << 8)];
       cw[2 * p] = iq1_codes((uint32_t)g, (h & 8) != 0);
       cw[2 * p + 1] = iq1_codes((uint32_t)(g >> 32), (h & 8) != 0);
     }
@@ -972,7 +1014,8 @@ template <> struct Unpack<T_NVFP4> : UnpackIq<Unpack<T_NVFP4>> {
 
 // ---- TQ1_0, TQ2_0, Q1_0, Q2_0 ------------------------------------------------------------------------
 // One fp16 d times (code - 1) (Q1_0: ±d), as Traits rounds it (offset_map<1>: -1 times d is exact). Their
-// codes serve the one-row kernels; the staged kernels decode them as the I-quants (decode_fast is decode).
+// codes' map is exact (d u - d in one FMA is d (u - 1) rounded once), so decode_fast is codes + affine_codes
+// and the staged kernels take their narrow codes.
 __device__ __forceinline__ uint32_t tq1_mult(int n) { return (uint32_t)(uint8_t)(0x00F3511B090301ull >> (8 * n)); }
 __device__ __forceinline__ uint32_t tq1_digit_u(uint32_t q, int n) {  // tq1_digit (block_math.h)
   return (((q * tq1_mult(n)) & 0xFFu) * 3u) >> 8;
@@ -987,7 +1030,7 @@ __device__ __forceinline__ uint32_t tq1_digits4(uint32_t w, uint32_t m) {
 
 // TQ1_0: qs[48], qh[4], d. A span lies in one of three runs: elements [0, 160) digit e/32 of qs[e%32],
 // [160, 240) digit (e-160)/16 of qs[32 + e%16], [240, 256) digit (e-240)/4 of qh[e%4] (the 4 bytes).
-template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
+template <> struct Unpack<T_TQ1_0> : UnpackBase<Unpack<T_TQ1_0>> {
   static constexpr int kElems = 256, kBytes = 54, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
@@ -1015,21 +1058,21 @@ template <> struct Unpack<T_TQ1_0> : UnpackIq<Unpack<T_TQ1_0>> {
     }
   }
   template <int S> __device__ static void codes(const uint32_t* r, int e, uint32_t* cw, float& scale, float& offset) {
-    static_assert(S == 16, "codes of a 16-element span");
     if (e >= 240) {  // element 240 + i: digit i / 4 of qh[i % 4]
+      const int n0 = S == 16 ? 0 : (e - 240) / 4;  // a span of 16 is the whole run: constant digits
 #pragma unroll
-      for (int j = 0; j < 4; ++j) cw[j] = tq1_digits4(r[1], tq1_mult(j));
+      for (int j = 0; j < S / 4; ++j) cw[j] = tq1_digits4(r[1], tq1_mult(n0 + j));
     } else {
       const uint32_t m = tq1_mult(e < 160 ? (e >> 5) : ((e - 160) >> 4));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) cw[j] = tq1_digits4(r[1 + j], m);
+      for (int j = 0; j < S / 4; ++j) cw[j] = tq1_digits4(r[1 + j], m);
     }
     offset_map<1>(half_f((uint16_t)r[0]), scale, offset);
   }
 };
 
 // TQ2_0: qs[64], d; element 128c + 32l + m at bit 2l of qs[32c + m].
-template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
+template <> struct Unpack<T_TQ2_0> : UnpackBase<Unpack<T_TQ2_0>> {
   static constexpr int kElems = 256, kBytes = 66, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<1 + S / 4>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
@@ -1051,7 +1094,7 @@ template <> struct Unpack<T_TQ2_0> : UnpackIq<Unpack<T_TQ2_0>> {
 };
 
 // Q1_0: d, qs[16]; bit j of the little-endian bits is element j's sign (set: +d).
-template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
+template <> struct Unpack<T_Q1_0> : UnpackBase<Unpack<T_Q1_0>> {
   static constexpr int kElems = 128, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 1;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {
@@ -1074,7 +1117,7 @@ template <> struct Unpack<T_Q1_0> : UnpackIq<Unpack<T_Q1_0>> {
 };
 
 // Q2_0: d, qs[16]; element j at bit 2(j%4) of qs[j/4]: a span of 8 is 2 bytes, of 16 four.
-template <> struct Unpack<T_Q2_0> : UnpackIq<Unpack<T_Q2_0>> {
+template <> struct Unpack<T_Q2_0> : UnpackBase<Unpack<T_Q2_0>> {
   static constexpr int kElems = 64, kBytes = 18, kAlign = gcd_c(kBytes, 16), kCodeBits = 2;
   template <int S> using Words = IntC<2>;
   template <int S> __device__ static void load(const uint8_t* b, int e, uint32_t* r) {

@@ -101,6 +101,8 @@ void pairs16(const uint8_t* b, float* v) {
 template <int T>
 int run() {
   using U = Unpack<T>;
+  if constexpr (GridOf<T>::kPoints > 0)  // what the kernels' stage_grid does before codes()
+    std::copy(GridOf<T>::table(), GridOf<T>::table() + GridOf<T>::kPoints, grid_copy<T>());
   const int32_t flags = (HasCodes<T> ? 1 : 0) | (HasCodes2<T> ? 2 : 0);
   std::fwrite(&flags, 4, 1, stdout);
   alignas(16) uint8_t b[U::kBytes + 16];
