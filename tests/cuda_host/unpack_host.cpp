@@ -68,7 +68,7 @@ bool spans(const uint8_t* b, float* dec, float* fast, float* coded) {
 }
 
 template <int T>
-bool pairs(const uint8_t* b, float* v) {
+bool codes2_spans(const uint8_t* b, float* v) {
   using U = Unpack<T>;
   bool ok = true;
   if constexpr (HasCodes2<T>) {
@@ -113,7 +113,7 @@ int run() {
     float* o = out.data();
     ok = spans<T, 16>(b, o, o + U::kElems, o + 4 * U::kElems) && ok;
     ok = spans<T, 8>(b, o + 2 * U::kElems, o + 3 * U::kElems, nullptr) && ok;
-    ok = pairs<T>(b, o + 5 * U::kElems) && ok;
+    ok = codes2_spans<T>(b, o + 5 * U::kElems) && ok;
     pairs16<T, __nv_bfloat16>(b, o + 6 * U::kElems);
     pairs16<T, __half>(b, o + 7 * U::kElems);
     std::fwrite(out.data(), 4, out.size(), stdout);
@@ -128,10 +128,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int type = std::atoi(argv[1]);
-#define LT_CASE(T) \
-  if (type == (T)) return run<T>();
-  LT_TYPES(LT_CASE)
-#undef LT_CASE
-  std::fprintf(stderr, "unpack_host: unknown type id %d\n", type);
-  return 2;
+  int rc = 2;
+  if (!lowtune::dispatch_qtype(type, [&]<int T>() { rc = run<T>(); }))
+    std::fprintf(stderr, "unpack_host: unknown type id %d\n", type);
+  return rc;
 }
