@@ -40,9 +40,10 @@ def unpack_host(tmp_path_factory) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     assert cxx, "no C++ compiler on PATH (set CXX): the extension's build needs one too"
     exe = tmp_path_factory.mktemp("unpack_host") / "unpack_host"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fno-strict-aliasing",
-                    f"-I{HERE / 'shim'}", f"-I{ROOT / 'csrc'}", "-o", str(exe), str(HERE / "unpack_host.cpp")],
-                   check=True, capture_output=True, text=True)
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fno-strict-aliasing",
+                            f"-I{HERE / 'shim'}", f"-I{ROOT / 'csrc'}", "-o", str(exe), str(HERE / "unpack_host.cpp")],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, f"unpack_host did not compile (an intrinsic the shim lacks?):\n{build.stderr[-4000:]}"
     return exe
 
 
